@@ -1,0 +1,496 @@
+//! The self-tests. Each prints exactly one `PASS name ...`, `FAIL name ...` or
+//! `SKIP name ...` line (details may precede it) and returns its [`Outcome`].
+
+use crate::bootinfo::{param, parse_u64};
+use crate::console::{outb, Line};
+use crate::cpu::{self, lapic};
+use crate::{boot_info, pv, smp};
+use core::arch::global_asm;
+use core::sync::atomic::Ordering;
+use wv_abi::{status, Call, CallBlock, DeviceRecord};
+
+/// A test's result.
+pub enum Outcome {
+    /// Passed.
+    Pass,
+    /// Failed.
+    Fail,
+    /// Not applicable here (the line says why).
+    Skip,
+}
+
+fn report(outcome: Outcome, name: &str, detail: &mut Line) -> Outcome {
+    let mut l = Line::new();
+    l.s(match outcome {
+        Outcome::Pass => "PASS ",
+        Outcome::Fail => "FAIL ",
+        Outcome::Skip => "SKIP ",
+    });
+    l.s(name).s(" ");
+    l.bytes(detail.as_bytes());
+    l.end();
+    outcome
+}
+
+fn pass(name: &str, d: &mut Line) -> Outcome {
+    report(Outcome::Pass, name, d)
+}
+fn fail(name: &str, d: &mut Line) -> Outcome {
+    report(Outcome::Fail, name, d)
+}
+
+/// Runs the test called `name`.
+pub fn run(name: &[u8]) -> Outcome {
+    match name {
+        b"boot" => boot(),
+        b"smp" => smp_test(),
+        b"timer" => timer(),
+        b"hypercall" => hypercall(),
+        b"batch" => batch(),
+        b"user" => user(),
+        _ => {
+            let mut l = Line::new();
+            l.s("unknown test '").bytes(name).s("'");
+            fail("cmdline", &mut l)
+        }
+    }
+}
+
+fn boot() -> Outcome {
+    let bi = boot_info();
+    let mut d = Line::new();
+    d.s("protocol=").s(bi.protocol_name());
+    if !bi.problem.is_empty() {
+        d.s(" problem: ").s(bi.problem);
+        return fail("boot", &mut d);
+    }
+    d.s(" e820=")
+        .dec(bi.e820_len as u64)
+        .s(" ram=")
+        .dec(bi.ram_total() >> 10)
+        .s("KiB");
+    if bi.e820_len == 0 || bi.ram_total() == 0 {
+        d.s(" problem: empty memory map");
+        return fail("boot", &mut d);
+    }
+    for w in bi.e820[..bi.e820_len].windows(2) {
+        if w[1].addr < w[0].addr + w[0].size {
+            d.s(" problem: memory map unsorted or overlapping at ")
+                .hex(w[1].addr);
+            return fail("boot", &mut d);
+        }
+    }
+    extern "C" {
+        static __image_start: u8;
+        static __image_end: u8;
+    }
+    let (s, e) = (
+        (&raw const __image_start) as u64,
+        (&raw const __image_end) as u64,
+    );
+    if !bi.in_ram(s, e - s) {
+        d.s(" problem: image ")
+            .hex(s)
+            .s("-")
+            .hex(e)
+            .s(" not inside RAM");
+        return fail("boot", &mut d);
+    }
+    d.s(" cmdline=").dec(bi.cmdline_len as u64).s("B");
+    if bi.cmdline_len == 0 {
+        d.s(" problem: no command line");
+        return fail("boot", &mut d);
+    }
+    let (addr, size) = bi.initrd;
+    d.s(" initrd=").dec(size).s("B");
+    if let Some(spec) = param(bi.cmdline(), "probe.initrd") {
+        let mut it = spec.split(|&b| b == b':');
+        let want_size = it.next().and_then(parse_u64);
+        let want_sum = it.next().and_then(parse_u64);
+        let (Some(want_size), Some(want_sum)) = (want_size, want_sum) else {
+            d.s(" problem: probe.initrd wants SIZE:SUM");
+            return fail("boot", &mut d);
+        };
+        if size != want_size || size == 0 || !bi.in_ram(addr, size) {
+            d.s(" problem: initrd at ")
+                .hex(addr)
+                .s(" size ")
+                .dec(size)
+                .s(", expected size ")
+                .dec(want_size);
+            return fail("boot", &mut d);
+        }
+        // SAFETY: the range was checked to lie in RAM; the loader placed the initrd there.
+        let data = unsafe { core::slice::from_raw_parts(addr as *const u8, size as usize) };
+        let sum = wv_abi::initrd_checksum(data);
+        d.s(" sum=").hex(sum);
+        if sum != want_sum {
+            d.s(" problem: initrd checksum differs (expected ")
+                .hex(want_sum)
+                .s(")");
+            return fail("boot", &mut d);
+        }
+    }
+    pass("boot", &mut d)
+}
+
+fn smp_test() -> Outcome {
+    let mut d = Line::new();
+    let Some(cpus) = smp::discover() else {
+        d.s("no MP table or ACPI MADT found");
+        return fail("smp", &mut d);
+    };
+    d.s("cpus=")
+        .dec(cpus.count as u64)
+        .s(" source=")
+        .s(cpus.source);
+    if cpus.count == 0 {
+        return fail("smp", &mut d);
+    }
+    if !boot_info().in_ram(crate::entry::TRAMPOLINE_ADDR, 4096) {
+        d.s(" problem: trampoline page not in RAM");
+        return fail("smp", &mut d);
+    }
+    let (up, missing) = smp::start_aps(&cpus);
+    d.s(" aps-started=").dec(u64::from(up));
+    if let Some(id) = missing {
+        d.s(" problem: AP with APIC ID ")
+            .dec(u64::from(id))
+            .s(" did not start");
+        return fail("smp", &mut d);
+    }
+    if pv::on_worldvisor() {
+        let (st, _, vcpus) = pv::call_args(Call::MemSize, [0; 5]);
+        d.s(" vmm-vcpus=").dec(vcpus);
+        if st != status::OK || vcpus != cpus.count as u64 {
+            d.s(" problem: the VMM reports a different vCPU count");
+            return fail("smp", &mut d);
+        }
+    }
+    pass("smp", &mut d)
+}
+
+const TIMER_PERIOD: u32 = 1_000_000; // APIC timer counts (1 ms at KVM's 1 GHz APIC bus)
+
+fn start_timer() {
+    lapic::enable();
+    lapic::write(lapic::TIMER_DIV, 0xb);
+    lapic::write(lapic::LVT_TIMER, 0x20000 | u32::from(cpu::TIMER_VECTOR));
+    lapic::write(lapic::TIMER_INIT, TIMER_PERIOD);
+}
+
+fn stop_timer() {
+    lapic::write(lapic::TIMER_INIT, 0);
+    lapic::write(lapic::LVT_TIMER, 0x10000);
+}
+
+fn tsc_khz() -> u64 {
+    if pv::on_worldvisor() {
+        let (st, khz, _) = pv::call_args(Call::TscKhz, [0; 5]);
+        if st == status::OK {
+            return khz;
+        }
+    }
+    0
+}
+
+fn timer() -> Outcome {
+    const N: u64 = 10;
+    let mut d = Line::new();
+    let t0 = cpu::rdtsc();
+    let base = cpu::TICKS.load(Ordering::Relaxed);
+    start_timer();
+    let mut waits = 0u64;
+    while cpu::TICKS.load(Ordering::Relaxed) - base < N && waits < 10 * N {
+        cpu::wait_for_interrupt();
+        waits += 1;
+    }
+    stop_timer();
+    let ticks = cpu::TICKS.load(Ordering::Relaxed) - base;
+    let cycles = cpu::rdtsc().wrapping_sub(t0);
+    d.s("ticks=").dec(ticks).s(" cycles=").dec(cycles);
+    if ticks < N {
+        d.s(" problem: expected ")
+            .dec(N)
+            .s(" LAPIC timer interrupts");
+        return fail("timer", &mut d);
+    }
+    let khz = tsc_khz();
+    if khz != 0 {
+        let us = cycles * 1000 / khz;
+        d.s(" elapsed=").dec(us).s("us");
+        // N periods of 1 ms; allow for emulated handlers but not for a timer that runs 5x fast.
+        if us < N * 1000 / 5 {
+            d.s(" problem: interrupts came faster than the programmed period");
+            return fail("timer", &mut d);
+        }
+    }
+    pass("timer", &mut d)
+}
+
+fn hypercall() -> Outcome {
+    let mut d = Line::new();
+    let bi = boot_info();
+    if !pv::on_worldvisor() {
+        let (_, sig) = pv::hypervisor_signature();
+        d.s("native-fallback signature='");
+        for &b in &sig {
+            d.b(if b.is_ascii_graphic() { b } else { b'.' });
+        }
+        d.s("' ram=").dec(bi.ram_total() >> 10).s("KiB");
+        // Device discovery natively: the UART's scratch register holds what we write.
+        outb(0x3ff, 0x5a);
+        let uart = crate::console::inb(0x3ff) == 0x5a;
+        d.s(" uart=").s(if uart { "found" } else { "absent" });
+        if !uart {
+            return fail("hypercall", &mut d);
+        }
+        return pass("hypercall", &mut d);
+    }
+    let (st, ver, feat) = pv::call_args(Call::Version, [0; 5]);
+    d.s("abi=").dec(ver).s(" features=").hex(feat);
+    if st != status::OK
+        || ver != u64::from(wv_abi::ABI_VERSION)
+        || feat & u64::from(wv_abi::features::ALL) != u64::from(wv_abi::features::ALL)
+    {
+        return fail("hypercall", &mut d);
+    }
+    let (st, mem, _) = pv::call_args(Call::MemSize, [0; 5]);
+    let e820 = bi.ram_total();
+    d.s(" mem=").dec(mem >> 10).s("KiB");
+    if st != status::OK || e820 > mem || mem - e820 > 2 << 20 {
+        d.s(" problem: VMM memory size disagrees with the memory map (")
+            .dec(e820 >> 10)
+            .s("KiB)");
+        return fail("hypercall", &mut d);
+    }
+    let mut recs = [DeviceRecord::default(); 8];
+    let (st, ndev, written) = pv::call_args(
+        Call::DeviceList,
+        [
+            recs.as_mut_ptr() as u64,
+            core::mem::size_of_val(&recs) as u64,
+            0,
+            0,
+            0,
+        ],
+    );
+    d.s(" devices=").dec(ndev);
+    // SAFETY: the VMM wrote `written` records into `recs`; read them back volatile.
+    let recs = unsafe { core::ptr::read_volatile(&recs) };
+    let has = |kind: u32, base: u64| {
+        recs[..(written as usize).min(8)]
+            .iter()
+            .any(|r| r.kind == kind && r.base == base)
+    };
+    if st != status::OK
+        || !has(wv_abi::device_kind::UART_16550, 0x3f8)
+        || !has(wv_abi::device_kind::I8042, 0x60)
+        || !has(wv_abi::device_kind::CALL_PORT, u64::from(wv_abi::CALL_PORT))
+    {
+        d.s(" problem: device list lacks the UART, i8042 or call port");
+        return fail("hypercall", &mut d);
+    }
+    // Hostile arguments must come back as errors, not crash anything.
+    let (st_unknown, _, _) = pv::call_args_nr(0xdead, [0; 5]);
+    let (st_addr, _, _) = pv::call_args(Call::ConsoleWrite, [1 << 50, 4, 0, 0, 0]);
+    let (st_len, _, _) = pv::call_args(
+        Call::ConsoleWrite,
+        [0x100000, wv_abi::MAX_CONSOLE_WRITE + 1, 0, 0, 0],
+    );
+    if st_unknown != status::UNKNOWN_CALL
+        || st_addr != status::BAD_ADDRESS
+        || st_len != status::BAD_LENGTH
+    {
+        d.s(" problem: bad calls gave ")
+            .dec(u64::from(st_unknown))
+            .s("/")
+            .dec(u64::from(st_addr))
+            .s("/")
+            .dec(u64::from(st_len));
+        return fail("hypercall", &mut d);
+    }
+    d.s(" errors=ok");
+    pass("hypercall", &mut d)
+}
+
+const BATCH_N: usize = 32;
+
+fn batch() -> Outcome {
+    let mut d = Line::new();
+    if !pv::on_worldvisor() {
+        d.s("needs Worldvisor's call port (running natively or with probe.pv=off)");
+        return report(Outcome::Skip, "batch", &mut d);
+    }
+    let dot = b".";
+    // 1. The trapping privileged operation: N port writes to the UART, one exit each.
+    crate::console::write_bytes(b"batch: trapping ");
+    let c0 = pv::exit_count();
+    let t0 = cpu::rdtsc();
+    for _ in 0..BATCH_N {
+        outb(0x3f8, b'.');
+    }
+    let t1 = cpu::rdtsc();
+    let c1 = pv::exit_count();
+    crate::console::write_bytes(b"\nbatch: calls    ");
+    // 2. The same through N single VMM calls.
+    let c2 = pv::exit_count();
+    let t2 = cpu::rdtsc();
+    for _ in 0..BATCH_N {
+        pv::call_args(Call::ConsoleWrite, [dot.as_ptr() as u64, 1, 0, 0, 0]);
+    }
+    let t3 = cpu::rdtsc();
+    let c3 = pv::exit_count();
+    crate::console::write_bytes(b"\nbatch: batched  ");
+    // 3. All N in one batched call.
+    let mut blocks =
+        [CallBlock::new(Call::ConsoleWrite, [dot.as_ptr() as u64, 1, 0, 0, 0]); BATCH_N];
+    let c4 = pv::exit_count();
+    let t4 = cpu::rdtsc();
+    let (st, done) = pv::batch(&mut blocks);
+    let t5 = cpu::rdtsc();
+    let c5 = pv::exit_count();
+    crate::console::write_bytes(b"\n");
+    // Each exit_count() call is itself one exit: subtract the closing one.
+    let (trap, single, batched) = (c1 - c0 - 1, c3 - c2 - 1, c5 - c4 - 1);
+    // SAFETY: the VMM wrote the statuses; read them back volatile.
+    let blocks = unsafe { core::ptr::read_volatile(&blocks) };
+    let all_ok = blocks.iter().all(|b| b.status == status::OK);
+    d.s("n=")
+        .dec(BATCH_N as u64)
+        .s(" trapping=")
+        .dec(trap)
+        .s(" exits/")
+        .dec(t1 - t0)
+        .s(" cycles")
+        .s(" calls=")
+        .dec(single)
+        .s(" exits/")
+        .dec(t3 - t2)
+        .s(" cycles")
+        .s(" batched=")
+        .dec(batched)
+        .s(" exits/")
+        .dec(t5 - t4)
+        .s(" cycles");
+    let n = BATCH_N as u64;
+    if st != status::OK || done != n || !all_ok || trap != n || single != n || batched != 1 {
+        d.s(" problem: expected ")
+            .dec(n)
+            .s("/")
+            .dec(n)
+            .s("/1 exits and every batched call OK");
+        return fail("batch", &mut d);
+    }
+    pass("batch", &mut d)
+}
+
+// The user-mode workload: an LCG stepped `USER_ITERS` times, result returned with `int3`;
+// and an instruction that must trap at CPL3.
+global_asm!(
+    r#"
+    .section .text
+    .globl user_lcg
+user_lcg:
+    mov user_iters(%rip), %rcx
+    mov user_seed(%rip), %rax
+    movabs $6364136223846793005, %rdx
+    movabs $1442695040888963407, %rsi
+1:  imul %rdx, %rax
+    add %rsi, %rax
+    dec %rcx
+    jnz 1b
+    int3
+2:  jmp 2b
+    .globl user_privileged
+user_privileged:
+    hlt
+3:  jmp 3b
+    .section .data
+    .globl user_iters
+    .globl user_seed
+    .p2align 3
+user_iters: .quad 100000000
+user_seed: .quad 12345
+    .text
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    fn user_lcg();
+    fn user_privileged();
+    static user_iters: u64;
+    static user_seed: u64;
+}
+
+const LCG_A: u64 = 6364136223846793005;
+const LCG_C: u64 = 1442695040888963407;
+
+/// x after `n` LCG steps, by square-and-multiply (a few dozen kernel instructions).
+fn lcg_jump(mut n: u64, x: u64) -> u64 {
+    let (mut a, mut c) = (LCG_A, LCG_C);
+    let (mut ra, mut rc) = (1u64, 0u64);
+    while n > 0 {
+        if n & 1 == 1 {
+            ra = ra.wrapping_mul(a);
+            rc = rc.wrapping_mul(a).wrapping_add(c);
+        }
+        c = a.wrapping_add(1).wrapping_mul(c);
+        a = a.wrapping_mul(a);
+        n >>= 1;
+    }
+    ra.wrapping_mul(x).wrapping_add(rc)
+}
+
+#[repr(C, align(16))]
+struct UserStack([u8; 4096]);
+#[link_section = ".stack"]
+static USER_STACK: crate::sync::Global<UserStack> = crate::sync::Global::new(UserStack([0; 4096]));
+
+fn user() -> Outcome {
+    let mut d = Line::new();
+    // SAFETY: plain reads of statics defined in the assembly above.
+    let (iters, seed) = unsafe {
+        (
+            (&raw const user_iters).read_volatile(),
+            (&raw const user_seed).read_volatile(),
+        )
+    };
+    let stack_top = USER_STACK.as_ptr() as u64 + 4096;
+    let user_ticks0 = cpu::USER_TICKS.load(Ordering::Relaxed);
+    start_timer();
+    let t0 = cpu::rdtsc();
+    let got = crate::entry::run_user(user_lcg as *const () as u64, stack_top);
+    let cycles = cpu::rdtsc().wrapping_sub(t0);
+    stop_timer();
+    let user_ticks = cpu::USER_TICKS.load(Ordering::Relaxed) - user_ticks0;
+    let want = lcg_jump(iters, seed);
+    d.s("iterations=")
+        .dec(iters)
+        .s(" cycles=")
+        .dec(cycles)
+        .s(" ticks-in-user=")
+        .dec(user_ticks);
+    let khz = tsc_khz();
+    if khz != 0 {
+        d.s(" elapsed=").dec(cycles / khz).s("ms");
+    }
+    if got != want {
+        d.s(" problem: result ").hex(got).s(" expected ").hex(want);
+        return fail("user", &mut d);
+    }
+    cpu::USER_FAULT_EXPECTED.store(1, Ordering::Relaxed);
+    let trap = crate::entry::run_user(user_privileged as *const () as u64, stack_top);
+    d.s(" hlt-at-cpl3=");
+    if trap != 0xfa17_0000 | 13 {
+        d.hex(trap).s(" problem: expected #GP");
+        return fail("user", &mut d);
+    }
+    d.s("#GP");
+    if user_ticks == 0 {
+        d.s(" problem: no timer interrupt arrived while user code ran");
+        return fail("user", &mut d);
+    }
+    pass("user", &mut d)
+}
