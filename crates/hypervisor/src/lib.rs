@@ -1,1 +1,10 @@
-//! placeholder
+//! Access to Linux KVM: opening the device with errors a user can act on, the capabilities the
+//! VMM depends on, the CPUID a vCPU is given, and the per-vCPU register set-up that is not
+//! specific to a boot protocol. Thin on purpose: the ioctls themselves come from `kvm-ioctls`.
+
+pub mod cpuid;
+pub mod kvm;
+pub mod vcpu;
+
+pub use cpuid::{HostCpu, VcpuTopology};
+pub use kvm::{open, HvError};

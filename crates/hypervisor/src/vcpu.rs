@@ -1,0 +1,104 @@
+//! vCPU set-up common to every boot protocol: CPUID, MSRs, FPU and local APIC wiring.
+
+use crate::cpuid::{self, HostCpu, VcpuTopology};
+use crate::kvm::HvError;
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs};
+use kvm_ioctls::VcpuFd;
+
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
+
+/// MSR values set at boot, filtered to those the host's KVM lists.
+pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
+    [(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING), (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB)]
+        .into_iter()
+        .filter(|(i, _)| supported.contains(i))
+        .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .collect()
+}
+
+/// What every vCPU of one VM is configured from.
+pub struct VcpuTemplate {
+    /// KVM_GET_SUPPORTED_CPUID.
+    pub supported_cpuid: CpuId,
+    /// MSRs to set.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Host facts.
+    pub host: HostCpu,
+    /// vCPUs in the VM.
+    pub count: u32,
+}
+
+impl VcpuTemplate {
+    /// Reads what KVM supports.
+    pub fn new(kvm: &kvm_ioctls::Kvm, count: u32) -> Result<VcpuTemplate, HvError> {
+        let supported_cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| HvError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let index = kvm.get_msr_index_list().map_err(|e| HvError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?;
+        Ok(VcpuTemplate {
+            supported_cpuid,
+            msrs: boot_msrs(index.as_slice()),
+            host: HostCpu::detect(),
+            count,
+        })
+    }
+
+    /// Configures vCPU `index`: CPUID, MSRs, FPU, and LINT0 = ExtINT / LINT1 = NMI so the
+    /// 8259 and NMIs reach it as on a PC.
+    pub fn configure(&self, vcpu: &VcpuFd, index: u32) -> Result<(), HvError> {
+        let entries = cpuid::for_vcpu(
+            self.supported_cpuid.as_slice(),
+            VcpuTopology { index, count: self.count },
+            self.host,
+        );
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|_| HvError::Ioctl("building CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
+        vcpu.set_cpuid2(&cpuid).map_err(|e| HvError::Ioctl("KVM_SET_CPUID2", e))?;
+        if !self.msrs.is_empty() {
+            let msrs = Msrs::from_entries(&self.msrs)
+                .map_err(|_| HvError::Ioctl("building MSRs", kvm_ioctls::Error::new(libc::E2BIG)))?;
+            vcpu.set_msrs(&msrs).map_err(|e| HvError::Ioctl("KVM_SET_MSRS", e))?;
+        }
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        vcpu.set_fpu(&fpu).map_err(|e| HvError::Ioctl("KVM_SET_FPU", e))?;
+        let mut lapic = vcpu.get_lapic().map_err(|e| HvError::Ioctl("KVM_GET_LAPIC", e))?;
+        set_lvt(&mut lapic.regs, 0x350, 0x700); // LINT0: ExtINT
+        set_lvt(&mut lapic.regs, 0x360, 0x400); // LINT1: NMI
+        vcpu.set_lapic(&lapic).map_err(|e| HvError::Ioctl("KVM_SET_LAPIC", e))
+    }
+}
+
+fn set_lvt(regs: &mut [libc::c_char; 1024], offset: usize, delivery_mode: u32) {
+    let cur = u32::from_le_bytes(std::array::from_fn(|i| regs[offset + i] as u8));
+    let v = (cur & !0x700) | delivery_mode;
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *b as libc::c_char;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msrs_are_filtered_by_support() {
+        assert_eq!(boot_msrs(&[]).len(), 0);
+        let m = boot_msrs(&[MSR_MTRR_DEF_TYPE, 0x10]);
+        assert_eq!(m.len(), 1);
+        assert_eq!((m[0].index, m[0].data), (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB));
+    }
+
+    #[test]
+    fn lvt_delivery_mode_is_replaced() {
+        let mut regs = [0 as libc::c_char; 1024];
+        regs[0x350] = 0xff_u8 as libc::c_char;
+        regs[0x351] = 0x07;
+        regs[0x352] = 0x01;
+        set_lvt(&mut regs, 0x350, 0x400);
+        let v = u32::from_le_bytes(std::array::from_fn(|i| regs[0x350 + i] as u8));
+        assert_eq!(v, 0x0001_04ff);
+    }
+}

@@ -1,0 +1,67 @@
+//! Guest RAM: anonymous, lazily backed mappings registered with KVM as one slot below the MMIO
+//! hole and, for large VMs, one above 4 GiB.
+
+use crate::layout::*;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+/// Guest RAM.
+pub type GuestRam = GuestMemoryMmap;
+
+/// Why RAM could not be set up.
+#[derive(Debug)]
+pub enum MemoryError {
+    /// The size is below [`MIN_MEMORY`] or not a multiple of 4 KiB.
+    BadSize(u64),
+    /// The host refused the mapping.
+    Map(String),
+}
+
+impl std::fmt::Display for MemoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemoryError::BadSize(s) => write!(
+                f,
+                "guest memory of {s} bytes is invalid: it must be at least {} MiB and a multiple of 4 KiB",
+                MIN_MEMORY >> 20
+            ),
+            MemoryError::Map(e) => write!(f, "cannot map guest memory: {e}"),
+        }
+    }
+}
+
+/// The (guest address, size) ranges of `mem` bytes of RAM.
+pub fn ranges(mem: u64) -> Vec<(GuestAddress, usize)> {
+    let mut r = vec![(GuestAddress(0), low_ram(mem) as usize)];
+    if high_ram(mem) > 0 {
+        r.push((GuestAddress(MMIO_HOLE_END), high_ram(mem) as usize));
+    }
+    r
+}
+
+/// Maps `mem` bytes of guest RAM (no page is touched until used).
+pub fn create_ram(mem: u64) -> Result<GuestRam, MemoryError> {
+    if mem < MIN_MEMORY || mem % 4096 != 0 {
+        return Err(MemoryError::BadSize(mem));
+    }
+    GuestMemoryMmap::from_ranges(&ranges(mem)).map_err(|e| MemoryError::Map(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryBackend;
+
+    #[test]
+    fn rejects_tiny_and_unaligned() {
+        assert!(matches!(create_ram(1 << 20), Err(MemoryError::BadSize(_))));
+        assert!(matches!(create_ram((64 << 20) + 1), Err(MemoryError::BadSize(_))));
+    }
+
+    #[test]
+    fn ranges_skip_the_hole() {
+        let r = ranges(4 << 30);
+        assert_eq!(r, vec![(GuestAddress(0), 3 << 30), (GuestAddress(1 << 32), 1 << 30)]);
+        let m = create_ram(64 << 20).unwrap();
+        assert_eq!(m.num_regions(), 1);
+    }
+}
