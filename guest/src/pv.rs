@@ -31,7 +31,7 @@ pub fn hypervisor_signature() -> (u32, [u8; 12]) {
 
 /// Detects Worldvisor (unless `allowed` is false, which forces the native paths).
 pub fn detect(allowed: bool) -> bool {
-    let (_, ecx, _, _) = cpuid(1, 0);
+    let (_, _, ecx, _) = cpuid(1, 0);
     let hypervisor_bit = ecx & (1 << 31) != 0;
     let (max, sig) = hypervisor_signature();
     let found =

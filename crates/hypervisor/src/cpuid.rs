@@ -19,10 +19,15 @@ pub struct HostCpu {
 impl HostCpu {
     /// Reads the host's CPUID.
     pub fn detect() -> HostCpu {
-        let (l1, ext) = (std::arch::x86_64::__cpuid(1), std::arch::x86_64::__cpuid(0x8000_0001));
+        let (l1, ext) = (
+            std::arch::x86_64::__cpuid(1),
+            std::arch::x86_64::__cpuid(0x8000_0001),
+        );
         let vmx = l1.ecx & (1 << 5) != 0;
         let svm = ext.ecx & (1 << 2) != 0;
-        HostCpu { kernel_mode_emulated: !(vmx || svm) }
+        HostCpu {
+            kernel_mode_emulated: !(vmx || svm),
+        }
     }
 }
 
@@ -42,7 +47,8 @@ const LEAF1_ECX_AVX: u32 = 1 << 28;
 const LEAF1_ECX_SSE3_UP: u32 = (1 << 0) | (1 << 9) | (1 << 19) | (1 << 20) | (1 << 23); // sse3 ssse3 sse4.1 sse4.2 popcnt
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
-const LEAF7_EBX_AVX2_AVX512: u32 = (1 << 5) | (1 << 16) | (1 << 17) | (1 << 28) | (1 << 30) | (1 << 31);
+const LEAF7_EBX_AVX2_AVX512: u32 =
+    (1 << 5) | (1 << 16) | (1 << 17) | (1 << 28) | (1 << 30) | (1 << 31);
 
 fn ceil_log2(n: u32) -> u32 {
     32 - n.saturating_sub(1).leading_zeros()
@@ -54,7 +60,11 @@ fn sig_words(sig: &[u8; 12]) -> (u32, u32, u32) {
 }
 
 /// Builds the CPUID entries for one vCPU from KVM's supported list.
-pub fn for_vcpu(supported: &[kvm_cpuid_entry2], topo: VcpuTopology, host: HostCpu) -> Vec<kvm_cpuid_entry2> {
+pub fn for_vcpu(
+    supported: &[kvm_cpuid_entry2],
+    topo: VcpuTopology,
+    host: HostCpu,
+) -> Vec<kvm_cpuid_entry2> {
     let id = topo.index;
     let count = topo.count.max(1);
     let mut out = Vec::with_capacity(supported.len() + 2);
@@ -68,7 +78,11 @@ pub fn for_vcpu(supported: &[kvm_cpuid_entry2], topo: VcpuTopology, host: HostCp
                     e.edx |= LEAF1_EDX_HTT;
                 }
                 if host.kernel_mode_emulated {
-                    e.ecx &= !(LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE | LEAF1_ECX_AVX | LEAF1_ECX_SSE3_UP);
+                    e.ecx &= !(LEAF1_ECX_CX16
+                        | LEAF1_ECX_XSAVE
+                        | LEAF1_ECX_OSXSAVE
+                        | LEAF1_ECX_AVX
+                        | LEAF1_ECX_SSE3_UP);
                 }
             }
             0x4 => {
@@ -142,17 +156,34 @@ mod tests {
     use super::*;
 
     fn leaf(f: u32, i: u32, a: u32, b: u32, c: u32, d: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function: f, index: i, eax: a, ebx: b, ecx: c, edx: d, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function: f,
+            index: i,
+            eax: a,
+            ebx: b,
+            ecx: c,
+            edx: d,
+            ..Default::default()
+        }
     }
 
     fn find(v: &[kvm_cpuid_entry2], f: u32, i: u32) -> kvm_cpuid_entry2 {
-        *v.iter().find(|e| e.function == f && e.index == i).unwrap_or_else(|| panic!("leaf {f:#x}.{i}"))
+        *v.iter()
+            .find(|e| e.function == f && e.index == i)
+            .unwrap_or_else(|| panic!("leaf {f:#x}.{i}"))
     }
 
     fn supported() -> Vec<kvm_cpuid_entry2> {
         vec![
             leaf(0, 0, 0xd, 1, 2, 3),
-            leaf(1, 0, 0xa00f11, 0x0000_0800, LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | (1 << 21), 0x078b_fbff),
+            leaf(
+                1,
+                0,
+                0xa00f11,
+                0x0000_0800,
+                LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | (1 << 21),
+                0x078b_fbff,
+            ),
             leaf(7, 0, 0, 1 << 5 | 1 << 3, 0, 0),
             leaf(0xb, 0, 1, 2, 0x100, 9),
             leaf(0xb, 1, 4, 16, 0x201, 9),
@@ -164,7 +195,13 @@ mod tests {
 
     #[test]
     fn topology_and_apic_ids() {
-        let v = for_vcpu(&supported(), VcpuTopology { index: 3, count: 4 }, HostCpu { kernel_mode_emulated: false });
+        let v = for_vcpu(
+            &supported(),
+            VcpuTopology { index: 3, count: 4 },
+            HostCpu {
+                kernel_mode_emulated: false,
+            },
+        );
         let l1 = find(&v, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -177,7 +214,13 @@ mod tests {
 
     #[test]
     fn hardware_host_keeps_features() {
-        let v = for_vcpu(&supported(), VcpuTopology { index: 0, count: 1 }, HostCpu { kernel_mode_emulated: false });
+        let v = for_vcpu(
+            &supported(),
+            VcpuTopology { index: 0, count: 1 },
+            HostCpu {
+                kernel_mode_emulated: false,
+            },
+        );
         assert_ne!(find(&v, 1, 0).ecx & LEAF1_ECX_CX16, 0);
         assert_ne!(find(&v, 7, 0).ebx & (1 << 5), 0);
         assert_eq!(find(&v, 1, 0).edx & LEAF1_EDX_HTT, 0);
@@ -186,7 +229,13 @@ mod tests {
 
     #[test]
     fn emulating_host_hides_what_the_emulator_cannot_run() {
-        let v = for_vcpu(&supported(), VcpuTopology { index: 0, count: 1 }, HostCpu { kernel_mode_emulated: true });
+        let v = for_vcpu(
+            &supported(),
+            VcpuTopology { index: 0, count: 1 },
+            HostCpu {
+                kernel_mode_emulated: true,
+            },
+        );
         let l1 = find(&v, 1, 0);
         assert_eq!(l1.ecx & (LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE), 0);
         assert_ne!(l1.ecx & (1 << 21), 0, "x2apic stays");
@@ -196,7 +245,13 @@ mod tests {
 
     #[test]
     fn worldvisor_leaves_and_moved_kvm_leaves() {
-        let v = for_vcpu(&supported(), VcpuTopology { index: 0, count: 1 }, HostCpu { kernel_mode_emulated: false });
+        let v = for_vcpu(
+            &supported(),
+            VcpuTopology { index: 0, count: 1 },
+            HostCpu {
+                kernel_mode_emulated: false,
+            },
+        );
         let sig = find(&v, abi::CPUID_SIGNATURE_LEAF, 0);
         let mut bytes = Vec::new();
         for w in [sig.ebx, sig.ecx, sig.edx] {
@@ -205,11 +260,19 @@ mod tests {
         assert_eq!(&bytes, &abi::SIGNATURE);
         assert_eq!(sig.eax, abi::CPUID_FEATURES_LEAF);
         let feat = find(&v, abi::CPUID_FEATURES_LEAF, 0);
-        assert_eq!((feat.eax, feat.ecx), (abi::ABI_VERSION, u32::from(abi::CALL_PORT)));
+        assert_eq!(
+            (feat.eax, feat.ecx),
+            (abi::ABI_VERSION, u32::from(abi::CALL_PORT))
+        );
         let kvm = find(&v, abi::CPUID_KVM_BASE, 0);
         assert_eq!(kvm.ebx, 0x4b4d_564b);
         assert_eq!(kvm.eax, abi::CPUID_KVM_BASE + 1);
         assert_eq!(find(&v, abi::CPUID_KVM_BASE + 1, 0).eax, 0x0100_7efb);
-        assert_eq!(v.iter().filter(|e| e.function == abi::CPUID_SIGNATURE_LEAF).count(), 1);
+        assert_eq!(
+            v.iter()
+                .filter(|e| e.function == abi::CPUID_SIGNATURE_LEAF)
+                .count(),
+            1
+        );
     }
 }

@@ -51,14 +51,22 @@ impl fmt::Display for HvError {
 
 /// Capabilities every VM needs, with what for.
 pub const REQUIRED_CAPS: &[(Cap, &str, &str)] = &[
-    (Cap::Irqchip, "KVM_CAP_IRQCHIP", "the in-kernel interrupt controllers"),
+    (
+        Cap::Irqchip,
+        "KVM_CAP_IRQCHIP",
+        "the in-kernel interrupt controllers",
+    ),
     (Cap::Pit2, "KVM_CAP_PIT2", "the in-kernel timer"),
     (Cap::Irqfd, "KVM_CAP_IRQFD", "device interrupts"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD", "device notifications"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY", "guest memory"),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR", "x86 guests"),
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID", "CPUID set-up"),
-    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT", "stopping vCPUs reliably"),
+    (
+        Cap::ImmediateExit,
+        "KVM_CAP_IMMEDIATE_EXIT",
+        "stopping vCPUs reliably",
+    ),
     (Cap::MpState, "KVM_CAP_MP_STATE", "SMP start-up"),
 ];
 

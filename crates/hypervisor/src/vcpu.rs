@@ -12,11 +12,18 @@ const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
 /// MSR values set at boot, filtered to those the host's KVM lists.
 pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
-    [(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING), (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB)]
-        .into_iter()
-        .filter(|(i, _)| supported.contains(i))
-        .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
-        .collect()
+    [
+        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
+    ]
+    .into_iter()
+    .filter(|(i, _)| supported.contains(i))
+    .map(|(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
+    .collect()
 }
 
 /// What every vCPU of one VM is configured from.
@@ -37,7 +44,9 @@ impl VcpuTemplate {
         let supported_cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| HvError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        let index = kvm.get_msr_index_list().map_err(|e| HvError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?;
+        let index = kvm
+            .get_msr_index_list()
+            .map_err(|e| HvError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?;
         Ok(VcpuTemplate {
             supported_cpuid,
             msrs: boot_msrs(index.as_slice()),
@@ -51,23 +60,37 @@ impl VcpuTemplate {
     pub fn configure(&self, vcpu: &VcpuFd, index: u32) -> Result<(), HvError> {
         let entries = cpuid::for_vcpu(
             self.supported_cpuid.as_slice(),
-            VcpuTopology { index, count: self.count },
+            VcpuTopology {
+                index,
+                count: self.count,
+            },
             self.host,
         );
         let cpuid = CpuId::from_entries(&entries)
             .map_err(|_| HvError::Ioctl("building CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
-        vcpu.set_cpuid2(&cpuid).map_err(|e| HvError::Ioctl("KVM_SET_CPUID2", e))?;
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| HvError::Ioctl("KVM_SET_CPUID2", e))?;
         if !self.msrs.is_empty() {
-            let msrs = Msrs::from_entries(&self.msrs)
-                .map_err(|_| HvError::Ioctl("building MSRs", kvm_ioctls::Error::new(libc::E2BIG)))?;
-            vcpu.set_msrs(&msrs).map_err(|e| HvError::Ioctl("KVM_SET_MSRS", e))?;
+            let msrs = Msrs::from_entries(&self.msrs).map_err(|_| {
+                HvError::Ioctl("building MSRs", kvm_ioctls::Error::new(libc::E2BIG))
+            })?;
+            vcpu.set_msrs(&msrs)
+                .map_err(|e| HvError::Ioctl("KVM_SET_MSRS", e))?;
         }
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-        vcpu.set_fpu(&fpu).map_err(|e| HvError::Ioctl("KVM_SET_FPU", e))?;
-        let mut lapic = vcpu.get_lapic().map_err(|e| HvError::Ioctl("KVM_GET_LAPIC", e))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu)
+            .map_err(|e| HvError::Ioctl("KVM_SET_FPU", e))?;
+        let mut lapic = vcpu
+            .get_lapic()
+            .map_err(|e| HvError::Ioctl("KVM_GET_LAPIC", e))?;
         set_lvt(&mut lapic.regs, 0x350, 0x700); // LINT0: ExtINT
         set_lvt(&mut lapic.regs, 0x360, 0x400); // LINT1: NMI
-        vcpu.set_lapic(&lapic).map_err(|e| HvError::Ioctl("KVM_SET_LAPIC", e))
+        vcpu.set_lapic(&lapic)
+            .map_err(|e| HvError::Ioctl("KVM_SET_LAPIC", e))
     }
 }
 

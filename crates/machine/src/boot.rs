@@ -14,7 +14,9 @@ use crate::mptable;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::bootparam::boot_params;
 use linux_loader::loader::bzimage::BzImage;
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use std::fmt;
@@ -115,7 +117,10 @@ impl fmt::Display for BootError {
                  kernel's initrd limit after the kernel); give the VM more --memory"
             ),
             BootError::CmdlineTooLong { len, max } => {
-                write!(f, "command line of {len} bytes is longer than the kernel accepts ({max})")
+                write!(
+                    f,
+                    "command line of {len} bytes is longer than the kernel accepts ({max})"
+                )
             }
             BootError::CmdlineNul => write!(f, "command line contains a NUL byte"),
             BootError::Cpus(e) => write!(f, "{e}"),
@@ -165,7 +170,15 @@ pub fn load(
             let f = File::open(p).map_err(|e| BootError::KernelIo(name.clone(), e))?;
             load_from(mem, mem_size, f, name, initrd, cmdline, cpus)
         }
-        KernelImage::Embedded(_, bytes) => load_from(mem, mem_size, Cursor::new(*bytes), name, initrd, cmdline, cpus),
+        KernelImage::Embedded(_, bytes) => load_from(
+            mem,
+            mem_size,
+            Cursor::new(*bytes),
+            name,
+            initrd,
+            cmdline,
+            cpus,
+        ),
     }
 }
 
@@ -191,22 +204,34 @@ fn load_from<F: Read + Seek + ReadVolatile>(
         check_elf_segments(&mut file, &name, low_end)?;
         let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| BootError::KernelFormat(name.clone(), e.to_string()))?;
-        let rip = match r.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(a) => a.0,
-            _ => {
-                return Err(BootError::KernelFormat(
+        let rip =
+            match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(a) => a.0,
+                _ => return Err(BootError::KernelFormat(
                     name,
                     "ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build Linux with \
                      CONFIG_PVH=y or boot its bzImage"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         let start = r.kernel_load.0.min(rip);
-        (BootEntry { protocol: BootProtocol::Pvh, rip }, (start, r.kernel_end), low_end, CMDLINE_MAX, None)
+        (
+            BootEntry {
+                protocol: BootProtocol::Pvh,
+                rip,
+            },
+            (start, r.kernel_end),
+            low_end,
+            CMDLINE_MAX,
+            None,
+        )
     } else if head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS" {
         let version = u16::from_le_bytes([head[0x206], head[0x207]]);
-        let xloadflags = if head.len() >= 0x238 { u16::from_le_bytes([head[0x236], head[0x237]]) } else { 0 };
+        let xloadflags = if head.len() >= 0x238 {
+            u16::from_le_bytes([head[0x236], head[0x237]])
+        } else {
+            0
+        };
         if version < 0x020c || xloadflags & 1 == 0 {
             return Err(BootError::KernelFormat(
                 name,
@@ -221,26 +246,53 @@ fn load_from<F: Read + Seek + ReadVolatile>(
         let init_size = u64::from(u32::from_le_bytes(head[0x260..0x264].try_into().unwrap()));
         let code32 = u64::from(u32::from_le_bytes(head[0x214..0x218].try_into().unwrap()));
         if code32 < HIMEM_START {
-            return Err(BootError::KernelPlacement(name, format!("load address {code32:#x} is below 1 MiB")));
+            return Err(BootError::KernelPlacement(
+                name,
+                format!("load address {code32:#x} is below 1 MiB"),
+            ));
         }
-        let file_len = file.seek(SeekFrom::End(0)).map_err(|e| BootError::KernelIo(name.clone(), e))?;
-        let setup_sects = if head[0x1f1] == 0 { 4 } else { u64::from(head[0x1f1]) };
+        let file_len = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| BootError::KernelIo(name.clone(), e))?;
+        let setup_sects = if head[0x1f1] == 0 {
+            4
+        } else {
+            u64::from(head[0x1f1])
+        };
         let body = file_len.saturating_sub((setup_sects + 1) * 512);
         let need = code32 + init_size.max(body);
         if need > low_end {
             return Err(BootError::KernelPlacement(
                 name,
-                format!("it needs guest memory up to {} MiB; give the VM more --memory", need.div_ceil(1 << 20)),
+                format!(
+                    "it needs guest memory up to {} MiB; give the VM more --memory",
+                    need.div_ceil(1 << 20)
+                ),
             ));
         }
         let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
             .map_err(|e| BootError::KernelFormat(name.clone(), e.to_string()))?;
-        let hdr = r.setup_header.expect("bzImage loader returns the setup header");
+        let hdr = r
+            .setup_header
+            .expect("bzImage loader returns the setup header");
         let initrd_max = u64::from(hdr.initrd_addr_max).min(low_end - 1) + 1;
-        let cmax = if hdr.cmdline_size == 0 { 255 } else { hdr.cmdline_size as usize };
+        let cmax = if hdr.cmdline_size == 0 {
+            255
+        } else {
+            hdr.cmdline_size as usize
+        };
         let end = r.kernel_load.0 + init_size.max(r.kernel_end - r.kernel_load.0);
         let rip = r.kernel_load.0 + 0x200;
-        (BootEntry { protocol: BootProtocol::Linux64, rip }, (r.kernel_load.0, end), initrd_max, cmax, Some(hdr))
+        (
+            BootEntry {
+                protocol: BootProtocol::Linux64,
+                rip,
+            },
+            (r.kernel_load.0, end),
+            initrd_max,
+            cmax,
+            Some(hdr),
+        )
     } else {
         return Err(BootError::KernelFormat(
             name,
@@ -249,26 +301,42 @@ fn load_from<F: Read + Seek + ReadVolatile>(
     };
 
     if cmdline.len() + 1 > cmdline_max.min(CMDLINE_MAX) {
-        return Err(BootError::CmdlineTooLong { len: cmdline.len(), max: cmdline_max.min(CMDLINE_MAX) - 1 });
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: cmdline_max.min(CMDLINE_MAX) - 1,
+        });
     }
-    mem.write_slice(cmdline.as_bytes(), GuestAddress(CMDLINE)).map_err(gw)?;
-    mem.write_obj(0u8, GuestAddress(CMDLINE + cmdline.len() as u64)).map_err(gw)?;
+    mem.write_slice(cmdline.as_bytes(), GuestAddress(CMDLINE))
+        .map_err(gw)?;
+    mem.write_obj(0u8, GuestAddress(CMDLINE + cmdline.len() as u64))
+        .map_err(gw)?;
 
     let initrd_placed = match initrd {
         Some(p) => Some(load_initrd(mem, p, kernel_range.1, initrd_max)?),
         None => None,
     };
-    mem.write_slice(&mpt, GuestAddress(EBDA_START)).map_err(gw)?;
+    mem.write_slice(&mpt, GuestAddress(EBDA_START))
+        .map_err(gw)?;
     write_gdt(mem)?;
     let map = e820::map(mem_size);
     match entry.protocol {
         BootProtocol::Linux64 => {
             write_page_tables(mem)?;
-            write_zero_page(mem, setup.expect("bzImage"), cmdline.len(), initrd_placed, &map)?;
+            write_zero_page(
+                mem,
+                setup.expect("bzImage"),
+                cmdline.len(),
+                initrd_placed,
+                &map,
+            )?;
         }
         BootProtocol::Pvh => write_start_info(mem, initrd_placed, &map)?,
     }
-    Ok(LoadedGuest { entry, kernel: kernel_range, initrd: initrd_placed })
+    Ok(LoadedGuest {
+        entry,
+        kernel: kernel_range,
+        initrd: initrd_placed,
+    })
 }
 
 fn read_up_to<F: Read + Seek>(f: &mut F, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -285,12 +353,17 @@ fn read_up_to<F: Read + Seek>(f: &mut F, buf: &mut [u8]) -> std::io::Result<usiz
 
 /// Every PT_LOAD segment must lie in RAM between 1 MiB and the MMIO hole, so loading can
 /// never overwrite the boot structures below 1 MiB.
-fn check_elf_segments<F: Read + Seek>(f: &mut F, name: &str, low_end: u64) -> Result<(), BootError> {
+fn check_elf_segments<F: Read + Seek>(
+    f: &mut F,
+    name: &str,
+    low_end: u64,
+) -> Result<(), BootError> {
     let io = |e| BootError::KernelIo(name.to_string(), e);
     let fmt_err = |why: &str| BootError::KernelFormat(name.to_string(), why.to_string());
     let mut eh = [0u8; 64];
     f.seek(SeekFrom::Start(0)).map_err(io)?;
-    f.read_exact(&mut eh).map_err(|_| fmt_err("truncated ELF header"))?;
+    f.read_exact(&mut eh)
+        .map_err(|_| fmt_err("truncated ELF header"))?;
     if eh[4] != 2 || eh[5] != 1 || u16::from_le_bytes([eh[18], eh[19]]) != 62 {
         return Err(fmt_err("not a little-endian 64-bit x86-64 ELF"));
     }
@@ -303,8 +376,10 @@ fn check_elf_segments<F: Read + Seek>(f: &mut F, name: &str, low_end: u64) -> Re
     let mut loads = 0;
     for i in 0..phnum {
         let mut ph = vec![0u8; phentsize];
-        f.seek(SeekFrom::Start(phoff + (i * phentsize) as u64)).map_err(io)?;
-        f.read_exact(&mut ph).map_err(|_| fmt_err("truncated program header table"))?;
+        f.seek(SeekFrom::Start(phoff + (i * phentsize) as u64))
+            .map_err(io)?;
+        f.read_exact(&mut ph)
+            .map_err(|_| fmt_err("truncated program header table"))?;
         if u32::from_le_bytes(ph[0..4].try_into().unwrap()) != 1 {
             continue;
         }
@@ -321,7 +396,9 @@ fn check_elf_segments<F: Read + Seek>(f: &mut F, name: &str, low_end: u64) -> Re
                 format!("segment at {paddr:#x} lies below 1 MiB"),
             ));
         }
-        let end = paddr.checked_add(memsz).ok_or_else(|| fmt_err("segment size overflows"))?;
+        let end = paddr
+            .checked_add(memsz)
+            .ok_or_else(|| fmt_err("segment size overflows"))?;
         if end > low_end {
             return Err(BootError::KernelPlacement(
                 name.to_string(),
@@ -339,10 +416,18 @@ fn check_elf_segments<F: Read + Seek>(f: &mut F, name: &str, low_end: u64) -> Re
 }
 
 /// Places the initrd at the highest page-aligned address below `limit` and above `kernel_end`.
-fn load_initrd(mem: &GuestRam, path: &Path, kernel_end: u64, limit: u64) -> Result<(u64, u64), BootError> {
+fn load_initrd(
+    mem: &GuestRam,
+    path: &Path,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<(u64, u64), BootError> {
     let mut f = File::open(path).map_err(|e| BootError::InitrdIo(path.to_path_buf(), e))?;
-    let size = f.seek(SeekFrom::End(0)).map_err(|e| BootError::InitrdIo(path.to_path_buf(), e))?;
-    f.seek(SeekFrom::Start(0)).map_err(|e| BootError::InitrdIo(path.to_path_buf(), e))?;
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| BootError::InitrdIo(path.to_path_buf(), e))?;
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| BootError::InitrdIo(path.to_path_buf(), e))?;
     let floor = kernel_end.next_multiple_of(4096);
     let room = limit.saturating_sub(floor);
     if size > room {
@@ -353,7 +438,9 @@ fn load_initrd(mem: &GuestRam, path: &Path, kernel_end: u64, limit: u64) -> Resu
         return Err(BootError::InitrdTooBig { size, room });
     }
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| BootError::InitrdIo(path.to_path_buf(), std::io::Error::other(e.to_string())))?;
+        .map_err(|e| {
+            BootError::InitrdIo(path.to_path_buf(), std::io::Error::other(e.to_string()))
+        })?;
     Ok((addr, size))
 }
 
@@ -369,7 +456,8 @@ pub const GDT: [u64; 5] = [
 
 fn write_gdt(mem: &GuestRam) -> Result<(), BootError> {
     for (i, d) in GDT.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(BOOT_GDT + 8 * i as u64)).map_err(gw)?;
+        mem.write_obj(*d, GuestAddress(BOOT_GDT + 8 * i as u64))
+            .map_err(gw)?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT)).map_err(gw)
 }
@@ -379,7 +467,8 @@ fn write_page_tables(mem: &GuestRam) -> Result<(), BootError> {
     mem.write_obj(PDPT | 0x3, GuestAddress(PML4)).map_err(gw)?;
     let mut pd = vec![0u8; 4 * 4096];
     for i in 0..4u64 {
-        mem.write_obj((PD + i * 4096) | 0x3, GuestAddress(PDPT + 8 * i)).map_err(gw)?;
+        mem.write_obj((PD + i * 4096) | 0x3, GuestAddress(PDPT + 8 * i))
+            .map_err(gw)?;
     }
     for (i, e) in pd.chunks_mut(8).enumerate() {
         e.copy_from_slice(&(((i as u64) << 21) | 0x83).to_le_bytes());
@@ -394,7 +483,10 @@ fn write_zero_page(
     initrd: Option<(u64, u64)>,
     map: &[E820Entry],
 ) -> Result<(), BootError> {
-    let mut p = boot_params { hdr, ..Default::default() };
+    let mut p = boot_params {
+        hdr,
+        ..Default::default()
+    };
     p.hdr.type_of_loader = 0xff;
     p.hdr.boot_flag = 0xaa55;
     p.hdr.header = 0x5372_6448;
@@ -412,14 +504,25 @@ fn write_zero_page(
         p.e820_table[i].r#type = e.kind;
     }
     p.e820_entries = map.len() as u8;
-    mem.write_slice(pod_bytes(&p), GuestAddress(ZERO_PAGE)).map_err(gw)
+    mem.write_slice(pod_bytes(&p), GuestAddress(ZERO_PAGE))
+        .map_err(gw)
 }
 
-fn write_start_info(mem: &GuestRam, initrd: Option<(u64, u64)>, map: &[E820Entry]) -> Result<(), BootError> {
+fn write_start_info(
+    mem: &GuestRam,
+    initrd: Option<(u64, u64)>,
+    map: &[E820Entry],
+) -> Result<(), BootError> {
     assert!(map.len() <= PVH_MEMMAP_MAX);
     for (i, e) in map.iter().enumerate() {
-        let m = hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind, reserved: 0 };
-        mem.write_slice(pod_bytes(&m), GuestAddress(PVH_MEMMAP + 24 * i as u64)).map_err(gw)?;
+        let m = hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        };
+        mem.write_slice(pod_bytes(&m), GuestAddress(PVH_MEMMAP + 24 * i as u64))
+            .map_err(gw)?;
     }
     let mut si = hvm_start_info {
         magic: 0x336e_c578,
@@ -430,12 +533,18 @@ fn write_start_info(mem: &GuestRam, initrd: Option<(u64, u64)>, map: &[E820Entry
         ..Default::default()
     };
     if let Some((addr, size)) = initrd {
-        let m = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
-        mem.write_slice(pod_bytes(&m), GuestAddress(PVH_MODLIST)).map_err(gw)?;
+        let m = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
+        mem.write_slice(pod_bytes(&m), GuestAddress(PVH_MODLIST))
+            .map_err(gw)?;
         si.nr_modules = 1;
         si.modlist_paddr = PVH_MODLIST;
     }
-    mem.write_slice(pod_bytes(&si), GuestAddress(PVH_INFO)).map_err(gw)
+    mem.write_slice(pod_bytes(&si), GuestAddress(PVH_INFO))
+        .map_err(gw)
 }
 
 /// A KVM segment from a GDT descriptor and its selector.
@@ -462,7 +571,11 @@ pub fn segment(desc: u64, selector: u16) -> kvm_segment {
 impl BootEntry {
     /// General-purpose registers at entry.
     pub fn regs(&self) -> kvm_regs {
-        let mut r = kvm_regs { rflags: 0x2, rip: self.rip, ..Default::default() };
+        let mut r = kvm_regs {
+            rflags: 0x2,
+            rip: self.rip,
+            ..Default::default()
+        };
         match self.protocol {
             BootProtocol::Linux64 => {
                 r.rsi = ZERO_PAGE;
@@ -514,7 +627,10 @@ mod tests {
     #[test]
     fn segments_decode_the_gdt() {
         let cs64 = segment(GDT[2], 0x10);
-        assert_eq!((cs64.l, cs64.db, cs64.type_, cs64.present, cs64.s), (1, 0, 0xb, 1, 1));
+        assert_eq!(
+            (cs64.l, cs64.db, cs64.type_, cs64.present, cs64.s),
+            (1, 0, 0xb, 1, 1)
+        );
         assert_eq!(cs64.limit, 0xffff_ffff);
         let cs32 = segment(GDT[1], 0x08);
         assert_eq!((cs32.l, cs32.db, cs32.base), (0, 1, 0));
@@ -542,9 +658,25 @@ mod tests {
         old[0x202..0x206].copy_from_slice(b"HdrS");
         old[0x206..0x208].copy_from_slice(&0x0206u16.to_le_bytes());
         let leaked: &'static [u8] = Box::leak(old.into_boxed_slice());
-        let e = load(&mem, 16 << 20, &KernelImage::Embedded("old", leaked), None, "", 1).unwrap_err();
+        let e = load(
+            &mem,
+            16 << 20,
+            &KernelImage::Embedded("old", leaked),
+            None,
+            "",
+            1,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("no 64-bit entry point"), "{e}");
-        let e = load(&mem, 16 << 20, &KernelImage::Embedded("old", leaked), None, "a\0b", 1).unwrap_err();
+        let e = load(
+            &mem,
+            16 << 20,
+            &KernelImage::Embedded("old", leaked),
+            None,
+            "a\0b",
+            1,
+        )
+        .unwrap_err();
         assert!(matches!(e, BootError::CmdlineNul));
     }
 
@@ -567,7 +699,15 @@ mod tests {
         ph[40..48].copy_from_slice(&16u64.to_le_bytes());
         let leaked: &'static [u8] = Box::leak(elf.into_boxed_slice());
         let mem = create_ram(16 << 20).unwrap();
-        let e = load(&mem, 16 << 20, &KernelImage::Embedded("low", leaked), None, "", 1).unwrap_err();
+        let e = load(
+            &mem,
+            16 << 20,
+            &KernelImage::Embedded("low", leaked),
+            None,
+            "",
+            1,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("below 1 MiB"), "{e}");
     }
 

@@ -23,13 +23,33 @@ pub struct E820Entry {
 /// 4 GiB. Sorted and non-overlapping.
 pub fn map(mem: u64) -> Vec<E820Entry> {
     let mut v = vec![
-        E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM },
-        E820Entry { addr: EBDA_START, size: LEGACY_HOLE_START - EBDA_START, kind: E820_RESERVED },
-        E820Entry { addr: BIOS_START, size: HIMEM_START - BIOS_START, kind: E820_RESERVED },
-        E820Entry { addr: HIMEM_START, size: low_ram(mem) - HIMEM_START, kind: E820_RAM },
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820_RAM,
+        },
+        E820Entry {
+            addr: EBDA_START,
+            size: LEGACY_HOLE_START - EBDA_START,
+            kind: E820_RESERVED,
+        },
+        E820Entry {
+            addr: BIOS_START,
+            size: HIMEM_START - BIOS_START,
+            kind: E820_RESERVED,
+        },
+        E820Entry {
+            addr: HIMEM_START,
+            size: low_ram(mem) - HIMEM_START,
+            kind: E820_RAM,
+        },
     ];
     if high_ram(mem) > 0 {
-        v.push(E820Entry { addr: MMIO_HOLE_END, size: high_ram(mem), kind: E820_RAM });
+        v.push(E820Entry {
+            addr: MMIO_HOLE_END,
+            size: high_ram(mem),
+            kind: E820_RAM,
+        });
     }
     v
 }
@@ -39,14 +59,24 @@ mod tests {
     use super::*;
 
     fn ram(m: &[E820Entry]) -> u64 {
-        m.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum()
+        m.iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum()
     }
 
     #[test]
     fn small_vm_has_no_high_ram() {
         let m = map(128 << 20);
         assert_eq!(m.len(), 4);
-        assert_eq!(m[3], E820Entry { addr: 1 << 20, size: 127 << 20, kind: E820_RAM });
+        assert_eq!(
+            m[3],
+            E820Entry {
+                addr: 1 << 20,
+                size: 127 << 20,
+                kind: E820_RAM
+            }
+        );
         // Everything but the 384 KiB legacy hole and the 1 KiB EBDA is RAM.
         assert_eq!(ram(&m), (128 << 20) - (HIMEM_START - EBDA_START));
     }

@@ -54,13 +54,19 @@ mod tests {
     #[test]
     fn rejects_tiny_and_unaligned() {
         assert!(matches!(create_ram(1 << 20), Err(MemoryError::BadSize(_))));
-        assert!(matches!(create_ram((64 << 20) + 1), Err(MemoryError::BadSize(_))));
+        assert!(matches!(
+            create_ram((64 << 20) + 1),
+            Err(MemoryError::BadSize(_))
+        ));
     }
 
     #[test]
     fn ranges_skip_the_hole() {
         let r = ranges(4 << 30);
-        assert_eq!(r, vec![(GuestAddress(0), 3 << 30), (GuestAddress(1 << 32), 1 << 30)]);
+        assert_eq!(
+            r,
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(1 << 32), 1 << 30)]
+        );
         let m = create_ram(64 << 20).unwrap();
         assert_eq!(m.num_regions(), 1);
     }

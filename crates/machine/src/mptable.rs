@@ -22,14 +22,20 @@ impl std::fmt::Display for MpTableError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MpTableError::CpuCount(n) => {
-                write!(f, "an MP table describes 1 to {MAX_CPUS} processors, not {n}")
+                write!(
+                    f,
+                    "an MP table describes 1 to {MAX_CPUS} processors, not {n}"
+                )
             }
         }
     }
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The I/O APIC's ID: the first one after the processors' APIC IDs.
@@ -106,7 +112,10 @@ mod tests {
     fn checksums_and_counts() {
         for n in [1u8, 2, 7, MAX_CPUS] {
             let b = build(n).unwrap();
-            assert!(EBDA_START + b.len() as u64 <= LEGACY_HOLE_START, "{n} cpus overflow the EBDA");
+            assert!(
+                EBDA_START + b.len() as u64 <= LEGACY_HOLE_START,
+                "{n} cpus overflow the EBDA"
+            );
             assert_eq!(&b[0..4], b"_MP_");
             assert_eq!(sum(&b[0..16]), 0);
             let t = &b[16..];
@@ -128,6 +137,9 @@ mod tests {
     #[test]
     fn refuses_bad_counts() {
         assert_eq!(build(0), Err(MpTableError::CpuCount(0)));
-        assert_eq!(build(MAX_CPUS + 1), Err(MpTableError::CpuCount(MAX_CPUS + 1)));
+        assert_eq!(
+            build(MAX_CPUS + 1),
+            Err(MpTableError::CpuCount(MAX_CPUS + 1))
+        );
     }
 }

@@ -1,1 +1,380 @@
-//! placeholder
+//! The VMM: one VM on KVM, from a [`VmConfig`] to its end.
+//!
+//! [`run`] is the single path from configuration to a running VM (in the manner of
+//! Firecracker's `builder.rs`): validate, open KVM, create the VM and its memory (registered
+//! before the in-kernel irqchip, which makes later memory slots slow on some hosts), load the
+//! guest, wire the devices, configure the vCPUs, start one thread per vCPU, and wait for the end
+//! (guest poweroff, reset, triple fault, KVM failure or a signal). Every exit is accounted
+//! ([`stats`]).
+
+pub mod config;
+pub mod error;
+pub mod stats;
+mod vcpu;
+
+pub use config::{parse_size, KernelSource, SerialMode, VmConfig, DEFAULT_MEMORY, MAX_VCPUS};
+pub use error::{VmEnd, VmmError};
+pub use stats::VmStats;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use wv_abi::{device_kind, DeviceRecord, DEVICE_FLAG_MMIO, NO_IRQ};
+use wv_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use wv_devices::serial::{COM1_BASE, COM1_IRQ};
+use wv_devices::{ConsoleOut, IrqLine, PioBus, SerialDevice};
+use wv_hypervisor::vcpu::VcpuTemplate;
+use wv_hypervisor::HvError;
+use wv_machine::layout;
+use wv_pv::MachineInfo;
+
+/// State the vCPU threads share.
+pub(crate) struct VmShared {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) bus: PioBus,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) info: MachineInfo,
+    pub(crate) table: stats::CauseTable,
+    pub(crate) stop: AtomicBool,
+    end: Mutex<Option<VmEnd>>,
+    end_evt: EventFd,
+}
+
+impl VmShared {
+    /// Records why the VM ends (the first reason wins) and wakes the control loop.
+    pub(crate) fn finish(&self, e: VmEnd) {
+        let mut g = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+        self.stop.store(true, Ordering::Release);
+        let _ = self.end_evt.write(1);
+    }
+}
+
+/// How a run ended, with its accounting.
+pub struct RunOutcome {
+    /// Why the VM ended.
+    pub end: VmEnd,
+    /// Exit accounting.
+    pub stats: VmStats,
+}
+
+fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |e| VmmError::Kvm(HvError::Ioctl(what, e))
+}
+
+fn internal<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> VmmError {
+    move |e| VmmError::Internal(format!("{what}: {e}"))
+}
+
+fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (it is
+        // moved into the shared state the vCPU threads hold until they are joined).
+        unsafe { vm.set_user_memory_region(r) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+fn device_records() -> Vec<DeviceRecord> {
+    let rec = |kind, irq, base: u64, len, flags| DeviceRecord {
+        kind,
+        irq,
+        base,
+        len,
+        flags,
+        reserved: 0,
+    };
+    vec![
+        rec(
+            device_kind::UART_16550,
+            COM1_IRQ,
+            u64::from(COM1_BASE),
+            8,
+            0,
+        ),
+        rec(
+            device_kind::I8042,
+            NO_IRQ,
+            u64::from(I8042_BASE),
+            u64::from(I8042_LEN),
+            0,
+        ),
+        rec(
+            device_kind::CALL_PORT,
+            NO_IRQ,
+            u64::from(wv_abi::CALL_PORT),
+            4,
+            0,
+        ),
+        rec(device_kind::PIT, 0, 0x40, 4, 0),
+        rec(
+            device_kind::IOAPIC,
+            NO_IRQ,
+            layout::IOAPIC_ADDR,
+            0x1000,
+            DEVICE_FLAG_MMIO,
+        ),
+        rec(
+            device_kind::LAPIC,
+            NO_IRQ,
+            layout::LAPIC_ADDR,
+            0x1000,
+            DEVICE_FLAG_MMIO,
+        ),
+    ]
+}
+
+fn block_signals(sigs: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask affects this thread only
+    // (threads spawned later inherit the mask, which is the intent).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in sigs {
+            libc::sigaddset(&mut set, *s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Builds the VM described by `cfg` and runs it until it ends.
+pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
+    let start = Instant::now();
+    cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
+    let kvm = wv_hypervisor::open()?;
+    let max = kvm.get_max_vcpus() as u32;
+    if cfg.vcpus > max {
+        return Err(VmmError::Config(config::ConfigError(format!(
+            "--vcpus {} exceeds what this host's KVM allows ({max})",
+            cfg.vcpus
+        ))));
+    }
+    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    let mem = wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?;
+    register_memory(&vm, &mem)?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(ioctl("KVM_CREATE_PIT2"))?;
+
+    let kernel = match &cfg.kernel {
+        KernelSource::Path(p) => wv_machine::KernelImage::File(p.clone()),
+        KernelSource::Embedded(n, b) => wv_machine::KernelImage::Embedded(n, b),
+    };
+    let loaded = wv_machine::load(
+        &mem,
+        cfg.memory,
+        &kernel,
+        cfg.initrd.as_deref(),
+        &cfg.cmdline,
+        cfg.vcpus as u8,
+    )
+    .map_err(VmmError::Boot)?;
+
+    let out = match &cfg.serial {
+        SerialMode::Stdio => ConsoleOut::Stdout,
+        SerialMode::None => ConsoleOut::Sink,
+        SerialMode::File(p) => ConsoleOut::File(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| {
+                    VmmError::Config(config::ConfigError(format!(
+                        "cannot open serial output {}: {e}",
+                        p.display()
+                    )))
+                })?,
+        ),
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(ioctl("KVM_IRQFD"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(IrqLine(irq), out)));
+    let mut bus = PioBus::new();
+    bus.insert(COM1_BASE, 8, "serial", serial.clone())
+        .map_err(internal("port bus"))?;
+    bus.insert(
+        I8042_BASE,
+        I8042_LEN,
+        "i8042",
+        Arc::new(Mutex::new(I8042::default())),
+    )
+    .map_err(internal("port bus"))?;
+
+    let template = VcpuTemplate::new(&kvm, cfg.vcpus)?;
+    let mut fds = Vec::with_capacity(cfg.vcpus as usize);
+    for i in 0..cfg.vcpus {
+        let fd = vm
+            .create_vcpu(u64::from(i))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        template.configure(&fd, i)?;
+        fds.push(fd);
+    }
+    let boot = &fds[0];
+    let base = boot.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+    boot.set_sregs(&loaded.entry.sregs(&base))
+        .map_err(ioctl("KVM_SET_SREGS"))?;
+    boot.set_regs(&loaded.entry.regs())
+        .map_err(ioctl("KVM_SET_REGS"))?;
+    let tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
+
+    let table = stats::CauseTable::new(&bus.names());
+    let shared = Arc::new(VmShared {
+        mem,
+        bus,
+        serial,
+        info: MachineInfo {
+            mem_size: cfg.memory,
+            vcpus: cfg.vcpus,
+            devices: device_records(),
+            tsc_khz,
+        },
+        table,
+        stop: AtomicBool::new(false),
+        end: Mutex::new(None),
+        end_evt: EventFd::new(0).map_err(internal("eventfd"))?,
+    });
+
+    vcpu::install_kick_handler().map_err(internal("installing the vCPU kick handler"))?;
+    let stop_signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    let set = block_signals(&stop_signals);
+    // SAFETY: `set` is a valid, initialised signal set; the result is checked.
+    let sigfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+    if sigfd < 0 {
+        return Err(VmmError::Internal(format!(
+            "signalfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let setup_ns = start.elapsed().as_nanos() as u64;
+    let run_start = Instant::now();
+    let mut handles = Vec::with_capacity(fds.len());
+    for (i, fd) in fds.into_iter().enumerate() {
+        let sh = shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || vcpu::run(i as u32, fd, sh))
+            .map_err(internal("starting a vCPU thread"))?;
+        handles.push(h);
+    }
+
+    let end = control_loop(&shared, sigfd, cfg.serial == SerialMode::Stdio);
+    shared.stop.store(true, Ordering::Release);
+    for h in &handles {
+        // SAFETY: the thread is alive until joined below; the kick handler is installed.
+        unsafe { libc::pthread_kill(h.as_pthread_t(), vcpu::kick_signal()) };
+    }
+    let mut vcpus = Vec::with_capacity(handles.len());
+    let mut panicked = None;
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(s) => vcpus.push(s),
+            Err(_) => panicked = Some(i),
+        }
+    }
+    // SAFETY: sigfd is ours and no longer used.
+    unsafe { libc::close(sigfd) };
+    let end = match panicked {
+        Some(i) => VmEnd::Internal(format!("vCPU thread {i} panicked")),
+        None => end,
+    };
+    drop(vm);
+    Ok(RunOutcome {
+        end,
+        stats: VmStats {
+            table: shared.table.clone(),
+            vcpus,
+            setup_ns,
+            run_ns: run_start.elapsed().as_nanos() as u64,
+        },
+    })
+}
+
+/// Waits for the VM to end or a stop signal; feeds stdin to the UART when the console is stdio.
+fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) -> VmEnd {
+    let mut stdin_open = stdin;
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        if let Some(e) = shared.end.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return e;
+        }
+        let mut fds = vec![
+            libc::pollfd {
+                fd: shared.end_evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sigfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if stdin_open && pending.is_empty() {
+            fds.push(libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = if pending.is_empty() { -1 } else { 10 };
+        // SAFETY: `fds` is a valid array of pollfd for its length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            continue;
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            // SAFETY: reading one signalfd_siginfo into a properly sized buffer.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let sz = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: as above.
+            let r = unsafe { libc::read(sigfd, &mut info as *mut _ as *mut libc::c_void, sz) };
+            if r == sz as isize {
+                shared.finish(VmEnd::Signal(info.ssi_signo as i32));
+            }
+        }
+        if fds.len() > 2 && fds[2].revents != 0 {
+            let mut buf = [0u8; 256];
+            // SAFETY: reading into a local buffer from stdin.
+            let r = unsafe { libc::read(0, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if r <= 0 {
+                stdin_open = false;
+            } else {
+                pending.extend_from_slice(&buf[..r as usize]);
+            }
+        }
+        if !pending.is_empty() {
+            let n = shared
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .enqueue_input(&pending);
+            pending.drain(..n);
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            let _ = shared.end_evt.read();
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! What a VM is made of, as the user states it, and the checks that make a bad value a clear
+//! error before any resource is taken.
+
+use std::path::PathBuf;
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 32;
+/// Guest RAM when none is given.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+
+/// The kernel to boot.
+#[derive(Clone, Debug)]
+pub enum KernelSource {
+    /// A file (bzImage or PVH ELF).
+    Path(PathBuf),
+    /// An image built into the binary, with its name.
+    Embedded(&'static str, &'static [u8]),
+}
+
+/// Where the serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialMode {
+    /// Output to stdout, input from stdin.
+    Stdio,
+    /// Output appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+/// One VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel.
+    pub kernel: KernelSource,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Serial console.
+    pub serial: SerialMode,
+}
+
+/// A value the user gave that cannot work.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses a size such as `256M`, `2G`, `512K`, `1T` or a plain number of bytes (binary units;
+/// an optional trailing `B`/`iB` is accepted: `256MiB`).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "invalid size '{s}': use a number with K, M, G or T (e.g. 256M, 2G)"
+        ))
+    };
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        Some(c) if c.is_ascii_digit() => (t, 0),
+        _ => return Err(bad()),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// Host RAM in bytes.
+pub fn host_ram() -> u64 {
+    // SAFETY: sysinfo fills the struct we pass and nothing else.
+    unsafe {
+        let mut si: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut si) == 0 {
+            u64::from(si.totalram).saturating_mul(u64::from(si.mem_unit))
+        } else {
+            u64::MAX
+        }
+    }
+}
+
+impl VmConfig {
+    /// A VM with the defaults: 1 vCPU, [`DEFAULT_MEMORY`], serial on stdio.
+    pub fn new(kernel: KernelSource, cmdline: String) -> VmConfig {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline,
+            memory: DEFAULT_MEMORY,
+            vcpus: 1,
+            serial: SerialMode::Stdio,
+        }
+    }
+
+    /// Checks sizes and counts against the machine model and the host (`host_ram` bytes).
+    pub fn validate(&self, host_ram: u64) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError(format!(
+                "--vcpus {} is out of range: 1 to {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        let min = wv_machine::layout::MIN_MEMORY;
+        if self.memory < min {
+            return Err(ConfigError(format!(
+                "--memory of {} bytes is too small: at least {} MiB",
+                self.memory,
+                min >> 20
+            )));
+        }
+        if self.memory % 4096 != 0 {
+            return Err(ConfigError(format!(
+                "--memory of {} bytes is not a multiple of 4 KiB",
+                self.memory
+            )));
+        }
+        if self.memory > host_ram {
+            return Err(ConfigError(format!(
+                "--memory of {} MiB exceeds this host's {} MiB of RAM",
+                self.memory >> 20,
+                host_ram >> 20
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in [
+            "",
+            "M",
+            "-1M",
+            "1.5G",
+            "12Q",
+            "99999999999999999999G",
+            "0x10M",
+            " G",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn cfg() -> VmConfig {
+        VmConfig::new(KernelSource::Embedded("x", &[]), String::new())
+    }
+
+    #[test]
+    fn validation() {
+        let host = 8u64 << 30;
+        assert!(cfg().validate(host).is_ok());
+        let mut c = cfg();
+        c.vcpus = 0;
+        assert!(c.validate(host).unwrap_err().0.contains("1 to 32"));
+        c.vcpus = 33;
+        assert!(c.validate(host).is_err());
+        c.vcpus = 32;
+        assert!(c.validate(host).is_ok());
+        c.memory = 1 << 20;
+        assert!(c.validate(host).unwrap_err().0.contains("too small"));
+        c.memory = (64 << 20) + 1;
+        assert!(c.validate(host).unwrap_err().0.contains("4 KiB"));
+        c.memory = 16 << 30;
+        assert!(c.validate(host).unwrap_err().0.contains("exceeds"));
+    }
+}

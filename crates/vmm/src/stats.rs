@@ -1,0 +1,375 @@
+//! Exit accounting: every VM exit that reaches the VMM is counted per vCPU by cause, with the
+//! time spent in the VMM handling it; the time between exits is guest time (guest code plus
+//! KVM's in-kernel handling). Causes are small integers fixed when the VM is built, so the hot
+//! path is an array increment.
+
+use serde::Serialize;
+use wv_abi::{Call, CALL_COUNT};
+
+/// Port I/O nobody answers.
+pub const IO_UNASSIGNED: usize = 0;
+/// MMIO nobody answers.
+pub const MMIO_UNASSIGNED: usize = 1;
+/// HLT reaching userspace.
+pub const HLT: usize = 2;
+/// Interrupt window.
+pub const IRQ_WINDOW: usize = 3;
+/// Shutdown (triple fault).
+pub const SHUTDOWN: usize = 4;
+/// KVM internal error (e.g. emulation failure).
+pub const INTERNAL_ERROR: usize = 5;
+/// VM entry failure.
+pub const FAIL_ENTRY: usize = 6;
+/// Interrupted by a signal (a kick).
+pub const SIGNAL: usize = 7;
+/// KVM system event.
+pub const SYSTEM_EVENT: usize = 8;
+/// Debug exit.
+pub const DEBUG: usize = 9;
+/// Anything else.
+pub const OTHER: usize = 10;
+/// A call-port access that named no valid block or call.
+pub const HYPERCALL_INVALID: usize = 11;
+const FIXED: [&str; 12] = [
+    "io:unassigned",
+    "mmio:unassigned",
+    "hlt",
+    "irq-window",
+    "shutdown",
+    "internal-error",
+    "fail-entry",
+    "signal",
+    "system-event",
+    "debug",
+    "other",
+    "hypercall:invalid",
+];
+
+/// The causes of one VM: the fixed ones, one per port I/O device, one per call.
+#[derive(Clone, Debug)]
+pub struct CauseTable {
+    names: Vec<String>,
+    io_base: usize,
+    call_base: usize,
+}
+
+impl CauseTable {
+    /// Causes for the port I/O devices named `devices` (bus order).
+    pub fn new(devices: &[&str]) -> CauseTable {
+        let mut names: Vec<String> = FIXED.iter().map(|s| s.to_string()).collect();
+        let io_base = names.len();
+        names.extend(devices.iter().map(|d| format!("io:{d}")));
+        let call_base = names.len();
+        names.extend(
+            (0..CALL_COUNT)
+                .map(|n| format!("hypercall:{}", Call::from_nr(n).expect("dense").name())),
+        );
+        CauseTable {
+            names,
+            io_base,
+            call_base,
+        }
+    }
+    /// The cause for port I/O device `index`.
+    #[inline]
+    pub fn io(&self, index: usize) -> usize {
+        self.io_base + index
+    }
+    /// The cause for call `c`.
+    #[inline]
+    pub fn call(&self, c: Call) -> usize {
+        self.call_base + c as usize
+    }
+    /// Number of causes.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+    /// Whether there are none (never).
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+    /// Name of cause `i`.
+    pub fn name(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+}
+
+/// Count and VMM time for one cause on one vCPU.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct CauseCount {
+    /// Exits.
+    pub count: u64,
+    /// Nanoseconds spent in the VMM handling them.
+    pub vmm_ns: u64,
+}
+
+/// One vCPU's accounting.
+#[derive(Clone, Debug, Default)]
+pub struct VcpuStats {
+    /// vCPU index.
+    pub index: u32,
+    /// All exits.
+    pub exits: u64,
+    /// Nanoseconds inside KVM_RUN (guest code and in-kernel handling).
+    pub guest_ns: u64,
+    /// Nanoseconds in the VMM between exits.
+    pub vmm_ns: u64,
+    /// By cause (indexed like the [`CauseTable`]).
+    pub causes: Vec<CauseCount>,
+    /// Calls performed inside batches, by call number.
+    pub batched: [u64; CALL_COUNT as usize],
+}
+
+impl VcpuStats {
+    /// Zeroed accounting for vCPU `index` with `causes` causes.
+    pub fn new(index: u32, causes: usize) -> VcpuStats {
+        VcpuStats {
+            index,
+            causes: vec![CauseCount::default(); causes],
+            ..Default::default()
+        }
+    }
+
+    /// Records one exit of `cause` that took `vmm_ns` in the VMM.
+    #[inline]
+    pub fn record(&mut self, cause: usize, vmm_ns: u64) {
+        let c = &mut self.causes[cause];
+        c.count += 1;
+        c.vmm_ns += vmm_ns;
+        self.vmm_ns += vmm_ns;
+    }
+}
+
+/// The accounting of a whole run.
+#[derive(Clone, Debug)]
+pub struct VmStats {
+    /// Causes.
+    pub table: CauseTable,
+    /// Per vCPU.
+    pub vcpus: Vec<VcpuStats>,
+    /// Nanoseconds from the start of `run` until the first vCPU entered the guest.
+    pub setup_ns: u64,
+    /// Nanoseconds the VM ran.
+    pub run_ns: u64,
+}
+
+#[derive(Serialize)]
+struct JsonCause<'a> {
+    cause: &'a str,
+    count: u64,
+    vmm_ns: u64,
+}
+
+#[derive(Serialize)]
+struct JsonVcpu<'a> {
+    index: u32,
+    exits: u64,
+    guest_ns: u64,
+    vmm_ns: u64,
+    causes: Vec<JsonCause<'a>>,
+    batched_calls: Vec<JsonCause<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonStats<'a> {
+    setup_ns: u64,
+    run_ns: u64,
+    exits: u64,
+    guest_ns: u64,
+    vmm_ns: u64,
+    causes: Vec<JsonCause<'a>>,
+    vcpus: Vec<JsonVcpu<'a>>,
+}
+
+fn fmt_ns(ns: u64) -> String {
+    match ns {
+        0..=9_999 => format!("{ns}ns"),
+        10_000..=9_999_999 => format!("{:.1}us", ns as f64 / 1e3),
+        10_000_000..=9_999_999_999 => format!("{:.1}ms", ns as f64 / 1e6),
+        _ => format!("{:.2}s", ns as f64 / 1e9),
+    }
+}
+
+impl VmStats {
+    /// Exits by cause summed over vCPUs.
+    pub fn totals(&self) -> Vec<CauseCount> {
+        let mut t = vec![CauseCount::default(); self.table.len()];
+        for v in &self.vcpus {
+            for (i, c) in v.causes.iter().enumerate() {
+                t[i].count += c.count;
+                t[i].vmm_ns += c.vmm_ns;
+            }
+        }
+        t
+    }
+
+    /// Count of `cause` (by name) over all vCPUs.
+    pub fn count(&self, cause: &str) -> u64 {
+        (0..self.table.len())
+            .filter(|&i| self.table.name(i) == cause)
+            .map(|i| self.totals()[i].count)
+            .sum()
+    }
+
+    /// The JSON document of `--stats=json` (one line).
+    pub fn to_json(&self) -> String {
+        let nonzero = |cs: &[CauseCount]| -> Vec<JsonCause<'_>> {
+            cs.iter()
+                .enumerate()
+                .filter(|(_, c)| c.count > 0)
+                .map(|(i, c)| JsonCause {
+                    cause: self.table.name(i),
+                    count: c.count,
+                    vmm_ns: c.vmm_ns,
+                })
+                .collect()
+        };
+        let totals = self.totals();
+        let doc = JsonStats {
+            setup_ns: self.setup_ns,
+            run_ns: self.run_ns,
+            exits: self.vcpus.iter().map(|v| v.exits).sum(),
+            guest_ns: self.vcpus.iter().map(|v| v.guest_ns).sum(),
+            vmm_ns: self.vcpus.iter().map(|v| v.vmm_ns).sum(),
+            causes: nonzero(&totals)
+                .into_iter()
+                .map(|c| JsonCause {
+                    cause: c.cause,
+                    ..c
+                })
+                .collect(),
+            vcpus: self
+                .vcpus
+                .iter()
+                .map(|v| JsonVcpu {
+                    index: v.index,
+                    exits: v.exits,
+                    guest_ns: v.guest_ns,
+                    vmm_ns: v.vmm_ns,
+                    causes: nonzero(&v.causes),
+                    batched_calls: v
+                        .batched
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(i, n)| JsonCause {
+                            cause: Call::from_nr(i as u32).expect("dense").name(),
+                            count: *n,
+                            vmm_ns: 0,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        serde_json::to_string(&doc).expect("stats serialise")
+    }
+
+    /// The table of `--stats`.
+    pub fn to_table(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!(
+            "wv: exit accounting (setup {}, run {})\n",
+            fmt_ns(self.setup_ns),
+            fmt_ns(self.run_ns)
+        ));
+        s.push_str(&format!(
+            "{:>4}  {:<26} {:>10} {:>10} {:>9}\n",
+            "vcpu", "cause", "exits", "vmm-time", "avg"
+        ));
+        for v in &self.vcpus {
+            for (i, c) in v.causes.iter().enumerate().filter(|(_, c)| c.count > 0) {
+                s.push_str(&format!(
+                    "{:>4}  {:<26} {:>10} {:>10} {:>9}\n",
+                    v.index,
+                    self.table.name(i),
+                    c.count,
+                    fmt_ns(c.vmm_ns),
+                    fmt_ns(c.vmm_ns / c.count)
+                ));
+            }
+            for (i, n) in v.batched.iter().enumerate().filter(|(_, n)| **n > 0) {
+                s.push_str(&format!(
+                    "{:>4}  {:<26} {:>10}\n",
+                    v.index,
+                    format!(
+                        "  (batched) {}",
+                        Call::from_nr(i as u32).expect("dense").name()
+                    ),
+                    n
+                ));
+            }
+            s.push_str(&format!(
+                "{:>4}  {:<26} {:>10} {:>10}   guest {}\n",
+                v.index,
+                "all",
+                v.exits,
+                fmt_ns(v.vmm_ns),
+                fmt_ns(v.guest_ns)
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats() -> VmStats {
+        let table = CauseTable::new(&["serial", "i8042"]);
+        let mut v0 = VcpuStats::new(0, table.len());
+        v0.exits = 3;
+        v0.record(table.io(0), 100);
+        v0.record(table.io(0), 300);
+        v0.record(table.call(Call::Batch), 50);
+        v0.batched[Call::ConsoleWrite as usize] = 32;
+        let mut v1 = VcpuStats::new(1, table.len());
+        v1.exits = 1;
+        v1.record(SIGNAL, 10);
+        VmStats {
+            table,
+            vcpus: vec![v0, v1],
+            setup_ns: 1,
+            run_ns: 2,
+        }
+    }
+
+    #[test]
+    fn causes_are_named_and_indexed() {
+        let t = CauseTable::new(&["serial"]);
+        assert_eq!(t.name(t.io(0)), "io:serial");
+        assert_eq!(t.name(t.call(Call::Poweroff)), "hypercall:poweroff");
+        assert_eq!(t.name(HYPERCALL_INVALID), "hypercall:invalid");
+        assert_eq!(t.len(), FIXED.len() + 1 + CALL_COUNT as usize);
+    }
+
+    #[test]
+    fn totals_and_counts() {
+        let s = stats();
+        assert_eq!(s.count("io:serial"), 2);
+        assert_eq!(s.count("signal"), 1);
+        assert_eq!(s.count("io:i8042"), 0);
+        assert_eq!(s.vcpus[0].vmm_ns, 450);
+    }
+
+    #[test]
+    fn json_has_every_nonzero_cause() {
+        let j: serde_json::Value = serde_json::from_str(&stats().to_json()).unwrap();
+        assert_eq!(j["exits"], 4);
+        let causes = j["causes"].as_array().unwrap();
+        assert_eq!(causes.len(), 3);
+        assert!(causes
+            .iter()
+            .any(|c| c["cause"] == "io:serial" && c["count"] == 2 && c["vmm_ns"] == 400));
+        assert_eq!(j["vcpus"][0]["batched_calls"][0]["cause"], "console_write");
+        assert_eq!(j["vcpus"][0]["batched_calls"][0]["count"], 32);
+    }
+
+    #[test]
+    fn table_lists_rows() {
+        let t = stats().to_table();
+        assert!(t.contains("io:serial"));
+        assert!(t.contains("(batched) console_write"));
+        assert!(!t.contains("io:i8042"));
+    }
+}

@@ -1,0 +1,291 @@
+//! One thread per vCPU: enter the guest, handle the exit, account for it, repeat until the VM
+//! ends. A vCPU is stopped by setting the VM's stop flag and sending its thread
+//! [`kick_signal`]; the handler sets `immediate_exit` in the vCPU's `kvm_run`, so KVM_RUN returns
+//! whether the signal lands before or during the call.
+
+use crate::error::VmEnd;
+use crate::stats::{self, VcpuStats};
+use crate::VmShared;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use wv_devices::bus::unassigned_read;
+use wv_devices::DeviceAction;
+use wv_pv::{CallContext, Effect, MachineInfo};
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The real-time signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int) {
+    KVM_RUN.with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set while the vCPU fd
+            // (and so the mapping) is alive; a byte store is async-signal-safe.
+            unsafe { std::ptr::write_volatile(&raw mut (*p).immediate_exit, 1) }
+        }
+    });
+}
+
+/// Installs the kick handler (process-wide, once per run).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: the handler only performs an async-signal-safe store; sigaction is given a fully
+    // initialised struct.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = kick_handler as *const () as usize;
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    shared: &'a VmShared,
+    exits: u64,
+    index: u32,
+}
+
+impl CallContext for Ctx<'_> {
+    fn mem(&self) -> &vm_memory::GuestMemoryMmap {
+        &self.shared.mem
+    }
+    fn machine(&self) -> &MachineInfo {
+        &self.shared.info
+    }
+    fn exit_count(&self) -> u64 {
+        self.exits
+    }
+    fn vcpu_index(&self) -> u32 {
+        self.index
+    }
+    fn console_write(&mut self, bytes: &[u8]) -> bool {
+        self.shared
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .console_write(bytes)
+            .is_ok()
+    }
+}
+
+/// What an exit needs after the borrow of `kvm_run` ends.
+enum Step {
+    Continue,
+    End(VmEnd),
+    TripleFault,
+    InternalError,
+    FailEntry(u64),
+    Unexpected(&'static str),
+    RunError(kvm_ioctls::Error),
+}
+
+/// Runs vCPU `index` until the VM stops; returns its accounting.
+pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> VcpuStats {
+    let table = &shared.table;
+    let mut st = VcpuStats::new(index, table.len());
+    KVM_RUN.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
+    let clock = Instant::now();
+    let now = || clock.elapsed().as_nanos() as u64;
+    let mut t_entry = now();
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let res = fd.run();
+        let t_exit = now();
+        st.guest_ns += t_exit - t_entry;
+        st.exits += 1;
+        let mut cause = stats::OTHER;
+        let step = match res {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if port == wv_abi::CALL_PORT && data.len() == 4 {
+                    let gpa = u64::from(u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+                    let mut ctx = Ctx {
+                        shared: &shared,
+                        exits: st.exits,
+                        index,
+                    };
+                    let out = wv_pv::handle(&mut ctx, gpa);
+                    cause = out.call.map_or(stats::HYPERCALL_INVALID, |c| table.call(c));
+                    for (i, n) in out.batched.iter().enumerate() {
+                        st.batched[i] += u64::from(*n);
+                    }
+                    match out.effect {
+                        Effect::Continue => Step::Continue,
+                        Effect::Poweroff(code) => Step::End(VmEnd::Poweroff(code)),
+                    }
+                } else if let Some((dev, off)) = shared.bus.lookup(port) {
+                    cause = table.io(dev);
+                    match shared.bus.write(dev, off, data) {
+                        DeviceAction::None => Step::Continue,
+                        DeviceAction::Reset => Step::End(VmEnd::Reset("i8042 reset command")),
+                    }
+                } else {
+                    cause = if port == wv_abi::CALL_PORT {
+                        stats::HYPERCALL_INVALID
+                    } else {
+                        stats::IO_UNASSIGNED
+                    };
+                    Step::Continue
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if let Some((dev, off)) = shared.bus.lookup(port) {
+                    cause = table.io(dev);
+                    shared.bus.read(dev, off, data);
+                } else {
+                    cause = if port == wv_abi::CALL_PORT {
+                        stats::HYPERCALL_INVALID
+                    } else {
+                        stats::IO_UNASSIGNED
+                    };
+                    unassigned_read(data);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                cause = stats::MMIO_UNASSIGNED;
+                unassigned_read(data);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(..)) => {
+                cause = stats::MMIO_UNASSIGNED;
+                Step::Continue
+            }
+            Ok(VcpuExit::Hlt) => {
+                cause = stats::HLT;
+                Step::Continue
+            }
+            Ok(VcpuExit::IrqWindowOpen) => {
+                cause = stats::IRQ_WINDOW;
+                Step::Continue
+            }
+            Ok(VcpuExit::Intr) => {
+                cause = stats::SIGNAL;
+                Step::Continue
+            }
+            Ok(VcpuExit::Debug(_)) => {
+                cause = stats::DEBUG;
+                Step::Continue
+            }
+            Ok(VcpuExit::Shutdown) => {
+                cause = stats::SHUTDOWN;
+                Step::TripleFault
+            }
+            Ok(VcpuExit::InternalError) => {
+                cause = stats::INTERNAL_ERROR;
+                Step::InternalError
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                cause = stats::FAIL_ENTRY;
+                Step::FailEntry(reason)
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                cause = stats::SYSTEM_EVENT;
+                match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Step::End(VmEnd::Poweroff(0)),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                        Step::End(VmEnd::Reset("KVM system event"))
+                    }
+                    _ => Step::Unexpected("system event (crash)"),
+                }
+            }
+            Ok(_) => Step::Unexpected("an exit reason the VMM does not handle"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                cause = stats::SIGNAL;
+                fd.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
+            Err(e) => Step::RunError(e),
+        };
+        let end = match step {
+            Step::Continue => None,
+            Step::End(e) => Some(e),
+            Step::TripleFault => Some(VmEnd::TripleFault(format!("vCPU {index}: {}", regs(&fd)))),
+            Step::InternalError => Some(VmEnd::KvmFailure(format!(
+                "vCPU {index}: {}; {}",
+                internal(&mut fd),
+                regs(&fd)
+            ))),
+            Step::FailEntry(r) => Some(VmEnd::KvmFailure(format!(
+                "vCPU {index}: VM entry failed (hardware reason {r:#x}); {}",
+                regs(&fd)
+            ))),
+            Step::Unexpected(what) => Some(VmEnd::KvmFailure(format!(
+                "vCPU {index}: {what}; {}",
+                regs(&fd)
+            ))),
+            Step::RunError(e) => Some(VmEnd::KvmFailure(format!(
+                "vCPU {index}: KVM_RUN failed: {e}"
+            ))),
+        };
+        t_entry = now();
+        st.record(cause, t_entry - t_exit);
+        if let Some(e) = end {
+            shared.finish(e);
+            break;
+        }
+    }
+    KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    st
+}
+
+/// One line of registers for a diagnostic.
+fn regs(fd: &VcpuFd) -> String {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} cs={:#x} (cpl {}, {}) \
+             cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            r.rbx,
+            r.rcx,
+            r.rdx,
+            s.cs.selector,
+            s.cs.dpl,
+            if s.cs.l == 1 { "64-bit" } else if s.cs.db == 1 { "32-bit" } else { "16-bit" },
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer
+        ),
+        _ => "registers unavailable".to_string(),
+    }
+}
+
+/// The internal-error sub-reason and data words.
+fn internal(fd: &mut VcpuFd) -> String {
+    let run = fd.get_kvm_run();
+    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
+    let ie = unsafe { run.__bindgen_anon_1.internal };
+    let what = match ie.suberror {
+        1 => "instruction emulation failed",
+        2 => "exception during exception delivery",
+        3 => "event delivery failed",
+        4 => "unexpected exit reason",
+        _ => "internal error",
+    };
+    let n = (ie.ndata as usize).min(ie.data.len());
+    let data: Vec<String> = ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+    format!(
+        "{what} (suberror {}, data [{}])",
+        ie.suberror,
+        data.join(" ")
+    )
+}
