@@ -40,6 +40,7 @@ pub(crate) struct VmShared {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) info: MachineInfo,
     pub(crate) table: stats::CauseTable,
+    pub(crate) loaded: wv_machine::LoadedGuest,
     pub(crate) stop: AtomicBool,
     end: Mutex<Option<VmEnd>>,
     end_evt: EventFd,
@@ -63,6 +64,8 @@ pub struct RunOutcome {
     pub end: VmEnd,
     /// Exit accounting.
     pub stats: VmStats,
+    /// The VM's kernel objects, still open.
+    pub resources: Resources,
 }
 
 fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
@@ -152,9 +155,24 @@ fn block_signals(sigs: &[libc::c_int]) -> libc::sigset_t {
     }
 }
 
+/// Prints phase timings to stderr when `WV_TRACE_STARTUP` is set (for start-up work).
+struct Trace(Option<Instant>);
+
+impl Trace {
+    fn new(start: Instant) -> Trace {
+        Trace(std::env::var_os("WV_TRACE_STARTUP").map(|_| start))
+    }
+    fn mark(&self, what: &str) {
+        if let Some(s) = self.0 {
+            eprintln!("wv-trace: {:>8.1}us {what}", s.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+}
+
 /// Builds the VM described by `cfg` and runs it until it ends.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let start = Instant::now();
+    let trace = Trace::new(start);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
     let kvm = wv_hypervisor::open()?;
     let max = kvm.get_max_vcpus() as u32;
@@ -164,98 +182,32 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             cfg.vcpus
         ))));
     }
-    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
-    let mem = wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?;
-    register_memory(&vm, &mem)?;
-    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
-        .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
-        .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .map_err(ioctl("KVM_CREATE_PIT2"))?;
+    trace.mark("kvm opened");
+    // KVM_GET_SUPPORTED_CPUID alone costs ~0.3 ms on some hosts: read it on the other CPU while
+    // this one creates the VM and loads the guest.
+    let (template, vm, mut shared) = std::thread::scope(|s| {
+        let template = s.spawn(|| VcpuTemplate::new(&kvm, cfg.vcpus));
+        let built = build(&kvm, cfg, &trace);
+        let template = template.join().map_err(|_| VmmError::Internal("CPUID thread panicked".into()))?;
+        let (vm, shared) = built?;
+        Ok::<_, VmmError>((template?, vm, shared))
+    })?;
+    trace.mark("cpuid template ready");
 
-    let kernel = match &cfg.kernel {
-        KernelSource::Path(p) => wv_machine::KernelImage::File(p.clone()),
-        KernelSource::Embedded(n, b) => wv_machine::KernelImage::Embedded(n, b),
-    };
-    let loaded = wv_machine::load(
-        &mem,
-        cfg.memory,
-        &kernel,
-        cfg.initrd.as_deref(),
-        &cfg.cmdline,
-        cfg.vcpus as u8,
-    )
-    .map_err(VmmError::Boot)?;
-
-    let out = match &cfg.serial {
-        SerialMode::Stdio => ConsoleOut::Stdout,
-        SerialMode::None => ConsoleOut::Sink,
-        SerialMode::File(p) => ConsoleOut::File(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| {
-                    VmmError::Config(config::ConfigError(format!(
-                        "cannot open serial output {}: {e}",
-                        p.display()
-                    )))
-                })?,
-        ),
-    };
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
-    vm.register_irqfd(&irq, COM1_IRQ)
-        .map_err(ioctl("KVM_IRQFD"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(IrqLine(irq), out)));
-    let mut bus = PioBus::new();
-    bus.insert(COM1_BASE, 8, "serial", serial.clone())
-        .map_err(internal("port bus"))?;
-    bus.insert(
-        I8042_BASE,
-        I8042_LEN,
-        "i8042",
-        Arc::new(Mutex::new(I8042::default())),
-    )
-    .map_err(internal("port bus"))?;
-
-    let template = VcpuTemplate::new(&kvm, cfg.vcpus)?;
+    let loaded = shared.loaded.clone();
     let mut fds = Vec::with_capacity(cfg.vcpus as usize);
     for i in 0..cfg.vcpus {
-        let fd = vm
-            .create_vcpu(u64::from(i))
-            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let fd = vm.create_vcpu(u64::from(i)).map_err(ioctl("KVM_CREATE_VCPU"))?;
         template.configure(&fd, i)?;
         fds.push(fd);
     }
     let boot = &fds[0];
     let base = boot.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-    boot.set_sregs(&loaded.entry.sregs(&base))
-        .map_err(ioctl("KVM_SET_SREGS"))?;
-    boot.set_regs(&loaded.entry.regs())
-        .map_err(ioctl("KVM_SET_REGS"))?;
-    let tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
-
-    let table = stats::CauseTable::new(&bus.names());
-    let shared = Arc::new(VmShared {
-        mem,
-        bus,
-        serial,
-        info: MachineInfo {
-            mem_size: cfg.memory,
-            vcpus: cfg.vcpus,
-            devices: device_records(),
-            tsc_khz,
-        },
-        table,
-        stop: AtomicBool::new(false),
-        end: Mutex::new(None),
-        end_evt: EventFd::new(0).map_err(internal("eventfd"))?,
-    });
+    boot.set_sregs(&loaded.entry.sregs(&base)).map_err(ioctl("KVM_SET_SREGS"))?;
+    boot.set_regs(&loaded.entry.regs()).map_err(ioctl("KVM_SET_REGS"))?;
+    shared.info.tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
+    let shared = Arc::new(shared);
+    trace.mark("vcpus configured");
 
     vcpu::install_kick_handler().map_err(internal("installing the vCPU kick handler"))?;
     let stop_signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -263,10 +215,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     // SAFETY: `set` is a valid, initialised signal set; the result is checked.
     let sigfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
     if sigfd < 0 {
-        return Err(VmmError::Internal(format!(
-            "signalfd: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(VmmError::Internal(format!("signalfd: {}", std::io::Error::last_os_error())));
     }
     let setup_ns = start.elapsed().as_nanos() as u64;
     let run_start = Instant::now();
@@ -279,18 +228,24 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
             .map_err(internal("starting a vCPU thread"))?;
         handles.push(h);
     }
+    trace.mark("vcpu threads started");
 
     let end = control_loop(&shared, sigfd, cfg.serial == SerialMode::Stdio);
+    trace.mark("vm ended");
     shared.stop.store(true, Ordering::Release);
     for h in &handles {
         // SAFETY: the thread is alive until joined below; the kick handler is installed.
         unsafe { libc::pthread_kill(h.as_pthread_t(), vcpu::kick_signal()) };
     }
     let mut vcpus = Vec::with_capacity(handles.len());
+    let mut vcpu_fds = Vec::with_capacity(handles.len());
     let mut panicked = None;
     for (i, h) in handles.into_iter().enumerate() {
         match h.join() {
-            Ok(s) => vcpus.push(s),
+            Ok((s, fd)) => {
+                vcpus.push(s);
+                vcpu_fds.push(fd);
+            }
             Err(_) => panicked = Some(i),
         }
     }
@@ -300,16 +255,111 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         Some(i) => VmEnd::Internal(format!("vCPU thread {i} panicked")),
         None => end,
     };
-    drop(vm);
-    Ok(RunOutcome {
-        end,
-        stats: VmStats {
-            table: shared.table.clone(),
-            vcpus,
-            setup_ns,
-            run_ns: run_start.elapsed().as_nanos() as u64,
-        },
-    })
+    trace.mark("vcpus joined");
+    let stats = VmStats { table: shared.table.clone(), vcpus, setup_ns, run_ns: run_start.elapsed().as_nanos() as u64 };
+    Ok(RunOutcome { end, stats, resources: Resources { _vcpus: vcpu_fds, _vm: vm, _shared: shared, _kvm: kvm } })
+}
+
+/// Creates the VM, its memory, interrupt controllers and devices, and loads the guest.
+fn build(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig, trace: &Trace) -> Result<(kvm_ioctls::VmFd, VmShared), VmmError> {
+    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    trace.mark("vm created");
+    let mem = wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?;
+    register_memory(&vm, &mem)?;
+    trace.mark("memory registered");
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+        .map_err(ioctl("KVM_CREATE_PIT2"))?;
+    trace.mark("irqchip and pit");
+
+    let kernel = match &cfg.kernel {
+        KernelSource::Path(p) => wv_machine::KernelImage::File(p.clone()),
+        KernelSource::Embedded(n, b) => wv_machine::KernelImage::Embedded(n, b),
+    };
+    let loaded = wv_machine::load(&mem, cfg.memory, &kernel, cfg.initrd.as_deref(), &cfg.cmdline, cfg.vcpus as u8)
+        .map_err(VmmError::Boot)?;
+    trace.mark("guest loaded");
+
+    let out = match &cfg.serial {
+        SerialMode::Stdio => ConsoleOut::Stdout,
+        SerialMode::None => ConsoleOut::Sink,
+        SerialMode::File(p) => ConsoleOut::File(
+            std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| {
+                VmmError::Config(config::ConfigError(format!("cannot open serial output {}: {e}", p.display())))
+            })?,
+        ),
+    };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
+    vm.register_irqfd(&irq, COM1_IRQ).map_err(ioctl("KVM_IRQFD"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(IrqLine(irq), out)));
+    let mut bus = PioBus::new();
+    bus.insert(COM1_BASE, 8, "serial", serial.clone()).map_err(internal("port bus"))?;
+    bus.insert(I8042_BASE, I8042_LEN, "i8042", Arc::new(Mutex::new(I8042::default())))
+        .map_err(internal("port bus"))?;
+    let table = stats::CauseTable::new(&bus.names());
+    let shared = VmShared {
+        mem,
+        bus,
+        serial,
+        info: MachineInfo { mem_size: cfg.memory, vcpus: cfg.vcpus, devices: device_records(), tsc_khz: 0 },
+        table,
+        loaded,
+        stop: AtomicBool::new(false),
+        end: Mutex::new(None),
+        end_evt: EventFd::new(0).map_err(internal("eventfd"))?,
+    };
+    trace.mark("devices");
+    Ok((vm, shared))
+}
+
+/// The kernel objects and memory of a VM that has ended. Dropping it closes everything now;
+/// [`Resources::exit`] ends the process and leaves the slow part of the teardown to a helper.
+pub struct Resources {
+    _vcpus: Vec<kvm_ioctls::VcpuFd>,
+    _vm: kvm_ioctls::VmFd,
+    _shared: Arc<VmShared>,
+    _kvm: kvm_ioctls::Kvm,
+}
+
+impl Resources {
+    /// Exits the process with `status`.
+    ///
+    /// Destroying a VM with the in-kernel irqchip and PIT takes 10-30 ms on some hosts (the
+    /// kernel waits for RCU grace periods per device), and it runs in whichever process drops
+    /// the last reference. Unless `WV_SYNC_TEARDOWN` is set, a helper that shares this process's
+    /// memory and file table is started and exits right away, taking those last references with
+    /// it: `wv` reports its status at once and the kernel finishes the teardown in the helper.
+    pub fn exit(self, status: u8) -> ! {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() {
+            extern "C" fn helper(_: *mut libc::c_void) -> libc::c_int {
+                // SAFETY: _exit is async-signal-safe and touches nothing of the parent's.
+                unsafe { libc::_exit(0) }
+            }
+            const STACK: usize = 16 * 1024;
+            let stack = Box::leak(vec![0u8; STACK].into_boxed_slice());
+            // SAFETY: the child runs `helper` on its own stack (leaked, so it outlives both
+            // processes' use of it) and only calls _exit; CLONE_VM|CLONE_FILES share memory and
+            // descriptors so the child holds the last references.
+            unsafe {
+                libc::clone(
+                    helper,
+                    stack.as_mut_ptr().add(STACK) as *mut libc::c_void,
+                    libc::CLONE_VM | libc::CLONE_FILES,
+                    std::ptr::null_mut(),
+                );
+            }
+            std::mem::forget(self);
+        } else {
+            drop(self);
+        }
+        // SAFETY: output was flushed above; nothing else needs to run at exit.
+        unsafe { libc::_exit(i32::from(status)) }
+    }
 }
 
 /// Waits for the VM to end or a stop signal; feeds stdin to the UART when the console is stdio.

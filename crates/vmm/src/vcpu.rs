@@ -92,8 +92,8 @@ enum Step {
     RunError(kvm_ioctls::Error),
 }
 
-/// Runs vCPU `index` until the VM stops; returns its accounting.
-pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> VcpuStats {
+/// Runs vCPU `index` until the VM stops; returns its accounting and the (still open) vCPU.
+pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, VcpuFd) {
     let table = &shared.table;
     let mut st = VcpuStats::new(index, table.len());
     KVM_RUN.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
@@ -240,7 +240,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> VcpuStats {
         }
     }
     KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
-    st
+    (st, fd)
 }
 
 /// One line of registers for a diagnostic.

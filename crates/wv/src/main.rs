@@ -171,7 +171,9 @@ fn cmd_run(args: &[String]) -> ExitCode {
                     let _ = writeln!(err, "{}", out.stats.to_json());
                 }
             }
-            ExitCode::from(out.end.status())
+            drop(err);
+            let status = out.end.status();
+            out.resources.exit(status)
         }
         Err(e) => fail(e.status(), &e.to_string()),
     }
