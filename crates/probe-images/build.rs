@@ -1,3 +1,4 @@
+#![allow(clippy::cast_possible_truncation)] // sizes of our own small guest image
 //! Builds the probe guest (guest/) for x86_64-unknown-none with a nested cargo and turns it into
 //! the two images `wv` embeds: the PVH ELF as linked, and a bzImage (Linux boot protocol 2.12
 //! setup header + the flat protected-mode image, 64-bit entry at offset 0x200).
@@ -20,6 +21,7 @@ fn main() {
         root.join("crates/abi/src").display()
     );
 
+    ensure_target();
     let target_dir = out.join("guest-target");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let flags = [
@@ -68,6 +70,37 @@ fn main() {
     fs::write(out.join("probe.pvh.elf"), &probe).unwrap();
     fs::write(out.join("probe.bzImage"), bzimage(&probe)).unwrap();
     fs::copy(bin_dir.join("exitbench"), out.join("exitbench.pvh.elf")).unwrap();
+}
+
+/// Installs the guest's target through rustup when it is missing, so that a plain `cargo build`
+/// works on a fresh machine (rustup does not add a toolchain file's targets to a toolchain that
+/// is already installed).
+fn ensure_target() {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok();
+    let installed = sysroot.is_some_and(|o| {
+        let root = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        PathBuf::from(root)
+            .join("lib/rustlib/x86_64-unknown-none")
+            .exists()
+    });
+    if installed {
+        return;
+    }
+    println!(
+        "cargo:warning=installing the x86_64-unknown-none target for the probe guest (rustup)"
+    );
+    let ok = Command::new("rustup")
+        .args(["target", "add", "x86_64-unknown-none"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        panic!("the probe guest needs the x86_64-unknown-none target: rustup target add x86_64-unknown-none");
+    }
 }
 
 fn u16_at(b: &[u8], o: usize) -> u16 {

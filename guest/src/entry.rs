@@ -409,7 +409,7 @@ pub fn set_ap_stack(top: u64) {
 pub fn isr_address(vector: u8) -> u64 {
     if vector < 32 {
         // SAFETY: the table is 32 entries of addresses, written by the assembler.
-        unsafe { (*(&raw const isr_table))[vector as usize] }
+        unsafe { isr_table[vector as usize] }
     } else {
         (&raw const isr_ext_base) as u64 + 16 * (u64::from(vector) - 32)
     }

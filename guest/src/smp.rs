@@ -50,7 +50,7 @@ fn from_mptable() -> Option<CpuList> {
     let ebda = u64::from(rd::<u16>(0x40e)) << 4;
     let fp = scan(0x9fc00, 0xa0000, b"_MP_", 16)
         .or_else(|| {
-            if ebda >= 0x80000 && ebda < 0xa0000 {
+            if (0x80000..0xa0000).contains(&ebda) {
                 scan(ebda, ebda + 1024, b"_MP_", 16)
             } else {
                 None

@@ -48,6 +48,12 @@ pub fn run(name: &[u8]) -> Outcome {
         b"hypercall" => hypercall(),
         b"batch" => batch(),
         b"user" => user(),
+        // Not self-tests: deliberate ways for a guest to end badly, so the VMM's handling of
+        // each is tested end to end. None is in the default list.
+        b"triplefault" => triple_fault(),
+        b"emulfail" => emulation_failure(),
+        b"reset" => reset(),
+        b"hang" => hang(),
         _ => {
             let mut l = Line::new();
             l.s("unknown test '").bytes(name).s("'");
@@ -216,8 +222,7 @@ fn timer() -> Outcome {
         return fail("timer", &mut d);
     }
     let khz = tsc_khz();
-    if khz != 0 {
-        let us = cycles * 1000 / khz;
+    if let Some(us) = (cycles * 1000).checked_div(khz) {
         d.s(" elapsed=").dec(us).s("us");
         // N periods of 1 ms; allow for emulated handlers but not for a timer that runs 5x fast.
         if us < N * 1000 / 5 {
@@ -473,8 +478,8 @@ fn user() -> Outcome {
         .s(" ticks-in-user=")
         .dec(user_ticks);
     let khz = tsc_khz();
-    if khz != 0 {
-        d.s(" elapsed=").dec(cycles / khz).s("ms");
+    if let Some(ms) = cycles.checked_div(khz) {
+        d.s(" elapsed=").dec(ms).s("ms");
     }
     if got != want {
         d.s(" problem: result ").hex(got).s(" expected ").hex(want);
@@ -493,4 +498,42 @@ fn user() -> Outcome {
         return fail("user", &mut d);
     }
     pass("user", &mut d)
+}
+
+fn triple_fault() -> Outcome {
+    crate::console::println("triplefault: loading an empty IDT and executing ud2");
+    #[repr(C, packed)]
+    struct Ptr {
+        limit: u16,
+        base: u64,
+    }
+    let p = Ptr { limit: 0, base: 0 };
+    // SAFETY: deliberately fatal: with no IDT, #UD becomes #GP, #DF, then a triple fault.
+    unsafe { core::arch::asm!("lidt [{}]", "ud2", in(reg) &p, options(nostack)) };
+    let mut d = Line::new();
+    fail("triplefault", d.s("still running after a triple fault"))
+}
+
+fn emulation_failure() -> Outcome {
+    crate::console::println("emulfail: POPCNT with an MMIO operand (KVM's emulator has no POPCNT)");
+    // SAFETY: deliberately fatal: the MMIO access makes KVM emulate an instruction it cannot.
+    unsafe {
+        core::arch::asm!("popcnt rax, qword ptr [{}]", in(reg) 0xd000_0000u64, out("rax") _, options(nostack));
+    }
+    let mut d = Line::new();
+    fail("emulfail", d.s("POPCNT on MMIO completed"))
+}
+
+fn reset() -> Outcome {
+    crate::console::println("reset: i8042 command 0xfe");
+    outb(0x64, 0xfe);
+    let mut d = Line::new();
+    fail("reset", d.s("still running after the reset command"))
+}
+
+fn hang() -> Outcome {
+    crate::console::println("hang: spinning with interrupts off");
+    loop {
+        core::hint::spin_loop();
+    }
 }

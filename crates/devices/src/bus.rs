@@ -1,4 +1,5 @@
 //! The port I/O bus.
+#![allow(clippy::cast_possible_truncation)] // test-only narrowing
 
 use std::sync::{Arc, Mutex};
 

@@ -1,5 +1,6 @@
 //! The i8042 keyboard controller, present for one job: the guest's reset request (command 0xfe
 //! on port 0x64, Linux's `reboot=k`). vm-superio models the controller.
+#![allow(clippy::cast_possible_truncation)] // offsets are within the 5-port range
 
 use crate::bus::{DeviceAction, PioDevice};
 use std::sync::atomic::{AtomicBool, Ordering};

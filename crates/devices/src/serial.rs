@@ -1,5 +1,6 @@
 //! The 16550A UART (vm-superio's model) on COM1, its interrupt line, and the console output it
 //! shares with the paravirtual console call.
+#![allow(clippy::cast_possible_truncation)] // register offsets are checked below 8 first
 
 use crate::bus::{DeviceAction, PioDevice};
 use std::fs::File;

@@ -6,6 +6,7 @@
 //! `hvm_start_info`). Both get the command line, an optional initrd, the e820 map and the MP
 //! table. Every size and address coming from an image is checked before anything is written,
 //! so a malformed image is a clear error, never a write over the VMM's own boot structures.
+#![allow(clippy::cast_possible_truncation)] // boot-structure fields hold addresses below 4 GiB and sizes bounded by the layout; x86-64 only
 
 use crate::e820::{self, E820Entry};
 use crate::layout::*;
@@ -260,6 +261,13 @@ fn load_from<F: Read + Seek + ReadVolatile>(
             u64::from(head[0x1f1])
         };
         let body = file_len.saturating_sub((setup_sects + 1) * 512);
+        let syssize = u64::from(u32::from_le_bytes(head[0x1f4..0x1f8].try_into().unwrap())) * 16;
+        if version >= 0x0204 && body < syssize {
+            return Err(BootError::KernelFormat(
+                name,
+                format!("truncated bzImage: the header promises {syssize} bytes of kernel, the file has {body}"),
+            ));
+        }
         let need = code32 + init_size.max(body);
         if need > low_end {
             return Err(BootError::KernelPlacement(

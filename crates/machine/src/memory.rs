@@ -1,5 +1,6 @@
 //! Guest RAM: anonymous, lazily backed mappings registered with KVM as one slot below the MMIO
 //! hole and, for large VMs, one above 4 GiB.
+#![allow(clippy::cast_possible_truncation)] // x86-64 only: usize is 64 bits
 
 use crate::layout::*;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -40,7 +41,7 @@ pub fn ranges(mem: u64) -> Vec<(GuestAddress, usize)> {
 
 /// Maps `mem` bytes of guest RAM (no page is touched until used).
 pub fn create_ram(mem: u64) -> Result<GuestRam, MemoryError> {
-    if mem < MIN_MEMORY || mem % 4096 != 0 {
+    if mem < MIN_MEMORY || !mem.is_multiple_of(4096) {
         return Err(MemoryError::BadSize(mem));
     }
     GuestMemoryMmap::from_ranges(&ranges(mem)).map_err(|e| MemoryError::Map(e.to_string()))

@@ -1,6 +1,7 @@
 //! The Intel MultiProcessor Specification 1.4 table: how a guest without ACPI (and the probe
 //! guest) finds every vCPU, the I/O APIC and the ISA interrupt wiring. It is written into the
 //! last KiB of conventional memory, the first place guests scan for the floating pointer.
+#![allow(clippy::cast_possible_truncation)] // table fields are bounded by MAX_CPUS and the EBDA size
 
 use crate::layout::{EBDA_START, IOAPIC_ADDR, LAPIC_ADDR, LEGACY_HOLE_START};
 

@@ -5,6 +5,7 @@
 //! Everything a guest passes is untrusted: addresses are checked against guest RAM before any
 //! access, lengths and counts against the ABI's limits, and a bad block yields an error status
 //! (or, when the block itself is unreachable, an `Invalid` outcome) but never a panic.
+#![allow(clippy::cast_possible_truncation)] // x86-64 only: usize is 64 bits; lengths are bounded by the ABI limits first
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use wv_abi::{
@@ -62,7 +63,7 @@ pub struct Outcome {
 }
 
 fn read_block(mem: &GuestMemoryMmap, gpa: u64) -> Option<CallBlock> {
-    if gpa % 8 != 0 {
+    if !gpa.is_multiple_of(8) {
         return None;
     }
     let mut b = [0u8; CALL_BLOCK_SIZE];
@@ -157,7 +158,7 @@ fn perform(ctx: &mut dyn CallContext, b: &mut CallBlock, top: bool, out: &mut Ou
             }
             let n = a1 as usize;
             let mut raw = vec![0u8; n * CALL_BLOCK_SIZE];
-            if a0 % 8 != 0 || ctx.mem().read_slice(&mut raw, GuestAddress(a0)).is_err() {
+            if !a0.is_multiple_of(8) || ctx.mem().read_slice(&mut raw, GuestAddress(a0)).is_err() {
                 b.status = status::BAD_ADDRESS;
                 return;
             }

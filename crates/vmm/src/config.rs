@@ -89,7 +89,7 @@ pub fn host_ram() -> u64 {
     unsafe {
         let mut si: libc::sysinfo = std::mem::zeroed();
         if libc::sysinfo(&mut si) == 0 {
-            u64::from(si.totalram).saturating_mul(u64::from(si.mem_unit))
+            si.totalram.saturating_mul(u64::from(si.mem_unit))
         } else {
             u64::MAX
         }
@@ -125,7 +125,7 @@ impl VmConfig {
                 min >> 20
             )));
         }
-        if self.memory % 4096 != 0 {
+        if !self.memory.is_multiple_of(4096) {
             return Err(ConfigError(format!(
                 "--memory of {} bytes is not a multiple of 4 KiB",
                 self.memory

@@ -68,6 +68,11 @@ pub struct RunOutcome {
     pub resources: Resources,
 }
 
+/// Nanoseconds in `d`, saturating (u64 nanoseconds last 584 years).
+pub(crate) fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |e| VmmError::Kvm(HvError::Ioctl(what, e))
 }
@@ -79,7 +84,7 @@ fn internal<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> VmmError 
 fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: u32::try_from(slot).map_err(internal("memory slot"))?,
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
@@ -164,7 +169,10 @@ impl Trace {
     }
     fn mark(&self, what: &str) {
         if let Some(s) = self.0 {
-            eprintln!("wv-trace: {:>8.1}us {what}", s.elapsed().as_secs_f64() * 1e6);
+            eprintln!(
+                "wv-trace: {:>8.1}us {what}",
+                s.elapsed().as_secs_f64() * 1e6
+            );
         }
     }
 }
@@ -175,7 +183,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let trace = Trace::new(start);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
     let kvm = wv_hypervisor::open()?;
-    let max = kvm.get_max_vcpus() as u32;
+    let max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
     if cfg.vcpus > max {
         return Err(VmmError::Config(config::ConfigError(format!(
             "--vcpus {} exceeds what this host's KVM allows ({max})",
@@ -188,23 +196,29 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     let (template, vm, mut shared) = std::thread::scope(|s| {
         let template = s.spawn(|| VcpuTemplate::new(&kvm, cfg.vcpus));
         let built = build(&kvm, cfg, &trace);
-        let template = template.join().map_err(|_| VmmError::Internal("CPUID thread panicked".into()))?;
+        let template = template
+            .join()
+            .map_err(|_| VmmError::Internal("CPUID thread panicked".into()))?;
         let (vm, shared) = built?;
         Ok::<_, VmmError>((template?, vm, shared))
     })?;
     trace.mark("cpuid template ready");
 
     let loaded = shared.loaded.clone();
-    let mut fds = Vec::with_capacity(cfg.vcpus as usize);
+    let mut fds = Vec::with_capacity(cfg.vcpus.try_into().unwrap_or(0));
     for i in 0..cfg.vcpus {
-        let fd = vm.create_vcpu(u64::from(i)).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let fd = vm
+            .create_vcpu(u64::from(i))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
         template.configure(&fd, i)?;
         fds.push(fd);
     }
     let boot = &fds[0];
     let base = boot.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-    boot.set_sregs(&loaded.entry.sregs(&base)).map_err(ioctl("KVM_SET_SREGS"))?;
-    boot.set_regs(&loaded.entry.regs()).map_err(ioctl("KVM_SET_REGS"))?;
+    boot.set_sregs(&loaded.entry.sregs(&base))
+        .map_err(ioctl("KVM_SET_SREGS"))?;
+    boot.set_regs(&loaded.entry.regs())
+        .map_err(ioctl("KVM_SET_REGS"))?;
     shared.info.tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
     let shared = Arc::new(shared);
     trace.mark("vcpus configured");
@@ -215,16 +229,19 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     // SAFETY: `set` is a valid, initialised signal set; the result is checked.
     let sigfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
     if sigfd < 0 {
-        return Err(VmmError::Internal(format!("signalfd: {}", std::io::Error::last_os_error())));
+        return Err(VmmError::Internal(format!(
+            "signalfd: {}",
+            std::io::Error::last_os_error()
+        )));
     }
-    let setup_ns = start.elapsed().as_nanos() as u64;
+    let setup_ns = nanos(start.elapsed());
     let run_start = Instant::now();
     let mut handles = Vec::with_capacity(fds.len());
-    for (i, fd) in fds.into_iter().enumerate() {
+    for (i, fd) in (0u32..).zip(fds) {
         let sh = shared.clone();
         let h = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
-            .spawn(move || vcpu::run(i as u32, fd, sh))
+            .spawn(move || vcpu::run(i, fd, sh))
             .map_err(internal("starting a vCPU thread"))?;
         handles.push(h);
     }
@@ -256,54 +273,103 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         None => end,
     };
     trace.mark("vcpus joined");
-    let stats = VmStats { table: shared.table.clone(), vcpus, setup_ns, run_ns: run_start.elapsed().as_nanos() as u64 };
-    Ok(RunOutcome { end, stats, resources: Resources { _vcpus: vcpu_fds, _vm: vm, _shared: shared, _kvm: kvm } })
+    let stats = VmStats {
+        table: shared.table.clone(),
+        vcpus,
+        setup_ns,
+        run_ns: nanos(run_start.elapsed()),
+    };
+    Ok(RunOutcome {
+        end,
+        stats,
+        resources: Resources {
+            _vcpus: vcpu_fds,
+            _vm: vm,
+            _shared: shared,
+            _kvm: kvm,
+        },
+    })
 }
 
 /// Creates the VM, its memory, interrupt controllers and devices, and loads the guest.
-fn build(kvm: &kvm_ioctls::Kvm, cfg: &VmConfig, trace: &Trace) -> Result<(kvm_ioctls::VmFd, VmShared), VmmError> {
+fn build(
+    kvm: &kvm_ioctls::Kvm,
+    cfg: &VmConfig,
+    trace: &Trace,
+) -> Result<(kvm_ioctls::VmFd, VmShared), VmmError> {
     let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
     trace.mark("vm created");
     let mem = wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?;
     register_memory(&vm, &mem)?;
     trace.mark("memory registered");
-    vm.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(ioctl("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDR).map_err(internal("TSS address"))?)
+        .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-        .map_err(ioctl("KVM_CREATE_PIT2"))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(ioctl("KVM_CREATE_PIT2"))?;
     trace.mark("irqchip and pit");
 
     let kernel = match &cfg.kernel {
         KernelSource::Path(p) => wv_machine::KernelImage::File(p.clone()),
         KernelSource::Embedded(n, b) => wv_machine::KernelImage::Embedded(n, b),
     };
-    let loaded = wv_machine::load(&mem, cfg.memory, &kernel, cfg.initrd.as_deref(), &cfg.cmdline, cfg.vcpus as u8)
-        .map_err(VmmError::Boot)?;
+    let loaded = wv_machine::load(
+        &mem,
+        cfg.memory,
+        &kernel,
+        cfg.initrd.as_deref(),
+        &cfg.cmdline,
+        u8::try_from(cfg.vcpus).map_err(internal("vCPU count"))?,
+    )
+    .map_err(VmmError::Boot)?;
     trace.mark("guest loaded");
 
     let out = match &cfg.serial {
         SerialMode::Stdio => ConsoleOut::Stdout,
         SerialMode::None => ConsoleOut::Sink,
         SerialMode::File(p) => ConsoleOut::File(
-            std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| {
-                VmmError::Config(config::ConfigError(format!("cannot open serial output {}: {e}", p.display())))
-            })?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| {
+                    VmmError::Config(config::ConfigError(format!(
+                        "cannot open serial output {}: {e}",
+                        p.display()
+                    )))
+                })?,
         ),
     };
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
-    vm.register_irqfd(&irq, COM1_IRQ).map_err(ioctl("KVM_IRQFD"))?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(ioctl("KVM_IRQFD"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(IrqLine(irq), out)));
     let mut bus = PioBus::new();
-    bus.insert(COM1_BASE, 8, "serial", serial.clone()).map_err(internal("port bus"))?;
-    bus.insert(I8042_BASE, I8042_LEN, "i8042", Arc::new(Mutex::new(I8042::default())))
+    bus.insert(COM1_BASE, 8, "serial", serial.clone())
         .map_err(internal("port bus"))?;
+    bus.insert(
+        I8042_BASE,
+        I8042_LEN,
+        "i8042",
+        Arc::new(Mutex::new(I8042::default())),
+    )
+    .map_err(internal("port bus"))?;
     let table = stats::CauseTable::new(&bus.names());
     let shared = VmShared {
         mem,
         bus,
         serial,
-        info: MachineInfo { mem_size: cfg.memory, vcpus: cfg.vcpus, devices: device_records(), tsc_khz: 0 },
+        info: MachineInfo {
+            mem_size: cfg.memory,
+            vcpus: cfg.vcpus,
+            devices: device_records(),
+            tsc_khz: 0,
+        },
         table,
         loaded,
         stop: AtomicBool::new(false),

@@ -2,6 +2,7 @@
 //! time spent in the VMM handling it; the time between exits is guest time (guest code plus
 //! KVM's in-kernel handling). Causes are small integers fixed when the VM is built, so the hot
 //! path is an array increment.
+#![allow(clippy::cast_possible_truncation)] // call numbers and vCPU indices are small
 
 use serde::Serialize;
 use wv_abi::{Call, CALL_COUNT};

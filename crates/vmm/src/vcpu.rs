@@ -98,7 +98,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
     let mut st = VcpuStats::new(index, table.len());
     KVM_RUN.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
     let clock = Instant::now();
-    let now = || clock.elapsed().as_nanos() as u64;
+    let now = || crate::nanos(clock.elapsed());
     let mut t_entry = now();
     loop {
         if shared.stop.load(Ordering::Acquire) {

@@ -1,0 +1,280 @@
+//! Bad input from the user or the guest: a clear one-line message, a distinct exit status,
+//! never a panic or a hang.
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn assert_one_line_error(r: &Run, status: i32, needle: &str) {
+    assert_eq!(r.status, Some(status), "{r}");
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr\n{r}");
+    assert!(lines[0].starts_with("wv: error: "), "{r}");
+    assert!(lines[0].contains(needle), "expected '{needle}'\n{r}");
+    assert!(!r.stderr.contains("panicked"), "{r}");
+}
+
+#[test]
+fn missing_kvm_device() {
+    let mut c = Command::new(wv_bin());
+    c.args(["run"]).env("WV_KVM_DEVICE", "/nonexistent/kvm");
+    let r = run_cmd(c, Duration::from_secs(30));
+    assert_one_line_error(&r, 201, "no KVM device at /nonexistent/kvm");
+}
+
+#[test]
+fn device_that_is_not_kvm() {
+    let mut c = Command::new(wv_bin());
+    c.args(["run"]).env("WV_KVM_DEVICE", "/dev/null");
+    let r = run_cmd(c, Duration::from_secs(30));
+    assert_one_line_error(&r, 201, "/dev/null is not a usable KVM device");
+}
+
+#[test]
+fn no_permission_on_kvm() {
+    if !need_kvm() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut c = if root {
+        // Drop to an unprivileged user; /dev/kvm here is root-only or group-restricted.
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(wv_bin())
+            .arg("run");
+        c
+    } else {
+        let mut c = Command::new(wv_bin());
+        c.arg("run");
+        c
+    };
+    let mode = std::fs::metadata("/dev/kvm")
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+        .unwrap();
+    if mode & 0o006 != 0 {
+        panic!("/dev/kvm is world-accessible (mode {mode:o}): the permission test cannot run here");
+    }
+    if !root {
+        // Unprivileged and not allowed: the same error must appear; if we may open it, say so.
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+        {
+            panic!("this user may open /dev/kvm, so the permission-denied case cannot be provoked");
+        }
+    }
+    c.env_remove("WV_KVM_DEVICE");
+    let r = run_cmd(c, Duration::from_secs(30));
+    assert_one_line_error(&r, 201, "permission denied opening /dev/kvm");
+}
+
+#[test]
+fn missing_kernel() {
+    let r = wv(&["run", "--kernel", "/nonexistent/bzImage"]);
+    assert_one_line_error(&r, 202, "cannot read kernel /nonexistent/bzImage");
+}
+
+#[test]
+fn malformed_kernels() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("bad-kernel");
+    let garbage = dir.file("garbage", &pattern(100_000, 3));
+    let r = wv(&["run", "--kernel", garbage.to_str().unwrap()]);
+    assert_one_line_error(&r, 202, "neither a bzImage");
+    let empty = dir.file("empty", b"");
+    let r = wv(&["run", "--kernel", empty.to_str().unwrap()]);
+    assert_one_line_error(&r, 202, "not bootable");
+    let pvh = std::fs::read(image(&dir, "pvh")).unwrap();
+    let truncated = dir.file("truncated.elf", &pvh[..200]);
+    let r = wv(&["run", "--kernel", truncated.to_str().unwrap()]);
+    assert_one_line_error(&r, 202, "is not bootable");
+    let bz = std::fs::read(image(&dir, "bzimage")).unwrap();
+    let short_bz = dir.file("short.bzImage", &bz[..4096]);
+    let r = wv(&["run", "--kernel", short_bz.to_str().unwrap()]);
+    assert_one_line_error(&r, 202, "truncated bzImage");
+    // An ELF whose PVH note was stripped.
+    let mut no_note = pvh.clone();
+    let pos = no_note
+        .windows(4)
+        .position(|w| w == b"Xen\0")
+        .expect("note");
+    no_note[pos..pos + 3].copy_from_slice(b"Nex");
+    let stripped = dir.file("nonote.elf", &no_note);
+    let r = wv(&["run", "--kernel", stripped.to_str().unwrap()]);
+    assert_one_line_error(&r, 202, "without a PVH entry note");
+}
+
+#[test]
+fn initrd_that_does_not_fit_or_is_missing() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("big-initrd");
+    let big = dir.file("big.img", &vec![0u8; 12 << 20]);
+    let r = wv(&["run", "--memory", "8M", "--initrd", big.to_str().unwrap()]);
+    assert_one_line_error(&r, 202, "does not fit in guest memory");
+    let r = wv(&["run", "--initrd", "/nonexistent/initrd"]);
+    assert_one_line_error(&r, 202, "cannot read initrd /nonexistent/initrd");
+}
+
+#[test]
+fn kernel_that_needs_more_memory() {
+    if !need_kvm() {
+        return;
+    }
+    // The probe guest's image ends near 1.7 MiB; 4 MiB is the floor and works, but a bzImage
+    // whose init_size asks for more than RAM is refused before loading.
+    let dir = TempDir::new("init-size");
+    let mut bz = std::fs::read(image(&dir, "bzimage")).unwrap();
+    bz[0x260..0x264].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    let big = dir.file("big-init.bzImage", &bz);
+    let r = wv(&["run", "--memory", "16M", "--kernel", big.to_str().unwrap()]);
+    assert_one_line_error(&r, 202, "give the VM more --memory");
+}
+
+#[test]
+fn absurd_memory_and_vcpus() {
+    for (args, needle) in [
+        (vec!["run", "--memory", "0"], "too small"),
+        (vec!["run", "--memory", "1M"], "too small"),
+        (vec!["run", "--memory", "64T"], "exceeds this host's"),
+        (vec!["run", "--memory", "lots"], "invalid size 'lots'"),
+        (
+            vec!["run", "--memory", "99999999999999999999G"],
+            "invalid size",
+        ),
+        (vec!["run", "--memory", "4097K"], "multiple of 4 KiB"),
+        (vec!["run", "--vcpus", "0"], "out of range: 1 to 32"),
+        (vec!["run", "--vcpus", "33"], "out of range: 1 to 32"),
+        (vec!["run", "--vcpus", "-1"], "not a number"),
+        (vec!["run", "--vcpus"], "needs a value"),
+        (vec!["run", "--bogus"], "unknown option '--bogus'"),
+        (vec!["run", "--stats=xml"], "table or json"),
+        (vec!["frobnicate"], "unknown command 'frobnicate'"),
+    ] {
+        let r = wv(&args);
+        assert_one_line_error(&r, 200, needle);
+    }
+}
+
+#[test]
+fn cmdline_too_long_or_with_nul_is_refused() {
+    if !need_kvm() {
+        return;
+    }
+    let long = "x".repeat(70_000);
+    let r = wv(&["run", "--cmdline", &long]);
+    assert_one_line_error(&r, 200, "command line of 70000 bytes");
+}
+
+#[test]
+fn serial_file_that_cannot_be_opened() {
+    if !need_kvm() {
+        return;
+    }
+    let r = wv(&["run", "--serial", "/nonexistent/dir/console.log"]);
+    assert_one_line_error(
+        &r,
+        200,
+        "cannot open serial output /nonexistent/dir/console.log",
+    );
+}
+
+fn guest_ends_with(test: &str, status: i32, needle: &str) -> Run {
+    let r = wv(&["run", "--cmdline", &format!("probe.tests={test}")]);
+    assert_eq!(r.status, Some(status), "{r}");
+    let last = r.stderr.lines().last().unwrap_or("");
+    assert!(last.starts_with("wv: ") && last.contains(needle), "{r}");
+    r
+}
+
+#[test]
+fn triple_fault_ends_the_vm_with_registers() {
+    if !need_kvm() {
+        return;
+    }
+    let r = guest_ends_with("triplefault", 204, "guest triple-faulted");
+    assert!(
+        r.stderr.contains("rip=0x") && r.stderr.contains("cr3=0x"),
+        "{r}"
+    );
+}
+
+#[test]
+fn emulation_failure_ends_the_vm_with_a_diagnostic() {
+    if !need_kvm() {
+        return;
+    }
+    let r = guest_ends_with("emulfail", 205, "instruction emulation failed");
+    assert!(
+        r.stderr.contains("rip=0x") && r.stderr.contains("suberror 1"),
+        "{r}"
+    );
+}
+
+#[test]
+fn i8042_reset_ends_the_vm() {
+    if !need_kvm() {
+        return;
+    }
+    guest_ends_with("reset", 203, "guest requested a reset");
+}
+
+#[test]
+fn unknown_self_test_fails_in_the_guest() {
+    if !need_kvm() {
+        return;
+    }
+    let r = wv(&["run", "--cmdline", "probe.tests=boot,nonsense"]);
+    assert_eq!(r.status, Some(1), "{r}");
+    assert!(
+        r.stdout.contains("FAIL cmdline unknown test 'nonsense'"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_spinning_guest_does_not_hang_the_vmm() {
+    if !need_kvm() {
+        return;
+    }
+    for (sig, status) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let mut child = Command::new(wv_bin())
+            .args([
+                "run",
+                "--vcpus",
+                "2",
+                "--cmdline",
+                "probe.tests=hang",
+                "--serial",
+                "none",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                assert_eq!(st.code(), Some(status));
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "wv did not stop on signal {sig}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(err.contains(&format!("stopped by signal {sig}")), "{err}");
+    }
+}

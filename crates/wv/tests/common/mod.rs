@@ -1,0 +1,184 @@
+//! Helpers for the integration tests: run `wv` (or QEMU) with a timeout, capture everything,
+//! and make temporary files. Tests that need /dev/kvm fail loudly without it unless
+//! WV_TESTS_WITHOUT_KVM=1 says to skip them, which they then report on stderr.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Run {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.status.expect("process was killed by a signal")
+    }
+    /// The PASS/FAIL/SKIP line of `test`.
+    pub fn result_of(&self, test: &str) -> Option<&str> {
+        self.stdout.lines().find(|l| {
+            l.strip_prefix("PASS ")
+                .or_else(|| l.strip_prefix("FAIL "))
+                .or_else(|| l.strip_prefix("SKIP "))
+                .is_some_and(|r| r.split(' ').next() == Some(test))
+        })
+    }
+    pub fn assert_pass(&self, test: &str) -> &str {
+        let l = self
+            .result_of(test)
+            .unwrap_or_else(|| panic!("no result line for {test}\n{self}"));
+        assert!(l.starts_with("PASS "), "{test} did not pass: {l}\n{self}");
+        l
+    }
+    /// The `--stats=json` document from stderr.
+    pub fn stats(&self) -> serde_json::Value {
+        let line = self
+            .stderr
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no stats JSON\n{self}"));
+        serde_json::from_str(line).expect("stats JSON parses")
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--- status {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Count of `cause` in a stats document.
+pub fn cause_count(stats: &serde_json::Value, cause: &str) -> u64 {
+    stats["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cause"] == cause)
+        .map_or(0, |c| c["count"].as_u64().unwrap())
+}
+
+pub fn wv_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wv"))
+}
+
+/// Runs a command with a timeout (the test fails if it is exceeded: nothing may hang).
+pub fn run_cmd(mut cmd: Command, timeout: Duration) -> Run {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}: stdout so far {:?}",
+                t_out.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Run {
+        status: status.code(),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+pub fn wv(args: &[&str]) -> Run {
+    let mut c = Command::new(wv_bin());
+    c.args(args);
+    run_cmd(c, Duration::from_secs(120))
+}
+
+/// Whether KVM tests should run; panics (fails the test) when /dev/kvm is missing and skipping
+/// was not asked for explicitly.
+pub fn need_kvm() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var_os("WV_TESTS_WITHOUT_KVM").is_some() {
+        eprintln!("SKIPPED: /dev/kvm is missing and WV_TESTS_WITHOUT_KVM is set");
+        return false;
+    }
+    panic!("this test needs /dev/kvm; set WV_TESTS_WITHOUT_KVM=1 to skip KVM tests explicitly");
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "wv-test-{tag}-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn file(&self, name: &str, data: &[u8]) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes an embedded image (`pvh`, `bzimage`, `exitbench`) to `dir`.
+pub fn image(dir: &TempDir, format: &str) -> PathBuf {
+    let p = dir.path(format);
+    let r = wv(&[
+        "probe-image",
+        "--format",
+        format,
+        "--output",
+        p.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    p
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}

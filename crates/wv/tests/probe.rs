@@ -1,0 +1,267 @@
+//! End-to-end tests: `wv run` boots the probe guest on real KVM and the guest's self-tests pass,
+//! for every test, with 1 and 4 vCPUs, from both image formats; plus the boot data, the
+//! native fallback and the exit accounting the guest's calls produce.
+
+mod common;
+use common::*;
+
+const ALL: &str = "boot,smp,timer,hypercall,batch,user";
+
+fn run_probe(format: &str, vcpus: u32, tests: &str) -> Run {
+    let dir = TempDir::new("probe");
+    let img = image(&dir, format);
+    let cmdline = format!("console=ttyS0 probe.tests={tests}");
+    let v = vcpus.to_string();
+    wv(&[
+        "run",
+        "--kernel",
+        img.to_str().unwrap(),
+        "--vcpus",
+        &v,
+        "--memory",
+        "128M",
+        "--cmdline",
+        &cmdline,
+        "--stats=json",
+    ])
+}
+
+macro_rules! selftest {
+    ($($name:ident: $test:literal, $format:literal, $vcpus:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            if !need_kvm() {
+                return;
+            }
+            let r = run_probe($format, $vcpus, $test);
+            assert_eq!(r.status, Some(0), "{r}");
+            r.assert_pass($test);
+            let proto = if $format == "pvh" { "boot=pvh" } else { "boot=linux64" };
+            assert!(r.stdout.contains(proto), "{r}");
+        }
+    )*};
+}
+
+selftest! {
+    boot_pvh_1: "boot", "pvh", 1;
+    boot_pvh_4: "boot", "pvh", 4;
+    boot_bzimage_1: "boot", "bzimage", 1;
+    boot_bzimage_4: "boot", "bzimage", 4;
+    smp_pvh_1: "smp", "pvh", 1;
+    smp_pvh_4: "smp", "pvh", 4;
+    smp_bzimage_1: "smp", "bzimage", 1;
+    smp_bzimage_4: "smp", "bzimage", 4;
+    timer_pvh_1: "timer", "pvh", 1;
+    timer_pvh_4: "timer", "pvh", 4;
+    timer_bzimage_1: "timer", "bzimage", 1;
+    timer_bzimage_4: "timer", "bzimage", 4;
+    hypercall_pvh_1: "hypercall", "pvh", 1;
+    hypercall_pvh_4: "hypercall", "pvh", 4;
+    hypercall_bzimage_1: "hypercall", "bzimage", 1;
+    hypercall_bzimage_4: "hypercall", "bzimage", 4;
+    batch_pvh_1: "batch", "pvh", 1;
+    batch_pvh_4: "batch", "pvh", 4;
+    batch_bzimage_1: "batch", "bzimage", 1;
+    batch_bzimage_4: "batch", "bzimage", 4;
+    user_pvh_1: "user", "pvh", 1;
+    user_pvh_4: "user", "pvh", 4;
+    user_bzimage_1: "user", "bzimage", 1;
+    user_bzimage_4: "user", "bzimage", 4;
+}
+
+#[test]
+fn default_run_boots_the_embedded_guest_and_passes_everything() {
+    if !need_kvm() {
+        return;
+    }
+    let r = wv(&["run", "--stats=json"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    for t in ALL.split(',') {
+        r.assert_pass(t);
+    }
+    assert!(
+        r.stdout
+            .contains("probe: summary passed=6 failed=0 skipped=0"),
+        "{r}"
+    );
+    assert!(
+        r.stderr.contains("wv: guest powered off with exit code 0"),
+        "{r}"
+    );
+}
+
+#[test]
+fn smp_brings_up_every_vcpu() {
+    if !need_kvm() {
+        return;
+    }
+    for n in [2u32, 7, 32] {
+        let r = run_probe("pvh", n, "smp");
+        let line = r.assert_pass("smp");
+        assert!(line.contains(&format!("cpus={n} ")), "{line}");
+        assert!(line.contains(&format!("aps-started={} ", n - 1)), "{line}");
+    }
+}
+
+#[test]
+fn batched_calls_take_one_exit_and_accounting_agrees() {
+    if !need_kvm() {
+        return;
+    }
+    let r = run_probe("pvh", 1, "batch");
+    let line = r.assert_pass("batch");
+    assert!(
+        line.contains("trapping=32 exits")
+            && line.contains("calls=32 exits")
+            && line.contains("batched=1 exits"),
+        "{line}"
+    );
+    let s = r.stats();
+    // The guest's own count and the VMM's table agree: one batch exit carrying 32 console writes.
+    assert_eq!(cause_count(&s, "hypercall:batch"), 1, "{r}");
+    let batched = &s["vcpus"][0]["batched_calls"];
+    assert_eq!(batched[0]["cause"], "console_write");
+    assert_eq!(batched[0]["count"], 32);
+    // 32 single console calls in the test itself, plus the lines the guest printed.
+    assert!(cause_count(&s, "hypercall:console_write") >= 32 + 4, "{r}");
+    // 32 trapping UART writes (and no UART reads: the console goes through the call).
+    assert_eq!(cause_count(&s, "io:serial"), 32, "{r}");
+    assert_eq!(cause_count(&s, "hypercall:poweroff"), 1, "{r}");
+    assert_eq!(
+        s["exits"].as_u64().unwrap(),
+        s["vcpus"][0]["exits"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn stats_table_lists_causes_with_times() {
+    if !need_kvm() {
+        return;
+    }
+    let r = wv(&["run", "--cmdline", "probe.tests=boot", "--stats"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stderr.contains("exit accounting"), "{r}");
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l.contains("hypercall:poweroff") && l.trim_start().starts_with('0')),
+        "{r}"
+    );
+    assert!(r.stderr.contains("guest "), "{r}");
+}
+
+#[test]
+fn initrd_and_cmdline_reach_the_guest_through_both_protocols() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("initrd");
+    let data = pattern(12_345, 7);
+    let initrd = dir.file("initrd.img", &data);
+    let sum = wv_abi::initrd_checksum(&data);
+    for format in ["pvh", "bzimage"] {
+        let img = image(&dir, format);
+        let good = format!("probe.tests=boot probe.initrd={}:{sum:#x}", data.len());
+        let r = wv(&[
+            "run",
+            "--kernel",
+            img.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            &good,
+        ]);
+        assert_eq!(r.status, Some(0), "{r}");
+        let line = r.assert_pass("boot");
+        assert!(line.contains("initrd=12345B"), "{line}");
+        assert!(line.contains(&format!("cmdline={}B", good.len())), "{line}");
+        // A wrong checksum is caught by the guest: its exit code (1) comes through.
+        let bad = format!(
+            "probe.tests=boot probe.initrd={}:{:#x}",
+            data.len(),
+            sum ^ 1
+        );
+        let r = wv(&[
+            "run",
+            "--kernel",
+            img.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            &bad,
+        ]);
+        assert_eq!(r.status, Some(1), "{r}");
+        assert!(r.result_of("boot").unwrap().starts_with("FAIL"), "{r}");
+    }
+}
+
+#[test]
+fn memory_map_matches_configured_memory() {
+    if !need_kvm() {
+        return;
+    }
+    // 4 GiB crosses the MMIO hole: RAM continues above 4 GiB, and the guest's e820 total and
+    // the VMM's mem_size call must still agree (checked by the hypercall test).
+    let r = wv(&[
+        "run",
+        "--memory",
+        "4G",
+        "--cmdline",
+        "probe.tests=boot,hypercall",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.assert_pass("boot").contains("e820=5"), "{r}");
+    assert!(r.assert_pass("hypercall").contains("mem=4194304KiB"), "{r}");
+}
+
+#[test]
+fn pv_off_takes_the_native_paths() {
+    if !need_kvm() {
+        return;
+    }
+    let r = wv(&[
+        "run",
+        "--cmdline",
+        &format!("probe.pv=off probe.tests={ALL}"),
+        "--stats=json",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.contains("hypervisor=ignored(probe.pv=off)"), "{r}");
+    assert!(
+        r.assert_pass("hypercall")
+            .contains("native-fallback signature='WorldvisorVM'"),
+        "{r}"
+    );
+    assert!(r.result_of("batch").unwrap().starts_with("SKIP"), "{r}");
+    let s = r.stats();
+    // Console output now traps once per byte (plus a status read each): far more UART exits,
+    // and no console calls.
+    assert_eq!(cause_count(&s, "hypercall:console_write"), 0, "{r}");
+    assert!(
+        cause_count(&s, "io:serial") > 2 * r.stdout.len() as u64 - 10,
+        "{r}"
+    );
+}
+
+#[test]
+fn serial_to_file_and_none() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("serial");
+    let log = dir.path("console.log");
+    let r = wv(&[
+        "run",
+        "--cmdline",
+        "probe.tests=boot",
+        "--serial",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.is_empty(), "{r}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("PASS boot"), "{text}");
+    let r = wv(&["run", "--cmdline", "probe.tests=boot", "--serial", "none"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.is_empty(), "{r}");
+}
