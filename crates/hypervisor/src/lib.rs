@@ -4,6 +4,7 @@
 
 pub mod cpuid;
 pub mod kvm;
+pub mod stats;
 pub mod vcpu;
 
 pub use cpuid::{HostCpu, VcpuTopology};

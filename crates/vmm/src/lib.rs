@@ -274,6 +274,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     };
     trace.mark("vcpus joined");
     let stats = VmStats {
+        kvm: Vec::new(),
         table: shared.table.clone(),
         vcpus,
         setup_ns,
@@ -390,6 +391,15 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// KVM's cumulative per-vCPU counters (from `KVM_GET_STATS_FD`), in vCPU order; a vCPU
+    /// whose counters cannot be read gets an empty list.
+    pub fn kvm_counters(&self) -> Vec<Vec<(String, u64)>> {
+        self._vcpus
+            .iter()
+            .map(|v| wv_hypervisor::stats::vcpu_counters(v).unwrap_or_default())
+            .collect()
+    }
+
     /// Exits the process with `status`.
     ///
     /// Destroying a VM with the in-kernel irqchip and PIT takes 10-30 ms on some hosts (the

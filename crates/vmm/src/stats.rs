@@ -152,7 +152,23 @@ pub struct VmStats {
     pub setup_ns: u64,
     /// Nanoseconds the VM ran.
     pub run_ns: u64,
+    /// KVM's own cumulative counters per vCPU (exits handled in the kernel included); empty
+    /// unless filled from [`crate::Resources::kvm_counters`].
+    pub kvm: Vec<Vec<(String, u64)>>,
 }
+
+/// KVM counters shown in the table (all non-zero ones go into the JSON).
+const KVM_TABLE: &[&str] = &[
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "irq_window_exits",
+    "signal_exits",
+    "insn_emulation",
+    "insn_emulation_fail",
+];
 
 #[derive(Serialize)]
 struct JsonCause<'a> {
@@ -169,6 +185,8 @@ struct JsonVcpu<'a> {
     vmm_ns: u64,
     causes: Vec<JsonCause<'a>>,
     batched_calls: Vec<JsonCause<'a>>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    kvm: std::collections::BTreeMap<&'a str, u64>,
 }
 
 #[derive(Serialize)]
@@ -259,6 +277,16 @@ impl VmStats {
                             vmm_ns: 0,
                         })
                         .collect(),
+                    kvm: self
+                        .kvm
+                        .get(v.index as usize)
+                        .map(|c| {
+                            c.iter()
+                                .filter(|(_, n)| *n > 0)
+                                .map(|(k, n)| (k.as_str(), *n))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 })
                 .collect(),
         };
@@ -298,6 +326,20 @@ impl VmStats {
                     ),
                     n
                 ));
+            }
+            if let Some(k) = self.kvm.get(v.index as usize) {
+                let shown: Vec<String> = KVM_TABLE
+                    .iter()
+                    .filter_map(|name| k.iter().find(|(n, _)| n == name))
+                    .map(|(n, c)| format!("{n}={c}"))
+                    .collect();
+                if !shown.is_empty() {
+                    s.push_str(&format!(
+                        "{:>4}  kvm (in-kernel included): {}\n",
+                        v.index,
+                        shown.join(" ")
+                    ));
+                }
             }
             s.push_str(&format!(
                 "{:>4}  {:<26} {:>10} {:>10}   guest {}\n",
@@ -364,6 +406,11 @@ mod tests {
             .any(|c| c["cause"] == "io:serial" && c["count"] == 2 && c["vmm_ns"] == 400));
         assert_eq!(j["vcpus"][0]["batched_calls"][0]["cause"], "console_write");
         assert_eq!(j["vcpus"][0]["batched_calls"][0]["count"], 32);
+        assert_eq!(j["vcpus"][0]["kvm"]["exits"], 9);
+        assert!(
+            j["vcpus"][0]["kvm"].get("halt_exits").is_none(),
+            "zero counters are left out"
+        );
     }
 
     #[test]
@@ -372,5 +419,6 @@ mod tests {
         assert!(t.contains("io:serial"));
         assert!(t.contains("(batched) console_write"));
         assert!(!t.contains("io:i8042"));
+        assert!(t.contains("kvm (in-kernel included): exits=9 halt_exits=0"));
     }
 }

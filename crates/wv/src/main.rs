@@ -159,7 +159,10 @@ fn cmd_run(args: &[String]) -> ExitCode {
         Err(Usage(m)) => return fail(STATUS_USAGE, &m),
     };
     match wv_vmm::run(&cfg) {
-        Ok(out) => {
+        Ok(mut out) => {
+            if stats != StatsMode::Off {
+                out.stats.kvm = out.resources.kvm_counters();
+            }
             let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "wv: {}", out.end);
             match stats {
