@@ -374,6 +374,7 @@ mod tests {
             vcpus: vec![v0, v1],
             setup_ns: 1,
             run_ns: 2,
+            kvm: vec![vec![("exits".into(), 9), ("halt_exits".into(), 0)], vec![]],
         }
     }
 
