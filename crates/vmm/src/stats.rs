@@ -111,7 +111,8 @@ pub struct VcpuStats {
     pub index: u32,
     /// All exits.
     pub exits: u64,
-    /// Nanoseconds inside KVM_RUN (guest code and in-kernel handling).
+    /// Nanoseconds inside KVM_RUN (guest code and in-kernel handling). While the vCPU runs,
+    /// the time fields may hold raw clock ticks; they are nanoseconds once it has stopped.
     pub guest_ns: u64,
     /// Nanoseconds in the VMM between exits.
     pub vmm_ns: u64,

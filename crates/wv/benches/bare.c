@@ -2,7 +2,10 @@
  * exitbench PVH guest. Creates a VM with N MiB of memory (no irqchip, no devices), loads the
  * ELF's PT_LOAD segments, enters the PVH entry in 32-bit protected mode and loops on KVM_RUN:
  * the first byte to port 0x3f8 goes to stdout, a write to the Worldvisor call port ends it.
- * Usage: bare GUEST.elf CMDLINE MEM_MIB.  Built and run by benches/vmm.rs. */
+ * With a fourth argument "irqchip" it also creates the in-kernel irqchip and PIT first, as
+ * wv must: the difference between the two isolates what the kernel's interrupt controllers
+ * cost per exit from what a VMM adds.
+ * Usage: bare GUEST.elf CMDLINE MEM_MIB [irqchip].  Built and run by benches/vmm.rs. */
 #define _GNU_SOURCE
 #include <elf.h>
 #include <fcntl.h>
@@ -29,6 +32,11 @@ int main(int argc, char **argv) {
   uint8_t *mem = mmap(0, memsz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   struct kvm_userspace_memory_region r = { .slot = 0, .memory_size = memsz, .userspace_addr = (uint64_t)mem };
   if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &r)) DIE("KVM_SET_USER_MEMORY_REGION");
+  if (argc > 4 && !strcmp(argv[4], "irqchip")) {
+    if (ioctl(vm, KVM_CREATE_IRQCHIP, 0)) DIE("KVM_CREATE_IRQCHIP");
+    struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
+    if (ioctl(vm, KVM_CREATE_PIT2, &pit)) DIE("KVM_CREATE_PIT2");
+  }
   Elf64_Ehdr *eh = (Elf64_Ehdr *)img;
   for (int i = 0; i < eh->e_phnum; i++) {
     Elf64_Phdr *ph = (Elf64_Phdr *)(img + eh->e_phoff + i * eh->e_phentsize);

@@ -107,6 +107,15 @@ fn main() {
                 c
             }),
         });
+        let (b, g) = (bare.clone(), guest.clone());
+        runners.push(Runner {
+            name: "bare loop + irqchip/PIT",
+            cmd: Box::new(move |n| {
+                let mut c = Command::new(&b);
+                c.arg(&g).arg(n.to_string()).arg("128").arg("irqchip");
+                c
+            }),
+        });
     } else {
         println!("bare loop: NOT MEASURED (gcc failed: {gcc:?})");
     }
