@@ -434,31 +434,49 @@ impl Resources {
     /// Destroying a VM with the in-kernel irqchip and PIT takes 10-30 ms on some hosts (the
     /// kernel waits for RCU grace periods per device), and it runs in whichever process drops
     /// the last reference. Unless `WV_SYNC_TEARDOWN` is set, a helper that shares this process's
-    /// memory and file table is started and exits right away, taking those last references with
-    /// it: `wv` reports its status at once and the kernel finishes the teardown in the helper.
+    /// memory and file table is started; it exits once this process has, taking those last
+    /// references with it: `wv` reports its status at once and the kernel finishes the teardown
+    /// in the helper. Without pidfds (Linux < 5.3) the teardown stays synchronous.
     pub fn exit(self, status: u8) -> ! {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
-        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() {
-            extern "C" fn helper(_: *mut libc::c_void) -> libc::c_int {
-                // SAFETY: _exit is async-signal-safe and touches nothing of the parent's.
-                unsafe { libc::_exit(0) }
+        // The helper must outlive this process, or the last references come back here: it waits
+        // on a pidfd of this process, which becomes readable once the process has exited.
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() && pidfd >= 0 {
+            extern "C" fn helper(arg: *mut libc::c_void) -> libc::c_int {
+                let mut p = libc::pollfd {
+                    fd: arg as usize as libc::c_int,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: polling one valid descriptor (shared with the parent) from our own
+                // stack; _exit then drops the last references to the VM and guest memory.
+                unsafe {
+                    while libc::poll(&mut p, 1, -1) < 0 {}
+                    libc::_exit(0)
+                }
             }
             const STACK: usize = 16 * 1024;
             let stack = Box::leak(vec![0u8; STACK].into_boxed_slice());
-            // SAFETY: the child runs `helper` on its own stack (leaked, so it outlives both
-            // processes' use of it) and only calls _exit; CLONE_VM|CLONE_FILES share memory and
-            // descriptors so the child holds the last references.
-            unsafe {
+            // SAFETY: the child runs `helper` on its own stack (leaked, so it stays valid) and
+            // only polls and exits; CLONE_VM|CLONE_FILES share memory and descriptors so the
+            // child holds the last references once this process is gone.
+            let r = unsafe {
                 libc::clone(
                     helper,
                     stack.as_mut_ptr().add(STACK) as *mut libc::c_void,
                     libc::CLONE_VM | libc::CLONE_FILES,
-                    std::ptr::null_mut(),
-                );
+                    pidfd as usize as *mut libc::c_void,
+                )
+            };
+            if r > 0 {
+                std::mem::forget(self);
+            } else {
+                drop(self);
             }
-            std::mem::forget(self);
         } else {
             drop(self);
         }
