@@ -445,10 +445,14 @@ impl Resources {
         // on a pidfd of this process, which becomes readable once the process has exited.
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() && pidfd >= 0 {
-            extern "C" fn helper(arg: *mut libc::c_void) -> libc::c_int {
+        // The helper shares this process's memory, so it reads the descriptor from here.
+        static PIDFD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+        PIDFD.store(i32::try_from(pidfd).unwrap_or(-1), Ordering::SeqCst);
+        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() && PIDFD.load(Ordering::SeqCst) >= 0 {
+            extern "C" fn helper(_: *mut libc::c_void) -> libc::c_int {
+                let fd = PIDFD.load(Ordering::SeqCst);
                 let mut p = libc::pollfd {
-                    fd: arg as usize as libc::c_int,
+                    fd,
                     events: libc::POLLIN,
                     revents: 0,
                 };
@@ -469,7 +473,7 @@ impl Resources {
                     helper,
                     stack.as_mut_ptr().add(STACK) as *mut libc::c_void,
                     libc::CLONE_VM | libc::CLONE_FILES,
-                    pidfd as usize as *mut libc::c_void,
+                    std::ptr::null_mut(),
                 )
             };
             if r > 0 {
