@@ -134,11 +134,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                         DeviceAction::Reset => Step::End(VmEnd::Reset("i8042 reset command")),
                     }
                 } else {
-                    cause = if port == wv_abi::CALL_PORT {
-                        stats::HYPERCALL_INVALID
-                    } else {
-                        stats::IO_UNASSIGNED
-                    };
+                    cause = unassigned_port_cause(port);
                     Step::Continue
                 }
             }
@@ -147,11 +143,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                     cause = table.io(dev);
                     shared.bus.read(dev, off, data);
                 } else {
-                    cause = if port == wv_abi::CALL_PORT {
-                        stats::HYPERCALL_INVALID
-                    } else {
-                        stats::IO_UNASSIGNED
-                    };
+                    cause = unassigned_port_cause(port);
                     unassigned_read(data);
                 }
                 Step::Continue
@@ -280,6 +272,16 @@ impl Clock {
         for c in &mut st.causes {
             c.vmm_ns = ns(c.vmm_ns);
         }
+    }
+}
+
+/// The cause of an access to a port no device answers (a wrong-sized call-port access is an
+/// invalid call).
+fn unassigned_port_cause(port: u16) -> usize {
+    if port == wv_abi::CALL_PORT {
+        stats::HYPERCALL_INVALID
+    } else {
+        stats::IO_UNASSIGNED
     }
 }
 

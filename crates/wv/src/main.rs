@@ -57,6 +57,14 @@ enum StatsMode {
 
 struct Usage(String);
 
+/// `--name=value` into (`--name`, Some(value)); anything else unchanged.
+fn split_option(a: &str) -> (&str, Option<&str>) {
+    match a.split_once('=') {
+        Some((n, v)) if n.starts_with("--") => (n, Some(v)),
+        _ => (a, None),
+    }
+}
+
 fn take_value(
     args: &[String],
     i: &mut usize,
@@ -83,10 +91,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
-            _ => (a, None),
-        };
+        let (name, inline) = split_option(a);
         match name {
             "-h" | "--help" => return Ok(None),
             "--kernel" => kernel = Some(PathBuf::from(take_value(args, &mut i, name, inline)?)),
@@ -188,10 +193,7 @@ fn cmd_probe_image(args: &[String]) -> ExitCode {
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
-            _ => (a, None),
-        };
+        let (name, inline) = split_option(a);
         let r = match name {
             "--format" => take_value(args, &mut i, name, inline).map(|v| format = Some(v)),
             "--output" | "-o" => take_value(args, &mut i, name, inline).map(|v| output = Some(v)),
