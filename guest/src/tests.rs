@@ -48,6 +48,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"hypercall" => hypercall(),
         b"batch" => batch(),
         b"user" => user(),
+        b"pci" => pci_test(),
         // Not self-tests: deliberate ways for a guest to end badly, so the VMM's handling of
         // each is tested end to end. None is in the default list.
         b"triplefault" => triple_fault(),
@@ -536,4 +537,25 @@ fn hang() -> Outcome {
     loop {
         core::hint::spin_loop();
     }
+}
+
+fn pci_test() -> Outcome {
+    let mut d = Line::new();
+    let mut found = [crate::pci::Function::default(); 32];
+    let n = crate::pci::scan(&mut found);
+    d.s("functions=").dec(n as u64);
+    for f in &found[..n] {
+        d.s(" ")
+            .dec(u64::from(f.dev))
+            .s(":")
+            .hex(u64::from(f.vendor))
+            .s("/")
+            .hex(u64::from(f.device));
+    }
+    // Bus 0 has a host bridge (class 06/00) at 00:00.0 on every PC, Worldvisor and QEMU alike.
+    if n == 0 || found[0].dev != 0 || found[0].class >> 8 != 0x0600 {
+        d.s(" problem: no host bridge at 00:00.0");
+        return fail("pci", &mut d);
+    }
+    pass("pci", &mut d)
 }

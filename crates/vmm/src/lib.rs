@@ -389,6 +389,14 @@ fn build(
         Arc::new(Mutex::new(I8042::default())),
     )
     .map_err(internal("port bus"))?;
+    let pci = Arc::new(Mutex::new(wv_pci::PciBus::new()));
+    bus.insert(
+        wv_pci::CONFIG_ADDRESS_PORT,
+        wv_pci::CONFIG_PORTS_LEN,
+        "pci-config",
+        pci,
+    )
+    .map_err(internal("port bus"))?;
     let table = stats::CauseTable::new(&bus.names());
     let shared = VmShared {
         mem,

@@ -31,7 +31,7 @@ Options:
   --kernel PATH        Linux bzImage (64-bit boot protocol) or ELF with a PVH note
   --initrd PATH        initial ramdisk
   --cmdline STR        kernel command line (default for --kernel: \"console=ttyS0 reboot=k panic=1\";
-                       for the probe guest: \"console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user\")
+                       for the probe guest: \"console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci\")
   --memory SIZE        guest RAM, e.g. 256M, 2G (default 256M)
   --vcpus N            vCPUs, 1 to 32 (default 1)
   --serial MODE        stdio (default), none, or a file path to append console output to
@@ -44,7 +44,7 @@ run the guest, 206 VMM failure, 128+N stopped by signal N.
 Environment: WV_KVM_DEVICE overrides the KVM device path (default /dev/kvm).";
 
 /// The probe guest's default command line.
-pub const PROBE_CMDLINE: &str = "console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user";
+pub const PROBE_CMDLINE: &str = "console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci";
 /// The default command line for a user kernel.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 

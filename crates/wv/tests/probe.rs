@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 
-const ALL: &str = "boot,smp,timer,hypercall,batch,user";
+const ALL: &str = "boot,smp,timer,hypercall,batch,user,pci";
 
 fn run_probe(format: &str, vcpus: u32, tests: &str) -> Run {
     let dir = TempDir::new("probe");
@@ -67,6 +67,8 @@ selftest! {
     user_pvh_4: "user", "pvh", 4;
     user_bzimage_1: "user", "bzimage", 1;
     user_bzimage_4: "user", "bzimage", 4;
+    pci_pvh_1: "pci", "pvh", 1;
+    pci_bzimage_4: "pci", "bzimage", 4;
 }
 
 #[test]
@@ -81,7 +83,7 @@ fn default_run_boots_the_embedded_guest_and_passes_everything() {
     }
     assert!(
         r.stdout
-            .contains("probe: summary passed=6 failed=0 skipped=0"),
+            .contains("probe: summary passed=7 failed=0 skipped=0"),
         "{r}"
     );
     assert!(

@@ -20,7 +20,7 @@ fn probe_guest_passes_on_qemu() {
     let data = pattern(5000, 11);
     let initrd = dir.file("initrd", &data);
     let cmdline = format!(
-        "probe.tests=boot,smp,timer,hypercall,batch,user probe.initrd={}:{:#x}",
+        "probe.tests=boot,smp,timer,hypercall,batch,user,pci probe.initrd={}:{:#x}",
         data.len(),
         wv_abi::initrd_checksum(&data)
     );
@@ -49,7 +49,7 @@ fn probe_guest_passes_on_qemu() {
     // isa-debug-exit: status = (code << 1) | 1, so the guest's 0 arrives as 1.
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stdout.contains("hypervisor=other-or-none"), "{r}");
-    for t in ["boot", "smp", "timer", "hypercall", "user"] {
+    for t in ["boot", "smp", "timer", "hypercall", "user", "pci"] {
         r.assert_pass(t);
     }
     assert!(r.assert_pass("boot").contains("initrd=5000B"), "{r}");
@@ -64,7 +64,7 @@ fn probe_guest_passes_on_qemu() {
     );
     assert!(
         r.stdout
-            .contains("probe: summary passed=5 failed=0 skipped=1"),
+            .contains("probe: summary passed=6 failed=0 skipped=1"),
         "{r}"
     );
 }
