@@ -557,5 +557,23 @@ fn pci_test() -> Outcome {
         d.s(" problem: no host bridge at 00:00.0");
         return fail("pci", &mut d);
     }
+    // Writes go through: the interrupt-line byte (register 0x3c) is scratch for software,
+    // while the IDs stay read-only.
+    let before = crate::pci::read32(0, 0x3c);
+    crate::pci::write32(0, 0x3c, (before & !0xff) | 0x5a);
+    let after = crate::pci::read32(0, 0x3c);
+    crate::pci::write32(0, 0x3c, before);
+    crate::pci::write32(0, 0, 0xdead_beef);
+    let ids = crate::pci::read32(0, 0);
+    if after & 0xff != 0x5a
+        || ids != u32::from(found[0].vendor) | (u32::from(found[0].device) << 16)
+    {
+        d.s(" problem: configuration writes misbehave (line ")
+            .hex(u64::from(after))
+            .s(", ids ")
+            .hex(u64::from(ids))
+            .s(")");
+        return fail("pci", &mut d);
+    }
     pass("pci", &mut d)
 }
