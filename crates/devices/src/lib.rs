@@ -1,4 +1,4 @@
-//! Emulated legacy devices and the port I/O bus that routes guest `in`/`out` to them.
+//! Emulated legacy devices, and the port I/O and MMIO buses that route guest accesses to devices.
 //!
 //! The bus is built once and then only read, so vCPU threads look up ports without locking;
 //! each device sits behind its own mutex. Device indices on the bus double as the exit-accounting
@@ -6,7 +6,9 @@
 
 pub mod bus;
 pub mod i8042;
+pub mod mmio;
 pub mod serial;
 
 pub use bus::{DeviceAction, PioBus, PioDevice};
+pub use mmio::{MmioBus, MmioDevice};
 pub use serial::{ConsoleOut, IrqLine, SerialDevice};

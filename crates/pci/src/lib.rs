@@ -12,4 +12,4 @@ pub mod msix;
 
 pub use bus::{PciBus, PciDevice, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 pub use config::{BarAllocator, ConfigSpace};
-pub use msix::{MsixMessage, MsixTable};
+pub use msix::{MsiRouter, MsixMessage, MsixTable};

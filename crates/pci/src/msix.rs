@@ -203,6 +203,13 @@ impl MsixTable {
     }
 }
 
+/// Where MSI-X messages become interrupts: the VMM maps vector `i` of a device to GSI
+/// `gsi_base + i` and keeps KVM's routes in step with the messages the guest programmed.
+pub trait MsiRouter: Send + Sync {
+    /// Replaces the routes of GSIs `gsi_base..gsi_base + messages.len()`.
+    fn set_routes(&self, gsi_base: u32, messages: &[MsixMessage]) -> std::io::Result<()>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,34 @@
+//! Virtio devices (virtio 1.x, modern only) behind the virtio-pci transport.
+//!
+//! [`transport::VirtioPci`] is what the guest's driver talks to (PCI configuration space and
+//! BAR 0: common, notify, ISR and device configuration, MSI-X table); it negotiates features,
+//! collects queue set-up and, on DRIVER_OK, hands validated queues to a [`device::VirtioDevice`],
+//! which serves them on a worker thread woken by ioeventfds, never on a vCPU thread.
+//! Everything read from the guest (registers, rings, descriptors) is checked before use.
+
+pub mod device;
+pub mod rng;
+pub mod transport;
+
+pub use device::{ActiveQueue, Interrupt, VirtioDevice};
+pub use transport::VirtioPci;
+
+/// VIRTIO_F_VERSION_1: a modern (1.x) device.
+pub const F_VERSION_1: u64 = 1 << 32;
+/// Device status bits.
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest has a driver.
+    pub const DRIVER: u8 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device hit an error and needs a reset.
+    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    /// The driver gave up.
+    pub const FAILED: u8 = 128;
+}
+/// "No MSI-X vector".
+pub const NO_VECTOR: u16 = 0xffff;

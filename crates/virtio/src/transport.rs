@@ -1,0 +1,717 @@
+//! The virtio-pci modern transport (virtio 1.x, section 4.1).
+//!
+//! BAR 0 (32-bit memory, [`BAR_SIZE`]) holds the common configuration at 0x0, the ISR at
+//! 0x1000, the device configuration at 0x2000, the notification area at [`NOTIFY`] (4 bytes per
+//! queue, each an ioeventfd, so notifications never exit to a vCPU thread), the MSI-X table at
+//! 0x4000 and its pending bits at 0x6000. Interrupts go through MSI-X when the driver enables
+//! it, otherwise through the INTx line with the ISR.
+#![allow(clippy::cast_possible_truncation)] // register values are narrowed to their widths
+
+use crate::device::{ActiveQueue, Interrupt, VirtioDevice};
+use crate::{status, F_VERSION_1, NO_VECTOR};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use wv_devices::MmioDevice;
+use wv_pci::bus::PciDevice;
+use wv_pci::{ConfigSpace, MsiRouter, MsixTable};
+
+/// Size of BAR 0.
+pub const BAR_SIZE: u32 = 0x8000;
+const COMMON: u64 = 0x0;
+const COMMON_LEN: u64 = 0x38;
+const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+const DEVICE_CFG_LEN: u64 = 0x1000;
+/// Start of the notification area in BAR 0.
+pub const NOTIFY: u64 = 0x3000;
+/// Bytes between two queues' notification addresses.
+pub const NOTIFY_MULTIPLIER: u64 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x6000;
+
+const VIRTIO_VENDOR: u16 = 0x1af4;
+const CAP_VENDOR: u8 = 0x09;
+
+/// The address in BAR 0 where queue `q` is notified.
+pub fn notify_offset(q: usize) -> u64 {
+    NOTIFY + NOTIFY_MULTIPLIER * q as u64
+}
+
+#[derive(Clone, Copy)]
+struct QueueCfg {
+    max: u16,
+    size: u16,
+    ready: bool,
+    vector: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueCfg {
+    fn new(max: u16) -> QueueCfg {
+        QueueCfg {
+            max,
+            size: max,
+            ready: false,
+            vector: NO_VECTOR,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+}
+
+/// Interrupt state shared by the transport and the device's worker.
+struct Irq {
+    msix: Mutex<MsixTable>,
+    irqfds: Vec<EventFd>,
+    queue_vectors: Vec<AtomicU16>,
+    config_vector: AtomicU16,
+    isr: AtomicU8,
+    intx: EventFd,
+}
+
+impl Irq {
+    fn fire(&self, vector: u16, isr_bit: u8) {
+        let mut t = self.msix.lock().unwrap_or_else(|p| p.into_inner());
+        if t.enabled() {
+            let v = usize::from(vector);
+            if vector != NO_VECTOR && v < self.irqfds.len() && t.trigger(v) {
+                let _ = self.irqfds[v].write(1);
+            }
+        } else {
+            self.isr.fetch_or(isr_bit, Ordering::SeqCst);
+            let _ = self.intx.write(1);
+        }
+    }
+
+    fn fire_vectors(&self, vectors: &[usize]) {
+        for &v in vectors {
+            if let Some(fd) = self.irqfds.get(v) {
+                let _ = fd.write(1);
+            }
+        }
+    }
+}
+
+impl Interrupt for Irq {
+    fn queue(&self, index: usize) {
+        let v = self
+            .queue_vectors
+            .get(index)
+            .map_or(NO_VECTOR, |a| a.load(Ordering::SeqCst));
+        self.fire(v, 1);
+    }
+    fn config(&self) {
+        self.fire(self.config_vector.load(Ordering::SeqCst), 2);
+    }
+}
+
+/// What the VMM wires a device to.
+pub struct Wiring {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// Where BAR 0 is.
+    pub bar_addr: u32,
+    /// One eventfd per queue, registered as ioeventfds at [`notify_offset`].
+    pub queue_evts: Vec<EventFd>,
+    /// One irqfd per MSI-X vector (queues + 1), on GSIs `gsi_base..`.
+    pub irqfds: Vec<EventFd>,
+    /// First GSI of the vectors.
+    pub gsi_base: u32,
+    /// Keeps KVM's MSI routes in step with the table.
+    pub router: Arc<dyn MsiRouter>,
+    /// The INTx irqfd and its line (I/O APIC pin).
+    pub intx: (EventFd, u8),
+}
+
+/// A virtio device on PCI.
+pub struct VirtioPci {
+    config: ConfigSpace,
+    msix_cap: usize,
+    irq: Arc<Irq>,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    queue_evts: Vec<EventFd>,
+    router: Arc<dyn MsiRouter>,
+    gsi_base: u32,
+    device_features: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_generation: u8,
+    queue_select: u16,
+    queues: Vec<QueueCfg>,
+    active: bool,
+    bar_addr: u32,
+    warned_move: bool,
+}
+
+fn vendor_cap(cfg_type: u8, offset: u32, length: u32, extra: Option<u32>) -> Vec<u8> {
+    // Body after id and next: cap_len, cfg_type, bar, id, 2 padding, offset, length [, mult].
+    let cap_len: u8 = if extra.is_some() { 20 } else { 16 };
+    let mut b = vec![cap_len, cfg_type, 0, 0, 0, 0];
+    b.extend_from_slice(&offset.to_le_bytes());
+    b.extend_from_slice(&length.to_le_bytes());
+    if let Some(m) = extra {
+        b.extend_from_slice(&m.to_le_bytes());
+    }
+    b
+}
+
+impl VirtioPci {
+    /// A transport for `device` wired as `w`.
+    pub fn new(device: Box<dyn VirtioDevice>, w: Wiring) -> VirtioPci {
+        let ty = device.device_type();
+        let class = match ty {
+            1 => [0x02, 0x00, 0x00],
+            2 => [0x01, 0x80, 0x00],
+            _ => [0xff, 0x00, 0x00],
+        };
+        let bar_addr = w.bar_addr;
+        let mut config = ConfigSpace::new(VIRTIO_VENDOR, 0x1040 + ty, class, 1);
+        config.set_subsystem(VIRTIO_VENDOR, 0x40);
+        config.set_interrupt(1, w.intx.1);
+        config.set_bar(0, w.bar_addr, BAR_SIZE);
+        let nq = device.queue_max_sizes().len();
+        let ro = |n: usize| vec![0u8; n];
+        let c = vendor_cap(1, COMMON as u32, COMMON_LEN as u32, None);
+        config.add_capability(CAP_VENDOR, &c, &ro(c.len()));
+        let c = vendor_cap(
+            2,
+            NOTIFY as u32,
+            (NOTIFY_MULTIPLIER as u32) * nq as u32,
+            Some(NOTIFY_MULTIPLIER as u32),
+        );
+        config.add_capability(CAP_VENDOR, &c, &ro(c.len()));
+        let c = vendor_cap(3, ISR as u32, 1, None);
+        config.add_capability(CAP_VENDOR, &c, &ro(c.len()));
+        let c = vendor_cap(4, DEVICE_CFG as u32, DEVICE_CFG_LEN as u32, None);
+        config.add_capability(CAP_VENDOR, &c, &ro(c.len()));
+        let table = MsixTable::new(w.irqfds.len() as u16);
+        let (body, mask) = table.capability(0, MSIX_TABLE as u32, MSIX_PBA as u32);
+        let msix_cap = config.add_capability(wv_pci::msix::CAP_ID, &body, &mask);
+        let queues: Vec<QueueCfg> = device
+            .queue_max_sizes()
+            .into_iter()
+            .map(QueueCfg::new)
+            .collect();
+        let irq = Arc::new(Irq {
+            msix: Mutex::new(table),
+            irqfds: w.irqfds,
+            queue_vectors: (0..queues.len())
+                .map(|_| AtomicU16::new(NO_VECTOR))
+                .collect(),
+            config_vector: AtomicU16::new(NO_VECTOR),
+            isr: AtomicU8::new(0),
+            intx: w.intx.0,
+        });
+        VirtioPci {
+            config,
+            msix_cap,
+            irq,
+            device_features: device.features() | F_VERSION_1,
+            device,
+            mem: w.mem,
+            queue_evts: w.queue_evts,
+            router: w.router,
+            gsi_base: w.gsi_base,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            queue_select: 0,
+            queues,
+            active: false,
+            bar_addr,
+            warned_move: false,
+        }
+    }
+
+    /// The device status byte.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    fn selected(&mut self) -> Option<&mut QueueCfg> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn valid_vector(&self, v: u16) -> u16 {
+        if usize::from(v) < self.irq.irqfds.len() {
+            v
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        for evt in &self.queue_evts {
+            let _ = evt.read();
+        }
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.status = 0;
+        self.queue_select = 0;
+        for q in &mut self.queues {
+            *q = QueueCfg::new(q.max);
+        }
+        for v in &self.irq.queue_vectors {
+            v.store(NO_VECTOR, Ordering::SeqCst);
+        }
+        self.irq.config_vector.store(NO_VECTOR, Ordering::SeqCst);
+        self.irq.isr.store(0, Ordering::SeqCst);
+    }
+
+    fn set_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let newly = v & !self.status;
+        let mut v = v;
+        if newly & status::FEATURES_OK != 0 {
+            let offered = self.device_features;
+            if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
+                v &= !status::FEATURES_OK;
+            }
+        }
+        self.status = v;
+        if newly & status::DRIVER_OK != 0 && v & status::FEATURES_OK != 0 && !self.active {
+            if let Err(e) = self.activate() {
+                eprintln!("wv: virtio device {}: {e}", self.device.device_type());
+                self.status |= status::DEVICE_NEEDS_RESET;
+                self.irq.config();
+            }
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        let mut active = Vec::with_capacity(self.queues.len());
+        for (i, c) in self.queues.iter().enumerate() {
+            let mut q = Queue::new(c.max).map_err(|e| format!("queue {i}: {e}"))?;
+            if c.ready {
+                q.try_set_size(c.size)
+                    .map_err(|e| format!("queue {i} size {}: {e}", c.size))?;
+                q.try_set_desc_table_address(GuestAddress(c.desc))
+                    .map_err(|e| format!("queue {i}: {e}"))?;
+                q.try_set_avail_ring_address(GuestAddress(c.avail))
+                    .map_err(|e| format!("queue {i}: {e}"))?;
+                q.try_set_used_ring_address(GuestAddress(c.used))
+                    .map_err(|e| format!("queue {i}: {e}"))?;
+                q.set_ready(true);
+                if !q.is_valid(&self.mem) {
+                    return Err(format!(
+                        "queue {i}: rings outside guest memory or misaligned"
+                    ));
+                }
+            }
+            let evt = self.queue_evts[i].try_clone().map_err(|e| e.to_string())?;
+            active.push(ActiveQueue { queue: q, evt });
+        }
+        let irq: Arc<dyn Interrupt> = self.irq.clone();
+        self.device
+            .activate(self.mem.clone(), self.driver_features, active, irq)?;
+        self.active = true;
+        // Buffers may already be waiting.
+        for evt in &self.queue_evts {
+            let _ = evt.write(1);
+        }
+        Ok(())
+    }
+
+    fn common_read(&mut self, off: u64, data: &mut [u8]) {
+        let q = self.queues.get(usize::from(self.queue_select)).copied();
+        let v: u64 = match (off, data.len()) {
+            (0x00, 4) => u64::from(self.device_feature_select),
+            (0x04, 4) => match self.device_feature_select {
+                0 => self.device_features & 0xffff_ffff,
+                1 => self.device_features >> 32,
+                _ => 0,
+            },
+            (0x08, 4) => u64::from(self.driver_feature_select),
+            (0x0c, 4) => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            (0x10, 2) => u64::from(self.irq.config_vector.load(Ordering::SeqCst)),
+            (0x12, 2) => self.queues.len() as u64,
+            (0x14, 1) => u64::from(self.status),
+            (0x15, 1) => u64::from(self.config_generation),
+            (0x16, 2) => u64::from(self.queue_select),
+            (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
+            (0x1a, 2) => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            (0x1c, 2) => q.map_or(0, |q| u64::from(q.ready)),
+            (0x1e, 2) => u64::from(self.queue_select),
+            (0x20, 4) => q.map_or(0, |q| q.desc & 0xffff_ffff),
+            (0x24, 4) => q.map_or(0, |q| q.desc >> 32),
+            (0x28, 4) => q.map_or(0, |q| q.avail & 0xffff_ffff),
+            (0x2c, 4) => q.map_or(0, |q| q.avail >> 32),
+            (0x30, 4) => q.map_or(0, |q| q.used & 0xffff_ffff),
+            (0x34, 4) => q.map_or(0, |q| q.used >> 32),
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
+    }
+
+    fn common_write(&mut self, off: u64, data: &[u8]) {
+        let mut w = [0u8; 8];
+        w[..data.len()].copy_from_slice(data);
+        let v = u64::from_le_bytes(w);
+        // Queue registers may change only before the driver says it is ready.
+        let can_setup = self.status & status::DRIVER_OK == 0;
+        let can_feature = self.status & status::FEATURES_OK == 0;
+        match (off, data.len()) {
+            (0x00, 4) => self.device_feature_select = v as u32,
+            (0x08, 4) => self.driver_feature_select = v as u32,
+            (0x0c, 4) if can_feature => match self.driver_feature_select {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
+                _ => {}
+            },
+            (0x10, 2) => {
+                let vec = self.valid_vector(v as u16);
+                self.irq.config_vector.store(vec, Ordering::SeqCst);
+            }
+            (0x14, 1) => self.set_status(v as u8),
+            (0x16, 2) => self.queue_select = v as u16,
+            (0x18, 2) if can_setup => {
+                if let Some(q) = self.selected() {
+                    let s = v as u16;
+                    if s.is_power_of_two() && s <= q.max && !q.ready {
+                        q.size = s;
+                    }
+                }
+            }
+            (0x1a, 2) => {
+                let vec = self.valid_vector(v as u16);
+                let sel = usize::from(self.queue_select);
+                if let Some(q) = self.queues.get_mut(sel) {
+                    q.vector = vec;
+                    self.irq.queue_vectors[sel].store(vec, Ordering::SeqCst);
+                }
+            }
+            (0x1c, 2) if can_setup && v == 1 => {
+                if let Some(q) = self.selected() {
+                    q.ready = true;
+                }
+            }
+            (0x20..=0x37, 4) if can_setup => {
+                if let Some(q) = self.selected() {
+                    if q.ready {
+                        return;
+                    }
+                    let field = match off & !7 {
+                        0x20 => &mut q.desc,
+                        0x28 => &mut q.avail,
+                        _ => &mut q.used,
+                    };
+                    *field = if off & 4 == 0 {
+                        (*field & !0xffff_ffff) | v
+                    } else {
+                        (*field & 0xffff_ffff) | (v << 32)
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn update_routes(&self) {
+        let msgs = self
+            .irq
+            .msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .messages();
+        if let Err(e) = self.router.set_routes(self.gsi_base, &msgs) {
+            eprintln!("wv: updating MSI routes failed: {e}");
+        }
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        if let Some(bar) = self
+            .config
+            .write(offset, data)
+            .and_then(|i| self.config.bar(i))
+        {
+            // Sizing writes all ones and then restores the address; anything else is a move,
+            // which the VMM does not follow yet (the device stays where it was placed).
+            let sizing = bar.addr == !(bar.size - 1);
+            if !sizing && bar.addr != self.bar_addr && !self.warned_move {
+                self.warned_move = true;
+                eprintln!(
+                    "wv: the guest moved a virtio BAR to {:#x}; relocation is not supported",
+                    bar.addr
+                );
+            }
+        }
+        let ctrl_at = self.msix_cap + 2;
+        if offset < ctrl_at + 2 && offset + data.len() > ctrl_at {
+            let mut c = [0u8; 2];
+            self.config.read(ctrl_at, &mut c);
+            let fire = self
+                .irq
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_control(u16::from_le_bytes(c));
+            self.update_routes();
+            self.irq.fire_vectors(&fire);
+        }
+    }
+}
+
+impl MmioDevice for VirtioPci {
+    fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        match offset {
+            o if o < COMMON + COMMON_LEN => self.common_read(o - COMMON, data),
+            ISR if data.len() == 1 => data[0] = self.irq.isr.swap(0, Ordering::SeqCst),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_CFG, data)
+            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self
+                .irq
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_table((o - MSIX_TABLE) as usize, data),
+            o if o >= MSIX_PBA => self
+                .irq
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_pba((o - MSIX_PBA) as usize, data),
+            _ => {}
+        }
+    }
+
+    fn mmio_write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON + COMMON_LEN => self.common_write(o - COMMON, data),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_CFG, data)
+            }
+            o if (NOTIFY..MSIX_TABLE).contains(&o) => {
+                // Normally taken by the ioeventfd; here only if that registration is missing.
+                let q = ((o - NOTIFY) / NOTIFY_MULTIPLIER) as usize;
+                if let Some(evt) = self.queue_evts.get(q) {
+                    let _ = evt.write(1);
+                }
+            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
+                let (_, fire) = self
+                    .irq
+                    .msix
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write_table((o - MSIX_TABLE) as usize, data);
+                self.update_routes();
+                self.irq.fire_vectors(&fire);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use vm_memory::Bytes;
+    use wv_pci::MsixMessage;
+
+    struct NoRoutes;
+    impl MsiRouter for NoRoutes {
+        fn set_routes(&self, _: u32, _: &[MsixMessage]) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn rng_pci() -> (VirtioPci, GuestMemoryMmap) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let w = Wiring {
+            mem: mem.clone(),
+            bar_addr: 0xc000_0000,
+            queue_evts: vec![evt()],
+            irqfds: vec![evt(), evt()],
+            gsi_base: 24,
+            router: Arc::new(NoRoutes),
+            intx: (evt(), 10),
+        };
+        (VirtioPci::new(Box::new(Rng::default()), w), mem)
+    }
+
+    fn w32(d: &mut VirtioPci, off: u64, v: u32) {
+        d.mmio_write(off, &v.to_le_bytes());
+    }
+    fn w16(d: &mut VirtioPci, off: u64, v: u16) {
+        d.mmio_write(off, &v.to_le_bytes());
+    }
+    fn r32(d: &mut VirtioPci, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.mmio_read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn status(d: &mut VirtioPci) -> u8 {
+        let mut b = [0u8; 1];
+        d.mmio_read(0x14, &mut b);
+        b[0]
+    }
+
+    fn negotiate(d: &mut VirtioPci, features_hi: u32) {
+        d.mmio_write(0x14, &[status::ACKNOWLEDGE | status::DRIVER]);
+        w32(d, 0x08, 1);
+        w32(d, 0x0c, features_hi);
+        d.mmio_write(
+            0x14,
+            &[status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK],
+        );
+    }
+
+    #[test]
+    fn identity_and_capabilities() {
+        let (mut d, _) = rng_pci();
+        let mut id = [0u8; 4];
+        d.config_read(0, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1044_1af4);
+        w32(&mut d, 0x00, 1);
+        assert_eq!(r32(&mut d, 0x04), 1, "VERSION_1 offered");
+        let mut n = [0u8; 2];
+        d.mmio_read(0x12, &mut n);
+        assert_eq!(u16::from_le_bytes(n), 1);
+    }
+
+    #[test]
+    fn features_ok_requires_version_1_and_offered_bits() {
+        let (mut d, _) = rng_pci();
+        negotiate(&mut d, 0);
+        assert_eq!(
+            status(&mut d) & status::FEATURES_OK,
+            0,
+            "legacy driver refused"
+        );
+        d.mmio_write(0x14, &[0]);
+        negotiate(&mut d, 1 | 2);
+        assert_eq!(
+            status(&mut d) & status::FEATURES_OK,
+            0,
+            "unoffered bit refused"
+        );
+        d.mmio_write(0x14, &[0]);
+        negotiate(&mut d, 1);
+        assert_ne!(status(&mut d) & status::FEATURES_OK, 0);
+    }
+
+    fn setup_queue(d: &mut VirtioPci, size: u16, desc: u64, avail: u64, used: u64) {
+        w16(d, 0x16, 0);
+        w16(d, 0x18, size);
+        for (off, a) in [(0x20, desc), (0x28, avail), (0x30, used)] {
+            w32(d, off, a as u32);
+            w32(d, off + 4, (a >> 32) as u32);
+        }
+        w16(d, 0x1c, 1);
+    }
+
+    #[test]
+    fn serves_an_entropy_request_and_resets() {
+        let (mut d, mem) = rng_pci();
+        negotiate(&mut d, 1);
+        setup_queue(&mut d, 16, 0x1000, 0x2000, 0x3000);
+        // One write-only descriptor of 64 bytes at 0x8000 in the avail ring.
+        mem.write_obj(0x8000u64, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(64u32, GuestAddress(0x1008)).unwrap();
+        mem.write_obj(2u16, GuestAddress(0x100c)).unwrap(); // VRING_DESC_F_WRITE
+        mem.write_obj(0u16, GuestAddress(0x2004)).unwrap(); // ring[0] = head 0
+        mem.write_obj(1u16, GuestAddress(0x2002)).unwrap(); // avail idx
+        d.mmio_write(0x14, &[0x0f]);
+        assert_eq!(status(&mut d), 0x0f);
+        let mut used_idx = 0u16;
+        for _ in 0..500 {
+            used_idx = mem.read_obj(GuestAddress(0x3002)).unwrap();
+            if used_idx == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(used_idx, 1, "the request was served");
+        let len: u32 = mem.read_obj(GuestAddress(0x3008)).unwrap();
+        assert_eq!(len, 64);
+        let mut buf = [0u8; 64];
+        mem.read_slice(&mut buf, GuestAddress(0x8000)).unwrap();
+        assert_ne!(buf, [0u8; 64]);
+        // INTx path (MSI-X disabled): ISR bit 0 is set and cleared by reading it.
+        let mut isr = [0u8; 1];
+        d.mmio_read(ISR, &mut isr);
+        assert_eq!(isr[0] & 1, 1);
+        d.mmio_read(ISR, &mut isr);
+        assert_eq!(isr[0], 0);
+        // Reset frees the queues and returns everything to its initial state.
+        d.mmio_write(0x14, &[0]);
+        assert_eq!(status(&mut d), 0);
+        assert!(!d.active);
+        let mut ready = [0u8; 2];
+        d.mmio_read(0x1c, &mut ready);
+        assert_eq!(u16::from_le_bytes(ready), 0);
+    }
+
+    #[test]
+    fn rings_outside_memory_need_reset() {
+        let (mut d, _) = rng_pci();
+        negotiate(&mut d, 1);
+        setup_queue(&mut d, 16, 1 << 40, 0x2000, 0x3000);
+        d.mmio_write(0x14, &[0x0f]);
+        assert_ne!(status(&mut d) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(!d.active);
+    }
+
+    #[test]
+    fn hostile_register_writes_are_contained() {
+        let (mut d, _) = rng_pci();
+        w16(&mut d, 0x16, 7); // select a queue that does not exist
+        w16(&mut d, 0x18, 8);
+        w16(&mut d, 0x1c, 1);
+        w32(&mut d, 0x20, 0x1234);
+        let mut b = [0u8; 2];
+        d.mmio_read(0x18, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0);
+        w16(&mut d, 0x16, 0);
+        w16(&mut d, 0x18, 300); // above the maximum
+        w16(&mut d, 0x18, 3); // not a power of two
+        d.mmio_read(0x18, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 256);
+        w16(&mut d, 0x10, 99); // vector beyond the table
+        d.mmio_read(0x10, &mut b);
+        assert_eq!(u16::from_le_bytes(b), NO_VECTOR);
+        // Odd sizes and offsets are ignored; reads of nothing are zero.
+        d.mmio_write(0x15, &[1, 2, 3]);
+        d.mmio_write(0x7fff, &[1]);
+        let mut big = [0xaau8; 8];
+        d.mmio_read(0x00, &mut big);
+        assert_eq!(big, [0; 8]);
+        d.config_write(0x10, &[0xff; 4]); // BAR sizing still works
+        let mut bar = [0u8; 4];
+        d.config_read(0x10, &mut bar);
+        assert_eq!(u32::from_le_bytes(bar), !(BAR_SIZE - 1));
+    }
+}
