@@ -168,5 +168,7 @@ fn bzimage(elf: &[u8]) -> Vec<u8> {
     out[0x269] = 0xeb; // jmp hlt
     out[0x26a] = 0xfd;
     out.extend_from_slice(image);
+    // syssize counts 16-byte paragraphs: pad the image to a whole number of them.
+    out.resize(out.len().next_multiple_of(16), 0);
     out
 }

@@ -1,6 +1,6 @@
 //! The Worldvisor probe guest: a tiny "flexible OS" (seed 003) that boots through the Linux
 //! 32/64-bit or PVH protocol, detects whether it runs on Worldvisor, runs the self-tests its
-//! command line names (`probe.tests=boot,smp,timer,hypercall,batch,user,pci`), prints one
+//! command line names (`probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng`), prints one
 //! `PASS`/`FAIL`/`SKIP` line per test and powers off with exit code 0 when every test passed.
 //!
 //! Kernel-mode code is kept short because on our CI machines it is emulated instruction by
@@ -17,6 +17,7 @@ mod pv;
 mod smp;
 mod sync;
 mod tests;
+mod virtio;
 
 use bootinfo::BootInfo;
 use console::{outb, outw, println, Line};
@@ -63,7 +64,7 @@ extern "C" fn probe_main(protocol: u32, info: u64) -> ! {
         })
         .end();
     let tests = bootinfo::param(cmdline, "probe.tests")
-        .unwrap_or(b"boot,smp,timer,hypercall,batch,user,pci");
+        .unwrap_or(b"boot,smp,timer,hypercall,batch,user,pci,rng");
     let (mut passed, mut failed, mut skipped) = (0u64, 0u64, 0u64);
     for name in tests.split(|&b| b == b',') {
         if name.is_empty() {

@@ -262,7 +262,8 @@ fn load_from<F: Read + Seek + ReadVolatile>(
         };
         let body = file_len.saturating_sub((setup_sects + 1) * 512);
         let syssize = u64::from(u32::from_le_bytes(head[0x1f4..0x1f8].try_into().unwrap())) * 16;
-        if version >= 0x0204 && body < syssize {
+        // syssize is in 16-byte paragraphs, so the last one may be partly missing.
+        if version >= 0x0204 && body + 15 < syssize {
             return Err(BootError::KernelFormat(
                 name,
                 format!("truncated bzImage: the header promises {syssize} bytes of kernel, the file has {body}"),

@@ -43,6 +43,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Serial console.
     pub serial: SerialMode,
+    /// A virtio-rng device (entropy for the guest).
+    pub rng: bool,
 }
 
 /// A value the user gave that cannot work.
@@ -97,7 +99,7 @@ pub fn host_ram() -> u64 {
 }
 
 impl VmConfig {
-    /// A VM with the defaults: 1 vCPU, [`DEFAULT_MEMORY`], serial on stdio.
+    /// A VM with the defaults: 1 vCPU, [`DEFAULT_MEMORY`], serial on stdio, virtio-rng.
     pub fn new(kernel: KernelSource, cmdline: String) -> VmConfig {
         VmConfig {
             kernel,
@@ -106,6 +108,7 @@ impl VmConfig {
             memory: DEFAULT_MEMORY,
             vcpus: 1,
             serial: SerialMode::Stdio,
+            rng: true,
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod error;
+mod pci;
 pub mod stats;
 mod vcpu;
 
@@ -37,6 +38,7 @@ use wv_pv::MachineInfo;
 pub(crate) struct VmShared {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) bus: PioBus,
+    pub(crate) mmio: wv_devices::MmioBus,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) info: MachineInfo,
     pub(crate) table: stats::CauseTable,
@@ -326,8 +328,8 @@ fn build(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
     trace: &Trace,
-) -> Result<(kvm_ioctls::VmFd, VmShared), VmmError> {
-    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+) -> Result<(Arc<kvm_ioctls::VmFd>, VmShared), VmmError> {
+    let vm = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
     trace.mark("vm created");
     let mem = wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?;
     register_memory(&vm, &mem)?;
@@ -389,18 +391,30 @@ fn build(
         Arc::new(Mutex::new(I8042::default())),
     )
     .map_err(internal("port bus"))?;
-    let pci = Arc::new(Mutex::new(wv_pci::PciBus::new()));
+    let mut pci = pci::PciBuilder::new(vm.clone());
+    if cfg.rng {
+        pci.add_virtio(
+            &vm,
+            &mem,
+            "virtio-rng",
+            Box::new(wv_virtio::rng::Rng::default()),
+        )?;
+    }
+    let pci::PciBuilder {
+        bus: pci_bus, mmio, ..
+    } = pci;
     bus.insert(
         wv_pci::CONFIG_ADDRESS_PORT,
         wv_pci::CONFIG_PORTS_LEN,
         "pci-config",
-        pci,
+        Arc::new(Mutex::new(pci_bus)),
     )
     .map_err(internal("port bus"))?;
-    let table = stats::CauseTable::new(&bus.names());
+    let table = stats::CauseTable::new(&bus.names(), &mmio.names());
     let shared = VmShared {
         mem,
         bus,
+        mmio,
         serial,
         info: MachineInfo {
             mem_size: cfg.memory,
@@ -422,7 +436,7 @@ fn build(
 /// [`Resources::exit`] ends the process and leaves the slow part of the teardown to a helper.
 pub struct Resources {
     _vcpus: Vec<kvm_ioctls::VcpuFd>,
-    _vm: kvm_ioctls::VmFd,
+    _vm: Arc<kvm_ioctls::VmFd>,
     _shared: Arc<VmShared>,
     _kvm: kvm_ioctls::Kvm,
 }

@@ -51,15 +51,18 @@ const FIXED: [&str; 12] = [
 pub struct CauseTable {
     names: Vec<String>,
     io_base: usize,
+    mmio_base: usize,
     call_base: usize,
 }
 
 impl CauseTable {
-    /// Causes for the port I/O devices named `devices` (bus order).
-    pub fn new(devices: &[&str]) -> CauseTable {
+    /// Causes for the port I/O devices `pio` and MMIO devices `mmio` (bus order).
+    pub fn new(pio: &[&str], mmio: &[&str]) -> CauseTable {
         let mut names: Vec<String> = FIXED.iter().map(|s| s.to_string()).collect();
         let io_base = names.len();
-        names.extend(devices.iter().map(|d| format!("io:{d}")));
+        names.extend(pio.iter().map(|d| format!("io:{d}")));
+        let mmio_base = names.len();
+        names.extend(mmio.iter().map(|d| format!("mmio:{d}")));
         let call_base = names.len();
         names.extend(
             (0..CALL_COUNT)
@@ -68,6 +71,7 @@ impl CauseTable {
         CauseTable {
             names,
             io_base,
+            mmio_base,
             call_base,
         }
     }
@@ -75,6 +79,11 @@ impl CauseTable {
     #[inline]
     pub fn io(&self, index: usize) -> usize {
         self.io_base + index
+    }
+    /// The cause for MMIO device `index`.
+    #[inline]
+    pub fn mmio(&self, index: usize) -> usize {
+        self.mmio_base + index
     }
     /// The cause for call `c`.
     #[inline]
@@ -360,7 +369,7 @@ mod tests {
     use super::*;
 
     fn stats() -> VmStats {
-        let table = CauseTable::new(&["serial", "i8042"]);
+        let table = CauseTable::new(&["serial", "i8042"], &["virtio-rng"]);
         let mut v0 = VcpuStats::new(0, table.len());
         v0.exits = 3;
         v0.record(table.io(0), 100);
@@ -381,11 +390,12 @@ mod tests {
 
     #[test]
     fn causes_are_named_and_indexed() {
-        let t = CauseTable::new(&["serial"]);
+        let t = CauseTable::new(&["serial"], &["virtio-rng"]);
         assert_eq!(t.name(t.io(0)), "io:serial");
         assert_eq!(t.name(t.call(Call::Poweroff)), "hypercall:poweroff");
         assert_eq!(t.name(HYPERCALL_INVALID), "hypercall:invalid");
-        assert_eq!(t.len(), FIXED.len() + 1 + CALL_COUNT as usize);
+        assert_eq!(t.name(t.mmio(0)), "mmio:virtio-rng");
+        assert_eq!(t.len(), FIXED.len() + 2 + CALL_COUNT as usize);
     }
 
     #[test]

@@ -148,13 +148,23 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                 }
                 Step::Continue
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                cause = stats::MMIO_UNASSIGNED;
-                unassigned_read(data);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if let Some((dev, off)) = shared.mmio.lookup(addr, data.len()) {
+                    cause = table.mmio(dev);
+                    shared.mmio.read(dev, off, data);
+                } else {
+                    cause = stats::MMIO_UNASSIGNED;
+                    unassigned_read(data);
+                }
                 Step::Continue
             }
-            Ok(VcpuExit::MmioWrite(..)) => {
-                cause = stats::MMIO_UNASSIGNED;
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some((dev, off)) = shared.mmio.lookup(addr, data.len()) {
+                    cause = table.mmio(dev);
+                    shared.mmio.write(dev, off, data);
+                } else {
+                    cause = stats::MMIO_UNASSIGNED;
+                }
                 Step::Continue
             }
             Ok(VcpuExit::Hlt) => {

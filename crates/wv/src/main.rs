@@ -31,10 +31,11 @@ Options:
   --kernel PATH        Linux bzImage (64-bit boot protocol) or ELF with a PVH note
   --initrd PATH        initial ramdisk
   --cmdline STR        kernel command line (default for --kernel: \"console=ttyS0 reboot=k panic=1\";
-                       for the probe guest: \"console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci\")
+                       for the probe guest: \"console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng\")
   --memory SIZE        guest RAM, e.g. 256M, 2G (default 256M)
   --vcpus N            vCPUs, 1 to 32 (default 1)
   --serial MODE        stdio (default), none, or a file path to append console output to
+  --rng on|off         a virtio-rng device for guest entropy (default on)
   --stats[=table|json] print exit accounting to stderr when the VM ends
 
 Exit status: the guest's exit code (0-199) when it powers off; 200 bad arguments, 201 KVM
@@ -44,7 +45,8 @@ run the guest, 206 VMM failure, 128+N stopped by signal N.
 Environment: WV_KVM_DEVICE overrides the KVM device path (default /dev/kvm).";
 
 /// The probe guest's default command line.
-pub const PROBE_CMDLINE: &str = "console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci";
+pub const PROBE_CMDLINE: &str =
+    "console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng";
 /// The default command line for a user kernel.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -88,6 +90,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     let mut vcpus = 1u32;
     let mut serial = SerialMode::Stdio;
     let mut stats = StatsMode::Off;
+    let mut rng = true;
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -118,6 +121,13 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
                     "" => return Err(Usage("--serial needs stdio, none or a file path".into())),
                     p => SerialMode::File(PathBuf::from(p)),
                 };
+            }
+            "--rng" => {
+                rng = match take_value(args, &mut i, name, inline)?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    o => return Err(Usage(format!("--rng takes on or off, not '{o}'"))),
+                }
             }
             "--stats" => {
                 stats = match inline {
@@ -151,6 +161,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     cfg.memory = memory;
     cfg.vcpus = vcpus;
     cfg.serial = serial;
+    cfg.rng = rng;
     Ok(Some((cfg, stats)))
 }
 

@@ -156,6 +156,7 @@ fn absurd_memory_and_vcpus() {
         (vec!["run", "--vcpus"], "needs a value"),
         (vec!["run", "--bogus"], "unknown option '--bogus'"),
         (vec!["run", "--stats=xml"], "table or json"),
+        (vec!["run", "--rng", "maybe"], "--rng takes on or off"),
         (vec!["frobnicate"], "unknown command 'frobnicate'"),
     ] {
         let r = wv(&args);

@@ -20,7 +20,7 @@ fn probe_guest_passes_on_qemu() {
     let data = pattern(5000, 11);
     let initrd = dir.file("initrd", &data);
     let cmdline = format!(
-        "probe.tests=boot,smp,timer,hypercall,batch,user,pci probe.initrd={}:{:#x}",
+        "probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng probe.initrd={}:{:#x}",
         data.len(),
         wv_abi::initrd_checksum(&data)
     );
@@ -40,6 +40,7 @@ fn probe_guest_passes_on_qemu() {
     ])
     .args(["-serial", "stdio", "-monitor", "none", "-nodefaults"])
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+    .args(["-device", "virtio-rng-pci,disable-legacy=on"])
     .arg("-kernel")
     .arg(&img)
     .arg("-initrd")
@@ -49,7 +50,7 @@ fn probe_guest_passes_on_qemu() {
     // isa-debug-exit: status = (code << 1) | 1, so the guest's 0 arrives as 1.
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stdout.contains("hypervisor=other-or-none"), "{r}");
-    for t in ["boot", "smp", "timer", "hypercall", "user", "pci"] {
+    for t in ["boot", "smp", "timer", "hypercall", "user", "pci", "rng"] {
         r.assert_pass(t);
     }
     assert!(r.assert_pass("boot").contains("initrd=5000B"), "{r}");
@@ -64,7 +65,7 @@ fn probe_guest_passes_on_qemu() {
     );
     assert!(
         r.stdout
-            .contains("probe: summary passed=6 failed=0 skipped=1"),
+            .contains("probe: summary passed=7 failed=0 skipped=1"),
         "{r}"
     );
 }

@@ -1,0 +1,233 @@
+//! A minimal virtio-pci modern driver: find a device on bus 0, walk its vendor capabilities,
+//! negotiate VERSION_1, set up split queues in the image's own memory, and submit requests
+//! that it completes by polling the used ring (no interrupts needed, few instructions).
+
+use crate::cpu;
+use crate::pci::{read32, write32};
+use core::sync::atomic::{fence, Ordering};
+
+/// Descriptor flag: continues in `next`.
+pub const DESC_NEXT: u16 = 1;
+/// Descriptor flag: the device writes this buffer.
+pub const DESC_WRITE: u16 = 2;
+/// Entries per queue this driver uses.
+pub const QSIZE: u16 = 8;
+
+#[repr(C, align(4096))]
+struct Ring {
+    desc: [[u64; 2]; QSIZE as usize],
+    _pad0: [u8; 4096 - 16 * QSIZE as usize],
+    avail: [u16; 3 + QSIZE as usize],
+    _pad1: [u8; 4096 - 2 * (3 + QSIZE as usize)],
+    used: [u32; 2 * QSIZE as usize + 2],
+}
+
+const MAX_QUEUES: usize = 2;
+#[link_section = ".stack"]
+static mut RINGS: [Ring; MAX_QUEUES] = unsafe { core::mem::zeroed() };
+
+/// A device the driver has set up.
+pub struct Device {
+    /// PCI slot.
+    pub slot: u8,
+    common: u64,
+    notify: u64,
+    notify_mult: u32,
+    isr: u64,
+    notify_off: [u16; MAX_QUEUES],
+    avail_idx: [u16; MAX_QUEUES],
+    used_seen: [u16; MAX_QUEUES],
+}
+
+fn rd<T: Copy>(a: u64) -> T {
+    // SAFETY: `a` is inside a BAR the device decodes (identity-mapped, uncached).
+    unsafe { (a as *const T).read_volatile() }
+}
+fn wr<T: Copy>(a: u64, v: T) {
+    // SAFETY: as for rd.
+    unsafe { (a as *mut T).write_volatile(v) }
+}
+
+fn bar_address(slot: u8, bar: u8) -> u64 {
+    let reg = 0x10 + 4 * bar;
+    let lo = read32(slot, reg);
+    let mut a = u64::from(lo & !0xf);
+    if lo & 0x6 == 0x4 {
+        a |= u64::from(read32(slot, reg + 4)) << 32;
+    }
+    a
+}
+
+/// Finds virtio device `device_id` (0x1040 + type) and maps its capabilities. Returns None if
+/// absent or if its capabilities are incomplete.
+pub fn find(device_id: u16) -> Option<Device> {
+    let slot = (0..32u8).find(|&s| read32(s, 0) == 0x1af4 | (u32::from(device_id) << 16))?;
+    write32(slot, 4, read32(slot, 4) | 0x6); // memory space, bus master
+    let mut d = Device {
+        slot,
+        common: 0,
+        notify: 0,
+        notify_mult: 0,
+        isr: 0,
+        notify_off: [0; MAX_QUEUES],
+        avail_idx: [0; MAX_QUEUES],
+        used_seen: [0; MAX_QUEUES],
+    };
+    let mut p = (read32(slot, 0x34) & 0xfc) as u8;
+    let mut guard = 0;
+    while p != 0 && guard < 48 {
+        guard += 1;
+        let head = read32(slot, p);
+        if head & 0xff == 0x09 {
+            let cfg_type = (head >> 24) as u8;
+            let w1 = read32(slot, p + 4);
+            let base = bar_address(slot, (w1 & 0xff) as u8) + u64::from(read32(slot, p + 8));
+            match cfg_type {
+                1 => d.common = base,
+                2 => {
+                    d.notify = base;
+                    d.notify_mult = read32(slot, p + 16);
+                }
+                3 => d.isr = base,
+                _ => {}
+            }
+        }
+        p = ((head >> 8) & 0xfc) as u8;
+    }
+    if d.common == 0 || d.notify == 0 || d.isr == 0 {
+        return None;
+    }
+    Some(d)
+}
+
+impl Device {
+    /// Device status.
+    pub fn status(&self) -> u8 {
+        rd(self.common + 0x14)
+    }
+
+    /// Resets the device; true if it reads back 0.
+    pub fn reset(&self) -> bool {
+        wr::<u8>(self.common + 0x14, 0);
+        self.status() == 0
+    }
+
+    /// Reset, ACKNOWLEDGE|DRIVER, accept `features` (VERSION_1 added), FEATURES_OK. Returns the
+    /// device's feature bits, or None if it refused.
+    pub fn negotiate(&self, features: u64) -> Option<u64> {
+        if !self.reset() {
+            return None;
+        }
+        wr::<u8>(self.common + 0x14, 1 | 2);
+        let mut offered = 0u64;
+        for sel in 0..2u32 {
+            wr::<u32>(self.common, sel);
+            offered |= u64::from(rd::<u32>(self.common + 4)) << (32 * sel);
+        }
+        let want = (features | (1 << 32)) & offered;
+        if want & (1 << 32) == 0 {
+            return None;
+        }
+        for sel in 0..2u32 {
+            wr::<u32>(self.common + 8, sel);
+            wr::<u32>(self.common + 0xc, (want >> (32 * sel)) as u32);
+        }
+        wr::<u8>(self.common + 0x14, 1 | 2 | 8);
+        if self.status() & 8 == 0 {
+            return None;
+        }
+        Some(offered)
+    }
+
+    /// Sets up queue `q` (< 2) with [`QSIZE`] entries; true on success.
+    pub fn setup_queue(&mut self, q: u16) -> bool {
+        let qi = usize::from(q);
+        if qi >= MAX_QUEUES {
+            return false;
+        }
+        wr::<u16>(self.common + 0x16, q);
+        let max: u16 = rd(self.common + 0x18);
+        if max < QSIZE {
+            return false;
+        }
+        wr::<u16>(self.common + 0x18, QSIZE);
+        wr::<u16>(self.common + 0x1a, 0xffff); // no interrupt: this driver polls
+                                               // SAFETY: the rings are this driver's; the device is not using queue q yet.
+        let r = unsafe { &mut *(&raw mut RINGS).cast::<Ring>().add(qi) };
+        r.avail = [0; 3 + QSIZE as usize];
+        r.used = [0; 2 * QSIZE as usize + 2];
+        let (desc, avail, used) = (
+            r.desc.as_ptr() as u64,
+            r.avail.as_ptr() as u64,
+            r.used.as_ptr() as u64,
+        );
+        for (off, a) in [(0x20u64, desc), (0x28, avail), (0x30, used)] {
+            wr::<u32>(self.common + off, a as u32);
+            wr::<u32>(self.common + off + 4, (a >> 32) as u32);
+        }
+        self.notify_off[qi] = rd(self.common + 0x1e);
+        self.avail_idx[qi] = 0;
+        self.used_seen[qi] = 0;
+        wr::<u16>(self.common + 0x1c, 1);
+        true
+    }
+
+    /// DRIVER_OK; true if the device accepted it (no DEVICE_NEEDS_RESET).
+    pub fn driver_ok(&self) -> bool {
+        wr::<u8>(self.common + 0x14, 1 | 2 | 4 | 8);
+        self.status() & 0x40 == 0
+    }
+
+    /// Submits a chain of (address, length, flags) buffers on queue `q` and polls until the
+    /// device has used it; returns the used length, or None after ~2 s (TSC-bounded) or if
+    /// the chain is too long.
+    pub fn submit(&mut self, q: u16, bufs: &[(u64, u32, u16)]) -> Option<u32> {
+        let qi = usize::from(q);
+        if bufs.is_empty() || bufs.len() > usize::from(QSIZE) || qi >= MAX_QUEUES {
+            return None;
+        }
+        // SAFETY: the rings are this driver's; descriptors are written before they are made
+        // available, and the fence orders that against the index update.
+        let r = unsafe { &mut *(&raw mut RINGS).cast::<Ring>().add(qi) };
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let next = if i + 1 < bufs.len() { DESC_NEXT } else { 0 };
+            let fl = flags | next;
+            r.desc[i] = [
+                addr,
+                u64::from(len) | (u64::from(fl) << 32) | (u64::from(i as u16 + 1) << 48),
+            ];
+        }
+        let slot = usize::from(self.avail_idx[qi] % QSIZE);
+        r.avail[2 + slot] = 0;
+        self.avail_idx[qi] = self.avail_idx[qi].wrapping_add(1);
+        fence(Ordering::SeqCst);
+        // SAFETY: volatile store of the avail index the device reads.
+        unsafe { (&raw mut r.avail[1]).write_volatile(self.avail_idx[qi]) };
+        fence(Ordering::SeqCst);
+        wr::<u16>(
+            self.notify + u64::from(self.notify_off[qi]) * u64::from(self.notify_mult),
+            q,
+        );
+        let start = cpu::rdtsc();
+        loop {
+            // SAFETY: volatile read of the used index the device writes.
+            let used_idx = unsafe { ((&raw const r.used) as *const u16).add(1).read_volatile() };
+            if used_idx != self.used_seen[qi] {
+                self.used_seen[qi] = used_idx;
+                let e = usize::from((used_idx.wrapping_sub(1)) % QSIZE);
+                // SAFETY: reading the element the device just completed.
+                let len = unsafe { (&raw const r.used[1 + 2 * e + 1]).read_volatile() };
+                return Some(len);
+            }
+            if cpu::rdtsc().wrapping_sub(start) > 5_000_000_000 {
+                return None;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Reads (and so clears) the ISR.
+    pub fn isr(&self) -> u8 {
+        rd(self.isr)
+    }
+}
