@@ -6,6 +6,7 @@
 //! which serves them on a worker thread woken by ioeventfds, never on a vCPU thread.
 //! Everything read from the guest (registers, rings, descriptors) is checked before use.
 
+pub mod block;
 pub mod device;
 pub mod rng;
 pub mod transport;

@@ -1,0 +1,725 @@
+//! virtio-blk (device type 2): requests parsed and validated from descriptor chains, served
+//! from a [`Disk`] on the device's worker thread.
+//!
+//! A request is: a device-readable 16-byte header (type, reserved, sector), data, and a
+//! device-writable status byte at the very end. Every rule is checked before the disk is
+//! touched: all buffers inside guest RAM, readable buffers before writable ones, header and
+//! status present, data a multiple of 512 bytes and inside the disk, segment counts within the
+//! limits we advertise. A chain too broken to carry a status (or that points outside RAM) is
+//! completed with length 0 and counted; any other bad request gets an error status.
+#![allow(clippy::cast_possible_truncation)] // lengths are bounded by the chain (u32) first
+
+use crate::device::{ActiveQueue, Interrupt, VirtioDevice, Worker};
+use crate::F_VERSION_1;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+/// Sector size.
+pub const SECTOR: u64 = 512;
+/// Request types.
+pub mod req {
+    /// Read.
+    pub const IN: u32 = 0;
+    /// Write.
+    pub const OUT: u32 = 1;
+    /// Flush.
+    pub const FLUSH: u32 = 4;
+    /// Device ID (20 bytes).
+    pub const GET_ID: u32 = 8;
+    /// Discard.
+    pub const DISCARD: u32 = 11;
+    /// Write zeroes.
+    pub const WRITE_ZEROES: u32 = 13;
+}
+/// Status: success.
+pub const S_OK: u8 = 0;
+/// Status: I/O error (including refused writes to a read-only disk and out-of-range sectors).
+pub const S_IOERR: u8 = 1;
+/// Status: unsupported request type.
+pub const S_UNSUPP: u8 = 2;
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+/// Longest run of data buffers per request we advertise (SEG_MAX).
+const SEG_MAX: u32 = 126;
+/// Discard / write-zeroes segments per request we advertise.
+const MAX_DISCARD_SEG: u32 = 1;
+const MAX_DISCARD_SECTORS: u32 = u32::MAX / 512;
+const QUEUE_SIZE: u16 = 256;
+/// Bytes moved per read/write system call.
+const CHUNK: usize = 1 << 20;
+
+/// What a block device is backed by.
+pub trait Disk: Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes are refused.
+    fn readonly(&self) -> bool;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// Writes `buf` at `offset`.
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Makes written data durable.
+    fn flush(&mut self) -> std::io::Result<()>;
+    /// Deallocates a range (reads return zeroes afterwards).
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Zeroes a range.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()>;
+}
+
+/// A raw image file or block device, locked against a second writer.
+pub struct RawDisk {
+    file: File,
+    size: u64,
+    readonly: bool,
+}
+
+/// Why a disk could not be opened.
+#[derive(Debug)]
+pub enum DiskError {
+    /// Opening failed.
+    Open(PathBuf, std::io::Error),
+    /// Another user holds the lock.
+    Locked(PathBuf, bool),
+}
+
+impl std::fmt::Display for DiskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskError::Open(p, e) => write!(f, "cannot open disk {}: {e}", p.display()),
+            DiskError::Locked(p, true) => {
+                write!(f, "disk {} is open for writing by another user (VM or process); it can only be shared read-only", p.display())
+            }
+            DiskError::Locked(p, false) => {
+                write!(
+                    f,
+                    "disk {} is in use by another user, so it cannot be opened for writing",
+                    p.display()
+                )
+            }
+        }
+    }
+}
+
+impl RawDisk {
+    /// Opens `path` read-write (exclusive lock) or read-only (shared lock).
+    pub fn open(path: &Path, readonly: bool) -> Result<RawDisk, DiskError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(|e| DiskError::Open(path.to_path_buf(), e))?;
+        let op = if readonly {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor we own; the lock lives as long as the file.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+                DiskError::Locked(path.to_path_buf(), readonly)
+            } else {
+                DiskError::Open(path.to_path_buf(), e)
+            });
+        }
+        let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
+            .map_err(|e| DiskError::Open(path.to_path_buf(), e))?;
+        Ok(RawDisk {
+            file,
+            size,
+            readonly,
+        })
+    }
+}
+
+impl Disk for RawDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn readonly(&self) -> bool {
+        self.readonly
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+        .or_else(|_| self.write_zeroes_slow(offset, len))
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+        .or_else(|_| self.write_zeroes_slow(offset, len))
+    }
+}
+
+impl RawDisk {
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        let (o, l) = (i64::try_from(offset), i64::try_from(len));
+        let (Ok(o), Ok(l)) = (o, l) else {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        };
+        // SAFETY: fallocate on our descriptor with checked arguments.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, o, l) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    fn write_zeroes_slow(&mut self, mut offset: u64, mut len: u64) -> std::io::Result<()> {
+        let zeroes = vec![0u8; CHUNK];
+        while len > 0 {
+            let n = len.min(CHUNK as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset)?;
+            offset += n as u64;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Counters a device keeps about what it refused.
+#[derive(Default, Debug)]
+pub struct BlockCounters {
+    /// Chains completed without a status (broken beyond answering).
+    pub dropped: AtomicU64,
+    /// Requests answered with an error status.
+    pub errors: AtomicU64,
+    /// Requests served.
+    pub served: AtomicU64,
+}
+
+/// Serves one descriptor chain; returns the number of bytes written into guest buffers
+/// (for the used ring).
+pub fn process<M>(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+    disk: &mut dyn Disk,
+    id: &[u8; 20],
+    counters: &BlockCounters,
+) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+{
+    // Readable buffers must all come before writable ones.
+    let mut seen_writable = false;
+    for d in chain.clone() {
+        if d.is_write_only() {
+            seen_writable = true;
+        } else if seen_writable {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+    }
+    let (Ok(mut reader), Ok(mut writer)) =
+        (Reader::new(mem, chain.clone()), Writer::new(mem, chain))
+    else {
+        counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    };
+    let writable = writer.available_bytes();
+    if writable == 0 {
+        counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    }
+    let Ok(mut status_w) = writer.split_at(writable - 1) else {
+        counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    };
+    let (status, data_written) = serve(&mut reader, &mut writer, disk, id);
+    if status == S_OK {
+        counters.served.fetch_add(1, Ordering::Relaxed);
+    } else {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if status_w.write_all(&[status]).is_err() {
+        counters.dropped.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    }
+    (data_written + 1) as u32
+}
+
+fn in_range(disk: &dyn Disk, sector: u64, bytes: u64) -> Option<u64> {
+    let offset = sector.checked_mul(SECTOR)?;
+    let end = offset.checked_add(bytes)?;
+    (end <= disk.size()).then_some(offset)
+}
+
+fn serve(
+    reader: &mut Reader<'_>,
+    writer: &mut Writer<'_>,
+    disk: &mut dyn Disk,
+    id: &[u8; 20],
+) -> (u8, usize) {
+    let mut hdr = [0u8; 16];
+    if reader.read_exact(&mut hdr).is_err() {
+        return (S_IOERR, 0);
+    }
+    let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
+    match ty {
+        req::IN => {
+            let len = writer.available_bytes();
+            if len as u64 % SECTOR != 0 {
+                return (S_IOERR, 0);
+            }
+            let Some(mut offset) = in_range(disk, sector, len as u64) else {
+                return (S_IOERR, 0);
+            };
+            let mut buf = vec![0u8; len.min(CHUNK)];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                if disk.read_at(&mut buf[..n], offset).is_err()
+                    || writer.write_all(&buf[..n]).is_err()
+                {
+                    return (S_IOERR, done);
+                }
+                done += n;
+                offset += n as u64;
+            }
+            (S_OK, done)
+        }
+        req::OUT => {
+            let len = reader.available_bytes();
+            if disk.readonly() || len as u64 % SECTOR != 0 {
+                return (S_IOERR, 0);
+            }
+            let Some(mut offset) = in_range(disk, sector, len as u64) else {
+                return (S_IOERR, 0);
+            };
+            let mut buf = vec![0u8; len.min(CHUNK)];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                if reader.read_exact(&mut buf[..n]).is_err()
+                    || disk.write_at(&buf[..n], offset).is_err()
+                {
+                    return (S_IOERR, 0);
+                }
+                done += n;
+                offset += n as u64;
+            }
+            (S_OK, 0)
+        }
+        req::FLUSH => (if disk.flush().is_ok() { S_OK } else { S_IOERR }, 0),
+        req::GET_ID => {
+            let n = writer.available_bytes().min(id.len());
+            if writer.write_all(&id[..n]).is_err() {
+                return (S_IOERR, 0);
+            }
+            (S_OK, n)
+        }
+        req::DISCARD | req::WRITE_ZEROES => {
+            if disk.readonly() {
+                return (S_IOERR, 0);
+            }
+            let segs = reader.available_bytes() / 16;
+            if segs == 0 || segs > MAX_DISCARD_SEG as usize || reader.available_bytes() % 16 != 0 {
+                return (S_IOERR, 0);
+            }
+            let mut seg = [0u8; 16];
+            if reader.read_exact(&mut seg).is_err() {
+                return (S_IOERR, 0);
+            }
+            let start = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
+            let count = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+            let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+            let bytes = u64::from(count) * SECTOR;
+            // Reserved flag bits must be zero; unmap is only meaningful for write-zeroes.
+            if flags & !1 != 0 || (ty == req::DISCARD && flags != 0) || count > MAX_DISCARD_SECTORS
+            {
+                return (S_UNSUPP, 0);
+            }
+            let Some(offset) = in_range(disk, start, bytes) else {
+                return (S_IOERR, 0);
+            };
+            let r = if ty == req::DISCARD {
+                disk.discard(offset, bytes)
+            } else {
+                disk.write_zeroes(offset, bytes)
+            };
+            (if r.is_ok() { S_OK } else { S_IOERR }, 0)
+        }
+        _ => (S_UNSUPP, 0),
+    }
+}
+
+/// The block device.
+pub struct Block {
+    // Shared with the worker so that it survives a device reset (the worker does not).
+    disk: Arc<std::sync::Mutex<Box<dyn Disk>>>,
+    id: [u8; 20],
+    capacity: u64,
+    readonly: bool,
+    counters: Arc<BlockCounters>,
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// A device serving `disk`, reporting `id` (up to 20 bytes) to GET_ID.
+    pub fn new(disk: Box<dyn Disk>, id: &str) -> Block {
+        let mut idb = [0u8; 20];
+        let n = id.len().min(20);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Block {
+            capacity: disk.size() / SECTOR,
+            readonly: disk.readonly(),
+            disk: Arc::new(std::sync::Mutex::new(disk)),
+            id: idb,
+            counters: Arc::default(),
+            worker: None,
+        }
+    }
+
+    /// What the device refused and served so far.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    fn config_bytes(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&512u32.to_le_bytes());
+        c[34..36].copy_from_slice(&1u16.to_le_bytes());
+        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+        c[44..48].copy_from_slice(&1u32.to_le_bytes());
+        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+        c[56] = 1;
+        c
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u16 {
+        2
+    }
+    fn features(&self) -> u64 {
+        let mut f = F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+        if self.readonly {
+            f |= F_RO;
+        } else {
+            f |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        f
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config_bytes();
+        let o = offset as usize;
+        match c.get(o..o + data.len()) {
+            Some(b) => data.copy_from_slice(b),
+            None => data.fill(0),
+        }
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        queues: Vec<ActiveQueue>,
+        irq: Arc<dyn Interrupt>,
+    ) -> Result<(), String> {
+        let (disk, id, counters) = (self.disk.clone(), self.id, self.counters.clone());
+        let worker = Worker::start("virtio-blk", queues, move |qs, i| {
+            let q = &mut qs[i];
+            let mut used = false;
+            let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+            while let Some(chain) = q.queue.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let len = process(&mem, chain, disk.as_mut(), &id, &counters);
+                if q.queue.add_used(&mem, head, len).is_err() {
+                    break;
+                }
+                used = true;
+            }
+            if used && q.queue.needs_notification(&mem).unwrap_or(true) {
+                irq.queue(i);
+            }
+        })
+        .map_err(|e| format!("starting the virtio-blk worker: {e}"))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    struct MemDisk {
+        data: Vec<u8>,
+        ro: bool,
+        flushed: bool,
+    }
+    impl Disk for MemDisk {
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn readonly(&self) -> bool {
+            self.ro
+        }
+        fn read_at(&mut self, buf: &mut [u8], o: u64) -> std::io::Result<()> {
+            buf.copy_from_slice(&self.data[o as usize..o as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, buf: &[u8], o: u64) -> std::io::Result<()> {
+            self.data[o as usize..o as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.flushed = true;
+            Ok(())
+        }
+        fn discard(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+            self.write_zeroes(o, l)
+        }
+        fn write_zeroes(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+            self.data[o as usize..(o + l) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    const MEM: usize = 1 << 20;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
+    }
+
+    fn disk(ro: bool) -> MemDisk {
+        MemDisk {
+            data: (0..8 * 512).map(|i| (i / 512) as u8 + 1).collect(),
+            ro,
+            flushed: false,
+        }
+    }
+
+    /// Writes descriptors (addr, len, flags, next) and makes descriptor 0 available.
+    fn chain(m: &GuestMemoryMmap, descs: &[(u64, u32, u16, u16)]) -> Queue {
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let at = DESC + 16 * i as u64;
+            m.write_obj(addr, GuestAddress(at)).unwrap();
+            m.write_obj(len, GuestAddress(at + 8)).unwrap();
+            m.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            m.write_obj(next, GuestAddress(at + 14)).unwrap();
+        }
+        m.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        q.set_ready(true);
+        q
+    }
+
+    fn header(m: &GuestMemoryMmap, ty: u32, sector: u64) {
+        m.write_obj(ty, GuestAddress(0x8000)).unwrap();
+        m.write_obj(0u32, GuestAddress(0x8004)).unwrap();
+        m.write_obj(sector, GuestAddress(0x8008)).unwrap();
+    }
+
+    const N: u16 = 1; // VIRTQ_DESC_F_NEXT
+    const W: u16 = 2; // VIRTQ_DESC_F_WRITE
+
+    fn run(m: &GuestMemoryMmap, q: &mut Queue, d: &mut MemDisk, c: &BlockCounters) -> (u32, u8) {
+        let ch = q.pop_descriptor_chain(m).expect("a chain");
+        m.write_obj(0xeeu8, GuestAddress(0x9000)).unwrap();
+        let len = process(m, ch, d, b"disk-id-0123456789ab", c);
+        (len, m.read_obj(GuestAddress(0x9000)).unwrap())
+    }
+
+    fn standard(m: &GuestMemoryMmap, data_flags: u16, data_len: u32) -> Queue {
+        chain(
+            m,
+            &[
+                (0x8000, 16, N, 1),
+                (0xa000, data_len, N | data_flags, 2),
+                (0x9000, 1, W, 0),
+            ],
+        )
+    }
+
+    #[test]
+    fn read_and_write_and_flush() {
+        let (m, c) = (mem(), BlockCounters::default());
+        let mut d = disk(false);
+        header(&m, req::IN, 2);
+        let mut q = standard(&m, W, 1024);
+        assert_eq!(run(&m, &mut q, &mut d, &c), (1025, S_OK));
+        let mut buf = [0u8; 1024];
+        m.read_slice(&mut buf, GuestAddress(0xa000)).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 3) && buf[512..].iter().all(|&b| b == 4));
+        header(&m, req::OUT, 5);
+        m.write_slice(&[0x77; 512], GuestAddress(0xa000)).unwrap();
+        let mut q = standard(&m, 0, 512);
+        assert_eq!(run(&m, &mut q, &mut d, &c), (1, S_OK));
+        assert!(d.data[5 * 512..6 * 512].iter().all(|&b| b == 0x77));
+        header(&m, req::FLUSH, 0);
+        let mut q = chain(&m, &[(0x8000, 16, N, 1), (0x9000, 1, W, 0)]);
+        assert_eq!(run(&m, &mut q, &mut d, &c), (1, S_OK));
+        assert!(d.flushed);
+        assert_eq!(c.served.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn refused_requests_get_error_statuses() {
+        let (m, c) = (mem(), BlockCounters::default());
+        let mut ro = disk(true);
+        header(&m, req::OUT, 0);
+        let mut q = standard(&m, 0, 512);
+        assert_eq!(
+            run(&m, &mut q, &mut ro, &c).1,
+            S_IOERR,
+            "write to a read-only disk"
+        );
+        assert!(ro.data[..512].iter().all(|&b| b == 1), "nothing written");
+        let mut d = disk(false);
+        for (ty, sector, len) in [
+            (req::IN, 8, 512),
+            (req::IN, u64::MAX / 2, 512),
+            (req::OUT, 7, 1024),
+            (req::IN, 0, 100),
+        ] {
+            header(&m, ty, sector);
+            let mut q = standard(&m, if ty == req::IN { W } else { 0 }, len);
+            assert_eq!(
+                run(&m, &mut q, &mut d, &c).1,
+                S_IOERR,
+                "type {ty} sector {sector} len {len}"
+            );
+        }
+        header(&m, 99, 0);
+        let mut q = chain(&m, &[(0x8000, 16, N, 1), (0x9000, 1, W, 0)]);
+        assert_eq!(run(&m, &mut q, &mut d, &c).1, S_UNSUPP);
+        // A short header.
+        let mut q = chain(&m, &[(0x8000, 8, N, 1), (0x9000, 1, W, 0)]);
+        assert_eq!(run(&m, &mut q, &mut d, &c).1, S_IOERR);
+        assert_eq!(c.errors.load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
+    fn broken_chains_are_dropped_without_touching_the_disk() {
+        let (m, c) = (mem(), BlockCounters::default());
+        let mut d = disk(false);
+        let before = d.data.clone();
+        header(&m, req::OUT, 0);
+        // Writable before readable.
+        let mut q = chain(
+            &m,
+            &[
+                (0x9000, 1, W | N, 1),
+                (0x8000, 16, N, 2),
+                (0xa000, 512, 0, 0),
+            ],
+        );
+        assert_eq!(run(&m, &mut q, &mut d, &c), (0, 0xee));
+        // A buffer outside guest RAM.
+        let mut q = chain(
+            &m,
+            &[
+                (0x8000, 16, N, 1),
+                (MEM as u64 - 256, 512, N, 2),
+                (0x9000, 1, W, 0),
+            ],
+        );
+        assert_eq!(run(&m, &mut q, &mut d, &c).0, 0);
+        // No status byte at all.
+        let mut q = chain(&m, &[(0x8000, 16, N, 1), (0xa000, 512, 0, 0)]);
+        assert_eq!(run(&m, &mut q, &mut d, &c).0, 0);
+        // A loop: 0 -> 1 -> 0 ... ends at the queue size and is dropped (no writable part).
+        let mut q = chain(&m, &[(0x8000, 16, N, 1), (0xa000, 512, N, 0)]);
+        assert_eq!(run(&m, &mut q, &mut d, &c).0, 0);
+        assert_eq!(c.dropped.load(Ordering::Relaxed), 4);
+        assert_eq!(d.data, before);
+    }
+
+    #[test]
+    fn get_id_discard_and_write_zeroes() {
+        let (m, c) = (mem(), BlockCounters::default());
+        let mut d = disk(false);
+        header(&m, req::GET_ID, 0);
+        let mut q = standard(&m, W, 20);
+        assert_eq!(run(&m, &mut q, &mut d, &c), (21, S_OK));
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(0xa000)).unwrap();
+        assert_eq!(&id, b"disk-id-0123456789ab");
+        for ty in [req::DISCARD, req::WRITE_ZEROES] {
+            header(&m, ty, 0);
+            m.write_obj(1u64, GuestAddress(0xa000)).unwrap();
+            m.write_obj(2u32, GuestAddress(0xa008)).unwrap();
+            m.write_obj(0u32, GuestAddress(0xa00c)).unwrap();
+            let mut q = standard(&m, 0, 16);
+            assert_eq!(run(&m, &mut q, &mut d, &c).1, S_OK);
+            assert!(d.data[512..1536].iter().all(|&b| b == 0));
+        }
+        // Two segments (we advertise one) and a range past the end are refused.
+        header(&m, req::DISCARD, 0);
+        let mut q = standard(&m, 0, 32);
+        assert_eq!(run(&m, &mut q, &mut d, &c).1, S_IOERR);
+        m.write_obj(7u64, GuestAddress(0xa000)).unwrap();
+        let mut q = standard(&m, 0, 16);
+        assert_eq!(run(&m, &mut q, &mut d, &c).1, S_IOERR);
+    }
+
+    #[test]
+    fn raw_disk_locks_against_a_second_writer() {
+        let p = std::env::temp_dir().join(format!("wv-blk-lock-{}", std::process::id()));
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let w = RawDisk::open(&p, false).unwrap();
+        assert_eq!(w.size(), 4096);
+        assert!(matches!(
+            RawDisk::open(&p, false),
+            Err(DiskError::Locked(_, false))
+        ));
+        assert!(matches!(
+            RawDisk::open(&p, true),
+            Err(DiskError::Locked(_, true))
+        ));
+        drop(w);
+        let r1 = RawDisk::open(&p, true).unwrap();
+        let _r2 = RawDisk::open(&p, true).expect("shared read-only opens");
+        assert!(r1.readonly());
+        assert!(RawDisk::open(&p, false).is_err());
+        std::fs::remove_file(&p).unwrap();
+    }
+}
