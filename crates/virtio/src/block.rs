@@ -285,7 +285,7 @@ fn serve(
     match ty {
         req::IN => {
             let len = writer.available_bytes();
-            if len as u64 % SECTOR != 0 {
+            if !(len as u64).is_multiple_of(SECTOR) {
                 return (S_IOERR, 0);
             }
             let Some(mut offset) = in_range(disk, sector, len as u64) else {
@@ -307,7 +307,7 @@ fn serve(
         }
         req::OUT => {
             let len = reader.available_bytes();
-            if disk.readonly() || len as u64 % SECTOR != 0 {
+            if disk.readonly() || !(len as u64).is_multiple_of(SECTOR) {
                 return (S_IOERR, 0);
             }
             let Some(mut offset) = in_range(disk, sector, len as u64) else {
@@ -340,7 +340,10 @@ fn serve(
                 return (S_IOERR, 0);
             }
             let segs = reader.available_bytes() / 16;
-            if segs == 0 || segs > MAX_DISCARD_SEG as usize || reader.available_bytes() % 16 != 0 {
+            if segs == 0
+                || segs > MAX_DISCARD_SEG as usize
+                || !reader.available_bytes().is_multiple_of(16)
+            {
                 return (S_IOERR, 0);
             }
             let mut seg = [0u8; 16];
