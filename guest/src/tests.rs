@@ -50,6 +50,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"user" => user(),
         b"pci" => pci_test(),
         b"rng" => rng_test(),
+        b"blk" => blk_test(),
         // Not self-tests: deliberate ways for a guest to end badly, so the VMM's handling of
         // each is tested end to end. None is in the default list.
         b"triplefault" => triple_fault(),
@@ -639,4 +640,141 @@ fn rng_test() -> Outcome {
     }
     d.s(" reset=ok");
     pass("rng", &mut d)
+}
+
+#[repr(C, align(512))]
+struct BlkBufs {
+    hdr: [u8; 16],
+    status: [u8; 16],
+    data: [u8; 512],
+}
+static mut BLK: BlkBufs = BlkBufs {
+    hdr: [0; 16],
+    status: [0; 16],
+    data: [0; 512],
+};
+
+/// One request: (type, sector), data in BLK.data (`len` bytes, device-writable if `to_guest`).
+fn blk_request(
+    dev: &mut crate::virtio::Device,
+    ty: u32,
+    sector: u64,
+    len: u32,
+    to_guest: bool,
+) -> Option<u8> {
+    use crate::virtio::DESC_WRITE;
+    let b = &raw mut BLK;
+    // SAFETY: the buffers are this test's; the device is idle between requests.
+    let bufs = unsafe { &mut *b };
+    bufs.hdr[0..4].copy_from_slice(&ty.to_le_bytes());
+    bufs.hdr[4..8].fill(0);
+    bufs.hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+    bufs.status[0] = 0xee;
+    let (hdr, data, status) = unsafe {
+        (
+            (&raw mut (*b).hdr) as u64,
+            (&raw mut (*b).data) as u64,
+            (&raw mut (*b).status) as u64,
+        )
+    };
+    let used = if len == 0 {
+        dev.submit(0, &[(hdr, 16, 0), (status, 1, DESC_WRITE)])
+    } else {
+        dev.submit(
+            0,
+            &[
+                (hdr, 16, 0),
+                (data, len, if to_guest { DESC_WRITE } else { 0 }),
+                (status, 1, DESC_WRITE),
+            ],
+        )
+    };
+    used?;
+    // SAFETY: the device has completed the request.
+    Some(unsafe { core::ptr::read_volatile(&raw const (*b).status[0]) })
+}
+
+fn blk_test() -> Outcome {
+    use crate::virtio;
+    let mut d = Line::new();
+    let mut disks = 0u64;
+    while let Some(mut dev) = virtio::find_nth(0x1042, disks as usize) {
+        disks += 1;
+        let Some(offered) = dev.negotiate((1 << 5) | (1 << 9)) else {
+            d.s(" problem: negotiation failed");
+            return fail("blk", &mut d);
+        };
+        if !dev.setup_queue(0) || !dev.driver_ok() {
+            d.s(" problem: queue set-up failed");
+            return fail("blk", &mut d);
+        }
+        let ro = offered & (1 << 5) != 0;
+        let sectors: u64 = dev.config(0);
+        let b = &raw mut BLK;
+        // GET_ID: the disk's name, up to 20 bytes.
+        if blk_request(&mut dev, 8, 0, 20, true) != Some(0) {
+            d.s(" problem: GET_ID failed");
+            return fail("blk", &mut d);
+        }
+        // SAFETY: the device wrote the id into the data buffer.
+        let id = unsafe { core::ptr::read_volatile(&raw const (*b).data) };
+        let idlen = id[..20].iter().position(|&c| c == 0).unwrap_or(20);
+        d.s(" ").bytes(&id[..idlen]).s(":sectors=").dec(sectors);
+        if blk_request(&mut dev, 0, 0, 512, true) != Some(0) {
+            d.s(" problem: reading sector 0 failed");
+            return fail("blk", &mut d);
+        }
+        // SAFETY: the device wrote sector 0 into the data buffer.
+        let s0 = unsafe { core::ptr::read_volatile(&raw const (*b).data) };
+        d.s(if &s0[..8] == b"WVDISK01" {
+            ",magic"
+        } else {
+            ",no-magic"
+        });
+        let pattern = |i: usize| (i as u8) ^ 0xa5 ^ (disks as u8);
+        // SAFETY: the device is idle; the buffer is this test's.
+        let bufs = unsafe { &mut *b };
+        for (i, x) in bufs.data.iter_mut().enumerate() {
+            *x = pattern(i);
+        }
+        let st = blk_request(&mut dev, 1, 1, 512, false);
+        if ro {
+            if st != Some(1) {
+                d.s(" problem: a read-only disk accepted a write");
+                return fail("blk", &mut d);
+            }
+            d.s(",ro-refused");
+            continue;
+        }
+        if st != Some(0) || blk_request(&mut dev, 4, 0, 0, false) != Some(0) {
+            d.s(" problem: write or flush failed");
+            return fail("blk", &mut d);
+        }
+        // SAFETY: the device is idle; clear the buffer before reading back.
+        unsafe { (*b).data = [0; 512] };
+        if blk_request(&mut dev, 0, 1, 512, true) != Some(0) {
+            d.s(" problem: reading back failed");
+            return fail("blk", &mut d);
+        }
+        // SAFETY: the device wrote sector 1 into the buffer.
+        let back = unsafe { core::ptr::read_volatile(&raw const (*b).data) };
+        if (0..512).any(|i| back[i] != pattern(i)) {
+            d.s(" problem: read back differs from what was written");
+            return fail("blk", &mut d);
+        }
+        // Past the end of the disk: an error status, not a crash.
+        if blk_request(&mut dev, 0, sectors, 512, true) != Some(1) {
+            d.s(" problem: reading past the end did not fail");
+            return fail("blk", &mut d);
+        }
+        d.s(",rw-ok");
+        dev.reset();
+    }
+    let mut l = Line::new();
+    l.s("disks=").dec(disks).bytes(d.as_bytes());
+    if disks == 0 {
+        l.s(" problem: no virtio-blk device (1af4:1042) on bus 0");
+        return fail("blk", &mut l);
+    }
+    pass("blk", &mut l)
 }

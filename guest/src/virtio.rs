@@ -34,6 +34,7 @@ pub struct Device {
     notify: u64,
     notify_mult: u32,
     isr: u64,
+    device_cfg: u64,
     notify_off: [u16; MAX_QUEUES],
     avail_idx: [u16; MAX_QUEUES],
     used_seen: [u16; MAX_QUEUES],
@@ -61,7 +62,14 @@ fn bar_address(slot: u8, bar: u8) -> u64 {
 /// Finds virtio device `device_id` (0x1040 + type) and maps its capabilities. Returns None if
 /// absent or if its capabilities are incomplete.
 pub fn find(device_id: u16) -> Option<Device> {
-    let slot = (0..32u8).find(|&s| read32(s, 0) == 0x1af4 | (u32::from(device_id) << 16))?;
+    find_nth(device_id, 0)
+}
+
+/// Like [`find`], for the `n`-th such device on the bus.
+pub fn find_nth(device_id: u16, n: usize) -> Option<Device> {
+    let slot = (0..32u8)
+        .filter(|&s| read32(s, 0) == 0x1af4 | (u32::from(device_id) << 16))
+        .nth(n)?;
     write32(slot, 4, read32(slot, 4) | 0x6); // memory space, bus master
     let mut d = Device {
         slot,
@@ -69,6 +77,7 @@ pub fn find(device_id: u16) -> Option<Device> {
         notify: 0,
         notify_mult: 0,
         isr: 0,
+        device_cfg: 0,
         notify_off: [0; MAX_QUEUES],
         avail_idx: [0; MAX_QUEUES],
         used_seen: [0; MAX_QUEUES],
@@ -89,6 +98,7 @@ pub fn find(device_id: u16) -> Option<Device> {
                     d.notify_mult = read32(slot, p + 16);
                 }
                 3 => d.isr = base,
+                4 => d.device_cfg = base,
                 _ => {}
             }
         }
@@ -224,6 +234,11 @@ impl Device {
             }
             core::hint::spin_loop();
         }
+    }
+
+    /// Reads device configuration.
+    pub fn config<T: Copy>(&self, offset: u64) -> T {
+        rd(self.device_cfg + offset)
     }
 
     /// Reads (and so clears) the ISR.

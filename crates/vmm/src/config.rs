@@ -28,6 +28,43 @@ pub enum SerialMode {
     None,
 }
 
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file or block device.
+    pub path: PathBuf,
+    /// Refuse guest writes (and open the image read-only, sharing it).
+    pub readonly: bool,
+    /// What the guest reads with GET_ID (at most 20 bytes), and the accounting name.
+    pub id: String,
+}
+
+impl DiskConfig {
+    /// Parses `path=IMG[,readonly=on|off][,id=NAME]`; `index` names a disk without an id.
+    pub fn parse(spec: &str, index: usize) -> Result<DiskConfig, ConfigError> {
+        let mut path = None;
+        let mut readonly = false;
+        let mut id = format!("disk{index}");
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("readonly", "on")) => readonly = true,
+                Some(("readonly", "off")) => readonly = false,
+                Some(("id", v)) if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_graphic()) => {
+                    id = v.to_string()
+                }
+                _ => {
+                    return Err(ConfigError(format!(
+                        "--disk '{spec}': expected path=IMG[,readonly=on|off][,id=NAME] (NAME: 1-20 printable characters); '{part}' is not understood"
+                    )))
+                }
+            }
+        }
+        let path = path.ok_or_else(|| ConfigError(format!("--disk '{spec}' has no path=IMG")))?;
+        Ok(DiskConfig { path, readonly, id })
+    }
+}
+
 /// One VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -45,6 +82,8 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// A virtio-rng device (entropy for the guest).
     pub rng: bool,
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A value the user gave that cannot work.
@@ -109,6 +148,7 @@ impl VmConfig {
             vcpus: 1,
             serial: SerialMode::Stdio,
             rng: true,
+            disks: Vec::new(),
         }
     }
 
@@ -133,6 +173,11 @@ impl VmConfig {
                 "--memory of {} bytes is not a multiple of 4 KiB",
                 self.memory
             )));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if self.disks[..i].iter().any(|o| o.id == d.id) {
+                return Err(ConfigError(format!("two disks have the id '{}'", d.id)));
+            }
         }
         if self.memory > host_ram {
             return Err(ConfigError(format!(
@@ -173,6 +218,37 @@ mod tests {
 
     fn cfg() -> VmConfig {
         VmConfig::new(KernelSource::Embedded("x", &[]), String::new())
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d = DiskConfig::parse("path=a.img,readonly=on,id=root", 0).unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "a.img".into(),
+                readonly: true,
+                id: "root".into()
+            }
+        );
+        assert_eq!(DiskConfig::parse("path=b.img", 3).unwrap().id, "disk3");
+        for bad in [
+            "",
+            "a.img",
+            "path=",
+            "path=a,readonly=yes",
+            "path=a,id=",
+            "path=a,id=this-id-is-far-too-long-to-fit",
+            "path=a,speed=9",
+        ] {
+            assert!(DiskConfig::parse(bad, 0).is_err(), "{bad}");
+        }
+        let mut c = cfg();
+        c.disks = vec![
+            DiskConfig::parse("path=a,id=x", 0).unwrap(),
+            DiskConfig::parse("path=b,id=x", 1).unwrap(),
+        ];
+        assert!(c.validate(8 << 30).unwrap_err().0.contains("two disks"));
     }
 
     #[test]

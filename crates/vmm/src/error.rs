@@ -5,7 +5,7 @@
 //! | 0-199 | the guest powered off with this exit code (a code above 199 is reported as 199) |
 //! | 200 | bad arguments or configuration values |
 //! | 201 | KVM unavailable or unusable (no device, no permission, missing capability) |
-//! | 202 | the kernel or initrd image is missing, malformed or does not fit |
+//! | 202 | the kernel, initrd or a disk image is missing, malformed, does not fit or is in use |
 //! | 203 | the guest requested a reset (i8042 or KVM system event) |
 //! | 204 | the guest triple-faulted |
 //! | 205 | KVM could not run the guest (emulation failure, internal error, entry failure) |
@@ -92,6 +92,8 @@ pub enum VmmError {
     Boot(wv_machine::BootError),
     /// Guest memory could not be set up.
     Memory(wv_machine::MemoryError),
+    /// A disk image cannot be used (missing, unreadable, locked by another user).
+    Disk(String),
     /// Anything else on the VMM side.
     Internal(String),
 }
@@ -104,6 +106,7 @@ impl VmmError {
             VmmError::Kvm(_) => STATUS_KVM,
             VmmError::Boot(b) if b.is_image_error() => STATUS_IMAGE,
             VmmError::Boot(_) => STATUS_USAGE,
+            VmmError::Disk(_) => STATUS_IMAGE,
             VmmError::Memory(wv_machine::MemoryError::BadSize(_)) => STATUS_USAGE,
             VmmError::Memory(_) | VmmError::Internal(_) => STATUS_INTERNAL,
         }
@@ -117,6 +120,7 @@ impl fmt::Display for VmmError {
             VmmError::Kvm(e) => write!(f, "{e}"),
             VmmError::Boot(e) => write!(f, "{e}"),
             VmmError::Memory(e) => write!(f, "{e}"),
+            VmmError::Disk(e) => write!(f, "{e}"),
             VmmError::Internal(e) => write!(f, "{e}"),
         }
     }

@@ -13,7 +13,9 @@ mod pci;
 pub mod stats;
 mod vcpu;
 
-pub use config::{parse_size, KernelSource, SerialMode, VmConfig, DEFAULT_MEMORY, MAX_VCPUS};
+pub use config::{
+    parse_size, DiskConfig, KernelSource, SerialMode, VmConfig, DEFAULT_MEMORY, MAX_VCPUS,
+};
 pub use error::{VmEnd, VmmError};
 pub use stats::VmStats;
 
@@ -398,6 +400,17 @@ fn build(
             &mem,
             "virtio-rng",
             Box::new(wv_virtio::rng::Rng::default()),
+        )?;
+    }
+    for d in &cfg.disks {
+        let disk = wv_virtio::block::RawDisk::open(&d.path, d.readonly)
+            .map_err(|e| VmmError::Disk(e.to_string()))?;
+        let name: &'static str = Box::leak(format!("virtio-blk:{}", d.id).into_boxed_str());
+        pci.add_virtio(
+            &vm,
+            &mem,
+            name,
+            Box::new(wv_virtio::block::Block::new(Box::new(disk), &d.id)),
         )?;
     }
     let pci::PciBuilder {

@@ -35,11 +35,14 @@ Options:
   --memory SIZE        guest RAM, e.g. 256M, 2G (default 256M)
   --vcpus N            vCPUs, 1 to 32 (default 1)
   --serial MODE        stdio (default), none, or a file path to append console output to
+  --disk path=IMG[,readonly=on][,id=NAME]
+                       a virtio-blk disk backed by a raw image or block device (repeatable);
+                       read-write disks are locked against a second writer
   --rng on|off         a virtio-rng device for guest entropy (default on)
   --stats[=table|json] print exit accounting to stderr when the VM ends
 
 Exit status: the guest's exit code (0-199) when it powers off; 200 bad arguments, 201 KVM
-unavailable, 202 bad kernel or initrd, 203 guest reset, 204 triple fault, 205 KVM could not
+unavailable, 202 bad kernel, initrd or disk image, 203 guest reset, 204 triple fault, 205 KVM could not
 run the guest, 206 VMM failure, 128+N stopped by signal N.
 
 Environment: WV_KVM_DEVICE overrides the KVM device path (default /dev/kvm).";
@@ -91,6 +94,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     let mut serial = SerialMode::Stdio;
     let mut stats = StatsMode::Off;
     let mut rng = true;
+    let mut disks = Vec::new();
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -121,6 +125,12 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
                     "" => return Err(Usage("--serial needs stdio, none or a file path".into())),
                     p => SerialMode::File(PathBuf::from(p)),
                 };
+            }
+            "--disk" => {
+                let v = take_value(args, &mut i, name, inline)?;
+                disks.push(
+                    wv_vmm::DiskConfig::parse(&v, disks.len()).map_err(|e| Usage(e.to_string()))?,
+                );
             }
             "--rng" => {
                 rng = match take_value(args, &mut i, name, inline)?.as_str() {
@@ -162,6 +172,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     cfg.vcpus = vcpus;
     cfg.serial = serial;
     cfg.rng = rng;
+    cfg.disks = disks;
     Ok(Some((cfg, stats)))
 }
 

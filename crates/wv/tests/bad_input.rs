@@ -279,3 +279,53 @@ fn a_spinning_guest_does_not_hang_the_vmm() {
         assert!(err.contains(&format!("stopped by signal {sig}")), "{err}");
     }
 }
+
+#[test]
+fn bad_disk_configurations() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("bad-disk");
+    let img = dir.file("d.img", &vec![0u8; 1 << 20]);
+    let spec = format!("path={}", img.display());
+    let r = wv(&["run", "--disk", "path=/nonexistent/disk.img"]);
+    assert_one_line_error(&r, 202, "cannot open disk /nonexistent/disk.img");
+    let r = wv(&["run", "--disk", &spec, "--disk", &spec]);
+    assert_one_line_error(
+        &r,
+        202,
+        "is in use by another user, so it cannot be opened for writing",
+    );
+    let r = wv(&["run", "--disk", "d.img"]);
+    assert_one_line_error(&r, 200, "expected path=IMG");
+    let r = wv(&[
+        "run",
+        "--disk",
+        &format!("{spec},id=a"),
+        "--disk",
+        &format!("path={},id=a,readonly=on", img.display()),
+    ]);
+    assert_one_line_error(&r, 200, "two disks have the id 'a'");
+    // A second VM may not write a disk a running VM writes; read-only sharing is refused too
+    // while a writer holds it.
+    let mut first = Command::new(wv_bin())
+        .args([
+            "run",
+            "--serial",
+            "none",
+            "--disk",
+            &spec,
+            "--cmdline",
+            "probe.tests=hang",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = wv(&["run", "--disk", &spec]);
+    let r2 = wv(&["run", "--disk", &format!("{spec},readonly=on")]);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_one_line_error(&r, 202, "is in use by another user");
+    assert_one_line_error(&r2, 202, "is open for writing by another user");
+}

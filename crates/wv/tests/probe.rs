@@ -297,3 +297,56 @@ fn virtio_rng_serves_the_guest_without_vcpu_exits_for_notifications() {
         "{r}"
     );
 }
+
+fn disk_image(dir: &TempDir, name: &str, len: usize) -> std::path::PathBuf {
+    let mut d = vec![0u8; len];
+    d[..8].copy_from_slice(b"WVDISK01");
+    dir.file(name, &d)
+}
+
+#[test]
+fn virtio_blk_reads_writes_persists_and_refuses_writes_to_readonly_disks() {
+    if !need_kvm() {
+        return;
+    }
+    for (format, vcpus) in [("pvh", "1"), ("bzimage", "4")] {
+        let dir = TempDir::new("blk");
+        let img = image(&dir, format);
+        let rw = disk_image(&dir, "rw.img", 1 << 20);
+        let ro = disk_image(&dir, "ro.img", 64 << 10);
+        let r = wv(&[
+            "run",
+            "--kernel",
+            img.to_str().unwrap(),
+            "--vcpus",
+            vcpus,
+            "--disk",
+            &format!("path={},id=root", rw.display()),
+            "--disk",
+            &format!("path={},readonly=on,id=ro0", ro.display()),
+            "--cmdline",
+            "probe.tests=blk",
+            "--stats=json",
+        ]);
+        assert_eq!(r.status, Some(0), "{r}");
+        let line = r.assert_pass("blk");
+        assert!(
+            line.contains("disks=2 root:sectors=2048,magic,rw-ok ro0:sectors=128,magic,ro-refused"),
+            "{line}"
+        );
+        // What the guest wrote is in the image on the host; the read-only image is untouched.
+        let data = std::fs::read(&rw).unwrap();
+        assert!(
+            (0..512).all(|i| data[512 + i] == i.to_le_bytes()[0] ^ 0xa5 ^ 1),
+            "sector 1 of the image"
+        );
+        let rodata = std::fs::read(&ro).unwrap();
+        assert!(rodata[512..1024].iter().all(|&b| b == 0));
+        let s = r.stats();
+        assert!(
+            cause_count(&s, "mmio:virtio-blk:root") > 0
+                && cause_count(&s, "mmio:virtio-blk:ro0") > 0,
+            "{r}"
+        );
+    }
+}

@@ -19,8 +19,12 @@ fn probe_guest_passes_on_qemu() {
     let img = image(&dir, "pvh");
     let data = pattern(5000, 11);
     let initrd = dir.file("initrd", &data);
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..8].copy_from_slice(b"WVDISK01");
+    let rw = dir.file("rw.img", &disk);
+    let ro = dir.file("ro.img", &disk[..64 << 10]);
     let cmdline = format!(
-        "probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng probe.initrd={}:{:#x}",
+        "probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng,blk probe.initrd={}:{:#x}",
         data.len(),
         wv_abi::initrd_checksum(&data)
     );
@@ -41,6 +45,22 @@ fn probe_guest_passes_on_qemu() {
     .args(["-serial", "stdio", "-monitor", "none", "-nodefaults"])
     .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
     .args(["-device", "virtio-rng-pci,disable-legacy=on"])
+    .args([
+        "-drive",
+        &format!("file={},if=none,id=d0,format=raw", rw.display()),
+    ])
+    .args([
+        "-device",
+        "virtio-blk-pci,drive=d0,disable-legacy=on,serial=root",
+    ])
+    .args([
+        "-drive",
+        &format!("file={},if=none,id=d1,format=raw,readonly=on", ro.display()),
+    ])
+    .args([
+        "-device",
+        "virtio-blk-pci,drive=d1,disable-legacy=on,serial=ro0",
+    ])
     .arg("-kernel")
     .arg(&img)
     .arg("-initrd")
@@ -50,11 +70,27 @@ fn probe_guest_passes_on_qemu() {
     // isa-debug-exit: status = (code << 1) | 1, so the guest's 0 arrives as 1.
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stdout.contains("hypervisor=other-or-none"), "{r}");
-    for t in ["boot", "smp", "timer", "hypercall", "user", "pci", "rng"] {
+    for t in [
+        "boot",
+        "smp",
+        "timer",
+        "hypercall",
+        "user",
+        "pci",
+        "rng",
+        "blk",
+    ] {
         r.assert_pass(t);
     }
     assert!(r.assert_pass("boot").contains("initrd=5000B"), "{r}");
     assert!(r.assert_pass("smp").contains("cpus=2"), "{r}");
+    let blk = r.assert_pass("blk");
+    assert!(
+        blk.contains("root:sectors=2048,magic,rw-ok ro0:sectors=128,magic,ro-refused"),
+        "{blk}"
+    );
+    let written = std::fs::read(&rw).unwrap();
+    assert!((0..512).all(|i| written[512 + i] == i.to_le_bytes()[0] ^ 0xa5 ^ 1));
     assert!(
         r.assert_pass("hypercall").contains("native-fallback"),
         "{r}"
@@ -65,7 +101,7 @@ fn probe_guest_passes_on_qemu() {
     );
     assert!(
         r.stdout
-            .contains("probe: summary passed=7 failed=0 skipped=1"),
+            .contains("probe: summary passed=8 failed=0 skipped=1"),
         "{r}"
     );
 }
