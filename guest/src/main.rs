@@ -12,6 +12,7 @@ mod bootinfo;
 mod console;
 mod cpu;
 mod entry;
+mod net;
 mod pci;
 mod pv;
 mod smp;

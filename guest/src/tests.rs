@@ -51,6 +51,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"pci" => pci_test(),
         b"rng" => rng_test(),
         b"blk" => blk_test(),
+        b"net" => net_test(),
         // Not self-tests: deliberate ways for a guest to end badly, so the VMM's handling of
         // each is tested end to end. None is in the default list.
         b"triplefault" => triple_fault(),
@@ -777,4 +778,110 @@ fn blk_test() -> Outcome {
         return fail("blk", &mut l);
     }
     pass("blk", &mut l)
+}
+
+#[repr(C, align(4096))]
+struct NetBufs {
+    rx: [u8; 1536],
+    tx: [u8; 1536],
+}
+static mut NETB: NetBufs = NetBufs {
+    rx: [0; 1536],
+    tx: [0; 1536],
+};
+
+fn net_test() -> Outcome {
+    use crate::{net, virtio};
+    let mut d = Line::new();
+    let ips = param(boot_info().cmdline(), "probe.net").and_then(|v| {
+        let mut it = v.split(|&c| c == b',');
+        Some((net::parse_ip(it.next()?)?, net::parse_ip(it.next()?)?))
+    });
+    let Some((ip, host)) = ips else {
+        d.s("needs probe.net=GUEST_IP,HOST_IP on the command line");
+        return fail("net", &mut d);
+    };
+    let Some(mut dev) = virtio::find(0x1041) else {
+        d.s("no modern virtio-net device (1af4:1041) on bus 0");
+        return fail("net", &mut d);
+    };
+    // Only the MAC feature: no offloads, so every frame fits one 1526-byte buffer.
+    if dev.negotiate(1 << 5).is_none()
+        || !dev.setup_queue(0)
+        || !dev.setup_queue(1)
+        || !dev.driver_ok()
+    {
+        d.s("device set-up failed");
+        return fail("net", &mut d);
+    }
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = dev.config(i as u64);
+    }
+    d.s("mac=");
+    for (i, b) in mac.iter().enumerate() {
+        if i > 0 {
+            d.s(":");
+        }
+        let h = [
+            b"0123456789abcdef"[usize::from(b >> 4)],
+            b"0123456789abcdef"[usize::from(b & 15)],
+        ];
+        d.bytes(&h);
+    }
+    let bufs = &raw mut NETB;
+    // SAFETY: the buffers are this test's; each is used by one request at a time.
+    let (rx, tx) = unsafe { ((&raw mut (*bufs).rx) as u64, (&raw mut (*bufs).tx) as u64) };
+    let txb = unsafe { &mut (*bufs).tx };
+    let tsc_budget = 8_000_000_000u64;
+    // Post a receive buffer, then ask for the host's MAC.
+    dev.post(0, &[(rx, 1536, virtio::DESC_WRITE)]);
+    let n = net::arp_request(txb, mac, ip, host);
+    if dev.submit(1, &[(tx, n as u32, 0)]).is_none() {
+        d.s(" problem: the ARP request was not sent");
+        return fail("net", &mut d);
+    }
+    let start = cpu::rdtsc();
+    let mut host_mac = None;
+    let mut frames = 0u64;
+    while host_mac.is_none() && cpu::rdtsc().wrapping_sub(start) < tsc_budget {
+        let Some(len) = dev.wait_used(0, tsc_budget) else {
+            break;
+        };
+        frames += 1;
+        // SAFETY: the device finished writing the receive buffer.
+        let f = unsafe { core::ptr::read_volatile(&raw const (*bufs).rx) };
+        host_mac = net::arp_reply_from(&f[..(len as usize).min(1536)], host);
+        dev.post(0, &[(rx, 1536, virtio::DESC_WRITE)]);
+    }
+    let Some(hmac) = host_mac else {
+        d.s(" problem: no ARP reply from the host (frames seen: ")
+            .dec(frames)
+            .s(")");
+        return fail("net", &mut d);
+    };
+    d.s(" arp=ok");
+    let n = net::echo_request(txb, mac, hmac, ip, host, 1);
+    if dev.submit(1, &[(tx, n as u32, 0)]).is_none() {
+        d.s(" problem: the echo request was not sent");
+        return fail("net", &mut d);
+    }
+    let start = cpu::rdtsc();
+    let mut replied = false;
+    while !replied && cpu::rdtsc().wrapping_sub(start) < tsc_budget {
+        let Some(len) = dev.wait_used(0, tsc_budget) else {
+            break;
+        };
+        // SAFETY: as above.
+        let f = unsafe { core::ptr::read_volatile(&raw const (*bufs).rx) };
+        replied = net::is_echo_reply(&f[..(len as usize).min(1536)], host, 1);
+        dev.post(0, &[(rx, 1536, virtio::DESC_WRITE)]);
+    }
+    if !replied {
+        d.s(" problem: no echo reply from the host");
+        return fail("net", &mut d);
+    }
+    d.s(" icmp=ok");
+    dev.reset();
+    pass("net", &mut d)
 }

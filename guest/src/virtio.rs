@@ -192,9 +192,18 @@ impl Device {
     /// device has used it; returns the used length, or None after ~2 s (TSC-bounded) or if
     /// the chain is too long.
     pub fn submit(&mut self, q: u16, bufs: &[(u64, u32, u16)]) -> Option<u32> {
+        if !self.post(q, bufs) {
+            return None;
+        }
+        self.wait_used(q, 5_000_000_000)
+    }
+
+    /// Makes a chain available on queue `q` (descriptors from index 0: one chain in flight per
+    /// queue) and notifies the device.
+    pub fn post(&mut self, q: u16, bufs: &[(u64, u32, u16)]) -> bool {
         let qi = usize::from(q);
         if bufs.is_empty() || bufs.len() > usize::from(QSIZE) || qi >= MAX_QUEUES {
-            return None;
+            return false;
         }
         // SAFETY: the rings are this driver's; descriptors are written before they are made
         // available, and the fence orders that against the index update.
@@ -218,18 +227,27 @@ impl Device {
             self.notify + u64::from(self.notify_off[qi]) * u64::from(self.notify_mult),
             q,
         );
+        true
+    }
+
+    /// Polls queue `q` until the device uses a chain (returns its length) or `cycles` TSC
+    /// cycles pass.
+    pub fn wait_used(&mut self, q: u16, cycles: u64) -> Option<u32> {
+        let qi = usize::from(q);
+        // SAFETY: read-only volatile access to this driver's used ring.
+        let r = unsafe { &*(&raw const RINGS).cast::<Ring>().add(qi) };
         let start = cpu::rdtsc();
         loop {
             // SAFETY: volatile read of the used index the device writes.
             let used_idx = unsafe { ((&raw const r.used) as *const u16).add(1).read_volatile() };
             if used_idx != self.used_seen[qi] {
-                self.used_seen[qi] = used_idx;
-                let e = usize::from((used_idx.wrapping_sub(1)) % QSIZE);
+                self.used_seen[qi] = self.used_seen[qi].wrapping_add(1);
+                let e = usize::from(self.used_seen[qi].wrapping_sub(1) % QSIZE);
                 // SAFETY: reading the element the device just completed.
                 let len = unsafe { (&raw const r.used[1 + 2 * e + 1]).read_volatile() };
                 return Some(len);
             }
-            if cpu::rdtsc().wrapping_sub(start) > 5_000_000_000 {
+            if cpu::rdtsc().wrapping_sub(start) > cycles {
                 return None;
             }
             core::hint::spin_loop();

@@ -65,6 +65,53 @@ impl DiskConfig {
     }
 }
 
+/// A virtio-net device on a TAP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP interface name (created when missing and permitted).
+    pub tap: String,
+    /// MAC address; generated (locally administered) when absent.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(m)
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME[,mac=MAC]`.
+    pub fn parse(spec: &str) -> Result<NetConfig, ConfigError> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) if !t.is_empty() && t.len() <= 15 => tap = Some(t.to_string()),
+                Some(("mac", m)) => match parse_mac(m) {
+                    Some(m) if m[0] & 1 == 0 => mac = Some(m),
+                    _ => return Err(ConfigError(format!("--net '{spec}': '{m}' is not a unicast MAC address"))),
+                },
+                _ => {
+                    return Err(ConfigError(format!(
+                        "--net '{spec}': expected tap=NAME[,mac=MAC] (NAME: 1-15 characters); '{part}' is not understood"
+                    )))
+                }
+            }
+        }
+        let tap = tap.ok_or_else(|| ConfigError(format!("--net '{spec}' has no tap=NAME")))?;
+        Ok(NetConfig { tap, mac })
+    }
+}
+
 /// One VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -84,6 +131,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// virtio-blk disks, in PCI slot order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, after the disks.
+    pub nets: Vec<NetConfig>,
 }
 
 /// A value the user gave that cannot work.
@@ -149,6 +198,7 @@ impl VmConfig {
             serial: SerialMode::Stdio,
             rng: true,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -218,6 +268,30 @@ mod tests {
 
     fn cfg() -> VmConfig {
         VmConfig::new(KernelSource::Embedded("x", &[]), String::new())
+    }
+
+    #[test]
+    fn net_specs() {
+        assert_eq!(
+            NetConfig::parse("tap=tap0,mac=52:54:00:12:34:56").unwrap(),
+            NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            }
+        );
+        assert_eq!(NetConfig::parse("tap=t").unwrap().mac, None);
+        for bad in [
+            "",
+            "tap=",
+            "mac=52:54:00:12:34:56",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,mac=52:54:00:12:34",
+            "tap=t,mac=52:54:00:12:34:56:78",
+            "tap=t,mac=zz:54:00:12:34:56",
+            "tap=waytoolonginterfacename",
+        ] {
+            assert!(NetConfig::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

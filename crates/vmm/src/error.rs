@@ -10,6 +10,7 @@
 //! | 204 | the guest triple-faulted |
 //! | 205 | KVM could not run the guest (emulation failure, internal error, entry failure) |
 //! | 206 | a VMM-side failure (I/O, resources, a thread that died) |
+//! | 207 | a network device is unavailable (no TAP, no permission to create or attach it) |
 //! | 128+N | stopped by signal N (SIGINT 130, SIGTERM 143) |
 
 use std::fmt;
@@ -30,6 +31,8 @@ pub const STATUS_TRIPLE_FAULT: u8 = 204;
 pub const STATUS_KVM_FAILURE: u8 = 205;
 /// VMM-side failure.
 pub const STATUS_INTERNAL: u8 = 206;
+/// Network device unavailable.
+pub const STATUS_NET: u8 = 207;
 
 /// Why a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +97,8 @@ pub enum VmmError {
     Memory(wv_machine::MemoryError),
     /// A disk image cannot be used (missing, unreadable, locked by another user).
     Disk(String),
+    /// A TAP cannot be used.
+    Net(String),
     /// Anything else on the VMM side.
     Internal(String),
 }
@@ -107,6 +112,7 @@ impl VmmError {
             VmmError::Boot(b) if b.is_image_error() => STATUS_IMAGE,
             VmmError::Boot(_) => STATUS_USAGE,
             VmmError::Disk(_) => STATUS_IMAGE,
+            VmmError::Net(_) => STATUS_NET,
             VmmError::Memory(wv_machine::MemoryError::BadSize(_)) => STATUS_USAGE,
             VmmError::Memory(_) | VmmError::Internal(_) => STATUS_INTERNAL,
         }
@@ -120,7 +126,7 @@ impl fmt::Display for VmmError {
             VmmError::Kvm(e) => write!(f, "{e}"),
             VmmError::Boot(e) => write!(f, "{e}"),
             VmmError::Memory(e) => write!(f, "{e}"),
-            VmmError::Disk(e) => write!(f, "{e}"),
+            VmmError::Disk(e) | VmmError::Net(e) => write!(f, "{e}"),
             VmmError::Internal(e) => write!(f, "{e}"),
         }
     }

@@ -14,7 +14,8 @@ pub mod stats;
 mod vcpu;
 
 pub use config::{
-    parse_size, DiskConfig, KernelSource, SerialMode, VmConfig, DEFAULT_MEMORY, MAX_VCPUS,
+    parse_size, DiskConfig, KernelSource, NetConfig, SerialMode, VmConfig, DEFAULT_MEMORY,
+    MAX_VCPUS,
 };
 pub use error::{VmEnd, VmmError};
 pub use stats::VmStats;
@@ -99,6 +100,15 @@ fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), V
         unsafe { vm.set_user_memory_region(r) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
+}
+
+/// A locally administered unicast MAC (02:xx:xx:xx:xx:xx) from the host's entropy.
+fn random_mac() -> [u8; 6] {
+    let mut m = [0u8; 6];
+    // SAFETY: getrandom writes at most 6 bytes into `m`.
+    unsafe { libc::getrandom(m.as_mut_ptr() as *mut libc::c_void, 6, 0) };
+    m[0] = 0x02;
+    m
 }
 
 fn device_records() -> Vec<DeviceRecord> {
@@ -411,6 +421,17 @@ fn build(
             &mem,
             name,
             Box::new(wv_virtio::block::Block::new(Box::new(disk), &d.id)),
+        )?;
+    }
+    for n in &cfg.nets {
+        let tap = wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?;
+        let mac = n.mac.unwrap_or_else(random_mac);
+        let name: &'static str = Box::leak(format!("virtio-net:{}", n.tap).into_boxed_str());
+        pci.add_virtio(
+            &vm,
+            &mem,
+            name,
+            Box::new(wv_virtio::net::Net::new(tap, mac)),
         )?;
     }
     let pci::PciBuilder {

@@ -38,12 +38,15 @@ Options:
   --disk path=IMG[,readonly=on][,id=NAME]
                        a virtio-blk disk backed by a raw image or block device (repeatable);
                        read-write disks are locked against a second writer
+  --net tap=NAME[,mac=MAC]
+                       a virtio-net device on TAP NAME (created and brought up if missing,
+                       which needs CAP_NET_ADMIN); MAC generated if not given (repeatable)
   --rng on|off         a virtio-rng device for guest entropy (default on)
   --stats[=table|json] print exit accounting to stderr when the VM ends
 
 Exit status: the guest's exit code (0-199) when it powers off; 200 bad arguments, 201 KVM
 unavailable, 202 bad kernel, initrd or disk image, 203 guest reset, 204 triple fault, 205 KVM could not
-run the guest, 206 VMM failure, 128+N stopped by signal N.
+run the guest, 206 VMM failure, 207 TAP unavailable, 128+N stopped by signal N.
 
 Environment: WV_KVM_DEVICE overrides the KVM device path (default /dev/kvm).";
 
@@ -95,6 +98,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     let mut stats = StatsMode::Off;
     let mut rng = true;
     let mut disks = Vec::new();
+    let mut nets = Vec::new();
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -131,6 +135,10 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
                 disks.push(
                     wv_vmm::DiskConfig::parse(&v, disks.len()).map_err(|e| Usage(e.to_string()))?,
                 );
+            }
+            "--net" => {
+                let v = take_value(args, &mut i, name, inline)?;
+                nets.push(wv_vmm::NetConfig::parse(&v).map_err(|e| Usage(e.to_string()))?);
             }
             "--rng" => {
                 rng = match take_value(args, &mut i, name, inline)?.as_str() {
@@ -173,6 +181,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     cfg.serial = serial;
     cfg.rng = rng;
     cfg.disks = disks;
+    cfg.nets = nets;
     Ok(Some((cfg, stats)))
 }
 

@@ -1,0 +1,483 @@
+//! virtio-net (device type 1) backed by a TAP device: queue 0 receives, queue 1 transmits.
+//!
+//! Frames carry the 12-byte virtio-net header, which is also the TAP's vnet header, so they
+//! pass between the guest's buffers and the TAP without translation. Checksum and
+//! segmentation offloads are offered only when the TAP accepts them, and the TAP is told which
+//! ones the guest took. Transmit chains must be device-readable and at most one vnet header
+//! plus 64 KiB; receive buffers must be device-writable; anything else is dropped and counted.
+#![allow(clippy::cast_possible_truncation)] // lengths are bounded by MAX_FRAME first
+
+use crate::F_VERSION_1;
+use crate::{ActiveQueue, Interrupt, VirtioDevice};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The virtio-net header with VERSION_1 (includes num_buffers).
+pub const VNET_HDR: usize = 12;
+/// Largest frame: header plus a 64 KiB GSO packet plus an Ethernet header.
+pub const MAX_FRAME: usize = VNET_HDR + 65_535 + 14;
+
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
+const F_MAC: u64 = 1 << 5;
+const F_GUEST_TSO4: u64 = 1 << 7;
+const F_GUEST_TSO6: u64 = 1 << 8;
+const F_HOST_TSO4: u64 = 1 << 11;
+const F_HOST_TSO6: u64 = 1 << 12;
+const F_MRG_RXBUF: u64 = 1 << 15;
+const F_STATUS: u64 = 1 << 16;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+const TUN_F_CSUM: libc::c_uint = 1;
+const TUN_F_TSO4: libc::c_uint = 2;
+const TUN_F_TSO6: libc::c_uint = 4;
+const QUEUE_SIZE: u16 = 256;
+
+/// A TAP device opened with vnet headers.
+pub struct Tap {
+    file: File,
+    name: String,
+    offloads: bool,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl Tap {
+    /// Opens (and, with CAP_NET_ADMIN, creates and brings up) TAP `name`.
+    pub fn open(name: &str) -> Result<Tap, String> {
+        if name.is_empty()
+            || name.len() > 15
+            || !name.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+        {
+            return Err(format!(
+                "'{name}' is not a valid interface name (1-15 characters)"
+            ));
+        }
+        let existed = std::path::Path::new("/sys/class/net").join(name).exists();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| format!("cannot open /dev/net/tun for TAP {name}: {e}"))?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } != 0 {
+            let e = std::io::Error::last_os_error();
+            let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                " (creating or attaching a TAP needs CAP_NET_ADMIN, or a persistent TAP owned by this user)"
+            } else {
+                ""
+            };
+            return Err(format!("cannot attach to TAP {name}: {e}{hint}"));
+        }
+        let hdr: libc::c_int = VNET_HDR as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } != 0 {
+            return Err(format!(
+                "TAP {name}: cannot set the vnet header size: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: F_SETFL on our descriptor; the loop reads until EAGAIN.
+        unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        let tap = Tap {
+            offloads: false,
+            file,
+            name: name.to_string(),
+        };
+        let offloads = tap
+            .set_offloads(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            .is_ok();
+        let _ = tap.set_offloads(0);
+        if !existed {
+            tap.bring_up()?;
+        }
+        Ok(Tap { offloads, ..tap })
+    }
+
+    fn set_offloads(&self, flags: libc::c_uint) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes the flags by value.
+        if unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        } == 0
+        {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn bring_up(&self) -> Result<(), String> {
+        let name = CString::new(self.name.clone()).map_err(|e| e.to_string())?;
+        // SAFETY: a datagram socket used only for the interface-flag ioctls below.
+        let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if s < 0 {
+            return Err(format!(
+                "TAP {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: `s` is ours.
+        let s = unsafe { OwnedFd::from_raw_fd(s) };
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        req.name[..self.name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq we own.
+        unsafe {
+            if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
+                return Err(format!(
+                    "TAP {}: {}",
+                    self.name,
+                    std::io::Error::last_os_error()
+                ));
+            }
+            req.flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
+                return Err(format!(
+                    "TAP {}: cannot bring it up: {}",
+                    self.name,
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the TAP takes checksum and segmentation offloads.
+    pub fn offloads(&self) -> bool {
+        self.offloads
+    }
+}
+
+/// What the device counted.
+#[derive(Default, Debug)]
+pub struct NetCounters {
+    /// Frames sent to the TAP.
+    pub tx_frames: AtomicU64,
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Malformed transmit chains or receive buffers dropped.
+    pub dropped: AtomicU64,
+}
+
+/// The network device.
+pub struct Net {
+    tap: Arc<Tap>,
+    mac: [u8; 6],
+    counters: Arc<NetCounters>,
+    stop: Option<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Net {
+    /// A device on `tap` with `mac`.
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
+        Net {
+            tap: Arc::new(tap),
+            mac,
+            counters: Arc::default(),
+            stop: None,
+            thread: None,
+        }
+    }
+
+    /// What the device counted so far.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+}
+
+/// Moves one transmit chain to the TAP; false if the chain was malformed.
+fn transmit<M>(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+    tap: &Tap,
+    buf: &mut Vec<u8>,
+) -> bool
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+{
+    if chain.clone().any(|d| d.is_write_only()) {
+        return false;
+    }
+    let Ok(mut r) = Reader::new(mem, chain) else {
+        return false;
+    };
+    let n = r.available_bytes();
+    if !(VNET_HDR..=MAX_FRAME).contains(&n) {
+        return false;
+    }
+    buf.resize(n, 0);
+    if r.read_exact(buf).is_err() {
+        return false;
+    }
+    (&tap.file).write_all(buf).is_ok()
+}
+
+struct Rx {
+    frame: Vec<u8>,
+    len: usize,
+}
+
+/// Delivers the pending frame into receive buffers; true if the frame is done with (delivered
+/// or dropped), false if the guest has not posted enough buffers yet (the frame stays pending
+/// and no buffer is consumed). Malformed buffers are returned empty and the frame is dropped.
+fn deliver(
+    mem: &GuestMemoryMmap,
+    q: &mut ActiveQueue,
+    rx: &mut Rx,
+    mergeable: bool,
+    counters: &NetCounters,
+) -> bool {
+    let mut taken: Vec<(u16, Option<Writer<'_>>)> = Vec::new();
+    let mut room = 0usize;
+    while room < rx.len && (mergeable || taken.is_empty()) {
+        let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
+            for _ in &taken {
+                q.queue.go_to_previous_position();
+            }
+            return false;
+        };
+        let head = chain.head_index();
+        let w = if chain.clone().all(|d| d.is_write_only()) {
+            Writer::new(mem, chain).ok()
+        } else {
+            None
+        };
+        room += w.as_ref().map_or(0, |w| w.available_bytes());
+        taken.push((head, w));
+    }
+    let malformed = taken.iter().any(|(_, w)| w.is_none())
+        || room < rx.len
+        || taken[0]
+            .1
+            .as_ref()
+            .is_some_and(|w| w.available_bytes() < VNET_HDR);
+    if malformed {
+        for (head, _) in &taken {
+            let _ = q.queue.add_used(mem, *head, 0);
+        }
+        counters.dropped.fetch_add(1, Ordering::Relaxed);
+        rx.len = 0;
+        return true;
+    }
+    if mergeable {
+        let n = taken.len() as u16;
+        rx.frame[10..12].copy_from_slice(&n.to_le_bytes());
+    }
+    let mut done = 0usize;
+    let mut lens = Vec::with_capacity(taken.len());
+    for (head, w) in &mut taken {
+        let w = w.as_mut().expect("checked above");
+        let n = w.available_bytes().min(rx.len - done);
+        if w.write_all(&rx.frame[done..done + n]).is_err() {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        done += n;
+        lens.push((*head, n as u32));
+    }
+    drop(taken);
+    for (head, n) in lens {
+        let _ = q.queue.add_used(mem, head, n);
+    }
+    counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+    rx.len = 0;
+    true
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u16 {
+        1
+    }
+    fn features(&self) -> u64 {
+        let mut f = F_VERSION_1 | F_MAC | F_STATUS;
+        if self.tap.offloads() {
+            f |= F_CSUM
+                | F_GUEST_CSUM
+                | F_HOST_TSO4
+                | F_HOST_TSO6
+                | F_GUEST_TSO4
+                | F_GUEST_TSO6
+                | F_MRG_RXBUF;
+        }
+        f
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&1u16.to_le_bytes()); // link up
+        c[8..10].copy_from_slice(&1u16.to_le_bytes()); // one queue pair
+        let o = offset as usize;
+        match c.get(o..o + data.len()) {
+            Some(b) => data.copy_from_slice(b),
+            None => data.fill(0),
+        }
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        features: u64,
+        queues: Vec<ActiveQueue>,
+        irq: Arc<dyn Interrupt>,
+    ) -> Result<(), String> {
+        let mut tun = 0;
+        if features & F_GUEST_CSUM != 0 {
+            tun |= TUN_F_CSUM;
+            if features & F_GUEST_TSO4 != 0 {
+                tun |= TUN_F_TSO4;
+            }
+            if features & F_GUEST_TSO6 != 0 {
+                tun |= TUN_F_TSO6;
+            }
+        }
+        self.tap
+            .set_offloads(tun)
+            .map_err(|e| format!("TAP {}: setting offloads: {e}", self.tap.name))?;
+        let mergeable = features & F_MRG_RXBUF != 0;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let stop2 = stop.try_clone().map_err(|e| e.to_string())?;
+        let (tap, counters) = (self.tap.clone(), self.counters.clone());
+        let mut queues = queues;
+        if queues.len() != 2 {
+            return Err("virtio-net needs two queues".into());
+        }
+        let thread = std::thread::Builder::new()
+            .name("virtio-net".into())
+            .spawn(move || {
+                net_loop(
+                    mem,
+                    &mut queues,
+                    &tap,
+                    mergeable,
+                    irq.as_ref(),
+                    &counters,
+                    stop2,
+                )
+            })
+            .map_err(|e| e.to_string())?;
+        self.stop = Some(stop);
+        self.thread = Some(thread);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.write(1);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn net_loop(
+    mem: GuestMemoryMmap,
+    queues: &mut [ActiveQueue],
+    tap: &Tap,
+    mergeable: bool,
+    irq: &dyn Interrupt,
+    counters: &NetCounters,
+    stop: EventFd,
+) {
+    let fd = |r: RawFd| libc::pollfd {
+        fd: r,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut rx = Rx {
+        frame: vec![0; MAX_FRAME],
+        len: 0,
+    };
+    let mut txbuf = Vec::with_capacity(MAX_FRAME);
+    loop {
+        // Read from the TAP only when there is no frame waiting for guest buffers.
+        let mut fds = [
+            fd(queues[0].evt.as_raw_fd()),
+            fd(queues[1].evt.as_raw_fd()),
+            fd(stop.as_raw_fd()),
+            fd(tap.file.as_raw_fd()),
+        ];
+        let n = if rx.len == 0 { 4 } else { 3 };
+        // SAFETY: `fds` is a valid array of at least `n` pollfd.
+        if unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, -1) } < 0 {
+            continue;
+        }
+        if fds[2].revents != 0 {
+            return;
+        }
+        if fds[1].revents != 0 {
+            let _ = queues[1].evt.read();
+            let mut used = false;
+            while let Some(chain) = queues[1].queue.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                if transmit(&mem, chain, tap, &mut txbuf) {
+                    counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                if queues[1].queue.add_used(&mem, head, 0).is_err() {
+                    break;
+                }
+                used = true;
+            }
+            if used && queues[1].queue.needs_notification(&mem).unwrap_or(true) {
+                irq.queue(1);
+            }
+        }
+        if fds[0].revents != 0 {
+            let _ = queues[0].evt.read();
+        }
+        let mut delivered = false;
+        loop {
+            if rx.len == 0 {
+                match (&tap.file).read(&mut rx.frame) {
+                    Ok(n) if n >= VNET_HDR => rx.len = n,
+                    _ => break,
+                }
+            }
+            if !deliver(&mem, &mut queues[0], &mut rx, mergeable, counters) {
+                break;
+            }
+            delivered = true;
+        }
+        if delivered && queues[0].queue.needs_notification(&mem).unwrap_or(true) {
+            irq.queue(0);
+        }
+    }
+}
