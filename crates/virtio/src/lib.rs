@@ -12,7 +12,7 @@ pub mod net;
 pub mod rng;
 pub mod transport;
 
-pub use device::{ActiveQueue, Interrupt, VirtioDevice};
+pub use device::{ActiveQueue, DeviceCounters, Interrupt, VirtioDevice};
 pub use transport::VirtioPci;
 
 /// VIRTIO_F_VERSION_1: a modern (1.x) device.

@@ -425,6 +425,8 @@ fn net_loop(
         len: 0,
     };
     let mut txbuf = Vec::with_capacity(MAX_FRAME);
+    // The first pass serves anything posted before DRIVER_OK.
+    let mut first = true;
     loop {
         // Read from the TAP only when there is no frame waiting for guest buffers.
         let mut fds = [
@@ -434,15 +436,19 @@ fn net_loop(
             fd(tap.file.as_raw_fd()),
         ];
         let n = if rx.len == 0 { 4 } else { 3 };
+        let timeout = if first { 0 } else { -1 };
         // SAFETY: `fds` is a valid array of at least `n` pollfd.
-        if unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, -1) } < 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, timeout) } < 0 {
             continue;
+        }
+        if std::mem::take(&mut first) {
+            fds[1].revents |= libc::POLLIN;
         }
         if fds[2].revents != 0 {
             return;
         }
         if fds[1].revents != 0 {
-            let _ = queues[1].evt.read();
+            queues[1].take_notifications();
             let mut used = false;
             while let Some(chain) = queues[1].queue.pop_descriptor_chain(&mem) {
                 let head = chain.head_index();
@@ -461,7 +467,7 @@ fn net_loop(
             }
         }
         if fds[0].revents != 0 {
-            let _ = queues[0].evt.read();
+            queues[0].take_notifications();
         }
         let mut delivered = false;
         loop {

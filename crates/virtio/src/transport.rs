@@ -73,6 +73,7 @@ struct Irq {
     config_vector: AtomicU16,
     isr: AtomicU8,
     intx: EventFd,
+    counters: Arc<crate::device::DeviceCounters>,
 }
 
 impl Irq {
@@ -82,10 +83,12 @@ impl Irq {
             let v = usize::from(vector);
             if vector != NO_VECTOR && v < self.irqfds.len() && t.trigger(v) {
                 let _ = self.irqfds[v].write(1);
+                self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             }
         } else {
             self.isr.fetch_or(isr_bit, Ordering::SeqCst);
             let _ = self.intx.write(1);
+            self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -93,6 +96,7 @@ impl Irq {
         for &v in vectors {
             if let Some(fd) = self.irqfds.get(v) {
                 let _ = fd.write(1);
+                self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -210,6 +214,7 @@ impl VirtioPci {
             config_vector: AtomicU16::new(NO_VECTOR),
             isr: AtomicU8::new(0),
             intx: w.intx.0,
+            counters: Arc::default(),
         });
         VirtioPci {
             config,
@@ -232,6 +237,11 @@ impl VirtioPci {
             bar_addr,
             warned_move: false,
         }
+    }
+
+    /// What the device's data path did (notifications, interrupts).
+    pub fn counters(&self) -> Arc<crate::device::DeviceCounters> {
+        self.irq.counters.clone()
     }
 
     /// The device status byte.
@@ -318,16 +328,16 @@ impl VirtioPci {
                 }
             }
             let evt = self.queue_evts[i].try_clone().map_err(|e| e.to_string())?;
-            active.push(ActiveQueue { queue: q, evt });
+            active.push(ActiveQueue {
+                queue: q,
+                evt,
+                counters: self.irq.counters.clone(),
+            });
         }
         let irq: Arc<dyn Interrupt> = self.irq.clone();
         self.device
             .activate(self.mem.clone(), self.driver_features, active, irq)?;
         self.active = true;
-        // Buffers may already be waiting.
-        for evt in &self.queue_evts {
-            let _ = evt.write(1);
-        }
         Ok(())
     }
 

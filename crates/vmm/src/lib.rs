@@ -42,6 +42,7 @@ pub(crate) struct VmShared {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) bus: PioBus,
     pub(crate) mmio: wv_devices::MmioBus,
+    pub(crate) device_counters: Vec<(&'static str, Arc<wv_virtio::DeviceCounters>)>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) info: MachineInfo,
     pub(crate) table: stats::CauseTable,
@@ -316,7 +317,17 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         None => end,
     };
     trace.mark("vcpus joined");
+    let devices = shared
+        .device_counters
+        .iter()
+        .map(|(name, c)| stats::DeviceActivity {
+            name: (*name).to_string(),
+            notifications: c.notifications.load(Ordering::Relaxed),
+            interrupts: c.interrupts.load(Ordering::Relaxed),
+        })
+        .collect();
     let stats = VmStats {
+        devices,
         kvm: Vec::new(),
         table: shared.table.clone(),
         vcpus,
@@ -435,7 +446,10 @@ fn build(
         )?;
     }
     let pci::PciBuilder {
-        bus: pci_bus, mmio, ..
+        bus: pci_bus,
+        mmio,
+        counters: device_counters,
+        ..
     } = pci;
     bus.insert(
         wv_pci::CONFIG_ADDRESS_PORT,
@@ -449,6 +463,7 @@ fn build(
         mem,
         bus,
         mmio,
+        device_counters,
         serial,
         info: MachineInfo {
             mem_size: cfg.memory,

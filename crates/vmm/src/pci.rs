@@ -94,6 +94,7 @@ pub struct PciBuilder {
     bars: BarAllocator,
     next_gsi: u32,
     router: Arc<GsiRouter>,
+    pub(crate) counters: Vec<(&'static str, Arc<wv_virtio::DeviceCounters>)>,
 }
 
 impl PciBuilder {
@@ -108,6 +109,7 @@ impl PciBuilder {
             ),
             next_gsi: MSI_GSI_BASE,
             router: Arc::new(GsiRouter::new(vm)),
+            counters: Vec::new(),
         }
     }
 
@@ -162,7 +164,9 @@ impl PciBuilder {
             router,
             intx: (intx, line),
         };
-        let dev = Arc::new(Mutex::new(VirtioPci::new(device, wiring)));
+        let pci = VirtioPci::new(device, wiring);
+        self.counters.push((name, pci.counters()));
+        let dev = Arc::new(Mutex::new(pci));
         self.bus
             .add(dev.clone())
             .ok_or_else(|| VmmError::Internal(format!("{name}: the PCI bus is full")))?;

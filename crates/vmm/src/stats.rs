@@ -162,9 +162,24 @@ pub struct VmStats {
     pub setup_ns: u64,
     /// Nanoseconds the VM ran.
     pub run_ns: u64,
+    /// What each device's data path did without a vCPU exit (ioeventfd notifications,
+    /// irqfd interrupts).
+    pub devices: Vec<DeviceActivity>,
     /// KVM's own cumulative counters per vCPU (exits handled in the kernel included); empty
     /// unless filled from [`crate::Resources::kvm_counters`].
     pub kvm: Vec<Vec<(String, u64)>>,
+}
+
+/// Notifications and interrupts of one device: they bypass the vCPU run loop (ioeventfd,
+/// irqfd), so the device counts them.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct DeviceActivity {
+    /// Device name (the MMIO accounting name).
+    pub name: String,
+    /// Queue notifications received.
+    pub notifications: u64,
+    /// Interrupts raised.
+    pub interrupts: u64,
 }
 
 /// KVM counters shown in the table (all non-zero ones go into the JSON).
@@ -208,6 +223,7 @@ struct JsonStats<'a> {
     vmm_ns: u64,
     causes: Vec<JsonCause<'a>>,
     vcpus: Vec<JsonVcpu<'a>>,
+    devices: &'a [DeviceActivity],
 }
 
 fn fmt_ns(ns: u64) -> String {
@@ -299,6 +315,7 @@ impl VmStats {
                         .unwrap_or_default(),
                 })
                 .collect(),
+            devices: &self.devices,
         };
         serde_json::to_string(&doc).expect("stats serialise")
     }
@@ -360,6 +377,12 @@ impl VmStats {
                 fmt_ns(v.guest_ns)
             ));
         }
+        for d in &self.devices {
+            s.push_str(&format!(
+                "dev   {:<26} notifications={} interrupts={} (no vCPU exits)\n",
+                d.name, d.notifications, d.interrupts
+            ));
+        }
         s
     }
 }
@@ -385,6 +408,11 @@ mod tests {
             setup_ns: 1,
             run_ns: 2,
             kvm: vec![vec![("exits".into(), 9), ("halt_exits".into(), 0)], vec![]],
+            devices: vec![DeviceActivity {
+                name: "virtio-rng".into(),
+                notifications: 2,
+                interrupts: 1,
+            }],
         }
     }
 
@@ -419,6 +447,7 @@ mod tests {
         assert_eq!(j["vcpus"][0]["batched_calls"][0]["cause"], "console_write");
         assert_eq!(j["vcpus"][0]["batched_calls"][0]["count"], 32);
         assert_eq!(j["vcpus"][0]["kvm"]["exits"], 9);
+        assert_eq!(j["devices"][0]["notifications"], 2);
         assert!(
             j["vcpus"][0]["kvm"].get("halt_exits").is_none(),
             "zero counters are left out"
@@ -432,5 +461,6 @@ mod tests {
         assert!(t.contains("(batched) console_write"));
         assert!(!t.contains("io:i8042"));
         assert!(t.contains("kvm (in-kernel included): exits=9 halt_exits=0"));
+        assert!(t.contains("notifications=2 interrupts=1"));
     }
 }

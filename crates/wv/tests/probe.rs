@@ -286,6 +286,8 @@ fn virtio_rng_serves_the_guest_without_vcpu_exits_for_notifications() {
     let s = r.stats();
     let mmio = cause_count(&s, "mmio:virtio-rng");
     assert!((10..=40).contains(&mmio), "{mmio} MMIO exits\n{r}");
+    // Two requests: two notifications and two interrupts, none of them a vCPU exit.
+    assert_eq!(device_activity(&s, "virtio-rng"), (2, 2), "{r}");
     // Without the device the guest finds nothing and says so.
     let r = wv(&["run", "--rng", "off", "--cmdline", "probe.tests=pci,rng"]);
     assert_eq!(r.status, Some(1), "{r}");
@@ -348,5 +350,8 @@ fn virtio_blk_reads_writes_persists_and_refuses_writes_to_readonly_disks() {
                 && cause_count(&s, "mmio:virtio-blk:ro0") > 0,
             "{r}"
         );
+        // GET_ID, sector 0, write, flush, read back, read past the end / GET_ID, sector 0, refused write.
+        assert_eq!(device_activity(&s, "virtio-blk:root"), (6, 6), "{r}");
+        assert_eq!(device_activity(&s, "virtio-blk:ro0"), (3, 3), "{r}");
     }
 }

@@ -65,6 +65,20 @@ pub fn cause_count(stats: &serde_json::Value, cause: &str) -> u64 {
         .map_or(0, |c| c["count"].as_u64().unwrap())
 }
 
+/// (notifications, interrupts) of device `name` in a stats document.
+pub fn device_activity(stats: &serde_json::Value, name: &str) -> (u64, u64) {
+    let d = stats["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("no device {name}"));
+    (
+        d["notifications"].as_u64().unwrap(),
+        d["interrupts"].as_u64().unwrap(),
+    )
+}
+
 pub fn wv_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_wv"))
 }
