@@ -78,6 +78,55 @@ pub trait Disk: Send {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()>;
 }
 
+/// A disk in memory (tests, fuzzing, benchmarks of the request path).
+pub struct MemDisk {
+    /// Contents.
+    pub data: Vec<u8>,
+    /// Whether writes are refused.
+    pub ro: bool,
+    /// Whether flush was called.
+    pub flushed: bool,
+}
+
+impl Disk for MemDisk {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn readonly(&self) -> bool {
+        self.ro
+    }
+    fn read_at(&mut self, buf: &mut [u8], o: u64) -> std::io::Result<()> {
+        let src = self
+            .data
+            .get(o as usize..o as usize + buf.len())
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], o: u64) -> std::io::Result<()> {
+        let dst = self
+            .data
+            .get_mut(o as usize..o as usize + buf.len())
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        dst.copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.flushed = true;
+        Ok(())
+    }
+    fn discard(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+        self.write_zeroes(o, l)
+    }
+    fn write_zeroes(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+        self.data
+            .get_mut(o as usize..(o + l) as usize)
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?
+            .fill(0);
+        Ok(())
+    }
+}
+
 /// A raw image file or block device, locked against a second writer.
 pub struct RawDisk {
     file: File,
@@ -485,39 +534,6 @@ mod tests {
     use super::*;
     use virtio_queue::Queue;
     use vm_memory::{Bytes, GuestAddress};
-
-    struct MemDisk {
-        data: Vec<u8>,
-        ro: bool,
-        flushed: bool,
-    }
-    impl Disk for MemDisk {
-        fn size(&self) -> u64 {
-            self.data.len() as u64
-        }
-        fn readonly(&self) -> bool {
-            self.ro
-        }
-        fn read_at(&mut self, buf: &mut [u8], o: u64) -> std::io::Result<()> {
-            buf.copy_from_slice(&self.data[o as usize..o as usize + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&mut self, buf: &[u8], o: u64) -> std::io::Result<()> {
-            self.data[o as usize..o as usize + buf.len()].copy_from_slice(buf);
-            Ok(())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.flushed = true;
-            Ok(())
-        }
-        fn discard(&mut self, o: u64, l: u64) -> std::io::Result<()> {
-            self.write_zeroes(o, l)
-        }
-        fn write_zeroes(&mut self, o: u64, l: u64) -> std::io::Result<()> {
-            self.data[o as usize..(o + l) as usize].fill(0);
-            Ok(())
-        }
-    }
 
     const MEM: usize = 1 << 20;
     const DESC: u64 = 0x1000;
