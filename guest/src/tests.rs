@@ -52,6 +52,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"rng" => rng_test(),
         b"blk" => blk_test(),
         b"net" => net_test(),
+        b"blkbench" => blk_bench(),
         // Not self-tests: deliberate ways for a guest to end badly, so the VMM's handling of
         // each is tested end to end. None is in the default list.
         b"triplefault" => triple_fault(),
@@ -884,4 +885,85 @@ fn net_test() -> Outcome {
     d.s(" icmp=ok");
     dev.reset();
     pass("net", &mut d)
+}
+
+/// Guest-physical buffer for the block benchmark (1 MiB at 16 MiB; checked against the map).
+const BENCH_BUF: u64 = 16 << 20;
+const MIB: u32 = 1 << 20;
+
+fn bench_io(dev: &mut crate::virtio::Device, write: bool, sector: u64, len: u32) -> bool {
+    use crate::virtio::DESC_WRITE;
+    let b = &raw mut BLK;
+    // SAFETY: the header and status buffers are this test's; the device is idle.
+    let bufs = unsafe { &mut *b };
+    bufs.hdr[0..4].copy_from_slice(&u32::from(write).to_le_bytes());
+    bufs.hdr[8..16].copy_from_slice(&sector.to_le_bytes());
+    bufs.status[0] = 0xee;
+    let (hdr, status) = unsafe { ((&raw mut (*b).hdr) as u64, (&raw mut (*b).status) as u64) };
+    let data_flags = if write { 0 } else { DESC_WRITE };
+    dev.submit(0, &[(hdr, 16, 0), (BENCH_BUF, len, data_flags), (status, 1, DESC_WRITE)]).is_some()
+        // SAFETY: the device completed the request.
+        && unsafe { core::ptr::read_volatile(&raw const (*b).status[0]) } == 0
+}
+
+fn blk_bench() -> Outcome {
+    use crate::virtio;
+    let mut d = Line::new();
+    let Some(mut dev) = virtio::find(0x1042) else {
+        d.s("no virtio-blk device");
+        return fail("blkbench", &mut d);
+    };
+    if dev.negotiate(0).is_none() || !dev.setup_queue(0) || !dev.driver_ok() {
+        d.s("device set-up failed");
+        return fail("blkbench", &mut d);
+    }
+    if !boot_info().in_ram(BENCH_BUF, u64::from(MIB)) {
+        d.s("needs RAM at 16-17 MiB for its buffer");
+        return fail("blkbench", &mut d);
+    }
+    let sectors: u64 = dev.config(0);
+    let mib = (sectors / 2048).min(64);
+    let ops = 1000u64;
+    if mib < 8 {
+        d.s("needs a disk of at least 8 MiB");
+        return fail("blkbench", &mut d);
+    }
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rand4k = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % (mib * 256)) * 8
+    };
+    let mut run = |write: bool, seq: bool, rand: &mut dyn FnMut() -> u64| -> Option<u64> {
+        let t0 = cpu::rdtsc();
+        let n = if seq { mib } else { ops };
+        for i in 0..n {
+            let (sector, len) = if seq { (i * 2048, MIB) } else { (rand(), 4096) };
+            if !bench_io(&mut dev, write, sector, len) {
+                return None;
+            }
+        }
+        Some(cpu::rdtsc().wrapping_sub(t0))
+    };
+    let (Some(sw), Some(sr), Some(rw), Some(rr)) = (
+        run(true, true, &mut rand4k),
+        run(false, true, &mut rand4k),
+        run(true, false, &mut rand4k),
+        run(false, false, &mut rand4k),
+    ) else {
+        d.s("a request failed");
+        return fail("blkbench", &mut d);
+    };
+    d.s("seq_mib=").dec(mib).s(" rand_ops=").dec(ops);
+    d.s(" seq_write_cycles=")
+        .dec(sw)
+        .s(" seq_read_cycles=")
+        .dec(sr);
+    d.s(" rand_write_cycles=")
+        .dec(rw)
+        .s(" rand_read_cycles=")
+        .dec(rr);
+    d.s(" tsc_khz=").dec(tsc_khz());
+    pass("blkbench", &mut d)
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Sector size.
 pub const SECTOR: u64 = 512;
@@ -76,6 +76,44 @@ pub trait Disk: Send {
     fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()>;
     /// Zeroes a range.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()>;
+
+    /// Reads into guest memory: `segs` are (guest address, length) pieces filled in order from
+    /// `offset`. The default goes through a buffer; backends with a file descriptor read
+    /// straight into guest memory.
+    fn read_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &[(u64, usize)],
+        mut offset: u64,
+    ) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for &(addr, len) in segs {
+            buf.resize(len, 0);
+            self.read_at(&mut buf, offset)?;
+            mem.write_slice(&buf, GuestAddress(addr))
+                .map_err(std::io::Error::other)?;
+            offset += len as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes from guest memory pieces `segs`, in order, at `offset`.
+    fn write_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &[(u64, usize)],
+        mut offset: u64,
+    ) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for &(addr, len) in segs {
+            buf.resize(len, 0);
+            mem.read_slice(&mut buf, GuestAddress(addr))
+                .map_err(std::io::Error::other)?;
+            self.write_at(&buf, offset)?;
+            offset += len as u64;
+        }
+        Ok(())
+    }
 }
 
 /// A disk in memory (tests, fuzzing, benchmarks of the request path).
@@ -225,9 +263,71 @@ impl Disk for RawDisk {
         )
         .or_else(|_| self.write_zeroes_slow(offset, len))
     }
+    fn read_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &[(u64, usize)],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.direct(mem, segs, offset, false)
+    }
+    fn write_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &[(u64, usize)],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.direct(mem, segs, offset, true)
+    }
 }
 
 impl RawDisk {
+    /// pread/pwrite straight between the file and guest memory (one copy, by the kernel).
+    fn direct(
+        &self,
+        mem: &GuestMemoryMmap,
+        segs: &[(u64, usize)],
+        mut offset: u64,
+        write: bool,
+    ) -> std::io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        for &(addr, len) in segs {
+            for slice in mem.get_slices(GuestAddress(addr), len) {
+                let slice = slice.map_err(std::io::Error::other)?;
+                let guard = slice.ptr_guard_mut();
+                let mut done = 0usize;
+                while done < slice.len() {
+                    let off = i64::try_from(offset + done as u64)
+                        .map_err(|_| std::io::ErrorKind::InvalidInput)?;
+                    // SAFETY: the pointer and length come from a VolatileSlice of guest memory
+                    // that stays mapped while `mem` is borrowed; the kernel copies into or out
+                    // of it, which is what volatile guest memory permits.
+                    let n = unsafe {
+                        let p = guard.as_ptr().add(done) as *mut libc::c_void;
+                        if write {
+                            libc::pwrite(fd, p, slice.len() - done, off)
+                        } else {
+                            libc::pread(fd, p, slice.len() - done, off)
+                        }
+                    };
+                    if n < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.kind() == std::io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        return Err(e);
+                    }
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    done += n as usize;
+                }
+                offset += slice.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
         let (o, l) = (i64::try_from(offset), i64::try_from(len));
         let (Ok(o), Ok(l)) = (o, l) else {
@@ -285,6 +385,7 @@ where
             return 0;
         }
     }
+    let chain_copy = chain.clone();
     let (Ok(mut reader), Ok(mut writer)) =
         (Reader::new(mem, chain.clone()), Writer::new(mem, chain))
     else {
@@ -300,7 +401,33 @@ where
         counters.dropped.fetch_add(1, Ordering::Relaxed);
         return 0;
     };
-    let (status, data_written) = serve(&mut reader, &mut writer, disk, id);
+    // Where the data lies: readable bytes after the 16-byte header (a write), or writable
+    // bytes before the status byte (a read).
+    let mut data_out = Vec::new();
+    let mut writable_segs = Vec::new();
+    let mut skip = 16usize;
+    for d in chain_copy {
+        let (addr, len) = (d.addr().0, d.len() as usize);
+        if d.is_write_only() {
+            writable_segs.push((addr, len));
+        } else if len > skip {
+            data_out.push((addr + skip as u64, len - skip));
+            skip = 0;
+        } else {
+            skip -= len;
+        }
+    }
+    let mut left = writable - 1;
+    let mut data_in = Vec::new();
+    for (addr, len) in writable_segs {
+        let n = len.min(left);
+        if n > 0 {
+            data_in.push((addr, n));
+        }
+        left -= n;
+    }
+    let (status, data_written) =
+        serve(mem, &mut reader, &mut writer, disk, id, &data_out, &data_in);
     if status == S_OK {
         counters.served.fetch_add(1, Ordering::Relaxed);
     } else {
@@ -320,10 +447,13 @@ fn in_range(disk: &dyn Disk, sector: u64, bytes: u64) -> Option<u64> {
 }
 
 fn serve(
+    mem: &GuestMemoryMmap,
     reader: &mut Reader<'_>,
     writer: &mut Writer<'_>,
     disk: &mut dyn Disk,
     id: &[u8; 20],
+    data_out: &[(u64, usize)],
+    data_in: &[(u64, usize)],
 ) -> (u8, usize) {
     let mut hdr = [0u8; 16];
     if reader.read_exact(&mut hdr).is_err() {
@@ -337,44 +467,26 @@ fn serve(
             if !(len as u64).is_multiple_of(SECTOR) {
                 return (S_IOERR, 0);
             }
-            let Some(mut offset) = in_range(disk, sector, len as u64) else {
+            let Some(offset) = in_range(disk, sector, len as u64) else {
                 return (S_IOERR, 0);
             };
-            let mut buf = vec![0u8; len.min(CHUNK)];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                if disk.read_at(&mut buf[..n], offset).is_err()
-                    || writer.write_all(&buf[..n]).is_err()
-                {
-                    return (S_IOERR, done);
-                }
-                done += n;
-                offset += n as u64;
+            match disk.read_into(mem, data_in, offset) {
+                Ok(()) => (S_OK, len),
+                Err(_) => (S_IOERR, 0),
             }
-            (S_OK, done)
         }
         req::OUT => {
             let len = reader.available_bytes();
             if disk.readonly() || !(len as u64).is_multiple_of(SECTOR) {
                 return (S_IOERR, 0);
             }
-            let Some(mut offset) = in_range(disk, sector, len as u64) else {
+            let Some(offset) = in_range(disk, sector, len as u64) else {
                 return (S_IOERR, 0);
             };
-            let mut buf = vec![0u8; len.min(CHUNK)];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                if reader.read_exact(&mut buf[..n]).is_err()
-                    || disk.write_at(&buf[..n], offset).is_err()
-                {
-                    return (S_IOERR, 0);
-                }
-                done += n;
-                offset += n as u64;
+            match disk.write_from(mem, data_out, offset) {
+                Ok(()) => (S_OK, 0),
+                Err(_) => (S_IOERR, 0),
             }
-            (S_OK, 0)
         }
         req::FLUSH => (if disk.flush().is_ok() { S_OK } else { S_IOERR }, 0),
         req::GET_ID => {
