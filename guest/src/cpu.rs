@@ -56,6 +56,11 @@ pub struct Frame {
     pub ss: u64,
 }
 
+/// Vector the probe's MSI-X test programs into a device's table.
+pub const MSIX_VECTOR: u8 = 0x50;
+/// MSI-X interrupts taken on [`MSIX_VECTOR`].
+pub static MSIX_HITS: AtomicU64 = AtomicU64::new(0);
+
 /// Vector of the local APIC timer.
 pub const TIMER_VECTOR: u8 = 0x40;
 /// Vector user code traps to when it is done (`int3`, #BP through a DPL-3 gate). Neither
@@ -155,6 +160,12 @@ pub fn load_idt() {
     unsafe { asm!("lidt [{}]", in(reg) &p, options(nostack, preserves_flags)) }
 }
 
+/// Lets pending interrupts in for a moment (`sti; nop; cli`).
+pub fn enable_interrupts_briefly() {
+    // SAFETY: handlers are installed before any caller enables interrupts.
+    unsafe { asm!("sti", "nop", "cli", options(nomem, nostack)) }
+}
+
 /// Disables interrupts.
 pub fn cli() {
     // SAFETY: disabling interrupts is always sound.
@@ -229,6 +240,10 @@ extern "C" fn interrupt_dispatch(f: &mut Frame) {
             lapic::write(lapic::EOI, 0);
         }
         SPURIOUS_VECTOR => {}
+        MSIX_VECTOR => {
+            MSIX_HITS.fetch_add(1, Ordering::Relaxed);
+            lapic::write(lapic::EOI, 0);
+        }
         RETURN_VECTOR if from_user => entry::return_to_kernel(f.rax),
         0..=31 if from_user && USER_FAULT_EXPECTED.load(Ordering::Relaxed) == 1 => {
             USER_FAULT_EXPECTED.store(0, Ordering::Relaxed);

@@ -254,6 +254,38 @@ impl Device {
         }
     }
 
+    /// Points queue `q`'s interrupts at MSI-X table entry `entry`.
+    pub fn set_queue_vector(&self, q: u16, entry: u16) {
+        wr::<u16>(self.common + 0x16, q);
+        wr::<u16>(self.common + 0x1a, entry);
+    }
+
+    /// Programs MSI-X table entry `entry` to deliver `vector` to the local APIC with ID
+    /// `apic_id` (fixed delivery, edge), unmasks it and enables MSI-X. False if the device has
+    /// no MSI-X capability.
+    pub fn enable_msix(&self, entry: u16, apic_id: u8, vector: u8) -> bool {
+        let mut p = (read32(self.slot, 0x34) & 0xfc) as u8;
+        let mut guard = 0;
+        while p != 0 && guard < 48 {
+            guard += 1;
+            let head = read32(self.slot, p);
+            if head & 0xff == 0x11 {
+                let table = read32(self.slot, p + 4);
+                let base = bar_address(self.slot, (table & 7) as u8)
+                    + u64::from(table & !7)
+                    + 16 * u64::from(entry);
+                wr::<u32>(base, 0xfee0_0000 | (u32::from(apic_id) << 12));
+                wr::<u32>(base + 4, 0);
+                wr::<u32>(base + 8, u32::from(vector));
+                wr::<u32>(base + 12, 0);
+                write32(self.slot, p, (head & !(1 << 30)) | (1 << 31));
+                return true;
+            }
+            p = ((head >> 8) & 0xfc) as u8;
+        }
+        false
+    }
+
     /// Reads device configuration.
     pub fn config<T: Copy>(&self, offset: u64) -> T {
         rd(self.device_cfg + offset)
