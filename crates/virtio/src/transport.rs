@@ -535,7 +535,12 @@ impl MmioDevice for VirtioPci {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .write_table((o - MSIX_TABLE) as usize, data);
-                self.update_routes();
+                // A vector is only delivered once unmasked, so KVM's route is refreshed when
+                // the vector-control word is written (not on every address/data write).
+                let field = ((o - MSIX_TABLE) % 16) as usize;
+                if field + data.len() > 12 {
+                    self.update_routes();
+                }
                 self.irq.fire_vectors(&fire);
             }
             _ => {}

@@ -52,8 +52,12 @@ impl GsiRouter {
 impl MsiRouter for GsiRouter {
     fn set_routes(&self, gsi_base: u32, messages: &[MsixMessage]) -> std::io::Result<()> {
         let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changed = false;
         for (i, m) in messages.iter().enumerate() {
-            msi.insert(gsi_base + i as u32, *m);
+            changed |= msi.insert(gsi_base + i as u32, *m) != Some(*m);
+        }
+        if !changed {
+            return Ok(());
         }
         // KVM_SET_GSI_ROUTING replaces the whole table, so the default routes are restated.
         let mut entries = Vec::with_capacity(40 + msi.len());
