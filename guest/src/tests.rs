@@ -675,6 +675,21 @@ fn rng_test() -> Outcome {
         return fail("rng", &mut d);
     }
     dev.reset();
+    // Move the device, as an OS reassigning resources would, and use it at its new place.
+    dev.move_bar(0xe000_0000);
+    let moved = virtio::find(0x1044).and_then(|mut m| {
+        m.negotiate(0)?;
+        (m.setup_queue(0) && m.driver_ok()).then_some(())?;
+        let n = m.submit(0, &[(addr, 64, virtio::DESC_WRITE)]);
+        m.reset();
+        n
+    });
+    d.s(" bar-moved=");
+    if moved != Some(64) {
+        d.s("failed problem: the device did not work after its BAR moved");
+        return fail("rng", &mut d);
+    }
+    d.s("ok");
     pass("rng", &mut d)
 }
 

@@ -30,6 +30,8 @@ static mut RINGS: [Ring; MAX_QUEUES] = unsafe { core::mem::zeroed() };
 pub struct Device {
     /// PCI slot.
     pub slot: u8,
+    /// The BAR holding the common configuration.
+    pub bar: u8,
     common: u64,
     notify: u64,
     notify_mult: u32,
@@ -73,6 +75,7 @@ pub fn find_nth(device_id: u16, n: usize) -> Option<Device> {
     write32(slot, 4, read32(slot, 4) | 0x6); // memory space, bus master
     let mut d = Device {
         slot,
+        bar: 0,
         common: 0,
         notify: 0,
         notify_mult: 0,
@@ -92,7 +95,10 @@ pub fn find_nth(device_id: u16, n: usize) -> Option<Device> {
             let w1 = read32(slot, p + 4);
             let base = bar_address(slot, (w1 & 0xff) as u8) + u64::from(read32(slot, p + 8));
             match cfg_type {
-                1 => d.common = base,
+                1 => {
+                    d.common = base;
+                    d.bar = (w1 & 0xff) as u8;
+                }
                 2 => {
                     d.notify = base;
                     d.notify_mult = read32(slot, p + 16);
@@ -252,6 +258,20 @@ impl Device {
             }
             core::hint::spin_loop();
         }
+    }
+
+    /// Moves the BAR holding the common configuration to `addr` the way an OS does: memory
+    /// decoding off, new address, decoding on.
+    pub fn move_bar(&self, addr: u32) {
+        let reg = 0x10 + 4 * self.bar;
+        let cmd = read32(self.slot, 4);
+        write32(self.slot, 4, cmd & !2);
+        let lo = read32(self.slot, reg);
+        write32(self.slot, reg, addr | (lo & 0xf));
+        if lo & 0x6 == 0x4 {
+            write32(self.slot, reg + 4, 0);
+        }
+        write32(self.slot, 4, cmd | 2);
     }
 
     /// Points queue `q`'s interrupts at MSI-X table entry `entry`.

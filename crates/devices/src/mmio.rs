@@ -1,8 +1,9 @@
-//! The MMIO bus: guest-physical ranges (PCI BARs) routed to devices. Built once, then only
-//! read by vCPU threads; each device has its own lock.
+//! The MMIO bus: guest-physical ranges (PCI BARs) routed to devices. vCPU threads look ranges
+//! up under a read lock that is released before a device's own lock is taken, so a device
+//! moving its range (a BAR the guest relocated) cannot deadlock with an access in flight.
 #![allow(clippy::cast_possible_truncation)] // test-only narrowing of offsets
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on the MMIO bus. `offset` is relative to the range's start.
 pub trait MmioDevice: Send {
@@ -12,6 +13,7 @@ pub trait MmioDevice: Send {
     fn mmio_write(&mut self, offset: u64, data: &[u8]);
 }
 
+#[derive(Clone)]
 struct Entry {
     base: u64,
     len: u64,
@@ -22,7 +24,11 @@ struct Entry {
 /// Devices by MMIO range; ranges never overlap.
 #[derive(Default)]
 pub struct MmioBus {
-    entries: Vec<Entry>,
+    entries: RwLock<Vec<Entry>>,
+}
+
+fn overlaps(e: &Entry, base: u64, end: u64) -> bool {
+    base < e.base + e.len && e.base < end
 }
 
 impl MmioBus {
@@ -31,46 +37,71 @@ impl MmioBus {
         MmioBus::default()
     }
 
+    fn entries(&self) -> std::sync::RwLockReadGuard<'_, Vec<Entry>> {
+        self.entries.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Adds a device at `[base, base + len)`; returns its index, or None if it overlaps.
     pub fn insert(
-        &mut self,
+        &self,
         base: u64,
         len: u64,
         name: &'static str,
         dev: Arc<Mutex<dyn MmioDevice>>,
     ) -> Option<usize> {
         let end = base.checked_add(len)?;
-        if self
-            .entries
-            .iter()
-            .any(|e| base < e.base + e.len && e.base < end)
-        {
+        let mut es = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if es.iter().any(|e| overlaps(e, base, end)) {
             return None;
         }
-        self.entries.push(Entry {
+        es.push(Entry {
             base,
             len,
             name,
             dev,
         });
-        Some(self.entries.len() - 1)
+        Some(es.len() - 1)
+    }
+
+    /// Moves the range that starts at `old` to `new`; false (nothing changed) if no range
+    /// starts at `old` or the new place overlaps another device.
+    pub fn relocate(&self, old: u64, new: u64) -> bool {
+        let mut es = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = es.iter().position(|e| e.base == old) else {
+            return false;
+        };
+        let Some(end) = new.checked_add(es[i].len) else {
+            return false;
+        };
+        if es
+            .iter()
+            .enumerate()
+            .any(|(j, e)| j != i && overlaps(e, new, end))
+        {
+            return false;
+        }
+        es[i].base = new;
+        true
     }
 
     /// The device covering `[addr, addr + len)` (index, offset), if one covers all of it.
     #[inline]
     pub fn lookup(&self, addr: u64, len: usize) -> Option<(usize, u64)> {
         let end = addr.checked_add(len as u64)?;
-        let i = self
-            .entries
+        let es = self.entries();
+        let i = es
             .iter()
             .position(|e| addr >= e.base && end <= e.base + e.len)?;
-        Some((i, addr - self.entries[i].base))
+        Some((i, addr - es[i].base))
+    }
+
+    fn device(&self, index: usize) -> Arc<Mutex<dyn MmioDevice>> {
+        self.entries()[index].dev.clone()
     }
 
     /// Reads from device `index`.
     pub fn read(&self, index: usize, offset: u64, data: &mut [u8]) {
-        self.entries[index]
-            .dev
+        self.device(index)
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .mmio_read(offset, data);
@@ -78,8 +109,7 @@ impl MmioBus {
 
     /// Writes to device `index`.
     pub fn write(&self, index: usize, offset: u64, data: &[u8]) {
-        self.entries[index]
-            .dev
+        self.device(index)
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .mmio_write(offset, data);
@@ -87,7 +117,7 @@ impl MmioBus {
 
     /// Device names by index.
     pub fn names(&self) -> Vec<&'static str> {
-        self.entries.iter().map(|e| e.name).collect()
+        self.entries().iter().map(|e| e.name).collect()
     }
 }
 
@@ -109,7 +139,7 @@ mod tests {
 
     #[test]
     fn ranges_route_and_straddling_accesses_do_not() {
-        let mut b = MmioBus::new();
+        let b = MmioBus::new();
         let i = b
             .insert(0xc000_0000, 16, "m", Arc::new(Mutex::new(Mem([0; 16]))))
             .unwrap();
@@ -126,5 +156,19 @@ mod tests {
         let mut d = [0u8; 2];
         b.read(i, 5, &mut d);
         assert_eq!(d, [2, 3]);
+    }
+
+    #[test]
+    fn relocation_moves_a_range_unless_it_would_overlap() {
+        let b = MmioBus::new();
+        b.insert(0x1000, 16, "a", Arc::new(Mutex::new(Mem([0; 16]))))
+            .unwrap();
+        b.insert(0x2000, 16, "b", Arc::new(Mutex::new(Mem([0; 16]))))
+            .unwrap();
+        assert!(!b.relocate(0x1000, 0x2008), "onto b");
+        assert!(!b.relocate(0x3000, 0x4000), "nothing starts there");
+        assert!(b.relocate(0x1000, 0x5000));
+        assert_eq!(b.lookup(0x1000, 4), None);
+        assert_eq!(b.lookup(0x5004, 4), Some((0, 4)));
     }
 }

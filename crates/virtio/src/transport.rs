@@ -115,6 +115,10 @@ impl Interrupt for Irq {
     }
 }
 
+/// Moves a device's BAR 0 from `old` to `new` (its MMIO range and notification ioeventfds);
+/// false when it cannot (the place is taken), in which case the device stays where it was.
+pub type BarMover = Box<dyn Fn(u64, u64) -> bool + Send + Sync>;
+
 /// What the VMM wires a device to.
 pub struct Wiring {
     /// Guest memory.
@@ -131,12 +135,15 @@ pub struct Wiring {
     pub router: Arc<dyn MsiRouter>,
     /// The INTx irqfd and its line (I/O APIC pin).
     pub intx: (EventFd, u8),
+    /// Follows the guest when it moves BAR 0.
+    pub mover: BarMover,
 }
 
 /// A virtio device on PCI.
 pub struct VirtioPci {
     config: ConfigSpace,
     msix_cap: usize,
+    cfg_cap: usize,
     irq: Arc<Irq>,
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
@@ -153,6 +160,7 @@ pub struct VirtioPci {
     queues: Vec<QueueCfg>,
     active: bool,
     bar_addr: u32,
+    mover: BarMover,
     warned_move: bool,
 }
 
@@ -200,6 +208,15 @@ impl VirtioPci {
         let table = MsixTable::new(w.irqfds.len() as u16);
         let (body, mask) = table.capability(0, MSIX_TABLE as u32, MSIX_PBA as u32);
         let msix_cap = config.add_capability(wv_pci::msix::CAP_ID, &body, &mask);
+        // VIRTIO_PCI_CAP_PCI_CFG: a window onto BAR 0 through configuration space. bar,
+        // offset, length and the 4 data bytes are the driver's to write.
+        let c = vendor_cap(5, 0, 0, Some(0));
+        let mut mask = vec![0u8; c.len()];
+        mask[2] = 0xff; // bar
+        mask[6..10].fill(0xff); // offset
+        mask[10..14].fill(0xff); // length
+        mask[14..18].fill(0xff); // pci_cfg_data
+        let cfg_cap = config.add_capability(CAP_VENDOR, &c, &mask);
         let queues: Vec<QueueCfg> = device
             .queue_max_sizes()
             .into_iter()
@@ -219,6 +236,7 @@ impl VirtioPci {
         VirtioPci {
             config,
             msix_cap,
+            cfg_cap,
             irq,
             device_features: device.features() | F_VERSION_1,
             device,
@@ -235,6 +253,7 @@ impl VirtioPci {
             queues,
             active: false,
             bar_addr,
+            mover: w.mover,
             warned_move: false,
         }
     }
@@ -452,26 +471,69 @@ impl VirtioPci {
     }
 }
 
+impl VirtioPci {
+    /// The PCI-configuration access window: (BAR-0 offset, length) if the driver pointed it at
+    /// BAR 0 with a length of 1, 2 or 4 that the data bytes can carry.
+    fn cfg_window(&self) -> Option<(u64, usize)> {
+        let at = self.cfg_cap;
+        let mut b = [0u8; 12];
+        self.config.read(at + 4, &mut b[0..4]);
+        self.config.read(at + 8, &mut b[4..8]);
+        self.config.read(at + 12, &mut b[8..12]);
+        let bar = b[0];
+        let offset = u64::from(u32::from_le_bytes([b[4], b[5], b[6], b[7]]));
+        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
+        (bar == 0 && matches!(len, 1 | 2 | 4) && offset + len as u64 <= u64::from(BAR_SIZE))
+            .then_some((offset, len))
+    }
+
+    /// When memory decoding is on and BAR 0 holds a new address (not the all-ones sizing
+    /// pattern), moves the device there.
+    fn follow_bar(&mut self) {
+        let Some(bar) = self.config.bar(0) else {
+            return;
+        };
+        let decoding = self.config.command() & 2 != 0;
+        if !decoding || bar.addr == self.bar_addr || bar.addr == !(bar.size - 1) {
+            return;
+        }
+        if (self.mover)(u64::from(self.bar_addr), u64::from(bar.addr)) {
+            self.bar_addr = bar.addr;
+        } else if !self.warned_move {
+            self.warned_move = true;
+            eprintln!("wv: the guest moved a virtio BAR to {:#x}, which is taken; the device stays at {:#x}", bar.addr, self.bar_addr);
+        }
+    }
+
+    fn touches_cfg_data(&self, offset: usize, len: usize) -> bool {
+        let data = self.cfg_cap + 16;
+        offset < data + 4 && offset + len > data
+    }
+}
+
 impl PciDevice for VirtioPci {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if self.touches_cfg_data(offset, data.len()) {
+            // Reading pci_cfg_data reads the BAR through the window.
+            if let Some((bar_off, len)) = self.cfg_window() {
+                let mut v = [0u8; 4];
+                self.mmio_read(bar_off, &mut v[..len]);
+                self.config
+                    .bytes_mut(self.cfg_cap + 16, 4)
+                    .copy_from_slice(&v);
+            }
+        }
         self.config.read(offset, data);
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
-        if let Some(bar) = self
-            .config
-            .write(offset, data)
-            .and_then(|i| self.config.bar(i))
-        {
-            // Sizing writes all ones and then restores the address; anything else is a move,
-            // which the VMM does not follow yet (the device stays where it was placed).
-            let sizing = bar.addr == !(bar.size - 1);
-            if !sizing && bar.addr != self.bar_addr && !self.warned_move {
-                self.warned_move = true;
-                eprintln!(
-                    "wv: the guest moved a virtio BAR to {:#x}; relocation is not supported",
-                    bar.addr
-                );
+        self.config.write(offset, data);
+        self.follow_bar();
+        if self.touches_cfg_data(offset, data.len()) {
+            if let Some((bar_off, len)) = self.cfg_window() {
+                let mut v = [0u8; 4];
+                self.config.read(self.cfg_cap + 16, &mut v);
+                self.mmio_write(bar_off, &v[..len]);
             }
         }
         let ctrl_at = self.msix_cap + 2;
@@ -573,6 +635,7 @@ mod tests {
             gsi_base: 24,
             router: Arc::new(NoRoutes),
             intx: (evt(), 10),
+            mover: Box::new(|_, new| new != 0xd000_0000),
         };
         (VirtioPci::new(Box::new(Rng::default()), w), mem)
     }
@@ -698,6 +761,63 @@ mod tests {
         d.mmio_write(0x14, &[0x0f]);
         assert_ne!(status(&mut d) & status::DEVICE_NEEDS_RESET, 0);
         assert!(!d.active);
+    }
+
+    #[test]
+    fn bar0_moves_only_with_decoding_on_and_not_while_sizing() {
+        let (mut d, _) = rng_pci();
+        d.config_write(0x10, &[0xff; 4]);
+        assert_eq!(d.bar_addr, 0xc000_0000, "sizing is not a move");
+        d.config_write(0x10, &0xc010_0000u32.to_le_bytes());
+        assert_eq!(d.bar_addr, 0xc000_0000, "decoding is off");
+        d.config_write(0x04, &2u16.to_le_bytes());
+        assert_eq!(d.bar_addr, 0xc010_0000, "moved when decoding was enabled");
+        d.config_write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(
+            d.bar_addr, 0xc010_0000,
+            "the mover refused: the device stays"
+        );
+    }
+
+    #[test]
+    fn pci_cfg_window_reaches_bar0() {
+        let (mut d, _) = rng_pci();
+        // Find the PCI_CFG capability (vendor cap, cfg_type 5).
+        let mut p = {
+            let mut b = [0u8; 1];
+            d.config_read(0x34, &mut b);
+            b[0] as usize
+        };
+        let mut cap = 0;
+        while p != 0 {
+            let mut h = [0u8; 4];
+            d.config_read(p, &mut h);
+            if h[0] == CAP_VENDOR && h[3] == 5 {
+                cap = p;
+            }
+            p = h[1] as usize;
+        }
+        assert_ne!(cap, 0, "VIRTIO_PCI_CAP_PCI_CFG present");
+        // Window on the common config's num_queues (offset 0x12, 2 bytes).
+        d.config_write(cap + 4, &[0]);
+        d.config_write(cap + 8, &0x12u32.to_le_bytes());
+        d.config_write(cap + 12, &2u32.to_le_bytes());
+        let mut v = [0u8; 4];
+        d.config_read(cap + 16, &mut v);
+        assert_eq!(u16::from_le_bytes([v[0], v[1]]), 1);
+        // Writing through it: device status = ACKNOWLEDGE.
+        d.config_write(cap + 8, &0x14u32.to_le_bytes());
+        d.config_write(cap + 12, &1u32.to_le_bytes());
+        d.config_write(cap + 16, &[1, 0, 0, 0]);
+        assert_eq!(status(&mut d), 1);
+        // A bad length or a window past the BAR does nothing.
+        d.config_write(cap + 12, &3u32.to_le_bytes());
+        d.config_write(cap + 16, &[0, 0, 0, 0]);
+        assert_eq!(status(&mut d), 1);
+        d.config_write(cap + 8, &(BAR_SIZE - 1).to_le_bytes());
+        d.config_write(cap + 12, &4u32.to_le_bytes());
+        d.config_write(cap + 16, &[0xff; 4]);
+        assert_eq!(status(&mut d), 1);
     }
 
     #[test]

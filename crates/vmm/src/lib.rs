@@ -41,7 +41,7 @@ use wv_pv::MachineInfo;
 pub(crate) struct VmShared {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) bus: PioBus,
-    pub(crate) mmio: wv_devices::MmioBus,
+    pub(crate) mmio: Arc<wv_devices::MmioBus>,
     pub(crate) device_counters: Vec<(&'static str, Arc<wv_virtio::DeviceCounters>)>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) info: MachineInfo,

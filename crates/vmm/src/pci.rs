@@ -94,10 +94,11 @@ impl MsiRouter for GsiRouter {
 /// Allocates BARs, GSIs and INTx lines as devices are added.
 pub struct PciBuilder {
     pub(crate) bus: PciBus,
-    pub(crate) mmio: MmioBus,
+    pub(crate) mmio: Arc<MmioBus>,
     bars: BarAllocator,
     next_gsi: u32,
     router: Arc<GsiRouter>,
+    vm: Arc<VmFd>,
     pub(crate) counters: Vec<(&'static str, Arc<wv_virtio::DeviceCounters>)>,
 }
 
@@ -106,13 +107,14 @@ impl PciBuilder {
     pub fn new(vm: Arc<VmFd>) -> PciBuilder {
         PciBuilder {
             bus: PciBus::new(),
-            mmio: MmioBus::new(),
+            mmio: Arc::new(MmioBus::new()),
             bars: BarAllocator::new(
                 wv_machine::layout::MMIO_HOLE_START,
                 wv_machine::layout::IOAPIC_ADDR,
             ),
             next_gsi: MSI_GSI_BASE,
-            router: Arc::new(GsiRouter::new(vm)),
+            router: Arc::new(GsiRouter::new(vm.clone())),
+            vm,
             counters: Vec::new(),
         }
     }
@@ -159,6 +161,34 @@ impl PciBuilder {
         vm.register_irqfd(&intx, u32::from(line))
             .map_err(|e| err("KVM_IRQFD", &e))?;
         let router: Arc<dyn MsiRouter> = self.router.clone();
+        let mover = {
+            let (vm, mmio) = (self.vm.clone(), self.mmio.clone());
+            let evts: Vec<EventFd> = queue_evts
+                .iter()
+                .map(|e| e.try_clone())
+                .collect::<Result<_, _>>()
+                .map_err(|e| err("eventfd", &e))?;
+            Box::new(move |old: u64, new: u64| {
+                if !mmio.relocate(old, new) {
+                    return false;
+                }
+                // Notifications follow the BAR; should a registration fail, the transport still
+                // forwards notify writes that exit to it, so the device keeps working.
+                for (q, evt) in evts.iter().enumerate() {
+                    let _ = vm.unregister_ioevent(
+                        evt,
+                        &IoEventAddress::Mmio(old + notify_offset(q)),
+                        NoDatamatch,
+                    );
+                    let _ = vm.register_ioevent(
+                        evt,
+                        &IoEventAddress::Mmio(new + notify_offset(q)),
+                        NoDatamatch,
+                    );
+                }
+                true
+            }) as wv_virtio::transport::BarMover
+        };
         let wiring = Wiring {
             mem: mem.clone(),
             bar_addr: bar,
@@ -167,6 +197,7 @@ impl PciBuilder {
             gsi_base,
             router,
             intx: (intx, line),
+            mover,
         };
         let pci = VirtioPci::new(device, wiring);
         self.counters.push((name, pci.counters()));
