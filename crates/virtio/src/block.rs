@@ -600,11 +600,7 @@ impl VirtioDevice for Block {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let c = self.config_bytes();
-        let o = offset as usize;
-        match c.get(o..o + data.len()) {
-            Some(b) => data.copy_from_slice(b),
-            None => data.fill(0),
-        }
+        crate::device::read_config_window(&c, offset, data);
     }
     fn activate(
         &mut self,

@@ -69,6 +69,18 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Copies the part of a device's configuration bytes `config` that a driver read at `offset`
+/// asks for into `data`; reads beyond the end see zeroes.
+pub fn read_config_window(config: &[u8], offset: u64, data: &mut [u8]) {
+    let window = usize::try_from(offset)
+        .ok()
+        .and_then(|o| config.get(o..o.checked_add(data.len())?));
+    match window {
+        Some(b) => data.copy_from_slice(b),
+        None => data.fill(0),
+    }
+}
+
 /// A worker thread that waits on queue eventfds and calls `handle(queue_index)`.
 pub struct Worker {
     stop: EventFd,

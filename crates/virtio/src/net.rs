@@ -382,11 +382,7 @@ impl VirtioDevice for Net {
         c[..6].copy_from_slice(&self.mac);
         c[6..8].copy_from_slice(&1u16.to_le_bytes()); // link up
         c[8..10].copy_from_slice(&1u16.to_le_bytes()); // one queue pair
-        let o = offset as usize;
-        match c.get(o..o + data.len()) {
-            Some(b) => data.copy_from_slice(b),
-            None => data.fill(0),
-        }
+        crate::device::read_config_window(&c, offset, data);
     }
     fn activate(
         &mut self,
