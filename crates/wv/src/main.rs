@@ -15,6 +15,11 @@ Worldvisor: a hypervisor on Linux KVM
 
 Usage:
   wv run [OPTIONS]          Boot one VM in the foreground until the guest powers off
+  wv host [--socket PATH] [--state-dir DIR]
+                            Run the host daemon that owns this host's VMs
+  wv host status [--json]   Ask the daemon how the host is doing
+  wv vm create NAME [RUN OPTIONS] | list | info NAME | start NAME | stop NAME | delete NAME [--json]
+                            Manage VMs through the daemon (socket: --socket or WV_SOCKET)
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
   wv --version | --help
@@ -266,6 +271,8 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("run") => cmd_run(&args[1..]),
         Some("probe-image") => cmd_probe_image(&args[1..]),
+        Some("host") => cmd_host(&args[1..]),
+        Some("vm") => cmd_vm(&args[1..]),
         Some("-V" | "--version") => {
             println!("wv {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -278,5 +285,234 @@ fn main() -> ExitCode {
             STATUS_USAGE,
             &format!("unknown command '{other}' (see wv --help)"),
         ),
+    }
+}
+
+/// `--socket PATH` / `--json` / `--state-dir DIR` among `args`; returns the rest.
+struct Common {
+    socket: PathBuf,
+    state_dir: PathBuf,
+    json: bool,
+    rest: Vec<String>,
+}
+
+fn common(args: &[String]) -> Result<Common, Usage> {
+    let mut c = Common {
+        socket: std::env::var_os("WV_SOCKET")
+            .map_or_else(|| PathBuf::from(wv_host::DEFAULT_SOCKET), PathBuf::from),
+        state_dir: PathBuf::from(wv_host::DEFAULT_STATE_DIR),
+        json: false,
+        rest: Vec::new(),
+    };
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let (name, inline) = split_option(a);
+        match name {
+            "--socket" => c.socket = PathBuf::from(take_value(args, &mut i, name, inline)?),
+            "--state-dir" => c.state_dir = PathBuf::from(take_value(args, &mut i, name, inline)?),
+            "--json" => c.json = true,
+            _ => c.rest.push(a.to_string()),
+        }
+        i += 1;
+    }
+    Ok(c)
+}
+
+fn api(
+    c: &Common,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<serde_json::Value, ExitCode> {
+    match wv_host::http::request(&c.socket, method, path, body) {
+        Ok((s, b)) if (200..300).contains(&s) => {
+            Ok(serde_json::from_str(&b).unwrap_or(serde_json::Value::Null))
+        }
+        Ok((s, b)) => {
+            let msg = serde_json::from_str::<serde_json::Value>(&b)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(b);
+            Err(fail(1, &format!("{msg} (HTTP {s})")))
+        }
+        Err(e) => Err(fail(
+            2,
+            &format!(
+                "cannot reach the daemon at {}: {e} (is `wv host` running?)",
+                c.socket.display()
+            ),
+        )),
+    }
+}
+
+fn cmd_host(args: &[String]) -> ExitCode {
+    let c = match common(args) {
+        Ok(c) => c,
+        Err(Usage(m)) => return fail(STATUS_USAGE, &m),
+    };
+    match c.rest.first().map(String::as_str) {
+        None => {
+            let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
+            let d = match wv_host::api::Daemon::open(&c.state_dir, &c.socket, wv) {
+                Ok(d) => d,
+                Err(e) => {
+                    return fail(
+                        1,
+                        &format!("cannot open the state in {}: {e}", c.state_dir.display()),
+                    )
+                }
+            };
+            eprintln!(
+                "wv host: listening on {} (state in {})",
+                c.socket.display(),
+                c.state_dir.display()
+            );
+            match wv_host::api::serve(d, &c.socket) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, &format!("cannot serve on {}: {e}", c.socket.display())),
+            }
+        }
+        Some("status") => match api(&c, "GET", "/v1/host", None) {
+            Ok(v) if c.json => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Ok(v) => {
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    println!("{k}: {val}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Some(other) => fail(
+            STATUS_USAGE,
+            &format!("unknown 'wv host' command '{other}'"),
+        ),
+    }
+}
+
+fn print_vm(v: &serde_json::Value) {
+    let s = &v["spec"];
+    println!(
+        "{:<20} {:<8} {:>5} {:>8} {:>8}  {}",
+        s["name"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?"),
+        s["vcpus"],
+        s["memory"].as_str().unwrap_or("?"),
+        v["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
+        v["reason"].as_str().unwrap_or("")
+    );
+}
+
+fn cmd_vm(args: &[String]) -> ExitCode {
+    let c = match common(args) {
+        Ok(c) => c,
+        Err(Usage(m)) => return fail(STATUS_USAGE, &m),
+    };
+    let sub = c.rest.first().map(String::as_str);
+    let name = c.rest.get(1).cloned();
+    let need_name = |n: &Option<String>| {
+        n.clone()
+            .ok_or_else(|| fail(STATUS_USAGE, "this command needs a VM name"))
+    };
+    let result = match sub {
+        Some("list") => api(&c, "GET", "/v1/vms", None).map(|v| {
+            if c.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{:<20} {:<8} {:>5} {:>8} {:>8}  REASON",
+                    "NAME", "STATE", "VCPUS", "MEMORY", "PID"
+                );
+                for vm in v.as_array().into_iter().flatten() {
+                    print_vm(vm);
+                }
+            }
+        }),
+        Some("create") => {
+            let name = match need_name(&name) {
+                Ok(n) => n,
+                Err(e) => return e,
+            };
+            let (cfg, _) = match parse_run(&c.rest[2..]) {
+                Ok(Some(x)) => x,
+                Ok(None) => {
+                    return fail(
+                        STATUS_USAGE,
+                        "wv vm create NAME takes the options of wv run",
+                    )
+                }
+                Err(Usage(m)) => return fail(STATUS_USAGE, &m),
+            };
+            let mut spec = serde_json::json!({
+                "name": name,
+                "memory": c.rest.windows(2).rev().find(|w| w[0] == "--memory").map_or("256M".to_string(), |w| w[1].clone()),
+                "vcpus": cfg.vcpus,
+                "rng": cfg.rng,
+            });
+            if let KernelSource::Path(p) = &cfg.kernel {
+                spec["kernel"] = p.display().to_string().into();
+                spec["cmdline"] = cfg.cmdline.clone().into();
+            } else if cfg.cmdline != PROBE_CMDLINE {
+                spec["cmdline"] = cfg.cmdline.clone().into();
+            }
+            if let Some(p) = &cfg.initrd {
+                spec["initrd"] = p.display().to_string().into();
+            }
+            let disks: Vec<String> = c
+                .rest
+                .windows(2)
+                .filter(|w| w[0] == "--disk")
+                .map(|w| w[1].clone())
+                .collect();
+            let nets: Vec<String> = c
+                .rest
+                .windows(2)
+                .filter(|w| w[0] == "--net")
+                .map(|w| w[1].clone())
+                .collect();
+            spec["disks"] = disks.into();
+            spec["nets"] = nets.into();
+            api(&c, "POST", "/v1/vms", Some(&spec.to_string())).map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    println!("created VM {} (id {})", name, v["id"]);
+                }
+            })
+        }
+        Some(verb @ ("info" | "start" | "stop" | "delete")) => {
+            let name = match need_name(&name) {
+                Ok(n) => n,
+                Err(e) => return e,
+            };
+            let (method, path) = match verb {
+                "info" => ("GET", format!("/v1/vms/{name}")),
+                "delete" => ("DELETE", format!("/v1/vms/{name}")),
+                _ => ("POST", format!("/v1/vms/{name}/{verb}")),
+            };
+            api(&c, method, &path, None).map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else if verb == "delete" {
+                    println!("deleted VM {name}");
+                } else {
+                    print_vm(&v);
+                }
+            })
+        }
+        Some(other) => return fail(STATUS_USAGE, &format!("unknown 'wv vm' command '{other}'")),
+        None => {
+            return fail(
+                STATUS_USAGE,
+                "wv vm needs a command: create, list, info, start, stop, delete",
+            )
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
     }
 }

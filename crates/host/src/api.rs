@@ -1,0 +1,337 @@
+//! The daemon: the world table behind the REST API.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | GET /v1/host | host status |
+//! | GET /v1/vms | every VM |
+//! | POST /v1/vms | define a VM (body: a VM spec) |
+//! | GET /v1/vms/{name} | one VM |
+//! | DELETE /v1/vms/{name} | forget a VM that is not running |
+//! | POST /v1/vms/{name}/start, /stop | start or stop its VMM |
+//!
+//! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
+//! 404, 405, 409 (duplicate name, wrong state) or 422 (a value out of range).
+
+use crate::http::{self, HttpError, Request};
+use crate::store::{Document, Store};
+use crate::supervisor;
+use crate::world::{State, VmSpec, World};
+use serde_json::json;
+use std::collections::HashSet;
+use std::io::BufReader;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The daemon's state.
+pub struct Daemon {
+    store: Store,
+    doc: Mutex<Document>,
+    wv: PathBuf,
+    stopping: Mutex<HashSet<u64>>,
+    socket: PathBuf,
+}
+
+type Reply = (u16, String);
+
+fn error(status: u16, msg: impl std::fmt::Display) -> Reply {
+    (status, json!({ "error": msg.to_string() }).to_string())
+}
+
+fn ok<T: serde::Serialize>(status: u16, v: &T) -> Reply {
+    (
+        status,
+        serde_json::to_string(v).unwrap_or_else(|e| json!({ "error": e.to_string() }).to_string()),
+    )
+}
+
+impl Daemon {
+    /// Loads the state directory and re-adopts the VMMs a previous daemon left running (or
+    /// records that they ended while it was down).
+    pub fn open(state_dir: &Path, socket: &Path, wv: PathBuf) -> std::io::Result<Arc<Daemon>> {
+        let store = Store::open(state_dir)?;
+        let doc = store.load()?;
+        let d = Arc::new(Daemon {
+            store,
+            doc: Mutex::new(doc),
+            wv,
+            stopping: Mutex::default(),
+            socket: socket.to_path_buf(),
+        });
+        let mut adopt = Vec::new();
+        {
+            let mut doc = d.lock();
+            for w in doc.worlds.iter_mut() {
+                if !matches!(w.state, State::Running | State::Starting | State::Paused) {
+                    continue;
+                }
+                match w.pid {
+                    Some(pid) if supervisor::is_our_vmm(pid, &d.store.vm_dir(&w.spec.name)) => {
+                        adopt.push((w.id, pid))
+                    }
+                    _ => {
+                        w.state = State::Stopped;
+                        w.pid = None;
+                        w.reason = Some("the VMM ended while the daemon was down".into());
+                    }
+                }
+            }
+            d.store.save(&doc)?;
+        }
+        for (id, pid) in adopt {
+            let d2 = d.clone();
+            std::thread::spawn(move || {
+                supervisor::wait_foreign(pid);
+                d2.finished(id, None);
+            });
+        }
+        Ok(d)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Document> {
+        self.doc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, doc: &Document) -> Result<(), Reply> {
+        self.store
+            .save(doc)
+            .map_err(|e| error(500, format!("saving the state: {e}")))
+    }
+
+    /// Records the end of a VMM run (`status` None for a re-adopted process).
+    fn finished(&self, id: u64, status: Option<std::process::ExitStatus>) {
+        let requested = self
+            .stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let mut doc = self.lock();
+        let Some(w) = doc.worlds.iter_mut().find(|w| w.id == id) else {
+            return;
+        };
+        let (crashed, reason) = match status {
+            Some(s) => supervisor::classify(
+                s,
+                requested,
+                &self.store.vm_dir(&w.spec.name).join("vmm.log"),
+            ),
+            None if requested => (false, "stopped on request".into()),
+            None => (
+                false,
+                "the VMM ended (re-adopted after a daemon restart: exit status unknown)".into(),
+            ),
+        };
+        w.state = if crashed {
+            State::Crashed
+        } else {
+            State::Stopped
+        };
+        w.pid = None;
+        w.reason = Some(reason);
+        let _ = self.store.save(&doc);
+    }
+
+    /// Handles one request.
+    pub fn handle(self: &Arc<Self>, req: &Request) -> Reply {
+        let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
+        match (req.method.as_str(), parts.as_slice()) {
+            ("GET", ["v1", "host"]) => self.host(),
+            ("GET", ["v1", "vms"]) => ok(200, &self.lock().worlds),
+            ("POST", ["v1", "vms"]) => self.create(&req.body),
+            ("GET", ["v1", "vms", name]) => self.with(name, |w| Ok(ok(200, w))),
+            ("DELETE", ["v1", "vms", name]) => self.delete(name),
+            ("POST", ["v1", "vms", name, "start"]) => self.start(name),
+            ("POST", ["v1", "vms", name, "stop"]) => self.stop(name),
+            (
+                _,
+                ["v1", "host"]
+                | ["v1", "vms"]
+                | ["v1", "vms", _]
+                | ["v1", "vms", _, "start" | "stop"],
+            ) => error(
+                405,
+                format!("{} is not allowed on {}", req.method, req.path),
+            ),
+            _ => error(404, format!("no such resource: {}", req.path)),
+        }
+    }
+
+    fn host(&self) -> Reply {
+        let doc = self.lock();
+        let count = |s: State| doc.worlds.iter().filter(|w| w.state == s).count();
+        ok(
+            200,
+            &json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "vms": doc.worlds.len(),
+                "running": count(State::Running),
+                "crashed": count(State::Crashed),
+                "socket": self.socket,
+                "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                "host_memory": wv_vmm::config::host_ram(),
+            }),
+        )
+    }
+
+    fn with(&self, name: &str, f: impl FnOnce(&World) -> Result<Reply, Reply>) -> Reply {
+        let doc = self.lock();
+        match doc.worlds.iter().find(|w| w.spec.name == name) {
+            Some(w) => f(w).unwrap_or_else(|e| e),
+            None => error(404, format!("no VM named '{name}'")),
+        }
+    }
+
+    fn create(&self, body: &[u8]) -> Reply {
+        let spec: VmSpec = match serde_json::from_slice(body) {
+            Ok(s) => s,
+            Err(e) => return error(400, format!("invalid VM spec: {e}")),
+        };
+        if let Err(e) = spec.validate() {
+            return error(422, e);
+        }
+        let mut doc = self.lock();
+        if doc.worlds.iter().any(|w| w.spec.name == spec.name) {
+            return error(409, format!("a VM named '{}' exists already", spec.name));
+        }
+        let id = doc.next_id.max(1);
+        doc.next_id = id + 1;
+        let w = World {
+            id,
+            spec,
+            state: State::Defined,
+            pid: None,
+            reason: None,
+        };
+        doc.worlds.push(w.clone());
+        if let Err(e) = self.save(&doc) {
+            doc.worlds.pop();
+            return e;
+        }
+        ok(201, &w)
+    }
+
+    fn delete(&self, name: &str) -> Reply {
+        let mut doc = self.lock();
+        let Some(i) = doc.worlds.iter().position(|w| w.spec.name == name) else {
+            return error(404, format!("no VM named '{name}'"));
+        };
+        if matches!(
+            doc.worlds[i].state,
+            State::Running | State::Starting | State::Paused
+        ) {
+            return error(
+                409,
+                format!("VM '{name}' is {:?}: stop it first", doc.worlds[i].state).to_lowercase(),
+            );
+        }
+        let w = doc.worlds.remove(i);
+        if let Err(e) = self.save(&doc) {
+            doc.worlds.insert(i, w);
+            return e;
+        }
+        let _ = std::fs::remove_dir_all(self.store.vm_dir(name));
+        (204, String::new())
+    }
+
+    fn start(self: &Arc<Self>, name: &str) -> Reply {
+        let mut doc = self.lock();
+        let Some(w) = doc.worlds.iter_mut().find(|w| w.spec.name == name) else {
+            return error(404, format!("no VM named '{name}'"));
+        };
+        if matches!(w.state, State::Running | State::Starting | State::Paused) {
+            return error(409, format!("VM '{name}' is running already"));
+        }
+        let dir = self.store.vm_dir(name);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return error(500, format!("creating {}: {e}", dir.display()));
+        }
+        let log = dir.join("vmm.log");
+        let args = w.spec.run_args(&dir.join("console.log"));
+        let mut child = match supervisor::spawn(&self.wv, &args, &log) {
+            Ok(c) => c,
+            Err(e) => return error(500, format!("starting the VMM: {e}")),
+        };
+        let id = w.id;
+        w.state = State::Running;
+        w.pid = Some(child.id());
+        w.reason = None;
+        let reply = ok(200, &*w);
+        let _ = self.save(&doc);
+        drop(doc);
+        let d = self.clone();
+        std::thread::spawn(move || {
+            let status = child.wait().ok();
+            d.finished(id, status);
+        });
+        reply
+    }
+
+    fn stop(&self, name: &str) -> Reply {
+        let (id, pid) = {
+            let doc = self.lock();
+            let Some(w) = doc.worlds.iter().find(|w| w.spec.name == name) else {
+                return error(404, format!("no VM named '{name}'"));
+            };
+            match (w.state, w.pid) {
+                (State::Running | State::Starting | State::Paused, Some(pid)) => (w.id, pid),
+                _ => return error(409, format!("VM '{name}' is not running")),
+            }
+        };
+        self.stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        let pid = pid as libc::pid_t;
+        // SAFETY: signalling the VMM process we started (or re-adopted) for this VM.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        for i in 0..200 {
+            if self
+                .lock()
+                .worlds
+                .iter()
+                .find(|w| w.id == id)
+                .is_none_or(|w| w.pid.is_none())
+            {
+                break;
+            }
+            if i == 100 {
+                // SAFETY: as above; the VMM did not stop within 5 s.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.with(name, |w| Ok(ok(200, w)))
+    }
+}
+
+/// Serves the API on `socket` until the process ends. A stale socket file is replaced; a live
+/// one (another daemon) is an error.
+pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if socket.exists() {
+        if UnixStream::connect(socket).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("a daemon already listens on {}", socket.display()),
+            ));
+        }
+        std::fs::remove_file(socket)?;
+    }
+    let listener = UnixListener::bind(socket)?;
+    for conn in listener.incoming() {
+        let Ok(mut stream) = conn else { continue };
+        let d = d.clone();
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let reply = match http::read_request(&mut BufReader::new(&mut stream)) {
+                Ok(req) => d.handle(&req),
+                Err(HttpError(status, msg)) => error(status, msg),
+            };
+            let _ = http::write_response(&mut stream, reply.0, &reply.1);
+        });
+    }
+    Ok(())
+}

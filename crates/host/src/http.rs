@@ -1,0 +1,229 @@
+//! Just enough HTTP/1.1 for the API over a Unix socket, with hard limits: a request line and
+//! headers of at most 8 KiB each and 100 headers, a body of at most 1 MiB given by
+//! Content-Length (no chunked encoding), one request per connection. Anything else is a 4xx
+//! answer, never a panic.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+/// Largest request body.
+pub const MAX_BODY: usize = 1 << 20;
+const MAX_LINE: usize = 8192;
+const MAX_HEADERS: usize = 100;
+
+/// A parsed request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Method.
+    pub method: String,
+    /// Path (query strings are not used).
+    pub path: String,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+/// Why a request could not be read: the status to answer and a message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HttpError(pub u16, pub String);
+
+fn read_line(r: &mut impl BufRead) -> Result<String, HttpError> {
+    let mut line = Vec::new();
+    let n = r
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| HttpError(400, format!("reading the request: {e}")))?;
+    if n == 0 {
+        return Err(HttpError(400, "empty request".into()));
+    }
+    if n > MAX_LINE || !line.ends_with(b"\n") {
+        return Err(HttpError(431, "request line or header too long".into()));
+    }
+    while line.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line).map_err(|_| HttpError(400, "request is not UTF-8".into()))
+}
+
+/// Reads one request.
+pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
+    let line = read_line(r)?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(path), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HttpError(400, format!("malformed request line '{line}'")));
+    };
+    if !version.starts_with("HTTP/1.") || !path.starts_with('/') {
+        return Err(HttpError(400, format!("malformed request line '{line}'")));
+    }
+    let mut length = 0usize;
+    for i in 0.. {
+        let h = read_line(r)?;
+        if h.is_empty() {
+            break;
+        }
+        if i == MAX_HEADERS {
+            return Err(HttpError(431, "too many headers".into()));
+        }
+        let Some((name, value)) = h.split_once(':') else {
+            return Err(HttpError(400, format!("malformed header '{h}'")));
+        };
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        match name.as_str() {
+            "content-length" => {
+                length = value
+                    .parse()
+                    .map_err(|_| HttpError(400, format!("bad Content-Length '{value}'")))?;
+                if length > MAX_BODY {
+                    return Err(HttpError(
+                        413,
+                        format!("body of {length} bytes is over the {MAX_BODY}-byte limit"),
+                    ));
+                }
+            }
+            "transfer-encoding" => {
+                return Err(HttpError(
+                    411,
+                    "chunked bodies are not accepted; send Content-Length".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    let mut body = vec![0u8; length];
+    r.read_exact(&mut body)
+        .map_err(|_| HttpError(400, "body shorter than Content-Length".into()))?;
+    Ok(Request {
+        method: method.to_string(),
+        path: path.to_string(),
+        body,
+    })
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        422 => "Unprocessable Entity",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        _ => "Status",
+    }
+}
+
+/// Writes a JSON response and ends the exchange.
+pub fn write_response(w: &mut impl Write, status: u16, body: &str) -> std::io::Result<()> {
+    write!(
+        w,
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        reason(status),
+        body.len()
+    )?;
+    w.flush()
+}
+
+/// Client side: sends one request to the daemon and returns (status, body).
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)?;
+    let b = body.unwrap_or("");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: wv\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())?;
+    let mut r = BufReader::new(s);
+    let status_line = read_line(&mut r).map_err(|e| std::io::Error::other(e.1))?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line '{status_line}'")))?;
+    let mut length = 0usize;
+    loop {
+        let h = read_line(&mut r).map_err(|e| std::io::Error::other(e.1))?;
+        if h.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = h.split_once(':') {
+            if n.trim().eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; length.min(64 << 20)];
+    r.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &[u8]) -> Result<Request, HttpError> {
+        read_request(&mut BufReader::new(s))
+    }
+
+    #[test]
+    fn requests_and_limits() {
+        let r = parse(b"POST /v1/vms HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), r.body.as_slice()),
+            ("POST", "/v1/vms", &b"{}"[..])
+        );
+        assert_eq!(parse(b"GET /x HTTP/1.1\r\n\r\n").unwrap().body, b"");
+        assert_eq!(parse(b"").unwrap_err().0, 400);
+        assert_eq!(parse(b"GET\r\n\r\n").unwrap_err().0, 400);
+        assert_eq!(parse(b"GET x HTTP/1.1\r\n\r\n").unwrap_err().0, 400);
+        assert_eq!(parse(b"GET /x SPDY/3\r\n\r\n").unwrap_err().0, 400);
+        assert_eq!(
+            parse(b"GET /x HTTP/1.1\r\nContent-Length: abc\r\n\r\n")
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(
+            parse(b"GET /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")
+                .unwrap_err()
+                .0,
+            413
+        );
+        assert_eq!(
+            parse(b"GET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap_err()
+                .0,
+            411
+        );
+        assert_eq!(
+            parse(b"GET /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort")
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(
+            parse(b"GET /x HTTP/1.1\r\nnocolon\r\n\r\n").unwrap_err().0,
+            400
+        );
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(10_000));
+        assert_eq!(parse(long.as_bytes()).unwrap_err().0, 431);
+        let many: String = (0..150).map(|i| format!("X-{i}: y\r\n")).collect();
+        assert_eq!(
+            parse(format!("GET /x HTTP/1.1\r\n{many}\r\n").as_bytes())
+                .unwrap_err()
+                .0,
+            431
+        );
+        assert_eq!(
+            parse(b"GET /x HTTP/1.1\r\nX: \xff\r\n\r\n").unwrap_err().0,
+            400
+        );
+    }
+}

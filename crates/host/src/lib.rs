@@ -1,0 +1,15 @@
+//! The host kernel of seed 000 as a daemon (`wv host`): it owns the worlds of one host. Each
+//! VM world runs in its own VMM process (`wv run`), started and supervised here, so one VM's
+//! failure never takes down another or the daemon; the world table and the VM definitions
+//! persist in the state directory; clients talk REST over a Unix socket ([`api`]).
+
+pub mod api;
+pub mod http;
+pub mod store;
+pub mod supervisor;
+pub mod world;
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/worldvisor/wv.sock";
+/// Where the daemon keeps its state unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/worldvisor";

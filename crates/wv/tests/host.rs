@@ -1,0 +1,311 @@
+//! The host daemon through its real API socket: VM lifecycle, a VMM killed with SIGKILL, a
+//! daemon restart with a VM running, and bad requests (4xx, the daemon keeps serving).
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    state: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &TempDir) -> Daemon {
+        let (socket, state) = (dir.path("wv.sock"), dir.path("state"));
+        let child = Command::new(wv_bin())
+            .args([
+                "host",
+                "--socket",
+                socket.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            socket,
+            state,
+        }
+    }
+
+    fn wv(&self, args: &[&str]) -> Run {
+        let mut c = Command::new(wv_bin());
+        c.args(args).env("WV_SOCKET", &self.socket);
+        run_cmd(c, Duration::from_secs(60))
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let r = self.wv(&a);
+        assert_eq!(r.status, Some(0), "{r}");
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r}"))
+    }
+
+    fn wait_state(&self, name: &str, state: &str) -> serde_json::Value {
+        let t = Instant::now();
+        loop {
+            let v = self.json(&["vm", "info", name]);
+            if v["state"] == state {
+                return v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{name} never became {state}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A raw HTTP exchange: (status, body).
+    fn raw(&self, request: &[u8]) -> (u16, String) {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (
+            status,
+            out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+        )
+    }
+
+    fn stop(mut self) {
+        // SAFETY: signalling the daemon we started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed test must not leave a daemon behind (stop() already reaped it otherwise).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `pid` runs (a zombie, already exited but not yet reaped by init, does not).
+fn pid_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
+#[test]
+fn lifecycle_crash_and_restart() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("host");
+    let d = Daemon::start(&dir);
+    let r = d.wv(&["vm", "create", "quick", "--cmdline", "probe.tests=boot"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    d.wv(&[
+        "vm",
+        "create",
+        "spin",
+        "--vcpus",
+        "2",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "probe.tests=hang",
+    ]);
+    d.wv(&["vm", "create", "victim", "--cmdline", "probe.tests=hang"]);
+    let list = d.json(&["vm", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    assert_eq!(list[1]["spec"]["memory"], "64M");
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["state"] == "defined"));
+
+    // A guest that powers off ends 'stopped' with its exit code; its console is kept.
+    d.json(&["vm", "start", "quick"]);
+    let q = d.wait_state("quick", "stopped");
+    assert_eq!(q["reason"], "guest powered off with exit code 0");
+    let console = std::fs::read_to_string(d.state.join("vms/quick/console.log")).unwrap();
+    assert!(console.contains("PASS boot"), "{console}");
+
+    // SIGKILL of one VMM: that VM is 'crashed', the other keeps running, the daemon serves.
+    let spin = d.json(&["vm", "start", "spin"]);
+    let victim = d.json(&["vm", "start", "victim"]);
+    assert_eq!(spin["state"], "running");
+    // SAFETY: killing the VMM process the daemon started.
+    unsafe {
+        libc::kill(
+            i32::try_from(victim["pid"].as_u64().unwrap()).unwrap(),
+            libc::SIGKILL,
+        )
+    };
+    let v = d.wait_state("victim", "crashed");
+    assert_eq!(v["reason"], "VMM killed by signal 9");
+    let spin_pid = spin["pid"].as_u64().unwrap();
+    assert!(pid_alive(spin_pid));
+    assert_eq!(d.json(&["vm", "info", "spin"])["state"], "running");
+
+    // Restart the daemon: definitions persist and the running VMM is re-adopted.
+    d.stop();
+    assert!(
+        pid_alive(spin_pid),
+        "stopping the daemon must not stop the VMs"
+    );
+    let d = Daemon::start(&dir);
+    let spin = d.json(&["vm", "info", "spin"]);
+    assert_eq!(
+        (spin["state"].as_str(), spin["pid"].as_u64()),
+        (Some("running"), Some(spin_pid))
+    );
+    assert_eq!(d.json(&["vm", "info", "victim"])["state"], "crashed");
+    assert_eq!(d.json(&["vm", "list"]).as_array().unwrap().len(), 3);
+    let stopped = d.json(&["vm", "stop", "spin"]);
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(!pid_alive(spin_pid));
+
+    // Delete, and it is gone.
+    let r = d.wv(&["vm", "delete", "quick"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "info", "quick"]);
+    assert_eq!(r.status, Some(1), "{r}");
+    assert!(
+        r.stderr.contains("no VM named 'quick'") && r.stderr.contains("404"),
+        "{r}"
+    );
+    let host = d.json(&["host", "status"]);
+    assert_eq!(host["vms"], 2);
+    d.stop();
+}
+
+#[test]
+fn bad_requests_get_4xx_and_the_daemon_keeps_serving() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("host-bad");
+    let d = Daemon::start(&dir);
+    let post = |body: &str| {
+        format!(
+            "POST /v1/vms HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (post("{not json").into_bytes(), 400, "invalid VM spec"),
+        (
+            post(r#"{"name":"a","colour":"red"}"#).into_bytes(),
+            400,
+            "unknown field",
+        ),
+        (
+            post(r#"{"name":"a","vcpus":99}"#).into_bytes(),
+            422,
+            "out of range",
+        ),
+        (
+            post(r#"{"name":"bad name"}"#).into_bytes(),
+            422,
+            "invalid name",
+        ),
+        (
+            post(r#"{"name":"a","memory":"1T"}"#).into_bytes(),
+            422,
+            "exceeds",
+        ),
+        (
+            b"GET /v1/nothing HTTP/1.1\r\n\r\n".to_vec(),
+            404,
+            "no such resource",
+        ),
+        (b"PUT /v1/vms HTTP/1.1\r\n\r\n".to_vec(), 405, "not allowed"),
+        (
+            b"GET /v1/vms/ghost HTTP/1.1\r\n\r\n".to_vec(),
+            404,
+            "no VM named 'ghost'",
+        ),
+        (
+            b"POST /v1/vms/ghost/start HTTP/1.1\r\n\r\n".to_vec(),
+            404,
+            "no VM named",
+        ),
+        (
+            b"complete nonsense\r\n\r\n".to_vec(),
+            400,
+            "malformed request line",
+        ),
+        (
+            b"POST /v1/vms HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            411,
+            "Content-Length",
+        ),
+        (
+            b"POST /v1/vms HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec(),
+            413,
+            "limit",
+        ),
+    ];
+    for (req, status, needle) in cases {
+        let (s, body) = d.raw(&req);
+        assert_eq!(s, status, "{}: {body}", String::from_utf8_lossy(&req));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(v["error"].as_str().unwrap().contains(needle), "{body}");
+    }
+    // State conflicts.
+    assert_eq!(
+        d.raw(post(r#"{"name":"x","cmdline":"probe.tests=hang"}"#).as_bytes())
+            .0,
+        201
+    );
+    assert_eq!(d.raw(post(r#"{"name":"x"}"#).as_bytes()).0, 409);
+    assert_eq!(d.raw(b"POST /v1/vms/x/stop HTTP/1.1\r\n\r\n").0, 409);
+    assert_eq!(d.raw(b"POST /v1/vms/x/start HTTP/1.1\r\n\r\n").0, 200);
+    assert_eq!(d.raw(b"POST /v1/vms/x/start HTTP/1.1\r\n\r\n").0, 409);
+    assert_eq!(d.raw(b"DELETE /v1/vms/x HTTP/1.1\r\n\r\n").0, 409);
+    assert_eq!(d.raw(b"POST /v1/vms/x/stop HTTP/1.1\r\n\r\n").0, 200);
+    assert_eq!(d.raw(b"DELETE /v1/vms/x HTTP/1.1\r\n\r\n").0, 204);
+    // A client that connects and says nothing, or hangs up mid-request, costs nothing.
+    drop(UnixStream::connect(&d.socket).unwrap());
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"POST /v1/vms HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+        .unwrap();
+    drop(s);
+    assert_eq!(
+        d.raw(b"GET /v1/host HTTP/1.1\r\n\r\n").0,
+        200,
+        "the daemon is still serving"
+    );
+    // CLI errors: no daemon at the socket.
+    let mut c = Command::new(wv_bin());
+    c.args(["vm", "list"])
+        .env("WV_SOCKET", dir.path("nothing.sock"));
+    let r = run_cmd(c, Duration::from_secs(10));
+    assert_eq!(r.status, Some(2), "{r}");
+    assert!(r.stderr.contains("is `wv host` running?"), "{r}");
+    d.stop();
+}
