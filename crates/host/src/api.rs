@@ -8,6 +8,7 @@
 //! | GET /v1/vms/{name} | one VM |
 //! | DELETE /v1/vms/{name} | forget a VM that is not running |
 //! | POST /v1/vms/{name}/start, /stop | start or stop its VMM |
+//! | POST /v1/vms/{name}/pause, /resume | stop or continue every vCPU (the VMM process) |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
 //! 404, 405, 409 (duplicate name, wrong state) or 422 (a value out of range).
@@ -143,12 +144,18 @@ impl Daemon {
             ("DELETE", ["v1", "vms", name]) => self.delete(name),
             ("POST", ["v1", "vms", name, "start"]) => self.start(name),
             ("POST", ["v1", "vms", name, "stop"]) => self.stop(name),
+            ("POST", ["v1", "vms", name, "pause"]) => {
+                self.signal_state(name, State::Running, State::Paused, libc::SIGSTOP)
+            }
+            ("POST", ["v1", "vms", name, "resume"]) => {
+                self.signal_state(name, State::Paused, State::Running, libc::SIGCONT)
+            }
             (
                 _,
                 ["v1", "host"]
                 | ["v1", "vms"]
                 | ["v1", "vms", _]
-                | ["v1", "vms", _, "start" | "stop"],
+                | ["v1", "vms", _, "start" | "stop" | "pause" | "resume"],
             ) => error(
                 405,
                 format!("{} is not allowed on {}", req.method, req.path),
@@ -267,6 +274,31 @@ impl Daemon {
         reply
     }
 
+    /// Pause (SIGSTOP: every thread of the VMM, so every vCPU, stops) or resume (SIGCONT).
+    fn signal_state(&self, name: &str, from: State, to: State, sig: libc::c_int) -> Reply {
+        let mut doc = self.lock();
+        let Some(w) = doc.worlds.iter_mut().find(|w| w.spec.name == name) else {
+            return error(404, format!("no VM named '{name}'"));
+        };
+        let Some(pid) = w.pid.filter(|_| w.state == from) else {
+            return error(
+                409,
+                format!("VM '{name}' is {:?}, not {:?}", w.state, from).to_lowercase(),
+            );
+        };
+        // SAFETY: signalling the VMM process this daemon supervises for this VM.
+        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+            return error(
+                409,
+                format!("VM '{name}': {}", std::io::Error::last_os_error()),
+            );
+        }
+        w.state = to;
+        let reply = ok(200, &*w);
+        let _ = self.save(&doc);
+        reply
+    }
+
     fn stop(&self, name: &str) -> Reply {
         let (id, pid) = {
             let doc = self.lock();
@@ -283,8 +315,12 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
         let pid = pid as libc::pid_t;
-        // SAFETY: signalling the VMM process we started (or re-adopted) for this VM.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // SAFETY: signalling the VMM process we started (or re-adopted) for this VM; a paused
+        // VMM is continued so it can act on SIGTERM.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+            libc::kill(pid, libc::SIGCONT);
+        }
         for i in 0..200 {
             if self
                 .lock()

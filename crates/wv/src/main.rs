@@ -18,7 +18,7 @@ Usage:
   wv host [--socket PATH] [--state-dir DIR]
                             Run the host daemon that owns this host's VMs
   wv host status [--json]   Ask the daemon how the host is doing
-  wv vm create NAME [RUN OPTIONS] | list | info NAME | start NAME | stop NAME | delete NAME [--json]
+  wv vm create NAME [RUN OPTIONS] | list | info NAME | start|stop|pause|resume NAME | delete NAME [--json]
                             Manage VMs through the daemon (socket: --socket or WV_SOCKET)
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
@@ -483,7 +483,7 @@ fn cmd_vm(args: &[String]) -> ExitCode {
                 }
             })
         }
-        Some(verb @ ("info" | "start" | "stop" | "delete")) => {
+        Some(verb @ ("info" | "start" | "stop" | "pause" | "resume" | "delete")) => {
             let name = match need_name(&name) {
                 Ok(n) => n,
                 Err(e) => return e,
@@ -507,7 +507,7 @@ fn cmd_vm(args: &[String]) -> ExitCode {
         None => {
             return fail(
                 STATUS_USAGE,
-                "wv vm needs a command: create, list, info, start, stop, delete",
+                "wv vm needs a command: create, list, info, start, stop, pause, resume, delete",
             )
         }
     };

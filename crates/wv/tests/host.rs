@@ -171,6 +171,33 @@ fn lifecycle_crash_and_restart() {
     assert!(pid_alive(spin_pid));
     assert_eq!(d.json(&["vm", "info", "spin"])["state"], "running");
 
+    // Pause stops every thread of the VMM; resume continues them.
+    assert_eq!(d.json(&["vm", "pause", "spin"])["state"], "paused");
+    let stopped_threads = |pid: u64| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("stat")).ok())
+            .all(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
+            })
+    };
+    let t = Instant::now();
+    while !stopped_threads(spin_pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the VMM's threads did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        d.wv(&["vm", "pause", "spin"]).status,
+        Some(1),
+        "pausing twice is a conflict"
+    );
+    assert_eq!(d.json(&["vm", "resume", "spin"])["state"], "running");
+    assert!(!stopped_threads(spin_pid));
+
     // Restart the daemon: definitions persist and the running VMM is re-adopted.
     d.stop();
     assert!(
