@@ -60,6 +60,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"emulfail" => emulation_failure(),
         b"reset" => reset(),
         b"hang" => hang(),
+        b"burn" => burn(),
         _ => {
             let mut l = Line::new();
             l.s("unknown test '").bytes(name).s("'");
@@ -413,6 +414,10 @@ user_lcg:
     jnz 1b
     int3
 2:  jmp 2b
+    .globl user_burn
+user_burn:
+3:  pause
+    jmp 3b
     .globl user_privileged
 user_privileged:
     hlt
@@ -431,6 +436,7 @@ user_seed: .quad 12345
 extern "C" {
     fn user_lcg();
     fn user_privileged();
+    fn user_burn();
     static user_iters: u64;
     static user_seed: u64;
 }
@@ -535,6 +541,16 @@ fn reset() -> Outcome {
     outb(0x64, 0xfe);
     let mut d = Line::new();
     fail("reset", d.s("still running after the reset command"))
+}
+
+/// A CPU-bound world for the scheduler's tests and benchmark: spins at CPL3 (native speed
+/// under PVM) until the VM is stopped. Its progress is the CPU time the host gives it.
+fn burn() -> Outcome {
+    crate::console::println("burn: spinning at CPL3 until stopped");
+    let stack_top = USER_STACK.as_ptr() as u64 + 4096;
+    let r = crate::entry::run_user(user_burn as *const () as u64, stack_top);
+    let mut d = Line::new();
+    fail("burn", d.s("left user mode: ").hex(r))
 }
 
 fn hang() -> Outcome {

@@ -9,11 +9,15 @@
 //! | DELETE /v1/vms/{name} | forget a VM that is not running |
 //! | POST /v1/vms/{name}/start, /stop | start or stop its VMM |
 //! | POST /v1/vms/{name}/pause, /resume | stop or continue every vCPU (the VMM process) |
+//! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
+//! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
+//! | GET /v1/stats | CPU accounting of every running world, the management world included |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
 //! 404, 405, 409 (duplicate name, wrong state) or 422 (a value out of range).
 
 use crate::http::{self, HttpError, Request};
+use crate::sched::{self, Cgroups, Demand};
 use crate::store::{Document, Store};
 use crate::supervisor;
 use crate::world::{State, VmSpec, World};
@@ -32,6 +36,50 @@ pub struct Daemon {
     wv: PathBuf,
     stopping: Mutex<HashSet<u64>>,
     socket: PathBuf,
+    /// The cgroups that enforce the scheduler's decisions, or why there are none.
+    cgroups: Result<Cgroups, String>,
+    cpus: f64,
+    ctl: Mutex<sched::Controller>,
+}
+
+/// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit: 0` removes the limit.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourceUpdate {
+    shares: Option<u32>,
+    reservation: Option<f64>,
+    limit: Option<f64>,
+}
+
+/// CPU accounting of one world.
+#[derive(serde::Serialize)]
+struct WorldStats {
+    id: u64,
+    name: String,
+    state: State,
+    shares: u32,
+    reservation: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<f64>,
+    /// CPUs it is entitled to right now if it competes.
+    entitlement: f64,
+    cpu_ns: u64,
+    ready_ns: u64,
+    throttled_ns: u64,
+    threads: Vec<sched::ThreadTime>,
+}
+
+fn is_live(s: State) -> bool {
+    matches!(s, State::Running | State::Starting | State::Paused)
+}
+
+/// A stable tag for a state directory (FNV-1a), naming its cgroup.
+fn tag(p: &Path) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in p.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 type Reply = (u16, String);
@@ -53,12 +101,21 @@ impl Daemon {
     pub fn open(state_dir: &Path, socket: &Path, wv: PathBuf) -> std::io::Result<Arc<Daemon>> {
         let store = Store::open(state_dir)?;
         let doc = store.load()?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.into());
+        let cgroups = Cgroups::open(&format!("worldvisor/{}", tag(&canonical)), cpus);
+        if let Err(e) = &cgroups {
+            eprintln!("wv host: CPU scheduler unavailable (VMs with settings other than the default shares cannot start): {e}");
+        }
         let d = Arc::new(Daemon {
             store,
             doc: Mutex::new(doc),
             wv,
             stopping: Mutex::default(),
             socket: socket.to_path_buf(),
+            cgroups,
+            cpus,
+            ctl: Mutex::default(),
         });
         let mut adopt = Vec::new();
         {
@@ -79,6 +136,23 @@ impl Daemon {
                 }
             }
             d.store.save(&doc)?;
+            if let Ok(cg) = &d.cgroups {
+                for w in doc.worlds.iter().filter(|w| !is_live(w.state)) {
+                    cg.remove(w.id);
+                }
+                for &(id, pid) in &adopt {
+                    if let Err(e) = cg.attach(id, pid) {
+                        eprintln!("wv host: world {id}: {e}");
+                    }
+                }
+            }
+            d.rebalance(&doc);
+        }
+        if d.cgroups.is_ok() {
+            let d2 = d.clone();
+            std::thread::Builder::new()
+                .name("scheduler".into())
+                .spawn(move || d2.schedule())?;
         }
         for (id, pid) in adopt {
             let d2 = d.clone();
@@ -131,6 +205,167 @@ impl Daemon {
         w.pid = None;
         w.reason = Some(reason);
         let _ = self.store.save(&doc);
+        if let Ok(cg) = &self.cgroups {
+            cg.remove(id);
+        }
+        self.rebalance(&doc);
+    }
+
+    /// The running worlds and their entitlements.
+    fn entitled<'a>(&self, doc: &'a Document) -> Vec<(&'a World, f64)> {
+        let live: Vec<&World> = doc.worlds.iter().filter(|w| is_live(w.state)).collect();
+        let demands: Vec<Demand> = live.iter().map(|w| w.spec.demand()).collect();
+        live.into_iter()
+            .zip(sched::entitlements(&demands, self.cpus))
+            .collect()
+    }
+
+    /// The scheduler's loop: every 100 ms, feed each running world's use back into its weight.
+    fn schedule(&self) {
+        let tick = Duration::from_millis(100);
+        let mut last = std::time::Instant::now();
+        loop {
+            std::thread::sleep(tick);
+            let now = std::time::Instant::now();
+            let dt = u64::try_from(now.duration_since(last).as_nanos()).unwrap_or(u64::MAX);
+            last = now;
+            let doc = self.lock();
+            let samples: Vec<sched::Sample> = self
+                .entitled(&doc)
+                .into_iter()
+                .filter_map(|(w, e)| {
+                    let t = sched::threads(w.pid?);
+                    Some(sched::Sample {
+                        id: w.id,
+                        entitlement: e,
+                        cpu_ns: t.iter().map(|t| t.cpu_ns).sum(),
+                        ready_ns: t.iter().map(|t| t.ready_ns).sum(),
+                    })
+                })
+                .collect();
+            self.ctl
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .step(&samples, dt);
+            self.rebalance(&doc);
+        }
+    }
+
+    /// Recomputes every running world's entitlement and applies it.
+    fn rebalance(&self, doc: &Document) {
+        let Ok(cg) = &self.cgroups else { return };
+        let ctl = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
+        for (w, e) in self.entitled(doc) {
+            if let Err(err) = cg.apply(w.id, e * ctl.gain(w.id), w.spec.limit) {
+                eprintln!("wv host: world {} ({}): {err}", w.id, w.spec.name);
+            }
+        }
+    }
+
+    /// Admission control for `spec` joining (or changing among) the running worlds.
+    fn admit(&self, doc: &Document, spec: &VmSpec) -> Result<(), Reply> {
+        let mut demands: Vec<Demand> = doc
+            .worlds
+            .iter()
+            .filter(|w| is_live(w.state) && w.spec.name != spec.name)
+            .map(|w| w.spec.demand())
+            .collect();
+        demands.push(spec.demand());
+        sched::admit(&demands, self.cpus).map_err(|e| error(409, e))?;
+        let d = spec.demand();
+        if let Err(e) = &self.cgroups {
+            if d.shares != sched::DEFAULT_SHARES || d.reservation > 0.0 || d.limit.is_some() {
+                return Err(error(
+                    409,
+                    format!("the CPU scheduler is unavailable on this host ({e}): only default settings can run"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn set(&self, name: &str, body: &[u8]) -> Reply {
+        let u: ResourceUpdate = match serde_json::from_slice(body) {
+            Ok(u) => u,
+            Err(e) => return error(400, format!("invalid settings: {e}")),
+        };
+        let mut doc = self.lock();
+        let Some(i) = doc.worlds.iter().position(|w| w.spec.name == name) else {
+            return error(404, format!("no VM named '{name}'"));
+        };
+        let mut spec = doc.worlds[i].spec.clone();
+        spec.shares = u.shares.unwrap_or(spec.shares);
+        spec.reservation = u.reservation.unwrap_or(spec.reservation);
+        if let Some(l) = u.limit {
+            spec.limit = (l != 0.0).then_some(l);
+        }
+        if let Err(e) = sched::validate(&spec.demand()) {
+            return error(422, e);
+        }
+        if is_live(doc.worlds[i].state) {
+            if let Err(r) = self.admit(&doc, &spec) {
+                return r;
+            }
+        }
+        let old = std::mem::replace(&mut doc.worlds[i].spec, spec);
+        if let Err(e) = self.save(&doc) {
+            doc.worlds[i].spec = old;
+            return e;
+        }
+        self.rebalance(&doc);
+        ok(200, &doc.worlds[i])
+    }
+
+    fn stats_of(&self, w: &World, entitlement: f64) -> WorldStats {
+        let threads = w.pid.map(sched::threads).unwrap_or_default();
+        WorldStats {
+            id: w.id,
+            name: w.spec.name.clone(),
+            state: w.state,
+            shares: w.spec.shares,
+            reservation: w.spec.reservation,
+            limit: w.spec.limit,
+            entitlement,
+            cpu_ns: threads.iter().map(|t| t.cpu_ns).sum(),
+            ready_ns: threads.iter().map(|t| t.ready_ns).sum(),
+            throttled_ns: self.cgroups.as_ref().map_or(0, |c| c.throttled_ns(w.id)),
+            threads,
+        }
+    }
+
+    fn stats(&self, name: &str) -> Reply {
+        let doc = self.lock();
+        let Some(w) = doc.worlds.iter().find(|w| w.spec.name == name) else {
+            return error(404, format!("no VM named '{name}'"));
+        };
+        let e = self
+            .entitled(&doc)
+            .into_iter()
+            .find(|(x, _)| x.id == w.id)
+            .map_or(0.0, |(_, e)| e);
+        ok(200, &self.stats_of(w, e))
+    }
+
+    fn all_stats(&self) -> Reply {
+        let doc = self.lock();
+        let threads = sched::threads(std::process::id());
+        let mut out = vec![WorldStats {
+            id: 0,
+            name: "management".into(),
+            state: State::Running,
+            shares: sched::DEFAULT_SHARES,
+            reservation: 0.0,
+            limit: None,
+            entitlement: 0.0,
+            cpu_ns: threads.iter().map(|t| t.cpu_ns).sum(),
+            ready_ns: threads.iter().map(|t| t.ready_ns).sum(),
+            throttled_ns: 0,
+            threads,
+        }];
+        for (w, e) in self.entitled(&doc) {
+            out.push(self.stats_of(w, e));
+        }
+        ok(200, &out)
     }
 
     /// Handles one request.
@@ -141,6 +376,9 @@ impl Daemon {
             ("GET", ["v1", "vms"]) => ok(200, &self.lock().worlds),
             ("POST", ["v1", "vms"]) => self.create(&req.body),
             ("GET", ["v1", "vms", name]) => self.with(name, |w| Ok(ok(200, w))),
+            ("PATCH", ["v1", "vms", name]) => self.set(name, &req.body),
+            ("GET", ["v1", "vms", name, "stats"]) => self.stats(name),
+            ("GET", ["v1", "stats"]) => self.all_stats(),
             ("DELETE", ["v1", "vms", name]) => self.delete(name),
             ("POST", ["v1", "vms", name, "start"]) => self.start(name),
             ("POST", ["v1", "vms", name, "stop"]) => self.stop(name),
@@ -155,7 +393,8 @@ impl Daemon {
                 ["v1", "host"]
                 | ["v1", "vms"]
                 | ["v1", "vms", _]
-                | ["v1", "vms", _, "start" | "stop" | "pause" | "resume"],
+                | ["v1", "stats"]
+                | ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "stats"],
             ) => error(
                 405,
                 format!("{} is not allowed on {}", req.method, req.path),
@@ -177,6 +416,10 @@ impl Daemon {
                 "socket": self.socket,
                 "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 "host_memory": wv_vmm::config::host_ram(),
+                "scheduler": match &self.cgroups {
+                    Ok(c) => format!("cgroup v1 cpu controller at {}", c.root().display()),
+                    Err(e) => format!("unavailable: {e}"),
+                },
             }),
         )
     }
@@ -249,6 +492,13 @@ impl Daemon {
         if matches!(w.state, State::Running | State::Starting | State::Paused) {
             return error(409, format!("VM '{name}' is running already"));
         }
+        let spec = w.spec.clone();
+        if let Err(r) = self.admit(&doc, &spec) {
+            return r;
+        }
+        let Some(w) = doc.worlds.iter_mut().find(|w| w.spec.name == name) else {
+            return error(404, format!("no VM named '{name}'"));
+        };
         let dir = self.store.vm_dir(name);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return error(500, format!("creating {}: {e}", dir.display()));
@@ -260,11 +510,19 @@ impl Daemon {
             Err(e) => return error(500, format!("starting the VMM: {e}")),
         };
         let id = w.id;
+        if let Ok(cg) = &self.cgroups {
+            if let Err(e) = cg.attach(id, child.id()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return error(500, format!("placing the VMM under the scheduler: {e}"));
+            }
+        }
         w.state = State::Running;
         w.pid = Some(child.id());
         w.reason = None;
         let reply = ok(200, &*w);
         let _ = self.save(&doc);
+        self.rebalance(&doc);
         drop(doc);
         let d = self.clone();
         std::thread::spawn(move || {

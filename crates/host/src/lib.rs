@@ -1,10 +1,12 @@
 //! The host kernel of seed 000 as a daemon (`wv host`): it owns the worlds of one host. Each
 //! VM world runs in its own VMM process (`wv run`), started and supervised here, so one VM's
 //! failure never takes down another or the daemon; the world table and the VM definitions
-//! persist in the state directory; clients talk REST over a Unix socket ([`api`]).
+//! persist in the state directory; clients talk REST over a Unix socket ([`api`]); the
+//! proportional-share scheduler ([`sched`]) divides the CPUs among the worlds.
 
 pub mod api;
 pub mod http;
+pub mod sched;
 pub mod store;
 pub mod supervisor;
 pub mod world;

@@ -22,7 +22,7 @@ pub enum State {
 }
 
 /// What a VM is made of: the options of `wv run`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Unique name: 1-64 of [A-Za-z0-9._-].
@@ -51,6 +51,19 @@ pub struct VmSpec {
     /// A virtio-rng device.
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// Scheduler shares, 1 to 10000.
+    #[serde(default = "default_shares")]
+    pub shares: u32,
+    /// CPUs guaranteed while it runs (0 to one per vCPU).
+    #[serde(default)]
+    pub reservation: f64,
+    /// CPUs it may use at most (absent: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<f64>,
+}
+
+fn default_shares() -> u32 {
+    crate::sched::DEFAULT_SHARES
 }
 
 fn default_memory() -> String {
@@ -77,6 +90,7 @@ impl VmSpec {
                 "invalid name '{n}': use 1-64 letters, digits, '.', '_' or '-'"
             ));
         }
+        crate::sched::validate(&self.demand())?;
         let memory = wv_vmm::parse_size(&self.memory).map_err(|e| format!("memory: {e}"))?;
         let mut cfg =
             wv_vmm::VmConfig::new(wv_vmm::KernelSource::Embedded("probe", &[]), String::new());
@@ -92,6 +106,16 @@ impl VmSpec {
         }
         cfg.validate(wv_vmm::config::host_ram())
             .map_err(|e| e.to_string())
+    }
+
+    /// What the scheduler needs to know.
+    pub fn demand(&self) -> crate::sched::Demand {
+        crate::sched::Demand {
+            shares: self.shares,
+            reservation: self.reservation,
+            limit: self.limit,
+            vcpus: self.vcpus,
+        }
     }
 
     /// The `wv run` arguments for this VM.
@@ -132,7 +156,7 @@ impl VmSpec {
 }
 
 /// One VM world as the daemon records it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct World {
     /// Unique, never reused.
     pub id: u64,
@@ -178,6 +202,9 @@ mod tests {
             r#"{"name":"a","memory":"1M"}"#,
             r#"{"name":"a","disks":["nopath"]}"#,
             r#"{"name":"a","nets":["tap="]}"#,
+            r#"{"name":"a","shares":0}"#,
+            r#"{"name":"a","reservation":2}"#,
+            r#"{"name":"a","limit":0.5,"reservation":0.6}"#,
         ] {
             assert!(spec(bad).unwrap().validate().is_err(), "{bad}");
         }

@@ -373,6 +373,7 @@ fn cmd_host(args: &[String]) -> ExitCode {
                 Err(e) => fail(1, &format!("cannot serve on {}: {e}", c.socket.display())),
             }
         }
+        Some("top") => host_top(&c),
         Some("status") => match api(&c, "GET", "/v1/host", None) {
             Ok(v) if c.json => {
                 println!("{v}");
@@ -390,6 +391,123 @@ fn cmd_host(args: &[String]) -> ExitCode {
             STATUS_USAGE,
             &format!("unknown 'wv host' command '{other}'"),
         ),
+    }
+}
+
+/// Takes `--shares N`, `--reservation CPUS` and `--limit CPUS|none` out of `args` into a JSON
+/// object (`--limit none` becomes 0, which removes a limit).
+fn take_sched(
+    args: &[String],
+) -> Result<(Vec<String>, serde_json::Map<String, serde_json::Value>), Usage> {
+    let mut rest = Vec::new();
+    let mut m = serde_json::Map::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let key = match a.as_str() {
+            "--shares" => "shares",
+            "--reservation" => "reservation",
+            "--limit" => "limit",
+            _ => {
+                rest.push(a.clone());
+                continue;
+            }
+        };
+        let v = it
+            .next()
+            .ok_or_else(|| Usage(format!("{a} needs a value")))?;
+        let val: serde_json::Value = if key == "shares" {
+            v.parse::<u32>()
+                .map_err(|_| Usage(format!("{a}: '{v}' is not a whole number")))?
+                .into()
+        } else if key == "limit" && v == "none" {
+            0.0.into()
+        } else {
+            v.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| Usage(format!("{a}: '{v}' is not a number of CPUs")))?
+                .into()
+        };
+        m.insert(key.into(), val);
+    }
+    Ok((rest, m))
+}
+
+/// `wv host top`: CPU use of every world over one-second intervals.
+fn host_top(c: &Common) -> ExitCode {
+    let once = c.rest.iter().any(|a| a == "--once");
+    let mut prev: Option<(std::time::Instant, serde_json::Value)> = None;
+    loop {
+        let now = std::time::Instant::now();
+        let cur = match api(c, "GET", "/v1/stats", None) {
+            Ok(v) => v,
+            Err(code) => return code,
+        };
+        if let Some((t0, old)) = &prev {
+            let dt = now.duration_since(*t0).as_nanos().max(1) as f64;
+            let before = |id: &serde_json::Value, k: &str| {
+                old.as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|w| &w["id"] == id)
+                    .and_then(|w| w[k].as_u64())
+            };
+            let mut rows = Vec::new();
+            for w in cur.as_array().into_iter().flatten() {
+                let pct = |k: &str| {
+                    let b = before(&w["id"], k).unwrap_or(0);
+                    100.0 * w[k].as_u64().unwrap_or(0).saturating_sub(b) as f64 / dt
+                };
+                rows.push(serde_json::json!({
+                    "id": w["id"], "name": w["name"], "state": w["state"],
+                    "shares": w["shares"], "reservation": w["reservation"],
+                    "limit": w["limit"], "entitlement": w["entitlement"],
+                    "cpu_percent": pct("cpu_ns"), "ready_percent": pct("ready_ns"),
+                    "throttled_percent": pct("throttled_ns"),
+                }));
+            }
+            if c.json {
+                println!("{}", serde_json::Value::from(rows));
+            } else {
+                if !once {
+                    print!("\x1b[H\x1b[2J");
+                }
+                println!(
+                    "{:>4} {:<20} {:<8} {:>6} {:>6} {:>6} {:>9} {:>7} {:>7} {:>7}",
+                    "ID",
+                    "WORLD",
+                    "STATE",
+                    "SHARES",
+                    "RESV",
+                    "LIMIT",
+                    "ENTITLED",
+                    "CPU%",
+                    "READY%",
+                    "THROT%"
+                );
+                for r in &rows {
+                    let f = |k: &str| r[k].as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
+                    println!(
+                        "{:>4} {:<20} {:<8} {:>6} {:>6} {:>6} {:>9} {:>7.1} {:>7.1} {:>7.1}",
+                        r["id"].as_u64().unwrap_or(0),
+                        r["name"].as_str().unwrap_or("?"),
+                        r["state"].as_str().unwrap_or("?"),
+                        r["shares"].as_u64().unwrap_or(0),
+                        f("reservation"),
+                        f("limit"),
+                        f("entitlement"),
+                        r["cpu_percent"].as_f64().unwrap_or(0.0),
+                        r["ready_percent"].as_f64().unwrap_or(0.0),
+                        r["throttled_percent"].as_f64().unwrap_or(0.0),
+                    );
+                }
+            }
+            if once {
+                return ExitCode::SUCCESS;
+            }
+        }
+        prev = Some((now, cur));
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 
@@ -436,7 +554,11 @@ fn cmd_vm(args: &[String]) -> ExitCode {
                 Ok(n) => n,
                 Err(e) => return e,
             };
-            let (cfg, _) = match parse_run(&c.rest[2..]) {
+            let (run_args, sched) = match take_sched(&c.rest[2..]) {
+                Ok(x) => x,
+                Err(Usage(m)) => return fail(STATUS_USAGE, &m),
+            };
+            let (cfg, _) = match parse_run(&run_args) {
                 Ok(Some(x)) => x,
                 Ok(None) => {
                     return fail(
@@ -475,11 +597,83 @@ fn cmd_vm(args: &[String]) -> ExitCode {
                 .collect();
             spec["disks"] = disks.into();
             spec["nets"] = nets.into();
+            for (k, v) in sched {
+                spec[k] = v;
+            }
             api(&c, "POST", "/v1/vms", Some(&spec.to_string())).map(|v| {
                 if c.json {
                     println!("{v}");
                 } else {
                     println!("created VM {} (id {})", name, v["id"]);
+                }
+            })
+        }
+        Some("set") => {
+            let name = match need_name(&name) {
+                Ok(n) => n,
+                Err(e) => return e,
+            };
+            let body = match take_sched(&c.rest[2..]) {
+                Ok((rest, m)) if rest.is_empty() && !m.is_empty() => serde_json::Value::from(m),
+                Ok((rest, _)) if !rest.is_empty() => {
+                    return fail(STATUS_USAGE, &format!("wv vm set: unknown option '{}'", rest[0]))
+                }
+                Ok(_) => {
+                    return fail(
+                        STATUS_USAGE,
+                        "wv vm set NAME needs --shares N, --reservation CPUS or --limit CPUS|none",
+                    )
+                }
+                Err(Usage(m)) => return fail(STATUS_USAGE, &m),
+            };
+            api(&c, "PATCH", &format!("/v1/vms/{name}"), Some(&body.to_string())).map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    let s = &v["spec"];
+                    println!(
+                        "VM {name}: shares {} reservation {} limit {}",
+                        s["shares"],
+                        s["reservation"],
+                        s["limit"].as_f64().map_or("none".to_string(), |l| l.to_string())
+                    );
+                }
+            })
+        }
+        Some("stats") => {
+            let name = match need_name(&name) {
+                Ok(n) => n,
+                Err(e) => return e,
+            };
+            api(&c, "GET", &format!("/v1/vms/{name}/stats"), None).map(|v| {
+                if c.json {
+                    println!("{v}");
+                    return;
+                }
+                let ms = |x: &serde_json::Value| x.as_u64().unwrap_or(0) as f64 / 1e6;
+                println!(
+                    "VM {name}: {} shares {} reservation {} limit {} entitled {:.2} CPUs",
+                    v["state"].as_str().unwrap_or("?"),
+                    v["shares"],
+                    v["reservation"],
+                    v["limit"].as_f64().map_or("none".to_string(), |l| l.to_string()),
+                    v["entitlement"].as_f64().unwrap_or(0.0)
+                );
+                println!(
+                    "cpu {:.1} ms  ready {:.1} ms  throttled {:.1} ms",
+                    ms(&v["cpu_ns"]),
+                    ms(&v["ready_ns"]),
+                    ms(&v["throttled_ns"])
+                );
+                println!("{:>8} {:<16} {:>12} {:>12}", "TID", "THREAD", "CPU ms", "READY ms");
+                for t in v["threads"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:>8} {:<16} {:>12.1} {:>12.1}",
+                        t["tid"].as_u64().unwrap_or(0),
+                        t["name"].as_str().unwrap_or("?"),
+                        ms(&t["cpu_ns"]),
+                        ms(&t["ready_ns"])
+                    );
                 }
             })
         }
@@ -507,7 +701,7 @@ fn cmd_vm(args: &[String]) -> ExitCode {
         None => {
             return fail(
                 STATUS_USAGE,
-                "wv vm needs a command: create, list, info, start, stop, pause, resume, delete",
+                "wv vm needs a command: create, list, info, set, stats, start, stop, pause, resume, delete",
             )
         }
     };

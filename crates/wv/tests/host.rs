@@ -2,109 +2,12 @@
 //! daemon restart with a VM running, and bad requests (4xx, the daemon keeps serving).
 
 mod common;
+use common::daemon::Daemon;
 use common::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    state: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &TempDir) -> Daemon {
-        let (socket, state) = (dir.path("wv.sock"), dir.path("state"));
-        let child = Command::new(wv_bin())
-            .args([
-                "host",
-                "--socket",
-                socket.to_str().unwrap(),
-                "--state-dir",
-                state.to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the daemon did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            child,
-            socket,
-            state,
-        }
-    }
-
-    fn wv(&self, args: &[&str]) -> Run {
-        let mut c = Command::new(wv_bin());
-        c.args(args).env("WV_SOCKET", &self.socket);
-        run_cmd(c, Duration::from_secs(60))
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let r = self.wv(&a);
-        assert_eq!(r.status, Some(0), "{r}");
-        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r}"))
-    }
-
-    fn wait_state(&self, name: &str, state: &str) -> serde_json::Value {
-        let t = Instant::now();
-        loop {
-            let v = self.json(&["vm", "info", name]);
-            if v["state"] == state {
-                return v;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{name} never became {state}: {v}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// A raw HTTP exchange: (status, body).
-    fn raw(&self, request: &[u8]) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        s.write_all(request).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (
-            status,
-            out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-        )
-    }
-
-    fn stop(mut self) {
-        // SAFETY: signalling the daemon we started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // A failed test must not leave a daemon behind (stop() already reaped it otherwise).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Whether `pid` runs (a zombie, already exited but not yet reaped by init, does not).
 fn pid_alive(pid: u64) -> bool {

@@ -73,6 +73,17 @@ fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) {
                 assert!(n <= m, "{at}: {n} > {m}");
             }
         }
+        Some("number") => {
+            let n = v
+                .as_f64()
+                .unwrap_or_else(|| panic!("{at}: {v} is not a number"));
+            if let Some(m) = s["minimum"].as_f64() {
+                assert!(n >= m, "{at}: {n} < {m}");
+            }
+            if let Some(m) = s["maximum"].as_f64() {
+                assert!(n <= m, "{at}: {n} > {m}");
+            }
+        }
         _ => {}
     }
 }
@@ -237,6 +248,56 @@ fn the_server_matches_its_openapi_document() {
     );
     c.call("GET", "/v1/host", "/v1/host", None);
     assert_eq!(c.call("DELETE", vm, "/v1/vms/a", None).0, 409);
+    // Scheduler settings, live, and the accounting.
+    let patch = |c: &mut Checker, path: &str, body: &str| c.call("PATCH", vm, path, Some(body)).0;
+    assert_eq!(
+        patch(&mut c, "/v1/vms/a", r#"{"shares":2000,"limit":1.5}"#),
+        200
+    );
+    assert_eq!(patch(&mut c, "/v1/vms/a", r#"{"limit":0}"#), 200);
+    assert_eq!(patch(&mut c, "/v1/vms/a", r#"{"shares":"many"}"#), 400);
+    assert_eq!(patch(&mut c, "/v1/vms/a", r#"{"weight":1}"#), 400);
+    assert_eq!(patch(&mut c, "/v1/vms/a", r#"{"shares":0}"#), 422);
+    assert_eq!(patch(&mut c, "/v1/vms/zz", r#"{"shares":1}"#), 404);
+    assert_eq!(
+        c.call(
+            "POST",
+            "/v1/vms",
+            "/v1/vms",
+            Some(r#"{"name":"r","reservation":0.5,"cmdline":"probe.tests=hang"}"#)
+        )
+        .0,
+        201
+    );
+    assert_eq!(patch(&mut c, "/v1/vms/a", r#"{"reservation":1.0}"#), 200);
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/start", "/v1/vms/r/start", None)
+            .0,
+        200
+    );
+    assert_eq!(
+        patch(&mut c, "/v1/vms/a", r#"{"reservation":1.9}"#),
+        409,
+        "admission control"
+    );
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/stop", "/v1/vms/r/stop", None)
+            .0,
+        200
+    );
+    assert_eq!(patch(&mut c, "/v1/vms/a", r#"{"reservation":0}"#), 200);
+    assert_eq!(c.call("DELETE", vm, "/v1/vms/r", None).0, 204);
+    assert_eq!(
+        c.call("GET", "/v1/vms/{name}/stats", "/v1/vms/a/stats", None)
+            .0,
+        200
+    );
+    assert_eq!(
+        c.call("GET", "/v1/vms/{name}/stats", "/v1/vms/zz/stats", None)
+            .0,
+        404
+    );
+    assert_eq!(c.call("GET", "/v1/stats", "/v1/stats", None).0, 200);
     assert_eq!(
         c.call("POST", "/v1/vms/{name}/pause", "/v1/vms/a/pause", None)
             .0,

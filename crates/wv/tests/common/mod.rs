@@ -3,6 +3,8 @@
 //! WV_TESTS_WITHOUT_KVM=1 says to skip them, which they then report on stderr.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,0 +1,423 @@
+//! The proportional-share scheduler: entitlements, admission control and their enforcement.
+//!
+//! Each world has *shares* (1-10000), a *reservation* (CPUs it is guaranteed) and an optional
+//! *limit* (CPUs it never exceeds). The daemon computes every running world's entitlement by
+//! water-filling: each world gets `λ·shares`, clamped between its reservation and its cap
+//! (`min(limit, vcpus)`), with λ chosen so that the host's CPUs are exactly used. CPU that a
+//! capped or idle world leaves is therefore redistributed by shares, never wasted.
+//!
+//! Enforcement uses the kernel's CFS through the cgroup v1 `cpu` controller (what this host
+//! offers; see PLATFORM.md): each VM world is a cgroup under `worldvisor/` whose `cpu.shares`
+//! is proportional to its entitlement (so under full contention CFS hands out exactly the
+//! entitlements, reservations included, and when worlds idle the rest share by weight), and
+//! whose CFS quota is its limit. The `worldvisor` group itself gets a large weight so that the
+//! host's other processes cannot eat into reservations.
+//!
+//! Accounting reads each VMM thread's `/proc/PID/task/TID/schedstat`: CPU time and time
+//! runnable but waiting (the "ready" time of seed 000).
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Default shares of a world.
+pub const DEFAULT_SHARES: u32 = 1000;
+/// CFS period used for limits, in µs.
+pub const PERIOD_US: u64 = 100_000;
+
+/// What the scheduler needs to know of one world.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Demand {
+    /// 1 to 10000.
+    pub shares: u32,
+    /// Guaranteed CPUs.
+    pub reservation: f64,
+    /// Maximum CPUs (None: as many as it has vCPUs).
+    pub limit: Option<f64>,
+    /// Its vCPUs: it can never use more CPUs than this.
+    pub vcpus: u32,
+}
+
+impl Demand {
+    fn cap(&self) -> f64 {
+        let v = f64::from(self.vcpus);
+        self.limit.map_or(v, |l| l.min(v))
+    }
+}
+
+/// Checks one world's settings on their own.
+pub fn validate(d: &Demand) -> Result<(), String> {
+    if !(1..=10_000).contains(&d.shares) {
+        return Err(format!("shares {} out of range 1-10000", d.shares));
+    }
+    let v = f64::from(d.vcpus);
+    if !d.reservation.is_finite() || d.reservation < 0.0 || d.reservation > v {
+        return Err(format!(
+            "reservation {} out of range 0-{v} (CPUs, at most one per vCPU)",
+            d.reservation
+        ));
+    }
+    if let Some(l) = d.limit {
+        if !l.is_finite() || l < 0.01 || l > v {
+            return Err(format!(
+                "limit {l} out of range 0.01-{v} (CPUs, at most one per vCPU)"
+            ));
+        }
+        if l < d.reservation {
+            return Err(format!(
+                "limit {l} is below the reservation {}",
+                d.reservation
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Admission control: can every reservation be met at once on `cpus` CPUs?
+pub fn admit(running: &[Demand], cpus: f64) -> Result<(), String> {
+    let total: f64 = running.iter().map(|d| d.reservation).sum();
+    if total > cpus + 1e-9 {
+        return Err(format!(
+            "reservations would total {total:.2} CPUs but the host has {cpus}"
+        ));
+    }
+    Ok(())
+}
+
+/// Entitlements (CPUs) of `worlds` all competing for `cpus` CPUs.
+pub fn entitlements(worlds: &[Demand], cpus: f64) -> Vec<f64> {
+    let alloc = |lambda: f64| -> Vec<f64> {
+        worlds
+            .iter()
+            .map(|d| (lambda * f64::from(d.shares)).clamp(d.reservation, d.cap()))
+            .collect()
+    };
+    let caps: f64 = worlds.iter().map(Demand::cap).sum();
+    if caps <= cpus {
+        return worlds.iter().map(Demand::cap).collect();
+    }
+    // sum(alloc(λ)) grows monotonically with λ: bisect for the λ that uses exactly `cpus`.
+    let (mut lo, mut hi) = (0.0f64, cpus);
+    for _ in 0..100 {
+        let mid = (lo + hi) / 2.0;
+        if alloc(mid).iter().sum::<f64>() < cpus {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    alloc(hi)
+}
+
+/// Feedback that corrects what CFS placement gets wrong: every tick, a world that was ready to
+/// run but received less than its entitlement gets a larger weight, one that received more
+/// gets a smaller one; a world that did not compete (no ready time) drifts back to its plain
+/// weight, so idling never banks credit.
+#[derive(Default)]
+pub struct Controller {
+    worlds: std::collections::HashMap<u64, Track>,
+}
+
+#[derive(Clone, Copy)]
+struct Track {
+    gain: f64,
+    cpu_ns: u64,
+    ready_ns: u64,
+}
+
+/// One world's observation for [`Controller::step`].
+pub struct Sample {
+    /// World id.
+    pub id: u64,
+    /// Its entitlement, CPUs.
+    pub entitlement: f64,
+    /// Its CPU and ready time so far, ns.
+    pub cpu_ns: u64,
+    /// Time ready but waiting so far, ns.
+    pub ready_ns: u64,
+}
+
+impl Controller {
+    /// The weight multiplier of world `id`.
+    pub fn gain(&self, id: u64) -> f64 {
+        self.worlds.get(&id).map_or(1.0, |t| t.gain)
+    }
+
+    /// Updates the gains from the worlds' use over the last `dt_ns`; forgets worlds not given.
+    pub fn step(&mut self, samples: &[Sample], dt_ns: u64) {
+        let mut next = std::collections::HashMap::new();
+        for s in samples {
+            let t = self.worlds.get(&s.id).copied().unwrap_or(Track {
+                gain: 1.0,
+                cpu_ns: s.cpu_ns,
+                ready_ns: s.ready_ns,
+            });
+            let dt = dt_ns.max(1) as f64;
+            let used = s.cpu_ns.saturating_sub(t.cpu_ns) as f64 / dt;
+            let ready = s.ready_ns.saturating_sub(t.ready_ns) as f64 / dt;
+            let mut gain = t.gain;
+            if s.entitlement > 0.0 && (ready > 0.01 || used > s.entitlement) {
+                let r = (s.entitlement / used.max(0.01)).sqrt();
+                gain *= r.clamp(0.85, 1.2);
+            } else {
+                gain = gain.powf(0.9);
+            }
+            next.insert(
+                s.id,
+                Track {
+                    gain: gain.clamp(0.25, 4.0),
+                    cpu_ns: s.cpu_ns,
+                    ready_ns: s.ready_ns,
+                },
+            );
+        }
+        self.worlds = next;
+    }
+}
+
+/// The cgroup v1 `cpu` hierarchy the daemon manages.
+pub struct Cgroups {
+    root: PathBuf,
+}
+
+fn write(path: &Path, v: impl std::fmt::Display) -> Result<(), String> {
+    std::fs::write(path, v.to_string()).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+impl Cgroups {
+    /// Finds the `cpu` controller and creates `worldvisor/` (or the name given) under it.
+    pub fn open(name: &str, cpus: f64) -> Result<Cgroups, String> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| e.to_string())?;
+        let base = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 4 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "cpu"))
+                    .then(|| PathBuf::from(f[1]))
+            })
+            .next()
+            .ok_or("no cgroup v1 'cpu' controller is mounted")?;
+        let root = base.join(name);
+        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        // The host kernel owns the machine: worlds as a whole outweigh the other processes
+        // (4 default-weight processes per CPU), so reservations hold against them too.
+        #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
+        let weight = (4.0 * 1024.0 * cpus).min(262_144.0) as u64;
+        write(&root.join("cpu.shares"), weight)?;
+        Ok(Cgroups { root })
+    }
+
+    /// The daemon's own group.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The cgroup of world `id`.
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.root.join(format!("world-{id}"))
+    }
+
+    /// Creates world `id`'s cgroup and moves every thread of `pid` into it.
+    pub fn attach(&self, id: u64, pid: u32) -> Result<(), String> {
+        let d = self.dir(id);
+        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+        write(&d.join("cgroup.procs"), pid)
+    }
+
+    /// Applies an entitlement and a limit to world `id`.
+    pub fn apply(&self, id: u64, entitlement: f64, limit: Option<f64>) -> Result<(), String> {
+        let d = self.dir(id);
+        // cpu.shares: 1024 per entitled CPU (the kernel's range is 2-262144).
+        #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
+        let w = (entitlement * 1024.0).round().clamp(2.0, 262_144.0) as u64;
+        write(&d.join("cpu.shares"), w)?;
+        // Rewriting the bandwidth settings restarts the kernel's quota accounting, so they are
+        // written only when they change.
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
+        #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
+        let quota = limit.map_or(-1, |l| (l * PERIOD_US as f64).round().max(1000.0) as i64);
+        if read("cpu.cfs_period_us").trim() != PERIOD_US.to_string() {
+            write(&d.join("cpu.cfs_period_us"), PERIOD_US)?;
+        }
+        if read("cpu.cfs_quota_us").trim() != quota.to_string() {
+            write(&d.join("cpu.cfs_quota_us"), quota)?;
+        }
+        Ok(())
+    }
+
+    /// Removes world `id`'s cgroup once its last process (the VMM's teardown helper outlives
+    /// the VMM by a moment) has left; gives up after 30 s.
+    pub fn remove(&self, id: u64) {
+        let d = self.dir(id);
+        std::thread::spawn(move || {
+            for _ in 0..300 {
+                if std::fs::remove_dir(&d).is_ok() || !d.exists() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+    }
+
+    /// Time world `id` was throttled by its limit, in ns.
+    pub fn throttled_ns(&self, id: u64) -> u64 {
+        std::fs::read_to_string(self.dir(id).join("cpu.stat"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("throttled_time ")?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// CPU accounting of one thread.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadTime {
+    /// Thread id.
+    pub tid: u32,
+    /// Thread name (`wv` is the main thread, which runs vCPU 0; `vcpuN`; device threads).
+    pub name: String,
+    /// CPU time used, ns.
+    pub cpu_ns: u64,
+    /// Time runnable but waiting for a CPU, ns.
+    pub ready_ns: u64,
+}
+
+/// Every thread of process `pid`, from `/proc/PID/task/*/schedstat`.
+pub fn threads(pid: u32) -> Vec<ThreadTime> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("schedstat")).unwrap_or_default();
+        let mut f = stat
+            .split_whitespace()
+            .map(|x| x.parse::<u64>().unwrap_or(0));
+        let name = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        out.push(ThreadTime {
+            tid,
+            name: name.trim().to_string(),
+            cpu_ns: f.next().unwrap_or(0),
+            ready_ns: f.next().unwrap_or(0),
+        });
+    }
+    out.sort_by_key(|t| t.tid);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(shares: u32, reservation: f64, limit: Option<f64>, vcpus: u32) -> Demand {
+        Demand {
+            shares,
+            reservation,
+            limit,
+            vcpus,
+        }
+    }
+
+    fn close(a: &[f64], b: &[f64]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    }
+
+    #[test]
+    fn shares_split_the_host() {
+        let w = [d(1000, 0.0, None, 2), d(3000, 0.0, None, 2)];
+        assert!(close(&entitlements(&w, 2.0), &[0.5, 1.5]));
+    }
+
+    #[test]
+    fn capped_worlds_give_their_excess_away() {
+        // 1:2:4 with one vCPU each on two CPUs: the 4 is capped at one CPU, 1:2 split the other.
+        let w = [
+            d(1000, 0.0, None, 1),
+            d(2000, 0.0, None, 1),
+            d(4000, 0.0, None, 1),
+        ];
+        assert!(close(&entitlements(&w, 2.0), &[1.0 / 3.0, 2.0 / 3.0, 1.0]));
+        // A limit is a cap too.
+        let w = [d(1000, 0.0, None, 2), d(1000, 0.0, Some(0.25), 2)];
+        assert!(close(&entitlements(&w, 2.0), &[1.75, 0.25]));
+    }
+
+    #[test]
+    fn reservations_are_floors() {
+        let w = [
+            d(1, 0.8, None, 1),
+            d(4000, 0.0, None, 1),
+            d(4000, 0.0, None, 1),
+        ];
+        assert!(close(&entitlements(&w, 2.0), &[0.8, 0.6, 0.6]));
+    }
+
+    #[test]
+    fn undercommitted_hosts_give_everyone_their_cap() {
+        let w = [d(1, 0.0, None, 1), d(10, 0.0, Some(0.5), 4)];
+        assert!(close(&entitlements(&w, 2.0), &[1.0, 0.5]));
+        assert!(entitlements(&[], 2.0).is_empty());
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(validate(&d(1000, 0.5, Some(1.0), 1)).is_ok());
+        for bad in [
+            d(0, 0.0, None, 1),
+            d(10_001, 0.0, None, 1),
+            d(1000, -0.1, None, 1),
+            d(1000, 1.5, None, 1),
+            d(1000, f64::NAN, None, 1),
+            d(1000, 0.0, Some(0.0), 1),
+            d(1000, 0.0, Some(2.0), 1),
+            d(1000, 0.6, Some(0.5), 1),
+        ] {
+            assert!(validate(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn admission_control() {
+        let w = [d(1, 1.0, None, 1), d(1, 0.9, None, 1)];
+        assert!(admit(&w, 2.0).is_ok());
+        let w = [d(1, 1.0, None, 1), d(1, 0.9, None, 1), d(1, 0.2, None, 1)];
+        assert!(admit(&w, 2.0).unwrap_err().contains("2.10"));
+    }
+
+    #[test]
+    fn feedback_raises_the_starved_and_lowers_the_greedy() {
+        let mut c = Controller::default();
+        let s = |id, e, cpu, ready| Sample {
+            id,
+            entitlement: e,
+            cpu_ns: cpu,
+            ready_ns: ready,
+        };
+        c.step(&[s(1, 0.9, 0, 0), s(2, 0.5, 0, 0), s(3, 0.5, 0, 0)], 1);
+        // Over 100 ms: world 1 got 0.8 CPU while waiting, world 2 got 0.7, world 3 idled.
+        let ms = 1_000_000;
+        c.step(
+            &[
+                s(1, 0.9, 80 * ms, 20 * ms),
+                s(2, 0.5, 70 * ms, 0),
+                s(3, 0.5, 0, 0),
+            ],
+            100 * ms,
+        );
+        assert!(c.gain(1) > 1.0 && c.gain(2) < 1.0 && c.gain(3) == 1.0);
+        // Forgotten worlds start again from 1.
+        c.step(&[s(2, 0.5, 70 * ms, 0)], 100 * ms);
+        assert_eq!(c.gain(1), 1.0);
+    }
+
+    #[test]
+    fn this_process_has_thread_times() {
+        let t = threads(std::process::id());
+        assert!(!t.is_empty());
+        assert!(t.iter().any(|t| t.cpu_ns > 0));
+    }
+}

@@ -1,0 +1,171 @@
+//! The proportional-share scheduler through the real daemon: three CPU-bound worlds (the probe
+//! guest's `burn`, spinning at CPL3) compete for the host's CPUs and receive their shares; a
+//! reservation is met and a limit holds after live changes; idle shares go to the runnable;
+//! admission control refuses reservations that cannot all be met.
+//!
+//! This is its own test binary so that no other test's VMs compete for the CPUs it measures.
+
+mod common;
+use common::daemon::Daemon;
+use common::*;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Tolerance on each world's CPU use, in CPUs, over a 3 s window.
+const TOL: f64 = 0.06;
+
+/// CPU use (in CPUs) and entitlement of each world over `window`.
+fn measure(d: &Daemon, window: Duration) -> HashMap<String, (f64, f64)> {
+    let snap = || {
+        let (s, body) = d.raw(b"GET /v1/stats HTTP/1.1\r\n\r\n");
+        assert_eq!(s, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (Instant::now(), v)
+    };
+    let (t0, a) = snap();
+    std::thread::sleep(window);
+    let (t1, b) = snap();
+    let dt = t1.duration_since(t0).as_nanos() as f64;
+    let mut out = HashMap::new();
+    for w in b.as_array().unwrap() {
+        let name = w["name"].as_str().unwrap().to_string();
+        let before = a
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == w["id"])
+            .map_or(0, |x| x["cpu_ns"].as_u64().unwrap());
+        let used = (w["cpu_ns"].as_u64().unwrap() - before) as f64 / dt;
+        out.insert(name, (used, w["entitlement"].as_f64().unwrap()));
+    }
+    eprintln!("{out:?}");
+    out
+}
+
+fn settle_and_measure(d: &Daemon) -> HashMap<String, (f64, f64)> {
+    // The feedback loop needs a few of its 100 ms ticks after a change.
+    std::thread::sleep(Duration::from_secs(2));
+    measure(d, Duration::from_secs(3))
+}
+
+#[test]
+fn shares_reservations_limits_and_admission() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("sched");
+    let d = Daemon::start(&dir);
+    let host = d.json(&["host", "status"]);
+    assert!(
+        host["scheduler"].as_str().unwrap().starts_with("cgroup"),
+        "the scheduler must be available for this test: {host}"
+    );
+    assert_eq!(
+        host["host_cpus"], 2,
+        "the tolerances below assume a 2-CPU host"
+    );
+    for (name, shares) in [("a", "1000"), ("b", "2000"), ("c", "4000")] {
+        let r = d.wv(&[
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "32M",
+            "--cmdline",
+            "console=ttyS0 probe.tests=burn",
+            "--shares",
+            shares,
+        ]);
+        assert_eq!(r.status, Some(0), "{r}");
+        let r = d.wv(&["vm", "start", name]);
+        assert_eq!(r.status, Some(0), "{r}");
+    }
+
+    // 1:2:4 with one vCPU each on 2 CPUs: c is capped at one CPU and a:b split the other 1:2.
+    let m = settle_and_measure(&d);
+    for (name, want) in [("a", 1.0 / 3.0), ("b", 2.0 / 3.0), ("c", 1.0)] {
+        let (used, ent) = m[name];
+        assert!((ent - want).abs() < 1e-6, "{name}: entitled {ent}");
+        assert!(
+            (used - want).abs() < TOL,
+            "{name}: used {used:.3} of {want:.3}"
+        );
+    }
+    // The management world (the daemon and its scheduler) costs little.
+    assert!(m["management"].0 < 0.05, "{m:?}");
+
+    // Live changes: a reserves 0.9 CPU with the least shares; c is limited to 0.3 CPU.
+    let r = d.wv(&["vm", "set", "a", "--shares", "1", "--reservation", "0.9"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "set", "c", "--limit", "0.3"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let m = settle_and_measure(&d);
+    assert!((m["a"].1 - 0.9).abs() < 1e-6 && (m["c"].1 - 0.3).abs() < 1e-6);
+    assert!(m["a"].0 > 0.9 - TOL, "reservation missed: {m:?}");
+    assert!(m["c"].0 < 0.3 * 1.02 + 0.005, "limit exceeded: {m:?}");
+    assert!((m["b"].0 - 0.8).abs() < TOL, "b gets the rest: {m:?}");
+
+    // Admission control: 0.9 + 0.5 + 0.7 CPUs of reservations do not fit on 2 CPUs.
+    let r = d.wv(&["vm", "set", "b", "--reservation", "0.5"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "set", "c", "--reservation", "0.7", "--limit", "none"]);
+    assert_eq!(r.status, Some(1), "{r}");
+    assert!(r.stderr.contains("reservations would total 2.10"), "{r}");
+    let r = d.wv(&["vm", "set", "a", "--reservation", "1.5"]);
+    assert!(
+        r.status == Some(1) && r.stderr.contains("out of range"),
+        "{r}"
+    );
+
+    // Idle shares are not wasted: with c stopped, a and b each get a whole CPU.
+    let r = d.wv(&["vm", "stop", "c"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let m = settle_and_measure(&d);
+    assert!(!m.contains_key("c"));
+    for name in ["a", "b"] {
+        assert!(m[name].0 > 1.0 - TOL, "{name}: {m:?}");
+    }
+    let r = d.wv(&["vm", "create", "big", "--reservation", "0.7"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "start", "big"]);
+    assert_eq!(r.status, Some(1), "admission control at start: {r}");
+    assert!(r.stderr.contains("reservations would total"), "{r}");
+
+    // The CLI views: per-thread accounting and the live table.
+    let s = d.json(&["vm", "stats", "a"]);
+    assert!(s["cpu_ns"].as_u64().unwrap() > 1_000_000_000, "{s}");
+    assert!(s["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "wv"));
+    let r = d.wv(&["host", "top", "--once"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    for needle in ["management", "ENTITLED", "READY%"] {
+        assert!(r.stdout.contains(needle), "{r}");
+    }
+    for name in ["a", "b"] {
+        d.wv(&["vm", "stop", name]);
+    }
+    // Stopped worlds leave no cgroup behind.
+    let root = host["scheduler"]
+        .as_str()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let t = Instant::now();
+    while std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("world-"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "world cgroups remain in {root}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.stop();
+}
