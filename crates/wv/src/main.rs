@@ -433,6 +433,48 @@ fn take_sched(
     Ok((rest, m))
 }
 
+/// `wv vm create [NAME] --file SPEC`: a VM definition from a JSON or TOML file (by its
+/// extension), with the fields of `POST /v1/vms`; NAME, when given, overrides the file's name.
+fn spec_from_file(args: &[String]) -> Result<serde_json::Value, Usage> {
+    let mut name = None;
+    let mut file = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--file" => {
+                file = Some(
+                    it.next()
+                        .ok_or_else(|| Usage("--file needs a path".into()))?,
+                )
+            }
+            a if !a.starts_with('-') && name.is_none() && file.is_none() => name = Some(a),
+            a => {
+                return Err(Usage(format!(
+                    "wv vm create --file takes only a name besides the file, not '{a}'"
+                )))
+            }
+        }
+    }
+    let file = file.ok_or_else(|| Usage("--file needs a path".into()))?;
+    let text =
+        std::fs::read_to_string(file).map_err(|e| Usage(format!("cannot read {file}: {e}")))?;
+    let mut v: serde_json::Value = if file.ends_with(".toml") {
+        let t: toml::Value = toml::from_str(&text).map_err(|e| Usage(format!("{file}: {e}")))?;
+        serde_json::to_value(t).map_err(|e| Usage(format!("{file}: {e}")))?
+    } else {
+        serde_json::from_str(&text).map_err(|e| Usage(format!("{file}: {e}")))?
+    };
+    if !v.is_object() {
+        return Err(Usage(format!(
+            "{file}: a VM definition is a table of fields"
+        )));
+    }
+    if let Some(n) = name {
+        v["name"] = n.into();
+    }
+    Ok(v)
+}
+
 /// `wv host top`: CPU use of every world over one-second intervals.
 fn host_top(c: &Common) -> ExitCode {
     let once = c.rest.iter().any(|a| a == "--once");
@@ -549,6 +591,19 @@ fn cmd_vm(args: &[String]) -> ExitCode {
                 }
             }
         }),
+        Some("create") if c.rest.iter().any(|a| a == "--file") => {
+            let spec = match spec_from_file(&c.rest[1..]) {
+                Ok(s) => s,
+                Err(Usage(m)) => return fail(STATUS_USAGE, &m),
+            };
+            api(&c, "POST", "/v1/vms", Some(&spec.to_string())).map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    println!("created VM {} (id {})", v["spec"]["name"].as_str().unwrap_or("?"), v["id"]);
+                }
+            })
+        }
         Some("create") => {
             let name = match need_name(&name) {
                 Ok(n) => n,

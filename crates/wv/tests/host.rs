@@ -239,3 +239,44 @@ fn bad_requests_get_4xx_and_the_daemon_keeps_serving() {
     assert!(r.stderr.contains("is `wv host` running?"), "{r}");
     d.stop();
 }
+
+#[test]
+fn definitions_from_json_and_toml_files() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("host-files");
+    let d = Daemon::start(&dir);
+    let toml = dir.file(
+        "web.toml",
+        b"name = \"web\"\nmemory = \"64M\"\nvcpus = 2\nshares = 2500\nreservation = 0.5\ndisks = [\"path=/srv/web.img\"]\n",
+    );
+    let r = d.wv(&["vm", "create", "--file", toml.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let v = d.json(&["vm", "info", "web"]);
+    assert_eq!(v["spec"]["vcpus"], 2);
+    assert_eq!(v["spec"]["shares"], 2500);
+    assert_eq!(v["spec"]["reservation"], 0.5);
+    assert_eq!(v["spec"]["disks"][0], "path=/srv/web.img");
+    // The same file under another name, and a JSON file.
+    let r = d.wv(&["vm", "create", "web2", "--file", toml.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let json = dir.file("db.json", br#"{"name":"db","memory":"128M","limit":0.5}"#);
+    let r = d.wv(&["vm", "create", "--file", json.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(d.json(&["vm", "info", "db"])["spec"]["limit"], 0.5);
+    // Bad files: one line each, nothing created.
+    let bad_toml = dir.file("bad.toml", b"name = \n");
+    let unknown = dir.file("unknown.json", br#"{"name":"x","colour":"red"}"#);
+    for (file, status, needle) in [
+        (bad_toml.to_str().unwrap(), 200, "bad.toml"),
+        ("/nonexistent.json", 200, "cannot read"),
+        (unknown.to_str().unwrap(), 1, "unknown field"),
+    ] {
+        let r = d.wv(&["vm", "create", "--file", file]);
+        assert_eq!(r.status, Some(status), "{r}");
+        assert!(r.stderr.contains(needle), "{r}");
+    }
+    assert_eq!(d.json(&["vm", "list"]).as_array().unwrap().len(), 3);
+    d.stop();
+}
