@@ -4,13 +4,12 @@
 //! fails the test, so the document cannot drift from the server.
 
 mod common;
+use common::daemon::Daemon;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
     match v.get("$ref").and_then(Value::as_str) {
@@ -154,27 +153,10 @@ fn the_server_matches_its_openapi_document() {
     )
     .unwrap();
     let dir = TempDir::new("openapi");
-    let socket = dir.path("wv.sock");
-    let mut daemon = Command::new(wv_bin())
-        .args([
-            "host",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--state-dir",
-            dir.path("state").to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while UnixStream::connect(&socket).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let daemon = Daemon::start(&dir);
     let mut c = Checker {
         doc: doc.clone(),
-        socket,
+        socket: daemon.socket.clone(),
         seen: BTreeSet::new(),
     };
     let vm = "/v1/vms/{name}";
@@ -315,8 +297,7 @@ fn the_server_matches_its_openapi_document() {
     );
     assert_eq!(c.call("DELETE", vm, "/v1/vms/a", None).0, 204);
     assert_eq!(c.call("DELETE", vm, "/v1/vms/a", None).0, 404);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    daemon.stop();
     // Every documented (path, method, status) was produced by the server.
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
