@@ -18,8 +18,14 @@ Usage:
   wv host [--socket PATH] [--state-dir DIR]
                             Run the host daemon that owns this host's VMs
   wv host status [--json]   Ask the daemon how the host is doing
-  wv vm create NAME [RUN OPTIONS] | list | info NAME | start|stop|pause|resume NAME | delete NAME [--json]
-                            Manage VMs through the daemon (socket: --socket or WV_SOCKET)
+  wv host top [--once] [--json]
+                            CPU, ready and throttled time of every world, each second
+  wv vm create NAME [RUN OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS]
+  wv vm create [NAME] --file SPEC.toml|SPEC.json
+  wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
+  wv vm list | info NAME | stats NAME | start|stop|pause|resume NAME | delete NAME
+                            Manage VMs through the daemon (socket: --socket or WV_SOCKET;
+                            --json for machine-readable output)
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
   wv --version | --help
