@@ -61,6 +61,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"reset" => reset(),
         b"hang" => hang(),
         b"burn" => burn(),
+        b"echo" => echo(),
         _ => {
             let mut l = Line::new();
             l.s("unknown test '").bytes(name).s("'");
@@ -551,6 +552,26 @@ fn burn() -> Outcome {
     let r = crate::entry::run_user(user_burn as *const () as u64, stack_top);
     let mut d = Line::new();
     fail("burn", d.s("left user mode: ").hex(r))
+}
+
+/// Interactive console check: echoes what arrives on COM1 until a `q`, then passes with the
+/// count. Polls the UART (no interrupts), so it waits as long as nobody types.
+fn echo() -> Outcome {
+    crate::console::println("echo: type, 'q' ends");
+    let mut n = 0u64;
+    loop {
+        if crate::console::inb(0x3fd) & 1 == 0 {
+            core::hint::spin_loop();
+            continue;
+        }
+        let c = crate::console::inb(0x3f8);
+        if c == b'q' {
+            let mut d = Line::new();
+            return pass("echo", d.s("echoed=").dec(n));
+        }
+        crate::console::uart_putb(c);
+        n += 1;
+    }
 }
 
 fn hang() -> Outcome {

@@ -3,8 +3,11 @@
 #![allow(clippy::cast_possible_truncation)] // register offsets are checked below 8 first
 
 use crate::bus::{DeviceAction, PioDevice};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -24,6 +27,58 @@ impl Trigger for IrqLine {
     }
 }
 
+/// How much recent output an attaching console client is shown first.
+pub const CONSOLE_REPLAY: usize = 4096;
+
+/// The interactive console's side of the output: the recent bytes (replayed to a client that
+/// attaches) and the attached client, if any.
+#[derive(Default)]
+pub struct Attach {
+    recent: VecDeque<u8>,
+    client: Option<UnixStream>,
+}
+
+impl Attach {
+    /// Attaches `client` (non-blocking) after sending it the recent output; false (and nothing
+    /// changes) when another client is attached already.
+    pub fn attach(&mut self, mut client: UnixStream) -> bool {
+        if self.client.is_some() {
+            let _ = client.write_all(b"\r\n[wv: another client is attached to this console]\r\n");
+            return false;
+        }
+        let (a, b) = self.recent.as_slices();
+        if client
+            .write_all(a)
+            .and_then(|_| client.write_all(b))
+            .is_err()
+            || client.set_nonblocking(true).is_err()
+        {
+            return false;
+        }
+        self.client = Some(client);
+        true
+    }
+
+    /// Forgets the client (it hung up).
+    pub fn detach(&mut self) {
+        self.client = None;
+    }
+
+    fn output(&mut self, buf: &[u8]) {
+        self.recent.extend(buf);
+        let excess = self.recent.len().saturating_sub(CONSOLE_REPLAY);
+        self.recent.drain(..excess);
+        if let Some(c) = &mut self.client {
+            // A slow client loses output rather than stall the vCPU; the log keeps it all.
+            match c.write(buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => self.client = None,
+            }
+        }
+    }
+}
+
 /// Where console output goes.
 pub enum ConsoleOut {
     /// The VMM's standard output.
@@ -32,6 +87,8 @@ pub enum ConsoleOut {
     File(File),
     /// Nowhere.
     Sink,
+    /// Somewhere, and to the interactive console.
+    Tee(Box<ConsoleOut>, Arc<Mutex<Attach>>),
 }
 
 impl Write for ConsoleOut {
@@ -45,11 +102,17 @@ impl Write for ConsoleOut {
             }
             ConsoleOut::File(f) => f.write(buf),
             ConsoleOut::Sink => Ok(buf.len()),
+            ConsoleOut::Tee(out, attach) => {
+                out.write_all(buf)?;
+                attach.lock().unwrap_or_else(|p| p.into_inner()).output(buf);
+                Ok(buf.len())
+            }
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             ConsoleOut::File(f) => f.flush(),
+            ConsoleOut::Tee(out, _) => out.flush(),
             _ => Ok(()),
         }
     }
@@ -136,6 +199,35 @@ mod tests {
         s.write(0, b"xx");
         assert_eq!(std::fs::read(&p).unwrap(), b"hi there");
         std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn console_clients_get_the_recent_output_then_the_rest() {
+        use std::io::Read;
+        let attach = Arc::new(Mutex::new(Attach::default()));
+        let mut out = ConsoleOut::Tee(Box::new(ConsoleOut::Sink), attach.clone());
+        out.write_all(&vec![b'x'; CONSOLE_REPLAY]).unwrap();
+        out.write_all(b"banner").unwrap();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        assert!(attach.lock().unwrap().attach(ours));
+        out.write_all(b" and more").unwrap();
+        let (second, mut refused) = UnixStream::pair().unwrap();
+        assert!(!attach.lock().unwrap().attach(second));
+        let mut buf = vec![0u8; CONSOLE_REPLAY + 9];
+        theirs.read_exact(&mut buf).unwrap();
+        assert!(buf.starts_with(b"xxxx"));
+        assert!(
+            buf.ends_with(b"banner and more"),
+            "the oldest bytes were dropped"
+        );
+        let mut msg = String::new();
+        refused.read_to_string(&mut msg).unwrap();
+        assert!(msg.contains("another client"));
+        // A client that hung up is forgotten; output continues.
+        drop(theirs);
+        out.write_all(b"x").unwrap();
+        out.write_all(b"y").unwrap();
+        assert!(attach.lock().unwrap().client.is_none());
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Daemon {
                     _ => {
                         w.state = State::Stopped;
                         w.pid = None;
+                        w.console = None;
                         w.reason = Some("the VMM ended while the daemon was down".into());
                     }
                 }
@@ -203,6 +204,7 @@ impl Daemon {
             State::Stopped
         };
         w.pid = None;
+        w.console = None;
         w.reason = Some(reason);
         let _ = self.store.save(&doc);
         if let Ok(cg) = &self.cgroups {
@@ -452,6 +454,7 @@ impl Daemon {
             state: State::Defined,
             pid: None,
             reason: None,
+            console: None,
         };
         doc.worlds.push(w.clone());
         if let Err(e) = self.save(&doc) {
@@ -504,7 +507,8 @@ impl Daemon {
             return error(500, format!("creating {}: {e}", dir.display()));
         }
         let log = dir.join("vmm.log");
-        let args = w.spec.run_args(&dir.join("console.log"));
+        let sock = dir.join("console.sock");
+        let args = w.spec.run_args(&dir.join("console.log"), &sock);
         let mut child = match supervisor::spawn(&self.wv, &args, &log) {
             Ok(c) => c,
             Err(e) => return error(500, format!("starting the VMM: {e}")),
@@ -520,6 +524,7 @@ impl Daemon {
         w.state = State::Running;
         w.pid = Some(child.id());
         w.reason = None;
+        w.console = Some(sock.display().to_string());
         let reply = ok(200, &*w);
         let _ = self.save(&doc);
         self.rebalance(&doc);

@@ -86,6 +86,7 @@ mod tests {
                 state: State::Defined,
                 pid: None,
                 reason: None,
+                console: None,
             }],
         };
         s.save(&doc).unwrap();

@@ -119,7 +119,7 @@ impl VmSpec {
     }
 
     /// The `wv run` arguments for this VM.
-    pub fn run_args(&self, console: &std::path::Path) -> Vec<String> {
+    pub fn run_args(&self, console: &std::path::Path, socket: &std::path::Path) -> Vec<String> {
         let mut a = vec![
             "run".into(),
             "--memory".into(),
@@ -151,6 +151,8 @@ impl VmSpec {
         }
         a.push("--serial".into());
         a.push(console.display().to_string());
+        a.push("--console-socket".into());
+        a.push(socket.display().to_string());
         a
     }
 }
@@ -170,6 +172,9 @@ pub struct World {
     /// How the last run ended (exit code, signal, the VMM's last message).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The console socket of the running VMM (`wv vm console` attaches to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
 }
 
 #[cfg(test)]
@@ -213,7 +218,10 @@ mod tests {
     #[test]
     fn run_arguments() {
         let s = spec(r#"{"name":"a","cmdline":"x y","rng":false,"disks":["path=d"]}"#).unwrap();
-        let a = s.run_args(std::path::Path::new("/c.log"));
+        let a = s.run_args(
+            std::path::Path::new("/c.log"),
+            std::path::Path::new("/c.sock"),
+        );
         assert!(a.windows(2).any(|w| w == ["--cmdline", "x y"]));
         assert!(a.windows(2).any(|w| w == ["--disk", "path=d"]));
         assert!(a.windows(2).any(|w| w == ["--rng", "off"]));

@@ -127,6 +127,9 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Serial console.
     pub serial: SerialMode,
+    /// A Unix socket where one client at a time attaches to the serial console (output and
+    /// input), besides `serial`.
+    pub console_socket: Option<PathBuf>,
     /// A virtio-rng device (entropy for the guest).
     pub rng: bool,
     /// virtio-blk disks, in PCI slot order.
@@ -196,6 +199,7 @@ impl VmConfig {
             memory: DEFAULT_MEMORY,
             vcpus: 1,
             serial: SerialMode::Stdio,
+            console_socket: None,
             rng: true,
             disks: Vec::new(),
             nets: Vec::new(),

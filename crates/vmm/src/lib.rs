@@ -30,7 +30,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use wv_abi::{device_kind, DeviceRecord, DEVICE_FLAG_MMIO, NO_IRQ};
 use wv_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use wv_devices::serial::{COM1_BASE, COM1_IRQ};
+use wv_devices::serial::{Attach, COM1_BASE, COM1_IRQ};
 use wv_devices::{ConsoleOut, IrqLine, PioBus, SerialDevice};
 use wv_hypervisor::vcpu::VcpuTemplate;
 use wv_hypervisor::HvError;
@@ -50,6 +50,8 @@ pub(crate) struct VmShared {
     pub(crate) stop: AtomicBool,
     end: Mutex<Option<VmEnd>>,
     end_evt: EventFd,
+    /// The interactive console's listening socket and output side, when asked for.
+    console: Option<(std::os::unix::net::UnixListener, Arc<Mutex<Attach>>)>,
 }
 
 impl VmShared {
@@ -400,6 +402,14 @@ fn build(
                 })?,
         ),
     };
+    let (out, console) = match &cfg.console_socket {
+        Some(p) => {
+            let a = Arc::new(Mutex::new(Attach::default()));
+            let l = console_listener(p)?;
+            (ConsoleOut::Tee(Box::new(out), a.clone()), Some((l, a)))
+        }
+        None => (out, None),
+    };
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(ioctl("KVM_IRQFD"))?;
@@ -476,6 +486,7 @@ fn build(
         stop: AtomicBool::new(false),
         end: Mutex::new(None),
         end_evt: EventFd::new(0).map_err(internal("eventfd"))?,
+        console,
     };
     trace.mark("devices");
     Ok((vm, shared))
@@ -560,10 +571,27 @@ impl Resources {
     }
 }
 
-/// Waits for the VM to end or a stop signal; feeds stdin to the UART when the console is stdio.
+/// Listens for console clients on `path`, replacing a stale socket but never a live one.
+fn console_listener(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, VmmError> {
+    let fail = |e: String| {
+        VmmError::Config(config::ConfigError(format!(
+            "cannot listen for the console on {}: {e}",
+            path.display()
+        )))
+    };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(fail("another process listens there".into()));
+    }
+    let _ = std::fs::remove_file(path);
+    std::os::unix::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))
+}
+
+/// Waits for the VM to end or a stop signal; feeds stdin (when the console is stdio) and the
+/// attached console client (when there is a console socket) to the UART.
 fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
     let mut stdin_open = stdin;
     let mut pending: Vec<u8> = Vec::new();
+    let mut client: Option<std::os::unix::net::UnixStream> = None;
     loop {
         if shared
             .end
@@ -571,6 +599,13 @@ fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
         {
+            if let Some((l, _)) = &shared.console {
+                if let Ok(addr) = l.local_addr() {
+                    if let Some(p) = addr.as_pathname() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+            }
             return;
         }
         let mut fds = vec![
@@ -585,9 +620,20 @@ fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
                 revents: 0,
             },
         ];
+        // Input sources, each polled only while nothing waits for room in the UART.
+        let mut sources: Vec<libc::c_int> = Vec::new();
         if stdin_open && pending.is_empty() {
+            sources.push(0);
+        }
+        if let (Some(c), true) = (&client, pending.is_empty()) {
+            sources.push(c.as_raw_fd());
+        }
+        if let Some((l, _)) = &shared.console {
+            sources.push(l.as_raw_fd());
+        }
+        for &fd in &sources {
             fds.push(libc::pollfd {
-                fd: 0,
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -608,14 +654,37 @@ fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
                 shared.finish(VmEnd::Signal(info.ssi_signo as i32));
             }
         }
-        if fds.len() > 2 && fds[2].revents != 0 {
+        for (i, &fd) in sources.iter().enumerate() {
+            if fds[2 + i].revents == 0 {
+                continue;
+            }
+            if let Some((l, attach)) = shared.console.as_ref().filter(|(l, _)| l.as_raw_fd() == fd)
+            {
+                if let Ok((c, _)) = l.accept() {
+                    let ours = c.try_clone();
+                    let mut a = attach.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Ok(ours) = ours {
+                        if a.attach(ours) {
+                            client = Some(c);
+                        }
+                    }
+                }
+                continue;
+            }
             let mut buf = [0u8; 256];
-            // SAFETY: reading into a local buffer from stdin.
-            let r = unsafe { libc::read(0, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-            if r <= 0 {
-                stdin_open = false;
-            } else {
+            // SAFETY: reading into a local buffer from stdin or the console client's socket.
+            let r = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if r > 0 {
                 pending.extend_from_slice(&buf[..r as usize]);
+            } else if fd == 0 {
+                stdin_open = false;
+            } else if r == 0
+                || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
+            {
+                client = None;
+                if let Some((_, attach)) = &shared.console {
+                    attach.lock().unwrap_or_else(|p| p.into_inner()).detach();
+                }
             }
         }
         if !pending.is_empty() {

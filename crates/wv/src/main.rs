@@ -5,7 +5,7 @@
 //! Argument parsing is by hand: it keeps start-up short and every message under our control.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use wv_vmm::error::STATUS_USAGE;
 use wv_vmm::{parse_size, KernelSource, SerialMode, VmConfig};
@@ -23,7 +23,7 @@ Usage:
   wv vm create NAME [RUN OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS]
   wv vm create [NAME] --file SPEC.toml|SPEC.json
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
-  wv vm list | info NAME | stats NAME | start|stop|pause|resume NAME | delete NAME
+  wv vm list | info NAME | stats NAME | console NAME | start|stop|pause|resume NAME | delete NAME
                             Manage VMs through the daemon (socket: --socket or WV_SOCKET;
                             --json for machine-readable output)
   wv probe-image --format pvh|bzimage|exitbench --output FILE
@@ -46,6 +46,9 @@ Options:
   --memory SIZE        guest RAM, e.g. 256M, 2G (default 256M)
   --vcpus N            vCPUs, 1 to 32 (default 1)
   --serial MODE        stdio (default), none, or a file path to append console output to
+  --console-socket PATH
+                       also serve the console on a Unix socket: one client at a time gets
+                       the last 4 KiB of output, then output and input live
   --disk path=IMG[,readonly=on][,id=NAME]
                        a virtio-blk disk backed by a raw image or block device (repeatable);
                        read-write disks are locked against a second writer
@@ -106,6 +109,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     let mut memory = wv_vmm::DEFAULT_MEMORY;
     let mut vcpus = 1u32;
     let mut serial = SerialMode::Stdio;
+    let mut console_socket = None;
     let mut stats = StatsMode::Off;
     let mut rng = true;
     let mut disks = Vec::new();
@@ -140,6 +144,9 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
                     "" => return Err(Usage("--serial needs stdio, none or a file path".into())),
                     p => SerialMode::File(PathBuf::from(p)),
                 };
+            }
+            "--console-socket" => {
+                console_socket = Some(PathBuf::from(take_value(args, &mut i, name, inline)?));
             }
             "--disk" => {
                 let v = take_value(args, &mut i, name, inline)?;
@@ -190,6 +197,7 @@ fn parse_run(args: &[String]) -> Result<Option<(VmConfig, StatsMode)>, Usage> {
     cfg.memory = memory;
     cfg.vcpus = vcpus;
     cfg.serial = serial;
+    cfg.console_socket = console_socket;
     cfg.rng = rng;
     cfg.disks = disks;
     cfg.nets = nets;
@@ -481,6 +489,71 @@ fn spec_from_file(args: &[String]) -> Result<serde_json::Value, Usage> {
     Ok(v)
 }
 
+/// `wv vm console`: attaches the terminal to a VM's serial console until Ctrl-] (or until the VM
+/// ends, or standard input ends when it is not a terminal).
+fn console(name: &str, sock: &Path) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut s = match std::os::unix::net::UnixStream::connect(sock) {
+        Ok(s) => s,
+        Err(e) => return fail(2, &format!("cannot attach to {}: {e}", sock.display())),
+    };
+    // SAFETY: isatty has no preconditions.
+    let tty = unsafe { libc::isatty(0) } == 1;
+    // SAFETY: termios is plain data; tcgetattr fills it for fd 0, a terminal.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    if tty {
+        // SAFETY: as above; cfmakeraw and tcsetattr act on that local copy and fd 0.
+        unsafe {
+            libc::tcgetattr(0, &mut saved);
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            libc::tcsetattr(0, libc::TCSANOW, &raw);
+        }
+        eprint!("[attached to {name}'s console; Ctrl-] detaches]\r\n");
+    }
+    let mut from_vm = match s.try_clone() {
+        Ok(r) => r,
+        Err(e) => return fail(2, &format!("console socket: {e}")),
+    };
+    let printer = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut out = std::io::stdout();
+        while let Ok(n @ 1..) = from_vm.read(&mut buf) {
+            if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = [0u8; 256];
+    let mut stdin = std::io::stdin();
+    loop {
+        if printer.is_finished() {
+            break;
+        }
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let (data, detach) = match buf[..n].iter().position(|&b| b == 0x1d) {
+            Some(i) if tty => (&buf[..i], true),
+            _ => (&buf[..n], false),
+        };
+        if s.write_all(data).is_err() || detach {
+            break;
+        }
+    }
+    if !tty {
+        // Input ended: keep showing output until the VM ends.
+        let _ = printer.join();
+    } else {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        // SAFETY: restoring the terminal settings saved above.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &saved) };
+        eprint!("\r\n[detached from {name}'s console]\r\n");
+    }
+    ExitCode::SUCCESS
+}
+
 /// `wv host top`: CPU use of every world over one-second intervals.
 fn host_top(c: &Common) -> ExitCode {
     let once = c.rest.iter().any(|a| a == "--once");
@@ -738,6 +811,19 @@ fn cmd_vm(args: &[String]) -> ExitCode {
                 }
             })
         }
+        Some("console") => {
+            let name = match need_name(&name) {
+                Ok(n) => n,
+                Err(e) => return e,
+            };
+            return match api(&c, "GET", &format!("/v1/vms/{name}"), None) {
+                Ok(v) => match v["console"].as_str() {
+                    Some(sock) => console(&name, Path::new(sock)),
+                    None => fail(1, &format!("VM '{name}' is not running: no console")),
+                },
+                Err(code) => code,
+            };
+        }
         Some(verb @ ("info" | "start" | "stop" | "pause" | "resume" | "delete")) => {
             let name = match need_name(&name) {
                 Ok(n) => n,
@@ -762,7 +848,7 @@ fn cmd_vm(args: &[String]) -> ExitCode {
         None => {
             return fail(
                 STATUS_USAGE,
-                "wv vm needs a command: create, list, info, set, stats, start, stop, pause, resume, delete",
+                "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete",
             )
         }
     };

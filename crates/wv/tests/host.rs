@@ -6,7 +6,7 @@ use common::daemon::Daemon;
 use common::*;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Whether `pid` runs (a zombie, already exited but not yet reaped by init, does not).
@@ -278,5 +278,55 @@ fn definitions_from_json_and_toml_files() {
         assert!(r.stderr.contains(needle), "{r}");
     }
     assert_eq!(d.json(&["vm", "list"]).as_array().unwrap().len(), 3);
+    d.stop();
+}
+
+#[test]
+fn console_attaches_to_the_serial_port() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("host-console");
+    let d = Daemon::start(&dir);
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "e",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "probe.tests=echo",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "console", "e"]);
+    assert!(
+        r.status == Some(1) && r.stderr.contains("not running"),
+        "{r}"
+    );
+    let r = d.wv(&["vm", "start", "e"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    // Input through the CLI's standard input; the echo test powers off at 'q', which ends the
+    // console session.
+    let mut c = Command::new(wv_bin());
+    c.args(["vm", "console", "e"])
+        .env("WV_SOCKET", &d.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(b"q").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    // The banner was printed before we attached: it comes from the replay.
+    assert!(text.contains("Worldvisor probe guest"), "{text}");
+    assert!(text.contains("hello"), "{text}");
+    assert!(text.contains("PASS echo echoed=5"), "{text}");
+    let v = d.wait_state("e", "stopped");
+    assert!(v["console"].is_null(), "{v}");
     d.stop();
 }
