@@ -621,16 +621,36 @@ pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
     }
     let listener = UnixListener::bind(socket)?;
     for conn in listener.incoming() {
-        let Ok(mut stream) = conn else { continue };
+        let Ok(stream) = conn else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
         let d = d.clone();
-        std::thread::spawn(move || {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-            let reply = match http::read_request(&mut BufReader::new(&mut stream)) {
-                Ok(req) => d.handle(&req),
-                Err(HttpError(status, msg)) => error(status, msg),
-            };
-            let _ = http::write_response(&mut stream, reply.0, &reply.1);
-        });
+        std::thread::spawn(move || answer(&d, stream));
     }
     Ok(())
+}
+
+/// Serves the API on TCP at `addr` too (only when asked: the API has no authentication, so
+/// anything but a loopback address exposes the host to its network).
+pub fn serve_tcp(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    std::thread::Builder::new()
+        .name("api-tcp".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(stream) = conn else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let d = d.clone();
+                std::thread::spawn(move || answer(&d, stream));
+            }
+        })?;
+    Ok(())
+}
+
+/// One request and its answer on a connection.
+fn answer<S: std::io::Read + std::io::Write>(d: &Arc<Daemon>, mut stream: S) {
+    let reply = match http::read_request(&mut BufReader::new(&mut stream)) {
+        Ok(req) => d.handle(&req),
+        Err(HttpError(status, msg)) => error(status, msg),
+    };
+    let _ = http::write_response(&mut stream, reply.0, &reply.1);
 }

@@ -1,4 +1,4 @@
-//! Just enough HTTP/1.1 for the API over a Unix socket, with hard limits: a request line and
+//! Just enough HTTP/1.1 for the API over a Unix socket (or TCP when asked), with hard limits: a request line and
 //! headers of at most 8 KiB each and 100 headers, a body of at most 1 MiB given by
 //! Content-Length (no chunked encoding), one request per connection. Anything else is a 4xx
 //! answer, never a panic.
@@ -130,14 +130,22 @@ pub fn write_response(w: &mut impl Write, status: u16, body: &str) -> std::io::R
     w.flush()
 }
 
-/// Client side: sends one request to the daemon and returns (status, body).
+/// A connection to the daemon.
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+/// Client side: sends one request to the daemon at `socket` (a Unix socket path, or
+/// `tcp:HOST:PORT`) and returns (status, body).
 pub fn request(
     socket: &Path,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = UnixStream::connect(socket)?;
+    let mut s: Box<dyn Conn> = match socket.to_str().and_then(|s| s.strip_prefix("tcp:")) {
+        Some(addr) => Box::new(std::net::TcpStream::connect(addr)?),
+        None => Box::new(UnixStream::connect(socket)?),
+    };
     let b = body.unwrap_or("");
     write!(s, "{method} {path} HTTP/1.1\r\nHost: wv\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())?;
     let mut r = BufReader::new(s);

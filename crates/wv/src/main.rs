@@ -15,8 +15,9 @@ Worldvisor: a hypervisor on Linux KVM
 
 Usage:
   wv run [OPTIONS]          Boot one VM in the foreground until the guest powers off
-  wv host [--socket PATH] [--state-dir DIR]
-                            Run the host daemon that owns this host's VMs
+  wv host [--socket PATH] [--state-dir DIR] [--listen ADDR:PORT]
+                            Run the host daemon that owns this host's VMs (--listen: also
+                            serve the API on TCP; it has no authentication: use loopback)
   wv host status [--json]   Ask the daemon how the host is doing
   wv host top [--once] [--json]
                             CPU, ready and throttled time of every world, each second
@@ -24,7 +25,8 @@ Usage:
   wv vm create [NAME] --file SPEC.toml|SPEC.json
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm list | info NAME | stats NAME | console NAME | start|stop|pause|resume NAME | delete NAME
-                            Manage VMs through the daemon (socket: --socket or WV_SOCKET;
+                            Manage VMs through the daemon (--socket or WV_SOCKET: a path,
+                            or tcp:HOST:PORT;
                             --json for machine-readable output)
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
@@ -366,7 +368,7 @@ fn cmd_host(args: &[String]) -> ExitCode {
         Err(Usage(m)) => return fail(STATUS_USAGE, &m),
     };
     match c.rest.first().map(String::as_str) {
-        None => {
+        None | Some("--listen") => {
             let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
             let d = match wv_host::api::Daemon::open(&c.state_dir, &c.socket, wv) {
                 Ok(d) => d,
@@ -377,6 +379,33 @@ fn cmd_host(args: &[String]) -> ExitCode {
                     )
                 }
             };
+            if let Some(addr) = c
+                .rest
+                .windows(2)
+                .find(|w| w[0] == "--listen")
+                .map(|w| &w[1])
+            {
+                let loopback = addr
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| a.ip().is_loopback());
+                if !loopback {
+                    eprintln!("wv host: warning: the API has no authentication and {addr} is not a loopback address");
+                }
+                if let Err(e) = wv_host::api::serve_tcp(d.clone(), addr) {
+                    return fail(1, &format!("cannot listen on {addr}: {e}"));
+                }
+                eprintln!("wv host: listening on tcp {addr} as well");
+            } else if c.rest.first().is_some_and(|a| a == "--listen") {
+                return fail(
+                    STATUS_USAGE,
+                    "--listen needs ADDR:PORT, e.g. 127.0.0.1:7070",
+                );
+            } else if let Some(other) = c.rest.first() {
+                return fail(
+                    STATUS_USAGE,
+                    &format!("unknown option '{other}' for 'wv host'"),
+                );
+            }
             eprintln!(
                 "wv host: listening on {} (state in {})",
                 c.socket.display(),

@@ -330,3 +330,44 @@ fn console_attaches_to_the_serial_port() {
     assert!(v["console"].is_null(), "{v}");
     d.stop();
 }
+
+#[test]
+fn tcp_only_when_asked() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("host-tcp");
+    let port = 20_000 + std::process::id() % 20_000;
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&dir, &["--listen", &addr]);
+    let tcp = format!("tcp:{addr}");
+    let mut c = Command::new(wv_bin());
+    c.args(["vm", "create", "t", "--json"])
+        .env("WV_SOCKET", &tcp);
+    let r = run_cmd(c, Duration::from_secs(30));
+    assert_eq!(r.status, Some(0), "{r}");
+    // The same daemon answers on both.
+    assert_eq!(d.json(&["vm", "info", "t"])["spec"]["name"], "t");
+    // Garbage over TCP is a 400 like anywhere else.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"complete nonsense\r\n\r\n").unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    d.stop();
+    // Without --listen nothing listens on TCP.
+    let dir2 = TempDir::new("host-notcp");
+    let d2 = Daemon::start(&dir2);
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+    d2.stop();
+    // A bad address is a one-line error at start.
+    let mut c = Command::new(wv_bin());
+    c.args(["host", "--socket"])
+        .arg(dir2.path("x.sock"))
+        .args(["--state-dir"])
+        .arg(dir2.path("s"))
+        .args(["--listen", "not-an-address"]);
+    let r = run_cmd(c, Duration::from_secs(30));
+    assert_eq!(r.status, Some(1), "{r}");
+    assert!(r.stderr.contains("cannot listen on not-an-address"), "{r}");
+}

@@ -16,6 +16,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &TempDir) -> Daemon {
+        Daemon::start_with(dir, &[])
+    }
+
+    /// A daemon with more `wv host` options.
+    pub fn start_with(dir: &TempDir, extra: &[&str]) -> Daemon {
         let (socket, state) = (dir.path("wv.sock"), dir.path("state"));
         let child = Command::new(wv_bin())
             .args([
@@ -25,6 +30,7 @@ impl Daemon {
                 "--state-dir",
                 state.to_str().unwrap(),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
