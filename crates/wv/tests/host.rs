@@ -102,7 +102,7 @@ fn lifecycle_crash_and_restart() {
     assert!(!stopped_threads(spin_pid));
 
     // Restart the daemon: definitions persist and the running VMM is re-adopted.
-    d.stop();
+    d.stop_keeping_vmms();
     assert!(
         pid_alive(spin_pid),
         "stopping the daemon must not stop the VMs"

@@ -12,6 +12,7 @@ pub struct Daemon {
     child: Child,
     pub socket: PathBuf,
     pub state: PathBuf,
+    keep_vmms: bool,
 }
 
 impl Daemon {
@@ -47,6 +48,7 @@ impl Daemon {
             child,
             socket,
             state,
+            keep_vmms: false,
         }
     }
 
@@ -96,7 +98,16 @@ impl Daemon {
         )
     }
 
+    /// Stops the daemon and the VMMs it left running.
     pub fn stop(mut self) {
+        // SAFETY: signalling the daemon we started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+
+    /// Stops the daemon only: its VMMs keep running, for a new daemon to re-adopt.
+    pub fn stop_keeping_vmms(mut self) {
+        self.keep_vmms = true;
         // SAFETY: signalling the daemon we started.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
@@ -105,8 +116,20 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // A failed test must not leave a daemon behind (stop() already reaped it otherwise).
+        // A failed test must not leave a daemon behind (stop() already reaped it otherwise),
+        // nor its VMMs, which outlive a daemon by design.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.keep_vmms {
+            return;
+        }
+        let worlds = std::fs::read_to_string(self.state.join("worlds.json")).unwrap_or_default();
+        let doc: serde_json::Value = serde_json::from_str(&worlds).unwrap_or_default();
+        for w in doc["worlds"].as_array().into_iter().flatten() {
+            if let Some(pid) = w["pid"].as_i64().and_then(|p| i32::try_from(p).ok()) {
+                // SAFETY: signalling a VMM this test's daemon recorded as its own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
     }
 }
