@@ -204,7 +204,13 @@ impl Cgroups {
         // (4 default-weight processes per CPU), so reservations hold against them too.
         #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
         let weight = (4.0 * 1024.0 * cpus).min(262_144.0) as u64;
-        write(&root.join("cpu.shares"), weight)?;
+        // Every level counts: a group competes with its siblings by its own weight, so the
+        // intermediate `worldvisor` group needs it as much as the daemon's own.
+        let mut level = base.clone();
+        for part in Path::new(name).components() {
+            level.push(part);
+            write(&level.join("cpu.shares"), weight)?;
+        }
         Ok(Cgroups { root })
     }
 

@@ -42,10 +42,32 @@ fn measure(d: &Daemon, window: Duration) -> HashMap<String, (f64, f64)> {
     out
 }
 
-fn settle_and_measure(d: &Daemon) -> HashMap<String, (f64, f64)> {
-    // The feedback loop needs a few of its 100 ms ticks after a change.
+type Usage = HashMap<String, (f64, f64)>;
+
+/// Settles (the feedback loop needs a few of its 100 ms ticks after a change), then checks
+/// `property` over 3 s windows, passing on the first window where it holds. Up to three windows:
+/// other activity on the host (another test binary's VMs being torn down, kernel threads) can
+/// take a CPU from one world for a moment, and that is not the scheduler's doing; a scheduler
+/// that misses the property misses it in every window. Returns the passing window.
+fn holds(d: &Daemon, property: impl Fn(&Usage) -> Result<(), String>) -> Usage {
     std::thread::sleep(Duration::from_secs(2));
-    measure(d, Duration::from_secs(3))
+    let mut misses = Vec::new();
+    for _ in 0..3 {
+        let m = measure(d, Duration::from_secs(3));
+        match property(&m) {
+            Ok(()) => return m,
+            Err(e) => misses.push(format!("{e} in {m:?}")),
+        }
+    }
+    panic!("missed in every window:\n{}", misses.join("\n"));
+}
+
+fn check(ok: bool, what: String) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(what)
+    }
 }
 
 #[test]
@@ -82,15 +104,17 @@ fn shares_reservations_limits_and_admission() {
     }
 
     // 1:2:4 with one vCPU each on 2 CPUs: c is capped at one CPU and a:b split the other 1:2.
-    let m = settle_and_measure(&d);
-    for (name, want) in [("a", 1.0 / 3.0), ("b", 2.0 / 3.0), ("c", 1.0)] {
-        let (used, ent) = m[name];
-        assert!((ent - want).abs() < 1e-6, "{name}: entitled {ent}");
-        assert!(
-            (used - want).abs() < TOL,
-            "{name}: used {used:.3} of {want:.3}"
-        );
-    }
+    let m = holds(&d, |m| {
+        for (name, want) in [("a", 1.0 / 3.0), ("b", 2.0 / 3.0), ("c", 1.0)] {
+            let (used, ent) = m[name];
+            check((ent - want).abs() < 1e-6, format!("{name}: entitled {ent}"))?;
+            check(
+                (used - want).abs() < TOL,
+                format!("{name}: used {used:.3} of {want:.3}"),
+            )?;
+        }
+        Ok(())
+    });
     // The management world (the daemon and its scheduler) costs little.
     assert!(m["management"].0 < 0.05, "{m:?}");
 
@@ -99,11 +123,21 @@ fn shares_reservations_limits_and_admission() {
     assert_eq!(r.status, Some(0), "{r}");
     let r = d.wv(&["vm", "set", "c", "--limit", "0.3"]);
     assert_eq!(r.status, Some(0), "{r}");
-    let m = settle_and_measure(&d);
-    assert!((m["a"].1 - 0.9).abs() < 1e-6 && (m["c"].1 - 0.3).abs() < 1e-6);
-    assert!(m["a"].0 > 0.9 - TOL, "reservation missed: {m:?}");
+    let m = holds(&d, |m| {
+        check(
+            (m["a"].1 - 0.9).abs() < 1e-6 && (m["c"].1 - 0.3).abs() < 1e-6,
+            "entitlements".into(),
+        )?;
+        check(m["a"].0 > 0.9 - TOL, "reservation missed".into())?;
+        check(
+            (m["b"].0 - 0.8).abs() < TOL,
+            "b does not get the rest".into(),
+        )
+    });
+    // The limit holds in every window, not only in one.
     assert!(m["c"].0 < 0.3 * 1.02 + 0.005, "limit exceeded: {m:?}");
-    assert!((m["b"].0 - 0.8).abs() < TOL, "b gets the rest: {m:?}");
+    let m = measure(&d, Duration::from_secs(3));
+    assert!(m["c"].0 < 0.3 * 1.02 + 0.005, "limit exceeded: {m:?}");
 
     // Admission control: 0.9 + 0.5 + 0.7 CPUs of reservations do not fit on 2 CPUs.
     let r = d.wv(&["vm", "set", "b", "--reservation", "0.5"]);
@@ -120,11 +154,13 @@ fn shares_reservations_limits_and_admission() {
     // Idle shares are not wasted: with c stopped, a and b each get a whole CPU.
     let r = d.wv(&["vm", "stop", "c"]);
     assert_eq!(r.status, Some(0), "{r}");
-    let m = settle_and_measure(&d);
-    assert!(!m.contains_key("c"));
-    for name in ["a", "b"] {
-        assert!(m[name].0 > 1.0 - TOL, "{name}: {m:?}");
-    }
+    holds(&d, |m| {
+        check(!m.contains_key("c"), "c still listed".into())?;
+        for name in ["a", "b"] {
+            check(m[name].0 > 1.0 - TOL, format!("{name} below a whole CPU"))?;
+        }
+        Ok(())
+    });
     let r = d.wv(&["vm", "create", "big", "--reservation", "0.7"]);
     assert_eq!(r.status, Some(0), "{r}");
     let r = d.wv(&["vm", "start", "big"]);
