@@ -232,16 +232,16 @@ impl Daemon {
             let dt = u64::try_from(now.duration_since(last).as_nanos()).unwrap_or(u64::MAX);
             last = now;
             let doc = self.lock();
-            let samples: Vec<sched::Sample> = self
-                .entitled(&doc)
-                .into_iter()
-                .filter_map(|(w, e)| {
-                    let t = sched::threads(w.pid?);
+            let entitled = self.entitled(&doc);
+            let samples: Vec<sched::Sample> = entitled
+                .iter()
+                .filter_map(|&(w, e)| {
+                    let (cpu_ns, ready_ns) = sched::totals(&sched::threads(w.pid?));
                     Some(sched::Sample {
                         id: w.id,
                         entitlement: e,
-                        cpu_ns: t.iter().map(|t| t.cpu_ns).sum(),
-                        ready_ns: t.iter().map(|t| t.ready_ns).sum(),
+                        cpu_ns,
+                        ready_ns,
                     })
                 })
                 .collect();
@@ -249,16 +249,29 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .step(&samples, dt);
-            self.rebalance(&doc);
+            self.enforce(&entitled, false);
         }
     }
 
-    /// Recomputes every running world's entitlement and applies it.
+    /// Recomputes every running world's entitlement and applies it, limits included (after a
+    /// change of settings or of the running set).
     fn rebalance(&self, doc: &Document) {
+        self.enforce(&self.entitled(doc), true);
+    }
+
+    /// Writes each world's weight (its entitlement times its feedback gain) and, with
+    /// `limits`, its limit.
+    fn enforce(&self, entitled: &[(&World, f64)], limits: bool) {
         let Ok(cg) = &self.cgroups else { return };
         let ctl = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
-        for (w, e) in self.entitled(doc) {
-            if let Err(err) = cg.apply(w.id, e * ctl.gain(w.id), w.spec.limit) {
+        for &(w, e) in entitled {
+            let e = e * ctl.gain(w.id);
+            let r = if limits {
+                cg.apply(w.id, e, w.spec.limit)
+            } else {
+                cg.weight(w.id, e)
+            };
+            if let Err(err) = r {
                 eprintln!("wv host: world {} ({}): {err}", w.id, w.spec.name);
             }
         }
@@ -320,6 +333,7 @@ impl Daemon {
 
     fn stats_of(&self, w: &World, entitlement: f64) -> WorldStats {
         let threads = w.pid.map(sched::threads).unwrap_or_default();
+        let (cpu_ns, ready_ns) = sched::totals(&threads);
         WorldStats {
             id: w.id,
             name: w.spec.name.clone(),
@@ -328,8 +342,8 @@ impl Daemon {
             reservation: w.spec.reservation,
             limit: w.spec.limit,
             entitlement,
-            cpu_ns: threads.iter().map(|t| t.cpu_ns).sum(),
-            ready_ns: threads.iter().map(|t| t.ready_ns).sum(),
+            cpu_ns,
+            ready_ns,
             throttled_ns: self.cgroups.as_ref().map_or(0, |c| c.throttled_ns(w.id)),
             threads,
         }
@@ -351,6 +365,7 @@ impl Daemon {
     fn all_stats(&self) -> Reply {
         let doc = self.lock();
         let threads = sched::threads(std::process::id());
+        let (cpu_ns, ready_ns) = sched::totals(&threads);
         let mut out = vec![WorldStats {
             id: 0,
             name: "management".into(),
@@ -359,8 +374,8 @@ impl Daemon {
             reservation: 0.0,
             limit: None,
             entitlement: 0.0,
-            cpu_ns: threads.iter().map(|t| t.cpu_ns).sum(),
-            ready_ns: threads.iter().map(|t| t.ready_ns).sum(),
+            cpu_ns,
+            ready_ns,
             throttled_ns: 0,
             threads,
         }];

@@ -231,13 +231,19 @@ impl Cgroups {
         write(&d.join("cgroup.procs"), pid)
     }
 
-    /// Applies an entitlement and a limit to world `id`.
-    pub fn apply(&self, id: u64, entitlement: f64, limit: Option<f64>) -> Result<(), String> {
-        let d = self.dir(id);
+    /// Sets world `id`'s weight for an entitlement (what the feedback loop adjusts each tick).
+    pub fn weight(&self, id: u64, entitlement: f64) -> Result<(), String> {
         // cpu.shares: 1024 per entitled CPU (the kernel's range is 2-262144).
         #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
         let w = (entitlement * 1024.0).round().clamp(2.0, 262_144.0) as u64;
-        write(&d.join("cpu.shares"), w)?;
+        write(&self.dir(id).join("cpu.shares"), w)
+    }
+
+    /// Applies an entitlement and a limit to world `id` (when settings or the running set
+    /// change).
+    pub fn apply(&self, id: u64, entitlement: f64, limit: Option<f64>) -> Result<(), String> {
+        self.weight(id, entitlement)?;
+        let d = self.dir(id);
         // Rewriting the bandwidth settings restarts the kernel's quota accounting, so they are
         // written only when they change.
         let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
@@ -289,6 +295,13 @@ pub struct ThreadTime {
     pub cpu_ns: u64,
     /// Time runnable but waiting for a CPU, ns.
     pub ready_ns: u64,
+}
+
+/// CPU and ready time summed over `threads`, ns.
+pub fn totals(threads: &[ThreadTime]) -> (u64, u64) {
+    threads
+        .iter()
+        .fold((0, 0), |(c, r), t| (c + t.cpu_ns, r + t.ready_ns))
 }
 
 /// Every thread of process `pid`, from `/proc/PID/task/*/schedstat`.
