@@ -11,11 +11,12 @@
 //! | POST /v1/vms/{name}/pause, /resume | stop or continue every vCPU (the VMM process) |
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
-//! | GET /v1/stats | CPU accounting of every running world, the management world included |
+//! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
 //! 404, 405, 409 (duplicate name, wrong state) or 422 (a value out of range).
 
+use crate::helper;
 use crate::http::{self, HttpError, Request};
 use crate::sched::{self, Cgroups, Demand};
 use crate::store::{Document, Store};
@@ -104,6 +105,7 @@ impl Daemon {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.into());
         let cgroups = Cgroups::open(&format!("worldvisor/{}", tag(&canonical)), cpus);
+        let cgroups = cgroups.and_then(|c| c.system().map(|()| c));
         if let Err(e) = &cgroups {
             eprintln!("wv host: CPU scheduler unavailable (VMs with settings other than the default shares cannot start): {e}");
         }
@@ -120,6 +122,15 @@ impl Daemon {
         let mut adopt = Vec::new();
         {
             let mut doc = d.lock();
+            // Ids below FIRST_VM_ID belong to the system worlds; a state directory written
+            // before they were numbered may hold a VM with one.
+            doc.next_id = doc.next_id.max(helper::FIRST_VM_ID);
+            for i in 0..doc.worlds.len() {
+                if doc.worlds[i].id < helper::FIRST_VM_ID {
+                    doc.worlds[i].id = doc.next_id;
+                    doc.next_id += 1;
+                }
+            }
             for w in doc.worlds.iter_mut() {
                 if !matches!(w.state, State::Running | State::Starting | State::Paused) {
                     continue;
@@ -151,16 +162,14 @@ impl Daemon {
         }
         if d.cgroups.is_ok() {
             let d2 = d.clone();
-            std::thread::Builder::new()
-                .name("scheduler".into())
-                .spawn(move || d2.schedule())?;
+            helper::spawn("sched", move || d2.schedule())?;
         }
         for (id, pid) in adopt {
             let d2 = d.clone();
-            std::thread::spawn(move || {
+            helper::spawn("wait", move || {
                 supervisor::wait_foreign(pid);
                 d2.finished(id, None);
-            });
+            })?;
         }
         Ok(d)
     }
@@ -364,21 +373,34 @@ impl Daemon {
 
     fn all_stats(&self) -> Reply {
         let doc = self.lock();
-        let threads = sched::threads(std::process::id());
-        let (cpu_ns, ready_ns) = sched::totals(&threads);
-        let mut out = vec![WorldStats {
-            id: 0,
-            name: "management".into(),
-            state: State::Running,
-            shares: sched::DEFAULT_SHARES,
-            reservation: 0.0,
-            limit: None,
-            entitlement: 0.0,
-            cpu_ns,
-            ready_ns,
-            throttled_ns: 0,
-            threads,
-        }];
+        let (help, mgmt): (Vec<_>, Vec<_>) = sched::threads(std::process::id())
+            .into_iter()
+            .partition(|t| helper::is_helper(&t.name));
+        let system = |id, name: &str, shares, threads: Vec<sched::ThreadTime>| {
+            let (cpu_ns, ready_ns) = sched::totals(&threads);
+            WorldStats {
+                id,
+                name: name.into(),
+                state: State::Running,
+                shares,
+                reservation: 0.0,
+                limit: None,
+                entitlement: 0.0,
+                cpu_ns,
+                ready_ns,
+                throttled_ns: 0,
+                threads,
+            }
+        };
+        let mut out = vec![
+            system(
+                helper::MANAGEMENT_ID,
+                "management",
+                helper::MANAGEMENT_SHARES,
+                mgmt,
+            ),
+            system(helper::HELPER_ID, "helper", helper::HELPER_SHARES, help),
+        ];
         for (w, e) in self.entitled(&doc) {
             out.push(self.stats_of(w, e));
         }
@@ -461,7 +483,7 @@ impl Daemon {
         if doc.worlds.iter().any(|w| w.spec.name == spec.name) {
             return error(409, format!("a VM named '{}' exists already", spec.name));
         }
-        let id = doc.next_id.max(1);
+        let id = doc.next_id.max(helper::FIRST_VM_ID);
         doc.next_id = id + 1;
         let w = World {
             id,
@@ -498,7 +520,12 @@ impl Daemon {
             doc.worlds.insert(i, w);
             return e;
         }
-        let _ = std::fs::remove_dir_all(self.store.vm_dir(name));
+        let dir = self.store.vm_dir(name);
+        if let Err(e) = helper::spawn("cleanup", move || {
+            let _ = std::fs::remove_dir_all(dir);
+        }) {
+            eprintln!("wv host: removing the files of VM '{name}': {e}");
+        }
         (204, String::new())
     }
 
@@ -545,10 +572,13 @@ impl Daemon {
         self.rebalance(&doc);
         drop(doc);
         let d = self.clone();
-        std::thread::spawn(move || {
+        let waiter = helper::spawn("wait", move || {
             let status = child.wait().ok();
             d.finished(id, status);
         });
+        if let Err(e) = waiter {
+            eprintln!("wv host: world {id}: no thread to wait for its VMM: {e}");
+        }
         reply
     }
 

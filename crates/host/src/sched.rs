@@ -214,6 +214,26 @@ impl Cgroups {
         Ok(Cgroups { root })
     }
 
+    /// Creates the system worlds' groups (see [`crate::helper`]), moves this whole process
+    /// into the management group and directs helper threads to theirs.
+    pub fn system(&self) -> Result<(), String> {
+        for (name, shares) in [
+            ("management", crate::helper::MANAGEMENT_SHARES),
+            ("helper", crate::helper::HELPER_SHARES),
+        ] {
+            let d = self.root.join(name);
+            std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+            // 1024 per 1000 shares, the weight of one entitled CPU.
+            write(&d.join("cpu.shares"), u64::from(shares) * 1024 / 1000)?;
+        }
+        write(
+            &self.root.join("management").join("cgroup.procs"),
+            std::process::id(),
+        )?;
+        crate::helper::set_cgroup(self.root.join("helper").join("tasks"));
+        Ok(())
+    }
+
     /// The daemon's own group.
     pub fn root(&self) -> &Path {
         &self.root
@@ -262,7 +282,7 @@ impl Cgroups {
     /// the VMM by a moment) has left; gives up after 30 s.
     pub fn remove(&self, id: u64) {
         let d = self.dir(id);
-        std::thread::spawn(move || {
+        let _ = crate::helper::spawn("cgroup-rm", move || {
             for _ in 0..300 {
                 if std::fs::remove_dir(&d).is_ok() || !d.exists() {
                     return;

@@ -62,6 +62,71 @@ fn holds(d: &Daemon, property: impl Fn(&Usage) -> Result<(), String>) -> Usage {
     panic!("missed in every window:\n{}", misses.join("\n"));
 }
 
+/// World 0 (management) holds the daemon's API threads and world 1 (helper) its background
+/// jobs, each in its own cgroup; VMs are numbered from 2.
+fn system_worlds_are_apart(d: &Daemon) {
+    let (s, body) = d.raw(b"GET /v1/stats HTTP/1.1\r\n\r\n");
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let worlds = v.as_array().unwrap();
+    assert_eq!(
+        (&worlds[0]["id"], &worlds[0]["name"]),
+        (&0.into(), &"management".into())
+    );
+    assert_eq!(
+        (&worlds[1]["id"], &worlds[1]["name"]),
+        (&1.into(), &"helper".into())
+    );
+    assert!(
+        worlds[2..].iter().all(|w| w["id"].as_u64().unwrap() >= 2),
+        "{v}"
+    );
+    let names = |w: &serde_json::Value| -> Vec<(u64, String)> {
+        w["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["tid"].as_u64().unwrap(),
+                    t["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let (mgmt, help) = (names(&worlds[0]), names(&worlds[1]));
+    let count = |n: &str| help.iter().filter(|(_, x)| x == n).count();
+    assert_eq!(count("helper-sched"), 1, "{help:?}");
+    assert_eq!(
+        count("helper-wait"),
+        3,
+        "one waiter per running VM: {help:?}"
+    );
+    assert!(
+        mgmt.iter().all(|(_, n)| !n.starts_with("helper-")),
+        "{mgmt:?}"
+    );
+    // Each thread sits in its world's cgroup.
+    let group = |tid: u64| {
+        std::fs::read_to_string(format!("/proc/{}/task/{tid}/cgroup", d.pid()))
+            .unwrap()
+            .lines()
+            .find(|l| l.split(':').nth(1).unwrap().split(',').any(|c| c == "cpu"))
+            .unwrap()
+            .to_string()
+    };
+    for (tid, name) in &mgmt {
+        assert!(
+            group(*tid).ends_with("/management"),
+            "{name}: {}",
+            group(*tid)
+        );
+    }
+    for (tid, name) in &help {
+        assert!(group(*tid).ends_with("/helper"), "{name}: {}", group(*tid));
+    }
+}
+
 fn check(ok: bool, what: String) -> Result<(), String> {
     if ok {
         Ok(())
@@ -115,8 +180,10 @@ fn shares_reservations_limits_and_admission() {
         }
         Ok(())
     });
-    // The management world (the daemon and its scheduler) costs little.
-    assert!(m["management"].0 < 0.05, "{m:?}");
+    // The system worlds (the daemon's API and its background jobs, the scheduler's tick
+    // among them) cost little.
+    assert!(m["management"].0 + m["helper"].0 < 0.05, "{m:?}");
+    system_worlds_are_apart(&d);
 
     // Live changes: a reserves 0.9 CPU with the least shares; c is limited to 0.3 CPU.
     let r = d.wv(&["vm", "set", "a", "--shares", "1", "--reservation", "0.9"]);

@@ -52,6 +52,12 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
+    #[allow(dead_code)] // not every test binary looks at the process
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn wv(&self, args: &[&str]) -> Run {
         let mut c = Command::new(wv_bin());
         c.args(args).env("WV_SOCKET", &self.socket);
