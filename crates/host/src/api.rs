@@ -124,7 +124,8 @@ impl Daemon {
             let mut doc = d.lock();
             // Ids below FIRST_VM_ID belong to the system worlds; a state directory written
             // before they were numbered may hold a VM with one.
-            doc.next_id = doc.next_id.max(helper::FIRST_VM_ID);
+            let above = doc.worlds.iter().map(|w| w.id + 1).max().unwrap_or(0);
+            doc.next_id = doc.next_id.max(helper::FIRST_VM_ID).max(above);
             for i in 0..doc.worlds.len() {
                 if doc.worlds[i].id < helper::FIRST_VM_ID {
                     doc.worlds[i].id = doc.next_id;

@@ -4,6 +4,7 @@
 mod common;
 use common::daemon::Daemon;
 use common::*;
+use std::collections::HashSet;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -277,7 +278,43 @@ fn definitions_from_json_and_toml_files() {
         assert_eq!(r.status, Some(status), "{r}");
         assert!(r.stderr.contains(needle), "{r}");
     }
-    assert_eq!(d.json(&["vm", "list"]).as_array().unwrap().len(), 3);
+    let list = d.json(&["vm", "list"]);
+    let ids: Vec<u64> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [2, 3, 4],
+        "VMs are numbered from 2 (0 and 1 are system worlds)"
+    );
+    d.stop();
+
+    // A state directory from before the system worlds were numbered, with a VM at id 1: the
+    // daemon renumbers it and keeps its definition.
+    let path = dir.path("state").join("worlds.json");
+    let old = std::fs::read_to_string(&path).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&old).unwrap();
+    doc["worlds"][0]["id"] = 1.into();
+    doc["next_id"] = 2.into();
+    std::fs::write(&path, doc.to_string()).unwrap();
+    let d = Daemon::start(&dir);
+    let web = d.json(&["vm", "info", "web"]);
+    assert!(web["id"].as_u64().unwrap() >= 2, "{web}");
+    assert_eq!(web["spec"]["shares"], 2500);
+    let r = d.wv(&["vm", "create", "late", "--cmdline", "probe.tests=boot"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let ids: HashSet<u64> = d
+        .json(&["vm", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 4, "ids stay unique: {ids:?}");
+    assert!(ids.iter().all(|&i| i >= 2), "{ids:?}");
     d.stop();
 }
 
