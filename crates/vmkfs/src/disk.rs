@@ -1,0 +1,233 @@
+//! An open virtual disk: the data path. Reads and writes map guest offsets to data blocks
+//! through the cached pointers; a preallocated disk touches no metadata. A write to a hole (a
+//! thin disk's unwritten block, a redo log's block not yet copied) allocates a block, fills it
+//! (zeros, or the parent's data) and commits the pointer in one transaction after the data.
+//!
+//! Opening for writing takes the file's host lock exclusively and records the owner in the
+//! datastore; opening for reading takes it shared. Parents of a redo log are held shared.
+
+use crate::dev::LockKind;
+use crate::format::flags;
+use crate::fs::{blocks_for, Datastore, FileInfo};
+use crate::{io, Error, Result};
+
+/// A virtual disk open for reading or writing.
+pub struct Disk {
+    ds: Datastore,
+    slot: usize,
+    chain: Vec<usize>,
+    writable: bool,
+    locks: Vec<u64>,
+    name: String,
+}
+
+impl Datastore {
+    /// Opens file `name` for reading, or for writing (exclusive: one writer; a frozen parent
+    /// cannot be written). The disk has its own handle on the device.
+    pub fn open_disk(&self, name: &str, writable: bool) -> Result<Disk> {
+        let dev = self.dev.reopen().map_err(io("reopening the datastore"))?;
+        let ds = Datastore::open(dev)?;
+        let slot = ds.slot_of(name)?;
+        if writable && ds.fds[slot].flags & flags::FROZEN != 0 {
+            return Err(Error::ReadOnly(format!(
+                "'{name}' is the frozen base of a redo log and opens read-only"
+            )));
+        }
+        let chain = ds.chain(slot);
+        let mut disk = Disk {
+            ds,
+            slot,
+            chain: chain.clone(),
+            writable: false,
+            locks: Vec::new(),
+            name: name.to_string(),
+        };
+        for (i, &s) in chain.iter().enumerate() {
+            let kind = if i == 0 && writable {
+                LockKind::Exclusive
+            } else {
+                LockKind::Shared
+            };
+            let at = disk.ds.lock_byte(s);
+            if !disk
+                .ds
+                .dev
+                .lock(at, kind, false)
+                .map_err(io("locking the file"))?
+            {
+                return Err(disk.ds.in_use(s));
+            }
+            disk.locks.push(at);
+        }
+        if writable {
+            if let Some(o) = &disk.ds.fds[slot].owner {
+                return Err(crate::fs::stale(name, o));
+            }
+            disk.ds.set_owner(slot, true)?;
+            disk.writable = true;
+        }
+        Ok(disk)
+    }
+}
+
+impl Disk {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.ds.fds[self.slot].length
+    }
+
+    /// Whether the disk has no bytes (never: files have a positive size).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether it is open for writing.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The file as `ls` shows it.
+    pub fn info(&self) -> FileInfo {
+        self.ds.info_of(self.slot)
+    }
+
+    /// The datastore handle this disk uses.
+    pub fn datastore(&self) -> &Datastore {
+        &self.ds
+    }
+
+    fn bounds(&self, off: u64, n: usize) -> Result<()> {
+        match off.checked_add(n as u64) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "{n} bytes at offset {off} are beyond the end of '{}' ({} bytes)",
+                self.name,
+                self.len()
+            ))),
+        }
+    }
+
+    /// Splits `[off, off+n)` into (block index, offset in block, range in the buffer).
+    fn pieces(&self, off: u64, n: usize) -> Vec<(usize, u64, std::ops::Range<usize>)> {
+        let bs = self.ds.desc.geo.block_size;
+        let mut out = Vec::new();
+        let mut done = 0usize;
+        while done < n {
+            let pos = off + done as u64;
+            let within = pos % bs;
+            let take = ((bs - within) as usize).min(n - done);
+            out.push(((pos / bs) as usize, within, done..done + take));
+            done += take;
+        }
+        out
+    }
+
+    /// The block holding block `bi` for the chain `levels` (0: none, reads as zeros).
+    fn source(ds: &Datastore, levels: &[usize], bi: usize) -> u32 {
+        for &s in levels {
+            if bi as u64 >= blocks_for(ds.fds[s].length, ds.desc.geo.block_size) {
+                return 0;
+            }
+            let b = ds.ptrs[s][bi];
+            if b != 0 {
+                return b;
+            }
+        }
+        0
+    }
+
+    /// Reads `buf.len()` bytes at `off`.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.bounds(off, buf.len())?;
+        let bs = self.ds.desc.geo.block_size;
+        for (bi, within, r) in self.pieces(off, buf.len()) {
+            match Disk::source(&self.ds, &self.chain, bi) {
+                0 => buf[r].fill(0),
+                b => self
+                    .ds
+                    .dev
+                    .read_at(&mut buf[r], u64::from(b) * bs + within)
+                    .map_err(io(format!("reading '{}'", self.name)))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `off`. Durable once [`Disk::flush`] returns.
+    pub fn write_at(&mut self, buf: &[u8], off: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly(format!(
+                "'{}' is open read-only",
+                self.name
+            )));
+        }
+        self.bounds(off, buf.len())?;
+        let bs = self.ds.desc.geo.block_size;
+        let (holes, mapped): (Vec<_>, Vec<_>) = self
+            .pieces(off, buf.len())
+            .into_iter()
+            .partition(|(bi, _, _)| self.ds.ptrs[self.slot][*bi] == 0);
+        if !holes.is_empty() {
+            // All new blocks in one transaction, before anything is written: no space means
+            // the write fails whole.
+            let (slot, parents) = (self.slot, self.chain[1..].to_vec());
+            self.ds.txn(|ds| {
+                let new = ds.alloc_blocks(holes.len() as u64)?;
+                for ((bi, within, r), nb) in holes.iter().cloned().zip(new) {
+                    let at = u64::from(nb) * bs;
+                    let piece = &buf[r];
+                    match Disk::source(ds, &parents, bi) {
+                        _ if piece.len() as u64 == bs => {}
+                        0 => ds.dev.zero(at, bs).map_err(io("zeroing a new block"))?,
+                        src => {
+                            let mut full = vec![0u8; bs as usize];
+                            ds.dev
+                                .read_at(&mut full, u64::from(src) * bs)
+                                .map_err(io("reading the parent's block"))?;
+                            full[within as usize..within as usize + piece.len()]
+                                .copy_from_slice(piece);
+                            ds.dev
+                                .write_at(&full, at)
+                                .map_err(io("copying the parent's block"))?;
+                            ds.ptrs[slot][bi] = nb;
+                            continue;
+                        }
+                    }
+                    ds.dev
+                        .write_at(piece, at + within)
+                        .map_err(io("writing a new block"))?;
+                    ds.ptrs[slot][bi] = nb;
+                }
+                Ok(())
+            })?;
+        }
+        for (bi, within, r) in mapped {
+            let b = self.ds.ptrs[self.slot][bi];
+            self.ds
+                .dev
+                .write_at(&buf[r], u64::from(b) * bs + within)
+                .map_err(io(format!("writing '{}'", self.name)))?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.ds
+            .dev
+            .flush()
+            .map_err(io(format!("flushing '{}'", self.name)))
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if self.writable {
+            let _ = self.ds.dev.flush();
+            let _ = self.ds.set_owner(self.slot, false);
+        }
+        for &at in &self.locks {
+            let _ = self.ds.dev.unlock(at);
+        }
+    }
+}
