@@ -325,20 +325,28 @@ impl Datastore {
                 }
             }
         };
-        // Replay the journal when it holds a transaction newer than the descriptor.
+        // Replay the journal's transaction unless it is older than the descriptor: the
+        // descriptor may have reached its home before other pages of the same transaction,
+        // so pages that differ from their images are rewritten (usually none).
         if let Some((seq, images)) = Datastore::journal(&*dev, &desc.geo)? {
-            if seq > desc.seq || !p0_ok {
+            if seq >= desc.seq || !p0_ok {
+                let mut replayed = 0;
                 for (home, p) in &images {
-                    dev.write_at(&p[..], home * PAGE as u64)
-                        .map_err(io("replaying the journal"))?;
+                    if Datastore::read_page(&*dev, *home)?[..] != p[..] {
+                        dev.write_at(&p[..], home * PAGE as u64)
+                            .map_err(io("replaying the journal"))?;
+                        replayed += 1;
+                    }
                 }
-                dev.flush().map_err(io("flushing the replayed journal"))?;
-                report.notes.push(format!(
-                    "replayed journal transaction {seq} ({} pages)",
-                    images.len()
-                ));
-                let p0 = Datastore::read_page(&*dev, 0)?;
-                desc = Descriptor::decode(&p0, len)?;
+                if replayed > 0 {
+                    dev.flush().map_err(io("flushing the replayed journal"))?;
+                    report.notes.push(format!(
+                        "replayed journal transaction {seq} ({replayed} of its {} pages)",
+                        images.len()
+                    ));
+                    let p0 = Datastore::read_page(&*dev, 0)?;
+                    desc = Descriptor::decode(&p0, len)?;
+                }
             }
         } else if !p0_ok {
             let e = Error::Corrupt(
