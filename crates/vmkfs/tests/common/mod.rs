@@ -42,7 +42,7 @@ pub fn write(ds: &Datastore, name: &str, off: u64, data: &[u8]) {
 
 pub fn read_all(ds: &Datastore, name: &str) -> Vec<u8> {
     let d = ds.open_disk(name, false).unwrap();
-    let mut v = vec![0u8; d.len() as usize];
+    let mut v = vec![0u8; usize::try_from(d.len()).unwrap()];
     d.read_at(&mut v, 0).unwrap();
     v
 }

@@ -1,0 +1,84 @@
+//! Exclusive opens on a datastore in a real file, each handle with its own open file
+//! description (as separate processes would have): one writer or many readers per file; no
+//! file operation on a file anyone has open; frozen parents open read-only. (A crashed
+//! owner's stale lock is tested end to end with a killed VMM in crates/wv/tests/fs.rs.)
+
+mod common;
+use common::*;
+use std::sync::Arc;
+use wv_vmkfs::{Datastore, Error, FileDev};
+
+fn datastore(name: &str) -> (std::path::PathBuf, Datastore) {
+    let path = std::env::temp_dir().join(format!("vmkfs-lock-{name}-{}", std::process::id()));
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(8 << 20).unwrap();
+    let dev = Arc::new(FileDev::open(&path, false).unwrap());
+    let mut ds = Datastore::mkfs(dev, &opts(8)).unwrap();
+    ds.create("d", 1 << 20, false).unwrap();
+    (path, ds)
+}
+
+#[test]
+fn one_writer_or_many_readers() {
+    let (path, mut ds) = datastore("rw");
+    let w = ds.open_disk("d", true).unwrap();
+    let pid = std::process::id().to_string();
+    for writable in [true, false] {
+        let e = ds.open_disk("d", writable).map(|_| ()).unwrap_err();
+        assert!(matches!(e, Error::InUse(_)), "{e}");
+        assert!(e.to_string().contains(&pid), "the holder is named: {e}");
+    }
+    let owner = ds.stat("d").unwrap().owner.unwrap();
+    assert!(owner.contains(&format!("pid {pid}")), "{owner}");
+    let e = ds.unlock("d").unwrap_err();
+    assert!(
+        matches!(e, Error::InUse(_)),
+        "a live owner's lock is not broken: {e}"
+    );
+    drop(w);
+    assert_eq!(
+        ds.stat("d").unwrap().owner,
+        None,
+        "a clean close clears the record"
+    );
+    let r1 = ds.open_disk("d", false).unwrap();
+    let r2 = ds.open_disk("d", false).unwrap();
+    let e = ds.open_disk("d", true).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("for reading"), "{e}");
+    // Nothing happens to a file that is open.
+    for e in [
+        ds.remove("d").unwrap_err(),
+        ds.resize("d", 2 << 20).map(|_| ()).unwrap_err(),
+        ds.snapshot("d").map(|_| ()).unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::InUse(_)), "{e}");
+    }
+    drop((r1, r2));
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn redo_log_chains() {
+    let (path, mut ds) = datastore("chain");
+    ds.snapshot("d").unwrap();
+    let e = ds.open_disk("d@1", true).map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::ReadOnly(_)), "{e}");
+    let e = ds.remove("d@1").unwrap_err();
+    assert!(matches!(e, Error::ReadOnly(_)), "{e}");
+    let w = ds.open_disk("d", true).unwrap();
+    // The frozen parent can be read alongside the writer of its redo log.
+    let base = ds.open_disk("d@1", false).unwrap();
+    for e in [
+        ds.commit_redo("d").map(|_| ()).unwrap_err(),
+        ds.revert("d").map(|_| ()).unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::InUse(_)), "{e}");
+    }
+    drop(w);
+    // A reader of the parent blocks a commit, which would change the parent.
+    let e = ds.commit_redo("d").map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::InUse(_)), "{e}");
+    drop(base);
+    ds.commit_redo("d").unwrap();
+    let _ = std::fs::remove_file(path);
+}
