@@ -31,8 +31,10 @@ pub enum SerialMode {
 /// A virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Raw image file or block device.
+    /// Raw image file or block device; with `vmkfs`, the VMKFS datastore.
     pub path: PathBuf,
+    /// The disk's name in the VMKFS datastore at `path`.
+    pub vmkfs: Option<String>,
     /// Refuse guest writes (and open the image read-only, sharing it).
     pub readonly: bool,
     /// What the guest reads with GET_ID (at most 20 bytes), and the accounting name.
@@ -40,14 +42,29 @@ pub struct DiskConfig {
 }
 
 impl DiskConfig {
-    /// Parses `path=IMG[,readonly=on|off][,id=NAME]`; `index` names a disk without an id.
+    /// Parses `path=IMG|vmkfs=DATASTORE:NAME[,readonly=on|off][,id=NAME]`; `index` names a
+    /// disk without an id.
     pub fn parse(spec: &str, index: usize) -> Result<DiskConfig, ConfigError> {
         let mut path = None;
+        let mut vmkfs = None;
         let mut readonly = false;
         let mut id = format!("disk{index}");
         for part in spec.split(',') {
             match part.split_once('=') {
-                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("path", p)) if !p.is_empty() && vmkfs.is_none() => {
+                    path = Some(PathBuf::from(p))
+                }
+                Some(("vmkfs", v)) if path.is_none() => match v.rsplit_once(':') {
+                    Some((ds, name)) if !ds.is_empty() && !name.is_empty() => {
+                        path = Some(PathBuf::from(ds));
+                        vmkfs = Some(name.to_string());
+                    }
+                    _ => {
+                        return Err(ConfigError(format!(
+                            "--disk '{spec}': vmkfs= takes DATASTORE:NAME"
+                        )))
+                    }
+                },
                 Some(("readonly", "on")) => readonly = true,
                 Some(("readonly", "off")) => readonly = false,
                 Some(("id", v)) if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_graphic()) => {
@@ -55,13 +72,22 @@ impl DiskConfig {
                 }
                 _ => {
                     return Err(ConfigError(format!(
-                        "--disk '{spec}': expected path=IMG[,readonly=on|off][,id=NAME] (NAME: 1-20 printable characters); '{part}' is not understood"
+                        "--disk '{spec}': expected path=IMG or vmkfs=DATASTORE:NAME, then [,readonly=on|off][,id=NAME] (NAME: 1-20 printable characters); '{part}' is not understood"
                     )))
                 }
             }
         }
-        let path = path.ok_or_else(|| ConfigError(format!("--disk '{spec}' has no path=IMG")))?;
-        Ok(DiskConfig { path, readonly, id })
+        let path = path.ok_or_else(|| {
+            ConfigError(format!(
+                "--disk '{spec}' has no path=IMG or vmkfs=DATASTORE:NAME"
+            ))
+        })?;
+        Ok(DiskConfig {
+            path,
+            vmkfs,
+            readonly,
+            id,
+        })
     }
 }
 
@@ -300,11 +326,26 @@ mod tests {
 
     #[test]
     fn disk_specs() {
+        let d = DiskConfig::parse("vmkfs=/dev/sdb:1:web,id=root", 0).unwrap();
+        assert_eq!(
+            (d.path.to_str(), d.vmkfs.as_deref(), d.id.as_str()),
+            (Some("/dev/sdb:1"), Some("web"), "root")
+        );
+        for bad in [
+            "vmkfs=ds",
+            "vmkfs=:x",
+            "vmkfs=ds:",
+            "path=a,vmkfs=ds:x",
+            "vmkfs=ds:x,path=a",
+        ] {
+            assert!(DiskConfig::parse(bad, 0).is_err(), "{bad}");
+        }
         let d = DiskConfig::parse("path=a.img,readonly=on,id=root", 0).unwrap();
         assert_eq!(
             d,
             DiskConfig {
                 path: "a.img".into(),
+                vmkfs: None,
                 readonly: true,
                 id: "root".into()
             }

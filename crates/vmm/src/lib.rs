@@ -12,6 +12,7 @@ pub mod error;
 mod pci;
 pub mod stats;
 mod vcpu;
+mod vmkfs_disk;
 
 pub use config::{
     parse_size, DiskConfig, KernelSource, NetConfig, SerialMode, VmConfig, DEFAULT_MEMORY,
@@ -434,14 +435,19 @@ fn build(
         )?;
     }
     for d in &cfg.disks {
-        let disk = wv_virtio::block::RawDisk::open(&d.path, d.readonly)
-            .map_err(|e| VmmError::Disk(e.to_string()))?;
+        let disk: Box<dyn wv_virtio::block::Disk> = match &d.vmkfs {
+            None => Box::new(
+                wv_virtio::block::RawDisk::open(&d.path, d.readonly)
+                    .map_err(|e| VmmError::Disk(e.to_string()))?,
+            ),
+            Some(name) => Box::new(vmkfs_disk::VmkfsDisk::open(&d.path, name, d.readonly)?),
+        };
         let name: &'static str = Box::leak(format!("virtio-blk:{}", d.id).into_boxed_str());
         pci.add_virtio(
             &vm,
             &mem,
             name,
-            Box::new(wv_virtio::block::Block::new(Box::new(disk), &d.id)),
+            Box::new(wv_virtio::block::Block::new(disk, &d.id)),
         )?;
     }
     for n in &cfg.nets {
@@ -492,6 +498,23 @@ fn build(
     Ok((vm, shared))
 }
 
+/// Work to do before the process exits (closing what must be closed cleanly, such as the
+/// owner records of VMKFS disks): the VMM exits without dropping its devices.
+static EXIT_HOOKS: std::sync::Mutex<Vec<Box<dyn FnOnce() + Send>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Runs `f` when the VM ends, in [`Resources::exit`].
+pub fn at_exit(f: Box<dyn FnOnce() + Send>) {
+    EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).push(f);
+}
+
+fn run_exit_hooks() {
+    let hooks = std::mem::take(&mut *EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()));
+    for h in hooks {
+        h();
+    }
+}
+
 /// The kernel objects and memory of a VM that has ended. Dropping it closes everything now;
 /// [`Resources::exit`] ends the process and leaves the slow part of the teardown to a helper.
 pub struct Resources {
@@ -521,6 +544,7 @@ impl Resources {
     /// in the helper. Without pidfds (Linux < 5.3) the teardown stays synchronous.
     pub fn exit(self, status: u8) -> ! {
         use std::io::Write;
+        run_exit_hooks();
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         // The helper must outlive this process, or the last references come back here: it waits

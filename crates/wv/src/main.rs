@@ -1,8 +1,12 @@
 //! `wv`, the Worldvisor command-line tool. Subcommands:
 //! - `wv run`: boot one VM in the foreground (the embedded probe guest unless `--kernel`);
-//! - `wv probe-image`: write an embedded guest image to a file (for QEMU or other loaders).
+//! - `wv probe-image`: write an embedded guest image to a file (for QEMU or other loaders);
+//! - `wv host`, `wv vm`: the host daemon and its client;
+//! - `wv fs`: VMKFS datastores ([`fs`]).
 //!
 //! Argument parsing is by hand: it keeps start-up short and every message under our control.
+
+mod fs;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,6 +32,8 @@ Usage:
                             Manage VMs through the daemon (--socket or WV_SOCKET: a path,
                             or tcp:HOST:PORT;
                             --json for machine-readable output)
+  wv fs mkfs|info|ls|create|rm|resize|snapshot|commit|revert|import|export|check|unlock ...
+                            VMKFS datastores for virtual disks (wv fs --help)
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
   wv --version | --help
@@ -54,6 +60,8 @@ Options:
   --disk path=IMG[,readonly=on][,id=NAME]
                        a virtio-blk disk backed by a raw image or block device (repeatable);
                        read-write disks are locked against a second writer
+  --disk vmkfs=DATASTORE:NAME[,readonly=on][,id=NAME]
+                       a virtio-blk disk backed by disk NAME of a VMKFS datastore (wv fs)
   --net tap=NAME[,mac=MAC]
                        a virtio-net device on TAP NAME (created and brought up if missing,
                        which needs CAP_NET_ADMIN); MAC generated if not given (repeatable)
@@ -289,6 +297,7 @@ fn main() -> ExitCode {
         Some("probe-image") => cmd_probe_image(&args[1..]),
         Some("host") => cmd_host(&args[1..]),
         Some("vm") => cmd_vm(&args[1..]),
+        Some("fs") => fs::cmd_fs(&args[1..]),
         Some("-V" | "--version") => {
             println!("wv {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
