@@ -108,18 +108,24 @@ impl Disk {
     }
 
     /// Splits `[off, off+n)` into (block index, offset in block, range in the buffer).
-    fn pieces(&self, off: u64, n: usize) -> Vec<(usize, u64, std::ops::Range<usize>)> {
+    fn pieces(
+        &self,
+        off: u64,
+        n: usize,
+    ) -> impl Iterator<Item = (usize, u64, std::ops::Range<usize>)> {
         let bs = self.ds.desc.geo.block_size;
-        let mut out = Vec::new();
         let mut done = 0usize;
-        while done < n {
+        std::iter::from_fn(move || {
+            if done >= n {
+                return None;
+            }
             let pos = off + done as u64;
             let within = pos % bs;
             let take = ((bs - within) as usize).min(n - done);
-            out.push(((pos / bs) as usize, within, done..done + take));
+            let piece = ((pos / bs) as usize, within, done..done + take);
             done += take;
-        }
-        out
+            Some(piece)
+        })
     }
 
     /// The block holding block `bi` for the chain `levels` (0: none, reads as zeros).
@@ -147,7 +153,7 @@ impl Disk {
                     .ds
                     .dev
                     .read_at(&mut buf[r], u64::from(b) * bs + within)
-                    .map_err(io(format!("reading '{}'", self.name)))?,
+                    .map_err(|e| Error::Io(format!("reading '{}': {e}", self.name)))?,
             }
         }
         Ok(())
@@ -163,9 +169,20 @@ impl Disk {
         }
         self.bounds(off, buf.len())?;
         let bs = self.ds.desc.geo.block_size;
+        let ptrs = &self.ds.ptrs[self.slot];
+        if self.pieces(off, buf.len()).all(|(bi, _, _)| ptrs[bi] != 0) {
+            // Every block is there: the common case of a preallocated disk.
+            for (bi, within, r) in self.pieces(off, buf.len()) {
+                let b = self.ds.ptrs[self.slot][bi];
+                self.ds
+                    .dev
+                    .write_at(&buf[r], u64::from(b) * bs + within)
+                    .map_err(|e| Error::Io(format!("writing '{}': {e}", self.name)))?;
+            }
+            return Ok(());
+        }
         let (holes, mapped): (Vec<_>, Vec<_>) = self
             .pieces(off, buf.len())
-            .into_iter()
             .partition(|(bi, _, _)| self.ds.ptrs[self.slot][*bi] == 0);
         if !holes.is_empty() {
             // All new blocks in one transaction, before anything is written: no space means
@@ -206,7 +223,7 @@ impl Disk {
             self.ds
                 .dev
                 .write_at(&buf[r], u64::from(b) * bs + within)
-                .map_err(io(format!("writing '{}'", self.name)))?;
+                .map_err(|e| Error::Io(format!("writing '{}': {e}", self.name)))?;
         }
         Ok(())
     }

@@ -80,3 +80,85 @@ fn snapshot_commit_revert() {
         "nothing leaked"
     );
 }
+
+/// Counts reads and writes that fall in the metadata area.
+struct Counting {
+    inner: wv_vmkfs::MemDev,
+    meta_end: std::sync::atomic::AtomicU64,
+    meta_io: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl wv_vmkfs::Dev for Counting {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.count(off);
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.count(off);
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn reopen(&self) -> std::io::Result<std::sync::Arc<dyn wv_vmkfs::Dev>> {
+        Ok(std::sync::Arc::new(Counting {
+            inner: self.inner.clone(),
+            meta_end: std::sync::atomic::AtomicU64::new(
+                self.meta_end.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            meta_io: self.meta_io.clone(),
+        }))
+    }
+}
+
+impl Counting {
+    fn count(&self, off: u64) {
+        if off < self.meta_end.load(std::sync::atomic::Ordering::Relaxed) {
+            self.meta_io
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn a_preallocated_disk_touches_no_metadata_after_open() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let meta_io = std::sync::Arc::new(AtomicU64::new(0));
+    let dev = std::sync::Arc::new(Counting {
+        inner: wv_vmkfs::MemDev::new(16 << 20),
+        meta_end: AtomicU64::new(0),
+        meta_io: meta_io.clone(),
+    });
+    let mut ds = Datastore::mkfs(dev.clone(), &opts(8)).unwrap();
+    ds.create("d", 4 << 20, false).unwrap();
+    let meta_end = ds.geometry().first_data_block() * ds.geometry().block_size;
+    dev.meta_end.store(meta_end, Ordering::Relaxed);
+    let mut d = ds.open_disk("d", true).unwrap();
+    let before = meta_io.load(Ordering::Relaxed);
+    let mut rng = Rng(3);
+    let mut buf = vec![0u8; 70_000];
+    for _ in 0..500 {
+        let off = rng.below((4 << 20) - 70_000);
+        if rng.below(2) == 0 {
+            d.write_at(&buf, off).unwrap();
+        } else {
+            d.read_at(&mut buf, off).unwrap();
+        }
+        if rng.below(10) == 0 {
+            d.flush().unwrap();
+        }
+    }
+    assert_eq!(
+        meta_io.load(Ordering::Relaxed),
+        before,
+        "the data path touched metadata"
+    );
+    drop(d);
+    assert!(
+        meta_io.load(Ordering::Relaxed) > before,
+        "closing clears the owner record"
+    );
+}
