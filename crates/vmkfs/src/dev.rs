@@ -34,14 +34,7 @@ pub trait Dev: Send + Sync {
     }
     /// Zeroes `len` bytes at `off`.
     fn zero(&self, off: u64, len: u64) -> io::Result<()> {
-        let chunk = vec![0u8; 1 << 20];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            self.write_at(&chunk[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(self, off, len)
     }
     /// Takes a lock on byte `at` (non-blocking unless `wait`); Ok(false) when another holder
     /// has it. Devices without locks (memory) always succeed.
@@ -58,6 +51,18 @@ pub trait Dev: Send + Sync {
     }
     /// Another handle on the same device, with locks of its own.
     fn reopen(&self) -> io::Result<Arc<dyn Dev>>;
+}
+
+/// Zeroes `len` bytes at `off` by writing zeros, 1 MiB at a time.
+fn write_zeros<D: Dev + ?Sized>(dev: &D, off: u64, len: u64) -> io::Result<()> {
+    let chunk = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(chunk.len() as u64) as usize;
+        dev.write_at(&chunk[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A datastore in a plain file or on a block device.
@@ -140,14 +145,7 @@ impl Dev for FileDev {
         if r == 0 {
             return Ok(());
         }
-        let chunk = vec![0u8; 1 << 20];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(chunk.len() as u64) as usize;
-            self.write_at(&chunk[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(self, off, len)
     }
     fn lock(&self, at: u64, kind: LockKind, wait: bool) -> io::Result<bool> {
         let typ = match kind {

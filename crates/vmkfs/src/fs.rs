@@ -1042,25 +1042,25 @@ impl Datastore {
                     ds.ptrs[slot][i] = 0;
                 }
             }
-            ds.free_file(slot);
-            let p = &mut ds.fds[parent];
-            p.name = name.to_string();
-            p.flags &= !flags::FROZEN;
-            p.modified = now();
-            Ok(ds.info_of(parent))
+            Ok(ds.drop_redo(slot, parent, name))
         })
+    }
+
+    /// Frees redo log `slot`; its `parent` thaws and takes the name back.
+    fn drop_redo(&mut self, slot: usize, parent: usize, name: &str) -> FileInfo {
+        self.free_file(slot);
+        let p = &mut self.fds[parent];
+        p.name = name.to_string();
+        p.flags &= !flags::FROZEN;
+        p.modified = now();
+        self.info_of(parent)
     }
 
     /// Drops redo log `name`: its parent takes the name back, as it was at the snapshot.
     pub fn revert(&mut self, name: &str) -> Result<FileInfo> {
         self.file_op(name, |ds, slot| {
             let parent = ds.redo_parent(slot, name)?;
-            ds.free_file(slot);
-            let p = &mut ds.fds[parent];
-            p.name = name.to_string();
-            p.flags &= !flags::FROZEN;
-            p.modified = now();
-            Ok(ds.info_of(parent))
+            Ok(ds.drop_redo(slot, parent, name))
         })
     }
 
