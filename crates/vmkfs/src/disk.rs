@@ -206,14 +206,14 @@ impl Disk {
                             ds.dev
                                 .write_at(&full, at)
                                 .map_err(io("copying the parent's block"))?;
-                            ds.ptrs[slot][bi] = nb;
+                            ds.set_ptr(slot, bi, nb)?;
                             continue;
                         }
                     }
                     ds.dev
                         .write_at(piece, at + within)
                         .map_err(io("writing a new block"))?;
-                    ds.ptrs[slot][bi] = nb;
+                    ds.set_ptr(slot, bi, nb)?;
                 }
                 Ok(())
             })?;

@@ -36,6 +36,9 @@ pub const MAX_FILES: u32 = 16384;
 /// Longest file name, in bytes.
 pub const MAX_NAME: usize = 127;
 
+/// A pointer-block slot that means "none yet": its 1020 blocks are holes (thin files and redo
+/// logs get pointer blocks as they get data).
+pub const NO_BLOCK: u32 = u32::MAX;
 /// Data-block pointers per pointer block (after its 16-byte header).
 pub const PTRS_PER_BLOCK: usize = (PAGE - 16) / 4;
 /// Pointer-block pointers per file descriptor (from byte 512 of its page).

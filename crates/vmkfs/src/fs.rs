@@ -425,6 +425,12 @@ impl Datastore {
             let mut good_pbs = Vec::new();
             for (i, &(disk, pb)) in fd.ptr_blocks.iter().enumerate() {
                 let what = format!("file '{}': pointer block {i}", fd.name);
+                if disk == 0 && pb == format::NO_BLOCK {
+                    // Not allocated yet: all holes.
+                    ptrs.extend(std::iter::repeat_n(0, PTRS_PER_BLOCK));
+                    good_pbs.push(None);
+                    continue;
+                }
                 if disk != 0 || pb >= g.ptr_pages {
                     problem(format!(
                         "{what}: address ({disk}, {pb}) is outside the datastore"
@@ -466,15 +472,11 @@ impl Datastore {
                     *b = 0;
                 }
             }
-            if good_pbs.iter().any(Option::is_none) {
-                // Damaged pointer blocks get fresh slots when repaired.
-                let mut fd2 = fd.clone();
-                fd2.ptr_blocks = good_pbs
-                    .iter()
-                    .map(|p| (0, p.unwrap_or(u32::MAX)))
-                    .collect();
-                ds.fds[slot] = fd2;
-            }
+            // Damaged pointer blocks become absent ones: holes.
+            ds.fds[slot].ptr_blocks = good_pbs
+                .iter()
+                .map(|p| (0, p.unwrap_or(format::NO_BLOCK)))
+                .collect();
             ds.ptrs[slot] = ptrs;
         }
         // References between files.
@@ -738,6 +740,17 @@ impl Datastore {
         Ok(free.into_iter().map(|p| (0, p)).collect())
     }
 
+    /// Points block `i` of `slot` at data block `b`, giving the file the pointer block that
+    /// holds it if it has none yet.
+    pub(crate) fn set_ptr(&mut self, slot: usize, i: usize, b: u32) -> Result<()> {
+        let pb = i / PTRS_PER_BLOCK;
+        if b != 0 && self.fds[slot].ptr_blocks[pb].1 == format::NO_BLOCK {
+            self.fds[slot].ptr_blocks[pb] = self.alloc_ptr_blocks(1)?[0];
+        }
+        self.ptrs[slot][i] = b;
+        Ok(())
+    }
+
     /// Zeroes data blocks, merging contiguous runs.
     fn zero_blocks(&self, blocks: &[u32]) -> Result<()> {
         let bs = self.desc.geo.block_size;
@@ -775,7 +788,8 @@ impl Datastore {
         };
     }
 
-    /// Gives `slot` pointer blocks (and, unless thin, zeroed data blocks) for `new_len`.
+    /// Grows `slot` to `new_len`: unless thin, with pointer blocks and zeroed data blocks; a
+    /// thin file or redo log gets its pointer blocks as it gets data ([`Datastore::set_ptr`]).
     fn grow(&mut self, slot: usize, new_len: u64, allocate: bool) -> Result<()> {
         let g = self.desc.geo.clone();
         if new_len > g.max_file_size() {
@@ -790,13 +804,16 @@ impl Datastore {
         let new_blocks = blocks_for(new_len, g.block_size) as usize;
         let have = self.fds[slot].ptr_blocks.len();
         let need = new_blocks.div_ceil(PTRS_PER_BLOCK);
-        let pbs = self.alloc_ptr_blocks(need.saturating_sub(have))?;
-        self.fds[slot].ptr_blocks.extend(pbs);
-        self.ptrs[slot].resize(need * PTRS_PER_BLOCK, 0);
+        self.fds[slot]
+            .ptr_blocks
+            .resize(need.max(have), (0, format::NO_BLOCK));
+        self.ptrs[slot].resize(need.max(have) * PTRS_PER_BLOCK, 0);
         if allocate && new_blocks > old_blocks {
             let blocks = self.alloc_blocks((new_blocks - old_blocks) as u64)?;
             self.zero_blocks(&blocks)?;
-            self.ptrs[slot][old_blocks..new_blocks].copy_from_slice(&blocks);
+            for (i, b) in (old_blocks..new_blocks).zip(blocks) {
+                self.set_ptr(slot, i, b)?;
+            }
         }
         self.fds[slot].length = new_len;
         self.fds[slot].modified = now();
@@ -1035,7 +1052,8 @@ impl Datastore {
             for i in 0..n {
                 let b = ds.ptrs[slot][i];
                 if b != 0 {
-                    let old = std::mem::replace(&mut ds.ptrs[parent][i], b);
+                    let old = ds.ptrs[parent][i];
+                    ds.set_ptr(parent, i, b)?;
                     if old != 0 {
                         ds.pending_free.push(old);
                     }
@@ -1220,15 +1238,18 @@ impl Datastore {
                 }
             }
             for (i, pb) in ds.fds[slot].ptr_blocks.clone().into_iter().enumerate() {
-                if pb.1 == u32::MAX {
-                    continue; // damaged, reported by the load
+                if pb.1 == format::NO_BLOCK {
+                    continue;
                 }
                 if let Some(o) = pb_owner.insert(pb.1, name.clone()) {
                     report.problems.push(format!(
                         "pointer block {} is used by '{o}' and '{name}'",
                         pb.1
                     ));
-                    ds.fds[slot].ptr_blocks[i].1 = u32::MAX;
+                    // Its pointers are dropped: the later file's blocks there are lost.
+                    ds.fds[slot].ptr_blocks[i].1 = format::NO_BLOCK;
+                    let range = i * PTRS_PER_BLOCK..(i + 1) * PTRS_PER_BLOCK;
+                    ds.ptrs[slot][range].fill(0);
                 } else {
                     set_bit(&mut pmap, u64::from(pb.1), true);
                 }
@@ -1294,20 +1315,6 @@ impl Datastore {
             }
         }
         if repair && !report.problems.is_empty() {
-            // Damaged pointer blocks get fresh slots (their pointers are already holes).
-            for slot in 0..ds.fds.len() {
-                for i in 0..ds.fds[slot].ptr_blocks.len() {
-                    if ds.fds[slot].ptr_blocks[i].1 == u32::MAX {
-                        let p = (0..g.ptr_pages)
-                            .find(|&p| !bit(&pmap, u64::from(p)))
-                            .ok_or_else(|| {
-                                Error::NoSpace("no pointer block left for the repair".into())
-                            })?;
-                        set_bit(&mut pmap, u64::from(p), true);
-                        ds.fds[slot].ptr_blocks[i] = (0, p);
-                    }
-                }
-            }
             ds.dmap = dmap;
             ds.pmap = pmap;
             // Rewrite every page (the descriptor included) through the journal.

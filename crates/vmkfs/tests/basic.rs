@@ -162,3 +162,45 @@ fn a_preallocated_disk_touches_no_metadata_after_open() {
         "closing clears the owner record"
     );
 }
+
+#[test]
+fn snapshots_cost_the_same_whatever_the_size_and_thin_disks_overcommit() {
+    use wv_vmkfs::dev::{Event, Recorder};
+    let rec = Recorder::new(wv_vmkfs::MemDev::new(16 << 20));
+    let mut ds = Datastore::mkfs(std::sync::Arc::new(rec.clone()), &opts(8)).unwrap();
+    let data = ds.info().unwrap().data_blocks * BS;
+    // A thin disk 64 times the datastore's data area: no blocks, no pointer blocks yet.
+    ds.create("huge", 64 * data / 512 * 512, true).unwrap();
+    ds.create("small", BS, true).unwrap();
+    let written = |ds: &mut Datastore, name: &str| {
+        let from = rec.position();
+        ds.snapshot(name).unwrap();
+        rec.events()[from..]
+            .iter()
+            .map(|e| match e {
+                Event::Write(_, d) => d.len(),
+                Event::Flush => 0,
+            })
+            .sum::<usize>()
+    };
+    let (huge, small) = (written(&mut ds, "huge"), written(&mut ds, "small"));
+    assert_eq!(
+        huge, small,
+        "a snapshot writes the same metadata for any disk size"
+    );
+    // Writes far apart in the huge disk allocate as they go.
+    write(&ds, "huge", 0, &[1; 10]);
+    write(&ds, "huge", 40 * data, &[2; 10]);
+    let d = read_all_range(&ds, "huge", 40 * data, 10);
+    assert_eq!(d, [2; 10]);
+    assert_eq!(ds.stat("huge").unwrap().allocated, 2 * BS);
+    let r = Datastore::check(ds.dev().clone(), false).unwrap();
+    assert!(r.problems.is_empty(), "{r:?}");
+}
+
+fn read_all_range(ds: &Datastore, name: &str, off: u64, len: usize) -> Vec<u8> {
+    let d = ds.open_disk(name, false).unwrap();
+    let mut v = vec![0u8; len];
+    d.read_at(&mut v, off).unwrap();
+    v
+}
