@@ -116,7 +116,12 @@ pub struct Datastore {
     /// Set after an I/O error in a commit: memory and disk may differ.
     broken: bool,
     host: String,
+    progress: Option<ProgressFn>,
 }
+
+/// Told of the progress of long operations (zeroing a new preallocated disk): what, bytes
+/// done, bytes in all.
+pub type ProgressFn = Box<dyn FnMut(&str, u64, u64) + Send>;
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -237,6 +242,7 @@ impl Datastore {
             pending_free: Vec::new(),
             broken: false,
             host: hostname(),
+            progress: None,
         }
     }
 
@@ -668,8 +674,10 @@ impl Datastore {
         if !current {
             let (fresh, _) = Datastore::load(self.dev.clone(), Mode::Strict)?;
             let host = std::mem::take(&mut self.host);
+            let progress = self.progress.take();
             *self = fresh;
             self.host = host;
+            self.progress = progress;
         }
         Ok(())
     }
@@ -752,20 +760,31 @@ impl Datastore {
     }
 
     /// Zeroes data blocks, merging contiguous runs.
-    fn zero_blocks(&self, blocks: &[u32]) -> Result<()> {
+    fn zero_blocks(&mut self, blocks: &[u32]) -> Result<()> {
         let bs = self.desc.geo.block_size;
+        // Runs of at most 1 GiB, so progress can be told when a device zeroes by writing.
+        let most = ((1u64 << 30) / bs).max(1) as usize;
+        let total = blocks.len() as u64 * bs;
         let mut i = 0;
         while i < blocks.len() {
             let mut j = i + 1;
-            while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
+            while j < blocks.len() && j - i < most && blocks[j] == blocks[j - 1] + 1 {
                 j += 1;
             }
             self.dev
                 .zero(u64::from(blocks[i]) * bs, (j - i) as u64 * bs)
                 .map_err(io("zeroing new blocks"))?;
+            if let Some(p) = self.progress.as_mut() {
+                p("zeroing", j as u64 * bs, total);
+            }
             i = j;
         }
         Ok(())
+    }
+
+    /// Sets (or clears) what is told of the progress of long operations.
+    pub fn set_progress(&mut self, f: Option<ProgressFn>) {
+        self.progress = f;
     }
 
     /// Frees a file's slot, pointer blocks and data blocks.

@@ -142,7 +142,18 @@ fn open_dev(path: &str, read_only: bool) -> Result<Arc<dyn Dev>, String> {
 }
 
 fn open(path: &str) -> Result<Datastore, String> {
-    Datastore::open(open_dev(path, false)?).map_err(|e| format!("{path}: {e}"))
+    let mut ds = Datastore::open(open_dev(path, false)?).map_err(|e| format!("{path}: {e}"))?;
+    // Zeroing a large preallocated disk is quick where the device or file system zeroes
+    // (unwritten extents, WRITE ZEROES) and long where zeros must be written: shown if long.
+    let mut p: Option<Progress> = None;
+    ds.set_progress(Some(Box::new(move |what, done, total| {
+        let p = p.get_or_insert_with(|| Progress::quiet(what.to_string(), total));
+        p.at(done);
+        if done == total {
+            p.finish();
+        }
+    })));
+    Ok(ds)
 }
 
 fn mib(b: u64) -> String {
@@ -359,6 +370,21 @@ fn mkfs(a: &Args) -> Result<ExitCode, String> {
             info.uuid
         );
     }
+    if info.max_file_size < info.data_blocks * info.block_size {
+        // The descriptor maps 448 x 1020 blocks: larger blocks, larger files (seed 000 [0097]).
+        let mut bigger = info.block_size;
+        while bigger < wv_vmkfs::format::MAX_BLOCK
+            && (info.max_file_size / info.block_size) * bigger < info.data_blocks * info.block_size
+        {
+            bigger *= 2;
+        }
+        eprintln!(
+            "note: with {} blocks a disk can be at most {}; --block-size {}M allows one disk to fill the datastore",
+            mib(info.block_size),
+            mib(info.max_file_size),
+            bigger >> 20
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -368,6 +394,8 @@ struct Progress {
     total: u64,
     last: Instant,
     start: Instant,
+    /// Print nothing for operations that end within a second.
+    quiet: bool,
 }
 
 impl Progress {
@@ -378,6 +406,23 @@ impl Progress {
             total,
             last: now - Duration::from_secs(2),
             start: now,
+            quiet: false,
+        }
+    }
+    fn quiet(what: String, total: u64) -> Progress {
+        let now = Instant::now();
+        Progress {
+            what,
+            total,
+            last: now,
+            start: now,
+            quiet: true,
+        }
+    }
+    /// The last line, unless quiet and quick.
+    fn finish(&self) {
+        if !self.quiet || self.start.elapsed() >= Duration::from_secs(1) {
+            self.done();
         }
     }
     fn at(&mut self, done: u64) {
