@@ -379,3 +379,48 @@ fn a_killed_vmm_leaves_a_stale_lock_that_can_be_broken() {
         "a clean exit clears the record"
     );
 }
+
+#[test]
+fn daemon_vms_share_a_vmkfs_disk_one_at_a_time() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("fs-host");
+    let ds = guest_datastore(&dir);
+    let d = common::daemon::Daemon::start(&dir);
+    let disk = format!("vmkfs={ds}:root,id=root");
+    for (name, tests) in [
+        ("holder", "probe.tests=hang"),
+        ("second", "probe.tests=blk"),
+    ] {
+        let r = d.wv(&["vm", "create", name, "--disk", &disk, "--cmdline", tests]);
+        assert_eq!(r.status, Some(0), "{r}");
+    }
+    let holder = d.json(&["vm", "start", "holder"]);
+    let pid = holder["pid"].as_u64().unwrap();
+    let t = Instant::now();
+    while json(&["fs", "ls", &ds])[0]["owner"].is_null() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the VMM never opened its disk"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.json(&["vm", "start", "second"]);
+    let second = d.wait_state("second", "crashed");
+    let reason = second["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("status 202") && reason.contains(&format!("pid {pid}")),
+        "{second}"
+    );
+    // A stop through the daemon (SIGTERM) closes the disk cleanly: no stale lock.
+    d.json(&["vm", "stop", "holder"]);
+    assert!(json(&["fs", "ls", &ds])[0]["owner"].is_null());
+    d.json(&["vm", "start", "second"]);
+    let second = d.wait_state("second", "stopped");
+    assert_eq!(
+        second["reason"], "guest powered off with exit code 0",
+        "{second}"
+    );
+    d.stop();
+}
