@@ -159,6 +159,8 @@ fn open(path: &str) -> Result<Datastore, String> {
 fn mib(b: u64) -> String {
     if b >= 1 << 30 {
         format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30))
+    } else if b < 1 << 20 && b.is_multiple_of(1024) && b > 0 {
+        format!("{} KiB", b >> 10)
     } else {
         format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20))
     }

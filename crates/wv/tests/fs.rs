@@ -424,3 +424,60 @@ fn daemon_vms_share_a_vmkfs_disk_one_at_a_time() {
     );
     d.stop();
 }
+
+/// A loop device over a file, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &std::path::Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux)");
+        assert!(
+            out.status.success(),
+            "this test needs a loop device (root and the loop driver): {out:?}"
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_datastore_on_a_block_device() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = TempDir::new("fs-loop");
+    let backing = dir.path("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let dev = Loop::new(&backing);
+    let info = json(&["fs", "mkfs", &dev.0, "--block-size", "64K"]);
+    assert_eq!(info["size"], 64 << 20, "the size of the block device");
+    let mut d = vec![0u8; 1 << 20];
+    d[..8].copy_from_slice(b"WVDISK01");
+    let src = dir.file("root.raw", &d);
+    ok(&["fs", "import", &dev.0, "root", src.to_str().unwrap()]);
+    let r = ok(&[
+        "run",
+        "--disk",
+        &format!("vmkfs={}:root,id=root", dev.0),
+        "--cmdline",
+        "probe.tests=blk",
+    ]);
+    r.assert_pass("blk");
+    let out = dir.path("out.raw");
+    ok(&["fs", "export", &dev.0, "root", out.to_str().unwrap()]);
+    let data = std::fs::read(&out).unwrap();
+    assert!((0..512).all(|i| data[512 + i] == i.to_le_bytes()[0] ^ 0xa5 ^ 1));
+    ok(&["fs", "check", &dev.0]);
+}
