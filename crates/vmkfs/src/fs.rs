@@ -172,6 +172,16 @@ fn random_uuid() -> [u8; 16] {
     u
 }
 
+/// The metadata as it was when a transaction began: restored if it fails, compared with to
+/// commit only what changed.
+struct Before {
+    desc: Descriptor,
+    fds: Vec<Fd>,
+    ptrs: Vec<Vec<u32>>,
+    dmap: Vec<u64>,
+    pmap: Vec<u64>,
+}
+
 /// A journaled transaction: its sequence number and (home page, image) pairs.
 type Transaction = (u64, Vec<(u64, Box<Page>)>);
 
@@ -546,6 +556,48 @@ impl Datastore {
         pages
     }
 
+    /// The pages that differ from `b`, encoded: the descriptor (its sequence number always
+    /// changes), changed file descriptors, changed pointer blocks and changed map pages. What a
+    /// transaction costs is then in proportion to what it changed, not to the datastore.
+    fn changed_pages(&self, b: &Before) -> HashMap<u64, Box<Page>> {
+        let g = &self.desc.geo;
+        let mut pages = HashMap::new();
+        pages.insert(0, self.desc.encode());
+        for (slot, fd) in self.fds.iter().enumerate() {
+            let old = &b.fds[slot];
+            if fd != old {
+                pages.insert(g.fd_page(slot as u32), fd.encode());
+            }
+            let moved = fd.ptr_blocks != old.ptr_blocks;
+            for (i, &(_, pb)) in fd.ptr_blocks.iter().enumerate() {
+                if pb >= g.ptr_pages {
+                    continue;
+                }
+                let range = i * PTRS_PER_BLOCK..(i + 1) * PTRS_PER_BLOCK;
+                let new = &self.ptrs[slot][range.clone()];
+                if moved || b.ptrs[slot].get(range) != Some(new) {
+                    pages.insert(
+                        g.ptr_page(pb),
+                        format::encode_pointers(slot as u32, i as u32, new),
+                    );
+                }
+            }
+        }
+        let words = (PAGE - 16) / 8;
+        for (kind, start, count, now, then) in [
+            (0, g.dmap_start(), g.dmap_pages(), &self.dmap, &b.dmap),
+            (1, g.pmap_start(), g.pmap_pages(), &self.pmap, &b.pmap),
+        ] {
+            for i in 0..count as usize {
+                let r = i * words..((i + 1) * words).min(now.len());
+                if now[r.clone()] != then[r] {
+                    pages.insert(start + i as u64, format::encode_map(kind, i as u32, now));
+                }
+            }
+        }
+        pages
+    }
+
     /// Writes pages to their homes, contiguous runs in one write each.
     fn write_pages(&self, pages: &HashMap<u64, Box<Page>>) -> Result<()> {
         let sorted: BTreeMap<u64, &Page> = pages.iter().map(|(k, v)| (*k, &**v)).collect();
@@ -575,9 +627,12 @@ impl Datastore {
 
     /// Commits what changed in memory: data flushed, journal written and flushed, homes
     /// written and flushed.
-    fn commit(&mut self) -> Result<()> {
+    fn commit(&mut self, before: Option<&Before>) -> Result<()> {
         self.desc.seq += 1;
-        let all = self.encode_all();
+        let all = match before {
+            Some(b) => self.changed_pages(b),
+            None => self.encode_all(),
+        };
         let dirty: HashMap<u64, Box<Page>> = all
             .into_iter()
             .filter(|(n, p)| self.cache.get(n).is_none_or(|c| c[..] != p[..]))
@@ -641,25 +696,31 @@ impl Datastore {
 
     fn txn_locked<T>(&mut self, f: impl FnOnce(&mut Datastore) -> Result<T>) -> Result<T> {
         self.refresh()?;
-        let saved = (
-            self.desc.clone(),
-            self.fds.clone(),
-            self.ptrs.clone(),
-            self.dmap.clone(),
-            self.pmap.clone(),
-        );
+        let before = Before {
+            desc: self.desc.clone(),
+            fds: self.fds.clone(),
+            ptrs: self.ptrs.clone(),
+            dmap: self.dmap.clone(),
+            pmap: self.pmap.clone(),
+        };
         self.pending_free.clear();
         let r = f(self);
         let r = r.and_then(|v| {
             for b in std::mem::take(&mut self.pending_free) {
                 set_bit(&mut self.dmap, u64::from(b), false);
             }
-            self.commit()
+            self.commit(Some(&before))
                 .map(|()| v)
                 .inspect_err(|_| self.broken = true)
         });
         if r.is_err() && !self.broken {
-            (self.desc, self.fds, self.ptrs, self.dmap, self.pmap) = saved;
+            Before {
+                desc: self.desc,
+                fds: self.fds,
+                ptrs: self.ptrs,
+                dmap: self.dmap,
+                pmap: self.pmap,
+            } = before;
         }
         r
     }
@@ -1338,7 +1399,7 @@ impl Datastore {
             ds.pmap = pmap;
             // Rewrite every page (the descriptor included) through the journal.
             ds.cache.clear();
-            ds.commit()?;
+            ds.commit(None)?;
             ds.dev
                 .write_at(&ds.desc.encode()[..], PAGE as u64)
                 .map_err(io("restoring the descriptor's copy"))?;
