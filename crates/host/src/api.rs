@@ -374,33 +374,38 @@ impl Daemon {
 
     fn all_stats(&self) -> Reply {
         let doc = self.lock();
-        let (help, mgmt): (Vec<_>, Vec<_>) = sched::threads(std::process::id())
-            .into_iter()
-            .partition(|t| helper::is_helper(&t.name));
-        let system = |id, name: &str, shares, threads: Vec<sched::ThreadTime>| {
-            let (cpu_ns, ready_ns) = sched::totals(&threads);
-            WorldStats {
-                id,
-                name: name.into(),
-                state: State::Running,
-                shares,
-                reservation: 0.0,
-                limit: None,
-                entitlement: 0.0,
-                cpu_ns,
-                ready_ns,
-                throttled_ns: 0,
-                threads,
-            }
+        let [(m_cpu, m_ready, mgmt), (h_cpu, h_ready, help)] =
+            helper::accounting(sched::threads(std::process::id()));
+        let system = |id, name: &str, shares, cpu_ns, ready_ns, threads| WorldStats {
+            id,
+            name: name.into(),
+            state: State::Running,
+            shares,
+            reservation: 0.0,
+            limit: None,
+            entitlement: 0.0,
+            cpu_ns,
+            ready_ns,
+            throttled_ns: 0,
+            threads,
         };
         let mut out = vec![
             system(
                 helper::MANAGEMENT_ID,
                 "management",
                 helper::MANAGEMENT_SHARES,
+                m_cpu,
+                m_ready,
                 mgmt,
             ),
-            system(helper::HELPER_ID, "helper", helper::HELPER_SHARES, help),
+            system(
+                helper::HELPER_ID,
+                "helper",
+                helper::HELPER_SHARES,
+                h_cpu,
+                h_ready,
+                help,
+            ),
         ];
         for (w, e) in self.entitled(&doc) {
             out.push(self.stats_of(w, e));
@@ -670,7 +675,9 @@ pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
         let Ok(stream) = conn else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
         let d = d.clone();
-        std::thread::spawn(move || answer(&d, stream));
+        if let Err(e) = helper::spawn_management(move || answer(&d, stream)) {
+            eprintln!("wv host: no thread for a connection: {e}");
+        }
     }
     Ok(())
 }
@@ -686,7 +693,9 @@ pub fn serve_tcp(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
                 let Ok(stream) = conn else { continue };
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                 let d = d.clone();
-                std::thread::spawn(move || answer(&d, stream));
+                if let Err(e) = helper::spawn_management(move || answer(&d, stream)) {
+                    eprintln!("wv host: no thread for a connection: {e}");
+                }
             }
         })?;
     Ok(())

@@ -5,8 +5,9 @@
 //! the API or from the VMs beyond the helper's weight, and each is accounted apart
 //! (`GET /v1/stats`). Without cgroups the two are still told apart, by thread name.
 
+use crate::sched::ThreadTime;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// World id of the management world.
 pub const MANAGEMENT_ID: u64 = 0;
@@ -31,6 +32,52 @@ pub fn set_cgroup(tasks: PathBuf) {
     let _ = TASKS.set(tasks);
 }
 
+/// Indexes of the system worlds in [`Retired`] (their ids).
+const MANAGEMENT: usize = 0;
+const HELPER: usize = 1;
+
+/// CPU and ready time of the system worlds' threads that have ended (indexed by world id),
+/// so their accounting never goes backwards when a thread ends, and the ids of those threads
+/// (until they leave /proc), which are not counted again.
+struct Retired {
+    cpu_ns: [u64; 2],
+    ready_ns: [u64; 2],
+    tids: Vec<u32>,
+}
+
+static RETIRED: Mutex<Retired> = Mutex::new(Retired {
+    cpu_ns: [0; 2],
+    ready_ns: [0; 2],
+    tids: Vec::new(),
+});
+
+fn gettid() -> u32 {
+    // SAFETY: the gettid system call has no preconditions. (Not libc's gettid(): in the
+    // statically linked release binary that symbol is a null weak one.)
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    u32::try_from(tid).unwrap_or(0)
+}
+
+/// Adds the calling thread's times to its world's retired times when dropped: at the end of
+/// the thread's job, returned or unwound.
+struct Retire(usize);
+
+impl Drop for Retire {
+    fn drop(&mut self) {
+        let tid = gettid();
+        let stat =
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap_or_default();
+        let mut f = stat
+            .split_whitespace()
+            .map(|x| x.parse::<u64>().unwrap_or(0));
+        let (cpu, ready) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+        let mut r = RETIRED.lock().unwrap_or_else(|p| p.into_inner());
+        r.cpu_ns[self.0] += cpu;
+        r.ready_ns[self.0] += ready;
+        r.tids.push(tid);
+    }
+}
+
 /// Runs `job` on a new thread of the helper world, named `helper-NAME` (15 bytes at most are
 /// kept by the kernel).
 pub fn spawn<F>(name: &str, job: F) -> std::io::Result<std::thread::JoinHandle<()>>
@@ -41,18 +88,77 @@ where
         .name(format!("{PREFIX}{name}"))
         .spawn(move || {
             if let Some(tasks) = TASKS.get() {
-                // SAFETY: the gettid system call has no preconditions. (Not libc's gettid():
-                // in the statically linked release binary that symbol is a null weak one.)
-                let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+                let tid = gettid();
                 if let Err(e) = std::fs::write(tasks, tid.to_string()) {
                     eprintln!("wv host: helper thread {tid}: {}: {e}", tasks.display());
                 }
             }
+            let _retire = Retire(HELPER);
             job();
         })
+}
+
+/// Runs `job` on a new thread of the management world (the API's connections).
+pub fn spawn_management<F>(job: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            let _retire = Retire(MANAGEMENT);
+            job();
+        })
+}
+
+/// The accounting of the system worlds from the daemon's live threads: (cpu_ns, ready_ns,
+/// threads) for the management world and for the helper world, ended threads included.
+pub fn accounting(live: Vec<ThreadTime>) -> [(u64, u64, Vec<ThreadTime>); 2] {
+    let mut r = RETIRED.lock().unwrap_or_else(|p| p.into_inner());
+    // Ended threads still listed are counted as retired only; ids that left /proc are forgotten.
+    r.tids.retain(|t| live.iter().any(|l| l.tid == *t));
+    let (help, mgmt): (Vec<_>, Vec<_>) = live
+        .into_iter()
+        .filter(|t| !r.tids.contains(&t.tid))
+        .partition(|t| is_helper(&t.name));
+    let world = |i: usize, threads: Vec<ThreadTime>| {
+        let (cpu, ready) = crate::sched::totals(&threads);
+        (r.cpu_ns[i] + cpu, r.ready_ns[i] + ready, threads)
+    };
+    [world(MANAGEMENT, mgmt), world(HELPER, help)]
 }
 
 /// Whether a thread (by its name as the kernel reports it) belongs to the helper world.
 pub fn is_helper(thread_name: &str) -> bool {
     thread_name.starts_with(PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_threads_keep_their_time() {
+        let spin = || {
+            let t = std::time::Instant::now();
+            while t.elapsed() < std::time::Duration::from_millis(50) {
+                std::hint::spin_loop();
+            }
+        };
+        let before = accounting(crate::sched::threads(std::process::id()))[1].0;
+        spawn("test-spin", spin).unwrap().join().unwrap();
+        let [_, (after, _, threads)] = accounting(crate::sched::threads(std::process::id()));
+        assert!(
+            after >= before + 40_000_000,
+            "the ended helper thread's ~50 ms are kept: {before} -> {after}"
+        );
+        assert!(
+            threads.iter().all(|t| t.name != "helper-test-spi"),
+            "{threads:?}"
+        );
+        // Still counted after the thread left /proc.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let again = accounting(crate::sched::threads(std::process::id()))[1].0;
+        assert!(again >= after, "never backwards: {after} -> {again}");
+    }
 }

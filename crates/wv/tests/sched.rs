@@ -35,7 +35,12 @@ fn measure(d: &Daemon, window: Duration) -> HashMap<String, (f64, f64)> {
             .iter()
             .find(|x| x["id"] == w["id"])
             .map_or(0, |x| x["cpu_ns"].as_u64().unwrap());
-        let used = (w["cpu_ns"].as_u64().unwrap() - before) as f64 / dt;
+        let now = w["cpu_ns"].as_u64().unwrap();
+        assert!(
+            now >= before,
+            "{name}: CPU time went backwards ({before} -> {now})"
+        );
+        let used = (now - before) as f64 / dt;
         out.insert(name, (used, w["entitlement"].as_f64().unwrap()));
     }
     eprintln!("{out:?}");
@@ -106,24 +111,24 @@ fn system_worlds_are_apart(d: &Daemon) {
         mgmt.iter().all(|(_, n)| !n.starts_with("helper-")),
         "{mgmt:?}"
     );
-    // Each thread sits in its world's cgroup.
-    let group = |tid: u64| {
-        std::fs::read_to_string(format!("/proc/{}/task/{tid}/cgroup", d.pid()))
-            .unwrap()
-            .lines()
+    // Each thread sits in its world's cgroup (the connection thread that answered has ended
+    // by now: threads gone from /proc are not looked at).
+    let group = |tid: u64| -> Option<String> {
+        let s = std::fs::read_to_string(format!("/proc/{}/task/{tid}/cgroup", d.pid())).ok()?;
+        s.lines()
             .find(|l| l.split(':').nth(1).unwrap().split(',').any(|c| c == "cpu"))
-            .unwrap()
-            .to_string()
+            .map(str::to_string)
     };
-    for (tid, name) in &mgmt {
-        assert!(
-            group(*tid).ends_with("/management"),
-            "{name}: {}",
-            group(*tid)
-        );
-    }
-    for (tid, name) in &help {
-        assert!(group(*tid).ends_with("/helper"), "{name}: {}", group(*tid));
+    let main_group = group(u64::from(d.pid())).expect("the daemon's main thread");
+    assert!(main_group.ends_with("/management"), "{main_group}");
+    for (tid, name, world) in mgmt
+        .iter()
+        .map(|(t, n)| (t, n, "/management"))
+        .chain(help.iter().map(|(t, n)| (t, n, "/helper")))
+    {
+        if let Some(g) = group(*tid) {
+            assert!(g.ends_with(world), "{name}: {g}");
+        }
     }
 }
 
