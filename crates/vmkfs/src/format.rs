@@ -292,7 +292,9 @@ impl Descriptor {
         uuid.copy_from_slice(&p[72..88]);
         let label = String::from_utf8_lossy(&p[88..120])
             .trim_end_matches('\0')
-            .to_string();
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
         Ok(Descriptor {
             geo,
             uuid,
@@ -423,7 +425,11 @@ impl Fd {
             let h = &p[88..152];
             let e = h.iter().position(|&b| b == 0).unwrap_or(h.len());
             Owner {
-                host: String::from_utf8_lossy(&h[..e]).into_owned(),
+                // Printed in messages: no control characters from a crafted datastore.
+                host: String::from_utf8_lossy(&h[..e])
+                    .chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect(),
                 pid: get_u32(p, 68),
                 since: get_u64(p, 72),
             }
@@ -636,6 +642,11 @@ mod tests {
         let p = fd.encode();
         assert_eq!(Fd::decode(&p, 3).unwrap(), fd);
         assert!(Fd::decode(&p, 4).is_err());
+        // An owner record from a crafted datastore cannot put escapes on a terminal.
+        let mut evil = fd.clone();
+        evil.owner.as_mut().unwrap().host = "h\x1b[2Jx".into();
+        let got = Fd::decode(&evil.encode(), 3).unwrap();
+        assert_eq!(got.owner.unwrap().host, "h?[2Jx");
         let ptrs: Vec<u32> = (0..PTRS_PER_BLOCK as u32).collect();
         let p = encode_pointers(3, 1, &ptrs);
         assert_eq!(decode_pointers(&p, 3, 1, "pb").unwrap(), ptrs);

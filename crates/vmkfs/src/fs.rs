@@ -200,9 +200,9 @@ pub(crate) fn blocks_for(len: u64, block_size: u64) -> u64 {
 impl Datastore {
     /// Creates an empty datastore on `dev` (everything on it is lost).
     pub fn mkfs(dev: Arc<dyn Dev>, opts: &MkfsOptions) -> Result<Datastore> {
-        if opts.label.len() > 32 {
+        if opts.label.len() > 32 || opts.label.chars().any(char::is_control) {
             return Err(Error::Invalid(format!(
-                "label '{}' is longer than 32 bytes",
+                "label {:?}: at most 32 bytes, no control characters",
                 opts.label
             )));
         }
