@@ -1,4 +1,4 @@
-//! The VMKFS on-disk parsers: the input is laid over the metadata of a small datastore (two
+//! The VMKFS on-disk parsers: the input is laid over the metadata of a 1 MiB datastore (two
 //! files, one with a redo log) at an offset the first two bytes choose, then the datastore is
 //! opened, its files read, checked and repaired. Nothing may panic, and after a repair `check`
 //! must find the datastore consistent.
@@ -12,7 +12,7 @@ use wv_vmkfs::{Datastore, MemDev, MkfsOptions};
 fn template() -> &'static (Vec<u8>, u64) {
     static T: OnceLock<(Vec<u8>, u64)> = OnceLock::new();
     T.get_or_init(|| {
-        let mem = MemDev::new(4 << 20);
+        let mem = MemDev::new(1 << 20);
         let opts = MkfsOptions {
             block_size: 64 << 10,
             max_files: 4,
