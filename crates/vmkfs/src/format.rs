@@ -39,6 +39,9 @@ pub const MAX_NAME: usize = 127;
 /// A pointer-block slot that means "none yet": its 1020 blocks are holes (thin files and redo
 /// logs get pointer blocks as they get data).
 pub const NO_BLOCK: u32 = u32::MAX;
+/// Descriptor pages one file may use (its own and continuations): 7.1 TiB with 1 MiB blocks,
+/// whose pointers then take 28 MiB of memory.
+pub const MAX_FD_PAGES: usize = 16;
 /// Data-block pointers per pointer block (after its 16-byte header).
 pub const PTRS_PER_BLOCK: usize = (PAGE - 16) / 4;
 /// Pointer-block pointers per file descriptor (from byte 512 of its page).
@@ -203,9 +206,11 @@ impl Geometry {
     pub fn data_blocks(&self) -> u64 {
         self.total_blocks - self.first_data_block()
     }
-    /// Largest file, in bytes.
+    /// Largest file, in bytes: [`MAX_FD_PAGES`] descriptor pages of pointers (and never more
+    /// than the file table holds).
     pub fn max_file_size(&self) -> u64 {
-        (PB_PER_FD * PTRS_PER_BLOCK) as u64 * self.block_size
+        let pages = MAX_FD_PAGES.min(self.max_files as usize);
+        (pages * PB_PER_FD * PTRS_PER_BLOCK) as u64 * self.block_size
     }
 }
 
@@ -313,8 +318,11 @@ pub mod flags {
     pub const REDO: u8 = 2;
     /// The parent of a redo log: read-only until the redo log is committed or reverted.
     pub const FROZEN: u8 = 4;
+    /// A continuation: more pointer-block pointers of the file in the slot its parent field
+    /// names (a file larger than one descriptor's 448 pointer blocks).
+    pub const CONT: u8 = 8;
     /// Every flag this version knows.
-    pub const ALL: u8 = THIN | REDO | FROZEN;
+    pub const ALL: u8 = THIN | REDO | FROZEN | CONT;
 }
 
 /// The on-disk record of who has a file open for writing.
@@ -351,8 +359,11 @@ pub struct Fd {
     pub owner: Option<Owner>,
     /// Name.
     pub name: String,
-    /// Pointer blocks: (disk, pointer-block slot).
+    /// Pointer blocks: (disk, pointer-block slot). In memory, all of the file's, in order; on
+    /// disk, at most [`PB_PER_FD`] per page, the rest in continuation slots.
     pub ptr_blocks: Vec<(u32, u32)>,
+    /// Continuation slots, in order (on disk: each page names the next one).
+    pub cont: Vec<u32>,
 }
 
 impl Fd {
@@ -378,9 +389,15 @@ impl Fd {
             let n = h.len().min(64);
             p[88..88 + n].copy_from_slice(&h[..n]);
         }
+        put_u32(
+            &mut p[..],
+            152,
+            self.cont.first().copied().unwrap_or(u32::MAX),
+        );
         let name = self.name.as_bytes();
         p[160..160 + name.len()].copy_from_slice(name);
-        for (i, (disk, block)) in self.ptr_blocks.iter().enumerate() {
+        debug_assert!(self.ptr_blocks.len() <= PB_PER_FD, "one page's pointers");
+        for (i, (disk, block)) in self.ptr_blocks.iter().take(PB_PER_FD).enumerate() {
             put_u32(&mut p[..], FD_PTRS_AT + 8 * i, *disk);
             put_u32(&mut p[..], FD_PTRS_AT + 8 * i + 4, *block);
         }
@@ -417,9 +434,10 @@ impl Fd {
         let name = std::str::from_utf8(&name_bytes[..end])
             .map_err(|_| bad("the name is not UTF-8".into()))?
             .to_string();
-        if used {
+        if used && flags & flags::CONT == 0 {
             check_name(&name, true).map_err(|e| bad(e.to_string()))?;
         }
+        let next = get_u32(p, 152);
         let ps = get_u32(p, 32);
         let owner = (p[80] == 1).then(|| {
             let h = &p[88..152];
@@ -452,6 +470,10 @@ impl Fd {
                         get_u32(p, FD_PTRS_AT + 8 * i + 4),
                     )
                 })
+                .collect(),
+            cont: (used && next != u32::MAX)
+                .then_some(next)
+                .into_iter()
                 .collect(),
         })
     }
@@ -600,7 +622,7 @@ mod tests {
         assert_eq!(g.ptr_pages, 1029 + 256);
         assert_eq!(g.dmap_pages(), 33);
         assert!(g.first_data_block() * g.block_size < 16 << 20, "{g:?}");
-        assert_eq!(g.max_file_size(), (448 * 1020) << 20);
+        assert_eq!(g.max_file_size(), (16 * 448 * 1020) << 20);
     }
 
     #[test]
@@ -638,6 +660,7 @@ mod tests {
             }),
             name: "disk".into(),
             ptr_blocks: vec![(0, 5), (0, 6)],
+            cont: vec![7],
         };
         let p = fd.encode();
         assert_eq!(Fd::decode(&p, 3).unwrap(), fd);

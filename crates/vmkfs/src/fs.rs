@@ -192,6 +192,11 @@ enum Mode {
     Lenient,
 }
 
+/// Whether a descriptor is a file (in use and not a continuation of another's).
+fn is_file(f: &Fd) -> bool {
+    f.used && f.flags & flags::CONT == 0
+}
+
 /// Number of blocks a file of `len` bytes spans.
 pub(crate) fn blocks_for(len: u64, block_size: u64) -> u64 {
     len.div_ceil(block_size)
@@ -399,6 +404,71 @@ impl Datastore {
                 Err(e) => problem(format!("{e}; the slot is freed and its file lost"))?,
             }
         }
+        // Files larger than one descriptor: follow their continuation slots.
+        let mut claimed = vec![false; g.max_files as usize];
+        for slot in 0..g.max_files as usize {
+            let fd = ds.fds[slot].clone();
+            if !is_file(&fd) || fd.cont.is_empty() {
+                continue;
+            }
+            let mut chain = Vec::new();
+            let mut pbs = fd.ptr_blocks.clone();
+            let mut next = fd.cont.first().copied();
+            let mut broken = None;
+            while let Some(c) = next {
+                let ok = ds.fds.get(c as usize).is_some_and(|f| {
+                    f.used
+                        && f.flags & flags::CONT != 0
+                        && f.parent == Some((slot as u32, fd.generation))
+                        && !claimed[c as usize]
+                });
+                if !ok || chain.len() + 1 >= format::MAX_FD_PAGES {
+                    broken = Some(c);
+                    break;
+                }
+                claimed[c as usize] = true;
+                chain.push(c);
+                pbs.extend(ds.fds[c as usize].ptr_blocks.iter().copied());
+                next = ds.fds[c as usize].cont.first().copied();
+            }
+            if let Some(c) = broken {
+                problem(format!(
+                    "file '{}': its continuation slot {c} is missing or damaged; the file is lost",
+                    fd.name
+                ))?;
+                for s in chain.into_iter().chain(std::iter::once(slot as u32)) {
+                    let generation = ds.fds[s as usize].generation;
+                    ds.fds[s as usize] = Fd {
+                        slot: s,
+                        generation,
+                        ..Fd::default()
+                    };
+                }
+                continue;
+            }
+            ds.fds[slot].ptr_blocks = pbs;
+            ds.fds[slot].cont = chain;
+        }
+        for (slot, &mine) in claimed.iter().enumerate() {
+            let f = &mut ds.fds[slot];
+            if f.used && f.flags & flags::CONT != 0 {
+                if mine {
+                    // A placeholder: its pointers live in the file's descriptor.
+                    f.ptr_blocks.clear();
+                    f.cont.clear();
+                } else {
+                    let generation = f.generation;
+                    problem(format!(
+                        "continuation slot {slot} belongs to no file; freed"
+                    ))?;
+                    ds.fds[slot] = Fd {
+                        slot: slot as u32,
+                        generation,
+                        ..Fd::default()
+                    };
+                }
+            }
+        }
         // Allocation maps.
         for (kind, start, pages) in [
             (0u32, g.dmap_start(), g.dmap_pages()),
@@ -419,7 +489,7 @@ impl Datastore {
         // Pointer blocks of every file.
         for slot in 0..g.max_files as usize {
             let fd = ds.fds[slot].clone();
-            if !fd.used {
+            if !is_file(&fd) {
                 continue;
             }
             let need = blocks_for(fd.length, g.block_size).div_ceil(PTRS_PER_BLOCK as u64);
@@ -498,14 +568,14 @@ impl Datastore {
         // References between files.
         for slot in 0..g.max_files as usize {
             let fd = ds.fds[slot].clone();
-            if !fd.used {
+            if !is_file(&fd) {
                 continue;
             }
             if let Some((ps, pg)) = fd.parent {
                 let ok = ds
                     .fds
                     .get(ps as usize)
-                    .is_some_and(|p| p.used && p.generation == pg && ps as usize != slot);
+                    .is_some_and(|p| is_file(p) && p.generation == pg && ps as usize != slot);
                 if !ok || fd.flags & flags::REDO == 0 {
                     problem(format!(
                         "redo log '{}': its parent (slot {ps}) is gone",
@@ -523,13 +593,44 @@ impl Datastore {
         Ok((ds, report))
     }
 
+    /// The descriptor pages of `slot`: a free slot's, or a file's own and its continuations'
+    /// (a continuation placeholder has none of its own: its file writes it).
+    fn fd_pages(&self, slot: usize) -> Vec<(u64, Box<Page>)> {
+        let g = &self.desc.geo;
+        let fd = &self.fds[slot];
+        if fd.used && fd.flags & flags::CONT != 0 {
+            return Vec::new();
+        }
+        if fd.cont.is_empty() {
+            return vec![(g.fd_page(fd.slot), fd.encode())];
+        }
+        let mut chunks = fd.ptr_blocks.chunks(format::PB_PER_FD);
+        let mut own = fd.clone();
+        own.ptr_blocks = chunks.next().unwrap_or_default().to_vec();
+        let mut out = vec![(g.fd_page(fd.slot), own.encode())];
+        for (k, &c) in fd.cont.iter().enumerate() {
+            let page = Fd {
+                slot: c,
+                used: true,
+                flags: flags::CONT,
+                generation: self.fds[c as usize].generation,
+                parent: Some((fd.slot, fd.generation)),
+                ptr_blocks: chunks.next().unwrap_or_default().to_vec(),
+                cont: fd.cont[k + 1..].to_vec(),
+                ..Fd::default()
+            };
+            out.push((g.fd_page(c), page.encode()));
+        }
+        out
+    }
+
     /// Every metadata page in use, encoded.
     fn encode_all(&self) -> HashMap<u64, Box<Page>> {
         let g = &self.desc.geo;
         let mut pages = HashMap::new();
         pages.insert(0, self.desc.encode());
         for fd in &self.fds {
-            pages.insert(g.fd_page(fd.slot), fd.encode());
+            pages.extend(self.fd_pages(fd.slot as usize));
             for (i, &(_, pb)) in fd.ptr_blocks.iter().enumerate() {
                 if pb < g.ptr_pages {
                     let v =
@@ -566,7 +667,7 @@ impl Datastore {
         for (slot, fd) in self.fds.iter().enumerate() {
             let old = &b.fds[slot];
             if fd != old {
-                pages.insert(g.fd_page(slot as u32), fd.encode());
+                pages.extend(self.fd_pages(slot));
             }
             let moved = fd.ptr_blocks != old.ptr_blocks;
             for (i, &(_, pb)) in fd.ptr_blocks.iter().enumerate() {
@@ -860,12 +961,18 @@ impl Datastore {
                 self.pending_free.push(b);
             }
         }
-        let generation = self.fds[slot].generation;
-        self.fds[slot] = Fd {
-            slot: slot as u32,
-            generation,
-            ..Fd::default()
-        };
+        for s in std::mem::take(&mut self.fds[slot].cont)
+            .into_iter()
+            .map(|c| c as usize)
+            .chain(std::iter::once(slot))
+        {
+            let generation = self.fds[s].generation;
+            self.fds[s] = Fd {
+                slot: s as u32,
+                generation,
+                ..Fd::default()
+            };
+        }
     }
 
     /// Grows `slot` to `new_len`: unless thin, with pointer blocks and zeroed data blocks; a
@@ -884,6 +991,28 @@ impl Datastore {
         let new_blocks = blocks_for(new_len, g.block_size) as usize;
         let have = self.fds[slot].ptr_blocks.len();
         let need = new_blocks.div_ceil(PTRS_PER_BLOCK);
+        // More than one descriptor's pointers: continuation slots.
+        let pages = need.div_ceil(format::PB_PER_FD).max(1);
+        while self.fds[slot].cont.len() + 1 < pages {
+            let c = self.fds.iter().position(|f| !f.used).ok_or_else(|| {
+                Error::NoSpace(format!(
+                    "{new_len} bytes need {pages} file slots for their pointers; all {} are in use",
+                    g.max_files
+                ))
+            })?;
+            let generation = self.fds[c].generation + 1;
+            let primary = (slot as u32, self.fds[slot].generation);
+            self.fds[c] = Fd {
+                slot: c as u32,
+                used: true,
+                flags: flags::CONT,
+                generation,
+                parent: Some(primary),
+                ..Fd::default()
+            };
+            self.ptrs[c].clear();
+            self.fds[slot].cont.push(c as u32);
+        }
         self.fds[slot]
             .ptr_blocks
             .resize(need.max(have), (0, format::NO_BLOCK));
@@ -905,7 +1034,7 @@ impl Datastore {
     pub(crate) fn slot_of(&self, name: &str) -> Result<usize> {
         self.fds
             .iter()
-            .position(|f| f.used && f.name == name)
+            .position(|f| is_file(f) && f.name == name)
             .ok_or_else(|| Error::NotFound(format!("no file named '{name}' in the datastore")))
     }
 
@@ -988,7 +1117,7 @@ impl Datastore {
 
     fn child_of(&self, slot: usize) -> Option<usize> {
         self.fds.iter().position(|f| {
-            f.used
+            is_file(f)
                 && f.parent
                     .is_some_and(|(p, g)| p as usize == slot && g == self.fds[slot].generation)
         })
@@ -1235,7 +1364,7 @@ impl Datastore {
     pub fn list(&mut self) -> Result<Vec<FileInfo>> {
         self.reload()?;
         Ok((0..self.fds.len())
-            .filter(|&s| self.fds[s].used)
+            .filter(|&s| is_file(&self.fds[s]))
             .map(|s| self.info_of(s))
             .collect())
     }
@@ -1264,7 +1393,7 @@ impl Datastore {
             data_blocks: g.data_blocks(),
             free_blocks: self.free_blocks(),
             metadata_bytes: g.first_data_block() * g.block_size,
-            files: self.fds.iter().filter(|f| f.used).count() as u32,
+            files: self.fds.iter().filter(|f| is_file(f)).count() as u32,
             max_files: g.max_files,
             max_file_size: g.max_file_size(),
             transaction: self.desc.seq,
@@ -1305,7 +1434,7 @@ impl Datastore {
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut pb_owner: HashMap<u32, String> = HashMap::new();
         for slot in 0..ds.fds.len() {
-            if !ds.fds[slot].used {
+            if !is_file(&ds.fds[slot]) {
                 continue;
             }
             let name = ds.fds[slot].name.clone();

@@ -269,3 +269,26 @@ fn full_datastore() {
     let r = Datastore::check(ds.dev().clone(), false).unwrap();
     assert!(r.problems.is_empty(), "{r:?}");
 }
+
+#[test]
+fn damaged_continuation_slot() {
+    let mem = MemDev::new(8 << 20);
+    let mut ds = Datastore::mkfs(Arc::new(mem.clone()), &opts(8)).unwrap();
+    ds.create("a", 300_000 / 512 * 512, false).unwrap();
+    ds.create("big", 40 << 30, true).unwrap(); // slot 1, continuation in slot 2
+    write(&ds, "big", (40 << 30) - 4096, &pattern(4, 0, 4096));
+    write(&ds, "a", 10, &pattern(1, 10, 200_000));
+    let a = read_all(&ds, "a");
+    let mut img = mem.bytes();
+    let g = geometry(&img);
+    img[(g.fd_page(2) as usize) * PAGE + 600] ^= 0x10;
+    let e = open_err(img.clone());
+    assert!(e.to_string().contains("file descriptor 2"), "{e}");
+    let mut ds = repair_keeps_a(img, &a);
+    let names: Vec<String> = ds.list().unwrap().into_iter().map(|f| f.name).collect();
+    assert_eq!(
+        names,
+        ["a"],
+        "the file whose pointers were damaged is lost, whole"
+    );
+}

@@ -204,3 +204,48 @@ fn read_all_range(ds: &Datastore, name: &str, off: u64, len: usize) -> Vec<u8> {
     d.read_at(&mut v, off).unwrap();
     v
 }
+
+#[test]
+fn a_file_larger_than_one_descriptor_uses_continuation_slots() {
+    // With 64 KiB blocks one descriptor maps 448 x 1020 blocks (28 GiB): a 40 GiB thin disk
+    // needs a continuation slot.
+    let mut ds = fresh(16 << 20, 5);
+    let one = 448 * 1020 * BS;
+    let size = 40 << 30;
+    ds.create("big", size, true).unwrap();
+    ds.create("small", BS, false).unwrap();
+    let names: Vec<String> = ds.list().unwrap().into_iter().map(|f| f.name).collect();
+    assert_eq!(names, ["big", "small"], "the continuation is not a file");
+    assert_eq!(ds.info().unwrap().files, 2);
+    for off in [0, one - 10, one + 4096, size - 4096] {
+        write(
+            &ds,
+            "big",
+            off,
+            &pattern(off, off, 4096.min((size - off) as usize)),
+        );
+    }
+    let ds2 = Datastore::open(ds.dev().clone()).unwrap();
+    for off in [0, one - 10, one + 4096, size - 4096] {
+        let n = 4096.min((size - off) as usize);
+        assert_eq!(
+            read_all_range(&ds2, "big", off, n),
+            pattern(off, off, n),
+            "at {off}"
+        );
+    }
+    let r = Datastore::check(ds.dev().clone(), false).unwrap();
+    assert!(r.problems.is_empty(), "{r:?}");
+    // Two slots are left: a second 40 GiB disk needs two and gets them; a third does not fit.
+    ds.create("big2", size, true).unwrap();
+    let e = ds.create("big3", BS, true).unwrap_err();
+    assert!(e.to_string().contains("file slots"), "{e}");
+    // rm gives every slot back.
+    ds.remove("big").unwrap();
+    ds.remove("big2").unwrap();
+    for n in ["a", "b", "c", "d"] {
+        ds.create(n, BS, true).unwrap();
+    }
+    let r = Datastore::check(ds.dev().clone(), false).unwrap();
+    assert!(r.problems.is_empty(), "{r:?}");
+}
