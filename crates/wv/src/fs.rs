@@ -177,6 +177,15 @@ fn run(a: &Args) -> Result<ExitCode, String> {
     let ds_path = a.pos[0].as_str();
     let name = a.pos.get(1).map(String::as_str).unwrap_or("");
     let e = |e: wv_vmkfs::Error| e.to_string();
+    // `{"removed": NAME}` or "removed NAME".
+    let did = |verb: &str, name: &str| {
+        if a.json {
+            print_json(&serde_json::json!({ verb: name }));
+        } else {
+            println!("{verb} {name}");
+        }
+        ExitCode::SUCCESS
+    };
     let file_result = |info: wv_vmkfs::FileInfo, verb: &str| {
         if a.json {
             print_json(&info);
@@ -256,12 +265,7 @@ fn run(a: &Args) -> Result<ExitCode, String> {
         }
         "rm" => {
             open(ds_path)?.remove(name).map_err(e)?;
-            if a.json {
-                print_json(&serde_json::json!({ "removed": name }));
-            } else {
-                println!("removed {name}");
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(did("removed", name))
         }
         "resize" => {
             let info = open(ds_path)?
@@ -290,12 +294,7 @@ fn run(a: &Args) -> Result<ExitCode, String> {
         "revert" => file_result(open(ds_path)?.revert(name).map_err(e)?, "reverted"),
         "unlock" => {
             open(ds_path)?.unlock(name).map_err(e)?;
-            if a.json {
-                print_json(&serde_json::json!({ "unlocked": name }));
-            } else {
-                println!("unlocked {name}");
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(did("unlocked", name))
         }
         "check" => {
             let r = Datastore::check(open_dev(ds_path, !a.repair)?, a.repair)
