@@ -32,10 +32,9 @@ fn device_that_is_not_kvm() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn no_permission_on_kvm() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let mut c = if root {
@@ -79,10 +78,9 @@ fn missing_kernel() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn malformed_kernels() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("bad-kernel");
     let garbage = dir.file("garbage", &pattern(100_000, 3));
     let r = wv(&["run", "--kernel", garbage.to_str().unwrap()]);
@@ -111,10 +109,9 @@ fn malformed_kernels() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn initrd_that_does_not_fit_or_is_missing() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("big-initrd");
     let big = dir.file("big.img", &vec![0u8; 12 << 20]);
     let r = wv(&["run", "--memory", "8M", "--initrd", big.to_str().unwrap()]);
@@ -124,10 +121,9 @@ fn initrd_that_does_not_fit_or_is_missing() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn kernel_that_needs_more_memory() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     // The probe guest's image ends near 1.7 MiB; 4 MiB is the floor and works, but a bzImage
     // whose init_size asks for more than RAM is refused before loading.
     let dir = TempDir::new("init-size");
@@ -165,20 +161,18 @@ fn absurd_memory_and_vcpus() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn cmdline_too_long_or_with_nul_is_refused() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let long = "x".repeat(70_000);
     let r = wv(&["run", "--cmdline", &long]);
     assert_one_line_error(&r, 200, "command line of 70000 bytes");
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn serial_file_that_cannot_be_opened() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = wv(&["run", "--serial", "/nonexistent/dir/console.log"]);
     assert_one_line_error(
         &r,
@@ -196,10 +190,9 @@ fn guest_ends_with(test: &str, status: i32, needle: &str) -> Run {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn triple_fault_ends_the_vm_with_registers() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = guest_ends_with("triplefault", 204, "guest triple-faulted");
     assert!(
         r.stderr.contains("rip=0x") && r.stderr.contains("cr3=0x"),
@@ -208,10 +201,9 @@ fn triple_fault_ends_the_vm_with_registers() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn emulation_failure_ends_the_vm_with_a_diagnostic() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = guest_ends_with("emulfail", 205, "instruction emulation failed");
     assert!(
         r.stderr.contains("rip=0x") && r.stderr.contains("suberror 1"),
@@ -220,18 +212,16 @@ fn emulation_failure_ends_the_vm_with_a_diagnostic() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn i8042_reset_ends_the_vm() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     guest_ends_with("reset", 203, "guest requested a reset");
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn unknown_self_test_fails_in_the_guest() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = wv(&["run", "--cmdline", "probe.tests=boot,nonsense"]);
     assert_eq!(r.status, Some(1), "{r}");
     assert!(
@@ -241,25 +231,16 @@ fn unknown_self_test_fails_in_the_guest() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn a_spinning_guest_does_not_hang_the_vmm() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     for (sig, status) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
-        let mut child = Command::new(wv_bin())
-            .args([
-                "run",
-                "--vcpus",
-                "2",
-                "--cmdline",
-                "probe.tests=hang",
-                "--serial",
-                "none",
-            ])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        // The guest announces its spin on the console: by then the VMM runs its vCPUs with
+        // its signal handling in place (before that, the default action would kill it).
+        let mut cmd = Command::new(wv_bin());
+        cmd.args(["run", "--vcpus", "2", "--cmdline", "probe.tests=hang"])
+            .stderr(std::process::Stdio::piped());
+        let mut child = spawn_until(cmd, "hang: spinning", Duration::from_secs(30));
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, sig) };
         let start = std::time::Instant::now();
@@ -281,10 +262,9 @@ fn a_spinning_guest_does_not_hang_the_vmm() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn bad_disk_configurations() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("bad-disk");
     let img = dir.file("d.img", &vec![0u8; 1 << 20]);
     let spec = format!("path={}", img.display());
@@ -308,20 +288,11 @@ fn bad_disk_configurations() {
     assert_one_line_error(&r, 200, "two disks have the id 'a'");
     // A second VM may not write a disk a running VM writes; read-only sharing is refused too
     // while a writer holds it.
-    let mut first = Command::new(wv_bin())
-        .args([
-            "run",
-            "--serial",
-            "none",
-            "--disk",
-            &spec,
-            "--cmdline",
-            "probe.tests=hang",
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The guest runs (so the VMM has opened and locked its disk) once it says it spins.
+    let mut cmd = Command::new(wv_bin());
+    cmd.args(["run", "--disk", &spec, "--cmdline", "probe.tests=hang"])
+        .stderr(std::process::Stdio::null());
+    let mut first = spawn_until(cmd, "hang: spinning", Duration::from_secs(30));
     let r = wv(&["run", "--disk", &spec]);
     let r2 = wv(&["run", "--disk", &format!("{spec},readonly=on")]);
     let _ = first.kill();

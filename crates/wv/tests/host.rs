@@ -22,10 +22,9 @@ fn pid_alive(pid: u64) -> bool {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn lifecycle_crash_and_restart() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("host");
     let d = Daemon::start(&dir);
     let r = d.wv(&["vm", "create", "quick", "--cmdline", "probe.tests=boot"]);
@@ -135,10 +134,9 @@ fn lifecycle_crash_and_restart() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn bad_requests_get_4xx_and_the_daemon_keeps_serving() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("host-bad");
     let d = Daemon::start(&dir);
     let post = |body: &str| {
@@ -242,10 +240,9 @@ fn bad_requests_get_4xx_and_the_daemon_keeps_serving() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn definitions_from_json_and_toml_files() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("host-files");
     let d = Daemon::start(&dir);
     let toml = dir.file(
@@ -319,10 +316,9 @@ fn definitions_from_json_and_toml_files() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn console_attaches_to_the_serial_port() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("host-console");
     let d = Daemon::start(&dir);
     let r = d.wv(&[
@@ -352,13 +348,33 @@ fn console_attaches_to_the_serial_port() {
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+            all.extend_from_slice(&buf[..n]);
+            let _ = tx.send(String::from_utf8_lossy(&all).into_owned());
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
     stdin.write_all(b"hello").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // 'q' only once the guest has echoed the rest, so that it counts all five.
+    let t = Instant::now();
+    loop {
+        let left = Duration::from_secs(30).saturating_sub(t.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(text) if text.contains("hello") => break,
+            Ok(_) => {}
+            Err(e) => panic!("the guest never echoed 'hello': {e}"),
+        }
+    }
     stdin.write_all(b"q").unwrap();
     drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let status = child.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert!(status.success(), "{text}");
     // The banner was printed before we attached: it comes from the replay.
     assert!(text.contains("Worldvisor probe guest"), "{text}");
     assert!(text.contains("hello"), "{text}");
@@ -369,10 +385,9 @@ fn console_attaches_to_the_serial_port() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn tcp_only_when_asked() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("host-tcp");
     let port = 20_000 + std::process::id() % 20_000;
     let addr = format!("127.0.0.1:{port}");
@@ -391,11 +406,14 @@ fn tcp_only_when_asked() {
     let mut out = String::new();
     std::io::Read::read_to_string(&mut s, &mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // The daemon's own TCP listening sockets: exactly the one asked for.
+    assert_eq!(tcp_listeners(d.pid()), vec![port as u16]);
     d.stop();
-    // Without --listen nothing listens on TCP.
+    // Without --listen the daemon listens on no TCP port at all.
     let dir2 = TempDir::new("host-notcp");
     let d2 = Daemon::start(&dir2);
-    assert!(std::net::TcpStream::connect(&addr).is_err());
+    assert_eq!(d2.wv(&["vm", "list"]).status, Some(0), "the daemon serves");
+    assert_eq!(tcp_listeners(d2.pid()), Vec::<u16>::new());
     d2.stop();
     // A bad address is a one-line error at start.
     let mut c = Command::new(wv_bin());
@@ -407,4 +425,32 @@ fn tcp_only_when_asked() {
     let r = run_cmd(c, Duration::from_secs(30));
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stderr.contains("cannot listen on not-an-address"), "{r}");
+}
+
+/// The ports of the TCP sockets (v4 and v6) in LISTEN state that process `pid` holds.
+fn tcp_listeners(pid: u32) -> Vec<u16> {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is ADDR:PORT in hex, st 0A is LISTEN, the inode is field 9.
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = f[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
 }

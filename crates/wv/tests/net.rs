@@ -71,10 +71,9 @@ impl Drop for NetNs {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn guest_arps_and_pings_the_host_through_virtio_net() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let ns = NetNs::new("ping", "10.77.1.1");
     let mut c = ns.exec(&wv_bin());
     c.args([
@@ -95,10 +94,9 @@ fn guest_arps_and_pings_the_host_through_virtio_net() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn a_missing_tap_is_created_and_goes_away_with_the_vm() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let ns = NetNs::new("create", "10.77.2.1");
     let mut c = ns.exec(&wv_bin());
     c.args(["run", "--net", "tap=wvnew0", "--cmdline", "probe.tests=pci"]);
@@ -113,10 +111,9 @@ fn a_missing_tap_is_created_and_goes_away_with_the_vm() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn tap_without_permission_is_a_clear_error() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     // A TAP that belongs to another user, and root without CAP_NET_ADMIN: /dev/kvm still
     // opens, attaching to the TAP does not.
     let ns = NetNs::with_owner("perm", "10.77.3.1", Some("12345"));
@@ -157,10 +154,9 @@ fn bad_net_options() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn guest_passes_the_same_network_test_on_qemu() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("qemu-net");
     let img = image(&dir, "pvh");
     let ns = NetNs::new("qemu", "10.77.4.1");

@@ -29,10 +29,9 @@ fn run_probe(format: &str, vcpus: u32, tests: &str) -> Run {
 macro_rules! selftest {
     ($($name:ident: $test:literal, $format:literal, $vcpus:literal;)*) => {$(
         #[test]
+        #[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
         fn $name() {
-            if !need_kvm() {
-                return;
-            }
+            need_kvm();
             let r = run_probe($format, $vcpus, $test);
             assert_eq!(r.status, Some(0), "{r}");
             r.assert_pass($test);
@@ -74,10 +73,9 @@ selftest! {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn default_run_boots_the_embedded_guest_and_passes_everything() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = wv(&["run", "--stats=json"]);
     assert_eq!(r.status, Some(0), "{r}");
     for t in ALL.split(',') {
@@ -95,10 +93,9 @@ fn default_run_boots_the_embedded_guest_and_passes_everything() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn smp_brings_up_every_vcpu() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     for n in [2u32, 7, 32] {
         let r = run_probe("pvh", n, "smp");
         let line = r.assert_pass("smp");
@@ -108,10 +105,9 @@ fn smp_brings_up_every_vcpu() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn batched_calls_take_one_exit_and_accounting_agrees() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = run_probe("pvh", 1, "batch");
     let line = r.assert_pass("batch");
     assert!(
@@ -138,10 +134,9 @@ fn batched_calls_take_one_exit_and_accounting_agrees() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn stats_table_lists_causes_with_times() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = wv(&["run", "--cmdline", "probe.tests=boot", "--stats"]);
     assert_eq!(r.status, Some(0), "{r}");
     assert!(r.stderr.contains("exit accounting"), "{r}");
@@ -155,10 +150,9 @@ fn stats_table_lists_causes_with_times() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn initrd_and_cmdline_reach_the_guest_through_both_protocols() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("initrd");
     let data = pattern(12_345, 7);
     let initrd = dir.file("initrd.img", &data);
@@ -200,10 +194,9 @@ fn initrd_and_cmdline_reach_the_guest_through_both_protocols() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn memory_map_matches_configured_memory() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     // 4 GiB crosses the MMIO hole: RAM continues above 4 GiB, and the guest's e820 total and
     // the VMM's mem_size call must still agree (checked by the hypercall test).
     let r = wv(&[
@@ -219,10 +212,9 @@ fn memory_map_matches_configured_memory() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn pv_off_takes_the_native_paths() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = wv(&[
         "run",
         "--cmdline",
@@ -248,10 +240,9 @@ fn pv_off_takes_the_native_paths() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn serial_to_file_and_none() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("serial");
     let log = dir.path("console.log");
     let r = wv(&[
@@ -271,10 +262,9 @@ fn serial_to_file_and_none() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn virtio_rng_serves_the_guest_without_vcpu_exits_for_notifications() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let r = wv(&["run", "--cmdline", "probe.tests=rng", "--stats=json"]);
     assert_eq!(r.status, Some(0), "{r}");
     let line = r.assert_pass("rng");
@@ -312,10 +302,9 @@ fn disk_image(dir: &TempDir, name: &str, len: usize) -> std::path::PathBuf {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn virtio_blk_reads_writes_persists_and_refuses_writes_to_readonly_disks() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     for (format, vcpus) in [("pvh", "1"), ("bzimage", "4")] {
         let dir = TempDir::new("blk");
         let img = image(&dir, format);

@@ -7,10 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn probe_guest_passes_on_qemu() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let qemu = "qemu-system-x86_64";
     if Command::new(qemu).arg("--version").output().is_err() {
         panic!("{qemu} is not installed: .ci/run installs Debian's qemu-system-x86");

@@ -141,10 +141,9 @@ fn check(ok: bool, what: String) -> Result<(), String> {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn shares_reservations_limits_and_admission() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("sched");
     let d = Daemon::start(&dir);
     let host = d.json(&["host", "status"]);

@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: run `wv` (or QEMU) with a timeout, capture everything,
-//! and make temporary files. Tests that need /dev/kvm fail loudly without it unless
-//! WV_TESTS_WITHOUT_KVM=1 says to skip them, which they then report on stderr.
+//! and make temporary files. Tests that need /dev/kvm are `#[ignore]`d, so that where it is
+//! missing they show as ignored, never as passed; `cargo test -- --include-ignored` (which
+//! scripts/test uses when /dev/kvm is there) runs them, and each fails loudly without KVM.
 #![allow(dead_code)]
 
 pub mod daemon;
@@ -131,17 +132,14 @@ pub fn wv(args: &[&str]) -> Run {
     run_cmd(c, Duration::from_secs(120))
 }
 
-/// Whether KVM tests should run; panics (fails the test) when /dev/kvm is missing and skipping
-/// was not asked for explicitly.
-pub fn need_kvm() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    if std::env::var_os("WV_TESTS_WITHOUT_KVM").is_some() {
-        eprintln!("SKIPPED: /dev/kvm is missing and WV_TESTS_WITHOUT_KVM is set");
-        return false;
-    }
-    panic!("this test needs /dev/kvm; set WV_TESTS_WITHOUT_KVM=1 to skip KVM tests explicitly");
+/// Fails the test (a clear message) when /dev/kvm is missing: every test that calls this is
+/// `#[ignore]`d and runs only when asked to with `--include-ignored`.
+pub fn need_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm: without it, run the tests without --include-ignored \
+         (scripts/test does when WV_TESTS_WITHOUT_KVM=1) and the KVM tests show as ignored"
+    );
 }
 
 pub struct TempDir(pub PathBuf);
@@ -195,4 +193,31 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x.to_le_bytes()[0]
         })
         .collect()
+}
+
+/// Spawns `cmd` with its stdout piped and returns once a line of it contains `marker` (the
+/// readiness marker of whatever the test waits for), panicking after `timeout`. The rest of
+/// stdout is drained on a thread so that the child never blocks on a full pipe.
+pub fn spawn_until(mut cmd: Command, marker: &str, timeout: Duration) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        let mut seen = false;
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if !seen && line.contains(&marker) {
+                seen = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(timeout).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{cmd:?} never printed its readiness marker within {timeout:?}");
+    }
+    child
 }
