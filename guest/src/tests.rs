@@ -819,7 +819,12 @@ fn blk_test() -> Outcome {
         } else {
             ",no-magic"
         });
-        let pattern = |i: usize| (i as u8) ^ 0xa5 ^ (disks as u8);
+        // probe.blkseed=N makes the pattern unique to a run (a host test tells its runs apart).
+        let seed = param(boot_info().cmdline(), "probe.blkseed")
+            .and_then(parse_u64)
+            .unwrap_or(0)
+            .to_le_bytes();
+        let pattern = |i: usize| (i as u8) ^ 0xa5 ^ (disks as u8) ^ seed[i % 8];
         // SAFETY: the device is idle; the buffer is this test's.
         let bufs = unsafe { &mut *b };
         for (i, x) in bufs.data.iter_mut().enumerate() {

@@ -137,27 +137,53 @@ pub fn is_helper(thread_name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// This thread's own CPU time (CLOCK_THREAD_CPUTIME_ID), in ns.
+    fn thread_cpu_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec we own.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        assert_eq!(r, 0);
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
     #[test]
     fn ended_threads_keep_their_time() {
-        let spin = || {
-            let t = std::time::Instant::now();
-            while t.elapsed() < std::time::Duration::from_millis(50) {
+        // The thread spins until its own CPU clock says 50 ms (however busy the machine) and
+        // reports how much CPU time it used and its id.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spin = move || {
+            while thread_cpu_ns() < 50_000_000 {
                 std::hint::spin_loop();
             }
+            // SAFETY: gettid has no arguments and cannot fail.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+            tx.send((thread_cpu_ns(), tid)).unwrap();
         };
         let before = accounting(crate::sched::threads(std::process::id()))[1].0;
         spawn("test-spin", spin).unwrap().join().unwrap();
+        let (used, tid) = rx.recv().unwrap();
         let [_, (after, _, threads)] = accounting(crate::sched::threads(std::process::id()));
         assert!(
-            after >= before + 40_000_000,
-            "the ended helper thread's ~50 ms are kept: {before} -> {after}"
+            after >= before + used,
+            "the ended helper thread's {used} ns are kept: {before} -> {after}"
         );
         assert!(
             threads.iter().all(|t| t.name != "helper-test-spi"),
             "{threads:?}"
         );
-        // Still counted after the thread left /proc.
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Still counted once the thread has left /proc.
+        let task = format!("/proc/self/task/{tid}");
+        let t = std::time::Instant::now();
+        while std::path::Path::new(&task).exists() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "{task} stays"
+            );
+            std::thread::yield_now();
+        }
         let again = accounting(crate::sched::threads(std::process::id()))[1].0;
         assert!(again >= after, "never backwards: {after} -> {again}");
     }

@@ -251,27 +251,62 @@ fn guest_datastore(dir: &TempDir) -> String {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn the_guest_uses_a_vmkfs_disk() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("fs-guest");
     let ds = guest_datastore(&dir);
     let spec = format!("vmkfs={ds}:root,id=root");
-    let r = ok(&["run", "--disk", &spec, "--cmdline", "probe.tests=blk"]);
-    let line = r.assert_pass("blk");
-    assert!(line.contains("root:sectors=2048,magic,rw-ok"), "{line}");
-    let out = dir.path("out.raw");
-    ok(&["fs", "export", &ds, "root", out.to_str().unwrap()]);
-    let data = std::fs::read(&out).unwrap();
+    // Each run writes a pattern unique to it (probe.blkseed) into sector 1 of its disk.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let seed_a = nanos ^ (u64::from(std::process::id()) << 32) | 1;
+    let seed_b = seed_a ^ 0x5a5a_5a5a_5a5a_5a5a;
+    let sector1 = |seed: u64| -> Vec<u8> {
+        (0..512)
+            .map(|i| (i as u8) ^ 0xa5 ^ 1 ^ seed.to_le_bytes()[i % 8])
+            .collect()
+    };
+    let run_blk = |seed: u64| {
+        let cmdline = format!("probe.tests=blk probe.blkseed={seed}");
+        let r = ok(&["run", "--disk", &spec, "--cmdline", &cmdline]);
+        let line = r.assert_pass("blk").to_string();
+        assert!(line.contains("root:sectors=2048,magic,rw-ok"), "{line}");
+    };
+    let export = |name: &str, to: &str| -> Vec<u8> {
+        let out = dir.path(to);
+        ok(&["fs", "export", &ds, name, out.to_str().unwrap()]);
+        std::fs::read(&out).unwrap()
+    };
+    run_blk(seed_a);
     assert!(
-        (0..512).all(|i| data[512 + i] == i.to_le_bytes()[0] ^ 0xa5 ^ 1),
+        export("root", "a.raw")[512..1024] == sector1(seed_a)[..],
         "the guest's write of sector 1 is in the VMKFS disk"
     );
     // On a snapshot, the guest writes into the redo log and the base keeps the old sector.
     ok(&["fs", "snapshot", &ds, "root"]);
-    ok(&["run", "--disk", &spec, "--cmdline", "probe.tests=blk"]);
-    assert_eq!(json(&["fs", "info", &ds])["files"], 2);
+    run_blk(seed_b);
+    let files = json(&["fs", "ls", &ds]);
+    let names: Vec<&str> = files
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{files}");
+    let base = *names.iter().find(|n| n.starts_with("root@")).unwrap();
+    assert!(
+        export("root", "b.raw")[512..1024] == sector1(seed_b)[..],
+        "the disk as the guest sees it has the second run's sector"
+    );
+    let frozen = export(base, "base.raw");
+    assert!(
+        frozen[512..1024] == sector1(seed_a)[..],
+        "the frozen base {base} keeps the first run's sector"
+    );
+    assert_eq!(&frozen[..8], b"WVDISK01");
     // A missing disk or datastore is an image error (202), one line.
     refused(
         &[
@@ -298,10 +333,9 @@ fn the_guest_uses_a_vmkfs_disk() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn a_killed_vmm_leaves_a_stale_lock_that_can_be_broken() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("fs-lock");
     let ds = guest_datastore(&dir);
     let spec = format!("vmkfs={ds}:root,id=root");
@@ -381,10 +415,9 @@ fn a_killed_vmm_leaves_a_stale_lock_that_can_be_broken() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn daemon_vms_share_a_vmkfs_disk_one_at_a_time() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("fs-host");
     let ds = guest_datastore(&dir);
     let d = common::daemon::Daemon::start(&dir);
@@ -450,10 +483,9 @@ impl Drop for Loop {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn a_datastore_on_a_block_device() {
-    if !need_kvm() {
-        return;
-    }
+    need_kvm();
     let dir = TempDir::new("fs-loop");
     let backing = dir.path("backing.img");
     std::fs::File::create(&backing)
