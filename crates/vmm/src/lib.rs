@@ -539,9 +539,12 @@ impl Resources {
     /// Destroying a VM with the in-kernel irqchip and PIT takes 10-30 ms on some hosts (the
     /// kernel waits for RCU grace periods per device), and it runs in whichever process drops
     /// the last reference. Unless `WV_SYNC_TEARDOWN` is set, a helper that shares this process's
-    /// memory and file table is started; it exits once this process has, taking those last
-    /// references with it: `wv` reports its status at once and the kernel finishes the teardown
-    /// in the helper. Without pidfds (Linux < 5.3) the teardown stays synchronous.
+    /// memory and file table is started; it waits until this process has exited, closes every
+    /// descriptor but the KVM ones (standard output and error first, so that a reader of
+    /// `wv`'s output sees end-of-file when `wv` exits, not when the VM is destroyed), and exits
+    /// with the last references to the VM: `wv` reports its status at once and the kernel
+    /// finishes the teardown in the helper. Without pidfds (Linux < 5.3) the teardown stays
+    /// synchronous.
     pub fn exit(self, status: u8) -> ! {
         use std::io::Write;
         run_exit_hooks();
@@ -551,35 +554,49 @@ impl Resources {
         // on a pidfd of this process, which becomes readable once the process has exited.
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-        // The helper shares this process's memory, so it reads the descriptor from here.
-        static PIDFD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-        PIDFD.store(i32::try_from(pidfd).unwrap_or(-1), Ordering::SeqCst);
-        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() && PIDFD.load(Ordering::SeqCst) >= 0 {
-            extern "C" fn helper(_: *mut libc::c_void) -> libc::c_int {
-                let fd = PIDFD.load(Ordering::SeqCst);
-                let mut p = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: polling one valid descriptor (shared with the parent) from our own
-                // stack; _exit then drops the last references to the VM and guest memory.
-                unsafe {
-                    while libc::poll(&mut p, 1, -1) < 0 {}
-                    libc::_exit(0)
-                }
+        let pidfd = i32::try_from(pidfd).unwrap_or(-1);
+        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() && pidfd >= 0 {
+            // What the helper keeps open: the KVM descriptors (and the pidfd it waits on).
+            let mut keep: Vec<i32> = self._vcpus.iter().map(|v| v.as_raw_fd()).collect();
+            keep.extend([self._vm.as_raw_fd(), self._kvm.as_raw_fd(), pidfd]);
+            // For tests: WV_TEARDOWN_HOLD_FD names an inherited descriptor that the helper
+            // reads until end-of-file before it exits, so a test can look at it mid-teardown.
+            let hold = std::env::var("WV_TEARDOWN_HOLD_FD")
+                .ok()
+                .and_then(|v| v.parse::<i32>().ok())
+                .filter(|&fd| fd > 2)
+                .unwrap_or(-1);
+            if hold >= 0 {
+                keep.push(hold);
             }
+            keep.sort_unstable();
+            keep.dedup();
+            let plan = Box::leak(Box::new(TeardownPlan {
+                pidfd,
+                hold,
+                keep: keep.leak(),
+                // For kernels without close_range: every descriptor up to the highest open one.
+                highest: std::fs::read_dir("/proc/self/fd")
+                    .map(|d| {
+                        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                            .max()
+                            .unwrap_or(1024)
+                    })
+                    .unwrap_or(1024),
+            }));
             const STACK: usize = 16 * 1024;
             let stack = Box::leak(vec![0u8; STACK].into_boxed_slice());
-            // SAFETY: the child runs `helper` on its own stack (leaked, so it stays valid) and
-            // only polls and exits; CLONE_VM|CLONE_FILES share memory and descriptors so the
-            // child holds the last references once this process is gone.
+            // SAFETY: the child runs `teardown_helper` on its own stack (leaked, so it stays
+            // valid) with a leaked, never-freed plan; it only makes system calls (no allocation:
+            // this process's other threads may hold allocator locks when they are killed) and
+            // exits. CLONE_VM|CLONE_FILES share memory and descriptors so the child holds the
+            // last references once this process is gone.
             let r = unsafe {
                 libc::clone(
-                    helper,
+                    teardown_helper,
                     stack.as_mut_ptr().add(STACK) as *mut libc::c_void,
                     libc::CLONE_VM | libc::CLONE_FILES,
-                    std::ptr::null_mut(),
+                    plan as *mut TeardownPlan as *mut libc::c_void,
                 )
             };
             if r > 0 {
@@ -593,6 +610,86 @@ impl Resources {
         // SAFETY: output was flushed above; nothing else needs to run at exit.
         unsafe { libc::_exit(i32::from(status)) }
     }
+}
+
+/// What the teardown helper of [`Resources::exit`] needs, prepared before it starts.
+struct TeardownPlan {
+    /// A pidfd of the exiting `wv` process.
+    pidfd: i32,
+    /// A descriptor to read until end-of-file before exiting (tests), or -1.
+    hold: i32,
+    /// The descriptors to keep open until the helper exits, sorted.
+    keep: &'static [i32],
+    /// The highest descriptor that was open, for closing one by one without close_range.
+    highest: i32,
+}
+
+/// Closes the descriptors `lo..=hi` of the (shared) file table.
+fn close_span(lo: i32, hi: i32) {
+    if lo > hi {
+        return;
+    }
+    // SAFETY: close_range takes two descriptor numbers and flags; it only closes descriptors.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0u32) };
+    if r != 0 {
+        // Linux < 5.9: one by one, up to the highest descriptor open before the helper started.
+        for fd in lo..=hi.min(1 << 20) {
+            // SAFETY: closing a descriptor number; EBADF for one that is not open is harmless.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// The teardown helper (a clone sharing memory and descriptors with `wv`): waits for `wv` to
+/// exit, closes standard input, output and error and then every other descriptor but the KVM
+/// ones, and exits, taking the last references to the VM with it.
+extern "C" fn teardown_helper(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the leaked TeardownPlan passed by Resources::exit, never freed.
+    let plan = unsafe { &*(arg as *const TeardownPlan) };
+    let mut p = libc::pollfd {
+        fd: plan.pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one valid descriptor (shared with the parent) from our own stack.
+    while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+    // Standard descriptors first (a reader waits for those), then everything else.
+    let spans = |lo: i32, hi: i32| {
+        let mut next = lo;
+        for &k in plan.keep.iter().filter(|&&k| k >= lo && k <= hi) {
+            close_span(next, k - 1);
+            next = k + 1;
+        }
+        close_span(next, hi);
+    };
+    spans(0, 2);
+    spans(3, plan.highest.max(3));
+    // Anything opened after the plan was made (by threads killed at exit) goes too.
+    // SAFETY: as in close_span; fails harmlessly where close_range does not exist.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            (plan.highest.max(3) + 1) as u32,
+            u32::MAX,
+            0u32,
+        )
+    };
+    let mut b = [0u8; 1];
+    if plan.hold >= 0 {
+        loop {
+            // SAFETY: reading into a local buffer from a descriptor the helper kept open; errno
+            // is this thread's.
+            let (r, errno) = unsafe {
+                let r = libc::read(plan.hold, b.as_mut_ptr().cast(), 1);
+                (r, *libc::__errno_location())
+            };
+            if r == 0 || (r < 0 && errno != libc::EINTR) {
+                break;
+            }
+        }
+    }
+    // SAFETY: nothing else runs here; _exit drops the last references to the VM and memory.
+    unsafe { libc::_exit(0) }
 }
 
 /// Listens for console clients on `path`, replacing a stale socket but never a live one.

@@ -4,6 +4,7 @@
 //!
 //! - first byte: from spawning the process to reading the guest's first serial byte on a pipe;
 //! - exit: from spawning to the process being reaped (`wait4`), guest doing no loop;
+//! - output EOF: from spawning to end-of-file on its stdout (what a reader of the output waits for);
 //! - peak RSS: `ru_maxrss` from `wait4`, with 128 MiB of guest memory;
 //! - port-I/O exit: (time from first byte to exit with N writes − the same with 0) / N.
 //!
@@ -19,6 +20,7 @@ use std::time::Instant;
 struct Sample {
     first_byte_us: f64,
     exit_us: f64,
+    eof_us: f64,
     maxrss_kib: i64,
 }
 
@@ -33,6 +35,13 @@ fn run_once(cmd: &mut Command) -> Result<Sample, String> {
     out.read_exact(&mut b)
         .map_err(|e| format!("{cmd:?}: no serial byte: {e}"))?;
     let first = t0.elapsed();
+    // End-of-file on stdout is what a reader of the output (`out=$(wv run)`, a pipe to tee)
+    // waits for; it may come after the reap if something else holds the pipe.
+    let eof = std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = out.read_to_end(&mut rest);
+        t0.elapsed()
+    });
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: rusage is plain data filled by the kernel.
@@ -44,8 +53,7 @@ fn run_once(cmd: &mut Command) -> Result<Sample, String> {
         return Err(format!("wait4 failed for {cmd:?}"));
     }
     let st = std::process::ExitStatus::from_raw(status);
-    let mut rest = Vec::new();
-    let _ = out.read_to_end(&mut rest);
+    let eof = eof.join().unwrap();
     std::mem::forget(child); // already reaped
     if b[0] != b'!' {
         return Err(format!(
@@ -56,6 +64,7 @@ fn run_once(cmd: &mut Command) -> Result<Sample, String> {
     Ok(Sample {
         first_byte_us: first.as_secs_f64() * 1e6,
         exit_us: exit.as_secs_f64() * 1e6,
+        eof_us: eof.as_secs_f64() * 1e6,
         maxrss_kib: ru.ru_maxrss,
     })
 }
@@ -119,14 +128,26 @@ fn main() {
     } else {
         println!("bare loop: NOT MEASURED (gcc failed: {gcc:?})");
     }
-    let g = guest.clone();
+    let (w, g) = (wv.clone(), guest.clone());
     runners.push(Runner {
         name: "wv run",
         cmd: Box::new(move |n| {
-            let mut c = Command::new(&wv);
+            let mut c = Command::new(&w);
             c.args(["run", "--memory", "128M", "--serial", "stdio", "--kernel"])
                 .arg(&g)
                 .args(["--cmdline", &n.to_string()]);
+            c
+        }),
+    });
+    let (w, g) = (wv.clone(), guest.clone());
+    runners.push(Runner {
+        name: "wv run, sync teardown",
+        cmd: Box::new(move |n| {
+            let mut c = Command::new(&w);
+            c.args(["run", "--memory", "128M", "--serial", "stdio", "--kernel"])
+                .arg(&g)
+                .args(["--cmdline", &n.to_string()])
+                .env("WV_SYNC_TEARDOWN", "1");
             c
         }),
     });
@@ -175,6 +196,8 @@ fn main() {
 
     let mut first: Vec<Vec<f64>> = vec![Vec::new(); runners.len()];
     let mut exit: Vec<Vec<f64>> = vec![Vec::new(); runners.len()];
+    let mut eof: Vec<Vec<f64>> = vec![Vec::new(); runners.len()];
+    let mut eof_lag: Vec<Vec<f64>> = vec![Vec::new(); runners.len()];
     let mut rss: Vec<Vec<f64>> = vec![Vec::new(); runners.len()];
     let mut loop_us: Vec<Vec<f64>> = vec![Vec::new(); runners.len()];
     for round in 0..rounds {
@@ -188,6 +211,8 @@ fn main() {
             std::thread::sleep(std::time::Duration::from_millis(60));
             first[i].push(s0.first_byte_us);
             exit[i].push(s0.exit_us);
+            eof[i].push(s0.eof_us);
+            eof_lag[i].push(s0.eof_us - s0.exit_us);
             rss[i].push(s0.maxrss_kib as f64);
             let per =
                 ((sn.exit_us - sn.first_byte_us) - (s0.exit_us - s0.first_byte_us)) / loop_n as f64;
@@ -202,15 +227,17 @@ fn main() {
         median(spawn)
     );
     println!(
-        "{:<24} {:>14} {:>12} {:>14} {:>16}",
-        "", "first byte", "exit", "peak RSS", "port-I/O exit"
+        "{:<24} {:>14} {:>12} {:>14} {:>12} {:>14} {:>16}",
+        "", "first byte", "exit (reap)", "output EOF", "EOF-reap", "peak RSS", "port-I/O exit"
     );
     for (i, r) in runners.iter().enumerate() {
         println!(
-            "{:<24} {:>11.2} ms {:>9.2} ms {:>10.2} MiB {:>13.2} us",
+            "{:<24} {:>11.2} ms {:>9.2} ms {:>11.2} ms {:>9.2} ms {:>10.2} MiB {:>13.2} us",
             r.name,
             median(first[i].clone()) / 1e3,
             median(exit[i].clone()) / 1e3,
+            median(eof[i].clone()) / 1e3,
+            median(eof_lag[i].clone()) / 1e3,
             median(rss[i].clone()) / 1024.0,
             median(loop_us[i].clone())
         );
