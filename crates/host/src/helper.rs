@@ -159,7 +159,7 @@ mod tests {
                 std::hint::spin_loop();
             }
             // SAFETY: gettid has no arguments and cannot fail.
-            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+            let tid = u32::try_from(unsafe { libc::syscall(libc::SYS_gettid) }).unwrap();
             tx.send((thread_cpu_ns(), tid)).unwrap();
         };
         let before = accounting(crate::sched::threads(std::process::id()))[1].0;

@@ -261,12 +261,12 @@ fn the_guest_uses_a_vmkfs_disk() {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_nanos() as u64;
-    let seed_a = nanos ^ (u64::from(std::process::id()) << 32) | 1;
+        .subsec_nanos();
+    let seed_a = (u64::from(nanos) | 1) ^ (u64::from(std::process::id()) << 32);
     let seed_b = seed_a ^ 0x5a5a_5a5a_5a5a_5a5a;
     let sector1 = |seed: u64| -> Vec<u8> {
         (0..512)
-            .map(|i| (i as u8) ^ 0xa5 ^ 1 ^ seed.to_le_bytes()[i % 8])
+            .map(|i: usize| i.to_le_bytes()[0] ^ 0xa5 ^ 1 ^ seed.to_le_bytes()[i % 8])
             .collect()
     };
     let run_blk = |seed: u64| {

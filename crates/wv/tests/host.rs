@@ -407,7 +407,7 @@ fn tcp_only_when_asked() {
     std::io::Read::read_to_string(&mut s, &mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     // The daemon's own TCP listening sockets: exactly the one asked for.
-    assert_eq!(tcp_listeners(d.pid()), vec![port as u16]);
+    assert_eq!(tcp_listeners(d.pid()), vec![u16::try_from(port).unwrap()]);
     d.stop();
     // Without --listen the daemon listens on no TCP port at all.
     let dir2 = TempDir::new("host-notcp");
