@@ -8,6 +8,7 @@
 //! ([`stats`]).
 
 pub mod config;
+pub mod diagnose;
 pub mod error;
 mod pci;
 pub mod stats;

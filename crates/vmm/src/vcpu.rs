@@ -3,6 +3,7 @@
 //! [`kick_signal`]; the handler sets `immediate_exit` in the vCPU's `kvm_run`, so KVM_RUN returns
 //! whether the signal lands before or during the call.
 
+use crate::diagnose;
 use crate::error::VmEnd;
 use crate::stats::{self, VcpuStats};
 use crate::VmShared;
@@ -217,11 +218,14 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
             Step::Continue => None,
             Step::End(e) => Some(e),
             Step::TripleFault => Some(VmEnd::TripleFault(format!("vCPU {index}: {}", regs(&fd)))),
-            Step::InternalError => Some(VmEnd::KvmFailure(format!(
-                "vCPU {index}: {}; {}",
-                internal(&mut fd),
-                regs(&fd)
-            ))),
+            Step::InternalError => {
+                let (what, bytes) = internal(&mut fd);
+                let summary = diagnostic_block(&fd, index, &what, bytes.as_deref());
+                Some(VmEnd::KvmFailure(format!(
+                    "vCPU {index}: {what}{summary}; {}",
+                    regs(&fd)
+                )))
+            }
             Step::FailEntry(r) => Some(VmEnd::KvmFailure(format!(
                 "vCPU {index}: VM entry failed (hardware reason {r:#x}); {}",
                 regs(&fd)
@@ -321,8 +325,32 @@ fn regs(fd: &VcpuFd) -> String {
     }
 }
 
-/// The internal-error sub-reason and data words.
-fn internal(fd: &mut VcpuFd) -> String {
+/// Prints the diagnostic block of a failed vCPU (what failed, the instruction at RIP decoded
+/// with its bytes, the registers) to stderr in one write, before `wv`'s closing one-line
+/// error; returns what the closing line adds (the decoded instruction).
+fn diagnostic_block(fd: &VcpuFd, index: u32, what: &str, bytes: Option<&[u8]>) -> String {
+    use std::io::Write;
+    let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) else {
+        return String::new();
+    };
+    let mut block = format!("wv: vCPU {index} stopped: {what}\n");
+    let mut summary = String::new();
+    match bytes {
+        Some(b) => {
+            let (text, hex) = diagnose::instruction(b, diagnose::bitness(&s), r.rip);
+            block.push_str(&format!("  instruction  {text}\n  bytes        {hex}\n"));
+            summary = format!(": `{text}` at rip={:#x}", r.rip);
+        }
+        None => block.push_str("  instruction  (KVM gave no instruction bytes)\n"),
+    }
+    block.push_str(&diagnose::registers(&r, &s));
+    let _ = std::io::stderr().lock().write_all(block.as_bytes());
+    summary
+}
+
+/// The internal-error sub-reason and data words, and the instruction bytes an emulation
+/// failure carries.
+fn internal(fd: &mut VcpuFd) -> (String, Option<Vec<u8>>) {
     let run = fd.get_kvm_run();
     // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
     let ie = unsafe { run.__bindgen_anon_1.internal };
@@ -335,9 +363,15 @@ fn internal(fd: &mut VcpuFd) -> String {
     };
     let n = (ie.ndata as usize).min(ie.data.len());
     let data: Vec<String> = ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
-    format!(
-        "{what} (suberror {}, data [{}])",
-        ie.suberror,
-        data.join(" ")
-    )
+    let bytes = diagnose::emulation_bytes(ie.suberror, &ie.data[..n]);
+    let text = if bytes.is_some() {
+        format!("{what} (suberror {})", ie.suberror)
+    } else {
+        format!(
+            "{what} (suberror {}, data [{}])",
+            ie.suberror,
+            data.join(" ")
+        )
+    };
+    (text, bytes)
 }

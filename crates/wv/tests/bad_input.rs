@@ -209,6 +209,27 @@ fn emulation_failure_ends_the_vm_with_a_diagnostic() {
         r.stderr.contains("rip=0x") && r.stderr.contains("suberror 1"),
         "{r}"
     );
+    // One block before the closing line: the instruction decoded, its bytes with the one at
+    // RIP marked, and the registers.
+    let block: Vec<&str> = r.stderr.lines().collect();
+    let at = block
+        .iter()
+        .position(|l| l.starts_with("wv: vCPU 0 stopped: instruction emulation failed"))
+        .unwrap_or_else(|| panic!("no diagnostic block\n{r}"));
+    assert_eq!(block[at + 1], "  instruction  popcnt rax,[rcx]", "{r}");
+    assert!(
+        block[at + 2].starts_with("  bytes        <f3> 48 0f b8 01 | "),
+        "{r}"
+    );
+    assert!(block[at + 3].trim_start().starts_with("rip 0x"), "{r}");
+    assert!(
+        block.last().unwrap().contains("`popcnt rax,[rcx]`"),
+        "the closing line names the instruction\n{r}"
+    );
+    // --stats still prints after a failure.
+    let r = wv(&["run", "--stats", "--cmdline", "probe.tests=emulfail"]);
+    assert_eq!(r.status, Some(205), "{r}");
+    assert!(r.stderr.contains("internal-error"), "{r}");
 }
 
 #[test]
