@@ -36,7 +36,7 @@ pub struct BootInfo {
     pub cmdline_len: usize,
     /// Initrd (or first PVH module) address and size; size 0 when none.
     pub initrd: (u64, u64),
-    /// ACPI RSDP address from PVH start_info (0 when not given).
+    /// ACPI RSDP address from PVH start_info or the zero page (0 when not given).
     pub rsdp: u64,
 }
 
@@ -151,6 +151,7 @@ fn read_linux(bi: &mut BootInfo, zp: u64) {
     let rd_addr = u64::from(rd::<u32>(zp + 0x218)) | (u64::from(rd::<u32>(zp + 0xc0)) << 32);
     let rd_size = u64::from(rd::<u32>(zp + 0x21c)) | (u64::from(rd::<u32>(zp + 0xc4)) << 32);
     bi.initrd = (rd_addr, rd_size);
+    bi.rsdp = rd::<u64>(zp + 0x70); // acpi_rsdp_addr (boot protocol 2.14)
 }
 
 fn read_pvh(bi: &mut BootInfo, si: u64) {

@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod bootinfo;
 mod console;
 mod cpu;
@@ -85,6 +86,12 @@ extern "C" fn probe_main(protocol: u32, info: u64) -> ! {
         .s(" skipped=")
         .dec(skipped)
         .end();
+    if failed == 0 && bootinfo::param(cmdline, "probe.poweroff") == Some(b"acpi") {
+        println("probe: powering off through ACPI S5");
+        acpi::s5_poweroff();
+        println("probe: ACPI S5 did not power off");
+        poweroff(EXIT_FAIL)
+    }
     poweroff(if failed == 0 { EXIT_PASS } else { EXIT_FAIL })
 }
 

@@ -92,25 +92,14 @@ fn from_mptable() -> Option<CpuList> {
     Some(list)
 }
 
-fn from_madt(rsdp_hint: u64) -> Option<CpuList> {
-    let rsdp = if rsdp_hint != 0 {
-        rsdp_hint
-    } else {
-        scan(0xe0000, 0x100000, b"RSD PTR ", 16)?
-    };
-    if !checksum_ok(rsdp, 20) {
-        return None;
-    }
-    let rsdt = u64::from(rd::<u32>(rsdp + 16));
-    if rd::<u32>(rsdt) != u32::from_le_bytes(*b"RSDT") {
-        return None;
-    }
-    let n = (u64::from(rd::<u32>(rsdt + 4)) - 36) / 4;
-    for i in 0..n {
-        let t = u64::from(rd::<u32>(rsdt + 36 + 4 * i));
-        if rd::<u32>(t) != u32::from_le_bytes(*b"APIC") {
-            continue;
-        }
+/// The number of processors the MP table lists, if there is one.
+pub fn mptable_cpus() -> Option<u64> {
+    from_mptable().map(|l| l.count as u64)
+}
+
+fn from_madt() -> Option<CpuList> {
+    {
+        let t = crate::acpi::find(b"APIC")?;
         let len = u64::from(rd::<u32>(t + 4));
         let mut list = CpuList {
             apic_ids: [0; MAX_CPUS],
@@ -129,22 +118,20 @@ fn from_madt(rsdp_hint: u64) -> Option<CpuList> {
             }
             p += l;
         }
-        return Some(list);
+        Some(list)
     }
-    None
 }
 
-/// Finds the processors: the ACPI MADT when the loader named an RSDP (QEMU's PVH loader does;
-/// its firmware's MP table may list only the CPUs it managed to wake), else the MP table (what
-/// Worldvisor provides), else a scan for the RSDP.
+/// Finds the processors: the ACPI MADT when the loader named an RSDP (Worldvisor and QEMU's PVH
+/// loader do; QEMU's firmware's MP table may list only the CPUs it managed to wake), else the MP
+/// table, else a scan for the RSDP.
 pub fn discover() -> Option<CpuList> {
-    let rsdp = crate::boot_info().rsdp;
-    if rsdp != 0 {
-        if let Some(l) = from_madt(rsdp) {
+    if crate::boot_info().rsdp != 0 {
+        if let Some(l) = from_madt() {
             return Some(l);
         }
     }
-    from_mptable().or_else(|| from_madt(0))
+    from_mptable().or_else(from_madt)
 }
 
 /// APs that reached `ap_main`.

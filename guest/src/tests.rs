@@ -50,6 +50,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"user" => user(),
         b"pci" => pci_test(),
         b"rng" => rng_test(),
+        b"acpi" => acpi_test(),
         b"blk" => blk_test(),
         b"net" => net_test(),
         b"blkbench" => blk_bench(),
@@ -780,6 +781,75 @@ fn blk_request(
     used?;
     // SAFETY: the device has completed the request.
     Some(unsafe { core::ptr::read_volatile(&raw const (*b).status[0]) })
+}
+
+/// The ACPI tables: the RSDP, every table of the root table with a valid checksum, and on
+/// Worldvisor a hardware-reduced FADT with a sleep control register and `_S5_`, and a MADT
+/// listing as many processors as the MP table. (With `probe.poweroff=acpi` the guest then
+/// powers off through S5.)
+fn acpi_test() -> Outcome {
+    use crate::acpi;
+    let mut d = Line::new();
+    let Some(rsdp) = acpi::rsdp() else {
+        return fail("acpi", d.s("no RSDP (loader hint or BIOS-area scan)"));
+    };
+    let Some((root, size)) = acpi::root() else {
+        return fail("acpi", d.s("no valid XSDT or RSDT"));
+    };
+    d.s("rsdp=")
+        .hex(rsdp)
+        .s(if size == 8 { " xsdt=" } else { " rsdt=" })
+        .hex(root)
+        .s(" tables=");
+    let mut i = 0;
+    while let Some(t) = acpi::entry(i) {
+        // SAFETY: the root table's entries point at tables in identity-mapped low memory.
+        let sig = unsafe { (t as *const [u8; 4]).read_unaligned() };
+        // SAFETY: as above; the length is checked against a bound before the sum.
+        let len = unsafe { ((t + 4) as *const u32).read_unaligned() };
+        if i > 0 {
+            d.s(",");
+        }
+        d.bytes(&sig);
+        if !(36..=(1 << 20)).contains(&len) || !acpi::checksum_ok(t, u64::from(len)) {
+            d.s(" problem: bad checksum or length");
+            return fail("acpi", &mut d);
+        }
+        i += 1;
+    }
+    let dsdt = acpi::dsdt();
+    d.s(if dsdt.is_some() { ",DSDT" } else { ",no-DSDT" });
+    let Some((lapics, ioapics)) = acpi::madt_counts() else {
+        d.s(" problem: no valid MADT");
+        return fail("acpi", &mut d);
+    };
+    d.s(" lapics=").dec(lapics).s(" ioapics=").dec(ioapics);
+    if !crate::pv::on_worldvisor() {
+        return pass("acpi", &mut d);
+    }
+    let mp = crate::smp::mptable_cpus();
+    let (hw, port, s5) = (
+        acpi::hw_reduced(),
+        acpi::sleep_control_port(),
+        acpi::s5_sleep_type(),
+    );
+    d.s(" hw-reduced=").s(if hw { "yes" } else { "no" });
+    if let Some(p) = port {
+        d.s(" sleep-port=").hex(u64::from(p));
+    }
+    if let Some(t) = s5 {
+        d.s(" s5=").dec(u64::from(t));
+    }
+    if dsdt.is_none() || !hw || port.is_none() || s5.is_none() {
+        d.s(" problem: Worldvisor's tables need a DSDT, a hardware-reduced FADT, a sleep control register and _S5_");
+        return fail("acpi", &mut d);
+    }
+    if ioapics != 1 || Some(lapics) != mp {
+        d.s(" problem: the MADT and the MP table disagree (mp cpus ");
+        d.dec(mp.unwrap_or(0)).s(")");
+        return fail("acpi", &mut d);
+    }
+    pass("acpi", &mut d)
 }
 
 fn blk_test() -> Outcome {

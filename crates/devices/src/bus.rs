@@ -10,6 +10,8 @@ pub enum DeviceAction {
     None,
     /// The guest asked for a system reset.
     Reset,
+    /// The guest powered off (ACPI S5).
+    Poweroff,
 }
 
 /// A device on the port I/O bus. `offset` is relative to the device's base port.

@@ -4,6 +4,7 @@
 //! each device sits behind its own mutex. Device indices on the bus double as the exit-accounting
 //! cause for port I/O.
 
+pub mod acpi;
 pub mod bus;
 pub mod i8042;
 pub mod mmio;

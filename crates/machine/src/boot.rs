@@ -3,7 +3,8 @@
 //! Two protocols: a bzImage enters through the Linux 64-bit boot protocol (long mode, identity
 //! page tables, `rsi` = zero page at offset 0x200 of the protected-mode kernel); an ELF with a
 //! `XEN_ELFNOTE_PHYS32_ENTRY` note enters through PVH (32-bit protected mode, paging off, `ebx` =
-//! `hvm_start_info`). Both get the command line, an optional initrd, the e820 map and the MP
+//! `hvm_start_info`). Both get the command line, an optional initrd, the e820 map, the ACPI
+//! tables' RSDP address and the MP
 //! table. Every size and address coming from an image is checked before anything is written,
 //! so a malformed image is a clear error, never a write over the VMM's own boot structures.
 #![allow(clippy::cast_possible_truncation)] // boot-structure fields hold addresses below 4 GiB and sizes bounded by the layout; x86-64 only
@@ -193,6 +194,7 @@ fn load_from<F: Read + Seek + ReadVolatile>(
     cpus: u8,
 ) -> Result<LoadedGuest, BootError> {
     let mpt = mptable::build(cpus).map_err(BootError::Cpus)?;
+    let acpi = crate::acpi::build(cpus).map_err(BootError::Cpus)?;
     if cmdline.as_bytes().contains(&0) {
         return Err(BootError::CmdlineNul);
     }
@@ -325,6 +327,8 @@ fn load_from<F: Read + Seek + ReadVolatile>(
         None => None,
     };
     mem.write_slice(&mpt, GuestAddress(EBDA_START))
+        .map_err(gw)?;
+    mem.write_slice(&acpi, GuestAddress(crate::acpi::ACPI_START))
         .map_err(gw)?;
     write_gdt(mem)?;
     let map = e820::map(mem_size);
@@ -513,6 +517,7 @@ fn write_zero_page(
         p.e820_table[i].r#type = e.kind;
     }
     p.e820_entries = map.len() as u8;
+    p.acpi_rsdp_addr = crate::acpi::ACPI_START;
     mem.write_slice(pod_bytes(&p), GuestAddress(ZERO_PAGE))
         .map_err(gw)
 }
@@ -539,6 +544,7 @@ fn write_start_info(
         cmdline_paddr: CMDLINE,
         memmap_paddr: PVH_MEMMAP,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: crate::acpi::ACPI_START,
         ..Default::default()
     };
     if let Some((addr, size)) = initrd {

@@ -5,6 +5,7 @@
 //! Everything here is pure data layout on top of a `GuestMemoryMmap`: no KVM calls, so all of
 //! it is unit-tested without `/dev/kvm`.
 
+pub mod acpi;
 pub mod boot;
 pub mod e820;
 pub mod layout;

@@ -426,6 +426,15 @@ fn build(
         Arc::new(Mutex::new(I8042::default())),
     )
     .map_err(internal("port bus"))?;
+    bus.insert(
+        wv_machine::acpi::SLEEP_CONTROL_PORT,
+        2,
+        "acpi-sleep",
+        Arc::new(Mutex::new(wv_devices::acpi::AcpiSleep::new(
+            wv_machine::acpi::S5_SLEEP_TYPE,
+        ))),
+    )
+    .map_err(internal("port bus"))?;
     let mut pci = pci::PciBuilder::new(vm.clone());
     if cfg.rng {
         pci.add_virtio(

@@ -133,6 +133,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                     match shared.bus.write(dev, off, data) {
                         DeviceAction::None => Step::Continue,
                         DeviceAction::Reset => Step::End(VmEnd::Reset("i8042 reset command")),
+                        DeviceAction::Poweroff => Step::End(VmEnd::Poweroff(0)),
                     }
                 } else {
                     cause = unassigned_port_cause(port);

@@ -70,6 +70,50 @@ selftest! {
     pci_bzimage_4: "pci", "bzimage", 4;
     rng_pvh_1: "rng", "pvh", 1;
     rng_bzimage_4: "rng", "bzimage", 4;
+    acpi_pvh_1: "acpi", "pvh", 1;
+    acpi_pvh_4: "acpi", "pvh", 4;
+    acpi_pvh_32: "acpi", "pvh", 32;
+    acpi_bzimage_1: "acpi", "bzimage", 1;
+    acpi_bzimage_4: "acpi", "bzimage", 4;
+    acpi_bzimage_32: "acpi", "bzimage", 32;
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn acpi_tables_describe_the_machine_and_s5_powers_it_off() {
+    need_kvm();
+    for (format, vcpus) in [("pvh", 4), ("bzimage", 2)] {
+        let dir = TempDir::new("probe-acpi");
+        let img = image(&dir, format);
+        let r = wv(&[
+            "run",
+            "--kernel",
+            img.to_str().unwrap(),
+            "--vcpus",
+            &vcpus.to_string(),
+            "--cmdline",
+            "probe.tests=smp,acpi probe.poweroff=acpi",
+            "--stats=json",
+        ]);
+        assert_eq!(r.status, Some(0), "{r}");
+        let line = r.assert_pass("acpi");
+        assert!(
+            line.contains("tables=FACP,APIC,DSDT")
+                && line.contains(&format!("lapics={vcpus} ioapics=1"))
+                && line.contains("hw-reduced=yes sleep-port=0x600 s5=5"),
+            "{line}"
+        );
+        // The processors come from the MADT now that the loader names the RSDP.
+        assert!(r.assert_pass("smp").contains("source=madt"), "{r}");
+        // The VM ended through the sleep control register, not the paravirtual call.
+        assert!(
+            r.stdout.contains("probe: powering off through ACPI S5"),
+            "{r}"
+        );
+        let s = r.stats();
+        assert_eq!(cause_count(&s, "io:acpi-sleep"), 1, "{r}");
+        assert_eq!(cause_count(&s, "hypercall:poweroff"), 0, "{r}");
+    }
 }
 
 #[test]

@@ -23,7 +23,7 @@ fn probe_guest_passes_on_qemu() {
     let rw = dir.file("rw.img", &disk);
     let ro = dir.file("ro.img", &disk[..64 << 10]);
     let cmdline = format!(
-        "probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng,blk probe.initrd={}:{:#x}",
+        "probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng,blk,acpi probe.initrd={}:{:#x}",
         data.len(),
         wv_abi::initrd_checksum(&data)
     );
@@ -78,9 +78,12 @@ fn probe_guest_passes_on_qemu() {
         "pci",
         "rng",
         "blk",
+        "acpi",
     ] {
         r.assert_pass(t);
     }
+    // The guest's ACPI reader agrees with an independent firmware's tables.
+    assert!(r.assert_pass("acpi").contains("lapics=2 ioapics=1"), "{r}");
     assert!(r.assert_pass("boot").contains("initrd=5000B"), "{r}");
     assert!(r.assert_pass("smp").contains("cpus=2"), "{r}");
     let blk = r.assert_pass("blk");
@@ -100,7 +103,7 @@ fn probe_guest_passes_on_qemu() {
     );
     assert!(
         r.stdout
-            .contains("probe: summary passed=8 failed=0 skipped=1"),
+            .contains("probe: summary passed=9 failed=0 skipped=1"),
         "{r}"
     );
 }
