@@ -114,6 +114,14 @@ pub static STRAY: AtomicU64 = AtomicU64::new(0);
 /// What a fault taken in user mode should do.
 pub static USER_FAULT_EXPECTED: AtomicU64 = AtomicU64::new(0);
 
+/// Set while a kernel-mode `int3` is expected (the `int3` test): its #BP is counted and
+/// returns to the next instruction instead of failing.
+pub static KERNEL_BP_EXPECTED: AtomicU64 = AtomicU64::new(0);
+/// Kernel-mode #BPs taken while expected.
+pub static KERNEL_BP: AtomicU64 = AtomicU64::new(0);
+/// The return address of the last of them (the instruction after the `int3`).
+pub static KERNEL_BP_RIP: AtomicU64 = AtomicU64::new(0);
+
 fn set_gate(idt: &mut Idt, v: usize, handler: u64, dpl: u64) {
     let low = (handler & 0xffff)
         | (u64::from(entry::KERNEL_CS) << 16)
@@ -245,6 +253,10 @@ extern "C" fn interrupt_dispatch(f: &mut Frame) {
             lapic::write(lapic::EOI, 0);
         }
         RETURN_VECTOR if from_user => entry::return_to_kernel(f.rax),
+        RETURN_VECTOR if KERNEL_BP_EXPECTED.load(Ordering::Relaxed) == 1 => {
+            KERNEL_BP.fetch_add(1, Ordering::Relaxed);
+            KERNEL_BP_RIP.store(f.rip, Ordering::Relaxed);
+        }
         0..=31 if from_user && USER_FAULT_EXPECTED.load(Ordering::Relaxed) == 1 => {
             USER_FAULT_EXPECTED.store(0, Ordering::Relaxed);
             entry::return_to_kernel(0xfa17_0000 | f.vector);

@@ -59,6 +59,7 @@ pub fn run(name: &[u8]) -> Outcome {
         // each is tested end to end. None is in the default list.
         b"triplefault" => triple_fault(),
         b"emulfail" => emulation_failure(),
+        b"int3" => int3_kernel(),
         b"reset" => reset(),
         b"hang" => hang(),
         b"burn" => burn(),
@@ -536,6 +537,31 @@ fn emulation_failure() -> Outcome {
     }
     let mut d = Line::new();
     fail("emulfail", d.s("POPCNT on MMIO completed"))
+}
+
+/// A kernel-mode `int3` reaches the #BP handler with the return address just past it, and
+/// the kernel carries on. (On a host whose instruction emulator cannot run `int3` in guest
+/// kernel mode, Worldvisor raises the #BP itself.)
+fn int3_kernel() -> Outcome {
+    use crate::cpu::{KERNEL_BP, KERNEL_BP_EXPECTED, KERNEL_BP_RIP};
+    let before = KERNEL_BP.load(Ordering::Relaxed);
+    KERNEL_BP_EXPECTED.store(1, Ordering::Relaxed);
+    let after: u64;
+    // SAFETY: int3 goes to this guest's own #BP handler, which returns to the next
+    // instruction; `after` is that instruction's address.
+    unsafe {
+        core::arch::asm!("lea {a}, [rip + 2f]", "int3", "2:", a = out(reg) after, options(nostack));
+    }
+    KERNEL_BP_EXPECTED.store(0, Ordering::Relaxed);
+    let hits = KERNEL_BP.load(Ordering::Relaxed) - before;
+    let rip = KERNEL_BP_RIP.load(Ordering::Relaxed);
+    let mut d = Line::new();
+    d.s("bp=").dec(hits).s(" rip=").hex(rip);
+    if hits != 1 || rip != after {
+        d.s(" problem: expected one #BP returning to ").hex(after);
+        return fail("int3", &mut d);
+    }
+    pass("int3", d.s(" returned-after-int3"))
 }
 
 fn reset() -> Outcome {

@@ -31,7 +31,10 @@ pub const DEBUG: usize = 9;
 pub const OTHER: usize = 10;
 /// A call-port access that named no valid block or call.
 pub const HYPERCALL_INVALID: usize = 11;
-const FIXED: [&str; 12] = [
+/// A guest kernel-mode `int3` the host's instruction emulator could not run, whose #BP the VMM
+/// injected instead.
+pub const EMULATED_INT3: usize = 12;
+const FIXED: [&str; 13] = [
     "io:unassigned",
     "mmio:unassigned",
     "hlt",
@@ -44,6 +47,7 @@ const FIXED: [&str; 12] = [
     "debug",
     "other",
     "hypercall:invalid",
+    "emulated:int3",
 ];
 
 /// The causes of one VM: the fixed ones, one per port I/O device, one per call.
