@@ -10,7 +10,7 @@
 //!
 //! Hand-written rather than clap: measured with `perf stat -r 300` on a release build, clap
 //! (derive) parsing a command tree of `wv`'s size costs about 0.15-0.2 ms more per start than
-//! this scanner, several percent of `wv run`'s few-millisecond start (README, "Command line").
+//! this scanner, several percent of `wv run`'s few-millisecond start.
 
 use crate::fs;
 use std::path::{Path, PathBuf};
