@@ -219,44 +219,56 @@ fn options_a_command_does_not_use_are_refused() {
 
 #[test]
 fn every_command_answers_help() {
-    let lines: &[&[&str]] = &[
-        &["--help"],
-        &["-h"],
-        &["help", "vm", "create"],
-        &["run", "--help"],
-        &["run", "-h"],
-        &["probe-image", "--help"],
-        &["host", "--help"],
-        &["host", "-h"],
-        &["host", "status", "--help"],
-        &["host", "top", "-h"],
-        &["vm", "--help"],
-        &["vm", "create", "--help"],
-        &["vm", "create", "a", "--memory=1G", "-h"],
-        &["vm", "set", "--help"],
-        &["vm", "list", "--help"],
-        &["vm", "info", "-h"],
-        &["vm", "stats", "--help"],
-        &["vm", "console", "--help"],
-        &["vm", "start", "--help"],
-        &["vm", "stop", "--help"],
-        &["vm", "pause", "--help"],
-        &["vm", "resume", "--help"],
-        &["vm", "delete", "--help"],
-        &["fs", "--help"],
-        &["fs", "mkfs", "--help"],
-        &["fs", "create", "-h"],
-        &["fs", "check", "--help"],
+    // (command line, the start of its usage's first line)
+    let lines: &[(&[&str], &str)] = &[
+        (&["host", "--help"], "Usage: wv host [OPTIONS]"),
+        (&["host", "-h"], "Usage: wv host [OPTIONS]"),
+        (
+            &["host", "--listen", "127.0.0.1:1", "-h"],
+            "Usage: wv host [OPTIONS]",
+        ),
+        (&["host", "status", "--help"], "Usage: wv host status"),
+        (&["host", "top", "-h"], "Usage: wv host top"),
+        (&["--help"], "Worldvisor"),
+        (&["-h"], "Worldvisor"),
+        (&["help", "vm", "create"], "Usage: wv vm create"),
+        (&["run", "--help"], "Usage: wv run"),
+        (&["run", "-h"], "Usage: wv run"),
+        (&["probe-image", "--help"], "Usage: wv probe-image"),
+        (&["vm", "--help"], "Usage: wv vm COMMAND"),
+        (&["vm", "create", "--help"], "Usage: wv vm create [NAME]"),
+        (
+            &["vm", "create", "a", "--memory=1G", "-h"],
+            "Usage: wv vm create",
+        ),
+        (&["vm", "set", "--help"], "Usage: wv vm set NAME"),
+        (&["vm", "list", "--help"], "Usage: wv vm list"),
+        (&["vm", "info", "-h"], "Usage: wv vm info NAME"),
+        (&["vm", "stats", "--help"], "Usage: wv vm stats NAME"),
+        (&["vm", "console", "--help"], "Usage: wv vm console NAME"),
+        (&["vm", "start", "--help"], "Usage: wv vm start NAME"),
+        (&["vm", "stop", "--help"], "Usage: wv vm stop NAME"),
+        (&["vm", "pause", "--help"], "Usage: wv vm pause NAME"),
+        (&["vm", "resume", "--help"], "Usage: wv vm resume NAME"),
+        (&["vm", "delete", "--help"], "Usage: wv vm delete NAME"),
+        (&["fs", "--help"], "Usage: wv fs COMMAND"),
+        (&["fs", "mkfs", "--help"], "Usage: wv fs mkfs DS"),
+        (&["fs", "create", "-h"], "Usage: wv fs create DS NAME"),
+        (
+            &["fs", "import", "--help"],
+            "Usage: wv fs import DS NAME SOURCE",
+        ),
+        (&["fs", "check", "--help"], "Usage: wv fs check DS"),
     ];
-    for args in lines {
+    for (args, first) in lines {
         // No daemon anywhere: help must not need one.
         let mut c = Command::new(wv_bin());
         c.args(*args).env("WV_SOCKET", "/nonexistent/wv.sock");
         let r = run_cmd(c, Duration::from_secs(10));
         assert_eq!(r.status, Some(0), "{args:?}\n{r}");
         assert!(
-            r.stdout.starts_with("Usage") || r.stdout.starts_with("Worldvisor"),
-            "{args:?}\n{r}"
+            r.stdout.starts_with(first),
+            "{args:?}: expected {first:?}\n{r}"
         );
         assert!(r.stderr.is_empty(), "{args:?}\n{r}");
     }
