@@ -1206,6 +1206,15 @@ mod tests {
     }
 
     #[test]
+    fn double_dash_ends_the_options() {
+        let (_, v) = vm(&["vm", "info", "--", "-odd"]);
+        assert_eq!(v, VmCmd::Named("info", "-odd".into()));
+        let (_, v) = vm(&["vm", "--", "delete", "--json"]);
+        assert_eq!(v, VmCmd::Named("delete", "--json".into()));
+        assert!(refused(&["vm", "info", "a", "--", "b"]).contains("unexpected 'b'"));
+    }
+
+    #[test]
     fn run_reads_its_options() {
         let Ok(Command::Run(c, stats)) = parse(&args(&[
             "run",
