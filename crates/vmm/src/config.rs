@@ -89,6 +89,34 @@ impl DiskConfig {
             id,
         })
     }
+
+    /// The `--disk` text that [`DiskConfig::parse`] reads back as this disk at `index` (how a
+    /// client hands a parsed, path-resolved disk to the daemon, which passes it to `wv run`);
+    /// the id is left out when it is the default for `index`.
+    pub fn to_spec(&self, index: usize) -> Result<String, ConfigError> {
+        let path = self
+            .path
+            .to_str()
+            .filter(|p| !p.contains(','))
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "--disk: the path {} cannot be passed on (it must be UTF-8 without ',')",
+                    self.path.display()
+                ))
+            })?;
+        let mut s = match &self.vmkfs {
+            Some(name) => format!("vmkfs={path}:{name}"),
+            None => format!("path={path}"),
+        };
+        if self.readonly {
+            s.push_str(",readonly=on");
+        }
+        if self.id != format!("disk{index}") {
+            s.push_str(",id=");
+            s.push_str(&self.id);
+        }
+        Ok(s)
+    }
 }
 
 /// A virtio-net device on a TAP.
@@ -135,6 +163,17 @@ impl NetConfig {
         }
         let tap = tap.ok_or_else(|| ConfigError(format!("--net '{spec}' has no tap=NAME")))?;
         Ok(NetConfig { tap, mac })
+    }
+
+    /// The `--net` text that [`NetConfig::parse`] reads back as this device.
+    pub fn to_spec(&self) -> String {
+        match self.mac {
+            Some(m) => format!(
+                "tap={},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                self.tap, m[0], m[1], m[2], m[3], m[4], m[5]
+            ),
+            None => format!("tap={}", self.tap),
+        }
     }
 }
 
@@ -200,6 +239,16 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     }
     let n: u64 = num.parse().map_err(|_| bad())?;
     n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// `bytes` in the largest unit of [`parse_size`] that states it exactly (`512M`, `4100K`).
+pub fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes != 0 && bytes.trailing_zeros() >= shift {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }
 
 /// Host RAM in bytes.
@@ -293,6 +342,38 @@ mod tests {
             " G",
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_round_trip() {
+        for (b, t) in [
+            (256 << 20, "256M"),
+            (2 << 30, "2G"),
+            (4100 << 10, "4100K"),
+            (4097, "4097"),
+            (0, "0"),
+            (1 << 40, "1T"),
+        ] {
+            assert_eq!(format_size(b), t);
+            assert_eq!(parse_size(t), Ok(b));
+        }
+    }
+
+    #[test]
+    fn specs_round_trip() {
+        for d in ["path=/a b.img", "vmkfs=/dev/sdb:1:web,readonly=on,id=root"] {
+            assert_eq!(DiskConfig::parse(d, 0).unwrap().to_spec(0).unwrap(), d);
+        }
+        // A default id stays the default of the disk's place; another place keeps it.
+        let d = DiskConfig::parse("path=x.img,readonly=on", 2).unwrap();
+        assert_eq!(d.to_spec(2).unwrap(), "path=x.img,readonly=on");
+        assert_eq!(DiskConfig::parse(&d.to_spec(0).unwrap(), 0).unwrap(), d);
+        let mut bad = d.clone();
+        bad.path = "/a,b/x.img".into();
+        assert!(bad.to_spec(2).unwrap_err().0.contains("','"));
+        for n in ["tap=t0", "tap=tap9,mac=52:54:00:ab:cd:ef"] {
+            assert_eq!(NetConfig::parse(n).unwrap().to_spec(), n);
         }
     }
 

@@ -2,14 +2,14 @@
 //! file standing in for a partition. Exit status: 0 done, 1 the operation failed (one line on
 //! stderr saying why), 200 bad usage; `check` exits 1 when problems remain.
 
-use crate::{fail, split_option, take_value, Usage};
+use crate::cli::{self, Arg, Opt, Spec, Usage};
+use crate::fail;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wv_vmkfs::{Datastore, Dev, FileDev, MkfsOptions};
-use wv_vmm::error::STATUS_USAGE;
 use wv_vmm::parse_size;
 
 pub const USAGE: &str = "\
@@ -35,9 +35,13 @@ Commands:
                           a new disk from an image (raw, qcow2 or any format qemu-img reads)
   export DS NAME DEST     write a disk to a raw image (sparse)
   check DS [--repair]     check the metadata (exit 1 if problems remain); --repair fixes it
-  unlock DS NAME          break a lock record a crashed writer left";
+  unlock DS NAME          break a lock record a crashed writer left
 
-struct Args {
+Run wv fs COMMAND --help for a command's options.";
+
+/// A `wv fs` command line, parsed.
+#[derive(Debug)]
+pub struct Args {
     cmd: String,
     pos: Vec<String>,
     json: bool,
@@ -50,86 +54,206 @@ struct Args {
     repair: bool,
 }
 
-fn parse(args: &[String]) -> Result<Option<Args>, Usage> {
-    let Some(cmd) = args.first() else {
-        return Ok(None);
-    };
-    if matches!(cmd.as_str(), "-h" | "--help" | "help") {
-        return Ok(None);
-    }
-    let mut a = Args {
-        cmd: cmd.clone(),
-        pos: Vec::new(),
-        json: false,
-        size: None,
-        block_size: None,
-        max_files: None,
-        label: None,
-        thin: false,
-        force: false,
-        repair: false,
-    };
-    let mut i = 1;
-    while i < args.len() {
-        let (name, inline) = split_option(&args[i]);
-        let size = |v: String| parse_size(&v).map_err(|e| Usage(format!("{name}: {e}")));
-        match name {
-            "-h" | "--help" => return Ok(None),
-            "--json" => a.json = true,
-            "--thin" => a.thin = true,
-            "--force" => a.force = true,
-            "--repair" => a.repair = true,
-            "--size" => a.size = Some(size(take_value(args, &mut i, name, inline)?)?),
-            "--block-size" => a.block_size = Some(size(take_value(args, &mut i, name, inline)?)?),
-            "--max-files" => {
-                let v = take_value(args, &mut i, name, inline)?;
-                a.max_files = Some(
-                    v.parse()
-                        .map_err(|_| Usage(format!("--max-files: '{v}' is not a number")))?,
-                );
-            }
-            "--label" => a.label = Some(take_value(args, &mut i, name, inline)?),
-            o if o.starts_with('-') && o.len() > 1 => {
-                return Err(Usage(format!("unknown option '{o}' for wv fs {}", a.cmd)))
-            }
-            _ => a.pos.push(args[i].clone()),
-        }
-        i += 1;
-    }
-    let want = match a.cmd.as_str() {
-        "mkfs" | "info" | "ls" | "check" => 1,
-        "create" | "rm" | "resize" | "snapshot" | "commit" | "revert" | "unlock" => 2,
-        "import" | "export" => 3,
-        other => {
-            return Err(Usage(format!(
-                "unknown command 'wv fs {other}' (see wv fs --help)"
-            )))
+const JSON: Opt = Opt {
+    long: "--json",
+    short: None,
+    arg: Arg::Flag,
+    help: "machine-readable output",
+};
+const SIZE: Opt = Opt {
+    long: "--size",
+    short: None,
+    arg: Arg::Value("SIZE"),
+    help: "size, e.g. 20G",
+};
+const THIN: Opt = Opt {
+    long: "--thin",
+    short: None,
+    arg: Arg::Flag,
+    help: "allocate on first write instead of preallocating and zeroing",
+};
+
+macro_rules! fs_spec {
+    ($cmd:literal, [$($pos:literal),*], $about:literal, [$($o:expr),*]) => {
+        Spec {
+            cmd: concat!("wv fs ", $cmd),
+            pos: &[$($pos),*],
+            about: $about,
+            opts: &[&[$($o,)* JSON]],
+            after: "Exit status: 0 done, 1 the operation failed, 200 bad usage.",
         }
     };
-    if a.pos.len() != want {
+}
+
+/// Every `wv fs` command: what it takes (the scanner refuses anything else).
+const SPECS: &[Spec] = &[
+    fs_spec!(
+        "mkfs",
+        ["DS"],
+        "Makes a datastore (--size creates the file DS first).",
+        [
+            Opt {
+                long: "--size",
+                short: None,
+                arg: Arg::Value("SIZE"),
+                help: "create DS as a file of SIZE"
+            },
+            Opt {
+                long: "--block-size",
+                short: None,
+                arg: Arg::Value("SIZE"),
+                help: "64K to 256M (default 1M)"
+            },
+            Opt {
+                long: "--max-files",
+                short: None,
+                arg: Arg::Value("N"),
+                help: "file slots"
+            },
+            Opt {
+                long: "--label",
+                short: None,
+                arg: Arg::Value("L"),
+                help: "a label"
+            },
+            Opt {
+                long: "--force",
+                short: None,
+                arg: Arg::Flag,
+                help: "replace an existing datastore"
+            }
+        ]
+    ),
+    fs_spec!(
+        "info",
+        ["DS"],
+        "Shows the datastore: block size, space, files, metadata.",
+        []
+    ),
+    fs_spec!(
+        "ls",
+        ["DS"],
+        "Lists its files (frozen NAME@N are the parents of redo logs).",
+        []
+    ),
+    fs_spec!(
+        "create",
+        ["DS", "NAME"],
+        "Makes a virtual disk, preallocated and zeroed unless --thin.",
+        [SIZE, THIN]
+    ),
+    fs_spec!(
+        "rm",
+        ["DS", "NAME"],
+        "Removes a disk (with the frozen parents of its redo logs).",
+        []
+    ),
+    fs_spec!("resize", ["DS", "NAME"], "Grows a disk.", [SIZE]),
+    fs_spec!(
+        "snapshot",
+        ["DS", "NAME"],
+        "Starts a redo log: NAME's current contents freeze as NAME@N.",
+        []
+    ),
+    fs_spec!(
+        "commit",
+        ["DS", "NAME"],
+        "Merges NAME's redo log into its parent.",
+        []
+    ),
+    fs_spec!(
+        "revert",
+        ["DS", "NAME"],
+        "Drops NAME's redo log: back to the contents at the snapshot.",
+        []
+    ),
+    fs_spec!(
+        "import",
+        ["DS", "NAME", "SOURCE"],
+        "Makes a new disk from an image (raw, qcow2 or any format qemu-img reads).",
+        [THIN]
+    ),
+    fs_spec!(
+        "export",
+        ["DS", "NAME", "DEST"],
+        "Writes a disk to a raw image (sparse).",
+        []
+    ),
+    fs_spec!(
+        "check",
+        ["DS"],
+        "Checks the metadata (exit 1 if problems remain).",
+        [Opt {
+            long: "--repair",
+            short: None,
+            arg: Arg::Flag,
+            help: "fix what it finds"
+        }]
+    ),
+    fs_spec!(
+        "unlock",
+        ["DS", "NAME"],
+        "Breaks a lock record a crashed writer left.",
+        []
+    ),
+];
+
+/// Parses `wv fs ...` (without `fs`); `Err(usage text)` when help was asked.
+pub fn parse(args: &[String]) -> Result<Result<Args, String>, Usage> {
+    let specs: Vec<&Spec> = SPECS.iter().collect();
+    let (cmd, rest) = cli::split_subcommand(args, &specs);
+    let Some(cmd) = cmd.filter(|c| c != "help") else {
+        if rest.is_empty() || rest.iter().any(|a| a == "-h" || a == "--help") || cmd_is_help(args) {
+            return Ok(Err(USAGE.to_string()));
+        }
         return Err(Usage(format!(
-            "wv fs {} takes {want} argument{} (see wv fs --help)",
-            a.cmd,
-            if want == 1 { "" } else { "s" }
+            "wv fs needs a command, not '{}' (see wv fs --help)",
+            rest[0]
         )));
-    }
+    };
+    let spec = SPECS
+        .iter()
+        .find(|s| s.cmd.rsplit(' ').next() == Some(cmd.as_str()))
+        .ok_or_else(|| Usage(format!("unknown command 'wv fs {cmd}' (see wv fs --help)")))?;
+    let Some(m) = cli::scan(spec, &rest)? else {
+        return Ok(Err(cli::usage(spec)));
+    };
+    let size = |o: &str| {
+        m.value(o)
+            .map(|v| parse_size(v).map_err(|e| Usage(format!("{o}: {e}"))))
+            .transpose()
+    };
+    let a = Args {
+        cmd,
+        json: m.has("--json"),
+        size: size("--size")?,
+        block_size: size("--block-size")?,
+        max_files: m
+            .value("--max-files")
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| Usage(format!("--max-files: '{v}' is not a number")))
+            })
+            .transpose()?,
+        label: m.value("--label").map(str::to_string),
+        thin: m.has("--thin"),
+        force: m.has("--force"),
+        repair: m.has("--repair"),
+        pos: m.pos,
+    };
     if matches!(a.cmd.as_str(), "create" | "resize") && a.size.is_none() {
         return Err(Usage(format!("wv fs {} needs --size", a.cmd)));
     }
-    Ok(Some(a))
+    Ok(Ok(a))
 }
 
-/// Entry point of `wv fs`.
-pub fn cmd_fs(args: &[String]) -> ExitCode {
-    let a = match parse(args) {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(Usage(m)) => return fail(STATUS_USAGE, &m),
-    };
-    match run(&a) {
+fn cmd_is_help(args: &[String]) -> bool {
+    args.first().is_some_and(|a| a == "help")
+}
+
+/// Runs a parsed `wv fs` command.
+pub fn cmd_fs(a: &Args) -> ExitCode {
+    match run(a) {
         Ok(code) => code,
         Err(m) => fail(1, &m),
     }

@@ -1,0 +1,291 @@
+//! The command line end to end: every command reads `--opt value` and `--opt=value` alike,
+//! refuses what it does not use with one line (exit 200) before doing anything, answers
+//! `--help`, and `wv vm create` sends the daemon what was asked, with absolute paths.
+//! None of this starts a VM, so none of it needs KVM.
+
+mod common;
+use common::daemon::Daemon;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn assert_usage_error(r: &Run, needle: &str) {
+    assert_eq!(r.status, Some(200), "{r}");
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr\n{r}");
+    assert!(lines[0].starts_with("wv: error: "), "{r}");
+    assert!(lines[0].contains(needle), "expected '{needle}'\n{r}");
+    assert!(r.stdout.is_empty(), "{r}");
+}
+
+fn spec(d: &Daemon, name: &str) -> serde_json::Value {
+    d.json(&["vm", "info", name])["spec"].clone()
+}
+
+#[test]
+fn vm_create_keeps_every_option_in_both_forms() {
+    let dir = TempDir::new("cli-forms");
+    let d = Daemon::start(&dir);
+    // The report's command line: every option arrives.
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "issue",
+        "--memory=512M",
+        "--disk=path=/x.img",
+        "--net=tap=tap9",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let s = spec(&d, "issue");
+    assert_eq!(
+        (&s["memory"], &s["disks"], &s["nets"]),
+        (
+            &"512M".into(),
+            &serde_json::json!(["path=/x.img"]),
+            &serde_json::json!(["tap=tap9"])
+        ),
+        "{s}"
+    );
+    // Every option, in each form.
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "a",
+        "--memory=512M",
+        "--disk=path=/x.img",
+        "--net=tap=tap9",
+        "--vcpus=2",
+        "--rng=off",
+        "--cmdline=console=ttyS0 probe.tests=boot",
+        "--shares=2000",
+        "--reservation=0.5",
+        "--limit=1.5",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "b",
+        "--memory",
+        "512M",
+        "--disk",
+        "path=/x.img",
+        "--net",
+        "tap=tap9",
+        "--vcpus",
+        "2",
+        "--rng",
+        "off",
+        "--cmdline",
+        "console=ttyS0 probe.tests=boot",
+        "--shares",
+        "2000",
+        "--reservation",
+        "0.5",
+        "--limit",
+        "1.5",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let (a, mut b) = (spec(&d, "a"), spec(&d, "b"));
+    assert_eq!(a["memory"], "512M", "{a}");
+    assert_eq!(a["vcpus"], 2, "{a}");
+    assert_eq!(a["disks"], serde_json::json!(["path=/x.img"]), "{a}");
+    assert_eq!(a["nets"], serde_json::json!(["tap=tap9"]), "{a}");
+    assert_eq!(a["rng"], false, "{a}");
+    assert_eq!(a["cmdline"], "console=ttyS0 probe.tests=boot", "{a}");
+    assert_eq!(
+        (&a["shares"], &a["reservation"], &a["limit"]),
+        (&2000.into(), &0.5.into(), &1.5.into()),
+        "{a}"
+    );
+    b["name"] = "a".into();
+    assert_eq!(a, b, "both forms give the same definition");
+
+    // `wv vm set` reads both forms too.
+    let r = d.wv(&["vm", "set", "a", "--shares=3000", "--limit=none"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let a = spec(&d, "a");
+    assert_eq!(
+        (&a["shares"], &a["limit"]),
+        (&3000.into(), &serde_json::Value::Null)
+    );
+    d.stop();
+}
+
+#[test]
+fn relative_paths_are_made_absolute_by_the_client() {
+    let dir = TempDir::new("cli-paths");
+    let d = Daemon::start(&dir);
+    let work = dir.path("work");
+    std::fs::create_dir_all(work.join("sub")).unwrap();
+    let mut c = Command::new(wv_bin());
+    c.current_dir(&work).env("WV_SOCKET", &d.socket).args([
+        "vm",
+        "create",
+        "rel",
+        "--kernel",
+        "bzImage",
+        "--initrd=sub/initrd.img",
+        "--disk",
+        "path=disk.img,readonly=on",
+        "--disk=vmkfs=sub/ds.img:web,id=root",
+    ]);
+    let r = run_cmd(c, Duration::from_secs(30));
+    assert_eq!(r.status, Some(0), "{r}");
+    let s = spec(&d, "rel");
+    let w = work.to_str().unwrap();
+    assert_eq!(s["kernel"], format!("{w}/bzImage"), "{s}");
+    assert_eq!(s["initrd"], format!("{w}/sub/initrd.img"), "{s}");
+    assert_eq!(
+        s["disks"],
+        serde_json::json!([
+            format!("path={w}/disk.img,readonly=on"),
+            format!("vmkfs={w}/sub/ds.img:web,id=root"),
+        ]),
+        "{s}"
+    );
+
+    // A definition file's relative paths are relative to the file, wherever the client runs.
+    let file = dir.file(
+        "work/sub/web.toml",
+        b"name = \"web\"\nkernel = \"vmlinux\"\ndisks = [\"path=../web.img\"]\n",
+    );
+    let r = d.wv(&["vm", "create", "--file", file.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let s = spec(&d, "web");
+    assert_eq!(s["kernel"], format!("{w}/sub/vmlinux"), "{s}");
+    assert_eq!(
+        s["disks"],
+        serde_json::json!([format!("path={w}/sub/../web.img")]),
+        "{s}"
+    );
+    d.stop();
+}
+
+#[test]
+fn options_a_command_does_not_use_are_refused() {
+    let dir = TempDir::new("cli-refused");
+    let d = Daemon::start(&dir);
+    for (args, needle) in [
+        (&["vm", "create", "a", "--serial", "none"][..], "'--serial'"),
+        (&["vm", "create", "a", "--serial=x.log"], "'--serial'"),
+        (
+            &["vm", "create", "a", "--console-socket", "/tmp/c.sock"],
+            "'--console-socket'",
+        ),
+        (&["vm", "create", "a", "--stats"], "'--stats'"),
+        (&["vm", "create", "a", "--stats=json"], "'--stats'"),
+        (&["vm", "create", "a", "--bogus"], "'--bogus'"),
+        (&["vm", "create", "a", "b"], "unexpected 'b'"),
+        (&["vm", "create", "a", "--memory"], "needs a value"),
+        (
+            &["vm", "create", "a", "--memory=lots"],
+            "invalid size 'lots'",
+        ),
+        (&["vm", "create", "a", "--disk=nopath"], "expected path=IMG"),
+        (
+            &["vm", "create", "a", "--state-dir", "/tmp"],
+            "'--state-dir'",
+        ),
+        (&["vm", "list", "--once"], "'--once'"),
+        (&["vm", "set", "a", "--vcpus", "2"], "'--vcpus'"),
+        (&["vm", "info", "a", "--json=yes"], "takes no value"),
+        (&["host", "status", "--listen", "127.0.0.1:1"], "'--listen'"),
+        (&["run", "--shares", "100"], "'--shares'"),
+        (&["run", "stray"], "unexpected 'stray'"),
+        (&["probe-image", "--format=pvh", "--bogus"], "'--bogus'"),
+    ] {
+        let r = d.wv(args);
+        assert_usage_error(&r, needle);
+    }
+    assert_eq!(
+        d.json(&["vm", "list"]),
+        serde_json::json!([]),
+        "nothing was created"
+    );
+    d.stop();
+
+    // A daemon with an option it does not know is refused before it starts serving.
+    let mut c = Command::new(wv_bin());
+    c.args(["host", "--socket"])
+        .arg(dir.path("x.sock"))
+        .arg("--state-dir")
+        .arg(dir.path("x-state"))
+        .args(["--listen", "127.0.0.1:1", "--bogus"]);
+    let r = run_cmd(c, Duration::from_secs(10));
+    assert_usage_error(&r, "unknown option '--bogus' for 'wv host'");
+    assert!(!dir.path("x.sock").exists(), "it never served");
+}
+
+#[test]
+fn every_command_answers_help() {
+    // (command line, the start of its usage's first line)
+    let lines: &[(&[&str], &str)] = &[
+        (&["host", "--help"], "Usage: wv host [OPTIONS]"),
+        (&["host", "-h"], "Usage: wv host [OPTIONS]"),
+        (
+            &["host", "--listen", "127.0.0.1:1", "-h"],
+            "Usage: wv host [OPTIONS]",
+        ),
+        (&["host", "status", "--help"], "Usage: wv host status"),
+        (&["host", "top", "-h"], "Usage: wv host top"),
+        (&["--help"], "Worldvisor"),
+        (&["-h"], "Worldvisor"),
+        (&["help", "vm", "create"], "Usage: wv vm create"),
+        (&["run", "--help"], "Usage: wv run"),
+        (&["run", "-h"], "Usage: wv run"),
+        (&["probe-image", "--help"], "Usage: wv probe-image"),
+        (&["vm", "--help"], "Usage: wv vm COMMAND"),
+        (&["vm", "create", "--help"], "Usage: wv vm create [NAME]"),
+        (
+            &["vm", "create", "a", "--memory=1G", "-h"],
+            "Usage: wv vm create",
+        ),
+        (&["vm", "set", "--help"], "Usage: wv vm set NAME"),
+        (&["vm", "list", "--help"], "Usage: wv vm list"),
+        (&["vm", "info", "-h"], "Usage: wv vm info NAME"),
+        (&["vm", "stats", "--help"], "Usage: wv vm stats NAME"),
+        (&["vm", "console", "--help"], "Usage: wv vm console NAME"),
+        (&["vm", "start", "--help"], "Usage: wv vm start NAME"),
+        (&["vm", "stop", "--help"], "Usage: wv vm stop NAME"),
+        (&["vm", "pause", "--help"], "Usage: wv vm pause NAME"),
+        (&["vm", "resume", "--help"], "Usage: wv vm resume NAME"),
+        (&["vm", "delete", "--help"], "Usage: wv vm delete NAME"),
+        (&["fs", "--help"], "Usage: wv fs COMMAND"),
+        (&["fs", "mkfs", "--help"], "Usage: wv fs mkfs DS"),
+        (&["fs", "create", "-h"], "Usage: wv fs create DS NAME"),
+        (
+            &["fs", "import", "--help"],
+            "Usage: wv fs import DS NAME SOURCE",
+        ),
+        (&["fs", "check", "--help"], "Usage: wv fs check DS"),
+    ];
+    for (args, first) in lines {
+        // No daemon anywhere: help must not need one.
+        let mut c = Command::new(wv_bin());
+        c.args(*args).env("WV_SOCKET", "/nonexistent/wv.sock");
+        let r = run_cmd(c, Duration::from_secs(10));
+        assert_eq!(r.status, Some(0), "{args:?}\n{r}");
+        assert!(
+            r.stdout.starts_with(first),
+            "{args:?}: expected {first:?}\n{r}"
+        );
+        assert!(r.stderr.is_empty(), "{args:?}\n{r}");
+    }
+    // A command's usage lists what it takes, and only that.
+    let r = wv(&["vm", "create", "--help"]);
+    for o in [
+        "--memory SIZE",
+        "--disk SPEC",
+        "--net SPEC",
+        "--shares N",
+        "--file",
+    ] {
+        assert!(r.stdout.contains(o), "{o}\n{r}");
+    }
+    for o in ["--serial", "--console-socket", "--stats"] {
+        assert!(!r.stdout.contains(o), "{o}\n{r}");
+    }
+    let r = wv(&["host", "--help"]);
+    assert!(r.stdout.contains("--listen ADDR:PORT"), "{r}");
+}
