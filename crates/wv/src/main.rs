@@ -22,6 +22,19 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(Usage(m)) => return fail(STATUS_USAGE, &m),
     };
+    // Commands that only print (help, listings, tables) end quietly when their reader goes
+    // away (`wv vm list | head`), as other command-line tools do; the VMM, the daemon and the
+    // console keep SIGPIPE ignored and handle EPIPE themselves.
+    let printer = match &cmd {
+        Command::Help(_) | Command::Version | Command::HostStatus(_) | Command::HostTop(..) => true,
+        Command::Vm(_, VmCmd::Named(what, _)) => *what != "console",
+        Command::Vm(..) | Command::Fs(_) => true,
+        Command::Run(..) | Command::ProbeImage { .. } | Command::HostServe { .. } => false,
+    };
+    if printer {
+        // SAFETY: restoring the default disposition of one signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cmd {
         Command::Help(text) => {
             println!("{text}");

@@ -289,3 +289,27 @@ fn every_command_answers_help() {
     let r = wv(&["host", "--help"]);
     assert!(r.stdout.contains("--listen ADDR:PORT"), "{r}");
 }
+
+#[test]
+fn printing_to_a_closed_pipe_ends_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    // `wv --help | head -1`, with the reader gone before wv writes: the end a shell shows for
+    // any tool (SIGPIPE), never a panic.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors, owned below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors are new and owned here alone.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    for args in [&["--help"][..], &["vm", "create", "--help"][..]] {
+        let out = Command::new(wv_bin())
+            .args(args)
+            .stdout(write.try_clone().unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{args:?}: {err}");
+    }
+}
