@@ -60,6 +60,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"triplefault" => triple_fault(),
         b"emulfail" => emulation_failure(),
         b"int3" => int3_kernel(),
+        b"cpuid" => cpuid_test(),
         b"reset" => reset(),
         b"hang" => hang(),
         b"burn" => burn(),
@@ -421,6 +422,17 @@ user_lcg:
 user_burn:
 3:  pause
     jmp 3b
+    .globl user_cpuid
+user_cpuid:
+    mov user_cpuid_in(%rip), %eax
+    mov user_cpuid_in+4(%rip), %ecx
+    cpuid
+    mov %eax, user_cpuid_out(%rip)
+    mov %ebx, user_cpuid_out+4(%rip)
+    mov %ecx, user_cpuid_out+8(%rip)
+    mov %edx, user_cpuid_out+12(%rip)
+    int3
+4:  jmp 4b
     .globl user_privileged
 user_privileged:
     hlt
@@ -431,12 +443,19 @@ user_privileged:
     .p2align 3
 user_iters: .quad 100000000
 user_seed: .quad 12345
+    .globl user_cpuid_in
+    .globl user_cpuid_out
+user_cpuid_in: .long 0, 0
+user_cpuid_out: .long 0, 0, 0, 0
     .text
 "#,
     options(att_syntax)
 );
 
 extern "C" {
+    fn user_cpuid();
+    static mut user_cpuid_in: [u32; 2];
+    static user_cpuid_out: [u32; 4];
     fn user_lcg();
     fn user_privileged();
     fn user_burn();
@@ -562,6 +581,58 @@ fn int3_kernel() -> Outcome {
         return fail("int3", &mut d);
     }
     pass("int3", d.s(" returned-after-int3"))
+}
+
+/// CPUID as guest kernel code (CPL0) and as user code (CPL3) sees it, for the leaves a kernel
+/// decides its features by: 1, 7.0, 0xD.0 and 0xD.1. Reports both; fails only when the two
+/// disagree on leaf 1's feature bits (ECX/EDX), which the VMM's table should decide for both.
+fn cpuid_test() -> Outcome {
+    let stack_top = USER_STACK.as_ptr() as u64 + 4096;
+    let mut d = Line::new();
+    let mut agree = true;
+    for (i, (leaf, sub)) in [(1u32, 0u32), (7, 0), (0xd, 0), (0xd, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let k = core::arch::x86_64::__cpuid_count(leaf, sub);
+        let k = [k.eax, k.ebx, k.ecx, k.edx];
+        // SAFETY: the user routine reads its input and writes its output through these statics
+        // while the kernel waits in run_user; nothing else touches them.
+        let u = unsafe {
+            user_cpuid_in = [leaf, sub];
+            crate::entry::run_user(user_cpuid as *const () as u64, stack_top);
+            core::ptr::read_volatile(&raw const user_cpuid_out)
+        };
+        if i > 0 {
+            d.s(" ");
+        }
+        d.hex(u64::from(leaf)).s(".").dec(u64::from(sub)).s(":k=");
+        for (j, r) in k.iter().enumerate() {
+            if j > 0 {
+                d.s(",");
+            }
+            d.hex(u64::from(*r));
+        }
+        if u == k {
+            d.s(":u=same");
+        } else {
+            d.s(":u=");
+            for (j, r) in u.iter().enumerate() {
+                if j > 0 {
+                    d.s(",");
+                }
+                d.hex(u64::from(*r));
+            }
+        }
+        if leaf == 1 && (k[2] != u[2] || k[3] != u[3]) {
+            agree = false;
+        }
+    }
+    if !agree {
+        d.s(" problem: leaf 1 features differ between kernel and user mode");
+        return fail("cpuid", &mut d);
+    }
+    pass("cpuid", &mut d)
 }
 
 fn reset() -> Outcome {

@@ -5,6 +5,17 @@
 //! kernel code in its instruction emulator (PVM), which has no CMPXCHG16B, no XSAVE family and no
 //! SIMD beyond SSE2; a kernel that sees those features uses them and stops with an emulation
 //! failure. With hardware virtualization every supported feature stays visible.
+//!
+//! What the guest then sees is not always this table. Measured with the probe guest's `cpuid`
+//! test on a PVM host (Linux 6.18), CPUID at CPL0 and at CPL3 alike: a feature bit KVM lists as
+//! supported follows the table (CX16 is hidden as asked), but a bit KVM does not list shows the
+//! host CPU's value whatever KVM_SET_CPUID2 said (XSAVE, AVX, SSE3-4.2, AVX2, AVX-512 are seen),
+//! and leaf 0xD is the host's although wv leaves it out. The fields the VMM sets outright (leaf
+//! 1 EBX: APIC ID and CPU count; topology and hypervisor leaves) follow the table. So the masks
+//! below cannot hide those features there; [`ignored_features`] names what a guest will see
+//! although wv clears it, and `wv run` warns with that list when it boots a kernel of the
+//! user's (`noxsave` gets a Linux kernel past its XSAVE use). With hardware virtualization,
+//! leaf 0xD is KVM's own, whose XSAVE area size KVM recomputes as the guest sets XCR0.
 
 use kvm_bindings::kvm_cpuid_entry2;
 use wv_abi as abi;
@@ -49,6 +60,56 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEAF7_EBX_AVX2_AVX512: u32 =
     (1 << 5) | (1 << 16) | (1 << 17) | (1 << 28) | (1 << 30) | (1 << 31);
+
+/// The features the emulating host's masks clear, by CPUID leaf, register and bit.
+const CLEARED: [(u32, char, u32, &str); 14] = [
+    (1, 'c', 0, "sse3"),
+    (1, 'c', 9, "ssse3"),
+    (1, 'c', 13, "cx16"),
+    (1, 'c', 19, "sse4.1"),
+    (1, 'c', 20, "sse4.2"),
+    (1, 'c', 23, "popcnt"),
+    (1, 'c', 26, "xsave"),
+    (1, 'c', 28, "avx"),
+    (7, 'b', 5, "avx2"),
+    (7, 'b', 16, "avx512f"),
+    (7, 'b', 17, "avx512dq"),
+    (7, 'b', 28, "avx512cd"),
+    (7, 'b', 30, "avx512bw"),
+    (7, 'b', 31, "avx512vl"),
+];
+
+/// On a host that emulates guest kernel code, the features wv clears from the guest's CPUID
+/// that the guest sees anyway: those the host's CPU has and KVM does not list as supported
+/// (see the module comment). Empty with hardware virtualization, where the table is what the
+/// guest sees.
+pub fn ignored_features(host: HostCpu, supported: &[kvm_cpuid_entry2]) -> Vec<&'static str> {
+    if !host.kernel_mode_emulated {
+        return Vec::new();
+    }
+    let (l1, l7) = (
+        std::arch::x86_64::__cpuid(1),
+        std::arch::x86_64::__cpuid_count(7, 0),
+    );
+    let kvm = |leaf: u32| {
+        supported
+            .iter()
+            .find(|e| e.function == leaf && e.index == 0)
+    };
+    let (k1, k7) = (kvm(1).map_or(0, |e| e.ecx), kvm(7).map_or(0, |e| e.ebx));
+    CLEARED
+        .iter()
+        .filter(|(leaf, _, bit, _)| {
+            let (host, kvm) = if *leaf == 1 {
+                (l1.ecx, k1)
+            } else {
+                (l7.ebx, k7)
+            };
+            host & (1 << bit) != 0 && kvm & (1 << bit) == 0
+        })
+        .map(|c| c.3)
+        .collect()
+}
 
 fn ceil_log2(n: u32) -> u32 {
     32 - n.saturating_sub(1).leading_zeros()
@@ -241,6 +302,21 @@ mod tests {
         assert_ne!(l1.ecx & (1 << 21), 0, "x2apic stays");
         assert_eq!(find(&v, 7, 0).ebx, 1 << 3, "avx2 hidden, bmi1 kept");
         assert!(!v.iter().any(|e| e.function == 0xd));
+    }
+
+    #[test]
+    fn the_named_features_are_the_ones_the_masks_clear() {
+        let l1: u32 = CLEARED.iter().filter(|c| c.0 == 1).map(|c| 1 << c.2).sum();
+        assert_eq!(
+            l1,
+            LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_AVX | LEAF1_ECX_SSE3_UP
+        );
+        let l7: u32 = CLEARED.iter().filter(|c| c.0 == 7).map(|c| 1 << c.2).sum();
+        assert_eq!(l7, LEAF7_EBX_AVX2_AVX512);
+        let hw = HostCpu {
+            kernel_mode_emulated: false,
+        };
+        assert!(ignored_features(hw, &supported()).is_empty());
     }
 
     #[test]

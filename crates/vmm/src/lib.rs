@@ -222,6 +222,21 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         Ok::<_, VmmError>((template?, vm, shared))
     })?;
     trace.mark("cpuid template ready");
+    // A kernel of the user's may use what it sees (the probe guest does not).
+    if matches!(cfg.kernel, KernelSource::Path(_)) {
+        let ignored = wv_hypervisor::cpuid::ignored_features(
+            template.host,
+            template.supported_cpuid.as_slice(),
+        );
+        if !ignored.is_empty() {
+            eprintln!(
+                "wv: warning: this host's KVM emulates guest kernel code and shows the guest CPU \
+                 features its emulator cannot run, whatever wv's CPUID says: {} (a Linux guest \
+                 needs 'noxsave')",
+                ignored.join(" ")
+            );
+        }
+    }
 
     let loaded = shared.loaded.clone();
     let mut fds = Vec::with_capacity(cfg.vcpus.try_into().unwrap_or(0));
