@@ -172,6 +172,18 @@ fn tag(p: &Path) -> String {
 
 type Reply = (u16, String);
 
+/// Parses a request body that must be a JSON object (serde would also take a struct from an
+/// array, `["a"]` for `{"name":"a"}`, which the API document does not allow).
+fn object<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Reply> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(error(
+            400,
+            format!("invalid {what}: expected a JSON object"),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| error(400, format!("invalid {what}: {e}")))
+}
+
 /// An answer: status, extra headers, body.
 pub struct Answer {
     /// HTTP status.
@@ -499,9 +511,9 @@ impl Daemon {
     }
 
     fn set(&self, name: &str, body: &[u8]) -> Reply {
-        let u: ResourceUpdate = match serde_json::from_slice(body) {
+        let u: ResourceUpdate = match object(body, "settings") {
             Ok(u) => u,
-            Err(e) => return error(400, format!("invalid settings: {e}")),
+            Err(r) => return r,
         };
         let mut doc = self.lock();
         let Some(i) = doc.worlds.iter().position(|w| w.spec.name == name) else {
@@ -677,9 +689,9 @@ impl Daemon {
     }
 
     fn create(&self, body: &[u8]) -> Reply {
-        let spec: VmSpec = match serde_json::from_slice(body) {
+        let spec: VmSpec = match object(body, "VM spec") {
             Ok(s) => s,
-            Err(e) => return error(400, format!("invalid VM spec: {e}")),
+            Err(r) => return r,
         };
         if let Err(e) = spec.validate() {
             return error(422, e);
