@@ -1057,5 +1057,7 @@ fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stre
         eprintln!("wv host: {what}: answered {}: {}", a.status, a.body);
     }
     let stream = r.get_mut().get_mut();
+    // A client that does not read its answer cannot hold the connection's slot for ever.
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let _ = http::write_response(stream, a.status, &a.headers, &a.body);
 }

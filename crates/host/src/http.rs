@@ -64,21 +64,29 @@ fn percent_decode(s: &str) -> Result<String, HttpError> {
     String::from_utf8(out).map_err(|_| HttpError(400, format!("path segment '{s}' is not UTF-8")))
 }
 
-/// A stream whose read timeout can be set (Unix and TCP sockets).
+/// A stream whose timeouts can be set (Unix and TCP sockets).
 pub trait Timed {
     /// Sets the timeout of the next reads.
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// Sets the timeout of the next writes.
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
 }
 
 impl Timed for UnixStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         UnixStream::set_read_timeout(self, t)
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_write_timeout(self, t)
+    }
 }
 
 impl Timed for std::net::TcpStream {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         std::net::TcpStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, t)
     }
 }
 
