@@ -14,21 +14,71 @@
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
-//! 404, 405, 409 (duplicate name, wrong state) or 422 (a value out of range).
+//! 404, 405 (with `Allow`), 408 (request not received within [`REQUEST_TIMEOUT`]), 409
+//! (duplicate name, wrong state, too many VMs) or 422 (a value out of range); 500 when the
+//! host fails (saving the state, starting a process), always written to the daemon's log with
+//! its cause. Query strings are ignored and path segments are %-decoded.
+//!
+//! Lifecycle operations on one VM (start, stop, pause, resume, delete) run one at a time, and
+//! a VMM is only ever signalled through its pidfd ([`supervisor::Pidfd`]). At most
+//! [`MAX_CONNECTIONS`] requests are served at once; the accept loops back off when the
+//! daemon is out of descriptors.
 
 use crate::helper;
 use crate::http::{self, HttpError, Request};
 use crate::sched::{self, Cgroups, Demand};
 use crate::store::{Document, Store};
-use crate::supervisor;
-use crate::world::{State, VmSpec, World};
+use crate::supervisor::{self, Pidfd};
+use crate::world::{no_null, State, VmSpec, World};
 use serde_json::json;
-use std::collections::HashSet;
+use serde_json::value::RawValue;
+use std::collections::{HashMap, HashSet};
 use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+/// Most VMs one daemon defines (each costs a share of every save of the state).
+pub const MAX_VMS: usize = 512;
+/// Most requests served at once (one thread each); more connections wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time for a client to send its whole request, after which it is answered 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a VMM has to end after SIGTERM before it is killed (and again after SIGKILL).
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// One run of a VMM: its pidfd, and whether the daemon has recorded its end.
+struct Run {
+    pidfd: Pidfd,
+    ended: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Run {
+    fn new(pidfd: Pidfd) -> Arc<Run> {
+        Arc::new(Run {
+            pidfd,
+            ended: Mutex::new(false),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// Waits at most `t` for the daemon to record the end of this run; whether it has.
+    fn wait(&self, t: Duration) -> bool {
+        let g = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, t, |ended| !*ended)
+            .unwrap_or_else(|p| p.into_inner());
+        *g
+    }
+
+    fn end(&self) {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
 
 /// The daemon's state.
 pub struct Daemon {
@@ -41,15 +91,52 @@ pub struct Daemon {
     cgroups: Result<Cgroups, String>,
     cpus: f64,
     ctl: Mutex<sched::Controller>,
+    /// The VMM runs, by world id, from start (or adoption) until their end is recorded.
+    runs: Mutex<HashMap<u64, Arc<Run>>>,
+    /// Per world id, held through each lifecycle operation so that they never interleave.
+    lifecycle: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
 }
 
-/// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit: 0` removes the limit.
+/// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit` null (or 0) removes the
+/// limit. `limit` is kept as written, so that a number too small for an f64 (1e-400) is
+/// refused rather than read as 0.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResourceUpdate {
+    #[serde(default, deserialize_with = "no_null")]
     shares: Option<u32>,
+    #[serde(default, deserialize_with = "no_null")]
     reservation: Option<f64>,
-    limit: Option<f64>,
+    #[serde(default, deserialize_with = "no_null")]
+    limit: Option<Box<RawValue>>,
+}
+
+/// What a `limit` in a PATCH asks for: `Ok(None)` removes the limit.
+fn parse_limit(raw: &RawValue) -> Result<Option<f64>, Reply> {
+    let text = raw.get().trim();
+    if text == "null" {
+        return Ok(None);
+    }
+    let v: f64 = serde_json::from_str(text).map_err(|_| {
+        error(
+            400,
+            format!("invalid settings: limit {text} is not a number"),
+        )
+    })?;
+    if v != 0.0 {
+        return Ok(Some(v));
+    }
+    let mantissa = text.split(['e', 'E']).next().unwrap_or(text);
+    if mantissa.bytes().all(|b| b"+-0.".contains(&b)) {
+        Ok(None)
+    } else {
+        Err(error(
+            422,
+            format!(
+                "limit {text} out of range: 0 or null removes the limit, otherwise at least 0.01"
+            ),
+        ))
+    }
 }
 
 /// CPU accounting of one world.
@@ -85,6 +172,49 @@ fn tag(p: &Path) -> String {
 
 type Reply = (u16, String);
 
+/// Parses a request body that must be a JSON object (serde would also take a struct from an
+/// array, `["a"]` for `{"name":"a"}`, which the API document does not allow).
+fn object<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Reply> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(error(
+            400,
+            format!("invalid {what}: expected a JSON object"),
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| error(400, format!("invalid {what}: {e}")))
+}
+
+/// An answer: status, extra headers, body.
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra header lines (`Allow: GET`).
+    pub headers: Vec<String>,
+    /// JSON body (empty for 204).
+    pub body: String,
+}
+
+impl From<Reply> for Answer {
+    fn from((status, body): Reply) -> Answer {
+        Answer {
+            status,
+            headers: Vec::new(),
+            body,
+        }
+    }
+}
+
+/// The methods a path supports, or `None` when no such resource exists.
+fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
+    Some(match parts {
+        ["v1", "host"] | ["v1", "stats"] | ["v1", "vms", _, "stats"] => &["GET"],
+        ["v1", "vms"] => &["GET", "POST"],
+        ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
+        ["v1", "vms", _, "start" | "stop" | "pause" | "resume"] => &["POST"],
+        _ => return None,
+    })
+}
+
 fn error(status: u16, msg: impl std::fmt::Display) -> Reply {
     (status, json!({ "error": msg.to_string() }).to_string())
 }
@@ -118,6 +248,8 @@ impl Daemon {
             cgroups,
             cpus,
             ctl: Mutex::default(),
+            runs: Mutex::default(),
+            lifecycle: Mutex::default(),
         });
         let mut adopt = Vec::new();
         {
@@ -136,11 +268,16 @@ impl Daemon {
                 if !matches!(w.state, State::Running | State::Starting | State::Paused) {
                     continue;
                 }
-                match w.pid {
-                    Some(pid) if supervisor::is_our_vmm(pid, &d.store.vm_dir(&w.spec.name)) => {
-                        adopt.push((w.id, pid))
-                    }
-                    _ => {
+                // The pidfd first, then the check: a pid reused before the pidfd was opened
+                // fails the check; after, it cannot be reused while we hold the pidfd.
+                let ours = w.pid.and_then(|pid| {
+                    let fd = Pidfd::open(pid).ok()?;
+                    let dir = d.store.vm_dir(&w.spec.name).ok()?;
+                    supervisor::is_our_vmm(pid, &dir).then_some((pid, fd))
+                });
+                match ours {
+                    Some((pid, fd)) => adopt.push((w.id, pid, Run::new(fd))),
+                    None => {
                         w.state = State::Stopped;
                         w.pid = None;
                         w.console = None;
@@ -153,7 +290,8 @@ impl Daemon {
                 for w in doc.worlds.iter().filter(|w| !is_live(w.state)) {
                     cg.remove(w.id);
                 }
-                for &(id, pid) in &adopt {
+                for (id, pid, _) in &adopt {
+                    let (id, pid) = (*id, *pid);
                     if let Err(e) = cg.attach(id, pid) {
                         eprintln!("wv host: world {id}: {e}");
                     }
@@ -165,18 +303,66 @@ impl Daemon {
             let d2 = d.clone();
             helper::spawn("sched", move || d2.schedule())?;
         }
-        for (id, pid) in adopt {
+        for (id, _, run) in adopt {
+            d.runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, run.clone());
             let d2 = d.clone();
             helper::spawn("wait", move || {
-                supervisor::wait_foreign(pid);
+                supervisor::wait_foreign(&run.pidfd);
                 d2.finished(id, None);
             })?;
         }
+        // Folders of deleted VMs that a previous daemon did not finish removing.
+        let d2 = d.clone();
+        helper::spawn("cleanup", move || {
+            if let Err(e) = d2.store.remove_trash(None) {
+                eprintln!("wv host: emptying the trash of the state directory: {e}");
+            }
+        })?;
         Ok(d)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Document> {
         self.doc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lifecycle lock of the VM named `name` (404 when there is none) and its world id.
+    /// Hold the returned mutex's guard through the whole operation.
+    fn lifecycle(&self, name: &str) -> Result<(u64, Arc<Mutex<()>>), Reply> {
+        let id = self
+            .lock()
+            .worlds
+            .iter()
+            .find(|w| w.spec.name == name)
+            .map(|w| w.id)
+            .ok_or_else(|| error(404, format!("no VM named '{name}'")))?;
+        let m = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone();
+        Ok((id, m))
+    }
+
+    /// The world `id` under the document lock, if it still exists (it may have been deleted
+    /// while the caller waited for its lifecycle lock).
+    fn world<'a>(doc: &'a mut Document, id: u64, name: &str) -> Result<&'a mut World, Reply> {
+        doc.worlds
+            .iter_mut()
+            .find(|w| w.id == id)
+            .ok_or_else(|| error(404, format!("no VM named '{name}'")))
+    }
+
+    fn run_of(&self, id: u64) -> Option<Arc<Run>> {
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
     }
 
     fn save(&self, doc: &Document) -> Result<(), Reply> {
@@ -193,15 +379,24 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         let mut doc = self.lock();
+        let run = self
+            .runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         let Some(w) = doc.worlds.iter_mut().find(|w| w.id == id) else {
+            if let Some(r) = run {
+                r.end();
+            }
             return;
         };
+        let log = self
+            .store
+            .vm_dir(&w.spec.name)
+            .map(|d| d.join("vmm.log"))
+            .unwrap_or_default();
         let (crashed, reason) = match status {
-            Some(s) => supervisor::classify(
-                s,
-                requested,
-                &self.store.vm_dir(&w.spec.name).join("vmm.log"),
-            ),
+            Some(s) => supervisor::classify(s, requested, &log),
             None if requested => (false, "stopped on request".into()),
             None => (
                 false,
@@ -216,11 +411,17 @@ impl Daemon {
         w.pid = None;
         w.console = None;
         w.reason = Some(reason);
-        let _ = self.store.save(&doc);
+        if let Err(e) = self.store.save(&doc) {
+            eprintln!("wv host: world {id}: saving the state after its VMM ended: {e}");
+        }
         if let Ok(cg) = &self.cgroups {
             cg.remove(id);
         }
         self.rebalance(&doc);
+        drop(doc);
+        if let Some(r) = run {
+            r.end();
+        }
     }
 
     /// The running worlds and their entitlements.
@@ -310,9 +511,9 @@ impl Daemon {
     }
 
     fn set(&self, name: &str, body: &[u8]) -> Reply {
-        let u: ResourceUpdate = match serde_json::from_slice(body) {
+        let u: ResourceUpdate = match object(body, "settings") {
             Ok(u) => u,
-            Err(e) => return error(400, format!("invalid settings: {e}")),
+            Err(r) => return r,
         };
         let mut doc = self.lock();
         let Some(i) = doc.worlds.iter().position(|w| w.spec.name == name) else {
@@ -321,8 +522,11 @@ impl Daemon {
         let mut spec = doc.worlds[i].spec.clone();
         spec.shares = u.shares.unwrap_or(spec.shares);
         spec.reservation = u.reservation.unwrap_or(spec.reservation);
-        if let Some(l) = u.limit {
-            spec.limit = (l != 0.0).then_some(l);
+        if let Some(l) = &u.limit {
+            match parse_limit(l) {
+                Ok(l) => spec.limit = l,
+                Err(r) => return r,
+            }
         }
         if let Err(e) = sched::validate(&spec.demand()) {
             return error(422, e);
@@ -414,8 +618,25 @@ impl Daemon {
     }
 
     /// Handles one request.
-    pub fn handle(self: &Arc<Self>, req: &Request) -> Reply {
-        let parts: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
+    pub fn handle(self: &Arc<Self>, req: &Request) -> Answer {
+        let segs = match http::segments(&req.path) {
+            Ok(s) => s,
+            Err(HttpError(status, msg)) => return error(status, msg).into(),
+        };
+        let parts: Vec<&str> = segs.iter().map(String::as_str).collect();
+        let Some(methods) = allowed(&parts) else {
+            return error(404, format!("no such resource: {}", req.path)).into();
+        };
+        if !methods.contains(&req.method.as_str()) {
+            return Answer {
+                headers: vec![format!("Allow: {}", methods.join(", "))],
+                ..error(
+                    405,
+                    format!("{} is not allowed on {}", req.method, req.path),
+                )
+                .into()
+            };
+        }
         match (req.method.as_str(), parts.as_slice()) {
             ("GET", ["v1", "host"]) => self.host(),
             ("GET", ["v1", "vms"]) => ok(200, &self.lock().worlds),
@@ -433,19 +654,9 @@ impl Daemon {
             ("POST", ["v1", "vms", name, "resume"]) => {
                 self.signal_state(name, State::Paused, State::Running, libc::SIGCONT)
             }
-            (
-                _,
-                ["v1", "host"]
-                | ["v1", "vms"]
-                | ["v1", "vms", _]
-                | ["v1", "stats"]
-                | ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "stats"],
-            ) => error(
-                405,
-                format!("{} is not allowed on {}", req.method, req.path),
-            ),
             _ => error(404, format!("no such resource: {}", req.path)),
         }
+        .into()
     }
 
     fn host(&self) -> Reply {
@@ -478,9 +689,9 @@ impl Daemon {
     }
 
     fn create(&self, body: &[u8]) -> Reply {
-        let spec: VmSpec = match serde_json::from_slice(body) {
+        let spec: VmSpec = match object(body, "VM spec") {
             Ok(s) => s,
-            Err(e) => return error(400, format!("invalid VM spec: {e}")),
+            Err(r) => return r,
         };
         if let Err(e) = spec.validate() {
             return error(422, e);
@@ -488,6 +699,12 @@ impl Daemon {
         let mut doc = self.lock();
         if doc.worlds.iter().any(|w| w.spec.name == spec.name) {
             return error(409, format!("a VM named '{}' exists already", spec.name));
+        }
+        if doc.worlds.len() >= MAX_VMS {
+            return error(
+                409,
+                format!("this daemon holds {MAX_VMS} VMs, its most: delete one first"),
+            );
         }
         let id = doc.next_id.max(helper::FIRST_VM_ID);
         doc.next_id = id + 1;
@@ -502,20 +719,23 @@ impl Daemon {
         doc.worlds.push(w.clone());
         if let Err(e) = self.save(&doc) {
             doc.worlds.pop();
+            doc.next_id = id;
             return e;
         }
         ok(201, &w)
     }
 
     fn delete(&self, name: &str) -> Reply {
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
         let mut doc = self.lock();
-        let Some(i) = doc.worlds.iter().position(|w| w.spec.name == name) else {
+        let Some(i) = doc.worlds.iter().position(|w| w.id == id) else {
             return error(404, format!("no VM named '{name}'"));
         };
-        if matches!(
-            doc.worlds[i].state,
-            State::Running | State::Starting | State::Paused
-        ) {
+        if is_live(doc.worlds[i].state) {
             return error(
                 409,
                 format!("VM '{name}' is {:?}: stop it first", doc.worlds[i].state).to_lowercase(),
@@ -526,42 +746,74 @@ impl Daemon {
             doc.worlds.insert(i, w);
             return e;
         }
-        let dir = self.store.vm_dir(name);
-        if let Err(e) = helper::spawn("cleanup", move || {
-            let _ = std::fs::remove_dir_all(dir);
-        }) {
-            eprintln!("wv host: removing the files of VM '{name}': {e}");
+        // The folder moves out of the way now, under the locks, so that a VM created next
+        // with the same name gets a fresh one; only its removal is left to the background.
+        match self.store.discard_vm_dir(name, id) {
+            Ok(None) => {}
+            Ok(Some(trash)) => {
+                let d = self.store.clone();
+                if let Err(e) = helper::spawn("cleanup", move || {
+                    if let Err(e) = d.remove_trash(Some(&trash)) {
+                        eprintln!("wv host: removing {}: {e}", trash.display());
+                    }
+                }) {
+                    eprintln!("wv host: removing the files of VM '{name}': {e}");
+                }
+            }
+            Err(e) => eprintln!("wv host: leaving the files of VM '{name}' alone: {e}"),
         }
+        drop(doc);
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         (204, String::new())
     }
 
     fn start(self: &Arc<Self>, name: &str) -> Reply {
-        let mut doc = self.lock();
-        let Some(w) = doc.worlds.iter_mut().find(|w| w.spec.name == name) else {
-            return error(404, format!("no VM named '{name}'"));
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
         };
-        if matches!(w.state, State::Running | State::Starting | State::Paused) {
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        let mut doc = self.lock();
+        let w = match Self::world(&mut doc, id, name) {
+            Ok(w) => w,
+            Err(r) => return r,
+        };
+        if is_live(w.state) {
             return error(409, format!("VM '{name}' is running already"));
         }
         let spec = w.spec.clone();
+        if let Err(e) = spec.validate() {
+            return error(409, format!("VM '{name}' cannot start: {e}"));
+        }
         if let Err(r) = self.admit(&doc, &spec) {
             return r;
         }
-        let Some(w) = doc.worlds.iter_mut().find(|w| w.spec.name == name) else {
-            return error(404, format!("no VM named '{name}'"));
+        let dir = match self.store.vm_dir(name) {
+            Ok(d) => d,
+            Err(e) => return error(409, format!("VM '{name}' cannot start: {e}")),
         };
-        let dir = self.store.vm_dir(name);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return error(500, format!("creating {}: {e}", dir.display()));
         }
         let log = dir.join("vmm.log");
         let sock = dir.join("console.sock");
-        let args = w.spec.run_args(&dir.join("console.log"), &sock);
+        let args = spec.run_args(&dir.join("console.log"), &sock);
         let mut child = match supervisor::spawn(&self.wv, &args, &log) {
             Ok(c) => c,
             Err(e) => return error(500, format!("starting the VMM: {e}")),
         };
-        let id = w.id;
+        // Not waited for yet, so the pid is still this child's: the pidfd names it for good.
+        let run = match Pidfd::open(child.id()) {
+            Ok(fd) => Run::new(fd),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return error(500, format!("opening a pidfd for the VMM: {e}"));
+            }
+        };
         if let Ok(cg) = &self.cgroups {
             if let Err(e) = cg.attach(id, child.id()) {
                 let _ = child.kill();
@@ -569,13 +821,23 @@ impl Daemon {
                 return error(500, format!("placing the VMM under the scheduler: {e}"));
             }
         }
+        let w = match Self::world(&mut doc, id, name) {
+            Ok(w) => w,
+            Err(r) => return r,
+        };
         w.state = State::Running;
         w.pid = Some(child.id());
         w.reason = None;
         w.console = Some(sock.display().to_string());
         let reply = ok(200, &*w);
-        let _ = self.save(&doc);
+        if let Err(e) = self.store.save(&doc) {
+            eprintln!("wv host: world {id}: saving the state after its start: {e}");
+        }
         self.rebalance(&doc);
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, run);
         drop(doc);
         let d = self.clone();
         let waiter = helper::spawn("wait", move || {
@@ -590,37 +852,51 @@ impl Daemon {
 
     /// Pause (SIGSTOP: every thread of the VMM, so every vCPU, stops) or resume (SIGCONT).
     fn signal_state(&self, name: &str, from: State, to: State, sig: libc::c_int) -> Reply {
-        let mut doc = self.lock();
-        let Some(w) = doc.worlds.iter_mut().find(|w| w.spec.name == name) else {
-            return error(404, format!("no VM named '{name}'"));
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
         };
-        let Some(pid) = w.pid.filter(|_| w.state == from) else {
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        let mut doc = self.lock();
+        let w = match Self::world(&mut doc, id, name) {
+            Ok(w) => w,
+            Err(r) => return r,
+        };
+        let run = self.run_of(id);
+        let Some(run) = run.filter(|_| w.state == from) else {
             return error(
                 409,
                 format!("VM '{name}' is {:?}, not {:?}", w.state, from).to_lowercase(),
             );
         };
-        // SAFETY: signalling the VMM process this daemon supervises for this VM.
-        if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-            return error(
-                409,
-                format!("VM '{name}': {}", std::io::Error::last_os_error()),
-            );
+        if let Err(e) = run.pidfd.signal(sig) {
+            return error(409, format!("VM '{name}': {e}"));
         }
         w.state = to;
         let reply = ok(200, &*w);
-        let _ = self.save(&doc);
+        if let Err(e) = self.store.save(&doc) {
+            eprintln!("wv host: world {id}: saving the state: {e}");
+        }
         reply
     }
 
+    /// Stops the VMM of `name` and answers once its end is recorded. The lifecycle lock
+    /// keeps a start from slipping in meanwhile; SIGTERM, then SIGKILL after [`STOP_GRACE`],
+    /// both through the run's pidfd, so never to another process.
     fn stop(&self, name: &str) -> Reply {
-        let (id, pid) = {
-            let doc = self.lock();
-            let Some(w) = doc.worlds.iter().find(|w| w.spec.name == name) else {
-                return error(404, format!("no VM named '{name}'"));
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        let run = {
+            let mut doc = self.lock();
+            let w = match Self::world(&mut doc, id, name) {
+                Ok(w) => w,
+                Err(r) => return r,
             };
-            match (w.state, w.pid) {
-                (State::Running | State::Starting | State::Paused, Some(pid)) => (w.id, pid),
+            match self.run_of(id) {
+                Some(run) if is_live(w.state) => run,
                 _ => return error(409, format!("VM '{name}' is not running")),
             }
         };
@@ -628,30 +904,114 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id);
-        let pid = pid as libc::pid_t;
-        // SAFETY: signalling the VMM process we started (or re-adopted) for this VM; a paused
-        // VMM is continued so it can act on SIGTERM.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-            libc::kill(pid, libc::SIGCONT);
-        }
-        for i in 0..200 {
-            if self
-                .lock()
-                .worlds
-                .iter()
-                .find(|w| w.id == id)
-                .is_none_or(|w| w.pid.is_none())
-            {
-                break;
+        // A paused VMM is continued so it can act on SIGTERM. Errors mean it has ended
+        // already, which the wait below sees.
+        let _ = run.pidfd.signal(libc::SIGTERM);
+        let _ = run.pidfd.signal(libc::SIGCONT);
+        if !run.wait(STOP_GRACE) {
+            let _ = run.pidfd.signal(libc::SIGKILL);
+            if !run.wait(STOP_GRACE) {
+                return error(
+                    500,
+                    format!("VM '{name}': its VMM did not end, even after SIGKILL"),
+                );
             }
-            if i == 100 {
-                // SAFETY: as above; the VMM did not stop within 5 s.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        self.with(name, |w| Ok(ok(200, w)))
+        let mut doc = self.lock();
+        match Self::world(&mut doc, id, name) {
+            Ok(w) => ok(200, &*w),
+            Err(r) => r,
+        }
+    }
+}
+
+/// Bounds the requests served at once to [`MAX_CONNECTIONS`].
+#[derive(Default)]
+struct Slots {
+    busy: Mutex<usize>,
+    cv: Condvar,
+}
+
+/// One slot, given back when dropped (at the end of its connection).
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    fn take(self: &Arc<Self>) -> Slot {
+        let g = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self
+            .cv
+            .wait_while(g, |n| *n >= MAX_CONNECTIONS)
+            .unwrap_or_else(|p| p.into_inner());
+        *g += 1;
+        Slot(self.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *self.0.busy.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.cv.notify_one();
+    }
+}
+
+/// Whether an accept error means the process or system is out of a resource (descriptors,
+/// memory), which only time cures.
+fn exhausted(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Accepts connections for ever, serving each on a management thread, at most
+/// [`MAX_CONNECTIONS`] at once; out of descriptors, it backs off (10 ms doubling to 1 s)
+/// instead of spinning, and says so once per episode.
+fn accept_loop<S>(d: &Arc<Daemon>, what: &str, mut accept: impl FnMut() -> std::io::Result<S>)
+where
+    S: std::io::Read + std::io::Write + http::Timed + Send + 'static,
+{
+    let slots = Arc::new(Slots::default());
+    let mut backoff = Duration::ZERO;
+    let mut failures = 0u64;
+    loop {
+        let slot = slots.take();
+        match accept() {
+            Ok(stream) => {
+                if failures > 0 {
+                    eprintln!("wv host: {what}: accepting again after {failures} failures");
+                    failures = 0;
+                }
+                backoff = Duration::ZERO;
+                let d = d.clone();
+                if let Err(e) = helper::spawn_management(move || {
+                    let _slot = slot;
+                    answer(&d, stream);
+                }) {
+                    eprintln!("wv host: no thread for a connection: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                drop(slot);
+                failures += 1;
+                backoff = if exhausted(&e) {
+                    (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
+                } else {
+                    Duration::from_millis(10)
+                };
+                if failures == 1 {
+                    let hint = if exhausted(&e) {
+                        " (out of file descriptors or memory)"
+                    } else {
+                        ""
+                    };
+                    eprintln!(
+                        "wv host: {what}: cannot accept a connection: {e}{hint}; retrying, backing off up to 1 s"
+                    );
+                }
+                std::thread::sleep(backoff);
+            }
+        }
     }
 }
 
@@ -671,14 +1031,7 @@ pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
         std::fs::remove_file(socket)?;
     }
     let listener = UnixListener::bind(socket)?;
-    for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-        let d = d.clone();
-        if let Err(e) = helper::spawn_management(move || answer(&d, stream)) {
-            eprintln!("wv host: no thread for a connection: {e}");
-        }
-    }
+    accept_loop(&d, "API socket", || listener.accept().map(|(s, _)| s));
     Ok(())
 }
 
@@ -688,24 +1041,23 @@ pub fn serve_tcp(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(addr)?;
     std::thread::Builder::new()
         .name("api-tcp".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(stream) = conn else { continue };
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let d = d.clone();
-                if let Err(e) = helper::spawn_management(move || answer(&d, stream)) {
-                    eprintln!("wv host: no thread for a connection: {e}");
-                }
-            }
-        })?;
+        .spawn(move || accept_loop(&d, "API on TCP", || listener.accept().map(|(s, _)| s)))?;
     Ok(())
 }
 
-/// One request and its answer on a connection.
-fn answer<S: std::io::Read + std::io::Write>(d: &Arc<Daemon>, mut stream: S) {
-    let reply = match http::read_request(&mut BufReader::new(&mut stream)) {
-        Ok(req) => d.handle(&req),
-        Err(HttpError(status, msg)) => error(status, msg),
+/// One request and its answer on a connection; every 5xx goes to the daemon's log with its
+/// cause.
+fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stream: S) {
+    let mut r = BufReader::new(http::Deadline::new(stream, REQUEST_TIMEOUT));
+    let (what, a) = match http::read_request(&mut r) {
+        Ok(req) => (format!("{} {}", req.method, req.path), d.handle(&req)),
+        Err(HttpError(status, msg)) => ("a request".to_string(), error(status, msg).into()),
     };
-    let _ = http::write_response(&mut stream, reply.0, &reply.1);
+    if a.status >= 500 {
+        eprintln!("wv host: {what}: answered {}: {}", a.status, a.body);
+    }
+    let stream = r.get_mut().get_mut();
+    // A client that does not read its answer cannot hold the connection's slot for ever.
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let _ = http::write_response(stream, a.status, &a.headers, &a.body);
 }

@@ -1,11 +1,12 @@
 //! Just enough HTTP/1.1 for the API over a Unix socket (or TCP when asked), with hard limits: a request line and
 //! headers of at most 8 KiB each and 100 headers, a body of at most 1 MiB given by
-//! Content-Length (no chunked encoding), one request per connection. Anything else is a 4xx
-//! answer, never a panic.
+//! Content-Length (no chunked encoding), one request per connection, the whole request read
+//! within a deadline ([`Deadline`]). Anything else is a 4xx answer, never a panic.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Largest request body.
 pub const MAX_BODY: usize = 1 << 20;
@@ -17,10 +18,123 @@ const MAX_HEADERS: usize = 100;
 pub struct Request {
     /// Method.
     pub method: String,
-    /// Path (query strings are not used).
+    /// Path as sent, without the query string (segments still %-encoded: see [`segments`]).
     pub path: String,
+    /// The query string (after `?`), empty when none; the API uses none of its parameters.
+    pub query: String,
     /// Body bytes.
     pub body: Vec<u8>,
+}
+
+/// The path's segments, %-decoded one by one (so `%2F` is a `/` inside a segment, never a
+/// separator). A trailing `/` is ignored. An invalid escape, a NUL or a segment that is not
+/// UTF-8 is a 400.
+pub fn segments(path: &str) -> Result<Vec<String>, HttpError> {
+    path.trim_end_matches('/')
+        .split('/')
+        .skip(1)
+        .map(percent_decode)
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Result<String, HttpError> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| HttpError(400, format!("bad %-escape in '{s}'")))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    if out.contains(&0) {
+        return Err(HttpError(
+            400,
+            format!("NUL byte in the path segment '{s}'"),
+        ));
+    }
+    String::from_utf8(out).map_err(|_| HttpError(400, format!("path segment '{s}' is not UTF-8")))
+}
+
+/// A stream whose timeouts can be set (Unix and TCP sockets).
+pub trait Timed {
+    /// Sets the timeout of the next reads.
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// Sets the timeout of the next writes.
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Timed for UnixStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_write_timeout(self, t)
+    }
+}
+
+impl Timed for std::net::TcpStream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, t)
+    }
+}
+
+/// Reads from a stream until a deadline for the whole request, not per read: each read may
+/// wait only for the time left, so a client trickling one byte at a time cannot hold a
+/// connection longer than the deadline. Past it, reads fail with `TimedOut` (answered 408).
+pub struct Deadline<S> {
+    inner: S,
+    end: Instant,
+}
+
+impl<S: Read + Timed> Deadline<S> {
+    /// `inner`, readable until `limit` from now.
+    pub fn new(inner: S, limit: Duration) -> Self {
+        Deadline {
+            inner,
+            end: Instant::now() + limit,
+        }
+    }
+
+    /// The stream, to answer on.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: Read + Timed> Read for Deadline<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.inner.set_read_timeout(Some(left))?;
+        match self.inner.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(std::io::ErrorKind::TimedOut.into())
+            }
+            r => r,
+        }
+    }
+}
+
+fn read_error(e: &std::io::Error, what: &str) -> HttpError {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        HttpError(408, "the request was not received in time".into())
+    } else {
+        HttpError(400, format!("{what}: {e}"))
+    }
 }
 
 /// Why a request could not be read: the status to answer and a message.
@@ -32,7 +146,7 @@ fn read_line(r: &mut impl BufRead) -> Result<String, HttpError> {
     let n = r
         .take(MAX_LINE as u64 + 1)
         .read_until(b'\n', &mut line)
-        .map_err(|e| HttpError(400, format!("reading the request: {e}")))?;
+        .map_err(|e| read_error(&e, "reading the request"))?;
     if n == 0 {
         return Err(HttpError(400, "empty request".into()));
     }
@@ -57,6 +171,7 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
     if !version.starts_with("HTTP/1.") || !path.starts_with('/') {
         return Err(HttpError(400, format!("malformed request line '{line}'")));
     }
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let mut length = 0usize;
     for i in 0.. {
         let h = read_line(r)?;
@@ -93,10 +208,11 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
     }
     let mut body = vec![0u8; length];
     r.read_exact(&mut body)
-        .map_err(|_| HttpError(400, "body shorter than Content-Length".into()))?;
+        .map_err(|e| read_error(&e, "body shorter than Content-Length"))?;
     Ok(Request {
         method: method.to_string(),
         path: path.to_string(),
+        query: query.to_string(),
         body,
     })
 }
@@ -109,22 +225,36 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         413 => "Payload Too Large",
         422 => "Unprocessable Entity",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        503 => "Service Unavailable",
         _ => "Status",
     }
 }
 
-/// Writes a JSON response and ends the exchange.
-pub fn write_response(w: &mut impl Write, status: u16, body: &str) -> std::io::Result<()> {
+/// Writes a JSON response (with `headers`, each `Name: value`) and ends the exchange.
+pub fn write_response(
+    w: &mut impl Write,
+    status: u16,
+    headers: &[String],
+    body: &str,
+) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
     write!(
         w,
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        reason(status),
+        "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     w.flush()
@@ -233,5 +363,41 @@ mod tests {
             parse(b"GET /x HTTP/1.1\r\nX: \xff\r\n\r\n").unwrap_err().0,
             400
         );
+        let q = parse(b"GET /v1/host?verbose=1 HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(
+            (q.path.as_str(), q.query.as_str()),
+            ("/v1/host", "verbose=1")
+        );
+    }
+
+    #[test]
+    fn segments_are_decoded_one_by_one() {
+        assert_eq!(segments("/v1/vms/a%2Fb/").unwrap(), ["v1", "vms", "a/b"]);
+        assert_eq!(segments("/v1/vms/a%2eb").unwrap(), ["v1", "vms", "a.b"]);
+        assert_eq!(segments("/v1/vms/%2E%2E").unwrap(), ["v1", "vms", ".."]);
+        for bad in ["/a%", "/a%2", "/a%zz", "/a%00", "/a%ff"] {
+            assert_eq!(segments(bad).unwrap_err().0, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_deadline_covers_the_whole_request() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            // Each byte well within any per-read timeout, the whole far beyond the deadline.
+            for c in b"GET /x HTTP/1.1\r\n\r\n" {
+                if a.write_all(&[*c]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        let t = Instant::now();
+        let mut r = BufReader::new(Deadline::new(b, Duration::from_millis(200)));
+        assert_eq!(read_request(&mut r).unwrap_err().0, 408);
+        let took = t.elapsed();
+        assert!(took < Duration::from_millis(600), "{took:?}");
+        drop(r);
+        writer.join().unwrap();
     }
 }

@@ -1,6 +1,8 @@
 //! The daemon's persistent state: every world in one JSON document, replaced atomically
 //! (written to a temporary file, synced, renamed over the old one, directory synced), so a
-//! crash at any point leaves either the old or the new document.
+//! crash at any point leaves either the old or the new document. It also owns the per-VM
+//! folders under `vms/`: every path to one is made by [`Store::vm_dir`], which refuses a name
+//! that would lead anywhere but to a folder directly inside `vms/`.
 
 use crate::world::World;
 use serde::{Deserialize, Serialize};
@@ -16,7 +18,8 @@ pub struct Document {
     pub worlds: Vec<World>,
 }
 
-/// The store in a state directory.
+/// The store in a state directory (a handle: clones name the same directory).
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
 }
@@ -34,9 +37,79 @@ impl Store {
         self.dir.join("worlds.json")
     }
 
-    /// Per-VM directory (console and VMM logs).
-    pub fn vm_dir(&self, name: &str) -> PathBuf {
-        self.dir.join("vms").join(name)
+    /// Per-VM directory (console and VMM logs): `vms/NAME`, refused unless NAME is one plain
+    /// path component (not `.`, `..`, nothing with a `/` or a NUL) and what is there, if
+    /// anything, is a real directory (not a symbolic link out of the state directory).
+    pub fn vm_dir(&self, name: &str) -> std::io::Result<PathBuf> {
+        let refuse = |why: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("VM name '{}' {why}", name.escape_debug()),
+            )
+        };
+        let mut parts = Path::new(name).components();
+        let one = matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(c)), None) if c == name
+        );
+        if !one || name.contains('\0') || name.contains('/') {
+            return Err(refuse("is not a plain file name"));
+        }
+        let vms = self.dir.join("vms");
+        let dir = vms.join(name);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if !m.is_dir() => return Err(refuse("names something other than a folder")),
+            _ => {}
+        }
+        if dir.parent() != Some(vms.as_path()) {
+            return Err(refuse("leads outside the VM folders"));
+        }
+        Ok(dir)
+    }
+
+    /// Where deleted VMs' folders wait for their removal.
+    fn trash(&self) -> PathBuf {
+        self.dir.join("trash")
+    }
+
+    /// Moves the folder of VM `name` (world `id`) out of the way at once, so that a new VM of
+    /// the same name starts with a fresh folder, and returns where it went, for the caller to
+    /// remove at leisure ([`Store::remove_trash`]). `None` when there was no folder.
+    pub fn discard_vm_dir(&self, name: &str, id: u64) -> std::io::Result<Option<PathBuf>> {
+        let dir = self.vm_dir(name)?;
+        if std::fs::symlink_metadata(&dir).is_err() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(self.trash())?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let to = self.trash().join(format!("{id}-{stamp}"));
+        std::fs::rename(&dir, &to)?;
+        Ok(Some(to))
+    }
+
+    /// Removes one discarded folder, or (with `None`) everything in the trash (what a daemon
+    /// that ended before removing it left).
+    pub fn remove_trash(&self, one: Option<&Path>) -> std::io::Result<()> {
+        let trash = self.trash();
+        match one {
+            Some(p) if p.parent() == Some(trash.as_path()) => std::fs::remove_dir_all(p),
+            Some(p) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not in {}", p.display(), trash.display()),
+            )),
+            None => match std::fs::read_dir(&trash) {
+                Ok(entries) => {
+                    for e in entries.flatten() {
+                        std::fs::remove_dir_all(e.path())?;
+                    }
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            },
+        }
     }
 
     /// Loads the document (empty when none was saved yet).
@@ -56,14 +129,21 @@ impl Store {
         }
     }
 
-    /// Replaces the document atomically.
+    /// Replaces the document atomically. An error names the file it failed on.
     pub fn save(&self, doc: &Document) -> std::io::Result<()> {
         let tmp = self.dir.join("worlds.json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(doc).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.path())?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        let at = |p: &Path| {
+            let p = p.display().to_string();
+            move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{p}: {e}"))
+        };
+        let mut f = std::fs::File::create(&tmp).map_err(at(&tmp))?;
+        f.write_all(&serde_json::to_vec_pretty(doc).map_err(std::io::Error::other)?)
+            .map_err(at(&tmp))?;
+        f.sync_all().map_err(at(&tmp))?;
+        std::fs::rename(&tmp, self.path()).map_err(at(&self.path()))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(at(&self.dir))
     }
 }
 
@@ -94,6 +174,36 @@ mod tests {
         assert_eq!(back.worlds, doc.worlds);
         std::fs::write(dir.join("worlds.json"), b"{not json").unwrap();
         assert!(s.load().unwrap_err().to_string().contains("worlds.json"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn vm_folders_stay_inside_vms() {
+        let dir = std::env::temp_dir().join(format!("wv-store-dirs-{}", std::process::id()));
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.vm_dir("a").unwrap(), dir.join("vms/a"));
+        for bad in ["", ".", "..", "a/b", "../x", "/etc", "a\0", "./a"] {
+            assert!(s.vm_dir(bad).is_err(), "{bad:?}");
+        }
+        // A symbolic link in vms/ is not followed.
+        std::fs::create_dir_all(dir.join("vms")).unwrap();
+        std::os::unix::fs::symlink(&dir, dir.join("vms/link")).unwrap();
+        assert!(s.vm_dir("link").is_err());
+        // Discarding moves the folder away at once; the trash is emptied later.
+        std::fs::create_dir_all(dir.join("vms/a")).unwrap();
+        std::fs::write(dir.join("vms/a/f"), b"x").unwrap();
+        let gone = s.discard_vm_dir("a", 7).unwrap().unwrap();
+        assert!(!dir.join("vms/a").exists() && gone.join("f").exists());
+        assert_eq!(s.discard_vm_dir("a", 7).unwrap(), None);
+        assert!(s.remove_trash(Some(&dir.join("vms"))).is_err());
+        s.remove_trash(Some(&gone)).unwrap();
+        std::fs::create_dir_all(dir.join("trash/left")).unwrap();
+        s.remove_trash(None).unwrap();
+        assert_eq!(std::fs::read_dir(dir.join("trash")).unwrap().count(), 0);
+        assert!(
+            dir.join("vms/link").exists(),
+            "the link itself is left alone"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

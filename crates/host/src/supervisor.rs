@@ -1,9 +1,81 @@
 //! VMM processes: started in their own session (a daemon restart or a signal to the daemon's
-//! process group leaves them running), waited for, and their end classified.
+//! process group leaves them running), waited for, and their end classified. They are
+//! signalled only through a [`Pidfd`], which names one process for good: once it has ended
+//! (even reaped and its pid reused) a signal through it fails with ESRCH instead of reaching
+//! another process.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// A process descriptor (Linux pidfd) for one VMM process.
+#[derive(Debug)]
+pub struct Pidfd(OwnedFd);
+
+impl Pidfd {
+    /// Opens a pidfd for `pid`. For a child not yet waited for, it is that child for sure;
+    /// for another process, check what it is *after* opening (the pid may have been reused
+    /// before, never after).
+    pub fn open(pid: u32) -> std::io::Result<Pidfd> {
+        let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = libc::c_int::try_from(fd).map_err(std::io::Error::other)?;
+        // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+        Ok(Pidfd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Sends `sig` to the process, failing (ESRCH) if it has ended.
+    pub fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
+        // SAFETY: pidfd_send_signal on a descriptor we own, with no siginfo and no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits until the process has ended, at most `timeout` (forever with `None`); whether
+    /// it has.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut p = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX)
+                }
+            };
+            // SAFETY: polling one descriptor we own, with a valid pollfd.
+            let r = unsafe { libc::poll(&mut p, 1, ms) };
+            if r > 0 {
+                return true;
+            }
+            if r == 0 {
+                return false;
+            }
+        }
+    }
+}
 
 /// Starts `wv run` with `args`, console in the arguments, stderr to `log`.
 pub fn spawn(wv: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
@@ -44,6 +116,11 @@ pub fn classify(status: ExitStatus, stop_requested: bool, log: &Path) -> (bool, 
         (Some(c), _) if c <= 199 => (false, format!("guest powered off with exit code {c}")),
         (Some(203), _) => (false, "guest requested a reset".into()),
         (Some(c), _) => (true, format!("VMM failed with status {c}: {last}")),
+        // Stopped so soon after its start that the VMM had not yet taken over SIGTERM: the
+        // signal's default action ended it, which is still the stop that was asked for.
+        (None, Some(s)) if stop_requested && s == libc::SIGTERM => {
+            (false, "stopped on request".into())
+        }
         (None, Some(s)) if stop_requested && s == libc::SIGKILL => {
             (false, "stopped on request (killed)".into())
         }
@@ -66,25 +143,8 @@ pub fn is_our_vmm(pid: u32, vm_dir: &Path) -> bool {
 }
 
 /// Waits for a process that is not our child (re-adopted after a restart) to end.
-pub fn wait_foreign(pid: u32) {
-    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return;
-    }
-    let Ok(fd) = libc::c_int::try_from(fd) else {
-        return;
-    };
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: polling one descriptor we own, then closing it.
-    unsafe {
-        while libc::poll(&mut p, 1, -1) < 0 {}
-        libc::close(fd);
-    }
+pub fn wait_foreign(pidfd: &Pidfd) {
+    pidfd.wait(None);
 }
 
 #[cfg(test)]
@@ -113,6 +173,24 @@ mod tests {
             (true, "VMM killed by signal 9".into())
         );
         assert!(!classify(ExitStatus::from_raw(9), true, &log).0);
+        assert_eq!(
+            classify(ExitStatus::from_raw(libc::SIGTERM), true, &log),
+            (false, "stopped on request".into())
+        );
+        assert!(classify(ExitStatus::from_raw(libc::SIGTERM), false, &log).0);
         std::fs::remove_file(&log).unwrap();
+    }
+
+    #[test]
+    fn a_pidfd_never_signals_a_reaped_process() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let fd = Pidfd::open(child.id()).unwrap();
+        assert!(!fd.wait(Some(Duration::from_millis(1))), "still running");
+        fd.signal(libc::SIGKILL).unwrap();
+        assert!(fd.wait(Some(Duration::from_secs(10))), "ended");
+        child.wait().unwrap();
+        // Reaped: its pid may now belong to anyone; the pidfd refuses.
+        let e = fd.signal(libc::SIGKILL).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH));
     }
 }
