@@ -1,11 +1,12 @@
-//! virtio-rng (device type 4): one queue; every write-only buffer the driver posts is filled
-//! with bytes from the host's `getrandom`.
+//! virtio-rng (device type 4): one queue; every chain of write-only buffers the driver posts is
+//! read once and filled with bytes from the host's `getrandom` (up to [`MAX_REQUEST`]).
 
+use crate::chain::{Chain, MAX_CHAIN};
 use crate::device::{ActiveQueue, Interrupt, VirtioDevice, Worker};
 use crate::F_VERSION_1;
 use std::sync::Arc;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 /// Largest request served at once; longer chains are filled up to this (the driver sees the
 /// length written in the used ring).
@@ -20,26 +21,31 @@ pub struct Rng {
 
 /// Fills the buffers of every available chain; returns whether any was used.
 pub fn serve(mem: &GuestMemoryMmap, q: &mut ActiveQueue) -> bool {
+    serve_with(mem, q, || {})
+}
+
+/// [`serve`], calling `between` after each chain was read and before it is filled (where
+/// tests rewrite the descriptors, as another vCPU could).
+pub fn serve_with(mem: &GuestMemoryMmap, q: &mut ActiveQueue, mut between: impl FnMut()) -> bool {
     let mut used = false;
+    let mut buf = Vec::new();
     while let Some(chain) = q.queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
-        let mut written: u32 = 0;
-        for d in chain {
-            // Entropy goes only into device-writable buffers inside guest RAM; anything else
-            // ends the request with what was written so far.
-            if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
-                break;
+        // The chain is read once; entropy goes only into a chain of device-writable buffers
+        // inside guest RAM (anything else is completed empty), at most MAX_REQUEST bytes.
+        let written = match Chain::read(mem, chain, MAX_CHAIN) {
+            Ok(c) if c.readable().is_empty() => {
+                between();
+                let len = c.writable_bytes().min(MAX_REQUEST);
+                buf.resize(len as usize, 0);
+                if getrandom(&mut buf).is_ok() && c.write_at(mem, 0, &buf).is_ok() {
+                    len
+                } else {
+                    0
+                }
             }
-            let len = d.len().min(MAX_REQUEST - written);
-            let mut buf = vec![0u8; len as usize];
-            if getrandom(&mut buf).is_err() || mem.write_slice(&buf, d.addr()).is_err() {
-                break;
-            }
-            written += len;
-            if written == MAX_REQUEST {
-                break;
-            }
-        }
+            _ => 0,
+        };
         if q.queue.add_used(mem, head, written).is_err() {
             break;
         }
