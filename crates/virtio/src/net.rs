@@ -608,4 +608,47 @@ mod tests {
         let mut q = rxq(&mem, &[]);
         assert!(!deliver_frame(&mem, &mut q, &frame, true, &c));
     }
+
+    #[test]
+    fn receive_buffers_are_written_as_they_were_read() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let c = NetCounters::default();
+        let frame: Vec<u8> = (0..80u8).collect();
+        // The guest moves and shrinks the buffer after the device read the chain: the frame
+        // still goes where the descriptor pointed when it was read, and nowhere else.
+        let mut q = rxq(&mem, &[(0x1000, 100)]);
+        let rewrite = || {
+            mem.write_obj(0x5000u64, GuestAddress(0)).unwrap();
+            mem.write_obj(8u32, GuestAddress(8)).unwrap();
+        };
+        assert!(deliver_frame_with(&mem, &mut q, &frame, false, &c, rewrite));
+        let mut got = [0u8; 80];
+        mem.read_slice(&mut got, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&got[..], &frame[..]);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x180 + 8)).unwrap(), 80);
+        // A buffer too small when read stays too small, however large the guest makes it.
+        let frame = vec![7u8; 1000];
+        let mut q = rxq(&mem, &[(0x2000, 100)]);
+        let grow = || mem.write_obj(60_000u32, GuestAddress(8)).unwrap();
+        assert!(deliver_frame_with(&mem, &mut q, &frame, false, &c, grow));
+        assert_eq!(c.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn transmit_sends_the_chain_as_it_was_read() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut q = rxq(&mem, &[(0x1000, 100)]);
+        mem.write_obj(0u16, GuestAddress(12)).unwrap(); // device-readable
+        mem.write_slice(&[0x42; 100], GuestAddress(0x1000)).unwrap();
+        let chain = q.queue.pop_descriptor_chain(&mem).unwrap();
+        let c = Chain::read(&mem, chain, MAX_CHAIN).unwrap();
+        // Made writable and larger than a frame after the reading: changes nothing.
+        mem.write_obj(2u16, GuestAddress(12)).unwrap();
+        mem.write_obj(200_000u32, GuestAddress(8)).unwrap();
+        let (mut out, mut buf) = (Vec::new(), Vec::new());
+        assert!(transmit_chain(&mem, &c, &mut out, &mut buf));
+        assert_eq!(out, vec![0x42; 100]);
+    }
 }

@@ -112,3 +112,82 @@ impl VirtioDevice for Rng {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// One chain of `bufs` (addr, len, flags) at descriptor 0 of a 16-entry queue.
+    fn queue(mem: &GuestMemoryMmap, bufs: &[(u64, u32, u16)]) -> ActiveQueue {
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let at = 16 * i as u64;
+            let next = if i + 1 < bufs.len() { 1 } else { 0 };
+            mem.write_obj(addr, GuestAddress(at)).unwrap();
+            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(flags | next, GuestAddress(at + 12)).unwrap();
+            let next_index = u16::try_from(i + 1).unwrap();
+            mem.write_obj(next_index, GuestAddress(at + 14)).unwrap();
+        }
+        mem.write_obj(0u16, GuestAddress(0x104)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x102)).unwrap();
+        let mut q = virtio_queue::Queue::new(16).unwrap();
+        q.try_set_desc_table_address(GuestAddress(0)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(0x100)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(0x180)).unwrap();
+        q.set_ready(true);
+        ActiveQueue {
+            queue: q,
+            evt: EventFd::new(0).unwrap(),
+            counters: Default::default(),
+        }
+    }
+
+    fn used_len(mem: &GuestMemoryMmap) -> u32 {
+        mem.read_obj(GuestAddress(0x180 + 8)).unwrap()
+    }
+
+    #[test]
+    fn fills_what_was_read_and_nothing_the_guest_changed_afterwards() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut q = queue(&mem, &[(0x1000, 64, 2), (0x2000, 64, 2)]);
+        // The guest points the second buffer elsewhere and makes it huge after the reading.
+        let rewrite = || {
+            mem.write_obj(0x8_0000u64, GuestAddress(16)).unwrap();
+            mem.write_obj(0x7_0000u32, GuestAddress(24)).unwrap();
+        };
+        assert!(serve_with(&mem, &mut q, rewrite));
+        assert_eq!(used_len(&mem), 128);
+        let mut b = [0u8; 64];
+        mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_ne!(b, [0u8; 64]);
+        mem.read_slice(&mut b, GuestAddress(0x8_0000)).unwrap();
+        assert_eq!(
+            b, [0u8; 64],
+            "nothing written where the descriptor pointed later"
+        );
+    }
+
+    #[test]
+    fn malformed_and_oversized_chains() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        // A device-readable buffer: completed empty, nothing written.
+        let mut q = queue(&mem, &[(0x1000, 64, 0)]);
+        assert!(serve(&mem, &mut q));
+        assert_eq!(used_len(&mem), 0);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0);
+        // Outside guest RAM: completed empty.
+        let mut q = queue(&mem, &[(0x1000, 64, 2), ((1 << 20) - 8, 64, 2)]);
+        assert!(serve(&mem, &mut q));
+        assert_eq!(used_len(&mem), 0);
+        // Larger than MAX_REQUEST: filled up to it.
+        let mut q = queue(&mem, &[(0x1_0000, 0x8_0000, 2)]);
+        assert!(serve(&mem, &mut q));
+        assert_eq!(used_len(&mem), MAX_REQUEST);
+        let past: u64 = mem
+            .read_obj(GuestAddress(0x1_0000 + u64::from(MAX_REQUEST)))
+            .unwrap();
+        assert_eq!(past, 0);
+    }
+}
