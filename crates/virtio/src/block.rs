@@ -131,12 +131,10 @@ fn chunks(segs: &[(u64, usize)], mut offset: u64) -> impl Iterator<Item = (u64, 
     segs.iter().flat_map(move |&(addr, len)| {
         let start = offset;
         offset += len as u64;
+        // An address that saturates lies outside guest memory, so the copy fails.
         (0..len).step_by(CHUNK).map(move |done| {
-            (
-                addr + done as u64,
-                (len - done).min(CHUNK),
-                start + done as u64,
-            )
+            let at = addr.saturating_add(done as u64);
+            (at, (len - done).min(CHUNK), start + done as u64)
         })
     })
 }
@@ -1052,5 +1050,36 @@ mod tests {
             "a {}-byte buffer for requests validated at {SMALL} bytes",
             d.largest
         );
+    }
+
+    #[test]
+    fn default_paths_move_large_requests_in_chunks_and_refuse_spans_past_the_end() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mut d = WatchedDisk {
+            inner: MemDisk {
+                data: vec![0; 4 << 20],
+                ro: false,
+                flushed: false,
+            },
+            largest: 0,
+            outside: 0,
+        };
+        let pattern: Vec<u8> = (0..(3 << 20) + 512).map(|i: u32| (i % 251) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(0x1000)).unwrap();
+        d.write_from(&m, &[(0x1000, 512), (0x1200, 3 << 20)], 512)
+            .unwrap();
+        assert_eq!(&d.inner.data[512..512 + pattern.len()], &pattern[..]);
+        d.read_into(&m, &[(0x40_0000, pattern.len())], 512).unwrap();
+        let mut back = vec![0u8; pattern.len()];
+        m.read_slice(&mut back, GuestAddress(0x40_0000)).unwrap();
+        assert!(back == pattern, "read back differs");
+        assert_eq!(d.largest, CHUNK, "the largest buffer handed to the disk");
+        // Past the end of the disk, or a length sum that overflows: refused before any access.
+        d.largest = 0;
+        assert!(d.read_into(&m, &[(0x1000, 1024)], (4 << 20) - 512).is_err());
+        assert!(d
+            .write_from(&m, &[(0x1000, usize::MAX), (0x1000, 2)], 0)
+            .is_err());
+        assert_eq!((d.largest, d.outside), (0, 0));
     }
 }

@@ -5,7 +5,7 @@
 //! works on a chain. A device that walks the chain twice (once to check lengths, once to move
 //! data) can be made to move more than it checked: a disk written past its end, a buffer as
 //! large as a guest descriptor allocated. So every device reads a chain exactly once, with
-//! [`Chain::read`]: each descriptor is copied into a fixed-size array (at most [`MAX_CHAIN`]
+//! [`Chain::read`]: each descriptor is copied into a local list (at most [`MAX_CHAIN`]
 //! entries, fewer if the device asks), every buffer is checked to lie inside guest RAM, readable
 //! buffers must precede writable ones, and the totals must fit the used ring's `u32`. Guest RAM
 //! itself does not change shape while a device runs (the memory map is fixed for the life of
@@ -65,8 +65,8 @@ impl std::error::Error for ChainError {}
 #[derive(Clone, Debug)]
 pub struct Chain {
     head: u16,
-    descs: [Desc; MAX_CHAIN],
-    count: usize,
+    /// Readable descriptors first; never more than the `max` given to `read`.
+    descs: Vec<Desc>,
     readable: usize,
     readable_bytes: u32,
     writable_bytes: u32,
@@ -86,8 +86,8 @@ impl Chain {
         let max = max.min(MAX_CHAIN);
         let mut c = Chain {
             head: chain.head_index(),
-            descs: [Desc::default(); MAX_CHAIN],
-            count: 0,
+            // Most requests have a header, a data buffer and a status.
+            descs: Vec::with_capacity(max.min(4)),
             readable: 0,
             readable_bytes: 0,
             writable_bytes: 0,
@@ -95,7 +95,7 @@ impl Chain {
         let (mut readable, mut writable) = (0u64, 0u64);
         // `chain` is consumed here: this loop is the only reading of the descriptor table.
         for d in chain {
-            if c.count == max {
+            if c.descs.len() == max {
                 return Err(ChainError::TooLong);
             }
             let desc = Desc {
@@ -108,14 +108,13 @@ impl Chain {
             }
             if desc.write {
                 writable += u64::from(desc.len);
-            } else if c.readable < c.count {
+            } else if c.readable < c.descs.len() {
                 return Err(ChainError::Order);
             } else {
                 readable += u64::from(desc.len);
                 c.readable += 1;
             }
-            c.descs[c.count] = desc;
-            c.count += 1;
+            c.descs.push(desc);
         }
         c.readable_bytes = u32::try_from(readable).map_err(|_| ChainError::TooBig)?;
         c.writable_bytes = u32::try_from(writable).map_err(|_| ChainError::TooBig)?;
@@ -129,7 +128,7 @@ impl Chain {
 
     /// Every descriptor, readable ones first.
     pub fn descs(&self) -> &[Desc] {
-        &self.descs[..self.count]
+        &self.descs
     }
 
     /// The device-readable descriptors.
@@ -139,7 +138,7 @@ impl Chain {
 
     /// The device-writable descriptors.
     pub fn writable(&self) -> &[Desc] {
-        &self.descs[self.readable..self.count]
+        &self.descs[self.readable..]
     }
 
     /// Total bytes of the device-readable buffers.
