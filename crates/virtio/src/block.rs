@@ -971,7 +971,15 @@ mod tests {
         use std::time::{Duration, Instant};
         let (m, c) = (mem(), BlockCounters::default());
         let _descriptors_in_memory = standard(&m, 0, SMALL);
+        /// Stops the flipping thread however this function ends (a failed check panics).
+        struct Stop(Arc<AtomicBool>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
+        let guard = Stop(stop.clone());
         let flipper = {
             let (m, stop) = (m.clone(), stop.clone());
             std::thread::spawn(move || {
@@ -989,7 +997,6 @@ mod tests {
             || c.errors.load(Ordering::Relaxed) == 0
         {
             if Instant::now() > deadline {
-                stop.store(true, Ordering::Relaxed);
                 panic!("the descriptor never changed under process() within 60 s: {c:?}");
             }
             let t = ty(i);
@@ -1002,7 +1009,7 @@ mod tests {
             check(disk, i);
             i += 1;
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(guard);
         flipper.join().unwrap();
         assert_eq!(c.dropped.load(Ordering::Relaxed), 0, "{c:?}");
         c
