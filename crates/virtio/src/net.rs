@@ -651,4 +651,55 @@ mod tests {
         assert!(transmit_chain(&mem, &c, &mut out, &mut buf));
         assert_eq!(out, vec![0x42; 100]);
     }
+
+    #[test]
+    fn a_racing_guest_cannot_stretch_a_transmit_frame() {
+        use std::sync::atomic::AtomicBool;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(&[0x42; 100], GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0x1000u64, GuestAddress(0)).unwrap();
+        /// Stops the flipping thread however the test ends.
+        struct Stop(Arc<AtomicBool>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let guard = Stop(stop.clone());
+        // Another vCPU flips the only descriptor between a 100-byte readable frame and a
+        // writable buffer longer than any frame.
+        let flipper = {
+            let (mem, stop) = (mem.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    mem.write_obj(200_000u32, GuestAddress(8)).unwrap();
+                    mem.write_obj(2u16, GuestAddress(12)).unwrap();
+                    mem.write_obj(100u32, GuestAddress(8)).unwrap();
+                    mem.write_obj(0u16, GuestAddress(12)).unwrap();
+                }
+            })
+        };
+        let (mut sent, mut refused) = (0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while sent + refused < 20_000 || sent == 0 || refused == 0 {
+            if std::time::Instant::now() > deadline {
+                panic!("the descriptor never changed within 60 s ({sent} sent)");
+            }
+            let mut q = rxq(&mem, &[]);
+            mem.write_obj(0u16, GuestAddress(0x104)).unwrap();
+            mem.write_obj(1u16, GuestAddress(0x102)).unwrap();
+            let chain = q.queue.pop_descriptor_chain(&mem).unwrap();
+            let (mut out, mut buf) = (Vec::new(), Vec::new());
+            if transmit_to(&mem, chain, &mut out, &mut buf) {
+                assert_eq!(out, vec![0x42; 100], "a frame other than the one read");
+                sent += 1;
+            } else {
+                assert!(out.is_empty());
+                refused += 1;
+            }
+        }
+        drop(guard);
+        flipper.join().unwrap();
+    }
 }
