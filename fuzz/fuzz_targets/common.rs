@@ -1,6 +1,14 @@
 // Shared by the targets: the input is a guest memory image (64 KiB) holding a queue of 16
 // entries with its rings in the first 512 bytes (descriptor table at 0, available ring at
 // 0x100, used ring at 0x180), so short inputs already control every descriptor and index.
+//
+// The guest's other vCPUs: bytes MUTATIONS_AT..MUTATIONS_AT + 256 of the input are also 64
+// mutations (u16 offset, u16 value, little-endian) that `mutate` applies to guest memory
+// between the device's reading of a chain and its serving of it, as another vCPU rewriting
+// descriptors or buffers could. An offset with the top bit set lands in the rings (its low 9
+// bits); otherwise anywhere in the first 32 KiB. A device that read the descriptor table
+// again after validating it would serve the rewritten values, which the targets' checks catch.
+#![allow(dead_code)] // each target uses part of this
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -24,3 +32,19 @@ pub fn queue() -> Queue {
 
 /// Where the net target's received frame starts in the input.
 pub const FRAME_AT: usize = 0x800;
+/// Where the mutations start in the input.
+pub const MUTATIONS_AT: usize = 0x700;
+
+/// Applies the input's mutations to guest memory (see the top of this file).
+pub fn mutate(mem: &GuestMemoryMmap, data: &[u8]) {
+    let table = data.get(MUTATIONS_AT..).unwrap_or(&[]);
+    for m in table.chunks_exact(4).take(64) {
+        let off = u16::from_le_bytes([m[0], m[1]]);
+        let at = if off & 0x8000 != 0 {
+            u64::from(off & 0x1ff)
+        } else {
+            u64::from(off)
+        };
+        mem.write_slice(&m[2..4], GuestAddress(at)).unwrap();
+    }
+}

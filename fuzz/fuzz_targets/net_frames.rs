@@ -1,10 +1,12 @@
 //! The net paths: transmit chains (header and frame validation) and delivery of a frame the
-//! fuzzer chooses into receive buffers, with and without mergeable buffers.
+//! fuzzer chooses into receive buffers, with and without mergeable buffers; the input's
+//! mutations are applied between the reading of the chains and their serving.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
-use wv_virtio::net::{deliver_frame, transmit_to, NetCounters, MAX_FRAME};
+use wv_virtio::chain::{Chain, MAX_CHAIN};
+use wv_virtio::net::{deliver_frame_with, transmit_chain, NetCounters, MAX_FRAME};
 use wv_virtio::ActiveQueue;
 
 #[path = "common.rs"]
@@ -12,7 +14,8 @@ mod common;
 
 fuzz_target!(|data: &[u8]| {
     let mem = common::memory(data);
-    // Transmit: every chain either goes out whole or is refused.
+    // Transmit: every chain either goes out whole, exactly as long as it was when read, or
+    // is refused.
     let mut q = common::queue();
     let mut out = Vec::new();
     let mut buf = Vec::new();
@@ -20,9 +23,14 @@ fuzz_target!(|data: &[u8]| {
         let Some(chain) = q.pop_descriptor_chain(&mem) else {
             break;
         };
+        let Ok(c) = Chain::read(&mem, chain, MAX_CHAIN) else {
+            continue;
+        };
+        common::mutate(&mem, data);
         let before = out.len();
-        if transmit_to(&mem, chain, &mut out, &mut buf) {
+        if transmit_chain(&mem, &c, &mut out, &mut buf) {
             assert!(out.len() - before <= MAX_FRAME);
+            assert_eq!(out.len() - before, c.readable_bytes() as usize);
         } else {
             assert_eq!(out.len(), before);
         }
@@ -37,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
     let counters = NetCounters::default();
     let mergeable = data.first().is_some_and(|b| b & 1 == 1);
     for _ in 0..4 {
-        if !deliver_frame(&mem, &mut aq, frame, mergeable, &counters) {
+        if !deliver_frame_with(&mem, &mut aq, frame, mergeable, &counters, || {
+            common::mutate(&mem, data)
+        }) {
             break;
         }
     }

@@ -1,7 +1,11 @@
-//! Queue parsing: pop every chain the avail ring names, walk it both ways, complete it.
+//! Queue parsing: pop every chain the avail ring names, read it once into a bounded copy
+//! (`wv_virtio::chain::Chain`), let the input's mutations rewrite guest memory, and check that
+//! the copy is what was read and keeps its invariants; then complete the chain.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use wv_virtio::chain::{Chain, MAX_CHAIN};
 
 #[path = "common.rs"]
 mod common;
@@ -15,8 +19,25 @@ fuzz_target!(|data: &[u8]| {
             break;
         };
         let head = chain.head_index();
-        let total: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
-        let _ = chain.clone().readable().count() + chain.clone().writable().count();
-        let _ = q.add_used(&mem, head, total.min(u64::from(u32::MAX)) as u32);
+        let max = 1 + usize::from(data.get(1).copied().unwrap_or(0)) % MAX_CHAIN;
+        let Ok(c) = Chain::read(&mem, chain.clone(), max) else {
+            let _ = q.add_used(&mem, head, 0);
+            continue;
+        };
+        let copy = c.descs().to_vec();
+        common::mutate(&mem, data);
+        assert_eq!(c.descs(), &copy[..], "the copy never changes");
+        assert!(c.descs().len() <= max);
+        assert_eq!(c.head(), head);
+        let r = c.readable().len();
+        assert!(c.descs()[..r].iter().all(|d| !d.write));
+        assert!(c.descs()[r..].iter().all(|d| d.write));
+        let sum = |ds: &[wv_virtio::chain::Desc]| ds.iter().map(|d| u64::from(d.len)).sum::<u64>();
+        assert_eq!(sum(c.readable()), u64::from(c.readable_bytes()));
+        assert_eq!(sum(c.writable()), u64::from(c.writable_bytes()));
+        for d in c.descs() {
+            assert!(d.len == 0 || mem.check_range(GuestAddress(d.addr), d.len as usize));
+        }
+        let _ = q.add_used(&mem, head, c.writable_bytes());
     }
 });

@@ -25,7 +25,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use vm_memory::{Bytes, GuestAddress, ReadVolatile};
+use vm_memory::{ByteValued, Bytes, GuestAddress, ReadVolatile};
 
 /// Where the kernel comes from.
 pub enum KernelImage {
@@ -149,12 +149,41 @@ fn gw<E: fmt::Display>(e: E) -> BootError {
     BootError::GuestWrite(e.to_string())
 }
 
-/// Views a plain-old-data boot structure as bytes.
-fn pod_bytes<T: Copy>(v: &T) -> &[u8] {
-    // SAFETY: only used on bindgen-generated `#[repr(C)]` boot structures made of integers
-    // (boot_params, hvm_start_info, ...), for which every byte is initialised.
-    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
-}
+/// Boot structures made only of integers and arrays of integers, with no padding: every bit
+/// pattern is a valid value and every byte of a value is initialised.
+///
+/// # Safety
+///
+/// Implement only for such types: `#[repr(C)]` or `#[repr(C, packed)]`, integer fields (or
+/// arrays or structs of them with the same property) and a size equal to the sum of the
+/// fields' sizes (asserted below for each type).
+unsafe trait PlainBootStruct: Copy + Send + Sync + 'static {}
+
+// SAFETY: linux-loader's `#[repr(C, packed)]` zero page; packed, so no padding, and every field
+// down to the nested structs is an integer or an integer array (4096 bytes, asserted).
+unsafe impl PlainBootStruct for boot_params {}
+// SAFETY: `#[repr(C)]`, four u32 then four u64 then two u32: 56 bytes, no padding (asserted).
+unsafe impl PlainBootStruct for hvm_start_info {}
+// SAFETY: `#[repr(C)]`, two u64 then two u32: 24 bytes, no padding (asserted).
+unsafe impl PlainBootStruct for hvm_memmap_table_entry {}
+// SAFETY: `#[repr(C)]`, four u64: 32 bytes, no padding (asserted).
+unsafe impl PlainBootStruct for hvm_modlist_entry {}
+
+const _: () = {
+    assert!(std::mem::size_of::<boot_params>() == 4096);
+    assert!(std::mem::size_of::<hvm_start_info>() == 4 * 4 + 4 * 8 + 2 * 4);
+    assert!(std::mem::size_of::<hvm_memmap_table_entry>() == 2 * 8 + 2 * 4);
+    assert!(std::mem::size_of::<hvm_modlist_entry>() == 4 * 8);
+};
+
+/// A boot structure as guest memory sees it: plain bytes (written with `write_obj`).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Plain<T>(T);
+
+// SAFETY: `Plain<T>` is transparent over `T`, and `PlainBootStruct` promises that `T` has no
+// padding and no invalid bit patterns, which is what `ByteValued` requires.
+unsafe impl<T: PlainBootStruct> ByteValued for Plain<T> {}
 
 /// Loads `kernel` (and `initrd`) into `mem` sized `mem_size`, writes the command line and the
 /// boot structures for `cpus` vCPUs, and returns how to enter the guest.
@@ -518,8 +547,7 @@ fn write_zero_page(
     }
     p.e820_entries = map.len() as u8;
     p.acpi_rsdp_addr = crate::acpi::ACPI_START;
-    mem.write_slice(pod_bytes(&p), GuestAddress(ZERO_PAGE))
-        .map_err(gw)
+    mem.write_obj(Plain(p), GuestAddress(ZERO_PAGE)).map_err(gw)
 }
 
 fn write_start_info(
@@ -535,7 +563,7 @@ fn write_start_info(
             type_: e.kind,
             reserved: 0,
         };
-        mem.write_slice(pod_bytes(&m), GuestAddress(PVH_MEMMAP + 24 * i as u64))
+        mem.write_obj(Plain(m), GuestAddress(PVH_MEMMAP + 24 * i as u64))
             .map_err(gw)?;
     }
     let mut si = hvm_start_info {
@@ -553,13 +581,12 @@ fn write_start_info(
             size,
             ..Default::default()
         };
-        mem.write_slice(pod_bytes(&m), GuestAddress(PVH_MODLIST))
+        mem.write_obj(Plain(m), GuestAddress(PVH_MODLIST))
             .map_err(gw)?;
         si.nr_modules = 1;
         si.modlist_paddr = PVH_MODLIST;
     }
-    mem.write_slice(pod_bytes(&si), GuestAddress(PVH_INFO))
-        .map_err(gw)
+    mem.write_obj(Plain(si), GuestAddress(PVH_INFO)).map_err(gw)
 }
 
 /// A KVM segment from a GDT descriptor and its selector.
@@ -738,5 +765,51 @@ mod tests {
         let e = load_initrd(&mem, &dir, (16 << 20) - 4096, 16 << 20).unwrap_err();
         assert!(matches!(e, BootError::InitrdTooBig { .. }));
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn boot_structures_reach_guest_memory_byte_for_byte() {
+        let mem = create_ram(16 << 20).unwrap();
+        let map = [
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: 1,
+            },
+            E820Entry {
+                addr: 1 << 20,
+                size: 15 << 20,
+                kind: 1,
+            },
+        ];
+        write_start_info(&mem, Some((0x40_0000, 0x1234)), &map).unwrap();
+        let u32_at = |a: u64| mem.read_obj::<u32>(GuestAddress(a)).unwrap();
+        let u64_at = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
+        // hvm_start_info: magic, version, flags, nr_modules, modlist, cmdline, rsdp, memmap,
+        // memmap_entries.
+        assert_eq!((u32_at(PVH_INFO), u32_at(PVH_INFO + 12)), (0x336e_c578, 1));
+        assert_eq!(u64_at(PVH_INFO + 16), PVH_MODLIST);
+        assert_eq!(u64_at(PVH_INFO + 24), CMDLINE);
+        assert_eq!(u64_at(PVH_INFO + 40), PVH_MEMMAP);
+        assert_eq!(u32_at(PVH_INFO + 48), 2);
+        assert_eq!(
+            (u64_at(PVH_MODLIST), u64_at(PVH_MODLIST + 8)),
+            (0x40_0000, 0x1234)
+        );
+        let second = PVH_MEMMAP + 24;
+        assert_eq!((u64_at(second), u64_at(second + 8)), (1 << 20, 15 << 20));
+        assert_eq!(u32_at(second + 16), 1);
+        write_zero_page(&mem, Default::default(), 10, None, &map).unwrap();
+        // boot_params: e820_entries at 0x1e8, boot_flag at 0x1fe, the HdrS magic at 0x202,
+        // cmd_line_ptr at 0x228, the second e820 entry at 0x2d0 + 20.
+        let zp = ZERO_PAGE;
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(zp + 0x1e8)).unwrap(), 2);
+        assert_eq!(
+            mem.read_obj::<u16>(GuestAddress(zp + 0x1fe)).unwrap(),
+            0xaa55
+        );
+        assert_eq!(u32_at(zp + 0x202), 0x5372_6448);
+        assert_eq!(u32_at(zp + 0x228), CMDLINE as u32);
+        assert_eq!(u64_at(zp + 0x2d0 + 20), 1 << 20);
     }
 }

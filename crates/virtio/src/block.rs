@@ -2,23 +2,27 @@
 //! from a [`Disk`] on the device's worker thread.
 //!
 //! A request is: a device-readable 16-byte header (type, reserved, sector), data, and a
-//! device-writable status byte at the very end. Every rule is checked before the disk is
-//! touched: all buffers inside guest RAM, readable buffers before writable ones, header and
-//! status present, data a multiple of 512 bytes and inside the disk, segment counts within the
-//! limits we advertise. A chain too broken to carry a status (or that points outside RAM) is
-//! completed with length 0 and counted; any other bad request gets an error status.
+//! device-writable status byte at the very end. The chain is read from guest memory once
+//! ([`crate::chain::Chain`]) and everything after is decided and served from that copy, so a
+//! guest rewriting its descriptors meanwhile cannot change what was validated. Every rule is
+//! checked before the disk is touched: all buffers inside guest RAM, readable buffers before
+//! writable ones, header and status present, data a multiple of 512 bytes and inside the disk,
+//! at most SEG_MAX data buffers plus header and status. A chain too broken to carry a status
+//! (or that points outside RAM) is completed with length 0 and counted; any other bad request
+//! gets an error status. Backends check again that a request lies inside the disk, and never
+//! use a buffer larger than the request or [`CHUNK`].
 #![allow(clippy::cast_possible_truncation)] // lengths are bounded by the chain (u32) first
 
+use crate::chain::Chain;
 use crate::device::{ActiveQueue, Interrupt, VirtioDevice, Worker};
 use crate::F_VERSION_1;
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Sector size.
@@ -57,8 +61,8 @@ const SEG_MAX: u32 = 126;
 const MAX_DISCARD_SEG: u32 = 1;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX / 512;
 const QUEUE_SIZE: u16 = 256;
-/// Bytes moved per read/write system call.
-const CHUNK: usize = 1 << 20;
+/// Bytes moved per read/write system call, and the largest buffer a request gets.
+pub const CHUNK: usize = 1 << 20;
 
 /// What a block device is backed by.
 pub trait Disk: Send {
@@ -78,42 +82,107 @@ pub trait Disk: Send {
     fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()>;
 
     /// Reads into guest memory: `segs` are (guest address, length) pieces filled in order from
-    /// `offset`. The default goes through a buffer; backends with a file descriptor read
-    /// straight into guest memory.
+    /// `offset`. The default goes through a buffer of at most [`CHUNK`] bytes; backends with
+    /// a file descriptor read straight into guest memory.
     fn read_into(
         &mut self,
         mem: &GuestMemoryMmap,
         segs: &[(u64, usize)],
-        mut offset: u64,
+        offset: u64,
     ) -> std::io::Result<()> {
-        let mut buf = Vec::new();
-        for &(addr, len) in segs {
-            buf.resize(len, 0);
-            self.read_at(&mut buf, offset)?;
-            mem.write_slice(&buf, GuestAddress(addr))
-                .map_err(std::io::Error::other)?;
-            offset += len as u64;
-        }
-        Ok(())
+        let size = self.size();
+        bounce_read(mem, segs, offset, size, &mut Vec::new(), |buf, o| {
+            self.read_at(buf, o)
+        })
     }
 
-    /// Writes from guest memory pieces `segs`, in order, at `offset`.
+    /// Writes from guest memory pieces `segs`, in order, at `offset` (through a buffer of at
+    /// most [`CHUNK`] bytes by default).
     fn write_from(
         &mut self,
         mem: &GuestMemoryMmap,
         segs: &[(u64, usize)],
-        mut offset: u64,
+        offset: u64,
     ) -> std::io::Result<()> {
-        let mut buf = Vec::new();
-        for &(addr, len) in segs {
-            buf.resize(len, 0);
-            mem.read_slice(&mut buf, GuestAddress(addr))
-                .map_err(std::io::Error::other)?;
-            self.write_at(&buf, offset)?;
-            offset += len as u64;
-        }
-        Ok(())
+        let size = self.size();
+        bounce_write(mem, segs, offset, size, &mut Vec::new(), |buf, o| {
+            self.write_at(buf, o)
+        })
     }
+}
+
+/// Checks that `segs` placed at `offset` end inside a disk of `size` bytes, and returns their
+/// total: no backend touches a byte, or sizes a buffer, beyond what the request validated.
+pub fn check_span(segs: &[(u64, usize)], offset: u64, size: u64) -> std::io::Result<u64> {
+    let total = segs
+        .iter()
+        .try_fold(0u64, |t, &(_, len)| t.checked_add(len as u64));
+    match total {
+        Some(t) if offset.checked_add(t).is_some_and(|end| end <= size) => Ok(t),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "request outside the disk",
+        )),
+    }
+}
+
+/// Splits `segs` into pieces of at most [`CHUNK`] bytes, each with its disk offset.
+fn chunks(segs: &[(u64, usize)], mut offset: u64) -> impl Iterator<Item = (u64, usize, u64)> + '_ {
+    segs.iter().flat_map(move |&(addr, len)| {
+        let start = offset;
+        offset += len as u64;
+        // An address that saturates lies outside guest memory, so the copy fails.
+        (0..len).step_by(CHUNK).map(move |done| {
+            let at = addr.saturating_add(done as u64);
+            (at, (len - done).min(CHUNK), start + done as u64)
+        })
+    })
+}
+
+/// Reads pieces `segs` of guest memory from a disk of `size` bytes at `offset` through `buf`
+/// (grown to at most [`CHUNK`] bytes, or the request if smaller) with `read_at`.
+pub fn bounce_read(
+    mem: &GuestMemoryMmap,
+    segs: &[(u64, usize)],
+    offset: u64,
+    size: u64,
+    buf: &mut Vec<u8>,
+    mut read_at: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let total = check_span(segs, offset, size)?;
+    let need = total.min(CHUNK as u64) as usize;
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    for (addr, len, at) in chunks(segs, offset) {
+        read_at(&mut buf[..len], at)?;
+        mem.write_slice(&buf[..len], GuestAddress(addr))
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(())
+}
+
+/// Writes pieces `segs` of guest memory into a disk of `size` bytes at `offset` through `buf`
+/// (grown to at most [`CHUNK`] bytes, or the request if smaller) with `write_at`.
+pub fn bounce_write(
+    mem: &GuestMemoryMmap,
+    segs: &[(u64, usize)],
+    offset: u64,
+    size: u64,
+    buf: &mut Vec<u8>,
+    mut write_at: impl FnMut(&[u8], u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let total = check_span(segs, offset, size)?;
+    let need = total.min(CHUNK as u64) as usize;
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
+    for (addr, len, at) in chunks(segs, offset) {
+        mem.read_slice(&mut buf[..len], GuestAddress(addr))
+            .map_err(std::io::Error::other)?;
+        write_at(&buf[..len], at)?;
+    }
+    Ok(())
 }
 
 /// A disk in memory (tests, fuzzing, benchmarks of the request path).
@@ -290,6 +359,7 @@ impl RawDisk {
         mut offset: u64,
         write: bool,
     ) -> std::io::Result<()> {
+        check_span(segs, offset, self.size)?;
         let fd = self.file.as_raw_fd();
         for &(addr, len) in segs {
             for slice in mem.get_slices(GuestAddress(addr), len) {
@@ -363,8 +433,13 @@ pub struct BlockCounters {
     pub served: AtomicU64,
 }
 
+/// Most descriptors a request may have: the data buffers we advertise (SEG_MAX) plus a
+/// header and a status buffer of their own.
+pub const MAX_REQUEST_DESCS: usize = SEG_MAX as usize + 2;
+
 /// Serves one descriptor chain; returns the number of bytes written into guest buffers
-/// (for the used ring).
+/// (for the used ring). The chain is read from guest memory once ([`Chain::read`]) and the
+/// request is served from that copy only ([`process_chain`]).
 pub fn process<M>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
@@ -373,71 +448,44 @@ pub fn process<M>(
     counters: &BlockCounters,
 ) -> u32
 where
-    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+    M: std::ops::Deref<Target = GuestMemoryMmap>,
 {
-    // Readable buffers must all come before writable ones.
-    let mut seen_writable = false;
-    for d in chain.clone() {
-        if d.is_write_only() {
-            seen_writable = true;
-        } else if seen_writable {
+    match Chain::read(mem, chain, MAX_REQUEST_DESCS) {
+        Ok(c) => process_chain(mem, &c, disk, id, counters),
+        Err(_) => {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
-            return 0;
+            0
         }
     }
-    let chain_copy = chain.clone();
-    let (Ok(mut reader), Ok(mut writer)) =
-        (Reader::new(mem, chain.clone()), Writer::new(mem, chain))
-    else {
+}
+
+/// Serves a request from a chain already read and validated; nothing here reads the
+/// descriptor table again, so a guest rewriting it meanwhile changes nothing. Returns the
+/// number of bytes written into guest buffers.
+pub fn process_chain(
+    mem: &GuestMemoryMmap,
+    c: &Chain,
+    disk: &mut dyn Disk,
+    id: &[u8; 20],
+    counters: &BlockCounters,
+) -> u32 {
+    // The status byte is the last writable byte; what is writable before it is data.
+    let Some(data_in) = c.writable_bytes().checked_sub(1) else {
         counters.dropped.fetch_add(1, Ordering::Relaxed);
         return 0;
     };
-    let writable = writer.available_bytes();
-    if writable == 0 {
-        counters.dropped.fetch_add(1, Ordering::Relaxed);
-        return 0;
-    }
-    let Ok(mut status_w) = writer.split_at(writable - 1) else {
-        counters.dropped.fetch_add(1, Ordering::Relaxed);
-        return 0;
-    };
-    // Where the data lies: readable bytes after the 16-byte header (a write), or writable
-    // bytes before the status byte (a read).
-    let mut data_out = Vec::new();
-    let mut writable_segs = Vec::new();
-    let mut skip = 16usize;
-    for d in chain_copy {
-        let (addr, len) = (d.addr().0, d.len() as usize);
-        if d.is_write_only() {
-            writable_segs.push((addr, len));
-        } else if len > skip {
-            data_out.push((addr + skip as u64, len - skip));
-            skip = 0;
-        } else {
-            skip -= len;
-        }
-    }
-    let mut left = writable - 1;
-    let mut data_in = Vec::new();
-    for (addr, len) in writable_segs {
-        let n = len.min(left);
-        if n > 0 {
-            data_in.push((addr, n));
-        }
-        left -= n;
-    }
-    let (status, data_written) =
-        serve(mem, &mut reader, &mut writer, disk, id, &data_out, &data_in);
+    let (status, data_written) = serve(mem, c, disk, id, data_in);
     if status == S_OK {
         counters.served.fetch_add(1, Ordering::Relaxed);
     } else {
         counters.errors.fetch_add(1, Ordering::Relaxed);
     }
-    if status_w.write_all(&[status]).is_err() {
+    if c.write_at(mem, u64::from(data_in), &[status]).is_err() {
         counters.dropped.fetch_add(1, Ordering::Relaxed);
         return 0;
     }
-    (data_written + 1) as u32
+    // data_written <= data_in < u32::MAX (the chain's totals fit a u32).
+    data_written + 1
 }
 
 fn in_range(disk: &dyn Disk, sector: u64, bytes: u64) -> Option<u64> {
@@ -446,69 +494,75 @@ fn in_range(disk: &dyn Disk, sector: u64, bytes: u64) -> Option<u64> {
     (end <= disk.size()).then_some(offset)
 }
 
+/// Serves the request of `c`, whose writable part holds `data_in` bytes before the status;
+/// returns the status and how many data bytes were written into the guest.
 fn serve(
     mem: &GuestMemoryMmap,
-    reader: &mut Reader<'_>,
-    writer: &mut Writer<'_>,
+    c: &Chain,
     disk: &mut dyn Disk,
     id: &[u8; 20],
-    data_out: &[(u64, usize)],
-    data_in: &[(u64, usize)],
-) -> (u8, usize) {
+    data_in: u32,
+) -> (u8, u32) {
+    // The header is copied once: the guest may change it after this.
     let mut hdr = [0u8; 16];
-    if reader.read_exact(&mut hdr).is_err() {
+    if c.read_at(mem, 0, &mut hdr).is_err() {
         return (S_IOERR, 0);
     }
     let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
+    // What is readable after the header (a write's data, discard segments).
+    let data_out = c.readable_bytes() - 16;
     match ty {
         req::IN => {
-            let len = writer.available_bytes();
-            if !(len as u64).is_multiple_of(SECTOR) {
+            let len = u64::from(data_in);
+            if !len.is_multiple_of(SECTOR) {
                 return (S_IOERR, 0);
             }
-            let Some(offset) = in_range(disk, sector, len as u64) else {
+            let Some(offset) = in_range(disk, sector, len) else {
                 return (S_IOERR, 0);
             };
-            match disk.read_into(mem, data_in, offset) {
-                Ok(()) => (S_OK, len),
+            let Ok(segs) = c.pieces(true, 0, len) else {
+                return (S_IOERR, 0);
+            };
+            match disk.read_into(mem, &segs, offset) {
+                Ok(()) => (S_OK, data_in),
                 Err(_) => (S_IOERR, 0),
             }
         }
         req::OUT => {
-            let len = reader.available_bytes();
-            if disk.readonly() || !(len as u64).is_multiple_of(SECTOR) {
+            let len = u64::from(data_out);
+            if disk.readonly() || !len.is_multiple_of(SECTOR) {
                 return (S_IOERR, 0);
             }
-            let Some(offset) = in_range(disk, sector, len as u64) else {
+            let Some(offset) = in_range(disk, sector, len) else {
                 return (S_IOERR, 0);
             };
-            match disk.write_from(mem, data_out, offset) {
+            let Ok(segs) = c.pieces(false, 16, len) else {
+                return (S_IOERR, 0);
+            };
+            match disk.write_from(mem, &segs, offset) {
                 Ok(()) => (S_OK, 0),
                 Err(_) => (S_IOERR, 0),
             }
         }
         req::FLUSH => (if disk.flush().is_ok() { S_OK } else { S_IOERR }, 0),
         req::GET_ID => {
-            let n = writer.available_bytes().min(id.len());
-            if writer.write_all(&id[..n]).is_err() {
+            let n = (data_in as usize).min(id.len());
+            if c.write_at(mem, 0, &id[..n]).is_err() {
                 return (S_IOERR, 0);
             }
-            (S_OK, n)
+            (S_OK, n as u32)
         }
         req::DISCARD | req::WRITE_ZEROES => {
             if disk.readonly() {
                 return (S_IOERR, 0);
             }
-            let segs = reader.available_bytes() / 16;
-            if segs == 0
-                || segs > MAX_DISCARD_SEG as usize
-                || !reader.available_bytes().is_multiple_of(16)
-            {
+            let segs = data_out / 16;
+            if segs == 0 || segs > MAX_DISCARD_SEG || !data_out.is_multiple_of(16) {
                 return (S_IOERR, 0);
             }
             let mut seg = [0u8; 16];
-            if reader.read_exact(&mut seg).is_err() {
+            if c.read_at(mem, 16, &mut seg).is_err() {
                 return (S_IOERR, 0);
             }
             let start = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
@@ -671,6 +725,11 @@ mod tests {
         }
         m.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
         m.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        queue()
+    }
+
+    /// A queue over the descriptors and rings already in memory (head 0 available).
+    fn queue() -> Queue {
         let mut q = Queue::new(16).unwrap();
         q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
         q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
@@ -848,5 +907,186 @@ mod tests {
         assert!(r1.readonly());
         assert!(RawDisk::open(&p, false).is_err());
         std::fs::remove_file(&p).unwrap();
+    }
+
+    /// A disk that, like the VMKFS backend, moves data with the default bounce-buffer
+    /// `read_into`/`write_from`, and records the largest buffer it was handed and every access
+    /// reaching past its end.
+    struct WatchedDisk {
+        inner: MemDisk,
+        largest: usize,
+        outside: u64,
+    }
+
+    impl WatchedDisk {
+        fn watch(&mut self, len: usize, offset: u64) {
+            self.largest = self.largest.max(len);
+            if offset + len as u64 > self.inner.size() {
+                self.outside += 1;
+            }
+        }
+    }
+
+    impl Disk for WatchedDisk {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn readonly(&self) -> bool {
+            false
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.watch(buf.len(), offset);
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.watch(buf.len(), offset);
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn discard(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+            self.inner.discard(o, l)
+        }
+        fn write_zeroes(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+            self.inner.write_zeroes(o, l)
+        }
+    }
+
+    const SMALL: u32 = 512;
+    const HUGE: u32 = 64 << 10;
+
+    /// Serves the standard three-descriptor request (type `ty` for round `i`) again and again
+    /// while a second thread flips the data descriptor's length between SMALL and HUGE, as
+    /// another vCPU of the guest can; `check` runs after every request. Goes on until at
+    /// least `rounds` requests ran and both lengths were seen (some served, some refused: a
+    /// 4 KiB disk takes SMALL but not HUGE), within a deadline.
+    fn race(
+        disk: &mut dyn Disk,
+        rounds: u32,
+        ty: impl Fn(u32) -> u32,
+        mut check: impl FnMut(&mut dyn Disk, u32),
+    ) -> BlockCounters {
+        use std::sync::atomic::AtomicBool;
+        use std::time::{Duration, Instant};
+        let (m, c) = (mem(), BlockCounters::default());
+        let _descriptors_in_memory = standard(&m, 0, SMALL);
+        /// Stops the flipping thread however this function ends (a failed check panics).
+        struct Stop(Arc<AtomicBool>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let guard = Stop(stop.clone());
+        let flipper = {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let len_at = GuestAddress(DESC + 16 + 8);
+                while !stop.load(Ordering::Relaxed) {
+                    m.write_obj(HUGE, len_at).unwrap();
+                    m.write_obj(SMALL, len_at).unwrap();
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut i = 0;
+        while i < rounds
+            || c.served.load(Ordering::Relaxed) == 0
+            || c.errors.load(Ordering::Relaxed) == 0
+        {
+            if Instant::now() > deadline {
+                panic!("the descriptor never changed under process() within 60 s: {c:?}");
+            }
+            let t = ty(i);
+            header(&m, t, 0);
+            let flags = N | if t == req::IN { W } else { 0 };
+            m.write_obj(flags, GuestAddress(DESC + 16 + 12)).unwrap();
+            let mut q = queue();
+            let ch = q.pop_descriptor_chain(&m).expect("a chain");
+            process(&m, ch, disk, b"disk-id-0123456789ab", &c);
+            check(disk, i);
+            i += 1;
+        }
+        drop(guard);
+        flipper.join().unwrap();
+        assert_eq!(c.dropped.load(Ordering::Relaxed), 0, "{c:?}");
+        c
+    }
+
+    #[test]
+    fn a_racing_guest_cannot_grow_a_raw_image() {
+        let p = std::env::temp_dir().join(format!("wv-blk-race-{}", std::process::id()));
+        std::fs::write(&p, vec![0u8; 8 * 512]).unwrap();
+        let mut d = RawDisk::open(&p, false).unwrap();
+        race(
+            &mut d,
+            20_000,
+            |_| req::OUT,
+            |_, i| {
+                let len = std::fs::metadata(&p).unwrap().len();
+                assert_eq!(
+                    len,
+                    8 * 512,
+                    "the 4 KiB image grew to {len} bytes in round {i}"
+                );
+            },
+        );
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn a_racing_guest_cannot_size_a_bounce_buffer_or_reach_past_the_disk() {
+        let mut d = WatchedDisk {
+            inner: disk(false),
+            largest: 0,
+            outside: 0,
+        };
+        let ty = |i: u32| {
+            if i.is_multiple_of(2) {
+                req::OUT
+            } else {
+                req::IN
+            }
+        };
+        race(&mut d, 20_000, ty, |_, _| {});
+        assert_eq!(d.outside, 0, "accesses past the end of the disk");
+        assert!(
+            d.largest <= SMALL as usize,
+            "a {}-byte buffer for requests validated at {SMALL} bytes",
+            d.largest
+        );
+    }
+
+    #[test]
+    fn default_paths_move_large_requests_in_chunks_and_refuse_spans_past_the_end() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mut d = WatchedDisk {
+            inner: MemDisk {
+                data: vec![0; 4 << 20],
+                ro: false,
+                flushed: false,
+            },
+            largest: 0,
+            outside: 0,
+        };
+        let pattern: Vec<u8> = (0..(3 << 20) + 512).map(|i: u32| (i % 251) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(0x1000)).unwrap();
+        d.write_from(&m, &[(0x1000, 512), (0x1200, 3 << 20)], 512)
+            .unwrap();
+        assert_eq!(&d.inner.data[512..512 + pattern.len()], &pattern[..]);
+        d.read_into(&m, &[(0x40_0000, pattern.len())], 512).unwrap();
+        let mut back = vec![0u8; pattern.len()];
+        m.read_slice(&mut back, GuestAddress(0x40_0000)).unwrap();
+        assert!(back == pattern, "read back differs");
+        assert_eq!(d.largest, CHUNK, "the largest buffer handed to the disk");
+        // Past the end of the disk, or a length sum that overflows: refused before any access.
+        d.largest = 0;
+        assert!(d.read_into(&m, &[(0x1000, 1024)], (4 << 20) - 512).is_err());
+        assert!(d
+            .write_from(&m, &[(0x1000, usize::MAX), (0x1000, 2)], 0)
+            .is_err());
+        assert_eq!((d.largest, d.outside), (0, 0));
     }
 }

@@ -4,9 +4,11 @@
 //! BAR 0: common, notify, ISR and device configuration, MSI-X table); it negotiates features,
 //! collects queue set-up and, on DRIVER_OK, hands validated queues to a [`device::VirtioDevice`],
 //! which serves them on a worker thread woken by ioeventfds, never on a vCPU thread.
-//! Everything read from the guest (registers, rings, descriptors) is checked before use.
+//! Everything read from the guest (registers, rings, descriptors) is checked before use, and
+//! every descriptor chain is read exactly once ([`chain::Chain`]) and served from that copy.
 
 pub mod block;
+pub mod chain;
 pub mod device;
 pub mod net;
 pub mod rng;

@@ -3,10 +3,12 @@
 //! Frames carry the 12-byte virtio-net header, which is also the TAP's vnet header, so they
 //! pass between the guest's buffers and the TAP without translation. Checksum and
 //! segmentation offloads are offered only when the TAP accepts them, and the TAP is told which
-//! ones the guest took. Transmit chains must be device-readable and at most one vnet header
+//! ones the guest took. Every chain is read from guest memory once ([`crate::chain::Chain`]) and
+//! served from that copy. Transmit chains must be device-readable and at most one vnet header
 //! plus 64 KiB; receive buffers must be device-writable; anything else is dropped and counted.
 #![allow(clippy::cast_possible_truncation)] // lengths are bounded by MAX_FRAME first
 
+use crate::chain::{Chain, MAX_CHAIN};
 use crate::F_VERSION_1;
 use crate::{ActiveQueue, Interrupt, VirtioDevice};
 use std::ffi::CString;
@@ -16,7 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -229,13 +231,14 @@ fn transmit<M>(
     buf: &mut Vec<u8>,
 ) -> bool
 where
-    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+    M: std::ops::Deref<Target = GuestMemoryMmap>,
 {
     transmit_to(mem, chain, &mut &tap.file, buf)
 }
 
 /// Validates one transmit chain (device-readable only, a vnet header, at most [`MAX_FRAME`])
-/// and writes the frame to `out`; false if the chain was malformed or the write failed.
+/// and writes the frame to `out`; false if the chain was malformed or the write failed. The
+/// chain is read once ([`Chain::read`]) and the frame copied from that copy.
 pub fn transmit_to<M, W: Write>(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<M>,
@@ -243,20 +246,30 @@ pub fn transmit_to<M, W: Write>(
     buf: &mut Vec<u8>,
 ) -> bool
 where
-    M: std::ops::Deref<Target = GuestMemoryMmap> + Clone,
+    M: std::ops::Deref<Target = GuestMemoryMmap>,
 {
-    if chain.clone().any(|d| d.is_write_only()) {
+    match Chain::read(mem, chain, MAX_CHAIN) {
+        Ok(c) => transmit_chain(mem, &c, out, buf),
+        Err(_) => false,
+    }
+}
+
+/// Like [`transmit_to`], from a chain already read and validated.
+pub fn transmit_chain<W: Write>(
+    mem: &GuestMemoryMmap,
+    c: &Chain,
+    out: &mut W,
+    buf: &mut Vec<u8>,
+) -> bool {
+    if !c.writable().is_empty() {
         return false;
     }
-    let Ok(mut r) = Reader::new(mem, chain) else {
-        return false;
-    };
-    let n = r.available_bytes();
+    let n = c.readable_bytes() as usize;
     if !(VNET_HDR..=MAX_FRAME).contains(&n) {
         return false;
     }
     buf.resize(n, 0);
-    if r.read_exact(buf).is_err() {
+    if c.read_at(mem, 0, buf).is_err() {
         return false;
     }
     out.write_all(buf).is_ok()
@@ -271,12 +284,26 @@ pub fn deliver_frame(
     mergeable: bool,
     counters: &NetCounters,
 ) -> bool {
+    deliver_frame_with(mem, q, frame, mergeable, counters, || {})
+}
+
+/// [`deliver_frame`], calling `between` after the receive chains were read and before the
+/// frame is written into them: fuzzing and tests rewrite the descriptors there, as another
+/// vCPU could.
+pub fn deliver_frame_with(
+    mem: &GuestMemoryMmap,
+    q: &mut ActiveQueue,
+    frame: &[u8],
+    mergeable: bool,
+    counters: &NetCounters,
+    between: impl FnMut(),
+) -> bool {
     let len = frame.len().min(MAX_FRAME);
     let mut rx = Rx {
         frame: frame[..len].to_vec(),
         len,
     };
-    deliver(mem, q, &mut rx, mergeable, counters)
+    deliver(mem, q, &mut rx, mergeable, counters, between)
 }
 
 struct Rx {
@@ -287,12 +314,14 @@ struct Rx {
 /// Delivers the pending frame into receive buffers; true if the frame is done with (delivered
 /// or dropped), false if the guest has not posted enough buffers yet (the frame stays pending
 /// and no buffer is consumed). Malformed buffers are returned empty and the frame is dropped.
+/// Each chain is read once; `between` runs after the reading, before the writing.
 fn deliver(
     mem: &GuestMemoryMmap,
     q: &mut ActiveQueue,
     rx: &mut Rx,
     mergeable: bool,
     counters: &NetCounters,
+    mut between: impl FnMut(),
 ) -> bool {
     // A frame must at least carry the vnet header (found by fuzzing: an empty frame used to
     // index an empty buffer list).
@@ -301,7 +330,8 @@ fn deliver(
         rx.len = 0;
         return true;
     }
-    let mut taken: Vec<(u16, Option<Writer<'_>>)> = Vec::new();
+    // (head, the chain if it is made of writable buffers only)
+    let mut taken: Vec<(u16, Option<Chain>)> = Vec::new();
     let mut room = 0usize;
     while room < rx.len && (mergeable || taken.is_empty()) {
         let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
@@ -311,20 +341,19 @@ fn deliver(
             return false;
         };
         let head = chain.head_index();
-        let w = if chain.clone().all(|d| d.is_write_only()) {
-            Writer::new(mem, chain).ok()
-        } else {
-            None
-        };
-        room += w.as_ref().map_or(0, |w| w.available_bytes());
-        taken.push((head, w));
+        let c = Chain::read(mem, chain, MAX_CHAIN)
+            .ok()
+            .filter(|c| c.readable().is_empty());
+        room += c.as_ref().map_or(0, |c| c.writable_bytes() as usize);
+        taken.push((head, c));
     }
-    let malformed = taken.iter().any(|(_, w)| w.is_none())
+    between();
+    let malformed = taken.iter().any(|(_, c)| c.is_none())
         || room < rx.len
         || taken[0]
             .1
             .as_ref()
-            .is_some_and(|w| w.available_bytes() < VNET_HDR);
+            .is_some_and(|c| (c.writable_bytes() as usize) < VNET_HDR);
     if malformed {
         for (head, _) in &taken {
             let _ = q.queue.add_used(mem, *head, 0);
@@ -339,16 +368,15 @@ fn deliver(
     }
     let mut done = 0usize;
     let mut lens = Vec::with_capacity(taken.len());
-    for (head, w) in &mut taken {
-        let w = w.as_mut().expect("checked above");
-        let n = w.available_bytes().min(rx.len - done);
-        if w.write_all(&rx.frame[done..done + n]).is_err() {
+    for (head, c) in &taken {
+        let c = c.as_ref().expect("checked above");
+        let n = (c.writable_bytes() as usize).min(rx.len - done);
+        if c.write_at(mem, 0, &rx.frame[done..done + n]).is_err() {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
         done += n;
         lens.push((*head, n as u32));
     }
-    drop(taken);
     for (head, n) in lens {
         let _ = q.queue.add_used(mem, head, n);
     }
@@ -511,7 +539,7 @@ fn net_loop(
                     _ => break,
                 }
             }
-            if !deliver(&mem, &mut queues[0], &mut rx, mergeable, counters) {
+            if !deliver(&mem, &mut queues[0], &mut rx, mergeable, counters, || {}) {
                 break;
             }
             delivered = true;
@@ -579,5 +607,99 @@ mod tests {
         // No buffers posted yet: the frame waits.
         let mut q = rxq(&mem, &[]);
         assert!(!deliver_frame(&mem, &mut q, &frame, true, &c));
+    }
+
+    #[test]
+    fn receive_buffers_are_written_as_they_were_read() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let c = NetCounters::default();
+        let frame: Vec<u8> = (0..80u8).collect();
+        // The guest moves and shrinks the buffer after the device read the chain: the frame
+        // still goes where the descriptor pointed when it was read, and nowhere else.
+        let mut q = rxq(&mem, &[(0x1000, 100)]);
+        let rewrite = || {
+            mem.write_obj(0x5000u64, GuestAddress(0)).unwrap();
+            mem.write_obj(8u32, GuestAddress(8)).unwrap();
+        };
+        assert!(deliver_frame_with(&mem, &mut q, &frame, false, &c, rewrite));
+        let mut got = [0u8; 80];
+        mem.read_slice(&mut got, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&got[..], &frame[..]);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x180 + 8)).unwrap(), 80);
+        // A buffer too small when read stays too small, however large the guest makes it.
+        let frame = vec![7u8; 1000];
+        let mut q = rxq(&mem, &[(0x2000, 100)]);
+        let grow = || mem.write_obj(60_000u32, GuestAddress(8)).unwrap();
+        assert!(deliver_frame_with(&mem, &mut q, &frame, false, &c, grow));
+        assert_eq!(c.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn transmit_sends_the_chain_as_it_was_read() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut q = rxq(&mem, &[(0x1000, 100)]);
+        mem.write_obj(0u16, GuestAddress(12)).unwrap(); // device-readable
+        mem.write_slice(&[0x42; 100], GuestAddress(0x1000)).unwrap();
+        let chain = q.queue.pop_descriptor_chain(&mem).unwrap();
+        let c = Chain::read(&mem, chain, MAX_CHAIN).unwrap();
+        // Made writable and larger than a frame after the reading: changes nothing.
+        mem.write_obj(2u16, GuestAddress(12)).unwrap();
+        mem.write_obj(200_000u32, GuestAddress(8)).unwrap();
+        let (mut out, mut buf) = (Vec::new(), Vec::new());
+        assert!(transmit_chain(&mem, &c, &mut out, &mut buf));
+        assert_eq!(out, vec![0x42; 100]);
+    }
+
+    #[test]
+    fn a_racing_guest_cannot_stretch_a_transmit_frame() {
+        use std::sync::atomic::AtomicBool;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(&[0x42; 100], GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0x1000u64, GuestAddress(0)).unwrap();
+        /// Stops the flipping thread however the test ends.
+        struct Stop(Arc<AtomicBool>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let guard = Stop(stop.clone());
+        // Another vCPU flips the only descriptor between a 100-byte readable frame and a
+        // writable buffer longer than any frame.
+        let flipper = {
+            let (mem, stop) = (mem.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    mem.write_obj(200_000u32, GuestAddress(8)).unwrap();
+                    mem.write_obj(2u16, GuestAddress(12)).unwrap();
+                    mem.write_obj(100u32, GuestAddress(8)).unwrap();
+                    mem.write_obj(0u16, GuestAddress(12)).unwrap();
+                }
+            })
+        };
+        let (mut sent, mut refused) = (0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while sent + refused < 20_000 || sent == 0 || refused == 0 {
+            if std::time::Instant::now() > deadline {
+                panic!("the descriptor never changed within 60 s ({sent} sent)");
+            }
+            let mut q = rxq(&mem, &[]);
+            mem.write_obj(0u16, GuestAddress(0x104)).unwrap();
+            mem.write_obj(1u16, GuestAddress(0x102)).unwrap();
+            let chain = q.queue.pop_descriptor_chain(&mem).unwrap();
+            let (mut out, mut buf) = (Vec::new(), Vec::new());
+            if transmit_to(&mem, chain, &mut out, &mut buf) {
+                assert_eq!(out, vec![0x42; 100], "a frame other than the one read");
+                sent += 1;
+            } else {
+                assert!(out.is_empty());
+                refused += 1;
+            }
+        }
+        drop(guard);
+        flipper.join().unwrap();
     }
 }

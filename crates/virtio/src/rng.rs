@@ -1,11 +1,12 @@
-//! virtio-rng (device type 4): one queue; every write-only buffer the driver posts is filled
-//! with bytes from the host's `getrandom`.
+//! virtio-rng (device type 4): one queue; every chain of write-only buffers the driver posts is
+//! read once and filled with bytes from the host's `getrandom` (up to [`MAX_REQUEST`]).
 
+use crate::chain::{Chain, MAX_CHAIN};
 use crate::device::{ActiveQueue, Interrupt, VirtioDevice, Worker};
 use crate::F_VERSION_1;
 use std::sync::Arc;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 /// Largest request served at once; longer chains are filled up to this (the driver sees the
 /// length written in the used ring).
@@ -20,26 +21,31 @@ pub struct Rng {
 
 /// Fills the buffers of every available chain; returns whether any was used.
 pub fn serve(mem: &GuestMemoryMmap, q: &mut ActiveQueue) -> bool {
+    serve_with(mem, q, || {})
+}
+
+/// [`serve`], calling `between` after each chain was read and before it is filled (where
+/// tests rewrite the descriptors, as another vCPU could).
+pub fn serve_with(mem: &GuestMemoryMmap, q: &mut ActiveQueue, mut between: impl FnMut()) -> bool {
     let mut used = false;
+    let mut buf = Vec::new();
     while let Some(chain) = q.queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
-        let mut written: u32 = 0;
-        for d in chain {
-            // Entropy goes only into device-writable buffers inside guest RAM; anything else
-            // ends the request with what was written so far.
-            if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
-                break;
+        // The chain is read once; entropy goes only into a chain of device-writable buffers
+        // inside guest RAM (anything else is completed empty), at most MAX_REQUEST bytes.
+        let written = match Chain::read(mem, chain, MAX_CHAIN) {
+            Ok(c) if c.readable().is_empty() => {
+                between();
+                let len = c.writable_bytes().min(MAX_REQUEST);
+                buf.resize(len as usize, 0);
+                if getrandom(&mut buf).is_ok() && c.write_at(mem, 0, &buf).is_ok() {
+                    len
+                } else {
+                    0
+                }
             }
-            let len = d.len().min(MAX_REQUEST - written);
-            let mut buf = vec![0u8; len as usize];
-            if getrandom(&mut buf).is_err() || mem.write_slice(&buf, d.addr()).is_err() {
-                break;
-            }
-            written += len;
-            if written == MAX_REQUEST {
-                break;
-            }
-        }
+            _ => 0,
+        };
         if q.queue.add_used(mem, head, written).is_err() {
             break;
         }
@@ -104,5 +110,84 @@ impl VirtioDevice for Rng {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// One chain of `bufs` (addr, len, flags) at descriptor 0 of a 16-entry queue.
+    fn queue(mem: &GuestMemoryMmap, bufs: &[(u64, u32, u16)]) -> ActiveQueue {
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let at = 16 * i as u64;
+            let next = if i + 1 < bufs.len() { 1 } else { 0 };
+            mem.write_obj(addr, GuestAddress(at)).unwrap();
+            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(flags | next, GuestAddress(at + 12)).unwrap();
+            let next_index = u16::try_from(i + 1).unwrap();
+            mem.write_obj(next_index, GuestAddress(at + 14)).unwrap();
+        }
+        mem.write_obj(0u16, GuestAddress(0x104)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x102)).unwrap();
+        let mut q = virtio_queue::Queue::new(16).unwrap();
+        q.try_set_desc_table_address(GuestAddress(0)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(0x100)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(0x180)).unwrap();
+        q.set_ready(true);
+        ActiveQueue {
+            queue: q,
+            evt: EventFd::new(0).unwrap(),
+            counters: Default::default(),
+        }
+    }
+
+    fn used_len(mem: &GuestMemoryMmap) -> u32 {
+        mem.read_obj(GuestAddress(0x180 + 8)).unwrap()
+    }
+
+    #[test]
+    fn fills_what_was_read_and_nothing_the_guest_changed_afterwards() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut q = queue(&mem, &[(0x1000, 64, 2), (0x2000, 64, 2)]);
+        // The guest points the second buffer elsewhere and makes it huge after the reading.
+        let rewrite = || {
+            mem.write_obj(0x8_0000u64, GuestAddress(16)).unwrap();
+            mem.write_obj(0x7_0000u32, GuestAddress(24)).unwrap();
+        };
+        assert!(serve_with(&mem, &mut q, rewrite));
+        assert_eq!(used_len(&mem), 128);
+        let mut b = [0u8; 64];
+        mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_ne!(b, [0u8; 64]);
+        mem.read_slice(&mut b, GuestAddress(0x8_0000)).unwrap();
+        assert_eq!(
+            b, [0u8; 64],
+            "nothing written where the descriptor pointed later"
+        );
+    }
+
+    #[test]
+    fn malformed_and_oversized_chains() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        // A device-readable buffer: completed empty, nothing written.
+        let mut q = queue(&mem, &[(0x1000, 64, 0)]);
+        assert!(serve(&mem, &mut q));
+        assert_eq!(used_len(&mem), 0);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0);
+        // Outside guest RAM: completed empty.
+        let mut q = queue(&mem, &[(0x1000, 64, 2), ((1 << 20) - 8, 64, 2)]);
+        assert!(serve(&mem, &mut q));
+        assert_eq!(used_len(&mem), 0);
+        // Larger than MAX_REQUEST: filled up to it.
+        let mut q = queue(&mem, &[(0x1_0000, 0x8_0000, 2)]);
+        assert!(serve(&mem, &mut q));
+        assert_eq!(used_len(&mem), MAX_REQUEST);
+        let past: u64 = mem
+            .read_obj(GuestAddress(0x1_0000 + u64::from(MAX_REQUEST)))
+            .unwrap();
+        assert_eq!(past, 0);
     }
 }
