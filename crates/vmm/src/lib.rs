@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod diagnose;
+pub mod emulate;
 pub mod error;
 mod pci;
 pub mod stats;

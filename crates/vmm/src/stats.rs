@@ -32,9 +32,15 @@ pub const OTHER: usize = 10;
 /// A call-port access that named no valid block or call.
 pub const HYPERCALL_INVALID: usize = 11;
 /// A guest kernel-mode `int3` the host's instruction emulator could not run, whose #BP the VMM
-/// injected instead.
+/// injected instead (crate::emulate).
 pub const EMULATED_INT3: usize = 12;
-const FIXED: [&str; 13] = [
+/// A guest kernel-mode `clac` the VMM completed.
+pub const EMULATED_CLAC: usize = 13;
+/// A guest kernel-mode `stac` the VMM completed.
+pub const EMULATED_STAC: usize = 14;
+/// A guest kernel-mode `popcnt` the VMM completed.
+pub const EMULATED_POPCNT: usize = 15;
+const FIXED: [&str; 16] = [
     "io:unassigned",
     "mmio:unassigned",
     "hlt",
@@ -48,6 +54,9 @@ const FIXED: [&str; 13] = [
     "other",
     "hypercall:invalid",
     "emulated:int3",
+    "emulated:clac",
+    "emulated:stac",
+    "emulated:popcnt",
 ];
 
 /// The causes of one VM: the fixed ones, one per port I/O device, one per call.

@@ -190,12 +190,21 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                 Step::TripleFault
             }
             Ok(VcpuExit::InternalError) => {
-                if inject_int3(&mut fd) {
-                    cause = stats::EMULATED_INT3;
-                    Step::Continue
-                } else {
-                    cause = stats::INTERNAL_ERROR;
-                    Step::InternalError
+                use crate::emulate::{complete, Completed};
+                match complete(&mut fd) {
+                    Some(done) => {
+                        cause = match done {
+                            Completed::Int3 => stats::EMULATED_INT3,
+                            Completed::Clac => stats::EMULATED_CLAC,
+                            Completed::Stac => stats::EMULATED_STAC,
+                            Completed::Popcnt => stats::EMULATED_POPCNT,
+                        };
+                        Step::Continue
+                    }
+                    None => {
+                        cause = stats::INTERNAL_ERROR;
+                        Step::InternalError
+                    }
                 }
             }
             Ok(VcpuExit::FailEntry(reason, _)) => {
@@ -329,35 +338,6 @@ fn regs(fd: &VcpuFd) -> String {
         ),
         _ => "registers unavailable".to_string(),
     }
-}
-
-/// Does what a guest kernel-mode `int3` would have done when the host's instruction emulator
-/// could not run it (PVM emulates all guest kernel code and rejects `int3` there): raise #BP
-/// with RIP past the instruction (a trap). Only for that exact failure: an emulation-failure
-/// exit whose instruction bytes start with 0xCC, at CPL 0. Returns whether it did.
-fn inject_int3(fd: &mut VcpuFd) -> bool {
-    let run = fd.get_kvm_run();
-    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
-    let ie = unsafe { run.__bindgen_anon_1.internal };
-    let n = (ie.ndata as usize).min(ie.data.len());
-    let Some(bytes) = diagnose::emulation_bytes(ie.suberror, &ie.data[..n]) else {
-        return false;
-    };
-    let (Ok(mut regs), Ok(sregs), Ok(mut events)) =
-        (fd.get_regs(), fd.get_sregs(), fd.get_vcpu_events())
-    else {
-        return false;
-    };
-    if bytes.first() != Some(&0xcc) || sregs.cs.selector & 3 != 0 || events.exception.injected != 0
-    {
-        return false;
-    }
-    regs.rip = regs.rip.wrapping_add(1);
-    events.exception.injected = 1;
-    events.exception.nr = 3;
-    events.exception.has_error_code = 0;
-    events.exception.error_code = 0;
-    fd.set_regs(&regs).is_ok() && fd.set_vcpu_events(&events).is_ok()
 }
 
 /// Prints the diagnostic block of a failed vCPU (what failed, the instruction at RIP decoded
