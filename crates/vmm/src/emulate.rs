@@ -1,7 +1,7 @@
 //! Instructions the host's instruction emulator cannot run, done by the VMM instead. On a host
 //! without VMX/SVM (PVM), KVM emulates all guest kernel code, and its emulator rejects a few
 //! instructions a stock Linux kernel executes early: `int3` (the kernel's self-test), `clac` and
-//! `stac` (SMAP), `popcnt` (bit counting). On exactly that failure (an emulation-failure exit
+//! `stac` (SMAP), `popcnt` (bit counting), `fwait` (FPU set-up). On exactly that failure (an emulation-failure exit
 //! carrying the instruction's bytes, at CPL 0, with no event pending) the VMM does what the
 //! instruction would have done and the guest goes on; every other failure stays fatal with its
 //! diagnostic. Each completion is counted per instruction in the exit accounting.
@@ -22,12 +22,16 @@ pub enum Completed {
     Stac,
     /// `popcnt` with a register source.
     Popcnt,
+    /// `fwait` with no x87 exception pending: nothing to do.
+    Fwait,
 }
 
 const RFLAGS_AC: u64 = 1 << 18;
 /// The arithmetic flags POPCNT writes: CF PF AF ZF SF OF.
 const RFLAGS_ARITH: u64 = 0x8d5;
 const RFLAGS_ZF: u64 = 1 << 6;
+/// The x87 status word's exception summary bit.
+const FSW_ES: u16 = 1 << 7;
 
 /// A general-purpose register of 16, 32 or 64 bits: its slot in `kvm_regs` and its size in
 /// bytes.
@@ -89,6 +93,7 @@ pub fn apply(bytes: &[u8], bitness: u32, regs: &mut kvm_regs) -> Option<Complete
     }
     let done = match insn.mnemonic() {
         Mnemonic::Int3 => Completed::Int3,
+        Mnemonic::Wait => Completed::Fwait,
         Mnemonic::Clac => {
             regs.rflags &= !RFLAGS_AC;
             Completed::Clac
@@ -143,6 +148,10 @@ pub fn complete(fd: &mut VcpuFd) -> Option<Completed> {
     }
     let before = regs;
     let done = apply(&bytes, diagnose::bitness(&sregs), &mut regs)?;
+    // fwait with an unmasked x87 exception pending would raise #MF: not completed here.
+    if done == Completed::Fwait && fd.get_fpu().map_or(true, |f| f.fsw & FSW_ES != 0) {
+        return None;
+    }
     if fd.set_regs(&regs).is_err() {
         return None;
     }
@@ -214,6 +223,10 @@ mod tests {
             Some(Completed::Stac)
         );
         assert_ne!(r.rflags & RFLAGS_AC, 0);
+        // fwait: only RIP moves (`complete` checks no x87 exception is pending).
+        let mut r = regs();
+        assert_eq!(apply(&[0x9b, 0x65], 64, &mut r), Some(Completed::Fwait));
+        assert_eq!(r.rip, 0x1001);
         // int3: only RIP moves (the #BP is injected by `complete`).
         let mut r = regs();
         assert_eq!(apply(&[0xcc], 64, &mut r), Some(Completed::Int3));

@@ -40,7 +40,9 @@ pub const EMULATED_CLAC: usize = 13;
 pub const EMULATED_STAC: usize = 14;
 /// A guest kernel-mode `popcnt` the VMM completed.
 pub const EMULATED_POPCNT: usize = 15;
-const FIXED: [&str; 16] = [
+/// A guest kernel-mode `fwait` the VMM completed.
+pub const EMULATED_FWAIT: usize = 16;
+const FIXED: [&str; 17] = [
     "io:unassigned",
     "mmio:unassigned",
     "hlt",
@@ -57,6 +59,7 @@ const FIXED: [&str; 16] = [
     "emulated:clac",
     "emulated:stac",
     "emulated:popcnt",
+    "emulated:fwait",
 ];
 
 /// The causes of one VM: the fixed ones, one per port I/O device, one per call.

@@ -198,6 +198,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                             Completed::Clac => stats::EMULATED_CLAC,
                             Completed::Stac => stats::EMULATED_STAC,
                             Completed::Popcnt => stats::EMULATED_POPCNT,
+                            Completed::Fwait => stats::EMULATED_FWAIT,
                         };
                         Step::Continue
                     }
