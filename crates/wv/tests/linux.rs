@@ -1,0 +1,72 @@
+//! A stock Linux kernel under `wv`: Debian's cloud kernel (prepared by `scripts/linux-boot
+//! --fetch-only`, which scripts/test runs and names in WV_LINUX_KERNEL / WV_LINUX_INITRD) boots
+//! far enough to print its version and to find every vCPU and the I/O APIC in the ACPI MADT.
+//! (Guest kernel code is emulated on some hosts, so this reads the first seconds of the boot,
+//! not the whole boot: `scripts/linux-boot` goes the whole way and reports.)
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+#[ignore = "needs /dev/kvm and Debian's cloud kernel (WV_LINUX_KERNEL): scripts/test provides both"]
+fn debian_cloud_kernel_finds_its_cpus_in_acpi() {
+    need_kvm();
+    let var = |v: &str| {
+        std::env::var(v)
+            .unwrap_or_else(|_| panic!("{v} is not set: run scripts/linux-boot --fetch-only"))
+    };
+    let (kernel, initrd) = (var("WV_LINUX_KERNEL"), var("WV_LINUX_INITRD"));
+    let mut child = Command::new(wv_bin())
+        .args(["run", "--kernel", &kernel, "--initrd", &initrd])
+        .args(["--vcpus", "2", "--memory", "512M"])
+        .args(["--cmdline", "console=ttyS0 noxsave panic=-1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wanted = [
+        "Linux version 6.",
+        "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "smpboot: Allowing 2 CPUs, 0 hotplug CPUs",
+    ];
+    let mut seen = vec![false; wanted.len()];
+    let mut log = Vec::new();
+    let start = Instant::now();
+    while seen.iter().any(|s| !s) {
+        let left = Duration::from_secs(300).saturating_sub(start.elapsed());
+        let Ok(line) = rx.recv_timeout(left) else {
+            break;
+        };
+        for (i, w) in wanted.iter().enumerate() {
+            seen[i] |= line.contains(w);
+        }
+        assert!(
+            !line.contains("not listed by BIOS"),
+            "the kernel did not find the boot CPU: {line}"
+        );
+        log.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for (i, w) in wanted.iter().enumerate() {
+        assert!(
+            seen[i],
+            "no '{w}' within 300 s; the console said:\n{}",
+            log.join("\n")
+        );
+    }
+}
