@@ -161,3 +161,24 @@ pub fn s5_poweroff() {
         outb(port, ((typ & 7) << 2) | (1 << 5));
     }
 }
+
+/// The ECAM base of PCI segment 0, bus 0 from the MCFG, if there is one.
+pub fn ecam_base() -> Option<u64> {
+    let t = find(b"MCFG")?;
+    let len = u64::from(rd::<u32>(t + 4));
+    let mut p = t + 44;
+    while p + 16 <= t + len {
+        if rd::<u16>(p + 8) == 0 && rd::<u8>(p + 10) == 0 {
+            return Some(rd::<u64>(p));
+        }
+        p += 16;
+    }
+    None
+}
+
+/// A dword of function `dev`.0's configuration space through ECAM at `base`.
+pub fn ecam_read32(base: u64, dev: u8, reg: u16) -> u32 {
+    let a = base + (u64::from(dev) << 15) + u64::from(reg);
+    // SAFETY: the ECAM window is identity-mapped MMIO; a volatile dword read is a config read.
+    unsafe { core::ptr::read_volatile(a as *const u32) }
+}

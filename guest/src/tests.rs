@@ -811,7 +811,7 @@ fn rng_test() -> Outcome {
     }
     dev.reset();
     // Move the device, as an OS reassigning resources would, and use it at its new place.
-    dev.move_bar(0xe000_0000);
+    dev.move_bar(0xd800_0000);
     let moved = virtio::find(0x1044).and_then(|mut m| {
         m.negotiate(0)?;
         (m.setup_queue(0) && m.driver_ok()).then_some(())?;
@@ -944,6 +944,29 @@ fn acpi_test() -> Outcome {
     if ioapics != 1 || Some(lapics) != mp {
         d.s(" problem: the MADT and the MP table disagree (mp cpus ");
         d.dec(mp.unwrap_or(0)).s(")");
+        return fail("acpi", &mut d);
+    }
+    // ECAM: the MCFG's window shows every slot as the configuration ports do.
+    let Some(ecam) = acpi::ecam_base() else {
+        d.s(" problem: no MCFG entry for bus 0");
+        return fail("acpi", &mut d);
+    };
+    d.s(" ecam=").hex(ecam);
+    for dev in 0..32u8 {
+        let (port, mem) = (crate::pci::read32(dev, 0), acpi::ecam_read32(ecam, dev, 0));
+        if port != mem {
+            d.s(" problem: slot ")
+                .dec(u64::from(dev))
+                .s(" reads ")
+                .hex(u64::from(mem));
+            d.s(" through ECAM, ")
+                .hex(u64::from(port))
+                .s(" through the ports");
+            return fail("acpi", &mut d);
+        }
+    }
+    if acpi::ecam_read32(ecam, 0, 0x100) != 0 {
+        d.s(" problem: extended configuration space is not empty");
         return fail("acpi", &mut d);
     }
     pass("acpi", &mut d)

@@ -1,15 +1,17 @@
 //! The ACPI tables the guest finds through the RSDP: XSDT, a hardware-reduced FADT whose sleep
-//! control register powers the VM off (S5), the MADT (every vCPU, the I/O APIC), and a DSDT
-//! describing the PCI host bridge with its resources, the serial port and a power button.
+//! control register powers the VM off (S5), the MADT (every vCPU, the I/O APIC), the MCFG
+//! (the ECAM window of PCI bus 0), and a DSDT describing the PCI host bridge with its
+//! resources, the ECAM window as a motherboard resource, the serial port and a power button.
 //! Built with rust-vmm's `acpi_tables`; placed in the reserved BIOS area at [`ACPI_START`]
 //! (where a guest that is not handed the RSDP finds it by scanning), beside the MP table that
 //! older guests read.
 
-use crate::layout::{IOAPIC_ADDR, LAPIC_ADDR, MMIO_HOLE_START};
+use crate::layout::{ECAM_BASE, ECAM_SIZE, IOAPIC_ADDR, LAPIC_ADDR, MMIO_HOLE_START, PCI_MMIO_END};
 use crate::mptable;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{aml, rsdp::Rsdp, xsdt::XSDT, Aml};
 
@@ -26,8 +28,6 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 /// The reset register: the i8042's command port, value 0xfe (pulse the reset line).
 const RESET_PORT: u16 = 0x64;
 const RESET_VALUE: u8 = 0xfe;
-/// The end of the PCI MMIO window (BARs are allocated below the I/O APIC).
-const PCI_MMIO_END: u64 = IOAPIC_ADDR;
 /// COM1.
 const COM1_PORT: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
@@ -51,14 +51,19 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, mptable::MpTableError> {
     }
     let dsdt = dsdt();
     let madt = madt(cpus);
-    // Layout: RSDP, XSDT (two entries), FADT, MADT, DSDT.
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE, OEM_REVISION);
+    mcfg.add_ecam(ECAM_BASE, 0, 0, 0);
+    let mut mcfg_bytes = Vec::new();
+    mcfg.to_aml_bytes(&mut mcfg_bytes);
+    // Layout: RSDP, XSDT (three entries), FADT, MADT, MCFG, DSDT.
     let rsdp_len = Rsdp::len();
     let xsdt_at = align16(rsdp_len);
-    let xsdt_len = 36 + 8 * 2;
+    let xsdt_len = 36 + 8 * 3;
     let fadt_at = align16(xsdt_at + xsdt_len);
     let fadt_len = acpi_tables::fadt::FADT::len();
     let madt_at = align16(fadt_at + fadt_len);
-    let dsdt_at = align16(madt_at + madt.len());
+    let mcfg_at = align16(madt_at + madt.len());
+    let dsdt_at = align16(mcfg_at + mcfg_bytes.len());
     let end = dsdt_at + dsdt.len();
     assert!(end <= ACPI_MAX, "the ACPI tables outgrow the BIOS area");
     let addr = |off: usize| ACPI_START + off as u64;
@@ -97,6 +102,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, mptable::MpTableError> {
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, OEM_REVISION);
     xsdt.add_entry(addr(fadt_at));
     xsdt.add_entry(addr(madt_at));
+    xsdt.add_entry(addr(mcfg_at));
     let rsdp = Rsdp::new(OEM_ID, addr(xsdt_at));
 
     let mut out = vec![0u8; end];
@@ -110,6 +116,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, mptable::MpTableError> {
     assert_eq!(put(xsdt_at, &xsdt), xsdt_len);
     assert_eq!(put(fadt_at, &fadt), fadt_len);
     out[madt_at..madt_at + madt.len()].copy_from_slice(madt.as_slice());
+    out[mcfg_at..mcfg_at + mcfg_bytes.len()].copy_from_slice(&mcfg_bytes);
     out[dsdt_at..].copy_from_slice(dsdt.as_slice());
     Ok(out)
 }
@@ -137,8 +144,9 @@ fn madt(cpus: u8) -> Sdt {
 }
 
 /// The DSDT: `_S5_` (the sleep type the sleep control register takes for soft off), and under
-/// `\_SB` the PCI host bridge (bus 0, the configuration ports, all I/O ports but those, the MMIO
-/// window BARs are allocated from), COM1 and a control-method power button.
+/// `\_SB` the PCI Express host bridge (bus 0, the configuration ports, all I/O ports but those,
+/// the MMIO window BARs are allocated from), the ECAM window as a motherboard resource, COM1 and
+/// a control-method power button.
 fn dsdt() -> Sdt {
     let mut t = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE, OEM_REVISION);
     let s5 = aml::Name::new(
@@ -161,12 +169,29 @@ fn dsdt() -> Sdt {
     let pci = Raw::of(&aml::Device::new(
         "PCI0".into(),
         vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
             &aml::Name::new("_ADR".into(), &aml::ZERO),
             &aml::Name::new("_SEG".into(), &aml::ZERO),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_BBN".into(), &aml::ZERO),
             &aml::Name::new("_CRS".into(), &crs),
+        ],
+    ));
+    // The ECAM window, reserved as a motherboard resource (Linux uses an MCFG area only when
+    // the firmware reserves it).
+    let ecam = aml::Memory32Fixed::new(
+        false,
+        u32::try_from(ECAM_BASE).unwrap(),
+        u32::try_from(ECAM_SIZE).unwrap(),
+    );
+    let ecam_crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let mbrs = Raw::of(&aml::Device::new(
+        "MBRS".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &ecam_crs),
         ],
     ));
     let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
@@ -187,7 +212,7 @@ fn dsdt() -> Sdt {
             &aml::Name::new("_UID".into(), &aml::ZERO),
         ],
     ));
-    let sb = aml::Scope::new("_SB_".into(), vec![&pci, &com1, &pwrb]);
+    let sb = aml::Scope::new("_SB_".into(), vec![&pci, &mbrs, &com1, &pwrb]);
     s5.to_aml_bytes(&mut t);
     sb.to_aml_bytes(&mut t);
     t.update_checksum();
@@ -248,7 +273,11 @@ mod tests {
                 .step_by(8)
                 .map(|o| u64_at(xsdt, o))
                 .collect();
-            assert_eq!(entries.len(), 2);
+            assert_eq!(entries.len(), 3);
+            let mcfg = table(&b, entries[2], b"MCFG");
+            assert_eq!(mcfg.len(), 44 + 16);
+            assert_eq!(u64_at(mcfg, 44), ECAM_BASE);
+            assert_eq!(&mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0-0");
             let fadt = table(&b, entries[0], b"FACP");
             assert!(u32_at(fadt, 112) & (1 << 20) != 0, "hardware-reduced");
             // Sleep control register: a byte in system I/O space at SLEEP_CONTROL_PORT.
@@ -261,7 +290,7 @@ mod tests {
                 &dsdt[s5 + 4..s5 + 9],
                 &[0x12, 0x05, 0x02, 0x0a, S5_SLEEP_TYPE]
             );
-            for name in [b"PCI0", b"COM1", b"PWRB"] {
+            for name in [b"PCI0", b"MBRS", b"COM1", b"PWRB"] {
                 assert!(dsdt.windows(4).any(|w| w == name), "{name:?}");
             }
             let madt = table(&b, entries[1], b"APIC");

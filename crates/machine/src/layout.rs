@@ -40,6 +40,12 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole; RAM continues here.
 pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// PCI BARs are allocated from the MMIO hole up to here.
+pub const PCI_MMIO_END: u64 = 0xe000_0000;
+/// The ECAM window of PCI bus 0 (1 MiB), named by the ACPI MCFG table.
+pub const ECAM_BASE: u64 = 0xe000_0000;
+/// The ECAM window's size (bus 0 only).
+pub const ECAM_SIZE: u64 = 1 << 20;
 /// I/O APIC MMIO base.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.

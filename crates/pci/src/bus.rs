@@ -1,9 +1,11 @@
-//! Bus 0 and configuration mechanism #1: the guest writes an address to 0xCF8 (enable bit,
-//! bus, device, function, register) and reads or writes the register through 0xCFC-0xCFF.
+//! Bus 0 and its two ways in: configuration mechanism #1 (the guest writes an address to 0xCF8
+//! — enable bit, bus, device, function, register — and reads or writes the register through
+//! 0xCFC-0xCFF) and ECAM, the memory-mapped window the ACPI MCFG table names (4 KiB per
+//! function; registers past the 256 of conventional configuration space read as zero).
 
 use crate::config::ConfigSpace;
 use std::sync::{Arc, Mutex};
-use wv_devices::{DeviceAction, PioDevice};
+use wv_devices::{DeviceAction, MmioDevice, PioDevice};
 
 /// The configuration address port; the data port is 0xCFC, both in one 8-port range.
 pub const CONFIG_ADDRESS_PORT: u16 = 0xcf8;
@@ -38,9 +40,12 @@ impl PciDevice for HostBridge {
     }
 }
 
+/// A function on the bus.
+type Slot = Arc<Mutex<dyn PciDevice>>;
+
 /// Bus 0: up to 32 single-function devices.
 pub struct PciBus {
-    slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    slots: Vec<Option<Slot>>,
     address: u32,
 }
 
@@ -82,6 +87,57 @@ impl PciBus {
         }
         let d = self.slots[dev as usize].as_ref()?;
         Some((d, (a & 0xfc) as usize))
+    }
+}
+
+impl PciBus {
+    /// The function an ECAM offset names (None: an empty slot or another function) and its
+    /// register, when the access is one a driver makes (1, 2 or 4 bytes within one dword of
+    /// bus 0).
+    fn ecam_target(&self, offset: u64, len: usize) -> Option<(Option<&Slot>, usize)> {
+        let field = |shift: u32, mask: u64| usize::try_from((offset >> shift) & mask).unwrap_or(0);
+        let (bus, dev, func, reg) = (offset >> 20, field(15, 0x1f), field(12, 7), field(0, 0xfff));
+        if bus != 0 || !matches!(len, 1 | 2 | 4) || (reg & 3) + len > 4 {
+            return None;
+        }
+        let d = if func == 0 {
+            self.slots[dev].as_ref()
+        } else {
+            None
+        };
+        Some((d, reg))
+    }
+}
+
+/// The ECAM window of bus 0 (1 MiB), serving the same functions as the configuration ports.
+pub struct Ecam(pub Arc<Mutex<PciBus>>);
+
+/// The size of one bus's ECAM window.
+pub const ECAM_BUS_SIZE: u64 = 1 << 20;
+
+impl MmioDevice for Ecam {
+    fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
+        let bus = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match bus.ecam_target(offset, data.len()) {
+            Some((Some(d), reg)) if reg < 256 => d
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config_read(reg, data),
+            // No extended capabilities: a zero header ends the list.
+            Some((Some(_), _)) => data.fill(0),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn mmio_write(&mut self, offset: u64, data: &[u8]) {
+        let bus = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((Some(d), reg)) = bus.ecam_target(offset, data.len()) {
+            if reg < 256 {
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .config_write(reg, data);
+            }
+        }
     }
 }
 
@@ -128,6 +184,34 @@ mod tests {
         let mut d = [0u8; 4];
         b.read(4, &mut d);
         u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn ecam_reaches_the_same_functions() {
+        let bus = Arc::new(Mutex::new(PciBus::new()));
+        let mut e = Ecam(bus.clone());
+        let rd = |e: &mut Ecam, off: u64, n: usize| {
+            let mut d = vec![0u8; n];
+            e.mmio_read(off, &mut d);
+            d
+        };
+        assert_eq!(rd(&mut e, 0, 4), 0x0d57_8086u32.to_le_bytes());
+        assert_eq!(rd(&mut e, 2, 2), 0x0d57u16.to_le_bytes());
+        assert_eq!(
+            u32::from_le_bytes(rd(&mut e, 8, 4).try_into().unwrap()) >> 8,
+            0x06_0000
+        );
+        // Empty slot, other function, other bus, an access across a dword: all ones.
+        assert_eq!(rd(&mut e, 3 << 15, 4), [0xff; 4]);
+        assert_eq!(rd(&mut e, 1 << 12, 4), [0xff; 4]);
+        assert_eq!(rd(&mut e, 1 << 20, 4), [0xff; 4]);
+        assert_eq!(rd(&mut e, 2, 4), [0xff; 4]);
+        assert_eq!(rd(&mut e, 0, 8), [0xff; 8]);
+        // Extended configuration space: no capabilities.
+        assert_eq!(rd(&mut e, 0x100, 4), [0; 4]);
+        // A write through ECAM is seen through the ports (the command register).
+        e.mmio_write(4, &[0x06, 0]);
+        assert_eq!(cfg_read32(&mut bus.lock().unwrap(), 0, 4) & 0xffff, 0x0006);
     }
 
     #[test]

@@ -493,13 +493,21 @@ fn build(
         counters: device_counters,
         ..
     } = pci;
+    let pci_bus = Arc::new(Mutex::new(pci_bus));
     bus.insert(
         wv_pci::CONFIG_ADDRESS_PORT,
         wv_pci::CONFIG_PORTS_LEN,
         "pci-config",
-        Arc::new(Mutex::new(pci_bus)),
+        pci_bus.clone(),
     )
     .map_err(internal("port bus"))?;
+    mmio.insert(
+        wv_machine::layout::ECAM_BASE,
+        wv_machine::layout::ECAM_SIZE,
+        "pci-ecam",
+        Arc::new(Mutex::new(wv_pci::Ecam(pci_bus))),
+    )
+    .ok_or_else(|| VmmError::Internal("the ECAM window overlaps a BAR".into()))?;
     let table = stats::CauseTable::new(&bus.names(), &mmio.names());
     let shared = VmShared {
         mem,

@@ -103,14 +103,14 @@ pub struct PciBuilder {
 }
 
 impl PciBuilder {
-    /// Devices of `vm`; BARs come from the MMIO hole below the I/O APIC.
+    /// Devices of `vm`; BARs come from the MMIO hole below the ECAM window.
     pub fn new(vm: Arc<VmFd>) -> PciBuilder {
         PciBuilder {
             bus: PciBus::new(),
             mmio: Arc::new(MmioBus::new()),
             bars: BarAllocator::new(
                 wv_machine::layout::MMIO_HOLE_START,
-                wv_machine::layout::IOAPIC_ADDR,
+                wv_machine::layout::PCI_MMIO_END,
             ),
             next_gsi: MSI_GSI_BASE,
             router: Arc::new(GsiRouter::new(vm.clone())),

@@ -185,9 +185,9 @@ fn acpi_tables_describe_the_machine_and_s5_powers_it_off() {
         assert_eq!(r.status, Some(0), "{r}");
         let line = r.assert_pass("acpi");
         assert!(
-            line.contains("tables=FACP,APIC,DSDT")
+            line.contains("tables=FACP,APIC,MCFG,DSDT")
                 && line.contains(&format!("lapics={vcpus} ioapics=1"))
-                && line.contains("hw-reduced=yes sleep-port=0x600 s5=5"),
+                && line.contains("hw-reduced=yes sleep-port=0x600 s5=5 ecam=0xe0000000"),
             "{line}"
         );
         // The processors come from the MADT now that the loader names the RSDP.
