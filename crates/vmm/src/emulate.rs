@@ -1,15 +1,18 @@
 //! Instructions the host's instruction emulator cannot run, done by the VMM instead. On a host
 //! without VMX/SVM (PVM), KVM emulates all guest kernel code, and its emulator rejects a few
 //! instructions a stock Linux kernel executes early: `int3` (the kernel's self-test), `clac` and
-//! `stac` (SMAP), `popcnt` (bit counting), `fwait` (FPU set-up). On exactly that failure (an emulation-failure exit
+//! `stac` (SMAP), `popcnt` (bit counting), `fwait` (FPU set-up), `ldmxcsr`/`stmxcsr`
+//! (kernel_fpu_begin). Memory operands are translated with KVM_TRANSLATE through the guest's
+//! own page tables and read or written in guest RAM, within one page. On exactly that failure (an emulation-failure exit
 //! carrying the instruction's bytes, at CPL 0, with no event pending) the VMM does what the
 //! instruction would have done and the guest goes on; every other failure stays fatal with its
 //! diagnostic. Each completion is counted per instruction in the exit accounting.
 
 use crate::diagnose;
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
-use kvm_bindings::kvm_regs;
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// What the VMM completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +27,46 @@ pub enum Completed {
     Popcnt,
     /// `fwait` with no x87 exception pending: nothing to do.
     Fwait,
+    /// `ldmxcsr m32`: MXCSR loaded from memory.
+    Ldmxcsr,
+    /// `stmxcsr m32`: MXCSR stored to memory.
+    Stmxcsr,
+}
+
+/// Guest memory as an instruction sees it: linear addresses through the guest's page tables.
+pub trait GuestAccess {
+    /// Reads `buf.len()` bytes at linear address `la` (within one page), or None.
+    fn read(&mut self, la: u64, buf: &mut [u8]) -> Option<()>;
+    /// Writes `buf` at linear address `la` (within one page, writable), or None.
+    fn write(&mut self, la: u64, buf: &[u8]) -> Option<()>;
+    /// The SSE control and status register.
+    fn mxcsr(&mut self) -> Option<u32>;
+    /// Sets MXCSR.
+    fn set_mxcsr(&mut self, v: u32) -> Option<()>;
+}
+
+/// MXCSR bits a guest may set (DAZ included); a value with others set raises #GP, which is
+/// left to the diagnostic.
+const MXCSR_MASK: u32 = 0xffff;
+
+/// The linear address of `insn`'s memory operand (RIP-relative ones are already absolute).
+fn linear(insn: &iced_x86::Instruction, regs: &mut kvm_regs, sregs: &kvm_sregs) -> Option<u64> {
+    let mut a = insn.memory_displacement64();
+    let base = insn.memory_base();
+    if base != Register::None && base != Register::RIP {
+        a = a.wrapping_add(*gpr(regs, base)?.0);
+    }
+    let index = insn.memory_index();
+    if index != Register::None {
+        let v = *gpr(regs, index)?.0;
+        a = a.wrapping_add(v.wrapping_mul(u64::from(insn.memory_index_scale())));
+    }
+    match insn.memory_segment() {
+        Register::FS => a = a.wrapping_add(sregs.fs.base),
+        Register::GS => a = a.wrapping_add(sregs.gs.base),
+        _ => {}
+    }
+    Some(a)
 }
 
 const RFLAGS_AC: u64 = 1 << 18;
@@ -84,9 +127,16 @@ fn gpr(regs: &mut kvm_regs, r: Register) -> Option<(&mut u64, u32)> {
     Some((slot, size))
 }
 
-/// Applies instruction `bytes` (decoded at `regs.rip` in `bitness`-bit code) to `regs` when it
-/// is one the VMM completes; returns what it did, or None (leaving `regs` as they were).
-pub fn apply(bytes: &[u8], bitness: u32, regs: &mut kvm_regs) -> Option<Completed> {
+/// Applies instruction `bytes` (decoded at `regs.rip` in the code size `sregs` give) to `regs`
+/// and, for memory operands and MXCSR, through `mem`, when it is one the VMM completes; returns
+/// what it did, or None (leaving `regs` as they were).
+pub fn apply(
+    bytes: &[u8],
+    sregs: &kvm_sregs,
+    regs: &mut kvm_regs,
+    mem: &mut dyn GuestAccess,
+) -> Option<Completed> {
+    let bitness = diagnose::bitness(sregs);
     let insn = Decoder::with_ip(bitness, bytes, regs.rip, DecoderOptions::NONE).decode();
     if insn.is_invalid() {
         return None;
@@ -102,15 +152,24 @@ pub fn apply(bytes: &[u8], bitness: u32, regs: &mut kvm_regs) -> Option<Complete
             regs.rflags |= RFLAGS_AC;
             Completed::Stac
         }
-        Mnemonic::Popcnt if insn.op1_kind() == OpKind::Register => {
-            let (dst, src) = (insn.op0_register(), insn.op1_register());
-            let (v, bytes) = gpr(regs, src)?;
+        Mnemonic::Popcnt => {
+            let dst = insn.op0_register();
+            let (_, bytes) = gpr(regs, dst)?;
             let mask = if bytes >= 8 {
                 u64::MAX
             } else {
                 (1u64 << (bytes * 8)) - 1
             };
-            let value = *v & mask;
+            let value = match insn.op1_kind() {
+                OpKind::Register => *gpr(regs, insn.op1_register())?.0 & mask,
+                OpKind::Memory => {
+                    let la = linear(&insn, regs, sregs)?;
+                    let mut b = [0u8; 8];
+                    mem.read(la, &mut b[..bytes as usize])?;
+                    u64::from_le_bytes(b)
+                }
+                _ => return None,
+            };
             let count = u64::from(value.count_ones());
             let (d, dbytes) = gpr(regs, dst)?;
             // A 32-bit destination zero-extends; a 16-bit one keeps the upper bits.
@@ -124,15 +183,69 @@ pub fn apply(bytes: &[u8], bitness: u32, regs: &mut kvm_regs) -> Option<Complete
             }
             Completed::Popcnt
         }
+        Mnemonic::Ldmxcsr if insn.op0_kind() == OpKind::Memory => {
+            let la = linear(&insn, regs, sregs)?;
+            let mut b = [0u8; 4];
+            mem.read(la, &mut b)?;
+            let v = u32::from_le_bytes(b);
+            if v & !MXCSR_MASK != 0 {
+                return None;
+            }
+            mem.set_mxcsr(v)?;
+            Completed::Ldmxcsr
+        }
+        Mnemonic::Stmxcsr if insn.op0_kind() == OpKind::Memory => {
+            let la = linear(&insn, regs, sregs)?;
+            let v = mem.mxcsr()?;
+            mem.write(la, &v.to_le_bytes())?;
+            Completed::Stmxcsr
+        }
         _ => return None,
     };
     regs.rip = insn.next_ip();
     Some(done)
 }
 
+/// A vCPU's view of guest memory (KVM_TRANSLATE, then guest RAM) and of its MXCSR.
+struct VcpuAccess<'a> {
+    fd: &'a VcpuFd,
+    ram: &'a GuestMemoryMmap,
+}
+
+impl VcpuAccess<'_> {
+    /// The guest-physical address of linear `la` for an access of `len` bytes in one page.
+    fn gpa(&self, la: u64, len: usize, write: bool) -> Option<u64> {
+        if (la & 0xfff) + len as u64 > 0x1000 {
+            return None;
+        }
+        let t = self.fd.translate_gva(la).ok()?;
+        (t.valid != 0 && (!write || t.writeable != 0)).then_some(t.physical_address)
+    }
+}
+
+impl GuestAccess for VcpuAccess<'_> {
+    fn read(&mut self, la: u64, buf: &mut [u8]) -> Option<()> {
+        let gpa = self.gpa(la, buf.len(), false)?;
+        self.ram.read_slice(buf, GuestAddress(gpa)).ok()
+    }
+    fn write(&mut self, la: u64, buf: &[u8]) -> Option<()> {
+        let gpa = self.gpa(la, buf.len(), true)?;
+        self.ram.write_slice(buf, GuestAddress(gpa)).ok()
+    }
+    fn mxcsr(&mut self) -> Option<u32> {
+        self.fd.get_fpu().ok().map(|f| f.mxcsr)
+    }
+    fn set_mxcsr(&mut self, v: u32) -> Option<()> {
+        let mut f = self.fd.get_fpu().ok()?;
+        f.mxcsr = v;
+        self.fd.set_fpu(&f).ok()
+    }
+}
+
 /// On an emulation-failure exit of a CPL-0 instruction the VMM can complete: completes it
-/// (registers, and for `int3` the #BP through KVM_SET_VCPU_EVENTS) and says what it was.
-pub fn complete(fd: &mut VcpuFd) -> Option<Completed> {
+/// (registers, memory, and for `int3` the #BP through KVM_SET_VCPU_EVENTS) and says what it
+/// was.
+pub fn complete(fd: &mut VcpuFd, ram: &GuestMemoryMmap) -> Option<Completed> {
     let run = fd.get_kvm_run();
     // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
     let ie = unsafe { run.__bindgen_anon_1.internal };
@@ -147,7 +260,7 @@ pub fn complete(fd: &mut VcpuFd) -> Option<Completed> {
         return None;
     }
     let before = regs;
-    let done = apply(&bytes, diagnose::bitness(&sregs), &mut regs)?;
+    let done = apply(&bytes, &sregs, &mut regs, &mut VcpuAccess { fd, ram })?;
     // fwait with an unmasked x87 exception pending would raise #MF: not completed here.
     if done == Completed::Fwait && fd.get_fpu().map_or(true, |f| f.fsw & FSW_ES != 0) {
         return None;
@@ -172,6 +285,39 @@ pub fn complete(fd: &mut VcpuFd) -> Option<Completed> {
 mod tests {
     use super::*;
 
+    /// Guest memory for the tests: one page at linear 0x7000, and MXCSR.
+    struct Page {
+        bytes: [u8; 4096],
+        mxcsr: u32,
+    }
+
+    impl GuestAccess for Page {
+        fn read(&mut self, la: u64, buf: &mut [u8]) -> Option<()> {
+            let at = usize::try_from(la.checked_sub(0x7000)?).ok()?;
+            buf.copy_from_slice(self.bytes.get(at..at + buf.len())?);
+            Some(())
+        }
+        fn write(&mut self, la: u64, buf: &[u8]) -> Option<()> {
+            let at = usize::try_from(la.checked_sub(0x7000)?).ok()?;
+            self.bytes.get_mut(at..at + buf.len())?.copy_from_slice(buf);
+            Some(())
+        }
+        fn mxcsr(&mut self) -> Option<u32> {
+            Some(self.mxcsr)
+        }
+        fn set_mxcsr(&mut self, v: u32) -> Option<()> {
+            self.mxcsr = v;
+            Some(())
+        }
+    }
+
+    fn long_mode() -> kvm_sregs {
+        let mut s = kvm_sregs::default();
+        s.cs.l = 1;
+        s.gs.base = 0x6000;
+        s
+    }
+
     fn regs() -> kvm_regs {
         kvm_regs {
             rip: 0x1000,
@@ -179,16 +325,29 @@ mod tests {
             rax: 0xdead_beef_0000_0000,
             rdi: 3,
             rbx: 0xffff_ffff_ffff_ffff,
+            rsp: 0x7100,
             ..Default::default()
         }
     }
 
+    fn page() -> Page {
+        Page {
+            bytes: [0; 4096],
+            mxcsr: 0x1f80,
+        }
+    }
+
+    fn run(bytes: &[u8], r: &mut kvm_regs, p: &mut Page) -> Option<Completed> {
+        apply(bytes, &long_mode(), r, p)
+    }
+
     #[test]
     fn completes_the_instructions_the_emulator_lacks() {
+        let mut p = page();
         // popcnt rax, rdi (the Linux kernel's, from the boot that stopped on it).
         let mut r = regs();
         let bytes = [0xf3, 0x48, 0x0f, 0xb8, 0xc7, 0x41, 0x01];
-        assert_eq!(apply(&bytes, 64, &mut r), Some(Completed::Popcnt));
+        assert_eq!(run(&bytes, &mut r, &mut p), Some(Completed::Popcnt));
         assert_eq!((r.rax, r.rip), (2, 0x1005));
         assert_eq!(
             r.rflags, 0x2,
@@ -197,7 +356,7 @@ mod tests {
         // popcnt eax, ebx: 32 bits counted, the destination zero-extended.
         let mut r = regs();
         assert_eq!(
-            apply(&[0xf3, 0x0f, 0xb8, 0xc3], 64, &mut r),
+            run(&[0xf3, 0x0f, 0xb8, 0xc3], &mut r, &mut p),
             Some(Completed::Popcnt)
         );
         assert_eq!(r.rax, 32);
@@ -205,46 +364,70 @@ mod tests {
         let mut r = regs();
         r.rsi = 0xffff_0000;
         assert_eq!(
-            apply(&[0x66, 0xf3, 0x0f, 0xb8, 0xc6], 64, &mut r),
+            run(&[0x66, 0xf3, 0x0f, 0xb8, 0xc6], &mut r, &mut p),
             Some(Completed::Popcnt)
         );
         assert_eq!(r.rax, 0xdead_beef_0000_0000);
         assert_eq!(r.rflags, 0x2 | RFLAGS_ZF);
+        // popcnt rax, [rsp+8]: from memory.
+        let mut r = regs();
+        p.bytes[0x108..0x110].copy_from_slice(&0x0f0fu64.to_le_bytes());
+        assert_eq!(
+            run(&[0xf3, 0x48, 0x0f, 0xb8, 0x44, 0x24, 0x08], &mut r, &mut p),
+            Some(Completed::Popcnt)
+        );
+        assert_eq!(r.rax, 8);
         // clac / stac.
         let mut r = regs();
         r.rflags |= RFLAGS_AC;
         assert_eq!(
-            apply(&[0x0f, 0x01, 0xca], 64, &mut r),
+            run(&[0x0f, 0x01, 0xca], &mut r, &mut p),
             Some(Completed::Clac)
         );
         assert_eq!((r.rflags & RFLAGS_AC, r.rip), (0, 0x1003));
         assert_eq!(
-            apply(&[0x0f, 0x01, 0xcb], 64, &mut r),
+            run(&[0x0f, 0x01, 0xcb], &mut r, &mut p),
             Some(Completed::Stac)
         );
         assert_ne!(r.rflags & RFLAGS_AC, 0);
         // fwait: only RIP moves (`complete` checks no x87 exception is pending).
         let mut r = regs();
-        assert_eq!(apply(&[0x9b, 0x65], 64, &mut r), Some(Completed::Fwait));
+        assert_eq!(run(&[0x9b, 0x65], &mut r, &mut p), Some(Completed::Fwait));
         assert_eq!(r.rip, 0x1001);
+        // ldmxcsr [rsp+4] (the kernel's, from kernel_fpu_begin), stmxcsr gs:[0x1010].
+        let mut r = regs();
+        p.bytes[0x104..0x108].copy_from_slice(&0x1fa0u32.to_le_bytes());
+        assert_eq!(
+            run(&[0x0f, 0xae, 0x54, 0x24, 0x04], &mut r, &mut p),
+            Some(Completed::Ldmxcsr)
+        );
+        assert_eq!((p.mxcsr, r.rip), (0x1fa0, 0x1005));
+        let mut r = regs();
+        let stmxcsr_gs = [0x65, 0x0f, 0xae, 0x1c, 0x25, 0x10, 0x10, 0x00, 0x00];
+        assert_eq!(run(&stmxcsr_gs, &mut r, &mut p), Some(Completed::Stmxcsr));
+        assert_eq!(&p.bytes[0x10..0x14], &0x1fa0u32.to_le_bytes());
         // int3: only RIP moves (the #BP is injected by `complete`).
         let mut r = regs();
-        assert_eq!(apply(&[0xcc], 64, &mut r), Some(Completed::Int3));
+        assert_eq!(run(&[0xcc], &mut r, &mut p), Some(Completed::Int3));
         assert_eq!(r.rip, 0x1001);
     }
 
     #[test]
     fn leaves_everything_else_alone() {
+        let mut p = page();
+        p.bytes[0x104..0x108].copy_from_slice(&0x1_0000u32.to_le_bytes());
         for bytes in [
-            &[0xf3, 0x48, 0x0f, 0xb8, 0x01][..], // popcnt rax, [rcx]: memory source
+            &[0xf3, 0x48, 0x0f, 0xb8, 0x01][..], // popcnt rax, [rcx]: unmapped
+            &[0x0f, 0xae, 0x54, 0x24, 0x04][..], // ldmxcsr of a reserved bit: #GP
             &[0x0f, 0x01, 0xd1][..],             // xsetbv
             &[0x0f, 0x0b][..],                   // ud2
             &[0x0f][..],                         // truncated
         ] {
             let mut r = regs();
-            assert_eq!(apply(bytes, 64, &mut r), None, "{bytes:x?}");
+            assert_eq!(run(bytes, &mut r, &mut p), None, "{bytes:x?}");
             assert_eq!(r.rip, 0x1000);
             assert_eq!(r.rax, regs().rax);
+            assert_eq!(p.mxcsr, 0x1f80);
         }
     }
 }

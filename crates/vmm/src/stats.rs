@@ -42,7 +42,11 @@ pub const EMULATED_STAC: usize = 14;
 pub const EMULATED_POPCNT: usize = 15;
 /// A guest kernel-mode `fwait` the VMM completed.
 pub const EMULATED_FWAIT: usize = 16;
-const FIXED: [&str; 17] = [
+/// A guest kernel-mode `ldmxcsr` the VMM completed.
+pub const EMULATED_LDMXCSR: usize = 17;
+/// A guest kernel-mode `stmxcsr` the VMM completed.
+pub const EMULATED_STMXCSR: usize = 18;
+const FIXED: [&str; 19] = [
     "io:unassigned",
     "mmio:unassigned",
     "hlt",
@@ -60,6 +64,8 @@ const FIXED: [&str; 17] = [
     "emulated:stac",
     "emulated:popcnt",
     "emulated:fwait",
+    "emulated:ldmxcsr",
+    "emulated:stmxcsr",
 ];
 
 /// The causes of one VM: the fixed ones, one per port I/O device, one per call.
