@@ -7,8 +7,25 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use wv_host::sched::Cgroups;
 
-fn sleeper() -> Child {
-    Command::new("sleep").arg("1000").spawn().unwrap()
+/// A process standing in for a VMM; killed and reaped when dropped, so that a failed
+/// assertion leaves none behind.
+struct Sleeper(Child);
+
+impl Sleeper {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sleeper() -> Sleeper {
+    Sleeper(Command::new("sleep").arg("1000").spawn().unwrap())
 }
 
 fn members(dir: &std::path::Path) -> String {
@@ -29,8 +46,7 @@ fn removal_never_races_a_new_attach() {
         // As in the daemon: the removal is asked for while the old run's last process (the
         // VMM's teardown helper) is still in the group, and the next run is placed at once.
         cg.remove(2);
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         child = sleeper();
     }
     let r = cg.attach(2, child.id());
@@ -43,8 +59,7 @@ fn removal_never_races_a_new_attach() {
             .any(|l| l.trim() == child.id().to_string());
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     cg.remove(2);
     let gone = {
         let t = Instant::now();
