@@ -290,7 +290,7 @@ struct Inner {
     /// Weight of the `worldvisor` level and the daemon's group.
     top_weight: u64,
     /// Where this process was before [`Cgroups::system`] moved it.
-    origin: Mutex<Option<PathBuf>>,
+    origin: Option<PathBuf>,
     state: Mutex<State>,
     wake: Condvar,
 }
@@ -379,7 +379,7 @@ impl Cgroups {
                 h,
                 root,
                 top_weight,
-                origin: Mutex::new(origin),
+                origin,
                 state: Mutex::default(),
                 wake: Condvar::new(),
             }),
@@ -698,8 +698,8 @@ impl Cgroups {
         crate::helper::clear_cgroup();
         if placed {
             // Back where it started (else to the hierarchy's root, which takes any process).
-            let origin = i.origin.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let back = origin
+            let back = i
+                .origin
                 .iter()
                 .chain([&i.h.mount])
                 .any(|g| write(&g.join("cgroup.procs"), std::process::id()).is_ok());
