@@ -507,8 +507,7 @@ impl Cgroups {
     /// SIGINT remove the daemon's groups ([`Cgroups::close`]) before they end the process.
     pub fn system(&self) -> Result<(), String> {
         let i = &*self.inner;
-        {
-            let _lock = HierarchyLock::take(&i.h)?;
+        let placed = HierarchyLock::take(&i.h).and_then(|_lock| {
             if self.state().closed {
                 return Err("the daemon's cgroups are closed".into());
             }
@@ -520,6 +519,12 @@ impl Cgroups {
                 std::process::id(),
             )?;
             self.state().placed = true;
+            Ok(())
+        });
+        if let Err(e) = placed {
+            // Without the scheduler the daemon's groups serve nothing: none is left behind.
+            self.close();
+            return Err(e);
         }
         crate::helper::set_cgroup(i.root.join(i.h.helper()).join(i.h.threads_file()));
         signals::close_on_termination(self.clone());
