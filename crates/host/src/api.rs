@@ -673,7 +673,7 @@ impl Daemon {
                 "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 "host_memory": wv_vmm::config::host_ram(),
                 "scheduler": match &self.cgroups {
-                    Ok(c) => format!("cgroup v1 cpu controller at {}", c.root().display()),
+                    Ok(c) => c.describe(),
                     Err(e) => format!("unavailable: {e}"),
                 },
             }),

@@ -7,7 +7,7 @@
 
 use crate::sched::ThreadTime;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// World id of the management world.
 pub const MANAGEMENT_ID: u64 = 0;
@@ -24,12 +24,19 @@ pub const HELPER_SHARES: u32 = 100;
 /// Name prefix of the helper world's threads.
 pub const PREFIX: &str = "helper-";
 
-/// The helper world's cgroup `tasks` file, once the daemon has one.
-static TASKS: OnceLock<PathBuf> = OnceLock::new();
+/// The file of the helper world's cgroup that takes single threads (`tasks` on cgroup v1,
+/// `cgroup.threads` on v2), while the daemon has one.
+static TASKS: Mutex<Option<PathBuf>> = Mutex::new(None);
 
-/// Places helper threads started from now on in the cgroup whose `tasks` file this is.
+/// Places helper threads started from now on in the cgroup whose thread file this is.
 pub fn set_cgroup(tasks: PathBuf) {
-    let _ = TASKS.set(tasks);
+    *TASKS.lock().unwrap_or_else(|p| p.into_inner()) = Some(tasks);
+}
+
+/// Stops placing helper threads in a cgroup (the daemon's groups are being removed). A thread
+/// that starts meanwhile either is placed before this returns or not at all.
+pub fn clear_cgroup() {
+    *TASKS.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
 /// Indexes of the system worlds in [`Retired`] (their ids).
@@ -87,10 +94,13 @@ where
     std::thread::Builder::new()
         .name(format!("{PREFIX}{name}"))
         .spawn(move || {
-            if let Some(tasks) = TASKS.get() {
-                let tid = gettid();
-                if let Err(e) = std::fs::write(tasks, tid.to_string()) {
-                    eprintln!("wv host: helper thread {tid}: {}: {e}", tasks.display());
+            {
+                let tasks = TASKS.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(tasks) = &*tasks {
+                    let tid = gettid();
+                    if let Err(e) = std::fs::write(tasks, tid.to_string()) {
+                        eprintln!("wv host: helper thread {tid}: {}: {e}", tasks.display());
+                    }
                 }
             }
             let _retire = Retire(HELPER);

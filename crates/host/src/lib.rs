@@ -5,6 +5,7 @@
 //! proportional-share scheduler ([`sched`]) divides the CPUs among the worlds.
 
 pub mod api;
+pub mod cgroup;
 pub mod helper;
 pub mod http;
 pub mod sched;

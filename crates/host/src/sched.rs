@@ -6,18 +6,17 @@
 //! (`min(limit, vcpus)`), with λ chosen so that the host's CPUs are exactly used. CPU that a
 //! capped or idle world leaves is therefore redistributed by shares, never wasted.
 //!
-//! Enforcement uses the kernel's CFS through the cgroup v1 `cpu` controller (what this host
-//! offers; see PLATFORM.md): each VM world is a cgroup under `worldvisor/` whose `cpu.shares`
-//! is proportional to its entitlement (so under full contention CFS hands out exactly the
-//! entitlements, reservations included, and when worlds idle the rest share by weight), and
-//! whose CFS quota is its limit. The `worldvisor` group itself gets a large weight so that the
-//! host's other processes cannot eat into reservations.
+//! Enforcement uses the kernel's CFS through the `cpu` controller, cgroup v1 or v2 as the host
+//! mounts it ([`crate::cgroup`]): each VM world is a cgroup under `worldvisor/` whose weight
+//! (`cpu.shares` or `cpu.weight`) is proportional to its entitlement (so under full contention
+//! CFS hands out exactly the entitlements, reservations included, and when worlds idle the rest
+//! share by weight), and whose CFS quota is its limit. The `worldvisor` group itself gets a
+//! large weight so that the host's other processes cannot eat into reservations.
 //!
 //! Accounting reads each VMM thread's `/proc/PID/task/TID/schedstat`: CPU time and time
 //! runnable but waiting (the "ready" time of seed 000).
 
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
 
 /// Default shares of a world.
 pub const DEFAULT_SHARES: u32 = 1000;
@@ -176,133 +175,7 @@ impl Controller {
     }
 }
 
-/// The cgroup v1 `cpu` hierarchy the daemon manages.
-pub struct Cgroups {
-    root: PathBuf,
-}
-
-fn write(path: &Path, v: impl std::fmt::Display) -> Result<(), String> {
-    std::fs::write(path, v.to_string()).map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
-impl Cgroups {
-    /// Finds the `cpu` controller and creates `worldvisor/` (or the name given) under it.
-    pub fn open(name: &str, cpus: f64) -> Result<Cgroups, String> {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|e| e.to_string())?;
-        let base = mounts
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() >= 4 && f[2] == "cgroup" && f[3].split(',').any(|o| o == "cpu"))
-                    .then(|| PathBuf::from(f[1]))
-            })
-            .next()
-            .ok_or("no cgroup v1 'cpu' controller is mounted")?;
-        let root = base.join(name);
-        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
-        // The host kernel owns the machine: worlds as a whole outweigh the other processes
-        // (4 default-weight processes per CPU), so reservations hold against them too.
-        #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
-        let weight = (4.0 * 1024.0 * cpus).min(262_144.0) as u64;
-        // Every level counts: a group competes with its siblings by its own weight, so the
-        // intermediate `worldvisor` group needs it as much as the daemon's own.
-        let mut level = base.clone();
-        for part in Path::new(name).components() {
-            level.push(part);
-            write(&level.join("cpu.shares"), weight)?;
-        }
-        Ok(Cgroups { root })
-    }
-
-    /// Creates the system worlds' groups (see [`crate::helper`]), moves this whole process
-    /// into the management group and directs helper threads to theirs.
-    pub fn system(&self) -> Result<(), String> {
-        for (name, shares) in [
-            ("management", crate::helper::MANAGEMENT_SHARES),
-            ("helper", crate::helper::HELPER_SHARES),
-        ] {
-            let d = self.root.join(name);
-            std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
-            // 1024 per 1000 shares, the weight of one entitled CPU.
-            write(&d.join("cpu.shares"), u64::from(shares) * 1024 / 1000)?;
-        }
-        write(
-            &self.root.join("management").join("cgroup.procs"),
-            std::process::id(),
-        )?;
-        crate::helper::set_cgroup(self.root.join("helper").join("tasks"));
-        Ok(())
-    }
-
-    /// The daemon's own group.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// The cgroup of world `id`.
-    pub fn dir(&self, id: u64) -> PathBuf {
-        self.root.join(format!("world-{id}"))
-    }
-
-    /// Creates world `id`'s cgroup and moves every thread of `pid` into it.
-    pub fn attach(&self, id: u64, pid: u32) -> Result<(), String> {
-        let d = self.dir(id);
-        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
-        write(&d.join("cgroup.procs"), pid)
-    }
-
-    /// Sets world `id`'s weight for an entitlement (what the feedback loop adjusts each tick).
-    pub fn weight(&self, id: u64, entitlement: f64) -> Result<(), String> {
-        // cpu.shares: 1024 per entitled CPU (the kernel's range is 2-262144).
-        #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
-        let w = (entitlement * 1024.0).round().clamp(2.0, 262_144.0) as u64;
-        write(&self.dir(id).join("cpu.shares"), w)
-    }
-
-    /// Applies an entitlement and a limit to world `id` (when settings or the running set
-    /// change).
-    pub fn apply(&self, id: u64, entitlement: f64, limit: Option<f64>) -> Result<(), String> {
-        self.weight(id, entitlement)?;
-        let d = self.dir(id);
-        // Rewriting the bandwidth settings restarts the kernel's quota accounting, so they are
-        // written only when they change.
-        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
-        #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
-        let quota = limit.map_or(-1, |l| (l * PERIOD_US as f64).round().max(1000.0) as i64);
-        if read("cpu.cfs_period_us").trim() != PERIOD_US.to_string() {
-            write(&d.join("cpu.cfs_period_us"), PERIOD_US)?;
-        }
-        if read("cpu.cfs_quota_us").trim() != quota.to_string() {
-            write(&d.join("cpu.cfs_quota_us"), quota)?;
-        }
-        Ok(())
-    }
-
-    /// Removes world `id`'s cgroup once its last process (the VMM's teardown helper outlives
-    /// the VMM by a moment) has left; gives up after 30 s.
-    pub fn remove(&self, id: u64) {
-        let d = self.dir(id);
-        let _ = crate::helper::spawn("cgroup-rm", move || {
-            for _ in 0..300 {
-                if std::fs::remove_dir(&d).is_ok() || !d.exists() {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        });
-    }
-
-    /// Time world `id` was throttled by its limit, in ns.
-    pub fn throttled_ns(&self, id: u64) -> u64 {
-        std::fs::read_to_string(self.dir(id).join("cpu.stat"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("throttled_time ")?.trim().parse().ok())
-            })
-            .unwrap_or(0)
-    }
-}
+pub use crate::cgroup::Cgroups;
 
 /// CPU accounting of one thread.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,6 +4,8 @@
 //! admission control refuses reservations that cannot all be met.
 //!
 //! This is its own test binary so that no other test's VMs compete for the CPUs it measures.
+//! The worlds are confined to two CPUs (the daemon and its VMMs inherit the affinity of the
+//! thread that starts the daemon), so the same tolerances hold on any host with two or more.
 
 mod common;
 use common::daemon::Daemon;
@@ -132,6 +134,58 @@ fn system_worlds_are_apart(d: &Daemon) {
     }
 }
 
+/// A CPU list as the kernel prints it (`0-1,4`).
+fn cpu_list(s: &str) -> Vec<usize> {
+    s.trim()
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .flat_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            a.parse().unwrap()..=b.parse().unwrap()
+        })
+        .collect()
+}
+
+/// Confines the calling thread, and so every process it starts from now on, to the first two
+/// CPUs it may use; returns them. Fails on a host with fewer than two.
+fn confine_to_two_cpus() -> Vec<usize> {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is plain data, for which all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel fills `set`, whose size is passed, for the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, size, &mut set) };
+    assert_eq!(
+        r,
+        0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    let allowed: Vec<usize> = (0..usize::try_from(libc::CPU_SETSIZE).unwrap())
+        // SAFETY: `c` is below CPU_SETSIZE, within `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect();
+    assert!(
+        allowed.len() >= 2,
+        "this test needs two CPUs; this process may use only {allowed:?}"
+    );
+    let two = allowed[..2].to_vec();
+    // SAFETY: as above, an empty set.
+    let mut confined: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in &two {
+        // SAFETY: `c` comes from the allowed set, below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(c, &mut confined) };
+    }
+    // SAFETY: `confined` is a valid set of the size passed; 0 is the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, size, &confined) };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    two
+}
+
 fn check(ok: bool, what: String) -> Result<(), String> {
     if ok {
         Ok(())
@@ -144,8 +198,15 @@ fn check(ok: bool, what: String) -> Result<(), String> {
 #[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn shares_reservations_limits_and_admission() {
     need_kvm();
+    let cpus = confine_to_two_cpus();
     let dir = TempDir::new("sched");
     let d = Daemon::start(&dir);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    assert_eq!(cpu_list(allowed), cpus, "the daemon is confined");
     let host = d.json(&["host", "status"]);
     assert!(
         host["scheduler"].as_str().unwrap().starts_with("cgroup"),
@@ -153,7 +214,7 @@ fn shares_reservations_limits_and_admission() {
     );
     assert_eq!(
         host["host_cpus"], 2,
-        "the tolerances below assume a 2-CPU host"
+        "the daemon counts the CPUs it is confined to, for which the tolerances below are set"
     );
     for (name, shares) in [("a", "1000"), ("b", "2000"), ("c", "4000")] {
         let r = d.wv(&[
@@ -274,5 +335,10 @@ fn shares_reservations_limits_and_admission() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A daemon stopped by SIGTERM removes its own groups before it ends.
     d.stop();
+    assert!(
+        !std::path::Path::new(&root).exists(),
+        "{root} remains after the daemon stopped"
+    );
 }
