@@ -278,23 +278,10 @@ fn specs_that_cannot_start_are_refused_at_create() {
     d.stop();
 }
 
-/// Whether an answer is the 500 of a start racing the removal of the previous run's cgroup:
-/// another defect of issue 9 (item 6, "start answers 500 after a quick restart"), fixed apart
-/// from this file. These tests are about stop, delete and create, so they retry such a start;
-/// the retry can go once that fix is in.
-fn cgroup_race(status: u16, body: &str) -> bool {
-    status == 500 && body.contains("placing the VMM under the scheduler")
-}
-
-/// POST start, retried only over [`cgroup_race`].
+/// POST start.
 fn start(socket: &Path, name: &str) -> (u16, String) {
-    let t = Instant::now();
-    loop {
-        let (s, _, b) = http(socket, "POST", &format!("/v1/vms/{name}/start"), None);
-        if !cgroup_race(s, &b) || t.elapsed() > Duration::from_secs(20) {
-            return (s, b);
-        }
-    }
+    let (s, _, b) = http(socket, "POST", &format!("/v1/vms/{name}/start"), None);
+    (s, b)
 }
 
 /// Starts `name`.

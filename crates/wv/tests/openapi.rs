@@ -992,9 +992,6 @@ impl Fuzz {
             "resume" => want(vm.live && vm.paused),
             _ => unreachable!(),
         };
-        if op == "start" && cgroup_race(a.status, &a.json) {
-            return; // see cgroup_race
-        }
         assert_eq!(a.status, expected, "{at}: {method} {path}: {}", a.json);
         if (op, a.status) == ("delete", 204) {
             self.vms.remove(&name);
@@ -1087,16 +1084,6 @@ impl Fuzz {
         );
         self.vms.insert(name.to_string(), next);
     }
-}
-
-/// Whether an answer is the 500 of a start racing the removal of the previous run's cgroup:
-/// another defect of issue 9 (item 6, "start answers 500 after a quick restart"), fixed apart
-/// from this file; the model leaves such a VM as it was. This can go once that fix is in.
-fn cgroup_race(status: u16, body: &Value) -> bool {
-    status == 500
-        && body["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("placing the VMM under the scheduler"))
 }
 
 #[test]
