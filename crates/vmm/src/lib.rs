@@ -572,13 +572,13 @@ impl Resources {
     ///
     /// Destroying a VM with the in-kernel irqchip and PIT takes 10-30 ms on some hosts (the
     /// kernel waits for RCU grace periods per device), and it runs in whichever process drops
-    /// the last reference. Unless `WV_SYNC_TEARDOWN` is set, a helper that shares this process's
-    /// memory and file table is started; it waits until this process has exited, closes every
-    /// descriptor but the KVM ones (standard output and error first, so that a reader of
-    /// `wv`'s output sees end-of-file when `wv` exits, not when the VM is destroyed), and exits
-    /// with the last references to the VM: `wv` reports its status at once and the kernel
-    /// finishes the teardown in the helper. Without pidfds (Linux < 5.3) the teardown stays
-    /// synchronous.
+    /// the last reference. Unless `WV_SYNC_TEARDOWN` is set, a helper is started that shares
+    /// this process's memory and has a copy of its descriptor table: it closes every descriptor
+    /// but the KVM ones (so no disk lock, TAP, socket or output of `wv` outlives `wv`: a reader
+    /// sees end-of-file and a second VMM can take the disks as soon as `wv` has exited), tells
+    /// this process it has, waits until this process has exited, and exits with the last
+    /// references to the VM: `wv` reports its status at once and the kernel finishes the
+    /// teardown in the helper. Without pidfds (Linux < 5.3) the teardown stays synchronous.
     pub fn exit(self, status: u8) -> ! {
         use std::io::Write;
         run_exit_hooks();
@@ -589,17 +589,15 @@ impl Resources {
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
         let pidfd = i32::try_from(pidfd).unwrap_or(-1);
-        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() && pidfd >= 0 {
-            // What the helper keeps open: the KVM descriptors (and the pidfd it waits on).
+        let mut ready = [-1i32; 2];
+        // SAFETY: pipe fills two descriptors.
+        let piped = unsafe { libc::pipe(ready.as_mut_ptr()) } == 0;
+        if std::env::var_os("WV_SYNC_TEARDOWN").is_none() && pidfd >= 0 && piped {
+            // What the helper keeps open: the KVM descriptors, the pidfd it waits on and the
+            // pipe it reports on.
             let mut keep: Vec<i32> = self._vcpus.iter().map(|v| v.as_raw_fd()).collect();
-            keep.extend([self._vm.as_raw_fd(), self._kvm.as_raw_fd(), pidfd]);
-            // For tests: WV_TEARDOWN_HOLD_FD names an inherited descriptor that the helper
-            // reads until end-of-file before it exits, so a test can look at it mid-teardown.
-            let hold = std::env::var("WV_TEARDOWN_HOLD_FD")
-                .ok()
-                .and_then(|v| v.parse::<i32>().ok())
-                .filter(|&fd| fd > 2)
-                .unwrap_or(-1);
+            keep.extend([self._vm.as_raw_fd(), self._kvm.as_raw_fd(), pidfd, ready[1]]);
+            let hold = teardown_hold_fd();
             if hold >= 0 {
                 keep.push(hold);
             }
@@ -607,6 +605,7 @@ impl Resources {
             keep.dedup();
             let plan = Box::leak(Box::new(TeardownPlan {
                 pidfd,
+                ready: ready[1],
                 hold,
                 keep: keep.leak(),
                 // For kernels without close_range: every descriptor up to the highest open one.
@@ -622,18 +621,32 @@ impl Resources {
             let stack = Box::leak(vec![0u8; STACK].into_boxed_slice());
             // SAFETY: the child runs `teardown_helper` on its own stack (leaked, so it stays
             // valid) with a leaked, never-freed plan; it only makes system calls (no allocation:
-            // this process's other threads may hold allocator locks when they are killed) and
-            // exits. CLONE_VM|CLONE_FILES share memory and descriptors so the child holds the
-            // last references once this process is gone.
+            // this process's other threads may hold allocator locks) and exits. CLONE_VM shares
+            // memory; without CLONE_FILES the child gets its own copy of the descriptor table,
+            // so what it closes stays open here and what it keeps outlives this process.
             let r = unsafe {
                 libc::clone(
                     teardown_helper,
                     stack.as_mut_ptr().add(STACK) as *mut libc::c_void,
-                    libc::CLONE_VM | libc::CLONE_FILES,
+                    libc::CLONE_VM,
                     plan as *mut TeardownPlan as *mut libc::c_void,
                 )
             };
             if r > 0 {
+                // Wait until the helper holds nothing but the KVM descriptors; then this
+                // process's exit closes the last reference to everything else.
+                // SAFETY: closing our copy of the write end, so that a helper that died early
+                // gives end-of-file rather than a hang.
+                unsafe { libc::close(ready[1]) };
+                let mut b = [0u8; 1];
+                // A failed read is an interruption (errno is not looked at: the helper shares
+                // this thread's); a few retries bound the wait either way.
+                for _ in 0..100 {
+                    // SAFETY: reading one byte into a local buffer.
+                    if unsafe { libc::read(ready[0], b.as_mut_ptr().cast(), 1) } >= 0 {
+                        break;
+                    }
+                }
                 std::mem::forget(self);
             } else {
                 drop(self);
@@ -646,10 +659,26 @@ impl Resources {
     }
 }
 
+/// In debug builds (the tests'), WV_TEARDOWN_HOLD_FD names an inherited descriptor that the
+/// teardown helper reads until end-of-file before it exits, so a test can look at the helper
+/// mid-teardown; -1 otherwise, and always in release builds.
+fn teardown_hold_fd() -> i32 {
+    if !cfg!(debug_assertions) {
+        return -1;
+    }
+    std::env::var("WV_TEARDOWN_HOLD_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|&fd| fd > 2)
+        .unwrap_or(-1)
+}
+
 /// What the teardown helper of [`Resources::exit`] needs, prepared before it starts.
 struct TeardownPlan {
     /// A pidfd of the exiting `wv` process.
     pidfd: i32,
+    /// The pipe to `wv` on which the helper says it has closed what it does not keep.
+    ready: i32,
     /// A descriptor to read until end-of-file before exiting (tests), or -1.
     hold: i32,
     /// The descriptors to keep open until the helper exits, sorted.
@@ -658,7 +687,7 @@ struct TeardownPlan {
     highest: i32,
 }
 
-/// Closes the descriptors `lo..=hi` of the (shared) file table.
+/// Closes the descriptors `lo..=hi` of the calling (helper) process.
 fn close_span(lo: i32, hi: i32) {
     if lo > hi {
         return;
@@ -674,19 +703,14 @@ fn close_span(lo: i32, hi: i32) {
     }
 }
 
-/// The teardown helper (a clone sharing memory and descriptors with `wv`): waits for `wv` to
-/// exit, closes standard input, output and error and then every other descriptor but the KVM
-/// ones, and exits, taking the last references to the VM with it.
+/// The teardown helper (a clone sharing memory with `wv`, with a copy of its descriptor
+/// table): closes standard input, output and error and then every other descriptor but the
+/// KVM ones, tells `wv` so, waits for `wv` to exit, and exits, taking the last references to
+/// the VM with it. It makes raw system calls only and never looks at errno (it shares the
+/// calling thread's thread-local storage, errno included, with `wv`).
 extern "C" fn teardown_helper(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the leaked TeardownPlan passed by Resources::exit, never freed.
     let plan = unsafe { &*(arg as *const TeardownPlan) };
-    let mut p = libc::pollfd {
-        fd: plan.pidfd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: polling one valid descriptor (shared with the parent) from our own stack.
-    while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
     // Standard descriptors first (a reader waits for those), then everything else.
     let spans = |lo: i32, hi: i32| {
         let mut next = lo;
@@ -698,7 +722,7 @@ extern "C" fn teardown_helper(arg: *mut libc::c_void) -> libc::c_int {
     };
     spans(0, 2);
     spans(3, plan.highest.max(3));
-    // Anything opened after the plan was made (by threads killed at exit) goes too.
+    // Anything opened after the plan was made (by other threads of wv) goes too.
     // SAFETY: as in close_span; fails harmlessly where close_range does not exist.
     unsafe {
         libc::syscall(
@@ -708,20 +732,23 @@ extern "C" fn teardown_helper(arg: *mut libc::c_void) -> libc::c_int {
             0u32,
         )
     };
-    let mut b = [0u8; 1];
-    if plan.hold >= 0 {
-        loop {
-            // SAFETY: reading into a local buffer from a descriptor the helper kept open; errno
-            // is this thread's.
-            let (r, errno) = unsafe {
-                let r = libc::read(plan.hold, b.as_mut_ptr().cast(), 1);
-                (r, *libc::__errno_location())
-            };
-            if r == 0 || (r < 0 && errno != libc::EINTR) {
-                break;
-            }
-        }
+    let b = [1u8; 1];
+    // SAFETY: one byte from a local buffer to the pipe wv waits on, then our end is closed.
+    unsafe {
+        libc::write(plan.ready, b.as_ptr().cast(), 1);
+        libc::close(plan.ready);
     }
+    let mut p = libc::pollfd {
+        fd: plan.pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Until wv has exited (a failed poll is an interruption: the pidfd stays valid here).
+    // SAFETY: polling one descriptor this helper keeps, from its own stack.
+    while unsafe { libc::poll(&mut p, 1, -1) } != 1 {}
+    let mut b = [0u8; 1];
+    // SAFETY: reading into a local buffer from a descriptor the helper kept; any error ends it.
+    while plan.hold >= 0 && unsafe { libc::read(plan.hold, b.as_mut_ptr().cast(), 1) } > 0 {}
     // SAFETY: nothing else runs here; _exit drops the last references to the VM and memory.
     unsafe { libc::_exit(0) }
 }

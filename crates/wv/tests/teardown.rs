@@ -28,7 +28,7 @@ fn children() -> Vec<u32> {
 
 #[test]
 #[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
-fn output_ends_when_wv_exits_not_when_the_vm_is_destroyed() {
+fn output_and_disks_are_free_when_wv_exits_not_when_the_vm_is_destroyed() {
     need_kvm();
     // SAFETY: prctl with integer arguments; orphans of this test process become its children.
     let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -96,4 +96,44 @@ fn output_ends_when_wv_exits_not_when_the_vm_is_destroyed() {
     // SAFETY: waiting for our (adopted) child.
     let r = unsafe { libc::waitpid(helpers[0] as i32, &mut st, 0) };
     assert_eq!(r, helpers[0] as i32);
+    a_disk_is_free_for_the_next_vmm_once_wv_has_exited();
+}
+
+/// Part of the test above (one test function: the subreaper would adopt the helpers of a
+/// test running beside it).
+fn a_disk_is_free_for_the_next_vmm_once_wv_has_exited() {
+    let dir = TempDir::new("teardown-disk");
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..8].copy_from_slice(b"WVDISK01");
+    let img = dir.file("d.img", &disk);
+    let spec = format!("path={}", img.display());
+    // The first VMM's helper is held mid-teardown while the second one opens the disk.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (hold_r, hold_w) = (fds[0], fds[1]);
+    let mut first = Command::new(wv_bin());
+    first
+        .args(["run", "--disk", &spec, "--cmdline", "probe.tests=blk"])
+        .env("WV_TEARDOWN_HOLD_FD", "100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; it gives the child the pipe's read end as fd 100.
+    unsafe {
+        first.pre_exec(move || {
+            if libc::dup2(hold_r, 100) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let status = first.status().unwrap();
+    // SAFETY: closing our copy of the read end.
+    unsafe { libc::close(hold_r) };
+    assert_eq!(status.code(), Some(0));
+    let second = wv(&["run", "--disk", &spec, "--cmdline", "probe.tests=blk"]);
+    // SAFETY: closing the write end releases the first helper.
+    unsafe { libc::close(hold_w) };
+    assert_eq!(second.status, Some(0), "{second}");
+    second.assert_pass("blk");
 }
