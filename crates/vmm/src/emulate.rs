@@ -1,9 +1,13 @@
 //! Instructions the host's instruction emulator cannot run, done by the VMM instead. On a host
 //! without VMX/SVM (PVM), KVM emulates all guest kernel code, and its emulator rejects a few
 //! instructions a stock Linux kernel executes early: `int3` (the kernel's self-test), `clac` and
-//! `stac` (SMAP), `popcnt` (bit counting), `fwait` (FPU set-up), `ldmxcsr`/`stmxcsr`
-//! (kernel_fpu_begin). Memory operands are translated with KVM_TRANSLATE through the guest's
-//! own page tables and read or written in guest RAM, within one page. On exactly that failure (an emulation-failure exit
+//! `stac` (SMAP), `popcnt` (bit counting), `fwait` (FPU set-up), `ldmxcsr` (kernel_fpu_begin).
+//! Only on such a host (with VMX or SVM, KVM injects #BP differently and never fails these),
+//! only in 64-bit code with 64-bit addressing, and only when nothing else is pending and no
+//! fault would be due (TF, CR0.TS/EM, CR4.OSFXSR); anything else stays fatal. Memory operands
+//! are only read (KVM_TRANSLATE reports every page writable, so stores cannot be checked):
+//! translated through the guest's page tables, within one page, from guest RAM; the accessed
+//! bit is not set. On exactly that failure (an emulation-failure exit
 //! carrying the instruction's bytes, at CPL 0, with no event pending) the VMM does what the
 //! instruction would have done and the guest goes on; every other failure stays fatal with its
 //! diagnostic. Each completion is counted per instruction in the exit accounting.
@@ -29,19 +33,13 @@ pub enum Completed {
     Fwait,
     /// `ldmxcsr m32`: MXCSR loaded from memory.
     Ldmxcsr,
-    /// `stmxcsr m32`: MXCSR stored to memory.
-    Stmxcsr,
 }
 
 /// Guest memory as an instruction sees it: linear addresses through the guest's page tables.
 pub trait GuestAccess {
     /// Reads `buf.len()` bytes at linear address `la` (within one page), or None.
     fn read(&mut self, la: u64, buf: &mut [u8]) -> Option<()>;
-    /// Writes `buf` at linear address `la` (within one page, writable), or None.
-    fn write(&mut self, la: u64, buf: &[u8]) -> Option<()>;
-    /// The SSE control and status register.
-    fn mxcsr(&mut self) -> Option<u32>;
-    /// Sets MXCSR.
+    /// Sets the SSE control and status register.
     fn set_mxcsr(&mut self, v: u32) -> Option<()>;
 }
 
@@ -49,16 +47,25 @@ pub trait GuestAccess {
 /// left to the diagnostic.
 const MXCSR_MASK: u32 = 0xffff;
 
-/// The linear address of `insn`'s memory operand (RIP-relative ones are already absolute).
+/// The linear address of `insn`'s memory operand in 64-bit code: base and index must be 64-bit
+/// registers (a 0x67 prefix, 32-bit addressing, is not completed), FS and GS add their base
+/// (the other segments' bases are zero in long mode), and the result must be canonical.
 fn linear(insn: &iced_x86::Instruction, regs: &mut kvm_regs, sregs: &kvm_sregs) -> Option<u64> {
     let mut a = insn.memory_displacement64();
     let base = insn.memory_base();
     if base != Register::None && base != Register::RIP {
-        a = a.wrapping_add(*gpr(regs, base)?.0);
+        let (v, size) = gpr(regs, base)?;
+        if size != 8 {
+            return None;
+        }
+        a = a.wrapping_add(*v);
     }
     let index = insn.memory_index();
     if index != Register::None {
-        let v = *gpr(regs, index)?.0;
+        let (v, size) = gpr(regs, index)?;
+        if size != 8 {
+            return None;
+        }
         a = a.wrapping_add(v.wrapping_mul(u64::from(insn.memory_index_scale())));
     }
     match insn.memory_segment() {
@@ -66,13 +73,20 @@ fn linear(insn: &iced_x86::Instruction, regs: &mut kvm_regs, sregs: &kvm_sregs) 
         Register::GS => a = a.wrapping_add(sregs.gs.base),
         _ => {}
     }
-    Some(a)
+    // Canonical: bits 63..47 all equal (4-level paging).
+    let top = a >> 47;
+    (top == 0 || top == 0x1_ffff).then_some(a)
 }
 
 const RFLAGS_AC: u64 = 1 << 18;
 /// The arithmetic flags POPCNT writes: CF PF AF ZF SF OF.
 const RFLAGS_ARITH: u64 = 0x8d5;
 const RFLAGS_ZF: u64 = 1 << 6;
+const RFLAGS_TF: u64 = 1 << 8;
+const CR0_MP: u64 = 1 << 1;
+const CR0_EM: u64 = 1 << 2;
+const CR0_TS: u64 = 1 << 3;
+const CR4_OSFXSR: u64 = 1 << 9;
 /// The x87 status word's exception summary bit.
 const FSW_ES: u16 = 1 << 7;
 
@@ -136,14 +150,17 @@ pub fn apply(
     regs: &mut kvm_regs,
     mem: &mut dyn GuestAccess,
 ) -> Option<Completed> {
-    let bitness = diagnose::bitness(sregs);
-    let insn = Decoder::with_ip(bitness, bytes, regs.rip, DecoderOptions::NONE).decode();
+    if diagnose::bitness(sregs) != 64 || regs.rflags & RFLAGS_TF != 0 {
+        return None;
+    }
+    let insn = Decoder::with_ip(64, bytes, regs.rip, DecoderOptions::NONE).decode();
     if insn.is_invalid() {
         return None;
     }
     let done = match insn.mnemonic() {
         Mnemonic::Int3 => Completed::Int3,
-        Mnemonic::Wait => Completed::Fwait,
+        // #NM when CR0.MP and CR0.TS are both set.
+        Mnemonic::Wait if sregs.cr0 & (CR0_MP | CR0_TS) != (CR0_MP | CR0_TS) => Completed::Fwait,
         Mnemonic::Clac => {
             regs.rflags &= !RFLAGS_AC;
             Completed::Clac
@@ -183,7 +200,11 @@ pub fn apply(
             }
             Completed::Popcnt
         }
-        Mnemonic::Ldmxcsr if insn.op0_kind() == OpKind::Memory => {
+        Mnemonic::Ldmxcsr
+            if insn.op0_kind() == OpKind::Memory
+                && sregs.cr0 & (CR0_TS | CR0_EM) == 0
+                && sregs.cr4 & CR4_OSFXSR != 0 =>
+        {
             let la = linear(&insn, regs, sregs)?;
             let mut b = [0u8; 4];
             mem.read(la, &mut b)?;
@@ -193,12 +214,6 @@ pub fn apply(
             }
             mem.set_mxcsr(v)?;
             Completed::Ldmxcsr
-        }
-        Mnemonic::Stmxcsr if insn.op0_kind() == OpKind::Memory => {
-            let la = linear(&insn, regs, sregs)?;
-            let v = mem.mxcsr()?;
-            mem.write(la, &v.to_le_bytes())?;
-            Completed::Stmxcsr
         }
         _ => return None,
     };
@@ -213,27 +228,20 @@ struct VcpuAccess<'a> {
 }
 
 impl VcpuAccess<'_> {
-    /// The guest-physical address of linear `la` for an access of `len` bytes in one page.
-    fn gpa(&self, la: u64, len: usize, write: bool) -> Option<u64> {
+    /// The guest-physical address of linear `la` for a read of `len` bytes in one page.
+    fn gpa(&self, la: u64, len: usize) -> Option<u64> {
         if (la & 0xfff) + len as u64 > 0x1000 {
             return None;
         }
         let t = self.fd.translate_gva(la).ok()?;
-        (t.valid != 0 && (!write || t.writeable != 0)).then_some(t.physical_address)
+        (t.valid != 0).then_some(t.physical_address)
     }
 }
 
 impl GuestAccess for VcpuAccess<'_> {
     fn read(&mut self, la: u64, buf: &mut [u8]) -> Option<()> {
-        let gpa = self.gpa(la, buf.len(), false)?;
+        let gpa = self.gpa(la, buf.len())?;
         self.ram.read_slice(buf, GuestAddress(gpa)).ok()
-    }
-    fn write(&mut self, la: u64, buf: &[u8]) -> Option<()> {
-        let gpa = self.gpa(la, buf.len(), true)?;
-        self.ram.write_slice(buf, GuestAddress(gpa)).ok()
-    }
-    fn mxcsr(&mut self) -> Option<u32> {
-        self.fd.get_fpu().ok().map(|f| f.mxcsr)
     }
     fn set_mxcsr(&mut self, v: u32) -> Option<()> {
         let mut f = self.fd.get_fpu().ok()?;
@@ -245,7 +253,10 @@ impl GuestAccess for VcpuAccess<'_> {
 /// On an emulation-failure exit of a CPL-0 instruction the VMM can complete: completes it
 /// (registers, memory, and for `int3` the #BP through KVM_SET_VCPU_EVENTS) and says what it
 /// was.
-pub fn complete(fd: &mut VcpuFd, ram: &GuestMemoryMmap) -> Option<Completed> {
+pub fn complete(fd: &mut VcpuFd, ram: &GuestMemoryMmap, emulating_host: bool) -> Option<Completed> {
+    if !emulating_host {
+        return None;
+    }
     let run = fd.get_kvm_run();
     // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
     let ie = unsafe { run.__bindgen_anon_1.internal };
@@ -256,7 +267,11 @@ pub fn complete(fd: &mut VcpuFd, ram: &GuestMemoryMmap) -> Option<Completed> {
         fd.get_sregs().ok()?,
         fd.get_vcpu_events().ok()?,
     );
-    if sregs.cs.selector & 3 != 0 || events.exception.injected != 0 {
+    let pending = events.exception.injected != 0
+        || events.exception.pending != 0
+        || events.nmi.injected != 0
+        || events.interrupt.injected != 0;
+    if sregs.cs.selector & 3 != 0 || sregs.ss.dpl != 0 || pending {
         return None;
     }
     let before = regs;
@@ -297,14 +312,6 @@ mod tests {
             buf.copy_from_slice(self.bytes.get(at..at + buf.len())?);
             Some(())
         }
-        fn write(&mut self, la: u64, buf: &[u8]) -> Option<()> {
-            let at = usize::try_from(la.checked_sub(0x7000)?).ok()?;
-            self.bytes.get_mut(at..at + buf.len())?.copy_from_slice(buf);
-            Some(())
-        }
-        fn mxcsr(&mut self) -> Option<u32> {
-            Some(self.mxcsr)
-        }
         fn set_mxcsr(&mut self, v: u32) -> Option<()> {
             self.mxcsr = v;
             Some(())
@@ -315,6 +322,8 @@ mod tests {
         let mut s = kvm_sregs::default();
         s.cs.l = 1;
         s.gs.base = 0x6000;
+        s.cr0 = 0x8005_0033;
+        s.cr4 = 0x310ea0;
         s
     }
 
@@ -394,7 +403,7 @@ mod tests {
         let mut r = regs();
         assert_eq!(run(&[0x9b, 0x65], &mut r, &mut p), Some(Completed::Fwait));
         assert_eq!(r.rip, 0x1001);
-        // ldmxcsr [rsp+4] (the kernel's, from kernel_fpu_begin), stmxcsr gs:[0x1010].
+        // ldmxcsr [rsp+4] (the kernel's, from kernel_fpu_begin), ldmxcsr gs:[0x1010].
         let mut r = regs();
         p.bytes[0x104..0x108].copy_from_slice(&0x1fa0u32.to_le_bytes());
         assert_eq!(
@@ -403,9 +412,10 @@ mod tests {
         );
         assert_eq!((p.mxcsr, r.rip), (0x1fa0, 0x1005));
         let mut r = regs();
-        let stmxcsr_gs = [0x65, 0x0f, 0xae, 0x1c, 0x25, 0x10, 0x10, 0x00, 0x00];
-        assert_eq!(run(&stmxcsr_gs, &mut r, &mut p), Some(Completed::Stmxcsr));
-        assert_eq!(&p.bytes[0x10..0x14], &0x1fa0u32.to_le_bytes());
+        p.bytes[0x10..0x14].copy_from_slice(&0x1f80u32.to_le_bytes());
+        let ldmxcsr_gs = [0x65, 0x0f, 0xae, 0x14, 0x25, 0x10, 0x10, 0x00, 0x00];
+        assert_eq!(run(&ldmxcsr_gs, &mut r, &mut p), Some(Completed::Ldmxcsr));
+        assert_eq!(p.mxcsr, 0x1f80);
         // int3: only RIP moves (the #BP is injected by `complete`).
         let mut r = regs();
         assert_eq!(run(&[0xcc], &mut r, &mut p), Some(Completed::Int3));
@@ -419,6 +429,8 @@ mod tests {
         for bytes in [
             &[0xf3, 0x48, 0x0f, 0xb8, 0x01][..], // popcnt rax, [rcx]: unmapped
             &[0x0f, 0xae, 0x54, 0x24, 0x04][..], // ldmxcsr of a reserved bit: #GP
+            &[0x67, 0x0f, 0xae, 0x54, 0x24, 0x04][..], // ldmxcsr [esp+4]: 32-bit addressing
+            &[0x0f, 0xae, 0x5c, 0x24, 0x04][..], // stmxcsr [rsp+4]: stores are not done
             &[0x0f, 0x01, 0xd1][..],             // xsetbv
             &[0x0f, 0x0b][..],                   // ud2
             &[0x0f][..],                         // truncated
@@ -429,5 +441,22 @@ mod tests {
             assert_eq!(r.rax, regs().rax);
             assert_eq!(p.mxcsr, 0x1f80);
         }
+        // Not with TF set (a #DB would be due), not outside 64-bit code, not fwait with
+        // CR0.MP|TS (#NM), not ldmxcsr with CR0.TS (#NM).
+        let mut r = regs();
+        r.rflags |= RFLAGS_TF;
+        assert_eq!(run(&[0x0f, 0x01, 0xca], &mut r, &mut p), None);
+        let mut s32 = long_mode();
+        s32.cs.l = 0;
+        s32.cs.db = 1;
+        assert_eq!(apply(&[0x0f, 0x01, 0xca], &s32, &mut regs(), &mut p), None);
+        let mut ts = long_mode();
+        ts.cr0 |= CR0_TS;
+        assert_eq!(apply(&[0x9b], &ts, &mut regs(), &mut p), None);
+        p.bytes[0x104..0x108].copy_from_slice(&0x1fa0u32.to_le_bytes());
+        assert_eq!(
+            apply(&[0x0f, 0xae, 0x54, 0x24, 0x04], &ts, &mut regs(), &mut p),
+            None
+        );
     }
 }

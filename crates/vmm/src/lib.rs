@@ -50,6 +50,9 @@ pub(crate) struct VmShared {
     pub(crate) info: MachineInfo,
     pub(crate) table: stats::CauseTable,
     pub(crate) loaded: wv_machine::LoadedGuest,
+    /// The host's KVM emulates guest kernel code (no VMX/SVM): the VMM completes the few
+    /// instructions its emulator lacks ([`emulate`]).
+    pub(crate) emulating_host: bool,
     pub(crate) stop: AtomicBool,
     end: Mutex<Option<VmEnd>>,
     end_evt: EventFd,
@@ -232,8 +235,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         if !ignored.is_empty() {
             eprintln!(
                 "wv: warning: this host's KVM emulates guest kernel code and shows the guest CPU \
-                 features its emulator cannot run, whatever wv's CPUID says: {} (a Linux guest \
-                 needs 'noxsave')",
+                 features its emulator cannot run, whatever wv's CPUID says: {} (boot Linux with \
+                 'noxsave'; kernel code using the others stops with a diagnostic)",
                 ignored.join(" ")
             );
         }
@@ -255,6 +258,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     boot.set_regs(&loaded.entry.regs())
         .map_err(ioctl("KVM_SET_REGS"))?;
     shared.info.tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
+    shared.emulating_host = template.host.kernel_mode_emulated;
     let shared = Arc::new(shared);
     trace.mark("vcpus configured");
 
@@ -523,6 +527,7 @@ fn build(
         },
         table,
         loaded,
+        emulating_host: false,
         stop: AtomicBool::new(false),
         end: Mutex::new(None),
         end_evt: EventFd::new(0).map_err(internal("eventfd"))?,

@@ -44,9 +44,7 @@ pub const EMULATED_POPCNT: usize = 15;
 pub const EMULATED_FWAIT: usize = 16;
 /// A guest kernel-mode `ldmxcsr` the VMM completed.
 pub const EMULATED_LDMXCSR: usize = 17;
-/// A guest kernel-mode `stmxcsr` the VMM completed.
-pub const EMULATED_STMXCSR: usize = 18;
-const FIXED: [&str; 19] = [
+const FIXED: [&str; 18] = [
     "io:unassigned",
     "mmio:unassigned",
     "hlt",
@@ -65,7 +63,6 @@ const FIXED: [&str; 19] = [
     "emulated:popcnt",
     "emulated:fwait",
     "emulated:ldmxcsr",
-    "emulated:stmxcsr",
 ];
 
 /// The causes of one VM: the fixed ones, one per port I/O device, one per call.

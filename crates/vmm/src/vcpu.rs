@@ -191,7 +191,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
             }
             Ok(VcpuExit::InternalError) => {
                 use crate::emulate::{complete, Completed};
-                match complete(&mut fd, &shared.mem) {
+                match complete(&mut fd, &shared.mem, shared.emulating_host) {
                     Some(done) => {
                         cause = match done {
                             Completed::Int3 => stats::EMULATED_INT3,
@@ -200,7 +200,6 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                             Completed::Popcnt => stats::EMULATED_POPCNT,
                             Completed::Fwait => stats::EMULATED_FWAIT,
                             Completed::Ldmxcsr => stats::EMULATED_LDMXCSR,
-                            Completed::Stmxcsr => stats::EMULATED_STMXCSR,
                         };
                         Step::Continue
                     }
