@@ -12,6 +12,7 @@
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
+//! | GET /metrics | the same and more (state, settings, KVM's exit counters per vCPU) for Prometheus ([`metrics`]) |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
 //! 404, 405 (with `Allow`), 408 (request not received within [`REQUEST_TIMEOUT`]), 409
@@ -26,6 +27,7 @@
 
 use crate::helper;
 use crate::http::{self, HttpError, Request};
+use crate::metrics::{self, Samples};
 use crate::sched::{self, Cgroups, Demand};
 use crate::store::{Document, Store};
 use crate::supervisor::{self, Pidfd};
@@ -157,6 +159,11 @@ struct WorldStats {
     threads: Vec<sched::ThreadTime>,
 }
 
+/// Whether the VMM of `run` still runs.
+fn alive_now(run: &Run) -> bool {
+    !run.pidfd.wait(Some(Duration::ZERO))
+}
+
 fn is_live(s: State) -> bool {
     matches!(s, State::Running | State::Starting | State::Paused)
 }
@@ -207,7 +214,7 @@ impl From<Reply> for Answer {
 /// The methods a path supports, or `None` when no such resource exists.
 fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
     Some(match parts {
-        ["v1", "host"] | ["v1", "stats"] | ["v1", "vms", _, "stats"] => &["GET"],
+        ["v1", "host"] | ["v1", "stats"] | ["v1", "vms", _, "stats"] | ["metrics"] => &["GET"],
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
         ["v1", "vms", _, "start" | "stop" | "pause" | "resume"] => &["POST"],
@@ -578,6 +585,11 @@ impl Daemon {
 
     fn all_stats(&self) -> Reply {
         let doc = self.lock();
+        ok(200, &self.every_stats(&doc))
+    }
+
+    /// The accounting of the system worlds and of every running VM world.
+    fn every_stats(&self, doc: &Document) -> Vec<WorldStats> {
         let [(m_cpu, m_ready, mgmt), (h_cpu, h_ready, help)] =
             helper::accounting(sched::threads(std::process::id()));
         let system = |id, name: &str, shares, cpu_ns, ready_ns, threads| WorldStats {
@@ -611,10 +623,159 @@ impl Daemon {
                 help,
             ),
         ];
-        for (w, e) in self.entitled(&doc) {
+        for (w, e) in self.entitled(doc) {
             out.push(self.stats_of(w, e));
         }
-        ok(200, &out)
+        out
+    }
+
+    /// `GET /metrics`: every world's accounting, state and settings, and each running VM's
+    /// exit counters (KVM's, per vCPU) and guest time, in the Prometheus text format. The
+    /// VMMs are read after the document lock is released, so a slow read never holds up the
+    /// API or the scheduler.
+    fn metrics(&self) -> Answer {
+        let (stats, worlds, vmms) = {
+            let doc = self.lock();
+            let stats = self.every_stats(&doc);
+            let worlds: Vec<(u64, String, State)> = doc
+                .worlds
+                .iter()
+                .map(|w| (w.id, w.spec.name.clone(), w.state))
+                .collect();
+            let vmms: Vec<(String, u32, Arc<Run>)> = doc
+                .worlds
+                .iter()
+                .filter(|w| is_live(w.state))
+                .filter_map(|w| Some((w.spec.name.clone(), w.pid?, self.run_of(w.id)?)))
+                .collect();
+            (stats, worlds, vmms)
+        };
+        let world = |s: &WorldStats| vec![("world", s.name.clone()), ("id", s.id.to_string())];
+        let each = |f: &dyn Fn(&WorldStats) -> Option<f64>| -> Samples {
+            stats
+                .iter()
+                .filter_map(|s| Some((world(s), f(s)?)))
+                .collect()
+        };
+        let mut t = metrics::Text::default();
+        t.family(
+            "wv_world_cpu_seconds_total",
+            "counter",
+            "CPU time used by the world's threads (its VMM process), seconds.",
+            &each(&|s| Some(metrics::seconds(s.cpu_ns))),
+        );
+        t.family(
+            "wv_world_ready_seconds_total",
+            "counter",
+            "Time the world's threads were runnable but waiting for a CPU, seconds.",
+            &each(&|s| Some(metrics::seconds(s.ready_ns))),
+        );
+        t.family(
+            "wv_world_throttled_seconds_total",
+            "counter",
+            "Time the world was held back by its CPU limit (CFS throttling), seconds.",
+            &each(&|s| Some(metrics::seconds(s.throttled_ns))),
+        );
+        t.family(
+            "wv_world_shares",
+            "gauge",
+            "Scheduler shares of the world (1-10000).",
+            &each(&|s| Some(f64::from(s.shares))),
+        );
+        t.family(
+            "wv_world_entitlement_cpus",
+            "gauge",
+            "CPUs the world is entitled to now if it competes (0 for the system worlds).",
+            &each(&|s| Some(s.entitlement)),
+        );
+        t.family(
+            "wv_world_reservation_cpus",
+            "gauge",
+            "CPUs guaranteed to the world while it runs.",
+            &each(&|s| Some(s.reservation)),
+        );
+        t.family(
+            "wv_world_limit_cpus",
+            "gauge",
+            "CPUs the world may use at most (absent: no limit).",
+            &each(&|s| s.limit),
+        );
+        const STATES: [State; 6] = [
+            State::Defined,
+            State::Starting,
+            State::Running,
+            State::Paused,
+            State::Stopped,
+            State::Crashed,
+        ];
+        let system = stats
+            .iter()
+            .filter(|s| s.id < helper::FIRST_VM_ID)
+            .map(|s| (s.id, s.name.clone(), s.state));
+        let mut state: Samples = Vec::new();
+        for (id, name, now) in system.chain(worlds) {
+            for st in STATES {
+                let label = serde_json::to_value(st)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                state.push((
+                    vec![
+                        ("world", name.clone()),
+                        ("id", id.to_string()),
+                        ("state", label),
+                    ],
+                    if st == now { 1.0 } else { 0.0 },
+                ));
+            }
+        }
+        t.family(
+            "wv_world_state",
+            "gauge",
+            "1 for the state the world is in, 0 for the others.",
+            &state,
+        );
+        let (mut exits, mut by_cause, mut guest) = (Vec::new(), Vec::new(), Vec::new());
+        for (vm, pid, run) in &vmms {
+            for (index, counters) in metrics::vcpu_counters(*pid, || alive_now(run)) {
+                let labels = vec![("vm", vm.clone()), ("vcpu", index.to_string())];
+                for (name, n) in counters {
+                    if name == "exits" {
+                        exits.push((labels.clone(), n as f64));
+                    } else if let Some(cause) = name.strip_suffix("_exits") {
+                        let mut l = labels.clone();
+                        l.push(("cause", cause.to_string()));
+                        by_cause.push((l, n as f64));
+                    }
+                }
+            }
+            if let Some(ns) = metrics::guest_ns(*pid).filter(|_| alive_now(run)) {
+                guest.push((vec![("vm", vm.clone())], metrics::seconds(ns)));
+            }
+        }
+        t.family(
+            "wv_vm_exits_total",
+            "counter",
+            "VM exits of each vCPU, those KVM handles in the kernel included (KVM's exits counter).",
+            &exits,
+        );
+        t.family(
+            "wv_vm_exits_by_cause_total",
+            "counter",
+            "VM exits of each vCPU by KVM's cause counters (io, mmio, halt, irq, irq_window, signal...).",
+            &by_cause,
+        );
+        t.family(
+            "wv_vm_guest_seconds_total",
+            "counter",
+            "CPU time the VMM process spent running guest code (clock-tick resolution), seconds; the rest of wv_world_cpu_seconds_total is the VMM and the host kernel.",
+            &guest,
+        );
+        Answer {
+            status: 200,
+            headers: vec![format!("Content-Type: {}", metrics::CONTENT_TYPE)],
+            body: t.finish(),
+        }
     }
 
     /// Handles one request.
@@ -636,6 +797,9 @@ impl Daemon {
                 )
                 .into()
             };
+        }
+        if parts == ["metrics"] {
+            return self.metrics();
         }
         match (req.method.as_str(), parts.as_slice()) {
             ("GET", ["v1", "host"]) => self.host(),

@@ -237,7 +237,8 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes a JSON response (with `headers`, each `Name: value`) and ends the exchange.
+/// Writes a response (with `headers`, each `Name: value`; JSON unless they give a
+/// `Content-Type`) and ends the exchange.
 pub fn write_response(
     w: &mut impl Write,
     status: u16,
@@ -245,7 +246,11 @@ pub fn write_response(
     body: &str,
 ) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
-    if !body.is_empty() {
+    let typed = headers.iter().any(|h| {
+        h.get(..13)
+            .is_some_and(|n| n.eq_ignore_ascii_case("content-type:"))
+    });
+    if !body.is_empty() && !typed {
         head.push_str("Content-Type: application/json\r\n");
     }
     for h in headers {

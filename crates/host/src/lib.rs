@@ -8,6 +8,7 @@ pub mod api;
 pub mod cgroup;
 pub mod helper;
 pub mod http;
+pub mod metrics;
 pub mod sched;
 pub mod store;
 pub mod supervisor;

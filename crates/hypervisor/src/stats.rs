@@ -80,14 +80,26 @@ pub fn parse(
 
 /// KVM's cumulative counters for one vCPU.
 pub fn vcpu_counters(vcpu: &impl AsRawFd) -> io::Result<Vec<(String, u64)>> {
+    read_counters(&stats_fd(vcpu)?)
+}
+
+/// Opens the binary statistics of a vCPU (`anon_inode:kvm-vcpu-stats:N`). Only the process
+/// that created the VM may open it (KVM refuses others with EIO), but once open it can be
+/// read from anywhere: a running VMM keeps one per vCPU so that the host daemon can read its
+/// counters live (duplicating it with `pidfd_getfd`).
+pub fn stats_fd(vcpu: &impl AsRawFd) -> io::Result<OwnedFd> {
     // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new descriptor or -1.
     let raw = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_STATS_FD, 0) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    parse(&mut |buf, off| pread_all(&fd, buf, off))
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The cumulative counters behind a descriptor from [`stats_fd`].
+pub fn read_counters(stats: &OwnedFd) -> io::Result<Vec<(String, u64)>> {
+    parse(&mut |buf, off| pread_all(stats, buf, off))
 }
 
 #[cfg(test)]

@@ -244,11 +244,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 
     let loaded = shared.loaded.clone();
     let mut fds = Vec::with_capacity(cfg.vcpus.try_into().unwrap_or(0));
+    let mut stats_fds = Vec::with_capacity(fds.capacity());
     for i in 0..cfg.vcpus {
         let fd = vm
             .create_vcpu(u64::from(i))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
         template.configure(&fd, i)?;
+        // Open for the daemon's live metrics (`GET /metrics`): KVM lets only this process
+        // open it, anyone holding it read it. Without binary stats (Linux < 5.14) there is none.
+        stats_fds.extend(wv_hypervisor::stats::stats_fd(&fd).ok());
         fds.push(fd);
     }
     let boot = &fds[0];
@@ -362,6 +366,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         end,
         stats,
         resources: Resources {
+            _stats: stats_fds,
             _vcpus: vcpu_fds,
             _vm: vm,
             _shared: shared,
@@ -557,6 +562,7 @@ fn run_exit_hooks() {
 /// The kernel objects and memory of a VM that has ended. Dropping it closes everything now;
 /// [`Resources::exit`] ends the process and leaves the slow part of the teardown to a helper.
 pub struct Resources {
+    _stats: Vec<std::os::fd::OwnedFd>,
     _vcpus: Vec<kvm_ioctls::VcpuFd>,
     _vm: Arc<kvm_ioctls::VmFd>,
     _shared: Arc<VmShared>,

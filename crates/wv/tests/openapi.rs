@@ -227,7 +227,15 @@ impl Checker {
         let (head, text) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
         let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
         let headers: Vec<String> = head.lines().skip(1).map(str::to_string).collect();
-        let json: Value = if text.is_empty() {
+        let ctype = headers
+            .iter()
+            .find_map(|h| {
+                let (n, v) = h.split_once(':')?;
+                n.eq_ignore_ascii_case("content-type")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        let json: Value = if text.is_empty() || ctype != "application/json" {
             Value::Null
         } else {
             serde_json::from_str(text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
@@ -270,7 +278,17 @@ impl Checker {
             resp.is_object(),
             "{method} {tpl} answered {status}, which is not documented: {text}"
         );
-        if let Some(schema) = resp.pointer("/content/application~1json/schema") {
+        let other = resp["content"]
+            .as_object()
+            .filter(|c| !c.contains_key("application/json"));
+        if let Some(content) = other {
+            // A body that is not JSON (GET /metrics): the type as documented.
+            assert!(
+                content.contains_key(&ctype) && !text.is_empty(),
+                "{method} {tpl} {status}: Content-Type '{ctype}' is not documented: {head}"
+            );
+        } else if let Some(schema) = resp.pointer("/content/application~1json/schema") {
+            assert_eq!(ctype, "application/json", "{method} {tpl} {status}");
             validate(
                 &self.doc,
                 schema,
@@ -491,6 +509,7 @@ fn the_server_matches_its_openapi_document() {
         404
     );
     assert_eq!(c.call("GET", "/v1/stats", "/v1/stats", None).0, 200);
+    assert_eq!(c.call("GET", "/metrics", "/metrics", None).0, 200);
     assert_eq!(
         c.call("POST", "/v1/vms/{name}/pause", "/v1/vms/a/pause", None)
             .0,
@@ -512,6 +531,7 @@ fn the_server_matches_its_openapi_document() {
         ("PUT", "/v1/vms", "/v1/vms"),
         ("POST", vm, "/v1/vms/a"),
         ("GET", "/v1/vms/{name}/start", "/v1/vms/a/start"),
+        ("POST", "/metrics", "/metrics"),
     ] {
         assert_eq!(c.call(method, tpl, path, None).0, 405);
     }
@@ -788,6 +808,7 @@ impl Fuzz {
             "get",
             "stats",
             "all-stats",
+            "metrics",
             "host",
             "patch",
             "patch",
@@ -808,10 +829,11 @@ impl Fuzz {
             ""
         };
         match op {
-            "host" | "list" | "all-stats" => {
+            "host" | "list" | "all-stats" | "metrics" => {
                 let (tpl, path) = match op {
                     "host" => ("/v1/host", "/v1/host"),
                     "list" => ("/v1/vms", "/v1/vms"),
+                    "metrics" => ("/metrics", "/metrics"),
                     _ => ("/v1/stats", "/v1/stats"),
                 };
                 let a = self.send("GET", tpl, &format!("{path}{query}"), None);
