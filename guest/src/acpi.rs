@@ -141,12 +141,12 @@ pub fn madt_counts() -> Option<(u64, u64)> {
     let (mut lapics, mut ioapics, mut p) = (0, 0, t + 44);
     while p + 2 <= t + len {
         let (ty, l) = (rd::<u8>(p), u64::from(rd::<u8>(p + 1)));
-        if l < 2 {
+        if l < 2 || p + l > t + len {
             return None;
         }
         match ty {
-            0 if rd::<u32>(p + 4) & 1 != 0 => lapics += 1,
-            1 => ioapics += 1,
+            0 if l >= 8 && rd::<u32>(p + 4) & 1 != 0 => lapics += 1,
+            1 if l >= 12 => ioapics += 1,
             _ => {}
         }
         p += l;
