@@ -86,7 +86,7 @@ macro_rules! fs_spec {
 }
 
 /// Every `wv fs` command: what it takes (the scanner refuses anything else).
-const SPECS: &[Spec] = &[
+pub const SPECS: &[Spec] = &[
     fs_spec!(
         "mkfs",
         ["DS"],

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     let printer = match &cmd {
         Command::Help(_) | Command::Version | Command::HostStatus(_) | Command::HostTop(..) => true,
         Command::Vm(_, VmCmd::Named(what, _)) => *what != "console",
-        Command::Vm(..) | Command::Fs(_) => true,
+        Command::Vm(..) | Command::Fs(_) | Command::Completions(_) => true,
         Command::Run(..) | Command::ProbeImage { .. } | Command::HostServe { .. } => false,
     };
     if printer {
@@ -55,6 +55,10 @@ fn main() -> ExitCode {
         Command::HostTop(c, once) => host_top(&c, once),
         Command::Vm(c, v) => cmd_vm(&c, v),
         Command::Fs(a) => fs::cmd_fs(&a),
+        Command::Completions(script) => {
+            print!("{script}");
+            ExitCode::SUCCESS
+        }
     }
 }
 

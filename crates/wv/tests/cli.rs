@@ -313,3 +313,49 @@ fn printing_to_a_closed_pipe_ends_quietly() {
         assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn completions_come_from_the_same_tables() {
+    let script = wv(&["completions", "bash"]);
+    assert_eq!(script.status, Some(0), "{script}");
+    let dir = TempDir::new("cli-completions");
+    let file = dir.file("wv.bash", script.stdout.as_bytes());
+    // (words typed, the word being completed) -> what bash offers.
+    let cases: &[(&str, &str)] = &[
+        ("wv ''", "completions fs host probe-image run vm"),
+        ("wv v", "vm"),
+        ("wv vm cr", "create"),
+        ("wv vm create --mem", "--memory"),
+        ("wv vm create web --di", "--disk"),
+        ("wv fs sn", "snapshot"),
+        ("wv host --li", "--listen"),
+        ("wv host s", "status"),
+        ("wv completions ''", "bash zsh"),
+        ("wv run --rn", "--rng"),
+        ("wv run --sha", ""), // --shares is vm create's, not run's
+    ];
+    let mut sh = format!("source {}\n", file.display());
+    sh.push_str(
+        "t() { COMP_WORDS=(\"$@\"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); _wv; \
+         echo \"${COMPREPLY[*]}\"; }\n",
+    );
+    for (words, _) in cases {
+        sh.push_str(&format!("t {words}\n"));
+    }
+    let out = Command::new("bash").arg("-c").arg(&sh).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let got = String::from_utf8(out.stdout).unwrap();
+    for ((words, want), line) in cases.iter().zip(got.lines()) {
+        assert_eq!(line, *want, "completing `{words}`");
+    }
+    assert_eq!(got.lines().count(), cases.len(), "{got}");
+    // zsh gets the same function through bashcompinit; another shell is a usage error.
+    let zsh = wv(&["completions", "zsh"]);
+    assert!(
+        zsh.stdout.starts_with("autoload -U +X bashcompinit"),
+        "{zsh}"
+    );
+    let body = &script.stdout[script.stdout.find("_wv() {").unwrap()..];
+    assert!(zsh.stdout.contains(body), "{zsh}");
+    assert_usage_error(&wv(&["completions", "fish"]), "bash or zsh");
+}
