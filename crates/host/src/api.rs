@@ -93,6 +93,9 @@ pub struct Daemon {
     cgroups: Result<Cgroups, String>,
     cpus: f64,
     ctl: Mutex<sched::Controller>,
+    /// The token a client over TCP must send (`Authorization: Bearer …`), kept in the state
+    /// directory with mode 0600 (`wv host token` shows it).
+    token: String,
     /// The VMM runs, by world id, from start (or adoption) until their end is recorded.
     runs: Mutex<HashMap<u64, Arc<Run>>>,
     /// Per world id, held through each lifecycle operation so that they never interleave.
@@ -246,7 +249,9 @@ impl Daemon {
         if let Err(e) = &cgroups {
             eprintln!("wv host: CPU scheduler unavailable (VMs with settings other than the default shares cannot start): {e}");
         }
+        let token = api_token(state_dir)?;
         let d = Arc::new(Daemon {
+            token,
             store,
             doc: Mutex::new(doc),
             wv,
@@ -1199,8 +1204,8 @@ pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Serves the API on TCP at `addr` too (only when asked: the API has no authentication, so
-/// anything but a loopback address exposes the host to its network).
+/// Serves the API on TCP at `addr` too (only when asked). Every request over TCP must carry
+/// the daemon's token and must not come from a web page (no `Origin`); a body must be JSON.
 pub fn serve_tcp(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(addr)?;
     std::thread::Builder::new()
@@ -1209,12 +1214,92 @@ pub fn serve_tcp(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The file in the state directory that holds the API token.
+pub const TOKEN_FILE: &str = "api-token";
+
+/// The daemon's API token: read from the state directory, or made there (32 random bytes as
+/// hex, mode 0600) on first start.
+fn api_token(state_dir: &Path) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join(TOKEN_FILE);
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if t.len() >= 32 {
+            return Ok(t);
+        }
+    }
+    let mut raw = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = state_dir.join(format!("{TOKEN_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(token)
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Daemon {
+    /// What a request over TCP must satisfy before it is handled: the token (401 otherwise),
+    /// no `Origin` (a web page's request, cross-site or rebound: 403), and a JSON body when
+    /// there is a body (415).
+    fn admit_remote(&self, req: &http::Request) -> Option<Answer> {
+        let token = req
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !token.is_some_and(|t| same_secret(t.as_bytes(), self.token.as_bytes())) {
+            let mut a: Answer = error(
+                401,
+                "the API over TCP needs the daemon's token: Authorization: Bearer TOKEN \
+                 (wv host token shows it; clients read WV_TOKEN)",
+            )
+            .into();
+            a.headers.push("WWW-Authenticate: Bearer".into());
+            return Some(a);
+        }
+        if req.origin.is_some() {
+            return Some(error(403, "requests from web pages are refused").into());
+        }
+        let json = req.content_type.as_deref().is_some_and(|c| {
+            c.split(';')
+                .next()
+                .is_some_and(|m| m.trim() == "application/json")
+        });
+        if !req.body.is_empty() && !json {
+            return Some(
+                error(415, "a request body must be Content-Type: application/json").into(),
+            );
+        }
+        None
+    }
+}
+
 /// One request and its answer on a connection; every 5xx goes to the daemon's log with its
 /// cause.
 fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stream: S) {
     let mut r = BufReader::new(http::Deadline::new(stream, REQUEST_TIMEOUT));
+    let remote = r.get_ref().get_ref().remote();
     let (what, a) = match http::read_request(&mut r) {
-        Ok(req) => (format!("{} {}", req.method, req.path), d.handle(&req)),
+        Ok(req) => {
+            let refused = if remote { d.admit_remote(&req) } else { None };
+            (
+                format!("{} {}", req.method, req.path),
+                refused.unwrap_or_else(|| d.handle(&req)),
+            )
+        }
         Err(HttpError(status, msg)) => ("a request".to_string(), error(status, msg).into()),
     };
     if a.status >= 500 {

@@ -24,6 +24,12 @@ pub struct Request {
     pub query: String,
     /// Body bytes.
     pub body: Vec<u8>,
+    /// The `Authorization` header, if sent.
+    pub authorization: Option<String>,
+    /// The `Origin` header, if sent (browsers send it with cross-site requests).
+    pub origin: Option<String>,
+    /// The `Content-Type` header, if sent.
+    pub content_type: Option<String>,
 }
 
 /// The path's segments, %-decoded one by one (so `%2F` is a `/` inside a segment, never a
@@ -70,6 +76,10 @@ pub trait Timed {
     fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
     /// Sets the timeout of the next writes.
     fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// Whether the peer may be on another host (TCP): its requests need the API token.
+    fn remote(&self) -> bool {
+        false
+    }
 }
 
 impl Timed for UnixStream {
@@ -87,6 +97,9 @@ impl Timed for std::net::TcpStream {
     }
     fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         std::net::TcpStream::set_write_timeout(self, t)
+    }
+    fn remote(&self) -> bool {
+        true
     }
 }
 
@@ -110,6 +123,11 @@ impl<S: Read + Timed> Deadline<S> {
     /// The stream, to answer on.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
+    }
+
+    /// The stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 
@@ -173,6 +191,7 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
     }
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let mut length = 0usize;
+    let (mut authorization, mut origin, mut content_type) = (None, None, None);
     for i in 0.. {
         let h = read_line(r)?;
         if h.is_empty() {
@@ -197,6 +216,9 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
                     ));
                 }
             }
+            "authorization" => authorization = Some(value.to_string()),
+            "origin" => origin = Some(value.to_string()),
+            "content-type" => content_type = Some(value.to_string()),
             "transfer-encoding" => {
                 return Err(HttpError(
                     411,
@@ -214,6 +236,9 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
         path: path.to_string(),
         query: query.to_string(),
         body,
+        authorization,
+        origin,
+        content_type,
     })
 }
 
@@ -223,6 +248,8 @@ fn reason(status: u16) -> &'static str {
         201 => "Created",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -230,6 +257,7 @@ fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Payload Too Large",
         422 => "Unprocessable Entity",
+        415 => "Unsupported Media Type",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -277,12 +305,18 @@ pub fn request(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut s: Box<dyn Conn> = match socket.to_str().and_then(|s| s.strip_prefix("tcp:")) {
+    let tcp = socket.to_str().and_then(|s| s.strip_prefix("tcp:"));
+    let mut s: Box<dyn Conn> = match tcp {
         Some(addr) => Box::new(std::net::TcpStream::connect(addr)?),
         None => Box::new(UnixStream::connect(socket)?),
     };
+    // Over TCP the daemon wants its token (`wv host token`), from WV_TOKEN.
+    let auth = match (tcp, std::env::var("WV_TOKEN")) {
+        (Some(_), Ok(t)) => format!("Authorization: Bearer {}\r\n", t.trim()),
+        _ => String::new(),
+    };
     let b = body.unwrap_or("");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: wv\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: wv\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())?;
     let mut r = BufReader::new(s);
     let status_line = read_line(&mut r).map_err(|e| std::io::Error::other(e.1))?;
     let status = status_line

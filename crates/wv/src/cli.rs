@@ -426,7 +426,7 @@ Other commands:
         opt(
             "--listen",
             Arg::Value("ADDR:PORT"),
-            "also serve the API on TCP; it has no authentication: use loopback",
+            "also serve the API on TCP, to clients with the token (wv host token)",
         ),
     ]],
     after: "",
@@ -438,6 +438,21 @@ const HOST_STATUS: Spec = Spec {
     about: "Asks the daemon how the host is doing: CPUs, scheduler, worlds.",
     opts: &[CLIENT_OPTS],
     after: CLIENT_STATUS,
+};
+
+const HOST_TOKEN: Spec = Spec {
+    cmd: "wv host token",
+    pos: &[],
+    about: "Prints the token a client must send to reach the API over TCP (--listen): the daemon
+makes it at first start, readable by its owner only, in the state directory. Clients over TCP
+read it from WV_TOKEN:
+  export WV_SOCKET=tcp:127.0.0.1:7070 WV_TOKEN=$(wv host token)",
+    opts: &[&[opt(
+        "--state-dir",
+        Arg::Value("DIR"),
+        "the daemon's state directory (default /var/lib/worldvisor)",
+    )]],
+    after: "Exit status: 0 printed, 1 no token (the daemon never ran with this state directory).",
 };
 
 const HOST_TOP: Spec = Spec {
@@ -544,7 +559,9 @@ Usage:
   wv run [OPTIONS]          Boot one VM in the foreground until the guest powers off
   wv host [--socket PATH] [--state-dir DIR] [--listen ADDR:PORT]
                             Run the host daemon that owns this host's VMs (--listen: also
-                            serve the API on TCP; it has no authentication: use loopback)
+                            serve the API on TCP, to clients with its token)
+  wv host token [--state-dir DIR]
+                            Print the token clients over TCP send (WV_TOKEN)
   wv host status [--json]   Ask the daemon how the host is doing
   wv host top [--once] [--json]
                             CPU, ready and throttled time of every world, each second
@@ -658,6 +675,8 @@ pub enum Command {
     },
     /// `wv host status`.
     HostStatus(Client),
+    /// `wv host token`: print the API token kept in this state directory.
+    HostToken(PathBuf),
     /// `wv host top`.
     HostTop(Client, bool),
     /// `wv vm ...`.
@@ -719,7 +738,14 @@ fn parse_completions(args: &[String]) -> Result<Command, Usage> {
 
 /// Every command's table: what completion offers.
 fn all_specs() -> Vec<&'static Spec> {
-    let mut v: Vec<&'static Spec> = vec![&RUN, &PROBE_IMAGE, &HOST, &HOST_STATUS, &HOST_TOP];
+    let mut v: Vec<&'static Spec> = vec![
+        &RUN,
+        &PROBE_IMAGE,
+        &HOST,
+        &HOST_STATUS,
+        &HOST_TOP,
+        &HOST_TOKEN,
+    ];
     v.extend(VM_SPECS.iter().copied());
     v.extend(crate::fs::SPECS.iter());
     v.push(&COMPLETIONS);
@@ -941,7 +967,7 @@ fn client(m: &Matches) -> Client {
 }
 
 fn parse_host(args: &[String]) -> Result<Command, Usage> {
-    let (sub, rest) = split_subcommand(args, &[&HOST, &HOST_STATUS, &HOST_TOP]);
+    let (sub, rest) = split_subcommand(args, &[&HOST, &HOST_STATUS, &HOST_TOP, &HOST_TOKEN]);
     match sub.as_deref() {
         None => {
             let m = matches_or_help!(&HOST, &rest);
@@ -960,6 +986,12 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
         Some("top") => {
             let m = matches_or_help!(&HOST_TOP, &rest);
             Ok(Command::HostTop(client(&m), m.has("--once")))
+        }
+        Some("token") => {
+            let m = matches_or_help!(&HOST_TOKEN, &rest);
+            Ok(Command::HostToken(PathBuf::from(
+                m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR),
+            )))
         }
         Some(other) => Err(Usage(format!(
             "unknown 'wv host' command '{other}' (see wv host --help)"

@@ -26,7 +26,11 @@ fn main() -> ExitCode {
     // away (`wv vm list | head`), as other command-line tools do; the VMM, the daemon and the
     // console keep SIGPIPE ignored and handle EPIPE themselves.
     let printer = match &cmd {
-        Command::Help(_) | Command::Version | Command::HostStatus(_) | Command::HostTop(..) => true,
+        Command::Help(_)
+        | Command::Version
+        | Command::HostStatus(_)
+        | Command::HostTop(..)
+        | Command::HostToken(_) => true,
         Command::Vm(_, VmCmd::Named(what, _)) => *what != "console",
         Command::Vm(..) | Command::Fs(_) | Command::Completions(_) => true,
         Command::Run(..) | Command::ProbeImage { .. } | Command::HostServe { .. } => false,
@@ -53,6 +57,22 @@ fn main() -> ExitCode {
         } => cmd_host_serve(&socket, &state_dir, listen.as_deref()),
         Command::HostStatus(c) => host_status(&c),
         Command::HostTop(c, once) => host_top(&c, once),
+        Command::HostToken(dir) => {
+            let path = dir.join(wv_host::api::TOKEN_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => {
+                    println!("{}", t.trim());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(
+                    1,
+                    &format!(
+                        "no token in {}: {e} (the daemon makes it when it starts)",
+                        path.display()
+                    ),
+                ),
+            }
+        }
         Command::Vm(c, v) => cmd_vm(&c, v),
         Command::Fs(a) => fs::cmd_fs(&a),
         Command::Completions(script) => {
@@ -151,7 +171,7 @@ fn cmd_host_serve(socket: &Path, state_dir: &Path, listen: Option<&str>) -> Exit
             .parse::<std::net::SocketAddr>()
             .is_ok_and(|a| a.ip().is_loopback());
         if !loopback {
-            eprintln!("wv host: warning: the API has no authentication and {addr} is not a loopback address");
+            eprintln!("wv host: warning: {addr} is not a loopback address: the API is reachable from the network (with the token: wv host token)");
         }
         if let Err(e) = wv_host::api::serve_tcp(d.clone(), addr) {
             return fail(1, &format!("cannot listen on {addr}: {e}"));

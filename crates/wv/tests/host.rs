@@ -393,18 +393,75 @@ fn tcp_only_when_asked() {
     let addr = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(&dir, &["--listen", &addr]);
     let tcp = format!("tcp:{addr}");
-    let mut c = Command::new(wv_bin());
-    c.args(["vm", "create", "t", "--json"])
-        .env("WV_SOCKET", &tcp);
-    let r = run_cmd(c, Duration::from_secs(30));
+    // The token: made at first start, the owner's only, shown by `wv host token`.
+    let token_file = dir.path("state").join("api-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert!(token.len() >= 64 && token.bytes().all(|b| b.is_ascii_hexdigit()));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let shown = wv(&[
+        "host",
+        "token",
+        "--state-dir",
+        dir.path("state").to_str().unwrap(),
+    ]);
+    assert_eq!(shown.stdout.trim(), token, "{shown}");
+    let over_tcp = |args: &[&str], token: Option<&str>| {
+        let mut c = Command::new(wv_bin());
+        c.args(args).env("WV_SOCKET", &tcp).env_remove("WV_TOKEN");
+        if let Some(t) = token {
+            c.env("WV_TOKEN", t);
+        }
+        run_cmd(c, Duration::from_secs(30))
+    };
+    let r = over_tcp(&["vm", "create", "t", "--json"], Some(&token));
     assert_eq!(r.status, Some(0), "{r}");
     // The same daemon answers on both.
     assert_eq!(d.json(&["vm", "info", "t"])["spec"]["name"], "t");
+    // Without the token, or with another, nothing: 401 (the client exits 1 with the reason).
+    for bad in [None, Some("0123")] {
+        let r = over_tcp(&["vm", "create", "u", "--json"], bad);
+        assert_eq!(r.status, Some(1), "{r}");
+        assert!(r.stderr.contains("token"), "{r}");
+    }
+    assert!(
+        d.json(&["vm", "list"]).as_array().unwrap().len() == 1,
+        "no VM u"
+    );
+    let raw = |req: String| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+        out
+    };
+    let out = raw("GET /v1/host HTTP/1.1\r\n\r\n".into());
+    assert!(
+        out.starts_with("HTTP/1.1 401") && out.contains("WWW-Authenticate: Bearer"),
+        "{out}"
+    );
+    // A web page's request (cross-site POST, text/plain, foreign Origin) is refused even with
+    // the token; so is a body that is not JSON.
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let body = r#"{"name":"evil"}"#;
+    let out = raw(format!(
+        "POST /v1/vms HTTP/1.1\r\nHost: evil.example\r\n{auth}Origin: http://evil.example\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    let out = raw(format!(
+        "POST /v1/vms HTTP/1.1\r\n{auth}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    assert!(out.starts_with("HTTP/1.1 415"), "{out}");
+    assert!(
+        d.json(&["vm", "list"]).as_array().unwrap().len() == 1,
+        "no VM evil"
+    );
     // Garbage over TCP is a 400 like anywhere else.
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(b"complete nonsense\r\n\r\n").unwrap();
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    let out = raw("complete nonsense\r\n\r\n".into());
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     // The daemon's own TCP listening sockets: exactly the one asked for.
     assert_eq!(tcp_listeners(d.pid()), vec![u16::try_from(port).unwrap()]);

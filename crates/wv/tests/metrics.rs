@@ -182,7 +182,11 @@ fn metrics_move_while_a_vm_runs_and_promtool_accepts_them() {
 
     // The same document over TCP; a method other than GET is a 405 that names GET.
     let tcp = std::net::TcpStream::connect(&addr).unwrap();
-    let (head, body) = exchange(tcp, "GET /metrics HTTP/1.1\r\nHost: wv\r\n\r\n");
+    let token = std::fs::read_to_string(dir.path("state").join("api-token")).unwrap();
+    let (head, body) = exchange(
+        tcp,
+        &format!("GET /metrics HTTP/1.1\r\nHost: wv\r\nAuthorization: Bearer {token}\r\n\r\n"),
+    );
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     assert!(
