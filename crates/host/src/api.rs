@@ -93,6 +93,8 @@ pub struct Daemon {
     cgroups: Result<Cgroups, String>,
     cpus: f64,
     ctl: Mutex<sched::Controller>,
+    /// The directories VMs' files must come from (empty: anywhere), canonical.
+    images: std::sync::OnceLock<Vec<PathBuf>>,
     /// The token a client over TCP must send (`Authorization: Bearer …`), kept in the state
     /// directory with mode 0600 (`wv host token` shows it).
     token: String,
@@ -251,6 +253,7 @@ impl Daemon {
         }
         let token = api_token(state_dir)?;
         let d = Arc::new(Daemon {
+            images: std::sync::OnceLock::new(),
             token,
             store,
             doc: Mutex::new(doc),
@@ -862,7 +865,7 @@ impl Daemon {
             Ok(s) => s,
             Err(r) => return r,
         };
-        if let Err(e) = spec.validate() {
+        if let Err(e) = spec.validate().and_then(|()| self.check_images(&spec)) {
             return error(422, e);
         }
         let mut doc = self.lock();
@@ -954,7 +957,7 @@ impl Daemon {
             return error(409, format!("VM '{name}' is running already"));
         }
         let spec = w.spec.clone();
-        if let Err(e) = spec.validate() {
+        if let Err(e) = spec.validate().and_then(|()| self.check_images(&spec)) {
             return error(409, format!("VM '{name}' cannot start: {e}"));
         }
         if let Err(r) = self.admit(&doc, &spec) {
@@ -1251,6 +1254,48 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Daemon {
+    /// Confines VMs' kernels, initrds and disks to `dirs` (each must exist); once, at start.
+    pub fn confine_images(&self, dirs: &[PathBuf]) -> std::io::Result<()> {
+        let canon = dirs
+            .iter()
+            .map(|d| {
+                let c = std::fs::canonicalize(d)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+                if c.is_dir() {
+                    Ok(c)
+                } else {
+                    Err(std::io::Error::other(format!(
+                        "{} is not a directory",
+                        d.display()
+                    )))
+                }
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        self.images
+            .set(canon)
+            .map_err(|_| std::io::Error::other("image directories are set already"))
+    }
+
+    /// With image directories, every file of `spec` must resolve (symbolic links followed)
+    /// to a path under one of them. The refusal is the same whether or not the file exists,
+    /// so an API client learns nothing about files outside them.
+    fn check_images(&self, spec: &VmSpec) -> Result<(), String> {
+        let Some(dirs) = self.images.get().filter(|d| !d.is_empty()) else {
+            return Ok(());
+        };
+        for (field, path) in spec.files() {
+            let inside =
+                std::fs::canonicalize(&path).is_ok_and(|c| dirs.iter().any(|d| c.starts_with(d)));
+            if !inside {
+                return Err(format!(
+                    "{field}: {} is not a file under the daemon's image directories (wv host --images)",
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// What a request over TCP must satisfy before it is handled: the token (401 otherwise),
     /// no `Origin` (a web page's request, cross-site or rebound: 403), and a JSON body when
     /// there is a body (415).

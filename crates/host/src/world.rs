@@ -199,6 +199,24 @@ impl VmSpec {
             .map_err(|e| e.to_string())
     }
 
+    /// The host files the VM opens, by field: kernel, initrd, and each disk's image or
+    /// datastore (a disk that does not parse is left to [`VmSpec::validate`]).
+    pub fn files(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        let mut v = Vec::new();
+        if let Some(k) = &self.kernel {
+            v.push(("kernel", k.into()));
+        }
+        if let Some(i) = &self.initrd {
+            v.push(("initrd", i.into()));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Ok(c) = wv_vmm::DiskConfig::parse(d, i) {
+                v.push(("disks", c.path));
+            }
+        }
+        v
+    }
+
     /// What the scheduler needs to know.
     pub fn demand(&self) -> crate::sched::Demand {
         crate::sched::Demand {

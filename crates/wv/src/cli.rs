@@ -428,6 +428,11 @@ Other commands:
             Arg::Value("ADDR:PORT"),
             "also serve the API on TCP, to clients with the token (wv host token)",
         ),
+        opt(
+            "--images",
+            Arg::Value("DIR"),
+            "VMs' kernels, initrds and disks must be under DIR (repeatable;\nwithout it, any file the daemon can read)",
+        ),
     ]],
     after: "",
 };
@@ -672,6 +677,8 @@ pub enum Command {
         state_dir: PathBuf,
         /// A TCP address to serve on as well.
         listen: Option<String>,
+        /// The only directories VMs' kernels, initrds and disks may come from.
+        images: Vec<PathBuf>,
     },
     /// `wv host status`.
     HostStatus(Client),
@@ -977,6 +984,7 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                     m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR),
                 ),
                 listen: m.value("--listen").map(str::to_string),
+                images: m.values("--images").map(PathBuf::from).collect(),
             })
         }
         Some("status") => {

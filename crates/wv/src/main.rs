@@ -54,7 +54,8 @@ fn main() -> ExitCode {
             socket,
             state_dir,
             listen,
-        } => cmd_host_serve(&socket, &state_dir, listen.as_deref()),
+            images,
+        } => cmd_host_serve(&socket, &state_dir, listen.as_deref(), images),
         Command::HostStatus(c) => host_status(&c),
         Command::HostTop(c, once) => host_top(&c, once),
         Command::HostToken(dir) => {
@@ -155,7 +156,12 @@ fn api(
     }
 }
 
-fn cmd_host_serve(socket: &Path, state_dir: &Path, listen: Option<&str>) -> ExitCode {
+fn cmd_host_serve(
+    socket: &Path,
+    state_dir: &Path,
+    listen: Option<&str>,
+    images: Vec<PathBuf>,
+) -> ExitCode {
     let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
     let d = match wv_host::api::Daemon::open(state_dir, socket, wv) {
         Ok(d) => d,
@@ -166,6 +172,13 @@ fn cmd_host_serve(socket: &Path, state_dir: &Path, listen: Option<&str>) -> Exit
             )
         }
     };
+    if images.is_empty() {
+        eprintln!(
+            "wv host: warning: no --images: a VM may take any file the daemon can read as its kernel or disk"
+        );
+    } else if let Err(e) = d.confine_images(&images) {
+        return fail(1, &format!("--images: {e}"));
+    }
     if let Some(addr) = listen {
         let loopback = addr
             .parse::<std::net::SocketAddr>()

@@ -555,3 +555,69 @@ fn routing_query_strings_escapes_and_allow() {
     assert_eq!(patch(r#"{"reservation":null}"#).0, 400);
     d.stop();
 }
+
+#[test]
+fn with_image_directories_a_vm_takes_files_from_them_only() {
+    let dir = TempDir::new("api-images");
+    let images = dir.path("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let inside = images.join("disk.img");
+    std::fs::write(&inside, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(dir.path("outside.img"), vec![0u8; 1 << 20]).unwrap();
+    // A link inside that leads outside counts as outside.
+    std::os::unix::fs::symlink("/etc/passwd", images.join("sneaky.img")).unwrap();
+    let d = Daemon::start_with(&dir, &["--images", images.to_str().unwrap()]);
+    let create = |name: &str, field: &str, value: &str| {
+        let body = format!(r#"{{"name":"{name}","{field}":{value}}}"#);
+        d.raw(
+            format!(
+                "POST /v1/vms HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let disk = |p: &Path| format!(r#"["path={}"]"#, p.display());
+    assert_eq!(create("ok", "disks", &disk(&inside)).0, 201);
+    // Outside (existing or not, directly or through a link): the same refusal, which does not
+    // say whether the file exists.
+    let refusals: Vec<String> = [
+        ("a", "disks", disk(Path::new("/etc/shadow"))),
+        ("b", "disks", disk(&dir.path("outside.img"))),
+        ("c", "disks", disk(&dir.path("no-such.img"))),
+        ("d", "disks", disk(&images.join("sneaky.img"))),
+        ("e", "kernel", r#""/etc/shadow""#.to_string()),
+        (
+            "f",
+            "initrd",
+            format!(r#""{}""#, dir.path("no-such").display()),
+        ),
+    ]
+    .iter()
+    .map(|(name, field, value)| {
+        let (status, body) = create(name, field, value);
+        assert_eq!(status, 422, "{name}: {body}");
+        assert!(body.contains("image directories"), "{name}: {body}");
+        let path_free: String = serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .split(' ')
+            .skip(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        path_free
+    })
+    .collect();
+    assert!(refusals.windows(2).all(|w| w[0] == w[1]), "{refusals:?}");
+    assert_eq!(d.json(&["vm", "list"]).as_array().unwrap().len(), 1);
+    // A directory that does not exist stops the daemon at start, in one line.
+    let mut c = Command::new(wv_bin());
+    c.args(["host", "--socket"])
+        .arg(dir.path("y.sock"))
+        .args(["--state-dir"])
+        .arg(dir.path("y"))
+        .args(["--images", "/nonexistent-images"]);
+    let r = run_cmd(c, Duration::from_secs(30));
+    assert_eq!(r.status, Some(1), "{r}");
+    assert!(r.stderr.contains("--images: /nonexistent-images"), "{r}");
+}
