@@ -24,14 +24,6 @@ fn rd<T: Copy>(addr: u64) -> T {
     unsafe { (addr as *const T).read_unaligned() }
 }
 
-fn checksum_ok(addr: u64, len: u64) -> bool {
-    let mut sum: u8 = 0;
-    for i in 0..len {
-        sum = sum.wrapping_add(rd::<u8>(addr + i));
-    }
-    sum == 0
-}
-
 fn scan(start: u64, end: u64, sig: &[u8], step: u64) -> Option<u64> {
     let mut a = start;
     while a + sig.len() as u64 <= end {
@@ -57,7 +49,7 @@ fn from_mptable() -> Option<CpuList> {
             }
         })
         .or_else(|| scan(0xf0000, 0x100000, b"_MP_", 16))?;
-    if !checksum_ok(fp, 16) {
+    if !crate::acpi::checksum_ok(fp, 16) {
         return None;
     }
     let table = u64::from(rd::<u32>(fp + 4));
@@ -65,7 +57,7 @@ fn from_mptable() -> Option<CpuList> {
         return None;
     }
     let len = u64::from(rd::<u16>(table + 4));
-    if !checksum_ok(table, len) {
+    if !crate::acpi::checksum_ok(table, len) {
         return None;
     }
     let entries = rd::<u16>(table + 34);

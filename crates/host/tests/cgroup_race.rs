@@ -3,30 +3,10 @@
 //! On the host's own cgroup hierarchy (found as the daemon finds it), under a private name.
 //! Needs root.
 
-use std::process::{Child, Command};
+mod common;
+use common::sleeper;
 use std::time::{Duration, Instant};
 use wv_host::sched::Cgroups;
-
-/// A process standing in for a VMM; killed and reaped when dropped, so that a failed
-/// assertion leaves none behind.
-struct Sleeper(Child);
-
-impl Sleeper {
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sleeper() -> Sleeper {
-    Sleeper(Command::new("sleep").arg("1000").spawn().unwrap())
-}
 
 fn members(dir: &std::path::Path) -> String {
     std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default()

@@ -9,7 +9,8 @@
 //! error, which is checked; where v2 offers `cpu`, they are written and read back. Needs root.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+mod common;
+use common::sleeper;
 use std::time::{Duration, Instant};
 use wv_host::cgroup::{Cgroups, Hierarchy, Version};
 
@@ -84,27 +85,6 @@ impl Drop for Mount {
         unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
         let _ = std::fs::remove_dir(&self.point);
     }
-}
-
-/// A process standing in for a VMM; killed and reaped when dropped, so that a failed
-/// assertion leaves none behind.
-struct Sleeper(Child);
-
-impl Sleeper {
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sleeper() -> Sleeper {
-    Sleeper(Command::new("sleep").arg("1000").spawn().unwrap())
 }
 
 fn read(p: &Path) -> String {

@@ -149,17 +149,21 @@ pub fn bounce_read(
     buf: &mut Vec<u8>,
     mut read_at: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let total = check_span(segs, offset, size)?;
-    let need = total.min(CHUNK as u64) as usize;
-    if buf.len() < need {
-        buf.resize(need, 0);
-    }
+    grow_bounce(buf, check_span(segs, offset, size)?);
     for (addr, len, at) in chunks(segs, offset) {
         read_at(&mut buf[..len], at)?;
         mem.write_slice(&buf[..len], GuestAddress(addr))
             .map_err(std::io::Error::other)?;
     }
     Ok(())
+}
+
+/// Grows a bounce buffer to what a request of `total` bytes moves at once: at most [`CHUNK`].
+fn grow_bounce(buf: &mut Vec<u8>, total: u64) {
+    let need = total.min(CHUNK as u64) as usize;
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
 }
 
 /// Writes pieces `segs` of guest memory into a disk of `size` bytes at `offset` through `buf`
@@ -172,11 +176,7 @@ pub fn bounce_write(
     buf: &mut Vec<u8>,
     mut write_at: impl FnMut(&[u8], u64) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let total = check_span(segs, offset, size)?;
-    let need = total.min(CHUNK as u64) as usize;
-    if buf.len() < need {
-        buf.resize(need, 0);
-    }
+    grow_bounce(buf, check_span(segs, offset, size)?);
     for (addr, len, at) in chunks(segs, offset) {
         mem.read_slice(&mut buf[..len], GuestAddress(addr))
             .map_err(std::io::Error::other)?;
@@ -971,15 +971,8 @@ mod tests {
         use std::time::{Duration, Instant};
         let (m, c) = (mem(), BlockCounters::default());
         let _descriptors_in_memory = standard(&m, 0, SMALL);
-        /// Stops the flipping thread however this function ends (a failed check panics).
-        struct Stop(Arc<AtomicBool>);
-        impl Drop for Stop {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
         let stop = Arc::new(AtomicBool::new(false));
-        let guard = Stop(stop.clone());
+        let guard = crate::testutil::StopOnDrop(stop.clone());
         let flipper = {
             let (m, stop) = (m.clone(), stop.clone());
             std::thread::spawn(move || {

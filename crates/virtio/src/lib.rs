@@ -12,6 +12,8 @@ pub mod chain;
 pub mod device;
 pub mod net;
 pub mod rng;
+#[cfg(test)]
+mod testutil;
 pub mod transport;
 
 pub use device::{ActiveQueue, DeviceCounters, Interrupt, VirtioDevice};

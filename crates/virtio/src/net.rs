@@ -566,16 +566,7 @@ mod tests {
         }
         mem.write_obj(bufs.len() as u16, GuestAddress(0x102))
             .unwrap();
-        let mut q = virtio_queue::Queue::new(16).unwrap();
-        q.try_set_desc_table_address(GuestAddress(0)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(0x100)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(0x180)).unwrap();
-        q.set_ready(true);
-        ActiveQueue {
-            queue: q,
-            evt: EventFd::new(0).unwrap(),
-            counters: Default::default(),
-        }
+        crate::testutil::ready_queue()
     }
 
     #[test]
@@ -658,15 +649,8 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_slice(&[0x42; 100], GuestAddress(0x1000)).unwrap();
         mem.write_obj(0x1000u64, GuestAddress(0)).unwrap();
-        /// Stops the flipping thread however the test ends.
-        struct Stop(Arc<AtomicBool>);
-        impl Drop for Stop {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
         let stop = Arc::new(AtomicBool::new(false));
-        let guard = Stop(stop.clone());
+        let guard = crate::testutil::StopOnDrop(stop.clone());
         // Another vCPU flips the only descriptor between a 100-byte readable frame and a
         // writable buffer longer than any frame.
         let flipper = {

@@ -117,7 +117,6 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::EventFd;
 
     /// One chain of `bufs` (addr, len, flags) at descriptor 0 of a 16-entry queue.
     fn queue(mem: &GuestMemoryMmap, bufs: &[(u64, u32, u16)]) -> ActiveQueue {
@@ -132,16 +131,7 @@ mod tests {
         }
         mem.write_obj(0u16, GuestAddress(0x104)).unwrap();
         mem.write_obj(1u16, GuestAddress(0x102)).unwrap();
-        let mut q = virtio_queue::Queue::new(16).unwrap();
-        q.try_set_desc_table_address(GuestAddress(0)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(0x100)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(0x180)).unwrap();
-        q.set_ready(true);
-        ActiveQueue {
-            queue: q,
-            evt: EventFd::new(0).unwrap(),
-            counters: Default::default(),
-        }
+        crate::testutil::ready_queue()
     }
 
     fn used_len(mem: &GuestMemoryMmap) -> u32 {

@@ -32,6 +32,15 @@ pub fn bitness(sregs: &kvm_sregs) -> u32 {
     }
 }
 
+/// The code size as text: "64-bit", "32-bit" or "16-bit".
+pub fn mode(sregs: &kvm_sregs) -> &'static str {
+    match bitness(sregs) {
+        64 => "64-bit",
+        32 => "32-bit",
+        _ => "16-bit",
+    }
+}
+
 /// The first instruction in `bytes` at `rip`: its text (Intel syntax) and length, or None when
 /// the bytes are not a valid instruction.
 pub fn decode(bytes: &[u8], bitness: u32, rip: u64) -> Option<(String, usize)> {
@@ -67,11 +76,7 @@ pub fn hex_marked(bytes: &[u8], insn_len: usize) -> String {
 
 /// The general-purpose, segment and control registers, a few per line, each line indented.
 pub fn registers(r: &kvm_regs, s: &kvm_sregs) -> String {
-    let mode = match bitness(s) {
-        64 => "64-bit",
-        32 => "32-bit",
-        _ => "16-bit",
-    };
+    let mode = mode(s);
     format!(
         "  rip {:#018x}  rflags {:#x}  cs {:#06x} (cpl {}, {mode})\n\
          \x20 rax {:#018x}  rbx {:#018x}  rcx {:#018x}  rdx {:#018x}\n\

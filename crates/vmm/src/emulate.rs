@@ -250,18 +250,10 @@ impl GuestAccess for VcpuAccess<'_> {
     }
 }
 
-/// On an emulation-failure exit of a CPL-0 instruction the VMM can complete: completes it
-/// (registers, memory, and for `int3` the #BP through KVM_SET_VCPU_EVENTS) and says what it
-/// was.
-pub fn complete(fd: &mut VcpuFd, ram: &GuestMemoryMmap, emulating_host: bool) -> Option<Completed> {
-    if !emulating_host {
-        return None;
-    }
-    let run = fd.get_kvm_run();
-    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
-    let ie = unsafe { run.__bindgen_anon_1.internal };
-    let n = (ie.ndata as usize).min(ie.data.len());
-    let bytes = diagnose::emulation_bytes(ie.suberror, &ie.data[..n])?;
+/// On an emulation-failure exit (on an emulating host: the caller checks) whose instruction
+/// `bytes` are a CPL-0 instruction the VMM can complete: completes it (registers, memory, and
+/// for `int3` the #BP through KVM_SET_VCPU_EVENTS) and says what it was.
+pub fn complete(fd: &mut VcpuFd, ram: &GuestMemoryMmap, bytes: &[u8]) -> Option<Completed> {
     let (mut regs, sregs, mut events) = (
         fd.get_regs().ok()?,
         fd.get_sregs().ok()?,
@@ -275,7 +267,7 @@ pub fn complete(fd: &mut VcpuFd, ram: &GuestMemoryMmap, emulating_host: bool) ->
         return None;
     }
     let before = regs;
-    let done = apply(&bytes, &sregs, &mut regs, &mut VcpuAccess { fd, ram })?;
+    let done = apply(bytes, &sregs, &mut regs, &mut VcpuAccess { fd, ram })?;
     // fwait with an unmasked x87 exception pending would raise #MF: not completed here.
     if done == Completed::Fwait && fd.get_fpu().map_or(true, |f| f.fsw & FSW_ES != 0) {
         return None;

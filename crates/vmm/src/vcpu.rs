@@ -87,7 +87,7 @@ enum Step {
     Continue,
     End(VmEnd),
     TripleFault,
-    InternalError,
+    InternalError(InternalExit),
     FailEntry(u64),
     Unexpected(&'static str),
     RunError(kvm_ioctls::Error),
@@ -191,7 +191,12 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
             }
             Ok(VcpuExit::InternalError) => {
                 use crate::emulate::{complete, Completed};
-                match complete(&mut fd, &shared.mem, shared.emulating_host) {
+                let exit = InternalExit::read(&mut fd);
+                let done = match exit.bytes.as_deref() {
+                    Some(b) if shared.emulating_host => complete(&mut fd, &shared.mem, b),
+                    _ => None,
+                };
+                match done {
                     Some(done) => {
                         cause = match done {
                             Completed::Int3 => stats::EMULATED_INT3,
@@ -205,7 +210,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                     }
                     None => {
                         cause = stats::INTERNAL_ERROR;
-                        Step::InternalError
+                        Step::InternalError(exit)
                     }
                 }
             }
@@ -235,9 +240,9 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
             Step::Continue => None,
             Step::End(e) => Some(e),
             Step::TripleFault => Some(VmEnd::TripleFault(format!("vCPU {index}: {}", regs(&fd)))),
-            Step::InternalError => {
-                let (what, bytes) = internal(&mut fd);
-                let summary = diagnostic_block(&fd, index, &what, bytes.as_deref());
+            Step::InternalError(exit) => {
+                let what = exit.describe();
+                let summary = diagnostic_block(&fd, index, &what, exit.bytes.as_deref());
                 Some(VmEnd::KvmFailure(format!(
                     "vCPU {index}: {what}{summary}; {}",
                     regs(&fd)
@@ -331,7 +336,7 @@ fn regs(fd: &VcpuFd) -> String {
             r.rdx,
             s.cs.selector,
             s.cs.dpl,
-            if s.cs.l == 1 { "64-bit" } else if s.cs.db == 1 { "32-bit" } else { "16-bit" },
+            diagnose::mode(&s),
             s.cr0,
             s.cr2,
             s.cr3,
@@ -365,30 +370,46 @@ fn diagnostic_block(fd: &VcpuFd, index: u32, what: &str, bytes: Option<&[u8]>) -
     summary
 }
 
-/// The internal-error sub-reason and data words, and the instruction bytes an emulation
-/// failure carries.
-fn internal(fd: &mut VcpuFd) -> (String, Option<Vec<u8>>) {
-    let run = fd.get_kvm_run();
-    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
-    let ie = unsafe { run.__bindgen_anon_1.internal };
-    let what = match ie.suberror {
-        1 => "instruction emulation failed",
-        2 => "exception during exception delivery",
-        3 => "event delivery failed",
-        4 => "unexpected exit reason",
-        _ => "internal error",
-    };
-    let n = (ie.ndata as usize).min(ie.data.len());
-    let data: Vec<String> = ie.data[..n].iter().map(|d| format!("{d:#x}")).collect();
-    let bytes = diagnose::emulation_bytes(ie.suberror, &ie.data[..n]);
-    let text = if bytes.is_some() {
-        format!("{what} (suberror {})", ie.suberror)
-    } else {
+/// A KVM_EXIT_INTERNAL_ERROR as it came: the sub-reason, its data words, and the instruction
+/// bytes an emulation failure carries. Read once per exit; described only if it ends the VM.
+pub(crate) struct InternalExit {
+    suberror: u32,
+    data: Vec<u64>,
+    bytes: Option<Vec<u8>>,
+}
+
+impl InternalExit {
+    fn read(fd: &mut VcpuFd) -> InternalExit {
+        let run = fd.get_kvm_run();
+        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+        // member.
+        let ie = unsafe { run.__bindgen_anon_1.internal };
+        let n = (ie.ndata as usize).min(ie.data.len());
+        InternalExit {
+            suberror: ie.suberror,
+            data: ie.data[..n].to_vec(),
+            bytes: diagnose::emulation_bytes(ie.suberror, &ie.data[..n]),
+        }
+    }
+
+    /// What failed, for the diagnostic (the data words only when they are not instruction
+    /// bytes, which the diagnostic block shows decoded).
+    fn describe(&self) -> String {
+        let what = match self.suberror {
+            1 => "instruction emulation failed",
+            2 => "exception during exception delivery",
+            3 => "event delivery failed",
+            4 => "unexpected exit reason",
+            _ => "internal error",
+        };
+        if self.bytes.is_some() {
+            return format!("{what} (suberror {})", self.suberror);
+        }
+        let data: Vec<String> = self.data.iter().map(|d| format!("{d:#x}")).collect();
         format!(
             "{what} (suberror {}, data [{}])",
-            ie.suberror,
+            self.suberror,
             data.join(" ")
         )
-    };
-    (text, bytes)
+    }
 }
