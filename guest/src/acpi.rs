@@ -18,13 +18,19 @@ pub fn checksum_ok(addr: u64, len: u64) -> bool {
 /// The tables' limit: anything larger is not a table this guest trusts.
 const MAX_TABLE: u32 = 1 << 20;
 
-/// Whether a valid table with signature `sig` is at `addr` (length sane, checksum zero).
-fn table_ok(addr: u64, sig: &[u8; 4]) -> bool {
-    if addr == 0 || addr >= 1 << 32 || rd::<[u8; 4]>(addr) != *sig {
+/// Whether the table at `addr` is sane: below 4 GiB, a length from 36 bytes to [`MAX_TABLE`],
+/// checksum zero.
+pub fn valid(addr: u64) -> bool {
+    if addr == 0 || addr >= 1 << 32 {
         return false;
     }
     let len = rd::<u32>(addr + 4);
     (36..=MAX_TABLE).contains(&len) && checksum_ok(addr, u64::from(len))
+}
+
+/// Whether a valid table with signature `sig` is at `addr`.
+fn table_ok(addr: u64, sig: &[u8; 4]) -> bool {
+    addr != 0 && addr < 1 << 32 && rd::<[u8; 4]>(addr) == *sig && valid(addr)
 }
 
 /// The RSDP: the loader's hint, else a scan of 0xe0000-0xfffff; its checksum checked.
@@ -61,11 +67,10 @@ pub fn root() -> Option<(u64, u64)> {
     table_ok(t, b"RSDT").then_some((t, 4))
 }
 
-/// The `i`th entry of the root table, or None past its end.
-pub fn entry(i: u64) -> Option<u64> {
-    let (t, size) = root()?;
+/// The entries of root table `(t, size)` (from [`root`]).
+pub fn entries((t, size): (u64, u64)) -> impl Iterator<Item = u64> {
     let n = (u64::from(rd::<u32>(t + 4)) - 36) / size;
-    (i < n).then(|| {
+    (0..n).map(move |i| {
         if size == 8 {
             rd::<u64>(t + 36 + 8 * i)
         } else {
@@ -76,14 +81,7 @@ pub fn entry(i: u64) -> Option<u64> {
 
 /// The valid table with signature `sig` listed in the root table.
 pub fn find(sig: &[u8; 4]) -> Option<u64> {
-    let mut i = 0;
-    while let Some(t) = entry(i) {
-        if table_ok(t, sig) {
-            return Some(t);
-        }
-        i += 1;
-    }
-    None
+    entries(root()?).find(|&t| table_ok(t, sig))
 }
 
 /// The DSDT the FADT names (X_DSDT when set, else DSDT), checked.

@@ -898,21 +898,17 @@ fn acpi_test() -> Outcome {
         .s(if size == 8 { " xsdt=" } else { " rsdt=" })
         .hex(root)
         .s(" tables=");
-    let mut i = 0;
-    while let Some(t) = acpi::entry(i) {
+    for (i, t) in acpi::entries((root, size)).enumerate() {
         // SAFETY: the root table's entries point at tables in identity-mapped low memory.
         let sig = unsafe { (t as *const [u8; 4]).read_unaligned() };
-        // SAFETY: as above; the length is checked against a bound before the sum.
-        let len = unsafe { ((t + 4) as *const u32).read_unaligned() };
         if i > 0 {
             d.s(",");
         }
         d.bytes(&sig);
-        if !(36..=(1 << 20)).contains(&len) || !acpi::checksum_ok(t, u64::from(len)) {
+        if !acpi::valid(t) {
             d.s(" problem: bad checksum or length");
             return fail("acpi", &mut d);
         }
-        i += 1;
     }
     let dsdt = acpi::dsdt();
     d.s(if dsdt.is_some() { ",DSDT" } else { ",no-DSDT" });

@@ -745,7 +745,7 @@ impl Daemon {
         );
         let (mut exits, mut by_cause, mut guest) = (Vec::new(), Vec::new(), Vec::new());
         for (vm, pid, run) in &vmms {
-            for (index, counters) in metrics::vcpu_counters(*pid, || alive_now(run)) {
+            for (index, counters) in metrics::vcpu_counters(*pid, run.pidfd.as_fd()) {
                 let labels = vec![("vm", vm.clone()), ("vcpu", index.to_string())];
                 for (name, n) in counters {
                     if name == "exits" {

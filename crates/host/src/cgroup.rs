@@ -365,14 +365,9 @@ impl Cgroups {
             return Err(format!("bad cgroup name '{name}'"));
         }
         let root = h.base.join(name);
-        #[allow(clippy::cast_possible_truncation)] // clamped to the kernel's small range
-        let top_weight = match h.version {
-            // The host kernel owns the machine: worlds as a whole outweigh the other
-            // processes (4 default-weight processes per CPU), so reservations hold against
-            // them too.
-            Version::V1 => (4.0 * 1024.0 * cpus).min(262_144.0) as u64,
-            Version::V2 => (4.0 * 100.0 * cpus).min(10_000.0) as u64,
-        };
+        // The host kernel owns the machine: worlds as a whole outweigh the other processes
+        // (4 default-weight processes per CPU), so reservations hold against them too.
+        let top_weight = weight(h.version, 4.0 * cpus);
         let origin = h.own_group().filter(|g| !g.starts_with(&root));
         let cg = Cgroups {
             inner: Arc::new(Inner {

@@ -5,7 +5,7 @@
 //! state, shares, entitlement) is gathered by [`crate::api`] and written here.
 
 use std::fmt::Write as _;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// The media type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -79,25 +79,9 @@ pub fn seconds(ns: u64) -> f64 {
 /// (`pidfd_getfd`, which needs the right to ptrace the VMM: the daemon runs as root) just
 /// long enough to read it.
 ///
-/// `alive` is asked after the pidfd is opened: when it says the process the daemon started
-/// still runs, the pidfd names that process and not a later one with a reused pid.
-pub fn vcpu_counters(pid: u32, alive: impl Fn() -> bool) -> Vec<(u32, Vec<(String, u64)>)> {
-    let Ok(pid_t) = libc::pid_t::try_from(pid) else {
-        return Vec::new();
-    };
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid_t, 0) };
-    let Ok(raw) = libc::c_int::try_from(raw) else {
-        return Vec::new();
-    };
-    if raw < 0 {
-        return Vec::new();
-    }
-    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
-    if !alive() {
-        return Vec::new();
-    }
+/// `pidfd` is the daemon's own pidfd of that VMM, so a descriptor is never taken from a later
+/// process that reused the pid (the duplication fails once the VMM has ended).
+pub fn vcpu_counters(pid: u32, pidfd: BorrowedFd<'_>) -> Vec<(u32, Vec<(String, u64)>)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -201,7 +185,8 @@ mod tests {
 
     #[test]
     fn no_vcpus_in_a_process_without_kvm() {
-        assert!(vcpu_counters(std::process::id(), || true).is_empty());
-        assert!(vcpu_counters(u32::MAX, || true).is_empty());
+        let me = crate::supervisor::Pidfd::open(std::process::id()).unwrap();
+        assert!(vcpu_counters(std::process::id(), me.as_fd()).is_empty());
+        assert!(vcpu_counters(u32::MAX, me.as_fd()).is_empty());
     }
 }

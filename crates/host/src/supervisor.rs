@@ -30,6 +30,11 @@ impl Pidfd {
         Ok(Pidfd(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// The descriptor, for calls that take a pidfd.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.0)
+    }
+
     /// Sends `sig` to the process, failing (ESRCH) if it has ended.
     pub fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
         // SAFETY: pidfd_send_signal on a descriptor we own, with no siginfo and no flags.

@@ -61,22 +61,23 @@ const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEAF7_EBX_AVX2_AVX512: u32 =
     (1 << 5) | (1 << 16) | (1 << 17) | (1 << 28) | (1 << 30) | (1 << 31);
 
-/// The features the emulating host's masks clear, by CPUID leaf, register and bit.
-const CLEARED: [(u32, char, u32, &str); 14] = [
-    (1, 'c', 0, "sse3"),
-    (1, 'c', 9, "ssse3"),
-    (1, 'c', 13, "cx16"),
-    (1, 'c', 19, "sse4.1"),
-    (1, 'c', 20, "sse4.2"),
-    (1, 'c', 23, "popcnt"),
-    (1, 'c', 26, "xsave"),
-    (1, 'c', 28, "avx"),
-    (7, 'b', 5, "avx2"),
-    (7, 'b', 16, "avx512f"),
-    (7, 'b', 17, "avx512dq"),
-    (7, 'b', 28, "avx512cd"),
-    (7, 'b', 30, "avx512bw"),
-    (7, 'b', 31, "avx512vl"),
+/// The features the emulating host's masks clear, by CPUID leaf and bit (leaf 1: ECX, leaf 7:
+/// EBX).
+const CLEARED: [(u32, u32, &str); 14] = [
+    (1, 0, "sse3"),
+    (1, 9, "ssse3"),
+    (1, 13, "cx16"),
+    (1, 19, "sse4.1"),
+    (1, 20, "sse4.2"),
+    (1, 23, "popcnt"),
+    (1, 26, "xsave"),
+    (1, 28, "avx"),
+    (7, 5, "avx2"),
+    (7, 16, "avx512f"),
+    (7, 17, "avx512dq"),
+    (7, 28, "avx512cd"),
+    (7, 30, "avx512bw"),
+    (7, 31, "avx512vl"),
 ];
 
 /// On a host that emulates guest kernel code, the features wv clears from the guest's CPUID
@@ -99,7 +100,7 @@ pub fn ignored_features(host: HostCpu, supported: &[kvm_cpuid_entry2]) -> Vec<&'
     let (k1, k7) = (kvm(1).map_or(0, |e| e.ecx), kvm(7).map_or(0, |e| e.ebx));
     CLEARED
         .iter()
-        .filter(|(leaf, _, bit, _)| {
+        .filter(|(leaf, bit, _)| {
             let (host, kvm) = if *leaf == 1 {
                 (l1.ecx, k1)
             } else {
@@ -107,7 +108,7 @@ pub fn ignored_features(host: HostCpu, supported: &[kvm_cpuid_entry2]) -> Vec<&'
             };
             host & (1 << bit) != 0 && kvm & (1 << bit) == 0
         })
-        .map(|c| c.3)
+        .map(|c| c.2)
         .collect()
 }
 
@@ -306,12 +307,12 @@ mod tests {
 
     #[test]
     fn the_named_features_are_the_ones_the_masks_clear() {
-        let l1: u32 = CLEARED.iter().filter(|c| c.0 == 1).map(|c| 1 << c.2).sum();
+        let l1: u32 = CLEARED.iter().filter(|c| c.0 == 1).map(|c| 1 << c.1).sum();
         assert_eq!(
             l1,
             LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_AVX | LEAF1_ECX_SSE3_UP
         );
-        let l7: u32 = CLEARED.iter().filter(|c| c.0 == 7).map(|c| 1 << c.2).sum();
+        let l7: u32 = CLEARED.iter().filter(|c| c.0 == 7).map(|c| 1 << c.1).sum();
         assert_eq!(l7, LEAF7_EBX_AVX2_AVX512);
         let hw = HostCpu {
             kernel_mode_emulated: false,

@@ -112,9 +112,6 @@ impl PciBus {
 /// The ECAM window of bus 0 (1 MiB), serving the same functions as the configuration ports.
 pub struct Ecam(pub Arc<Mutex<PciBus>>);
 
-/// The size of one bus's ECAM window.
-pub const ECAM_BUS_SIZE: u64 = 1 << 20;
-
 impl MmioDevice for Ecam {
     fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
         let bus = self.0.lock().unwrap_or_else(|p| p.into_inner());

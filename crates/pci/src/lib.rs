@@ -10,6 +10,6 @@ pub mod bus;
 pub mod config;
 pub mod msix;
 
-pub use bus::{Ecam, PciBus, PciDevice, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN, ECAM_BUS_SIZE};
+pub use bus::{Ecam, PciBus, PciDevice, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 pub use config::{BarAllocator, ConfigSpace};
 pub use msix::{MsiRouter, MsixMessage, MsixTable};

@@ -10,15 +10,36 @@ pub const SUBERROR_EMULATION: u32 = 1;
 /// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: the exit carries the instruction bytes.
 const FLAG_INSTRUCTION_BYTES: u64 = 1;
 
+/// Up to 15 instruction bytes, kept inline (read on every emulation-failure exit, most of
+/// which the VMM completes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InsnBytes {
+    buf: [u8; 15],
+    len: usize,
+}
+
+impl std::ops::Deref for InsnBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// The instruction bytes an emulation-failure exit carries (`data[0]` holds the flags, then a
 /// size byte and up to 15 bytes fetched at RIP), or None when KVM gave none.
-pub fn emulation_bytes(suberror: u32, data: &[u64]) -> Option<Vec<u8>> {
+pub fn emulation_bytes(suberror: u32, data: &[u64]) -> Option<InsnBytes> {
     if suberror != SUBERROR_EMULATION || data.len() < 2 || data[0] & FLAG_INSTRUCTION_BYTES == 0 {
         return None;
     }
-    let raw: Vec<u8> = data[1..].iter().flat_map(|w| w.to_le_bytes()).collect();
-    let size = usize::from(raw[0]).min(15).min(raw.len() - 1);
-    (size > 0).then(|| raw[1..=size].to_vec())
+    let mut raw = [0u8; 16];
+    for (i, w) in data[1..].iter().take(2).enumerate() {
+        raw[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let avail = 8 * (data.len() - 1).min(2) - 1;
+    let len = usize::from(raw[0]).min(15).min(avail);
+    let mut buf = [0u8; 15];
+    buf.copy_from_slice(&raw[1..16]);
+    (len > 0).then_some(InsnBytes { buf, len })
 }
 
 /// The code size of the guest's current code segment: 64, 32 or 16 bits.

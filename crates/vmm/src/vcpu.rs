@@ -374,8 +374,9 @@ fn diagnostic_block(fd: &VcpuFd, index: u32, what: &str, bytes: Option<&[u8]>) -
 /// bytes an emulation failure carries. Read once per exit; described only if it ends the VM.
 pub(crate) struct InternalExit {
     suberror: u32,
-    data: Vec<u64>,
-    bytes: Option<Vec<u8>>,
+    data: [u64; 16],
+    n: usize,
+    bytes: Option<diagnose::InsnBytes>,
 }
 
 impl InternalExit {
@@ -387,7 +388,8 @@ impl InternalExit {
         let n = (ie.ndata as usize).min(ie.data.len());
         InternalExit {
             suberror: ie.suberror,
-            data: ie.data[..n].to_vec(),
+            data: ie.data,
+            n,
             bytes: diagnose::emulation_bytes(ie.suberror, &ie.data[..n]),
         }
     }
@@ -405,7 +407,10 @@ impl InternalExit {
         if self.bytes.is_some() {
             return format!("{what} (suberror {})", self.suberror);
         }
-        let data: Vec<String> = self.data.iter().map(|d| format!("{d:#x}")).collect();
+        let data: Vec<String> = self.data[..self.n]
+            .iter()
+            .map(|d| format!("{d:#x}"))
+            .collect();
         format!(
             "{what} (suberror {}, data [{}])",
             self.suberror,
