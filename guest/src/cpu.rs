@@ -280,3 +280,94 @@ extern "C" fn interrupt_dispatch(f: &mut Frame) {
         }
     }
 }
+
+/// Writes a model-specific register.
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: callers pass MSRs the hypervisor implements; a write has no memory effects here.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack))
+    }
+}
+
+/// KVM's paravirtual clock (kvmclock), as Linux guests read it: the hypervisor keeps a
+/// `pvclock_vcpu_time_info` up to date for this CPU.
+pub mod kvmclock {
+    use core::sync::atomic::{fence, Ordering};
+
+    /// MSR_KVM_SYSTEM_TIME_NEW.
+    const MSR_SYSTEM_TIME: u32 = 0x4b56_4d01;
+
+    /// struct pvclock_vcpu_time_info.
+    #[repr(C, align(32))]
+    pub struct TimeInfo {
+        version: u32,
+        pad0: u32,
+        tsc_timestamp: u64,
+        system_time: u64,
+        tsc_to_system_mul: u32,
+        tsc_shift: i8,
+        flags: u8,
+        pad: [u8; 2],
+    }
+
+    static mut INFO: TimeInfo = TimeInfo {
+        version: 0,
+        pad0: 0,
+        tsc_timestamp: 0,
+        system_time: 0,
+        tsc_to_system_mul: 0,
+        tsc_shift: 0,
+        flags: 0,
+        pad: [0; 2],
+    };
+
+    /// Asks the hypervisor to keep the time info for this (boot) CPU; true once it has.
+    pub fn enable() -> bool {
+        let gpa = (&raw const INFO) as u64;
+        super::wrmsr(MSR_SYSTEM_TIME, gpa | 1);
+        read().is_some()
+    }
+
+    /// Stops the updates.
+    pub fn disable() {
+        super::wrmsr(MSR_SYSTEM_TIME, 0);
+    }
+
+    /// Nanoseconds of kvmclock time, or None if the hypervisor never filled the info.
+    pub fn read() -> Option<u64> {
+        let p = &raw const INFO;
+        loop {
+            // SAFETY: INFO is a static the hypervisor writes; volatile reads of its fields
+            // under the version protocol (odd: being updated) give a consistent copy.
+            let (v0, ts, st, mul, shift) = unsafe {
+                let v0 = core::ptr::read_volatile(&raw const (*p).version);
+                fence(Ordering::Acquire);
+                (
+                    v0,
+                    core::ptr::read_volatile(&raw const (*p).tsc_timestamp),
+                    core::ptr::read_volatile(&raw const (*p).system_time),
+                    core::ptr::read_volatile(&raw const (*p).tsc_to_system_mul),
+                    core::ptr::read_volatile(&raw const (*p).tsc_shift),
+                )
+            };
+            let tsc = super::rdtsc();
+            fence(Ordering::Acquire);
+            // SAFETY: as above.
+            let v1 = unsafe { core::ptr::read_volatile(&raw const (*p).version) };
+            if v0 != v1 || v0 & 1 != 0 {
+                continue;
+            }
+            if v0 == 0 || mul == 0 {
+                return None;
+            }
+            let mut d = tsc.wrapping_sub(ts);
+            if shift < 0 {
+                d >>= -shift;
+            } else {
+                d <<= shift;
+            }
+            return Some(st + ((u128::from(d) * u128::from(mul)) >> 32) as u64);
+        }
+    }
+}

@@ -45,6 +45,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"boot" => boot(),
         b"smp" => smp_test(),
         b"timer" => timer(),
+        b"clock" => clock(),
         b"hypercall" => hypercall(),
         b"batch" => batch(),
         b"user" => user(),
@@ -242,6 +243,84 @@ fn timer() -> Outcome {
         }
     }
     pass("timer", &mut d)
+}
+
+/// Clock continuity across whatever the host does meanwhile (a pause, a snapshot and restore):
+/// for `probe.clockms` milliseconds of kvmclock time (default 3000) it reads kvmclock (the
+/// paravirtual clock Linux guests keep time with) and the TSC in a loop with a 10 ms LAPIC timer
+/// running. It fails if kvmclock jumps by more than one tick between two reads (a pause that let
+/// guest time run on shows as a jump of its length), or if more ticks arrived than the elapsed
+/// time allows (interrupts piled up while paused and delivered at once). The largest TSC gap is
+/// reported (`tsc_gap`): the TSC follows a pause only where the hypervisor can offset it, which
+/// the host's test checks against what the VMM reports. `clock: running` is printed once the
+/// loop runs, for a host that waits to act.
+fn clock() -> Outcome {
+    const TICK_MS: u64 = 10;
+    let mut d = Line::new();
+    let khz = tsc_khz();
+    if khz == 0 {
+        d.s("no TSC frequency from the hypervisor");
+        return report(Outcome::Skip, "clock", &mut d);
+    }
+    if !cpu::kvmclock::enable() {
+        d.s("no kvmclock");
+        return report(Outcome::Skip, "clock", &mut d);
+    }
+    let ms = param(boot_info().cmdline(), "probe.clockms")
+        .and_then(parse_u64)
+        .unwrap_or(3000);
+    let tick_ns = TICK_MS * 1_000_000;
+    let base = cpu::TICKS.load(Ordering::Relaxed);
+    lapic::enable();
+    lapic::write(lapic::TIMER_DIV, 0xb);
+    lapic::write(lapic::LVT_TIMER, 0x20000 | u32::from(cpu::TIMER_VECTOR));
+    lapic::write(lapic::TIMER_INIT, TIMER_PERIOD * TICK_MS as u32);
+    crate::console::println("clock: running");
+    let read = || cpu::kvmclock::read().unwrap_or(0);
+    let t0 = read();
+    let end = t0 + ms * 1_000_000;
+    let (mut last, mut max_gap) = (t0, 0u64);
+    let (mut last_tsc, mut max_tsc_gap) = (cpu::rdtsc(), 0u64);
+    let mut backwards = false;
+    while last < end {
+        // The timer's ticks come in between reads.
+        cpu::enable_interrupts_briefly();
+        let now = read();
+        let tsc = cpu::rdtsc();
+        backwards |= now < last;
+        max_gap = max_gap.max(now.saturating_sub(last));
+        max_tsc_gap = max_tsc_gap.max(tsc.wrapping_sub(last_tsc));
+        (last, last_tsc) = (now, tsc);
+    }
+    stop_timer();
+    cpu::kvmclock::disable();
+    let ticks = cpu::TICKS.load(Ordering::Relaxed) - base;
+    let elapsed_ms = (last - t0) / 1_000_000;
+    d.s("elapsed=")
+        .dec(elapsed_ms)
+        .s("ms ticks=")
+        .dec(ticks)
+        .s(" max_gap=")
+        .dec(max_gap / 1000)
+        .s("us tsc_gap=")
+        .dec(max_tsc_gap * 1000 / khz)
+        .s("us");
+    if backwards {
+        d.s(" problem: kvmclock went backwards");
+        return fail("clock", &mut d);
+    }
+    if max_gap > tick_ns {
+        d.s(" problem: kvmclock jumped by more than a tick (")
+            .dec(TICK_MS)
+            .s(" ms)");
+        return fail("clock", &mut d);
+    }
+    // One tick may have been pending across each pause; a pile-up is more.
+    if ticks > elapsed_ms / TICK_MS + 3 {
+        d.s(" problem: more timer ticks than the elapsed time allows");
+        return fail("clock", &mut d);
+    }
+    pass("clock", &mut d)
 }
 
 fn hypercall() -> Outcome {

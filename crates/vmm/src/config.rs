@@ -195,6 +195,8 @@ pub struct VmConfig {
     /// A Unix socket where one client at a time attaches to the serial console (output and
     /// input), besides `serial`.
     pub console_socket: Option<PathBuf>,
+    /// A Unix socket serving the VMM's control API ([`crate::control`]).
+    pub api_socket: Option<PathBuf>,
     /// A virtio-rng device (entropy for the guest).
     pub rng: bool,
     /// virtio-blk disks, in PCI slot order.
@@ -275,6 +277,7 @@ impl VmConfig {
             vcpus: 1,
             serial: SerialMode::Stdio,
             console_socket: None,
+            api_socket: None,
             rng: true,
             disks: Vec::new(),
             nets: Vec::new(),

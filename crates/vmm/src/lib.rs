@@ -8,9 +8,11 @@
 //! ([`stats`]).
 
 pub mod config;
+pub mod control;
 pub mod diagnose;
 pub mod emulate;
 pub mod error;
+mod pause;
 mod pci;
 pub mod stats;
 mod vcpu;
@@ -54,6 +56,13 @@ pub(crate) struct VmShared {
     /// instructions its emulator lacks ([`emulate`]).
     pub(crate) emulating_host: bool,
     pub(crate) stop: AtomicBool,
+    /// Devices that pause quiesces.
+    pub(crate) pci_devices: Vec<Arc<Mutex<dyn control::Quiesce>>>,
+    /// KVM's binary statistics of each vCPU (`KVM_GET_STATS_FD`), in vCPU order; empty without
+    /// them (Linux < 5.14). Also read by the daemon for `GET /metrics`.
+    pub(crate) kvm_stats: Vec<std::os::fd::OwnedFd>,
+    /// Where vCPUs park while the VM is paused.
+    pub(crate) gate: pause::Gate,
     end: Mutex<Option<VmEnd>>,
     end_evt: EventFd,
     /// The interactive console's listening socket and output side, when asked for.
@@ -68,6 +77,7 @@ impl VmShared {
             *g = Some(e);
         }
         self.stop.store(true, Ordering::Release);
+        self.gate.end();
         let _ = self.end_evt.write(1);
     }
 }
@@ -214,6 +224,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         ))));
     }
     trace.mark("kvm opened");
+    let api = match &cfg.api_socket {
+        Some(p) => Some(control::listen(p).map_err(|e| VmmError::Config(config::ConfigError(e)))?),
+        None => None,
+    };
     // KVM_GET_SUPPORTED_CPUID alone costs ~0.3 ms on some hosts: read it on the other CPU while
     // this one creates the VM and loads the guest.
     let (template, vm, mut shared) = std::thread::scope(|s| {
@@ -263,6 +277,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         .map_err(ioctl("KVM_SET_REGS"))?;
     shared.info.tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
     shared.emulating_host = template.host.kernel_mode_emulated;
+    shared.kvm_stats = stats_fds;
     let shared = Arc::new(shared);
     trace.mark("vcpus configured");
 
@@ -298,19 +313,26 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     // SAFETY: pthread_self has no preconditions.
     let mut tids: Vec<libc::pthread_t> = vec![unsafe { libc::pthread_self() }];
     tids.extend(handles.iter().map(|h| h.as_pthread_t()));
+    let inbox = match api {
+        Some(l) => Some(control::start(l).map_err(internal("starting the API thread"))?),
+        None => None,
+    };
+    let controller = control::Controller {
+        shared: shared.clone(),
+        vm: vm.clone(),
+        threads: tids,
+        paused: None,
+        api_path: cfg.api_socket.clone(),
+    };
     let control = {
-        let sh = shared.clone();
         let stdin = cfg.serial == SerialMode::Stdio;
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                control_loop(&sh, sigfd, stdin);
-                sh.stop.store(true, Ordering::Release);
-                for t in tids {
-                    // SAFETY: every vCPU thread outlives this thread (joined after it), and the
-                    // kick handler is installed; a kick after a vCPU loop ended is a no-op.
-                    unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
-                }
+                let mut controller = controller;
+                control_loop(&mut controller, sigfd, stdin, inbox.as_ref());
+                controller.shared.stop.store(true, Ordering::Release);
+                controller.kick_all();
             })
             .map_err(internal("starting the control thread"))?
     };
@@ -366,7 +388,6 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         end,
         stats,
         resources: Resources {
-            _stats: stats_fds,
             _vcpus: vcpu_fds,
             _vm: vm,
             _shared: shared,
@@ -534,6 +555,9 @@ fn build(
         loaded,
         emulating_host: false,
         stop: AtomicBool::new(false),
+        gate: pause::Gate::new(cfg.vcpus),
+        pci_devices: Vec::new(),
+        kvm_stats: Vec::new(),
         end: Mutex::new(None),
         end_evt: EventFd::new(0).map_err(internal("eventfd"))?,
         console,
@@ -562,7 +586,6 @@ fn run_exit_hooks() {
 /// The kernel objects and memory of a VM that has ended. Dropping it closes everything now;
 /// [`Resources::exit`] ends the process and leaves the slow part of the teardown to a helper.
 pub struct Resources {
-    _stats: Vec<std::os::fd::OwnedFd>,
     _vcpus: Vec<kvm_ioctls::VcpuFd>,
     _vm: Arc<kvm_ioctls::VmFd>,
     _shared: Arc<VmShared>,
@@ -781,7 +804,13 @@ fn console_listener(path: &std::path::Path) -> Result<std::os::unix::net::UnixLi
 
 /// Waits for the VM to end or a stop signal; feeds stdin (when the console is stdio) and the
 /// attached console client (when there is a console socket) to the UART.
-fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
+fn control_loop(
+    ctl: &mut control::Controller,
+    sigfd: libc::c_int,
+    stdin: bool,
+    inbox: Option<&control::Inbox>,
+) {
+    let shared = ctl.shared.clone();
     let mut stdin_open = stdin;
     let mut pending: Vec<u8> = Vec::new();
     let mut client: Option<std::os::unix::net::UnixStream> = None;
@@ -799,6 +828,9 @@ fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
                     }
                 }
             }
+            if let Some(p) = &ctl.api_path {
+                let _ = std::fs::remove_file(p);
+            }
             return;
         }
         let mut fds = vec![
@@ -809,6 +841,11 @@ fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
             },
             libc::pollfd {
                 fd: sigfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: inbox.map_or(-1, control::Inbox::fd),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -848,7 +885,7 @@ fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
             }
         }
         for (i, &fd) in sources.iter().enumerate() {
-            if fds[2 + i].revents == 0 {
+            if fds[3 + i].revents == 0 {
                 continue;
             }
             if let Some((l, attach)) = shared.console.as_ref().filter(|(l, _)| l.as_raw_fd() == fd)
@@ -890,6 +927,12 @@ fn control_loop(shared: &VmShared, sigfd: libc::c_int, stdin: bool) {
         }
         if fds[0].revents & libc::POLLIN != 0 {
             let _ = shared.end_evt.read();
+        }
+        if let Some(inbox) = inbox.filter(|_| fds[2].revents & libc::POLLIN != 0) {
+            let _ = inbox.evt.read();
+            while let Ok((cmd, reply)) = inbox.rx.try_recv() {
+                let _ = reply.send(ctl.execute(cmd));
+            }
         }
     }
 }

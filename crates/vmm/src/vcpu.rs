@@ -105,6 +105,11 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
+        if shared.gate.is_closed() {
+            shared.gate.park(index, &mut fd, &st);
+            t_entry = now();
+            continue;
+        }
         let res = fd.run();
         let t_exit = now();
         st.guest_ns += t_exit.wrapping_sub(t_entry);

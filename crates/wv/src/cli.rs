@@ -326,6 +326,11 @@ const RUN_LOCAL_OPTS: &[Opt] = &[
         "also serve the console on a Unix socket: one client at a time gets\nthe last 4 KiB of output, then output and input live",
     ),
     opt(
+        "--api-socket",
+        Arg::Value("PATH"),
+        "serve the VMM's control API (state, counters, pause, resume) on a Unix socket\n(docs/vmm-openapi.json)",
+    ),
+    opt(
         "--stats",
         Arg::Inline("table|json"),
         "print exit accounting to stderr when the VM ends",
@@ -892,6 +897,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
         };
     }
     cfg.console_socket = m.value("--console-socket").map(PathBuf::from);
+    cfg.api_socket = m.value("--api-socket").map(PathBuf::from);
     Ok(Command::Run(Box::new(cfg), stats))
 }
 

@@ -1,4 +1,4 @@
-//! Just enough HTTP/1.1 for the API over a Unix socket (or TCP when asked), with hard limits: a request line and
+//! Just enough HTTP/1.1 for the daemon's API and each VMM's control socket, over a Unix socket (or TCP when asked), with hard limits: a request line and
 //! headers of at most 8 KiB each and 100 headers, a body of at most 1 MiB given by
 //! Content-Length (no chunked encoding), one request per connection, the whole request read
 //! within a deadline ([`Deadline`]). Anything else is a 4xx answer, never a panic.

@@ -1,0 +1,360 @@
+//! The VMM's control socket (`wv run --api-socket PATH`): a small REST API over a Unix socket,
+//! spoken with the daemon's HTTP code ([`wv_http`]).
+//!
+//! | method and path | does |
+//! |---|---|
+//! | GET /vm | state (`running`, `paused`), vCPUs, memory, configuration |
+//! | GET /vm/counters | per-device notifications and interrupts; KVM's counters per vCPU |
+//! | PUT /vm/pause | stop every vCPU at a KVM_RUN boundary and quiesce the devices (204) |
+//! | PUT /vm/resume | continue (204) |
+//! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
+//!
+//! An "api" thread accepts connections (at most [`MAX_CONNECTIONS`] at once, each read on a
+//! thread of its own), reads and checks each request within [`REQUEST_TIMEOUT`] and hands a [`Command`] to the VMM's control loop (the one loop that
+//! also takes signals and the guest's end), which carries it out and answers. A malformed
+//! request is answered 4xx by the API thread and never reaches the VM. Errors are JSON
+//! `{"error": "..."}`: 400, 404, 405 (with `Allow`), 408, 409 (wrong state), 413, 415, 503 (the
+//! VM is ending).
+
+use std::io::BufReader;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+use vmm_sys_util::eventfd::EventFd;
+use wv_http::{self as http, HttpError, Request};
+
+/// Time a client has to send its whole request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the control loop is asked to do.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Info,
+    Counters,
+    Pause,
+    Resume,
+    Shutdown,
+}
+
+/// An answer: HTTP status, extra header lines, JSON body (empty for 204).
+pub(crate) struct Answer {
+    pub status: u16,
+    pub headers: Vec<String>,
+    pub body: String,
+}
+
+impl Answer {
+    pub(crate) fn json(status: u16, v: &serde_json::Value) -> Answer {
+        Answer {
+            status,
+            headers: Vec::new(),
+            body: v.to_string(),
+        }
+    }
+    pub(crate) fn none() -> Answer {
+        Answer {
+            status: 204,
+            headers: Vec::new(),
+            body: String::new(),
+        }
+    }
+    pub(crate) fn error(status: u16, msg: impl Into<String>) -> Answer {
+        Answer::json(status, &serde_json::json!({ "error": msg.into() }))
+    }
+}
+
+/// The control loop's end of the API: commands, and an eventfd that is readable when one waits.
+pub(crate) struct Inbox {
+    pub rx: mpsc::Receiver<(Command, mpsc::Sender<Answer>)>,
+    pub evt: EventFd,
+}
+
+impl Inbox {
+    pub(crate) fn fd(&self) -> i32 {
+        self.evt.as_raw_fd()
+    }
+}
+
+/// Binds `path` (replacing a stale socket, never a live one).
+pub(crate) fn listen(path: &Path) -> Result<UnixListener, String> {
+    if UnixStream::connect(path).is_ok() {
+        return Err(format!(
+            "cannot serve the API on {}: another process listens there",
+            path.display()
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))
+}
+
+/// Most requests served at once; more get 503 at once.
+const MAX_CONNECTIONS: usize = 8;
+
+/// Starts the API thread on `listener`; its commands arrive in the returned [`Inbox`]. Each
+/// connection is read on a thread of its own, so a client that stalls mid-request holds up
+/// nobody else.
+pub(crate) fn start(listener: UnixListener) -> std::io::Result<Inbox> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    let wake = Arc::new(evt.try_clone()?);
+    let (tx, rx) = mpsc::channel();
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else {
+                    // Out of descriptors: try again shortly rather than spin.
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                    let a = Answer::error(503, "too many requests at once");
+                    let _ = c.set_write_timeout(Some(REQUEST_TIMEOUT));
+                    let _ = http::write_response(&mut c, a.status, &a.headers, &a.body);
+                    continue;
+                }
+                let (tx, wake, mine) = (tx.clone(), wake.clone(), active.clone());
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || {
+                            serve(c, &tx, &wake);
+                            mine.fetch_sub(1, Ordering::AcqRel);
+                        });
+                if spawned.is_err() {
+                    // The closure (and its count) is gone with the failed spawn.
+                    active.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        })?;
+    Ok(Inbox { rx, evt })
+}
+
+type Tx = mpsc::Sender<(Command, mpsc::Sender<Answer>)>;
+
+fn serve(stream: UnixStream, tx: &Tx, wake: &EventFd) {
+    let mut r = BufReader::new(http::Deadline::new(stream, REQUEST_TIMEOUT));
+    let a = match http::read_request(&mut r) {
+        Ok(req) => match route(&req) {
+            Ok(cmd) => {
+                let (atx, arx) = mpsc::channel();
+                if tx.send((cmd, atx)).is_ok() && wake.write(1).is_ok() {
+                    arx.recv()
+                        .unwrap_or_else(|_| Answer::error(503, "the VM is ending"))
+                } else {
+                    Answer::error(503, "the VM is ending")
+                }
+            }
+            Err(a) => a,
+        },
+        Err(HttpError(status, msg)) => Answer::error(status, msg),
+    };
+    let stream = r.get_mut().get_mut();
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let _ = http::write_response(stream, a.status, &a.headers, &a.body);
+}
+
+/// The command a request asks for, or the 4xx answer to it.
+fn route(req: &Request) -> Result<Command, Answer> {
+    let segs = http::segments(&req.path).map_err(|HttpError(s, m)| Answer::error(s, m))?;
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let (allow, cmd) = match segs.as_slice() {
+        ["vm"] => ("GET", Command::Info),
+        ["vm", "counters"] => ("GET", Command::Counters),
+        ["vm", "pause"] => ("PUT", Command::Pause),
+        ["vm", "resume"] => ("PUT", Command::Resume),
+        ["vm", "shutdown"] => ("PUT", Command::Shutdown),
+        _ => {
+            return Err(Answer::error(
+                404,
+                format!("no such resource: {}", req.path),
+            ))
+        }
+    };
+    if req.method != allow {
+        let mut a = Answer::error(405, format!("{} {} is not allowed", req.method, req.path));
+        a.headers.push(format!("Allow: {allow}"));
+        return Err(a);
+    }
+    if !req.body.is_empty() {
+        return Err(Answer::error(
+            400,
+            format!("{} {} takes no body", req.method, req.path),
+        ));
+    }
+    Ok(cmd)
+}
+
+/// What pause quiesces besides the vCPUs: a device whose workers finish the request in hand and
+/// park.
+pub(crate) trait Quiesce: Send {
+    /// Returns once no worker of the device touches guest memory or raises interrupts.
+    fn pause(&mut self);
+    /// Lets the workers go on.
+    fn resume(&mut self);
+}
+
+/// What a pause saved to set back on resume.
+pub(crate) struct Paused {
+    /// The kvmclock when every vCPU had parked.
+    clock: kvm_bindings::kvm_clock_data,
+    /// The host's TSC then.
+    host_tsc: u64,
+}
+
+/// Carries out commands on the control loop's thread.
+pub(crate) struct Controller {
+    pub shared: std::sync::Arc<crate::VmShared>,
+    pub vm: std::sync::Arc<kvm_ioctls::VmFd>,
+    /// Every vCPU thread, vCPU 0 (the main thread) first.
+    pub threads: Vec<libc::pthread_t>,
+    /// While paused: the kvmclock when the last vCPU parked, set back on resume.
+    pub paused: Option<Paused>,
+    /// The API socket's path, removed when the VM ends.
+    pub api_path: Option<std::path::PathBuf>,
+}
+
+impl Controller {
+    /// Sends every vCPU thread the kick signal (a no-op for one whose loop has ended).
+    pub(crate) fn kick_all(&self) {
+        for &t in &self.threads {
+            // SAFETY: every vCPU thread outlives the control thread (joined after it), and the
+            // kick handler is installed before any vCPU runs.
+            unsafe { libc::pthread_kill(t, crate::vcpu::kick_signal()) };
+        }
+    }
+
+    fn vcpus(&self) -> u32 {
+        u32::try_from(self.threads.len()).unwrap_or(u32::MAX)
+    }
+
+    pub(crate) fn execute(&mut self, cmd: Command) -> Answer {
+        match cmd {
+            Command::Info => Answer::json(200, &self.info()),
+            Command::Counters => Answer::json(200, &self.counters()),
+            Command::Pause => match self.pause() {
+                Ok(()) => Answer::none(),
+                Err(a) => a,
+            },
+            Command::Resume => match self.resume() {
+                Ok(()) => Answer::none(),
+                Err(a) => a,
+            },
+            Command::Shutdown => {
+                self.shared.finish(crate::VmEnd::Signal(libc::SIGTERM));
+                Answer::none()
+            }
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        if self.paused.is_some() {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    fn info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state": self.state(),
+            "vcpus": self.vcpus(),
+            "memory": self.shared.info.mem_size,
+            "tsc_follows_pause": self.shared.gate.tsc_rewound(),
+        })
+    }
+
+    fn counters(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering;
+        let devices: Vec<_> = self
+            .shared
+            .device_counters
+            .iter()
+            .map(|(name, c)| {
+                serde_json::json!({
+                    "name": name,
+                    "notifications": c.notifications.load(Ordering::Relaxed),
+                    "interrupts": c.interrupts.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        let vcpus: Vec<_> = self
+            .shared
+            .kvm_stats
+            .iter()
+            .map(|fd| {
+                let m: serde_json::Map<String, serde_json::Value> =
+                    wv_hypervisor::stats::read_counters(fd)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into()))
+                        .collect();
+                serde_json::Value::Object(m)
+            })
+            .collect();
+        serde_json::json!({ "state": self.state(), "devices": devices, "vcpus": vcpus })
+    }
+
+    /// Parks every vCPU, quiesces the devices, and stops the guest's clock.
+    pub(crate) fn pause(&mut self) -> Result<(), Answer> {
+        if self.paused.is_some() {
+            return Err(Answer::error(409, "the VM is already paused"));
+        }
+        self.shared.gate.close();
+        self.kick_all();
+        if !self.shared.gate.wait_parked(self.vcpus()) {
+            return Err(Answer::error(503, "the VM is ending"));
+        }
+        for d in &self.shared.pci_devices {
+            d.lock().unwrap_or_else(|p| p.into_inner()).pause();
+        }
+        match self.vm.get_clock() {
+            Ok(clock) => {
+                self.paused = Some(Paused {
+                    clock,
+                    // SAFETY: rdtsc has no side effects.
+                    host_tsc: unsafe { core::arch::x86_64::_rdtsc() },
+                })
+            }
+            Err(e) => {
+                self.open_gate(0);
+                return Err(Answer::error(500, format!("KVM_GET_CLOCK: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn open_gate(&self, tsc_delta: u64) {
+        for d in &self.shared.pci_devices {
+            d.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+        self.shared.gate.open(tsc_delta);
+    }
+
+    /// Sets the guest's clock back to where it stopped and lets everything run again.
+    pub(crate) fn resume(&mut self) -> Result<(), Answer> {
+        let Some(p) = self.paused.take() else {
+            return Err(Answer::error(409, "the VM is not paused"));
+        };
+        // Only the clock value: the flags KVM_GET_CLOCK returned describe how it was read.
+        let set = kvm_bindings::kvm_clock_data {
+            clock: p.clock.clock,
+            ..Default::default()
+        };
+        if let Err(e) = self.vm.set_clock(&set) {
+            // The guest still runs on; its clock jumps by the pause, which is said.
+            eprintln!(
+                "wv: resume: KVM_SET_CLOCK failed ({e}): the guest's kvmclock jumps by the pause"
+            );
+        }
+        // SAFETY: rdtsc has no side effects.
+        let now = unsafe { core::arch::x86_64::_rdtsc() };
+        self.open_gate(now.saturating_sub(p.host_tsc));
+        Ok(())
+    }
+}

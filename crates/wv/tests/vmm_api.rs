@@ -1,0 +1,246 @@
+//! The VMM's control socket (`wv run --api-socket`): true pause and resume with the guest's
+//! clock checked by the probe guest, the vCPUs provably stopped while paused, and bad requests
+//! answered 4xx while the VM runs on.
+
+mod common;
+
+use common::{need_kvm, wv_bin, TempDir};
+use std::io::{BufRead, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The tests here run one at a time: a clock test measures gaps of milliseconds in guest time,
+/// and another guest spinning on the same two CPUs would make them.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One raw HTTP exchange on the VMM's socket: (status, headers and body).
+fn raw(sock: &Path, request: &[u8]) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+fn call(sock: &Path, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let (st, out) = raw(
+        sock,
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    );
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        st,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A `wv run` whose serial output arrives line by line.
+struct Vmm {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Vmm {
+    fn start(args: &[&str]) -> Vmm {
+        let mut child = Command::new(wv_bin())
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Vmm {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a serial line that starts with `prefix` and returns it.
+    fn wait_line(&mut self, prefix: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no line '{prefix}' within 60 s; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn wait(mut self) -> i32 {
+        let st = self.child.wait().unwrap();
+        st.code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// KVM's exit counter of every vCPU, from `GET /vm/counters`.
+fn kvm_exits(sock: &Path) -> Vec<u64> {
+    let (st, c) = call(sock, "GET", "/vm/counters");
+    assert_eq!(st, 200, "{c}");
+    c["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["exits"].as_u64().expect("an exits counter"))
+        .collect()
+}
+
+fn pause_resume(vcpus: &str) {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("vmm-pause");
+    let sock = dir.path("api.sock");
+    let mut vm = Vmm::start(&[
+        "--vcpus",
+        vcpus,
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 probe.tests=clock probe.clockms=2500",
+    ]);
+    vm.wait_line("clock: running");
+    assert_eq!(call(&sock, "GET", "/vm").1["state"], "running");
+    assert_eq!(call(&sock, "PUT", "/vm/pause").0, 204);
+    let (st, info) = call(&sock, "GET", "/vm");
+    assert_eq!((st, info["state"].as_str()), (200, Some("paused")));
+    // Paused means no vCPU enters the guest: KVM's own exit counters stand still while the
+    // pause lasts (it lasts a second so that a clock that ran on would show it).
+    let before = kvm_exits(&sock);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = kvm_exits(&sock);
+    if !before.is_empty() {
+        assert_eq!(before, after, "vCPUs ran while paused");
+    }
+    assert_eq!(call(&sock, "PUT", "/vm/resume").0, 204);
+    let (_, info) = call(&sock, "GET", "/vm");
+    assert_eq!(info["state"], "running");
+    let line = vm.wait_line("PASS clock");
+    // The guest's kvmclock did not jump (the guest checked); its TSC follows the pause exactly
+    // where KVM can offset it, which the VMM reports.
+    let tsc_gap_us: u64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tsc_gap="))
+        .and_then(|v| v.strip_suffix("us"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tsc_gap in {line}"));
+    match info["tsc_follows_pause"].as_bool() {
+        Some(true) => assert!(tsc_gap_us < 10_000, "the TSC jumped: {line}"),
+        Some(false) => {
+            assert!(tsc_gap_us >= 900_000, "{line}");
+            eprintln!("this host's KVM cannot offset the guest TSC: {line}");
+        }
+        None => panic!("the VMM did not say whether the TSC followed the pause: {info}"),
+    }
+    assert_eq!(vm.wait(), 0);
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn pause_stops_the_vcpus_and_the_guest_clock() {
+    pause_resume("1");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn pause_stops_every_vcpu_of_an_smp_guest() {
+    pause_resume("2");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn bad_requests_are_refused_and_the_vm_runs_on() {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("vmm-api-bad");
+    let sock = dir.path("api.sock");
+    let mut vm = Vmm::start(&[
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 probe.tests=burn",
+    ]);
+    vm.wait_line("burn:");
+    // A second VMM cannot take a live socket.
+    let r = common::wv(&[
+        "run",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--serial",
+        "none",
+    ]);
+    // 200: a usage error (docs: wv's exit statuses).
+    assert_eq!(r.status, Some(200), "{r}");
+    assert!(r.stderr.contains("another process listens there"), "{r}");
+    let cases: &[(&[u8], u16)] = &[
+        (b"garbage\r\n\r\n", 400),
+        (b"GET /nothing HTTP/1.1\r\n\r\n", 404),
+        (b"GET /vm/pause HTTP/1.1\r\n\r\n", 405),
+        (b"DELETE /vm HTTP/1.1\r\n\r\n", 405),
+        (
+            b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            400,
+        ),
+        (b"PUT /vm/resume HTTP/1.1\r\n\r\n", 409),
+        (
+            b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+            413,
+        ),
+        (b"GET /vm/%zz HTTP/1.1\r\n\r\n", 400),
+    ];
+    for (req, want) in cases {
+        let (st, out) = raw(&sock, req);
+        assert_eq!(st, *want, "{}: {out}", String::from_utf8_lossy(req));
+        assert!(out.contains("{\"error\":"), "{out}");
+    }
+    let (st, out) = raw(&sock, b"GET /vm/pause HTTP/1.1\r\n\r\n");
+    assert_eq!(st, 405);
+    assert!(out.contains("Allow: PUT"), "{out}");
+    // A client that sends half a request and stalls does not hold up the next one for long.
+    let mut stalled = UnixStream::connect(&sock).unwrap();
+    stalled.write_all(b"GET /vm HT").unwrap();
+    let (st, _) = call(&sock, "GET", "/vm");
+    assert_eq!(st, 200);
+    drop(stalled);
+    assert_eq!(call(&sock, "PUT", "/vm/pause").0, 204);
+    assert_eq!(call(&sock, "PUT", "/vm/pause").0, 409);
+    assert_eq!(call(&sock, "PUT", "/vm/resume").0, 204);
+    assert_eq!(call(&sock, "GET", "/vm").1["state"], "running");
+    // Shutdown ends the VM as SIGTERM does, and the socket goes with it.
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
+    assert_eq!(vm.wait(), 128 + libc::SIGTERM);
+    assert!(!sock.exists(), "the API socket outlived the VMM");
+}
