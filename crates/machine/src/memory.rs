@@ -47,6 +47,48 @@ pub fn create_ram(mem: u64) -> Result<GuestRam, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges(mem)).map_err(|e| MemoryError::Map(e.to_string()))
 }
 
+/// Maps guest RAM of `mem` bytes from `file` (a memory image as [`ranges`] lays it out: the
+/// regions one after another), private and copy-on-write: nothing is read until the guest
+/// touches it, what the guest writes stays in this process, and any number of VMs can map one
+/// file (their unwritten pages share the page cache).
+pub fn map_ram_file(file: &std::fs::File, mem: u64) -> Result<GuestRam, MemoryError> {
+    use std::sync::Arc;
+    use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    if mem < MIN_MEMORY || !mem.is_multiple_of(4096) {
+        return Err(MemoryError::BadSize(mem));
+    }
+    let len = file
+        .metadata()
+        .map_err(|e| MemoryError::Map(e.to_string()))?
+        .len();
+    if len != mem {
+        return Err(MemoryError::Map(format!(
+            "the memory image holds {len} bytes, the VM has {mem}"
+        )));
+    }
+    let file = Arc::new(
+        file.try_clone()
+            .map_err(|e| MemoryError::Map(e.to_string()))?,
+    );
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (addr, size) in ranges(mem) {
+        let m = MmapRegionBuilder::new_with_bitmap(size, <()>::with_len(size))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .build()
+            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(m, addr)
+                .ok_or_else(|| MemoryError::Map("a region wraps around".into()))?,
+        );
+        offset += size as u64;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ pub mod emulate;
 pub mod error;
 mod pause;
 mod pci;
+pub mod snapshot;
 pub mod stats;
 mod vcpu;
 mod vmkfs_disk;
