@@ -53,7 +53,7 @@ pub fn create_ram(mem: u64) -> Result<GuestRam, MemoryError> {
 /// file (their unwritten pages share the page cache).
 pub fn map_ram_file(file: &std::fs::File, mem: u64) -> Result<GuestRam, MemoryError> {
     use std::sync::Arc;
-    use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+    use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::{FileOffset, GuestRegionMmap};
     if mem < MIN_MEMORY || !mem.is_multiple_of(4096) {
         return Err(MemoryError::BadSize(mem));
@@ -74,7 +74,7 @@ pub fn map_ram_file(file: &std::fs::File, mem: u64) -> Result<GuestRam, MemoryEr
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (addr, size) in ranges(mem) {
-        let m = MmapRegionBuilder::new_with_bitmap(size, <()>::with_len(size))
+        let m = MmapRegionBuilder::new_with_bitmap(size, ())
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
