@@ -20,6 +20,7 @@ const PORT: u16 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const APIC_TPR: usize = 0x80;
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 /// XMM3 in the legacy region of an XSAVE area (XMM0 at 160).
 const XSAVE_XMM3: usize = 160 + 3 * 16;
 
@@ -80,11 +81,17 @@ impl Drop for Mem {
 /// and VM go before their memory.
 struct TestVm {
     vcpu: VcpuFd,
+    /// vCPUs 1.. when the VM has more than one.
+    aps: Vec<VcpuFd>,
     vm: VmFd,
     mem: Mem,
 }
 
 fn new_vm(kvm: &Kvm) -> TestVm {
+    new_vm_with(kvm, 1)
+}
+
+fn new_vm_with(kvm: &Kvm, vcpus: u32) -> TestVm {
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     let mem = Mem::new(MEM_SIZE);
     let region = kvm_userspace_memory_region {
@@ -106,12 +113,21 @@ fn new_vm(kvm: &Kvm) -> TestVm {
         ..Default::default()
     })
     .expect("KVM_CREATE_PIT2");
-    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    VcpuTemplate::new(kvm, 1)
-        .expect("vCPU template")
-        .configure(&vcpu, 0)
-        .expect("configuring the vCPU");
-    TestVm { vcpu, vm, mem }
+    let template = VcpuTemplate::new(kvm, vcpus).expect("vCPU template");
+    let mut fds: Vec<VcpuFd> = (0..vcpus)
+        .map(|i| {
+            let fd = vm.create_vcpu(u64::from(i)).expect("KVM_CREATE_VCPU");
+            template.configure(&fd, i).expect("configuring the vCPU");
+            fd
+        })
+        .collect();
+    let vcpu = fds.remove(0);
+    TestVm {
+        vcpu,
+        aps: fds,
+        vm,
+        mem,
+    }
 }
 
 fn flat(selector: u16, type_: u8) -> kvm_segment {
@@ -486,6 +502,67 @@ fn guest_keeps_counting_after_a_move_to_a_new_vm() {
             "guest TSC {tsc_saved} at save, {tsc_now} after restore: the {pause:?} pause shows"
         );
     }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn application_processors_round_trip_too() {
+    need_kvm();
+    let kvm = wv_hypervisor::open().unwrap();
+    let t1 = new_vm_with(&kvm, 3);
+    let s1: Vec<VcpuState> = std::iter::once(&t1.vcpu)
+        .chain(&t1.aps)
+        .map(|fd| state::save_vcpu(&kvm, fd).unwrap())
+        .collect();
+    // The BSP runs; the APs wait for INIT/SIPI, each with its own APIC ID.
+    assert_eq!(s1[0].mp_state, kvm_bindings::KVM_MP_STATE_RUNNABLE);
+    for (i, ap) in s1.iter().enumerate().skip(1) {
+        assert_eq!(
+            ap.mp_state,
+            kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+            "AP {i}"
+        );
+        assert_eq!(
+            lapic_reg(ap, 0x20) >> 24,
+            u32::try_from(i).unwrap(),
+            "APIC ID"
+        );
+    }
+    let (s1, _, _) = through_json_and_binary(&s1);
+    let t2 = new_vm_with(&kvm, 3);
+    for (fd, s) in std::iter::once(&t2.vcpu).chain(&t2.aps).zip(&s1) {
+        state::restore_vcpu(&kvm, fd, s).unwrap();
+    }
+    for (fd, s) in std::iter::once(&t2.vcpu).chain(&t2.aps).zip(&s1) {
+        assert_same_vcpu(s, &state::save_vcpu(&kvm, fd).unwrap());
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn notify_paused_works_with_and_without_kvmclock() {
+    need_kvm();
+    let kvm = wv_hypervisor::open().unwrap();
+    let t = new_vm(&kvm);
+    // The guest has not enabled kvmclock: KVM says EINVAL, which is no error.
+    state::notify_paused(&t.vcpu).unwrap();
+    assert_eq!(
+        t.vcpu.kvmclock_ctrl().unwrap_err().errno(),
+        libc::EINVAL,
+        "KVM_KVMCLOCK_CTRL without kvmclock"
+    );
+    // Enable it as a guest would (MSR_KVM_SYSTEM_TIME_NEW = address | enable): now KVM takes it.
+    let m = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_KVM_SYSTEM_TIME_NEW,
+        data: 0x2000 | 1,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(t.vcpu.set_msrs(&m).unwrap(), 1);
+    t.vcpu
+        .kvmclock_ctrl()
+        .expect("KVM_KVMCLOCK_CTRL with kvmclock");
+    state::notify_paused(&t.vcpu).unwrap();
 }
 
 /// A state with every KVM structure zero, for the encoding tests that need no KVM.
