@@ -560,12 +560,13 @@ fn tsc_rates_differ(a: u32, b: u32) -> bool {
 }
 
 /// Writes a saved state into a vCPU of a new VM whose CPUID is already set (the VMM's template).
-/// Everything that can be checked without KVM is checked first: on such an error nothing has
-/// been written. The order of the writes is what KVM requires (and Firecracker and QEMU do):
-/// the TSC rate before the TSC; MP state, registers, then special registers (which carry the
-/// APIC base) before the LAPIC; the XSAVE area, or the FPU registers without one; the LAPIC before the MSRs (the TSC deadline needs it), the TSC
-/// before the TSC deadline; vCPU events last, as setting the registers clears a pending exception.
-/// Finally the guest is told it was paused ([`notify_paused`]).
+/// What can be checked before writing (sizes, counts, what this host's KVM supports) is checked
+/// first: on such an error nothing has been written. The order of the writes is what KVM
+/// requires (and Firecracker and QEMU do): the TSC rate before the TSC; MP state, registers,
+/// then special registers (which carry the APIC base) before the LAPIC; the XSAVE area (or the
+/// FPU registers without one) and XCRs; the LAPIC before the MSRs (the TSC deadline needs it),
+/// the TSC before the TSC deadline; vCPU events last, as setting the registers clears a pending
+/// exception. Finally the guest is told it was paused ([`notify_paused`]).
 pub fn restore_vcpu(kvm: &Kvm, fd: &VcpuFd, s: &VcpuState) -> Result<(), HvError> {
     let io = |what| move |e| HvError::Ioctl(what, e);
     let xsave = match (&s.xsave, xsave_size(kvm)) {
