@@ -22,6 +22,8 @@ pub enum HvError {
     MissingCap(&'static str, &'static str),
     /// An ioctl failed.
     Ioctl(&'static str, kvm_ioctls::Error),
+    /// Saved VM or vCPU state cannot be used (malformed, or from a host this one cannot match).
+    State(String),
 }
 
 impl fmt::Display for HvError {
@@ -45,6 +47,7 @@ impl fmt::Display for HvError {
                 write!(f, "the host's KVM lacks {cap}, which Worldvisor needs for {why}")
             }
             HvError::Ioctl(what, e) => write!(f, "KVM {what} failed: {e}"),
+            HvError::State(why) => write!(f, "cannot restore the saved KVM state: {why}"),
         }
     }
 }
