@@ -8,6 +8,7 @@
 //! | PUT /vm/pause | stop every vCPU at a KVM_RUN boundary and quiesce the devices (204) |
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
+//! | PUT /vm/snapshot | write a snapshot (`{"destination": DIR}`; docs/SNAPSHOT.md) (200) |
 //!
 //! An "api" thread accepts connections (at most [`MAX_CONNECTIONS`] at once, each read on a
 //! thread of its own), reads and checks each request within [`REQUEST_TIMEOUT`] and hands a [`Command`] to the VMM's control loop (the one loop that
@@ -36,6 +37,18 @@ pub(crate) enum Command {
     Pause,
     Resume,
     Shutdown,
+    Snapshot(SnapshotRequest),
+}
+
+/// The body of `PUT /vm/snapshot`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SnapshotRequest {
+    /// The directory to write (created; it must not exist or be empty).
+    destination: std::path::PathBuf,
+    /// The caller keeps raw disk images consistent with the snapshot itself.
+    #[serde(default)]
+    allow_raw_disk: bool,
 }
 
 /// An answer: HTTP status, extra header lines, JSON body (empty for 204).
@@ -169,6 +182,19 @@ fn route(req: &Request) -> Result<Command, Answer> {
         ["vm", "pause"] => ("PUT", Command::Pause),
         ["vm", "resume"] => ("PUT", Command::Resume),
         ["vm", "shutdown"] => ("PUT", Command::Shutdown),
+        ["vm", "snapshot"] if req.method == "PUT" => {
+            if req
+                .content_type
+                .as_deref()
+                .is_some_and(|t| !t.trim().starts_with("application/json"))
+            {
+                return Err(Answer::error(415, "the body must be JSON (application/json)"));
+            }
+            return serde_json::from_slice(&req.body)
+                .map(Command::Snapshot)
+                .map_err(|e| Answer::error(400, format!("invalid snapshot request: {e}")));
+        }
+        ["vm", "snapshot"] => ("PUT", Command::Info),
         _ => {
             return Err(Answer::error(
                 404,
@@ -217,6 +243,10 @@ pub(crate) struct Controller {
     pub paused: Option<Paused>,
     /// The API socket's path, removed when the VM ends.
     pub api_path: Option<std::path::PathBuf>,
+    /// The VM's configuration (what a snapshot records).
+    pub cfg: crate::VmConfig,
+    /// The KVM system fd (what saving a vCPU asks about the host).
+    pub kvm: std::sync::Arc<kvm_ioctls::Kvm>,
 }
 
 impl Controller {
@@ -243,6 +273,10 @@ impl Controller {
             },
             Command::Resume => match self.resume() {
                 Ok(()) => Answer::none(),
+                Err(a) => a,
+            },
+            Command::Snapshot(r) => match self.snapshot(&r) {
+                Ok(v) => Answer::json(200, &v),
                 Err(a) => a,
             },
             Command::Shutdown => {
@@ -336,6 +370,90 @@ impl Controller {
         self.shared.gate.open(tsc_delta);
     }
 
+    /// Writes a snapshot of the VM (pausing it meanwhile unless it is paused) to
+    /// `r.destination`: docs/SNAPSHOT.md.
+    pub(crate) fn snapshot(&mut self, r: &SnapshotRequest) -> Result<serde_json::Value, Answer> {
+        if !self.cfg.disks.is_empty() && !r.allow_raw_disk {
+            return Err(Answer::error(
+                422,
+                "the VM has disks, which a snapshot does not hold: copy them while the VM is \
+                 paused and say \"allow_raw_disk\": true",
+            ));
+        }
+        let start = std::time::Instant::now();
+        let was_paused = self.paused.is_some();
+        if !was_paused {
+            self.pause()?;
+        }
+        let written = self.write_snapshot(&r.destination);
+        if !was_paused {
+            self.resume()?;
+        }
+        let (memory_bytes, state_bytes) = written?;
+        Ok(serde_json::json!({
+            "directory": r.destination,
+            "memory_bytes": memory_bytes,
+            "state_bytes": state_bytes,
+            "duration_ms": start.elapsed().as_secs_f64() * 1e3,
+        }))
+    }
+
+    /// The snapshot of the paused VM: (memory bytes written, state bytes).
+    fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64), Answer> {
+        use crate::snapshot::{Machine, Sections};
+        use wv_hypervisor::state;
+        let Some(paused) = &self.paused else {
+            return Err(Answer::error(500, "the VM is not paused"));
+        };
+        let fail = |what: &str, e: String| Answer::error(500, format!("{what}: {e}"));
+        // Every vCPU saves its own state, on its own thread.
+        let (tx, rx) = mpsc::channel();
+        let kvm = self.kvm.clone();
+        let ran = self.shared.gate.run_on_each(&mut |i| {
+            let (tx, kvm) = (tx.clone(), kvm.clone());
+            Box::new(move |fd, _| {
+                let r = state::complete_pending_exit(fd).and_then(|()| state::save_vcpu(&kvm, fd));
+                let _ = tx.send((i, r));
+            })
+        });
+        drop(tx);
+        if !ran {
+            return Err(Answer::error(503, "the VM is ending"));
+        }
+        let mut vcpus: Vec<_> = rx.iter().collect();
+        vcpus.sort_by_key(|(i, _)| *i);
+        let mut vm = state::save_vm(&self.vm).map_err(|e| fail("saving the VM", e.to_string()))?;
+        // The guest's clock as it stopped, not as it would read now.
+        vm.clock.0 = paused.clock;
+        let json = |v: &dyn erased::Json| v.to_json();
+        let mut sections = Sections::default();
+        sections.push(
+            "machine",
+            json(&Machine {
+                memory: self.shared.info.mem_size,
+                vcpus: self.vcpus(),
+                tsc_khz: self.shared.info.tsc_khz,
+            }),
+        );
+        sections.push("config", json(&self.cfg));
+        sections.push("vm", json(&vm));
+        if vcpus.len() != self.threads.len() {
+            return Err(Answer::error(500, "a vCPU did not save its state"));
+        }
+        for (i, st) in vcpus {
+            let st = st.map_err(|e| fail(&format!("saving vCPU {i}"), e.to_string()))?;
+            sections.push(&format!("vcpu.{i}"), json(&st));
+        }
+        let devices = crate::devstate::save(&self.shared).map_err(|e| fail("saving the devices", e))?;
+        sections.push("devices", json(&devices));
+        let state_bytes = sections.encode().len() as u64;
+        let memory = crate::snapshot::write(dir, &sections, &self.shared.mem).map_err(|e| {
+            let status = if e.to_string().contains("not empty") { 409 } else { 500 };
+            Answer::error(status, format!("cannot write the snapshot to {}: {e}", dir.display()))
+        })?;
+        Ok((memory, state_bytes))
+    }
+
     /// Sets the guest's clock back to where it stopped and lets everything run again.
     pub(crate) fn resume(&mut self) -> Result<(), Answer> {
         let Some(p) = self.paused.take() else {
@@ -356,5 +474,17 @@ impl Controller {
         let now = unsafe { core::arch::x86_64::_rdtsc() };
         self.open_gate(now.saturating_sub(p.host_tsc));
         Ok(())
+    }
+}
+
+/// JSON for any serialisable value, behind a trait object (so one closure serves every type).
+mod erased {
+    pub(crate) trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
     }
 }

@@ -99,6 +99,8 @@ pub enum VmmError {
     Disk(String),
     /// A TAP cannot be used.
     Net(String),
+    /// A snapshot cannot be restored (not one, newer, truncated, corrupt, unreadable).
+    Snapshot(String),
     /// Anything else on the VMM side.
     Internal(String),
 }
@@ -111,7 +113,7 @@ impl VmmError {
             VmmError::Kvm(_) => STATUS_KVM,
             VmmError::Boot(b) if b.is_image_error() => STATUS_IMAGE,
             VmmError::Boot(_) => STATUS_USAGE,
-            VmmError::Disk(_) => STATUS_IMAGE,
+            VmmError::Disk(_) | VmmError::Snapshot(_) => STATUS_IMAGE,
             VmmError::Net(_) => STATUS_NET,
             VmmError::Memory(wv_machine::MemoryError::BadSize(_)) => STATUS_USAGE,
             VmmError::Memory(_) | VmmError::Internal(_) => STATUS_INTERNAL,
@@ -127,6 +129,7 @@ impl fmt::Display for VmmError {
             VmmError::Boot(e) => write!(f, "{e}"),
             VmmError::Memory(e) => write!(f, "{e}"),
             VmmError::Disk(e) | VmmError::Net(e) => write!(f, "{e}"),
+            VmmError::Snapshot(e) => write!(f, "snapshot: {e}"),
             VmmError::Internal(e) => write!(f, "{e}"),
         }
     }

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod control;
 pub mod diagnose;
+mod devstate;
 pub mod emulate;
 pub mod error;
 mod pause;
@@ -52,7 +53,8 @@ pub(crate) struct VmShared {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) info: MachineInfo,
     pub(crate) table: stats::CauseTable,
-    pub(crate) loaded: wv_machine::LoadedGuest,
+    /// The loaded guest (None when restored from a snapshot).
+    pub(crate) loaded: Option<wv_machine::LoadedGuest>,
     /// The host's KVM emulates guest kernel code (no VMX/SVM): the VMM completes the few
     /// instructions its emulator lacks ([`emulate`]).
     pub(crate) emulating_host: bool,
@@ -213,10 +215,64 @@ impl Trace {
 
 /// Builds the VM described by `cfg` and runs it until it ends.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
+    run_from(cfg, None)
+}
+
+/// What a restore brings back besides the configuration.
+struct Restore {
+    dir: std::path::PathBuf,
+    vm: wv_hypervisor::state::VmState,
+    vcpus: Vec<wv_hypervisor::state::VcpuState>,
+    devices: serde_json::Value,
+}
+
+impl Restore {
+    fn read(dir: &std::path::Path, cfg: &VmConfig) -> Result<Restore, VmmError> {
+        let bad = |e: snapshot::SnapshotError| VmmError::Snapshot(e.0);
+        let sections = snapshot::read(dir).map_err(bad)?;
+        let machine: snapshot::Machine = sections.json("machine").map_err(bad)?;
+        if machine.memory != cfg.memory || machine.vcpus != cfg.vcpus {
+            return Err(VmmError::Snapshot(format!(
+                "the snapshot's machine ({} bytes, {} vCPUs) does not match its configuration",
+                machine.memory, machine.vcpus
+            )));
+        }
+        let vcpus = (0..cfg.vcpus)
+            .map(|i| sections.json(&format!("vcpu.{i}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        Ok(Restore {
+            dir: dir.to_path_buf(),
+            vm: sections.json("vm").map_err(bad)?,
+            vcpus,
+            devices: sections.json("devices").map_err(bad)?,
+        })
+    }
+}
+
+/// Reads the configuration of the snapshot in `dir` (what `wv run --restore` starts from).
+pub fn snapshot_config(dir: &std::path::Path) -> Result<VmConfig, VmmError> {
+    snapshot::read(dir)
+        .and_then(|s| s.json("config"))
+        .map_err(|e| VmmError::Snapshot(e.0))
+}
+
+/// Brings back the VM of the snapshot in `dir` (taken with `PUT /vm/snapshot`) and runs it until
+/// it ends. `cfg` is the snapshot's configuration ([`snapshot_config`]) with the options that do
+/// not define the VM (console, control socket) as the caller wants them.
+pub fn restore(cfg: &VmConfig, dir: &std::path::Path) -> Result<RunOutcome, VmmError> {
+    run_from(cfg, Some(dir))
+}
+
+fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutcome, VmmError> {
     let start = Instant::now();
     let trace = Trace::new(start);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
-    let kvm = wv_hypervisor::open()?;
+    let restore = match restore {
+        Some(dir) => Some(Restore::read(dir, cfg)?),
+        None => None,
+    };
+    let kvm = Arc::new(wv_hypervisor::open()?);
     let max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
     if cfg.vcpus > max {
         return Err(VmmError::Config(config::ConfigError(format!(
@@ -233,7 +289,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     // this one creates the VM and loads the guest.
     let (template, vm, mut shared) = std::thread::scope(|s| {
         let template = s.spawn(|| VcpuTemplate::new(&kvm, cfg.vcpus));
-        let built = build(&kvm, cfg, &trace);
+        let built = build(&kvm, cfg, restore.as_ref(), &trace);
         let template = template
             .join()
             .map_err(|_| VmmError::Internal("CPUID thread panicked".into()))?;
@@ -271,14 +327,29 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         fds.push(fd);
     }
     let boot = &fds[0];
-    let base = boot.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-    boot.set_sregs(&loaded.entry.sregs(&base))
-        .map_err(ioctl("KVM_SET_SREGS"))?;
-    boot.set_regs(&loaded.entry.regs())
-        .map_err(ioctl("KVM_SET_REGS"))?;
+    match (&restore, &loaded) {
+        (Some(r), _) => {
+            wv_hypervisor::state::restore_vm(&vm, &r.vm)?;
+            for (fd, st) in fds.iter().zip(&r.vcpus) {
+                wv_hypervisor::state::restore_vcpu(&kvm, fd, st)?;
+            }
+        }
+        (None, Some(loaded)) => {
+            let base = boot.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+            boot.set_sregs(&loaded.entry.sregs(&base))
+                .map_err(ioctl("KVM_SET_SREGS"))?;
+            boot.set_regs(&loaded.entry.regs())
+                .map_err(ioctl("KVM_SET_REGS"))?;
+        }
+        (None, None) => return Err(VmmError::Internal("no guest loaded".into())),
+    }
+    trace.mark("vcpu state set");
     shared.info.tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
     shared.emulating_host = template.host.kernel_mode_emulated;
     shared.kvm_stats = stats_fds;
+    if let Some(r) = &restore {
+        devstate::restore(&shared, &r.devices).map_err(VmmError::Snapshot)?;
+    }
     let shared = Arc::new(shared);
     trace.mark("vcpus configured");
 
@@ -324,6 +395,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
         threads: tids,
         paused: None,
         api_path: cfg.api_socket.clone(),
+        cfg: cfg.clone(),
+        kvm: kvm.clone(),
     };
     let control = {
         let stdin = cfg.serial == SerialMode::Stdio;
@@ -401,11 +474,22 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 fn build(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
+    restore: Option<&Restore>,
     trace: &Trace,
 ) -> Result<(Arc<kvm_ioctls::VmFd>, VmShared), VmmError> {
     let vm = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
     trace.mark("vm created");
-    let mem = wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?;
+    let mem = match restore {
+        None => wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?,
+        Some(r) => {
+            let p = r.dir.join(snapshot::MEMORY_FILE);
+            let f = std::fs::File::open(&p).map_err(|e| {
+                VmmError::Snapshot(format!("cannot open {}: {e}", p.display()))
+            })?;
+            wv_machine::map_ram_file(&f, cfg.memory)
+                .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?
+        }
+    };
     register_memory(&vm, &mem)?;
     trace.mark("memory registered");
     vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDR).map_err(internal("TSS address"))?)
@@ -420,19 +504,26 @@ fn build(
     .map_err(ioctl("KVM_CREATE_PIT2"))?;
     trace.mark("irqchip and pit");
 
-    let kernel = match &cfg.kernel {
-        KernelSource::Path(p) => wv_machine::KernelImage::File(p.clone()),
-        KernelSource::Embedded(n, b) => wv_machine::KernelImage::Embedded(n, b),
+    let loaded = match restore {
+        Some(_) => None,
+        None => {
+            let kernel = match &cfg.kernel {
+                KernelSource::Path(p) => wv_machine::KernelImage::File(p.clone()),
+                KernelSource::Embedded(n, b) => wv_machine::KernelImage::Embedded(n, b),
+            };
+            Some(
+                wv_machine::load(
+                    &mem,
+                    cfg.memory,
+                    &kernel,
+                    cfg.initrd.as_deref(),
+                    &cfg.cmdline,
+                    u8::try_from(cfg.vcpus).map_err(internal("vCPU count"))?,
+                )
+                .map_err(VmmError::Boot)?,
+            )
+        }
     };
-    let loaded = wv_machine::load(
-        &mem,
-        cfg.memory,
-        &kernel,
-        cfg.initrd.as_deref(),
-        &cfg.cmdline,
-        u8::try_from(cfg.vcpus).map_err(internal("vCPU count"))?,
-    )
-    .map_err(VmmError::Boot)?;
     trace.mark("guest loaded");
 
     let out = match &cfg.serial {
@@ -590,7 +681,7 @@ pub struct Resources {
     _vcpus: Vec<kvm_ioctls::VcpuFd>,
     _vm: Arc<kvm_ioctls::VmFd>,
     _shared: Arc<VmShared>,
-    _kvm: kvm_ioctls::Kvm,
+    _kvm: Arc<kvm_ioctls::Kvm>,
 }
 
 impl Resources {

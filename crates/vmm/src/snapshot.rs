@@ -29,6 +29,18 @@ pub const MEMORY_FILE: &str = "memory";
 
 const NAME_LEN: usize = 16;
 
+/// The `machine` section: what the rest must match.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    /// Guest RAM in bytes (the size of the memory file).
+    pub memory: u64,
+    /// vCPUs (one `vcpu.N` section each).
+    pub vcpus: u32,
+    /// The TSC frequency the guest was running at, kHz (0: unknown).
+    pub tsc_khz: u64,
+}
+
 /// A snapshot that cannot be used, and why (one line).
 #[derive(Debug, PartialEq, Eq)]
 pub struct SnapshotError(pub String);
