@@ -142,7 +142,10 @@ fn validation_of_typed_values() {
         assert!(e.contains(needle), "{e} (wanted {needle})");
         assert!(!e.contains('\n'), "{e}");
     };
-    refused(&|c| c.kernel = KernelSource::Embedded("nope".into()), "nope");
+    refused(
+        &|c| c.kernel = KernelSource::Embedded("nope".into()),
+        "nope",
+    );
     refused(&|c| c.kernel = KernelSource::Path("".into()), "empty path");
     refused(&|c| c.kernel = KernelSource::Path("/k\0".into()), "NUL");
     refused(&|c| c.initrd = Some("/i\0x".into()), "initrd");
@@ -155,7 +158,10 @@ fn validation_of_typed_values() {
     };
     refused(&|c| c.disks = vec![disk("", "/d", None)], "disk id");
     refused(&|c| c.disks = vec![disk("a b", "/d", None)], "disk id");
-    refused(&|c| c.disks = vec![disk(&"x".repeat(21), "/d", None)], "disk id");
+    refused(
+        &|c| c.disks = vec![disk(&"x".repeat(21), "/d", None)],
+        "disk id",
+    );
     refused(&|c| c.disks = vec![disk("d", "/x\0.img", None)], "NUL");
     refused(&|c| c.disks = vec![disk("d", "", None)], "empty path");
     refused(&|c| c.disks = vec![disk("d", "/ds", Some(""))], "VMKFS");
@@ -163,7 +169,16 @@ fn validation_of_typed_values() {
         tap: tap.into(),
         mac,
     };
-    for tap in ["", ".", "..", "a/b", "a:b", "a b", "t\00", "sixteen-chars-xx"] {
+    for tap in [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "a:b",
+        "a b",
+        "t\x000",
+        "sixteen-chars-xx",
+    ] {
         refused(&|c| c.nets = vec![net(tap, None)], "net tap");
     }
     refused(
@@ -236,10 +251,16 @@ fn the_console_is_not_part_of_the_config() {
     c.serial = SerialMode::File("/x.log".into());
     c.console_socket = Some("/x.sock".into());
     let text = serde_json::to_string(&c).unwrap();
-    assert!(!text.contains("x.log") && !text.contains("x.sock"), "{text}");
+    assert!(
+        !text.contains("x.log") && !text.contains("x.sock"),
+        "{text}"
+    );
     assert_eq!(json(&text).unwrap().serial, SerialMode::Stdio);
     for field in [r#"{"serial":"none"}"#, r#"{"console_socket":"/s"}"#] {
-        assert!(json(field).unwrap_err().contains("unknown field"), "{field}");
+        assert!(
+            json(field).unwrap_err().contains("unknown field"),
+            "{field}"
+        );
     }
 }
 
@@ -290,11 +311,17 @@ fn malformed_configs_are_one_line_errors() {
         (r#"{"kernel":{"path":"/a","embedded":"pvh"}}"#, "not both"),
         (r#"{"kernel":{}}"#, "invalid length"),
         (r#"{"disks":["nopath"]}"#, "'nopath' is not understood"),
-        (r#"{"disks":[{"path":"a","speed":9}]}"#, "unknown field `speed`"),
+        (
+            r#"{"disks":[{"path":"a","speed":9}]}"#,
+            "unknown field `speed`",
+        ),
         (r#"{"disks":[{"readonly":true}]}"#, "missing field `path`"),
         (r#"{"disks":[7]}"#, "a disk"),
         (r#"{"nets":["tap="]}"#, "tap="),
-        (r#"{"nets":[{"tap":"t","mac":"nope"}]}"#, "not a MAC address"),
+        (
+            r#"{"nets":[{"tap":"t","mac":"nope"}]}"#,
+            "not a MAC address",
+        ),
         (r#"{"nets":"tap=t"}"#, "invalid type"),
         (r#"[]"#, "invalid type"),
         (r#"{"memory":"#, "EOF"),

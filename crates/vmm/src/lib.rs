@@ -398,10 +398,7 @@ fn build(
     .map_err(ioctl("KVM_CREATE_PIT2"))?;
     trace.mark("irqchip and pit");
 
-    let kernel = match &cfg.kernel {
-        KernelSource::Path(p) => wv_machine::KernelImage::File(p.clone()),
-        KernelSource::Embedded(n, b) => wv_machine::KernelImage::Embedded(n, b),
-    };
+    let kernel = config::kernel_image(&cfg.kernel).map_err(VmmError::Config)?;
     let loaded = wv_machine::load(
         &mem,
         cfg.memory,

@@ -367,7 +367,9 @@ fn print_vm(v: &serde_json::Value) {
         s["name"].as_str().unwrap_or("?"),
         v["state"].as_str().unwrap_or("?"),
         s["vcpus"],
-        s["memory"].as_str().unwrap_or("?"),
+        s["memory"]
+            .as_u64()
+            .map_or("?".to_string(), wv_config::format_size),
         v["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
         v["reason"].as_str().unwrap_or("")
     );
