@@ -843,7 +843,7 @@ impl Daemon {
                 "crashed": count(State::Crashed),
                 "socket": self.socket,
                 "host_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-                "host_memory": wv_vmm::config::host_ram(),
+                "host_memory": wv_config::host_ram(),
                 "scheduler": match &self.cgroups {
                     Ok(c) => c.describe(),
                     Err(e) => format!("unavailable: {e}"),
@@ -972,7 +972,11 @@ impl Daemon {
         }
         let log = dir.join("vmm.log");
         let sock = dir.join("console.sock");
-        let args = spec.run_args(&dir.join("console.log"), &sock);
+        let config = match supervisor::write_config(&dir, &spec.config) {
+            Ok(p) => p,
+            Err(e) => return error(500, format!("writing the VMM's configuration: {e}")),
+        };
+        let args = supervisor::run_args(&config, &dir.join("console.log"), &sock);
         let mut child = match supervisor::spawn(&self.wv, &args, &log) {
             Ok(c) => c,
             Err(e) => return error(500, format!("starting the VMM: {e}")),

@@ -177,6 +177,30 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A state directory written before the definition was typed (memory, disks and nets as
+    /// strings) loads as the same VMs, and is saved typed.
+    #[test]
+    fn a_document_of_string_definitions_loads() {
+        let dir = std::env::temp_dir().join(format!("wv-store-old-{}", std::process::id()));
+        let s = Store::open(&dir).unwrap();
+        std::fs::write(
+            dir.join("worlds.json"),
+            br#"{"next_id":3,"worlds":[{"id":2,"spec":{"name":"web","kernel":"/k","cmdline":"c","memory":"64M","vcpus":2,"disks":["path=/d.img,readonly=on"],"nets":["tap=t0"],"rng":true,"shares":1000,"reservation":0.0},"state":"stopped","reason":"guest powered off with exit code 0"}]}"#,
+        )
+        .unwrap();
+        let doc = s.load().unwrap();
+        let c = &doc.worlds[0].spec.config;
+        assert_eq!((c.memory, c.vcpus, c.cmdline.as_str()), (64 << 20, 2, "c"));
+        assert_eq!(c.kernel, wv_config::KernelSource::Path("/k".into()));
+        assert!(c.disks[0].readonly && c.disks[0].id == "disk0");
+        assert_eq!(c.nets[0].tap, "t0");
+        s.save(&doc).unwrap();
+        let text = std::fs::read_to_string(dir.join("worlds.json")).unwrap();
+        assert!(text.contains("\"memory\": 67108864"), "{text}");
+        assert_eq!(s.load().unwrap().worlds, doc.worlds);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn vm_folders_stay_inside_vms() {
         let dir = std::env::temp_dir().join(format!("wv-store-dirs-{}", std::process::id()));

@@ -6,7 +6,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -80,6 +80,51 @@ impl Pidfd {
             }
         }
     }
+}
+
+/// The file in a VM's folder that holds its configuration for `wv run --config`.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Writes `config` to [`CONFIG_FILE`] in `vm_dir`, readable by the owner only (mode 0600):
+/// to a temporary file first, renamed over the old one, so a VMM never reads half of one.
+/// Returns its path.
+pub fn write_config(vm_dir: &Path, config: &wv_config::VmConfig) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = serde_json::to_vec_pretty(config).map_err(std::io::Error::other)?;
+    let path = vm_dir.join(CONFIG_FILE);
+    let tmp = vm_dir.join(format!("{CONFIG_FILE}.tmp"));
+    // A file left by a crash may have another mode: start afresh, as 0600.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&text)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// The `wv run` arguments for a VM: its whole definition from `config` (see
+/// [`write_config`]); the console, which belongs to the VMM process and not to the VM, to the
+/// file `console` and the socket `socket`.
+pub fn run_args(config: &Path, console: &Path, socket: &Path) -> Vec<String> {
+    [
+        "run",
+        "--config",
+        &config.display().to_string(),
+        "--serial",
+        &console.display().to_string(),
+        "--console-socket",
+        &socket.display().to_string(),
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
 /// Starts `wv run` with `args`, console in the arguments, stderr to `log`.
@@ -184,6 +229,34 @@ mod tests {
         );
         assert!(classify(ExitStatus::from_raw(libc::SIGTERM), false, &log).0);
         std::fs::remove_file(&log).unwrap();
+    }
+
+    #[test]
+    fn the_config_file_is_private_and_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("wv-sup-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A stale temporary file of another mode, and an old config readable by all.
+        std::fs::write(dir.join("config.json.tmp"), b"junk").unwrap();
+        std::fs::write(dir.join(CONFIG_FILE), b"old").unwrap();
+        std::fs::set_permissions(dir.join(CONFIG_FILE), PermissionsExt::from_mode(0o644)).unwrap();
+        let c = wv_config::VmConfig {
+            vcpus: 3,
+            ..Default::default()
+        };
+        let p = write_config(&dir, &c).unwrap();
+        assert_eq!(p, dir.join(CONFIG_FILE));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back: wv_config::VmConfig =
+            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert!(!dir.join("config.json.tmp").exists());
+        let a = run_args(&p, &dir.join("console.log"), &dir.join("console.sock"));
+        assert_eq!(a[..3], ["run", "--config", p.to_str().unwrap()]);
+        // What is_our_vmm recognises a VMM of this folder by.
+        assert!(a.contains(&dir.join("console.log").display().to_string()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

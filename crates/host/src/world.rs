@@ -1,15 +1,18 @@
-//! Worlds: their specification (the options of `wv run`), state and what the daemon knows of
-//! their VMM process. [`VmSpec::validate`] is the one check of a definition, shared by the
-//! client and the daemon: what passes it can be turned into a `wv run` command line.
+//! Worlds: their definition (a [`VmConfig`] plus what only the daemon uses: a name and the
+//! scheduler's settings), state and what the daemon knows of their VMM process.
+//! [`VmSpec::validate`] is the one check of a definition, shared by the client and the daemon:
+//! what passes it can be handed whole to `wv run --config`.
 
 use serde::{Deserialize, Deserializer, Serialize};
+use wv_config::{KernelSource, VmConfig};
 
 /// Longest VM name.
 pub const MAX_NAME: usize = 64;
 /// Longest kernel command line (bytes, without the terminating NUL). Linux on x86 takes
 /// 2048 by default and up to 4096 when built for more; the VMM's own limit is higher.
 pub const MAX_CMDLINE: usize = 4096;
-/// Longest path (`kernel`, `initrd`), and longest `disks`/`nets` entry.
+/// Longest path (`kernel`, `initrd`, a disk's), and longest name (an embedded kernel's, a
+/// VMKFS disk's).
 pub const MAX_PATH: usize = 4096;
 /// Most `disks` and most `nets` of one VM.
 pub const MAX_DEVICES: usize = 16;
@@ -55,48 +58,18 @@ pub enum State {
     Crashed,
 }
 
-/// What a VM is made of: the options of `wv run`.
+/// A VM's definition: its [`VmConfig`] (the fields of `wv run --config`, flattened in) and
+/// what only the daemon uses, its name and scheduler settings. Read as
+/// [`VmConfig`] reads (typed values, or the shorter forms: memory as `"256M"`, a disk or net
+/// as its command-line text); always written typed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Unique name: see [`valid_name`].
     pub name: String,
-    /// Kernel image (the embedded probe guest when absent).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "no_null"
-    )]
-    pub kernel: Option<String>,
-    /// Initial ramdisk.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "no_null"
-    )]
-    pub initrd: Option<String>,
-    /// Kernel command line.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "no_null"
-    )]
-    pub cmdline: Option<String>,
-    /// Guest RAM, e.g. "256M".
-    #[serde(default = "default_memory")]
-    pub memory: String,
-    /// vCPUs, 1 to 32.
-    #[serde(default = "default_vcpus")]
-    pub vcpus: u32,
-    /// `--disk` specifications.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub disks: Vec<String>,
-    /// `--net` specifications.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nets: Vec<String>,
-    /// A virtio-rng device.
-    #[serde(default = "default_true")]
-    pub rng: bool,
+    /// What the VM is made of, as its VMM receives it.
+    #[serde(flatten)]
+    pub config: VmConfig,
     /// Scheduler shares, 1 to 10000.
     #[serde(default = "default_shares")]
     pub shares: u32,
@@ -116,18 +89,20 @@ fn default_shares() -> u32 {
     crate::sched::DEFAULT_SHARES
 }
 
-fn default_memory() -> String {
-    "256M".into()
-}
-fn default_vcpus() -> u32 {
-    1
-}
-fn default_true() -> bool {
-    true
-}
-
 impl VmSpec {
-    /// Checks every field the way `wv run` would, without starting anything.
+    /// A definition named `name` with every default (the embedded probe guest).
+    pub fn new(name: String) -> VmSpec {
+        VmSpec {
+            name,
+            config: VmConfig::default(),
+            shares: default_shares(),
+            reservation: 0.0,
+            limit: None,
+        }
+    }
+
+    /// Checks every field the way `wv run` would, without starting anything, and the
+    /// daemon's own bounds (lengths, counts, the size of the whole definition).
     /// Everything `start` will need is checked here, so a definition that passes can start
     /// (its files and TAP devices aside, which may come and go).
     pub fn validate(&self) -> Result<(), String> {
@@ -138,39 +113,41 @@ impl VmSpec {
                 n.escape_debug()
             ));
         }
-        let strings = [
-            ("kernel", self.kernel.as_deref(), MAX_PATH),
-            ("initrd", self.initrd.as_deref(), MAX_PATH),
-            ("cmdline", self.cmdline.as_deref(), MAX_CMDLINE),
-            ("memory", Some(self.memory.as_str()), 64),
-        ];
-        let lists = self
-            .disks
-            .iter()
-            .map(|d| ("disks", Some(d.as_str()), MAX_PATH))
-            .chain(
-                self.nets
-                    .iter()
-                    .map(|d| ("nets", Some(d.as_str()), MAX_PATH)),
-            );
-        for (field, v, max) in strings.into_iter().chain(lists) {
-            let Some(v) = v else { continue };
-            if v.contains('\0') {
-                return Err(format!("{field}: contains a NUL byte"));
-            }
-            if v.len() > max {
-                return Err(format!(
-                    "{field}: {} bytes is over the limit of {max}",
-                    v.len()
-                ));
+        let c = &self.config;
+        let path = |p: &std::path::Path| p.as_os_str().len();
+        let kernel = match &c.kernel {
+            KernelSource::Path(p) => ("kernel", path(p)),
+            KernelSource::Embedded(e) => ("kernel", e.len()),
+        };
+        let lengths = [
+            kernel,
+            ("initrd", c.initrd.as_deref().map_or(0, path)),
+            ("cmdline", c.cmdline.len()),
+        ]
+        .into_iter()
+        .map(|(f, n)| {
+            (
+                f,
+                n,
+                if f == "cmdline" {
+                    MAX_CMDLINE
+                } else {
+                    MAX_PATH
+                },
+            )
+        })
+        .chain(c.disks.iter().flat_map(|d| {
+            [
+                ("disks", path(&d.path), MAX_PATH),
+                ("disks", d.vmkfs.as_ref().map_or(0, String::len), MAX_PATH),
+            ]
+        }));
+        for (field, n, max) in lengths {
+            if n > max {
+                return Err(format!("{field}: {n} bytes is over the limit of {max}"));
             }
         }
-        for (field, v) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
-            if v.as_deref() == Some("") {
-                return Err(format!("{field}: empty path"));
-            }
-        }
-        for (field, n) in [("disks", self.disks.len()), ("nets", self.nets.len())] {
+        for (field, n) in [("disks", c.disks.len()), ("nets", c.nets.len())] {
             if n > MAX_DEVICES {
                 return Err(format!("{field}: {n} entries, at most {MAX_DEVICES}"));
             }
@@ -182,37 +159,22 @@ impl VmSpec {
             ));
         }
         crate::sched::validate(&self.demand())?;
-        let memory = wv_vmm::parse_size(&self.memory).map_err(|e| format!("memory: {e}"))?;
-        let mut cfg =
-            wv_vmm::VmConfig::new(wv_vmm::KernelSource::Embedded("probe", &[]), String::new());
-        cfg.memory = memory;
-        cfg.vcpus = self.vcpus;
-        for (i, d) in self.disks.iter().enumerate() {
-            cfg.disks
-                .push(wv_vmm::DiskConfig::parse(d, i).map_err(|e| e.to_string())?);
-        }
-        for n in &self.nets {
-            cfg.nets
-                .push(wv_vmm::NetConfig::parse(n).map_err(|e| e.to_string())?);
-        }
-        cfg.validate(wv_vmm::config::host_ram())
-            .map_err(|e| e.to_string())
+        c.validate(wv_config::host_ram()).map_err(|e| e.to_string())
     }
 
-    /// The host files the VM opens, by field: kernel, initrd, and each disk's image or
-    /// datastore (a disk that does not parse is left to [`VmSpec::validate`]).
+    /// The host files the VM opens, by field: kernel (from a file), initrd, and each disk's
+    /// image or datastore.
     pub fn files(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        let c = &self.config;
         let mut v = Vec::new();
-        if let Some(k) = &self.kernel {
-            v.push(("kernel", k.into()));
+        if let KernelSource::Path(k) = &c.kernel {
+            v.push(("kernel", k.clone()));
         }
-        if let Some(i) = &self.initrd {
-            v.push(("initrd", i.into()));
+        if let Some(i) = &c.initrd {
+            v.push(("initrd", i.clone()));
         }
-        for (i, d) in self.disks.iter().enumerate() {
-            if let Ok(c) = wv_vmm::DiskConfig::parse(d, i) {
-                v.push(("disks", c.path));
-            }
+        for d in &c.disks {
+            v.push(("disks", d.path.clone()));
         }
         v
     }
@@ -223,46 +185,8 @@ impl VmSpec {
             shares: self.shares,
             reservation: self.reservation,
             limit: self.limit,
-            vcpus: self.vcpus,
+            vcpus: self.config.vcpus,
         }
-    }
-
-    /// The `wv run` arguments for this VM.
-    pub fn run_args(&self, console: &std::path::Path, socket: &std::path::Path) -> Vec<String> {
-        let mut a = vec![
-            "run".into(),
-            "--memory".into(),
-            self.memory.clone(),
-            "--vcpus".into(),
-            self.vcpus.to_string(),
-        ];
-        for (flag, v) in [
-            ("--kernel", &self.kernel),
-            ("--initrd", &self.initrd),
-            ("--cmdline", &self.cmdline),
-        ] {
-            if let Some(v) = v {
-                a.push(flag.into());
-                a.push(v.clone());
-            }
-        }
-        for d in &self.disks {
-            a.push("--disk".into());
-            a.push(d.clone());
-        }
-        for n in &self.nets {
-            a.push("--net".into());
-            a.push(n.clone());
-        }
-        if !self.rng {
-            a.push("--rng".into());
-            a.push("off".into());
-        }
-        a.push("--serial".into());
-        a.push(console.display().to_string());
-        a.push("--console-socket".into());
-        a.push(socket.display().to_string());
-        a
     }
 }
 
@@ -297,9 +221,40 @@ mod tests {
     #[test]
     fn defaults_and_unknown_fields() {
         let s = spec(r#"{"name":"a"}"#).unwrap();
-        assert_eq!((s.memory.as_str(), s.vcpus, s.rng), ("256M", 1, true));
+        assert_eq!(s, VmSpec::new("a".into()));
+        let c = &s.config;
+        assert_eq!(
+            (c.memory, c.vcpus, c.rng, s.shares),
+            (256 << 20, 1, true, 1000)
+        );
+        assert_eq!(c.kernel, KernelSource::Embedded("pvh".into()));
         assert!(spec(r#"{"name":"a","colour":"red"}"#).is_err());
         assert!(spec(r#"{"name":"a","vcpus":"two"}"#).is_err());
+        // Where the console goes is the daemon's business, not the client's.
+        assert!(spec(r#"{"name":"a","serial":"none"}"#).is_err());
+        assert!(spec(r#"{"name":"a","console_socket":"/s"}"#).is_err());
+    }
+
+    /// The old string forms and the typed forms give the same definition, and it is written
+    /// typed.
+    #[test]
+    fn both_forms_read_and_the_typed_one_is_written() {
+        let old = spec(
+            r#"{"name":"a","kernel":"/k","memory":"64M","disks":["vmkfs=/ds:web,readonly=on"],"nets":["tap=t0,mac=52:54:00:00:00:01"],"shares":2000}"#,
+        )
+        .unwrap();
+        let typed = spec(
+            r#"{"name":"a","kernel":{"path":"/k"},"memory":67108864,"disks":[{"path":"/ds","vmkfs":"web","readonly":true}],"nets":[{"tap":"t0","mac":"52:54:00:00:00:01"}],"shares":2000}"#,
+        )
+        .unwrap();
+        assert_eq!(old, typed);
+        let v = serde_json::to_value(&old).unwrap();
+        assert_eq!(v["memory"], 64 << 20);
+        assert_eq!(v["kernel"]["path"], "/k");
+        assert_eq!(v["cmdline"], wv_config::KERNEL_CMDLINE);
+        assert_eq!(v["disks"][0]["id"], "disk0");
+        assert_eq!(v["nets"][0]["mac"], "52:54:00:00:00:01");
+        assert_eq!(spec(&v.to_string()).unwrap(), old);
     }
 
     #[test]
@@ -312,15 +267,23 @@ mod tests {
             r#"{"name":"a b"}"#,
             r#"{"name":"a","vcpus":0}"#,
             r#"{"name":"a","vcpus":33}"#,
-            r#"{"name":"a","memory":"lots"}"#,
             r#"{"name":"a","memory":"1M"}"#,
-            r#"{"name":"a","disks":["nopath"]}"#,
-            r#"{"name":"a","nets":["tap="]}"#,
+            r#"{"name":"a","kernel":{"embedded":"nope"}}"#,
+            r#"{"name":"a","disks":[{"path":"/x","id":""}]}"#,
+            r#"{"name":"a","nets":[{"tap":"a/b"}]}"#,
             r#"{"name":"a","shares":0}"#,
             r#"{"name":"a","reservation":2}"#,
             r#"{"name":"a","limit":0.5,"reservation":0.6}"#,
         ] {
             assert!(spec(bad).unwrap().validate().is_err(), "{bad}");
+        }
+        // What is not even of its type does not read.
+        for bad in [
+            r#"{"name":"a","memory":"lots"}"#,
+            r#"{"name":"a","disks":["nopath"]}"#,
+            r#"{"name":"a","nets":["tap="]}"#,
+        ] {
+            assert!(spec(bad).is_err(), "{bad}");
         }
     }
 
@@ -336,10 +299,7 @@ mod tests {
             "a\0",
             &"x".repeat(65),
         ] {
-            let s = VmSpec {
-                name: bad.into(),
-                ..spec(r#"{"name":"a"}"#).unwrap()
-            };
+            let s = VmSpec::new(bad.into());
             assert!(s.validate().is_err(), "{bad:?}");
             assert!(!valid_name(bad), "{bad:?}");
         }
@@ -364,21 +324,25 @@ mod tests {
         assert_eq!(long(MAX_CMDLINE).unwrap().validate(), Ok(()));
         assert!(long(MAX_CMDLINE + 1).unwrap().validate().is_err());
         assert!(long(64 << 10).unwrap().validate().is_err());
-        let disks: Vec<String> = (0..=MAX_DEVICES).map(|i| format!("path=/d{i}")).collect();
-        let many = VmSpec {
-            disks,
-            ..spec(r#"{"name":"a"}"#).unwrap()
-        };
+        let mut many = VmSpec::new("a".into());
+        many.config.disks = (0..=MAX_DEVICES)
+            .map(|i| wv_config::DiskConfig::parse(&format!("path=/d{i}"), i).unwrap())
+            .collect();
         assert!(many.validate().unwrap_err().contains("disks"));
         // Big but individually valid fields: the whole definition is bounded.
-        let big = VmSpec {
-            kernel: Some(format!("/{}", "k".repeat(MAX_PATH - 1))),
-            initrd: Some(format!("/{}", "i".repeat(MAX_PATH - 1))),
-            cmdline: Some("c".repeat(MAX_CMDLINE)),
-            disks: vec![format!("path=/{}", "d".repeat(MAX_PATH - 6))],
-            ..spec(r#"{"name":"a"}"#).unwrap()
-        };
+        let mut big = VmSpec::new("a".into());
+        big.config.kernel = KernelSource::Path(format!("/{}", "k".repeat(MAX_PATH - 1)).into());
+        big.config.initrd = Some(format!("/{}", "i".repeat(MAX_PATH - 1)).into());
+        big.config.cmdline = "c".repeat(MAX_CMDLINE);
+        big.config.disks =
+            vec![
+                wv_config::DiskConfig::parse(&format!("path=/{}", "d".repeat(MAX_PATH - 1)), 0)
+                    .unwrap(),
+            ];
         assert!(big.validate().unwrap_err().contains("bytes"));
+        let mut long_path = VmSpec::new("a".into());
+        long_path.config.initrd = Some(format!("/{}", "i".repeat(MAX_PATH)).into());
+        assert!(long_path.validate().unwrap_err().contains("initrd"));
     }
 
     #[test]
@@ -387,22 +351,10 @@ mod tests {
             r#"{"name":"a","limit":null}"#,
             r#"{"name":"a","kernel":null}"#,
             r#"{"name":"a","cmdline":null}"#,
+            r#"{"name":"a","memory":null}"#,
             r#"{"name":"a","shares":null}"#,
         ] {
             assert!(spec(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn run_arguments() {
-        let s = spec(r#"{"name":"a","cmdline":"x y","rng":false,"disks":["path=d"]}"#).unwrap();
-        let a = s.run_args(
-            std::path::Path::new("/c.log"),
-            std::path::Path::new("/c.sock"),
-        );
-        assert!(a.windows(2).any(|w| w == ["--cmdline", "x y"]));
-        assert!(a.windows(2).any(|w| w == ["--disk", "path=d"]));
-        assert!(a.windows(2).any(|w| w == ["--rng", "off"]));
-        assert!(a.windows(2).any(|w| w == ["--serial", "/c.log"]));
     }
 }

@@ -364,6 +364,15 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
             std::io::Error::last_os_error()
         )));
     }
+    if let Some(r) = &restore {
+        // Once more, now that everything else is in place: the guest's clock resumes where it
+        // stopped, not where it was when restore began.
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: r.vm.clock.0.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))?;
+    }
     let setup_ns = nanos(start.elapsed());
     let run_start = Instant::now();
     // vCPU 0 runs on this, the main thread: on some hosts KVM_RUN costs more per exit from a
@@ -507,10 +516,7 @@ fn build(
     let loaded = match restore {
         Some(_) => None,
         None => {
-            let kernel = match &cfg.kernel {
-                KernelSource::Path(p) => wv_machine::KernelImage::File(p.clone()),
-                KernelSource::Embedded(n, b) => wv_machine::KernelImage::Embedded(n, b),
-            };
+            let kernel = config::kernel_image(&cfg.kernel).map_err(VmmError::Config)?;
             Some(
                 wv_machine::load(
                     &mem,

@@ -14,8 +14,8 @@
 
 use crate::fs;
 use std::path::{Path, PathBuf};
+use wv_config::{parse_size, DiskConfig, KernelSource, NetConfig, SerialMode, VmConfig};
 use wv_host::world::VmSpec;
-use wv_vmm::{parse_size, DiskConfig, KernelSource, NetConfig, SerialMode, VmConfig};
 
 /// A command line that cannot work: one line for the user, exit status 200.
 #[derive(Debug, PartialEq)]
@@ -313,6 +313,20 @@ const VM_OPTS: &[Opt] = &[
     ),
 ];
 
+/// `wv run --config`: the whole VM from a file, instead of [`VM_OPTS`].
+const CONFIG: Opt = opt(
+    "--config",
+    Arg::Value("FILE"),
+    "the whole VM from a JSON file (TOML if FILE ends in .toml) with the fields of\nPOST /v1/vms but name, shares, reservation and limit (docs/openapi.json,\nVmSpec); its relative paths are relative to the file. Not with the VM options\nbelow; --serial, --console-socket and --stats can be added",
+);
+
+/// `wv run --restore`: the VM of a snapshot, instead of [`VM_OPTS`].
+const RESTORE: Opt = opt(
+    "--restore",
+    Arg::Value("DIR"),
+    "bring back the VM of a snapshot directory (PUT /vm/snapshot on the control\nsocket; docs/SNAPSHOT.md): the VM comes from it, so not with the VM options\nor --config; --serial, --console-socket, --api-socket and --stats can be added",
+);
+
 /// What only a foreground `wv run` has (the daemon owns a VM's console).
 const RUN_LOCAL_OPTS: &[Opt] = &[
     opt(
@@ -385,7 +399,7 @@ pub const RUN: Spec = Spec {
     about:
         "Boots one VM and runs it until the guest powers off, resets or fails. Without --kernel it
 boots the embedded probe guest, which runs its self-tests and powers off with 0 when all pass.",
-    opts: &[VM_OPTS, RUN_LOCAL_OPTS],
+    opts: &[&[CONFIG, RESTORE], VM_OPTS, RUN_LOCAL_OPTS],
     after: RUN_STATUS,
 };
 
@@ -567,6 +581,7 @@ Worldvisor: a hypervisor on Linux KVM
 
 Usage:
   wv run [OPTIONS]          Boot one VM in the foreground until the guest powers off
+  wv run --config VM.json   The same, the VM's whole definition from a file
   wv host [--socket PATH] [--state-dir DIR] [--listen ADDR:PORT]
                             Run the host daemon that owns this host's VMs (--listen: also
                             serve the API on TCP, to clients with its token)
@@ -607,12 +622,6 @@ Commands:
 Run wv vm COMMAND --help for a command's options.";
 
 // ---- Typed results ----
-
-/// The probe guest's default command line.
-pub const PROBE_CMDLINE: &str =
-    "console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng";
-/// The default command line for a user kernel.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 /// `--stats`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -666,7 +675,7 @@ pub enum Command {
     /// `--version`.
     Version,
     /// Boot a VM in the foreground.
-    Run(Box<VmConfig>, StatsMode),
+    Run(Box<VmConfig>, StatsMode, Option<PathBuf>),
     /// Write an embedded image.
     ProbeImage {
         /// Its name.
@@ -864,30 +873,33 @@ macro_rules! matches_or_help {
 
 fn parse_run(args: &[String]) -> Result<Command, Usage> {
     let m = matches_or_help!(&RUN, args);
-    let d = vm_def(&m)?;
     let stats = match (m.has("--stats"), m.value("--stats")) {
         (false, _) => StatsMode::Off,
         (true, None | Some("table")) => StatsMode::Table,
         (true, Some("json")) => StatsMode::Json,
         (true, Some(o)) => return Err(Usage(format!("--stats takes table or json, not '{o}'"))),
     };
-    let (kernel, default_cmdline) = match d.kernel {
-        Some(p) => (KernelSource::Path(p), KERNEL_CMDLINE),
-        None => (
-            KernelSource::Embedded("probe guest (PVH)", wv_probe_images::PROBE_PVH),
-            PROBE_CMDLINE,
-        ),
+    let restore = m.value("--restore").map(PathBuf::from);
+    if restore.is_some() {
+        if let Some(o) = VM_OPTS.iter().chain([&CONFIG]).find(|o| m.has(o.long)) {
+            return Err(Usage(format!(
+                "--restore takes the VM from the snapshot: {} cannot be added to it",
+                o.long
+            )));
+        }
+    }
+    let mut cfg = match m.value("--config") {
+        Some(file) => {
+            if let Some(o) = VM_OPTS.iter().find(|o| m.has(o.long)) {
+                return Err(Usage(format!(
+                    "--config gives the whole VM: {} cannot be added to it",
+                    o.long
+                )));
+            }
+            config_from_file(Path::new(file))?
+        }
+        None => vm_config(vm_def(&m)?),
     };
-    let mut cfg = VmConfig::new(
-        kernel,
-        d.cmdline.unwrap_or_else(|| default_cmdline.to_string()),
-    );
-    cfg.initrd = d.initrd;
-    cfg.memory = d.memory;
-    cfg.vcpus = d.vcpus;
-    cfg.rng = d.rng;
-    cfg.disks = d.disks;
-    cfg.nets = d.nets;
     if let Some(v) = m.value("--serial") {
         cfg.serial = match v {
             "stdio" => SerialMode::Stdio,
@@ -898,7 +910,52 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     }
     cfg.console_socket = m.value("--console-socket").map(PathBuf::from);
     cfg.api_socket = m.value("--api-socket").map(PathBuf::from);
-    Ok(Command::Run(Box::new(cfg), stats))
+    Ok(Command::Run(Box::new(cfg), stats, restore))
+}
+
+/// The configuration the VM options describe, with the defaults that depend on the kernel.
+fn vm_config(d: VmDef) -> VmConfig {
+    let kernel = d
+        .kernel
+        .map_or_else(KernelSource::default, KernelSource::Path);
+    let cmdline = d
+        .cmdline
+        .unwrap_or_else(|| kernel.default_cmdline().to_string());
+    let mut cfg = VmConfig::new(kernel, cmdline);
+    cfg.initrd = d.initrd;
+    cfg.memory = d.memory;
+    cfg.vcpus = d.vcpus;
+    cfg.rng = d.rng;
+    cfg.disks = d.disks;
+    cfg.nets = d.nets;
+    cfg
+}
+
+/// Reads a definition file: TOML when its name ends in `.toml`, else JSON; an error is one
+/// line naming the file. Relative paths in it are made relative to the file's directory.
+fn from_file<T: serde::de::DeserializeOwned>(file: &Path) -> Result<(T, PathBuf), Usage> {
+    let f = file.display();
+    let text = std::fs::read_to_string(file).map_err(|e| Usage(format!("cannot read {f}: {e}")))?;
+    let v: T = if file.extension().is_some_and(|e| e == "toml") {
+        toml::from_str(&text).map_err(|e| Usage(format!("{f}: {}", one_line(&e.to_string()))))?
+    } else {
+        if !text.trim_start().starts_with('{') {
+            return Err(Usage(format!("{f}: expected a JSON object")));
+        }
+        serde_json::from_str(&text).map_err(|e| Usage(format!("{f}: {e}")))?
+    };
+    let dir = std::path::absolute(file)
+        .map_err(|e| Usage(format!("{f}: {e}")))?
+        .parent()
+        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+    Ok((v, dir))
+}
+
+/// `wv run --config FILE`.
+fn config_from_file(file: &Path) -> Result<VmConfig, Usage> {
+    let (mut c, dir) = from_file::<VmConfig>(file)?;
+    absolute_paths(&mut c, &dir);
+    Ok(c)
 }
 
 /// The VM options [`VM_OPTS`], typed (before defaults that depend on the kernel).
@@ -916,13 +973,13 @@ struct VmDef {
 fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
     let memory = match m.value("--memory") {
         Some(v) => parse_size(v).map_err(|e| Usage(format!("--memory: {e}")))?,
-        None => wv_vmm::DEFAULT_MEMORY,
+        None => wv_config::DEFAULT_MEMORY,
     };
     let vcpus = match m.value("--vcpus") {
         Some(v) => v.parse().map_err(|_| {
             Usage(format!(
                 "--vcpus '{v}' is not a number from 1 to {}",
-                wv_vmm::MAX_VCPUS
+                wv_config::MAX_VCPUS
             ))
         })?,
         None => 1,
@@ -1096,7 +1153,8 @@ fn create_spec(m: &Matches) -> Result<VmSpec, Usage> {
                 o.long
             )));
         }
-        let mut s = spec_from_file(Path::new(file))?;
+        let (mut s, dir) = from_file::<VmSpec>(Path::new(file))?;
+        absolute_paths(&mut s.config, &dir);
         if let Some(n) = name {
             s.name = n;
         }
@@ -1105,7 +1163,22 @@ fn create_spec(m: &Matches) -> Result<VmSpec, Usage> {
         let name = name.ok_or_else(|| Usage("wv vm create needs a VM name (or --file)".into()))?;
         spec_from_options(name, m)?
     };
-    absolute_paths(&mut spec, &cwd()?)?;
+    absolute_paths(&mut spec.config, &cwd()?);
+    // The daemon reads JSON: every path must be UTF-8.
+    let c = &spec.config;
+    let kernel = match &c.kernel {
+        KernelSource::Path(p) => Some(("--kernel", p)),
+        KernelSource::Embedded(_) => None,
+    };
+    let paths = kernel
+        .into_iter()
+        .chain(c.initrd.iter().map(|p| ("--initrd", p)))
+        .chain(c.disks.iter().map(|d| ("--disk", &d.path)));
+    for (o, p) in paths {
+        if p.to_str().is_none() {
+            return Err(Usage(format!("{o}: the path {p:?} is not UTF-8")));
+        }
+    }
     Ok(spec)
 }
 
@@ -1113,34 +1186,9 @@ fn cwd() -> Result<PathBuf, Usage> {
     std::env::current_dir().map_err(|e| Usage(format!("cannot read the current directory: {e}")))
 }
 
-/// A definition with the defaults of `POST /v1/vms` (so that fields the daemon adds keep
-/// their defaults here).
-fn default_spec(name: String) -> Result<VmSpec, Usage> {
-    serde_json::from_value(serde_json::json!({ "name": name }))
-        .map_err(|e| Usage(format!("VM definition: {e}")))
-}
-
 fn spec_from_options(name: String, m: &Matches) -> Result<VmSpec, Usage> {
-    let d = vm_def(m)?;
-    let path = |p: PathBuf, o: &str| {
-        p.into_os_string()
-            .into_string()
-            .map_err(|p| Usage(format!("{o}: the path {p:?} is not UTF-8")))
-    };
-    let mut s = default_spec(name)?;
-    s.kernel = d.kernel.map(|p| path(p, "--kernel")).transpose()?;
-    s.initrd = d.initrd.map(|p| path(p, "--initrd")).transpose()?;
-    s.cmdline = d.cmdline;
-    s.memory = wv_vmm::config::format_size(d.memory);
-    s.vcpus = d.vcpus;
-    s.rng = d.rng;
-    s.disks = d
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| d.to_spec(i).map_err(|e| Usage(e.to_string())))
-        .collect::<Result<_, _>>()?;
-    s.nets = d.nets.iter().map(NetConfig::to_spec).collect();
+    let mut s = VmSpec::new(name);
+    s.config = vm_config(vm_def(m)?);
     let sc = sched(m)?;
     if let Some(x) = sc.shares {
         s.shares = x;
@@ -1154,45 +1202,21 @@ fn spec_from_options(name: String, m: &Matches) -> Result<VmSpec, Usage> {
     Ok(s)
 }
 
-/// A definition file (TOML or JSON by its extension), typed; relative paths in it are made
-/// relative to the file's directory.
-fn spec_from_file(file: &Path) -> Result<VmSpec, Usage> {
-    let f = file.display();
-    let text = std::fs::read_to_string(file).map_err(|e| Usage(format!("cannot read {f}: {e}")))?;
-    let mut s: VmSpec = if file.extension().is_some_and(|e| e == "toml") {
-        toml::from_str(&text).map_err(|e| Usage(format!("{f}: {}", one_line(&e.to_string()))))?
-    } else {
-        serde_json::from_str(&text).map_err(|e| Usage(format!("{f}: {e}")))?
-    };
-    let dir = std::path::absolute(file)
-        .map_err(|e| Usage(format!("{f}: {e}")))?
-        .parent()
-        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
-    absolute_paths(&mut s, &dir)?;
-    Ok(s)
-}
-
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Makes the kernel, initrd and disk paths of `s` absolute against `base`.
-fn absolute_paths(s: &mut VmSpec, base: &Path) -> Result<(), Usage> {
-    let abs = |p: &str| {
-        base.join(p)
-            .into_os_string()
-            .into_string()
-            .map_err(|p| Usage(format!("the path {p:?} is not UTF-8")))
-    };
-    for p in [&mut s.kernel, &mut s.initrd].into_iter().flatten() {
-        *p = abs(p)?;
+/// Makes the kernel, initrd and disk paths of `c` absolute against `base`.
+fn absolute_paths(c: &mut VmConfig, base: &Path) {
+    if let KernelSource::Path(p) = &mut c.kernel {
+        *p = base.join(&*p);
     }
-    for (i, d) in s.disks.iter_mut().enumerate() {
-        let mut c = DiskConfig::parse(d, i).map_err(|e| Usage(e.to_string()))?;
-        c.path = base.join(&c.path);
-        *d = c.to_spec(i).map_err(|e| Usage(e.to_string()))?;
+    if let Some(p) = &mut c.initrd {
+        *p = base.join(&*p);
     }
-    Ok(())
+    for d in &mut c.disks {
+        d.path = base.join(&d.path);
+    }
 }
 
 #[cfg(test)]
@@ -1250,11 +1274,25 @@ mod tests {
         assert_eq!(spaced, inline);
         let VmCmd::Create(s) = inline.1 else { panic!() };
         assert_eq!(
-            (s.memory.as_str(), s.vcpus, s.shares, s.limit),
-            ("512M", 2, 2000, None)
+            (s.config.memory, s.config.vcpus, s.shares, s.limit),
+            (512 << 20, 2, 2000, None)
         );
-        assert_eq!(s.disks, ["path=/x.img"]);
-        assert_eq!(s.nets, ["tap=tap9"]);
+        assert_eq!(
+            s.config.disks,
+            [DiskConfig::parse("path=/x.img", 0).unwrap()]
+        );
+        assert_eq!(s.config.nets, [NetConfig::parse("tap=tap9").unwrap()]);
+        // What the daemon gets is what `wv run` would boot from the same options.
+        let Ok(Command::Run(run, _, _)) = parse(&args(&[
+            "run",
+            "--memory=512M",
+            "--disk=path=/x.img",
+            "--net=tap=tap9",
+            "--vcpus=2",
+        ])) else {
+            panic!()
+        };
+        assert_eq!(s.config, *run);
     }
 
     #[test]
@@ -1273,16 +1311,15 @@ mod tests {
             panic!()
         };
         let cwd = std::env::current_dir().unwrap();
-        let at = |p: &str| cwd.join(p).to_str().unwrap().to_string();
-        assert_eq!(s.kernel, Some(at("k/bzImage")));
-        assert_eq!(s.initrd, Some(at("i.img")));
+        let c = &s.config;
+        assert_eq!(c.kernel, KernelSource::Path(cwd.join("k/bzImage")));
+        assert_eq!(c.initrd, Some(cwd.join("i.img")));
+        let disks: Vec<_> = c.disks.iter().map(|d| (&d.path, d.readonly)).collect();
         assert_eq!(
-            s.disks,
-            [
-                format!("path={},readonly=on", at("d.img")),
-                format!("vmkfs={}:web", at("ds.img")),
-            ]
+            disks,
+            [(&cwd.join("d.img"), true), (&cwd.join("ds.img"), false)]
         );
+        assert_eq!(c.disks[1].vmkfs.as_deref(), Some("web"));
     }
 
     #[test]
@@ -1312,6 +1349,15 @@ mod tests {
             (&["host", "top", "--listen=1"], "'--listen'"),
             (&["host", "frob"], "unknown 'wv host' command"),
             (&["run", "--shares", "2"], "'--shares'"),
+            (
+                &["run", "--config", "vm.json", "--memory", "1G"],
+                "--memory cannot be added",
+            ),
+            (
+                &["run", "--config=vm.json", "--kernel=k"],
+                "--kernel cannot",
+            ),
+            (&["run", "--config"], "needs a value"),
             (&["run", "extra"], "unexpected 'extra'"),
             (&["run", "--vcpus"], "needs a value"),
             (&["vm", "list", "--json=yes"], "takes no value"),
@@ -1380,8 +1426,56 @@ mod tests {
     }
 
     #[test]
+    fn run_takes_the_whole_vm_from_a_config_file() {
+        let dir = std::env::temp_dir().join(format!("wv-cli-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.to_str().unwrap().to_string()
+        };
+        let vm = file(
+            "vm.json",
+            r#"{"kernel":"k/vmlinux","memory":"64M","vcpus":2,"disks":[{"path":"d.img","id":"root"}]}"#,
+        );
+        let Ok(Command::Run(c, stats, _)) = parse(&args(&[
+            "run", "--config", &vm, "--serial", "none", "--stats",
+        ])) else {
+            panic!()
+        };
+        assert_eq!(c.kernel, KernelSource::Path(dir.join("k/vmlinux")));
+        assert_eq!(c.cmdline, wv_config::KERNEL_CMDLINE);
+        assert_eq!((c.memory, c.vcpus), (64 << 20, 2));
+        assert_eq!(c.disks[0].path, dir.join("d.img"));
+        assert_eq!(
+            (c.serial.clone(), stats),
+            (SerialMode::None, StatsMode::Table)
+        );
+        let toml = file("vm.toml", "vcpus = 3\n");
+        let Ok(Command::Run(c, _, _)) = parse(&args(&["run", "--config", &toml])) else {
+            panic!()
+        };
+        assert_eq!((c.vcpus, c.kernel.clone()), (3, KernelSource::default()));
+        for (text, needle) in [
+            (r#"{"vcpus":2,"colour":"red"}"#, "unknown field `colour`"),
+            (r#"{"memory":"lots"}"#, "invalid size 'lots'"),
+            ("[]", "expected a JSON object"),
+            ("{\n\"vcpus\":", "EOF"),
+        ] {
+            let bad = file("bad.json", text);
+            let e = refused(&["run", "--config", &bad]);
+            assert!(e.contains("bad.json") && e.contains(needle), "{text}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let bad = file("bad.toml", "vcpus = \n");
+        assert!(!refused(&["run", "--config", &bad]).contains('\n'));
+        assert!(refused(&["run", "--config", "/nonexistent.json"]).contains("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn run_reads_its_options() {
-        let Ok(Command::Run(c, stats)) = parse(&args(&[
+        let Ok(Command::Run(c, stats, _)) = parse(&args(&[
             "run",
             "--memory=64M",
             "--vcpus",

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             println!("wv {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run(cfg, stats) => cmd_run(&cfg, stats),
+        Command::Run(cfg, stats, restore) => cmd_run(&cfg, stats, restore.as_deref()),
         Command::ProbeImage { format, output } => cmd_probe_image(&format, &output),
         Command::HostServe {
             socket,
@@ -83,8 +83,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn cmd_run(cfg: &VmConfig, stats: StatsMode) -> ExitCode {
-    match wv_vmm::run(cfg) {
+fn cmd_run(cfg: &VmConfig, stats: StatsMode, restore: Option<&Path>) -> ExitCode {
+    let ran = match restore {
+        None => wv_vmm::run(cfg),
+        Some(dir) => wv_vmm::snapshot_config(dir).and_then(|mut c| {
+            // The VM from the snapshot; where its console and control socket go, from here.
+            c.serial = cfg.serial.clone();
+            c.console_socket = cfg.console_socket.clone();
+            c.api_socket = cfg.api_socket.clone();
+            wv_vmm::restore(&c, dir)
+        }),
+    };
+    match ran {
         Ok(mut out) => {
             if stats != StatsMode::Off {
                 out.stats.kvm = out.resources.kvm_counters();
@@ -367,7 +377,9 @@ fn print_vm(v: &serde_json::Value) {
         s["name"].as_str().unwrap_or("?"),
         v["state"].as_str().unwrap_or("?"),
         s["vcpus"],
-        s["memory"].as_str().unwrap_or("?"),
+        s["memory"]
+            .as_u64()
+            .map_or("?".to_string(), wv_config::format_size),
         v["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
         v["reason"].as_str().unwrap_or("")
     );

@@ -37,12 +37,13 @@ fn vm_create_keeps_every_option_in_both_forms() {
     ]);
     assert_eq!(r.status, Some(0), "{r}");
     let s = spec(&d, "issue");
+    // Sent and kept typed: memory in bytes, devices as objects.
     assert_eq!(
         (&s["memory"], &s["disks"], &s["nets"]),
         (
-            &"512M".into(),
-            &serde_json::json!(["path=/x.img"]),
-            &serde_json::json!(["tap=tap9"])
+            &(512u64 << 20).into(),
+            &serde_json::json!([{"path": "/x.img", "readonly": false, "id": "disk0"}]),
+            &serde_json::json!([{"tap": "tap9"}])
         ),
         "{s}"
     );
@@ -87,10 +88,10 @@ fn vm_create_keeps_every_option_in_both_forms() {
     ]);
     assert_eq!(r.status, Some(0), "{r}");
     let (a, mut b) = (spec(&d, "a"), spec(&d, "b"));
-    assert_eq!(a["memory"], "512M", "{a}");
+    assert_eq!(a["memory"], 512 << 20, "{a}");
     assert_eq!(a["vcpus"], 2, "{a}");
-    assert_eq!(a["disks"], serde_json::json!(["path=/x.img"]), "{a}");
-    assert_eq!(a["nets"], serde_json::json!(["tap=tap9"]), "{a}");
+    assert_eq!(a["disks"][0]["path"], "/x.img", "{a}");
+    assert_eq!(a["nets"][0]["tap"], "tap9", "{a}");
     assert_eq!(a["rng"], false, "{a}");
     assert_eq!(a["cmdline"], "console=ttyS0 probe.tests=boot", "{a}");
     assert_eq!(
@@ -134,13 +135,13 @@ fn relative_paths_are_made_absolute_by_the_client() {
     assert_eq!(r.status, Some(0), "{r}");
     let s = spec(&d, "rel");
     let w = work.to_str().unwrap();
-    assert_eq!(s["kernel"], format!("{w}/bzImage"), "{s}");
+    assert_eq!(s["kernel"]["path"], format!("{w}/bzImage"), "{s}");
     assert_eq!(s["initrd"], format!("{w}/sub/initrd.img"), "{s}");
     assert_eq!(
         s["disks"],
         serde_json::json!([
-            format!("path={w}/disk.img,readonly=on"),
-            format!("vmkfs={w}/sub/ds.img:web,id=root"),
+            {"path": format!("{w}/disk.img"), "readonly": true, "id": "disk0"},
+            {"path": format!("{w}/sub/ds.img"), "vmkfs": "web", "readonly": false, "id": "root"},
         ]),
         "{s}"
     );
@@ -153,12 +154,8 @@ fn relative_paths_are_made_absolute_by_the_client() {
     let r = d.wv(&["vm", "create", "--file", file.to_str().unwrap()]);
     assert_eq!(r.status, Some(0), "{r}");
     let s = spec(&d, "web");
-    assert_eq!(s["kernel"], format!("{w}/sub/vmlinux"), "{s}");
-    assert_eq!(
-        s["disks"],
-        serde_json::json!([format!("path={w}/sub/../web.img")]),
-        "{s}"
-    );
+    assert_eq!(s["kernel"]["path"], format!("{w}/sub/vmlinux"), "{s}");
+    assert_eq!(s["disks"][0]["path"], format!("{w}/sub/../web.img"), "{s}");
     d.stop();
 }
 
@@ -193,6 +190,7 @@ fn options_a_command_does_not_use_are_refused() {
         (&["host", "status", "--listen", "127.0.0.1:1"], "'--listen'"),
         (&["run", "--shares", "100"], "'--shares'"),
         (&["run", "stray"], "unexpected 'stray'"),
+        (&["vm", "create", "a", "--config=/x.json"], "'--config'"),
         (&["probe-image", "--format=pvh", "--bogus"], "'--bogus'"),
     ] {
         let r = d.wv(args);
@@ -215,6 +213,58 @@ fn options_a_command_does_not_use_are_refused() {
     let r = run_cmd(c, Duration::from_secs(10));
     assert_usage_error(&r, "unknown option '--bogus' for 'wv host'");
     assert!(!dir.path("x.sock").exists(), "it never served");
+}
+
+/// `wv run --config FILE`: a file that cannot be read, is not a VM configuration or has a
+/// field `wv run` does not know, and a mix with the VM options, are each one line (exit 200)
+/// before KVM is touched.
+#[test]
+fn run_config_files_that_do_not_read_are_one_line_errors() {
+    let dir = TempDir::new("cli-config");
+    for (name, text, needle) in [
+        (
+            "unknown.json",
+            r#"{"vcpus":2,"colour":"red"}"#,
+            "unknown field `colour`",
+        ),
+        (
+            "console.json",
+            r#"{"serial":"none"}"#,
+            "unknown field `serial`",
+        ),
+        ("type.json", r#"{"vcpus":"two"}"#, "invalid type"),
+        ("size.json", r#"{"memory":"lots"}"#, "invalid size 'lots'"),
+        (
+            "disk.json",
+            r#"{"disks":[{"path":"d","speed":9}]}"#,
+            "unknown field `speed`",
+        ),
+        ("null.json", r#"{"kernel":null}"#, "invalid type: null"),
+        ("array.json", "[]", "expected a JSON object"),
+        ("cut.json", "{\n  \"vcpus\": 2,\n", "EOF"),
+        ("bad.toml", "vcpus = \n", "bad.toml"),
+    ] {
+        let f = dir.file(name, text.as_bytes());
+        let mut c = Command::new(wv_bin());
+        // A KVM device that cannot be opened: the error must come first, from the file.
+        c.args(["run", "--config", f.to_str().unwrap()])
+            .env("WV_KVM_DEVICE", "/nonexistent/kvm");
+        let r = run_cmd(c, Duration::from_secs(10));
+        assert_usage_error(&r, needle);
+        assert!(r.stderr.contains(name), "the file is named: {r}");
+    }
+    let ok = dir.file("ok.json", b"{}");
+    let r = wv(&["run", "--config", ok.to_str().unwrap(), "--vcpus", "2"]);
+    assert_usage_error(
+        &r,
+        "--config gives the whole VM: --vcpus cannot be added to it",
+    );
+    let r = wv(&["run", "--config", "/nonexistent/vm.json"]);
+    assert_usage_error(&r, "cannot read /nonexistent/vm.json");
+    // Values that read but cannot work are the VMM's usage errors too, in one line.
+    let big = dir.file("big.json", br#"{"vcpus":99}"#);
+    let r = wv(&["run", "--config", big.to_str().unwrap()]);
+    assert_usage_error(&r, "out of range");
 }
 
 #[test]
@@ -283,9 +333,11 @@ fn every_command_answers_help() {
     ] {
         assert!(r.stdout.contains(o), "{o}\n{r}");
     }
-    for o in ["--serial", "--console-socket", "--stats"] {
+    for o in ["--serial", "--console-socket", "--stats", "--config"] {
         assert!(!r.stdout.contains(o), "{o}\n{r}");
     }
+    let r = wv(&["run", "--help"]);
+    assert!(r.stdout.contains("--config FILE"), "{r}");
     let r = wv(&["host", "--help"]);
     assert!(r.stdout.contains("--listen ADDR:PORT"), "{r}");
 }

@@ -43,7 +43,7 @@ fn lifecycle_crash_and_restart() {
     d.wv(&["vm", "create", "victim", "--cmdline", "probe.tests=hang"]);
     let list = d.json(&["vm", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 3);
-    assert_eq!(list[1]["spec"]["memory"], "64M");
+    assert_eq!(list[1]["spec"]["memory"], 64 << 20, "memory in bytes");
     assert!(list
         .as_array()
         .unwrap()
@@ -56,6 +56,18 @@ fn lifecycle_crash_and_restart() {
     assert_eq!(q["reason"], "guest powered off with exit code 0");
     let console = std::fs::read_to_string(d.state.join("vms/quick/console.log")).unwrap();
     assert!(console.contains("PASS boot"), "{console}");
+    // The daemon handed its VMM the whole configuration in one file only its owner reads:
+    // the definition without what only the daemon uses.
+    let file = d.state.join("vms/quick/config.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let mut want = d.json(&["vm", "info", "quick"])["spec"].clone();
+    for daemon_only in ["name", "shares", "reservation", "limit"] {
+        want.as_object_mut().unwrap().remove(daemon_only);
+    }
+    assert_eq!(config, want);
 
     // SIGKILL of one VMM: that VM is 'crashed', the other keeps running, the daemon serves.
     let spin = d.json(&["vm", "start", "spin"]);
@@ -72,6 +84,17 @@ fn lifecycle_crash_and_restart() {
     assert_eq!(v["reason"], "VMM killed by signal 9");
     let spin_pid = spin["pid"].as_u64().unwrap();
     assert!(pid_alive(spin_pid));
+    // Its command line names that file, and no VM option.
+    let argv = std::fs::read(format!("/proc/{spin_pid}/cmdline")).unwrap();
+    let argv: Vec<&[u8]> = argv.split(|&b| b == 0).collect();
+    let config = d.state.join("vms/spin/config.json");
+    assert!(
+        argv.windows(2)
+            .any(|w| w == [&b"--config"[..], config.to_str().unwrap().as_bytes()]),
+        "{:?}",
+        String::from_utf8_lossy(&argv.concat())
+    );
+    assert!(!argv.iter().any(|a| *a == b"--memory" || *a == b"--vcpus"));
     assert_eq!(d.json(&["vm", "info", "spin"])["state"], "running");
 
     // Pause stops every thread of the VMM; resume continues them.
@@ -255,14 +278,28 @@ fn definitions_from_json_and_toml_files() {
     assert_eq!(v["spec"]["vcpus"], 2);
     assert_eq!(v["spec"]["shares"], 2500);
     assert_eq!(v["spec"]["reservation"], 0.5);
-    assert_eq!(v["spec"]["disks"][0], "path=/srv/web.img");
+    assert_eq!(
+        v["spec"]["disks"][0],
+        serde_json::json!({"path": "/srv/web.img", "readonly": false, "id": "disk0"}),
+        "the disk's text is read, the typed disk kept"
+    );
     // The same file under another name, and a JSON file.
     let r = d.wv(&["vm", "create", "web2", "--file", toml.to_str().unwrap()]);
     assert_eq!(r.status, Some(0), "{r}");
-    let json = dir.file("db.json", br#"{"name":"db","memory":"128M","limit":0.5}"#);
+    let json = dir.file(
+        "db.json",
+        br#"{"name":"db","memory":134217728,"limit":0.5,"disks":[{"path":"db.img","id":"db"}]}"#,
+    );
     let r = d.wv(&["vm", "create", "--file", json.to_str().unwrap()]);
     assert_eq!(r.status, Some(0), "{r}");
-    assert_eq!(d.json(&["vm", "info", "db"])["spec"]["limit"], 0.5);
+    let db = d.json(&["vm", "info", "db"]);
+    assert_eq!(db["spec"]["limit"], 0.5);
+    assert_eq!(db["spec"]["memory"], 128 << 20);
+    assert_eq!(
+        db["spec"]["disks"][0]["path"],
+        dir.path("db.img").to_str().unwrap(),
+        "relative to the file"
+    );
     // Bad files: one line each, nothing created.
     let bad_toml = dir.file("bad.toml", b"name = \n");
     let unknown = dir.file("unknown.json", br#"{"name":"x","colour":"red"}"#);

@@ -99,11 +99,33 @@ fn matches(atoms: &[Atom], s: &[char]) -> bool {
     (a.min..=n).rev().any(|k| matches(rest, &s[k..]))
 }
 
-/// Checks `v` against the subset of JSON Schema the document uses.
+/// Whether `v` is of the JSON Schema `type` named.
+fn of_type(ty: &str, v: &Value) -> bool {
+    match ty {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "boolean" => v.is_boolean(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        _ => false,
+    }
+}
+
+/// Checks `v` against the subset of JSON Schema the document uses. A `oneOf` has
+/// alternatives of different types: `v` must be of exactly one of them, and match it.
 fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) {
     let s = resolve(doc, schema);
     if v.is_null() && s["nullable"] == Value::Bool(true) {
         return;
+    }
+    if let Some(alts) = s.get("oneOf").and_then(Value::as_array) {
+        let fits: Vec<&Value> = alts
+            .iter()
+            .filter(|a| of_type(resolve(doc, a)["type"].as_str().unwrap_or(""), v))
+            .collect();
+        assert_eq!(fits.len(), 1, "{at}: {v} is of none or several of {alts:?}");
+        return validate(doc, fits[0], v, at);
     }
     if let Some(e) = s.get("enum").and_then(Value::as_array) {
         assert!(e.contains(v), "{at}: {v} not in {e:?}");
@@ -382,7 +404,62 @@ fn the_server_matches_its_openapi_document() {
         400
     );
     c.call("GET", "/v1/vms", "/v1/vms", None);
-    assert_eq!(c.call("GET", vm, "/v1/vms/a", None).0, 200);
+    // Defaults filled in, and every answer typed.
+    let (status, a) = c.call("GET", vm, "/v1/vms/a", None);
+    assert_eq!(status, 200);
+    assert_eq!(a["spec"]["memory"], 256 << 20, "{a}");
+    assert_eq!(
+        a["spec"]["kernel"],
+        serde_json::json!({"embedded": "pvh"}),
+        "{a}"
+    );
+    // The short forms of a request come back typed; the typed forms are taken as they are.
+    let (status, t) = c.call(
+        "POST",
+        "/v1/vms",
+        "/v1/vms",
+        Some(r#"{"name":"t","kernel":"/k","memory":"64M","disks":["vmkfs=/ds:web,readonly=on","path=/x.img,id=x"],"nets":["tap=t0,mac=52:54:00:00:00:01"]}"#),
+    );
+    assert_eq!(status, 201, "{t}");
+    let typed = serde_json::json!({
+        "name": "t",
+        "kernel": {"path": "/k"},
+        "cmdline": "console=ttyS0 reboot=k panic=1",
+        "memory": 64 << 20,
+        "vcpus": 1,
+        "rng": true,
+        "disks": [
+            {"path": "/ds", "vmkfs": "web", "readonly": true, "id": "disk0"},
+            {"path": "/x.img", "readonly": false, "id": "x"},
+        ],
+        "nets": [{"tap": "t0", "mac": "52:54:00:00:00:01"}],
+        "shares": 1000,
+        "reservation": 0.0,
+    });
+    assert_eq!(t["spec"], typed);
+    let mut again = typed.clone();
+    again["name"] = "t2".into();
+    let (status, t2) = c.call("POST", "/v1/vms", "/v1/vms", Some(&again.to_string()));
+    assert_eq!((status, &t2["spec"]), (201, &again));
+    for name in ["/v1/vms/t", "/v1/vms/t2"] {
+        assert_eq!(c.call("DELETE", vm, name, None).0, 204);
+    }
+    // Not of its form: 400; of its form but unusable: 422.
+    for (body, want) in [
+        (r#"{"name":"b","memory":"lots"}"#, 400),
+        (r#"{"name":"b","disks":["nopath"]}"#, 400),
+        (r#"{"name":"b","kernel":{"embedded":"nope"}}"#, 422),
+        (
+            r#"{"name":"b","disks":[{"path":"/x","id":"x"},{"path":"/y","id":"x"}]}"#,
+            422,
+        ),
+    ] {
+        assert_eq!(
+            c.call("POST", "/v1/vms", "/v1/vms", Some(body)).0,
+            want,
+            "{body}"
+        );
+    }
     assert_eq!(c.call("GET", vm, "/v1/vms/zz", None).0, 404);
     for op in ["start", "stop", "pause", "resume"] {
         assert_eq!(
@@ -632,6 +709,26 @@ struct ModelVm {
 fn violate(rng: &mut Rng, doc: &Value, schema: &Value) -> Value {
     let s = resolve(doc, schema);
     let mut ways: Vec<Value> = Vec::new();
+    if let Some(alts) = s.get("oneOf").and_then(Value::as_array) {
+        // A type none of the alternatives has, null, or a number below an alternative's
+        // minimum.
+        let types: Vec<&str> = alts
+            .iter()
+            .filter_map(|a| resolve(doc, a)["type"].as_str())
+            .collect();
+        ways.push(if types.contains(&"boolean") {
+            serde_json::json!([])
+        } else {
+            serde_json::json!(true)
+        });
+        ways.push(Value::Null);
+        for a in alts.iter().map(|a| resolve(doc, a)) {
+            if let (Some("integer"), Some(m)) = (a["type"].as_str(), a["minimum"].as_i64()) {
+                ways.push(serde_json::json!(m - 1));
+            }
+        }
+        return rng.pick(&ways).clone();
+    }
     let ty = s["type"].as_str().unwrap_or("");
     // The wrong type, and null where it is not allowed.
     ways.push(match ty {
@@ -720,11 +817,23 @@ impl Fuzz {
     fn valid_spec(&mut self, name: &str) -> Value {
         let doc = self.c.doc.clone();
         let props = &doc["components"]["schemas"]["VmSpec"]["properties"];
+        // Memory and the kernel in their typed and short forms.
+        let memory = self
+            .rng
+            .pick(&[
+                serde_json::json!("16M"),
+                serde_json::json!("32M"),
+                serde_json::json!(64 << 20),
+            ])
+            .clone();
         let mut spec = serde_json::json!({
             "name": name,
             "cmdline": "probe.tests=hang",
-            "memory": self.rng.pick(&["16M", "32M", "64M"]).to_string(),
+            "memory": memory,
         });
+        if self.rng.chance(50) {
+            spec["kernel"] = serde_json::json!({"embedded": *self.rng.pick(&["pvh", "bzimage"])});
+        }
         let vcpus = 1 + self.rng.below(2) as i64;
         if self.rng.chance(50) {
             spec["vcpus"] = vcpus.into();

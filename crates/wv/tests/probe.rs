@@ -480,3 +480,45 @@ fn virtio_blk_reads_writes_persists_and_refuses_writes_to_readonly_disks() {
         assert_eq!(device_activity(&s, "virtio-blk:ro0"), (3, 3), "{r}");
     }
 }
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_config_file_gives_wv_run_the_whole_vm() {
+    need_kvm();
+    let dir = TempDir::new("probe-config");
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..8].copy_from_slice(b"WVDISK01");
+    std::fs::create_dir_all(dir.path("vm")).unwrap();
+    dir.file("vm/d.img", &disk);
+    // Every kind of field, typed and in the short forms; the disk's path is relative to the
+    // file, which is not where wv runs.
+    let config = dir.file(
+        "vm/config.json",
+        br#"{
+            "kernel": {"embedded": "bzimage"},
+            "cmdline": "console=ttyS0 probe.tests=boot,smp,pci,blk",
+            "memory": "64M",
+            "vcpus": 2,
+            "rng": false,
+            "disks": [{"path": "d.img", "readonly": true, "id": "cfgdisk"}]
+        }"#,
+    );
+    let mut c = std::process::Command::new(wv_bin());
+    c.current_dir(dir.path(""))
+        .args(["run", "--config", config.to_str().unwrap(), "--stats=json"]);
+    let r = run_cmd(c, std::time::Duration::from_secs(120));
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.contains("boot=linux64"), "the bzImage: {r}");
+    assert!(r.assert_pass("smp").contains("cpus=2"), "{r}");
+    let blk = r.assert_pass("blk");
+    assert!(
+        blk.contains("cfgdisk:sectors=2048") && blk.contains("ro-refused"),
+        "{blk}"
+    );
+    // The host bridge and the disk: no rng.
+    assert!(r.assert_pass("pci").contains("functions=2"), "{r}");
+    assert!(
+        cause_count(&r.stats(), "mmio:virtio-blk:cfgdisk") > 0,
+        "{r}"
+    );
+}

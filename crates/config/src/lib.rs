@@ -1,0 +1,458 @@
+//! The configuration of one VM, owned here and shared by the command line, the host daemon and
+//! the VMM (and, to come, the snapshot format): typed, serialisable through serde, and checked
+//! by [`VmConfig::validate`], which makes a bad value a clear one-line error before any
+//! resource is taken. The command line's `--disk` and `--net` texts parse into the same types.
+//!
+//! The serialised form, as the daemon writes it for its VMM and `wv run --config` reads it:
+//!
+//! ```json
+//! {"kernel": {"path": "/boot/vmlinuz"}, "initrd": "/boot/initrd.img",
+//!  "cmdline": "console=ttyS0", "memory": 536870912, "vcpus": 2, "rng": true,
+//!  "disks": [{"path": "/srv/ds.img", "vmkfs": "web", "readonly": false, "id": "root"}],
+//!  "nets": [{"tap": "tap0", "mac": "52:54:00:12:34:56"}]}
+//! ```
+//!
+//! Reading also takes the shorter forms people write ([`wire`]): `kernel` as a plain path,
+//! `memory` as a size (`"512M"`), a disk or a net as its command-line text
+//! (`"path=x.img,readonly=on"`); absent fields take their defaults (the embedded probe guest
+//! with its command line, 256 MiB, 1 vCPU, virtio-rng). An unknown field or a `null` is an
+//! error. Where the serial console goes ([`VmConfig::serial`], [`VmConfig::console_socket`])
+//! belongs to the VMM process that runs the VM, not to the VM: it is never serialised.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub mod wire;
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 32;
+/// Guest RAM when none is given.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+/// Least guest RAM (the machine model's own floor; wv-vmm checks that the two agree).
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// Longest disk id (what the guest reads with virtio-blk's GET_ID).
+pub const MAX_DISK_ID: usize = 20;
+/// Longest network interface name (Linux's IFNAMSIZ without the NUL).
+pub const MAX_TAP_NAME: usize = 15;
+/// The kernel images built into `wv` (crate wv-probe-images), by name.
+pub const EMBEDDED_KERNELS: &[&str] = &["pvh", "bzimage", "exitbench"];
+/// The embedded image booted when no kernel is given: the probe guest, PVH entry.
+pub const DEFAULT_KERNEL: &str = "pvh";
+/// The probe guest's default command line.
+pub const PROBE_CMDLINE: &str =
+    "console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng";
+/// The default command line for a kernel from a file.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// The kernel to boot. Serialised as `{"path": PATH}` or `{"embedded": NAME}`; read from
+/// either, or from a plain string (a path).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelSource {
+    /// A file (bzImage or PVH ELF).
+    Path(PathBuf),
+    /// An image built into the binary, by name (one of [`EMBEDDED_KERNELS`]); the VMM turns
+    /// the name into its bytes.
+    Embedded(String),
+}
+
+impl Default for KernelSource {
+    fn default() -> KernelSource {
+        KernelSource::Embedded(DEFAULT_KERNEL.into())
+    }
+}
+
+impl KernelSource {
+    /// The command line this kernel boots with when none is given.
+    pub fn default_cmdline(&self) -> &'static str {
+        match self {
+            KernelSource::Path(_) => KERNEL_CMDLINE,
+            KernelSource::Embedded(_) => PROBE_CMDLINE,
+        }
+    }
+}
+
+/// Where the serial console goes (a property of the VMM process, not of the VM: never part of
+/// a serialised [`VmConfig`]). Serialised, on its own, as `"stdio"`, `"none"` or
+/// `{"file": PATH}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    /// Output to stdout, input from stdin.
+    #[default]
+    Stdio,
+    /// Output appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file or block device; with `vmkfs`, the VMKFS datastore.
+    pub path: PathBuf,
+    /// The disk's name in the VMKFS datastore at `path`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "wire::no_null"
+    )]
+    pub vmkfs: Option<String>,
+    /// Refuse guest writes (and open the image read-only, sharing it).
+    #[serde(default)]
+    pub readonly: bool,
+    /// What the guest reads with GET_ID (1 to [`MAX_DISK_ID`] printable ASCII characters),
+    /// and the accounting name; `disk{index}` unless given.
+    pub id: String,
+}
+
+impl DiskConfig {
+    /// Parses `path=IMG|vmkfs=DATASTORE:NAME[,readonly=on|off][,id=NAME]`; `index` names a
+    /// disk without an id.
+    pub fn parse(spec: &str, index: usize) -> Result<DiskConfig, ConfigError> {
+        let mut path = None;
+        let mut vmkfs = None;
+        let mut readonly = false;
+        let mut id = format!("disk{index}");
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() && vmkfs.is_none() => {
+                    path = Some(PathBuf::from(p))
+                }
+                Some(("vmkfs", v)) if path.is_none() => match v.rsplit_once(':') {
+                    Some((ds, name)) if !ds.is_empty() && !name.is_empty() => {
+                        path = Some(PathBuf::from(ds));
+                        vmkfs = Some(name.to_string());
+                    }
+                    _ => {
+                        return Err(ConfigError(format!(
+                            "--disk '{spec}': vmkfs= takes DATASTORE:NAME"
+                        )))
+                    }
+                },
+                Some(("readonly", "on")) => readonly = true,
+                Some(("readonly", "off")) => readonly = false,
+                Some(("id", v)) if valid_disk_id(v) => id = v.to_string(),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "--disk '{spec}': expected path=IMG or vmkfs=DATASTORE:NAME, then [,readonly=on|off][,id=NAME] (NAME: 1-{MAX_DISK_ID} printable characters); '{part}' is not understood"
+                    )))
+                }
+            }
+        }
+        let path = path.ok_or_else(|| {
+            ConfigError(format!(
+                "--disk '{spec}' has no path=IMG or vmkfs=DATASTORE:NAME"
+            ))
+        })?;
+        Ok(DiskConfig {
+            path,
+            vmkfs,
+            readonly,
+            id,
+        })
+    }
+}
+
+/// Whether `id` can be a disk's id: 1 to [`MAX_DISK_ID`] printable ASCII characters.
+fn valid_disk_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_DISK_ID && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `name` can name a network interface, by Linux's rule (`dev_valid_name`): 1 to
+/// [`MAX_TAP_NAME`] bytes, not `.` or `..`, no `/`, `:`, white space or NUL.
+fn valid_tap_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TAP_NAME
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
+}
+
+/// A virtio-net device on a TAP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// TAP interface name (created when missing and permitted).
+    pub tap: String,
+    /// MAC address (`"52:54:00:12:34:56"` when serialised); generated (locally administered)
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "wire::mac")]
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(m)
+}
+
+/// `m` as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME[,mac=MAC]`.
+    pub fn parse(spec: &str) -> Result<NetConfig, ConfigError> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) if !t.is_empty() && t.len() <= MAX_TAP_NAME => tap = Some(t.to_string()),
+                Some(("mac", m)) => match parse_mac(m) {
+                    Some(m) if m[0] & 1 == 0 => mac = Some(m),
+                    _ => return Err(ConfigError(format!("--net '{spec}': '{m}' is not a unicast MAC address"))),
+                },
+                _ => {
+                    return Err(ConfigError(format!(
+                        "--net '{spec}': expected tap=NAME[,mac=MAC] (NAME: 1-{MAX_TAP_NAME} characters); '{part}' is not understood"
+                    )))
+                }
+            }
+        }
+        let tap = tap.ok_or_else(|| ConfigError(format!("--net '{spec}' has no tap=NAME")))?;
+        Ok(NetConfig { tap, mac })
+    }
+}
+
+/// One VM: what it is made of, and (not serialised) where its VMM sends the console.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmConfig {
+    /// Kernel.
+    pub kernel: KernelSource,
+    /// Initial ramdisk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Serial console (the VMM's, not serialised).
+    #[serde(skip)]
+    pub serial: SerialMode,
+    /// A Unix socket where one client at a time attaches to the serial console (output and
+    /// input), besides `serial` (the VMM's, not serialised).
+    #[serde(skip)]
+    pub console_socket: Option<PathBuf>,
+    /// A Unix socket serving the VMM's control API (the VMM's, not serialised).
+    #[serde(skip)]
+    pub api_socket: Option<PathBuf>,
+    /// A virtio-rng device (entropy for the guest).
+    pub rng: bool,
+    /// virtio-blk disks, in PCI slot order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, after the disks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+}
+
+/// A value the user gave that cannot work.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses a size such as `256M`, `2G`, `512K`, `1T` or a plain number of bytes (binary units;
+/// an optional trailing `B`/`iB` is accepted: `256MiB`).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "invalid size '{s}': use a number with K, M, G or T (e.g. 256M, 2G)"
+        ))
+    };
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        Some(c) if c.is_ascii_digit() => (t, 0),
+        _ => return Err(bad()),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// `bytes` in the largest unit of [`parse_size`] that states it exactly (`512M`, `4100K`).
+pub fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes != 0 && bytes.trailing_zeros() >= shift {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// Host RAM in bytes.
+pub fn host_ram() -> u64 {
+    // SAFETY: sysinfo fills the struct we pass and nothing else.
+    unsafe {
+        let mut si: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut si) == 0 {
+            si.totalram.saturating_mul(u64::from(si.mem_unit))
+        } else {
+            u64::MAX
+        }
+    }
+}
+
+impl Default for VmConfig {
+    /// What `{}` reads as: the embedded probe guest with its command line, and the defaults
+    /// of [`VmConfig::new`].
+    fn default() -> VmConfig {
+        let kernel = KernelSource::default();
+        let cmdline = kernel.default_cmdline().to_string();
+        VmConfig::new(kernel, cmdline)
+    }
+}
+
+/// A path that cannot be opened: empty, or with a NUL byte (what the system call would cut).
+fn check_path(what: &str, p: &std::path::Path) -> Result<(), ConfigError> {
+    let b = p.as_os_str().as_encoded_bytes();
+    if b.is_empty() {
+        return Err(ConfigError(format!("{what}: empty path")));
+    }
+    if b.contains(&0) {
+        return Err(ConfigError(format!("{what}: the path contains a NUL byte")));
+    }
+    Ok(())
+}
+
+impl VmConfig {
+    /// A VM with the defaults: 1 vCPU, [`DEFAULT_MEMORY`], serial on stdio, virtio-rng.
+    pub fn new(kernel: KernelSource, cmdline: String) -> VmConfig {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline,
+            memory: DEFAULT_MEMORY,
+            vcpus: 1,
+            serial: SerialMode::Stdio,
+            console_socket: None,
+            api_socket: None,
+            rng: true,
+            disks: Vec::new(),
+            nets: Vec::new(),
+        }
+    }
+
+    /// Checks every value against the machine model and the host (`host_ram` bytes), however
+    /// the configuration was made (options, a file, the API): sizes and counts, that paths can
+    /// be opened, names and ids.
+    pub fn validate(&self, host_ram: u64) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError(format!(
+                "--vcpus {} is out of range: 1 to {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        if self.memory < MIN_MEMORY {
+            return Err(ConfigError(format!(
+                "--memory of {} bytes is too small: at least {} MiB",
+                self.memory,
+                MIN_MEMORY >> 20
+            )));
+        }
+        if !self.memory.is_multiple_of(4096) {
+            return Err(ConfigError(format!(
+                "--memory of {} bytes is not a multiple of 4 KiB",
+                self.memory
+            )));
+        }
+        match &self.kernel {
+            KernelSource::Path(p) => check_path("kernel", p)?,
+            KernelSource::Embedded(n) if !EMBEDDED_KERNELS.contains(&n.as_str()) => {
+                return Err(ConfigError(format!(
+                    "kernel: no embedded image is named '{}' (there are {})",
+                    n.escape_debug(),
+                    EMBEDDED_KERNELS.join(", ")
+                )))
+            }
+            KernelSource::Embedded(_) => {}
+        }
+        if let Some(i) = &self.initrd {
+            check_path("initrd", i)?;
+        }
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError("cmdline: contains a NUL byte".into()));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if !valid_disk_id(&d.id) {
+                return Err(ConfigError(format!(
+                    "disk id '{}': use 1-{MAX_DISK_ID} printable ASCII characters",
+                    d.id.escape_debug()
+                )));
+            }
+            check_path(&format!("disk {}", d.id), &d.path)?;
+            if let Some(n) = &d.vmkfs {
+                if n.is_empty() || n.contains('\0') {
+                    return Err(ConfigError(format!(
+                        "disk {}: the VMKFS disk name is empty or contains a NUL byte",
+                        d.id
+                    )));
+                }
+            }
+            if self.disks[..i].iter().any(|o| o.id == d.id) {
+                return Err(ConfigError(format!("two disks have the id '{}'", d.id)));
+            }
+        }
+        for n in &self.nets {
+            if !valid_tap_name(&n.tap) {
+                return Err(ConfigError(format!(
+                    "net tap '{}': use 1-{MAX_TAP_NAME} characters, not . or .., without '/', ':', spaces or NUL",
+                    n.tap.escape_debug()
+                )));
+            }
+            if let Some(m) = n.mac.filter(|m| m[0] & 1 != 0) {
+                return Err(ConfigError(format!(
+                    "net {}: {} is not a unicast MAC address",
+                    n.tap,
+                    format_mac(&m)
+                )));
+            }
+        }
+        if self.memory > host_ram {
+            return Err(ConfigError(format!(
+                "--memory of {} MiB exceeds this host's {} MiB of RAM",
+                self.memory >> 20,
+                host_ram >> 20
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
