@@ -731,4 +731,94 @@ mod tests {
         drop(guard);
         flipper.join().unwrap();
     }
+
+    #[test]
+    #[ignore = "needs root for a network namespace and a TAP: cargo test -- --include-ignored"]
+    fn a_paused_net_worker_transmits_nothing_until_resumed() {
+        use crate::testutil::{readable, EvtIrq, DEADLINE};
+        // The TAP lives in a network namespace of this thread's own.
+        let t = std::thread::spawn(|| {
+            // SAFETY: unshare affects only the calling thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                panic!(
+                    "unshare(CLONE_NEWNET): {} (this test needs root)",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let mut net = Net::new(Tap::open("wvt0").unwrap(), [2, 0, 0, 0, 0, 1]);
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            // Receive queue at 0x1_0000.. with no buffers; transmit queue: the test layout.
+            let mut rq = virtio_queue::Queue::new(16).unwrap();
+            rq.try_set_desc_table_address(GuestAddress(0x1_0000))
+                .unwrap();
+            rq.try_set_avail_ring_address(GuestAddress(0x1_1000))
+                .unwrap();
+            rq.try_set_used_ring_address(GuestAddress(0x1_2000))
+                .unwrap();
+            rq.set_ready(true);
+            let rx = ActiveQueue {
+                queue: rq,
+                evt: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                counters: Default::default(),
+            };
+            let mut tx = crate::testutil::ready_queue();
+            // The worker reads notifications without blocking, as from the VMM's eventfds.
+            tx.evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let notify = tx.evt.try_clone().unwrap();
+            // Transmit chain k: descriptor k, a vnet header and a 60-byte frame at 0x8000.
+            let post = |k: u16| {
+                let at = 16 * u64::from(k);
+                mem.write_obj(0x8000u64, GuestAddress(at)).unwrap();
+                mem.write_obj(72u32, GuestAddress(at + 8)).unwrap();
+                mem.write_obj(0u16, GuestAddress(at + 12)).unwrap();
+                mem.write_obj(k, GuestAddress(0x104 + 2 * at / 16)).unwrap();
+                mem.write_obj(k + 1, GuestAddress(0x102)).unwrap();
+            };
+            let used = || mem.read_obj::<u16>(GuestAddress(0x182)).unwrap();
+            let irq_evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+            let irq = Arc::new(EvtIrq(irq_evt.try_clone().unwrap()));
+            let wait_used = |n: u16| {
+                let end = std::time::Instant::now() + DEADLINE;
+                while used() < n {
+                    assert!(
+                        std::time::Instant::now() < end,
+                        "transmit used index {}",
+                        used()
+                    );
+                    let mut p = libc::pollfd {
+                        fd: irq_evt.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 100) };
+                    if p.revents != 0 {
+                        let _ = irq_evt.read();
+                    }
+                }
+            };
+            post(0);
+            let ctl = WorkerCtl::new(false).unwrap();
+            net.activate(mem.clone(), F_VERSION_1, vec![rx, tx], irq, ctl.clone())
+                .unwrap();
+            wait_used(1);
+            ctl.pause();
+            assert!(ctl.is_paused());
+            post(1);
+            notify.write(1).unwrap();
+            assert!(readable(&notify), "the notification waits in its eventfd");
+            assert_eq!(used(), 1, "nothing transmitted while paused");
+            let q = ctl.parked_queues().unwrap();
+            assert_eq!((q[1].next_avail, q[1].next_used), (1, 1));
+            ctl.resume();
+            wait_used(2);
+            assert_eq!(
+                net.counters().tx_frames.load(Ordering::Relaxed)
+                    + net.counters().dropped.load(Ordering::Relaxed),
+                2
+            );
+            net.reset();
+        });
+        t.join().unwrap();
+    }
 }
