@@ -1,11 +1,13 @@
 //! Bus 0 and its two ways in: configuration mechanism #1 (the guest writes an address to 0xCF8
 //! — enable bit, bus, device, function, register — and reads or writes the register through
 //! 0xCFC-0xCFF) and ECAM, the memory-mapped window the ACPI MCFG table names (4 KiB per
-//! function; registers past the 256 of conventional configuration space read as zero).
+//! function; registers past the 256 of conventional configuration space read as zero). The
+//! bus's own state (the address latch and the host bridge) is saved as [`PciBusState`].
 
-use crate::config::ConfigSpace;
+use crate::config::{ConfigSpace, ConfigSpaceState};
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
-use wv_devices::{DeviceAction, MmioDevice, PioDevice};
+use wv_devices::{DeviceAction, MmioDevice, PioDevice, Snapshot};
 
 /// The configuration address port; the data port is 0xCFC, both in one 8-port range.
 pub const CONFIG_ADDRESS_PORT: u16 = 0xcf8;
@@ -40,6 +42,32 @@ impl PciDevice for HostBridge {
     }
 }
 
+impl Snapshot for HostBridge {
+    type State = ConfigSpaceState;
+    fn save(&self) -> Result<ConfigSpaceState, String> {
+        self.0.save()
+    }
+    fn restore(&mut self, state: ConfigSpaceState) -> Result<(), String> {
+        self.0
+            .restore(state)
+            .map_err(|e| format!("host bridge: {e}"))
+    }
+}
+
+/// The bus as saved: the configuration address latch (0xCF8) and the host bridge. The other
+/// functions are saved by their owners.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PciBusState {
+    /// The last value the guest wrote to the configuration address port.
+    pub address: u32,
+    /// The host bridge's configuration space.
+    pub host_bridge: ConfigSpaceState,
+}
+
+/// The bits of the configuration address register that hold a value.
+const ADDRESS_MASK: u32 = 0x80ff_fffc;
+
 /// A function on the bus.
 type Slot = Arc<Mutex<dyn PciDevice>>;
 
@@ -47,16 +75,43 @@ type Slot = Arc<Mutex<dyn PciDevice>>;
 pub struct PciBus {
     slots: Vec<Option<Slot>>,
     address: u32,
+    host: Arc<Mutex<HostBridge>>,
 }
 
 impl Default for PciBus {
     fn default() -> PciBus {
+        let host = Arc::new(Mutex::new(HostBridge::default()));
         let mut b = PciBus {
             slots: vec![None; SLOTS],
             address: 0,
+            host: host.clone(),
         };
-        b.slots[0] = Some(Arc::new(Mutex::new(HostBridge::default())));
+        b.slots[0] = Some(host);
         b
+    }
+}
+
+impl Snapshot for PciBus {
+    type State = PciBusState;
+    fn save(&self) -> Result<PciBusState, String> {
+        Ok(PciBusState {
+            address: self.address,
+            host_bridge: self.host.lock().unwrap_or_else(|p| p.into_inner()).save()?,
+        })
+    }
+    fn restore(&mut self, state: PciBusState) -> Result<(), String> {
+        if state.address & !ADDRESS_MASK != 0 {
+            return Err(format!(
+                "PCI bus: configuration address {:#x} has bits set that the register does not hold",
+                state.address
+            ));
+        }
+        self.host
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(state.host_bridge)?;
+        self.address = state.address;
+        Ok(())
     }
 }
 
@@ -157,7 +212,7 @@ impl PioDevice for PciBus {
         match offset {
             0 if data.len() == 4 => {
                 self.address =
-                    u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & 0x80ff_fffc
+                    u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & ADDRESS_MASK
             }
             4..=7 => {
                 if let Some((d, reg)) = self.selected() {
@@ -240,6 +295,29 @@ mod tests {
         let mut a = [0u8; 4];
         b.read(0, &mut a);
         assert_eq!(u32::from_le_bytes(a), 0x8000_0000);
+    }
+
+    #[test]
+    fn bus_state_keeps_the_address_latch_and_the_host_bridge() {
+        let mut b = PciBus::new();
+        b.write(0, &0x8000_0004u32.to_le_bytes());
+        b.write(4, &0x0006u16.to_le_bytes()); // host bridge command register
+        let saved = b.save().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: PciBusState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let mut c = PciBus::new();
+        c.restore(back).unwrap();
+        // The latch still selects the command register: a read of the data port answers.
+        let mut d = [0u8; 2];
+        c.read(4, &mut d);
+        assert_eq!(u16::from_le_bytes(d), 0x0006);
+        let mut bad = saved.clone();
+        bad.address |= 3;
+        assert!(c.restore(bad).unwrap_err().contains("address"));
+        let mut bad = saved;
+        bad.host_bridge.bytes[0] ^= 1;
+        assert!(c.restore(bad).unwrap_err().starts_with("host bridge"));
     }
 
     #[test]

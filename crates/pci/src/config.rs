@@ -1,5 +1,9 @@
-//! A type-0 configuration header with write masks, BARs and a capability list.
+//! A type-0 configuration header with write masks, BARs and a capability list, and its saved
+//! state ([`ConfigSpaceState`]).
 #![allow(clippy::cast_possible_truncation)] // capability offsets are below 256 (asserted)
+
+use serde::{Deserialize, Serialize};
+use wv_devices::Snapshot;
 
 /// Offset of the first BAR.
 pub const BAR0: usize = 0x10;
@@ -160,6 +164,53 @@ impl ConfigSpace {
     }
 }
 
+/// A configuration space as saved: its 256 bytes (BARs, command register, capabilities and
+/// all). The write masks are not saved: they are fixed when the device is built, and a restore
+/// into a device built the same way checks every read-only bit against them instead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSpaceState {
+    /// The 256 bytes of conventional configuration space.
+    pub bytes: Vec<u8>,
+}
+
+impl Snapshot for ConfigSpace {
+    type State = ConfigSpaceState;
+
+    fn save(&self) -> Result<ConfigSpaceState, String> {
+        Ok(ConfigSpaceState {
+            bytes: self.bytes.to_vec(),
+        })
+    }
+
+    /// Takes the bits the guest can write from `state`; every read-only bit must equal this
+    /// device's (a state of another device, or an edited one, is refused). BARs take the
+    /// addresses in the restored bytes.
+    fn restore(&mut self, state: ConfigSpaceState) -> Result<(), String> {
+        let bytes: [u8; 256] = state.bytes.as_slice().try_into().map_err(|_| {
+            format!(
+                "PCI configuration space: {} bytes saved, 256 expected",
+                state.bytes.len()
+            )
+        })?;
+        if let Some(i) = (0..256).find(|&i| (bytes[i] ^ self.bytes[i]) & !self.writable[i] != 0) {
+            return Err(format!(
+                "PCI configuration space: read-only byte {i:#04x} is {:#04x} in the state but {:#04x} in this device (a state of another device?)",
+                bytes[i], self.bytes[i]
+            ));
+        }
+        self.bytes = bytes;
+        for (index, bar) in self.bars.iter_mut().enumerate() {
+            if let Some(bar) = bar {
+                let at = BAR0 + 4 * index;
+                bar.addr =
+                    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+            }
+        }
+        Ok(())
+    }
+}
+
 fn aligned(offset: usize, len: usize) -> bool {
     matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len)
 }
@@ -244,6 +295,56 @@ mod tests {
         let mut d = [0u8; 4];
         c.read(254, &mut d);
         assert_eq!(d, [0xff; 4]);
+    }
+
+    #[test]
+    fn state_round_trips_and_only_writable_bits_may_differ() {
+        let fresh = || {
+            let mut c = ConfigSpace::new(0x1af4, 0x1042, [1, 0x80, 0], 1);
+            c.set_bar(0, 0xc000_0000, 0x8000);
+            c.add_capability(0x11, &[1, 2, 3, 4], &[0, 0xc0, 0, 0]);
+            c
+        };
+        let mut c = fresh();
+        c.write(4, &0x0006u16.to_le_bytes());
+        assert_eq!(c.write(BAR0, &0xc010_0000u32.to_le_bytes()), Some(0));
+        c.write(0x3c, &[11]);
+        let saved = c.save().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: ConfigSpaceState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let mut d = fresh();
+        d.restore(back).unwrap();
+        assert_eq!(d.bytes, c.bytes);
+        assert_eq!(d.command(), 6);
+        assert_eq!(d.bar(0).unwrap().addr, 0xc010_0000, "the moved BAR");
+        assert_eq!(rd32(&d, BAR0), 0xc010_0000);
+        // Sizing still answers with the size after a restore.
+        d.write(BAR0, &[0xff; 4]);
+        assert_eq!(rd32(&d, BAR0), 0xffff_8000);
+
+        // Hostile states: wrong length, a changed ID, a BAR's read-only low bits, a capability
+        // pointer. Each is refused and changes nothing.
+        let mut e = fresh();
+        let before = e.bytes;
+        let err = e
+            .restore(ConfigSpaceState {
+                bytes: vec![0; 255],
+            })
+            .unwrap_err();
+        assert!(err.contains("255 bytes"), "{err}");
+        for (at, v) in [
+            (0usize, 0x34u8),
+            (BAR0, 0x08),
+            (CAP_POINTER, 0x44),
+            (0x42, 0x09),
+        ] {
+            let mut b = saved.bytes.clone();
+            b[at] = v;
+            let err = e.restore(ConfigSpaceState { bytes: b }).unwrap_err();
+            assert!(err.contains(&format!("{at:#04x}")), "{err}");
+            assert_eq!(e.bytes, before);
+        }
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! MSI-X: the vector table and pending-bit array a device exposes in a BAR, and the capability
-//! that enables and masks them. Interrupt delivery itself (irqfd and KVM routes) is the VMM's.
+//! that enables and masks them, and their saved state ([`MsixTableState`]). Interrupt delivery
+//! itself (irqfd and KVM routes) is the VMM's.
 #![allow(clippy::cast_possible_truncation)] // at most 2048 vectors
+
+use serde::{Deserialize, Serialize};
+use wv_devices::Snapshot;
 
 /// Capability ID of MSI-X.
 pub const CAP_ID: u8 = 0x11;
@@ -203,6 +207,99 @@ impl MsixTable {
     }
 }
 
+/// One vector as saved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsixEntryState {
+    /// Message address, low half.
+    pub addr_lo: u32,
+    /// Message address, high half.
+    pub addr_hi: u32,
+    /// Message data.
+    pub data: u32,
+    /// Vector control (bit 0: masked).
+    pub control: u32,
+}
+
+/// An MSI-X table as saved: every vector, the pending bits, and the two bits of message
+/// control (enable, function mask).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MsixTableState {
+    /// The vectors, in order.
+    pub entries: Vec<MsixEntryState>,
+    /// The pending bit of each vector.
+    pub pending: Vec<bool>,
+    /// MSI-X enabled.
+    pub enabled: bool,
+    /// All vectors masked.
+    pub function_masked: bool,
+}
+
+impl Snapshot for MsixTable {
+    type State = MsixTableState;
+
+    fn save(&self) -> Result<MsixTableState, String> {
+        Ok(MsixTableState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| MsixEntryState {
+                    addr_lo: e.addr_lo,
+                    addr_hi: e.addr_hi,
+                    data: e.data,
+                    control: e.control,
+                })
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        })
+    }
+
+    /// Takes `state` if it has as many vectors as this table, only the mask bit in each
+    /// vector control, and no vector both pending and deliverable (a table never saves one:
+    /// such a vector is fired when it becomes deliverable).
+    fn restore(&mut self, state: MsixTableState) -> Result<(), String> {
+        let n = self.entries.len();
+        if state.entries.len() != n || state.pending.len() != n {
+            return Err(format!(
+                "MSI-X state: {} vectors and {} pending bits, but the device has {n} vectors",
+                state.entries.len(),
+                state.pending.len()
+            ));
+        }
+        if let Some(v) = state.entries.iter().position(|e| e.control & !1 != 0) {
+            return Err(format!(
+                "MSI-X state: vector {v} has reserved control bits set ({:#x})",
+                state.entries[v].control
+            ));
+        }
+        let mut t = MsixTable {
+            entries: state
+                .entries
+                .iter()
+                .map(|e| Entry {
+                    addr_lo: e.addr_lo,
+                    addr_hi: e.addr_hi,
+                    data: e.data,
+                    control: e.control,
+                })
+                .collect(),
+            pending: state.pending,
+            enabled: state.enabled,
+            function_masked: state.function_masked,
+        };
+        if let Some(v) = (0..n).find(|&v| t.pending[v] && t.deliverable(v)) {
+            return Err(format!(
+                "MSI-X state: vector {v} is pending although it is enabled and unmasked"
+            ));
+        }
+        std::mem::swap(self, &mut t);
+        Ok(())
+    }
+}
+
 /// Where MSI-X messages become interrupts: the VMM maps vector `i` of a device to GSI
 /// `gsi_base + i` and keeps KVM's routes in step with the messages the guest programmed.
 pub trait MsiRouter: Send + Sync {
@@ -263,6 +360,53 @@ mod tests {
         t.read_table(1000, &mut w);
         assert_eq!(w, [0; 4]);
         assert!(!t.trigger(99));
+    }
+
+    #[test]
+    fn state_round_trips_and_hostile_states_are_refused() {
+        let mut t = MsixTable::new(3);
+        t.write_table(16, &0xfee0_1000u32.to_le_bytes());
+        t.write_table(24, &0x4242u32.to_le_bytes());
+        t.write_table(28, &0u32.to_le_bytes());
+        t.set_control(CTRL_ENABLE);
+        assert!(!t.trigger(2), "vector 2 stays masked: pending");
+        let saved = t.save().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: MsixTableState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let mut u = MsixTable::new(3);
+        u.restore(back).unwrap();
+        assert_eq!(u.save().unwrap(), saved);
+        assert_eq!(
+            u.message(1),
+            Some(MsixMessage {
+                addr: 0xfee0_1000,
+                data: 0x4242
+            })
+        );
+        let mut pba = [0u8; 1];
+        u.read_pba(0, &mut pba);
+        assert_eq!(pba[0], 0b100);
+        // Unmasking vector 2 fires what was pending before the save.
+        assert_eq!(u.write_table(44, &0u32.to_le_bytes()).1, vec![2]);
+
+        let mut fresh = MsixTable::new(3);
+        let before = fresh.save().unwrap();
+        let mut wrong_len = saved.clone();
+        wrong_len.entries.pop();
+        let mut reserved = saved.clone();
+        reserved.entries[0].control = 2;
+        let mut pending_deliverable = saved.clone();
+        pending_deliverable.pending[1] = true;
+        for (bad, what) in [
+            (wrong_len, "2 vectors"),
+            (reserved, "reserved"),
+            (pending_deliverable, "vector 1 is pending"),
+        ] {
+            let err = fresh.restore(bad).unwrap_err();
+            assert!(err.contains(what), "{err}");
+            assert_eq!(fresh.save().unwrap(), before, "nothing changed");
+        }
     }
 
     #[test]

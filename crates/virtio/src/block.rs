@@ -14,8 +14,9 @@
 #![allow(clippy::cast_possible_truncation)] // lengths are bounded by the chain (u32) first
 
 use crate::chain::Chain;
-use crate::device::{ActiveQueue, Interrupt, VirtioDevice, Worker};
+use crate::device::{ActiveQueue, DeviceState, Interrupt, VirtioDevice, Worker, WorkerCtl};
 use crate::F_VERSION_1;
+use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -588,6 +589,20 @@ fn serve(
     }
 }
 
+/// What a block device saves: the identity and geometry the driver read. The disk's contents
+/// are not device state (they go with the disk); restoring checks that the disk it is restored
+/// onto is the same size and mode and carries the same ID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    /// The 20-byte device ID (GET_ID).
+    pub id: Vec<u8>,
+    /// Capacity in 512-byte sectors (the configuration space).
+    pub capacity: u64,
+    /// Read-only (VIRTIO_BLK_F_RO offered).
+    pub readonly: bool,
+}
+
 /// The block device.
 pub struct Block {
     // Shared with the worker so that it survives a device reset (the worker does not).
@@ -662,13 +677,18 @@ impl VirtioDevice for Block {
         _features: u64,
         queues: Vec<ActiveQueue>,
         irq: Arc<dyn Interrupt>,
+        ctl: Arc<WorkerCtl>,
     ) -> Result<(), String> {
         let (disk, id, counters) = (self.disk.clone(), self.id, self.counters.clone());
-        let worker = Worker::start("virtio-blk", queues, move |qs, i| {
+        let worker = Worker::start("virtio-blk", queues, ctl, move |qs, i, ctl| {
             let q = &mut qs[i];
             let mut used = false;
             let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
-            while let Some(chain) = q.queue.pop_descriptor_chain(&mem) {
+            // One chain at a time: a pause asked meanwhile is honoured after this one.
+            while !ctl.pausing() {
+                let Some(chain) = q.queue.pop_descriptor_chain(&mem) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let len = process(&mem, chain, disk.as_mut(), &id, &counters);
                 if q.queue.add_used(&mem, head, len).is_err() {
@@ -688,6 +708,43 @@ impl VirtioDevice for Block {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+    }
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Block(BlockState {
+            id: self.id.to_vec(),
+            capacity: self.capacity,
+            readonly: self.readonly,
+        })
+    }
+    fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
+        let DeviceState::Block(s) = state else {
+            return Err(format!(
+                "a {} state cannot be restored into a virtio-blk device",
+                state.kind()
+            ));
+        };
+        if s.id != self.id {
+            return Err(format!(
+                "virtio-blk state: saved for disk ID '{}', but this disk's ID is '{}'",
+                String::from_utf8_lossy(&s.id).trim_end_matches('\0'),
+                String::from_utf8_lossy(&self.id).trim_end_matches('\0')
+            ));
+        }
+        if s.capacity != self.capacity {
+            return Err(format!(
+                "virtio-blk state: the disk had {} sectors, this one has {}",
+                s.capacity, self.capacity
+            ));
+        }
+        if s.readonly != self.readonly {
+            let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
+            return Err(format!(
+                "virtio-blk state: the disk was {}, this one is {}",
+                mode(s.readonly),
+                mode(self.readonly)
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -1,8 +1,18 @@
-//! What a virtio device implements, and the worker thread that serves its queues.
+//! What a virtio device implements, the worker thread that serves its queues, and the control
+//! ([`WorkerCtl`]) through which the transport pauses, resumes and stops that thread.
+//!
+//! Pausing is cooperative: the owner asks ([`WorkerCtl::request_pause`]), the worker finishes
+//! the chain it is serving, takes no new one, records its queues' positions and parks; the
+//! owner's [`WorkerCtl::wait_paused`] returns then. Notifications that arrive meanwhile stay
+//! in their ioeventfds, and a resumed worker also looks at every queue once, so nothing the
+//! driver posted is missed.
 
-use std::sync::Arc;
+use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -57,16 +67,46 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device-specific configuration at `offset` (most devices ignore writes).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts serving `queues` with the features the driver accepted.
+    /// Starts serving `queues` with the features the driver accepted, on a worker thread that
+    /// obeys `ctl` (it may be paused already, and then parks before serving anything).
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         features: u64,
         queues: Vec<ActiveQueue>,
         irq: Arc<dyn Interrupt>,
+        ctl: Arc<WorkerCtl>,
     ) -> Result<(), String>;
     /// Stops serving and releases everything `activate` took (the driver reset the device).
     fn reset(&mut self);
+    /// The device's own guest-visible state (configuration, identity).
+    fn save_state(&self) -> DeviceState;
+    /// Takes `state`, saved from a device of the same kind; refused (and nothing changes) when
+    /// it does not fit this device (another kind, another disk size, ...).
+    fn restore_state(&mut self, state: DeviceState) -> Result<(), String>;
+}
+
+/// A device's own state, by kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum DeviceState {
+    /// virtio-rng: nothing.
+    Rng,
+    /// virtio-blk.
+    Block(crate::block::BlockState),
+    /// virtio-net.
+    Net(crate::net::NetState),
+}
+
+impl DeviceState {
+    /// The kind, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceState::Rng => "virtio-rng",
+            DeviceState::Block(_) => "virtio-blk",
+            DeviceState::Net(_) => "virtio-net",
+        }
+    }
 }
 
 /// Copies the part of a device's configuration bytes `config` that a driver read at `offset`
@@ -81,62 +121,229 @@ pub fn read_config_window(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// A worker thread that waits on queue eventfds and calls `handle(queue_index)`.
+#[derive(Default)]
+struct CtlState {
+    /// The owner wants the worker parked.
+    pause: bool,
+    /// The owner wants the worker gone.
+    stop: bool,
+    /// The worker is parked; its queues' states when it parked.
+    parked: Option<Vec<QueueState>>,
+    /// The worker thread has ended.
+    exited: bool,
+}
+
+/// Pause, resume and stop for one device's worker thread, shared by the transport (the owner)
+/// and the thread.
+pub struct WorkerCtl {
+    /// Wakes the worker's poll when the owner asks for something.
+    evt: EventFd,
+    /// A pause or stop is asked: handlers take no new chain while this is set.
+    pausing: AtomicBool,
+    st: Mutex<CtlState>,
+    cv: Condvar,
+}
+
+/// What the worker is to do after [`WorkerCtl::check`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtlAction {
+    /// End the thread.
+    Stop,
+    /// Look at every queue once (the worker may have left chains unserved, or been paused
+    /// while notifications came in), then go on.
+    Sweep,
+}
+
+impl WorkerCtl {
+    /// A control for a worker that starts running, or parked when `paused`.
+    pub fn new(paused: bool) -> std::io::Result<Arc<WorkerCtl>> {
+        Ok(Arc::new(WorkerCtl {
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            pausing: AtomicBool::new(paused),
+            st: Mutex::new(CtlState {
+                pause: paused,
+                ..CtlState::default()
+            }),
+            cv: Condvar::new(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CtlState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Worker side: the descriptor to poll with the queues' eventfds; when it is readable,
+    /// call [`WorkerCtl::check`].
+    pub fn fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+
+    /// Worker side: whether a pause or stop is asked. A handler checks it before taking each
+    /// chain and returns early when it is set.
+    pub fn pausing(&self) -> bool {
+        self.pausing.load(Ordering::SeqCst)
+    }
+
+    /// Worker side, at start and whenever [`WorkerCtl::fd`] is readable: parks while a pause
+    /// is asked (recording the positions of `queues`), and says what to do next.
+    pub fn check(&self, queues: &[ActiveQueue]) -> CtlAction {
+        let _ = self.evt.read();
+        let mut st = self.lock();
+        if st.pause && !st.stop {
+            st.parked = Some(queues.iter().map(|q| q.queue.state()).collect());
+            self.cv.notify_all();
+            while st.pause && !st.stop {
+                st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            st.parked = None;
+        }
+        if st.stop {
+            CtlAction::Stop
+        } else {
+            CtlAction::Sweep
+        }
+    }
+
+    /// Owner side: asks the worker to pause, without waiting.
+    pub fn request_pause(&self) {
+        self.pausing.store(true, Ordering::SeqCst);
+        self.lock().pause = true;
+        let _ = self.evt.write(1);
+    }
+
+    /// Owner side: waits until the worker has parked (or ended).
+    pub fn wait_paused(&self) {
+        let mut st = self.lock();
+        while st.pause && st.parked.is_none() && !st.exited {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Owner side: pauses the worker; returns once it has finished the chain it was serving
+    /// and parked.
+    pub fn pause(&self) {
+        self.request_pause();
+        self.wait_paused();
+    }
+
+    /// Owner side: lets a paused worker run again.
+    pub fn resume(&self) {
+        let mut st = self.lock();
+        st.pause = false;
+        if !st.stop {
+            self.pausing.store(false, Ordering::SeqCst);
+        }
+        self.cv.notify_all();
+        drop(st);
+        // A worker that had not parked yet still sweeps its queues.
+        let _ = self.evt.write(1);
+    }
+
+    /// Owner side: asks the worker to end (parked or not).
+    pub fn stop(&self) {
+        self.pausing.store(true, Ordering::SeqCst);
+        self.lock().stop = true;
+        self.cv.notify_all();
+        let _ = self.evt.write(1);
+    }
+
+    /// Whether the worker is parked.
+    pub fn is_paused(&self) -> bool {
+        self.lock().parked.is_some()
+    }
+
+    /// The positions of the worker's queues, while it is parked.
+    pub fn parked_queues(&self) -> Option<Vec<QueueState>> {
+        self.lock().parked.clone()
+    }
+
+    /// Worker side: records that the thread ended (an owner waiting for a pause stops waiting).
+    pub fn exited(&self) {
+        self.lock().exited = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Tells the control that the worker thread ended, however it ends.
+pub struct ExitGuard(pub Arc<WorkerCtl>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.exited();
+    }
+}
+
+/// A worker thread that waits on queue eventfds and calls `handle(queues, index, ctl)` for the
+/// queue that was notified; `handle` checks [`WorkerCtl::pausing`] before taking each chain.
 pub struct Worker {
-    stop: EventFd,
+    ctl: Arc<WorkerCtl>,
     thread: Option<JoinHandle<Vec<ActiveQueue>>>,
 }
 
 impl Worker {
-    /// Starts `name`, serving `queues` through `handle`, which gets the queues and the index
-    /// of the one that was notified.
-    pub fn start<F>(name: &str, queues: Vec<ActiveQueue>, mut handle: F) -> std::io::Result<Worker>
+    /// Starts `name`, serving `queues` through `handle` under `ctl` (parked first if a pause
+    /// is asked already).
+    pub fn start<F>(
+        name: &str,
+        queues: Vec<ActiveQueue>,
+        ctl: Arc<WorkerCtl>,
+        mut handle: F,
+    ) -> std::io::Result<Worker>
     where
-        F: FnMut(&mut [ActiveQueue], usize) + Send + 'static,
+        F: FnMut(&mut [ActiveQueue], usize, &WorkerCtl) + Send + 'static,
     {
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let stop2 = stop.try_clone()?;
+        let ctl2 = ctl.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                let ctl = ctl2;
+                let _exit = ExitGuard(ctl.clone());
                 let mut queues = queues;
                 let mut fds: Vec<libc::pollfd> = queues
                     .iter()
                     .map(|q| libc::pollfd {
-                        fd: std::os::fd::AsRawFd::as_raw_fd(&q.evt),
+                        fd: q.evt.as_raw_fd(),
                         events: libc::POLLIN,
                         revents: 0,
                     })
                     .collect();
                 fds.push(libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&stop2),
+                    fd: ctl.fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 });
-                // Buffers the driver posted before DRIVER_OK are served without waiting for a
-                // notification.
-                for i in 0..queues.len() {
-                    handle(&mut queues, i);
-                }
+                // Buffers the driver posted before DRIVER_OK (or before a snapshot was taken)
+                // are served without waiting for a notification.
+                let mut action = Some(ctl.check(&queues));
                 loop {
+                    match action.take() {
+                        Some(CtlAction::Stop) => return queues,
+                        Some(CtlAction::Sweep) => {
+                            for i in 0..queues.len() {
+                                handle(&mut queues, i, &ctl);
+                            }
+                        }
+                        None => {}
+                    }
                     // SAFETY: `fds` is a valid array of pollfd for its length.
                     let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
                     if n < 0 {
                         continue;
                     }
                     if fds[fds.len() - 1].revents != 0 {
-                        return queues;
+                        action = Some(ctl.check(&queues));
+                        continue;
                     }
                     for i in 0..queues.len() {
                         if fds[i].revents != 0 {
                             queues[i].take_notifications();
-                            handle(&mut queues, i);
+                            handle(&mut queues, i, &ctl);
                         }
                     }
                 }
             })?;
         Ok(Worker {
-            stop,
+            ctl,
             thread: Some(thread),
         })
     }
@@ -147,7 +354,7 @@ impl Worker {
     }
 
     fn halt(&mut self) -> Vec<ActiveQueue> {
-        let _ = self.stop.write(1);
+        self.ctl.stop();
         self.thread
             .take()
             .and_then(|t| t.join().ok())

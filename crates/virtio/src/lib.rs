@@ -3,7 +3,8 @@
 //! [`transport::VirtioPci`] is what the guest's driver talks to (PCI configuration space and
 //! BAR 0: common, notify, ISR and device configuration, MSI-X table); it negotiates features,
 //! collects queue set-up and, on DRIVER_OK, hands validated queues to a [`device::VirtioDevice`],
-//! which serves them on a worker thread woken by ioeventfds, never on a vCPU thread.
+//! which serves them on a worker thread woken by ioeventfds, never on a vCPU thread. The
+//! transport pauses and resumes that worker and saves and restores the device's state.
 //! Everything read from the guest (registers, rings, descriptors) is checked before use, and
 //! every descriptor chain is read exactly once ([`chain::Chain`]) and served from that copy.
 
@@ -16,8 +17,8 @@ pub mod rng;
 mod testutil;
 pub mod transport;
 
-pub use device::{ActiveQueue, DeviceCounters, Interrupt, VirtioDevice};
-pub use transport::VirtioPci;
+pub use device::{ActiveQueue, DeviceCounters, DeviceState, Interrupt, VirtioDevice, WorkerCtl};
+pub use transport::{VirtioPci, VirtioPciState, VirtqueueState};
 
 /// VIRTIO_F_VERSION_1: a modern (1.x) device.
 pub const F_VERSION_1: u64 = 1 << 32;

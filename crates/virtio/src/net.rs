@@ -9,8 +9,10 @@
 #![allow(clippy::cast_possible_truncation)] // lengths are bounded by MAX_FRAME first
 
 use crate::chain::{Chain, MAX_CHAIN};
+use crate::device::{CtlAction, DeviceState, ExitGuard, WorkerCtl};
 use crate::F_VERSION_1;
 use crate::{ActiveQueue, Interrupt, VirtioDevice};
+use serde::{Deserialize, Serialize};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -20,7 +22,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 /// The virtio-net header with VERSION_1 (includes num_buffers).
 pub const VNET_HDR: usize = 12;
@@ -196,12 +197,21 @@ pub struct NetCounters {
     pub dropped: AtomicU64,
 }
 
+/// What a network device saves: the MAC address the driver read (restored as it was, since
+/// the guest keeps using it). The TAP is the host's and is opened anew.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    /// The MAC address in the configuration space.
+    pub mac: [u8; 6],
+}
+
 /// The network device.
 pub struct Net {
     tap: Arc<Tap>,
     mac: [u8; 6],
     counters: Arc<NetCounters>,
-    stop: Option<EventFd>,
+    ctl: Option<Arc<WorkerCtl>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -212,7 +222,7 @@ impl Net {
             tap: Arc::new(tap),
             mac,
             counters: Arc::default(),
-            stop: None,
+            ctl: None,
             thread: None,
         }
     }
@@ -418,6 +428,7 @@ impl VirtioDevice for Net {
         features: u64,
         queues: Vec<ActiveQueue>,
         irq: Arc<dyn Interrupt>,
+        ctl: Arc<WorkerCtl>,
     ) -> Result<(), String> {
         let mut tun = 0;
         if features & F_GUEST_CSUM != 0 {
@@ -433,9 +444,7 @@ impl VirtioDevice for Net {
             .set_offloads(tun)
             .map_err(|e| format!("TAP {}: setting offloads: {e}", self.tap.name))?;
         let mergeable = features & F_MRG_RXBUF != 0;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let stop2 = stop.try_clone().map_err(|e| e.to_string())?;
-        let (tap, counters) = (self.tap.clone(), self.counters.clone());
+        let (tap, counters, ctl2) = (self.tap.clone(), self.counters.clone(), ctl.clone());
         let mut queues = queues;
         if queues.len() != 2 {
             return Err("virtio-net needs two queues".into());
@@ -443,6 +452,7 @@ impl VirtioDevice for Net {
         let thread = std::thread::Builder::new()
             .name("virtio-net".into())
             .spawn(move || {
+                let _exit = ExitGuard(ctl2.clone());
                 net_loop(
                     mem,
                     &mut queues,
@@ -450,24 +460,46 @@ impl VirtioDevice for Net {
                     mergeable,
                     irq.as_ref(),
                     &counters,
-                    stop2,
+                    &ctl2,
                 )
             })
             .map_err(|e| e.to_string())?;
-        self.stop = Some(stop);
+        self.ctl = Some(ctl);
         self.thread = Some(thread);
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.write(1);
+        if let Some(c) = self.ctl.take() {
+            c.stop();
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Net(NetState { mac: self.mac })
+    }
+    fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
+        match state {
+            DeviceState::Net(s) => {
+                self.mac = s.mac;
+                Ok(())
+            }
+            other => Err(format!(
+                "a {} state cannot be restored into a virtio-net device",
+                other.kind()
+            )),
+        }
+    }
 }
 
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+/// Serves both queues and the TAP until stopped; parks (between frames) when `ctl` asks.
 fn net_loop(
     mem: GuestMemoryMmap,
     queues: &mut [ActiveQueue],
@@ -475,7 +507,7 @@ fn net_loop(
     mergeable: bool,
     irq: &dyn Interrupt,
     counters: &NetCounters,
-    stop: EventFd,
+    ctl: &WorkerCtl,
 ) {
     let fd = |r: RawFd| libc::pollfd {
         fd: r,
@@ -487,32 +519,45 @@ fn net_loop(
         len: 0,
     };
     let mut txbuf = Vec::with_capacity(MAX_FRAME);
-    // The first pass serves anything posted before DRIVER_OK.
-    let mut first = true;
+    // A sweep serves the transmit queue without a notification: anything posted before
+    // DRIVER_OK, before a snapshot, or while the device was paused.
+    let mut sweep = match ctl.check(queues) {
+        CtlAction::Stop => return,
+        CtlAction::Sweep => true,
+    };
     loop {
         // Read from the TAP only when there is no frame waiting for guest buffers.
         let mut fds = [
             fd(queues[0].evt.as_raw_fd()),
             fd(queues[1].evt.as_raw_fd()),
-            fd(stop.as_raw_fd()),
+            fd(ctl.fd()),
             fd(tap.file.as_raw_fd()),
         ];
         let n = if rx.len == 0 { 4 } else { 3 };
-        let timeout = if first { 0 } else { -1 };
+        let timeout = if sweep { 0 } else { -1 };
         // SAFETY: `fds` is a valid array of at least `n` pollfd.
         if unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, timeout) } < 0 {
             continue;
         }
-        if std::mem::take(&mut first) {
+        if std::mem::take(&mut sweep) {
             fds[1].revents |= libc::POLLIN;
         }
         if fds[2].revents != 0 {
-            return;
+            match ctl.check(queues) {
+                CtlAction::Stop => return,
+                CtlAction::Sweep => {
+                    sweep = true;
+                    continue;
+                }
+            }
         }
         if fds[1].revents != 0 {
             queues[1].take_notifications();
             let mut used = false;
-            while let Some(chain) = queues[1].queue.pop_descriptor_chain(&mem) {
+            while !ctl.pausing() {
+                let Some(chain) = queues[1].queue.pop_descriptor_chain(&mem) else {
+                    break;
+                };
                 let head = chain.head_index();
                 if transmit(&mem, chain, tap, &mut txbuf) {
                     counters.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -532,7 +577,7 @@ fn net_loop(
             queues[0].take_notifications();
         }
         let mut delivered = false;
-        loop {
+        while !ctl.pausing() {
             if rx.len == 0 {
                 match (&tap.file).read(&mut rx.frame) {
                     Ok(n) if n >= VNET_HDR => rx.len = n,
@@ -685,5 +730,95 @@ mod tests {
         }
         drop(guard);
         flipper.join().unwrap();
+    }
+
+    #[test]
+    #[ignore = "needs root for a network namespace and a TAP: cargo test -- --include-ignored"]
+    fn a_paused_net_worker_transmits_nothing_until_resumed() {
+        use crate::testutil::{readable, EvtIrq, DEADLINE};
+        // The TAP lives in a network namespace of this thread's own.
+        let t = std::thread::spawn(|| {
+            // SAFETY: unshare affects only the calling thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                panic!(
+                    "unshare(CLONE_NEWNET): {} (this test needs root)",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let mut net = Net::new(Tap::open("wvt0").unwrap(), [2, 0, 0, 0, 0, 1]);
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            // Receive queue at 0x1_0000.. with no buffers; transmit queue: the test layout.
+            let mut rq = virtio_queue::Queue::new(16).unwrap();
+            rq.try_set_desc_table_address(GuestAddress(0x1_0000))
+                .unwrap();
+            rq.try_set_avail_ring_address(GuestAddress(0x1_1000))
+                .unwrap();
+            rq.try_set_used_ring_address(GuestAddress(0x1_2000))
+                .unwrap();
+            rq.set_ready(true);
+            let rx = ActiveQueue {
+                queue: rq,
+                evt: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                counters: Default::default(),
+            };
+            let mut tx = crate::testutil::ready_queue();
+            // The worker reads notifications without blocking, as from the VMM's eventfds.
+            tx.evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let notify = tx.evt.try_clone().unwrap();
+            // Transmit chain k: descriptor k, a vnet header and a 60-byte frame at 0x8000.
+            let post = |k: u16| {
+                let at = 16 * u64::from(k);
+                mem.write_obj(0x8000u64, GuestAddress(at)).unwrap();
+                mem.write_obj(72u32, GuestAddress(at + 8)).unwrap();
+                mem.write_obj(0u16, GuestAddress(at + 12)).unwrap();
+                mem.write_obj(k, GuestAddress(0x104 + 2 * at / 16)).unwrap();
+                mem.write_obj(k + 1, GuestAddress(0x102)).unwrap();
+            };
+            let used = || mem.read_obj::<u16>(GuestAddress(0x182)).unwrap();
+            let irq_evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+            let irq = Arc::new(EvtIrq(irq_evt.try_clone().unwrap()));
+            let wait_used = |n: u16| {
+                let end = std::time::Instant::now() + DEADLINE;
+                while used() < n {
+                    assert!(
+                        std::time::Instant::now() < end,
+                        "transmit used index {}",
+                        used()
+                    );
+                    let mut p = libc::pollfd {
+                        fd: irq_evt.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 100) };
+                    if p.revents != 0 {
+                        let _ = irq_evt.read();
+                    }
+                }
+            };
+            post(0);
+            let ctl = WorkerCtl::new(false).unwrap();
+            net.activate(mem.clone(), F_VERSION_1, vec![rx, tx], irq, ctl.clone())
+                .unwrap();
+            wait_used(1);
+            ctl.pause();
+            assert!(ctl.is_paused());
+            post(1);
+            notify.write(1).unwrap();
+            assert!(readable(&notify), "the notification waits in its eventfd");
+            assert_eq!(used(), 1, "nothing transmitted while paused");
+            let q = ctl.parked_queues().unwrap();
+            assert_eq!((q[1].next_avail, q[1].next_used), (1, 1));
+            ctl.resume();
+            wait_used(2);
+            assert_eq!(
+                net.counters().tx_frames.load(Ordering::Relaxed)
+                    + net.counters().dropped.load(Ordering::Relaxed),
+                2
+            );
+            net.reset();
+        });
+        t.join().unwrap();
     }
 }

@@ -2,7 +2,7 @@
 //! read once and filled with bytes from the host's `getrandom` (up to [`MAX_REQUEST`]).
 
 use crate::chain::{Chain, MAX_CHAIN};
-use crate::device::{ActiveQueue, Interrupt, VirtioDevice, Worker};
+use crate::device::{ActiveQueue, DeviceState, Interrupt, VirtioDevice, Worker, WorkerCtl};
 use crate::F_VERSION_1;
 use std::sync::Arc;
 use virtio_queue::QueueT;
@@ -26,10 +26,23 @@ pub fn serve(mem: &GuestMemoryMmap, q: &mut ActiveQueue) -> bool {
 
 /// [`serve`], calling `between` after each chain was read and before it is filled (where
 /// tests rewrite the descriptors, as another vCPU could).
-pub fn serve_with(mem: &GuestMemoryMmap, q: &mut ActiveQueue, mut between: impl FnMut()) -> bool {
+pub fn serve_with(mem: &GuestMemoryMmap, q: &mut ActiveQueue, between: impl FnMut()) -> bool {
+    serve_until(mem, q, between, || false)
+}
+
+/// [`serve_with`], taking no further chain once `stop` says so (a pause was asked).
+fn serve_until(
+    mem: &GuestMemoryMmap,
+    q: &mut ActiveQueue,
+    mut between: impl FnMut(),
+    stop: impl Fn() -> bool,
+) -> bool {
     let mut used = false;
     let mut buf = Vec::new();
-    while let Some(chain) = q.queue.pop_descriptor_chain(mem) {
+    while !stop() {
+        let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
+            break;
+        };
         let head = chain.head_index();
         // The chain is read once; entropy goes only into a chain of device-writable buffers
         // inside guest RAM (anything else is completed empty), at most MAX_REQUEST bytes.
@@ -96,9 +109,12 @@ impl VirtioDevice for Rng {
         _features: u64,
         queues: Vec<ActiveQueue>,
         irq: Arc<dyn Interrupt>,
+        ctl: Arc<WorkerCtl>,
     ) -> Result<(), String> {
-        let worker = Worker::start("virtio-rng", queues, move |qs, i| {
-            if serve(&mem, &mut qs[i]) && qs[i].queue.needs_notification(&mem).unwrap_or(true) {
+        let worker = Worker::start("virtio-rng", queues, ctl, move |qs, i, ctl| {
+            if serve_until(&mem, &mut qs[i], || {}, || ctl.pausing())
+                && qs[i].queue.needs_notification(&mem).unwrap_or(true)
+            {
                 irq.queue(i);
             }
         })
@@ -109,6 +125,18 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
             w.stop();
+        }
+    }
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Rng
+    }
+    fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
+        match state {
+            DeviceState::Rng => Ok(()),
+            other => Err(format!(
+                "a {} state cannot be restored into a virtio-rng device",
+                other.kind()
+            )),
         }
     }
 }

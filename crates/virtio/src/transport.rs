@@ -5,18 +5,24 @@
 //! queue, each an ioeventfd, so notifications never exit to a vCPU thread), the MSI-X table at
 //! 0x4000 and its pending bits at 0x6000. Interrupts go through MSI-X when the driver enables
 //! it, otherwise through the INTx line with the ISR.
+//!
+//! The transport also pauses and resumes the device's worker ([`VirtioPci::pause`]), and saves
+//! and restores everything the driver negotiated and set up, the queues' positions and the
+//! device's own state ([`VirtioPciState`], through [`wv_devices::Snapshot`]): a restored device
+//! that was running runs again on the saved rings without the driver noticing.
 #![allow(clippy::cast_possible_truncation)] // register values are narrowed to their widths
 
-use crate::device::{ActiveQueue, Interrupt, VirtioDevice};
+use crate::device::{ActiveQueue, DeviceState, Interrupt, VirtioDevice, WorkerCtl};
 use crate::{status, F_VERSION_1, NO_VECTOR};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use wv_devices::MmioDevice;
+use wv_devices::{MmioDevice, Snapshot};
 use wv_pci::bus::PciDevice;
-use wv_pci::{ConfigSpace, MsiRouter, MsixTable};
+use wv_pci::{ConfigSpace, ConfigSpaceState, MsiRouter, MsixTable, MsixTableState};
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u32 = 0x8000;
@@ -158,10 +164,76 @@ pub struct VirtioPci {
     config_generation: u8,
     queue_select: u16,
     queues: Vec<QueueCfg>,
-    active: bool,
+    /// The running device's worker control (Some while the device is active).
+    ctl: Option<Arc<WorkerCtl>>,
+    /// Paused by the VMM: a worker started now starts parked.
+    paused: bool,
     bar_addr: u32,
     mover: BarMover,
     warned_move: bool,
+}
+
+/// A virtqueue as saved: what the driver set up, and where the device was in the rings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtqueueState {
+    /// The largest size the device offers (checked against the device restored into).
+    pub max_size: u16,
+    /// The size the driver chose.
+    pub size: u16,
+    /// queue_enable.
+    pub ready: bool,
+    /// MSI-X vector, or [`NO_VECTOR`].
+    pub vector: u16,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available ring address.
+    pub avail: u64,
+    /// Used ring address.
+    pub used: u64,
+    /// Next available-ring entry the device takes (active devices; 0 otherwise).
+    pub next_avail: u16,
+    /// Next used-ring entry the device fills (active devices; 0 otherwise).
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX in use.
+    pub event_idx: bool,
+}
+
+/// A virtio-pci device as saved: its PCI configuration space and MSI-X table, where its BAR
+/// is, the common configuration registers, the queues and the device's own state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioPciState {
+    /// The virtio device type (1 network, 2 block, 4 entropy).
+    pub device_type: u16,
+    /// PCI configuration space.
+    pub config: ConfigSpaceState,
+    /// The MSI-X table and pending bits.
+    pub msix: MsixTableState,
+    /// Where BAR 0 is mapped (the guest may have moved it).
+    pub bar_addr: u32,
+    /// device_feature_select.
+    pub device_feature_select: u32,
+    /// driver_feature_select.
+    pub driver_feature_select: u32,
+    /// The features the driver accepted (or is writing).
+    pub driver_features: u64,
+    /// device_status.
+    pub status: u8,
+    /// config_generation.
+    pub config_generation: u8,
+    /// queue_select.
+    pub queue_select: u16,
+    /// msix_config: the configuration-change vector.
+    pub config_vector: u16,
+    /// The ISR bits not yet read (INTx).
+    pub isr: u8,
+    /// Whether the device was serving its queues (DRIVER_OK accepted).
+    pub active: bool,
+    /// Every queue, in order.
+    pub queues: Vec<VirtqueueState>,
+    /// The device's own state.
+    pub device: DeviceState,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u32, length: u32, extra: Option<u32>) -> Vec<u8> {
@@ -251,7 +323,8 @@ impl VirtioPci {
             config_generation: 0,
             queue_select: 0,
             queues,
-            active: false,
+            ctl: None,
+            paused: false,
             bar_addr,
             mover: w.mover,
             warned_move: false,
@@ -281,9 +354,8 @@ impl VirtioPci {
     }
 
     fn reset(&mut self) {
-        if self.active {
+        if self.ctl.take().is_some() {
             self.device.reset();
-            self.active = false;
         }
         for evt in &self.queue_evts {
             let _ = evt.read();
@@ -317,7 +389,7 @@ impl VirtioPci {
             }
         }
         self.status = v;
-        if newly & status::DRIVER_OK != 0 && v & status::FEATURES_OK != 0 && !self.active {
+        if newly & status::DRIVER_OK != 0 && v & status::FEATURES_OK != 0 && self.ctl.is_none() {
             if let Err(e) = self.activate() {
                 eprintln!("wv: virtio device {}: {e}", self.device.device_type());
                 self.status |= status::DEVICE_NEEDS_RESET;
@@ -346,18 +418,38 @@ impl VirtioPci {
                     ));
                 }
             }
-            let evt = self.queue_evts[i].try_clone().map_err(|e| e.to_string())?;
-            active.push(ActiveQueue {
-                queue: q,
-                evt,
-                counters: self.irq.counters.clone(),
-            });
+            active.push(self.active_queue(i, q)?);
         }
+        self.start(active)
+    }
+
+    /// Hands `queues` to the device, its worker parked if the transport is paused.
+    fn start(&mut self, queues: Vec<ActiveQueue>) -> Result<(), String> {
+        let ctl = WorkerCtl::new(self.paused).map_err(|e| format!("worker control: {e}"))?;
         let irq: Arc<dyn Interrupt> = self.irq.clone();
-        self.device
-            .activate(self.mem.clone(), self.driver_features, active, irq)?;
-        self.active = true;
+        self.device.activate(
+            self.mem.clone(),
+            self.driver_features,
+            queues,
+            irq,
+            ctl.clone(),
+        )?;
+        if self.paused {
+            // Parked before it returns, so a paused device can be saved at once.
+            ctl.wait_paused();
+        }
+        self.ctl = Some(ctl);
         Ok(())
+    }
+
+    fn active_queue(&self, i: usize, queue: Queue) -> Result<ActiveQueue, String> {
+        Ok(ActiveQueue {
+            queue,
+            evt: self.queue_evts[i]
+                .try_clone()
+                .map_err(|e| format!("queue {i}: {e}"))?,
+            counters: self.irq.counters.clone(),
+        })
     }
 
     fn common_read(&mut self, off: u64, data: &mut [u8]) {
@@ -468,6 +560,343 @@ impl VirtioPci {
         if let Err(e) = self.router.set_routes(self.gsi_base, &msgs) {
             eprintln!("wv: updating MSI routes failed: {e}");
         }
+    }
+}
+
+/// MSI-X message control: enable and function mask.
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+
+impl VirtioPci {
+    /// The device's kind, for messages.
+    fn kind(&self) -> &'static str {
+        match self.device.device_type() {
+            1 => "virtio-net",
+            2 => "virtio-blk",
+            4 => "virtio-rng",
+            _ => "virtio",
+        }
+    }
+
+    /// Asks the device's worker to pause and returns at once; [`VirtioPci::pause`] waits.
+    /// The VMM asks every device first and then waits for each, so that they drain together.
+    pub fn begin_pause(&mut self) {
+        self.paused = true;
+        if let Some(c) = &self.ctl {
+            c.request_pause();
+        }
+    }
+
+    /// Pauses the device: returns once its worker has finished the chain it was serving and
+    /// parked. It takes no new chain until [`VirtioPci::resume`]; notifications that arrive
+    /// meanwhile are kept and served then. A device the driver has not started: nothing to
+    /// wait for (it starts parked should the driver start it while paused).
+    pub fn pause(&mut self) {
+        self.begin_pause();
+        if let Some(c) = &self.ctl {
+            c.wait_paused();
+        }
+    }
+
+    /// Lets a paused (or restored) device serve its queues again.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        if let Some(c) = &self.ctl {
+            c.resume();
+        }
+    }
+
+    /// Whether the device is paused (by [`VirtioPci::pause`] or a restore) and, if it was
+    /// started, its worker has parked.
+    pub fn is_paused(&self) -> bool {
+        self.paused && self.ctl.as_ref().is_none_or(|c| c.is_paused())
+    }
+
+    /// Whether the driver started the device (DRIVER_OK accepted) and it serves its queues.
+    pub fn is_active(&self) -> bool {
+        self.ctl.is_some()
+    }
+
+    /// Checks `s` against this device and returns the queues to start (when `s.active`), the
+    /// configuration space and the MSI-X table to install; nothing is changed.
+    #[allow(clippy::type_complexity)]
+    fn check_state(
+        &self,
+        s: &VirtioPciState,
+    ) -> Result<(Option<Vec<Queue>>, ConfigSpace, MsixTable), String> {
+        let ty = self.device.device_type();
+        if s.device_type != ty {
+            return Err(format!(
+                "a state of virtio device type {} cannot be restored into a {} device",
+                s.device_type,
+                self.kind()
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} state: {} queues, but the device has {}",
+                self.kind(),
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let nvec = self.irq.irqfds.len();
+        let vector_ok = |v: u16| v == NO_VECTOR || usize::from(v) < nvec;
+        if !vector_ok(s.config_vector) {
+            return Err(format!(
+                "{} state: configuration vector {} is beyond the {nvec}-entry MSI-X table",
+                self.kind(),
+                s.config_vector
+            ));
+        }
+        if s.isr & !3 != 0 {
+            return Err(format!(
+                "{} state: ISR {:#x} has undefined bits",
+                self.kind(),
+                s.isr
+            ));
+        }
+        if s.status & status::FEATURES_OK != 0 {
+            let extra = s.driver_features & !self.device_features;
+            if extra != 0 {
+                return Err(format!(
+                    "{} state: the driver accepted features {extra:#x} that this device does not offer",
+                    self.kind()
+                ));
+            }
+            if s.driver_features & F_VERSION_1 == 0 {
+                return Err(format!(
+                    "{} state: features accepted without VERSION_1",
+                    self.kind()
+                ));
+            }
+        }
+        let started = status::DRIVER_OK | status::FEATURES_OK;
+        if s.active && s.status & started != started {
+            return Err(format!(
+                "{} state: active, but the status {:#x} lacks DRIVER_OK or FEATURES_OK",
+                self.kind(),
+                s.status
+            ));
+        }
+        if s.bar_addr == 0 || !s.bar_addr.is_multiple_of(BAR_SIZE) {
+            return Err(format!(
+                "{} state: BAR 0 at {:#x} is not a {BAR_SIZE:#x}-aligned address",
+                self.kind(),
+                s.bar_addr
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (q, own)) in s.queues.iter().zip(&self.queues).enumerate() {
+            let what = |e: String| format!("{} state: queue {i}: {e}", self.kind());
+            if q.max_size != own.max {
+                return Err(what(format!(
+                    "maximum size {} saved, {} here",
+                    q.max_size, own.max
+                )));
+            }
+            if q.size == 0 || !q.size.is_power_of_two() || q.size > own.max {
+                return Err(what(format!(
+                    "size {} is not a power of two up to {}",
+                    q.size, own.max
+                )));
+            }
+            if !vector_ok(q.vector) {
+                return Err(what(format!(
+                    "vector {} is beyond the {nvec}-entry MSI-X table",
+                    q.vector
+                )));
+            }
+            if !s.active {
+                continue;
+            }
+            let queue = if q.ready {
+                let in_flight = q.next_avail.wrapping_sub(q.next_used);
+                if in_flight > q.size {
+                    return Err(what(format!(
+                        "{in_flight} chains in flight (next_avail {}, next_used {}) in a queue of {}",
+                        q.next_avail, q.next_used, q.size
+                    )));
+                }
+                let qs = QueueState {
+                    max_size: q.max_size,
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                    event_idx_enabled: q.event_idx,
+                    size: q.size,
+                    ready: true,
+                    desc_table: q.desc,
+                    avail_ring: q.avail,
+                    used_ring: q.used,
+                };
+                let queue = Queue::try_from(qs).map_err(|e| what(e.to_string()))?;
+                if !queue.is_valid(&self.mem) {
+                    return Err(what("rings outside guest memory or misaligned".to_string()));
+                }
+                queue
+            } else {
+                Queue::new(own.max).map_err(|e| what(e.to_string()))?
+            };
+            queues.push(queue);
+        }
+        let mut config = self.config.clone();
+        config
+            .restore(s.config.clone())
+            .map_err(|e| format!("{}: {e}", self.kind()))?;
+        let mut table = self
+            .irq
+            .msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        table
+            .restore(s.msix.clone())
+            .map_err(|e| format!("{}: {e}", self.kind()))?;
+        let mut c = [0u8; 2];
+        config.read(self.msix_cap + 2, &mut c);
+        let ctrl = u16::from_le_bytes(c);
+        if (ctrl & MSIX_ENABLE != 0) != s.msix.enabled
+            || (ctrl & MSIX_FUNCTION_MASK != 0) != s.msix.function_masked
+        {
+            return Err(format!(
+                "{} state: the MSI-X capability ({ctrl:#06x}) and table disagree on enable and mask",
+                self.kind()
+            ));
+        }
+        Ok((s.active.then_some(queues), config, table))
+    }
+}
+
+impl Snapshot for VirtioPci {
+    type State = VirtioPciState;
+
+    /// The transport's and device's state; a started device must be paused first.
+    fn save(&self) -> Result<VirtioPciState, String> {
+        let positions = match &self.ctl {
+            None => None,
+            Some(c) => Some(c.parked_queues().ok_or_else(|| {
+                format!(
+                    "{}: the device is running; pause it before saving",
+                    self.kind()
+                )
+            })?),
+        };
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let p = positions.as_ref().and_then(|p| p.get(i));
+                VirtqueueState {
+                    max_size: c.max,
+                    size: c.size,
+                    ready: c.ready,
+                    vector: c.vector,
+                    desc: c.desc,
+                    avail: c.avail,
+                    used: c.used,
+                    next_avail: p.map_or(0, |p| p.next_avail),
+                    next_used: p.map_or(0, |p| p.next_used),
+                    event_idx: p.is_some_and(|p| p.event_idx_enabled),
+                }
+            })
+            .collect();
+        Ok(VirtioPciState {
+            device_type: self.device.device_type(),
+            config: self.config.save()?,
+            msix: self
+                .irq
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save()?,
+            bar_addr: self.bar_addr,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            queue_select: self.queue_select,
+            config_vector: self.irq.config_vector.load(Ordering::SeqCst),
+            isr: self.irq.isr.load(Ordering::SeqCst),
+            active: self.ctl.is_some(),
+            queues,
+            device: self.device.save_state(),
+        })
+    }
+
+    /// Puts the transport and device into `s`, checked in full first: a state that does not
+    /// fit is refused and nothing changes. BAR 0's MMIO window and notifications move to the
+    /// saved address, KVM's MSI routes are set from the saved table, and a device that was
+    /// active is started again on its saved ring positions, without the driver negotiating
+    /// anew. The device is left paused: [`VirtioPci::resume`] starts it serving. (Only a host
+    /// failure — KVM refusing the routes, a worker thread that cannot start — is reported
+    /// after the state was taken.)
+    fn restore(&mut self, s: VirtioPciState) -> Result<(), String> {
+        let (queues, config, table) = self.check_state(&s)?;
+        let old_bar = self.bar_addr;
+        if s.bar_addr != old_bar && !(self.mover)(u64::from(old_bar), u64::from(s.bar_addr)) {
+            return Err(format!(
+                "{}: cannot put BAR 0 at {:#x}: the range is taken",
+                self.kind(),
+                s.bar_addr
+            ));
+        }
+        if let Err(e) = self.device.restore_state(s.device.clone()) {
+            if s.bar_addr != old_bar {
+                (self.mover)(u64::from(s.bar_addr), u64::from(old_bar));
+            }
+            return Err(e);
+        }
+        // Everything is checked: from here the state is taken.
+        if self.ctl.take().is_some() {
+            self.device.reset();
+        }
+        self.paused = true;
+        self.bar_addr = s.bar_addr;
+        self.config = config;
+        *self.irq.msix.lock().unwrap_or_else(|p| p.into_inner()) = table;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.queue_select = s.queue_select;
+        self.irq
+            .config_vector
+            .store(s.config_vector, Ordering::SeqCst);
+        self.irq.isr.store(s.isr, Ordering::SeqCst);
+        for (i, q) in s.queues.iter().enumerate() {
+            let c = &mut self.queues[i];
+            c.size = q.size;
+            c.ready = q.ready;
+            c.vector = q.vector;
+            c.desc = q.desc;
+            c.avail = q.avail;
+            c.used = q.used;
+            self.irq.queue_vectors[i].store(q.vector, Ordering::SeqCst);
+        }
+        let msgs = self
+            .irq
+            .msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .messages();
+        self.router
+            .set_routes(self.gsi_base, &msgs)
+            .map_err(|e| format!("{}: setting the MSI routes: {e}", self.kind()))?;
+        if let Some(queues) = queues {
+            let active = queues
+                .into_iter()
+                .enumerate()
+                .map(|(i, q)| self.active_queue(i, q))
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Err(e) = self.start(active) {
+                self.status |= status::DEVICE_NEEDS_RESET;
+                return Err(format!("{}: restarting the device: {e}", self.kind()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -747,7 +1176,7 @@ mod tests {
         // Reset frees the queues and returns everything to its initial state.
         d.mmio_write(0x14, &[0]);
         assert_eq!(status(&mut d), 0);
-        assert!(!d.active);
+        assert!(!d.is_active());
         let mut ready = [0u8; 2];
         d.mmio_read(0x1c, &mut ready);
         assert_eq!(u16::from_le_bytes(ready), 0);
@@ -760,7 +1189,7 @@ mod tests {
         setup_queue(&mut d, 16, 1 << 40, 0x2000, 0x3000);
         d.mmio_write(0x14, &[0x0f]);
         assert_ne!(status(&mut d) & status::DEVICE_NEEDS_RESET, 0);
-        assert!(!d.active);
+        assert!(!d.is_active());
     }
 
     #[test]
@@ -848,5 +1277,363 @@ mod tests {
         let mut bar = [0u8; 4];
         d.config_read(0x10, &mut bar);
         assert_eq!(u32::from_le_bytes(bar), !(BAR_SIZE - 1));
+    }
+
+    // ---- Pause, save and restore ----
+
+    use crate::block::{Block, BlockState, Disk};
+    use crate::net::NetState;
+    use crate::testutil::{
+        check_read, copy_memory, patterned_disk, post_read, readable, used_idx, wait_used, Gate,
+        GatedDisk, BLK_AVAIL, BLK_DESC, BLK_QSIZE, BLK_USED,
+    };
+
+    const MEM: usize = 1 << 20;
+    /// A BAR address the test movers refuse (another device is there).
+    const TAKEN: u32 = 0xd000_0000;
+
+    /// What a transport asked of the VMM: MSI routes and BAR moves.
+    #[derive(Default)]
+    struct Recorder {
+        routes: Mutex<Vec<(u32, Vec<MsixMessage>)>>,
+        moves: Mutex<Vec<(u64, u64)>>,
+    }
+
+    struct RecRouter(Arc<Recorder>);
+    impl MsiRouter for RecRouter {
+        fn set_routes(&self, gsi_base: u32, m: &[MsixMessage]) -> std::io::Result<()> {
+            self.0.routes.lock().unwrap().push((gsi_base, m.to_vec()));
+            Ok(())
+        }
+    }
+
+    /// The eventfds a test watches: the queue's notification, the MSI-X irqfds, INTx.
+    struct Probe {
+        irqfds: Vec<EventFd>,
+        intx: EventFd,
+    }
+
+    fn blk_pci(
+        mem: &GuestMemoryMmap,
+        disk: Box<dyn Disk>,
+        rec: &Arc<Recorder>,
+    ) -> (VirtioPci, Probe) {
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let clone = |e: &EventFd| e.try_clone().unwrap();
+        let (irqfds, intx) = (vec![evt(), evt()], evt());
+        let moves = rec.clone();
+        let w = Wiring {
+            mem: mem.clone(),
+            bar_addr: 0xc000_0000,
+            queue_evts: vec![evt()],
+            irqfds: irqfds.iter().map(clone).collect(),
+            gsi_base: 30,
+            router: Arc::new(RecRouter(rec.clone())),
+            intx: (clone(&intx), 10),
+            mover: Box::new(move |old, new| {
+                if new == u64::from(TAKEN) {
+                    return false;
+                }
+                moves.moves.lock().unwrap().push((old, new));
+                true
+            }),
+        };
+        let dev = VirtioPci::new(Box::new(Block::new(disk, "disk-0")), w);
+        (dev, Probe { irqfds, intx })
+    }
+
+    fn new_mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
+    }
+
+    /// Programs MSI-X vectors 0 (configuration) and 1 (queue 0) and enables MSI-X.
+    fn enable_msix(d: &mut VirtioPci) {
+        for (v, data) in [(0u64, 0x30u32), (1, 0x31)] {
+            let at = MSIX_TABLE + 16 * v;
+            w32(d, at, 0xfee0_0000);
+            w32(d, at + 4, 0);
+            w32(d, at + 8, data);
+            w32(d, at + 12, 0);
+        }
+        let ctrl = d.msix_cap + 2;
+        d.config_write(ctrl, &MSIX_ENABLE.to_le_bytes());
+        w16(d, 0x10, 0);
+        w16(d, 0x16, 0);
+        w16(d, 0x1a, 1);
+    }
+
+    /// A block transport the driver has set up with MSI-X, whose BAR it moved to 0xc010_0000,
+    /// which served `served` read requests and is paused.
+    fn served_blk(mem: &GuestMemoryMmap, rec: &Arc<Recorder>, served: u16) -> VirtioPci {
+        let (mut d, probe) = blk_pci(mem, Box::new(patterned_disk()), rec);
+        d.config_write(0x04, &2u16.to_le_bytes());
+        d.config_write(0x10, &0xc010_0000u32.to_le_bytes());
+        assert_eq!(d.bar_addr, 0xc010_0000);
+        negotiate(&mut d, 1);
+        setup_queue(&mut d, BLK_QSIZE, BLK_DESC, BLK_AVAIL, BLK_USED);
+        enable_msix(&mut d);
+        for k in 0..served {
+            post_read(mem, k);
+        }
+        d.mmio_write(0x14, &[0x0f]);
+        wait_used(mem, served, &probe.irqfds[1]);
+        let err = d.save().unwrap_err();
+        assert!(err.contains("pause it before saving"), "{err}");
+        d.pause();
+        d
+    }
+
+    #[test]
+    fn pause_waits_for_the_chain_in_service_and_takes_no_new_one() {
+        let mem = new_mem();
+        let gate = Arc::new(Gate::default());
+        let disk = GatedDisk {
+            inner: patterned_disk(),
+            gate: gate.clone(),
+        };
+        let rec = Arc::default();
+        let (mut d, probe) = blk_pci(&mem, Box::new(disk), &rec);
+        negotiate(&mut d, 1);
+        setup_queue(&mut d, BLK_QSIZE, BLK_DESC, BLK_AVAIL, BLK_USED);
+        for k in 0..4 {
+            post_read(&mem, k);
+        }
+        d.mmio_write(0x14, &[0x0f]);
+        assert!(d.is_active());
+        // The worker took request 0 and is inside the disk; the pause is asked meanwhile.
+        gate.wait_entered(1);
+        d.begin_pause();
+        gate.release(1);
+        d.pause();
+        assert!(d.is_paused());
+        assert_eq!(
+            used_idx(&mem),
+            1,
+            "the chain in service completed, no other"
+        );
+        assert_eq!(gate.entered(), 1);
+        // The driver posts more and notifies; the disk would now answer at once.
+        gate.open();
+        for k in 4..8 {
+            post_read(&mem, k);
+        }
+        d.mmio_write(notify_offset(0), &0u16.to_le_bytes());
+        let q = &d.queue_evts[0];
+        assert!(readable(q), "the notification waits in its eventfd");
+        assert_eq!(used_idx(&mem), 1);
+        assert_eq!(
+            gate.entered(),
+            1,
+            "no request reached the disk while paused"
+        );
+        let st = d.save().unwrap();
+        assert_eq!((st.queues[0].next_avail, st.queues[0].next_used), (1, 1));
+        // Pausing again is harmless; resuming serves the other seven.
+        d.pause();
+        d.resume();
+        assert!(!d.is_paused());
+        wait_used(&mem, 8, &probe.intx);
+        for k in 0..8 {
+            check_read(&mem, k);
+        }
+        assert_eq!(gate.entered(), 8);
+    }
+
+    #[test]
+    fn pausing_a_device_the_driver_has_not_started_returns_at_once() {
+        let (mut d, _) = rng_pci();
+        d.pause();
+        assert!(d.is_paused() && !d.is_active());
+        let st = d.save().unwrap();
+        assert!(!st.active);
+        d.resume();
+        assert!(!d.is_paused());
+    }
+
+    #[test]
+    fn a_restored_transport_serves_on_from_the_saved_ring_positions() {
+        let mem = new_mem();
+        let rec_a = Arc::default();
+        let a = served_blk(&mem, &rec_a, 3);
+        let saved = a.save().unwrap();
+        assert!(saved.active);
+        assert_eq!(saved.bar_addr, 0xc010_0000);
+        assert_eq!(
+            (saved.queues[0].next_avail, saved.queues[0].next_used),
+            (3, 3)
+        );
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: VirtioPciState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+
+        // A fresh transport (another process) over a copy of guest memory and the same disk.
+        let mem_b = copy_memory(&mem, MEM);
+        let rec_b: Arc<Recorder> = Arc::default();
+        let (mut b, probe) = blk_pci(&mem_b, Box::new(patterned_disk()), &rec_b);
+        b.restore(back).unwrap();
+        assert!(b.is_active() && b.is_paused());
+        assert_eq!(
+            b.save().unwrap(),
+            saved,
+            "the restored state saves identically"
+        );
+        assert_eq!(
+            *rec_b.moves.lock().unwrap(),
+            vec![(0xc000_0000, 0xc010_0000)],
+            "the MMIO window follows the saved BAR"
+        );
+        let routes = rec_b.routes.lock().unwrap().clone();
+        let msg = |data| MsixMessage {
+            addr: 0xfee0_0000,
+            data,
+        };
+        assert_eq!(
+            routes,
+            vec![(30, vec![msg(0x30), msg(0x31)])],
+            "MSI routes set"
+        );
+        // The driver sees what it set up, with no renegotiation.
+        assert_eq!(status(&mut b), 0x0f);
+        w32(&mut b, 0x08, 1);
+        assert_eq!(r32(&mut b, 0x0c), 1, "VERSION_1 accepted");
+        let mut v = [0u8; 2];
+        b.mmio_read(0x1a, &mut v);
+        assert_eq!(u16::from_le_bytes(v), 1, "queue 0's vector");
+        b.mmio_read(0x18, &mut v);
+        assert_eq!(u16::from_le_bytes(v), BLK_QSIZE);
+        assert_eq!(r32(&mut b, 0x20), BLK_DESC as u32);
+        let mut cfg = [0u8; 4];
+        b.config_read(0x10, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg), 0xc010_0000);
+
+        // More requests on B complete after the saved ones, at used entries 3 and 4.
+        for k in 3..5 {
+            post_read(&mem_b, k);
+        }
+        b.mmio_write(notify_offset(0), &0u16.to_le_bytes());
+        assert_eq!(used_idx(&mem_b), 3, "paused until resumed");
+        b.resume();
+        wait_used(&mem_b, 5, &probe.irqfds[1]);
+        for k in 0..5 {
+            check_read(&mem_b, k);
+        }
+        assert_eq!(used_idx(&mem), 3, "the original's memory is untouched");
+    }
+
+    #[test]
+    fn a_device_restored_before_driver_ok_starts_when_the_driver_finishes() {
+        let mem = new_mem();
+        let rec = Arc::default();
+        let (mut a, _) = blk_pci(&mem, Box::new(patterned_disk()), &rec);
+        negotiate(&mut a, 1);
+        setup_queue(&mut a, BLK_QSIZE, BLK_DESC, BLK_AVAIL, BLK_USED);
+        post_read(&mem, 0);
+        post_read(&mem, 1);
+        let saved = a.save().unwrap();
+        assert!(!saved.active);
+        let mem_b = copy_memory(&mem, MEM);
+        let (mut b, probe) = blk_pci(&mem_b, Box::new(patterned_disk()), &rec);
+        b.restore(saved).unwrap();
+        assert!(!b.is_active() && b.is_paused());
+        // DRIVER_OK while paused: the worker starts parked.
+        b.mmio_write(0x14, &[0x0f]);
+        assert!(b.is_active() && b.is_paused());
+        assert_eq!(used_idx(&mem_b), 0);
+        b.resume();
+        wait_used(&mem_b, 2, &probe.intx);
+        check_read(&mem_b, 0);
+        check_read(&mem_b, 1);
+    }
+
+    /// A state edit and a piece of the error it must cause.
+    type Edit = (&'static str, fn(&mut VirtioPciState));
+
+    #[test]
+    fn hostile_states_are_refused_and_change_nothing() {
+        let mem = new_mem();
+        let rec = Arc::default();
+        let good = served_blk(&mem, &rec, 2).save().unwrap();
+        let rec_b: Arc<Recorder> = Arc::default();
+        let (mut b, _) = blk_pci(&copy_memory(&mem, MEM), Box::new(patterned_disk()), &rec_b);
+        let before = b.save().unwrap();
+        let edits: &[Edit] = &[
+            ("type 1 cannot", |s| s.device_type = 1),
+            ("2 queues, but the device has 1", |s| {
+                s.queues.push(s.queues[0]);
+            }),
+            ("queue 0: size 3 is not a power of two", |s| {
+                s.queues[0].size = 3
+            }),
+            ("queue 0: size 512", |s| s.queues[0].size = 512),
+            ("queue 0: size 0", |s| s.queues[0].size = 0),
+            ("maximum size 128 saved", |s| s.queues[0].max_size = 128),
+            ("queue 0: vector 99", |s| s.queues[0].vector = 99),
+            ("configuration vector 2", |s| s.config_vector = 2),
+            ("does not offer", |s| s.driver_features |= 1 << 40),
+            ("without VERSION_1", |s| s.driver_features &= !F_VERSION_1),
+            ("chains in flight", |s| s.queues[0].next_avail = 200),
+            ("chains in flight", |s| s.queues[0].next_used = 3),
+            ("queue 0: ", |s| s.queues[0].desc = BLK_DESC + 1),
+            ("rings outside guest memory", |s| s.queues[0].used = 1 << 40),
+            ("ISR 0x4", |s| s.isr = 4),
+            ("lacks DRIVER_OK", |s| s.status = 0x0b),
+            ("aligned address", |s| s.bar_addr = 0xc000_1000),
+            ("aligned address", |s| s.bar_addr = 0),
+            ("the range is taken", |s| s.bar_addr = TAKEN),
+            ("read-only byte 0x00", |s| s.config.bytes[0] ^= 1),
+            ("256 expected", |s| s.config.bytes.push(0)),
+            ("1 vectors", |s| {
+                s.msix.entries.pop();
+            }),
+            ("disagree", |s| s.msix.enabled = false),
+            ("reserved control bits", |s| s.msix.entries[1].control = 3),
+            ("9 sectors", |s| {
+                s.device = DeviceState::Block(BlockState {
+                    id: b"disk-0".iter().copied().chain([0; 14]).collect(),
+                    capacity: 9,
+                    readonly: false,
+                })
+            }),
+            ("disk ID 'disk-9'", |s| {
+                s.device = DeviceState::Block(BlockState {
+                    id: b"disk-9".iter().copied().chain([0; 14]).collect(),
+                    capacity: 8,
+                    readonly: false,
+                })
+            }),
+            ("was read-only", |s| {
+                s.device = DeviceState::Block(BlockState {
+                    id: b"disk-0".iter().copied().chain([0; 14]).collect(),
+                    capacity: 8,
+                    readonly: true,
+                })
+            }),
+            ("virtio-net state cannot", |s| {
+                s.device = DeviceState::Net(NetState {
+                    mac: [2, 0, 0, 0, 0, 1],
+                })
+            }),
+        ];
+        for (want, edit) in edits {
+            let mut st = good.clone();
+            edit(&mut st);
+            let err = b.restore(st).unwrap_err();
+            assert!(err.contains(want), "wanted '{want}' in: {err}");
+            assert_eq!(b.save().unwrap(), before, "after '{want}'");
+            assert!(!b.is_active() && !b.is_paused());
+            assert!(rec_b.routes.lock().unwrap().is_empty());
+        }
+        // A device state refused after the BAR moved moves it back.
+        let moves = rec_b.moves.lock().unwrap().clone();
+        assert_eq!(moves.len(), 8, "four moves there and back: {moves:x?}");
+        assert!(moves
+            .chunks(2)
+            .all(|m| m[0] == (0xc000_0000, 0xc010_0000) && m[1] == (0xc010_0000, 0xc000_0000)));
+        // Unknown fields are refused by the parser; the good state is still taken.
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["extra"] = 1.into();
+        assert!(serde_json::from_value::<VirtioPciState>(v).is_err());
+        b.restore(good).unwrap();
+        assert!(b.is_active());
     }
 }
