@@ -15,7 +15,7 @@
 //! also takes signals and the guest's end), which carries it out and answers. A malformed
 //! request is answered 4xx by the API thread and never reaches the VM. Errors are JSON
 //! `{"error": "..."}`: 400, 404, 405 (with `Allow`), 408, 409 (wrong state), 413, 415, 503 (the
-//! VM is ending).
+//! VM is ending); malformed HTTP as the daemon's: 408, 411, 413, 431.
 
 use std::io::BufReader;
 use std::os::fd::AsRawFd;
@@ -188,9 +188,20 @@ fn route(req: &Request) -> Result<Command, Answer> {
                 .as_deref()
                 .is_some_and(|t| !t.trim().starts_with("application/json"))
             {
-                return Err(Answer::error(415, "the body must be JSON (application/json)"));
+                return Err(Answer::error(
+                    415,
+                    "the body must be JSON (application/json)",
+                ));
             }
-            return serde_json::from_slice(&req.body)
+            let v: serde_json::Value = serde_json::from_slice(&req.body)
+                .map_err(|e| Answer::error(400, format!("invalid snapshot request: {e}")))?;
+            if !v.is_object() {
+                return Err(Answer::error(
+                    400,
+                    "the snapshot request must be a JSON object",
+                ));
+            }
+            return serde_json::from_value(v)
                 .map(Command::Snapshot)
                 .map_err(|e| Answer::error(400, format!("invalid snapshot request: {e}")));
         }
@@ -214,15 +225,6 @@ fn route(req: &Request) -> Result<Command, Answer> {
         ));
     }
     Ok(cmd)
-}
-
-/// What pause quiesces besides the vCPUs: a device whose workers finish the request in hand and
-/// park.
-pub(crate) trait Quiesce: Send {
-    /// Returns once no worker of the device touches guest memory or raises interrupts.
-    fn pause(&mut self);
-    /// Lets the workers go on.
-    fn resume(&mut self);
 }
 
 /// What a pause saved to set back on resume.
@@ -344,9 +346,7 @@ impl Controller {
         if !self.shared.gate.wait_parked(self.vcpus()) {
             return Err(Answer::error(503, "the VM is ending"));
         }
-        for d in &self.shared.pci_devices {
-            d.lock().unwrap_or_else(|p| p.into_inner()).pause();
-        }
+        self.shared.pci_devices.pause_all();
         match self.vm.get_clock() {
             Ok(clock) => {
                 self.paused = Some(Paused {
@@ -364,9 +364,7 @@ impl Controller {
     }
 
     fn open_gate(&self, tsc_delta: u64) {
-        for d in &self.shared.pci_devices {
-            d.lock().unwrap_or_else(|p| p.into_inner()).resume();
-        }
+        self.shared.pci_devices.resume_all();
         self.shared.gate.open(tsc_delta);
     }
 
@@ -444,12 +442,20 @@ impl Controller {
             let st = st.map_err(|e| fail(&format!("saving vCPU {i}"), e.to_string()))?;
             sections.push(&format!("vcpu.{i}"), json(&st));
         }
-        let devices = crate::devstate::save(&self.shared).map_err(|e| fail("saving the devices", e))?;
+        let devices =
+            crate::devstate::save(&self.shared).map_err(|e| fail("saving the devices", e))?;
         sections.push("devices", json(&devices));
         let state_bytes = sections.encode().len() as u64;
         let memory = crate::snapshot::write(dir, &sections, &self.shared.mem).map_err(|e| {
-            let status = if e.to_string().contains("not empty") { 409 } else { 500 };
-            Answer::error(status, format!("cannot write the snapshot to {}: {e}", dir.display()))
+            let status = if e.to_string().contains("not empty") {
+                409
+            } else {
+                500
+            };
+            Answer::error(
+                status,
+                format!("cannot write the snapshot to {}: {e}", dir.display()),
+            )
         })?;
         Ok((memory, state_bytes))
     }
@@ -473,6 +479,10 @@ impl Controller {
         // SAFETY: rdtsc has no side effects.
         let now = unsafe { core::arch::x86_64::_rdtsc() };
         self.open_gate(now.saturating_sub(p.host_tsc));
+        // Answer once every vCPU is back on its way (its TSC moved), so GET /vm says how it went.
+        if !self.shared.gate.wait_left(self.vcpus()) {
+            return Err(Answer::error(503, "the VM is ending"));
+        }
         Ok(())
     }
 }

@@ -9,8 +9,8 @@
 
 pub mod config;
 pub mod control;
-pub mod diagnose;
 mod devstate;
+pub mod diagnose;
 pub mod emulate;
 pub mod error;
 mod pause;
@@ -59,8 +59,10 @@ pub(crate) struct VmShared {
     /// instructions its emulator lacks ([`emulate`]).
     pub(crate) emulating_host: bool,
     pub(crate) stop: AtomicBool,
-    /// Devices that pause quiesces.
-    pub(crate) pci_devices: Vec<Arc<Mutex<dyn control::Quiesce>>>,
+    /// The PCI devices (pause quiesces them; a snapshot saves them) and their bus.
+    pub(crate) pci_devices: pci::PciDevices,
+    pub(crate) pci_bus: Arc<Mutex<wv_pci::PciBus>>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
     /// KVM's binary statistics of each vCPU (`KVM_GET_STATS_FD`), in vCPU order; empty without
     /// them (Linux < 5.14). Also read by the daemon for `GET /metrics`.
     pub(crate) kvm_stats: Vec<std::os::fd::OwnedFd>,
@@ -223,7 +225,7 @@ struct Restore {
     dir: std::path::PathBuf,
     vm: wv_hypervisor::state::VmState,
     vcpus: Vec<wv_hypervisor::state::VcpuState>,
-    devices: serde_json::Value,
+    devices: Option<devstate::DevicesState>,
 }
 
 impl Restore {
@@ -245,7 +247,7 @@ impl Restore {
             dir: dir.to_path_buf(),
             vm: sections.json("vm").map_err(bad)?,
             vcpus,
-            devices: sections.json("devices").map_err(bad)?,
+            devices: Some(sections.json("devices").map_err(bad)?),
         })
     }
 }
@@ -268,7 +270,7 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
     let start = Instant::now();
     let trace = Trace::new(start);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
-    let restore = match restore {
+    let mut restore = match restore {
         Some(dir) => Some(Restore::read(dir, cfg)?),
         None => None,
     };
@@ -347,8 +349,8 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
     shared.info.tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
     shared.emulating_host = template.host.kernel_mode_emulated;
     shared.kvm_stats = stats_fds;
-    if let Some(r) = &restore {
-        devstate::restore(&shared, &r.devices).map_err(VmmError::Snapshot)?;
+    if let Some(d) = restore.as_mut().and_then(|r| r.devices.take()) {
+        devstate::restore(&shared, d).map_err(|e| VmmError::Snapshot(format!("devices: {e}")))?;
     }
     let shared = Arc::new(shared);
     trace.mark("vcpus configured");
@@ -492,9 +494,8 @@ fn build(
         None => wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?,
         Some(r) => {
             let p = r.dir.join(snapshot::MEMORY_FILE);
-            let f = std::fs::File::open(&p).map_err(|e| {
-                VmmError::Snapshot(format!("cannot open {}: {e}", p.display()))
-            })?;
+            let f = std::fs::File::open(&p)
+                .map_err(|e| VmmError::Snapshot(format!("cannot open {}: {e}", p.display())))?;
             wv_machine::map_ram_file(&f, cfg.memory)
                 .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?
         }
@@ -563,13 +564,9 @@ fn build(
     let mut bus = PioBus::new();
     bus.insert(COM1_BASE, 8, "serial", serial.clone())
         .map_err(internal("port bus"))?;
-    bus.insert(
-        I8042_BASE,
-        I8042_LEN,
-        "i8042",
-        Arc::new(Mutex::new(I8042::default())),
-    )
-    .map_err(internal("port bus"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::default()));
+    bus.insert(I8042_BASE, I8042_LEN, "i8042", i8042.clone())
+        .map_err(internal("port bus"))?;
     bus.insert(
         wv_machine::acpi::SLEEP_CONTROL_PORT,
         2,
@@ -615,6 +612,7 @@ fn build(
             Box::new(wv_virtio::net::Net::new(tap, mac)),
         )?;
     }
+    let pci_devices = pci.devices();
     let pci::PciBuilder {
         bus: pci_bus,
         mmio,
@@ -633,7 +631,7 @@ fn build(
         wv_machine::layout::ECAM_BASE,
         wv_machine::layout::ECAM_SIZE,
         "pci-ecam",
-        Arc::new(Mutex::new(wv_pci::Ecam(pci_bus))),
+        Arc::new(Mutex::new(wv_pci::Ecam(pci_bus.clone()))),
     )
     .ok_or_else(|| VmmError::Internal("the ECAM window overlaps a BAR".into()))?;
     let table = stats::CauseTable::new(&bus.names(), &mmio.names());
@@ -654,7 +652,9 @@ fn build(
         emulating_host: false,
         stop: AtomicBool::new(false),
         gate: pause::Gate::new(cfg.vcpus),
-        pci_devices: Vec::new(),
+        pci_devices,
+        pci_bus: pci_bus.clone(),
+        i8042,
         kvm_stats: Vec::new(),
         end: Mutex::new(None),
         end_evt: EventFd::new(0).map_err(internal("eventfd"))?,

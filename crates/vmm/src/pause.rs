@@ -43,6 +43,8 @@ struct Inner {
     tsc_delta: u64,
     /// Whether every vCPU's TSC was moved back after the last pause (None: no pause yet).
     tsc_rewound: Option<bool>,
+    /// vCPUs that have left their parking since the gate last opened.
+    left: u32,
     /// One pending job per vCPU, and how many of the handed-out jobs have not finished.
     jobs: Vec<Option<Job>>,
     running_jobs: u32,
@@ -98,6 +100,7 @@ impl Gate {
         let mut g = self.lock();
         g.tsc_delta = tsc_delta;
         g.tsc_rewound = None;
+        g.left = 0;
         self.closed.store(false, Ordering::Release);
         g.generation += 1;
         g.parked = 0;
@@ -161,11 +164,23 @@ impl Gate {
         }
         let (fallback, delta) = (g.tsc, g.tsc_delta);
         drop(g);
+        let moved = delta > 0 && rewind_tsc(fd, delta, fallback);
+        let mut g = self.lock();
         if delta > 0 {
-            let moved = rewind_tsc(fd, delta, fallback);
-            let mut g = self.lock();
             g.tsc_rewound = Some(g.tsc_rewound.unwrap_or(true) && moved);
         }
+        g.left += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits until `n` vCPUs have left their parking after [`Gate::open`] (so that what they do
+    /// on the way out, such as moving their TSC, is done); false if the VM ends first.
+    pub(crate) fn wait_left(&self, n: u32) -> bool {
+        let mut g = self.lock();
+        while g.left < n && !g.ending && !self.closed.load(Ordering::Acquire) {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        !g.ending
     }
 }
 

@@ -54,7 +54,6 @@ impl GsiRouter {
 impl GsiRouter {
     /// Writes the whole routing table to KVM again, whether or not it changed (after a
     /// restore, so that KVM's table is the mirror's).
-    #[allow(dead_code)] // until lib.rs pauses and snapshots the devices (issue 11)
     pub fn reprogram(&self) -> std::io::Result<()> {
         let msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
         self.program(&msi)
@@ -107,7 +106,6 @@ impl MsiRouter for GsiRouter {
     }
 }
 
-#[allow(dead_code)] // until lib.rs pauses and snapshots the devices (issue 11)
 /// One virtio device on the PCI bus, as the VMM addresses it.
 #[derive(Clone)]
 pub struct PciHandle {
@@ -119,14 +117,12 @@ pub struct PciHandle {
     pub dev: Arc<Mutex<VirtioPci>>,
 }
 
-#[allow(dead_code)] // until lib.rs pauses and snapshots the devices (issue 11)
 impl PciHandle {
     fn lock(&self) -> MutexGuard<'_, VirtioPci> {
         self.dev.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-#[allow(dead_code)] // until lib.rs pauses and snapshots the devices (issue 11)
 /// Every virtio device of a VM in slot order, and the interrupt routes they share: what the
 /// VMM pauses and resumes with the vCPUs and writes into a snapshot.
 #[derive(Clone)]
@@ -135,7 +131,6 @@ pub struct PciDevices {
     router: Arc<GsiRouter>,
 }
 
-#[allow(dead_code)] // until lib.rs pauses and snapshots the devices (issue 11)
 /// One device in [`PciState`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,7 +143,6 @@ pub struct PciDeviceState {
     pub state: VirtioPciState,
 }
 
-#[allow(dead_code)] // until lib.rs pauses and snapshots the devices (issue 11)
 /// The VM's PCI state: the bus (address latch, host bridge) and every virtio device in slot
 /// order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,14 +154,15 @@ pub struct PciState {
     pub devices: Vec<PciDeviceState>,
 }
 
-#[allow(dead_code)] // until lib.rs pauses and snapshots the devices (issue 11)
 impl PciDevices {
     /// The devices in slot order.
+    #[allow(dead_code)] // for device operations on the control socket (issue 13)
     pub fn handles(&self) -> &[PciHandle] {
         &self.devices
     }
 
     /// The device named `id`.
+    #[allow(dead_code)] // for device operations on the control socket (issue 13)
     pub fn get(&self, id: &str) -> Option<&Arc<Mutex<VirtioPci>>> {
         self.devices.iter().find(|h| h.id == id).map(|h| &h.dev)
     }
@@ -278,7 +273,6 @@ impl PciBuilder {
 
     /// Handles on the virtio devices added so far, in slot order (take them before the
     /// builder is taken apart).
-    #[allow(dead_code)] // until lib.rs pauses and snapshots the devices (issue 11)
     pub fn devices(&self) -> PciDevices {
         PciDevices {
             devices: self.devices.clone(),

@@ -244,3 +244,137 @@ fn bad_requests_are_refused_and_the_vm_runs_on() {
     assert_eq!(vm.wait(), 128 + libc::SIGTERM);
     assert!(!sock.exists(), "the API socket outlived the VMM");
 }
+
+fn snapshot(sock: &Path, dir: &Path) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({ "destination": dir }).to_string();
+    let (st, out) = raw(
+        sock,
+        format!(
+            "PUT /vm/snapshot HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    (st, serde_json::from_str(body).unwrap_or_default())
+}
+
+/// Snapshot of a running guest mid-test (its virtio-rng device active, its LAPIC timer
+/// running), then: the source runs on and passes; the snapshot restored in a new process resumes
+/// the guest where it stopped (no second boot) and the guest's own checks pass there too.
+fn snapshot_and_restore(vcpus: &str) {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("vmm-snap");
+    let sock = dir.path("api.sock");
+    let snap = dir.path("snap");
+    let mut vm = Vmm::start(&[
+        "--vcpus",
+        vcpus,
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 probe.tests=rng,clock,pci probe.clockms=2000",
+    ]);
+    vm.wait_line("PASS rng");
+    vm.wait_line("clock: running");
+    let (st, r) = snapshot(&sock, &snap);
+    assert_eq!(st, 200, "{r}");
+    assert!(r["memory_bytes"].as_u64().unwrap() > 0, "{r}");
+    // A second snapshot into the same directory is refused; the first stays whole.
+    assert_eq!(snapshot(&sock, &snap).0, 409);
+    assert_eq!(call(&sock, "GET", "/vm").1["state"], "running");
+    vm.wait_line("PASS clock");
+    vm.wait_line("probe: summary passed=3 failed=0");
+    assert_eq!(vm.wait(), 0);
+
+    let mut back = Vmm::start(&["--restore", snap.to_str().unwrap()]);
+    // Its first words are the end of the clock test it was in, not a boot banner.
+    let first = back.wait_line("");
+    assert!(
+        first.starts_with("PASS clock"),
+        "the restored VM did not resume mid-test: {first}"
+    );
+    back.wait_line("PASS pci");
+    back.wait_line("probe: summary passed=3 failed=0");
+    assert_eq!(back.wait(), 0);
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_snapshot_restores_and_the_guest_resumes_where_it_stopped() {
+    snapshot_and_restore("1");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_snapshot_of_an_smp_guest_restores() {
+    snapshot_and_restore("2");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn bad_snapshots_are_one_line_errors_and_nothing_starts() {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("vmm-badsnap");
+    let sock = dir.path("api.sock");
+    let snap = dir.path("snap");
+    let mut vm = Vmm::start(&[
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 probe.tests=burn",
+    ]);
+    vm.wait_line("burn:");
+    assert_eq!(snapshot(&sock, &snap).0, 200);
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
+    vm.wait();
+    let state = std::fs::read(snap.join("state")).unwrap();
+    let restore = |name: &str, bytes: &[u8]| {
+        let d = dir.path(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("state"), bytes).unwrap();
+        std::fs::copy(snap.join("memory"), d.join("memory")).unwrap();
+        common::wv(&["run", "--restore", d.to_str().unwrap(), "--serial", "stdio"])
+    };
+    let mut newer = state.clone();
+    newer[8] = 9;
+    let mut flipped = state.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 1;
+    for (name, bytes, says) in [
+        ("truncated", &state[..state.len() / 2], "truncated"),
+        ("corrupt", &flipped[..], "corrupt"),
+        ("newer", &newer[..], "format version 9"),
+        (
+            "foreign",
+            &b"\x7fELF not a snapshot at all"[..],
+            "not a Worldvisor snapshot",
+        ),
+    ] {
+        let r = restore(name, bytes);
+        // 202: an image that cannot be used.
+        assert_eq!(r.status, Some(202), "{name}: {r}");
+        let err: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(err.len(), 1, "{name}: {r}");
+        assert!(err[0].contains(says), "{name}: {r}");
+        assert!(r.stdout.is_empty(), "{name}: the guest ran: {r}");
+    }
+    // A memory file of the wrong size.
+    let d = dir.path("short-memory");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("state"), &state).unwrap();
+    std::fs::write(d.join("memory"), [0u8; 4096]).unwrap();
+    let r = common::wv(&["run", "--restore", d.to_str().unwrap()]);
+    assert_eq!(r.status, Some(202), "{r}");
+    assert!(r.stderr.contains("memory image holds 4096 bytes"), "{r}");
+    // The VM's definition comes from the snapshot.
+    let r = common::wv(&["run", "--restore", snap.to_str().unwrap(), "--memory", "1G"]);
+    assert_eq!(r.status, Some(200), "{r}");
+    assert!(
+        r.stderr
+            .contains("--restore takes the VM from the snapshot"),
+        "{r}"
+    );
+}
