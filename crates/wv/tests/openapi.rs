@@ -7,315 +7,14 @@
 
 mod common;
 use common::daemon::Daemon;
+use common::openapi::{documented_methods, pattern, resolve, Answer, Atom, Checker};
 use common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
-    match v.get("$ref").and_then(Value::as_str) {
-        Some(r) => {
-            let mut cur = doc;
-            for part in r.trim_start_matches("#/").split('/') {
-                cur = &cur[part];
-            }
-            resolve(doc, cur)
-        }
-        None => v,
-    }
-}
-
-/// One element of a `pattern`: a set of characters and how many times it repeats.
-#[derive(Debug)]
-struct Atom {
-    set: Vec<char>,
-    min: usize,
-    max: usize,
-}
-
-/// The subset of regular expressions the document's patterns use: `^`, then literal
-/// characters or `[...]` classes (ranges `a-z`, a trailing `-`), each with an optional
-/// `{m,n}`, `{m}`, `?`, `*` or `+`, then `$`.
-fn pattern(p: &str) -> Vec<Atom> {
-    let body = p
-        .strip_prefix('^')
-        .and_then(|p| p.strip_suffix('$'))
-        .unwrap_or_else(|| panic!("pattern {p} must be anchored"));
-    let c: Vec<char> = body.chars().collect();
-    let mut atoms = Vec::new();
-    let mut i = 0;
-    while i < c.len() {
-        let mut set = Vec::new();
-        if c[i] == '[' {
-            i += 1;
-            while c[i] != ']' {
-                if c.get(i + 1) == Some(&'-') && c.get(i + 2).is_some_and(|&x| x != ']') {
-                    set.extend(c[i]..=c[i + 2]);
-                    i += 3;
-                } else {
-                    set.push(c[i]);
-                    i += 1;
-                }
-            }
-        } else {
-            assert!(
-                !"().|\\".contains(c[i]),
-                "pattern {p}: unsupported {}",
-                c[i]
-            );
-            set.push(c[i]);
-        }
-        i += 1;
-        let (mut min, mut max) = (1, 1);
-        match c.get(i) {
-            Some('?') => (min, max, i) = (0, 1, i + 1),
-            Some('*') => (min, max, i) = (0, usize::MAX, i + 1),
-            Some('+') => (min, max, i) = (1, usize::MAX, i + 1),
-            Some('{') => {
-                let end = i + c[i..].iter().position(|&x| x == '}').unwrap();
-                let q: String = c[i + 1..end].iter().collect();
-                let (a, b) = q.split_once(',').unwrap_or((&q, &q));
-                (min, max) = (a.parse().unwrap(), b.parse().unwrap_or(usize::MAX));
-                i = end + 1;
-            }
-            _ => {}
-        }
-        atoms.push(Atom { set, min, max });
-    }
-    atoms
-}
-
-fn matches(atoms: &[Atom], s: &[char]) -> bool {
-    let Some((a, rest)) = atoms.split_first() else {
-        return s.is_empty();
-    };
-    let n = s
-        .iter()
-        .take(a.max)
-        .take_while(|c| a.set.contains(c))
-        .count();
-    (a.min..=n).rev().any(|k| matches(rest, &s[k..]))
-}
-
-/// Checks `v` against the subset of JSON Schema the document uses.
-fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) {
-    let s = resolve(doc, schema);
-    if v.is_null() && s["nullable"] == Value::Bool(true) {
-        return;
-    }
-    if let Some(e) = s.get("enum").and_then(Value::as_array) {
-        assert!(e.contains(v), "{at}: {v} not in {e:?}");
-    }
-    match s.get("type").and_then(Value::as_str) {
-        Some("object") => {
-            let o = v
-                .as_object()
-                .unwrap_or_else(|| panic!("{at}: {v} is not an object"));
-            let props = s["properties"].as_object().cloned().unwrap_or_default();
-            for r in s["required"].as_array().into_iter().flatten() {
-                assert!(o.contains_key(r.as_str().unwrap()), "{at}: missing {r}");
-            }
-            for (k, val) in o {
-                match props.get(k) {
-                    Some(p) => validate(doc, p, val, &format!("{at}.{k}")),
-                    None => assert!(
-                        s["additionalProperties"] != Value::Bool(false),
-                        "{at}: undocumented property {k}"
-                    ),
-                }
-            }
-        }
-        Some("array") => {
-            let a = v.as_array().unwrap_or_else(|| panic!("{at}: not an array"));
-            if let Some(m) = s["maxItems"].as_u64() {
-                assert!(a.len() as u64 <= m, "{at}: {} items > {m}", a.len());
-            }
-            for (i, item) in a.iter().enumerate() {
-                validate(doc, &s["items"], item, &format!("{at}[{i}]"));
-            }
-        }
-        Some("string") => {
-            let t = v
-                .as_str()
-                .unwrap_or_else(|| panic!("{at}: {v} is not a string"));
-            let n = t.chars().count() as u64;
-            if let Some(m) = s["minLength"].as_u64() {
-                assert!(n >= m, "{at}: {n} characters < {m}");
-            }
-            if let Some(m) = s["maxLength"].as_u64() {
-                assert!(n <= m, "{at}: {n} characters > {m}");
-            }
-            if let Some(p) = s["pattern"].as_str() {
-                let c: Vec<char> = t.chars().collect();
-                assert!(matches(&pattern(p), &c), "{at}: {t:?} does not match {p}");
-            }
-        }
-        Some("boolean") => assert!(v.is_boolean(), "{at}: {v} is not a boolean"),
-        Some("integer") => {
-            let n = v
-                .as_i64()
-                .unwrap_or_else(|| panic!("{at}: {v} is not an integer"));
-            if let Some(m) = s["minimum"].as_i64() {
-                assert!(n >= m, "{at}: {n} < {m}");
-            }
-            if let Some(m) = s["maximum"].as_i64() {
-                assert!(n <= m, "{at}: {n} > {m}");
-            }
-        }
-        Some("number") => {
-            let n = v
-                .as_f64()
-                .unwrap_or_else(|| panic!("{at}: {v} is not a number"));
-            if let Some(m) = s["minimum"].as_f64() {
-                assert!(n >= m, "{at}: {n} < {m}");
-            }
-            if let Some(m) = s["maximum"].as_f64() {
-                assert!(n <= m, "{at}: {n} > {m}");
-            }
-        }
-        _ => {}
-    }
-}
-
-struct Checker {
-    doc: Value,
-    socket: std::path::PathBuf,
-    seen: BTreeSet<(String, String, u16)>,
-}
-
-/// One answer: status and body (JSON, or Null when empty).
-struct Answer {
-    status: u16,
-    json: Value,
-}
-
-/// The methods the document lists for `tpl`, upper case.
-fn documented_methods(doc: &Value, tpl: &str) -> BTreeSet<String> {
-    doc["paths"][tpl]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(m, _)| *m != "parameters")
-        .map(|(m, _)| m.to_uppercase())
-        .collect()
-}
-
-impl Checker {
-    /// Sends `method path` (the template is `tpl`), checks the answer against the document.
-    fn call(&mut self, method: &str, tpl: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let a = self.exchange(method, tpl, path, body.map(str::as_bytes));
-        (a.status, a.json)
-    }
-
-    /// Like [`Checker::call`], with raw body bytes and the headers. A method the document
-    /// does not list for `tpl` must be answered 405 with an `Allow` header naming exactly the
-    /// documented ones; a `tpl` the document does not have, 404.
-    fn exchange(&mut self, method: &str, tpl: &str, path: &str, body: Option<&[u8]>) -> Answer {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        let b = body.unwrap_or(b"");
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            b.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(b);
-        s.write_all(&req).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let (head, text) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let headers: Vec<String> = head.lines().skip(1).map(str::to_string).collect();
-        let ctype = headers
-            .iter()
-            .find_map(|h| {
-                let (n, v) = h.split_once(':')?;
-                n.eq_ignore_ascii_case("content-type")
-                    .then(|| v.trim().to_string())
-            })
-            .unwrap_or_default();
-        let json: Value = if text.is_empty() || ctype != "application/json" {
-            Value::Null
-        } else {
-            serde_json::from_str(text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
-        };
-        let error_schema = serde_json::json!({"$ref": "#/components/schemas/Error"});
-        if self.doc["paths"][tpl].is_null() {
-            assert_eq!(status, 404, "{method} {path} (undocumented path): {text}");
-            validate(
-                &self.doc,
-                &error_schema,
-                &json,
-                &format!("{method} {path} 404"),
-            );
-            return Answer { status, json };
-        }
-        let op = &self.doc["paths"][tpl][method.to_lowercase()];
-        if !op.is_object() {
-            assert_eq!(status, 405, "{method} {tpl} is not documented: {text}");
-            let allow: BTreeSet<String> = headers
-                .iter()
-                .find_map(|h| {
-                    let (n, v) = h.split_once(':')?;
-                    n.eq_ignore_ascii_case("allow").then(|| v.to_string())
-                })
-                .unwrap_or_else(|| panic!("{method} {path}: 405 without Allow: {head}"))
-                .split(',')
-                .map(|m| m.trim().to_string())
-                .collect();
-            assert_eq!(allow, documented_methods(&self.doc, tpl), "{method} {path}");
-            validate(
-                &self.doc,
-                &error_schema,
-                &json,
-                &format!("{method} {path} 405"),
-            );
-            return Answer { status, json };
-        }
-        let resp = resolve(&self.doc, &op["responses"][status.to_string()]);
-        assert!(
-            resp.is_object(),
-            "{method} {tpl} answered {status}, which is not documented: {text}"
-        );
-        let other = resp["content"]
-            .as_object()
-            .filter(|c| !c.contains_key("application/json"));
-        if let Some(content) = other {
-            // A body that is not JSON (GET /metrics): the type as documented.
-            assert!(
-                content.contains_key(&ctype) && !text.is_empty(),
-                "{method} {tpl} {status}: Content-Type '{ctype}' is not documented: {head}"
-            );
-        } else if let Some(schema) = resp.pointer("/content/application~1json/schema") {
-            assert_eq!(ctype, "application/json", "{method} {tpl} {status}");
-            validate(
-                &self.doc,
-                schema,
-                &json,
-                &format!("{method} {tpl} {status}"),
-            );
-        } else {
-            assert!(
-                text.is_empty(),
-                "{method} {tpl} {status} documents no body: {text}"
-            );
-        }
-        self.seen
-            .insert((tpl.to_string(), method.to_lowercase(), status));
-        Answer { status, json }
-    }
-}
-
 fn document() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../docs/openapi.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap()
+    common::openapi::document("openapi.json")
 }
 
 #[test]
@@ -325,11 +24,7 @@ fn the_server_matches_its_openapi_document() {
     let doc = document();
     let dir = TempDir::new("openapi");
     let daemon = Daemon::start(&dir);
-    let mut c = Checker {
-        doc: doc.clone(),
-        socket: daemon.socket.clone(),
-        seen: BTreeSet::new(),
-    };
+    let mut c = Checker::new(doc.clone(), daemon.socket.clone());
     let vm = "/v1/vms/{name}";
     // The admission-control case below is built from the host's CPU count, so that it holds
     // on any machine: "a" gets up to 32 vCPUs (one spins, the others halt).
@@ -558,23 +253,7 @@ fn the_server_matches_its_openapi_document() {
     // What no test here can provoke: a VMM that survives SIGKILL.
     let unreachable = [("/v1/vms/{name}/stop", "post", 500)];
     // Every documented (path, method, status) was produced by the server.
-    for (path, item) in doc["paths"].as_object().unwrap() {
-        for (method, op) in item.as_object().unwrap() {
-            if method == "parameters" {
-                continue;
-            }
-            for status in op["responses"].as_object().unwrap().keys() {
-                let s: u16 = status.parse().unwrap();
-                if unreachable.contains(&(path.as_str(), method.as_str(), s)) {
-                    continue;
-                }
-                assert!(
-                    c.seen.contains(&(path.clone(), method.clone(), s)),
-                    "{method} {path} {status} documented but never seen"
-                );
-            }
-        }
-    }
+    c.assert_every_response_seen(&unreachable);
 }
 
 /// xorshift64*: small, seeded, reproducible.
@@ -1131,11 +810,7 @@ fn generated_request_sequences_match_the_document_and_the_model() {
             .unwrap(),
     );
     let mut f = Fuzz {
-        c: Checker {
-            doc: doc.clone(),
-            socket: daemon.socket.clone(),
-            seen: BTreeSet::new(),
-        },
+        c: Checker::new(doc.clone(), daemon.socket.clone()),
         rng: Rng(seed),
         vms: BTreeMap::new(),
         scheduler: false,
