@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// `docs/NAME`, parsed.
 pub fn document(name: &str) -> Value {
@@ -211,6 +212,29 @@ pub fn documented_methods(doc: &Value, tpl: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The longest a server may take to answer (a VMM's 408 takes its 5 s request deadline, a
+/// daemon's stop up to 5 s more).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything the server sent on `s` until it closed the connection. A server that answers
+/// before it has read the whole request (503 when busy, 413, 431) and closes leaves the
+/// unread rest behind, and Linux then ends the client's reading with ECONNRESET after the
+/// answer: that is the end of the answer, not an error.
+pub fn read_answer(s: &mut UnixStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !out.is_empty() => break,
+            Err(e) => panic!("reading the answer: {e}"),
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|e| panic!("the answer is not UTF-8: {e}"))
+}
+
 /// One answer: status, body (JSON, or Null when empty or not JSON) and header lines.
 pub struct Answer {
     pub status: u16,
@@ -269,6 +293,7 @@ impl Checker {
     /// documented ones; a `tpl` the document does not have, 404.
     pub fn exchange(&mut self, method: &str, tpl: &str, path: &str, body: Option<&[u8]>) -> Answer {
         let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(ANSWER_TIMEOUT)).unwrap();
         let b = body.unwrap_or(b"");
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n",
@@ -286,8 +311,7 @@ impl Checker {
         // A server may answer before reading the request (503 when it serves its most
         // connections) and close: the write then fails, the answer is still there to read.
         let sent = s.write_all(&req);
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        let out = read_answer(&mut s);
         assert!(
             !out.is_empty(),
             "{method} {path}: no answer (sending the request: {sent:?})"
