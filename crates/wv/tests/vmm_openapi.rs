@@ -341,7 +341,11 @@ fn the_vmm_matches_its_openapi_document() {
         timed_out += usize::from(st == 408);
         check_error(&doc, "a stalled request", want, (st, out));
     }
-    assert!(timed_out > 0, "no stalled request was answered 408");
+    // 8 served at once, as documented (7 if an old connection still counted throughout).
+    assert!(
+        (7..=8).contains(&timed_out),
+        "{timed_out} stalled requests were served at once (answered 408), not 8"
+    );
     // The VM ran on through all of it. (A stalled connection's thread counts until a moment
     // after it has answered: a 503 until then is a documented answer, and asked again.)
     let served = |c: &mut Checker, method: &str, path: &str| {
