@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod openapi;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
