@@ -8,7 +8,11 @@
 //! | GET /v1/vms/{name} | one VM |
 //! | DELETE /v1/vms/{name} | forget a VM that is not running |
 //! | POST /v1/vms/{name}/start, /stop | start or stop its VMM |
-//! | POST /v1/vms/{name}/pause, /resume | stop or continue every vCPU (the VMM process) |
+//! | POST /v1/vms/{name}/pause, /resume | park every vCPU and quiesce the devices, or continue (through the VMM's control socket) |
+//! | POST /v1/vms/{name}/snapshot | save the VM into a named snapshot (body: `{"snapshot": NAME}`) |
+//! | POST /v1/vms/{name}/restore | start a stopped VM from a snapshot (body: `{"snapshot": NAME}`) |
+//! | GET /v1/snapshots, DELETE /v1/snapshots/{snap} | the snapshots, and removing one |
+//! | POST /v1/snapshots/{snap}/clone | start new VMs from a snapshot (body: `{"name": N, "count": C}`) |
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
@@ -146,6 +150,55 @@ fn parse_limit(raw: &RawValue) -> Result<Option<f64>, Reply> {
     }
 }
 
+/// The file in a snapshot's folder where the daemon records what it is.
+const SNAPSHOT_META: &str = "snapshot.json";
+/// Most clones one request starts.
+const MAX_CLONES: u32 = 64;
+
+/// What the daemon records of a snapshot it took (`snapshots/NAME/snapshot.json`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotMeta {
+    name: String,
+    /// The VM it was taken of.
+    vm: String,
+    /// Seconds since the epoch.
+    created: u64,
+    memory_bytes: u64,
+    state_bytes: u64,
+    duration_ms: f64,
+    /// The VM's configuration (what a restore or clone runs).
+    config: wv_config::VmConfig,
+}
+
+/// `POST /v1/vms/{name}/snapshot`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    snapshot: String,
+    #[serde(default)]
+    allow_raw_disk: bool,
+}
+
+/// `POST /v1/vms/{name}/restore`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    snapshot: String,
+}
+
+/// `POST /v1/snapshots/{snap}/clone`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneRequest {
+    name: String,
+    #[serde(default = "one")]
+    count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
 /// CPU accounting of one world.
 #[derive(serde::Serialize)]
 struct WorldStats {
@@ -222,7 +275,12 @@ fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
         ["v1", "host"] | ["v1", "stats"] | ["v1", "vms", _, "stats"] | ["metrics"] => &["GET"],
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
-        ["v1", "vms", _, "start" | "stop" | "pause" | "resume"] => &["POST"],
+        ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore"] => {
+            &["POST"]
+        }
+        ["v1", "snapshots"] => &["GET"],
+        ["v1", "snapshots", _] => &["DELETE"],
+        ["v1", "snapshots", _, "clone"] => &["POST"],
         _ => return None,
     })
 }
@@ -821,11 +879,16 @@ impl Daemon {
             ("POST", ["v1", "vms", name, "start"]) => self.start(name),
             ("POST", ["v1", "vms", name, "stop"]) => self.stop(name),
             ("POST", ["v1", "vms", name, "pause"]) => {
-                self.signal_state(name, State::Running, State::Paused, libc::SIGSTOP)
+                self.control_state(name, State::Running, State::Paused)
             }
             ("POST", ["v1", "vms", name, "resume"]) => {
-                self.signal_state(name, State::Paused, State::Running, libc::SIGCONT)
+                self.control_state(name, State::Paused, State::Running)
             }
+            ("POST", ["v1", "vms", name, "snapshot"]) => self.snapshot(name, &req.body),
+            ("POST", ["v1", "vms", name, "restore"]) => self.restore(name, &req.body),
+            ("GET", ["v1", "snapshots"]) => self.snapshots(),
+            ("DELETE", ["v1", "snapshots", snap]) => self.delete_snapshot(snap),
+            ("POST", ["v1", "snapshots", snap, "clone"]) => self.clone_vms(snap, &req.body),
             _ => error(404, format!("no such resource: {}", req.path)),
         }
         .into()
@@ -865,6 +928,11 @@ impl Daemon {
             Ok(s) => s,
             Err(r) => return r,
         };
+        self.define(spec)
+    }
+
+    /// Adds the VM `spec` to the table (201), or says why not.
+    fn define(&self, spec: VmSpec) -> Reply {
         if let Err(e) = spec.validate().and_then(|()| self.check_images(&spec)) {
             return error(422, e);
         }
@@ -943,6 +1011,12 @@ impl Daemon {
     }
 
     fn start(self: &Arc<Self>, name: &str) -> Reply {
+        self.start_with(name, None)
+    }
+
+    /// Starts the VMM of `name`: booting its definition, or from the snapshot `from` (with a
+    /// new identity when it is a clone), whose configuration then becomes the VM's.
+    fn start_with(self: &Arc<Self>, name: &str, from: Option<(&str, bool)>) -> Reply {
         let (id, lc) = match self.lifecycle(name) {
             Ok(x) => x,
             Err(r) => return r,
@@ -956,6 +1030,17 @@ impl Daemon {
         if is_live(w.state) {
             return error(409, format!("VM '{name}' is running already"));
         }
+        let snapshot = match from {
+            None => None,
+            Some((snap, clone)) => match self.read_snapshot(snap) {
+                Ok((dir, meta)) => {
+                    // The VM becomes the snapshot's (its name and scheduler settings stay).
+                    w.spec.config = meta.config;
+                    Some((dir, clone))
+                }
+                Err(r) => return r,
+            },
+        };
         let spec = w.spec.clone();
         if let Err(e) = spec.validate().and_then(|()| self.check_images(&spec)) {
             return error(409, format!("VM '{name}' cannot start: {e}"));
@@ -976,7 +1061,14 @@ impl Daemon {
             Ok(p) => p,
             Err(e) => return error(500, format!("writing the VMM's configuration: {e}")),
         };
-        let args = supervisor::run_args(&config, &dir.join("console.log"), &sock);
+        let boot = match &snapshot {
+            None => supervisor::Boot::Config(&config),
+            Some((d, clone)) => supervisor::Boot::Restore {
+                dir: d,
+                clone: *clone,
+            },
+        };
+        let args = supervisor::run_args(boot, &dir);
         let mut child = match supervisor::spawn(&self.wv, &args, &log) {
             Ok(c) => c,
             Err(e) => return error(500, format!("starting the VMM: {e}")),
@@ -1026,34 +1118,273 @@ impl Daemon {
         reply
     }
 
-    /// Pause (SIGSTOP: every thread of the VMM, so every vCPU, stops) or resume (SIGCONT).
-    fn signal_state(&self, name: &str, from: State, to: State, sig: libc::c_int) -> Reply {
+    /// One request to the control API of the VMM of `name` (`wv run --api-socket`): (status,
+    /// body), or why the VMM could not be asked.
+    fn vmm_call(
+        &self,
+        name: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String), String> {
+        let sock = self
+            .store
+            .vm_dir(name)
+            .map_err(|e| e.to_string())?
+            .join(supervisor::API_SOCKET);
+        http::request(&sock, method, path, body)
+            .map_err(|e| format!("its VMM's control socket {}: {e}", sock.display()))
+    }
+
+    /// Pause or resume through the VMM's control socket: every vCPU parked at a KVM_RUN
+    /// boundary, device workers quiesced, the guest's clock stopped (docs/vmm-openapi.json).
+    /// A VMM started by an older daemon, without a control socket, gets SIGSTOP/SIGCONT.
+    fn control_state(&self, name: &str, from: State, to: State) -> Reply {
         let (id, lc) = match self.lifecycle(name) {
             Ok(x) => x,
             Err(r) => return r,
         };
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        let run = {
+            let mut doc = self.lock();
+            let w = match Self::world(&mut doc, id, name) {
+                Ok(w) => w,
+                Err(r) => return r,
+            };
+            match self.run_of(id).filter(|_| w.state == from) {
+                Some(run) => run,
+                None => {
+                    return error(
+                        409,
+                        format!("VM '{name}' is {:?}, not {:?}", w.state, from).to_lowercase(),
+                    )
+                }
+            }
+        };
+        let op = if to == State::Paused {
+            "pause"
+        } else {
+            "resume"
+        };
+        let has_socket = self
+            .store
+            .vm_dir(name)
+            .is_ok_and(|d| d.join(supervisor::API_SOCKET).exists());
+        if has_socket {
+            // Not under the document lock: a pause waits for every vCPU to park.
+            match self.vmm_call(name, "PUT", &format!("/vm/{op}"), None) {
+                Ok((204, _)) => {}
+                Ok((status, body)) => {
+                    return error(
+                        409,
+                        format!("VM '{name}': its VMM answered {status} to {op}: {body}"),
+                    )
+                }
+                Err(e) => return error(409, format!("VM '{name}': {e}")),
+            }
+        } else {
+            let sig = if to == State::Paused {
+                libc::SIGSTOP
+            } else {
+                libc::SIGCONT
+            };
+            if let Err(e) = run.pidfd.signal(sig) {
+                return error(409, format!("VM '{name}': {e}"));
+            }
+        }
         let mut doc = self.lock();
         let w = match Self::world(&mut doc, id, name) {
             Ok(w) => w,
             Err(r) => return r,
         };
-        let run = self.run_of(id);
-        let Some(run) = run.filter(|_| w.state == from) else {
-            return error(
-                409,
-                format!("VM '{name}' is {:?}, not {:?}", w.state, from).to_lowercase(),
-            );
-        };
-        if let Err(e) = run.pidfd.signal(sig) {
-            return error(409, format!("VM '{name}': {e}"));
-        }
         w.state = to;
         let reply = ok(200, &*w);
         if let Err(e) = self.store.save(&doc) {
             eprintln!("wv host: world {id}: saving the state: {e}");
         }
         reply
+    }
+
+    /// The snapshot `snap` (its folder and what the daemon recorded of it), or 404.
+    fn read_snapshot(&self, snap: &str) -> Result<(PathBuf, SnapshotMeta), Reply> {
+        let dir = self
+            .store
+            .snapshot_dir(snap)
+            .map_err(|e| error(404, e.to_string()))?;
+        let meta = std::fs::read(dir.join(SNAPSHOT_META))
+            .map_err(|_| error(404, format!("no snapshot named '{snap}'")))?;
+        let meta: SnapshotMeta = serde_json::from_slice(&meta)
+            .map_err(|e| error(500, format!("snapshot '{snap}': {SNAPSHOT_META}: {e}")))?;
+        Ok((dir, meta))
+    }
+
+    /// `POST /v1/vms/{name}/snapshot`: the running (or paused) VM's state and memory into the
+    /// daemon's snapshot `snapshot`, through its VMM's control socket (docs/SNAPSHOT.md).
+    fn snapshot(&self, name: &str, body: &[u8]) -> Reply {
+        let req: SnapshotRequest = match object(body, "snapshot request") {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        let dir = match self.store.snapshot_dir(&req.snapshot) {
+            Ok(d) => d,
+            Err(e) => return error(422, e.to_string()),
+        };
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        let config = {
+            let mut doc = self.lock();
+            let w = match Self::world(&mut doc, id, name) {
+                Ok(w) => w,
+                Err(r) => return r,
+            };
+            if !matches!(w.state, State::Running | State::Paused) {
+                return error(409, format!("VM '{name}' is not running"));
+            }
+            w.spec.config.clone()
+        };
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            return error(
+                409,
+                format!("a snapshot named '{}' exists already", req.snapshot),
+            );
+        }
+        if let Err(e) = std::fs::create_dir_all(self.store.snapshots_dir()) {
+            return error(500, format!("creating the snapshot folder: {e}"));
+        }
+        let body = json!({ "destination": dir, "allow_raw_disk": req.allow_raw_disk });
+        let answer = match self.vmm_call(name, "PUT", "/vm/snapshot", Some(&body.to_string())) {
+            Ok((200, a)) => a,
+            Ok((status, a)) => {
+                // The VMM's refusal as it gave it (409 exists, 422 disks); nothing left behind.
+                let _ = std::fs::remove_dir(&dir);
+                let status = if (400..500).contains(&status) {
+                    status
+                } else {
+                    500
+                };
+                let msg = serde_json::from_str::<serde_json::Value>(&a)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or(a);
+                return error(status, format!("VM '{name}': {msg}"));
+            }
+            Err(e) => return error(409, format!("VM '{name}': {e}")),
+        };
+        let taken: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+        let meta = SnapshotMeta {
+            name: req.snapshot.clone(),
+            vm: name.to_string(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            memory_bytes: taken["memory_bytes"].as_u64().unwrap_or(0),
+            state_bytes: taken["state_bytes"].as_u64().unwrap_or(0),
+            duration_ms: taken["duration_ms"].as_f64().unwrap_or(0.0),
+            config,
+        };
+        let write = serde_json::to_vec_pretty(&meta)
+            .map_err(std::io::Error::other)
+            .and_then(|b| {
+                let tmp = dir.join(format!("{SNAPSHOT_META}.tmp"));
+                std::fs::write(&tmp, b)?;
+                std::fs::rename(&tmp, dir.join(SNAPSHOT_META))
+            });
+        if let Err(e) = write {
+            return error(500, format!("recording snapshot '{}': {e}", req.snapshot));
+        }
+        ok(201, &meta)
+    }
+
+    /// `GET /v1/snapshots`: what the daemon recorded of each snapshot, by name.
+    fn snapshots(&self) -> Reply {
+        let mut all: Vec<SnapshotMeta> = std::fs::read_dir(self.store.snapshots_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                self.read_snapshot(&name).ok().map(|(_, m)| m)
+            })
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        ok(200, &all)
+    }
+
+    /// `DELETE /v1/snapshots/{snap}`. VMs restored from it keep running: their memory maps
+    /// the file, which the kernel keeps until the last of them ends.
+    fn delete_snapshot(&self, snap: &str) -> Reply {
+        let dir = match self.read_snapshot(snap) {
+            Ok((d, _)) => d,
+            Err(r) => return r,
+        };
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => (204, String::new()),
+            Err(e) => error(500, format!("removing snapshot '{snap}': {e}")),
+        }
+    }
+
+    /// `POST /v1/vms/{name}/restore`: starts the stopped VM `name` from a snapshot instead of
+    /// booting it; the snapshot's configuration becomes the VM's.
+    fn restore(self: &Arc<Self>, name: &str, body: &[u8]) -> Reply {
+        let req: RestoreRequest = match object(body, "restore request") {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        self.start_with(name, Some((&req.snapshot, false)))
+    }
+
+    /// `POST /v1/snapshots/{snap}/clone`: `count` new VMs (`name`, or `name-1`..`name-N`)
+    /// started from the snapshot, each with a new identity (MACs, generation id); their
+    /// memory is the snapshot's, shared until written.
+    fn clone_vms(self: &Arc<Self>, snap: &str, body: &[u8]) -> Reply {
+        let req: CloneRequest = match object(body, "clone request") {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        if !(1..=MAX_CLONES).contains(&req.count) {
+            return error(
+                422,
+                format!("count {} out of range: 1 to {MAX_CLONES}", req.count),
+            );
+        }
+        let meta = match self.read_snapshot(snap) {
+            Ok((_, m)) => m,
+            Err(r) => return r,
+        };
+        let names: Vec<String> = if req.count == 1 {
+            vec![req.name.clone()]
+        } else {
+            (1..=req.count)
+                .map(|i| format!("{}-{i}", req.name))
+                .collect()
+        };
+        {
+            let doc = self.lock();
+            if let Some(n) = names
+                .iter()
+                .find(|n| doc.worlds.iter().any(|w| &w.spec.name == *n))
+            {
+                return error(409, format!("a VM named '{n}' exists already"));
+            }
+        }
+        let mut started = Vec::new();
+        for n in &names {
+            let mut spec = VmSpec::new(n.clone());
+            spec.config = meta.config.clone();
+            let (status, body) = self.define(spec);
+            if status != 201 {
+                return (status, body);
+            }
+            let (status, body) = self.start_with(n, Some((snap, true)));
+            if status != 200 {
+                return (status, body);
+            }
+            started.push(serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default());
+        }
+        ok(201, &started)
     }
 
     /// Stops the VMM of `name` and answers once its end is recorded. The lifecycle lock

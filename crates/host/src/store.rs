@@ -67,6 +67,35 @@ impl Store {
         Ok(dir)
     }
 
+    /// The folder of snapshots (`snapshots/`).
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    /// The folder of snapshot `name` (`snapshots/NAME`), under the same rules as
+    /// [`Store::vm_dir`]: one plain path component, nothing but a real folder there.
+    pub fn snapshot_dir(&self, name: &str) -> std::io::Result<PathBuf> {
+        let refuse = |why: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("snapshot name '{}' {why}", name.escape_debug()),
+            )
+        };
+        if !crate::world::valid_name(name) {
+            return Err(refuse("is not a valid name"));
+        }
+        let base = self.snapshots_dir();
+        let dir = base.join(name);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if !m.is_dir() => return Err(refuse("names something other than a folder")),
+            _ => {}
+        }
+        if dir.parent() != Some(base.as_path()) {
+            return Err(refuse("leads outside the snapshot folders"));
+        }
+        Ok(dir)
+    }
+
     /// Where deleted VMs' folders wait for their removal.
     fn trash(&self) -> PathBuf {
         self.dir.join("trash")

@@ -110,21 +110,45 @@ pub fn write_config(vm_dir: &Path, config: &wv_config::VmConfig) -> std::io::Res
     Ok(path)
 }
 
-/// The `wv run` arguments for a VM: its whole definition from `config` (see
-/// [`write_config`]); the console, which belongs to the VMM process and not to the VM, to the
-/// file `console` and the socket `socket`.
-pub fn run_args(config: &Path, console: &Path, socket: &Path) -> Vec<String> {
-    [
-        "run",
-        "--config",
-        &config.display().to_string(),
-        "--serial",
-        &console.display().to_string(),
-        "--console-socket",
-        &socket.display().to_string(),
-    ]
-    .map(str::to_string)
-    .to_vec()
+/// The file in a VM's folder where its VMM serves its control API (`wv run --api-socket`).
+pub const API_SOCKET: &str = "api.sock";
+
+/// How a VMM starts: booting its configuration, or from a snapshot (as a clone: with a new
+/// identity).
+pub enum Boot<'a> {
+    /// `wv run --config FILE` (see [`write_config`]).
+    Config(&'a Path),
+    /// `wv run --restore DIR [--clone]`.
+    Restore {
+        /// The snapshot's folder.
+        dir: &'a Path,
+        /// A new identity (`--clone`).
+        clone: bool,
+    },
+}
+
+/// The `wv run` arguments for a VM in the folder `dir`: its definition from `boot`; the
+/// console, which belongs to the VMM process and not to the VM, to `console.log` and
+/// `console.sock` there, and its control API on [`API_SOCKET`] there.
+pub fn run_args(boot: Boot<'_>, dir: &Path) -> Vec<String> {
+    let mut a: Vec<String> = vec!["run".into()];
+    match boot {
+        Boot::Config(f) => a.extend(["--config".into(), f.display().to_string()]),
+        Boot::Restore { dir, clone } => {
+            a.extend(["--restore".into(), dir.display().to_string()]);
+            if clone {
+                a.push("--clone".into());
+            }
+        }
+    }
+    for (opt, file) in [
+        ("--serial", "console.log"),
+        ("--console-socket", "console.sock"),
+        ("--api-socket", API_SOCKET),
+    ] {
+        a.extend([opt.into(), dir.join(file).display().to_string()]);
+    }
+    a
 }
 
 /// Starts `wv run` with `args`, console in the arguments, stderr to `log`.
@@ -252,8 +276,17 @@ mod tests {
             serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
         assert_eq!(back, c);
         assert!(!dir.join("config.json.tmp").exists());
-        let a = run_args(&p, &dir.join("console.log"), &dir.join("console.sock"));
+        let a = run_args(Boot::Config(&p), &dir);
         assert_eq!(a[..3], ["run", "--config", p.to_str().unwrap()]);
+        assert!(a.contains(&dir.join(API_SOCKET).display().to_string()));
+        let r = run_args(
+            Boot::Restore {
+                dir: Path::new("/s"),
+                clone: true,
+            },
+            &dir,
+        );
+        assert_eq!(r[..4], ["run", "--restore", "/s", "--clone"]);
         // What is_our_vmm recognises a VMM of this folder by.
         assert!(a.contains(&dir.join("console.log").display().to_string()));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -561,6 +561,60 @@ vm_named!(
     "Deletes a VM's definition and state."
 );
 
+const VM_SNAPSHOT: Spec = Spec {
+    cmd: "wv vm snapshot",
+    pos: &["NAME", "SNAPSHOT"],
+    about: "Saves a running VM (state, devices and memory) as the daemon's snapshot SNAPSHOT;\nthe VM runs on (docs/SNAPSHOT.md).",
+    opts: &[
+        &[opt(
+            "--allow-raw-disk",
+            Arg::Flag,
+            "snapshot a VM with disks: you keep the disk images consistent with it",
+        )],
+        CLIENT_OPTS,
+    ],
+    after: CLIENT_STATUS,
+};
+
+const VM_RESTORE: Spec = Spec {
+    cmd: "wv vm restore",
+    pos: &["NAME", "SNAPSHOT"],
+    about: "Starts the stopped VM NAME from snapshot SNAPSHOT instead of booting it; the\nsnapshot's configuration becomes the VM's.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const VM_CLONE: Spec = Spec {
+    cmd: "wv vm clone",
+    pos: &["SNAPSHOT", "NAME"],
+    about: "Starts new VMs from snapshot SNAPSHOT: NAME, or NAME-1..NAME-N with --count N;\neach gets new MACs and a new generation id, and they share the snapshot's memory\nuntil they write it.",
+    opts: &[
+        &[opt(
+            "--count",
+            Arg::Value("N"),
+            "how many clones (1 to 64, default 1)",
+        )],
+        CLIENT_OPTS,
+    ],
+    after: CLIENT_STATUS,
+};
+
+const VM_SNAPSHOTS: Spec = Spec {
+    cmd: "wv vm snapshots",
+    pos: &[],
+    about: "Lists the daemon's snapshots.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const VM_FORGET: Spec = Spec {
+    cmd: "wv vm delete-snapshot",
+    pos: &["SNAPSHOT"],
+    about: "Deletes a snapshot (VMs restored from it run on).",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
 const VM_SPECS: &[&Spec] = &[
     &VM_CREATE,
     &VM_SET,
@@ -573,6 +627,11 @@ const VM_SPECS: &[&Spec] = &[
     &VM_PAUSE,
     &VM_RESUME,
     &VM_DELETE,
+    &VM_SNAPSHOT,
+    &VM_RESTORE,
+    &VM_CLONE,
+    &VM_SNAPSHOTS,
+    &VM_FORGET,
 ];
 
 /// `wv` and its commands, for `wv --help`.
@@ -594,6 +653,7 @@ Usage:
   wv vm create [NAME] --file SPEC.toml|SPEC.json
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm list | info NAME | stats NAME | console NAME | start|stop|pause|resume NAME | delete NAME
+  wv vm snapshot NAME SNAP | restore NAME SNAP | clone SNAP NAME [--count N] | snapshots
                             Manage VMs through the daemon (--socket or WV_SOCKET: a path,
                             or tcp:HOST:PORT; --json for machine-readable output)
   wv fs mkfs|info|ls|create|rm|resize|snapshot|commit|revert|import|export|check|unlock ...
@@ -618,6 +678,11 @@ Commands:
   set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
   list
   info | stats | console | start | stop | pause | resume | delete NAME
+  snapshot NAME SNAPSHOT [--allow-raw-disk]
+  restore NAME SNAPSHOT
+  clone SNAPSHOT NAME [--count N]
+  snapshots
+  delete-snapshot SNAPSHOT
 
 Run wv vm COMMAND --help for a command's options.";
 
@@ -665,6 +730,16 @@ pub enum VmCmd {
     List,
     /// `info`, `stats`, `console`, `start`, `stop`, `pause`, `resume` or `delete` of a VM.
     Named(&'static str, String),
+    /// Save VM .0 as snapshot .1 (.2: raw disks allowed).
+    Snapshot(String, String, bool),
+    /// Start VM .0 from snapshot .1.
+    Restore(String, String),
+    /// Start .2 clones named from .1 of snapshot .0.
+    Clone(String, String, u32),
+    /// List the snapshots.
+    Snapshots,
+    /// Delete a snapshot.
+    DeleteSnapshot(String),
 }
 
 /// A `wv` command line, parsed and checked.
@@ -1077,7 +1152,7 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
             return Ok(Command::Help(VM_USAGE.to_string()));
         }
         return Err(Usage(
-            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete (see wv vm --help)".into(),
+            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete, snapshot, restore, clone, snapshots, delete-snapshot (see wv vm --help)".into(),
         ));
     };
     let spec = VM_SPECS
@@ -1103,6 +1178,25 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
             VmCmd::Set(m.pos[0].clone(), s)
         }
         "wv vm list" => VmCmd::List,
+        "wv vm snapshots" => VmCmd::Snapshots,
+        "wv vm snapshot" => VmCmd::Snapshot(
+            m.pos[0].clone(),
+            m.pos[1].clone(),
+            m.has("--allow-raw-disk"),
+        ),
+        "wv vm restore" => VmCmd::Restore(m.pos[0].clone(), m.pos[1].clone()),
+        "wv vm clone" => {
+            let count = match m.value("--count") {
+                None => 1,
+                Some(v) => v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| Usage(format!("--count: '{v}' is not 1 to 64")))?,
+            };
+            VmCmd::Clone(m.pos[0].clone(), m.pos[1].clone(), count)
+        }
+        "wv vm delete-snapshot" => VmCmd::DeleteSnapshot(m.pos[0].clone()),
         cmd => VmCmd::Named(cmd.rsplit(' ').next().unwrap_or_default(), m.pos[0].clone()),
     };
     Ok(Command::Vm(c, cmd))

@@ -489,6 +489,73 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
                 Err(code) => code,
             };
         }
+        VmCmd::Snapshot(name, snap, raw) => {
+            let body = serde_json::json!({ "snapshot": snap, "allow_raw_disk": raw }).to_string();
+            api(c, "POST", &format!("/v1/vms/{name}/snapshot"), Some(&body)).map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    println!(
+                        "snapshot {snap} of VM {name}: {} MiB of memory written, {:.0} ms",
+                        v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+                        v["duration_ms"].as_f64().unwrap_or(0.0)
+                    );
+                }
+            })
+        }
+        VmCmd::Restore(name, snap) => {
+            let body = serde_json::json!({ "snapshot": snap }).to_string();
+            api(c, "POST", &format!("/v1/vms/{name}/restore"), Some(&body)).map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    print_vm(&v);
+                }
+            })
+        }
+        VmCmd::Clone(snap, name, count) => {
+            let body = serde_json::json!({ "name": name, "count": count }).to_string();
+            api(
+                c,
+                "POST",
+                &format!("/v1/snapshots/{snap}/clone"),
+                Some(&body),
+            )
+            .map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    for vm in v.as_array().into_iter().flatten() {
+                        print_vm(vm);
+                    }
+                }
+            })
+        }
+        VmCmd::Snapshots => api(c, "GET", "/v1/snapshots", None).map(|v| {
+            if c.json {
+                println!("{v}");
+                return;
+            }
+            println!(
+                "{:<20} {:<20} {:>8} {:>10}",
+                "NAME", "VM", "MEMORY", "WRITTEN"
+            );
+            for s in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<20} {:<20} {:>8} {:>9}M",
+                    s["name"].as_str().unwrap_or("?"),
+                    s["vm"].as_str().unwrap_or("?"),
+                    wv_config::format_size(s["config"]["memory"].as_u64().unwrap_or(0)),
+                    s["memory_bytes"].as_u64().unwrap_or(0) >> 20
+                );
+            }
+        }),
+        VmCmd::DeleteSnapshot(snap) => api(c, "DELETE", &format!("/v1/snapshots/{snap}"), None)
+            .map(|_| {
+                if !c.json {
+                    println!("deleted snapshot {snap}");
+                }
+            }),
         VmCmd::Named(verb, name) => {
             let (method, path) = match verb {
                 "info" => ("GET", format!("/v1/vms/{name}")),
