@@ -5,6 +5,11 @@
 //!
 //! Opening for writing takes the file's host lock exclusively and records the owner in the
 //! datastore; opening for reading takes it shared. Parents of a redo log are held shared.
+//!
+//! The writer of a disk can freeze it without closing it ([`Disk::freeze`]: what `snapshot`
+//! does, with the open handle and its owner record moving to the new redo log in the same
+//! transaction), and a new disk can be opened as a new branch of a frozen file
+//! ([`Datastore::open_branch`]: created and owned in one transaction).
 
 use crate::dev::LockKind;
 use crate::format::flags;
@@ -70,7 +75,187 @@ impl Datastore {
     }
 }
 
+impl Datastore {
+    /// Creates a new redo log on the frozen file `frozen` (named `name`, or `FROZEN+rK`: see
+    /// [`Datastore::branch`]) and opens it for writing, in one transaction: the branch never
+    /// exists without its owner, so a crash leaves either no branch or one with a stale owner
+    /// record. The frozen file and its parents are held shared, as for any redo log.
+    pub fn open_branch(&self, frozen: &str, name: Option<&str>) -> Result<Disk> {
+        let dev = self.dev.reopen().map_err(io("reopening the datastore"))?;
+        let ds = Datastore::open(dev)?;
+        let parent = ds.slot_of(frozen)?;
+        let pgen = ds.fds[parent].generation;
+        let parents = ds.chain(parent);
+        // Until it is a disk, an unwritable one that drops its locks on error.
+        let mut disk = Disk {
+            ds,
+            slot: parent,
+            chain: Vec::new(),
+            writable: false,
+            locks: Vec::new(),
+            name: frozen.to_string(),
+        };
+        for &s in &parents {
+            let at = disk.ds.lock_byte(s);
+            if !disk
+                .ds
+                .dev
+                .lock(at, LockKind::Shared, false)
+                .map_err(io("locking the file"))?
+            {
+                return Err(disk.ds.in_use(s));
+            }
+            disk.locks.push(at);
+        }
+        let mut locked = None;
+        let r = disk.ds.txn(|ds| {
+            // Still the file whose chain is locked (it cannot change once held shared).
+            if ds.slot_of(frozen).ok() != Some(parent) || ds.fds[parent].generation != pgen {
+                return Err(Error::NotFound(format!(
+                    "'{frozen}' changed while it was being opened"
+                )));
+            }
+            let new = ds.new_branch(frozen, name)?;
+            let at = ds.lock_byte(new);
+            if !ds
+                .dev
+                .lock(at, LockKind::Exclusive, false)
+                .map_err(io("locking the file"))?
+            {
+                return Err(ds.in_use(new));
+            }
+            locked = Some(at);
+            ds.fds[new].owner = Some(ds.owner_record());
+            Ok(new)
+        });
+        match r {
+            Ok(new) => {
+                let at = locked.unwrap_or_default();
+                disk.locks.insert(0, at);
+                disk.chain = disk.ds.chain(new);
+                disk.name = disk.ds.fds[new].name.clone();
+                disk.slot = new;
+                disk.writable = true;
+                Ok(disk)
+            }
+            Err(e) => {
+                if let Some(at) = locked {
+                    let _ = disk.ds.dev.unlock(at);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Disk {
+    /// Freezes the disk while it stays open (what `snapshot` does, by its writer): in one
+    /// transaction its contents become the frozen file `NAME@N`, a new empty redo log takes
+    /// the name, and this handle, its exclusive lock and its owner record move to the redo
+    /// log; the frozen file stays held shared. Returns the frozen file's name. Writes made
+    /// before are in the frozen file; writes after go to the redo log.
+    pub fn freeze(&mut self) -> Result<String> {
+        if !self.writable {
+            return Err(Error::ReadOnly(format!(
+                "'{}' is open read-only: only its writer can freeze it",
+                self.name
+            )));
+        }
+        let (slot, name) = (self.slot, self.name.clone());
+        let generation = self.ds.fds[slot].generation;
+        let mut locked = None;
+        let r = self.ds.txn(|ds| {
+            if !ds.fds[slot].used || ds.fds[slot].generation != generation {
+                return Err(Error::NotFound(format!("'{name}' was removed")));
+            }
+            let new = ds.start_redo(slot, &name)?;
+            let at = ds.lock_byte(new);
+            if !ds
+                .dev
+                .lock(at, LockKind::Exclusive, false)
+                .map_err(io("locking the file"))?
+            {
+                return Err(ds.in_use(new));
+            }
+            locked = Some(at);
+            ds.fds[new].owner = ds.fds[slot].owner.take();
+            Ok((new, ds.fds[slot].name.clone()))
+        });
+        match r {
+            Ok((new, frozen)) => {
+                // The frozen file is now held as any parent is: shared (an atomic downgrade).
+                let _ = self.ds.dev.lock(self.locks[0], LockKind::Shared, false);
+                self.locks.insert(0, locked.unwrap_or_default());
+                self.chain.insert(0, new);
+                self.slot = new;
+                Ok(frozen)
+            }
+            Err(e) => {
+                if let Some(at) = locked {
+                    let _ = self.ds.dev.unlock(at);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Undoes [`Disk::freeze`] while nothing was written since (a snapshot that failed after
+    /// freezing its disks): the empty redo log is dropped and the frozen file takes the name
+    /// and this handle back. Refused once the redo log holds data or another redo log branches
+    /// from the frozen file.
+    pub fn unfreeze(&mut self) -> Result<()> {
+        let (slot, name) = (self.slot, self.name.clone());
+        let Some(&parent) = self.chain.get(1) else {
+            return Err(Error::Invalid(format!("'{name}' is not a redo log")));
+        };
+        if self.ds.fds[slot].flags & flags::REDO == 0 {
+            return Err(Error::Invalid(format!("'{name}' is not a redo log")));
+        }
+        // The parent back to exclusive first: nobody else may be reading it.
+        let pat = self.locks[1];
+        if !self
+            .ds
+            .dev
+            .lock(pat, LockKind::Exclusive, false)
+            .map_err(io("locking the file"))?
+        {
+            return Err(self.ds.in_use(parent));
+        }
+        let r = self.ds.txn(|ds| {
+            if ds.ptrs[slot].iter().any(|&b| b != 0) {
+                return Err(Error::Invalid(format!(
+                    "'{name}' has been written since it was frozen"
+                )));
+            }
+            if ds.children_of(parent) != [slot] {
+                return Err(Error::InUse(format!(
+                    "other redo logs branch from '{}'",
+                    ds.fds[parent].name
+                )));
+            }
+            let owner = ds.fds[slot].owner.take();
+            ds.free_file(slot);
+            let p = &mut ds.fds[parent];
+            p.name = name.clone();
+            p.flags &= !flags::FROZEN;
+            p.owner = owner;
+            Ok(())
+        });
+        match r {
+            Ok(()) => {
+                let _ = self.ds.dev.unlock(self.locks[0]);
+                self.locks.remove(0);
+                self.chain.remove(0);
+                self.slot = parent;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.ds.dev.lock(pat, LockKind::Shared, false);
+                Err(e)
+            }
+        }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         self.ds.fds[self.slot].length
@@ -79,6 +264,11 @@ impl Disk {
     /// Whether the disk has no bytes (never: files have a positive size).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The file's name (a redo log's, after [`Disk::freeze`]: the name stays).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Whether it is open for writing.

@@ -950,7 +950,7 @@ impl Datastore {
     }
 
     /// Frees a file's slot, pointer blocks and data blocks.
-    fn free_file(&mut self, slot: usize) {
+    pub(crate) fn free_file(&mut self, slot: usize) {
         for &(_, pb) in &self.fds[slot].ptr_blocks {
             if pb < self.desc.geo.ptr_pages {
                 set_bit(&mut self.pmap, u64::from(pb), false);
@@ -1141,10 +1141,11 @@ impl Datastore {
                  (commit, revert or rm)"
             )));
         }
-        // Every file of the chain locked: nobody may have any of them open.
+        // Every file of the chain that the operation may change locked: nobody may have any of
+        // them open (a parent other redo logs branch from is left alone: it does not change).
         let mut held = Vec::new();
         let mut r = Ok(());
-        for s in self.chain(slot) {
+        for s in self.own_chain(slot) {
             let at = self.lock_byte(s);
             match self.dev.lock(at, LockKind::Exclusive, false) {
                 Ok(true) => held.push(at),
@@ -1173,10 +1174,11 @@ impl Datastore {
         r
     }
 
-    /// Removes file `name` (with the frozen parents of its redo-log chain).
+    /// Removes file `name` (with the frozen parents of its redo-log chain that no other redo
+    /// log branches from).
     pub fn remove(&mut self, name: &str) -> Result<()> {
         self.file_op(name, |ds, slot| {
-            for s in ds.chain(slot) {
+            for s in ds.own_chain(slot) {
                 ds.free_file(s);
             }
             Ok(())
@@ -1203,38 +1205,135 @@ impl Datastore {
     /// empty redo log takes the name. Constant time: no data is copied.
     pub fn snapshot(&mut self, name: &str) -> Result<FileInfo> {
         self.file_op(name, |ds, slot| {
-            let depth = ds.chain(slot).len();
-            let mut frozen = format!("{name}@{depth}");
-            let mut k = depth;
-            while ds.slot_of(&frozen).is_ok() {
-                k += 1;
-                frozen = format!("{name}@{k}");
-            }
-            let new = ds
-                .fds
-                .iter()
-                .position(|f| !f.used)
-                .ok_or_else(|| Error::NoSpace("no free file slot for the redo log".into()))?;
-            let parent = &mut ds.fds[slot];
-            parent.name = frozen;
-            parent.flags |= flags::FROZEN;
-            parent.modified = now();
-            let (len, pgen) = (parent.length, parent.generation);
-            let generation = ds.fds[new].generation + 1;
-            ds.fds[new] = Fd {
-                slot: new as u32,
-                used: true,
-                flags: flags::REDO | flags::THIN,
-                generation,
-                parent: Some((slot as u32, pgen)),
-                created: now(),
-                name: name.to_string(),
-                ..Fd::default()
-            };
-            ds.ptrs[new].clear();
-            ds.grow(new, len, false)?;
+            let new = ds.start_redo(slot, name)?;
             Ok(ds.info_of(new))
         })
+    }
+
+    /// In the running transaction: file `slot` (named `name`) becomes frozen `name@N` and a
+    /// new, empty redo log in a free slot takes the name; returns that slot.
+    pub(crate) fn start_redo(&mut self, slot: usize, name: &str) -> Result<usize> {
+        let depth = self.chain(slot).len();
+        let mut frozen = format!("{name}@{depth}");
+        let mut k = depth;
+        while self.slot_of(&frozen).is_ok() {
+            k += 1;
+            frozen = format!("{name}@{k}");
+        }
+        let new = self
+            .fds
+            .iter()
+            .position(|f| !f.used)
+            .ok_or_else(|| Error::NoSpace("no free file slot for the redo log".into()))?;
+        let parent = &mut self.fds[slot];
+        parent.name = frozen;
+        parent.flags |= flags::FROZEN;
+        parent.modified = now();
+        let (len, pgen) = (parent.length, parent.generation);
+        self.new_redo(new, slot, pgen, len, name.to_string())?;
+        Ok(new)
+    }
+
+    /// In the running transaction: an empty redo log named `name` in free slot `new`, on
+    /// parent `slot` (of generation `pgen`) `len` bytes long.
+    fn new_redo(
+        &mut self,
+        new: usize,
+        slot: usize,
+        pgen: u64,
+        len: u64,
+        name: String,
+    ) -> Result<()> {
+        let generation = self.fds[new].generation + 1;
+        self.fds[new] = Fd {
+            slot: new as u32,
+            used: true,
+            flags: flags::REDO | flags::THIN,
+            generation,
+            parent: Some((slot as u32, pgen)),
+            created: now(),
+            name,
+            ..Fd::default()
+        };
+        self.ptrs[new].clear();
+        self.grow(new, len, false)
+    }
+
+    /// Starts a new redo log on the frozen file `frozen` (a branch): `name`, or unless given
+    /// the first free `FROZEN+rK` (K = 1, 2, ...). A frozen file may have any number of redo
+    /// logs; each reads what the frozen file holds until written. One transaction, constant
+    /// time. Used to restore or clone a snapshot's disk while its source runs on.
+    pub fn branch(&mut self, frozen: &str, name: Option<&str>) -> Result<FileInfo> {
+        self.reload()?;
+        self.txn(|ds| {
+            let slot = ds.new_branch(frozen, name)?;
+            Ok(ds.info_of(slot))
+        })
+    }
+
+    /// In the running transaction: the branch of [`Datastore::branch`]; returns its slot.
+    pub(crate) fn new_branch(&mut self, frozen: &str, name: Option<&str>) -> Result<usize> {
+        let p = self.slot_of(frozen)?;
+        if self.fds[p].flags & flags::FROZEN == 0 {
+            return Err(Error::Invalid(format!(
+                "'{frozen}' is not frozen: a branch starts from a snapshot's frozen file                  (NAME@N, made by `wv fs snapshot`)"
+            )));
+        }
+        let name = match name {
+            Some(n) => {
+                check_name(n, false)?;
+                n.to_string()
+            }
+            None => (1u32..)
+                .map(|k| format!("{frozen}+r{k}"))
+                .find(|n| self.slot_of(n).is_err())
+                .unwrap_or_default(),
+        };
+        if name.len() > format::MAX_NAME - 8 {
+            return Err(Error::Invalid(format!(
+                "file name '{name}': at most {} bytes (snapshots add '@N')",
+                format::MAX_NAME - 8
+            )));
+        }
+        if self.slot_of(&name).is_ok() {
+            return Err(Error::Exists(format!(
+                "a file named '{name}' exists already"
+            )));
+        }
+        let new = self
+            .fds
+            .iter()
+            .position(|f| !f.used)
+            .ok_or_else(|| Error::NoSpace("no free file slot for the redo log".into()))?;
+        let (len, pgen) = (self.fds[p].length, self.fds[p].generation);
+        self.new_redo(new, p, pgen, len, name)?;
+        Ok(new)
+    }
+
+    /// The redo logs whose parent is `slot`.
+    pub(crate) fn children_of(&self, slot: usize) -> Vec<usize> {
+        (0..self.fds.len())
+            .filter(|&c| {
+                is_file(&self.fds[c])
+                    && self.fds[c]
+                        .parent
+                        .is_some_and(|(p, g)| p as usize == slot && g == self.fds[slot].generation)
+            })
+            .collect()
+    }
+
+    /// The part of `slot`'s chain that is its alone: itself, then each parent as long as the
+    /// file below it is that parent's only redo log. A parent with other branches stays.
+    pub(crate) fn own_chain(&self, slot: usize) -> Vec<usize> {
+        let chain = self.chain(slot);
+        let mut v = vec![slot];
+        for w in chain.windows(2) {
+            if self.children_of(w[1]) != [w[0]] {
+                break;
+            }
+            v.push(w[1]);
+        }
+        v
     }
 
     fn redo_parent(&self, slot: usize, name: &str) -> Result<usize> {
@@ -1251,6 +1350,19 @@ impl Datastore {
     pub fn commit_redo(&mut self, name: &str) -> Result<FileInfo> {
         self.file_op(name, |ds, slot| {
             let parent = ds.redo_parent(slot, name)?;
+            let others: Vec<String> = ds
+                .children_of(parent)
+                .into_iter()
+                .filter(|&c| c != slot)
+                .map(|c| ds.fds[c].name.clone())
+                .collect();
+            if !others.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "'{}' has other redo logs ({}): committing '{name}' into it would change                      what they read; remove them first, or keep '{name}' as it is",
+                    ds.fds[parent].name,
+                    others.join(", ")
+                )));
+            }
             let len = ds.fds[slot].length;
             let thin = ds.fds[parent].flags & (flags::THIN | flags::REDO) != 0;
             if len > ds.fds[parent].length {
@@ -1283,10 +1395,16 @@ impl Datastore {
         self.info_of(parent)
     }
 
-    /// Drops redo log `name`: its parent takes the name back, as it was at the snapshot.
+    /// Drops redo log `name`: its parent takes the name back, as it was at the snapshot. When
+    /// other redo logs branch from the parent, it stays frozen under its own name (the answer
+    /// is then the parent's).
     pub fn revert(&mut self, name: &str) -> Result<FileInfo> {
         self.file_op(name, |ds, slot| {
             let parent = ds.redo_parent(slot, name)?;
+            if ds.children_of(parent).len() > 1 {
+                ds.free_file(slot);
+                return Ok(ds.info_of(parent));
+            }
             Ok(ds.drop_redo(slot, parent, name))
         })
     }
@@ -1313,6 +1431,15 @@ impl Datastore {
         });
         let _ = self.dev.unlock(at);
         r
+    }
+
+    /// The owner record of a writer in this process.
+    pub(crate) fn owner_record(&self) -> Owner {
+        Owner {
+            host: self.host.clone(),
+            pid: std::process::id(),
+            since: now(),
+        }
     }
 
     /// Records (or clears) the writer of `slot`.

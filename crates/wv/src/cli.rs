@@ -656,7 +656,7 @@ Usage:
   wv vm snapshot NAME SNAP | restore NAME SNAP | clone SNAP NAME [--count N] | snapshots
                             Manage VMs through the daemon (--socket or WV_SOCKET: a path,
                             or tcp:HOST:PORT; --json for machine-readable output)
-  wv fs mkfs|info|ls|create|rm|resize|snapshot|commit|revert|import|export|check|unlock ...
+  wv fs mkfs|info|ls|create|rm|resize|snapshot|commit|revert|branch|import|export|check|unlock ...
                             VMKFS datastores for virtual disks
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE

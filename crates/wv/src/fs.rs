@@ -31,6 +31,8 @@ Commands:
   snapshot DS NAME        start a redo log: NAME's current contents freeze as NAME@N
   commit DS NAME          merge NAME's redo log into its parent
   revert DS NAME          drop NAME's redo log: back to the contents at the snapshot
+  branch DS FROZEN NEW    a new redo log NEW on the frozen file FROZEN (NAME@N), beside
+                          any others: it reads FROZEN's contents until written
   import DS NAME SOURCE [--thin]
                           a new disk from an image (raw, qcow2 or any format qemu-img reads)
   export DS NAME DEST     write a disk to a raw image (sparse)
@@ -165,6 +167,12 @@ pub const SPECS: &[Spec] = &[
         "revert",
         ["DS", "NAME"],
         "Drops NAME's redo log: back to the contents at the snapshot.",
+        []
+    ),
+    fs_spec!(
+        "branch",
+        ["DS", "FROZEN", "NEW"],
+        "Starts a new redo log NEW on the frozen file FROZEN (NAME@N), beside any others: it reads FROZEN's contents until written.",
         []
     ),
     fs_spec!(
@@ -416,6 +424,10 @@ fn run(a: &Args) -> Result<ExitCode, String> {
             "committed into",
         ),
         "revert" => file_result(open(ds_path)?.revert(name).map_err(e)?, "reverted"),
+        "branch" => {
+            let new = a.pos.get(2).map(String::as_str);
+            file_result(open(ds_path)?.branch(name, new).map_err(e)?, "branched")
+        }
         "unlock" => {
             open(ds_path)?.unlock(name).map_err(e)?;
             Ok(did("unlocked", name))
