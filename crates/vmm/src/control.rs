@@ -371,11 +371,11 @@ impl Controller {
     /// Writes a snapshot of the VM (pausing it meanwhile unless it is paused) to
     /// `r.destination`: docs/SNAPSHOT.md.
     pub(crate) fn snapshot(&mut self, r: &SnapshotRequest) -> Result<serde_json::Value, Answer> {
-        if !self.cfg.disks.is_empty() && !r.allow_raw_disk {
+        if self.cfg.disks.iter().any(|d| d.vmkfs.is_none()) && !r.allow_raw_disk {
             return Err(Answer::error(
                 422,
-                "the VM has disks, which a snapshot does not hold: copy them while the VM is \
-                 paused and say \"allow_raw_disk\": true",
+                "the VM has raw disk images, which a snapshot does not hold: copy them while \
+                 the VM is paused and say \"allow_raw_disk\": true",
             ));
         }
         let start = std::time::Instant::now();
@@ -383,21 +383,34 @@ impl Controller {
         if !was_paused {
             self.pause()?;
         }
-        let written = self.write_snapshot(&r.destination);
+        // VMKFS disks freeze at the instant memory is saved; undone if the snapshot fails.
+        let held = &self.shared.vmkfs;
+        let written = crate::vmkfs_disk::freeze_all(held)
+            .map_err(|e| Answer::error(500, e))
+            .and_then(|frozen| {
+                self.write_snapshot(&r.destination, &frozen)
+                    .map(|(m, st)| (m, st, frozen.clone()))
+                    .inspect_err(|_| crate::vmkfs_disk::unfreeze_all(held, &frozen))
+            });
         if !was_paused {
             self.resume()?;
         }
-        let (memory_bytes, state_bytes) = written?;
+        let (memory_bytes, state_bytes, frozen) = written?;
         Ok(serde_json::json!({
             "directory": r.destination,
             "memory_bytes": memory_bytes,
             "state_bytes": state_bytes,
             "duration_ms": start.elapsed().as_secs_f64() * 1e3,
+            "disks": frozen,
         }))
     }
 
     /// The snapshot of the paused VM: (memory bytes written, state bytes).
-    fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64), Answer> {
+    fn write_snapshot(
+        &self,
+        dir: &Path,
+        frozen: &[crate::vmkfs_disk::FrozenDisk],
+    ) -> Result<(u64, u64), Answer> {
         use crate::snapshot::{Machine, Sections};
         use wv_hypervisor::state;
         let Some(paused) = &self.paused else {
@@ -433,7 +446,10 @@ impl Controller {
                 tsc_khz: self.shared.info.tsc_khz,
             }),
         );
-        sections.push("config", json(&self.cfg));
+        sections.push(
+            "config",
+            json(&crate::vmkfs_disk::snapshot_config(&self.cfg, frozen)),
+        );
         sections.push("vm", json(&vm));
         if vcpus.len() != self.threads.len() {
             return Err(Answer::error(500, "a vCPU did not save its state"));
@@ -445,6 +461,9 @@ impl Controller {
         let devices =
             crate::devstate::save(&self.shared).map_err(|e| fail("saving the devices", e))?;
         sections.push("devices", json(&devices));
+        if !frozen.is_empty() {
+            sections.push(crate::snapshot::DISKS, json(&frozen));
+        }
         let state_bytes = sections.encode().len() as u64;
         let memory = crate::snapshot::write(dir, &sections, &self.shared.mem).map_err(|e| {
             let status = if e.to_string().contains("not empty") {

@@ -63,6 +63,8 @@ pub(crate) struct VmShared {
     pub(crate) pci_devices: pci::PciDevices,
     pub(crate) pci_bus: Arc<Mutex<wv_pci::PciBus>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
+    /// The VMKFS disks open for writing (a snapshot freezes them).
+    pub(crate) vmkfs: Vec<vmkfs_disk::Held>,
     /// KVM's binary statistics of each vCPU (`KVM_GET_STATS_FD`), in vCPU order; empty without
     /// them (Linux < 5.14). Also read by the daemon for `GET /metrics`.
     pub(crate) kvm_stats: Vec<std::os::fd::OwnedFd>,
@@ -226,6 +228,11 @@ struct Restore {
     vm: wv_hypervisor::state::VmState,
     vcpus: Vec<wv_hypervisor::state::VcpuState>,
     devices: Option<devstate::DevicesState>,
+    /// The frozen VMKFS disks of the snapshot (its `disks` section).
+    disks: Vec<vmkfs_disk::FrozenDisk>,
+    /// Their new branches, opened by [`vmkfs_disk::branch_disks`], by disk index, until the
+    /// devices take them.
+    branches: Mutex<Vec<(usize, vmkfs_disk::VmkfsDisk)>>,
 }
 
 impl Restore {
@@ -248,7 +255,20 @@ impl Restore {
             vm: sections.json("vm").map_err(bad)?,
             vcpus,
             devices: Some(sections.json("devices").map_err(bad)?),
+            // Snapshots without disks, or from before disks were frozen, have no such section.
+            disks: match sections.get(snapshot::DISKS) {
+                Ok(_) => sections.json(snapshot::DISKS).map_err(bad)?,
+                Err(_) => Vec::new(),
+            },
+            branches: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The branch opened for disk `index`, if it is one of the snapshot's frozen disks.
+    fn take_branch(&self, index: usize) -> Option<vmkfs_disk::VmkfsDisk> {
+        let mut b = self.branches.lock().unwrap_or_else(|p| p.into_inner());
+        let at = b.iter().position(|(i, _)| *i == index)?;
+        Some(b.swap_remove(at).1)
     }
 }
 
@@ -273,6 +293,18 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
     let mut restore = match restore {
         Some(dir) => Some(Restore::read(dir, cfg)?),
         None => None,
+    };
+    // A restored VM's VMKFS disks are new branches of the snapshot's frozen files; its
+    // configuration names them.
+    let branched;
+    let cfg = match &restore {
+        Some(r) if !r.disks.is_empty() => {
+            let (c, opened) = vmkfs_disk::branch_disks(cfg, &r.disks)?;
+            *r.branches.lock().unwrap_or_else(|p| p.into_inner()) = opened;
+            branched = c;
+            &branched
+        }
+        _ => cfg,
     };
     let kvm = Arc::new(wv_hypervisor::open()?);
     let max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
@@ -585,13 +617,21 @@ fn build(
             Box::new(wv_virtio::rng::Rng::default()),
         )?;
     }
-    for d in &cfg.disks {
+    let mut vmkfs = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
         let disk: Box<dyn wv_virtio::block::Disk> = match &d.vmkfs {
             None => Box::new(
                 wv_virtio::block::RawDisk::open(&d.path, d.readonly)
                     .map_err(|e| VmmError::Disk(e.to_string()))?,
             ),
-            Some(name) => Box::new(vmkfs_disk::VmkfsDisk::open(&d.path, name, d.readonly)?),
+            Some(name) => {
+                let v = match restore.and_then(|r| r.take_branch(i)) {
+                    Some(v) => v,
+                    None => vmkfs_disk::VmkfsDisk::open(&d.path, name, d.readonly)?,
+                };
+                vmkfs.extend(v.held(&d.id, &d.path, i));
+                Box::new(v)
+            }
         };
         let name: &'static str = Box::leak(format!("virtio-blk:{}", d.id).into_boxed_str());
         pci.add_virtio(
@@ -655,6 +695,7 @@ fn build(
         pci_devices,
         pci_bus: pci_bus.clone(),
         i8042,
+        vmkfs,
         kvm_stats: Vec::new(),
         end: Mutex::new(None),
         end_evt: EventFd::new(0).map_err(internal("eventfd"))?,

@@ -24,6 +24,8 @@ pub const MAX_SECTION: u64 = 64 << 20;
 pub const MAX_SECTIONS: u32 = 4096;
 /// The state file's name in a snapshot directory.
 pub const STATE_FILE: &str = "state";
+/// The section naming the frozen VMKFS file of each disk (absent without VMKFS disks).
+pub const DISKS: &str = "disks";
 /// The memory file's name in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
 

@@ -4,14 +4,48 @@
 //! record: only a VMM that dies leaves a stale lock. Data moves between guest memory and the
 //! disk through one bounce buffer of at most 1 MiB ([`wv_virtio::block::CHUNK`]), kept for
 //! the life of the disk, after checking that the request lies inside the disk.
+//!
+//! Snapshots (docs/SNAPSHOT.md): at the snapshot instant, with the VM paused, [`freeze_all`]
+//! freezes every VMKFS disk the VMM holds for writing (the disk's contents become `NAME@N`, the
+//! VM runs on in a new redo log that takes NAME, the open handle moving with it in one VMKFS
+//! transaction) and the snapshot records the frozen files ([`FrozenDisk`], its `disks`
+//! section); a restore opens a new branch of each frozen file ([`branch_disks`]), so any
+//! number of restores and clones start from the same disk contents while the source runs on.
 
 use crate::error::VmmError;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vm_memory::GuestMemoryMmap;
 use wv_virtio::block::{bounce_read, bounce_write};
 use wv_vmkfs::{Datastore, FileDev};
+
+/// A VMKFS disk the VM holds, as a snapshot sees it.
+pub(crate) struct Held {
+    /// The disk's id (`--disk ...,id=`).
+    pub id: String,
+    /// The datastore.
+    pub path: PathBuf,
+    /// Index in the configuration's disks.
+    pub index: usize,
+    disk: Arc<Mutex<Option<wv_vmkfs::Disk>>>,
+}
+
+/// A disk of a snapshot: the frozen file a restore branches from (the `disks` section).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrozenDisk {
+    /// Index in the configuration's disks.
+    pub index: usize,
+    /// The disk's id.
+    pub id: String,
+    /// The datastore.
+    pub datastore: PathBuf,
+    /// The file the VM ran on when the snapshot was taken (it runs on there).
+    pub name: String,
+    /// The frozen file holding the disk as it was at the snapshot instant.
+    pub frozen: String,
+}
 
 /// An open VMKFS disk.
 pub struct VmkfsDisk {
@@ -36,17 +70,53 @@ impl VmkfsDisk {
         let disk = ds
             .open_disk(name, !readonly)
             .map_err(|e| bad(e.to_string()))?;
+        Ok(VmkfsDisk::hold(disk))
+    }
+
+    /// Opens a new branch of the frozen file `frozen` of the datastore at `path`, for
+    /// writing (created and owned in one transaction: [`wv_vmkfs::Datastore::open_branch`]).
+    pub fn open_branch(path: &Path, frozen: &str) -> Result<VmkfsDisk, VmmError> {
+        let bad = |e: String| {
+            VmmError::Disk(format!(
+                "a branch of {}:{frozen} (the snapshot's disk): {e}",
+                path.display()
+            ))
+        };
+        let dev = FileDev::open(path, false).map_err(|e| bad(e.to_string()))?;
+        let ds = Datastore::open(Arc::new(dev)).map_err(|e| bad(e.to_string()))?;
+        let disk = ds
+            .open_branch(frozen, None)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(VmkfsDisk::hold(disk))
+    }
+
+    fn hold(disk: wv_vmkfs::Disk) -> VmkfsDisk {
         let (size, writable) = (disk.len(), disk.writable());
         let disk = Arc::new(Mutex::new(Some(disk)));
         let d = disk.clone();
         crate::at_exit(Box::new(move || {
             drop(d.lock().unwrap_or_else(|p| p.into_inner()).take());
         }));
-        Ok(VmkfsDisk {
+        VmkfsDisk {
             disk,
             size,
             writable,
             bounce: Vec::new(),
+        }
+    }
+
+    /// The file's name in the datastore.
+    pub fn name(&self) -> String {
+        with(&self.disk, |d| Ok(d.name().to_string())).unwrap_or_default()
+    }
+
+    /// What a snapshot needs of it: None when read-only (nothing to freeze).
+    pub(crate) fn held(&self, id: &str, path: &Path, index: usize) -> Option<Held> {
+        self.writable.then(|| Held {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+            index,
+            disk: self.disk.clone(),
         })
     }
 
@@ -64,6 +134,111 @@ fn with<T>(
         Some(d) => f(d).map_err(other),
         None => Err(io::Error::other("the VMKFS disk was closed")),
     }
+}
+
+/// Freezes every disk of `held` (the VM is paused: nothing is in flight) and returns the
+/// frozen files; if one fails, those already frozen are unfrozen and the error says which
+/// disk failed.
+pub(crate) fn freeze_all(held: &[Held]) -> Result<Vec<FrozenDisk>, String> {
+    let mut done = Vec::with_capacity(held.len());
+    for h in held {
+        let r = with(&h.disk, |d| {
+            let name = d.name().to_string();
+            d.freeze().map(|frozen| (name, frozen))
+        });
+        match r {
+            Ok((name, frozen)) => done.push(FrozenDisk {
+                index: h.index,
+                id: h.id.clone(),
+                datastore: h.path.clone(),
+                name,
+                frozen,
+            }),
+            Err(e) => {
+                unfreeze_all(held, &done);
+                return Err(format!("freezing disk '{}': {e}", h.id));
+            }
+        }
+    }
+    test_hold_after_freeze();
+    Ok(done)
+}
+
+/// Undoes [`freeze_all`] for the disks in `frozen` (a snapshot that failed after freezing): the
+/// VM goes on in the original files, as if no snapshot had been asked for. A disk that cannot
+/// be unfrozen stays on its redo log (consistent, one level deeper), which is said.
+pub(crate) fn unfreeze_all(held: &[Held], frozen: &[FrozenDisk]) {
+    for f in frozen {
+        if let Some(h) = held.iter().find(|h| h.index == f.index) {
+            if let Err(e) = with(&h.disk, wv_vmkfs::Disk::unfreeze) {
+                eprintln!(
+                    "wv: snapshot failed; disk '{}' stays on a redo log over {} ({e})",
+                    f.id, f.frozen
+                );
+            }
+        }
+    }
+}
+
+/// In debug builds (the tests'), WV_TEST_SNAPSHOT_HOLD_FD names an inherited descriptor: once
+/// the disks are frozen, the VMM says so on stderr and reads it until end-of-file before it
+/// writes the snapshot, so a test can kill it between the two. Nothing in release builds.
+fn test_hold_after_freeze() {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Some(fd) = std::env::var("WV_TEST_SNAPSHOT_HOLD_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|&fd| fd > 2)
+    else {
+        return;
+    };
+    eprintln!("wv-test: disks frozen");
+    let mut b = [0u8; 1];
+    // SAFETY: reading into a local buffer from a descriptor the test gave this process.
+    while unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) } > 0 {}
+}
+
+/// The configuration a snapshot records: each frozen disk named by its frozen file.
+pub(crate) fn snapshot_config(cfg: &crate::VmConfig, frozen: &[FrozenDisk]) -> crate::VmConfig {
+    let mut c = cfg.clone();
+    for f in frozen {
+        if let Some(d) = c.disks.get_mut(f.index) {
+            d.vmkfs = Some(f.frozen.clone());
+        }
+    }
+    c
+}
+
+/// For a restore: a new branch of each frozen disk of the snapshot, opened for writing; the
+/// configuration the restored VM runs with names the branches. Checks that every frozen disk
+/// matches a VMKFS disk of the snapshot's configuration.
+pub(crate) fn branch_disks(
+    cfg: &crate::VmConfig,
+    frozen: &[FrozenDisk],
+) -> Result<(crate::VmConfig, Vec<(usize, VmkfsDisk)>), VmmError> {
+    let mut c = cfg.clone();
+    let mut opened = Vec::with_capacity(frozen.len());
+    for f in frozen {
+        let d = c
+            .disks
+            .get_mut(f.index)
+            .filter(|d| d.id == f.id && d.path == f.datastore && !d.readonly)
+            .filter(|d| d.vmkfs.as_deref() == Some(f.frozen.as_str()))
+            .ok_or_else(|| {
+                VmmError::Snapshot(format!(
+                    "the snapshot's disk '{}' ({}:{}) does not match its configuration",
+                    f.id,
+                    f.datastore.display(),
+                    f.frozen
+                ))
+            })?;
+        let disk = VmkfsDisk::open_branch(&f.datastore, &f.frozen)?;
+        d.vmkfs = Some(disk.name());
+        opened.push((f.index, disk));
+    }
+    Ok((c, opened))
 }
 
 impl wv_virtio::block::Disk for VmkfsDisk {
