@@ -140,7 +140,7 @@ fn sector1(dir: &TempDir, ds: &str, name: &str) -> Vec<u8> {
 fn blk_pattern(seed: u64) -> Vec<u8> {
     let s = seed.to_le_bytes();
     (0..512usize)
-        .map(|i| (i as u8) ^ 0xa5 ^ 1 ^ s[i % 8])
+        .map(|i| i.to_le_bytes()[0] ^ 0xa5 ^ 1 ^ s[i % 8])
         .collect()
 }
 
@@ -337,11 +337,10 @@ fn a_vmm_killed_between_the_freeze_and_the_snapshot_leaves_a_consistent_datastor
     frozen
         .recv_timeout(Duration::from_secs(60))
         .expect("the VMM froze its disk");
-    // SAFETY: SIGKILL to the child we started.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(vm.child.id()).unwrap(), libc::SIGKILL) },
-        0
-    );
+    let pid = i32::try_from(vm.child.id()).unwrap();
+    // SAFETY: SIGKILL to the child we started (not yet waited for, so the pid is still its).
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     let st = vm.child.wait().unwrap();
     assert_eq!(st.code(), None, "killed");
     // SAFETY: our write end, no longer needed.
