@@ -184,7 +184,7 @@ fn stop(clones: Vec<Clone>) {
 }
 
 fn main() {
-    let n = env_or("CLONES", 20).max(1) as usize;
+    let n = usize::try_from(env_or("CLONES", 20).max(1)).unwrap_or(20);
     let touch = env_or("TOUCH_MIB", 128);
     let dir = std::env::temp_dir().join(format!("wv-clone-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -391,9 +391,9 @@ struct NetNs(String);
 impl NetNs {
     fn new(tag: &str) -> NetNs {
         // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
         assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+            euid, 0,
             "the clone tests need root to create namespaces and TAP devices"
         );
         let ns = NetNs(format!("wvc-{tag}-{}", std::process::id()));
@@ -440,7 +440,8 @@ fn state_section(snap: &Path, name: &str) -> serde_json::Value {
     let mut at = 16;
     while at < b.len() {
         let n = &b[at..at + 16];
-        let len = u64::from_le_bytes(b[at + 16..at + 24].try_into().unwrap()) as usize;
+        let len =
+            usize::try_from(u64::from_le_bytes(b[at + 16..at + 24].try_into().unwrap())).unwrap();
         let data = &b[at + 28..at + 28 + len];
         if n.split(|&c| c == 0).next() == Some(name.as_bytes()) {
             return serde_json::from_slice(data).unwrap();
