@@ -8,7 +8,8 @@
 //! - first output: from spawning to the guest's first line after the restore (it has seen its
 //!   new generation id: `PASS genid ...`, within one 1 ms poll);
 //! - CPU: the clone's CPU time (every thread, `/proc/PID/task/*/schedstat`) at its first
-//!   output: what one start costs a core, so 1 / CPU is clones per core-second;
+//!   output: what one start costs a core, so 1 / CPU is clones per core-second (threads that
+//!   ended before then, the VMM's CPUID reader of ~0.3 ms, are not counted);
 //! - PSS and private memory (`/proc/PID/smaps_rollup`) once all are up.
 //!
 //! Then the same with a guest that wrote TOUCH_MIB MiB (`probe.touch`) before the snapshot and
