@@ -51,6 +51,8 @@ fuzz_target!(|data: &[u8]| {
             vcpus: 2,
             devices: Vec::new(),
             tsc_khz: 1_000_000,
+            generation_id: [7; wv_abi::GENERATION_ID_SIZE],
+            restores: 1,
         },
         console: 0,
     };

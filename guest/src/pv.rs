@@ -96,3 +96,17 @@ pub fn batch(blocks: &mut [CallBlock]) -> (u32, u64) {
 pub fn exit_count() -> u64 {
     call_args(Call::ExitCount, [0; 5]).1
 }
+
+/// The VM generation (`Call::VmGeneration`): (the 128-bit generation id, how many times the VM
+/// was restored), or None without Worldvisor or when the VMM refuses the call.
+pub fn vm_generation() -> Option<([u8; wv_abi::GENERATION_ID_SIZE], u64)> {
+    if !on_worldvisor() {
+        return None;
+    }
+    let mut id = [0u8; wv_abi::GENERATION_ID_SIZE];
+    // The buffer is on this stack, identity mapped: its address is its guest-physical address.
+    let (st, restores, _) = call_args(Call::VmGeneration, [id.as_mut_ptr() as u64, 0, 0, 0, 0]);
+    // SAFETY: `id` is a valid local array the VMM wrote behind the compiler's back.
+    let id = unsafe { core::ptr::read_volatile(&id) };
+    (st == wv_abi::status::OK).then_some((id, restores))
+}

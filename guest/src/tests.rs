@@ -66,6 +66,8 @@ pub fn run(name: &[u8]) -> Outcome {
         b"hang" => hang(),
         b"burn" => burn(),
         b"echo" => echo(),
+        b"genid" => genid(),
+        b"idle" => idle(),
         _ => {
             let mut l = Line::new();
             l.s("unknown test '").bytes(name).s("'");
@@ -737,6 +739,129 @@ fn burn() -> Outcome {
     let r = crate::entry::run_user(user_burn as *const () as u64, stack_top);
     let mut d = Line::new();
     fail("burn", d.s("left user mode: ").hex(r))
+}
+
+/// A VM that stays up and costs no CPU (a clone test measures its memory while it lives):
+/// halts with interrupts off until the VM is stopped.
+fn idle() -> Outcome {
+    crate::console::println("idle: halted until stopped");
+    loop {
+        cpu::cli();
+        // SAFETY: halting with interrupts off is the intended state; the host ends the VM.
+        unsafe { core::arch::asm!("hlt", options(nomem, nostack)) }
+    }
+}
+
+/// Where `probe.touch` memory starts: above the image, its stacks and the loader's structures.
+const TOUCH_BASE: u64 = 32 << 20;
+
+/// The word `probe.touch` writes into page `page` (never zero, so no page is a hole in a
+/// snapshot).
+fn touch_word(page: u64) -> u64 {
+    (page ^ 0x5756_0000_0000_0000).wrapping_mul(LCG_A) | 1
+}
+
+/// `probe.touch=MIB`: writes one word into every page of MIB MiB from [`TOUCH_BASE`] up (or,
+/// with `check`, reads them back); Err(problem) when the range is not RAM or a word differs.
+fn touch(mib: u64, check: bool) -> Result<(), &'static str> {
+    let bi = boot_info();
+    let len = mib << 20;
+    if !bi.in_ram(TOUCH_BASE, len) {
+        return Err("probe.touch: the range is not all RAM");
+    }
+    let (ia, isz) = bi.initrd;
+    if isz != 0 && ia < TOUCH_BASE + len && TOUCH_BASE < ia + isz {
+        return Err("probe.touch: the range overlaps the initrd");
+    }
+    for page in 0..len / 4096 {
+        let p = (TOUCH_BASE + page * 4096) as *mut u64;
+        // SAFETY: the page is RAM (checked above), identity mapped, and used by nothing else
+        // (above the image and its stacks, outside the initrd).
+        unsafe {
+            if !check {
+                p.write_volatile(touch_word(page));
+            } else if p.read_volatile() != touch_word(page) {
+                return Err("probe.touch: memory changed");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn hex_bytes(d: &mut Line, b: &[u8]) {
+    for &x in b {
+        for nib in [x >> 4, x & 0xf] {
+            d.b(if nib < 10 { b'0' + nib } else { b'a' + nib - 10 });
+        }
+    }
+}
+
+/// The VM generation (`Call::VmGeneration`, as VMGenID): passes with the 128-bit generation id
+/// and the restore count (`PASS genid id=HEX restores=N`). With `probe.genid=wait` it first
+/// prints `genid: id=HEX restores=N waiting` and polls every 10 ms (`probe.genidms`, 1-1000;
+/// halted between LAPIC timer ticks) until the id changes, which is what a restore or a clone of a snapshot taken while it
+/// waits does, then passes with the new values and the old id (`was=HEX`). `probe.touch=MIB`
+/// writes a word into every page of MIB MiB before that and checks them all after the change
+/// (memory a clone's guest reads from the snapshot).
+fn genid() -> Outcome {
+    let mut d = Line::new();
+    let Some((id, restores)) = pv::vm_generation() else {
+        d.s("needs Worldvisor's vm_generation call");
+        return report(Outcome::Skip, "genid", &mut d);
+    };
+    let cmdline = boot_info().cmdline();
+    let touched = param(cmdline, "probe.touch").and_then(parse_u64).unwrap_or(0);
+    if touched > 0 {
+        if let Err(e) = touch(touched, false) {
+            return fail("genid", d.s(e));
+        }
+    }
+    if param(cmdline, "probe.genid") != Some(b"wait") {
+        d.s("id=");
+        hex_bytes(&mut d, &id);
+        d.s(" restores=").dec(restores);
+        return pass("genid", &mut d);
+    }
+    let mut l = Line::new();
+    l.s("genid: id=");
+    hex_bytes(&mut l, &id);
+    l.s(" restores=").dec(restores).s(" waiting");
+    l.end();
+    let poll_ms = param(cmdline, "probe.genidms")
+        .and_then(parse_u64)
+        .unwrap_or(10)
+        .clamp(1, 1000);
+    lapic::enable();
+    lapic::write(lapic::TIMER_DIV, 0xb);
+    lapic::write(lapic::LVT_TIMER, 0x20000 | u32::from(cpu::TIMER_VECTOR));
+    lapic::write(lapic::TIMER_INIT, TIMER_PERIOD * poll_ms as u32);
+    let now = loop {
+        cpu::wait_for_interrupt();
+        match pv::vm_generation() {
+            Some(now) if now.0 != id => break Some(now),
+            Some(_) => {}
+            None => break None,
+        }
+    };
+    stop_timer();
+    let Some((new_id, new_restores)) = now else {
+        return fail("genid", d.s("the vm_generation call stopped working"));
+    };
+    d.s("id=");
+    hex_bytes(&mut d, &new_id);
+    d.s(" restores=").dec(new_restores).s(" was=");
+    hex_bytes(&mut d, &id);
+    if touched > 0 {
+        if let Err(e) = touch(touched, true) {
+            return fail("genid", d.s(" ").s(e));
+        }
+        d.s(" touched=").dec(touched).s("MiB");
+    }
+    if new_restores <= restores {
+        d.s(" problem: the id changed but the restore count did not grow");
+        return fail("genid", &mut d);
+    }
+    pass("genid", &mut d)
 }
 
 /// Interactive console check: echoes what arrives on COM1 until a `q`, then passes with the

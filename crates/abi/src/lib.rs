@@ -36,8 +36,10 @@ pub mod features {
     pub const CONSOLE: u32 = 1 << 2;
     /// [`super::Call::ExitCount`] is available.
     pub const EXIT_COUNT: u32 = 1 << 3;
+    /// [`super::Call::VmGeneration`] is available.
+    pub const VM_GENERATION: u32 = 1 << 4;
     /// Everything this version offers.
-    pub const ALL: u32 = CALL_PORT | BATCH | CONSOLE | EXIT_COUNT;
+    pub const ALL: u32 = CALL_PORT | BATCH | CONSOLE | EXIT_COUNT | VM_GENERATION;
 }
 
 /// Call numbers.
@@ -64,10 +66,19 @@ pub enum Call {
     ExitCount = 6,
     /// ret\[0\] = TSC frequency in kHz (0 if unknown).
     TscKhz = 7,
+    /// The VM's generation (as ACPI VMGenID): args\[0\] = GPA of a [`GENERATION_ID_SIZE`]-byte
+    /// buffer that receives the generation identifier, a random 128-bit value drawn anew at
+    /// every boot and every restore (so two clones of one snapshot, or a VM and its restored
+    /// copy, never share it); ret\[0\] = how many times this VM's state has been restored
+    /// from a snapshot (0 for a VM that booted and was never restored).
+    VmGeneration = 8,
 }
 
 /// Number of defined calls (call numbers are `0..CALL_COUNT`).
-pub const CALL_COUNT: u32 = 8;
+pub const CALL_COUNT: u32 = 9;
+
+/// Size of the identifier [`Call::VmGeneration`] writes, in bytes.
+pub const GENERATION_ID_SIZE: usize = 16;
 
 impl Call {
     /// The call with number `nr`, if it exists.
@@ -81,6 +92,7 @@ impl Call {
             5 => Call::Batch,
             6 => Call::ExitCount,
             7 => Call::TscKhz,
+            8 => Call::VmGeneration,
             _ => return None,
         })
     }
@@ -96,6 +108,7 @@ impl Call {
             Call::Batch => "batch",
             Call::ExitCount => "exit_count",
             Call::TscKhz => "tsc_khz",
+            Call::VmGeneration => "vm_generation",
         }
     }
 }

@@ -7,7 +7,7 @@
 //! (or, when the block itself is unreachable, an `Invalid` outcome) but never a panic.
 #![allow(clippy::cast_possible_truncation)] // x86-64 only: usize is 64 bits; lengths are bounded by the ABI limits first
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use wv_abi::{
     status, Call, CallBlock, DeviceRecord, CALL_BLOCK_SIZE, CALL_COUNT, DEVICE_RECORD_SIZE,
 };
@@ -23,6 +23,11 @@ pub struct MachineInfo {
     pub devices: Vec<DeviceRecord>,
     /// TSC frequency in kHz (0 if unknown).
     pub tsc_khz: u64,
+    /// The VM generation identifier [`Call::VmGeneration`] reports: random, drawn anew at each
+    /// boot and each restore.
+    pub generation_id: [u8; wv_abi::GENERATION_ID_SIZE],
+    /// How many times this VM's state has been restored from a snapshot.
+    pub restores: u64,
 }
 
 /// What a call needs from the vCPU that made it.
@@ -118,6 +123,16 @@ fn perform(ctx: &mut dyn CallContext, b: &mut CallBlock, top: bool, out: &mut Ou
         Call::MemSize => b.ret = [ctx.machine().mem_size, u64::from(ctx.machine().vcpus)],
         Call::TscKhz => b.ret = [ctx.machine().tsc_khz, 0],
         Call::ExitCount => b.ret = [ctx.exit_count(), u64::from(ctx.vcpu_index())],
+        Call::VmGeneration => {
+            let id = ctx.machine().generation_id;
+            // Checked whole first: a buffer crossing the end of RAM gets nothing, not a part.
+            let whole = GuestMemoryBackend::check_range(ctx.mem(), GuestAddress(a0), id.len());
+            if !whole || ctx.mem().write_slice(&id, GuestAddress(a0)).is_err() {
+                b.status = status::BAD_ADDRESS;
+                return;
+            }
+            b.ret = [ctx.machine().restores, 0];
+        }
         Call::DeviceList => {
             let devices = ctx.machine().devices.clone();
             let fit = (a1 / DEVICE_RECORD_SIZE as u64).min(devices.len() as u64) as usize;
@@ -238,6 +253,8 @@ mod tests {
                 vcpus: 2,
                 devices,
                 tsc_khz: 1234,
+                generation_id: *b"0123456789abcdef",
+                restores: 3,
             },
             console: vec![],
             exits: 7,
@@ -274,6 +291,25 @@ mod tests {
         assert_eq!(b.ret, [7, 1]);
         let (_, b) = call(&mut c, Call::TscKhz, [0; 5]);
         assert_eq!(b.ret[0], 1234);
+    }
+
+    #[test]
+    fn vm_generation_writes_the_id_and_counts_restores() {
+        let mut c = ctx();
+        let (_, b) = call(&mut c, Call::VmGeneration, [0x2001, 0, 0, 0, 0]);
+        assert_eq!((b.status, b.ret), (status::OK, [3, 0]));
+        let mut id = [0u8; wv_abi::GENERATION_ID_SIZE];
+        c.mem.read_slice(&mut id, GuestAddress(0x2001)).unwrap();
+        assert_eq!(&id, b"0123456789abcdef");
+        for bad in [MEM as u64 - 8, u64::MAX - 4] {
+            let (_, b) = call(&mut c, Call::VmGeneration, [bad, 0, 0, 0, 0]);
+            assert_eq!((b.status, b.ret), (status::BAD_ADDRESS, [0, 0]), "{bad:#x}");
+        }
+        let mut tail = [0u8; 8];
+        c.mem
+            .read_slice(&mut tail, GuestAddress(MEM as u64 - 8))
+            .unwrap();
+        assert_eq!(tail, [0; 8], "nothing written by a refused call");
     }
 
     #[test]

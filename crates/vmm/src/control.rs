@@ -444,6 +444,7 @@ impl Controller {
                 memory: self.shared.info.mem_size,
                 vcpus: self.vcpus(),
                 tsc_khz: self.shared.info.tsc_khz,
+                restores: self.shared.info.restores,
             }),
         );
         sections.push(

@@ -26,6 +26,31 @@ pub(crate) fn save(shared: &VmShared) -> Result<DevicesState, String> {
     })
 }
 
+/// Gives the virtio-net devices of `state`, in slot order (the order of the configuration's
+/// `nets`), the MACs `macs` instead of the ones they were saved with (a clone's new identity).
+pub(crate) fn set_macs(state: &mut DevicesState, macs: &[[u8; 6]]) -> Result<(), String> {
+    let nets: Vec<&mut wv_virtio::net::NetState> = state
+        .pci
+        .devices
+        .iter_mut()
+        .filter_map(|d| match &mut d.state.device {
+            wv_virtio::DeviceState::Net(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    if nets.len() != macs.len() {
+        return Err(format!(
+            "the snapshot holds {} virtio-net devices and its configuration {}",
+            nets.len(),
+            macs.len()
+        ));
+    }
+    for (n, m) in nets.into_iter().zip(macs) {
+        n.mac = *m;
+    }
+    Ok(())
+}
+
 /// Puts `state` back into the devices of a VM just built from the snapshot's configuration, and
 /// lets the PCI devices' workers run (restore leaves them paused).
 pub(crate) fn restore(shared: &VmShared, state: DevicesState) -> Result<(), String> {

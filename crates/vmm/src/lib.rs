@@ -128,13 +128,46 @@ fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), V
     Ok(())
 }
 
+/// Fills `buf` from the host's entropy (getrandom(2)); false if the kernel would not give it.
+fn random_bytes(buf: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => done += n,
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// A locally administered unicast MAC (02:xx:xx:xx:xx:xx) from the host's entropy.
-fn random_mac() -> [u8; 6] {
+pub fn random_mac() -> [u8; 6] {
     let mut m = [0u8; 6];
-    // SAFETY: getrandom writes at most 6 bytes into `m`.
-    unsafe { libc::getrandom(m.as_mut_ptr() as *mut libc::c_void, 6, 0) };
+    // Without entropy (never on Linux >= 3.17 once booted) the MAC is made of the clock.
+    if !random_bytes(&mut m) {
+        let t = nanos(std::time::UNIX_EPOCH.elapsed().unwrap_or_default())
+            ^ u64::from(std::process::id());
+        m.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
     m[0] = 0x02;
     m
+}
+
+/// A new VM generation identifier ([`wv_abi::Call::VmGeneration`]): 128 random bits.
+fn new_generation_id() -> Result<[u8; wv_abi::GENERATION_ID_SIZE], VmmError> {
+    let mut id = [0u8; wv_abi::GENERATION_ID_SIZE];
+    if random_bytes(&mut id) {
+        Ok(id)
+    } else {
+        Err(VmmError::Internal(format!(
+            "getrandom for the VM generation id: {}",
+            std::io::Error::last_os_error()
+        )))
+    }
 }
 
 fn device_records() -> Vec<DeviceRecord> {
@@ -233,6 +266,56 @@ struct Restore {
     /// Their new branches, opened by [`vmkfs_disk::branch_disks`], by disk index, until the
     /// devices take them.
     branches: Mutex<Vec<(usize, vmkfs_disk::VmkfsDisk)>>,
+    /// Restores of the VM before this one.
+    restores: u64,
+}
+
+/// How a restored VM differs from the one in its snapshot. Whatever the options, a restored VM
+/// gets a new generation id ([`wv_abi::Call::VmGeneration`]) and its restore count goes up by
+/// one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// A clone: a new identity besides, so that several VMs restored from one snapshot can
+    /// run side by side: every virtio-net device gets a new MAC (random and locally
+    /// administered, or the one [`RestoreOptions::macs`] names), which the guest sees when it
+    /// next reads the device's configuration space.
+    pub clone: bool,
+    /// MACs for chosen virtio-net devices, by index in the configuration's `nets` (with
+    /// `clone` only).
+    pub macs: Vec<(usize, [u8; 6])>,
+}
+
+impl RestoreOptions {
+    /// The configuration of the restored VM: `cfg` (the snapshot's) with the clone's MACs.
+    fn apply(&self, cfg: &VmConfig) -> Result<VmConfig, VmmError> {
+        let bad = |m: String| VmmError::Config(config::ConfigError(m));
+        if !self.clone {
+            if self.macs.is_empty() {
+                return Ok(cfg.clone());
+            }
+            return Err(bad(
+                "a restored VM keeps its MACs unless it is a clone".into()
+            ));
+        }
+        let mut out = cfg.clone();
+        for (i, m) in &self.macs {
+            if *i >= cfg.nets.len() {
+                return Err(bad(format!(
+                    "--mac {i}={}: the VM has {} network devices (numbered from 0)",
+                    config::format_mac(m),
+                    cfg.nets.len()
+                )));
+            }
+            if self.macs.iter().filter(|(j, _)| j == i).count() > 1 {
+                return Err(bad(format!("--mac {i}=...: given twice")));
+            }
+        }
+        for (i, n) in out.nets.iter_mut().enumerate() {
+            let given = self.macs.iter().find(|(j, _)| *j == i).map(|(_, m)| *m);
+            n.mac = Some(given.unwrap_or_else(random_mac));
+        }
+        Ok(out)
+    }
 }
 
 impl Restore {
@@ -261,6 +344,7 @@ impl Restore {
                 Err(_) => Vec::new(),
             },
             branches: Mutex::new(Vec::new()),
+            restores: machine.restores,
         })
     }
 
@@ -283,15 +367,36 @@ pub fn snapshot_config(dir: &std::path::Path) -> Result<VmConfig, VmmError> {
 /// it ends. `cfg` is the snapshot's configuration ([`snapshot_config`]) with the options that do
 /// not define the VM (console, control socket) as the caller wants them.
 pub fn restore(cfg: &VmConfig, dir: &std::path::Path) -> Result<RunOutcome, VmmError> {
-    run_from(cfg, Some(dir))
+    restore_with(cfg, dir, &RestoreOptions::default())
 }
 
-fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutcome, VmmError> {
+/// [`restore`], with `opts` saying how the restored VM differs from the snapshot's (a clone).
+pub fn restore_with(
+    cfg: &VmConfig,
+    dir: &std::path::Path,
+    opts: &RestoreOptions,
+) -> Result<RunOutcome, VmmError> {
+    run_from(cfg, Some((dir, opts)))
+}
+
+fn run_from(
+    cfg: &VmConfig,
+    restore: Option<(&std::path::Path, &RestoreOptions)>,
+) -> Result<RunOutcome, VmmError> {
     let start = Instant::now();
     let trace = Trace::new(start);
+    let restored_cfg;
+    let cfg = match restore {
+        Some((_, opts)) => {
+            restored_cfg = opts.apply(cfg)?;
+            &restored_cfg
+        }
+        None => cfg,
+    };
+    let clone = restore.is_some_and(|(_, o)| o.clone);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
     let mut restore = match restore {
-        Some(dir) => Some(Restore::read(dir, cfg)?),
+        Some((dir, _)) => Some(Restore::read(dir, cfg)?),
         None => None,
     };
     // A restored VM's VMKFS disks are new branches of the snapshot's frozen files; its
@@ -381,7 +486,13 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
     shared.info.tsc_khz = boot.get_tsc_khz().map(u64::from).unwrap_or(0);
     shared.emulating_host = template.host.kernel_mode_emulated;
     shared.kvm_stats = stats_fds;
-    if let Some(d) = restore.as_mut().and_then(|r| r.devices.take()) {
+    if let Some(mut d) = restore.as_mut().and_then(|r| r.devices.take()) {
+        if clone {
+            // The clone's MACs (in its configuration) instead of the snapshot's.
+            let macs: Vec<[u8; 6]> = cfg.nets.iter().filter_map(|n| n.mac).collect();
+            devstate::set_macs(&mut d, &macs)
+                .map_err(|e| VmmError::Snapshot(format!("devices: {e}")))?;
+        }
         devstate::restore(&shared, d).map_err(|e| VmmError::Snapshot(format!("devices: {e}")))?;
     }
     let shared = Arc::new(shared);
@@ -686,6 +797,8 @@ fn build(
             vcpus: cfg.vcpus,
             devices: device_records(),
             tsc_khz: 0,
+            generation_id: new_generation_id()?,
+            restores: restore.map_or(0, |r| r.restores.saturating_add(1)),
         },
         table,
         loaded,

@@ -41,6 +41,11 @@ pub struct Machine {
     pub vcpus: u32,
     /// The TSC frequency the guest was running at, kHz (0: unknown).
     pub tsc_khz: u64,
+    /// How many times the VM had been restored when this snapshot was taken (what the guest
+    /// reads through `Call::VmGeneration`; a restore from this snapshot makes it one more).
+    /// Absent from snapshots written before it existed, which read as 0.
+    #[serde(default)]
+    pub restores: u64,
 }
 
 /// A snapshot that cannot be used, and why (one line).
@@ -295,6 +300,21 @@ mod tests {
         let mut huge = good.clone();
         huge[16 + NAME_LEN..16 + NAME_LEN + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(err(&huge).contains("claims"));
+    }
+
+    #[test]
+    fn machine_sections_without_a_restore_count_still_read() {
+        let old: Machine =
+            serde_json::from_str(r#"{"memory":268435456,"vcpus":1,"tsc_khz":0}"#).unwrap();
+        assert_eq!(old.restores, 0);
+        let new = Machine {
+            memory: 1 << 28,
+            vcpus: 2,
+            tsc_khz: 5,
+            restores: 7,
+        };
+        let back: Machine = serde_json::from_slice(&serde_json::to_vec(&new).unwrap()).unwrap();
+        assert_eq!(back.restores, 7);
     }
 
     #[test]

@@ -324,8 +324,22 @@ const CONFIG: Opt = opt(
 const RESTORE: Opt = opt(
     "--restore",
     Arg::Value("DIR"),
-    "bring back the VM of a snapshot directory (PUT /vm/snapshot on the control\nsocket; docs/SNAPSHOT.md): the VM comes from it, so not with the VM options\nor --config; --serial, --console-socket, --api-socket and --stats can be added",
+    "bring back the VM of a snapshot directory (PUT /vm/snapshot on the control\nsocket; docs/SNAPSHOT.md): the VM comes from it, so not with the VM options\nor --config; --clone, --mac, --serial, --console-socket, --api-socket and\n--stats can be added",
 );
+
+/// `wv run --restore ... --clone`: a new identity for the restored VM.
+const CLONE_OPTS: &[Opt] = &[
+    opt(
+        "--clone",
+        Arg::Flag,
+        "with --restore: start the VM as a clone, one of many from one snapshot: new\nrandom locally administered MACs for its network devices (the guest sees them\nwhen it next reads the device's configuration; every restore also gets a new\nVM generation id, docs/PVABI.md)",
+    ),
+    opt(
+        "--mac",
+        Arg::Value("INDEX=MAC"),
+        "with --clone: network device INDEX (from 0, in the snapshot's order) gets MAC\ninstead of a random one (repeatable)",
+    ),
+];
 
 /// What only a foreground `wv run` has (the daemon owns a VM's console).
 const RUN_LOCAL_OPTS: &[Opt] = &[
@@ -399,7 +413,7 @@ pub const RUN: Spec = Spec {
     about:
         "Boots one VM and runs it until the guest powers off, resets or fails. Without --kernel it
 boots the embedded probe guest, which runs its self-tests and powers off with 0 when all pass.",
-    opts: &[&[CONFIG, RESTORE], VM_OPTS, RUN_LOCAL_OPTS],
+    opts: &[&[CONFIG, RESTORE], CLONE_OPTS, VM_OPTS, RUN_LOCAL_OPTS],
     after: RUN_STATUS,
 };
 
@@ -742,6 +756,15 @@ pub enum VmCmd {
     DeleteSnapshot(String),
 }
 
+/// `wv run --restore DIR [--clone] [--mac I=MAC]...`.
+#[derive(Debug, PartialEq)]
+pub struct Restore {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// A clone or not, and its MACs.
+    pub opts: wv_vmm::RestoreOptions,
+}
+
 /// A `wv` command line, parsed and checked.
 #[derive(Debug)]
 pub enum Command {
@@ -749,8 +772,8 @@ pub enum Command {
     Help(String),
     /// `--version`.
     Version,
-    /// Boot a VM in the foreground.
-    Run(Box<VmConfig>, StatsMode, Option<PathBuf>),
+    /// Boot a VM in the foreground (or bring one back from a snapshot).
+    Run(Box<VmConfig>, StatsMode, Option<Restore>),
     /// Write an embedded image.
     ProbeImage {
         /// Its name.
@@ -962,7 +985,38 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
                 o.long
             )));
         }
+    } else if let Some(o) = CLONE_OPTS.iter().find(|o| m.has(o.long)) {
+        return Err(Usage(format!(
+            "{} makes a clone of a snapshot: it needs --restore DIR",
+            o.long
+        )));
     }
+    let clone = m.has("--clone");
+    if !clone && m.has("--mac") {
+        return Err(Usage(
+            "--mac gives a clone its MACs: it needs --clone (a restored VM keeps its own)".into(),
+        ));
+    }
+    let macs = m
+        .values("--mac")
+        .map(|v| {
+            let bad = || {
+                Usage(format!(
+                    "--mac '{v}': expected INDEX=MAC, e.g. 0=52:54:00:12:34:56 (a unicast MAC)"
+                ))
+            };
+            let (i, mac) = v.split_once('=').ok_or_else(bad)?;
+            let i: usize = i.parse().map_err(|_| bad())?;
+            let mac = wv_config::parse_mac(mac)
+                .filter(|m| m[0] & 1 == 0)
+                .ok_or_else(bad)?;
+            Ok((i, mac))
+        })
+        .collect::<Result<Vec<_>, Usage>>()?;
+    let restore = restore.map(|dir| Restore {
+        dir,
+        opts: wv_vmm::RestoreOptions { clone, macs },
+    });
     let mut cfg = match m.value("--config") {
         Some(file) => {
             if let Some(o) = VM_OPTS.iter().find(|o| m.has(o.long)) {
@@ -1565,6 +1619,48 @@ mod tests {
         assert!(!refused(&["run", "--config", &bad]).contains('\n'));
         assert!(refused(&["run", "--config", "/nonexistent.json"]).contains("cannot read"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn clone_options_go_with_restore() {
+        let Ok(Command::Run(_, _, Some(r))) = parse(&args(&[
+            "run",
+            "--restore",
+            "/snap",
+            "--clone",
+            "--mac",
+            "1=52:54:00:00:00:01",
+            "--mac=0=02:00:00:00:00:02",
+        ])) else {
+            panic!()
+        };
+        assert_eq!(r.dir, PathBuf::from("/snap"));
+        assert_eq!(
+            r.opts,
+            wv_vmm::RestoreOptions {
+                clone: true,
+                macs: vec![(1, [0x52, 0x54, 0, 0, 0, 1]), (0, [2, 0, 0, 0, 0, 2])],
+            }
+        );
+        let Ok(Command::Run(_, _, Some(r))) = parse(&args(&["run", "--restore", "/snap"])) else {
+            panic!()
+        };
+        assert_eq!(r.opts, wv_vmm::RestoreOptions::default());
+        assert!(refused(&["run", "--clone"]).contains("needs --restore"));
+        assert!(refused(&["run", "--mac", "0=02:00:00:00:00:01"]).contains("needs --restore"));
+        assert!(
+            refused(&["run", "--restore", "/s", "--mac", "0=02:00:00:00:00:01"])
+                .contains("needs --clone")
+        );
+        for bad in [
+            "02:00:00:00:00:01",
+            "x=02:00:00:00:00:01",
+            "0=nope",
+            "0=01:00:00:00:00:01",
+        ] {
+            let e = refused(&["run", "--restore", "/s", "--clone", "--mac", bad]);
+            assert!(e.contains("expected INDEX=MAC"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             println!("wv {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run(cfg, stats, restore) => cmd_run(&cfg, stats, restore.as_deref()),
+        Command::Run(cfg, stats, restore) => cmd_run(&cfg, stats, restore.as_ref()),
         Command::ProbeImage { format, output } => cmd_probe_image(&format, &output),
         Command::HostServe {
             socket,
@@ -83,15 +83,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn cmd_run(cfg: &VmConfig, stats: StatsMode, restore: Option<&Path>) -> ExitCode {
+fn cmd_run(cfg: &VmConfig, stats: StatsMode, restore: Option<&cli::Restore>) -> ExitCode {
     let ran = match restore {
         None => wv_vmm::run(cfg),
-        Some(dir) => wv_vmm::snapshot_config(dir).and_then(|mut c| {
+        Some(r) => wv_vmm::snapshot_config(&r.dir).and_then(|mut c| {
             // The VM from the snapshot; where its console and control socket go, from here.
             c.serial = cfg.serial.clone();
             c.console_socket = cfg.console_socket.clone();
             c.api_socket = cfg.api_socket.clone();
-            wv_vmm::restore(&c, dir)
+            wv_vmm::restore_with(&c, &r.dir, &r.opts)
         }),
     };
     match ran {

@@ -55,9 +55,14 @@ struct Vmm {
 
 impl Vmm {
     fn start(args: &[&str]) -> Vmm {
-        let mut child = Command::new(wv_bin())
-            .arg("run")
-            .args(args)
+        let mut c = Command::new(wv_bin());
+        c.arg("run").args(args);
+        Vmm::spawn(c)
+    }
+
+    /// `c` (a `wv run` command line, perhaps wrapped) with its output read line by line.
+    fn spawn(mut c: Command) -> Vmm {
+        let mut child = c
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -376,5 +381,256 @@ fn bad_snapshots_are_one_line_errors_and_nothing_starts() {
         r.stderr
             .contains("--restore takes the VM from the snapshot"),
         "{r}"
+    );
+}
+
+/// A network namespace with TAP `tap0` in it (a clone needs a TAP of the same name as its
+/// snapshot's, so each runs in a namespace of its own). Needs root.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(tag: &str) -> NetNs {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the clone tests need root to create namespaces and TAP devices"
+        );
+        let ns = NetNs(format!("wvc-{tag}-{}", std::process::id()));
+        for args in [
+            vec!["netns", "add", &ns.0],
+            vec!["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"],
+        ] {
+            let st = Command::new("ip")
+                .args(&args)
+                .status()
+                .expect("ip (iproute2)");
+            assert!(st.success(), "ip {args:?} failed");
+        }
+        ns
+    }
+
+    /// `wv run ARGS` inside the namespace.
+    fn run(&self, args: &[&str]) -> Vmm {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0])
+            .arg(wv_bin())
+            .arg("run")
+            .args(args);
+        Vmm::spawn(c)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The value of `key=` in a probe line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in '{line}'"))
+}
+
+/// The JSON section `name` of a snapshot's state file (format in docs/SNAPSHOT.md).
+fn state_section(snap: &Path, name: &str) -> serde_json::Value {
+    let b = std::fs::read(snap.join("state")).unwrap();
+    let mut at = 16;
+    while at < b.len() {
+        let n = &b[at..at + 16];
+        let len =
+            usize::try_from(u64::from_le_bytes(b[at + 16..at + 24].try_into().unwrap())).unwrap();
+        let data = &b[at + 28..at + 28 + len];
+        if n.split(|&c| c == 0).next() == Some(name.as_bytes()) {
+            return serde_json::from_slice(data).unwrap();
+        }
+        at += 28 + len;
+    }
+    panic!("no section {name} in {}", snap.display());
+}
+
+/// The MACs of the virtio-net devices in a snapshot, in slot order.
+fn snapshot_macs(snap: &Path) -> Vec<[u8; 6]> {
+    state_section(snap, "devices")["pci"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| serde_json::from_value(d["state"]["device"]["Net"]["mac"].clone()).ok())
+        .collect()
+}
+
+/// A snapshot of a guest waiting for its generation id to change, then: a plain restore and two
+/// clones of it. Each resumed guest sees a generation id of its own (not the source's, not each
+/// other's) and a restore count of 1; the plain restore keeps the source's MAC, a clone gets a
+/// new locally administered one, or the one `--mac` gives.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn clones_and_restores_get_identities_of_their_own() {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("vmm-clone-id");
+    let sock = dir.path("api.sock");
+    let snap = dir.path("snap");
+    const SOURCE_MAC: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
+    let src_ns = NetNs::new("src");
+    let mut src = src_ns.run(&[
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--net",
+        "tap=tap0,mac=52:54:00:aa:bb:cc",
+        "--cmdline",
+        "console=ttyS0 probe.tests=genid,idle probe.genid=wait",
+    ]);
+    let line = src.wait_line("genid: id=");
+    let source_id = field(&line, "id").to_string();
+    assert_eq!(field(&line, "restores"), "0", "{line}");
+    assert_eq!(snapshot(&sock, &snap).0, 200);
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
+    src.wait();
+    assert_eq!(snapshot_macs(&snap), [SOURCE_MAC]);
+
+    let mut ids = vec![source_id.clone()];
+    let given = [0x52, 0x54, 0, 0, 0, 0x42];
+    for (tag, extra, want_mac) in [
+        ("restore", &[][..], Some(SOURCE_MAC)),
+        ("clone0", &["--clone"][..], None),
+        (
+            "clone1",
+            &["--clone", "--mac", "0=52:54:00:00:00:42"][..],
+            Some(given),
+        ),
+    ] {
+        let ns = NetNs::new(tag);
+        let api = dir.path(&format!("{tag}.sock"));
+        let mut args = vec![
+            "--restore",
+            snap.to_str().unwrap(),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let mut vm = ns.run(&args);
+        let line = vm.wait_line("PASS genid");
+        assert_eq!(field(&line, "was"), source_id, "{tag}: {line}");
+        assert_eq!(field(&line, "restores"), "1", "{tag}: {line}");
+        let id = field(&line, "id").to_string();
+        assert!(
+            !ids.contains(&id),
+            "{tag} has the generation id of another VM: {line}"
+        );
+        ids.push(id);
+        vm.wait_line("idle:");
+        // What MAC its device holds now: from a snapshot of it.
+        let its = dir.path(&format!("{tag}.snap"));
+        assert_eq!(snapshot(&api, &its).0, 200);
+        let macs = snapshot_macs(&its);
+        assert_eq!(macs.len(), 1, "{tag}");
+        match want_mac {
+            Some(m) => assert_eq!(macs[0], m, "{tag}"),
+            None => {
+                assert_ne!(macs[0], SOURCE_MAC, "{tag} kept the source's MAC");
+                assert_eq!(
+                    macs[0][0] & 3,
+                    2,
+                    "{tag}: {:02x?} is not local unicast",
+                    macs[0]
+                );
+            }
+        }
+        // A snapshot of the clone counts the restore that made it.
+        assert_eq!(state_section(&its, "machine")["restores"], 1, "{tag}");
+        assert_eq!(call(&api, "PUT", "/vm/shutdown").0, 204);
+        assert_eq!(vm.wait(), 128 + libc::SIGTERM, "{tag}");
+    }
+    // A MAC for a device the VM does not have: one line, nothing started.
+    let r = common::wv(&[
+        "run",
+        "--restore",
+        snap.to_str().unwrap(),
+        "--clone",
+        "--mac",
+        "1=52:54:00:00:00:43",
+    ]);
+    assert_eq!(r.status, Some(200), "{r}");
+    assert!(r.stderr.contains("has 1 network devices"), "{r}");
+    assert!(r.stdout.is_empty(), "{r}");
+}
+
+/// `Pss:` and `Rss:` of a process, in KiB (/proc/PID/smaps_rollup).
+fn pss_rss_kib(pid: u32) -> (u64, u64) {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let kib = |key: &str| -> u64 {
+        t.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in smaps_rollup of {pid}"))
+    };
+    (kib("Pss:"), kib("Rss:"))
+}
+
+/// Four clones of one snapshot of a 256 MiB guest that filled 160 MiB, each having read all of
+/// it back after the restore: they share those pages (the snapshot's memory file, mapped
+/// privately, through the page cache), so the sum of their proportional set sizes stays well
+/// below four times what each has resident.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn clones_share_the_memory_of_their_snapshot() {
+    need_kvm();
+    let _one = serial();
+    const N: usize = 4;
+    const TOUCHED_MIB: u64 = 160;
+    let dir = TempDir::new("vmm-clone-mem");
+    let sock = dir.path("api.sock");
+    let snap = dir.path("snap");
+    let mut src = Vmm::start(&[
+        "--memory",
+        "256M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        &format!("console=ttyS0 probe.tests=genid,idle probe.genid=wait probe.touch={TOUCHED_MIB}"),
+    ]);
+    src.wait_line("genid: id=");
+    let (st, r) = snapshot(&sock, &snap);
+    assert_eq!(st, 200, "{r}");
+    assert!(
+        r["memory_bytes"].as_u64().unwrap() >= TOUCHED_MIB << 20,
+        "{r}"
+    );
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
+    src.wait();
+
+    let mut clones: Vec<Vmm> = (0..N)
+        .map(|_| Vmm::start(&["--restore", snap.to_str().unwrap(), "--clone"]))
+        .collect();
+    for c in &mut clones {
+        // The guest has read every page it wrote before the snapshot, and idles.
+        let line = c.wait_line("PASS genid");
+        assert_eq!(
+            field(&line, "touched"),
+            format!("{TOUCHED_MIB}MiB"),
+            "{line}"
+        );
+        c.wait_line("idle:");
+    }
+    let sizes: Vec<(u64, u64)> = clones.iter().map(|c| pss_rss_kib(c.child.id())).collect();
+    let pss: u64 = sizes.iter().map(|s| s.0).sum();
+    let touched_kib = TOUCHED_MIB << 10;
+    eprintln!(
+        "{N} clones, {TOUCHED_MIB} MiB touched each: PSS+RSS per clone (KiB) {sizes:?}; sum of PSS {pss} KiB, \
+         {N} x touched {} KiB",
+        N as u64 * touched_kib
+    );
+    for (p, r) in &sizes {
+        assert!(
+            *r >= touched_kib,
+            "a clone does not have the touched memory resident: rss {r} KiB, pss {p}"
+        );
+    }
+    assert!(
+        pss < N as u64 * touched_kib / 2,
+        "the clones do not share their snapshot's memory: PSS sum {pss} KiB for {N} x {touched_kib} KiB"
     );
 }
