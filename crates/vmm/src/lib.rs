@@ -33,7 +33,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use wv_abi::{device_kind, DeviceRecord, DEVICE_FLAG_MMIO, NO_IRQ};
 use wv_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
@@ -42,6 +42,7 @@ use wv_devices::{ConsoleOut, IrqLine, PioBus, SerialDevice};
 use wv_hypervisor::vcpu::VcpuTemplate;
 use wv_hypervisor::HvError;
 use wv_machine::layout;
+use wv_machine::GuestRam as GuestMemoryMmap;
 use wv_pv::MachineInfo;
 
 /// State the vCPU threads share.

@@ -9,7 +9,7 @@ use crate::error::VmmError;
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use vm_memory::GuestMemoryMmap;
+use wv_machine::GuestRam as GuestMemoryMmap;
 use wv_virtio::block::{bounce_read, bounce_write};
 use wv_vmkfs::{Datastore, FileDev};
 
