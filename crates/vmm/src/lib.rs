@@ -13,6 +13,7 @@ mod devstate;
 pub mod diagnose;
 pub mod emulate;
 pub mod error;
+pub mod migrate;
 mod pause;
 mod pci;
 pub mod snapshot;
@@ -112,17 +113,27 @@ fn internal<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> VmmError 
 }
 
 fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    set_memory_flags(vm, mem, 0).map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))
+}
+
+/// (Re-)registers every RAM region of `mem` with KVM, one slot each in guest-address order,
+/// with `flags` (`KVM_MEM_LOG_DIRTY_PAGES` turns KVM's dirty log on, 0 off).
+pub(crate) fn set_memory_flags(
+    vm: &kvm_ioctls::VmFd,
+    mem: &GuestMemoryMmap,
+    flags: u32,
+) -> Result<(), kvm_ioctls::Error> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
-            slot: u32::try_from(slot).map_err(internal("memory slot"))?,
-            flags: 0,
+            slot: u32::try_from(slot).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (it is
         // moved into the shared state the vCPU threads hold until they are joined).
-        unsafe { vm.set_user_memory_region(r) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(r) }?;
     }
     Ok(())
 }
@@ -218,12 +229,21 @@ impl Trace {
 
 /// Builds the VM described by `cfg` and runs it until it ends.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
-    run_from(cfg, None)
+    run_from(cfg, None, None)
+}
+
+/// Where a restored VM's memory comes from.
+pub(crate) enum RestoreMemory {
+    /// A snapshot's memory file, mapped privately (copy-on-write).
+    File(std::path::PathBuf),
+    /// Fresh anonymous RAM already filled (from a migration stream).
+    Ram(GuestMemoryMmap),
 }
 
 /// What a restore brings back besides the configuration.
-struct Restore {
-    dir: std::path::PathBuf,
+pub(crate) struct Restore {
+    /// Taken when the VM is built.
+    pub(crate) memory: Option<RestoreMemory>,
     vm: wv_hypervisor::state::VmState,
     vcpus: Vec<wv_hypervisor::state::VcpuState>,
     devices: Option<devstate::DevicesState>,
@@ -233,9 +253,21 @@ impl Restore {
     fn read(dir: &std::path::Path, cfg: &VmConfig) -> Result<Restore, VmmError> {
         let bad = |e: snapshot::SnapshotError| VmmError::Snapshot(e.0);
         let sections = snapshot::read(dir).map_err(bad)?;
+        let mut r = Restore::from_sections(&sections, cfg).map_err(bad)?;
+        r.memory = Some(RestoreMemory::File(dir.join(snapshot::MEMORY_FILE)));
+        Ok(r)
+    }
+
+    /// The VM, vCPU and device state of `sections` (a snapshot's or a migration stream's),
+    /// checked against `cfg`; the memory is the caller's to add.
+    pub(crate) fn from_sections(
+        sections: &snapshot::Sections,
+        cfg: &VmConfig,
+    ) -> Result<Restore, snapshot::SnapshotError> {
+        let bad = |e: snapshot::SnapshotError| e;
         let machine: snapshot::Machine = sections.json("machine").map_err(bad)?;
         if machine.memory != cfg.memory || machine.vcpus != cfg.vcpus {
-            return Err(VmmError::Snapshot(format!(
+            return Err(snapshot::SnapshotError(format!(
                 "the snapshot's machine ({} bytes, {} vCPUs) does not match its configuration",
                 machine.memory, machine.vcpus
             )));
@@ -245,7 +277,7 @@ impl Restore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
         Ok(Restore {
-            dir: dir.to_path_buf(),
+            memory: None,
             vm: sections.json("vm").map_err(bad)?,
             vcpus,
             devices: Some(sections.json("devices").map_err(bad)?),
@@ -264,17 +296,22 @@ pub fn snapshot_config(dir: &std::path::Path) -> Result<VmConfig, VmmError> {
 /// it ends. `cfg` is the snapshot's configuration ([`snapshot_config`]) with the options that do
 /// not define the VM (console, control socket) as the caller wants them.
 pub fn restore(cfg: &VmConfig, dir: &std::path::Path) -> Result<RunOutcome, VmmError> {
-    run_from(cfg, Some(dir))
+    cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
+    run_from(cfg, Some(Restore::read(dir, cfg)?), None)
 }
 
-fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutcome, VmmError> {
+/// Run just before the first vCPU enters the guest, with everything built and restored; an
+/// error ends the start (nothing has run). A migration's target acknowledges there.
+pub(crate) type BeforeRun<'a> = &'a mut dyn FnMut() -> Result<(), VmmError>;
+
+pub(crate) fn run_from(
+    cfg: &VmConfig,
+    mut restore: Option<Restore>,
+    before_run: Option<BeforeRun<'_>>,
+) -> Result<RunOutcome, VmmError> {
     let start = Instant::now();
     let trace = Trace::new(start);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
-    let mut restore = match restore {
-        Some(dir) => Some(Restore::read(dir, cfg)?),
-        None => None,
-    };
     let kvm = Arc::new(wv_hypervisor::open()?);
     let max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
     if cfg.vcpus > max {
@@ -292,7 +329,7 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
     // this one creates the VM and loads the guest.
     let (template, vm, mut shared) = std::thread::scope(|s| {
         let template = s.spawn(|| VcpuTemplate::new(&kvm, cfg.vcpus));
-        let built = build(&kvm, cfg, restore.as_ref(), &trace);
+        let built = build(&kvm, cfg, restore.as_mut(), &trace);
         let template = template
             .join()
             .map_err(|_| VmmError::Internal("CPUID thread panicked".into()))?;
@@ -367,6 +404,9 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
             std::io::Error::last_os_error()
         )));
     }
+    if let Some(f) = before_run {
+        f()?;
+    }
     if let Some(r) = &restore {
         // Once more, now that everything else is in place: the guest's clock resumes where it
         // stopped, not where it was when restore began.
@@ -375,6 +415,10 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
             ..Default::default()
         };
         vm.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))?;
+    }
+    if restore.is_some() {
+        // Restored devices stay quiet until now: nothing runs before the last check passed.
+        shared.pci_devices.resume_all();
     }
     let setup_ns = nanos(start.elapsed());
     let run_start = Instant::now();
@@ -409,6 +453,7 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
         api_path: cfg.api_socket.clone(),
         cfg: cfg.clone(),
         kvm: kvm.clone(),
+        end_after_answer: None,
     };
     let control = {
         let stdin = cfg.serial == SerialMode::Stdio;
@@ -486,20 +531,20 @@ fn run_from(cfg: &VmConfig, restore: Option<&std::path::Path>) -> Result<RunOutc
 fn build(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
-    restore: Option<&Restore>,
+    mut restore: Option<&mut Restore>,
     trace: &Trace,
 ) -> Result<(Arc<kvm_ioctls::VmFd>, VmShared), VmmError> {
     let vm = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
     trace.mark("vm created");
-    let mem = match restore {
+    let mem = match restore.as_mut().and_then(|r| r.memory.take()) {
         None => wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?,
-        Some(r) => {
-            let p = r.dir.join(snapshot::MEMORY_FILE);
+        Some(RestoreMemory::File(p)) => {
             let f = std::fs::File::open(&p)
                 .map_err(|e| VmmError::Snapshot(format!("cannot open {}: {e}", p.display())))?;
             wv_machine::map_ram_file(&f, cfg.memory)
                 .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?
         }
+        Some(RestoreMemory::Ram(m)) => m,
     };
     register_memory(&vm, &mem)?;
     trace.mark("memory registered");
@@ -1031,6 +1076,11 @@ fn control_loop(
             let _ = inbox.evt.read();
             while let Ok((cmd, reply)) = inbox.rx.try_recv() {
                 let _ = reply.send(ctl.execute(cmd));
+                if let Some((end, written)) = ctl.end_after_answer.take() {
+                    // The answer first (the VMM exits soon after the VM ends).
+                    let _ = written.recv_timeout(control::REQUEST_TIMEOUT);
+                    shared.finish(end);
+                }
             }
         }
     }

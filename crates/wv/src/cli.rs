@@ -327,6 +327,13 @@ const RESTORE: Opt = opt(
     "bring back the VM of a snapshot directory (PUT /vm/snapshot on the control\nsocket; docs/SNAPSHOT.md): the VM comes from it, so not with the VM options\nor --config; --serial, --console-socket, --api-socket and --stats can be added",
 );
 
+/// `wv run --incoming`: the VM of a live migration, instead of [`VM_OPTS`].
+const INCOMING: Opt = opt(
+    "--incoming",
+    Arg::Value("HOST:PORT"),
+    "listen on HOST:PORT (TCP) for one live migration (PUT /vm/migrate-send on the\nsource's control socket; docs/MIGRATION.md) and run the VM it brings: not with\nthe VM options, --config or --restore; --serial, --console-socket, --api-socket\nand --stats can be added",
+);
+
 /// What only a foreground `wv run` has (the daemon owns a VM's console).
 const RUN_LOCAL_OPTS: &[Opt] = &[
     opt(
@@ -399,7 +406,7 @@ pub const RUN: Spec = Spec {
     about:
         "Boots one VM and runs it until the guest powers off, resets or fails. Without --kernel it
 boots the embedded probe guest, which runs its self-tests and powers off with 0 when all pass.",
-    opts: &[&[CONFIG, RESTORE], VM_OPTS, RUN_LOCAL_OPTS],
+    opts: &[&[CONFIG, RESTORE, INCOMING], VM_OPTS, RUN_LOCAL_OPTS],
     after: RUN_STATUS,
 };
 
@@ -667,6 +674,17 @@ pub enum VmCmd {
     Named(&'static str, String),
 }
 
+/// Where `wv run` takes its VM from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunFrom {
+    /// Its options (or `--config`).
+    Options,
+    /// `--restore DIR`: a snapshot.
+    Snapshot(PathBuf),
+    /// `--incoming HOST:PORT`: a live migration.
+    Incoming(String),
+}
+
 /// A `wv` command line, parsed and checked.
 #[derive(Debug)]
 pub enum Command {
@@ -675,7 +693,7 @@ pub enum Command {
     /// `--version`.
     Version,
     /// Boot a VM in the foreground.
-    Run(Box<VmConfig>, StatsMode, Option<PathBuf>),
+    Run(Box<VmConfig>, StatsMode, RunFrom),
     /// Write an embedded image.
     ProbeImage {
         /// Its name.
@@ -879,13 +897,24 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
         (true, Some("json")) => StatsMode::Json,
         (true, Some(o)) => return Err(Usage(format!("--stats takes table or json, not '{o}'"))),
     };
-    let restore = m.value("--restore").map(PathBuf::from);
-    if restore.is_some() {
+    let from = match (m.value("--restore"), m.value("--incoming")) {
+        (Some(_), Some(_)) => {
+            return Err(Usage(
+                "--restore and --incoming cannot be given together".into(),
+            ))
+        }
+        (Some(dir), None) => RunFrom::Snapshot(PathBuf::from(dir)),
+        (None, Some(addr)) => RunFrom::Incoming(addr.to_string()),
+        (None, None) => RunFrom::Options,
+    };
+    let what = match &from {
+        RunFrom::Options => None,
+        RunFrom::Snapshot(_) => Some("--restore takes the VM from the snapshot"),
+        RunFrom::Incoming(_) => Some("--incoming takes the VM from the migration"),
+    };
+    if let Some(what) = what {
         if let Some(o) = VM_OPTS.iter().chain([&CONFIG]).find(|o| m.has(o.long)) {
-            return Err(Usage(format!(
-                "--restore takes the VM from the snapshot: {} cannot be added to it",
-                o.long
-            )));
+            return Err(Usage(format!("{what}: {} cannot be added to it", o.long)));
         }
     }
     let mut cfg = match m.value("--config") {
@@ -910,7 +939,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     }
     cfg.console_socket = m.value("--console-socket").map(PathBuf::from);
     cfg.api_socket = m.value("--api-socket").map(PathBuf::from);
-    Ok(Command::Run(Box::new(cfg), stats, restore))
+    Ok(Command::Run(Box::new(cfg), stats, from))
 }
 
 /// The configuration the VM options describe, with the defaults that depend on the kernel.
