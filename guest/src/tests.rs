@@ -1513,7 +1513,8 @@ extern "C" fn persist_verify_cpl3() -> u64 {
 /// changes: a CPL3 workload writes a known pattern over `probe.persist_mib` MiB (default 64) at
 /// `probe.persist_rate` MiB/s (0, the default: as fast as it can), page after page, keeping a
 /// counter and a checksum of what it wrote, for `probe.persist_ms` of kvmclock time (default
-/// 3000). `persist: running` is printed once it runs. At the end every page is checked against
+/// 3000). `persist: running` is printed once it runs, `persist: steady` once every page of the
+/// buffer has been written. At the end every page is checked against
 /// the pattern of its last write, the checksum against the counter, and the counter against the
 /// pages the kernel side asked for (continuity). The largest kvmclock gap between two reads is
 /// reported (`max_gap`, the guest-observed downtime by its paravirtual clock, which a pause
@@ -1561,6 +1562,7 @@ fn persist() -> Outcome {
     let mut asked = 0u64;
     let mut backwards = false;
     let mut announced = false;
+    let mut steady = false;
     while last < end {
         // Pages due by now at the chosen rate (256 pages per MiB).
         let due = if rate == 0 {
@@ -1575,6 +1577,13 @@ fn persist() -> Outcome {
                 return fail("persist", &mut d);
             }
             asked += CHUNK;
+        }
+        if !steady && asked >= mib << 8 {
+            // Every page of the buffer written once: from here each write rewrites one.
+            crate::console::println("persist: steady");
+            steady = true;
+            (last, last_tsc) = (read(), cpu::rdtsc());
+            continue;
         }
         let now = read();
         let tsc = cpu::rdtsc();
