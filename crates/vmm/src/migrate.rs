@@ -392,13 +392,6 @@ impl Controller {
     /// `PUT /vm/migrate-send`: moves the VM to `r.destination`. On success the answer is sent and
     /// then the VM ends ("migrated to ..."); on failure it runs on (or stays paused if it was).
     pub(crate) fn migrate_send(&mut self, r: &SendRequest) -> Answer {
-        if !self.cfg.disks.is_empty() {
-            return Answer::error(
-                422,
-                "the VM has disks: migrating them (shared VMKFS datastores, --copy-disks) is not \
-                 supported yet",
-            );
-        }
         let addr = match r.destination.to_socket_addrs().map(|mut a| a.next()) {
             Ok(Some(a)) => a,
             Ok(None) | Err(_) => {
@@ -408,6 +401,13 @@ impl Controller {
                 )
             }
         };
+        if !self.cfg.disks.is_empty() {
+            return Answer::error(
+                422,
+                "the VM has disks: migrating them (shared VMKFS datastores, --copy-disks) is not \
+                 supported yet",
+            );
+        }
         let start = Instant::now();
         let was_paused = self.paused.is_some();
         let res = self.send_to(addr, r);
