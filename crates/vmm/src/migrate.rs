@@ -864,3 +864,125 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: u64 = 64 << 20;
+
+    fn rec_pages(out: &mut Vec<u8>, gpa: u64, data: &[u8]) {
+        out.extend_from_slice(&TAG_PAGES.to_le_bytes());
+        out.extend_from_slice(&gpa.to_le_bytes());
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32c(data).to_le_bytes());
+        out.extend_from_slice(data);
+    }
+
+    fn header(memory: u64) -> Vec<u8> {
+        let mut h = MAGIC.to_vec();
+        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&memory.to_le_bytes());
+        h
+    }
+
+    fn tail(out: &mut Vec<u8>) {
+        let mut s = Sections::default();
+        s.push("machine", b"{}".to_vec());
+        let st = s.encode();
+        out.extend_from_slice(&TAG_STATE.to_le_bytes());
+        out.extend_from_slice(&(st.len() as u64).to_le_bytes());
+        out.extend_from_slice(&st);
+        out.extend_from_slice(&TAG_END.to_le_bytes());
+    }
+
+    fn good() -> Vec<u8> {
+        let mut b = header(MEM);
+        rec_pages(&mut b, 0x1000, &[7u8; 8192]);
+        rec_pages(&mut b, 0x1000, &[9u8; 4096]);
+        b.extend_from_slice(&TAG_ZERO.to_le_bytes());
+        b.extend_from_slice(&0x2000u64.to_le_bytes());
+        b.extend_from_slice(&4096u64.to_le_bytes());
+        tail(&mut b);
+        b
+    }
+
+    fn err(b: &[u8]) -> String {
+        match read_stream(b, 1 << 40) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn a_stream_fills_memory_last_write_winning() {
+        let got = read_stream(good().as_slice(), 1 << 40).unwrap();
+        let mut b = [0u8; 3];
+        got.mem.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, [9; 3]);
+        got.mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_eq!(b, [0; 3], "the zero record cleared the page");
+        assert!(got.sections.get("machine").is_ok());
+    }
+
+    #[test]
+    fn every_cut_and_every_bad_record_is_refused() {
+        let g = good();
+        for cut in 0..g.len() {
+            assert!(read_stream(&g[..cut], 1 << 40).is_err(), "cut at {cut}");
+        }
+        assert!(err(b"GET / HTTP/1.1\r\n\r\n-------").contains("not a Worldvisor migration"));
+        let mut newer = g.clone();
+        newer[8] = 2;
+        assert!(err(&newer).contains("version 2"));
+        assert!(
+            read_stream(g.as_slice(), MEM - 4096).is_err(),
+            "more than the host's RAM"
+        );
+        // A flipped data byte: the checksum.
+        let mut flip = g.clone();
+        flip[24 + 24 + 100] ^= 1;
+        assert!(err(&flip).contains("checksum"));
+        let bad_span = |gpa: u64, len: u64| {
+            let mut b = header(MEM);
+            b.extend_from_slice(&TAG_PAGES.to_le_bytes());
+            b.extend_from_slice(&gpa.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(&0u32.to_le_bytes());
+            b.extend_from_slice(&vec![0u8; 8192]);
+            err(&b)
+        };
+        assert!(bad_span(MEM, 4096).contains("outside"));
+        assert!(bad_span(MEM - 4096, 8192).contains("outside"));
+        assert!(bad_span(u64::MAX - 4095, 4096).contains("outside"));
+        assert!(bad_span(0x1001, 4096).contains("whole number of pages"));
+        assert!(bad_span(0, 100).contains("whole number of pages"));
+        assert!(bad_span(0, 0).contains("whole number of pages"));
+        assert!(bad_span(0, MAX_RECORD + 4096).contains("whole number of pages"));
+        // Unknown tags; a page after the state; an end without state.
+        let mut b = header(MEM);
+        b.extend_from_slice(&99u32.to_le_bytes());
+        assert!(err(&b).contains("unknown record tag 99"));
+        let mut b = header(MEM);
+        tail(&mut b);
+        let end = b.len() - 4;
+        b.truncate(end);
+        rec_pages(&mut b, 0, &[1u8; 4096]);
+        assert!(err(&b).contains("follows the state"));
+        let mut b = header(MEM);
+        b.extend_from_slice(&TAG_END.to_le_bytes());
+        assert!(err(&b).contains("without the VM's state"));
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        let mut p = [0u8; 4096];
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[3] = 1;
+        assert!(!is_zero(&p[1..]));
+    }
+}
