@@ -34,6 +34,9 @@ pub const VERSION: u32 = 1;
 pub const PAGE: u64 = 4096;
 /// Most bytes one page record carries.
 pub const MAX_RECORD: u64 = 1 << 20;
+/// [`MAX_RECORD`] and [`PAGE`] as buffer sizes.
+const RECORD_BUF: usize = 1 << 20;
+const PAGE_BYTES: usize = 4096;
 /// Largest state record accepted (the sections of a snapshot's state file).
 pub const MAX_STATE: u64 = 256 << 20;
 
@@ -468,7 +471,7 @@ impl Controller {
         };
         let mem = self.shared.mem.clone();
         out.header(self.shared.info.mem_size)?;
-        let mut buf = vec![0u8; MAX_RECORD as usize];
+        let mut buf = vec![0u8; RECORD_BUF];
         let was_paused = self.paused.is_some();
         // KVM's dirty log, where the host has one; without it (or already paused) the VM is
         // paused first and sent whole (stop and copy).
@@ -657,7 +660,7 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
         )));
     }
     let mem = wv_machine::create_ram(memory).map_err(|e| bad(e.to_string()))?;
-    let mut buf = vec![0u8; MAX_RECORD as usize];
+    let mut buf = vec![0u8; RECORD_BUF];
     let mut state: Option<Sections> = None;
     loop {
         let tag = s.u32()?;
@@ -691,7 +694,7 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
                 // Pages never written are zero already; only written ones are cleared (which
                 // keeps untouched memory unallocated).
                 let mut at = gpa;
-                let page = &mut buf[..PAGE as usize];
+                let page = &mut buf[..PAGE_BYTES];
                 while at < gpa + len {
                     mem.read_slice(page, GuestAddress(at))
                         .map_err(|e| bad(format!("reading guest memory at {at:#x}: {e}")))?;
