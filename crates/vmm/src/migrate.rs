@@ -497,6 +497,7 @@ impl Controller {
             send_all(&mut out, &mem, &mut buf)?;
             let mut round_bytes = out.bytes;
             let mut round_time = t.elapsed();
+            let mut prev = u64::MAX;
             loop {
                 pending = collect(&self.vm, &mem, true)?;
                 let left = count(&pending) * PAGE;
@@ -504,9 +505,12 @@ impl Controller {
                 // Bytes per second, with the time of the round that carried them.
                 let bw = round_bytes as f64 / round_time.as_secs_f64().max(1e-6);
                 let eta = Duration::from_secs_f64(left as f64 / bw.max(1.0));
-                if eta <= downtime_target || rounds >= MAX_ROUNDS {
+                // Done when the rest fits the downtime, after the last round, or once rounds
+                // stop shrinking what is left (the guest dirties as fast as the link carries).
+                if eta <= downtime_target || rounds >= MAX_ROUNDS || rounds >= 3 && left >= prev {
                     break;
                 }
+                prev = left;
                 rounds += 1;
                 let (b0, t) = (out.bytes, Instant::now());
                 send_dirty(&mut out, &mem, &pending, &mut buf)?;
