@@ -10,7 +10,8 @@
 // again after validating it would serve the rewritten values, which the targets' checks catch.
 #![allow(dead_code)] // each target uses part of this
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use wv_virtio::GuestMemoryMmap;
 
 pub const MEM: usize = 64 * 1024;
 

@@ -6,7 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use wv_pv::GuestMemoryMmap;
 use wv_pv::{handle, CallContext, MachineInfo};
 
 const MEM: usize = 64 << 10;

@@ -65,6 +65,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"reset" => reset(),
         b"hang" => hang(),
         b"burn" => burn(),
+        b"persist" => persist(),
         b"echo" => echo(),
         b"genid" => genid(),
         b"idle" => idle(),
@@ -522,6 +523,16 @@ user_cpuid:
     mov %edx, user_cpuid_out+12(%rip)
     int3
 4:  jmp 4b
+    .globl user_persist_step
+user_persist_step:
+    call persist_step_cpl3
+    int3
+5:  jmp 5b
+    .globl user_persist_verify
+user_persist_verify:
+    call persist_verify_cpl3
+    int3
+6:  jmp 6b
     .globl user_privileged
 user_privileged:
     hlt
@@ -548,6 +559,8 @@ extern "C" {
     fn user_lcg();
     fn user_privileged();
     fn user_burn();
+    fn user_persist_step();
+    fn user_persist_verify();
     static user_iters: u64;
     static user_seed: u64;
 }
@@ -1509,4 +1522,238 @@ fn net_bench() -> Outcome {
         .dec(tsc_khz());
     dev.reset();
     pass("netbench", &mut d)
+}
+
+/// What the `persist` workload keeps (in guest memory, like everything it checks): shared by
+/// its kernel side and its CPL3 side, which reaches it through the identity map.
+#[repr(C, align(4096))]
+struct Persist {
+    /// The buffer's guest-physical (= virtual) address and its size in pages.
+    base: u64,
+    pages: u64,
+    /// Pages written so far (page `counter % pages` is the next).
+    counter: u64,
+    /// Sum of `persist_word(c, 0)` over every page write `c` so far.
+    checksum: u64,
+    /// Pages the next step writes.
+    chunk: u64,
+}
+
+static PERSIST: crate::sync::Global<Persist> = crate::sync::Global::new(Persist {
+    base: 0,
+    pages: 0,
+    counter: 0,
+    checksum: 0,
+    chunk: 0,
+});
+
+/// Where the workload's buffer starts (clear of the image, boot data and the stacks).
+const PERSIST_BASE: u64 = 32 << 20;
+
+/// The value of word `j` of a page written as write number `c`.
+#[inline(always)]
+fn persist_word(c: u64, j: u64) -> u64 {
+    (c.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ j.wrapping_mul(0xc2b2_ae3d_27d4_eb4f))
+        .wrapping_add(0x1656_67b1_9e37_79f9)
+}
+
+/// CPL3: writes `chunk` pages, each whole with its write number's pattern, counting them.
+#[no_mangle]
+extern "C" fn persist_step_cpl3() -> u64 {
+    let p = PERSIST.as_ptr();
+    // SAFETY: PERSIST and the buffer are identity-mapped user-accessible guest memory that only
+    // this workload uses; volatile so every write reaches memory in order.
+    unsafe {
+        let (base, pages, chunk) = (
+            (&raw const (*p).base).read_volatile(),
+            (&raw const (*p).pages).read_volatile(),
+            (&raw const (*p).chunk).read_volatile(),
+        );
+        let mut c = (&raw const (*p).counter).read_volatile();
+        let mut sum = (&raw const (*p).checksum).read_volatile();
+        for _ in 0..chunk {
+            let Some(page) = c.checked_rem(pages) else {
+                return 1;
+            };
+            let at = (base + page * 4096) as *mut u64;
+            for j in 0..512u64 {
+                at.add(j as usize).write_volatile(persist_word(c, j));
+            }
+            sum = sum.wrapping_add(persist_word(c, 0));
+            c += 1;
+            // Counter and checksum after every page: a copy taken at any instant is consistent.
+            (&raw mut (*p).checksum).write_volatile(sum);
+            (&raw mut (*p).counter).write_volatile(c);
+        }
+    }
+    0
+}
+
+/// CPL3: checks every page of the buffer against the pattern its last write left (never
+/// written: zero) and the checksum against every write counted. 0 when all hold; otherwise
+/// 1 + the first bad page, or u64::MAX for a bad checksum.
+#[no_mangle]
+extern "C" fn persist_verify_cpl3() -> u64 {
+    let p = PERSIST.as_ptr();
+    // SAFETY: as in persist_step_cpl3; reads only.
+    unsafe {
+        let (base, pages) = (
+            (&raw const (*p).base).read_volatile(),
+            (&raw const (*p).pages).read_volatile(),
+        );
+        let c = (&raw const (*p).counter).read_volatile();
+        let sum = (&raw const (*p).checksum).read_volatile();
+        if pages == 0 {
+            return u64::MAX;
+        }
+        let (q, r) = (c / pages, c % pages);
+        for page in 0..pages {
+            let last = if page < r {
+                Some(q * pages + page)
+            } else if q > 0 {
+                Some((q - 1) * pages + page)
+            } else {
+                None
+            };
+            let at = (base + page * 4096) as *const u64;
+            for j in 0..512u64 {
+                let want = last.map_or(0, |w| persist_word(w, j));
+                if at.add(j as usize).read_volatile() != want {
+                    return page + 1;
+                }
+            }
+        }
+        let mut want = 0u64;
+        for w in 0..c {
+            want = want.wrapping_add(persist_word(w, 0));
+        }
+        if want != sum {
+            return u64::MAX;
+        }
+    }
+    0
+}
+
+/// Memory that must survive a snapshot/restore or a live migration done from outside while it
+/// changes: a CPL3 workload writes a known pattern over `probe.persist_mib` MiB (default 64) at
+/// `probe.persist_rate` MiB/s (0, the default: as fast as it can), page after page, keeping a
+/// counter and a checksum of what it wrote, for `probe.persist_ms` of kvmclock time (default
+/// 3000). `persist: running` is printed once it runs, `persist: steady` once every page of the
+/// buffer has been written. At the end every page is checked against
+/// the pattern of its last write, the checksum against the counter, and the counter against the
+/// pages the kernel side asked for (continuity). The largest kvmclock gap between two reads is
+/// reported (`max_gap`, the guest-observed downtime by its paravirtual clock, which a pause
+/// stops) with the largest TSC gap (`tsc_gap`, which on hosts where the guest reads the host's
+/// TSC is the wall-clock downtime).
+fn persist() -> Outcome {
+    let mut d = Line::new();
+    let khz = tsc_khz();
+    if khz == 0 || !cpu::kvmclock::enable() {
+        d.s("needs kvmclock and the TSC frequency from the hypervisor");
+        return report(Outcome::Skip, "persist", &mut d);
+    }
+    let cmdline = boot_info().cmdline();
+    let mib = param(cmdline, "probe.persist_mib")
+        .and_then(parse_u64)
+        .unwrap_or(64);
+    let rate = param(cmdline, "probe.persist_rate")
+        .and_then(parse_u64)
+        .unwrap_or(0);
+    let ms = param(cmdline, "probe.persist_ms")
+        .and_then(parse_u64)
+        .unwrap_or(3000);
+    d.s("mib=").dec(mib).s(" rate=").dec(rate).s(" ms=").dec(ms);
+    if mib == 0 || !boot_info().in_ram(PERSIST_BASE, mib << 20) {
+        d.s(" problem: the buffer does not fit in RAM above 32 MiB");
+        return fail("persist", &mut d);
+    }
+    const CHUNK: u64 = 64;
+    // SAFETY: nothing else uses PERSIST; the CPL3 side runs only from here.
+    unsafe {
+        *PERSIST.get_mut() = Persist {
+            base: PERSIST_BASE,
+            pages: mib << 8,
+            counter: 0,
+            checksum: 0,
+            chunk: CHUNK,
+        };
+    }
+    let stack_top = USER_STACK.as_ptr() as u64 + 4096;
+    let read = || cpu::kvmclock::read().unwrap_or(0);
+    let t0 = read();
+    let end = t0 + ms * 1_000_000;
+    let (mut last, mut max_gap) = (t0, 0u64);
+    let (mut last_tsc, mut max_tsc_gap) = (cpu::rdtsc(), 0u64);
+    let mut asked = 0u64;
+    let mut backwards = false;
+    let mut announced = false;
+    let mut steady = false;
+    while last < end {
+        // Pages due by now at the chosen rate (256 pages per MiB).
+        let due = if rate == 0 {
+            u64::MAX
+        } else {
+            (last - t0) / 1000 * rate * 256 / 1_000_000
+        };
+        if asked < due {
+            let r = crate::entry::run_user(user_persist_step as *const () as u64, stack_top);
+            if r != 0 {
+                d.s(" problem: the workload stopped: ").hex(r);
+                return fail("persist", &mut d);
+            }
+            asked += CHUNK;
+        }
+        if !steady && asked >= mib << 8 {
+            // Every page of the buffer written once: from here each write rewrites one.
+            crate::console::println("persist: steady");
+            steady = true;
+            (last, last_tsc) = (read(), cpu::rdtsc());
+            continue;
+        }
+        let now = read();
+        let tsc = cpu::rdtsc();
+        if !announced {
+            crate::console::println("persist: running");
+            announced = true;
+            (last, last_tsc) = (read(), cpu::rdtsc());
+            continue;
+        }
+        backwards |= now < last;
+        max_gap = max_gap.max(now.saturating_sub(last));
+        max_tsc_gap = max_tsc_gap.max(tsc.wrapping_sub(last_tsc));
+        (last, last_tsc) = (now, tsc);
+    }
+    cpu::kvmclock::disable();
+    // SAFETY: as above.
+    let counter = unsafe { PERSIST.get().counter };
+    let bad = crate::entry::run_user(user_persist_verify as *const () as u64, stack_top);
+    d.s(" pages_written=")
+        .dec(counter)
+        .s(" max_gap=")
+        .dec(max_gap / 1000)
+        .s("us tsc_gap=")
+        .dec(max_tsc_gap * 1000 / khz)
+        .s("us");
+    if counter != asked {
+        d.s(" problem: the counter says ")
+            .dec(counter)
+            .s(" pages, the workload was asked for ")
+            .dec(asked);
+        return fail("persist", &mut d);
+    }
+    if bad == u64::MAX {
+        d.s(" problem: the checksum does not match the pages written");
+        return fail("persist", &mut d);
+    }
+    if bad != 0 {
+        d.s(" problem: page ")
+            .dec(bad - 1)
+            .s(" does not hold the pattern of its last write");
+        return fail("persist", &mut d);
+    }
+    if backwards {
+        d.s(" problem: kvmclock went backwards");
+        return fail("persist", &mut d);
+    }
+    pass("persist", &mut d)
 }

@@ -13,4 +13,4 @@ pub mod memory;
 pub mod mptable;
 
 pub use boot::{load, BootEntry, BootError, BootProtocol, KernelImage, LoadedGuest};
-pub use memory::{create_ram, map_ram_file, GuestRam, MemoryError};
+pub use memory::{create_ram, map_ram_file, GuestMemoryMmap, GuestRam, MemoryError};

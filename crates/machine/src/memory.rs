@@ -3,7 +3,13 @@
 #![allow(clippy::cast_possible_truncation)] // x86-64 only: usize is 64 bits
 
 use crate::layout::*;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::GuestAddress;
+
+/// Guest memory as the VMM maps it, with a dirty bitmap per region: every write through
+/// vm-memory (device workers, the paravirtual interface, the VMM's emulator) marks its page,
+/// which live migration reads besides KVM's own dirty log (docs/MIGRATION.md).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// Guest RAM.
 pub type GuestRam = GuestMemoryMmap;
@@ -53,6 +59,7 @@ pub fn create_ram(mem: u64) -> Result<GuestRam, MemoryError> {
 /// file (their unwritten pages share the page cache).
 pub fn map_ram_file(file: &std::fs::File, mem: u64) -> Result<GuestRam, MemoryError> {
     use std::sync::Arc;
+    use vm_memory::bitmap::NewBitmap;
     use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::{FileOffset, GuestRegionMmap};
     if mem < MIN_MEMORY || !mem.is_multiple_of(4096) {
@@ -74,7 +81,7 @@ pub fn map_ram_file(file: &std::fs::File, mem: u64) -> Result<GuestRam, MemoryEr
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (addr, size) in ranges(mem) {
-        let m = MmapRegionBuilder::new_with_bitmap(size, ())
+        let m = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))

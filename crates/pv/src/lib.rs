@@ -7,7 +7,10 @@
 //! (or, when the block itself is unreachable, an `Invalid` outcome) but never a panic.
 #![allow(clippy::cast_possible_truncation)] // x86-64 only: usize is 64 bits; lengths are bounded by the ABI limits first
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// Guest memory as the VMM maps it: every write through it marks its page dirty (live migration).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 use wv_abi::{
     status, Call, CallBlock, DeviceRecord, CALL_BLOCK_SIZE, CALL_COUNT, DEVICE_RECORD_SIZE,
 };

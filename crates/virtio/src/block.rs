@@ -15,6 +15,7 @@
 
 use crate::chain::Chain;
 use crate::device::{ActiveQueue, DeviceState, Interrupt, VirtioDevice, Worker, WorkerCtl};
+use crate::GuestMemoryMmap;
 use crate::F_VERSION_1;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -24,7 +25,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Sector size.
 pub const SECTOR: u64 = 512;
@@ -392,6 +394,12 @@ impl RawDisk {
                         return Err(std::io::ErrorKind::UnexpectedEof.into());
                     }
                     done += n as usize;
+                }
+                if !write {
+                    // The kernel wrote guest memory behind vm-memory's back: mark the pages
+                    // dirty (after the write, so a migration round that clears the bitmap
+                    // meanwhile sends them again).
+                    slice.bitmap().mark_dirty(0, slice.len());
                 }
                 offset += slice.len() as u64;
             }

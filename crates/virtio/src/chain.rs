@@ -14,8 +14,9 @@
 //! copy what they need to decide on (headers) into local variables once, too.
 #![allow(clippy::cast_possible_truncation)] // lengths are bounded by the u32 totals first
 
+use crate::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Most descriptors a chain may have (the largest queue any device here offers; only an
 /// indirect table could hold more, and such a chain is refused).

@@ -7,13 +7,13 @@
 //! in their ioeventfds, and a resumed worker also looks at every queue once, so nothing the
 //! driver posted is missed.
 
+use crate::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use virtio_queue::{Queue, QueueState};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// How a device raises interrupts (the transport decides between MSI-X and INTx).

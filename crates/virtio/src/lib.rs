@@ -17,6 +17,10 @@ pub mod rng;
 mod testutil;
 pub mod transport;
 
+/// Guest memory as the VMM maps it: every write a device makes through it marks the page dirty
+/// (what live migration sends again besides KVM's dirty log).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 pub use device::{ActiveQueue, DeviceCounters, DeviceState, Interrupt, VirtioDevice, WorkerCtl};
 pub use transport::{VirtioPci, VirtioPciState, VirtqueueState};
 

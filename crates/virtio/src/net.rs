@@ -10,6 +10,7 @@
 
 use crate::chain::{Chain, MAX_CHAIN};
 use crate::device::{CtlAction, DeviceState, ExitGuard, WorkerCtl};
+use crate::GuestMemoryMmap;
 use crate::F_VERSION_1;
 use crate::{ActiveQueue, Interrupt, VirtioDevice};
 use serde::{Deserialize, Serialize};
@@ -21,7 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 /// The virtio-net header with VERSION_1 (includes num_buffers).
 pub const VNET_HDR: usize = 12;

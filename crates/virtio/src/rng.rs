@@ -3,10 +3,10 @@
 
 use crate::chain::{Chain, MAX_CHAIN};
 use crate::device::{ActiveQueue, DeviceState, Interrupt, VirtioDevice, Worker, WorkerCtl};
+use crate::GuestMemoryMmap;
 use crate::F_VERSION_1;
 use std::sync::Arc;
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 /// Largest request served at once; longer chains are filled up to this (the driver sees the
 /// length written in the used ring).

@@ -5,11 +5,12 @@
 #![allow(clippy::cast_possible_truncation)] // small test indexes
 
 use crate::device::ActiveQueue;
+use crate::GuestMemoryMmap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A ready 16-entry queue whose descriptor table is at 0, available ring at 0x100 and used

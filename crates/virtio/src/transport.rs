@@ -13,12 +13,13 @@
 #![allow(clippy::cast_possible_truncation)] // register values are narrowed to their widths
 
 use crate::device::{ActiveQueue, DeviceState, Interrupt, VirtioDevice, WorkerCtl};
+use crate::GuestMemoryMmap;
 use crate::{status, F_VERSION_1, NO_VECTOR};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 use wv_devices::{MmioDevice, Snapshot};
 use wv_pci::bus::PciDevice;

@@ -9,6 +9,7 @@
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
 //! | PUT /vm/snapshot | write a snapshot (`{"destination": DIR}`; docs/SNAPSHOT.md) (200) |
+//! | PUT /vm/migrate-send | live-migrate to `wv run --incoming` (`{"destination": "HOST:PORT"}`; docs/MIGRATION.md) (200, then the VMM ends) |
 //!
 //! An "api" thread accepts connections (at most [`MAX_CONNECTIONS`] at once, each read on a
 //! thread of its own), reads and checks each request within [`REQUEST_TIMEOUT`] and hands a [`Command`] to the VMM's control loop (the one loop that
@@ -38,6 +39,7 @@ pub(crate) enum Command {
     Resume,
     Shutdown,
     Snapshot(SnapshotRequest),
+    MigrateSend(crate::migrate::SendRequest),
 }
 
 /// The body of `PUT /vm/snapshot`.
@@ -56,6 +58,8 @@ pub(crate) struct Answer {
     pub status: u16,
     pub headers: Vec<String>,
     pub body: String,
+    /// Told once the answer has been written (or could not be).
+    pub written: Option<mpsc::Sender<()>>,
 }
 
 impl Answer {
@@ -64,6 +68,7 @@ impl Answer {
             status,
             headers: Vec::new(),
             body: v.to_string(),
+            written: None,
         }
     }
     pub(crate) fn none() -> Answer {
@@ -71,6 +76,7 @@ impl Answer {
             status: 204,
             headers: Vec::new(),
             body: String::new(),
+            written: None,
         }
     }
     pub(crate) fn error(status: u16, msg: impl Into<String>) -> Answer {
@@ -170,6 +176,9 @@ fn serve(stream: UnixStream, tx: &Tx, wake: &EventFd) {
     let stream = r.get_mut().get_mut();
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let _ = http::write_response(stream, a.status, &a.headers, &a.body);
+    if let Some(w) = a.written {
+        let _ = w.send(());
+    }
 }
 
 /// The command a request asks for, or the 4xx answer to it.
@@ -206,6 +215,22 @@ fn route(req: &Request) -> Result<Command, Answer> {
                 .map_err(|e| Answer::error(400, format!("invalid snapshot request: {e}")));
         }
         ["vm", "snapshot"] => ("PUT", Command::Info),
+        ["vm", "migrate-send"] if req.method == "PUT" => {
+            if req
+                .content_type
+                .as_deref()
+                .is_some_and(|t| !t.trim().starts_with("application/json"))
+            {
+                return Err(Answer::error(
+                    415,
+                    "the body must be JSON (application/json)",
+                ));
+            }
+            return crate::migrate::parse_request(&req.body)
+                .map(Command::MigrateSend)
+                .map_err(|e| Answer::error(400, e));
+        }
+        ["vm", "migrate-send"] => ("PUT", Command::Info),
         _ => {
             return Err(Answer::error(
                 404,
@@ -249,6 +274,8 @@ pub(crate) struct Controller {
     pub cfg: crate::VmConfig,
     /// The KVM system fd (what saving a vCPU asks about the host).
     pub kvm: std::sync::Arc<kvm_ioctls::Kvm>,
+    /// How the VM ends once the answer being given has been written (a migration's source).
+    pub end_after_answer: Option<(crate::VmEnd, mpsc::Receiver<()>)>,
 }
 
 impl Controller {
@@ -281,6 +308,7 @@ impl Controller {
                 Ok(v) => Answer::json(200, &v),
                 Err(a) => a,
             },
+            Command::MigrateSend(r) => self.migrate_send(&r),
             Command::Shutdown => {
                 self.shared.finish(crate::VmEnd::Signal(libc::SIGTERM));
                 Answer::none()
@@ -411,6 +439,35 @@ impl Controller {
         dir: &Path,
         frozen: &[crate::vmkfs_disk::FrozenDisk],
     ) -> Result<(u64, u64), Answer> {
+        let mut sections = self.save_state(frozen)?;
+        if !frozen.is_empty() {
+            sections.push(
+                crate::snapshot::DISKS,
+                serde_json::to_vec(frozen).unwrap_or_default(),
+            );
+        }
+        let state_bytes = sections.encode().len() as u64;
+        let memory = crate::snapshot::write(dir, &sections, &self.shared.mem).map_err(|e| {
+            let status = if e.to_string().contains("not empty") {
+                409
+            } else {
+                500
+            };
+            Answer::error(
+                status,
+                format!("cannot write the snapshot to {}: {e}", dir.display()),
+            )
+        })?;
+        Ok((memory, state_bytes))
+    }
+
+    /// The state sections of the paused VM (machine, config, vm, vcpu.N, devices): what a
+    /// snapshot's `state` file and a migration stream carry (docs/SNAPSHOT.md). `frozen`: the
+    /// VMKFS disks a snapshot froze, which its configuration names instead of the live ones.
+    pub(crate) fn save_state(
+        &self,
+        frozen: &[crate::vmkfs_disk::FrozenDisk],
+    ) -> Result<crate::snapshot::Sections, Answer> {
         use crate::snapshot::{Machine, Sections};
         use wv_hypervisor::state;
         let Some(paused) = &self.paused else {
@@ -462,22 +519,7 @@ impl Controller {
         let devices =
             crate::devstate::save(&self.shared).map_err(|e| fail("saving the devices", e))?;
         sections.push("devices", json(&devices));
-        if !frozen.is_empty() {
-            sections.push(crate::snapshot::DISKS, json(&frozen));
-        }
-        let state_bytes = sections.encode().len() as u64;
-        let memory = crate::snapshot::write(dir, &sections, &self.shared.mem).map_err(|e| {
-            let status = if e.to_string().contains("not empty") {
-                409
-            } else {
-                500
-            };
-            Answer::error(
-                status,
-                format!("cannot write the snapshot to {}: {e}", dir.display()),
-            )
-        })?;
-        Ok((memory, state_bytes))
+        Ok(sections)
     }
 
     /// Sets the guest's clock back to where it stopped and lets everything run again.

@@ -51,12 +51,11 @@ pub(crate) fn set_macs(state: &mut DevicesState, macs: &[[u8; 6]]) -> Result<(),
     Ok(())
 }
 
-/// Puts `state` back into the devices of a VM just built from the snapshot's configuration, and
-/// lets the PCI devices' workers run (restore leaves them paused).
+/// Puts `state` back into the devices of a VM just built from the snapshot's configuration. The
+/// PCI devices' workers stay paused until the caller resumes them.
 pub(crate) fn restore(shared: &VmShared, state: DevicesState) -> Result<(), String> {
     lock(&shared.serial).restore(state.serial)?;
     lock(&shared.i8042).restore(state.i8042)?;
     shared.pci_devices.restore(&shared.pci_bus, state.pci)?;
-    shared.pci_devices.resume_all();
     Ok(())
 }

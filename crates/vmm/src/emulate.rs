@@ -16,7 +16,8 @@ use crate::diagnose;
 use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use wv_machine::GuestRam as GuestMemoryMmap;
 
 /// What the VMM completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,10 +2,10 @@
 //!
 //! | status | meaning |
 //! |---|---|
-//! | 0-199 | the guest powered off with this exit code (a code above 199 is reported as 199) |
+//! | 0-199 | the guest powered off with this exit code (a code above 199 is reported as 199); 0 also: the VM migrated to another VMM |
 //! | 200 | bad arguments or configuration values |
 //! | 201 | KVM unavailable or unusable (no device, no permission, missing capability) |
-//! | 202 | the kernel, initrd or a disk image is missing, malformed, does not fit or is in use |
+//! | 202 | the kernel, initrd or a disk image is missing, malformed, does not fit or is in use; a snapshot or an incoming migration cannot be used |
 //! | 203 | the guest requested a reset (i8042 or KVM system event) |
 //! | 204 | the guest triple-faulted |
 //! | 205 | KVM could not run the guest (emulation failure, internal error, entry failure) |
@@ -49,6 +49,8 @@ pub enum VmEnd {
     Signal(i32),
     /// Something in the VMM failed while the VM ran.
     Internal(String),
+    /// The VM moved to another VMM (live migration to this address); it runs on there.
+    Migrated(String),
 }
 
 impl VmEnd {
@@ -61,6 +63,7 @@ impl VmEnd {
             VmEnd::KvmFailure(_) => STATUS_KVM_FAILURE,
             VmEnd::Signal(s) => (128 + *s).clamp(0, 255) as u8,
             VmEnd::Internal(_) => STATUS_INTERNAL,
+            VmEnd::Migrated(_) => 0,
         }
     }
 }
@@ -80,6 +83,7 @@ impl fmt::Display for VmEnd {
             VmEnd::KvmFailure(d) => write!(f, "KVM could not run the guest: {d}"),
             VmEnd::Signal(s) => write!(f, "stopped by signal {s}"),
             VmEnd::Internal(d) => write!(f, "VMM failure: {d}"),
+            VmEnd::Migrated(to) => write!(f, "migrated to {to}"),
         }
     }
 }
@@ -101,6 +105,8 @@ pub enum VmmError {
     Net(String),
     /// A snapshot cannot be restored (not one, newer, truncated, corrupt, unreadable).
     Snapshot(String),
+    /// An incoming migration failed (stream cut, malformed, refused); nothing ran.
+    Migration(String),
     /// Anything else on the VMM side.
     Internal(String),
 }
@@ -113,7 +119,7 @@ impl VmmError {
             VmmError::Kvm(_) => STATUS_KVM,
             VmmError::Boot(b) if b.is_image_error() => STATUS_IMAGE,
             VmmError::Boot(_) => STATUS_USAGE,
-            VmmError::Disk(_) | VmmError::Snapshot(_) => STATUS_IMAGE,
+            VmmError::Disk(_) | VmmError::Snapshot(_) | VmmError::Migration(_) => STATUS_IMAGE,
             VmmError::Net(_) => STATUS_NET,
             VmmError::Memory(wv_machine::MemoryError::BadSize(_)) => STATUS_USAGE,
             VmmError::Memory(_) | VmmError::Internal(_) => STATUS_INTERNAL,
@@ -130,6 +136,7 @@ impl fmt::Display for VmmError {
             VmmError::Memory(e) => write!(f, "{e}"),
             VmmError::Disk(e) | VmmError::Net(e) => write!(f, "{e}"),
             VmmError::Snapshot(e) => write!(f, "snapshot: {e}"),
+            VmmError::Migration(e) => write!(f, "incoming migration: {e}"),
             VmmError::Internal(e) => write!(f, "{e}"),
         }
     }

@@ -13,6 +13,7 @@ mod devstate;
 pub mod diagnose;
 pub mod emulate;
 pub mod error;
+pub mod migrate;
 mod pause;
 mod pci;
 pub mod snapshot;
@@ -33,7 +34,7 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use wv_abi::{device_kind, DeviceRecord, DEVICE_FLAG_MMIO, NO_IRQ};
 use wv_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
@@ -42,6 +43,7 @@ use wv_devices::{ConsoleOut, IrqLine, PioBus, SerialDevice};
 use wv_hypervisor::vcpu::VcpuTemplate;
 use wv_hypervisor::HvError;
 use wv_machine::layout;
+use wv_machine::GuestRam as GuestMemoryMmap;
 use wv_pv::MachineInfo;
 
 /// State the vCPU threads share.
@@ -113,17 +115,27 @@ fn internal<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> VmmError 
 }
 
 fn register_memory(vm: &kvm_ioctls::VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    set_memory_flags(vm, mem, 0).map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))
+}
+
+/// (Re-)registers every RAM region of `mem` with KVM, one slot each in guest-address order,
+/// with `flags` (`KVM_MEM_LOG_DIRTY_PAGES` turns KVM's dirty log on, 0 off).
+pub(crate) fn set_memory_flags(
+    vm: &kvm_ioctls::VmFd,
+    mem: &GuestMemoryMmap,
+    flags: u32,
+) -> Result<(), kvm_ioctls::Error> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
-            slot: u32::try_from(slot).map_err(internal("memory slot"))?,
-            flags: 0,
+            slot: u32::try_from(slot).map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
         };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (it is
         // moved into the shared state the vCPU threads hold until they are joined).
-        unsafe { vm.set_user_memory_region(r) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(r) }?;
     }
     Ok(())
 }
@@ -252,12 +264,21 @@ impl Trace {
 
 /// Builds the VM described by `cfg` and runs it until it ends.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
-    run_from(cfg, None)
+    run_from(cfg, None, None)
+}
+
+/// Where a restored VM's memory comes from.
+pub(crate) enum RestoreMemory {
+    /// A snapshot's memory file, mapped privately (copy-on-write).
+    File(std::path::PathBuf),
+    /// Fresh anonymous RAM already filled (from a migration stream).
+    Ram(GuestMemoryMmap),
 }
 
 /// What a restore brings back besides the configuration.
-struct Restore {
-    dir: std::path::PathBuf,
+pub(crate) struct Restore {
+    /// Taken when the VM is built.
+    pub(crate) memory: Option<RestoreMemory>,
     vm: wv_hypervisor::state::VmState,
     vcpus: Vec<wv_hypervisor::state::VcpuState>,
     devices: Option<devstate::DevicesState>,
@@ -268,6 +289,8 @@ struct Restore {
     branches: Mutex<Vec<(usize, vmkfs_disk::VmkfsDisk)>>,
     /// Restores of the VM before this one.
     restores: u64,
+    /// A clone: the configuration's MACs replace the snapshot's.
+    clone: bool,
 }
 
 /// How a restored VM differs from the one in its snapshot. Whatever the options, a restored VM
@@ -322,9 +345,21 @@ impl Restore {
     fn read(dir: &std::path::Path, cfg: &VmConfig) -> Result<Restore, VmmError> {
         let bad = |e: snapshot::SnapshotError| VmmError::Snapshot(e.0);
         let sections = snapshot::read(dir).map_err(bad)?;
+        let mut r = Restore::from_sections(&sections, cfg).map_err(bad)?;
+        r.memory = Some(RestoreMemory::File(dir.join(snapshot::MEMORY_FILE)));
+        Ok(r)
+    }
+
+    /// The VM, vCPU and device state of `sections` (a snapshot's or a migration stream's),
+    /// checked against `cfg`; the memory is the caller's to add.
+    pub(crate) fn from_sections(
+        sections: &snapshot::Sections,
+        cfg: &VmConfig,
+    ) -> Result<Restore, snapshot::SnapshotError> {
+        let bad = |e: snapshot::SnapshotError| e;
         let machine: snapshot::Machine = sections.json("machine").map_err(bad)?;
         if machine.memory != cfg.memory || machine.vcpus != cfg.vcpus {
-            return Err(VmmError::Snapshot(format!(
+            return Err(snapshot::SnapshotError(format!(
                 "the snapshot's machine ({} bytes, {} vCPUs) does not match its configuration",
                 machine.memory, machine.vcpus
             )));
@@ -334,7 +369,7 @@ impl Restore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
         Ok(Restore {
-            dir: dir.to_path_buf(),
+            memory: None,
             vm: sections.json("vm").map_err(bad)?,
             vcpus,
             devices: Some(sections.json("devices").map_err(bad)?),
@@ -345,6 +380,7 @@ impl Restore {
             },
             branches: Mutex::new(Vec::new()),
             restores: machine.restores,
+            clone: false,
         })
     }
 
@@ -376,29 +412,26 @@ pub fn restore_with(
     dir: &std::path::Path,
     opts: &RestoreOptions,
 ) -> Result<RunOutcome, VmmError> {
-    run_from(cfg, Some((dir, opts)))
+    let cfg = opts.apply(cfg)?;
+    cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
+    let mut r = Restore::read(dir, &cfg)?;
+    r.clone = opts.clone;
+    run_from(&cfg, Some(r), None)
 }
 
-fn run_from(
+/// Run just before the first vCPU enters the guest, with everything built and restored; an
+/// error ends the start (nothing has run). A migration's target acknowledges there.
+pub(crate) type BeforeRun<'a> = &'a mut dyn FnMut() -> Result<(), VmmError>;
+
+pub(crate) fn run_from(
     cfg: &VmConfig,
-    restore: Option<(&std::path::Path, &RestoreOptions)>,
+    mut restore: Option<Restore>,
+    before_run: Option<BeforeRun<'_>>,
 ) -> Result<RunOutcome, VmmError> {
     let start = Instant::now();
     let trace = Trace::new(start);
-    let restored_cfg;
-    let cfg = match restore {
-        Some((_, opts)) => {
-            restored_cfg = opts.apply(cfg)?;
-            &restored_cfg
-        }
-        None => cfg,
-    };
-    let clone = restore.is_some_and(|(_, o)| o.clone);
+    let clone = restore.as_ref().is_some_and(|r| r.clone);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
-    let mut restore = match restore {
-        Some((dir, _)) => Some(Restore::read(dir, cfg)?),
-        None => None,
-    };
     // A restored VM's VMKFS disks are new branches of the snapshot's frozen files; its
     // configuration names them.
     let branched;
@@ -428,7 +461,7 @@ fn run_from(
     // this one creates the VM and loads the guest.
     let (template, vm, mut shared) = std::thread::scope(|s| {
         let template = s.spawn(|| VcpuTemplate::new(&kvm, cfg.vcpus));
-        let built = build(&kvm, cfg, restore.as_ref(), &trace);
+        let built = build(&kvm, cfg, restore.as_mut(), &trace);
         let template = template
             .join()
             .map_err(|_| VmmError::Internal("CPUID thread panicked".into()))?;
@@ -509,6 +542,9 @@ fn run_from(
             std::io::Error::last_os_error()
         )));
     }
+    if let Some(f) = before_run {
+        f()?;
+    }
     if let Some(r) = &restore {
         // Once more, now that everything else is in place: the guest's clock resumes where it
         // stopped, not where it was when restore began.
@@ -517,6 +553,10 @@ fn run_from(
             ..Default::default()
         };
         vm.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))?;
+    }
+    if restore.is_some() {
+        // Restored devices stay quiet until now: nothing runs before the last check passed.
+        shared.pci_devices.resume_all();
     }
     let setup_ns = nanos(start.elapsed());
     let run_start = Instant::now();
@@ -551,6 +591,7 @@ fn run_from(
         api_path: cfg.api_socket.clone(),
         cfg: cfg.clone(),
         kvm: kvm.clone(),
+        end_after_answer: None,
     };
     let control = {
         let stdin = cfg.serial == SerialMode::Stdio;
@@ -628,20 +669,20 @@ fn run_from(
 fn build(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
-    restore: Option<&Restore>,
+    mut restore: Option<&mut Restore>,
     trace: &Trace,
 ) -> Result<(Arc<kvm_ioctls::VmFd>, VmShared), VmmError> {
     let vm = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
     trace.mark("vm created");
-    let mem = match restore {
+    let mem = match restore.as_mut().and_then(|r| r.memory.take()) {
         None => wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?,
-        Some(r) => {
-            let p = r.dir.join(snapshot::MEMORY_FILE);
+        Some(RestoreMemory::File(p)) => {
             let f = std::fs::File::open(&p)
                 .map_err(|e| VmmError::Snapshot(format!("cannot open {}: {e}", p.display())))?;
             wv_machine::map_ram_file(&f, cfg.memory)
                 .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?
         }
+        Some(RestoreMemory::Ram(m)) => m,
     };
     register_memory(&vm, &mem)?;
     trace.mark("memory registered");
@@ -736,7 +777,7 @@ fn build(
                     .map_err(|e| VmmError::Disk(e.to_string()))?,
             ),
             Some(name) => {
-                let v = match restore.and_then(|r| r.take_branch(i)) {
+                let v = match restore.as_deref().and_then(|r| r.take_branch(i)) {
                     Some(v) => v,
                     None => vmkfs_disk::VmkfsDisk::open(&d.path, name, d.readonly)?,
                 };
@@ -1184,6 +1225,11 @@ fn control_loop(
             let _ = inbox.evt.read();
             while let Ok((cmd, reply)) = inbox.rx.try_recv() {
                 let _ = reply.send(ctl.execute(cmd));
+                if let Some((end, written)) = ctl.end_after_answer.take() {
+                    // The answer first (the VMM exits soon after the VM ends).
+                    let _ = written.recv_timeout(control::REQUEST_TIMEOUT);
+                    shared.finish(end);
+                }
             }
         }
     }

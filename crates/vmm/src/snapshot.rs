@@ -11,7 +11,8 @@
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use wv_machine::GuestRam as GuestMemoryMmap;
 use wv_vmkfs::crc::crc32c;
 
 /// The first bytes of a state file.

@@ -60,7 +60,7 @@ struct Ctx<'a> {
 }
 
 impl CallContext for Ctx<'_> {
-    fn mem(&self) -> &vm_memory::GuestMemoryMmap {
+    fn mem(&self) -> &wv_machine::GuestRam {
         &self.shared.mem
     }
     fn machine(&self) -> &MachineInfo {

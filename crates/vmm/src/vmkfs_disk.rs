@@ -16,7 +16,7 @@ use crate::error::VmmError;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use vm_memory::GuestMemoryMmap;
+use wv_machine::GuestRam as GuestMemoryMmap;
 use wv_virtio::block::{bounce_read, bounce_write};
 use wv_vmkfs::{Datastore, FileDev};
 

@@ -14,8 +14,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use wv_virtio::block::{process, BlockCounters, RawDisk};
+use wv_virtio::GuestMemoryMmap;
 
 const IMG_MIB: u64 = 256;
 const SEQ_MIB: u64 = 64;

@@ -341,6 +341,13 @@ const CLONE_OPTS: &[Opt] = &[
     ),
 ];
 
+/// `wv run --incoming`: the VM of a live migration, instead of [`VM_OPTS`].
+const INCOMING: Opt = opt(
+    "--incoming",
+    Arg::Value("HOST:PORT"),
+    "listen on HOST:PORT (TCP) for one live migration (PUT /vm/migrate-send on the\nsource's control socket; docs/MIGRATION.md) and run the VM it brings: not with\nthe VM options, --config or --restore; --serial, --console-socket, --api-socket\nand --stats can be added",
+);
+
 /// What only a foreground `wv run` has (the daemon owns a VM's console).
 const RUN_LOCAL_OPTS: &[Opt] = &[
     opt(
@@ -413,7 +420,12 @@ pub const RUN: Spec = Spec {
     about:
         "Boots one VM and runs it until the guest powers off, resets or fails. Without --kernel it
 boots the embedded probe guest, which runs its self-tests and powers off with 0 when all pass.",
-    opts: &[&[CONFIG, RESTORE], CLONE_OPTS, VM_OPTS, RUN_LOCAL_OPTS],
+    opts: &[
+        &[CONFIG, RESTORE, INCOMING],
+        CLONE_OPTS,
+        VM_OPTS,
+        RUN_LOCAL_OPTS,
+    ],
     after: RUN_STATUS,
 };
 
@@ -757,12 +769,23 @@ pub enum VmCmd {
 }
 
 /// `wv run --restore DIR [--clone] [--mac I=MAC]...`.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restore {
     /// The snapshot directory.
     pub dir: PathBuf,
     /// A clone or not, and its MACs.
     pub opts: wv_vmm::RestoreOptions,
+}
+
+/// Where `wv run` takes its VM from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunFrom {
+    /// Its options (or `--config`).
+    Options,
+    /// `--restore DIR`: a snapshot (as a clone or not).
+    Snapshot(Restore),
+    /// `--incoming HOST:PORT`: a live migration.
+    Incoming(String),
 }
 
 /// A `wv` command line, parsed and checked.
@@ -772,8 +795,8 @@ pub enum Command {
     Help(String),
     /// `--version`.
     Version,
-    /// Boot a VM in the foreground (or bring one back from a snapshot).
-    Run(Box<VmConfig>, StatsMode, Option<Restore>),
+    /// Boot a VM in the foreground (or bring one back from a snapshot or a migration).
+    Run(Box<VmConfig>, StatsMode, RunFrom),
     /// Write an embedded image.
     ProbeImage {
         /// Its name.
@@ -977,13 +1000,27 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
         (true, Some("json")) => StatsMode::Json,
         (true, Some(o)) => return Err(Usage(format!("--stats takes table or json, not '{o}'"))),
     };
-    let restore = m.value("--restore").map(PathBuf::from);
-    if restore.is_some() {
+    let from = match (m.value("--restore"), m.value("--incoming")) {
+        (Some(_), Some(_)) => {
+            return Err(Usage(
+                "--restore and --incoming cannot be given together".into(),
+            ))
+        }
+        (Some(dir), None) => RunFrom::Snapshot(Restore {
+            dir: PathBuf::from(dir),
+            opts: wv_vmm::RestoreOptions::default(),
+        }),
+        (None, Some(addr)) => RunFrom::Incoming(addr.to_string()),
+        (None, None) => RunFrom::Options,
+    };
+    let what = match &from {
+        RunFrom::Options => None,
+        RunFrom::Snapshot(_) => Some("--restore takes the VM from the snapshot"),
+        RunFrom::Incoming(_) => Some("--incoming takes the VM from the migration"),
+    };
+    if let Some(what) = what {
         if let Some(o) = VM_OPTS.iter().chain([&CONFIG]).find(|o| m.has(o.long)) {
-            return Err(Usage(format!(
-                "--restore takes the VM from the snapshot: {} cannot be added to it",
-                o.long
-            )));
+            return Err(Usage(format!("{what}: {} cannot be added to it", o.long)));
         }
     } else if let Some(o) = CLONE_OPTS.iter().find(|o| m.has(o.long)) {
         return Err(Usage(format!(
@@ -1013,10 +1050,13 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
             Ok((i, mac))
         })
         .collect::<Result<Vec<_>, Usage>>()?;
-    let restore = restore.map(|dir| Restore {
-        dir,
-        opts: wv_vmm::RestoreOptions { clone, macs },
-    });
+    let from = match from {
+        RunFrom::Snapshot(r) => RunFrom::Snapshot(Restore {
+            dir: r.dir,
+            opts: wv_vmm::RestoreOptions { clone, macs },
+        }),
+        f => f,
+    };
     let mut cfg = match m.value("--config") {
         Some(file) => {
             if let Some(o) = VM_OPTS.iter().find(|o| m.has(o.long)) {
@@ -1039,7 +1079,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     }
     cfg.console_socket = m.value("--console-socket").map(PathBuf::from);
     cfg.api_socket = m.value("--api-socket").map(PathBuf::from);
-    Ok(Command::Run(Box::new(cfg), stats, restore))
+    Ok(Command::Run(Box::new(cfg), stats, from))
 }
 
 /// The configuration the VM options describe, with the defaults that depend on the kernel.
@@ -1623,7 +1663,7 @@ mod tests {
 
     #[test]
     fn clone_options_go_with_restore() {
-        let Ok(Command::Run(_, _, Some(r))) = parse(&args(&[
+        let Ok(Command::Run(_, _, RunFrom::Snapshot(r))) = parse(&args(&[
             "run",
             "--restore",
             "/snap",
@@ -1642,7 +1682,9 @@ mod tests {
                 macs: vec![(1, [0x52, 0x54, 0, 0, 0, 1]), (0, [2, 0, 0, 0, 0, 2])],
             }
         );
-        let Ok(Command::Run(_, _, Some(r))) = parse(&args(&["run", "--restore", "/snap"])) else {
+        let Ok(Command::Run(_, _, RunFrom::Snapshot(r))) =
+            parse(&args(&["run", "--restore", "/snap"]))
+        else {
             panic!()
         };
         assert_eq!(r.opts, wv_vmm::RestoreOptions::default());

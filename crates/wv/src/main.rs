@@ -9,7 +9,7 @@
 mod cli;
 mod fs;
 
-use cli::{Client, Command, StatsMode, Usage, VmCmd};
+use cli::{Client, Command, RunFrom, StatsMode, Usage, VmCmd};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             println!("wv {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run(cfg, stats, restore) => cmd_run(&cfg, stats, restore.as_ref()),
+        Command::Run(cfg, stats, from) => cmd_run(&cfg, stats, &from),
         Command::ProbeImage { format, output } => cmd_probe_image(&format, &output),
         Command::HostServe {
             socket,
@@ -83,15 +83,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn cmd_run(cfg: &VmConfig, stats: StatsMode, restore: Option<&cli::Restore>) -> ExitCode {
-    let ran = match restore {
-        None => wv_vmm::run(cfg),
-        Some(r) => wv_vmm::snapshot_config(&r.dir).and_then(|mut c| {
-            // The VM from the snapshot; where its console and control socket go, from here.
-            c.serial = cfg.serial.clone();
-            c.console_socket = cfg.console_socket.clone();
-            c.api_socket = cfg.api_socket.clone();
-            wv_vmm::restore_with(&c, &r.dir, &r.opts)
+fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom) -> ExitCode {
+    // The VM from a snapshot or a migration; where its console and control socket go, from here.
+    let local = |mut c: VmConfig| {
+        c.serial = cfg.serial.clone();
+        c.console_socket = cfg.console_socket.clone();
+        c.api_socket = cfg.api_socket.clone();
+        c
+    };
+    let ran = match from {
+        RunFrom::Options => wv_vmm::run(cfg),
+        RunFrom::Snapshot(r) => wv_vmm::snapshot_config(&r.dir)
+            .and_then(|c| wv_vmm::restore_with(&local(c), &r.dir, &r.opts)),
+        RunFrom::Incoming(addr) => wv_vmm::migrate::listen(addr).and_then(|l| {
+            if let Ok(a) = l.local_addr() {
+                let _ = writeln!(std::io::stderr(), "wv: waiting for a migration on {a}");
+            }
+            let inc = wv_vmm::migrate::receive(&l)?;
+            drop(l);
+            let c = local(inc.config().clone());
+            wv_vmm::migrate::run_incoming(&c, inc)
         }),
     };
     match ran {

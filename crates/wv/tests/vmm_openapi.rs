@@ -245,6 +245,28 @@ fn the_vmm_matches_its_openapi_document() {
         assert_eq!(c.call("GET", "/vm", "/vm", None).1["state"], "paused");
     }
 
+    // Migration: bodies that are not a MigrateSendRequest, and this VM's disk (422). A
+    // migration that happens (200) or fails (502) is tests/migrate.rs's.
+    let send = |c: &mut Checker, body: &str| {
+        c.call("PUT", "/vm/migrate-send", "/vm/migrate-send", Some(body))
+            .0
+    };
+    for bad in [
+        String::new(),
+        "[]".into(),
+        "{}".into(),
+        r#"{"destination":7}"#.into(),
+        json!({"destination": "nowhere"}).to_string(),
+        json!({"destination": "127.0.0.1:1", "downtime_ms": -1}).to_string(),
+        json!({"destination": "127.0.0.1:1", "colour": "red"}).to_string(),
+    ] {
+        assert_eq!(send(&mut c, &bad), 400, "{bad:?}");
+    }
+    assert_eq!(
+        send(&mut c, &json!({"destination": "127.0.0.1:1"}).to_string()),
+        422
+    );
+
     assert_eq!(c.call("PUT", "/vm/resume", "/vm/resume", None).0, 204);
     assert_eq!(c.call("PUT", "/vm/resume", "/vm/resume", None).0, 409);
     assert_eq!(c.call("GET", "/vm", "/vm", None).1["state"], "running");
@@ -330,6 +352,8 @@ fn the_vmm_matches_its_openapi_document() {
     if !snapshot_missing {
         ops.push(("PUT", "/vm/snapshot", Some(body.as_str())));
     }
+    let migrate_body = json!({"destination": "127.0.0.1:1"}).to_string();
+    ops.push(("PUT", "/vm/migrate-send", Some(migrate_body.as_str())));
     for (method, path, body) in ops {
         assert_eq!(c.call(method, path, path, body).0, 503, "{method} {path}");
     }
@@ -368,7 +392,12 @@ fn the_vmm_matches_its_openapi_document() {
 
     // What no test here can provoke: KVM_GET_CLOCK failing. Without the snapshot endpoint,
     // everything else is checked before the test fails on it.
-    let mut unreachable = vec![("/vm/pause", "put", 500)];
+    // A migration that happens or fails: tests/migrate.rs (this VM has a disk: 422).
+    let mut unreachable = vec![
+        ("/vm/pause", "put", 500),
+        ("/vm/migrate-send", "put", 200),
+        ("/vm/migrate-send", "put", 502),
+    ];
     if snapshot_missing {
         let statuses = doc["paths"]["/vm/snapshot"]["put"]["responses"]
             .as_object()

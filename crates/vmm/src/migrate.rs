@@ -1,0 +1,995 @@
+//! Live migration of a standalone VMM, pre-copy (docs/MIGRATION.md): the stream format, the
+//! source's side (`PUT /vm/migrate-send` on the control socket) and the target's
+//! (`wv run --incoming HOST:PORT`).
+//!
+//! The source turns on KVM's dirty log on every memory slot and clears the dirty bitmap that
+//! vm-memory keeps for writes made by the VMM itself (device workers, the paravirtual interface,
+//! the instruction emulator: KVM's log sees only the guest's own writes), sends every non-zero
+//! page, then rounds of the pages dirtied meanwhile (the union of both logs) until what remains
+//! fits the downtime target at the bandwidth measured so far; then it pauses the VM, sends the
+//! last dirty pages and the state sections a snapshot holds, and waits for the target to say it
+//! has everything and has built the VM. It answers `go`, and ends ("migrated to HOST:PORT").
+//! Anything that fails before the target's acknowledgement leaves the source running as it was.
+//!
+//! The target reads the stream into fresh anonymous RAM, checking every record against its
+//! memory, builds the VM as a restore does, acknowledges, waits for `go`, and runs it. A bad or
+//! cut stream is a one-line error and nothing runs.
+
+use crate::control::{Answer, Controller};
+use crate::snapshot::Sections;
+use crate::{RestoreMemory, VmConfig, VmmError};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use wv_machine::GuestRam;
+use wv_vmkfs::crc::crc32c;
+
+/// The first bytes of a migration stream.
+pub const MAGIC: [u8; 8] = *b"WVMIGR\r\n";
+/// The stream format this wv writes and the newest it reads.
+pub const VERSION: u32 = 1;
+/// Bytes of a page: the unit of every memory record.
+pub const PAGE: u64 = 4096;
+/// Most bytes one page record carries.
+pub const MAX_RECORD: u64 = 1 << 20;
+/// [`MAX_RECORD`] and [`PAGE`] as buffer sizes.
+const RECORD_BUF: usize = 1 << 20;
+const PAGE_BYTES: usize = 4096;
+/// Largest state record accepted (the sections of a snapshot's state file).
+pub const MAX_STATE: u64 = 256 << 20;
+
+/// Record tags (u32 LE), source to target.
+const TAG_PAGES: u32 = 1;
+const TAG_ZERO: u32 = 2;
+const TAG_STATE: u32 = 3;
+const TAG_END: u32 = 4;
+/// Target to source: the VM is built from everything sent and waits for `go`.
+pub const READY: [u8; 8] = *b"WVREADY\n";
+/// Target to source: the target failed; a u32 LE length and a UTF-8 message follow.
+pub const FAILED: [u8; 8] = *b"WVFAIL\r\n";
+/// Source to target: the source has stopped for good; run the VM.
+pub const GO: [u8; 8] = *b"WVGO\r\n\r\n";
+
+/// Default downtime target.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+/// Most pre-copy rounds after the first pass.
+pub const MAX_ROUNDS: u32 = 30;
+/// How long either side waits for the other to send or take bytes.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The body of `PUT /vm/migrate-send`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SendRequest {
+    /// The target: `HOST:PORT` where `wv run --incoming` listens.
+    destination: String,
+    /// The pause the VM may see at the switch-over, in milliseconds.
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+}
+
+/// What one side of a migration failed at (one line).
+#[derive(Debug)]
+pub struct MigrationError(pub String);
+
+impl std::fmt::Display for MigrationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> MigrationError + '_ {
+    move |e| MigrationError(format!("{what}: {e}"))
+}
+
+/// The source's end of a stream: counts what it writes.
+struct Out {
+    w: BufWriter<TcpStream>,
+    bytes: u64,
+    pages: u64,
+    zero_pages: u64,
+}
+
+impl Out {
+    fn put(&mut self, b: &[u8]) -> Result<(), MigrationError> {
+        self.bytes += b.len() as u64;
+        self.w.write_all(b).map_err(io_err("sending to the target"))
+    }
+
+    fn header(&mut self, memory: u64) -> Result<(), MigrationError> {
+        let mut h = Vec::with_capacity(24);
+        h.extend_from_slice(&MAGIC);
+        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&memory.to_le_bytes());
+        self.put(&h)
+    }
+
+    fn pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), MigrationError> {
+        let mut h = [0u8; 24];
+        h[..4].copy_from_slice(&TAG_PAGES.to_le_bytes());
+        h[4..12].copy_from_slice(&gpa.to_le_bytes());
+        h[12..20].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        h[20..24].copy_from_slice(&crc32c(data).to_le_bytes());
+        self.pages += data.len() as u64 / PAGE;
+        self.put(&h)?;
+        self.put(data)
+    }
+
+    fn zero(&mut self, gpa: u64, len: u64) -> Result<(), MigrationError> {
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&TAG_ZERO.to_le_bytes());
+        h[4..12].copy_from_slice(&gpa.to_le_bytes());
+        h[12..20].copy_from_slice(&len.to_le_bytes());
+        self.zero_pages += len / PAGE;
+        self.put(&h)
+    }
+
+    fn state(&mut self, state: &[u8]) -> Result<(), MigrationError> {
+        let mut h = [0u8; 12];
+        h[..4].copy_from_slice(&TAG_STATE.to_le_bytes());
+        h[4..12].copy_from_slice(&(state.len() as u64).to_le_bytes());
+        self.put(&h)?;
+        self.put(state)
+    }
+
+    fn end(&mut self) -> Result<(), MigrationError> {
+        self.put(&TAG_END.to_le_bytes())?;
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Result<(), MigrationError> {
+        self.w.flush().map_err(io_err("sending to the target"))
+    }
+}
+
+/// A dirty-page bitmap per memory region (bit i: page i of the region), as KVM and
+/// vm-memory's [`AtomicBitmap`] both lay it out.
+type Dirty = Vec<Vec<u64>>;
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to hands back the unaligned ends.
+        unsafe { b.align_to::<u64>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+/// Sends pages `first..first + count` of the region starting at `base`: runs of non-zero pages
+/// as page records, runs of zero pages as zero records when `zeros` (a page sent before may
+/// have become zero since) and not at all otherwise (the target's RAM starts zero).
+fn send_range(
+    out: &mut Out,
+    mem: &GuestRam,
+    base: u64,
+    first: u64,
+    count: u64,
+    zeros: bool,
+    buf: &mut [u8],
+) -> Result<(), MigrationError> {
+    let per = buf.len() as u64 / PAGE;
+    let mut at = first;
+    let end = first + count;
+    while at < end {
+        let n = (end - at).min(per);
+        let gpa = base + at * PAGE;
+        // n * PAGE <= buf.len().
+        #[allow(clippy::cast_possible_truncation)]
+        let chunk = &mut buf[..(n * PAGE) as usize];
+        mem.read_slice(chunk, GuestAddress(gpa))
+            .map_err(|e| MigrationError(format!("reading guest memory at {gpa:#x}: {e}")))?;
+        // Runs of equal kind (zero or not) within the chunk.
+        let mut i = 0u64;
+        while i < n {
+            // i < n <= per pages of `chunk`.
+            #[allow(clippy::cast_possible_truncation)]
+            let page = |k: u64| &chunk[(k * PAGE) as usize..((k + 1) * PAGE) as usize];
+            let zero = is_zero(page(i));
+            let mut j = i + 1;
+            while j < n && is_zero(page(j)) == zero {
+                j += 1;
+            }
+            let at_gpa = gpa + i * PAGE;
+            if !zero {
+                #[allow(clippy::cast_possible_truncation)]
+                out.pages(at_gpa, &chunk[(i * PAGE) as usize..(j * PAGE) as usize])?;
+            } else if zeros {
+                out.zero(at_gpa, (j - i) * PAGE)?;
+            }
+            i = j;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Pages of anonymous `region` the process has never touched (neither present nor swapped, by
+/// /proc/self/pagemap): they read as zero, and the first pass need not even look at them. None
+/// when it cannot tell (a file-backed region, whose untouched pages read from the file, or no
+/// pagemap).
+fn untouched(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> Option<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    if region.file_offset().is_some() {
+        return None;
+    }
+    let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let pages = usize::try_from(region.len() / PAGE).ok()?;
+    let first = region.as_ptr() as u64 / PAGE;
+    let mut out = Vec::with_capacity(pages);
+    let mut raw = vec![0u8; 8 * 4096];
+    let mut at = 0usize;
+    while at < pages {
+        let n = (pages - at).min(4096);
+        let b = &mut raw[..8 * n];
+        f.read_exact_at(b, (first + at as u64) * 8).ok()?;
+        for e in b.chunks_exact(8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(e);
+            let v = u64::from_le_bytes(w);
+            // Bit 63: present; bit 62: swapped.
+            out.push(v & (3 << 62) == 0);
+        }
+        at += n;
+    }
+    Some(out)
+}
+
+/// Sends every page that is not zero (the first pass: the target's RAM starts zero).
+fn send_all(out: &mut Out, mem: &GuestRam, buf: &mut [u8]) -> Result<(), MigrationError> {
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        let pages = region.len() / PAGE;
+        let Some(skip) = untouched(region) else {
+            send_range(out, mem, base, 0, pages, false, buf)?;
+            continue;
+        };
+        let mut p = 0u64;
+        let idx = |k: u64| usize::try_from(k).unwrap_or(usize::MAX);
+        while p < pages {
+            if skip.get(idx(p)).copied().unwrap_or(false) {
+                p += 1;
+                continue;
+            }
+            let mut q = p + 1;
+            while q < pages && !skip.get(idx(q)).copied().unwrap_or(false) {
+                q += 1;
+            }
+            send_range(out, mem, base, p, q - p, false, buf)?;
+            p = q;
+        }
+    }
+    Ok(())
+}
+
+/// Sends every page set in `dirty`; returns the pages it covered.
+fn send_dirty(
+    out: &mut Out,
+    mem: &GuestRam,
+    dirty: &Dirty,
+    buf: &mut [u8],
+) -> Result<u64, MigrationError> {
+    let mut sent = 0;
+    for (region, bits) in mem.iter().zip(dirty) {
+        let base = region.start_addr().0;
+        let pages = region.len() / PAGE;
+        let mut p = 0u64;
+        while p < pages {
+            let set = |k: u64| {
+                let w = usize::try_from(k / 64).unwrap_or(usize::MAX);
+                bits.get(w).is_some_and(|x| x & (1 << (k % 64)) != 0)
+            };
+            // Skip clear words quickly.
+            if p.is_multiple_of(64) && !set(p) {
+                let w = usize::try_from(p / 64).unwrap_or(usize::MAX);
+                if bits.get(w).is_none_or(|&x| x == 0) {
+                    p += 64;
+                    continue;
+                }
+            }
+            if !set(p) {
+                p += 1;
+                continue;
+            }
+            let mut q = p + 1;
+            while q < pages && set(q) {
+                q += 1;
+            }
+            send_range(out, mem, base, p, q - p, true, buf)?;
+            sent += q - p;
+            p = q;
+        }
+    }
+    Ok(sent)
+}
+
+fn count(d: &Dirty) -> u64 {
+    d.iter()
+        .flat_map(|r| r.iter())
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+fn merge(into: &mut Dirty, from: Dirty) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
+/// The pages dirtied since the last call (KVM's log when `kvm_log`, and the VMM's own writes),
+/// both logs cleared.
+fn collect(vm: &kvm_ioctls::VmFd, mem: &GuestRam, kvm_log: bool) -> Result<Dirty, MigrationError> {
+    let mut all = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let mut bits = bitmap(region).get_and_reset();
+        if kvm_log {
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            let k = vm
+                .get_dirty_log(slot, len)
+                .map_err(|e| MigrationError(format!("KVM_GET_DIRTY_LOG on slot {slot}: {e}")))?;
+            bits.resize(bits.len().max(k.len()), 0);
+            for (x, y) in bits.iter_mut().zip(k) {
+                *x |= y;
+            }
+        }
+        all.push(bits);
+    }
+    Ok(all)
+}
+
+/// vm-memory's dirty bitmap of a region (the whole of it, not a slice).
+fn bitmap(r: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    let m: &vm_memory::MmapRegion<AtomicBitmap> = r;
+    m.bitmap()
+}
+
+/// Clears vm-memory's dirty bitmaps.
+fn reset_bitmaps(mem: &GuestRam) {
+    for region in mem.iter() {
+        bitmap(region).reset();
+    }
+}
+
+/// Reads the target's acknowledgement: Ok on READY, the target's reason on FAILED.
+fn read_ack(r: &mut impl Read) -> Result<(), MigrationError> {
+    let mut tag = [0u8; 8];
+    r.read_exact(&mut tag)
+        .map_err(io_err("waiting for the target's acknowledgement"))?;
+    if tag == READY {
+        return Ok(());
+    }
+    if tag != FAILED {
+        return Err(MigrationError(
+            "the target answered something that is not a migration acknowledgement".into(),
+        ));
+    }
+    let mut l = [0u8; 4];
+    r.read_exact(&mut l)
+        .map_err(io_err("reading the target's error"))?;
+    let len = u32::from_le_bytes(l).min(4096);
+    let mut msg = vec![0u8; len as usize];
+    r.read_exact(&mut msg)
+        .map_err(io_err("reading the target's error"))?;
+    Err(MigrationError(format!(
+        "the target refused the VM: {}",
+        String::from_utf8_lossy(&msg)
+    )))
+}
+
+/// What a successful send measured.
+struct Sent {
+    rounds: u32,
+    bytes: u64,
+    pages: u64,
+    zero_pages: u64,
+    precopy: bool,
+    downtime: Duration,
+    last_dirty: u64,
+}
+
+impl Controller {
+    /// `PUT /vm/migrate-send`: moves the VM to `r.destination`. On success the answer is sent and
+    /// then the VM ends ("migrated to ..."); on failure it runs on (or stays paused if it was).
+    pub(crate) fn migrate_send(&mut self, r: &SendRequest) -> Answer {
+        let addr = match r.destination.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(a)) => a,
+            Ok(None) | Err(_) => {
+                return Answer::error(
+                    400,
+                    format!("the destination '{}' is not a HOST:PORT", r.destination),
+                )
+            }
+        };
+        if !self.cfg.disks.is_empty() {
+            return Answer::error(
+                422,
+                "the VM has disks: migrating them (shared VMKFS datastores, --copy-disks) is not \
+                 supported yet",
+            );
+        }
+        let start = Instant::now();
+        let was_paused = self.paused.is_some();
+        let res = self.send_to(addr, r);
+        match res {
+            Ok(s) => {
+                let mut a = Answer::json(
+                    200,
+                    &serde_json::json!({
+                        "destination": r.destination,
+                        "total_ms": start.elapsed().as_secs_f64() * 1e3,
+                        "downtime_ms": s.downtime.as_secs_f64() * 1e3,
+                        "bytes": s.bytes,
+                        "pages": s.pages,
+                        "zero_pages": s.zero_pages,
+                        "rounds": s.rounds,
+                        "precopy": s.precopy,
+                        "last_dirty_pages": s.last_dirty,
+                    }),
+                );
+                let (tx, rx) = std::sync::mpsc::channel();
+                a.written = Some(tx);
+                self.end_after_answer = Some((crate::VmEnd::Migrated(r.destination.clone()), rx));
+                a
+            }
+            Err(e) => {
+                let _ = crate::set_memory_flags(&self.vm, &self.shared.mem, 0);
+                if !was_paused && self.paused.is_some() {
+                    if let Err(a) = self.resume() {
+                        return a;
+                    }
+                }
+                Answer::error(502, format!("migration to {} failed: {e}", r.destination))
+            }
+        }
+    }
+
+    fn send_to(
+        &mut self,
+        addr: std::net::SocketAddr,
+        r: &SendRequest,
+    ) -> Result<Sent, MigrationError> {
+        let downtime_target =
+            Duration::from_millis(r.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS).max(1));
+        let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(io_err("connecting to the target"))?;
+        let _ = conn.set_nodelay(true);
+        conn.set_write_timeout(Some(IO_TIMEOUT))
+            .and_then(|()| conn.set_read_timeout(Some(IO_TIMEOUT)))
+            .map_err(io_err("setting up the connection"))?;
+        let mut back = conn
+            .try_clone()
+            .map_err(io_err("setting up the connection"))?;
+        let mut out = Out {
+            w: BufWriter::with_capacity(1 << 20, conn),
+            bytes: 0,
+            pages: 0,
+            zero_pages: 0,
+        };
+        let mem = self.shared.mem.clone();
+        out.header(self.shared.info.mem_size)?;
+        let mut buf = vec![0u8; RECORD_BUF];
+        let was_paused = self.paused.is_some();
+        // KVM's dirty log, where the host has one; without it (or already paused) the VM is
+        // paused first and sent whole (stop and copy).
+        let kvm_log = !was_paused
+            && match crate::set_memory_flags(&self.vm, &mem, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    eprintln!(
+                        "wv: migration: this host's KVM cannot log dirty pages \
+                         (KVM_SET_USER_MEMORY_REGION with KVM_MEM_LOG_DIRTY_PAGES: {e}); the VM \
+                         is paused for the whole copy"
+                    );
+                    false
+                }
+            };
+        let mut rounds = 0;
+        let mut pending: Dirty = Vec::new();
+        if kvm_log {
+            reset_bitmaps(&mem);
+            // Everything once, while the guest runs.
+            let t = Instant::now();
+            send_all(&mut out, &mem, &mut buf)?;
+            let mut round_bytes = out.bytes;
+            let mut round_time = t.elapsed();
+            let mut prev = u64::MAX;
+            loop {
+                pending = collect(&self.vm, &mem, true)?;
+                let left = count(&pending) * PAGE;
+                out.flush()?;
+                // Bytes per second, with the time of the round that carried them.
+                let bw = round_bytes as f64 / round_time.as_secs_f64().max(1e-6);
+                let eta = Duration::from_secs_f64(left as f64 / bw.max(1.0));
+                // Done when the rest fits the downtime, after the last round, or once rounds
+                // stop shrinking what is left (the guest dirties as fast as the link carries).
+                if eta <= downtime_target || rounds >= MAX_ROUNDS || rounds >= 3 && left >= prev {
+                    break;
+                }
+                prev = left;
+                rounds += 1;
+                let (b0, t) = (out.bytes, Instant::now());
+                send_dirty(&mut out, &mem, &pending, &mut buf)?;
+                pending.clear();
+                out.flush()?;
+                round_bytes = out.bytes - b0;
+                round_time = t.elapsed();
+            }
+        }
+        // Switch-over: stop the VM, send what is left and the state.
+        let paused_at = Instant::now();
+        if !was_paused {
+            self.pause()
+                .map_err(|a| MigrationError(format!("pausing the VM: {}", a.body)))?;
+        }
+        let last_dirty;
+        if kvm_log {
+            let last = collect(&self.vm, &mem, true)?;
+            if pending.is_empty() {
+                pending = last;
+            } else {
+                merge(&mut pending, last);
+            }
+            last_dirty = count(&pending);
+            send_dirty(&mut out, &mem, &pending, &mut buf)?;
+        } else {
+            send_all(&mut out, &mem, &mut buf)?;
+            last_dirty = mem.iter().map(|r| r.len() / PAGE).sum();
+        }
+        let state = self
+            .save_state(&[])
+            .map_err(|a| MigrationError(format!("saving the VM's state: {}", a.body)))?;
+        out.state(&state.encode())?;
+        out.end()?;
+        read_ack(&mut back)?;
+        let downtime = paused_at.elapsed();
+        // Past this point the VM belongs to the target.
+        out.put(&GO)?;
+        out.flush()?;
+        Ok(Sent {
+            rounds,
+            bytes: out.bytes,
+            pages: out.pages,
+            zero_pages: out.zero_pages,
+            precopy: kvm_log,
+            downtime,
+            last_dirty,
+        })
+    }
+}
+
+/// Parses the body of `PUT /vm/migrate-send`.
+pub(crate) fn parse_request(body: &[u8]) -> Result<SendRequest, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("invalid migration request: {e}"))?;
+    if !v.is_object() {
+        return Err("the migration request must be a JSON object".into());
+    }
+    serde_json::from_value(v).map_err(|e| format!("invalid migration request: {e}"))
+}
+
+/// The target's end of a stream: counts what it reads.
+struct In<R> {
+    r: R,
+    bytes: u64,
+}
+
+impl<R: Read> In<R> {
+    fn take(&mut self, b: &mut [u8]) -> Result<(), MigrationError> {
+        self.r.read_exact(b).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                MigrationError(format!(
+                    "the stream ended after {} bytes, before its end marker",
+                    self.bytes
+                ))
+            } else {
+                MigrationError(format!(
+                    "reading the stream after {} bytes: {e}",
+                    self.bytes
+                ))
+            }
+        })?;
+        self.bytes += b.len() as u64;
+        Ok(())
+    }
+    fn u32(&mut self) -> Result<u32, MigrationError> {
+        let mut b = [0u8; 4];
+        self.take(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64(&mut self) -> Result<u64, MigrationError> {
+        let mut b = [0u8; 8];
+        self.take(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+/// What a stream carried: its memory and its state sections.
+pub struct Received {
+    /// The guest's RAM, filled.
+    pub mem: GuestRam,
+    /// The state sections (as a snapshot's state file holds them).
+    pub sections: Sections,
+    /// Stream bytes read.
+    pub bytes: u64,
+}
+
+/// Checks that `len` bytes at `gpa` are whole pages inside `mem`'s RAM.
+fn check_span(mem: &GuestRam, gpa: u64, len: u64, max: u64) -> Result<(), MigrationError> {
+    if len == 0 || len > max || !len.is_multiple_of(PAGE) || !gpa.is_multiple_of(PAGE) {
+        return Err(MigrationError(format!(
+            "a page record at {gpa:#x} of {len} bytes is not a whole number of pages \
+             (at most {max} bytes)"
+        )));
+    }
+    let fits = usize::try_from(len)
+        .ok()
+        .is_some_and(|l| gpa.checked_add(len).is_some() && mem.check_range(GuestAddress(gpa), l));
+    if !fits {
+        return Err(MigrationError(format!(
+            "a page record at {gpa:#x} of {len} bytes lies outside the VM's memory"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a whole stream (up to and including its end marker) from `r` into fresh RAM. Every
+/// record is checked before it is used: a stream that is not one, of a newer version, with a
+/// record outside memory, a checksum that does not match, or that ends early is refused.
+pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationError> {
+    let mut s = In { r, bytes: 0 };
+    let bad = |m: String| MigrationError(m);
+    let mut magic = [0u8; 8];
+    s.take(&mut magic)?;
+    if magic != MAGIC {
+        return Err(bad(
+            "not a Worldvisor migration stream (no WVMIGR header)".into()
+        ));
+    }
+    let version = s.u32()?;
+    if version == 0 || version > VERSION {
+        return Err(bad(format!(
+            "the stream has format version {version}; this wv reads 1 to {VERSION}"
+        )));
+    }
+    let _flags = s.u32()?;
+    let memory = s.u64()?;
+    if memory > host_ram {
+        return Err(bad(format!(
+            "the VM has {memory} bytes of memory, more than this host's {host_ram}"
+        )));
+    }
+    let mem = wv_machine::create_ram(memory).map_err(|e| bad(e.to_string()))?;
+    let mut buf = vec![0u8; RECORD_BUF];
+    let mut state: Option<Sections> = None;
+    loop {
+        let tag = s.u32()?;
+        if state.is_some() && tag != TAG_END {
+            return Err(bad(format!(
+                "a record (tag {tag}) follows the state; only the end marker may"
+            )));
+        }
+        match tag {
+            TAG_PAGES => {
+                let gpa = s.u64()?;
+                let len = s.u64()?;
+                let crc = s.u32()?;
+                check_span(&mem, gpa, len, MAX_RECORD)?;
+                // len <= MAX_RECORD (checked).
+                #[allow(clippy::cast_possible_truncation)]
+                let data = &mut buf[..len as usize];
+                s.take(data)?;
+                if crc32c(data) != crc {
+                    return Err(bad(format!(
+                        "the page record at {gpa:#x} is corrupt (checksum mismatch)"
+                    )));
+                }
+                mem.write_slice(data, GuestAddress(gpa))
+                    .map_err(|e| bad(format!("writing guest memory at {gpa:#x}: {e}")))?;
+            }
+            TAG_ZERO => {
+                let gpa = s.u64()?;
+                let len = s.u64()?;
+                check_span(&mem, gpa, len, memory)?;
+                // Pages never written are zero already; only written ones are cleared (which
+                // keeps untouched memory unallocated).
+                let mut at = gpa;
+                let page = &mut buf[..PAGE_BYTES];
+                while at < gpa + len {
+                    mem.read_slice(page, GuestAddress(at))
+                        .map_err(|e| bad(format!("reading guest memory at {at:#x}: {e}")))?;
+                    if !is_zero(page) {
+                        page.fill(0);
+                        mem.write_slice(page, GuestAddress(at))
+                            .map_err(|e| bad(format!("writing guest memory at {at:#x}: {e}")))?;
+                    }
+                    at += PAGE;
+                }
+            }
+            TAG_STATE => {
+                let len = s.u64()?;
+                if len > MAX_STATE {
+                    return Err(bad(format!("the state record claims {len} bytes")));
+                }
+                // len <= MAX_STATE (checked).
+                #[allow(clippy::cast_possible_truncation)]
+                let mut b = vec![0u8; len as usize];
+                s.take(&mut b)?;
+                state = Some(Sections::decode(&b).map_err(|e| bad(format!("the state: {e}")))?);
+            }
+            TAG_END => {
+                let Some(sections) = state else {
+                    return Err(bad("the stream ended without the VM's state".into()));
+                };
+                return Ok(Received {
+                    mem,
+                    sections,
+                    bytes: s.bytes,
+                });
+            }
+            t => return Err(bad(format!("unknown record tag {t} in the stream"))),
+        }
+    }
+}
+
+/// Listens for one migration stream on `addr` (`HOST:PORT`; port 0 picks one).
+pub fn listen(addr: &str) -> Result<TcpListener, VmmError> {
+    TcpListener::bind(addr)
+        .map_err(|e| VmmError::Migration(format!("cannot listen on {addr}: {e}")))
+}
+
+/// A VM received from a source, built once [`run_incoming`] is called.
+pub struct Incoming {
+    cfg: VmConfig,
+    restore: crate::Restore,
+    conn: TcpStream,
+    /// Stream bytes read.
+    pub bytes: u64,
+    /// Where the stream came from.
+    pub peer: std::net::SocketAddr,
+}
+
+impl Incoming {
+    /// The VM's configuration as the source sent it.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+}
+
+/// Tells the source that the target failed (best effort: it may be gone).
+fn tell_failed(conn: &mut TcpStream, msg: &str) {
+    let m = msg.as_bytes();
+    let m = &m[..m.len().min(4096)];
+    let mut b = FAILED.to_vec();
+    b.extend_from_slice(&u32::try_from(m.len()).unwrap_or(0).to_le_bytes());
+    b.extend_from_slice(m);
+    let _ = conn.write_all(&b);
+}
+
+/// Accepts one connection on `listener` and reads its stream whole. Errors are one line; the
+/// source is told why where it can be.
+pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
+    let (mut conn, peer) = listener
+        .accept()
+        .map_err(|e| VmmError::Migration(format!("accepting a connection: {e}")))?;
+    let fail = |m: String| VmmError::Migration(format!("from {peer}: {m}"));
+    conn.set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| conn.set_write_timeout(Some(IO_TIMEOUT)))
+        .map_err(|e| fail(e.to_string()))?;
+    let reader = conn.try_clone().map_err(|e| fail(e.to_string()))?;
+    let got = match read_stream(
+        BufReader::with_capacity(1 << 20, reader),
+        crate::config::host_ram(),
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            tell_failed(&mut conn, &e.0);
+            return Err(fail(e.0));
+        }
+    };
+    let built = (|| {
+        let cfg: VmConfig = got
+            .sections
+            .json("config")
+            .map_err(|e| e.0.replace("snapshot", "stream"))?;
+        if !cfg.disks.is_empty() {
+            return Err("the VM has disks, which migration does not move yet".to_string());
+        }
+        if cfg.memory != wv_machine_memory(&got.mem) {
+            return Err(format!(
+                "the VM's configuration says {} bytes of memory, the stream carried {}",
+                cfg.memory,
+                wv_machine_memory(&got.mem)
+            ));
+        }
+        let restore = crate::Restore::from_sections(&got.sections, &cfg)
+            .map_err(|e| e.0.replace("snapshot", "stream"))?;
+        Ok((cfg, restore))
+    })();
+    match built {
+        Ok((cfg, mut restore)) => {
+            restore.memory = Some(RestoreMemory::Ram(got.mem));
+            Ok(Incoming {
+                cfg,
+                restore,
+                conn,
+                bytes: got.bytes,
+                peer,
+            })
+        }
+        Err(m) => {
+            tell_failed(&mut conn, &m);
+            Err(fail(m))
+        }
+    }
+}
+
+fn wv_machine_memory(mem: &GuestRam) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// Builds the VM of `inc` (with `cfg`: its configuration, console and control socket as the
+/// caller wants them), acknowledges to the source, waits for its `go` and runs the VM until it
+/// ends. Nothing runs unless the source said `go`.
+pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, VmmError> {
+    let Incoming {
+        restore,
+        mut conn,
+        peer,
+        ..
+    } = inc;
+    let mut asked = false;
+    let mut conn2 = conn
+        .try_clone()
+        .map_err(|e| VmmError::Migration(e.to_string()))?;
+    let mut ack = || -> Result<(), VmmError> {
+        asked = true;
+        let fail = |m: String| VmmError::Migration(format!("from {peer}: {m}"));
+        conn2
+            .write_all(&READY)
+            .map_err(|e| fail(format!("acknowledging: {e}")))?;
+        let mut go = [0u8; 8];
+        conn2.read_exact(&mut go).map_err(|e| {
+            fail(format!(
+                "the source did not hand the VM over ({e}); it keeps running there"
+            ))
+        })?;
+        if go != GO {
+            return Err(fail("the source answered something other than go".into()));
+        }
+        Ok(())
+    };
+    let r = crate::run_from(cfg, Some(restore), Some(&mut ack));
+    if let Err(e) = &r {
+        if !asked {
+            tell_failed(&mut conn, &e.to_string());
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: u64 = 64 << 20;
+
+    fn rec_pages(out: &mut Vec<u8>, gpa: u64, data: &[u8]) {
+        out.extend_from_slice(&TAG_PAGES.to_le_bytes());
+        out.extend_from_slice(&gpa.to_le_bytes());
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32c(data).to_le_bytes());
+        out.extend_from_slice(data);
+    }
+
+    fn header(memory: u64) -> Vec<u8> {
+        let mut h = MAGIC.to_vec();
+        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&memory.to_le_bytes());
+        h
+    }
+
+    fn tail(out: &mut Vec<u8>) {
+        let mut s = Sections::default();
+        s.push("machine", b"{}".to_vec());
+        let st = s.encode();
+        out.extend_from_slice(&TAG_STATE.to_le_bytes());
+        out.extend_from_slice(&(st.len() as u64).to_le_bytes());
+        out.extend_from_slice(&st);
+        out.extend_from_slice(&TAG_END.to_le_bytes());
+    }
+
+    fn good() -> Vec<u8> {
+        let mut b = header(MEM);
+        rec_pages(&mut b, 0x1000, &[7u8; 8192]);
+        rec_pages(&mut b, 0x1000, &[9u8; 4096]);
+        b.extend_from_slice(&TAG_ZERO.to_le_bytes());
+        b.extend_from_slice(&0x2000u64.to_le_bytes());
+        b.extend_from_slice(&4096u64.to_le_bytes());
+        tail(&mut b);
+        b
+    }
+
+    fn err(b: &[u8]) -> String {
+        match read_stream(b, 1 << 40) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn a_stream_fills_memory_last_write_winning() {
+        let got = read_stream(good().as_slice(), 1 << 40).unwrap();
+        let mut b = [0u8; 3];
+        got.mem.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b, [9; 3]);
+        got.mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_eq!(b, [0; 3], "the zero record cleared the page");
+        assert!(got.sections.get("machine").is_ok());
+    }
+
+    #[test]
+    fn every_cut_and_every_bad_record_is_refused() {
+        let g = good();
+        for cut in 0..g.len() {
+            assert!(read_stream(&g[..cut], 1 << 40).is_err(), "cut at {cut}");
+        }
+        assert!(err(b"GET / HTTP/1.1\r\n\r\n-------").contains("not a Worldvisor migration"));
+        let mut newer = g.clone();
+        newer[8] = 2;
+        assert!(err(&newer).contains("version 2"));
+        assert!(
+            read_stream(g.as_slice(), MEM - 4096).is_err(),
+            "more than the host's RAM"
+        );
+        // A flipped data byte: the checksum.
+        let mut flip = g.clone();
+        flip[24 + 24 + 100] ^= 1;
+        assert!(err(&flip).contains("checksum"));
+        let bad_span = |gpa: u64, len: u64| {
+            let mut b = header(MEM);
+            b.extend_from_slice(&TAG_PAGES.to_le_bytes());
+            b.extend_from_slice(&gpa.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(&0u32.to_le_bytes());
+            b.extend_from_slice(&vec![0u8; 8192]);
+            err(&b)
+        };
+        assert!(bad_span(MEM, 4096).contains("outside"));
+        assert!(bad_span(MEM - 4096, 8192).contains("outside"));
+        assert!(bad_span(u64::MAX - 4095, 4096).contains("outside"));
+        assert!(bad_span(0x1001, 4096).contains("whole number of pages"));
+        assert!(bad_span(0, 100).contains("whole number of pages"));
+        assert!(bad_span(0, 0).contains("whole number of pages"));
+        assert!(bad_span(0, MAX_RECORD + 4096).contains("whole number of pages"));
+        // Unknown tags; a page after the state; an end without state.
+        let mut b = header(MEM);
+        b.extend_from_slice(&99u32.to_le_bytes());
+        assert!(err(&b).contains("unknown record tag 99"));
+        let mut b = header(MEM);
+        tail(&mut b);
+        let end = b.len() - 4;
+        b.truncate(end);
+        rec_pages(&mut b, 0, &[1u8; 4096]);
+        assert!(err(&b).contains("follows the state"));
+        let mut b = header(MEM);
+        b.extend_from_slice(&TAG_END.to_le_bytes());
+        assert!(err(&b).contains("without the VM's state"));
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        let mut p = [0u8; 4096];
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[3] = 1;
+        assert!(!is_zero(&p[1..]));
+    }
+}

@@ -1,0 +1,494 @@
+//! Live migration of standalone VMMs (`PUT /vm/migrate-send` to `wv run --incoming`): an idle
+//! guest and one rewriting memory, over loopback and between two network namespaces; streams cut
+//! at every stage before the switch-over, with the source running on as if nothing happened and
+//! the target exiting with one line, having run nothing.
+//!
+//! Run with `--nocapture` to see what each migration measured (total time, downtime, bytes).
+
+mod common;
+
+use common::{need_kvm, wv_bin, TempDir};
+use std::io::{BufRead, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// One migration at a time: each guest measures its own clock, and two on the same CPUs would
+/// disturb each other's.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `PUT /vm/migrate-send` on the source's control socket: (status, body).
+fn migrate_send(sock: &Path, destination: &str) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({ "destination": destination, "downtime_ms": 300 }).to_string();
+    let mut s = UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "PUT /vm/migrate-send HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A `wv run` whose serial output (stdout) and stderr arrive line by line.
+struct Vmm {
+    child: Child,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+fn lines(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(r).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Vmm {
+    /// `wv run ARGS`, inside network namespace `netns` when given.
+    fn start(netns: Option<&str>, args: &[&str]) -> Vmm {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(wv_bin());
+                c
+            }
+            None => Command::new(wv_bin()),
+        };
+        let mut child = cmd
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = lines(child.stdout.take().unwrap());
+        let err = lines(child.stderr.take().unwrap());
+        Vmm {
+            child,
+            out,
+            err,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a serial line that starts with `prefix` and returns it.
+    fn wait_line(&mut self, prefix: &str) -> String {
+        loop {
+            match self.out.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.starts_with(prefix) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no line '{prefix}' within 60 s; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// A target's listening address, from its `waiting for a migration on ADDR` line.
+    fn listening(&mut self) -> String {
+        let l = self
+            .err
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the target said where it listens");
+        l.strip_prefix("wv: waiting for a migration on ")
+            .unwrap_or_else(|| panic!("unexpected first line from the target: {l}"))
+            .to_string()
+    }
+
+    /// Exit status, serial output and stderr once it has ended.
+    fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
+        let st = self.child.wait().unwrap().code().unwrap_or(-1);
+        let mut out = std::mem::take(&mut self.seen);
+        out.extend(self.out.iter());
+        let err: Vec<String> = self.err.iter().collect();
+        (st, out, err)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Migrates a guest running `tests` (a probe command line) from a new source to a new target
+/// and returns the target's result line for `test` and the source's answer.
+fn migrate(
+    memory: &str,
+    cmdline: &str,
+    test: &str,
+    running: &str,
+    netns: Option<(&str, &str, &str)>,
+) -> (String, serde_json::Value) {
+    let dir = TempDir::new("migrate");
+    let sock = dir.path("api.sock");
+    let (src_ns, dst_ns, listen) = match netns {
+        Some((a, b, addr)) => (Some(a), Some(b), addr.to_string()),
+        None => (None, None, "127.0.0.1:0".to_string()),
+    };
+    let mut target = Vmm::start(dst_ns, &["--incoming", &listen]);
+    let addr = target.listening();
+    let mut source = Vmm::start(
+        src_ns,
+        &[
+            "--memory",
+            memory,
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+        ],
+    );
+    source.wait_line(running);
+    let (st, answer) = migrate_send(&sock, &addr);
+    assert_eq!(st, 200, "{answer}");
+    let (src_status, src_out, src_err) = source.finish();
+    assert_eq!(src_status, 0, "{src_err:?}");
+    assert!(
+        src_err
+            .iter()
+            .any(|l| l == &format!("wv: migrated to {addr}")),
+        "{src_err:?}"
+    );
+    assert!(
+        !src_out
+            .iter()
+            .any(|l| l.starts_with("PASS") || l.starts_with("FAIL")),
+        "the source ran on after the switch-over: {src_out:?}"
+    );
+    let (dst_status, dst_out, dst_err) = target.finish();
+    let line = dst_out
+        .iter()
+        .find(|l| l.starts_with(&format!("PASS {test}")) || l.starts_with(&format!("FAIL {test}")))
+        .cloned()
+        .unwrap_or_else(|| panic!("no result for {test} on the target: {dst_out:?} {dst_err:?}"));
+    assert!(line.starts_with("PASS"), "{line}");
+    assert_eq!(dst_status, 0, "{dst_out:?} {dst_err:?}");
+    eprintln!(
+        "migration of a {memory} guest ({test}): total {:.1} ms, downtime {:.1} ms (source's \
+         pause to target's acknowledgement), {} bytes, {} rounds; guest: {line}",
+        answer["total_ms"].as_f64().unwrap_or(0.0),
+        answer["downtime_ms"].as_f64().unwrap_or(0.0),
+        answer["bytes"],
+        answer["rounds"],
+    );
+    (line, answer)
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn an_idle_guest_migrates_over_loopback_with_its_clock_continuous() {
+    need_kvm();
+    let _one = serial();
+    let (_, a) = migrate(
+        "256M",
+        "console=ttyS0 probe.tests=clock probe.clockms=3000",
+        "clock",
+        "clock: running",
+        None,
+    );
+    // Idle: a few hundred KiB of a 256 MiB guest (pages never touched are not sent).
+    assert!(a["bytes"].as_u64().unwrap() < 8 << 20, "{a}");
+    assert_eq!(a["precopy"], true, "{a}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_guest_rewriting_memory_migrates_with_every_page_and_its_counter() {
+    need_kvm();
+    let _one = serial();
+    let (_, a) = migrate(
+        "256M",
+        "console=ttyS0 probe.tests=persist probe.persist_mib=128 probe.persist_rate=100 \
+         probe.persist_ms=5000",
+        "persist",
+        "persist: steady",
+        None,
+    );
+    // Pages written during the copy were sent again.
+    assert!(a["rounds"].as_u64().unwrap() >= 1 || a["last_dirty_pages"].as_u64().unwrap() > 0);
+}
+
+/// Two network namespaces joined by a veth pair, removed when dropped.
+struct Netns {
+    a: String,
+    b: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!("this test creates network namespaces (ip netns add), which needs root");
+        }
+        let tag = std::process::id() % 100_000;
+        let n = Netns {
+            a: format!("wvmig-a-{tag}"),
+            b: format!("wvmig-b-{tag}"),
+        };
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().unwrap();
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        let (va, vb) = (format!("wvma{tag}"), format!("wvmb{tag}"));
+        ip(&["netns", "add", &n.a]);
+        ip(&["netns", "add", &n.b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &n.a]);
+        ip(&["link", "set", &vb, "netns", &n.b]);
+        for (ns, dev, addr) in [(&n.a, &va, "10.251.0.1/24"), (&n.b, &vb, "10.251.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        n
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and with it the other end.
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_guest_migrates_between_two_network_namespaces() {
+    need_kvm();
+    let _one = serial();
+    let ns = Netns::new();
+    migrate(
+        "256M",
+        "console=ttyS0 probe.tests=persist probe.persist_mib=64 probe.persist_rate=50 \
+         probe.persist_ms=4000",
+        "persist",
+        "persist: steady",
+        Some((&ns.a, &ns.b, "10.251.0.2:47001")),
+    );
+}
+
+/// How the test proxy cuts the stream.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// Closes both connections once this many bytes went from source to target.
+    After(u64),
+    /// Kills the target (its pid) once this many bytes went through, holding the rest meanwhile.
+    KillTargetAfter(u64, u32),
+    /// Forwards the whole stream but drops the target's acknowledgement and closes.
+    BeforeAck,
+}
+
+/// A TCP proxy for one connection from the source to `target` that cuts it as `cut` says.
+fn proxy(target: String, cut: Cut) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut src, _) = l.accept().unwrap();
+        let mut dst = TcpStream::connect(&target).unwrap();
+        let mut back_src = src.try_clone().unwrap();
+        let mut back_dst = dst.try_clone().unwrap();
+        // Target to source: forwarded unless the acknowledgement is to be dropped.
+        let drop_ack = matches!(cut, Cut::BeforeAck);
+        std::thread::spawn(move || {
+            let mut b = [0u8; 64];
+            while let Ok(n) = back_dst.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                if drop_ack {
+                    let _ = back_dst.shutdown(std::net::Shutdown::Both);
+                    let _ = back_src.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                if back_src.write_all(&b[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = back_src.shutdown(std::net::Shutdown::Write);
+        });
+        let limit = match cut {
+            Cut::After(n) | Cut::KillTargetAfter(n, _) => n,
+            Cut::BeforeAck => u64::MAX,
+        };
+        let mut sent = 0u64;
+        let mut b = vec![0u8; 64 << 10];
+        loop {
+            let want = usize::try_from(limit.saturating_sub(sent).min(b.len() as u64)).unwrap();
+            if want == 0 {
+                match cut {
+                    Cut::After(_) => {
+                        let _ = src.shutdown(std::net::Shutdown::Both);
+                        let _ = dst.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    Cut::KillTargetAfter(_, pid) => {
+                        // SAFETY: kill(2) on the target's pid, a child of this test.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        // What the source sends next goes to a dead target.
+                        continue_after_kill(&mut src, &mut dst);
+                        return;
+                    }
+                    Cut::BeforeAck => {}
+                }
+            }
+            let n = match src.read(&mut b[..want.max(1)]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if dst.write_all(&b[..n]).is_err() {
+                break;
+            }
+            sent += n as u64;
+        }
+        let _ = src.shutdown(std::net::Shutdown::Both);
+        let _ = dst.shutdown(std::net::Shutdown::Both);
+    });
+    addr
+}
+
+/// After the target was killed: forwards what the source still sends (which fails once the
+/// target's socket is gone), then closes both sides.
+fn continue_after_kill(src: &mut TcpStream, dst: &mut TcpStream) {
+    let mut b = vec![0u8; 64 << 10];
+    while let Ok(n) = src.read(&mut b) {
+        if n == 0 || dst.write_all(&b[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = src.shutdown(std::net::Shutdown::Both);
+    let _ = dst.shutdown(std::net::Shutdown::Both);
+}
+
+/// Starts a migration through a proxy that cuts it as `cut` says, and checks that the source
+/// answers with an error and runs its guest to a pass, and that the target ends with one line
+/// having run nothing.
+fn cut_stream(cut: Cut) {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("migrate-cut");
+    let sock = dir.path("api.sock");
+    let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
+    let addr = target.listening();
+    let cut = match cut {
+        Cut::KillTargetAfter(n, _) => Cut::KillTargetAfter(n, target.child.id()),
+        c => c,
+    };
+    let via = proxy(addr, cut);
+    // A guest that keeps writing memory, so that the copy takes rounds and the cut falls
+    // within them.
+    let mut source = Vmm::start(
+        None,
+        &[
+            "--memory",
+            "256M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 probe.tests=persist probe.persist_mib=64 probe.persist_ms=4000",
+        ],
+    );
+    // Every page of 64 MiB written: the first pass alone is far larger than the cut points
+    // and than what the sockets buffer, so each cut falls within the pre-copy.
+    source.wait_line("persist: steady");
+    let (st, answer) = migrate_send(&sock, &via);
+    assert_eq!(st, 502, "{cut:?}: {answer}");
+    let msg = answer["error"].as_str().unwrap_or_default().to_string();
+    assert!(msg.starts_with("migration to"), "{msg}");
+    eprintln!("{cut:?}: the source answered: {msg}");
+    // The source runs on: the guest finishes its test there, memory and counter intact.
+    let line = source.wait_line("PASS persist");
+    let (src_status, _, src_err) = source.finish();
+    assert_eq!(src_status, 0, "{src_err:?}");
+    assert!(!line.is_empty());
+    let (dst_status, dst_out, dst_err) = target.finish();
+    assert!(dst_out.is_empty(), "the target ran the guest: {dst_out:?}");
+    if let Cut::KillTargetAfter(..) = cut {
+        assert_eq!(dst_status, -1, "the target was killed");
+    } else {
+        assert_eq!(dst_status, 202, "{dst_err:?}");
+        // The waiting line was read already; one error line is left.
+        assert_eq!(dst_err.len(), 1, "{dst_err:?}");
+        assert!(
+            dst_err[0].starts_with("wv: error: incoming migration: from "),
+            "{dst_err:?}"
+        );
+        eprintln!("{cut:?}: the target said: {}", dst_err[0]);
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_stream_cut_in_its_header_leaves_the_source_running() {
+    cut_stream(Cut::After(10));
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_stream_cut_mid_precopy_leaves_the_source_running() {
+    cut_stream(Cut::After(200_000));
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_target_killed_mid_precopy_leaves_the_source_running() {
+    cut_stream(Cut::KillTargetAfter(200_000, 0));
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_stream_cut_before_the_acknowledgement_leaves_the_source_running() {
+    cut_stream(Cut::BeforeAck);
+}
+
+#[test]
+fn a_target_refuses_what_is_not_a_migration_stream() {
+    let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
+    let addr = target.listening();
+    let mut c = TcpStream::connect(&addr).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let (st, out, err) = target.finish();
+    assert_eq!(st, 202, "{err:?}");
+    assert!(out.is_empty());
+    assert_eq!(err.len(), 1, "{err:?}");
+    assert!(
+        err[0].contains("not a Worldvisor migration stream"),
+        "{err:?}"
+    );
+    // The sender is told why.
+    let mut why = Vec::new();
+    let _ = c.read_to_end(&mut why);
+    assert!(why.starts_with(b"WVFAIL\r\n"), "{why:?}");
+}
