@@ -65,6 +65,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"reset" => reset(),
         b"hang" => hang(),
         b"burn" => burn(),
+        b"fill" => fill(),
         b"echo" => echo(),
         _ => {
             let mut l = Line::new();
@@ -509,6 +510,37 @@ user_lcg:
 user_burn:
 3:  pause
     jmp 3b
+    .globl user_fill
+user_fill:
+    mov fill_base(%rip), %rdi
+    mov fill_qwords(%rip), %rcx
+    movabs $0x5a5aa5a55a5aa5a5, %rdx
+5:  test %rcx, %rcx
+    jz 6f
+    mov %rdi, %rax
+    xor %rdx, %rax
+    mov %rax, (%rdi)
+    add $8, %rdi
+    dec %rcx
+    jmp 5b
+6:  int3
+7:  jmp 7b
+    .globl user_beat
+user_beat:
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, %rsi
+    mov beat_cycles(%rip), %rcx
+8:  pause
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    sub %rsi, %rax
+    cmp %rcx, %rax
+    jb 8b
+    int3
+9:  jmp 9b
     .globl user_cpuid
 user_cpuid:
     mov user_cpuid_in(%rip), %eax
@@ -533,6 +565,13 @@ user_seed: .quad 12345
     .globl user_cpuid_in
     .globl user_cpuid_out
 user_cpuid_in: .long 0, 0
+    .globl fill_base
+    .globl fill_qwords
+    .globl beat_cycles
+    .p2align 3
+fill_base: .quad 0
+fill_qwords: .quad 0
+beat_cycles: .quad 250000
 user_cpuid_out: .long 0, 0, 0, 0
     .text
 "#,
@@ -546,6 +585,11 @@ extern "C" {
     fn user_lcg();
     fn user_privileged();
     fn user_burn();
+    fn user_fill();
+    fn user_beat();
+    static mut fill_base: u64;
+    static mut fill_qwords: u64;
+    static mut beat_cycles: u64;
     static user_iters: u64;
     static user_seed: u64;
 }
@@ -737,6 +781,76 @@ fn burn() -> Outcome {
     let r = crate::entry::run_user(user_burn as *const () as u64, stack_top);
     let mut d = Line::new();
     fail("burn", d.s("left user mode: ").hex(r))
+}
+
+/// A guest with a chosen amount of memory in use, for snapshot benchmarks: at CPL3 (native
+/// speed under PVM) it writes a pattern (each quadword its address XOR a constant) over
+/// `probe.fill_mib` MiB (default 0) from the first 2 MiB boundary above the image, prints
+/// `fill: done mib=N base=ADDR cycles=C`, then beats until stopped: user code spins on the TSC
+/// for `probe.beat_cycles` cycles (default 250000), the kernel writes one `.` to COM1, and again.
+/// So the first byte after a restore says when the guest runs again. Never returns on success.
+fn fill() -> Outcome {
+    let bi = boot_info();
+    let cmdline = bi.cmdline();
+    let mut d = Line::new();
+    let Some(mib) = param(cmdline, "probe.fill_mib").map_or(Some(0), parse_u64) else {
+        return fail("fill", d.s("probe.fill_mib is not a number"));
+    };
+    let Some(beat) = param(cmdline, "probe.beat_cycles").map_or(Some(250_000), parse_u64) else {
+        return fail("fill", d.s("probe.beat_cycles is not a number"));
+    };
+    extern "C" {
+        static __image_end: u8;
+    }
+    const TWO_MIB: u64 = 2 << 20;
+    let base = ((&raw const __image_end) as u64).div_ceil(TWO_MIB) * TWO_MIB;
+    let Some(len) = mib.checked_mul(1 << 20) else {
+        return fail("fill", d.s("probe.fill_mib too large"));
+    };
+    // The user mapping is the identity map of the low 4 GiB.
+    if base.saturating_add(len) > 1 << 32 || (len > 0 && !bi.in_ram(base, len)) {
+        d.s("problem: ")
+            .dec(mib)
+            .s(" MiB from ")
+            .hex(base)
+            .s(" is not all RAM");
+        return fail("fill", &mut d);
+    }
+    let (rd, rs) = bi.initrd;
+    if len > 0 && rs > 0 && rd < base + len && base < rd.saturating_add(rs) {
+        d.s("problem: the fill would overwrite the initrd at ")
+            .hex(rd);
+        return fail("fill", &mut d);
+    }
+    let stack_top = USER_STACK.as_ptr() as u64 + 4096;
+    // SAFETY: the user routines read these statics while the kernel waits in run_user; nothing
+    // else touches them.
+    unsafe {
+        fill_base = base;
+        fill_qwords = len / 8;
+        beat_cycles = beat;
+    }
+    let t0 = cpu::rdtsc();
+    let r = crate::entry::run_user(user_fill as *const () as u64, stack_top);
+    let cycles = cpu::rdtsc().wrapping_sub(t0);
+    if r != base.wrapping_add(len).wrapping_sub(8) ^ 0x5a5a_a5a5_5a5a_a5a5 && len > 0 {
+        return fail("fill", d.s("the fill came back with ").hex(r));
+    }
+    d.s("fill: done mib=")
+        .dec(mib)
+        .s(" base=")
+        .hex(base)
+        .s(" cycles=")
+        .dec(cycles);
+    d.end();
+    loop {
+        let r = crate::entry::run_user(user_beat as *const () as u64, stack_top);
+        if r & 0xffff_0000 == 0xfa17_0000 {
+            let mut d = Line::new();
+            return fail("fill", d.s("the beat trapped: ").hex(r));
+        }
+        crate::console::uart_putb(b'.');
+    }
 }
 
 /// Interactive console check: echoes what arrives on COM1 until a `q`, then passes with the
