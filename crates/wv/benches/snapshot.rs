@@ -106,6 +106,12 @@ impl Vmm {
         }
     }
 
+    /// Time from the spawn to the first byte of output, if it comes in time.
+    fn try_first_byte(&mut self, timeout: Duration) -> Option<(Duration, u8)> {
+        let (t, chunk) = self.out.recv_timeout(timeout).ok()?;
+        Some((t - self.started, chunk[0]))
+    }
+
     /// Time from the spawn to the first byte of output.
     fn first_byte(&mut self, timeout: Duration) -> (Duration, u8) {
         match self.out.recv_timeout(timeout) {
@@ -360,10 +366,13 @@ fn qemu_round(img: &Path, dir: &Path, mib: u64, fill_mib: u64, s: &mut Series) {
     // thread until the load is done, then `cont`, and the time its answer comes.
     let started = back.started;
     let qmp2 = qmp.clone();
+    let last = std::sync::Arc::new(std::sync::Mutex::new(String::from("not connected")));
+    let last2 = last.clone();
     let poll = std::thread::spawn(move || {
         let mut q = Qmp::connect(&qmp2, Duration::from_secs(60));
         loop {
             let r = q.cmd(r#"{"execute":"query-status"}"#);
+            *last2.lock().unwrap() = r.to_string();
             match r["status"].as_str() {
                 Some("inmigrate") => std::thread::sleep(Duration::from_micros(500)),
                 Some("paused") => {
@@ -375,7 +384,12 @@ fn qemu_round(img: &Path, dir: &Path, mib: u64, fill_mib: u64, s: &mut Series) {
             }
         }
     });
-    let (t, byte) = back.first_byte(Duration::from_secs(120));
+    let Some((t, byte)) = back.try_first_byte(Duration::from_secs(120)) else {
+        panic!(
+            "QEMU: no output from the restored VM; last query-status: {}",
+            last.lock().unwrap()
+        );
+    };
     assert_eq!(byte, b'.', "the restored guest did not resume beating");
     s.restore_byte.push(ms(t));
     s.restore_ready.push(ms(poll.join().unwrap()));
