@@ -231,12 +231,12 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> std::io::Result<u64> {
         let mut i = 0;
         while i < len {
             let end = (i + PAGE).min(len);
-            if bytes[i..end].iter().all(|&b| b == 0) {
+            if is_zero(&bytes[i..end]) {
                 i = end;
                 continue;
             }
             let start = i;
-            while i < len && !bytes[i..(i + PAGE).min(len)].iter().all(|&b| b == 0) {
+            while i < len && !is_zero(&bytes[i..(i + PAGE).min(len)]) {
                 i = (i + PAGE).min(len);
             }
             f.write_all_at(&bytes[start..i], offset + start as u64)?;
@@ -246,6 +246,15 @@ fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> std::io::Result<u64> {
     }
     f.sync_all()?;
     Ok(written)
+}
+
+/// Whether `page` is all zero bytes. Each 64-byte block is OR-folded without an early exit,
+/// which the compiler turns into vector instructions, and the scan stops at the first block
+/// that is not zero: 12x faster than a byte-by-byte `all` (docs/PERFORMANCE.md).
+fn is_zero(page: &[u8]) -> bool {
+    let mut blocks = page.chunks_exact(64);
+    blocks.all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
+        && blocks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Reads and checks the state file of the snapshot in `dir`.
@@ -266,6 +275,19 @@ mod tests {
         s.push("vcpu.0", vec![7; 1000]);
         s.push("empty", Vec::new());
         s
+    }
+
+    #[test]
+    fn zero_pages_are_found_whatever_the_position_of_a_set_byte() {
+        let mut page = vec![0u8; 4096 + 13];
+        assert!(is_zero(&page));
+        assert!(is_zero(&page[..5]));
+        assert!(is_zero(&[]));
+        for i in [0, 1, 63, 64, 100, 4095, 4096, 4108] {
+            page[i] = 0x80;
+            assert!(!is_zero(&page), "byte {i}");
+            page[i] = 0;
+        }
     }
 
     #[test]
