@@ -39,7 +39,10 @@ fn wait_console(d: &Daemon, name: &str, line: &str, n: usize) -> String {
             t.elapsed() < Duration::from_secs(90),
             "{name} never printed '{line}' ({n} times):\n{log}"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        // A VMM that ended unasked will print nothing more: say why at once.
+        let v = d.json(&["vm", "info", name]);
+        assert!(v["state"] != "crashed", "{name} crashed: {v}\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
