@@ -1030,18 +1030,19 @@ impl Daemon {
         if is_live(w.state) {
             return error(409, format!("VM '{name}' is running already"));
         }
+        // From a snapshot the VM becomes the snapshot's (its name and scheduler settings
+        // stay), but only once its VMM has started: a refused restore leaves it as it was.
+        let mut spec = w.spec.clone();
         let snapshot = match from {
             None => None,
             Some((snap, clone)) => match self.read_snapshot(snap) {
                 Ok((dir, meta)) => {
-                    // The VM becomes the snapshot's (its name and scheduler settings stay).
-                    w.spec.config = meta.config;
+                    spec.config = meta.config;
                     Some((dir, clone))
                 }
                 Err(r) => return r,
             },
         };
-        let spec = w.spec.clone();
         if let Err(e) = spec.validate().and_then(|()| self.check_images(&spec)) {
             return error(409, format!("VM '{name}' cannot start: {e}"));
         }
@@ -1093,6 +1094,7 @@ impl Daemon {
             Ok(w) => w,
             Err(r) => return r,
         };
+        w.spec = spec;
         w.state = State::Running;
         w.pid = Some(child.id());
         w.reason = None;
@@ -1245,21 +1247,28 @@ impl Daemon {
             }
             w.spec.config.clone()
         };
-        if std::fs::symlink_metadata(&dir).is_ok() {
-            return error(
-                409,
-                format!("a snapshot named '{}' exists already", req.snapshot),
-            );
-        }
         if let Err(e) = std::fs::create_dir_all(self.store.snapshots_dir()) {
             return error(500, format!("creating the snapshot folder: {e}"));
+        }
+        // Made here, atomically, so that two snapshots of one name (of two VMs: each holds
+        // only its own VM's lock) cannot both pass a check and write into one folder; the
+        // VMM takes an empty folder.
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return error(
+                    409,
+                    format!("a snapshot named '{}' exists already", req.snapshot),
+                )
+            }
+            Err(e) => return error(500, format!("creating {}: {e}", dir.display())),
         }
         let body = json!({ "destination": dir, "allow_raw_disk": req.allow_raw_disk });
         let answer = match self.vmm_call(name, "PUT", "/vm/snapshot", Some(&body.to_string())) {
             Ok((200, a)) => a,
             Ok((status, a)) => {
-                // The VMM's refusal as it gave it (409 exists, 422 disks); nothing left behind.
-                let _ = std::fs::remove_dir(&dir);
+                // The VMM's refusal as it gave it (422 disks); nothing left behind.
+                let _ = std::fs::remove_dir_all(&dir);
                 let status = if (400..500).contains(&status) {
                     status
                 } else {
@@ -1271,7 +1280,10 @@ impl Daemon {
                     .unwrap_or(a);
                 return error(status, format!("VM '{name}': {msg}"));
             }
-            Err(e) => return error(409, format!("VM '{name}': {e}")),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return error(409, format!("VM '{name}': {e}"));
+            }
         };
         let taken: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
         let meta = SnapshotMeta {
@@ -1293,6 +1305,9 @@ impl Daemon {
                 std::fs::rename(&tmp, dir.join(SNAPSHOT_META))
             });
         if let Err(e) = write {
+            // Without its record the folder would hold the name yet be neither listed nor
+            // deletable.
+            let _ = std::fs::remove_dir_all(&dir);
             return error(500, format!("recording snapshot '{}': {e}", req.snapshot));
         }
         ok(201, &meta)
@@ -1315,10 +1330,13 @@ impl Daemon {
 
     /// `DELETE /v1/snapshots/{snap}`. VMs restored from it keep running: their memory maps
     /// the file, which the kernel keeps until the last of them ends.
+    /// A snapshot whose record cannot be read any more is removed too: the record is what
+    /// makes the folder a snapshot, not what it says.
     fn delete_snapshot(&self, snap: &str) -> Reply {
-        let dir = match self.read_snapshot(snap) {
-            Ok((d, _)) => d,
-            Err(r) => return r,
+        let dir = match self.store.snapshot_dir(snap) {
+            Ok(d) if d.join(SNAPSHOT_META).is_file() => d,
+            Ok(_) => return error(404, format!("no snapshot named '{snap}'")),
+            Err(e) => return error(404, e.to_string()),
         };
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => (204, String::new()),
@@ -1361,6 +1379,15 @@ impl Daemon {
                 .map(|i| format!("{}-{i}", req.name))
                 .collect()
         };
+        // Every name checked before the first clone starts: "web-10" may be one character
+        // too long where "web-9" is not.
+        for n in &names {
+            let mut spec = VmSpec::new(n.clone());
+            spec.config = meta.config.clone();
+            if let Err(e) = spec.validate() {
+                return error(422, e);
+            }
+        }
         {
             let doc = self.lock();
             if let Some(n) = names

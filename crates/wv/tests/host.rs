@@ -97,32 +97,46 @@ fn lifecycle_crash_and_restart() {
     assert!(!argv.iter().any(|a| *a == b"--memory" || *a == b"--vcpus"));
     assert_eq!(d.json(&["vm", "info", "spin"])["state"], "running");
 
-    // Pause stops every thread of the VMM; resume continues them.
+    // Pause parks every vCPU through the VMM's control socket, not SIGSTOP (no thread of the
+    // VMM is stopped): their CPU time stands still; resume continues them.
     assert_eq!(d.json(&["vm", "pause", "spin"])["state"], "paused");
-    let stopped_threads = |pid: u64| {
+    let stopped_thread = |pid: u64| {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("stat")).ok())
-            .all(|s| {
+            .any(|s| {
                 s.rsplit_once(')')
                     .is_some_and(|(_, r)| r.trim_start().starts_with('T'))
             })
     };
-    let t = Instant::now();
-    while !stopped_threads(spin_pid) {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "the VMM's threads did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let vcpu_time = || -> Vec<(u64, u64)> {
+        d.json(&["vm", "stats", "spin"])["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["name"] == "wv" || t["name"].as_str().unwrap().starts_with("vcpu"))
+            .map(|t| (t["tid"].as_u64().unwrap(), t["cpu_ns"].as_u64().unwrap()))
+            .collect()
+    };
+    assert!(!stopped_thread(spin_pid), "a true pause stops no thread");
+    let before = vcpu_time();
+    assert!(!before.is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(before, vcpu_time(), "vCPUs ran while paused");
     assert_eq!(
         d.wv(&["vm", "pause", "spin"]).status,
         Some(1),
         "pausing twice is a conflict"
     );
     assert_eq!(d.json(&["vm", "resume", "spin"])["state"], "running");
-    assert!(!stopped_threads(spin_pid));
+    let t = Instant::now();
+    while vcpu_time() == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the vCPUs did not run again after resume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Restart the daemon: definitions persist and the running VMM is re-adopted.
     d.stop_keeping_vmms();

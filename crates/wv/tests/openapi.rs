@@ -597,6 +597,7 @@ fn the_server_matches_its_openapi_document() {
             .0,
         200
     );
+    snapshot_operations(&mut c, &daemon, &dir);
     assert_eq!(
         c.call("POST", "/v1/vms/{name}/stop", "/v1/vms/a/stop", None)
             .0,
@@ -609,6 +610,15 @@ fn the_server_matches_its_openapi_document() {
         ("POST", vm, "/v1/vms/a"),
         ("GET", "/v1/vms/{name}/start", "/v1/vms/a/start"),
         ("POST", "/metrics", "/metrics"),
+        ("GET", "/v1/vms/{name}/snapshot", "/v1/vms/a/snapshot"),
+        ("DELETE", "/v1/vms/{name}/restore", "/v1/vms/a/restore"),
+        ("POST", "/v1/snapshots", "/v1/snapshots"),
+        ("GET", "/v1/snapshots/{snap}", "/v1/snapshots/s1"),
+        (
+            "GET",
+            "/v1/snapshots/{snap}/clone",
+            "/v1/snapshots/s1/clone",
+        ),
     ] {
         assert_eq!(c.call(method, tpl, path, None).0, 405);
     }
@@ -632,8 +642,12 @@ fn the_server_matches_its_openapi_document() {
     assert_eq!(c.call("DELETE", vm, "/v1/vms/a", None).0, 204);
     assert_eq!(c.call("DELETE", vm, "/v1/vms/a", None).0, 404);
     daemon.stop();
-    // What no test here can provoke: a VMM that survives SIGKILL.
-    let unreachable = [("/v1/vms/{name}/stop", "post", 500)];
+    // What no test here can provoke: a VMM that survives SIGKILL, a snapshot folder root
+    // cannot remove.
+    let unreachable = [
+        ("/v1/vms/{name}/stop", "post", 500),
+        ("/v1/snapshots/{snap}", "delete", 500),
+    ];
     // Every documented (path, method, status) was produced by the server.
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
@@ -652,6 +666,288 @@ fn the_server_matches_its_openapi_document() {
             }
         }
     }
+}
+
+/// The snapshot operations, every documented status of each, around the running VM "a"
+/// (running again at the end, restored from its own snapshot).
+fn snapshot_operations(c: &mut Checker, daemon: &Daemon, dir: &TempDir) {
+    let (snap, restore) = ("/v1/vms/{name}/snapshot", "/v1/vms/{name}/restore");
+    let (one, clone) = ("/v1/snapshots/{snap}", "/v1/snapshots/{snap}/clone");
+    let post =
+        |c: &mut Checker, tpl: &str, path: &str, body: &str| c.call("POST", tpl, path, Some(body));
+    let names = |c: &mut Checker| -> Vec<String> {
+        let (status, list) = c.call("GET", "/v1/snapshots", "/v1/snapshots", None);
+        assert_eq!(status, 200);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(names(c).is_empty());
+    // Not a SnapshotRequest: 400 (before the VM is looked at).
+    for body in [
+        "",
+        "{",
+        "[]",
+        r#"["s1"]"#,
+        "{}",
+        r#"{"snapshot":7}"#,
+        r#"{"snapshot":null}"#,
+        r#"{"snapshot":"s1","colour":1}"#,
+        r#"{"snapshot":"s1","allow_raw_disk":"yes"}"#,
+    ] {
+        assert_eq!(post(c, snap, "/v1/vms/a/snapshot", body).0, 400, "{body}");
+    }
+    // Of its form, but not a name: 422.
+    let too_long = "s".repeat(65);
+    for bad in ["", "..", ".s", "-s", "a b", "a/b", "é", too_long.as_str()] {
+        let body = serde_json::json!({ "snapshot": bad }).to_string();
+        assert_eq!(post(c, snap, "/v1/vms/a/snapshot", &body).0, 422, "{body}");
+    }
+    assert_eq!(
+        post(c, snap, "/v1/vms/zz/snapshot", r#"{"snapshot":"s1"}"#).0,
+        404
+    );
+    // "d" has a raw disk; not running yet: 409.
+    let disk = dir.file("d.img", &vec![0; 1 << 20]);
+    let d = serde_json::json!({
+        "name": "d", "memory": "16M", "cmdline": "probe.tests=hang",
+        "disks": [{"path": disk}],
+    });
+    assert_eq!(post(c, "/v1/vms", "/v1/vms", &d.to_string()).0, 201);
+    assert_eq!(
+        post(c, snap, "/v1/vms/d/snapshot", r#"{"snapshot":"s1"}"#).0,
+        409
+    );
+    // The snapshots' folder cannot be made (a file has its name): 500.
+    let folder = daemon.state.join("snapshots");
+    std::fs::write(&folder, b"not a folder").unwrap();
+    assert_eq!(
+        post(c, snap, "/v1/vms/a/snapshot", r#"{"snapshot":"s1"}"#).0,
+        500
+    );
+    std::fs::remove_file(&folder).unwrap();
+    let (status, m) = post(c, snap, "/v1/vms/a/snapshot", r#"{"snapshot":"s1"}"#);
+    assert_eq!(status, 201, "{m}");
+    assert_eq!(
+        (m["name"].as_str(), m["vm"].as_str()),
+        (Some("s1"), Some("a"))
+    );
+    assert_eq!(m["config"]["memory"], 256 << 20, "{m}");
+    assert!(m["memory_bytes"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(
+        post(c, snap, "/v1/vms/a/snapshot", r#"{"snapshot":"s1"}"#).0,
+        409
+    );
+    // Of a paused VM, which stays paused.
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/pause", "/v1/vms/a/pause", None)
+            .0,
+        200
+    );
+    assert_eq!(
+        post(c, snap, "/v1/vms/a/snapshot", r#"{"snapshot":"s2"}"#).0,
+        201
+    );
+    assert_eq!(
+        c.call("GET", "/v1/vms/{name}", "/v1/vms/a", None).1["state"],
+        "paused"
+    );
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/resume", "/v1/vms/a/resume", None)
+            .0,
+        200
+    );
+    // A raw disk: refused (nothing left behind) unless allowed.
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/start", "/v1/vms/d/start", None)
+            .0,
+        200
+    );
+    assert_eq!(
+        post(c, snap, "/v1/vms/d/snapshot", r#"{"snapshot":"s3"}"#).0,
+        422
+    );
+    assert!(!folder.join("s3").exists());
+    assert_eq!(
+        post(
+            c,
+            snap,
+            "/v1/vms/d/snapshot",
+            r#"{"snapshot":"s3","allow_raw_disk":true}"#
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/stop", "/v1/vms/d/stop", None)
+            .0,
+        200
+    );
+    assert_eq!(c.call("DELETE", "/v1/vms/{name}", "/v1/vms/d", None).0, 204);
+    assert_eq!(names(c), ["s1", "s2", "s3"]);
+    // A record that cannot be read (500), and one whose configuration cannot start (409).
+    std::fs::create_dir(folder.join("bad")).unwrap();
+    std::fs::write(folder.join("bad/snapshot.json"), b"{").unwrap();
+    std::fs::create_dir(folder.join("nogo")).unwrap();
+    let mut nogo = m.clone();
+    nogo["name"] = "nogo".into();
+    nogo["config"]["vcpus"] = 0.into();
+    nogo["config"]["memory"] = (8 << 20).into();
+    std::fs::write(folder.join("nogo/snapshot.json"), nogo.to_string()).unwrap();
+
+    // Clones (of "a" while it runs: a clone is a VM of its own).
+    for body in [
+        "",
+        "[]",
+        r#"["c"]"#,
+        "{}",
+        r#"{"name":1}"#,
+        r#"{"name":"c","count":"2"}"#,
+        r#"{"name":"c","count":-1}"#,
+        r#"{"name":"c","count":null}"#,
+        r#"{"name":"c","colour":1}"#,
+    ] {
+        assert_eq!(
+            post(c, clone, "/v1/snapshots/s1/clone", body).0,
+            400,
+            "{body}"
+        );
+    }
+    let long = "c".repeat(62);
+    for body in [
+        r#"{"name":"c","count":0}"#.to_string(),
+        r#"{"name":"c","count":65}"#.to_string(),
+        r#"{"name":".."}"#.to_string(),
+        // c...c-1 to -9 fit in 64 characters, c...c-10 does not: refused before any starts.
+        format!(r#"{{"name":"{long}","count":10}}"#),
+    ] {
+        assert_eq!(
+            post(c, clone, "/v1/snapshots/s1/clone", &body).0,
+            422,
+            "{body}"
+        );
+    }
+    assert_eq!(
+        c.call("GET", "/v1/vms/{name}", &format!("/v1/vms/{long}-1"), None)
+            .0,
+        404
+    );
+    assert_eq!(
+        post(c, clone, "/v1/snapshots/zz/clone", r#"{"name":"c"}"#).0,
+        404
+    );
+    assert_eq!(
+        post(c, clone, "/v1/snapshots/s1/clone", r#"{"name":"a"}"#).0,
+        409
+    );
+    assert_eq!(
+        post(c, clone, "/v1/snapshots/bad/clone", r#"{"name":"c"}"#).0,
+        500
+    );
+    let (status, clones) = post(
+        c,
+        clone,
+        "/v1/snapshots/s1/clone",
+        r#"{"name":"c","count":2}"#,
+    );
+    assert_eq!(status, 201, "{clones}");
+    let clones = clones.as_array().unwrap();
+    let clone_names: Vec<&str> = clones
+        .iter()
+        .map(|w| w["spec"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(clone_names, ["c-1", "c-2"]);
+    assert_ne!(clones[0]["pid"], clones[1]["pid"]);
+    for w in clones {
+        assert_eq!(w["state"], "running", "{w}");
+        assert_eq!(w["spec"]["memory"], 256 << 20, "{w}");
+    }
+    for n in ["c-1", "c-2"] {
+        // Still running (a clone that cannot start crashes instead): stopped on request.
+        let (status, w) = c.call(
+            "POST",
+            "/v1/vms/{name}/stop",
+            &format!("/v1/vms/{n}/stop"),
+            None,
+        );
+        assert_eq!(status, 200, "{n}: {w}");
+        assert_eq!(
+            c.call("DELETE", "/v1/vms/{name}", &format!("/v1/vms/{n}"), None)
+                .0,
+            204
+        );
+    }
+
+    // Restore into "a": not while it runs.
+    for body in [
+        "",
+        "[]",
+        "{}",
+        r#"{"snapshot":1}"#,
+        r#"{"snapshot":"s1","colour":1}"#,
+    ] {
+        assert_eq!(post(c, restore, "/v1/vms/a/restore", body).0, 400, "{body}");
+    }
+    assert_eq!(
+        post(c, restore, "/v1/vms/zz/restore", r#"{"snapshot":"s1"}"#).0,
+        404
+    );
+    assert_eq!(
+        post(c, restore, "/v1/vms/a/restore", r#"{"snapshot":"s1"}"#).0,
+        409
+    );
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/stop", "/v1/vms/a/stop", None)
+            .0,
+        200
+    );
+    for missing in ["zz", "..", "a%2Fb"] {
+        let body = serde_json::json!({ "snapshot": missing }).to_string();
+        assert_eq!(
+            post(c, restore, "/v1/vms/a/restore", &body).0,
+            404,
+            "{body}"
+        );
+    }
+    assert_eq!(
+        post(c, restore, "/v1/vms/a/restore", r#"{"snapshot":"bad"}"#).0,
+        500
+    );
+    // A refused restore leaves the VM as it was.
+    let before = c.call("GET", "/v1/vms/{name}", "/v1/vms/a", None).1;
+    assert_eq!(
+        post(c, restore, "/v1/vms/a/restore", r#"{"snapshot":"nogo"}"#).0,
+        409
+    );
+    let after = c.call("GET", "/v1/vms/{name}", "/v1/vms/a", None).1;
+    assert_eq!(before, after);
+    let (status, w) = post(c, restore, "/v1/vms/a/restore", r#"{"snapshot":"s1"}"#);
+    assert_eq!(status, 200, "{w}");
+    assert_eq!(
+        (w["state"].as_str(), &w["spec"]),
+        (Some("running"), &before["spec"])
+    );
+
+    // Deleted: a record that cannot be read too; a snapshot a VM runs from goes as well.
+    for s in ["bad", "nogo", "s1", "s2", "s3"] {
+        assert_eq!(
+            c.call("DELETE", one, &format!("/v1/snapshots/{s}"), None).0,
+            204
+        );
+    }
+    for s in ["s1", "zz", "..", "a%2Fb"] {
+        assert_eq!(
+            c.call("DELETE", one, &format!("/v1/snapshots/{s}"), None).0,
+            404
+        );
+    }
+    assert!(names(c).is_empty());
+    assert_eq!(
+        c.call("GET", "/v1/vms/{name}", "/v1/vms/a", None).1["state"],
+        "running"
+    );
 }
 
 /// xorshift64*: small, seeded, reproducible.
@@ -677,6 +973,19 @@ impl Rng {
         let x = lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64;
         (x * 1000.0).round() / 1000.0
     }
+}
+
+/// A name in a path as the server sees it, %-decoded.
+fn decoded(name: &str) -> String {
+    name.replace("%2F", "/")
+        .replace("%2E", ".")
+        .replace("%20", " ")
+}
+
+/// Whether `s` matches the pattern `atoms`.
+fn pattern_ok(atoms: &[Atom], s: &str) -> bool {
+    let c: Vec<char> = s.chars().collect();
+    matches(atoms, &c)
 }
 
 /// A string matching `pattern`, at most `max` characters.
@@ -782,10 +1091,218 @@ struct Fuzz {
     max_live: usize,
     /// Calls per (template, method) with a 2xx answer.
     ok: BTreeMap<(String, String), u32>,
+    /// The snapshots, and the vCPUs of the VM each was taken of.
+    snaps: BTreeMap<String, u32>,
     step: usize,
 }
 
 impl Fuzz {
+    /// A snapshot name for a path or body: mostly a known one, else a new valid one, else
+    /// garbage.
+    fn some_snapshot(&mut self) -> String {
+        let known: Vec<String> = self.snaps.keys().cloned().collect();
+        match self.rng.below(10) {
+            0..=6 if !known.is_empty() => self.rng.pick(&known).clone(),
+            0..=8 => self.new_name(),
+            _ => self.rng.pick(&["..", ".", "-x", "a%2Fb"]).to_string(),
+        }
+    }
+
+    /// A step of the snapshot operations, checked against the document and the model.
+    fn snapshot_step(&mut self, op: &str, query: &str, at: &str) {
+        let invalid = self.rng.chance(25);
+        match op {
+            "snapshots" => {
+                let a = self.send(
+                    "GET",
+                    "/v1/snapshots",
+                    &format!("/v1/snapshots{query}"),
+                    None,
+                );
+                assert_eq!(a.status, 200, "{at}");
+                let names: Vec<&str> = a
+                    .json
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["name"].as_str().unwrap())
+                    .collect();
+                let model: Vec<&str> = self.snaps.keys().map(String::as_str).collect();
+                assert_eq!(names, model, "{at}: the snapshots listed");
+            }
+            "delete-snapshot" => {
+                let snap = self.some_snapshot();
+                let path = format!("/v1/snapshots/{snap}{query}");
+                let a = self.send("DELETE", "/v1/snapshots/{snap}", &path, None);
+                let known = self.snaps.remove(&snap.replace("%2F", "/")).is_some();
+                assert_eq!(
+                    a.status,
+                    if known { 204 } else { 404 },
+                    "{at}: DELETE {path}"
+                );
+            }
+            "snapshot" => {
+                if self.snaps.len() >= 4 {
+                    return self.snapshot_step("delete-snapshot", query, at);
+                }
+                let live: Vec<String> = self
+                    .vms
+                    .iter()
+                    .filter(|(_, v)| v.live)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                let name = if !live.is_empty() && self.rng.chance(70) {
+                    self.rng.pick(&live).clone()
+                } else {
+                    self.some_name()
+                };
+                let snap = if self.rng.chance(80) {
+                    self.new_name()
+                } else {
+                    self.some_snapshot()
+                };
+                let path = format!("/v1/vms/{name}/snapshot{query}");
+                let tpl = "/v1/vms/{name}/snapshot";
+                let base = serde_json::json!({ "snapshot": snap });
+                if invalid {
+                    let body = self.invalid_body("SnapshotRequest", base);
+                    let a = self.send("POST", tpl, &path, Some(&body));
+                    assert!(
+                        a.status == 400 || a.status == 422,
+                        "{at}: invalid {:?} answered {}",
+                        String::from_utf8_lossy(&body),
+                        a.status
+                    );
+                    return;
+                }
+                let a = self.send("POST", tpl, &path, Some(base.to_string().as_bytes()));
+                let vm = self.vms.get(&decoded(&name));
+                let valid = pattern_ok(&self.name_atoms, &snap);
+                let want = match vm {
+                    _ if !valid => 422,
+                    None => 404,
+                    Some(v) if !v.live || self.snaps.contains_key(&snap) => 409,
+                    Some(_) => 201,
+                };
+                assert_eq!(a.status, want, "{at}: POST {path} {base}: {}", a.json);
+                if want == 201 {
+                    let vcpus = vm.unwrap().vcpus;
+                    self.snaps.insert(snap, vcpus);
+                }
+            }
+            "restore" => {
+                let stopped: Vec<String> = self
+                    .vms
+                    .iter()
+                    .filter(|(_, v)| !v.live)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                let name = if !stopped.is_empty() && self.rng.chance(70) {
+                    self.rng.pick(&stopped).clone()
+                } else {
+                    self.some_name()
+                };
+                let known = self.vms.get(&decoded(&name)).cloned();
+                if known.as_ref().is_some_and(|v| !v.live) && self.live() >= self.max_live {
+                    return;
+                }
+                let snap = self.some_snapshot();
+                let base = serde_json::json!({ "snapshot": snap });
+                let (tpl, path) = (
+                    "/v1/vms/{name}/restore",
+                    format!("/v1/vms/{name}/restore{query}"),
+                );
+                if invalid {
+                    let body = self.invalid_body("RestoreRequest", base);
+                    let a = self.send("POST", tpl, &path, Some(&body));
+                    // A snapshot that is not a name is not there: 404 (never started).
+                    assert!(
+                        [400, 404, 409].contains(&a.status),
+                        "{at}: invalid {:?} answered {}",
+                        String::from_utf8_lossy(&body),
+                        a.status
+                    );
+                    return;
+                }
+                let a = self.send("POST", tpl, &path, Some(base.to_string().as_bytes()));
+                let snap_vcpus = self.snaps.get(&snap).copied();
+                let want = match (&known, snap_vcpus) {
+                    (None, _) => 404,
+                    (Some(v), _) if v.live => 409,
+                    (Some(_), None) => 404,
+                    (Some(_), Some(_)) => 200,
+                };
+                assert_eq!(a.status, want, "{at}: POST {path} {base}: {}", a.json);
+                if want == 200 {
+                    assert_eq!(a.json["state"], "running", "{at}: {}", a.json);
+                    let m = self.vms.get_mut(&decoded(&name)).unwrap();
+                    (m.live, m.paused) = (true, false);
+                    m.vcpus = snap_vcpus.unwrap();
+                }
+            }
+            "clone" => {
+                if self.live() >= self.max_live {
+                    return;
+                }
+                let snap = self.some_snapshot();
+                let existing = !self.vms.is_empty() && self.rng.chance(10);
+                let name = if existing {
+                    self.vms.keys().next().unwrap().clone()
+                } else {
+                    self.new_name()
+                };
+                let base = serde_json::json!({ "name": name, "count": 1 });
+                let (tpl, path) = (
+                    "/v1/snapshots/{snap}/clone",
+                    format!("/v1/snapshots/{snap}/clone{query}"),
+                );
+                if invalid {
+                    let body = self.invalid_body("CloneRequest", base);
+                    let a = self.send("POST", tpl, &path, Some(&body));
+                    assert!(
+                        [400, 404, 409, 422].contains(&a.status),
+                        "{at}: invalid {:?} answered {}",
+                        String::from_utf8_lossy(&body),
+                        a.status
+                    );
+                    return;
+                }
+                let a = self.send("POST", tpl, &path, Some(base.to_string().as_bytes()));
+                let snap_vcpus = self.snaps.get(&snap.replace("%2F", "/")).copied();
+                let want = match snap_vcpus {
+                    None => 404,
+                    Some(_) if existing => 409,
+                    Some(_) => 201,
+                };
+                assert_eq!(a.status, want, "{at}: POST {path} {base}: {}", a.json);
+                if want != 201 {
+                    return;
+                }
+                assert_eq!(a.json[0]["spec"]["name"], name.as_str(), "{at}: {}", a.json);
+                self.vms.insert(
+                    name.clone(),
+                    ModelVm {
+                        live: true,
+                        paused: false,
+                        vcpus: snap_vcpus.unwrap(),
+                        reservation: 0.0,
+                        limit: None,
+                    },
+                );
+                // A clone has no limit: given one where the scheduler can, and stopped at once
+                // to keep the host cool, which also shows it running.
+                if self.scheduler {
+                    let path = format!("/v1/vms/{name}");
+                    let a = self.send("PATCH", "/v1/vms/{name}", &path, Some(br#"{"limit":0.1}"#));
+                    assert_eq!(a.status, 200, "{at}: {}", a.json);
+                    self.vms.get_mut(&name).unwrap().limit = Some(0.1);
+                }
+                self.vm_step_on("stop", &name, "", at);
+            }
+            _ => unreachable!(),
+        }
+    }
+
     fn live(&self) -> usize {
         self.vms.values().filter(|v| v.live).count()
     }
@@ -928,6 +1445,14 @@ impl Fuzz {
             "stop",
             "pause",
             "resume",
+            "snapshot",
+            "snapshot",
+            "restore",
+            "restore",
+            "snapshots",
+            "delete-snapshot",
+            "clone",
+            "clone",
             "wrong-method",
             "unknown-path",
         ];
@@ -1012,7 +1537,8 @@ impl Fuzz {
                     return;
                 };
                 let name = self.some_name();
-                let path = tpl.replace("{name}", &name);
+                let snap = self.some_snapshot();
+                let path = tpl.replace("{name}", &name).replace("{snap}", &snap);
                 let a = self.send(m, &tpl, &format!("{path}{query}"), None);
                 assert_eq!(a.status, 405, "{at}: {m} {path}");
             }
@@ -1022,6 +1548,9 @@ impl Fuzz {
                     .pick(&["/v1/nope", "/v2/host", "/v1/vms/a/b/c", "/", "/v1"]);
                 let a = self.send("GET", "/undocumented", &format!("{p}{query}"), None);
                 assert_eq!(a.status, 404, "{at}: GET {p}");
+            }
+            "snapshot" | "restore" | "snapshots" | "delete-snapshot" | "clone" => {
+                self.snapshot_step(op, query, &at)
             }
             _ => self.vm_step(op, query, &at),
         }
@@ -1251,6 +1780,7 @@ fn generated_request_sequences_match_the_document_and_the_model() {
         name_atoms,
         max_live: 1,
         ok: BTreeMap::new(),
+        snaps: BTreeMap::new(),
         step: 0,
     };
     let host = f.send("GET", "/v1/host", "/v1/host", None).json;
