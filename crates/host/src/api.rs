@@ -1117,7 +1117,48 @@ impl Daemon {
         if let Err(e) = waiter {
             eprintln!("wv host: world {id}: no thread to wait for its VMM: {e}");
         }
+        if from.is_some() {
+            // A restored VM runs on branches of the snapshot's VMKFS disks (and a clone on new
+            // MACs): its definition takes them from its VMM, so that a later boot of it opens
+            // its own disks, never the snapshot's source's.
+            let (d, name) = (self.clone(), name.to_string());
+            if let Err(e) = helper::spawn("restored", move || d.adopt_config(id, &name)) {
+                eprintln!("wv host: world {id}: cannot ask its VMM for its configuration: {e}");
+            }
+        }
         reply
+    }
+
+    /// Takes the configuration the VMM of world `id` runs (`GET /vm` on its control socket,
+    /// asked until it answers, for up to 10 s) into the world's definition.
+    fn adopt_config(&self, id: u64, name: &str) {
+        for _ in 0..200 {
+            if let Ok((200, body)) = self.vmm_call(name, "GET", "/vm", None) {
+                let parsed = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| {
+                        serde_json::from_value::<wv_config::VmConfig>(v["config"].clone()).ok()
+                    });
+                let Some(config) = parsed else {
+                    eprintln!("wv host: world {id}: its VMM's configuration does not read");
+                    return;
+                };
+                let mut doc = self.lock();
+                if let Some(w) = doc
+                    .worlds
+                    .iter_mut()
+                    .find(|w| w.id == id && is_live(w.state))
+                {
+                    w.spec.config = config;
+                    if let Err(e) = self.store.save(&doc) {
+                        eprintln!("wv host: world {id}: saving the state: {e}");
+                    }
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("wv host: world {id}: its VMM never answered GET /vm");
     }
 
     /// One request to the control API of the VMM of `name` (`wv run --api-socket`): (status,

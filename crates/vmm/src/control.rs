@@ -330,6 +330,7 @@ impl Controller {
             "vcpus": self.vcpus(),
             "memory": self.shared.info.mem_size,
             "tsc_follows_pause": self.shared.gate.tsc_rewound(),
+            "config": self.cfg,
         })
     }
 
