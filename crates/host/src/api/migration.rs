@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 const DISKS_REFUSED: &str = "the VM has disks: migrating them (shared VMKFS datastores, \
                              --copy-disks) is not supported yet";
 
+/// One request to the target daemon: (method, path, body) to (status, body).
+type TargetCall<'a> = dyn Fn(&str, &str, Option<&str>) -> std::io::Result<(u16, String)> + 'a;
+
 /// The message of an API error body (`{"error": "..."}`), or the body itself.
 fn message(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
@@ -394,11 +397,7 @@ impl Daemon {
 
     /// The target's record of VM `name` once it is no longer `starting` (or after
     /// [`TARGET_RUNNING_TIMEOUT`]); null if the target cannot be asked.
-    fn target_running(
-        &self,
-        call: &dyn Fn(&str, &str, Option<&str>) -> std::io::Result<(u16, String)>,
-        name: &str,
-    ) -> serde_json::Value {
+    fn target_running(&self, call: &TargetCall<'_>, name: &str) -> serde_json::Value {
         let deadline = Instant::now() + TARGET_RUNNING_TIMEOUT;
         loop {
             let vm: serde_json::Value = match call("GET", &format!("/v1/vms/{name}"), None) {
