@@ -11,6 +11,8 @@
 //! | POST /v1/vms/{name}/pause, /resume | park every vCPU and quiesce the devices, or continue (through the VMM's control socket) |
 //! | POST /v1/vms/{name}/snapshot | save the VM into a named snapshot (body: `{"snapshot": NAME}`) |
 //! | POST /v1/vms/{name}/restore | start a stopped VM from a snapshot (body: `{"snapshot": NAME}`) |
+//! | POST /v1/vms/{name}/incoming | define VM `name` and start its VMM waiting for a live migration (body: `{"config": VmConfig, "listen"?: "ADDR:PORT"}`) |
+//! | POST /v1/vms/{name}/migrate | move the running VM to another daemon (body: `{"to": "HOST:PORT", "token": T, "downtime_ms"?: N}`) |
 //! | GET /v1/snapshots, DELETE /v1/snapshots/{snap} | the snapshots, and removing one |
 //! | POST /v1/snapshots/{snap}/clone | start new VMs from a snapshot (body: `{"name": N, "count": C}`) |
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
@@ -45,6 +47,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+mod migration;
+
 /// Most VMs one daemon defines (each costs a share of every save of the state).
 pub const MAX_VMS: usize = 512;
 /// Most requests served at once (one thread each); more connections wait to be accepted.
@@ -54,11 +58,13 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a VMM has to end after SIGTERM before it is killed (and again after SIGKILL).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// One run of a VMM: its pidfd, and whether the daemon has recorded its end.
+/// One run of a VMM: its pidfd, and whether the daemon has recorded its end (and why it
+/// ended).
 struct Run {
     pidfd: Pidfd,
     ended: Mutex<bool>,
     cv: Condvar,
+    outcome: Mutex<Option<String>>,
 }
 
 impl Run {
@@ -67,6 +73,7 @@ impl Run {
             pidfd,
             ended: Mutex::new(false),
             cv: Condvar::new(),
+            outcome: Mutex::new(None),
         })
     }
 
@@ -80,7 +87,8 @@ impl Run {
         *g
     }
 
-    fn end(&self) {
+    fn end(&self, reason: &str) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
         *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.cv.notify_all();
     }
@@ -106,6 +114,12 @@ pub struct Daemon {
     runs: Mutex<HashMap<u64, Arc<Run>>>,
     /// Per world id, held through each lifecycle operation so that they never interleave.
     lifecycle: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// The address the API listens on over TCP (`wv host --listen`), if it does: an incoming
+    /// migration listens on its IP unless told otherwise.
+    listen: std::sync::OnceLock<std::net::IpAddr>,
+    /// Worlds whose VMM is sending them away, by id, with the target daemon's address: a
+    /// VMM of theirs that exits 0 has handed its VM over ("migrated to HOST:PORT").
+    migrating: Mutex<HashMap<u64, String>>,
 }
 
 /// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit` null (or 0) removes the
@@ -150,6 +164,16 @@ fn parse_limit(raw: &RawValue) -> Result<Option<f64>, Reply> {
     }
 }
 
+/// What a restarted daemon records of an incoming VM whose VMM ended while it was down (the
+/// VM is then removed).
+const INCOMING_LOST: &str = "its incoming migration ended while the daemon was down";
+/// Time an incoming VM's VMM has to start listening.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the target daemon has for each step of a request (connecting, each read and write).
+const TARGET_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time the target has, after the hand-over, to report its VM running.
+const TARGET_RUNNING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The file in a snapshot's folder where the daemon records what it is.
 const SNAPSHOT_META: &str = "snapshot.json";
 /// Most clones one request starts.
@@ -168,6 +192,44 @@ struct SnapshotMeta {
     duration_ms: f64,
     /// The VM's configuration (what a restore or clone runs).
     config: wv_config::VmConfig,
+}
+
+/// Where a VMM takes its VM from ([`Daemon::start_with`]).
+enum StartFrom<'a> {
+    /// Boots the VM's definition.
+    Definition,
+    /// The snapshot of this name, as a clone (a new identity) or not.
+    Snapshot(&'a str, bool),
+    /// A live migration, listening on this `ADDR:PORT`.
+    Incoming(&'a str),
+}
+
+/// `POST /v1/vms/{name}/incoming`: the VM's configuration (as `POST /v1/vms` reads it,
+/// without the name) and scheduler settings, and where its VMM listens.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncomingRequest {
+    config: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, deserialize_with = "no_null")]
+    listen: Option<String>,
+    #[serde(default, deserialize_with = "no_null")]
+    shares: Option<u32>,
+    #[serde(default, deserialize_with = "no_null")]
+    reservation: Option<f64>,
+    #[serde(default, deserialize_with = "no_null")]
+    limit: Option<f64>,
+}
+
+/// `POST /v1/vms/{name}/migrate`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    /// The target daemon's API over TCP, `HOST:PORT`.
+    to: String,
+    /// The target daemon's token (`wv host token` there).
+    token: String,
+    #[serde(default, deserialize_with = "no_null")]
+    downtime_ms: Option<u64>,
 }
 
 /// `POST /v1/vms/{name}/snapshot`.
@@ -275,7 +337,7 @@ fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
         ["v1", "host"] | ["v1", "stats"] | ["v1", "vms", _, "stats"] | ["metrics"] => &["GET"],
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
-        ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore"] => {
+        ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore" | "incoming" | "migrate"] => {
             &["POST"]
         }
         ["v1", "snapshots"] => &["GET"],
@@ -323,8 +385,11 @@ impl Daemon {
             ctl: Mutex::default(),
             runs: Mutex::default(),
             lifecycle: Mutex::default(),
+            listen: std::sync::OnceLock::new(),
+            migrating: Mutex::default(),
         });
         let mut adopt = Vec::new();
+        let mut incoming = Vec::new();
         {
             let mut doc = d.lock();
             // Ids below FIRST_VM_ID belong to the system worlds; a state directory written
@@ -349,13 +414,38 @@ impl Daemon {
                     supervisor::is_our_vmm(pid, &dir).then_some((pid, fd))
                 });
                 match ours {
-                    Some((pid, fd)) => adopt.push((w.id, pid, Run::new(fd))),
+                    Some((pid, fd)) => {
+                        if w.state == State::Starting {
+                            incoming.push((w.id, w.spec.name.clone()));
+                        }
+                        adopt.push((w.id, pid, Run::new(fd)));
+                    }
                     None => {
+                        w.reason = Some(if w.state == State::Starting {
+                            INCOMING_LOST.into()
+                        } else {
+                            "the VMM ended while the daemon was down".into()
+                        });
                         w.state = State::Stopped;
                         w.pid = None;
                         w.console = None;
-                        w.reason = Some("the VMM ended while the daemon was down".into());
                     }
+                }
+            }
+            // An incoming VM whose VMM ended while the daemon was down never ran here: it goes,
+            // as it would have had the daemon seen it end.
+            let gone: Vec<(u64, String)> = doc
+                .worlds
+                .iter()
+                .filter(|w| w.state == State::Stopped && w.reason.as_deref() == Some(INCOMING_LOST))
+                .map(|w| (w.id, w.spec.name.clone()))
+                .collect();
+            doc.worlds
+                .retain(|w| !gone.iter().any(|(id, _)| *id == w.id));
+            for (id, name) in &gone {
+                eprintln!("wv host: VM '{name}': its incoming migration ended while the daemon was down; the VM is removed");
+                if let Err(e) = d.store.discard_vm_dir(name, *id) {
+                    eprintln!("wv host: leaving the files of VM '{name}' alone: {e}");
                 }
             }
             d.store.save(&doc)?;
@@ -381,6 +471,10 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, run.clone());
+            if let Some((_, name)) = incoming.iter().find(|(i, _)| *i == id) {
+                let (d2, run2, name) = (d.clone(), run.clone(), name.clone());
+                helper::spawn("incoming", move || d2.await_guest(id, &name, &run2))?;
+            }
             let d2 = d.clone();
             helper::spawn("wait", move || {
                 supervisor::wait_foreign(&run.pidfd);
@@ -444,10 +538,18 @@ impl Daemon {
             .map_err(|e| error(500, format!("saving the state: {e}")))
     }
 
-    /// Records the end of a VMM run (`status` None for a re-adopted process).
+    /// Records the end of a VMM run (`status` None for a re-adopted process). A VMM that was
+    /// sending its VM away and exits 0 has handed it over ("migrated to HOST:PORT"); an
+    /// incoming VM whose VMM ends before its guest ran (the migration failed or was called
+    /// off) is removed, definition and folder: the operator never created it.
     fn finished(&self, id: u64, status: Option<std::process::ExitStatus>) {
         let requested = self
             .stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let migrated_to = self
+            .migrating
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
@@ -457,18 +559,23 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        let Some(w) = doc.worlds.iter_mut().find(|w| w.id == id) else {
+        let Some(i) = doc.worlds.iter().position(|w| w.id == id) else {
             if let Some(r) = run {
-                r.end();
+                r.end("the VM was deleted");
             }
             return;
         };
+        let w = &mut doc.worlds[i];
         let log = self
             .store
             .vm_dir(&w.spec.name)
             .map(|d| d.join("vmm.log"))
             .unwrap_or_default();
         let (crashed, reason) = match status {
+            Some(s) if s.code() == Some(0) && migrated_to.is_some() => (
+                false,
+                format!("migrated to {}", migrated_to.unwrap_or_default()),
+            ),
             Some(s) => supervisor::classify(s, requested, &log),
             None if requested => (false, "stopped on request".into()),
             None => (
@@ -476,16 +583,28 @@ impl Daemon {
                 "the VMM ended (re-adopted after a daemon restart: exit status unknown)".into(),
             ),
         };
-        w.state = if crashed {
-            State::Crashed
+        if w.state == State::Starting {
+            let name = w.spec.name.clone();
+            doc.worlds.remove(i);
+            eprintln!(
+                "wv host: VM '{name}': its incoming migration did not complete ({reason}); the VM is removed"
+            );
+            if let Err(e) = self.store.save(&doc) {
+                eprintln!("wv host: world {id}: saving the state after its removal: {e}");
+            }
+            self.discard_files(&name, id);
         } else {
-            State::Stopped
-        };
-        w.pid = None;
-        w.console = None;
-        w.reason = Some(reason);
-        if let Err(e) = self.store.save(&doc) {
-            eprintln!("wv host: world {id}: saving the state after its VMM ended: {e}");
+            w.state = if crashed {
+                State::Crashed
+            } else {
+                State::Stopped
+            };
+            w.pid = None;
+            w.console = None;
+            w.reason = Some(reason.clone());
+            if let Err(e) = self.store.save(&doc) {
+                eprintln!("wv host: world {id}: saving the state after its VMM ended: {e}");
+            }
         }
         if let Ok(cg) = &self.cgroups {
             cg.remove(id);
@@ -493,7 +612,7 @@ impl Daemon {
         self.rebalance(&doc);
         drop(doc);
         if let Some(r) = run {
-            r.end();
+            r.end(&reason);
         }
     }
 
@@ -886,6 +1005,8 @@ impl Daemon {
             }
             ("POST", ["v1", "vms", name, "snapshot"]) => self.snapshot(name, &req.body),
             ("POST", ["v1", "vms", name, "restore"]) => self.restore(name, &req.body),
+            ("POST", ["v1", "vms", name, "incoming"]) => self.incoming(name, &req.body),
+            ("POST", ["v1", "vms", name, "migrate"]) => self.migrate(name, &req.body),
             ("GET", ["v1", "snapshots"]) => self.snapshots(),
             ("DELETE", ["v1", "snapshots", snap]) => self.delete_snapshot(snap),
             ("POST", ["v1", "snapshots", snap, "clone"]) => self.clone_vms(snap, &req.body),
@@ -975,6 +1096,27 @@ impl Daemon {
         let Some(i) = doc.worlds.iter().position(|w| w.id == id) else {
             return error(404, format!("no VM named '{name}'"));
         };
+        // An incoming VM still waiting for its migration (its guest never ran here) is called
+        // off: its VMM ends, and with it the VM (see `finished`).
+        if doc.worlds[i].state == State::Starting {
+            if let Some(run) = self.run_of(id) {
+                drop(doc);
+                if let Err(r) = self.terminate(id, name, &run) {
+                    return r;
+                }
+                doc = self.lock();
+                match doc.worlds.iter().position(|w| w.id == id) {
+                    None => return (204, String::new()),
+                    Some(j) if is_live(doc.worlds[j].state) => {
+                        return error(409, format!("VM '{name}' runs now: stop it first"))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let Some(i) = doc.worlds.iter().position(|w| w.id == id) else {
+            return error(404, format!("no VM named '{name}'"));
+        };
         if is_live(doc.worlds[i].state) {
             return error(
                 409,
@@ -986,8 +1128,19 @@ impl Daemon {
             doc.worlds.insert(i, w);
             return e;
         }
-        // The folder moves out of the way now, under the locks, so that a VM created next
-        // with the same name gets a fresh one; only its removal is left to the background.
+        self.discard_files(name, id);
+        drop(doc);
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        (204, String::new())
+    }
+
+    /// Moves the folder of VM `name` (world `id`) out of the way now, under the caller's
+    /// locks, so that a VM created next with the same name gets a fresh one; only its removal
+    /// is left to the background.
+    fn discard_files(&self, name: &str, id: u64) {
         match self.store.discard_vm_dir(name, id) {
             Ok(None) => {}
             Ok(Some(trash)) => {
@@ -1002,21 +1155,16 @@ impl Daemon {
             }
             Err(e) => eprintln!("wv host: leaving the files of VM '{name}' alone: {e}"),
         }
-        drop(doc);
-        self.lifecycle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        (204, String::new())
     }
 
     fn start(self: &Arc<Self>, name: &str) -> Reply {
-        self.start_with(name, None)
+        self.start_with(name, StartFrom::Definition)
     }
 
-    /// Starts the VMM of `name`: booting its definition, or from the snapshot `from` (with a
-    /// new identity when it is a clone), whose configuration then becomes the VM's.
-    fn start_with(self: &Arc<Self>, name: &str, from: Option<(&str, bool)>) -> Reply {
+    /// Starts the VMM of `name`: booting its definition, from a snapshot (with a new identity
+    /// when it is a clone), whose configuration then becomes the VM's, or waiting for a live
+    /// migration (the world is `starting` until its guest runs: [`Daemon::await_guest`]).
+    fn start_with(self: &Arc<Self>, name: &str, from: StartFrom<'_>) -> Reply {
         let (id, lc) = match self.lifecycle(name) {
             Ok(x) => x,
             Err(r) => return r,
@@ -1033,12 +1181,13 @@ impl Daemon {
         // From a snapshot the VM becomes the snapshot's (its name and scheduler settings
         // stay), but only once its VMM has started: a refused restore leaves it as it was.
         let mut spec = w.spec.clone();
-        let snapshot = match from {
-            None => None,
-            Some((snap, clone)) => match self.read_snapshot(snap) {
+        let (snapshot, incoming) = match from {
+            StartFrom::Definition => (None, None),
+            StartFrom::Incoming(addr) => (None, Some(addr)),
+            StartFrom::Snapshot(snap, clone) => match self.read_snapshot(snap) {
                 Ok((dir, meta)) => {
                     spec.config = meta.config;
-                    Some((dir, clone))
+                    (Some((dir, clone)), None)
                 }
                 Err(r) => return r,
             },
@@ -1062,9 +1211,10 @@ impl Daemon {
             Ok(p) => p,
             Err(e) => return error(500, format!("writing the VMM's configuration: {e}")),
         };
-        let boot = match &snapshot {
-            None => supervisor::Boot::Config(&config),
-            Some((d, clone)) => supervisor::Boot::Restore {
+        let boot = match (&snapshot, incoming) {
+            (_, Some(addr)) => supervisor::Boot::Incoming(addr),
+            (None, None) => supervisor::Boot::Config(&config),
+            (Some((d, clone)), None) => supervisor::Boot::Restore {
                 dir: d,
                 clone: *clone,
             },
@@ -1095,7 +1245,11 @@ impl Daemon {
             Err(r) => return r,
         };
         w.spec = spec;
-        w.state = State::Running;
+        w.state = if incoming.is_some() {
+            State::Starting
+        } else {
+            State::Running
+        };
         w.pid = Some(child.id());
         w.reason = None;
         w.console = Some(sock.display().to_string());
@@ -1392,7 +1546,7 @@ impl Daemon {
             Ok(r) => r,
             Err(r) => return r,
         };
-        self.start_with(name, Some((&req.snapshot, false)))
+        self.start_with(name, StartFrom::Snapshot(&req.snapshot, false))
     }
 
     /// `POST /v1/snapshots/{snap}/clone`: `count` new VMs (`name`, or `name-1`..`name-N`)
@@ -1446,7 +1600,7 @@ impl Daemon {
             if status != 201 {
                 return (status, body);
             }
-            let (status, body) = self.start_with(n, Some((snap, true)));
+            let (status, body) = self.start_with(n, StartFrom::Snapshot(snap, true));
             if status != 200 {
                 return (status, body);
             }
@@ -1464,17 +1618,43 @@ impl Daemon {
             Err(r) => return r,
         };
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
-        let run = {
+        let (run, before) = {
             let mut doc = self.lock();
             let w = match Self::world(&mut doc, id, name) {
                 Ok(w) => w,
                 Err(r) => return r,
             };
             match self.run_of(id) {
-                Some(run) if is_live(w.state) => run,
+                Some(run) if is_live(w.state) => (run, w.clone()),
                 _ => return error(409, format!("VM '{name}' is not running")),
             }
         };
+        if let Err(r) = self.terminate(id, name, &run) {
+            return r;
+        }
+        let mut doc = self.lock();
+        match Self::world(&mut doc, id, name) {
+            Ok(w) => ok(200, &*w),
+            // An incoming VM that never ran is removed when its VMM ends: its last state.
+            Err(_) => {
+                let mut w = before;
+                w.state = State::Stopped;
+                w.pid = None;
+                w.console = None;
+                w.reason = run
+                    .outcome
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                ok(200, &w)
+            }
+        }
+    }
+
+    /// Ends the VMM `run` of world `id` and waits until its end is recorded: SIGTERM, then
+    /// SIGKILL after [`STOP_GRACE`], both through the run's pidfd, so never to another
+    /// process. The caller holds the world's lifecycle lock.
+    fn terminate(&self, id: u64, name: &str, run: &Run) -> Result<(), Reply> {
         self.stopping
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1486,17 +1666,13 @@ impl Daemon {
         if !run.wait(STOP_GRACE) {
             let _ = run.pidfd.signal(libc::SIGKILL);
             if !run.wait(STOP_GRACE) {
-                return error(
+                return Err(error(
                     500,
                     format!("VM '{name}': its VMM did not end, even after SIGKILL"),
-                );
+                ));
             }
         }
-        let mut doc = self.lock();
-        match Self::world(&mut doc, id, name) {
-            Ok(w) => ok(200, &*w),
-            Err(r) => r,
-        }
+        Ok(())
     }
 }
 
@@ -1614,6 +1790,9 @@ pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
 /// the daemon's token and must not come from a web page (no `Origin`); a body must be JSON.
 pub fn serve_tcp(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
     let listener = std::net::TcpListener::bind(addr)?;
+    if let Ok(a) = listener.local_addr() {
+        let _ = d.listen.set(a.ip());
+    }
     std::thread::Builder::new()
         .name("api-tcp".into())
         .spawn(move || accept_loop(&d, "API on TCP", || listener.accept().map(|(s, _)| s)))?;

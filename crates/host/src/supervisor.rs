@@ -113,8 +113,8 @@ pub fn write_config(vm_dir: &Path, config: &wv_config::VmConfig) -> std::io::Res
 /// The file in a VM's folder where its VMM serves its control API (`wv run --api-socket`).
 pub const API_SOCKET: &str = "api.sock";
 
-/// How a VMM starts: booting its configuration, or from a snapshot (as a clone: with a new
-/// identity).
+/// How a VMM starts: booting its configuration, from a snapshot (as a clone: with a new
+/// identity), or from a live migration.
 pub enum Boot<'a> {
     /// `wv run --config FILE` (see [`write_config`]).
     Config(&'a Path),
@@ -125,6 +125,8 @@ pub enum Boot<'a> {
         /// A new identity (`--clone`).
         clone: bool,
     },
+    /// `wv run --incoming ADDR:PORT`: waits there for one migration (docs/MIGRATION.md).
+    Incoming(&'a str),
 }
 
 /// The `wv run` arguments for a VM in the folder `dir`: its definition from `boot`; the
@@ -140,6 +142,7 @@ pub fn run_args(boot: Boot<'_>, dir: &Path) -> Vec<String> {
                 a.push("--clone".into());
             }
         }
+        Boot::Incoming(addr) => a.extend(["--incoming".into(), addr.to_string()]),
     }
     for (opt, file) in [
         ("--serial", "console.log"),
@@ -203,6 +206,18 @@ pub fn classify(status: ExitStatus, stop_requested: bool, log: &Path) -> (bool, 
     }
 }
 
+/// What a `wv run --incoming` says on stderr once it listens.
+pub const LISTENING: &str = "wv: waiting for a migration on ";
+
+/// The address in the first [`LISTENING`] line of `log` (a VMM's stderr) after byte `from`.
+pub fn listening_on(log: &[u8], from: usize) -> Option<String> {
+    let text = String::from_utf8_lossy(log.get(from..)?);
+    text.lines()
+        .find_map(|l| l.strip_prefix(LISTENING))
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+}
+
 /// Whether `pid` is alive and a `wv run` whose console is under `vm_dir`.
 pub fn is_our_vmm(pid: u32, vm_dir: &Path) -> bool {
     let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -256,6 +271,16 @@ mod tests {
     }
 
     #[test]
+    fn the_listening_line_is_found_after_the_offset() {
+        let log = b"wv: waiting for a migration on 1.2.3.4:5\nold\nwv: waiting for a migration on 10.0.0.2:4444\n";
+        assert_eq!(listening_on(log, 0).as_deref(), Some("1.2.3.4:5"));
+        assert_eq!(listening_on(log, 44).as_deref(), Some("10.0.0.2:4444"));
+        assert_eq!(listening_on(log, log.len()), None);
+        assert_eq!(listening_on(log, log.len() + 1), None);
+        assert_eq!(listening_on(b"wv: waiting for a migration on \n", 0), None);
+    }
+
+    #[test]
     fn the_config_file_is_private_and_whole() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("wv-sup-cfg-{}", std::process::id()));
@@ -287,6 +312,9 @@ mod tests {
             &dir,
         );
         assert_eq!(r[..4], ["run", "--restore", "/s", "--clone"]);
+        let i = run_args(Boot::Incoming("10.0.0.2:0"), &dir);
+        assert_eq!(i[..3], ["run", "--incoming", "10.0.0.2:0"]);
+        assert!(i.contains(&dir.join(API_SOCKET).display().to_string()));
         // What is_our_vmm recognises a VMM of this folder by.
         assert!(a.contains(&dir.join("console.log").display().to_string()));
         std::fs::remove_dir_all(&dir).unwrap();

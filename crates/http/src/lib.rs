@@ -260,6 +260,7 @@ fn reason(status: u16) -> &'static str {
         415 => "Unsupported Media Type",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
         _ => "Status",
     }
@@ -298,21 +299,66 @@ trait Conn: Read + Write {}
 impl<T: Read + Write> Conn for T {}
 
 /// Client side: sends one request to the daemon at `socket` (a Unix socket path, or
-/// `tcp:HOST:PORT`) and returns (status, body).
+/// `tcp:HOST:PORT`) and returns (status, body). Over TCP it sends the token in `WV_TOKEN`
+/// (`wv host token` shows a daemon's).
 pub fn request(
     socket: &Path,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    let token = std::env::var("WV_TOKEN").ok();
+    request_with(socket, method, path, body, token.as_deref(), None)
+}
+
+/// [`request`] with the token given (sent over TCP only) instead of read from `WV_TOKEN`,
+/// and, with `timeout`, a bound on connecting and on each read and write (a peer that
+/// stops answering is a `TimedOut` or `WouldBlock` error instead of a wait for ever).
+pub fn request_with(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+    timeout: Option<Duration>,
+) -> std::io::Result<(u16, String)> {
+    // A token is one header value: nothing that could end the line or start another.
+    if token.is_some_and(|t| !t.trim().bytes().all(|b| b.is_ascii_graphic())) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the token holds characters other than printable ASCII",
+        ));
+    }
     let tcp = socket.to_str().and_then(|s| s.strip_prefix("tcp:"));
     let mut s: Box<dyn Conn> = match tcp {
-        Some(addr) => Box::new(std::net::TcpStream::connect(addr)?),
-        None => Box::new(UnixStream::connect(socket)?),
+        Some(addr) => {
+            let s = match timeout {
+                None => std::net::TcpStream::connect(addr)?,
+                Some(t) => {
+                    let a = std::net::ToSocketAddrs::to_socket_addrs(addr)?
+                        .next()
+                        .ok_or_else(|| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::InvalidInput,
+                                format!("'{addr}' names no address"),
+                            )
+                        })?;
+                    std::net::TcpStream::connect_timeout(&a, t)?
+                }
+            };
+            s.set_read_timeout(timeout)?;
+            s.set_write_timeout(timeout)?;
+            Box::new(s)
+        }
+        None => {
+            let s = UnixStream::connect(socket)?;
+            s.set_read_timeout(timeout)?;
+            s.set_write_timeout(timeout)?;
+            Box::new(s)
+        }
     };
-    // Over TCP the daemon wants its token (`wv host token`), from WV_TOKEN.
-    let auth = match (tcp, std::env::var("WV_TOKEN")) {
-        (Some(_), Ok(t)) => format!("Authorization: Bearer {}\r\n", t.trim()),
+    let auth = match (tcp, token) {
+        (Some(_), Some(t)) => format!("Authorization: Bearer {}\r\n", t.trim()),
         _ => String::new(),
     };
     let b = body.unwrap_or("");

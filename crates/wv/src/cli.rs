@@ -625,6 +625,33 @@ const VM_CLONE: Spec = Spec {
     after: CLIENT_STATUS,
 };
 
+const VM_MIGRATE: Spec = Spec {
+    cmd: "wv vm migrate",
+    pos: &["NAME"],
+    about: "Moves a running VM to the daemon at HOST:PORT (its API over TCP: wv host --listen)\nwhile it runs; the VM keeps its name there, and here it is stopped, \"migrated to\nHOST:PORT\". On failure it runs on here (docs/MIGRATION.md).",
+    opts: &[
+        &[
+            opt(
+                "--to",
+                Arg::Value("HOST:PORT"),
+                "the target daemon's API over TCP (required)",
+            ),
+            opt(
+                "--token",
+                Arg::Value("T"),
+                "the target daemon's token (wv host token there; default: $WV_TARGET_TOKEN)",
+            ),
+            opt(
+                "--downtime-ms",
+                Arg::Value("N"),
+                "the pause the VM may take at the switch-over (default 300)",
+            ),
+        ],
+        CLIENT_OPTS,
+    ],
+    after: CLIENT_STATUS,
+};
+
 const VM_SNAPSHOTS: Spec = Spec {
     cmd: "wv vm snapshots",
     pos: &[],
@@ -658,6 +685,7 @@ const VM_SPECS: &[&Spec] = &[
     &VM_CLONE,
     &VM_SNAPSHOTS,
     &VM_FORGET,
+    &VM_MIGRATE,
 ];
 
 /// `wv` and its commands, for `wv --help`.
@@ -680,6 +708,7 @@ Usage:
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm list | info NAME | stats NAME | console NAME | start|stop|pause|resume NAME | delete NAME
   wv vm snapshot NAME SNAP | restore NAME SNAP | clone SNAP NAME [--count N] | snapshots
+  wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N]
                             Manage VMs through the daemon (--socket or WV_SOCKET: a path,
                             or tcp:HOST:PORT; --json for machine-readable output)
   wv fs mkfs|info|ls|create|rm|resize|snapshot|commit|revert|branch|import|export|check|unlock ...
@@ -709,6 +738,7 @@ Commands:
   clone SNAPSHOT NAME [--count N]
   snapshots
   delete-snapshot SNAPSHOT
+  migrate NAME --to HOST:PORT [--token T | $WV_TARGET_TOKEN] [--downtime-ms N]
 
 Run wv vm COMMAND --help for a command's options.";
 
@@ -766,6 +796,21 @@ pub enum VmCmd {
     Snapshots,
     /// Delete a snapshot.
     DeleteSnapshot(String),
+    /// Move a running VM to another daemon.
+    Migrate(Migrate),
+}
+
+/// `wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N]`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Migrate {
+    /// The VM.
+    pub name: String,
+    /// The target daemon's API over TCP.
+    pub to: String,
+    /// The target daemon's token (`--token`, else `WV_TARGET_TOKEN`).
+    pub token: String,
+    /// `--downtime-ms`.
+    pub downtime_ms: Option<u64>,
 }
 
 /// `wv run --restore DIR [--clone] [--mac I=MAC]...`.
@@ -1246,7 +1291,7 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
             return Ok(Command::Help(VM_USAGE.to_string()));
         }
         return Err(Usage(
-            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete, snapshot, restore, clone, snapshots, delete-snapshot (see wv vm --help)".into(),
+            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete, snapshot, restore, clone, snapshots, delete-snapshot, migrate (see wv vm --help)".into(),
         ));
     };
     let spec = VM_SPECS
@@ -1291,6 +1336,39 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
             VmCmd::Clone(m.pos[0].clone(), m.pos[1].clone(), count)
         }
         "wv vm delete-snapshot" => VmCmd::DeleteSnapshot(m.pos[0].clone()),
+        "wv vm migrate" => {
+            let to = m
+                .value("--to")
+                .ok_or_else(|| Usage("wv vm migrate NAME needs --to HOST:PORT".into()))?
+                .to_string();
+            let token = m
+                .value("--token")
+                .map(str::to_string)
+                .or_else(|| std::env::var("WV_TARGET_TOKEN").ok())
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| {
+                    Usage(
+                        "wv vm migrate needs the target daemon's token: --token T or WV_TARGET_TOKEN (wv host token there shows it)"
+                            .into(),
+                    )
+                })?;
+            let downtime_ms = m
+                .value("--downtime-ms")
+                .map(|v| {
+                    v.parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                        Usage(format!(
+                            "--downtime-ms: '{v}' is not a number of milliseconds (1 or more)"
+                        ))
+                    })
+                })
+                .transpose()?;
+            VmCmd::Migrate(Migrate {
+                name: m.pos[0].clone(),
+                to,
+                token,
+                downtime_ms,
+            })
+        }
         cmd => VmCmd::Named(cmd.rsplit(' ').next().unwrap_or_default(), m.pos[0].clone()),
     };
     Ok(Command::Vm(c, cmd))

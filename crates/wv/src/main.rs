@@ -542,6 +542,33 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
                 }
             })
         }
+        VmCmd::Migrate(mig) => {
+            let mut body = serde_json::json!({ "to": mig.to, "token": mig.token });
+            if let Some(d) = mig.downtime_ms {
+                body["downtime_ms"] = d.into();
+            }
+            let name = &mig.name;
+            api(
+                c,
+                "POST",
+                &format!("/v1/vms/{name}/migrate"),
+                Some(&body.to_string()),
+            )
+            .map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    println!(
+                        "VM {name} migrated to {}: {} MiB sent in {:.0} ms, paused {:.0} ms; there it is {}",
+                        mig.to,
+                        v["bytes"].as_u64().unwrap_or(0) >> 20,
+                        v["total_ms"].as_f64().unwrap_or(0.0),
+                        v["downtime_ms"].as_f64().unwrap_or(0.0),
+                        v["target"]["state"].as_str().unwrap_or("unknown")
+                    );
+                }
+            })
+        }
         VmCmd::Snapshots => api(c, "GET", "/v1/snapshots", None).map(|v| {
             if c.json {
                 println!("{v}");
