@@ -1271,7 +1271,7 @@ impl Daemon {
         if let Err(e) = waiter {
             eprintln!("wv host: world {id}: no thread to wait for its VMM: {e}");
         }
-        if from.is_some() {
+        if matches!(from, StartFrom::Snapshot(..)) {
             // A restored VM runs on branches of the snapshot's VMKFS disks (and a clone on new
             // MACs): its definition takes them from its VMM, so that a later boot of it opens
             // its own disks, never the snapshot's source's.
@@ -1329,8 +1329,32 @@ impl Daemon {
             .vm_dir(name)
             .map_err(|e| e.to_string())?
             .join(supervisor::API_SOCKET);
-        http::request(&sock, method, path, body)
-            .map_err(|e| format!("its VMM's control socket {}: {e}", sock.display()))
+        // A VMM just started binds its socket within milliseconds: a request that comes first
+        // waits for it (a VMM that has ended answers nothing, and the caller says so).
+        let mut tries = 0;
+        loop {
+            match http::request(&sock, method, path, body) {
+                Ok(a) => return Ok(a),
+                Err(e)
+                    if tries < 100
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        ) =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(format!("its VMM's control socket {}: {e}", sock.display())),
+            }
+        }
+    }
+
+    /// Whether the VMM `pid` was started with a control socket (every VMM this daemon starts
+    /// is; one an older daemon started and this one adopted may not be).
+    fn has_control_socket(pid: Option<u32>) -> bool {
+        pid.and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
+            .is_none_or(|c| c.split(|&b| b == 0).any(|a| a == b"--api-socket"))
     }
 
     /// Pause or resume through the VMM's control socket: every vCPU parked at a KVM_RUN
@@ -1363,10 +1387,13 @@ impl Daemon {
         } else {
             "resume"
         };
-        let has_socket = self
-            .store
-            .vm_dir(name)
-            .is_ok_and(|d| d.join(supervisor::API_SOCKET).exists());
+        let pid = self
+            .lock()
+            .worlds
+            .iter()
+            .find(|w| w.id == id)
+            .and_then(|w| w.pid);
+        let has_socket = Self::has_control_socket(pid);
         if has_socket {
             // Not under the document lock: a pause waits for every vCPU to park.
             match self.vmm_call(name, "PUT", &format!("/vm/{op}"), None) {
