@@ -354,7 +354,8 @@ impl Env {
 }
 
 fn wv_round(e: &mut Env, case: Case, p: &Params) -> Result<Row, String> {
-    let addr = format!("{}:{}", e.dst_ip, e.next_port());
+    let port = e.next_port();
+    let addr = format!("{}:{port}", e.dst_ip);
     let sock = e.dir.join("wv-api.sock");
     let _ = std::fs::remove_file(&sock);
     let mut target = Vmm::spawn(
