@@ -334,6 +334,32 @@ pub mod kvmclock {
         super::wrmsr(MSR_SYSTEM_TIME, 0);
     }
 
+    /// The TSC frequency in kHz implied by the hypervisor's scale (ns = (tsc << shift) * mul
+    /// >> 32), or None before the info is filled: for hypervisors that do not say it otherwise.
+    pub fn tsc_khz() -> Option<u64> {
+        let p = &raw const INFO;
+        // SAFETY: as in read(); a torn pair is ruled out by the version check below.
+        let (v0, mul, shift, v1) = unsafe {
+            let v0 = core::ptr::read_volatile(&raw const (*p).version);
+            fence(Ordering::Acquire);
+            let mul = core::ptr::read_volatile(&raw const (*p).tsc_to_system_mul);
+            let shift = core::ptr::read_volatile(&raw const (*p).tsc_shift);
+            fence(Ordering::Acquire);
+            (v0, mul, shift, core::ptr::read_volatile(&raw const (*p).version))
+        };
+        if v0 == 0 || v0 != v1 || v0 & 1 != 0 || mul == 0 || !(-31..=31).contains(&shift) {
+            return None;
+        }
+        // TSC cycles per ms = 1e6 * 2^32 / (mul * 2^shift).
+        let num = 1_000_000u128 << 32;
+        let khz = if shift < 0 {
+            (num << -shift) / u128::from(mul)
+        } else {
+            num / (u128::from(mul) << shift)
+        };
+        u64::try_from(khz).ok().filter(|&k| k > 0)
+    }
+
     /// Nanoseconds of kvmclock time, or None if the hypervisor never filled the info.
     pub fn read() -> Option<u64> {
         let p = &raw const INFO;
