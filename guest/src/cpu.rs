@@ -345,7 +345,12 @@ pub mod kvmclock {
             let mul = core::ptr::read_volatile(&raw const (*p).tsc_to_system_mul);
             let shift = core::ptr::read_volatile(&raw const (*p).tsc_shift);
             fence(Ordering::Acquire);
-            (v0, mul, shift, core::ptr::read_volatile(&raw const (*p).version))
+            (
+                v0,
+                mul,
+                shift,
+                core::ptr::read_volatile(&raw const (*p).version),
+            )
         };
         if v0 == 0 || v0 != v1 || v0 & 1 != 0 || mul == 0 || !(-31..=31).contains(&shift) {
             return None;
