@@ -1329,11 +1329,18 @@ impl Daemon {
             .vm_dir(name)
             .map_err(|e| e.to_string())?
             .join(supervisor::API_SOCKET);
+        // A hung VMM cannot hold the VM's lifecycle lock for ever: a pause, resume or query
+        // gets a minute, a snapshot or migration (which copy all memory) ten.
+        let timeout = if path == "/vm/snapshot" || path == "/vm/migrate-send" {
+            Duration::from_secs(600)
+        } else {
+            Duration::from_secs(60)
+        };
         // A VMM just started binds its socket within milliseconds: a request that comes first
         // waits for it (a VMM that has ended answers nothing, and the caller says so).
         let mut tries = 0;
         loop {
-            match http::request(&sock, method, path, body) {
+            match http::request_with(&sock, method, path, body, None, Some(timeout)) {
                 Ok(a) => return Ok(a),
                 Err(e)
                     if tries < 100
