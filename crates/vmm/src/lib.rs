@@ -16,6 +16,7 @@ pub mod error;
 pub mod migrate;
 mod pause;
 mod pci;
+mod postcopy;
 pub mod snapshot;
 pub mod stats;
 mod vcpu;

@@ -41,10 +41,14 @@ const PAGE_BYTES: usize = 4096;
 pub const MAX_STATE: u64 = 256 << 20;
 
 /// Record tags (u32 LE), source to target.
-const TAG_PAGES: u32 = 1;
-const TAG_ZERO: u32 = 2;
+pub(crate) const TAG_PAGES: u32 = 1;
+pub(crate) const TAG_ZERO: u32 = 2;
 const TAG_STATE: u32 = 3;
-const TAG_END: u32 = 4;
+pub(crate) const TAG_END: u32 = 4;
+/// Post-copy: a u64 LE count and that many page addresses the source still holds (before the
+/// state). After GO the source sends those pages as one-page records and an end marker; the
+/// target asks for the ones it faults on (u64 LE addresses).
+const TAG_POSTCOPY: u32 = 5;
 /// Target to source: the VM is built from everything sent and waits for `go`.
 pub const READY: [u8; 8] = *b"WVREADY\n";
 /// Target to source: the target failed; a u32 LE length and a UTF-8 message follow.
@@ -68,6 +72,12 @@ pub(crate) struct SendRequest {
     /// The pause the VM may see at the switch-over, in milliseconds.
     #[serde(default)]
     downtime_ms: Option<u64>,
+    /// Force post-copy after the first pass.
+    #[serde(default)]
+    postcopy: Option<bool>,
+    /// `"precopy"` (the default: post-copy only if pre-copy does not converge) or `"postcopy"`.
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 /// What one side of a migration failed at (one line).
@@ -387,6 +397,8 @@ struct Sent {
     pages: u64,
     zero_pages: u64,
     precopy: bool,
+    postcopy: bool,
+    postcopy_pages: u64,
     downtime: Duration,
     last_dirty: u64,
 }
@@ -427,6 +439,8 @@ impl Controller {
                         "zero_pages": s.zero_pages,
                         "rounds": s.rounds,
                         "precopy": s.precopy,
+                        "postcopy": s.postcopy,
+                        "postcopy_pages": s.postcopy_pages,
                         "last_dirty_pages": s.last_dirty,
                     }),
                 );
@@ -452,6 +466,15 @@ impl Controller {
         addr: std::net::SocketAddr,
         r: &SendRequest,
     ) -> Result<Sent, MigrationError> {
+        let force_post = match (r.mode.as_deref(), r.postcopy) {
+            (Some("postcopy"), _) | (None | Some("precopy"), Some(true)) => true,
+            (None | Some("precopy"), _) => false,
+            (Some(m), _) => {
+                return Err(MigrationError(format!(
+                    "unknown migration mode '{m}' (precopy or postcopy)"
+                )))
+            }
+        };
         let downtime_target =
             Duration::from_millis(r.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS).max(1));
         let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
@@ -490,6 +513,7 @@ impl Controller {
             };
         let mut rounds = 0;
         let mut pending: Dirty = Vec::new();
+        let mut postcopy = false;
         if kvm_log {
             reset_bitmaps(&mem);
             // Everything once, while the guest runs.
@@ -507,7 +531,16 @@ impl Controller {
                 let eta = Duration::from_secs_f64(left as f64 / bw.max(1.0));
                 // Done when the rest fits the downtime, after the last round, or once rounds
                 // stop shrinking what is left (the guest dirties as fast as the link carries).
-                if eta <= downtime_target || rounds >= MAX_ROUNDS || rounds >= 3 && left >= prev {
+                if force_post {
+                    postcopy = true;
+                    break;
+                }
+                if eta <= downtime_target {
+                    break;
+                }
+                if rounds >= MAX_ROUNDS || rounds >= 3 && left >= prev {
+                    // Not converging: the rest moves after the switch-over.
+                    postcopy = true;
                     break;
                 }
                 prev = left;
@@ -535,7 +568,18 @@ impl Controller {
                 merge(&mut pending, last);
             }
             last_dirty = count(&pending);
-            send_dirty(&mut out, &mem, &pending, &mut buf)?;
+            if postcopy {
+                let gpas = gpas(&mem, &pending);
+                let mut b = Vec::with_capacity(12 + 8 * gpas.len());
+                b.extend_from_slice(&TAG_POSTCOPY.to_le_bytes());
+                b.extend_from_slice(&(gpas.len() as u64).to_le_bytes());
+                for g in &gpas {
+                    b.extend_from_slice(&g.to_le_bytes());
+                }
+                out.put(&b)?;
+            } else {
+                send_dirty(&mut out, &mem, &pending, &mut buf)?;
+            }
         } else {
             send_all(&mut out, &mem, &mut buf)?;
             last_dirty = mem.iter().map(|r| r.len() / PAGE).sum();
@@ -550,16 +594,90 @@ impl Controller {
         // Past this point the VM belongs to the target.
         out.put(&GO)?;
         out.flush()?;
+        let mut postcopy_pages = 0;
+        if postcopy {
+            postcopy_pages =
+                serve_postcopy(&mut out, &mut back, &mem, gpas(&mem, &pending), &mut buf)?;
+        }
         Ok(Sent {
             rounds,
             bytes: out.bytes,
             pages: out.pages,
             zero_pages: out.zero_pages,
             precopy: kvm_log,
+            postcopy,
+            postcopy_pages,
             downtime,
             last_dirty,
         })
     }
+}
+
+/// The guest-physical addresses of the pages set in `dirty`.
+fn gpas(mem: &GuestRam, dirty: &Dirty) -> Vec<u64> {
+    let mut v = Vec::new();
+    for (region, bits) in mem.iter().zip(dirty) {
+        let base = region.start_addr().0;
+        let pages = region.len() / PAGE;
+        for (w, &x) in (0u64..).zip(bits.iter()) {
+            let mut x = x;
+            while x != 0 {
+                let b = u64::from(x.trailing_zeros());
+                x &= x - 1;
+                let p = w * 64 + b;
+                if p < pages {
+                    v.push(base + p * PAGE);
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The source after GO in post-copy: pushes every page of `left` in order, serving first the
+/// ones the target asks for; ends with an end marker once all are sent. Returns the pages sent.
+fn serve_postcopy(
+    out: &mut Out,
+    back: &mut TcpStream,
+    mem: &GuestRam,
+    left: Vec<u64>,
+    buf: &mut [u8],
+) -> Result<u64, MigrationError> {
+    let mut todo: std::collections::HashSet<u64> = left.iter().copied().collect();
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    let mut r = back
+        .try_clone()
+        .map_err(io_err("setting up the post-copy connection"))?;
+    let _ = r.set_read_timeout(None);
+    std::thread::spawn(move || {
+        let mut a = [0u8; 8];
+        while r.read_exact(&mut a).is_ok() {
+            if tx.send(u64::from_le_bytes(a)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut sent = 0;
+    let mut send = |out: &mut Out, gpa: u64, todo: &mut std::collections::HashSet<u64>| {
+        if !todo.remove(&gpa) {
+            return Ok(());
+        }
+        sent += 1;
+        send_range(out, mem, gpa, 0, 1, true, buf)
+    };
+    for &gpa in &left {
+        let mut asked = false;
+        while let Ok(want) = rx.try_recv() {
+            send(out, want, &mut todo)?;
+            asked = true;
+        }
+        if asked {
+            out.flush()?;
+        }
+        send(out, gpa, &mut todo)?;
+    }
+    out.end()?;
+    Ok(sent)
 }
 
 /// Parses the body of `PUT /vm/migrate-send`.
@@ -616,6 +734,8 @@ pub struct Received {
     pub sections: Sections,
     /// Stream bytes read.
     pub bytes: u64,
+    /// Post-copy: the pages the source still holds (delivered after GO).
+    pub postcopy: Option<Vec<u64>>,
 }
 
 /// Checks that `len` bytes at `gpa` are whole pages inside `mem`'s RAM.
@@ -666,6 +786,7 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
     let mem = wv_machine::create_ram(memory).map_err(|e| bad(e.to_string()))?;
     let mut buf = vec![0u8; RECORD_BUF];
     let mut state: Option<Sections> = None;
+    let mut postcopy: Option<Vec<u64>> = None;
     loop {
         let tag = s.u32()?;
         if state.is_some() && tag != TAG_END {
@@ -710,6 +831,21 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
                     at += PAGE;
                 }
             }
+            TAG_POSTCOPY => {
+                let n = s.u64()?;
+                if postcopy.is_some() || n > memory / PAGE {
+                    return Err(bad(format!(
+                        "a post-copy list of {n} pages (a second one, or more than memory holds)"
+                    )));
+                }
+                let mut v = Vec::new();
+                for _ in 0..n {
+                    let gpa = s.u64()?;
+                    check_span(&mem, gpa, PAGE, PAGE)?;
+                    v.push(gpa);
+                }
+                postcopy = Some(v);
+            }
             TAG_STATE => {
                 let len = s.u64()?;
                 if len > MAX_STATE {
@@ -729,6 +865,7 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
                     mem,
                     sections,
                     bytes: s.bytes,
+                    postcopy,
                 });
             }
             t => return Err(bad(format!("unknown record tag {t} in the stream"))),
@@ -747,6 +884,8 @@ pub struct Incoming {
     cfg: VmConfig,
     restore: crate::Restore,
     conn: TcpStream,
+    /// The VM's RAM and, in post-copy, the pages still on the source.
+    postcopy: Option<(GuestRam, Vec<u64>)>,
     /// Stream bytes read.
     pub bytes: u64,
     /// Where the stream came from.
@@ -812,11 +951,13 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
     })();
     match built {
         Ok((cfg, mut restore)) => {
+            let postcopy = got.postcopy.map(|p| (got.mem.clone(), p));
             restore.memory = Some(RestoreMemory::Ram(got.mem));
             Ok(Incoming {
                 cfg,
                 restore,
                 conn,
+                postcopy,
                 bytes: got.bytes,
                 peer,
             })
@@ -840,6 +981,7 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         restore,
         mut conn,
         peer,
+        postcopy,
         ..
     } = inc;
     let mut asked = false;
@@ -860,6 +1002,9 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         })?;
         if go != GO {
             return Err(fail("the source answered something other than go".into()));
+        }
+        if let Some((mem, pages)) = &postcopy {
+            crate::postcopy::start(mem, pages, &conn2).map_err(|e| fail(e.0))?;
         }
         Ok(())
     };

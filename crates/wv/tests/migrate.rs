@@ -26,7 +26,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// `PUT /vm/migrate-send` on the source's control socket: (status, body).
 fn migrate_send(sock: &Path, destination: &str) -> (u16, serde_json::Value) {
-    let body = serde_json::json!({ "destination": destination, "downtime_ms": 300 }).to_string();
+    migrate_send_with(sock, destination, false)
+}
+
+/// `PUT /vm/migrate-send`, forcing post-copy when `postcopy`.
+fn migrate_send_with(sock: &Path, destination: &str, postcopy: bool) -> (u16, serde_json::Value) {
+    let mut body = serde_json::json!({ "destination": destination, "downtime_ms": 300 });
+    if postcopy {
+        body["mode"] = "postcopy".into();
+    }
+    let body = body.to_string();
     let mut s = UnixStream::connect(sock).unwrap();
     write!(
         s,
@@ -150,6 +159,18 @@ fn migrate(
     running: &str,
     netns: Option<(&str, &str, &str)>,
 ) -> (String, serde_json::Value) {
+    migrate_mode(memory, cmdline, test, running, netns, false)
+}
+
+/// [`migrate`], forcing post-copy when `postcopy`.
+fn migrate_mode(
+    memory: &str,
+    cmdline: &str,
+    test: &str,
+    running: &str,
+    netns: Option<(&str, &str, &str)>,
+    postcopy: bool,
+) -> (String, serde_json::Value) {
     let dir = TempDir::new("migrate");
     let sock = dir.path("api.sock");
     let (src_ns, dst_ns, listen) = match netns {
@@ -170,7 +191,7 @@ fn migrate(
         ],
     );
     source.wait_line(running);
-    let (st, answer) = migrate_send(&sock, &addr);
+    let (st, answer) = migrate_send_with(&sock, &addr, postcopy);
     assert_eq!(st, 200, "{answer}");
     let (src_status, src_out, src_err) = source.finish();
     assert_eq!(src_status, 0, "{src_err:?}");
@@ -196,11 +217,14 @@ fn migrate(
     assert_eq!(dst_status, 0, "{dst_out:?} {dst_err:?}");
     eprintln!(
         "migration of a {memory} guest ({test}): total {:.1} ms, downtime {:.1} ms (source's \
-         pause to target's acknowledgement), {} bytes, {} rounds; guest: {line}",
+         pause to target's acknowledgement), {} bytes, {} rounds, post-copy {} ({} pages); \
+         guest: {line}",
         answer["total_ms"].as_f64().unwrap_or(0.0),
         answer["downtime_ms"].as_f64().unwrap_or(0.0),
         answer["bytes"],
         answer["rounds"],
+        answer["postcopy"],
+        answer["postcopy_pages"],
     );
     (line, answer)
 }
@@ -660,4 +684,25 @@ fn a_vm_migrates_between_two_daemons_in_two_network_namespaces() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(b.info("mig")["state"], "stopped", "{}", b.info("mig"));
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_guest_rewriting_memory_migrates_in_forced_postcopy_with_every_page() {
+    need_kvm();
+    let _one = serial();
+    let (_, a) = migrate_mode(
+        "256M",
+        "console=ttyS0 probe.tests=persist probe.persist_mib=128 probe.persist_rate=100 \
+         probe.persist_ms=5000",
+        "persist",
+        "persist: steady",
+        None,
+        true,
+    );
+    assert_eq!(a["postcopy"], true, "{a}");
+    // The pages written since the first pass moved after the switch-over, each once.
+    let moved = a["postcopy_pages"].as_u64().unwrap();
+    assert!(moved > 0, "{a}");
+    assert_eq!(moved, a["last_dirty_pages"].as_u64().unwrap(), "{a}");
 }
