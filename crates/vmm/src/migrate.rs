@@ -72,6 +72,9 @@ pub(crate) struct SendRequest {
     /// The pause the VM may see at the switch-over, in milliseconds.
     #[serde(default)]
     downtime_ms: Option<u64>,
+    /// Most MiB per second the stream may use (none: as fast as the link carries).
+    #[serde(default)]
+    max_bandwidth_mib: Option<u64>,
     /// Force post-copy after the first pass.
     #[serde(default)]
     postcopy: Option<bool>,
@@ -100,11 +103,20 @@ struct Out {
     bytes: u64,
     pages: u64,
     zero_pages: u64,
+    /// Bytes per second the stream may use, and when it started.
+    limit: Option<(f64, Instant)>,
 }
 
 impl Out {
     fn put(&mut self, b: &[u8]) -> Result<(), MigrationError> {
         self.bytes += b.len() as u64;
+        if let Some((rate, t0)) = self.limit {
+            // Shaping, not synchronisation: hold the stream to its byte budget.
+            let due = Duration::from_secs_f64(self.bytes as f64 / rate);
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         self.w.write_all(b).map_err(io_err("sending to the target"))
     }
 
@@ -491,6 +503,9 @@ impl Controller {
             bytes: 0,
             pages: 0,
             zero_pages: 0,
+            limit: r
+                .max_bandwidth_mib
+                .map(|m| (m.max(1) as f64 * 1048576.0, Instant::now())),
         };
         let mem = self.shared.mem.clone();
         out.header(self.shared.info.mem_size)?;
@@ -1125,6 +1140,38 @@ mod tests {
         let mut b = header(MEM);
         b.extend_from_slice(&TAG_END.to_le_bytes());
         assert!(err(&b).contains("without the VM's state"));
+    }
+
+    #[test]
+    fn a_postcopy_list_is_checked_and_kept() {
+        let list = |n: u64, gpas: &[u64]| {
+            let mut b = header(MEM);
+            b.extend_from_slice(&TAG_POSTCOPY.to_le_bytes());
+            b.extend_from_slice(&n.to_le_bytes());
+            for g in gpas {
+                b.extend_from_slice(&g.to_le_bytes());
+            }
+            b
+        };
+        let mut b = list(2, &[0x1000, 0x3000]);
+        tail(&mut b);
+        let got = read_stream(b.as_slice(), 1 << 40).unwrap();
+        assert_eq!(got.postcopy, Some(vec![0x1000, 0x3000]));
+        let mut b = list(1, &[MEM]);
+        tail(&mut b);
+        assert!(err(&b).contains("outside"));
+        let mut b = list(1, &[0x1001]);
+        tail(&mut b);
+        assert!(err(&b).contains("whole number of pages"));
+        assert!(err(&list(MEM / PAGE + 1, &[])).contains("more than memory"));
+        let mut b = list(0, &[]);
+        b.extend_from_slice(&list(0, &[])[24..]);
+        tail(&mut b);
+        assert!(err(&b).contains("a second one"));
+        assert!(read_stream(good().as_slice(), 1 << 40)
+            .unwrap()
+            .postcopy
+            .is_none());
     }
 
     #[test]
