@@ -213,6 +213,10 @@ pub(crate) fn start(mem: &GuestRam, pages: &[u64], conn: &TcpStream) -> Result<(
             return Err(MigrationError(format!("madvise at {gpa:#x}: {}", errno())));
         }
     }
+    eprintln!(
+        "wv: post-copy: {} pages still on the source, fetched on demand and in the background",
+        pages.len()
+    );
     let missing: Arc<Mutex<HashSet<u64>>> = Arc::new(Mutex::new(pages.iter().copied().collect()));
     let mut reader = conn
         .try_clone()

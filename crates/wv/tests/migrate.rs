@@ -742,3 +742,56 @@ fn a_guest_dirtying_faster_than_precopy_converges_moves_in_postcopy() {
         "{a}"
     );
 }
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_target_that_loses_its_source_in_postcopy_stops_the_vm_with_one_line() {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("migrate");
+    let sock = dir.path("api.sock");
+    let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
+    let addr = target.listening();
+    let mut source = Vmm::start(
+        None,
+        &[
+            "--memory",
+            "256M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 probe.tests=persist probe.persist_mib=32 probe.persist_rate=0 \
+             probe.persist_ms=60000",
+        ],
+    );
+    source.wait_line("persist: steady");
+    // 8 MiB/s: the post-copy phase (32 MiB) lasts seconds, long enough to kill the source in it.
+    let send = std::thread::spawn(move || {
+        migrate_send_with(
+            &sock,
+            &addr,
+            &serde_json::json!({ "mode": "postcopy", "max_bandwidth_mib": 8 }),
+        )
+    });
+    let started = loop {
+        let l = target
+            .err
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the target started post-copy");
+        if l.starts_with("wv: post-copy: ") {
+            break l;
+        }
+    };
+    source.child.kill().unwrap();
+    let (src_status, _, _) = source.finish();
+    assert_eq!(src_status, -1, "the source was killed");
+    let _ = send.join();
+    let (dst_status, _, dst_err) = target.finish();
+    assert_eq!(dst_status, 1, "{dst_err:?}");
+    let last = dst_err.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("wv: post-copy migration: lost the source"),
+        "{dst_err:?}"
+    );
+    eprintln!("after '{started}', the source killed: the target said: {last}");
+}
