@@ -611,8 +611,15 @@ impl Controller {
         out.flush()?;
         let mut postcopy_pages = 0;
         if postcopy {
-            postcopy_pages =
-                serve_postcopy(&mut out, &mut back, &mem, gpas(&mem, &pending), &mut buf)?;
+            // Past GO the VM is the target's: a failure now must not resume it here (the target
+            // has run it), so it is reported and the source ends all the same.
+            match serve_postcopy(&mut out, &mut back, &mem, gpas(&mem, &pending), &mut buf) {
+                Ok(n) => postcopy_pages = n,
+                Err(e) => eprintln!(
+                    "wv: post-copy migration: lost the target: {e}; the VM is lost (the target \
+                     ran it with part of its memory still here)"
+                ),
+            }
         }
         Ok(Sent {
             rounds,
