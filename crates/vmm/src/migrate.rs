@@ -709,7 +709,16 @@ pub(crate) fn parse_request(body: &[u8]) -> Result<SendRequest, String> {
     if !v.is_object() {
         return Err("the migration request must be a JSON object".into());
     }
-    serde_json::from_value(v).map_err(|e| format!("invalid migration request: {e}"))
+    let r: SendRequest =
+        serde_json::from_value(v).map_err(|e| format!("invalid migration request: {e}"))?;
+    if let Some(m) = r.mode.as_deref() {
+        if m != "precopy" && m != "postcopy" {
+            return Err(format!(
+                "invalid migration request: unknown mode '{m}' (precopy or postcopy)"
+            ));
+        }
+    }
+    Ok(r)
 }
 
 /// The target's end of a stream: counts what it reads.
@@ -1179,6 +1188,17 @@ mod tests {
             .unwrap()
             .postcopy
             .is_none());
+    }
+
+    #[test]
+    fn a_request_names_a_known_mode() {
+        let p = |b: &str| parse_request(b.as_bytes());
+        assert!(p(r#"{"destination":"h:1","mode":"postcopy"}"#).is_ok());
+        assert!(p(r#"{"destination":"h:1","mode":"precopy","postcopy":true}"#).is_ok());
+        assert!(p(r#"{"destination":"h:1","mode":"turbo"}"#)
+            .unwrap_err()
+            .contains("unknown mode 'turbo'"));
+        assert!(p(r#"{"destination":"h:1","max_bandwidth_mib":-1}"#).is_err());
     }
 
     #[test]
