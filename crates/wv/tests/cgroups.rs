@@ -18,9 +18,14 @@ use wv_host::cgroup::ROOT_ENV;
 /// The private base of this test binary's daemons: a group under the host's cgroup hierarchy
 /// that has the `cpu` controller, named after this process, which the daemons find through
 /// `WV_CGROUP_ROOT`. It exists while a test holds a [`Base`]; the last one removes it.
-struct Base;
+/// The tests' base group, held for one test at a time: every daemon started here removes the
+/// groups of daemons that are gone, so a test that kills a daemon and then looks at what it
+/// left must not run beside another that starts one (which CI once saw remove the killed
+/// daemon's groups first).
+struct Base(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 static USERS: Mutex<usize> = Mutex::new(0);
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn base_path() -> &'static Path {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
@@ -52,10 +57,11 @@ fn base_path() -> &'static Path {
 
 impl Base {
     fn enter() -> Base {
+        let one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = USERS.lock().unwrap_or_else(|p| p.into_inner());
         std::fs::create_dir_all(base_path()).expect("creating a cgroup (run as root)");
         *n += 1;
-        Base
+        Base(one)
     }
 }
 
