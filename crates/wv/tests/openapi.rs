@@ -7,199 +7,13 @@
 
 mod common;
 use common::daemon::Daemon;
+use common::openapi::{documented_methods, matches, pattern, resolve, validate, Atom};
 use common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
-
-fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
-    match v.get("$ref").and_then(Value::as_str) {
-        Some(r) => {
-            let mut cur = doc;
-            for part in r.trim_start_matches("#/").split('/') {
-                cur = &cur[part];
-            }
-            resolve(doc, cur)
-        }
-        None => v,
-    }
-}
-
-/// One element of a `pattern`: a set of characters and how many times it repeats.
-#[derive(Debug)]
-struct Atom {
-    set: Vec<char>,
-    min: usize,
-    max: usize,
-}
-
-/// The subset of regular expressions the document's patterns use: `^`, then literal
-/// characters or `[...]` classes (ranges `a-z`, a trailing `-`), each with an optional
-/// `{m,n}`, `{m}`, `?`, `*` or `+`, then `$`.
-fn pattern(p: &str) -> Vec<Atom> {
-    let body = p
-        .strip_prefix('^')
-        .and_then(|p| p.strip_suffix('$'))
-        .unwrap_or_else(|| panic!("pattern {p} must be anchored"));
-    let c: Vec<char> = body.chars().collect();
-    let mut atoms = Vec::new();
-    let mut i = 0;
-    while i < c.len() {
-        let mut set = Vec::new();
-        if c[i] == '[' {
-            i += 1;
-            while c[i] != ']' {
-                if c.get(i + 1) == Some(&'-') && c.get(i + 2).is_some_and(|&x| x != ']') {
-                    set.extend(c[i]..=c[i + 2]);
-                    i += 3;
-                } else {
-                    set.push(c[i]);
-                    i += 1;
-                }
-            }
-        } else {
-            assert!(
-                !"().|\\".contains(c[i]),
-                "pattern {p}: unsupported {}",
-                c[i]
-            );
-            set.push(c[i]);
-        }
-        i += 1;
-        let (mut min, mut max) = (1, 1);
-        match c.get(i) {
-            Some('?') => (min, max, i) = (0, 1, i + 1),
-            Some('*') => (min, max, i) = (0, usize::MAX, i + 1),
-            Some('+') => (min, max, i) = (1, usize::MAX, i + 1),
-            Some('{') => {
-                let end = i + c[i..].iter().position(|&x| x == '}').unwrap();
-                let q: String = c[i + 1..end].iter().collect();
-                let (a, b) = q.split_once(',').unwrap_or((&q, &q));
-                (min, max) = (a.parse().unwrap(), b.parse().unwrap_or(usize::MAX));
-                i = end + 1;
-            }
-            _ => {}
-        }
-        atoms.push(Atom { set, min, max });
-    }
-    atoms
-}
-
-fn matches(atoms: &[Atom], s: &[char]) -> bool {
-    let Some((a, rest)) = atoms.split_first() else {
-        return s.is_empty();
-    };
-    let n = s
-        .iter()
-        .take(a.max)
-        .take_while(|c| a.set.contains(c))
-        .count();
-    (a.min..=n).rev().any(|k| matches(rest, &s[k..]))
-}
-
-/// Whether `v` is of the JSON Schema `type` named.
-fn of_type(ty: &str, v: &Value) -> bool {
-    match ty {
-        "object" => v.is_object(),
-        "array" => v.is_array(),
-        "string" => v.is_string(),
-        "boolean" => v.is_boolean(),
-        "integer" => v.is_i64() || v.is_u64(),
-        "number" => v.is_number(),
-        _ => false,
-    }
-}
-
-/// Checks `v` against the subset of JSON Schema the document uses. A `oneOf` has
-/// alternatives of different types: `v` must be of exactly one of them, and match it.
-fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) {
-    let s = resolve(doc, schema);
-    if v.is_null() && s["nullable"] == Value::Bool(true) {
-        return;
-    }
-    if let Some(alts) = s.get("oneOf").and_then(Value::as_array) {
-        let fits: Vec<&Value> = alts
-            .iter()
-            .filter(|a| of_type(resolve(doc, a)["type"].as_str().unwrap_or(""), v))
-            .collect();
-        assert_eq!(fits.len(), 1, "{at}: {v} is of none or several of {alts:?}");
-        return validate(doc, fits[0], v, at);
-    }
-    if let Some(e) = s.get("enum").and_then(Value::as_array) {
-        assert!(e.contains(v), "{at}: {v} not in {e:?}");
-    }
-    match s.get("type").and_then(Value::as_str) {
-        Some("object") => {
-            let o = v
-                .as_object()
-                .unwrap_or_else(|| panic!("{at}: {v} is not an object"));
-            let props = s["properties"].as_object().cloned().unwrap_or_default();
-            for r in s["required"].as_array().into_iter().flatten() {
-                assert!(o.contains_key(r.as_str().unwrap()), "{at}: missing {r}");
-            }
-            for (k, val) in o {
-                match props.get(k) {
-                    Some(p) => validate(doc, p, val, &format!("{at}.{k}")),
-                    None => assert!(
-                        s["additionalProperties"] != Value::Bool(false),
-                        "{at}: undocumented property {k}"
-                    ),
-                }
-            }
-        }
-        Some("array") => {
-            let a = v.as_array().unwrap_or_else(|| panic!("{at}: not an array"));
-            if let Some(m) = s["maxItems"].as_u64() {
-                assert!(a.len() as u64 <= m, "{at}: {} items > {m}", a.len());
-            }
-            for (i, item) in a.iter().enumerate() {
-                validate(doc, &s["items"], item, &format!("{at}[{i}]"));
-            }
-        }
-        Some("string") => {
-            let t = v
-                .as_str()
-                .unwrap_or_else(|| panic!("{at}: {v} is not a string"));
-            let n = t.chars().count() as u64;
-            if let Some(m) = s["minLength"].as_u64() {
-                assert!(n >= m, "{at}: {n} characters < {m}");
-            }
-            if let Some(m) = s["maxLength"].as_u64() {
-                assert!(n <= m, "{at}: {n} characters > {m}");
-            }
-            if let Some(p) = s["pattern"].as_str() {
-                let c: Vec<char> = t.chars().collect();
-                assert!(matches(&pattern(p), &c), "{at}: {t:?} does not match {p}");
-            }
-        }
-        Some("boolean") => assert!(v.is_boolean(), "{at}: {v} is not a boolean"),
-        Some("integer") => {
-            let n = v
-                .as_i64()
-                .unwrap_or_else(|| panic!("{at}: {v} is not an integer"));
-            if let Some(m) = s["minimum"].as_i64() {
-                assert!(n >= m, "{at}: {n} < {m}");
-            }
-            if let Some(m) = s["maximum"].as_i64() {
-                assert!(n <= m, "{at}: {n} > {m}");
-            }
-        }
-        Some("number") => {
-            let n = v
-                .as_f64()
-                .unwrap_or_else(|| panic!("{at}: {v} is not a number"));
-            if let Some(m) = s["minimum"].as_f64() {
-                assert!(n >= m, "{at}: {n} < {m}");
-            }
-            if let Some(m) = s["maximum"].as_f64() {
-                assert!(n <= m, "{at}: {n} > {m}");
-            }
-        }
-        _ => {}
-    }
-}
 
 struct Checker {
     doc: Value,
@@ -211,17 +25,6 @@ struct Checker {
 struct Answer {
     status: u16,
     json: Value,
-}
-
-/// The methods the document lists for `tpl`, upper case.
-fn documented_methods(doc: &Value, tpl: &str) -> BTreeSet<String> {
-    doc["paths"][tpl]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(m, _)| *m != "parameters")
-        .map(|(m, _)| m.to_uppercase())
-        .collect()
 }
 
 impl Checker {
@@ -330,14 +133,7 @@ impl Checker {
 }
 
 fn document() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../docs/openapi.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap()
+    common::openapi::document("openapi.json")
 }
 
 #[test]

@@ -105,13 +105,36 @@ pub fn matches(atoms: &[Atom], s: &[char]) -> bool {
     (a.min..=n).rev().any(|k| matches(rest, &s[k..]))
 }
 
+/// Whether `v` is of the JSON Schema `type` named.
+fn of_type(ty: &str, v: &Value) -> bool {
+    match ty {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "boolean" => v.is_boolean(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        _ => false,
+    }
+}
+
 /// Checks `v` against the subset of JSON Schema the documents use (`at` names it in a
 /// failure). `additionalProperties` is `false` (no property beyond `properties`), a schema
 /// (every other property's value matches it, as in a map), or absent (anything goes).
+/// A `oneOf` has alternatives of different types: `v` must be of exactly one of them, and
+/// match it.
 pub fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) {
     let s = resolve(doc, schema);
     if v.is_null() && s["nullable"] == Value::Bool(true) {
         return;
+    }
+    if let Some(alts) = s.get("oneOf").and_then(Value::as_array) {
+        let fits: Vec<&Value> = alts
+            .iter()
+            .filter(|a| of_type(resolve(doc, a)["type"].as_str().unwrap_or(""), v))
+            .collect();
+        assert_eq!(fits.len(), 1, "{at}: {v} is of none or several of {alts:?}");
+        return validate(doc, fits[0], v, at);
     }
     if let Some(e) = s.get("enum").and_then(Value::as_array) {
         assert!(e.contains(v), "{at}: {v} not in {e:?}");
