@@ -442,10 +442,7 @@ impl Controller {
     ) -> Result<(u64, u64), Answer> {
         let mut sections = self.save_state(frozen)?;
         if !frozen.is_empty() {
-            sections.push(
-                crate::snapshot::DISKS,
-                serde_json::to_vec(frozen).unwrap_or_default(),
-            );
+            sections.push(crate::snapshot::DISKS, json(&frozen));
         }
         let state_bytes = sections.encode().len() as u64;
         let memory = crate::snapshot::write(dir, &sections, &self.shared.mem).map_err(|e| {
@@ -494,7 +491,6 @@ impl Controller {
         let mut vm = state::save_vm(&self.vm).map_err(|e| fail("saving the VM", e.to_string()))?;
         // The guest's clock as it stopped, not as it would read now.
         vm.clock.0 = paused.clock;
-        let json = |v: &dyn erased::Json| v.to_json();
         let mut sections = Sections::default();
         sections.push(
             "machine",
@@ -550,14 +546,7 @@ impl Controller {
     }
 }
 
-/// JSON for any serialisable value, behind a trait object (so one closure serves every type).
-mod erased {
-    pub(crate) trait Json {
-        fn to_json(&self) -> Vec<u8>;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Vec<u8> {
-            serde_json::to_vec(self).unwrap_or_default()
-        }
-    }
+/// The JSON of a state section (these types always serialise).
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
 }
