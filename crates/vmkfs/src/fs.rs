@@ -129,6 +129,11 @@ pub(crate) fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// This host's name, as owner records give it.
+pub fn this_host() -> String {
+    hostname()
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -1485,16 +1490,13 @@ impl Datastore {
                 .parent
                 .and_then(|(p, _)| self.fds.get(p as usize))
                 .map(|p| p.name.clone()),
-            owner: fd
-                .owner
-                .as_ref()
-                .map(|o| match o.handover {
-                    None => format!("pid {} on {} since {}", o.pid, o.host, o.since),
-                    Some(_) => format!(
-                        "pid {} on {} (handed over since {}, not taken yet)",
-                        o.pid, o.host, o.since
-                    ),
-                }),
+            owner: fd.owner.as_ref().map(|o| match o.handover {
+                None => format!("pid {} on {} since {}", o.pid, o.host, o.since),
+                Some(_) => format!(
+                    "pid {} on {} (handed over since {}, not taken yet)",
+                    o.pid, o.host, o.since
+                ),
+            }),
             created: fd.created,
         }
     }

@@ -94,11 +94,16 @@ fn a_writer_hands_a_disk_over_to_the_holder_of_its_token() {
     // The target prepares while the writer still holds the file; taking it is refused then.
     let early = ds.prepare_take_over("d").unwrap();
     assert_eq!(early.len(), 1 << 20);
-    let e = early.take(42, std::time::Duration::ZERO).map(|_| ()).unwrap_err();
+    let e = early
+        .take(42, std::time::Duration::ZERO)
+        .map(|_| ())
+        .unwrap_err();
     assert!(matches!(e, Error::InUse(_)), "{e}");
     assert!(ds.stat("d").unwrap().owner.unwrap().contains("since"));
     let pending = ds.prepare_take_over("d").unwrap();
-    w.hand_over("target-host", 4242, 42).map_err(|(_, e)| e).unwrap();
+    w.hand_over("target-host", 4242, 42)
+        .map_err(|(_, e)| e)
+        .unwrap();
     // Between the hand-over and the take: a record naming the target, refused to anyone else.
     let owner = ds.stat("d").unwrap().owner.unwrap();
     assert!(
