@@ -1264,12 +1264,14 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         // The disks, handed over before `go`, are taken before any vCPU runs.
         if let Some((t, token)) = takers.take() {
             for taker in t {
+                let what = taker.describe();
                 taker.take(token).map_err(|e| {
                     fail(format!(
                         "{e}; the VM does not run here (the disk's hand-over record names this \
                          process, which ends: `wv fs unlock` breaks it)"
                     ))
                 })?;
+                eprintln!("wv: took disk {what} over from the migration's source");
             }
         }
         if let Some((mem, pages)) = &postcopy {

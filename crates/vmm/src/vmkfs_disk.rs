@@ -282,11 +282,18 @@ fn open_pending(path: &Path, name: &str) -> Result<wv_vmkfs::Pending, String> {
 /// A disk a migration's target will take over after `go` ([`VmkfsDisk::incoming`]).
 pub(crate) struct Taker {
     id: String,
+    /// DATASTORE:NAME, for messages.
+    at: String,
     pending: wv_vmkfs::Pending,
     disk: Arc<Mutex<Option<wv_vmkfs::Disk>>>,
 }
 
 impl Taker {
+    /// `'ID' (DATASTORE:NAME)`.
+    pub(crate) fn describe(&self) -> String {
+        format!("'{}' ({})", self.id, self.at)
+    }
+
     /// Takes the disk over with `token` (the source has handed it over); the device then
     /// reads and writes it.
     pub(crate) fn take(self, token: u64) -> Result<(), String> {
@@ -332,6 +339,7 @@ impl VmkfsDisk {
             },
             Taker {
                 id: id.to_string(),
+                at: format!("{}:{name}", path.display()),
                 pending,
                 disk,
             },
