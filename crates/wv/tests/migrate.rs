@@ -1002,3 +1002,69 @@ fn a_vm_with_a_writable_raw_image_is_refused_with_the_reason() {
     );
     source.wait_line("PASS clock");
 }
+
+/// `wv vm migrate` between two daemons in two network namespaces with a VMKFS disk on a
+/// datastore file both open (the same path): the disk is handed over, not copied; the guest's
+/// acknowledged disk writes are all there at the target, whose VMM owns the disk.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_vm_with_a_shared_vmkfs_disk_migrates_between_two_daemons() {
+    need_kvm();
+    let _one = serial();
+    let ns = Netns::new();
+    let (da, db, dd) = (
+        TempDir::new("dmigd-a"),
+        TempDir::new("dmigd-b"),
+        TempDir::new("dmigd-ds"),
+    );
+    let ds = shared_datastore(&dd);
+    let a = NsDaemon::start(&da, &ns.a, "10.251.0.1:47101");
+    let b = NsDaemon::start(&db, &ns.b, "10.251.0.2:47101");
+    let to = "10.251.0.2:47101";
+    let r = a.wv(
+        &[
+            "vm",
+            "create",
+            "migd",
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("vmkfs={ds}:d,id=root"),
+            "--cmdline",
+            "console=ttyS0 probe.tests=persist probe.persist_mib=64 probe.persist_rate=50 \
+             probe.persist_ms=5000 probe.persist_disk=1 probe.blkseed=31",
+        ],
+        &[],
+    );
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = a.wv(&["vm", "start", "migd"], &[]);
+    assert_eq!(r.status, Some(0), "{r}");
+    a.wait_console("migd", "persist: steady");
+    let src_pid = a.info("migd")["pid"].as_u64().unwrap();
+    let o = owner(&ds).unwrap_or_default();
+    assert!(o.starts_with(&format!("pid {src_pid} ")), "{o}");
+    let token = b.token();
+    let r = a.wv(
+        &["vm", "migrate", "migd", "--to", to, "--json"],
+        &[("WV_TARGET_TOKEN", &token)],
+    );
+    assert_eq!(r.status, Some(0), "{r}");
+    let answer: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(answer["target"]["state"], "running", "{answer}");
+    // The target's world runs only once its VMM serves its control socket, after it took the
+    // disk over: the record is the target VMM's.
+    let dst_pid = b.info("migd")["pid"].as_u64().unwrap();
+    let o = owner(&ds).unwrap_or_default();
+    assert!(
+        o.starts_with(&format!("pid {dst_pid} ")) && !o.contains("not taken"),
+        "the owner record names the target's VMM ({dst_pid}, the source's was {src_pid}): {o}"
+    );
+    let log = b.wait_console("migd", "PASS persist");
+    let line = log.lines().find(|l| l.starts_with("PASS persist")).unwrap();
+    assert!(line.contains("disk_writes="), "{line}");
+    eprintln!(
+        "daemon migration with a shared VMKFS disk: total {:.1} ms, downtime {:.1} ms; {line}",
+        answer["total_ms"].as_f64().unwrap_or(0.0),
+        answer["downtime_ms"].as_f64().unwrap_or(0.0),
+    );
+}
