@@ -277,21 +277,16 @@ impl Disk {
     /// transaction replaces this writer's owner record by a hand-over record naming the target
     /// and carrying `token`, then releases the locks. From then on only a process given the
     /// token can take the file ([`Pending::take`], which makes the record its own); anyone else
-    /// sees a stale record naming the target, as if the target had crashed. On failure the
-    /// disk is given back unchanged.
-    pub fn hand_over(
-        mut self,
-        host: &str,
-        pid: u32,
-        token: u64,
-    ) -> std::result::Result<(), (Disk, Error)> {
+    /// sees a stale record naming the target, as if the target had crashed. On success this
+    /// handle holds nothing any more (drop it); on failure the disk is unchanged.
+    pub fn hand_over(&mut self, host: &str, pid: u32, token: u64) -> Result<()> {
         if !self.writable {
-            let e = Error::ReadOnly(format!("'{}' is open read-only", self.name));
-            return Err((self, e));
+            return Err(Error::ReadOnly(format!(
+                "'{}' is open read-only",
+                self.name
+            )));
         }
-        if let Err(e) = self.flush() {
-            return Err((self, e));
-        }
+        self.flush()?;
         let (slot, name) = (self.slot, self.name.clone());
         let generation = self.ds.fds[slot].generation;
         let host: String = host.chars().take(64).collect();
@@ -307,11 +302,12 @@ impl Disk {
             });
             Ok(())
         });
-        if let Err(e) = r {
-            return Err((self, e));
-        }
-        // The record is the target's now: dropping must not clear it.
+        r?;
+        // The record is the target's now: nothing here clears it, and the locks go.
         self.writable = false;
+        for at in std::mem::take(&mut self.locks) {
+            let _ = self.ds.dev.unlock(at);
+        }
         Ok(())
     }
 

@@ -101,9 +101,8 @@ fn a_writer_hands_a_disk_over_to_the_holder_of_its_token() {
     assert!(matches!(e, Error::InUse(_)), "{e}");
     assert!(ds.stat("d").unwrap().owner.unwrap().contains("since"));
     let pending = ds.prepare_take_over("d").unwrap();
-    w.hand_over("target-host", 4242, 42)
-        .map_err(|(_, e)| e)
-        .unwrap();
+    w.hand_over("target-host", 4242, 42).unwrap();
+    drop(w);
     // Between the hand-over and the take: a record naming the target, refused to anyone else.
     let owner = ds.stat("d").unwrap().owner.unwrap();
     assert!(
@@ -136,8 +135,16 @@ fn a_writer_hands_a_disk_over_to_the_holder_of_its_token() {
     drop(t);
     assert_eq!(ds.stat("d").unwrap().owner, None);
     // A hand-over whose target never takes it: a stale record that `unlock` breaks.
-    let w = ds.open_disk("d", true).unwrap();
-    w.hand_over("gone", 1, 7).map_err(|(_, e)| e).unwrap();
+    let mut w = ds.open_disk("d", true).unwrap();
+    w.hand_over("gone", 1, 7).unwrap();
+    // Nothing held once handed over, even before the handle goes.
+    assert!(ds
+        .open_disk("d", true)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+        .contains("handed over"));
+    drop(w);
     let r = Datastore::check(Arc::new(FileDev::open(&path, true).unwrap()), false).unwrap();
     assert!(
         r.notes.iter().any(|n| n.contains("stale hand-over record")),

@@ -215,18 +215,19 @@ pub(crate) fn hand_over_all(
     let mut done = Vec::with_capacity(held.len());
     for h in held {
         let mut g = h.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let r = match g.take() {
+        let r = match g.as_mut() {
             Some(d) => {
                 let name = d.name().to_string();
                 d.hand_over(host, pid, token)
                     .map(|()| name)
-                    .map_err(|(d, e)| {
-                        *g = Some(d);
-                        e.to_string()
-                    })
+                    .map_err(|e| e.to_string())
             }
             None => Err("the VMKFS disk was closed".to_string()),
         };
+        if r.is_ok() {
+            // Handed over: the handle holds nothing any more.
+            drop(g.take());
+        }
         drop(g);
         match r {
             Ok(name) => done.push(HandedOver {

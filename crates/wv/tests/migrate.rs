@@ -855,13 +855,13 @@ fn persist_with_disk(ds: &str, sock: &Path, seed: u32) -> Vmm {
 fn a_vmkfs_disk_on_a_shared_datastore_is_handed_over_in_precopy_and_postcopy() {
     need_kvm();
     let _one = serial();
-    for (i, mode) in ["precopy", "postcopy"].into_iter().enumerate() {
+    for (seed, mode) in [(11, "precopy"), (12, "postcopy")] {
         let dir = TempDir::new("migrate-shared");
         let ds = shared_datastore(&dir);
         let sock = dir.path("api.sock");
         let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
         let addr = target.listening();
-        let mut source = persist_with_disk(&ds, &sock, 11 + i as u32);
+        let mut source = persist_with_disk(&ds, &sock, seed);
         source.wait_line("persist: steady");
         let src_pid = source.child.id();
         let o = owner(&ds).unwrap_or_default();
