@@ -3,6 +3,7 @@
 //! | method and path | does |
 //! |---|---|
 //! | GET /v1/host | host status |
+//! | POST /v1/host/shutdown | stop every VM, then the daemon, removing what it made outside its state directory ([`crate::shutdown`]) |
 //! | GET /v1/vms | every VM |
 //! | POST /v1/vms | define a VM (body: a VM spec) |
 //! | GET /v1/vms/{name} | one VM |
@@ -35,6 +36,7 @@ use crate::helper;
 use crate::http::{self, HttpError, Request};
 use crate::metrics::{self, Samples};
 use crate::sched::{self, Cgroups, Demand};
+use crate::shutdown::{self, SocketTrace, StateLock, Traces};
 use crate::store::{Document, Store};
 use crate::supervisor::{self, Pidfd};
 use crate::world::{no_null, State, VmSpec, World};
@@ -120,6 +122,17 @@ pub struct Daemon {
     /// Worlds whose VMM is sending them away, by id, with the target daemon's address: a
     /// VMM of theirs that exits 0 has handed its VM over ("migrated to HOST:PORT").
     migrating: Mutex<HashMap<u64, String>>,
+    /// The state directory.
+    state_dir: PathBuf,
+    /// Held for the daemon's life: no second daemon, and no `wv host uninstall`, on this
+    /// state directory meanwhile.
+    _lock: StateLock,
+    /// What this daemon made outside its state directory (kept in [`shutdown::TRACES_FILE`]).
+    traces: Mutex<Traces>,
+    /// Set once the daemon is ending: no VM starts any more.
+    closing: std::sync::atomic::AtomicBool,
+    /// Whether [`Daemon::close`] has run; held while it runs.
+    closed: Mutex<bool>,
 }
 
 /// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit` null (or 0) removes the
@@ -319,6 +332,8 @@ pub struct Answer {
     pub headers: Vec<String>,
     /// JSON body (empty for 204).
     pub body: String,
+    /// The daemon ends once this answer is written (`POST /v1/host/shutdown`).
+    pub exit: bool,
 }
 
 impl From<Reply> for Answer {
@@ -327,6 +342,7 @@ impl From<Reply> for Answer {
             status,
             headers: Vec::new(),
             body,
+            exit: false,
         }
     }
 }
@@ -335,6 +351,7 @@ impl From<Reply> for Answer {
 fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
     Some(match parts {
         ["v1", "host"] | ["v1", "stats"] | ["v1", "vms", _, "stats"] | ["metrics"] => &["GET"],
+        ["v1", "host", "shutdown"] => &["POST"],
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
         ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore" | "incoming" | "migrate"] => {
@@ -363,10 +380,10 @@ impl Daemon {
     /// records that they ended while it was down).
     pub fn open(state_dir: &Path, socket: &Path, wv: PathBuf) -> std::io::Result<Arc<Daemon>> {
         let store = Store::open(state_dir)?;
+        let lock = StateLock::take(state_dir)?;
         let doc = store.load()?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.into());
-        let cgroups = Cgroups::open(&format!("worldvisor/{}", tag(&canonical)), cpus);
+        let cgroups = Cgroups::open(&cgroup_name(state_dir), cpus);
         let cgroups = cgroups.and_then(|c| c.system().map(|()| c));
         if let Err(e) = &cgroups {
             eprintln!("wv host: CPU scheduler unavailable (VMs with settings other than the default shares cannot start): {e}");
@@ -387,7 +404,15 @@ impl Daemon {
             lifecycle: Mutex::default(),
             listen: std::sync::OnceLock::new(),
             migrating: Mutex::default(),
+            state_dir: state_dir.to_path_buf(),
+            _lock: lock,
+            traces: Mutex::new(Traces::load(state_dir)),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            closed: Mutex::new(false),
         });
+        // From here SIGTERM and SIGINT remove what the daemon made (its cgroups so far).
+        let d2 = d.clone();
+        shutdown::signals::on_termination(move || d2.close());
         let mut adopt = Vec::new();
         let mut incoming = Vec::new();
         {
@@ -960,6 +985,7 @@ impl Daemon {
             status: 200,
             headers: vec![format!("Content-Type: {}", metrics::CONTENT_TYPE)],
             body: t.finish(),
+            exit: false,
         }
     }
 
@@ -985,6 +1011,9 @@ impl Daemon {
         }
         if parts == ["metrics"] {
             return self.metrics();
+        }
+        if parts == ["v1", "host", "shutdown"] {
+            return self.shutdown();
         }
         match (req.method.as_str(), parts.as_slice()) {
             ("GET", ["v1", "host"]) => self.host(),
@@ -1178,6 +1207,12 @@ impl Daemon {
         if is_live(w.state) {
             return error(409, format!("VM '{name}' is running already"));
         }
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return error(
+                409,
+                format!("VM '{name}' cannot start: the daemon is shutting down"),
+            );
+        }
         // From a snapshot the VM becomes the snapshot's (its name and scheduler settings
         // stay), but only once its VMM has started: a refused restore leaves it as it was.
         let mut spec = w.spec.clone();
@@ -1333,6 +1368,8 @@ impl Daemon {
         // gets a minute, a snapshot or migration (which copy all memory) ten.
         let timeout = if path == "/vm/snapshot" || path == "/vm/migrate-send" {
             Duration::from_secs(600)
+        } else if path == "/vm/shutdown" {
+            STOP_GRACE
         } else {
             Duration::from_secs(60)
         };
@@ -1685,6 +1722,115 @@ impl Daemon {
         }
     }
 
+    /// `POST /v1/host/shutdown`: no VM starts from now on; every running VM is stopped, all
+    /// at once, each through its VMM's control socket (`PUT /vm/shutdown`), then SIGTERM, then
+    /// SIGKILL, [`STOP_GRACE`] apart (so the whole takes at most three of them once each
+    /// VM's lifecycle lock is free); then the daemon removes what it made outside its state
+    /// directory ([`Daemon::close`]) and ends once the answer is written. The answer lists
+    /// the VMs stopped and those that would not stop.
+    fn shutdown(self: &Arc<Self>) -> Answer {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let live: Vec<String> = self
+            .lock()
+            .worlds
+            .iter()
+            .filter(|w| is_live(w.state))
+            .map(|w| w.spec.name.clone())
+            .collect();
+        let stops: Vec<(String, std::thread::JoinHandle<Result<(), String>>)> = live
+            .into_iter()
+            .filter_map(|name| {
+                let (d, n) = (self.clone(), name.clone());
+                match std::thread::Builder::new()
+                    .name("shutdown".into())
+                    .spawn(move || d.stop_for_shutdown(&n))
+                {
+                    Ok(h) => Some((name, h)),
+                    Err(e) => {
+                        eprintln!("wv host: shutdown: no thread to stop VM '{name}': {e}");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let (mut stopped, mut failed) = (Vec::new(), Vec::new());
+        for (name, h) in stops {
+            match h.join() {
+                Ok(Ok(())) => stopped.push(name),
+                Ok(Err(e)) => failed.push(json!({ "name": name, "error": e })),
+                Err(_) => failed.push(json!({ "name": name, "error": "its stop panicked" })),
+            }
+        }
+        for f in &failed {
+            eprintln!("wv host: shutdown: {f}");
+        }
+        self.close();
+        let mut a: Answer = ok(200, &json!({ "stopped": stopped, "failed": failed })).into();
+        a.exit = true;
+        a
+    }
+
+    /// Stops VM `name` for [`Daemon::shutdown`]: through its VMM's control socket first.
+    fn stop_for_shutdown(&self, name: &str) -> Result<(), String> {
+        let (id, lc) = self.lifecycle(name).map_err(|(_, b)| b)?;
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        let run = {
+            let mut doc = self.lock();
+            let w = Self::world(&mut doc, id, name).map_err(|(_, b)| b)?;
+            match self.run_of(id) {
+                Some(run) if is_live(w.state) => run,
+                _ => return Ok(()),
+            }
+        };
+        self.stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        // A paused VMM answers its control socket too; one without a socket, or that does
+        // not answer, gets the signals.
+        let asked = self
+            .vmm_call(name, "PUT", "/vm/shutdown", None)
+            .is_ok_and(|(s, _)| s == 204);
+        if asked && run.wait(STOP_GRACE) {
+            return Ok(());
+        }
+        self.terminate(id, name, &run).map_err(|(_, b)| b)
+    }
+
+    /// Removes what the daemon made outside its state directory: its cgroups (the groups of
+    /// VMMs still running stay until they end), its socket and the folders it created for it,
+    /// and the record of them. Once; a second caller (SIGTERM during a shutdown) waits for
+    /// the first to finish.
+    pub fn close(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        if *closed {
+            return;
+        }
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(cg) = &self.cgroups {
+            cg.close();
+        }
+        let traces = self
+            .traces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(s) = &traces.socket {
+            if let Err(e) = s.remove() {
+                eprintln!("wv host: removing the socket: {e}");
+            }
+        }
+        for d in &traces.dirs {
+            if let Err(e) = std::fs::remove_dir(d) {
+                eprintln!("wv host: leaving {}: {e}", d.display());
+            }
+        }
+        Traces::forget(&self.state_dir);
+        *closed = true;
+    }
+
     /// Ends the VMM `run` of world `id` and waits until its end is recorded: SIGTERM, then
     /// SIGKILL after [`STOP_GRACE`], both through the run's pidfd, so never to another
     /// process. The caller holds the world's lifecycle lock.
@@ -1803,21 +1949,54 @@ where
 /// Serves the API on `socket` until the process ends. A stale socket file is replaced; a live
 /// one (another daemon) is an error.
 pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
-    if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if socket.exists() {
-        if UnixStream::connect(socket).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("a daemon already listens on {}", socket.display()),
-            ));
-        }
-        std::fs::remove_file(socket)?;
-    }
-    let listener = UnixListener::bind(socket)?;
+    let listener = d.bind(socket)?;
     accept_loop(&d, "API socket", || listener.accept().map(|(s, _)| s));
     Ok(())
+}
+
+impl Daemon {
+    /// Binds the API's socket, creating its folder if needed, and records both
+    /// ([`shutdown::Traces`]). What a previous daemon of this state directory recorded and
+    /// left (it was killed) goes first: its socket, if stale, and its folders, if empty; the
+    /// folders it made that this socket is in stay this daemon's to remove.
+    fn bind(&self, socket: &Path) -> std::io::Result<UnixListener> {
+        let old = Traces::load(&self.state_dir);
+        if old.socket.as_ref().is_some_and(|s| s.path != socket) {
+            for e in old.remove() {
+                eprintln!("wv host: what a previous daemon left stays: {e}");
+            }
+        }
+        let mut dirs: Vec<PathBuf> = old
+            .dirs
+            .iter()
+            .filter(|d| socket.starts_with(d) && d.is_dir())
+            .cloned()
+            .collect();
+        if let Some(parent) = socket.parent() {
+            let made = shutdown::create_dirs(parent)?;
+            dirs.retain(|d| !made.contains(d));
+            dirs.splice(0..0, made);
+        }
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        if socket.exists() {
+            if UnixStream::connect(socket).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("a daemon already listens on {}", socket.display()),
+                ));
+            }
+            std::fs::remove_file(socket)?;
+        }
+        // Recorded before the socket exists, so a daemon killed right after binding leaves
+        // nothing unrecorded.
+        let mut t = self.traces.lock().unwrap_or_else(|p| p.into_inner());
+        t.dirs = dirs;
+        t.save(&self.state_dir)?;
+        let listener = UnixListener::bind(socket)?;
+        t.socket = Some(SocketTrace::of(socket)?);
+        t.save(&self.state_dir)?;
+        Ok(listener)
+    }
 }
 
 /// Serves the API on TCP at `addr` too (only when asked). Every request over TCP must carry
@@ -1970,4 +2149,79 @@ fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stre
     // A client that does not read its answer cannot hold the connection's slot for ever.
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let _ = http::write_response(stream, a.status, &a.headers, &a.body);
+    if a.exit {
+        // `POST /v1/host/shutdown`: everything is stopped and removed; the answer is out.
+        std::process::exit(0);
+    }
+}
+
+/// The cgroup name of the daemon of `state_dir` (`worldvisor/<tag>`).
+fn cgroup_name(state_dir: &Path) -> String {
+    let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.into());
+    format!("worldvisor/{}", tag(&canonical))
+}
+
+/// The VMMs (`wv run` processes) whose files are in `state_dir`'s VM folders: (pid, VM name).
+fn vmms_of(state_dir: &Path) -> Vec<(u32, String)> {
+    let vms = std::fs::canonicalize(state_dir)
+        .unwrap_or_else(|_| state_dir.into())
+        .join("vms");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.get(1) != Some(&&b"run"[..]) {
+            continue;
+        }
+        let name = args.iter().find_map(|a| {
+            let p = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a));
+            let rel = p.strip_prefix(&vms).ok()?;
+            Some(
+                rel.components()
+                    .next()?
+                    .as_os_str()
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        });
+        if let Some(name) = name {
+            out.push((pid, name));
+        }
+    }
+    out
+}
+
+/// `wv host uninstall`: removes what a daemon of `state_dir` that was killed left outside it
+/// (its socket and folders, as recorded in [`shutdown::TRACES_FILE`]; its cgroups), then the
+/// state directory itself. Refused while a daemon runs on it or a VMM of it still runs.
+/// Returns what could not be removed outside the state directory, one line each.
+pub fn uninstall(state_dir: &Path) -> Result<Vec<String>, String> {
+    if std::fs::symlink_metadata(state_dir).is_err() {
+        return Ok(Vec::new());
+    }
+    if !state_dir.is_dir() {
+        return Err(format!("{} is not a directory", state_dir.display()));
+    }
+    let _lock =
+        StateLock::take(state_dir).map_err(|e| format!("{e}: stop it first (wv host shutdown)"))?;
+    if let Some((pid, name)) = vmms_of(state_dir).first() {
+        return Err(format!(
+            "the VMM of VM '{name}' (pid {pid}) still runs from {}: start the daemon and run wv host shutdown",
+            state_dir.display()
+        ));
+    }
+    let mut left = Traces::load(state_dir).remove();
+    if let Err(e) = Cgroups::remove_left(&cgroup_name(state_dir)) {
+        if crate::cgroup::Hierarchy::detect().is_ok() {
+            left.push(e);
+        }
+    }
+    std::fs::remove_dir_all(state_dir)
+        .map_err(|e| format!("removing {}: {e}", state_dir.display()))?;
+    Ok(left)
 }

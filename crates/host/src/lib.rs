@@ -10,6 +10,7 @@ pub mod helper;
 pub use wv_http as http;
 pub mod metrics;
 pub mod sched;
+pub mod shutdown;
 pub mod store;
 pub mod supervisor;
 pub mod world;
