@@ -19,6 +19,7 @@
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
+//! | GET /v1/history | the last 10 minutes, one point a second, of every running world ([`crate::history`]) |
 //! | GET /metrics | the same and more (state, settings, KVM's exit counters per vCPU) for Prometheus ([`metrics`]) |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
@@ -50,6 +51,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 mod migration;
+pub mod web;
+use web::Via;
 
 /// Most VMs one daemon defines (each costs a share of every save of the state).
 pub const MAX_VMS: usize = 512;
@@ -133,6 +136,10 @@ pub struct Daemon {
     closing: std::sync::atomic::AtomicBool,
     /// Whether [`Daemon::close`] has run; held while it runs.
     closed: Mutex<bool>,
+    /// The last 10 minutes of every running world, for the web console's plots.
+    history: Mutex<crate::history::History>,
+    /// The `Host`s the web console answers to (`wv host --web`).
+    web_hosts: std::sync::OnceLock<Vec<String>>,
 }
 
 /// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit` null (or 0) removes the
@@ -350,7 +357,11 @@ impl From<Reply> for Answer {
 /// The methods a path supports, or `None` when no such resource exists.
 fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
     Some(match parts {
-        ["v1", "host"] | ["v1", "stats"] | ["v1", "vms", _, "stats"] | ["metrics"] => &["GET"],
+        ["v1", "host"]
+        | ["v1", "stats"]
+        | ["v1", "history"]
+        | ["v1", "vms", _, "stats"]
+        | ["metrics"] => &["GET"],
         ["v1", "host", "shutdown"] => &["POST"],
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
@@ -409,6 +420,8 @@ impl Daemon {
             traces: Mutex::new(Traces::load(state_dir)),
             closing: std::sync::atomic::AtomicBool::new(false),
             closed: Mutex::new(false),
+            history: Mutex::default(),
+            web_hosts: std::sync::OnceLock::new(),
         });
         // From here SIGTERM and SIGINT remove what the daemon made (its cgroups so far).
         let d2 = d.clone();
@@ -506,6 +519,11 @@ impl Daemon {
                 d2.finished(id, None);
             })?;
         }
+        let d2 = d.clone();
+        helper::spawn("history", move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            d2.sample_history();
+        })?;
         // Folders of deleted VMs that a previous daemon did not finish removing.
         let d2 = d.clone();
         helper::spawn("cleanup", move || {
@@ -839,6 +857,60 @@ impl Daemon {
         out
     }
 
+    /// One point of history for every running world (the sampler's tick, each second). The
+    /// VMMs' exit counters are read after the document lock is released.
+    fn sample_history(&self) {
+        let (stats, vmms) = {
+            let doc = self.lock();
+            let vmms: Vec<(u64, u32, Arc<Run>)> = doc
+                .worlds
+                .iter()
+                .filter(|w| is_live(w.state))
+                .filter_map(|w| Some((w.id, w.pid?, self.run_of(w.id)?)))
+                .collect();
+            (self.every_stats(&doc), vmms)
+        };
+        let readings = stats
+            .into_iter()
+            .map(|s| {
+                let exits = vmms
+                    .iter()
+                    .find(|(id, ..)| *id == s.id)
+                    .map(|(_, pid, run)| {
+                        metrics::vcpu_counters(*pid, run.pidfd.as_fd())
+                            .iter()
+                            .flat_map(|(_, c)| c.iter())
+                            .filter(|(n, _)| n == "exits")
+                            .map(|(_, n)| *n)
+                            .sum()
+                    });
+                let mut threads: Vec<(String, u64)> = Vec::new();
+                for t in &s.threads {
+                    match threads.iter_mut().find(|(n, _)| *n == t.name) {
+                        Some((_, ns)) => *ns += t.cpu_ns,
+                        None => threads.push((t.name.clone(), t.cpu_ns)),
+                    }
+                }
+                crate::history::Reading {
+                    id: s.id,
+                    name: s.name,
+                    cpu_ns: s.cpu_ns,
+                    ready_ns: s.ready_ns,
+                    throttled_ns: s.throttled_ns,
+                    exits,
+                    threads,
+                }
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(now, std::time::Instant::now(), readings);
+    }
+
     /// `GET /metrics`: every world's accounting, state and settings, and each running VM's
     /// exit counters (KVM's, per vCPU) and guest time, in the Prometheus text format. The
     /// VMMs are read after the document lock is released, so a slow read never holds up the
@@ -1023,6 +1095,14 @@ impl Daemon {
             ("PATCH", ["v1", "vms", name]) => self.set(name, &req.body),
             ("GET", ["v1", "vms", name, "stats"]) => self.stats(name),
             ("GET", ["v1", "stats"]) => self.all_stats(),
+            ("GET", ["v1", "history"]) => ok(
+                200,
+                &json!({
+                    "interval_s": 1,
+                    "points": crate::history::POINTS,
+                    "worlds": self.history.lock().unwrap_or_else(|p| p.into_inner()).all(),
+                }),
+            ),
             ("DELETE", ["v1", "vms", name]) => self.delete(name),
             ("POST", ["v1", "vms", name, "start"]) => self.start(name),
             ("POST", ["v1", "vms", name, "stop"]) => self.stop(name),
@@ -1897,8 +1977,12 @@ fn exhausted(e: &std::io::Error) -> bool {
 /// Accepts connections for ever, serving each on a management thread, at most
 /// [`MAX_CONNECTIONS`] at once; out of descriptors, it backs off (10 ms doubling to 1 s)
 /// instead of spinning, and says so once per episode.
-fn accept_loop<S>(d: &Arc<Daemon>, what: &str, mut accept: impl FnMut() -> std::io::Result<S>)
-where
+fn accept_loop<S>(
+    d: &Arc<Daemon>,
+    what: &str,
+    via: Via,
+    mut accept: impl FnMut() -> std::io::Result<S>,
+) where
     S: std::io::Read + std::io::Write + http::Timed + Send + 'static,
 {
     let slots = Arc::new(Slots::default());
@@ -1916,7 +2000,7 @@ where
                 let d = d.clone();
                 if let Err(e) = helper::spawn_management(move || {
                     let _slot = slot;
-                    answer(&d, stream);
+                    answer(&d, stream, via);
                 }) {
                     eprintln!("wv host: no thread for a connection: {e}");
                 }
@@ -1950,7 +2034,9 @@ where
 /// one (another daemon) is an error.
 pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
     let listener = d.bind(socket)?;
-    accept_loop(&d, "API socket", || listener.accept().map(|(s, _)| s));
+    accept_loop(&d, "API socket", Via::Unix, || {
+        listener.accept().map(|(s, _)| s)
+    });
     Ok(())
 }
 
@@ -2008,7 +2094,26 @@ pub fn serve_tcp(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
     }
     std::thread::Builder::new()
         .name("api-tcp".into())
-        .spawn(move || accept_loop(&d, "API on TCP", || listener.accept().map(|(s, _)| s)))?;
+        .spawn(move || {
+            accept_loop(&d, "API on TCP", Via::Api, || {
+                listener.accept().map(|(s, _)| s)
+            })
+        })?;
+    Ok(())
+}
+
+/// Serves the web console ([`web`]) and the API for its page on TCP at `addr` (only when
+/// asked): every request but the login page and the assets needs the token.
+pub fn serve_web(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    d.set_web_hosts(addr, listener.local_addr()?);
+    std::thread::Builder::new()
+        .name("web".into())
+        .spawn(move || {
+            accept_loop(&d, "web console", Via::Web, || {
+                listener.accept().map(|(s, _)| s)
+            })
+        })?;
     Ok(())
 }
 
@@ -2129,16 +2234,29 @@ impl Daemon {
 
 /// One request and its answer on a connection; every 5xx goes to the daemon's log with its
 /// cause.
-fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stream: S) {
+fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stream: S, via: Via) {
     let mut r = BufReader::new(http::Deadline::new(stream, REQUEST_TIMEOUT));
-    let remote = r.get_ref().get_ref().remote();
     let (what, a) = match http::read_request(&mut r) {
         Ok(req) => {
-            let refused = if remote { d.admit_remote(&req) } else { None };
-            (
-                format!("{} {}", req.method, req.path),
-                refused.unwrap_or_else(|| d.handle(&req)),
-            )
+            let web = web::is_web(&req);
+            let refused = match via {
+                Via::Unix => None,
+                Via::Api if web => {
+                    Some(error(404, "the web console is served on wv host --web, not here").into())
+                }
+                Via::Api => d.admit_remote(&req),
+                Via::Web => d.admit_web(&req),
+            };
+            let a = match refused {
+                Some(a) => a,
+                None if web => match d.web(&req, r.get_ref().get_ref(), via) {
+                    Some(a) => a,
+                    // A WebSocket had the connection, and has ended.
+                    None => return,
+                },
+                None => d.handle(&req),
+            };
+            (format!("{} {}", req.method, req.path), a)
         }
         Err(HttpError(status, msg)) => ("a request".to_string(), error(status, msg).into()),
     };

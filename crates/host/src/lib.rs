@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cgroup;
 pub mod helper;
+pub mod history;
 pub use wv_http as http;
 pub mod metrics;
 pub mod sched;

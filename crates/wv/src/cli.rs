@@ -467,6 +467,11 @@ const DAEMON_OPTS: &[Opt] = &[
             "also serve the API on TCP, to clients with the token (wv host token)",
         ),
         opt(
+            "--web",
+            Arg::Value("ADDR:PORT"),
+            "serve the web console on TCP (log in with the token; also at / on the socket)",
+        ),
+        opt(
             "--images",
             Arg::Value("DIR"),
             "VMs' kernels, initrds and disks must be under DIR (repeatable;\nwithout it, any file the daemon can read)",
@@ -920,6 +925,8 @@ pub enum Command {
         state_dir: PathBuf,
         /// A TCP address to serve on as well.
         listen: Option<String>,
+        /// A TCP address to serve the web console on.
+        web: Option<String>,
         /// The only directories VMs' kernels, initrds and disks may come from.
         images: Vec<PathBuf>,
     },
@@ -1352,6 +1359,7 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                     m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR),
                 ),
                 listen: m.value("--listen").map(str::to_string),
+                web: m.value("--web").map(str::to_string),
                 images: m.values("--images").map(PathBuf::from).collect(),
             })
         }
@@ -1389,7 +1397,7 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
             for o in DAEMON_OPTS {
                 for v in m.values(o.long) {
                     let v = match o.long {
-                        "--listen" => v.to_string(),
+                        "--listen" | "--web" => v.to_string(),
                         _ => abs(v),
                     };
                     args.extend([o.long.to_string(), v]);

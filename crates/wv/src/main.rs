@@ -58,8 +58,15 @@ fn main() -> ExitCode {
             socket,
             state_dir,
             listen,
+            web,
             images,
-        } => cmd_host_serve(&socket, &state_dir, listen.as_deref(), images),
+        } => cmd_host_serve(
+            &socket,
+            &state_dir,
+            listen.as_deref(),
+            web.as_deref(),
+            images,
+        ),
         Command::HostStatus(c) => host_status(&c),
         Command::HostTop(c, once) => host_top(&c, once),
         Command::HostToken(dir) => {
@@ -201,6 +208,7 @@ fn cmd_host_serve(
     socket: &Path,
     state_dir: &Path,
     listen: Option<&str>,
+    web: Option<&str>,
     images: Vec<PathBuf>,
 ) -> ExitCode {
     let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
@@ -231,6 +239,12 @@ fn cmd_host_serve(
             return fail(1, &format!("cannot listen on {addr}: {e}"));
         }
         eprintln!("wv host: listening on tcp {addr} as well");
+    }
+    if let Some(addr) = web {
+        if let Err(e) = wv_host::api::serve_web(d.clone(), addr) {
+            return fail(1, &format!("cannot serve the web console on {addr}: {e}"));
+        }
+        eprintln!("wv host: web console on http://{addr}/ (log in with wv host token)");
     }
     eprintln!(
         "wv host: listening on {} (state in {})",

@@ -382,6 +382,7 @@ fn the_server_matches_its_openapi_document() {
         404
     );
     assert_eq!(c.call("GET", "/v1/stats", "/v1/stats", None).0, 200);
+    assert_eq!(c.call("GET", "/v1/history", "/v1/history", None).0, 200);
     assert_eq!(c.call("GET", "/metrics", "/metrics", None).0, 200);
     assert_eq!(
         c.call("POST", "/v1/vms/{name}/pause", "/v1/vms/a/pause", None)
@@ -1370,6 +1371,7 @@ impl Fuzz {
             "stats",
             "all-stats",
             "metrics",
+            "history",
             "host",
             "patch",
             "patch",
@@ -1398,9 +1400,10 @@ impl Fuzz {
             ""
         };
         match op {
-            "host" | "list" | "all-stats" | "metrics" => {
+            "host" | "list" | "all-stats" | "metrics" | "history" => {
                 let (tpl, path) = match op {
                     "host" => ("/v1/host", "/v1/host"),
+                    "history" => ("/v1/history", "/v1/history"),
                     "list" => ("/v1/vms", "/v1/vms"),
                     "metrics" => ("/metrics", "/metrics"),
                     _ => ("/v1/stats", "/v1/stats"),
