@@ -131,7 +131,7 @@ let term = null, ws = null;
 function openConsole(name) {
   if (ws) ws.close();
   if (!term) {
-    term = new Terminal({ cols: 100, rows: 20, convertEol: false });
+    term = new Terminal({ cols: 100, rows: 20, convertEol: true });
     term.open($("#term"));
     term.onData((d) => { if (ws && ws.readyState === 1) ws.send(new TextEncoder().encode(d)); });
   }
