@@ -3,6 +3,7 @@
 //! | method and path | does |
 //! |---|---|
 //! | GET /v1/host | host status |
+//! | POST /v1/host/shutdown | stop every VM, then the daemon, removing what it made outside its state directory ([`crate::shutdown`]) |
 //! | GET /v1/vms | every VM |
 //! | POST /v1/vms | define a VM (body: a VM spec) |
 //! | GET /v1/vms/{name} | one VM |
@@ -18,6 +19,7 @@
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
+//! | GET /v1/history | the last 10 minutes, one point a second, of every running world ([`crate::history`]) |
 //! | GET /metrics | the same and more (state, settings, KVM's exit counters per vCPU) for Prometheus ([`metrics`]) |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
@@ -35,6 +37,7 @@ use crate::helper;
 use crate::http::{self, HttpError, Request};
 use crate::metrics::{self, Samples};
 use crate::sched::{self, Cgroups, Demand};
+use crate::shutdown::{self, SocketTrace, StateLock, Traces};
 use crate::store::{Document, Store};
 use crate::supervisor::{self, Pidfd};
 use crate::world::{no_null, State, VmSpec, World};
@@ -48,6 +51,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 mod migration;
+pub mod web;
+use web::Via;
 
 /// Most VMs one daemon defines (each costs a share of every save of the state).
 pub const MAX_VMS: usize = 512;
@@ -120,6 +125,21 @@ pub struct Daemon {
     /// Worlds whose VMM is sending them away, by id, with the target daemon's address: a
     /// VMM of theirs that exits 0 has handed its VM over ("migrated to HOST:PORT").
     migrating: Mutex<HashMap<u64, String>>,
+    /// The state directory.
+    state_dir: PathBuf,
+    /// Held for the daemon's life: no second daemon, and no `wv host uninstall`, on this
+    /// state directory meanwhile.
+    _lock: StateLock,
+    /// What this daemon made outside its state directory (kept in [`shutdown::TRACES_FILE`]).
+    traces: Mutex<Traces>,
+    /// Set once the daemon is ending: no VM starts any more.
+    closing: std::sync::atomic::AtomicBool,
+    /// Whether [`Daemon::close`] has run; held while it runs.
+    closed: Mutex<bool>,
+    /// The last 10 minutes of every running world, for the web console's plots.
+    history: Mutex<crate::history::History>,
+    /// The `Host`s the web console answers to (`wv host --web`).
+    web_hosts: std::sync::OnceLock<Vec<String>>,
 }
 
 /// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit` null (or 0) removes the
@@ -319,6 +339,8 @@ pub struct Answer {
     pub headers: Vec<String>,
     /// JSON body (empty for 204).
     pub body: String,
+    /// The daemon ends once this answer is written (`POST /v1/host/shutdown`).
+    pub exit: bool,
 }
 
 impl From<Reply> for Answer {
@@ -327,6 +349,7 @@ impl From<Reply> for Answer {
             status,
             headers: Vec::new(),
             body,
+            exit: false,
         }
     }
 }
@@ -334,7 +357,12 @@ impl From<Reply> for Answer {
 /// The methods a path supports, or `None` when no such resource exists.
 fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
     Some(match parts {
-        ["v1", "host"] | ["v1", "stats"] | ["v1", "vms", _, "stats"] | ["metrics"] => &["GET"],
+        ["v1", "host"]
+        | ["v1", "stats"]
+        | ["v1", "history"]
+        | ["v1", "vms", _, "stats"]
+        | ["metrics"] => &["GET"],
+        ["v1", "host", "shutdown"] => &["POST"],
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
         ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore" | "incoming" | "migrate"] => {
@@ -363,10 +391,10 @@ impl Daemon {
     /// records that they ended while it was down).
     pub fn open(state_dir: &Path, socket: &Path, wv: PathBuf) -> std::io::Result<Arc<Daemon>> {
         let store = Store::open(state_dir)?;
+        let lock = StateLock::take(state_dir)?;
         let doc = store.load()?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.into());
-        let cgroups = Cgroups::open(&format!("worldvisor/{}", tag(&canonical)), cpus);
+        let cgroups = Cgroups::open(&cgroup_name(state_dir), cpus);
         let cgroups = cgroups.and_then(|c| c.system().map(|()| c));
         if let Err(e) = &cgroups {
             eprintln!("wv host: CPU scheduler unavailable (VMs with settings other than the default shares cannot start): {e}");
@@ -387,7 +415,17 @@ impl Daemon {
             lifecycle: Mutex::default(),
             listen: std::sync::OnceLock::new(),
             migrating: Mutex::default(),
+            state_dir: state_dir.to_path_buf(),
+            _lock: lock,
+            traces: Mutex::new(Traces::load(state_dir)),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            closed: Mutex::new(false),
+            history: Mutex::default(),
+            web_hosts: std::sync::OnceLock::new(),
         });
+        // From here SIGTERM and SIGINT remove what the daemon made (its cgroups so far).
+        let d2 = d.clone();
+        shutdown::signals::on_termination(move || d2.close());
         let mut adopt = Vec::new();
         let mut incoming = Vec::new();
         {
@@ -481,6 +519,11 @@ impl Daemon {
                 d2.finished(id, None);
             })?;
         }
+        let d2 = d.clone();
+        helper::spawn("history", move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            d2.sample_history();
+        })?;
         // Folders of deleted VMs that a previous daemon did not finish removing.
         let d2 = d.clone();
         helper::spawn("cleanup", move || {
@@ -814,6 +857,60 @@ impl Daemon {
         out
     }
 
+    /// One point of history for every running world (the sampler's tick, each second). The
+    /// VMMs' exit counters are read after the document lock is released.
+    fn sample_history(&self) {
+        let (stats, vmms) = {
+            let doc = self.lock();
+            let vmms: Vec<(u64, u32, Arc<Run>)> = doc
+                .worlds
+                .iter()
+                .filter(|w| is_live(w.state))
+                .filter_map(|w| Some((w.id, w.pid?, self.run_of(w.id)?)))
+                .collect();
+            (self.every_stats(&doc), vmms)
+        };
+        let readings = stats
+            .into_iter()
+            .map(|s| {
+                let exits = vmms
+                    .iter()
+                    .find(|(id, ..)| *id == s.id)
+                    .map(|(_, pid, run)| {
+                        metrics::vcpu_counters(*pid, run.pidfd.as_fd())
+                            .iter()
+                            .flat_map(|(_, c)| c.iter())
+                            .filter(|(n, _)| n == "exits")
+                            .map(|(_, n)| *n)
+                            .sum()
+                    });
+                let mut threads: Vec<(String, u64)> = Vec::new();
+                for t in &s.threads {
+                    match threads.iter_mut().find(|(n, _)| *n == t.name) {
+                        Some((_, ns)) => *ns += t.cpu_ns,
+                        None => threads.push((t.name.clone(), t.cpu_ns)),
+                    }
+                }
+                crate::history::Reading {
+                    id: s.id,
+                    name: s.name,
+                    cpu_ns: s.cpu_ns,
+                    ready_ns: s.ready_ns,
+                    throttled_ns: s.throttled_ns,
+                    exits,
+                    threads,
+                }
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(now, std::time::Instant::now(), readings);
+    }
+
     /// `GET /metrics`: every world's accounting, state and settings, and each running VM's
     /// exit counters (KVM's, per vCPU) and guest time, in the Prometheus text format. The
     /// VMMs are read after the document lock is released, so a slow read never holds up the
@@ -960,6 +1057,7 @@ impl Daemon {
             status: 200,
             headers: vec![format!("Content-Type: {}", metrics::CONTENT_TYPE)],
             body: t.finish(),
+            exit: false,
         }
     }
 
@@ -986,6 +1084,9 @@ impl Daemon {
         if parts == ["metrics"] {
             return self.metrics();
         }
+        if parts == ["v1", "host", "shutdown"] {
+            return self.shutdown();
+        }
         match (req.method.as_str(), parts.as_slice()) {
             ("GET", ["v1", "host"]) => self.host(),
             ("GET", ["v1", "vms"]) => ok(200, &self.lock().worlds),
@@ -994,6 +1095,14 @@ impl Daemon {
             ("PATCH", ["v1", "vms", name]) => self.set(name, &req.body),
             ("GET", ["v1", "vms", name, "stats"]) => self.stats(name),
             ("GET", ["v1", "stats"]) => self.all_stats(),
+            ("GET", ["v1", "history"]) => ok(
+                200,
+                &json!({
+                    "interval_s": 1,
+                    "points": crate::history::POINTS,
+                    "worlds": self.history.lock().unwrap_or_else(|p| p.into_inner()).all(),
+                }),
+            ),
             ("DELETE", ["v1", "vms", name]) => self.delete(name),
             ("POST", ["v1", "vms", name, "start"]) => self.start(name),
             ("POST", ["v1", "vms", name, "stop"]) => self.stop(name),
@@ -1178,6 +1287,12 @@ impl Daemon {
         if is_live(w.state) {
             return error(409, format!("VM '{name}' is running already"));
         }
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return error(
+                409,
+                format!("VM '{name}' cannot start: the daemon is shutting down"),
+            );
+        }
         // From a snapshot the VM becomes the snapshot's (its name and scheduler settings
         // stay), but only once its VMM has started: a refused restore leaves it as it was.
         let mut spec = w.spec.clone();
@@ -1333,6 +1448,8 @@ impl Daemon {
         // gets a minute, a snapshot or migration (which copy all memory) ten.
         let timeout = if path == "/vm/snapshot" || path == "/vm/migrate-send" {
             Duration::from_secs(600)
+        } else if path == "/vm/shutdown" {
+            STOP_GRACE
         } else {
             Duration::from_secs(60)
         };
@@ -1685,6 +1802,115 @@ impl Daemon {
         }
     }
 
+    /// `POST /v1/host/shutdown`: no VM starts from now on; every running VM is stopped, all
+    /// at once, each through its VMM's control socket (`PUT /vm/shutdown`), then SIGTERM, then
+    /// SIGKILL, [`STOP_GRACE`] apart (so the whole takes at most three of them once each
+    /// VM's lifecycle lock is free); then the daemon removes what it made outside its state
+    /// directory ([`Daemon::close`]) and ends once the answer is written. The answer lists
+    /// the VMs stopped and those that would not stop.
+    fn shutdown(self: &Arc<Self>) -> Answer {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let live: Vec<String> = self
+            .lock()
+            .worlds
+            .iter()
+            .filter(|w| is_live(w.state))
+            .map(|w| w.spec.name.clone())
+            .collect();
+        let stops: Vec<(String, std::thread::JoinHandle<Result<(), String>>)> = live
+            .into_iter()
+            .filter_map(|name| {
+                let (d, n) = (self.clone(), name.clone());
+                match std::thread::Builder::new()
+                    .name("shutdown".into())
+                    .spawn(move || d.stop_for_shutdown(&n))
+                {
+                    Ok(h) => Some((name, h)),
+                    Err(e) => {
+                        eprintln!("wv host: shutdown: no thread to stop VM '{name}': {e}");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let (mut stopped, mut failed) = (Vec::new(), Vec::new());
+        for (name, h) in stops {
+            match h.join() {
+                Ok(Ok(())) => stopped.push(name),
+                Ok(Err(e)) => failed.push(json!({ "name": name, "error": e })),
+                Err(_) => failed.push(json!({ "name": name, "error": "its stop panicked" })),
+            }
+        }
+        for f in &failed {
+            eprintln!("wv host: shutdown: {f}");
+        }
+        self.close();
+        let mut a: Answer = ok(200, &json!({ "stopped": stopped, "failed": failed })).into();
+        a.exit = true;
+        a
+    }
+
+    /// Stops VM `name` for [`Daemon::shutdown`]: through its VMM's control socket first.
+    fn stop_for_shutdown(&self, name: &str) -> Result<(), String> {
+        let (id, lc) = self.lifecycle(name).map_err(|(_, b)| b)?;
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        let run = {
+            let mut doc = self.lock();
+            let w = Self::world(&mut doc, id, name).map_err(|(_, b)| b)?;
+            match self.run_of(id) {
+                Some(run) if is_live(w.state) => run,
+                _ => return Ok(()),
+            }
+        };
+        self.stopping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        // A paused VMM answers its control socket too; one without a socket, or that does
+        // not answer, gets the signals.
+        let asked = self
+            .vmm_call(name, "PUT", "/vm/shutdown", None)
+            .is_ok_and(|(s, _)| s == 204);
+        if asked && run.wait(STOP_GRACE) {
+            return Ok(());
+        }
+        self.terminate(id, name, &run).map_err(|(_, b)| b)
+    }
+
+    /// Removes what the daemon made outside its state directory: its cgroups (the groups of
+    /// VMMs still running stay until they end), its socket and the folders it created for it,
+    /// and the record of them. Once; a second caller (SIGTERM during a shutdown) waits for
+    /// the first to finish.
+    pub fn close(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        if *closed {
+            return;
+        }
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(cg) = &self.cgroups {
+            cg.close();
+        }
+        let traces = self
+            .traces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(s) = &traces.socket {
+            if let Err(e) = s.remove() {
+                eprintln!("wv host: removing the socket: {e}");
+            }
+        }
+        for d in &traces.dirs {
+            if let Err(e) = std::fs::remove_dir(d) {
+                eprintln!("wv host: leaving {}: {e}", d.display());
+            }
+        }
+        Traces::forget(&self.state_dir);
+        *closed = true;
+    }
+
     /// Ends the VMM `run` of world `id` and waits until its end is recorded: SIGTERM, then
     /// SIGKILL after [`STOP_GRACE`], both through the run's pidfd, so never to another
     /// process. The caller holds the world's lifecycle lock.
@@ -1751,8 +1977,12 @@ fn exhausted(e: &std::io::Error) -> bool {
 /// Accepts connections for ever, serving each on a management thread, at most
 /// [`MAX_CONNECTIONS`] at once; out of descriptors, it backs off (10 ms doubling to 1 s)
 /// instead of spinning, and says so once per episode.
-fn accept_loop<S>(d: &Arc<Daemon>, what: &str, mut accept: impl FnMut() -> std::io::Result<S>)
-where
+fn accept_loop<S>(
+    d: &Arc<Daemon>,
+    what: &str,
+    via: Via,
+    mut accept: impl FnMut() -> std::io::Result<S>,
+) where
     S: std::io::Read + std::io::Write + http::Timed + Send + 'static,
 {
     let slots = Arc::new(Slots::default());
@@ -1770,7 +2000,7 @@ where
                 let d = d.clone();
                 if let Err(e) = helper::spawn_management(move || {
                     let _slot = slot;
-                    answer(&d, stream);
+                    answer(&d, stream, via);
                 }) {
                     eprintln!("wv host: no thread for a connection: {e}");
                 }
@@ -1803,21 +2033,56 @@ where
 /// Serves the API on `socket` until the process ends. A stale socket file is replaced; a live
 /// one (another daemon) is an error.
 pub fn serve(d: Arc<Daemon>, socket: &Path) -> std::io::Result<()> {
-    if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if socket.exists() {
-        if UnixStream::connect(socket).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("a daemon already listens on {}", socket.display()),
-            ));
-        }
-        std::fs::remove_file(socket)?;
-    }
-    let listener = UnixListener::bind(socket)?;
-    accept_loop(&d, "API socket", || listener.accept().map(|(s, _)| s));
+    let listener = d.bind(socket)?;
+    accept_loop(&d, "API socket", Via::Unix, || {
+        listener.accept().map(|(s, _)| s)
+    });
     Ok(())
+}
+
+impl Daemon {
+    /// Binds the API's socket, creating its folder if needed, and records both
+    /// ([`shutdown::Traces`]). What a previous daemon of this state directory recorded and
+    /// left (it was killed) goes first: its socket, if stale, and its folders, if empty; the
+    /// folders it made that this socket is in stay this daemon's to remove.
+    fn bind(&self, socket: &Path) -> std::io::Result<UnixListener> {
+        let old = Traces::load(&self.state_dir);
+        if old.socket.as_ref().is_some_and(|s| s.path != socket) {
+            for e in old.remove() {
+                eprintln!("wv host: what a previous daemon left stays: {e}");
+            }
+        }
+        let mut dirs: Vec<PathBuf> = old
+            .dirs
+            .iter()
+            .filter(|d| socket.starts_with(d) && d.is_dir())
+            .cloned()
+            .collect();
+        if let Some(parent) = socket.parent() {
+            let made = shutdown::create_dirs(parent)?;
+            dirs.retain(|d| !made.contains(d));
+            dirs.splice(0..0, made);
+        }
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        if socket.exists() {
+            if UnixStream::connect(socket).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("a daemon already listens on {}", socket.display()),
+                ));
+            }
+            std::fs::remove_file(socket)?;
+        }
+        // Recorded before the socket exists, so a daemon killed right after binding leaves
+        // nothing unrecorded.
+        let mut t = self.traces.lock().unwrap_or_else(|p| p.into_inner());
+        t.dirs = dirs;
+        t.save(&self.state_dir)?;
+        let listener = UnixListener::bind(socket)?;
+        t.socket = Some(SocketTrace::of(socket)?);
+        t.save(&self.state_dir)?;
+        Ok(listener)
+    }
 }
 
 /// Serves the API on TCP at `addr` too (only when asked). Every request over TCP must carry
@@ -1829,7 +2094,26 @@ pub fn serve_tcp(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
     }
     std::thread::Builder::new()
         .name("api-tcp".into())
-        .spawn(move || accept_loop(&d, "API on TCP", || listener.accept().map(|(s, _)| s)))?;
+        .spawn(move || {
+            accept_loop(&d, "API on TCP", Via::Api, || {
+                listener.accept().map(|(s, _)| s)
+            })
+        })?;
+    Ok(())
+}
+
+/// Serves the web console ([`web`]) and the API for its page on TCP at `addr` (only when
+/// asked): every request but the login page and the assets needs the token.
+pub fn serve_web(d: Arc<Daemon>, addr: &str) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    d.set_web_hosts(addr, listener.local_addr()?);
+    std::thread::Builder::new()
+        .name("web".into())
+        .spawn(move || {
+            accept_loop(&d, "web console", Via::Web, || {
+                listener.accept().map(|(s, _)| s)
+            })
+        })?;
     Ok(())
 }
 
@@ -1950,16 +2234,29 @@ impl Daemon {
 
 /// One request and its answer on a connection; every 5xx goes to the daemon's log with its
 /// cause.
-fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stream: S) {
+fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stream: S, via: Via) {
     let mut r = BufReader::new(http::Deadline::new(stream, REQUEST_TIMEOUT));
-    let remote = r.get_ref().get_ref().remote();
     let (what, a) = match http::read_request(&mut r) {
         Ok(req) => {
-            let refused = if remote { d.admit_remote(&req) } else { None };
-            (
-                format!("{} {}", req.method, req.path),
-                refused.unwrap_or_else(|| d.handle(&req)),
-            )
+            let web = web::is_web(&req);
+            let refused = match via {
+                Via::Unix => None,
+                Via::Api if web => {
+                    Some(error(404, "the web console is served on wv host --web, not here").into())
+                }
+                Via::Api => d.admit_remote(&req),
+                Via::Web => d.admit_web(&req),
+            };
+            let a = match refused {
+                Some(a) => a,
+                None if web => match d.web(&req, r.get_ref().get_ref(), via) {
+                    Some(a) => a,
+                    // A WebSocket had the connection, and has ended.
+                    None => return,
+                },
+                None => d.handle(&req),
+            };
+            (format!("{} {}", req.method, req.path), a)
         }
         Err(HttpError(status, msg)) => ("a request".to_string(), error(status, msg).into()),
     };
@@ -1970,4 +2267,79 @@ fn answer<S: std::io::Read + std::io::Write + http::Timed>(d: &Arc<Daemon>, stre
     // A client that does not read its answer cannot hold the connection's slot for ever.
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let _ = http::write_response(stream, a.status, &a.headers, &a.body);
+    if a.exit {
+        // `POST /v1/host/shutdown`: everything is stopped and removed; the answer is out.
+        std::process::exit(0);
+    }
+}
+
+/// The cgroup name of the daemon of `state_dir` (`worldvisor/<tag>`).
+fn cgroup_name(state_dir: &Path) -> String {
+    let canonical = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.into());
+    format!("worldvisor/{}", tag(&canonical))
+}
+
+/// The VMMs (`wv run` processes) whose files are in `state_dir`'s VM folders: (pid, VM name).
+fn vmms_of(state_dir: &Path) -> Vec<(u32, String)> {
+    let vms = std::fs::canonicalize(state_dir)
+        .unwrap_or_else(|_| state_dir.into())
+        .join("vms");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.get(1) != Some(&&b"run"[..]) {
+            continue;
+        }
+        let name = args.iter().find_map(|a| {
+            let p = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a));
+            let rel = p.strip_prefix(&vms).ok()?;
+            Some(
+                rel.components()
+                    .next()?
+                    .as_os_str()
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        });
+        if let Some(name) = name {
+            out.push((pid, name));
+        }
+    }
+    out
+}
+
+/// `wv host uninstall`: removes what a daemon of `state_dir` that was killed left outside it
+/// (its socket and folders, as recorded in [`shutdown::TRACES_FILE`]; its cgroups), then the
+/// state directory itself. Refused while a daemon runs on it or a VMM of it still runs.
+/// Returns what could not be removed outside the state directory, one line each.
+pub fn uninstall(state_dir: &Path) -> Result<Vec<String>, String> {
+    if std::fs::symlink_metadata(state_dir).is_err() {
+        return Ok(Vec::new());
+    }
+    if !state_dir.is_dir() {
+        return Err(format!("{} is not a directory", state_dir.display()));
+    }
+    let _lock =
+        StateLock::take(state_dir).map_err(|e| format!("{e}: stop it first (wv host shutdown)"))?;
+    if let Some((pid, name)) = vmms_of(state_dir).first() {
+        return Err(format!(
+            "the VMM of VM '{name}' (pid {pid}) still runs from {}: start the daemon and run wv host shutdown",
+            state_dir.display()
+        ));
+    }
+    let mut left = Traces::load(state_dir).remove();
+    if let Err(e) = Cgroups::remove_left(&cgroup_name(state_dir)) {
+        if crate::cgroup::Hierarchy::detect().is_ok() {
+            left.push(e);
+        }
+    }
+    std::fs::remove_dir_all(state_dir)
+        .map_err(|e| format!("removing {}: {e}", state_dir.display()))?;
+    Ok(left)
 }

@@ -22,7 +22,8 @@
 //! when it starts, the groups of dead daemons (all of a dead tag's groups that hold no
 //! process: a VMM that outlived its daemon keeps its world's group, and its limit, until it
 //! ends) and the stale world groups of its own tag; it removes its own groups when stopped by
-//! SIGTERM or SIGINT (after moving itself back where it started). Creating and removing groups
+//! SIGTERM or SIGINT or `wv host shutdown` ([`crate::shutdown`]; after moving itself back where
+//! it started). Creating and removing groups
 //! across daemons is serialised by an advisory lock (`flock`) on the hierarchy's mount.
 
 use std::collections::BTreeSet;
@@ -498,8 +499,8 @@ impl Cgroups {
     }
 
     /// Creates the system worlds' groups (see [`crate::helper`]), moves this whole process
-    /// into the management group, directs helper threads to theirs, and has SIGTERM and
-    /// SIGINT remove the daemon's groups ([`Cgroups::close`]) before they end the process.
+    /// into the management group and directs helper threads to theirs. The daemon removes
+    /// them at its end ([`Cgroups::close`], from [`crate::shutdown`]).
     pub fn system(&self) -> Result<(), String> {
         let i = &*self.inner;
         let placed = HierarchyLock::take(&i.h).and_then(|_lock| {
@@ -522,7 +523,6 @@ impl Cgroups {
             return Err(e);
         }
         crate::helper::set_cgroup(i.root.join(i.h.helper()).join(i.h.threads_file()));
-        signals::close_on_termination(self.clone());
         self.kick();
         Ok(())
     }
@@ -732,96 +732,49 @@ impl Cgroups {
         drop(lock);
     }
 
+    /// Removes the groups of the daemon `name` (as given to [`Cgroups::open`]) that a dead
+    /// daemon left, and `worldvisor/` above them if nothing else uses it (`wv host
+    /// uninstall`); refused while a daemon lives in them. A group that still holds a process
+    /// (a VMM that outlived its daemon) stays, and is said.
+    pub fn remove_left(name: &str) -> Result<(), String> {
+        let h = Hierarchy::detect()?;
+        let root = h.base.join(name);
+        if !Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(format!("bad cgroup name '{name}'"));
+        }
+        if !root.exists() {
+            return Ok(());
+        }
+        let _lock = HierarchyLock::take(&h)?;
+        let threads = std::fs::read_to_string(root.join(h.management()).join(h.threads_file()))
+            .unwrap_or_default();
+        if !threads.trim().is_empty() {
+            return Err(format!("a daemon lives in {}", root.display()));
+        }
+        rmdir_tree(&root);
+        let mut up = root.parent();
+        while let Some(d) = up.filter(|d| d.starts_with(&h.base) && *d != h.base) {
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
+            up = d.parent();
+        }
+        if root.exists() {
+            return Err(format!(
+                "{} still holds a process (a VMM that outlived its daemon)",
+                root.display()
+            ));
+        }
+        Ok(())
+    }
+
     /// Time world `id` was throttled by its limit, in ns.
     pub fn throttled_ns(&self, id: u64) -> u64 {
         let s = std::fs::read_to_string(self.dir(id).join("cpu.stat")).unwrap_or_default();
         throttled(self.inner.h.version, &s)
-    }
-}
-
-/// SIGTERM and SIGINT end the daemon after its groups are removed: the handler only writes
-/// the signal's number to a pipe; a thread reading it closes the groups, then lets the signal
-/// take its default action (the exit status is the same as without a handler). A second
-/// signal acts at once (the handler is reset after the first).
-mod signals {
-    use super::Cgroups;
-    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-    use std::sync::atomic::{AtomicI32, Ordering};
-    use std::sync::{Mutex, Once};
-
-    static PIPE: AtomicI32 = AtomicI32::new(-1);
-    static GROUPS: Mutex<Option<Cgroups>> = Mutex::new(None);
-
-    extern "C" fn on_signal(sig: libc::c_int) {
-        let b = u8::try_from(sig).unwrap_or(0);
-        // SAFETY: errno is thread-local and saved/restored around write(2), which is
-        // async-signal-safe; the buffer is a byte on this stack; a bad descriptor only fails.
-        unsafe {
-            let errno = *libc::__errno_location();
-            libc::write(PIPE.load(Ordering::Relaxed), (&raw const b).cast(), 1);
-            *libc::__errno_location() = errno;
-        }
-    }
-
-    fn wait_and_close(read: OwnedFd) {
-        let fd: RawFd = std::os::fd::AsRawFd::as_raw_fd(&read);
-        let mut b = 0u8;
-        loop {
-            // SAFETY: reads one byte into `b`, which outlives the call, from a pipe we own.
-            let n = unsafe { libc::read(fd, (&raw mut b).cast(), 1) };
-            if n == 1 {
-                break;
-            }
-            if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return;
-            }
-        }
-        if let Some(cg) = GROUPS.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            cg.close();
-        }
-        // SAFETY: raise(3) has no preconditions; the handler was reset (SA_RESETHAND), so the
-        // signal now takes its default action, ending the process.
-        unsafe { libc::raise(libc::c_int::from(b)) };
-        std::process::exit(128 + i32::from(b));
-    }
-
-    /// Has SIGTERM and SIGINT close `cg` before they end the process.
-    pub(super) fn close_on_termination(cg: Cgroups) {
-        *GROUPS.lock().unwrap_or_else(|p| p.into_inner()) = Some(cg);
-        static INSTALL: Once = Once::new();
-        INSTALL.call_once(|| {
-            let mut fds = [0; 2];
-            // SAFETY: pipe2 writes two descriptors into `fds`, an array of two.
-            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-                eprintln!(
-                    "wv host: no pipe for signals ({}): a stopped daemon leaves its cgroups",
-                    std::io::Error::last_os_error()
-                );
-                return;
-            }
-            // SAFETY: pipe2 just returned this descriptor, owned by nothing else.
-            let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-            PIPE.store(fds[1], Ordering::Relaxed);
-            if let Err(e) = crate::helper::spawn("signals", move || wait_and_close(read)) {
-                eprintln!(
-                    "wv host: no thread for signals ({e}): a stopped daemon leaves its cgroups"
-                );
-                return;
-            }
-            for sig in [libc::SIGTERM, libc::SIGINT] {
-                // SAFETY: a zeroed sigaction is valid; the handler only calls
-                // async-signal-safe functions; sa_mask is initialised by sigemptyset.
-                unsafe {
-                    let mut sa: libc::sigaction = std::mem::zeroed();
-                    sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-                    sa.sa_flags = libc::SA_RESTART | libc::SA_RESETHAND;
-                    libc::sigemptyset(&mut sa.sa_mask);
-                    if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-                        eprintln!("wv host: signal {sig}: {}", std::io::Error::last_os_error());
-                    }
-                }
-            }
-        });
     }
 }
 

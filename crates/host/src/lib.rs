@@ -7,9 +7,11 @@
 pub mod api;
 pub mod cgroup;
 pub mod helper;
+pub mod history;
 pub use wv_http as http;
 pub mod metrics;
 pub mod sched;
+pub mod shutdown;
 pub mod store;
 pub mod supervisor;
 pub mod world;

@@ -30,6 +30,14 @@ pub struct Request {
     pub origin: Option<String>,
     /// The `Content-Type` header, if sent.
     pub content_type: Option<String>,
+    /// The `Host` header, if sent.
+    pub host: Option<String>,
+    /// The `Cookie` header, if sent.
+    pub cookie: Option<String>,
+    /// The `Upgrade` header, if sent (`websocket`).
+    pub upgrade: Option<String>,
+    /// The `Sec-WebSocket-Key` header, if sent.
+    pub websocket_key: Option<String>,
 }
 
 /// The path's segments, %-decoded one by one (so `%2F` is a `/` inside a segment, never a
@@ -80,6 +88,8 @@ pub trait Timed {
     fn remote(&self) -> bool {
         false
     }
+    /// The stream's two directions, each usable on its own thread (a WebSocket's).
+    fn split(&self) -> std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)>;
 }
 
 impl Timed for UnixStream {
@@ -88,6 +98,9 @@ impl Timed for UnixStream {
     }
     fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         UnixStream::set_write_timeout(self, t)
+    }
+    fn split(&self) -> std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+        Ok((Box::new(self.try_clone()?), Box::new(self.try_clone()?)))
     }
 }
 
@@ -100,6 +113,9 @@ impl Timed for std::net::TcpStream {
     }
     fn remote(&self) -> bool {
         true
+    }
+    fn split(&self) -> std::io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+        Ok((Box::new(self.try_clone()?), Box::new(self.try_clone()?)))
     }
 }
 
@@ -192,6 +208,7 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let mut length = 0usize;
     let (mut authorization, mut origin, mut content_type) = (None, None, None);
+    let (mut host, mut cookie, mut upgrade, mut websocket_key) = (None, None, None, None);
     for i in 0.. {
         let h = read_line(r)?;
         if h.is_empty() {
@@ -219,6 +236,10 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
             "authorization" => authorization = Some(value.to_string()),
             "origin" => origin = Some(value.to_string()),
             "content-type" => content_type = Some(value.to_string()),
+            "host" => host = Some(value.to_string()),
+            "cookie" => cookie = Some(value.to_string()),
+            "upgrade" => upgrade = Some(value.to_string()),
+            "sec-websocket-key" => websocket_key = Some(value.to_string()),
             "transfer-encoding" => {
                 return Err(HttpError(
                     411,
@@ -239,13 +260,19 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, HttpError> {
         authorization,
         origin,
         content_type,
+        host,
+        cookie,
+        upgrade,
+        websocket_key,
     })
 }
 
 fn reason(status: u16) -> &'static str {
     match status {
+        101 => "Switching Protocols",
         200 => "OK",
         201 => "Created",
+        303 => "See Other",
         204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",

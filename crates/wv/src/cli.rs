@@ -449,15 +449,8 @@ const PROBE_IMAGE: Spec = Spec {
     after: "",
 };
 
-const HOST: Spec = Spec {
-    cmd: "wv host",
-    pos: &[],
-    about: "Runs the host daemon that owns this host's VMs, serving the REST API on a Unix socket.
-
-Other commands:
-  wv host status [--json]         ask the daemon how the host is doing
-  wv host top [--once] [--json]   CPU, ready and throttled time of every world, each second",
-    opts: &[&[
+/// The daemon's options (`wv host`, and `wv host install`, which writes them into a unit).
+const DAEMON_OPTS: &[Opt] = &[
         opt(
             "--socket",
             Arg::Value("PATH"),
@@ -474,12 +467,82 @@ Other commands:
             "also serve the API on TCP, to clients with the token (wv host token)",
         ),
         opt(
+            "--web",
+            Arg::Value("ADDR:PORT"),
+            "serve the web console on TCP (log in with the token; also at / on the socket)",
+        ),
+        opt(
             "--images",
             Arg::Value("DIR"),
             "VMs' kernels, initrds and disks must be under DIR (repeatable;\nwithout it, any file the daemon can read)",
         ),
-    ]],
+];
+
+const HOST: Spec = Spec {
+    cmd: "wv host",
+    pos: &[],
+    about: "Runs the host daemon that owns this host's VMs, serving the REST API on a Unix socket.
+SIGTERM or SIGINT ends it, leaving its VMs running (a daemon started again takes them back);
+wv host shutdown stops them too. Either way it removes what it made outside its state directory.
+
+Other commands:
+  wv host status [--json]         ask the daemon how the host is doing
+  wv host top [--once] [--json]   CPU, ready and throttled time of every world, each second
+  wv host token                   the token for clients over TCP
+  wv host shutdown                stop every VM, then the daemon
+  wv host install [OPTIONS]       write a systemd unit that runs wv host with OPTIONS
+  wv host uninstall [--yes]       remove the state directory and what a dead daemon left",
+    opts: &[DAEMON_OPTS],
     after: "",
+};
+
+const HOST_SHUTDOWN: Spec = Spec {
+    cmd: "wv host shutdown",
+    pos: &[],
+    about: "Stops every VM of the daemon (each through its VMM's control socket, then SIGTERM, then
+SIGKILL, 5 s apart), then the daemon itself, which removes what it made outside its state
+directory (its cgroups, its socket and the folders it created for it) and ends.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const HOST_UNINSTALL: Spec = Spec {
+    cmd: "wv host uninstall",
+    pos: &[],
+    about: "Removes the daemon's state directory (VM definitions, logs, snapshots, the token) and
+whatever a daemon of it that was killed left outside it (its socket, the folders it made for
+it, its cgroups). Refused while a daemon runs on that state directory or a VMM of it still
+runs (stop them first: wv host shutdown). Asks first, unless --yes; without --yes and with no
+terminal to ask on, it refuses. Disk images and datastores outside the state directory stay.",
+    opts: &[&[
+        opt(
+            "--state-dir",
+            Arg::Value("DIR"),
+            "the daemon's state directory (default /var/lib/worldvisor)",
+        ),
+        opt("--yes", Arg::Flag, "do not ask"),
+    ]],
+    after: "Exit status: 0 removed (or nothing there), 1 refused or failed, 200 bad arguments.",
+};
+
+const HOST_INSTALL: Spec = Spec {
+    cmd: "wv host install",
+    pos: &[],
+    about:
+        "Writes a systemd unit, worldvisor.service, that runs this wv as `wv host` with the options
+given (paths made absolute), and does nothing else: enable it with
+  systemctl daemon-reload && systemctl enable --now worldvisor
+Stopping the unit runs wv host shutdown (every VM stops, then the daemon); restarting the
+daemon alone, its VMs left running: systemctl kill -s TERM worldvisor.",
+    opts: &[
+        &[opt(
+            "--unit-dir",
+            Arg::Value("DIR"),
+            "where to write worldvisor.service (default /etc/systemd/system)",
+        )],
+        DAEMON_OPTS,
+    ],
+    after: "Exit status: 0 written, 1 could not write it, 200 bad arguments.",
 };
 
 const HOST_STATUS: Spec = Spec {
@@ -703,6 +766,11 @@ Usage:
   wv host status [--json]   Ask the daemon how the host is doing
   wv host top [--once] [--json]
                             CPU, ready and throttled time of every world, each second
+  wv host shutdown          Stop every VM, then the daemon
+  wv host install [--unit-dir DIR] [DAEMON OPTIONS]
+                            Write a systemd unit for wv host
+  wv host uninstall [--state-dir DIR] [--yes]
+                            Remove the state directory and a dead daemon's leftovers
   wv vm create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm create [NAME] --file SPEC.toml|SPEC.json
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
@@ -857,6 +925,8 @@ pub enum Command {
         state_dir: PathBuf,
         /// A TCP address to serve on as well.
         listen: Option<String>,
+        /// A TCP address to serve the web console on.
+        web: Option<String>,
         /// The only directories VMs' kernels, initrds and disks may come from.
         images: Vec<PathBuf>,
     },
@@ -866,6 +936,20 @@ pub enum Command {
     HostToken(PathBuf),
     /// `wv host top`.
     HostTop(Client, bool),
+    /// `wv host shutdown`.
+    HostShutdown(Client),
+    /// `wv host uninstall`: the state directory, and whether `--yes` was given.
+    HostUninstall(PathBuf, bool),
+    /// `wv host install`: where the unit goes, the daemon's arguments (after `host`), and the
+    /// socket `wv host shutdown` reaches it on (when not the default).
+    HostInstall {
+        /// `--unit-dir`.
+        unit_dir: PathBuf,
+        /// `wv host`'s options, paths absolute.
+        args: Vec<String>,
+        /// `--socket`, if given.
+        socket: Option<PathBuf>,
+    },
     /// `wv vm ...`.
     Vm(Client, VmCmd),
     /// `wv fs ...`.
@@ -932,6 +1016,9 @@ fn all_specs() -> Vec<&'static Spec> {
         &HOST_STATUS,
         &HOST_TOP,
         &HOST_TOKEN,
+        &HOST_SHUTDOWN,
+        &HOST_INSTALL,
+        &HOST_UNINSTALL,
     ];
     v.extend(VM_SPECS.iter().copied());
     v.extend(crate::fs::SPECS.iter());
@@ -1251,7 +1338,18 @@ fn client(m: &Matches) -> Client {
 }
 
 fn parse_host(args: &[String]) -> Result<Command, Usage> {
-    let (sub, rest) = split_subcommand(args, &[&HOST, &HOST_STATUS, &HOST_TOP, &HOST_TOKEN]);
+    let (sub, rest) = split_subcommand(
+        args,
+        &[
+            &HOST,
+            &HOST_STATUS,
+            &HOST_TOP,
+            &HOST_TOKEN,
+            &HOST_SHUTDOWN,
+            &HOST_INSTALL,
+            &HOST_UNINSTALL,
+        ],
+    );
     match sub.as_deref() {
         None => {
             let m = matches_or_help!(&HOST, &rest);
@@ -1261,6 +1359,7 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                     m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR),
                 ),
                 listen: m.value("--listen").map(str::to_string),
+                web: m.value("--web").map(str::to_string),
                 images: m.values("--images").map(PathBuf::from).collect(),
             })
         }
@@ -1277,6 +1376,38 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
             Ok(Command::HostToken(PathBuf::from(
                 m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR),
             )))
+        }
+        Some("shutdown") => {
+            let m = matches_or_help!(&HOST_SHUTDOWN, &rest);
+            Ok(Command::HostShutdown(client(&m)))
+        }
+        Some("uninstall") => {
+            let m = matches_or_help!(&HOST_UNINSTALL, &rest);
+            Ok(Command::HostUninstall(
+                PathBuf::from(m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR)),
+                m.has("--yes"),
+            ))
+        }
+        Some("install") => {
+            let m = matches_or_help!(&HOST_INSTALL, &rest);
+            let cwd = std::env::current_dir()
+                .map_err(|e| Usage(format!("cannot read the current directory: {e}")))?;
+            let abs = |p: &str| cwd.join(p).display().to_string();
+            let mut args = Vec::new();
+            for o in DAEMON_OPTS {
+                for v in m.values(o.long) {
+                    let v = match o.long {
+                        "--listen" | "--web" => v.to_string(),
+                        _ => abs(v),
+                    };
+                    args.extend([o.long.to_string(), v]);
+                }
+            }
+            Ok(Command::HostInstall {
+                unit_dir: PathBuf::from(m.value("--unit-dir").unwrap_or("/etc/systemd/system")),
+                args,
+                socket: m.value("--socket").map(|s| cwd.join(s)),
+            })
         }
         Some(other) => Err(Usage(format!(
             "unknown 'wv host' command '{other}' (see wv host --help)"

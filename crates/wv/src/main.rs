@@ -6,6 +6,7 @@
 //!
 //! [`cli`] parses every command line into a typed [`cli::Command`]; this module runs it.
 
+mod admin;
 mod cli;
 mod fs;
 
@@ -30,7 +31,10 @@ fn main() -> ExitCode {
         | Command::Version
         | Command::HostStatus(_)
         | Command::HostTop(..)
-        | Command::HostToken(_) => true,
+        | Command::HostToken(_)
+        | Command::HostShutdown(_)
+        | Command::HostInstall { .. }
+        | Command::HostUninstall(..) => true,
         Command::Vm(_, VmCmd::Named(what, _)) => *what != "console",
         Command::Vm(..) | Command::Fs(_) | Command::Completions(_) => true,
         Command::Run(..) | Command::ProbeImage { .. } | Command::HostServe { .. } => false,
@@ -54,8 +58,15 @@ fn main() -> ExitCode {
             socket,
             state_dir,
             listen,
+            web,
             images,
-        } => cmd_host_serve(&socket, &state_dir, listen.as_deref(), images),
+        } => cmd_host_serve(
+            &socket,
+            &state_dir,
+            listen.as_deref(),
+            web.as_deref(),
+            images,
+        ),
         Command::HostStatus(c) => host_status(&c),
         Command::HostTop(c, once) => host_top(&c, once),
         Command::HostToken(dir) => {
@@ -74,6 +85,22 @@ fn main() -> ExitCode {
                 ),
             }
         }
+        Command::HostShutdown(c) => host_shutdown(&c),
+        Command::HostInstall {
+            unit_dir,
+            args,
+            socket,
+        } => {
+            match admin::install(&unit_dir, &args, socket.as_deref()) {
+                Ok(path) => {
+                    println!("wrote {}", path.display());
+                    eprintln!("enable it with: systemctl daemon-reload && systemctl enable --now worldvisor");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, &e),
+            }
+        }
+        Command::HostUninstall(dir, yes) => host_uninstall(&dir, yes),
         Command::Vm(c, v) => cmd_vm(&c, v),
         Command::Fs(a) => fs::cmd_fs(&a),
         Command::Completions(script) => {
@@ -181,6 +208,7 @@ fn cmd_host_serve(
     socket: &Path,
     state_dir: &Path,
     listen: Option<&str>,
+    web: Option<&str>,
     images: Vec<PathBuf>,
 ) -> ExitCode {
     let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
@@ -212,6 +240,12 @@ fn cmd_host_serve(
         }
         eprintln!("wv host: listening on tcp {addr} as well");
     }
+    if let Some(addr) = web {
+        if let Err(e) = wv_host::api::serve_web(d.clone(), addr) {
+            return fail(1, &format!("cannot serve the web console on {addr}: {e}"));
+        }
+        eprintln!("wv host: web console on http://{addr}/ (log in with wv host token)");
+    }
     eprintln!(
         "wv host: listening on {} (state in {})",
         socket.display(),
@@ -220,6 +254,71 @@ fn cmd_host_serve(
     match wv_host::api::serve(d, socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, &format!("cannot serve on {}: {e}", socket.display())),
+    }
+}
+
+/// `wv host shutdown`: the daemon answers once every VM is stopped and what it made outside
+/// its state directory is removed, then ends.
+fn host_shutdown(c: &Client) -> ExitCode {
+    match api(c, "POST", "/v1/host/shutdown", None) {
+        Ok(v) if c.json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            let names = |k: &str| -> Vec<String> {
+                v[k].as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+                    .collect()
+            };
+            let stopped = names("stopped");
+            println!(
+                "stopped {} VM{}{}{}; the daemon has ended",
+                stopped.len(),
+                if stopped.len() == 1 { "" } else { "s" },
+                if stopped.is_empty() { "" } else { ": " },
+                stopped.join(", ")
+            );
+            let failed = v["failed"].as_array().cloned().unwrap_or_default();
+            for f in &failed {
+                eprintln!(
+                    "wv: VM '{}' would not stop: {}",
+                    f["name"].as_str().unwrap_or("?"),
+                    f["error"].as_str().unwrap_or("?")
+                );
+            }
+            if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(code) => code,
+    }
+}
+
+/// `wv host uninstall`.
+fn host_uninstall(dir: &Path, yes: bool) -> ExitCode {
+    if std::fs::symlink_metadata(dir).is_err() {
+        println!("nothing to remove: {} does not exist", dir.display());
+        return ExitCode::SUCCESS;
+    }
+    match admin::confirm_uninstall(dir, yes) {
+        Ok(true) => {}
+        Ok(false) => return fail(1, "not removed"),
+        Err(e) => return fail(1, &e),
+    }
+    match wv_host::api::uninstall(dir) {
+        Ok(left) => {
+            for l in &left {
+                eprintln!("wv: left behind: {l}");
+            }
+            println!("removed {}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e),
     }
 }
 

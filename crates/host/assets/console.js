@@ -1,0 +1,158 @@
+// Worldvisor's web console: the world table (actions, live edits), live plots from
+// GET /v1/history, and a VM's serial console over a WebSocket. Same-origin requests only;
+// every request other than GET says Content-Type: application/json.
+"use strict";
+const $ = (s) => document.querySelector(s);
+let selected = null; // world shown in the plots
+let plots = null;
+window.wvPlot = null;
+
+async function api(method, path, body) {
+  const r = await fetch(path, {
+    method,
+    headers: { "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: "same-origin",
+  });
+  const text = await r.text();
+  const v = text ? JSON.parse(text) : null;
+  if (!r.ok) throw new Error((v && v.error) || r.status);
+  return v;
+}
+
+function cell(tr, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  tr.appendChild(td);
+  return td;
+}
+
+function input(tr, cls, value) {
+  const td = document.createElement("td");
+  const i = document.createElement("input");
+  i.className = cls;
+  i.value = value;
+  td.appendChild(i);
+  tr.appendChild(td);
+  return i;
+}
+
+function button(td, cls, label, f) {
+  const b = document.createElement("button");
+  b.className = cls;
+  b.textContent = label;
+  b.onclick = async () => {
+    try {
+      $("#error").textContent = "";
+      await f();
+      await refresh();
+    } catch (e) {
+      $("#error").textContent = `${label}: ${e.message}`;
+    }
+  };
+  td.appendChild(b);
+}
+
+const editing = () => document.activeElement && document.activeElement.tagName === "INPUT";
+
+async function refresh() {
+  if (editing()) return; // live edits are not overwritten while typed
+  const [vms, stats] = await Promise.all([api("GET", "/v1/vms"), api("GET", "/v1/stats")]);
+  const byId = new Map(stats.map((s) => [s.id, s]));
+  const rows = stats.filter((s) => s.id < 2).map((s) => ({ system: true, id: s.id, name: s.name, state: s.state, spec: s, s }));
+  for (const w of vms) rows.push({ system: false, id: w.id, name: w.spec.name, state: w.state, spec: w.spec, s: byId.get(w.id) });
+  const tbody = $("#worlds tbody");
+  tbody.replaceChildren();
+  for (const w of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.name = w.name;
+    cell(tr, w.id);
+    cell(tr, w.name, "name");
+    cell(tr, w.state, `state state-${w.state}`);
+    const act = document.createElement("td");
+    if (w.system) {
+      cell(tr, w.spec.shares);
+      cell(tr, w.spec.reservation);
+      cell(tr, w.spec.limit ?? "none");
+    } else {
+      const sh = input(tr, "shares", w.spec.shares);
+      const re = input(tr, "reservation", w.spec.reservation);
+      const li = input(tr, "limit", w.spec.limit ?? "none");
+      button(act, "set", "set", () => api("PATCH", `/v1/vms/${encodeURIComponent(w.name)}`, {
+        shares: Number(sh.value), reservation: Number(re.value),
+        limit: li.value === "none" || li.value === "" ? null : Number(li.value),
+      }));
+      for (const op of ["start", "stop", "pause", "resume"]) {
+        button(act, op, op, () => api("POST", `/v1/vms/${encodeURIComponent(w.name)}/${op}`));
+      }
+      button(act, "delete", "delete", () => api("DELETE", `/v1/vms/${encodeURIComponent(w.name)}`));
+      button(act, "console", "console", async () => openConsole(w.name));
+    }
+    cell(tr, w.s ? w.s.entitlement.toFixed(2) : "-");
+    cell(tr, w.s ? (w.s.cpu_ns / 1e9).toFixed(1) + " s" : "-");
+    button(act, "plot", "plot", async () => { selected = w.id; $("#plotname").textContent = w.name; plots = null; });
+    tr.appendChild(act);
+    tbody.appendChild(tr);
+  }
+}
+
+function chart(el, title, names, data) {
+  const series = [{}].concat(names.map((n, i) => ({ label: n, stroke: ["#07c", "#c70", "#a0a", "#0a0", "#a00", "#555"][i % 6] })));
+  return new uPlot({ title, width: 420, height: 220, series, scales: { x: { time: true } } }, data, el);
+}
+
+async function plot() {
+  if (selected === null) return;
+  const h = await api("GET", "/v1/history");
+  const w = h.worlds.find((x) => x.id === selected);
+  if (!w) return;
+  const cpu = [w.t, w.cpu, w.ready, w.throttled];
+  const threads = Object.keys(w.threads);
+  const vcpu = [w.t].concat(threads.map((n) => w.threads[n]));
+  const exits = [w.t.slice(w.t.length - w.exits.length), w.exits];
+  if (!plots) {
+    for (const id of ["#plot-cpu", "#plot-vcpu", "#plot-exits"]) $(id).replaceChildren();
+    plots = {
+      cpu: chart($("#plot-cpu"), "CPUs: used, ready, throttled", ["cpu", "ready", "throttled"], cpu),
+      vcpu: chart($("#plot-vcpu"), "CPUs per thread (vCPU)", threads, vcpu),
+      exits: chart($("#plot-exits"), "VM exits per second", ["exits"], exits),
+      threads: threads.join(","),
+    };
+    window.wvPlot = plots.cpu;
+  } else {
+    plots.cpu.setData(cpu);
+    if (plots.threads === threads.join(",")) plots.vcpu.setData(vcpu); else plots = null;
+    if (plots) plots.exits.setData(exits);
+  }
+}
+
+let term = null, ws = null;
+function openConsole(name) {
+  if (ws) ws.close();
+  if (!term) {
+    term = new Terminal({ cols: 100, rows: 20, convertEol: true });
+    term.open($("#term"));
+    term.onData((d) => { if (ws && ws.readyState === 1) ws.send(new TextEncoder().encode(d)); });
+  }
+  term.reset();
+  $("#consolename").textContent = name;
+  ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/vms/${encodeURIComponent(name)}/console`);
+  ws.binaryType = "arraybuffer";
+  ws.onmessage = (e) => term.write(new Uint8Array(e.data));
+  ws.onclose = () => term.write("\r\n[console closed]\r\n");
+  window.wvConsole = { name, ws, text: () => { const b = term.buffer.active; let s = ""; for (let i = 0; i < b.length; i++) s += b.getLine(i).translateToString(true) + "\n"; return s; } };
+  term.focus();
+}
+
+async function tick() {
+  try {
+    await refresh();
+    await plot();
+  } catch (e) {
+    $("#error").textContent = e.message;
+  }
+}
+api("GET", "/v1/host").then((h) => { $("#host").textContent = `${h.version}, ${h.host_cpus} CPUs`; });
+tick();
+setInterval(tick, 1000);

@@ -1,0 +1,328 @@
+//! The web console in a real browser: Debian's chromium, headless, driven through
+//! chromium-driver over the WebDriver protocol (a few JSON requests, made here with std alone):
+//! refused without the token, logged in with it, a running probe guest's world in the table,
+//! its CPU plot gaining points, its serial console typed into and echoed (the probe's `echo`
+//! test), paused and resumed from the page. A screenshot of the page is saved as
+//! `web-console.png` in the test's target directory (`CARGO_TARGET_TMPDIR`).
+
+mod common;
+use common::daemon::Daemon;
+use common::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP exchange with chromedriver: the JSON answer's `value`.
+fn wd(port: u16, method: &str, path: &str, body: Option<&Value>) -> Value {
+    let b = body.map(Value::to_string).unwrap_or_default();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+        b.len()
+    )
+    .unwrap();
+    // Headers, then a body of Content-Length bytes.
+    let mut r = std::io::BufReader::new(s);
+    let mut len = 0usize;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        head.push_str(&line);
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    let out = String::from_utf8(body).unwrap();
+    let text = out.as_str();
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {head}{out}"));
+    v["value"].clone()
+}
+
+struct Browser {
+    driver: Child,
+    port: u16,
+    session: String,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian package chromium-driver) is needed");
+        let t = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "chromedriver never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1400,1300"]
+            }
+        }}});
+        let v = wd(port, "POST", "/session", Some(&caps));
+        let session = v["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_string();
+        Browser {
+            driver,
+            port,
+            session,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        wd(
+            self.port,
+            method,
+            &format!("/session/{}{path}", self.session),
+            body.as_ref(),
+        )
+    }
+
+    fn go(&self, url: &str) {
+        self.call("POST", "/url", Some(json!({ "url": url })));
+    }
+
+    fn script(&self, js: &str) -> Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": js, "args": []})),
+        )
+    }
+
+    fn fetch_status(&self, path: &str) -> u64 {
+        let v = self.call(
+            "POST",
+            "/execute/async",
+            Some(json!({
+                "script": "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => done(r.status), e => done(String(e)));",
+                "args": [path]
+            })),
+        );
+        v.as_u64().unwrap_or_else(|| panic!("fetch {path}: {v}"))
+    }
+
+    fn find(&self, css: &str) -> String {
+        let t = Instant::now();
+        loop {
+            let v = self.call(
+                "POST",
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            );
+            if let Some(id) = v
+                .as_object()
+                .and_then(|o| o.values().next())
+                .and_then(Value::as_str)
+            {
+                return id.to_string();
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "no {css}: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn click(&self, css: &str) {
+        let id = self.find(css);
+        self.call("POST", &format!("/element/{id}/click"), Some(json!({})));
+    }
+
+    fn keys(&self, css: &str, text: &str) {
+        let id = self.find(css);
+        self.call(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({ "text": text })),
+        );
+    }
+
+    /// Waits (up to 30 s) until `js` returns true.
+    fn until(&self, js: &str, what: &str) {
+        let t = Instant::now();
+        loop {
+            let v = self.script(js);
+            if v == Value::Bool(true) {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "{what}: {v}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = wd(
+            self.port,
+            "DELETE",
+            &format!("/session/{}", self.session),
+            None,
+        );
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn unbase64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let b: Vec<u8> = s
+        .bytes()
+        .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    let mut out = Vec::new();
+    for c in b.chunks(4) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |a, (i, x)| a | (u32::from(val(*x)) << (18 - 6 * i)));
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..c.len()]);
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn the_web_console_in_a_browser() {
+    need_kvm();
+    let dir = TempDir::new("web");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&dir, &["--web", &addr]);
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "probe",
+        "--memory",
+        "32M",
+        "--cmdline",
+        "console=ttyS0 probe.tests=echo",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    d.json(&["vm", "start", "probe"]);
+    let token = std::fs::read_to_string(d.state.join("api-token")).unwrap();
+    let base = format!("http://{addr}");
+
+    let b = Browser::start();
+    // Without the token: the login page, and the API refuses.
+    b.go(&format!("{base}/"));
+    b.until(
+        "return document.title === 'Worldvisor: log in'",
+        "login page",
+    );
+    assert_eq!(b.fetch_status("/v1/vms"), 401);
+    b.keys("#token", "not-the-token");
+    b.click("#login");
+    b.until(
+        "return document.body.innerText.includes('not the daemon')",
+        "a wrong token refused",
+    );
+    assert_eq!(b.fetch_status("/v1/vms"), 401);
+
+    // With it.
+    b.keys("#token", token.trim());
+    b.click("#login");
+    b.until("return document.title === 'Worldvisor'", "the console page");
+    assert_eq!(b.fetch_status("/v1/vms"), 200);
+    let row = "tr[data-name=\"probe\"]";
+    b.until(
+        &format!("const s = document.querySelector('{row} .state'); return !!s && s.textContent === 'running'"),
+        "the probe VM running in the table",
+    );
+    b.until(
+        "return !!document.querySelector('tr[data-name=\"management\"]')",
+        "the system worlds in the table",
+    );
+
+    // Its plots, gaining a point a second.
+    b.click(&format!("{row} button.plot"));
+    b.until(
+        "return !!window.wvPlot && window.wvPlot.data[0].length >= 2",
+        "the CPU plot has points",
+    );
+    let n = b
+        .script("return window.wvPlot.data[0].length")
+        .as_u64()
+        .unwrap();
+    b.until(
+        &format!("return window.wvPlot.data[0].length > {n}"),
+        "the CPU plot gains points",
+    );
+
+    // Its console: typed into, echoed by the guest.
+    b.click(&format!("{row} button.console"));
+    b.until(
+        "return !!window.wvConsole && window.wvConsole.ws.readyState === 1",
+        "the console's WebSocket open",
+    );
+    b.until(
+        "return window.wvConsole.text().includes(\"echo: type, 'q' ends\")",
+        "the guest's prompt on the console",
+    );
+    b.keys(".xterm-helper-textarea", "hello web");
+    b.until(
+        "return window.wvConsole.text().includes('hello web')",
+        "the guest echoed what was typed",
+    );
+
+    // Pause and resume from the page; the daemon agrees.
+    b.click(&format!("{row} button.pause"));
+    b.until(
+        &format!("return document.querySelector('{row} .state').textContent === 'paused'"),
+        "paused",
+    );
+    assert_eq!(d.json(&["vm", "info", "probe"])["state"], "paused");
+    b.click(&format!("{row} button.resume"));
+    b.until(
+        &format!("return document.querySelector('{row} .state').textContent === 'running'"),
+        "resumed",
+    );
+    assert_eq!(d.json(&["vm", "info", "probe"])["state"], "running");
+
+    let png = b.call("GET", "/screenshot", None);
+    let png = unbase64(png.as_str().expect("a screenshot"));
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-console.png");
+    std::fs::write(&out, &png).unwrap();
+    eprintln!("web console screenshot: {}", out.display());
+    drop(b);
+    d.json(&["vm", "stop", "probe"]);
+    d.stop();
+}
