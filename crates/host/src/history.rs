@@ -58,6 +58,10 @@ pub struct History {
 }
 
 fn push<T>(q: &mut VecDeque<T>, v: T) {
+    if q.capacity() == 0 {
+        // Exactly the ring's size: growing by doubling would end at 1024 slots for 600 points.
+        q.reserve_exact(POINTS);
+    }
     if q.len() == POINTS {
         q.pop_front();
     }
