@@ -969,6 +969,12 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
         if !cfg.disks.is_empty() {
             return Err("the VM has disks, which migration does not move yet".to_string());
         }
+        if cfg.memory_is_shared() && got.postcopy.is_some() {
+            return Err(
+                "post-copy into shared guest memory (memory_shared, vhost-user nets) is not supported: migrate with pre-copy"
+                    .to_string(),
+            );
+        }
         if cfg.memory != wv_machine_memory(&got.mem) {
             return Err(format!(
                 "the VM's configuration says {} bytes of memory, the stream carried {}",

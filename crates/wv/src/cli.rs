@@ -295,6 +295,11 @@ const VM_OPTS: &[Opt] = &[
         "kernel command line (default for --kernel: \"console=ttyS0 reboot=k panic=1\";\nfor the probe guest: \"console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng\")",
     ),
     MEMORY,
+    opt(
+        "--memory-shared",
+        Arg::Value("on|off"),
+        "back guest RAM with a memfd mapped shared, which a vhost-user backend can map\n(default off; always on with a --net vhost-user=)",
+    ),
     VCPUS,
     opt(
         "--disk",
@@ -304,7 +309,7 @@ const VM_OPTS: &[Opt] = &[
     opt(
         "--net",
         Arg::Value("SPEC"),
-        "tap=NAME[,mac=MAC]: a virtio-net device on TAP NAME (created and brought up if\nmissing, which needs CAP_NET_ADMIN); MAC generated if not given (repeatable)",
+        "tap=NAME[,mac=MAC][,id=ID]: a virtio-net device on TAP NAME (created and brought\nup if missing, which needs CAP_NET_ADMIN); vhost-user=SOCKET[,mac=MAC][,id=ID]:\none whose queues a vhost-user backend serves (wv vswitch; docs/NETWORK.md);\nMAC generated if not given (repeatable)",
     ),
     opt(
         "--rng",
@@ -1138,6 +1143,7 @@ fn vm_config(d: VmDef) -> VmConfig {
     let mut cfg = VmConfig::new(kernel, cmdline);
     cfg.initrd = d.initrd;
     cfg.memory = d.memory;
+    cfg.memory_shared = d.memory_shared;
     cfg.vcpus = d.vcpus;
     cfg.rng = d.rng;
     cfg.disks = d.disks;
@@ -1178,6 +1184,7 @@ struct VmDef {
     initrd: Option<PathBuf>,
     cmdline: Option<String>,
     memory: u64,
+    memory_shared: bool,
     vcpus: u32,
     disks: Vec<DiskConfig>,
     nets: Vec<NetConfig>,
@@ -1203,6 +1210,11 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         Some("off") => false,
         Some(o) => return Err(Usage(format!("--rng takes on or off, not '{o}'"))),
     };
+    let memory_shared = match m.value("--memory-shared") {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(o) => return Err(Usage(format!("--memory-shared takes on or off, not '{o}'"))),
+    };
     let disks = m
         .values("--disk")
         .enumerate()
@@ -1217,6 +1229,7 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         initrd: m.value("--initrd").map(PathBuf::from),
         cmdline: m.value("--cmdline").map(str::to_string),
         memory,
+        memory_shared,
         vcpus,
         disks,
         nets,
@@ -1482,6 +1495,11 @@ fn absolute_paths(c: &mut VmConfig, base: &Path) {
     }
     for d in &mut c.disks {
         d.path = base.join(&d.path);
+    }
+    for n in &mut c.nets {
+        if let Some(p) = &mut n.vhost_user {
+            *p = base.join(&*p);
+        }
     }
 }
 

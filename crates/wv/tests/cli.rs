@@ -377,7 +377,7 @@ fn completions_come_from_the_same_tables() {
         ("wv ''", "completions fs host probe-image run vm"),
         ("wv v", "vm"),
         ("wv vm cr", "create"),
-        ("wv vm create --mem", "--memory"),
+        ("wv vm create --mem", "--memory --memory-shared"),
         ("wv vm create web --di", "--disk"),
         ("wv fs sn", "snapshot"),
         ("wv host --li", "--listen"),
