@@ -814,15 +814,18 @@ fn build(
         )?;
     }
     for n in &cfg.nets {
-        let tap = wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?;
         let mac = n.mac.unwrap_or_else(random_mac);
-        let name: &'static str = Box::leak(format!("virtio-net:{}", n.tap).into_boxed_str());
-        pci.add_virtio(
-            &vm,
-            &mem,
-            name,
-            Box::new(wv_virtio::net::Net::new(tap, mac)),
-        )?;
+        let name: &'static str = Box::leak(format!("virtio-net:{}", n.name()).into_boxed_str());
+        let dev: Box<dyn wv_virtio::VirtioDevice> = match &n.vhost_user {
+            Some(sock) => Box::new(
+                wv_virtio::vhost_user::VhostUserNet::connect(sock, mac).map_err(VmmError::Net)?,
+            ),
+            None => Box::new(wv_virtio::net::Net::new(
+                wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?,
+                mac,
+            )),
+        };
+        pci.add_virtio(&vm, &mem, name, dev)?;
     }
     let pci_devices = pci.devices();
     let pci::PciBuilder {

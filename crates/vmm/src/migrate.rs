@@ -435,6 +435,13 @@ impl Controller {
                  supported yet",
             );
         }
+        if self.cfg.nets.iter().any(|n| n.vhost_user.is_some()) {
+            return Answer::error(
+                422,
+                "the VM has a vhost-user net: its backend's writes to guest memory are not \
+                 dirty-logged yet, so migrating it is not supported",
+            );
+        }
         let start = Instant::now();
         let was_paused = self.paused.is_some();
         let res = self.send_to(addr, r);

@@ -434,6 +434,39 @@ boots the embedded probe guest, which runs its self-tests and powers off with 0 
     after: RUN_STATUS,
 };
 
+const VSWITCH: Spec = Spec {
+    cmd: "wv vswitch",
+    pos: &[],
+    about: "Runs the virtual switch in the foreground: an L2 learning switch per network whose ports
+are vhost-user net backends, one socket each at DIR/NETWORK/PORT.sock, for VMs started with
+--net vhost-user=DIR/NETWORK/PORT.sock. Networks are isolated from one another; an uplink
+connects a network to the host through a TAP. Counters per port: send 'stats' on
+DIR/control.sock (one JSON line back). docs/NETWORK.md.",
+    opts: &[&[
+        opt(
+            "--socket-dir",
+            Arg::Value("DIR"),
+            "where the sockets are made (required)",
+        ),
+        opt(
+            "--port",
+            Arg::Value("NETWORK/PORT"),
+            "a VM port on network NETWORK (repeatable; the network is made with its first port)",
+        ),
+        opt(
+            "--network",
+            Arg::Value("NAME"),
+            "a network without VM ports yet (repeatable)",
+        ),
+        opt(
+            "--uplink",
+            Arg::Value("NETWORK=TAP"),
+            "connect NETWORK to the host through TAP (created and brought up if missing,\nwhich needs CAP_NET_ADMIN; repeatable, one per network)",
+        ),
+    ]],
+    after: "Exit status: 200 bad arguments, 1 the switch could not start.",
+};
+
 const PROBE_IMAGE: Spec = Spec {
     cmd: "wv probe-image",
     pos: &[],
@@ -720,6 +753,8 @@ Usage:
                             VMKFS datastores for virtual disks
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
+  wv vswitch --socket-dir DIR --port NETWORK/PORT ... [--uplink NETWORK=TAP ...]
+                            Run the virtual switch: vhost-user net ports (--net vhost-user=)
   wv completions bash|zsh   Print a shell completion script
   wv --version | --help
 
@@ -854,6 +889,8 @@ pub enum Command {
         /// Where.
         output: PathBuf,
     },
+    /// `wv vswitch`.
+    Vswitch(wv_vswitch::Config),
     /// The daemon.
     HostServe {
         /// Its socket.
@@ -885,6 +922,7 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
     match args.first().map(String::as_str) {
         Some("run") => parse_run(rest),
         Some("probe-image") => parse_probe_image(rest),
+        Some("vswitch") => parse_vswitch(rest),
         Some("host") => parse_host(rest),
         Some("vm") => parse_vm(rest),
         Some("fs") => fs::parse(rest).map(|a| a.map_or_else(Command::Help, Command::Fs)),
@@ -933,6 +971,7 @@ fn all_specs() -> Vec<&'static Spec> {
     let mut v: Vec<&'static Spec> = vec![
         &RUN,
         &PROBE_IMAGE,
+        &VSWITCH,
         &HOST,
         &HOST_STATUS,
         &HOST_TOP,
@@ -1235,6 +1274,79 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         nets,
         rng,
     })
+}
+
+fn parse_vswitch(args: &[String]) -> Result<Command, Usage> {
+    let m = matches_or_help!(&VSWITCH, args);
+    let dir = m
+        .value("--socket-dir")
+        .ok_or_else(|| Usage("wv vswitch needs --socket-dir DIR".into()))?;
+    let mut cfg = wv_vswitch::Config {
+        socket_dir: PathBuf::from(dir),
+        networks: Vec::new(),
+    };
+    fn network<'a>(
+        cfg: &'a mut wv_vswitch::Config,
+        name: &str,
+    ) -> Result<&'a mut wv_vswitch::NetworkConfig, Usage> {
+        if !wv_vswitch::valid_name(name) {
+            return Err(Usage(format!(
+                "wv vswitch: network '{}': use 1-64 of A-Z a-z 0-9 _ . - (not starting with .)",
+                name.escape_debug()
+            )));
+        }
+        let i = match cfg.networks.iter().position(|n| n.name == name) {
+            Some(i) => i,
+            None => {
+                cfg.networks.push(wv_vswitch::NetworkConfig {
+                    name: name.to_string(),
+                    ..Default::default()
+                });
+                cfg.networks.len() - 1
+            }
+        };
+        Ok(&mut cfg.networks[i])
+    }
+    for n in m.values("--network") {
+        network(&mut cfg, n)?;
+    }
+    for p in m.values("--port") {
+        let Some((net, port)) = p.split_once('/') else {
+            return Err(Usage(format!("--port '{p}': expected NETWORK/PORT")));
+        };
+        if !wv_vswitch::valid_name(port) {
+            return Err(Usage(format!(
+                "--port '{p}': use 1-64 of A-Z a-z 0-9 _ . - for the port"
+            )));
+        }
+        let n = network(&mut cfg, net)?;
+        if n.ports.iter().any(|x| x == port) {
+            return Err(Usage(format!("--port '{p}' is given twice")));
+        }
+        n.ports.push(port.to_string());
+    }
+    for u in m.values("--uplink") {
+        let Some((net, tap)) = u.split_once('=') else {
+            return Err(Usage(format!("--uplink '{u}': expected NETWORK=TAP")));
+        };
+        let tap = tap.strip_prefix("tap:").unwrap_or(tap);
+        if tap.is_empty() || tap.len() > wv_config::MAX_TAP_NAME {
+            return Err(Usage(format!(
+                "--uplink '{u}': the TAP name takes 1-{} characters",
+                wv_config::MAX_TAP_NAME
+            )));
+        }
+        let n = network(&mut cfg, net)?;
+        if n.uplink.replace(tap.to_string()).is_some() {
+            return Err(Usage(format!("--uplink: network {net} has two uplinks")));
+        }
+    }
+    if cfg.networks.is_empty() {
+        return Err(Usage(
+            "wv vswitch needs at least one --port NETWORK/PORT or --network NAME".into(),
+        ));
+    }
+    Ok(Command::Vswitch(cfg))
 }
 
 fn parse_probe_image(args: &[String]) -> Result<Command, Usage> {

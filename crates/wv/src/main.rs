@@ -33,7 +33,10 @@ fn main() -> ExitCode {
         | Command::HostToken(_) => true,
         Command::Vm(_, VmCmd::Named(what, _)) => *what != "console",
         Command::Vm(..) | Command::Fs(_) | Command::Completions(_) => true,
-        Command::Run(..) | Command::ProbeImage { .. } | Command::HostServe { .. } => false,
+        Command::Run(..)
+        | Command::ProbeImage { .. }
+        | Command::HostServe { .. }
+        | Command::Vswitch(_) => false,
     };
     if printer {
         // SAFETY: restoring the default disposition of one signal before any thread starts.
@@ -50,6 +53,10 @@ fn main() -> ExitCode {
         }
         Command::Run(cfg, stats, from) => cmd_run(&cfg, stats, &from),
         Command::ProbeImage { format, output } => cmd_probe_image(&format, &output),
+        Command::Vswitch(cfg) => match wv_vswitch::run(&cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, &format!("vswitch: {e}")),
+        },
         Command::HostServe {
             socket,
             state_dir,
