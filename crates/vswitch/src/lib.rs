@@ -729,10 +729,12 @@ impl PortBackend {
 
 /// Serves VM port `port` on `socket` until the process ends: one frontend at a time; when it
 /// goes, the port forgets it and waits for the next.
-fn serve_port(sw: Arc<Switch>, port: usize, socket: PathBuf) -> Result<(), String> {
-    let _ = std::fs::remove_file(&socket);
-    let mut listener = Listener::new(&socket, true)
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+fn serve_port(
+    sw: Arc<Switch>,
+    port: usize,
+    socket: PathBuf,
+    mut listener: Listener,
+) -> Result<(), String> {
     let backend = PortBackend::new(sw, port);
     let name = format!("vswitch-port{port}");
     loop {
@@ -842,11 +844,14 @@ pub fn run(cfg: &Config) -> Result<(), String> {
                     std::fs::create_dir_all(parent)
                         .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
                 }
+                // Bound before the switch says it serves: a VMM started then finds it.
+                let listener = Listener::new(&sock, true)
+                    .map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
                 threads.push(
                     std::thread::Builder::new()
                         .name(format!("vswitch-{net}-{}", p.name))
                         .spawn(move || {
-                            if let Err(e) = serve_port(sw2, i, sock) {
+                            if let Err(e) = serve_port(sw2, i, sock, listener) {
                                 eprintln!("wv vswitch: {e}");
                             }
                         })
