@@ -35,6 +35,9 @@ pub enum Bad {
     OutOfMemory,
     /// Shorter than a vnet header, or longer than [`MAX_FRAME`].
     Length,
+    /// A chain that loops, runs past the queue's size, or points outside its table (the
+    /// queue's iterator stops there; the last descriptor still says another follows).
+    Chain,
 }
 
 impl Segments {
@@ -64,7 +67,9 @@ impl Segments {
         G: GuestMemoryBackend,
     {
         let mut s = Segments::new();
+        let mut more = false;
         for d in chain {
+            more = d.has_next();
             if d.is_write_only() != writable {
                 return Err(Bad::Direction);
             }
@@ -83,6 +88,9 @@ impl Segments {
             if s.total > MAX_FRAME {
                 return Err(Bad::Length);
             }
+        }
+        if more {
+            return Err(Bad::Chain);
         }
         Ok(s)
     }

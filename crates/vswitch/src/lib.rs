@@ -387,6 +387,10 @@ impl Switch {
                     PortCounters::add(&c.dropped_no_buffer, 1);
                     return;
                 }
+                if !rx.pending.is_empty() {
+                    // Buffers the guest posted since are for the frames already waiting.
+                    rx.drain(c);
+                }
                 if rx.pending.is_empty() {
                     match rx.put(src) {
                         Put::Done => {
@@ -417,13 +421,24 @@ impl Switch {
     /// The guest of VM port `port` posted receive buffers: delivers what waits for them.
     fn flush(&self, port: usize) {
         let p = &self.ports[port];
-        let c = &p.counters;
-        let mut rx = lock(&p.rx);
-        while let Some(&slot) = rx.pending.front() {
-            let buf = std::mem::take(&mut rx.slots[slot]);
-            let len = rx.lens[slot];
-            let r = rx.put(&Source::Bytes(&buf[..len]));
-            rx.slots[slot] = buf;
+        lock(&p.rx).drain(&p.counters);
+    }
+}
+
+enum Put {
+    Done,
+    NoBuffer,
+    Bad,
+}
+
+impl RxSide {
+    /// Delivers the held frames, oldest first, while the guest has buffers for them.
+    fn drain(&mut self, c: &PortCounters) {
+        while let Some(&slot) = self.pending.front() {
+            let buf = std::mem::take(&mut self.slots[slot]);
+            let len = self.lens[slot];
+            let r = self.put(&Source::Bytes(&buf[..len]));
+            self.slots[slot] = buf;
             match r {
                 Put::NoBuffer => break,
                 Put::Done => {
@@ -434,16 +449,10 @@ impl Switch {
                 }
                 Put::Bad => PortCounters::add(&c.dropped_malformed, 1),
             }
-            rx.pending.pop_front();
-            rx.free.push(slot);
+            self.pending.pop_front();
+            self.free.push(slot);
         }
     }
-}
-
-enum Put {
-    Done,
-    NoBuffer,
-    Bad,
 }
 
 impl Port {
@@ -632,7 +641,13 @@ impl PortBackend {
                     // are never held while taking a transmit queue, so this cannot deadlock.
                     self.sw.forward(self.port, &Source::Guest(&mem, &s));
                 }
-                Err(Bad::Direction | Bad::TooManySegments | Bad::OutOfMemory | Bad::Length) => {
+                Err(
+                    Bad::Direction
+                    | Bad::TooManySegments
+                    | Bad::OutOfMemory
+                    | Bad::Length
+                    | Bad::Chain,
+                ) => {
                     PortCounters::add(&c.dropped_malformed, 1);
                 }
             }
