@@ -232,6 +232,7 @@ fn a_guest_reaches_the_host_through_the_switch_uplink() {
 }
 
 /// Sends one raw Ethernet `frame` out of interface `ifname` in namespace `ns` (AF_PACKET).
+#[allow(clippy::cast_possible_truncation)] // the packet API's small constants and sizes
 fn inject(ns: &NetNs, ifname: &str, frame: Vec<u8>) {
     let (ns_path, ifname) = (format!("/var/run/netns/{}", ns.name), ifname.to_string());
     // A thread of its own enters the namespace: the test's other threads stay where they are.
