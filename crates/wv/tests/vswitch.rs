@@ -405,3 +405,19 @@ fn two_guests_talk_through_the_switch_and_other_networks_cannot_reach_them() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_missing_backend_is_a_one_line_error() {
+    need_kvm();
+    let dir = TempDir::new("vswitch-none");
+    let sock = dir.path("nobody.sock");
+    let r = wv(&["run", "--net", &format!("vhost-user={}", sock.display())]);
+    assert_eq!(r.status, Some(207), "{r}");
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{r}");
+    assert!(
+        lines[0].contains("cannot connect to the vhost-user backend at"),
+        "{r}"
+    );
+}
