@@ -34,6 +34,9 @@ use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// How long a learned MAC address stays without being seen again.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
@@ -682,6 +685,11 @@ impl VhostUserBackend for PortBackend {
         VhostUserProtocolFeatures::empty()
     }
     fn set_event_idx(&self, _enabled: bool) {}
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one the worker thread of a connection that ended never ends, and dropping
+        // its daemon (to take the next connection) would wait for it forever.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
     fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
         // A region that maps more of its file than the file holds would fault (SIGBUS) on
         // first touch: refused here, an error for this connection only.
@@ -763,8 +771,15 @@ fn serve_port(
             eprintln!("wv vswitch: {}: {e:?}", socket.display());
             continue;
         }
-        if let Err(e) = daemon.wait() {
-            eprintln!("wv vswitch: {}: the frontend: {e:?}", socket.display());
+        match daemon.wait() {
+            Ok(()) => {}
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => eprintln!("wv vswitch: {}: the VMM disconnected", socket.display()),
+            Err(e) => eprintln!(
+                "wv vswitch: {}: the VMM's connection failed: {e:?}",
+                socket.display()
+            ),
         }
         backend.disconnect();
         for h in daemon.get_epoll_handlers() {

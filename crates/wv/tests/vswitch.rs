@@ -421,3 +421,82 @@ fn a_missing_backend_is_a_one_line_error() {
         "{r}"
     );
 }
+
+/// `PUT /vm/snapshot` on a VMM's control socket: the HTTP status.
+fn snapshot(api: &Path, dest: &Path) -> u16 {
+    use std::io::Read;
+    let body = serde_json::json!({ "destination": dest }).to_string();
+    let mut s = UnixStream::connect(api).unwrap();
+    write!(
+        s,
+        "PUT /vm/snapshot HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A guest whose net the switch serves is snapshotted while its rings are with the switch
+/// (paused: the rings stopped and their positions saved; resumed: handed back), answers a
+/// ping afterwards, and the snapshot restored in a new VMM reconnects to its port and answers
+/// again, from the receive buffer it had posted before the snapshot.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_guest_on_the_switch_snapshots_and_restores() {
+    need_kvm();
+    let dir = TempDir::new("vswitch-snap");
+    let _sw = switch(&dir.0, None, &["--port", "lan/a", "--port", "lan/b"]);
+    let api = dir.path("b-api.sock");
+    let snap = dir.path("snap");
+    let mut b = guest(
+        &dir.0,
+        "lan",
+        "b",
+        "52:54:00:82:00:0b",
+        "probe.tests=netpeer probe.ip=10.82.0.2",
+    );
+    b.args(["--api-socket", api.to_str().unwrap()]);
+    let mut peer = Proc::spawn(b, false);
+    peer.wait_line("netpeer: listening");
+    assert_eq!(snapshot(&api, &snap), 200);
+    let ping = || {
+        run_cmd(
+            guest(
+                &dir.0,
+                "lan",
+                "a",
+                "52:54:00:82:00:0a",
+                "probe.tests=net probe.net=10.82.0.1,10.82.0.2",
+            ),
+            WAIT,
+        )
+    };
+    let r = ping();
+    assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
+    let (st, out) = peer.finish();
+    assert_eq!(st, Some(0), "{out}");
+    assert!(out.contains("PASS netpeer arp=1 icmp=1"), "{out}");
+
+    let mut c = Command::new(wv_bin());
+    c.args(["run", "--restore", snap.to_str().unwrap()]);
+    let back = Proc::spawn(c, false);
+    // Connected again once the restored VMM has handed its rings back to the switch.
+    let deadline = std::time::Instant::now() + WAIT;
+    while port(&stats(&dir.0), "lan", "b")["connected"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restored VM never reconnected"
+        );
+        std::thread::yield_now();
+    }
+    let r = ping();
+    assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
+    let (st, out) = back.finish();
+    assert_eq!(st, Some(0), "{out}");
+    assert!(out.contains("PASS netpeer"), "{out}");
+}
