@@ -378,3 +378,27 @@ fn relay(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_table_needs_shared_file_backed_ram() {
+        let private = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let e = memory_table(&private).err().expect("refused");
+        assert!(e.contains("memory_shared"), "{e}");
+    }
+
+    #[test]
+    fn a_socket_nobody_listens_on_is_a_clear_error() {
+        let p = std::env::temp_dir().join(format!("wv-vu-none-{}.sock", std::process::id()));
+        let e = VhostUserNet::connect(&p, [2, 0, 0, 0, 0, 1])
+            .err()
+            .expect("nothing listens");
+        assert!(
+            e.starts_with("cannot connect to the vhost-user backend at"),
+            "{e}"
+        );
+    }
+}
