@@ -500,3 +500,64 @@ fn a_guest_on_the_switch_snapshots_and_restores() {
     assert_eq!(st, Some(0), "{out}");
     assert!(out.contains("PASS netpeer"), "{out}");
 }
+
+#[test]
+fn bad_vswitch_options_are_usage_errors() {
+    for (args, needle) in [
+        (&["vswitch"][..], "needs --socket-dir"),
+        (
+            &["vswitch", "--socket-dir", "/tmp/x"],
+            "at least one --port",
+        ),
+        (
+            &["vswitch", "--socket-dir", "/tmp/x", "--port", "lan"],
+            "NETWORK/PORT",
+        ),
+        (
+            &[
+                "vswitch",
+                "--socket-dir",
+                "/tmp/x",
+                "--port",
+                "lan/a",
+                "--port",
+                "lan/a",
+            ],
+            "given twice",
+        ),
+        (
+            &["vswitch", "--socket-dir", "/tmp/x", "--port", "../a"],
+            "network",
+        ),
+        (
+            &["vswitch", "--socket-dir", "/tmp/x", "--port", "l/a/b"],
+            "for the port",
+        ),
+        (
+            &["vswitch", "--socket-dir", "/tmp/x", "--uplink", "lan"],
+            "NETWORK=TAP",
+        ),
+        (
+            &[
+                "vswitch",
+                "--socket-dir",
+                "/tmp/x",
+                "--uplink",
+                "lan=a",
+                "--uplink",
+                "lan=b",
+            ],
+            "two uplinks",
+        ),
+        (
+            &["run", "--net", "vhost-user=/s,tap=t"],
+            "expected tap=NAME or vhost-user=SOCKET",
+        ),
+        (&["run", "--memory-shared", "yes"], "on or off"),
+    ] {
+        let r = wv(args);
+        assert_eq!(r.status, Some(200), "{args:?}: {r}");
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r}");
+        assert!(r.stderr.contains(needle), "{args:?}: {r}");
+    }
+}
