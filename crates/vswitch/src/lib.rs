@@ -42,6 +42,8 @@ use vmm_sys_util::event::{
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
 /// Frames a port holds for its guest while it has posted no receive buffer.
 pub const PENDING_SLOTS: usize = 32;
+/// Most receive chains one frame may fill (mergeable buffers).
+pub const MAX_RX_CHAINS: usize = 64;
 const QUEUE_SIZE: usize = 256;
 
 const F_MRG_RXBUF: u64 = 1 << 15;
@@ -146,6 +148,8 @@ struct RxSide {
     lens: Vec<usize>,
     free: Vec<usize>,
     pending: VecDeque<usize>,
+    /// The receive chains one frame takes (reused).
+    taken: Vec<(u16, Segments)>,
 }
 
 enum Kind {
@@ -407,6 +411,10 @@ impl Switch {
                             PortCounters::add(&c.dropped_malformed, 1);
                             return;
                         }
+                        Put::TooBig => {
+                            PortCounters::add(&c.dropped_no_buffer, 1);
+                            return;
+                        }
                         Put::NoBuffer => {}
                     }
                 }
@@ -431,6 +439,8 @@ impl Switch {
 enum Put {
     Done,
     NoBuffer,
+    /// The frame needs more than [`MAX_RX_CHAINS`] of the guest's buffers: dropped, none taken.
+    TooBig,
     Bad,
 }
 
@@ -451,6 +461,7 @@ impl RxSide {
                     PortCounters::add(&c.copied_bytes, (len - VNET_HDR) as u64);
                 }
                 Put::Bad => PortCounters::add(&c.dropped_malformed, 1),
+                Put::TooBig => PortCounters::add(&c.dropped_no_buffer, 1),
             }
             self.pending.pop_front();
             self.free.push(slot);
@@ -516,15 +527,20 @@ impl RxSide {
             return Put::NoBuffer;
         }
         let need = src.len();
-        let mut taken: [(u16, Segments); 4] = [(0, Segments::new()); 4];
-        let (mut n, mut room, mut bad) = (0usize, 0usize, false);
-        while room < need && (self.mergeable || n == 0) {
-            if n == taken.len() {
-                bad = true;
-                break;
+        // The chains taken, in a list kept from frame to frame (no allocation per frame).
+        let taken = &mut self.taken;
+        taken.clear();
+        let (mut room, mut bad) = (0usize, false);
+        while room < need && (self.mergeable || taken.is_empty()) {
+            if taken.len() == MAX_RX_CHAINS {
+                // More buffers than a frame may take: it does not fit what the guest posts.
+                for _ in 0..taken.len() {
+                    q.go_to_previous_position();
+                }
+                return Put::TooBig;
             }
             let Some(chain) = q.pop_descriptor_chain(&*mem) else {
-                for _ in 0..n {
+                for _ in 0..taken.len() {
                     q.go_to_previous_position();
                 }
                 return Put::NoBuffer;
@@ -533,18 +549,16 @@ impl RxSide {
             match Segments::read_rx(chain, &*mem) {
                 Ok(s) => {
                     room += s.len();
-                    taken[n] = (head, s);
+                    taken.push((head, s));
                 }
                 Err(_) => {
-                    taken[n] = (head, Segments::new());
+                    taken.push((head, Segments::new()));
                     bad = true;
+                    break;
                 }
             }
-            n += 1;
-            if bad {
-                break;
-            }
         }
+        let n = taken.len();
         if bad || room < need || taken[0].1.len() < VNET_HDR {
             for (head, _) in &taken[..n] {
                 let _ = q.add_used(&*mem, *head, 0);
