@@ -50,7 +50,8 @@ const F_MRG_RXBUF: u64 = 1 << 15;
 const F_VERSION_1: u64 = 1 << 32;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// A guest's memory as the backend holds it.
+pub type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -272,6 +273,15 @@ impl Switch {
         self.ports
             .iter()
             .position(|p| p.name == port && self.networks[p.network].name == network)
+    }
+
+    /// Connects VM port `port`'s receive side to a guest's memory and receive queue, as a
+    /// VMM's connection does (for harnesses and fuzzing that play the guest).
+    pub fn attach(&self, port: usize, mem: Mem, rx: VringRwLock<Mem>, mergeable: bool) {
+        let mut r = lock(&self.ports[port].rx);
+        r.mem = Some(mem);
+        r.vring = Some(rx);
+        r.mergeable = mergeable;
     }
 
     /// Every port's counters.
@@ -637,8 +647,9 @@ impl PortBackend {
         lock(&self.sw.ports[self.port].rx)
     }
 
-    /// Serves the transmit queue: every chain read once, checked, and switched.
-    fn transmit(&self, vring: &VringRwLock<Mem>) {
+    /// Serves the transmit queue: every chain read once, checked, and switched (the port's
+    /// guest memory is the one [`Switch::attach`] or the connection gave).
+    pub fn transmit(&self, vring: &VringRwLock<Mem>) {
         let Some(mem) = self.rx().mem.clone() else {
             return;
         };
