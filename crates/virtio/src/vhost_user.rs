@@ -9,7 +9,11 @@
 //! vector the driver picks, and whether the vector is masked or the device on INTx, is the
 //! transport's to apply, so vector changes reach the guest without telling the backend.
 //! Pausing (snapshots) stops the backend's rings with GET_VRING_BASE, records the positions
-//! and starts them again on resume; a reset stops them.
+//! and starts them again on resume; a reset stops them. When the backend goes away (the switch
+//! restarts), the relay thread connects again, sends the features and the memory table, and
+//! hands the rings back from the used indices: frames the old backend had taken and not
+//! finished are taken again (transmit) or their buffers reused (receive), so the guest runs on
+//! without a reset.
 #![allow(clippy::cast_possible_truncation)] // ring positions are 16-bit by the protocol
 
 use crate::device::{CtlAction, DeviceState, ExitGuard, WorkerCtl};
@@ -20,6 +24,7 @@ use crate::net::{
 use crate::GuestMemoryMmap;
 use crate::{ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -53,7 +58,7 @@ pub struct VhostUserCounters {
 /// The device.
 pub struct VhostUserNet {
     socket: PathBuf,
-    frontend: Arc<Mutex<Frontend>>,
+    frontend: Arc<Mutex<Conn>>,
     backend_features: u64,
     protocol: bool,
     mac: [u8; 6],
@@ -67,33 +72,64 @@ fn vu<'a, E: std::fmt::Display>(socket: &'a Path, what: &str) -> impl Fn(E) -> S
     move |e| format!("vhost-user {}: {what}: {e}", socket.display())
 }
 
+/// A connection to the backend, and a second handle on its socket that the relay thread
+/// watches for the backend hanging up.
+struct Conn {
+    frontend: Frontend,
+    watch: UnixStream,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Frontend;
+    fn deref(&self) -> &Frontend {
+        &self.frontend
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+}
+
+/// Connects to the backend at `socket`, takes ownership and negotiates the protocol: the
+/// connection, the backend's features and whether it speaks the protocol features.
+fn open(socket: &Path) -> Result<(Conn, u64, bool), String> {
+    let stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot connect to the vhost-user backend at {}: {e}",
+            socket.display()
+        )
+    })?;
+    let watch = stream
+        .try_clone()
+        .map_err(|e| format!("vhost-user {}: {e}", socket.display()))?;
+    let mut f = Frontend::from_stream(stream, 2);
+    f.set_owner().map_err(vu(socket, "SET_OWNER"))?;
+    let backend_features = f.get_features().map_err(vu(socket, "GET_FEATURES"))?;
+    if backend_features & F_VERSION_1 == 0 {
+        return Err(format!(
+            "vhost-user {}: the backend does not offer VIRTIO_F_VERSION_1",
+            socket.display()
+        ));
+    }
+    let protocol = backend_features & F_PROTOCOL_FEATURES != 0;
+    if protocol {
+        let pf = f
+            .get_protocol_features()
+            .map_err(vu(socket, "GET_PROTOCOL_FEATURES"))?;
+        // Nothing optional is used: the configuration space is the VMM's, one queue pair.
+        f.set_protocol_features(pf & VhostUserProtocolFeatures::empty())
+            .map_err(vu(socket, "SET_PROTOCOL_FEATURES"))?;
+    }
+    Ok((Conn { frontend: f, watch }, backend_features, protocol))
+}
+
 impl VhostUserNet {
     /// Connects to the backend at `socket` and learns its features; `mac` is the address the
     /// guest reads.
     pub fn connect(socket: &Path, mac: [u8; 6]) -> Result<VhostUserNet, String> {
-        let mut f = Frontend::connect(socket, 2).map_err(|e| {
-            format!(
-                "cannot connect to the vhost-user backend at {}: {e}",
-                socket.display()
-            )
-        })?;
-        f.set_owner().map_err(vu(socket, "SET_OWNER"))?;
-        let backend_features = f.get_features().map_err(vu(socket, "GET_FEATURES"))?;
-        if backend_features & F_VERSION_1 == 0 {
-            return Err(format!(
-                "vhost-user {}: the backend does not offer VIRTIO_F_VERSION_1",
-                socket.display()
-            ));
-        }
-        let protocol = backend_features & F_PROTOCOL_FEATURES != 0;
-        if protocol {
-            let pf = f
-                .get_protocol_features()
-                .map_err(vu(socket, "GET_PROTOCOL_FEATURES"))?;
-            // Nothing optional is used: the configuration space is the VMM's, one queue pair.
-            f.set_protocol_features(pf & VhostUserProtocolFeatures::empty())
-                .map_err(vu(socket, "SET_PROTOCOL_FEATURES"))?;
-        }
+        let (f, backend_features, protocol) = open(socket)?;
         Ok(VhostUserNet {
             socket: socket.to_path_buf(),
             frontend: Arc::new(Mutex::new(f)),
@@ -139,8 +175,10 @@ pub fn memory_table(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionIn
 /// Where the rings of the queues stand, and how to reach them.
 struct Rings {
     socket: PathBuf,
-    frontend: Arc<Mutex<Frontend>>,
+    frontend: Arc<Mutex<Conn>>,
     protocol: bool,
+    /// The features sent to the backend (sent again to a new one).
+    features: u64,
     calls: Vec<EventFd>,
 }
 
@@ -199,16 +237,58 @@ impl Rings {
             if !q.queue.ready() {
                 continue;
             }
-            let base = f
-                .get_vring_base(i)
-                .map_err(vu(&self.socket, "GET_VRING_BASE"))?;
-            q.queue.set_next_avail(base as u16);
             let used: u16 = mem
                 .read_obj(GuestAddress(q.queue.used_ring()).unchecked_add(2))
                 .map_err(|e| format!("queue {i}: reading the used index: {e}"))?;
+            // A backend that is gone cannot say where it stopped: from the used index, what
+            // it had taken and not finished is taken again.
+            let base = f.get_vring_base(i).map_or(used, |b| b as u16);
+            q.queue.set_next_avail(base);
             q.queue.set_next_used(used);
         }
         Ok(())
+    }
+}
+
+impl Rings {
+    /// Connects to a backend again (the last one went away) and gives it the features and the
+    /// memory table; the rings are the caller's to hand over.
+    fn reconnect(&self, mem: &GuestMemoryMmap) -> Result<(), String> {
+        let s = &self.socket;
+        let (conn, offered, protocol) = open(s)?;
+        if self.features & !offered & !F_PROTOCOL_FEATURES != 0 || protocol != self.protocol {
+            return Err(format!(
+                "vhost-user {}: the new backend offers other features ({offered:#x}) than the guest took ({:#x})",
+                s.display(),
+                self.features
+            ));
+        }
+        conn.set_features(self.features)
+            .map_err(vu(s, "SET_FEATURES"))?;
+        conn.set_mem_table(&memory_table(mem)?)
+            .map_err(vu(s, "SET_MEM_TABLE"))?;
+        *self.frontend.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+        Ok(())
+    }
+
+    /// The socket descriptor the relay watches for the backend hanging up.
+    fn watch_fd(&self) -> std::os::fd::RawFd {
+        self.frontend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .watch
+            .as_raw_fd()
+    }
+}
+
+/// Sets `queues` to resume from their used indices (a new backend takes again whatever the old
+/// one had taken and not finished).
+fn rewind(mem: &GuestMemoryMmap, queues: &mut [ActiveQueue]) {
+    for q in queues.iter_mut().filter(|q| q.queue.ready()) {
+        if let Ok(used) = mem.read_obj::<u16>(GuestAddress(q.queue.used_ring()).unchecked_add(2)) {
+            q.queue.set_next_avail(used);
+            q.queue.set_next_used(used);
+        }
     }
 }
 
@@ -249,12 +329,12 @@ impl VirtioDevice for VhostUserNet {
         }
         let s = &self.socket;
         let table = memory_table(&mem)?;
+        let mut fw = (features & self.backend_features & PASSED) | F_VERSION_1;
+        if self.protocol {
+            fw |= F_PROTOCOL_FEATURES;
+        }
         {
             let f = self.frontend.lock().unwrap_or_else(|p| p.into_inner());
-            let mut fw = (features & self.backend_features & PASSED) | F_VERSION_1;
-            if self.protocol {
-                fw |= F_PROTOCOL_FEATURES;
-            }
             f.set_features(fw).map_err(vu(s, "SET_FEATURES"))?;
             f.set_mem_table(&table).map_err(vu(s, "SET_MEM_TABLE"))?;
         }
@@ -266,6 +346,7 @@ impl VirtioDevice for VhostUserNet {
             socket: self.socket.clone(),
             frontend: self.frontend.clone(),
             protocol: self.protocol,
+            features: fw,
             calls,
         };
         let counters = self.counters.clone();
@@ -314,7 +395,8 @@ impl Drop for VhostUserNet {
 }
 
 /// Starts the rings, then relays the backend's calls to the guest until stopped; a pause
-/// stops the rings (their positions go with the parked queues) and a resume starts them again.
+/// stops the rings (their positions go with the parked queues) and a resume starts them again;
+/// a backend that hangs up is replaced by a new connection as soon as one is accepted.
 fn relay(
     mem: &GuestMemoryMmap,
     mut queues: Vec<ActiveQueue>,
@@ -324,17 +406,7 @@ fn relay(
     ctl: &WorkerCtl,
 ) {
     let mut running = false;
-    let mut fds: Vec<libc::pollfd> = rings
-        .calls
-        .iter()
-        .map(|c| c.as_raw_fd())
-        .chain([ctl.fd()])
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut connected = true;
     let nq = rings.calls.len();
     let mut check = true;
     loop {
@@ -352,7 +424,7 @@ fn relay(
                     }
                     return;
                 }
-                CtlAction::Sweep if !running && !ctl.pausing() => {
+                CtlAction::Sweep if !running && connected && !ctl.pausing() => {
                     if let Err(e) = rings.start(mem, &queues) {
                         eprintln!("wv: {e}");
                     }
@@ -361,6 +433,45 @@ fn relay(
                 CtlAction::Sweep => {}
             }
         }
+        if !connected {
+            match rings.reconnect(mem) {
+                Ok(()) => {
+                    eprintln!("wv: vhost-user {}: connected again", rings.socket.display());
+                    connected = true;
+                    rewind(mem, &mut queues);
+                    running = false;
+                    check = true;
+                    continue;
+                }
+                Err(_) => {
+                    // Try again in a while, unless the owner asks for something first.
+                    let mut p = libc::pollfd {
+                        fd: ctl.fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    if unsafe { libc::poll(&mut p, 1, 100) } > 0 {
+                        check = true;
+                    }
+                    continue;
+                }
+            }
+        }
+        let mut fds: Vec<libc::pollfd> = rings
+            .calls
+            .iter()
+            .map(|c| (c.as_raw_fd(), libc::POLLIN))
+            .chain([
+                (ctl.fd(), libc::POLLIN),
+                (rings.watch_fd(), libc::POLLRDHUP),
+            ])
+            .map(|(fd, events)| libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            })
+            .collect();
         // SAFETY: `fds` is a valid array of pollfd for its length.
         if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
             continue;
@@ -375,6 +486,18 @@ fn relay(
         }
         if fds[nq].revents != 0 {
             check = true;
+        }
+        if fds[nq + 1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            eprintln!(
+                "wv: vhost-user {}: the backend went away; waiting for it to come back",
+                rings.socket.display()
+            );
+            connected = false;
+            if running {
+                // Nothing to ask a backend that is gone: positions from the used indices.
+                rewind(mem, &mut queues);
+                running = false;
+            }
         }
     }
 }

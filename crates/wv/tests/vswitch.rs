@@ -561,3 +561,55 @@ fn bad_vswitch_options_are_usage_errors() {
         assert!(r.stderr.contains(needle), "{args:?}: {r}");
     }
 }
+
+/// The switch is killed and started again while a guest's rings are with it: the guest's VMM
+/// connects again by itself and hands its rings over from where they were used, and the
+/// guest, never reset, answers the next ping through the new switch.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn guests_carry_on_through_a_switch_restart() {
+    need_kvm();
+    let dir = TempDir::new("vswitch-restart");
+    let ports = ["--port", "lan/a", "--port", "lan/b"];
+    let sw = switch(&dir.0, None, &ports);
+    let mut peer = Proc::spawn(
+        guest(
+            &dir.0,
+            "lan",
+            "b",
+            "52:54:00:83:00:0b",
+            "probe.tests=netpeer probe.ip=10.83.0.2 probe.echoes=2",
+        ),
+        false,
+    );
+    peer.wait_line("netpeer: listening");
+    let ping = || {
+        run_cmd(
+            guest(
+                &dir.0,
+                "lan",
+                "a",
+                "52:54:00:83:00:0a",
+                "probe.tests=net probe.net=10.83.0.1,10.83.0.2",
+            ),
+            WAIT,
+        )
+    };
+    let r = ping();
+    assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
+    drop(sw);
+    let _sw = switch(&dir.0, None, &ports);
+    let deadline = std::time::Instant::now() + WAIT;
+    while port(&stats(&dir.0), "lan", "b")["connected"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest's VMM never connected to the new switch"
+        );
+        std::thread::yield_now();
+    }
+    let r = ping();
+    assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
+    let (st, out) = peer.finish();
+    assert_eq!(st, Some(0), "{out}");
+    assert!(out.contains("PASS netpeer arp=2 icmp=2"), "{out}");
+}
