@@ -1,5 +1,6 @@
 //! Just enough networking for the `net` self-test: Ethernet frames with a virtio-net header,
-//! ARP to find the host's MAC, and an ICMP echo to it.
+//! ARP to find the host's MAC, and an ICMP echo to it; and for the `netpeer` responder: ARP
+//! replies and echo replies for the guest's own address.
 
 /// Parses a dotted-quad IPv4 address.
 pub fn parse_ip(s: &[u8]) -> Option<[u8; 4]> {
@@ -124,4 +125,61 @@ pub fn is_echo_reply(frame: &[u8], from: [u8; 4], seq: u16) -> bool {
         && icmp[6..8] == seq.to_be_bytes()
         && &icmp[8..8 + PING_PAYLOAD.len()] == PING_PAYLOAD
         && checksum(icmp) == 0
+}
+
+/// If `frame` is an ARP request for `ip`, builds the reply from `mac` into `out`; its length.
+pub fn arp_answer(frame: &[u8], mac: [u8; 6], ip: [u8; 4], out: &mut [u8]) -> Option<usize> {
+    let e = frame.get(VNET_HDR..VNET_HDR + 42)?;
+    if e[12..14] != [0x08, 0x06] || e[14..22] != [0, 1, 8, 0, 6, 4, 0, 1] || e[38..42] != ip {
+        return None;
+    }
+    let f = out.get_mut(..VNET_HDR + 42)?;
+    f.fill(0);
+    let r = &mut f[VNET_HDR..];
+    r[0..6].copy_from_slice(&e[6..12]);
+    r[6..12].copy_from_slice(&mac);
+    r[12..22].copy_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 2]);
+    r[22..28].copy_from_slice(&mac);
+    r[28..32].copy_from_slice(&ip);
+    r[32..42].copy_from_slice(&e[22..32]);
+    Some(VNET_HDR + 42)
+}
+
+/// If `frame` is an ICMP echo request to `ip` (checksums valid), builds the echo reply from
+/// `mac` into `out`; its length.
+pub fn echo_answer(frame: &[u8], mac: [u8; 6], ip: [u8; 4], out: &mut [u8]) -> Option<usize> {
+    let e = frame.get(VNET_HDR..)?;
+    if e.len() < 14 + 20 + 8 || e[12..14] != [0x08, 0x00] || e[14] != 0x45 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([e[16], e[17]]));
+    let h = e.get(14..34)?;
+    if h[9] != 1 || h[16..20] != ip || checksum(h) != 0 || total < 28 {
+        return None;
+    }
+    let icmp = e.get(34..14 + total)?;
+    if icmp[0] != 8 || checksum(icmp) != 0 {
+        return None;
+    }
+    let len = VNET_HDR + 14 + total;
+    let f = out.get_mut(..len)?;
+    f.fill(0);
+    f[VNET_HDR..].copy_from_slice(&frame[VNET_HDR..len]);
+    let r = &mut f[VNET_HDR..];
+    r[0..6].copy_from_slice(&e[6..12]);
+    r[6..12].copy_from_slice(&mac);
+    let h = &mut r[14..34];
+    h.copy_from_slice(&e[14..34]);
+    h[12..16].copy_from_slice(&e[30..34]);
+    h[16..20].copy_from_slice(&ip);
+    h[8] = 64;
+    h[10..12].fill(0);
+    let c = checksum(h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let icmp = &mut r[34..14 + total];
+    icmp[0] = 0;
+    icmp[2..4].fill(0);
+    let c = checksum(icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Some(len)
 }

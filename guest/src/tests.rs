@@ -54,6 +54,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"acpi" => acpi_test(),
         b"blk" => blk_test(),
         b"net" => net_test(),
+        b"netpeer" => net_peer(),
         b"blkbench" => blk_bench(),
         b"netbench" => net_bench(),
         // Not self-tests: deliberate ways for a guest to end badly, so the VMM's handling of
@@ -1539,6 +1540,80 @@ fn net_test() -> Outcome {
     d.s(" icmp=ok");
     dev.reset();
     pass("net", &mut d)
+}
+
+/// The `netpeer` responder: answers ARP requests for `probe.ip=IP` and ICMP echo requests to
+/// it (another guest's `net` test pings it), and passes once it has answered `probe.echoes=N`
+/// (default 1) echo requests; fails if none comes within about a minute. Prints `netpeer:
+/// listening` once its receive buffer is posted, for a host that starts the pinger then.
+fn net_peer() -> Outcome {
+    use crate::{net, virtio};
+    let mut d = Line::new();
+    let cmdline = boot_info().cmdline();
+    let Some(ip) = param(cmdline, "probe.ip").and_then(net::parse_ip) else {
+        d.s("needs probe.ip=GUEST_IP on the command line");
+        return fail("netpeer", &mut d);
+    };
+    let want = param(cmdline, "probe.echoes")
+        .and_then(crate::bootinfo::parse_u64)
+        .unwrap_or(1);
+    let Some(mut dev) = virtio::find(0x1041) else {
+        d.s("no modern virtio-net device (1af4:1041) on bus 0");
+        return fail("netpeer", &mut d);
+    };
+    if dev.negotiate(1 << 5).is_none()
+        || !dev.setup_queue(0)
+        || !dev.setup_queue(1)
+        || !dev.driver_ok()
+    {
+        d.s("device set-up failed");
+        return fail("netpeer", &mut d);
+    }
+    let mut mac = [0u8; 6];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = dev.config(i as u64);
+    }
+    let bufs = &raw mut NETB;
+    // SAFETY: the buffers are this test's; each is used by one request at a time.
+    let (rx, tx) = unsafe { ((&raw mut (*bufs).rx) as u64, (&raw mut (*bufs).tx) as u64) };
+    let txb = unsafe { &mut (*bufs).tx };
+    dev.post(0, &[(rx, 1536, virtio::DESC_WRITE)]);
+    crate::console::println("netpeer: listening");
+    let (mut arps, mut echoes, mut frames) = (0u64, 0u64, 0u64);
+    let start = cpu::rdtsc();
+    let budget = 150_000_000_000u64;
+    while echoes < want && cpu::rdtsc().wrapping_sub(start) < budget {
+        let Some(len) = dev.wait_used(0, 5_000_000_000) else {
+            continue;
+        };
+        frames += 1;
+        // SAFETY: the device finished writing the receive buffer.
+        let f = unsafe { core::ptr::read_volatile(&raw const (*bufs).rx) };
+        let f = &f[..(len as usize).min(1536)];
+        let answer = if let Some(n) = net::arp_answer(f, mac, ip, txb) {
+            arps += 1;
+            Some(n)
+        } else if let Some(n) = net::echo_answer(f, mac, ip, txb) {
+            echoes += 1;
+            Some(n)
+        } else {
+            None
+        };
+        dev.post(0, &[(rx, 1536, virtio::DESC_WRITE)]);
+        if let Some(n) = answer {
+            if dev.submit(1, &[(tx, n as u32, 0)]).is_none() {
+                d.s("problem: a reply was not sent");
+                return fail("netpeer", &mut d);
+            }
+        }
+    }
+    d.s("arp=").dec(arps).s(" icmp=").dec(echoes).s(" frames=").dec(frames);
+    if echoes < want {
+        d.s(" problem: too few echo requests answered");
+        return fail("netpeer", &mut d);
+    }
+    dev.reset();
+    pass("netpeer", &mut d)
 }
 
 /// Guest-physical buffer for the block benchmark (1 MiB at 16 MiB; checked against the map).

@@ -173,12 +173,30 @@ fn valid_tap_name(name: &str) -> bool {
             .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
 }
 
-/// A virtio-net device on a TAP.
+/// A virtio-net device: served in the VMM on a TAP (`tap`), or by a vhost-user backend such as
+/// `wv vswitch` (`vhost_user`); exactly one of the two is given.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// TAP interface name (created when missing and permitted).
+    /// TAP interface name (created when missing and permitted); empty for a vhost-user device.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tap: String,
+    /// The vhost-user socket of a backend serving the device's queues (guest memory is then
+    /// shared with it: [`VmConfig::memory_shared`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "wire::no_null"
+    )]
+    pub vhost_user: Option<PathBuf>,
+    /// The device's name in messages and counters; the TAP's or the socket's file name unless
+    /// given.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "wire::no_null"
+    )]
+    pub id: Option<String>,
     /// MAC address (`"52:54:00:12:34:56"` when serialised); generated (locally administered)
     /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "wire::mac")]
@@ -208,27 +226,69 @@ pub fn format_mac(m: &[u8; 6]) -> String {
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME[,mac=MAC]`.
+    /// Parses `tap=NAME[,mac=MAC][,id=NAME]` or `vhost-user=SOCKET[,mac=MAC][,id=NAME]`.
     pub fn parse(spec: &str) -> Result<NetConfig, ConfigError> {
         let mut tap = None;
+        let mut vhost_user = None;
         let mut mac = None;
+        let mut id = None;
         for part in spec.split(',') {
             match part.split_once('=') {
-                Some(("tap", t)) if !t.is_empty() && t.len() <= MAX_TAP_NAME => tap = Some(t.to_string()),
+                Some(("tap", t)) if !t.is_empty() && t.len() <= MAX_TAP_NAME && vhost_user.is_none() => tap = Some(t.to_string()),
+                Some(("vhost-user", p)) if !p.is_empty() && tap.is_none() => vhost_user = Some(PathBuf::from(p)),
+                Some(("id", v)) if valid_net_id(v) => id = Some(v.to_string()),
                 Some(("mac", m)) => match parse_mac(m) {
                     Some(m) if m[0] & 1 == 0 => mac = Some(m),
                     _ => return Err(ConfigError(format!("--net '{spec}': '{m}' is not a unicast MAC address"))),
                 },
                 _ => {
                     return Err(ConfigError(format!(
-                        "--net '{spec}': expected tap=NAME[,mac=MAC] (NAME: 1-{MAX_TAP_NAME} characters); '{part}' is not understood"
+                        "--net '{spec}': expected tap=NAME or vhost-user=SOCKET, then [,mac=MAC][,id=ID] (NAME: 1-{MAX_TAP_NAME} characters, ID: 1-{MAX_DISK_ID} printable characters); '{part}' is not understood"
                     )))
                 }
             }
         }
-        let tap = tap.ok_or_else(|| ConfigError(format!("--net '{spec}' has no tap=NAME")))?;
-        Ok(NetConfig { tap, mac })
+        if tap.is_none() && vhost_user.is_none() {
+            return Err(ConfigError(format!(
+                "--net '{spec}' has no tap=NAME or vhost-user=SOCKET"
+            )));
+        }
+        Ok(NetConfig {
+            tap: tap.unwrap_or_default(),
+            vhost_user,
+            mac,
+            id,
+        })
     }
+
+    /// A device on TAP `tap` with `mac` (generated when `None`).
+    pub fn tap(tap: &str, mac: Option<[u8; 6]>) -> NetConfig {
+        NetConfig {
+            tap: tap.to_string(),
+            vhost_user: None,
+            mac,
+            id: None,
+        }
+    }
+
+    /// The device's name: its id, else its TAP, else its socket's file name.
+    pub fn name(&self) -> String {
+        if let Some(id) = &self.id {
+            return id.clone();
+        }
+        match &self.vhost_user {
+            Some(p) => p.file_name().map_or_else(
+                || p.display().to_string(),
+                |f| f.to_string_lossy().into_owned(),
+            ),
+            None => self.tap.clone(),
+        }
+    }
+}
+
+/// Whether `id` can be a net's id: 1 to [`MAX_DISK_ID`] printable ASCII characters.
+fn valid_net_id(id: &str) -> bool {
+    valid_disk_id(id)
 }
 
 /// One VM: what it is made of, and (not serialised) where its VMM sends the console.
@@ -243,6 +303,10 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// Back guest RAM with a memfd mapped shared, so that a vhost-user backend can map it too
+    /// (also on whenever a net is served over vhost-user: [`VmConfig::memory_is_shared`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub memory_shared: bool,
     /// vCPUs.
     pub vcpus: u32,
     /// Serial console (the VMM's, not serialised).
@@ -358,6 +422,7 @@ impl VmConfig {
             initrd: None,
             cmdline,
             memory: DEFAULT_MEMORY,
+            memory_shared: false,
             vcpus: 1,
             serial: SerialMode::Stdio,
             console_socket: None,
@@ -366,6 +431,12 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
         }
+    }
+
+    /// Whether guest RAM is shared (memfd, `MAP_SHARED`): asked for, or needed by a vhost-user
+    /// net.
+    pub fn memory_is_shared(&self) -> bool {
+        self.memory_shared || self.nets.iter().any(|n| n.vhost_user.is_some())
     }
 
     /// Checks every value against the machine model and the host (`host_ram` bytes), however
@@ -429,16 +500,30 @@ impl VmConfig {
             }
         }
         for n in &self.nets {
-            if !valid_tap_name(&n.tap) {
+            if let Some(p) = &n.vhost_user {
+                if !n.tap.is_empty() {
+                    return Err(ConfigError(format!(
+                        "net {}: give tap or vhost_user, not both",
+                        n.name()
+                    )));
+                }
+                check_path(&format!("net {}", n.name()), p)?;
+            } else if !valid_tap_name(&n.tap) {
                 return Err(ConfigError(format!(
                     "net tap '{}': use 1-{MAX_TAP_NAME} characters, not . or .., without '/', ':', spaces or NUL",
                     n.tap.escape_debug()
                 )));
             }
+            if let Some(id) = n.id.as_ref().filter(|i| !valid_net_id(i)) {
+                return Err(ConfigError(format!(
+                    "net id '{}': use 1-{MAX_DISK_ID} printable ASCII characters",
+                    id.escape_debug()
+                )));
+            }
             if let Some(m) = n.mac.filter(|m| m[0] & 1 != 0) {
                 return Err(ConfigError(format!(
                     "net {}: {} is not a unicast MAC address",
-                    n.tap,
+                    n.name(),
                     format_mac(&m)
                 )));
             }

@@ -45,12 +45,23 @@ fn cfg() -> VmConfig {
 fn net_specs() {
     assert_eq!(
         NetConfig::parse("tap=tap0,mac=52:54:00:12:34:56").unwrap(),
-        NetConfig {
-            tap: "tap0".into(),
-            mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
-        }
+        NetConfig::tap("tap0", Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]))
     );
     assert_eq!(NetConfig::parse("tap=t").unwrap().mac, None);
+    let v = NetConfig::parse("vhost-user=/run/sw/a.sock,id=eth0").unwrap();
+    assert_eq!(
+        v.vhost_user.as_deref(),
+        Some(std::path::Path::new("/run/sw/a.sock"))
+    );
+    assert_eq!((v.tap.as_str(), v.name().as_str()), ("", "eth0"));
+    assert_eq!(
+        NetConfig::parse("vhost-user=/x/p.sock").unwrap().name(),
+        "p.sock"
+    );
+    let mut c = cfg();
+    assert!(!c.memory_is_shared());
+    c.nets = vec![v];
+    assert!(c.memory_is_shared(), "a vhost-user net shares guest memory");
     for bad in [
         "",
         "tap=",
@@ -60,6 +71,10 @@ fn net_specs() {
         "tap=t,mac=52:54:00:12:34:56:78",
         "tap=t,mac=zz:54:00:12:34:56",
         "tap=waytoolonginterfacename",
+        "vhost-user=",
+        "tap=t,vhost-user=/s",
+        "vhost-user=/s,tap=t",
+        "vhost-user=/s,id=",
     ] {
         assert!(NetConfig::parse(bad).is_err(), "{bad}");
     }
@@ -165,10 +180,7 @@ fn validation_of_typed_values() {
     refused(&|c| c.disks = vec![disk("d", "/x\0.img", None)], "NUL");
     refused(&|c| c.disks = vec![disk("d", "", None)], "empty path");
     refused(&|c| c.disks = vec![disk("d", "/ds", Some(""))], "VMKFS");
-    let net = |tap: &str, mac: Option<[u8; 6]>| NetConfig {
-        tap: tap.into(),
-        mac,
-    };
+    let net = |tap: &str, mac: Option<[u8; 6]>| NetConfig::tap(tap, mac);
     for tap in [
         "",
         ".",

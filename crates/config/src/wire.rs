@@ -167,7 +167,7 @@ impl<'de> Deserialize<'de> for NetIn {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<NetIn, D::Error> {
         text_or_object(
             d,
-            "a net: \"tap=NAME[,mac=MAC]\" or {\"tap\": NAME, \"mac\": MAC}",
+            "a net: \"tap=NAME[,mac=MAC]\", \"vhost-user=SOCKET[,mac=MAC]\" or {\"tap\": NAME, \"mac\": MAC}",
             NetIn::Text,
             NetIn::Object,
         )
@@ -196,6 +196,8 @@ struct VmConfigIn {
     cmdline: Option<String>,
     #[serde(default = "default_memory", deserialize_with = "size")]
     memory: u64,
+    #[serde(default)]
+    memory_shared: bool,
     #[serde(default = "one")]
     vcpus: u32,
     #[serde(default = "yes")]
@@ -217,6 +219,7 @@ impl TryFrom<VmConfigIn> for VmConfig {
         let mut c = VmConfig::new(kernel, cmdline);
         c.initrd = w.initrd;
         c.memory = w.memory;
+        c.memory_shared = w.memory_shared;
         c.vcpus = w.vcpus;
         c.rng = w.rng;
         for (i, d) in w.disks.into_iter().enumerate() {
@@ -243,7 +246,15 @@ impl TryFrom<VmConfigIn> for VmConfig {
 /// The fields of [`VmConfigIn`]: what a [`VmConfig`] takes from a map, also when it is
 /// flattened into a larger definition (the daemon's), where only these keys reach it.
 const FIELDS: &[&str] = &[
-    "kernel", "initrd", "cmdline", "memory", "vcpus", "rng", "disks", "nets",
+    "kernel",
+    "initrd",
+    "cmdline",
+    "memory",
+    "memory_shared",
+    "vcpus",
+    "rng",
+    "disks",
+    "nets",
 ];
 
 /// A [`VmConfig`] is read from a map only (serde would also take a struct from a sequence,

@@ -147,6 +147,14 @@ impl VmSpec {
                 return Err(format!("{field}: {n} bytes is over the limit of {max}"));
             }
         }
+        if c.nets.iter().any(|n| n.vhost_user.is_some()) {
+            // The VMM runs as root: it must not connect to whatever socket a client names.
+            // Under the daemon a VM will join a network the daemon's switch serves instead.
+            return Err(
+                "nets: vhost-user devices are for wv run only; the daemon does not serve them yet"
+                    .to_string(),
+            );
+        }
         for (field, n) in [("disks", c.disks.len()), ("nets", c.nets.len())] {
             if n > MAX_DEVICES {
                 return Err(format!("{field}: {n} entries, at most {MAX_DEVICES}"));
@@ -316,6 +324,7 @@ mod tests {
             r#"{"name":"a","initrd":"/i\u0000"}"#,
             r#"{"name":"a","disks":["path=/x\u0000.img"]}"#,
             r#"{"name":"a","nets":["tap=t\u00000"]}"#,
+            r#"{"name":"a","nets":["vhost-user=/run/other.sock"]}"#,
             r#"{"name":"a","kernel":""}"#,
         ] {
             assert!(spec(bad).unwrap().validate().is_err(), "{bad}");

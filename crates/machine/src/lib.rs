@@ -13,4 +13,7 @@ pub mod memory;
 pub mod mptable;
 
 pub use boot::{load, BootEntry, BootError, BootProtocol, KernelImage, LoadedGuest};
-pub use memory::{create_ram, map_ram_file, GuestMemoryMmap, GuestRam, MemoryError};
+pub use memory::{
+    copy_ram, create_ram, create_shared_ram, is_shared, map_ram_file, GuestMemoryMmap, GuestRam,
+    MemoryError,
+};

@@ -16,6 +16,7 @@ pub mod rng;
 #[cfg(test)]
 mod testutil;
 pub mod transport;
+pub mod vhost_user;
 
 /// Guest memory as the VMM maps it: every write a device makes through it marks the page dirty
 /// (what live migration sends again besides KVM's dirty log).

@@ -28,15 +28,15 @@ pub const VNET_HDR: usize = 12;
 /// Largest frame: header plus a 64 KiB GSO packet plus an Ethernet header.
 pub const MAX_FRAME: usize = VNET_HDR + 65_535 + 14;
 
-const F_CSUM: u64 = 1 << 0;
-const F_GUEST_CSUM: u64 = 1 << 1;
-const F_MAC: u64 = 1 << 5;
-const F_GUEST_TSO4: u64 = 1 << 7;
-const F_GUEST_TSO6: u64 = 1 << 8;
-const F_HOST_TSO4: u64 = 1 << 11;
-const F_HOST_TSO6: u64 = 1 << 12;
-const F_MRG_RXBUF: u64 = 1 << 15;
-const F_STATUS: u64 = 1 << 16;
+pub(crate) const F_CSUM: u64 = 1 << 0;
+pub(crate) const F_GUEST_CSUM: u64 = 1 << 1;
+pub(crate) const F_MAC: u64 = 1 << 5;
+pub(crate) const F_GUEST_TSO4: u64 = 1 << 7;
+pub(crate) const F_GUEST_TSO6: u64 = 1 << 8;
+pub(crate) const F_HOST_TSO4: u64 = 1 << 11;
+pub(crate) const F_HOST_TSO6: u64 = 1 << 12;
+pub(crate) const F_MRG_RXBUF: u64 = 1 << 15;
+pub(crate) const F_STATUS: u64 = 1 << 16;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -47,7 +47,7 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUN_F_CSUM: libc::c_uint = 1;
 const TUN_F_TSO4: libc::c_uint = 2;
 const TUN_F_TSO6: libc::c_uint = 4;
-const QUEUE_SIZE: u16 = 256;
+pub(crate) const QUEUE_SIZE: u16 = 256;
 
 /// A TAP device opened with vnet headers.
 pub struct Tap {
@@ -178,6 +178,11 @@ impl Tap {
             }
         }
         Ok(())
+    }
+
+    /// The TAP's descriptor (non-blocking; frames carry a [`VNET_HDR`]-byte vnet header).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Whether the TAP takes checksum and segmentation offloads.

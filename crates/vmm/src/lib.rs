@@ -666,6 +666,13 @@ pub(crate) fn run_from(
     })
 }
 
+/// New shared RAM of `size` bytes holding a copy of `mem`.
+fn to_shared(mem: &GuestMemoryMmap, size: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let s = wv_machine::create_shared_ram(size).map_err(VmmError::Memory)?;
+    wv_machine::copy_ram(mem, &s).map_err(VmmError::Memory)?;
+    Ok(s)
+}
+
 /// Creates the VM, its memory, interrupt controllers and devices, and loads the guest.
 fn build(
     kvm: &kvm_ioctls::Kvm,
@@ -675,13 +682,25 @@ fn build(
 ) -> Result<(Arc<kvm_ioctls::VmFd>, VmShared), VmmError> {
     let vm = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
     trace.mark("vm created");
+    let shared = cfg.memory_is_shared();
     let mem = match restore.as_mut().and_then(|r| r.memory.take()) {
+        None if shared => wv_machine::create_shared_ram(cfg.memory).map_err(VmmError::Memory)?,
         None => wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?,
         Some(RestoreMemory::File(p)) => {
             let f = std::fs::File::open(&p)
                 .map_err(|e| VmmError::Snapshot(format!("cannot open {}: {e}", p.display())))?;
-            wv_machine::map_ram_file(&f, cfg.memory)
-                .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?
+            let private = wv_machine::map_ram_file(&f, cfg.memory)
+                .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?;
+            if shared {
+                // A backend must see the pages: read the image into shared RAM instead of
+                // mapping it copy-on-write.
+                to_shared(&private, cfg.memory)?
+            } else {
+                private
+            }
+        }
+        Some(RestoreMemory::Ram(m)) if shared && !wv_machine::is_shared(&m) => {
+            to_shared(&m, cfg.memory)?
         }
         Some(RestoreMemory::Ram(m)) => m,
     };
@@ -795,15 +814,18 @@ fn build(
         )?;
     }
     for n in &cfg.nets {
-        let tap = wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?;
         let mac = n.mac.unwrap_or_else(random_mac);
-        let name: &'static str = Box::leak(format!("virtio-net:{}", n.tap).into_boxed_str());
-        pci.add_virtio(
-            &vm,
-            &mem,
-            name,
-            Box::new(wv_virtio::net::Net::new(tap, mac)),
-        )?;
+        let name: &'static str = Box::leak(format!("virtio-net:{}", n.name()).into_boxed_str());
+        let dev: Box<dyn wv_virtio::VirtioDevice> = match &n.vhost_user {
+            Some(sock) => Box::new(
+                wv_virtio::vhost_user::VhostUserNet::connect(sock, mac).map_err(VmmError::Net)?,
+            ),
+            None => Box::new(wv_virtio::net::Net::new(
+                wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?,
+                mac,
+            )),
+        };
+        pci.add_virtio(&vm, &mem, name, dev)?;
     }
     let pci_devices = pci.devices();
     let pci::PciBuilder {

@@ -518,6 +518,13 @@ impl Controller {
                 ),
             );
         }
+        if self.cfg.nets.iter().any(|n| n.vhost_user.is_some()) {
+            return Answer::error(
+                422,
+                "the VM has a vhost-user net: its backend's writes to guest memory are not \
+                 dirty-logged yet, so migrating it is not supported",
+            );
+        }
         let start = Instant::now();
         let was_paused = self.paused.is_some();
         let res = self.send_to(addr, r);
@@ -1127,6 +1134,12 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
             .sections
             .json("config")
             .map_err(|e| e.0.replace("snapshot", "stream"))?;
+        if cfg.memory_is_shared() && got.postcopy.is_some() {
+            return Err(
+                "post-copy into shared guest memory (memory_shared, vhost-user nets) is not supported: migrate with pre-copy"
+                    .to_string(),
+            );
+        }
         if cfg.memory != wv_machine_memory(&got.mem) {
             return Err(format!(
                 "the VM's configuration says {} bytes of memory, the stream carried {}",

@@ -295,6 +295,11 @@ const VM_OPTS: &[Opt] = &[
         "kernel command line (default for --kernel: \"console=ttyS0 reboot=k panic=1\";\nfor the probe guest: \"console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng\")",
     ),
     MEMORY,
+    opt(
+        "--memory-shared",
+        Arg::Value("on|off"),
+        "back guest RAM with a memfd mapped shared, which a vhost-user backend can map\n(default off; always on with a --net vhost-user=)",
+    ),
     VCPUS,
     opt(
         "--disk",
@@ -304,7 +309,7 @@ const VM_OPTS: &[Opt] = &[
     opt(
         "--net",
         Arg::Value("SPEC"),
-        "tap=NAME[,mac=MAC]: a virtio-net device on TAP NAME (created and brought up if\nmissing, which needs CAP_NET_ADMIN); MAC generated if not given (repeatable)",
+        "tap=NAME[,mac=MAC][,id=ID]: a virtio-net device on TAP NAME (created and brought\nup if missing, which needs CAP_NET_ADMIN); vhost-user=SOCKET[,mac=MAC][,id=ID]:\none whose queues a vhost-user backend serves (wv vswitch; docs/NETWORK.md);\nMAC generated if not given (repeatable)",
     ),
     opt(
         "--rng",
@@ -427,6 +432,39 @@ boots the embedded probe guest, which runs its self-tests and powers off with 0 
         RUN_LOCAL_OPTS,
     ],
     after: RUN_STATUS,
+};
+
+const VSWITCH: Spec = Spec {
+    cmd: "wv vswitch",
+    pos: &[],
+    about: "Runs the virtual switch in the foreground: an L2 learning switch per network whose ports
+are vhost-user net backends, one socket each at DIR/NETWORK/PORT.sock, for VMs started with
+--net vhost-user=DIR/NETWORK/PORT.sock. Networks are isolated from one another; an uplink
+connects a network to the host through a TAP. Counters per port: send 'stats' on
+DIR/control.sock (one JSON line back). docs/NETWORK.md.",
+    opts: &[&[
+        opt(
+            "--socket-dir",
+            Arg::Value("DIR"),
+            "where the sockets are made (required)",
+        ),
+        opt(
+            "--port",
+            Arg::Value("NETWORK/PORT"),
+            "a VM port on network NETWORK (repeatable; the network is made with its first port)",
+        ),
+        opt(
+            "--network",
+            Arg::Value("NAME"),
+            "a network without VM ports yet (repeatable)",
+        ),
+        opt(
+            "--uplink",
+            Arg::Value("NETWORK=TAP"),
+            "connect NETWORK to the host through TAP (created and brought up if missing,\nwhich needs CAP_NET_ADMIN; repeatable, one per network)",
+        ),
+    ]],
+    after: "Exit status: 200 bad arguments, 1 the switch could not start.",
 };
 
 const PROBE_IMAGE: Spec = Spec {
@@ -783,6 +821,8 @@ Usage:
                             VMKFS datastores for virtual disks
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
+  wv vswitch --socket-dir DIR --port NETWORK/PORT ... [--uplink NETWORK=TAP ...]
+                            Run the virtual switch: vhost-user net ports (--net vhost-user=)
   wv completions bash|zsh   Print a shell completion script
   wv --version | --help
 
@@ -917,6 +957,8 @@ pub enum Command {
         /// Where.
         output: PathBuf,
     },
+    /// `wv vswitch`.
+    Vswitch(wv_vswitch::Config),
     /// The daemon.
     HostServe {
         /// Its socket.
@@ -964,6 +1006,7 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
     match args.first().map(String::as_str) {
         Some("run") => parse_run(rest),
         Some("probe-image") => parse_probe_image(rest),
+        Some("vswitch") => parse_vswitch(rest),
         Some("host") => parse_host(rest),
         Some("vm") => parse_vm(rest),
         Some("fs") => fs::parse(rest).map(|a| a.map_or_else(Command::Help, Command::Fs)),
@@ -1012,6 +1055,7 @@ fn all_specs() -> Vec<&'static Spec> {
     let mut v: Vec<&'static Spec> = vec![
         &RUN,
         &PROBE_IMAGE,
+        &VSWITCH,
         &HOST,
         &HOST_STATUS,
         &HOST_TOP,
@@ -1225,6 +1269,7 @@ fn vm_config(d: VmDef) -> VmConfig {
     let mut cfg = VmConfig::new(kernel, cmdline);
     cfg.initrd = d.initrd;
     cfg.memory = d.memory;
+    cfg.memory_shared = d.memory_shared;
     cfg.vcpus = d.vcpus;
     cfg.rng = d.rng;
     cfg.disks = d.disks;
@@ -1265,6 +1310,7 @@ struct VmDef {
     initrd: Option<PathBuf>,
     cmdline: Option<String>,
     memory: u64,
+    memory_shared: bool,
     vcpus: u32,
     disks: Vec<DiskConfig>,
     nets: Vec<NetConfig>,
@@ -1290,6 +1336,11 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         Some("off") => false,
         Some(o) => return Err(Usage(format!("--rng takes on or off, not '{o}'"))),
     };
+    let memory_shared = match m.value("--memory-shared") {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(o) => return Err(Usage(format!("--memory-shared takes on or off, not '{o}'"))),
+    };
     let disks = m
         .values("--disk")
         .enumerate()
@@ -1304,11 +1355,85 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         initrd: m.value("--initrd").map(PathBuf::from),
         cmdline: m.value("--cmdline").map(str::to_string),
         memory,
+        memory_shared,
         vcpus,
         disks,
         nets,
         rng,
     })
+}
+
+fn parse_vswitch(args: &[String]) -> Result<Command, Usage> {
+    let m = matches_or_help!(&VSWITCH, args);
+    let dir = m
+        .value("--socket-dir")
+        .ok_or_else(|| Usage("wv vswitch needs --socket-dir DIR".into()))?;
+    let mut cfg = wv_vswitch::Config {
+        socket_dir: PathBuf::from(dir),
+        networks: Vec::new(),
+    };
+    fn network<'a>(
+        cfg: &'a mut wv_vswitch::Config,
+        name: &str,
+    ) -> Result<&'a mut wv_vswitch::NetworkConfig, Usage> {
+        if !wv_vswitch::valid_name(name) {
+            return Err(Usage(format!(
+                "wv vswitch: network '{}': use 1-64 of A-Z a-z 0-9 _ . - (not starting with .)",
+                name.escape_debug()
+            )));
+        }
+        let i = match cfg.networks.iter().position(|n| n.name == name) {
+            Some(i) => i,
+            None => {
+                cfg.networks.push(wv_vswitch::NetworkConfig {
+                    name: name.to_string(),
+                    ..Default::default()
+                });
+                cfg.networks.len() - 1
+            }
+        };
+        Ok(&mut cfg.networks[i])
+    }
+    for n in m.values("--network") {
+        network(&mut cfg, n)?;
+    }
+    for p in m.values("--port") {
+        let Some((net, port)) = p.split_once('/') else {
+            return Err(Usage(format!("--port '{p}': expected NETWORK/PORT")));
+        };
+        if !wv_vswitch::valid_name(port) {
+            return Err(Usage(format!(
+                "--port '{p}': use 1-64 of A-Z a-z 0-9 _ . - for the port"
+            )));
+        }
+        let n = network(&mut cfg, net)?;
+        if n.ports.iter().any(|x| x == port) {
+            return Err(Usage(format!("--port '{p}' is given twice")));
+        }
+        n.ports.push(port.to_string());
+    }
+    for u in m.values("--uplink") {
+        let Some((net, tap)) = u.split_once('=') else {
+            return Err(Usage(format!("--uplink '{u}': expected NETWORK=TAP")));
+        };
+        let tap = tap.strip_prefix("tap:").unwrap_or(tap);
+        if tap.is_empty() || tap.len() > wv_config::MAX_TAP_NAME {
+            return Err(Usage(format!(
+                "--uplink '{u}': the TAP name takes 1-{} characters",
+                wv_config::MAX_TAP_NAME
+            )));
+        }
+        let n = network(&mut cfg, net)?;
+        if n.uplink.replace(tap.to_string()).is_some() {
+            return Err(Usage(format!("--uplink: network {net} has two uplinks")));
+        }
+    }
+    if cfg.networks.is_empty() {
+        return Err(Usage(
+            "wv vswitch needs at least one --port NETWORK/PORT or --network NAME".into(),
+        ));
+    }
+    Ok(Command::Vswitch(cfg))
 }
 
 fn parse_probe_image(args: &[String]) -> Result<Command, Usage> {
@@ -1613,6 +1738,11 @@ fn absolute_paths(c: &mut VmConfig, base: &Path) {
     }
     for d in &mut c.disks {
         d.path = base.join(&d.path);
+    }
+    for n in &mut c.nets {
+        if let Some(p) = &mut n.vhost_user {
+            *p = base.join(&*p);
+        }
     }
 }
 

@@ -37,7 +37,10 @@ fn main() -> ExitCode {
         | Command::HostUninstall(..) => true,
         Command::Vm(_, VmCmd::Named(what, _)) => *what != "console",
         Command::Vm(..) | Command::Fs(_) | Command::Completions(_) => true,
-        Command::Run(..) | Command::ProbeImage { .. } | Command::HostServe { .. } => false,
+        Command::Run(..)
+        | Command::ProbeImage { .. }
+        | Command::HostServe { .. }
+        | Command::Vswitch(_) => false,
     };
     if printer {
         // SAFETY: restoring the default disposition of one signal before any thread starts.
@@ -54,6 +57,10 @@ fn main() -> ExitCode {
         }
         Command::Run(cfg, stats, from) => cmd_run(&cfg, stats, &from),
         Command::ProbeImage { format, output } => cmd_probe_image(&format, &output),
+        Command::Vswitch(cfg) => match wv_vswitch::run(&cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, &format!("vswitch: {e}")),
+        },
         Command::HostServe {
             socket,
             state_dir,

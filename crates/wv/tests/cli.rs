@@ -378,10 +378,11 @@ fn completions_come_from_the_same_tables() {
     let file = dir.file("wv.bash", script.stdout.as_bytes());
     // (words typed, the word being completed) -> what bash offers.
     let cases: &[(&str, &str)] = &[
-        ("wv ''", "completions fs host probe-image run vm"),
-        ("wv v", "vm"),
+        ("wv ''", "completions fs host probe-image run vm vswitch"),
+        ("wv v", "vm vswitch"),
+        ("wv vswitch --u", "--uplink"),
         ("wv vm cr", "create"),
-        ("wv vm create --mem", "--memory"),
+        ("wv vm create --mem", "--memory --memory-shared"),
         ("wv vm create web --di", "--disk"),
         ("wv fs sn", "snapshot"),
         ("wv host --li", "--listen"),

@@ -190,17 +190,13 @@ fn migrate_mode(
     };
     let mut target = Vmm::start(dst_ns, &["--incoming", &listen]);
     let addr = target.listening();
-    let mut source = Vmm::start(
-        src_ns,
-        &[
-            "--memory",
-            memory,
-            "--api-socket",
-            sock.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-        ],
-    );
+    // `memory` is the size, perhaps followed by more options for the source.
+    let mut words = memory.split_whitespace();
+    let memory = words.next().unwrap();
+    let mut args = vec!["--memory", memory];
+    args.extend(words);
+    args.extend(["--api-socket", sock.to_str().unwrap(), "--cmdline", cmdline]);
+    let mut source = Vmm::start(src_ns, &args);
     source.wait_line(running);
     let (st, answer) = migrate_send_with(&sock, &addr, extra);
     assert_eq!(st, 200, "{answer}");
@@ -254,6 +250,23 @@ fn an_idle_guest_migrates_over_loopback_with_its_clock_continuous() {
     );
     // Idle: a few hundred KiB of a 256 MiB guest (pages never touched are not sent).
     assert!(a["bytes"].as_u64().unwrap() < 8 << 20, "{a}");
+    assert_eq!(a["precopy"], true, "{a}");
+}
+
+/// A guest whose RAM is shared (a memfd, as for a vhost-user backend) migrates too: the
+/// target receives into fresh RAM and moves it into shared RAM before the guest runs there.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_guest_in_shared_memory_migrates() {
+    need_kvm();
+    let _one = serial();
+    let (_, a) = migrate(
+        "128M --memory-shared on",
+        "console=ttyS0 probe.tests=clock probe.clockms=2000",
+        "clock",
+        "clock: running",
+        None,
+    );
     assert_eq!(a["precopy"], true, "{a}");
 }
 

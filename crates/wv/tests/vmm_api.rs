@@ -288,7 +288,9 @@ fn snapshot_and_restore_with(vcpus: &str, extra: &[&str]) {
     ];
     args.extend_from_slice(extra);
     let mut vm = Vmm::start(&args);
+    let shared = extra.windows(2).any(|w| w == ["--memory-shared", "on"]);
     vm.wait_line("PASS rng");
+    assert_eq!(ram_is_memfd(&vm), shared, "guest RAM in a memfd");
     vm.wait_line("clock: running");
     let (st, r) = snapshot(&sock, &snap);
     assert_eq!(st, 200, "{r}");
@@ -303,6 +305,7 @@ fn snapshot_and_restore_with(vcpus: &str, extra: &[&str]) {
     let mut back = Vmm::start(&["--restore", snap.to_str().unwrap()]);
     // Its first words are the end of the clock test it was in, not a boot banner.
     let first = back.wait_line("");
+    assert_eq!(ram_is_memfd(&back), shared, "restored RAM in a memfd");
     assert!(
         first.starts_with("PASS clock"),
         "the restored VM did not resume mid-test: {first}"
@@ -329,6 +332,21 @@ fn a_four_vcpu_bzimage_guest_with_a_nic_snapshots_and_restores() {
     let _ = std::process::Command::new("ip")
         .args(["link", "del", &tap])
         .status();
+}
+
+/// Whether the VMM maps guest RAM from its memfd (`--memory-shared on`).
+fn ram_is_memfd(vm: &Vmm) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/maps", vm.child.id()))
+        .unwrap()
+        .contains("memfd:wv-guest-ram")
+}
+
+/// Guest RAM shared (a memfd, as for a vhost-user backend): the snapshot reads it like any RAM
+/// and the restored VM's RAM is shared again, holding the image's bytes.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_guest_in_shared_memory_snapshots_and_restores() {
+    snapshot_and_restore_with("1", &["--memory-shared", "on"]);
 }
 
 #[test]

@@ -1,0 +1,494 @@
+//! Unit tests of the switch on raw rings: guests are plain memory with hand-written
+//! descriptor tables, and some of what they post is hostile.
+
+use super::*;
+use vm_memory::{Address, Bytes, GuestAddress};
+
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const QSIZE: u16 = 16;
+const WRITE: u16 = 2;
+const NEXT: u16 = 1;
+
+/// A guest: its memory and one queue (receive or transmit) at the fixed layout.
+struct Guest {
+    mem: GuestMemoryMmap,
+    vring: VringRwLock<Mem>,
+    avail: u16,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let vring = VringRwLock::new(GuestMemoryAtomic::new(mem.clone()), QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        Guest {
+            mem,
+            vring,
+            avail: 0,
+        }
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(DESC + 16 * u64::from(i));
+        self.mem.write_obj(addr, at).unwrap();
+        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+    }
+
+    /// Makes the chain at `head` available.
+    fn offer(&mut self, head: u16) {
+        let slot = u64::from(self.avail % QSIZE);
+        self.mem
+            .write_obj(head, GuestAddress(AVAIL + 4 + 2 * slot))
+            .unwrap();
+        self.avail = self.avail.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail, GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    /// Used entries so far: (head, length).
+    fn used(&self) -> Vec<(u32, u32)> {
+        let n: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        (0..u64::from(n))
+            .map(|i| {
+                let at = GuestAddress(USED + 4 + 8 * (i % u64::from(QSIZE)));
+                (
+                    self.mem.read_obj(at).unwrap(),
+                    self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn atomic(&self) -> Mem {
+        GuestMemoryAtomic::new(self.mem.clone())
+    }
+}
+
+/// A switch with VM ports a and b on network n1 and c on n2.
+fn switch() -> Arc<Switch> {
+    Switch::new(&Config {
+        socket_dir: PathBuf::from("/nonexistent"),
+        networks: vec![
+            NetworkConfig {
+                name: "n1".into(),
+                ports: vec!["a".into(), "b".into()],
+                uplink: None,
+            },
+            NetworkConfig {
+                name: "n2".into(),
+                ports: vec!["c".into()],
+                uplink: None,
+            },
+        ],
+    })
+    .unwrap()
+}
+
+/// Connects `port`'s receive side to guest `g` (as a frontend's set-up does).
+fn connect_rx(sw: &Switch, port: usize, g: &Guest, mergeable: bool) {
+    let mut rx = lock(&sw.ports[port].rx);
+    rx.mem = Some(g.atomic());
+    rx.vring = Some(g.vring.clone());
+    rx.mergeable = mergeable;
+}
+
+fn counters(sw: &Switch, port: usize) -> PortStats {
+    sw.stats()[port].clone()
+}
+
+/// A frame from `src` to `dst` with a vnet header whose flags are garbage (the switch writes
+/// its own), `len` bytes in all.
+fn frame(dst: [u8; 6], src: [u8; 6], len: usize) -> Vec<u8> {
+    let mut f: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+    f[..VNET_HDR].fill(0xee);
+    f[VNET_HDR..VNET_HDR + 6].copy_from_slice(&dst);
+    f[VNET_HDR + 6..VNET_HDR + 12].copy_from_slice(&src);
+    f
+}
+
+const MAC_A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
+const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
+
+/// Guest a transmits `f` as one descriptor at 0x8000 through port 0.
+fn send(sw: &Arc<Switch>, tx: &mut Guest, f: &[u8]) {
+    tx.mem.write_slice(f, GuestAddress(0x8000)).unwrap();
+    tx.desc(0, 0x8000, f.len() as u32, 0, 0);
+    tx.offer(0);
+    transmit(sw, 0, tx);
+}
+
+fn transmit(sw: &Arc<Switch>, port: usize, tx: &Guest) {
+    let b = PortBackend::new(sw.clone(), port);
+    b.rx().mem = Some(tx.atomic());
+    b.transmit(&tx.vring);
+}
+
+#[test]
+fn a_frame_is_copied_once_into_the_buffer_the_receiver_posted() {
+    let sw = switch();
+    let (mut tx, mut rx) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rx, false);
+    // Two buffers for b, each split over two descriptors.
+    rx.desc(0, 0x10000, 20, WRITE | NEXT, 1);
+    rx.desc(1, 0x20000, 2000, WRITE, 0);
+    rx.offer(0);
+    let f = frame(MAC_B, MAC_A, 300);
+    send(&sw, &mut tx, &f);
+    assert_eq!(rx.used(), vec![(0, 300)]);
+    let mut got = vec![0u8; 300];
+    rx.mem
+        .read_slice(&mut got[..20], GuestAddress(0x10000))
+        .unwrap();
+    rx.mem
+        .read_slice(&mut got[20..], GuestAddress(0x20000))
+        .unwrap();
+    // The switch's own header (no offloads, one buffer), then the frame byte for byte.
+    assert_eq!(&got[..VNET_HDR], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    assert_eq!(&got[VNET_HDR..], &f[VNET_HDR..]);
+    assert_eq!(tx.used(), vec![(0, 0)], "the transmit chain is returned");
+    let (a, b) = (counters(&sw, 0), counters(&sw, 1));
+    assert_eq!((a.tx_frames, a.tx_bytes), (1, 288));
+    assert_eq!(
+        (b.rx_frames, b.rx_bytes, b.copies, b.copied_bytes),
+        (1, 288, 1, 288)
+    );
+    // a was learned: a frame from b to a goes to a only (c, on another network, never).
+    assert_eq!(lock(&sw.networks[0].macs).get(&MAC_A).map(|e| e.0), Some(0));
+}
+
+#[test]
+fn mergeable_buffers_take_a_frame_across_chains() {
+    let sw = switch();
+    let (mut tx, mut rx) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rx, true);
+    for i in 0..3u16 {
+        rx.desc(i, 0x10000 + 0x1000 * u64::from(i), 1000, WRITE, 0);
+        rx.offer(i);
+    }
+    let f = frame(MAC_B, MAC_A, 2500);
+    send(&sw, &mut tx, &f);
+    assert_eq!(rx.used(), vec![(0, 1000), (1, 1000), (2, 500)]);
+    let nb: u16 = rx.mem.read_obj(GuestAddress(0x10000 + 10)).unwrap();
+    assert_eq!(nb, 3, "num_buffers");
+    let mut tail = [0u8; 500];
+    rx.mem.read_slice(&mut tail, GuestAddress(0x12000)).unwrap();
+    assert_eq!(&tail[..], &f[2000..]);
+}
+
+#[test]
+fn hostile_transmit_chains_are_dropped_and_counted() {
+    let sw = switch();
+    let (mut tx, mut rx) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rx, false);
+    for i in 0..QSIZE {
+        rx.desc(i, 0x10000 + 0x1000 * u64::from(i), 2048, WRITE, 0);
+        rx.offer(i);
+    }
+    let f = frame(MAC_B, MAC_A, 100);
+    tx.mem.write_slice(&f, GuestAddress(0x8000)).unwrap();
+    type Make = Box<dyn Fn(&Guest)>;
+    let cases: Vec<(&str, Make)> = vec![
+        (
+            "device-writable",
+            Box::new(|g| g.desc(0, 0x8000, 100, WRITE, 0)),
+        ),
+        (
+            "outside memory",
+            Box::new(|g| g.desc(0, (1 << 20) - 50, 100, 0, 0)),
+        ),
+        (
+            "huge length",
+            Box::new(|g| g.desc(0, 0x8000, u32::MAX, 0, 0)),
+        ),
+        ("too short", Box::new(|g| g.desc(0, 0x8000, 20, 0, 0))),
+        (
+            "a loop",
+            Box::new(|g| {
+                g.desc(0, 0x8000, 10, NEXT, 1);
+                g.desc(1, 0x8000, 10, NEXT, 0);
+            }),
+        ),
+        (
+            "next out of the table",
+            Box::new(|g| g.desc(0, 0x8000, 100, NEXT, 999)),
+        ),
+        (
+            "larger than a frame in pieces",
+            Box::new(|g| {
+                for i in 0..QSIZE {
+                    let next = if i + 1 < QSIZE { NEXT } else { 0 };
+                    g.desc(i, 0x8000, 60_000, next, i + 1);
+                }
+            }),
+        ),
+    ];
+    for (n, (what, make)) in cases.iter().enumerate() {
+        make(&tx);
+        tx.offer(0);
+        transmit(&sw, 0, &tx);
+        assert_eq!(
+            counters(&sw, 0).dropped_malformed,
+            n as u64 + 1,
+            "{what}: not dropped"
+        );
+        assert_eq!(tx.used().len(), n + 1, "{what}: the chain is returned");
+    }
+    assert_eq!(counters(&sw, 1).rx_frames, 0, "nothing was delivered");
+    // The port still works afterwards.
+    tx.desc(0, 0x8000, 100, 0, 0);
+    tx.offer(0);
+    transmit(&sw, 0, &tx);
+    assert_eq!(counters(&sw, 1).rx_frames, 1);
+}
+
+#[test]
+fn hostile_receive_buffers_are_returned_empty() {
+    let sw = switch();
+    let (mut tx, mut rx) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rx, false);
+    // Readable, outside memory, too small for the frame, too small for a header.
+    rx.desc(0, 0x10000, 2048, 0, 0);
+    rx.desc(1, (1 << 20) - 10, 2048, WRITE, 0);
+    rx.desc(2, 0x12000, 50, WRITE, 0);
+    rx.desc(3, 0x13000, 4, WRITE, 0);
+    for i in 0..4 {
+        rx.offer(i);
+    }
+    for _ in 0..4 {
+        send(&sw, &mut tx, &frame(MAC_B, MAC_A, 100));
+    }
+    assert_eq!(rx.used(), vec![(0, 0), (1, 0), (2, 0), (3, 0)]);
+    let b = counters(&sw, 1);
+    assert_eq!((b.rx_frames, b.dropped_malformed), (0, 4));
+    let mut untouched = [0u8; 50];
+    rx.mem
+        .read_slice(&mut untouched, GuestAddress(0x12000))
+        .unwrap();
+    assert_eq!(untouched, [0; 50]);
+}
+
+#[test]
+fn frames_wait_in_bounded_slots_until_buffers_come() {
+    let sw = switch();
+    let (mut tx, mut rx) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rx, false);
+    for i in 0..PENDING_SLOTS + 3 {
+        let mut f = frame(MAC_B, MAC_A, 80);
+        f[VNET_HDR + 14] = i as u8;
+        send(&sw, &mut tx, &f);
+    }
+    let b = counters(&sw, 1);
+    assert_eq!(b.queued, PENDING_SLOTS as u64);
+    assert_eq!(
+        b.dropped_no_buffer, 3,
+        "beyond the slots, frames are dropped"
+    );
+    assert_eq!(b.rx_frames, 0);
+    // The guest posts two buffers and kicks: the oldest two frames arrive, in order.
+    rx.desc(0, 0x10000, 2048, WRITE, 0);
+    rx.desc(1, 0x11000, 2048, WRITE, 0);
+    rx.offer(0);
+    rx.offer(1);
+    sw.flush(1);
+    assert_eq!(rx.used(), vec![(0, 80), (1, 80)]);
+    for (i, at) in [0x10000u64, 0x11000].iter().enumerate() {
+        let tag: u8 = rx
+            .mem
+            .read_obj(GuestAddress(at + (VNET_HDR + 14) as u64))
+            .unwrap();
+        assert_eq!(tag, i as u8);
+    }
+    assert_eq!(counters(&sw, 1).rx_frames, 2);
+    // A frame sent now waits behind the held ones rather than overtaking them.
+    rx.desc(2, 0x12000, 2048, WRITE, 0);
+    rx.offer(2);
+    send(&sw, &mut tx, &frame(MAC_B, MAC_A, 80));
+    assert_eq!(rx.used().len(), 3);
+    let tag: u8 = rx
+        .mem
+        .read_obj(GuestAddress(0x12000 + (VNET_HDR + 14) as u64))
+        .unwrap();
+    assert_eq!(tag, 2, "order kept");
+}
+
+#[test]
+fn networks_are_isolated_and_crossing_frames_counted() {
+    let sw = switch();
+    let (mut ta, mut tc) = (Guest::new(), Guest::new());
+    let (rb, rc) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rb, false);
+    connect_rx(&sw, 2, &rc, false);
+    // a broadcasts (learned on n1): b may get it, c never does.
+    send(&sw, &mut ta, &frame([0xff; 6], MAC_A, 60));
+    assert_eq!(counters(&sw, 2).rx_frames + counters(&sw, 2).queued, 0);
+    assert_eq!(counters(&sw, 1).queued, 1);
+    // c, on n2, sends to a's MAC: dropped and counted at c's port.
+    let f = frame(MAC_A, [0x52, 0x54, 0, 0, 0, 0xc], 60);
+    tc.mem.write_slice(&f, GuestAddress(0x8000)).unwrap();
+    tc.desc(0, 0x8000, 60, 0, 0);
+    tc.offer(0);
+    transmit(&sw, 2, &tc);
+    let c = counters(&sw, 2);
+    assert_eq!((c.tx_frames, c.dropped_isolated), (1, 1));
+    assert_eq!(counters(&sw, 0).queued + counters(&sw, 0).rx_frames, 0);
+    assert_eq!(counters(&sw, 0).dropped_no_buffer, 0, "not even tried");
+}
+
+#[test]
+fn a_port_without_a_guest_drops_what_comes_for_it() {
+    let sw = switch();
+    let mut tx = Guest::new();
+    send(&sw, &mut tx, &frame(MAC_B, MAC_A, 60));
+    let b = counters(&sw, 1);
+    assert!(!b.connected);
+    assert_eq!((b.rx_frames, b.dropped_no_buffer), (0, 1));
+}
+
+#[test]
+fn names_are_checked() {
+    for ok in ["lan", "a-b_c.1", "x"] {
+        assert!(valid_name(ok), "{ok}");
+    }
+    for bad in ["", ".hidden", "a/b", "a b", &"x".repeat(65)] {
+        assert!(!valid_name(bad), "{bad}");
+    }
+    let dup = Config {
+        socket_dir: PathBuf::new(),
+        networks: vec![NetworkConfig {
+            name: "n".into(),
+            ports: vec!["p".into(), "p".into()],
+            uplink: None,
+        }],
+    };
+    assert!(Switch::new(&dup).is_err());
+}
+
+#[test]
+fn a_memory_table_beyond_its_file_is_refused() {
+    use std::os::fd::FromRawFd;
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    // SAFETY: memfd_create reads a NUL-terminated name; the descriptor is new.
+    let fd = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is new and owned by nothing else.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(4096).unwrap();
+    // A frontend's region of 1 MiB over a 4 KiB file: touching its end would raise SIGBUS.
+    let region = |len: usize| {
+        let m = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .with_file_offset(FileOffset::new(f.try_clone().unwrap(), 0))
+            .build()
+            .unwrap();
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(m, GuestAddress(0)).unwrap()])
+            .unwrap()
+    };
+    let b = PortBackend::new(switch(), 0);
+    let e = b
+        .update_memory(GuestMemoryAtomic::new(region(1 << 20)))
+        .unwrap_err();
+    assert!(e.to_string().contains("4096-byte file"), "{e}");
+    assert!(b.rx().mem.is_none(), "the table was not taken");
+    b.update_memory(GuestMemoryAtomic::new(region(4096)))
+        .unwrap();
+    assert!(b.rx().mem.is_some());
+}
+
+/// Bulk integrity: frames of many sizes, sent from transmit chains of several segments, arrive
+/// in the receiver's mergeable buffers byte for byte, each copied once.
+#[test]
+fn every_byte_of_every_frame_arrives() {
+    let sw = switch();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rand = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (mut sent_bytes, rounds) = (0u64, 300);
+    for round in 0..rounds {
+        let (mut tx, mut rx) = (Guest::new(), Guest::new());
+        connect_rx(&sw, 1, &rx, true);
+        for i in 0..QSIZE {
+            rx.desc(i, 0x10000 + 0x1000 * u64::from(i), 4096, WRITE, 0);
+            rx.offer(i);
+        }
+        let len = VNET_HDR + 14 + rand(60_000) as usize;
+        let mut f = frame(MAC_B, MAC_A, len);
+        for b in &mut f[VNET_HDR + 12..] {
+            *b = rand(256) as u8;
+        }
+        // The frame in 1 to 8 pieces, each at its own place.
+        let pieces = 1 + rand(8) as usize;
+        let mut cuts: Vec<usize> = (1..pieces).map(|_| rand(len as u64) as usize).collect();
+        cuts.extend([0, len]);
+        cuts.sort_unstable();
+        cuts.dedup();
+        let segs: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+        for (j, &(a, b)) in segs.iter().enumerate() {
+            let at = 0x40000 + 0x10000 * j as u64;
+            tx.mem.write_slice(&f[a..b], GuestAddress(at)).unwrap();
+            let last = j + 1 == segs.len();
+            let j = j as u16;
+            tx.desc(
+                j,
+                at,
+                (b - a) as u32,
+                if last { 0 } else { NEXT },
+                if last { 0 } else { j + 1 },
+            );
+        }
+        tx.offer(0);
+        transmit(&sw, 0, &tx);
+        let used = rx.used();
+        let mut got = Vec::new();
+        for &(head, n) in &used {
+            let mut b = vec![0u8; n as usize];
+            rx.mem
+                .read_slice(&mut b, GuestAddress(0x10000 + 0x1000 * u64::from(head)))
+                .unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert_eq!(got.len(), len, "round {round}");
+        assert_eq!(
+            u16::from_le_bytes([got[10], got[11]]) as usize,
+            used.len(),
+            "round {round}: num_buffers"
+        );
+        assert!(
+            got[VNET_HDR..] == f[VNET_HDR..],
+            "round {round}: bytes differ"
+        );
+        sent_bytes += (len - VNET_HDR) as u64;
+    }
+    let b = counters(&sw, 1);
+    assert_eq!((b.rx_frames, b.copies), (rounds, rounds));
+    assert_eq!((b.rx_bytes, b.copied_bytes), (sent_bytes, sent_bytes));
+    assert_eq!(b.dropped_malformed + b.dropped_no_buffer, 0);
+}
+
+#[test]
+fn a_frame_the_posted_buffers_cannot_hold_waits_without_taking_them() {
+    let sw = switch();
+    let (mut tx, mut rx) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rx, true);
+    // Sixteen 64-byte buffers cannot hold a 2000-byte frame: it waits, nothing is consumed.
+    for i in 0..QSIZE {
+        rx.desc(i, 0x10000 + 0x1000 * u64::from(i), 64, WRITE, 0);
+        rx.offer(i);
+    }
+    send(&sw, &mut tx, &frame(MAC_B, MAC_A, 2000));
+    assert!(rx.used().is_empty());
+    assert_eq!(counters(&sw, 1).queued, 1);
+}
