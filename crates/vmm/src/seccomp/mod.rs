@@ -373,8 +373,9 @@ static PROBED: AtomicBool = AtomicBool::new(false);
 static TEARDOWN_TID: AtomicI32 = AtomicI32::new(0);
 
 thread_local! {
-    /// This thread's kind, for the report of a refused call.
-    static KIND: Cell<&'static str> = const { Cell::new("main") };
+    /// This thread's kind, for the report of a refused call ("starting": a thread that has not
+    /// installed its own filter yet and runs under its creator's).
+    static KIND: Cell<&'static str> = const { Cell::new("starting") };
 }
 
 /// Compiles every kind's filter for `mode`, installs the SIGSYS handler and the device-thread
