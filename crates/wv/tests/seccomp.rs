@@ -268,12 +268,22 @@ fn spawn_vmm(
     (child, rx, reader)
 }
 
+/// Which side of a migration ends on its own; the other is then stopped (a source whose
+/// target died after GO stays paused, since the target may have run the VM).
+#[derive(PartialEq)]
+enum Ends {
+    Both,
+    Source,
+    Target,
+}
+
 /// A forced post-copy migration over loopback with the source's and the target's environment;
 /// (source status, source stderr, target status, target stderr).
 fn postcopy(
     src_env: &[(&str, &str)],
     dst_env: &[(&str, &str)],
     mode: &str,
+    ends: Ends,
 ) -> (Option<i32>, String, Option<i32>, String) {
     let dir = TempDir::new("seccomp-postcopy");
     let sock = dir.path("api.sock");
@@ -310,8 +320,19 @@ fn postcopy(
             body.len()
         ),
     );
-    let src_status = src.wait().unwrap().code();
-    let dst_status = dst.wait().unwrap().code();
+    let (src_status, dst_status) = match ends {
+        Ends::Both => (src.wait().unwrap().code(), dst.wait().unwrap().code()),
+        Ends::Source => {
+            let s = src.wait().unwrap().code();
+            let _ = dst.kill();
+            (s, dst.wait().unwrap().code())
+        }
+        Ends::Target => {
+            let d = dst.wait().unwrap().code();
+            let _ = src.kill();
+            (src.wait().unwrap().code(), d)
+        }
+    };
     (
         src_status,
         src_err.join().unwrap(),
@@ -328,12 +349,18 @@ fn postcopy_threads_under_log() {
         &[("WV_SECCOMP_PROBE", "migrate-back")],
         &[("WV_SECCOMP_PROBE", "postcopy-recv")],
         "log",
+        Ends::Both,
     );
     assert_eq!(s, Some(0), "{serr}");
     assert_eq!(d, Some(0), "{derr}");
     assert!(serr.contains(&log_line("migrate-back")), "{serr}");
     assert!(derr.contains(&log_line("postcopy-recv")), "{derr}");
-    let (s, serr, d, derr) = postcopy(&[], &[("WV_SECCOMP_PROBE", "postcopy-fault")], "log");
+    let (s, serr, d, derr) = postcopy(
+        &[],
+        &[("WV_SECCOMP_PROBE", "postcopy-fault")],
+        "log",
+        Ends::Both,
+    );
     assert_eq!((s, d), (Some(0), Some(0)), "{serr}\n{derr}");
     assert!(derr.contains(&log_line("postcopy-fault")), "{derr}");
 }
@@ -342,11 +369,16 @@ fn postcopy_threads_under_log() {
 #[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn postcopy_threads_under_kill() {
     need_kvm();
-    let (s, serr, _, _) = postcopy(&[("WV_SECCOMP_PROBE", "migrate-back")], &[], "kill");
+    let (s, serr, _, _) = postcopy(
+        &[("WV_SECCOMP_PROBE", "migrate-back")],
+        &[],
+        "kill",
+        Ends::Source,
+    );
     assert_eq!(s, Some(208), "{serr}");
     assert!(serr.contains(&kill_line("migrate-back")), "{serr}");
     for kind in ["postcopy-recv", "postcopy-fault"] {
-        let (_, _, d, derr) = postcopy(&[], &[("WV_SECCOMP_PROBE", kind)], "kill");
+        let (_, _, d, derr) = postcopy(&[], &[("WV_SECCOMP_PROBE", kind)], "kill", Ends::Target);
         assert_eq!(d, Some(208), "{derr}");
         assert!(derr.contains(&kill_line(kind)), "{derr}");
     }
