@@ -28,5 +28,7 @@ pub(super) fn fault_list() -> List {
         .allow(libc::SYS_read)
         // Requests to the source.
         .allow(libc::SYS_sendto)
+        // A fault on a page the source never had (zero-filled), or one already placed.
+        .ioctl(UFFDIO_ZEROPAGE)
         .ioctl(UFFDIO_WAKE)
 }
