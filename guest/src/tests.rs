@@ -1210,6 +1210,18 @@ fn blk_request(
     len: u32,
     to_guest: bool,
 ) -> Option<u8> {
+    blk_request_within(dev, ty, sector, len, to_guest, 5_000_000_000)
+}
+
+/// [`blk_request`], waiting up to `cycles` TSC cycles for the device.
+fn blk_request_within(
+    dev: &mut crate::virtio::Device,
+    ty: u32,
+    sector: u64,
+    len: u32,
+    to_guest: bool,
+    cycles: u64,
+) -> Option<u8> {
     use crate::virtio::DESC_WRITE;
     let b = &raw mut BLK;
     // SAFETY: the buffers are this test's; the device is idle between requests.
@@ -1225,10 +1237,10 @@ fn blk_request(
             (&raw mut (*b).status) as u64,
         )
     };
-    let used = if len == 0 {
-        dev.submit(0, &[(hdr, 16, 0), (status, 1, DESC_WRITE)])
+    let posted = if len == 0 {
+        dev.post(0, &[(hdr, 16, 0), (status, 1, DESC_WRITE)])
     } else {
-        dev.submit(
+        dev.post(
             0,
             &[
                 (hdr, 16, 0),
@@ -1237,7 +1249,10 @@ fn blk_request(
             ],
         )
     };
-    used?;
+    if !posted {
+        return None;
+    }
+    dev.wait_used(0, cycles)?;
     // SAFETY: the device has completed the request.
     Some(unsafe { core::ptr::read_volatile(&raw const (*b).status[0]) })
 }
@@ -1684,6 +1699,94 @@ static PERSIST: crate::sync::Global<Persist> = crate::sync::Global::new(Persist 
     chunk: 0,
 });
 
+/// The `persist` test's disk writer (`probe.persist_disk=1`): record `n` goes to sector `1 + n`
+/// of the first virtio-blk disk, whole, and counts as acknowledged once the device has
+/// completed it with status 0; at the end every acknowledged record is read back through the
+/// device and compared.
+struct DiskWriter {
+    dev: crate::virtio::Device,
+    /// Records acknowledged so far.
+    acked: u64,
+    /// Records the disk has room for.
+    room: u64,
+    seed: u64,
+}
+
+/// Byte `i` of persist record `n` (bytes 0..8 `WVPERSIS`, 8..16 `n`, 16..24 the seed).
+fn persist_record_byte(n: u64, seed: u64, i: usize) -> u8 {
+    match i {
+        0..8 => b"WVPERSIS"[i],
+        8..16 => n.to_le_bytes()[i - 8],
+        16..24 => seed.to_le_bytes()[i - 16],
+        _ => (persist_word(n ^ seed, i as u64) >> ((i % 8) * 8)) as u8,
+    }
+}
+
+/// Long enough for a request in flight across a migration's switch-over (TSC cycles).
+const PERSIST_BLK_WAIT: u64 = 60_000_000_000;
+
+impl DiskWriter {
+    fn new(d: &mut Line) -> Option<DiskWriter> {
+        let Some(mut dev) = crate::virtio::find(0x1042) else {
+            d.s(" problem: probe.persist_disk=1 but no virtio-blk device");
+            return None;
+        };
+        let ok = dev.negotiate(1 << 9).is_some() && dev.setup_queue(0) && dev.driver_ok();
+        if !ok {
+            d.s(" problem: the virtio-blk device did not set up");
+            return None;
+        }
+        let sectors: u64 = dev.config(0);
+        let seed = param(boot_info().cmdline(), "probe.blkseed")
+            .and_then(parse_u64)
+            .unwrap_or(0);
+        Some(DiskWriter {
+            dev,
+            acked: 0,
+            room: sectors.saturating_sub(1),
+            seed,
+        })
+    }
+
+    /// Writes the next record; false if the device failed it (room left or not).
+    fn write(&mut self) -> bool {
+        if self.acked >= self.room {
+            return true;
+        }
+        let n = self.acked;
+        let b = &raw mut BLK;
+        // SAFETY: the device is idle between this driver's requests; the buffer is this test's.
+        let bufs = unsafe { &mut *b };
+        for (i, x) in bufs.data.iter_mut().enumerate() {
+            *x = persist_record_byte(n, self.seed, i);
+        }
+        if blk_request_within(&mut self.dev, 1, 1 + n, 512, false, PERSIST_BLK_WAIT) != Some(0) {
+            return false;
+        }
+        self.acked += 1;
+        true
+    }
+
+    /// Reads every acknowledged record back: None when all hold, else the first bad one.
+    fn verify(&mut self) -> Option<u64> {
+        let b = &raw mut BLK;
+        for n in 0..self.acked {
+            // SAFETY: as in write; cleared before each read.
+            unsafe { (*b).data = [0; 512] };
+            if blk_request_within(&mut self.dev, 0, 1 + n, 512, true, PERSIST_BLK_WAIT) != Some(0)
+            {
+                return Some(n);
+            }
+            // SAFETY: the device wrote the sector into the buffer.
+            let back = unsafe { core::ptr::read_volatile(&raw const (*b).data) };
+            if (0..512).any(|i| back[i] != persist_record_byte(n, self.seed, i)) {
+                return Some(n);
+            }
+        }
+        None
+    }
+}
+
 /// Where the workload's buffer starts (clear of the image, boot data and the stacks).
 const PERSIST_BASE: u64 = 32 << 20;
 
@@ -1781,7 +1884,9 @@ extern "C" fn persist_verify_cpl3() -> u64 {
 /// pages the kernel side asked for (continuity). The largest kvmclock gap between two reads is
 /// reported (`max_gap`, the guest-observed downtime by its paravirtual clock, which a pause
 /// stops) with the largest TSC gap (`tsc_gap`, which on hosts where the guest reads the host's
-/// TSC is the wall-clock downtime).
+/// TSC is the wall-clock downtime). With `probe.persist_disk=1` it also writes a record to the
+/// first virtio-blk disk every `probe.persist_disk_ms` (default 10) ms ([`DiskWriter`]) and at
+/// the end reads every acknowledged one back (`disk_writes=N`).
 fn persist() -> Outcome {
     let mut d = Line::new();
     let khz = if cpu::kvmclock::enable() {
@@ -1805,6 +1910,17 @@ fn persist() -> Outcome {
         .and_then(parse_u64)
         .unwrap_or(3000);
     d.s("mib=").dec(mib).s(" rate=").dec(rate).s(" ms=").dec(ms);
+    let mut disk = None;
+    if param(cmdline, "probe.persist_disk").and_then(parse_u64) == Some(1) {
+        match DiskWriter::new(&mut d) {
+            Some(w) => disk = Some(w),
+            None => return fail("persist", &mut d),
+        }
+    }
+    let disk_every = param(cmdline, "probe.persist_disk_ms")
+        .and_then(parse_u64)
+        .unwrap_or(10)
+        * 1_000_000;
     if mib == 0 || !boot_info().in_ram(PERSIST_BASE, mib << 20) {
         d.s(" problem: the buffer does not fit in RAM above 32 MiB");
         return fail("persist", &mut d);
@@ -1830,7 +1946,17 @@ fn persist() -> Outcome {
     let mut backwards = false;
     let mut announced = false;
     let mut steady = false;
+    let mut disk_due = 0u64;
     while last < end {
+        if let Some(w) = disk.as_mut() {
+            if last >= disk_due {
+                if !w.write() {
+                    d.s(" problem: disk write ").dec(w.acked).s(" failed");
+                    return fail("persist", &mut d);
+                }
+                disk_due = last + disk_every;
+            }
+        }
         // Pages due by now at the chosen rate (256 pages per MiB).
         let due = if rate == 0 {
             u64::MAX
@@ -1876,6 +2002,15 @@ fn persist() -> Outcome {
         .s("us tsc_gap=")
         .dec(max_tsc_gap * 1000 / khz)
         .s("us");
+    if let Some(w) = disk.as_mut() {
+        d.s(" disk_writes=").dec(w.acked);
+        if let Some(n) = w.verify() {
+            d.s(" problem: acknowledged disk write ")
+                .dec(n)
+                .s(" is not on the disk");
+            return fail("persist", &mut d);
+        }
+    }
     if counter != asked {
         d.s(" problem: the counter says ")
             .dec(counter)

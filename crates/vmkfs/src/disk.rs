@@ -148,7 +148,169 @@ impl Datastore {
     }
 }
 
+/// A disk about to be handed over to this process (the target of a live migration): the file
+/// is found and checked and its frozen parents are held shared (as its writer holds them), but
+/// it is neither locked for writing nor written until [`Pending::take`].
+pub struct Pending {
+    /// Not writable until taken: its locks are the parents' (shared).
+    disk: Disk,
+    generation: u64,
+}
+
+impl Datastore {
+    /// Prepares to take file `name` over from its writer (see [`Disk::hand_over`]): fails if
+    /// it does not exist or is frozen. Nothing is written.
+    pub fn prepare_take_over(&self, name: &str) -> Result<Pending> {
+        let dev = self.dev.reopen().map_err(io("reopening the datastore"))?;
+        let ds = Datastore::open(dev)?;
+        let slot = ds.slot_of(name)?;
+        if ds.fds[slot].flags & flags::FROZEN != 0 {
+            return Err(Error::ReadOnly(format!(
+                "'{name}' is the frozen base of a redo log and opens read-only"
+            )));
+        }
+        let chain = ds.chain(slot);
+        let generation = ds.fds[slot].generation;
+        let mut disk = Disk {
+            ds,
+            slot,
+            chain: chain.clone(),
+            writable: false,
+            locks: Vec::new(),
+            name: name.to_string(),
+        };
+        for &s in &chain[1..] {
+            let at = disk.ds.lock_byte(s);
+            if !disk
+                .ds
+                .dev
+                .lock(at, LockKind::Shared, false)
+                .map_err(io("locking the file"))?
+            {
+                return Err(disk.ds.in_use(s));
+            }
+            disk.locks.push(at);
+        }
+        Ok(Pending { disk, generation })
+    }
+}
+
+impl Pending {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.disk.len()
+    }
+
+    /// Whether the file has no bytes (never: files have a positive size).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the file over once its writer has handed it over with `token`: locks it
+    /// exclusively (retrying until `wait` has passed, as a process that looks at the file may
+    /// hold its lock for a moment), checks that its owner record is a hand-over with that
+    /// token, and replaces the record by this process's in one transaction. Anything else
+    /// (the writer still holds it, another record, the file replaced) is refused and nothing
+    /// is changed.
+    pub fn take(self, token: u64, wait: std::time::Duration) -> Result<Disk> {
+        let Pending {
+            mut disk,
+            generation,
+        } = self;
+        let slot = disk.slot;
+        let at = disk.ds.lock_byte(slot);
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if disk
+                .ds
+                .dev
+                .lock(at, LockKind::Exclusive, false)
+                .map_err(io("locking the file"))?
+            {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                disk.ds.reload()?;
+                return Err(disk.ds.in_use(slot));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        disk.locks.insert(0, at);
+        let name = disk.name.clone();
+        let me = disk.ds.owner_record();
+        disk.ds.txn(|ds| {
+            if !ds.fds[slot].used || ds.fds[slot].generation != generation {
+                return Err(Error::NotFound(format!("'{name}' was removed")));
+            }
+            match &ds.fds[slot].owner {
+                Some(o) if o.handover == Some(token) => {}
+                Some(o) => {
+                    return Err(Error::InUse(format!(
+                        "'{name}' was not handed over to this process: its owner record names \
+                         pid {} on {}{}",
+                        o.pid,
+                        o.host,
+                        if o.handover.is_some() {
+                            " (a hand-over with another token)"
+                        } else {
+                            ""
+                        }
+                    )))
+                }
+                None => {
+                    return Err(Error::InUse(format!(
+                        "'{name}' was not handed over to this process: it has no owner record"
+                    )))
+                }
+            }
+            ds.fds[slot].owner = Some(me);
+            Ok(())
+        })?;
+        disk.writable = true;
+        Ok(disk)
+    }
+}
+
 impl Disk {
+    /// Hands the disk over to another process (a live migration's target, pid `pid` on
+    /// `host`) without a moment when nobody owns it: flushes every write, then in one
+    /// transaction replaces this writer's owner record by a hand-over record naming the target
+    /// and carrying `token`, then releases the locks. From then on only a process given the
+    /// token can take the file ([`Pending::take`], which makes the record its own); anyone else
+    /// sees a stale record naming the target, as if the target had crashed. On success this
+    /// handle holds nothing any more (drop it); on failure the disk is unchanged.
+    pub fn hand_over(&mut self, host: &str, pid: u32, token: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly(format!(
+                "'{}' is open read-only",
+                self.name
+            )));
+        }
+        self.flush()?;
+        let (slot, name) = (self.slot, self.name.clone());
+        let generation = self.ds.fds[slot].generation;
+        let host: String = host.chars().take(64).collect();
+        let r = self.ds.txn(|ds| {
+            if !ds.fds[slot].used || ds.fds[slot].generation != generation {
+                return Err(Error::NotFound(format!("'{name}' was removed")));
+            }
+            ds.fds[slot].owner = Some(crate::format::Owner {
+                host,
+                pid,
+                since: crate::fs::now(),
+                handover: Some(token),
+            });
+            Ok(())
+        });
+        r?;
+        // The record is the target's now: nothing here clears it, and the locks go.
+        self.writable = false;
+        for at in std::mem::take(&mut self.locks) {
+            let _ = self.ds.dev.unlock(at);
+        }
+        Ok(())
+    }
+
     /// Freezes the disk while it stays open (what `snapshot` does, by its writer): in one
     /// transaction its contents become the frozen file `NAME@N`, a new empty redo log takes
     /// the name, and this handle, its exclusive lock and its owner record move to the redo

@@ -325,6 +325,10 @@ pub mod flags {
     pub const ALL: u8 = THIN | REDO | FROZEN | CONT;
 }
 
+/// Where a file descriptor page keeps the token of a hand-over record (byte 81 says there is
+/// one): after the name, before the pointer-block pointers.
+const HANDOVER_AT: usize = 288;
+
 /// The on-disk record of who has a file open for writing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -334,6 +338,9 @@ pub struct Owner {
     pub pid: u32,
     /// Since when, seconds since 1970.
     pub since: u64,
+    /// A hand-over record (live migration): the holder named here has not taken the file yet;
+    /// only a process given this token may ([`crate::disk::Pending::take`]).
+    pub handover: Option<u64>,
 }
 
 /// A file descriptor (one per slot; `used` false for a free slot).
@@ -385,6 +392,10 @@ impl Fd {
             put_u32(&mut p[..], 68, o.pid);
             put_u64(&mut p[..], 72, o.since);
             p[80] = 1;
+            if let Some(t) = o.handover {
+                p[81] = 1;
+                put_u64(&mut p[..], HANDOVER_AT, t);
+            }
             let h = o.host.as_bytes();
             let n = h.len().min(64);
             p[88..88 + n].copy_from_slice(&h[..n]);
@@ -450,6 +461,7 @@ impl Fd {
                     .collect(),
                 pid: get_u32(p, 68),
                 since: get_u64(p, 72),
+                handover: (p[81] == 1).then(|| get_u64(p, HANDOVER_AT)),
             }
         });
         Ok(Fd {
@@ -657,6 +669,7 @@ mod tests {
                 host: "h".into(),
                 pid: 42,
                 since: 7,
+                handover: None,
             }),
             name: "disk".into(),
             ptr_blocks: vec![(0, 5), (0, 6)],
@@ -670,6 +683,10 @@ mod tests {
         evil.owner.as_mut().unwrap().host = "h\x1b[2Jx".into();
         let got = Fd::decode(&evil.encode(), 3).unwrap();
         assert_eq!(got.owner.unwrap().host, "h?[2Jx");
+        // A hand-over record keeps its token.
+        let mut h = fd.clone();
+        h.owner.as_mut().unwrap().handover = Some(0x1234_5678_9abc_def0);
+        assert_eq!(Fd::decode(&h.encode(), 3).unwrap(), h);
         let ptrs: Vec<u32> = (0..PTRS_PER_BLOCK as u32).collect();
         let p = encode_pointers(3, 1, &ptrs);
         assert_eq!(decode_pointers(&p, 3, 1, "pb").unwrap(), ptrs);

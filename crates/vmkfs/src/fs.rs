@@ -123,10 +123,15 @@ pub struct Datastore {
 /// done, bytes in all.
 pub type ProgressFn = Box<dyn FnMut(&str, u64, u64) + Send>;
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// This host's name, as owner records give it.
+pub fn this_host() -> String {
+    hostname()
 }
 
 fn hostname() -> String {
@@ -1093,6 +1098,10 @@ impl Datastore {
     pub(crate) fn in_use(&self, slot: usize) -> Error {
         let fd = &self.fds[slot];
         match &fd.owner {
+            Some(o) if o.handover.is_some() => Error::InUse(format!(
+                "'{}' is being handed over to pid {} on {} (a live migration)",
+                fd.name, o.pid, o.host
+            )),
             Some(o) => Error::InUse(format!(
                 "'{}' is open for writing by pid {} on {} since {}",
                 fd.name, o.pid, o.host, o.since
@@ -1439,6 +1448,7 @@ impl Datastore {
             host: self.host.clone(),
             pid: std::process::id(),
             since: now(),
+            handover: None,
         }
     }
 
@@ -1454,6 +1464,7 @@ impl Datastore {
                 host,
                 pid: std::process::id(),
                 since: now(),
+                handover: None,
             });
             Ok(())
         })
@@ -1479,10 +1490,13 @@ impl Datastore {
                 .parent
                 .and_then(|(p, _)| self.fds.get(p as usize))
                 .map(|p| p.name.clone()),
-            owner: fd
-                .owner
-                .as_ref()
-                .map(|o| format!("pid {} on {} since {}", o.pid, o.host, o.since)),
+            owner: fd.owner.as_ref().map(|o| match o.handover {
+                None => format!("pid {} on {} since {}", o.pid, o.host, o.since),
+                Some(_) => format!(
+                    "pid {} on {} (handed over since {}, not taken yet)",
+                    o.pid, o.host, o.since
+                ),
+            }),
             created: fd.created,
         }
     }
@@ -1623,8 +1637,13 @@ impl Datastore {
             if let Some(o) = &ds.fds[slot].owner {
                 let held = ds.dev.locked_by_other(ds.lock_byte(slot)).unwrap_or(true);
                 if !held {
+                    let what = if o.handover.is_some() {
+                        "hand-over record (a live migration's target, "
+                    } else {
+                        "lock record ("
+                    };
                     report.notes.push(format!(
-                        "'{name}' has a stale lock record (pid {} on {} since {}): `wv fs unlock` breaks it",
+                        "'{name}' has a stale {what}pid {} on {} since {}): `wv fs unlock` breaks it",
                         o.pid, o.host, o.since
                     ));
                 }
@@ -1667,6 +1686,14 @@ impl Datastore {
 }
 
 pub(crate) fn stale(name: &str, o: &Owner) -> Error {
+    if o.handover.is_some() {
+        return Error::StaleLock(format!(
+            "'{name}' was handed over (a live migration) to pid {} on {} (since {}), which has \
+             not taken it: the migration is in progress or its target crashed; `wv fs unlock` \
+             breaks it",
+            o.pid, o.host, o.since
+        ));
+    }
     Error::StaleLock(format!(
         "'{name}' has a lock record from pid {} on {} (since {}) that no running process holds: \
          the owner crashed or the disk is open on another host; `wv fs unlock` breaks it",

@@ -23,7 +23,7 @@ pub mod format;
 pub mod fs;
 
 pub use dev::{Dev, FileDev, MemDev};
-pub use disk::Disk;
+pub use disk::{Disk, Pending};
 pub use fs::{Datastore, FileInfo, Info, MkfsOptions, ProgressFn, Report};
 
 /// What went wrong, with a message that names the thing concerned.

@@ -82,3 +82,76 @@ fn redo_log_chains() {
     ds.commit_redo("d").unwrap();
     let _ = std::fs::remove_file(path);
 }
+
+/// A live migration's hand-over: the writer replaces its record by one naming the target with
+/// a token and lets go; nobody but a taker with that token gets the file, and the record never
+/// names nobody.
+#[test]
+fn a_writer_hands_a_disk_over_to_the_holder_of_its_token() {
+    let (path, mut ds) = datastore("handover");
+    let mut w = ds.open_disk("d", true).unwrap();
+    w.write_at(&[7u8; 512], 4096).unwrap();
+    // The target prepares while the writer still holds the file; taking it is refused then.
+    let early = ds.prepare_take_over("d").unwrap();
+    assert_eq!(early.len(), 1 << 20);
+    let e = early
+        .take(42, std::time::Duration::ZERO)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, Error::InUse(_)), "{e}");
+    assert!(ds.stat("d").unwrap().owner.unwrap().contains("since"));
+    let pending = ds.prepare_take_over("d").unwrap();
+    w.hand_over("target-host", 4242, 42).unwrap();
+    drop(w);
+    // Between the hand-over and the take: a record naming the target, refused to anyone else.
+    let owner = ds.stat("d").unwrap().owner.unwrap();
+    assert!(
+        owner.contains("pid 4242 on target-host") && owner.contains("not taken yet"),
+        "{owner}"
+    );
+    let e = ds.open_disk("d", true).map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::StaleLock(_)), "{e}");
+    assert!(e.to_string().contains("handed over"), "{e}");
+    let e = ds
+        .prepare_take_over("d")
+        .unwrap()
+        .take(41, std::time::Duration::ZERO)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(e.to_string().contains("another token"), "{e}");
+    let mut t = pending.take(42, std::time::Duration::from_secs(1)).unwrap();
+    let owner = ds.stat("d").unwrap().owner.unwrap();
+    assert!(
+        owner.contains(&format!("pid {}", std::process::id())) && !owner.contains("not taken"),
+        "the taker's own record: {owner}"
+    );
+    let mut b = [0u8; 512];
+    t.read_at(&mut b, 4096).unwrap();
+    assert_eq!(b, [7u8; 512], "the writer's data is there");
+    t.write_at(&[9u8; 512], 0).unwrap();
+    // The new writer holds it as any writer does; a second take finds its record.
+    let e = ds.open_disk("d", true).map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::InUse(_)), "{e}");
+    drop(t);
+    assert_eq!(ds.stat("d").unwrap().owner, None);
+    // A hand-over whose target never takes it: a stale record that `unlock` breaks.
+    let mut w = ds.open_disk("d", true).unwrap();
+    w.hand_over("gone", 1, 7).unwrap();
+    // Nothing held once handed over, even before the handle goes.
+    assert!(ds
+        .open_disk("d", true)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+        .contains("handed over"));
+    drop(w);
+    let r = Datastore::check(Arc::new(FileDev::open(&path, true).unwrap()), false).unwrap();
+    assert!(
+        r.notes.iter().any(|n| n.contains("stale hand-over record")),
+        "{:?}",
+        r.notes
+    );
+    ds.unlock("d").unwrap();
+    drop(ds.open_disk("d", true).unwrap());
+    let _ = std::fs::remove_file(path);
+}

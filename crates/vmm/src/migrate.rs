@@ -28,8 +28,9 @@ use wv_vmkfs::crc::crc32c;
 
 /// The first bytes of a migration stream.
 pub const MAGIC: [u8; 8] = *b"WVMIGR\r\n";
-/// The stream format this wv writes and the newest it reads.
-pub const VERSION: u32 = 1;
+/// The newest stream format this wv reads; it writes version 2 only for a VM with disks to
+/// hand over (the disks record), 1 otherwise (what an older target reads).
+pub const VERSION: u32 = 2;
 /// Bytes of a page: the unit of every memory record.
 pub const PAGE: u64 = 4096;
 /// Most bytes one page record carries.
@@ -49,6 +50,14 @@ pub(crate) const TAG_END: u32 = 4;
 /// state). After GO the source sends those pages as one-page records and an end marker; the
 /// target asks for the ones it faults on (u64 LE addresses).
 const TAG_POSTCOPY: u32 = 5;
+/// Version 2: the VMKFS disks the source hands over (a u32 LE length, at most
+/// [`MAX_DISKS_RECORD`], then [`DiskHandOver`] as JSON). The target answers `READY` with its
+/// identity ([`TargetIdentity`]) after it.
+const TAG_DISKS: u32 = 6;
+/// Largest disks record accepted.
+pub const MAX_DISKS_RECORD: u32 = 64 << 10;
+/// Largest identity message accepted from the target.
+const MAX_IDENTITY: u32 = 4096;
 /// Target to source: the VM is built from everything sent and waits for `go`.
 pub const READY: [u8; 8] = *b"WVREADY\n";
 /// Target to source: the target failed; a u32 LE length and a UTF-8 message follow.
@@ -81,6 +90,41 @@ pub(crate) struct SendRequest {
     /// `"precopy"` (the default: post-copy only if pre-copy does not converge) or `"postcopy"`.
     #[serde(default)]
     mode: Option<String>,
+}
+
+/// The disks record: the writable VMKFS disks of the VM, which stay on their datastore (both
+/// hosts open it) and are handed over at the switch-over with `token`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskHandOver {
+    /// What the source writes in each disk's hand-over record; the target takes a disk over
+    /// only with it.
+    pub token: u64,
+    /// The disks.
+    pub disks: Vec<SharedDisk>,
+}
+
+/// One disk of [`DiskHandOver`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedDisk {
+    /// Index in the configuration's disks.
+    pub index: usize,
+    /// The disk's id.
+    pub id: String,
+    /// The file in the datastore.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Target to source, after `READY` when the stream had a disks record: who the hand-over
+/// records are to name (a u32 LE length, at most 4096, then this as JSON).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetIdentity {
+    host: String,
+    pid: u32,
 }
 
 /// What one side of a migration failed at (one line).
@@ -120,10 +164,10 @@ impl Out {
         self.w.write_all(b).map_err(io_err("sending to the target"))
     }
 
-    fn header(&mut self, memory: u64) -> Result<(), MigrationError> {
+    fn header(&mut self, version: u32, memory: u64) -> Result<(), MigrationError> {
         let mut h = Vec::with_capacity(24);
         h.extend_from_slice(&MAGIC);
-        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&version.to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes());
         h.extend_from_slice(&memory.to_le_bytes());
         self.put(&h)
@@ -155,6 +199,18 @@ impl Out {
         h[4..12].copy_from_slice(&(state.len() as u64).to_le_bytes());
         self.put(&h)?;
         self.put(state)
+    }
+
+    fn disks(&mut self, d: &DiskHandOver) -> Result<(), MigrationError> {
+        let j = serde_json::to_vec(d).map_err(|e| MigrationError(e.to_string()))?;
+        let len = u32::try_from(j.len())
+            .ok()
+            .filter(|&l| l <= MAX_DISKS_RECORD)
+            .ok_or_else(|| MigrationError("too many disks for one disks record".into()))?;
+        let mut h = TAG_DISKS.to_le_bytes().to_vec();
+        h.extend_from_slice(&len.to_le_bytes());
+        h.extend_from_slice(&j);
+        self.put(&h)
     }
 
     fn end(&mut self) -> Result<(), MigrationError> {
@@ -402,6 +458,24 @@ fn read_ack(r: &mut impl Read) -> Result<(), MigrationError> {
     )))
 }
 
+/// Reads the target's identity (after `READY`, when the stream had a disks record).
+fn read_identity(r: &mut impl Read) -> Result<TargetIdentity, MigrationError> {
+    let mut l = [0u8; 4];
+    r.read_exact(&mut l)
+        .map_err(io_err("reading the target's identity"))?;
+    let len = u32::from_le_bytes(l);
+    if len > MAX_IDENTITY {
+        return Err(MigrationError(format!(
+            "the target's identity claims {len} bytes"
+        )));
+    }
+    let mut b = vec![0u8; len as usize];
+    r.read_exact(&mut b)
+        .map_err(io_err("reading the target's identity"))?;
+    serde_json::from_slice(&b)
+        .map_err(|e| MigrationError(format!("the target's identity is not valid: {e}")))
+}
+
 /// What a successful send measured.
 struct Sent {
     rounds: u32,
@@ -428,11 +502,20 @@ impl Controller {
                 )
             }
         };
-        if !self.cfg.disks.is_empty() {
+        if let Some(d) = self
+            .cfg
+            .disks
+            .iter()
+            .find(|d| d.vmkfs.is_none() && !d.readonly)
+        {
             return Answer::error(
                 422,
-                "the VM has disks: migrating them (shared VMKFS datastores, --copy-disks) is not \
-                 supported yet",
+                format!(
+                    "the VM has a writable raw disk image ('{}'): migration moves a writable disk \
+                     only on a VMKFS datastore both hosts open (a raw image's lock cannot be \
+                     handed over without a moment with two writers or none)",
+                    d.id
+                ),
             );
         }
         let start = Instant::now();
@@ -508,7 +591,14 @@ impl Controller {
                 .map(|m| (m.max(1) as f64 * 1048576.0, Instant::now())),
         };
         let mem = self.shared.mem.clone();
-        out.header(self.shared.info.mem_size)?;
+        let handover = self.disk_hand_over()?;
+        out.header(
+            if handover.is_some() { 2 } else { 1 },
+            self.shared.info.mem_size,
+        )?;
+        if let Some(h) = &handover {
+            out.disks(h)?;
+        }
         let mut buf = vec![0u8; RECORD_BUF];
         let was_paused = self.paused.is_some();
         // KVM's dirty log, where the host has one; without it (or already paused) the VM is
@@ -606,9 +696,27 @@ impl Controller {
         out.end()?;
         read_ack(&mut back)?;
         let downtime = paused_at.elapsed();
+        // The disks go first: handed over (flushed, the records naming the target), then `go`.
+        let mut handed = Vec::new();
+        if let Some(h) = &handover {
+            let who = read_identity(&mut back)?;
+            handed =
+                crate::vmkfs_disk::hand_over_all(&self.shared.vmkfs, &who.host, who.pid, h.token)
+                    .map_err(MigrationError)?;
+        }
         // Past this point the VM belongs to the target.
-        out.put(&GO)?;
-        out.flush()?;
+        if let Err(e) = out.put(&GO).and_then(|()| out.flush()) {
+            // The target may not have `go`: the disks come back here unless it has taken them
+            // (then it runs the VM, and this side ends as if `go` had arrived).
+            let token = handover.as_ref().map_or(0, |h| h.token);
+            if crate::vmkfs_disk::take_back_all(&self.shared.vmkfs, &handed, token) {
+                return Err(e);
+            }
+            eprintln!(
+                "wv: migration: sending go failed ({e}), but the target has taken the disks: \
+                 the VM is the target's"
+            );
+        }
         let mut postcopy_pages = 0;
         if postcopy {
             // Past GO the VM is the target's: a failure now must not resume it here (the target
@@ -632,6 +740,38 @@ impl Controller {
             downtime,
             last_dirty,
         })
+    }
+}
+
+impl Controller {
+    /// The disks record for this VM: its writable VMKFS disks, with a new token; None
+    /// without any.
+    fn disk_hand_over(&self) -> Result<Option<DiskHandOver>, MigrationError> {
+        if self.shared.vmkfs.is_empty() {
+            return Ok(None);
+        }
+        let mut t = [0u8; 8];
+        if !crate::random_bytes(&mut t) {
+            return Err(MigrationError(
+                "the host gave no entropy for the disks' hand-over token (getrandom)".into(),
+            ));
+        }
+        let mut disks = Vec::new();
+        for h in &self.shared.vmkfs {
+            let (name, size) = h
+                .name_and_size()
+                .ok_or_else(|| MigrationError(format!("disk '{}' is closed", h.id)))?;
+            disks.push(SharedDisk {
+                index: h.index,
+                id: h.id.clone(),
+                name,
+                size,
+            });
+        }
+        Ok(Some(DiskHandOver {
+            token: u64::from_le_bytes(t),
+            disks,
+        }))
     }
 }
 
@@ -768,6 +908,8 @@ pub struct Received {
     pub bytes: u64,
     /// Post-copy: the pages the source still holds (delivered after GO).
     pub postcopy: Option<Vec<u64>>,
+    /// The VMKFS disks handed over at the switch-over.
+    pub disks: Option<DiskHandOver>,
 }
 
 /// Checks that `len` bytes at `gpa` are whole pages inside `mem`'s RAM.
@@ -810,6 +952,7 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
     }
     let _flags = s.u32()?;
     let memory = s.u64()?;
+    let mut disks: Option<DiskHandOver> = None;
     if memory > host_ram {
         return Err(bad(format!(
             "the VM has {memory} bytes of memory, more than this host's {host_ram}"
@@ -878,6 +1021,21 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
                 }
                 postcopy = Some(v);
             }
+            TAG_DISKS => {
+                let len = s.u32()?;
+                if version < 2 || disks.is_some() || len > MAX_DISKS_RECORD {
+                    return Err(bad(format!(
+                        "a disks record of {len} bytes (in a version {version} stream, a second \
+                         one, or more than {MAX_DISKS_RECORD} bytes)"
+                    )));
+                }
+                let mut b = vec![0u8; len as usize];
+                s.take(&mut b)?;
+                disks = Some(
+                    serde_json::from_slice(&b)
+                        .map_err(|e| bad(format!("the disks record is not valid: {e}")))?,
+                );
+            }
             TAG_STATE => {
                 let len = s.u64()?;
                 if len > MAX_STATE {
@@ -898,6 +1056,7 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
                     sections,
                     bytes: s.bytes,
                     postcopy,
+                    disks,
                 });
             }
             t => return Err(bad(format!("unknown record tag {t} in the stream"))),
@@ -918,6 +1077,8 @@ pub struct Incoming {
     conn: TcpStream,
     /// The VM's RAM and, in post-copy, the pages still on the source.
     postcopy: Option<(GuestRam, Vec<u64>)>,
+    /// The disks to take over after `go`, and the token.
+    takers: Option<(Vec<crate::vmkfs_disk::Taker>, u64)>,
     /// Stream bytes read.
     pub bytes: u64,
     /// Where the stream came from.
@@ -967,9 +1128,6 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
             .sections
             .json("config")
             .map_err(|e| e.0.replace("snapshot", "stream"))?;
-        if !cfg.disks.is_empty() {
-            return Err("the VM has disks, which migration does not move yet".to_string());
-        }
         if cfg.memory != wv_machine_memory(&got.mem) {
             return Err(format!(
                 "the VM's configuration says {} bytes of memory, the stream carried {}",
@@ -979,10 +1137,13 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
         }
         let restore = crate::Restore::from_sections(&got.sections, &cfg)
             .map_err(|e| e.0.replace("snapshot", "stream"))?;
-        Ok((cfg, restore))
+        let (opened, takers) = incoming_disks(&cfg, got.disks.as_ref())?;
+        *restore.branches.lock().unwrap_or_else(|p| p.into_inner()) = opened;
+        let takers = got.disks.as_ref().map(|d| (takers, d.token));
+        Ok((cfg, restore, takers))
     })();
     match built {
-        Ok((cfg, mut restore)) => {
+        Ok((cfg, mut restore, takers)) => {
             let postcopy = got.postcopy.map(|p| (got.mem.clone(), p));
             restore.memory = Some(RestoreMemory::Ram(got.mem));
             Ok(Incoming {
@@ -990,6 +1151,7 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
                 restore,
                 conn,
                 postcopy,
+                takers,
                 bytes: got.bytes,
                 peer,
             })
@@ -999,6 +1161,59 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
             Err(fail(m))
         }
     }
+}
+
+/// The target's side of the disks: each writable VMKFS disk of `cfg` must be in the disks
+/// record (and nothing else), and is checked on its datastore here and held closed until it is
+/// taken over after `go`; read-only disks are opened by the VM's build as usual (shared); a
+/// writable raw image cannot move.
+#[allow(clippy::type_complexity)]
+fn incoming_disks(
+    cfg: &VmConfig,
+    rec: Option<&DiskHandOver>,
+) -> Result<
+    (
+        Vec<(usize, crate::vmkfs_disk::VmkfsDisk)>,
+        Vec<crate::vmkfs_disk::Taker>,
+    ),
+    String,
+> {
+    let listed = rec.map_or(&[][..], |r| &r.disks[..]);
+    for l in listed {
+        let ok = cfg.disks.get(l.index).is_some_and(|d| {
+            !d.readonly && d.id == l.id && d.vmkfs.as_deref() == Some(l.name.as_str())
+        });
+        if !ok || listed.iter().filter(|m| m.index == l.index).count() > 1 {
+            return Err(format!(
+                "the disks record names disk {} ('{}', {}) that is not a writable VMKFS disk of \
+                 the VM's configuration (or twice)",
+                l.index, l.id, l.name
+            ));
+        }
+    }
+    let mut opened = Vec::new();
+    let mut takers = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        if d.readonly {
+            continue;
+        }
+        let Some(name) = &d.vmkfs else {
+            return Err(format!(
+                "the VM has a writable raw disk image ('{}'), which migration does not move",
+                d.id
+            ));
+        };
+        let Some(l) = listed.iter().find(|l| l.index == i) else {
+            return Err(format!(
+                "the VM's writable VMKFS disk '{}' is not in the stream's disks record",
+                d.id
+            ));
+        };
+        let (disk, taker) = crate::vmkfs_disk::VmkfsDisk::incoming(&d.path, name, &d.id, l.size)?;
+        opened.push((i, disk));
+        takers.push(taker);
+    }
+    Ok((opened, takers))
 }
 
 fn wv_machine_memory(mem: &GuestRam) -> u64 {
@@ -1014,8 +1229,10 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         mut conn,
         peer,
         postcopy,
+        takers,
         ..
     } = inc;
+    let mut takers = takers;
     let mut asked = false;
     let mut conn2 = conn
         .try_clone()
@@ -1023,8 +1240,18 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
     let mut ack = || -> Result<(), VmmError> {
         asked = true;
         let fail = |m: String| VmmError::Migration(format!("from {peer}: {m}"));
+        let mut ready = READY.to_vec();
+        if takers.is_some() {
+            let me = serde_json::to_vec(&TargetIdentity {
+                host: wv_vmkfs::fs::this_host(),
+                pid: std::process::id(),
+            })
+            .map_err(|e| fail(e.to_string()))?;
+            ready.extend_from_slice(&u32::try_from(me.len()).unwrap_or(0).to_le_bytes());
+            ready.extend_from_slice(&me);
+        }
         conn2
-            .write_all(&READY)
+            .write_all(&ready)
             .map_err(|e| fail(format!("acknowledging: {e}")))?;
         let mut go = [0u8; 8];
         conn2.read_exact(&mut go).map_err(|e| {
@@ -1034,6 +1261,19 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         })?;
         if go != GO {
             return Err(fail("the source answered something other than go".into()));
+        }
+        // The disks, handed over before `go`, are taken before any vCPU runs.
+        if let Some((t, token)) = takers.take() {
+            for taker in t {
+                let what = taker.describe();
+                taker.take(token).map_err(|e| {
+                    fail(format!(
+                        "{e}; the VM does not run here (the disk's hand-over record names this \
+                         process, which ends: `wv fs unlock` breaks it)"
+                    ))
+                })?;
+                eprintln!("wv: took disk {what} over from the migration's source");
+            }
         }
         if let Some((mem, pages)) = &postcopy {
             crate::postcopy::start(mem, pages, &conn2).map_err(|e| fail(e.0))?;
@@ -1118,8 +1358,8 @@ mod tests {
         }
         assert!(err(b"GET / HTTP/1.1\r\n\r\n-------").contains("not a Worldvisor migration"));
         let mut newer = g.clone();
-        newer[8] = 2;
-        assert!(err(&newer).contains("version 2"));
+        newer[8] = 3;
+        assert!(err(&newer).contains("version 3"));
         assert!(
             read_stream(g.as_slice(), MEM - 4096).is_err(),
             "more than the host's RAM"
@@ -1189,6 +1429,73 @@ mod tests {
             .unwrap()
             .postcopy
             .is_none());
+    }
+
+    #[test]
+    fn a_disks_record_is_bounded_checked_and_kept() {
+        let rec = |version: u32, len: u32, body: &[u8]| {
+            let mut b = header(MEM);
+            b[8..12].copy_from_slice(&version.to_le_bytes());
+            b.extend_from_slice(&TAG_DISKS.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(body);
+            b
+        };
+        let good = br#"{"token":7,"disks":[{"index":0,"id":"root","name":"d","size":1048576}]}"#;
+        let n = u32::try_from(good.len()).unwrap();
+        let mut b = rec(2, n, good);
+        tail(&mut b);
+        let got = read_stream(b.as_slice(), 1 << 40).unwrap();
+        let d = got.disks.unwrap();
+        assert_eq!((d.token, d.disks.len(), d.disks[0].size), (7, 1, 1 << 20));
+        let mut b = rec(1, n, good);
+        tail(&mut b);
+        assert!(err(&b).contains("version 1 stream"));
+        assert!(err(&rec(2, MAX_DISKS_RECORD + 1, b"")).contains("more than"));
+        let mut b = rec(2, 2, b"{}");
+        tail(&mut b);
+        assert!(err(&b).contains("disks record is not valid"));
+        let mut b = rec(2, n, good);
+        b.extend_from_slice(&rec(2, n, good)[24..]);
+        tail(&mut b);
+        assert!(err(&b).contains("a second one"));
+        // A record cut short.
+        assert!(read_stream(&rec(2, n, &good[..10])[..], 1 << 40).is_err());
+    }
+
+    #[test]
+    fn the_target_checks_the_disks_record_against_the_configuration() {
+        let mut cfg = VmConfig::default();
+        let disk = |path: &str, vmkfs: Option<&str>, readonly: bool, id: &str| crate::DiskConfig {
+            path: path.into(),
+            vmkfs: vmkfs.map(Into::into),
+            readonly,
+            id: id.into(),
+        };
+        cfg.disks = vec![
+            disk("/ro.img", None, true, "ro"),
+            disk("/nonexistent-ds", Some("d"), false, "w"),
+        ];
+        let rec = |index: usize, id: &str, name: &str| DiskHandOver {
+            token: 1,
+            disks: vec![SharedDisk {
+                index,
+                id: id.into(),
+                name: name.into(),
+                size: 1 << 20,
+            }],
+        };
+        let e = |cfg: &VmConfig, r: Option<&DiskHandOver>| {
+            incoming_disks(cfg, r).map(|_| ()).unwrap_err()
+        };
+        assert!(e(&cfg, None).contains("not in the stream's disks record"));
+        assert!(e(&cfg, Some(&rec(0, "w", "d"))).contains("not a writable VMKFS disk"));
+        assert!(e(&cfg, Some(&rec(5, "w", "d"))).contains("not a writable VMKFS disk"));
+        assert!(e(&cfg, Some(&rec(1, "w", "other"))).contains("not a writable VMKFS disk"));
+        // Listed rightly: the datastore is opened (and here not found).
+        assert!(e(&cfg, Some(&rec(1, "w", "d"))).contains("/nonexistent-ds"));
+        cfg.disks = vec![disk("/rw.img", None, false, "rw")];
+        assert!(e(&cfg, None).contains("writable raw disk image"));
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //! transaction) and the snapshot records the frozen files ([`FrozenDisk`], its `disks`
 //! section); a restore opens a new branch of each frozen file ([`branch_disks`]), so any
 //! number of restores and clones start from the same disk contents while the source runs on.
+//!
+//! Live migration with a shared datastore (docs/MIGRATION.md): the source, paused and
+//! acknowledged, hands each writable disk over to the target ([`hand_over_all`]); the target,
+//! which checked each disk before acknowledging ([`VmkfsDisk::incoming`]), takes them over after
+//! `go` and before any vCPU runs ([`Taker::take`]).
 
 use crate::error::VmmError;
 use std::io;
@@ -29,6 +34,14 @@ pub(crate) struct Held {
     /// Index in the configuration's disks.
     pub index: usize,
     disk: Arc<Mutex<Option<wv_vmkfs::Disk>>>,
+}
+
+impl Held {
+    /// The file's name and size, None once closed.
+    pub(crate) fn name_and_size(&self) -> Option<(String, u64)> {
+        let g = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().map(|d| (d.name().to_string(), d.len()))
+    }
 }
 
 /// A disk of a snapshot: the frozen file a restore branches from (the `disks` section).
@@ -177,6 +190,161 @@ pub(crate) fn unfreeze_all(held: &[Held], frozen: &[FrozenDisk]) {
                 );
             }
         }
+    }
+}
+
+/// A disk a migration's source has handed over (docs/MIGRATION.md): where to take it back from
+/// if the target never gets `go`.
+pub(crate) struct HandedOver {
+    index: usize,
+    id: String,
+    path: PathBuf,
+    name: String,
+}
+
+/// A migration's source, paused and acknowledged by the target: hands every disk of `held`
+/// over to the target (pid `pid` on `host`) with `token` ([`wv_vmkfs::Disk::hand_over`]:
+/// flushed, the owner record naming the target, the lock released). If one fails, those already
+/// handed over are taken back and the error says which disk failed.
+pub(crate) fn hand_over_all(
+    held: &[Held],
+    host: &str,
+    pid: u32,
+    token: u64,
+) -> Result<Vec<HandedOver>, String> {
+    let mut done = Vec::with_capacity(held.len());
+    for h in held {
+        let mut g = h.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let r = match g.as_mut() {
+            Some(d) => {
+                let name = d.name().to_string();
+                d.hand_over(host, pid, token)
+                    .map(|()| name)
+                    .map_err(|e| e.to_string())
+            }
+            None => Err("the VMKFS disk was closed".to_string()),
+        };
+        if r.is_ok() {
+            // Handed over: the handle holds nothing any more.
+            drop(g.take());
+        }
+        drop(g);
+        match r {
+            Ok(name) => done.push(HandedOver {
+                index: h.index,
+                id: h.id.clone(),
+                path: h.path.clone(),
+                name,
+            }),
+            Err(e) => {
+                take_back_all(held, &done, token);
+                return Err(format!("handing disk '{}' over: {e}", h.id));
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Undoes [`hand_over_all`] (the target did not get `go`): each disk is taken back with the
+/// token, as the target would have taken it. Returns false if one could not be (the target
+/// has it: the VM must not run here).
+pub(crate) fn take_back_all(held: &[Held], handed: &[HandedOver], token: u64) -> bool {
+    let mut all = true;
+    for d in handed {
+        let Some(h) = held.iter().find(|h| h.index == d.index) else {
+            continue;
+        };
+        let r = open_pending(&d.path, &d.name)
+            .and_then(|p| p.take(token, TAKE_WAIT).map_err(|e| e.to_string()));
+        match r {
+            Ok(disk) => *h.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(disk),
+            Err(e) => {
+                eprintln!(
+                    "wv: migration: disk '{}' could not be taken back from the target: {e}",
+                    d.id
+                );
+                all = false;
+            }
+        }
+    }
+    all
+}
+
+/// How long a taker waits for a file's lock (someone merely looking at the file may hold it
+/// for a moment).
+pub(crate) const TAKE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn open_pending(path: &Path, name: &str) -> Result<wv_vmkfs::Pending, String> {
+    let dev = FileDev::open(path, false).map_err(|e| e.to_string())?;
+    let ds = Datastore::open(Arc::new(dev)).map_err(|e| e.to_string())?;
+    ds.prepare_take_over(name).map_err(|e| e.to_string())
+}
+
+/// A disk a migration's target will take over after `go` ([`VmkfsDisk::incoming`]).
+pub(crate) struct Taker {
+    id: String,
+    /// DATASTORE:NAME, for messages.
+    at: String,
+    pending: wv_vmkfs::Pending,
+    disk: Arc<Mutex<Option<wv_vmkfs::Disk>>>,
+}
+
+impl Taker {
+    /// `'ID' (DATASTORE:NAME)`.
+    pub(crate) fn describe(&self) -> String {
+        format!("'{}' ({})", self.id, self.at)
+    }
+
+    /// Takes the disk over with `token` (the source has handed it over); the device then
+    /// reads and writes it.
+    pub(crate) fn take(self, token: u64) -> Result<(), String> {
+        let d = self
+            .pending
+            .take(token, TAKE_WAIT)
+            .map_err(|e| format!("taking disk '{}' over: {e}", self.id))?;
+        *self.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
+        Ok(())
+    }
+}
+
+impl VmkfsDisk {
+    /// For a migration's target: disk `name` of the datastore at `path`, checked (it exists,
+    /// is writable and has `size` bytes) and its parents held, but closed until its [`Taker`]
+    /// takes it over after `go`. Nothing in the datastore changes until then.
+    pub(crate) fn incoming(
+        path: &Path,
+        name: &str,
+        id: &str,
+        size: u64,
+    ) -> Result<(VmkfsDisk, Taker), String> {
+        let pending = open_pending(path, name)
+            .map_err(|e| format!("disk '{id}' ({}:{name}): {e}", path.display()))?;
+        if pending.len() != size {
+            return Err(format!(
+                "disk '{id}' ({}:{name}) has {} bytes here, {size} on the source",
+                path.display(),
+                pending.len()
+            ));
+        }
+        let disk = Arc::new(Mutex::new(None));
+        let d = disk.clone();
+        crate::at_exit(Box::new(move || {
+            drop(d.lock().unwrap_or_else(|p| p.into_inner()).take());
+        }));
+        Ok((
+            VmkfsDisk {
+                disk: disk.clone(),
+                size,
+                writable: true,
+                bounce: Vec::new(),
+            },
+            Taker {
+                id: id.to_string(),
+                at: format!("{}:{name}", path.display()),
+                pending,
+                disk,
+            },
+        ))
     }
 }
 

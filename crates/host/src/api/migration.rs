@@ -16,9 +16,23 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What the source VMM says when the VM has disks (and the daemon, before asking anyone).
-const DISKS_REFUSED: &str = "the VM has disks: migrating them (shared VMKFS datastores, \
-                             --copy-disks) is not supported yet";
+/// Why a VM's disks cannot move, as its VMM would say (the daemon says it before asking
+/// anyone): a writable raw image. VMKFS disks stay on their datastore, which both hosts must
+/// open at the same path, and are handed over at the switch-over; read-only disks are opened
+/// again by the target (docs/MIGRATION.md).
+fn disks_refused(c: &wv_config::VmConfig) -> Option<String> {
+    c.disks
+        .iter()
+        .find(|d| d.vmkfs.is_none() && !d.readonly)
+        .map(|d| {
+            format!(
+                "the VM has a writable raw disk image ('{}'): migration moves a writable disk \
+                 only on a VMKFS datastore both hosts open (a raw image's lock cannot be handed \
+                 over without a moment with two writers or none)",
+                d.id
+            )
+        })
+}
 
 /// One request to the target daemon: (method, path, body) to (status, body).
 type TargetCall<'a> = dyn Fn(&str, &str, Option<&str>) -> std::io::Result<(u16, String)> + 'a;
@@ -87,8 +101,8 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => return error(400, format!("invalid incoming request: config: {e}")),
         };
-        if !spec.config.disks.is_empty() {
-            return error(422, DISKS_REFUSED);
+        if let Some(m) = disks_refused(&spec.config) {
+            return error(422, m);
         }
         let listen = match &req.listen {
             Some(l) => match l.parse::<SocketAddr>() {
@@ -268,8 +282,8 @@ impl Daemon {
                 }
             }
         };
-        if !spec.config.disks.is_empty() {
-            return error(422, format!("VM '{name}': {DISKS_REFUSED}"));
+        if let Some(m) = disks_refused(&spec.config) {
+            return error(422, format!("VM '{name}': {m}"));
         }
         let target = PathBuf::from(format!("tcp:{}", req.to));
         let call = |method: &str, path: &str, body: Option<&str>| {
