@@ -233,6 +233,11 @@ fn device_records() -> Vec<DeviceRecord> {
     ]
 }
 
+/// The signals that stop the VM: blocked in every VMM thread, read by the control loop from a
+/// signalfd. A thread that does not block them would take them with their default action (the
+/// process killed, no exit report, status 128+N).
+pub(crate) const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
 fn block_signals(sigs: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local set; pthread_sigmask affects this thread only
     // (threads spawned later inherit the mask, which is the intent).
@@ -538,8 +543,7 @@ pub(crate) fn run_from(
     trace.mark("vcpus configured");
 
     vcpu::install_kick_handler().map_err(internal("installing the vCPU kick handler"))?;
-    let stop_signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-    let set = block_signals(&stop_signals);
+    let set = block_signals(&STOP_SIGNALS);
     // SAFETY: `set` is a valid, initialised signal set; the result is checked.
     let sigfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
     if sigfd < 0 {

@@ -21,6 +21,12 @@ pub(super) fn start() -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("spawner".into())
         .spawn(move || {
+            // This thread starts before the main thread blocks the stop signals (the filters
+            // are prepared first), so it blocks them itself: otherwise a SIGTERM or SIGINT
+            // could be delivered here, with its default action, instead of to the control
+            // loop's signalfd (found by bad_input's a_spinning_guest_does_not_hang_the_vmm).
+            // The device workers it creates inherit this mask.
+            crate::block_signals(&crate::STOP_SIGNALS);
             super::install(super::Kind::Spawner);
             for job in rx {
                 job();
