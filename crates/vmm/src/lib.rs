@@ -1062,6 +1062,12 @@ fn close_span(lo: i32, hi: i32) {
 extern "C" fn teardown_helper(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the leaked TeardownPlan passed by Resources::exit, never freed.
     let plan = unsafe { &*(arg as *const TeardownPlan) };
+    // Who it is, for a SIGSYS report, before anything can be refused: `wv` records the id too
+    // once clone returns, which may be after this helper's first calls (it shares the main
+    // thread's thread-local storage, so it would be reported as `main`).
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    seccomp::set_teardown_tid(i32::try_from(tid).unwrap_or(0));
     // Down from the main thread's list (inherited) to the helper's own.
     seccomp::install_raw(plan.filter, plan.probe);
     // Standard descriptors first (a reader waits for those), then everything else.

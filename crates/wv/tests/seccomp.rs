@@ -151,10 +151,10 @@ fn api_connection_thread() {
             assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
             request(&sock, "PUT /vm/shutdown HTTP/1.1\r\nHost: x\r\n\r\n");
         }
-        let st = child.wait().unwrap();
+        let st = wait_within(&mut child, "VMM", Duration::from_secs(60));
         let stderr = reader.join().unwrap();
         if mode == "kill" {
-            assert_eq!(st.code(), Some(208), "{stderr}");
+            assert_eq!(st, Some(208), "{stderr}");
             assert!(stderr.contains(&kill_line("api-conn")), "{stderr}");
         } else {
             assert!(stderr.contains(&log_line("api-conn")), "{stderr}");
@@ -277,27 +277,60 @@ enum Ends {
     Target,
 }
 
+/// Both sides of a migration, killed if a test fails before they end (no VMM left behind).
+struct Pair {
+    src: std::process::Child,
+    dst: std::process::Child,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for c in [&mut self.src, &mut self.dst] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The exit status of `child`, which must end within `limit` (otherwise it is killed and the
+/// test fails: a VMM that hangs is a failure, not a wait without end).
+fn wait_within(child: &mut std::process::Child, what: &str, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the {what} did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Ends `child` (SIGKILL) and reaps it; its status.
+fn stop(child: &mut std::process::Child) -> Option<i32> {
+    let _ = child.kill();
+    child.wait().unwrap().code()
+}
+
 /// A forced post-copy migration over loopback with the source's and the target's environment;
-/// (source status, source stderr, target status, target stderr).
+/// (source status, source stderr, target status, target stderr). Each side must end within a
+/// minute (the migration itself takes seconds).
 fn postcopy(
     src_env: &[(&str, &str)],
     dst_env: &[(&str, &str)],
     mode: &str,
     ends: Ends,
 ) -> (Option<i32>, String, Option<i32>, String) {
+    const LIMIT: Duration = Duration::from_secs(60);
     let dir = TempDir::new("seccomp-postcopy");
     let sock = dir.path("api.sock");
     let seccomp = format!("--seccomp={mode}");
-    let (mut dst, dst_lines, dst_err) =
-        spawn_vmm(dst_env, &[&seccomp, "--incoming", "127.0.0.1:0"]);
-    let first = dst_lines
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the target said where it listens");
-    let addr = first
-        .strip_prefix("wv: waiting for a migration on ")
-        .unwrap_or_else(|| panic!("unexpected first line from the target: {first}"))
-        .to_string();
-    let (mut src, _src_lines, src_err) = spawn_vmm(
+    let (dst, dst_lines, dst_err) = spawn_vmm(dst_env, &[&seccomp, "--incoming", "127.0.0.1:0"]);
+    let first = dst_lines.recv_timeout(Duration::from_secs(30));
+    let (src, _src_lines, src_err) = spawn_vmm(
         src_env,
         &[
             &seccomp,
@@ -311,6 +344,12 @@ fn postcopy(
             "probe.tests=persist probe.persist_mib=32 probe.persist_rate=100 probe.persist_ms=2000",
         ],
     );
+    let mut p = Pair { src, dst };
+    let first = first.expect("the target said where it listens");
+    let addr = first
+        .strip_prefix("wv: waiting for a migration on ")
+        .unwrap_or_else(|| panic!("unexpected first line from the target: {first}"))
+        .to_string();
     let body = format!(r#"{{"destination": "{addr}", "mode": "postcopy"}}"#);
     request(
         &sock,
@@ -321,18 +360,20 @@ fn postcopy(
         ),
     );
     let (src_status, dst_status) = match ends {
-        Ends::Both => (src.wait().unwrap().code(), dst.wait().unwrap().code()),
+        Ends::Both => {
+            let s = wait_within(&mut p.src, "source", LIMIT);
+            (s, wait_within(&mut p.dst, "target", LIMIT))
+        }
         Ends::Source => {
-            let s = src.wait().unwrap().code();
-            let _ = dst.kill();
-            (s, dst.wait().unwrap().code())
+            let s = wait_within(&mut p.src, "source", LIMIT);
+            (s, stop(&mut p.dst))
         }
         Ends::Target => {
-            let d = dst.wait().unwrap().code();
-            let _ = src.kill();
-            (src.wait().unwrap().code(), d)
+            let d = wait_within(&mut p.dst, "target", LIMIT);
+            (stop(&mut p.src), d)
         }
     };
+    drop(p);
     (
         src_status,
         src_err.join().unwrap(),

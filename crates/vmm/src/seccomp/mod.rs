@@ -628,6 +628,9 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     }
     if let_through {
         l.push(b"; outside its list, let through\n");
+    } else if kind == "teardown" {
+        // A process of its own: exit_group ends it, not wv (which has its status already).
+        l.push(b"; ending the teardown helper (status 208)\n");
     } else {
         l.push(b"; ending wv (status 208)\n");
     }
