@@ -384,6 +384,7 @@ pub(crate) fn prepare(mode: SeccompMode) -> Result<(), String> {
     if mode == SeccompMode::Off || FILTERS.get().is_some() {
         return Ok(());
     }
+    fix_malloc_arenas();
     let progs = Kind::ALL
         .iter()
         .map(|k| {
@@ -424,6 +425,23 @@ pub(crate) fn prepare(mode: SeccompMode) -> Result<(), String> {
     let _ = FILTERS.set(Filters { progs, probe });
     spawner::start().map_err(|e| format!("starting the thread spawner: {e}"))?;
     Ok(())
+}
+
+/// glibc's malloc works out its limit on arenas from the number of CPUs the first time a
+/// process uses more than 8 of them, reading `/sys/devices/system/cpu/online` (openat) from
+/// whichever thread allocates then: any thread once the VMM runs many at a time (found under
+/// a burst of control-socket connections, by vmm_openapi's test). The same limit as glibc's
+/// default (8 arenas per CPU online) is set here, before any filter, so malloc never reads it.
+fn fix_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: sysconf and mallopt have no preconditions; mallopt only sets a malloc tunable.
+        unsafe {
+            let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 1 << 16);
+            let arenas = i32::try_from(cpus * 8).unwrap_or(i32::MAX);
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
 }
 
 /// Installs the filter of `kind` on the calling thread (nothing when filters are off). A
