@@ -87,6 +87,36 @@ pub enum SerialMode {
     None,
 }
 
+/// What the VMM's system-call filters do (`wv run --seccomp`; a property of the VMM process,
+/// not of the VM: never part of a serialised [`VmConfig`], so old snapshots and configuration
+/// files read as before and get the default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// No filter at all (debugging only).
+    Off,
+    /// A call outside a thread's list is reported on stderr and then let through unchanged.
+    Log,
+    /// A call outside a thread's list is reported on stderr and ends the VMM.
+    #[default]
+    Kill,
+}
+
+impl SeccompMode {
+    /// `off`, `log` or `kill`.
+    pub fn parse(s: &str) -> Result<SeccompMode, ConfigError> {
+        match s {
+            "off" => Ok(SeccompMode::Off),
+            "log" => Ok(SeccompMode::Log),
+            "kill" => Ok(SeccompMode::Kill),
+            _ => Err(ConfigError(format!(
+                "--seccomp '{}': use off, log or kill",
+                s.escape_debug()
+            ))),
+        }
+    }
+}
+
 /// A virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -319,6 +349,9 @@ pub struct VmConfig {
     /// A Unix socket serving the VMM's control API (the VMM's, not serialised).
     #[serde(skip)]
     pub api_socket: Option<PathBuf>,
+    /// What the VMM's per-thread system-call filters do (the VMM's, not serialised).
+    #[serde(skip)]
+    pub seccomp: SeccompMode,
     /// A virtio-rng device (entropy for the guest).
     pub rng: bool,
     /// virtio-blk disks, in PCI slot order.
@@ -427,6 +460,7 @@ impl VmConfig {
             serial: SerialMode::Stdio,
             console_socket: None,
             api_socket: None,
+            seccomp: SeccompMode::Kill,
             rng: true,
             disks: Vec::new(),
             nets: Vec::new(),

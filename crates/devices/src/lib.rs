@@ -10,6 +10,7 @@ pub mod i8042;
 pub mod mmio;
 pub mod serial;
 pub mod snapshot;
+pub mod thread;
 
 pub use bus::{DeviceAction, PioBus, PioDevice};
 pub use mmio::{MmioBus, MmioDevice};

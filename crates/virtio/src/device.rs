@@ -281,10 +281,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts `name`, serving `queues` through `handle` under `ctl` (parked first if a pause
-    /// is asked already).
+    /// Starts `name` (also its kind for its system-call filter, [`wv_devices::thread`]),
+    /// serving `queues` through `handle` under `ctl` (parked first if a pause is asked already).
     pub fn start<F>(
-        name: &str,
+        name: &'static str,
         queues: Vec<ActiveQueue>,
         ctl: Arc<WorkerCtl>,
         mut handle: F,
@@ -293,55 +293,53 @@ impl Worker {
         F: FnMut(&mut [ActiveQueue], usize, &WorkerCtl) + Send + 'static,
     {
         let ctl2 = ctl.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let ctl = ctl2;
-                let _exit = ExitGuard(ctl.clone());
-                let mut queues = queues;
-                let mut fds: Vec<libc::pollfd> = queues
-                    .iter()
-                    .map(|q| libc::pollfd {
-                        fd: q.evt.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    })
-                    .collect();
-                fds.push(libc::pollfd {
-                    fd: ctl.fd(),
+        let thread = wv_devices::thread::spawn(name.to_string(), name, move || {
+            let ctl = ctl2;
+            let _exit = ExitGuard(ctl.clone());
+            let mut queues = queues;
+            let mut fds: Vec<libc::pollfd> = queues
+                .iter()
+                .map(|q| libc::pollfd {
+                    fd: q.evt.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
-                });
-                // Buffers the driver posted before DRIVER_OK (or before a snapshot was taken)
-                // are served without waiting for a notification.
-                let mut action = Some(ctl.check(&queues));
-                loop {
-                    match action.take() {
-                        Some(CtlAction::Stop) => return queues,
-                        Some(CtlAction::Sweep) => {
-                            for i in 0..queues.len() {
-                                handle(&mut queues, i, &ctl);
-                            }
-                        }
-                        None => {}
-                    }
-                    // SAFETY: `fds` is a valid array of pollfd for its length.
-                    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-                    if n < 0 {
-                        continue;
-                    }
-                    if fds[fds.len() - 1].revents != 0 {
-                        action = Some(ctl.check(&queues));
-                        continue;
-                    }
-                    for i in 0..queues.len() {
-                        if fds[i].revents != 0 {
-                            queues[i].take_notifications();
+                })
+                .collect();
+            fds.push(libc::pollfd {
+                fd: ctl.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // Buffers the driver posted before DRIVER_OK (or before a snapshot was taken)
+            // are served without waiting for a notification.
+            let mut action = Some(ctl.check(&queues));
+            loop {
+                match action.take() {
+                    Some(CtlAction::Stop) => return queues,
+                    Some(CtlAction::Sweep) => {
+                        for i in 0..queues.len() {
                             handle(&mut queues, i, &ctl);
                         }
                     }
+                    None => {}
                 }
-            })?;
+                // SAFETY: `fds` is a valid array of pollfd for its length.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                if n < 0 {
+                    continue;
+                }
+                if fds[fds.len() - 1].revents != 0 {
+                    action = Some(ctl.check(&queues));
+                    continue;
+                }
+                for i in 0..queues.len() {
+                    if fds[i].revents != 0 {
+                        queues[i].take_notifications();
+                        handle(&mut queues, i, &ctl);
+                    }
+                }
+            }
+        })?;
         Ok(Worker {
             ctl,
             thread: Some(thread),

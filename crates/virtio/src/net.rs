@@ -454,21 +454,19 @@ impl VirtioDevice for Net {
         if queues.len() != 2 {
             return Err("virtio-net needs two queues".into());
         }
-        let thread = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || {
-                let _exit = ExitGuard(ctl2.clone());
-                net_loop(
-                    mem,
-                    &mut queues,
-                    &tap,
-                    mergeable,
-                    irq.as_ref(),
-                    &counters,
-                    &ctl2,
-                )
-            })
-            .map_err(|e| e.to_string())?;
+        let thread = wv_devices::thread::spawn("virtio-net".into(), "virtio-net", move || {
+            let _exit = ExitGuard(ctl2.clone());
+            net_loop(
+                mem,
+                &mut queues,
+                &tap,
+                mergeable,
+                irq.as_ref(),
+                &counters,
+                &ctl2,
+            )
+        })
+        .map_err(|e| e.to_string())?;
         self.ctl = Some(ctl);
         self.thread = Some(thread);
         Ok(())

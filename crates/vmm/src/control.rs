@@ -124,6 +124,7 @@ pub(crate) fn start(listener: UnixListener) -> std::io::Result<Inbox> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            crate::seccomp::install(crate::seccomp::Kind::Api);
             for conn in listener.incoming() {
                 let Ok(mut c) = conn else {
                     // Out of descriptors: try again shortly rather than spin.
@@ -142,6 +143,7 @@ pub(crate) fn start(listener: UnixListener) -> std::io::Result<Inbox> {
                     std::thread::Builder::new()
                         .name("api-conn".into())
                         .spawn(move || {
+                            crate::seccomp::install(crate::seccomp::Kind::ApiConn);
                             serve(c, &tx, &wake);
                             mine.fetch_sub(1, Ordering::AcqRel);
                         });

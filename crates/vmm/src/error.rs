@@ -33,6 +33,8 @@ pub const STATUS_KVM_FAILURE: u8 = 205;
 pub const STATUS_INTERNAL: u8 = 206;
 /// Network device unavailable.
 pub const STATUS_NET: u8 = 207;
+/// A VMM thread made a system call outside its seccomp list (`--seccomp=kill`).
+pub const STATUS_SECCOMP: u8 = 208;
 
 /// Why a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -17,6 +17,7 @@ pub mod migrate;
 mod pause;
 mod pci;
 mod postcopy;
+pub mod seccomp;
 pub mod snapshot;
 pub mod stats;
 mod vcpu;
@@ -232,6 +233,11 @@ fn device_records() -> Vec<DeviceRecord> {
     ]
 }
 
+/// The signals that stop the VM: blocked in every VMM thread, read by the control loop from a
+/// signalfd. A thread that does not block them would take them with their default action (the
+/// process killed, no exit report, status 128+N).
+pub(crate) const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
 fn block_signals(sigs: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local set; pthread_sigmask affects this thread only
     // (threads spawned later inherit the mask, which is the intent).
@@ -433,6 +439,10 @@ pub(crate) fn run_from(
     let trace = Trace::new(start);
     let clone = restore.as_ref().is_some_and(|r| r.clone);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
+    // Every filter is compiled here, before any thread of the VM starts; each thread installs
+    // its own as it starts (vCPU 0's, the main thread's, just before it enters the guest).
+    seccomp::prepare(cfg.seccomp).map_err(VmmError::Internal)?;
+    trace.mark("seccomp filters compiled");
     // A restored VM's VMKFS disks are new branches of the snapshot's frozen files; its
     // configuration names them.
     let branched;
@@ -533,8 +543,7 @@ pub(crate) fn run_from(
     trace.mark("vcpus configured");
 
     vcpu::install_kick_handler().map_err(internal("installing the vCPU kick handler"))?;
-    let stop_signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-    let set = block_signals(&stop_signals);
+    let set = block_signals(&STOP_SIGNALS);
     // SAFETY: `set` is a valid, initialised signal set; the result is checked.
     let sigfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
     if sigfd < 0 {
@@ -573,7 +582,10 @@ pub(crate) fn run_from(
         let sh = shared.clone();
         let h = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
-            .spawn(move || vcpu::run(i, fd, sh))
+            .spawn(move || {
+                seccomp::install(seccomp::Kind::Vcpu);
+                vcpu::run(i, fd, sh)
+            })
             .map_err(internal("starting a vCPU thread"))?;
         handles.push(h);
     }
@@ -599,6 +611,7 @@ pub(crate) fn run_from(
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                seccomp::install(seccomp::Kind::Control);
                 let mut controller = controller;
                 control_loop(&mut controller, sigfd, stdin, inbox.as_ref());
                 controller.shared.stop.store(true, Ordering::Release);
@@ -607,6 +620,8 @@ pub(crate) fn run_from(
             .map_err(internal("starting the control thread"))?
     };
     trace.mark("vcpu threads started");
+    seccomp::install(seccomp::Kind::Main);
+    trace.mark("main thread filtered");
     let (boot_stats, boot_fd) = vcpu::run(0, boot_fd, shared.clone());
     trace.mark("vm ended");
     // vCPU 0 may have stopped because another vCPU or a signal ended the VM; either way the
@@ -953,7 +968,10 @@ impl Resources {
             }
             keep.sort_unstable();
             keep.dedup();
+            let (filter, probe) = seccomp::teardown_filter();
             let plan = Box::leak(Box::new(TeardownPlan {
+                filter,
+                probe,
                 pidfd,
                 ready: ready[1],
                 hold,
@@ -983,6 +1001,7 @@ impl Resources {
                 )
             };
             if r > 0 {
+                seccomp::set_teardown_tid(r);
                 // Wait until the helper holds nothing but the KVM descriptors; then this
                 // process's exit closes the last reference to everything else.
                 // SAFETY: closing our copy of the write end, so that a helper that died early
@@ -1025,6 +1044,10 @@ fn teardown_hold_fd() -> i32 {
 
 /// What the teardown helper of [`Resources::exit`] needs, prepared before it starts.
 struct TeardownPlan {
+    /// The teardown helper's system-call filter (empty: none), and whether it makes the
+    /// `WV_SECCOMP_PROBE` call.
+    filter: &'static [seccompiler::sock_filter],
+    probe: bool,
     /// A pidfd of the exiting `wv` process.
     pidfd: i32,
     /// The pipe to `wv` on which the helper says it has closed what it does not keep.
@@ -1061,6 +1084,14 @@ fn close_span(lo: i32, hi: i32) {
 extern "C" fn teardown_helper(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the leaked TeardownPlan passed by Resources::exit, never freed.
     let plan = unsafe { &*(arg as *const TeardownPlan) };
+    // Who it is, for a SIGSYS report, before anything can be refused: `wv` records the id too
+    // once clone returns, which may be after this helper's first calls (it shares the main
+    // thread's thread-local storage, so it would be reported as `main`).
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    seccomp::set_teardown_tid(i32::try_from(tid).unwrap_or(0));
+    // Down from the main thread's list (inherited) to the helper's own.
+    seccomp::install_raw(plan.filter, plan.probe);
     // Standard descriptors first (a reader waits for those), then everything else.
     let spans = |lo: i32, hi: i32| {
         let mut next = lo;

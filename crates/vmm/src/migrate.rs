@@ -819,6 +819,7 @@ fn serve_postcopy(
         .map_err(io_err("setting up the post-copy connection"))?;
     let _ = r.set_read_timeout(None);
     std::thread::spawn(move || {
+        crate::seccomp::install(crate::seccomp::Kind::MigrateBack);
         let mut a = [0u8; 8];
         while r.read_exact(&mut a).is_ok() {
             if tx.send(u64::from_le_bytes(a)).is_err() {

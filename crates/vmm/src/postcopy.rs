@@ -230,6 +230,7 @@ pub(crate) fn start(mem: &GuestRam, pages: &[u64], conn: &TcpStream) -> Result<(
     std::thread::Builder::new()
         .name("postcopy-recv".into())
         .spawn(move || {
+            crate::seccomp::install(crate::seccomp::Kind::PostcopyRecv);
             if let Err(e) = receive(&u, &m, &mut std::io::BufReader::new(&mut reader)) {
                 lost(&e.0);
             }
@@ -237,7 +238,10 @@ pub(crate) fn start(mem: &GuestRam, pages: &[u64], conn: &TcpStream) -> Result<(
         .map_err(|e| MigrationError(format!("starting the post-copy receiver: {e}")))?;
     std::thread::Builder::new()
         .name("postcopy-fault".into())
-        .spawn(move || faults(&uffd, &missing, &mut writer))
+        .spawn(move || {
+            crate::seccomp::install(crate::seccomp::Kind::PostcopyFault);
+            faults(&uffd, &missing, &mut writer)
+        })
         .map_err(|e| MigrationError(format!("starting the post-copy fault thread: {e}")))?;
     Ok(())
 }

@@ -375,6 +375,11 @@ const RUN_LOCAL_OPTS: &[Opt] = &[
         Arg::Inline("table|json"),
         "print exit accounting to stderr when the VM ends",
     ),
+    opt(
+        "--seccomp",
+        Arg::Value("off|log|kill"),
+        "what each VMM thread's system-call filter does with a call outside its list\n(crates/vmm/src/seccomp/): kill (default) reports it on stderr and ends wv with\nstatus 208; log reports it and lets it through; off installs no filter",
+    ),
 ];
 
 const SCHED_OPTS: &[Opt] = &[
@@ -414,7 +419,8 @@ socket, 200 bad arguments.";
 
 const RUN_STATUS: &str = "Exit status: the guest's exit code (0-199) when it powers off; 200 bad arguments, 201 KVM
 unavailable, 202 bad kernel, initrd or disk image, 203 guest reset, 204 triple fault, 205 KVM could not
-run the guest, 206 VMM failure, 207 TAP unavailable, 128+N stopped by signal N.
+run the guest, 206 VMM failure, 207 TAP unavailable, 208 a VMM thread made a system call outside its seccomp
+list, 128+N stopped by signal N.
 
 Environment: WV_KVM_DEVICE overrides the KVM device path (default /dev/kvm).";
 
@@ -1255,6 +1261,9 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     }
     cfg.console_socket = m.value("--console-socket").map(PathBuf::from);
     cfg.api_socket = m.value("--api-socket").map(PathBuf::from);
+    if let Some(v) = m.value("--seccomp") {
+        cfg.seccomp = wv_config::SeccompMode::parse(v).map_err(|e| Usage(e.0))?;
+    }
     Ok(Command::Run(Box::new(cfg), stats, from))
 }
 

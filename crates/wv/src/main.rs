@@ -123,6 +123,7 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom) -> ExitCode {
         c.serial = cfg.serial.clone();
         c.console_socket = cfg.console_socket.clone();
         c.api_socket = cfg.api_socket.clone();
+        c.seccomp = cfg.seccomp;
         c
     };
     let ran = match from {

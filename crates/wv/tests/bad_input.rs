@@ -282,6 +282,49 @@ fn a_spinning_guest_does_not_hang_the_vmm() {
     }
 }
 
+/// Every thread of a running VMM blocks the stop signals (SIGHUP, SIGINT, SIGTERM), which the
+/// control loop reads from a signalfd: one that did not would take a stop signal with its
+/// default action (no exit report, no exit hooks). The thread spawner, which starts before
+/// the main thread blocks them, once did not.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn every_vmm_thread_blocks_the_stop_signals() {
+    need_kvm();
+    let mut cmd = Command::new(wv_bin());
+    cmd.args(["run", "--vcpus", "2", "--cmdline", "probe.tests=hang"]);
+    let mut child = spawn_until(cmd, "hang: spinning", Duration::from_secs(30));
+    let tasks = format!("/proc/{}/task", child.id());
+    let mut names = Vec::new();
+    let mut unblocked = Vec::new();
+    for t in std::fs::read_dir(&tasks).unwrap() {
+        let t = t.unwrap().path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let Ok(status) = std::fs::read_to_string(t.join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let blk = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap_or(0);
+        let stop = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM]
+            .iter()
+            .fold(0u64, |m, s| m | 1 << (s - 1));
+        if blk & stop != stop {
+            unblocked.push(format!("{} ({blk:#x})", name.trim()));
+        }
+        names.push(name.trim().to_string());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(names.iter().any(|n| n == "spawner"), "{names:?}");
+    assert!(names.iter().any(|n| n == "control"), "{names:?}");
+    assert!(
+        unblocked.is_empty(),
+        "threads taking stop signals: {unblocked:?}"
+    );
+}
+
 #[test]
 #[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn bad_disk_configurations() {
