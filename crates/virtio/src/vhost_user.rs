@@ -351,9 +351,9 @@ impl VirtioDevice for VhostUserNet {
         };
         let counters = self.counters.clone();
         let ctl2 = ctl.clone();
-        let thread = std::thread::Builder::new()
-            .name("vhost-user-net".into())
-            .spawn(move || {
+        // Through the VMM's thread spawner: the relay gets its own system-call filter.
+        let thread =
+            wv_devices::thread::spawn("vhost-user-net".into(), "vhost-user-net", move || {
                 let ctl = ctl2;
                 let _exit = ExitGuard(ctl.clone());
                 relay(&mem, queues, &rings, &*irq, &counters, &ctl);

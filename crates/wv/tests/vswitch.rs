@@ -613,3 +613,50 @@ fn guests_carry_on_through_a_switch_restart() {
     assert_eq!(st, Some(0), "{out}");
     assert!(out.contains("PASS netpeer arp=2 icmp=2"), "{out}");
 }
+
+/// The vhost-user relay thread's system-call filter (crates/vmm/src/seccomp/vhost_user_net.rs):
+/// a call outside its list (the `WV_SECCOMP_PROBE` hook's `getpgid`) ends `wv` with status 208
+/// and a line naming the thread under `kill`, and is reported and let through under `log`
+/// (the guest's net test then passes through the switch).
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn the_vhost_user_relay_runs_under_its_own_seccomp_filter() {
+    need_kvm();
+    let ns = NetNs::new("sc", "10.80.3.1");
+    let dir = TempDir::new("vswitch-seccomp");
+    let _sw = switch(
+        &dir.0,
+        Some(&ns),
+        &["--port", "lan/a", "--port", "lan/b", "--uplink", "lan=up0"],
+    );
+    // One port per run: the killed VMM's port is not reused here.
+    let run = |mode: &str, port: &str| {
+        let mut c = guest(
+            &dir.0,
+            "lan",
+            port,
+            "52:54:00:80:03:02",
+            "probe.tests=net probe.net=10.80.3.2,10.80.3.1",
+        );
+        c.env("WV_SECCOMP_PROBE", "vhost-user-net")
+            .arg(format!("--seccomp={mode}"));
+        run_cmd(c, WAIT)
+    };
+    let r = run("kill", "a");
+    assert_eq!(r.status, Some(208), "{r}");
+    assert!(
+        r.stderr.contains(
+            "wv: SECCOMP: thread vhost-user-net made a forbidden system call getpgid (121)"
+        ),
+        "{r}"
+    );
+    let r = run("log", "b");
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(
+        r.stderr
+            .contains("wv: SECCOMP (log): thread vhost-user-net made system call getpgid (121)"),
+        "{r}"
+    );
+    assert!(!r.stderr.contains("wv: SECCOMP: "), "{r}");
+    r.assert_pass("net");
+}

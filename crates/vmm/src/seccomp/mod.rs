@@ -40,6 +40,7 @@ mod postcopy;
 mod spawner;
 mod teardown;
 mod vcpu;
+mod vhost_user_net;
 mod virtio_blk;
 mod virtio_net;
 mod virtio_rng;
@@ -76,6 +77,9 @@ pub enum Kind {
     VirtioBlk,
     /// The virtio-net worker (a TAP).
     VirtioNet,
+    /// A vhost-user net's relay: the backend's interrupts to the guest, ring stops and
+    /// starts on pause, reconnection to a restarted backend.
+    VhostUserNet,
     /// The virtio-rng worker.
     VirtioRng,
     /// A post-copy migration source's reader of the target's page requests.
@@ -90,7 +94,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Main,
         Kind::Vcpu,
         Kind::Control,
@@ -99,6 +103,7 @@ impl Kind {
         Kind::Spawner,
         Kind::VirtioBlk,
         Kind::VirtioNet,
+        Kind::VhostUserNet,
         Kind::VirtioRng,
         Kind::MigrateBack,
         Kind::PostcopyRecv,
@@ -117,6 +122,7 @@ impl Kind {
             Kind::Spawner => "spawner",
             Kind::VirtioBlk => "virtio-blk",
             Kind::VirtioNet => "virtio-net",
+            Kind::VhostUserNet => "vhost-user-net",
             Kind::VirtioRng => "virtio-rng",
             Kind::MigrateBack => "migrate-back",
             Kind::PostcopyRecv => "postcopy-recv",
@@ -144,6 +150,7 @@ impl Kind {
             Kind::Spawner => spawner::list(),
             Kind::VirtioBlk => virtio_blk::list(),
             Kind::VirtioNet => virtio_net::list(),
+            Kind::VhostUserNet => vhost_user_net::list(),
             Kind::VirtioRng => virtio_rng::list(),
             Kind::MigrateBack => migration::back_list(),
             Kind::PostcopyRecv => postcopy::recv_list(),
@@ -465,6 +472,7 @@ fn install_named(name: &'static str) {
     let kind = match name {
         "virtio-blk" => Kind::VirtioBlk,
         "virtio-net" => Kind::VirtioNet,
+        "vhost-user-net" => Kind::VhostUserNet,
         "virtio-rng" => Kind::VirtioRng,
         // An unknown worker gets the narrowest device list.
         _ => Kind::VirtioRng,

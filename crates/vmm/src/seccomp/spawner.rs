@@ -12,6 +12,7 @@ pub(super) fn list() -> List {
         .with(super::common::creates_threads())
         .with(super::virtio_blk::list())
         .with(super::virtio_net::list())
+        .with(super::vhost_user_net::list())
         .with(super::virtio_rng::list())
 }
 

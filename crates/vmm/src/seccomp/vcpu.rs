@@ -11,6 +11,8 @@ pub(super) fn list() -> List {
     super::common::list()
         // Entering the guest.
         .ioctl(KVM_RUN)
+        // Activating or resetting a vhost-user net (a guest's status write): its messages.
+        .with(super::vhost_user_net::messages())
         // emulate.rs: completing an instruction KVM's emulator lacks (PVM hosts).
         .ioctl(KVM_GET_REGS)
         .ioctl(KVM_SET_REGS)
