@@ -270,8 +270,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 
 /// Where a restored VM's memory comes from.
 pub(crate) enum RestoreMemory {
-    /// A snapshot's memory file, mapped privately (copy-on-write).
-    File(std::path::PathBuf),
+    /// A snapshot's memory file (opened with its state, so that the snapshot's deletion while
+    /// the VM is being built cannot take it away), mapped privately (copy-on-write).
+    File(std::fs::File, std::path::PathBuf),
     /// Fresh anonymous RAM already filled (from a migration stream).
     Ram(GuestMemoryMmap),
 }
@@ -346,8 +347,11 @@ impl Restore {
     fn read(dir: &std::path::Path, cfg: &VmConfig) -> Result<Restore, VmmError> {
         let bad = |e: snapshot::SnapshotError| VmmError::Snapshot(e.0);
         let sections = snapshot::read(dir).map_err(bad)?;
+        let path = dir.join(snapshot::MEMORY_FILE);
+        let file = std::fs::File::open(&path)
+            .map_err(|e| VmmError::Snapshot(format!("cannot open {}: {e}", path.display())))?;
         let mut r = Restore::from_sections(&sections, cfg).map_err(bad)?;
-        r.memory = Some(RestoreMemory::File(dir.join(snapshot::MEMORY_FILE)));
+        r.memory = Some(RestoreMemory::File(file, path));
         Ok(r)
     }
 
@@ -677,12 +681,8 @@ fn build(
     trace.mark("vm created");
     let mem = match restore.as_mut().and_then(|r| r.memory.take()) {
         None => wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?,
-        Some(RestoreMemory::File(p)) => {
-            let f = std::fs::File::open(&p)
-                .map_err(|e| VmmError::Snapshot(format!("cannot open {}: {e}", p.display())))?;
-            wv_machine::map_ram_file(&f, cfg.memory)
-                .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?
-        }
+        Some(RestoreMemory::File(f, p)) => wv_machine::map_ram_file(&f, cfg.memory)
+            .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?,
         Some(RestoreMemory::Ram(m)) => m,
     };
     register_memory(&vm, &mem)?;
