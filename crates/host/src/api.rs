@@ -199,6 +199,45 @@ const SNAPSHOT_META: &str = "snapshot.json";
 /// Most clones one request starts.
 const MAX_CLONES: u32 = 64;
 
+/// The folder, in a VM's own folder, of hard links to the files of the snapshot its VMM is
+/// starting from ([`hold_snapshot`]).
+const RESTORING: &str = "restoring";
+
+/// Links every file of the snapshot folder `snap` into `vm_dir/restoring` (made anew) and
+/// returns that folder, which the VMM is then started from. A restore answers once its VMM is
+/// started, before it has opened the snapshot's files: without these links, a snapshot
+/// deleted at once (`DELETE /v1/snapshots/{snap}` is allowed while VMs run from it) took them
+/// away from the VMM, which then ended with "cannot open .../memory" and left the VM crashed.
+/// The links cost no space while the snapshot lives and are removed once the VMM holds the
+/// files ([`release_snapshot`]).
+fn hold_snapshot(snap: &Path, vm_dir: &Path) -> std::io::Result<PathBuf> {
+    release_snapshot(vm_dir);
+    let to = vm_dir.join(RESTORING);
+    std::fs::create_dir(&to)?;
+    let linked = std::fs::read_dir(snap).and_then(|entries| {
+        for e in entries {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                std::fs::hard_link(e.path(), to.join(e.file_name()))?;
+            }
+        }
+        Ok(())
+    });
+    match linked {
+        Ok(()) => Ok(to),
+        Err(e) => {
+            release_snapshot(vm_dir);
+            Err(e)
+        }
+    }
+}
+
+/// Removes the links [`hold_snapshot`] made for a VMM that now holds its snapshot's files (or
+/// has ended), so that they do not keep a deleted snapshot's disk space.
+fn release_snapshot(vm_dir: &Path) {
+    let _ = std::fs::remove_dir_all(vm_dir.join(RESTORING));
+}
+
 /// What the daemon records of a snapshot it took (`snapshots/NAME/snapshot.json`).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SnapshotMeta {
@@ -609,11 +648,9 @@ impl Daemon {
             return;
         };
         let w = &mut doc.worlds[i];
-        let log = self
-            .store
-            .vm_dir(&w.spec.name)
-            .map(|d| d.join("vmm.log"))
-            .unwrap_or_default();
+        let vm_dir = self.store.vm_dir(&w.spec.name).unwrap_or_default();
+        release_snapshot(&vm_dir);
+        let log = vm_dir.join("vmm.log");
         let (crashed, reason) = match status {
             Some(s) if s.code() == Some(0) && migrated_to.is_some() => (
                 false,
@@ -1326,18 +1363,39 @@ impl Daemon {
             Ok(p) => p,
             Err(e) => return error(500, format!("writing the VMM's configuration: {e}")),
         };
-        let boot = match (&snapshot, incoming) {
-            (_, Some(addr)) => supervisor::Boot::Incoming(addr),
-            (None, None) => supervisor::Boot::Config(&config),
-            (Some((d, clone)), None) => supervisor::Boot::Restore {
-                dir: d,
+        // From links to the snapshot's files in the VM's folder, which a deletion of the
+        // snapshot cannot take away before the VMM has opened them.
+        let held = match &snapshot {
+            Some((d, _)) => match hold_snapshot(d, &dir) {
+                Ok(held) => Some(held),
+                Err(e) => {
+                    return error(
+                        500,
+                        format!(
+                            "linking the files of snapshot {} into {} for the VMM: {e}",
+                            d.display(),
+                            dir.display()
+                        ),
+                    )
+                }
+            },
+            None => None,
+        };
+        let boot = match (&snapshot, incoming, &held) {
+            (_, Some(addr), _) => supervisor::Boot::Incoming(addr),
+            (Some((_, clone)), None, Some(held)) => supervisor::Boot::Restore {
+                dir: held,
                 clone: *clone,
             },
+            _ => supervisor::Boot::Config(&config),
         };
         let args = supervisor::run_args(boot, &dir);
         let mut child = match supervisor::spawn(&self.wv, &args, &log) {
             Ok(c) => c,
-            Err(e) => return error(500, format!("starting the VMM: {e}")),
+            Err(e) => {
+                release_snapshot(&dir);
+                return error(500, format!("starting the VMM: {e}"));
+            }
         };
         // Not waited for yet, so the pid is still this child's: the pidfd names it for good.
         let run = match Pidfd::open(child.id()) {
@@ -1345,6 +1403,7 @@ impl Daemon {
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
+                release_snapshot(&dir);
                 return error(500, format!("opening a pidfd for the VMM: {e}"));
             }
         };
@@ -1352,6 +1411,7 @@ impl Daemon {
             if let Err(e) = cg.attach(id, child.id()) {
                 let _ = child.kill();
                 let _ = child.wait();
+                release_snapshot(&dir);
                 return error(500, format!("placing the VMM under the scheduler: {e}"));
             }
         }
@@ -1373,6 +1433,7 @@ impl Daemon {
             eprintln!("wv host: world {id}: saving the state after its start: {e}");
         }
         self.rebalance(&doc);
+        let this_run = run.clone();
         self.runs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1391,7 +1452,8 @@ impl Daemon {
             // MACs): its definition takes them from its VMM, so that a later boot of it opens
             // its own disks, never the snapshot's source's.
             let (d, name) = (self.clone(), name.to_string());
-            if let Err(e) = helper::spawn("restored", move || d.adopt_config(id, &name)) {
+            if let Err(e) = helper::spawn("restored", move || d.adopt_config(id, &name, &this_run))
+            {
                 eprintln!("wv host: world {id}: cannot ask its VMM for its configuration: {e}");
             }
         }
@@ -1399,10 +1461,27 @@ impl Daemon {
     }
 
     /// Takes the configuration the VMM of world `id` runs (`GET /vm` on its control socket,
-    /// asked until it answers, for up to 10 s) into the world's definition.
-    fn adopt_config(&self, id: u64, name: &str) {
+    /// asked until it answers, for up to 10 s, or until `run` ends) into the world's
+    /// definition. A VMM that answers holds its snapshot's files (memory mapped, state read):
+    /// the links made for it ([`hold_snapshot`]) go then.
+    fn adopt_config(&self, id: u64, name: &str, run: &Arc<Run>) {
         for _ in 0..200 {
             if let Ok((200, body)) = self.vmm_call(name, "GET", "/vm", None) {
+                {
+                    // Not if another run of the VM has started meanwhile (it needs its own).
+                    let _doc = self.lock();
+                    let current = self
+                        .runs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&id)
+                        .is_some_and(|r| Arc::ptr_eq(r, run));
+                    if current {
+                        if let Ok(d) = self.store.vm_dir(name) {
+                            release_snapshot(&d);
+                        }
+                    }
+                }
                 let parsed = serde_json::from_str::<serde_json::Value>(&body)
                     .ok()
                     .and_then(|v| {
@@ -1425,7 +1504,10 @@ impl Daemon {
                 }
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // Its end (which removes the links) stops the asking.
+            if run.wait(Duration::from_millis(50)) {
+                return;
+            }
         }
         eprintln!("wv host: world {id}: its VMM never answered GET /vm");
     }

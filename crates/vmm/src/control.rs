@@ -312,8 +312,13 @@ impl Controller {
             },
             Command::MigrateSend(r) => self.migrate_send(&r),
             Command::Shutdown => {
-                self.shared.finish(crate::VmEnd::Signal(libc::SIGTERM));
-                Answer::none()
+                // The answer first: ended at once, the VMM could exit before the API thread
+                // wrote it, and the client read nothing (seen as a flaky status 0).
+                let mut a = Answer::none();
+                let (tx, rx) = mpsc::channel();
+                a.written = Some(tx);
+                self.end_after_answer = Some((crate::VmEnd::Signal(libc::SIGTERM), rx));
+                a
             }
         }
     }

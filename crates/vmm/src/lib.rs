@@ -276,8 +276,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
 
 /// Where a restored VM's memory comes from.
 pub(crate) enum RestoreMemory {
-    /// A snapshot's memory file, mapped privately (copy-on-write).
-    File(std::path::PathBuf),
+    /// A snapshot's memory file (opened with its state, so that the snapshot's deletion while
+    /// the VM is being built cannot take it away), mapped privately (copy-on-write).
+    File(std::fs::File, std::path::PathBuf),
     /// Fresh anonymous RAM already filled (from a migration stream).
     Ram(GuestMemoryMmap),
 }
@@ -352,8 +353,11 @@ impl Restore {
     fn read(dir: &std::path::Path, cfg: &VmConfig) -> Result<Restore, VmmError> {
         let bad = |e: snapshot::SnapshotError| VmmError::Snapshot(e.0);
         let sections = snapshot::read(dir).map_err(bad)?;
+        let path = dir.join(snapshot::MEMORY_FILE);
+        let file = std::fs::File::open(&path)
+            .map_err(|e| VmmError::Snapshot(format!("cannot open {}: {e}", path.display())))?;
         let mut r = Restore::from_sections(&sections, cfg).map_err(bad)?;
-        r.memory = Some(RestoreMemory::File(dir.join(snapshot::MEMORY_FILE)));
+        r.memory = Some(RestoreMemory::File(file, path));
         Ok(r)
     }
 
@@ -701,9 +705,7 @@ fn build(
     let mem = match restore.as_mut().and_then(|r| r.memory.take()) {
         None if shared => wv_machine::create_shared_ram(cfg.memory).map_err(VmmError::Memory)?,
         None => wv_machine::create_ram(cfg.memory).map_err(VmmError::Memory)?,
-        Some(RestoreMemory::File(p)) => {
-            let f = std::fs::File::open(&p)
-                .map_err(|e| VmmError::Snapshot(format!("cannot open {}: {e}", p.display())))?;
+        Some(RestoreMemory::File(f, p)) => {
             let private = wv_machine::map_ram_file(&f, cfg.memory)
                 .map_err(|e| VmmError::Snapshot(format!("{}: {e}", p.display())))?;
             if shared {
