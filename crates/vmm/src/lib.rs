@@ -13,6 +13,7 @@ mod devstate;
 pub mod diagnose;
 pub mod emulate;
 pub mod error;
+mod landing;
 pub mod migrate;
 mod pause;
 mod pci;
@@ -27,6 +28,7 @@ pub use config::{
     MAX_VCPUS,
 };
 pub use error::{VmEnd, VmmError};
+pub use landing::DiskPlaces;
 pub use stats::VmStats;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -68,6 +70,9 @@ pub(crate) struct VmShared {
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// The VMKFS disks open for writing (a snapshot freezes them).
     pub(crate) vmkfs: Vec<vmkfs_disk::Held>,
+    /// Every disk's backend and dirty-block tracking, by index in the configuration's disks
+    /// (a migration with `--copy-disks` reads them).
+    pub(crate) disk_access: Vec<wv_virtio::block::DiskAccess>,
     /// KVM's binary statistics of each vCPU (`KVM_GET_STATS_FD`), in vCPU order; empty without
     /// them (Linux < 5.14). Also read by the daemon for `GET /metrics`.
     pub(crate) kvm_stats: Vec<std::os::fd::OwnedFd>,
@@ -771,6 +776,7 @@ fn build(
         )?;
     }
     let mut vmkfs = Vec::new();
+    let mut disk_access = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let disk: Box<dyn wv_virtio::block::Disk> = match &d.vmkfs {
             None => Box::new(
@@ -787,12 +793,9 @@ fn build(
             }
         };
         let name: &'static str = Box::leak(format!("virtio-blk:{}", d.id).into_boxed_str());
-        pci.add_virtio(
-            &vm,
-            &mem,
-            name,
-            Box::new(wv_virtio::block::Block::new(disk, &d.id)),
-        )?;
+        let blk = wv_virtio::block::Block::new(disk, &d.id);
+        disk_access.push(blk.access());
+        pci.add_virtio(&vm, &mem, name, Box::new(blk))?;
     }
     for n in &cfg.nets {
         let tap = wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?;
@@ -851,6 +854,7 @@ fn build(
         pci_bus: pci_bus.clone(),
         i8042,
         vmkfs,
+        disk_access,
         kvm_stats: Vec::new(),
         end: Mutex::new(None),
         end_evt: EventFd::new(0).map_err(internal("eventfd"))?,
