@@ -1911,7 +1911,7 @@ mod tests {
     }
 
     /// Copied disks kept in memory.
-    #[derive(Default)]
+    #[derive(Default, Debug)]
     struct MemSink(Vec<(CopiedDisk, Vec<u8>)>);
 
     impl DiskSink for MemSink {
