@@ -229,7 +229,20 @@ impl Out {
                 std::thread::sleep(wait);
             }
         }
-        self.w.write_all(b).map_err(io_err("sending to the target"))
+        self.w.write_all(b).map_err(|e| self.send_failed(&e))
+    }
+
+    /// Why sending failed: the target's own reason when it refused the stream and said so
+    /// before closing (its `FAILED` message), else the error.
+    fn send_failed(&self, e: &std::io::Error) -> MigrationError {
+        let said = self.w.get_ref().try_clone().ok().and_then(|mut r| {
+            r.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+            read_ack(&mut r).err()
+        });
+        match said {
+            Some(m) if m.0.starts_with("the target refused") => m,
+            _ => MigrationError(format!("sending to the target: {e}")),
+        }
     }
 
     fn header(&mut self, version: u32, memory: u64) -> Result<(), MigrationError> {
@@ -321,7 +334,7 @@ impl Out {
     }
 
     fn flush(&mut self) -> Result<(), MigrationError> {
-        self.w.flush().map_err(io_err("sending to the target"))
+        self.w.flush().map_err(|e| self.send_failed(&e))
     }
 }
 
