@@ -384,12 +384,14 @@ fn a_flattened_config_takes_every_field() {
 
 #[test]
 fn copied_disks_land_in_the_directory_and_datastore_given() {
-    let mut cfg = VmConfig::default();
-    cfg.disks = vec![
-        DiskConfig::parse("path=/src/a/root.img", 0).unwrap(),
-        DiskConfig::parse("vmkfs=/src/ds:data", 1).unwrap(),
-        DiskConfig::parse("path=/shared/base.img,readonly=on", 2).unwrap(),
-    ];
+    let mut cfg = VmConfig {
+        disks: vec![
+            DiskConfig::parse("path=/src/a/root.img", 0).unwrap(),
+            DiskConfig::parse("vmkfs=/src/ds:data", 1).unwrap(),
+            DiskConfig::parse("path=/shared/base.img,readonly=on", 2).unwrap(),
+        ],
+        ..VmConfig::default()
+    };
     let dir = std::path::Path::new("/dst/vm");
     let ds = std::path::Path::new("/dst/ds");
     let out = copied_disk_places(&cfg, Some(dir), Some(ds)).unwrap();

@@ -1928,7 +1928,11 @@ impl Daemon {
             return Ok(());
         };
         // The disks a migration copied into the VM's own folder are the daemon's.
-        let own = self.store.vm_dir(&spec.name).ok().map(|d| d.join(COPIED_DISKS));
+        let own = self
+            .store
+            .vm_dir(&spec.name)
+            .ok()
+            .map(|d| d.join(COPIED_DISKS));
         for (field, path) in spec.files() {
             if field == "disks" && own.is_some() && path.parent() == own.as_deref() {
                 continue;

@@ -257,6 +257,16 @@ impl Drop for Landing<'_> {
     }
 }
 
+/// What [`Landing::finish`] hands on.
+pub(crate) struct Finished {
+    /// The VM's configuration, the copied disks at their new paths.
+    pub(crate) cfg: crate::VmConfig,
+    /// The VMKFS disks, open for writing, by index: the devices take them.
+    pub(crate) opened: Vec<(usize, VmkfsDisk)>,
+    /// What to remove if the migration fails before `go`.
+    pub(crate) landed: Landed,
+}
+
 impl Landing<'_> {
     /// What to remove if the migration fails from here on (the disks leave `self`).
     fn take_landed(&mut self) -> Landed {
@@ -268,7 +278,8 @@ impl Landing<'_> {
                     l.raw.push(path);
                 }
                 Place::Vmkfs { datastore, disk } => {
-                    l.vmkfs.push((datastore, d.info.name.clone(), disk.closer()));
+                    l.vmkfs
+                        .push((datastore, d.info.name.clone(), disk.closer()));
                 }
             }
         }
@@ -280,10 +291,7 @@ impl Landing<'_> {
     /// their new paths, the VMKFS disks for the devices (by index), and what to remove if the
     /// migration still fails. The raw images are closed (their lock released): the VM's devices
     /// open them exclusively when it is built.
-    pub(crate) fn finish(
-        mut self,
-        cfg: &crate::VmConfig,
-    ) -> Result<(crate::VmConfig, Vec<(usize, VmkfsDisk)>, Landed), String> {
+    pub(crate) fn finish(mut self, cfg: &crate::VmConfig) -> Result<Finished, String> {
         for d in &self.disks {
             let ok = cfg.disks.get(d.info.index).is_some_and(|c| {
                 !c.readonly
@@ -345,6 +353,10 @@ impl Landing<'_> {
                 }
             }
         }
-        Ok((new, opened, landed))
+        Ok(Finished {
+            cfg: new,
+            opened,
+            landed,
+        })
     }
 }

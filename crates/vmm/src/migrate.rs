@@ -562,9 +562,8 @@ fn send_disk_range(
         let chunk = &mut buf[..len as usize];
         {
             let mut d = c.access.disk.lock().unwrap_or_else(|p| p.into_inner());
-            d.read_at(chunk, off).map_err(|e| {
-                MigrationError(format!("reading disk {} at {off}: {e}", c.index))
-            })?;
+            d.read_at(chunk, off)
+                .map_err(|e| MigrationError(format!("reading disk {} at {off}: {e}", c.index)))?;
         }
         let block = |k: u64| {
             let s = k * DISK_BLOCK;
@@ -836,39 +835,41 @@ impl Controller {
         // Copied disks (every writable one), or the VMKFS disks handed over on a shared
         // datastore.
         let mut copies = Vec::new();
-        let handover = if r.copy_disks.unwrap_or(false) {
-            for (i, d) in self.cfg.disks.iter().enumerate() {
-                if d.readonly {
-                    continue;
+        let handover =
+            if r.copy_disks.unwrap_or(false) {
+                for (i, d) in self.cfg.disks.iter().enumerate() {
+                    if d.readonly {
+                        continue;
+                    }
+                    let access =
+                        self.shared.disk_access.get(i).cloned().ok_or_else(|| {
+                            MigrationError(format!("disk '{}' has no device", d.id))
+                        })?;
+                    let name = match &d.vmkfs {
+                        Some(n) => n.clone(),
+                        None => wv_config::copied_file_name(&d.path)
+                            .ok_or_else(|| {
+                                MigrationError(format!(
+                                    "disk '{}': {} has no file name to copy it under",
+                                    d.id,
+                                    d.path.display()
+                                ))
+                            })?
+                            .to_string(),
+                    };
+                    let header = CopiedDisk {
+                        index: i,
+                        id: d.id.clone(),
+                        vmkfs: d.vmkfs.is_some(),
+                        name,
+                        size: access.dirty.size(),
+                    };
+                    copies.push((header, access));
                 }
-                let access = self.shared.disk_access.get(i).cloned().ok_or_else(|| {
-                    MigrationError(format!("disk '{}' has no device", d.id))
-                })?;
-                let name = match &d.vmkfs {
-                    Some(n) => n.clone(),
-                    None => wv_config::copied_file_name(&d.path)
-                        .ok_or_else(|| {
-                            MigrationError(format!(
-                                "disk '{}': {} has no file name to copy it under",
-                                d.id,
-                                d.path.display()
-                            ))
-                        })?
-                        .to_string(),
-                };
-                let header = CopiedDisk {
-                    index: i,
-                    id: d.id.clone(),
-                    vmkfs: d.vmkfs.is_some(),
-                    name,
-                    size: access.dirty.size(),
-                };
-                copies.push((header, access));
-            }
-            None
-        } else {
-            self.disk_hand_over()?
-        };
+                None
+            } else {
+                self.disk_hand_over()?
+            };
         let version = match (&handover, copies.is_empty()) {
             (_, false) => 3,
             (Some(_), true) => 2,
@@ -1582,9 +1583,9 @@ pub fn receive_with(
                 );
             }
             // The copied disks, in their new places; read-only ones are opened as usual.
-            let (cfg, opened, landed) = landing.finish(&cfg)?;
-            *restore.branches.lock().unwrap_or_else(|p| p.into_inner()) = opened;
-            return Ok((cfg, restore, None, landed));
+            let f = landing.finish(&cfg)?;
+            *restore.branches.lock().unwrap_or_else(|p| p.into_inner()) = f.opened;
+            return Ok((f.cfg, restore, None, f.landed));
         }
         let (opened, takers) = incoming_disks(&cfg, got.disks.as_ref())?;
         *restore.branches.lock().unwrap_or_else(|p| p.into_inner()) = opened;
@@ -1929,7 +1930,8 @@ mod tests {
 
     impl DiskSink for MemSink {
         fn create(&mut self, d: &CopiedDisk) -> Result<(), String> {
-            self.0.push((d.clone(), vec![0; usize::try_from(d.size).unwrap()]));
+            self.0
+                .push((d.clone(), vec![0; usize::try_from(d.size).unwrap()]));
             Ok(())
         }
         fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> Result<(), String> {
@@ -1995,7 +1997,10 @@ mod tests {
         let s = read_disks(&b).unwrap();
         assert_eq!(s.0.len(), 1);
         let d = &s.0[0].1;
-        assert_eq!((d[0], d[512], d[1024], d[4095], d[4096], d[8191]), (5, 6, 5, 5, 0, 0));
+        assert_eq!(
+            (d[0], d[512], d[1024], d[4095], d[4096], d[8191]),
+            (5, 6, 5, 5, 0, 0)
+        );
         // The plain reader refuses a stream that copies disks.
         assert!(err(&b).contains("takes no copied disks"));
         // An older version may not carry disk records.

@@ -1264,8 +1264,7 @@ fn a_stream_cut_during_the_disk_copy_leaves_the_source_running_and_the_target_no
     // A target without a place for the disks refuses them with the reason.
     let mut bare = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
     let addr = bare.listening();
-    let (st, answer) =
-        migrate_send_with(&sock, &addr, &serde_json::json!({ "copy_disks": true }));
+    let (st, answer) = migrate_send_with(&sock, &addr, &serde_json::json!({ "copy_disks": true }));
     assert_eq!(st, 502, "{answer}");
     let msg = answer["error"].as_str().unwrap_or_default();
     assert!(msg.contains("--datastore"), "{answer}");
@@ -1383,12 +1382,12 @@ fn a_vm_with_a_raw_image_and_a_vmkfs_disk_migrates_between_two_daemons_copying_t
     let there = b.info("migc");
     let disks = &there["spec"]["disks"];
     let want_raw = db.path("state").join("vms/migc/disks/root.img");
+    assert_eq!(disks[0]["path"].as_str(), want_raw.to_str(), "{there:#}");
     assert_eq!(
-        disks[0]["path"].as_str(),
-        want_raw.to_str(),
+        disks[1]["path"].as_str(),
+        Some(dst_ds.as_str()),
         "{there:#}"
     );
-    assert_eq!(disks[1]["path"].as_str(), Some(dst_ds.as_str()), "{there:#}");
     let log = b.wait_console("migc", "PASS persist");
     let line = log.lines().find(|l| l.starts_with("PASS persist")).unwrap();
     assert!(line.contains("disk_writes="), "{line}");
