@@ -360,3 +360,120 @@ impl Landing<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wv_vmkfs::MkfsOptions;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("wv-landing-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn datastore(dir: &Path) -> PathBuf {
+        let p = dir.join("ds.img");
+        File::create(&p).unwrap().set_len(16 << 20).unwrap();
+        let dev = Arc::new(FileDev::open(&p, false).unwrap());
+        let opts = MkfsOptions {
+            block_size: 1 << 20,
+            max_files: 4,
+            label: "t".into(),
+        };
+        Datastore::mkfs(dev, &opts).unwrap();
+        p
+    }
+
+    fn files(ds: &Path) -> Vec<String> {
+        let dev = Arc::new(FileDev::open(ds, false).unwrap());
+        let mut s = Datastore::open(dev).unwrap();
+        s.list().unwrap().into_iter().map(|f| f.name).collect()
+    }
+
+    fn copied(index: usize, vmkfs: bool, name: &str) -> CopiedDisk {
+        CopiedDisk {
+            index,
+            id: format!("d{index}"),
+            vmkfs,
+            name: name.into(),
+            size: 2 << 20,
+        }
+    }
+
+    #[test]
+    fn copied_disks_are_created_written_and_removed_unless_kept() {
+        let dir = tmp("a");
+        let ds = datastore(&dir);
+        let places = DiskPlaces {
+            dir: Some(dir.join("disks")),
+            datastore: Some(ds.clone()),
+        };
+        std::fs::create_dir(dir.join("disks")).unwrap();
+        // Dropped half-way: nothing is left.
+        let mut l = Landing::new(&places);
+        l.create(&copied(0, false, "root.img")).unwrap();
+        l.create(&copied(1, true, "data")).unwrap();
+        l.write(0, 512, &[7; 512]).unwrap();
+        assert!(dir.join("disks/root.img").exists());
+        assert_eq!(files(&ds), vec!["data".to_string()]);
+        drop(l);
+        assert!(!dir.join("disks/root.img").exists());
+        assert!(files(&ds).is_empty(), "the VMKFS disk is removed");
+
+        // Names that are not file names, an existing file, no place: refused.
+        let mut l = Landing::new(&places);
+        assert!(l.create(&copied(0, false, "../x")).is_err());
+        std::fs::write(dir.join("disks/there.img"), b"x").unwrap();
+        assert!(l
+            .create(&copied(0, false, "there.img"))
+            .unwrap_err()
+            .contains("never overwritten"));
+        let none = DiskPlaces::default();
+        let mut n = Landing::new(&none);
+        assert!(n
+            .create(&copied(0, false, "a.img"))
+            .unwrap_err()
+            .contains("--disk-dir"));
+        assert!(n
+            .create(&copied(0, true, "a"))
+            .unwrap_err()
+            .contains("--datastore"));
+        drop(l);
+
+        // Whole: the configuration names the copies; kept, they stay.
+        let cfg = crate::VmConfig {
+            disks: vec![
+                crate::DiskConfig::parse("path=/src/root.img,id=d0", 0).unwrap(),
+                crate::DiskConfig::parse("vmkfs=/src/ds:data,id=d1", 1).unwrap(),
+            ],
+            ..crate::VmConfig::default()
+        };
+        let mut l = Landing::new(&places);
+        l.create(&copied(0, false, "root.img")).unwrap();
+        l.create(&copied(1, true, "data")).unwrap();
+        l.write(0, 1 << 20, &[9; 4096]).unwrap();
+        l.write(1, 0, &[3; 512]).unwrap();
+        l.zero(0, 1 << 20, 512).unwrap();
+        let f = l.finish(&cfg).unwrap();
+        assert_eq!(f.cfg.disks[0].path, dir.join("disks/root.img"));
+        assert_eq!(f.cfg.disks[1].path, ds);
+        assert_eq!(f.opened.len(), 1);
+        let img = std::fs::read(dir.join("disks/root.img")).unwrap();
+        assert_eq!(img.len(), 2 << 20);
+        assert_eq!((img[1 << 20], img[(1 << 20) + 512]), (0, 9));
+        f.landed.keep();
+        assert!(dir.join("disks/root.img").exists());
+        drop(f.opened);
+        assert_eq!(files(&ds), vec!["data".to_string()]);
+
+        // A copied disk the configuration does not have: refused, and removed.
+        let mut l = Landing::new(&places);
+        l.create(&copied(0, false, "other.img")).unwrap();
+        let e = l.finish(&cfg).err().unwrap();
+        assert!(e.contains("not a writable disk"), "{e}");
+        assert!(!dir.join("disks/other.img").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
