@@ -303,6 +303,20 @@ impl RawDisk {
     }
 }
 
+impl RawDisk {
+    /// A raw image the caller has opened (read-write unless `readonly`) and locked as
+    /// [`RawDisk::open`] would (`flock`, exclusive for writing): a migration's target hands
+    /// the image it has just copied to the VM without releasing its lock.
+    pub fn from_locked(file: File, readonly: bool) -> std::io::Result<RawDisk> {
+        let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
+        Ok(RawDisk {
+            file,
+            size,
+            readonly,
+        })
+    }
+}
+
 impl Disk for RawDisk {
     fn size(&self) -> u64 {
         self.size

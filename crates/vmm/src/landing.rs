@@ -2,7 +2,7 @@
 //! [`Landing`] creates each disk the stream declares (a raw image in the directory given, a
 //! VMKFS disk in the datastore given; never over an existing file), writes its blocks as they
 //! arrive, and, once the stream is whole, hands the VM's configuration its new paths and the
-//! VMKFS disks their devices. Until the source says `go`, a failed migration removes every disk
+//! devices the disks, still open and locked (exclusive from creation to the VM's end). Until the source says `go`, a failed migration removes every disk
 //! it created ([`Landed`]): the target keeps nothing.
 
 use crate::migrate::{CopiedDisk, DiskSink};
@@ -263,6 +263,8 @@ pub(crate) struct Finished {
     pub(crate) cfg: crate::VmConfig,
     /// The VMKFS disks, open for writing, by index: the devices take them.
     pub(crate) opened: Vec<(usize, VmkfsDisk)>,
+    /// The raw images, open and locked, by index: the devices take them.
+    pub(crate) raw: Vec<(usize, File)>,
     /// What to remove if the migration fails before `go`.
     pub(crate) landed: Landed,
 }
@@ -288,9 +290,9 @@ impl Landing<'_> {
 
     /// The stream is whole: checks that the copied disks are exactly the writable disks of
     /// `cfg` (index, id, kind, name), makes them durable, and returns the configuration with
-    /// their new paths, the VMKFS disks for the devices (by index), and what to remove if the
-    /// migration still fails. The raw images are closed (their lock released): the VM's devices
-    /// open them exclusively when it is built.
+    /// their new paths, the disks for the devices (by index, still open and locked: nobody
+    /// can open them between the copy and the VM), and what to remove if the migration still
+    /// fails.
     pub(crate) fn finish(mut self, cfg: &crate::VmConfig) -> Result<Finished, String> {
         for d in &self.disks {
             let ok = cfg.disks.get(d.info.index).is_some_and(|c| {
@@ -338,11 +340,12 @@ impl Landing<'_> {
             }
         }
         let mut opened = Vec::new();
+        let mut raw = Vec::new();
         let mut landed = Landed::default();
         for d in self.disks.drain(..) {
             match d.place {
                 Place::Raw { path, file } => {
-                    drop(file);
+                    raw.push((d.info.index, file));
                     landed.raw.push(path);
                 }
                 Place::Vmkfs { datastore, disk } => {
@@ -356,6 +359,7 @@ impl Landing<'_> {
         Ok(Finished {
             cfg: new,
             opened,
+            raw,
             landed,
         })
     }

@@ -293,6 +293,9 @@ pub(crate) struct Restore {
     /// Their new branches, opened by [`vmkfs_disk::branch_disks`], by disk index, until the
     /// devices take them.
     branches: Mutex<Vec<(usize, vmkfs_disk::VmkfsDisk)>>,
+    /// Raw images a migration copied, open and locked, by disk index, until the devices take
+    /// them.
+    pub(crate) raw: Mutex<Vec<(usize, std::fs::File)>>,
     /// Restores of the VM before this one.
     restores: u64,
     /// A clone: the configuration's MACs replace the snapshot's.
@@ -385,9 +388,17 @@ impl Restore {
                 Err(_) => Vec::new(),
             },
             branches: Mutex::new(Vec::new()),
+            raw: Mutex::new(Vec::new()),
             restores: machine.restores,
             clone: false,
         })
+    }
+
+    /// The raw image a migration copied for disk `index`, open and locked.
+    fn take_raw(&self, index: usize) -> Option<std::fs::File> {
+        let mut b = self.raw.lock().unwrap_or_else(|p| p.into_inner());
+        let at = b.iter().position(|(i, _)| *i == index)?;
+        Some(b.swap_remove(at).1)
     }
 
     /// The branch opened for disk `index`, if it is one of the snapshot's frozen disks.
@@ -779,10 +790,12 @@ fn build(
     let mut disk_access = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let disk: Box<dyn wv_virtio::block::Disk> = match &d.vmkfs {
-            None => Box::new(
-                wv_virtio::block::RawDisk::open(&d.path, d.readonly)
-                    .map_err(|e| VmmError::Disk(e.to_string()))?,
-            ),
+            None => Box::new(match restore.as_deref().and_then(|r| r.take_raw(i)) {
+                Some(f) => wv_virtio::block::RawDisk::from_locked(f, d.readonly)
+                    .map_err(|e| VmmError::Disk(format!("{}: {e}", d.path.display()))),
+                None => wv_virtio::block::RawDisk::open(&d.path, d.readonly)
+                    .map_err(|e| VmmError::Disk(e.to_string())),
+            }?),
             Some(name) => {
                 let v = match restore.as_deref().and_then(|r| r.take_branch(i)) {
                     Some(v) => v,

@@ -1585,6 +1585,7 @@ pub fn receive_with(
             // The copied disks, in their new places; read-only ones are opened as usual.
             let f = landing.finish(&cfg)?;
             *restore.branches.lock().unwrap_or_else(|p| p.into_inner()) = f.opened;
+            *restore.raw.lock().unwrap_or_else(|p| p.into_inner()) = f.raw;
             return Ok((f.cfg, restore, None, f.landed));
         }
         let (opened, takers) = incoming_disks(&cfg, got.disks.as_ref())?;

@@ -345,7 +345,7 @@ const CLONE_OPTS: &[Opt] = &[
 const INCOMING: Opt = opt(
     "--incoming",
     Arg::Value("HOST:PORT"),
-    "listen on HOST:PORT (TCP) for one live migration (PUT /vm/migrate-send on the\nsource's control socket; docs/MIGRATION.md) and run the VM it brings: not with\nthe VM options, --config or --restore; --serial, --console-socket, --api-socket\nand --stats can be added",
+    "listen on HOST:PORT (TCP) for one live migration (PUT /vm/migrate-send on the\nsource's control socket; docs/MIGRATION.md) and run the VM it brings: not with\nthe VM options, --config or --restore; --serial, --console-socket, --api-socket,\n--stats, --disk-dir and --datastore can be added",
 );
 
 /// `wv run --incoming`: where the disks a migration copies (`--copy-disks`) land.
