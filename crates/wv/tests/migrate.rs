@@ -1359,6 +1359,19 @@ fn a_vm_with_a_raw_image_and_a_vmkfs_disk_migrates_between_two_daemons_copying_t
     assert_ne!(r.status, Some(0), "{r}");
     assert!(r.stderr.contains("writable raw disk image"), "{r}");
     assert_eq!(a.info("migc")["state"], "running");
+    // Copying, but no datastore named for the VMKFS disk: the target refuses (its 422), the
+    // VM runs on here and nothing is left there.
+    let r = a.wv(
+        &["vm", "migrate", "migc", "--to", to, "--copy-disks"],
+        &[("WV_TARGET_TOKEN", &token)],
+    );
+    assert_ne!(r.status, Some(0), "{r}");
+    assert!(
+        r.stderr.contains("HTTP 422") && r.stderr.contains("--datastore"),
+        "{r}"
+    );
+    assert_eq!(a.info("migc")["state"], "running");
+    assert_eq!(b.vms(), serde_json::json!([]));
     let r = a.wv(
         &[
             "vm",
