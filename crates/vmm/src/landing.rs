@@ -86,6 +86,11 @@ impl DiskSink for Landing<'_> {
     fn create(&mut self, d: &CopiedDisk) -> Result<(), String> {
         let words = usize::try_from(d.size.div_ceil(DIRTY_BLOCK).div_ceil(64))
             .map_err(|_| format!("{} bytes is too large a disk", d.size))?;
+        let mut touched = Vec::new();
+        touched
+            .try_reserve_exact(words)
+            .map_err(|e| format!("{} bytes: {e}", d.size))?;
+        touched.resize(words, 0);
         let place = if d.vmkfs {
             let ds = self.places.datastore.as_ref().ok_or_else(|| {
                 "a VMKFS disk copied by the migration needs a datastore on the target \
@@ -126,7 +131,7 @@ impl DiskSink for Landing<'_> {
         self.disks.push(Disk {
             info: d.clone(),
             place,
-            touched: vec![0; words],
+            touched,
         });
         Ok(())
     }

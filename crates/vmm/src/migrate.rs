@@ -69,6 +69,8 @@ const TAG_DISK_ZERO: u32 = 9;
 pub const MAX_DISK_HEADER: u32 = 4096;
 /// Most disks a stream may copy.
 pub const MAX_COPIED_DISKS: usize = 64;
+/// Largest disk a stream may copy (16 TiB).
+pub const MAX_COPIED_DISK_SIZE: u64 = 1 << 44;
 /// Disk offsets and lengths in the stream are multiples of this.
 const DISK_SECTOR: u64 = 512;
 /// Largest identity message accepted from the target.
@@ -1418,13 +1420,15 @@ pub fn read_stream_into(
                 let d: CopiedDisk = serde_json::from_slice(&b)
                     .map_err(|e| bad(format!("a disk record is not valid: {e}")))?;
                 if d.size == 0
+                    || d.size > MAX_COPIED_DISK_SIZE
                     || !d.size.is_multiple_of(DISK_SECTOR)
                     || d.index >= MAX_COPIED_DISKS
                     || copied.iter().any(|c| c.index == d.index)
                 {
                     return Err(bad(format!(
                         "disk record {} ('{}', {} bytes): an index declared twice or out of \
-                         range, or a size that is not a positive multiple of 512",
+                         range, or a size that is not a positive multiple of 512 of at most \
+                         {MAX_COPIED_DISK_SIZE}",
                         d.index, d.id, d.size
                     )));
                 }
@@ -2043,6 +2047,7 @@ mod tests {
         assert!(with(&|b| disk_header(b, 0, 512)).contains("declared twice"));
         assert!(with(&|b| disk_header(b, 1, 100)).contains("multiple of 512"));
         assert!(with(&|b| disk_header(b, 1, 0)).contains("multiple of 512"));
+        assert!(with(&|b| disk_header(b, 1, u64::MAX - 511)).contains("at most"));
         assert!(with(&|b| disk_header(b, MAX_COPIED_DISKS, 512)).contains("out of range"));
         assert!(with(&|b| {
             b.extend_from_slice(&TAG_DISK.to_le_bytes());
