@@ -636,20 +636,23 @@ pub const DIRTY_BLOCK: u64 = 64 << 10;
 /// and a write racing with the copy leaves its bit set for the next round.
 pub struct DirtyBlocks {
     on: std::sync::atomic::AtomicBool,
-    bits: Vec<AtomicU64>,
+    /// Allocated by the first [`DirtyBlocks::start`]: a VM never migrated pays nothing.
+    bits: std::sync::OnceLock<Vec<AtomicU64>>,
     size: u64,
 }
 
 impl DirtyBlocks {
     /// Tracking (off) for a disk of `size` bytes.
     pub fn new(size: u64) -> DirtyBlocks {
-        let blocks = size.div_ceil(DIRTY_BLOCK);
-        let words = usize::try_from(blocks.div_ceil(64)).unwrap_or(0);
         DirtyBlocks {
             on: std::sync::atomic::AtomicBool::new(false),
-            bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            bits: std::sync::OnceLock::new(),
             size,
         }
+    }
+
+    fn bits(&self) -> &[AtomicU64] {
+        self.bits.get().map_or(&[], Vec::as_slice)
     }
 
     /// The disk's size in bytes.
@@ -664,7 +667,11 @@ impl DirtyBlocks {
 
     /// Clears every bit and turns tracking on.
     pub fn start(&self) {
-        for w in &self.bits {
+        let words = usize::try_from(self.blocks().div_ceil(64)).unwrap_or(0);
+        let bits = self
+            .bits
+            .get_or_init(|| (0..words).map(|_| AtomicU64::new(0)).collect());
+        for w in bits {
             w.store(0, Ordering::Relaxed);
         }
         self.on.store(true, Ordering::SeqCst);
@@ -687,7 +694,10 @@ impl DirtyBlocks {
         }
         let end = offset.saturating_add(len).min(self.size);
         for b in offset / DIRTY_BLOCK..end.div_ceil(DIRTY_BLOCK) {
-            if let Some(w) = usize::try_from(b / 64).ok().and_then(|i| self.bits.get(i)) {
+            if let Some(w) = usize::try_from(b / 64)
+                .ok()
+                .and_then(|i| self.bits().get(i))
+            {
                 w.fetch_or(1 << (b % 64), Ordering::SeqCst);
             }
         }
@@ -695,7 +705,7 @@ impl DirtyBlocks {
 
     /// The blocks marked since the last call (a bitmap, bit i: block i), cleared as read.
     pub fn take(&self) -> Vec<u64> {
-        self.bits
+        self.bits()
             .iter()
             .map(|w| w.swap(0, Ordering::SeqCst))
             .collect()
@@ -1341,7 +1351,7 @@ mod tests {
             dirty: &dirty,
         };
         t.write_at(&[1; 512], 0).unwrap();
-        assert_eq!(dirty.take(), vec![0], "off: nothing marked");
+        assert!(dirty.take().is_empty(), "never started: no bitmap");
         dirty.start();
         let mut t = Tracked {
             disk: &mut disk,
