@@ -10,6 +10,9 @@
 //! last dirty pages and the state sections a snapshot holds, and waits for the target to say it
 //! has everything and has built the VM. It answers `go`, and ends ("migrated to HOST:PORT").
 //! Anything that fails before the target's acknowledgement leaves the source running as it was.
+//! With `copy_disks` the writable disks travel too: declared first, every block sent once, then
+//! the blocks the device workers marked dirty, in the same rounds as memory, the rest while
+//! paused (before the state, so they are whole before `go` in post-copy too).
 //!
 //! The target reads the stream into fresh anonymous RAM, checking every record against its
 //! memory, builds the VM as a restore does, acknowledges, waits for `go`, and runs it. A bad or

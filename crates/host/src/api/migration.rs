@@ -16,10 +16,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Why a VM's disks cannot move, as its VMM would say (the daemon says it before asking
-/// anyone): a writable raw image. VMKFS disks stay on their datastore, which both hosts must
-/// open at the same path, and are handed over at the switch-over; read-only disks are opened
-/// again by the target (docs/MIGRATION.md).
+/// Why a VM's disks cannot move without `copy_disks`, as its VMM would say (the daemon says
+/// it before asking anyone): a writable raw image. VMKFS disks stay on their datastore, which
+/// both hosts must open at the same path, and are handed over at the switch-over; read-only
+/// disks are opened again by the target. With `copy_disks` every writable disk is copied
+/// instead (docs/MIGRATION.md).
 fn disks_refused(c: &wv_config::VmConfig) -> Option<String> {
     c.disks
         .iter()
