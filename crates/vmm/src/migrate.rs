@@ -1165,6 +1165,18 @@ fn serve_postcopy(
         send(out, gpa, &mut todo)?;
     }
     out.end()?;
+    // Every page sent: the target says it has them by closing its side. Until then its
+    // requests (for pages in flight) are read and dropped, so that this side never closes
+    // with unread data, which would reset the connection and could lose what is still in
+    // flight to the target. An older target does not close: bounded wait.
+    let _ = back.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + Duration::from_secs(5);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
     Ok(sent)
 }
 
