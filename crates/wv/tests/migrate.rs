@@ -1427,3 +1427,71 @@ fn a_vm_with_a_raw_image_and_a_vmkfs_disk_migrates_between_two_daemons_copying_t
         answer["disk_bytes"],
     );
 }
+
+/// Issue 11: a VM paused when the copy is asked for moves by stop-and-copy, its disk sent whole
+/// while it stays paused; the target runs it and the guest's check of every acknowledged disk
+/// write passes there.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_paused_vm_is_copied_with_its_disk_by_stop_and_copy() {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("migrate-copypaused");
+    let tdir = TempDir::new("migrate-copypaused-dst");
+    let img = patterned_image(&dir, "root.img", 71);
+    let disk_dir = tdir.path("disks");
+    std::fs::create_dir(&disk_dir).unwrap();
+    let sock = dir.path("api.sock");
+    let mut target = Vmm::start(
+        None,
+        &[
+            "--incoming",
+            "127.0.0.1:0",
+            "--disk-dir",
+            disk_dir.to_str().unwrap(),
+        ],
+    );
+    let addr = target.listening();
+    let mut source = Vmm::start(
+        None,
+        &[
+            "--memory",
+            "256M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--disk",
+            &format!("path={},id=raw", img.display()),
+            "--cmdline",
+            "console=ttyS0 probe.tests=persist probe.persist_mib=64 probe.persist_rate=50 \
+             probe.persist_ms=5000 probe.persist_disk=1 probe.blkseed=71",
+        ],
+    );
+    source.wait_line("persist: steady");
+    let mut s = UnixStream::connect(&sock).unwrap();
+    write!(s, "PUT /vm/pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    let (st, answer) = migrate_send_with(&sock, &addr, &serde_json::json!({ "copy_disks": true }));
+    assert_eq!(st, 200, "{answer}");
+    assert_eq!(answer["precopy"], false, "{answer}");
+    assert_eq!(answer["disks_copied"], 1, "{answer}");
+    let (src_status, _, src_err) = source.finish();
+    assert_eq!(src_status, 0, "{src_err:?}");
+    let (dst_status, dst_out, dst_err) = target.finish();
+    let line = dst_out
+        .iter()
+        .find(|l| l.starts_with("PASS persist") || l.starts_with("FAIL persist"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no result on the target: {dst_out:?} {dst_err:?}"));
+    assert!(
+        line.starts_with("PASS") && line.contains("disk_writes="),
+        "{line}"
+    );
+    assert_eq!(dst_status, 0, "{dst_err:?}");
+    same_but_later_records(
+        &std::fs::read(&img).unwrap(),
+        &std::fs::read(disk_dir.join("root.img")).unwrap(),
+        "raw image, stop-and-copy",
+    );
+}
