@@ -186,6 +186,68 @@ impl DiskConfig {
     }
 }
 
+/// Where a live migration with `--copy-disks` lands the copied (writable) disks of a VM on
+/// the target (docs/MIGRATION.md): a raw image in `dir` under its file name, a VMKFS disk in
+/// the datastore `datastore` under its name. Read-only disks are not copied and keep their
+/// paths. Returns the configuration the target runs with, or why a disk cannot land (no
+/// place given for its kind, a file name that is not one, two disks on one file).
+pub fn copied_disk_places(
+    cfg: &VmConfig,
+    dir: Option<&std::path::Path>,
+    datastore: Option<&std::path::Path>,
+) -> Result<VmConfig, ConfigError> {
+    let mut out = cfg.clone();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for d in out.disks.iter_mut().filter(|d| !d.readonly) {
+        match &d.vmkfs {
+            None => {
+                let name = copied_file_name(&d.path).ok_or_else(|| {
+                    ConfigError(format!(
+                        "disk '{}': {} has no file name to copy it under",
+                        d.id,
+                        d.path.display()
+                    ))
+                })?;
+                let dir = dir.ok_or_else(|| {
+                    ConfigError(format!(
+                        "disk '{}' is a raw image copied by the migration: the target needs a \
+                         directory for it (--disk-dir)",
+                        d.id
+                    ))
+                })?;
+                d.path = dir.join(name);
+                if seen.contains(&d.path) {
+                    return Err(ConfigError(format!(
+                        "two copied disks land on {}: their file names must differ",
+                        d.path.display()
+                    )));
+                }
+                seen.push(d.path.clone());
+            }
+            Some(_) => {
+                d.path = datastore
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "disk '{}' is a VMKFS disk copied by the migration: the target \
+                             needs a datastore for it (--datastore)",
+                            d.id
+                        ))
+                    })?
+                    .to_path_buf();
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The last component of `path` when it is a plain file name (not `.` or `..`, no NUL).
+pub fn copied_file_name(path: &std::path::Path) -> Option<&str> {
+    match path.components().next_back()? {
+        std::path::Component::Normal(n) => n.to_str().filter(|n| !n.contains('\0')),
+        _ => None,
+    }
+}
+
 /// Whether `id` can be a disk's id: 1 to [`MAX_DISK_ID`] printable ASCII characters.
 fn valid_disk_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_DISK_ID && id.bytes().all(|b| b.is_ascii_graphic())

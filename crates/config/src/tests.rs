@@ -393,3 +393,31 @@ fn a_flattened_config_takes_every_field() {
     let e = serde_json::from_str::<Outer>(r#"{"name":"a","colour":"red"}"#).unwrap_err();
     assert!(e.to_string().contains("unknown field"), "{e}");
 }
+
+#[test]
+fn copied_disks_land_in_the_directory_and_datastore_given() {
+    let mut cfg = VmConfig {
+        disks: vec![
+            DiskConfig::parse("path=/src/a/root.img", 0).unwrap(),
+            DiskConfig::parse("vmkfs=/src/ds:data", 1).unwrap(),
+            DiskConfig::parse("path=/shared/base.img,readonly=on", 2).unwrap(),
+        ],
+        ..VmConfig::default()
+    };
+    let dir = std::path::Path::new("/dst/vm");
+    let ds = std::path::Path::new("/dst/ds");
+    let out = copied_disk_places(&cfg, Some(dir), Some(ds)).unwrap();
+    assert_eq!(out.disks[0].path, PathBuf::from("/dst/vm/root.img"));
+    assert_eq!(
+        (out.disks[1].path.as_path(), out.disks[1].vmkfs.as_deref()),
+        (ds, Some("data"))
+    );
+    assert_eq!(out.disks[2], cfg.disks[2], "read-only disks stay");
+    let e = |c: &VmConfig, d, s| copied_disk_places(c, d, s).unwrap_err().0;
+    assert!(e(&cfg, None, Some(ds)).contains("--disk-dir"));
+    assert!(e(&cfg, Some(dir), None).contains("--datastore"));
+    cfg.disks[1] = DiskConfig::parse("path=/other/root.img", 1).unwrap();
+    assert!(e(&cfg, Some(dir), Some(ds)).contains("file names must differ"));
+    cfg.disks[1] = DiskConfig::parse("path=/", 1).unwrap();
+    assert!(e(&cfg, Some(dir), Some(ds)).contains("no file name"));
+}

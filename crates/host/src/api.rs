@@ -253,14 +253,17 @@ struct SnapshotMeta {
     config: wv_config::VmConfig,
 }
 
+/// The folder, in a VM's folder, that the disks a migration copies (`copy_disks`) land in.
+pub(crate) const COPIED_DISKS: &str = "disks";
+
 /// Where a VMM takes its VM from ([`Daemon::start_with`]).
 enum StartFrom<'a> {
     /// Boots the VM's definition.
     Definition,
     /// The snapshot of this name, as a clone (a new identity) or not.
     Snapshot(&'a str, bool),
-    /// A live migration, listening on this `ADDR:PORT`.
-    Incoming(&'a str),
+    /// A live migration, listening on this `ADDR:PORT`; copying the VM's disks or not.
+    Incoming(&'a str, bool),
 }
 
 /// `POST /v1/vms/{name}/incoming`: the VM's configuration (as `POST /v1/vms` reads it,
@@ -277,6 +280,12 @@ struct IncomingRequest {
     reservation: Option<f64>,
     #[serde(default, deserialize_with = "no_null")]
     limit: Option<f64>,
+    /// The source copies the VM's writable disks (`--copy-disks`): they land in the VM's
+    /// folder (raw images) and in `datastore` (VMKFS disks).
+    #[serde(default, deserialize_with = "no_null")]
+    copy_disks: Option<bool>,
+    #[serde(default, deserialize_with = "no_null")]
+    datastore: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/migrate`.
@@ -289,6 +298,12 @@ struct MigrateRequest {
     token: String,
     #[serde(default, deserialize_with = "no_null")]
     downtime_ms: Option<u64>,
+    /// Copy the VM's writable disks to the target (no shared storage).
+    #[serde(default, deserialize_with = "no_null")]
+    copy_disks: Option<bool>,
+    /// With `copy_disks`: the target's datastore for the VM's VMKFS disks.
+    #[serde(default, deserialize_with = "no_null")]
+    datastore: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/snapshot`.
@@ -1335,7 +1350,7 @@ impl Daemon {
         let mut spec = w.spec.clone();
         let (snapshot, incoming) = match from {
             StartFrom::Definition => (None, None),
-            StartFrom::Incoming(addr) => (None, Some(addr)),
+            StartFrom::Incoming(addr, copy) => (None, Some((addr, copy))),
             StartFrom::Snapshot(snap, clone) => match self.read_snapshot(snap) {
                 Ok((dir, meta)) => {
                     spec.config = meta.config;
@@ -1359,6 +1374,16 @@ impl Daemon {
         }
         let log = dir.join("vmm.log");
         let sock = dir.join("console.sock");
+        // Where a migration's copied disks land (the same rule as the definition's paths,
+        // wv_config::copied_disk_places): raw images in the folder's `disks`, VMKFS disks in
+        // the datastore the definition names for them.
+        let copied = dir.join(COPIED_DISKS);
+        let copied_datastore = spec
+            .config
+            .disks
+            .iter()
+            .find(|d| d.vmkfs.is_some() && !d.readonly)
+            .map(|d| d.path.clone());
         let config = match supervisor::write_config(&dir, &spec.config) {
             Ok(p) => p,
             Err(e) => return error(500, format!("writing the VMM's configuration: {e}")),
@@ -1382,7 +1407,10 @@ impl Daemon {
             None => None,
         };
         let boot = match (&snapshot, incoming, &held) {
-            (_, Some(addr), _) => supervisor::Boot::Incoming(addr),
+            (_, Some((addr, copy)), _) => supervisor::Boot::Incoming(
+                addr,
+                copy.then_some((copied.as_path(), copied_datastore.as_deref())),
+            ),
             (Some((_, clone)), None, Some(held)) => supervisor::Boot::Restore {
                 dir: held,
                 clone: *clone,
@@ -2265,7 +2293,16 @@ impl Daemon {
         let Some(dirs) = self.images.get().filter(|d| !d.is_empty()) else {
             return Ok(());
         };
+        // The disks a migration copied into the VM's own folder are the daemon's.
+        let own = self
+            .store
+            .vm_dir(&spec.name)
+            .ok()
+            .map(|d| d.join(COPIED_DISKS));
         for (field, path) in spec.files() {
+            if field == "disks" && own.is_some() && path.parent() == own.as_deref() {
+                continue;
+            }
             let inside =
                 std::fs::canonicalize(&path).is_ok_and(|c| dirs.iter().any(|d| c.starts_with(d)));
             if !inside {

@@ -125,8 +125,9 @@ pub enum Boot<'a> {
         /// A new identity (`--clone`).
         clone: bool,
     },
-    /// `wv run --incoming ADDR:PORT`: waits there for one migration (docs/MIGRATION.md).
-    Incoming(&'a str),
+    /// `wv run --incoming ADDR:PORT`: waits there for one migration (docs/MIGRATION.md);
+    /// with the directory and the datastore its copied disks land in (`--copy-disks`).
+    Incoming(&'a str, Option<(&'a Path, Option<&'a Path>)>),
 }
 
 /// The `wv run` arguments for a VM in the folder `dir`: its definition from `boot`; the
@@ -142,7 +143,15 @@ pub fn run_args(boot: Boot<'_>, dir: &Path) -> Vec<String> {
                 a.push("--clone".into());
             }
         }
-        Boot::Incoming(addr) => a.extend(["--incoming".into(), addr.to_string()]),
+        Boot::Incoming(addr, copy) => {
+            a.extend(["--incoming".into(), addr.to_string()]);
+            if let Some((dir, ds)) = copy {
+                a.extend(["--disk-dir".into(), dir.display().to_string()]);
+                if let Some(ds) = ds {
+                    a.extend(["--datastore".into(), ds.display().to_string()]);
+                }
+            }
+        }
     }
     for (opt, file) in [
         ("--serial", "console.log"),
@@ -312,7 +321,7 @@ mod tests {
             &dir,
         );
         assert_eq!(r[..4], ["run", "--restore", "/s", "--clone"]);
-        let i = run_args(Boot::Incoming("10.0.0.2:0"), &dir);
+        let i = run_args(Boot::Incoming("10.0.0.2:0", None), &dir);
         assert_eq!(i[..3], ["run", "--incoming", "10.0.0.2:0"]);
         assert!(i.contains(&dir.join(API_SOCKET).display().to_string()));
         // What is_our_vmm recognises a VMM of this folder by.

@@ -303,6 +303,20 @@ impl RawDisk {
     }
 }
 
+impl RawDisk {
+    /// A raw image the caller has opened (read-write unless `readonly`) and locked as
+    /// [`RawDisk::open`] would (`flock`, exclusive for writing): a migration's target hands
+    /// the image it has just copied to the VM without releasing its lock.
+    pub fn from_locked(file: File, readonly: bool) -> std::io::Result<RawDisk> {
+        let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
+        Ok(RawDisk {
+            file,
+            size,
+            readonly,
+        })
+    }
+}
+
 impl Disk for RawDisk {
     fn size(&self) -> u64 {
         self.size
@@ -611,10 +625,165 @@ pub struct BlockState {
     pub readonly: bool,
 }
 
+/// Granularity of [`DirtyBlocks`]: 64 KiB.
+pub const DIRTY_BLOCK: u64 = 64 << 10;
+
+/// Which blocks of [`DIRTY_BLOCK`] bytes of a disk the guest changed (write, write-zeroes,
+/// discard) since the last [`DirtyBlocks::take`]: a live migration copying the disk turns it on
+/// ([`DirtyBlocks::start`]) and sends the blocks set each round. The device worker marks a
+/// request's range after the backend did it and before the request completes (its status is
+/// written), so a block read by the copy after its bit was taken holds every completed write,
+/// and a write racing with the copy leaves its bit set for the next round.
+pub struct DirtyBlocks {
+    on: std::sync::atomic::AtomicBool,
+    /// Allocated by the first [`DirtyBlocks::start`]: a VM never migrated pays nothing.
+    bits: std::sync::OnceLock<Vec<AtomicU64>>,
+    size: u64,
+}
+
+impl DirtyBlocks {
+    /// Tracking (off) for a disk of `size` bytes.
+    pub fn new(size: u64) -> DirtyBlocks {
+        DirtyBlocks {
+            on: std::sync::atomic::AtomicBool::new(false),
+            bits: std::sync::OnceLock::new(),
+            size,
+        }
+    }
+
+    fn bits(&self) -> &[AtomicU64] {
+        self.bits.get().map_or(&[], Vec::as_slice)
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Number of blocks (the last one may be short).
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(DIRTY_BLOCK)
+    }
+
+    /// Clears every bit and turns tracking on.
+    pub fn start(&self) {
+        let words = usize::try_from(self.blocks().div_ceil(64)).unwrap_or(0);
+        let bits = self
+            .bits
+            .get_or_init(|| (0..words).map(|_| AtomicU64::new(0)).collect());
+        for w in bits {
+            w.store(0, Ordering::Relaxed);
+        }
+        self.on.store(true, Ordering::SeqCst);
+    }
+
+    /// Turns tracking off.
+    pub fn stop(&self) {
+        self.on.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether tracking is on.
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::SeqCst)
+    }
+
+    /// Marks the blocks `len` bytes at `offset` touch (when on; clamped to the disk).
+    pub fn mark(&self, offset: u64, len: u64) {
+        if len == 0 || !self.is_on() || offset >= self.size {
+            return;
+        }
+        let end = offset.saturating_add(len).min(self.size);
+        for b in offset / DIRTY_BLOCK..end.div_ceil(DIRTY_BLOCK) {
+            if let Some(w) = usize::try_from(b / 64)
+                .ok()
+                .and_then(|i| self.bits().get(i))
+            {
+                w.fetch_or(1 << (b % 64), Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The blocks marked since the last call (a bitmap, bit i: block i), cleared as read.
+    pub fn take(&self) -> Vec<u64> {
+        self.bits()
+            .iter()
+            .map(|w| w.swap(0, Ordering::SeqCst))
+            .collect()
+    }
+}
+
+/// A backend that marks what the guest changes in a [`DirtyBlocks`] (after the backend did
+/// it, before the request completes).
+struct Tracked<'a> {
+    disk: &'a mut dyn Disk,
+    dirty: &'a DirtyBlocks,
+}
+
+impl Disk for Tracked<'_> {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+    fn readonly(&self) -> bool {
+        self.disk.readonly()
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.disk.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let r = self.disk.write_at(buf, offset);
+        // Marked whatever the outcome: a failed write may have changed part of the range.
+        self.dirty.mark(offset, buf.len() as u64);
+        r
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.disk.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        let r = self.disk.discard(offset, len);
+        self.dirty.mark(offset, len);
+        r
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        let r = self.disk.write_zeroes(offset, len);
+        self.dirty.mark(offset, len);
+        r
+    }
+    fn read_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &[(u64, usize)],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        self.disk.read_into(mem, segs, offset)
+    }
+    fn write_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        segs: &[(u64, usize)],
+        offset: u64,
+    ) -> std::io::Result<()> {
+        let r = self.disk.write_from(mem, segs, offset);
+        let total = segs.iter().map(|&(_, l)| l as u64).sum::<u64>();
+        self.dirty.mark(offset, total);
+        r
+    }
+}
+
+/// A block device's disk as a live migration reads it while the guest runs: the backend
+/// (locked by the device worker for each batch of requests it serves) and its dirty blocks.
+#[derive(Clone)]
+pub struct DiskAccess {
+    /// The backend.
+    pub disk: Arc<std::sync::Mutex<Box<dyn Disk>>>,
+    /// What the guest changed since the copy last looked.
+    pub dirty: Arc<DirtyBlocks>,
+}
+
 /// The block device.
 pub struct Block {
     // Shared with the worker so that it survives a device reset (the worker does not).
     disk: Arc<std::sync::Mutex<Box<dyn Disk>>>,
+    dirty: Arc<DirtyBlocks>,
     id: [u8; 20],
     capacity: u64,
     readonly: bool,
@@ -631,6 +800,7 @@ impl Block {
         Block {
             capacity: disk.size() / SECTOR,
             readonly: disk.readonly(),
+            dirty: Arc::new(DirtyBlocks::new(disk.size())),
             disk: Arc::new(std::sync::Mutex::new(disk)),
             id: idb,
             counters: Arc::default(),
@@ -641,6 +811,14 @@ impl Block {
     /// What the device refused and served so far.
     pub fn counters(&self) -> Arc<BlockCounters> {
         self.counters.clone()
+    }
+
+    /// The disk and its dirty-block tracking, for a live migration that copies it.
+    pub fn access(&self) -> DiskAccess {
+        DiskAccess {
+            disk: self.disk.clone(),
+            dirty: self.dirty.clone(),
+        }
     }
 
     fn config_bytes(&self) -> [u8; 60] {
@@ -688,6 +866,7 @@ impl VirtioDevice for Block {
         ctl: Arc<WorkerCtl>,
     ) -> Result<(), String> {
         let (disk, id, counters) = (self.disk.clone(), self.id, self.counters.clone());
+        let dirty = self.dirty.clone();
         let worker = Worker::start("virtio-blk", queues, ctl, move |qs, i, ctl| {
             let q = &mut qs[i];
             let mut used = false;
@@ -698,7 +877,15 @@ impl VirtioDevice for Block {
                     break;
                 };
                 let head = chain.head_index();
-                let len = process(&mem, chain, disk.as_mut(), &id, &counters);
+                let len = if dirty.is_on() {
+                    let mut t = Tracked {
+                        disk: disk.as_mut(),
+                        dirty: &dirty,
+                    };
+                    process(&mem, chain, &mut t, &id, &counters)
+                } else {
+                    process(&mem, chain, disk.as_mut(), &id, &counters)
+                };
                 if q.queue.add_used(&mem, head, len).is_err() {
                     break;
                 }
@@ -1146,5 +1333,47 @@ mod tests {
             .write_from(&m, &[(0x1000, usize::MAX), (0x1000, 2)], 0)
             .is_err());
         assert_eq!((d.largest, d.outside), (0, 0));
+    }
+
+    #[test]
+    fn dirty_blocks_mark_what_the_guest_changes_only_while_on() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let size = 3 * DIRTY_BLOCK + 4096;
+        let dirty = DirtyBlocks::new(size);
+        assert_eq!(dirty.blocks(), 4);
+        let mut disk = MemDisk {
+            data: vec![0; size as usize],
+            ro: false,
+            flushed: false,
+        };
+        let mut t = Tracked {
+            disk: &mut disk,
+            dirty: &dirty,
+        };
+        t.write_at(&[1; 512], 0).unwrap();
+        assert!(dirty.take().is_empty(), "never started: no bitmap");
+        dirty.start();
+        let mut t = Tracked {
+            disk: &mut disk,
+            dirty: &dirty,
+        };
+        // A write straddling blocks 0 and 1, write-zeroes in 2, a discard of the short tail.
+        t.write_from(&m, &[(0, 512), (512, 512)], DIRTY_BLOCK - 512)
+            .unwrap();
+        t.write_zeroes(2 * DIRTY_BLOCK + 512, 512).unwrap();
+        t.read_at(&mut [0; 512], 3 * DIRTY_BLOCK).unwrap();
+        assert_eq!(dirty.take(), vec![0b0111]);
+        assert_eq!(dirty.take(), vec![0], "taking clears");
+        let mut t = Tracked {
+            disk: &mut disk,
+            dirty: &dirty,
+        };
+        t.discard(3 * DIRTY_BLOCK, 4096).unwrap();
+        // A failed write (outside the disk) marks nothing outside it.
+        assert!(t.write_at(&[1; 512], size).is_err());
+        assert_eq!(dirty.take(), vec![0b1000]);
+        dirty.stop();
+        dirty.mark(0, 512);
+        assert_eq!(dirty.take(), vec![0]);
     }
 }

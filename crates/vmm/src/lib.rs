@@ -13,6 +13,7 @@ mod devstate;
 pub mod diagnose;
 pub mod emulate;
 pub mod error;
+mod landing;
 pub mod migrate;
 mod pause;
 mod pci;
@@ -28,6 +29,7 @@ pub use config::{
     MAX_VCPUS,
 };
 pub use error::{VmEnd, VmmError};
+pub use landing::DiskPlaces;
 pub use stats::VmStats;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
@@ -69,6 +71,9 @@ pub(crate) struct VmShared {
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// The VMKFS disks open for writing (a snapshot freezes them).
     pub(crate) vmkfs: Vec<vmkfs_disk::Held>,
+    /// Every disk's backend and dirty-block tracking, by index in the configuration's disks
+    /// (a migration with `--copy-disks` reads them).
+    pub(crate) disk_access: Vec<wv_virtio::block::DiskAccess>,
     /// KVM's binary statistics of each vCPU (`KVM_GET_STATS_FD`), in vCPU order; empty without
     /// them (Linux < 5.14). Also read by the daemon for `GET /metrics`.
     pub(crate) kvm_stats: Vec<std::os::fd::OwnedFd>,
@@ -295,6 +300,9 @@ pub(crate) struct Restore {
     /// Their new branches, opened by [`vmkfs_disk::branch_disks`], by disk index, until the
     /// devices take them.
     branches: Mutex<Vec<(usize, vmkfs_disk::VmkfsDisk)>>,
+    /// Raw images a migration copied, open and locked, by disk index, until the devices take
+    /// them.
+    pub(crate) raw: Mutex<Vec<(usize, std::fs::File)>>,
     /// Restores of the VM before this one.
     restores: u64,
     /// A clone: the configuration's MACs replace the snapshot's.
@@ -390,9 +398,17 @@ impl Restore {
                 Err(_) => Vec::new(),
             },
             branches: Mutex::new(Vec::new()),
+            raw: Mutex::new(Vec::new()),
             restores: machine.restores,
             clone: false,
         })
+    }
+
+    /// The raw image a migration copied for disk `index`, open and locked.
+    fn take_raw(&self, index: usize) -> Option<std::fs::File> {
+        let mut b = self.raw.lock().unwrap_or_else(|p| p.into_inner());
+        let at = b.iter().position(|(i, _)| *i == index)?;
+        Some(b.swap_remove(at).1)
     }
 
     /// The branch opened for disk `index`, if it is one of the snapshot's frozen disks.
@@ -807,12 +823,15 @@ fn build(
         )?;
     }
     let mut vmkfs = Vec::new();
+    let mut disk_access = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let disk: Box<dyn wv_virtio::block::Disk> = match &d.vmkfs {
-            None => Box::new(
-                wv_virtio::block::RawDisk::open(&d.path, d.readonly)
-                    .map_err(|e| VmmError::Disk(e.to_string()))?,
-            ),
+            None => Box::new(match restore.as_deref().and_then(|r| r.take_raw(i)) {
+                Some(f) => wv_virtio::block::RawDisk::from_locked(f, d.readonly)
+                    .map_err(|e| VmmError::Disk(format!("{}: {e}", d.path.display()))),
+                None => wv_virtio::block::RawDisk::open(&d.path, d.readonly)
+                    .map_err(|e| VmmError::Disk(e.to_string())),
+            }?),
             Some(name) => {
                 let v = match restore.as_deref().and_then(|r| r.take_branch(i)) {
                     Some(v) => v,
@@ -823,12 +842,9 @@ fn build(
             }
         };
         let name: &'static str = Box::leak(format!("virtio-blk:{}", d.id).into_boxed_str());
-        pci.add_virtio(
-            &vm,
-            &mem,
-            name,
-            Box::new(wv_virtio::block::Block::new(disk, &d.id)),
-        )?;
+        let blk = wv_virtio::block::Block::new(disk, &d.id);
+        disk_access.push(blk.access());
+        pci.add_virtio(&vm, &mem, name, Box::new(blk))?;
     }
     for n in &cfg.nets {
         let mac = n.mac.unwrap_or_else(random_mac);
@@ -890,6 +906,7 @@ fn build(
         pci_bus: pci_bus.clone(),
         i8042,
         vmkfs,
+        disk_access,
         kvm_stats: Vec::new(),
         end: Mutex::new(None),
         end_evt: EventFd::new(0).map_err(internal("eventfd"))?,

@@ -10,6 +10,9 @@
 //! last dirty pages and the state sections a snapshot holds, and waits for the target to say it
 //! has everything and has built the VM. It answers `go`, and ends ("migrated to HOST:PORT").
 //! Anything that fails before the target's acknowledgement leaves the source running as it was.
+//! With `copy_disks` the writable disks travel too: declared first, every block sent once, then
+//! the blocks the device workers marked dirty, in the same rounds as memory, the rest while
+//! paused (before the state, so they are whole before `go` in post-copy too).
 //!
 //! The target reads the stream into fresh anonymous RAM, checking every record against its
 //! memory, builds the VM as a restore does, acknowledges, waits for `go`, and runs it. A bad or
@@ -28,9 +31,10 @@ use wv_vmkfs::crc::crc32c;
 
 /// The first bytes of a migration stream.
 pub const MAGIC: [u8; 8] = *b"WVMIGR\r\n";
-/// The newest stream format this wv reads; it writes version 2 only for a VM with disks to
-/// hand over (the disks record), 1 otherwise (what an older target reads).
-pub const VERSION: u32 = 2;
+/// The newest stream format this wv reads; it writes version 3 only when it copies disks
+/// (`copy_disks`: the disk records), 2 for a VM with disks to hand over (the disks record), 1
+/// otherwise (what an older target reads).
+pub const VERSION: u32 = 3;
 /// Bytes of a page: the unit of every memory record.
 pub const PAGE: u64 = 4096;
 /// Most bytes one page record carries.
@@ -56,6 +60,22 @@ const TAG_POSTCOPY: u32 = 5;
 const TAG_DISKS: u32 = 6;
 /// Largest disks record accepted.
 pub const MAX_DISKS_RECORD: u32 = 64 << 10;
+/// Version 3 (`copy_disks`): a disk the source copies (a u32 LE length, at most
+/// [`MAX_DISK_HEADER`], then [`CopiedDisk`] as JSON), before any of its blocks.
+const TAG_DISK: u32 = 7;
+/// Version 3: disk blocks: index (u32), offset (u64), length (u64: a multiple of 512, at most
+/// [`MAX_RECORD`]), CRC-32C of the data (u32), data.
+const TAG_DISK_DATA: u32 = 8;
+/// Version 3: a zero range of a disk: index (u32), offset (u64), length (u64, a multiple of 512).
+const TAG_DISK_ZERO: u32 = 9;
+/// Largest disk header record accepted.
+pub const MAX_DISK_HEADER: u32 = 4096;
+/// Most disks a stream may copy.
+pub const MAX_COPIED_DISKS: usize = 64;
+/// Largest disk a stream may copy (16 TiB).
+pub const MAX_COPIED_DISK_SIZE: u64 = 1 << 44;
+/// Disk offsets and lengths in the stream are multiples of this.
+const DISK_SECTOR: u64 = 512;
 /// Largest identity message accepted from the target.
 const MAX_IDENTITY: u32 = 4096;
 /// Target to source: the VM is built from everything sent and waits for `go`.
@@ -90,6 +110,56 @@ pub(crate) struct SendRequest {
     /// `"precopy"` (the default: post-copy only if pre-copy does not converge) or `"postcopy"`.
     #[serde(default)]
     mode: Option<String>,
+    /// Copy the writable disks in the stream (targets without the datastore or the image).
+    #[serde(default)]
+    copy_disks: Option<bool>,
+}
+
+/// A disk the stream copies (its header record, tag 7): the target creates it before its
+/// blocks arrive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopiedDisk {
+    /// Index in the configuration's disks.
+    pub index: usize,
+    /// The disk's id.
+    pub id: String,
+    /// A VMKFS disk (its name in the datastore) rather than a raw image (its file name).
+    pub vmkfs: bool,
+    /// The raw image's file name, or the VMKFS disk's name.
+    pub name: String,
+    /// Its size in bytes (a multiple of 512).
+    pub size: u64,
+}
+
+/// Where the disk records of a stream go (the target's [`Landing`]; tests keep them in
+/// memory). Called only with records [`read_stream_into`] has checked: a declared disk, the
+/// range inside it, whole sectors.
+pub trait DiskSink {
+    /// A disk the stream copies: make it (empty: it reads as zeros).
+    fn create(&mut self, d: &CopiedDisk) -> Result<(), String>;
+    /// `data` at `offset` of disk `index`.
+    fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> Result<(), String>;
+    /// `len` bytes at `offset` of disk `index` are zero now.
+    fn zero(&mut self, index: usize, offset: u64, len: u64) -> Result<(), String>;
+}
+
+/// A sink that takes no disks (a stream copying one is refused).
+struct NoDisks;
+
+impl DiskSink for NoDisks {
+    fn create(&mut self, d: &CopiedDisk) -> Result<(), String> {
+        Err(format!(
+            "the source copies disk '{}', and this target takes no copied disks",
+            d.id
+        ))
+    }
+    fn write(&mut self, _: usize, _: u64, _: &[u8]) -> Result<(), String> {
+        Err("no copied disks here".into())
+    }
+    fn zero(&mut self, _: usize, _: u64, _: u64) -> Result<(), String> {
+        Err("no copied disks here".into())
+    }
 }
 
 /// The disks record: the writable VMKFS disks of the VM, which stay on their datastore (both
@@ -147,6 +217,9 @@ struct Out {
     bytes: u64,
     pages: u64,
     zero_pages: u64,
+    /// Disk bytes sent as data, and as zero records.
+    disk_bytes: u64,
+    disk_zero_bytes: u64,
     /// Bytes per second the stream may use, and when it started.
     limit: Option<(f64, Instant)>,
 }
@@ -161,7 +234,20 @@ impl Out {
                 std::thread::sleep(wait);
             }
         }
-        self.w.write_all(b).map_err(io_err("sending to the target"))
+        self.w.write_all(b).map_err(|e| self.send_failed(&e))
+    }
+
+    /// Why sending failed: the target's own reason when it refused the stream and said so
+    /// before closing (its `FAILED` message), else the error.
+    fn send_failed(&self, e: &std::io::Error) -> MigrationError {
+        let said = self.w.get_ref().try_clone().ok().and_then(|mut r| {
+            r.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+            read_ack(&mut r).err()
+        });
+        match said {
+            Some(m) if m.0.starts_with("the target refused") => m,
+            _ => MigrationError(format!("sending to the target: {e}")),
+        }
     }
 
     fn header(&mut self, version: u32, memory: u64) -> Result<(), MigrationError> {
@@ -213,13 +299,47 @@ impl Out {
         self.put(&h)
     }
 
+    fn disk(&mut self, d: &CopiedDisk) -> Result<(), MigrationError> {
+        let j = serde_json::to_vec(d).map_err(|e| MigrationError(e.to_string()))?;
+        let len = u32::try_from(j.len())
+            .ok()
+            .filter(|&l| l <= MAX_DISK_HEADER)
+            .ok_or_else(|| MigrationError(format!("disk '{}': its header is too long", d.id)))?;
+        let mut h = TAG_DISK.to_le_bytes().to_vec();
+        h.extend_from_slice(&len.to_le_bytes());
+        h.extend_from_slice(&j);
+        self.put(&h)
+    }
+
+    fn disk_data(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+        let mut h = [0u8; 28];
+        h[..4].copy_from_slice(&TAG_DISK_DATA.to_le_bytes());
+        h[4..8].copy_from_slice(&index.to_le_bytes());
+        h[8..16].copy_from_slice(&offset.to_le_bytes());
+        h[16..24].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        h[24..28].copy_from_slice(&crc32c(data).to_le_bytes());
+        self.disk_bytes += data.len() as u64;
+        self.put(&h)?;
+        self.put(data)
+    }
+
+    fn disk_zero(&mut self, index: u32, offset: u64, len: u64) -> Result<(), MigrationError> {
+        let mut h = [0u8; 24];
+        h[..4].copy_from_slice(&TAG_DISK_ZERO.to_le_bytes());
+        h[4..8].copy_from_slice(&index.to_le_bytes());
+        h[8..16].copy_from_slice(&offset.to_le_bytes());
+        h[16..24].copy_from_slice(&len.to_le_bytes());
+        self.disk_zero_bytes += len;
+        self.put(&h)
+    }
+
     fn end(&mut self) -> Result<(), MigrationError> {
         self.put(&TAG_END.to_le_bytes())?;
         self.flush()
     }
 
     fn flush(&mut self) -> Result<(), MigrationError> {
-        self.w.flush().map_err(io_err("sending to the target"))
+        self.w.flush().map_err(|e| self.send_failed(&e))
     }
 }
 
@@ -397,6 +517,117 @@ fn merge(into: &mut Dirty, from: Dirty) {
     }
 }
 
+/// A disk the source copies: its backend and dirty blocks, and the blocks still to send.
+struct Copy {
+    index: u32,
+    access: wv_virtio::block::DiskAccess,
+    /// Dirty blocks taken from the device and not yet sent (bit i: block i).
+    pending: Vec<u64>,
+}
+
+impl Copy {
+    /// Moves the blocks the guest changed since the last look into `pending`.
+    fn collect(&mut self) {
+        let got = self.access.dirty.take();
+        if self.pending.len() < got.len() {
+            self.pending.resize(got.len(), 0);
+        }
+        for (p, g) in self.pending.iter_mut().zip(got) {
+            *p |= g;
+        }
+    }
+
+    fn pending_blocks(&self) -> u64 {
+        self.pending.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+const DISK_BLOCK: u64 = wv_virtio::block::DIRTY_BLOCK;
+
+/// Sends blocks `first..first + count` of disk `c` (of [`DISK_BLOCK`] bytes, the last one
+/// short when the disk is): runs of blocks with data as data records, runs of zero blocks as
+/// zero records. Reads under the device's lock, at most `buf.len()` bytes at a time.
+fn send_disk_range(
+    out: &mut Out,
+    c: &Copy,
+    first: u64,
+    count: u64,
+    buf: &mut [u8],
+) -> Result<(), MigrationError> {
+    let size = c.access.dirty.size();
+    let per = buf.len() as u64 / DISK_BLOCK;
+    let mut at = first;
+    let end = (first + count).min(size.div_ceil(DISK_BLOCK));
+    while at < end {
+        let n = (end - at).min(per);
+        let off = at * DISK_BLOCK;
+        let len = (n * DISK_BLOCK).min(size - off);
+        // len <= buf.len().
+        #[allow(clippy::cast_possible_truncation)]
+        let chunk = &mut buf[..len as usize];
+        {
+            let mut d = c.access.disk.lock().unwrap_or_else(|p| p.into_inner());
+            d.read_at(chunk, off)
+                .map_err(|e| MigrationError(format!("reading disk {} at {off}: {e}", c.index)))?;
+        }
+        let block = |k: u64| {
+            let s = k * DISK_BLOCK;
+            // Bounded by len, which fits the buffer.
+            #[allow(clippy::cast_possible_truncation)]
+            (s as usize..((k + 1) * DISK_BLOCK).min(len) as usize)
+        };
+        let mut i = 0u64;
+        while i < n {
+            let zero = is_zero(&chunk[block(i)]);
+            let mut j = i + 1;
+            while j < n && is_zero(&chunk[block(j)]) == zero {
+                j += 1;
+            }
+            let (s, e) = (block(i).start, block(j - 1).end);
+            if zero {
+                out.disk_zero(c.index, off + s as u64, (e - s) as u64)?;
+            } else {
+                out.disk_data(c.index, off + s as u64, &chunk[s..e])?;
+            }
+            i = j;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Sends the pending blocks of every disk (and clears them); returns how many.
+fn send_disk_pending(
+    out: &mut Out,
+    copies: &mut [Copy],
+    buf: &mut [u8],
+) -> Result<u64, MigrationError> {
+    let mut sent = 0;
+    for c in copies.iter_mut() {
+        let bits = std::mem::take(&mut c.pending);
+        let blocks = c.access.dirty.blocks();
+        let set = |k: u64| {
+            let w = usize::try_from(k / 64).unwrap_or(usize::MAX);
+            bits.get(w).is_some_and(|x| x & (1 << (k % 64)) != 0)
+        };
+        let mut b = 0u64;
+        while b < blocks {
+            if !set(b) {
+                b += 1;
+                continue;
+            }
+            let mut q = b + 1;
+            while q < blocks && set(q) {
+                q += 1;
+            }
+            send_disk_range(out, c, b, q - b, buf)?;
+            sent += q - b;
+            b = q;
+        }
+    }
+    Ok(sent)
+}
+
 /// The pages dirtied since the last call (KVM's log when `kvm_log`, and the VMM's own writes),
 /// both logs cleared.
 fn collect(vm: &kvm_ioctls::VmFd, mem: &GuestRam, kvm_log: bool) -> Result<Dirty, MigrationError> {
@@ -487,6 +718,10 @@ struct Sent {
     postcopy_pages: u64,
     downtime: Duration,
     last_dirty: u64,
+    disks: usize,
+    disk_bytes: u64,
+    disk_zero_bytes: u64,
+    last_dirty_blocks: u64,
 }
 
 impl Controller {
@@ -502,18 +737,20 @@ impl Controller {
                 )
             }
         };
+        let copy = r.copy_disks.unwrap_or(false);
         if let Some(d) = self
             .cfg
             .disks
             .iter()
-            .find(|d| d.vmkfs.is_none() && !d.readonly)
+            .find(|d| d.vmkfs.is_none() && !d.readonly && !copy)
         {
             return Answer::error(
                 422,
                 format!(
                     "the VM has a writable raw disk image ('{}'): migration moves a writable disk \
                      only on a VMKFS datastore both hosts open (a raw image's lock cannot be \
-                     handed over without a moment with two writers or none)",
+                     handed over without a moment with two writers or none), or copied with \
+                     \"copy_disks\": true",
                     d.id
                 ),
             );
@@ -544,6 +781,10 @@ impl Controller {
                         "postcopy": s.postcopy,
                         "postcopy_pages": s.postcopy_pages,
                         "last_dirty_pages": s.last_dirty,
+                        "disks_copied": s.disks,
+                        "disk_bytes": s.disk_bytes,
+                        "disk_zero_bytes": s.disk_zero_bytes,
+                        "last_dirty_blocks": s.last_dirty_blocks,
                     }),
                 );
                 let (tx, rx) = std::sync::mpsc::channel();
@@ -553,6 +794,9 @@ impl Controller {
             }
             Err(e) => {
                 let _ = crate::set_memory_flags(&self.vm, &self.shared.mem, 0);
+                for a in &self.shared.disk_access {
+                    a.dirty.stop();
+                }
                 if !was_paused && self.paused.is_some() {
                     if let Err(a) = self.resume() {
                         return a;
@@ -593,18 +837,75 @@ impl Controller {
             bytes: 0,
             pages: 0,
             zero_pages: 0,
+            disk_bytes: 0,
+            disk_zero_bytes: 0,
             limit: r
                 .max_bandwidth_mib
                 .map(|m| (m.max(1) as f64 * 1048576.0, Instant::now())),
         };
         let mem = self.shared.mem.clone();
-        let handover = self.disk_hand_over()?;
-        out.header(
-            if handover.is_some() { 2 } else { 1 },
-            self.shared.info.mem_size,
-        )?;
+        // Copied disks (every writable one), or the VMKFS disks handed over on a shared
+        // datastore.
+        let mut copies = Vec::new();
+        let handover =
+            if r.copy_disks.unwrap_or(false) {
+                for (i, d) in self.cfg.disks.iter().enumerate() {
+                    if d.readonly {
+                        continue;
+                    }
+                    let access =
+                        self.shared.disk_access.get(i).cloned().ok_or_else(|| {
+                            MigrationError(format!("disk '{}' has no device", d.id))
+                        })?;
+                    let name = match &d.vmkfs {
+                        Some(n) => n.clone(),
+                        None => wv_config::copied_file_name(&d.path)
+                            .ok_or_else(|| {
+                                MigrationError(format!(
+                                    "disk '{}': {} has no file name to copy it under",
+                                    d.id,
+                                    d.path.display()
+                                ))
+                            })?
+                            .to_string(),
+                    };
+                    let header = CopiedDisk {
+                        index: i,
+                        id: d.id.clone(),
+                        vmkfs: d.vmkfs.is_some(),
+                        name,
+                        size: access.dirty.size(),
+                    };
+                    copies.push((header, access));
+                }
+                None
+            } else {
+                self.disk_hand_over()?
+            };
+        let version = match (&handover, copies.is_empty()) {
+            (_, false) => 3,
+            (Some(_), true) => 2,
+            (None, true) => 1,
+        };
+        out.header(version, self.shared.info.mem_size)?;
         if let Some(h) = &handover {
             out.disks(h)?;
+        }
+        let mut copies: Vec<Copy> = copies
+            .into_iter()
+            .map(|(h, access)| {
+                out.disk(&h)?;
+                Ok(Copy {
+                    index: u32::try_from(h.index).unwrap_or(u32::MAX),
+                    access,
+                    pending: Vec::new(),
+                })
+            })
+            .collect::<Result<_, MigrationError>>()?;
+        // Tracking on before the first look at a block: what the guest writes from here on is
+        // sent again.
+        for c in &copies {
+            c.access.dirty.start();
         }
         let mut buf = vec![0u8; RECORD_BUF];
         let was_paused = self.paused.is_some();
@@ -628,15 +929,22 @@ impl Controller {
         let mut postcopy = false;
         if kvm_log {
             reset_bitmaps(&mem);
-            // Everything once, while the guest runs.
+            // Everything once, while the guest runs: the disks, then memory.
             let t = Instant::now();
+            for c in &copies {
+                send_disk_range(&mut out, c, 0, c.access.dirty.blocks(), &mut buf)?;
+            }
             send_all(&mut out, &mem, &mut buf)?;
             let mut round_bytes = out.bytes;
             let mut round_time = t.elapsed();
             let mut prev = u64::MAX;
             loop {
                 pending = collect(&self.vm, &mem, true)?;
-                let left = count(&pending) * PAGE;
+                for c in &mut copies {
+                    c.collect();
+                }
+                let blocks: u64 = copies.iter().map(Copy::pending_blocks).sum();
+                let left = count(&pending) * PAGE + blocks * DISK_BLOCK;
                 out.flush()?;
                 // Bytes per second, with the time of the round that carried them.
                 let bw = round_bytes as f64 / round_time.as_secs_f64().max(1e-6);
@@ -658,6 +966,7 @@ impl Controller {
                 prev = left;
                 rounds += 1;
                 let (b0, t) = (out.bytes, Instant::now());
+                send_disk_pending(&mut out, &mut copies, &mut buf)?;
                 send_dirty(&mut out, &mem, &pending, &mut buf)?;
                 pending.clear();
                 out.flush()?;
@@ -670,6 +979,19 @@ impl Controller {
         if !was_paused {
             self.pause()
                 .map_err(|a| MigrationError(format!("pausing the VM: {}", a.body)))?;
+        }
+        // The disks' rest (the device workers are quiesced, their requests completed), before
+        // anything else: in post-copy too, a disk is whole on the target before it runs.
+        for c in &mut copies {
+            c.collect();
+        }
+        let last_dirty_blocks = copies.iter().map(Copy::pending_blocks).sum();
+        if kvm_log {
+            send_disk_pending(&mut out, &mut copies, &mut buf)?;
+        } else {
+            for c in &copies {
+                send_disk_range(&mut out, c, 0, c.access.dirty.blocks(), &mut buf)?;
+            }
         }
         let last_dirty;
         if kvm_log {
@@ -746,6 +1068,10 @@ impl Controller {
             postcopy_pages,
             downtime,
             last_dirty,
+            disks: copies.len(),
+            disk_bytes: out.disk_bytes,
+            disk_zero_bytes: out.disk_zero_bytes,
+            last_dirty_blocks,
         })
     }
 }
@@ -847,6 +1173,18 @@ fn serve_postcopy(
         send(out, gpa, &mut todo)?;
     }
     out.end()?;
+    // Every page sent: the target says it has them by closing its side. Until then its
+    // requests (for pages in flight) are read and dropped, so that this side never closes
+    // with unread data, which would reset the connection and could lose what is still in
+    // flight to the target. An older target does not close: bounded wait.
+    let _ = back.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + Duration::from_secs(5);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
     Ok(sent)
 }
 
@@ -917,6 +1255,8 @@ pub struct Received {
     pub postcopy: Option<Vec<u64>>,
     /// The VMKFS disks handed over at the switch-over.
     pub disks: Option<DiskHandOver>,
+    /// The disks the stream copied (into the sink), in the order declared.
+    pub copied: Vec<CopiedDisk>,
 }
 
 /// Checks that `len` bytes at `gpa` are whole pages inside `mem`'s RAM.
@@ -940,9 +1280,56 @@ fn check_span(mem: &GuestRam, gpa: u64, len: u64, max: u64) -> Result<(), Migrat
 
 /// Reads a whole stream (up to and including its end marker) from `r` into fresh RAM. Every
 /// record is checked before it is used: a stream that is not one, of a newer version, with a
-/// record outside memory, a checksum that does not match, or that ends early is refused.
+/// record outside memory, a checksum that does not match, or that ends early is refused. A
+/// stream that copies disks is refused ([`read_stream_into`] takes them).
 pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationError> {
+    read_stream_into(r, host_ram, &mut NoDisks)
+}
+
+/// Checks a disk record's range: whole sectors, not empty, at most `max` bytes, inside the
+/// declared disk `index`; returns the index as usize.
+fn check_disk_span(
+    copied: &[CopiedDisk],
+    index: u32,
+    offset: u64,
+    len: u64,
+    max: u64,
+) -> Result<usize, MigrationError> {
+    let Some(d) = copied
+        .iter()
+        .find(|d| u32::try_from(d.index).ok() == Some(index))
+    else {
+        return Err(MigrationError(format!(
+            "a disk record for disk {index}, which the stream has not declared"
+        )));
+    };
+    if len == 0
+        || len > max
+        || !len.is_multiple_of(DISK_SECTOR)
+        || !offset.is_multiple_of(DISK_SECTOR)
+    {
+        return Err(MigrationError(format!(
+            "a record of disk {index} at {offset} of {len} bytes is not whole sectors \
+             (at most {max} bytes)"
+        )));
+    }
+    if offset.checked_add(len).is_none_or(|e| e > d.size) {
+        return Err(MigrationError(format!(
+            "a record of disk {index} at {offset} of {len} bytes lies outside the disk ({} bytes)",
+            d.size
+        )));
+    }
+    Ok(d.index)
+}
+
+/// [`read_stream`], the disks the stream copies going to `sink` (each record checked first).
+pub fn read_stream_into(
+    r: impl Read,
+    host_ram: u64,
+    sink: &mut dyn DiskSink,
+) -> Result<Received, MigrationError> {
     let mut s = In { r, bytes: 0 };
+    let mut copied: Vec<CopiedDisk> = Vec::new();
     let bad = |m: String| MigrationError(m);
     let mut magic = [0u8; 8];
     s.take(&mut magic)?;
@@ -1043,6 +1430,61 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
                         .map_err(|e| bad(format!("the disks record is not valid: {e}")))?,
                 );
             }
+            TAG_DISK => {
+                let len = s.u32()?;
+                if version < 3 || len > MAX_DISK_HEADER || copied.len() >= MAX_COPIED_DISKS {
+                    return Err(bad(format!(
+                        "a disk record of {len} bytes (in a version {version} stream, more than \
+                         {MAX_DISK_HEADER} bytes, or more than {MAX_COPIED_DISKS} disks)"
+                    )));
+                }
+                let mut b = vec![0u8; len as usize];
+                s.take(&mut b)?;
+                let d: CopiedDisk = serde_json::from_slice(&b)
+                    .map_err(|e| bad(format!("a disk record is not valid: {e}")))?;
+                if d.size == 0
+                    || d.size > MAX_COPIED_DISK_SIZE
+                    || !d.size.is_multiple_of(DISK_SECTOR)
+                    || d.index >= MAX_COPIED_DISKS
+                    || copied.iter().any(|c| c.index == d.index)
+                {
+                    return Err(bad(format!(
+                        "disk record {} ('{}', {} bytes): an index declared twice or out of \
+                         range, or a size that is not a positive multiple of 512 of at most \
+                         {MAX_COPIED_DISK_SIZE}",
+                        d.index, d.id, d.size
+                    )));
+                }
+                sink.create(&d)
+                    .map_err(|e| bad(format!("disk '{}': {e}", d.id)))?;
+                copied.push(d);
+            }
+            TAG_DISK_DATA => {
+                let index = s.u32()?;
+                let offset = s.u64()?;
+                let len = s.u64()?;
+                let crc = s.u32()?;
+                let i = check_disk_span(&copied, index, offset, len, MAX_RECORD)?;
+                // len <= MAX_RECORD (checked).
+                #[allow(clippy::cast_possible_truncation)]
+                let data = &mut buf[..len as usize];
+                s.take(data)?;
+                if crc32c(data) != crc {
+                    return Err(bad(format!(
+                        "the record of disk {index} at {offset} is corrupt (checksum mismatch)"
+                    )));
+                }
+                sink.write(i, offset, data)
+                    .map_err(|e| bad(format!("writing disk {index} at {offset}: {e}")))?;
+            }
+            TAG_DISK_ZERO => {
+                let index = s.u32()?;
+                let offset = s.u64()?;
+                let len = s.u64()?;
+                let i = check_disk_span(&copied, index, offset, len, u64::MAX)?;
+                sink.zero(i, offset, len)
+                    .map_err(|e| bad(format!("zeroing disk {index} at {offset}: {e}")))?;
+            }
             TAG_STATE => {
                 let len = s.u64()?;
                 if len > MAX_STATE {
@@ -1064,6 +1506,7 @@ pub fn read_stream(r: impl Read, host_ram: u64) -> Result<Received, MigrationErr
                     bytes: s.bytes,
                     postcopy,
                     disks,
+                    copied,
                 });
             }
             t => return Err(bad(format!("unknown record tag {t} in the stream"))),
@@ -1086,6 +1529,8 @@ pub struct Incoming {
     postcopy: Option<(GuestRam, Vec<u64>)>,
     /// The disks to take over after `go`, and the token.
     takers: Option<(Vec<crate::vmkfs_disk::Taker>, u64)>,
+    /// The disks the stream copied here: removed unless the source says `go`.
+    landed: crate::landing::Landed,
     /// Stream bytes read.
     pub bytes: u64,
     /// Where the stream came from.
@@ -1110,8 +1555,19 @@ fn tell_failed(conn: &mut TcpStream, msg: &str) {
 }
 
 /// Accepts one connection on `listener` and reads its stream whole. Errors are one line; the
-/// source is told why where it can be.
+/// source is told why where it can be. A stream that copies disks is refused
+/// ([`receive_with`] says where they go).
 pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
+    receive_with(listener, &crate::DiskPlaces::default())
+}
+
+/// [`receive`], the disks the stream copies created in `places` (and removed again if the
+/// migration fails before the source's `go`). The configuration of the [`Incoming`] names
+/// them there.
+pub fn receive_with(
+    listener: &TcpListener,
+    places: &crate::DiskPlaces,
+) -> Result<Incoming, VmmError> {
     let (mut conn, peer) = listener
         .accept()
         .map_err(|e| VmmError::Migration(format!("accepting a connection: {e}")))?;
@@ -1120,9 +1576,11 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
         .and_then(|()| conn.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| fail(e.to_string()))?;
     let reader = conn.try_clone().map_err(|e| fail(e.to_string()))?;
-    let got = match read_stream(
+    let mut landing = crate::landing::Landing::new(places);
+    let got = match read_stream_into(
         BufReader::with_capacity(1 << 20, reader),
         crate::config::host_ram(),
+        &mut landing,
     ) {
         Ok(g) => g,
         Err(e) => {
@@ -1150,13 +1608,26 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
         }
         let restore = crate::Restore::from_sections(&got.sections, &cfg)
             .map_err(|e| e.0.replace("snapshot", "stream"))?;
+        if !got.copied.is_empty() {
+            if got.disks.is_some() {
+                return Err(
+                    "the stream both copies disks and hands disks over on a shared datastore"
+                        .into(),
+                );
+            }
+            // The copied disks, in their new places; read-only ones are opened as usual.
+            let f = landing.finish(&cfg)?;
+            *restore.branches.lock().unwrap_or_else(|p| p.into_inner()) = f.opened;
+            *restore.raw.lock().unwrap_or_else(|p| p.into_inner()) = f.raw;
+            return Ok((f.cfg, restore, None, f.landed));
+        }
         let (opened, takers) = incoming_disks(&cfg, got.disks.as_ref())?;
         *restore.branches.lock().unwrap_or_else(|p| p.into_inner()) = opened;
         let takers = got.disks.as_ref().map(|d| (takers, d.token));
-        Ok((cfg, restore, takers))
+        Ok((cfg, restore, takers, crate::landing::Landed::default()))
     })();
     match built {
-        Ok((cfg, mut restore, takers)) => {
+        Ok((cfg, mut restore, takers, landed)) => {
             let postcopy = got.postcopy.map(|p| (got.mem.clone(), p));
             restore.memory = Some(RestoreMemory::Ram(got.mem));
             Ok(Incoming {
@@ -1165,6 +1636,7 @@ pub fn receive(listener: &TcpListener) -> Result<Incoming, VmmError> {
                 conn,
                 postcopy,
                 takers,
+                landed,
                 bytes: got.bytes,
                 peer,
             })
@@ -1243,8 +1715,10 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         peer,
         postcopy,
         takers,
+        landed,
         ..
     } = inc;
+    let mut went = false;
     let mut takers = takers;
     let mut asked = false;
     let mut conn2 = conn
@@ -1275,6 +1749,8 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         if go != GO {
             return Err(fail("the source answered something other than go".into()));
         }
+        // The source has stopped for good: the copied disks are this VM's.
+        went = true;
         // The disks, handed over before `go`, are taken before any vCPU runs.
         if let Some((t, token)) = takers.take() {
             for taker in t {
@@ -1298,6 +1774,12 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         if !asked {
             tell_failed(&mut conn, &e.to_string());
         }
+    }
+    if went {
+        landed.keep();
+    } else {
+        // No `go`: the source runs on; the disks copied here go.
+        drop(landed);
     }
     r
 }
@@ -1371,8 +1853,8 @@ mod tests {
         }
         assert!(err(b"GET / HTTP/1.1\r\n\r\n-------").contains("not a Worldvisor migration"));
         let mut newer = g.clone();
-        newer[8] = 3;
-        assert!(err(&newer).contains("version 3"));
+        newer[8] = 4;
+        assert!(err(&newer).contains("version 4"));
         assert!(
             read_stream(g.as_slice(), MEM - 4096).is_err(),
             "more than the host's RAM"
@@ -1474,6 +1956,149 @@ mod tests {
         assert!(err(&b).contains("a second one"));
         // A record cut short.
         assert!(read_stream(&rec(2, n, &good[..10])[..], 1 << 40).is_err());
+    }
+
+    /// Copied disks kept in memory.
+    #[derive(Default, Debug)]
+    struct MemSink(Vec<(CopiedDisk, Vec<u8>)>);
+
+    impl DiskSink for MemSink {
+        fn create(&mut self, d: &CopiedDisk) -> Result<(), String> {
+            self.0
+                .push((d.clone(), vec![0; usize::try_from(d.size).unwrap()]));
+            Ok(())
+        }
+        fn write(&mut self, index: usize, offset: u64, data: &[u8]) -> Result<(), String> {
+            let d = &mut self.0.iter_mut().find(|d| d.0.index == index).unwrap().1;
+            let o = usize::try_from(offset).unwrap();
+            d[o..o + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero(&mut self, index: usize, offset: u64, len: u64) -> Result<(), String> {
+            let d = &mut self.0.iter_mut().find(|d| d.0.index == index).unwrap().1;
+            let o = usize::try_from(offset).unwrap();
+            d[o..o + usize::try_from(len).unwrap()].fill(0);
+            Ok(())
+        }
+    }
+
+    fn disk_header(out: &mut Vec<u8>, index: usize, size: u64) {
+        let j = serde_json::to_vec(&CopiedDisk {
+            index,
+            id: format!("d{index}"),
+            vmkfs: false,
+            name: format!("d{index}.img"),
+            size,
+        })
+        .unwrap();
+        out.extend_from_slice(&TAG_DISK.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(j.len()).unwrap().to_le_bytes());
+        out.extend_from_slice(&j);
+    }
+
+    fn disk_data(out: &mut Vec<u8>, index: u32, offset: u64, data: &[u8]) {
+        out.extend_from_slice(&TAG_DISK_DATA.to_le_bytes());
+        out.extend_from_slice(&index.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32c(data).to_le_bytes());
+        out.extend_from_slice(data);
+    }
+
+    fn disk_zero(out: &mut Vec<u8>, index: u32, offset: u64, len: u64) {
+        out.extend_from_slice(&TAG_DISK_ZERO.to_le_bytes());
+        out.extend_from_slice(&index.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+
+    fn read_disks(b: &[u8]) -> Result<MemSink, String> {
+        let mut sink = MemSink::default();
+        read_stream_into(b, 1 << 40, &mut sink)
+            .map(|_| ())
+            .map_err(|e| e.0)?;
+        Ok(sink)
+    }
+
+    #[test]
+    fn disk_records_fill_the_declared_disk_last_write_winning() {
+        let mut b = header(MEM);
+        disk_header(&mut b, 1, 8192);
+        disk_data(&mut b, 1, 0, &[5u8; 8192]);
+        disk_data(&mut b, 1, 512, &[6u8; 512]);
+        disk_zero(&mut b, 1, 4096, 4096);
+        tail(&mut b);
+        let s = read_disks(&b).unwrap();
+        assert_eq!(s.0.len(), 1);
+        let d = &s.0[0].1;
+        assert_eq!(
+            (d[0], d[512], d[1024], d[4095], d[4096], d[8191]),
+            (5, 6, 5, 5, 0, 0)
+        );
+        // The plain reader refuses a stream that copies disks.
+        assert!(err(&b).contains("takes no copied disks"));
+        // An older version may not carry disk records.
+        let mut old = b.clone();
+        old[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert!(read_disks(&old).unwrap_err().contains("version 2 stream"));
+    }
+
+    #[test]
+    fn every_malformed_disk_record_is_refused() {
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = header(MEM);
+            disk_header(&mut b, 0, 1 << 20);
+            f(&mut b);
+            tail(&mut b);
+            read_disks(&b).map(|_| ()).unwrap_err()
+        };
+        // Blocks of a disk never declared, past the end, straddling it, not whole sectors,
+        // too long, empty; an overflowing offset; a flipped byte.
+        assert!(with(&|b| disk_data(b, 1, 0, &[1; 512])).contains("not declared"));
+        assert!(with(&|b| disk_data(b, 0, 1 << 20, &[1; 512])).contains("outside the disk"));
+        assert!(with(&|b| disk_data(b, 0, (1 << 20) - 512, &[1; 1024])).contains("outside"));
+        assert!(with(&|b| disk_data(b, 0, 100, &[1; 512])).contains("whole sectors"));
+        assert!(with(&|b| disk_data(b, 0, 0, &[1; 100])).contains("whole sectors"));
+        assert!(with(&|b| disk_data(b, 0, 0, &[])).contains("whole sectors"));
+        let big = vec![1u8; usize::try_from(MAX_RECORD).unwrap() + 512];
+        assert!(with(&|b| disk_data(b, 0, 0, &big)).contains("whole sectors"));
+        assert!(with(&|b| disk_zero(b, 0, u64::MAX - 511, 512)).contains("outside"));
+        assert!(with(&|b| disk_zero(b, 0, 0, (1 << 20) + 512)).contains("outside"));
+        assert!(with(&|b| disk_zero(b, 3, 0, 512)).contains("not declared"));
+        assert!(with(&|b| {
+            disk_data(b, 0, 0, &[1; 512]);
+            let at = b.len() - 10;
+            b[at] ^= 1;
+        })
+        .contains("checksum"));
+        // A disk declared twice, of a bad size, an index out of range, a header too long or
+        // not JSON.
+        assert!(with(&|b| disk_header(b, 0, 512)).contains("declared twice"));
+        assert!(with(&|b| disk_header(b, 1, 100)).contains("multiple of 512"));
+        assert!(with(&|b| disk_header(b, 1, 0)).contains("multiple of 512"));
+        assert!(with(&|b| disk_header(b, 1, u64::MAX - 511)).contains("at most"));
+        assert!(with(&|b| disk_header(b, MAX_COPIED_DISKS, 512)).contains("out of range"));
+        assert!(with(&|b| {
+            b.extend_from_slice(&TAG_DISK.to_le_bytes());
+            b.extend_from_slice(&(MAX_DISK_HEADER + 1).to_le_bytes());
+        })
+        .contains("more than"));
+        assert!(with(&|b| {
+            b.extend_from_slice(&TAG_DISK.to_le_bytes());
+            b.extend_from_slice(&2u32.to_le_bytes());
+            b.extend_from_slice(b"{}");
+        })
+        .contains("not valid"));
+        // Cut anywhere: refused.
+        let mut g = header(MEM);
+        disk_header(&mut g, 0, 1 << 20);
+        disk_data(&mut g, 0, 0, &[1; 4096]);
+        disk_zero(&mut g, 0, 4096, 4096);
+        tail(&mut g);
+        assert!(read_disks(&g).is_ok());
+        for cut in 0..g.len() {
+            assert!(read_disks(&g[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

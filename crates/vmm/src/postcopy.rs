@@ -234,6 +234,9 @@ pub(crate) fn start(mem: &GuestRam, pages: &[u64], conn: &TcpStream) -> Result<(
             if let Err(e) = receive(&u, &m, &mut std::io::BufReader::new(&mut reader)) {
                 lost(&e.0);
             }
+            // Every page is in: no more requests. The source, reading them, sees the end and
+            // closes with nothing unread (a close with unread data resets the connection).
+            let _ = reader.shutdown(std::net::Shutdown::Write);
         })
         .map_err(|e| MigrationError(format!("starting the post-copy receiver: {e}")))?;
     std::thread::Builder::new()
@@ -318,6 +321,7 @@ fn faults(u: &Uffd, missing: &Mutex<HashSet<u64>>, w: &mut TcpStream) {
         }
         Ok(msg)
     };
+    let mut asking = true;
     loop {
         let msg = match read_msg() {
             Ok(m) => m,
@@ -335,8 +339,12 @@ fn faults(u: &Uffd, missing: &Mutex<HashSet<u64>>, w: &mut TcpStream) {
         };
         let wanted = missing.lock().map(|m| m.contains(&gpa)).unwrap_or(false);
         if wanted {
-            if let Err(e) = w.write_all(&gpa.to_le_bytes()) {
-                lost(&format!("asking the source for a page: {e}"));
+            // A request that cannot be written is not the end by itself: the source pushes
+            // every listed page anyway, and may have sent the last ones and closed its end
+            // while they were in flight. The receiver decides: the page arrives (and wakes
+            // this fault), or the stream ends without it and the VM stops.
+            if asking && w.write_all(&gpa.to_le_bytes()).is_err() {
+                asking = false;
             }
         } else if let Err(e) = u.zero(gpa, PAGE) {
             lost(&e.0);

@@ -44,6 +44,16 @@ impl Held {
     }
 }
 
+/// Closes a [`VmkfsDisk`] (its owner record cleared, its locks dropped); the device then gets
+/// errors.
+pub(crate) struct Closer(Arc<Mutex<Option<wv_vmkfs::Disk>>>);
+
+impl Closer {
+    pub(crate) fn close(self) {
+        drop(self.0.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+}
+
 /// A disk of a snapshot: the frozen file a restore branches from (the `disks` section).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,7 +113,7 @@ impl VmkfsDisk {
         Ok(VmkfsDisk::hold(disk))
     }
 
-    fn hold(disk: wv_vmkfs::Disk) -> VmkfsDisk {
+    pub(crate) fn hold(disk: wv_vmkfs::Disk) -> VmkfsDisk {
         let (size, writable) = (disk.len(), disk.writable());
         let disk = Arc::new(Mutex::new(Some(disk)));
         let d = disk.clone();
@@ -116,6 +126,12 @@ impl VmkfsDisk {
             writable,
             bounce: Vec::new(),
         }
+    }
+
+    /// What closes this disk from elsewhere (a failed migration's target, before it removes
+    /// the disk it copied).
+    pub(crate) fn closer(&self) -> Closer {
+        Closer(self.disk.clone())
     }
 
     /// The file's name in the datastore.

@@ -27,6 +27,11 @@
 //!   polled every 5 ms until `completed`: `total-time`, `downtime`, `ram.transferred` (RAM
 //!   pages as sent, headers included; device state is not counted).
 //!
+//! - copydisk (wv only, not in the default `CASES`): `dirty` with the persist disk writer
+//!   (`probe.persist_disk=1`) on a 256 MiB raw image, half of it data, copied with the VM
+//!   (`"copy_disks": true`; the target's `--disk-dir` is a fresh folder each round). QEMU's
+//!   counterpart (block migration, `blockdev-mirror` over NBD) is not driven here.
+//!
 //! Every case runs `ROUNDS` times (default 3), wv and QEMU interleaved; median and range.
 //!
 //! Run (as root, for `ip netns`): `cargo bench -p wv --bench migrate`. Env: `ROUNDS`, `CASES`
@@ -272,6 +277,7 @@ fn gap(line: &str, name: &str) -> Result<f64, String> {
 enum Case {
     Idle,
     Dirty,
+    CopyDisk,
 }
 
 struct Params {
@@ -285,12 +291,13 @@ impl Case {
         match self {
             Case::Idle => "idle",
             Case::Dirty => "dirty",
+            Case::CopyDisk => "copydisk",
         }
     }
     fn test(self) -> &'static str {
         match self {
             Case::Idle => "clock",
-            Case::Dirty => "persist",
+            Case::Dirty | Case::CopyDisk => "persist",
         }
     }
     fn cmdline(self, p: &Params) -> String {
@@ -304,13 +311,18 @@ impl Case {
                  probe.persist_ms={}",
                 p.dirty_mib, p.rate, p.guest_ms
             ),
+            Case::CopyDisk => format!(
+                "console=ttyS0 probe.tests=persist probe.persist_mib={} probe.persist_rate={} \
+                 probe.persist_ms={} probe.persist_disk=1",
+                p.dirty_mib, p.rate, p.guest_ms
+            ),
         }
     }
     /// The serial line after which the migration starts.
     fn ready(self) -> &'static str {
         match self {
             Case::Idle => "clock: running",
-            Case::Dirty => "persist: steady",
+            Case::Dirty | Case::CopyDisk => "persist: steady",
         }
     }
 }
@@ -358,30 +370,43 @@ fn wv_round(e: &mut Env, case: Case, p: &Params) -> Result<Row, String> {
     let addr = format!("{}:{port}", e.dst_ip);
     let sock = e.dir.join("wv-api.sock");
     let _ = std::fs::remove_file(&sock);
-    let mut target = Vmm::spawn(
-        &e.dst_ns,
-        &e.wv,
-        &["run".into(), "--incoming".into(), addr.clone()],
-    );
+    let copy = matches!(case, Case::CopyDisk);
+    let mut target_args = vec!["run".into(), "--incoming".into(), addr.clone()];
+    let mut disk_args = Vec::new();
+    if copy {
+        // The source's image once (256 MiB, its first half data); a fresh target folder.
+        let img = e.dir.join("copydisk.img");
+        if !img.exists() {
+            let mut data = vec![0u8; 256 << 20];
+            for (i, b) in data[..128 << 20].iter_mut().enumerate() {
+                *b = u8::try_from(i % 251).unwrap_or(0) | 1;
+            }
+            std::fs::write(&img, data).map_err(|x| x.to_string())?;
+        }
+        let to = e.dir.join(format!("copied-{port}"));
+        std::fs::create_dir_all(&to).map_err(|x| x.to_string())?;
+        target_args.extend(["--disk-dir".into(), to.display().to_string()]);
+        disk_args = vec!["--disk".into(), format!("path={},id=root", img.display())];
+    }
+    let mut target = Vmm::spawn(&e.dst_ns, &e.wv, &target_args);
     let l = target.stderr_line();
     if !l.starts_with("wv: waiting for a migration on") {
         return Err(format!("target: {l} {}", target.stop()));
     }
-    let mut source = Vmm::spawn(
-        &e.src_ns,
-        &e.wv,
-        &[
-            "run".into(),
-            "--memory".into(),
-            "1G".into(),
-            "--api-socket".into(),
-            sock.display().to_string(),
-            "--cmdline".into(),
-            case.cmdline(p),
-        ],
-    );
+    let mut source_args: Vec<String> = vec![
+        "run".into(),
+        "--memory".into(),
+        "1G".into(),
+        "--api-socket".into(),
+        sock.display().to_string(),
+        "--cmdline".into(),
+        case.cmdline(p),
+    ];
+    source_args.extend(disk_args);
+    let mut source = Vmm::spawn(&e.src_ns, &e.wv, &source_args);
     source.wait_line(case.ready(), Duration::from_secs(120))?;
-    let body = serde_json::json!({ "destination": addr, "downtime_ms": 300 }).to_string();
+    let body = serde_json::json!({ "destination": addr, "downtime_ms": 300, "copy_disks": copy })
+        .to_string();
     let t = Instant::now();
     let (st, a) = http(&sock, "PUT", "/vm/migrate-send", &body);
     let wall = t.elapsed();
@@ -538,6 +563,7 @@ fn main() {
         .filter_map(|c| match c.trim() {
             "idle" => Some(Case::Idle),
             "dirty" => Some(Case::Dirty),
+            "copydisk" => Some(Case::CopyDisk),
             _ => None,
         })
         .collect();
@@ -599,7 +625,7 @@ fn main() {
                     rows[0].2.push(m);
                 }
             }
-            if qemu.is_some() {
+            if qemu.is_some() && !matches!(case, Case::CopyDisk) {
                 match qemu_round(&mut e, case, &p) {
                     Ok(r) => rows[1].1.push(r),
                     Err(m) => {

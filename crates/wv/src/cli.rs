@@ -350,8 +350,22 @@ const CLONE_OPTS: &[Opt] = &[
 const INCOMING: Opt = opt(
     "--incoming",
     Arg::Value("HOST:PORT"),
-    "listen on HOST:PORT (TCP) for one live migration (PUT /vm/migrate-send on the\nsource's control socket; docs/MIGRATION.md) and run the VM it brings: not with\nthe VM options, --config or --restore; --serial, --console-socket, --api-socket\nand --stats can be added",
+    "listen on HOST:PORT (TCP) for one live migration (PUT /vm/migrate-send on the\nsource's control socket; docs/MIGRATION.md) and run the VM it brings: not with\nthe VM options, --config or --restore; --serial, --console-socket, --api-socket,\n--stats, --disk-dir and --datastore can be added",
 );
+
+/// `wv run --incoming`: where the disks a migration copies (`--copy-disks`) land.
+const INCOMING_OPTS: &[Opt] = &[
+    opt(
+        "--disk-dir",
+        Arg::Value("DIR"),
+        "with --incoming: the raw disk images the source copies (--copy-disks) are created\nin DIR under their file names (never over an existing file), and the VM runs\non them there",
+    ),
+    opt(
+        "--datastore",
+        Arg::Value("PATH"),
+        "with --incoming: the VMKFS disks the source copies are created in the datastore\nat PATH under their names (never over an existing one)",
+    ),
+];
 
 /// What only a foreground `wv run` has (the daemon owns a VM's console).
 const RUN_LOCAL_OPTS: &[Opt] = &[
@@ -433,6 +447,7 @@ pub const RUN: Spec = Spec {
 boots the embedded probe guest, which runs its self-tests and powers off with 0 when all pass.",
     opts: &[
         &[CONFIG, RESTORE, INCOMING],
+        INCOMING_OPTS,
         CLONE_OPTS,
         VM_OPTS,
         RUN_LOCAL_OPTS,
@@ -753,6 +768,16 @@ const VM_MIGRATE: Spec = Spec {
                 Arg::Value("N"),
                 "the pause the VM may take at the switch-over (default 300)",
             ),
+            opt(
+                "--copy-disks",
+                Arg::Flag,
+                "copy the VM's writable disks too (no shared storage): raw images land in the\nVM's folder on the target, VMKFS disks in the target's datastore --datastore",
+            ),
+            opt(
+                "--datastore",
+                Arg::Value("PATH"),
+                "with --copy-disks: the VMKFS datastore on the target host that the VM's\nVMKFS disks are copied into (needed when it has any)",
+            ),
         ],
         CLIENT_OPTS,
     ],
@@ -820,7 +845,7 @@ Usage:
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm list | info NAME | stats NAME | console NAME | start|stop|pause|resume NAME | delete NAME
   wv vm snapshot NAME SNAP | restore NAME SNAP | clone SNAP NAME [--count N] | snapshots
-  wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N]
+  wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N] [--copy-disks [--datastore P]]
                             Manage VMs through the daemon (--socket or WV_SOCKET: a path,
                             or tcp:HOST:PORT; --json for machine-readable output)
   wv fs mkfs|info|ls|create|rm|resize|snapshot|commit|revert|branch|import|export|check|unlock ...
@@ -853,6 +878,7 @@ Commands:
   snapshots
   delete-snapshot SNAPSHOT
   migrate NAME --to HOST:PORT [--token T | $WV_TARGET_TOKEN] [--downtime-ms N]
+          [--copy-disks [--datastore PATH]]
 
 Run wv vm COMMAND --help for a command's options.";
 
@@ -925,6 +951,10 @@ pub struct Migrate {
     pub token: String,
     /// `--downtime-ms`.
     pub downtime_ms: Option<u64>,
+    /// `--copy-disks`.
+    pub copy_disks: bool,
+    /// `--datastore`: where copied VMKFS disks land on the target.
+    pub datastore: Option<String>,
 }
 
 /// `wv run --restore DIR [--clone] [--mac I=MAC]...`.
@@ -943,8 +973,8 @@ pub enum RunFrom {
     Options,
     /// `--restore DIR`: a snapshot (as a clone or not).
     Snapshot(Restore),
-    /// `--incoming HOST:PORT`: a live migration.
-    Incoming(String),
+    /// `--incoming HOST:PORT`: a live migration, and where the disks it copies land.
+    Incoming(String, wv_vmm::DiskPlaces),
 }
 
 /// A `wv` command line, parsed and checked.
@@ -1192,14 +1222,28 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
             dir: PathBuf::from(dir),
             opts: wv_vmm::RestoreOptions::default(),
         }),
-        (None, Some(addr)) => RunFrom::Incoming(addr.to_string()),
+        (None, Some(addr)) => RunFrom::Incoming(
+            addr.to_string(),
+            wv_vmm::DiskPlaces {
+                dir: m.value("--disk-dir").map(PathBuf::from),
+                datastore: m.value("--datastore").map(PathBuf::from),
+            },
+        ),
         (None, None) => RunFrom::Options,
     };
     let what = match &from {
         RunFrom::Options => None,
         RunFrom::Snapshot(_) => Some("--restore takes the VM from the snapshot"),
-        RunFrom::Incoming(_) => Some("--incoming takes the VM from the migration"),
+        RunFrom::Incoming(..) => Some("--incoming takes the VM from the migration"),
     };
+    if !matches!(from, RunFrom::Incoming(..)) {
+        if let Some(o) = INCOMING_OPTS.iter().find(|o| m.has(o.long)) {
+            return Err(Usage(format!(
+                "{} says where a migration's copied disks land: it needs --incoming",
+                o.long
+            )));
+        }
+    }
     if let Some(what) = what {
         if let Some(o) = VM_OPTS.iter().chain([&CONFIG]).find(|o| m.has(o.long)) {
             return Err(Usage(format!("{what}: {} cannot be added to it", o.long)));
@@ -1627,11 +1671,20 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
                     })
                 })
                 .transpose()?;
+            let copy_disks = m.has("--copy-disks");
+            let datastore = m.value("--datastore").map(str::to_string);
+            if datastore.is_some() && !copy_disks {
+                return Err(Usage(
+                    "--datastore says where copied VMKFS disks land: it needs --copy-disks".into(),
+                ));
+            }
             VmCmd::Migrate(Migrate {
                 name: m.pos[0].clone(),
                 to,
                 token,
                 downtime_ms,
+                copy_disks,
+                datastore,
             })
         }
         cmd => VmCmd::Named(cmd.rsplit(' ').next().unwrap_or_default(), m.pos[0].clone()),

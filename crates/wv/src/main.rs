@@ -130,11 +130,11 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom) -> ExitCode {
         RunFrom::Options => wv_vmm::run(cfg),
         RunFrom::Snapshot(r) => wv_vmm::snapshot_config(&r.dir)
             .and_then(|c| wv_vmm::restore_with(&local(c), &r.dir, &r.opts)),
-        RunFrom::Incoming(addr) => wv_vmm::migrate::listen(addr).and_then(|l| {
+        RunFrom::Incoming(addr, places) => wv_vmm::migrate::listen(addr).and_then(|l| {
             if let Ok(a) = l.local_addr() {
                 let _ = writeln!(std::io::stderr(), "wv: waiting for a migration on {a}");
             }
-            let inc = wv_vmm::migrate::receive(&l)?;
+            let inc = wv_vmm::migrate::receive_with(&l, places)?;
             drop(l);
             let c = local(inc.config().clone());
             wv_vmm::migrate::run_incoming(&c, inc)
@@ -653,6 +653,12 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
             let mut body = serde_json::json!({ "to": mig.to, "token": mig.token });
             if let Some(d) = mig.downtime_ms {
                 body["downtime_ms"] = d.into();
+            }
+            if mig.copy_disks {
+                body["copy_disks"] = true.into();
+            }
+            if let Some(d) = &mig.datastore {
+                body["datastore"] = d.as_str().into();
             }
             let name = &mig.name;
             api(

@@ -16,10 +16,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Why a VM's disks cannot move, as its VMM would say (the daemon says it before asking
-/// anyone): a writable raw image. VMKFS disks stay on their datastore, which both hosts must
-/// open at the same path, and are handed over at the switch-over; read-only disks are opened
-/// again by the target (docs/MIGRATION.md).
+/// Why a VM's disks cannot move without `copy_disks`, as its VMM would say (the daemon says
+/// it before asking anyone): a writable raw image. VMKFS disks stay on their datastore, which
+/// both hosts must open at the same path, and are handed over at the switch-over; read-only
+/// disks are opened again by the target. With `copy_disks` every writable disk is copied
+/// instead (docs/MIGRATION.md).
 fn disks_refused(c: &wv_config::VmConfig) -> Option<String> {
     c.disks
         .iter()
@@ -97,11 +98,29 @@ impl Daemon {
                 def.insert(k.into(), v);
             }
         }
-        let spec: VmSpec = match serde_json::from_value(serde_json::Value::Object(def)) {
+        let mut spec: VmSpec = match serde_json::from_value(serde_json::Value::Object(def)) {
             Ok(s) => s,
             Err(e) => return error(400, format!("invalid incoming request: config: {e}")),
         };
-        if let Some(m) = disks_refused(&spec.config) {
+        let copy = req.copy_disks.unwrap_or(false);
+        if copy {
+            // The copied disks' new places: raw images in the VM's folder, VMKFS disks in the
+            // datastore named (checked as any definition's files are).
+            let dir = match self.store.vm_dir(name) {
+                Ok(d) => d.join(super::COPIED_DISKS),
+                Err(e) => return error(422, e),
+            };
+            let ds = req.datastore.as_deref().map(std::path::Path::new);
+            match wv_config::copied_disk_places(&spec.config, Some(&dir), ds) {
+                Ok(c) => spec.config = c,
+                Err(e) => return error(422, format!("copy_disks: {}", e.0)),
+            }
+        } else if req.datastore.is_some() {
+            return error(
+                422,
+                "datastore: where copied VMKFS disks land; it needs \"copy_disks\": true",
+            );
+        } else if let Some(m) = disks_refused(&spec.config) {
             return error(422, m);
         }
         let listen = match &req.listen {
@@ -130,7 +149,12 @@ impl Daemon {
             Ok(d) => d,
             Err(e) => return self.undefine(name, error(422, e)),
         };
-        if let Err(e) = std::fs::create_dir_all(&dir) {
+        let made = if copy {
+            std::fs::create_dir_all(dir.join(super::COPIED_DISKS))
+        } else {
+            std::fs::create_dir_all(&dir)
+        };
+        if let Err(e) = made {
             return self.undefine(name, error(500, format!("creating {}: {e}", dir.display())));
         }
         // What the log holds already is not this VMM's (the folder is fresh: nothing).
@@ -138,7 +162,7 @@ impl Daemon {
         let from = std::fs::metadata(&log).map_or(0, |m| m.len());
         let _ = std::fs::remove_file(dir.join(supervisor::API_SOCKET));
         let addr = listen.to_string();
-        let (status, body) = self.start_with(name, StartFrom::Incoming(&addr));
+        let (status, body) = self.start_with(name, StartFrom::Incoming(&addr, copy));
         if status != 200 {
             return self.undefine(name, (status, body));
         }
@@ -282,7 +306,14 @@ impl Daemon {
                 }
             }
         };
-        if let Some(m) = disks_refused(&spec.config) {
+        let copy = req.copy_disks.unwrap_or(false);
+        if !copy && req.datastore.is_some() {
+            return error(
+                422,
+                "datastore: where copied VMKFS disks land on the target; it needs \"copy_disks\": true",
+            );
+        }
+        if let Some(m) = disks_refused(&spec.config).filter(|_| !copy) {
             return error(422, format!("VM '{name}': {m}"));
         }
         let target = PathBuf::from(format!("tcp:{}", req.to));
@@ -303,6 +334,12 @@ impl Daemon {
         });
         if let Some(l) = spec.limit {
             prepare["limit"] = json!(l);
+        }
+        if copy {
+            prepare["copy_disks"] = json!(true);
+            if let Some(d) = &req.datastore {
+                prepare["datastore"] = json!(d);
+            }
         }
         let answered = match call(
             "POST",
@@ -362,6 +399,9 @@ impl Daemon {
         let mut send = json!({ "destination": destination });
         if let Some(d) = req.downtime_ms {
             send["downtime_ms"] = json!(d);
+        }
+        if copy {
+            send["copy_disks"] = json!(true);
         }
         let sent = self.vmm_call(name, "PUT", "/vm/migrate-send", Some(&send.to_string()));
         let numbers = match sent {
