@@ -16,8 +16,10 @@ pub(super) fn recv_list() -> List {
         .ioctl(UFFDIO_COPY)
         .ioctl(UFFDIO_WAKE)
         .ioctl(UFFDIO_ZEROPAGE)
-        // The end of post-copy: the memory no longer watched.
+        // The end of post-copy: the memory no longer watched, and the request direction
+        // closed, so the source (draining requests) sees the end and no reset.
         .ioctl(UFFDIO_UNREGISTER)
+        .allow(libc::SYS_shutdown)
 }
 
 /// The fault reader's list.
