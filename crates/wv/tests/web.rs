@@ -57,8 +57,19 @@ fn wd(port: u16, method: &str, path: &str, body: Option<&Value>) -> Value {
     v["value"].clone()
 }
 
+/// chromedriver, killed when dropped (also when the browser's start panics half-way: an
+/// orphaned driver would keep every inherited descriptor open).
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Browser {
-    driver: Child,
+    _driver: Driver,
     port: u16,
     session: String,
 }
@@ -66,12 +77,14 @@ struct Browser {
 impl Browser {
     fn start() -> Browser {
         let port = free_port();
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (Debian package chromium-driver) is needed");
+        let driver = Driver(
+            Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver (Debian package chromium-driver) is needed"),
+        );
         let t = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -94,7 +107,7 @@ impl Browser {
             .unwrap_or_else(|| panic!("no session: {v}"))
             .to_string();
         Browser {
-            driver,
+            _driver: driver,
             port,
             session,
         }
@@ -189,8 +202,7 @@ impl Drop for Browser {
             &format!("/session/{}", self.session),
             None,
         );
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        // The driver itself goes with `self._driver`.
     }
 }
 
