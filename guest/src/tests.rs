@@ -1607,7 +1607,12 @@ fn net_peer() -> Outcome {
             }
         }
     }
-    d.s("arp=").dec(arps).s(" icmp=").dec(echoes).s(" frames=").dec(frames);
+    d.s("arp=")
+        .dec(arps)
+        .s(" icmp=")
+        .dec(echoes)
+        .s(" frames=")
+        .dec(frames);
     if echoes < want {
         d.s(" problem: too few echo requests answered");
         return fail("netpeer", &mut d);
@@ -1848,8 +1853,7 @@ impl DiskWriter {
         for n in 0..self.acked {
             // SAFETY: as in write; cleared before each read.
             unsafe { (*b).data = [0; 512] };
-            if blk_request_within(&mut self.dev, 0, 1 + n, 512, true, PERSIST_BLK_WAIT) != Some(0)
-            {
+            if blk_request_within(&mut self.dev, 0, 1 + n, 512, true, PERSIST_BLK_WAIT) != Some(0) {
                 return Some(n);
             }
             // SAFETY: the device wrote the sector into the buffer.
