@@ -12,7 +12,12 @@ type Mmap = vm_memory::GuestMemoryMmap;
 
 const MEM: usize = 64 * 1024;
 
-fn guest(data: &[u8]) -> (GuestMemoryAtomic<Mmap>, VringRwLock<GuestMemoryAtomic<Mmap>>) {
+fn guest(
+    data: &[u8],
+) -> (
+    GuestMemoryAtomic<Mmap>,
+    VringRwLock<GuestMemoryAtomic<Mmap>>,
+) {
     let mem = Mmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let n = data.len().min(MEM);
     mem.write_slice(&data[..n], GuestAddress(0)).unwrap();
