@@ -459,10 +459,10 @@ pub(crate) fn run_from(
     let trace = Trace::new(start);
     let clone = restore.as_ref().is_some_and(|r| r.clone);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
-    // Every filter is compiled here, before any thread of the VM starts; each thread installs
+    // Every filter is compiled from here, on a thread of its own; each thread installs
     // its own as it starts (vCPU 0's, the main thread's, just before it enters the guest).
     seccomp::prepare(cfg.seccomp).map_err(VmmError::Internal)?;
-    trace.mark("seccomp filters compiled");
+    trace.mark("seccomp compilation started");
     // A restored VM's VMKFS disks are new branches of the snapshot's frozen files; its
     // configuration names them.
     let branched;
