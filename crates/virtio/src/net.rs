@@ -472,27 +472,37 @@ impl VirtioDevice for Net {
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(c) = self.ctl.take() {
-            c.stop();
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        stop_worker(&mut self.ctl, &mut self.thread);
     }
     fn save_state(&self) -> DeviceState {
         DeviceState::Net(NetState { mac: self.mac })
     }
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
-        match state {
-            DeviceState::Net(s) => {
-                self.mac = s.mac;
-                Ok(())
-            }
-            other => Err(format!(
-                "a {} state cannot be restored into a virtio-net device",
-                other.kind()
-            )),
+        restore_mac(&mut self.mac, state)
+    }
+}
+
+/// Stops a net device's worker (TAP or vhost-user relay) and waits for its thread.
+pub(crate) fn stop_worker(ctl: &mut Option<Arc<WorkerCtl>>, thread: &mut Option<JoinHandle<()>>) {
+    if let Some(c) = ctl.take() {
+        c.stop();
+    }
+    if let Some(t) = thread.take() {
+        let _ = t.join();
+    }
+}
+
+/// A net device's saved state (its MAC) back into `mac`; any other device's state is refused.
+pub(crate) fn restore_mac(mac: &mut [u8; 6], state: DeviceState) -> Result<(), String> {
+    match state {
+        DeviceState::Net(s) => {
+            *mac = s.mac;
+            Ok(())
         }
+        other => Err(format!(
+            "a {} state cannot be restored into a virtio-net device",
+            other.kind()
+        )),
     }
 }
 

@@ -18,8 +18,8 @@
 
 use crate::device::{CtlAction, DeviceState, ExitGuard, WorkerCtl};
 use crate::net::{
-    NetState, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6, F_MAC,
-    F_MRG_RXBUF, F_STATUS, QUEUE_SIZE,
+    restore_mac, stop_worker, NetState, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6,
+    F_HOST_TSO4, F_HOST_TSO6, F_MAC, F_MRG_RXBUF, F_STATUS, QUEUE_SIZE,
 };
 use crate::GuestMemoryMmap;
 use crate::{ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
@@ -364,27 +364,13 @@ impl VirtioDevice for VhostUserNet {
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some(c) = self.ctl.take() {
-            c.stop();
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        stop_worker(&mut self.ctl, &mut self.thread);
     }
     fn save_state(&self) -> DeviceState {
         DeviceState::Net(NetState { mac: self.mac })
     }
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
-        match state {
-            DeviceState::Net(s) => {
-                self.mac = s.mac;
-                Ok(())
-            }
-            other => Err(format!(
-                "a {} state cannot be restored into a virtio-net device",
-                other.kind()
-            )),
-        }
+        restore_mac(&mut self.mac, state)
     }
 }
 
