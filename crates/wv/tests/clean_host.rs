@@ -227,6 +227,16 @@ impl Host {
         child
     }
 
+    /// `wv host uninstall --state-dir STATE`, with `--yes` if `yes`.
+    fn uninstall(&self, yes: bool) -> Run {
+        let state = self.state.to_str().unwrap();
+        let mut args = vec!["host", "uninstall", "--state-dir", state];
+        if yes {
+            args.push("--yes");
+        }
+        self.wv(&args)
+    }
+
     fn wv(&self, args: &[&str]) -> Run {
         let mut c = Command::new(wv_bin());
         c.args(args)
@@ -468,13 +478,7 @@ fn a_host_is_left_as_it_was_found() {
         "a killed daemon cannot remove its socket"
     );
     assert_eq!(h.snapshot().vmms.len(), 2);
-    let r = h.wv(&[
-        "host",
-        "uninstall",
-        "--yes",
-        "--state-dir",
-        h.state.to_str().unwrap(),
-    ]);
+    let r = h.uninstall(true);
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stderr.contains("still runs"), "{r}");
     let d = h.start();
@@ -487,21 +491,10 @@ fn a_host_is_left_as_it_was_found() {
     // 4. SIGKILL with no VM running, then `wv host uninstall`: the leftovers and the state
     // directory go.
     let mut d = h.start();
-    let r = h.wv(&[
-        "host",
-        "uninstall",
-        "--state-dir",
-        h.state.to_str().unwrap(),
-    ]);
+    let r = h.uninstall(false);
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stderr.contains("add --yes"), "no terminal to ask on: {r}");
-    let r = h.wv(&[
-        "host",
-        "uninstall",
-        "--yes",
-        "--state-dir",
-        h.state.to_str().unwrap(),
-    ]);
+    let r = h.uninstall(true);
     assert_eq!(r.status, Some(1), "{r}");
     assert!(r.stderr.contains("a daemon runs"), "{r}");
     d.kill().unwrap();
@@ -512,24 +505,12 @@ fn a_host_is_left_as_it_was_found() {
         before.cgroups,
         "the killed daemon's groups stay"
     );
-    let r = h.wv(&[
-        "host",
-        "uninstall",
-        "--yes",
-        "--state-dir",
-        h.state.to_str().unwrap(),
-    ]);
+    let r = h.uninstall(true);
     assert_eq!(r.status, Some(0), "{r}");
     assert!(!h.state.exists(), "the state directory remains");
     assert_same_soon(&h, &before, "after SIGKILL and wv host uninstall");
     // Nothing left to remove: still fine.
-    let r = h.wv(&[
-        "host",
-        "uninstall",
-        "--yes",
-        "--state-dir",
-        h.state.to_str().unwrap(),
-    ]);
+    let r = h.uninstall(true);
     assert_eq!(r.status, Some(0), "{r}");
 }
 
