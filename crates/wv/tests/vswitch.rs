@@ -163,6 +163,16 @@ fn port<'a>(st: &'a [serde_json::Value], network: &str, port: &str) -> &'a serde
         .unwrap_or_else(|| panic!("no port {network}/{port} in {st:?}"))
 }
 
+/// Waits (at most WAIT) until switch port `network/name` has a VMM connected; `what` names the
+/// failure.
+fn wait_connected(dir: &Path, network: &str, name: &str, what: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while port(&stats(dir), network, name)["connected"] != true {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::yield_now();
+    }
+}
+
 fn sock(dir: &Path, network: &str, port: &str) -> PathBuf {
     dir.join(network).join(format!("{port}.sock"))
 }
@@ -486,14 +496,7 @@ fn a_guest_on_the_switch_snapshots_and_restores() {
     c.args(["run", "--restore", snap.to_str().unwrap()]);
     let back = Proc::spawn(c, false);
     // Connected again once the restored VMM has handed its rings back to the switch.
-    let deadline = std::time::Instant::now() + WAIT;
-    while port(&stats(&dir.0), "lan", "b")["connected"] != true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restored VM never reconnected"
-        );
-        std::thread::yield_now();
-    }
+    wait_connected(&dir.0, "lan", "b", "the restored VM never reconnected");
     let r = ping();
     assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
     let (st, out) = back.finish();
@@ -599,14 +602,12 @@ fn guests_carry_on_through_a_switch_restart() {
     assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
     drop(sw);
     let _sw = switch(&dir.0, None, &ports);
-    let deadline = std::time::Instant::now() + WAIT;
-    while port(&stats(&dir.0), "lan", "b")["connected"] != true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest's VMM never connected to the new switch"
-        );
-        std::thread::yield_now();
-    }
+    wait_connected(
+        &dir.0,
+        "lan",
+        "b",
+        "the guest's VMM never connected to the new switch",
+    );
     let r = ping();
     assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
     let (st, out) = peer.finish();
