@@ -350,9 +350,25 @@ fn host_status(c: &Client) -> ExitCode {
 /// ends, or standard input ends when it is not a terminal).
 fn console(name: &str, sock: &Path) -> ExitCode {
     use std::io::{Read, Write};
-    let mut s = match std::os::unix::net::UnixStream::connect(sock) {
-        Ok(s) => s,
-        Err(e) => return fail(2, &format!("cannot attach to {}: {e}", sock.display())),
+    // A VMM the daemon has just started binds its console socket within milliseconds of
+    // `vm start` answering: a console asked for in that window waits for it (up to 5 s), as
+    // the daemon's own requests to a new VMM's control socket do.
+    let mut tries = 0;
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e)
+                if tries < 250
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return fail(2, &format!("cannot attach to {}: {e}", sock.display())),
+        }
     };
     // SAFETY: isatty has no preconditions.
     let tty = unsafe { libc::isatty(0) } == 1;

@@ -418,7 +418,14 @@ fn console_attaches_to_the_serial_port() {
         match rx.recv_timeout(left) {
             Ok(text) if text.contains("hello") => break,
             Ok(_) => {}
-            Err(e) => panic!("the guest never echoed 'hello': {e}"),
+            Err(e) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "the guest never echoed 'hello': {e}; wv vm console said: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
     }
     stdin.write_all(b"q").unwrap();
