@@ -1231,6 +1231,19 @@ impl<R: Read> In<R> {
         self.bytes += b.len() as u64;
         Ok(())
     }
+    /// `len` bytes into a buffer that grows as they arrive (`len` is the peer's word: a
+    /// stream that claims a large record and ends early costs no more than it sent).
+    fn take_up_to(&mut self, len: u64) -> Result<Vec<u8>, MigrationError> {
+        const CHUNK: u64 = 1 << 20;
+        let mut b = Vec::new();
+        while (b.len() as u64) < len {
+            let n = usize::try_from((len - b.len() as u64).min(CHUNK)).unwrap_or(1 << 20);
+            let at = b.len();
+            b.resize(at + n, 0);
+            self.take(&mut b[at..])?;
+        }
+        Ok(b)
+    }
     fn u32(&mut self) -> Result<u32, MigrationError> {
         let mut b = [0u8; 4];
         self.take(&mut b)?;
@@ -1490,10 +1503,7 @@ pub fn read_stream_into(
                 if len > MAX_STATE {
                     return Err(bad(format!("the state record claims {len} bytes")));
                 }
-                // len <= MAX_STATE (checked).
-                #[allow(clippy::cast_possible_truncation)]
-                let mut b = vec![0u8; len as usize];
-                s.take(&mut b)?;
+                let b = s.take_up_to(len)?;
                 state = Some(Sections::decode(&b).map_err(|e| bad(format!("the state: {e}")))?);
             }
             TAG_END => {
@@ -1832,6 +1842,33 @@ mod tests {
             Ok(_) => panic!("accepted"),
             Err(e) => e.0,
         }
+    }
+
+    /// A reader that remembers the largest buffer it was asked to fill.
+    struct Widest<'a>(&'a [u8], usize);
+    impl Read for Widest<'_> {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.1 = self.1.max(b.len());
+            self.0.read(b)
+        }
+    }
+
+    #[test]
+    fn a_state_record_claiming_much_and_sending_little_costs_what_it_sent() {
+        let mut b = header(MEM);
+        b.extend_from_slice(&TAG_STATE.to_le_bytes());
+        b.extend_from_slice(&MAX_STATE.to_le_bytes());
+        b.extend_from_slice(&[0u8; 100]);
+        let mut r = Widest(&b, 0);
+        let e = read_stream_into(&mut r, 1 << 40, &mut NoDisks)
+            .err()
+            .unwrap();
+        assert!(e.0.contains("ended after"), "{e}");
+        // The buffer grows as bytes arrive: never the 256 MiB the record claimed.
+        assert!(r.1 <= 1 << 20, "a read into a buffer of {} bytes", r.1);
+        // A whole state in several chunks still reads.
+        let got = read_stream(good().as_slice(), 1 << 40).unwrap();
+        assert!(got.sections.get("machine").is_ok());
     }
 
     #[test]
