@@ -635,12 +635,32 @@ fn copy_range(
 pub struct PortBackend {
     sw: Arc<Switch>,
     port: usize,
+    /// The read ends of the exit events handed to vhost-user-backend, which registers them
+    /// with its epoll through `into_raw_fd` and never closes them (0.24): closed here once the
+    /// connection's daemon is gone ([`PortBackend::close_exit_events`]), or every connection
+    /// would leak a descriptor.
+    exit_consumers: Arc<Mutex<Vec<std::os::fd::RawFd>>>,
 }
 
 impl PortBackend {
     /// The backend of port `port` of `sw`.
     pub fn new(sw: Arc<Switch>, port: usize) -> PortBackend {
-        PortBackend { sw, port }
+        PortBackend {
+            sw,
+            port,
+            exit_consumers: Arc::default(),
+        }
+    }
+
+    /// Closes the exit events' read ends handed out so far. Only once the daemon that took
+    /// them has been dropped (its epoll handlers with it): nothing else uses them then.
+    pub fn close_exit_events(&self) {
+        for fd in lock(&self.exit_consumers).drain(..) {
+            // SAFETY: `fd` is the read end of an exit event this backend created, which
+            // vhost-user-backend took as a raw descriptor and never closes; its user (the
+            // daemon's epoll handler) is gone, so closing it here closes nothing in use.
+            unsafe { libc::close(fd) };
+        }
     }
 
     fn rx(&self) -> MutexGuard<'_, RxSide> {
@@ -713,7 +733,10 @@ impl VhostUserBackend for PortBackend {
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Without one the worker thread of a connection that ended never ends, and dropping
         // its daemon (to take the next connection) would wait for it forever.
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        lock(&self.exit_consumers).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
     fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
         // A region that maps more of its file than the file holds would fault (SIGBUS) on
@@ -810,6 +833,9 @@ fn serve_port(
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        // Joins the connection's worker, then closes what the library leaves open.
+        drop(daemon);
+        backend.close_exit_events();
     }
 }
 
