@@ -84,6 +84,30 @@ impl MmioBus {
         true
     }
 
+    /// [`MmioBus::relocate`], only into `window`: false (nothing changed) when
+    /// `[new, new + len)` does not lie in it. What the VMM's virtio BARs follow, with the PCI
+    /// MMIO window as `window`, so that a guest cannot map a device over RAM, the ECAM window
+    /// or the interrupt controllers.
+    pub fn relocate_within(&self, old: u64, new: u64, window: std::ops::Range<u64>) -> bool {
+        let len = {
+            let es = self.entries();
+            let Some(e) = es.iter().find(|e| e.base == old) else {
+                return false;
+            };
+            e.len
+        };
+        let inside = new >= window.start && new.checked_add(len).is_some_and(|e| e <= window.end);
+        inside && self.relocate(old, new)
+    }
+
+    /// Every range: (base, length, name), in insertion order.
+    pub fn ranges(&self) -> Vec<(u64, u64, &'static str)> {
+        self.entries()
+            .iter()
+            .map(|e| (e.base, e.len, e.name))
+            .collect()
+    }
+
     /// The device covering `[addr, addr + len)` (index, offset), if one covers all of it.
     #[inline]
     pub fn lookup(&self, addr: u64, len: usize) -> Option<(usize, u64)> {
@@ -170,5 +194,26 @@ mod tests {
         assert!(b.relocate(0x1000, 0x5000));
         assert_eq!(b.lookup(0x1000, 4), None);
         assert_eq!(b.lookup(0x5004, 4), Some((0, 4)));
+    }
+
+    #[test]
+    fn relocation_within_a_window_stays_in_it() {
+        let b = MmioBus::new();
+        b.insert(0xc000_0000, 16, "a", Arc::new(Mutex::new(Mem([0; 16]))))
+            .unwrap();
+        let w = 0xc000_0000..0xe000_0000;
+        assert!(!b.relocate_within(0xc000_0000, 0x1000, w.clone()), "below");
+        assert!(
+            !b.relocate_within(0xc000_0000, 0xdfff_fff8, w.clone()),
+            "past the end"
+        );
+        assert!(
+            !b.relocate_within(0xc000_0000, u64::MAX - 8, w.clone()),
+            "wraps"
+        );
+        assert_eq!(b.ranges(), vec![(0xc000_0000, 16, "a")], "unmoved");
+        assert!(b.relocate_within(0xc000_0000, 0xdfff_fff0, w.clone()));
+        assert_eq!(b.ranges(), vec![(0xdfff_fff0, 16, "a")]);
+        assert!(!b.relocate_within(0x1234, 0xc000_0000, w), "nothing there");
     }
 }

@@ -931,7 +931,7 @@ impl VirtioPci {
             self.bar_addr = bar.addr;
         } else if !self.warned_move {
             self.warned_move = true;
-            eprintln!("wv: the guest moved a virtio BAR to {:#x}, which is taken; the device stays at {:#x}", bar.addr, self.bar_addr);
+            eprintln!("wv: the guest moved a virtio BAR to {:#x}, which is taken or outside the PCI MMIO window; the device stays at {:#x}", bar.addr, self.bar_addr);
         }
     }
 

@@ -330,7 +330,10 @@ impl PciBuilder {
                 .collect::<Result<_, _>>()
                 .map_err(|e| err("eventfd", &e))?;
             Box::new(move |old: u64, new: u64| {
-                if !mmio.relocate(old, new) {
+                // Only within the PCI MMIO window (ACPI's _CRS): never over RAM, the ECAM
+                // window or the interrupt controllers, and never over another BAR.
+                let window = wv_machine::layout::MMIO_HOLE_START..wv_machine::layout::PCI_MMIO_END;
+                if !mmio.relocate_within(old, new, window) {
                     return false;
                 }
                 // Notifications follow the BAR; should a registration fail, the transport still
