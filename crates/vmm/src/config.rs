@@ -13,7 +13,7 @@ pub fn kernel_image(k: &KernelSource) -> Result<wv_machine::KernelImage, ConfigE
         KernelSource::Path(p) => Ok(wv_machine::KernelImage::File(p.clone())),
         KernelSource::Embedded(name) => {
             let known = EMBEDDED_KERNELS.iter().find(|n| **n == name.as_str());
-            match known.and_then(|n| Some((*n, wv_probe_images::by_name(n)?))) {
+            match known.and_then(|n| Some((*n, embedded(n)?))) {
                 Some((n, bytes)) => Ok(wv_machine::KernelImage::Embedded(n, bytes)),
                 None => Err(ConfigError(format!(
                     "kernel: no embedded image is named '{}' (there are {})",
@@ -25,7 +25,19 @@ pub fn kernel_image(k: &KernelSource) -> Result<wv_machine::KernelImage, ConfigE
     }
 }
 
-#[cfg(test)]
+/// The embedded image `name` (none in a build without the `embedded-images` feature).
+#[cfg(feature = "embedded-images")]
+fn embedded(name: &str) -> Option<&'static [u8]> {
+    wv_probe_images::by_name(name)
+}
+
+/// The embedded image `name` (none in a build without the `embedded-images` feature).
+#[cfg(not(feature = "embedded-images"))]
+fn embedded(_name: &str) -> Option<&'static [u8]> {
+    None
+}
+
+#[cfg(all(test, feature = "embedded-images"))]
 mod tests {
     use super::*;
 

@@ -183,6 +183,38 @@ fn serve(stream: UnixStream, tx: &Tx, wake: &EventFd) {
     }
 }
 
+/// What the API thread makes of a request before anything reaches the VM: the name of the
+/// command it asks for (`info`, `counters`, `pause`, `resume`, `shutdown`, `snapshot`,
+/// `migrate-send`), or the status and message of its 4xx answer. No VM is needed (the fuzz
+/// target `vmm_control`).
+pub fn check_request(req: &Request) -> Result<&'static str, (u16, String)> {
+    match route(req) {
+        Ok(c) => Ok(c.name()),
+        Err(a) => {
+            let msg = serde_json::from_str::<serde_json::Value>(&a.body)
+                .ok()
+                .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+                .unwrap_or(a.body);
+            Err((a.status, msg))
+        }
+    }
+}
+
+impl Command {
+    /// The command's name (what [`check_request`] reports).
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Info => "info",
+            Command::Counters => "counters",
+            Command::Pause => "pause",
+            Command::Resume => "resume",
+            Command::Shutdown => "shutdown",
+            Command::Snapshot(_) => "snapshot",
+            Command::MigrateSend(_) => "migrate-send",
+        }
+    }
+}
+
 /// The command a request asks for, or the 4xx answer to it.
 fn route(req: &Request) -> Result<Command, Answer> {
     let segs = http::segments(&req.path).map_err(|HttpError(s, m)| Answer::error(s, m))?;
@@ -556,4 +588,35 @@ impl Controller {
 /// The JSON of a state section (these types always serialise).
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(raw: &str) -> Request {
+        http::read_request(&mut BufReader::new(raw.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn requests_are_checked_without_a_vm() {
+        assert_eq!(check_request(&req("GET /vm HTTP/1.1\r\n\r\n")), Ok("info"));
+        assert_eq!(
+            check_request(&req("PUT /vm/pause HTTP/1.1\r\n\r\n")),
+            Ok("pause")
+        );
+        let body = r#"{"destination":"/tmp/s"}"#;
+        let put = format!(
+            "PUT /vm/snapshot HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(check_request(&req(&put)), Ok("snapshot"));
+        let (s, m) = check_request(&req("GET /vm/pause HTTP/1.1\r\n\r\n")).unwrap_err();
+        assert_eq!(s, 405, "{m}");
+        let (s, m) = check_request(&req("GET /nothing HTTP/1.1\r\n\r\n")).unwrap_err();
+        assert!(s == 404 && m.contains("/nothing"), "{s} {m}");
+        let bad = "PUT /vm/migrate-send HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]";
+        let (s, m) = check_request(&req(bad)).unwrap_err();
+        assert!(s == 400 && m.contains("JSON object"), "{s} {m}");
+    }
 }

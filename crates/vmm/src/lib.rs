@@ -426,6 +426,22 @@ pub fn snapshot_config(dir: &std::path::Path) -> Result<VmConfig, VmmError> {
         .map_err(|e| VmmError::Snapshot(e.0))
 }
 
+/// Reads a snapshot's state file (`bytes`) as a restore does before it builds anything: the
+/// sections and their checksums, the configuration (validated as for a VM on a host with
+/// `host_ram` bytes), then the machine, VM, vCPU, device and disk sections checked against it.
+/// Returns the configuration; nothing is opened or built (the fuzz target `snapshot_reader`).
+pub fn check_snapshot_state(
+    bytes: &[u8],
+    host_ram: u64,
+) -> Result<VmConfig, snapshot::SnapshotError> {
+    let sections = snapshot::Sections::decode(bytes)?;
+    let cfg: VmConfig = sections.json("config")?;
+    cfg.validate(host_ram)
+        .map_err(|e| snapshot::SnapshotError(format!("the snapshot's configuration: {e}")))?;
+    Restore::from_sections(&sections, &cfg)?;
+    Ok(cfg)
+}
+
 /// Brings back the VM of the snapshot in `dir` (taken with `PUT /vm/snapshot`) and runs it until
 /// it ends. `cfg` is the snapshot's configuration ([`snapshot_config`]) with the options that do
 /// not define the VM (console, control socket) as the caller wants them.

@@ -371,3 +371,35 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    #[test]
+    fn a_state_is_checked_without_building_anything() {
+        let host = 1 << 30;
+        let err = |s: &Sections| {
+            crate::check_snapshot_state(&s.encode(), host)
+                .unwrap_err()
+                .0
+        };
+        let mut s = Sections::default();
+        assert!(err(&s).contains("no 'config' section"));
+        let cfg = crate::VmConfig::new(
+            crate::config::KernelSource::Embedded("pvh".into()),
+            String::new(),
+        );
+        s.push("config", serde_json::to_vec(&cfg).unwrap());
+        assert!(err(&s).contains("no 'machine' section"), "{}", err(&s));
+        let m = Machine {
+            memory: cfg.memory + 4096,
+            vcpus: cfg.vcpus,
+            tsc_khz: 0,
+            restores: 0,
+        };
+        s.push("machine", serde_json::to_vec(&m).unwrap());
+        assert!(err(&s).contains("does not match"), "{}", err(&s));
+        assert!(crate::check_snapshot_state(b"WVSNAP\r\n", host).is_err());
+    }
+}
