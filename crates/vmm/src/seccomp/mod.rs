@@ -747,6 +747,59 @@ mod tests {
         }
     }
 
+    /// Where a filter's start-up cost goes, per kind: seccompiler's compilation, the kernel's
+    /// installation (a fresh thread each), and then a call through it (ioctl on a bad
+    /// descriptor: an argument check). Prints; asserts nothing
+    /// but that each step works. `cargo test -p wv-vmm --release --lib seccomp_costs -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement: run by hand with --ignored --nocapture"]
+    fn seccomp_costs() {
+        use std::time::Instant;
+        let call = || {
+            let t = Instant::now();
+            for _ in 0..10_000 {
+                // SAFETY: fcntl on descriptor -1 only fails (EBADF).
+                unsafe { libc::fcntl(-1, libc::F_GETFD) };
+            }
+            t.elapsed().as_nanos() / 10_000
+        };
+        println!("no filter: fcntl {} ns", call());
+        let tiny = common::list().compile(SeccompMode::Kill).unwrap();
+        let (ins, ns) = std::thread::spawn(move || {
+            let t = Instant::now();
+            seccompiler::apply_filter(&tiny).unwrap();
+            (t.elapsed(), call())
+        })
+        .join()
+        .unwrap();
+        println!(
+            "common list only: install {:6.1} us, fcntl {ns} ns",
+            ins.as_secs_f64() * 1e6
+        );
+        // The teardown list is too narrow for a std thread's own end.
+        for k in Kind::ALL.into_iter().filter(|k| *k != Kind::Teardown) {
+            let t = Instant::now();
+            let p = k.list().compile(SeccompMode::Kill).unwrap();
+            let compiled = t.elapsed();
+            let (ins, ns) = std::thread::spawn(move || {
+                let t = Instant::now();
+                seccompiler::apply_filter(&p).unwrap();
+                let installed = t.elapsed();
+                (installed, call())
+            })
+            .join()
+            .unwrap();
+            println!(
+                "{:>15}: {:4} insns, compile {:6.1} us, install {:6.1} us, fcntl {} ns",
+                k.name(),
+                k.list().compile(SeccompMode::Kill).unwrap().len(),
+                compiled.as_secs_f64() * 1e6,
+                ins.as_secs_f64() * 1e6,
+                ns
+            );
+        }
+    }
+
     #[test]
     fn names_come_from_the_table() {
         assert_eq!(syscall_name(libc::SYS_read), "read");
