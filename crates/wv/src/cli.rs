@@ -461,8 +461,10 @@ const VSWITCH: Spec = Spec {
     about: "Runs the virtual switch in the foreground: an L2 learning switch per network whose ports
 are vhost-user net backends, one socket each at DIR/NETWORK/PORT.sock, for VMs started with
 --net vhost-user=DIR/NETWORK/PORT.sock. Networks are isolated from one another; an uplink
-connects a network to the host through a TAP. Counters per port: send 'stats' on
-DIR/control.sock (one JSON line back). docs/NETWORK.md.",
+connects a network to the host through a TAP. On DIR/control.sock, one request a line, one
+JSON line back: 'stats' (counters per port), 'nets', 'net add NAME [uplink=TAP]', 'net del NAME',
+'port add NETWORK/PORT', 'port del NETWORK/PORT' (networks and ports change at run time).
+docs/NETWORK.md.",
     opts: &[&[
         opt(
             "--socket-dir",
@@ -852,7 +854,7 @@ Usage:
                             VMKFS datastores for virtual disks
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
-  wv vswitch --socket-dir DIR --port NETWORK/PORT ... [--uplink NETWORK=TAP ...]
+  wv vswitch --socket-dir DIR [--port NETWORK/PORT ...] [--uplink NETWORK=TAP ...]
                             Run the virtual switch: vhost-user net ports (--net vhost-user=)
   wv completions bash|zsh   Print a shell completion script
   wv --version | --help
@@ -1480,11 +1482,6 @@ fn parse_vswitch(args: &[String]) -> Result<Command, Usage> {
         if n.uplink.replace(tap.to_string()).is_some() {
             return Err(Usage(format!("--uplink: network {net} has two uplinks")));
         }
-    }
-    if cfg.networks.is_empty() {
-        return Err(Usage(
-            "wv vswitch needs at least one --port NETWORK/PORT or --network NAME".into(),
-        ));
     }
     Ok(Command::Vswitch(cfg))
 }
