@@ -853,6 +853,13 @@ fn build(
             Some(sock) => Box::new(
                 wv_virtio::vhost_user::VhostUserNet::connect(sock, mac).map_err(VmmError::Net)?,
             ),
+            None if n.network.is_some() => {
+                return Err(VmmError::Config(config::ConfigError(format!(
+                    "net {}: network={} is served by the daemon's switch: define the VM with wv vm create (wv run takes tap= or vhost-user=)",
+                    n.name(),
+                    n.network.as_deref().unwrap_or_default()
+                ))))
+            }
             None => Box::new(wv_virtio::net::Net::new(
                 wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?,
                 mac,

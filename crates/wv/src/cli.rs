@@ -309,7 +309,7 @@ const VM_OPTS: &[Opt] = &[
     opt(
         "--net",
         Arg::Value("SPEC"),
-        "tap=NAME[,mac=MAC][,id=ID]: a virtio-net device on TAP NAME (created and brought\nup if missing, which needs CAP_NET_ADMIN); vhost-user=SOCKET[,mac=MAC][,id=ID]:\none whose queues a vhost-user backend serves (wv vswitch; docs/NETWORK.md);\nMAC generated if not given (repeatable)",
+        "tap=NAME[,mac=MAC][,id=ID]: a virtio-net device on TAP NAME (created and brought\nup if missing, which needs CAP_NET_ADMIN); vhost-user=SOCKET[,mac=MAC][,id=ID]:\none whose queues a vhost-user backend serves (wv vswitch; docs/NETWORK.md);\nnetwork=NETWORK[,mac=MAC][,id=ID] (wv vm create only): one on the daemon's\nnetwork NETWORK (wv net create), served by its switch;\nMAC generated if not given (repeatable)",
     ),
     opt(
         "--rng",
@@ -802,6 +802,61 @@ const VM_FORGET: Spec = Spec {
     after: CLIENT_STATUS,
 };
 
+const NET_CREATE: Spec = Spec {
+    cmd: "wv net create",
+    pos: &["NAME"],
+    about: "Makes network NAME on the daemon's virtual switch (a world of its own, restarted when it\ndies); VMs join it with wv vm create --net network=NAME[,mac=MAC][,id=ID]. Networks\nare isolated from one another; an uplink connects one to the host (docs/NETWORK.md).",
+    opts: &[
+        &[opt(
+            "--uplink",
+            Arg::Value("tap=NAME|none"),
+            "a TAP connecting the network to the host (created if missing), or none\n(the default)",
+        )],
+        CLIENT_OPTS,
+    ],
+    after: CLIENT_STATUS,
+};
+
+const NET_LIST: Spec = Spec {
+    cmd: "wv net list",
+    pos: &[],
+    about: "Lists the daemon's networks.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const NET_INFO: Spec = Spec {
+    cmd: "wv net info",
+    pos: &["NAME"],
+    about: "Shows a network: the VMs defined on it, and its ports (the VM of each) with the\nswitch's counters: frames, bytes, copies and drops.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const NET_DELETE: Spec = Spec {
+    cmd: "wv net delete",
+    pos: &["NAME"],
+    about: "Deletes a network no VM definition uses.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const NET_SPECS: &[&Spec] = &[&NET_CREATE, &NET_LIST, &NET_INFO, &NET_DELETE];
+
+const NET_USAGE: &str = "\
+Usage: wv net COMMAND [ARGS] [OPTIONS]
+
+Manages the daemon's networks (--socket PATH|tcp:HOST:PORT or WV_SOCKET; --json for
+machine-readable output). docs/NETWORK.md.
+
+Commands:
+  create NAME [--uplink tap=NAME|none]
+  list
+  info NAME
+  delete NAME
+
+Run wv net COMMAND --help for a command's options.";
+
 const VM_SPECS: &[&Spec] = &[
     &VM_CREATE,
     &VM_SET,
@@ -842,6 +897,8 @@ Usage:
                             Write a systemd unit for wv host
   wv host uninstall [--state-dir DIR] [--yes]
                             Remove the state directory and a dead daemon's leftovers
+  wv net create NAME [--uplink tap=NAME|none] | list | info NAME | delete NAME
+                            Networks of the daemon's virtual switch (--net network=NAME)
   wv vm create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm create [NAME] --file SPEC.toml|SPEC.json
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
@@ -942,6 +999,19 @@ pub enum VmCmd {
     Migrate(Migrate),
 }
 
+/// A `wv net` command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NetCmd {
+    /// Make network .0 with uplink TAP .1.
+    Create(String, Option<String>),
+    /// List the networks.
+    List,
+    /// Show one.
+    Info(String),
+    /// Delete one.
+    Delete(String),
+}
+
 /// `wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N]`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Migrate {
@@ -1032,6 +1102,8 @@ pub enum Command {
     },
     /// `wv vm ...`.
     Vm(Client, VmCmd),
+    /// `wv net ...`.
+    Net(Client, NetCmd),
     /// `wv fs ...`.
     Fs(fs::Args),
     /// `wv completions bash|zsh`: the completion script to print.
@@ -1047,6 +1119,7 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
         Some("vswitch") => parse_vswitch(rest),
         Some("host") => parse_host(rest),
         Some("vm") => parse_vm(rest),
+        Some("net") => parse_net(rest),
         Some("fs") => fs::parse(rest).map(|a| a.map_or_else(Command::Help, Command::Fs)),
         Some("completions") => parse_completions(rest),
         Some("-V" | "--version") if rest.is_empty() => Ok(Command::Version),
@@ -1103,6 +1176,7 @@ fn all_specs() -> Vec<&'static Spec> {
         &HOST_UNINSTALL,
     ];
     v.extend(VM_SPECS.iter().copied());
+    v.extend(NET_SPECS.iter().copied());
     v.extend(crate::fs::SPECS.iter());
     v.push(&COMPLETIONS);
     v
@@ -1588,6 +1662,45 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
             "unknown 'wv host' command '{other}' (see wv host --help)"
         ))),
     }
+}
+
+fn parse_net(args: &[String]) -> Result<Command, Usage> {
+    let (sub, rest) = split_subcommand(args, NET_SPECS);
+    let Some(sub) = sub else {
+        if wants_help(&rest) {
+            return Ok(Command::Help(NET_USAGE.to_string()));
+        }
+        return Err(Usage(
+            "wv net needs a command: create, list, info, delete (see wv net --help)".into(),
+        ));
+    };
+    let spec = NET_SPECS
+        .iter()
+        .find(|s| s.cmd.rsplit(' ').next() == Some(sub.as_str()))
+        .ok_or_else(|| Usage(format!("unknown 'wv net' command '{sub}' (see wv net --help)")))?;
+    let m = matches_or_help!(spec, &rest);
+    let c = client(&m);
+    let cmd = match spec.cmd {
+        "wv net create" => {
+            let uplink = match m.value("--uplink") {
+                None | Some("none") => None,
+                Some(u) => match u.strip_prefix("tap=") {
+                    Some(t) if wv_config::valid_tap_name(t) => Some(t.to_string()),
+                    _ => {
+                        return Err(Usage(format!(
+                            "--uplink '{u}': expected tap=NAME (1-{} characters) or none",
+                            wv_config::MAX_TAP_NAME
+                        )))
+                    }
+                },
+            };
+            NetCmd::Create(m.pos[0].clone(), uplink)
+        }
+        "wv net list" => NetCmd::List,
+        "wv net info" => NetCmd::Info(m.pos[0].clone()),
+        _ => NetCmd::Delete(m.pos[0].clone()),
+    };
+    Ok(Command::Net(c, cmd))
 }
 
 fn parse_vm(args: &[String]) -> Result<Command, Usage> {
