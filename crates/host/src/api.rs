@@ -1660,6 +1660,14 @@ impl Daemon {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, made);
         }
+        // A restored VM connects to this run's ports, not to those its snapshot names.
+        let sockets: Vec<(usize, PathBuf)> = vmm_config
+            .nets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.network.is_some())
+            .filter_map(|(i, n)| Some((i, n.vhost_user.clone()?)))
+            .collect();
         let config = match supervisor::write_config(&dir, &vmm_config) {
             Ok(p) => p,
             Err(e) => {
@@ -1694,6 +1702,7 @@ impl Daemon {
             (Some((_, clone)), None, Some(held)) => supervisor::Boot::Restore {
                 dir: held,
                 clone: *clone,
+                sockets: &sockets,
             },
             _ => supervisor::Boot::Config(&config),
         };

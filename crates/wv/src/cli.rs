@@ -344,6 +344,11 @@ const CLONE_OPTS: &[Opt] = &[
         Arg::Value("INDEX=MAC"),
         "with --clone: network device INDEX (from 0, in the snapshot's order) gets MAC\ninstead of a random one (repeatable)",
     ),
+    opt(
+        "--net-socket",
+        Arg::Value("INDEX=SOCKET"),
+        "with --restore: network device INDEX (served over vhost-user) connects to SOCKET\ninstead of the snapshot's (repeatable)",
+    ),
 ];
 
 /// `wv run --incoming`: the VM of a live migration, instead of [`VM_OPTS`].
@@ -1352,10 +1357,26 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
             Ok((i, mac))
         })
         .collect::<Result<Vec<_>, Usage>>()?;
+    let sockets = m
+        .values("--net-socket")
+        .map(|v| {
+            let bad = || Usage(format!("--net-socket '{v}': expected INDEX=SOCKET"));
+            let (i, p) = v.split_once('=').ok_or_else(bad)?;
+            let i: usize = i.parse().map_err(|_| bad())?;
+            if p.is_empty() {
+                return Err(bad());
+            }
+            Ok((i, PathBuf::from(p)))
+        })
+        .collect::<Result<Vec<_>, Usage>>()?;
     let from = match from {
         RunFrom::Snapshot(r) => RunFrom::Snapshot(Restore {
             dir: r.dir,
-            opts: wv_vmm::RestoreOptions { clone, macs },
+            opts: wv_vmm::RestoreOptions {
+                clone,
+                macs,
+                sockets,
+            },
         }),
         f => f,
     };
@@ -2191,6 +2212,7 @@ mod tests {
             wv_vmm::RestoreOptions {
                 clone: true,
                 macs: vec![(1, [0x52, 0x54, 0, 0, 0, 1]), (0, [2, 0, 0, 0, 0, 2])],
+                sockets: Vec::new(),
             }
         );
         let Ok(Command::Run(_, _, RunFrom::Snapshot(r))) =

@@ -390,3 +390,70 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
     assert_eq!(d.wv(&["net", "delete", "lan"]).status, Some(0));
     d.stop();
 }
+
+/// A guest on a daemon network is snapshotted, stopped and restored: the restored VMM (told
+/// this run's switch port) reconnects, and the guest, resumed mid-test, answers again.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_guest_on_a_daemon_network_snapshots_and_restores() {
+    need_kvm();
+    let dir = TempDir::new("hostnet-snap");
+    let d = Daemon::start(&dir);
+    assert_eq!(d.wv(&["net", "create", "lan"]).status, Some(0));
+    for (name, mac, cmdline) in [
+        (
+            "b",
+            "52:54:00:85:00:0b",
+            "probe.tests=netpeer probe.ip=10.85.0.2 probe.echoes=2",
+        ),
+        (
+            "a",
+            "52:54:00:85:00:0a",
+            "probe.tests=net probe.net=10.85.0.1,10.85.0.2",
+        ),
+    ] {
+        let r = d.wv(&[
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "64M",
+            "--net",
+            &format!("network=lan,mac={mac}"),
+            "--cmdline",
+            cmdline,
+        ]);
+        assert_eq!(r.status, Some(0), "{r}");
+    }
+    let ping = |n: usize| {
+        assert_eq!(d.wv(&["vm", "start", "a"]).status, Some(0));
+        let v = d.wait_state_within("a", "stopped", WAIT);
+        let log = std::fs::read_to_string(console(&d, "a")).unwrap();
+        let passes = log
+            .lines()
+            .filter(|l| l.starts_with("PASS net") && l.contains("arp=ok icmp=ok"))
+            .count();
+        assert_eq!(passes, n, "{v}\n{log}");
+    };
+    assert_eq!(d.wv(&["vm", "start", "b"]).status, Some(0));
+    wait_console(&d, "b", "netpeer: listening");
+    ping(1);
+    let r = d.wv(&["vm", "snapshot", "b", "s1"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(d.wv(&["vm", "stop", "b"]).status, Some(0));
+    d.wait_state("b", "stopped");
+    assert!(port_of(&d, "lan", "b").is_none(), "b's port went with its run");
+    let r = d.wv(&["vm", "restore", "b", "s1"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    wait_connected(&d, "lan", "b", "the restored VMM never connected");
+    // The definition names the network, never a socket.
+    let v = d.json(&["vm", "info", "b"]);
+    assert_eq!(v["spec"]["nets"][0]["network"], "lan", "{v}");
+    assert!(v["spec"]["nets"][0].get("vhost_user").is_none(), "{v}");
+    ping(2);
+    let v = d.wait_state_within("b", "stopped", WAIT);
+    assert_eq!(v["reason"], "guest powered off with exit code 0", "{v}");
+    let log = std::fs::read_to_string(console(&d, "b")).unwrap();
+    assert!(log.contains("PASS netpeer arp=2 icmp=2"), "{log}");
+    d.stop();
+}
