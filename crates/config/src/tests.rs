@@ -441,7 +441,10 @@ fn a_net_on_a_daemon_network() {
     let mut c = cfg();
     c.nets = vec![n];
     assert_eq!(c.validate(1 << 40), Ok(()));
-    assert!(!c.memory_is_shared(), "shared once the daemon gives the socket");
+    assert!(
+        !c.memory_is_shared(),
+        "shared once the daemon gives the socket"
+    );
     c.nets[0].tap = "t".into();
     assert!(c.validate(1 << 40).is_err());
     // What the daemon hands its VMM: the network with the port's socket.

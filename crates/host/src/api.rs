@@ -793,7 +793,10 @@ impl Daemon {
         }
         let mut doc = self.lock();
         if doc.networks.iter().any(|n| n.name == spec.name) {
-            return error(409, format!("a network named '{}' exists already", spec.name));
+            return error(
+                409,
+                format!("a network named '{}' exists already", spec.name),
+            );
         }
         if doc.networks.len() >= network::MAX_NETWORKS {
             return error(
@@ -864,7 +867,10 @@ impl Daemon {
                 all.into_iter()
                     .filter(|p| p["network"] == name)
                     .map(|mut p| {
-                        let vm = p["port"].as_str().and_then(|port| owners.get(port)).cloned();
+                        let vm = p["port"]
+                            .as_str()
+                            .and_then(|port| owners.get(port))
+                            .cloned();
                         p["vm"] = json!(vm);
                         p
                     })
@@ -1689,7 +1695,7 @@ impl Daemon {
                             d.display(),
                             dir.display()
                         ),
-                    )
+                    );
                 }
             },
             None => None,

@@ -308,8 +308,7 @@ impl Switch {
         // Opened before the table is locked: creating a TAP can take a while.
         let tap = match uplink {
             Some(t) => Some(
-                wv_virtio::net::Tap::open(t)
-                    .map_err(|e| format!("network {name}: uplink: {e}"))?,
+                wv_virtio::net::Tap::open(t).map_err(|e| format!("network {name}: uplink: {e}"))?,
             ),
             None => None,
         };
@@ -551,7 +550,10 @@ impl Switch {
                 let c = &p.counters;
                 let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
                 PortStats {
-                    network: t.network(p.network).map(|n| n.name.clone()).unwrap_or_default(),
+                    network: t
+                        .network(p.network)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default(),
                     port: p.name.clone(),
                     kind: match p.kind {
                         Kind::Vm => "vhost-user",
@@ -632,7 +634,7 @@ impl Switch {
             i != net
                 && n.as_ref().is_some_and(|n| {
                     lock(&n.macs)
-                    .get(mac)
+                        .get(mac)
                         .is_some_and(|(_, t)| now.duration_since(*t) < MAC_AGEING)
                 })
         })
@@ -1135,7 +1137,8 @@ fn serve_control(sw: Arc<Switch>, listener: UnixListener) {
                 for line in BufReader::new(conn.take(64 << 10)).lines() {
                     let Ok(line) = line else { break };
                     if line.len() > 4096 {
-                        let _ = writeln!(out, "{}", serde_json::json!({"error": "request too long"}));
+                        let _ =
+                            writeln!(out, "{}", serde_json::json!({"error": "request too long"}));
                         break;
                     }
                     if writeln!(out, "{}", sw.control(&line)).is_err() {

@@ -1698,7 +1698,11 @@ fn parse_net(args: &[String]) -> Result<Command, Usage> {
     let spec = NET_SPECS
         .iter()
         .find(|s| s.cmd.rsplit(' ').next() == Some(sub.as_str()))
-        .ok_or_else(|| Usage(format!("unknown 'wv net' command '{sub}' (see wv net --help)")))?;
+        .ok_or_else(|| {
+            Usage(format!(
+                "unknown 'wv net' command '{sub}' (see wv net --help)"
+            ))
+        })?;
     let m = matches_or_help!(spec, &rest);
     let c = client(&m);
     let cmd = match spec.cmd {

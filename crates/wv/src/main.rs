@@ -572,7 +572,15 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
                 );
                 println!(
                     "{:<16} {:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
-                    "PORT", "VM", "CONN", "TX_FRAMES", "RX_FRAMES", "TX_BYTES", "RX_BYTES", "DROPPED", "ISOLATED"
+                    "PORT",
+                    "VM",
+                    "CONN",
+                    "TX_FRAMES",
+                    "RX_FRAMES",
+                    "TX_BYTES",
+                    "RX_BYTES",
+                    "DROPPED",
+                    "ISOLATED"
                 );
                 for p in v["ports"].as_array().into_iter().flatten() {
                     let n = |k: &str| p[k].as_u64().unwrap_or(0);

@@ -78,7 +78,11 @@ fn port_of(d: &Daemon, net: &str, vm: &str) -> Option<serde_json::Value> {
 fn wait_connected(d: &Daemon, net: &str, vm: &str, what: &str) {
     let t = Instant::now();
     while port_of(d, net, vm).is_none_or(|p| p["connected"] != true) {
-        assert!(t.elapsed() < WAIT, "{what}: {}", d.json(&["net", "info", net]));
+        assert!(
+            t.elapsed() < WAIT,
+            "{what}: {}",
+            d.json(&["net", "info", net])
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -97,7 +101,11 @@ struct Tap(String);
 impl Tap {
     fn new(name: &str) -> Tap {
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root (a TAP)");
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (a TAP)"
+        );
         ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
         let t = Tap(name.to_string());
         ip(&["link", "set", name, "up"]);
@@ -154,21 +162,33 @@ fn networks_are_made_listed_shown_deleted_and_kept() {
     let d = Daemon::start(&dir);
     let r = d.wv(&["net", "create", "lan"]);
     assert_eq!(r.status, Some(0), "{r}");
-    assert!(r.stdout.contains("created network lan (uplink none)"), "{r}");
+    assert!(
+        r.stdout.contains("created network lan (uplink none)"),
+        "{r}"
+    );
     // The switch world runs from the first network on, in the daemon's statistics.
     let pid = switch_pid(&d).expect("the switch runs");
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     // Its folder is root's only.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(d.state.join("sw")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(d.state.join("sw"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o700);
     for (args, needle) in [
         (&["net", "create", "lan"][..], "exists already (HTTP 409)"),
         (&["net", "create", ".x"][..], "invalid network name '.x'"),
         (&["net", "create", &"n".repeat(65)][..], "(HTTP 422)"),
         (&["net", "create", "a", "--uplink", "eth0"][..], "tap=NAME"),
-        (&["net", "info", "nowhere"][..], "no network named 'nowhere' (HTTP 404)"),
-        (&["net", "delete", "nowhere"][..], "no network named 'nowhere' (HTTP 404)"),
+        (
+            &["net", "info", "nowhere"][..],
+            "no network named 'nowhere' (HTTP 404)",
+        ),
+        (
+            &["net", "delete", "nowhere"][..],
+            "no network named 'nowhere' (HTTP 404)",
+        ),
         (&["net", "frob"][..], "unknown 'wv net' command"),
         (
             &["vm", "create", "v", "--net", "network=nowhere"][..],
@@ -183,7 +203,8 @@ fn networks_are_made_listed_shown_deleted_and_kept() {
         assert_ne!(r.status, Some(0), "{args:?}: {r}");
         assert!(r.stderr.contains(needle), "{args:?}: {r}");
     }
-    let (s, body) = d.raw(b"POST /v1/networks HTTP/1.1\r\nContent-Length: 11\r\n\r\n{\"nme\":\"a\"}");
+    let (s, body) =
+        d.raw(b"POST /v1/networks HTTP/1.1\r\nContent-Length: 11\r\n\r\n{\"nme\":\"a\"}");
     assert_eq!(s, 400, "{body}");
     assert_eq!(d.wv(&["net", "create", "dmz"]).status, Some(0));
     let list = d.json(&["net", "list"]);
@@ -191,14 +212,24 @@ fn networks_are_made_listed_shown_deleted_and_kept() {
     let r = d.wv(&["net", "list"]);
     assert!(r.stdout.contains("lan") && r.stdout.contains("dmz"), "{r}");
     // A VM defined on lan: lan is in use, and shown so.
-    let r = d.wv(&["vm", "create", "v", "--net", "network=lan,mac=52:54:00:12:00:01"]);
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "v",
+        "--net",
+        "network=lan,mac=52:54:00:12:00:01",
+    ]);
     assert_eq!(r.status, Some(0), "{r}");
     let v = d.json(&["vm", "info", "v"]);
     assert_eq!(v["spec"]["nets"][0]["network"], "lan", "{v}");
     assert!(v["spec"]["nets"][0].get("vhost_user").is_none(), "{v}");
     let info = d.json(&["net", "info", "lan"]);
     assert_eq!(info["vms"], serde_json::json!(["v"]), "{info}");
-    assert_eq!(info["ports"], serde_json::json!([]), "no port until v runs: {info}");
+    assert_eq!(
+        info["ports"],
+        serde_json::json!([]),
+        "no port until v runs: {info}"
+    );
     let r = d.wv(&["net", "delete", "lan"]);
     assert!(
         r.stderr.contains("network 'lan' is used by VM v") && r.stderr.contains("(HTTP 409)"),
@@ -215,7 +246,10 @@ fn networks_are_made_listed_shown_deleted_and_kept() {
         "the switch ended with its daemon"
     );
     let d = Daemon::start(&dir);
-    assert_eq!(d.json(&["net", "list"]), serde_json::json!([{"name": "lan"}]));
+    assert_eq!(
+        d.json(&["net", "list"]),
+        serde_json::json!([{"name": "lan"}])
+    );
     assert!(switch_pid(&d).is_some(), "the switch runs at start");
     assert_eq!(d.wv(&["vm", "delete", "v"]).status, Some(0));
     let r = d.wv(&["net", "delete", "lan"]);
@@ -239,7 +273,13 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
     let tap = Tap::new(&format!("wvn{}", std::process::id() % 100_000));
     for args in [
         &["net", "create", "lan"][..],
-        &["net", "create", "other", "--uplink", &format!("tap={}", tap.0)][..],
+        &[
+            "net",
+            "create",
+            "other",
+            "--uplink",
+            &format!("tap={}", tap.0),
+        ][..],
     ] {
         let r = d.wv(args);
         assert_eq!(r.status, Some(0), "{r}");
@@ -292,7 +332,8 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
         assert_eq!(r.status, Some(0), "{r}");
         let v = d.wait_state_within("a", "stopped", WAIT);
         assert_eq!(
-            v["reason"], "guest powered off with exit code 0",
+            v["reason"],
+            "guest powered off with exit code 0",
             "{v}\n{}",
             std::fs::read_to_string(console(&d, "a")).unwrap_or_default()
         );
@@ -304,7 +345,10 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
         assert_eq!(passes, n, "{log}");
     };
     ping(1);
-    assert!(port_of(&d, "lan", "a").is_none(), "a's port went with its run");
+    assert!(
+        port_of(&d, "lan", "a").is_none(),
+        "a's port went with its run"
+    );
     let b_port = port_of(&d, "lan", "b").unwrap();
     // The ARP request (broadcast) and the echo request came in, the two replies went out,
     // each delivery one copy.
@@ -337,7 +381,11 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
         assert!(t.elapsed() < WAIT, "the isolated frame was never counted");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(port_of(&d, "lan", "b").unwrap()["rx_frames"], 2, "a frame crossed");
+    assert_eq!(
+        port_of(&d, "lan", "b").unwrap()["rx_frames"],
+        2,
+        "a frame crossed"
+    );
 
     // c, on another network, gets no answer; b never sees its request.
     assert_eq!(d.wv(&["vm", "start", "c"]).status, Some(0));
@@ -373,8 +421,17 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
         assert!(t.elapsed() < WAIT, "the daemon never restarted the switch");
         std::thread::sleep(Duration::from_millis(20));
     }
-    wait_connected(&d, "lan", "b", "b's VMM never reconnected to the new switch");
-    assert_eq!(d.json(&["vm", "info", "b"])["pid"], b_pid, "b was not restarted");
+    wait_connected(
+        &d,
+        "lan",
+        "b",
+        "b's VMM never reconnected to the new switch",
+    );
+    assert_eq!(
+        d.json(&["vm", "info", "b"])["pid"],
+        b_pid,
+        "b was not restarted"
+    );
     assert_eq!(d.json(&["vm", "info", "b"])["state"], "running");
     ping(2);
     // And once more through a switch killed while b's VMM is connected to it.
@@ -392,7 +449,10 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
     assert_eq!(v["reason"], "guest powered off with exit code 0", "{v}");
     let log = std::fs::read_to_string(console(&d, "b")).unwrap();
     assert!(log.contains("PASS netpeer arp="), "{log}");
-    assert!(port_of(&d, "lan", "b").is_none(), "b's port went with its run");
+    assert!(
+        port_of(&d, "lan", "b").is_none(),
+        "b's port went with its run"
+    );
 
     // In use: refused; unused: deleted.
     let r = d.wv(&["net", "delete", "lan"]);
@@ -455,7 +515,10 @@ fn a_guest_on_a_daemon_network_snapshots_and_restores() {
     assert_eq!(r.status, Some(0), "{r}");
     assert_eq!(d.wv(&["vm", "stop", "b"]).status, Some(0));
     d.wait_state("b", "stopped");
-    assert!(port_of(&d, "lan", "b").is_none(), "b's port went with its run");
+    assert!(
+        port_of(&d, "lan", "b").is_none(),
+        "b's port went with its run"
+    );
     let r = d.wv(&["vm", "restore", "b", "s1"]);
     assert_eq!(r.status, Some(0), "{r}");
     wait_connected(&d, "lan", "b", "the restored VMM never connected");

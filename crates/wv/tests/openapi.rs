@@ -500,7 +500,10 @@ fn the_server_matches_its_openapi_document() {
 /// deleted. Leaves network `n2`, unused.
 fn network_operations(c: &mut Checker) {
     let (nets, net) = ("/v1/networks", "/v1/networks/{net}");
-    assert_eq!(c.call("GET", nets, nets, None), (200, serde_json::json!([])));
+    assert_eq!(
+        c.call("GET", nets, nets, None),
+        (200, serde_json::json!([]))
+    );
     let (s, v) = c.call("POST", nets, nets, Some(r#"{"name":"lan"}"#));
     assert_eq!((s, v), (201, serde_json::json!({"name": "lan"})));
     assert_eq!(c.call("POST", nets, nets, Some(r#"{"name":"lan"}"#)).0, 409);
@@ -513,7 +516,10 @@ fn network_operations(c: &mut Checker) {
     assert_eq!(c.call("POST", nets, nets, Some(r#"{"nam":"x"}"#)).0, 400);
     assert_eq!(c.call("POST", nets, nets, Some("[]")).0, 400);
     assert_eq!(c.call("POST", nets, nets, Some(r#"{"name":"n2"}"#)).0, 201);
-    assert_eq!(c.call("GET", nets, nets, None).1.as_array().unwrap().len(), 2);
+    assert_eq!(
+        c.call("GET", nets, nets, None).1.as_array().unwrap().len(),
+        2
+    );
     // A VM on lan: lan is in use.
     let spec = r#"{"name":"on-lan","nets":[{"network":"lan","mac":"52:54:00:00:00:77"}]}"#;
     assert_eq!(c.call("POST", "/v1/vms", "/v1/vms", Some(spec)).0, 201);
@@ -530,10 +536,7 @@ fn network_operations(c: &mut Checker) {
         204
     );
     assert_eq!(c.call("DELETE", net, "/v1/networks/lan", None).0, 204);
-    for (method, tpl, path) in [
-        ("PUT", nets, nets),
-        ("POST", net, "/v1/networks/n2"),
-    ] {
+    for (method, tpl, path) in [("PUT", nets, nets), ("POST", net, "/v1/networks/n2")] {
         assert_eq!(c.call(method, tpl, path, None).0, 405);
     }
 }
@@ -1128,7 +1131,12 @@ impl Fuzz {
             "net-create" => {
                 let name = self.some_net();
                 let body = serde_json::json!({ "name": name }).to_string();
-                let a = self.send("POST", nets, &format!("{nets}{query}"), Some(body.as_bytes()));
+                let a = self.send(
+                    "POST",
+                    nets,
+                    &format!("{nets}{query}"),
+                    Some(body.as_bytes()),
+                );
                 let valid = !name.starts_with('.') && !name.contains('%');
                 // Its ports' socket paths must fit: DIR/NAME/4294967295-net15.sock.
                 let fits = self.sw_dir + 1 + name.len() + 1 + 21 <= 107;
@@ -1153,7 +1161,11 @@ impl Fuzz {
                     assert_eq!(a.status, if known { 200 } else { 404 }, "{at}: GET {path}");
                 } else {
                     let a = self.send("DELETE", one, &path, None);
-                    assert_eq!(a.status, if known { 204 } else { 404 }, "{at}: DELETE {path}");
+                    assert_eq!(
+                        a.status,
+                        if known { 204 } else { 404 },
+                        "{at}: DELETE {path}"
+                    );
                     self.nets.remove(&decoded(&name));
                 }
             }
