@@ -101,11 +101,8 @@ struct Tap(String);
 impl Tap {
     fn new(name: &str) -> Tap {
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "this test needs root (a TAP)"
-        );
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(uid, 0, "this test needs root (a TAP)");
         ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
         let t = Tap(name.to_string());
         ip(&["link", "set", name, "up"]);
