@@ -550,7 +550,7 @@ fn bad_vswitch_options_are_usage_errors() {
         ),
         (
             &["run", "--net", "vhost-user=/s,tap=t"],
-            "expected tap=NAME or vhost-user=SOCKET",
+            "expected tap=NAME, vhost-user=SOCKET or network=NETWORK",
         ),
         (&["run", "--memory-shared", "yes"], "on or off"),
     ] {
