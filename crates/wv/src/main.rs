@@ -483,7 +483,11 @@ fn host_top(c: &Client, once: bool) -> ExitCode {
                     let f = |k: &str| r[k].as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
                     println!(
                         "{:>4} {:<20} {:<8} {:>6} {:>6} {:>6} {:>9} {:>7.1} {:>7.1} {:>7.1}",
-                        r["id"].as_u64().unwrap_or(0),
+                        // The switch world's id is too wide for the column: "sw".
+                        match r["id"].as_u64().unwrap_or(0) {
+                            wv_host::network::SWITCH_ID => "sw".to_string(),
+                            id => id.to_string(),
+                        },
                         r["name"].as_str().unwrap_or("?"),
                         r["state"].as_str().unwrap_or("?"),
                         r["shares"].as_u64().unwrap_or(0),
