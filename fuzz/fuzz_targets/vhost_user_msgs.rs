@@ -98,7 +98,7 @@ fuzz_target!(|data: &[u8]| {
         }],
     })
     .unwrap();
-    let backend = PortBackend::new(sw, 0);
+    let backend = PortBackend::new(sw, 0).expect("port 0 exists");
     let mut daemon = VhostUserDaemon::new(
         "fuzz".into(),
         backend.clone(),

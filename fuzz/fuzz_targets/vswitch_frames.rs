@@ -45,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
     sw.attach(1, rx_mem, rx, mergeable);
     let (tx_mem, tx) = guest(data);
     sw.attach(0, tx_mem, guest(&[]).1, false);
-    PortBackend::new(sw.clone(), 0).transmit(&tx);
+    PortBackend::new(sw.clone(), 0)
+        .expect("port 0 exists")
+        .transmit(&tx);
     let st = sw.stats();
     let (a, b) = (&st[0], &st[1]);
     assert!(a.tx_frames + a.dropped_malformed <= 16 + 1);

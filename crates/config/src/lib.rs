@@ -255,7 +255,7 @@ fn valid_disk_id(id: &str) -> bool {
 
 /// Whether `name` can name a network interface, by Linux's rule (`dev_valid_name`): 1 to
 /// [`MAX_TAP_NAME`] bytes, not `.` or `..`, no `/`, `:`, white space or NUL.
-fn valid_tap_name(name: &str) -> bool {
+pub fn valid_tap_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_TAP_NAME
         && name != "."
@@ -265,8 +265,11 @@ fn valid_tap_name(name: &str) -> bool {
             .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
 }
 
-/// A virtio-net device: served in the VMM on a TAP (`tap`), or by a vhost-user backend such as
-/// `wv vswitch` (`vhost_user`); exactly one of the two is given.
+/// A virtio-net device: served in the VMM on a TAP (`tap`), by a vhost-user backend such as
+/// `wv vswitch` (`vhost_user`), or, under the daemon, on one of its networks (`network`: the
+/// daemon's switch serves it, and the daemon gives the VMM the port's `vhost_user` socket).
+/// Exactly one of `tap`, `vhost_user` and `network` is given, except that a VMM started by the
+/// daemon gets `network` with the `vhost_user` it resolved to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
@@ -281,6 +284,13 @@ pub struct NetConfig {
         deserialize_with = "wire::no_null"
     )]
     pub vhost_user: Option<PathBuf>,
+    /// The daemon's network this device is on (`wv net create`); the daemon's switch serves it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "wire::no_null"
+    )]
+    pub network: Option<String>,
     /// The device's name in messages and counters; the TAP's or the socket's file name unless
     /// given.
     #[serde(
@@ -318,16 +328,19 @@ pub fn format_mac(m: &[u8; 6]) -> String {
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME[,mac=MAC][,id=NAME]` or `vhost-user=SOCKET[,mac=MAC][,id=NAME]`.
+    /// Parses `tap=NAME[,mac=MAC][,id=NAME]`, `vhost-user=SOCKET[,mac=MAC][,id=NAME]` or
+    /// `network=NAME[,mac=MAC][,id=NAME]`.
     pub fn parse(spec: &str) -> Result<NetConfig, ConfigError> {
         let mut tap = None;
         let mut vhost_user = None;
+        let mut network = None;
         let mut mac = None;
         let mut id = None;
         for part in spec.split(',') {
             match part.split_once('=') {
-                Some(("tap", t)) if !t.is_empty() && t.len() <= MAX_TAP_NAME && vhost_user.is_none() => tap = Some(t.to_string()),
-                Some(("vhost-user", p)) if !p.is_empty() && tap.is_none() => vhost_user = Some(PathBuf::from(p)),
+                Some(("tap", t)) if !t.is_empty() && t.len() <= MAX_TAP_NAME && vhost_user.is_none() && network.is_none() => tap = Some(t.to_string()),
+                Some(("vhost-user", p)) if !p.is_empty() && tap.is_none() && network.is_none() => vhost_user = Some(PathBuf::from(p)),
+                Some(("network", n)) if valid_network_name(n) && tap.is_none() && vhost_user.is_none() => network = Some(n.to_string()),
                 Some(("id", v)) if valid_net_id(v) => id = Some(v.to_string()),
                 Some(("mac", m)) => match parse_mac(m) {
                     Some(m) if m[0] & 1 == 0 => mac = Some(m),
@@ -335,19 +348,20 @@ impl NetConfig {
                 },
                 _ => {
                     return Err(ConfigError(format!(
-                        "--net '{spec}': expected tap=NAME or vhost-user=SOCKET, then [,mac=MAC][,id=ID] (NAME: 1-{MAX_TAP_NAME} characters, ID: 1-{MAX_DISK_ID} printable characters); '{part}' is not understood"
+                        "--net '{spec}': expected tap=NAME, vhost-user=SOCKET or network=NETWORK, then [,mac=MAC][,id=ID] (NAME: 1-{MAX_TAP_NAME} characters, NETWORK: 1-64 of A-Z a-z 0-9 _ . -, ID: 1-{MAX_DISK_ID} printable characters); '{part}' is not understood"
                     )))
                 }
             }
         }
-        if tap.is_none() && vhost_user.is_none() {
+        if tap.is_none() && vhost_user.is_none() && network.is_none() {
             return Err(ConfigError(format!(
-                "--net '{spec}' has no tap=NAME or vhost-user=SOCKET"
+                "--net '{spec}' has no tap=NAME, vhost-user=SOCKET or network=NETWORK"
             )));
         }
         Ok(NetConfig {
             tap: tap.unwrap_or_default(),
             vhost_user,
+            network,
             mac,
             id,
         })
@@ -358,15 +372,19 @@ impl NetConfig {
         NetConfig {
             tap: tap.to_string(),
             vhost_user: None,
+            network: None,
             mac,
             id: None,
         }
     }
 
-    /// The device's name: its id, else its TAP, else its socket's file name.
+    /// The device's name: its id, else its TAP, else its network, else its socket's file name.
     pub fn name(&self) -> String {
         if let Some(id) = &self.id {
             return id.clone();
+        }
+        if let Some(n) = &self.network {
+            return n.clone();
         }
         match &self.vhost_user {
             Some(p) => p.file_name().map_or_else(
@@ -376,6 +394,17 @@ impl NetConfig {
             None => self.tap.clone(),
         }
     }
+}
+
+/// Whether `name` can name a network of the daemon (and its switch): 1-64 of
+/// `[A-Za-z0-9_.-]`, not starting with `.`.
+pub fn valid_network_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 /// Whether `id` can be a net's id: 1 to [`MAX_DISK_ID`] printable ASCII characters.
@@ -596,6 +625,20 @@ impl VmConfig {
             }
         }
         for n in &self.nets {
+            if let Some(net) = &n.network {
+                if !valid_network_name(net) {
+                    return Err(ConfigError(format!(
+                        "net network '{}': use 1-64 of A-Z a-z 0-9 _ . - (not starting with .)",
+                        net.escape_debug()
+                    )));
+                }
+                if !n.tap.is_empty() {
+                    return Err(ConfigError(format!(
+                        "net {}: give tap or network, not both",
+                        n.name()
+                    )));
+                }
+            }
             if let Some(p) = &n.vhost_user {
                 if !n.tap.is_empty() {
                     return Err(ConfigError(format!(
@@ -604,6 +647,7 @@ impl VmConfig {
                     )));
                 }
                 check_path(&format!("net {}", n.name()), p)?;
+            } else if n.network.is_some() {
             } else if !valid_tap_name(&n.tap) {
                 return Err(ConfigError(format!(
                     "net tap '{}': use 1-{MAX_TAP_NAME} characters, not . or .., without '/', ':', spaces or NUL",

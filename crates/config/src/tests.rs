@@ -421,3 +421,38 @@ fn copied_disks_land_in_the_directory_and_datastore_given() {
     cfg.disks[1] = DiskConfig::parse("path=/", 1).unwrap();
     assert!(e(&cfg, Some(dir), Some(ds)).contains("no file name"));
 }
+
+#[test]
+fn a_net_on_a_daemon_network() {
+    let n = NetConfig::parse("network=lan,mac=52:54:00:00:00:01,id=eth0").unwrap();
+    assert_eq!(n.network.as_deref(), Some("lan"));
+    assert_eq!((n.tap.as_str(), n.vhost_user.as_deref()), ("", None));
+    assert_eq!(NetConfig::parse("network=lan").unwrap().name(), "lan");
+    for bad in [
+        "network=",
+        "network=.x",
+        "network=a/b",
+        "network=a,tap=t",
+        "tap=t,network=a",
+        "vhost-user=/s,network=a",
+    ] {
+        assert!(NetConfig::parse(bad).is_err(), "{bad}");
+    }
+    let mut c = cfg();
+    c.nets = vec![n];
+    assert_eq!(c.validate(1 << 40), Ok(()));
+    assert!(
+        !c.memory_is_shared(),
+        "shared once the daemon gives the socket"
+    );
+    c.nets[0].tap = "t".into();
+    assert!(c.validate(1 << 40).is_err());
+    // What the daemon hands its VMM: the network with the port's socket.
+    c.nets[0].tap.clear();
+    c.nets[0].vhost_user = Some("/var/lib/worldvisor/sw/lan/2-net0.sock".into());
+    assert_eq!(c.validate(1 << 40), Ok(()));
+    assert!(c.memory_is_shared());
+    let back: NetConfig =
+        serde_json::from_value(serde_json::to_value(&c.nets[0]).unwrap()).unwrap();
+    assert_eq!(back, c.nets[0]);
+}

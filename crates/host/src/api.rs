@@ -20,6 +20,8 @@
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
 //! | GET /v1/history | the last 10 minutes, one point a second, of every running world ([`crate::history`]) |
+//! | GET /v1/networks, POST /v1/networks | the networks, and making one (body: `{"name": N, "uplink"?: TAP}`) |
+//! | GET /v1/networks/{net}, DELETE /v1/networks/{net} | one network with its ports (the VM of each, the switch's counters), and deleting one no VM uses |
 //! | GET /metrics | the same and more (state, settings, KVM's exit counters per vCPU) for Prometheus ([`metrics`]) |
 //!
 //! Errors are JSON `{"error": "..."}` with 400 (malformed request or JSON, unknown fields),
@@ -36,6 +38,7 @@
 use crate::helper;
 use crate::http::{self, HttpError, Request};
 use crate::metrics::{self, Samples};
+use crate::network::{self, NetworkSpec};
 use crate::sched::{self, Cgroups, Demand};
 use crate::shutdown::{self, SocketTrace, StateLock, Traces};
 use crate::store::{Document, Store};
@@ -140,6 +143,10 @@ pub struct Daemon {
     history: Mutex<crate::history::History>,
     /// The `Host`s the web console answers to (`wv host --web`).
     web_hosts: std::sync::OnceLock<Vec<String>>,
+    /// The switch world, which serves the networks.
+    switch: network::Supervisor,
+    /// The switch ports of each running world (network, port), by world id.
+    ports: Mutex<HashMap<u64, Vec<(String, String)>>>,
 }
 
 /// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit` null (or 0) removes the
@@ -251,6 +258,27 @@ struct SnapshotMeta {
     duration_ms: f64,
     /// The VM's configuration (what a restore or clone runs).
     config: wv_config::VmConfig,
+}
+
+/// The switch ports of world `w`'s nets on the daemon's networks: (network, port).
+fn switch_ports(w: &World) -> Vec<(String, String)> {
+    w.spec
+        .config
+        .nets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| Some((n.network.clone()?, network::port_name(w.id, i))))
+        .collect()
+}
+
+/// Drops the switch sockets a VMM's configuration (or a snapshot's) names for nets on the
+/// daemon's networks: a definition names the network only, and each start gives its own port.
+fn forget_switch_sockets(c: &mut wv_config::VmConfig) {
+    for n in &mut c.nets {
+        if n.network.is_some() {
+            n.vhost_user = None;
+        }
+    }
 }
 
 /// The folder, in a VM's folder, that the disks a migration copies (`copy_disks`) land in.
@@ -422,6 +450,8 @@ fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
         ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore" | "incoming" | "migrate"] => {
             &["POST"]
         }
+        ["v1", "networks"] => &["GET", "POST"],
+        ["v1", "networks", _] => &["GET", "DELETE"],
         ["v1", "snapshots"] => &["GET"],
         ["v1", "snapshots", _] => &["DELETE"],
         ["v1", "snapshots", _, "clone"] => &["POST"],
@@ -454,7 +484,17 @@ impl Daemon {
             eprintln!("wv host: CPU scheduler unavailable (VMs with settings other than the default shares cannot start): {e}");
         }
         let token = api_token(state_dir)?;
+        let place: Box<dyn Fn(u32) -> Result<(), String> + Send + Sync> = match &cgroups {
+            Ok(cg) => {
+                let cg = cg.clone();
+                Box::new(move |pid| cg.attach_switch(pid))
+            }
+            Err(_) => Box::new(|_| Ok(())),
+        };
+        let switch = network::Supervisor::new(wv.clone(), state_dir, place)?;
         let d = Arc::new(Daemon {
+            switch,
+            ports: Mutex::default(),
             images: std::sync::OnceLock::new(),
             token,
             store,
@@ -553,6 +593,19 @@ impl Daemon {
                 }
             }
             d.rebalance(&doc);
+            // The switch serves the networks, and the ports of the VMs still running.
+            let mut all = Vec::new();
+            for (id, _, _) in &adopt {
+                if let Some(w) = doc.worlds.iter().find(|w| w.id == *id) {
+                    let ports = switch_ports(w);
+                    all.extend(ports.iter().cloned());
+                    d.ports
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(*id, ports);
+                }
+            }
+            d.switch.restore(doc.networks.clone(), all);
         }
         if d.cgroups.is_ok() {
             let d2 = d.clone();
@@ -706,9 +759,164 @@ impl Daemon {
         }
         self.rebalance(&doc);
         drop(doc);
+        self.release_ports(id);
         if let Some(r) = run {
             r.end(&reason);
         }
+    }
+
+    /// Removes the switch ports of world `id`'s run (it ended, or never started).
+    fn release_ports(&self, id: u64) {
+        let ports = self
+            .ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        for (net, port) in ports.unwrap_or_default() {
+            self.switch.del_port(&net, &port);
+        }
+    }
+
+    /// `GET /v1/networks`.
+    fn networks(&self) -> Reply {
+        ok(200, &self.lock().networks)
+    }
+
+    /// `POST /v1/networks`: a new network (201), served by the switch at once.
+    fn create_network(&self, body: &[u8]) -> Reply {
+        let spec: NetworkSpec = match object(body, "network") {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        if let Err(e) = spec.validate(self.switch.dir()) {
+            return error(422, e);
+        }
+        let mut doc = self.lock();
+        if doc.networks.iter().any(|n| n.name == spec.name) {
+            return error(
+                409,
+                format!("a network named '{}' exists already", spec.name),
+            );
+        }
+        if doc.networks.len() >= network::MAX_NETWORKS {
+            return error(
+                409,
+                format!(
+                    "this daemon holds {} networks, its most: delete one first",
+                    network::MAX_NETWORKS
+                ),
+            );
+        }
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return error(409, "the daemon is shutting down");
+        }
+        if let Err(e) = self.switch.add_network(&spec) {
+            return error(500, format!("network '{}': {e}", spec.name));
+        }
+        doc.networks.push(spec.clone());
+        if let Err(e) = self.save(&doc) {
+            doc.networks.pop();
+            let _ = self.switch.del_network(&spec.name);
+            return e;
+        }
+        ok(201, &spec)
+    }
+
+    /// The VMs whose definition has a net on network `name`.
+    fn users_of(doc: &Document, name: &str) -> Vec<String> {
+        doc.worlds
+            .iter()
+            .filter(|w| {
+                w.spec
+                    .config
+                    .nets
+                    .iter()
+                    .any(|n| n.network.as_deref() == Some(name))
+            })
+            .map(|w| w.spec.name.clone())
+            .collect()
+    }
+
+    /// `GET /v1/networks/{net}`: the network, its ports with the VM of each and the
+    /// switch's counters, and the VMs defined on it.
+    fn network_info(&self, name: &str) -> Reply {
+        let (spec, vms, owners) = {
+            let doc = self.lock();
+            let Some(spec) = doc.networks.iter().find(|n| n.name == name).cloned() else {
+                return error(404, format!("no network named '{name}'"));
+            };
+            let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+            let owners: HashMap<String, String> = ports
+                .iter()
+                .flat_map(|(id, ps)| {
+                    let vm = doc
+                        .worlds
+                        .iter()
+                        .find(|w| w.id == *id)
+                        .map(|w| w.spec.name.clone())
+                        .unwrap_or_default();
+                    ps.iter()
+                        .filter(|(n, _)| n == name)
+                        .map(move |(_, p)| (p.clone(), vm.clone()))
+                })
+                .collect();
+            (spec, Self::users_of(&doc, name), owners)
+        };
+        let (ports, switch_error) = match self.switch.stats() {
+            Ok(all) => (
+                all.into_iter()
+                    .filter(|p| p["network"] == name)
+                    .map(|mut p| {
+                        let vm = p["port"]
+                            .as_str()
+                            .and_then(|port| owners.get(port))
+                            .cloned();
+                        p["vm"] = json!(vm);
+                        p
+                    })
+                    .collect::<Vec<_>>(),
+                None,
+            ),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let mut v = json!({
+            "name": spec.name,
+            "uplink": spec.uplink,
+            "vms": vms,
+            "ports": ports,
+            "switch": self.switch.describe(),
+        });
+        if let Some(e) = switch_error {
+            v["switch_error"] = json!(e);
+        }
+        ok(200, &v)
+    }
+
+    /// `DELETE /v1/networks/{net}`: refused (409) while a VM's definition names it.
+    fn delete_network(&self, name: &str) -> Reply {
+        let mut doc = self.lock();
+        let Some(i) = doc.networks.iter().position(|n| n.name == name) else {
+            return error(404, format!("no network named '{name}'"));
+        };
+        let users = Self::users_of(&doc, name);
+        if !users.is_empty() {
+            return error(
+                409,
+                format!(
+                    "network '{name}' is used by VM {}: delete them or their nets first",
+                    users.join(", ")
+                ),
+            );
+        }
+        let n = doc.networks.remove(i);
+        if let Err(e) = self.save(&doc) {
+            doc.networks.insert(i, n);
+            return e;
+        }
+        if let Err(e) = self.switch.del_network(name) {
+            eprintln!("wv host: deleting network {name} from the switch: {e}");
+        }
+        (204, String::new())
     }
 
     /// The running worlds and their entitlements.
@@ -903,6 +1111,18 @@ impl Daemon {
                 help,
             ),
         ];
+        if let Some(sw) = self.switch.accounting() {
+            let threads = sched::threads(sw.pid);
+            let (cpu, ready) = sched::totals(&threads);
+            out.push(system(
+                network::SWITCH_ID,
+                "switch",
+                network::SWITCH_SHARES,
+                cpu,
+                ready,
+                threads,
+            ));
+        }
         for (w, e) in self.entitled(doc) {
             out.push(self.stats_of(w, e));
         }
@@ -1168,6 +1388,10 @@ impl Daemon {
             ("POST", ["v1", "vms", name, "restore"]) => self.restore(name, &req.body),
             ("POST", ["v1", "vms", name, "incoming"]) => self.incoming(name, &req.body),
             ("POST", ["v1", "vms", name, "migrate"]) => self.migrate(name, &req.body),
+            ("GET", ["v1", "networks"]) => self.networks(),
+            ("POST", ["v1", "networks"]) => self.create_network(&req.body),
+            ("GET", ["v1", "networks", net]) => self.network_info(net),
+            ("DELETE", ["v1", "networks", net]) => self.delete_network(net),
             ("GET", ["v1", "snapshots"]) => self.snapshots(),
             ("DELETE", ["v1", "snapshots", snap]) => self.delete_snapshot(snap),
             ("POST", ["v1", "snapshots", snap, "clone"]) => self.clone_vms(snap, &req.body),
@@ -1219,6 +1443,9 @@ impl Daemon {
             return error(422, e);
         }
         let mut doc = self.lock();
+        if let Err(e) = Self::check_networks(&doc, &spec) {
+            return error(422, e);
+        }
         if doc.worlds.iter().any(|w| w.spec.name == spec.name) {
             return error(409, format!("a VM named '{}' exists already", spec.name));
         }
@@ -1245,6 +1472,20 @@ impl Daemon {
             return e;
         }
         ok(201, &w)
+    }
+
+    /// Every network `spec`'s nets name exists.
+    fn check_networks(doc: &Document, spec: &VmSpec) -> Result<(), String> {
+        for n in &spec.config.nets {
+            if let Some(net) = &n.network {
+                if !doc.networks.iter().any(|x| &x.name == net) {
+                    return Err(format!(
+                        "nets: no network named '{net}' (wv net create {net})"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn delete(&self, name: &str) -> Reply {
@@ -1359,7 +1600,11 @@ impl Daemon {
                 Err(r) => return r,
             },
         };
-        if let Err(e) = spec.validate().and_then(|()| self.check_images(&spec)) {
+        if let Err(e) = spec
+            .validate()
+            .and_then(|()| self.check_images(&spec))
+            .and_then(|()| Self::check_networks(&doc, &spec))
+        {
             return error(409, format!("VM '{name}' cannot start: {e}"));
         }
         if let Err(r) = self.admit(&doc, &spec) {
@@ -1384,9 +1629,57 @@ impl Daemon {
             .iter()
             .find(|d| d.vmkfs.is_some() && !d.readonly)
             .map(|d| d.path.clone());
-        let config = match supervisor::write_config(&dir, &spec.config) {
+        // Nets on the daemon's networks: a port of the switch each, whose socket the VMM gets.
+        let ports = switch_ports(&World {
+            id,
+            spec: spec.clone(),
+            state: State::Defined,
+            pid: None,
+            reason: None,
+            console: None,
+        });
+        let mut vmm_config = spec.config.clone();
+        {
+            let mut made = Vec::new();
+            let mut k = 0;
+            for n in vmm_config.nets.iter_mut() {
+                let Some(net) = n.network.clone() else {
+                    continue;
+                };
+                let (_, port) = &ports[k];
+                k += 1;
+                match self.switch.add_port(&net, port) {
+                    Ok(sock) => {
+                        n.vhost_user = Some(sock);
+                        made.push((net, port.clone()));
+                    }
+                    Err(e) => {
+                        for (n, p) in made {
+                            self.switch.del_port(&n, &p);
+                        }
+                        return error(500, format!("VM '{name}': network {net}: {e}"));
+                    }
+                }
+            }
+            self.ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, made);
+        }
+        // A restored VM connects to this run's ports, not to those its snapshot names.
+        let sockets: Vec<(usize, PathBuf)> = vmm_config
+            .nets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.network.is_some())
+            .filter_map(|(i, n)| Some((i, n.vhost_user.clone()?)))
+            .collect();
+        let config = match supervisor::write_config(&dir, &vmm_config) {
             Ok(p) => p,
-            Err(e) => return error(500, format!("writing the VMM's configuration: {e}")),
+            Err(e) => {
+                self.release_ports(id);
+                return error(500, format!("writing the VMM's configuration: {e}"));
+            }
         };
         // From links to the snapshot's files in the VM's folder, which a deletion of the
         // snapshot cannot take away before the VMM has opened them.
@@ -1394,6 +1687,7 @@ impl Daemon {
             Some((d, _)) => match hold_snapshot(d, &dir) {
                 Ok(held) => Some(held),
                 Err(e) => {
+                    self.release_ports(id);
                     return error(
                         500,
                         format!(
@@ -1401,7 +1695,7 @@ impl Daemon {
                             d.display(),
                             dir.display()
                         ),
-                    )
+                    );
                 }
             },
             None => None,
@@ -1414,6 +1708,7 @@ impl Daemon {
             (Some((_, clone)), None, Some(held)) => supervisor::Boot::Restore {
                 dir: held,
                 clone: *clone,
+                sockets: &sockets,
             },
             _ => supervisor::Boot::Config(&config),
         };
@@ -1422,6 +1717,7 @@ impl Daemon {
             Ok(c) => c,
             Err(e) => {
                 release_snapshot(&dir);
+                self.release_ports(id);
                 return error(500, format!("starting the VMM: {e}"));
             }
         };
@@ -1432,6 +1728,7 @@ impl Daemon {
                 let _ = child.kill();
                 let _ = child.wait();
                 release_snapshot(&dir);
+                self.release_ports(id);
                 return error(500, format!("opening a pidfd for the VMM: {e}"));
             }
         };
@@ -1440,6 +1737,7 @@ impl Daemon {
                 let _ = child.kill();
                 let _ = child.wait();
                 release_snapshot(&dir);
+                self.release_ports(id);
                 return error(500, format!("placing the VMM under the scheduler: {e}"));
             }
         }
@@ -1515,10 +1813,11 @@ impl Daemon {
                     .and_then(|v| {
                         serde_json::from_value::<wv_config::VmConfig>(v["config"].clone()).ok()
                     });
-                let Some(config) = parsed else {
+                let Some(mut config) = parsed else {
                     eprintln!("wv host: world {id}: its VMM's configuration does not read");
                     return;
                 };
+                forget_switch_sockets(&mut config);
                 let mut doc = self.lock();
                 if let Some(w) = doc
                     .worlds
@@ -1671,8 +1970,9 @@ impl Daemon {
             .map_err(|e| error(404, e.to_string()))?;
         let meta = std::fs::read(dir.join(SNAPSHOT_META))
             .map_err(|_| error(404, format!("no snapshot named '{snap}'")))?;
-        let meta: SnapshotMeta = serde_json::from_slice(&meta)
+        let mut meta: SnapshotMeta = serde_json::from_slice(&meta)
             .map_err(|e| error(500, format!("snapshot '{snap}': {SNAPSHOT_META}: {e}")))?;
+        forget_switch_sockets(&mut meta.config);
         Ok((dir, meta))
     }
 
@@ -1999,6 +2299,8 @@ impl Daemon {
         }
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        // The switch ends with the daemon (VMs left running reconnect to the next daemon's).
+        self.switch.close();
         if let Ok(cg) = &self.cgroups {
             cg.close();
         }

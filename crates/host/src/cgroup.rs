@@ -11,6 +11,7 @@
 //! | `worldvisor/<tag>/management` | `worldvisor/<tag>/system/management` (threaded) |
 //! | `worldvisor/<tag>/helper` | `worldvisor/<tag>/system/helper` (threaded) |
 //! | `worldvisor/<tag>/world-N` | `worldvisor/<tag>/world-N` |
+//! | `worldvisor/<tag>/switch` | `worldvisor/<tag>/switch` (the switch world, [`crate::network`]) |
 //!
 //! v1 places single threads anywhere; v2 only inside a threaded subtree, hence `system`, the
 //! daemon's own domain, whose two threaded children split its threads. Weights are `cpu.shares`
@@ -560,6 +561,25 @@ impl Cgroups {
         st.pending.remove(&id);
         let d = self.dir(id);
         mkdir(&d)?;
+        write(&d.join("cgroup.procs"), pid)
+    }
+
+    /// The switch world's group (`switch`, beside the worlds').
+    pub fn switch_dir(&self) -> PathBuf {
+        self.inner.root.join("switch")
+    }
+
+    /// Creates the switch world's group with its weight ([`crate::network::SWITCH_SHARES`])
+    /// and moves process `pid` (the switch) into it.
+    pub fn attach_switch(&self, pid: u32) -> Result<(), String> {
+        let st = self.state();
+        if st.closed {
+            return Err("the daemon is stopping".into());
+        }
+        let d = self.switch_dir();
+        mkdir(&d)?;
+        let shares = f64::from(crate::network::SWITCH_SHARES) / 1000.0;
+        self.set_weight(&d, weight(self.inner.h.version, shares))?;
         write(&d.join("cgroup.procs"), pid)
     }
 

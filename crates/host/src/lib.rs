@@ -10,6 +10,7 @@ pub mod helper;
 pub mod history;
 pub use wv_http as http;
 pub mod metrics;
+pub mod network;
 pub mod sched;
 pub mod shutdown;
 pub mod store;

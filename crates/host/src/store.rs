@@ -16,6 +16,9 @@ pub struct Document {
     pub next_id: u64,
     /// Worlds.
     pub worlds: Vec<World>,
+    /// Networks (`wv net create`), served by the switch world ([`crate::network`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<crate::network::NetworkSpec>,
 }
 
 /// The store in a state directory (a handle: clones name the same directory).
@@ -152,7 +155,7 @@ impl Store {
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Document {
                 next_id: 1,
-                worlds: Vec::new(),
+                ..Document::default()
             }),
             Err(e) => Err(e),
         }
@@ -197,10 +200,15 @@ mod tests {
                 reason: None,
                 console: None,
             }],
+            networks: vec![crate::network::NetworkSpec {
+                name: "lan".into(),
+                uplink: None,
+            }],
         };
         s.save(&doc).unwrap();
         let back = s.load().unwrap();
         assert_eq!(back.worlds, doc.worlds);
+        assert_eq!(back.networks, doc.networks);
         std::fs::write(dir.join("worlds.json"), b"{not json").unwrap();
         assert!(s.load().unwrap_err().to_string().contains("worlds.json"));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -118,12 +118,14 @@ pub const API_SOCKET: &str = "api.sock";
 pub enum Boot<'a> {
     /// `wv run --config FILE` (see [`write_config`]).
     Config(&'a Path),
-    /// `wv run --restore DIR [--clone]`.
+    /// `wv run --restore DIR [--clone] [--net-socket I=SOCKET]...`.
     Restore {
         /// The snapshot's folder.
         dir: &'a Path,
         /// A new identity (`--clone`).
         clone: bool,
+        /// The switch port of each net on a daemon network, by index (`--net-socket`).
+        sockets: &'a [(usize, PathBuf)],
     },
     /// `wv run --incoming ADDR:PORT`: waits there for one migration (docs/MIGRATION.md);
     /// with the directory and the datastore its copied disks land in (`--copy-disks`).
@@ -137,10 +139,17 @@ pub fn run_args(boot: Boot<'_>, dir: &Path) -> Vec<String> {
     let mut a: Vec<String> = vec!["run".into()];
     match boot {
         Boot::Config(f) => a.extend(["--config".into(), f.display().to_string()]),
-        Boot::Restore { dir, clone } => {
+        Boot::Restore {
+            dir,
+            clone,
+            sockets,
+        } => {
             a.extend(["--restore".into(), dir.display().to_string()]);
             if clone {
                 a.push("--clone".into());
+            }
+            for (i, s) in sockets {
+                a.extend(["--net-socket".into(), format!("{i}={}", s.display())]);
             }
         }
         Boot::Incoming(addr, copy) => {
@@ -317,10 +326,21 @@ mod tests {
             Boot::Restore {
                 dir: Path::new("/s"),
                 clone: true,
+                sockets: &[(1, PathBuf::from("/sw/lan/7-net1.sock"))],
             },
             &dir,
         );
-        assert_eq!(r[..4], ["run", "--restore", "/s", "--clone"]);
+        assert_eq!(
+            r[..6],
+            [
+                "run",
+                "--restore",
+                "/s",
+                "--clone",
+                "--net-socket",
+                "1=/sw/lan/7-net1.sock"
+            ]
+        );
         let i = run_args(Boot::Incoming("10.0.0.2:0", None), &dir);
         assert_eq!(i[..3], ["run", "--incoming", "10.0.0.2:0"]);
         assert!(i.contains(&dir.join(API_SOCKET).display().to_string()));

@@ -322,12 +322,34 @@ pub struct RestoreOptions {
     /// MACs for chosen virtio-net devices, by index in the configuration's `nets` (with
     /// `clone` only).
     pub macs: Vec<(usize, [u8; 6])>,
+    /// Other vhost-user sockets for chosen net devices served over vhost-user, by index in
+    /// the configuration's `nets` (the daemon gives each run of a VM its own switch port).
+    pub sockets: Vec<(usize, std::path::PathBuf)>,
 }
 
 impl RestoreOptions {
     /// The configuration of the restored VM: `cfg` (the snapshot's) with the clone's MACs.
     fn apply(&self, cfg: &VmConfig) -> Result<VmConfig, VmmError> {
         let bad = |m: String| VmmError::Config(config::ConfigError(m));
+        if !self.sockets.is_empty() {
+            let mut out = cfg.clone();
+            for (i, p) in &self.sockets {
+                match out.nets.get_mut(*i) {
+                    Some(n) if n.vhost_user.is_some() => n.vhost_user = Some(p.clone()),
+                    _ => {
+                        return Err(bad(format!(
+                            "--net-socket {i}={}: the VM's network device {i} is not served over vhost-user",
+                            p.display()
+                        )))
+                    }
+                }
+            }
+            let rest = RestoreOptions {
+                sockets: Vec::new(),
+                ..self.clone()
+            };
+            return rest.apply(&out);
+        }
         if !self.clone {
             if self.macs.is_empty() {
                 return Ok(cfg.clone());
@@ -869,6 +891,13 @@ fn build(
             Some(sock) => Box::new(
                 wv_virtio::vhost_user::VhostUserNet::connect(sock, mac).map_err(VmmError::Net)?,
             ),
+            None if n.network.is_some() => {
+                return Err(VmmError::Config(config::ConfigError(format!(
+                    "net {}: network={} is served by the daemon's switch: define the VM with wv vm create (wv run takes tap= or vhost-user=)",
+                    n.name(),
+                    n.network.as_deref().unwrap_or_default()
+                ))))
+            }
             None => Box::new(wv_virtio::net::Net::new(
                 wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?,
                 mac,

@@ -10,7 +10,9 @@
 //! straight into receive buffers the receiver posted ([`frame::Segments::copy_to`]); only when
 //! the receiver has posted none is it copied into one of a bounded set of slots of that port
 //! (allocated once), and dropped when those are full. Counters per port are served as JSON on
-//! `DIR/control.sock` (a line `stats`).
+//! `DIR/control.sock` (a line `stats`), which also takes networks and ports at run time
+//! (`net add NAME [uplink=TAP]`, `net del NAME`, `port add NET/PORT`, `port del NET/PORT`,
+//! `nets`: [`Switch::control`]).
 
 #![allow(clippy::cast_possible_truncation)] // frame lengths are bounded by MAX_FRAME, chain counts by 4
 
@@ -21,10 +23,10 @@ use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
@@ -45,6 +47,8 @@ pub const PENDING_SLOTS: usize = 32;
 /// Most receive chains one frame may fill (mergeable buffers).
 pub const MAX_RX_CHAINS: usize = 64;
 const QUEUE_SIZE: usize = 256;
+/// Longest TAP name (the kernel's IFNAMSIZ less the NUL).
+const MAX_TAP_NAME: usize = 15;
 
 const F_MRG_RXBUF: u64 = 1 << 15;
 const F_VERSION_1: u64 = 1 << 32;
@@ -164,6 +168,8 @@ struct Port {
     kind: Kind,
     rx: Mutex<RxSide>,
     counters: PortCounters,
+    /// Set once the port is deleted: its threads end.
+    removed: AtomicBool,
 }
 
 struct Network {
@@ -173,10 +179,39 @@ struct Network {
     macs: Mutex<HashMap<[u8; 6], (usize, Instant)>>,
 }
 
-/// The switch: its networks and ports.
+/// The networks and ports, by index; a deleted one leaves `None` (indexes are never reused,
+/// so a backend's index always names its own port or none).
+#[derive(Default)]
+struct Table {
+    networks: Vec<Option<Network>>,
+    ports: Vec<Option<Arc<Port>>>,
+}
+
+impl Table {
+    fn port(&self, i: usize) -> Option<&Arc<Port>> {
+        self.ports.get(i).and_then(Option::as_ref)
+    }
+    fn network(&self, i: usize) -> Option<&Network> {
+        self.networks.get(i).and_then(Option::as_ref)
+    }
+    fn network_index(&self, name: &str) -> Option<usize> {
+        self.networks
+            .iter()
+            .position(|n| n.as_ref().is_some_and(|n| n.name == name))
+    }
+    fn port_index(&self, network: &str, port: &str) -> Option<usize> {
+        let net = self.network_index(network)?;
+        self.ports.iter().position(|p| {
+            p.as_ref()
+                .is_some_and(|p| p.network == net && p.name == port)
+        })
+    }
+}
+
+/// The switch: its networks and ports, which change at run time.
 pub struct Switch {
-    networks: Vec<Network>,
-    ports: Vec<Port>,
+    table: RwLock<Table>,
+    socket_dir: PathBuf,
 }
 
 /// Where a frame comes from: a guest's transmit chain, or bytes (from a TAP or a slot).
@@ -227,58 +262,279 @@ impl Source<'_> {
 
 impl Switch {
     /// A switch for `cfg`: the uplink TAPs are opened (and created if missing, which needs
-    /// CAP_NET_ADMIN) here.
+    /// CAP_NET_ADMIN) here; nothing is served until [`run`] (or [`Switch::add_port`]).
     pub fn new(cfg: &Config) -> Result<Arc<Switch>, String> {
-        let mut networks = Vec::new();
-        let mut ports = Vec::new();
-        for (ni, n) in cfg.networks.iter().enumerate() {
-            if !valid_name(&n.name) {
+        let sw = Arc::new(Switch {
+            table: RwLock::default(),
+            socket_dir: cfg.socket_dir.clone(),
+        });
+        for n in &cfg.networks {
+            sw.new_network(&n.name, n.uplink.as_deref())?;
+            for p in &n.ports {
+                sw.new_port(&n.name, p)?;
+            }
+        }
+        Ok(sw)
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds network `name` to the table (with its uplink port, whose index is returned).
+    fn new_network(&self, name: &str, uplink: Option<&str>) -> Result<Option<usize>, String> {
+        if !valid_name(name) {
+            return Err(format!(
+                "network '{}': use 1-64 of A-Z a-z 0-9 _ . - (not starting with .)",
+                name.escape_debug()
+            ));
+        }
+        if let Some(t) = uplink {
+            if t.is_empty() || t.len() > MAX_TAP_NAME || t.contains(['/', '\0']) {
                 return Err(format!(
-                    "network '{}': use 1-64 of A-Z a-z 0-9 _ . -",
-                    n.name.escape_debug()
+                    "network {name}: uplink '{}': a TAP name takes 1-{} characters",
+                    t.escape_debug(),
+                    MAX_TAP_NAME
                 ));
             }
-            if cfg.networks[..ni].iter().any(|o| o.name == n.name) {
-                return Err(format!("network '{}' is given twice", n.name));
-            }
-            let mut mine = Vec::new();
-            for (pi, p) in n.ports.iter().enumerate() {
-                if !valid_name(p) || n.ports[..pi].contains(p) {
-                    return Err(format!(
-                        "network {}: port '{}' is invalid or given twice",
-                        n.name,
-                        p.escape_debug()
-                    ));
-                }
-                mine.push(ports.len());
-                ports.push(Port::new(ni, p, Kind::Vm));
-            }
-            if let Some(t) = &n.uplink {
-                let tap = wv_virtio::net::Tap::open(t)
-                    .map_err(|e| format!("network {}: uplink: {e}", n.name))?;
-                mine.push(ports.len());
-                ports.push(Port::new(ni, &format!("uplink:{t}"), Kind::Uplink(tap)));
-            }
-            networks.push(Network {
-                name: n.name.clone(),
-                ports: mine,
-                macs: Mutex::default(),
-            });
         }
-        Ok(Arc::new(Switch { networks, ports }))
+        if self.read().network_index(name).is_some() {
+            return Err(format!("network '{name}' exists already"));
+        }
+        // Opened before the table is locked: creating a TAP can take a while.
+        let tap = match uplink {
+            Some(t) => Some(
+                wv_virtio::net::Tap::open(t).map_err(|e| format!("network {name}: uplink: {e}"))?,
+            ),
+            None => None,
+        };
+        let mut t = self.write();
+        if t.network_index(name).is_some() {
+            return Err(format!("network '{name}' exists already"));
+        }
+        let ni = t.networks.len();
+        let mut ports = Vec::new();
+        let mut up = None;
+        if let (Some(tap), Some(tn)) = (tap, uplink) {
+            up = Some(t.ports.len());
+            ports.push(t.ports.len());
+            t.ports.push(Some(Arc::new(Port::new(
+                ni,
+                &format!("uplink:{tn}"),
+                Kind::Uplink(tap),
+            ))));
+        }
+        t.networks.push(Some(Network {
+            name: name.to_string(),
+            ports,
+            macs: Mutex::default(),
+        }));
+        Ok(up)
+    }
+
+    /// Adds VM port `port` of network `network` to the table; its index.
+    fn new_port(&self, network: &str, port: &str) -> Result<usize, String> {
+        if !valid_name(port) {
+            return Err(format!(
+                "network {network}: port '{}': use 1-64 of A-Z a-z 0-9 _ . - (not starting with .)",
+                port.escape_debug()
+            ));
+        }
+        let mut t = self.write();
+        let Some(ni) = t.network_index(network) else {
+            return Err(format!("no network named '{}'", network.escape_debug()));
+        };
+        if t.port_index(network, port).is_some() {
+            return Err(format!("network {network}: port '{port}' exists already"));
+        }
+        let pi = t.ports.len();
+        t.ports.push(Some(Arc::new(Port::new(ni, port, Kind::Vm))));
+        if let Some(Some(n)) = t.networks.get_mut(ni) {
+            n.ports.push(pi);
+        }
+        Ok(pi)
+    }
+
+    /// Takes port `i` out of the table (and out of its network's MAC table); the port.
+    fn remove_port(t: &mut Table, i: usize) -> Option<Arc<Port>> {
+        let p = t.ports.get_mut(i)?.take()?;
+        if let Some(Some(n)) = t.networks.get_mut(p.network) {
+            n.ports.retain(|&x| x != i);
+            lock(&n.macs).retain(|_, (port, _)| *port != i);
+        }
+        p.removed.store(true, Ordering::SeqCst);
+        Some(p)
+    }
+
+    /// Ends the serving of removed port `p` (index `i`): wakes its thread, which sees it
+    /// removed, and removes its socket.
+    fn retire(&self, network: &str, p: &Port) {
+        if let Kind::Vm = p.kind {
+            let sock = port_socket(&self.socket_dir, network, &p.name);
+            // A connection wakes the thread waiting for one; it ends on seeing the port gone
+            // (or, with a VMM connected, when that VMM goes).
+            drop(UnixStream::connect(&sock));
+            let _ = std::fs::remove_file(&sock);
+        }
+    }
+
+    /// Adds VM port `port` to network `network` and serves it: its socket is bound when this
+    /// returns (its path).
+    pub fn add_port(self: &Arc<Self>, network: &str, port: &str) -> Result<PathBuf, String> {
+        let i = self.new_port(network, port)?;
+        match self.start_port(i) {
+            Ok(sock) => Ok(sock),
+            Err(e) => {
+                Self::remove_port(&mut self.write(), i);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes VM port `port` of network `network`. A VMM connected to it is served until it
+    /// goes; no frame reaches it or comes from it meanwhile.
+    pub fn del_port(&self, network: &str, port: &str) -> Result<(), String> {
+        let p = {
+            let mut t = self.write();
+            let Some(i) = t.port_index(network, port) else {
+                return Err(format!(
+                    "network '{}' has no port '{}'",
+                    network.escape_debug(),
+                    port.escape_debug()
+                ));
+            };
+            if matches!(t.port(i).map(|p| &p.kind), Some(Kind::Uplink(_))) {
+                return Err(format!(
+                    "'{port}' is the uplink of network {network}: delete the network instead"
+                ));
+            }
+            Self::remove_port(&mut t, i)
+        };
+        if let Some(p) = p {
+            self.retire(network, &p);
+        }
+        Ok(())
+    }
+
+    /// Adds network `name` (with an uplink TAP, opened and served here) at run time.
+    pub fn add_network(self: &Arc<Self>, name: &str, uplink: Option<&str>) -> Result<(), String> {
+        if let Some(i) = self.new_network(name, uplink)? {
+            if let Err(e) = self.start_port(i) {
+                let _ = self.del_network(name);
+                return Err(e);
+            }
+        }
+        let dir = self.socket_dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
+    }
+
+    /// Deletes network `name` with every port of it (VMMs still connected are served until
+    /// they go, as by [`Switch::del_port`]).
+    pub fn del_network(&self, name: &str) -> Result<(), String> {
+        let gone = {
+            let mut t = self.write();
+            let Some(ni) = t.network_index(name) else {
+                return Err(format!("no network named '{}'", name.escape_debug()));
+            };
+            let ports = t.network(ni).map(|n| n.ports.clone()).unwrap_or_default();
+            let gone: Vec<Arc<Port>> = ports
+                .into_iter()
+                .filter_map(|i| Self::remove_port(&mut t, i))
+                .collect();
+            t.networks[ni] = None;
+            gone
+        };
+        for p in &gone {
+            self.retire(name, p);
+        }
+        let _ = std::fs::remove_dir(self.socket_dir.join(name));
+        Ok(())
+    }
+
+    /// Every network: its name, uplink and VM ports.
+    pub fn networks(&self) -> Vec<NetworkConfig> {
+        let t = self.read();
+        t.networks
+            .iter()
+            .enumerate()
+            .filter_map(|(ni, n)| {
+                let n = n.as_ref()?;
+                let mut c = NetworkConfig {
+                    name: n.name.clone(),
+                    ..Default::default()
+                };
+                for p in n.ports.iter().filter_map(|&i| t.port(i)) {
+                    debug_assert_eq!(p.network, ni);
+                    match &p.kind {
+                        Kind::Vm => c.ports.push(p.name.clone()),
+                        Kind::Uplink(_) => {
+                            c.uplink = p.name.strip_prefix("uplink:").map(str::to_string);
+                        }
+                    }
+                }
+                Some(c)
+            })
+            .collect()
+    }
+
+    /// Answers one request line of the control socket (see the crate's documentation) with
+    /// one JSON value: the result, or `{"error": "..."}`.
+    pub fn control(self: &Arc<Self>, line: &str) -> serde_json::Value {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let done = |r: Result<serde_json::Value, String>| match r {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        let net_port = |a: &str| -> Result<(String, String), String> {
+            a.split_once('/')
+                .map(|(n, p)| (n.to_string(), p.to_string()))
+                .ok_or_else(|| format!("'{}': expected NETWORK/PORT", a.escape_debug()))
+        };
+        let ok = serde_json::json!({ "ok": true });
+        done(match words.as_slice() {
+            ["stats"] => Ok(serde_json::json!({ "ports": self.stats() })),
+            ["nets"] => Ok(serde_json::json!({
+                "networks": self.networks().iter().map(|n| serde_json::json!({
+                    "name": n.name, "uplink": n.uplink, "ports": n.ports,
+                })).collect::<Vec<_>>()
+            })),
+            ["net", "add", name] => self.add_network(name, None).map(|()| ok),
+            ["net", "add", name, up] => match up.strip_prefix("uplink=") {
+                Some(tap) => self.add_network(name, Some(tap)).map(|()| ok),
+                None => Err(format!(
+                    "net add {name}: '{}' is not uplink=TAP",
+                    up.escape_debug()
+                )),
+            },
+            ["net", "del", name] => self.del_network(name).map(|()| ok),
+            ["port", "add", a] => net_port(a).and_then(|(n, p)| {
+                self.add_port(&n, &p)
+                    .map(|s| serde_json::json!({ "ok": true, "socket": s }))
+            }),
+            ["port", "del", a] => net_port(a).and_then(|(n, p)| self.del_port(&n, &p).map(|()| ok)),
+            _ => Err(format!(
+                "unknown request '{}' (stats, nets, net add NAME [uplink=TAP], net del NAME, port add NET/PORT, port del NET/PORT)",
+                line.trim().escape_debug()
+            )),
+        })
     }
 
     /// The index of port `port` of network `network`.
     pub fn port(&self, network: &str, port: &str) -> Option<usize> {
-        self.ports
-            .iter()
-            .position(|p| p.name == port && self.networks[p.network].name == network)
+        self.read().port_index(network, port)
     }
 
     /// Connects VM port `port`'s receive side to a guest's memory and receive queue, as a
     /// VMM's connection does (for harnesses and fuzzing that play the guest).
     pub fn attach(&self, port: usize, mem: Mem, rx: VringRwLock<Mem>, mergeable: bool) {
-        let mut r = lock(&self.ports[port].rx);
+        let Some(p) = self.read().port(port).cloned() else {
+            return;
+        };
+        let mut r = lock(&p.rx);
         r.mem = Some(mem);
         r.vring = Some(rx);
         r.mergeable = mergeable;
@@ -286,13 +542,18 @@ impl Switch {
 
     /// Every port's counters.
     pub fn stats(&self) -> Vec<PortStats> {
-        self.ports
+        let t = self.read();
+        t.ports
             .iter()
+            .flatten()
             .map(|p| {
                 let c = &p.counters;
                 let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
                 PortStats {
-                    network: self.networks[p.network].name.clone(),
+                    network: t
+                        .network(p.network)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default(),
                     port: p.name.clone(),
                     kind: match p.kind {
                         Kind::Vm => "vhost-user",
@@ -319,7 +580,13 @@ impl Switch {
 
     /// Switches one frame (vnet header first) that entered at port `from`.
     pub fn forward(&self, from: usize, src: &Source) {
-        let p = &self.ports[from];
+        let t = self.read();
+        let Some(p) = t.port(from) else {
+            return;
+        };
+        let Some(net) = t.network(p.network) else {
+            return;
+        };
         let len = src.len();
         let mut eth = [0u8; 12];
         if !(VNET_HDR + 14..=MAX_FRAME).contains(&len) || !src.peek(VNET_HDR, &mut eth) {
@@ -330,7 +597,6 @@ impl Switch {
         PortCounters::add(&p.counters.tx_bytes, (len - VNET_HDR) as u64);
         let dst: [u8; 6] = eth[..6].try_into().expect("6 bytes");
         let srcmac: [u8; 6] = eth[6..].try_into().expect("6 bytes");
-        let net = &self.networks[p.network];
         let now = Instant::now();
         let to = {
             let mut macs = lock(&net.macs);
@@ -347,15 +613,15 @@ impl Switch {
         };
         match to {
             Some(port) if port == from => {}
-            Some(port) => self.deliver(port, src),
+            Some(port) => Self::deliver(&t, port, src),
             None => {
-                if dst[0] & 1 == 0 && self.known_elsewhere(p.network, &dst, now) {
+                if dst[0] & 1 == 0 && Self::known_elsewhere(&t, p.network, &dst, now) {
                     PortCounters::add(&p.counters.dropped_isolated, 1);
                     return;
                 }
                 for &port in &net.ports {
                     if port != from {
-                        self.deliver(port, src);
+                        Self::deliver(&t, port, src);
                     }
                 }
             }
@@ -363,19 +629,23 @@ impl Switch {
     }
 
     /// Whether a network other than `net` has learned `mac`.
-    fn known_elsewhere(&self, net: usize, mac: &[u8; 6], now: Instant) -> bool {
-        self.networks.iter().enumerate().any(|(i, n)| {
+    fn known_elsewhere(t: &Table, net: usize, mac: &[u8; 6], now: Instant) -> bool {
+        t.networks.iter().enumerate().any(|(i, n)| {
             i != net
-                && lock(&n.macs)
-                    .get(mac)
-                    .is_some_and(|(_, t)| now.duration_since(*t) < MAC_AGEING)
+                && n.as_ref().is_some_and(|n| {
+                    lock(&n.macs)
+                        .get(mac)
+                        .is_some_and(|(_, t)| now.duration_since(*t) < MAC_AGEING)
+                })
         })
     }
 
     /// Delivers a frame to port `to`: to its TAP, into its guest's receive buffers, or into
     /// one of its slots while the guest has posted none.
-    fn deliver(&self, to: usize, src: &Source) {
-        let p = &self.ports[to];
+    fn deliver(t: &Table, to: usize, src: &Source) {
+        let Some(p) = t.port(to) else {
+            return;
+        };
         let c = &p.counters;
         let n = src.len() - VNET_HDR;
         match &p.kind {
@@ -440,8 +710,7 @@ impl Switch {
     }
 
     /// The guest of VM port `port` posted receive buffers: delivers what waits for them.
-    fn flush(&self, port: usize) {
-        let p = &self.ports[port];
+    fn flush(p: &Port) {
         lock(&p.rx).drain(&p.counters);
     }
 }
@@ -487,6 +756,7 @@ impl Port {
             kind,
             rx: Mutex::default(),
             counters: PortCounters::default(),
+            removed: AtomicBool::new(false),
         }
     }
 }
@@ -635,6 +905,7 @@ fn copy_range(
 pub struct PortBackend {
     sw: Arc<Switch>,
     port: usize,
+    p: Arc<Port>,
     /// The read ends of the exit events handed to vhost-user-backend, which registers them
     /// with its epoll through `into_raw_fd` and never closes them (0.24): closed here once the
     /// connection's daemon is gone ([`PortBackend::close_exit_events`]), or every connection
@@ -643,13 +914,15 @@ pub struct PortBackend {
 }
 
 impl PortBackend {
-    /// The backend of port `port` of `sw`.
-    pub fn new(sw: Arc<Switch>, port: usize) -> PortBackend {
-        PortBackend {
+    /// The backend of port `port` of `sw`, if there is such a port.
+    pub fn new(sw: Arc<Switch>, port: usize) -> Option<PortBackend> {
+        let p = sw.read().port(port)?.clone();
+        Some(PortBackend {
             sw,
             port,
+            p,
             exit_consumers: Arc::default(),
-        }
+        })
     }
 
     /// Closes the exit events' read ends handed out so far. Only once the daemon that took
@@ -664,7 +937,7 @@ impl PortBackend {
     }
 
     fn rx(&self) -> MutexGuard<'_, RxSide> {
-        lock(&self.sw.ports[self.port].rx)
+        lock(&self.p.rx)
     }
 
     /// Serves the transmit queue: every chain read once, checked, and switched (the port's
@@ -674,7 +947,7 @@ impl PortBackend {
             return;
         };
         let mem = mem.memory();
-        let c = &self.sw.ports[self.port].counters;
+        let c = &self.p.counters;
         let mut any = false;
         loop {
             let mut st = vring.get_mut();
@@ -775,7 +1048,7 @@ impl VhostUserBackend for PortBackend {
             }
         }
         match device_event {
-            0 => self.sw.flush(self.port),
+            0 => Switch::flush(&self.p),
             1 => self.transmit(&vrings[1]),
             _ => {}
         }
@@ -798,26 +1071,36 @@ impl PortBackend {
     }
 }
 
-/// Serves VM port `port` on `socket` until the process ends: one frontend at a time; when it
-/// goes, the port forgets it and waits for the next.
-fn serve_port(
-    sw: Arc<Switch>,
-    port: usize,
-    socket: PathBuf,
-    mut listener: Listener,
-) -> Result<(), String> {
-    let backend = PortBackend::new(sw, port);
-    let name = format!("vswitch-port{port}");
-    loop {
-        let mut daemon = VhostUserDaemon::new(
+/// Serves VM port `port` on `socket` until the port is deleted: one frontend at a time; when
+/// it goes, the port forgets it and waits for the next.
+fn serve_port(backend: PortBackend, socket: PathBuf, mut listener: Listener) {
+    let name = format!("vswitch-port{}", backend.port);
+    while !backend.p.removed.load(Ordering::SeqCst) {
+        let mut daemon = match VhostUserDaemon::new(
             name.clone(),
             backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| format!("port {}: {e:?}", socket.display()))?;
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("wv vswitch: port {}: {e:?}", socket.display());
+                return;
+            }
+        };
         if let Err(e) = daemon.start(&mut listener) {
             eprintln!("wv vswitch: {}: {e:?}", socket.display());
+            drop(daemon);
+            backend.close_exit_events();
             continue;
+        }
+        if backend.p.removed.load(Ordering::SeqCst) {
+            // The connection that woke a deleted port: nothing to serve.
+            for h in daemon.get_epoll_handlers() {
+                h.send_exit_event();
+            }
+            drop(daemon);
+            backend.close_exit_events();
+            return;
         }
         match daemon.wait() {
             Ok(()) => {}
@@ -839,21 +1122,24 @@ fn serve_port(
     }
 }
 
-/// Reads frames from uplink port `port`'s TAP and switches them, until the process ends.
+/// Reads frames from uplink port `port`'s TAP and switches them, until the port is deleted.
 fn serve_uplink(sw: Arc<Switch>, port: usize) {
-    let Kind::Uplink(tap) = &sw.ports[port].kind else {
+    let Some(p) = sw.read().port(port).cloned() else {
+        return;
+    };
+    let Kind::Uplink(tap) = &p.kind else {
         return;
     };
     let mut buf = vec![0u8; MAX_FRAME];
     let fd = tap.file().as_raw_fd();
-    loop {
-        let mut p = libc::pollfd {
+    while !p.removed.load(Ordering::SeqCst) {
+        let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut p, 1, -1) } < 0 {
+        // SAFETY: one valid pollfd; a timeout so that a deleted uplink's thread ends.
+        if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
             continue;
         }
         loop {
@@ -866,7 +1152,8 @@ fn serve_uplink(sw: Arc<Switch>, port: usize) {
     }
 }
 
-/// Answers `stats` on the control socket with every port's counters (one JSON line).
+/// Answers requests on the control socket, one JSON line per request line
+/// ([`Switch::control`]).
 fn serve_control(sw: Arc<Switch>, listener: UnixListener) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
@@ -878,19 +1165,63 @@ fn serve_control(sw: Arc<Switch>, listener: UnixListener) {
                     return;
                 };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-                for line in BufReader::new(conn.take(4096)).lines() {
+                for line in BufReader::new(conn.take(64 << 10)).lines() {
                     let Ok(line) = line else { break };
-                    let reply = match line.trim() {
-                        "stats" => serde_json::json!({ "ports": sw.stats() }),
-                        other => serde_json::json!({
-                            "error": format!("unknown request '{}' (stats)", other.escape_debug())
-                        }),
-                    };
-                    if writeln!(out, "{reply}").is_err() {
+                    if line.len() > 4096 {
+                        let _ =
+                            writeln!(out, "{}", serde_json::json!({"error": "request too long"}));
+                        break;
+                    }
+                    if writeln!(out, "{}", sw.control(&line)).is_err() {
                         break;
                     }
                 }
             });
+    }
+}
+
+impl Switch {
+    /// Starts serving port `i`: binds a VM port's socket (before returning, so that a VMM
+    /// started next finds it) and starts its thread. The socket's path (or the TAP's name).
+    fn start_port(self: &Arc<Self>, i: usize) -> Result<PathBuf, String> {
+        let Some(backend) = PortBackend::new(self.clone(), i) else {
+            return Err(format!("no port {i}"));
+        };
+        let p = backend.p.clone();
+        match &p.kind {
+            Kind::Vm => {
+                let net = self
+                    .read()
+                    .network(p.network)
+                    .map(|n| n.name.clone())
+                    .unwrap_or_default();
+                let sock = port_socket(&self.socket_dir, &net, &p.name);
+                if let Some(parent) = sock.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                }
+                let _ = std::fs::remove_file(&sock);
+                // Bound by us, not by vhost's Listener, whose drop would remove the path
+                // (by then perhaps the socket of a new port of the same name).
+                let l = UnixListener::bind(&sock)
+                    .map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
+                let listener = Listener::from(l);
+                let s2 = sock.clone();
+                std::thread::Builder::new()
+                    .name(format!("vsw-{net}-{}", p.name))
+                    .spawn(move || serve_port(backend, s2, listener))
+                    .map_err(|e| e.to_string())?;
+                Ok(sock)
+            }
+            Kind::Uplink(_) => {
+                let sw = self.clone();
+                std::thread::Builder::new()
+                    .name(format!("vsw-{}", p.name))
+                    .spawn(move || serve_uplink(sw, i))
+                    .map_err(|e| e.to_string())?;
+                Ok(PathBuf::from(&p.name))
+            }
+        }
     }
 }
 
@@ -914,42 +1245,16 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     let _ = std::fs::remove_file(&ctl);
     let listener =
         UnixListener::bind(&ctl).map_err(|e| format!("cannot listen on {}: {e}", ctl.display()))?;
-    let mut threads = Vec::new();
-    for (i, p) in sw.ports.iter().enumerate() {
-        let sw2 = sw.clone();
-        match p.kind {
-            Kind::Vm => {
-                let net = &sw.networks[p.network].name;
-                let sock = port_socket(dir, net, &p.name);
-                if let Some(parent) = sock.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-                }
-                // Bound before the switch says it serves: a VMM started then finds it.
-                let listener = Listener::new(&sock, true)
-                    .map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
-                threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("vswitch-{net}-{}", p.name))
-                        .spawn(move || {
-                            if let Err(e) = serve_port(sw2, i, sock, listener) {
-                                eprintln!("wv vswitch: {e}");
-                            }
-                        })
-                        .map_err(|e| e.to_string())?,
-                );
-            }
-            Kind::Uplink(_) => threads.push(
-                std::thread::Builder::new()
-                    .name(format!("vswitch-{}", p.name))
-                    .spawn(move || serve_uplink(sw2, i))
-                    .map_err(|e| e.to_string())?,
-            ),
-        }
+    let count = sw.read().ports.len();
+    for i in 0..count {
+        sw.start_port(i)?;
+    }
+    for n in &cfg.networks {
+        let d = dir.join(&n.name);
+        std::fs::create_dir_all(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     }
     eprintln!(
-        "wv vswitch: serving {} port(s) under {}",
-        sw.ports.len(),
+        "wv vswitch: serving {count} port(s) under {}",
         dir.display()
     );
     serve_control(sw, listener);

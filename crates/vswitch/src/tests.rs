@@ -94,7 +94,8 @@ fn switch() -> Arc<Switch> {
 
 /// Connects `port`'s receive side to guest `g` (as a frontend's set-up does).
 fn connect_rx(sw: &Switch, port: usize, g: &Guest, mergeable: bool) {
-    let mut rx = lock(&sw.ports[port].rx);
+    let p = sw.read().port(port).unwrap().clone();
+    let mut rx = lock(&p.rx);
     rx.mem = Some(g.atomic());
     rx.vring = Some(g.vring.clone());
     rx.mergeable = mergeable;
@@ -126,7 +127,7 @@ fn send(sw: &Arc<Switch>, tx: &mut Guest, f: &[u8]) {
 }
 
 fn transmit(sw: &Arc<Switch>, port: usize, tx: &Guest) {
-    let b = PortBackend::new(sw.clone(), port);
+    let b = PortBackend::new(sw.clone(), port).unwrap();
     b.rx().mem = Some(tx.atomic());
     b.transmit(&tx.vring);
 }
@@ -161,7 +162,9 @@ fn a_frame_is_copied_once_into_the_buffer_the_receiver_posted() {
         (1, 288, 1, 288)
     );
     // a was learned: a frame from b to a goes to a only (c, on another network, never).
-    assert_eq!(lock(&sw.networks[0].macs).get(&MAC_A).map(|e| e.0), Some(0));
+    let t = sw.read();
+    let macs = lock(&t.network(0).unwrap().macs);
+    assert_eq!(macs.get(&MAC_A).map(|e| e.0), Some(0));
 }
 
 #[test]
@@ -297,7 +300,7 @@ fn frames_wait_in_bounded_slots_until_buffers_come() {
     rx.desc(1, 0x11000, 2048, WRITE, 0);
     rx.offer(0);
     rx.offer(1);
-    sw.flush(1);
+    Switch::flush(&sw.read().port(1).unwrap().clone());
     assert_eq!(rx.used(), vec![(0, 80), (1, 80)]);
     for (i, at) in [0x10000u64, 0x11000].iter().enumerate() {
         let tag: u8 = rx
@@ -393,7 +396,7 @@ fn a_memory_table_beyond_its_file_is_refused() {
         GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(m, GuestAddress(0)).unwrap()])
             .unwrap()
     };
-    let b = PortBackend::new(switch(), 0);
+    let b = PortBackend::new(switch(), 0).unwrap();
     let e = b
         .update_memory(GuestMemoryAtomic::new(region(1 << 20)))
         .unwrap_err();
@@ -513,7 +516,7 @@ fn a_connections_exit_event_does_not_outlive_its_daemon() {
         }],
     })
     .unwrap();
-    let backend = PortBackend::new(sw, 0);
+    let backend = PortBackend::new(sw, 0).unwrap();
     let daemon = VhostUserDaemon::new(
         "t".into(),
         backend.clone(),
@@ -534,4 +537,50 @@ fn a_connections_exit_event_does_not_outlive_its_daemon() {
         assert_ne!(fdinfo(*fd), info, "descriptor {fd} is still the exit event");
     }
     assert!(lock(&backend.exit_consumers).is_empty());
+}
+
+/// Networks and ports come and go at run time through the control requests, with one JSON
+/// line each and a clear error for what is wrong; a deleted port's socket goes, and a port
+/// of the same name can come back at once.
+#[test]
+fn networks_and_ports_change_at_run_time() {
+    let dir = std::env::temp_dir().join(format!("wv-vsw-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sw = Switch::new(&Config {
+        socket_dir: dir.clone(),
+        networks: Vec::new(),
+    })
+    .unwrap();
+    let err = |v: serde_json::Value| v["error"].as_str().unwrap_or("").to_string();
+    assert_eq!(sw.control("net add lan")["ok"], true);
+    assert!(err(sw.control("net add lan")).contains("exists already"));
+    assert!(err(sw.control("net add .x")).contains("1-64"));
+    assert!(err(sw.control("net add a uplink=")).contains("TAP name"));
+    assert!(err(sw.control("net add a tap=x")).contains("uplink=TAP"));
+    assert!(err(sw.control("port add nowhere/p")).contains("no network named 'nowhere'"));
+    assert!(err(sw.control("port add lan")).contains("NETWORK/PORT"));
+    assert!(err(sw.control("port add lan/a/b")).contains("1-64"));
+    let r = sw.control("port add lan/web");
+    let sock = port_socket(&dir, "lan", "web");
+    assert_eq!(r["socket"], sock.display().to_string());
+    assert!(sock.exists());
+    assert!(err(sw.control("port add lan/web")).contains("exists already"));
+    assert_eq!(sw.control("port add lan/db")["ok"], true);
+    let st = sw.control("stats");
+    assert_eq!(st["ports"].as_array().unwrap().len(), 2);
+    assert_eq!(st["ports"][0]["port"], "web");
+    assert_eq!(sw.control("nets")["networks"][0]["ports"][1], "db");
+    assert_eq!(sw.control("port del lan/web")["ok"], true);
+    assert!(!sock.exists(), "the deleted port's socket is removed");
+    assert!(err(sw.control("port del lan/web")).contains("has no port 'web'"));
+    assert_eq!(sw.control("port add lan/web")["ok"], true, "back at once");
+    assert!(sock.exists());
+    assert!(err(sw.control("frobnicate")).contains("unknown request"));
+    assert_eq!(sw.control("net del lan")["ok"], true);
+    assert!(!sock.exists() && !dir.join("lan").exists());
+    assert!(err(sw.control("net del lan")).contains("no network named"));
+    assert_eq!(sw.stats().len(), 0);
+    // A frame from a deleted port's old index goes nowhere.
+    sw.forward(0, &Source::Bytes(&frame([0xff; 6], MAC_A, 60)));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -309,7 +309,7 @@ const VM_OPTS: &[Opt] = &[
     opt(
         "--net",
         Arg::Value("SPEC"),
-        "tap=NAME[,mac=MAC][,id=ID]: a virtio-net device on TAP NAME (created and brought\nup if missing, which needs CAP_NET_ADMIN); vhost-user=SOCKET[,mac=MAC][,id=ID]:\none whose queues a vhost-user backend serves (wv vswitch; docs/NETWORK.md);\nMAC generated if not given (repeatable)",
+        "tap=NAME[,mac=MAC][,id=ID]: a virtio-net device on TAP NAME (created and brought\nup if missing, which needs CAP_NET_ADMIN); vhost-user=SOCKET[,mac=MAC][,id=ID]:\none whose queues a vhost-user backend serves (wv vswitch; docs/NETWORK.md);\nnetwork=NETWORK[,mac=MAC][,id=ID] (wv vm create only): one on the daemon's\nnetwork NETWORK (wv net create), served by its switch;\nMAC generated if not given (repeatable)",
     ),
     opt(
         "--rng",
@@ -343,6 +343,11 @@ const CLONE_OPTS: &[Opt] = &[
         "--mac",
         Arg::Value("INDEX=MAC"),
         "with --clone: network device INDEX (from 0, in the snapshot's order) gets MAC\ninstead of a random one (repeatable)",
+    ),
+    opt(
+        "--net-socket",
+        Arg::Value("INDEX=SOCKET"),
+        "with --restore: network device INDEX (served over vhost-user) connects to SOCKET\ninstead of the snapshot's (repeatable)",
     ),
 ];
 
@@ -461,8 +466,10 @@ const VSWITCH: Spec = Spec {
     about: "Runs the virtual switch in the foreground: an L2 learning switch per network whose ports
 are vhost-user net backends, one socket each at DIR/NETWORK/PORT.sock, for VMs started with
 --net vhost-user=DIR/NETWORK/PORT.sock. Networks are isolated from one another; an uplink
-connects a network to the host through a TAP. Counters per port: send 'stats' on
-DIR/control.sock (one JSON line back). docs/NETWORK.md.",
+connects a network to the host through a TAP. On DIR/control.sock, one request a line, one
+JSON line back: 'stats' (counters per port), 'nets', 'net add NAME [uplink=TAP]', 'net del NAME',
+'port add NETWORK/PORT', 'port del NETWORK/PORT' (networks and ports change at run time).
+docs/NETWORK.md.",
     opts: &[&[
         opt(
             "--socket-dir",
@@ -800,6 +807,61 @@ const VM_FORGET: Spec = Spec {
     after: CLIENT_STATUS,
 };
 
+const NET_CREATE: Spec = Spec {
+    cmd: "wv net create",
+    pos: &["NAME"],
+    about: "Makes network NAME on the daemon's virtual switch (a world of its own, restarted when it\ndies); VMs join it with wv vm create --net network=NAME[,mac=MAC][,id=ID]. Networks\nare isolated from one another; an uplink connects one to the host (docs/NETWORK.md).",
+    opts: &[
+        &[opt(
+            "--uplink",
+            Arg::Value("tap=NAME|none"),
+            "a TAP connecting the network to the host (created if missing), or none\n(the default)",
+        )],
+        CLIENT_OPTS,
+    ],
+    after: CLIENT_STATUS,
+};
+
+const NET_LIST: Spec = Spec {
+    cmd: "wv net list",
+    pos: &[],
+    about: "Lists the daemon's networks.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const NET_INFO: Spec = Spec {
+    cmd: "wv net info",
+    pos: &["NAME"],
+    about: "Shows a network: the VMs defined on it, and its ports (the VM of each) with the\nswitch's counters: frames, bytes, copies and drops.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const NET_DELETE: Spec = Spec {
+    cmd: "wv net delete",
+    pos: &["NAME"],
+    about: "Deletes a network no VM definition uses.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const NET_SPECS: &[&Spec] = &[&NET_CREATE, &NET_LIST, &NET_INFO, &NET_DELETE];
+
+const NET_USAGE: &str = "\
+Usage: wv net COMMAND [ARGS] [OPTIONS]
+
+Manages the daemon's networks (--socket PATH|tcp:HOST:PORT or WV_SOCKET; --json for
+machine-readable output). docs/NETWORK.md.
+
+Commands:
+  create NAME [--uplink tap=NAME|none]
+  list
+  info NAME
+  delete NAME
+
+Run wv net COMMAND --help for a command's options.";
+
 const VM_SPECS: &[&Spec] = &[
     &VM_CREATE,
     &VM_SET,
@@ -840,6 +902,8 @@ Usage:
                             Write a systemd unit for wv host
   wv host uninstall [--state-dir DIR] [--yes]
                             Remove the state directory and a dead daemon's leftovers
+  wv net create NAME [--uplink tap=NAME|none] | list | info NAME | delete NAME
+                            Networks of the daemon's virtual switch (--net network=NAME)
   wv vm create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm create [NAME] --file SPEC.toml|SPEC.json
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
@@ -852,7 +916,7 @@ Usage:
                             VMKFS datastores for virtual disks
   wv probe-image --format pvh|bzimage|exitbench --output FILE
                             Write an embedded guest image to FILE
-  wv vswitch --socket-dir DIR --port NETWORK/PORT ... [--uplink NETWORK=TAP ...]
+  wv vswitch --socket-dir DIR [--port NETWORK/PORT ...] [--uplink NETWORK=TAP ...]
                             Run the virtual switch: vhost-user net ports (--net vhost-user=)
   wv completions bash|zsh   Print a shell completion script
   wv --version | --help
@@ -938,6 +1002,19 @@ pub enum VmCmd {
     DeleteSnapshot(String),
     /// Move a running VM to another daemon.
     Migrate(Migrate),
+}
+
+/// A `wv net` command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NetCmd {
+    /// Make network .0 with uplink TAP .1.
+    Create(String, Option<String>),
+    /// List the networks.
+    List,
+    /// Show one.
+    Info(String),
+    /// Delete one.
+    Delete(String),
 }
 
 /// `wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N]`.
@@ -1030,6 +1107,8 @@ pub enum Command {
     },
     /// `wv vm ...`.
     Vm(Client, VmCmd),
+    /// `wv net ...`.
+    Net(Client, NetCmd),
     /// `wv fs ...`.
     Fs(fs::Args),
     /// `wv completions bash|zsh`: the completion script to print.
@@ -1045,6 +1124,7 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
         Some("vswitch") => parse_vswitch(rest),
         Some("host") => parse_host(rest),
         Some("vm") => parse_vm(rest),
+        Some("net") => parse_net(rest),
         Some("fs") => fs::parse(rest).map(|a| a.map_or_else(Command::Help, Command::Fs)),
         Some("completions") => parse_completions(rest),
         Some("-V" | "--version") if rest.is_empty() => Ok(Command::Version),
@@ -1101,6 +1181,7 @@ fn all_specs() -> Vec<&'static Spec> {
         &HOST_UNINSTALL,
     ];
     v.extend(VM_SPECS.iter().copied());
+    v.extend(NET_SPECS.iter().copied());
     v.extend(crate::fs::SPECS.iter());
     v.push(&COMPLETIONS);
     v
@@ -1276,10 +1357,26 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
             Ok((i, mac))
         })
         .collect::<Result<Vec<_>, Usage>>()?;
+    let sockets = m
+        .values("--net-socket")
+        .map(|v| {
+            let bad = || Usage(format!("--net-socket '{v}': expected INDEX=SOCKET"));
+            let (i, p) = v.split_once('=').ok_or_else(bad)?;
+            let i: usize = i.parse().map_err(|_| bad())?;
+            if p.is_empty() {
+                return Err(bad());
+            }
+            Ok((i, PathBuf::from(p)))
+        })
+        .collect::<Result<Vec<_>, Usage>>()?;
     let from = match from {
         RunFrom::Snapshot(r) => RunFrom::Snapshot(Restore {
             dir: r.dir,
-            opts: wv_vmm::RestoreOptions { clone, macs },
+            opts: wv_vmm::RestoreOptions {
+                clone,
+                macs,
+                sockets,
+            },
         }),
         f => f,
     };
@@ -1481,11 +1578,6 @@ fn parse_vswitch(args: &[String]) -> Result<Command, Usage> {
             return Err(Usage(format!("--uplink: network {net} has two uplinks")));
         }
     }
-    if cfg.networks.is_empty() {
-        return Err(Usage(
-            "wv vswitch needs at least one --port NETWORK/PORT or --network NAME".into(),
-        ));
-    }
     Ok(Command::Vswitch(cfg))
 }
 
@@ -1591,6 +1683,49 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
             "unknown 'wv host' command '{other}' (see wv host --help)"
         ))),
     }
+}
+
+fn parse_net(args: &[String]) -> Result<Command, Usage> {
+    let (sub, rest) = split_subcommand(args, NET_SPECS);
+    let Some(sub) = sub else {
+        if wants_help(&rest) {
+            return Ok(Command::Help(NET_USAGE.to_string()));
+        }
+        return Err(Usage(
+            "wv net needs a command: create, list, info, delete (see wv net --help)".into(),
+        ));
+    };
+    let spec = NET_SPECS
+        .iter()
+        .find(|s| s.cmd.rsplit(' ').next() == Some(sub.as_str()))
+        .ok_or_else(|| {
+            Usage(format!(
+                "unknown 'wv net' command '{sub}' (see wv net --help)"
+            ))
+        })?;
+    let m = matches_or_help!(spec, &rest);
+    let c = client(&m);
+    let cmd = match spec.cmd {
+        "wv net create" => {
+            let uplink = match m.value("--uplink") {
+                None | Some("none") => None,
+                Some(u) => match u.strip_prefix("tap=") {
+                    Some(t) if wv_config::valid_tap_name(t) => Some(t.to_string()),
+                    _ => {
+                        return Err(Usage(format!(
+                            "--uplink '{u}': expected tap=NAME (1-{} characters) or none",
+                            wv_config::MAX_TAP_NAME
+                        )))
+                    }
+                },
+            };
+            NetCmd::Create(m.pos[0].clone(), uplink)
+        }
+        "wv net list" => NetCmd::List,
+        "wv net info" => NetCmd::Info(m.pos[0].clone()),
+        _ => NetCmd::Delete(m.pos[0].clone()),
+    };
+    Ok(Command::Net(c, cmd))
 }
 
 fn parse_vm(args: &[String]) -> Result<Command, Usage> {
@@ -2081,6 +2216,7 @@ mod tests {
             wv_vmm::RestoreOptions {
                 clone: true,
                 macs: vec![(1, [0x52, 0x54, 0, 0, 0, 1]), (0, [2, 0, 0, 0, 0, 2])],
+                sockets: Vec::new(),
             }
         );
         let Ok(Command::Run(_, _, RunFrom::Snapshot(r))) =

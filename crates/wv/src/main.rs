@@ -10,7 +10,7 @@ mod admin;
 mod cli;
 mod fs;
 
-use cli::{Client, Command, RunFrom, StatsMode, Usage, VmCmd};
+use cli::{Client, Command, NetCmd, RunFrom, StatsMode, Usage, VmCmd};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         | Command::HostInstall { .. }
         | Command::HostUninstall(..) => true,
         Command::Vm(_, VmCmd::Named(what, _)) => *what != "console",
-        Command::Vm(..) | Command::Fs(_) | Command::Completions(_) => true,
+        Command::Vm(..) | Command::Net(..) | Command::Fs(_) | Command::Completions(_) => true,
         Command::Run(..)
         | Command::ProbeImage { .. }
         | Command::HostServe { .. }
@@ -109,6 +109,7 @@ fn main() -> ExitCode {
         }
         Command::HostUninstall(dir, yes) => host_uninstall(&dir, yes),
         Command::Vm(c, v) => cmd_vm(&c, v),
+        Command::Net(c, n) => cmd_net(&c, n),
         Command::Fs(a) => fs::cmd_fs(&a),
         Command::Completions(script) => {
             print!("{script}");
@@ -482,7 +483,11 @@ fn host_top(c: &Client, once: bool) -> ExitCode {
                     let f = |k: &str| r[k].as_f64().map_or("-".to_string(), |x| format!("{x:.2}"));
                     println!(
                         "{:>4} {:<20} {:<8} {:>6} {:>6} {:>6} {:>9} {:>7.1} {:>7.1} {:>7.1}",
-                        r["id"].as_u64().unwrap_or(0),
+                        // The switch world's id is too wide for the column: "sw".
+                        match r["id"].as_u64().unwrap_or(0) {
+                            wv_host::network::SWITCH_ID => "sw".to_string(),
+                            id => id.to_string(),
+                        },
                         r["name"].as_str().unwrap_or("?"),
                         r["state"].as_str().unwrap_or("?"),
                         r["shares"].as_u64().unwrap_or(0),
@@ -517,6 +522,97 @@ fn print_vm(v: &serde_json::Value) {
         v["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
         v["reason"].as_str().unwrap_or("")
     );
+}
+
+fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
+    let show = |v: &serde_json::Value, text: &dyn Fn(&serde_json::Value)| {
+        if c.json {
+            println!("{v}");
+        } else {
+            text(v);
+        }
+    };
+    let result = match cmd {
+        NetCmd::Create(name, uplink) => {
+            let mut body = serde_json::json!({ "name": name });
+            if let Some(t) = uplink {
+                body["uplink"] = t.into();
+            }
+            api(c, "POST", "/v1/networks", Some(&body.to_string())).map(|v| {
+                show(&v, &|v| {
+                    println!(
+                        "created network {name} (uplink {})",
+                        v["uplink"].as_str().unwrap_or("none")
+                    );
+                });
+            })
+        }
+        NetCmd::List => api(c, "GET", "/v1/networks", None).map(|v| {
+            show(&v, &|v| {
+                println!("{:<24} UPLINK", "NAME");
+                for n in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {}",
+                        n["name"].as_str().unwrap_or(""),
+                        n["uplink"].as_str().unwrap_or("none")
+                    );
+                }
+            });
+        }),
+        NetCmd::Info(name) => api(c, "GET", &format!("/v1/networks/{name}"), None).map(|v| {
+            show(&v, &|v| {
+                println!(
+                    "network {name}: uplink {}, VMs defined on it: {}",
+                    v["uplink"].as_str().unwrap_or("none"),
+                    v["vms"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "none".into())
+                );
+                println!(
+                    "{:<16} {:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+                    "PORT",
+                    "VM",
+                    "CONN",
+                    "TX_FRAMES",
+                    "RX_FRAMES",
+                    "TX_BYTES",
+                    "RX_BYTES",
+                    "DROPPED",
+                    "ISOLATED"
+                );
+                for p in v["ports"].as_array().into_iter().flatten() {
+                    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+                    println!(
+                        "{:<16} {:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+                        p["port"].as_str().unwrap_or(""),
+                        p["vm"].as_str().unwrap_or("-"),
+                        if p["connected"] == true { "yes" } else { "no" },
+                        n("tx_frames"),
+                        n("rx_frames"),
+                        n("tx_bytes"),
+                        n("rx_bytes"),
+                        n("dropped_malformed") + n("dropped_no_buffer"),
+                        n("dropped_isolated"),
+                    );
+                }
+            });
+        }),
+        NetCmd::Delete(name) => api(c, "DELETE", &format!("/v1/networks/{name}"), None).map(|_| {
+            if !c.json {
+                println!("deleted network {name}");
+            }
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
 }
 
 fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {

@@ -73,16 +73,18 @@ impl Daemon {
     }
 
     pub fn wait_state(&self, name: &str, state: &str) -> serde_json::Value {
+        self.wait_state_within(name, state, Duration::from_secs(30))
+    }
+
+    /// [`Daemon::wait_state`] for at most `limit`.
+    pub fn wait_state_within(&self, name: &str, state: &str, limit: Duration) -> serde_json::Value {
         let t = Instant::now();
         loop {
             let v = self.json(&["vm", "info", name]);
             if v["state"] == state {
                 return v;
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{name} never became {state}: {v}"
-            );
+            assert!(t.elapsed() < limit, "{name} never became {state}: {v}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -126,6 +128,17 @@ impl Drop for Daemon {
         // nor its VMMs, which outlive a daemon by design.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its switch world (a process of its own session, like the VMMs).
+        if let Some(pid) = std::fs::read_to_string(self.state.join("sw/pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmd.split(|&b| b == 0).nth(1) == Some(&b"vswitch"[..]) {
+                // SAFETY: signalling the switch this test's daemon recorded as its own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         if self.keep_vmms {
             return;
         }
