@@ -475,7 +475,7 @@ impl<M: PageOps> Engine<M> {
         }
         let expect = match access {
             Access::Read => d.version,
-            Access::Write => d.version + 1,
+            Access::Write => d.version.saturating_add(1),
         };
         if version != expect {
             return Err(ProtoError(format!(
@@ -584,6 +584,12 @@ impl<M: PageOps> Engine<M> {
         }
         let wp = access == Access::Read;
         let mapped = l.state != PageState::Invalid;
+        let new_version = match access {
+            Access::Read => version,
+            Access::Write => version
+                .checked_add(1)
+                .ok_or_else(|| ProtoError(format!("PAGE for page {page} at version {version}, the last one")))?,
+        };
         match &data {
             Some(d) => {
                 if mapped {
@@ -623,10 +629,6 @@ impl<M: PageOps> Engine<M> {
                 inc(&self.stats.unchanged_received, 1);
             }
         }
-        let new_version = match access {
-            Access::Read => version,
-            Access::Write => version + 1,
-        };
         self.local[i] = Local {
             state: if wp { PageState::Read } else { PageState::Write },
             version: new_version,
