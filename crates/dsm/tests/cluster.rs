@@ -130,3 +130,27 @@ fn shared_memfd_backing_keeps_counters_exact() {
     assert!(r.iter().all(|l| l == "ok"), "{r:?}");
     assert_eq!(values(&c.cmd(1, "read 1 2 3")), vec![4000, 4000, 4000]);
 }
+
+/// The benchmark's commands (with tiny sizes; this is not the benchmark): latencies are
+/// reported as two numbers, throughput as one, and the pages a remote read or write needs
+/// are the ones that move.
+#[test]
+fn benchmark_commands_work() {
+    let mut one = Cluster::start(1, MIB, &[], LIMIT);
+    let l = one.cmd(0, "local-floor 20");
+    assert_eq!(l.split_whitespace().count(), 3, "{l}");
+    drop(one);
+    let mut c = Cluster::start(2, MIB, &[], LIMIT);
+    assert_eq!(c.cmd(0, "fill 0 20 1"), "ok");
+    assert!(c.cmd(1, "lat-read 0 10").starts_with("lat "));
+    assert_eq!(c.stat(1, "pages_received"), 10);
+    assert!(c.cmd(1, "lat-write 10 10").starts_with("lat "));
+    assert_eq!(c.stat(1, "pages_received"), 20);
+    // Upgrading the 10 read copies moves no data.
+    assert!(c.cmd(1, "lat-write 0 10").starts_with("lat "));
+    assert_eq!(c.stat(1, "pages_received"), 20);
+    assert_eq!(c.stat(1, "unchanged_received"), 10);
+    let r = c.all(|_| "tput 30 4 2000".into());
+    assert!(r.iter().all(|l| l.starts_with("tput ")), "{r:?}");
+    assert_eq!(values(&c.cmd(0, "read 30 31 32 33")), vec![1000; 4]);
+}
