@@ -29,21 +29,32 @@ fn main() {
     let ops: usize = if quick { 200_000 } else { 2_000_000 };
     let bytes = 64 << 20;
 
-    println!("# wv-dsm benchmark (loopback, {} pages per latency run)", pages);
+    println!(
+        "# wv-dsm benchmark (loopback, {} pages per latency run)",
+        pages
+    );
     let mut one = Cluster::start(1, 1 << 20, &[], LIMIT);
     let (m, p) = lat(&one.cmd(0, &format!("local-floor {pages}")));
-    println!("local userfaultfd fault (zero page, same process)   median {m:8.1} us  p99 {p:8.1} us");
+    println!(
+        "local userfaultfd fault (zero page, same process)   median {m:8.1} us  p99 {p:8.1} us"
+    );
     drop(one);
 
     let mut c = Cluster::start(2, bytes, &[], LIMIT);
     // Node 0 writes two ranges (it owns them writable, at version 1: data must move).
     assert_eq!(c.cmd(0, &format!("fill 0 {} 1", 2 * pages)), "ok");
     let (m, p) = lat(&c.cmd(1, &format!("lat-read 0 {pages}")));
-    println!("remote read fault (page written by the other node)  median {m:8.1} us  p99 {p:8.1} us");
+    println!(
+        "remote read fault (page written by the other node)  median {m:8.1} us  p99 {p:8.1} us"
+    );
     let (m, p) = lat(&c.cmd(1, &format!("lat-write {pages} {pages}")));
-    println!("remote write fault (ownership and data move)        median {m:8.1} us  p99 {p:8.1} us");
+    println!(
+        "remote write fault (ownership and data move)        median {m:8.1} us  p99 {p:8.1} us"
+    );
     let (m, p) = lat(&c.cmd(1, &format!("lat-write 0 {pages}")));
-    println!("write upgrade of a read copy (unchanged, no data)   median {m:8.1} us  p99 {p:8.1} us");
+    println!(
+        "write upgrade of a read copy (unchanged, no data)   median {m:8.1} us  p99 {p:8.1} us"
+    );
     println!("node 1: {}", c.cmd(1, "stats"));
     drop(c);
 
@@ -58,7 +69,10 @@ fn main() {
             let t = Instant::now();
             let r = c.all(|i| format!("tput {} 16 {ops}", base(i)));
             let secs = t.elapsed().as_secs_f64();
-            let total: f64 = r.iter().map(|l| l.strip_prefix("tput ").unwrap().parse::<f64>().unwrap()).sum();
+            let total: f64 = r
+                .iter()
+                .map(|l| l.strip_prefix("tput ").unwrap().parse::<f64>().unwrap())
+                .sum();
             let mut moved = 0;
             let mut inval = 0;
             for (i, b) in before.iter().enumerate() {

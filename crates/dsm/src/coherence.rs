@@ -238,11 +238,22 @@ impl<M: PageOps> Engine<M> {
         stats: std::sync::Arc<Stats>,
     ) -> Self {
         let local = (0..pages)
-            .map(|_| Local { state: PageState::Invalid, version: 0, owner: me == 0, pending: None })
+            .map(|_| Local {
+                state: PageState::Invalid,
+                version: 0,
+                owner: me == 0,
+                pending: None,
+            })
             .collect();
         let managed = (pages + u64::from(nodes) - 1 - u64::from(me)) / u64::from(nodes);
         let dir = (0..managed)
-            .map(|_| Dir { owner: 0, copyset: 0, version: 0, busy: None, queue: VecDeque::new() })
+            .map(|_| Dir {
+                owner: 0,
+                copyset: 0,
+                version: 0,
+                busy: None,
+                queue: VecDeque::new(),
+            })
             .collect();
         Engine {
             me,
@@ -301,13 +312,17 @@ impl<M: PageOps> Engine<M> {
 
     /// Local state, version and ownership of `page` (for tests and diagnostics).
     pub fn page_state(&self, page: u64) -> Option<(PageState, u64, bool)> {
-        self.local.get(Self::idx(page)).map(|l| (l.state, l.version, l.owner))
+        self.local
+            .get(Self::idx(page))
+            .map(|l| (l.state, l.version, l.owner))
     }
 
     /// A fault at `page` by a local thread (`write`: a write or a write-protect fault).
     pub fn fault(&mut self, page: u64, write: bool) -> io::Result<()> {
         let Some(l) = self.local.get(Self::idx(page)).copied() else {
-            return Err(io::Error::other(format!("fault on page {page} outside the region")));
+            return Err(io::Error::other(format!(
+                "fault on page {page} outside the region"
+            )));
         };
         let satisfied = match l.state {
             PageState::Invalid => false,
@@ -329,7 +344,11 @@ impl<M: PageOps> Engine<M> {
         } else {
             inc(&self.stats.read_faults, 1);
         }
-        let have = if l.state == PageState::Invalid { 0 } else { l.version };
+        let have = if l.state == PageState::Invalid {
+            0
+        } else {
+            l.version
+        };
         self.local[Self::idx(page)].pending = Some(access);
         let m = self.manager(page);
         self.send(m, Msg::GetPage { access, page, have });
@@ -363,9 +382,18 @@ impl<M: PageOps> Engine<M> {
                     _ => self.on_taken(from, msg),
                 }
             }
-            Msg::Page { access, page, version, data } => self.on_page(from, access, page, version, data, now),
+            Msg::Page {
+                access,
+                page,
+                version,
+                data,
+            } => self.on_page(from, access, page, version, data, now),
             Msg::InvAck { page } => self.on_inv_ack(from, page),
-            Msg::VldPage { access, page, version } => self.on_vld(from, access, page, version),
+            Msg::VldPage {
+                access,
+                page,
+                version,
+            } => self.on_vld(from, access, page, version),
         }
     }
 
@@ -391,7 +419,13 @@ impl<M: PageOps> Engine<M> {
         errs
     }
 
-    fn on_get(&mut self, from: u32, access: Access, page: u64, have: u64) -> Result<(), ProtoError> {
+    fn on_get(
+        &mut self,
+        from: u32,
+        access: Access,
+        page: u64,
+        have: u64,
+    ) -> Result<(), ProtoError> {
         if self.manager(page) != self.me {
             return Err(ProtoError(format!(
                 "GET_PAGE for page {page} sent to node {}, which does not manage it",
@@ -400,7 +434,8 @@ impl<M: PageOps> Engine<M> {
         }
         let nodes = self.nodes as usize;
         let d = self.dir_mut(page);
-        let dup = d.busy.as_ref().is_some_and(|t| t.requester == from) || d.queue.iter().any(|q| q.0 == from);
+        let dup = d.busy.as_ref().is_some_and(|t| t.requester == from)
+            || d.queue.iter().any(|q| q.0 == from);
         if dup || d.queue.len() >= nodes {
             return Err(ProtoError(format!(
                 "GET_PAGE for page {page} from node {from}, which already has one outstanding"
@@ -423,7 +458,12 @@ impl<M: PageOps> Engine<M> {
         if access == Access::Write {
             acks = d.copyset & !bit(requester) & !bit(d.owner);
         }
-        d.busy = Some(Txn { requester, access, have, acks });
+        d.busy = Some(Txn {
+            requester,
+            access,
+            have,
+            acks,
+        });
         if acks == 0 {
             self.forward(page);
         } else {
@@ -439,14 +479,22 @@ impl<M: PageOps> Engine<M> {
         let d = self.dir_mut(page);
         let owner = d.owner;
         if let Some(t) = &d.busy {
-            let m = Msg::FwdPage { access: t.access, page, have: t.have, requester: t.requester };
+            let m = Msg::FwdPage {
+                access: t.access,
+                page,
+                have: t.have,
+                requester: t.requester,
+            };
             self.send(owner, m);
         }
     }
 
     fn on_inv_ack(&mut self, from: u32, page: u64) -> Result<(), ProtoError> {
         if self.manager(page) != self.me {
-            return Err(ProtoError(format!("INV_ACK for page {page}, which node {} does not manage", self.me)));
+            return Err(ProtoError(format!(
+                "INV_ACK for page {page}, which node {} does not manage",
+                self.me
+            )));
         }
         let d = self.dir_mut(page);
         match &mut d.busy {
@@ -458,16 +506,28 @@ impl<M: PageOps> Engine<M> {
                 }
                 Ok(())
             }
-            _ => Err(ProtoError(format!("INV_ACK for page {page} from node {from}, which was not invalidated"))),
+            _ => Err(ProtoError(format!(
+                "INV_ACK for page {page} from node {from}, which was not invalidated"
+            ))),
         }
     }
 
-    fn on_vld(&mut self, from: u32, access: Access, page: u64, version: u64) -> Result<(), ProtoError> {
+    fn on_vld(
+        &mut self,
+        from: u32,
+        access: Access,
+        page: u64,
+        version: u64,
+    ) -> Result<(), ProtoError> {
         if self.manager(page) != self.me {
-            return Err(ProtoError(format!("VLD_PAGE for page {page}, which node {} does not manage", self.me)));
+            return Err(ProtoError(format!(
+                "VLD_PAGE for page {page}, which node {} does not manage",
+                self.me
+            )));
         }
         let d = self.dir_mut(page);
-        let ok = matches!(&d.busy, Some(t) if t.requester == from && t.access == access && t.acks == 0);
+        let ok =
+            matches!(&d.busy, Some(t) if t.requester == from && t.access == access && t.acks == 0);
         if !ok {
             return Err(ProtoError(format!(
                 "VLD_PAGE for page {page} from node {from}, which has no transaction for it in progress"
@@ -507,10 +567,14 @@ impl<M: PageOps> Engine<M> {
             Msg::InvPage { page } => {
                 let l = self.local[Self::idx(page)];
                 if l.owner {
-                    return Err(ProtoError(format!("INV_PAGE for page {page}, which this node owns")));
+                    return Err(ProtoError(format!(
+                        "INV_PAGE for page {page}, which this node owns"
+                    )));
                 }
                 if l.state != PageState::Invalid {
-                    self.mem.drop_page(page).map_err(|e| Self::local_err(page, "dropping", e))?;
+                    self.mem
+                        .drop_page(page)
+                        .map_err(|e| Self::local_err(page, "dropping", e))?;
                     inc(&self.stats.invalidations, 1);
                 }
                 let l = &mut self.local[Self::idx(page)];
@@ -519,23 +583,41 @@ impl<M: PageOps> Engine<M> {
                 self.send(from, Msg::InvAck { page });
                 Ok(())
             }
-            Msg::FwdPage { access, page, have, requester } => self.on_fwd(access, page, have, requester),
+            Msg::FwdPage {
+                access,
+                page,
+                have,
+                requester,
+            } => self.on_fwd(access, page, have, requester),
             _ => Ok(()),
         }
     }
 
-    fn on_fwd(&mut self, access: Access, page: u64, have: u64, requester: u32) -> Result<(), ProtoError> {
+    fn on_fwd(
+        &mut self,
+        access: Access,
+        page: u64,
+        have: u64,
+        requester: u32,
+    ) -> Result<(), ProtoError> {
         let i = Self::idx(page);
         let l = self.local[i];
         if !l.owner {
-            return Err(ProtoError(format!("FWD_PAGE for page {page}, which this node does not own")));
+            return Err(ProtoError(format!(
+                "FWD_PAGE for page {page}, which this node does not own"
+            )));
         }
         if l.state == PageState::Invalid && l.version != 0 {
-            return Err(ProtoError(format!("page {page} owned but not held at version {}", l.version)));
+            return Err(ProtoError(format!(
+                "page {page} owned but not held at version {}",
+                l.version
+            )));
         }
         if l.state == PageState::Write {
             // Stop writers first: the contents sent are then the contents of this version.
-            self.mem.protect(page).map_err(|e| Self::local_err(page, "write-protecting", e))?;
+            self.mem
+                .protect(page)
+                .map_err(|e| Self::local_err(page, "write-protecting", e))?;
             self.local[i].state = PageState::Read;
         }
         let unchanged = have == l.version;
@@ -557,12 +639,27 @@ impl<M: PageOps> Engine<M> {
         }
         if access == Access::Write && requester != self.me {
             if self.local[i].state != PageState::Invalid {
-                self.mem.drop_page(page).map_err(|e| Self::local_err(page, "dropping", e))?;
+                self.mem
+                    .drop_page(page)
+                    .map_err(|e| Self::local_err(page, "dropping", e))?;
                 inc(&self.stats.invalidations, 1);
             }
-            self.local[i] = Local { state: PageState::Invalid, version: 0, owner: false, pending: l.pending };
+            self.local[i] = Local {
+                state: PageState::Invalid,
+                version: 0,
+                owner: false,
+                pending: l.pending,
+            };
         }
-        self.send(requester, Msg::Page { access, page, version: l.version, data });
+        self.send(
+            requester,
+            Msg::Page {
+                access,
+                page,
+                version: l.version,
+                data,
+            },
+        );
         Ok(())
     }
 
@@ -582,20 +679,34 @@ impl<M: PageOps> Engine<M> {
                 "PAGE ({access:?}) for page {page} from node {from}, which this node did not request"
             )));
         }
+        // Counted before the page is installed: installing wakes the faulting threads.
+        if from != self.me {
+            if data.is_some() {
+                inc(&self.stats.pages_received, 1);
+            } else {
+                inc(&self.stats.unchanged_received, 1);
+            }
+        }
         let wp = access == Access::Read;
         let mapped = l.state != PageState::Invalid;
         let new_version = match access {
             Access::Read => version,
-            Access::Write => version
-                .checked_add(1)
-                .ok_or_else(|| ProtoError(format!("PAGE for page {page} at version {version}, the last one")))?,
+            Access::Write => version.checked_add(1).ok_or_else(|| {
+                ProtoError(format!(
+                    "PAGE for page {page} at version {version}, the last one"
+                ))
+            })?,
         };
         match &data {
             Some(d) => {
                 if mapped {
-                    self.mem.drop_page(page).map_err(|e| Self::local_err(page, "dropping", e))?;
+                    self.mem
+                        .drop_page(page)
+                        .map_err(|e| Self::local_err(page, "dropping", e))?;
                 }
-                self.mem.install(page, d, wp).map_err(|e| Self::local_err(page, "installing", e))?;
+                self.mem
+                    .install(page, d, wp)
+                    .map_err(|e| Self::local_err(page, "installing", e))?;
             }
             None if mapped => {
                 if l.version != version {
@@ -605,9 +716,13 @@ impl<M: PageOps> Engine<M> {
                     )));
                 }
                 if access == Access::Write && l.state == PageState::Read {
-                    self.mem.unprotect(page).map_err(|e| Self::local_err(page, "unprotecting", e))?;
+                    self.mem
+                        .unprotect(page)
+                        .map_err(|e| Self::local_err(page, "unprotecting", e))?;
                 } else {
-                    self.mem.wake(page).map_err(|e| Self::local_err(page, "waking", e))?;
+                    self.mem
+                        .wake(page)
+                        .map_err(|e| Self::local_err(page, "waking", e))?;
                 }
             }
             None => {
@@ -622,15 +737,12 @@ impl<M: PageOps> Engine<M> {
                 r.map_err(|e| Self::local_err(page, "installing", e))?;
             }
         }
-        if from != self.me {
-            if data.is_some() {
-                inc(&self.stats.pages_received, 1);
-            } else {
-                inc(&self.stats.unchanged_received, 1);
-            }
-        }
         self.local[i] = Local {
-            state: if wp { PageState::Read } else { PageState::Write },
+            state: if wp {
+                PageState::Read
+            } else {
+                PageState::Write
+            },
             version: new_version,
             owner: l.owner || access == Access::Write,
             pending: None,
@@ -639,12 +751,20 @@ impl<M: PageOps> Engine<M> {
             self.installed[i] = Some(now);
         }
         let m = self.manager(page);
-        self.send(m, Msg::VldPage { access, page, version: new_version });
+        self.send(
+            m,
+            Msg::VldPage {
+                access,
+                page,
+                version: new_version,
+            },
+        );
         Ok(())
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // page numbers and node ids of a tiny simulated cluster
 mod tests {
     use super::*;
     use std::sync::Arc;
@@ -663,11 +783,17 @@ mod tests {
             Ok(())
         }
         fn protect(&mut self, page: u64) -> io::Result<()> {
-            self.pages[page as usize].as_mut().expect("protect unmapped").1 = true;
+            self.pages[page as usize]
+                .as_mut()
+                .expect("protect unmapped")
+                .1 = true;
             Ok(())
         }
         fn unprotect(&mut self, page: u64) -> io::Result<()> {
-            self.pages[page as usize].as_mut().expect("unprotect unmapped").1 = false;
+            self.pages[page as usize]
+                .as_mut()
+                .expect("unprotect unmapped")
+                .1 = false;
             Ok(())
         }
         fn drop_page(&mut self, page: u64) -> io::Result<()> {
@@ -690,8 +816,18 @@ mod tests {
         fn new(n: u32, pages: u64) -> Sim {
             Sim((0..n)
                 .map(|me| {
-                    let mem = Fake { pages: vec![None; pages as usize] };
-                    Engine::new(me, n, PS, pages, mem, Duration::ZERO, Arc::new(Stats::default()))
+                    let mem = Fake {
+                        pages: vec![None; pages as usize],
+                    };
+                    Engine::new(
+                        me,
+                        n,
+                        PS,
+                        pages,
+                        mem,
+                        Duration::ZERO,
+                        Arc::new(Stats::default()),
+                    )
                 })
                 .collect())
         }
@@ -702,7 +838,9 @@ mod tests {
                 for i in 0..self.0.len() {
                     while let Some((to, m)) = self.0[i].next_out() {
                         any = true;
-                        self.0[to as usize].handle(i as u32, m, Instant::now()).unwrap();
+                        self.0[to as usize]
+                            .handle(i as u32, m, Instant::now())
+                            .unwrap();
                     }
                 }
                 if !any {
@@ -775,7 +913,9 @@ mod tests {
             s.0[n].fault(2, true).unwrap();
         }
         s.settle();
-        let writers: Vec<_> = (0..3).filter(|&n| s.0[n].page_state(2).unwrap().0 == PageState::Write).collect();
+        let writers: Vec<_> = (0..3)
+            .filter(|&n| s.0[n].page_state(2).unwrap().0 == PageState::Write)
+            .collect();
         assert_eq!(writers.len(), 1);
         assert_eq!(s.0[writers[0]].page_state(2).unwrap().1, 3);
         let gets: u64 = (0..3).map(|n| s.stats(n).write_faults).sum();
@@ -786,17 +926,69 @@ mod tests {
     fn out_of_order_messages_are_errors() {
         let mut s = Sim::new(2, 4);
         let now = Instant::now();
-        let e = s.0[0].handle(1, Msg::Page { access: Access::Read, page: 3, version: 0, data: None }, now);
-        assert_eq!(e.unwrap_err().0, "PAGE (Read) for page 3 from node 1, which this node did not request");
-        let e = s.0[0].handle(1, Msg::VldPage { access: Access::Write, page: 2, version: 1 }, now);
-        assert_eq!(e.unwrap_err().0, "VLD_PAGE for page 2 from node 1, which has no transaction for it in progress");
+        let e = s.0[0].handle(
+            1,
+            Msg::Page {
+                access: Access::Read,
+                page: 3,
+                version: 0,
+                data: None,
+            },
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "PAGE (Read) for page 3 from node 1, which this node did not request"
+        );
+        let e = s.0[0].handle(
+            1,
+            Msg::VldPage {
+                access: Access::Write,
+                page: 2,
+                version: 1,
+            },
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "VLD_PAGE for page 2 from node 1, which has no transaction for it in progress"
+        );
         let e = s.0[0].handle(1, Msg::InvAck { page: 0 }, now);
-        assert_eq!(e.unwrap_err().0, "INV_ACK for page 0 from node 1, which was not invalidated");
-        let e = s.0[0].handle(1, Msg::GetPage { access: Access::Read, page: 1, have: 0 }, now);
-        assert_eq!(e.unwrap_err().0, "GET_PAGE for page 1 sent to node 0, which does not manage it");
-        let e = s.0[1].handle(0, Msg::FwdPage { access: Access::Read, page: 0, have: 0, requester: 0 }, now);
-        assert_eq!(e.unwrap_err().0, "FWD_PAGE for page 0, which this node does not own");
+        assert_eq!(
+            e.unwrap_err().0,
+            "INV_ACK for page 0 from node 1, which was not invalidated"
+        );
+        let e = s.0[0].handle(
+            1,
+            Msg::GetPage {
+                access: Access::Read,
+                page: 1,
+                have: 0,
+            },
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "GET_PAGE for page 1 sent to node 0, which does not manage it"
+        );
+        let e = s.0[1].handle(
+            0,
+            Msg::FwdPage {
+                access: Access::Read,
+                page: 0,
+                have: 0,
+                requester: 0,
+            },
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "FWD_PAGE for page 0, which this node does not own"
+        );
         let e = s.0[1].handle(0, Msg::InvPage { page: 1 }, now);
-        assert_eq!(e.unwrap_err().0, "INV_PAGE for page 1 from node 0, which does not manage it");
+        assert_eq!(
+            e.unwrap_err().0,
+            "INV_PAGE for page 1 from node 0, which does not manage it"
+        );
     }
 }

@@ -29,7 +29,12 @@ pub struct Config {
 impl Config {
     /// A configuration with the default hold time (200 us) and join timeout (10 s).
     pub fn new(id: u32, peers: Vec<SocketAddr>) -> Config {
-        Config { id, peers, hold: Duration::from_micros(200), join_timeout: Duration::from_secs(10) }
+        Config {
+            id,
+            peers,
+            hold: Duration::from_micros(200),
+            join_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -98,24 +103,38 @@ fn read_init(s: &mut TcpStream, g: &Geometry) -> io::Result<(u32, Geometry)> {
     s.read_exact(&mut len)?;
     let n = u32::from_le_bytes(len) as usize;
     if n > g.max_frame() {
-        return Err(io::Error::other(format!("first frame of {n} bytes is not INIT")));
+        return Err(io::Error::other(format!(
+            "first frame of {n} bytes is not INIT"
+        )));
     }
     let mut buf = vec![0u8; 4 + n];
     buf[..4].copy_from_slice(&len);
     s.read_exact(&mut buf[4..])?;
     match proto::decode(&buf, g) {
-        Ok(Some((Msg::Init { version, node, geometry }, _))) => {
+        Ok(Some((
+            Msg::Init {
+                version,
+                node,
+                geometry,
+            },
+            _,
+        ))) => {
             if version != PROTOCOL_VERSION {
                 return Err(io::Error::other(format!(
                     "node {node} speaks protocol {version}, this node {PROTOCOL_VERSION}"
                 )));
             }
             if geometry != *g {
-                return Err(io::Error::other(format!("node {node} has geometry {geometry:?}, this node {g:?}")));
+                return Err(io::Error::other(format!(
+                    "node {node} has geometry {geometry:?}, this node {g:?}"
+                )));
             }
             Ok((node, geometry))
         }
-        Ok(Some((m, _))) => Err(io::Error::other(format!("first message is {}, not INIT", m.name()))),
+        Ok(Some((m, _))) => Err(io::Error::other(format!(
+            "first message is {}, not INIT",
+            m.name()
+        ))),
         Ok(None) => Err(io::Error::other("truncated INIT")),
         Err(e) => Err(io::Error::other(e.0)),
     }
@@ -129,15 +148,29 @@ impl Node {
     pub fn join(listener: Listener, cfg: Config, region: Region) -> io::Result<Node> {
         let nodes = u32::try_from(cfg.peers.len()).map_err(io::Error::other)?;
         let page_size = u32::try_from(page_size()).map_err(io::Error::other)?;
-        let g = Geometry { nodes, page_size, region_size: region.len() as u64 };
+        let g = Geometry {
+            nodes,
+            page_size,
+            region_size: region.len() as u64,
+        };
         proto::check_geometry(&g).map_err(|e| io::Error::other(e.0))?;
         if cfg.id >= nodes {
-            return Err(io::Error::other(format!("node id {} outside a cluster of {nodes}", cfg.id)));
+            return Err(io::Error::other(format!(
+                "node id {} outside a cluster of {nodes}",
+                cfg.id
+            )));
         }
         let me = cfg.id;
         let mem = UffdMem::register(&region)?;
         let mut init = Vec::new();
-        proto::encode(&Msg::Init { version: PROTOCOL_VERSION, node: me, geometry: g }, &mut init);
+        proto::encode(
+            &Msg::Init {
+                version: PROTOCOL_VERSION,
+                node: me,
+                geometry: g,
+            },
+            &mut init,
+        );
         let mut conns: Vec<Option<TcpStream>> = (0..nodes).map(|_| None).collect();
         for j in 0..me {
             let addr = cfg.peers[j as usize];
@@ -145,9 +178,12 @@ impl Node {
                 .map_err(ctx(format!("connecting to node {j} at {addr}")))?;
             s.set_read_timeout(Some(cfg.join_timeout))?;
             s.write_all(&init)?;
-            let (n, _) = read_init(&mut s, &g).map_err(ctx(format!("INIT from node {j} at {addr}")))?;
+            let (n, _) =
+                read_init(&mut s, &g).map_err(ctx(format!("INIT from node {j} at {addr}")))?;
             if n != j {
-                return Err(io::Error::other(format!("node {j}'s address {addr} answered as node {n}")));
+                return Err(io::Error::other(format!(
+                    "node {j}'s address {addr} answered as node {n}"
+                )));
             }
             conns[j as usize] = Some(s);
         }
@@ -156,13 +192,17 @@ impl Node {
         let mut missing = nodes - 1 - me;
         while missing > 0 {
             if Instant::now() > deadline {
-                return Err(io::Error::other(format!("{missing} nodes did not connect in time")));
+                return Err(io::Error::other(format!(
+                    "{missing} nodes did not connect in time"
+                )));
             }
             let (mut s, from) = listener.0.accept()?;
             s.set_read_timeout(Some(cfg.join_timeout))?;
             let (n, _) = read_init(&mut s, &g).map_err(ctx(format!("INIT from {from}")))?;
             if n <= me || conns[n as usize].is_some() {
-                return Err(io::Error::other(format!("unexpected INIT from node {n} at {from}")));
+                return Err(io::Error::other(format!(
+                    "unexpected INIT from node {n} at {from}"
+                )));
             }
             s.write_all(&init)?;
             conns[n as usize] = Some(s);
@@ -183,12 +223,27 @@ impl Node {
         let stop_raw = stop.as_raw_fd();
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared::default());
-        let engine = Engine::new(me, nodes, page_size as usize, g.pages(), mem, cfg.hold, stats.clone());
+        let engine = Engine::new(
+            me,
+            nodes,
+            page_size as usize,
+            g.pages(),
+            mem,
+            cfg.hold,
+            stats.clone(),
+        );
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("wv-dsm-{me}"))
             .spawn(move || run(engine, me, g, conns, stop_raw, &sh))?;
-        Ok(Node { id: me, stats, shared, stop, thread: Some(thread), region })
+        Ok(Node {
+            id: me,
+            stats,
+            shared,
+            stop,
+            thread: Some(thread),
+            region,
+        })
     }
 
     /// This node's id.
@@ -208,13 +263,21 @@ impl Node {
 
     /// The connections closed so far, with why.
     pub fn errors(&self) -> Vec<PeerError> {
-        self.shared.errors.lock().map(|e| e.clone()).unwrap_or_default()
+        self.shared
+            .errors
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
     }
 
     /// Waits up to `timeout` for a first connection error.
     pub fn wait_error(&self, timeout: Duration) -> Option<PeerError> {
         let g = self.shared.errors.lock().ok()?;
-        let (g, _) = self.shared.cv.wait_timeout_while(g, timeout, |e| e.is_empty()).ok()?;
+        let (g, _) = self
+            .shared
+            .cv
+            .wait_timeout_while(g, timeout, |e| e.is_empty())
+            .ok()?;
         g.first().cloned()
     }
 }
@@ -248,10 +311,23 @@ fn close(conns: &mut [Option<Conn>], peer: u32, why: String, shared: &Shared) {
     }
 }
 
-fn run(mut eng: Engine<UffdMem>, me: u32, g: Geometry, streams: Vec<Option<TcpStream>>, stop: i32, shared: &Shared) {
+fn run(
+    mut eng: Engine<UffdMem>,
+    me: u32,
+    g: Geometry,
+    streams: Vec<Option<TcpStream>>,
+    stop: i32,
+    shared: &Shared,
+) {
     let mut conns: Vec<Option<Conn>> = streams
         .into_iter()
-        .map(|s| s.map(|s| Conn { s, inbuf: Vec::new(), outbuf: Vec::new() }))
+        .map(|s| {
+            s.map(|s| Conn {
+                s,
+                inbuf: Vec::new(),
+                outbuf: Vec::new(),
+            })
+        })
         .collect();
     let stats = eng.stats().clone();
     let uffd = eng.mem().fd();
@@ -262,15 +338,27 @@ fn run(mut eng: Engine<UffdMem>, me: u32, g: Geometry, streams: Vec<Option<TcpSt
     loop {
         pfds.clear();
         who.clear();
-        pfds.push(libc::pollfd { fd: uffd, events: libc::POLLIN, revents: 0 });
-        pfds.push(libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 });
+        pfds.push(libc::pollfd {
+            fd: uffd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        pfds.push(libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        });
         for (i, c) in conns.iter().enumerate() {
             if let Some(c) = c {
                 let mut ev = libc::POLLIN;
                 if !c.outbuf.is_empty() {
                     ev |= libc::POLLOUT;
                 }
-                pfds.push(libc::pollfd { fd: c.s.as_raw_fd(), events: ev, revents: 0 });
+                pfds.push(libc::pollfd {
+                    fd: c.s.as_raw_fd(),
+                    events: ev,
+                    revents: 0,
+                });
                 who.push(u32::try_from(i).unwrap_or(u32::MAX));
             }
         }
@@ -350,7 +438,9 @@ fn run(mut eng: Engine<UffdMem>, me: u32, g: Geometry, streams: Vec<Option<TcpSt
                 Ok(n) => {
                     c.outbuf.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let peer = u32::try_from(i).unwrap_or(u32::MAX);
                     close(&mut conns, peer, format!("sending failed: {e}"), shared);

@@ -176,7 +176,13 @@ fn head(out: &mut Vec<u8>, len: usize, ty: u8, flags: u8) {
 
 /// Appends the encoding of a PAGE header whose `page_size` data bytes the caller appends next
 /// (so that a page can be copied straight from memory into the output buffer).
-pub fn encode_page_head(out: &mut Vec<u8>, access: Access, page: u64, version: u64, page_size: usize) {
+pub fn encode_page_head(
+    out: &mut Vec<u8>,
+    access: Access,
+    page: u64,
+    version: u64,
+    page_size: usize,
+) {
     head(out, HEAD_BYTES + 16 + page_size, T_PAGE, access.bits());
     out.extend_from_slice(&page.to_le_bytes());
     out.extend_from_slice(&version.to_le_bytes());
@@ -185,7 +191,11 @@ pub fn encode_page_head(out: &mut Vec<u8>, access: Access, page: u64, version: u
 /// Appends the encoding of `msg` to `out`.
 pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
     match msg {
-        Msg::Init { version, node, geometry } => {
+        Msg::Init {
+            version,
+            node,
+            geometry,
+        } => {
             head(out, HEAD_BYTES + 24, T_INIT, 0);
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&node.to_le_bytes());
@@ -198,14 +208,24 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             out.extend_from_slice(&page.to_le_bytes());
             out.extend_from_slice(&have.to_le_bytes());
         }
-        Msg::FwdPage { access, page, have, requester } => {
+        Msg::FwdPage {
+            access,
+            page,
+            have,
+            requester,
+        } => {
             head(out, HEAD_BYTES + 24, T_FWD_PAGE, access.bits());
             out.extend_from_slice(&page.to_le_bytes());
             out.extend_from_slice(&have.to_le_bytes());
             out.extend_from_slice(&requester.to_le_bytes());
             out.extend_from_slice(&0u32.to_le_bytes());
         }
-        Msg::Page { access, page, version, data } => match data {
+        Msg::Page {
+            access,
+            page,
+            version,
+            data,
+        } => match data {
             Some(d) => {
                 encode_page_head(out, *access, *page, *version, d.len());
                 out.extend_from_slice(d);
@@ -224,7 +244,11 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             head(out, HEAD_BYTES + 8, T_INV_ACK, 0);
             out.extend_from_slice(&page.to_le_bytes());
         }
-        Msg::VldPage { access, page, version } => {
+        Msg::VldPage {
+            access,
+            page,
+            version,
+        } => {
             head(out, HEAD_BYTES + 16, T_VLD_PAGE, access.bits());
             out.extend_from_slice(&page.to_le_bytes());
             out.extend_from_slice(&version.to_le_bytes());
@@ -247,12 +271,15 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Validates INIT's geometry on its own (before it can be compared with ours).
 pub fn check_geometry(g: &Geometry) -> Result<(), ProtoError> {
     if g.nodes == 0 || g.nodes > MAX_NODES {
-        return Err(ProtoError(format!("node count {} outside 1..={MAX_NODES}", g.nodes)));
+        return Err(ProtoError(format!(
+            "node count {} outside 1..={MAX_NODES}",
+            g.nodes
+        )));
     }
     if !g.page_size.is_power_of_two() || !(512..=1 << 21).contains(&g.page_size) {
         return Err(ProtoError(format!("bad page size {}", g.page_size)));
     }
-    if g.region_size == 0 || g.region_size % u64::from(g.page_size) != 0 {
+    if g.region_size == 0 || !g.region_size.is_multiple_of(u64::from(g.page_size)) {
         return Err(ProtoError(format!(
             "region size {} is not a nonzero multiple of the page size {}",
             g.region_size, g.page_size
@@ -289,7 +316,10 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
         if body.len() == n {
             Ok(())
         } else {
-            Err(ProtoError(format!("{name} of {} bytes, expected {n}", body.len())))
+            Err(ProtoError(format!(
+                "{name} of {} bytes, expected {n}",
+                body.len()
+            )))
         }
     };
     let pages = g.pages();
@@ -298,7 +328,9 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
         if p < pages {
             Ok(p)
         } else {
-            Err(ProtoError(format!("page {p} outside the region ({pages} pages)")))
+            Err(ProtoError(format!(
+                "page {p} outside the region ({pages} pages)"
+            )))
         }
     };
     let no_flags = |name: &str| -> Result<(), ProtoError> {
@@ -320,19 +352,33 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
             check_geometry(&geometry)?;
             let node = u32_at(body, 4);
             if node >= geometry.nodes {
-                return Err(ProtoError(format!("INIT from node {node} of {}", geometry.nodes)));
+                return Err(ProtoError(format!(
+                    "INIT from node {node} of {}",
+                    geometry.nodes
+                )));
             }
-            Msg::Init { version: u32_at(body, 0), node, geometry }
+            Msg::Init {
+                version: u32_at(body, 0),
+                node,
+                geometry,
+            }
         }
         T_GET_PAGE => {
             want(16, "GET_PAGE")?;
-            Msg::GetPage { access: Access::from_bits(flags)?, page: page_at(0)?, have: u64_at(body, 8) }
+            Msg::GetPage {
+                access: Access::from_bits(flags)?,
+                page: page_at(0)?,
+                have: u64_at(body, 8),
+            }
         }
         T_FWD_PAGE => {
             want(24, "FWD_PAGE")?;
             let requester = u32_at(body, 16);
             if requester >= g.nodes {
-                return Err(ProtoError(format!("FWD_PAGE for node {requester} of {}", g.nodes)));
+                return Err(ProtoError(format!(
+                    "FWD_PAGE for node {requester} of {}",
+                    g.nodes
+                )));
             }
             if u32_at(body, 20) != 0 {
                 return Err(ProtoError("FWD_PAGE with nonzero padding".into()));
@@ -353,7 +399,12 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
                 want(16 + g.page_size as usize, "PAGE")?;
                 Some(body[16..].to_vec())
             };
-            Msg::Page { access, page: page_at(0)?, version: u64_at(body, 8), data }
+            Msg::Page {
+                access,
+                page: page_at(0)?,
+                version: u64_at(body, 8),
+                data,
+            }
         }
         T_INV_PAGE => {
             want(8, "INV_PAGE")?;
@@ -367,7 +418,11 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
         }
         T_VLD_PAGE => {
             want(16, "VLD_PAGE")?;
-            Msg::VldPage { access: Access::from_bits(flags)?, page: page_at(0)?, version: u64_at(body, 8) }
+            Msg::VldPage {
+                access: Access::from_bits(flags)?,
+                page: page_at(0)?,
+                version: u64_at(body, 8),
+            }
         }
         t => return Err(ProtoError(format!("unknown message type {t}"))),
     };
@@ -378,7 +433,11 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
 mod tests {
     use super::*;
 
-    const G: Geometry = Geometry { nodes: 3, page_size: 4096, region_size: 16 * 4096 };
+    const G: Geometry = Geometry {
+        nodes: 3,
+        page_size: 4096,
+        region_size: 16 * 4096,
+    };
 
     fn roundtrip(m: Msg) {
         let mut b = Vec::new();
@@ -393,14 +452,41 @@ mod tests {
 
     #[test]
     fn every_message_roundtrips() {
-        roundtrip(Msg::Init { version: 1, node: 2, geometry: G });
-        roundtrip(Msg::GetPage { access: Access::Write, page: 15, have: 7 });
-        roundtrip(Msg::FwdPage { access: Access::Read, page: 3, have: 0, requester: 2 });
-        roundtrip(Msg::Page { access: Access::Read, page: 1, version: 9, data: Some(vec![5; 4096]) });
-        roundtrip(Msg::Page { access: Access::Write, page: 1, version: 9, data: None });
+        roundtrip(Msg::Init {
+            version: 1,
+            node: 2,
+            geometry: G,
+        });
+        roundtrip(Msg::GetPage {
+            access: Access::Write,
+            page: 15,
+            have: 7,
+        });
+        roundtrip(Msg::FwdPage {
+            access: Access::Read,
+            page: 3,
+            have: 0,
+            requester: 2,
+        });
+        roundtrip(Msg::Page {
+            access: Access::Read,
+            page: 1,
+            version: 9,
+            data: Some(vec![5; 4096]),
+        });
+        roundtrip(Msg::Page {
+            access: Access::Write,
+            page: 1,
+            version: 9,
+            data: None,
+        });
         roundtrip(Msg::InvPage { page: 4 });
         roundtrip(Msg::InvAck { page: 4 });
-        roundtrip(Msg::VldPage { access: Access::Write, page: 0, version: 3 });
+        roundtrip(Msg::VldPage {
+            access: Access::Write,
+            page: 0,
+            version: 3,
+        });
     }
 
     fn err(b: &[u8]) -> String {
@@ -410,17 +496,45 @@ mod tests {
     #[test]
     fn bad_frames_are_errors() {
         let mut b = Vec::new();
-        encode(&Msg::GetPage { access: Access::Read, page: 16, have: 0 }, &mut b);
+        encode(
+            &Msg::GetPage {
+                access: Access::Read,
+                page: 16,
+                have: 0,
+            },
+            &mut b,
+        );
         assert_eq!(err(&b), "page 16 outside the region (16 pages)");
         b.clear();
-        encode(&Msg::FwdPage { access: Access::Read, page: 1, have: 0, requester: 3 }, &mut b);
+        encode(
+            &Msg::FwdPage {
+                access: Access::Read,
+                page: 1,
+                have: 0,
+                requester: 3,
+            },
+            &mut b,
+        );
         assert_eq!(err(&b), "FWD_PAGE for node 3 of 3");
         assert_eq!(decode(&[200, 0, 0, 0, 9, 0, 0, 0], &G), Ok(None));
         assert_eq!(err(&[4, 0, 0, 0, 9, 0, 0, 0]), "unknown message type 9");
-        assert_eq!(err(&[0xff, 0xff, 0xff, 0xff]), "frame length 4294967295 outside 4..=4116");
-        assert_eq!(err(&[11, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]), "INV_PAGE of 7 bytes, expected 8");
+        assert_eq!(
+            err(&[0xff, 0xff, 0xff, 0xff]),
+            "frame length 4294967295 outside 4..=4116"
+        );
+        assert_eq!(
+            err(&[11, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]),
+            "INV_PAGE of 7 bytes, expected 8"
+        );
         b.clear();
-        encode(&Msg::VldPage { access: Access::Read, page: 1, version: 0 }, &mut b);
+        encode(
+            &Msg::VldPage {
+                access: Access::Read,
+                page: 1,
+                version: 0,
+            },
+            &mut b,
+        );
         b[5] = 3;
         assert_eq!(err(&b), "bad access flags 0x3");
         b[5] = 1;

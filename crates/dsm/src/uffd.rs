@@ -100,8 +100,10 @@ impl Region {
     /// Maps `len` bytes of anonymous private memory (or of a new memfd, mapped shared).
     pub fn map(len: usize, backing: Backing) -> io::Result<Region> {
         let ps = page_size();
-        if len == 0 || len % ps != 0 {
-            return Err(io::Error::other(format!("region size {len} is not a nonzero multiple of {ps}")));
+        if len == 0 || !len.is_multiple_of(ps) {
+            return Err(io::Error::other(format!(
+                "region size {len} is not a nonzero multiple of {ps}"
+            )));
         }
         let (fd, flags) = match backing {
             Backing::Anonymous => (None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS),
@@ -123,11 +125,26 @@ impl Region {
         };
         let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
         // SAFETY: a fresh mapping at an address the kernel chooses; nothing else is affected.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, raw, 0) };
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw,
+                0,
+            )
+        };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Region { ptr: ptr.cast(), len, backing, owned: fd, unmap: true })
+        Ok(Region {
+            ptr: ptr.cast(),
+            len,
+            backing,
+            owned: fd,
+            unmap: true,
+        })
     }
 
     /// Wraps a mapping the caller made (a VMM's guest RAM), without taking it over: it is
@@ -137,7 +154,13 @@ impl Region {
     /// `ptr..ptr+len` must be a page-aligned read-write mapping of the given backing that
     /// outlives the node, and nothing may unmap or remap it while the node runs.
     pub unsafe fn from_raw(ptr: *mut u8, len: usize, backing: Backing) -> Region {
-        Region { ptr, len, backing, owned: None, unmap: false }
+        Region {
+            ptr,
+            len,
+            backing,
+            owned: None,
+            unmap: false,
+        }
     }
 
     /// Start of the mapping.
@@ -207,16 +230,26 @@ impl UffdMem {
     /// every page the region may hold (INIT: all local pages start invalid).
     pub fn register(region: &Region) -> io::Result<UffdMem> {
         let ps = page_size();
-        let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("userfaultfd {what}: {e}"));
-        let features = if region.backing == Backing::Shared { FEATURE_WP_SHMEM } else { 0 };
+        let ctx =
+            |what: &str, e: io::Error| io::Error::new(e.kind(), format!("userfaultfd {what}: {e}"));
+        let features = if region.backing == Backing::Shared {
+            FEATURE_WP_SHMEM
+        } else {
+            0
+        };
         // SAFETY: the userfaultfd syscall takes only flags.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
             return Err(ctx("open", io::Error::last_os_error()));
         }
         // SAFETY: the syscall returned a new descriptor owned by nobody else.
         let uffd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) };
-        let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
         ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api).map_err(|e| ctx("API handshake", e))?;
         let mem = UffdMem {
             uffd,
@@ -230,11 +263,15 @@ impl UffdMem {
         unsafe { libc::madvise(region.ptr.cast(), region.len, libc::MADV_NOHUGEPAGE) };
         mem.drop_range(mem.base, mem.len)?;
         let mut reg = UffdioRegister {
-            range: UffdioRange { start: mem.base, len: mem.len },
+            range: UffdioRange {
+                start: mem.base,
+                len: mem.len,
+            },
             mode: REGISTER_MODE_MISSING | REGISTER_MODE_WP,
             ioctls: 0,
         };
-        ioctl(mem.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg).map_err(|e| ctx("register (MISSING|WP)", e))?;
+        ioctl(mem.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg)
+            .map_err(|e| ctx("register (MISSING|WP)", e))?;
         if reg.ioctls & IOCTL_COPY_BIT == 0 || reg.ioctls & IOCTL_WRITEPROTECT_BIT == 0 {
             return Err(io::Error::other(
                 "userfaultfd: UFFDIO_COPY or UFFDIO_WRITEPROTECT not offered on this memory \
@@ -256,7 +293,11 @@ impl UffdMem {
         let n = unsafe { libc::read(self.uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok(false) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(false)
+            } else {
+                Err(e)
+            };
         }
         let n = usize::try_from(n).unwrap_or(0);
         for m in buf[..n].chunks_exact(32) {
@@ -284,7 +325,10 @@ impl UffdMem {
     }
 
     fn range(&self, page: u64) -> UffdioRange {
-        UffdioRange { start: self.addr(page), len: self.page_size as u64 }
+        UffdioRange {
+            start: self.addr(page),
+            len: self.page_size as u64,
+        }
     }
 
     fn drop_range(&self, start: u64, len: u64) -> io::Result<()> {
@@ -302,10 +346,15 @@ impl UffdMem {
     }
 
     fn writeprotect(&mut self, page: u64, mode: u64) -> io::Result<()> {
-        let mut wp = UffdioWriteprotect { range: self.range(page), mode };
+        let mut wp = UffdioWriteprotect {
+            range: self.range(page),
+            mode,
+        };
         loop {
             match ioctl(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted => {}
                 r => return r,
             }
         }
@@ -326,7 +375,10 @@ impl PageOps for UffdMem {
         };
         loop {
             match ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, &mut c) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
                     c.copy = 0;
                 }
                 r => return r,

@@ -10,7 +10,11 @@ const MIB: usize = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(240);
 
 fn values(s: &str) -> Vec<u64> {
-    s.strip_prefix("values ").unwrap_or_else(|| panic!("bad answer {s:?}")).split_whitespace().map(|v| v.parse().unwrap()).collect()
+    s.strip_prefix("values ")
+        .unwrap_or_else(|| panic!("bad answer {s:?}"))
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
 }
 
 fn counters(n: u32, threads: u64, iters: u64, extra: &[&str]) {
@@ -19,15 +23,25 @@ fn counters(n: u32, threads: u64, iters: u64, extra: &[&str]) {
     assert!(r.iter().all(|l| l == "ok"), "{r:?}");
     let expect = u64::from(n) * threads * iters;
     for i in 0..c.len() {
-        assert_eq!(values(&c.cmd(i, "read 0 1 2 3")), vec![0, expect, expect, expect], "node {i}");
+        assert_eq!(
+            values(&c.cmd(i, "read 0 1 2 3")),
+            vec![0, expect, expect, expect],
+            "node {i}"
+        );
     }
     let faults: u64 = (0..c.len()).map(|i| c.stat(i, "write_faults")).sum();
     let sent: u64 = (0..c.len()).map(|i| c.stat(i, "pages_sent")).sum();
     let received: u64 = (0..c.len()).map(|i| c.stat(i, "pages_received")).sum();
-    assert!(faults > 0 && sent > 0, "the counters never moved between nodes");
+    assert!(
+        faults > 0 && sent > 0,
+        "the counters never moved between nodes"
+    );
     assert_eq!(sent, received, "every page sent is received");
     for i in 0..c.len() {
-        assert!(c.stat(i, "write_faults") > 0, "node {i} never took the lock page");
+        assert!(
+            c.stat(i, "write_faults") > 0,
+            "node {i} never took the lock page"
+        );
         eprintln!("counters, {n} nodes, node {i}: {:?}", c.stats(i));
     }
     for i in 0..c.len() {
@@ -68,9 +82,9 @@ fn token_around_a_ring_of_pages() {
         // page holds the last step that landed on it.
         let q: Vec<String> = (0..pages).map(|k| (base + k).to_string()).collect();
         let got = values(&c.cmd(0, &format!("read {}", q.join(" "))));
-        for k in 0..pages {
+        for (k, v) in (0..pages).zip(&got) {
             let last = (0..=steps).filter(|t| t % pages == k).max().unwrap();
-            assert_eq!(got[k as usize], last, "ring page {k} with {n} nodes");
+            assert_eq!(*v, last, "ring page {k} with {n} nodes");
         }
     }
 }
@@ -103,6 +117,25 @@ fn buffer_written_by_one_checksummed_by_all() {
     }
 }
 
+/// Every node's counters once the cluster is quiet: the last VLD_PAGEs of a workload may
+/// still be in flight when its threads are done, so wait until every message sent has been
+/// received (nothing else is running, so nothing new is sent meanwhile).
+fn quiet(c: &mut Cluster) -> Vec<Vec<(String, u64)>> {
+    loop {
+        let all: Vec<_> = (0..c.len()).map(|i| c.stats(i)).collect();
+        let sum = |k: &str| -> u64 {
+            all.iter()
+                .flatten()
+                .filter(|(n, _)| n == k)
+                .map(|(_, v)| v)
+                .sum()
+        };
+        if sum("messages_sent") == sum("messages_received") {
+            return all;
+        }
+    }
+}
+
 #[test]
 fn partitioned_pages_send_nothing_after_warm_up() {
     let n = 4;
@@ -110,12 +143,12 @@ fn partitioned_pages_send_nothing_after_warm_up() {
     let mut c = Cluster::start(n, MIB, &[], LIMIT);
     let r = c.all(|i| format!("part {} {per} 1", 16 + i * per));
     assert!(r.iter().all(|l| l == "ok"));
-    let before: Vec<_> = (0..c.len()).map(|i| c.stats(i)).collect();
+    let before = quiet(&mut c);
     let r = c.all(|i| format!("part {} {per} 200", 16 + i * per));
     assert!(r.iter().all(|l| l == "ok"));
-    for i in 0..c.len() {
+    for (i, before) in before.iter().enumerate() {
         let after = c.stats(i);
-        for ((k, b), (_, a)) in before[i].iter().zip(&after) {
+        for ((k, b), (_, a)) in before.iter().zip(&after) {
             assert_eq!(a - b, 0, "node {i}: {k} moved after warm-up");
         }
     }

@@ -46,12 +46,13 @@ fn fail(msg: &str) -> ! {
 }
 
 fn num<T: std::str::FromStr>(s: Option<&str>, what: &str) -> T {
-    s.and_then(|s| s.parse().ok()).unwrap_or_else(|| fail(&format!("bad or missing {what}")))
+    s.and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fail(&format!("bad or missing {what}")))
 }
 
 fn spin(i: &mut u32) {
     *i += 1;
-    if *i % 64 == 0 {
+    if i.is_multiple_of(64) {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();
@@ -65,7 +66,9 @@ fn pattern(seed: u64, p: u64, j: u64) -> u8 {
 }
 
 fn fnv(bytes: impl Iterator<Item = u8>) -> u64 {
-    bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn percentiles(mut v: Vec<u64>) -> String {
@@ -78,21 +81,28 @@ fn percentiles(mut v: Vec<u64>) -> String {
 }
 
 fn local_floor(pages: usize) -> String {
-    let region = Region::map(pages * PAGE, Backing::Anonymous).unwrap_or_else(|e| fail(&e.to_string()));
-    let mut uffd = wv_dsm::uffd::UffdMem::register(&region).unwrap_or_else(|e| fail(&e.to_string()));
+    let region =
+        Region::map(pages * PAGE, Backing::Anonymous).unwrap_or_else(|e| fail(&e.to_string()));
+    let mut uffd =
+        wv_dsm::uffd::UffdMem::register(&region).unwrap_or_else(|e| fail(&e.to_string()));
     let base = region.as_ptr() as usize;
     let handler = std::thread::spawn(move || {
         let zero = vec![0u8; PAGE];
         let mut served = 0;
         let mut faults = Vec::new();
         while served < pages {
-            let mut pfd = libc::pollfd { fd: uffd.fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: uffd.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, -1) };
             faults.clear();
             while uffd.read_faults(&mut faults).unwrap_or(false) {}
             for f in &faults {
-                uffd.install(f.page, &zero, false).unwrap_or_else(|e| fail(&e.to_string()));
+                uffd.install(f.page, &zero, false)
+                    .unwrap_or_else(|e| fail(&e.to_string()));
                 served += 1;
             }
         }
@@ -130,7 +140,9 @@ fn run(node: &Node, mem: &Mem, id: u64, nodes: u64, line: &str) -> String {
                         for _ in 0..iters {
                             let mut i = 0;
                             while lock.load(Ordering::Relaxed) != 0
-                                || lock.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err()
+                                || lock
+                                    .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                                    .is_err()
                             {
                                 spin(&mut i);
                             }
@@ -151,20 +163,28 @@ fn run(node: &Node, mem: &Mem, id: u64, nodes: u64, line: &str) -> String {
             "ok".into()
         }
         "read" => {
-            let v: Vec<String> = w.map(|p| mem.word(num(Some(p), "page"), 0).load(Ordering::Acquire).to_string()).collect();
+            let v: Vec<String> = w
+                .map(|p| {
+                    mem.word(num(Some(p), "page"), 0)
+                        .load(Ordering::Acquire)
+                        .to_string()
+                })
+                .collect();
             format!("values {}", v.join(" "))
         }
         "ring" => {
-            let (steps, base, pages) = (arg("steps") as u64, arg("base"), arg("pages") as u64);
+            let (steps, base, pages) =
+                (arg("steps") as u64, arg("base"), arg("pages").max(1) as u64);
+            let slot = |t: u64| base + usize::try_from(t % pages).unwrap_or(0);
             let mut done = 0;
             let mut t = id;
             while t < steps {
-                let here = mem.word(base + (t % pages) as usize, 0);
+                let here = mem.word(slot(t), 0);
                 let mut i = 0;
                 while here.load(Ordering::Acquire) != t {
                     spin(&mut i);
                 }
-                mem.word(base + ((t + 1) % pages) as usize, 0).store(t + 1, Ordering::Release);
+                mem.word(slot(t + 1), 0).store(t + 1, Ordering::Release);
                 done += 1;
                 t += nodes;
             }
@@ -178,7 +198,8 @@ fn run(node: &Node, mem: &Mem, id: u64, nodes: u64, line: &str) -> String {
                     for (j, x) in b.iter_mut().enumerate() {
                         *x = pattern(seed, p as u64, (k * 8 + j) as u64);
                     }
-                    mem.word(p, k).store(u64::from_le_bytes(b), Ordering::Relaxed);
+                    mem.word(p, k)
+                        .store(u64::from_le_bytes(b), Ordering::Relaxed);
                 }
             }
             "ok".into()
@@ -218,7 +239,8 @@ fn run(node: &Node, mem: &Mem, id: u64, nodes: u64, line: &str) -> String {
             let (base, pages, ops) = (arg("base"), arg("pages").max(1), arg("ops"));
             let t = Instant::now();
             for i in 0..ops {
-                mem.word(base + i % pages, 0).fetch_add(1, Ordering::Relaxed);
+                mem.word(base + i % pages, 0)
+                    .fetch_add(1, Ordering::Relaxed);
             }
             format!("tput {:.0}", ops as f64 / t.elapsed().as_secs_f64())
         }
@@ -234,14 +256,20 @@ fn run(node: &Node, mem: &Mem, id: u64, nodes: u64, line: &str) -> String {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut id, mut nodes, mut bytes, mut backing, mut hold) = (0u32, 1u32, 1usize << 20, Backing::Anonymous, None);
+    let (mut id, mut nodes, mut bytes, mut backing, mut hold) =
+        (0u32, 1u32, 1usize << 20, Backing::Anonymous, None);
     while let Some(a) = args.next() {
         let v = args.next();
         match a.as_str() {
             "--id" => id = num(v.as_deref(), "--id"),
             "--nodes" => nodes = num(v.as_deref(), "--nodes"),
             "--bytes" => bytes = num(v.as_deref(), "--bytes"),
-            "--hold-us" => hold = Some(std::time::Duration::from_micros(num(v.as_deref(), "--hold-us"))),
+            "--hold-us" => {
+                hold = Some(std::time::Duration::from_micros(num(
+                    v.as_deref(),
+                    "--hold-us",
+                )))
+            }
             "--backing" => {
                 backing = match v.as_deref() {
                     Some("anon") => Backing::Anonymous,
@@ -258,15 +286,28 @@ fn main() {
         let _ = out.flush();
     };
     let listener = Listener::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
-    say(&format!("addr {}", listener.local_addr().unwrap_or_else(|e| fail(&e.to_string()))));
+    say(&format!(
+        "addr {}",
+        listener
+            .local_addr()
+            .unwrap_or_else(|e| fail(&e.to_string()))
+    ));
     let mut lines = std::io::stdin().lock().lines();
-    let mut next = || lines.next().and_then(Result::ok).unwrap_or_else(|| "exit".into());
+    let mut next = || {
+        lines
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| "exit".into())
+    };
     let peers_line = next();
     let peers: Vec<_> = peers_line
         .strip_prefix("peers ")
         .unwrap_or_else(|| fail("expected `peers ADDR...`"))
         .split_whitespace()
-        .map(|a| a.parse().unwrap_or_else(|_| fail(&format!("bad address {a}"))))
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|_| fail(&format!("bad address {a}")))
+        })
         .collect();
     if peers.len() != nodes as usize {
         fail("peer count differs from --nodes");
@@ -275,9 +316,14 @@ fn main() {
     if let Some(h) = hold {
         cfg.hold = h;
     }
-    let region = Region::map(bytes, backing).unwrap_or_else(|e| fail(&format!("mapping the region: {e}")));
-    let node = Node::join(listener, cfg, region).unwrap_or_else(|e| fail(&format!("node {id}: joining: {e}")));
-    let mem = Mem { base: node.region().as_ptr(), len: node.region().len() };
+    let region =
+        Region::map(bytes, backing).unwrap_or_else(|e| fail(&format!("mapping the region: {e}")));
+    let node = Node::join(listener, cfg, region)
+        .unwrap_or_else(|e| fail(&format!("node {id}: joining: {e}")));
+    let mem = Mem {
+        base: node.region().as_ptr(),
+        len: node.region().len(),
+    };
     say("ready");
     loop {
         let line = next();

@@ -26,7 +26,14 @@ impl Cluster {
         let mut kids: Vec<Kid> = (0..n)
             .map(|id| {
                 let mut child = Command::new(env!("CARGO_BIN_EXE_wv-dsm-node"))
-                    .args(["--id", &id.to_string(), "--nodes", &n.to_string(), "--bytes", &bytes.to_string()])
+                    .args([
+                        "--id",
+                        &id.to_string(),
+                        "--nodes",
+                        &n.to_string(),
+                        "--bytes",
+                        &bytes.to_string(),
+                    ])
                     .args(extra)
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
@@ -48,12 +55,17 @@ impl Cluster {
                 }
             }
         });
-        let mut c = Cluster { kids: Vec::new(), _watchdog: tx };
+        let mut c = Cluster {
+            kids: Vec::new(),
+            _watchdog: tx,
+        };
         let addrs: Vec<String> = kids
             .iter_mut()
             .map(|k| {
                 let l = line(k, 0);
-                l.strip_prefix("addr ").unwrap_or_else(|| panic!("expected addr, got {l:?}")).to_string()
+                l.strip_prefix("addr ")
+                    .unwrap_or_else(|| panic!("expected addr, got {l:?}"))
+                    .to_string()
             })
             .collect();
         for k in &mut kids {
@@ -106,7 +118,11 @@ impl Cluster {
 
     /// One counter of node `i`.
     pub fn stat(&mut self, i: usize, name: &str) -> u64 {
-        self.stats(i).into_iter().find(|(k, _)| k == name).unwrap_or_else(|| panic!("no counter {name}")).1
+        self.stats(i)
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+            .1
     }
 
     /// Number of nodes.
