@@ -18,12 +18,13 @@ use crate::proto::{Access, Msg, ProtoError};
 
 /// What the engine needs from the node's memory (a userfaultfd-registered mapping, or a fake).
 pub trait PageOps {
-    /// Maps `data` at `page` (which is not mapped), write-protected when `write_protect`,
-    /// and wakes the threads faulting on it.
+    /// Maps `data` at `page` (which is not mapped), write-protected when `write_protect`;
+    /// the threads faulting on it are woken then or soon after.
     fn install(&mut self, page: u64, data: &[u8], write_protect: bool) -> io::Result<()>;
     /// Write-protects a mapped page (a downgrade to read).
     fn protect(&mut self, page: u64) -> io::Result<()>;
-    /// Removes write protection from a mapped page and wakes its faulting threads.
+    /// Removes write protection from a mapped page; its faulting threads are woken then or
+    /// soon after.
     fn unprotect(&mut self, page: u64) -> io::Result<()>;
     /// Drops a mapped page (the next access faults as missing).
     fn drop_page(&mut self, page: u64) -> io::Result<()>;

@@ -447,6 +447,9 @@ fn run(
                 }
             }
         }
+        if let Err(e) = eng.mem().flush_wakes() {
+            shared.record(me, format!("waking faulting threads failed: {e}"));
+        }
     }
 }
 

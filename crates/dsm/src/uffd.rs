@@ -19,8 +19,10 @@ const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 const REGISTER_MODE_MISSING: u64 = 1;
 const REGISTER_MODE_WP: u64 = 2;
+const COPY_MODE_DONTWAKE: u64 = 1;
 const COPY_MODE_WP: u64 = 2;
 const WRITEPROTECT_MODE_WP: u64 = 1;
+const WRITEPROTECT_MODE_DONTWAKE: u64 = 2;
 /// UFFD_FEATURE_WP_HUGETLBFS_SHMEM: write protection on shared memory (Linux 5.19).
 const FEATURE_WP_SHMEM: u64 = 1 << 12;
 const EVENT_PAGEFAULT: u8 = 0x12;
@@ -211,6 +213,8 @@ pub struct UffdMem {
     len: u64,
     page_size: usize,
     backing: Backing,
+    /// Pages installed or unprotected whose faulting threads are not woken yet.
+    wakes: Vec<u64>,
 }
 
 fn ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
@@ -257,6 +261,7 @@ impl UffdMem {
             len: region.len as u64,
             page_size: ps,
             backing: region.backing,
+            wakes: Vec::new(),
         };
         // No transparent huge pages: coherence is per small page.
         // SAFETY: advice on the caller's mapping; it does not change its contents.
@@ -320,6 +325,19 @@ impl UffdMem {
         Ok(n > 0)
     }
 
+    /// Wakes the threads of every page installed or unprotected since the last call. The
+    /// engine calls it after it has sent what the installs produced (the VLD_PAGEs), so a
+    /// thread resumes only once its fault's messages are out.
+    pub fn flush_wakes(&mut self) -> io::Result<()> {
+        let mut r = Ok(());
+        for page in std::mem::take(&mut self.wakes) {
+            if let Err(e) = self.wake(page) {
+                r = Err(e);
+            }
+        }
+        r
+    }
+
     fn addr(&self, page: u64) -> u64 {
         self.base + page * self.page_size as u64
     }
@@ -370,7 +388,7 @@ impl PageOps for UffdMem {
             dst: self.addr(page),
             src: data.as_ptr() as u64,
             len: self.page_size as u64,
-            mode: if write_protect { COPY_MODE_WP } else { 0 },
+            mode: COPY_MODE_DONTWAKE | if write_protect { COPY_MODE_WP } else { 0 },
             copy: 0,
         };
         loop {
@@ -381,7 +399,10 @@ impl PageOps for UffdMem {
                 {
                     c.copy = 0;
                 }
-                r => return r,
+                r => {
+                    self.wakes.push(page);
+                    return r;
+                }
             }
         }
     }
@@ -391,7 +412,8 @@ impl PageOps for UffdMem {
     }
 
     fn unprotect(&mut self, page: u64) -> io::Result<()> {
-        self.writeprotect(page, 0)
+        self.wakes.push(page);
+        self.writeprotect(page, WRITEPROTECT_MODE_DONTWAKE)
     }
 
     fn drop_page(&mut self, page: u64) -> io::Result<()> {

@@ -105,6 +105,7 @@ fn local_floor(pages: usize) -> String {
                     .unwrap_or_else(|e| fail(&e.to_string()));
                 served += 1;
             }
+            uffd.flush_wakes().unwrap_or_else(|e| fail(&e.to_string()));
         }
     });
     let mut lat = Vec::with_capacity(pages);
