@@ -470,7 +470,9 @@ fn read_peer(
             Ok(n) => {
                 stats.received_bytes(n);
                 c.inbuf.extend_from_slice(&tmp[..n]);
-                if n < tmp.len() {
+                // A short read drained the socket; a large buffer is decoded before reading
+                // on (a peer cannot make this node buffer more than about a megabyte).
+                if n < tmp.len() || c.inbuf.len() >= 1 << 20 {
                     break;
                 }
             }
