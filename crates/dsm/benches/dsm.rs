@@ -40,23 +40,40 @@ fn main() {
     );
     drop(one);
 
-    let mut c = Cluster::start(2, bytes, &[], LIMIT);
-    // Node 0 writes two ranges (it owns them writable, at version 1: data must move).
-    assert_eq!(c.cmd(0, &format!("fill 0 {} 1", 2 * pages)), "ok");
-    let (m, p) = lat(&c.cmd(1, &format!("lat-read 0 {pages}")));
-    println!(
-        "remote read fault (page written by the other node)  median {m:8.1} us  p99 {p:8.1} us"
-    );
-    let (m, p) = lat(&c.cmd(1, &format!("lat-write {pages} {pages}")));
-    println!(
-        "remote write fault (ownership and data move)        median {m:8.1} us  p99 {p:8.1} us"
-    );
-    let (m, p) = lat(&c.cmd(1, &format!("lat-write 0 {pages}")));
-    println!(
-        "write upgrade of a read copy (unchanged, no data)   median {m:8.1} us  p99 {p:8.1} us"
-    );
-    println!("node 1: {}", c.cmd(1, "stats"));
-    drop(c);
+    for versions in ["on", "off"] {
+        println!("# two nodes, versioning {versions}");
+        let mut c = Cluster::start(2, bytes, &["--versions", versions], LIMIT);
+        // Node 0 writes two ranges (it owns them writable, at version 1: data must move).
+        assert_eq!(c.cmd(0, &format!("fill 0 {} 1", 2 * pages)), "ok");
+        let rows = [
+            (
+                "lat-read",
+                0,
+                "remote read fault (page written by the other node)",
+            ),
+            (
+                "lat-write",
+                pages,
+                "remote write fault (ownership and data move)",
+            ),
+            ("lat-write", 0, "write upgrade of a read copy"),
+            ("lat-read", 2 * pages, "read of a never-written page"),
+        ];
+        for (cmd, base, what) in rows {
+            let (m, p) = lat(&c.cmd(1, &format!("{cmd} {base} {pages}")));
+            println!("{what:52} median {m:8.1} us  p99 {p:8.1} us");
+        }
+        let faults: u64 = (0..2)
+            .map(|i| c.stat(i, "read_faults") + c.stat(i, "write_faults"))
+            .sum();
+        let moved = c.stat(0, "bytes_sent") + c.stat(1, "bytes_sent");
+        println!(
+            "{:52} {:8.0}",
+            "bytes sent per fault (both directions)",
+            moved as f64 / faults as f64
+        );
+        println!("node 1: {}", c.cmd(1, "stats"));
+    }
 
     println!("# throughput: one thread per node incrementing a word per op over 16 pages");
     for n in [1u32, 2, 4] {

@@ -211,6 +211,7 @@ pub struct Engine<M: PageOps> {
     dir: Vec<Dir>,
     mem: M,
     hold: Duration,
+    versioning: bool,
     deferred: VecDeque<Deferred>,
     /// Messages to send: (destination, message); destination `me` is handled locally.
     outbox: VecDeque<(u32, Msg)>,
@@ -265,11 +266,20 @@ impl<M: PageOps> Engine<M> {
             dir,
             mem,
             hold,
+            versioning: true,
             deferred: VecDeque::new(),
             outbox: VecDeque::new(),
             stats,
             zero: vec![0; page_size],
         }
+    }
+
+    /// Turns versioning off (every reply carries the page, even to a node holding the
+    /// current version, and never-written pages are sent as zeros) or back on: for measuring
+    /// what versioning saves. It decides the replies this node sends; a receiver handles
+    /// both kinds, so nodes need not agree.
+    pub fn set_versioning(&mut self, on: bool) {
+        self.versioning = on;
     }
 
     /// The node's memory operations.
@@ -621,7 +631,7 @@ impl<M: PageOps> Engine<M> {
                 .map_err(|e| Self::local_err(page, "write-protecting", e))?;
             self.local[i].state = PageState::Read;
         }
-        let unchanged = have == l.version;
+        let unchanged = have == l.version && (self.versioning || requester == self.me);
         let data = if unchanged {
             None
         } else if l.state == PageState::Invalid {

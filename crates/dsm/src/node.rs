@@ -24,6 +24,9 @@ pub struct Config {
     pub hold: Duration,
     /// Limit for connecting and for the INIT exchange.
     pub join_timeout: Duration,
+    /// Versioned pages ("unchanged" replies); off only to measure what they save (it decides
+    /// the replies this node sends; receivers handle both kinds).
+    pub versioning: bool,
 }
 
 impl Config {
@@ -34,6 +37,7 @@ impl Config {
             peers,
             hold: Duration::from_micros(200),
             join_timeout: Duration::from_secs(10),
+            versioning: true,
         }
     }
 }
@@ -232,6 +236,8 @@ impl Node {
             cfg.hold,
             stats.clone(),
         );
+        let mut engine = engine;
+        engine.set_versioning(cfg.versioning);
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("wv-dsm-{me}"))

@@ -186,4 +186,15 @@ fn benchmark_commands_work() {
     let r = c.all(|_| "tput 30 4 2000".into());
     assert!(r.iter().all(|l| l.starts_with("tput ")), "{r:?}");
     assert_eq!(values(&c.cmd(0, "read 30 31 32 33")), vec![1000; 4]);
+    drop(c);
+    // Without versioning every reply carries the page: the upgrades and the never-written
+    // pages too.
+    let mut c = Cluster::start(2, MIB, &["--versions", "off"], LIMIT);
+    assert_eq!(c.cmd(0, "fill 0 10 1"), "ok");
+    assert!(c.cmd(1, "lat-read 0 10").starts_with("lat "));
+    assert!(c.cmd(1, "lat-write 0 10").starts_with("lat "));
+    assert!(c.cmd(1, "lat-read 40 10").starts_with("lat "));
+    assert_eq!(c.stat(1, "pages_received"), 30);
+    assert_eq!(c.stat(1, "unchanged_received"), 0);
+    assert_eq!(values(&c.cmd(1, "read 40 0")), vec![0, 7]);
 }

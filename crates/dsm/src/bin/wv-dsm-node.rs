@@ -2,7 +2,8 @@
 //! address, reads every node's address on stdin, joins, then runs workload commands read
 //! from stdin one line at a time, answering each with one line on stdout.
 //!
-//! `wv-dsm-node --id I --nodes N --bytes B [--backing anon|shared] [--hold-us U]`; commands:
+//! `wv-dsm-node --id I --nodes N --bytes B [--backing anon|shared] [--hold-us U]
+//! [--versions on|off]`; commands:
 //! `counter THREADS ITERS` (once per cluster), `read PAGE...`, `ring STEPS BASE PAGES`, `fill BASE PAGES SEED`,
 //! `sum BASE PAGES`, `part BASE PAGES ROUNDS`, `lat-read BASE PAGES`, `lat-write BASE PAGES`,
 //! `tput BASE PAGES OPS`, `local-floor PAGES`, `stats`, `errors`, `exit`.
@@ -259,12 +260,14 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let (mut id, mut nodes, mut bytes, mut backing, mut hold) =
         (0u32, 1u32, 1usize << 20, Backing::Anonymous, None);
+    let mut versioning = true;
     while let Some(a) = args.next() {
         let v = args.next();
         match a.as_str() {
             "--id" => id = num(v.as_deref(), "--id"),
             "--nodes" => nodes = num(v.as_deref(), "--nodes"),
             "--bytes" => bytes = num(v.as_deref(), "--bytes"),
+            "--versions" => versioning = v.as_deref() != Some("off"),
             "--hold-us" => {
                 hold = Some(std::time::Duration::from_micros(num(
                     v.as_deref(),
@@ -317,6 +320,7 @@ fn main() {
     if let Some(h) = hold {
         cfg.hold = h;
     }
+    cfg.versioning = versioning;
     let region =
         Region::map(bytes, backing).unwrap_or_else(|e| fail(&format!("mapping the region: {e}")));
     let node = Node::join(listener, cfg, region)
