@@ -934,6 +934,49 @@ mod tests {
     }
 
     #[test]
+    fn a_new_page_is_held_before_it_is_taken_away() {
+        let hold = Duration::from_millis(100);
+        let mut e: Vec<Engine<Fake>> = (0..2)
+            .map(|me| {
+                let mem = Fake {
+                    pages: vec![None; 2],
+                };
+                Engine::new(me, 2, PS, 2, mem, hold, Arc::new(Stats::default()))
+            })
+            .collect();
+        let t0 = Instant::now();
+        // Deliver everything at time `now`.
+        let settle = |e: &mut Vec<Engine<Fake>>, now: Instant| loop {
+            let mut any = false;
+            for i in 0..2 {
+                while let Some((to, m)) = e[i].next_out() {
+                    any = true;
+                    e[to as usize].handle(i as u32, m, now).unwrap();
+                }
+            }
+            if !any {
+                break;
+            }
+        };
+        // Node 1 takes page 0 for writing at t0.
+        e[1].fault(0, true).unwrap();
+        settle(&mut e, t0);
+        assert_eq!(e[1].page_state(0), Some((PageState::Write, 1, true)));
+        // Node 0 asks for it 10 ms later: node 1 keeps it until t0 + hold.
+        e[0].fault(0, true).unwrap();
+        settle(&mut e, t0 + Duration::from_millis(10));
+        assert_eq!(e[1].page_state(0), Some((PageState::Write, 1, true)));
+        assert_eq!(e[1].next_due(), Some(t0 + hold));
+        assert!(e[1].run_due(t0 + Duration::from_millis(99)).is_empty());
+        assert_eq!(e[1].page_state(0), Some((PageState::Write, 1, true)));
+        assert!(e[1].run_due(t0 + hold).is_empty());
+        settle(&mut e, t0 + hold);
+        assert_eq!(e[1].page_state(0), Some((PageState::Invalid, 0, false)));
+        assert_eq!(e[0].page_state(0), Some((PageState::Write, 2, true)));
+        assert_eq!(e[1].next_due(), None);
+    }
+
+    #[test]
     fn out_of_order_messages_are_errors() {
         let mut s = Sim::new(2, 4);
         let now = Instant::now();
