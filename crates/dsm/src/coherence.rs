@@ -3,7 +3,7 @@
 //! (owner, copy set, version, the transaction in progress and the requests queued behind it).
 //!
 //! It is independent of sockets and of userfaultfd: memory is reached through [`PageOps`] and
-//! messages leave through [`Engine::outbox`], so the same code runs over TCP
+//! messages leave through [`Engine::next_out`], so the same code runs over TCP
 //! ([`crate::node`]) and in unit tests and the fuzz target with a fake memory. Every message
 //! is checked against the state it must arrive in; one that does not fit (a PAGE nobody
 //! asked for, an ack from a node that was not invalidated, a VLD_PAGE from the wrong node) is
@@ -295,11 +295,6 @@ impl<M: PageOps> Engine<M> {
     /// Takes the next message to send.
     pub fn next_out(&mut self) -> Option<(u32, Msg)> {
         self.outbox.pop_front()
-    }
-
-    /// Messages waiting in the outbox.
-    pub fn outbox(&mut self) -> &mut VecDeque<(u32, Msg)> {
-        &mut self.outbox
     }
 
     /// The manager (directory node) of `page`.

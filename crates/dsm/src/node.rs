@@ -158,6 +158,11 @@ impl Node {
             region_size: region.len() as u64,
         };
         proto::check_geometry(&g).map_err(|e| io::Error::other(e.0))?;
+        if !(region.as_ptr() as usize).is_multiple_of(page_size as usize) {
+            return Err(io::Error::other(
+                "the region does not start on a page boundary",
+            ));
+        }
         if cfg.id >= nodes {
             return Err(io::Error::other(format!(
                 "node id {} outside a cluster of {nodes}",
