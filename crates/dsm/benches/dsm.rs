@@ -1,0 +1,109 @@
+//! DSM benchmark (harness = false; prints numbers): remote read and write fault latency
+//! between two node processes over loopback beside a local userfaultfd fault (the floor),
+//! and the coherence workload's throughput on 1, 2 and 4 nodes for a partitioned and a
+//! shared access pattern.
+//!
+//! `cargo bench -p wv-dsm --bench dsm` (optionally `-- --quick` for fewer iterations).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::Cluster;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(1800);
+
+fn lat(s: &str) -> (f64, f64) {
+    let v: Vec<f64> = s
+        .strip_prefix("lat ")
+        .unwrap_or_else(|| panic!("bad answer {s:?}"))
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap() / 1000.0)
+        .collect();
+    (v[0], v[1])
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let pages = if quick { 500 } else { 4000 };
+    let ops: usize = if quick { 200_000 } else { 2_000_000 };
+    let bytes = 64 << 20;
+
+    println!(
+        "# wv-dsm benchmark (loopback, {} pages per latency run)",
+        pages
+    );
+    let mut one = Cluster::start(1, 1 << 20, &[], LIMIT);
+    let (m, p) = lat(&one.cmd(0, &format!("local-floor {pages}")));
+    println!(
+        "local userfaultfd fault (zero page, same process)   median {m:8.1} us  p99 {p:8.1} us"
+    );
+    drop(one);
+
+    for versions in ["on", "off"] {
+        println!("# two nodes, versioning {versions}");
+        let mut c = Cluster::start(2, bytes, &["--versions", versions], LIMIT);
+        // Node 0 writes two ranges (it owns them writable, at version 1: data must move).
+        assert_eq!(c.cmd(0, &format!("fill 0 {} 1", 2 * pages)), "ok");
+        let rows = [
+            (
+                "lat-read",
+                0,
+                "remote read fault (page written by the other node)",
+            ),
+            (
+                "lat-write",
+                pages,
+                "remote write fault (ownership and data move)",
+            ),
+            ("lat-write", 0, "write upgrade of a read copy"),
+            ("lat-read", 2 * pages, "read of a never-written page"),
+        ];
+        for (cmd, base, what) in rows {
+            let (m, p) = lat(&c.cmd(1, &format!("{cmd} {base} {pages}")));
+            println!("{what:52} median {m:8.1} us  p99 {p:8.1} us");
+        }
+        let faults: u64 = (0..2)
+            .map(|i| c.stat(i, "read_faults") + c.stat(i, "write_faults"))
+            .sum();
+        let moved = c.stat(0, "bytes_sent") + c.stat(1, "bytes_sent");
+        println!(
+            "{:52} {:8.0}",
+            "bytes sent per fault (both directions)",
+            moved as f64 / faults as f64
+        );
+        println!("node 1: {}", c.cmd(1, "stats"));
+    }
+
+    println!("# throughput: one thread per node incrementing a word per op over 16 pages");
+    for n in [1u32, 2, 4] {
+        for shared in [false, true] {
+            let mut c = Cluster::start(n, bytes, &[], LIMIT);
+            let base = |i: usize| if shared { 0 } else { 16 * i };
+            // Warm-up: one pass so that partitioned pages are owned by their node.
+            c.all(|i| format!("tput {} 16 16", base(i)));
+            let before: Vec<_> = (0..c.len()).map(|i| c.stats(i)).collect();
+            let t = Instant::now();
+            let r = c.all(|i| format!("tput {} 16 {ops}", base(i)));
+            let secs = t.elapsed().as_secs_f64();
+            let total: f64 = r
+                .iter()
+                .map(|l| l.strip_prefix("tput ").unwrap().parse::<f64>().unwrap())
+                .sum();
+            let mut moved = 0;
+            let mut inval = 0;
+            for (i, b) in before.iter().enumerate() {
+                let a = c.stats(i);
+                let get = |v: &[(String, u64)], k: &str| v.iter().find(|(x, _)| x == k).unwrap().1;
+                moved += get(&a, "pages_received") - get(b, "pages_received");
+                inval += get(&a, "invalidations") - get(b, "invalidations");
+            }
+            println!(
+                "{n} node(s), {:11}: {total:12.0} ops/s (sum of nodes), {:9.0} pages moved/s, {:9.0} invalidations/s",
+                if shared { "shared" } else { "partitioned" },
+                moved as f64 / secs,
+                inval as f64 / secs
+            );
+        }
+    }
+}

@@ -1,0 +1,1043 @@
+//! The coherence engine: each node's page table (state, version, ownership, the request in
+//! flight) and, for the pages it manages (page p is managed by node p % N), the directory
+//! (owner, copy set, version, the transaction in progress and the requests queued behind it).
+//!
+//! It is independent of sockets and of userfaultfd: memory is reached through [`PageOps`] and
+//! messages leave through [`Engine::next_out`], so the same code runs over TCP
+//! ([`crate::node`]) and in unit tests and the fuzz target with a fake memory. Every message
+//! is checked against the state it must arrive in; one that does not fit (a PAGE nobody
+//! asked for, an ack from a node that was not invalidated, a VLD_PAGE from the wrong node) is
+//! a [`ProtoError`] for the connection it came from, never a panic.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::proto::{Access, Msg, ProtoError};
+
+/// What the engine needs from the node's memory (a userfaultfd-registered mapping, or a fake).
+pub trait PageOps {
+    /// Maps `data` at `page` (which is not mapped), write-protected when `write_protect`;
+    /// the threads faulting on it are woken then or soon after.
+    fn install(&mut self, page: u64, data: &[u8], write_protect: bool) -> io::Result<()>;
+    /// Write-protects a mapped page (a downgrade to read).
+    fn protect(&mut self, page: u64) -> io::Result<()>;
+    /// Removes write protection from a mapped page; its faulting threads are woken then or
+    /// soon after.
+    fn unprotect(&mut self, page: u64) -> io::Result<()>;
+    /// Drops a mapped page (the next access faults as missing).
+    fn drop_page(&mut self, page: u64) -> io::Result<()>;
+    /// Copies a mapped, write-protected page into `out`.
+    fn read(&mut self, page: u64, out: &mut [u8]);
+    /// Wakes threads whose fault was already resolved.
+    fn wake(&mut self, page: u64) -> io::Result<()>;
+}
+
+/// Counters of one node (monotonic; read with [`Stats::snapshot`]).
+#[derive(Debug, Default)]
+pub struct Stats {
+    read_faults: AtomicU64,
+    write_faults: AtomicU64,
+    pages_sent: AtomicU64,
+    pages_received: AtomicU64,
+    unchanged_sent: AtomicU64,
+    unchanged_received: AtomicU64,
+    invalidations: AtomicU64,
+    messages_sent: AtomicU64,
+    messages_received: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+/// A copy of a node's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Read faults that needed the protocol (stale or coalesced ones excluded).
+    pub read_faults: u64,
+    /// Write faults that needed the protocol.
+    pub write_faults: u64,
+    /// PAGE replies sent with data.
+    pub pages_sent: u64,
+    /// PAGE replies received with data.
+    pub pages_received: u64,
+    /// PAGE replies sent as "unchanged" (no data).
+    pub unchanged_sent: u64,
+    /// PAGE replies received as "unchanged".
+    pub unchanged_received: u64,
+    /// Local copies dropped (INV_PAGE, or ownership handed to another node).
+    pub invalidations: u64,
+    /// Messages sent to other nodes.
+    pub messages_sent: u64,
+    /// Messages received from other nodes.
+    pub messages_received: u64,
+    /// Bytes sent to other nodes.
+    pub bytes_sent: u64,
+    /// Bytes received from other nodes.
+    pub bytes_received: u64,
+}
+
+impl StatsSnapshot {
+    /// Field-wise difference `self - earlier`.
+    pub fn since(&self, e: &StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            read_faults: self.read_faults - e.read_faults,
+            write_faults: self.write_faults - e.write_faults,
+            pages_sent: self.pages_sent - e.pages_sent,
+            pages_received: self.pages_received - e.pages_received,
+            unchanged_sent: self.unchanged_sent - e.unchanged_sent,
+            unchanged_received: self.unchanged_received - e.unchanged_received,
+            invalidations: self.invalidations - e.invalidations,
+            messages_sent: self.messages_sent - e.messages_sent,
+            messages_received: self.messages_received - e.messages_received,
+            bytes_sent: self.bytes_sent - e.bytes_sent,
+            bytes_received: self.bytes_received - e.bytes_received,
+        }
+    }
+}
+
+impl std::fmt::Display for StatsSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "read_faults={} write_faults={} pages_sent={} pages_received={} unchanged_sent={} \
+             unchanged_received={} invalidations={} messages_sent={} messages_received={} \
+             bytes_sent={} bytes_received={}",
+            self.read_faults,
+            self.write_faults,
+            self.pages_sent,
+            self.pages_received,
+            self.unchanged_sent,
+            self.unchanged_received,
+            self.invalidations,
+            self.messages_sent,
+            self.messages_received,
+            self.bytes_sent,
+            self.bytes_received
+        )
+    }
+}
+
+fn inc(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Stats {
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            read_faults: g(&self.read_faults),
+            write_faults: g(&self.write_faults),
+            pages_sent: g(&self.pages_sent),
+            pages_received: g(&self.pages_received),
+            unchanged_sent: g(&self.unchanged_sent),
+            unchanged_received: g(&self.unchanged_received),
+            invalidations: g(&self.invalidations),
+            messages_sent: g(&self.messages_sent),
+            messages_received: g(&self.messages_received),
+            bytes_sent: g(&self.bytes_sent),
+            bytes_received: g(&self.bytes_received),
+        }
+    }
+    /// Counts a message of `bytes` sent to another node.
+    pub fn sent(&self, bytes: usize) {
+        inc(&self.messages_sent, 1);
+        inc(&self.bytes_sent, bytes as u64);
+    }
+    /// Counts `bytes` received from another node (messages are counted as decoded).
+    pub fn received_bytes(&self, bytes: usize) {
+        inc(&self.bytes_received, bytes as u64);
+    }
+}
+
+/// Local state of a page on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// Not mapped: any access faults (missing).
+    Invalid,
+    /// Mapped write-protected: a write faults.
+    Read,
+    /// Mapped writable: this node is the single writer.
+    Write,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Local {
+    state: PageState,
+    /// Version of the mapped contents (0 while invalid: the all-zero initial contents,
+    /// which every node can produce without a transfer).
+    version: u64,
+    /// This node is the page's owner (holds its latest contents, serves FWD_PAGE).
+    owner: bool,
+    /// Access requested and not yet granted (concurrent faults coalesce on it).
+    pending: Option<Access>,
+}
+
+#[derive(Debug)]
+struct Txn {
+    requester: u32,
+    access: Access,
+    have: u64,
+    /// Nodes whose INV_ACK is still awaited (bit per node).
+    acks: u64,
+}
+
+#[derive(Debug)]
+struct Dir {
+    owner: u32,
+    /// Nodes holding a copy (bit per node; the owner's bit may be set too).
+    copyset: u64,
+    version: u64,
+    busy: Option<Txn>,
+    queue: VecDeque<(u32, Access, u64)>,
+}
+
+/// A message whose handling waits for a page's hold time to pass (see [`Engine::new`]).
+#[derive(Debug)]
+struct Deferred {
+    due: Instant,
+    from: u32,
+    msg: Msg,
+}
+
+/// One node's coherence engine.
+pub struct Engine<M: PageOps> {
+    me: u32,
+    nodes: u32,
+    page_size: usize,
+    local: Vec<Local>,
+    installed: Vec<Option<Instant>>,
+    dir: Vec<Dir>,
+    mem: M,
+    hold: Duration,
+    versioning: bool,
+    deferred: VecDeque<Deferred>,
+    /// Messages to send: (destination, message); destination `me` is handled locally.
+    outbox: VecDeque<(u32, Msg)>,
+    stats: std::sync::Arc<Stats>,
+    zero: Vec<u8>,
+}
+
+fn bit(n: u32) -> u64 {
+    1u64 << n
+}
+
+impl<M: PageOps> Engine<M> {
+    /// An engine for node `me` of `nodes` over `pages` pages of `page_size` bytes.
+    ///
+    /// Every page starts invalid everywhere (the seed's INIT: all local pages invalidated),
+    /// owned by node 0 at version 0, the all-zero contents that are never sent. `hold` is the minimum time a page stays after it was
+    /// installed before a FWD_PAGE or INV_PAGE takes it away, so that the woken thread gets
+    /// to use it (Mirage's window; zero disables it).
+    pub fn new(
+        me: u32,
+        nodes: u32,
+        page_size: usize,
+        pages: u64,
+        mem: M,
+        hold: Duration,
+        stats: std::sync::Arc<Stats>,
+    ) -> Self {
+        let local = (0..pages)
+            .map(|_| Local {
+                state: PageState::Invalid,
+                version: 0,
+                owner: me == 0,
+                pending: None,
+            })
+            .collect();
+        let managed = (pages + u64::from(nodes) - 1 - u64::from(me)) / u64::from(nodes);
+        let dir = (0..managed)
+            .map(|_| Dir {
+                owner: 0,
+                copyset: 0,
+                version: 0,
+                busy: None,
+                queue: VecDeque::new(),
+            })
+            .collect();
+        Engine {
+            me,
+            nodes,
+            page_size,
+            local,
+            installed: vec![None; usize::try_from(pages).unwrap_or(0)],
+            dir,
+            mem,
+            hold,
+            versioning: true,
+            deferred: VecDeque::new(),
+            outbox: VecDeque::new(),
+            stats,
+            zero: vec![0; page_size],
+        }
+    }
+
+    /// Turns versioning off (every reply carries the page, even to a node holding the
+    /// current version, and never-written pages are sent as zeros) or back on: for measuring
+    /// what versioning saves. It decides the replies this node sends; a receiver handles
+    /// both kinds, so nodes need not agree.
+    pub fn set_versioning(&mut self, on: bool) {
+        self.versioning = on;
+    }
+
+    /// The node's memory operations.
+    pub fn mem(&mut self) -> &mut M {
+        &mut self.mem
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &std::sync::Arc<Stats> {
+        &self.stats
+    }
+
+    /// Takes the next message to send.
+    pub fn next_out(&mut self) -> Option<(u32, Msg)> {
+        self.outbox.pop_front()
+    }
+
+    /// The manager (directory node) of `page`.
+    pub fn manager(&self, page: u64) -> u32 {
+        // page % nodes < nodes <= 64.
+        u32::try_from(page % u64::from(self.nodes)).unwrap_or(0)
+    }
+
+    fn idx(page: u64) -> usize {
+        usize::try_from(page).unwrap_or(usize::MAX)
+    }
+
+    fn dir_mut(&mut self, page: u64) -> &mut Dir {
+        let i = Self::idx(page / u64::from(self.nodes));
+        &mut self.dir[i]
+    }
+
+    fn send(&mut self, to: u32, msg: Msg) {
+        self.outbox.push_back((to, msg));
+    }
+
+    /// Local state, version and ownership of `page` (for tests and diagnostics).
+    pub fn page_state(&self, page: u64) -> Option<(PageState, u64, bool)> {
+        self.local
+            .get(Self::idx(page))
+            .map(|l| (l.state, l.version, l.owner))
+    }
+
+    /// A fault at `page` by a local thread (`write`: a write or a write-protect fault).
+    pub fn fault(&mut self, page: u64, write: bool) -> io::Result<()> {
+        let Some(l) = self.local.get(Self::idx(page)).copied() else {
+            return Err(io::Error::other(format!(
+                "fault on page {page} outside the region"
+            )));
+        };
+        let satisfied = match l.state {
+            PageState::Invalid => false,
+            PageState::Read => !write,
+            PageState::Write => true,
+        };
+        if satisfied {
+            // Resolved while the fault message was queued: let the thread retry.
+            return self.mem.wake(page);
+        }
+        if l.pending.is_some() {
+            // Coalesced: the thread is woken when the page arrives (and faults again if the
+            // access granted is not enough).
+            return Ok(());
+        }
+        let access = if write { Access::Write } else { Access::Read };
+        if write {
+            inc(&self.stats.write_faults, 1);
+        } else {
+            inc(&self.stats.read_faults, 1);
+        }
+        let have = if l.state == PageState::Invalid {
+            0
+        } else {
+            l.version
+        };
+        self.local[Self::idx(page)].pending = Some(access);
+        let m = self.manager(page);
+        self.send(m, Msg::GetPage { access, page, have });
+        Ok(())
+    }
+
+    /// Handles a message from node `from` (`from == me` for a node's message to itself).
+    pub fn handle(&mut self, from: u32, msg: Msg, now: Instant) -> Result<(), ProtoError> {
+        if from != self.me {
+            inc(&self.stats.messages_received, 1);
+        }
+        match msg {
+            Msg::Init { .. } => Err(ProtoError("INIT after the connection was set up".into())),
+            Msg::GetPage { access, page, have } => self.on_get(from, access, page, have),
+            Msg::FwdPage { page, .. } | Msg::InvPage { page } => {
+                if self.manager(page) != from {
+                    return Err(ProtoError(format!(
+                        "{} for page {page} from node {from}, which does not manage it",
+                        msg.name()
+                    )));
+                }
+                let held = self.installed[Self::idx(page)]
+                    .map(|t| t + self.hold)
+                    .filter(|due| *due > now);
+                let own = matches!(msg, Msg::FwdPage { requester, .. } if requester == self.me);
+                match held {
+                    Some(due) if !own => {
+                        self.deferred.push_back(Deferred { due, from, msg });
+                        Ok(())
+                    }
+                    _ => self.on_taken(from, msg),
+                }
+            }
+            Msg::Page {
+                access,
+                page,
+                version,
+                data,
+            } => self.on_page(from, access, page, version, data, now),
+            Msg::InvAck { page } => self.on_inv_ack(from, page),
+            Msg::VldPage {
+                access,
+                page,
+                version,
+            } => self.on_vld(from, access, page, version),
+        }
+    }
+
+    /// When the earliest deferred message is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.deferred.iter().map(|d| d.due).min()
+    }
+
+    /// Handles the deferred messages whose hold time has passed; errors name their sender.
+    pub fn run_due(&mut self, now: Instant) -> Vec<(u32, ProtoError)> {
+        let mut errs = Vec::new();
+        let mut keep = VecDeque::new();
+        while let Some(d) = self.deferred.pop_front() {
+            if d.due <= now {
+                if let Err(e) = self.on_taken(d.from, d.msg) {
+                    errs.push((d.from, e));
+                }
+            } else {
+                keep.push_back(d);
+            }
+        }
+        self.deferred = keep;
+        errs
+    }
+
+    fn on_get(
+        &mut self,
+        from: u32,
+        access: Access,
+        page: u64,
+        have: u64,
+    ) -> Result<(), ProtoError> {
+        if self.manager(page) != self.me {
+            return Err(ProtoError(format!(
+                "GET_PAGE for page {page} sent to node {}, which does not manage it",
+                self.me
+            )));
+        }
+        let nodes = self.nodes as usize;
+        let d = self.dir_mut(page);
+        let dup = d.busy.as_ref().is_some_and(|t| t.requester == from)
+            || d.queue.iter().any(|q| q.0 == from);
+        if dup || d.queue.len() >= nodes {
+            return Err(ProtoError(format!(
+                "GET_PAGE for page {page} from node {from}, which already has one outstanding"
+            )));
+        }
+        d.queue.push_back((from, access, have));
+        if d.busy.is_none() {
+            self.start(page);
+        }
+        Ok(())
+    }
+
+    /// Starts the next queued transaction on `page` (the manager's side).
+    fn start(&mut self, page: u64) {
+        let d = self.dir_mut(page);
+        let Some((requester, access, have)) = d.queue.pop_front() else {
+            return;
+        };
+        let mut acks = 0;
+        if access == Access::Write {
+            acks = d.copyset & !bit(requester) & !bit(d.owner);
+        }
+        d.busy = Some(Txn {
+            requester,
+            access,
+            have,
+            acks,
+        });
+        if acks == 0 {
+            self.forward(page);
+        } else {
+            for n in 0..self.nodes {
+                if acks & bit(n) != 0 {
+                    self.send(n, Msg::InvPage { page });
+                }
+            }
+        }
+    }
+
+    fn forward(&mut self, page: u64) {
+        let d = self.dir_mut(page);
+        let owner = d.owner;
+        if let Some(t) = &d.busy {
+            let m = Msg::FwdPage {
+                access: t.access,
+                page,
+                have: t.have,
+                requester: t.requester,
+            };
+            self.send(owner, m);
+        }
+    }
+
+    fn on_inv_ack(&mut self, from: u32, page: u64) -> Result<(), ProtoError> {
+        if self.manager(page) != self.me {
+            return Err(ProtoError(format!(
+                "INV_ACK for page {page}, which node {} does not manage",
+                self.me
+            )));
+        }
+        let d = self.dir_mut(page);
+        match &mut d.busy {
+            Some(t) if t.acks & bit(from) != 0 => {
+                t.acks &= !bit(from);
+                d.copyset &= !bit(from);
+                if t.acks == 0 {
+                    self.forward(page);
+                }
+                Ok(())
+            }
+            _ => Err(ProtoError(format!(
+                "INV_ACK for page {page} from node {from}, which was not invalidated"
+            ))),
+        }
+    }
+
+    fn on_vld(
+        &mut self,
+        from: u32,
+        access: Access,
+        page: u64,
+        version: u64,
+    ) -> Result<(), ProtoError> {
+        if self.manager(page) != self.me {
+            return Err(ProtoError(format!(
+                "VLD_PAGE for page {page}, which node {} does not manage",
+                self.me
+            )));
+        }
+        let d = self.dir_mut(page);
+        let ok =
+            matches!(&d.busy, Some(t) if t.requester == from && t.access == access && t.acks == 0);
+        if !ok {
+            return Err(ProtoError(format!(
+                "VLD_PAGE for page {page} from node {from}, which has no transaction for it in progress"
+            )));
+        }
+        let expect = match access {
+            Access::Read => d.version,
+            Access::Write => d.version.saturating_add(1),
+        };
+        if version != expect {
+            return Err(ProtoError(format!(
+                "VLD_PAGE for page {page} at version {version}, expected {expect}"
+            )));
+        }
+        match access {
+            Access::Read => d.copyset |= bit(from),
+            Access::Write => {
+                d.owner = from;
+                d.copyset = bit(from);
+                d.version = version;
+            }
+        }
+        d.busy = None;
+        if !d.queue.is_empty() {
+            self.start(page);
+        }
+        Ok(())
+    }
+
+    fn local_err(page: u64, what: &str, e: io::Error) -> ProtoError {
+        ProtoError(format!("{what} of page {page} failed: {e}"))
+    }
+
+    /// FWD_PAGE (to the owner) or INV_PAGE (to a copy holder), after any hold time.
+    fn on_taken(&mut self, from: u32, msg: Msg) -> Result<(), ProtoError> {
+        match msg {
+            Msg::InvPage { page } => {
+                let l = self.local[Self::idx(page)];
+                if l.owner {
+                    return Err(ProtoError(format!(
+                        "INV_PAGE for page {page}, which this node owns"
+                    )));
+                }
+                if l.state != PageState::Invalid {
+                    self.mem
+                        .drop_page(page)
+                        .map_err(|e| Self::local_err(page, "dropping", e))?;
+                    inc(&self.stats.invalidations, 1);
+                }
+                let l = &mut self.local[Self::idx(page)];
+                l.state = PageState::Invalid;
+                l.version = 0;
+                self.send(from, Msg::InvAck { page });
+                Ok(())
+            }
+            Msg::FwdPage {
+                access,
+                page,
+                have,
+                requester,
+            } => self.on_fwd(access, page, have, requester),
+            _ => Ok(()),
+        }
+    }
+
+    fn on_fwd(
+        &mut self,
+        access: Access,
+        page: u64,
+        have: u64,
+        requester: u32,
+    ) -> Result<(), ProtoError> {
+        let i = Self::idx(page);
+        let l = self.local[i];
+        if !l.owner {
+            return Err(ProtoError(format!(
+                "FWD_PAGE for page {page}, which this node does not own"
+            )));
+        }
+        if l.state == PageState::Invalid && l.version != 0 {
+            return Err(ProtoError(format!(
+                "page {page} owned but not held at version {}",
+                l.version
+            )));
+        }
+        if l.state == PageState::Write {
+            // Stop writers first: the contents sent are then the contents of this version.
+            self.mem
+                .protect(page)
+                .map_err(|e| Self::local_err(page, "write-protecting", e))?;
+            self.local[i].state = PageState::Read;
+        }
+        let unchanged = have == l.version && (self.versioning || requester == self.me);
+        let data = if unchanged {
+            None
+        } else if l.state == PageState::Invalid {
+            Some(self.zero.clone())
+        } else {
+            let mut buf = vec![0; self.page_size];
+            self.mem.read(page, &mut buf);
+            Some(buf)
+        };
+        if requester != self.me {
+            if unchanged {
+                inc(&self.stats.unchanged_sent, 1);
+            } else {
+                inc(&self.stats.pages_sent, 1);
+            }
+        }
+        if access == Access::Write && requester != self.me {
+            if self.local[i].state != PageState::Invalid {
+                self.mem
+                    .drop_page(page)
+                    .map_err(|e| Self::local_err(page, "dropping", e))?;
+                inc(&self.stats.invalidations, 1);
+            }
+            self.local[i] = Local {
+                state: PageState::Invalid,
+                version: 0,
+                owner: false,
+                pending: l.pending,
+            };
+        }
+        self.send(
+            requester,
+            Msg::Page {
+                access,
+                page,
+                version: l.version,
+                data,
+            },
+        );
+        Ok(())
+    }
+
+    fn on_page(
+        &mut self,
+        from: u32,
+        access: Access,
+        page: u64,
+        version: u64,
+        data: Option<Vec<u8>>,
+        now: Instant,
+    ) -> Result<(), ProtoError> {
+        let i = Self::idx(page);
+        let l = self.local[i];
+        if l.pending != Some(access) {
+            return Err(ProtoError(format!(
+                "PAGE ({access:?}) for page {page} from node {from}, which this node did not request"
+            )));
+        }
+        // Counted before the page is installed: installing wakes the faulting threads.
+        if from != self.me {
+            if data.is_some() {
+                inc(&self.stats.pages_received, 1);
+            } else {
+                inc(&self.stats.unchanged_received, 1);
+            }
+        }
+        let wp = access == Access::Read;
+        let mapped = l.state != PageState::Invalid;
+        let new_version = match access {
+            Access::Read => version,
+            Access::Write => version.checked_add(1).ok_or_else(|| {
+                ProtoError(format!(
+                    "PAGE for page {page} at version {version}, the last one"
+                ))
+            })?,
+        };
+        match &data {
+            Some(d) => {
+                if mapped {
+                    self.mem
+                        .drop_page(page)
+                        .map_err(|e| Self::local_err(page, "dropping", e))?;
+                }
+                self.mem
+                    .install(page, d, wp)
+                    .map_err(|e| Self::local_err(page, "installing", e))?;
+            }
+            None if mapped => {
+                if l.version != version {
+                    return Err(ProtoError(format!(
+                        "PAGE unchanged for page {page} at version {version}, this node holds {}",
+                        l.version
+                    )));
+                }
+                if access == Access::Write && l.state == PageState::Read {
+                    self.mem
+                        .unprotect(page)
+                        .map_err(|e| Self::local_err(page, "unprotecting", e))?;
+                } else {
+                    self.mem
+                        .wake(page)
+                        .map_err(|e| Self::local_err(page, "waking", e))?;
+                }
+            }
+            None => {
+                if version != 0 {
+                    return Err(ProtoError(format!(
+                        "PAGE unchanged for page {page} at version {version}, which this node does not hold"
+                    )));
+                }
+                let zero = std::mem::take(&mut self.zero);
+                let r = self.mem.install(page, &zero, wp);
+                self.zero = zero;
+                r.map_err(|e| Self::local_err(page, "installing", e))?;
+            }
+        }
+        self.local[i] = Local {
+            state: if wp {
+                PageState::Read
+            } else {
+                PageState::Write
+            },
+            version: new_version,
+            owner: l.owner || access == Access::Write,
+            pending: None,
+        };
+        if self.hold > Duration::ZERO {
+            self.installed[i] = Some(now);
+        }
+        let m = self.manager(page);
+        self.send(
+            m,
+            Msg::VldPage {
+                access,
+                page,
+                version: new_version,
+            },
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // page numbers and node ids of a tiny simulated cluster
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Memory as a page table of (contents, write-protected).
+    #[derive(Default)]
+    struct Fake {
+        pages: Vec<Option<(Vec<u8>, bool)>>,
+    }
+
+    impl PageOps for Fake {
+        fn install(&mut self, page: u64, data: &[u8], wp: bool) -> io::Result<()> {
+            let slot = &mut self.pages[page as usize];
+            assert!(slot.is_none(), "install over a mapped page");
+            *slot = Some((data.to_vec(), wp));
+            Ok(())
+        }
+        fn protect(&mut self, page: u64) -> io::Result<()> {
+            self.pages[page as usize]
+                .as_mut()
+                .expect("protect unmapped")
+                .1 = true;
+            Ok(())
+        }
+        fn unprotect(&mut self, page: u64) -> io::Result<()> {
+            self.pages[page as usize]
+                .as_mut()
+                .expect("unprotect unmapped")
+                .1 = false;
+            Ok(())
+        }
+        fn drop_page(&mut self, page: u64) -> io::Result<()> {
+            self.pages[page as usize] = None;
+            Ok(())
+        }
+        fn read(&mut self, page: u64, out: &mut [u8]) {
+            out.copy_from_slice(&self.pages[page as usize].as_ref().expect("read unmapped").0);
+        }
+        fn wake(&mut self, _page: u64) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const PS: usize = 64;
+
+    struct Sim(Vec<Engine<Fake>>);
+
+    impl Sim {
+        fn new(n: u32, pages: u64) -> Sim {
+            Sim((0..n)
+                .map(|me| {
+                    let mem = Fake {
+                        pages: vec![None; pages as usize],
+                    };
+                    Engine::new(
+                        me,
+                        n,
+                        PS,
+                        pages,
+                        mem,
+                        Duration::ZERO,
+                        Arc::new(Stats::default()),
+                    )
+                })
+                .collect())
+        }
+        /// Delivers every message (FIFO per sender) until the cluster is quiet.
+        fn settle(&mut self) {
+            loop {
+                let mut any = false;
+                for i in 0..self.0.len() {
+                    while let Some((to, m)) = self.0[i].next_out() {
+                        any = true;
+                        self.0[to as usize]
+                            .handle(i as u32, m, Instant::now())
+                            .unwrap();
+                    }
+                }
+                if !any {
+                    return;
+                }
+            }
+        }
+        /// An access by node `n`: faults until the page allows it, then reads or writes byte 0.
+        fn access(&mut self, n: usize, page: u64, write: Option<u8>) -> u8 {
+            for _ in 0..4 {
+                let slot = self.0[n].mem.pages[page as usize].clone();
+                match (slot, write) {
+                    (Some((d, _)), None) => return d[0],
+                    (Some((_, false)), Some(v)) => {
+                        self.0[n].mem.pages[page as usize].as_mut().unwrap().0[0] = v;
+                        return v;
+                    }
+                    _ => {
+                        self.0[n].fault(page, write.is_some()).unwrap();
+                        self.settle();
+                    }
+                }
+            }
+            panic!("access never granted");
+        }
+        fn stats(&self, n: usize) -> StatsSnapshot {
+            self.0[n].stats.snapshot()
+        }
+    }
+
+    #[test]
+    fn single_writer_many_readers_with_versions() {
+        let mut s = Sim::new(3, 4);
+        // A never-written page reads as zeros, with no data sent.
+        assert_eq!(s.access(2, 1, None), 0);
+        assert_eq!(s.stats(2).unchanged_received, 1);
+        assert_eq!(s.stats(2).pages_received, 0);
+        // A write elsewhere invalidates the reader; the new value is read back by all.
+        s.access(1, 1, Some(7));
+        assert!(s.0[2].mem.pages[1].is_none());
+        assert_eq!(s.0[2].page_state(1), Some((PageState::Invalid, 0, false)));
+        assert_eq!(s.access(2, 1, None), 7);
+        assert_eq!(s.access(0, 1, None), 7);
+        assert_eq!(s.0[1].page_state(1), Some((PageState::Read, 1, true)));
+        // The owner (also the manager here) upgrades its read copy without any data: the
+        // readers are invalidated and the grant is local.
+        let before = s.stats(1);
+        s.access(1, 1, Some(9));
+        let d = s.stats(1).since(&before);
+        assert_eq!((d.pages_received, d.messages_received), (0, 2));
+        assert!(s.0[0].mem.pages[1].is_none() && s.0[2].mem.pages[1].is_none());
+        // A reader's upgrade needs no data either.
+        assert_eq!(s.access(2, 1, None), 9);
+        let before = s.stats(2);
+        s.access(2, 1, Some(11));
+        let d = s.stats(2).since(&before);
+        assert_eq!((d.pages_received, d.unchanged_received), (0, 1));
+        assert_eq!(s.0[2].page_state(1), Some((PageState::Write, 3, true)));
+        assert_eq!(s.0[1].page_state(1), Some((PageState::Invalid, 0, false)));
+        assert_eq!(s.access(1, 1, None), 11);
+    }
+
+    #[test]
+    fn concurrent_requests_queue_at_the_manager() {
+        let mut s = Sim::new(3, 3);
+        // Three writers fault at once; each gets the page in turn, none is lost.
+        for n in 0..3 {
+            s.0[n].fault(2, true).unwrap();
+            // A second fault on the same page coalesces.
+            s.0[n].fault(2, true).unwrap();
+        }
+        s.settle();
+        let writers: Vec<_> = (0..3)
+            .filter(|&n| s.0[n].page_state(2).unwrap().0 == PageState::Write)
+            .collect();
+        assert_eq!(writers.len(), 1);
+        assert_eq!(s.0[writers[0]].page_state(2).unwrap().1, 3);
+        let gets: u64 = (0..3).map(|n| s.stats(n).write_faults).sum();
+        assert_eq!(gets, 3);
+    }
+
+    #[test]
+    fn a_new_page_is_held_before_it_is_taken_away() {
+        let hold = Duration::from_millis(100);
+        let mut e: Vec<Engine<Fake>> = (0..2)
+            .map(|me| {
+                let mem = Fake {
+                    pages: vec![None; 2],
+                };
+                Engine::new(me, 2, PS, 2, mem, hold, Arc::new(Stats::default()))
+            })
+            .collect();
+        let t0 = Instant::now();
+        // Deliver everything at time `now`.
+        let settle = |e: &mut Vec<Engine<Fake>>, now: Instant| loop {
+            let mut any = false;
+            for i in 0..2 {
+                while let Some((to, m)) = e[i].next_out() {
+                    any = true;
+                    e[to as usize].handle(i as u32, m, now).unwrap();
+                }
+            }
+            if !any {
+                break;
+            }
+        };
+        // Node 1 takes page 0 for writing at t0.
+        e[1].fault(0, true).unwrap();
+        settle(&mut e, t0);
+        assert_eq!(e[1].page_state(0), Some((PageState::Write, 1, true)));
+        // Node 0 asks for it 10 ms later: node 1 keeps it until t0 + hold.
+        e[0].fault(0, true).unwrap();
+        settle(&mut e, t0 + Duration::from_millis(10));
+        assert_eq!(e[1].page_state(0), Some((PageState::Write, 1, true)));
+        assert_eq!(e[1].next_due(), Some(t0 + hold));
+        assert!(e[1].run_due(t0 + Duration::from_millis(99)).is_empty());
+        assert_eq!(e[1].page_state(0), Some((PageState::Write, 1, true)));
+        assert!(e[1].run_due(t0 + hold).is_empty());
+        settle(&mut e, t0 + hold);
+        assert_eq!(e[1].page_state(0), Some((PageState::Invalid, 0, false)));
+        assert_eq!(e[0].page_state(0), Some((PageState::Write, 2, true)));
+        assert_eq!(e[1].next_due(), None);
+    }
+
+    #[test]
+    fn out_of_order_messages_are_errors() {
+        let mut s = Sim::new(2, 4);
+        let now = Instant::now();
+        let e = s.0[0].handle(
+            1,
+            Msg::Page {
+                access: Access::Read,
+                page: 3,
+                version: 0,
+                data: None,
+            },
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "PAGE (Read) for page 3 from node 1, which this node did not request"
+        );
+        let e = s.0[0].handle(
+            1,
+            Msg::VldPage {
+                access: Access::Write,
+                page: 2,
+                version: 1,
+            },
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "VLD_PAGE for page 2 from node 1, which has no transaction for it in progress"
+        );
+        let e = s.0[0].handle(1, Msg::InvAck { page: 0 }, now);
+        assert_eq!(
+            e.unwrap_err().0,
+            "INV_ACK for page 0 from node 1, which was not invalidated"
+        );
+        let e = s.0[0].handle(
+            1,
+            Msg::GetPage {
+                access: Access::Read,
+                page: 1,
+                have: 0,
+            },
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "GET_PAGE for page 1 sent to node 0, which does not manage it"
+        );
+        let e = s.0[1].handle(
+            0,
+            Msg::FwdPage {
+                access: Access::Read,
+                page: 0,
+                have: 0,
+                requester: 0,
+            },
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err().0,
+            "FWD_PAGE for page 0, which this node does not own"
+        );
+        let e = s.0[1].handle(0, Msg::InvPage { page: 1 }, now);
+        assert_eq!(
+            e.unwrap_err().0,
+            "INV_PAGE for page 1 from node 0, which does not manage it"
+        );
+    }
+}
