@@ -959,10 +959,10 @@ mod tests {
         for pfn in 0x20..0x30 {
             fill(&mem, pfn);
         }
-        let before = blocks();
         let h = Balloon::new(1 << 20).handle();
         let mut q = ready_queue();
         post_pfns(&mem, 0, &(0x20..0x30).collect::<Vec<u32>>());
+        let before = blocks();
         assert!(serve(&mem, &h, &mut q, Role::Inflate, || false));
         assert_eq!(h.status().counters.release_errors, 0);
         // The file itself lost the pages (another mapping, a backend's, sees zeroes).
