@@ -133,11 +133,6 @@ struct PageSet {
 }
 
 impl PageSet {
-    fn contains(&self, pfn: u64) -> bool {
-        let (w, b) = ((pfn / 64) as usize, pfn % 64);
-        self.bits.get(w).is_some_and(|x| x & (1 << b) != 0)
-    }
-
     /// Adds `pfn` (a page of guest RAM, so the set stays as small as RAM's address space);
     /// false if it was there already.
     fn insert(&mut self, pfn: u64) -> bool {

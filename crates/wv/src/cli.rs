@@ -316,6 +316,11 @@ const VM_OPTS: &[Opt] = &[
         Arg::Value("on|off"),
         "a virtio-rng device for guest entropy (default on)",
     ),
+    opt(
+        "--balloon",
+        Arg::Value("on|off"),
+        "a virtio-balloon device: memory the host can take back and lend (PUT /vm/balloon,\nwv vm set --memory-target), free page reporting, guest memory statistics\n(default off for wv run, on for wv vm create)",
+    ),
 ];
 
 /// `wv run --config`: the whole VM from a file, instead of [`VM_OPTS`].
@@ -1293,7 +1298,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
             }
             config_from_file(Path::new(file))?
         }
-        None => vm_config(vm_def(&m)?),
+        None => vm_config(vm_def(&m, false)?),
     };
     if let Some(v) = m.value("--serial") {
         cfg.serial = match v {
@@ -1325,6 +1330,7 @@ fn vm_config(d: VmDef) -> VmConfig {
     cfg.memory_shared = d.memory_shared;
     cfg.vcpus = d.vcpus;
     cfg.rng = d.rng;
+    cfg.balloon = d.balloon;
     cfg.disks = d.disks;
     cfg.nets = d.nets;
     cfg
@@ -1368,9 +1374,12 @@ struct VmDef {
     disks: Vec<DiskConfig>,
     nets: Vec<NetConfig>,
     rng: bool,
+    balloon: bool,
 }
 
-fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
+/// The VM options of `m`; `balloon_default` is whether a VM without `--balloon` has one (off
+/// for `wv run`, on for `wv vm create`).
+fn vm_def(m: &Matches, balloon_default: bool) -> Result<VmDef, Usage> {
     let memory = match m.value("--memory") {
         Some(v) => parse_size(v).map_err(|e| Usage(format!("--memory: {e}")))?,
         None => wv_config::DEFAULT_MEMORY,
@@ -1388,6 +1397,12 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         None | Some("on") => true,
         Some("off") => false,
         Some(o) => return Err(Usage(format!("--rng takes on or off, not '{o}'"))),
+    };
+    let balloon = match m.value("--balloon") {
+        None => balloon_default,
+        Some("on") => true,
+        Some("off") => false,
+        Some(o) => return Err(Usage(format!("--balloon takes on or off, not '{o}'"))),
     };
     let memory_shared = match m.value("--memory-shared") {
         None | Some("off") => false,
@@ -1413,6 +1428,7 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         disks,
         nets,
         rng,
+        balloon,
     })
 }
 
@@ -1772,7 +1788,7 @@ fn cwd() -> Result<PathBuf, Usage> {
 
 fn spec_from_options(name: String, m: &Matches) -> Result<VmSpec, Usage> {
     let mut s = VmSpec::new(name);
-    s.config = vm_config(vm_def(m)?);
+    s.config = vm_config(vm_def(m, true)?);
     let sc = sched(m)?;
     if let Some(x) = sc.shares {
         s.shares = x;
