@@ -895,6 +895,7 @@ fn balloon_post_stats(dev: &mut crate::virtio::Device, q: u16, free: u64, total:
 /// ("balloon: filled"), 'r' reports them free ("balloon: reported"), 'q' ends. With
 /// `probe.balloon_hostile=1` it first sends PFNs outside RAM, a buffer outside RAM, a huge
 /// inflate of pages beyond RAM and the pool twice ("balloon: hostile done"), then behaves.
+/// With `probe.balloon_quit=1` it passes right after the set-up (and the hostile requests).
 fn balloon_test() -> Outcome {
     use crate::virtio::{self, DESC_WRITE};
     const F_STATS: u64 = 1 << 1;
@@ -903,10 +904,11 @@ fn balloon_test() -> Outcome {
     let cmdline = bi.cmdline();
     let mut d = Line::new();
     let num = |k: &str, def: u64| param(cmdline, k).map_or(Some(def), parse_u64);
-    let (Some(pool_mib), Some(report_mib), Some(hostile)) = (
+    let (Some(pool_mib), Some(report_mib), Some(hostile), Some(quit)) = (
         num("probe.balloon_mib", 64),
         num("probe.balloon_report_mib", 0),
         num("probe.balloon_hostile", 0),
+        num("probe.balloon_quit", 0),
     ) else {
         return fail("balloon", d.s("a probe.balloon_* value is not a number"));
     };
@@ -987,6 +989,9 @@ fn balloon_test() -> Outcome {
             );
         }
         crate::console::println("balloon: hostile done");
+    }
+    if quit != 0 {
+        return pass("balloon", d.s("quit after set-up"));
     }
     let mut held = 0u64;
     let mut warned = false;
