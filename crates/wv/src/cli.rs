@@ -658,11 +658,18 @@ absolute against the current directory before they are sent.",
     after: CLIENT_STATUS,
 };
 
+/// `wv vm set --memory-target`.
+const MEMORY_TARGET_OPTS: &[Opt] = &[opt(
+    "--memory-target",
+    Arg::Value("SIZE"),
+    "the memory a running VM with a balloon (--balloon on) is to keep, e.g. 512M: its\nballoon inflates to take the rest back for the host, or deflates to give it back\n(live only; at most its --memory)",
+)];
+
 const VM_SET: Spec = Spec {
     cmd: "wv vm set",
     pos: &["NAME"],
-    about: "Changes a VM's scheduler settings (live when it runs).",
-    opts: &[SCHED_OPTS, CLIENT_OPTS],
+    about: "Changes a VM's scheduler settings (live when it runs) or, while it runs, its memory target.",
+    opts: &[SCHED_OPTS, MEMORY_TARGET_OPTS, CLIENT_OPTS],
     after: CLIENT_STATUS,
 };
 
@@ -925,8 +932,8 @@ pub struct Sched {
 pub enum VmCmd {
     /// Define a VM.
     Create(Box<VmSpec>),
-    /// Change its scheduler settings.
-    Set(String, Sched),
+    /// Change its scheduler settings and/or its memory target (bytes).
+    Set(String, Sched, Option<u64>),
     /// List the VMs.
     List,
     /// `info`, `stats`, `console`, `start`, `stop`, `pause`, `resume` or `delete` of a VM.
@@ -1633,13 +1640,18 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
         "wv vm create" => VmCmd::Create(Box::new(create_spec(&m)?)),
         "wv vm set" => {
             let s = sched(&m)?;
-            if s == Sched::default() {
+            let target = m
+                .value("--memory-target")
+                .map(|v| parse_size(v).map_err(|e| Usage(format!("--memory-target: {e}"))))
+                .transpose()?;
+            if s == Sched::default() && target.is_none() {
                 return Err(Usage(
-                    "wv vm set NAME needs --shares N, --reservation CPUS or --limit CPUS|none"
+                    "wv vm set NAME needs --shares N, --reservation CPUS, --limit CPUS|none or \
+                     --memory-target SIZE"
                         .into(),
                 ));
             }
-            VmCmd::Set(m.pos[0].clone(), s)
+            VmCmd::Set(m.pos[0].clone(), s, target)
         }
         "wv vm list" => VmCmd::List,
         "wv vm snapshots" => VmCmd::Snapshots,

@@ -383,3 +383,63 @@ fn a_snapshot_keeps_the_balloon() {
     assert_eq!(v["counters"]["deflated_pages"], 8 * MIB / 4096, "{v}");
     back.finish();
 }
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn the_daemon_sets_a_vms_memory_target_live() {
+    need_kvm();
+    let _one = serial();
+    let dir = TempDir::new("balloon-daemon");
+    let d = common::daemon::Daemon::start(&dir);
+    // `wv vm create` gives a VM a balloon unless told otherwise.
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "bl",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "console=ttyS0 probe.tests=balloon probe.balloon_mib=16",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(d.json(&["vm", "info", "bl"])["spec"]["balloon"], true);
+    // Not running: refused.
+    let r = d.wv(&["vm", "set", "bl", "--memory-target", "48M"]);
+    assert_ne!(r.status, Some(0), "{r}");
+    assert!(r.stderr.contains("not running"), "{r}");
+    let r = d.wv(&["vm", "start", "bl"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    // More than its memory: refused; 48M: the guest gives 16 MiB back.
+    let r = d.wv(&["vm", "set", "bl", "--memory-target", "65M"]);
+    assert_ne!(r.status, Some(0), "{r}");
+    assert!(r.stderr.contains("more than"), "{r}");
+    let r = d.wv(&["vm", "set", "bl", "--memory-target", "48M"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.contains("memory target 48M"), "{r}");
+    let end = Instant::now() + DEADLINE;
+    let info = loop {
+        let v = d.json(&["vm", "info", "bl"]);
+        if v["balloon"]["current_bytes"] == 48 * MIB {
+            break v;
+        }
+        assert!(Instant::now() < end, "the guest never inflated: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(info["balloon"]["memory_target_bytes"], 48 * MIB, "{info}");
+    assert_eq!(
+        info["balloon"]["balloon"]["actual_bytes"],
+        16 * MIB,
+        "{info}"
+    );
+    let r = d.wv(&["vm", "info", "bl"]);
+    assert!(r.stdout.contains("memory target 48M, current 48M"), "{r}");
+    // Back to all of it.
+    let r = d.wv(&["vm", "set", "bl", "--memory-target", "64M"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let end = Instant::now() + DEADLINE;
+    while d.json(&["vm", "info", "bl"])["balloon"]["current_bytes"] != 64 * MIB {
+        assert!(Instant::now() < end, "the guest never deflated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.stop();
+}
