@@ -873,7 +873,9 @@ fn balloon_send(dev: &mut crate::virtio::Device, q: u16, n: usize) -> bool {
 /// Fills the statistics buffer (free, total and available memory) and posts it.
 fn balloon_post_stats(dev: &mut crate::virtio::Device, q: u16, free: u64, total: u64) -> bool {
     // SAFETY: the buffer is this test's; the device has given it back (or never had it).
-    let b = unsafe { &mut *(&raw mut BALLOON_STATS) };
+    let Some(b) = (unsafe { (&raw mut BALLOON_STATS).as_mut() }) else {
+        return false;
+    };
     for (i, (tag, v)) in [(4u16, free), (5, total), (6, free), (3, 0)]
         .iter()
         .enumerate()
@@ -956,7 +958,9 @@ fn balloon_test() -> Outcome {
         l.end();
     }
     // SAFETY: the PFN page is this test's and the device is done with it between requests.
-    let pfns = unsafe { &mut (*(&raw mut BALLOON_PFNS)).0 };
+    let Some(PfnPage(pfns)) = (unsafe { (&raw mut BALLOON_PFNS).as_mut() }) else {
+        return fail("balloon", d.s("no PFN page"));
+    };
     if hostile != 0 {
         let beyond = (total >> 12) + 4096;
         pfns[..3].copy_from_slice(&[u32::MAX, 0xc_0000, beyond as u32]);
@@ -995,6 +999,9 @@ fn balloon_test() -> Outcome {
     }
     let mut held = 0u64;
     let mut warned = false;
+    // The target is read again only when the configuration generation moves.
+    let mut generation = dev.config_generation();
+    let mut target = u64::from(dev.config::<u32>(0));
     loop {
         if crate::console::inb(0x3fd) & 1 != 0 {
             match crate::console::inb(0x3f8) {
@@ -1036,7 +1043,11 @@ fn balloon_test() -> Outcome {
             // The device wants fresh statistics.
             balloon_post_stats(&mut dev, stats_q, free(held), total);
         }
-        let target = u64::from(dev.config::<u32>(0));
+        let g = dev.config_generation();
+        if g != generation {
+            generation = g;
+            target = u64::from(dev.config::<u32>(0));
+        }
         let want = target.min(pool_pages);
         if target > pool_pages && !warned {
             warned = true;

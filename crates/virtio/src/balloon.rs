@@ -403,7 +403,7 @@ fn serve_pfns(mem: &GuestMemoryMmap, shared: &Shared, c: &Chain, inflate: bool) 
     let mut pfns = Vec::with_capacity(PFN_BATCH);
     let mut off = 0u64;
     let mut st = shared.lock();
-    if total % 4 != 0 {
+    if !total.is_multiple_of(4) {
         st.counters.bad_requests += 1;
     }
     while off + 4 <= total {
@@ -460,7 +460,9 @@ fn read_stats(mem: &GuestMemoryMmap, shared: &Shared, c: &Chain) {
     let n = (c.readable_bytes() as usize / STAT_SIZE).min(MAX_STATS);
     let mut buf = vec![0u8; n * STAT_SIZE];
     let mut st = shared.lock();
-    if c.readable_bytes() as usize % STAT_SIZE != 0 || c.read_at(mem, 0, &mut buf).is_err() {
+    if !(c.readable_bytes() as usize).is_multiple_of(STAT_SIZE)
+        || c.read_at(mem, 0, &mut buf).is_err()
+    {
         st.counters.bad_requests += 1;
         return;
     }
