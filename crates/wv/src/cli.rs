@@ -1899,8 +1899,9 @@ mod tests {
             [DiskConfig::parse("path=/x.img", 0).unwrap()]
         );
         assert_eq!(s.config.nets, [NetConfig::parse("tap=tap9").unwrap()]);
-        // What the daemon gets is what `wv run` would boot from the same options.
-        let Ok(Command::Run(run, _, _)) = parse(&args(&[
+        // What the daemon gets is what `wv run` would boot from the same options, but for the
+        // balloon: on by default for the daemon's VMs, off for `wv run`.
+        let Ok(Command::Run(mut run, _, _)) = parse(&args(&[
             "run",
             "--memory=512M",
             "--disk=path=/x.img",
@@ -1909,7 +1910,28 @@ mod tests {
         ])) else {
             panic!()
         };
+        assert!(!run.balloon && s.config.balloon);
+        run.balloon = true;
         assert_eq!(s.config, *run);
+        let (_, VmCmd::Create(s)) = vm(&["vm", "create", "a", "--balloon=off"]) else {
+            panic!()
+        };
+        assert!(!s.config.balloon);
+        let Ok(Command::Run(run, _, _)) = parse(&args(&["run", "--balloon", "on"])) else {
+            panic!()
+        };
+        assert!(run.balloon);
+    }
+
+    #[test]
+    fn a_memory_target_is_a_size() {
+        let (_, v) = vm(&["vm", "set", "a", "--memory-target", "512M"]);
+        assert_eq!(v, VmCmd::Set("a".into(), Sched::default(), Some(512 << 20)));
+        let (_, v) = vm(&["vm", "set", "a", "--shares=5", "--memory-target=1G"]);
+        let VmCmd::Set(_, s, t) = v else { panic!() };
+        assert_eq!((s.shares, t), (Some(5), Some(1 << 30)));
+        assert!(refused(&["vm", "set", "a", "--memory-target", "lots"]).contains("--memory-target"));
+        assert!(refused(&["run", "--balloon", "maybe"]).contains("--balloon takes on or off"));
     }
 
     #[test]
