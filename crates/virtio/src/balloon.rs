@@ -7,7 +7,8 @@
 //!   PFN is checked to name a page of guest RAM (not a hole, not beyond the end); a bad one is
 //!   counted and skipped. Good pages are released to the host: `MADV_DONTNEED` for private
 //!   memory, `MADV_REMOVE` (a hole punched in the memfd) for shared memory. A page inflated
-//!   twice is counted (`repeated_pfns`) and released once.
+//!   twice is counted (`repeated_pfns`) and released once. At most [`MAX_PFN_BYTES`] of PFNs
+//!   are served from one chain; a longer one is counted as a bad request.
 //! - **Deflate** (queue 1): the pages return to the guest; nothing to do but account (a
 //!   released page reads as zero when next touched, and only then costs host memory).
 //! - **Statistics** (queue 2 with `VIRTIO_BALLOON_F_STATS_VQ`): the driver posts a buffer of
@@ -43,6 +44,10 @@ pub const CONFIG_SIZE: usize = 16;
 const QUEUE_SIZE: u16 = 256;
 /// PFNs read from a chain at once.
 const PFN_BATCH: usize = 1024;
+/// Bytes of PFNs served from one chain (256 Ki pages, 1 GiB of guest memory; Linux sends 256
+/// PFNs at a time): the rest of a longer chain is not served, so that one chain cannot hold
+/// the worker (and a pause) for long.
+pub const MAX_PFN_BYTES: u64 = 1 << 20;
 /// Statistics entries read from one buffer at most (the specification defines ten tags).
 const MAX_STATS: usize = 64;
 /// Bytes of one statistics entry (`le16 tag; le64 val`, packed).
@@ -398,13 +403,14 @@ fn release_pfns(mem: &GuestMemoryMmap, pfns: &mut [u64], st: &mut Inner) {
 
 /// Serves one inflate (`inflate`) or deflate chain: reads its PFNs once, in batches.
 fn serve_pfns(mem: &GuestMemoryMmap, shared: &Shared, c: &Chain, inflate: bool) {
-    let total = u64::from(c.readable_bytes());
+    let mut total = u64::from(c.readable_bytes());
     let mut buf = vec![0u8; 4 * PFN_BATCH];
     let mut pfns = Vec::with_capacity(PFN_BATCH);
     let mut off = 0u64;
     let mut st = shared.lock();
-    if !total.is_multiple_of(4) {
+    if !total.is_multiple_of(4) || total > MAX_PFN_BYTES {
         st.counters.bad_requests += 1;
+        total = total.min(MAX_PFN_BYTES);
     }
     while off + 4 <= total {
         let n = ((total - off) / 4).min(PFN_BATCH as u64) as usize;
@@ -793,6 +799,32 @@ mod tests {
         assert_eq!(s.ballooned_pages, 1 + 256, "only pages of RAM");
         assert_eq!(s.counters.bad_pfns, 16384 - 256);
         assert_eq!(s.counters.repeated_pfns, 0);
+    }
+
+    #[test]
+    fn an_overlong_pfn_list_is_cut() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let h = Balloon::new(4 << 20).handle();
+        let mut q = ready_queue();
+        // 1 MiB + 8 bytes of PFNs, all of page 0x300 (RAM): served up to the cap.
+        let n = (MAX_PFN_BYTES / 4 + 2) as usize;
+        let bytes: Vec<u8> = std::iter::repeat_n(0x300u32.to_le_bytes(), n)
+            .flatten()
+            .collect();
+        mem.write_slice(&bytes, GuestAddress(0x1_0000)).unwrap();
+        post(
+            &mem,
+            0,
+            &[(0x1_0000, u32::try_from(bytes.len()).unwrap(), 0)],
+        );
+        assert!(serve(&mem, &h, &mut q, Role::Inflate, || false));
+        let c = h.status().counters;
+        assert_eq!((c.inflated_pages, c.bad_requests), (1, 1));
+        assert_eq!(
+            c.repeated_pfns,
+            MAX_PFN_BYTES / 4 - 1,
+            "the 2 past the cap unread"
+        );
     }
 
     #[test]
