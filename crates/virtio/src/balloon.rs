@@ -492,12 +492,12 @@ fn read_stats(mem: &GuestMemoryMmap, shared: &Shared, c: &Chain) {
 /// Serves queue `q` in role `role`; returns whether a chain was used (an interrupt is due).
 pub fn serve(
     mem: &GuestMemoryMmap,
-    shared_handle: &BalloonHandle,
+    balloon: &BalloonHandle,
     q: &mut ActiveQueue,
     role: Role,
     stop: impl Fn() -> bool,
 ) -> bool {
-    let shared = &*shared_handle.0;
+    let shared = &*balloon.0;
     let mut used = false;
     if role == Role::Stats {
         // Give the held buffer back when fresh statistics are wanted.
