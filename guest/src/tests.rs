@@ -71,6 +71,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"echo" => echo(),
         b"genid" => genid(),
         b"idle" => idle(),
+        b"balloon" => balloon_test(),
         _ => {
             let mut l = Line::new();
             l.s("unknown test '").bytes(name).s("'");
@@ -854,6 +855,243 @@ fn touch(mib: u64, check: bool) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// One inflate or deflate request: up to 1024 PFNs (one page).
+#[repr(C, align(4096))]
+struct PfnPage([u32; 1024]);
+static mut BALLOON_PFNS: PfnPage = PfnPage([0; 1024]);
+/// The statistics buffer: (le16 tag, le64 value) entries, packed.
+static mut BALLOON_STATS: [u8; 40] = [0; 40];
+
+/// Sends `n` PFNs of [`BALLOON_PFNS`] on queue `q` and waits for the device to take them.
+fn balloon_send(dev: &mut crate::virtio::Device, q: u16, n: usize) -> bool {
+    let addr = (&raw const BALLOON_PFNS) as u64;
+    dev.submit(q, &[(addr, 4 * n as u32, 0)]).is_some()
+}
+
+/// Fills the statistics buffer (free, total and available memory) and posts it.
+fn balloon_post_stats(dev: &mut crate::virtio::Device, q: u16, free: u64, total: u64) -> bool {
+    // SAFETY: the buffer is this test's; the device has given it back (or never had it).
+    let Some(b) = (unsafe { (&raw mut BALLOON_STATS).as_mut() }) else {
+        return false;
+    };
+    for (i, (tag, v)) in [(4u16, free), (5, total), (6, free), (3, 0)]
+        .iter()
+        .enumerate()
+    {
+        b[10 * i..10 * i + 2].copy_from_slice(&tag.to_le_bytes());
+        b[10 * i + 2..10 * i + 10].copy_from_slice(&v.to_le_bytes());
+    }
+    dev.post(q, &[((&raw const BALLOON_STATS) as u64, 40, 0)])
+}
+
+/// `probe.tests=balloon`: a virtio-balloon driver that runs until 'q' on the console.
+///
+/// It owns a pool of `probe.balloon_mib` MiB (default 64) from [`TOUCH_BASE`], touched at the
+/// start ("balloon: touched"), and follows the host's target (`num_pages`, polled): it
+/// inflates by giving pool pages to the host, deflates by taking them back and touching them
+/// again, and writes `actual` ("balloon: actual=N" each time). It posts statistics (free,
+/// total, available memory) and posts them again whenever the device gives the buffer back.
+/// Console commands: 'f' touches the `probe.balloon_report_mib` MiB after the pool
+/// ("balloon: filled"), 'r' reports them free ("balloon: reported"), 'q' ends. With
+/// `probe.balloon_hostile=1` it first sends PFNs outside RAM, a buffer outside RAM, a huge
+/// inflate of pages beyond RAM and the pool twice ("balloon: hostile done"), then behaves.
+/// With `probe.balloon_quit=1` it passes right after the set-up (and the hostile requests).
+fn balloon_test() -> Outcome {
+    use crate::virtio::{self, DESC_WRITE};
+    const F_STATS: u64 = 1 << 1;
+    const F_REPORTING: u64 = 1 << 5;
+    let bi = boot_info();
+    let cmdline = bi.cmdline();
+    let mut d = Line::new();
+    let num = |k: &str, def: u64| param(cmdline, k).map_or(Some(def), parse_u64);
+    let (Some(pool_mib), Some(report_mib), Some(hostile), Some(quit)) = (
+        num("probe.balloon_mib", 64),
+        num("probe.balloon_report_mib", 0),
+        num("probe.balloon_hostile", 0),
+        num("probe.balloon_quit", 0),
+    ) else {
+        return fail("balloon", d.s("a probe.balloon_* value is not a number"));
+    };
+    let pool_pages = (pool_mib << 20) / 4096;
+    let report_base = TOUCH_BASE + (pool_mib << 20);
+    if !bi.in_ram(TOUCH_BASE, (pool_mib + report_mib) << 20) || pool_pages > u64::from(u32::MAX) {
+        return fail("balloon", d.s("the pool and report region are not all RAM"));
+    }
+    let Some(mut dev) = virtio::find(0x1045) else {
+        return fail(
+            "balloon",
+            d.s("no modern virtio-balloon device (1af4:1045) on bus 0"),
+        );
+    };
+    let Some(offered) = dev.negotiate(F_STATS | F_REPORTING) else {
+        return fail("balloon", d.s("feature negotiation failed"));
+    };
+    let stats = offered & F_STATS != 0;
+    let reporting = offered & F_REPORTING != 0;
+    let (stats_q, report_q) = (2u16, if stats { 3u16 } else { 2 });
+    let queues = 2 + u16::from(stats) + u16::from(reporting);
+    if (0..queues).any(|q| !dev.setup_queue(q)) || !dev.driver_ok() {
+        d.s("device set-up failed (status ")
+            .hex(u64::from(dev.status()))
+            .s(")");
+        return fail("balloon", &mut d);
+    }
+    for page in 0..pool_pages {
+        // SAFETY: pool pages are RAM (checked), identity mapped, used by nothing else.
+        unsafe { ((TOUCH_BASE + page * 4096) as *mut u64).write_volatile(touch_word(page)) };
+    }
+    let total = bi.ram_total();
+    let free = |held: u64| total - TOUCH_BASE - (pool_pages - held) * 4096;
+    if stats && !balloon_post_stats(&mut dev, stats_q, free(0), total) {
+        return fail("balloon", d.s("posting statistics failed"));
+    }
+    {
+        let mut l = Line::new();
+        l.s("balloon: touched ")
+            .dec(pool_mib)
+            .s(" MiB stats=")
+            .dec(u64::from(stats))
+            .s(" reporting=")
+            .dec(u64::from(reporting));
+        l.end();
+    }
+    // SAFETY: the PFN page is this test's and the device is done with it between requests.
+    let Some(PfnPage(pfns)) = (unsafe { (&raw mut BALLOON_PFNS).as_mut() }) else {
+        return fail("balloon", d.s("no PFN page"));
+    };
+    if hostile != 0 {
+        let beyond = (total >> 12) + 4096;
+        pfns[..3].copy_from_slice(&[u32::MAX, 0xc_0000, beyond as u32]);
+        let mut ok = balloon_send(&mut dev, 0, 3) && balloon_send(&mut dev, 1, 3);
+        // A buffer outside RAM.
+        ok &= dev.submit(0, &[(total + (64 << 20), 4096, 0)]).is_some();
+        // A huge inflate: 16 requests of 1024 pages beyond RAM.
+        for r in 0..16u64 {
+            for (i, p) in pfns.iter_mut().enumerate() {
+                *p = (beyond + r * 1024 + i as u64) as u32;
+            }
+            ok &= balloon_send(&mut dev, 0, 1024);
+        }
+        // The first 1024 pool pages inflated twice, then deflated (they are touched again
+        // below, as any deflated page is).
+        let first = TOUCH_BASE >> 12;
+        for (i, p) in pfns.iter_mut().enumerate() {
+            *p = (first + i as u64) as u32;
+        }
+        ok &= balloon_send(&mut dev, 0, 1024) && balloon_send(&mut dev, 0, 1024);
+        ok &= balloon_send(&mut dev, 1, 1024);
+        for page in 0..1024 {
+            // SAFETY: as for the pool's touch above.
+            unsafe { ((TOUCH_BASE + page * 4096) as *mut u64).write_volatile(touch_word(page)) };
+        }
+        if !ok {
+            return fail(
+                "balloon",
+                d.s("the device did not complete a hostile request"),
+            );
+        }
+        crate::console::println("balloon: hostile done");
+    }
+    if quit != 0 {
+        return pass("balloon", d.s("quit after set-up"));
+    }
+    let mut held = 0u64;
+    let mut warned = false;
+    // The target is read again only when the configuration generation moves.
+    let mut generation = dev.config_generation();
+    let mut target = u64::from(dev.config::<u32>(0));
+    loop {
+        if crate::console::inb(0x3fd) & 1 != 0 {
+            match crate::console::inb(0x3f8) {
+                b'q' => {
+                    d.s("held=").dec(held);
+                    return pass("balloon", &mut d);
+                }
+                b'f' => {
+                    for page in 0..(report_mib << 20) / 4096 {
+                        // SAFETY: the report region is RAM (checked) and only this test's.
+                        unsafe {
+                            ((report_base + page * 4096) as *mut u64)
+                                .write_volatile(touch_word(page))
+                        };
+                    }
+                    crate::console::println("balloon: filled");
+                }
+                b'r' if reporting => {
+                    // 2 MiB buffers, up to 8 per report, as a guest's free-page blocks.
+                    let blocks = report_mib / 2;
+                    let mut b = 0;
+                    while b < blocks {
+                        let mut bufs = [(0u64, 0u32, 0u16); 8];
+                        let n = (blocks - b).min(8) as usize;
+                        for (i, x) in bufs[..n].iter_mut().enumerate() {
+                            *x = (report_base + ((b + i as u64) << 21), 2 << 20, DESC_WRITE);
+                        }
+                        if dev.submit(report_q, &bufs[..n]).is_none() {
+                            return fail("balloon", d.s("a free page report was not completed"));
+                        }
+                        b += n as u64;
+                    }
+                    crate::console::println("balloon: reported");
+                }
+                _ => {}
+            }
+        }
+        if stats && dev.wait_used(stats_q, 0).is_some() {
+            // The device wants fresh statistics.
+            balloon_post_stats(&mut dev, stats_q, free(held), total);
+        }
+        let g = dev.config_generation();
+        if g != generation {
+            generation = g;
+            target = u64::from(dev.config::<u32>(0));
+        }
+        let want = target.min(pool_pages);
+        if target > pool_pages && !warned {
+            warned = true;
+            crate::console::println("balloon: target beyond the pool");
+        }
+        if want != held {
+            while held < want {
+                let n = (want - held).min(1024) as usize;
+                for (i, p) in pfns[..n].iter_mut().enumerate() {
+                    *p = ((TOUCH_BASE >> 12) + held + i as u64) as u32;
+                }
+                if !balloon_send(&mut dev, 0, n) {
+                    return fail("balloon", d.s("an inflate was not completed"));
+                }
+                held += n as u64;
+            }
+            while held > want {
+                let n = (held - want).min(1024) as usize;
+                for (i, p) in pfns[..n].iter_mut().enumerate() {
+                    *p = ((TOUCH_BASE >> 12) + held - 1 - i as u64) as u32;
+                }
+                if !balloon_send(&mut dev, 1, n) {
+                    return fail("balloon", d.s("a deflate was not completed"));
+                }
+                for i in 0..n as u64 {
+                    let page = held - 1 - i;
+                    // SAFETY: a pool page the guest has back.
+                    unsafe {
+                        ((TOUCH_BASE + page * 4096) as *mut u64).write_volatile(touch_word(page))
+                    };
+                }
+                held -= n as u64;
+            }
+            dev.set_config::<u32>(4, held as u32);
+            let mut l = Line::new();
+            l.s("balloon: actual=").dec(held);
+            l.end();
+        }
+        // Poll again in about a millisecond.
+        let t = cpu::rdtsc();
+        while cpu::rdtsc().wrapping_sub(t) < 2_000_000 {
+            core::hint::spin_loop();
+        }
+    }
 }
 
 fn hex_bytes(d: &mut Line, b: &[u8]) {

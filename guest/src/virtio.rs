@@ -22,7 +22,7 @@ struct Ring {
     used: [u32; 2 * QSIZE as usize + 2],
 }
 
-const MAX_QUEUES: usize = 2;
+const MAX_QUEUES: usize = 4;
 #[link_section = ".stack"]
 static mut RINGS: [Ring; MAX_QUEUES] = unsafe { core::mem::zeroed() };
 
@@ -155,7 +155,7 @@ impl Device {
         Some(offered)
     }
 
-    /// Sets up queue `q` (< 2) with [`QSIZE`] entries; true on success.
+    /// Sets up queue `q` (< 4) with [`QSIZE`] entries; true on success.
     pub fn setup_queue(&mut self, q: u16) -> bool {
         let qi = usize::from(q);
         if qi >= MAX_QUEUES {
@@ -309,6 +309,16 @@ impl Device {
     /// Reads device configuration.
     pub fn config<T: Copy>(&self, offset: u64) -> T {
         rd(self.device_cfg + offset)
+    }
+
+    /// Writes device configuration.
+    pub fn set_config<T: Copy>(&self, offset: u64, v: T) {
+        wr(self.device_cfg + offset, v)
+    }
+
+    /// The configuration generation (changes whenever the device changes its configuration).
+    pub fn config_generation(&self) -> u8 {
+        rd(self.common + 0x15)
     }
 
     /// Reads (and so clears) the ISR.

@@ -445,6 +445,11 @@ pub struct VmConfig {
     pub seccomp: SeccompMode,
     /// A virtio-rng device (entropy for the guest).
     pub rng: bool,
+    /// A virtio-balloon device: the host can ask the guest for memory back (`PUT
+    /// /vm/balloon`, `wv vm set --memory-target`), and the guest reports free pages and its
+    /// memory statistics. Off unless asked for (`wv vm create` asks for it by default).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub balloon: bool,
     /// virtio-blk disks, in PCI slot order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
@@ -553,6 +558,7 @@ impl VmConfig {
             api_socket: None,
             seccomp: SeccompMode::Kill,
             rng: true,
+            balloon: false,
             disks: Vec::new(),
             nets: Vec::new(),
         }

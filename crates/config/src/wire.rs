@@ -203,6 +203,8 @@ struct VmConfigIn {
     #[serde(default = "yes")]
     rng: bool,
     #[serde(default)]
+    balloon: bool,
+    #[serde(default)]
     disks: Vec<DiskIn>,
     #[serde(default)]
     nets: Vec<NetIn>,
@@ -222,6 +224,7 @@ impl TryFrom<VmConfigIn> for VmConfig {
         c.memory_shared = w.memory_shared;
         c.vcpus = w.vcpus;
         c.rng = w.rng;
+        c.balloon = w.balloon;
         for (i, d) in w.disks.into_iter().enumerate() {
             c.disks.push(match d {
                 DiskIn::Text(t) => DiskConfig::parse(&t, i)?,
@@ -253,6 +256,7 @@ const FIELDS: &[&str] = &[
     "memory_shared",
     "vcpus",
     "rng",
+    "balloon",
     "disks",
     "nets",
 ];

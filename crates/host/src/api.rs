@@ -17,6 +17,7 @@
 //! | GET /v1/snapshots, DELETE /v1/snapshots/{snap} | the snapshots, and removing one |
 //! | POST /v1/snapshots/{snap}/clone | start new VMs from a snapshot (body: `{"name": N, "count": C}`) |
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
+//! | GET, PUT /v1/vms/{name}/balloon | the running VM's memory target and current memory; a new target (body: `{"memory_target": SIZE}`), through its VMM's balloon |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
 //! | GET /v1/history | the last 10 minutes, one point a second, of every running world ([`crate::history`]) |
@@ -413,6 +414,31 @@ fn object<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, 
     serde_json::from_slice(body).map_err(|e| error(400, format!("invalid {what}: {e}")))
 }
 
+/// The body of `PUT /v1/vms/{name}/balloon`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoryTarget {
+    /// Memory the guest is to keep: bytes, or a size such as `512M`.
+    memory_target: Size,
+}
+
+/// A size given as a number of bytes or as text (`512M`).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Size::Bytes(b) => Ok(*b),
+            Size::Text(t) => wv_config::parse_size(t).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// An answer: status, extra headers, body.
 pub struct Answer {
     /// HTTP status.
@@ -447,6 +473,7 @@ fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
         ["v1", "host", "shutdown"] => &["POST"],
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
+        ["v1", "vms", _, "balloon"] => &["GET", "PUT"],
         ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore" | "incoming" | "migrate"] => {
             &["POST"]
         }
@@ -1040,6 +1067,93 @@ impl Daemon {
         ok(200, &doc.worlds[i])
     }
 
+    /// `GET` (`body` None) and `PUT /v1/vms/{name}/balloon`: the running VM's memory target
+    /// and current memory, as its VMM's balloon reports them (docs/vmm-openapi.json), after
+    /// setting a new target when asked. The target is the memory the guest is to keep; the
+    /// balloon holds the rest.
+    fn balloon(&self, name: &str, body: Option<&[u8]>) -> Reply {
+        let target = match body.map(|b| object::<MemoryTarget>(b, "memory target")) {
+            None => None,
+            Some(Ok(t)) => match t.memory_target.bytes() {
+                Ok(b) => Some(b),
+                Err(e) => return error(400, format!("invalid memory target: {e}")),
+            },
+            Some(Err(r)) => return r,
+        };
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        // Not while the VM starts or stops.
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        let memory = {
+            let mut doc = self.lock();
+            let w = match Self::world(&mut doc, id, name) {
+                Ok(w) => w,
+                Err(r) => return r,
+            };
+            if !matches!(w.state, State::Running | State::Paused) || self.run_of(id).is_none() {
+                return error(
+                    409,
+                    format!("VM '{name}' is {:?}, not running", w.state).to_lowercase(),
+                );
+            }
+            if !w.spec.config.balloon {
+                return error(
+                    409,
+                    format!("VM '{name}' has no balloon (define it with --balloon on)"),
+                );
+            }
+            w.spec.config.memory
+        };
+        if let Some(t) = target {
+            if t > memory {
+                return error(
+                    422,
+                    format!(
+                        "memory target {} is more than VM '{name}''s memory ({})",
+                        wv_config::format_size(t),
+                        wv_config::format_size(memory)
+                    ),
+                );
+            }
+            let req = json!({ "target_bytes": memory - t }).to_string();
+            match self.vmm_call(name, "PUT", "/vm/balloon", Some(&req)) {
+                Ok((204, _)) => {}
+                Ok((status, body)) => {
+                    return error(
+                        409,
+                        format!("VM '{name}': its VMM answered {status} to the balloon: {body}"),
+                    )
+                }
+                Err(e) => return error(409, format!("VM '{name}': {e}")),
+            }
+        }
+        let b: serde_json::Value = match self.vmm_call(name, "GET", "/vm/balloon", None) {
+            Ok((200, body)) => match serde_json::from_str(&body) {
+                Ok(v) => v,
+                Err(e) => return error(409, format!("VM '{name}': its VMM's balloon: {e}")),
+            },
+            Ok((status, body)) => {
+                return error(
+                    409,
+                    format!("VM '{name}': its VMM answered {status} about the balloon: {body}"),
+                )
+            }
+            Err(e) => return error(409, format!("VM '{name}': {e}")),
+        };
+        let of = |k: &str| b[k].as_u64().unwrap_or(0).min(memory);
+        ok(
+            200,
+            &json!({
+                "memory_bytes": memory,
+                "memory_target_bytes": memory - of("target_bytes"),
+                "current_bytes": memory - of("actual_bytes"),
+                "balloon": b,
+            }),
+        )
+    }
+
     fn stats_of(&self, w: &World, entitlement: f64) -> WorldStats {
         let threads = w.pid.map(sched::threads).unwrap_or_default();
         let (cpu_ns, ready_ns) = sched::totals(&threads);
@@ -1366,6 +1480,8 @@ impl Daemon {
             ("GET", ["v1", "vms", name]) => self.with(name, |w| Ok(ok(200, w))),
             ("PATCH", ["v1", "vms", name]) => self.set(name, &req.body),
             ("GET", ["v1", "vms", name, "stats"]) => self.stats(name),
+            ("GET", ["v1", "vms", name, "balloon"]) => self.balloon(name, None),
+            ("PUT", ["v1", "vms", name, "balloon"]) => self.balloon(name, Some(&req.body)),
             ("GET", ["v1", "stats"]) => self.all_stats(),
             ("GET", ["v1", "history"]) => ok(
                 200,

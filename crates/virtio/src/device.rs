@@ -57,7 +57,7 @@ pub struct DeviceCounters {
 
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
-    /// Virtio device type (4 = entropy, 2 = block, 1 = network).
+    /// Virtio device type (5 = balloon, 4 = entropy, 2 = block, 1 = network).
     fn device_type(&self) -> u16;
     /// Feature bits offered (including `F_VERSION_1`).
     fn features(&self) -> u64;
@@ -96,6 +96,8 @@ pub enum DeviceState {
     Block(crate::block::BlockState),
     /// virtio-net.
     Net(crate::net::NetState),
+    /// virtio-balloon.
+    Balloon(crate::balloon::BalloonState),
 }
 
 impl DeviceState {
@@ -105,6 +107,7 @@ impl DeviceState {
             DeviceState::Rng => "virtio-rng",
             DeviceState::Block(_) => "virtio-blk",
             DeviceState::Net(_) => "virtio-net",
+            DeviceState::Balloon(_) => "virtio-balloon",
         }
     }
 }

@@ -8,6 +8,7 @@
 //! Everything read from the guest (registers, rings, descriptors) is checked before use, and
 //! every descriptor chain is read exactly once ([`chain::Chain`]) and served from that copy.
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod device;

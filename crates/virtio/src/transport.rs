@@ -575,6 +575,7 @@ impl VirtioPci {
             1 => "virtio-net",
             2 => "virtio-blk",
             4 => "virtio-rng",
+            5 => "virtio-balloon",
             _ => "virtio",
         }
     }
@@ -611,6 +612,16 @@ impl VirtioPci {
     /// started, its worker has parked.
     pub fn is_paused(&self) -> bool {
         self.paused && self.ctl.as_ref().is_none_or(|c| c.is_paused())
+    }
+
+    /// The device's configuration changed on the host's side (a balloon's target): bumps
+    /// `config_generation` and, once the driver is running, raises the configuration-change
+    /// interrupt (MSI-X vector `msix_config`, or INTx with ISR bit 1).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & status::DRIVER_OK != 0 {
+            self.irq.config();
+        }
     }
 
     /// Whether the driver started the device (DRIVER_OK accepted) and it serves its queues.

@@ -9,6 +9,8 @@
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
 //! | PUT /vm/snapshot | write a snapshot (`{"destination": DIR}`; docs/SNAPSHOT.md) (200) |
+//! | GET /vm/balloon | the balloon: target, actual, counters, the guest's last statistics, the VMM's RSS |
+//! | PUT /vm/balloon | set the balloon's target (`{"target_bytes": N}`, rounded down to 4 KiB) (204) |
 //! | PUT /vm/migrate-send | live-migrate to `wv run --incoming` (`{"destination": "HOST:PORT"}`; docs/MIGRATION.md) (200, then the VMM ends) |
 //!
 //! An "api" thread accepts connections (at most [`MAX_CONNECTIONS`] at once, each read on a
@@ -39,6 +41,8 @@ pub(crate) enum Command {
     Resume,
     Shutdown,
     Snapshot(SnapshotRequest),
+    BalloonInfo,
+    BalloonSet(BalloonRequest),
     MigrateSend(crate::migrate::SendRequest),
 }
 
@@ -51,6 +55,29 @@ pub(crate) struct SnapshotRequest {
     /// The caller keeps raw disk images consistent with the snapshot itself.
     #[serde(default)]
     allow_raw_disk: bool,
+}
+
+/// The body of `PUT /vm/balloon`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BalloonRequest {
+    /// Bytes the guest is to give back (the balloon's size), rounded down to whole pages.
+    target_bytes: u64,
+}
+
+/// Whether a request's content type, if it names one, is JSON.
+fn json_body(req: &Request) -> Result<(), Answer> {
+    if req
+        .content_type
+        .as_deref()
+        .is_some_and(|t| !t.trim().starts_with("application/json"))
+    {
+        return Err(Answer::error(
+            415,
+            "the body must be JSON (application/json)",
+        ));
+    }
+    Ok(())
 }
 
 /// An answer: HTTP status, extra header lines, JSON body (empty for 204).
@@ -265,6 +292,18 @@ fn route(req: &Request) -> Result<Command, Answer> {
                 .map_err(|e| Answer::error(400, e));
         }
         ["vm", "migrate-send"] => ("PUT", Command::Info),
+        ["vm", "balloon"] if req.method == "PUT" => {
+            json_body(req)?;
+            return serde_json::from_slice(&req.body)
+                .map(Command::BalloonSet)
+                .map_err(|e| Answer::error(400, format!("invalid balloon request: {e}")));
+        }
+        ["vm", "balloon"] if req.method == "GET" => ("GET", Command::BalloonInfo),
+        ["vm", "balloon"] => {
+            let mut a = Answer::error(405, format!("{} {} is not allowed", req.method, req.path));
+            a.headers.push("Allow: GET, PUT".into());
+            return Err(a);
+        }
         _ => {
             return Err(Answer::error(
                 404,
@@ -342,6 +381,14 @@ impl Controller {
                 Ok(v) => Answer::json(200, &v),
                 Err(a) => a,
             },
+            Command::BalloonInfo => match self.balloon_info() {
+                Ok(v) => Answer::json(200, &v),
+                Err(a) => a,
+            },
+            Command::BalloonSet(r) => match self.balloon_set(&r) {
+                Ok(()) => Answer::none(),
+                Err(a) => a,
+            },
             Command::MigrateSend(r) => self.migrate_send(&r),
             Command::Shutdown => {
                 // The answer first: ended at once, the VMM could exit before the API thread
@@ -402,6 +449,56 @@ impl Controller {
             })
             .collect();
         serde_json::json!({ "state": self.state(), "devices": devices, "vcpus": vcpus })
+    }
+
+    fn balloon(&self) -> Result<&wv_virtio::balloon::BalloonHandle, Answer> {
+        self.shared.balloon.as_ref().map(|(h, _)| h).ok_or_else(|| {
+            Answer::error(404, "this VM has no balloon (start it with --balloon on)")
+        })
+    }
+
+    /// `GET /vm/balloon`: the balloon's state and the VMM's resident memory; also asks the
+    /// guest for fresh statistics (the next answer has them).
+    fn balloon_info(&self) -> Result<serde_json::Value, Answer> {
+        let b = self.balloon()?;
+        let s = b.status();
+        b.request_stats();
+        let page = wv_virtio::balloon::PAGE_SIZE;
+        Ok(serde_json::json!({
+            "target_bytes": u64::from(s.target_pages) * page,
+            "actual_bytes": u64::from(s.actual_pages) * page,
+            "ballooned_bytes": s.ballooned_pages * page,
+            "memory_bytes": b.ram_bytes(),
+            "counters": s.counters,
+            "stats": s.stats.named(),
+            "vmm_rss_bytes": rss_bytes(),
+        }))
+    }
+
+    /// `PUT /vm/balloon`: a new target, signalled to the guest as a configuration change.
+    fn balloon_set(&self, r: &BalloonRequest) -> Result<(), Answer> {
+        let b = self.balloon()?;
+        let page = wv_virtio::balloon::PAGE_SIZE;
+        if r.target_bytes > b.ram_bytes() {
+            return Err(Answer::error(
+                422,
+                format!(
+                    "target_bytes {} is more than the VM's memory ({} bytes)",
+                    r.target_bytes,
+                    b.ram_bytes()
+                ),
+            ));
+        }
+        let pages = u32::try_from(r.target_bytes / page)
+            .map_err(|_| Answer::error(422, "target_bytes is beyond the balloon's 2^32 pages"))?;
+        if b.set_target(pages) {
+            if let Some((_, dev)) = &self.shared.balloon {
+                dev.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .config_changed();
+            }
+        }
+        Ok(())
     }
 
     /// Parks every vCPU, quiesces the devices, and stops the guest's clock.
@@ -586,6 +683,15 @@ impl Controller {
 }
 
 /// The JSON of a state section (these types always serialise).
+/// The VMM's resident set in bytes (`/proc/self/statm`), or null when it cannot be read.
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }

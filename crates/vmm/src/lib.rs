@@ -77,6 +77,12 @@ pub(crate) struct VmShared {
     /// KVM's binary statistics of each vCPU (`KVM_GET_STATS_FD`), in vCPU order; empty without
     /// them (Linux < 5.14). Also read by the daemon for `GET /metrics`.
     pub(crate) kvm_stats: Vec<std::os::fd::OwnedFd>,
+    /// The balloon's host side and its transport (which signals a new target), when the VM
+    /// has one.
+    pub(crate) balloon: Option<(
+        wv_virtio::balloon::BalloonHandle,
+        Arc<Mutex<wv_virtio::VirtioPci>>,
+    )>,
     /// Where vCPUs park while the VM is paused.
     pub(crate) gate: pause::Gate,
     end: Mutex<Option<VmEnd>>,
@@ -905,6 +911,21 @@ fn build(
         };
         pci.add_virtio(&vm, &mem, name, dev)?;
     }
+    // Last, so that the slots of the other devices are those of a VM without it.
+    let balloon = if cfg.balloon {
+        let b = wv_virtio::balloon::Balloon::new(cfg.memory);
+        let handle = b.handle();
+        pci.add_virtio(&vm, &mem, "virtio-balloon", Box::new(b))?;
+        let devs = pci.devices();
+        let dev = devs
+            .handles()
+            .last()
+            .map(|h| h.dev.clone())
+            .ok_or_else(|| VmmError::Internal("the balloon was not added".into()))?;
+        Some((handle, dev))
+    } else {
+        None
+    };
     let pci_devices = pci.devices();
     let pci::PciBuilder {
         bus: pci_bus,
@@ -953,6 +974,7 @@ fn build(
         vmkfs,
         disk_access,
         kvm_stats: Vec::new(),
+        balloon,
         end: Mutex::new(None),
         end_evt: EventFd::new(0).map_err(internal("eventfd"))?,
         console,

@@ -156,7 +156,6 @@ pub struct PciState {
 
 impl PciDevices {
     /// The devices in slot order.
-    #[allow(dead_code)] // for device operations on the control socket (issue 13)
     pub fn handles(&self) -> &[PciHandle] {
         &self.devices
     }

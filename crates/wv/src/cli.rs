@@ -316,6 +316,11 @@ const VM_OPTS: &[Opt] = &[
         Arg::Value("on|off"),
         "a virtio-rng device for guest entropy (default on)",
     ),
+    opt(
+        "--balloon",
+        Arg::Value("on|off"),
+        "a virtio-balloon device: memory the host can take back and lend (PUT /vm/balloon,\nwv vm set --memory-target), free page reporting, guest memory statistics\n(default off for wv run, on for wv vm create)",
+    ),
 ];
 
 /// `wv run --config`: the whole VM from a file, instead of [`VM_OPTS`].
@@ -660,11 +665,18 @@ absolute against the current directory before they are sent.",
     after: CLIENT_STATUS,
 };
 
+/// `wv vm set --memory-target`.
+const MEMORY_TARGET_OPTS: &[Opt] = &[opt(
+    "--memory-target",
+    Arg::Value("SIZE"),
+    "the memory a running VM with a balloon (--balloon on) is to keep, e.g. 512M: its\nballoon inflates to take the rest back for the host, or deflates to give it back\n(live only; at most its --memory)",
+)];
+
 const VM_SET: Spec = Spec {
     cmd: "wv vm set",
     pos: &["NAME"],
-    about: "Changes a VM's scheduler settings (live when it runs).",
-    opts: &[SCHED_OPTS, CLIENT_OPTS],
+    about: "Changes a VM's scheduler settings (live when it runs) or, while it runs, its memory target.",
+    opts: &[SCHED_OPTS, MEMORY_TARGET_OPTS, CLIENT_OPTS],
     after: CLIENT_STATUS,
 };
 
@@ -984,8 +996,8 @@ pub struct Sched {
 pub enum VmCmd {
     /// Define a VM.
     Create(Box<VmSpec>),
-    /// Change its scheduler settings.
-    Set(String, Sched),
+    /// Change its scheduler settings and/or its memory target (bytes).
+    Set(String, Sched, Option<u64>),
     /// List the VMs.
     List,
     /// `info`, `stats`, `console`, `start`, `stop`, `pause`, `resume` or `delete` of a VM.
@@ -1390,7 +1402,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
             }
             config_from_file(Path::new(file))?
         }
-        None => vm_config(vm_def(&m)?),
+        None => vm_config(vm_def(&m, false)?),
     };
     if let Some(v) = m.value("--serial") {
         cfg.serial = match v {
@@ -1422,6 +1434,7 @@ fn vm_config(d: VmDef) -> VmConfig {
     cfg.memory_shared = d.memory_shared;
     cfg.vcpus = d.vcpus;
     cfg.rng = d.rng;
+    cfg.balloon = d.balloon;
     cfg.disks = d.disks;
     cfg.nets = d.nets;
     cfg
@@ -1465,9 +1478,12 @@ struct VmDef {
     disks: Vec<DiskConfig>,
     nets: Vec<NetConfig>,
     rng: bool,
+    balloon: bool,
 }
 
-fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
+/// The VM options of `m`; `balloon_default` is whether a VM without `--balloon` has one (off
+/// for `wv run`, on for `wv vm create`).
+fn vm_def(m: &Matches, balloon_default: bool) -> Result<VmDef, Usage> {
     let memory = match m.value("--memory") {
         Some(v) => parse_size(v).map_err(|e| Usage(format!("--memory: {e}")))?,
         None => wv_config::DEFAULT_MEMORY,
@@ -1485,6 +1501,12 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         None | Some("on") => true,
         Some("off") => false,
         Some(o) => return Err(Usage(format!("--rng takes on or off, not '{o}'"))),
+    };
+    let balloon = match m.value("--balloon") {
+        None => balloon_default,
+        Some("on") => true,
+        Some("off") => false,
+        Some(o) => return Err(Usage(format!("--balloon takes on or off, not '{o}'"))),
     };
     let memory_shared = match m.value("--memory-shared") {
         None | Some("off") => false,
@@ -1510,6 +1532,7 @@ fn vm_def(m: &Matches) -> Result<VmDef, Usage> {
         disks,
         nets,
         rng,
+        balloon,
     })
 }
 
@@ -1752,13 +1775,18 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
         "wv vm create" => VmCmd::Create(Box::new(create_spec(&m)?)),
         "wv vm set" => {
             let s = sched(&m)?;
-            if s == Sched::default() {
+            let target = m
+                .value("--memory-target")
+                .map(|v| parse_size(v).map_err(|e| Usage(format!("--memory-target: {e}"))))
+                .transpose()?;
+            if s == Sched::default() && target.is_none() {
                 return Err(Usage(
-                    "wv vm set NAME needs --shares N, --reservation CPUS or --limit CPUS|none"
+                    "wv vm set NAME needs --shares N, --reservation CPUS, --limit CPUS|none or \
+                     --memory-target SIZE"
                         .into(),
                 ));
             }
-            VmCmd::Set(m.pos[0].clone(), s)
+            VmCmd::Set(m.pos[0].clone(), s, target)
         }
         "wv vm list" => VmCmd::List,
         "wv vm snapshots" => VmCmd::Snapshots,
@@ -1907,7 +1935,7 @@ fn cwd() -> Result<PathBuf, Usage> {
 
 fn spec_from_options(name: String, m: &Matches) -> Result<VmSpec, Usage> {
     let mut s = VmSpec::new(name);
-    s.config = vm_config(vm_def(m)?);
+    s.config = vm_config(vm_def(m, true)?);
     let sc = sched(m)?;
     if let Some(x) = sc.shares {
         s.shares = x;
@@ -2006,8 +2034,9 @@ mod tests {
             [DiskConfig::parse("path=/x.img", 0).unwrap()]
         );
         assert_eq!(s.config.nets, [NetConfig::parse("tap=tap9").unwrap()]);
-        // What the daemon gets is what `wv run` would boot from the same options.
-        let Ok(Command::Run(run, _, _)) = parse(&args(&[
+        // What the daemon gets is what `wv run` would boot from the same options, but for the
+        // balloon: on by default for the daemon's VMs, off for `wv run`.
+        let Ok(Command::Run(mut run, _, _)) = parse(&args(&[
             "run",
             "--memory=512M",
             "--disk=path=/x.img",
@@ -2016,7 +2045,28 @@ mod tests {
         ])) else {
             panic!()
         };
+        assert!(!run.balloon && s.config.balloon);
+        run.balloon = true;
         assert_eq!(s.config, *run);
+        let (_, VmCmd::Create(s)) = vm(&["vm", "create", "a", "--balloon=off"]) else {
+            panic!()
+        };
+        assert!(!s.config.balloon);
+        let Ok(Command::Run(run, _, _)) = parse(&args(&["run", "--balloon", "on"])) else {
+            panic!()
+        };
+        assert!(run.balloon);
+    }
+
+    #[test]
+    fn a_memory_target_is_a_size() {
+        let (_, v) = vm(&["vm", "set", "a", "--memory-target", "512M"]);
+        assert_eq!(v, VmCmd::Set("a".into(), Sched::default(), Some(512 << 20)));
+        let (_, v) = vm(&["vm", "set", "a", "--shares=5", "--memory-target=1G"]);
+        let VmCmd::Set(_, s, t) = v else { panic!() };
+        assert_eq!((s.shares, t), (Some(5), Some(1 << 30)));
+        assert!(refused(&["vm", "set", "a", "--memory-target", "lots"]).contains("--memory-target"));
+        assert!(refused(&["run", "--balloon", "maybe"]).contains("--balloon takes on or off"));
     }
 
     #[test]

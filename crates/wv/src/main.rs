@@ -10,7 +10,7 @@ mod admin;
 mod cli;
 mod fs;
 
-use cli::{Client, Command, NetCmd, RunFrom, StatsMode, Usage, VmCmd};
+use cli::{Client, Command, NetCmd, RunFrom, Sched, StatsMode, Usage, VmCmd};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -615,6 +615,42 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
     }
 }
 
+/// `wv vm set`'s scheduler settings (PATCH semantics: absent fields stay, `limit: 0` removes
+/// the limit).
+fn set_sched(c: &Client, name: &str, s: &Sched) -> Result<(), ExitCode> {
+    let mut body = serde_json::Map::new();
+    if let Some(x) = s.shares {
+        body.insert("shares".into(), x.into());
+    }
+    if let Some(x) = s.reservation {
+        body.insert("reservation".into(), x.into());
+    }
+    if let Some(x) = s.limit {
+        body.insert("limit".into(), x.unwrap_or(0.0).into());
+    }
+    let body = serde_json::Value::from(body).to_string();
+    api(c, "PATCH", &format!("/v1/vms/{name}"), Some(&body)).map(|v| {
+        if c.json {
+            println!("{v}");
+        } else {
+            let s = &v["spec"];
+            println!(
+                "VM {name}: shares {} reservation {} limit {}",
+                s["shares"],
+                s["reservation"],
+                s["limit"]
+                    .as_f64()
+                    .map_or("none".to_string(), |l| l.to_string())
+            );
+        }
+    })
+}
+
+/// A JSON byte count as a size (`512M`), `?` when absent.
+fn size_of(v: &serde_json::Value) -> String {
+    v.as_u64().map_or("?".into(), wv_config::format_size)
+}
+
 fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
     let result = match cmd {
         VmCmd::List => api(c, "GET", "/v1/vms", None).map(|v| {
@@ -643,32 +679,28 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
                 }
             })
         }
-        VmCmd::Set(name, s) => {
-            // PATCH semantics: absent fields stay, `limit: 0` removes the limit.
-            let mut body = serde_json::Map::new();
-            if let Some(x) = s.shares {
-                body.insert("shares".into(), x.into());
-            }
-            if let Some(x) = s.reservation {
-                body.insert("reservation".into(), x.into());
-            }
-            if let Some(x) = s.limit {
-                body.insert("limit".into(), x.unwrap_or(0.0).into());
-            }
-            let body = serde_json::Value::from(body).to_string();
-            api(c, "PATCH", &format!("/v1/vms/{name}"), Some(&body)).map(|v| {
-                if c.json {
-                    println!("{v}");
-                } else {
-                    let s = &v["spec"];
-                    println!(
-                        "VM {name}: shares {} reservation {} limit {}",
-                        s["shares"],
-                        s["reservation"],
-                        s["limit"]
-                            .as_f64()
-                            .map_or("none".to_string(), |l| l.to_string())
-                    );
+        VmCmd::Set(name, s, target) => {
+            let sched = if s == Sched::default() {
+                Ok(())
+            } else {
+                set_sched(c, &name, &s)
+            };
+            sched.and_then(|()| match target {
+                None => Ok(()),
+                Some(t) => {
+                    let body = serde_json::json!({ "memory_target": t }).to_string();
+                    api(c, "PUT", &format!("/v1/vms/{name}/balloon"), Some(&body)).map(|v| {
+                        if c.json {
+                            println!("{v}");
+                        } else {
+                            println!(
+                                "VM {name}: memory target {} (now {}; balloon asked to take {})",
+                                size_of(&v["memory_target_bytes"]),
+                                size_of(&v["current_bytes"]),
+                                size_of(&v["balloon"]["target_bytes"]),
+                            );
+                        }
+                    })
                 }
             })
         }
@@ -819,6 +851,34 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
                     println!("deleted snapshot {snap}");
                 }
             }),
+        VmCmd::Named("info", name) => {
+            api(c, "GET", &format!("/v1/vms/{name}"), None).map(|mut v| {
+                // A running VM with a balloon: its memory target and current memory too.
+                let live = matches!(v["state"].as_str(), Some("running" | "paused"));
+                let balloon = if live && v["spec"]["balloon"] == true {
+                    api(c, "GET", &format!("/v1/vms/{name}/balloon"), None).ok()
+                } else {
+                    None
+                };
+                if c.json {
+                    if let Some(b) = balloon {
+                        v["balloon"] = b;
+                    }
+                    println!("{v}");
+                    return;
+                }
+                print_vm(&v);
+                if let Some(b) = balloon {
+                    println!(
+                        "memory target {}, current {} (balloon {}, host RSS of its VMM {})",
+                        size_of(&b["memory_target_bytes"]),
+                        size_of(&b["current_bytes"]),
+                        size_of(&b["balloon"]["actual_bytes"]),
+                        size_of(&b["balloon"]["vmm_rss_bytes"]),
+                    );
+                }
+            })
+        }
         VmCmd::Named(verb, name) => {
             let (method, path) = match verb {
                 "info" => ("GET", format!("/v1/vms/{name}")),

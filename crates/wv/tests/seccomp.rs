@@ -75,6 +75,21 @@ fn virtio_rng_worker() {
 
 #[test]
 #[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn virtio_balloon_worker() {
+    // The hostile requests make the worker release pages (madvise) before the guest ends.
+    check(
+        "virtio-balloon",
+        &[
+            "--balloon",
+            "on",
+            "--cmdline",
+            "probe.tests=balloon probe.balloon_mib=8 probe.balloon_hostile=1 probe.balloon_quit=1",
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn virtio_blk_worker() {
     let dir = TempDir::new("seccomp-blk");
     let img = dir.path("disk.img");

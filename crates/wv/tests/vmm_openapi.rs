@@ -114,7 +114,7 @@ fn the_vmm_matches_its_openapi_document() {
     // A raw disk image, so that the snapshot's refusal of one (422) can be provoked.
     let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
     let mut cmd = Command::new(wv_bin());
-    cmd.args(["run", "--memory", "32M", "--api-socket"])
+    cmd.args(["run", "--memory", "32M", "--balloon", "on", "--api-socket"])
         .arg(&sock)
         .arg("--disk")
         .arg(format!("path={}", disk.display()))
@@ -276,6 +276,52 @@ fn the_vmm_matches_its_openapi_document() {
         assert_eq!(c.call("GET", "/vm", "/vm", None).1["state"], "running");
     }
 
+    // The balloon: its state, a target set (rounded down to pages), and what is refused.
+    let (st, b) = c.call("GET", "/vm/balloon", "/vm/balloon", None);
+    assert_eq!(st, 200);
+    assert_eq!(
+        (&b["target_bytes"], &b["memory_bytes"]),
+        (&json!(0), &json!(32u64 << 20)),
+        "{b}"
+    );
+    assert!(b["vmm_rss_bytes"].as_u64().unwrap() > 0, "{b}");
+    let set =
+        |c: &mut Checker, body: &str| c.call("PUT", "/vm/balloon", "/vm/balloon", Some(body)).0;
+    assert_eq!(set(&mut c, r#"{"target_bytes": 4097}"#), 204);
+    let (_, b) = c.call("GET", "/vm/balloon", "/vm/balloon", None);
+    assert_eq!(b["target_bytes"], 4096, "{b}");
+    for bad in [
+        "",
+        "[]",
+        "{}",
+        "null",
+        r#"{"target_bytes": -1}"#,
+        r#"{"target_bytes": 1.5}"#,
+        r#"{"target_bytes": "1M"}"#,
+        r#"{"target_bytes": 0, "colour": "red"}"#,
+    ] {
+        assert_eq!(set(&mut c, bad), 400, "{bad:?}");
+    }
+    assert_eq!(
+        set(
+            &mut c,
+            &json!({"target_bytes": (32u64 << 20) + 4096}).to_string()
+        ),
+        422
+    );
+    assert_eq!(
+        c.call("GET", "/vm/balloon", "/vm/balloon", Some("{}")).0,
+        400
+    );
+    c.body_headers = vec!["Content-Type: text/plain".into()];
+    assert_eq!(set(&mut c, r#"{"target_bytes": 0}"#), 415);
+    c.body_headers = vec!["Content-Type: application/json".into()];
+    assert_eq!(set(&mut c, r#"{"target_bytes": 0}"#), 204);
+    assert_eq!(
+        c.call("GET", "/vm/balloon", "/vm/balloon", None).1["target_bytes"],
+        0
+    );
+
     // Methods a path does not support: 405 with Allow (checked by the Checker), and paths not
     // documented: 404.
     for (method, path) in [
@@ -286,6 +332,8 @@ fn the_vmm_matches_its_openapi_document() {
         ("POST", "/vm/resume"),
         ("GET", "/vm/shutdown"),
         ("GET", "/vm/snapshot"),
+        ("POST", "/vm/balloon"),
+        ("DELETE", "/vm/balloon"),
     ] {
         if snapshot_missing && path == "/vm/snapshot" {
             continue;
@@ -354,6 +402,8 @@ fn the_vmm_matches_its_openapi_document() {
     }
     let migrate_body = json!({"destination": "127.0.0.1:1"}).to_string();
     ops.push(("PUT", "/vm/migrate-send", Some(migrate_body.as_str())));
+    ops.push(("GET", "/vm/balloon", None));
+    ops.push(("PUT", "/vm/balloon", Some(r#"{"target_bytes": 0}"#)));
     for (method, path, body) in ops {
         assert_eq!(c.call(method, path, path, body).0, 503, "{method} {path}");
     }
@@ -389,6 +439,27 @@ fn the_vmm_matches_its_openapi_document() {
     let status = vmm.0.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
     assert!(!sock.exists(), "the API socket outlived the VMM");
+
+    // A VM without a balloon: 404 on its balloon.
+    let sock2 = dir.path("api2.sock");
+    let mut cmd = Command::new(wv_bin());
+    cmd.args(["run", "--memory", "32M", "--api-socket"])
+        .arg(&sock2)
+        .args(["--cmdline", "console=ttyS0 probe.tests=burn"])
+        .stdin(Stdio::null());
+    let _plain = Vmm(spawn_until(cmd, "burn:", Duration::from_secs(60)));
+    c.socket = sock2;
+    assert_eq!(c.call("GET", "/vm/balloon", "/vm/balloon", None).0, 404);
+    assert_eq!(
+        c.call(
+            "PUT",
+            "/vm/balloon",
+            "/vm/balloon",
+            Some(r#"{"target_bytes": 0}"#)
+        )
+        .0,
+        404
+    );
 
     // What no test here can provoke: KVM_GET_CLOCK failing. Without the snapshot endpoint,
     // everything else is checked before the test fails on it.

@@ -41,6 +41,7 @@ mod spawner;
 mod teardown;
 mod vcpu;
 mod vhost_user_net;
+mod virtio_balloon;
 mod virtio_blk;
 mod virtio_net;
 mod virtio_rng;
@@ -83,6 +84,8 @@ pub enum Kind {
     VhostUserNet,
     /// The virtio-rng worker.
     VirtioRng,
+    /// The virtio-balloon worker.
+    VirtioBalloon,
     /// A post-copy migration source's reader of the target's page requests.
     MigrateBack,
     /// A post-copy target's receiver of pages.
@@ -95,7 +98,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Main,
         Kind::Vcpu,
         Kind::Control,
@@ -106,6 +109,7 @@ impl Kind {
         Kind::VirtioNet,
         Kind::VhostUserNet,
         Kind::VirtioRng,
+        Kind::VirtioBalloon,
         Kind::MigrateBack,
         Kind::PostcopyRecv,
         Kind::PostcopyFault,
@@ -125,6 +129,7 @@ impl Kind {
             Kind::VirtioNet => "virtio-net",
             Kind::VhostUserNet => "vhost-user-net",
             Kind::VirtioRng => "virtio-rng",
+            Kind::VirtioBalloon => "virtio-balloon",
             Kind::MigrateBack => "migrate-back",
             Kind::PostcopyRecv => "postcopy-recv",
             Kind::PostcopyFault => "postcopy-fault",
@@ -153,6 +158,7 @@ impl Kind {
             Kind::VirtioNet => virtio_net::list(),
             Kind::VhostUserNet => vhost_user_net::list(),
             Kind::VirtioRng => virtio_rng::list(),
+            Kind::VirtioBalloon => virtio_balloon::list(),
             Kind::MigrateBack => migration::back_list(),
             Kind::PostcopyRecv => postcopy::recv_list(),
             Kind::PostcopyFault => postcopy::fault_list(),
@@ -519,6 +525,7 @@ fn install_named(name: &'static str) {
         "virtio-net" => Kind::VirtioNet,
         "vhost-user-net" => Kind::VhostUserNet,
         "virtio-rng" => Kind::VirtioRng,
+        "virtio-balloon" => Kind::VirtioBalloon,
         // An unknown worker gets the narrowest device list.
         _ => Kind::VirtioRng,
     };
