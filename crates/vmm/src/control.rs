@@ -238,6 +238,8 @@ impl Command {
             Command::Shutdown => "shutdown",
             Command::Snapshot(_) => "snapshot",
             Command::MigrateSend(_) => "migrate-send",
+            Command::BalloonInfo => "balloon-info",
+            Command::BalloonSet(_) => "balloon-set",
         }
     }
 }
