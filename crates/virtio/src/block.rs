@@ -52,18 +52,27 @@ pub const S_IOERR: u8 = 1;
 /// Status: unsupported request type.
 pub const S_UNSUPP: u8 = 2;
 
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
+/// VIRTIO_BLK_F_SEG_MAX.
+pub const F_SEG_MAX: u64 = 1 << 2;
+/// VIRTIO_BLK_F_RO.
+pub const F_RO: u64 = 1 << 5;
+/// VIRTIO_BLK_F_BLK_SIZE.
+pub const F_BLK_SIZE: u64 = 1 << 6;
+/// VIRTIO_BLK_F_FLUSH.
+pub const F_FLUSH: u64 = 1 << 9;
+/// VIRTIO_BLK_F_DISCARD.
+pub const F_DISCARD: u64 = 1 << 13;
+/// VIRTIO_BLK_F_WRITE_ZEROES.
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+/// Size of the configuration space we serve.
+pub const CONFIG_SIZE: usize = 60;
 /// Longest run of data buffers per request we advertise (SEG_MAX).
 const SEG_MAX: u32 = 126;
 /// Discard / write-zeroes segments per request we advertise.
 const MAX_DISCARD_SEG: u32 = 1;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX / 512;
-const QUEUE_SIZE: u16 = 256;
+/// Entries of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
 /// Bytes moved per read/write system call, and the largest buffer a request gets.
 pub const CHUNK: usize = 1 << 20;
 
@@ -794,9 +803,7 @@ pub struct Block {
 impl Block {
     /// A device serving `disk`, reporting `id` (up to 20 bytes) to GET_ID.
     pub fn new(disk: Box<dyn Disk>, id: &str) -> Block {
-        let mut idb = [0u8; 20];
-        let n = id.len().min(20);
-        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let idb = disk_id(id);
         Block {
             capacity: disk.size() / SECTOR,
             readonly: disk.readonly(),
@@ -820,21 +827,42 @@ impl Block {
             dirty: self.dirty.clone(),
         }
     }
+}
 
-    fn config_bytes(&self) -> [u8; 60] {
-        let mut c = [0u8; 60];
-        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c[20..24].copy_from_slice(&512u32.to_le_bytes());
-        c[34..36].copy_from_slice(&1u16.to_le_bytes());
-        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        c[44..48].copy_from_slice(&1u32.to_le_bytes());
-        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        c[56] = 1;
-        c
+/// What GET_ID answers for a disk named `id`: its first 20 bytes, NUL-padded.
+pub fn disk_id(id: &str) -> [u8; 20] {
+    let mut idb = [0u8; 20];
+    let n = id.len().min(20);
+    idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+    idb
+}
+
+/// The features a disk offers: flush always; read-only, or discard and write-zeroes.
+pub fn device_features(readonly: bool) -> u64 {
+    let mut f = F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+    if readonly {
+        f |= F_RO;
+    } else {
+        f |= F_DISCARD | F_WRITE_ZEROES;
     }
+    f
+}
+
+/// The configuration space of a disk of `capacity` sectors (capacity, SEG_MAX, 512-byte
+/// blocks, one queue, the discard and write-zeroes limits).
+pub fn config_space(capacity: u64) -> [u8; CONFIG_SIZE] {
+    let mut c = [0u8; CONFIG_SIZE];
+    c[0..8].copy_from_slice(&capacity.to_le_bytes());
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    c[20..24].copy_from_slice(&512u32.to_le_bytes());
+    c[34..36].copy_from_slice(&1u16.to_le_bytes());
+    c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+    c[44..48].copy_from_slice(&1u32.to_le_bytes());
+    c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+    c[56] = 1;
+    c
 }
 
 impl VirtioDevice for Block {
@@ -842,20 +870,13 @@ impl VirtioDevice for Block {
         2
     }
     fn features(&self) -> u64 {
-        let mut f = F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
-        if self.readonly {
-            f |= F_RO;
-        } else {
-            f |= F_DISCARD | F_WRITE_ZEROES;
-        }
-        f
+        device_features(self.readonly)
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
         vec![QUEUE_SIZE]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config_bytes();
-        crate::device::read_config_window(&c, offset, data);
+        crate::device::read_config_window(&config_space(self.capacity), offset, data);
     }
     fn activate(
         &mut self,
@@ -912,35 +933,46 @@ impl VirtioDevice for Block {
         })
     }
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
-        let DeviceState::Block(s) = state else {
-            return Err(format!(
-                "a {} state cannot be restored into a virtio-blk device",
-                state.kind()
-            ));
-        };
-        if s.id != self.id {
-            return Err(format!(
-                "virtio-blk state: saved for disk ID '{}', but this disk's ID is '{}'",
-                String::from_utf8_lossy(&s.id).trim_end_matches('\0'),
-                String::from_utf8_lossy(&self.id).trim_end_matches('\0')
-            ));
-        }
-        if s.capacity != self.capacity {
-            return Err(format!(
-                "virtio-blk state: the disk had {} sectors, this one has {}",
-                s.capacity, self.capacity
-            ));
-        }
-        if s.readonly != self.readonly {
-            let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
-            return Err(format!(
-                "virtio-blk state: the disk was {}, this one is {}",
-                mode(s.readonly),
-                mode(self.readonly)
-            ));
-        }
-        Ok(())
+        check_state(state, &self.id, self.capacity, self.readonly)
     }
+}
+
+/// Checks a saved block device state against the disk it is restored onto: the same ID,
+/// size and mode.
+pub(crate) fn check_state(
+    state: DeviceState,
+    id: &[u8],
+    capacity: u64,
+    readonly: bool,
+) -> Result<(), String> {
+    let DeviceState::Block(s) = state else {
+        return Err(format!(
+            "a {} state cannot be restored into a virtio-blk device",
+            state.kind()
+        ));
+    };
+    if s.id != id {
+        return Err(format!(
+            "virtio-blk state: saved for disk ID '{}', but this disk's ID is '{}'",
+            String::from_utf8_lossy(&s.id).trim_end_matches('\0'),
+            String::from_utf8_lossy(id).trim_end_matches('\0')
+        ));
+    }
+    if s.capacity != capacity {
+        return Err(format!(
+            "virtio-blk state: the disk had {} sectors, this one has {capacity}",
+            s.capacity
+        ));
+    }
+    if s.readonly != readonly {
+        let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
+        return Err(format!(
+            "virtio-blk state: the disk was {}, this one is {}",
+            mode(s.readonly),
+            mode(readonly)
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

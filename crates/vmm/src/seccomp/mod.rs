@@ -81,6 +81,8 @@ pub enum Kind {
     /// A vhost-user net's relay: the backend's interrupts to the guest, ring stops and
     /// starts on pause, reconnection to a restarted backend.
     VhostUserNet,
+    /// A vhost-user disk's relay (the same work for a disk: the same list).
+    VhostUserBlk,
     /// The virtio-rng worker.
     VirtioRng,
     /// A post-copy migration source's reader of the target's page requests.
@@ -95,7 +97,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Main,
         Kind::Vcpu,
         Kind::Control,
@@ -105,6 +107,7 @@ impl Kind {
         Kind::VirtioBlk,
         Kind::VirtioNet,
         Kind::VhostUserNet,
+        Kind::VhostUserBlk,
         Kind::VirtioRng,
         Kind::MigrateBack,
         Kind::PostcopyRecv,
@@ -124,6 +127,7 @@ impl Kind {
             Kind::VirtioBlk => "virtio-blk",
             Kind::VirtioNet => "virtio-net",
             Kind::VhostUserNet => "vhost-user-net",
+            Kind::VhostUserBlk => "vhost-user-blk",
             Kind::VirtioRng => "virtio-rng",
             Kind::MigrateBack => "migrate-back",
             Kind::PostcopyRecv => "postcopy-recv",
@@ -151,7 +155,7 @@ impl Kind {
             Kind::Spawner => spawner::list(),
             Kind::VirtioBlk => virtio_blk::list(),
             Kind::VirtioNet => virtio_net::list(),
-            Kind::VhostUserNet => vhost_user_net::list(),
+            Kind::VhostUserNet | Kind::VhostUserBlk => vhost_user_net::list(),
             Kind::VirtioRng => virtio_rng::list(),
             Kind::MigrateBack => migration::back_list(),
             Kind::PostcopyRecv => postcopy::recv_list(),
@@ -518,6 +522,7 @@ fn install_named(name: &'static str) {
         "virtio-blk" => Kind::VirtioBlk,
         "virtio-net" => Kind::VirtioNet,
         "vhost-user-net" => Kind::VhostUserNet,
+        "vhost-user-blk" => Kind::VhostUserBlk,
         "virtio-rng" => Kind::VirtioRng,
         // An unknown worker gets the narrowest device list.
         _ => Kind::VirtioRng,
