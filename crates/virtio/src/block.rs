@@ -721,14 +721,40 @@ impl DirtyBlocks {
     }
 }
 
-/// A backend that marks what the guest changes in a [`DirtyBlocks`] (after the backend did
-/// it, before the request completes).
-struct Tracked<'a> {
-    disk: &'a mut dyn Disk,
-    dirty: &'a DirtyBlocks,
+/// What a [`Watched`] disk reports: each access after the backend did it.
+pub trait DiskWatch: Sync {
+    /// A read of `len` bytes at `offset` (`ok`: it succeeded).
+    fn read(&self, _offset: u64, _len: u64, _ok: bool) {}
+    /// A write (`data`), discard or write-zeroes (not `data`) of `len` bytes at `offset`,
+    /// reported whatever the outcome: a failed one may have changed part of the range.
+    fn changed(&self, offset: u64, len: u64, data: bool, ok: bool);
+    /// A flush.
+    fn flushed(&self, _ok: bool) {}
 }
 
-impl Disk for Tracked<'_> {
+/// Marks what the guest changes (after the backend did it, before the request completes).
+impl DiskWatch for DirtyBlocks {
+    fn changed(&self, offset: u64, len: u64, _data: bool, _ok: bool) {
+        self.mark(offset, len);
+    }
+}
+
+/// A backend whose accesses are reported to a [`DiskWatch`] (dirty-block tracking for a
+/// migration, a storage service's counters).
+pub struct Watched<'a> {
+    /// The backend.
+    pub disk: &'a mut dyn Disk,
+    /// Who is told.
+    pub watch: &'a dyn DiskWatch,
+}
+
+/// The bytes of `segs` (saturating: a backend refuses such a request anyway).
+fn seg_total(segs: &[(u64, usize)]) -> u64 {
+    segs.iter()
+        .fold(0u64, |t, &(_, l)| t.saturating_add(l as u64))
+}
+
+impl Disk for Watched<'_> {
     fn size(&self) -> u64 {
         self.disk.size()
     }
@@ -736,25 +762,29 @@ impl Disk for Tracked<'_> {
         self.disk.readonly()
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.disk.read_at(buf, offset)
+        let r = self.disk.read_at(buf, offset);
+        self.watch.read(offset, buf.len() as u64, r.is_ok());
+        r
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         let r = self.disk.write_at(buf, offset);
-        // Marked whatever the outcome: a failed write may have changed part of the range.
-        self.dirty.mark(offset, buf.len() as u64);
+        self.watch
+            .changed(offset, buf.len() as u64, true, r.is_ok());
         r
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.disk.flush()
+        let r = self.disk.flush();
+        self.watch.flushed(r.is_ok());
+        r
     }
     fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         let r = self.disk.discard(offset, len);
-        self.dirty.mark(offset, len);
+        self.watch.changed(offset, len, false, r.is_ok());
         r
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         let r = self.disk.write_zeroes(offset, len);
-        self.dirty.mark(offset, len);
+        self.watch.changed(offset, len, false, r.is_ok());
         r
     }
     fn read_into(
@@ -763,7 +793,9 @@ impl Disk for Tracked<'_> {
         segs: &[(u64, usize)],
         offset: u64,
     ) -> std::io::Result<()> {
-        self.disk.read_into(mem, segs, offset)
+        let r = self.disk.read_into(mem, segs, offset);
+        self.watch.read(offset, seg_total(segs), r.is_ok());
+        r
     }
     fn write_from(
         &mut self,
@@ -772,8 +804,7 @@ impl Disk for Tracked<'_> {
         offset: u64,
     ) -> std::io::Result<()> {
         let r = self.disk.write_from(mem, segs, offset);
-        let total = segs.iter().map(|&(_, l)| l as u64).sum::<u64>();
-        self.dirty.mark(offset, total);
+        self.watch.changed(offset, seg_total(segs), true, r.is_ok());
         r
     }
 }
@@ -899,9 +930,9 @@ impl VirtioDevice for Block {
                 };
                 let head = chain.head_index();
                 let len = if dirty.is_on() {
-                    let mut t = Tracked {
+                    let mut t = Watched {
                         disk: disk.as_mut(),
-                        dirty: &dirty,
+                        watch: &*dirty,
                     };
                     process(&mem, chain, &mut t, &id, &counters)
                 } else {
@@ -1378,16 +1409,16 @@ mod tests {
             ro: false,
             flushed: false,
         };
-        let mut t = Tracked {
+        let mut t = Watched {
             disk: &mut disk,
-            dirty: &dirty,
+            watch: &dirty,
         };
         t.write_at(&[1; 512], 0).unwrap();
         assert!(dirty.take().is_empty(), "never started: no bitmap");
         dirty.start();
-        let mut t = Tracked {
+        let mut t = Watched {
             disk: &mut disk,
-            dirty: &dirty,
+            watch: &dirty,
         };
         // A write straddling blocks 0 and 1, write-zeroes in 2, a discard of the short tail.
         t.write_from(&m, &[(0, 512), (512, 512)], DIRTY_BLOCK - 512)
@@ -1396,9 +1427,9 @@ mod tests {
         t.read_at(&mut [0; 512], 3 * DIRTY_BLOCK).unwrap();
         assert_eq!(dirty.take(), vec![0b0111]);
         assert_eq!(dirty.take(), vec![0], "taking clears");
-        let mut t = Tracked {
+        let mut t = Watched {
             disk: &mut disk,
-            dirty: &dirty,
+            watch: &dirty,
         };
         t.discard(3 * DIRTY_BLOCK, 4096).unwrap();
         // A failed write (outside the disk) marks nothing outside it.

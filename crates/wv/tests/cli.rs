@@ -378,7 +378,10 @@ fn completions_come_from_the_same_tables() {
     let file = dir.file("wv.bash", script.stdout.as_bytes());
     // (words typed, the word being completed) -> what bash offers.
     let cases: &[(&str, &str)] = &[
-        ("wv ''", "completions fs host probe-image run vm vswitch"),
+        (
+            "wv ''",
+            "completions fs host probe-image run storage vm vswitch",
+        ),
         ("wv v", "vm vswitch"),
         ("wv vswitch --u", "--uplink"),
         ("wv vm cr", "create"),
