@@ -298,7 +298,7 @@ const VM_OPTS: &[Opt] = &[
     opt(
         "--memory-shared",
         Arg::Value("on|off"),
-        "back guest RAM with a memfd mapped shared, which a vhost-user backend can map\n(default off; always on with a --net vhost-user=)",
+        "back guest RAM with a memfd mapped shared, which a vhost-user backend can map\n(default off; always on with a --net or --disk vhost-user=)",
     ),
     VCPUS,
     opt(
