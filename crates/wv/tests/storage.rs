@@ -295,7 +295,7 @@ fn guests_keep_every_acknowledged_write_through_a_killed_and_restarted_service()
             // Record n is in sector 1 + n: its magic, its number and the seed.
             let data = std::fs::read(&img).unwrap();
             for n in 0..writes {
-                let s = &data[(512 * (1 + n)) as usize..][..24];
+                let s = &data[usize::try_from(512 * (1 + n)).unwrap()..][..24];
                 assert_eq!(&s[..8], b"WVPERSIS", "record {n}");
                 assert_eq!(s[8..16], n.to_le_bytes(), "record {n}");
                 assert_eq!(s[16..24], u64::from(seed).to_le_bytes(), "record {n}");
@@ -348,12 +348,13 @@ impl Player {
             .map_err(|e| e.to_string())?;
         f.set_features(feats).map_err(|e| e.to_string())?;
         let file = memfd(MEM);
-        let region = MmapRegionBuilder::new_with_bitmap(MEM as usize, Default::default())
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED)
-            .with_file_offset(vm_memory::FileOffset::new(file.try_clone().unwrap(), 0))
-            .build()
-            .unwrap();
+        let region =
+            MmapRegionBuilder::new_with_bitmap(usize::try_from(MEM).unwrap(), Default::default())
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_SHARED)
+                .with_file_offset(vm_memory::FileOffset::new(file.try_clone().unwrap(), 0))
+                .build()
+                .unwrap();
         let mem = wv_virtio::GuestMemoryMmap::from_regions(vec![vm_memory::GuestRegionMmap::new(
             region,
             GuestAddress(0),
@@ -470,7 +471,7 @@ fn hostile_frontends_cost_their_connection_only() {
     // A table mapping 64 MiB of a 1 MiB memfd: refused (touching it would raise SIGBUS), the
     // connection closed (SET_MEM_TABLE has no reply: the next request that has one fails).
     if let Ok(bad) = Player::connect(&st.sock("root"), 64 << 20) {
-        let mut f = bad.f;
+        let f = bad.f;
         assert!(f.get_features().is_err(), "the connection is closed");
     }
     // Malformed requests: errors or drops for that request, the connection serves on.
