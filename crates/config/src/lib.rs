@@ -121,7 +121,8 @@ impl SeccompMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// Raw image file or block device; with `vmkfs`, the VMKFS datastore.
+    /// Raw image file or block device; with `vmkfs`, the VMKFS datastore; with `vhost_user`,
+    /// the socket of the backend serving the disk.
     pub path: PathBuf,
     /// The disk's name in the VMKFS datastore at `path`.
     #[serde(
@@ -134,22 +135,32 @@ pub struct DiskConfig {
     #[serde(default)]
     pub readonly: bool,
     /// What the guest reads with GET_ID (1 to [`MAX_DISK_ID`] printable ASCII characters),
-    /// and the accounting name; `disk{index}` unless given.
+    /// and the accounting name; `disk{index}` unless given. (A vhost-user disk's GET_ID is its
+    /// backend's.)
     pub id: String,
+    /// The disk is served by a vhost-user backend (such as `wv storage`) listening at `path`
+    /// (guest memory is then shared with it: [`VmConfig::memory_is_shared`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vhost_user: bool,
 }
 
 impl DiskConfig {
-    /// Parses `path=IMG|vmkfs=DATASTORE:NAME[,readonly=on|off][,id=NAME]`; `index` names a
-    /// disk without an id.
+    /// Parses `path=IMG|vmkfs=DATASTORE:NAME|vhost-user=SOCKET[,readonly=on|off][,id=NAME]`;
+    /// `index` names a disk without an id.
     pub fn parse(spec: &str, index: usize) -> Result<DiskConfig, ConfigError> {
         let mut path = None;
         let mut vmkfs = None;
+        let mut vhost_user = false;
         let mut readonly = false;
         let mut id = format!("disk{index}");
         for part in spec.split(',') {
             match part.split_once('=') {
-                Some(("path", p)) if !p.is_empty() && vmkfs.is_none() => {
+                Some(("path", p)) if !p.is_empty() && path.is_none() => {
                     path = Some(PathBuf::from(p))
+                }
+                Some(("vhost-user", p)) if !p.is_empty() && path.is_none() => {
+                    path = Some(PathBuf::from(p));
+                    vhost_user = true;
                 }
                 Some(("vmkfs", v)) if path.is_none() => match v.rsplit_once(':') {
                     Some((ds, name)) if !ds.is_empty() && !name.is_empty() => {
@@ -167,14 +178,14 @@ impl DiskConfig {
                 Some(("id", v)) if valid_disk_id(v) => id = v.to_string(),
                 _ => {
                     return Err(ConfigError(format!(
-                        "--disk '{spec}': expected path=IMG or vmkfs=DATASTORE:NAME, then [,readonly=on|off][,id=NAME] (NAME: 1-{MAX_DISK_ID} printable characters); '{part}' is not understood"
+                        "--disk '{spec}': expected path=IMG, vmkfs=DATASTORE:NAME or vhost-user=SOCKET, then [,readonly=on|off][,id=NAME] (NAME: 1-{MAX_DISK_ID} printable characters); '{part}' is not understood"
                     )))
                 }
             }
         }
         let path = path.ok_or_else(|| {
             ConfigError(format!(
-                "--disk '{spec}' has no path=IMG or vmkfs=DATASTORE:NAME"
+                "--disk '{spec}' has no path=IMG, vmkfs=DATASTORE:NAME or vhost-user=SOCKET"
             ))
         })?;
         Ok(DiskConfig {
@@ -182,6 +193,7 @@ impl DiskConfig {
             vmkfs,
             readonly,
             id,
+            vhost_user,
         })
     }
 }
@@ -565,9 +577,11 @@ impl VmConfig {
     }
 
     /// Whether guest RAM is shared (memfd, `MAP_SHARED`): asked for, or needed by a vhost-user
-    /// net.
+    /// net or disk.
     pub fn memory_is_shared(&self) -> bool {
-        self.memory_shared || self.nets.iter().any(|n| n.vhost_user.is_some())
+        self.memory_shared
+            || self.nets.iter().any(|n| n.vhost_user.is_some())
+            || self.disks.iter().any(|d| d.vhost_user)
     }
 
     /// Checks every value against the machine model and the host (`host_ram` bytes), however
@@ -618,6 +632,12 @@ impl VmConfig {
                 )));
             }
             check_path(&format!("disk {}", d.id), &d.path)?;
+            if d.vhost_user && d.vmkfs.is_some() {
+                return Err(ConfigError(format!(
+                    "disk {}: a vhost-user disk is its backend's; vmkfs is given to the backend",
+                    d.id
+                )));
+            }
             if let Some(n) = &d.vmkfs {
                 if n.is_empty() || n.contains('\0') {
                     return Err(ConfigError(format!(

@@ -103,9 +103,34 @@ fn disk_specs() {
             path: "a.img".into(),
             vmkfs: None,
             readonly: true,
-            id: "root".into()
+            id: "root".into(),
+            vhost_user: false,
         }
     );
+    let v = DiskConfig::parse("vhost-user=/run/st/d.sock,id=d,readonly=on", 0).unwrap();
+    assert_eq!(
+        (
+            v.path.to_str(),
+            v.vhost_user,
+            v.readonly,
+            v.vmkfs.as_deref()
+        ),
+        (Some("/run/st/d.sock"), true, true, None)
+    );
+    let mut c = VmConfig::default();
+    c.disks.push(v);
+    assert!(
+        c.memory_is_shared(),
+        "a vhost-user disk shares guest memory"
+    );
+    for bad in [
+        "vhost-user=",
+        "vhost-user=/s,path=a",
+        "path=a,vhost-user=/s",
+        "vmkfs=ds:x,vhost-user=/s",
+    ] {
+        assert!(DiskConfig::parse(bad, 0).is_err(), "{bad}");
+    }
     assert_eq!(DiskConfig::parse("path=b.img", 3).unwrap().id, "disk3");
     for bad in [
         "",
@@ -170,6 +195,7 @@ fn validation_of_typed_values() {
         vmkfs: vmkfs.map(str::to_string),
         readonly: false,
         id: id.into(),
+        vhost_user: false,
     };
     refused(&|c| c.disks = vec![disk("", "/d", None)], "disk id");
     refused(&|c| c.disks = vec![disk("a b", "/d", None)], "disk id");

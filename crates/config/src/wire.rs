@@ -113,6 +113,8 @@ struct DiskObject {
     readonly: bool,
     #[serde(default, deserialize_with = "no_null")]
     id: Option<String>,
+    #[serde(default)]
+    vhost_user: bool,
 }
 
 /// A net as it may be written: the `--net` text, or the object.
@@ -156,7 +158,7 @@ impl<'de> Deserialize<'de> for DiskIn {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DiskIn, D::Error> {
         text_or_object(
             d,
-            "a disk: \"path=IMG[,readonly=on][,id=NAME]\" or {\"path\": IMG, ...}",
+            "a disk: \"path=IMG[,readonly=on][,id=NAME]\", \"vhost-user=SOCKET\" or {\"path\": IMG, ...}",
             DiskIn::Text,
             DiskIn::Object,
         )
@@ -233,6 +235,7 @@ impl TryFrom<VmConfigIn> for VmConfig {
                     vmkfs: o.vmkfs,
                     readonly: o.readonly,
                     id: o.id.unwrap_or_else(|| format!("disk{i}")),
+                    vhost_user: o.vhost_user,
                 },
             });
         }

@@ -52,18 +52,27 @@ pub const S_IOERR: u8 = 1;
 /// Status: unsupported request type.
 pub const S_UNSUPP: u8 = 2;
 
-const F_SEG_MAX: u64 = 1 << 2;
-const F_RO: u64 = 1 << 5;
-const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
-const F_DISCARD: u64 = 1 << 13;
-const F_WRITE_ZEROES: u64 = 1 << 14;
+/// VIRTIO_BLK_F_SEG_MAX.
+pub const F_SEG_MAX: u64 = 1 << 2;
+/// VIRTIO_BLK_F_RO.
+pub const F_RO: u64 = 1 << 5;
+/// VIRTIO_BLK_F_BLK_SIZE.
+pub const F_BLK_SIZE: u64 = 1 << 6;
+/// VIRTIO_BLK_F_FLUSH.
+pub const F_FLUSH: u64 = 1 << 9;
+/// VIRTIO_BLK_F_DISCARD.
+pub const F_DISCARD: u64 = 1 << 13;
+/// VIRTIO_BLK_F_WRITE_ZEROES.
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+/// Size of the configuration space we serve.
+pub const CONFIG_SIZE: usize = 60;
 /// Longest run of data buffers per request we advertise (SEG_MAX).
 const SEG_MAX: u32 = 126;
 /// Discard / write-zeroes segments per request we advertise.
 const MAX_DISCARD_SEG: u32 = 1;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX / 512;
-const QUEUE_SIZE: u16 = 256;
+/// Entries of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
 /// Bytes moved per read/write system call, and the largest buffer a request gets.
 pub const CHUNK: usize = 1 << 20;
 
@@ -712,14 +721,40 @@ impl DirtyBlocks {
     }
 }
 
-/// A backend that marks what the guest changes in a [`DirtyBlocks`] (after the backend did
-/// it, before the request completes).
-struct Tracked<'a> {
-    disk: &'a mut dyn Disk,
-    dirty: &'a DirtyBlocks,
+/// What a [`Watched`] disk reports: each access after the backend did it.
+pub trait DiskWatch: Sync {
+    /// A read of `len` bytes at `offset` (`ok`: it succeeded).
+    fn read(&self, _offset: u64, _len: u64, _ok: bool) {}
+    /// A write (`data`), discard or write-zeroes (not `data`) of `len` bytes at `offset`,
+    /// reported whatever the outcome: a failed one may have changed part of the range.
+    fn changed(&self, offset: u64, len: u64, data: bool, ok: bool);
+    /// A flush.
+    fn flushed(&self, _ok: bool) {}
 }
 
-impl Disk for Tracked<'_> {
+/// Marks what the guest changes (after the backend did it, before the request completes).
+impl DiskWatch for DirtyBlocks {
+    fn changed(&self, offset: u64, len: u64, _data: bool, _ok: bool) {
+        self.mark(offset, len);
+    }
+}
+
+/// A backend whose accesses are reported to a [`DiskWatch`] (dirty-block tracking for a
+/// migration, a storage service's counters).
+pub struct Watched<'a> {
+    /// The backend.
+    pub disk: &'a mut dyn Disk,
+    /// Who is told.
+    pub watch: &'a dyn DiskWatch,
+}
+
+/// The bytes of `segs` (saturating: a backend refuses such a request anyway).
+fn seg_total(segs: &[(u64, usize)]) -> u64 {
+    segs.iter()
+        .fold(0u64, |t, &(_, l)| t.saturating_add(l as u64))
+}
+
+impl Disk for Watched<'_> {
     fn size(&self) -> u64 {
         self.disk.size()
     }
@@ -727,25 +762,29 @@ impl Disk for Tracked<'_> {
         self.disk.readonly()
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.disk.read_at(buf, offset)
+        let r = self.disk.read_at(buf, offset);
+        self.watch.read(offset, buf.len() as u64, r.is_ok());
+        r
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         let r = self.disk.write_at(buf, offset);
-        // Marked whatever the outcome: a failed write may have changed part of the range.
-        self.dirty.mark(offset, buf.len() as u64);
+        self.watch
+            .changed(offset, buf.len() as u64, true, r.is_ok());
         r
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.disk.flush()
+        let r = self.disk.flush();
+        self.watch.flushed(r.is_ok());
+        r
     }
     fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         let r = self.disk.discard(offset, len);
-        self.dirty.mark(offset, len);
+        self.watch.changed(offset, len, false, r.is_ok());
         r
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         let r = self.disk.write_zeroes(offset, len);
-        self.dirty.mark(offset, len);
+        self.watch.changed(offset, len, false, r.is_ok());
         r
     }
     fn read_into(
@@ -754,7 +793,9 @@ impl Disk for Tracked<'_> {
         segs: &[(u64, usize)],
         offset: u64,
     ) -> std::io::Result<()> {
-        self.disk.read_into(mem, segs, offset)
+        let r = self.disk.read_into(mem, segs, offset);
+        self.watch.read(offset, seg_total(segs), r.is_ok());
+        r
     }
     fn write_from(
         &mut self,
@@ -763,8 +804,7 @@ impl Disk for Tracked<'_> {
         offset: u64,
     ) -> std::io::Result<()> {
         let r = self.disk.write_from(mem, segs, offset);
-        let total = segs.iter().map(|&(_, l)| l as u64).sum::<u64>();
-        self.dirty.mark(offset, total);
+        self.watch.changed(offset, seg_total(segs), true, r.is_ok());
         r
     }
 }
@@ -794,9 +834,7 @@ pub struct Block {
 impl Block {
     /// A device serving `disk`, reporting `id` (up to 20 bytes) to GET_ID.
     pub fn new(disk: Box<dyn Disk>, id: &str) -> Block {
-        let mut idb = [0u8; 20];
-        let n = id.len().min(20);
-        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let idb = disk_id(id);
         Block {
             capacity: disk.size() / SECTOR,
             readonly: disk.readonly(),
@@ -820,21 +858,42 @@ impl Block {
             dirty: self.dirty.clone(),
         }
     }
+}
 
-    fn config_bytes(&self) -> [u8; 60] {
-        let mut c = [0u8; 60];
-        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c[20..24].copy_from_slice(&512u32.to_le_bytes());
-        c[34..36].copy_from_slice(&1u16.to_le_bytes());
-        c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        c[44..48].copy_from_slice(&1u32.to_le_bytes());
-        c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        c[56] = 1;
-        c
+/// What GET_ID answers for a disk named `id`: its first 20 bytes, NUL-padded.
+pub fn disk_id(id: &str) -> [u8; 20] {
+    let mut idb = [0u8; 20];
+    let n = id.len().min(20);
+    idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+    idb
+}
+
+/// The features a disk offers: flush always; read-only, or discard and write-zeroes.
+pub fn device_features(readonly: bool) -> u64 {
+    let mut f = F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
+    if readonly {
+        f |= F_RO;
+    } else {
+        f |= F_DISCARD | F_WRITE_ZEROES;
     }
+    f
+}
+
+/// The configuration space of a disk of `capacity` sectors (capacity, SEG_MAX, 512-byte
+/// blocks, one queue, the discard and write-zeroes limits).
+pub fn config_space(capacity: u64) -> [u8; CONFIG_SIZE] {
+    let mut c = [0u8; CONFIG_SIZE];
+    c[0..8].copy_from_slice(&capacity.to_le_bytes());
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    c[20..24].copy_from_slice(&512u32.to_le_bytes());
+    c[34..36].copy_from_slice(&1u16.to_le_bytes());
+    c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+    c[44..48].copy_from_slice(&1u32.to_le_bytes());
+    c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+    c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+    c[56] = 1;
+    c
 }
 
 impl VirtioDevice for Block {
@@ -842,20 +901,13 @@ impl VirtioDevice for Block {
         2
     }
     fn features(&self) -> u64 {
-        let mut f = F_VERSION_1 | F_SEG_MAX | F_BLK_SIZE | F_FLUSH;
-        if self.readonly {
-            f |= F_RO;
-        } else {
-            f |= F_DISCARD | F_WRITE_ZEROES;
-        }
-        f
+        device_features(self.readonly)
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
         vec![QUEUE_SIZE]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config_bytes();
-        crate::device::read_config_window(&c, offset, data);
+        crate::device::read_config_window(&config_space(self.capacity), offset, data);
     }
     fn activate(
         &mut self,
@@ -878,9 +930,9 @@ impl VirtioDevice for Block {
                 };
                 let head = chain.head_index();
                 let len = if dirty.is_on() {
-                    let mut t = Tracked {
+                    let mut t = Watched {
                         disk: disk.as_mut(),
-                        dirty: &dirty,
+                        watch: &*dirty,
                     };
                     process(&mem, chain, &mut t, &id, &counters)
                 } else {
@@ -912,35 +964,46 @@ impl VirtioDevice for Block {
         })
     }
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
-        let DeviceState::Block(s) = state else {
-            return Err(format!(
-                "a {} state cannot be restored into a virtio-blk device",
-                state.kind()
-            ));
-        };
-        if s.id != self.id {
-            return Err(format!(
-                "virtio-blk state: saved for disk ID '{}', but this disk's ID is '{}'",
-                String::from_utf8_lossy(&s.id).trim_end_matches('\0'),
-                String::from_utf8_lossy(&self.id).trim_end_matches('\0')
-            ));
-        }
-        if s.capacity != self.capacity {
-            return Err(format!(
-                "virtio-blk state: the disk had {} sectors, this one has {}",
-                s.capacity, self.capacity
-            ));
-        }
-        if s.readonly != self.readonly {
-            let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
-            return Err(format!(
-                "virtio-blk state: the disk was {}, this one is {}",
-                mode(s.readonly),
-                mode(self.readonly)
-            ));
-        }
-        Ok(())
+        check_state(state, &self.id, self.capacity, self.readonly)
     }
+}
+
+/// Checks a saved block device state against the disk it is restored onto: the same ID,
+/// size and mode.
+pub(crate) fn check_state(
+    state: DeviceState,
+    id: &[u8],
+    capacity: u64,
+    readonly: bool,
+) -> Result<(), String> {
+    let DeviceState::Block(s) = state else {
+        return Err(format!(
+            "a {} state cannot be restored into a virtio-blk device",
+            state.kind()
+        ));
+    };
+    if s.id != id {
+        return Err(format!(
+            "virtio-blk state: saved for disk ID '{}', but this disk's ID is '{}'",
+            String::from_utf8_lossy(&s.id).trim_end_matches('\0'),
+            String::from_utf8_lossy(id).trim_end_matches('\0')
+        ));
+    }
+    if s.capacity != capacity {
+        return Err(format!(
+            "virtio-blk state: the disk had {} sectors, this one has {capacity}",
+            s.capacity
+        ));
+    }
+    if s.readonly != readonly {
+        let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
+        return Err(format!(
+            "virtio-blk state: the disk was {}, this one is {}",
+            mode(s.readonly),
+            mode(readonly)
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1346,16 +1409,16 @@ mod tests {
             ro: false,
             flushed: false,
         };
-        let mut t = Tracked {
+        let mut t = Watched {
             disk: &mut disk,
-            dirty: &dirty,
+            watch: &dirty,
         };
         t.write_at(&[1; 512], 0).unwrap();
         assert!(dirty.take().is_empty(), "never started: no bitmap");
         dirty.start();
-        let mut t = Tracked {
+        let mut t = Watched {
             disk: &mut disk,
-            dirty: &dirty,
+            watch: &dirty,
         };
         // A write straddling blocks 0 and 1, write-zeroes in 2, a discard of the short tail.
         t.write_from(&m, &[(0, 512), (512, 512)], DIRTY_BLOCK - 512)
@@ -1364,9 +1427,9 @@ mod tests {
         t.read_at(&mut [0; 512], 3 * DIRTY_BLOCK).unwrap();
         assert_eq!(dirty.take(), vec![0b0111]);
         assert_eq!(dirty.take(), vec![0], "taking clears");
-        let mut t = Tracked {
+        let mut t = Watched {
             disk: &mut disk,
-            dirty: &dirty,
+            watch: &dirty,
         };
         t.discard(3 * DIRTY_BLOCK, 4096).unwrap();
         // A failed write (outside the disk) marks nothing outside it.

@@ -18,6 +18,8 @@ pub mod rng;
 mod testutil;
 pub mod transport;
 pub mod vhost_user;
+#[cfg(feature = "backend")]
+pub mod vu_backend;
 
 /// Guest memory as the VMM maps it: every write a device makes through it marks the page dirty
 /// (what live migration sends again besides KVM's dirty log).

@@ -1,8 +1,11 @@
-//! A virtio-net device whose queues a vhost-user backend serves (`--net vhost-user=SOCKET`,
-//! e.g. `wv vswitch`): the virtio-pci transport, the configuration space (MAC, link status)
-//! and feature negotiation stay here; the rings, the queues' notification eventfds (kick) and
-//! the memory table of the VM's shared RAM (memfd regions) go to the backend over the
-//! vhost-user protocol (rust-vmm's `vhost` crate, frontend side).
+//! Virtio devices whose queues a vhost-user backend serves: a net (`--net vhost-user=SOCKET`,
+//! e.g. `wv vswitch`) or a disk (`--disk vhost-user=SOCKET`, e.g. `wv storage`). The
+//! virtio-pci transport, the configuration space (a net's MAC and link status here; a disk's
+//! capacity and limits read from the backend with GET_CONFIG when connecting) and feature
+//! negotiation stay here; the rings, the queues' notification eventfds (kick) and the memory
+//! table of the VM's shared RAM (memfd regions) go to the backend over the vhost-user protocol
+//! (rust-vmm's `vhost` crate, frontend side). Both kinds share everything below: the
+//! connection, the memory table, the ring hand-over, the call relay and the reconnection.
 //!
 //! The backend signals used buffers on one call eventfd per queue, which a relay thread here
 //! turns into the transport's interrupt for that queue ([`Interrupt::queue`]): whatever MSI-X
@@ -11,11 +14,16 @@
 //! Pausing (snapshots) stops the backend's rings with GET_VRING_BASE, records the positions
 //! and starts them again on resume; a reset stops them. When the backend goes away (the switch
 //! restarts), the relay thread connects again, sends the features and the memory table, and
-//! hands the rings back from the used indices: frames the old backend had taken and not
-//! finished are taken again (transmit) or their buffers reused (receive), so the guest runs on
-//! without a reset.
+//! hands the rings back from the used indices: what the old backend had taken and not
+//! finished is taken again (a net's transmitted frames, a disk's requests: reads and writes of
+//! whole sectors are idempotent, so serving one twice is harmless) or its buffers reused (a
+//! net's receive), so the guest runs on without a reset. A new disk backend must serve the
+//! same configuration (capacity, limits) or it is refused.
 #![allow(clippy::cast_possible_truncation)] // ring positions are 16-bit by the protocol
 
+use crate::block::{
+    BlockState, CONFIG_SIZE, F_BLK_SIZE, F_DISCARD, F_FLUSH, F_RO, F_SEG_MAX, F_WRITE_ZEROES,
+};
 use crate::device::{CtlAction, DeviceState, ExitGuard, WorkerCtl};
 use crate::net::{
     restore_mac, stop_worker, NetState, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6,
@@ -28,7 +36,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
@@ -38,8 +46,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// VHOST_USER_F_PROTOCOL_FEATURES: a backend feature bit, never offered to the guest.
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
-/// The guest features a backend may offer and the guest may take through this frontend.
-const PASSED: u64 = F_VERSION_1
+/// The net features a backend may offer and the guest may take through this frontend.
+const NET_PASSED: u64 = F_VERSION_1
     | F_CSUM
     | F_GUEST_CSUM
     | F_GUEST_TSO4
@@ -48,20 +56,66 @@ const PASSED: u64 = F_VERSION_1
     | F_HOST_TSO6
     | F_MRG_RXBUF;
 
-/// What a vhost-user net device counted.
+/// The disk features a backend may offer and the guest may take through this frontend.
+const BLK_PASSED: u64 =
+    F_VERSION_1 | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES;
+
+/// What a vhost-user device counted.
 #[derive(Default, Debug)]
 pub struct VhostUserCounters {
     /// Used-buffer signals from the backend relayed to the guest.
     pub calls: std::sync::atomic::AtomicU64,
 }
 
-/// The device.
-pub struct VhostUserNet {
+/// What a vhost-user device is: what differs between a net and a disk.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A net: its MAC address (the configuration space is the VMM's).
+    Net { mac: [u8; 6] },
+    /// A disk: its configuration space as the backend gave it, and whether it is read-only.
+    Blk {
+        config: [u8; CONFIG_SIZE],
+        readonly: bool,
+    },
+}
+
+impl Kind {
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        match self {
+            // Nothing optional is used: the configuration space is the VMM's, one queue pair.
+            Kind::Net { .. } => VhostUserProtocolFeatures::empty(),
+            // The disk's geometry comes from the backend.
+            Kind::Blk { .. } => VhostUserProtocolFeatures::CONFIG,
+        }
+    }
+    fn passed(&self) -> u64 {
+        match self {
+            Kind::Net { .. } => NET_PASSED,
+            Kind::Blk { .. } => BLK_PASSED,
+        }
+    }
+    fn queues(&self) -> usize {
+        match self {
+            Kind::Net { .. } => 2,
+            Kind::Blk { .. } => 1,
+        }
+    }
+    /// The relay thread's kind (its system-call filter).
+    fn thread(&self) -> &'static str {
+        match self {
+            Kind::Net { .. } => "vhost-user-net",
+            Kind::Blk { .. } => "vhost-user-blk",
+        }
+    }
+}
+
+/// A virtio device served by a vhost-user backend.
+pub struct VhostUserDevice {
     socket: PathBuf,
     frontend: Arc<Mutex<Conn>>,
     backend_features: u64,
     protocol: bool,
-    mac: [u8; 6],
+    kind: Kind,
     counters: Arc<VhostUserCounters>,
     ctl: Option<Arc<WorkerCtl>>,
     thread: Option<JoinHandle<()>>,
@@ -92,9 +146,10 @@ impl std::ops::DerefMut for Conn {
     }
 }
 
-/// Connects to the backend at `socket`, takes ownership and negotiates the protocol: the
-/// connection, the backend's features and whether it speaks the protocol features.
-fn open(socket: &Path) -> Result<(Conn, u64, bool), String> {
+/// Connects to the backend at `socket`, takes ownership and negotiates the protocol (asking
+/// for the optional features `wanted`, which the backend must have): the connection, the
+/// backend's features and whether it speaks the protocol features.
+fn open(socket: &Path, wanted: VhostUserProtocolFeatures) -> Result<(Conn, u64, bool), String> {
     let stream = UnixStream::connect(socket).map_err(|e| {
         format!(
             "cannot connect to the vhost-user backend at {}: {e}",
@@ -118,28 +173,98 @@ fn open(socket: &Path) -> Result<(Conn, u64, bool), String> {
         let pf = f
             .get_protocol_features()
             .map_err(vu(socket, "GET_PROTOCOL_FEATURES"))?;
-        // Nothing optional is used: the configuration space is the VMM's, one queue pair.
-        f.set_protocol_features(pf & VhostUserProtocolFeatures::empty())
+        if !pf.contains(wanted) {
+            return Err(format!(
+                "vhost-user {}: the backend lacks protocol features {:?}",
+                socket.display(),
+                wanted - pf
+            ));
+        }
+        f.set_protocol_features(wanted)
             .map_err(vu(socket, "SET_PROTOCOL_FEATURES"))?;
+    } else if !wanted.is_empty() {
+        return Err(format!(
+            "vhost-user {}: the backend does not speak the protocol features ({wanted:?} needed)",
+            socket.display()
+        ));
     }
     Ok((Conn { frontend: f, watch }, backend_features, protocol))
 }
 
-impl VhostUserNet {
-    /// Connects to the backend at `socket` and learns its features; `mac` is the address the
-    /// guest reads.
-    pub fn connect(socket: &Path, mac: [u8; 6]) -> Result<VhostUserNet, String> {
-        let (f, backend_features, protocol) = open(socket)?;
-        Ok(VhostUserNet {
+/// A disk backend's configuration space (GET_CONFIG).
+fn blk_config(socket: &Path, conn: &mut Conn) -> Result<[u8; CONFIG_SIZE], String> {
+    let size = CONFIG_SIZE as u32;
+    let (_, bytes) = conn
+        .get_config(0, size, VhostUserConfigFlags::empty(), &[0; CONFIG_SIZE])
+        .map_err(vu(socket, "GET_CONFIG"))?;
+    bytes.try_into().map_err(|_| {
+        format!(
+            "vhost-user {}: GET_CONFIG: a short answer",
+            socket.display()
+        )
+    })
+}
+
+impl VhostUserDevice {
+    /// A net: connects to the backend at `socket` and learns its features; `mac` is the
+    /// address the guest reads.
+    pub fn net(socket: &Path, mac: [u8; 6]) -> Result<VhostUserDevice, String> {
+        let kind = Kind::Net { mac };
+        let (f, backend_features, protocol) = open(socket, kind.protocol_features())?;
+        Ok(VhostUserDevice::new(
+            socket,
+            f,
+            backend_features,
+            protocol,
+            kind,
+        ))
+    }
+
+    /// A disk: connects to the backend at `socket`, learns its features and reads its
+    /// configuration space. `readonly` asks for a read-only disk: the backend must serve it
+    /// so (VIRTIO_BLK_F_RO), since it is the one that refuses writes.
+    pub fn blk(socket: &Path, readonly: bool) -> Result<VhostUserDevice, String> {
+        let wanted = VhostUserProtocolFeatures::CONFIG;
+        let (mut f, backend_features, protocol) = open(socket, wanted)?;
+        let backend_ro = backend_features & F_RO != 0;
+        if readonly && !backend_ro {
+            return Err(format!(
+                "vhost-user {}: readonly=on, but the backend serves the disk read-write \
+                 (serve it with readonly=on)",
+                socket.display()
+            ));
+        }
+        let config = blk_config(socket, &mut f)?;
+        let kind = Kind::Blk {
+            config,
+            readonly: backend_ro,
+        };
+        Ok(VhostUserDevice::new(
+            socket,
+            f,
+            backend_features,
+            protocol,
+            kind,
+        ))
+    }
+
+    fn new(
+        socket: &Path,
+        f: Conn,
+        backend_features: u64,
+        protocol: bool,
+        kind: Kind,
+    ) -> VhostUserDevice {
+        VhostUserDevice {
             socket: socket.to_path_buf(),
             frontend: Arc::new(Mutex::new(f)),
             backend_features,
             protocol,
-            mac,
+            kind,
             counters: Arc::default(),
             ctl: None,
             thread: None,
-        })
+        }
     }
 
     /// What the device counted so far.
@@ -179,6 +304,7 @@ struct Rings {
     protocol: bool,
     /// The features sent to the backend (sent again to a new one).
     features: u64,
+    kind: Kind,
     calls: Vec<EventFd>,
 }
 
@@ -255,13 +381,21 @@ impl Rings {
     /// memory table; the rings are the caller's to hand over.
     fn reconnect(&self, mem: &GuestMemoryMmap) -> Result<(), String> {
         let s = &self.socket;
-        let (conn, offered, protocol) = open(s)?;
+        let (mut conn, offered, protocol) = open(s, self.kind.protocol_features())?;
         if self.features & !offered & !F_PROTOCOL_FEATURES != 0 || protocol != self.protocol {
             return Err(format!(
                 "vhost-user {}: the new backend offers other features ({offered:#x}) than the guest took ({:#x})",
                 s.display(),
                 self.features
             ));
+        }
+        if let Kind::Blk { config, .. } = self.kind {
+            if blk_config(s, &mut conn)? != config {
+                return Err(format!(
+                    "vhost-user {}: the new backend serves a disk of another size or geometry",
+                    s.display()
+                ));
+            }
         }
         conn.set_features(self.features)
             .map_err(vu(s, "SET_FEATURES"))?;
@@ -299,22 +433,37 @@ fn q_evt(queues: &[ActiveQueue], i: usize) -> Result<EventFd, String> {
         .map_err(|e| format!("queue {i}: {e}"))
 }
 
-impl VirtioDevice for VhostUserNet {
+impl VirtioDevice for VhostUserDevice {
     fn device_type(&self) -> u16 {
-        1
+        match self.kind {
+            Kind::Net { .. } => 1,
+            Kind::Blk { .. } => 2,
+        }
     }
     fn features(&self) -> u64 {
-        (self.backend_features & PASSED) | F_MAC | F_STATUS
+        let f = self.backend_features & self.kind.passed();
+        match self.kind {
+            Kind::Net { .. } => f | F_MAC | F_STATUS,
+            Kind::Blk { .. } => f,
+        }
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE, QUEUE_SIZE]
+        match self.kind {
+            Kind::Net { .. } => vec![QUEUE_SIZE, QUEUE_SIZE],
+            Kind::Blk { .. } => vec![crate::block::QUEUE_SIZE],
+        }
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut c = [0u8; 12];
-        c[..6].copy_from_slice(&self.mac);
-        c[6..8].copy_from_slice(&1u16.to_le_bytes()); // link up
-        c[8..10].copy_from_slice(&1u16.to_le_bytes()); // one queue pair
-        crate::device::read_config_window(&c, offset, data);
+        match &self.kind {
+            Kind::Net { mac } => {
+                let mut c = [0u8; 12];
+                c[..6].copy_from_slice(mac);
+                c[6..8].copy_from_slice(&1u16.to_le_bytes()); // link up
+                c[8..10].copy_from_slice(&1u16.to_le_bytes()); // one queue pair
+                crate::device::read_config_window(&c, offset, data);
+            }
+            Kind::Blk { config, .. } => crate::device::read_config_window(config, offset, data),
+        }
     }
     fn activate(
         &mut self,
@@ -324,12 +473,16 @@ impl VirtioDevice for VhostUserNet {
         irq: Arc<dyn Interrupt>,
         ctl: Arc<WorkerCtl>,
     ) -> Result<(), String> {
-        if queues.len() != 2 {
-            return Err("virtio-net needs two queues".into());
+        if queues.len() != self.kind.queues() {
+            return Err(format!(
+                "a vhost-user {} device needs {} queue(s)",
+                self.kind.thread(),
+                self.kind.queues()
+            ));
         }
         let s = &self.socket;
         let table = memory_table(&mem)?;
-        let mut fw = (features & self.backend_features & PASSED) | F_VERSION_1;
+        let mut fw = (features & self.backend_features & self.kind.passed()) | F_VERSION_1;
         if self.protocol {
             fw |= F_PROTOCOL_FEATURES;
         }
@@ -347,18 +500,19 @@ impl VirtioDevice for VhostUserNet {
             frontend: self.frontend.clone(),
             protocol: self.protocol,
             features: fw,
+            kind: self.kind,
             calls,
         };
         let counters = self.counters.clone();
         let ctl2 = ctl.clone();
         // Through the VMM's thread spawner: the relay gets its own system-call filter.
-        let thread =
-            wv_devices::thread::spawn("vhost-user-net".into(), "vhost-user-net", move || {
-                let ctl = ctl2;
-                let _exit = ExitGuard(ctl.clone());
-                relay(&mem, queues, &rings, &*irq, &counters, &ctl);
-            })
-            .map_err(|e| format!("vhost-user relay thread: {e}"))?;
+        let kind = self.kind.thread();
+        let thread = wv_devices::thread::spawn(kind.into(), kind, move || {
+            let ctl = ctl2;
+            let _exit = ExitGuard(ctl.clone());
+            relay(&mem, queues, &rings, &*irq, &counters, &ctl);
+        })
+        .map_err(|e| format!("vhost-user relay thread: {e}"))?;
         self.ctl = Some(ctl);
         self.thread = Some(thread);
         Ok(())
@@ -367,14 +521,32 @@ impl VirtioDevice for VhostUserNet {
         stop_worker(&mut self.ctl, &mut self.thread);
     }
     fn save_state(&self) -> DeviceState {
-        DeviceState::Net(NetState { mac: self.mac })
+        match self.kind {
+            Kind::Net { mac } => DeviceState::Net(NetState { mac }),
+            // The ID is the backend's (GET_ID): not part of the VMM's state.
+            Kind::Blk { config, readonly } => DeviceState::Block(BlockState {
+                id: Vec::new(),
+                capacity: blk_capacity(&config),
+                readonly,
+            }),
+        }
     }
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
-        restore_mac(&mut self.mac, state)
+        match &mut self.kind {
+            Kind::Net { mac } => restore_mac(mac, state),
+            Kind::Blk { config, readonly } => {
+                crate::block::check_state(state, &[], blk_capacity(config), *readonly)
+            }
+        }
     }
 }
 
-impl Drop for VhostUserNet {
+/// A disk's capacity in sectors, from its configuration space.
+fn blk_capacity(config: &[u8; CONFIG_SIZE]) -> u64 {
+    u64::from_le_bytes(config[..8].try_into().expect("8 bytes"))
+}
+
+impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         self.reset();
     }
@@ -502,7 +674,7 @@ mod tests {
     #[test]
     fn a_socket_nobody_listens_on_is_a_clear_error() {
         let p = std::env::temp_dir().join(format!("wv-vu-none-{}.sock", std::process::id()));
-        let e = VhostUserNet::connect(&p, [2, 0, 0, 0, 0, 1])
+        let e = VhostUserDevice::net(&p, [2, 0, 0, 0, 0, 1])
             .err()
             .expect("nothing listens");
         assert!(

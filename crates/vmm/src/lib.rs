@@ -73,7 +73,7 @@ pub(crate) struct VmShared {
     pub(crate) vmkfs: Vec<vmkfs_disk::Held>,
     /// Every disk's backend and dirty-block tracking, by index in the configuration's disks
     /// (a migration with `--copy-disks` reads them).
-    pub(crate) disk_access: Vec<wv_virtio::block::DiskAccess>,
+    pub(crate) disk_access: Vec<Option<wv_virtio::block::DiskAccess>>,
     /// KVM's binary statistics of each vCPU (`KVM_GET_STATS_FD`), in vCPU order; empty without
     /// them (Linux < 5.14). Also read by the daemon for `GET /metrics`.
     pub(crate) kvm_stats: Vec<std::os::fd::OwnedFd>,
@@ -869,6 +869,14 @@ fn build(
     let mut vmkfs = Vec::new();
     let mut disk_access = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
+        if d.vhost_user {
+            let name: &'static str = Box::leak(format!("vhost-user-blk:{}", d.id).into_boxed_str());
+            let dev = wv_virtio::vhost_user::VhostUserDevice::blk(&d.path, d.readonly)
+                .map_err(|e| VmmError::Disk(format!("disk {}: {e}", d.id)))?;
+            disk_access.push(None);
+            pci.add_virtio(&vm, &mem, name, Box::new(dev))?;
+            continue;
+        }
         let disk: Box<dyn wv_virtio::block::Disk> = match &d.vmkfs {
             None => Box::new(match restore.as_deref().and_then(|r| r.take_raw(i)) {
                 Some(f) => wv_virtio::block::RawDisk::from_locked(f, d.readonly)
@@ -887,7 +895,7 @@ fn build(
         };
         let name: &'static str = Box::leak(format!("virtio-blk:{}", d.id).into_boxed_str());
         let blk = wv_virtio::block::Block::new(disk, &d.id);
-        disk_access.push(blk.access());
+        disk_access.push(Some(blk.access()));
         pci.add_virtio(&vm, &mem, name, Box::new(blk))?;
     }
     for n in &cfg.nets {
@@ -895,7 +903,7 @@ fn build(
         let name: &'static str = Box::leak(format!("virtio-net:{}", n.name()).into_boxed_str());
         let dev: Box<dyn wv_virtio::VirtioDevice> = match &n.vhost_user {
             Some(sock) => Box::new(
-                wv_virtio::vhost_user::VhostUserNet::connect(sock, mac).map_err(VmmError::Net)?,
+                wv_virtio::vhost_user::VhostUserDevice::net(sock, mac).map_err(VmmError::Net)?,
             ),
             None if n.network.is_some() => {
                 return Err(VmmError::Config(config::ConfigError(format!(

@@ -738,6 +738,17 @@ impl Controller {
             }
         };
         let copy = r.copy_disks.unwrap_or(false);
+        if let Some(d) = self.cfg.disks.iter().find(|d| d.vhost_user) {
+            return Answer::error(
+                422,
+                format!(
+                    "the VM has a vhost-user disk ('{}'): its backend's writes to guest memory \
+                     are not dirty-logged yet and its disk is the backend's, so migrating it is \
+                     not supported",
+                    d.id
+                ),
+            );
+        }
         if let Some(d) = self
             .cfg
             .disks
@@ -794,7 +805,7 @@ impl Controller {
             }
             Err(e) => {
                 let _ = crate::set_memory_flags(&self.vm, &self.shared.mem, 0);
-                for a in &self.shared.disk_access {
+                for a in self.shared.disk_access.iter().flatten() {
                     a.dirty.stop();
                 }
                 if !was_paused && self.paused.is_some() {
@@ -847,41 +858,43 @@ impl Controller {
         // Copied disks (every writable one), or the VMKFS disks handed over on a shared
         // datastore.
         let mut copies = Vec::new();
-        let handover =
-            if r.copy_disks.unwrap_or(false) {
-                for (i, d) in self.cfg.disks.iter().enumerate() {
-                    if d.readonly {
-                        continue;
-                    }
-                    let access =
-                        self.shared.disk_access.get(i).cloned().ok_or_else(|| {
-                            MigrationError(format!("disk '{}' has no device", d.id))
-                        })?;
-                    let name = match &d.vmkfs {
-                        Some(n) => n.clone(),
-                        None => wv_config::copied_file_name(&d.path)
-                            .ok_or_else(|| {
-                                MigrationError(format!(
-                                    "disk '{}': {} has no file name to copy it under",
-                                    d.id,
-                                    d.path.display()
-                                ))
-                            })?
-                            .to_string(),
-                    };
-                    let header = CopiedDisk {
-                        index: i,
-                        id: d.id.clone(),
-                        vmkfs: d.vmkfs.is_some(),
-                        name,
-                        size: access.dirty.size(),
-                    };
-                    copies.push((header, access));
+        let handover = if r.copy_disks.unwrap_or(false) {
+            for (i, d) in self.cfg.disks.iter().enumerate() {
+                if d.readonly {
+                    continue;
                 }
-                None
-            } else {
-                self.disk_hand_over()?
-            };
+                let access = self
+                    .shared
+                    .disk_access
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .ok_or_else(|| MigrationError(format!("disk '{}' has no device", d.id)))?;
+                let name = match &d.vmkfs {
+                    Some(n) => n.clone(),
+                    None => wv_config::copied_file_name(&d.path)
+                        .ok_or_else(|| {
+                            MigrationError(format!(
+                                "disk '{}': {} has no file name to copy it under",
+                                d.id,
+                                d.path.display()
+                            ))
+                        })?
+                        .to_string(),
+                };
+                let header = CopiedDisk {
+                    index: i,
+                    id: d.id.clone(),
+                    vmkfs: d.vmkfs.is_some(),
+                    name,
+                    size: access.dirty.size(),
+                };
+                copies.push((header, access));
+            }
+            None
+        } else {
+            self.disk_hand_over()?
+        };
         let version = match (&handover, copies.is_empty()) {
             (_, false) => 3,
             (Some(_), true) => 2,
@@ -2146,6 +2159,7 @@ mod tests {
             vmkfs: vmkfs.map(Into::into),
             readonly,
             id: id.into(),
+            vhost_user: false,
         };
         cfg.disks = vec![
             disk("/ro.img", None, true, "ro"),

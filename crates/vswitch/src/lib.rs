@@ -30,15 +30,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use wv_virtio::vu_backend::{serve_frontends, ExitEvents};
 
 /// How long a learned MAC address stays without being seen again.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
@@ -82,13 +79,7 @@ pub struct NetworkConfig {
 }
 
 /// Whether `s` can name a network or a port: 1-64 of `[A-Za-z0-9_.-]`, not starting with `.`.
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
-}
+pub use wv_virtio::vu_backend::valid_name;
 
 /// What one port counted.
 #[derive(Default, Debug)]
@@ -906,11 +897,9 @@ pub struct PortBackend {
     sw: Arc<Switch>,
     port: usize,
     p: Arc<Port>,
-    /// The read ends of the exit events handed to vhost-user-backend, which registers them
-    /// with its epoll through `into_raw_fd` and never closes them (0.24): closed here once the
-    /// connection's daemon is gone ([`PortBackend::close_exit_events`]), or every connection
-    /// would leak a descriptor.
-    exit_consumers: Arc<Mutex<Vec<std::os::fd::RawFd>>>,
+    /// The exit events handed to vhost-user-backend, closed once a connection's daemon is
+    /// gone ([`PortBackend::close_exit_events`]).
+    exit: ExitEvents,
 }
 
 impl PortBackend {
@@ -921,19 +910,14 @@ impl PortBackend {
             sw,
             port,
             p,
-            exit_consumers: Arc::default(),
+            exit: ExitEvents::default(),
         })
     }
 
     /// Closes the exit events' read ends handed out so far. Only once the daemon that took
     /// them has been dropped (its epoll handlers with it): nothing else uses them then.
     pub fn close_exit_events(&self) {
-        for fd in lock(&self.exit_consumers).drain(..) {
-            // SAFETY: `fd` is the read end of an exit event this backend created, which
-            // vhost-user-backend took as a raw descriptor and never closes; its user (the
-            // daemon's epoll handler) is gone, so closing it here closes nothing in use.
-            unsafe { libc::close(fd) };
-        }
+        self.exit.close();
     }
 
     fn rx(&self) -> MutexGuard<'_, RxSide> {
@@ -1006,28 +990,10 @@ impl VhostUserBackend for PortBackend {
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Without one the worker thread of a connection that ended never ends, and dropping
         // its daemon (to take the next connection) would wait for it forever.
-        let (consumer, notifier) =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
-        lock(&self.exit_consumers).push(consumer.as_raw_fd());
-        Some((consumer, notifier))
+        self.exit.pair()
     }
     fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
-        // A region that maps more of its file than the file holds would fault (SIGBUS) on
-        // first touch: refused here, an error for this connection only.
-        for r in mem.memory().iter() {
-            let Some(fo) = r.file_offset() else {
-                return Err(std::io::Error::other("a memory region without a file"));
-            };
-            let size = fo.file().metadata()?.len();
-            let end = fo.start().checked_add(r.len());
-            if end.is_none_or(|e| e > size) {
-                return Err(std::io::Error::other(format!(
-                    "a memory region maps {} bytes at offset {} of a {size}-byte file",
-                    r.len(),
-                    fo.start()
-                )));
-            }
-        }
+        wv_virtio::vu_backend::check_memory(&mem.memory())?;
         self.rx().mem = Some(mem);
         Ok(())
     }
@@ -1071,54 +1037,27 @@ impl PortBackend {
     }
 }
 
-/// Serves VM port `port` on `socket` until the port is deleted: one frontend at a time; when
-/// it goes, the port forgets it and waits for the next.
+/// Serves VM port `backend` on `socket` until the port is deleted: one frontend at a time;
+/// when it goes, the port forgets it and waits for the next (a deleted port's thread is woken
+/// by a connection of the switch's own, which ends at once).
 fn serve_port(backend: PortBackend, socket: PathBuf, mut listener: Listener) {
+    let exit = backend.exit.clone();
+    let b = backend.clone();
     let name = format!("vswitch-port{}", backend.port);
-    while !backend.p.removed.load(Ordering::SeqCst) {
-        let mut daemon = match VhostUserDaemon::new(
-            name.clone(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        ) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("wv vswitch: port {}: {e:?}", socket.display());
-                return;
-            }
-        };
-        if let Err(e) = daemon.start(&mut listener) {
-            eprintln!("wv vswitch: {}: {e:?}", socket.display());
-            drop(daemon);
-            backend.close_exit_events();
-            continue;
-        }
-        if backend.p.removed.load(Ordering::SeqCst) {
-            // The connection that woke a deleted port: nothing to serve.
-            for h in daemon.get_epoll_handlers() {
-                h.send_exit_event();
-            }
-            drop(daemon);
-            backend.close_exit_events();
-            return;
-        }
-        match daemon.wait() {
-            Ok(()) => {}
-            Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => eprintln!("wv vswitch: {}: the VMM disconnected", socket.display()),
-            Err(e) => eprintln!(
-                "wv vswitch: {}: the VMM's connection failed: {e:?}",
-                socket.display()
-            ),
-        }
-        backend.disconnect();
-        for h in daemon.get_epoll_handlers() {
-            h.send_exit_event();
-        }
-        // Joins the connection's worker, then closes what the library leaves open.
-        drop(daemon);
-        backend.close_exit_events();
+    let served = serve_frontends(
+        "wv vswitch",
+        &name,
+        backend,
+        &exit,
+        &socket,
+        &mut listener,
+        || {
+            b.disconnect();
+            !b.p.removed.load(Ordering::SeqCst)
+        },
+    );
+    if let Err(e) = served {
+        eprintln!("wv vswitch: port {e}");
     }
 }
 

@@ -517,13 +517,13 @@ fn a_connections_exit_event_does_not_outlive_its_daemon() {
     })
     .unwrap();
     let backend = PortBackend::new(sw, 0).unwrap();
-    let daemon = VhostUserDaemon::new(
+    let daemon = vhost_user_backend::VhostUserDaemon::new(
         "t".into(),
         backend.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .unwrap();
-    let fds: Vec<i32> = lock(&backend.exit_consumers).clone();
+    let fds: Vec<i32> = backend.exit.handed_out();
     assert!(!fds.is_empty(), "the daemon asked for no exit event");
     let infos: Vec<Option<String>> = fds.iter().map(|&fd| fdinfo(fd)).collect();
     assert!(infos.iter().all(Option::is_some));
@@ -536,7 +536,7 @@ fn a_connections_exit_event_does_not_outlive_its_daemon() {
     for (fd, info) in fds.iter().zip(infos) {
         assert_ne!(fdinfo(*fd), info, "descriptor {fd} is still the exit event");
     }
-    assert!(lock(&backend.exit_consumers).is_empty());
+    assert!(backend.exit.handed_out().is_empty());
 }
 
 /// Networks and ports come and go at run time through the control requests, with one JSON

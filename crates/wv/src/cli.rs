@@ -298,13 +298,13 @@ const VM_OPTS: &[Opt] = &[
     opt(
         "--memory-shared",
         Arg::Value("on|off"),
-        "back guest RAM with a memfd mapped shared, which a vhost-user backend can map\n(default off; always on with a --net vhost-user=)",
+        "back guest RAM with a memfd mapped shared, which a vhost-user backend can map\n(default off; always on with a --net or --disk vhost-user=)",
     ),
     VCPUS,
     opt(
         "--disk",
         Arg::Value("SPEC"),
-        "a virtio-blk disk (repeatable): path=IMG[,readonly=on][,id=NAME] (raw image or\nblock device; read-write disks are locked against a second writer), or\nvmkfs=DATASTORE:NAME[,readonly=on][,id=NAME] (disk NAME of a VMKFS datastore)",
+        "a virtio-blk disk (repeatable): path=IMG[,readonly=on][,id=NAME] (raw image or\nblock device; read-write disks are locked against a second writer),\nvmkfs=DATASTORE:NAME[,readonly=on][,id=NAME] (disk NAME of a VMKFS datastore), or\nvhost-user=SOCKET[,readonly=on][,id=NAME] (served by a vhost-user backend such as\nwv storage; docs/STORAGE.md)",
     ),
     opt(
         "--net",
@@ -498,6 +498,34 @@ docs/NETWORK.md.",
         ),
     ]],
     after: "Exit status: 200 bad arguments, 1 the switch could not start.",
+};
+
+const STORAGE: Spec = Spec {
+    cmd: "wv storage",
+    pos: &[],
+    about: "Runs the storage service in the foreground: it holds disks (raw images, VMKFS disks) and
+serves each over vhost-user-blk on DIR/NAME.sock, for VMs started with
+--disk vhost-user=DIR/NAME.sock. It holds each disk's exclusive open while it serves it.
+Control: send 'stats', 'disk add NAME=SPEC' or 'disk del NAME' on DIR/control.sock (one JSON
+line back each). docs/STORAGE.md.",
+    opts: &[&[
+        opt(
+            "--socket-dir",
+            Arg::Value("DIR"),
+            "where the sockets are made (required)",
+        ),
+        opt(
+            "--disk",
+            Arg::Value("NAME=SPEC"),
+            "serve a disk as NAME (repeatable): NAME=path=IMG or NAME=vmkfs=DATASTORE:DISK,\nthen [,readonly=on]",
+        ),
+        opt(
+            "--take-stale-locks",
+            Arg::Flag,
+            "break a VMKFS disk's stale lock record (its writer, such as a storage service\nthat was killed, is gone) and take the disk",
+        ),
+    ]],
+    after: "Exit status: 200 bad arguments, 1 the service could not start.",
 };
 
 const PROBE_IMAGE: Spec = Spec {
@@ -930,6 +958,8 @@ Usage:
                             Write an embedded guest image to FILE
   wv vswitch --socket-dir DIR [--port NETWORK/PORT ...] [--uplink NETWORK=TAP ...]
                             Run the virtual switch: vhost-user net ports (--net vhost-user=)
+  wv storage --socket-dir DIR --disk NAME=path=IMG|vmkfs=DS:DISK ... [--take-stale-locks]
+                            Run the storage service: vhost-user-blk disks (--disk vhost-user=)
   wv completions bash|zsh   Print a shell completion script
   wv --version | --help
 
@@ -1084,6 +1114,8 @@ pub enum Command {
     },
     /// `wv vswitch`.
     Vswitch(wv_vswitch::Config),
+    /// `wv storage`.
+    Storage(wv_storage::Config),
     /// The daemon.
     HostServe {
         /// Its socket.
@@ -1134,6 +1166,7 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
         Some("run") => parse_run(rest),
         Some("probe-image") => parse_probe_image(rest),
         Some("vswitch") => parse_vswitch(rest),
+        Some("storage") => parse_storage(rest),
         Some("host") => parse_host(rest),
         Some("vm") => parse_vm(rest),
         Some("net") => parse_net(rest),
@@ -1184,6 +1217,7 @@ fn all_specs() -> Vec<&'static Spec> {
         &RUN,
         &PROBE_IMAGE,
         &VSWITCH,
+        &STORAGE,
         &HOST,
         &HOST_STATUS,
         &HOST_TOP,
@@ -1602,6 +1636,34 @@ fn parse_vswitch(args: &[String]) -> Result<Command, Usage> {
         }
     }
     Ok(Command::Vswitch(cfg))
+}
+
+fn parse_storage(args: &[String]) -> Result<Command, Usage> {
+    let m = matches_or_help!(&STORAGE, args);
+    let dir = m
+        .value("--socket-dir")
+        .ok_or_else(|| Usage("wv storage needs --socket-dir DIR".into()))?;
+    let mut cfg = wv_storage::Config {
+        socket_dir: PathBuf::from(dir),
+        disks: Vec::new(),
+        take_stale_locks: m.has("--take-stale-locks"),
+    };
+    for d in m.values("--disk") {
+        let spec = wv_storage::DiskSpec::parse(d).map_err(Usage)?;
+        if cfg.disks.iter().any(|o| o.name == spec.name) {
+            return Err(Usage(format!(
+                "--disk: the name {} is given twice",
+                spec.name
+            )));
+        }
+        cfg.disks.push(spec);
+    }
+    if cfg.disks.is_empty() {
+        return Err(Usage(
+            "wv storage needs at least one --disk NAME=SPEC".into(),
+        ));
+    }
+    Ok(Command::Storage(cfg))
 }
 
 fn parse_probe_image(args: &[String]) -> Result<Command, Usage> {

@@ -40,7 +40,8 @@ fn main() -> ExitCode {
         Command::Run(..)
         | Command::ProbeImage { .. }
         | Command::HostServe { .. }
-        | Command::Vswitch(_) => false,
+        | Command::Vswitch(_)
+        | Command::Storage(_) => false,
     };
     if printer {
         // SAFETY: restoring the default disposition of one signal before any thread starts.
@@ -60,6 +61,10 @@ fn main() -> ExitCode {
         Command::Vswitch(cfg) => match wv_vswitch::run(&cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, &format!("vswitch: {e}")),
+        },
+        Command::Storage(cfg) => match wv_storage::run(&cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, &format!("storage: {e}")),
         },
         Command::HostServe {
             socket,

@@ -82,6 +82,8 @@ pub enum Kind {
     /// A vhost-user net's relay: the backend's interrupts to the guest, ring stops and
     /// starts on pause, reconnection to a restarted backend.
     VhostUserNet,
+    /// A vhost-user disk's relay (the same work for a disk: the same list).
+    VhostUserBlk,
     /// The virtio-rng worker.
     VirtioRng,
     /// The virtio-balloon worker.
@@ -98,7 +100,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Main,
         Kind::Vcpu,
         Kind::Control,
@@ -108,6 +110,7 @@ impl Kind {
         Kind::VirtioBlk,
         Kind::VirtioNet,
         Kind::VhostUserNet,
+        Kind::VhostUserBlk,
         Kind::VirtioRng,
         Kind::VirtioBalloon,
         Kind::MigrateBack,
@@ -128,6 +131,7 @@ impl Kind {
             Kind::VirtioBlk => "virtio-blk",
             Kind::VirtioNet => "virtio-net",
             Kind::VhostUserNet => "vhost-user-net",
+            Kind::VhostUserBlk => "vhost-user-blk",
             Kind::VirtioRng => "virtio-rng",
             Kind::VirtioBalloon => "virtio-balloon",
             Kind::MigrateBack => "migrate-back",
@@ -156,7 +160,7 @@ impl Kind {
             Kind::Spawner => spawner::list(),
             Kind::VirtioBlk => virtio_blk::list(),
             Kind::VirtioNet => virtio_net::list(),
-            Kind::VhostUserNet => vhost_user_net::list(),
+            Kind::VhostUserNet | Kind::VhostUserBlk => vhost_user_net::list(),
             Kind::VirtioRng => virtio_rng::list(),
             Kind::VirtioBalloon => virtio_balloon::list(),
             Kind::MigrateBack => migration::back_list(),
@@ -524,6 +528,7 @@ fn install_named(name: &'static str) {
         "virtio-blk" => Kind::VirtioBlk,
         "virtio-net" => Kind::VirtioNet,
         "vhost-user-net" => Kind::VhostUserNet,
+        "vhost-user-blk" => Kind::VhostUserBlk,
         "virtio-rng" => Kind::VirtioRng,
         "virtio-balloon" => Kind::VirtioBalloon,
         // An unknown worker gets the narrowest device list.

@@ -1,4 +1,4 @@
-//! A vhost-user net's relay thread (wv_virtio::vhost_user): it waits on the backend's call
+//! A vhost-user net's or disk's relay thread (wv_virtio::vhost_user): it waits on the backend's call
 //! eventfds and turns each into the queue's interrupt, stops and starts the rings over the
 //! vhost-user socket when the VM pauses and resumes, and connects again to a backend that
 //! restarted.

@@ -1,0 +1,496 @@
+//! The storage service (`wv storage`): a process that holds disks (raw images, VMKFS disks)
+//! and serves each to one VMM at a time over vhost-user-blk, on its own socket
+//! `DIR/NAME.sock`, with a control socket `DIR/control.sock` (`stats`, `disk add`, `disk del`).
+//!
+//! The service owns each disk's exclusive open (the image's `flock`, the VMKFS lock and owner
+//! record) for as long as it serves it, whichever VMM connects. Requests are parsed, validated
+//! and served by the VMM's own virtio-blk code ([`wv_virtio::block::process`]: each chain read
+//! once and served from that copy), against the VMM's guest memory mapped here from the memory
+//! table it sends (each region checked against its file first). A request is completed (its
+//! status written, the used ring advanced, the VMM called) only after the backend did it: a
+//! write is in the image (the page cache) when acknowledged, and durable after a FLUSH
+//! (`fdatasync`). If the service dies, what it acknowledged is in the kernel's page cache and
+//! survives it; what it had taken and not acknowledged is taken again by the restarted service
+//! when the VMM hands the ring back from its used index (reads and writes of whole sectors are
+//! idempotent).
+
+#![allow(clippy::cast_possible_truncation)] // queue indices and sizes are 16/32-bit by the spec
+
+pub mod disk;
+
+pub use disk::{DiskSpec, Source};
+use serde::Serialize;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{
+    FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use wv_virtio::block::{self, BlockCounters, Disk, DiskWatch, Watched};
+use wv_virtio::vu_backend::{serve_frontends, ExitEvents};
+
+/// A guest's memory as vhost-user-backend maps it.
+pub type Mem = GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;
+
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the service serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Where the sockets are: `DIR/NAME.sock` per disk and `DIR/control.sock`.
+    pub socket_dir: PathBuf,
+    /// The disks served from the start.
+    pub disks: Vec<DiskSpec>,
+    /// Break a VMKFS disk's stale lock record (its writer gone) and take the disk.
+    pub take_stale_locks: bool,
+}
+
+/// What one disk counted.
+#[derive(Default, Debug)]
+pub struct DiskCounters {
+    /// Requests served, refused and dropped (in `block`).
+    pub block: BlockCounters,
+    /// Bytes read into guest memory.
+    pub read_bytes: AtomicU64,
+    /// Bytes written from guest memory.
+    pub written_bytes: AtomicU64,
+    /// Flushes done.
+    pub flushes: AtomicU64,
+    /// Backend failures (a read, write or flush that failed).
+    pub io_errors: AtomicU64,
+    /// Frontends that connected.
+    pub connections: AtomicU64,
+}
+
+impl DiskWatch for DiskCounters {
+    fn read(&self, _offset: u64, len: u64, ok: bool) {
+        if ok {
+            self.read_bytes.fetch_add(len, Ordering::Relaxed);
+        } else {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn changed(&self, _offset: u64, len: u64, data: bool, ok: bool) {
+        if !ok {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+        } else if data {
+            self.written_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+    fn flushed(&self, ok: bool) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A disk's counters as served (`stats`).
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct DiskStats {
+    pub name: String,
+    pub source: String,
+    pub readonly: bool,
+    pub size: u64,
+    pub connected: bool,
+    pub connections: u64,
+    /// Every request taken from the ring: served + errors + dropped.
+    pub requests: u64,
+    pub served: u64,
+    /// Requests answered with an error status.
+    pub errors: u64,
+    /// Chains too broken to answer (completed without a status).
+    pub dropped: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub flushes: u64,
+    pub io_errors: u64,
+}
+
+/// One served disk: the backend (held open), its identity and counters, and the memory of
+/// the VMM connected to it.
+pub struct Served {
+    spec: DiskSpec,
+    disk: Mutex<Box<dyn Disk>>,
+    id: [u8; 20],
+    size: u64,
+    readonly: bool,
+    counters: DiskCounters,
+    /// The connected VMM's memory, mapped again here with the dirty bitmap the request path
+    /// expects ([`wv_virtio::GuestMemoryMmap`]).
+    mem: Mutex<Option<wv_virtio::GuestMemoryMmap>>,
+    connected: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Served {
+    /// Serves `disk` (already open and locked) as `spec` says.
+    pub fn new(spec: DiskSpec, disk: Box<dyn Disk>) -> Arc<Served> {
+        Arc::new(Served {
+            id: block::disk_id(&spec.name),
+            size: disk.size(),
+            readonly: disk.readonly(),
+            spec,
+            disk: Mutex::new(disk),
+            counters: DiskCounters::default(),
+            mem: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// The disk's counters.
+    pub fn stats(&self) -> DiskStats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (served, errors, dropped) =
+            (g(&c.block.served), g(&c.block.errors), g(&c.block.dropped));
+        DiskStats {
+            name: self.spec.name.clone(),
+            source: self.spec.source.to_string(),
+            readonly: self.readonly,
+            size: self.size,
+            connected: self.connected.load(Ordering::Relaxed),
+            connections: g(&c.connections),
+            requests: served + errors + dropped,
+            served,
+            errors,
+            dropped,
+            read_bytes: g(&c.read_bytes),
+            written_bytes: g(&c.written_bytes),
+            flushes: g(&c.flushes),
+            io_errors: g(&c.io_errors),
+        }
+    }
+
+    /// Serves every request available on `vring`, in order: each completed after the backend
+    /// did it, the VMM called once for the batch.
+    pub fn serve(&self, vring: &VringRwLock<Mem>) {
+        let Some(mem) = lock(&self.mem).clone() else {
+            return;
+        };
+        let mut disk = lock(&self.disk);
+        let mut any = false;
+        {
+            let mut st = vring.get_mut();
+            let q = st.get_queue_mut();
+            while let Some(chain) = q.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let mut w = Watched {
+                    disk: disk.as_mut(),
+                    watch: &self.counters,
+                };
+                let len = block::process(&mem, chain, &mut w, &self.id, &self.counters.block);
+                if q.add_used(&mem, head, len).is_err() {
+                    break;
+                }
+                any = true;
+            }
+        }
+        if any && vring.needs_notification().unwrap_or(true) {
+            let _ = vring.signal_used_queue();
+        }
+    }
+
+    /// A VMM is talking to the disk (counted once per connection).
+    fn connecting(&self) {
+        if !self.connected.swap(true, Ordering::SeqCst) {
+            self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets the VMM that was connected.
+    fn disconnect(&self) {
+        *lock(&self.mem) = None;
+        self.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Maps the regions of a VMM's memory table (as vhost-user-backend mapped them: file-backed,
+/// checked against their files) a second time, shared, with a dirty bitmap: the request path
+/// is the VMM's, written for its memory type.
+pub fn remap(mem: &vm_memory::GuestMemoryMmap) -> std::io::Result<wv_virtio::GuestMemoryMmap> {
+    wv_virtio::vu_backend::check_memory(mem)?;
+    let regions = mem
+        .iter()
+        .map(|r| {
+            let fo = r.file_offset().expect("checked: file-backed");
+            let len = usize::try_from(r.len()).map_err(std::io::Error::other)?;
+            let m = MmapRegion::from_file(FileOffset::from_arc(fo.arc().clone(), fo.start()), len)
+                .map_err(std::io::Error::other)?;
+            GuestRegionMmap::new(m, r.start_addr())
+                .ok_or_else(|| std::io::Error::other("a memory region past the address space"))
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    wv_virtio::GuestMemoryMmap::from_regions(regions).map_err(std::io::Error::other)
+}
+
+/// One disk as a vhost-user-blk backend.
+#[derive(Clone)]
+pub struct BlkBackend {
+    served: Arc<Served>,
+    exit: ExitEvents,
+}
+
+impl BlkBackend {
+    /// The backend of `served`.
+    pub fn new(served: Arc<Served>) -> BlkBackend {
+        BlkBackend {
+            served,
+            exit: ExitEvents::default(),
+        }
+    }
+
+    /// Closes the exit events the library leaves open (once its daemon is dropped).
+    pub fn close_exit_events(&self) {
+        self.exit.close();
+    }
+
+    /// Forgets the connected VMM.
+    pub fn disconnect(&self) {
+        self.served.disconnect();
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock<Mem>;
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn max_queue_size(&self) -> usize {
+        usize::from(block::QUEUE_SIZE)
+    }
+    fn features(&self) -> u64 {
+        block::device_features(self.served.readonly) | F_PROTOCOL_FEATURES
+    }
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+    }
+    fn set_event_idx(&self, _enabled: bool) {}
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.served.connecting();
+        let c = block::config_space(self.served.size / block::SECTOR);
+        let mut out = vec![0u8; (size as usize).min(c.len())];
+        wv_virtio::device::read_config_window(&c, u64::from(offset), &mut out);
+        out
+    }
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one the worker thread of a connection that ended never ends.
+        self.exit.pair()
+    }
+    fn update_memory(&self, mem: Mem) -> std::io::Result<()> {
+        let mapped = remap(&mem.memory())?;
+        *lock(&self.served.mem) = Some(mapped);
+        self.served.connecting();
+        Ok(())
+    }
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if device_event == 0 {
+            if let Some(v) = vrings.first() {
+                self.served.serve(v);
+            }
+        }
+        Ok(())
+    }
+    fn reset_device(&self) {
+        self.served.disconnect();
+    }
+}
+
+/// A disk being served: its state and the thread taking its VMMs.
+struct Entry {
+    served: Arc<Served>,
+    socket: PathBuf,
+    thread: JoinHandle<()>,
+}
+
+/// The service: the disks it serves, by name.
+pub struct Service {
+    dir: PathBuf,
+    take_stale_locks: bool,
+    disks: Mutex<Vec<Entry>>,
+}
+
+/// The socket of disk `name` under `dir`.
+pub fn disk_socket(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}
+
+/// The control socket under `dir`.
+pub fn control_socket(dir: &Path) -> PathBuf {
+    dir.join("control.sock")
+}
+
+impl Service {
+    /// A service with no disks yet, its sockets under `dir` (created if missing).
+    pub fn new(dir: &Path, take_stale_locks: bool) -> Result<Arc<Service>, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Arc::new(Service {
+            dir: dir.to_path_buf(),
+            take_stale_locks,
+            disks: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Opens (and locks) the disk of `spec` and serves it on `DIR/NAME.sock`.
+    pub fn add(&self, spec: DiskSpec) -> Result<(), String> {
+        let mut disks = lock(&self.disks);
+        if disks.iter().any(|e| e.served.spec.name == spec.name) {
+            return Err(format!("disk {} is already served", spec.name));
+        }
+        let disk = disk::open(&spec, self.take_stale_locks)?;
+        let socket = disk_socket(&self.dir, &spec.name);
+        // Bound before the service says it serves: a VMM started then finds it.
+        let mut listener = Listener::new(&socket, true)
+            .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+        let served = Served::new(spec, disk);
+        let backend = BlkBackend::new(served.clone());
+        let (s2, sock2) = (served.clone(), socket.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("storage-{}", served.spec.name))
+            .spawn(move || {
+                let exit = backend.exit.clone();
+                let b = backend.clone();
+                let name = format!("storage-{}", s2.spec.name);
+                let r = serve_frontends(
+                    "wv storage",
+                    &name,
+                    backend,
+                    &exit,
+                    &sock2,
+                    &mut listener,
+                    || {
+                        b.disconnect();
+                        !s2.stop.load(Ordering::SeqCst)
+                    },
+                );
+                if let Err(e) = r {
+                    eprintln!("wv storage: {e}");
+                }
+            })
+            .map_err(|e| format!("cannot start serving {}: {e}", socket.display()))?;
+        disks.push(Entry {
+            served,
+            socket,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Stops serving disk `name` and releases it (its lock, its socket); refused while a VMM
+    /// is connected to it.
+    pub fn del(&self, name: &str) -> Result<(), String> {
+        let entry = {
+            let mut disks = lock(&self.disks);
+            let i = disks
+                .iter()
+                .position(|e| e.served.spec.name == name)
+                .ok_or_else(|| format!("no disk {} is served", name.escape_debug()))?;
+            if disks[i].served.connected.load(Ordering::SeqCst) {
+                return Err(format!(
+                    "disk {name} is connected to a VMM: stop that VM (or its disk) first"
+                ));
+            }
+            disks[i].served.stop.store(true, Ordering::SeqCst);
+            disks.remove(i)
+        };
+        // The serving thread waits for a connection: one that ends at once wakes it to stop.
+        drop(UnixStream::connect(&entry.socket));
+        let _ = entry.thread.join();
+        let _ = std::fs::remove_file(&entry.socket);
+        Ok(())
+    }
+
+    /// Every disk's counters.
+    pub fn stats(&self) -> Vec<DiskStats> {
+        lock(&self.disks).iter().map(|e| e.served.stats()).collect()
+    }
+
+    /// Answers one control request (a line): `stats`, `disk add SPEC`, `disk del NAME`.
+    pub fn control(&self, line: &str) -> serde_json::Value {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let r = match words.as_slice() {
+            ["stats"] => return serde_json::json!({ "disks": self.stats() }),
+            ["disk", "add", spec] => DiskSpec::parse(spec).and_then(|s| self.add(s)),
+            ["disk", "del", name] => self.del(name),
+            _ => Err(format!(
+                "unknown request '{}' (stats, disk add NAME=SPEC, disk del NAME)",
+                line.trim().escape_debug()
+            )),
+        };
+        match r {
+            Ok(()) => serde_json::json!({ "ok": true }),
+            Err(e) => serde_json::json!({ "error": e }),
+        }
+    }
+}
+
+/// Answers the control socket's requests, one JSON line per request line.
+fn serve_control(svc: Arc<Service>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let svc = svc.clone();
+        let _ = std::thread::Builder::new()
+            .name("storage-control".into())
+            .spawn(move || {
+                let Ok(mut out) = conn.try_clone() else {
+                    return;
+                };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                for line in BufReader::new(conn.take(64 << 10)).lines() {
+                    let Ok(line) = line else { break };
+                    if writeln!(out, "{}", svc.control(&line)).is_err() {
+                        break;
+                    }
+                }
+            });
+    }
+}
+
+/// Runs the service: opens and serves every disk of `cfg`, then answers the control socket;
+/// returns only on a set-up error.
+pub fn run(cfg: &Config) -> Result<(), String> {
+    let svc = Service::new(&cfg.socket_dir, cfg.take_stale_locks)?;
+    let ctl = control_socket(&cfg.socket_dir);
+    let _ = std::fs::remove_file(&ctl);
+    let listener =
+        UnixListener::bind(&ctl).map_err(|e| format!("cannot listen on {}: {e}", ctl.display()))?;
+    for d in &cfg.disks {
+        svc.add(d.clone())?;
+    }
+    eprintln!(
+        "wv storage: serving {} disk(s) under {}",
+        cfg.disks.len(),
+        cfg.socket_dir.display()
+    );
+    serve_control(svc, listener);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
