@@ -365,7 +365,8 @@ pub(crate) fn prepare(mode: SeccompMode) -> Result<(), String> {
         Ordering::Release,
     );
     // Compiled on a thread of its own, which overlaps the VM's set-up on another CPU (the
-    // fourteen programs took 0.3-2 ms with seccompiler, ~0.9 ms debug with bpf.rs); the first thread to install a filter waits for it.
+    // fourteen programs took 0.3-2 ms with seccompiler, ~0.9 ms in a debug build with
+    // bpf.rs); the first thread to install a filter waits for it.
     let compile = std::thread::Builder::new()
         .name("seccomp-compile".into())
         .spawn(move || {
