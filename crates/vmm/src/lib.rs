@@ -1140,7 +1140,7 @@ fn teardown_hold_fd() -> i32 {
 struct TeardownPlan {
     /// The teardown helper's system-call filter (empty: none), and whether it makes the
     /// `WV_SECCOMP_PROBE` call.
-    filter: &'static [seccompiler::sock_filter],
+    filter: &'static [seccomp::Insn],
     probe: bool,
     /// A pidfd of the exiting `wv` process.
     pidfd: i32,

@@ -56,7 +56,7 @@ pub(super) fn creates_threads() -> List {
         .allow(libc::SYS_rseq)
         // glibc's thread start reads the new thread's CPU affinity.
         .allow(libc::SYS_sched_getaffinity)
-        // std names the thread (PR_SET_NAME); seccompiler sets no_new_privs first.
+        // std names the thread (PR_SET_NAME); `install` sets no_new_privs first.
         .allow_arg(libc::SYS_prctl, 0, libc::PR_SET_NAME as u64)
         .allow_arg(libc::SYS_prctl, 0, libc::PR_SET_NO_NEW_PRIVS as u64)
         .allow_arg(

@@ -1,4 +1,4 @@
-//! Per-thread system-call filters (seccomp-bpf, compiled with rust-vmm's `seccompiler`): the
+//! Per-thread system-call filters (seccomp-bpf, compiled by our own generator, `bpf.rs`): the
 //! kinds of thread a `wv run` VMM has, the calls each may make (one file per kind beside this
 //! one, each call with who needs it), how a thread installs its filter, and what a call
 //! outside its list does (`--seccomp`, [`SeccompMode`]).
@@ -30,6 +30,7 @@
 //! of kind KIND calls `getpgid(0)`, which no list allows, right after installing its filter.
 
 mod api;
+mod bpf;
 mod common;
 mod control;
 mod ioctls;
@@ -47,12 +48,9 @@ mod virtio_net;
 mod virtio_rng;
 
 use crate::error::STATUS_SECCOMP;
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+pub(crate) use bpf::Insn;
+use bpf::{Cmp, Cond, Width};
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -171,13 +169,10 @@ impl Kind {
     }
 }
 
-/// One condition on an argument: (index, width, comparison, value).
-type Cond = (u8, SeccompCmpArgLen, SeccompCmpOp, u64);
-
 /// An allowed list: per system call, either any arguments (`None`) or the argument patterns
 /// (each a list of conditions that must all hold) of which one must match.
 #[derive(Clone, Default)]
-pub(crate) struct List(BTreeMap<i64, Option<Vec<Vec<Cond>>>>);
+pub(crate) struct List(bpf::Rules);
 
 impl List {
     /// Allows `nr` with any arguments.
@@ -197,69 +192,37 @@ impl List {
 
     /// Allows `nr` when argument `arg` (as 64 bits) is `value`.
     pub(crate) fn allow_arg(self, nr: i64, arg: u8, value: u64) -> List {
-        self.allow_if(
-            nr,
-            vec![(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value)],
-        )
+        self.allow_if(nr, vec![(arg, Width::Qword, Cmp::Eq, value)])
     }
 
     /// Allows ioctl request `cmd` (the request is an `unsigned int` to the kernel: 32 bits).
     pub(crate) fn ioctl(self, cmd: u64) -> List {
-        self.allow_if(
-            libc::SYS_ioctl,
-            vec![(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd)],
-        )
+        self.allow_if(libc::SYS_ioctl, vec![(1, Width::Dword, Cmp::Eq, cmd)])
     }
 
     /// Allows `socket(family, ...)`.
     pub(crate) fn socket(self, family: i32) -> List {
         self.allow_if(
             libc::SYS_socket,
-            vec![(
-                0,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                u64::from(family.unsigned_abs()),
-            )],
+            vec![(0, Width::Dword, Cmp::Eq, u64::from(family.unsigned_abs()))],
         )
     }
 
     /// Allows `nr` when argument `arg` has none of the bits of `mask`.
     pub(crate) fn allow_without_bits(self, nr: i64, arg: u8, mask: u64) -> List {
-        self.allow_if(
-            nr,
-            vec![(
-                arg,
-                SeccompCmpArgLen::Qword,
-                SeccompCmpOp::MaskedEq(mask),
-                0,
-            )],
-        )
+        self.allow_if(nr, vec![(arg, Width::Qword, Cmp::MaskedEq(mask), 0)])
     }
 
     /// Allows `nr` when the bits `mask` of argument `arg` are `value`.
     pub(crate) fn allow_masked(self, nr: i64, arg: u8, mask: u64, value: u64) -> List {
-        self.allow_if(
-            nr,
-            vec![(
-                arg,
-                SeccompCmpArgLen::Qword,
-                SeccompCmpOp::MaskedEq(mask),
-                value,
-            )],
-        )
+        self.allow_if(nr, vec![(arg, Width::Qword, Cmp::MaskedEq(mask), value)])
     }
 
     /// Allows `fcntl(fd, cmd, ...)` for `cmd`.
     pub(crate) fn fcntl(self, cmd: i32) -> List {
         self.allow_if(
             libc::SYS_fcntl,
-            vec![(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                u64::from(cmd.unsigned_abs()),
-            )],
+            vec![(1, Width::Dword, Cmp::Eq, u64::from(cmd.unsigned_abs()))],
         )
     }
 
@@ -284,63 +247,12 @@ impl List {
         self.0.contains_key(&nr)
     }
 
-    fn compile(self, mode: SeccompMode) -> Result<BpfProgram, seccompiler::Error> {
-        let mut rules = BTreeMap::new();
-        for (nr, pats) in self.0 {
-            let mut out = Vec::new();
-            for conds in pats.unwrap_or_default() {
-                let conds = conds
-                    .into_iter()
-                    .map(|(arg, len, op, v)| SeccompCondition::new(arg, len, op, v))
-                    .collect::<Result<Vec<_>, _>>()?;
-                out.push(SeccompRule::new(conds)?);
-            }
-            rules.insert(nr, out);
-        }
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Trap,
-            SeccompAction::Allow,
-            TargetArch::x86_64,
-        )?;
-        let prog: BpfProgram = filter.try_into()?;
-        if mode != SeccompMode::Log {
-            return Ok(prog);
-        }
+    /// The list's program for `mode` (kill or log).
+    fn compile(&self, mode: SeccompMode) -> Result<Vec<Insn>, String> {
         // Log: anything called from the handler's own `syscall` instruction passes (the
         // address is that of the instruction after it, as the kernel reports it).
-        let ip = gate_address();
-        let ld = |off| bpf(BPF_LD | BPF_W | BPF_ABS, 0, 0, off);
-        let mut out = vec![
-            ld(IP_OFFSET),
-            bpf(BPF_JMP | BPF_JEQ | BPF_K, 0, 3, low32(ip)),
-            ld(IP_OFFSET + 4),
-            bpf(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, low32(ip >> 32)),
-            bpf(BPF_RET | BPF_K, 0, 0, SECCOMP_RET_ALLOW),
-        ];
-        out.extend(prog);
-        Ok(out)
+        bpf::generate(&self.0, (mode == SeccompMode::Log).then(gate_address))
     }
-}
-
-/// The low 32 bits of `v`.
-fn low32(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
-}
-
-const BPF_LD: u16 = 0x00;
-const BPF_W: u16 = 0x00;
-const BPF_ABS: u16 = 0x20;
-const BPF_JMP: u16 = 0x05;
-const BPF_JEQ: u16 = 0x10;
-const BPF_K: u16 = 0x00;
-const BPF_RET: u16 = 0x06;
-const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
-/// `struct seccomp_data`: nr, arch, instruction_pointer (u64), args.
-const IP_OFFSET: u32 = 8;
-
-fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> seccompiler::sock_filter {
-    seccompiler::sock_filter { code, jt, jf, k }
 }
 
 // The log mode's way out: `wv_seccomp_call(nr, a0..a5)` makes system call `nr` from the one
@@ -377,7 +289,7 @@ fn gate_address() -> u64 {
 
 /// The compiled filters, by [`Kind::index`].
 struct Filters {
-    progs: Vec<BpfProgram>,
+    progs: Vec<Vec<Insn>>,
     /// The kind `WV_SECCOMP_PROBE` names, if any.
     probe: Option<Kind>,
 }
@@ -463,7 +375,8 @@ pub(crate) fn prepare(mode: SeccompMode) -> Result<(), String> {
         Ordering::Release,
     );
     // Compiled on a thread of its own, which overlaps the VM's set-up on another CPU (the
-    // fourteen programs take 0.3-2 ms here); the first thread to install a filter waits for it.
+    // fourteen programs took 0.3-2 ms with seccompiler, ~0.9 ms in a debug build with
+    // bpf.rs); the first thread to install a filter waits for it.
     let compile = std::thread::Builder::new()
         .name("seccomp-compile".into())
         .spawn(move || {
@@ -511,7 +424,7 @@ fn fix_malloc_arenas() {
 pub(crate) fn install(kind: Kind) {
     let Some(f) = filters() else { return };
     KIND.with(|k| k.set(kind.name()));
-    if let Err(e) = seccompiler::apply_filter(&f.progs[kind.index()]) {
+    if let Err(e) = apply(&f.progs[kind.index()]) {
         eprintln!(
             "wv: cannot install the seccomp filter of thread kind {}: {e}",
             kind.name()
@@ -520,6 +433,32 @@ pub(crate) fn install(kind: Kind) {
         unsafe { libc::_exit(i32::from(crate::error::STATUS_INTERNAL)) };
     }
     probe(kind);
+}
+
+/// Installs `prog` on the calling thread: no_new_privs (which an unprivileged filter needs),
+/// then the filter.
+fn apply(prog: &[Insn]) -> std::io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) only sets a flag of the calling thread.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel copies the program in (`fprog` points at `prog`, alive for the call).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// [`install`] for a thread started through [`wv_devices::thread::spawn`], by kind name.
@@ -549,7 +488,7 @@ fn probe(kind: Kind) {
 
 /// What the teardown helper needs to narrow itself to its list: the program (empty when
 /// filters are off) and whether it makes the probe call. Leaked: the helper outlives `wv`.
-pub(crate) fn teardown_filter() -> (&'static [seccompiler::sock_filter], bool) {
+pub(crate) fn teardown_filter() -> (&'static [Insn], bool) {
     match filters() {
         None => (&[], false),
         Some(f) => (
@@ -566,13 +505,13 @@ pub(crate) fn set_teardown_tid(tid: i32) {
 
 /// In the teardown helper: installs `prog` (the teardown list) with raw system calls, then
 /// the probe call if asked; true when installed.
-pub(crate) fn install_raw(prog: &[seccompiler::sock_filter], probe: bool) -> bool {
+pub(crate) fn install_raw(prog: &[Insn], probe: bool) -> bool {
     if prog.is_empty() {
         return false;
     }
     let fprog = libc::sock_fprog {
         len: u16::try_from(prog.len()).unwrap_or(u16::MAX),
-        filter: prog.as_ptr().cast_mut().cast(),
+        filter: prog.as_ptr().cast_mut(),
     };
     // SAFETY: the kernel copies the program in; no_new_privs was set by the main thread's own
     // filter and is inherited.
@@ -759,55 +698,123 @@ mod tests {
         }
     }
 
-    /// Where a filter's start-up cost goes, per kind: seccompiler's compilation, the kernel's
-    /// installation (a fresh thread each), and then a call through it (ioctl on a bad
-    /// descriptor: an argument check). Prints; asserts nothing
-    /// but that each step works. `cargo test -p wv-vmm --release --lib seccomp_costs -- --ignored --nocapture`
+    /// Where a filter's start-up cost goes, per kind, seccompiler's linear chains (the
+    /// reference in `bpf.rs`'s tests, what `wv` ran before its own generator) against the
+    /// generator's search: the program's length, the generator's time, the kernel's
+    /// installation (on a fresh thread each, median of 7), and then calls through it: fcntl on
+    /// a bad descriptor (an argument check, so the filter runs) and gettid (argument-free: as
+    /// cheap as without a filter when the kernel's always-allowed cache has it). The first
+    /// row is the shortest program there is (the architecture checked, everything allowed):
+    /// the installation's floor. Prints; asserts nothing but that each step works.
+    /// `cargo test -p wv-vmm --lib seccomp_costs -- --ignored --nocapture`
     #[test]
     #[ignore = "a measurement: run by hand with --ignored --nocapture"]
     fn seccomp_costs() {
-        use std::time::Instant;
+        use std::time::{Duration, Instant};
         let call = || {
             let t = Instant::now();
             for _ in 0..10_000 {
                 // SAFETY: fcntl on descriptor -1 only fails (EBADF).
                 unsafe { libc::fcntl(-1, libc::F_GETFD) };
             }
-            t.elapsed().as_nanos() / 10_000
+            let fcntl = t.elapsed().as_nanos() / 10_000;
+            let t = Instant::now();
+            for _ in 0..10_000 {
+                // SAFETY: gettid has no preconditions.
+                unsafe { libc::syscall(libc::SYS_gettid) };
+            }
+            (fcntl, t.elapsed().as_nanos() / 10_000)
         };
-        println!("no filter: fcntl {} ns", call());
-        let tiny = common::list().compile(SeccompMode::Kill).unwrap();
-        let (ins, ns) = std::thread::spawn(move || {
-            let t = Instant::now();
-            seccompiler::apply_filter(&tiny).unwrap();
-            (t.elapsed(), call())
-        })
-        .join()
-        .unwrap();
+        // Median installation time of `prog` (each on a fresh, unfiltered thread), and the
+        // cost of a call under it.
+        let install = |prog: &Vec<Insn>| {
+            let mut runs: Vec<(Duration, (u128, u128))> = (0..7)
+                .map(|_| {
+                    let p = prog.clone();
+                    std::thread::spawn(move || {
+                        let t = Instant::now();
+                        apply(&p).unwrap();
+                        (t.elapsed(), call())
+                    })
+                    .join()
+                    .unwrap()
+                })
+                .collect();
+            runs.sort();
+            (runs[3].0.as_secs_f64() * 1e6, runs[3].1)
+        };
+        let (f, g) = call();
+        println!("no filter: fcntl {f} ns, gettid {g} ns");
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
         println!(
-            "common list only: install {:6.1} us, fcntl {ns} ns",
-            ins.as_secs_f64() * 1e6
+            "{:>15}  {:>5} {:>5}  {:>9} {:>9}  {:>9} {:>9}  {:>6} {:>6}  {:>6} {:>6}",
+            "kind", "insns", "", "generate", "", "install", "", "fcntl", "", "gettid", ""
         );
+        println!(
+            "{:>15}  {:>5} {:>5}  {:>9} {:>9}  {:>9} {:>9}  {:>6} {:>6}  {:>6} {:>6}",
+            "",
+            "old",
+            "new",
+            "old us",
+            "new us",
+            "old us",
+            "new us",
+            "old ns",
+            "new ns",
+            "old ns",
+            "new ns"
+        );
+        let floor = vec![
+            Insn {
+                code: bpf::BPF_LD | bpf::BPF_W | bpf::BPF_ABS,
+                jt: 0,
+                jf: 0,
+                k: 4,
+            },
+            Insn {
+                code: bpf::BPF_JMP | bpf::BPF_JEQ | bpf::BPF_K,
+                jt: 1,
+                jf: 0,
+                k: bpf::AUDIT_ARCH_X86_64,
+            },
+            Insn {
+                code: bpf::BPF_RET | bpf::BPF_K,
+                jt: 0,
+                jf: 0,
+                k: bpf::SECCOMP_RET_KILL_PROCESS,
+            },
+            Insn {
+                code: bpf::BPF_RET | bpf::BPF_K,
+                jt: 0,
+                jf: 0,
+                k: bpf::SECCOMP_RET_ALLOW,
+            },
+        ];
+        let (ins, (f, g)) = install(&floor);
+        println!(
+            "{:>15}  {:5} {:5}  {:>9} {:>9}  {ins:9.1} {ins:9.1}  {f:6} {f:6}  {g:6} {g:6}",
+            "allow all", 4, 4, "", ""
+        );
+        let common = common::list();
         // The teardown list is too narrow for a std thread's own end.
-        for k in Kind::ALL.into_iter().filter(|k| *k != Kind::Teardown) {
+        let kinds = Kind::ALL.into_iter().filter(|k| *k != Kind::Teardown);
+        let lists =
+            std::iter::once(("common only", common)).chain(kinds.map(|k| (k.name(), k.list())));
+        for (name, list) in lists {
             let t = Instant::now();
-            let p = k.list().compile(SeccompMode::Kill).unwrap();
-            let compiled = t.elapsed();
-            let (ins, ns) = std::thread::spawn(move || {
-                let t = Instant::now();
-                seccompiler::apply_filter(&p).unwrap();
-                let installed = t.elapsed();
-                (installed, call())
-            })
-            .join()
-            .unwrap();
+            let old = bpf::tests::seccompiler_program(&list.0, None);
+            let old_gen = t.elapsed();
+            let t = Instant::now();
+            let new = list.compile(SeccompMode::Kill).unwrap();
+            let new_gen = t.elapsed();
+            let (old_ins, (old_f, old_g)) = install(&old);
+            let (new_ins, (new_f, new_g)) = install(&new);
             println!(
-                "{:>15}: {:4} insns, compile {:6.1} us, install {:6.1} us, fcntl {} ns",
-                k.name(),
-                k.list().compile(SeccompMode::Kill).unwrap().len(),
-                compiled.as_secs_f64() * 1e6,
-                ins.as_secs_f64() * 1e6,
-                ns
+                "{name:>15}  {:5} {:5}  {:9.1} {:9.1}  {old_ins:9.1} {new_ins:9.1}  {old_f:6} {new_f:6}  {old_g:6} {new_g:6}",
+                old.len(),
+                new.len(),
+                us(old_gen),
+                us(new_gen),
             );
         }
     }
