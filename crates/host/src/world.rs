@@ -155,6 +155,13 @@ impl VmSpec {
                     .to_string(),
             );
         }
+        if c.disks.iter().any(|d| d.vhost_user) {
+            // As for nets: the VMM must not connect to whatever socket a client names.
+            return Err(
+                "disks: vhost-user disks are for wv run only; the daemon does not serve them yet"
+                    .to_string(),
+            );
+        }
         for (field, n) in [("disks", c.disks.len()), ("nets", c.nets.len())] {
             if n > MAX_DEVICES {
                 return Err(format!("{field}: {n} entries, at most {MAX_DEVICES}"));
@@ -325,6 +332,8 @@ mod tests {
             r#"{"name":"a","disks":["path=/x\u0000.img"]}"#,
             r#"{"name":"a","nets":["tap=t\u00000"]}"#,
             r#"{"name":"a","nets":["vhost-user=/run/other.sock"]}"#,
+            r#"{"name":"a","disks":["vhost-user=/run/other.sock"]}"#,
+            r#"{"name":"a","disks":[{"path":"/run/other.sock","vhost_user":true,"id":"d"}]}"#,
             r#"{"name":"a","kernel":""}"#,
         ] {
             assert!(spec(bad).unwrap().validate().is_err(), "{bad}");
