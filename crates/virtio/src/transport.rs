@@ -378,6 +378,9 @@ impl VirtioPci {
 
     fn set_status(&mut self, v: u8) {
         if v == 0 {
+            if self.status != 0 {
+                self.irq.counters.resets.fetch_add(1, Ordering::Relaxed);
+            }
             self.reset();
             return;
         }
@@ -929,7 +932,13 @@ impl VirtioPci {
         }
         if (self.mover)(u64::from(self.bar_addr), u64::from(bar.addr)) {
             self.bar_addr = bar.addr;
-        } else if !self.warned_move {
+        } else {
+            self.irq
+                .counters
+                .refused_bar_moves
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if self.bar_addr != bar.addr && !self.warned_move {
             self.warned_move = true;
             eprintln!("wv: the guest moved a virtio BAR to {:#x}, which is taken or outside the PCI MMIO window; the device stays at {:#x}", bar.addr, self.bar_addr);
         }

@@ -374,18 +374,11 @@ impl Controller {
     }
 
     fn counters(&self) -> serde_json::Value {
-        use std::sync::atomic::Ordering;
         let devices: Vec<_> = self
             .shared
             .device_counters
             .iter()
-            .map(|(name, c)| {
-                serde_json::json!({
-                    "name": name,
-                    "notifications": c.notifications.load(Ordering::Relaxed),
-                    "interrupts": c.interrupts.load(Ordering::Relaxed),
-                })
-            })
+            .map(|(name, c)| crate::stats::DeviceActivity::read(name, c))
             .collect();
         let vcpus: Vec<_> = self
             .shared
