@@ -71,6 +71,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"echo" => echo(),
         b"genid" => genid(),
         b"idle" => idle(),
+        b"attack" => crate::attack::run(),
         _ => {
             let mut l = Line::new();
             l.s("unknown test '").bytes(name).s("'");

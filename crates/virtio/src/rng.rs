@@ -237,7 +237,7 @@ mod tests {
         // A loop: descriptor 0 -> 1 -> 0 ...
         let mut q = queue(&mem, &[(0x1000, 64, 2), (0x2000, 64, 2)]);
         mem.write_obj(0u16, GuestAddress(16 + 14)).unwrap();
-        mem.write_obj(1u16, GuestAddress(16 + 12)).unwrap();
+        mem.write_obj(3u16, GuestAddress(16 + 12)).unwrap();
         assert!(serve(&mem, &mut q));
         assert_eq!(q.counters.bad_chains.load(Relaxed), 1);
         // The available index jumps by more than the queue size: nothing taken, counted.
