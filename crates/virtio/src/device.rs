@@ -86,6 +86,9 @@ pub struct DeviceCounters {
     /// BAR relocations the device refused (onto RAM, another BAR, the ECAM window, the
     /// interrupt controllers: anywhere outside the free part of the PCI MMIO window).
     pub refused_bar_moves: std::sync::atomic::AtomicU64,
+    /// MSI-X interrupts raised through a table entry whose address is outside the local APICs'
+    /// window (0xfeexxxxx): the guest programmed garbage, and KVM delivers them to no CPU.
+    pub bad_msi: std::sync::atomic::AtomicU64,
 }
 
 /// A virtio device behind a transport.

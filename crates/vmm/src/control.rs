@@ -4,7 +4,7 @@
 //! | method and path | does |
 //! |---|---|
 //! | GET /vm | state (`running`, `paused`), vCPUs, memory, configuration |
-//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves; KVM's counters per vCPU |
+//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves, MSI-X garbage; KVM's counters per vCPU |
 //! | PUT /vm/pause | stop every vCPU at a KVM_RUN boundary and quiesce the devices (204) |
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |

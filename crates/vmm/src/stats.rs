@@ -207,6 +207,8 @@ pub struct DeviceActivity {
     pub resets: u64,
     /// BAR relocations refused (onto RAM, another BAR, the ECAM window).
     pub refused_bar_moves: u64,
+    /// MSI-X interrupts raised through an entry with an address outside the LAPIC window.
+    pub bad_msi: u64,
 }
 
 impl DeviceActivity {
@@ -221,6 +223,7 @@ impl DeviceActivity {
             ring_errors: c.ring_errors.load(Relaxed),
             resets: c.resets.load(Relaxed),
             refused_bar_moves: c.refused_bar_moves.load(Relaxed),
+            bad_msi: c.bad_msi.load(Relaxed),
         }
     }
 }
@@ -422,8 +425,8 @@ impl VmStats {
         }
         for d in &self.devices {
             s.push_str(&format!(
-                "dev   {:<26} notifications={} interrupts={} (no vCPU exits) bad_chains={} ring_errors={} resets={} refused_bar_moves={}\n",
-                d.name, d.notifications, d.interrupts, d.bad_chains, d.ring_errors, d.resets, d.refused_bar_moves
+                "dev   {:<26} notifications={} interrupts={} (no vCPU exits) bad_chains={} ring_errors={} resets={} refused_bar_moves={} bad_msi={}\n",
+                d.name, d.notifications, d.interrupts, d.bad_chains, d.ring_errors, d.resets, d.refused_bar_moves, d.bad_msi
             ));
         }
         s
