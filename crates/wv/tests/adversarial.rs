@@ -232,8 +232,9 @@ fn full_set(dir: &TempDir) {
         assert!(counter(&s, dev, "ring_errors") >= 3, "{dev}: {s}");
         assert!(counter(&s, dev, "notifications") >= 100_000, "{dev}: {s}");
         assert!(counter(&s, dev, "resets") >= 50, "{dev}: {s}");
-        // Requests completed through MSI-X entries 0, 2 and 3, which hold garbage addresses.
-        assert!(counter(&s, dev, "bad_msi") >= 3, "{dev}: {s}");
+        // A request completed through MSI-X entry 0, which holds a garbage address (the
+        // tables have two entries: vectors 2 and 3 read back as NO_VECTOR).
+        assert!(counter(&s, dev, "bad_msi") >= 1, "{dev}: {s}");
     }
     // BARs moved onto RAM, the other device, the ECAM window and the interrupt controllers.
     assert!(counter(&s, "virtio-rng", "refused_bar_moves") >= 6, "{s}");
