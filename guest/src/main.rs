@@ -9,6 +9,7 @@
 #![no_main]
 
 mod acpi;
+mod attack;
 mod bootinfo;
 mod console;
 mod cpu;

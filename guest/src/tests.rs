@@ -72,6 +72,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"genid" => genid(),
         b"idle" => idle(),
         b"balloon" => balloon_test(),
+        b"attack" => crate::attack::run(),
         _ => {
             let mut l = Line::new();
             l.s("unknown test '").bytes(name).s("'");

@@ -236,6 +236,42 @@ impl Device {
         true
     }
 
+    /// Writes `descs` (address, length, flags, next) verbatim from descriptor 0 of queue `q`,
+    /// puts head 0 in every available slot, moves the available index on by `advance` (more
+    /// than the queue size is a jump no driver makes) and notifies: the adversarial tests'
+    /// way of handing the device whatever a hostile kernel would (guest/src/attack.rs).
+    pub fn post_raw(&mut self, q: u16, descs: &[(u64, u32, u16, u16)], advance: u16) -> bool {
+        let qi = usize::from(q);
+        if descs.len() > usize::from(QSIZE) || qi >= MAX_QUEUES {
+            return false;
+        }
+        // SAFETY: the rings are this driver's; as in post.
+        let r = unsafe { &mut *(&raw mut RINGS).cast::<Ring>().add(qi) };
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            r.desc[i] = [
+                addr,
+                u64::from(len) | (u64::from(flags) << 32) | (u64::from(next) << 48),
+            ];
+        }
+        r.avail[2..].fill(0);
+        self.avail_idx[qi] = self.avail_idx[qi].wrapping_add(advance);
+        fence(Ordering::SeqCst);
+        // SAFETY: volatile store of the avail index the device reads.
+        unsafe { (&raw mut r.avail[1]).write_volatile(self.avail_idx[qi]) };
+        fence(Ordering::SeqCst);
+        self.kick(q);
+        true
+    }
+
+    /// Notifies queue `q` (nothing new needs to be available).
+    pub fn kick(&self, q: u16) {
+        let qi = usize::from(q).min(MAX_QUEUES - 1);
+        wr::<u16>(
+            self.notify + u64::from(self.notify_off[qi]) * u64::from(self.notify_mult),
+            q,
+        );
+    }
+
     /// Polls queue `q` until the device uses a chain (returns its length) or `cycles` TSC
     /// cycles pass.
     pub fn wait_used(&mut self, q: u16, cycles: u64) -> Option<u32> {

@@ -193,6 +193,14 @@ impl MsixTable {
             .collect()
     }
 
+    /// Whether entry `v` holds an address in the local APICs' MSI window (0xfeexxxxx, high
+    /// half 0); a message anywhere else reaches no CPU.
+    pub fn targets_lapic(&self, v: usize) -> bool {
+        self.entries
+            .get(v)
+            .is_some_and(|e| e.addr_hi == 0 && e.addr_lo & 0xfff0_0000 == 0xfee0_0000)
+    }
+
     /// Asks to raise vector `v`: true if it may be delivered now, otherwise marks it pending.
     pub fn trigger(&mut self, v: usize) -> bool {
         if v >= self.entries.len() {

@@ -925,10 +925,11 @@ impl VirtioDevice for Block {
             let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
             // One chain at a time: a pause asked meanwhile is honoured after this one.
             while !ctl.pausing() {
-                let Some(chain) = q.queue.pop_descriptor_chain(&mem) else {
+                let Some(chain) = q.pop_chain(&mem) else {
                     break;
                 };
                 let head = chain.head_index();
+                let dropped = counters.dropped.load(Ordering::Relaxed);
                 let len = if dirty.is_on() {
                     let mut t = Watched {
                         disk: disk.as_mut(),
@@ -938,6 +939,10 @@ impl VirtioDevice for Block {
                 } else {
                     process(&mem, chain, disk.as_mut(), &id, &counters)
                 };
+                // A chain the device could not answer (it is used with no data).
+                if counters.dropped.load(Ordering::Relaxed) != dropped {
+                    q.count_bad_chain();
+                }
                 if q.queue.add_used(&mem, head, len).is_err() {
                     break;
                 }

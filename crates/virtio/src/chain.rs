@@ -46,6 +46,10 @@ pub enum ChainError {
     TooBig,
     /// A copy asked for bytes beyond the chain's readable or writable part.
     Short,
+    /// The chain ends where it must not: no descriptor at all, or a last descriptor that
+    /// still names a next one (a loop, a next index beyond the queue, an unreadable or nested
+    /// indirect table; the descriptor walk stops at those without saying why).
+    Broken,
 }
 
 impl std::fmt::Display for ChainError {
@@ -56,6 +60,9 @@ impl std::fmt::Display for ChainError {
             ChainError::Order => "device-readable buffer after a device-writable one",
             ChainError::TooBig => "descriptor chain longer than 4 GiB",
             ChainError::Short => "descriptor chain shorter than the request",
+            ChainError::Broken => {
+                "descriptor chain broken (empty, a loop, a next index beyond the queue, a nested indirect table)"
+            }
         })
     }
 }
@@ -94,8 +101,11 @@ impl Chain {
             writable_bytes: 0,
         };
         let (mut readable, mut writable) = (0u64, 0u64);
+        // Whether the last descriptor read names a next one: the walk ended early then.
+        let mut dangling = false;
         // `chain` is consumed here: this loop is the only reading of the descriptor table.
         for d in chain {
+            dangling = d.has_next();
             if c.descs.len() == max {
                 return Err(ChainError::TooLong);
             }
@@ -116,6 +126,9 @@ impl Chain {
                 c.readable += 1;
             }
             c.descs.push(desc);
+        }
+        if c.descs.is_empty() || dangling {
+            return Err(ChainError::Broken);
         }
         c.readable_bytes = u32::try_from(readable).map_err(|_| ChainError::TooBig)?;
         c.writable_bytes = u32::try_from(writable).map_err(|_| ChainError::TooBig)?;
@@ -309,6 +322,51 @@ mod tests {
             2,
         );
         assert_eq!(e.unwrap_err(), ChainError::TooLong);
+    }
+
+    /// Found by the adversarial probe guest (`probe.attack=ring-loop`): the descriptor walk
+    /// of virtio-queue ends quietly at a loop (after a queue's worth of descriptors), at a
+    /// next index beyond the queue and at a nested indirect table, and the truncated chain
+    /// used to be served (entropy written over the same buffer again and again).
+    #[test]
+    fn loops_and_chains_that_end_early_are_refused() {
+        const I: u16 = 4;
+        // Loops: onto itself, between two descriptors, around eight.
+        let e = read(&[(0x9000, 64, W | N, 0)], MAX_CHAIN);
+        assert_eq!(e.unwrap_err(), ChainError::Broken);
+        let e = read(&[(0x9000, 64, W | N, 1), (0xa000, 64, W | N, 0)], MAX_CHAIN);
+        assert_eq!(e.unwrap_err(), ChainError::Broken);
+        let ring: Vec<_> = (0..8u16).map(|i| (0x9000, 8, W | N, (i + 1) % 8)).collect();
+        assert_eq!(read(&ring, MAX_CHAIN).unwrap_err(), ChainError::Broken);
+        // A next index beyond the queue (16 entries).
+        let e = read(&[(0x9000, 64, W | N, 200)], MAX_CHAIN);
+        assert_eq!(e.unwrap_err(), ChainError::Broken);
+        // An indirect table inside an indirect table; an indirect table holding a loop.
+        let (m, mut q) = setup(&[(0x4000, 16, I, 0)]);
+        m.write_obj(0x5000u64, GuestAddress(0x4000)).unwrap();
+        m.write_obj(16u32, GuestAddress(0x4008)).unwrap();
+        m.write_obj(I, GuestAddress(0x400c)).unwrap();
+        let chain = q.pop_descriptor_chain(&m).unwrap();
+        assert_eq!(
+            Chain::read(&m, chain, MAX_CHAIN).unwrap_err(),
+            ChainError::Broken
+        );
+        let (m, mut q) = setup(&[(0x4000, 32, I, 0)]);
+        for (at, next) in [(0x4000u64, 1u16), (0x4010, 0)] {
+            m.write_obj(0x9000u64, GuestAddress(at)).unwrap();
+            m.write_obj(64u32, GuestAddress(at + 8)).unwrap();
+            m.write_obj(W | N, GuestAddress(at + 12)).unwrap();
+            m.write_obj(next, GuestAddress(at + 14)).unwrap();
+        }
+        let chain = q.pop_descriptor_chain(&m).unwrap();
+        assert_eq!(
+            Chain::read(&m, chain, MAX_CHAIN).unwrap_err(),
+            ChainError::Broken
+        );
+        // A whole queue's worth that really ends is fine.
+        let mut full: Vec<_> = (0..16u16).map(|i| (0x9000, 8, W | N, i + 1)).collect();
+        full[15].2 = W;
+        assert_eq!(read(&full, MAX_CHAIN).unwrap().writable_bytes(), 128);
     }
 
     #[test]

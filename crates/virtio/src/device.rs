@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 /// How a device raises interrupts (the transport decides between MSI-X and INTx).
@@ -44,6 +44,28 @@ impl ActiveQueue {
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
     }
+
+    /// Takes the next chain the driver made available. An available ring the device cannot
+    /// use (its index more than the queue size ahead of the device's, or the ring unreadable)
+    /// yields nothing and is counted in [`DeviceCounters::ring_errors`]: a hostile or broken
+    /// driver then gets no service on this queue until it resets the device.
+    pub fn pop_chain<'m>(
+        &mut self,
+        mem: &'m GuestMemoryMmap,
+    ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+        match self.queue.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(_) => {
+                self.counters.ring_errors.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Counts a chain the device refused (see [`DeviceCounters::bad_chains`]).
+    pub fn count_bad_chain(&self) {
+        self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// What a device's data path did without involving a vCPU thread.
@@ -53,6 +75,20 @@ pub struct DeviceCounters {
     pub notifications: std::sync::atomic::AtomicU64,
     /// Interrupts raised to the guest (irqfd signals).
     pub interrupts: std::sync::atomic::AtomicU64,
+    /// Descriptor chains refused: a buffer outside guest RAM (on MMIO, in the PCI hole, past
+    /// the top, a length that wraps), a loop, an indirect table inside an indirect table, too
+    /// many descriptors. Each is completed without data (or, when even that fails, dropped).
+    pub bad_chains: std::sync::atomic::AtomicU64,
+    /// Times an available ring could not be used (see [`ActiveQueue::pop_chain`]).
+    pub ring_errors: std::sync::atomic::AtomicU64,
+    /// Resets of the device by its driver (status 0 written while the device was not reset).
+    pub resets: std::sync::atomic::AtomicU64,
+    /// BAR relocations the device refused (onto RAM, another BAR, the ECAM window, the
+    /// interrupt controllers: anywhere outside the free part of the PCI MMIO window).
+    pub refused_bar_moves: std::sync::atomic::AtomicU64,
+    /// MSI-X interrupts raised through a table entry whose address is outside the local APICs'
+    /// window (0xfeexxxxx): the guest programmed garbage, and KVM delivers them to no CPU.
+    pub bad_msi: std::sync::atomic::AtomicU64,
 }
 
 /// A virtio device behind a transport.

@@ -349,7 +349,7 @@ fn deliver(
     let mut taken: Vec<(u16, Option<Chain>)> = Vec::new();
     let mut room = 0usize;
     while room < rx.len && (mergeable || taken.is_empty()) {
-        let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = q.pop_chain(mem) else {
             for _ in &taken {
                 q.queue.go_to_previous_position();
             }
@@ -373,6 +373,7 @@ fn deliver(
         for (head, _) in &taken {
             let _ = q.queue.add_used(mem, *head, 0);
         }
+        q.count_bad_chain();
         counters.dropped.fetch_add(1, Ordering::Relaxed);
         rx.len = 0;
         return true;
@@ -568,7 +569,7 @@ fn net_loop(
             queues[1].take_notifications();
             let mut used = false;
             while !ctl.pausing() {
-                let Some(chain) = queues[1].queue.pop_descriptor_chain(&mem) else {
+                let Some(chain) = queues[1].pop_chain(&mem) else {
                     break;
                 };
                 let head = chain.head_index();

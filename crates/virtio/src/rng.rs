@@ -40,7 +40,7 @@ fn serve_until(
     let mut used = false;
     let mut buf = Vec::new();
     while !stop() {
-        let Some(chain) = q.queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = q.pop_chain(mem) else {
             break;
         };
         let head = chain.head_index();
@@ -57,7 +57,10 @@ fn serve_until(
                     0
                 }
             }
-            _ => 0,
+            _ => {
+                q.count_bad_chain();
+                0
+            }
         };
         if q.queue.add_used(mem, head, written).is_err() {
             break;
@@ -207,5 +210,41 @@ mod tests {
             .read_obj(GuestAddress(0x1_0000 + u64::from(MAX_REQUEST)))
             .unwrap();
         assert_eq!(past, 0);
+    }
+
+    /// What the adversarial probe guest does to a ring (docs/DEVICES.md, "Adversarial guest"),
+    /// replayed here: every hostile chain is completed empty and counted, a loop or an indirect
+    /// table nested in another ends, and an available index that jumps past the queue size
+    /// takes nothing and is counted.
+    #[test]
+    fn hostile_rings_are_counted_and_never_served() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let hostile: &[&[(u64, u32, u16)]] = &[
+            &[(0xfee0_0000, 64, 2)],          // the LAPIC
+            &[(0xe000_0000, 4096, 2)],        // the ECAM window
+            &[(1 << 40, 64, 2)],              // far beyond RAM
+            &[(0x1000, u32::MAX, 2)],         // a length running past the end
+            &[(u64::MAX - 0x7ff, 0x1000, 2)], // an address that wraps
+            &[(0x1000, 64, 2 | 4)],           // indirect, not negotiated
+        ];
+        for bufs in hostile {
+            let mut q = queue(&mem, bufs);
+            assert!(serve(&mem, &mut q), "{bufs:x?}");
+            assert_eq!(used_len(&mem), 0, "{bufs:x?}");
+            assert_eq!(q.counters.bad_chains.load(Relaxed), 1, "{bufs:x?}");
+        }
+        // A loop: descriptor 0 -> 1 -> 0 ...
+        let mut q = queue(&mem, &[(0x1000, 64, 2), (0x2000, 64, 2)]);
+        mem.write_obj(0u16, GuestAddress(16 + 14)).unwrap();
+        mem.write_obj(3u16, GuestAddress(16 + 12)).unwrap();
+        assert!(serve(&mem, &mut q));
+        assert_eq!(q.counters.bad_chains.load(Relaxed), 1);
+        // The available index jumps by more than the queue size: nothing taken, counted.
+        let mut q = queue(&mem, &[(0x1000, 64, 2)]);
+        mem.write_obj(17u16, GuestAddress(0x102)).unwrap();
+        assert!(!serve(&mem, &mut q));
+        assert_eq!(q.counters.ring_errors.load(Relaxed), 1);
+        assert_eq!(q.counters.bad_chains.load(Relaxed), 0);
     }
 }

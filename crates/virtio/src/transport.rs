@@ -89,6 +89,9 @@ impl Irq {
         if t.enabled() {
             let v = usize::from(vector);
             if vector != NO_VECTOR && v < self.irqfds.len() && t.trigger(v) {
+                if !t.targets_lapic(v) {
+                    self.counters.bad_msi.fetch_add(1, Ordering::Relaxed);
+                }
                 let _ = self.irqfds[v].write(1);
                 self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
             }
@@ -378,6 +381,9 @@ impl VirtioPci {
 
     fn set_status(&mut self, v: u8) {
         if v == 0 {
+            if self.status != 0 {
+                self.irq.counters.resets.fetch_add(1, Ordering::Relaxed);
+            }
             self.reset();
             return;
         }
@@ -940,7 +946,13 @@ impl VirtioPci {
         }
         if (self.mover)(u64::from(self.bar_addr), u64::from(bar.addr)) {
             self.bar_addr = bar.addr;
-        } else if !self.warned_move {
+        } else {
+            self.irq
+                .counters
+                .refused_bar_moves
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if self.bar_addr != bar.addr && !self.warned_move {
             self.warned_move = true;
             eprintln!("wv: the guest moved a virtio BAR to {:#x}, which is taken or outside the PCI MMIO window; the device stays at {:#x}", bar.addr, self.bar_addr);
         }
@@ -1217,6 +1229,45 @@ mod tests {
         assert_eq!(
             d.bar_addr, 0xc010_0000,
             "the mover refused: the device stays"
+        );
+    }
+
+    /// What the adversarial guest does to a transport (docs/DEVICES.md, "Adversarial
+    /// guest") leaves a trace in the device's counters: refused BAR moves, resets, and
+    /// interrupts through MSI-X entries holding garbage addresses.
+    #[test]
+    fn hostile_moves_resets_and_msi_garbage_are_counted() {
+        let (mut d, _) = rng_pci();
+        let c = d.counters();
+        d.config_write(0x04, &2u16.to_le_bytes());
+        d.config_write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(d.bar_addr, 0xc000_0000);
+        assert_eq!(c.refused_bar_moves.load(Ordering::Relaxed), 1);
+        d.config_write(0x10, &[0xff; 4]);
+        assert_eq!(c.refused_bar_moves.load(Ordering::Relaxed), 1, "sizing");
+        d.config_write(0x10, &0xc000_0000u32.to_le_bytes());
+        // Entry 0 garbage, entry 1 a real LAPIC address.
+        for (v, lo, hi) in [(0u64, 0x1234_5000u32, 0xffff_ffffu32), (1, 0xfee0_0000, 0)] {
+            let at = MSIX_TABLE + 16 * v;
+            w32(&mut d, at, lo);
+            w32(&mut d, at + 4, hi);
+            w32(&mut d, at + 8, 0xffff_ffff);
+            w32(&mut d, at + 12, 0);
+        }
+        d.config_write(d.msix_cap + 2, &MSIX_ENABLE.to_le_bytes());
+        negotiate(&mut d, 1);
+        w16(&mut d, 0x10, 0);
+        d.irq.config();
+        w16(&mut d, 0x10, 1);
+        d.irq.config();
+        assert_eq!(c.interrupts.load(Ordering::Relaxed), 2);
+        assert_eq!(c.bad_msi.load(Ordering::Relaxed), 1);
+        d.mmio_write(0x14, &[0]);
+        d.mmio_write(0x14, &[0]);
+        assert_eq!(
+            c.resets.load(Ordering::Relaxed),
+            1,
+            "a reset of a reset device"
         );
     }
 

@@ -4,7 +4,7 @@
 //! | method and path | does |
 //! |---|---|
 //! | GET /vm | state (`running`, `paused`), vCPUs, memory, configuration |
-//! | GET /vm/counters | per-device notifications and interrupts; KVM's counters per vCPU |
+//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves, MSI-X garbage; KVM's counters per vCPU |
 //! | PUT /vm/pause | stop every vCPU at a KVM_RUN boundary and quiesce the devices (204) |
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
@@ -423,18 +423,11 @@ impl Controller {
     }
 
     fn counters(&self) -> serde_json::Value {
-        use std::sync::atomic::Ordering;
         let devices: Vec<_> = self
             .shared
             .device_counters
             .iter()
-            .map(|(name, c)| {
-                serde_json::json!({
-                    "name": name,
-                    "notifications": c.notifications.load(Ordering::Relaxed),
-                    "interrupts": c.interrupts.load(Ordering::Relaxed),
-                })
-            })
+            .map(|(name, c)| crate::stats::DeviceActivity::read(name, c))
             .collect();
         let vcpus: Vec<_> = self
             .shared

@@ -719,11 +719,7 @@ pub(crate) fn run_from(
     let devices = shared
         .device_counters
         .iter()
-        .map(|(name, c)| stats::DeviceActivity {
-            name: (*name).to_string(),
-            notifications: c.notifications.load(Ordering::Relaxed),
-            interrupts: c.interrupts.load(Ordering::Relaxed),
-        })
+        .map(|(name, c)| stats::DeviceActivity::read(name, c))
         .collect();
     let stats = VmStats {
         devices,

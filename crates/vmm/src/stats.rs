@@ -199,6 +199,33 @@ pub struct DeviceActivity {
     pub notifications: u64,
     /// Interrupts raised.
     pub interrupts: u64,
+    /// Descriptor chains refused (buffers outside RAM, loops, nested indirect tables).
+    pub bad_chains: u64,
+    /// Times an available ring was unusable (an index that jumped past the queue size).
+    pub ring_errors: u64,
+    /// Resets of the device by its driver.
+    pub resets: u64,
+    /// BAR relocations refused (onto RAM, another BAR, the ECAM window).
+    pub refused_bar_moves: u64,
+    /// MSI-X interrupts raised through an entry with an address outside the LAPIC window.
+    pub bad_msi: u64,
+}
+
+impl DeviceActivity {
+    /// A snapshot of device `name`'s counters.
+    pub fn read(name: &str, c: &wv_virtio::DeviceCounters) -> DeviceActivity {
+        use std::sync::atomic::Ordering::Relaxed;
+        DeviceActivity {
+            name: name.to_string(),
+            notifications: c.notifications.load(Relaxed),
+            interrupts: c.interrupts.load(Relaxed),
+            bad_chains: c.bad_chains.load(Relaxed),
+            ring_errors: c.ring_errors.load(Relaxed),
+            resets: c.resets.load(Relaxed),
+            refused_bar_moves: c.refused_bar_moves.load(Relaxed),
+            bad_msi: c.bad_msi.load(Relaxed),
+        }
+    }
 }
 
 /// KVM counters shown in the table (all non-zero ones go into the JSON).
@@ -398,8 +425,8 @@ impl VmStats {
         }
         for d in &self.devices {
             s.push_str(&format!(
-                "dev   {:<26} notifications={} interrupts={} (no vCPU exits)\n",
-                d.name, d.notifications, d.interrupts
+                "dev   {:<26} notifications={} interrupts={} (no vCPU exits) bad_chains={} ring_errors={} resets={} refused_bar_moves={} bad_msi={}\n",
+                d.name, d.notifications, d.interrupts, d.bad_chains, d.ring_errors, d.resets, d.refused_bar_moves, d.bad_msi
             ));
         }
         s
@@ -431,6 +458,7 @@ mod tests {
                 name: "virtio-rng".into(),
                 notifications: 2,
                 interrupts: 1,
+                ..DeviceActivity::default()
             }],
         }
     }
