@@ -304,7 +304,7 @@ const VM_OPTS: &[Opt] = &[
     opt(
         "--disk",
         Arg::Value("SPEC"),
-        "a virtio-blk disk (repeatable): path=IMG[,readonly=on][,id=NAME] (raw image or\nblock device; read-write disks are locked against a second writer),\nvmkfs=DATASTORE:NAME[,readonly=on][,id=NAME] (disk NAME of a VMKFS datastore), or\nvhost-user=SOCKET[,readonly=on][,id=NAME] (served by a vhost-user backend such as\nwv storage; docs/STORAGE.md)",
+        "a virtio-blk disk (repeatable): path=IMG[,readonly=on][,id=NAME] (raw image or\nblock device; read-write disks are locked against a second writer),\nvmkfs=DATASTORE:NAME[,readonly=on][,id=NAME] (disk NAME of a VMKFS datastore), or\nvhost-user=SOCKET[,readonly=on][,id=NAME] (served by a vhost-user backend such as\nwv storage; docs/STORAGE.md); ,via=storage (wv vm create only): the image or VMKFS\ndisk is opened, held and served by the daemon's storage service instead of the VMM",
     ),
     opt(
         "--net",
