@@ -40,9 +40,9 @@ use crate::helper;
 use crate::http::{self, HttpError, Request};
 use crate::metrics::{self, Samples};
 use crate::network::{self, NetworkSpec};
-use crate::storage;
 use crate::sched::{self, Cgroups, Demand};
 use crate::shutdown::{self, SocketTrace, StateLock, Traces};
+use crate::storage;
 use crate::store::{Document, Store};
 use crate::supervisor::{self, Pidfd};
 use crate::world::{no_null, State, VmSpec, World};
@@ -529,7 +529,9 @@ impl Daemon {
             eprintln!("wv host: CPU scheduler unavailable (VMs with settings other than the default shares cannot start): {e}");
         }
         let token = api_token(state_dir)?;
-        let place = |name: &'static str, shares: u32| -> Box<dyn Fn(u32) -> Result<(), String> + Send + Sync> {
+        let place = |name: &'static str,
+                     shares: u32|
+         -> Box<dyn Fn(u32) -> Result<(), String> + Send + Sync> {
             match &cgroups {
                 Ok(cg) => {
                     let cg = cg.clone();
@@ -1879,10 +1881,7 @@ impl Daemon {
                             storage::AddError::Refused(_) => 409,
                             storage::AddError::Unavailable(_) => 500,
                         };
-                        return error(
-                            status,
-                            format!("VM '{name}' cannot start: disk {id_}: {e}"),
-                        );
+                        return error(status, format!("VM '{name}' cannot start: disk {id_}: {e}"));
                     }
                 }
             }

@@ -152,7 +152,9 @@ impl<W: Wants> Service<W> {
     }
 
     fn log(&self) -> PathBuf {
-        self.inner.dir.join(format!("{}.log", self.inner.kind.command))
+        self.inner
+            .dir
+            .join(format!("{}.log", self.inner.kind.command))
     }
 
     /// Ends a process of this folder that a previous daemon left (its pid file names it; it

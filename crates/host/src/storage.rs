@@ -51,7 +51,10 @@ pub fn disk_source(d: &DiskConfig) -> String {
 /// Why the disk `d` cannot be handed to the service, if it cannot: its paths and name go
 /// through the service's `--disk NAME=SPEC` text and its control socket's words.
 pub fn check_disk(d: &DiskConfig) -> Result<(), String> {
-    let bad = |s: &str| s.chars().any(|c| c == ',' || c.is_whitespace() || c.is_control());
+    let bad = |s: &str| {
+        s.chars()
+            .any(|c| c == ',' || c.is_whitespace() || c.is_control())
+    };
     let path = d.path.to_str().unwrap_or(",");
     if bad(path) {
         return Err(format!(
@@ -243,7 +246,10 @@ mod tests {
     #[test]
     fn sources_names_and_refusals() {
         let d = |s: &str| DiskConfig::parse(s, 0).unwrap();
-        assert_eq!(disk_source(&d("vmkfs=/ds/a.img:web")), "vmkfs=/ds/a.img:web");
+        assert_eq!(
+            disk_source(&d("vmkfs=/ds/a.img:web")),
+            "vmkfs=/ds/a.img:web"
+        );
         assert_eq!(
             disk_source(&d("vmkfs=/ds:web,readonly=on")),
             "vmkfs=/ds:web,readonly=on"
@@ -255,7 +261,9 @@ mod tests {
             Path::new("/var/lib/worldvisor/st/7-disk1.sock")
         );
         assert_eq!(check_disk(&d("vmkfs=/ds:web")), Ok(()));
-        assert!(check_disk(&d("vmkfs=/d s:web")).unwrap_err().contains("path"));
+        assert!(check_disk(&d("vmkfs=/d s:web"))
+            .unwrap_err()
+            .contains("path"));
         let mut w = d("vmkfs=/ds:web");
         w.vmkfs = Some("a:b".into());
         assert!(check_disk(&w).unwrap_err().contains("name"));
