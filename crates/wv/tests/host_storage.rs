@@ -163,7 +163,7 @@ fn the_probe_disk_test_passes_over_the_daemons_storage_world() {
     assert_eq!(r.status, Some(0), "{r}");
     let data = std::fs::read(&out).unwrap();
     assert!(
-        (0..512).all(|i| data[512 + i] == (i as u8) ^ 0xa5 ^ 1),
+        (0..512usize).all(|i| data[512 + i] == i.to_le_bytes()[0] ^ 0xa5 ^ 1),
         "sector 1 of the disk"
     );
 }
@@ -248,11 +248,10 @@ fn a_killed_storage_world_is_restarted_and_loses_no_acknowledged_write() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let old = storage_pid(&d).unwrap();
-    // SAFETY: kill sends a signal to the storage service's process.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(old).unwrap(), libc::SIGKILL) },
-        0
-    );
+    let pid = i32::try_from(old).unwrap();
+    // SAFETY: kill sends a signal to the storage service's process; no memory is involved.
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     let t = Instant::now();
     loop {
         let now = storage_pid(&d);
