@@ -946,7 +946,7 @@ impl Daemon {
                 .collect();
             (spec, Self::users_of(&doc, name), owners)
         };
-        let (ports, switch_error) = match self.switch.stats() {
+        let (ports, switch_error) = match self.switch.ports() {
             Ok(all) => (
                 all.into_iter()
                     .filter(|p| p["network"] == name)
@@ -1811,15 +1811,17 @@ impl Daemon {
             .iter()
             .find(|d| d.vmkfs.is_some() && !d.readonly)
             .map(|d| d.path.clone());
-        // Nets on the daemon's networks: a port of the switch each, whose socket the VMM gets.
-        let ports = switch_ports(&World {
+        // This run's world, for the names of its switch ports and served disks.
+        let this = World {
             id,
             spec: spec.clone(),
             state: State::Defined,
             pid: None,
             reason: None,
             console: None,
-        });
+        };
+        // Nets on the daemon's networks: a port of the switch each, whose socket the VMM gets.
+        let ports = switch_ports(&this);
         let mut vmm_config = spec.config.clone();
         {
             let mut made = Vec::new();
@@ -1851,16 +1853,8 @@ impl Daemon {
         // Disks the storage service serves: it opens and holds each (the VMKFS lock, as the
         // host's world), and the VMM gets its socket.
         {
-            let w = World {
-                id,
-                spec: spec.clone(),
-                state: State::Defined,
-                pid: None,
-                reason: None,
-                console: None,
-            };
             let mut made = Vec::new();
-            for (i, disk, source) in served_disks(&w) {
+            for (i, disk, source) in served_disks(&this) {
                 let d = &mut vmm_config.disks[i];
                 match self.storage.add_disk(&disk, &source) {
                     Ok(sock) => {
@@ -2225,13 +2219,7 @@ impl Daemon {
             if !matches!(w.state, State::Running | State::Paused) {
                 return error(409, format!("VM '{name}' is not running"));
             }
-            if let Some(d) = w
-                .spec
-                .config
-                .disks
-                .iter()
-                .find(|d| d.via == wv_config::DiskVia::Storage)
-            {
+            if let Some(d) = storage::served_disk(&w.spec.config) {
                 // Its VMM holds no disk to branch: the service does.
                 return error(
                     422,

@@ -6,7 +6,6 @@
 //! socket. VMMs reconnect to their ports by themselves, so a fault in the switch takes down
 //! neither a VM nor the daemon.
 
-pub use crate::service::Accounting;
 use crate::service::{self, Service};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -89,6 +88,13 @@ pub struct Wanted {
 }
 
 impl service::Wants for Wanted {
+    const KIND: service::Kind = service::Kind {
+        name: "switch",
+        folder: SWITCH_DIR,
+        command: "vswitch",
+        fixed_args: &[],
+    };
+
     fn args(&self) -> Vec<String> {
         let mut args = Vec::new();
         for n in &self.networks {
@@ -109,44 +115,19 @@ impl service::Wants for Wanted {
 }
 
 /// The switch world's supervisor (a handle: clones share it).
-#[derive(Clone)]
-pub struct Supervisor {
-    svc: Service<Wanted>,
-}
+pub type Supervisor = Service<Wanted>;
 
-impl Supervisor {
-    /// A supervisor of the switch run by `wv` in `state_dir`/[`SWITCH_DIR`] (made with mode
-    /// 0700); `place` puts a started switch into its cgroup. A switch a previous daemon left
-    /// running is ended: the one started here takes its sockets.
-    pub fn new(
-        wv: PathBuf,
-        state_dir: &Path,
-        place: Box<dyn Fn(u32) -> Result<(), String> + Send + Sync>,
-    ) -> std::io::Result<Supervisor> {
-        let kind = service::Kind {
-            name: "switch",
-            command: "vswitch",
-            fixed_args: &[],
-        };
-        Ok(Supervisor {
-            svc: Service::new(kind, wv, state_dir, SWITCH_DIR, place)?,
-        })
-    }
-
-    /// The switch's folder.
-    pub fn dir(&self) -> &Path {
-        self.svc.dir()
-    }
-
+/// What only the switch does.
+impl Service<Wanted> {
     /// Sets what the switch serves at the daemon's start (the stored networks, the ports of
     /// the VMs still running) and starts it if there is any network.
     pub fn restore(&self, networks: Vec<NetworkSpec>, ports: Vec<(String, String)>) {
-        self.svc.restore(Wanted { networks, ports });
+        self.restore_wanted(Wanted { networks, ports });
     }
 
     /// Adds network `n` to the switch (starting the switch if it is the first).
     pub fn add_network(&self, n: &NetworkSpec) -> Result<(), String> {
-        let mut st = self.svc.state();
+        let mut st = self.state();
         if st.closed() {
             return Err("the daemon is stopping".into());
         }
@@ -156,10 +137,10 @@ impl Supervisor {
                 Some(t) => format!("net add {} uplink={t}", n.name),
                 None => format!("net add {}", n.name),
             };
-            self.svc.request(&line).map(|_| ())
+            self.request(&line).map(|_| ())
         } else {
             // Started with the network on its command line.
-            self.svc.ensure(&mut st)
+            self.ensure(&mut st)
         };
         if r.is_err() {
             st.want.networks.retain(|x| x.name != n.name);
@@ -169,19 +150,19 @@ impl Supervisor {
 
     /// Deletes network `name` from the switch.
     pub fn del_network(&self, name: &str) -> Result<(), String> {
-        let mut st = self.svc.state();
+        let mut st = self.state();
         st.want.networks.retain(|x| x.name != name);
         st.want.ports.retain(|(n, _)| n != name);
         if !st.running() {
             return Ok(());
         }
-        self.svc.request(&format!("net del {name}")).map(|_| ())
+        self.request(&format!("net del {name}")).map(|_| ())
     }
 
     /// Adds port `port` to network `network`; its socket, bound when this returns.
     pub fn add_port(&self, network: &str, port: &str) -> Result<PathBuf, String> {
-        let sock = port_socket(self.svc.dir(), network, port);
-        let mut st = self.svc.state();
+        let sock = port_socket(self.dir(), network, port);
+        let mut st = self.state();
         if !st.want.networks.iter().any(|n| n.name == network) {
             return Err(format!("no network named '{network}'"));
         }
@@ -195,9 +176,9 @@ impl Supervisor {
         }
         if !st.running() {
             // Started with the port on its command line.
-            return self.svc.ensure(&mut st).map(|()| sock);
+            return self.ensure(&mut st).map(|()| sock);
         }
-        match self.svc.request(&format!("port add {network}/{port}")) {
+        match self.request(&format!("port add {network}/{port}")) {
             Ok(_) => Ok(sock),
             Err(e) if e.contains("exists already") => Ok(sock),
             Err(e) => {
@@ -209,39 +190,20 @@ impl Supervisor {
 
     /// Deletes port `port` of `network` (a VM's run ended).
     pub fn del_port(&self, network: &str, port: &str) {
-        let mut st = self.svc.state();
+        let mut st = self.state();
         let before = st.want.ports.len();
         st.want.ports.retain(|(n, p)| !(n == network && p == port));
         if st.want.ports.len() == before || !st.running() {
             return;
         }
-        if let Err(e) = self.svc.request(&format!("port del {network}/{port}")) {
+        if let Err(e) = self.request(&format!("port del {network}/{port}")) {
             eprintln!("wv host: removing switch port {network}/{port}: {e}");
         }
     }
 
     /// The switch's counters for every port (`[]` when it does not run).
-    pub fn stats(&self) -> Result<Vec<serde_json::Value>, String> {
-        if !self.svc.state().running() {
-            return Ok(Vec::new());
-        }
-        let v = self.svc.request("stats")?;
-        Ok(v["ports"].as_array().cloned().unwrap_or_default())
-    }
-
-    /// The running switch, for the statistics.
-    pub fn accounting(&self) -> Option<Accounting> {
-        self.svc.accounting()
-    }
-
-    /// How the switch is: running (pid, starts) and how the last one ended.
-    pub fn describe(&self) -> serde_json::Value {
-        self.svc.describe()
-    }
-
-    /// Ends the switch for good (the daemon is ending): no restart follows.
-    pub fn close(&self) {
-        self.svc.close();
+    pub fn ports(&self) -> Result<Vec<serde_json::Value>, String> {
+        self.stats("ports")
     }
 }
 

@@ -6,7 +6,7 @@
 //! When the process dies it is started again, after a back-off that grows while it keeps dying
 //! young; one a previous daemon left running is ended when the daemon starts.
 
-use crate::supervisor::Pidfd;
+use crate::supervisor::{last_line, Pidfd};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,8 @@ const READY: Duration = Duration::from_secs(20);
 
 /// What a supervised process should serve: given whole on its command line at each start.
 pub trait Wants: Default + Send + 'static {
+    /// The kind of process that serves it.
+    const KIND: Kind;
     /// The arguments after `--socket-dir DIR` that make a new process serve all of it.
     fn args(&self) -> Vec<String>;
     /// Whether there is anything to serve: a process that died is started again only then.
@@ -32,6 +34,8 @@ pub trait Wants: Default + Send + 'static {
 pub struct Kind {
     /// The world's name (`switch`, `storage`): in messages, statistics and its thread's name.
     pub name: &'static str,
+    /// Its folder in the daemon's state directory.
+    pub folder: &'static str,
     /// The `wv` subcommand that runs it (`vswitch`, `storage`).
     pub command: &'static str,
     /// Arguments given at every start, after `--socket-dir DIR`.
@@ -96,19 +100,18 @@ pub struct Accounting {
 }
 
 impl<W: Wants> Service<W> {
-    /// A supervisor of `kind` run by `wv` in `state_dir/folder` (made with mode 0700);
-    /// `place` puts a started process into its cgroup. One a previous daemon left running is
-    /// ended: the one started here takes its sockets (and, for the storage service, its
-    /// disks).
+    /// A supervisor of the process serving `W` ([`Wants::KIND`]), run by `wv` in
+    /// `state_dir/FOLDER` (made with mode 0700); `place` puts a started process into its
+    /// cgroup. One a previous daemon left running is ended: the one started here takes its
+    /// sockets (and, for the storage service, its disks).
     pub fn new(
-        kind: Kind,
         wv: PathBuf,
         state_dir: &Path,
-        folder: &str,
         place: Box<dyn Fn(u32) -> Result<(), String> + Send + Sync>,
     ) -> std::io::Result<Service<W>> {
         use std::os::unix::fs::PermissionsExt;
-        let dir = state_dir.join(folder);
+        let kind = W::KIND;
+        let dir = state_dir.join(kind.folder);
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let s = Service {
@@ -181,7 +184,7 @@ impl<W: Wants> Service<W> {
     }
 
     /// Sets what the process serves at the daemon's start and starts it if there is anything.
-    pub fn restore(&self, want: W) {
+    pub fn restore_wanted(&self, want: W) {
         let mut st = self.state();
         st.want = want;
         if st.want.any() {
@@ -343,6 +346,15 @@ impl<W: Wants> Service<W> {
             .map_err(|e| format!("the {name} answered '{}': {e}", answer.trim()))
     }
 
+    /// The array `field` of the process's `stats` answer (`[]` when it does not run).
+    pub fn stats(&self, field: &str) -> Result<Vec<serde_json::Value>, String> {
+        if !self.state().running() {
+            return Ok(Vec::new());
+        }
+        let v = self.request("stats")?;
+        Ok(v[field].as_array().cloned().unwrap_or_default())
+    }
+
     /// The running process, for the statistics.
     pub fn accounting(&self) -> Option<Accounting> {
         self.state()
@@ -378,19 +390,6 @@ impl<W: Wants> Service<W> {
         }
         let _ = std::fs::remove_file(self.pid_file());
     }
-}
-
-/// The last non-empty line of `log`.
-fn last_line(log: &Path) -> String {
-    std::fs::read_to_string(log)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(str::to_string)
-        })
-        .unwrap_or_default()
 }
 
 /// Whether `pid` is a `wv COMMAND` serving `dir`.

@@ -9,7 +9,6 @@
 //! from the used index, so a fault in the service takes down neither a VM nor the daemon, and
 //! loses no acknowledged write.
 
-pub use crate::service::Accounting;
 use crate::service::{self, Service};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -46,6 +45,13 @@ pub fn disk_source(d: &DiskConfig) -> String {
         s.push_str(",readonly=on");
     }
     s
+}
+
+/// The first disk of `c` that the storage service serves, if any.
+pub fn served_disk(c: &wv_config::VmConfig) -> Option<&DiskConfig> {
+    c.disks
+        .iter()
+        .find(|d| d.via == wv_config::DiskVia::Storage)
 }
 
 /// Why the disk `d` cannot be handed to the service, if it cannot: its paths and name go
@@ -106,6 +112,13 @@ pub struct Wanted {
 }
 
 impl service::Wants for Wanted {
+    const KIND: service::Kind = service::Kind {
+        name: "storage",
+        folder: STORAGE_DIR,
+        command: "storage",
+        fixed_args: &["--take-stale-locks"],
+    };
+
     fn args(&self) -> Vec<String> {
         self.disks
             .iter()
@@ -118,45 +131,25 @@ impl service::Wants for Wanted {
     }
 }
 
-/// The storage world's supervisor (a handle: clones share it).
-#[derive(Clone)]
-pub struct Supervisor {
-    svc: Service<Wanted>,
-}
+/// The storage world's supervisor (a handle: clones share it). It is started with
+/// `--take-stale-locks`: the VMKFS owner records a killed service left name a writer that is
+/// gone, and the service started next takes those disks again.
+pub type Supervisor = Service<Wanted>;
 
-impl Supervisor {
-    /// A supervisor of the storage service run by `wv` in `state_dir`/[`STORAGE_DIR`] (made
-    /// with mode 0700); `place` puts a started service into its cgroup. A service a previous
-    /// daemon left running is ended: the one started here takes its disks again
-    /// (`--take-stale-locks`: the VMKFS owner records a killed service left name a writer that
-    /// is gone).
-    pub fn new(
-        wv: PathBuf,
-        state_dir: &Path,
-        place: Box<dyn Fn(u32) -> Result<(), String> + Send + Sync>,
-    ) -> std::io::Result<Supervisor> {
-        let kind = service::Kind {
-            name: "storage",
-            command: "storage",
-            fixed_args: &["--take-stale-locks"],
-        };
-        Ok(Supervisor {
-            svc: Service::new(kind, wv, state_dir, STORAGE_DIR, place)?,
-        })
-    }
-
+/// What only the storage world does.
+impl Service<Wanted> {
     /// Sets what the service serves at the daemon's start (the served disks of the VMs still
     /// running: (name, source)) and starts it if there is any.
     pub fn restore(&self, disks: Vec<(String, String)>) {
-        self.svc.restore(Wanted { disks });
+        self.restore_wanted(Wanted { disks });
     }
 
     /// Serves disk `name` from `source` (starting the service first if it does not run); its
     /// socket, bound when this returns. A disk the service cannot open or lock (held by
     /// another VM or process, missing) is [`AddError::Refused`], with the service's reason.
     pub fn add_disk(&self, name: &str, source: &str) -> Result<PathBuf, AddError> {
-        let sock = disk_socket(self.svc.dir(), name);
-        let mut st = self.svc.state();
+        let sock = disk_socket(self.dir(), name);
+        let mut st = self.state();
         if st.closed() {
             return Err(AddError::Unavailable("the daemon is stopping".into()));
         }
@@ -169,9 +162,8 @@ impl Supervisor {
         }
         // Started (if it must be) with what it serves already, then asked for this disk: a
         // disk it cannot take costs only this disk.
-        self.svc.ensure(&mut st).map_err(AddError::Unavailable)?;
+        self.ensure(&mut st).map_err(AddError::Unavailable)?;
         let v = self
-            .svc
             .answer(&format!("disk add {name}={source}"))
             .map_err(AddError::Unavailable)?;
         match v.get("error").and_then(|e| e.as_str()) {
@@ -187,7 +179,7 @@ impl Supervisor {
     /// while the VMM is still connected: the VMM has ended, so that is only until the service
     /// has seen its connection close.
     pub fn del_disk(&self, name: &str) {
-        let mut st = self.svc.state();
+        let mut st = self.state();
         let before = st.want.disks.len();
         st.want.disks.retain(|(n, _)| n != name);
         if st.want.disks.len() == before || !st.running() {
@@ -195,12 +187,12 @@ impl Supervisor {
         }
         let deadline = Instant::now() + DISCONNECT;
         loop {
-            match self.svc.request(&format!("disk del {name}")) {
+            match self.request(&format!("disk del {name}")) {
                 Ok(_) => return,
                 Err(e) if e.contains("connected to a VMM") && Instant::now() < deadline => {
                     drop(st);
                     std::thread::sleep(Duration::from_millis(20));
-                    st = self.svc.state();
+                    st = self.state();
                     if !st.running() {
                         return;
                     }
@@ -214,27 +206,8 @@ impl Supervisor {
     }
 
     /// The service's counters for every disk (`[]` when it does not run).
-    pub fn stats(&self) -> Result<Vec<serde_json::Value>, String> {
-        if !self.svc.state().running() {
-            return Ok(Vec::new());
-        }
-        let v = self.svc.request("stats")?;
-        Ok(v["disks"].as_array().cloned().unwrap_or_default())
-    }
-
-    /// The running service, for the statistics.
-    pub fn accounting(&self) -> Option<Accounting> {
-        self.svc.accounting()
-    }
-
-    /// How the service is: running (pid, starts) and how the last one ended.
-    pub fn describe(&self) -> serde_json::Value {
-        self.svc.describe()
-    }
-
-    /// Ends the service for good (the daemon is ending): no restart follows.
-    pub fn close(&self) {
-        self.svc.close();
+    pub fn disks(&self) -> Result<Vec<serde_json::Value>, String> {
+        self.stats("disks")
     }
 }
 

@@ -11,7 +11,6 @@ use common::daemon::Daemon;
 use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -62,17 +61,7 @@ fn served(d: &Daemon) -> Vec<serde_json::Value> {
 
 /// The storage world in the daemon's statistics, while it runs.
 fn storage_world(d: &Daemon) -> Option<serde_json::Value> {
-    let (s, body) = d.raw(b"GET /v1/stats HTTP/1.1\r\n\r\n");
-    assert_eq!(s, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let w = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["name"] == "storage")?
-        .clone();
-    assert_eq!(w["id"], STORAGE_ID, "{w}");
-    Some(w)
+    d.system_world("storage", STORAGE_ID)
 }
 
 /// The storage service's pid, from its pid file in the daemon's state directory.
@@ -82,23 +71,6 @@ fn storage_pid(d: &Daemon) -> Option<u32> {
         .trim()
         .parse()
         .ok()
-}
-
-fn disk_image(dir: &TempDir, name: &str, len: usize) -> PathBuf {
-    let mut d = vec![0u8; len];
-    d[..8].copy_from_slice(b"WVDISK01");
-    dir.file(name, &d)
-}
-
-/// A datastore holding disk `root` (1 MiB, the probe's magic in sector 0).
-fn datastore(dir: &TempDir) -> String {
-    let ds = dir.path("ds.img").to_str().unwrap().to_string();
-    let r = wv(&["fs", "mkfs", &ds, "--size", "64M", "--block-size", "64K"]);
-    assert_eq!(r.status, Some(0), "{r}");
-    let src = disk_image(dir, "root.raw", 1 << 20);
-    let r = wv(&["fs", "import", &ds, "root", src.to_str().unwrap()]);
-    assert_eq!(r.status, Some(0), "{r}");
-    ds
 }
 
 /// Waits until the storage world serves no disk any more (its VMs ended).
@@ -265,12 +237,7 @@ fn a_killed_storage_world_is_restarted_and_loses_no_acknowledged_write() {
     assert_eq!(served(&d).len(), 1, "{:?}", served(&d));
     assert_eq!(d.json(&["vm", "info", "p"])["pid"].as_u64(), Some(vmm));
     let log = wait_console(&d, "p", "PASS persist");
-    let line = log.lines().find(|l| l.starts_with("PASS persist")).unwrap();
-    let writes: u64 = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("disk_writes="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+    let (line, writes) = persist_pass(&log);
     assert!(writes > 20, "{line}");
     let vlog = vm_file(&d, "p", "vmm.log");
     assert!(

@@ -316,12 +316,7 @@ impl Daemon {
         if let Some(m) = disks_refused(&spec.config).filter(|_| !copy) {
             return error(422, format!("VM '{name}': {m}"));
         }
-        if let Some(d) = spec
-            .config
-            .disks
-            .iter()
-            .find(|d| d.via == wv_config::DiskVia::Storage)
-        {
+        if let Some(d) = crate::storage::served_disk(&spec.config) {
             // What its VMM would answer for its vhost-user disk.
             return error(
                 422,

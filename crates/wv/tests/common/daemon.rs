@@ -89,6 +89,22 @@ impl Daemon {
         }
     }
 
+    /// System world `name` (`switch`, `storage`) in `GET /v1/stats`, while it runs; its id is
+    /// checked to be `id`.
+    pub fn system_world(&self, name: &str, id: u64) -> Option<serde_json::Value> {
+        let (s, body) = self.raw(b"GET /v1/stats HTTP/1.1\r\n\r\n");
+        assert_eq!(s, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let w = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)?
+            .clone();
+        assert_eq!(w["id"], id, "{w}");
+        Some(w)
+    }
+
     /// A raw HTTP exchange: (status, body).
     pub fn raw(&self, request: &[u8]) -> (u16, String) {
         let mut s = UnixStream::connect(&self.socket).unwrap();
