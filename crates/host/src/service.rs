@@ -24,8 +24,14 @@ const READY: Duration = Duration::from_secs(20);
 pub trait Wants: Default + Send + 'static {
     /// The kind of process that serves it.
     const KIND: Kind;
-    /// The arguments after `--socket-dir DIR` that make a new process serve all of it.
+    /// The arguments after `--socket-dir DIR` that make a new process serve all of it (or
+    /// what of it [`Wants::replay`] does not add).
     fn args(&self) -> Vec<String>;
+    /// Control requests sent to a new process once it answers, each on its own: one that is
+    /// refused costs only what it asked for (the rest is served), and is logged.
+    fn replay(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Whether there is anything to serve: a process that died is started again only then.
     fn any(&self) -> bool;
 }
@@ -252,6 +258,12 @@ impl<W: Wants> Service<W> {
         let deadline = Instant::now() + READY;
         loop {
             if self.request("stats").is_ok() {
+                for line in st.want.replay() {
+                    if let Err(e) = self.request(&line) {
+                        eprintln!("wv host: {line}: {e}");
+                        st.last = Some(e);
+                    }
+                }
                 return Ok(());
             }
             if fd.wait(Some(Duration::from_millis(20))) {

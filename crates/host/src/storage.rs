@@ -1,7 +1,7 @@
 //! The storage world: one `wv storage` process (crates/storage) that serves the daemon's VMs
 //! the disks they ask to have served (`--disk vmkfs=DS:NAME,via=storage`) over vhost-user-blk.
 //! It is supervised as a system world ([`crate::service`]: its own cgroup, restarted with a
-//! back-off when it dies, every disk of a running VM on its command line again), its sockets
+//! back-off when it dies, every disk of a running VM added to it again), its sockets
 //! under `STATE_DIR/st` (mode 0700). It holds each disk's exclusive open (the VMKFS lock and
 //! owner record, an image's `flock`) while the disk's VM runs: the disk's owner is the host,
 //! its holder a world. A disk is added when its VM starts and deleted when the VM's run ends;
@@ -119,10 +119,16 @@ impl service::Wants for Wanted {
         fixed_args: &["--take-stale-locks"],
     };
 
+    /// None: a disk on the command line that cannot be opened (its datastore gone while the
+    /// service was down) would stop the whole service, and every VM's disks with it.
     fn args(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn replay(&self) -> Vec<String> {
         self.disks
             .iter()
-            .flat_map(|(n, s)| ["--disk".to_string(), format!("{n}={s}")])
+            .map(|(n, s)| format!("disk add {n}={s}"))
             .collect()
     }
 
@@ -245,7 +251,8 @@ mod tests {
         let wanted = Wanted {
             disks: vec![("7-disk0".into(), "vmkfs=/ds:web".into())],
         };
-        assert_eq!(wanted.args(), ["--disk", "7-disk0=vmkfs=/ds:web"]);
+        assert!(wanted.args().is_empty());
+        assert_eq!(wanted.replay(), ["disk add 7-disk0=vmkfs=/ds:web"]);
         assert!(wanted.any());
         assert!(!Wanted::default().any());
     }

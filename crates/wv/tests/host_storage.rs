@@ -4,7 +4,8 @@
 //! through it; the service killed (SIGKILL) during the guest's writes and restarted by the
 //! daemon while the VM runs on (same VMM pid), no acknowledged write lost; a second VM on a
 //! served disk refused; the world in `GET /v1/stats` and `wv host top`; snapshots and
-//! migrations of such a VM refused with a clear answer.
+//! migrations of such a VM refused with a clear answer; a restarted daemon serving a running
+//! VM's disk again.
 
 mod common;
 use common::daemon::Daemon;
@@ -262,4 +263,60 @@ fn a_killed_storage_world_is_restarted_and_loses_no_acknowledged_write() {
     let r = d.wv(&["vm", "start", "q"]);
     assert_eq!(r.status, Some(0), "{r}");
     d.wv(&["vm", "stop", "q"]);
+}
+
+/// A daemon restarted while a VM on a served disk runs: the old daemon's storage world ends
+/// with it, the new daemon adopts the VMM and has a new storage world take the disk again
+/// (the stale owner record broken), the VMM connects to it, and the guest's acknowledged
+/// writes all survive.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_restarted_daemon_serves_the_running_vms_disks_again() {
+    need_kvm();
+    let dir = TempDir::new("host-storage-restart");
+    let ds = datastore(&dir);
+    let d = Daemon::start(&dir);
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "p",
+        "--memory",
+        "256M",
+        "--disk",
+        &format!("vmkfs={ds}:root,via=storage,id=root"),
+        "--cmdline",
+        "console=ttyS0 probe.tests=persist probe.persist_mib=16 probe.persist_rate=50 \
+         probe.persist_ms=8000 probe.persist_disk=1 probe.persist_disk_ms=2 probe.blkseed=44",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "start", "p"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let vmm = d.json(&["vm", "info", "p"])["pid"].as_u64().unwrap();
+    wait_console(&d, "p", "persist: running");
+    let old = storage_pid(&d).unwrap();
+    d.stop_keeping_vmms();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{old}")).exists(),
+        "the storage world ends with its daemon"
+    );
+    let d = Daemon::start(&dir);
+    assert_eq!(d.json(&["vm", "info", "p"])["pid"].as_u64(), Some(vmm));
+    assert!(storage_pid(&d).is_some_and(|p| p != old));
+    assert_eq!(served(&d).len(), 1, "{:?}", served(&d));
+    let log = wait_console(&d, "p", "PASS persist");
+    let (line, writes) = persist_pass(&log);
+    assert!(writes > 20, "{line}");
+    let vlog = vm_file(&d, "p", "vmm.log");
+    assert!(vlog.contains("connected again"), "{vlog}");
+    d.wait_state("p", "stopped");
+    wait_released(&d);
+    let out = dir.path("root.out");
+    let r = wv(&["fs", "export", &ds, "root", out.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let data = std::fs::read(&out).unwrap();
+    for n in 0..writes {
+        let s = &data[usize::try_from(512 * (1 + n)).unwrap()..][..16];
+        assert_eq!(&s[..8], b"WVPERSIS", "record {n}");
+        assert_eq!(s[8..16], n.to_le_bytes(), "record {n}");
+    }
 }

@@ -144,14 +144,17 @@ impl Drop for Daemon {
         // nor its VMMs, which outlive a daemon by design.
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Its switch world (a process of its own session, like the VMMs).
-        if let Some(pid) = std::fs::read_to_string(self.state.join("sw/pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
+        // Its switch and storage worlds (processes of their own session, like the VMMs).
+        for (pid_file, command) in [("sw/pid", &b"vswitch"[..]), ("st/pid", &b"storage"[..])] {
+            let Some(pid) = std::fs::read_to_string(self.state.join(pid_file))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmd.split(|&b| b == 0).nth(1) == Some(&b"vswitch"[..]) {
-                // SAFETY: signalling the switch this test's daemon recorded as its own.
+            if cmd.split(|&b| b == 0).nth(1) == Some(command) {
+                // SAFETY: signalling a world this test's daemon recorded as its own.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
