@@ -142,17 +142,42 @@ pub struct DiskConfig {
     /// (guest memory is then shared with it: [`VmConfig::memory_is_shared`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vhost_user: bool,
+    /// Who serves the disk to the guest: its own VMM (the default), or, under the daemon, the
+    /// daemon's storage service (`via=storage`), which then holds the disk.
+    #[serde(default, skip_serializing_if = "DiskVia::is_vmm")]
+    pub via: DiskVia,
+}
+
+/// Who serves a disk ([`DiskConfig::via`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskVia {
+    /// The VMM opens the image or VMKFS disk and serves it itself.
+    #[default]
+    Vmm,
+    /// The daemon's storage service (`wv storage`, a world of `wv host`) opens and holds the
+    /// disk and serves it over vhost-user-blk; the daemon gives the VMM the socket. Only
+    /// under the daemon: `wv run` refuses it.
+    Storage,
+}
+
+impl DiskVia {
+    /// Whether it is the default, [`DiskVia::Vmm`].
+    pub fn is_vmm(&self) -> bool {
+        *self == DiskVia::Vmm
+    }
 }
 
 impl DiskConfig {
-    /// Parses `path=IMG|vmkfs=DATASTORE:NAME|vhost-user=SOCKET[,readonly=on|off][,id=NAME]`;
-    /// `index` names a disk without an id.
+    /// Parses `path=IMG|vmkfs=DATASTORE:NAME|vhost-user=SOCKET[,readonly=on|off][,id=NAME]
+    /// [,via=vmm|storage]`; `index` names a disk without an id.
     pub fn parse(spec: &str, index: usize) -> Result<DiskConfig, ConfigError> {
         let mut path = None;
         let mut vmkfs = None;
         let mut vhost_user = false;
         let mut readonly = false;
         let mut id = format!("disk{index}");
+        let mut via = DiskVia::Vmm;
         for part in spec.split(',') {
             match part.split_once('=') {
                 Some(("path", p)) if !p.is_empty() && path.is_none() => {
@@ -176,9 +201,11 @@ impl DiskConfig {
                 Some(("readonly", "on")) => readonly = true,
                 Some(("readonly", "off")) => readonly = false,
                 Some(("id", v)) if valid_disk_id(v) => id = v.to_string(),
+                Some(("via", "vmm")) => via = DiskVia::Vmm,
+                Some(("via", "storage")) => via = DiskVia::Storage,
                 _ => {
                     return Err(ConfigError(format!(
-                        "--disk '{spec}': expected path=IMG, vmkfs=DATASTORE:NAME or vhost-user=SOCKET, then [,readonly=on|off][,id=NAME] (NAME: 1-{MAX_DISK_ID} printable characters); '{part}' is not understood"
+                        "--disk '{spec}': expected path=IMG, vmkfs=DATASTORE:NAME or vhost-user=SOCKET, then [,readonly=on|off][,id=NAME][,via=vmm|storage] (NAME: 1-{MAX_DISK_ID} printable characters); '{part}' is not understood"
                     )))
                 }
             }
@@ -194,6 +221,7 @@ impl DiskConfig {
             readonly,
             id,
             vhost_user,
+            via,
         })
     }
 }
@@ -632,6 +660,12 @@ impl VmConfig {
                 )));
             }
             check_path(&format!("disk {}", d.id), &d.path)?;
+            if d.vhost_user && d.via == DiskVia::Storage {
+                return Err(ConfigError(format!(
+                    "disk {}: a vhost-user disk is its backend's; via=storage is for an image or VMKFS disk the daemon's storage service serves",
+                    d.id
+                )));
+            }
             if d.vhost_user && d.vmkfs.is_some() {
                 return Err(ConfigError(format!(
                     "disk {}: a vhost-user disk is its backend's; vmkfs is given to the backend",

@@ -105,6 +105,7 @@ fn disk_specs() {
             readonly: true,
             id: "root".into(),
             vhost_user: false,
+            via: Default::default(),
         }
     );
     let v = DiskConfig::parse("vhost-user=/run/st/d.sock,id=d,readonly=on", 0).unwrap();
@@ -196,6 +197,7 @@ fn validation_of_typed_values() {
         readonly: false,
         id: id.into(),
         vhost_user: false,
+        via: Default::default(),
     };
     refused(&|c| c.disks = vec![disk("", "/d", None)], "disk id");
     refused(&|c| c.disks = vec![disk("a b", "/d", None)], "disk id");

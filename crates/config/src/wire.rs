@@ -115,6 +115,8 @@ struct DiskObject {
     id: Option<String>,
     #[serde(default)]
     vhost_user: bool,
+    #[serde(default)]
+    via: crate::DiskVia,
 }
 
 /// A net as it may be written: the `--net` text, or the object.
@@ -236,6 +238,7 @@ impl TryFrom<VmConfigIn> for VmConfig {
                     readonly: o.readonly,
                     id: o.id.unwrap_or_else(|| format!("disk{i}")),
                     vhost_user: o.vhost_user,
+                    via: o.via,
                 },
             });
         }

@@ -42,6 +42,7 @@ use crate::metrics::{self, Samples};
 use crate::network::{self, NetworkSpec};
 use crate::sched::{self, Cgroups, Demand};
 use crate::shutdown::{self, SocketTrace, StateLock, Traces};
+use crate::storage;
 use crate::store::{Document, Store};
 use crate::supervisor::{self, Pidfd};
 use crate::world::{no_null, State, VmSpec, World};
@@ -148,6 +149,10 @@ pub struct Daemon {
     switch: network::Supervisor,
     /// The switch ports of each running world (network, port), by world id.
     ports: Mutex<HashMap<u64, Vec<(String, String)>>>,
+    /// The storage world, which serves the disks given `via=storage`.
+    storage: storage::Supervisor,
+    /// The storage service's disks of each running world (their names), by world id.
+    served: Mutex<HashMap<u64, Vec<String>>>,
 }
 
 /// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit` null (or 0) removes the
@@ -269,6 +274,19 @@ fn switch_ports(w: &World) -> Vec<(String, String)> {
         .iter()
         .enumerate()
         .filter_map(|(i, n)| Some((n.network.clone()?, network::port_name(w.id, i))))
+        .collect()
+}
+
+/// The disks of world `w` that the storage service serves: (index, the service's name for
+/// it, its source text).
+fn served_disks(w: &World) -> Vec<(usize, String, String)> {
+    w.spec
+        .config
+        .disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.via == wv_config::DiskVia::Storage)
+        .map(|(i, d)| (i, storage::disk_name(w.id, i), storage::disk_source(d)))
         .collect()
 }
 
@@ -511,17 +529,32 @@ impl Daemon {
             eprintln!("wv host: CPU scheduler unavailable (VMs with settings other than the default shares cannot start): {e}");
         }
         let token = api_token(state_dir)?;
-        let place: Box<dyn Fn(u32) -> Result<(), String> + Send + Sync> = match &cgroups {
-            Ok(cg) => {
-                let cg = cg.clone();
-                Box::new(move |pid| cg.attach_switch(pid))
+        let place = |name: &'static str,
+                     shares: u32|
+         -> Box<dyn Fn(u32) -> Result<(), String> + Send + Sync> {
+            match &cgroups {
+                Ok(cg) => {
+                    let cg = cg.clone();
+                    Box::new(move |pid| cg.attach_service(name, shares, pid))
+                }
+                Err(_) => Box::new(|_| Ok(())),
             }
-            Err(_) => Box::new(|_| Ok(())),
         };
-        let switch = network::Supervisor::new(wv.clone(), state_dir, place)?;
+        let switch = network::Supervisor::new(
+            wv.clone(),
+            state_dir,
+            place("switch", network::SWITCH_SHARES),
+        )?;
+        let storage = storage::Supervisor::new(
+            wv.clone(),
+            state_dir,
+            place("storage", storage::STORAGE_SHARES),
+        )?;
         let d = Arc::new(Daemon {
             switch,
             ports: Mutex::default(),
+            storage,
+            served: Mutex::default(),
             images: std::sync::OnceLock::new(),
             token,
             store,
@@ -633,6 +666,21 @@ impl Daemon {
                 }
             }
             d.switch.restore(doc.networks.clone(), all);
+            // The storage service serves the disks of the VMs still running.
+            let mut disks = Vec::new();
+            for (id, _, _) in &adopt {
+                if let Some(w) = doc.worlds.iter().find(|w| w.id == *id) {
+                    let mine = served_disks(w);
+                    disks.extend(mine.iter().map(|(_, n, s)| (n.clone(), s.clone())));
+                    d.served
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(*id, mine.into_iter().map(|(_, n, _)| n).collect());
+                }
+            }
+            if !disks.is_empty() {
+                d.storage.restore(disks);
+            }
         }
         if d.cgroups.is_ok() {
             let d2 = d.clone();
@@ -792,7 +840,8 @@ impl Daemon {
         }
     }
 
-    /// Removes the switch ports of world `id`'s run (it ended, or never started).
+    /// Removes the switch ports and the storage service's disks of world `id`'s run (it
+    /// ended, or never started): the disks are let go of, for another VM to take.
     fn release_ports(&self, id: u64) {
         let ports = self
             .ports
@@ -801,6 +850,14 @@ impl Daemon {
             .remove(&id);
         for (net, port) in ports.unwrap_or_default() {
             self.switch.del_port(&net, &port);
+        }
+        let disks = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        for name in disks.unwrap_or_default() {
+            self.storage.del_disk(&name);
         }
     }
 
@@ -889,7 +946,7 @@ impl Daemon {
                 .collect();
             (spec, Self::users_of(&doc, name), owners)
         };
-        let (ports, switch_error) = match self.switch.stats() {
+        let (ports, switch_error) = match self.switch.ports() {
             Ok(all) => (
                 all.into_iter()
                     .filter(|p| p["network"] == name)
@@ -1225,17 +1282,26 @@ impl Daemon {
                 help,
             ),
         ];
-        if let Some(sw) = self.switch.accounting() {
-            let threads = sched::threads(sw.pid);
-            let (cpu, ready) = sched::totals(&threads);
-            out.push(system(
+        let services = [
+            (
+                self.switch.accounting(),
                 network::SWITCH_ID,
                 "switch",
                 network::SWITCH_SHARES,
-                cpu,
-                ready,
-                threads,
-            ));
+            ),
+            (
+                self.storage.accounting(),
+                storage::STORAGE_ID,
+                "storage",
+                storage::STORAGE_SHARES,
+            ),
+        ];
+        for (acc, id, name, shares) in services {
+            if let Some(a) = acc {
+                let threads = sched::threads(a.pid);
+                let (cpu, ready) = sched::totals(&threads);
+                out.push(system(id, name, shares, cpu, ready, threads));
+            }
         }
         for (w, e) in self.entitled(doc) {
             out.push(self.stats_of(w, e));
@@ -1745,15 +1811,17 @@ impl Daemon {
             .iter()
             .find(|d| d.vmkfs.is_some() && !d.readonly)
             .map(|d| d.path.clone());
-        // Nets on the daemon's networks: a port of the switch each, whose socket the VMM gets.
-        let ports = switch_ports(&World {
+        // This run's world, for the names of its switch ports and served disks.
+        let this = World {
             id,
             spec: spec.clone(),
             state: State::Defined,
             pid: None,
             reason: None,
             console: None,
-        });
+        };
+        // Nets on the daemon's networks: a port of the switch each, whose socket the VMM gets.
+        let ports = switch_ports(&this);
         let mut vmm_config = spec.config.clone();
         {
             let mut made = Vec::new();
@@ -1778,6 +1846,40 @@ impl Daemon {
                 }
             }
             self.ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, made);
+        }
+        // Disks the storage service serves: it opens and holds each (the VMKFS lock, as the
+        // host's world), and the VMM gets its socket.
+        {
+            let mut made = Vec::new();
+            for (i, disk, source) in served_disks(&this) {
+                let d = &mut vmm_config.disks[i];
+                match self.storage.add_disk(&disk, &source) {
+                    Ok(sock) => {
+                        made.push(disk);
+                        d.path = sock;
+                        d.vmkfs = None;
+                        d.vhost_user = true;
+                        d.via = wv_config::DiskVia::Vmm;
+                    }
+                    Err(e) => {
+                        let id_ = d.id.clone();
+                        self.served
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id, made);
+                        self.release_ports(id);
+                        let status = match e {
+                            storage::AddError::Refused(_) => 409,
+                            storage::AddError::Unavailable(_) => 500,
+                        };
+                        return error(status, format!("VM '{name}' cannot start: disk {id_}: {e}"));
+                    }
+                }
+            }
+            self.served
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, made);
@@ -2117,6 +2219,13 @@ impl Daemon {
             if !matches!(w.state, State::Running | State::Paused) {
                 return error(409, format!("VM '{name}' is not running"));
             }
+            if let Some(d) = storage::served_disk(&w.spec.config) {
+                // Its VMM holds no disk to branch: the service does.
+                return error(
+                    422,
+                    format!("VM '{name}': disk {} is served by the storage service (via=storage), which does not take snapshots of its disks (VMKFS branches) yet: snapshots of this VM are not supported", d.id),
+                );
+            }
             w.spec.config.clone()
         };
         if let Err(e) = std::fs::create_dir_all(self.store.snapshots_dir()) {
@@ -2415,8 +2524,10 @@ impl Daemon {
         }
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        // The switch ends with the daemon (VMs left running reconnect to the next daemon's).
+        // The switch and the storage service end with the daemon (VMs left running reconnect
+        // to the next daemon's).
         self.switch.close();
+        self.storage.close();
         if let Ok(cg) = &self.cgroups {
             cg.close();
         }

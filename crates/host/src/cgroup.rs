@@ -12,6 +12,7 @@
 //! | `worldvisor/<tag>/helper` | `worldvisor/<tag>/system/helper` (threaded) |
 //! | `worldvisor/<tag>/world-N` | `worldvisor/<tag>/world-N` |
 //! | `worldvisor/<tag>/switch` | `worldvisor/<tag>/switch` (the switch world, [`crate::network`]) |
+//! | `worldvisor/<tag>/storage` | `worldvisor/<tag>/storage` (the storage world, [`crate::storage`]) |
 //!
 //! v1 places single threads anywhere; v2 only inside a threaded subtree, hence `system`, the
 //! daemon's own domain, whose two threaded children split its threads. Weights are `cpu.shares`
@@ -564,21 +565,21 @@ impl Cgroups {
         write(&d.join("cgroup.procs"), pid)
     }
 
-    /// The switch world's group (`switch`, beside the worlds').
-    pub fn switch_dir(&self) -> PathBuf {
-        self.inner.root.join("switch")
+    /// The group of system world `name` (`switch`, `storage`: beside the worlds').
+    pub fn service_dir(&self, name: &str) -> PathBuf {
+        self.inner.root.join(name)
     }
 
-    /// Creates the switch world's group with its weight ([`crate::network::SWITCH_SHARES`])
-    /// and moves process `pid` (the switch) into it.
-    pub fn attach_switch(&self, pid: u32) -> Result<(), String> {
+    /// Creates system world `name`'s group with the weight of `shares` (as a world's: 1000
+    /// is a CPU's worth when contended) and moves process `pid` into it.
+    pub fn attach_service(&self, name: &str, shares: u32, pid: u32) -> Result<(), String> {
         let st = self.state();
         if st.closed {
             return Err("the daemon is stopping".into());
         }
-        let d = self.switch_dir();
+        let d = self.service_dir(name);
         mkdir(&d)?;
-        let shares = f64::from(crate::network::SWITCH_SHARES) / 1000.0;
+        let shares = f64::from(shares) / 1000.0;
         self.set_weight(&d, weight(self.inner.h.version, shares))?;
         write(&d.join("cgroup.procs"), pid)
     }

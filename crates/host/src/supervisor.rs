@@ -193,9 +193,9 @@ pub fn spawn(wv: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
     c.spawn()
 }
 
-/// How a VMM ended: whether it counts as a crash, and why, in one line.
-pub fn classify(status: ExitStatus, stop_requested: bool, log: &Path) -> (bool, String) {
-    let last = std::fs::read_to_string(log)
+/// The last non-empty line of `log` (empty if there is none).
+pub fn last_line(log: &Path) -> String {
+    std::fs::read_to_string(log)
         .ok()
         .and_then(|t| {
             t.lines()
@@ -203,7 +203,12 @@ pub fn classify(status: ExitStatus, stop_requested: bool, log: &Path) -> (bool, 
                 .find(|l| !l.trim().is_empty())
                 .map(str::to_string)
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// How a VMM ended: whether it counts as a crash, and why, in one line.
+pub fn classify(status: ExitStatus, stop_requested: bool, log: &Path) -> (bool, String) {
+    let last = last_line(log);
     match (status.code(), status.signal()) {
         (Some(c), _) if stop_requested && (c == 143 || c == 130) => {
             (false, "stopped on request".into())

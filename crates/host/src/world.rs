@@ -162,6 +162,13 @@ impl VmSpec {
                     .to_string(),
             );
         }
+        for d in c
+            .disks
+            .iter()
+            .filter(|d| d.via == wv_config::DiskVia::Storage)
+        {
+            crate::storage::check_disk(d)?;
+        }
         for (field, n) in [("disks", c.disks.len()), ("nets", c.nets.len())] {
             if n > MAX_DEVICES {
                 return Err(format!("{field}: {n} entries, at most {MAX_DEVICES}"));
@@ -338,6 +345,21 @@ mod tests {
         ] {
             assert!(spec(bad).unwrap().validate().is_err(), "{bad}");
         }
+        // The storage service serves a disk of the definition, never a socket it names.
+        assert_eq!(
+            spec(r#"{"name":"a","disks":["vmkfs=/ds:web,via=storage"]}"#)
+                .unwrap()
+                .validate(),
+            Ok(())
+        );
+        for bad in [
+            r#"{"name":"a","disks":["vmkfs=/d s:web,via=storage"]}"#,
+            r#"{"name":"a","disks":[{"path":"/ds","vmkfs":"a:b","via":"storage"}]}"#,
+            r#"{"name":"a","disks":[{"path":"/s.sock","vhost_user":true,"via":"storage"}]}"#,
+        ] {
+            assert!(spec(bad).unwrap().validate().is_err(), "{bad}");
+        }
+        assert!(spec(r#"{"name":"a","disks":[{"path":"/ds","via":"elsewhere"}]}"#).is_err());
         let long = |n: usize| spec(&format!(r#"{{"name":"a","cmdline":"{}"}}"#, "x".repeat(n)));
         assert_eq!(long(MAX_CMDLINE).unwrap().validate(), Ok(()));
         assert!(long(MAX_CMDLINE + 1).unwrap().validate().is_err());

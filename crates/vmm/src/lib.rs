@@ -865,6 +865,13 @@ fn build(
     let mut vmkfs = Vec::new();
     let mut disk_access = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
+        if d.via == wv_config::DiskVia::Storage {
+            // The daemon resolves it to the storage service's socket before the VMM starts.
+            return Err(VmmError::Disk(format!(
+                "disk {}: via=storage is for VMs of the daemon (wv vm create), whose storage service serves the disk; wv run opens it itself without it",
+                d.id
+            )));
+        }
         if d.vhost_user {
             let name: &'static str = Box::leak(format!("vhost-user-blk:{}", d.id).into_boxed_str());
             let dev = wv_virtio::vhost_user::VhostUserDevice::blk(&d.path, d.readonly)

@@ -2160,6 +2160,7 @@ mod tests {
             readonly,
             id: id.into(),
             vhost_user: false,
+            via: Default::default(),
         };
         cfg.disks = vec![
             disk("/ro.img", None, true, "ro"),

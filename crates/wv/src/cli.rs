@@ -304,7 +304,7 @@ const VM_OPTS: &[Opt] = &[
     opt(
         "--disk",
         Arg::Value("SPEC"),
-        "a virtio-blk disk (repeatable): path=IMG[,readonly=on][,id=NAME] (raw image or\nblock device; read-write disks are locked against a second writer),\nvmkfs=DATASTORE:NAME[,readonly=on][,id=NAME] (disk NAME of a VMKFS datastore), or\nvhost-user=SOCKET[,readonly=on][,id=NAME] (served by a vhost-user backend such as\nwv storage; docs/STORAGE.md)",
+        "a virtio-blk disk (repeatable): path=IMG[,readonly=on][,id=NAME] (raw image or\nblock device; read-write disks are locked against a second writer),\nvmkfs=DATASTORE:NAME[,readonly=on][,id=NAME] (disk NAME of a VMKFS datastore), or\nvhost-user=SOCKET[,readonly=on][,id=NAME] (served by a vhost-user backend such as\nwv storage; docs/STORAGE.md); ,via=storage (wv vm create only): the image or VMKFS\ndisk is opened, held and served by the daemon's storage service instead of the VMM",
     ),
     opt(
         "--net",
@@ -517,7 +517,7 @@ line back each). docs/STORAGE.md.",
         opt(
             "--disk",
             Arg::Value("NAME=SPEC"),
-            "serve a disk as NAME (repeatable): NAME=path=IMG or NAME=vmkfs=DATASTORE:DISK,\nthen [,readonly=on]",
+            "serve a disk as NAME (repeatable; none: disks come with 'disk add'):\nNAME=path=IMG or NAME=vmkfs=DATASTORE:DISK, then [,readonly=on]",
         ),
         opt(
             "--take-stale-locks",
@@ -958,7 +958,7 @@ Usage:
                             Write an embedded guest image to FILE
   wv vswitch --socket-dir DIR [--port NETWORK/PORT ...] [--uplink NETWORK=TAP ...]
                             Run the virtual switch: vhost-user net ports (--net vhost-user=)
-  wv storage --socket-dir DIR --disk NAME=path=IMG|vmkfs=DS:DISK ... [--take-stale-locks]
+  wv storage --socket-dir DIR [--disk NAME=path=IMG|vmkfs=DS:DISK ...] [--take-stale-locks]
                             Run the storage service: vhost-user-blk disks (--disk vhost-user=)
   wv completions bash|zsh   Print a shell completion script
   wv --version | --help
@@ -1658,11 +1658,8 @@ fn parse_storage(args: &[String]) -> Result<Command, Usage> {
         }
         cfg.disks.push(spec);
     }
-    if cfg.disks.is_empty() {
-        return Err(Usage(
-            "wv storage needs at least one --disk NAME=SPEC".into(),
-        ));
-    }
+    // None is fine: disks are added at run time (`disk add` on its control socket), as the
+    // daemon does when a VM that has one starts.
     Ok(Command::Storage(cfg))
 }
 

@@ -47,17 +47,7 @@ fn vmm_log(d: &Daemon, name: &str) -> String {
 
 /// The switch world in the daemon's statistics, while it runs.
 fn switch_world(d: &Daemon) -> Option<serde_json::Value> {
-    let (s, body) = d.raw(b"GET /v1/stats HTTP/1.1\r\n\r\n");
-    assert_eq!(s, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let w = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["name"] == "switch")?
-        .clone();
-    assert_eq!(w["id"], u64::from(u32::MAX), "{w}");
-    Some(w)
+    d.system_world("switch", u64::from(u32::MAX))
 }
 
 /// The switch's pid while the daemon knows it runs (`wv net info`).

@@ -316,6 +316,13 @@ impl Daemon {
         if let Some(m) = disks_refused(&spec.config).filter(|_| !copy) {
             return error(422, format!("VM '{name}': {m}"));
         }
+        if let Some(d) = crate::storage::served_disk(&spec.config) {
+            // What its VMM would answer for its vhost-user disk.
+            return error(
+                422,
+                format!("VM '{name}': disk {} is served by the storage service (via=storage), whose writes to guest memory are not dirty-logged and which does not hand disks over: migrating it is not supported", d.id),
+            );
+        }
         if let Some(n) = spec.config.nets.iter().find_map(|n| n.network.as_deref()) {
             // What its VMM would answer: the switch's writes to guest memory are not
             // dirty-logged yet.

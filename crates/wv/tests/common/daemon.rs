@@ -89,6 +89,22 @@ impl Daemon {
         }
     }
 
+    /// System world `name` (`switch`, `storage`) in `GET /v1/stats`, while it runs; its id is
+    /// checked to be `id`.
+    pub fn system_world(&self, name: &str, id: u64) -> Option<serde_json::Value> {
+        let (s, body) = self.raw(b"GET /v1/stats HTTP/1.1\r\n\r\n");
+        assert_eq!(s, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let w = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)?
+            .clone();
+        assert_eq!(w["id"], id, "{w}");
+        Some(w)
+    }
+
     /// A raw HTTP exchange: (status, body).
     pub fn raw(&self, request: &[u8]) -> (u16, String) {
         let mut s = UnixStream::connect(&self.socket).unwrap();
@@ -128,14 +144,17 @@ impl Drop for Daemon {
         // nor its VMMs, which outlive a daemon by design.
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Its switch world (a process of its own session, like the VMMs).
-        if let Some(pid) = std::fs::read_to_string(self.state.join("sw/pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
+        // Its switch and storage worlds (processes of their own session, like the VMMs).
+        for (pid_file, command) in [("sw/pid", &b"vswitch"[..]), ("st/pid", &b"storage"[..])] {
+            let Some(pid) = std::fs::read_to_string(self.state.join(pid_file))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmd.split(|&b| b == 0).nth(1) == Some(&b"vswitch"[..]) {
-                // SAFETY: signalling the switch this test's daemon recorded as its own.
+            if cmd.split(|&b| b == 0).nth(1) == Some(command) {
+                // SAFETY: signalling a world this test's daemon recorded as its own.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }

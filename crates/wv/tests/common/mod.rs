@@ -222,3 +222,37 @@ pub fn spawn_until(mut cmd: Command, marker: &str, timeout: Duration) -> std::pr
     }
     child
 }
+
+/// A raw disk image of `len` bytes with the probe's disk magic (`WVDISK01`) in sector 0.
+pub fn disk_image(dir: &TempDir, name: &str, len: usize) -> PathBuf {
+    let mut d = vec![0u8; len];
+    d[..8].copy_from_slice(b"WVDISK01");
+    dir.file(name, &d)
+}
+
+/// A VMKFS datastore `ds.img` in `dir` (64 MiB, 64 KiB blocks) holding disk `root` (1 MiB,
+/// the probe's magic in sector 0); its path.
+pub fn datastore(dir: &TempDir) -> String {
+    let ds = dir.path("ds.img").to_str().unwrap().to_string();
+    let r = wv(&["fs", "mkfs", &ds, "--size", "64M", "--block-size", "64K"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let src = disk_image(dir, "root.raw", 1 << 20);
+    let r = wv(&["fs", "import", &ds, "root", src.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    ds
+}
+
+/// The persist test's `PASS persist` line in `out` and the acknowledged disk records it
+/// counted (`disk_writes=N`, with `probe.persist_disk=1`).
+pub fn persist_pass(out: &str) -> (&str, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("PASS persist"))
+        .unwrap_or_else(|| panic!("no PASS persist in:\n{out}"));
+    let writes = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("disk_writes="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    (line, writes)
+}

@@ -1,0 +1,259 @@
+//! The storage world: one `wv storage` process (crates/storage) that serves the daemon's VMs
+//! the disks they ask to have served (`--disk vmkfs=DS:NAME,via=storage`) over vhost-user-blk.
+//! It is supervised as a system world ([`crate::service`]: its own cgroup, restarted with a
+//! back-off when it dies, every disk of a running VM added to it again), its sockets
+//! under `STATE_DIR/st` (mode 0700). It holds each disk's exclusive open (the VMKFS lock and
+//! owner record, an image's `flock`) while the disk's VM runs: the disk's owner is the host,
+//! its holder a world. A disk is added when its VM starts and deleted when the VM's run ends;
+//! the VMM gets only the disk's socket. VMMs reconnect by themselves and hand their rings back
+//! from the used index, so a fault in the service takes down neither a VM nor the daemon, and
+//! loses no acknowledged write.
+
+use crate::service::{self, Service};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use wv_config::DiskConfig;
+
+/// World id of the storage service in the daemon's statistics (the switch's less one).
+pub const STORAGE_ID: u64 = crate::network::SWITCH_ID - 1;
+/// Shares of the storage world: a CPU's worth when contended, as the switch.
+pub const STORAGE_SHARES: u32 = 1000;
+/// The folder, in the state directory, of the service's sockets and log.
+pub const STORAGE_DIR: &str = "st";
+/// Time a VMM that ended has to be seen gone by the service before its disk is let go of
+/// anyway (the service refuses `disk del` while a VMM is connected).
+const DISCONNECT: Duration = Duration::from_secs(5);
+
+/// The service's name for disk `index` of VM world `id` (what the guest reads with GET_ID).
+pub fn disk_name(id: u64, index: usize) -> String {
+    format!("{id}-disk{index}")
+}
+
+/// The socket of the served disk `name` under the service's folder `dir`.
+pub fn disk_socket(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}
+
+/// The service's `--disk` text for `d` (`vmkfs=DS:NAME` or `path=IMG`, `readonly=on`).
+/// [`crate::world::VmSpec::validate`] has checked that it reads back as written.
+pub fn disk_source(d: &DiskConfig) -> String {
+    let mut s = match &d.vmkfs {
+        Some(n) => format!("vmkfs={}:{n}", d.path.display()),
+        None => format!("path={}", d.path.display()),
+    };
+    if d.readonly {
+        s.push_str(",readonly=on");
+    }
+    s
+}
+
+/// The first disk of `c` that the storage service serves, if any.
+pub fn served_disk(c: &wv_config::VmConfig) -> Option<&DiskConfig> {
+    c.disks
+        .iter()
+        .find(|d| d.via == wv_config::DiskVia::Storage)
+}
+
+/// Why the disk `d` cannot be handed to the service, if it cannot: its paths and name go
+/// through the service's `--disk NAME=SPEC` text and its control socket's words.
+pub fn check_disk(d: &DiskConfig) -> Result<(), String> {
+    let bad = |s: &str| {
+        s.chars()
+            .any(|c| c == ',' || c.is_whitespace() || c.is_control())
+    };
+    let path = d.path.to_str().unwrap_or(",");
+    if bad(path) {
+        return Err(format!(
+            "disk {}: a disk served by the storage service needs a path without commas, spaces or control characters ({})",
+            d.id,
+            d.path.display()
+        ));
+    }
+    if let Some(n) = &d.vmkfs {
+        if bad(n) || n.contains(':') {
+            return Err(format!(
+                "disk {}: a VMKFS disk served by the storage service needs a name without ':', commas, spaces or control characters ('{}')",
+                d.id,
+                n.escape_debug()
+            ));
+        }
+    }
+    if d.vhost_user {
+        return Err(format!(
+            "disk {}: via=storage and vhost-user exclude each other",
+            d.id
+        ));
+    }
+    Ok(())
+}
+
+/// Why a disk could not be served.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AddError {
+    /// The service refused it (the disk is locked by another holder, missing, not VMKFS).
+    Refused(String),
+    /// The service cannot be started or reached.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for AddError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AddError::Refused(e) => write!(f, "{e}"),
+            AddError::Unavailable(e) => write!(f, "the storage service is unavailable: {e}"),
+        }
+    }
+}
+
+/// What the service should serve: (name, `--disk` source text) per disk.
+#[derive(Default)]
+pub struct Wanted {
+    disks: Vec<(String, String)>,
+}
+
+impl service::Wants for Wanted {
+    const KIND: service::Kind = service::Kind {
+        name: "storage",
+        folder: STORAGE_DIR,
+        command: "storage",
+        fixed_args: &["--take-stale-locks"],
+    };
+
+    /// None: a disk on the command line that cannot be opened (its datastore gone while the
+    /// service was down) would stop the whole service, and every VM's disks with it.
+    fn args(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn replay(&self) -> Vec<String> {
+        self.disks
+            .iter()
+            .map(|(n, s)| format!("disk add {n}={s}"))
+            .collect()
+    }
+
+    fn any(&self) -> bool {
+        !self.disks.is_empty()
+    }
+}
+
+/// The storage world's supervisor (a handle: clones share it). It is started with
+/// `--take-stale-locks`: the VMKFS owner records a killed service left name a writer that is
+/// gone, and the service started next takes those disks again.
+pub type Supervisor = Service<Wanted>;
+
+/// What only the storage world does.
+impl Service<Wanted> {
+    /// Sets what the service serves at the daemon's start (the served disks of the VMs still
+    /// running: (name, source)) and starts it if there is any.
+    pub fn restore(&self, disks: Vec<(String, String)>) {
+        self.restore_wanted(Wanted { disks });
+    }
+
+    /// Serves disk `name` from `source` (starting the service first if it does not run); its
+    /// socket, bound when this returns. A disk the service cannot open or lock (held by
+    /// another VM or process, missing) is [`AddError::Refused`], with the service's reason.
+    pub fn add_disk(&self, name: &str, source: &str) -> Result<PathBuf, AddError> {
+        let sock = disk_socket(self.dir(), name);
+        let mut st = self.state();
+        if st.closed() {
+            return Err(AddError::Unavailable("the daemon is stopping".into()));
+        }
+        if let Some((_, s)) = st.want.disks.iter().find(|(n, _)| n == name) {
+            // Left by a run whose end was not seen yet: the service has it.
+            if s == source && st.running() {
+                return Ok(sock);
+            }
+            st.want.disks.retain(|(n, _)| n != name);
+        }
+        // Started (if it must be) with what it serves already, then asked for this disk: a
+        // disk it cannot take costs only this disk.
+        self.ensure(&mut st).map_err(AddError::Unavailable)?;
+        let v = self
+            .answer(&format!("disk add {name}={source}"))
+            .map_err(AddError::Unavailable)?;
+        match v.get("error").and_then(|e| e.as_str()) {
+            Some(e) if e.contains("already served") => {}
+            Some(e) => return Err(AddError::Refused(e.to_string())),
+            None => {}
+        }
+        st.want.disks.push((name.into(), source.into()));
+        Ok(sock)
+    }
+
+    /// Stops serving disk `name` (its VM's run ended) and releases it. The service refuses
+    /// while the VMM is still connected: the VMM has ended, so that is only until the service
+    /// has seen its connection close.
+    pub fn del_disk(&self, name: &str) {
+        let mut st = self.state();
+        let before = st.want.disks.len();
+        st.want.disks.retain(|(n, _)| n != name);
+        if st.want.disks.len() == before || !st.running() {
+            return;
+        }
+        let deadline = Instant::now() + DISCONNECT;
+        loop {
+            match self.request(&format!("disk del {name}")) {
+                Ok(_) => return,
+                Err(e) if e.contains("connected to a VMM") && Instant::now() < deadline => {
+                    drop(st);
+                    std::thread::sleep(Duration::from_millis(20));
+                    st = self.state();
+                    if !st.running() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    eprintln!("wv host: removing disk {name} from the storage service: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The service's counters for every disk (`[]` when it does not run).
+    pub fn disks(&self) -> Result<Vec<serde_json::Value>, String> {
+        self.stats("disks")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::Wants;
+
+    #[test]
+    fn sources_names_and_refusals() {
+        let d = |s: &str| DiskConfig::parse(s, 0).unwrap();
+        assert_eq!(
+            disk_source(&d("vmkfs=/ds/a.img:web")),
+            "vmkfs=/ds/a.img:web"
+        );
+        assert_eq!(
+            disk_source(&d("vmkfs=/ds:web,readonly=on")),
+            "vmkfs=/ds:web,readonly=on"
+        );
+        assert_eq!(disk_source(&d("path=/i.img")), "path=/i.img");
+        assert_eq!(disk_name(7, 1), "7-disk1");
+        assert_eq!(
+            disk_socket(Path::new("/var/lib/worldvisor/st"), "7-disk1"),
+            Path::new("/var/lib/worldvisor/st/7-disk1.sock")
+        );
+        assert_eq!(check_disk(&d("vmkfs=/ds:web")), Ok(()));
+        assert!(check_disk(&d("vmkfs=/d s:web"))
+            .unwrap_err()
+            .contains("path"));
+        let mut w = d("vmkfs=/ds:web");
+        w.vmkfs = Some("a:b".into());
+        assert!(check_disk(&w).unwrap_err().contains("name"));
+        w.vmkfs = Some("a\tb".into());
+        assert!(check_disk(&w).is_err());
+        let wanted = Wanted {
+            disks: vec![("7-disk0".into(), "vmkfs=/ds:web".into())],
+        };
+        assert!(wanted.args().is_empty());
+        assert_eq!(wanted.replay(), ["disk add 7-disk0=vmkfs=/ds:web"]);
+        assert!(wanted.any());
+        assert!(!Wanted::default().any());
+    }
+}

@@ -1,0 +1,322 @@
+//! The daemon's storage world end to end: probe guests defined with `--disk
+//! vmkfs=DS:NAME,via=storage` (and a raw image the same way) whose disks the daemon's `wv
+//! storage` world opens, holds and serves; the probe's disk test and the persist writer
+//! through it; the service killed (SIGKILL) during the guest's writes and restarted by the
+//! daemon while the VM runs on (same VMM pid), no acknowledged write lost; a second VM on a
+//! served disk refused; the world in `GET /v1/stats` and `wv host top`; snapshots and
+//! migrations of such a VM refused with a clear answer; a restarted daemon serving a running
+//! VM's disk again.
+
+mod common;
+use common::daemon::Daemon;
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(120);
+/// The storage world's id in the statistics (the switch's, u32::MAX, less one).
+const STORAGE_ID: u64 = u32::MAX as u64 - 1;
+
+fn vm_file(d: &Daemon, name: &str, file: &str) -> String {
+    std::fs::read_to_string(d.state.join("vms").join(name).join(file)).unwrap_or_default()
+}
+
+/// Waits until `name`'s console log has a line starting with `line`; returns the log.
+fn wait_console(d: &Daemon, name: &str, line: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let log = vm_file(d, name, "console.log");
+        if log.lines().any(|l| l.starts_with(line)) {
+            return log;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "{name} never printed '{line}':\n{log}\n{}",
+            vm_file(d, name, "vmm.log")
+        );
+        let v = d.json(&["vm", "info", name]);
+        assert!(
+            v["state"] != "crashed",
+            "{name} crashed: {v}\n{log}\n{}",
+            vm_file(d, name, "vmm.log")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One request to the storage world's control socket (the test runs as root, as the
+/// daemon), its JSON answer.
+fn control(d: &Daemon, line: &str) -> serde_json::Value {
+    let mut s = UnixStream::connect(d.state.join("st").join("control.sock")).unwrap();
+    writeln!(s, "{line}").unwrap();
+    let mut out = String::new();
+    BufReader::new(s).read_line(&mut out).unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The storage world's disks.
+fn served(d: &Daemon) -> Vec<serde_json::Value> {
+    control(d, "stats")["disks"].as_array().unwrap().clone()
+}
+
+/// The storage world in the daemon's statistics, while it runs.
+fn storage_world(d: &Daemon) -> Option<serde_json::Value> {
+    d.system_world("storage", STORAGE_ID)
+}
+
+/// The storage service's pid, from its pid file in the daemon's state directory.
+fn storage_pid(d: &Daemon) -> Option<u32> {
+    std::fs::read_to_string(d.state.join("st").join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Waits until the storage world serves no disk any more (its VMs ended).
+fn wait_released(d: &Daemon) {
+    let t = Instant::now();
+    while !served(d).is_empty() {
+        assert!(t.elapsed() < WAIT, "disks still served: {:?}", served(d));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The probe's disk test over the storage world, for a VMKFS disk and a read-only raw image:
+/// the daemon adds each disk when the VM starts (the guest reads the service's name for it
+/// with GET_ID) and deletes it when the VM ends, after which the VMM-less disk can be taken
+/// by anyone again.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn the_probe_disk_test_passes_over_the_daemons_storage_world() {
+    need_kvm();
+    let dir = TempDir::new("host-storage-blk");
+    let ds = datastore(&dir);
+    let ro = disk_image(&dir, "ro.img", 64 << 10);
+    let d = Daemon::start(&dir);
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "b",
+        "--disk",
+        &format!("vmkfs={ds}:root,via=storage,id=root"),
+        "--disk",
+        &format!("path={},readonly=on,via=storage,id=ro0", ro.display()),
+        "--cmdline",
+        "console=ttyS0 probe.tests=blk",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let info = d.json(&["vm", "info", "b"]);
+    assert_eq!(info["spec"]["disks"][0]["via"], "storage", "{info}");
+    let id = info["id"].as_u64().unwrap();
+    let r = d.wv(&["vm", "start", "b"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let log = wait_console(&d, "b", "PASS blk");
+    let line = log.lines().find(|l| l.starts_with("PASS blk")).unwrap();
+    assert!(
+        line.contains(&format!(
+            "disks=2 {id}-disk0:sectors=2048,magic,rw-ok {id}-disk1:sectors=128,magic,ro-refused"
+        )),
+        "{line}"
+    );
+    // The VMM had sockets, not the disks.
+    let cfg = vm_file(&d, "b", "config.json");
+    assert!(
+        cfg.contains("vhost_user") && !cfg.contains("ds.img"),
+        "{cfg}"
+    );
+    let vlog = vm_file(&d, "b", "vmm.log");
+    assert!(!vlog.contains("SECCOMP"), "{vlog}");
+    d.wait_state("b", "stopped");
+    wait_released(&d);
+    // Released: the datastore's disk opens again, with what the guest wrote in sector 1.
+    let out = dir.path("root.out");
+    let r = wv(&["fs", "export", &ds, "root", out.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let data = std::fs::read(&out).unwrap();
+    assert!(
+        (0..512usize).all(|i| data[512 + i] == i.to_le_bytes()[0] ^ 0xa5 ^ 1),
+        "sector 1 of the disk"
+    );
+}
+
+/// A guest writing its VMKFS disk through the storage world with the persist writer; the
+/// world shows in the statistics and in `wv host top`; a second VM on the disk is refused
+/// while it is served; the service is killed (SIGKILL) during the writes: the daemon starts
+/// it again (breaking the stale lock record the dead one left), the VMM (same pid) connects
+/// again and hands its ring back, the guest reads back every record it saw acknowledged,
+/// and each is on the disk afterwards. Snapshots and migrations of the VM are refused.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_killed_storage_world_is_restarted_and_loses_no_acknowledged_write() {
+    need_kvm();
+    let dir = TempDir::new("host-storage-crash");
+    let ds = datastore(&dir);
+    let d = Daemon::start(&dir);
+    let disk = format!("vmkfs={ds}:root,via=storage,id=root");
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "p",
+        "--memory",
+        "256M",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "console=ttyS0 probe.tests=persist probe.persist_mib=16 probe.persist_rate=50 \
+         probe.persist_ms=8000 probe.persist_disk=1 probe.persist_disk_ms=2 probe.blkseed=43",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "create", "q", "--disk", &disk]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(storage_world(&d).is_none(), "no disk served yet");
+    let r = d.wv(&["vm", "start", "p"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let vmm = d.json(&["vm", "info", "p"])["pid"].as_u64().unwrap();
+    wait_console(&d, "p", "persist: running");
+
+    // The storage world, in the statistics and the live table.
+    let w = storage_world(&d).expect("the storage world in GET /v1/stats");
+    assert_eq!(w["state"], "running", "{w}");
+    let r = d.wv(&["host", "top", "--once"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.contains("storage"), "{r}");
+
+    // The disk is held by the service: a second VM on it is refused, and the first runs on.
+    let r = d.wv(&["vm", "start", "q"]);
+    assert_ne!(r.status, Some(0), "{r}");
+    let holder = storage_pid(&d).unwrap();
+    assert!(
+        r.stderr.contains("cannot start: disk root")
+            && r.stderr
+                .contains(&format!("open for writing by pid {holder} "))
+            && r.stderr.contains("HTTP 409"),
+        "the service holds the disk: {r}"
+    );
+    assert_eq!(d.json(&["vm", "info", "q"])["state"], "defined");
+
+    // Snapshots and migrations: refused, with why.
+    let (s, body) = d.raw(
+        b"POST /v1/vms/p/snapshot HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"snapshot\":\"s\"}",
+    );
+    assert_eq!(s, 422, "{body}");
+    assert!(body.contains("storage service"), "{body}");
+    let m = br#"{"to":"127.0.0.1:9","token":"t"}"#;
+    let mut req = format!(
+        "POST /v1/vms/p/migrate HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        m.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(m);
+    let (s, body) = d.raw(&req);
+    assert_eq!(s, 422, "{body}");
+    assert!(body.contains("storage service"), "{body}");
+
+    // Kill -9 during the guest's writes.
+    let t = Instant::now();
+    let written = |d: &Daemon| served(d)[0]["written_bytes"].as_u64().unwrap();
+    while written(&d) <= 20 * 512 {
+        assert!(t.elapsed() < WAIT, "no disk writes: {:?}", served(&d));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let old = storage_pid(&d).unwrap();
+    let pid = i32::try_from(old).unwrap();
+    // SAFETY: kill sends a signal to the storage service's process; no memory is involved.
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    let t = Instant::now();
+    loop {
+        let now = storage_pid(&d);
+        if now.is_some_and(|p| p != old) && storage_world(&d).is_some() {
+            break;
+        }
+        assert!(t.elapsed() < WAIT, "the daemon did not restart the service");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The disk is served again, by the new process, and the same VMM runs on.
+    assert_eq!(served(&d).len(), 1, "{:?}", served(&d));
+    assert_eq!(d.json(&["vm", "info", "p"])["pid"].as_u64(), Some(vmm));
+    let log = wait_console(&d, "p", "PASS persist");
+    let (line, writes) = persist_pass(&log);
+    assert!(writes > 20, "{line}");
+    let vlog = vm_file(&d, "p", "vmm.log");
+    assert!(
+        vlog.contains("the backend went away") && vlog.contains("connected again"),
+        "{vlog}"
+    );
+    assert!(!vlog.contains("SECCOMP"), "{vlog}");
+    // The guest ends itself: the VM stops (a VMM that died would leave it crashed).
+    d.wait_state("p", "stopped");
+    wait_released(&d);
+    // Every acknowledged record is on the disk: record n in sector 1 + n, with the seed.
+    let out = dir.path("root.out");
+    let r = wv(&["fs", "export", &ds, "root", out.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let data = std::fs::read(&out).unwrap();
+    for n in 0..writes {
+        let s = &data[usize::try_from(512 * (1 + n)).unwrap()..][..24];
+        assert_eq!(&s[..8], b"WVPERSIS", "record {n}");
+        assert_eq!(s[8..16], n.to_le_bytes(), "record {n}");
+    }
+    // Let go of: the second VM takes the disk now.
+    let r = d.wv(&["vm", "start", "q"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    d.wv(&["vm", "stop", "q"]);
+}
+
+/// A daemon restarted while a VM on a served disk runs: the old daemon's storage world ends
+/// with it, the new daemon adopts the VMM and has a new storage world take the disk again
+/// (the stale owner record broken), the VMM connects to it, and the guest's acknowledged
+/// writes all survive.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_restarted_daemon_serves_the_running_vms_disks_again() {
+    need_kvm();
+    let dir = TempDir::new("host-storage-restart");
+    let ds = datastore(&dir);
+    let d = Daemon::start(&dir);
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "p",
+        "--memory",
+        "256M",
+        "--disk",
+        &format!("vmkfs={ds}:root,via=storage,id=root"),
+        "--cmdline",
+        "console=ttyS0 probe.tests=persist probe.persist_mib=16 probe.persist_rate=50 \
+         probe.persist_ms=8000 probe.persist_disk=1 probe.persist_disk_ms=2 probe.blkseed=44",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "start", "p"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let vmm = d.json(&["vm", "info", "p"])["pid"].as_u64().unwrap();
+    wait_console(&d, "p", "persist: running");
+    let old = storage_pid(&d).unwrap();
+    d.stop_keeping_vmms();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{old}")).exists(),
+        "the storage world ends with its daemon"
+    );
+    let d = Daemon::start(&dir);
+    assert_eq!(d.json(&["vm", "info", "p"])["pid"].as_u64(), Some(vmm));
+    assert!(storage_pid(&d).is_some_and(|p| p != old));
+    assert_eq!(served(&d).len(), 1, "{:?}", served(&d));
+    let log = wait_console(&d, "p", "PASS persist");
+    let (line, writes) = persist_pass(&log);
+    assert!(writes > 20, "{line}");
+    let vlog = vm_file(&d, "p", "vmm.log");
+    assert!(vlog.contains("connected again"), "{vlog}");
+    d.wait_state("p", "stopped");
+    wait_released(&d);
+    let out = dir.path("root.out");
+    let r = wv(&["fs", "export", &ds, "root", out.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let data = std::fs::read(&out).unwrap();
+    for n in 0..writes {
+        let s = &data[usize::try_from(512 * (1 + n)).unwrap()..][..16];
+        assert_eq!(&s[..8], b"WVPERSIS", "record {n}");
+        assert_eq!(s[8..16], n.to_le_bytes(), "record {n}");
+    }
+}
