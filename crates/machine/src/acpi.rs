@@ -282,7 +282,10 @@ fn pcnt() -> Raw {
     let names: Vec<aml::Path> = (1u8..32).map(|n| slot_name(n).as_str().into()).collect();
     let bits: Vec<u32> = (1u8..32).map(|n| 1u32 << n).collect();
     let (check, eject) = (1u8, 3u8);
-    let ups: Vec<aml::And> = bits.iter().map(|b| aml::And::new(&aml::ZERO, &up, b)).collect();
+    let ups: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &up, b))
+        .collect();
     let downs: Vec<aml::And> = bits
         .iter()
         .map(|b| aml::And::new(&aml::ZERO, &down, b))
@@ -306,7 +309,12 @@ fn pcnt() -> Raw {
 /// region with the fields PCIU, PCID, B0EJ, PSEG; `PCEJ(slot)` writes the slot's bit to B0EJ
 /// under a mutex), and `\_SB.GED_`, the Generic Event Device whose `_EVT` runs `PCI0.PCNT`.
 fn hotplug() -> (Raw, Raw) {
-    let io = aml::IO::new(HOTPLUG_PORT, HOTPLUG_PORT, 1, u8::try_from(HOTPLUG_LEN).unwrap());
+    let io = aml::IO::new(
+        HOTPLUG_PORT,
+        HOTPLUG_PORT,
+        1,
+        u8::try_from(HOTPLUG_LEN).unwrap(),
+    );
     let crs = aml::ResourceTemplate::new(vec![&io]);
     let (port, len) = (u32::from(HOTPLUG_PORT), u32::from(HOTPLUG_LEN));
     let region = aml::OpRegion::new("PCST".into(), aml::OpRegionSpace::SystemIO, &port, &len);
@@ -428,7 +436,9 @@ mod tests {
                 &dsdt[s5 + 4..s5 + 9],
                 &[0x12, 0x05, 0x02, 0x0a, S5_SLEEP_TYPE]
             );
-            for name in [b"PCI0", b"MBRS", b"COM1", b"PWRB", b"PHPR", b"GED_", b"PCNT", b"S1F_"] {
+            for name in [
+                b"PCI0", b"MBRS", b"COM1", b"PWRB", b"PHPR", b"GED_", b"PCNT", b"S1F_",
+            ] {
                 assert!(dsdt.windows(4).any(|w| w == name), "{name:?}");
             }
             let madt = table(&b, entries[1], b"APIC");
