@@ -80,6 +80,8 @@ pub(super) fn list() -> List {
         // locked, a TAP opened and set up, a vhost-user backend connected), its eventfds made
         // and registered with KVM; an ejected device's notifications unregistered, its worker
         // stopped (futex, common) and its descriptors closed.
+        // The configuration with the device validated as a whole (host RAM read, sysinfo).
+        .allow(libc::SYS_sysinfo)
         .allow(libc::SYS_eventfd2)
         .ioctl(KVM_IOEVENTFD)
         .ioctl(KVM_IRQFD)
