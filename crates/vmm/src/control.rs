@@ -401,6 +401,9 @@ pub(crate) struct Controller {
     pub end_after_answer: Option<(crate::VmEnd, mpsc::Receiver<()>)>,
     /// Removes waiting for the guest to eject.
     pub pending_removes: Vec<PendingRemove>,
+    /// Told when the answers of completed removes have been written (the VMM waits for them
+    /// before it exits: a guest may eject and power off at once).
+    pub answers_in_flight: Vec<mpsc::Receiver<()>>,
 }
 
 impl Controller {
@@ -677,7 +680,12 @@ impl Controller {
             while i < self.pending_removes.len() {
                 if self.pending_removes[i].slot == slot {
                     let p = self.pending_removes.swap_remove(i);
-                    let _ = p.reply.send(Answer::none());
+                    let mut a = Answer::none();
+                    let (tx, rx) = mpsc::channel();
+                    a.written = Some(tx);
+                    if p.reply.send(a).is_ok() {
+                        self.answers_in_flight.push(rx);
+                    }
                 } else {
                     i += 1;
                 }
@@ -699,10 +707,19 @@ impl Controller {
                 i += 1;
             }
         }
+        self.answers_in_flight
+            .retain(|rx| matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty)));
         self.pending_removes
             .iter()
             .map(|p| p.deadline.saturating_duration_since(now))
             .min()
+    }
+
+    /// Waits (a while at most) for the answers of completed removes to be written.
+    pub(crate) fn flush_answers(&mut self) {
+        for rx in self.answers_in_flight.drain(..) {
+            let _ = rx.recv_timeout(REQUEST_TIMEOUT);
+        }
     }
 
     fn counters(&self) -> serde_json::Value {

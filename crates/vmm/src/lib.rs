@@ -697,6 +697,7 @@ pub(crate) fn run_from(
         kvm: kvm.clone(),
         end_after_answer: None,
         pending_removes: Vec::new(),
+        answers_in_flight: Vec::new(),
     };
     let control = {
         let stdin = cfg.serial == SerialMode::Stdio;
@@ -1369,6 +1370,9 @@ fn control_loop(
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
         {
+            // A guest that ejected a device and then ended: its remove is answered.
+            ctl.hotplug_work();
+            ctl.flush_answers();
             if let Some((l, _)) = &shared.console {
                 if let Ok(addr) = l.local_addr() {
                     if let Some(p) = addr.as_pathname() {
