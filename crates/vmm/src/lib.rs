@@ -1028,6 +1028,13 @@ const HOTPLUG_CAUSES: [&str; 32] = [
     "hotplug-31",
 ];
 
+/// A disk built for the bus: its accounting name, the device, its backend's access.
+pub(crate) type BuiltDisk = (
+    &'static str,
+    Box<dyn wv_virtio::VirtioDevice>,
+    Option<wv_virtio::block::DiskAccess>,
+);
+
 /// Disk `index` of a configuration (`d`) as a device: its accounting name, the device and,
 /// unless a vhost-user backend serves it, its backend's access (migration's disk copy). The one
 /// path by which start, restore and hot-plug build a disk; a restored VM's raw and VMKFS disks
@@ -1037,14 +1044,7 @@ pub(crate) fn disk_device(
     index: usize,
     restore: Option<&Restore>,
     vmkfs: &mut Vec<vmkfs_disk::Held>,
-) -> Result<
-    (
-        &'static str,
-        Box<dyn wv_virtio::VirtioDevice>,
-        Option<wv_virtio::block::DiskAccess>,
-    ),
-    VmmError,
-> {
+) -> Result<BuiltDisk, VmmError> {
     if d.vhost_user {
         let name: &'static str = Box::leak(format!("vhost-user-blk:{}", d.id).into_boxed_str());
         let dev = wv_virtio::vhost_user::VhostUserDevice::blk(&d.path, d.readonly)

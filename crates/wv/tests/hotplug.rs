@@ -188,7 +188,10 @@ fn disks_are_hot_plugged_used_and_removed_and_bad_requests_refused() {
     let img = std::fs::read(&hot0).unwrap();
     let seed = 0x5a_u8.wrapping_add(0x11);
     assert!(
-        (0..512).all(|i| img[512 + i] == (i as u8) ^ seed),
+        img[512..1024]
+            .iter()
+            .zip((0..=255u8).cycle())
+            .all(|(b, i)| *b == i ^ seed),
         "sector 1 of hot0.img is not what the guest wrote"
     );
     assert!(holds(pid, &hot0));
