@@ -1,7 +1,8 @@
 //! The ACPI tables as a guest kernel finds them: the RSDP (named by the loader, else found by
 //! scanning the BIOS area), the XSDT (or the RSDT of ACPI 1.0), tables looked up by signature
 //! with their checksums checked, the FADT's sleep control register and the DSDT's `_S5_` sleep
-//! type, which together power the machine off.
+//! type, which together power the machine off; and the PCI hot-plug controller's register
+//! block and the Generic Event Device's interrupt, which the DSDT names (docs/DEVICES.md).
 
 use crate::console::outb;
 
@@ -179,4 +180,47 @@ pub fn ecam_read32(base: u64, dev: u8, reg: u16) -> u32 {
     let a = base + (u64::from(dev) << 15) + u64::from(reg);
     // SAFETY: the ECAM window is identity-mapped MMIO; a volatile dword read is a config read.
     unsafe { core::ptr::read_volatile(a as *const u32) }
+}
+
+/// The bytes of the DSDT's definition block (after its header).
+fn dsdt_body() -> Option<(u64, u64)> {
+    let d = dsdt()?;
+    Some((d + 36, d + u64::from(rd::<u32>(d + 4))))
+}
+
+/// The first `N`-byte window within 64 bytes after an occurrence of `name` in the DSDT (the
+/// name's uses as well as its definition are tried) that `f` accepts.
+fn after<const N: usize, T>(name: &[u8; 4], f: impl Fn([u8; N]) -> Option<T>) -> Option<T> {
+    let (start, end) = dsdt_body()?;
+    let last = end.checked_sub(N as u64)?;
+    (start..end.saturating_sub(4))
+        .filter(|&p| rd::<[u8; 4]>(p) == *name)
+        .find_map(|at| (at + 4..(at + 64).min(last + 1)).find_map(|p| f(rd::<[u8; N]>(p))))
+}
+
+/// The first I/O port descriptor (`IO (Decode16, min, max, align, len)`, min == max) after the
+/// name `name` in the DSDT: (port, length).
+fn io_after(name: &[u8; 4]) -> Option<(u16, u8)> {
+    after(name, |b: [u8; 8]| {
+        let (min, max) = (
+            u16::from_le_bytes([b[2], b[3]]),
+            u16::from_le_bytes([b[4], b[5]]),
+        );
+        (b[0] == 0x47 && b[1] == 0x01 && min == max && b[7] != 0).then_some((min, b[7]))
+    })
+}
+
+/// The hot-plug controller's register block: the I/O descriptor of `\_SB.PHPR._CRS`.
+pub fn hotplug_port() -> Option<u16> {
+    io_after(b"PHPR")
+        .filter(|&(_, len)| len >= 12)
+        .map(|(p, _)| p)
+}
+
+/// The Generic Event Device's GSI: the extended interrupt descriptor of `\_SB.GED_._CRS`.
+pub fn ged_gsi() -> Option<u32> {
+    after(b"GED_", |b: [u8; 9]| {
+        (b[0] == 0x89 && b[1] == 6 && b[2] == 0 && b[4] == 1)
+            .then(|| u32::from_le_bytes([b[5], b[6], b[7], b[8]]))
+    })
 }

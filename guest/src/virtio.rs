@@ -72,6 +72,15 @@ pub fn find_nth(device_id: u16, n: usize) -> Option<Device> {
     let slot = (0..32u8)
         .filter(|&s| read32(s, 0) == 0x1af4 | (u32::from(device_id) << 16))
         .nth(n)?;
+    at_slot(slot)
+}
+
+/// The virtio device in `slot` of bus 0 (one that arrived by hot-plug): enables it and maps
+/// its capabilities. None when the slot holds no virtio device with complete capabilities.
+pub fn at_slot(slot: u8) -> Option<Device> {
+    if slot >= 32 || read32(slot, 0) & 0xffff != 0x1af4 {
+        return None;
+    }
     write32(slot, 4, read32(slot, 4) | 0x6); // memory space, bus master
     let mut d = Device {
         slot,

@@ -13,6 +13,17 @@ pub trait MmioDevice: Send {
     fn mmio_write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// What an emptied entry holds: reads all ones, ignores writes (an access that looked the
+/// entry up just before it was emptied lands here).
+struct Removed;
+
+impl MmioDevice for Removed {
+    fn mmio_read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
 #[derive(Clone)]
 struct Entry {
     base: u64,
@@ -41,7 +52,9 @@ impl MmioBus {
         self.entries.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a device at `[base, base + len)`; returns its index, or None if it overlaps.
+    /// Adds a device at `[base, base + len)`; returns its index (a removed device's index is
+    /// taken again first, so indexes stay below the most devices ever present at once), or
+    /// None if it overlaps.
     pub fn insert(
         &self,
         base: u64,
@@ -54,20 +67,39 @@ impl MmioBus {
         if es.iter().any(|e| overlaps(e, base, end)) {
             return None;
         }
-        es.push(Entry {
+        let e = Entry {
             base,
             len,
             name,
             dev,
-        });
+        };
+        if let Some(i) = es.iter().position(|e| e.len == 0) {
+            es[i] = e;
+            return Some(i);
+        }
+        es.push(e);
         Some(es.len() - 1)
+    }
+
+    /// Removes the range that starts at `base` (a hot-unplugged device); false if none does.
+    /// Its index stays, empty (it matches no access), until [`MmioBus::insert`] reuses it.
+    pub fn remove(&self, base: u64) -> bool {
+        let mut es = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = es.iter_mut().find(|e| e.base == base && e.len != 0) else {
+            return false;
+        };
+        e.base = u64::MAX;
+        e.len = 0;
+        e.name = "removed";
+        e.dev = Arc::new(Mutex::new(Removed));
+        true
     }
 
     /// Moves the range that starts at `old` to `new`; false (nothing changed) if no range
     /// starts at `old` or the new place overlaps another device.
     pub fn relocate(&self, old: u64, new: u64) -> bool {
         let mut es = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        let Some(i) = es.iter().position(|e| e.base == old) else {
+        let Some(i) = es.iter().position(|e| e.base == old && e.len != 0) else {
             return false;
         };
         let Some(end) = new.checked_add(es[i].len) else {
@@ -91,7 +123,7 @@ impl MmioBus {
     pub fn relocate_within(&self, old: u64, new: u64, window: std::ops::Range<u64>) -> bool {
         let len = {
             let es = self.entries();
-            let Some(e) = es.iter().find(|e| e.base == old) else {
+            let Some(e) = es.iter().find(|e| e.base == old && e.len != 0) else {
                 return false;
             };
             e.len
@@ -215,5 +247,20 @@ mod tests {
         assert!(b.relocate_within(0xc000_0000, 0xdfff_fff0, w.clone()));
         assert_eq!(b.ranges(), vec![(0xdfff_fff0, 16, "a")]);
         assert!(!b.relocate_within(0x1234, 0xc000_0000, w), "nothing there");
+    }
+
+    #[test]
+    fn removed_ranges_match_nothing_and_their_index_is_reused() {
+        let b = MmioBus::new();
+        let d = || Arc::new(Mutex::new(Removed)) as Arc<Mutex<dyn MmioDevice>>;
+        assert_eq!(b.insert(0x1000, 0x100, "a", d()), Some(0));
+        assert_eq!(b.insert(0x2000, 0x100, "b", d()), Some(1));
+        assert!(b.remove(0x1000));
+        assert!(!b.remove(0x1000), "already gone");
+        assert_eq!(b.lookup(0x1000, 4), None);
+        assert!(!b.relocate(0x1000, 0x3000));
+        assert_eq!(b.insert(0x0f00, 0x300, "c", d()), Some(0), "index 0 reused");
+        assert_eq!(b.lookup(0x1010, 4), Some((0, 0x110)));
+        assert_eq!(b.insert(0x5000, 0x100, "d", d()), Some(2));
     }
 }

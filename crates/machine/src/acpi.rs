@@ -5,6 +5,11 @@
 //! Built with rust-vmm's `acpi_tables`; placed in the reserved BIOS area at [`ACPI_START`]
 //! (where a guest that is not handed the RSDP finds it by scanning), beside the MP table that
 //! older guests read.
+//!
+//! PCI hot-plug (docs/DEVICES.md): the DSDT also describes a hot-plug controller `\_SB.PHPR`
+//! (its register block at [`HOTPLUG_PORT`]), one device per slot of bus 0 under `PCI0`
+//! (`Sxx_` with `_ADR`, `_SUN` and `_EJ0`) and a Generic Event Device `\_SB.GED_` whose
+//! interrupt ([`GED_GSI`]) runs `PCI0.PCNT`, which notifies the slots the controller reports.
 
 use crate::layout::{ECAM_BASE, ECAM_SIZE, IOAPIC_ADDR, LAPIC_ADDR, MMIO_HOLE_START, PCI_MMIO_END};
 use crate::mptable;
@@ -31,6 +36,22 @@ const RESET_VALUE: u8 = 0xfe;
 /// COM1.
 const COM1_PORT: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
+/// The hot-plug controller's register block (port I/O, [`HOTPLUG_LEN`] bytes, dword
+/// registers): PCIU (slots with a device added, cleared when read), PCID (slots whose device
+/// the host asks the guest to eject, cleared when read), B0EJ (write a slot bitmap: the guest
+/// has let go of those devices), PSEG (segment, reads 0).
+pub const HOTPLUG_PORT: u16 = 0x610;
+/// Length of the hot-plug register block.
+pub const HOTPLUG_LEN: u16 = 16;
+/// Offsets of the hot-plug registers.
+pub const HOTPLUG_PCIU: u16 = 0;
+/// See [`HOTPLUG_PORT`].
+pub const HOTPLUG_PCID: u16 = 4;
+/// See [`HOTPLUG_PORT`].
+pub const HOTPLUG_B0EJ: u16 = 8;
+/// The Generic Event Device's interrupt: an I/O APIC pin, edge-triggered, active high (an ISA
+/// line no device uses).
+pub const GED_GSI: u32 = 7;
 
 const OEM_ID: [u8; 6] = *b"WRLDVS";
 const OEM_TABLE: [u8; 8] = *b"WVMACHIN";
@@ -166,18 +187,22 @@ fn dsdt() -> Sdt {
         None,
     );
     let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_ports, &io_low, &io_high, &mmio]);
-    let pci = Raw::of(&aml::Device::new(
-        "PCI0".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
-            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
-            &aml::Name::new("_ADR".into(), &aml::ZERO),
-            &aml::Name::new("_SEG".into(), &aml::ZERO),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-            &aml::Name::new("_BBN".into(), &aml::ZERO),
-            &aml::Name::new("_CRS".into(), &crs),
-        ],
-    ));
+    let (hid, cid) = (aml::EISAName::new("PNP0A08"), aml::EISAName::new("PNP0A03"));
+    let names = [
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_CID".into(), &cid),
+        aml::Name::new("_ADR".into(), &aml::ZERO),
+        aml::Name::new("_SEG".into(), &aml::ZERO),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_BBN".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &crs),
+    ];
+    let slots = slot_devices();
+    let pcnt = pcnt();
+    let mut children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    children.extend(slots.iter().map(|s| s as &dyn Aml));
+    children.push(&pcnt);
+    let pci = Raw::of(&aml::Device::new("PCI0".into(), children));
     // The ECAM window, reserved as a motherboard resource (Linux uses an MCFG area only when
     // the firmware reserves it).
     let ecam = aml::Memory32Fixed::new(
@@ -212,11 +237,132 @@ fn dsdt() -> Sdt {
             &aml::Name::new("_UID".into(), &aml::ZERO),
         ],
     ));
-    let sb = aml::Scope::new("_SB_".into(), vec![&pci, &mbrs, &com1, &pwrb]);
+    let (phpr, ged) = hotplug();
+    let sb = aml::Scope::new("_SB_".into(), vec![&pci, &mbrs, &com1, &pwrb, &phpr, &ged]);
     s5.to_aml_bytes(&mut t);
     sb.to_aml_bytes(&mut t);
     t.update_checksum();
     t
+}
+
+/// The slot devices `S01_`..`S1F_` under `PCI0`: `_ADR` (device N, function 0), `_SUN` (N)
+/// and `_EJ0`, which asks the controller to eject slot N (`\_SB.PHPR.PCEJ`).
+fn slot_devices() -> Vec<Raw> {
+    (1u8..32)
+        .map(|n| {
+            let adr = u32::from(n) << 16;
+            let sun = u32::from(n);
+            let call = aml::MethodCall::new("\\_SB_.PHPR.PCEJ".into(), vec![&sun]);
+            let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&call]);
+            Raw::of(&aml::Device::new(
+                slot_name(n).as_str().into(),
+                vec![
+                    &aml::Name::new("_ADR".into(), &adr),
+                    &aml::Name::new("_SUN".into(), &sun),
+                    &ej0,
+                ],
+            ))
+        })
+        .collect()
+}
+
+/// The name of slot `n`'s device: `S` and two hex digits, padded to four characters.
+fn slot_name(n: u8) -> String {
+    format!("S{n:02X}_")
+}
+
+/// `PCI0.PCNT`: reads PCIU and PCID once each and notifies every slot set in them: 1 (device
+/// check: a device arrived) for PCIU, 3 (eject request) for PCID.
+fn pcnt() -> Raw {
+    let (up, down) = (aml::Local(0), aml::Local(1));
+    let pciu = aml::Path::new("\\_SB_.PHPR.PCIU");
+    let pcid = aml::Path::new("\\_SB_.PHPR.PCID");
+    let store_up = aml::Store::new(&up, &pciu);
+    let store_down = aml::Store::new(&down, &pcid);
+    let names: Vec<aml::Path> = (1u8..32).map(|n| slot_name(n).as_str().into()).collect();
+    let bits: Vec<u32> = (1u8..32).map(|n| 1u32 << n).collect();
+    let (check, eject) = (1u8, 3u8);
+    let ups: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &up, b))
+        .collect();
+    let downs: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &down, b))
+        .collect();
+    let up_notes: Vec<aml::Notify> = names.iter().map(|p| aml::Notify::new(p, &check)).collect();
+    let down_notes: Vec<aml::Notify> = names.iter().map(|p| aml::Notify::new(p, &eject)).collect();
+    let ifs: Vec<aml::If> = (0..31)
+        .flat_map(|i| {
+            [
+                aml::If::new(&ups[i], vec![&up_notes[i]]),
+                aml::If::new(&downs[i], vec![&down_notes[i]]),
+            ]
+        })
+        .collect();
+    let mut body: Vec<&dyn Aml> = vec![&store_up, &store_down];
+    body.extend(ifs.iter().map(|i| i as &dyn Aml));
+    Raw::of(&aml::Method::new("PCNT".into(), 0, true, body))
+}
+
+/// `\_SB.PHPR`, the hot-plug controller (its register block as `_CRS` and as an operation
+/// region with the fields PCIU, PCID, B0EJ, PSEG; `PCEJ(slot)` writes the slot's bit to B0EJ
+/// under a mutex), and `\_SB.GED_`, the Generic Event Device whose `_EVT` runs `PCI0.PCNT`.
+fn hotplug() -> (Raw, Raw) {
+    let io = aml::IO::new(
+        HOTPLUG_PORT,
+        HOTPLUG_PORT,
+        1,
+        u8::try_from(HOTPLUG_LEN).unwrap(),
+    );
+    let crs = aml::ResourceTemplate::new(vec![&io]);
+    let (port, len) = (u32::from(HOTPLUG_PORT), u32::from(HOTPLUG_LEN));
+    let region = aml::OpRegion::new("PCST".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+            aml::FieldEntry::Named(*b"PSEG", 32),
+        ],
+    );
+    let mutex = aml::Mutex::new("BLCK".into(), 0);
+    let acquire = aml::Acquire::new("BLCK".into(), 0xffff);
+    let bit = aml::ShiftLeft::new(&aml::ZERO, &aml::ONE, &aml::Arg(0));
+    let b0ej = aml::Path::new("B0EJ");
+    let store = aml::Store::new(&b0ej, &bit);
+    let release = aml::Release::new("BLCK".into());
+    let pcej = aml::Method::new("PCEJ".into(), 1, true, vec![&acquire, &store, &release]);
+    let phpr = Raw::of(&aml::Device::new(
+        "PHPR".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A06")),
+            &aml::Name::new("_UID".into(), &aml::ONE),
+            &aml::Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+            &mutex,
+            &pcej,
+        ],
+    ));
+    let irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let ged_crs = aml::ResourceTemplate::new(vec![&irq]);
+    let scan = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&scan]);
+    let ged = Raw::of(&aml::Device::new(
+        "GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &ged_crs),
+            &evt,
+        ],
+    ));
+    (phpr, ged)
 }
 
 /// AML already serialised, to nest in a scope.
@@ -290,7 +436,9 @@ mod tests {
                 &dsdt[s5 + 4..s5 + 9],
                 &[0x12, 0x05, 0x02, 0x0a, S5_SLEEP_TYPE]
             );
-            for name in [b"PCI0", b"MBRS", b"COM1", b"PWRB"] {
+            for name in [
+                b"PCI0", b"MBRS", b"COM1", b"PWRB", b"PHPR", b"GED_", b"PCNT", b"S1F_",
+            ] {
                 assert!(dsdt.windows(4).any(|w| w == name), "{name:?}");
             }
             let madt = table(&b, entries[1], b"APIC");

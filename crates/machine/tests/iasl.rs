@@ -50,6 +50,22 @@ fn iasl_disassembles_every_table_without_errors() {
             );
             let dsl = std::fs::read_to_string(dir.join(format!("{sig}.dsl"))).unwrap();
             assert!(!dsl.is_empty());
+            if sig == "DSDT" {
+                // The hot-plug contract (docs/DEVICES.md) as iasl reads it back.
+                for want in [
+                    "Device (PHPR)",
+                    "Device (GED)",
+                    "_HID, \"ACPI0013\"",
+                    "Method (_EVT, 1, Serialized)",
+                    "Method (PCNT, 0, Serialized)",
+                    "Notify (S1F, 0x03)",
+                    "Method (_EJ0, 1, NotSerialized)",
+                    "OperationRegion (PCST, SystemIO, 0x0610, 0x10)",
+                    "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+                ] {
+                    assert!(dsl.contains(want), "DSDT lacks {want}:\n{dsl}");
+                }
+            }
         }
         if std::env::var_os("WV_KEEP_ACPI").is_none() {
             let _ = std::fs::remove_dir_all(&dir);

@@ -128,6 +128,20 @@ impl PciBus {
         u8::try_from(slot).ok()
     }
 
+    /// Whether a slot is free.
+    pub fn has_free_slot(&self) -> bool {
+        self.slots.iter().any(Option::is_none)
+    }
+
+    /// Empties `slot` (a hot-unplugged device; never the host bridge's slot 0); returns
+    /// whether a device was there.
+    pub fn remove(&mut self, slot: u8) -> bool {
+        match self.slots.get_mut(usize::from(slot)) {
+            Some(s) if slot != 0 => s.take().is_some(),
+            _ => false,
+        }
+    }
+
     /// The device the address register selects and the register offset, if it exists.
     fn selected(&self) -> Option<(&Arc<Mutex<dyn PciDevice>>, usize)> {
         let a = self.address;

@@ -630,6 +630,20 @@ impl VirtioPci {
         }
     }
 
+    /// Takes the device off the bus for good (a hot-unplug the guest acknowledged): waits for
+    /// the chain its worker is serving, if any, then stops the worker and releases what the
+    /// device took (as a driver's reset does). Dropping the transport afterwards closes its
+    /// eventfds and the device's backend.
+    pub fn unplug(&mut self) {
+        self.pause();
+        self.reset();
+    }
+
+    /// Where BAR 0 is mapped now (the guest may have moved it).
+    pub fn bar_addr(&self) -> u32 {
+        self.bar_addr
+    }
+
     /// Whether the driver started the device (DRIVER_OK accepted) and it serves its queues.
     pub fn is_active(&self) -> bool {
         self.ctl.is_some()

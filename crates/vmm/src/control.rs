@@ -11,6 +11,8 @@
 //! | PUT /vm/snapshot | write a snapshot (`{"destination": DIR}`; docs/SNAPSHOT.md) (200) |
 //! | GET /vm/balloon | the balloon: target, actual, counters, the guest's last statistics, the VMM's RSS |
 //! | PUT /vm/balloon | set the balloon's target (`{"target_bytes": N}`, rounded down to 4 KiB) (204) |
+//! | PUT /vm/device-add | hot-plug a disk or net (`{"disk": {...}}` / `{"net": {...}}`; docs/DEVICES.md) (200: its slot) |
+//! | PUT /vm/device-remove | ask the guest to eject a hot-plugged device (`{"id": ID}`), answered once it has (204) |
 //! | PUT /vm/migrate-send | live-migrate to `wv run --incoming` (`{"destination": "HOST:PORT"}`; docs/MIGRATION.md) (200, then the VMM ends) |
 //!
 //! An "api" thread accepts connections (at most [`MAX_CONNECTIONS`] at once, each read on a
@@ -44,6 +46,31 @@ pub(crate) enum Command {
     BalloonInfo,
     BalloonSet(BalloonRequest),
     MigrateSend(crate::migrate::SendRequest),
+    DeviceAdd(crate::HotDevice),
+    DeviceRemove(DeviceRemoveRequest),
+}
+
+/// The body of `PUT /vm/device-remove`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeviceRemoveRequest {
+    /// The hot-plugged device's id.
+    id: String,
+    /// How long to wait for the guest to eject it, in milliseconds (default 10 000, at most
+    /// 60 000).
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// How long `PUT /vm/device-remove` waits for the guest by default, and at most.
+const EJECT_TIMEOUT_MS: (u64, u64) = (10_000, 60_000);
+
+/// A remove waiting for the guest to eject its device.
+pub(crate) struct PendingRemove {
+    slot: u8,
+    id: String,
+    reply: mpsc::Sender<Answer>,
+    deadline: std::time::Instant,
 }
 
 /// The body of `PUT /vm/snapshot`.
@@ -240,6 +267,8 @@ impl Command {
             Command::MigrateSend(_) => "migrate-send",
             Command::BalloonInfo => "balloon-info",
             Command::BalloonSet(_) => "balloon-set",
+            Command::DeviceAdd(_) => "device-add",
+            Command::DeviceRemove(_) => "device-remove",
         }
     }
 }
@@ -294,6 +323,20 @@ fn route(req: &Request) -> Result<Command, Answer> {
                 .map_err(|e| Answer::error(400, e));
         }
         ["vm", "migrate-send"] => ("PUT", Command::Info),
+        ["vm", "device-add"] if req.method == "PUT" => {
+            json_body(req)?;
+            return serde_json::from_slice(&req.body)
+                .map(Command::DeviceAdd)
+                .map_err(|e| Answer::error(400, format!("invalid device-add request: {e}")));
+        }
+        ["vm", "device-add"] => ("PUT", Command::Info),
+        ["vm", "device-remove"] if req.method == "PUT" => {
+            json_body(req)?;
+            return serde_json::from_slice(&req.body)
+                .map(Command::DeviceRemove)
+                .map_err(|e| Answer::error(400, format!("invalid device-remove request: {e}")));
+        }
+        ["vm", "device-remove"] => ("PUT", Command::Info),
         ["vm", "balloon"] if req.method == "PUT" => {
             json_body(req)?;
             return serde_json::from_slice(&req.body)
@@ -327,6 +370,11 @@ fn route(req: &Request) -> Result<Command, Answer> {
     Ok(cmd)
 }
 
+/// A hot-plugged device's id from its accounting name (`virtio-blk:ID`, `virtio-net:ID`, ...).
+fn hot_id(name: &str) -> &str {
+    name.split_once(':').map_or(name, |(_, id)| id)
+}
+
 /// What a pause saved to set back on resume.
 pub(crate) struct Paused {
     /// The kvmclock when every vCPU had parked.
@@ -351,6 +399,11 @@ pub(crate) struct Controller {
     pub kvm: std::sync::Arc<kvm_ioctls::Kvm>,
     /// How the VM ends once the answer being given has been written (a migration's source).
     pub end_after_answer: Option<(crate::VmEnd, mpsc::Receiver<()>)>,
+    /// Removes waiting for the guest to eject.
+    pub pending_removes: Vec<PendingRemove>,
+    /// Told when the answers of completed removes have been written (the VMM waits for them
+    /// before it exits: a guest may eject and power off at once).
+    pub answers_in_flight: Vec<mpsc::Receiver<()>>,
 }
 
 impl Controller {
@@ -391,7 +444,16 @@ impl Controller {
                 Ok(()) => Answer::none(),
                 Err(a) => a,
             },
-            Command::MigrateSend(r) => self.migrate_send(&r),
+            Command::MigrateSend(r) => match self.no_hot_devices("migrate") {
+                Ok(()) => self.migrate_send(&r),
+                Err(a) => a,
+            },
+            Command::DeviceAdd(d) => match self.device_add(d) {
+                Ok(v) => Answer::json(200, &v),
+                Err(a) => a,
+            },
+            // Answered by `device_remove`, which the control loop calls instead.
+            Command::DeviceRemove(_) => Answer::error(500, "device-remove is answered apart"),
             Command::Shutdown => {
                 // The answer first: ended at once, the VMM could exit before the API thread
                 // wrote it, and the client read nothing (seen as a flaky status 0).
@@ -419,7 +481,245 @@ impl Controller {
             "memory": self.shared.info.mem_size,
             "tsc_follows_pause": self.shared.gate.tsc_rewound(),
             "config": self.cfg,
+            "hotplugged": *self.shared.hot_devices.lock().unwrap_or_else(|p| p.into_inner()),
         })
+    }
+
+    /// Refuses `what` (snapshot, migrate) while the VM has hot-plugged devices: the state
+    /// records the devices of the configuration the VM started with.
+    fn no_hot_devices(&self, what: &str) -> Result<(), Answer> {
+        let hot = self
+            .shared
+            .hot_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match hot.first() {
+            None => Ok(()),
+            Some(d) => Err(Answer::error(
+                409,
+                format!(
+                    "cannot {what} a VM with hot-plugged devices ('{}'): remove them first                      (PUT /vm/device-remove) or restart the VM with them in its configuration",
+                    d.id()
+                ),
+            )),
+        }
+    }
+
+    /// Whether `id` names a device of the VM, at start or hot-plugged.
+    fn id_taken(&self, id: &str) -> bool {
+        self.cfg.disks.iter().any(|d| d.id == id)
+            || self.cfg.nets.iter().any(|n| n.name() == id)
+            || self
+                .shared
+                .hot_devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|d| d.id() == id)
+    }
+
+    /// `PUT /vm/device-add`: builds the device as start does, puts it in a free slot, maps its
+    /// BAR and tells the guest (GED interrupt, PCIU).
+    fn device_add(&mut self, d: crate::HotDevice) -> Result<serde_json::Value, Answer> {
+        use crate::HotDevice;
+        let id = d.id();
+        if self.id_taken(&id) {
+            return Err(Answer::error(
+                409,
+                format!("the VM already has a device with id '{id}'"),
+            ));
+        }
+        // The configuration the VM would have with it must be valid as a whole (ids, paths,
+        // TAP names: what start checks).
+        let mut with = self.cfg.clone();
+        match &d {
+            HotDevice::Disk(c) => with.disks.push(c.clone()),
+            HotDevice::Net(n) => with.nets.push(n.clone()),
+        }
+        with.validate(crate::config::host_ram())
+            .map_err(|e| Answer::error(422, format!("cannot add '{id}': {e}")))?;
+        match &d {
+            HotDevice::Disk(c) => {
+                if c.vmkfs.is_some() {
+                    return Err(Answer::error(
+                        422,
+                        "a VMKFS disk cannot be hot-plugged (snapshots freeze the VM's VMKFS                          disks as configured at start): use path= or vhost-user=",
+                    ));
+                }
+                if c.vhost_user && !self.cfg.memory_is_shared() {
+                    return Err(Answer::error(
+                        422,
+                        "a vhost-user disk needs guest memory shared with its backend: start the                          VM with one (or with shared memory) to hot-plug more",
+                    ));
+                }
+            }
+            HotDevice::Net(n) => {
+                if n.vhost_user.is_some() && !self.cfg.memory_is_shared() {
+                    return Err(Answer::error(
+                        422,
+                        "a vhost-user net needs guest memory shared with its backend: start the                          VM with one (or with shared memory) to hot-plug more",
+                    ));
+                }
+                if n.tap.is_empty() && n.vhost_user.is_none() {
+                    return Err(Answer::error(422, "a net needs tap= or vhost-user="));
+                }
+            }
+        }
+        let mut builder = self
+            .shared
+            .pci_builder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !builder.has_free_slot() {
+            return Err(Answer::error(
+                409,
+                format!("cannot add '{id}': the PCI bus is full (32 slots)"),
+            ));
+        }
+        let (name, dev) = match &d {
+            HotDevice::Disk(c) => crate::disk_device(c, usize::MAX, None, &mut Vec::new())
+                .map(|(name, dev, _)| (name, dev)),
+            HotDevice::Net(n) => crate::net_device(n),
+        }
+        .map_err(|e| Answer::error(422, format!("cannot add '{id}': {e}")))?;
+        let slot = builder
+            .add(&self.vm, &self.shared.mem, name, dev, true)
+            .map_err(|e| Answer::error(500, format!("cannot add '{id}': {e}")))?;
+        drop(builder);
+        self.shared
+            .hot_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(d);
+        self.shared.hotplug.plugged(slot);
+        Ok(serde_json::json!({ "id": id, "slot": slot }))
+    }
+
+    /// `PUT /vm/device-remove`: asks the guest to eject the device; `reply` is answered when it
+    /// has (the device then taken apart) or when the wait ends.
+    pub(crate) fn device_remove(&mut self, r: DeviceRemoveRequest, reply: mpsc::Sender<Answer>) {
+        let fail = |a: Answer| {
+            let _ = reply.send(a);
+        };
+        let hot = self
+            .shared
+            .hot_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|d| d.id() == r.id);
+        if !hot {
+            let cold = self.cfg.disks.iter().any(|d| d.id == r.id)
+                || self.cfg.nets.iter().any(|n| n.name() == r.id);
+            return fail(if cold {
+                Answer::error(
+                    409,
+                    format!(
+                        "'{}' was not hot-plugged: only hot-plugged devices can be removed",
+                        r.id
+                    ),
+                )
+            } else {
+                Answer::error(404, format!("no hot-plugged device '{}'", r.id))
+            });
+        }
+        if self.pending_removes.iter().any(|p| p.id == r.id) {
+            return fail(Answer::error(
+                409,
+                format!("a remove of '{}' is already waiting for the guest", r.id),
+            ));
+        }
+        let timeout = r.timeout_ms.unwrap_or(EJECT_TIMEOUT_MS.0);
+        if timeout == 0 || timeout > EJECT_TIMEOUT_MS.1 {
+            return fail(Answer::error(
+                400,
+                format!("timeout_ms must be 1 to {}", EJECT_TIMEOUT_MS.1),
+            ));
+        }
+        let Some(slot) = self
+            .shared
+            .pci_devices
+            .handles()
+            .iter()
+            .find(|h| h.hotplugged && hot_id(&h.id) == r.id)
+            .map(|h| h.slot)
+        else {
+            return fail(Answer::error(
+                404,
+                format!("no hot-plugged device '{}'", r.id),
+            ));
+        };
+        self.shared.hotplug.request_eject(slot);
+        self.pending_removes.push(PendingRemove {
+            slot,
+            id: r.id,
+            reply,
+            deadline: std::time::Instant::now() + Duration::from_millis(timeout),
+        });
+    }
+
+    /// Takes apart the devices the guest ejected and answers their removes; answers the
+    /// removes whose wait is over. Returns how long until the next deadline (None: no wait).
+    pub(crate) fn hotplug_work(&mut self) -> Option<Duration> {
+        let ejected = self.shared.hotplug.take_ejected();
+        for slot in (0u8..32).filter(|s| ejected & (1 << s) != 0) {
+            let removed = self
+                .shared
+                .pci_builder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.vm, slot);
+            let Some(name) = removed else { continue };
+            let id = hot_id(&name).to_string();
+            self.shared
+                .hot_devices
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|d| d.id() != id);
+            let mut i = 0;
+            while i < self.pending_removes.len() {
+                if self.pending_removes[i].slot == slot {
+                    let p = self.pending_removes.swap_remove(i);
+                    let mut a = Answer::none();
+                    let (tx, rx) = mpsc::channel();
+                    a.written = Some(tx);
+                    if p.reply.send(a).is_ok() {
+                        self.answers_in_flight.push(rx);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        let now = std::time::Instant::now();
+        let mut i = 0;
+        while i < self.pending_removes.len() {
+            if self.pending_removes[i].deadline <= now {
+                let p = self.pending_removes.swap_remove(i);
+                let _ = p.reply.send(Answer::error(
+                    504,
+                    format!(
+                        "the guest did not eject '{}' in time; the eject request stays with the                          guest, and the device goes when it ejects it",
+                        p.id
+                    ),
+                ));
+            } else {
+                i += 1;
+            }
+        }
+        self.answers_in_flight
+            .retain(|rx| matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty)));
+        self.pending_removes
+            .iter()
+            .map(|p| p.deadline.saturating_duration_since(now))
+            .min()
+    }
+
+    /// Waits (a while at most) for the answers of completed removes to be written.
+    pub(crate) fn flush_answers(&mut self) {
+        for rx in self.answers_in_flight.drain(..) {
+            let _ = rx.recv_timeout(REQUEST_TIMEOUT);
+        }
     }
 
     fn counters(&self) -> serde_json::Value {
@@ -531,6 +831,7 @@ impl Controller {
     /// Writes a snapshot of the VM (pausing it meanwhile unless it is paused) to
     /// `r.destination`: docs/SNAPSHOT.md.
     pub(crate) fn snapshot(&mut self, r: &SnapshotRequest) -> Result<serde_json::Value, Answer> {
+        self.no_hot_devices("snapshot")?;
         if self.cfg.disks.iter().any(|d| d.vmkfs.is_none()) && !r.allow_raw_disk {
             return Err(Answer::error(
                 422,

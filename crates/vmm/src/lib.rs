@@ -13,6 +13,7 @@ mod devstate;
 pub mod diagnose;
 pub mod emulate;
 pub mod error;
+mod hotplug;
 mod landing;
 pub mod migrate;
 mod pause;
@@ -68,6 +69,12 @@ pub(crate) struct VmShared {
     /// The PCI devices (pause quiesces them; a snapshot saves them) and their bus.
     pub(crate) pci_devices: pci::PciDevices,
     pub(crate) pci_bus: Arc<Mutex<wv_pci::PciBus>>,
+    /// What adds devices at runtime (hot-plug) and takes ejected ones apart.
+    pub(crate) pci_builder: Mutex<pci::PciBuilder>,
+    /// The ACPI hot-plug controller.
+    pub(crate) hotplug: Arc<hotplug::Controller>,
+    /// The devices added at runtime, by id, as configured (what `GET /vm` shows).
+    pub(crate) hot_devices: Mutex<Vec<HotDevice>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// The VMKFS disks open for writing (a snapshot freezes them).
     pub(crate) vmkfs: Vec<vmkfs_disk::Held>,
@@ -101,6 +108,26 @@ impl VmShared {
         self.stop.store(true, Ordering::Release);
         self.gate.end();
         let _ = self.end_evt.write(1);
+    }
+}
+
+/// A device added at runtime (`PUT /vm/device-add`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum HotDevice {
+    /// A virtio-blk disk.
+    Disk(DiskConfig),
+    /// A virtio-net device.
+    Net(NetConfig),
+}
+
+impl HotDevice {
+    /// The device's id (a disk's `id`, a net's name).
+    pub fn id(&self) -> String {
+        match self {
+            HotDevice::Disk(d) => d.id.clone(),
+            HotDevice::Net(n) => n.name(),
+        }
     }
 }
 
@@ -669,6 +696,8 @@ pub(crate) fn run_from(
         cfg: cfg.clone(),
         kvm: kvm.clone(),
         end_after_answer: None,
+        pending_removes: Vec::new(),
+        answers_in_flight: Vec::new(),
     };
     let control = {
         let stdin = cfg.serial == SerialMode::Stdio;
@@ -865,61 +894,12 @@ fn build(
     let mut vmkfs = Vec::new();
     let mut disk_access = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
-        if d.via == wv_config::DiskVia::Storage {
-            // The daemon resolves it to the storage service's socket before the VMM starts.
-            return Err(VmmError::Disk(format!(
-                "disk {}: via=storage is for VMs of the daemon (wv vm create), whose storage service serves the disk; wv run opens it itself without it",
-                d.id
-            )));
-        }
-        if d.vhost_user {
-            let name: &'static str = Box::leak(format!("vhost-user-blk:{}", d.id).into_boxed_str());
-            let dev = wv_virtio::vhost_user::VhostUserDevice::blk(&d.path, d.readonly)
-                .map_err(|e| VmmError::Disk(format!("disk {}: {e}", d.id)))?;
-            disk_access.push(None);
-            pci.add_virtio(&vm, &mem, name, Box::new(dev))?;
-            continue;
-        }
-        let disk: Box<dyn wv_virtio::block::Disk> = match &d.vmkfs {
-            None => Box::new(match restore.as_deref().and_then(|r| r.take_raw(i)) {
-                Some(f) => wv_virtio::block::RawDisk::from_locked(f, d.readonly)
-                    .map_err(|e| VmmError::Disk(format!("{}: {e}", d.path.display()))),
-                None => wv_virtio::block::RawDisk::open(&d.path, d.readonly)
-                    .map_err(|e| VmmError::Disk(e.to_string())),
-            }?),
-            Some(name) => {
-                let v = match restore.as_deref().and_then(|r| r.take_branch(i)) {
-                    Some(v) => v,
-                    None => vmkfs_disk::VmkfsDisk::open(&d.path, name, d.readonly)?,
-                };
-                vmkfs.extend(v.held(&d.id, &d.path, i));
-                Box::new(v)
-            }
-        };
-        let name: &'static str = Box::leak(format!("virtio-blk:{}", d.id).into_boxed_str());
-        let blk = wv_virtio::block::Block::new(disk, &d.id);
-        disk_access.push(Some(blk.access()));
-        pci.add_virtio(&vm, &mem, name, Box::new(blk))?;
+        let (name, dev, access) = disk_device(d, i, restore.as_deref(), &mut vmkfs)?;
+        disk_access.push(access);
+        pci.add_virtio(&vm, &mem, name, dev)?;
     }
     for n in &cfg.nets {
-        let mac = n.mac.unwrap_or_else(random_mac);
-        let name: &'static str = Box::leak(format!("virtio-net:{}", n.name()).into_boxed_str());
-        let dev: Box<dyn wv_virtio::VirtioDevice> = match &n.vhost_user {
-            Some(sock) => Box::new(
-                wv_virtio::vhost_user::VhostUserDevice::net(sock, mac).map_err(VmmError::Net)?,
-            ),
-            None if n.network.is_some() => {
-                return Err(VmmError::Config(config::ConfigError(format!(
-                    "net {}: network={} is served by the daemon's switch: define the VM with wv vm create (wv run takes tap= or vhost-user=)",
-                    n.name(),
-                    n.network.as_deref().unwrap_or_default()
-                ))))
-            }
-            None => Box::new(wv_virtio::net::Net::new(
-                wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?,
-                mac,
-            )),
-        };
+        let (name, dev) = net_device(n)?;
         pci.add_virtio(&vm, &mem, name, dev)?;
     }
     // Last, so that the slots of the other devices are those of a VM without it.
@@ -938,13 +918,19 @@ fn build(
         None
     };
     let pci_devices = pci.devices();
-    let pci::PciBuilder {
-        bus: pci_bus,
-        mmio,
-        counters: device_counters,
-        ..
-    } = pci;
-    let pci_bus = Arc::new(Mutex::new(pci_bus));
+    let (pci_bus, mmio, device_counters) =
+        (pci.bus.clone(), pci.mmio.clone(), pci.counters.clone());
+    let ged = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
+    vm.register_irqfd(&ged, wv_machine::acpi::GED_GSI)
+        .map_err(ioctl("KVM_IRQFD"))?;
+    let hotplug = Arc::new(hotplug::Controller::new(ged).map_err(internal("eventfd"))?);
+    bus.insert(
+        wv_machine::acpi::HOTPLUG_PORT,
+        wv_machine::acpi::HOTPLUG_LEN,
+        "pci-hotplug",
+        Arc::new(Mutex::new(hotplug::Pio(hotplug.clone()))),
+    )
+    .map_err(internal("port bus"))?;
     bus.insert(
         wv_pci::CONFIG_ADDRESS_PORT,
         wv_pci::CONFIG_PORTS_LEN,
@@ -959,7 +945,11 @@ fn build(
         Arc::new(Mutex::new(wv_pci::Ecam(pci_bus.clone()))),
     )
     .ok_or_else(|| VmmError::Internal("the ECAM window overlaps a BAR".into()))?;
-    let table = stats::CauseTable::new(&bus.names(), &mmio.names());
+    // Hot-plugged devices take MMIO indexes after these (or ones freed by an eject): one
+    // accounting cause per slot that may hold one.
+    let mut mmio_names = mmio.names();
+    mmio_names.extend(HOTPLUG_CAUSES.iter().take(32 - pci_devices.handles().len()));
+    let table = stats::CauseTable::new(&bus.names(), &mmio_names);
     let shared = VmShared {
         mem,
         bus,
@@ -981,6 +971,9 @@ fn build(
         gate: pause::Gate::new(cfg.vcpus),
         pci_devices,
         pci_bus: pci_bus.clone(),
+        pci_builder: Mutex::new(pci),
+        hotplug,
+        hot_devices: Mutex::new(Vec::new()),
         i8042,
         vmkfs,
         disk_access,
@@ -992,6 +985,121 @@ fn build(
     };
     trace.mark("devices");
     Ok((vm, shared))
+}
+
+/// The accounting causes of MMIO ranges added at runtime, by their index past the ranges
+/// present at start.
+const HOTPLUG_CAUSES: [&str; 32] = [
+    "hotplug-0",
+    "hotplug-1",
+    "hotplug-2",
+    "hotplug-3",
+    "hotplug-4",
+    "hotplug-5",
+    "hotplug-6",
+    "hotplug-7",
+    "hotplug-8",
+    "hotplug-9",
+    "hotplug-10",
+    "hotplug-11",
+    "hotplug-12",
+    "hotplug-13",
+    "hotplug-14",
+    "hotplug-15",
+    "hotplug-16",
+    "hotplug-17",
+    "hotplug-18",
+    "hotplug-19",
+    "hotplug-20",
+    "hotplug-21",
+    "hotplug-22",
+    "hotplug-23",
+    "hotplug-24",
+    "hotplug-25",
+    "hotplug-26",
+    "hotplug-27",
+    "hotplug-28",
+    "hotplug-29",
+    "hotplug-30",
+    "hotplug-31",
+];
+
+/// A disk built for the bus: its accounting name, the device, its backend's access.
+pub(crate) type BuiltDisk = (
+    &'static str,
+    Box<dyn wv_virtio::VirtioDevice>,
+    Option<wv_virtio::block::DiskAccess>,
+);
+
+/// Disk `index` of a configuration (`d`) as a device: its accounting name, the device and,
+/// unless a vhost-user backend serves it, its backend's access (migration's disk copy). The one
+/// path by which start, restore and hot-plug build a disk; a restored VM's raw and VMKFS disks
+/// come from `restore`, VMKFS disks open for writing are pushed to `vmkfs`.
+pub(crate) fn disk_device(
+    d: &DiskConfig,
+    index: usize,
+    restore: Option<&Restore>,
+    vmkfs: &mut Vec<vmkfs_disk::Held>,
+) -> Result<BuiltDisk, VmmError> {
+    if d.via == wv_config::DiskVia::Storage {
+        // The daemon resolves it to the storage service's socket before the VMM starts.
+        return Err(VmmError::Disk(format!(
+            "disk {}: via=storage is for VMs of the daemon (wv vm create), whose storage service serves the disk; wv run opens it itself without it",
+            d.id
+        )));
+    }
+    if d.vhost_user {
+        let name: &'static str = Box::leak(format!("vhost-user-blk:{}", d.id).into_boxed_str());
+        let dev = wv_virtio::vhost_user::VhostUserDevice::blk(&d.path, d.readonly)
+            .map_err(|e| VmmError::Disk(format!("disk {}: {e}", d.id)))?;
+        return Ok((name, Box::new(dev), None));
+    }
+    let disk: Box<dyn wv_virtio::block::Disk> = match &d.vmkfs {
+        None => Box::new(match restore.and_then(|r| r.take_raw(index)) {
+            Some(f) => wv_virtio::block::RawDisk::from_locked(f, d.readonly)
+                .map_err(|e| VmmError::Disk(format!("{}: {e}", d.path.display()))),
+            None => wv_virtio::block::RawDisk::open(&d.path, d.readonly)
+                .map_err(|e| VmmError::Disk(e.to_string())),
+        }?),
+        Some(name) => {
+            let v = match restore.and_then(|r| r.take_branch(index)) {
+                Some(v) => v,
+                None => vmkfs_disk::VmkfsDisk::open(&d.path, name, d.readonly)?,
+            };
+            vmkfs.extend(v.held(&d.id, &d.path, index));
+            Box::new(v)
+        }
+    };
+    let name: &'static str = Box::leak(format!("virtio-blk:{}", d.id).into_boxed_str());
+    let blk = wv_virtio::block::Block::new(disk, &d.id);
+    let access = Some(blk.access());
+    Ok((name, Box::new(blk), access))
+}
+
+/// A configuration's net device: its accounting name and the device (on its TAP or its
+/// vhost-user backend). The one path by which start and hot-plug build one.
+pub(crate) fn net_device(
+    n: &NetConfig,
+) -> Result<(&'static str, Box<dyn wv_virtio::VirtioDevice>), VmmError> {
+    let mac = n.mac.unwrap_or_else(random_mac);
+    let name: &'static str = Box::leak(format!("virtio-net:{}", n.name()).into_boxed_str());
+    let dev: Box<dyn wv_virtio::VirtioDevice> = match &n.vhost_user {
+        Some(sock) => Box::new(
+            wv_virtio::vhost_user::VhostUserDevice::net(sock, mac).map_err(VmmError::Net)?,
+        ),
+        None if n.network.is_some() => {
+            return Err(VmmError::Config(config::ConfigError(format!(
+                "net {}: network={} is served by the daemon's switch: define the VM with wv vm create (wv run takes tap= or vhost-user=)",
+                n.name(),
+                n.network.as_deref().unwrap_or_default()
+            ))))
+        }
+        None => Box::new(wv_virtio::net::Net::new(
+            wv_virtio::net::Tap::open(&n.tap).map_err(VmmError::Net)?,
+            mac,
+        )),
+    };
+    Ok((name, dev))
 }
 
 /// Work to do before the process exits (closing what must be closed cleanly, such as the
@@ -1265,6 +1373,9 @@ fn control_loop(
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
         {
+            // A guest that ejected a device and then ended: its remove is answered.
+            ctl.hotplug_work();
+            ctl.flush_answers();
             if let Some((l, _)) = &shared.console {
                 if let Ok(addr) = l.local_addr() {
                     if let Some(p) = addr.as_pathname() {
@@ -1293,6 +1404,11 @@ fn control_loop(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: shared.hotplug.ejected_evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // Input sources, each polled only while nothing waits for room in the UART.
         let mut sources: Vec<libc::c_int> = Vec::new();
@@ -1312,7 +1428,17 @@ fn control_loop(
                 revents: 0,
             });
         }
-        let timeout = if pending.is_empty() { -1 } else { 10 };
+        // Ejected devices taken apart, removes whose wait is over answered.
+        let eject_wait = ctl.hotplug_work().map(|d| {
+            i32::try_from(d.as_millis())
+                .unwrap_or(i32::MAX)
+                .saturating_add(1)
+        });
+        let timeout = match (pending.is_empty(), eject_wait) {
+            (true, None) => -1,
+            (true, Some(w)) => w,
+            (false, w) => w.unwrap_or(10).min(10),
+        };
         // SAFETY: `fds` is a valid array of pollfd for its length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -1329,7 +1455,7 @@ fn control_loop(
             }
         }
         for (i, &fd) in sources.iter().enumerate() {
-            if fds[3 + i].revents == 0 {
+            if fds[4 + i].revents == 0 {
                 continue;
             }
             if let Some((l, attach)) = shared.console.as_ref().filter(|(l, _)| l.as_raw_fd() == fd)
@@ -1375,6 +1501,10 @@ fn control_loop(
         if let Some(inbox) = inbox.filter(|_| fds[2].revents & libc::POLLIN != 0) {
             let _ = inbox.evt.read();
             while let Ok((cmd, reply)) = inbox.rx.try_recv() {
+                if let control::Command::DeviceRemove(r) = cmd {
+                    ctl.device_remove(r, reply);
+                    continue;
+                }
                 let _ = reply.send(ctl.execute(cmd));
                 if let Some((end, written)) = ctl.end_after_answer.take() {
                     // The answer first (the VMM exits soon after the VM ends).

@@ -1,6 +1,7 @@
 //! The VM's PCI side: MSI routes in KVM, the wiring of virtio devices (BAR, ioeventfds,
-//! irqfds, INTx line) onto the PCI, MMIO and interrupt plumbing, and the handles
-//! ([`PciDevices`]) through which the VMM pauses, resumes, saves and restores those devices.
+//! irqfds, INTx line) onto the PCI, MMIO and interrupt plumbing, their unwiring when a
+//! hot-plugged device is ejected, and the handles ([`PciDevices`]) through which the VMM
+//! pauses, resumes, saves and restores those devices.
 #![allow(clippy::cast_possible_truncation)] // GSIs and vectors are small; MSI addresses split in halves
 
 use crate::VmmError;
@@ -115,6 +116,10 @@ pub struct PciHandle {
     pub slot: u8,
     /// The device.
     pub dev: Arc<Mutex<VirtioPci>>,
+    /// Added at runtime (`PUT /vm/device-add`): the guest may eject it.
+    pub hotplugged: bool,
+    /// Its queue notification eventfds (registered as ioeventfds in its BAR).
+    notify: Arc<Vec<EventFd>>,
 }
 
 impl PciHandle {
@@ -127,7 +132,7 @@ impl PciHandle {
 /// VMM pauses and resumes with the vCPUs and writes into a snapshot.
 #[derive(Clone)]
 pub struct PciDevices {
-    devices: Vec<PciHandle>,
+    devices: Arc<Mutex<Vec<PciHandle>>>,
     router: Arc<GsiRouter>,
 }
 
@@ -155,31 +160,36 @@ pub struct PciState {
 }
 
 impl PciDevices {
-    /// The devices in slot order.
-    pub fn handles(&self) -> &[PciHandle] {
-        &self.devices
+    fn list(&self) -> MutexGuard<'_, Vec<PciHandle>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The devices in slot order (a copy: hot-plug changes the list).
+    pub fn handles(&self) -> Vec<PciHandle> {
+        self.list().clone()
     }
 
     /// The device named `id`.
-    #[allow(dead_code)] // for device operations on the control socket (issue 13)
-    pub fn get(&self, id: &str) -> Option<&Arc<Mutex<VirtioPci>>> {
-        self.devices.iter().find(|h| h.id == id).map(|h| &h.dev)
+    #[cfg(test)]
+    pub fn get(&self, id: &str) -> Option<PciHandle> {
+        self.list().iter().find(|h| h.id == id).cloned()
     }
 
     /// Pauses every device: all are asked first, so that they finish their chains in
     /// parallel, then each is waited for. Returns once every worker has parked.
     pub fn pause_all(&self) {
-        for h in &self.devices {
+        let devices = self.handles();
+        for h in &devices {
             h.lock().begin_pause();
         }
-        for h in &self.devices {
+        for h in &devices {
             h.lock().pause();
         }
     }
 
     /// Lets every device serve its queues again (after a pause or a restore).
     pub fn resume_all(&self) {
-        for h in &self.devices {
+        for h in &self.handles() {
             h.lock().resume();
         }
     }
@@ -189,7 +199,7 @@ impl PciDevices {
     pub fn save(&self, bus: &Mutex<PciBus>) -> Result<PciState, String> {
         let bus = bus.lock().unwrap_or_else(|p| p.into_inner()).save()?;
         let devices = self
-            .devices
+            .handles()
             .iter()
             .map(|h| {
                 Ok(PciDeviceState {
@@ -208,15 +218,15 @@ impl PciDevices {
     /// written again at the end. Meant for a VM that has not run: on an error, devices before
     /// the failing one have taken their state, and the VM is to be discarded.
     pub fn restore(&self, bus: &Mutex<PciBus>, state: PciState) -> Result<(), String> {
-        if state.devices.len() != self.devices.len() {
+        let devices = self.handles();
+        if state.devices.len() != devices.len() {
             return Err(format!(
                 "PCI state: {} devices saved, this VM has {}",
                 state.devices.len(),
-                self.devices.len()
+                devices.len()
             ));
         }
-        if let Some((h, s)) = self
-            .devices
+        if let Some((h, s)) = devices
             .iter()
             .zip(&state.devices)
             .find(|(h, s)| h.slot != s.slot)
@@ -229,7 +239,7 @@ impl PciDevices {
         bus.lock()
             .unwrap_or_else(|p| p.into_inner())
             .restore(state.bus)?;
-        for (h, s) in self.devices.iter().zip(state.devices) {
+        for (h, s) in devices.iter().zip(state.devices) {
             h.lock()
                 .restore(s.state)
                 .map_err(|e| format!("{}: {e}", h.id))?;
@@ -240,23 +250,24 @@ impl PciDevices {
     }
 }
 
-/// Allocates BARs, GSIs and INTx lines as devices are added.
+/// Allocates BARs, GSIs and INTx lines as devices are added (at start, and at runtime for
+/// hot-plug: the VMM keeps it), and takes ejected devices apart.
 pub struct PciBuilder {
-    pub(crate) bus: PciBus,
+    pub(crate) bus: Arc<Mutex<PciBus>>,
     pub(crate) mmio: Arc<MmioBus>,
     bars: BarAllocator,
     next_gsi: u32,
     router: Arc<GsiRouter>,
     vm: Arc<VmFd>,
     pub(crate) counters: Vec<(&'static str, Arc<wv_virtio::DeviceCounters>)>,
-    devices: Vec<PciHandle>,
+    devices: Arc<Mutex<Vec<PciHandle>>>,
 }
 
 impl PciBuilder {
     /// Devices of `vm`; BARs come from the MMIO hole below the ECAM window.
     pub fn new(vm: Arc<VmFd>) -> PciBuilder {
         PciBuilder {
-            bus: PciBus::new(),
+            bus: Arc::new(Mutex::new(PciBus::new())),
             mmio: Arc::new(MmioBus::new()),
             bars: BarAllocator::new(
                 wv_machine::layout::MMIO_HOLE_START,
@@ -266,7 +277,7 @@ impl PciBuilder {
             router: Arc::new(GsiRouter::new(vm.clone())),
             vm,
             counters: Vec::new(),
-            devices: Vec::new(),
+            devices: Arc::default(),
         }
     }
 
@@ -279,7 +290,7 @@ impl PciBuilder {
         }
     }
 
-    /// Adds a virtio device named `name` (the MMIO accounting cause).
+    /// Adds a virtio device named `name` (the MMIO accounting cause) at start.
     pub fn add_virtio(
         &mut self,
         vm: &VmFd,
@@ -287,6 +298,27 @@ impl PciBuilder {
         name: &'static str,
         device: Box<dyn VirtioDevice>,
     ) -> Result<(), VmmError> {
+        self.add(vm, mem, name, device, false).map(|_| ())
+    }
+
+    /// Whether the bus has a free slot.
+    pub fn has_free_slot(&self) -> bool {
+        self.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .has_free_slot()
+    }
+
+    /// Adds a virtio device named `name`; `hotplugged` when the VM runs (the guest may eject
+    /// it). Returns its slot.
+    pub fn add(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        name: &'static str,
+        device: Box<dyn VirtioDevice>,
+        hotplugged: bool,
+    ) -> Result<u8, VmmError> {
         let err = |what: &str, e: &dyn std::fmt::Display| {
             VmmError::Internal(format!("{name}: {what}: {e}"))
         };
@@ -315,7 +347,7 @@ impl PciBuilder {
             irqfds.push(evt);
         }
         self.next_gsi += queues as u32 + 1;
-        let slot_guess = self.mmio.names().len();
+        let slot_guess = self.list_len();
         let line = INTX_LINES[slot_guess % INTX_LINES.len()];
         let intx = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err("eventfd", &e))?;
         vm.register_irqfd(&intx, u32::from(line))
@@ -352,6 +384,11 @@ impl PciBuilder {
                 true
             }) as wv_virtio::transport::BarMover
         };
+        let notify: Vec<EventFd> = queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<_, _>>()
+            .map_err(|e| err("eventfd", &e))?;
         let wiring = Wiring {
             mem: mem.clone(),
             bar_addr: bar,
@@ -363,21 +400,75 @@ impl PciBuilder {
             mover,
         };
         let pci = VirtioPci::new(device, wiring);
-        self.counters.push((name, pci.counters()));
+        let counters = pci.counters();
         let dev = Arc::new(Mutex::new(pci));
-        let slot = self
-            .bus
-            .add(dev.clone())
-            .ok_or_else(|| VmmError::Internal(format!("{name}: the PCI bus is full")))?;
         self.mmio
             .insert(u64::from(bar), u64::from(BAR_SIZE), name, dev.clone())
             .ok_or_else(|| VmmError::Internal(format!("{name}: BAR overlaps another device")))?;
-        self.devices.push(PciHandle {
-            id: name.to_string(),
-            slot,
-            dev,
-        });
-        Ok(())
+        let slot = self
+            .bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(dev.clone());
+        let Some(slot) = slot else {
+            self.mmio.remove(u64::from(bar));
+            Self::unregister(vm, u64::from(bar), &notify);
+            return Err(VmmError::Internal(format!("{name}: the PCI bus is full")));
+        };
+        if !hotplugged {
+            self.counters.push((name, counters));
+        }
+        let mut list = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let at = list.partition_point(|h| h.slot < slot);
+        list.insert(
+            at,
+            PciHandle {
+                id: name.to_string(),
+                slot,
+                dev,
+                hotplugged,
+                notify: Arc::new(notify),
+            },
+        );
+        Ok(slot)
+    }
+
+    fn list_len(&self) -> usize {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn unregister(vm: &VmFd, bar: u64, notify: &[EventFd]) {
+        for (q, evt) in notify.iter().enumerate() {
+            let _ = vm.unregister_ioevent(
+                evt,
+                &IoEventAddress::Mmio(bar + notify_offset(q)),
+                NoDatamatch,
+            );
+        }
+    }
+
+    /// Takes the hot-plugged device in `slot` apart once the guest has ejected it: waits for
+    /// the chain it is serving, stops it, unmaps its BAR, unregisters its notifications and
+    /// empties the slot; the device (its eventfds, its backend's files) is dropped when the
+    /// last handle goes, which is here. Returns its name.
+    pub fn remove(&mut self, vm: &VmFd, slot: u8) -> Option<String> {
+        let h = {
+            let mut list = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+            let at = list.iter().position(|h| h.slot == slot && h.hotplugged)?;
+            list.remove(at)
+        };
+        self.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(slot);
+        let bar = {
+            let mut d = h.lock();
+            d.unplug();
+            u64::from(d.bar_addr())
+        };
+        self.mmio.remove(bar);
+        Self::unregister(vm, bar, &h.notify);
+        Some(h.id)
     }
 }
 
@@ -470,13 +561,10 @@ mod tests {
         need_kvm();
         let (a, _mem_a) = build();
         let devs_a = a.devices();
-        let ids: Vec<_> = devs_a
-            .handles()
-            .iter()
-            .map(|h| (h.id.as_str(), h.slot))
-            .collect();
+        let handles = devs_a.handles();
+        let ids: Vec<_> = handles.iter().map(|h| (h.id.as_str(), h.slot)).collect();
         assert_eq!(ids, [("virtio-rng", 1), ("virtio-blk:d0", 2)]);
-        let disk = devs_a.get("virtio-blk:d0").unwrap();
+        let disk = devs_a.get("virtio-blk:d0").unwrap().dev;
         let mut bar = [0u8; 4];
         disk.lock().unwrap().config_read(0x10, &mut bar);
         let old = u32::from_le_bytes(bar);
@@ -485,7 +573,7 @@ mod tests {
         assert!(disk.lock().unwrap().is_active());
         assert_eq!(a.mmio.lookup(u64::from(moved), 4).map(|(_, o)| o), Some(0));
         let PciBuilder { bus, router, .. } = a;
-        let bus_a = Mutex::new(bus);
+        let bus_a = bus;
         // The guest left the address latch pointing at slot 2's vendor ID.
         bus_a
             .lock()
@@ -515,7 +603,7 @@ mod tests {
             router: router_b,
             ..
         } = b;
-        let bus_b = Mutex::new(bus);
+        let bus_b = bus;
         devs_b.restore(&bus_b, back.clone()).unwrap();
         assert_eq!(devs_b.save(&bus_b).unwrap(), saved);
         // The disk's routes are restated; the entropy device's untouched table gives empty
@@ -537,6 +625,7 @@ mod tests {
         devs_b
             .get("virtio-blk:d0")
             .unwrap()
+            .dev
             .lock()
             .unwrap()
             .mmio_read(0x14, &mut st);

@@ -322,6 +322,72 @@ fn the_vmm_matches_its_openapi_document() {
         0
     );
 
+    // Hot-plug (a burn guest does not eject: the remove that completes is tests/hotplug.rs's).
+    let hot = dir.file("hot.img", &vec![0u8; 1 << 20]);
+    let add =
+        |c: &mut Checker, body: &str| c.call("PUT", "/vm/device-add", "/vm/device-add", Some(body));
+    let remove = |c: &mut Checker, body: &str| {
+        c.call("PUT", "/vm/device-remove", "/vm/device-remove", Some(body))
+            .0
+    };
+    let hot_disk = json!({"disk": {"path": hot, "id": "hot0"}}).to_string();
+    let (st, added) = add(&mut c, &hot_disk);
+    assert_eq!(st, 200, "{added}");
+    assert_eq!(added["id"], "hot0", "{added}");
+    let (_, info) = c.call("GET", "/vm", "/vm", None);
+    assert_eq!(info["hotplugged"][0]["disk"]["id"], "hot0", "{info}");
+    assert_eq!(add(&mut c, &hot_disk).0, 409, "a duplicate id");
+    let cold = json!({"disk": {"path": hot, "id": "disk0"}}).to_string();
+    assert_eq!(add(&mut c, &cold).0, 409, "the id of a configured disk");
+    for bad in [
+        "",
+        "{}",
+        "[]",
+        r#"{"disk": {"path": "/x"}}"#,
+        r#"{"disk": {"path": "/x", "id": "a"}, "net": {"tap": "t0"}}"#,
+        r#"{"floppy": {}}"#,
+    ] {
+        assert_eq!(add(&mut c, bad).0, 400, "{bad:?}");
+    }
+    let missing = json!({"disk": {"path": dir.path("missing.img"), "id": "hot1"}}).to_string();
+    assert_eq!(add(&mut c, &missing).0, 422);
+    let vmkfs = json!({"disk": {"path": hot, "vmkfs": "d", "id": "hot1"}}).to_string();
+    assert_eq!(add(&mut c, &vmkfs).0, 422);
+    assert_eq!(remove(&mut c, r#"{"id": "nothing"}"#), 404);
+    assert_eq!(remove(&mut c, r#"{"id": "disk0"}"#), 409, "not hot-plugged");
+    assert_eq!(remove(&mut c, r#"{"id": "hot0", "timeout_ms": 0}"#), 400);
+    assert_eq!(remove(&mut c, r#"{"colour": "red"}"#), 400);
+    assert_eq!(remove(&mut c, r#"{"id": "hot0", "timeout_ms": 1}"#), 504);
+    if !snapshot_missing {
+        let body = snapshot_body(&dir.path("snap-hot"), Some(true));
+        let (st, e) = c.call("PUT", "/vm/snapshot", "/vm/snapshot", Some(&body));
+        assert_eq!(st, 409, "{e}");
+    }
+    let mig = json!({"destination": "127.0.0.1:1"}).to_string();
+    assert_eq!(
+        c.call("PUT", "/vm/migrate-send", "/vm/migrate-send", Some(&mig))
+            .0,
+        409
+    );
+    c.body_headers = vec!["Content-Type: text/plain".into()];
+    assert_eq!(add(&mut c, &hot_disk).0, 415);
+    assert_eq!(remove(&mut c, r#"{"id": "hot0"}"#), 415);
+    c.body_headers = vec!["Content-Type: application/json".into()];
+    // The bus fills up: 32 slots, the host bridge's and this VM's four devices among them.
+    let mut n = 0;
+    loop {
+        let img = dir.file(&format!("fill{n}.img"), &[0u8; 4096]);
+        let body = json!({"disk": {"path": img, "id": format!("fill{n}")}}).to_string();
+        let (st, e) = add(&mut c, &body);
+        if st == 409 {
+            assert!(e["error"].as_str().unwrap().contains("bus is full"), "{e}");
+            break;
+        }
+        assert_eq!(st, 200, "{e}");
+        n += 1;
+        assert!(n < 32, "32 devices added and the bus is not full");
+    }
+
     // Methods a path does not support: 405 with Allow (checked by the Checker), and paths not
     // documented: 404.
     for (method, path) in [
@@ -334,6 +400,8 @@ fn the_vmm_matches_its_openapi_document() {
         ("GET", "/vm/snapshot"),
         ("POST", "/vm/balloon"),
         ("DELETE", "/vm/balloon"),
+        ("GET", "/vm/device-add"),
+        ("POST", "/vm/device-remove"),
     ] {
         if snapshot_missing && path == "/vm/snapshot" {
             continue;
@@ -404,6 +472,12 @@ fn the_vmm_matches_its_openapi_document() {
     ops.push(("PUT", "/vm/migrate-send", Some(migrate_body.as_str())));
     ops.push(("GET", "/vm/balloon", None));
     ops.push(("PUT", "/vm/balloon", Some(r#"{"target_bytes": 0}"#)));
+    ops.push((
+        "PUT",
+        "/vm/device-add",
+        Some(r#"{"disk": {"path": "/x", "id": "x"}}"#),
+    ));
+    ops.push(("PUT", "/vm/device-remove", Some(r#"{"id": "x"}"#)));
     for (method, path, body) in ops {
         assert_eq!(c.call(method, path, path, body).0, 503, "{method} {path}");
     }
@@ -464,7 +538,9 @@ fn the_vmm_matches_its_openapi_document() {
     // What no test here can provoke: KVM_GET_CLOCK failing. Without the snapshot endpoint,
     // everything else is checked before the test fails on it.
     // A migration that happens or fails: tests/migrate.rs (this VM has a disk: 422).
+    // A remove the guest completes: tests/hotplug.rs (a burn guest ejects nothing).
     let mut unreachable = vec![
+        ("/vm/device-remove", "put", 204),
         ("/vm/pause", "put", 500),
         ("/vm/migrate-send", "put", 200),
         ("/vm/migrate-send", "put", 502),

@@ -1,6 +1,6 @@
 //! The control thread: the control loop (stop signals through a signalfd, console input from
 //! stdin and the console socket, the control API's commands: pause, resume, counters,
-//! snapshot, migration send, shutdown). It also starts a post-copy source's `migrate-back`
+//! snapshot, migration send, shutdown, device add and remove). It also starts a post-copy source's `migrate-back`
 //! thread (`migration.rs`), which inherits this list.
 
 use super::ioctls::*;
@@ -76,4 +76,20 @@ pub(super) fn list() -> List {
         .ioctl(KVM_GET_DIRTY_LOG)
         .ioctl(KVM_CLEAR_DIRTY_LOG)
         .ioctl(KVM_CHECK_EXTENSION)
+        // Hot-plug (hotplug.rs, pci.rs): a device built as at start (a disk image opened and
+        // locked, a TAP opened and set up, a vhost-user backend connected), its eventfds made
+        // and registered with KVM; an ejected device's notifications unregistered, its worker
+        // stopped (futex, common) and its descriptors closed.
+        // The configuration with the device validated as a whole (host RAM read, sysinfo).
+        .allow(libc::SYS_sysinfo)
+        .allow(libc::SYS_eventfd2)
+        .ioctl(KVM_IOEVENTFD)
+        .ioctl(KVM_IRQFD)
+        .allow(libc::SYS_flock)
+        .ioctl(TUNSETIFF)
+        .ioctl(TUNSETVNETHDRSZ)
+        .ioctl(TUNSETOFFLOAD)
+        .socket(libc::AF_UNIX)
+        .allow(libc::SYS_sendmsg)
+        .allow(libc::SYS_recvmsg)
 }
