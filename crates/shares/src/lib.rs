@@ -21,7 +21,7 @@
 //!
 //! Idle credit is bounded: whenever a flow is dispatched or becomes backlogged, `r` and `l` are
 //! kept no further behind the clock than `burst` units' worth of their rate, and `p` no further
-//! behind the virtual time (the start tag last served) than `burst/shares`; so a flow back
+//! behind the virtual time (the latest start tag served by shares) than `burst/shares`; so a flow back
 //! from idle gets at most `burst` units ahead of its entitlement, and a flow served only by
 //! shares for a while does not bank reservation.
 
@@ -262,6 +262,9 @@ impl Sched {
         for f in self.flows.iter().filter(|f| f.waiting) {
             if f.set.limit != 0 && f.tags.l > t {
                 next = next.min(f.tags.l);
+                if f.set.reservation != 0 {
+                    next = next.min(f.tags.r);
+                }
             } else if best.is_none_or(|(_, p)| f.tags.p < p) {
                 best = Some((f, f.tags.p));
             }
@@ -292,7 +295,11 @@ impl Sched {
         if s.limit != 0 {
             f.tags.l = Self::floor(f.tags.l, now, burst, s.limit) + cost * NS / s.limit as f64;
         }
-        vtime = vtime.max(f.tags.p);
+        if phase == Phase::Shares {
+            // The virtual time follows what is divided by shares only: a flow served for its
+            // reservation runs ahead of it without dragging the others along.
+            vtime = vtime.max(f.tags.p);
+        }
         f.tags.p += cost / f64::from(s.shares.max(1));
         f.stats.served += cost;
         f.stats.requests += 1;
@@ -339,6 +346,8 @@ struct GateState {
     /// The resource said it is full: nothing is dispatched before this time or a
     /// [`Gate::kick`].
     stalled_until: Option<u64>,
+    /// The flow whose thread was last woken to take its turn (not again until it does).
+    woken: Option<usize>,
 }
 
 /// A dispatcher over a [`Sched`] for threads that each serve one flow: [`Gate::acquire`]
@@ -359,6 +368,8 @@ pub struct Grant {
     saved: (Tags, f64, f64),
     /// Why it was let through.
     pub phase: Phase,
+    /// Whether it had to wait.
+    pub waited: bool,
 }
 
 impl Gate {
@@ -371,6 +382,7 @@ impl Gate {
                 outstanding: 0,
                 max_outstanding: max_outstanding.max(1),
                 stalled_until: None,
+                woken: None,
             }),
             cv: Condvar::new(),
             epoch: Instant::now(),
@@ -443,15 +455,25 @@ impl Gate {
                             st.sched.flow(id).stats.delayed += 1;
                         }
                         st.outstanding += 1;
+                        st.woken = None;
                         return Some(Grant {
                             id,
                             cost,
                             saved,
                             phase,
+                            waited: delayed,
                         });
                     }
                     Pick::Wait(t) => until = until.min(t),
-                    Pick::Go(..) | Pick::Idle => {}
+                    Pick::Go(other, _) => {
+                        // Its turn may have come by the clock, with its thread asleep: wake it
+                        // (once).
+                        if st.woken != Some(other) {
+                            st.woken = Some(other);
+                            self.cv.notify_all();
+                        }
+                    }
+                    Pick::Idle => {}
                 }
             }
             if now >= deadline {

@@ -36,6 +36,8 @@ fn run(
         match sched.pick(now) {
             Pick::Go(i, ph) => {
                 sched.charge(i, cost, now, ph);
+                // As under a Gate: the flow asks again for its next request.
+                sched.unbacklog(i);
                 got[i] += cost;
             }
             Pick::Wait(t) => now = t.max(now + 1),
@@ -112,6 +114,20 @@ fn a_reservation_is_met_and_the_rest_goes_by_shares() {
         within(got[0], 50_000.0, 0.01) && within(got[1], 50_000.0, 0.01),
         "{got:?}"
     );
+}
+
+#[test]
+fn reservation_limit_and_shares_together() {
+    // 700/s: flow 0 has 1 share and 300 reserved, flow 1 2 shares, flow 2 4 shares but a
+    // limit of 150: 300, 250, 150.
+    let mut s = Sched::new(700, 4.0);
+    s.set(0, set(1, 300, 0));
+    s.set(1, set(2, 0, 0));
+    s.set(2, set(4, 0, 150));
+    let (got, _) = run(&mut s, 3, 1, 10, 1.0, &|_, _| true);
+    for (i, want) in [3000.0, 2500.0, 1500.0].into_iter().enumerate() {
+        assert!(within(got[i], want, 0.01), "flow {i}: {got:?}");
+    }
 }
 
 #[test]
@@ -223,5 +239,41 @@ fn the_gate_lets_one_thread_per_flow_through_in_share_order() {
     let total: f64 = got.iter().sum();
     for (i, w) in [1.0, 2.0, 4.0].into_iter().enumerate() {
         assert!(within(got[i], total * w / 7.0, 0.1), "{got:?}");
+    }
+}
+
+#[test]
+fn the_gate_keeps_the_capacity_busy_with_a_reservation_and_a_limit() {
+    // 2000/s: flow 0 (1 share, 600 reserved), flow 1 (2 shares), flow 2 (4 shares, limit
+    // 300): 600, 1100, 300 — and the capacity used, no thread left asleep on its turn.
+    let g = std::sync::Arc::new(Gate::new(2000, 1, 8.0));
+    g.set(0, set(1, 600, 0));
+    g.set(1, set(2, 0, 0));
+    g.set(2, set(4, 0, 300));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ts: Vec<_> = (0..3)
+        .map(|i| {
+            let (g, stop) = (g.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some(gr) = g.acquire(i, 1.0, Duration::from_secs(5)) {
+                        g.release(gr);
+                    }
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in ts {
+        t.join().unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let got: Vec<f64> = (0..3).map(|i| g.stats(i).unwrap().served / secs).collect();
+    for (i, want) in [600.0, 1100.0, 300.0].into_iter().enumerate() {
+        assert!(within(got[i], want, 0.1), "flow {i}: {got:?} per second");
     }
 }
