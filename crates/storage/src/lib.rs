@@ -13,6 +13,13 @@
 //! survives it; what it had taken and not acknowledged is taken again by the restarted service
 //! when the VMM hands the ring back from its used index (reads and writes of whole sectors are
 //! idempotent).
+//!
+//! The disks of one service share its device (one datastore), so their requests go through one
+//! dispatcher ([`wv_shares::Gate`], mClock-style): each disk has shares, an IOPS reservation and
+//! an IOPS limit (`disk set NAME shares=N reservation_iops=R limit_iops=L`), a request costs
+//! `1 + bytes / 32 KiB` I/Os ([`request_cost`]), at most [`MAX_OUTSTANDING`] requests are at the
+//! device at a time, and the service's capacity (`--capacity-iops`, `set capacity_iops=N`),
+//! when given, caps the total so that the disks contend for it.
 
 #![allow(clippy::cast_possible_truncation)] // queue indices and sizes are 16/32-bit by the spec
 
@@ -30,7 +37,7 @@ use std::time::Duration;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
     GuestRegionMmap, MmapRegion,
@@ -39,6 +46,13 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use wv_virtio::block::{self, BlockCounters, Disk, DiskWatch, Watched};
 use wv_virtio::vu_backend::{serve_frontends, ExitEvents};
+
+/// Requests of all the service's disks at the device at once.
+pub const MAX_OUTSTANDING: usize = 4;
+/// Bytes of a request that cost one more I/O: a 4 KiB request costs 1.125, a 1 MiB one 33.
+pub const IO_SIZE_UNIT: u64 = 32 << 10;
+/// I/Os a disk idle for a while may get ahead of its entitlement.
+const BURST_IOS: f64 = 8.0;
 
 /// A guest's memory as vhost-user-backend maps it.
 pub type Mem = GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;
@@ -58,6 +72,8 @@ pub struct Config {
     pub disks: Vec<DiskSpec>,
     /// Break a VMKFS disk's stale lock record (its writer gone) and take the disk.
     pub take_stale_locks: bool,
+    /// The device's capacity in I/Os per second that the disks share (0: as fast as it goes).
+    pub capacity_iops: u64,
 }
 
 /// What one disk counted.
@@ -101,7 +117,7 @@ impl DiskWatch for DiskCounters {
 }
 
 /// A disk's counters as served (`stats`).
-#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Debug, Clone, PartialEq)]
 #[allow(missing_docs)]
 pub struct DiskStats {
     pub name: String,
@@ -121,6 +137,11 @@ pub struct DiskStats {
     pub written_bytes: u64,
     pub flushes: u64,
     pub io_errors: u64,
+    /// Its shares, IOPS reservation and IOPS limit (`reservation`, `limit`: I/Os per second).
+    pub shares: wv_shares::Settings,
+    /// What the dispatcher gave it: I/Os (`served`, `reserved`), requests that waited
+    /// (`delayed`), and I/Os per second over the last window (`rate`).
+    pub sched: wv_shares::FlowStats,
 }
 
 /// One served disk: the backend (held open), its identity and counters, and the memory of
@@ -137,12 +158,48 @@ pub struct Served {
     mem: Mutex<Option<wv_virtio::GuestMemoryMmap>>,
     connected: AtomicBool,
     stop: AtomicBool,
+    /// The service's dispatcher, and this disk's flow in it.
+    gate: Arc<wv_shares::Gate>,
+    flow: usize,
+}
+
+/// What a request of the chain costs the dispatcher, in I/Os: 1 + its data bytes /
+/// [`IO_SIZE_UNIT`] (the descriptors' lengths less the header and status; a hostile chain
+/// costs at most what its descriptors say, capped).
+pub fn request_cost<M>(chain: &virtio_queue::DescriptorChain<M>) -> f64
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    let bytes: u64 = chain
+        .clone()
+        .take(usize::from(block::QUEUE_SIZE))
+        .map(|d| u64::from(d.len()))
+        .sum::<u64>()
+        .saturating_sub(17)
+        .min(1 << 30);
+    1.0 + bytes as f64 / IO_SIZE_UNIT as f64
 }
 
 impl Served {
-    /// Serves `disk` (already open and locked) as `spec` says.
+    /// Serves `disk` (already open and locked) as `spec` says, alone on its device.
     pub fn new(spec: DiskSpec, disk: Box<dyn Disk>) -> Arc<Served> {
+        let gate = Arc::new(wv_shares::Gate::new(0, MAX_OUTSTANDING, BURST_IOS));
+        Served::with_gate(spec, disk, gate, 0)
+    }
+
+    /// Serves `disk` as flow `flow` of dispatcher `gate` (shared with the other disks of
+    /// its device).
+    pub fn with_gate(
+        spec: DiskSpec,
+        disk: Box<dyn Disk>,
+        gate: Arc<wv_shares::Gate>,
+        flow: usize,
+    ) -> Arc<Served> {
+        gate.set(flow, wv_shares::Settings::default());
         Arc::new(Served {
+            gate,
+            flow,
             id: block::disk_id(&spec.name),
             size: disk.size(),
             readonly: disk.readonly(),
@@ -176,34 +233,75 @@ impl Served {
             written_bytes: g(&c.written_bytes),
             flushes: g(&c.flushes),
             io_errors: g(&c.io_errors),
+            shares: self.gate.settings(self.flow).unwrap_or_default(),
+            sched: self.gate.stats(self.flow).unwrap_or_default(),
         }
     }
 
-    /// Serves every request available on `vring`, in order: each completed after the backend
-    /// did it, the VMM called once for the batch.
+    /// Sets the disk's shares, IOPS reservation and IOPS limit.
+    pub fn set_shares(&self, s: wv_shares::Settings) -> Result<(), String> {
+        s.check()?;
+        self.gate.set(self.flow, s);
+        Ok(())
+    }
+
+    /// Serves every request available on `vring`, in order, each when the service's
+    /// dispatcher lets it go: each completed after the backend did it, the VMM called after
+    /// each request that waited and once for the rest of the batch.
     pub fn serve(&self, vring: &VringRwLock<Mem>) {
         let Some(mem) = lock(&self.mem).clone() else {
             return;
         };
         let mut disk = lock(&self.disk);
-        let mut any = false;
-        {
-            let mut st = vring.get_mut();
-            let q = st.get_queue_mut();
-            while let Some(chain) = q.pop_descriptor_chain(&mem) {
-                let head = chain.head_index();
-                let mut w = Watched {
-                    disk: disk.as_mut(),
-                    watch: &self.counters,
-                };
-                let len = block::process(&mem, chain, &mut w, &self.id, &self.counters.block);
-                if q.add_used(&mem, head, len).is_err() {
-                    break;
+        // Completions the VMM has not been called for yet.
+        let mut unsignalled = false;
+        loop {
+            // The ring is not held while the request waits for its turn: the frontend's
+            // messages (a disconnect) are served meanwhile.
+            let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let cost = request_cost(&chain);
+            let grant = loop {
+                if let Some(g) = self
+                    .gate
+                    .acquire(self.flow, cost, Duration::from_millis(500))
+                {
+                    break Some(g);
                 }
-                any = true;
+                if self.stop.load(Ordering::SeqCst) || lock(&self.mem).is_none() {
+                    break None;
+                }
+            };
+            let Some(grant) = grant else {
+                // The frontend went: the request is taken again from the ring by the next.
+                vring.get_mut().get_queue_mut().go_to_previous_position();
+                break;
+            };
+            let waited = grant.waited;
+            let mut w = Watched {
+                disk: disk.as_mut(),
+                watch: &self.counters,
+            };
+            let len = block::process(&mem, chain, &mut w, &self.id, &self.counters.block);
+            self.gate.release(grant);
+            if vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(&mem, head, len)
+                .is_err()
+            {
+                break;
+            }
+            unsignalled = true;
+            if waited && vring.needs_notification().unwrap_or(true) {
+                // It waited for its turn: the VMM hears of it now, not after the batch.
+                let _ = vring.signal_used_queue();
+                unsignalled = false;
             }
         }
-        if any && vring.needs_notification().unwrap_or(true) {
+        if unsignalled && vring.needs_notification().unwrap_or(true) {
             let _ = vring.signal_used_queue();
         }
     }
@@ -328,11 +426,14 @@ struct Entry {
     thread: JoinHandle<()>,
 }
 
-/// The service: the disks it serves, by name.
+/// The service: the disks it serves, by name, and the dispatcher they share.
 pub struct Service {
     dir: PathBuf,
     take_stale_locks: bool,
     disks: Mutex<Vec<Entry>>,
+    gate: Arc<wv_shares::Gate>,
+    /// The next disk's flow in the dispatcher (never reused).
+    next_flow: AtomicU64,
 }
 
 /// The socket of disk `name` under `dir`.
@@ -354,7 +455,24 @@ impl Service {
             dir: dir.to_path_buf(),
             take_stale_locks,
             disks: Mutex::new(Vec::new()),
+            gate: Arc::new(wv_shares::Gate::new(0, MAX_OUTSTANDING, BURST_IOS)),
+            next_flow: AtomicU64::new(0),
         }))
+    }
+
+    /// Sets the device's capacity in I/Os per second, shared by the disks (0: none).
+    pub fn set_capacity(&self, iops: u64) {
+        self.gate.set_capacity(iops);
+    }
+
+    /// Sets disk `name`'s shares, IOPS reservation and IOPS limit.
+    pub fn set_shares(&self, name: &str, s: wv_shares::Settings) -> Result<(), String> {
+        let disks = lock(&self.disks);
+        let e = disks
+            .iter()
+            .find(|e| e.served.spec.name == name)
+            .ok_or_else(|| format!("no disk {} is served", name.escape_debug()))?;
+        e.served.set_shares(s)
     }
 
     /// Opens (and locks) the disk of `spec` and serves it on `DIR/NAME.sock`.
@@ -368,7 +486,9 @@ impl Service {
         // Bound before the service says it serves: a VMM started then finds it.
         let mut listener = Listener::new(&socket, true)
             .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-        let served = Served::new(spec, disk);
+        let flow = usize::try_from(self.next_flow.fetch_add(1, Ordering::Relaxed))
+            .map_err(|e| e.to_string())?;
+        let served = Served::with_gate(spec, disk, self.gate.clone(), flow);
         let backend = BlkBackend::new(served.clone());
         let (s2, sock2) = (served.clone(), socket.clone());
         let thread = std::thread::Builder::new()
@@ -422,6 +542,7 @@ impl Service {
         // The serving thread waits for a connection: one that ends at once wakes it to stop.
         drop(UnixStream::connect(&entry.socket));
         let _ = entry.thread.join();
+        self.gate.remove(entry.served.flow);
         let _ = std::fs::remove_file(&entry.socket);
         Ok(())
     }
@@ -431,15 +552,34 @@ impl Service {
         lock(&self.disks).iter().map(|e| e.served.stats()).collect()
     }
 
-    /// Answers one control request (a line): `stats`, `disk add SPEC`, `disk del NAME`.
+    /// Answers one control request (a line): `stats`, `disk add SPEC`, `disk del NAME`,
+    /// `disk set NAME [shares=N] [reservation_iops=R] [limit_iops=L]` (what is not given
+    /// stays), `set capacity_iops=N`.
     pub fn control(&self, line: &str) -> serde_json::Value {
         let words: Vec<&str> = line.split_whitespace().collect();
         let r = match words.as_slice() {
-            ["stats"] => return serde_json::json!({ "disks": self.stats() }),
+            ["stats"] => {
+                return serde_json::json!({
+                    "disks": self.stats(),
+                    "capacity_iops": self.gate.capacity(),
+                })
+            }
             ["disk", "add", spec] => DiskSpec::parse(spec).and_then(|s| self.add(s)),
             ["disk", "del", name] => self.del(name),
+            ["disk", "set", name, args @ ..] => self.disk_set(name, args),
+            ["set", arg] => match arg.strip_prefix("capacity_iops=").map(str::parse::<u64>) {
+                Some(Ok(n)) => {
+                    self.set_capacity(n);
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "set: '{}' is not capacity_iops=N",
+                    arg.escape_debug()
+                )),
+            },
             _ => Err(format!(
-                "unknown request '{}' (stats, disk add NAME=SPEC, disk del NAME)",
+                "unknown request '{}' (stats, disk add NAME=SPEC, disk del NAME, disk set NAME \
+                 shares=N reservation_iops=R limit_iops=L, set capacity_iops=N)",
                 line.trim().escape_debug()
             )),
         };
@@ -447,6 +587,35 @@ impl Service {
             Ok(()) => serde_json::json!({ "ok": true }),
             Err(e) => serde_json::json!({ "error": e }),
         }
+    }
+}
+
+impl Service {
+    fn disk_set(&self, name: &str, args: &[&str]) -> Result<(), String> {
+        let mut s = {
+            let disks = lock(&self.disks);
+            let e = disks
+                .iter()
+                .find(|e| e.served.spec.name == *name)
+                .ok_or_else(|| format!("no disk {} is served", name.escape_debug()))?;
+            self.gate.settings(e.served.flow).unwrap_or_default()
+        };
+        for a in args {
+            let bad = || {
+                format!(
+                    "disk set {name}: '{}': expected shares=N, reservation_iops=N or limit_iops=N",
+                    a.escape_debug()
+                )
+            };
+            let (k, v) = a.split_once('=').ok_or_else(bad)?;
+            match k {
+                "shares" => s.shares = v.parse().map_err(|_| bad())?,
+                "reservation_iops" => s.reservation = v.parse().map_err(|_| bad())?,
+                "limit_iops" => s.limit = v.parse().map_err(|_| bad())?,
+                _ => return Err(bad()),
+            }
+        }
+        self.set_shares(name, s)
     }
 }
 
@@ -476,6 +645,7 @@ fn serve_control(svc: Arc<Service>, listener: UnixListener) {
 /// returns only on a set-up error.
 pub fn run(cfg: &Config) -> Result<(), String> {
     let svc = Service::new(&cfg.socket_dir, cfg.take_stale_locks)?;
+    svc.set_capacity(cfg.capacity_iops);
     let ctl = control_socket(&cfg.socket_dir);
     let _ = std::fs::remove_file(&ctl);
     let listener =

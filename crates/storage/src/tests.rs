@@ -315,3 +315,22 @@ fn the_service_holds_each_disk_and_adds_and_removes_disks_at_runtime() {
     assert!(svc.stats().is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn requests_wait_for_the_devices_capacity() {
+    let mut g = Guest::new(mem_disk(8, false), "cap");
+    g.backend.served.gate.set_capacity(1000);
+    let t = std::time::Instant::now();
+    for _ in 0..50 {
+        assert_eq!(g.request(req::IN, 0, 512), (513, 0));
+    }
+    // 50 I/Os of 1 + 512/32Ki at 1000 per second, less the burst: 40 ms at least.
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(40),
+        "{:?}",
+        t.elapsed()
+    );
+    let s = g.stats();
+    assert_eq!(s.sched.requests, 50);
+    assert!(s.sched.delayed > 0);
+}

@@ -524,6 +524,11 @@ line back each). docs/STORAGE.md.",
             Arg::Flag,
             "break a VMKFS disk's stale lock record (its writer, such as a storage service\nthat was killed, is gone) and take the disk",
         ),
+        opt(
+            "--capacity-iops",
+            Arg::Value("N"),
+            "the device's capacity in I/Os per second (a request costs 1 + bytes/32KiB),\nshared by the disks by their shares, reservations and limits ('disk set NAME\nshares=N reservation_iops=R limit_iops=L' on the control socket; default: none)",
+        ),
     ]],
     after: "Exit status: 200 bad arguments, 1 the service could not start.",
 };
@@ -1647,6 +1652,15 @@ fn parse_storage(args: &[String]) -> Result<Command, Usage> {
         socket_dir: PathBuf::from(dir),
         disks: Vec::new(),
         take_stale_locks: m.has("--take-stale-locks"),
+        capacity_iops: match m.value("--capacity-iops") {
+            Some(v) => v.parse().map_err(|_| {
+                Usage(format!(
+                    "--capacity-iops '{}': expected a number of I/Os per second",
+                    v.escape_debug()
+                ))
+            })?,
+            None => 0,
+        },
     };
     for d in m.values("--disk") {
         let spec = wv_storage::DiskSpec::parse(d).map_err(Usage)?;
