@@ -638,7 +638,7 @@ fn disks_share_the_device_by_shares_reservations_and_limits() {
     for n in names {
         let img = disk_image(&dir, &format!("{n}.img"), 64 << 10);
         args.push("--disk".into());
-        args.push(format!("{n}={}", format!("path={}", img.display())));
+        args.push(format!("{n}=path={}", img.display()));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let st = Storage::start(&dir.path("s"), &args);
