@@ -1396,7 +1396,10 @@ fn a_paused_vm_is_copied_with_its_disk_by_stop_and_copy() {
         ],
     );
     source.wait_line("persist: steady");
-    let (_, out) = raw(&sock, b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    let (_, out) = raw(
+        &sock,
+        b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    );
     assert!(out.starts_with("HTTP/1.1 204"), "{out}");
     let (st, answer) = migrate_send_with(&sock, &addr, &serde_json::json!({ "copy_disks": true }));
     assert_eq!(st, 200, "{answer}");

@@ -199,7 +199,10 @@ impl Vmm {
         let status = self.child.wait().unwrap().code();
         let mut stdout = std::mem::take(&mut self.seen);
         stdout.extend(self.out.iter());
-        let stderr = self.err.take().map_or_else(Vec::new, |e| e.iter().collect());
+        let stderr = self
+            .err
+            .take()
+            .map_or_else(Vec::new, |e| e.iter().collect());
         Exit {
             status,
             stdout,
