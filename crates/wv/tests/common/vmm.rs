@@ -1,6 +1,7 @@
 //! A VMM under test: a `wv run` (or any command that ends in one) whose serial output arrives
 //! line by line, waited on with a deadline, typed into, and killed when the test ends however
-//! it ends; and requests on its control socket (`--api-socket`).
+//! it ends; and requests on its control socket (`--api-socket`). Standalone (the benches
+//! include it by path too).
 
 use std::io::{BufRead, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -118,7 +119,7 @@ pub struct Vmm {
 impl Vmm {
     /// `wv run ARGS`, to be spawned.
     pub fn run(args: &[&str]) -> Spawn {
-        let mut cmd = Command::new(super::wv_bin());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wv"));
         cmd.arg("run").args(args);
         Vmm::command(cmd)
     }
