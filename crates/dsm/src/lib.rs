@@ -20,6 +20,7 @@ pub mod coherence;
 pub mod node;
 pub mod proto;
 pub mod uffd;
+pub mod uffd_abi;
 
 pub use coherence::{Engine, PageOps, PageState, Stats, StatsSnapshot};
 pub use node::{Config, Listener, Node, PeerError};

@@ -3,69 +3,14 @@
 //! coherence engine drives it with (UFFDIO_COPY, UFFDIO_WRITEPROTECT, MADV_DONTNEED or
 //! MADV_REMOVE, UFFDIO_WAKE).
 //!
-//! The raw ioctls are defined here (the `libc` crate has no userfaultfd bindings, and the
-//! `userfaultfd` crate needs bindgen and libclang at build time for its WP support).
+//! The raw ioctls' numbers and structures are in [`crate::uffd_abi`].
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::coherence::PageOps;
 
-const UFFD_API: u64 = 0xAA;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
-const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
-const REGISTER_MODE_MISSING: u64 = 1;
-const REGISTER_MODE_WP: u64 = 2;
-const COPY_MODE_DONTWAKE: u64 = 1;
-const COPY_MODE_WP: u64 = 2;
-const WRITEPROTECT_MODE_WP: u64 = 1;
-const WRITEPROTECT_MODE_DONTWAKE: u64 = 2;
-/// UFFD_FEATURE_WP_HUGETLBFS_SHMEM: write protection on shared memory (Linux 5.19).
-const FEATURE_WP_SHMEM: u64 = 1 << 12;
-const EVENT_PAGEFAULT: u8 = 0x12;
-const PAGEFAULT_FLAG_WRITE: u64 = 1;
-const PAGEFAULT_FLAG_WP: u64 = 2;
-const IOCTL_COPY_BIT: u64 = 1 << 3;
-const IOCTL_WRITEPROTECT_BIT: u64 = 1 << 6;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
+use crate::uffd_abi::*;
 
 /// How the mapping is backed, which decides how a page is dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,7 +5,8 @@
 //! zero pages with UFFDIO_ZEROPAGE. Losing the source before every page arrived stops the VM
 //! (its memory is split between two hosts: the known limit of post-copy in every VMM).
 //!
-//! Raw ioctls: the rust-vmm `userfaultfd` crate is not in this host's offline registry.
+//! Raw ioctls (the rust-vmm `userfaultfd` crate is not in this host's offline registry), with
+//! the ABI's numbers and structures from `wv_dsm::uffd_abi`.
 
 use crate::migrate::{MigrationError, PAGE};
 use std::collections::HashSet;
@@ -14,53 +15,12 @@ use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use wv_dsm::uffd_abi::{
+    UffdioApi, UffdioCopy, UffdioRange, UffdioRegister, UffdioZeropage, EVENT_PAGEFAULT,
+    REGISTER_MODE_MISSING, UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
+    UFFD_API,
+};
 use wv_machine::GuestRam;
-
-const UFFD_API: u64 = 0xAA;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
-const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
-const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
 
 /// A userfaultfd and the guest RAM it covers.
 struct Uffd {
@@ -104,7 +64,7 @@ impl Uffd {
                     start: host,
                     len: r.len(),
                 },
-                mode: UFFDIO_REGISTER_MODE_MISSING,
+                mode: REGISTER_MODE_MISSING,
                 ioctls: 0,
             };
             // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register; the range is a guest
@@ -328,7 +288,7 @@ fn faults(u: &Uffd, missing: &Mutex<HashSet<u64>>, w: &mut TcpStream) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => lost(&format!("reading userfaultfd: {e}")),
         };
-        if msg[0] != UFFD_EVENT_PAGEFAULT {
+        if msg[0] != EVENT_PAGEFAULT {
             continue;
         }
         let mut a = [0u8; 8];

@@ -38,6 +38,11 @@
 //! (`idle,dirty`), `DIRTY_MIB` (the rewritten buffer, default 256), `RATE` (MiB/s, default 100),
 //! `GUEST_MS` (how long the guest's test runs, default 20000: it must outlast the migration).
 
+/// The control-socket requests of the integration tests' harness.
+#[path = "../tests/common/vmm.rs"]
+#[allow(dead_code)]
+mod vmm;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -179,26 +184,6 @@ impl Drop for Vmm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// One HTTP exchange on wv's control socket: (status, JSON body).
-fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or_default())
 }
 
 /// A QMP connection.
@@ -405,10 +390,9 @@ fn wv_round(e: &mut Env, case: Case, p: &Params) -> Result<Row, String> {
     source_args.extend(disk_args);
     let mut source = Vmm::spawn(&e.src_ns, &e.wv, &source_args);
     source.wait_line(case.ready(), Duration::from_secs(120))?;
-    let body = serde_json::json!({ "destination": addr, "downtime_ms": 300, "copy_disks": copy })
-        .to_string();
+    let body = serde_json::json!({ "destination": addr, "downtime_ms": 300, "copy_disks": copy });
     let t = Instant::now();
-    let (st, a) = http(&sock, "PUT", "/vm/migrate-send", &body);
+    let (st, a) = vmm::call(&sock, "PUT", "/vm/migrate-send", Some(&body));
     let wall = t.elapsed();
     if st != 200 {
         return Err(format!("migrate-send: {st} {a}; source: {}", source.stop()));

@@ -27,6 +27,11 @@
 //! Run: `cargo bench -p wv --bench snapshot` (needs /dev/kvm; QEMU columns need
 //! qemu-system-x86_64). `SIZES=256,2048` (MiB) and `FILL=0,50` (percent) choose the cases.
 
+/// The control-socket requests of the integration tests' harness.
+#[path = "../tests/common/vmm.rs"]
+#[allow(dead_code)]
+mod vmm;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -149,26 +154,6 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// One HTTP exchange on wv's control socket: (status, JSON body).
-fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or_default())
-}
-
 /// A QMP connection.
 struct Qmp {
     r: BufReader<UnixStream>,
@@ -276,9 +261,9 @@ fn wv_round(wv: &str, dir: &Path, mib: u64, fill_mib: u64, s: &mut Series) {
     s.boot_fill
         .push(ms(vm.wait_for("fill: done", Duration::from_secs(600))));
     vm.wait_for("..", Duration::from_secs(10));
-    let body = serde_json::json!({ "destination": snap }).to_string();
+    let body = serde_json::json!({ "destination": snap });
     let t = Instant::now();
-    let (st, r) = http(&sock, "PUT", "/vm/snapshot", &body);
+    let (st, r) = vmm::call(&sock, "PUT", "/vm/snapshot", Some(&body));
     let wall = t.elapsed();
     assert_eq!(st, 200, "snapshot: {r}");
     s.snap_wall.push(ms(wall));

@@ -8,11 +8,9 @@
 
 mod common;
 
+use common::vmm::{call, Vmm};
 use common::*;
-use std::io::{BufRead, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -99,91 +97,6 @@ fn counter(doc: &serde_json::Value, dev: &str, what: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {what} for {dev} in {doc}"))
 }
 
-/// One HTTP exchange on the VMM's control socket: (status, JSON body or Null).
-fn call(sock: &Path, method: &str, path: &str) -> (u16, serde_json::Value) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let st = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    (
-        st,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
-}
-
-/// A `wv run` whose serial output is read line by line.
-struct Streamed {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Streamed {
-    fn start(args: &[&str]) -> Streamed {
-        let mut child = Command::new(wv_bin())
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Streamed {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn wait_line(&mut self, prefix: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(120)) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.starts_with(prefix) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no line '{prefix}' within 120 s; saw {:#?}", self.seen),
-            }
-        }
-    }
-
-    /// (exit status, stderr).
-    fn finish(mut self) -> (Option<i32>, String) {
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut err);
-        }
-        let st = self.child.wait().unwrap();
-        (st.code(), err)
-    }
-}
-
-impl Drop for Streamed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The whole set, checked through `--stats=json` and the exit status.
 fn full_set(dir: &TempDir) {
     let img = disk(dir, "attack.img");
@@ -259,7 +172,7 @@ fn full_set(dir: &TempDir) {
 fn counters_over_the_api(dir: &TempDir) {
     let img = disk(dir, "attack2.img");
     let sock = dir.path("attack2.sock");
-    let mut vm = Streamed::start(&[
+    let mut vm = Vmm::run(&[
         "--memory",
         "128M",
         "--disk",
@@ -268,11 +181,14 @@ fn counters_over_the_api(dir: &TempDir) {
         sock.to_str().unwrap(),
         "--cmdline",
         "probe.tests=attack,idle probe.attack=ring-mmio,ring-loop,ring-avail-jump,bar-ecam,pv-bad",
-    ]);
+    ])
+    .stderr()
+    .timeout(Duration::from_secs(120))
+    .spawn();
     let pass = vm.wait_line("PASS attack");
     assert!(pass.contains("attacks=5 failed=0"), "{pass}");
     vm.wait_line("idle: halted");
-    let (st, c) = call(&sock, "GET", "/vm/counters");
+    let (st, c) = call(&sock, "GET", "/vm/counters", None);
     assert_eq!(st, 200, "{c}");
     assert_eq!(c["state"], "running", "{c}");
     assert_eq!(counter(&c, "virtio-rng", "bad_chains"), 6 + 5, "{c}");
@@ -280,8 +196,9 @@ fn counters_over_the_api(dir: &TempDir) {
     assert!(counter(&c, "virtio-rng", "ring_errors") >= 3, "{c}");
     assert!(counter(&c, "virtio-blk:root", "ring_errors") >= 3, "{c}");
     assert!(counter(&c, "virtio-rng", "refused_bar_moves") >= 4, "{c}");
-    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
-    let (status, stderr) = vm.finish();
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown", None).0, 204);
+    let exit = vm.finish();
+    let (status, stderr) = (exit.status, exit.stderr.join("\n"));
     assert_eq!(status, Some(128 + libc::SIGTERM), "{stderr}");
     assert!(!stderr.contains("SECCOMP"), "{stderr}");
 }

@@ -8,13 +8,11 @@
 
 mod common;
 
-use common::{need_kvm, wv_bin, TempDir};
+use common::vmm::{call, wait_for_socket, Vmm};
+use common::{need_kvm, TempDir};
 use serde_json::{json, Value};
-use std::io::{BufRead, Read, Write};
-use std::os::unix::net::UnixStream;
+
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -28,35 +26,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One request on the VMM's socket (waiting, within the deadline, for a just-started VMM's
-/// socket to appear).
-fn call(sock: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let end = Instant::now() + DEADLINE;
-    let mut s = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() > end => panic!("{}: {e}", sock.display()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or_default())
-}
-
 fn balloon(sock: &Path) -> Value {
-    let (st, v) = call(sock, "GET", "/vm/balloon", "");
+    let (st, v) = call(sock, "GET", "/vm/balloon", None);
     assert_eq!(st, 200, "{v}");
     v
 }
@@ -66,7 +37,7 @@ fn set_target(sock: &Path, bytes: u64) {
         sock,
         "PUT",
         "/vm/balloon",
-        &json!({ "target_bytes": bytes }).to_string(),
+        Some(&json!({ "target_bytes": bytes })),
     );
     assert_eq!(st, 204, "{v}");
 }
@@ -100,77 +71,15 @@ fn about(what: &str, a: u64, b: u64, want: u64) {
 }
 
 /// A `wv run` with its serial console on stdin and stdout.
-struct Vmm {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+fn start(args: &[&str]) -> Vmm {
+    Vmm::run(args).stdin().timeout(DEADLINE).spawn()
 }
 
-impl Vmm {
-    fn start(args: &[&str]) -> Vmm {
-        let mut child = Command::new(wv_bin())
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Vmm {
-            child,
-            stdin,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a serial line that contains `what` and returns it.
-    fn wait_line(&mut self, what: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(what) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no line '{what}' within {DEADLINE:?}; saw {:#?}", self.seen),
-            }
-        }
-    }
-
-    fn type_in(&mut self, s: &str) {
-        self.stdin.write_all(s.as_bytes()).unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    /// 'q' ends the guest's balloon test: it passes and the VM powers off.
-    fn finish(mut self) {
-        self.type_in("q");
-        self.wait_line("PASS balloon");
-        let status = self.child.wait().unwrap();
-        assert_eq!(status.code(), Some(0), "{status:?}");
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// 'q' ends the guest's balloon test: it passes and the VM powers off.
+fn finish(mut vm: Vmm) {
+    vm.type_in("q");
+    vm.wait_for("PASS balloon");
+    assert_eq!(vm.wait(), 0, "the VMM's exit status");
 }
 
 #[test]
@@ -180,7 +89,7 @@ fn inflate_deflate_and_free_page_reporting_move_the_vmms_memory() {
     let _one = serial();
     let dir = TempDir::new("balloon");
     let sock = dir.path("api.sock");
-    let mut vm = Vmm::start(&[
+    let mut vm = start(&[
         "--memory",
         "256M",
         "--balloon",
@@ -191,7 +100,7 @@ fn inflate_deflate_and_free_page_reporting_move_the_vmms_memory() {
         "console=ttyS0 probe.tests=balloon probe.balloon_mib=64 probe.balloon_report_mib=32",
     ]);
     // The guest touched its 64 MiB pool: the VMM holds it.
-    let l = vm.wait_line("balloon: touched 64 MiB");
+    let l = vm.wait_for("balloon: touched 64 MiB");
     assert!(l.contains("stats=1 reporting=1"), "{l}");
     let touched = balloon(&sock);
     assert_eq!(touched["target_bytes"], 0, "{touched}");
@@ -242,7 +151,7 @@ fn inflate_deflate_and_free_page_reporting_move_the_vmms_memory() {
     // Free page reporting: 32 MiB touched, then reported free: the VMM lets them go.
     let idle = balloon(&sock);
     vm.type_in("f");
-    vm.wait_line("balloon: filled");
+    vm.wait_for("balloon: filled");
     let filled = balloon(&sock);
     about(
         "RSS after touching 32 MiB",
@@ -251,7 +160,7 @@ fn inflate_deflate_and_free_page_reporting_move_the_vmms_memory() {
         32 * MIB,
     );
     vm.type_in("r");
-    vm.wait_line("balloon: reported");
+    vm.wait_for("balloon: reported");
     let reported = balloon(&sock);
     assert_eq!(
         reported["counters"]["reported_pages"],
@@ -268,7 +177,7 @@ fn inflate_deflate_and_free_page_reporting_move_the_vmms_memory() {
         rss(&reported),
         32 * MIB,
     );
-    vm.finish();
+    finish(vm);
 }
 
 #[test]
@@ -278,7 +187,7 @@ fn a_hostile_balloon_driver_is_counted_and_the_vm_runs_on() {
     let _one = serial();
     let dir = TempDir::new("balloon-hostile");
     let sock = dir.path("api.sock");
-    let mut vm = Vmm::start(&[
+    let mut vm = start(&[
         "--memory",
         "128M",
         "--balloon",
@@ -288,7 +197,7 @@ fn a_hostile_balloon_driver_is_counted_and_the_vm_runs_on() {
         "--cmdline",
         "console=ttyS0 probe.tests=balloon probe.balloon_mib=16 probe.balloon_hostile=1",
     ]);
-    vm.wait_line("balloon: hostile done");
+    vm.wait_for("balloon: hostile done");
     let v = balloon(&sock);
     let c = &v["counters"];
     // Three bad PFNs inflated and deflated (beyond RAM, in the MMIO hole, u32::MAX), and a huge
@@ -312,16 +221,16 @@ fn a_hostile_balloon_driver_is_counted_and_the_vm_runs_on() {
         &sock,
         "PUT",
         "/vm/balloon",
-        &json!({ "target_bytes": 129 * MIB }).to_string(),
+        Some(&json!({ "target_bytes": 129 * MIB })),
     );
     assert_eq!(st, 422, "{e}");
     set_target(&sock, 100 * MIB);
-    vm.wait_line("balloon: target beyond the pool");
+    vm.wait_for("balloon: target beyond the pool");
     let v = poll(&sock, "inflate to the pool's 16 MiB", |v| {
         v["actual_bytes"] == 16 * MIB
     });
     assert_eq!(v["target_bytes"], 100 * MIB, "{v}");
-    vm.finish();
+    finish(vm);
 }
 
 #[test]
@@ -331,7 +240,7 @@ fn a_snapshot_keeps_the_balloon() {
     let _one = serial();
     let dir = TempDir::new("balloon-snapshot");
     let sock = dir.path("api.sock");
-    let mut vm = Vmm::start(&[
+    let mut vm = start(&[
         "--memory",
         "128M",
         "--balloon",
@@ -341,7 +250,7 @@ fn a_snapshot_keeps_the_balloon() {
         "--cmdline",
         "console=ttyS0 probe.tests=balloon probe.balloon_mib=16",
     ]);
-    vm.wait_line("balloon: touched");
+    vm.wait_for("balloon: touched");
     set_target(&sock, 8 * MIB);
     let before = poll(&sock, "inflate to 8 MiB", |v| v["actual_bytes"] == 8 * MIB);
     let snap = dir.path("snap");
@@ -349,18 +258,19 @@ fn a_snapshot_keeps_the_balloon() {
         &sock,
         "PUT",
         "/vm/snapshot",
-        &json!({ "destination": snap }).to_string(),
+        Some(&json!({ "destination": snap })),
     );
     assert_eq!(st, 200, "{r}");
     drop(vm);
 
     let sock2 = dir.path("api2.sock");
-    let back = Vmm::start(&[
+    let back = start(&[
         "--restore",
         snap.to_str().unwrap(),
         "--api-socket",
         sock2.to_str().unwrap(),
     ]);
+    wait_for_socket(&sock2, DEADLINE);
     let after = poll(&sock2, "the restored VMM's API", |_| true);
     for k in [
         "target_bytes",
@@ -381,7 +291,7 @@ fn a_snapshot_keeps_the_balloon() {
     });
     assert_eq!(v["ballooned_bytes"], 0, "{v}");
     assert_eq!(v["counters"]["deflated_pages"], 8 * MIB / 4096, "{v}");
-    back.finish();
+    finish(back);
 }
 
 #[test]

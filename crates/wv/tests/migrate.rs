@@ -7,13 +7,13 @@
 
 mod common;
 
+use common::vmm::{call, raw, Vmm};
 use common::{need_kvm, wv, wv_bin, TempDir};
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// One migration at a time: each guest measures its own clock, and two on the same CPUs would
@@ -39,119 +39,37 @@ fn migrate_send_with(
     for (k, v) in extra.as_object().into_iter().flatten() {
         body[k] = v.clone();
     }
-    let body = body.to_string();
-    let mut s = UnixStream::connect(sock).unwrap();
-    write!(
-        s,
-        "PUT /vm/migrate-send HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
+    call(sock, "PUT", "/vm/migrate-send", Some(&body))
 }
 
-/// A `wv run` whose serial output (stdout) and stderr arrive line by line.
-struct Vmm {
-    child: Child,
-    out: mpsc::Receiver<String>,
-    err: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-fn lines(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(r).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
+/// `wv run ARGS`, inside network namespace `netns` when given, its stderr read line by line.
+fn start(netns: Option<&str>, args: &[&str]) -> Vmm {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(wv_bin());
+            c
         }
-    });
-    rx
+        None => Command::new(wv_bin()),
+    };
+    cmd.arg("run").args(args);
+    Vmm::command(cmd).stderr().spawn()
 }
 
-impl Vmm {
-    /// `wv run ARGS`, inside network namespace `netns` when given.
-    fn start(netns: Option<&str>, args: &[&str]) -> Vmm {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(wv_bin());
-                c
-            }
-            None => Command::new(wv_bin()),
-        };
-        let mut child = cmd
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = lines(child.stdout.take().unwrap());
-        let err = lines(child.stderr.take().unwrap());
-        Vmm {
-            child,
-            out,
-            err,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a serial line that starts with `prefix` and returns it.
-    fn wait_line(&mut self, prefix: &str) -> String {
-        loop {
-            match self.out.recv_timeout(Duration::from_secs(60)) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.starts_with(prefix) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no line '{prefix}' within 60 s; saw {:#?}", self.seen),
-            }
-        }
-    }
-
-    /// A target's listening address, from its `waiting for a migration on ADDR` line.
-    fn listening(&mut self) -> String {
-        let l = self
-            .err
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the target said where it listens");
-        l.strip_prefix("wv: waiting for a migration on ")
-            .unwrap_or_else(|| panic!("unexpected first line from the target: {l}"))
-            .to_string()
-    }
-
-    /// Exit status, serial output and stderr once it has ended.
-    fn finish(mut self) -> (i32, Vec<String>, Vec<String>) {
-        let st = self.child.wait().unwrap().code().unwrap_or(-1);
-        let mut out = std::mem::take(&mut self.seen);
-        out.extend(self.out.iter());
-        let err: Vec<String> = self.err.iter().collect();
-        (st, out, err)
-    }
+/// A target's listening address, from its `waiting for a migration on ADDR` line.
+fn listening(vm: &mut Vmm) -> String {
+    let l = vm
+        .next_err_line(Duration::from_secs(30))
+        .expect("the target said where it listens");
+    l.strip_prefix("wv: waiting for a migration on ")
+        .unwrap_or_else(|| panic!("unexpected first line from the target: {l}"))
+        .to_string()
 }
 
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Exit status (-1 for a signal), serial output and stderr once it has ended.
+fn finish(vm: Vmm) -> (i32, Vec<String>, Vec<String>) {
+    let e = vm.finish();
+    (e.code(), e.stdout, e.stderr)
 }
 
 /// Migrates a guest running `tests` (a probe command line) from a new source to a new target
@@ -188,19 +106,19 @@ fn migrate_mode(
         Some((a, b, addr)) => (Some(a), Some(b), addr.to_string()),
         None => (None, None, "127.0.0.1:0".to_string()),
     };
-    let mut target = Vmm::start(dst_ns, &["--incoming", &listen]);
-    let addr = target.listening();
+    let mut target = start(dst_ns, &["--incoming", &listen]);
+    let addr = listening(&mut target);
     // `memory` is the size, perhaps followed by more options for the source.
     let mut words = memory.split_whitespace();
     let memory = words.next().unwrap();
     let mut args = vec!["--memory", memory];
     args.extend(words);
     args.extend(["--api-socket", sock.to_str().unwrap(), "--cmdline", cmdline]);
-    let mut source = Vmm::start(src_ns, &args);
+    let mut source = start(src_ns, &args);
     source.wait_line(running);
     let (st, answer) = migrate_send_with(&sock, &addr, extra);
     assert_eq!(st, 200, "{answer}");
-    let (src_status, src_out, src_err) = source.finish();
+    let (src_status, src_out, src_err) = finish(source);
     assert_eq!(src_status, 0, "{src_err:?}");
     assert!(
         src_err
@@ -214,7 +132,7 @@ fn migrate_mode(
             .any(|l| l.starts_with("PASS") || l.starts_with("FAIL")),
         "the source ran on after the switch-over: {src_out:?}"
     );
-    let (dst_status, dst_out, dst_err) = target.finish();
+    let (dst_status, dst_out, dst_err) = finish(target);
     let line = dst_out
         .iter()
         .find(|l| l.starts_with(&format!("PASS {test}")) || l.starts_with(&format!("FAIL {test}")))
@@ -448,8 +366,8 @@ fn cut_stream(cut: Cut) {
     let _one = serial();
     let dir = TempDir::new("migrate-cut");
     let sock = dir.path("api.sock");
-    let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
-    let addr = target.listening();
+    let mut target = start(None, &["--incoming", "127.0.0.1:0"]);
+    let addr = listening(&mut target);
     let cut = match cut {
         Cut::KillTargetAfter(n, _) => Cut::KillTargetAfter(n, target.child.id()),
         c => c,
@@ -457,7 +375,7 @@ fn cut_stream(cut: Cut) {
     let via = proxy(addr, cut);
     // A guest that keeps writing memory, so that the copy takes rounds and the cut falls
     // within them.
-    let mut source = Vmm::start(
+    let mut source = start(
         None,
         &[
             "--memory",
@@ -478,10 +396,10 @@ fn cut_stream(cut: Cut) {
     eprintln!("{cut:?}: the source answered: {msg}");
     // The source runs on: the guest finishes its test there, memory and counter intact.
     let line = source.wait_line("PASS persist");
-    let (src_status, _, src_err) = source.finish();
+    let (src_status, _, src_err) = finish(source);
     assert_eq!(src_status, 0, "{src_err:?}");
     assert!(!line.is_empty());
-    let (dst_status, dst_out, dst_err) = target.finish();
+    let (dst_status, dst_out, dst_err) = finish(target);
     assert!(dst_out.is_empty(), "the target ran the guest: {dst_out:?}");
     if let Cut::KillTargetAfter(..) = cut {
         assert_eq!(dst_status, -1, "the target was killed");
@@ -523,11 +441,11 @@ fn a_stream_cut_before_the_acknowledgement_leaves_the_source_running() {
 
 #[test]
 fn a_target_refuses_what_is_not_a_migration_stream() {
-    let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
-    let addr = target.listening();
+    let mut target = start(None, &["--incoming", "127.0.0.1:0"]);
+    let addr = listening(&mut target);
     let mut c = TcpStream::connect(&addr).unwrap();
     c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-    let (st, out, err) = target.finish();
+    let (st, out, err) = finish(target);
     assert_eq!(st, 202, "{err:?}");
     assert!(out.is_empty());
     assert_eq!(err.len(), 1, "{err:?}");
@@ -763,9 +681,9 @@ fn a_target_that_loses_its_source_in_postcopy_stops_the_vm_with_one_line() {
     let _one = serial();
     let dir = TempDir::new("migrate");
     let sock = dir.path("api.sock");
-    let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
-    let addr = target.listening();
-    let mut source = Vmm::start(
+    let mut target = start(None, &["--incoming", "127.0.0.1:0"]);
+    let addr = listening(&mut target);
+    let mut source = start(
         None,
         &[
             "--memory",
@@ -788,18 +706,17 @@ fn a_target_that_loses_its_source_in_postcopy_stops_the_vm_with_one_line() {
     });
     let started = loop {
         let l = target
-            .err
-            .recv_timeout(Duration::from_secs(120))
+            .next_err_line(Duration::from_secs(120))
             .expect("the target started post-copy");
         if l.starts_with("wv: post-copy: ") {
             break l;
         }
     };
     source.child.kill().unwrap();
-    let (src_status, _, _) = source.finish();
+    let (src_status, _, _) = finish(source);
     assert_eq!(src_status, -1, "the source was killed");
     let _ = send.join();
-    let (dst_status, _, dst_err) = target.finish();
+    let (dst_status, _, dst_err) = finish(target);
     assert_eq!(dst_status, 1, "{dst_err:?}");
     let last = dst_err.last().cloned().unwrap_or_default();
     assert!(
@@ -841,7 +758,7 @@ fn owner(ds: &str) -> Option<String> {
 
 /// A probe running `persist` with its disk writer on VMKFS disk `d` of `ds`.
 fn persist_with_disk(ds: &str, sock: &Path, seed: u32) -> Vmm {
-    Vmm::start(
+    start(
         None,
         &[
             "--memory",
@@ -872,8 +789,8 @@ fn a_vmkfs_disk_on_a_shared_datastore_is_handed_over_in_precopy_and_postcopy() {
         let dir = TempDir::new("migrate-shared");
         let ds = shared_datastore(&dir);
         let sock = dir.path("api.sock");
-        let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
-        let addr = target.listening();
+        let mut target = start(None, &["--incoming", "127.0.0.1:0"]);
+        let addr = listening(&mut target);
         let mut source = persist_with_disk(&ds, &sock, seed);
         source.wait_line("persist: steady");
         let src_pid = source.child.id();
@@ -882,13 +799,12 @@ fn a_vmkfs_disk_on_a_shared_datastore_is_handed_over_in_precopy_and_postcopy() {
         let (st, answer) = migrate_send_with(&sock, &addr, &serde_json::json!({ "mode": mode }));
         assert_eq!(st, 200, "{mode}: {answer}");
         assert_eq!(answer["postcopy"], mode == "postcopy", "{answer}");
-        let (src_status, _, src_err) = source.finish();
+        let (src_status, _, src_err) = finish(source);
         assert_eq!(src_status, 0, "{src_err:?}");
         // The target says it has taken the disk (before its vCPUs run): the record is its own.
         let took = loop {
             let l = target
-                .err
-                .recv_timeout(Duration::from_secs(60))
+                .next_err_line(Duration::from_secs(60))
                 .expect("the target took the disk over");
             if l.starts_with("wv: took disk") {
                 break l;
@@ -913,7 +829,7 @@ fn a_vmkfs_disk_on_a_shared_datastore_is_handed_over_in_precopy_and_postcopy() {
             Some(0),
             "the target's live lock is not breakable: {r}"
         );
-        let (dst_status, dst_out, dst_err) = target.finish();
+        let (dst_status, dst_out, dst_err) = finish(target);
         let line = dst_out
             .iter()
             .find(|l| l.starts_with("PASS persist") || l.starts_with("FAIL persist"))
@@ -947,8 +863,8 @@ fn a_target_that_cannot_open_the_disk_leaves_the_vm_and_its_disk_on_the_source()
     let dir = TempDir::new("migrate-noopen");
     let ds = shared_datastore(&dir);
     let sock = dir.path("api.sock");
-    let mut target = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
-    let addr = target.listening();
+    let mut target = start(None, &["--incoming", "127.0.0.1:0"]);
+    let addr = listening(&mut target);
     let mut source = persist_with_disk(&ds, &sock, 21);
     source.wait_line("persist: steady");
     // The datastore moves away under the running source (which keeps its open file): the
@@ -968,7 +884,7 @@ fn a_target_that_cannot_open_the_disk_leaves_the_vm_and_its_disk_on_the_source()
         o.starts_with(&format!("pid {} ", source.child.id())) && !o.contains("not taken"),
         "the source still owns its disk: {o}"
     );
-    let (dst_status, dst_out, dst_err) = target.finish();
+    let (dst_status, dst_out, dst_err) = finish(target);
     assert_eq!(dst_status, 202, "{dst_err:?}");
     assert!(
         !dst_out
@@ -978,7 +894,7 @@ fn a_target_that_cannot_open_the_disk_leaves_the_vm_and_its_disk_on_the_source()
     );
     let line = source.wait_line("PASS persist");
     assert!(line.contains("disk_writes="), "{line}");
-    let (st, _, err) = source.finish();
+    let (st, _, err) = finish(source);
     assert_eq!(st, 0, "{err:?}");
 }
 
@@ -992,7 +908,7 @@ fn a_vm_with_a_writable_raw_image_is_refused_with_the_reason() {
     let dir = TempDir::new("migrate-raw");
     let img = dir.file("raw.img", &vec![0u8; 1 << 20]);
     let sock = dir.path("api.sock");
-    let mut source = Vmm::start(
+    let mut source = start(
         None,
         &[
             "--api-socket",
@@ -1149,7 +1065,7 @@ fn disks_are_copied_to_a_target_without_shared_storage_in_precopy_and_postcopy()
         let disk_dir = tdir.path("disks");
         std::fs::create_dir(&disk_dir).unwrap();
         let sock = dir.path("api.sock");
-        let mut target = Vmm::start(
+        let mut target = start(
             None,
             &[
                 "--incoming",
@@ -1160,7 +1076,7 @@ fn disks_are_copied_to_a_target_without_shared_storage_in_precopy_and_postcopy()
                 &dst_ds,
             ],
         );
-        let addr = target.listening();
+        let addr = listening(&mut target);
         let raw = format!("path={},id=raw", img.display());
         let vmkfs = format!("vmkfs={src_ds}:data,id=data");
         let (first, second) = if raw_first {
@@ -1168,7 +1084,7 @@ fn disks_are_copied_to_a_target_without_shared_storage_in_precopy_and_postcopy()
         } else {
             (&vmkfs, &raw)
         };
-        let mut source = Vmm::start(
+        let mut source = start(
             None,
             &[
                 "--memory",
@@ -1200,9 +1116,9 @@ fn disks_are_copied_to_a_target_without_shared_storage_in_precopy_and_postcopy()
         let sent = answer["disk_bytes"].as_u64().unwrap();
         assert!(sent >= 3 << 20, "{answer}");
         assert!(answer["disk_zero_bytes"].as_u64().unwrap() > 0, "{answer}");
-        let (src_status, _, src_err) = source.finish();
+        let (src_status, _, src_err) = finish(source);
         assert_eq!(src_status, 0, "{src_err:?}");
-        let (dst_status, dst_out, dst_err) = target.finish();
+        let (dst_status, dst_out, dst_err) = finish(target);
         let line = dst_out
             .iter()
             .find(|l| l.starts_with("PASS persist") || l.starts_with("FAIL persist"))
@@ -1257,7 +1173,7 @@ fn a_stream_cut_during_the_disk_copy_leaves_the_source_running_and_the_target_no
     let disk_dir = tdir.path("disks");
     std::fs::create_dir(&disk_dir).unwrap();
     let sock = dir.path("api.sock");
-    let mut source = Vmm::start(
+    let mut source = start(
         None,
         &[
             "--memory",
@@ -1275,16 +1191,16 @@ fn a_stream_cut_during_the_disk_copy_leaves_the_source_running_and_the_target_no
     );
     source.wait_line("persist: steady");
     // A target without a place for the disks refuses them with the reason.
-    let mut bare = Vmm::start(None, &["--incoming", "127.0.0.1:0"]);
-    let addr = bare.listening();
+    let mut bare = start(None, &["--incoming", "127.0.0.1:0"]);
+    let addr = listening(&mut bare);
     let (st, answer) = migrate_send_with(&sock, &addr, &serde_json::json!({ "copy_disks": true }));
     assert_eq!(st, 502, "{answer}");
     let msg = answer["error"].as_str().unwrap_or_default();
     assert!(msg.contains("--datastore"), "{answer}");
-    let (bare_status, _, _) = bare.finish();
+    let (bare_status, _, _) = finish(bare);
     assert_eq!(bare_status, 202);
     // Cut 8 MB into the stream: within the big disk's first pass (the small disk first).
-    let mut target = Vmm::start(
+    let mut target = start(
         None,
         &[
             "--incoming",
@@ -1295,12 +1211,12 @@ fn a_stream_cut_during_the_disk_copy_leaves_the_source_running_and_the_target_no
             &dst_ds,
         ],
     );
-    let addr = target.listening();
+    let addr = listening(&mut target);
     let via = proxy(addr, Cut::After(8_000_000));
     let (st, answer) = migrate_send_with(&sock, &via, &serde_json::json!({ "copy_disks": true }));
     assert_eq!(st, 502, "{answer}");
     eprintln!("cut during the disk copy: the source answered: {answer}");
-    let (dst_status, dst_out, dst_err) = target.finish();
+    let (dst_status, dst_out, dst_err) = finish(target);
     assert_eq!(dst_status, 202, "{dst_err:?}");
     assert!(dst_out.is_empty(), "the target ran the guest: {dst_out:?}");
     assert_eq!(dst_err.len(), 1, "{dst_err:?}");
@@ -1313,7 +1229,7 @@ fn a_stream_cut_during_the_disk_copy_leaves_the_source_running_and_the_target_no
     // The source runs on with its disks: its guest checks every acknowledged write.
     let line = source.wait_line("PASS persist");
     assert!(line.contains("disk_writes="), "{line}");
-    let (st, _, err) = source.finish();
+    let (st, _, err) = finish(source);
     assert_eq!(st, 0, "{err:?}");
 }
 
@@ -1455,7 +1371,7 @@ fn a_paused_vm_is_copied_with_its_disk_by_stop_and_copy() {
     let disk_dir = tdir.path("disks");
     std::fs::create_dir(&disk_dir).unwrap();
     let sock = dir.path("api.sock");
-    let mut target = Vmm::start(
+    let mut target = start(
         None,
         &[
             "--incoming",
@@ -1464,8 +1380,8 @@ fn a_paused_vm_is_copied_with_its_disk_by_stop_and_copy() {
             disk_dir.to_str().unwrap(),
         ],
     );
-    let addr = target.listening();
-    let mut source = Vmm::start(
+    let addr = listening(&mut target);
+    let mut source = start(
         None,
         &[
             "--memory",
@@ -1480,18 +1396,18 @@ fn a_paused_vm_is_copied_with_its_disk_by_stop_and_copy() {
         ],
     );
     source.wait_line("persist: steady");
-    let mut s = UnixStream::connect(&sock).unwrap();
-    write!(s, "PUT /vm/pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let (_, out) = raw(
+        &sock,
+        b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    );
     assert!(out.starts_with("HTTP/1.1 204"), "{out}");
     let (st, answer) = migrate_send_with(&sock, &addr, &serde_json::json!({ "copy_disks": true }));
     assert_eq!(st, 200, "{answer}");
     assert_eq!(answer["precopy"], false, "{answer}");
     assert_eq!(answer["disks_copied"], 1, "{answer}");
-    let (src_status, _, src_err) = source.finish();
+    let (src_status, _, src_err) = finish(source);
     assert_eq!(src_status, 0, "{src_err:?}");
-    let (dst_status, dst_out, dst_err) = target.finish();
+    let (dst_status, dst_out, dst_err) = finish(target);
     let line = dst_out
         .iter()
         .find(|l| l.starts_with("PASS persist") || l.starts_with("FAIL persist"))

@@ -8,12 +8,12 @@
 
 mod common;
 
+use common::vmm::{call, Vmm};
 use common::{need_kvm, wv, wv_bin, TempDir};
-use std::io::{BufRead, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::BufRead;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -24,100 +24,26 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn call(sock: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or_default())
-}
-
 fn snapshot(sock: &Path, dir: &Path, allow_raw_disk: bool) -> (u16, serde_json::Value) {
     let mut b = serde_json::json!({ "destination": dir });
     if allow_raw_disk {
         b["allow_raw_disk"] = true.into();
     }
-    call(sock, "PUT", "/vm/snapshot", &b.to_string())
+    call(sock, "PUT", "/vm/snapshot", Some(&b))
 }
 
 /// A `wv run` with its serial console on stdin and stdout.
-struct Vmm {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+fn start(args: &[&str]) -> Vmm {
+    let mut c = Command::new(wv_bin());
+    c.arg("run").args(args);
+    spawn(c)
 }
 
-impl Vmm {
-    fn start(args: &[&str]) -> Vmm {
-        Vmm::spawn(Command::new(wv_bin()).arg("run").args(args))
-    }
-
-    fn spawn(cmd: &mut Command) -> Vmm {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Vmm {
-            child,
-            stdin,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a serial line that contains `what` and returns it.
-    fn wait_line(&mut self, what: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(90)) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(what) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no line '{what}' within 90 s; saw {:#?}", self.seen),
-            }
-        }
-    }
-
-    fn type_in(&mut self, s: &str) {
-        self.stdin.write_all(s.as_bytes()).unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn wait(mut self) -> i32 {
-        self.child.wait().unwrap().code().unwrap_or(-1)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn spawn(cmd: Command) -> Vmm {
+    Vmm::command(cmd)
+        .stdin()
+        .timeout(Duration::from_secs(90))
+        .spawn()
 }
 
 fn fs_ok(args: &[&str]) -> String {
@@ -182,7 +108,7 @@ fn a_vmkfs_disk_freezes_with_the_snapshot_and_each_restore_gets_its_own_branch()
     let (ds, content) = datastore(&dir);
     let sock = dir.path("api.sock");
     let snap = dir.path("snap");
-    let mut src = Vmm::start(&[
+    let mut src = start(&[
         "--disk",
         &format!("vmkfs={ds}:d,id=root"),
         "--api-socket",
@@ -190,7 +116,7 @@ fn a_vmkfs_disk_freezes_with_the_snapshot_and_each_restore_gets_its_own_branch()
         "--cmdline",
         "console=ttyS0 probe.tests=echo,blk probe.blkseed=1",
     ]);
-    src.wait_line("echo: type");
+    src.wait_for("echo: type");
     let (st, r) = snapshot(&sock, &snap, false);
     assert_eq!(st, 200, "a VMKFS disk goes with the snapshot: {r}");
     assert_eq!(r["disks"][0]["frozen"], "d@1", "{r}");
@@ -206,7 +132,7 @@ fn a_vmkfs_disk_freezes_with_the_snapshot_and_each_restore_gets_its_own_branch()
 
     // A restore while the source still runs: its own branch of the frozen disk.
     let sock2 = dir.path("api2.sock");
-    let mut back = Vmm::start(&[
+    let mut back = start(&[
         "--restore",
         snap.to_str().unwrap(),
         "--api-socket",
@@ -214,7 +140,7 @@ fn a_vmkfs_disk_freezes_with_the_snapshot_and_each_restore_gets_its_own_branch()
     ]);
     // The restored guest is still in its echo test: what it is sent comes back.
     back.type_in("hello\n");
-    back.wait_line("hello");
+    back.wait_for("hello");
     let ls = files(&ds);
     let b1 = file(&ls, "d@1+r1");
     assert_eq!(b1["parent"], "d@1", "{ls:#}");
@@ -228,9 +154,9 @@ fn a_vmkfs_disk_freezes_with_the_snapshot_and_each_restore_gets_its_own_branch()
 
     // The source writes after the snapshot; its disk has the write, the frozen file does not.
     src.type_in("q");
-    let blk = src.wait_line("PASS blk");
+    let blk = src.wait_for("PASS blk");
     assert!(blk.contains("root:sectors=2048,magic,rw-ok"), "{blk}");
-    src.wait_line("probe: summary passed=2 failed=0");
+    src.wait_for("probe: summary passed=2 failed=0");
     assert_eq!(src.wait(), 0);
     assert_eq!(
         sector1(&dir, &ds, "d"),
@@ -240,7 +166,7 @@ fn a_vmkfs_disk_freezes_with_the_snapshot_and_each_restore_gets_its_own_branch()
     assert_eq!(sector1(&dir, &ds, "d@1"), content[512..1024].to_vec());
 
     // The restored VM ends without writing: its branch is the disk of the snapshot instant.
-    assert_eq!(call(&sock2, "PUT", "/vm/shutdown", "").0, 204);
+    assert_eq!(call(&sock2, "PUT", "/vm/shutdown", None).0, 204);
     assert_eq!(back.wait(), 128 + libc::SIGTERM);
     assert_eq!(
         sector1(&dir, &ds, "d@1+r1"),
@@ -256,11 +182,11 @@ fn a_vmkfs_disk_freezes_with_the_snapshot_and_each_restore_gets_its_own_branch()
     // A second restore of the same snapshot: a second branch, where its guest now writes
     // (another seed would not do: the guest's memory, command line included, is the
     // snapshot's), leaving the first branch and the frozen file alone.
-    let mut again = Vmm::start(&["--restore", snap.to_str().unwrap()]);
+    let mut again = start(&["--restore", snap.to_str().unwrap()]);
     again.type_in("q");
-    let blk = again.wait_line("PASS blk");
+    let blk = again.wait_for("PASS blk");
     assert!(blk.contains("root:sectors=2048,magic,rw-ok"), "{blk}");
-    again.wait_line("probe: summary passed=2 failed=0");
+    again.wait_for("probe: summary passed=2 failed=0");
     assert_eq!(again.wait(), 0);
     assert_eq!(sector1(&dir, &ds, "d@1+r2"), blk_pattern(1));
     assert_eq!(sector1(&dir, &ds, "d@1+r1"), content[512..1024].to_vec());
@@ -314,7 +240,7 @@ fn a_vmm_killed_between_the_freeze_and_the_snapshot_leaves_a_consistent_datastor
             Ok(())
         });
     }
-    let mut vm = Vmm::spawn(&mut cmd);
+    let mut vm = spawn(cmd);
     // SAFETY: closing our copy of the read end.
     unsafe { libc::close(hold_r) };
     let stderr = vm.child.stderr.take().unwrap();
@@ -327,7 +253,7 @@ fn a_vmm_killed_between_the_freeze_and_the_snapshot_leaves_a_consistent_datastor
             }
         }
     });
-    vm.wait_line("echo: type");
+    vm.wait_for("echo: type");
     let s = sock.clone();
     let sn = snap.clone();
     // Answered only if the VMM lives on, which it does not.
@@ -377,7 +303,7 @@ fn a_raw_disk_is_refused_unless_allowed_and_keeps_a_second_writer_out_of_a_resto
     let raw = dir.file("raw.img", &img);
     let sock = dir.path("api.sock");
     let snap = dir.path("snap");
-    let mut src = Vmm::start(&[
+    let mut src = start(&[
         "--disk",
         &format!("path={},id=root", raw.display()),
         "--api-socket",
@@ -385,7 +311,7 @@ fn a_raw_disk_is_refused_unless_allowed_and_keeps_a_second_writer_out_of_a_resto
         "--cmdline",
         "console=ttyS0 probe.tests=echo",
     ]);
-    src.wait_line("echo: type");
+    src.wait_for("echo: type");
     let (st, r) = snapshot(&sock, &snap, false);
     assert_eq!(st, 422, "{r}");
     assert!(
@@ -406,7 +332,7 @@ fn a_raw_disk_is_refused_unless_allowed_and_keeps_a_second_writer_out_of_a_resto
     assert!(r.stdout.is_empty(), "the guest ran: {r}");
     // The source runs on.
     src.type_in("abc\n");
-    src.wait_line("abc");
-    assert_eq!(call(&sock, "PUT", "/vm/shutdown", "").0, 204);
+    src.wait_for("abc");
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown", None).0, 204);
     assert_eq!(src.wait(), 128 + libc::SIGTERM);
 }

@@ -4,12 +4,12 @@
 
 mod common;
 
+use common::vmm::{call, raw, Vmm};
 use common::{need_kvm, wv_bin, TempDir};
-use std::io::{BufRead, Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 /// The tests here run one at a time: a clock test measures gaps of milliseconds in guest time,
@@ -20,101 +20,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One raw HTTP exchange on the VMM's socket: (status, headers and body).
-fn raw(sock: &Path, request: &[u8]) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.write_all(request).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
-}
-
-fn call(sock: &Path, method: &str, path: &str) -> (u16, serde_json::Value) {
-    let (st, out) = raw(
-        sock,
-        format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
-    );
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    (
-        st,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
-}
-
-/// A `wv run` whose serial output arrives line by line.
-struct Vmm {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Vmm {
-    fn start(args: &[&str]) -> Vmm {
-        let mut c = Command::new(wv_bin());
-        c.arg("run").args(args);
-        Vmm::spawn(c)
-    }
-
-    /// `c` (a `wv run` command line, perhaps wrapped) with its output read line by line.
-    fn spawn(mut c: Command) -> Vmm {
-        let mut child = c
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Vmm {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a serial line that starts with `prefix` and returns it.
-    fn wait_line(&mut self, prefix: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(60)) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.starts_with(prefix) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no line '{prefix}' within 60 s; saw {:#?}", self.seen),
-            }
-        }
-    }
-
-    fn wait(mut self) -> i32 {
-        let st = self.child.wait().unwrap();
-        st.code().unwrap_or(-1)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// KVM's exit counter of every vCPU, from `GET /vm/counters`.
 fn kvm_exits(sock: &Path) -> Vec<u64> {
-    let (st, c) = call(sock, "GET", "/vm/counters");
+    let (st, c) = call(sock, "GET", "/vm/counters", None);
     assert_eq!(st, 200, "{c}");
     c["vcpus"]
         .as_array()
@@ -140,9 +48,9 @@ fn pause_resume(vcpus: &str) {
         "console=ttyS0 probe.tests=clock probe.clockms=2500 probe.clockgap=100",
     ]);
     vm.wait_line("clock: running");
-    assert_eq!(call(&sock, "GET", "/vm").1["state"], "running");
-    assert_eq!(call(&sock, "PUT", "/vm/pause").0, 204);
-    let (st, info) = call(&sock, "GET", "/vm");
+    assert_eq!(call(&sock, "GET", "/vm", None).1["state"], "running");
+    assert_eq!(call(&sock, "PUT", "/vm/pause", None).0, 204);
+    let (st, info) = call(&sock, "GET", "/vm", None);
     assert_eq!((st, info["state"].as_str()), (200, Some("paused")));
     // Paused means no vCPU enters the guest: KVM's own exit counters stand still while the
     // pause lasts (it lasts a second so that a clock that ran on would show it).
@@ -152,8 +60,8 @@ fn pause_resume(vcpus: &str) {
     if !before.is_empty() {
         assert_eq!(before, after, "vCPUs ran while paused");
     }
-    assert_eq!(call(&sock, "PUT", "/vm/resume").0, 204);
-    let (_, info) = call(&sock, "GET", "/vm");
+    assert_eq!(call(&sock, "PUT", "/vm/resume", None).0, 204);
+    let (_, info) = call(&sock, "GET", "/vm", None);
     assert_eq!(info["state"], "running");
     let line = vm.wait_line("PASS clock");
     // The guest's kvmclock did not jump (the guest checked); its TSC follows the pause exactly
@@ -239,15 +147,15 @@ fn bad_requests_are_refused_and_the_vm_runs_on() {
     // A client that sends half a request and stalls does not hold up the next one for long.
     let mut stalled = UnixStream::connect(&sock).unwrap();
     stalled.write_all(b"GET /vm HT").unwrap();
-    let (st, _) = call(&sock, "GET", "/vm");
+    let (st, _) = call(&sock, "GET", "/vm", None);
     assert_eq!(st, 200);
     drop(stalled);
-    assert_eq!(call(&sock, "PUT", "/vm/pause").0, 204);
-    assert_eq!(call(&sock, "PUT", "/vm/pause").0, 409);
-    assert_eq!(call(&sock, "PUT", "/vm/resume").0, 204);
-    assert_eq!(call(&sock, "GET", "/vm").1["state"], "running");
+    assert_eq!(call(&sock, "PUT", "/vm/pause", None).0, 204);
+    assert_eq!(call(&sock, "PUT", "/vm/pause", None).0, 409);
+    assert_eq!(call(&sock, "PUT", "/vm/resume", None).0, 204);
+    assert_eq!(call(&sock, "GET", "/vm", None).1["state"], "running");
     // Shutdown ends the VM as SIGTERM does, and the socket goes with it.
-    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown", None).0, 204);
     assert_eq!(vm.wait(), 128 + libc::SIGTERM);
     assert!(!sock.exists(), "the API socket outlived the VMM");
 }
@@ -299,7 +207,7 @@ fn snapshot_and_restore_with(vcpus: &str, extra: &[&str]) {
     assert!(r["memory_bytes"].as_u64().unwrap() > 0, "{r}");
     // A second snapshot into the same directory is refused; the first stays whole.
     assert_eq!(snapshot(&sock, &snap).0, 409);
-    assert_eq!(call(&sock, "GET", "/vm").1["state"], "running");
+    assert_eq!(call(&sock, "GET", "/vm", None).1["state"], "running");
     vm.wait_line("PASS clock");
     vm.wait_line("probe: summary passed=3 failed=0");
     assert_eq!(vm.wait(), 0);
@@ -379,7 +287,7 @@ fn bad_snapshots_are_one_line_errors_and_nothing_starts() {
     ]);
     vm.wait_line("burn:");
     assert_eq!(snapshot(&sock, &snap).0, 200);
-    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown", None).0, 204);
     vm.wait();
     let state = std::fs::read(snap.join("state")).unwrap();
     let restore = |name: &str, bytes: &[u8]| {
@@ -463,7 +371,7 @@ impl NetNs {
             .arg(wv_bin())
             .arg("run")
             .args(args);
-        Vmm::spawn(c)
+        Vmm::command(c).spawn()
     }
 }
 
@@ -533,7 +441,7 @@ fn clones_and_restores_get_identities_of_their_own() {
     let source_id = field(&line, "id").to_string();
     assert_eq!(field(&line, "restores"), "0", "{line}");
     assert_eq!(snapshot(&sock, &snap).0, 200);
-    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown", None).0, 204);
     src.wait();
     assert_eq!(snapshot_macs(&snap), [SOURCE_MAC]);
 
@@ -587,7 +495,7 @@ fn clones_and_restores_get_identities_of_their_own() {
         }
         // A snapshot of the clone counts the restore that made it.
         assert_eq!(state_section(&its, "machine")["restores"], 1, "{tag}");
-        assert_eq!(call(&api, "PUT", "/vm/shutdown").0, 204);
+        assert_eq!(call(&api, "PUT", "/vm/shutdown", None).0, 204);
         assert_eq!(vm.wait(), 128 + libc::SIGTERM, "{tag}");
     }
     // A MAC for a device the VM does not have: one line, nothing started.
@@ -645,7 +553,7 @@ fn clones_share_the_memory_of_their_snapshot() {
         r["memory_bytes"].as_u64().unwrap() >= TOUCHED_MIB << 20,
         "{r}"
     );
-    assert_eq!(call(&sock, "PUT", "/vm/shutdown").0, 204);
+    assert_eq!(call(&sock, "PUT", "/vm/shutdown", None).0, 204);
     src.wait();
 
     let mut clones: Vec<Vmm> = (0..N)

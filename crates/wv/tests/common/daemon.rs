@@ -2,7 +2,6 @@
 //! through the CLI or raw HTTP, killed when the test ends.
 
 use super::*;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -107,15 +106,7 @@ impl Daemon {
 
     /// A raw HTTP exchange: (status, body).
     pub fn raw(&self, request: &[u8]) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        s.write_all(request).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
+        let (status, out) = super::vmm::raw(&self.socket, request);
         (
             status,
             out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),

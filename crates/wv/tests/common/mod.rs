@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod openapi;
+pub mod vmm;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
