@@ -29,11 +29,17 @@ impl PageOps for Fake {
         Ok(())
     }
     fn protect(&mut self, page: u64) -> io::Result<()> {
-        assert!(self.0[page as usize].is_some(), "protect of an unmapped page");
+        assert!(
+            self.0[page as usize].is_some(),
+            "protect of an unmapped page"
+        );
         Ok(())
     }
     fn unprotect(&mut self, page: u64) -> io::Result<()> {
-        assert!(self.0[page as usize].is_some(), "unprotect of an unmapped page");
+        assert!(
+            self.0[page as usize].is_some(),
+            "unprotect of an unmapped page"
+        );
         Ok(())
     }
     fn drop_page(&mut self, page: u64) -> io::Result<()> {
@@ -41,7 +47,11 @@ impl PageOps for Fake {
         Ok(())
     }
     fn read(&mut self, page: u64, out: &mut [u8]) {
-        out.copy_from_slice(self.0[page as usize].as_ref().expect("read of an unmapped page"));
+        out.copy_from_slice(
+            self.0[page as usize]
+                .as_ref()
+                .expect("read of an unmapped page"),
+        );
     }
     fn wake(&mut self, _page: u64) -> io::Result<()> {
         Ok(())
@@ -49,11 +59,25 @@ impl PageOps for Fake {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&n, mut rest)) = data.split_first() else { return };
+    let Some((&n, mut rest)) = data.split_first() else {
+        return;
+    };
     let nodes = u32::from(n % 4) + 1;
-    let g = Geometry { nodes, page_size: PS, region_size: PAGES * u64::from(PS) };
+    let g = Geometry {
+        nodes,
+        page_size: PS,
+        region_size: PAGES * u64::from(PS),
+    };
     let mem = Fake(vec![None; PAGES as usize]);
-    let mut eng = Engine::new(0, nodes, PS as usize, PAGES, mem, Duration::ZERO, Arc::new(Stats::default()));
+    let mut eng = Engine::new(
+        0,
+        nodes,
+        PS as usize,
+        PAGES,
+        mem,
+        Duration::ZERO,
+        Arc::new(Stats::default()),
+    );
     let now = Instant::now();
     while let Some((&ctl, r)) = rest.split_first() {
         rest = r;
