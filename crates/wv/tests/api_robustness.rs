@@ -438,15 +438,21 @@ fn connections_are_bounded() {
     // The daemon has taken what it will: either every connection, or its cap with its accept
     // loop parked on the cap (a futex wait instead of accept).
     let accepted = || d.sockets() - sockets;
-    wait_for(
-        "the daemon takes its connections",
-        Duration::from_secs(10),
-        || {
-            accepted() == n
-                || (accepted() >= wv_host::api::MAX_CONNECTIONS
-                    && d.main_syscall() == Some(libc::SYS_futex))
-        },
-    );
+    let t = Instant::now();
+    while !(accepted() == n
+        || (accepted() >= wv_host::api::MAX_CONNECTIONS
+            && d.main_syscall() == Some(libc::SYS_futex)))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the daemon takes its connections within 10 s: {} of {n} taken (cap {}), its main \
+             thread in system call {:?}",
+            accepted(),
+            wv_host::api::MAX_CONNECTIONS,
+            d.main_syscall()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let threads = d.threads();
     assert!(
         accepted() <= wv_host::api::MAX_CONNECTIONS
