@@ -22,7 +22,9 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+pub mod jail;
 pub mod wire;
+pub use jail::{JailConfig, JailNet};
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 32;

@@ -40,6 +40,8 @@ pub struct Request {
     pub websocket_key: Option<String>,
 }
 
+pub mod passing;
+
 /// The path's segments, %-decoded one by one (so `%2F` is a `/` inside a segment, never a
 /// separator). A trailing `/` is ignored. An invalid escape, a NUL or a segment that is not
 /// UTF-8 is a 400.
@@ -388,9 +390,42 @@ pub fn request_with(
         (Some(_), Some(t)) => format!("Authorization: Bearer {}\r\n", t.trim()),
         _ => String::new(),
     };
+    s.write_all(&request_bytes(method, path, body, &auth))?;
+    read_answer(BufReader::new(s))
+}
+
+/// A request's bytes: JSON body (or none) and the extra headers `auth`.
+fn request_bytes(method: &str, path: &str, body: Option<&str>, auth: &str) -> Vec<u8> {
     let b = body.unwrap_or("");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: wv\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())?;
-    let mut r = BufReader::new(s);
+    format!("{method} {path} HTTP/1.1\r\nHost: wv\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len()).into_bytes()
+}
+
+/// [`request_with`] on the Unix socket `socket`, passing `files` (each with the name it is
+/// to be known by) with the request ([`passing`]: the names go in the query string).
+pub fn request_passing(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    files: &[(&str, std::os::fd::BorrowedFd<'_>)],
+    timeout: Option<Duration>,
+) -> std::io::Result<(u16, String)> {
+    let s = UnixStream::connect(socket)?;
+    s.set_read_timeout(timeout)?;
+    s.set_write_timeout(timeout)?;
+    let query: Vec<String> = files
+        .iter()
+        .map(|(k, _)| format!("file={}", passing::encode_key(k)))
+        .collect();
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let path = format!("{path}{sep}{}", query.join("&"));
+    let fds: Vec<_> = files.iter().map(|(_, f)| *f).collect();
+    passing::send_with_files(&s, &request_bytes(method, &path, body, ""), &fds)?;
+    read_answer(BufReader::new(s))
+}
+
+/// The status and body of an answer.
+fn read_answer(mut r: impl BufRead) -> std::io::Result<(u16, String)> {
     let status_line = read_line(&mut r).map_err(|e| std::io::Error::other(e.1))?;
     let status = status_line
         .split(' ')

@@ -79,14 +79,18 @@ pub fn open() -> Result<Kvm, HvError> {
     let path = std::env::var("WV_KVM_DEVICE").unwrap_or_else(|_| DEFAULT_DEVICE.to_string());
     let cpath = std::ffi::CString::new(path.clone())
         .map_err(|_| HvError::Open(path.clone(), std::io::ErrorKind::InvalidInput.into()))?;
-    let fd = Kvm::open_with_cloexec_at(cpath, true).map_err(|e| {
-        let io = std::io::Error::from_raw_os_error(e.errno());
-        match io.kind() {
-            std::io::ErrorKind::NotFound => HvError::NoDevice(path.clone()),
-            std::io::ErrorKind::PermissionDenied => HvError::Permission(path.clone()),
-            _ => HvError::Open(path.clone(), io),
-        }
-    })?;
+    // A jailed VMM was handed the device open (crates/fds).
+    let handed = wv_fds::take(&path).map(std::os::fd::IntoRawFd::into_raw_fd);
+    let fd = handed
+        .map_or_else(|| Kvm::open_with_cloexec_at(cpath, true), Ok)
+        .map_err(|e| {
+            let io = std::io::Error::from_raw_os_error(e.errno());
+            match io.kind() {
+                std::io::ErrorKind::NotFound => HvError::NoDevice(path.clone()),
+                std::io::ErrorKind::PermissionDenied => HvError::Permission(path.clone()),
+                _ => HvError::Open(path.clone(), io),
+            }
+        })?;
     // SAFETY: `fd` was just opened by us and is owned by nothing else.
     let kvm = unsafe { Kvm::from_raw_fd(fd) };
     let v = kvm.get_api_version();

@@ -198,7 +198,10 @@ pub fn load(
     let name = kernel.name();
     match kernel {
         KernelImage::File(p) => {
-            let f = File::open(p).map_err(|e| BootError::KernelIo(name.clone(), e))?;
+            let f = match wv_fds::take_path(p) {
+                Some(f) => f,
+                None => File::open(p).map_err(|e| BootError::KernelIo(name.clone(), e))?,
+            };
             load_from(mem, mem_size, f, name, initrd, cmdline, cpus)
         }
         KernelImage::Embedded(_, bytes) => load_from(
@@ -464,7 +467,10 @@ fn load_initrd(
     kernel_end: u64,
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
-    let mut f = File::open(path).map_err(|e| BootError::InitrdIo(path.to_path_buf(), e))?;
+    let mut f = match wv_fds::take_path(path) {
+        Some(f) => f,
+        None => File::open(path).map_err(|e| BootError::InitrdIo(path.to_path_buf(), e))?,
+    };
     let size = f
         .seek(SeekFrom::End(0))
         .map_err(|e| BootError::InitrdIo(path.to_path_buf(), e))?;

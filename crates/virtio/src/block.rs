@@ -283,11 +283,15 @@ impl std::fmt::Display for DiskError {
 impl RawDisk {
     /// Opens `path` read-write (exclusive lock) or read-only (shared lock).
     pub fn open(path: &Path, readonly: bool) -> Result<RawDisk, DiskError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|e| DiskError::Open(path.to_path_buf(), e))?;
+        // A jailed VMM was handed it open (crates/fds), read-write unless read-only.
+        let file = match wv_fds::take_path(path) {
+            Some(f) => f,
+            None => std::fs::OpenOptions::new()
+                .read(true)
+                .write(!readonly)
+                .open(path)
+                .map_err(|e| DiskError::Open(path.to_path_buf(), e))?,
+        };
         let op = if readonly {
             libc::LOCK_SH
         } else {

@@ -63,7 +63,18 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// The name under which a jailed VMM finds TAP `name` handed over, attached and up
+/// (crates/fds).
+pub fn tap_key(name: &str) -> String {
+    format!("tap:{name}")
+}
+
 impl Tap {
+    /// Its queue's file, to hand over to a jailed VMM ([`tap_key`]).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Opens (and, with CAP_NET_ADMIN, creates and brings up) TAP `name`.
     pub fn open(name: &str) -> Result<Tap, String> {
         if name.is_empty()
@@ -73,6 +84,10 @@ impl Tap {
             return Err(format!(
                 "'{name}' is not a valid interface name (1-15 characters)"
             ));
+        }
+        // A jailed VMM was handed the TAP attached and up (crates/fds; [`tap_key`]).
+        if let Some(fd) = wv_fds::take(&tap_key(name)) {
+            return Tap::attached(std::fs::File::from(fd), name, true);
         }
         let existed = std::path::Path::new("/sys/class/net").join(name).exists();
         let file = std::fs::OpenOptions::new()
@@ -96,6 +111,12 @@ impl Tap {
             };
             return Err(format!("cannot attach to TAP {name}: {e}{hint}"));
         }
+        Tap::attached(file, name, existed)
+    }
+
+    /// The TAP `name` whose queue `file` is attached to: its vnet header and offloads set up,
+    /// and the interface brought up unless it `existed` before.
+    fn attached(file: std::fs::File, name: &str, existed: bool) -> Result<Tap, String> {
         let hdr: libc::c_int = VNET_HDR as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int we own.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr) } != 0 {

@@ -150,12 +150,17 @@ impl std::ops::DerefMut for Conn {
 /// for the optional features `wanted`, which the backend must have): the connection, the
 /// backend's features and whether it speaks the protocol features.
 fn open(socket: &Path, wanted: VhostUserProtocolFeatures) -> Result<(Conn, u64, bool), String> {
-    let stream = UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot connect to the vhost-user backend at {}: {e}",
-            socket.display()
-        )
-    })?;
+    // A jailed VMM was handed the connection (crates/fds): at start, and by the daemon when
+    // the backend restarted.
+    let handed = wv_fds::take_path(socket).map(|f| UnixStream::from(std::os::fd::OwnedFd::from(f)));
+    let stream = handed
+        .map_or_else(|| UnixStream::connect(socket), Ok)
+        .map_err(|e| {
+            format!(
+                "cannot connect to the vhost-user backend at {}: {e}",
+                socket.display()
+            )
+        })?;
     let watch = stream
         .try_clone()
         .map_err(|e| format!("vhost-user {}: {e}", socket.display()))?;

@@ -75,12 +75,17 @@ pub struct FileDev {
 
 impl FileDev {
     /// Opens `path` (read-write unless `read_only`).
+    /// A jailed process takes one of the opens it was handed (crates/fds: each open is an
+    /// open file description of its own, as the datastore's locks need).
     pub fn open(path: &Path, read_only: bool) -> io::Result<FileDev> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)?;
+        let file = match wv_fds::take_path(path) {
+            Some(f) => f,
+            None => OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)?,
+        };
         let meta = file.metadata()?;
         let len = if meta.file_type().is_block_device() {
             let mut n: u64 = 0;

@@ -8,6 +8,7 @@
 //! | PUT /vm/pause | stop every vCPU at a KVM_RUN boundary and quiesce the devices (204) |
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
+//! | PUT /vm/files?file=NAME... | hand the VMM the files passed with the request (SCM_RIGHTS), by the names it opens them by (204; any request may pass files this way) |
 //! | PUT /vm/snapshot | write a snapshot (`{"destination": DIR}`; docs/SNAPSHOT.md) (200) |
 //! | GET /vm/balloon | the balloon: target, actual, counters, the guest's last statistics, the VMM's RSS |
 //! | PUT /vm/balloon | set the balloon's target (`{"target_bytes": N}`, rounded down to 4 KiB) (204) |
@@ -152,6 +153,9 @@ impl Inbox {
 
 /// Binds `path` (replacing a stale socket, never a live one).
 pub(crate) fn listen(path: &Path) -> Result<UnixListener, String> {
+    if let Some(l) = crate::jail::take_listener(path) {
+        return Ok(l);
+    }
     if UnixStream::connect(path).is_ok() {
         return Err(format!(
             "cannot serve the API on {}: another process listens there",
@@ -212,10 +216,54 @@ pub(crate) fn start(listener: UnixListener) -> std::io::Result<Inbox> {
 
 type Tx = mpsc::Sender<(Command, mpsc::Sender<Answer>)>;
 
+/// Leaves the files passed with `req` (SCM_RIGHTS, named by its `file=` query parameters:
+/// [`http::passing`]) in the VMM's table of handed-over files (crates/fds), for the code that
+/// would open them: how the daemon hands a jailed VMM a migration's connection or a
+/// restarted backend's socket.
+fn hand_over(req: &Request, s: &mut http::passing::FdStream) -> Result<(), Answer> {
+    let files = s.take_files();
+    if s.refused {
+        return Err(Answer::error(
+            400,
+            format!(
+                "at most {} files may be passed with one request",
+                http::passing::MAX_FILES
+            ),
+        ));
+    }
+    if files.is_empty() && !req.query.contains("file=") {
+        return Ok(());
+    }
+    let keys = http::passing::file_keys(&req.query).map_err(|e| Answer::error(400, e))?;
+    if keys.len() != files.len() {
+        return Err(Answer::error(
+            400,
+            format!(
+                "the request names {} passed files (file=) and passes {}",
+                keys.len(),
+                files.len()
+            ),
+        ));
+    }
+    for (k, f) in keys.iter().zip(files) {
+        wv_fds::put(k, f).map_err(|e| Answer::error(503, e))?;
+    }
+    Ok(())
+}
+
 fn serve(stream: UnixStream, tx: &Tx, wake: &EventFd) {
-    let mut r = BufReader::new(http::Deadline::new(stream, REQUEST_TIMEOUT));
+    let mut r = BufReader::new(http::Deadline::new(
+        http::passing::FdStream::new(stream),
+        REQUEST_TIMEOUT,
+    ));
     let a = match http::read_request(&mut r) {
-        Ok(req) => match route(&req) {
+        Ok(req) => match hand_over(&req, r.get_mut().get_mut()).and_then(|()| {
+            if req.method == "PUT" && req.path == "/vm/files" {
+                // Nothing more than the hand-over.
+                return Err(Answer::none());
+            }
+            route(&req)
+        }) {
             Ok(cmd) => {
                 let (atx, arx) = mpsc::channel();
                 if tx.send((cmd, atx)).is_ok() && wake.write(1).is_ok() {
@@ -230,7 +278,7 @@ fn serve(stream: UnixStream, tx: &Tx, wake: &EventFd) {
         Err(HttpError(status, msg)) => Answer::error(status, msg),
     };
     let stream = r.get_mut().get_mut();
-    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let _ = http::Timed::set_write_timeout(stream, Some(REQUEST_TIMEOUT));
     let _ = http::write_response(stream, a.status, &a.headers, &a.body);
     if let Some(w) = a.written {
         let _ = w.send(());

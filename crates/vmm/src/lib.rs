@@ -14,6 +14,7 @@ pub mod diagnose;
 pub mod emulate;
 pub mod error;
 mod hotplug;
+pub mod jail;
 mod landing;
 pub mod migrate;
 mod pause;
@@ -510,11 +511,40 @@ pub fn restore_with(
     dir: &std::path::Path,
     opts: &RestoreOptions,
 ) -> Result<RunOutcome, VmmError> {
-    let cfg = opts.apply(cfg)?;
-    cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
-    let mut r = Restore::read(dir, &cfg)?;
-    r.clone = opts.clone;
-    run_from(&cfg, Some(r), None)
+    Restored::prepare(cfg, dir, opts)?.run()
+}
+
+/// A snapshot read and checked, its memory file open: what [`restore_with`] runs, in two steps
+/// so that a jail (crates/vmm/src/jail.rs) can come between the reading, which needs the
+/// snapshot's files, and the run.
+pub struct Restored {
+    cfg: VmConfig,
+    restore: Restore,
+}
+
+impl Restored {
+    /// Reads the snapshot in `dir` for `cfg` as `opts` change it ([`restore_with`]).
+    pub fn prepare(
+        cfg: &VmConfig,
+        dir: &std::path::Path,
+        opts: &RestoreOptions,
+    ) -> Result<Restored, VmmError> {
+        let cfg = opts.apply(cfg)?;
+        cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
+        let mut restore = Restore::read(dir, &cfg)?;
+        restore.clone = opts.clone;
+        Ok(Restored { cfg, restore })
+    }
+
+    /// The configuration the restored VM runs.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// Builds the VM and runs it until it ends.
+    pub fn run(self) -> Result<RunOutcome, VmmError> {
+        run_from(&self.cfg, Some(self.restore), None)
+    }
 }
 
 /// Run just before the first vCPU enters the guest, with everything built and restored; an
@@ -842,18 +872,15 @@ fn build(
     let out = match &cfg.serial {
         SerialMode::Stdio => ConsoleOut::Stdout,
         SerialMode::None => ConsoleOut::Sink,
-        SerialMode::File(p) => ConsoleOut::File(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| {
-                    VmmError::Config(config::ConfigError(format!(
-                        "cannot open serial output {}: {e}",
-                        p.display()
-                    )))
-                })?,
-        ),
+        SerialMode::File(p) => ConsoleOut::File(match wv_fds::take_path(p) {
+            Some(f) => f,
+            None => jail::open_serial(p).map_err(|e| {
+                VmmError::Config(config::ConfigError(format!(
+                    "cannot open serial output {}: {e}",
+                    p.display()
+                )))
+            })?,
+        }),
     };
     let (out, console) = match &cfg.console_socket {
         Some(p) => {
@@ -1340,7 +1367,12 @@ extern "C" fn teardown_helper(arg: *mut libc::c_void) -> libc::c_int {
 }
 
 /// Listens for console clients on `path`, replacing a stale socket but never a live one.
-fn console_listener(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, VmmError> {
+pub(crate) fn console_listener(
+    path: &std::path::Path,
+) -> Result<std::os::unix::net::UnixListener, VmmError> {
+    if let Some(l) = jail::take_listener(path) {
+        return Ok(l);
+    }
     let fail = |e: String| {
         VmmError::Config(config::ConfigError(format!(
             "cannot listen for the console on {}: {e}",

@@ -33,20 +33,29 @@ fn errno() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
+/// A new userfaultfd (blocking, close-on-exec) for this process's memory.
+pub(crate) fn open_userfaultfd() -> Result<OwnedFd, MigrationError> {
+    // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(MigrationError(format!(
+            "post-copy needs userfaultfd: userfaultfd(2): {} (vm.unprivileged_userfaultfd?)",
+            errno()
+        )));
+    }
+    let raw = i32::try_from(raw).map_err(|_| MigrationError("userfaultfd(2)".into()))?;
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 impl Uffd {
     /// Opens a userfaultfd and registers every region of `mem` for MISSING faults.
     fn new(mem: &GuestRam) -> Result<Uffd, MigrationError> {
-        // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-        if raw < 0 {
-            return Err(MigrationError(format!(
-                "post-copy needs userfaultfd: userfaultfd(2): {} (vm.unprivileged_userfaultfd?)",
-                errno()
-            )));
-        }
-        let raw = i32::try_from(raw).map_err(|_| MigrationError("userfaultfd(2)".into()))?;
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // A jailed VMM made one while it was still root (crates/vmm/src/jail.rs).
+        let fd = match wv_fds::take(crate::jail::USERFAULTFD) {
+            Some(fd) => fd,
+            None => open_userfaultfd()?,
+        };
         let mut api = UffdioApi {
             api: UFFD_API,
             features: 0,

@@ -403,6 +403,10 @@ const RUN_LOCAL_OPTS: &[Opt] = &[
         "--seccomp",
         Arg::Value("off|log|kill"),
         "what each VMM thread's system-call filter does with a call outside its list\n(crates/vmm/src/seccomp/): kill (default) reports it on stderr and ends wv with\nstatus 208; log reports it and lets it through; off installs no filter",
+    ),    opt(
+        "--jail",
+        Arg::Value("uid=N[,gid=N][,dir=PATH][,net=new|host][,nofile=N][,config=FILE]"),
+        "as root: open the VM's files, devices, TAPs and sockets, then run as user N (group\nN unless gid=) with no capabilities and no_new_privs, in new mount, PID, IPC and\n(net=new, the default) network namespaces, in a root holding only /dev/null, zero,\nrandom, urandom, /proc and the folder dir= (at its own path: where snapshots and\nmigrated disks go); open files at most nofile= (1024), address space guest RAM\n+ 4 GiB. config=: also open the files of this configuration (for --incoming).\nThe daemon jails every VMM this way (docs/SECURITY.md)",
     ),
 ];
 
@@ -1109,7 +1113,7 @@ pub enum Command {
     /// `--version`.
     Version,
     /// Boot a VM in the foreground (or bring one back from a snapshot or a migration).
-    Run(Box<VmConfig>, StatsMode, RunFrom),
+    Run(Box<VmConfig>, StatsMode, RunFrom, Option<Jail>),
     /// Write an embedded image.
     ProbeImage {
         /// Its name.
@@ -1456,7 +1460,18 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     if let Some(v) = m.value("--seccomp") {
         cfg.seccomp = wv_config::SeccompMode::parse(v).map_err(|e| Usage(e.0))?;
     }
-    Ok(Command::Run(Box::new(cfg), stats, from))
+    let jail = match m.value("--jail") {
+        Some(v) => {
+            let spec = wv_config::JailConfig::parse(v).map_err(|e| Usage(e.0))?;
+            let also = match &spec.config {
+                Some(f) => Some(config_from_file(f)?),
+                None => None,
+            };
+            Some(Jail { spec, also })
+        }
+        None => None,
+    };
+    Ok(Command::Run(Box::new(cfg), stats, from, jail))
 }
 
 /// The configuration the VM options describe, with the defaults that depend on the kernel.
@@ -1504,6 +1519,16 @@ fn config_from_file(file: &Path) -> Result<VmConfig, Usage> {
     let (mut c, dir) = from_file::<VmConfig>(file)?;
     absolute_paths(&mut c, &dir);
     Ok(c)
+}
+
+/// `wv run --jail`: the jail, and the configuration whose files it opens besides the VM's
+/// (its `config=`).
+#[derive(Debug)]
+pub struct Jail {
+    /// The jail.
+    pub spec: wv_config::JailConfig,
+    /// Its `config=` file, read.
+    pub also: Option<VmConfig>,
 }
 
 /// The VM options [`VM_OPTS`], typed (before defaults that depend on the kernel).
@@ -2109,7 +2134,7 @@ mod tests {
         assert_eq!(s.config.nets, [NetConfig::parse("tap=tap9").unwrap()]);
         // What the daemon gets is what `wv run` would boot from the same options, but for the
         // balloon: on by default for the daemon's VMs, off for `wv run`.
-        let Ok(Command::Run(mut run, _, _)) = parse(&args(&[
+        let Ok(Command::Run(mut run, _, _, _)) = parse(&args(&[
             "run",
             "--memory=512M",
             "--disk=path=/x.img",
@@ -2125,7 +2150,7 @@ mod tests {
             panic!()
         };
         assert!(!s.config.balloon);
-        let Ok(Command::Run(run, _, _)) = parse(&args(&["run", "--balloon", "on"])) else {
+        let Ok(Command::Run(run, _, _, _)) = parse(&args(&["run", "--balloon", "on"])) else {
             panic!()
         };
         assert!(run.balloon);
@@ -2285,7 +2310,7 @@ mod tests {
             "vm.json",
             r#"{"kernel":"k/vmlinux","memory":"64M","vcpus":2,"disks":[{"path":"d.img","id":"root"}]}"#,
         );
-        let Ok(Command::Run(c, stats, _)) = parse(&args(&[
+        let Ok(Command::Run(c, stats, _, _)) = parse(&args(&[
             "run", "--config", &vm, "--serial", "none", "--stats",
         ])) else {
             panic!()
@@ -2299,7 +2324,7 @@ mod tests {
             (SerialMode::None, StatsMode::Table)
         );
         let toml = file("vm.toml", "vcpus = 3\n");
-        let Ok(Command::Run(c, _, _)) = parse(&args(&["run", "--config", &toml])) else {
+        let Ok(Command::Run(c, _, _, _)) = parse(&args(&["run", "--config", &toml])) else {
             panic!()
         };
         assert_eq!((c.vcpus, c.kernel.clone()), (3, KernelSource::default()));
@@ -2322,7 +2347,7 @@ mod tests {
 
     #[test]
     fn clone_options_go_with_restore() {
-        let Ok(Command::Run(_, _, RunFrom::Snapshot(r))) = parse(&args(&[
+        let Ok(Command::Run(_, _, RunFrom::Snapshot(r), _)) = parse(&args(&[
             "run",
             "--restore",
             "/snap",
@@ -2342,7 +2367,7 @@ mod tests {
                 sockets: Vec::new(),
             }
         );
-        let Ok(Command::Run(_, _, RunFrom::Snapshot(r))) =
+        let Ok(Command::Run(_, _, RunFrom::Snapshot(r), _)) =
             parse(&args(&["run", "--restore", "/snap"]))
         else {
             panic!()
@@ -2367,7 +2392,7 @@ mod tests {
 
     #[test]
     fn run_reads_its_options() {
-        let Ok(Command::Run(c, stats, _)) = parse(&args(&[
+        let Ok(Command::Run(c, stats, _, _)) = parse(&args(&[
             "run",
             "--memory=64M",
             "--vcpus",

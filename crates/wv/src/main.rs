@@ -56,7 +56,7 @@ fn main() -> ExitCode {
             println!("wv {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run(cfg, stats, from) => cmd_run(&cfg, stats, &from),
+        Command::Run(cfg, stats, from, jail) => cmd_run(&cfg, stats, &from, jail.as_ref()),
         Command::ProbeImage { format, output } => cmd_probe_image(&format, &output),
         Command::Vswitch(cfg) => match wv_vswitch::run(&cfg) {
             Ok(()) => ExitCode::SUCCESS,
@@ -123,7 +123,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom) -> ExitCode {
+fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom, jail: Option<&cli::Jail>) -> ExitCode {
     // The VM from a snapshot or a migration; where its console and control socket go, from here.
     let local = |mut c: VmConfig| {
         c.serial = cfg.serial.clone();
@@ -132,14 +132,32 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom) -> ExitCode {
         c.seccomp = cfg.seccomp;
         c
     };
+    // With --jail: everything `vm` (and the jail's config=) is made of opened here, as root,
+    // then into the jail before any thread starts (crates/vmm/src/jail.rs).
+    let enter = |vm: Option<&VmConfig>, incoming: bool| -> Result<(), wv_vmm::error::VmmError> {
+        let Some(j) = jail else { return Ok(()) };
+        wv_vmm::jail::preopen_process(cfg)?;
+        for c in vm.into_iter().chain(j.also.as_ref()) {
+            wv_vmm::jail::preopen_vm(c)?;
+        }
+        if let RunFrom::Incoming(_, places) = from {
+            if let Some(ds) = &places.datastore {
+                wv_vmm::jail::preopen_datastore(ds, 16)?;
+            }
+        }
+        let memory = vm.or(j.also.as_ref()).map(|c| c.memory);
+        wv_vmm::jail::enter(&j.spec, memory, incoming)
+    };
     let ran = match from {
-        RunFrom::Options => wv_vmm::run(cfg),
+        RunFrom::Options => enter(Some(cfg), false).and_then(|()| wv_vmm::run(cfg)),
         RunFrom::Snapshot(r) => wv_vmm::snapshot_config(&r.dir)
-            .and_then(|c| wv_vmm::restore_with(&local(c), &r.dir, &r.opts)),
+            .and_then(|c| wv_vmm::Restored::prepare(&local(c), &r.dir, &r.opts))
+            .and_then(|p| enter(Some(p.config()), false).and_then(|()| p.run())),
         RunFrom::Incoming(addr, places) => wv_vmm::migrate::listen(addr).and_then(|l| {
             if let Ok(a) = l.local_addr() {
                 let _ = writeln!(std::io::stderr(), "wv: waiting for a migration on {a}");
             }
+            enter(None, true)?;
             let inc = wv_vmm::migrate::receive_with(&l, places)?;
             drop(l);
             let c = local(inc.config().clone());

@@ -15,10 +15,11 @@ pub(super) fn list() -> List {
 /// A connection thread's list.
 pub(super) fn conn_list() -> List {
     super::common::list()
-        // The request and the answer (std's UnixStream: recvfrom/sendto), and its deadline
-        // (SO_RCVTIMEO / SO_SNDTIMEO).
+        // The request (recvmsg, which takes the files a client passes with it) and the answer
+        // (std's UnixStream: sendto), and its deadline (SO_RCVTIMEO / SO_SNDTIMEO).
         .allow(libc::SYS_read)
         .allow(libc::SYS_recvfrom)
+        .allow(libc::SYS_recvmsg)
         .allow(libc::SYS_sendto)
         .allow_arg(libc::SYS_setsockopt, 1, libc::SOL_SOCKET as u64)
         .allow(libc::SYS_poll)

@@ -1,0 +1,86 @@
+//! Files a process was handed open, by the name it would have opened them by.
+//!
+//! A jailed VMM (`wv run --jail`) runs as an unprivileged user in a root that holds almost
+//! nothing: before it drops its privileges it opens, as root, everything its configuration
+//! names (`/dev/kvm`, kernel, initrd, disks, datastores, TAPs, sockets), and later the daemon
+//! hands it more over its control socket (a migration's connection, a hot-plugged disk). They
+//! wait here under the name the code that uses them would open: a path, or `tap:NAME`,
+//! `tcp:ADDR`, `listen:PATH`; several may wait under one name (a datastore is opened once
+//! per open file description its locks need). Each is taken once, by the first code that asks for it; the
+//! places that open files ask here first and open by themselves only when nothing waits (as
+//! in every unjailed process, where this table stays empty).
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Mutex;
+
+static TABLE: Mutex<Option<HashMap<String, Vec<OwnedFd>>>> = Mutex::new(None);
+
+/// Most files that may wait at once (a client handing over more gets an error).
+pub const MAX: usize = 256;
+
+/// Leaves `fd` under `key`, after any already waiting there, for a [`take`].
+pub fn put(key: &str, fd: OwnedFd) -> Result<(), String> {
+    let mut t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
+    let t = t.get_or_insert_with(HashMap::new);
+    if t.values().map(Vec::len).sum::<usize>() >= MAX {
+        return Err(format!("{MAX} handed-over files wait already"));
+    }
+    t.entry(key.to_string()).or_default().push(fd);
+    Ok(())
+}
+
+/// The first file waiting under `key`, if any (then it is no longer there).
+pub fn take(key: &str) -> Option<OwnedFd> {
+    let mut t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
+    let t = t.as_mut()?;
+    let v = t.get_mut(key)?;
+    let fd = v.remove(0);
+    if v.is_empty() {
+        t.remove(key);
+    }
+    Some(fd)
+}
+
+/// The file left under the path `p` (its text as given, not canonicalized), as a `File`.
+pub fn take_path(p: &Path) -> Option<std::fs::File> {
+    take(p.to_str()?).map(std::fs::File::from)
+}
+
+/// Whether anything was ever handed over (in a jailed VMM: the reason an open of something not
+/// handed over fails, for error messages).
+pub fn in_use() -> bool {
+    TABLE.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+}
+
+/// The keys waiting, sorted (diagnostics and tests).
+pub fn keys() -> Vec<String> {
+    let t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
+    let mut k: Vec<String> = t.iter().flat_map(|m| m.keys().cloned()).collect();
+    k.sort();
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_taken_once_each_in_the_order_they_were_put() {
+        let f = std::fs::File::open("/dev/zero").unwrap();
+        put("/dev/x", f.into()).unwrap();
+        let g = std::fs::File::open("/dev/null").unwrap();
+        put("/dev/x", g.into()).unwrap();
+        assert!(in_use());
+        assert_eq!(keys(), vec!["/dev/x".to_string()]);
+        // The first put comes first: /dev/zero reads zeros; then /dev/null, which reads nothing.
+        let mut b = [1u8; 4];
+        let mut first = take_path(Path::new("/dev/x")).expect("waiting");
+        std::io::Read::read_exact(&mut first, &mut b).unwrap();
+        assert_eq!(b, [0; 4]);
+        let mut second = take_path(Path::new("/dev/x")).expect("waiting");
+        assert_eq!(std::io::Read::read(&mut second, &mut b).unwrap(), 0);
+        assert!(take("/dev/x").is_none());
+        assert!(keys().is_empty());
+    }
+}
