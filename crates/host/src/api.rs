@@ -117,6 +117,9 @@ pub struct Daemon {
     ctl: Mutex<sched::Controller>,
     /// The directories VMs' files must come from (empty: anywhere), canonical.
     images: std::sync::OnceLock<Vec<PathBuf>>,
+    /// The users VMMs run as, jailed (`wv host --jail-uids FIRST-LAST`): world N's is FIRST+N.
+    /// Unset: VMMs run as the daemon's user, unjailed (`--no-jail`, and library users).
+    jail_uids: std::sync::OnceLock<(u32, u32)>,
     /// The token a client over TCP must send (`Authorization: Bearer …`), kept in the state
     /// directory with mode 0600 (`wv host token` shows it).
     token: String,
@@ -556,6 +559,7 @@ impl Daemon {
             storage,
             served: Mutex::default(),
             images: std::sync::OnceLock::new(),
+            jail_uids: std::sync::OnceLock::new(),
             token,
             store,
             doc: Mutex::new(doc),
@@ -577,6 +581,21 @@ impl Daemon {
             history: Mutex::default(),
             web_hosts: std::sync::OnceLock::new(),
         });
+        // Jailed VMMs cannot connect to a restarted switch's or storage service's sockets
+        // by themselves: the daemon hands them the connections.
+        for switch in [true, false] {
+            let weak = Arc::downgrade(&d);
+            let hand: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                if let Some(d) = weak.upgrade() {
+                    d.hand_backends(switch);
+                }
+            });
+            if switch {
+                d.switch.on_restart(hand);
+            } else {
+                d.storage.on_restart(hand);
+            }
+        }
         // From here SIGTERM and SIGINT remove what the daemon made (its cgroups so far).
         let d2 = d.clone();
         shutdown::signals::on_termination(move || d2.close());
@@ -1930,8 +1949,34 @@ impl Daemon {
             },
             _ => supervisor::Boot::Config(&config),
         };
-        let args = supervisor::run_args(boot, &dir);
-        let mut child = match supervisor::spawn(&self.wv, &args, &log) {
+        let mut args = supervisor::run_args(boot, &dir);
+        let jail = match self.jail(id, &dir, incoming.is_some().then_some(config.as_path())) {
+            Ok(j) => j,
+            Err(e) => {
+                release_snapshot(&dir);
+                self.release_ports(id);
+                return error(500, format!("VM '{name}' cannot start: {e}"));
+            }
+        };
+        if let Some(j) = &jail {
+            args.extend(["--jail".to_string(), j.to_string()]);
+            if incoming.is_some() {
+                // The migration's raw disks land there, written by the VMM's user.
+                if let Err(e) = Self::writable_by(Some(j), &copied) {
+                    release_snapshot(&dir);
+                    self.release_ports(id);
+                    return error(500, format!("{}: {e}", copied.display()));
+                }
+            }
+        }
+        // Into the world's group before it runs, so that a jailed VMM (forked by its keeper)
+        // starts there too.
+        let procs = self
+            .cgroups
+            .as_ref()
+            .ok()
+            .and_then(|cg| cg.procs_file(id).ok());
+        let mut child = match supervisor::spawn_in(&self.wv, &args, &log, procs) {
             Ok(c) => c,
             Err(e) => {
                 release_snapshot(&dir);
@@ -2066,6 +2111,20 @@ impl Daemon {
         path: &str,
         body: Option<&str>,
     ) -> Result<(u16, String), String> {
+        self.vmm_call_passing(name, method, path, body, &[])
+    }
+
+    /// [`Daemon::vmm_call`], passing `files` with the request, each under the name the VMM
+    /// would open it by (its table of handed-over files, crates/fds: how a jailed VMM gets a
+    /// migration's connection or a restarted backend's socket).
+    pub(crate) fn vmm_call_passing(
+        &self,
+        name: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        files: &[(&str, std::os::fd::BorrowedFd<'_>)],
+    ) -> Result<(u16, String), String> {
         let sock = self
             .store
             .vm_dir(name)
@@ -2084,7 +2143,12 @@ impl Daemon {
         // waits for it (a VMM that has ended answers nothing, and the caller says so).
         let mut tries = 0;
         loop {
-            match http::request_with(&sock, method, path, body, None, Some(timeout)) {
+            let sent = if files.is_empty() {
+                http::request_with(&sock, method, path, body, None, Some(timeout))
+            } else {
+                http::request_passing(&sock, method, path, body, files, Some(timeout))
+            };
+            match sent {
                 Ok(a) => return Ok(a),
                 Err(e)
                     if tries < 100
@@ -2210,7 +2274,7 @@ impl Daemon {
             Err(r) => return r,
         };
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
-        let config = {
+        let (config, pid) = {
             let mut doc = self.lock();
             let w = match Self::world(&mut doc, id, name) {
                 Ok(w) => w,
@@ -2226,7 +2290,7 @@ impl Daemon {
                     format!("VM '{name}': disk {} is served by the storage service (via=storage), which does not take snapshots of its disks (VMKFS branches) yet: snapshots of this VM are not supported", d.id),
                 );
             }
-            w.spec.config.clone()
+            (w.spec.config.clone(), w.pid)
         };
         if let Err(e) = std::fs::create_dir_all(self.store.snapshots_dir()) {
             return error(500, format!("creating the snapshot folder: {e}"));
@@ -2244,12 +2308,36 @@ impl Daemon {
             }
             Err(e) => return error(500, format!("creating {}: {e}", dir.display())),
         }
-        let body = json!({ "destination": dir, "allow_raw_disk": req.allow_raw_disk });
+        // A jailed VMM sees only its own folder: it writes the snapshot there, as its user,
+        // and the daemon takes the files (checked, as root's) into the snapshot's folder.
+        let jail = pid.and_then(jail_of);
+        let partial = match self.store.vm_dir(name) {
+            Ok(d) if jail.is_some() => Some(d.join(SNAPSHOT_PARTIAL)),
+            _ => None,
+        };
+        if let Some(p) = &partial {
+            let _ = std::fs::remove_dir_all(p);
+            if let Err(e) = Self::writable_by(jail.as_ref(), p) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return error(500, format!("{}: {e}", p.display()));
+            }
+        }
+        let to = partial.as_ref().unwrap_or(&dir);
+        let body = json!({ "destination": to, "allow_raw_disk": req.allow_raw_disk });
         let answer = match self.vmm_call(name, "PUT", "/vm/snapshot", Some(&body.to_string())) {
-            Ok((200, a)) => a,
+            Ok((200, a)) => match partial.as_ref().map(|p| take_snapshot_files(p, &dir)) {
+                Some(Err(e)) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return error(500, format!("VM '{name}': taking its VMM's snapshot: {e}"));
+                }
+                _ => a,
+            },
             Ok((status, a)) => {
                 // The VMM's refusal as it gave it (422 disks); nothing left behind.
                 let _ = std::fs::remove_dir_all(&dir);
+                if let Some(p) = &partial {
+                    let _ = std::fs::remove_dir_all(p);
+                }
                 let status = if (400..500).contains(&status) {
                     status
                 } else {
@@ -2263,6 +2351,9 @@ impl Daemon {
             }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                if let Some(p) = &partial {
+                    let _ = std::fs::remove_dir_all(p);
+                }
                 return error(409, format!("VM '{name}': {e}"));
             }
         };
@@ -2792,7 +2883,168 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Where in its folder a jailed VMM writes a snapshot, for the daemon to take.
+const SNAPSHOT_PARTIAL: &str = "snapshot.partial";
+
+/// The jail of the VMM whose keeper is `pid` (its `wv run --jail`), if it is jailed.
+fn jail_of(pid: u32) -> Option<wv_config::JailConfig> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmd.split(|b| *b == 0);
+    args.find(|a| *a == b"--jail")?;
+    wv_config::JailConfig::parse(std::str::from_utf8(args.next()?).ok()?).ok()
+}
+
+/// Takes the snapshot a jailed VMM wrote in `partial` into the (empty) folder `dir`: each
+/// entry must be a plain file with one link (nothing the VMM could point elsewhere), made
+/// root's and private, then the folder replaces `dir`.
+fn take_snapshot_files(partial: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for e in std::fs::read_dir(partial)? {
+        let e = e?;
+        let m = std::fs::symlink_metadata(e.path())?;
+        if !m.file_type().is_file() || m.nlink() != 1 {
+            return Err(std::io::Error::other(format!(
+                "{} is not a plain file of its own",
+                e.path().display()
+            )));
+        }
+        std::os::unix::fs::lchown(e.path(), Some(0), Some(0))?;
+        std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::os::unix::fs::lchown(partial, Some(0), Some(0))?;
+    std::fs::rename(partial, dir)
+}
+
+/// `wv host --jail-uids` unless given: a range far above the ids of people and of the
+/// subordinate ranges of user namespaces.
+pub const DEFAULT_JAIL_UIDS: (u32, u32) = (3_000_000_000, 3_000_999_999);
+
 impl Daemon {
+    /// Jails every VMM started from now (`wv run --jail`, crates/vmm/src/jail.rs): world N's
+    /// runs as user and group FIRST+N, which must be at most LAST; once, at start.
+    pub fn jail_vmms(&self, first: u32, last: u32) -> Result<(), String> {
+        if first == 0 || last < first || last == u32::MAX {
+            return Err(format!(
+                "{first}-{last} is not a range of unprivileged ids (1 to {})",
+                u32::MAX - 1
+            ));
+        }
+        self.jail_uids
+            .set((first, last))
+            .map_err(|_| "the VMMs' users are set already".to_string())
+    }
+
+    /// The jail of world `id`'s VMM in its folder `dir` (None: unjailed); `config`: the
+    /// configuration whose files it opens before the jail besides the VM's own (an incoming
+    /// migration's).
+    fn jail(
+        &self,
+        id: u64,
+        dir: &Path,
+        config: Option<&Path>,
+    ) -> Result<Option<wv_config::JailConfig>, String> {
+        let Some((first, last)) = self.jail_uids.get().copied() else {
+            return Ok(None);
+        };
+        let uid = u32::try_from(id)
+            .ok()
+            .and_then(|i| first.checked_add(i))
+            .filter(|u| *u <= last)
+            .ok_or_else(|| {
+                format!("world {id} has no user in --jail-uids {first}-{last}: widen the range")
+            })?;
+        for p in [Some(dir), config].into_iter().flatten() {
+            if p.to_string_lossy().contains(',') {
+                return Err(format!(
+                    "{}: a jailed VMM's paths cannot hold a comma (use another --state-dir)",
+                    p.display()
+                ));
+            }
+        }
+        // The VMM reaches what the daemon hands it in its folder (a snapshot's, a migration's
+        // disks); it lists and writes nothing else there.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut j = wv_config::JailConfig::new(uid);
+        j.dir = Some(dir.to_path_buf());
+        j.config = config.map(Path::to_path_buf);
+        Ok(Some(j))
+    }
+
+    /// Hands each jailed VMM a new connection to each of its sockets on the switch (`switch`)
+    /// or the storage service (not `switch`), which has just been restarted: unlike an
+    /// unjailed one, it cannot reach the sockets to connect again by itself.
+    fn hand_backends(&self, switch: bool) {
+        let mine: Vec<(u64, Vec<PathBuf>)> = if switch {
+            let dir = self.switch.dir().to_path_buf();
+            self.ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(id, p)| {
+                    let socks = p.iter().map(|(n, p)| network::port_socket(&dir, n, p));
+                    (*id, socks.collect())
+                })
+                .collect()
+        } else {
+            let dir = self.storage.dir().to_path_buf();
+            self.served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(id, d)| {
+                    (
+                        *id,
+                        d.iter().map(|d| storage::disk_socket(&dir, d)).collect(),
+                    )
+                })
+                .collect()
+        };
+        for (id, socks) in mine.into_iter().filter(|(_, s)| !s.is_empty()) {
+            let (name, pid) = match self.lock().worlds.iter().find(|w| w.id == id) {
+                Some(w) => (w.spec.name.clone(), w.pid),
+                None => continue,
+            };
+            if pid.and_then(jail_of).is_none() {
+                continue;
+            }
+            let conns: Vec<(String, UnixStream)> = socks
+                .iter()
+                .filter_map(|s| match UnixStream::connect(s) {
+                    Ok(c) => Some((s.display().to_string(), c)),
+                    Err(e) => {
+                        eprintln!("wv host: VM '{name}': {}: {e}", s.display());
+                        None
+                    }
+                })
+                .collect();
+            let files: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = conns
+                .iter()
+                .map(|(k, c)| (k.as_str(), std::os::fd::AsFd::as_fd(c)))
+                .collect();
+            match self.vmm_call_passing(&name, "PUT", "/vm/files", None, &files) {
+                Ok((204, _)) => {}
+                Ok((st, b)) => eprintln!(
+                    "wv host: VM '{name}': handing its VMM its backends' sockets: {st} {b}"
+                ),
+                Err(e) => {
+                    eprintln!("wv host: VM '{name}': handing its VMM its backends' sockets: {e}")
+                }
+            }
+        }
+    }
+
+    /// A folder in `vm_dir` the jailed VMM of `jail` may write into (made afresh, its
+    /// user's, mode 0700); unjailed, nothing to do.
+    fn writable_by(jail: Option<&wv_config::JailConfig>, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(j) = jail else { return Ok(()) };
+        std::fs::create_dir_all(dir)?;
+        std::os::unix::fs::chown(dir, Some(j.uid), Some(j.gid))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    }
+
     /// Confines VMs' kernels, initrds and disks to `dirs` (each must exist); once, at start.
     pub fn confine_images(&self, dirs: &[PathBuf]) -> std::io::Result<()> {
         let canon = dirs

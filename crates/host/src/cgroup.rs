@@ -565,6 +565,22 @@ impl Cgroups {
         write(&d.join("cgroup.procs"), pid)
     }
 
+    /// World `id`'s group's `cgroup.procs`, open for writing: a process about to become the
+    /// world's VMM writes `0` into it before it runs (so that whatever it forks, such as a
+    /// jailed VMM's keeper its VMM, starts in the group). [`Cgroups::attach`] still follows.
+    pub fn procs_file(&self, id: u64) -> Result<std::fs::File, String> {
+        if self.state().closed {
+            return Err("the daemon is stopping".into());
+        }
+        let d = self.dir(id);
+        mkdir(&d)?;
+        let p = d.join("cgroup.procs");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(|e| format!("opening {}: {e}", p.display()))
+    }
+
     /// The group of system world `name` (`switch`, `storage`: beside the worlds').
     pub fn service_dir(&self, name: &str) -> PathBuf {
         self.inner.root.join(name)

@@ -95,6 +95,8 @@ struct Inner<W> {
     dir: PathBuf,
     /// Places a started process in its cgroup.
     place: Box<dyn Fn(u32) -> Result<(), String> + Send + Sync>,
+    /// Run (on a thread of its own) once a process started after the first serves again.
+    restarted: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
     state: Mutex<State<W>>,
     changed: Condvar,
 }
@@ -126,6 +128,7 @@ impl<W: Wants> Service<W> {
                 wv,
                 dir,
                 place,
+                restarted: std::sync::OnceLock::new(),
                 state: Mutex::new(State {
                     want: W::default(),
                     running: None,
@@ -139,6 +142,12 @@ impl<W: Wants> Service<W> {
         };
         s.end_left_over();
         Ok(s)
+    }
+
+    /// Sets what runs each time a process started after the first serves everything again
+    /// (the daemon hands jailed VMMs connections to the new sockets); once.
+    pub fn on_restart(&self, f: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.inner.restarted.set(f);
     }
 
     /// The supervisor's state, locked: what is wanted is changed under it, and requests that
@@ -262,6 +271,15 @@ impl<W: Wants> Service<W> {
                     if let Err(e) = self.request(&line) {
                         eprintln!("wv host: {line}: {e}");
                         st.last = Some(e);
+                    }
+                }
+                if st.starts > 1 {
+                    if let Some(f) = i.restarted.get().cloned() {
+                        if let Err(e) = crate::helper::spawn("restarted", move || f()) {
+                            eprintln!(
+                                "wv host: the {name} restarted, nothing to tell the VMMs: {e}"
+                            );
+                        }
                     }
                 }
                 return Ok(());

@@ -174,6 +174,17 @@ pub fn run_args(boot: Boot<'_>, dir: &Path) -> Vec<String> {
 
 /// Starts `wv run` with `args`, console in the arguments, stderr to `log`.
 pub fn spawn(wv: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
+    spawn_in(wv, args, log, None)
+}
+
+/// [`spawn`], the process moving itself into the cgroup whose `cgroup.procs` is `procs`
+/// before it runs `wv` (so that nothing it starts can begin outside it).
+pub fn spawn_in(
+    wv: &Path,
+    args: &[String],
+    log: &Path,
+    procs: Option<std::fs::File>,
+) -> std::io::Result<Child> {
     let err = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -183,14 +194,24 @@ pub fn spawn(wv: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(err);
-    // SAFETY: setsid is async-signal-safe and only detaches the child from our session.
+    // Open in the child too (close-on-exec: gone once `wv` runs).
+    let procs_fd = procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    // SAFETY: setsid and write are async-signal-safe; setsid only detaches the child from our
+    // session, and the write of "0" to cgroup.procs moves the child into the world's group.
     unsafe {
-        c.pre_exec(|| {
+        c.pre_exec(move || {
             libc::setsid();
+            if let Some(fd) = procs_fd {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    c.spawn()
+    let child = c.spawn();
+    drop(procs);
+    child
 }
 
 /// The last non-empty line of `log` (empty if there is none).

@@ -583,6 +583,15 @@ const DAEMON_OPTS: &[Opt] = &[
             "--images",
             Arg::Value("DIR"),
             "VMs' kernels, initrds and disks must be under DIR (repeatable;\nwithout it, any file the daemon can read)",
+        ),        opt(
+            "--jail-uids",
+            Arg::Value("FIRST-LAST"),
+            "run world N's VMM jailed as user and group FIRST+N (wv run --jail: no\ncapabilities, its own namespaces and root; default 3000000000-3000999999)",
+        ),
+        opt(
+            "--no-jail",
+            Arg::Flag,
+            "run VMMs as the daemon's user, unjailed (debugging only)",
         ),
 ];
 
@@ -1137,6 +1146,8 @@ pub enum Command {
         web: Option<String>,
         /// The only directories VMs' kernels, initrds and disks may come from.
         images: Vec<PathBuf>,
+        /// The users of jailed VMMs (first, last), None: unjailed (`--no-jail`).
+        jail: Option<(u32, u32)>,
     },
     /// `wv host status`.
     HostStatus(Client),
@@ -1752,6 +1763,26 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                 listen: m.value("--listen").map(str::to_string),
                 web: m.value("--web").map(str::to_string),
                 images: m.values("--images").map(PathBuf::from).collect(),
+                jail: match (m.has("--no-jail"), m.value("--jail-uids")) {
+                    (true, Some(_)) => {
+                        return Err(Usage(
+                            "--no-jail and --jail-uids cannot be given together".into(),
+                        ))
+                    }
+                    (true, None) => None,
+                    (false, None) => Some(wv_host::api::DEFAULT_JAIL_UIDS),
+                    (false, Some(r)) => Some(
+                        r.split_once('-')
+                            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+                            .filter(|(a, b): &(u32, u32)| *a > 0 && a <= b && *b < u32::MAX)
+                            .ok_or_else(|| {
+                                Usage(format!(
+                                    "--jail-uids '{r}': give FIRST-LAST, unprivileged ids (1 to {})",
+                                    u32::MAX - 1
+                                ))
+                            })?,
+                    ),
+                },
             })
         }
         Some("status") => {

@@ -72,12 +72,14 @@ fn main() -> ExitCode {
             listen,
             web,
             images,
+            jail,
         } => cmd_host_serve(
             &socket,
             &state_dir,
             listen.as_deref(),
             web.as_deref(),
             images,
+            jail,
         ),
         Command::HostStatus(c) => host_status(&c),
         Command::HostTop(c, once) => host_top(&c, once),
@@ -242,6 +244,7 @@ fn cmd_host_serve(
     listen: Option<&str>,
     web: Option<&str>,
     images: Vec<PathBuf>,
+    jail: Option<(u32, u32)>,
 ) -> ExitCode {
     let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
     let d = match wv_host::api::Daemon::open(state_dir, socket, wv) {
@@ -259,6 +262,16 @@ fn cmd_host_serve(
         );
     } else if let Err(e) = d.confine_images(&images) {
         return fail(1, &format!("--images: {e}"));
+    }
+    match jail {
+        Some((first, last)) => {
+            if let Err(e) = d.jail_vmms(first, last) {
+                return fail(1, &format!("--jail-uids: {e}"));
+            }
+        }
+        None => eprintln!(
+            "wv host: warning: --no-jail: VMMs run as this daemon's user, with its privileges"
+        ),
     }
     if let Some(addr) = listen {
         let loopback = addr

@@ -216,3 +216,95 @@ fn jail_needs_root_and_a_valid_spec() {
         assert!(r.stderr.contains(says), "{spec}: {}", r.stderr);
     }
 }
+
+/// Under the daemon every VMM is jailed by default: world N's as user 3000000000+N in the VM's
+/// folder; a snapshot (written by the jailed VMM in its folder, taken by the daemon) restores;
+/// a file outside the jail given as a hot-plugged disk cannot be opened.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn the_daemon_jails_each_vmm_as_its_worlds_user() {
+    need_kvm();
+    let dir = TempDir::new("jail-daemon");
+    let d = common::daemon::Daemon::start(&dir);
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "j",
+        "--memory",
+        "64M",
+        "--cmdline",
+        "probe.tests=idle",
+    ]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let v = d.json(&["vm", "start", "j"]);
+    let (id, keeper) = (v["id"].as_u64().unwrap(), v["pid"].as_u64().unwrap());
+    let vm_dir = d.state.join("vms/j");
+    let console = vm_dir.join("console.log");
+    let t = std::time::Instant::now();
+    // The guest's marker in its console log.
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("idle: halted")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = jailed_pid(u32::try_from(keeper).unwrap());
+    let uid = 3_000_000_000u64 + id;
+    let ids = format!("{uid}\t{uid}\t{uid}\t{uid}");
+    assert_eq!(status_field(pid, "Uid"), ids);
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    for kind in ["mnt", "pid", "ipc", "net"] {
+        assert_ne!(ns(&pid.to_string(), kind), ns("self", kind), "{kind}");
+    }
+    let root = format!("/proc/{pid}/root");
+    assert!(Path::new(&format!("{root}{}", vm_dir.join("api.sock").display())).exists());
+    assert!(!Path::new(&format!("{root}{}", d.state.join("worlds.json").display())).exists());
+    assert!(!Path::new(&format!("{root}/etc")).exists());
+    // Its cgroup is its world's, as its keeper's.
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(cg.contains(&format!("world-{id}")), "{cg}");
+
+    // The VMM, asked over its socket for a file outside its jail, cannot open it.
+    let (st, body) = call(
+        &vm_dir.join("api.sock"),
+        "PUT",
+        "/vm/device-add",
+        Some(&json!({"disk": {"path": d.state.join("worlds.json"), "id": "stolen"}})),
+    );
+    assert!((400..600).contains(&st), "{st} {body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("No such file"),
+        "{body}"
+    );
+
+    // A snapshot, written by the jailed VMM, restores as another world (another user).
+    let r = d.wv(&["vm", "snapshot", "j", "s1"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let snap = d.state.join("snapshots/s1");
+    for e in std::fs::read_dir(&snap).unwrap() {
+        let m = std::fs::symlink_metadata(e.unwrap().path()).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&m),
+            0,
+            "the daemon's now"
+        );
+    }
+    assert!(!vm_dir.join("snapshot.partial").exists());
+    let r = d.wv(&["vm", "clone", "s1", "k"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr);
+    let k = d.wait_state("k", "running");
+    let kpid = jailed_pid(u32::try_from(k["pid"].as_u64().unwrap()).unwrap());
+    let kuid = 3_000_000_000u64 + k["id"].as_u64().unwrap();
+    assert_ne!(kuid, uid);
+    assert!(status_field(kpid, "Uid").starts_with(&kuid.to_string()));
+    d.stop();
+}

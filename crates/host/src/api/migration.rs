@@ -418,7 +418,42 @@ impl Daemon {
         if copy {
             send["copy_disks"] = json!(true);
         }
-        let sent = self.vmm_call(name, "PUT", "/vm/migrate-send", Some(&send.to_string()));
+        // A jailed VMM has no route out of its network namespace: the daemon connects for it
+        // and hands it the connection.
+        let jailed = self
+            .lock()
+            .worlds
+            .iter()
+            .find(|w| w.id == id)
+            .and_then(|w| w.pid)
+            .and_then(super::jail_of)
+            .is_some_and(|j| j.net == wv_config::JailNet::New);
+        let conn = if jailed {
+            match connect_for(&destination) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    self.migrating
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                    return abandon(error(502, format!("connecting to {destination}: {e}")));
+                }
+            }
+        } else {
+            None
+        };
+        let body = send.to_string();
+        let sent = match &conn {
+            Some((key, c)) => self.vmm_call_passing(
+                name,
+                "PUT",
+                "/vm/migrate-send",
+                Some(&body),
+                &[(key.as_str(), std::os::fd::AsFd::as_fd(c))],
+            ),
+            None => self.vmm_call(name, "PUT", "/vm/migrate-send", Some(&body)),
+        };
+        drop(conn);
         let numbers = match sent {
             Ok((200, b)) => b,
             Ok((s, b)) => {
@@ -516,4 +551,18 @@ mod tests {
         assert_eq!(message(r#"{"error":"no"}"#), "no");
         assert_eq!(message("plain\n"), "plain");
     }
+}
+
+/// A connection to a migration's `destination` (HOST:PORT) made for a jailed VMM, with the
+/// name the VMM looks it up by (the address it resolves the destination to).
+fn connect_for(destination: &str) -> std::io::Result<(String, std::net::TcpStream)> {
+    use std::net::ToSocketAddrs;
+    let addr = destination.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("'{destination}' names no address"),
+        )
+    })?;
+    let c = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
+    Ok((format!("tcp:{addr}"), c))
 }
