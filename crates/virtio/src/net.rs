@@ -196,8 +196,12 @@ impl Tap {
 pub struct NetCounters {
     /// Frames sent to the TAP.
     pub tx_frames: AtomicU64,
+    /// Their bytes (Ethernet frames, without the vnet header).
+    pub tx_bytes: AtomicU64,
     /// Frames delivered to the guest.
     pub rx_frames: AtomicU64,
+    /// Their bytes (Ethernet frames, without the vnet header).
+    pub rx_bytes: AtomicU64,
     /// Malformed transmit chains or receive buffers dropped.
     pub dropped: AtomicU64,
 }
@@ -397,6 +401,9 @@ fn deliver(
         let _ = q.queue.add_used(mem, head, n);
     }
     counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+    counters
+        .rx_bytes
+        .fetch_add((rx.len - VNET_HDR) as u64, Ordering::Relaxed);
     rx.len = 0;
     true
 }
@@ -575,6 +582,9 @@ fn net_loop(
                 let head = chain.head_index();
                 if transmit(&mem, chain, tap, &mut txbuf) {
                     counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    counters
+                        .tx_bytes
+                        .fetch_add(txbuf.len().saturating_sub(VNET_HDR) as u64, Ordering::Relaxed);
                 } else {
                     counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -646,6 +656,12 @@ mod tests {
         let c = NetCounters::default();
         let frame: Vec<u8> = (0..1500u32).map(|i| i.to_le_bytes()[0]).collect();
         assert!(deliver_frame(&mem, &mut q, &frame, true, &c));
+        assert_eq!(c.rx_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            c.rx_bytes.load(Ordering::Relaxed),
+            (1500 - VNET_HDR) as u64,
+            "the frame's bytes, without the vnet header"
+        );
         let nb: u16 = mem.read_obj(GuestAddress(0x1000 + 10)).unwrap();
         assert_eq!(nb, 2, "num_buffers");
         let tail: u8 = mem.read_obj(GuestAddress(0x2000 + 499)).unwrap();
@@ -654,6 +670,7 @@ mod tests {
         let mut q = rxq(&mem, &[(0x1000, 1000)]);
         assert!(deliver_frame(&mem, &mut q, &frame, false, &c));
         assert_eq!(c.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(c.rx_bytes.load(Ordering::Relaxed), (1500 - VNET_HDR) as u64);
         // No buffers posted yet: the frame waits.
         let mut q = rxq(&mem, &[]);
         assert!(!deliver_frame(&mem, &mut q, &frame, true, &c));
