@@ -1007,6 +1007,9 @@ impl VirtioDevice for Block {
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
         check_state(state, &self.id, self.capacity, self.readonly)
     }
+    fn io_counters(&self) -> Option<crate::IoCounters> {
+        Some(crate::IoCounters::Disk(self.counters.clone()))
+    }
 }
 
 /// Checks a saved block device state against the disk it is restored onto: the same ID,

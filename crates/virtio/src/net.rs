@@ -488,6 +488,9 @@ impl VirtioDevice for Net {
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
         restore_mac(&mut self.mac, state)
     }
+    fn io_counters(&self) -> Option<crate::IoCounters> {
+        Some(crate::IoCounters::Net(self.counters.clone()))
+    }
 }
 
 /// Stops a net device's worker (TAP or vhost-user relay) and waits for its thread.
