@@ -646,11 +646,7 @@ fn serve(
             } else {
                 disk.write_zeroes(offset, bytes)
             };
-            (
-                if r.is_ok() { S_OK } else { S_IOERR },
-                0,
-                Moved::Other,
-            )
+            (if r.is_ok() { S_OK } else { S_IOERR }, 0, Moved::Other)
         }
         _ => (S_UNSUPP, 0, Moved::Other),
     }

@@ -585,9 +585,10 @@ fn net_loop(
                 let head = chain.head_index();
                 if transmit(&mem, chain, tap, &mut txbuf) {
                     counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .tx_bytes
-                        .fetch_add(txbuf.len().saturating_sub(VNET_HDR) as u64, Ordering::Relaxed);
+                    counters.tx_bytes.fetch_add(
+                        txbuf.len().saturating_sub(VNET_HDR) as u64,
+                        Ordering::Relaxed,
+                    );
                 } else {
                     counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
