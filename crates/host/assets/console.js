@@ -108,9 +108,19 @@ function chart(el, title, names, data, right, rightLabel) {
     label: n, stroke: COLOURS[i % COLOURS.length], scale: right.has(n) ? "r" : "y",
     dash: right.has(n) ? [4, 3] : undefined, spanGaps: false,
   })));
-  const axes = [{}, { scale: "y" }];
-  if (right.size) axes.push({ scale: "r", side: 1, label: rightLabel, grid: { show: false } });
+  const axes = [{}, { scale: "y", size: 60, values: (u, vs) => vs.map(si) }];
+  if (right.size) axes.push({ scale: "r", side: 1, label: rightLabel, size: 60, grid: { show: false }, values: (u, vs) => vs.map(si) });
   return new uPlot({ title, width: 420, height: 240, series, axes, scales: { x: { time: true } } }, data, el);
+}
+
+// A number in at most 4 characters and an SI prefix (12.3k, 4.5M): axis labels of bytes/s.
+function si(v) {
+  if (v === null || v === undefined) return "";
+  const a = Math.abs(v);
+  for (const [d, p] of [[1e12, "T"], [1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+    if (a >= d) return +(v / d).toFixed(1) + p;
+  }
+  return +v.toFixed(2) + "";
 }
 
 // `q` aligned to the last `n` points (a series that began later is shorter: nulls before).
