@@ -417,6 +417,32 @@ fn the_web_console_in_a_browser() {
         &moved("nets", "lan tx frames/s"),
         "the net plot shows frames per second",
     );
+    // What the page plotted, from the API: as documented, the disk served by the VMM and the
+    // net served by the switch, and the causes KVM counted.
+    let (st, body) = d.raw(b"GET /v1/history HTTP/1.1\r\nHost: wv\r\n\r\n");
+    assert_eq!(st, 200, "{body}");
+    let h: Value = serde_json::from_str(&body).unwrap();
+    let doc = common::openapi::document("openapi.json");
+    common::openapi::validate(
+        &doc,
+        &json!({"$ref": "#/components/schemas/History"}),
+        &h,
+        "GET /v1/history",
+    );
+    let io = h["worlds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "io")
+        .unwrap_or_else(|| panic!("no io world: {h}"));
+    let kinds: Vec<(&str, &str)> = io["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("data", "disk"), ("lan", "net")], "{io}");
+    assert!(!io["exit_causes"].as_object().unwrap().is_empty(), "{io}");
 
     let png = b.call("GET", "/screenshot", None);
     let png = unbase64(png.as_str().expect("a screenshot"));
