@@ -852,6 +852,11 @@ mod tests {
                     + net.counters().dropped.load(Ordering::Relaxed),
                 2
             );
+            assert_eq!(
+                net.counters().tx_bytes.load(Ordering::Relaxed),
+                60 * net.counters().tx_frames.load(Ordering::Relaxed),
+                "each frame sent counts its 60 bytes, not the vnet header"
+            );
             net.reset();
         });
         t.join().unwrap();
