@@ -5,7 +5,8 @@
 const $ = (s) => document.querySelector(s);
 let selected = null; // world shown in the plots
 let plots = null;
-window.wvPlot = null;
+window.wvPlot = null; // the CPU chart
+window.wvPlots = null; // every chart: cpu, vcpu, exits, disks, nets
 
 async function api(method, path, body) {
   const r = await fetch(path, {
@@ -97,9 +98,51 @@ async function refresh() {
   }
 }
 
-function chart(el, title, names, data) {
-  const series = [{}].concat(names.map((n, i) => ({ label: n, stroke: ["#07c", "#c70", "#a0a", "#0a0", "#a00", "#555"][i % 6] })));
-  return new uPlot({ title, width: 420, height: 220, series, scales: { x: { time: true } } }, data, el);
+const COLOURS = ["#07c", "#c70", "#a0a", "#0a0", "#a00", "#555", "#0aa", "#aa0", "#70c", "#c07"];
+
+// A uPlot chart of `names` (after the time axis); a series whose name is in `right` is on a
+// second scale, drawn against the right-hand axis labelled `rightLabel`.
+function chart(el, title, names, data, right, rightLabel) {
+  right = right || new Set();
+  const series = [{}].concat(names.map((n, i) => ({
+    label: n, stroke: COLOURS[i % COLOURS.length], scale: right.has(n) ? "r" : "y",
+    dash: right.has(n) ? [4, 3] : undefined, spanGaps: false,
+  })));
+  const axes = [{}, { scale: "y", size: 60, values: (u, vs) => vs.map(si) }];
+  if (right.size) axes.push({ scale: "r", side: 1, label: rightLabel, size: 60, grid: { show: false }, values: (u, vs) => vs.map(si) });
+  return new uPlot({ title, width: 420, height: 240, series, axes, scales: { x: { time: true } } }, data, el);
+}
+
+// A number in at most 4 characters and an SI prefix (12.3k, 4.5M): axis labels of bytes/s.
+function si(v) {
+  if (v === null || v === undefined) return "";
+  const a = Math.abs(v);
+  for (const [d, p] of [[1e12, "T"], [1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+    if (a >= d) return +(v / d).toFixed(1) + p;
+  }
+  return +v.toFixed(2) + "";
+}
+
+// `q` aligned to the last `n` points (a series that began later is shorter: nulls before).
+const tail = (q, n) => Array(Math.max(0, n - q.length)).fill(null).concat(q.slice(-n));
+
+// The disks' or the nets' plot data: bytes/s in and out per device (left axis), and
+// operations/s (right axis, dashed).
+function ioData(w, kind) {
+  const devs = w.devices.filter((d) => d.kind === kind);
+  const [i, o] = kind === "disk" ? ["read", "write"] : ["rx", "tx"];
+  const unit = kind === "disk" ? "ops" : "frames";
+  const names = [], cols = [], right = new Set();
+  for (const d of devs) {
+    names.push(`${d.name} ${i} B/s`, `${d.name} ${o} B/s`);
+    cols.push(d.in_bytes, d.out_bytes);
+  }
+  for (const d of devs) {
+    for (const [n, q] of [[`${d.name} ${i} ${unit}/s`, d.in_ops], [`${d.name} ${o} ${unit}/s`, d.out_ops]]) {
+      names.push(n); cols.push(q); right.add(n);
+    }
+  }
+  return { names, right, data: [w.t].concat(cols.map((q) => tail(q, w.t.length))) };
 }
 
 async function plot() {
@@ -107,23 +150,33 @@ async function plot() {
   const h = await api("GET", "/v1/history");
   const w = h.worlds.find((x) => x.id === selected);
   if (!w) return;
+  const n = w.t.length;
   const cpu = [w.t, w.cpu, w.ready, w.throttled];
   const threads = Object.keys(w.threads);
-  const vcpu = [w.t].concat(threads.map((n) => w.threads[n]));
-  const exits = [w.t.slice(w.t.length - w.exits.length), w.exits];
-  if (!plots) {
-    for (const id of ["#plot-cpu", "#plot-vcpu", "#plot-exits"]) $(id).replaceChildren();
+  const vcpu = [w.t].concat(threads.map((t) => tail(w.threads[t], n)));
+  const causes = Object.keys(w.exit_causes || {});
+  const exits = [w.t, tail(w.exits, n)].concat(causes.map((c) => tail(w.exit_causes[c], n)));
+  const disks = ioData(w, "disk"), nets = ioData(w, "net");
+  // The charts are made again when the set of series changes (a cause or device appears).
+  const shape = JSON.stringify([threads, causes, disks.names, nets.names]);
+  if (!plots || plots.shape !== shape) {
+    for (const id of ["#plot-cpu", "#plot-vcpu", "#plot-exits", "#plot-disks", "#plot-nets"]) $(id).replaceChildren();
     plots = {
       cpu: chart($("#plot-cpu"), "CPUs: used, ready, throttled", ["cpu", "ready", "throttled"], cpu),
       vcpu: chart($("#plot-vcpu"), "CPUs per thread (vCPU)", threads, vcpu),
-      exits: chart($("#plot-exits"), "VM exits per second", ["exits"], exits),
-      threads: threads.join(","),
+      exits: chart($("#plot-exits"), "VM exits per second, all and by cause (KVM's counters)", ["all"].concat(causes), exits),
+      disks: chart($("#plot-disks"), "Disks: bytes/s (left), operations/s (right, dashed)", disks.names, disks.data, disks.right, "ops/s"),
+      nets: chart($("#plot-nets"), "Nets: bytes/s (left), frames/s (right, dashed)", nets.names, nets.data, nets.right, "frames/s"),
+      shape,
     };
     window.wvPlot = plots.cpu;
+    window.wvPlots = plots;
   } else {
     plots.cpu.setData(cpu);
-    if (plots.threads === threads.join(",")) plots.vcpu.setData(vcpu); else plots = null;
-    if (plots) plots.exits.setData(exits);
+    plots.vcpu.setData(vcpu);
+    plots.exits.setData(exits);
+    plots.disks.setData(disks.data);
+    plots.nets.setData(nets.data);
   }
 }
 

@@ -37,6 +37,7 @@
 //! daemon is out of descriptors.
 
 use crate::helper;
+use crate::history::{DeviceKind, DeviceReading};
 use crate::http::{self, HttpError, Request};
 use crate::metrics::{self, Samples};
 use crate::network::{self, NetworkSpec};
@@ -404,6 +405,23 @@ struct WorldStats {
 }
 
 /// Whether the VMM of `run` still runs.
+/// How long the samplers wait for a VMM's `GET /vm/counters` (each second, for the history;
+/// at each scrape of `/metrics`): a VMM that does not answer within it has its devices left
+/// out of that reading.
+const VMM_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A running VM as the samplers read it ([`Daemon::live_vms`]).
+struct LiveVm {
+    id: u64,
+    name: String,
+    pid: u32,
+    run: Arc<Run>,
+    /// Its disks the storage service serves: (the disk's id, the service's name for it).
+    served_disks: Vec<(String, String)>,
+    /// Its nets on the daemon's networks: (the net's name, the network, the switch's port).
+    ports: Vec<(String, String, String)>,
+}
+
 fn alive_now(run: &Run) -> bool {
     !run.pidfd.wait(Some(Duration::ZERO))
 }
@@ -1328,33 +1346,119 @@ impl Daemon {
         out
     }
 
+    /// The running VMs with a VMM, as the samplers read them outside the document lock.
+    fn live_vms(&self, doc: &Document) -> Vec<LiveVm> {
+        doc.worlds
+            .iter()
+            .filter(|w| is_live(w.state))
+            .filter_map(|w| {
+                Some(LiveVm {
+                    id: w.id,
+                    name: w.spec.name.clone(),
+                    pid: w.pid?,
+                    run: self.run_of(w.id)?,
+                    served_disks: served_disks(w)
+                        .into_iter()
+                        .filter_map(|(i, svc, _)| {
+                            Some((w.spec.config.disks.get(i)?.id.clone(), svc))
+                        })
+                        .collect(),
+                    ports: w
+                        .spec
+                        .config
+                        .nets
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, n)| {
+                            Some((n.name(), n.network.clone()?, network::port_name(w.id, i)))
+                        })
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// The disks and nets of each of `vms` with their data-path counters: those its VMM
+    /// serves (its control socket's `GET /vm/counters`, [`VMM_READ_TIMEOUT`] at most), those
+    /// the storage service and the switch serve (one `stats` request to each, when a VM has
+    /// such a device). Disks first; a device whose server could not be read is left out.
+    fn device_readings(&self, vms: &[LiveVm]) -> HashMap<u64, Vec<DeviceReading>> {
+        let ports = if vms.iter().any(|v| !v.ports.is_empty()) {
+            self.switch.ports().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let disks = if vms.iter().any(|v| !v.served_disks.is_empty()) {
+            self.storage.disks().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        vms.iter()
+            .map(|vm| {
+                let mut devs = self.vmm_devices(vm);
+                for (label, svc) in &vm.served_disks {
+                    devs.extend(
+                        disks
+                            .iter()
+                            .find(|d| d["name"] == svc.as_str())
+                            .and_then(|d| metrics::storage_disk(label, d)),
+                    );
+                }
+                for (label, net, port) in &vm.ports {
+                    devs.extend(
+                        ports
+                            .iter()
+                            .find(|p| p["network"] == net.as_str() && p["port"] == port.as_str())
+                            .and_then(|p| metrics::switch_port(label, p)),
+                    );
+                }
+                devs.sort_by_key(|d| d.kind != DeviceKind::Disk);
+                metrics::unique_names(&mut devs);
+                (vm.id, devs)
+            })
+            .collect()
+    }
+
+    /// The disks and nets the VMM of `vm` serves itself, from its control socket (none when
+    /// it has none, as a VMM adopted from an older daemon, or does not answer in time).
+    fn vmm_devices(&self, vm: &LiveVm) -> Vec<DeviceReading> {
+        if !Self::has_control_socket(Some(vm.pid)) || !alive_now(&vm.run) {
+            return Vec::new();
+        }
+        let Ok(dir) = self.store.vm_dir(&vm.name) else {
+            return Vec::new();
+        };
+        let sock = dir.join(supervisor::API_SOCKET);
+        match http::request_with(
+            &sock,
+            "GET",
+            "/vm/counters",
+            None,
+            None,
+            Some(VMM_READ_TIMEOUT),
+        ) {
+            Ok((200, body)) => serde_json::from_str(&body)
+                .map(|v| metrics::vmm_devices(&v))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
     /// One point of history for every running world (the sampler's tick, each second). The
-    /// VMMs' exit counters are read after the document lock is released.
+    /// VMMs' exit counters and the devices' counters are read after the document lock is
+    /// released.
     fn sample_history(&self) {
         let (stats, vmms) = {
             let doc = self.lock();
-            let vmms: Vec<(u64, u32, Arc<Run>)> = doc
-                .worlds
-                .iter()
-                .filter(|w| is_live(w.state))
-                .filter_map(|w| Some((w.id, w.pid?, self.run_of(w.id)?)))
-                .collect();
-            (self.every_stats(&doc), vmms)
+            (self.every_stats(&doc), self.live_vms(&doc))
         };
+        let mut devices = self.device_readings(&vmms);
         let readings = stats
             .into_iter()
             .map(|s| {
-                let exits = vmms
-                    .iter()
-                    .find(|(id, ..)| *id == s.id)
-                    .map(|(_, pid, run)| {
-                        metrics::vcpu_counters(*pid, run.pidfd.as_fd())
-                            .iter()
-                            .flat_map(|(_, c)| c.iter())
-                            .filter(|(n, _)| n == "exits")
-                            .map(|(_, n)| *n)
-                            .sum()
-                    });
+                let exits = vmms.iter().find(|vm| vm.id == s.id).map(|vm| {
+                    metrics::exit_totals(&metrics::vcpu_counters(vm.pid, vm.run.pidfd.as_fd()))
+                });
                 let mut threads: Vec<(String, u64)> = Vec::new();
                 for t in &s.threads {
                     match threads.iter_mut().find(|(n, _)| *n == t.name) {
@@ -1362,14 +1466,20 @@ impl Daemon {
                         None => threads.push((t.name.clone(), t.cpu_ns)),
                     }
                 }
+                let (exits, exit_causes) = match exits {
+                    Some((all, causes)) => (Some(all), causes),
+                    None => (None, Vec::new()),
+                };
                 crate::history::Reading {
                     id: s.id,
+                    devices: devices.remove(&s.id).unwrap_or_default(),
                     name: s.name,
                     cpu_ns: s.cpu_ns,
                     ready_ns: s.ready_ns,
                     throttled_ns: s.throttled_ns,
                     exits,
                     threads,
+                    exit_causes,
                 }
             })
             .collect();
@@ -1387,7 +1497,7 @@ impl Daemon {
     /// VMMs are read after the document lock is released, so a slow read never holds up the
     /// API or the scheduler.
     fn metrics(&self) -> Answer {
-        let (stats, worlds, vmms) = {
+        let (stats, worlds, live) = {
             let doc = self.lock();
             let stats = self.every_stats(&doc);
             let worlds: Vec<(u64, String, State)> = doc
@@ -1395,14 +1505,13 @@ impl Daemon {
                 .iter()
                 .map(|w| (w.id, w.spec.name.clone(), w.state))
                 .collect();
-            let vmms: Vec<(String, u32, Arc<Run>)> = doc
-                .worlds
-                .iter()
-                .filter(|w| is_live(w.state))
-                .filter_map(|w| Some((w.spec.name.clone(), w.pid?, self.run_of(w.id)?)))
-                .collect();
-            (stats, worlds, vmms)
+            (stats, worlds, self.live_vms(&doc))
         };
+        let devices = self.device_readings(&live);
+        let vmms: Vec<(String, u32, &Arc<Run>)> = live
+            .iter()
+            .map(|vm| (vm.name.clone(), vm.pid, &vm.run))
+            .collect();
         let world = |s: &WorldStats| vec![("world", s.name.clone()), ("id", s.id.to_string())];
         let each = |f: &dyn Fn(&WorldStats) -> Option<f64>| -> Samples {
             stats
@@ -1517,6 +1626,38 @@ impl Daemon {
             "counter",
             "VM exits of each vCPU by KVM's cause counters (io, mmio, halt, irq, irq_window, signal...).",
             &by_cause,
+        );
+        let (mut bytes, mut ops) = (Vec::new(), Vec::new());
+        for vm in &live {
+            for d in devices.get(&vm.id).into_iter().flatten() {
+                let kind = match d.kind {
+                    DeviceKind::Disk => "disk",
+                    DeviceKind::Net => "net",
+                };
+                let [din, dout] = metrics::directions(d.kind);
+                for (dir, b, n) in [(din, d.in_bytes, d.in_ops), (dout, d.out_bytes, d.out_ops)] {
+                    let labels = vec![
+                        ("vm", vm.name.clone()),
+                        ("device", d.name.clone()),
+                        ("kind", kind.to_string()),
+                        ("direction", dir.to_string()),
+                    ];
+                    bytes.push((labels.clone(), b as f64));
+                    ops.push((labels, n as f64));
+                }
+            }
+        }
+        t.family(
+            "wv_vm_device_bytes_total",
+            "counter",
+            "Bytes a VM's disk read (direction read, disk to guest) and wrote, or its net received (rx) and sent (tx, Ethernet frames without the vnet header), as the device's server counts them (the VMM, the storage service or the switch).",
+            &bytes,
+        );
+        t.family(
+            "wv_vm_device_operations_total",
+            "counter",
+            "Requests a VM's disk served (reads, writes) or frames its net received (rx) and sent (tx).",
+            &ops,
         );
         t.family(
             "wv_vm_guest_seconds_total",

@@ -1,11 +1,134 @@
 //! `GET /metrics`: the Prometheus text exposition format (version 0.0.4), and the live
 //! per-VM readings only this endpoint takes: KVM's per-vCPU exit counters, read from the
 //! running VMM through duplicates of the statistics descriptors it keeps open for this, and
-//! the guest-mode CPU time of the VMM process. What the daemon knows of every world (CPU, ready and throttled time,
-//! state, shares, entitlement) is gathered by [`crate::api`] and written here.
+//! the guest-mode CPU time of the VMM process, and the bytes and operations of each VM's disks
+//! and nets as their servers report them (the VMM's `GET /vm/counters`, the switch's and the
+//! storage service's `stats`), read into [`DeviceReading`]s here (the web console's history
+//! takes the same readings). What the daemon knows of every world (CPU, ready and throttled
+//! time, state, shares, entitlement) is gathered by [`crate::api`] and written here.
 
+use crate::history::{DeviceKind, DeviceReading};
+use serde_json::Value;
 use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Devices read from one VMM's answer at most (a VM has at most 32 PCI slots).
+const MAX_VMM_DEVICES: usize = 32;
+/// Longest device name kept (longer ones are cut, on a character boundary).
+const MAX_NAME: usize = 64;
+
+fn counter(v: &Value, field: &str) -> Option<u64> {
+    v.get(field)?.as_u64()
+}
+
+fn short_name(n: &str) -> String {
+    let mut end = n.len().min(MAX_NAME);
+    while !n.is_char_boundary(end) {
+        end -= 1;
+    }
+    n[..end].to_string()
+}
+
+/// The disks and nets a VMM serves itself, from its `GET /vm/counters` answer: each device
+/// with an `io` object (docs/vmm-openapi.json, `DeviceIo`), named by what follows the `:` of
+/// its accounting name (`virtio-blk:root` is `root`). A device whose entry is not as
+/// documented is left out: the answer comes from a process a guest may have subverted.
+pub fn vmm_devices(counters: &Value) -> Vec<DeviceReading> {
+    let Some(devices) = counters.get("devices").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    devices
+        .iter()
+        .take(MAX_VMM_DEVICES)
+        .filter_map(|d| {
+            let name = d.get("name")?.as_str()?;
+            let name = name.split_once(':').map_or(name, |(_, n)| n);
+            let io = d.get("io")?;
+            let (kind, fields) = match io.get("kind")?.as_str()? {
+                "disk" => (
+                    DeviceKind::Disk,
+                    ["read_bytes", "reads", "write_bytes", "writes"],
+                ),
+                "net" => (
+                    DeviceKind::Net,
+                    ["rx_bytes", "rx_frames", "tx_bytes", "tx_frames"],
+                ),
+                _ => return None,
+            };
+            Some(DeviceReading {
+                name: short_name(name),
+                kind,
+                in_bytes: counter(io, fields[0])?,
+                in_ops: counter(io, fields[1])?,
+                out_bytes: counter(io, fields[2])?,
+                out_ops: counter(io, fields[3])?,
+            })
+        })
+        .collect()
+}
+
+/// A net served by the daemon's switch, named `name`, from the port's entry in the switch's
+/// `stats` (the port's `tx` is what its guest sent, `rx` what it was given).
+pub fn switch_port(name: &str, port: &Value) -> Option<DeviceReading> {
+    Some(DeviceReading {
+        name: short_name(name),
+        kind: DeviceKind::Net,
+        in_bytes: counter(port, "rx_bytes")?,
+        in_ops: counter(port, "rx_frames")?,
+        out_bytes: counter(port, "tx_bytes")?,
+        out_ops: counter(port, "tx_frames")?,
+    })
+}
+
+/// A disk served by the daemon's storage service, named `name`, from its entry in the
+/// service's `stats` (docs/STORAGE.md).
+pub fn storage_disk(name: &str, disk: &Value) -> Option<DeviceReading> {
+    Some(DeviceReading {
+        name: short_name(name),
+        kind: DeviceKind::Disk,
+        in_bytes: counter(disk, "read_bytes")?,
+        in_ops: counter(disk, "reads")?,
+        out_bytes: counter(disk, "written_bytes")?,
+        out_ops: counter(disk, "writes")?,
+    })
+}
+
+/// Makes the names of `devices` unique (the VM's names may repeat: two nets on one network
+/// are both named after it): a repeated name gets `#N`, N its position.
+pub fn unique_names(devices: &mut [DeviceReading]) {
+    for i in 1..devices.len() {
+        if devices[..i].iter().any(|d| d.name == devices[i].name) {
+            devices[i].name = format!("{}#{i}", devices[i].name);
+        }
+    }
+}
+
+/// A VM's exits from KVM's counters of its vCPUs ([`vcpu_counters`]), summed over them: all
+/// (`exits`) and by cause (each `CAUSE_exits` counter, as `CAUSE`).
+pub fn exit_totals(vcpus: &[(u32, Vec<(String, u64)>)]) -> (u64, Vec<(String, u64)>) {
+    let mut all = 0u64;
+    let mut causes: Vec<(String, u64)> = Vec::new();
+    for (name, n) in vcpus.iter().flat_map(|(_, c)| c.iter()) {
+        if name == "exits" {
+            all = all.saturating_add(*n);
+        } else if let Some(cause) = name.strip_suffix("_exits") {
+            match causes.iter_mut().find(|(c, _)| c == cause) {
+                Some((_, t)) => *t = t.saturating_add(*n),
+                None => causes.push((cause.to_string(), *n)),
+            }
+        }
+    }
+    (all, causes)
+}
+
+/// The direction labels of a device's `in` and `out` counters: `read`/`write` for a disk,
+/// `rx`/`tx` for a net.
+pub fn directions(kind: DeviceKind) -> [&'static str; 2] {
+    match kind {
+        DeviceKind::Disk => ["read", "write"],
+        DeviceKind::Net => ["rx", "tx"],
+    }
+}
 
 /// The media type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -170,6 +293,74 @@ mod tests {
         );
         assert_eq!(number(f64::INFINITY), "+Inf");
         assert_eq!(number(f64::NAN), "NaN");
+    }
+
+    #[test]
+    fn device_readings_take_only_what_is_documented() {
+        let c = serde_json::json!({"state": "running", "vcpus": [], "devices": [
+            {"name": "virtio-rng", "notifications": 1},
+            {"name": "virtio-blk:root", "io": {"kind": "disk", "reads": 3, "read_bytes": 1536, "writes": 1, "write_bytes": 512}},
+            {"name": "virtio-net:tap0", "io": {"kind": "net", "rx_frames": 2, "rx_bytes": 120, "tx_frames": 5, "tx_bytes": 700}},
+            {"name": "virtio-blk:bad", "io": {"kind": "disk", "reads": -1, "read_bytes": 0, "writes": 0, "write_bytes": 0}},
+            {"name": "virtio-blk:odd", "io": {"kind": "tape"}},
+            {"name": 7, "io": {"kind": "net"}}
+        ]});
+        let d = vmm_devices(&c);
+        assert_eq!(
+            d,
+            vec![
+                DeviceReading {
+                    name: "root".into(),
+                    kind: DeviceKind::Disk,
+                    in_bytes: 1536,
+                    in_ops: 3,
+                    out_bytes: 512,
+                    out_ops: 1
+                },
+                DeviceReading {
+                    name: "tap0".into(),
+                    kind: DeviceKind::Net,
+                    in_bytes: 120,
+                    in_ops: 2,
+                    out_bytes: 700,
+                    out_ops: 5
+                },
+            ]
+        );
+        assert!(vmm_devices(&serde_json::json!({"devices": 3})).is_empty());
+        let port = serde_json::json!({"port": "2-net0", "rx_frames": 1, "rx_bytes": 60, "tx_frames": 4, "tx_bytes": 400});
+        let p = switch_port("lan", &port).unwrap();
+        assert_eq!(
+            (p.in_bytes, p.in_ops, p.out_bytes, p.out_ops),
+            (60, 1, 400, 4)
+        );
+        let disk =
+            serde_json::json!({"read_bytes": 4096, "reads": 1, "written_bytes": 0, "writes": 0});
+        assert_eq!(storage_disk("d", &disk).unwrap().in_bytes, 4096);
+        assert!(storage_disk("d", &serde_json::json!({"read_bytes": 1})).is_none());
+        let mut two = vec![p.clone(), p];
+        unique_names(&mut two);
+        assert_eq!(
+            (two[0].name.as_str(), two[1].name.as_str()),
+            ("lan", "lan#1")
+        );
+        let long = "é".repeat(100);
+        assert!(switch_port(&long, &port).unwrap().name.len() <= MAX_NAME);
+    }
+
+    #[test]
+    fn exits_are_summed_over_vcpus_by_cause() {
+        let c = |e, io| {
+            vec![
+                ("exits".to_string(), e),
+                ("io_exits".to_string(), io),
+                ("halt_exits".to_string(), 1),
+                ("insn_emulation".to_string(), 9),
+            ]
+        };
+        let (all, causes) = exit_totals(&[(0, c(10, 4)), (1, c(5, 2))]);
+        assert_eq!(all, 15);
+        assert_eq!(causes, vec![("io".to_string(), 6), ("halt".to_string(), 2)]);
     }
 
     #[test]

@@ -135,6 +135,9 @@ pub struct DiskStats {
     pub dropped: u64,
     pub read_bytes: u64,
     pub written_bytes: u64,
+    /// Reads and writes served (operations; their bytes are `read_bytes`, `written_bytes`).
+    pub reads: u64,
+    pub writes: u64,
     pub flushes: u64,
     pub io_errors: u64,
     /// Its shares, IOPS reservation and IOPS limit (`reservation`, `limit`: I/Os per second).
@@ -231,6 +234,8 @@ impl Served {
             dropped,
             read_bytes: g(&c.read_bytes),
             written_bytes: g(&c.written_bytes),
+            reads: g(&c.block.reads),
+            writes: g(&c.block.writes),
             flushes: g(&c.flushes),
             io_errors: g(&c.io_errors),
             shares: self.gate.settings(self.flow).unwrap_or_default(),

@@ -171,6 +171,7 @@ fn requests_on_the_ring_are_served_and_counted() {
         "{s:?}"
     );
     assert_eq!((s.read_bytes, s.written_bytes, s.flushes), (1536, 512, 1));
+    assert_eq!((s.reads, s.writes), (2, 1), "operations, by direction");
     assert!(s.connected);
 }
 

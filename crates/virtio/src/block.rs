@@ -458,15 +458,31 @@ impl RawDisk {
     }
 }
 
-/// Counters a device keeps about what it refused.
+/// Counters a device keeps about what it served and what it refused.
 #[derive(Default, Debug)]
 pub struct BlockCounters {
     /// Chains completed without a status (broken beyond answering).
     pub dropped: AtomicU64,
     /// Requests answered with an error status.
     pub errors: AtomicU64,
-    /// Requests served.
+    /// Requests served (reads, writes and the others: flush, GET_ID, discard, write-zeroes).
     pub served: AtomicU64,
+    /// Reads served (`IN` requests that succeeded).
+    pub reads: AtomicU64,
+    /// Their bytes, read from the disk into guest memory.
+    pub read_bytes: AtomicU64,
+    /// Writes served (`OUT` requests that succeeded).
+    pub writes: AtomicU64,
+    /// Their bytes, written from guest memory to the disk.
+    pub write_bytes: AtomicU64,
+}
+
+/// What a served request moved, for [`BlockCounters`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Moved {
+    Read(u64),
+    Write(u64),
+    Other,
 }
 
 /// Most descriptors a request may have: the data buffers we advertise (SEG_MAX) plus a
@@ -510,9 +526,20 @@ pub fn process_chain(
         counters.dropped.fetch_add(1, Ordering::Relaxed);
         return 0;
     };
-    let (status, data_written) = serve(mem, c, disk, id, data_in);
+    let (status, data_written, moved) = serve(mem, c, disk, id, data_in);
     if status == S_OK {
         counters.served.fetch_add(1, Ordering::Relaxed);
+        match moved {
+            Moved::Read(n) => {
+                counters.reads.fetch_add(1, Ordering::Relaxed);
+                counters.read_bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Moved::Write(n) => {
+                counters.writes.fetch_add(1, Ordering::Relaxed);
+                counters.write_bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Moved::Other => {}
+        }
     } else {
         counters.errors.fetch_add(1, Ordering::Relaxed);
     }
@@ -531,18 +558,19 @@ fn in_range(disk: &dyn Disk, sector: u64, bytes: u64) -> Option<u64> {
 }
 
 /// Serves the request of `c`, whose writable part holds `data_in` bytes before the status;
-/// returns the status and how many data bytes were written into the guest.
+/// returns the status, how many data bytes were written into the guest and what the request
+/// moved (when it succeeded).
 fn serve(
     mem: &GuestMemoryMmap,
     c: &Chain,
     disk: &mut dyn Disk,
     id: &[u8; 20],
     data_in: u32,
-) -> (u8, u32) {
+) -> (u8, u32, Moved) {
     // The header is copied once: the guest may change it after this.
     let mut hdr = [0u8; 16];
     if c.read_at(mem, 0, &mut hdr).is_err() {
-        return (S_IOERR, 0);
+        return (S_IOERR, 0, Moved::Other);
     }
     let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
@@ -552,54 +580,58 @@ fn serve(
         req::IN => {
             let len = u64::from(data_in);
             if !len.is_multiple_of(SECTOR) {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             }
             let Some(offset) = in_range(disk, sector, len) else {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             };
             let Ok(segs) = c.pieces(true, 0, len) else {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             };
             match disk.read_into(mem, &segs, offset) {
-                Ok(()) => (S_OK, data_in),
-                Err(_) => (S_IOERR, 0),
+                Ok(()) => (S_OK, data_in, Moved::Read(len)),
+                Err(_) => (S_IOERR, 0, Moved::Other),
             }
         }
         req::OUT => {
             let len = u64::from(data_out);
             if disk.readonly() || !len.is_multiple_of(SECTOR) {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             }
             let Some(offset) = in_range(disk, sector, len) else {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             };
             let Ok(segs) = c.pieces(false, 16, len) else {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             };
             match disk.write_from(mem, &segs, offset) {
-                Ok(()) => (S_OK, 0),
-                Err(_) => (S_IOERR, 0),
+                Ok(()) => (S_OK, 0, Moved::Write(len)),
+                Err(_) => (S_IOERR, 0, Moved::Other),
             }
         }
-        req::FLUSH => (if disk.flush().is_ok() { S_OK } else { S_IOERR }, 0),
+        req::FLUSH => (
+            if disk.flush().is_ok() { S_OK } else { S_IOERR },
+            0,
+            Moved::Other,
+        ),
         req::GET_ID => {
             let n = (data_in as usize).min(id.len());
             if c.write_at(mem, 0, &id[..n]).is_err() {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             }
-            (S_OK, n as u32)
+            (S_OK, n as u32, Moved::Other)
         }
         req::DISCARD | req::WRITE_ZEROES => {
             if disk.readonly() {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             }
             let segs = data_out / 16;
             if segs == 0 || segs > MAX_DISCARD_SEG || !data_out.is_multiple_of(16) {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             }
             let mut seg = [0u8; 16];
             if c.read_at(mem, 16, &mut seg).is_err() {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             }
             let start = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
             let count = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
@@ -608,19 +640,19 @@ fn serve(
             // Reserved flag bits must be zero; unmap is only meaningful for write-zeroes.
             if flags & !1 != 0 || (ty == req::DISCARD && flags != 0) || count > MAX_DISCARD_SECTORS
             {
-                return (S_UNSUPP, 0);
+                return (S_UNSUPP, 0, Moved::Other);
             }
             let Some(offset) = in_range(disk, start, bytes) else {
-                return (S_IOERR, 0);
+                return (S_IOERR, 0, Moved::Other);
             };
             let r = if ty == req::DISCARD {
                 disk.discard(offset, bytes)
             } else {
                 disk.write_zeroes(offset, bytes)
             };
-            (if r.is_ok() { S_OK } else { S_IOERR }, 0)
+            (if r.is_ok() { S_OK } else { S_IOERR }, 0, Moved::Other)
         }
-        _ => (S_UNSUPP, 0),
+        _ => (S_UNSUPP, 0, Moved::Other),
     }
 }
 
@@ -975,6 +1007,9 @@ impl VirtioDevice for Block {
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
         check_state(state, &self.id, self.capacity, self.readonly)
     }
+    fn io_counters(&self) -> Option<crate::IoCounters> {
+        Some(crate::IoCounters::Disk(self.counters.clone()))
+    }
 }
 
 /// Checks a saved block device state against the disk it is restored onto: the same ID,
@@ -1109,6 +1144,15 @@ mod tests {
         assert_eq!(run(&m, &mut q, &mut d, &c), (1, S_OK));
         assert!(d.flushed);
         assert_eq!(c.served.load(Ordering::Relaxed), 3);
+        // What was moved, by direction: one read of 1024 bytes, one write of 512.
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!((n(&c.reads), n(&c.read_bytes)), (1, 1024));
+        assert_eq!((n(&c.writes), n(&c.write_bytes)), (1, 512));
+        // A refused request moves nothing.
+        header(&m, req::IN, 8);
+        let mut q = standard(&m, W, 512);
+        assert_eq!(run(&m, &mut q, &mut d, &c).1, S_IOERR);
+        assert_eq!((n(&c.reads), n(&c.read_bytes)), (1, 1024));
     }
 
     #[test]

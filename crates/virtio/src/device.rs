@@ -120,6 +120,21 @@ pub trait VirtioDevice: Send {
     /// Takes `state`, saved from a device of the same kind; refused (and nothing changes) when
     /// it does not fit this device (another kind, another disk size, ...).
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String>;
+    /// Where the device counts the bytes and operations of its data path: the devices that
+    /// serve their queues themselves (virtio-blk, virtio-net); `None` for the others (a
+    /// vhost-user device's data path is its backend's, which counts it).
+    fn io_counters(&self) -> Option<IoCounters> {
+        None
+    }
+}
+
+/// The data-path counters of a device ([`VirtioDevice::io_counters`]), read while it runs.
+#[derive(Clone, Debug)]
+pub enum IoCounters {
+    /// A virtio-blk device's.
+    Disk(Arc<crate::block::BlockCounters>),
+    /// A virtio-net device's.
+    Net(Arc<crate::net::NetCounters>),
 }
 
 /// A device's own state, by kind.

@@ -25,7 +25,9 @@ pub mod vu_backend;
 /// (what live migration sends again besides KVM's dirty log).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
-pub use device::{ActiveQueue, DeviceCounters, DeviceState, Interrupt, VirtioDevice, WorkerCtl};
+pub use device::{
+    ActiveQueue, DeviceCounters, DeviceState, Interrupt, IoCounters, VirtioDevice, WorkerCtl,
+};
 pub use transport::{VirtioPci, VirtioPciState, VirtqueueState};
 
 /// VIRTIO_F_VERSION_1: a modern (1.x) device.

@@ -217,8 +217,12 @@ impl Tap {
 pub struct NetCounters {
     /// Frames sent to the TAP.
     pub tx_frames: AtomicU64,
+    /// Their bytes (Ethernet frames, without the vnet header).
+    pub tx_bytes: AtomicU64,
     /// Frames delivered to the guest.
     pub rx_frames: AtomicU64,
+    /// Their bytes (Ethernet frames, without the vnet header).
+    pub rx_bytes: AtomicU64,
     /// Malformed transmit chains or receive buffers dropped.
     pub dropped: AtomicU64,
 }
@@ -418,6 +422,9 @@ fn deliver(
         let _ = q.queue.add_used(mem, head, n);
     }
     counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+    counters
+        .rx_bytes
+        .fetch_add((rx.len - VNET_HDR) as u64, Ordering::Relaxed);
     rx.len = 0;
     true
 }
@@ -501,6 +508,9 @@ impl VirtioDevice for Net {
     }
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String> {
         restore_mac(&mut self.mac, state)
+    }
+    fn io_counters(&self) -> Option<crate::IoCounters> {
+        Some(crate::IoCounters::Net(self.counters.clone()))
     }
 }
 
@@ -596,6 +606,10 @@ fn net_loop(
                 let head = chain.head_index();
                 if transmit(&mem, chain, tap, &mut txbuf) {
                     counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    counters.tx_bytes.fetch_add(
+                        txbuf.len().saturating_sub(VNET_HDR) as u64,
+                        Ordering::Relaxed,
+                    );
                 } else {
                     counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -667,6 +681,12 @@ mod tests {
         let c = NetCounters::default();
         let frame: Vec<u8> = (0..1500u32).map(|i| i.to_le_bytes()[0]).collect();
         assert!(deliver_frame(&mem, &mut q, &frame, true, &c));
+        assert_eq!(c.rx_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            c.rx_bytes.load(Ordering::Relaxed),
+            (1500 - VNET_HDR) as u64,
+            "the frame's bytes, without the vnet header"
+        );
         let nb: u16 = mem.read_obj(GuestAddress(0x1000 + 10)).unwrap();
         assert_eq!(nb, 2, "num_buffers");
         let tail: u8 = mem.read_obj(GuestAddress(0x2000 + 499)).unwrap();
@@ -675,6 +695,7 @@ mod tests {
         let mut q = rxq(&mem, &[(0x1000, 1000)]);
         assert!(deliver_frame(&mem, &mut q, &frame, false, &c));
         assert_eq!(c.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(c.rx_bytes.load(Ordering::Relaxed), (1500 - VNET_HDR) as u64);
         // No buffers posted yet: the frame waits.
         let mut q = rxq(&mem, &[]);
         assert!(!deliver_frame(&mem, &mut q, &frame, true, &c));
@@ -851,6 +872,11 @@ mod tests {
                 net.counters().tx_frames.load(Ordering::Relaxed)
                     + net.counters().dropped.load(Ordering::Relaxed),
                 2
+            );
+            assert_eq!(
+                net.counters().tx_bytes.load(Ordering::Relaxed),
+                60 * net.counters().tx_frames.load(Ordering::Relaxed),
+                "each frame sent counts its 60 bytes, not the vnet header"
             );
             net.reset();
         });

@@ -4,7 +4,7 @@
 //! | method and path | does |
 //! |---|---|
 //! | GET /vm | state (`running`, `paused`), vCPUs, memory, configuration |
-//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves, MSI-X garbage; KVM's counters per vCPU |
+//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves, MSI-X garbage, and bytes and operations (`io`) of the disks and nets the VMM serves; KVM's counters per vCPU |
 //! | PUT /vm/pause | stop every vCPU at a KVM_RUN boundary and quiesce the devices (204) |
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
@@ -771,12 +771,7 @@ impl Controller {
     }
 
     fn counters(&self) -> serde_json::Value {
-        let devices: Vec<_> = self
-            .shared
-            .device_counters
-            .iter()
-            .map(|(name, c)| crate::stats::DeviceActivity::read(name, c))
-            .collect();
+        let devices = self.shared.device_activity();
         let vcpus: Vec<_> = self
             .shared
             .kvm_stats

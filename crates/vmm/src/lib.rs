@@ -58,6 +58,8 @@ pub(crate) struct VmShared {
     pub(crate) bus: PioBus,
     pub(crate) mmio: Arc<wv_devices::MmioBus>,
     pub(crate) device_counters: Vec<(&'static str, Arc<wv_virtio::DeviceCounters>)>,
+    /// The data-path counters of the devices the VMM serves itself, by accounting name.
+    pub(crate) device_io: Vec<(&'static str, wv_virtio::IoCounters)>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) info: MachineInfo,
     pub(crate) table: stats::CauseTable,
@@ -100,6 +102,23 @@ pub(crate) struct VmShared {
 }
 
 impl VmShared {
+    /// A snapshot of every device's counters (the devices added at start), with the bytes and
+    /// operations of those whose data path the VMM serves.
+    pub(crate) fn device_activity(&self) -> Vec<stats::DeviceActivity> {
+        self.device_counters
+            .iter()
+            .map(|(name, c)| {
+                let mut a = stats::DeviceActivity::read(name, c);
+                a.io = self
+                    .device_io
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, io)| stats::DeviceIo::read(io));
+                a
+            })
+            .collect()
+    }
+
     /// Records why the VM ends (the first reason wins) and wakes the control loop.
     pub(crate) fn finish(&self, e: VmEnd) {
         let mut g = self.end.lock().unwrap_or_else(|p| p.into_inner());
@@ -775,11 +794,7 @@ pub(crate) fn run_from(
         None => end,
     };
     trace.mark("vcpus joined");
-    let devices = shared
-        .device_counters
-        .iter()
-        .map(|(name, c)| stats::DeviceActivity::read(name, c))
-        .collect();
+    let devices = shared.device_activity();
     let stats = VmStats {
         devices,
         kvm: Vec::new(),
@@ -945,8 +960,12 @@ fn build(
         None
     };
     let pci_devices = pci.devices();
-    let (pci_bus, mmio, device_counters) =
-        (pci.bus.clone(), pci.mmio.clone(), pci.counters.clone());
+    let (pci_bus, mmio, device_counters, device_io) = (
+        pci.bus.clone(),
+        pci.mmio.clone(),
+        pci.counters.clone(),
+        pci.io.clone(),
+    );
     let ged = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
     vm.register_irqfd(&ged, wv_machine::acpi::GED_GSI)
         .map_err(ioctl("KVM_IRQFD"))?;
@@ -982,6 +1001,7 @@ fn build(
         bus,
         mmio,
         device_counters,
+        device_io,
         serial,
         info: MachineInfo {
             mem_size: cfg.memory,

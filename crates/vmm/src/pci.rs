@@ -260,6 +260,9 @@ pub struct PciBuilder {
     router: Arc<GsiRouter>,
     vm: Arc<VmFd>,
     pub(crate) counters: Vec<(&'static str, Arc<wv_virtio::DeviceCounters>)>,
+    /// The data-path counters of the devices added at start that serve their queues in the
+    /// VMM (virtio-blk, virtio-net), by accounting name.
+    pub(crate) io: Vec<(&'static str, wv_virtio::IoCounters)>,
     devices: Arc<Mutex<Vec<PciHandle>>>,
 }
 
@@ -277,6 +280,7 @@ impl PciBuilder {
             router: Arc::new(GsiRouter::new(vm.clone())),
             vm,
             counters: Vec::new(),
+            io: Vec::new(),
             devices: Arc::default(),
         }
     }
@@ -399,6 +403,7 @@ impl PciBuilder {
             intx: (intx, line),
             mover,
         };
+        let io = device.io_counters();
         let pci = VirtioPci::new(device, wiring);
         let counters = pci.counters();
         let dev = Arc::new(Mutex::new(pci));
@@ -417,6 +422,7 @@ impl PciBuilder {
         };
         if !hotplugged {
             self.counters.push((name, counters));
+            self.io.extend(io.map(|io| (name, io)));
         }
         let mut list = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         let at = list.partition_point(|h| h.slot < slot);

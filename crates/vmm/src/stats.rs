@@ -209,6 +209,60 @@ pub struct DeviceActivity {
     pub refused_bar_moves: u64,
     /// MSI-X interrupts raised through an entry with an address outside the LAPIC window.
     pub bad_msi: u64,
+    /// What its data path moved, for a device the VMM serves itself (virtio-blk, virtio-net;
+    /// absent for a vhost-user device, whose backend counts it, and for the others).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io: Option<DeviceIo>,
+}
+
+/// Bytes and operations a device moved (cumulative), by direction.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DeviceIo {
+    /// A disk: reads (disk to guest) and writes (guest to disk) served, and their bytes.
+    Disk {
+        /// Read requests served.
+        reads: u64,
+        /// Their bytes.
+        read_bytes: u64,
+        /// Write requests served.
+        writes: u64,
+        /// Their bytes.
+        write_bytes: u64,
+    },
+    /// A network device: frames delivered to the guest (rx) and sent by it (tx), and their
+    /// bytes (Ethernet frames, without the vnet header).
+    Net {
+        /// Frames received by the guest.
+        rx_frames: u64,
+        /// Their bytes.
+        rx_bytes: u64,
+        /// Frames sent by the guest.
+        tx_frames: u64,
+        /// Their bytes.
+        tx_bytes: u64,
+    },
+}
+
+impl DeviceIo {
+    /// A snapshot of `c`.
+    pub fn read(c: &wv_virtio::IoCounters) -> DeviceIo {
+        use std::sync::atomic::Ordering::Relaxed;
+        match c {
+            wv_virtio::IoCounters::Disk(b) => DeviceIo::Disk {
+                reads: b.reads.load(Relaxed),
+                read_bytes: b.read_bytes.load(Relaxed),
+                writes: b.writes.load(Relaxed),
+                write_bytes: b.write_bytes.load(Relaxed),
+            },
+            wv_virtio::IoCounters::Net(n) => DeviceIo::Net {
+                rx_frames: n.rx_frames.load(Relaxed),
+                rx_bytes: n.rx_bytes.load(Relaxed),
+                tx_frames: n.tx_frames.load(Relaxed),
+                tx_bytes: n.tx_bytes.load(Relaxed),
+            },
+        }
+    }
 }
 
 impl DeviceActivity {
@@ -224,6 +278,7 @@ impl DeviceActivity {
             resets: c.resets.load(Relaxed),
             refused_bar_moves: c.refused_bar_moves.load(Relaxed),
             bad_msi: c.bad_msi.load(Relaxed),
+            io: None,
         }
     }
 }
@@ -424,8 +479,27 @@ impl VmStats {
             ));
         }
         for d in &self.devices {
+            let io = match &d.io {
+                None => String::new(),
+                Some(DeviceIo::Disk {
+                    reads,
+                    read_bytes,
+                    writes,
+                    write_bytes,
+                }) => format!(
+                    " reads={reads} read_bytes={read_bytes} writes={writes} write_bytes={write_bytes}"
+                ),
+                Some(DeviceIo::Net {
+                    rx_frames,
+                    rx_bytes,
+                    tx_frames,
+                    tx_bytes,
+                }) => format!(
+                    " rx_frames={rx_frames} rx_bytes={rx_bytes} tx_frames={tx_frames} tx_bytes={tx_bytes}"
+                ),
+            };
             s.push_str(&format!(
-                "dev   {:<26} notifications={} interrupts={} (no vCPU exits) bad_chains={} ring_errors={} resets={} refused_bar_moves={} bad_msi={}\n",
+                "dev   {:<26} notifications={} interrupts={} (no vCPU exits) bad_chains={} ring_errors={} resets={} refused_bar_moves={} bad_msi={}{io}\n",
                 d.name, d.notifications, d.interrupts, d.bad_chains, d.ring_errors, d.resets, d.refused_bar_moves, d.bad_msi
             ));
         }
@@ -454,12 +528,24 @@ mod tests {
             setup_ns: 1,
             run_ns: 2,
             kvm: vec![vec![("exits".into(), 9), ("halt_exits".into(), 0)], vec![]],
-            devices: vec![DeviceActivity {
-                name: "virtio-rng".into(),
-                notifications: 2,
-                interrupts: 1,
-                ..DeviceActivity::default()
-            }],
+            devices: vec![
+                DeviceActivity {
+                    name: "virtio-rng".into(),
+                    notifications: 2,
+                    interrupts: 1,
+                    ..DeviceActivity::default()
+                },
+                DeviceActivity {
+                    name: "virtio-blk:d0".into(),
+                    io: Some(DeviceIo::Disk {
+                        reads: 3,
+                        read_bytes: 1536,
+                        writes: 1,
+                        write_bytes: 512,
+                    }),
+                    ..DeviceActivity::default()
+                },
+            ],
         }
     }
 
@@ -495,6 +581,11 @@ mod tests {
         assert_eq!(j["vcpus"][0]["batched_calls"][0]["count"], 32);
         assert_eq!(j["vcpus"][0]["kvm"]["exits"], 9);
         assert_eq!(j["devices"][0]["notifications"], 2);
+        assert!(j["devices"][0].get("io").is_none(), "no data path counted");
+        assert_eq!(
+            j["devices"][1]["io"],
+            serde_json::json!({"kind": "disk", "reads": 3, "read_bytes": 1536, "writes": 1, "write_bytes": 512})
+        );
         assert!(
             j["vcpus"][0]["kvm"].get("halt_exits").is_none(),
             "zero counters are left out"
@@ -509,5 +600,6 @@ mod tests {
         assert!(!t.contains("io:i8042"));
         assert!(t.contains("kvm (in-kernel included): exits=9 halt_exits=0"));
         assert!(t.contains("notifications=2 interrupts=1"));
+        assert!(t.contains("reads=3 read_bytes=1536 writes=1 write_bytes=512"));
     }
 }

@@ -1,7 +1,8 @@
 //! `GET /metrics` of the host daemon: the Prometheus text format, checked by Prometheus's own
 //! `promtool check metrics`, served alike on the Unix socket and on `--listen` TCP, whose
 //! counters move while a VM burns CPU (its CPU seconds and its vCPU's exits grow between two
-//! scrapes) and whose state gauge follows the VM's lifecycle.
+//! scrapes) and while a VM writes its disk through the storage service (the disk's bytes and
+//! operations grow), and whose state gauge follows the VM's lifecycle.
 
 mod common;
 use common::daemon::Daemon;
@@ -179,6 +180,52 @@ fn metrics_move_while_a_vm_runs_and_promtool_accepts_them() {
         by_cause > 0.0 && by_cause <= exits(&second),
         "exits by cause ({by_cause}) are some of all exits:\n{second}"
     );
+
+    // A VM writing a disk the storage service serves: its bytes and operations move.
+    let img = dir.file("data.img", &vec![0u8; 8 << 20]);
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "writer",
+        "--memory",
+        "64M",
+        "--disk",
+        &format!("path={},via=storage,id=data", img.display()),
+        "--cmdline",
+        "console=ttyS0 probe.tests=persist,hang probe.persist_mib=1 probe.persist_ms=60000 \
+         probe.persist_disk=1 probe.persist_disk_ms=5",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "start", "writer"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let written = [
+        ("vm", "writer"),
+        ("device", "data"),
+        ("kind", "disk"),
+        ("direction", "write"),
+    ];
+    let bytes = |t: &str| value(t, "wv_vm_device_bytes_total", &written);
+    let ops = |t: &str| value(t, "wv_vm_device_operations_total", &written);
+    let first = scrape_until(&d, "the writer's disk written", |t| {
+        bytes(t).is_some_and(|b| b > 0.0) && ops(t).is_some_and(|n| n > 0.0)
+    });
+    promtool_accepts(&first);
+    let read = [("vm", "writer"), ("device", "data"), ("direction", "read")];
+    assert!(
+        value(&first, "wv_vm_device_bytes_total", &read).is_some(),
+        "both directions are reported:\n{first}"
+    );
+    let (b0, n0) = (bytes(&first).unwrap(), ops(&first).unwrap());
+    let second = scrape_until(&d, "the writer's disk bytes and operations growing", |t| {
+        bytes(t).is_some_and(|b| b > b0) && ops(t).is_some_and(|n| n > n0)
+    });
+    promtool_accepts(&second);
+    assert!(
+        bytes(&second).unwrap() >= 512.0 * ops(&second).unwrap(),
+        "whole sectors:\n{second}"
+    );
+    let r = d.wv(&["vm", "stop", "writer"]);
+    assert_eq!(r.status, Some(0), "{r}");
 
     // The same document over TCP; a method other than GET is a 405 that names GET.
     let tcp = std::net::TcpStream::connect(&addr).unwrap();

@@ -150,6 +150,18 @@ fn the_vmm_matches_its_openapi_document() {
         names.iter().any(|n| n.starts_with("virtio-blk")),
         "{counters}"
     );
+    // The disk the VMM serves counts its data path; the entropy device has none.
+    let dev = |prefix: &str| {
+        counters["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"].as_str().unwrap().starts_with(prefix))
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(dev("virtio-blk")["io"]["kind"], "disk", "{counters}");
+    assert!(dev("virtio-rng").get("io").is_none(), "{counters}");
     assert!(
         counters["vcpus"].as_array().unwrap().len() <= 1,
         "{counters}"

@@ -2,8 +2,11 @@
 //! chromium-driver over the WebDriver protocol (a few JSON requests, made here with std alone):
 //! refused without the token, logged in with it, a running probe guest's world in the table,
 //! its CPU plot gaining points, its serial console typed into and echoed (the probe's `echo`
-//! test), paused and resumed from the page. A screenshot of the page is saved as
-//! `web-console.png` in the test's target directory (`CARGO_TARGET_TMPDIR`).
+//! test), paused and resumed from the page; a second guest doing disk and network I/O (the
+//! probe's `persist` disk writer, then `netbench`), whose exits-by-cause, disk and net plots
+//! gain points and show the writes and frames sent. A screenshot of the page (that guest's
+//! plots) is saved as `web-console.png` in the test's target directory
+//! (`CARGO_TARGET_TMPDIR`).
 
 mod common;
 use common::daemon::Daemon;
@@ -166,9 +169,15 @@ impl Browser {
         }
     }
 
+    /// Clicks the element `css` from inside the page, found and clicked in one script: the
+    /// table is drawn again each second, and a WebDriver click on an element found a moment
+    /// before may land on one just replaced (seen: a pause or a plot button click lost).
     fn click(&self, css: &str) {
-        let id = self.find(css);
-        self.call("POST", &format!("/element/{id}/click"), Some(json!({})));
+        let js = format!(
+            "const e = document.querySelector({}); if (!e) return false; e.click(); return true",
+            Value::from(css)
+        );
+        self.until(&js, &format!("no {css} to click"));
     }
 
     fn keys(&self, css: &str, text: &str) {
@@ -182,13 +191,23 @@ impl Browser {
 
     /// Waits (up to 30 s) until `js` returns true.
     fn until(&self, js: &str, what: &str) {
+        self.until_within(js, what, Duration::from_secs(30));
+    }
+
+    /// Waits (up to 120 s: a guest's workload ahead of it may be slow where guest kernel code
+    /// is emulated) until `js` returns true.
+    fn until_long(&self, js: &str, what: &str) {
+        self.until_within(js, what, Duration::from_secs(120));
+    }
+
+    fn until_within(&self, js: &str, what: &str, limit: Duration) {
         let t = Instant::now();
         loop {
             let v = self.script(js);
             if v == Value::Bool(true) {
                 return;
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "{what}: {v}");
+            assert!(t.elapsed() < limit, "{what}: {v}");
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -249,6 +268,26 @@ fn the_web_console_in_a_browser() {
     ]);
     assert_eq!(r.status, Some(0), "{r}");
     d.json(&["vm", "start", "probe"]);
+    // The I/O guest: a raw disk its VMM serves, a net on the daemon's switch; it writes the
+    // disk every 5 ms for 8 s, then sends 20000 frames, then waits.
+    let disk = dir.file("io.img", &vec![0u8; 8 << 20]);
+    assert_eq!(d.wv(&["net", "create", "lan"]).status, Some(0));
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "io",
+        "--memory",
+        "64M",
+        "--disk",
+        &format!("path={},id=data", disk.display()),
+        "--net",
+        "network=lan",
+        "--cmdline",
+        "console=ttyS0 probe.tests=persist,netbench,hang probe.persist_mib=1 probe.persist_ms=8000 \
+         probe.persist_disk=1 probe.persist_disk_ms=5 probe.frames=20000",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    d.json(&["vm", "start", "io"]);
     let token = std::fs::read_to_string(d.state.join("api-token")).unwrap();
     let base = format!("http://{addr}");
 
@@ -317,7 +356,8 @@ fn the_web_console_in_a_browser() {
     // Pause and resume from the page; the daemon agrees.
     b.click(&format!("{row} button.pause"));
     b.until(
-        &format!("return document.querySelector('{row} .state').textContent === 'paused'"),
+        &format!("return document.querySelector('{row} .state').textContent === 'paused' \
+                  || document.querySelector('{row} .state').textContent + ': ' + document.querySelector('#error').textContent"),
         "paused",
     );
     assert_eq!(d.json(&["vm", "info", "probe"])["state"], "paused");
@@ -328,6 +368,82 @@ fn the_web_console_in_a_browser() {
     );
     assert_eq!(d.json(&["vm", "info", "probe"])["state"], "running");
 
+    // The I/O guest's plots: exits by cause, and its disk's and net's bytes and operations.
+    b.click("tr[data-name=\"io\"] button.plot");
+    b.until(
+        "const p = window.wvPlots; \
+         if (!!p && document.querySelector('#plotname').textContent === 'io' \
+             && p.exits.series.length > 2 && p.exits.data[0].length >= 2) return true; \
+         return p ? JSON.stringify({exits: p.exits.series.map(s => s.label), points: p.exits.data[0].length, \
+             disks: p.disks.series.map(s => s.label), nets: p.nets.series.map(s => s.label)}) : null",
+        "the exits plot has points and causes (series beyond the time axis and 'all')",
+    );
+    let n = b
+        .script("return window.wvPlots.exits.data[0].length")
+        .as_u64()
+        .unwrap();
+    b.until(
+        &format!("return window.wvPlots.exits.data[0].length > {n}"),
+        "the exits-by-cause plot gains points",
+    );
+    // A series named `label` of `chart` has a point above 0.
+    let moved = |chart: &str, label: &str| {
+        format!(
+            "const p = window.wvPlots.{chart}; const i = p.series.findIndex(s => s.label === '{label}'); \
+             return i > 0 && p.data[i].some(v => v > 0)"
+        )
+    };
+    b.until_long(
+        &moved("disks", "data write B/s"),
+        "the disk plot shows the writes",
+    );
+    b.until_long(
+        &moved("disks", "data write ops/s"),
+        "the disk plot shows write operations",
+    );
+    let n = b
+        .script("return window.wvPlots.disks.data[0].length")
+        .as_u64()
+        .unwrap();
+    b.until(
+        &format!("return window.wvPlots.disks.data[0].length > {n}"),
+        "the disk plot gains points",
+    );
+    b.until_long(
+        &moved("nets", "lan tx B/s"),
+        "the net plot shows the frames sent",
+    );
+    b.until_long(
+        &moved("nets", "lan tx frames/s"),
+        "the net plot shows frames per second",
+    );
+    // What the page plotted, from the API: as documented, the disk served by the VMM and the
+    // net served by the switch, and the causes KVM counted.
+    let (st, body) = d.raw(b"GET /v1/history HTTP/1.1\r\nHost: wv\r\n\r\n");
+    assert_eq!(st, 200, "{body}");
+    let h: Value = serde_json::from_str(&body).unwrap();
+    let doc = common::openapi::document("openapi.json");
+    common::openapi::validate(
+        &doc,
+        &json!({"$ref": "#/components/schemas/History"}),
+        &h,
+        "GET /v1/history",
+    );
+    let io = h["worlds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "io")
+        .unwrap_or_else(|| panic!("no io world: {h}"));
+    let kinds: Vec<(&str, &str)> = io["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("data", "disk"), ("lan", "net")], "{io}");
+    assert!(!io["exit_causes"].as_object().unwrap().is_empty(), "{io}");
+
     let png = b.call("GET", "/screenshot", None);
     let png = unbase64(png.as_str().expect("a screenshot"));
     assert!(png.starts_with(b"\x89PNG"), "not a PNG");
@@ -336,5 +452,6 @@ fn the_web_console_in_a_browser() {
     eprintln!("web console screenshot: {}", out.display());
     drop(b);
     d.json(&["vm", "stop", "probe"]);
+    d.json(&["vm", "stop", "io"]);
     d.stop();
 }
