@@ -399,6 +399,14 @@ impl Gate {
         self.cv.notify_all();
     }
 
+    /// Adds flow `id` with settings `s` if it is not known (a known one keeps its own).
+    pub fn ensure(&self, id: usize, s: Settings) {
+        let mut st = lock(&self.st);
+        if st.sched.settings(id).is_none() {
+            st.sched.set(id, s);
+        }
+    }
+
     /// Flow `id`'s settings, if known.
     pub fn settings(&self, id: usize) -> Option<Settings> {
         lock(&self.st).sched.settings(id)

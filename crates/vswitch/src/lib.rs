@@ -13,6 +13,17 @@
 //! `DIR/control.sock` (a line `stats`), which also takes networks and ports at run time
 //! (`net add NAME [uplink=TAP]`, `net del NAME`, `port add NET/PORT`, `port del NET/PORT`,
 //! `nets`: [`Switch::control`]).
+//!
+//! Shares (mClock-style, [`wv_shares`]): each port has shares, a reservation and a limit in bits
+//! per second (`port set NET/PORT shares=N reservation=BPS limit=BPS`). A port's limit holds for
+//! everything it sends: its transmit thread waits until the limit lets the next frame go, the
+//! frame staying in its guest's ring meanwhile. Each destination (a VM port, an uplink) has a
+//! dispatcher whose flows are the ports sending to it: a unicast frame goes when the dispatcher
+//! says it is its sender's turn, reservations first, then by shares. A destination is contended
+//! when its guest has no receive buffer for a sender while others wait too, or when its `rate=BPS`
+//! (a link speed, needed for an uplink, whose TAP takes every frame) would be exceeded: then
+//! the frame waits in the sender's ring, uncopied, until its turn and a buffer come (at most
+//! [`SHARES_MAX_WAIT`], then it is dropped and counted). Flooded frames are not scheduled.
 
 #![allow(clippy::cast_possible_truncation)] // frame lengths are bounded by MAX_FRAME, chain counts by 4
 
@@ -36,6 +47,14 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use wv_virtio::vu_backend::{serve_frontends, ExitEvents};
+
+/// Longest a frame waits for its turn at a contended destination or for its sender's limit.
+pub const SHARES_MAX_WAIT: Duration = Duration::from_millis(500);
+/// How long a destination with no receive buffer is left alone before senders look again (its
+/// guest's kick ends it sooner).
+const STALL: Duration = Duration::from_millis(2);
+/// Bytes a port idle for a while may get ahead of its entitlement.
+const BURST_BYTES: f64 = 64.0 * 1024.0;
 
 /// How long a learned MAC address stays without being seen again.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
@@ -104,6 +123,10 @@ pub struct PortCounters {
     pub dropped_no_buffer: AtomicU64,
     /// Frames from this port addressed to a MAC of another network.
     pub dropped_isolated: AtomicU64,
+    /// Frames from this port that waited for their turn, the destination or its limit.
+    pub sched_delayed: AtomicU64,
+    /// Frames from this port dropped after waiting [`SHARES_MAX_WAIT`].
+    pub sched_dropped: AtomicU64,
 }
 
 impl PortCounters {
@@ -130,6 +153,16 @@ pub struct PortStats {
     pub dropped_malformed: u64,
     pub dropped_no_buffer: u64,
     pub dropped_isolated: u64,
+    /// Its shares, and its reservation and limit in bits per second (0: none).
+    pub shares: u32,
+    pub reservation_bps: u64,
+    pub limit_bps: u64,
+    /// Its capacity as a destination, in bits per second (0: what its guest takes).
+    pub rate_bps: u64,
+    pub sched_delayed: u64,
+    pub sched_dropped: u64,
+    /// Bits per second it sent over the last window of at least a second.
+    pub tx_rate_bps: u64,
 }
 
 /// The receive side of a VM port: its guest's memory and receive queue while connected, and
@@ -159,6 +192,12 @@ struct Port {
     kind: Kind,
     rx: Mutex<RxSide>,
     counters: PortCounters,
+    /// Its shares, reservation and limit (bytes per second).
+    shares: Mutex<wv_shares::Settings>,
+    /// Its limit (flow 0 of a gate of its own: every frame it sends passes it).
+    limiter: wv_shares::Gate,
+    /// The dispatcher of the frames sent to it (flows: the sending ports' indexes).
+    gate: wv_shares::Gate,
     /// Set once the port is deleted: its threads end.
     removed: AtomicBool,
 }
@@ -358,6 +397,9 @@ impl Switch {
             lock(&n.macs).retain(|_, (port, _)| *port != i);
         }
         p.removed.store(true, Ordering::SeqCst);
+        for q in t.ports.iter().flatten() {
+            q.gate.remove(i);
+        }
         Some(p)
     }
 
@@ -507,8 +549,28 @@ impl Switch {
                     .map(|s| serde_json::json!({ "ok": true, "socket": s }))
             }),
             ["port", "del", a] => net_port(a).and_then(|(n, p)| self.del_port(&n, &p).map(|()| ok)),
+            ["port", "set", a, args @ ..] => net_port(a).and_then(|(n, p)| {
+                let (mut sh, mut res, mut lim, mut rate) = (None, None, None, None);
+                for arg in args {
+                    let bad = || {
+                        format!(
+                            "port set {a}: '{}': expected shares=N, reservation=BPS, limit=BPS or rate=BPS",
+                            arg.escape_debug()
+                        )
+                    };
+                    let (k, v) = arg.split_once('=').ok_or_else(bad)?;
+                    match k {
+                        "shares" => sh = Some(v.parse().map_err(|_| bad())?),
+                        "reservation" => res = Some(v.parse().map_err(|_| bad())?),
+                        "limit" => lim = Some(v.parse().map_err(|_| bad())?),
+                        "rate" => rate = Some(v.parse().map_err(|_| bad())?),
+                        _ => return Err(bad()),
+                    }
+                }
+                self.set_shares(&n, &p, sh, res, lim, rate).map(|()| ok.clone())
+            }),
             _ => Err(format!(
-                "unknown request '{}' (stats, nets, net add NAME [uplink=TAP], net del NAME, port add NET/PORT, port del NET/PORT)",
+                "unknown request '{}' (stats, nets, net add NAME [uplink=TAP], net del NAME, port add NET/PORT, port del NET/PORT, port set NET/PORT [shares=N] [reservation=BPS] [limit=BPS] [rate=BPS])",
                 line.trim().escape_debug()
             )),
         })
@@ -540,6 +602,7 @@ impl Switch {
             .map(|p| {
                 let c = &p.counters;
                 let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                let set = *lock(&p.shares);
                 PortStats {
                     network: t
                         .network(p.network)
@@ -564,6 +627,13 @@ impl Switch {
                     dropped_malformed: g(&c.dropped_malformed),
                     dropped_no_buffer: g(&c.dropped_no_buffer),
                     dropped_isolated: g(&c.dropped_isolated),
+                    shares: set.shares,
+                    reservation_bps: set.reservation.saturating_mul(8),
+                    limit_bps: set.limit.saturating_mul(8),
+                    rate_bps: p.gate.capacity().saturating_mul(8),
+                    sched_delayed: g(&c.sched_delayed),
+                    sched_dropped: g(&c.sched_dropped),
+                    tx_rate_bps: p.limiter.stats(0).map_or(0, |s| (s.rate * 8.0) as u64),
                 }
             })
             .collect()
@@ -604,7 +674,7 @@ impl Switch {
         };
         match to {
             Some(port) if port == from => {}
-            Some(port) => Self::deliver(&t, port, src),
+            Some(port) => Self::deliver_scheduled(&t, from, port, src),
             None => {
                 if dst[0] & 1 == 0 && Self::known_elsewhere(&t, p.network, &dst, now) {
                     PortCounters::add(&p.counters.dropped_isolated, 1);
@@ -703,6 +773,129 @@ impl Switch {
     /// The guest of VM port `port` posted receive buffers: delivers what waits for them.
     fn flush(p: &Port) {
         lock(&p.rx).drain(&p.counters);
+        p.gate.kick();
+    }
+
+    /// Delivers a unicast frame from port `from` to port `to` when `to`'s dispatcher says it
+    /// is `from`'s turn (at once if `to` is not contended), waiting in `from`'s thread; after
+    /// [`SHARES_MAX_WAIT`] it is dropped and counted.
+    fn deliver_scheduled(t: &Table, from: usize, to: usize, src: &Source) {
+        let (Some(s), Some(d)) = (t.port(from), t.port(to)) else {
+            return;
+        };
+        if matches!(d.kind, Kind::Vm) && lock(&d.rx).vring.is_none() {
+            // Nobody to schedule for: dropped and counted there.
+            return Self::deliver(t, to, src);
+        }
+        let set = *lock(&s.shares);
+        d.gate.ensure(from, wv_shares::Settings { limit: 0, ..set });
+        let cost = (src.len() - VNET_HDR) as f64;
+        let deadline = Instant::now() + SHARES_MAX_WAIT;
+        let mut delayed = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(g) = d.gate.acquire(from, cost, left) else {
+                PortCounters::add(&s.counters.sched_dropped, 1);
+                return;
+            };
+            delayed |= g.waited;
+            if let Kind::Vm = d.kind {
+                let mut rx = lock(&d.rx);
+                if !rx.pending.is_empty() {
+                    rx.drain(&d.counters);
+                }
+                if rx.pending.is_empty() || d.gate.others_waiting(from) {
+                    if let Some(()) = Self::put_counted(&mut rx, &d.counters, src) {
+                        d.gate.release(g);
+                        break;
+                    }
+                    if d.gate.others_waiting(from) {
+                        // Contended and no buffer: the frame stays in its sender's ring; whose
+                        // turn it is when buffers come is the dispatcher's say.
+                        drop(rx);
+                        d.gate.refund(g, STALL);
+                        delayed = true;
+                        continue;
+                    }
+                }
+                drop(rx);
+            }
+            Self::deliver(t, to, src);
+            d.gate.release(g);
+            break;
+        }
+        if delayed {
+            PortCounters::add(&s.counters.sched_delayed, 1);
+        }
+    }
+
+    /// Puts the frame into the guest's buffers, counted; None if there is none for it.
+    fn put_counted(rx: &mut RxSide, c: &PortCounters, src: &Source) -> Option<()> {
+        let n = (src.len() - VNET_HDR) as u64;
+        match rx.put(src) {
+            Put::Done => {
+                PortCounters::add(&c.rx_frames, 1);
+                PortCounters::add(&c.rx_bytes, n);
+                PortCounters::add(&c.copies, 1);
+                PortCounters::add(&c.copied_bytes, n);
+            }
+            Put::Bad => PortCounters::add(&c.dropped_malformed, 1),
+            Put::TooBig => PortCounters::add(&c.dropped_no_buffer, 1),
+            Put::NoBuffer => return None,
+        }
+        Some(())
+    }
+
+    /// Sets port `port` of `network`'s shares, reservation and limit (bits per second; what
+    /// is None stays) and, as a destination, its rate (bits per second, 0: none).
+    pub fn set_shares(
+        &self,
+        network: &str,
+        port: &str,
+        shares: Option<u32>,
+        reservation_bps: Option<u64>,
+        limit_bps: Option<u64>,
+        rate_bps: Option<u64>,
+    ) -> Result<(), String> {
+        let t = self.read();
+        let i = t.port_index(network, port).ok_or_else(|| {
+            format!(
+                "network '{}' has no port '{}'",
+                network.escape_debug(),
+                port.escape_debug()
+            )
+        })?;
+        let p = t.port(i).expect("indexed");
+        let mut set = *lock(&p.shares);
+        if let Some(n) = shares {
+            set.shares = n;
+        }
+        if let Some(r) = reservation_bps {
+            set.reservation = r / 8;
+        }
+        if let Some(l) = limit_bps {
+            set.limit = l / 8;
+        }
+        set.check()
+            .map_err(|e| format!("port {network}/{port}: {e}"))?;
+        *lock(&p.shares) = set;
+        p.limiter.set(
+            0,
+            wv_shares::Settings {
+                shares: 1,
+                reservation: 0,
+                limit: set.limit,
+            },
+        );
+        for q in t.ports.iter().flatten() {
+            if q.gate.settings(i).is_some() {
+                q.gate.set(i, wv_shares::Settings { limit: 0, ..set });
+            }
+        }
+        if let Some(r) = rate_bps {
+            p.gate.set_capacity(r / 8);
+        }
+        Ok(())
     }
 }
 
@@ -747,6 +940,9 @@ impl Port {
             kind,
             rx: Mutex::default(),
             counters: PortCounters::default(),
+            shares: Mutex::new(wv_shares::Settings::default()),
+            limiter: wv_shares::Gate::new(0, usize::MAX, BURST_BYTES),
+            gate: wv_shares::Gate::new(0, 1, BURST_BYTES),
             removed: AtomicBool::new(false),
         }
     }
@@ -934,17 +1130,26 @@ impl PortBackend {
         let c = &self.p.counters;
         let mut any = false;
         loop {
-            let mut st = vring.get_mut();
-            let q = st.get_queue_mut();
-            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+            // The queue is not held while the frame waits for its turn or is copied (the
+            // frontend's messages are served meanwhile).
+            let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem) else {
                 break;
             };
             let head = chain.head_index();
             match Segments::read_tx(chain, &*mem) {
                 Ok(s) => {
-                    // The queue stays locked while the frame is copied: the receivers' locks
-                    // are never held while taking a transmit queue, so this cannot deadlock.
-                    self.sw.forward(self.port, &Source::Guest(&mem, &s));
+                    // The port's limit first: the frame waits in this thread (and its ring).
+                    let cost = s.len().saturating_sub(VNET_HDR) as f64;
+                    match self.p.limiter.acquire(0, cost, SHARES_MAX_WAIT) {
+                        Some(g) => {
+                            if g.waited {
+                                PortCounters::add(&c.sched_delayed, 1);
+                            }
+                            self.p.limiter.release(g);
+                            self.sw.forward(self.port, &Source::Guest(&mem, &s));
+                        }
+                        None => PortCounters::add(&c.sched_dropped, 1),
+                    }
                 }
                 Err(
                     Bad::Direction
@@ -956,7 +1161,12 @@ impl PortBackend {
                     PortCounters::add(&c.dropped_malformed, 1);
                 }
             }
-            if q.add_used(&*mem, head, 0).is_err() {
+            if vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(&*mem, head, 0)
+                .is_err()
+            {
                 break;
             }
             any = true;
