@@ -55,6 +55,14 @@ pub const SHARES_MAX_WAIT: Duration = Duration::from_millis(500);
 const STALL: Duration = Duration::from_millis(2);
 /// Bytes a port idle for a while may get ahead of its entitlement.
 const BURST_BYTES: f64 = 64.0 * 1024.0;
+/// How long a destination keeps the turn of a sender with more frames in its ring while the
+/// sender's thread comes back with the next one ([`wv_shares::Gate::acquire_with`]): without
+/// it, a turn that comes while the sender is between two frames goes to the others, and the
+/// shares flatten.
+const ANTICIPATION: Duration = Duration::from_millis(1);
+/// Transmit chains returned to a guest before it is told (rather than once its ring is empty:
+/// a sender waiting for its turn gets its buffers back meanwhile).
+const TX_SIGNAL_BATCH: usize = 16;
 
 /// How long a learned MAC address stays without being seen again.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
@@ -397,6 +405,9 @@ impl Switch {
             lock(&n.macs).retain(|_, (port, _)| *port != i);
         }
         p.removed.store(true, Ordering::SeqCst);
+        // Senders waiting for its turn or for its limit stop waiting (nothing is held by them).
+        p.gate.close();
+        p.limiter.close();
         for q in t.ports.iter().flatten() {
             q.gate.remove(i);
         }
@@ -641,18 +652,23 @@ impl Switch {
 
     /// Switches one frame (vnet header first) that entered at port `from`.
     pub fn forward(&self, from: usize, src: &Source) {
+        self.forward_with(from, src, false);
+    }
+
+    /// As [`Switch::forward`]; `then_more`: port `from` has more frames to send right after
+    /// this one. A unicast frame to a VM port or an uplink waits for its turn at that
+    /// destination's dispatcher *without the table locked* (other ports and control requests
+    /// go on meanwhile); the destination whose dispatcher keeps `from`'s turn (`then_more`),
+    /// if any.
+    fn forward_with(&self, from: usize, src: &Source, then_more: bool) -> Option<Arc<Port>> {
         let t = self.read();
-        let Some(p) = t.port(from) else {
-            return;
-        };
-        let Some(net) = t.network(p.network) else {
-            return;
-        };
+        let p = t.port(from)?;
+        let net = t.network(p.network)?;
         let len = src.len();
         let mut eth = [0u8; 12];
         if !(VNET_HDR + 14..=MAX_FRAME).contains(&len) || !src.peek(VNET_HDR, &mut eth) {
             PortCounters::add(&p.counters.dropped_malformed, 1);
-            return;
+            return None;
         }
         PortCounters::add(&p.counters.tx_frames, 1);
         PortCounters::add(&p.counters.tx_bytes, (len - VNET_HDR) as u64);
@@ -673,18 +689,27 @@ impl Switch {
             }
         };
         match to {
-            Some(port) if port == from => {}
-            Some(port) => Self::deliver_scheduled(&t, from, port, src),
+            Some(port) if port == from => None,
+            Some(port) => {
+                // Reference counts, not allocations: the two ports outlive the table's lock.
+                let (s, d) = (p.clone(), t.port(port)?.clone());
+                drop(t);
+                Self::deliver_scheduled(&s, from, &d, src, then_more).then_some(d)
+            }
             None => {
                 if dst[0] & 1 == 0 && Self::known_elsewhere(&t, p.network, &dst, now) {
                     PortCounters::add(&p.counters.dropped_isolated, 1);
-                    return;
+                    return None;
                 }
+                // Flooded frames are not scheduled: nothing waits here.
                 for &port in &net.ports {
                     if port != from {
-                        Self::deliver(&t, port, src);
+                        if let Some(d) = t.port(port) {
+                            Self::deliver(d, src);
+                        }
                     }
                 }
+                None
             }
         }
     }
@@ -701,12 +726,9 @@ impl Switch {
         })
     }
 
-    /// Delivers a frame to port `to`: to its TAP, into its guest's receive buffers, or into
+    /// Delivers a frame to port `p`: to its TAP, into its guest's receive buffers, or into
     /// one of its slots while the guest has posted none.
-    fn deliver(t: &Table, to: usize, src: &Source) {
-        let Some(p) = t.port(to) else {
-            return;
-        };
+    fn deliver(p: &Port, src: &Source) {
         let c = &p.counters;
         let n = src.len() - VNET_HDR;
         match &p.kind {
@@ -770,22 +792,27 @@ impl Switch {
         }
     }
 
-    /// The guest of VM port `port` posted receive buffers: delivers what waits for them.
+    /// The guest of VM port `port` posted receive buffers: delivers what waits for them, and
+    /// ends a stall of its dispatcher. Under the port's receive lock, as a sender's refund
+    /// ([`Switch::deliver_scheduled`]) is: a kick that comes while a sender finds no buffer
+    /// ends the stall that sender sets, it is not lost.
     fn flush(p: &Port) {
-        lock(&p.rx).drain(&p.counters);
+        let mut rx = lock(&p.rx);
+        rx.drain(&p.counters);
         p.gate.kick();
+        drop(rx);
     }
 
-    /// Delivers a unicast frame from port `from` to port `to` when `to`'s dispatcher says it
-    /// is `from`'s turn (at once if `to` is not contended), waiting in `from`'s thread; after
-    /// [`SHARES_MAX_WAIT`] it is dropped and counted.
-    fn deliver_scheduled(t: &Table, from: usize, to: usize, src: &Source) {
-        let (Some(s), Some(d)) = (t.port(from), t.port(to)) else {
-            return;
-        };
+    /// Delivers a unicast frame from port `s` (index `from`) to port `d` when `d`'s dispatcher
+    /// says it is `from`'s turn (at once if `d` is not contended), waiting in `from`'s thread
+    /// with no lock held; after [`SHARES_MAX_WAIT`] (or if `d` goes) it is dropped and
+    /// counted. `then_more`: `from` has another frame right after (its turn is kept for it).
+    /// Whether `d`'s dispatcher keeps `from`'s turn.
+    fn deliver_scheduled(s: &Port, from: usize, d: &Port, src: &Source, then_more: bool) -> bool {
         if matches!(d.kind, Kind::Vm) && lock(&d.rx).vring.is_none() {
             // Nobody to schedule for: dropped and counted there.
-            return Self::deliver(t, to, src);
+            Self::deliver(d, src);
+            return false;
         }
         let set = *lock(&s.shares);
         d.gate.ensure(from, wv_shares::Settings { limit: 0, ..set });
@@ -794,9 +821,9 @@ impl Switch {
         let mut delayed = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Some(g) = d.gate.acquire(from, cost, left) else {
+            let Some(g) = d.gate.acquire_with(from, cost, left, then_more) else {
                 PortCounters::add(&s.counters.sched_dropped, 1);
-                return;
+                return false;
             };
             delayed |= g.waited;
             if let Kind::Vm = d.kind {
@@ -804,29 +831,33 @@ impl Switch {
                 if !rx.pending.is_empty() {
                     rx.drain(&d.counters);
                 }
-                if rx.pending.is_empty() || d.gate.others_waiting(from) {
+                let contended = d.gate.others_waiting(from);
+                if rx.pending.is_empty() || contended {
                     if let Some(()) = Self::put_counted(&mut rx, &d.counters, src) {
+                        drop(rx);
                         d.gate.release(g);
                         break;
                     }
-                    if d.gate.others_waiting(from) {
-                        // Contended and no buffer: the frame stays in its sender's ring; whose
-                        // turn it is when buffers come is the dispatcher's say.
-                        drop(rx);
+                    if contended {
+                        // Contended and no buffer: the frame stays in its sender's ring, whose
+                        // turn it is when buffers come is the dispatcher's say. Refunded under
+                        // the receive lock: the guest's kick (flush) ends this stall.
                         d.gate.refund(g, STALL);
+                        drop(rx);
                         delayed = true;
                         continue;
                     }
                 }
                 drop(rx);
             }
-            Self::deliver(t, to, src);
+            Self::deliver(d, src);
             d.gate.release(g);
             break;
         }
         if delayed {
             PortCounters::add(&s.counters.sched_delayed, 1);
         }
+        then_more
     }
 
     /// Puts the frame into the guest's buffers, counted; None if there is none for it.
@@ -942,7 +973,11 @@ impl Port {
             counters: PortCounters::default(),
             shares: Mutex::new(wv_shares::Settings::default()),
             limiter: wv_shares::Gate::new(0, usize::MAX, BURST_BYTES),
-            gate: wv_shares::Gate::new(0, 1, BURST_BYTES),
+            gate: {
+                let g = wv_shares::Gate::new(0, 1, BURST_BYTES);
+                g.set_anticipation(ANTICIPATION);
+                g
+            },
             removed: AtomicBool::new(false),
         }
     }
@@ -1128,12 +1163,22 @@ impl PortBackend {
         };
         let mem = mem.memory();
         let c = &self.p.counters;
-        let mut any = false;
+        let mut unsignalled = 0usize;
+        // The destination keeping this port's turn (its next frame is expected there).
+        let mut held: Option<Arc<Port>> = None;
         loop {
             // The queue is not held while the frame waits for its turn or is copied (the
             // frontend's messages are served meanwhile).
-            let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem) else {
-                break;
+            let (chain, more) = {
+                let mut st = vring.get_mut();
+                let q = st.get_queue_mut();
+                let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                let more = q
+                    .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|a| a.0 != q.next_avail());
+                (chain, more)
             };
             let head = chain.head_index();
             match Segments::read_tx(chain, &*mem) {
@@ -1146,7 +1191,19 @@ impl PortBackend {
                                 PortCounters::add(&c.sched_delayed, 1);
                             }
                             self.p.limiter.release(g);
-                            self.sw.forward(self.port, &Source::Guest(&mem, &s));
+                            // Its next frame comes right after unless the limit holds it.
+                            let then_more = more && self.p.limiter.limit_ready(0);
+                            let now = self.sw.forward_with(
+                                self.port,
+                                &Source::Guest(&mem, &s),
+                                then_more,
+                            );
+                            if let Some(h) = held.take() {
+                                if !now.as_ref().is_some_and(|n| Arc::ptr_eq(n, &h)) {
+                                    h.gate.unhold(self.port);
+                                }
+                            }
+                            held = now;
                         }
                         None => PortCounters::add(&c.sched_dropped, 1),
                     }
@@ -1169,9 +1226,18 @@ impl PortBackend {
             {
                 break;
             }
-            any = true;
+            unsignalled += 1;
+            if unsignalled >= TX_SIGNAL_BATCH {
+                unsignalled = 0;
+                if vring.needs_notification().unwrap_or(true) {
+                    let _ = vring.signal_used_queue();
+                }
+            }
         }
-        if any && vring.needs_notification().unwrap_or(true) {
+        if let Some(h) = held {
+            h.gate.unhold(self.port);
+        }
+        if unsignalled > 0 && vring.needs_notification().unwrap_or(true) {
             let _ = vring.signal_used_queue();
         }
     }
