@@ -1039,6 +1039,12 @@ fn ports_share_a_receiver_by_shares_reservations_and_limits() {
         (mbps[1] - 35.0).abs() <= 3.5,
         "the rest to the 2-share port: {mbps:?}"
     );
+    // One copy per frame: every delivery into the receiver is one copy, and a frame held in a
+    // slot (the receiver out of buffers, no other sender waiting) one more; frames waiting for
+    // their turn wait uncopied in their sender's ring.
+    let r = port(&stats(&d), "n", "rx").clone();
+    let g = |k: &str| r[k].as_u64().unwrap();
+    assert_eq!(g("copies"), g("rx_frames") + g("queued"), "{r}");
     let s3 = port(&stats(&d), "n", "s3").clone();
     assert!(s3["sched_delayed"].as_u64().unwrap() > 0, "{s3}");
     assert_eq!(s3["limit_bps"], 15_000_000);
