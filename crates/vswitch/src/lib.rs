@@ -24,6 +24,10 @@
 //! (a link speed, needed for an uplink, whose TAP takes every frame) would be exceeded: then
 //! the frame waits in the sender's ring, uncopied, until its turn and a buffer come (at most
 //! [`SHARES_MAX_WAIT`], then it is dropped and counted). Flooded frames are not scheduled.
+//! A sender waits in its own transmit thread with no lock of the switch held (other ports and
+//! control requests go on); a sender with more frames in its ring keeps its turn at the
+//! destination while it comes back with the next one ([`ANTICIPATION`]), so that its shares do
+//! not flatten. docs/NETWORK.md has the whole design.
 
 #![allow(clippy::cast_possible_truncation)] // frame lengths are bounded by MAX_FRAME, chain counts by 4
 
@@ -652,22 +656,42 @@ impl Switch {
 
     /// Switches one frame (vnet header first) that entered at port `from`.
     pub fn forward(&self, from: usize, src: &Source) {
-        self.forward_with(from, src, false);
+        self.forward_with(from, src, false, None);
     }
 
     /// As [`Switch::forward`]; `then_more`: port `from` has more frames to send right after
     /// this one. A unicast frame to a VM port or an uplink waits for its turn at that
     /// destination's dispatcher *without the table locked* (other ports and control requests
     /// go on meanwhile); the destination whose dispatcher keeps `from`'s turn (`then_more`),
-    /// if any.
-    fn forward_with(&self, from: usize, src: &Source, then_more: bool) -> Option<Arc<Port>> {
+    /// if any. `held`: the destination that kept `from`'s turn for this frame; given back at
+    /// once (before any wait) if the frame goes elsewhere.
+    fn forward_with(
+        &self,
+        from: usize,
+        src: &Source,
+        then_more: bool,
+        held: Option<Arc<Port>>,
+    ) -> Option<Arc<Port>> {
+        let give_back = |to: Option<&Arc<Port>>| {
+            if let Some(h) = &held {
+                if !to.is_some_and(|d| Arc::ptr_eq(d, h)) {
+                    h.gate.unhold(from);
+                }
+            }
+        };
         let t = self.read();
-        let p = t.port(from)?;
-        let net = t.network(p.network)?;
+        let (Some(p), Some(net)) = (
+            t.port(from),
+            t.port(from).and_then(|p| t.network(p.network)),
+        ) else {
+            give_back(None);
+            return None;
+        };
         let len = src.len();
         let mut eth = [0u8; 12];
         if !(VNET_HDR + 14..=MAX_FRAME).contains(&len) || !src.peek(VNET_HDR, &mut eth) {
             PortCounters::add(&p.counters.dropped_malformed, 1);
+            give_back(None);
             return None;
         }
         PortCounters::add(&p.counters.tx_frames, 1);
@@ -688,11 +712,15 @@ impl Switch {
                 None
             }
         };
+        let dest = to
+            .filter(|&port| port != from)
+            .and_then(|port| t.port(port));
+        give_back(dest);
         match to {
             Some(port) if port == from => None,
-            Some(port) => {
+            Some(_) => {
                 // Reference counts, not allocations: the two ports outlive the table's lock.
-                let (s, d) = (p.clone(), t.port(port)?.clone());
+                let (s, d) = (p.clone(), dest?.clone());
                 drop(t);
                 Self::deliver_scheduled(&s, from, &d, src, then_more).then_some(d)
             }
@@ -1193,17 +1221,12 @@ impl PortBackend {
                             self.p.limiter.release(g);
                             // Its next frame comes right after unless the limit holds it.
                             let then_more = more && self.p.limiter.limit_ready(0);
-                            let now = self.sw.forward_with(
+                            held = self.sw.forward_with(
                                 self.port,
                                 &Source::Guest(&mem, &s),
                                 then_more,
+                                held.take(),
                             );
-                            if let Some(h) = held.take() {
-                                if !now.as_ref().is_some_and(|n| Arc::ptr_eq(n, &h)) {
-                                    h.gate.unhold(self.port);
-                                }
-                            }
-                            held = now;
                         }
                         None => PortCounters::add(&c.sched_dropped, 1),
                     }
