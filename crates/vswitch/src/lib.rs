@@ -26,7 +26,7 @@
 //! [`SHARES_MAX_WAIT`], then it is dropped and counted). Flooded frames are not scheduled.
 //! A sender waits in its own transmit thread with no lock of the switch held (other ports and
 //! control requests go on); a sender with more frames in its ring keeps its turn at the
-//! destination while it comes back with the next one ([`ANTICIPATION`]), so that its shares do
+//! destination while it comes back with the next one (`ANTICIPATION`), so that its shares do
 //! not flatten. docs/NETWORK.md has the whole design.
 
 #![allow(clippy::cast_possible_truncation)] // frame lengths are bounded by MAX_FRAME, chain counts by 4
