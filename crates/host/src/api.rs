@@ -171,6 +171,15 @@ struct ResourceUpdate {
     reservation: Option<f64>,
     #[serde(default, deserialize_with = "no_null")]
     limit: Option<Box<RawValue>>,
+    /// Network shares of each of its switch ports.
+    #[serde(default, deserialize_with = "no_null")]
+    net_shares: Option<u32>,
+    /// Bits per second; 0 removes the reservation.
+    #[serde(default, deserialize_with = "no_null")]
+    net_reservation: Option<u64>,
+    /// Bits per second; 0 removes the limit.
+    #[serde(default, deserialize_with = "no_null")]
+    net_limit: Option<u64>,
 }
 
 /// What a `limit` in a PATCH asks for: `Ok(None)` removes the limit.
@@ -690,11 +699,17 @@ impl Daemon {
                 }
             }
             d.rebalance(&doc);
-            // The switch serves the networks, and the ports of the VMs still running.
+            // The switch serves the networks, and the ports of the VMs still running (with
+            // their settings).
             let mut all = Vec::new();
+            let mut shares = Vec::new();
             for (id, _, _) in &adopt {
                 if let Some(w) = doc.worlds.iter().find(|w| w.id == *id) {
                     let ports = switch_ports(w);
+                    let s = w.spec.net_shares();
+                    if s.any() {
+                        shares.extend(ports.iter().map(|(n, p)| (n.clone(), p.clone(), s)));
+                    }
                     all.extend(ports.iter().cloned());
                     d.ports
                         .lock()
@@ -702,7 +717,7 @@ impl Daemon {
                         .insert(*id, ports);
                 }
             }
-            d.switch.restore(doc.networks.clone(), all);
+            d.switch.restore(doc.networks.clone(), all, shares);
             // The storage service serves the disks of the VMs still running.
             let mut disks = Vec::new();
             for (id, _, _) in &adopt {
@@ -1144,7 +1159,19 @@ impl Daemon {
                 Err(r) => return r,
             }
         }
+        if let Some(n) = u.net_shares {
+            spec.net_shares = Some(n);
+        }
+        if let Some(r) = u.net_reservation {
+            spec.net_reservation = (r != 0).then_some(r);
+        }
+        if let Some(l) = u.net_limit {
+            spec.net_limit = (l != 0).then_some(l);
+        }
         if let Err(e) = sched::validate(&spec.demand()) {
+            return error(422, e);
+        }
+        if let Err(e) = spec.net_shares().validate() {
             return error(422, e);
         }
         if is_live(doc.worlds[i].state) {
@@ -1152,13 +1179,39 @@ impl Daemon {
                 return r;
             }
         }
+        let net = spec.net_shares();
+        let net_changed = net != doc.worlds[i].spec.net_shares();
         let old = std::mem::replace(&mut doc.worlds[i].spec, spec);
         if let Err(e) = self.save(&doc) {
             doc.worlds[i].spec = old;
             return e;
         }
         self.rebalance(&doc);
-        ok(200, &doc.worlds[i])
+        let reply = ok(200, &doc.worlds[i]);
+        if net_changed {
+            // Live on the ports of its run, if it has one (a later start sets them on its new
+            // ports), with the definitions unlocked: the switch's answer is not waited for
+            // under them. Stored already: a switch that fails here gets them when it
+            // restarts.
+            let id = doc.worlds[i].id;
+            drop(doc);
+            let ports = self
+                .ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned()
+                .unwrap_or_default();
+            for (n, p) in &ports {
+                if let Err(e) = self.switch.set_shares(n, p, &net) {
+                    return error(
+                        500,
+                        format!("VM '{name}': stored, but not applied to port {n}/{p}: {e}"),
+                    );
+                }
+            }
+        }
+        reply
     }
 
     /// `GET` (`body` None) and `PUT /v1/vms/{name}/balloon`: the running VM's memory target
@@ -1992,11 +2045,16 @@ impl Daemon {
                 };
                 let (_, port) = &ports[k];
                 k += 1;
-                match self.switch.add_port(&net, port) {
-                    Ok(sock) => {
-                        n.vhost_user = Some(sock);
-                        made.push((net, port.clone()));
+                let added = self.switch.add_port(&net, port).and_then(|sock| {
+                    made.push((net.clone(), port.clone()));
+                    let s = spec.net_shares();
+                    if s.any() {
+                        self.switch.set_shares(&net, port, &s)?;
                     }
+                    Ok(sock)
+                });
+                match added {
+                    Ok(sock) => n.vhost_user = Some(sock),
                     Err(e) => {
                         for (n, p) in made {
                             self.switch.del_port(&n, &p);

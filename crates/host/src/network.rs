@@ -4,7 +4,9 @@
 //! back-off when it dies, with every network and port on its command line), its sockets under
 //! `STATE_DIR/sw` (mode 0700). The daemon tells it its networks and ports over its control
 //! socket. VMMs reconnect to their ports by themselves, so a fault in the switch takes down
-//! neither a VM nor the daemon.
+//! neither a VM nor the daemon. A VM's network shares, reservation and limit ([`NetShares`],
+//! `wv vm set --net-shares/--net-reservation/--net-limit`) are set on each of its ports when
+//! the port is added, live when they change, and again on a restarted switch.
 
 use crate::service::{self, Service};
 use serde::{Deserialize, Serialize};
@@ -68,6 +70,55 @@ impl NetworkSpec {
     }
 }
 
+/// A VM's egress settings in the switch, for each of its ports: shares against the other
+/// ports sending to the same destination, a reservation and a limit in bits per second
+/// (absent: the switch's default of 1000 shares, no reservation, no limit). See
+/// docs/NETWORK.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetShares {
+    /// 1 to [`wv_shares::MAX_SHARES`].
+    pub shares: Option<u32>,
+    /// Bits per second it gets whenever it sends that much.
+    pub reservation: Option<u64>,
+    /// Bits per second it never exceeds.
+    pub limit: Option<u64>,
+}
+
+impl NetShares {
+    /// Whether anything is set.
+    pub fn any(&self) -> bool {
+        *self != NetShares::default()
+    }
+
+    /// Checks the shares' range and that a reservation is within the limit.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(s) = self.shares {
+            if !(1..=wv_shares::MAX_SHARES).contains(&s) {
+                return Err(format!("net_shares {s}: use 1-{}", wv_shares::MAX_SHARES));
+            }
+        }
+        if let (Some(r), Some(l)) = (self.reservation, self.limit) {
+            if r > l {
+                return Err(format!(
+                    "net_reservation {r} b/s is above the net_limit {l} b/s"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The switch's request that sets them on port `network/port` (every field, so that one
+    /// removed goes back to the default).
+    pub fn request(&self, network: &str, port: &str) -> String {
+        format!(
+            "port set {network}/{port} shares={} reservation={} limit={}",
+            self.shares.unwrap_or(wv_shares::DEFAULT_SHARES),
+            self.reservation.unwrap_or(0),
+            self.limit.unwrap_or(0)
+        )
+    }
+}
+
 /// The switch port of net `index` of VM world `id`.
 pub fn port_name(id: u64, index: usize) -> String {
     format!("{id}-net{index}")
@@ -85,6 +136,8 @@ pub struct Wanted {
     networks: Vec<NetworkSpec>,
     /// The ports it should have: (network, port).
     ports: Vec<(String, String)>,
+    /// The settings of the ports that have some: (network, port, settings).
+    shares: Vec<(String, String, NetShares)>,
 }
 
 impl service::Wants for Wanted {
@@ -109,6 +162,14 @@ impl service::Wants for Wanted {
         args
     }
 
+    fn replay(&self) -> Vec<String> {
+        self.shares
+            .iter()
+            .filter(|(n, p, _)| self.ports.iter().any(|(wn, wp)| wn == n && wp == p))
+            .map(|(n, p, s)| s.request(n, p))
+            .collect()
+    }
+
     fn any(&self) -> bool {
         !self.networks.is_empty()
     }
@@ -120,9 +181,18 @@ pub type Supervisor = Service<Wanted>;
 /// What only the switch does.
 impl Service<Wanted> {
     /// Sets what the switch serves at the daemon's start (the stored networks, the ports of
-    /// the VMs still running) and starts it if there is any network.
-    pub fn restore(&self, networks: Vec<NetworkSpec>, ports: Vec<(String, String)>) {
-        self.restore_wanted(Wanted { networks, ports });
+    /// the VMs still running and their settings) and starts it if there is any network.
+    pub fn restore(
+        &self,
+        networks: Vec<NetworkSpec>,
+        ports: Vec<(String, String)>,
+        shares: Vec<(String, String, NetShares)>,
+    ) {
+        self.restore_wanted(Wanted {
+            networks,
+            ports,
+            shares,
+        });
     }
 
     /// Adds network `n` to the switch (starting the switch if it is the first).
@@ -153,6 +223,7 @@ impl Service<Wanted> {
         let mut st = self.state();
         st.want.networks.retain(|x| x.name != name);
         st.want.ports.retain(|(n, _)| n != name);
+        st.want.shares.retain(|(n, _, _)| n != name);
         if !st.running() {
             return Ok(());
         }
@@ -193,12 +264,32 @@ impl Service<Wanted> {
         let mut st = self.state();
         let before = st.want.ports.len();
         st.want.ports.retain(|(n, p)| !(n == network && p == port));
+        st.want
+            .shares
+            .retain(|(n, p, _)| !(n == network && p == port));
         if st.want.ports.len() == before || !st.running() {
             return;
         }
         if let Err(e) = self.request(&format!("port del {network}/{port}")) {
             eprintln!("wv host: removing switch port {network}/{port}: {e}");
         }
+    }
+
+    /// Sets port `port` of `network`'s shares, reservation and limit (kept for a restarted
+    /// switch; sent at once while it runs).
+    pub fn set_shares(&self, network: &str, port: &str, s: &NetShares) -> Result<(), String> {
+        let mut st = self.state();
+        st.want
+            .shares
+            .retain(|(n, p, _)| !(n == network && p == port));
+        if s.any() {
+            st.want.shares.push((network.into(), port.into(), *s));
+        }
+        if !st.running() {
+            // Replayed once it runs.
+            return Ok(());
+        }
+        self.request(&s.request(network, port)).map(|_| ())
     }
 
     /// The switch's counters for every port (`[]` when it does not run).
@@ -238,5 +329,45 @@ mod tests {
         assert_eq!(spec.uplink, None);
         assert!(serde_json::from_str::<NetworkSpec>(r#"{"name":"lan","uplink":null}"#).is_err());
         assert!(serde_json::from_str::<NetworkSpec>(r#"{"name":"lan","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn net_shares_are_checked_sent_whole_and_replayed_for_wanted_ports() {
+        let s = NetShares {
+            shares: Some(4),
+            reservation: None,
+            limit: Some(15_000_000),
+        };
+        assert_eq!(s.validate(), Ok(()));
+        assert!(s.any() && !NetShares::default().any());
+        assert_eq!(
+            s.request("lan", "7-net0"),
+            "port set lan/7-net0 shares=4 reservation=0 limit=15000000"
+        );
+        assert_eq!(
+            NetShares::default().request("lan", "7-net0"),
+            "port set lan/7-net0 shares=1000 reservation=0 limit=0",
+            "back to the defaults"
+        );
+        let bad = NetShares {
+            shares: Some(0),
+            ..s
+        };
+        assert!(bad.validate().unwrap_err().contains("net_shares 0"));
+        let bad = NetShares {
+            reservation: Some(20_000_000),
+            ..s
+        };
+        assert!(bad.validate().unwrap_err().contains("above the net_limit"));
+        use service::Wants;
+        let w = Wanted {
+            networks: Vec::new(),
+            ports: vec![("lan".into(), "7-net0".into())],
+            shares: vec![
+                ("lan".into(), "7-net0".into(), s),
+                ("lan".into(), "8-net0".into(), s),
+            ],
+        };
+        assert_eq!(w.replay(), [s.request("lan", "7-net0")]);
     }
 }

@@ -83,6 +83,28 @@ pub struct VmSpec {
         deserialize_with = "no_null"
     )]
     pub limit: Option<f64>,
+    /// Network shares of each of its ports in the daemon's switch (1 to 1000000; absent:
+    /// 1000).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "no_null"
+    )]
+    pub net_shares: Option<u32>,
+    /// Bits per second each of its ports gets whenever it sends that much (absent: none).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "no_null"
+    )]
+    pub net_reservation: Option<u64>,
+    /// Bits per second each of its ports never exceeds (absent: no limit).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "no_null"
+    )]
+    pub net_limit: Option<u64>,
 }
 
 fn default_shares() -> u32 {
@@ -98,6 +120,9 @@ impl VmSpec {
             shares: default_shares(),
             reservation: 0.0,
             limit: None,
+            net_shares: None,
+            net_reservation: None,
+            net_limit: None,
         }
     }
 
@@ -181,7 +206,17 @@ impl VmSpec {
             ));
         }
         crate::sched::validate(&self.demand())?;
+        self.net_shares().validate()?;
         c.validate(wv_config::host_ram()).map_err(|e| e.to_string())
+    }
+
+    /// Its ports' settings in the daemon's switch.
+    pub fn net_shares(&self) -> crate::network::NetShares {
+        crate::network::NetShares {
+            shares: self.net_shares,
+            reservation: self.net_reservation,
+            limit: self.net_limit,
+        }
     }
 
     /// The host files the VM opens, by field: kernel (from a file), initrd, and each disk's

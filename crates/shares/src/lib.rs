@@ -19,6 +19,16 @@
 //! set, is one more tag that every dispatch advances: the resource is then contended exactly
 //! when demand exceeds it.
 //!
+//! A flow served by one thread that asks for one request at a time (a switch port's transmit
+//! thread) is not backlogged between a grant and its thread's next [`Gate::acquire`], and a
+//! dispatch made in that gap divides the resource among the others only: flattened shares. So a
+//! caller that knows its flow has more to ask for ([`Gate::acquire_with`] `then_more`) keeps it
+//! backlogged after the grant: when its turn comes before its thread is back, the gate waits
+//! for it at most the gate's *anticipation* ([`Gate::set_anticipation`]), then gives the turn to
+//! the next (anticipatory scheduling, Iyer and Druschel, SOSP 2001). A capacity's tag lags
+//! while the gate waits, and catches up (within the burst) once the flow is back, so the wait
+//! costs the resource nothing when it is a rate.
+//!
 //! Idle credit is bounded: whenever a flow is dispatched or becomes backlogged, `r` and `l` are
 //! kept no further behind the clock than `burst` units' worth of their rate, and `p` no further
 //! behind the virtual time (the latest start tag served by shares) than `burst/shares`; so a flow back
@@ -325,7 +335,9 @@ impl Sched {
     }
 
     fn restore(&mut self, id: usize, saved: (Tags, f64, f64), cost: f64) {
-        let f = self.flow(id);
+        let Some(f) = self.flows.iter_mut().find(|f| f.id == id) else {
+            return; // removed meanwhile
+        };
         f.tags = saved.0;
         f.stats.served -= cost;
         f.stats.requests -= 1;
@@ -348,6 +360,46 @@ struct GateState {
     stalled_until: Option<u64>,
     /// The flow whose thread was last woken to take its turn (not again until it does).
     woken: Option<usize>,
+    /// Flows whose thread is in [`Gate::acquire`] (kept allocated: no allocation per request).
+    inside: Vec<usize>,
+    /// Flows kept backlogged after a grant while their thread is away, until when (ns).
+    held: Vec<(usize, u64)>,
+    /// How long a held flow's turn is kept for it (ns).
+    anticipation: u64,
+    /// Set by [`Gate::close`]: every wait ends, nothing is granted.
+    closed: bool,
+}
+
+impl GateState {
+    /// Ends the holds that ran out at `now` (their flows stop being backlogged); the earliest
+    /// one left.
+    fn expire_holds(&mut self, now: u64) -> Option<u64> {
+        let mut next = None::<u64>;
+        let mut i = 0;
+        while i < self.held.len() {
+            let (f, until) = self.held[i];
+            if until <= now {
+                self.held.swap_remove(i);
+                if !self.inside.contains(&f) {
+                    self.sched.unbacklog(f);
+                }
+            } else {
+                next = Some(next.map_or(until, |n| n.min(until)));
+                i += 1;
+            }
+        }
+        next
+    }
+
+    fn unhold(&mut self, id: usize) {
+        self.held.retain(|&(f, _)| f != id);
+    }
+
+    fn leave(&mut self, id: usize) {
+        if let Some(i) = self.inside.iter().position(|&f| f == id) {
+            self.inside.swap_remove(i);
+        }
+    }
 }
 
 /// A dispatcher over a [`Sched`] for threads that each serve one flow: [`Gate::acquire`]
@@ -383,6 +435,10 @@ impl Gate {
                 max_outstanding: max_outstanding.max(1),
                 stalled_until: None,
                 woken: None,
+                inside: Vec::new(),
+                held: Vec::new(),
+                anticipation: 0,
+                closed: false,
             }),
             cv: Condvar::new(),
             epoch: Instant::now(),
@@ -399,14 +455,38 @@ impl Gate {
         self.cv.notify_all();
     }
 
+    /// Adds flow `id` with settings `s` if it is not known (a known one keeps its own).
+    pub fn ensure(&self, id: usize, s: Settings) {
+        let mut st = lock(&self.st);
+        if st.sched.settings(id).is_none() {
+            st.sched.set(id, s);
+        }
+    }
+
     /// Flow `id`'s settings, if known.
     pub fn settings(&self, id: usize) -> Option<Settings> {
         lock(&self.st).sched.settings(id)
     }
 
-    /// Forgets flow `id`.
+    /// Forgets flow `id` (a thread of it waiting in [`Gate::acquire`] gets None at once).
     pub fn remove(&self, id: usize) {
-        lock(&self.st).sched.remove(id);
+        let mut st = lock(&self.st);
+        st.sched.remove(id);
+        st.unhold(id);
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Sets how long the turn of a flow that said it has more ([`Gate::acquire_with`]) is kept
+    /// for it while its thread is away (0: not at all, the default).
+    pub fn set_anticipation(&self, d: Duration) {
+        lock(&self.st).anticipation = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.cv.notify_all();
+    }
+
+    /// Closes the gate (its resource is gone): every wait ends with None, and every later one.
+    pub fn close(&self) {
+        lock(&self.st).closed = true;
         self.cv.notify_all();
     }
 
@@ -428,18 +508,48 @@ impl Gate {
 
     /// Waits until flow `id` may dispatch a request of `cost` units (its turn by the tags,
     /// the resource not full, fewer than `max_outstanding` out), at most `max_wait`: the
-    /// grant, or None if the wait ran out (counted as a timeout).
+    /// grant, or None if the wait ran out (counted as a timeout), the flow was removed or the
+    /// gate closed.
     pub fn acquire(&self, id: usize, cost: f64, max_wait: Duration) -> Option<Grant> {
+        self.acquire_with(id, cost, max_wait, false)
+    }
+
+    /// As [`Gate::acquire`]; `then_more`: the flow will ask again right after this request, so
+    /// it stays backlogged, its turn kept for it for the gate's anticipation (see the crate's
+    /// documentation).
+    pub fn acquire_with(
+        &self,
+        id: usize,
+        cost: f64,
+        max_wait: Duration,
+        then_more: bool,
+    ) -> Option<Grant> {
         let mut st = lock(&self.st);
+        if st.closed {
+            return None;
+        }
         let start = self.now();
         let deadline = start.saturating_add(u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX));
+        st.unhold(id);
         st.sched.backlog(id, start);
+        st.inside.push(id);
         let mut delayed = false;
         // A new flow waiting may change who goes next.
         self.cv.notify_all();
         loop {
             let now = self.now();
             let mut until = deadline;
+            if st.closed || st.sched.settings(id).is_none() {
+                // Closed, or the flow removed meanwhile (not added back by a timeout's count).
+                st.leave(id);
+                st.sched.unbacklog(id);
+                drop(st);
+                self.cv.notify_all();
+                return None;
+            }
+            if let Some(t) = st.expire_holds(now) {
+                until = until.min(t);
+            }
             if st.stalled_until.is_some_and(|t| now >= t) {
                 st.stalled_until = None;
             }
@@ -450,7 +560,13 @@ impl Gate {
                     Pick::Go(f, phase) if f == id => {
                         let saved = st.sched.tags(id);
                         st.sched.charge(id, cost, now, phase);
-                        st.sched.unbacklog(id);
+                        st.leave(id);
+                        if then_more && st.anticipation > 0 {
+                            let t = now.saturating_add(st.anticipation);
+                            st.held.push((id, t));
+                        } else {
+                            st.sched.unbacklog(id);
+                        }
                         if delayed {
                             st.sched.flow(id).stats.delayed += 1;
                         }
@@ -465,6 +581,10 @@ impl Gate {
                         });
                     }
                     Pick::Wait(t) => until = until.min(t),
+                    Pick::Go(other, _) if !st.inside.contains(&other) => {
+                        // Its turn, its thread away but coming back (held): the hold's end is
+                        // the latest the others wait (expire_holds gave it to `until`).
+                    }
                     Pick::Go(other, _) => {
                         // Its turn may have come by the clock, with its thread asleep: wake it
                         // (once).
@@ -477,9 +597,11 @@ impl Gate {
                 }
             }
             if now >= deadline {
+                st.leave(id);
                 st.sched.unbacklog(id);
-                let f = st.sched.flow(id);
-                f.stats.timeouts += 1;
+                if let Some(f) = st.sched.flows.iter_mut().find(|f| f.id == id) {
+                    f.stats.timeouts += 1;
+                }
                 drop(st);
                 self.cv.notify_all();
                 return None;
@@ -505,7 +627,8 @@ impl Gate {
 
     /// The resource could not take the granted request: its charge is undone (valid while
     /// nothing else was charged since, as with `max_outstanding` 1), and nothing is
-    /// dispatched for `stall` or until [`Gate::kick`].
+    /// dispatched for `stall` or until [`Gate::kick`]. The flow stays backlogged (held, if it
+    /// was) for its thread to ask again.
     pub fn refund(&self, g: Grant, stall: Duration) {
         let mut st = lock(&self.st);
         st.sched.restore(g.id, g.saved, g.cost);
@@ -525,6 +648,31 @@ impl Gate {
             drop(st);
             self.cv.notify_all();
         }
+    }
+
+    /// Flow `id` will not ask again soon after all: its turn is not kept for it any more.
+    pub fn unhold(&self, id: usize) {
+        let mut st = lock(&self.st);
+        if st.held.iter().any(|&(f, _)| f == id) {
+            st.unhold(id);
+            if !st.inside.contains(&id) {
+                st.sched.unbacklog(id);
+            }
+            drop(st);
+            self.cv.notify_all();
+        }
+    }
+
+    /// Whether flow `id`'s limit lets a request go now (true without a limit or for an unknown
+    /// flow).
+    pub fn limit_ready(&self, id: usize) -> bool {
+        let st = lock(&self.st);
+        let now = self.now() as f64;
+        st.sched
+            .flows
+            .iter()
+            .find(|f| f.id == id)
+            .is_none_or(|f| f.set.limit == 0 || f.tags.l <= now)
     }
 
     /// Whether a flow other than `id` is waiting.

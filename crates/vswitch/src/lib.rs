@@ -13,6 +13,21 @@
 //! `DIR/control.sock` (a line `stats`), which also takes networks and ports at run time
 //! (`net add NAME [uplink=TAP]`, `net del NAME`, `port add NET/PORT`, `port del NET/PORT`,
 //! `nets`: [`Switch::control`]).
+//!
+//! Shares (mClock-style, [`wv_shares`]): each port has shares, a reservation and a limit in bits
+//! per second (`port set NET/PORT shares=N reservation=BPS limit=BPS`). A port's limit holds for
+//! everything it sends: its transmit thread waits until the limit lets the next frame go, the
+//! frame staying in its guest's ring meanwhile. Each destination (a VM port, an uplink) has a
+//! dispatcher whose flows are the ports sending to it: a unicast frame goes when the dispatcher
+//! says it is its sender's turn, reservations first, then by shares. A destination is contended
+//! when its guest has no receive buffer for a sender while others wait too, or when its `rate=BPS`
+//! (a link speed, needed for an uplink, whose TAP takes every frame) would be exceeded: then
+//! the frame waits in the sender's ring, uncopied, until its turn and a buffer come (at most
+//! [`SHARES_MAX_WAIT`], then it is dropped and counted). Flooded frames are not scheduled.
+//! A sender waits in its own transmit thread with no lock of the switch held (other ports and
+//! control requests go on); a sender with more frames in its ring keeps its turn at the
+//! destination while it comes back with the next one (`ANTICIPATION`), so that its shares do
+//! not flatten. docs/NETWORK.md has the whole design.
 
 #![allow(clippy::cast_possible_truncation)] // frame lengths are bounded by MAX_FRAME, chain counts by 4
 
@@ -36,6 +51,22 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use wv_virtio::vu_backend::{serve_frontends, ExitEvents};
+
+/// Longest a frame waits for its turn at a contended destination or for its sender's limit.
+pub const SHARES_MAX_WAIT: Duration = Duration::from_millis(500);
+/// How long a destination with no receive buffer is left alone before senders look again (its
+/// guest's kick ends it sooner).
+const STALL: Duration = Duration::from_millis(2);
+/// Bytes a port idle for a while may get ahead of its entitlement.
+const BURST_BYTES: f64 = 64.0 * 1024.0;
+/// How long a destination keeps the turn of a sender with more frames in its ring while the
+/// sender's thread comes back with the next one ([`wv_shares::Gate::acquire_with`]): without
+/// it, a turn that comes while the sender is between two frames goes to the others, and the
+/// shares flatten.
+const ANTICIPATION: Duration = Duration::from_millis(1);
+/// Transmit chains returned to a guest before it is told (rather than once its ring is empty:
+/// a sender waiting for its turn gets its buffers back meanwhile).
+const TX_SIGNAL_BATCH: usize = 16;
 
 /// How long a learned MAC address stays without being seen again.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
@@ -104,6 +135,10 @@ pub struct PortCounters {
     pub dropped_no_buffer: AtomicU64,
     /// Frames from this port addressed to a MAC of another network.
     pub dropped_isolated: AtomicU64,
+    /// Frames from this port that waited for their turn, the destination or its limit.
+    pub sched_delayed: AtomicU64,
+    /// Frames from this port dropped after waiting [`SHARES_MAX_WAIT`].
+    pub sched_dropped: AtomicU64,
 }
 
 impl PortCounters {
@@ -130,6 +165,16 @@ pub struct PortStats {
     pub dropped_malformed: u64,
     pub dropped_no_buffer: u64,
     pub dropped_isolated: u64,
+    /// Its shares, and its reservation and limit in bits per second (0: none).
+    pub shares: u32,
+    pub reservation_bps: u64,
+    pub limit_bps: u64,
+    /// Its capacity as a destination, in bits per second (0: what its guest takes).
+    pub rate_bps: u64,
+    pub sched_delayed: u64,
+    pub sched_dropped: u64,
+    /// Bits per second it sent over the last window of at least a second.
+    pub tx_rate_bps: u64,
 }
 
 /// The receive side of a VM port: its guest's memory and receive queue while connected, and
@@ -159,6 +204,12 @@ struct Port {
     kind: Kind,
     rx: Mutex<RxSide>,
     counters: PortCounters,
+    /// Its shares, reservation and limit (bytes per second).
+    shares: Mutex<wv_shares::Settings>,
+    /// Its limit (flow 0 of a gate of its own: every frame it sends passes it).
+    limiter: wv_shares::Gate,
+    /// The dispatcher of the frames sent to it (flows: the sending ports' indexes).
+    gate: wv_shares::Gate,
     /// Set once the port is deleted: its threads end.
     removed: AtomicBool,
 }
@@ -358,6 +409,12 @@ impl Switch {
             lock(&n.macs).retain(|_, (port, _)| *port != i);
         }
         p.removed.store(true, Ordering::SeqCst);
+        // Senders waiting for its turn or for its limit stop waiting (nothing is held by them).
+        p.gate.close();
+        p.limiter.close();
+        for q in t.ports.iter().flatten() {
+            q.gate.remove(i);
+        }
         Some(p)
     }
 
@@ -507,8 +564,28 @@ impl Switch {
                     .map(|s| serde_json::json!({ "ok": true, "socket": s }))
             }),
             ["port", "del", a] => net_port(a).and_then(|(n, p)| self.del_port(&n, &p).map(|()| ok)),
+            ["port", "set", a, args @ ..] => net_port(a).and_then(|(n, p)| {
+                let (mut sh, mut res, mut lim, mut rate) = (None, None, None, None);
+                for arg in args {
+                    let bad = || {
+                        format!(
+                            "port set {a}: '{}': expected shares=N, reservation=BPS, limit=BPS or rate=BPS",
+                            arg.escape_debug()
+                        )
+                    };
+                    let (k, v) = arg.split_once('=').ok_or_else(bad)?;
+                    match k {
+                        "shares" => sh = Some(v.parse().map_err(|_| bad())?),
+                        "reservation" => res = Some(v.parse().map_err(|_| bad())?),
+                        "limit" => lim = Some(v.parse().map_err(|_| bad())?),
+                        "rate" => rate = Some(v.parse().map_err(|_| bad())?),
+                        _ => return Err(bad()),
+                    }
+                }
+                self.set_shares(&n, &p, sh, res, lim, rate).map(|()| ok.clone())
+            }),
             _ => Err(format!(
-                "unknown request '{}' (stats, nets, net add NAME [uplink=TAP], net del NAME, port add NET/PORT, port del NET/PORT)",
+                "unknown request '{}' (stats, nets, net add NAME [uplink=TAP], net del NAME, port add NET/PORT, port del NET/PORT, port set NET/PORT [shares=N] [reservation=BPS] [limit=BPS] [rate=BPS])",
                 line.trim().escape_debug()
             )),
         })
@@ -540,6 +617,7 @@ impl Switch {
             .map(|p| {
                 let c = &p.counters;
                 let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                let set = *lock(&p.shares);
                 PortStats {
                     network: t
                         .network(p.network)
@@ -564,6 +642,13 @@ impl Switch {
                     dropped_malformed: g(&c.dropped_malformed),
                     dropped_no_buffer: g(&c.dropped_no_buffer),
                     dropped_isolated: g(&c.dropped_isolated),
+                    shares: set.shares,
+                    reservation_bps: set.reservation.saturating_mul(8),
+                    limit_bps: set.limit.saturating_mul(8),
+                    rate_bps: p.gate.capacity().saturating_mul(8),
+                    sched_delayed: g(&c.sched_delayed),
+                    sched_dropped: g(&c.sched_dropped),
+                    tx_rate_bps: p.limiter.stats(0).map_or(0, |s| (s.rate * 8.0) as u64),
                 }
             })
             .collect()
@@ -571,18 +656,43 @@ impl Switch {
 
     /// Switches one frame (vnet header first) that entered at port `from`.
     pub fn forward(&self, from: usize, src: &Source) {
-        let t = self.read();
-        let Some(p) = t.port(from) else {
-            return;
+        self.forward_with(from, src, false, None);
+    }
+
+    /// As [`Switch::forward`]; `then_more`: port `from` has more frames to send right after
+    /// this one. A unicast frame to a VM port or an uplink waits for its turn at that
+    /// destination's dispatcher *without the table locked* (other ports and control requests
+    /// go on meanwhile); the destination whose dispatcher keeps `from`'s turn (`then_more`),
+    /// if any. `held`: the destination that kept `from`'s turn for this frame; given back at
+    /// once (before any wait) if the frame goes elsewhere.
+    fn forward_with(
+        &self,
+        from: usize,
+        src: &Source,
+        then_more: bool,
+        held: Option<Arc<Port>>,
+    ) -> Option<Arc<Port>> {
+        let give_back = |to: Option<&Arc<Port>>| {
+            if let Some(h) = &held {
+                if !to.is_some_and(|d| Arc::ptr_eq(d, h)) {
+                    h.gate.unhold(from);
+                }
+            }
         };
-        let Some(net) = t.network(p.network) else {
-            return;
+        let t = self.read();
+        let (Some(p), Some(net)) = (
+            t.port(from),
+            t.port(from).and_then(|p| t.network(p.network)),
+        ) else {
+            give_back(None);
+            return None;
         };
         let len = src.len();
         let mut eth = [0u8; 12];
         if !(VNET_HDR + 14..=MAX_FRAME).contains(&len) || !src.peek(VNET_HDR, &mut eth) {
             PortCounters::add(&p.counters.dropped_malformed, 1);
-            return;
+            give_back(None);
+            return None;
         }
         PortCounters::add(&p.counters.tx_frames, 1);
         PortCounters::add(&p.counters.tx_bytes, (len - VNET_HDR) as u64);
@@ -602,19 +712,32 @@ impl Switch {
                 None
             }
         };
+        let dest = to
+            .filter(|&port| port != from)
+            .and_then(|port| t.port(port));
+        give_back(dest);
         match to {
-            Some(port) if port == from => {}
-            Some(port) => Self::deliver(&t, port, src),
+            Some(port) if port == from => None,
+            Some(_) => {
+                // Reference counts, not allocations: the two ports outlive the table's lock.
+                let (s, d) = (p.clone(), dest?.clone());
+                drop(t);
+                Self::deliver_scheduled(&s, from, &d, src, then_more).then_some(d)
+            }
             None => {
                 if dst[0] & 1 == 0 && Self::known_elsewhere(&t, p.network, &dst, now) {
                     PortCounters::add(&p.counters.dropped_isolated, 1);
-                    return;
+                    return None;
                 }
+                // Flooded frames are not scheduled: nothing waits here.
                 for &port in &net.ports {
                     if port != from {
-                        Self::deliver(&t, port, src);
+                        if let Some(d) = t.port(port) {
+                            Self::deliver(d, src);
+                        }
                     }
                 }
+                None
             }
         }
     }
@@ -631,12 +754,9 @@ impl Switch {
         })
     }
 
-    /// Delivers a frame to port `to`: to its TAP, into its guest's receive buffers, or into
+    /// Delivers a frame to port `p`: to its TAP, into its guest's receive buffers, or into
     /// one of its slots while the guest has posted none.
-    fn deliver(t: &Table, to: usize, src: &Source) {
-        let Some(p) = t.port(to) else {
-            return;
-        };
+    fn deliver(p: &Port, src: &Source) {
         let c = &p.counters;
         let n = src.len() - VNET_HDR;
         match &p.kind {
@@ -700,9 +820,141 @@ impl Switch {
         }
     }
 
-    /// The guest of VM port `port` posted receive buffers: delivers what waits for them.
+    /// The guest of VM port `port` posted receive buffers: delivers what waits for them, and
+    /// ends a stall of its dispatcher. Under the port's receive lock, as a sender's refund
+    /// ([`Switch::deliver_scheduled`]) is: a kick that comes while a sender finds no buffer
+    /// ends the stall that sender sets, it is not lost.
     fn flush(p: &Port) {
-        lock(&p.rx).drain(&p.counters);
+        let mut rx = lock(&p.rx);
+        rx.drain(&p.counters);
+        p.gate.kick();
+        drop(rx);
+    }
+
+    /// Delivers a unicast frame from port `s` (index `from`) to port `d` when `d`'s dispatcher
+    /// says it is `from`'s turn (at once if `d` is not contended), waiting in `from`'s thread
+    /// with no lock held; after [`SHARES_MAX_WAIT`] (or if `d` goes) it is dropped and
+    /// counted. `then_more`: `from` has another frame right after (its turn is kept for it).
+    /// Whether `d`'s dispatcher keeps `from`'s turn.
+    fn deliver_scheduled(s: &Port, from: usize, d: &Port, src: &Source, then_more: bool) -> bool {
+        if matches!(d.kind, Kind::Vm) && lock(&d.rx).vring.is_none() {
+            // Nobody to schedule for: dropped and counted there.
+            Self::deliver(d, src);
+            return false;
+        }
+        let set = *lock(&s.shares);
+        d.gate.ensure(from, wv_shares::Settings { limit: 0, ..set });
+        let cost = (src.len() - VNET_HDR) as f64;
+        let deadline = Instant::now() + SHARES_MAX_WAIT;
+        let mut delayed = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(g) = d.gate.acquire_with(from, cost, left, then_more) else {
+                PortCounters::add(&s.counters.sched_dropped, 1);
+                return false;
+            };
+            delayed |= g.waited;
+            if let Kind::Vm = d.kind {
+                let mut rx = lock(&d.rx);
+                if !rx.pending.is_empty() {
+                    rx.drain(&d.counters);
+                }
+                let contended = d.gate.others_waiting(from);
+                if rx.pending.is_empty() || contended {
+                    if let Some(()) = Self::put_counted(&mut rx, &d.counters, src) {
+                        drop(rx);
+                        d.gate.release(g);
+                        break;
+                    }
+                    if contended {
+                        // Contended and no buffer: the frame stays in its sender's ring, whose
+                        // turn it is when buffers come is the dispatcher's say. Refunded under
+                        // the receive lock: the guest's kick (flush) ends this stall.
+                        d.gate.refund(g, STALL);
+                        drop(rx);
+                        delayed = true;
+                        continue;
+                    }
+                }
+                drop(rx);
+            }
+            Self::deliver(d, src);
+            d.gate.release(g);
+            break;
+        }
+        if delayed {
+            PortCounters::add(&s.counters.sched_delayed, 1);
+        }
+        then_more
+    }
+
+    /// Puts the frame into the guest's buffers, counted; None if there is none for it.
+    fn put_counted(rx: &mut RxSide, c: &PortCounters, src: &Source) -> Option<()> {
+        let n = (src.len() - VNET_HDR) as u64;
+        match rx.put(src) {
+            Put::Done => {
+                PortCounters::add(&c.rx_frames, 1);
+                PortCounters::add(&c.rx_bytes, n);
+                PortCounters::add(&c.copies, 1);
+                PortCounters::add(&c.copied_bytes, n);
+            }
+            Put::Bad => PortCounters::add(&c.dropped_malformed, 1),
+            Put::TooBig => PortCounters::add(&c.dropped_no_buffer, 1),
+            Put::NoBuffer => return None,
+        }
+        Some(())
+    }
+
+    /// Sets port `port` of `network`'s shares, reservation and limit (bits per second; what
+    /// is None stays) and, as a destination, its rate (bits per second, 0: none).
+    pub fn set_shares(
+        &self,
+        network: &str,
+        port: &str,
+        shares: Option<u32>,
+        reservation_bps: Option<u64>,
+        limit_bps: Option<u64>,
+        rate_bps: Option<u64>,
+    ) -> Result<(), String> {
+        let t = self.read();
+        let i = t.port_index(network, port).ok_or_else(|| {
+            format!(
+                "network '{}' has no port '{}'",
+                network.escape_debug(),
+                port.escape_debug()
+            )
+        })?;
+        let p = t.port(i).expect("indexed");
+        let mut set = *lock(&p.shares);
+        if let Some(n) = shares {
+            set.shares = n;
+        }
+        if let Some(r) = reservation_bps {
+            set.reservation = r / 8;
+        }
+        if let Some(l) = limit_bps {
+            set.limit = l / 8;
+        }
+        set.check()
+            .map_err(|e| format!("port {network}/{port}: {e}"))?;
+        *lock(&p.shares) = set;
+        p.limiter.set(
+            0,
+            wv_shares::Settings {
+                shares: 1,
+                reservation: 0,
+                limit: set.limit,
+            },
+        );
+        for q in t.ports.iter().flatten() {
+            if q.gate.settings(i).is_some() {
+                q.gate.set(i, wv_shares::Settings { limit: 0, ..set });
+            }
+        }
+        if let Some(r) = rate_bps {
+            p.gate.set_capacity(r / 8);
+        }
+        Ok(())
     }
 }
 
@@ -747,6 +999,13 @@ impl Port {
             kind,
             rx: Mutex::default(),
             counters: PortCounters::default(),
+            shares: Mutex::new(wv_shares::Settings::default()),
+            limiter: wv_shares::Gate::new(0, usize::MAX, BURST_BYTES),
+            gate: {
+                let g = wv_shares::Gate::new(0, 1, BURST_BYTES);
+                g.set_anticipation(ANTICIPATION);
+                g
+            },
             removed: AtomicBool::new(false),
         }
     }
@@ -932,19 +1191,45 @@ impl PortBackend {
         };
         let mem = mem.memory();
         let c = &self.p.counters;
-        let mut any = false;
+        let mut unsignalled = 0usize;
+        // The destination keeping this port's turn (its next frame is expected there).
+        let mut held: Option<Arc<Port>> = None;
         loop {
-            let mut st = vring.get_mut();
-            let q = st.get_queue_mut();
-            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
-                break;
+            // The queue is not held while the frame waits for its turn or is copied (the
+            // frontend's messages are served meanwhile).
+            let (chain, more) = {
+                let mut st = vring.get_mut();
+                let q = st.get_queue_mut();
+                let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                let more = q
+                    .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|a| a.0 != q.next_avail());
+                (chain, more)
             };
             let head = chain.head_index();
             match Segments::read_tx(chain, &*mem) {
                 Ok(s) => {
-                    // The queue stays locked while the frame is copied: the receivers' locks
-                    // are never held while taking a transmit queue, so this cannot deadlock.
-                    self.sw.forward(self.port, &Source::Guest(&mem, &s));
+                    // The port's limit first: the frame waits in this thread (and its ring).
+                    let cost = s.len().saturating_sub(VNET_HDR) as f64;
+                    match self.p.limiter.acquire(0, cost, SHARES_MAX_WAIT) {
+                        Some(g) => {
+                            if g.waited {
+                                PortCounters::add(&c.sched_delayed, 1);
+                            }
+                            self.p.limiter.release(g);
+                            // Its next frame comes right after unless the limit holds it.
+                            let then_more = more && self.p.limiter.limit_ready(0);
+                            held = self.sw.forward_with(
+                                self.port,
+                                &Source::Guest(&mem, &s),
+                                then_more,
+                                held.take(),
+                            );
+                        }
+                        None => PortCounters::add(&c.sched_dropped, 1),
+                    }
                 }
                 Err(
                     Bad::Direction
@@ -956,12 +1241,26 @@ impl PortBackend {
                     PortCounters::add(&c.dropped_malformed, 1);
                 }
             }
-            if q.add_used(&*mem, head, 0).is_err() {
+            if vring
+                .get_mut()
+                .get_queue_mut()
+                .add_used(&*mem, head, 0)
+                .is_err()
+            {
                 break;
             }
-            any = true;
+            unsignalled += 1;
+            if unsignalled >= TX_SIGNAL_BATCH {
+                unsignalled = 0;
+                if vring.needs_notification().unwrap_or(true) {
+                    let _ = vring.signal_used_queue();
+                }
+            }
         }
-        if any && vring.needs_notification().unwrap_or(true) {
+        if let Some(h) = held {
+            h.gate.unhold(self.port);
+        }
+        if unsignalled > 0 && vring.needs_notification().unwrap_or(true) {
             let _ = vring.signal_used_queue();
         }
     }

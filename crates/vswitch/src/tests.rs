@@ -584,3 +584,141 @@ fn networks_and_ports_change_at_run_time() {
     sw.forward(0, &Source::Bytes(&frame([0xff; 6], MAC_A, 60)));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A sender waiting for its turn at a contended port holds no lock of the switch: control
+/// requests that change the table (a port added) and other senders go on meanwhile, and
+/// deleting the port it waits for ends its wait at once (the frame dropped and counted).
+#[test]
+fn a_waiting_sender_stalls_nothing_else() {
+    let dir = std::env::temp_dir().join(format!("wv-vsw-wait-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sw = Switch::new(&Config {
+        socket_dir: dir.clone(),
+        networks: vec![NetworkConfig {
+            name: "n1".into(),
+            ports: vec!["a".into(), "b".into(), "c".into()],
+            uplink: None,
+        }],
+    })
+    .unwrap();
+    let rx = Guest::new();
+    for i in 0..QSIZE {
+        rx.desc(i, 0x10000 + u64::from(i) * 0x1000, 2048, WRITE, 0);
+    }
+    connect_rx(&sw, 1, &rx, false);
+    // b's address learned; b takes 8 bits a second: a's first frame uses the burst, its
+    // second must wait far longer than SHARES_MAX_WAIT.
+    sw.forward(1, &Source::Bytes(&frame([0xff; 6], MAC_B, 60)));
+    assert_eq!(sw.control("port set n1/b rate=8")["ok"], true);
+    let f = frame(MAC_B, MAC_A, 500);
+    sw.forward(0, &Source::Bytes(&f));
+    let (sw2, f2) = (sw.clone(), f.clone());
+    let waiting = std::thread::spawn(move || sw2.forward(0, &Source::Bytes(&f2)));
+    let b = sw.read().port(1).unwrap().clone();
+    while !b.gate.others_waiting(usize::MAX) {
+        std::thread::yield_now();
+    }
+    // The table's write lock is free: a port comes, and stats are served.
+    assert_eq!(sw.control("port add n1/d")["ok"], true);
+    assert_eq!(sw.stats().len(), 4);
+    assert!(b.gate.others_waiting(usize::MAX), "a still waits");
+    assert_eq!(counters(&sw, 0).sched_dropped, 0);
+    // Deleting b ends the wait at once.
+    assert_eq!(sw.control("port del n1/b")["ok"], true);
+    waiting.join().unwrap();
+    let a = &sw.stats()[0];
+    assert_eq!((a.port.as_str(), a.sched_dropped), ("a", 1));
+    assert_eq!(sw.control("net del n1")["ok"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Counts the allocations of the threads that ask it to ([`count_allocations`]).
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+fn note_allocation() {
+    let _ = ALLOCATIONS.try_with(|c| {
+        if let Some(n) = c.get() {
+            c.set(Some(n + 1));
+        }
+    });
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the counting touches a
+// thread-local cell only (const-initialised: it allocates nothing itself).
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        note_allocation();
+        // SAFETY: the caller's contract for `alloc`, passed on.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: the caller's contract for `dealloc`, passed on.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        note_allocation();
+        // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+        unsafe { std::alloc::System.alloc_zeroed(l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
+        note_allocation();
+        // SAFETY: the caller's contract for `realloc`, passed on.
+        unsafe { std::alloc::System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// Runs `f` and returns how many allocations this thread made meanwhile.
+fn count_allocations(f: impl FnOnce()) -> u64 {
+    ALLOCATIONS.with(|c| c.set(Some(0)));
+    f();
+    ALLOCATIONS.with(|c| c.replace(None)).unwrap_or(0)
+}
+
+/// Through the scheduled path (shares, a reservation, a limit, the destination's dispatcher,
+/// a sender's turn kept for its next frame), frames from a guest's transmit ring reach another
+/// guest's posted buffers with one copy each and no allocation once the ports are warm.
+#[test]
+fn scheduled_frames_are_copied_once_and_allocate_nothing() {
+    let sw = switch();
+    let (tx, mut rx) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rx, false);
+    for i in 0..QSIZE {
+        rx.desc(i, 0x10000 + u64::from(i) * 0x1000, 2048, WRITE, 0);
+        rx.offer(i);
+    }
+    sw.forward(1, &Source::Bytes(&frame([0xff; 6], MAC_B, 60)));
+    let set = "port set n1/a shares=3 reservation=8000000 limit=800000000";
+    assert_eq!(sw.control(set)["ok"], true);
+    assert_eq!(sw.control("port set n1/b rate=8000000000")["ok"], true);
+    let f = frame(MAC_B, MAC_A, 1000);
+    for i in 0..QSIZE {
+        let at = 0x80000 + u64::from(i) * 0x1000;
+        tx.mem.write_slice(&f, GuestAddress(at)).unwrap();
+        tx.desc(i, at, f.len() as u32, 0, 0);
+    }
+    let b = PortBackend::new(sw.clone(), 0).unwrap();
+    b.rx().mem = Some(tx.atomic());
+    let mut tx = tx;
+    let mut burst = |n: u16| {
+        for i in 0..n {
+            tx.offer(i);
+        }
+        b.transmit(&tx.vring);
+    };
+    burst(4);
+    let v = count_allocations(|| drop(std::hint::black_box(vec![0u8; 10])));
+    assert!(v > 0, "the counter counts");
+    let n = count_allocations(|| burst(8));
+    assert_eq!(n, 0, "allocations for 8 scheduled frames");
+    let (a, r) = (counters(&sw, 0), counters(&sw, 1));
+    assert_eq!((a.tx_frames, r.rx_frames), (12, 12));
+    assert_eq!((r.copies, r.copied_bytes), (12, 12 * 988), "one copy each");
+    assert_eq!(r.queued, 0);
+}

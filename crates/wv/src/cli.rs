@@ -718,11 +718,30 @@ const MEMORY_TARGET_OPTS: &[Opt] = &[opt(
     "the memory a running VM with a balloon (--balloon on) is to keep, e.g. 512M: its\nballoon inflates to take the rest back for the host, or deflates to give it back\n(live only; at most its --memory)",
 )];
 
+/// `wv vm set --net-*`.
+const NET_SHARES_OPTS: &[Opt] = &[
+    opt(
+        "--net-shares",
+        Arg::Value("N"),
+        "network shares of each of its ports on the daemon's networks, 1 to 1000000\n(default 1000): what it gets of a contended destination (a VM's port, an uplink)\nagainst the other ports sending there (docs/NETWORK.md)",
+    ),
+    opt(
+        "--net-reservation",
+        Arg::Value("BPS"),
+        "bits per second each of its ports gets whenever it sends that much, e.g. 100M\n(K, M, G: thousands; 0: none)",
+    ),
+    opt(
+        "--net-limit",
+        Arg::Value("BPS|none"),
+        "bits per second each of its ports never exceeds, e.g. 1G (none or 0: no limit)",
+    ),
+];
+
 const VM_SET: Spec = Spec {
     cmd: "wv vm set",
     pos: &["NAME"],
-    about: "Changes a VM's scheduler settings (live when it runs) or, while it runs, its memory target.",
-    opts: &[SCHED_OPTS, MEMORY_TARGET_OPTS, CLIENT_OPTS],
+    about: "Changes a VM's scheduler settings and network shares (live when it runs) or, while it runs, its memory target.",
+    opts: &[SCHED_OPTS, NET_SHARES_OPTS, MEMORY_TARGET_OPTS, CLIENT_OPTS],
     after: CLIENT_STATUS,
 };
 
@@ -965,6 +984,7 @@ Usage:
   wv vm create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm create [NAME] --file SPEC.toml|SPEC.json
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
+             [--net-shares N] [--net-reservation BPS] [--net-limit BPS|none]
   wv vm list | info NAME | stats NAME | console NAME | start|stop|pause|resume NAME | delete NAME
   wv vm snapshot NAME SNAP | restore NAME SNAP | clone SNAP NAME [--count N] | snapshots
   wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N] [--copy-disks [--datastore P]]
@@ -994,6 +1014,7 @@ Commands:
   create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
   create [NAME] --file SPEC.toml|SPEC.json
   set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
+      [--net-shares N] [--net-reservation BPS] [--net-limit BPS|none] [--memory-target SIZE]
   list
   info | stats | console | start | stop | pause | resume | delete NAME
   snapshot NAME SNAPSHOT [--allow-raw-disk]
@@ -1037,6 +1058,12 @@ pub struct Sched {
     pub reservation: Option<f64>,
     /// `--limit`: `Some(None)` is `--limit none`.
     pub limit: Option<Option<f64>>,
+    /// `--net-shares`.
+    pub net_shares: Option<u32>,
+    /// `--net-reservation`, bits per second (0: none).
+    pub net_reservation: Option<u64>,
+    /// `--net-limit`, bits per second (0: none).
+    pub net_limit: Option<u64>,
 }
 
 /// A `wv vm` command.
@@ -1910,7 +1937,8 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
                 .transpose()?;
             if s == Sched::default() && target.is_none() {
                 return Err(Usage(
-                    "wv vm set NAME needs --shares N, --reservation CPUS, --limit CPUS|none or \
+                    "wv vm set NAME needs --shares N, --reservation CPUS, --limit CPUS|none, \
+                     --net-shares N, --net-reservation BPS, --net-limit BPS|none or \
                      --memory-target SIZE"
                         .into(),
                 ));
@@ -2010,7 +2038,44 @@ fn sched(m: &Matches) -> Result<Sched, Usage> {
                 v => cpus("--limit", v).map(Some),
             })
             .transpose()?,
+        net_shares: m
+            .value("--net-shares")
+            .map(|v| {
+                v.parse::<u32>()
+                    .map_err(|_| Usage(format!("--net-shares: '{v}' is not a whole number")))
+            })
+            .transpose()?,
+        net_reservation: m
+            .value("--net-reservation")
+            .map(|v| bits_per_second("--net-reservation", v))
+            .transpose()?,
+        net_limit: m
+            .value("--net-limit")
+            .map(|v| match v {
+                "none" => Ok(0),
+                v => bits_per_second("--net-limit", v),
+            })
+            .transpose()?,
     })
+}
+
+/// A rate in bits per second: a whole number, with K, M or G for thousands (`100M`).
+fn bits_per_second(o: &str, v: &str) -> Result<u64, Usage> {
+    let (digits, scale) = match v.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&v[..i], 1_000),
+        Some((i, 'M')) => (&v[..i], 1_000_000),
+        Some((i, 'G')) => (&v[..i], 1_000_000_000),
+        _ => (v, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| {
+            Usage(format!(
+                "{o}: '{v}' is not bits per second (a whole number, K, M or G for thousands)"
+            ))
+        })
 }
 
 const VM_DEF_OPTS: &[&[Opt]] = &[VM_OPTS, SCHED_OPTS];
@@ -2185,6 +2250,36 @@ mod tests {
             panic!()
         };
         assert!(run.balloon);
+    }
+
+    #[test]
+    fn network_shares_are_a_count_and_rates() {
+        let (_, v) = vm(&[
+            "vm",
+            "set",
+            "a",
+            "--net-shares",
+            "4",
+            "--net-reservation=30M",
+            "--net-limit",
+            "none",
+        ]);
+        let VmCmd::Set(_, s, None) = v else { panic!() };
+        assert_eq!(
+            (s.net_shares, s.net_reservation, s.net_limit, s.shares),
+            (Some(4), Some(30_000_000), Some(0), None)
+        );
+        let (_, v) = vm(&["vm", "set", "a", "--net-limit=1G"]);
+        let VmCmd::Set(_, s, None) = v else { panic!() };
+        assert_eq!(s.net_limit, Some(1_000_000_000));
+        for bad in ["fast", "1.5M", "-1", "20000000000G"] {
+            assert!(
+                refused(&["vm", "set", "a", "--net-limit", bad]).contains("bits per second"),
+                "{bad}"
+            );
+        }
+        assert!(refused(&["vm", "set", "a", "--net-shares", "x"]).contains("--net-shares"));
+        assert!(refused(&["vm", "set", "a"]).contains("--net-shares N"));
     }
 
     #[test]

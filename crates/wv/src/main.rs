@@ -664,6 +664,16 @@ fn set_sched(c: &Client, name: &str, s: &Sched) -> Result<(), ExitCode> {
     if let Some(x) = s.limit {
         body.insert("limit".into(), x.unwrap_or(0.0).into());
     }
+    let net = s.net_shares.is_some() || s.net_reservation.is_some() || s.net_limit.is_some();
+    if let Some(x) = s.net_shares {
+        body.insert("net_shares".into(), x.into());
+    }
+    if let Some(x) = s.net_reservation {
+        body.insert("net_reservation".into(), x.into());
+    }
+    if let Some(x) = s.net_limit {
+        body.insert("net_limit".into(), x.into());
+    }
     let body = serde_json::Value::from(body).to_string();
     api(c, "PATCH", &format!("/v1/vms/{name}"), Some(&body)).map(|v| {
         if c.json {
@@ -678,6 +688,17 @@ fn set_sched(c: &Client, name: &str, s: &Sched) -> Result<(), ExitCode> {
                     .as_f64()
                     .map_or("none".to_string(), |l| l.to_string())
             );
+            if net {
+                let bps = |v: &serde_json::Value| {
+                    v.as_u64().map_or("none".into(), |b| format!("{b} b/s"))
+                };
+                println!(
+                    "VM {name}: network shares {} reservation {} limit {}",
+                    s["net_shares"].as_u64().unwrap_or(1000),
+                    bps(&s["net_reservation"]),
+                    bps(&s["net_limit"])
+                );
+            }
         }
     })
 }

@@ -243,6 +243,36 @@ fn networks_are_made_listed_shown_deleted_and_kept() {
         serde_json::json!([{"name": "lan"}])
     );
     assert!(switch_pid(&d).is_some(), "the switch runs at start");
+    // Network shares are stored in the definition (applied at each start of its ports);
+    // a reservation above the limit is refused and changes nothing.
+    let r = d.wv(&["vm", "set", "v", "--net-shares", "4", "--net-limit", "50M"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.contains("network shares 4"), "{r}");
+    let r = d.wv(&["vm", "set", "v", "--net-reservation", "60M"]);
+    assert!(
+        r.stderr.contains("(HTTP 422)") && r.stderr.contains("above the net_limit"),
+        "{r}"
+    );
+    let spec = &d.json(&["vm", "info", "v"])["spec"];
+    assert_eq!(
+        (
+            &spec["net_shares"],
+            &spec["net_limit"],
+            &spec["net_reservation"]
+        ),
+        (
+            &serde_json::json!(4),
+            &serde_json::json!(50_000_000),
+            &serde_json::Value::Null
+        ),
+        "{spec}"
+    );
+    let r = d.wv(&["vm", "set", "v", "--net-limit", "none"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(
+        d.json(&["vm", "info", "v"])["spec"]["net_limit"],
+        serde_json::Value::Null
+    );
     assert_eq!(d.wv(&["vm", "delete", "v"]).status, Some(0));
     let r = d.wv(&["net", "delete", "lan"]);
     assert_eq!(r.status, Some(0), "{r}");
@@ -310,11 +340,24 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
         "52:54:00:84:00:0c",
         "probe.tests=net probe.net=10.84.0.3,10.84.0.2",
     );
+    // b's network shares, set before its start, are on its port once it starts.
+    let r = d.wv(&["vm", "set", "b", "--net-shares", "3"]);
+    assert_eq!(r.status, Some(0), "{r}");
     assert_eq!(d.wv(&["vm", "start", "b"]).status, Some(0));
     wait_console(&d, "b", "netpeer: listening");
     let b_pid = d.json(&["vm", "info", "b"])["pid"].clone();
     let b_port = port_of(&d, "lan", "b").expect("b has a port on lan");
     assert_eq!(b_port["kind"], "vhost-user", "{b_port}");
+    assert_eq!(
+        (&b_port["shares"], &b_port["limit_bps"]),
+        (&serde_json::json!(3), &serde_json::json!(0)),
+        "{b_port}"
+    );
+    // And changed live (a limit far above what a ping needs).
+    let r = d.wv(&["vm", "set", "b", "--net-limit", "50M"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let b_port = port_of(&d, "lan", "b").unwrap();
+    assert_eq!(b_port["limit_bps"], 50_000_000, "{b_port}");
     let b_id = d.json(&["vm", "info", "b"])["id"].as_u64().unwrap();
     assert_eq!(b_port["port"], format!("{b_id}-net0"), "{b_port}");
 
@@ -418,6 +461,13 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
         "lan",
         "b",
         "b's VMM never reconnected to the new switch",
+    );
+    // The new switch got b's settings again.
+    let b_port = port_of(&d, "lan", "b").unwrap();
+    assert_eq!(
+        (&b_port["shares"], &b_port["limit_bps"]),
+        (&serde_json::json!(3), &serde_json::json!(50_000_000)),
+        "{b_port}"
     );
     assert_eq!(
         d.json(&["vm", "info", "b"])["pid"],
