@@ -129,18 +129,19 @@ pub fn send_with_files(
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    let bytes = std::mem::size_of_val(files);
+    // At most MAX_FILES descriptors: a few dozen bytes.
+    let bytes = u32::try_from(std::mem::size_of_val(files)).unwrap_or(u32::MAX);
     if !files.is_empty() {
         msg.msg_control = cbuf.as_mut_ptr().cast();
         // SAFETY: CMSG_SPACE/CMSG_LEN are arithmetic; the buffer holds MAX_FILES descriptors.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
         // SAFETY: the first header of our control buffer, which is large enough; its data is
         // the descriptors' numbers.
         unsafe {
             let c = libc::CMSG_FIRSTHDR(&msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
             let d = libc::CMSG_DATA(c).cast::<RawFd>();
             for (i, f) in files.iter().enumerate() {
                 d.add(i).write_unaligned(f.as_raw_fd());

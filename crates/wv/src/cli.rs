@@ -1149,7 +1149,7 @@ pub enum Command {
     /// `--version`.
     Version,
     /// Boot a VM in the foreground (or bring one back from a snapshot or a migration).
-    Run(Box<VmConfig>, StatsMode, RunFrom, Option<Jail>),
+    Run(Box<VmConfig>, StatsMode, RunFrom, Option<Box<Jail>>),
     /// Write an embedded image.
     ProbeImage {
         /// Its name.
@@ -1505,7 +1505,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
                 Some(f) => Some(config_from_file(f)?),
                 None => None,
             };
-            Some(Jail { spec, also })
+            Some(Box::new(Jail { spec, also }))
         }
         None => None,
     };

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
             println!("wv {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run(cfg, stats, from, jail) => cmd_run(&cfg, stats, &from, jail.as_ref()),
+        Command::Run(cfg, stats, from, jail) => cmd_run(&cfg, stats, &from, jail.as_deref()),
         Command::ProbeImage { format, output } => cmd_probe_image(&format, &output),
         Command::Vswitch(cfg) => match wv_vswitch::run(&cfg) {
             Ok(()) => ExitCode::SUCCESS,

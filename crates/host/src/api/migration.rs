@@ -517,6 +517,20 @@ impl Daemon {
     }
 }
 
+/// A connection to a migration's `destination` (HOST:PORT) made for a jailed VMM, with the
+/// name the VMM looks it up by (the address it resolves the destination to).
+fn connect_for(destination: &str) -> std::io::Result<(String, std::net::TcpStream)> {
+    use std::net::ToSocketAddrs;
+    let addr = destination.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("'{destination}' names no address"),
+        )
+    })?;
+    let c = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
+    Ok((format!("tcp:{addr}"), c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,18 +565,4 @@ mod tests {
         assert_eq!(message(r#"{"error":"no"}"#), "no");
         assert_eq!(message("plain\n"), "plain");
     }
-}
-
-/// A connection to a migration's `destination` (HOST:PORT) made for a jailed VMM, with the
-/// name the VMM looks it up by (the address it resolves the destination to).
-fn connect_for(destination: &str) -> std::io::Result<(String, std::net::TcpStream)> {
-    use std::net::ToSocketAddrs;
-    let addr = destination.to_socket_addrs()?.next().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("'{destination}' names no address"),
-        )
-    })?;
-    let c = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
-    Ok((format!("tcp:{addr}"), c))
 }
