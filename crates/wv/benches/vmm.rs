@@ -160,6 +160,18 @@ fn main() {
     });
     let (w, g) = (wv.clone(), guest.clone());
     runners.push(Runner {
+        name: "wv run --jail",
+        cmd: Box::new(move |n| {
+            let mut c = Command::new(&w);
+            c.args(["run", "--jail", "uid=3999999", "--memory", "128M", "--serial", "stdio"])
+                .arg("--kernel")
+                .arg(&g)
+                .args(["--cmdline", &n.to_string()]);
+            c
+        }),
+    });
+    let (w, g) = (wv.clone(), guest.clone());
+    runners.push(Runner {
         name: "wv run, sync teardown",
         cmd: Box::new(move |n| {
             let mut c = Command::new(&w);
