@@ -204,7 +204,24 @@ pub fn seconds(ns: u64) -> f64 {
 ///
 /// `pidfd` is the daemon's own pidfd of that VMM, so a descriptor is never taken from a later
 /// process that reused the pid (the duplication fails once the VMM has ended).
+///
+/// A jail's keeper holds none: the jailed VMM, its child, does, through a pidfd of its own
+/// opened here (and checked to name that child still).
 pub fn vcpu_counters(pid: u32, pidfd: BorrowedFd<'_>) -> Vec<(u32, Vec<(String, u64)>)> {
+    let vmm = crate::supervisor::vmm_process(pid);
+    let own;
+    let (pid, pidfd) = if vmm == pid {
+        (pid, pidfd)
+    } else {
+        match crate::supervisor::Pidfd::open(vmm) {
+            // Still the keeper's child once its pidfd is open: the pidfd names that VMM.
+            Ok(fd) if crate::supervisor::vmm_process(pid) == vmm => {
+                own = fd;
+                (vmm, own.as_fd())
+            }
+            _ => return Vec::new(),
+        }
+    };
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -251,6 +268,7 @@ pub fn vcpu_counters(pid: u32, pidfd: BorrowedFd<'_>) -> Vec<(u32, Vec<(String, 
 /// CPU time the process `pid` spent in guest mode (running its vCPUs), ns, from
 /// `/proc/PID/stat` (clock-tick resolution); `None` when it cannot be read.
 pub fn guest_ns(pid: u32) -> Option<u64> {
+    let pid = crate::supervisor::vmm_process(pid);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     guest_ns_of(&stat, clock_ticks())
 }

@@ -197,8 +197,10 @@ pub fn totals(threads: &[ThreadTime]) -> (u64, u64) {
         .fold((0, 0), |(c, r), t| (c + t.cpu_ns, r + t.ready_ns))
 }
 
-/// Every thread of process `pid`, from `/proc/PID/task/*/schedstat`.
+/// Every thread of process `pid` (of the VMM it jails, if it is a jail's keeper:
+/// [`crate::supervisor::vmm_process`]), from `/proc/PID/task/*/schedstat`.
 pub fn threads(pid: u32) -> Vec<ThreadTime> {
+    let pid = crate::supervisor::vmm_process(pid);
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;

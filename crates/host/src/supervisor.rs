@@ -214,6 +214,24 @@ pub fn spawn_in(
     child
 }
 
+/// The process whose threads, descriptors and times are VM `pid`'s: under a jail's keeper
+/// (`wv run --jail`, which the daemon records as the VM's pid), the jailed VMM, its only
+/// child; otherwise `pid` itself.
+pub fn vmm_process(pid: u32) -> u32 {
+    let jailed = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--jail"));
+    if !jailed {
+        return pid;
+    }
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut it = children.split_whitespace().filter_map(|c| c.parse().ok());
+    match (it.next(), it.next()) {
+        (Some(c), None) => c,
+        _ => pid,
+    }
+}
+
 /// The last non-empty line of `log` (empty if there is none).
 pub fn last_line(log: &Path) -> String {
     std::fs::read_to_string(log)

@@ -258,15 +258,19 @@ pub fn enter(j: &JailConfig, memory: Option<u64>, incoming: bool) -> Result<(), 
     // The VMM, first process of its PID namespace.
     // SAFETY: prctl/getppid/sigprocmask with valid arguments.
     unsafe {
-        libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        // The first process of a PID namespace gets no signal whose action is the default:
-        // the stop signals (which the VMM blocks and reads from a signalfd) need a handler.
+        // The first process of a PID namespace drops any signal whose action is the default
+        // when it is delivered: the stop signals stay blocked (the VMM blocks them in every
+        // thread and reads them from a signalfd, which takes those already pending, such as
+        // a stop the keeper passed on during the start), and get a handler besides.
+        let mut keep = old;
         for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = ignore as *const () as usize;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(s, &sa, std::ptr::null_mut());
+            libc::sigaddset(&mut keep, s);
         }
+        libc::sigprocmask(libc::SIG_SETMASK, &keep, std::ptr::null_mut());
     }
     build_root(j)?;
     if incoming {

@@ -163,10 +163,18 @@ fn main() {
         name: "wv run --jail",
         cmd: Box::new(move |n| {
             let mut c = Command::new(&w);
-            c.args(["run", "--jail", "uid=3999999", "--memory", "128M", "--serial", "stdio"])
-                .arg("--kernel")
-                .arg(&g)
-                .args(["--cmdline", &n.to_string()]);
+            c.args([
+                "run",
+                "--jail",
+                "uid=3999999",
+                "--memory",
+                "128M",
+                "--serial",
+                "stdio",
+            ])
+            .arg("--kernel")
+            .arg(&g)
+            .args(["--cmdline", &n.to_string()]);
             c
         }),
     });
