@@ -569,9 +569,12 @@ impl Cgroups {
     /// world's VMM writes `0` into it before it runs (so that whatever it forks, such as a
     /// jailed VMM's keeper its VMM, starts in the group). [`Cgroups::attach`] still follows.
     pub fn procs_file(&self, id: u64) -> Result<std::fs::File, String> {
-        if self.state().closed {
+        let mut st = self.state();
+        if st.closed {
             return Err("the daemon is stopping".into());
         }
+        // A removal queued by the last run's end must not take the group from this one.
+        st.pending.remove(&id);
         let d = self.dir(id);
         mkdir(&d)?;
         let p = d.join("cgroup.procs");
