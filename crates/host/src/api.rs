@@ -612,9 +612,9 @@ impl Daemon {
         // by themselves: the daemon hands them the connections.
         for switch in [true, false] {
             let weak = Arc::downgrade(&d);
-            let hand: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            let hand: Arc<dyn Fn(u32) + Send + Sync> = Arc::new(move |pid| {
                 if let Some(d) = weak.upgrade() {
-                    d.hand_backends(switch);
+                    d.hand_backends(switch, pid);
                 }
             });
             if switch {
@@ -2149,7 +2149,9 @@ impl Daemon {
             _ => supervisor::Boot::Config(&config),
         };
         let mut args = supervisor::run_args(boot, &dir);
-        let jail = match self.jail(id, &dir, incoming.is_some().then_some(config.as_path())) {
+        // The files a jailed VMM gets opened are those of the daemon's definition, never
+        // those a snapshot's or a migration's own configuration names.
+        let jail = match self.jail(id, &dir, Some(config.as_path())) {
             Ok(j) => j,
             Err(e) => {
                 release_snapshot(&dir);
@@ -2157,6 +2159,18 @@ impl Daemon {
                 return error(500, format!("VM '{name}' cannot start: {e}"));
             }
         };
+        // A migration's disks, written by a jailed VMM of an earlier run, are vetted and
+        // taken back before anything opens them as root (no link may point elsewhere).
+        if incoming.is_none() && copied.is_dir() {
+            if let Err(e) = take_back(&copied, None) {
+                release_snapshot(&dir);
+                self.release_ports(id);
+                return error(
+                    500,
+                    format!("VM '{name}' cannot start: its migrated disks: {e}"),
+                );
+            }
+        }
         if let Some(j) = &jail {
             args.extend(["--jail".to_string(), j.to_string()]);
             if incoming.is_some() {
@@ -2286,7 +2300,16 @@ impl Daemon {
                     .iter_mut()
                     .find(|w| w.id == id && is_live(w.state))
                 {
-                    w.spec.config = config;
+                    // Only what a restore changes, never a file the VMM names by itself.
+                    w.spec.config = match adoptable(&w.spec.config, &config) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!(
+                                "wv host: world {id}: its VMM's configuration is not taken: {e}"
+                            );
+                            return;
+                        }
+                    };
                     if let Err(e) = self.store.save(&doc) {
                         eprintln!("wv host: world {id}: saving the state: {e}");
                     }
@@ -2524,7 +2547,10 @@ impl Daemon {
         let to = partial.as_ref().unwrap_or(&dir);
         let body = json!({ "destination": to, "allow_raw_disk": req.allow_raw_disk });
         let answer = match self.vmm_call(name, "PUT", "/vm/snapshot", Some(&body.to_string())) {
-            Ok((200, a)) => match partial.as_ref().map(|p| take_snapshot_files(p, &dir)) {
+            Ok((200, a)) => match partial.as_ref().map(|p| {
+                let vmm = pid.map_or(0, supervisor::vmm_process);
+                take_snapshot_files(p, &dir, vmm)
+            }) {
                 Some(Err(e)) => {
                     let _ = std::fs::remove_dir_all(&dir);
                     return error(500, format!("VM '{name}': taking its VMM's snapshot: {e}"));
@@ -2853,8 +2879,24 @@ impl Daemon {
         let _ = run.pidfd.signal(libc::SIGTERM);
         let _ = run.pidfd.signal(libc::SIGCONT);
         if !run.wait(STOP_GRACE) {
+            // A jailed VMM dies with its keeper (its parent-death signal), but the VM is not
+            // stopped before the VMM has ended too (its disks' locks, its TAPs): killed and
+            // waited for as well.
+            let keeper = self
+                .lock()
+                .worlds
+                .iter()
+                .find(|w| w.id == id)
+                .and_then(|w| w.pid);
+            let jailed = keeper
+                .map(supervisor::vmm_process)
+                .filter(|p| Some(*p) != keeper)
+                .and_then(|p| Pidfd::open(p).ok());
             let _ = run.pidfd.signal(libc::SIGKILL);
-            if !run.wait(STOP_GRACE) {
+            if let Some(j) = &jailed {
+                let _ = j.signal(libc::SIGKILL);
+            }
+            if !run.wait(STOP_GRACE) || jailed.is_some_and(|j| !j.wait(Some(STOP_GRACE))) {
                 return Err(error(
                     500,
                     format!("VM '{name}': its VMM did not end, even after SIGKILL"),
@@ -3082,6 +3124,39 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The definition `current` with what a restore of it changes, taken from `reported` (its
+/// VMM's `GET /vm`): each VMKFS disk's name (a new branch in the same datastore) and each
+/// net's MAC (a clone's). Anything else that differs is refused: a VMM (perhaps a hostile
+/// one) must not choose the files the daemon opens for the VM's next boot.
+fn adoptable(
+    current: &wv_config::VmConfig,
+    reported: &wv_config::VmConfig,
+) -> Result<wv_config::VmConfig, String> {
+    if current.disks.len() != reported.disks.len() || current.nets.len() != reported.nets.len() {
+        return Err("its devices differ from the definition's".into());
+    }
+    let mut out = current.clone();
+    for (d, r) in out.disks.iter_mut().zip(&reported.disks) {
+        match (&d.vmkfs, &r.vmkfs) {
+            (Some(_), Some(name)) if r.path == d.path && r.readonly == d.readonly => {
+                d.vmkfs = Some(name.clone());
+            }
+            _ if r.path == d.path && r.vmkfs == d.vmkfs => {}
+            _ => {
+                return Err(format!(
+                    "disk {}: {} is not the definition's",
+                    d.id,
+                    r.path.display()
+                ))
+            }
+        }
+    }
+    for (n, r) in out.nets.iter_mut().zip(&reported.nets) {
+        n.mac = r.mac;
+    }
+    Ok(out)
+}
+
 /// Where in its folder a jailed VMM writes a snapshot, for the daemon to take.
 const SNAPSHOT_PARTIAL: &str = "snapshot.partial";
 
@@ -3093,24 +3168,93 @@ fn jail_of(pid: u32) -> Option<wv_config::JailConfig> {
     wv_config::JailConfig::parse(std::str::from_utf8(args.next()?).ok()?).ok()
 }
 
-/// Takes the snapshot a jailed VMM wrote in `partial` into the (empty) folder `dir`: each
-/// entry must be a plain file with one link (nothing the VMM could point elsewhere), made
-/// root's and private, then the folder replaces `dir`.
-fn take_snapshot_files(partial: &Path, dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    for e in std::fs::read_dir(partial)? {
+/// Takes back a folder a jailed VMM wrote in (its snapshot, a migration's disks) before the
+/// daemon, or a VMM it starts as root, opens anything in it: the folder first, by descriptor
+/// and without following a link, made root's and 0700 (from then on the VMM can add, rename
+/// or remove nothing in it); then each entry, opened without following links, must be a
+/// plain file with a single link, and is made root's and 0600. With `vmm`, the process
+/// (a jailed VMM, running on) must hold none of them open or mapped any more: it could
+/// still change them. What does not pass is an error naming it.
+fn take_back(dir: &Path, vmm: Option<u32>) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let open_at = |at: libc::c_int, p: &CString, dir: bool| -> std::io::Result<OwnedFd> {
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+        let flags = if dir {
+            flags | libc::O_DIRECTORY
+        } else {
+            flags
+        };
+        // SAFETY: openat with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::openat(at, p.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let own = |fd: &OwnedFd, mode: libc::mode_t| -> std::io::Result<libc::stat> {
+        // SAFETY: fchown, fchmod and fstat on our descriptor, into a stat we own.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fchown(fd.as_raw_fd(), 0, 0) != 0
+                || libc::fchmod(fd.as_raw_fd(), mode) != 0
+                || libc::fstat(fd.as_raw_fd(), &mut st) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(st)
+        }
+    };
+    let bad = |what: String| std::io::Error::other(what);
+    let path = CString::new(dir.as_os_str().as_bytes()).map_err(|_| bad("NUL in path".into()))?;
+    let dfd = open_at(libc::AT_FDCWD, &path, true)
+        .map_err(|e| bad(format!("{}: {e} (not a folder of its own)", dir.display())))?;
+    own(&dfd, 0o700)?;
+    let mut inodes = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/self/fd/{}", dfd.as_raw_fd()))? {
         let e = e?;
-        let m = std::fs::symlink_metadata(e.path())?;
-        if !m.file_type().is_file() || m.nlink() != 1 {
-            return Err(std::io::Error::other(format!(
+        let name = CString::new(e.file_name().as_bytes()).map_err(|_| bad("NUL in name".into()))?;
+        let shown = dir.join(e.file_name());
+        let fd = open_at(dfd.as_raw_fd(), &name, false)
+            .map_err(|err| bad(format!("{}: {err} (not a plain file)", shown.display())))?;
+        let st = own(&fd, 0o600)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink != 1 {
+            return Err(bad(format!(
                 "{} is not a plain file of its own",
-                e.path().display()
+                shown.display()
             )));
         }
-        std::os::unix::fs::lchown(e.path(), Some(0), Some(0))?;
-        std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+        inodes.push((st.st_dev, st.st_ino, shown));
     }
-    std::os::unix::fs::lchown(partial, Some(0), Some(0))?;
+    let Some(pid) = vmm else { return Ok(()) };
+    // Held open: /proc/PID/fd; mapped: /proc/PID/map_files.
+    for sub in ["fd", "map_files"] {
+        for e in std::fs::read_dir(format!("/proc/{pid}/{sub}"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(m) = std::fs::metadata(e.path()) else {
+                continue;
+            };
+            use std::os::unix::fs::MetadataExt;
+            if let Some((_, _, p)) = inodes
+                .iter()
+                .find(|(dev, ino, _)| m.dev() == *dev && m.ino() == *ino)
+            {
+                return Err(bad(format!("the VMM still holds {}", p.display())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes the snapshot a jailed VMM (process `vmm`) wrote in `partial` ([`take_back`]) into
+/// the (empty) folder `dir`, which it replaces.
+fn take_snapshot_files(partial: &Path, dir: &Path, vmm: u32) -> std::io::Result<()> {
+    take_back(partial, Some(vmm))?;
     std::fs::rename(partial, dir)
 }
 
@@ -3134,8 +3278,7 @@ impl Daemon {
     }
 
     /// The jail of world `id`'s VMM in its folder `dir` (None: unjailed); `config`: the
-    /// configuration whose files it opens before the jail besides the VM's own (an incoming
-    /// migration's).
+    /// configuration (the daemon's) whose files, and only those, it opens before the jail.
     fn jail(
         &self,
         id: u64,
@@ -3171,10 +3314,15 @@ impl Daemon {
         Ok(Some(j))
     }
 
-    /// Hands each jailed VMM a new connection to each of its sockets on the switch (`switch`)
-    /// or the storage service (not `switch`), which has just been restarted: unlike an
-    /// unjailed one, it cannot reach the sockets to connect again by itself.
-    fn hand_backends(&self, switch: bool) {
+    /// Hands each jailed VMM started before the switch (`switch`) or storage service (not
+    /// `switch`) process `service` (so connected to an earlier one: a restart, or a daemon
+    /// restarted) a new connection to each of its sockets on it: unlike an unjailed VMM, it
+    /// cannot reach the sockets to connect again by itself. A VMM started since connected to
+    /// this process at its start.
+    fn hand_backends(&self, switch: bool, service: u32) {
+        let Some(born) = supervisor::start_ticks(service) else {
+            return;
+        };
         let mine: Vec<(u64, Vec<PathBuf>)> = if switch {
             let dir = self.switch.dir().to_path_buf();
             self.ports
@@ -3205,7 +3353,10 @@ impl Daemon {
                 Some(w) => (w.spec.name.clone(), w.pid),
                 None => continue,
             };
-            if pid.and_then(jail_of).is_none() {
+            let Some(pid) = pid.filter(|p| jail_of(*p).is_some()) else {
+                continue;
+            };
+            if supervisor::start_ticks(pid).is_none_or(|t| t >= born) {
                 continue;
             }
             let conns: Vec<(String, UnixStream)> = socks

@@ -95,8 +95,8 @@ struct Inner<W> {
     dir: PathBuf,
     /// Places a started process in its cgroup.
     place: Box<dyn Fn(u32) -> Result<(), String> + Send + Sync>,
-    /// Run (on a thread of its own) once a process started after the first serves again.
-    restarted: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// Run (on a thread of its own) with the pid of each process started, once it serves.
+    restarted: std::sync::OnceLock<Arc<dyn Fn(u32) + Send + Sync>>,
     state: Mutex<State<W>>,
     changed: Condvar,
 }
@@ -144,9 +144,10 @@ impl<W: Wants> Service<W> {
         Ok(s)
     }
 
-    /// Sets what runs each time a process started after the first serves everything again
-    /// (the daemon hands jailed VMMs connections to the new sockets); once.
-    pub fn on_restart(&self, f: Arc<dyn Fn() + Send + Sync>) {
+    /// Sets what runs, with the new process's pid, each time a process serves everything
+    /// (the daemon hands jailed VMMs that were connected to an earlier process connections
+    /// to the new sockets); once.
+    pub fn on_restart(&self, f: Arc<dyn Fn(u32) + Send + Sync>) {
         let _ = self.inner.restarted.set(f);
     }
 
@@ -273,13 +274,9 @@ impl<W: Wants> Service<W> {
                         st.last = Some(e);
                     }
                 }
-                if st.starts > 1 {
-                    if let Some(f) = i.restarted.get().cloned() {
-                        if let Err(e) = crate::helper::spawn("restarted", move || f()) {
-                            eprintln!(
-                                "wv host: the {name} restarted, nothing to tell the VMMs: {e}"
-                            );
-                        }
+                if let Some(f) = i.restarted.get().cloned() {
+                    if let Err(e) = crate::helper::spawn("restarted", move || f(pid)) {
+                        eprintln!("wv host: the {name} started, nothing to tell the VMMs: {e}");
                     }
                 }
                 return Ok(());

@@ -232,6 +232,14 @@ pub fn vmm_process(pid: u32) -> u32 {
     }
 }
 
+/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/PID/stat`).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command (field 2) may hold spaces and parentheses: count after its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// The last non-empty line of `log` (empty if there is none).
 pub fn last_line(log: &Path) -> String {
     std::fs::read_to_string(log)

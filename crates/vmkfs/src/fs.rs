@@ -1442,11 +1442,11 @@ impl Datastore {
         r
     }
 
-    /// The owner record of a writer in this process.
+    /// The owner record of a writer in this process ([`owner_pid`]).
     pub(crate) fn owner_record(&self) -> Owner {
         Owner {
             host: self.host.clone(),
-            pid: std::process::id(),
+            pid: owner_pid(),
             since: now(),
             handover: None,
         }
@@ -1462,7 +1462,7 @@ impl Datastore {
             }
             ds.fds[slot].owner = owner.then(|| Owner {
                 host,
-                pid: std::process::id(),
+                pid: owner_pid(),
                 since: now(),
                 handover: None,
             });
@@ -1699,4 +1699,20 @@ pub(crate) fn stale(name: &str, o: &Owner) -> Error {
          the owner crashed or the disk is open on another host; `wv fs unlock` breaks it",
         o.pid, o.host, o.since
     ))
+}
+
+static OWNER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Records `pid` instead of this process's own as the writer in owner records: a jailed VMM
+/// is pid 1 of its namespace, and the host knows it by its keeper's (what `wv host` lists).
+pub fn set_owner_pid(pid: u32) {
+    OWNER_PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The pid owner records name: [`set_owner_pid`]'s, else this process's.
+fn owner_pid() -> u32 {
+    match OWNER_PID.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => std::process::id(),
+        p => p,
+    }
 }

@@ -24,7 +24,7 @@ pub mod fs;
 
 pub use dev::{Dev, FileDev, MemDev};
 pub use disk::{Disk, Pending};
-pub use fs::{Datastore, FileInfo, Info, MkfsOptions, ProgressFn, Report};
+pub use fs::{set_owner_pid, Datastore, FileInfo, Info, MkfsOptions, ProgressFn, Report};
 
 /// What went wrong, with a message that names the thing concerned.
 #[derive(Debug)]

@@ -194,11 +194,19 @@ fn mount(
 /// mount namespace (the host's folder is untouched).
 const BUILD_AT: &str = "/tmp";
 
-/// Enters the jail `j` for a VM of `memory` bytes (None: not known yet, no address-space
-/// limit): returns in the jailed VMM; the process that called it never returns from here (it
+/// Enters the jail `j` for the VM `vm` (None: not known yet, no address-space limit): returns in the jailed VMM; the process that called it never returns from here (it
 /// keeps the jail and ends as the VMM does). `incoming`: make a userfaultfd while root, for a
 /// post-copy migration.
-pub fn enter(j: &JailConfig, memory: Option<u64>, incoming: bool) -> Result<(), VmmError> {
+pub fn enter(j: &JailConfig, vm: Option<&VmConfig>, incoming: bool) -> Result<(), VmmError> {
+    // Guest RAM is mapped twice while a shared-memory VM is restored or received (the file or
+    // anonymous copy, and its memfd).
+    let memory = vm.map(|c| {
+        if c.memory_is_shared() {
+            c.memory.saturating_mul(2)
+        } else {
+            c.memory
+        }
+    });
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(config_err(
@@ -240,9 +248,11 @@ pub fn enter(j: &JailConfig, memory: Option<u64>, incoming: bool) -> Result<(), 
         libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
         (set, old)
     };
+    // SAFETY: getpid has no preconditions.
+    let keeper_pid = unsafe { libc::getpid() };
     // The keeper, as a pidfd: the VMM cannot name it by pid from inside its namespace.
     // SAFETY: pidfd_open of this process; the result is checked.
-    let keeper = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    let keeper = unsafe { libc::syscall(libc::SYS_pidfd_open, keeper_pid, 0) };
     let keeper = i32::try_from(keeper).map_err(|_| os_err("pidfd_open"))?;
     if keeper < 0 {
         return Err(os_err("pidfd_open"));
@@ -272,6 +282,9 @@ pub fn enter(j: &JailConfig, memory: Option<u64>, incoming: bool) -> Result<(), 
         }
         libc::sigprocmask(libc::SIG_SETMASK, &keep, std::ptr::null_mut());
     }
+    // The host knows the VM by its keeper's pid (the VMM's own is 1 in here): VMKFS records
+    // that one as its disks' writer.
+    wv_vmkfs::set_owner_pid(u32::try_from(keeper_pid).unwrap_or(0));
     build_root(j)?;
     if incoming {
         if let Ok(fd) = crate::postcopy::open_userfaultfd() {
@@ -322,9 +335,15 @@ fn keep(child: libc::pid_t, set: &libc::sigset_t, stop: &[libc::c_int]) -> ! {
                 }
                 if libc::WIFSIGNALED(status) {
                     let s = libc::WTERMSIG(status);
-                    // SAFETY: the default action of the VMM's signal, then the signal itself,
-                    // unblocked: the keeper ends as the VMM did.
+                    // SAFETY: no core file (the keeper holds nothing worth one), the default
+                    // action of the VMM's signal, then the signal itself, unblocked: the
+                    // keeper ends as the VMM did.
                     unsafe {
+                        let none = libc::rlimit {
+                            rlim_cur: 0,
+                            rlim_max: 0,
+                        };
+                        libc::setrlimit(libc::RLIMIT_CORE, &none);
                         libc::signal(s, libc::SIG_DFL);
                         let mut one: libc::sigset_t = std::mem::zeroed();
                         libc::sigemptyset(&mut one);

@@ -25,8 +25,15 @@ fn http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
 }
 
 struct Daemon {
@@ -59,7 +66,10 @@ fn daemon(name: &'static str, extra: &[&str]) -> Daemon {
         .unwrap();
     let t = Instant::now();
     while UnixStream::connect(&sock).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(10), "the daemon did not come up");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the daemon did not come up"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let (s, b) = http(
@@ -89,7 +99,11 @@ fn once(d: &Daemon) -> (f64, f64, f64) {
         if std::fs::metadata(&console).is_ok_and(|m| m.len() > 0) {
             break t.elapsed();
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "{}: no console output", d.name);
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{}: no console output",
+            d.name
+        );
         std::thread::yield_now();
     };
     let stopped = loop {
@@ -97,7 +111,11 @@ fn once(d: &Daemon) -> (f64, f64, f64) {
         if b.contains(r#""state":"stopped""#) {
             break t.elapsed();
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "{}: did not stop: {b}", d.name);
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{}: did not stop: {b}",
+            d.name
+        );
         std::thread::sleep(Duration::from_millis(1));
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -110,7 +128,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
     let daemons = [daemon("jailed", &[]), daemon("unjailed", &["--no-jail"])];
     let mut got: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); daemons.len()];
     // One warm-up each (page cache, cgroup creation).

@@ -139,7 +139,10 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom, jail: Option<&cli::
     let enter = |vm: Option<&VmConfig>, incoming: bool| -> Result<(), wv_vmm::error::VmmError> {
         let Some(j) = jail else { return Ok(()) };
         wv_vmm::jail::preopen_process(cfg)?;
-        for c in vm.into_iter().chain(j.also.as_ref()) {
+        // With config=, its files only: a snapshot's or a migration's configuration is the
+        // VMM's word, which must not choose what is opened as root (the daemon names its own
+        // definition there).
+        if let Some(c) = j.also.as_ref().or(vm) {
             wv_vmm::jail::preopen_vm(c)?;
         }
         if let RunFrom::Incoming(_, places) = from {
@@ -147,8 +150,7 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom, jail: Option<&cli::
                 wv_vmm::jail::preopen_datastore(ds, 16)?;
             }
         }
-        let memory = vm.or(j.also.as_ref()).map(|c| c.memory);
-        wv_vmm::jail::enter(&j.spec, memory, incoming)
+        wv_vmm::jail::enter(&j.spec, vm.or(j.also.as_ref()), incoming)
     };
     let ran = match from {
         RunFrom::Options => enter(Some(cfg), false).and_then(|()| wv_vmm::run(cfg)),

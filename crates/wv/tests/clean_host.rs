@@ -294,19 +294,31 @@ impl Host {
 }
 
 /// `wv run` processes whose files are in `state`'s VM folders.
+/// The VMMs of the daemon on `state`, one per VM: a jailed VMM (the only child of its
+/// keeper, with the same command line) counts as its keeper.
 fn vmm_processes(state: &Path) -> BTreeSet<String> {
     let vms = state.join("vms");
-    let mut out = BTreeSet::new();
+    let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };
         let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if text.contains(" run ") && text.contains(vms.to_str().unwrap()) {
-            out.insert(format!("{} {text}", e.file_name().to_string_lossy()));
+            let ppid = std::fs::read_to_string(e.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:").map(|p| p.trim().to_string()))
+                .unwrap_or_default();
+            found.push((e.file_name().to_string_lossy().into_owned(), ppid, text));
         }
     }
-    out
+    let pids: BTreeSet<String> = found.iter().map(|(p, _, _)| p.clone()).collect();
+    found
+        .into_iter()
+        .filter(|(_, ppid, _)| !pids.contains(ppid))
+        .map(|(pid, _, text)| format!("{pid} {text}"))
+        .collect()
 }
 
 fn signal(child: &Child, sig: libc::c_int) {

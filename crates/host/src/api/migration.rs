@@ -430,7 +430,11 @@ impl Daemon {
             .is_some_and(|j| j.net == wv_config::JailNet::New);
         let conn = if jailed {
             match connect_for(&destination) {
-                Ok(c) => Some(c),
+                Ok((addr, c)) => {
+                    // It is resolved here: the jail has no resolver.
+                    send["destination"] = json!(addr.to_string());
+                    Some((format!("tcp:{addr}"), c))
+                }
                 Err(e) => {
                     self.migrating
                         .lock()
@@ -518,8 +522,8 @@ impl Daemon {
 }
 
 /// A connection to a migration's `destination` (HOST:PORT) made for a jailed VMM, with the
-/// name the VMM looks it up by (the address it resolves the destination to).
-fn connect_for(destination: &str) -> std::io::Result<(String, std::net::TcpStream)> {
+/// address it resolved to (which the VMM is given, and looks the connection up by).
+fn connect_for(destination: &str) -> std::io::Result<(std::net::SocketAddr, std::net::TcpStream)> {
     use std::net::ToSocketAddrs;
     let addr = destination.to_socket_addrs()?.next().ok_or_else(|| {
         std::io::Error::new(
@@ -528,7 +532,7 @@ fn connect_for(destination: &str) -> std::io::Result<(String, std::net::TcpStrea
         )
     })?;
     let c = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))?;
-    Ok((format!("tcp:{addr}"), c))
+    Ok((addr, c))
 }
 
 #[cfg(test)]
