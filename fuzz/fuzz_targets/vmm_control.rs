@@ -4,6 +4,8 @@
 //! HTTP parser (`wv_http::read_request`) read through a 16-byte buffer, as the API thread does
 //! before anything reaches the VM. No VM runs: a request becomes a command or a 4xx answer,
 //! never a panic; a command comes only from a path whose first segment is `vm` with the method its route allows.
+//! The names of files passed with a request (`?file=NAME`, `wv_http::passing::file_keys`) are
+//! read too: each name non-empty and %-decoded, or an error.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use std::io::{BufReader, Cursor};
@@ -13,6 +15,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(req) = wv_http::read_request(&mut r) else {
         return;
     };
+    if let Ok(keys) = wv_http::passing::file_keys(&req.query) {
+        for k in keys {
+            assert!(!k.is_empty() && k.len() <= 4096, "{k:?}");
+        }
+    }
     match wv_vmm::control::check_request(&req) {
         Ok(cmd) => {
             let want = match cmd {
