@@ -17,6 +17,8 @@
 //! | GET /v1/snapshots, DELETE /v1/snapshots/{snap} | the snapshots, and removing one |
 //! | POST /v1/snapshots/{snap}/clone | start new VMs from a snapshot (body: `{"name": N, "count": C}`) |
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
+//! | POST /v1/vms/{name}/devices | hot-plug a disk into the running VM (body: `{"disk": {"path": IMG, "id": ID, "readonly"?: bool}}`; live only, not kept in its definition): the daemon opens the image and hands it to the VMM (201: `{"id", "slot"}`) |
+//! | DELETE /v1/vms/{name}/devices/{id} | unplug hot-plugged device `id` once the guest has ejected it (204) |
 //! | GET, PUT /v1/vms/{name}/balloon | the running VM's memory target and current memory; a new target (body: `{"memory_target": SIZE}`), through its VMM's balloon |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
@@ -522,6 +524,8 @@ fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
         ["v1", "vms", _, "balloon"] => &["GET", "PUT"],
+        ["v1", "vms", _, "devices"] => &["POST"],
+        ["v1", "vms", _, "devices", _] => &["DELETE"],
         ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore" | "incoming" | "migrate"] => {
             &["POST"]
         }
@@ -1214,6 +1218,101 @@ impl Daemon {
         reply
     }
 
+    /// The running VM `name`'s world id, under its lifecycle lock (held by the caller through
+    /// the returned guard's owner), or the answer why it is not running.
+    fn running(&self, name: &str) -> Result<u64, Reply> {
+        let mut doc = self.lock();
+        let id = doc
+            .worlds
+            .iter()
+            .find(|w| w.spec.name == name)
+            .map(|w| w.id)
+            .ok_or_else(|| error(404, format!("no VM named '{name}'")))?;
+        let w = Self::world(&mut doc, id, name)?;
+        if !matches!(w.state, State::Running | State::Paused) || self.run_of(id).is_none() {
+            return Err(error(
+                409,
+                format!("VM '{name}' is {:?}, not running", w.state).to_lowercase(),
+            ));
+        }
+        Ok(id)
+    }
+
+    /// `POST /v1/vms/{name}/devices`: hot-plugs a disk (`{"disk": DiskConfig}`: a raw image
+    /// under the image directories) into the running VM. The daemon opens the image (read-write
+    /// unless `readonly`) and hands it to the VMM with `PUT /vm/device-add` (a jailed VMM
+    /// could not open it). Live only: the definition does not change.
+    fn device_add(&self, name: &str, body: &[u8]) -> Reply {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Add {
+            disk: wv_config::DiskConfig,
+        }
+        let add: Add = match object(body, "device") {
+            Ok(a) => a,
+            Err(r) => return r,
+        };
+        let d = add.disk;
+        if d.vmkfs.is_some() || d.vhost_user || !d.via.is_vmm() {
+            return error(
+                422,
+                "only raw disk images (path=) can be hot-plugged through the daemon",
+            );
+        }
+        let (_, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(r) = self.running(name) {
+            return r;
+        }
+        if let Err(e) = self.check_image("disk", &d.path) {
+            return error(422, e);
+        }
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(!d.readonly)
+            .open(&d.path)
+        {
+            Ok(f) => f,
+            Err(e) => return error(422, format!("disk {}: {}: {e}", d.id, d.path.display())),
+        };
+        let key = d.path.display().to_string();
+        let req = json!({ "disk": d }).to_string();
+        let files = [(key.as_str(), std::os::fd::AsFd::as_fd(&file))];
+        match self.vmm_call_passing(name, "PUT", "/vm/device-add", Some(&req), &files) {
+            Ok((200, b)) => (201, b),
+            Ok((st, b)) => {
+                let status = if (400..500).contains(&st) { st } else { 502 };
+                (status, b)
+            }
+            Err(e) => error(409, format!("VM '{name}': {e}")),
+        }
+    }
+
+    /// `DELETE /v1/vms/{name}/devices/{id}`: asks the guest to eject hot-plugged device `id`
+    /// (`PUT /vm/device-remove`), answered once it has.
+    fn device_remove(&self, name: &str, dev: &str) -> Reply {
+        let (_, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(r) = self.running(name) {
+            return r;
+        }
+        let req = json!({ "id": dev }).to_string();
+        match self.vmm_call(name, "PUT", "/vm/device-remove", Some(&req)) {
+            Ok((204, _)) => (204, String::new()),
+            Ok((st, b)) => {
+                let status = if (400..500).contains(&st) { st } else { 502 };
+                (status, b)
+            }
+            Err(e) => error(409, format!("VM '{name}': {e}")),
+        }
+    }
+
     /// `GET` (`body` None) and `PUT /v1/vms/{name}/balloon`: the running VM's memory target
     /// and current memory, as its VMM's balloon reports them (docs/vmm-openapi.json), after
     /// setting a new target when asked. The target is the memory the guest is to keep; the
@@ -1761,6 +1860,8 @@ impl Daemon {
             ("GET", ["v1", "vms", name, "stats"]) => self.stats(name),
             ("GET", ["v1", "vms", name, "balloon"]) => self.balloon(name, None),
             ("PUT", ["v1", "vms", name, "balloon"]) => self.balloon(name, Some(&req.body)),
+            ("POST", ["v1", "vms", name, "devices"]) => self.device_add(name, &req.body),
+            ("DELETE", ["v1", "vms", name, "devices", dev]) => self.device_remove(name, dev),
             ("GET", ["v1", "stats"]) => self.all_stats(),
             ("GET", ["v1", "history"]) => ok(
                 200,
@@ -3434,14 +3535,28 @@ impl Daemon {
             if field == "disks" && own.is_some() && path.parent() == own.as_deref() {
                 continue;
             }
-            let inside =
-                std::fs::canonicalize(&path).is_ok_and(|c| dirs.iter().any(|d| c.starts_with(d)));
-            if !inside {
-                return Err(format!(
-                    "{field}: {} is not a file under the daemon's image directories (wv host --images)",
-                    path.display()
-                ));
-            }
+            Self::under(dirs, field, &path)?;
+        }
+        Ok(())
+    }
+
+    /// With image directories, `path` (the `field` of a definition) must resolve to a file
+    /// under one of them ([`Daemon::check_images`]).
+    fn check_image(&self, field: &str, path: &Path) -> Result<(), String> {
+        match self.images.get().filter(|d| !d.is_empty()) {
+            Some(dirs) => Self::under(dirs, field, path),
+            None => Ok(()),
+        }
+    }
+
+    fn under(dirs: &[PathBuf], field: &str, path: &Path) -> Result<(), String> {
+        let inside =
+            std::fs::canonicalize(path).is_ok_and(|c| dirs.iter().any(|d| c.starts_with(d)));
+        if !inside {
+            return Err(format!(
+                "{field}: {} is not a file under the daemon's image directories (wv host --images)",
+                path.display()
+            ));
         }
         Ok(())
     }

@@ -206,6 +206,15 @@ impl VmSpec {
             ));
         }
         crate::sched::validate(&self.demand())?;
+        // Absent is "none" in a definition; 0 means "remove it" only in a change (PATCH).
+        for (what, v) in [
+            ("net_reservation", self.net_reservation),
+            ("net_limit", self.net_limit),
+        ] {
+            if v == Some(0) {
+                return Err(format!("{what} 0: leave it out for none"));
+            }
+        }
         self.net_shares().validate()?;
         c.validate(wv_config::host_ram()).map_err(|e| e.to_string())
     }

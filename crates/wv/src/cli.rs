@@ -808,6 +808,29 @@ const VM_SNAPSHOT: Spec = Spec {
     after: CLIENT_STATUS,
 };
 
+const VM_DEVICE_ADD: Spec = Spec {
+    cmd: "wv vm device-add",
+    pos: &["NAME"],
+    about: "Hot-plugs a disk into the running VM NAME (ACPI PCI hot-plug; docs/DEVICES.md): the\ndaemon opens the image (under its --images directories) and hands it to the VMM. Live\nonly: the VM's definition does not change. Also spelt `wv vm device add NAME ...`.",
+    opts: &[
+        &[opt(
+            "--disk",
+            Arg::Value("path=IMG,id=ID[,readonly=on]"),
+            "the disk: a raw image and the id to remove it by (required)",
+        )],
+        CLIENT_OPTS,
+    ],
+    after: CLIENT_STATUS,
+};
+
+const VM_DEVICE_REMOVE: Spec = Spec {
+    cmd: "wv vm device-remove",
+    pos: &["NAME", "ID"],
+    about: "Unplugs hot-plugged device ID from the running VM NAME, answering once the guest has\nejected it. Also spelt `wv vm device remove NAME ID`.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
 const VM_RESTORE: Spec = Spec {
     cmd: "wv vm restore",
     pos: &["NAME", "SNAPSHOT"],
@@ -957,6 +980,8 @@ const VM_SPECS: &[&Spec] = &[
     &VM_SNAPSHOTS,
     &VM_FORGET,
     &VM_MIGRATE,
+    &VM_DEVICE_ADD,
+    &VM_DEVICE_REMOVE,
 ];
 
 /// `wv` and its commands, for `wv --help`.
@@ -1024,6 +1049,8 @@ Commands:
   delete-snapshot SNAPSHOT
   migrate NAME --to HOST:PORT [--token T | $WV_TARGET_TOKEN] [--downtime-ms N]
           [--copy-disks [--datastore PATH]]
+  device add NAME --disk path=IMG,id=ID[,readonly=on]
+  device remove NAME ID
 
 Run wv vm COMMAND --help for a command's options.";
 
@@ -1089,6 +1116,10 @@ pub enum VmCmd {
     DeleteSnapshot(String),
     /// Move a running VM to another daemon.
     Migrate(Migrate),
+    /// Hot-plug disk .1 into running VM .0.
+    DeviceAdd(String, Box<wv_config::DiskConfig>),
+    /// Unplug hot-plugged device .1 from running VM .0.
+    DeviceRemove(String, String),
 }
 
 /// A `wv net` command.
@@ -1908,13 +1939,25 @@ fn parse_net(args: &[String]) -> Result<Command, Usage> {
 }
 
 fn parse_vm(args: &[String]) -> Result<Command, Usage> {
+    // `wv vm device add|remove ...` is `wv vm device-add|device-remove ...`.
+    let joined;
+    let args = match args.iter().position(|a| a == "device") {
+        Some(i) if matches!(args.get(i + 1).map(String::as_str), Some("add" | "remove")) => {
+            let mut a = args.to_vec();
+            let word = a.remove(i + 1);
+            a[i] = format!("device-{word}");
+            joined = a;
+            &joined[..]
+        }
+        _ => args,
+    };
     let (sub, rest) = split_subcommand(args, VM_SPECS);
     let Some(sub) = sub else {
         if wants_help(&rest) {
             return Ok(Command::Help(VM_USAGE.to_string()));
         }
         return Err(Usage(
-            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete, snapshot, restore, clone, snapshots, delete-snapshot, migrate (see wv vm --help)".into(),
+            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete, snapshot, restore, clone, snapshots, delete-snapshot, migrate, device add, device remove (see wv vm --help)".into(),
         ));
     };
     let spec = VM_SPECS
@@ -1953,6 +1996,21 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
             m.has("--allow-raw-disk"),
         ),
         "wv vm restore" => VmCmd::Restore(m.pos[0].clone(), m.pos[1].clone()),
+        "wv vm device-add" => {
+            let Some(spec) = m.value("--disk") else {
+                return Err(Usage(
+                    "wv vm device-add NAME needs --disk path=IMG,id=ID".into(),
+                ));
+            };
+            if !spec.split(',').any(|p| p.starts_with("id=")) {
+                return Err(Usage(format!(
+                    "--disk '{spec}': give the disk an id= to remove it by"
+                )));
+            }
+            let disk = wv_config::DiskConfig::parse(spec, 0).map_err(|e| Usage(e.0))?;
+            VmCmd::DeviceAdd(m.pos[0].clone(), Box::new(disk))
+        }
+        "wv vm device-remove" => VmCmd::DeviceRemove(m.pos[0].clone(), m.pos[1].clone()),
         "wv vm clone" => {
             let count = match m.value("--count") {
                 None => 1,

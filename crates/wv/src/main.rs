@@ -824,6 +824,19 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
                 }
             })
         }
+        VmCmd::DeviceAdd(name, disk) => {
+            let body = serde_json::json!({ "disk": disk }).to_string();
+            api(c, "POST", &format!("/v1/vms/{name}/devices"), Some(&body)).map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    println!("{}: slot {}", v["id"].as_str().unwrap_or("?"), v["slot"]);
+                }
+            })
+        }
+        VmCmd::DeviceRemove(name, dev) => {
+            api(c, "DELETE", &format!("/v1/vms/{name}/devices/{dev}"), None).map(|_| ())
+        }
         VmCmd::Restore(name, snap) => {
             let body = serde_json::json!({ "snapshot": snap }).to_string();
             api(c, "POST", &format!("/v1/vms/{name}/restore"), Some(&body)).map(|v| {

@@ -486,6 +486,66 @@ fn the_server_matches_its_openapi_document() {
         200
     );
     assert_eq!(c.call("DELETE", vm, "/v1/vms/bl", None).0, 204);
+    // Hot-plug through the daemon: a disk handed to a running guest that uses it and ejects it.
+    let (dv, dv1) = ("/v1/vms/{name}/devices", "/v1/vms/{name}/devices/{id}");
+    let img = daemon.state.join("hot.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let add = serde_json::json!({"disk": {"path": img, "id": "hot0"}}).to_string();
+    let def = r#"{"name":"hp","memory":"64M","cmdline":"console=ttyS0 probe.tests=hotplug probe.hotplug_cycles=1"}"#;
+    assert_eq!(c.call("POST", "/v1/vms", "/v1/vms", Some(def)).0, 201);
+    assert_eq!(c.call("POST", dv, "/v1/vms/zz/devices", Some(&add)).0, 404);
+    assert_eq!(c.call("POST", dv, "/v1/vms/hp/devices", Some(&add)).0, 409);
+    assert_eq!(
+        c.call("DELETE", dv1, "/v1/vms/zz/devices/hot0", None).0,
+        404
+    );
+    assert_eq!(
+        c.call("DELETE", dv1, "/v1/vms/hp/devices/hot0", None).0,
+        409
+    );
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/start", "/v1/vms/hp/start", None)
+            .0,
+        200
+    );
+    for bad in ["[]", "{}", r#"{"disk":{"path":"/x"}}"#, r#"{"net":{}}"#] {
+        assert_eq!(
+            c.call("POST", dv, "/v1/vms/hp/devices", Some(bad)).0,
+            400,
+            "{bad}"
+        );
+    }
+    let vmkfs = r#"{"disk":{"path":"/x","vmkfs":"d","id":"v"}}"#;
+    assert_eq!(c.call("POST", dv, "/v1/vms/hp/devices", Some(vmkfs)).0, 422);
+    let console = daemon.state.join("vms/hp/console.log");
+    let seen = |what: &str| {
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains(what)
+        {
+            assert!(
+                std::time::Instant::now() < end,
+                "no '{what}' from the guest"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    seen("hotplug: ready");
+    let (st, b) = c.call("POST", dv, "/v1/vms/hp/devices", Some(&add));
+    assert_eq!(st, 201, "{b}");
+    seen("blk hot0 rw-ok");
+    assert_eq!(
+        c.call("DELETE", dv1, "/v1/vms/hp/devices/hot0", None).0,
+        204
+    );
+    seen("hotplug: ejected");
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/stop", "/v1/vms/hp/stop", None)
+            .0,
+        200
+    );
+    assert_eq!(c.call("DELETE", vm, "/v1/vms/hp", None).0, 204);
     // The state cannot be saved (a folder has the temporary file's name): 500, and nothing
     // changes.
     let tmp = daemon.state.join("worlds.json.tmp");
@@ -1980,6 +2040,8 @@ fn generated_request_sequences_match_the_document_and_the_model() {
     // the balloon, which needs a VM defined with one and a guest that drives it.)
     let two_daemons = [
         "/v1/vms/{name}/balloon",
+        "/v1/vms/{name}/devices",
+        "/v1/vms/{name}/devices/{id}",
         "/v1/vms/{name}/incoming",
         "/v1/vms/{name}/migrate",
         "/v1/host/shutdown",
