@@ -257,14 +257,25 @@ pub fn enter(j: &JailConfig, vm: Option<&VmConfig>, incoming: bool) -> Result<()
     if keeper < 0 {
         return Err(os_err("pidfd_open"));
     }
+    // The VMM's exit status reaches the keeper on this pipe ahead of the VMM's end, which a
+    // PID namespace's first process reports only after every process in it has gone (the
+    // teardown helper finishing KVM's slow teardown, 10-30 ms): [`report_exit`].
+    let mut status_pipe = [-1i32; 2];
+    // SAFETY: pipe2 fills two descriptors; the result is checked.
+    if unsafe { libc::pipe2(status_pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os_err("pipe2"));
+    }
     // SAFETY: fork in a single-threaded process; the child only continues this function.
     let child = unsafe { libc::fork() };
     if child < 0 {
         return Err(os_err("fork"));
     }
     if child > 0 {
-        keep(child, &set, &stop);
+        keep(child, &set, &stop, status_pipe[0]);
     }
+    // SAFETY: closing the keeper's end, which this process does not use.
+    unsafe { libc::close(status_pipe[0]) };
+    EXIT_PIPE.store(status_pipe[1], std::sync::atomic::Ordering::Relaxed);
     // The VMM, first process of its PID namespace.
     // SAFETY: prctl/getppid/sigprocmask with valid arguments.
     unsafe {
@@ -314,16 +325,89 @@ pub fn enter(j: &JailConfig, vm: Option<&VmConfig>, incoming: bool) -> Result<()
 
 extern "C" fn ignore(_: libc::c_int) {}
 
-/// The keeper: passes the stop signals on to the VMM `child` and ends as it does.
-fn keep(child: libc::pid_t, set: &libc::sigset_t, stop: &[libc::c_int]) -> ! {
+/// The jailed VMM's end of the status pipe to its keeper (-1: not jailed).
+static EXIT_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Tells the keeper the status the jailed VMM is about to exit with: the keeper ends with it
+/// as soon as the VMM's files are closed (when the pipe's last writer, the VMM or its
+/// teardown helper, has closed it), without waiting for KVM's teardown. Nothing unjailed.
+pub fn report_exit(status: u8) {
+    let fd = EXIT_PIPE.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: one byte written from our buffer to our pipe.
+        unsafe { libc::write(fd, [status].as_ptr().cast(), 1) };
+    }
+}
+
+/// The keeper: passes the stop signals on to the VMM `child` and ends as it does: with the
+/// status the VMM reported on `status` once the pipe's writers are gone, else when the VMM
+/// has been reaped.
+fn keep(child: libc::pid_t, set: &libc::sigset_t, stop: &[libc::c_int], status: i32) -> ! {
     // The keeper holds none of the VMM's files (its copies of the handed-over table and of
     // any listener): a backend, a lock or a peer sees the VMM's end as soon as it ends.
-    // SAFETY: close_range on descriptors above stderr; nothing in this process uses them
-    // again (the keeper never returns, so nothing drops the table's copies).
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // SAFETY: close_range around the status pipe's read end, above stderr; nothing in this
+    // process uses them again (the keeper never returns, so nothing drops the table's
+    // copies).
+    unsafe {
+        if status > 3 {
+            libc::syscall(libc::SYS_close_range, 3u32, (status - 1) as u32, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, (status + 1) as u32, u32::MAX, 0u32);
+    }
+    // SAFETY: a signalfd for the blocked set; -1 is handled (the pipe alone then wakes us,
+    // and SIGCHLD is never read: the pipe's end, at the VMM's, still ends the wait).
+    let sigfd = unsafe { libc::signalfd(-1, set, libc::SFD_CLOEXEC) };
+    let mut reported: Option<u8> = None;
+    let mut pipe_open = true;
     loop {
-        // SAFETY: `set` is a valid signal set; a null siginfo is allowed.
-        let sig = unsafe { libc::sigwaitinfo(set, std::ptr::null_mut()) };
+        let mut fds = [
+            libc::pollfd {
+                fd: sigfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if pipe_open { status } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on two pollfds we own (a negative fd is skipped).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            let mut b = [0u8; 1];
+            // SAFETY: reading one byte into our buffer.
+            match unsafe { libc::read(status, b.as_mut_ptr().cast(), 1) } {
+                1 => reported = Some(b[0]),
+                0 => {
+                    pipe_open = false;
+                    if let Some(s) = reported {
+                        // The VMM's files are closed: what is left is KVM's teardown.
+                        // SAFETY: ending the process.
+                        unsafe { libc::_exit(i32::from(s)) };
+                    }
+                }
+                _ => pipe_open = false,
+            }
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        // SAFETY: signalfd_siginfo is plain data; read fills it from our signalfd.
+        let sig = unsafe {
+            let mut si: libc::signalfd_siginfo = std::mem::zeroed();
+            let n = libc::read(
+                sigfd,
+                std::ptr::addr_of_mut!(si).cast(),
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            );
+            if n != std::mem::size_of::<libc::signalfd_siginfo>() as isize {
+                continue;
+            }
+            si.ssi_signo as libc::c_int
+        };
         if sig == libc::SIGCHLD {
             let mut status = 0;
             // SAFETY: waitpid on our own child with a valid status pointer.

@@ -1201,6 +1201,7 @@ impl Resources {
         run_exit_hooks();
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
+        jail::report_exit(status);
         // The helper must outlive this process, or the last references come back here: it waits
         // on a pidfd of this process, which becomes readable once the process has exited.
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
