@@ -38,7 +38,7 @@ const F_WRITE: u16 = 2;
 pub struct ShadowArea {
     mem: vm_memory::GuestMemoryMmap,
     /// Where the backend's memory table puts it (above guest RAM).
-    gpa: u64,
+    gpa: std::sync::atomic::AtomicU64,
 }
 
 impl ShadowArea {
@@ -66,19 +66,23 @@ impl ShadowArea {
         .map_err(|e| format!("shadow rings: mapping the memfd: {e}"))?;
         let mem = vm_memory::GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| format!("shadow rings: {e}"))?;
-        Ok(ShadowArea { mem, gpa: 0 })
+        Ok(ShadowArea {
+            mem,
+            gpa: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// Places the area just above `guest`'s RAM (2 MiB aligned), where no guest address
     /// reaches.
-    pub fn place_above(&mut self, guest: &GuestMemoryMmap) {
+    pub fn place_above(&self, guest: &GuestMemoryMmap) {
         let top = guest.last_addr().0.saturating_add(1);
-        self.gpa = top.saturating_add((2 << 20) - 1) & !((2 << 20) - 1);
+        let gpa = top.saturating_add((2 << 20) - 1) & !((2 << 20) - 1);
+        self.gpa.store(gpa, Ordering::Relaxed);
     }
 
     /// The guest-physical address the backend's memory table gives the area.
     pub fn gpa(&self) -> u64 {
-        self.gpa
+        self.gpa.load(Ordering::Relaxed)
     }
 
     /// The area's memory-table entry for the backend.
@@ -86,7 +90,7 @@ impl ShadowArea {
         let r = self.mem.iter().next().expect("one region");
         let fo = r.file_offset().expect("file-backed");
         vhost::VhostUserMemoryRegionInfo {
-            guest_phys_addr: self.gpa,
+            guest_phys_addr: self.gpa(),
             memory_size: r.len(),
             userspace_addr: r.as_ptr() as u64,
             mmap_offset: fo.start(),
@@ -97,7 +101,8 @@ impl ShadowArea {
     /// The VMM's addresses of queue `q`'s descriptor table, available ring and used ring (what
     /// SET_VRING_ADDR takes).
     pub fn host_addrs(&self, q: usize) -> (u64, u64, u64) {
-        let base = self.mem.iter().next().expect("one region").as_ptr() as u64 + q as u64 * PER_QUEUE;
+        let base =
+            self.mem.iter().next().expect("one region").as_ptr() as u64 + q as u64 * PER_QUEUE;
         (base + DESC_OFF, base + AVAIL_OFF, base + USED_OFF)
     }
 
@@ -241,7 +246,9 @@ impl ShadowQueue {
             let (chain, head_bytes) = match self.pending.take() {
                 Some(p) => p,
                 None => {
-                    let Some(dc) = guest.pop_chain(mem) else { break };
+                    let Some(dc) = guest.pop_chain(mem) else {
+                        break;
+                    };
                     let head = dc.head_index();
                     match Chain::read(mem, dc, max) {
                         Ok(c) => {
@@ -264,7 +271,9 @@ impl ShadowQueue {
                 self.pending = Some((chain, head_bytes));
                 break;
             }
-            let idx: Vec<u16> = (0..need).map(|_| self.free.pop().expect("counted")).collect();
+            let idx: Vec<u16> = (0..need)
+                .map(|_| self.free.pop().expect("counted"))
+                .collect();
             for (k, d) in chain.descs().iter().enumerate() {
                 let at = self.base() + DESC_OFF + 16 * u64::from(idx[k]);
                 let mut flags = if d.write { F_WRITE } else { 0 };
@@ -404,7 +413,8 @@ impl ShadowQueue {
             ));
         }
         let mut back: u16 = 0;
-        let mut untaken: Vec<InFlight> = self.inflight.iter_mut().filter_map(Option::take).collect();
+        let mut untaken: Vec<InFlight> =
+            self.inflight.iter_mut().filter_map(Option::take).collect();
         untaken.sort_by_key(|f| f.pos.wrapping_sub(base));
         if drop_untaken {
             for f in &untaken {
@@ -535,7 +545,10 @@ mod tests {
 
     /// What the backend sees in the shadow ring: (head, [(addr, len, flags)]) per entry from
     /// position `from`.
-    fn backend_view(a: &ShadowArea, q: usize, from: u16) -> Vec<(u16, Vec<(u64, u32, u16)>)> {
+    /// A shadow descriptor as the backend reads it: address, length, flags.
+    type SeenDesc = (u64, u32, u16);
+
+    fn backend_view(a: &ShadowArea, q: usize, from: u16) -> Vec<(u16, Vec<SeenDesc>)> {
         let s = a.mem();
         let base = q as u64 * PER_QUEUE;
         let idx: u16 = s.read_obj(GuestAddress(base + AVAIL_OFF + 2)).unwrap();
@@ -591,7 +604,7 @@ mod tests {
     #[test]
     fn chains_are_copied_to_the_shadow_and_completions_translated_back() {
         let (m, mut g) = guest();
-        let mut a = ShadowArea::new(2).unwrap();
+        let a = ShadowArea::new(2).unwrap();
         a.place_above(&m);
         assert_eq!(a.gpa(), 2 << 20, "above 1 MiB of RAM, 2 MiB aligned");
         assert_eq!(a.region().guest_phys_addr, 2 << 20);
@@ -606,7 +619,10 @@ mod tests {
         assert_eq!(s.in_flight(), 2);
         let seen = backend_view(&a, 1, 0);
         assert_eq!(seen.len(), 2);
-        assert_eq!(seen[0].1, vec![(0x8000, 16, F_NEXT), (0x9000, 100, F_WRITE)]);
+        assert_eq!(
+            seen[0].1,
+            vec![(0x8000, 16, F_NEXT), (0x9000, 100, F_WRITE)]
+        );
         assert_eq!(seen[1].1, vec![(0xa000, 64, 0)]);
         // Completed out of order; a length beyond the chain's writable bytes is cut.
         backend_use(&a, 1, seen[1].0, 0);
@@ -627,7 +643,7 @@ mod tests {
     #[test]
     fn a_bad_chain_is_counted_and_stops_forwarding() {
         let (m, mut g) = guest();
-        let mut a = ShadowArea::new(1).unwrap();
+        let a = ShadowArea::new(1).unwrap();
         a.place_above(&m);
         let mut s = ShadowQueue::start(&a, 0, 16).unwrap();
         // A buffer outside guest RAM (the shadow area's own address, say).
@@ -637,7 +653,10 @@ mod tests {
         assert!(matches!(e, ShadowError::BadChain(_)), "{e}");
         assert_eq!(g.counters.bad_chains.load(Ordering::Relaxed), 1);
         assert_eq!(guest_used(&m), vec![(0, 0)], "completed empty");
-        assert!(backend_view(&a, 0, 0).is_empty(), "nothing reached the backend");
+        assert!(
+            backend_view(&a, 0, 0).is_empty(),
+            "nothing reached the backend"
+        );
         // A loop.
         desc(&m, 1, 0x8000, 16, 1, 1);
         offer(&m, 1, 1);
@@ -690,7 +709,11 @@ mod tests {
         s.reap(&a, &m, &mut g);
         assert_eq!(s.taken_unused(3), 0);
         assert_eq!(s.hand_back(3, &m, &mut g, false), Ok(2));
-        assert_eq!(g.queue.next_avail(), 3, "chains 3 and 4 go to the next server");
+        assert_eq!(
+            g.queue.next_avail(),
+            3,
+            "chains 3 and 4 go to the next server"
+        );
         assert_eq!(guest_used(&m), vec![(0, 64), (1, 64), (2, 10)]);
     }
 
@@ -711,7 +734,10 @@ mod tests {
         let a = ShadowArea::new(1).unwrap();
         assert!(ShadowQueue::start(&a, 0, 512).is_err());
         assert!(ShadowQueue::start(&a, 0, 12).is_err());
-        assert!(ShadowQueue::start(&a, 1, 16).is_err(), "no room for a second queue");
+        assert!(
+            ShadowQueue::start(&a, 1, 16).is_err(),
+            "no room for a second queue"
+        );
     }
 
     #[test]
@@ -722,7 +748,10 @@ mod tests {
         let b = w.out;
         assert_eq!(&b[0..4], &0xa1b2_c3d4u32.to_le_bytes());
         assert_eq!(u32::from_le_bytes(b[20..24].try_into().unwrap()), 1);
-        assert_eq!(u32::from_le_bytes(b[24 + 8..24 + 12].try_into().unwrap()), 60);
+        assert_eq!(
+            u32::from_le_bytes(b[24 + 8..24 + 12].try_into().unwrap()),
+            60
+        );
         assert_eq!(b.len(), 24 + 16 + 60 + 16 + 1514);
         assert_eq!(w.frames, 2);
     }
