@@ -415,7 +415,7 @@ fn a_disk_switches_paths_under_writes_and_reads_with_its_data_intact() {
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains(&format!(
-            "PASS blk disks=1 root:sectors=2048,magic,rw-ok,loops={LOOPS}"
+            "PASS blk disks=1 root:sectors=2048,magic,loops={LOOPS},rw-ok"
         )),
         "{out}"
     );
