@@ -762,12 +762,15 @@ impl Rings {
             if !q.queue.ready() {
                 continue;
             }
+            let base = f.get_vring_base(i);
+            // Read once the ring is stopped: a completion the backend made up to then counts
+            // (the VMM fills the used ring itself when it interposes).
             let used: u16 = mem
                 .read_obj(GuestAddress(q.queue.used_ring()).unchecked_add(2))
                 .map_err(|e| format!("queue {i}: reading the used index: {e}"))?;
             // A backend that is gone cannot say where it stopped: from the used index, what
             // it had taken and not finished is taken again.
-            let base = f.get_vring_base(i).map_or(used, |b| b as u16);
+            let base = base.map_or(used, |b| b as u16);
             q.queue.set_next_avail(base);
             q.queue.set_next_used(used);
         }
@@ -1009,6 +1012,12 @@ impl Relay<'_> {
                     self.broken = vec![false; sh.len()];
                     self.shadows = Some(sh);
                     self.pump_all();
+                    // As on the direct path: the backend looks at every ring once.
+                    for (k, q) in self.rings.kicks.iter().zip(&self.queues) {
+                        if q.queue.ready() {
+                            let _ = k.write(1);
+                        }
+                    }
                     return;
                 }
                 Err(e) => {
@@ -1023,6 +1032,12 @@ impl Relay<'_> {
         }
         if let Err(e) = self.rings.start(self.mem, &self.queues) {
             eprintln!("wv: {e}");
+        }
+        // A kick on each ring: the backend looks at it now (a net backend may hold a frame
+        // for buffers the guest posted while the VMM had the ring, and the guest's own kick
+        // for them went to the VMM).
+        for q in self.queues.iter().filter(|q| q.queue.ready()) {
+            let _ = q.evt.write(1);
         }
     }
 

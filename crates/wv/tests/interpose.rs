@@ -67,6 +67,26 @@ impl Proc {
         }
     }
 
+    /// Panics with what it printed if the process has ended (a guest that failed early).
+    fn alive(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                self.seen.push(l);
+            }
+            panic!("the guest ended early ({st}):\n{}", self.seen.join("\n"));
+        }
+    }
+
+    /// The VMM refused or failed a request as one that ends does: waits for it to end and
+    /// panics with what the guest printed.
+    fn ended(&mut self, why: &str) -> ! {
+        let st = self.child.wait();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        panic!("{why}; the guest ended ({st:?}):\n{}", self.seen.join("\n"));
+    }
+
     fn finish(mut self) -> (Option<i32>, String) {
         let st = self.child.wait().unwrap();
         while let Ok(l) = self.lines.recv_timeout(WAIT) {
@@ -225,12 +245,14 @@ fn a_nic_switches_paths_under_continuous_traffic_without_losing_a_frame() {
     pinger.wait_line("Worldvisor probe guest");
     // The first echo request has gone through directly.
     wait_until("the pinger's traffic through the switch", || {
+        pinger.alive();
         port_stats(&dir.0, "a")["tx_frames"].as_u64().unwrap() > 10
     });
     let mut pauses = Vec::new();
     let mut captured_total = 0;
     for round in 0..ROUNDS {
         let pcap = dir.path(&format!("round{round}.pcap"));
+        pinger.alive();
         let (st, v) = switch_path(&api, "net0", "interposed", Some(&pcap));
         assert_eq!(st, 200, "round {round}: {v}");
         assert_eq!(v["path"], "interposed", "{v}");
@@ -242,7 +264,17 @@ fn a_nic_switches_paths_under_continuous_traffic_without_losing_a_frame() {
         let done0 = v["completed"].as_u64().unwrap();
         let captured0 = v["captured"].as_u64().unwrap();
         wait_until("completions through the shadow rings", || {
-            path_status(&api, "net0")["completed"].as_u64().unwrap() >= done0 + 10
+            pinger.alive();
+            let (st, v) = call(&api, "GET", "/vm", None);
+            if st != 200 {
+                pinger.ended(&format!(
+                    "GET /vm: {st} {v}; port a {}, port b {}",
+                    port_stats(&dir.0, "a"),
+                    port_stats(&dir.0, "b")
+                ));
+            }
+            let d = v["device_paths"][0].clone();
+            d["completed"].as_u64().unwrap() >= done0 + 10
         });
         let (st, v) = switch_path(&api, "net0", "direct", None);
         assert_eq!(st, 200, "round {round}: {v}");
@@ -267,6 +299,7 @@ fn a_nic_switches_paths_under_continuous_traffic_without_losing_a_frame() {
         // Some traffic directly before the next switch.
         let tx0 = port_stats(&dir.0, "a")["tx_frames"].as_u64().unwrap();
         wait_until("traffic on the direct path", || {
+            pinger.alive();
             port_stats(&dir.0, "a")["tx_frames"].as_u64().unwrap() >= tx0 + 20
         });
     }
@@ -389,6 +422,25 @@ fn a_disk_switches_paths_under_writes_and_reads_with_its_data_intact() {
         wait_until("requests through the shadow ring", || {
             path_status(&api, "disk0")["completed"].as_u64().unwrap() >= done0 + 10
         });
+        if round == 2 {
+            // Paused while interposed: the shadow side stops too; no switch meanwhile; a
+            // snapshot of the VM in that state; the traffic goes on after the resume.
+            let (s, v) = call(&api, "PUT", "/vm/pause", None);
+            assert_eq!(s, 204, "{v}");
+            let (s, v) = switch_path(&api, "disk0", "direct", None);
+            assert_eq!(s, 409, "{v}");
+            assert!(v["error"].as_str().unwrap().contains("paused"), "{v}");
+            let snap = dir.path("snap");
+            let body = serde_json::json!({"destination": snap, "allow_raw_disk": true});
+            let (s, v) = call(&api, "PUT", "/vm/snapshot", Some(&body));
+            assert_eq!(s, 200, "{v}");
+            let (s, v) = call(&api, "PUT", "/vm/resume", None);
+            assert_eq!(s, 204, "{v}");
+            let d0 = path_status(&api, "disk0")["completed"].as_u64().unwrap();
+            wait_until("requests through the shadow ring after the resume", || {
+                path_status(&api, "disk0")["completed"].as_u64().unwrap() >= d0 + 10
+            });
+        }
         let (s, v) = switch_path(&api, "disk0", "direct", None);
         assert_eq!(s, 200, "round {round}: {v}");
         assert_eq!(v["path"], "direct", "{v}");
@@ -431,4 +483,65 @@ fn a_disk_switches_paths_under_writes_and_reads_with_its_data_intact() {
         pauses.iter().max().unwrap()
     );
     drop(st.proc);
+}
+
+/// A guest that posts bad chains (outside RAM, loops) to its disk while the VMM is
+/// interposed: each is refused before the backend sees it and counted, the device asks for a
+/// reset (which the guest does, and the disk works again), and the VMM runs on.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn bad_chains_while_interposed_are_counted_and_never_reach_the_backend() {
+    need_kvm();
+    let dir = TempDir::new("interpose-bad");
+    let image = disk_image(&dir, "root.img", 1 << 20);
+    let st = Storage::start(&dir.path("s"), &image);
+    let api = dir.path("vm.api");
+    let mut c = Command::new(wv_bin());
+    c.args([
+        "run",
+        "--disk",
+        &format!(
+            "vhost-user={},id=disk0",
+            dir.path("s").join("root.sock").display()
+        ),
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--cmdline",
+        "probe.tests=blk,attack,idle probe.blkloops=3000 probe.attack=ring-outside,ring-loop",
+    ]);
+    let mut vm = Proc::spawn(c, false);
+    wait_for_socket(&api, WAIT);
+    vm.wait_line("Worldvisor probe guest");
+    wait_until("the guest's requests through the service", || {
+        st.root()["requests"].as_u64().unwrap() > 10
+    });
+    let (s, v) = switch_path(&api, "disk0", "interposed", None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["active"], true, "{v}");
+    // The blk test's loops end (its line), then the attacks run, interposed all along.
+    let pass = vm.wait_line("PASS blk");
+    assert!(pass.contains("loops=3000"), "{pass}");
+    let pass = vm.wait_line(" attack attacks=");
+    assert!(pass.contains("PASS attack attacks=2 failed=0"), "{pass}");
+    vm.wait_line("idle: halted");
+    let d = path_status(&api, "disk0");
+    assert_eq!(d["path"], "interposed", "{d}");
+    assert!(d["bad_chains"].as_u64().unwrap() >= 5, "{d}");
+    let (s, c) = call(&api, "GET", "/vm/counters", None);
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(c["state"], "running", "{c}");
+    let blk = c["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "vhost-user-blk:disk0")
+        .cloned()
+        .unwrap_or_else(|| panic!("{c}"));
+    assert_eq!(blk["bad_chains"], d["bad_chains"], "{blk} {d}");
+    // The service saw only good requests: none dropped as malformed.
+    assert_eq!(st.root()["dropped"], 0, "{}", st.root());
+    let (s, v) = call(&api, "PUT", "/vm/shutdown", None);
+    assert_eq!(s, 204, "{v}");
+    let (code, out) = vm.finish();
+    assert_ne!(code, None, "{out}");
 }
