@@ -359,9 +359,15 @@ fn route(req: &Request) -> Result<Command, Answer> {
         ["vm", "device-remove"] => ("PUT", Command::Info),
         ["vm", "device-path"] if req.method == "PUT" => {
             json_body(req)?;
-            return serde_json::from_slice(&req.body)
-                .map(Command::DevicePath)
-                .map_err(|e| Answer::error(400, format!("invalid device-path request: {e}")));
+            let r: DevicePathRequest = serde_json::from_slice(&req.body)
+                .map_err(|e| Answer::error(400, format!("invalid device-path request: {e}")))?;
+            if r.capture.is_some() && r.path == wv_virtio::vhost_user::DataPath::Direct {
+                return Err(Answer::error(
+                    400,
+                    "a capture needs \"path\": \"interposed\"",
+                ));
+            }
+            return Ok(Command::DevicePath(r));
         }
         ["vm", "device-path"] => ("PUT", Command::Info),
         ["vm", "balloon"] if req.method == "PUT" => {
@@ -540,7 +546,7 @@ impl Controller {
     /// backend reads the guest's rings) and the interposed one (the VMM in between, writing
     /// a capture or trace if asked), while the guest runs.
     fn device_path(&mut self, r: &DevicePathRequest) -> Result<serde_json::Value, Answer> {
-        use wv_virtio::vhost_user::{CaptureFile, DataPath};
+        use wv_virtio::vhost_user::CaptureFile;
         if self.paused.is_some() {
             return Err(Answer::error(
                 409,
@@ -572,12 +578,6 @@ impl Controller {
         };
         let capture = match &r.capture {
             None => None,
-            Some(_) if r.path == DataPath::Direct => {
-                return Err(Answer::error(
-                    400,
-                    "a capture needs \"path\": \"interposed\"",
-                ))
-            }
             Some(p) => {
                 let file = std::fs::OpenOptions::new()
                     .write(true)
@@ -1134,6 +1134,22 @@ mod tests {
         assert_eq!(s, 405, "{m}");
         let (s, m) = check_request(&req("GET /nothing HTTP/1.1\r\n\r\n")).unwrap_err();
         assert!(s == 404 && m.contains("/nothing"), "{s} {m}");
+        let put = |body: &str| {
+            format!(
+                "PUT /vm/device-path HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let ok = put(r#"{"id":"net0","path":"interposed","capture":"/tmp/c.pcap"}"#);
+        assert_eq!(check_request(&req(&ok)), Ok("device-path"));
+        for bad in [
+            r#"{"id":"net0","path":"direct","capture":"/tmp/c.pcap"}"#,
+            r#"{"id":"net0","path":"sideways"}"#,
+            r#"{"path":"direct"}"#,
+        ] {
+            let (s, m) = check_request(&req(&put(bad))).unwrap_err();
+            assert_eq!(s, 400, "{bad}: {m}");
+        }
         let bad = "PUT /vm/migrate-send HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]";
         let (s, m) = check_request(&req(bad)).unwrap_err();
         assert!(s == 400 && m.contains("JSON object"), "{s} {m}");

@@ -406,6 +406,11 @@ fn a_disk_switches_paths_under_writes_and_reads_with_its_data_intact() {
     wait_until("the guest's requests through the service", || {
         st.root()["requests"].as_u64().unwrap() > 10
     });
+    // A trace that cannot be written: refused, and the disk stays direct.
+    let nowhere = dir.path("no-such-dir").join("x.trace");
+    let (s, v) = switch_path(&api, "disk0", "interposed", Some(&nowhere));
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(path_status(&api, "disk0")["path"], "direct");
     let mut pauses = Vec::new();
     for round in 0..ROUNDS {
         let trace = dir.path(&format!("round{round}.trace"));
