@@ -609,3 +609,72 @@ fn a_hot_plugged_vhost_user_disk_can_be_interposed() {
     assert_eq!(d["path"], "direct", "{d}");
     assert!(st.root()["requests"].as_u64().is_some());
 }
+
+/// The switch is killed and started again while a guest's NIC is interposed: the VMM connects
+/// again and programs the new switch with its shadow rings, the NIC stays interposed, and the
+/// guest, never reset, answers the next ping through the new switch.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn an_interposed_nic_carries_on_through_a_switch_restart() {
+    need_kvm();
+    let dir = TempDir::new("interpose-restart");
+    let sw = switch(&dir.0);
+    let api = dir.path("b.api");
+    let mut peer = Proc::spawn(
+        guest(
+            &dir.0,
+            "b",
+            "52:54:00:88:00:0b",
+            &["--api-socket", api.to_str().unwrap()],
+            "probe.tests=netpeer probe.ip=10.88.0.2 probe.echoes=3",
+        ),
+        false,
+    );
+    wait_for_socket(&api, WAIT);
+    peer.wait_line("netpeer: listening");
+    peer.alive();
+    let (st, v) = switch_path(&api, "net0", "interposed", None);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["active"], true, "{v}");
+    let ping = || {
+        run_cmd(
+            guest(
+                &dir.0,
+                "a",
+                "52:54:00:88:00:0a",
+                &[],
+                "probe.tests=net probe.net=10.88.0.1,10.88.0.2",
+            ),
+            WAIT,
+        )
+    };
+    let r = ping();
+    assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
+    let done = path_status(&api, "net0")["completed"].as_u64().unwrap();
+    assert!(
+        done >= 4,
+        "the exchange went through the shadow rings: {done}"
+    );
+    drop(sw);
+    let _sw = switch(&dir.0);
+    wait_until("the interposed VMM connected to the new switch", || {
+        port_stats(&dir.0, "b")["connected"] == true
+    });
+    let r = ping();
+    assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
+    let d = path_status(&api, "net0");
+    assert_eq!(
+        (&d["path"], &d["switches"]),
+        (&"interposed".into(), &1.into()),
+        "{d}"
+    );
+    assert!(d["completed"].as_u64().unwrap() >= done + 4, "{d}");
+    // And back to direct on the new switch.
+    let (st, v) = switch_path(&api, "net0", "direct", None);
+    assert_eq!(st, 200, "{v}");
+    let r = ping();
+    assert!(r.assert_pass("net").contains("arp=ok icmp=ok"), "{r}");
+    let (st, out) = peer.finish();
+    assert_eq!(st, Some(0), "{out}");
+    assert!(out.contains("PASS netpeer arp=3 icmp=3"), "{out}");
+}
