@@ -1824,6 +1824,39 @@ fn blk_test() -> Outcome {
             d.s(" problem: read back differs from what was written");
             return fail("blk", &mut d);
         }
+        // probe.blkloops=N: N more sectors written with a pattern of their own and read back
+        // (a host test changes the disk's data path underneath meanwhile).
+        let loops = param(boot_info().cmdline(), "probe.blkloops")
+            .and_then(parse_u64)
+            .unwrap_or(0);
+        if loops > 0 && sectors > 2 {
+            for k in 0..loops {
+                let sector = 2 + k % (sectors - 2);
+                let pat = |i: usize| (i as u8) ^ (k as u8) ^ ((k >> 8) as u8) ^ 0x3c ^ seed[i % 8];
+                // SAFETY: the device is idle; the buffer is this test's.
+                let bufs = unsafe { &mut *b };
+                for (i, x) in bufs.data.iter_mut().enumerate() {
+                    *x = pat(i);
+                }
+                if blk_request(&mut dev, 1, sector, 512, false) != Some(0) {
+                    d.s(" problem: write ").dec(k).s(" failed");
+                    return fail("blk", &mut d);
+                }
+                // SAFETY: the device is idle; clear the buffer before reading back.
+                unsafe { (*b).data = [0; 512] };
+                if blk_request(&mut dev, 0, sector, 512, true) != Some(0) {
+                    d.s(" problem: read ").dec(k).s(" failed");
+                    return fail("blk", &mut d);
+                }
+                // SAFETY: the device wrote the sector into the buffer.
+                let back = unsafe { core::ptr::read_volatile(&raw const (*b).data) };
+                if (0..512).any(|i| back[i] != pat(i)) {
+                    d.s(" problem: sector ").dec(sector).s(" read back differs (loop ").dec(k).s(")");
+                    return fail("blk", &mut d);
+                }
+            }
+            d.s(",loops=").dec(loops);
+        }
         // Past the end of the disk: an error status, not a crash.
         if blk_request(&mut dev, 0, sectors, 512, true) != Some(1) {
             d.s(" problem: reading past the end did not fail");
@@ -1922,27 +1955,41 @@ fn net_test() -> Outcome {
         return fail("net", &mut d);
     };
     d.s(" arp=ok");
-    let n = net::echo_request(txb, mac, hmac, ip, host, 1);
-    if dev.submit(1, &[(tx, n as u32, 0)]).is_none() {
-        d.s(" problem: the echo request was not sent");
-        return fail("net", &mut d);
-    }
-    let start = cpu::rdtsc();
-    let mut replied = false;
-    while !replied && cpu::rdtsc().wrapping_sub(start) < tsc_budget {
-        let Some(len) = dev.wait_used(0, tsc_budget) else {
-            break;
-        };
-        // SAFETY: as above.
-        let f = unsafe { core::ptr::read_volatile(&raw const (*bufs).rx) };
-        replied = net::is_echo_reply(&f[..(len as usize).min(1536)], host, 1);
-        dev.post(0, &[(rx, 1536, virtio::DESC_WRITE)]);
-    }
-    if !replied {
-        d.s(" problem: no echo reply from the host");
-        return fail("net", &mut d);
+    // probe.pings=N: N echo requests, one at a time, each answered before the next (a host
+    // test counts them at both ends while it changes the NIC's data path underneath).
+    let pings = param(boot_info().cmdline(), "probe.pings")
+        .and_then(parse_u64)
+        .unwrap_or(1)
+        .clamp(1, 65535);
+    // Frames that were not the awaited reply (a duplicate would be one).
+    let mut other = 0u64;
+    for seq in 1..=pings {
+        let n = net::echo_request(txb, mac, hmac, ip, host, seq as u16);
+        if dev.submit(1, &[(tx, n as u32, 0)]).is_none() {
+            d.s(" problem: echo request ").dec(seq).s(" was not sent");
+            return fail("net", &mut d);
+        }
+        let start = cpu::rdtsc();
+        let mut replied = false;
+        while !replied && cpu::rdtsc().wrapping_sub(start) < tsc_budget {
+            let Some(len) = dev.wait_used(0, tsc_budget) else {
+                break;
+            };
+            // SAFETY: as above.
+            let f = unsafe { core::ptr::read_volatile(&raw const (*bufs).rx) };
+            replied = net::is_echo_reply(&f[..(len as usize).min(1536)], host, seq as u16);
+            other += u64::from(!replied);
+            dev.post(0, &[(rx, 1536, virtio::DESC_WRITE)]);
+        }
+        if !replied {
+            d.s(" problem: no echo reply to request ").dec(seq).s(" from the host");
+            return fail("net", &mut d);
+        }
     }
     d.s(" icmp=ok");
+    if pings > 1 {
+        d.s(" pings=").dec(pings).s(" other=").dec(other);
+    }
     dev.reset();
     pass("net", &mut d)
 }

@@ -21,6 +21,7 @@
 //! | DELETE /v1/vms/{name}/devices/{id} | unplug hot-plugged device `id` once the guest has ejected it (204) |
 //! | GET, PUT /v1/vms/{name}/balloon | the running VM's memory target and current memory; a new target (body: `{"memory_target": SIZE}`), through its VMM's balloon |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
+//! | PUT /v1/vms/{name}/devices/{dev}/path | switch the running VM's vhost-user net or disk `dev` between the direct and the interposed data path (body: `{"path": "direct"\|"interposed", "capture"?: FILE}`, FILE a `.pcap` or `.trace` file name written in the VM's folder), through its VMM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
 //! | GET /v1/history | the last 10 minutes, one point a second, of every running world ([`crate::history`]) |
 //! | GET /v1/networks, POST /v1/networks | the networks, and making one (body: `{"name": N, "uplink"?: TAP}`) |
@@ -159,6 +160,25 @@ pub struct Daemon {
     storage: storage::Supervisor,
     /// The storage service's disks of each running world (their names), by world id.
     served: Mutex<HashMap<u64, Vec<String>>>,
+}
+
+/// The body of `PUT /v1/vms/{name}/devices/{dev}/path`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicePath {
+    path: String,
+    #[serde(default)]
+    capture: Option<String>,
+}
+
+/// Whether `f` may name a capture file in a VM's folder: a plain name (no directory, not
+/// hidden) ending in `.pcap` or `.trace`, so that it can never be one of the daemon's files.
+fn capture_name(f: &str) -> bool {
+    (f.ends_with(".pcap") || f.ends_with(".trace"))
+        && f.len() <= 128
+        && !f.starts_with('.')
+        && f.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 /// A change of scheduler settings (`PATCH /v1/vms/{name}`); `limit` null (or 0) removes the
@@ -526,6 +546,7 @@ fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
         ["v1", "vms", _, "balloon"] => &["GET", "PUT"],
         ["v1", "vms", _, "devices"] => &["POST"],
         ["v1", "vms", _, "devices", _] => &["DELETE"],
+        ["v1", "vms", _, "devices", _, "path"] => &["PUT"],
         ["v1", "vms", _, "start" | "stop" | "pause" | "resume" | "snapshot" | "restore" | "incoming" | "migrate"] => {
             &["POST"]
         }
@@ -1317,6 +1338,107 @@ impl Daemon {
     /// and current memory, as its VMM's balloon reports them (docs/vmm-openapi.json), after
     /// setting a new target when asked. The target is the memory the guest is to keep; the
     /// balloon holds the rest.
+    /// `PUT /v1/vms/{name}/devices/{dev}/path`: the VMM switches device `dev` (docs/DEVICES.md,
+    /// Interposition); a capture goes to a file of the VM's folder.
+    fn device_path(&self, name: &str, dev: &str, body: &[u8]) -> Reply {
+        let r = match object::<DevicePath>(body, "device path") {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        if r.path != "direct" && r.path != "interposed" {
+            return error(
+                400,
+                format!(
+                    "invalid device path: '{}' is not direct or interposed",
+                    r.path
+                ),
+            );
+        }
+        if let Some(f) = &r.capture {
+            if r.path == "direct" {
+                return error(400, "a capture needs \"path\": \"interposed\"");
+            }
+            if !capture_name(f) {
+                return error(
+                    400,
+                    format!(
+                        "invalid capture '{f}': a plain file name in the VM's folder ending in \
+                         .pcap (a net) or .trace (a disk), of letters, digits, '_', '-' and '.'"
+                    ),
+                );
+            }
+        }
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        // Not while the VM starts or stops.
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut doc = self.lock();
+            let w = match Self::world(&mut doc, id, name) {
+                Ok(w) => w,
+                Err(r) => return r,
+            };
+            if w.state != State::Running || self.run_of(id).is_none() {
+                return error(
+                    409,
+                    format!("VM '{name}' is {:?}, not running", w.state).to_lowercase(),
+                );
+            }
+        }
+        let capture = match &r.capture {
+            None => None,
+            Some(f) => match self.store.vm_dir(name) {
+                Ok(d) => Some(d.join(f)),
+                Err(e) => return error(500, e.to_string()),
+            },
+        };
+        // Made here, in the VM's folder (root's: a jailed VMM cannot write there, nor plant a
+        // link), and handed to the VMM open.
+        let file = match &capture {
+            None => None,
+            Some(p) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(p)
+                {
+                    Ok(f) => Some((p.display().to_string(), f)),
+                    Err(e) => return error(422, format!("cannot write {}: {e}", p.display())),
+                }
+            }
+        };
+        let files: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = file
+            .iter()
+            .map(|(k, f)| (k.as_str(), std::os::fd::AsFd::as_fd(f)))
+            .collect();
+        let req = json!({ "id": dev, "path": r.path, "capture": capture }).to_string();
+        match self.vmm_call_passing(name, "PUT", "/vm/device-path", Some(&req), &files) {
+            Ok((200, body)) => match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) => ok(200, &v),
+                Err(e) => error(500, format!("VM '{name}': its VMM's answer: {e}")),
+            },
+            Ok((status, body)) => {
+                let msg = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or(body);
+                let status = if matches!(status, 400 | 404 | 409 | 422) {
+                    status
+                } else {
+                    409
+                };
+                error(status, format!("VM '{name}': {msg}"))
+            }
+            Err(e) => error(409, format!("VM '{name}': {e}")),
+        }
+    }
+
     fn balloon(&self, name: &str, body: Option<&[u8]>) -> Reply {
         let target = match body.map(|b| object::<MemoryTarget>(b, "memory target")) {
             None => None,
@@ -1862,6 +1984,9 @@ impl Daemon {
             ("PUT", ["v1", "vms", name, "balloon"]) => self.balloon(name, Some(&req.body)),
             ("POST", ["v1", "vms", name, "devices"]) => self.device_add(name, &req.body),
             ("DELETE", ["v1", "vms", name, "devices", dev]) => self.device_remove(name, dev),
+            ("PUT", ["v1", "vms", name, "devices", dev, "path"]) => {
+                self.device_path(name, dev, &req.body)
+            }
             ("GET", ["v1", "stats"]) => self.all_stats(),
             ("GET", ["v1", "history"]) => ok(
                 200,

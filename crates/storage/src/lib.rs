@@ -161,6 +161,10 @@ pub struct Served {
     mem: Mutex<Option<wv_virtio::GuestMemoryMmap>>,
     connected: AtomicBool,
     stop: AtomicBool,
+    /// A request is taken from the ring and not completed yet (GET_VRING_BASE waits for it:
+    /// [`Served::wait_idle`]).
+    busy: Mutex<bool>,
+    idle: std::sync::Condvar,
     /// The service's dispatcher, and this disk's flow in it.
     gate: Arc<wv_shares::Gate>,
     flow: usize,
@@ -212,6 +216,8 @@ impl Served {
             mem: Mutex::new(None),
             connected: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            busy: Mutex::new(false),
+            idle: std::sync::Condvar::new(),
         })
     }
 
@@ -266,6 +272,7 @@ impl Served {
             let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(&mem) else {
                 break;
             };
+            self.set_busy(true);
             let head = chain.head_index();
             let cost = request_cost(&chain);
             let grant = loop {
@@ -275,13 +282,19 @@ impl Served {
                 {
                     break Some(g);
                 }
-                if self.stop.load(Ordering::SeqCst) || lock(&self.mem).is_none() {
+                // The frontend stopped the ring (GET_VRING_BASE) while the request waited.
+                if self.stop.load(Ordering::SeqCst)
+                    || lock(&self.mem).is_none()
+                    || !vring.get_ref().get_queue().ready()
+                {
                     break None;
                 }
             };
             let Some(grant) = grant else {
-                // The frontend went: the request is taken again from the ring by the next.
+                // The frontend went, or stopped the ring: the request was never started, and
+                // whoever serves the ring next takes it again.
                 vring.get_mut().get_queue_mut().go_to_previous_position();
+                self.set_busy(false);
                 break;
             };
             let waited = grant.waited;
@@ -291,12 +304,9 @@ impl Served {
             };
             let len = block::process(&mem, chain, &mut w, &self.id, &self.counters.block);
             self.gate.release(grant);
-            if vring
-                .get_mut()
-                .get_queue_mut()
-                .add_used(&mem, head, len)
-                .is_err()
-            {
+            let used = vring.get_mut().get_queue_mut().add_used(&mem, head, len);
+            self.set_busy(false);
+            if used.is_err() {
                 break;
             }
             unsignalled = true;
@@ -309,6 +319,27 @@ impl Served {
         if unsignalled && vring.needs_notification().unwrap_or(true) {
             let _ = vring.signal_used_queue();
         }
+    }
+
+    fn set_busy(&self, busy: bool) {
+        *lock(&self.busy) = busy;
+        if !busy {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until no request is between being taken from the ring and being completed: what
+    /// GET_VRING_BASE needs before it says where the ring stopped, so that a frontend handing
+    /// the ring to someone else (a VMM interposing, docs/DEVICES.md) neither loses a request
+    /// nor has it served twice. A request still waiting for the dispatcher is put back (the
+    /// ring is marked stopped first); one being done is finished. Bounded by `limit`.
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        let busy = lock(&self.busy);
+        let (busy, _) = self
+            .idle
+            .wait_timeout_while(busy, limit, |b| *b)
+            .unwrap_or_else(|p| p.into_inner());
+        !*busy
     }
 
     /// A VMM is talking to the disk (counted once per connection).
@@ -421,6 +452,17 @@ impl VhostUserBackend for BlkBackend {
     }
     fn reset_device(&self) {
         self.served.disconnect();
+    }
+    fn stop_vring(&self, _queue_index: u32) -> std::io::Result<()> {
+        // Called for GET_VRING_BASE once the ring is marked stopped: the request in hand is
+        // finished (or put back) before the frontend learns where the ring stopped.
+        if !self.served.wait_idle(Duration::from_secs(30)) {
+            eprintln!(
+                "wv storage: {}: a request was still in progress after 30 s when the VMM stopped the ring",
+                self.served.spec.name
+            );
+        }
+        Ok(())
     }
 }
 

@@ -335,3 +335,104 @@ fn requests_wait_for_the_devices_capacity() {
     assert_eq!(s.sched.requests, 50);
     assert!(s.sched.delayed > 0);
 }
+
+/// A disk whose reads wait until the test opens it, telling the test when one has started.
+struct HeldDisk {
+    inner: MemDisk,
+    entered: std::sync::mpsc::Sender<()>,
+    open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Disk for HeldDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn readonly(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let _ = self.entered.send(());
+        let (m, cv) = &*self.open;
+        let mut open = m.lock().unwrap();
+        while !*open {
+            open = cv.wait(open).unwrap();
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+        self.inner.discard(o, l)
+    }
+    fn write_zeroes(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l)
+    }
+}
+
+/// GET_VRING_BASE (the ring marked stopped, then `stop_vring`) while a request is being done:
+/// the answer waits for it, so the position it gives counts the request as completed; the
+/// frontend that takes the ring over (a VMM interposing) neither loses it nor has it served
+/// twice.
+#[test]
+fn stopping_the_ring_waits_for_the_request_in_hand() {
+    let (entered, started) = std::sync::mpsc::channel();
+    let open = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let disk = HeldDisk {
+        inner: MemDisk {
+            data: vec![7; 8 * 512],
+            ro: false,
+            flushed: false,
+        },
+        entered,
+        open: open.clone(),
+    };
+    let g = Guest::new(Box::new(disk), "held");
+    g.mem.write_obj(req::IN, GuestAddress(HDR)).unwrap();
+    g.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+    g.mem.write_obj(3u64, GuestAddress(HDR + 8)).unwrap();
+    g.desc(0, HDR, 16, NEXT, 1);
+    g.desc(1, DATA, 512, NEXT | WRITE, 2);
+    g.desc(2, STATUS, 1, WRITE, 0);
+    g.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+    g.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+    let (backend, vring) = (g.backend.clone(), g.vring.clone());
+    let server = std::thread::spawn(move || {
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+    });
+    started
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap();
+    // The frontend's GET_VRING_BASE, as vhost-user-backend does it.
+    let (backend, vring) = (g.backend.clone(), g.vring.clone());
+    let (tx, stopped) = std::sync::mpsc::channel();
+    let stopper = std::thread::spawn(move || {
+        vring.set_queue_ready(false);
+        backend.stop_vring(0).unwrap();
+        let _ = tx.send(vring.queue_next_avail());
+    });
+    // Not answered while the read is held.
+    assert!(stopped
+        .recv_timeout(std::time::Duration::from_millis(200))
+        .is_err());
+    *open.0.lock().unwrap() = true;
+    open.1.notify_all();
+    let base = stopped
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .unwrap();
+    server.join().unwrap();
+    stopper.join().unwrap();
+    let used: u16 = g.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(
+        (base, used),
+        (1, 1),
+        "taken and completed before the answer"
+    );
+    assert_eq!(g.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+    assert_eq!(g.stats().served, 1);
+}

@@ -197,6 +197,23 @@ impl Chain {
         })
     }
 
+    /// Copies bytes `offset..offset + buf.len()` of the writable part into `buf`: what the
+    /// device wrote there (the VMM watching an interposed backend's completions).
+    pub fn read_writable(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
+        let mut done = 0usize;
+        self.each_piece(true, offset, buf.len() as u64, |addr, n| {
+            mem.read_slice(&mut buf[done..done + n], GuestAddress(addr))
+                .map_err(|_| ChainError::OutsideMemory)?;
+            done += n;
+            Ok(())
+        })
+    }
+
     /// Copies `data` into bytes `offset..offset + data.len()` of the writable part.
     pub fn write_at(
         &self,

@@ -66,6 +66,11 @@ impl ActiveQueue {
     pub fn count_bad_chain(&self) {
         self.counters.bad_chains.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Marks the device as needing a reset (see [`DeviceCounters::needs_reset`]).
+    pub fn set_needs_reset(&self) {
+        self.counters.needs_reset.store(true, Ordering::SeqCst);
+    }
 }
 
 /// What a device's data path did without involving a vCPU thread.
@@ -89,6 +94,9 @@ pub struct DeviceCounters {
     /// MSI-X interrupts raised through a table entry whose address is outside the local APICs'
     /// window (0xfeexxxxx): the guest programmed garbage, and KVM delivers them to no CPU.
     pub bad_msi: std::sync::atomic::AtomicU64,
+    /// A worker found the driver broke the device's rules (a bad chain seen by an interposed
+    /// vhost-user device): the status reads DEVICE_NEEDS_RESET until the driver resets it.
+    pub needs_reset: AtomicBool,
 }
 
 /// A virtio device behind a transport.
@@ -120,6 +128,11 @@ pub trait VirtioDevice: Send {
     /// Takes `state`, saved from a device of the same kind; refused (and nothing changes) when
     /// it does not fit this device (another kind, another disk size, ...).
     fn restore_state(&mut self, state: DeviceState) -> Result<(), String>;
+    /// The control of the device's data path, for a device whose queues a vhost-user backend
+    /// serves (direct or interposed: [`crate::vhost_user::PathControl`]).
+    fn path_control(&self) -> Option<Arc<crate::vhost_user::PathControl>> {
+        None
+    }
     /// Where the device counts the bytes and operations of its data path: the devices that
     /// serve their queues themselves (virtio-blk, virtio-net); `None` for the others (a
     /// vhost-user device's data path is its backend's, which counts it).

@@ -14,6 +14,7 @@ pub mod chain;
 pub mod device;
 pub mod net;
 pub mod rng;
+pub mod shadow;
 #[cfg(test)]
 mod testutil;
 pub mod transport;

@@ -340,9 +340,23 @@ impl VirtioPci {
         self.irq.counters.clone()
     }
 
+    /// The data path control of a device a vhost-user backend serves.
+    pub fn path_control(&self) -> Option<Arc<crate::vhost_user::PathControl>> {
+        self.device.path_control()
+    }
+
     /// The device status byte.
     pub fn status(&self) -> u8 {
-        self.status
+        self.status | self.worker_status()
+    }
+
+    /// DEVICE_NEEDS_RESET if the device's worker asked for it (a driver that broke the rules).
+    fn worker_status(&self) -> u8 {
+        if self.irq.counters.needs_reset.load(Ordering::SeqCst) {
+            status::DEVICE_NEEDS_RESET
+        } else {
+            0
+        }
     }
 
     fn selected(&mut self) -> Option<&mut QueueCfg> {
@@ -361,6 +375,7 @@ impl VirtioPci {
         if self.ctl.take().is_some() {
             self.device.reset();
         }
+        self.irq.counters.needs_reset.store(false, Ordering::SeqCst);
         for evt in &self.queue_evts {
             let _ = evt.read();
         }
@@ -476,7 +491,7 @@ impl VirtioPci {
             },
             (0x10, 2) => u64::from(self.irq.config_vector.load(Ordering::SeqCst)),
             (0x12, 2) => self.queues.len() as u64,
-            (0x14, 1) => u64::from(self.status),
+            (0x14, 1) => u64::from(self.status | self.worker_status()),
             (0x15, 1) => u64::from(self.config_generation),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),

@@ -14,6 +14,7 @@
 //! | PUT /vm/balloon | set the balloon's target (`{"target_bytes": N}`, rounded down to 4 KiB) (204) |
 //! | PUT /vm/device-add | hot-plug a disk or net (`{"disk": {...}}` / `{"net": {...}}`; docs/DEVICES.md) (200: its slot) |
 //! | PUT /vm/device-remove | ask the guest to eject a hot-plugged device (`{"id": ID}`), answered once it has (204) |
+//! | PUT /vm/device-path | switch a vhost-user net's or disk's data path (`{"id": ID, "path": "direct"\|"interposed", "capture": FILE}`; docs/DEVICES.md) (200: its path and counters) |
 //! | PUT /vm/migrate-send | live-migrate to `wv run --incoming` (`{"destination": "HOST:PORT"}`; docs/MIGRATION.md) (200, then the VMM ends) |
 //!
 //! An "api" thread accepts connections (at most [`MAX_CONNECTIONS`] at once, each read on a
@@ -49,7 +50,25 @@ pub(crate) enum Command {
     MigrateSend(crate::migrate::SendRequest),
     DeviceAdd(crate::HotDevice),
     DeviceRemove(DeviceRemoveRequest),
+    DevicePath(DevicePathRequest),
 }
+
+/// The body of `PUT /vm/device-path`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DevicePathRequest {
+    /// The device's id (`id=` of its `--net` or `--disk`).
+    id: String,
+    /// `direct` or `interposed`.
+    path: wv_virtio::vhost_user::DataPath,
+    /// With `interposed`: a file to write (created or truncated): a net's frames as pcap, a
+    /// disk's requests as trace lines.
+    #[serde(default)]
+    capture: Option<std::path::PathBuf>,
+}
+
+/// How long `PUT /vm/device-path` waits for the device's relay thread.
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body of `PUT /vm/device-remove`.
 #[derive(Debug, serde::Deserialize)]
@@ -317,6 +336,7 @@ impl Command {
             Command::BalloonSet(_) => "balloon-set",
             Command::DeviceAdd(_) => "device-add",
             Command::DeviceRemove(_) => "device-remove",
+            Command::DevicePath(_) => "device-path",
         }
     }
 }
@@ -385,6 +405,19 @@ fn route(req: &Request) -> Result<Command, Answer> {
                 .map_err(|e| Answer::error(400, format!("invalid device-remove request: {e}")));
         }
         ["vm", "device-remove"] => ("PUT", Command::Info),
+        ["vm", "device-path"] if req.method == "PUT" => {
+            json_body(req)?;
+            let r: DevicePathRequest = serde_json::from_slice(&req.body)
+                .map_err(|e| Answer::error(400, format!("invalid device-path request: {e}")))?;
+            if r.capture.is_some() && r.path == wv_virtio::vhost_user::DataPath::Direct {
+                return Err(Answer::error(
+                    400,
+                    "a capture needs \"path\": \"interposed\"",
+                ));
+            }
+            return Ok(Command::DevicePath(r));
+        }
+        ["vm", "device-path"] => ("PUT", Command::Info),
         ["vm", "balloon"] if req.method == "PUT" => {
             json_body(req)?;
             return serde_json::from_slice(&req.body)
@@ -500,6 +533,10 @@ impl Controller {
                 Ok(v) => Answer::json(200, &v),
                 Err(a) => a,
             },
+            Command::DevicePath(r) => match self.device_path(&r) {
+                Ok(v) => Answer::json(200, &v),
+                Err(a) => a,
+            },
             // Answered by `device_remove`, which the control loop calls instead.
             Command::DeviceRemove(_) => Answer::error(500, "device-remove is answered apart"),
             Command::Shutdown => {
@@ -530,7 +567,91 @@ impl Controller {
             "tsc_follows_pause": self.shared.gate.tsc_rewound(),
             "config": self.cfg,
             "hotplugged": *self.shared.hot_devices.lock().unwrap_or_else(|p| p.into_inner()),
+            "device_paths": self.device_paths(),
         })
+    }
+
+    /// Every vhost-user device's data path and counters (`GET /vm`).
+    fn device_paths(&self) -> Vec<serde_json::Value> {
+        self.shared
+            .pci_devices
+            .handles()
+            .iter()
+            .filter_map(|h| {
+                let pc = h
+                    .dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .path_control()?;
+                let mut v = serde_json::to_value(pc.status()).ok()?;
+                v["id"] = hot_id(&h.id).into();
+                Some(v)
+            })
+            .collect()
+    }
+
+    /// `PUT /vm/device-path`: switches a vhost-user device between the direct path (the
+    /// backend reads the guest's rings) and the interposed one (the VMM in between, writing
+    /// a capture or trace if asked), while the guest runs.
+    fn device_path(&mut self, r: &DevicePathRequest) -> Result<serde_json::Value, Answer> {
+        use wv_virtio::vhost_user::CaptureFile;
+        if self.paused.is_some() {
+            return Err(Answer::error(
+                409,
+                "the VM is paused: resume it to switch a device's path",
+            ));
+        }
+        let Some(h) = self
+            .shared
+            .pci_devices
+            .handles()
+            .into_iter()
+            .find(|h| hot_id(&h.id) == r.id)
+        else {
+            return Err(Answer::error(404, format!("no device '{}'", r.id)));
+        };
+        let pc = h
+            .dev
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .path_control();
+        let Some(pc) = pc else {
+            return Err(Answer::error(
+                409,
+                format!(
+                    "'{}' is not served by a vhost-user backend: only vhost-user nets and disks switch paths",
+                    r.id
+                ),
+            ));
+        };
+        let capture = match &r.capture {
+            None => None,
+            Some(p) => {
+                // The daemon hands a jailed VMM the file, made in the VM's folder.
+                let file = match wv_fds::take_path(p) {
+                    Some(f) => f,
+                    None => std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(p)
+                        .map_err(|e| {
+                            Answer::error(422, format!("cannot write {}: {e}", p.display()))
+                        })?,
+                };
+                Some(CaptureFile {
+                    path: p.clone(),
+                    file,
+                })
+            }
+        };
+        let st = pc
+            .switch(r.path, capture, SWITCH_TIMEOUT)
+            .map_err(|e| Answer::error(409, format!("'{}': {e}", r.id)))?;
+        let mut v = serde_json::to_value(st).unwrap_or_default();
+        v["id"] = r.id.clone().into();
+        v["capture_kind"] = pc.capture_kind().into();
+        Ok(v)
     }
 
     /// Refuses `what` (snapshot, migrate) while the VM has hot-plugged devices: the state
@@ -1060,6 +1181,22 @@ mod tests {
         assert_eq!(s, 405, "{m}");
         let (s, m) = check_request(&req("GET /nothing HTTP/1.1\r\n\r\n")).unwrap_err();
         assert!(s == 404 && m.contains("/nothing"), "{s} {m}");
+        let put = |body: &str| {
+            format!(
+                "PUT /vm/device-path HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let ok = put(r#"{"id":"net0","path":"interposed","capture":"/tmp/c.pcap"}"#);
+        assert_eq!(check_request(&req(&ok)), Ok("device-path"));
+        for bad in [
+            r#"{"id":"net0","path":"direct","capture":"/tmp/c.pcap"}"#,
+            r#"{"id":"net0","path":"sideways"}"#,
+            r#"{"path":"direct"}"#,
+        ] {
+            let (s, m) = check_request(&req(&put(bad))).unwrap_err();
+            assert_eq!(s, 400, "{bad}: {m}");
+        }
         let bad = "PUT /vm/migrate-send HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]";
         let (s, m) = check_request(&req(bad)).unwrap_err();
         assert!(s == 400 && m.contains("JSON object"), "{s} {m}");

@@ -823,6 +823,31 @@ const VM_DEVICE_ADD: Spec = Spec {
     after: CLIENT_STATUS,
 };
 
+const VM_DEVICE: Spec = Spec {
+    cmd: "wv vm device",
+    pos: &["NAME", "DEV"],
+    about: "Switches the data path of the running VM's vhost-user net or disk DEV (its id=):\n\
+            direct (the switch or storage service reads the guest's rings) or interposed (the\n\
+            VMM in between), while the guest runs (docs/DEVICES.md, Interposition).",
+    opts: &[
+        &[
+            opt(
+                "--path",
+                Arg::Value("direct|interposed"),
+                "the data path (required)",
+            ),
+            opt(
+                "--capture",
+                Arg::Value("FILE"),
+                "with interposed: write a net's frames (FILE.pcap) or a disk's requests \
+                 (FILE.trace) to FILE in the VM's folder",
+            ),
+        ],
+        CLIENT_OPTS,
+    ],
+    after: CLIENT_STATUS,
+};
+
 const VM_DEVICE_REMOVE: Spec = Spec {
     cmd: "wv vm device-remove",
     pos: &["NAME", "ID"],
@@ -982,6 +1007,7 @@ const VM_SPECS: &[&Spec] = &[
     &VM_MIGRATE,
     &VM_DEVICE_ADD,
     &VM_DEVICE_REMOVE,
+    &VM_DEVICE,
 ];
 
 /// `wv` and its commands, for `wv --help`.
@@ -1051,6 +1077,7 @@ Commands:
           [--copy-disks [--datastore PATH]]
   device add NAME --disk path=IMG,id=ID[,readonly=on]
   device remove NAME ID
+  device NAME DEV --path direct|interposed [--capture FILE]
 
 Run wv vm COMMAND --help for a command's options.";
 
@@ -1120,6 +1147,9 @@ pub enum VmCmd {
     DeviceAdd(String, Box<wv_config::DiskConfig>),
     /// Unplug hot-plugged device .1 from running VM .0.
     DeviceRemove(String, String),
+    /// Switch the data path of device .1 of VM .0 to .2 ("direct" or "interposed"), with a
+    /// capture file .3 in the VM's folder.
+    Device(String, String, String, Option<String>),
 }
 
 /// A `wv net` command.
@@ -1957,7 +1987,7 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
             return Ok(Command::Help(VM_USAGE.to_string()));
         }
         return Err(Usage(
-            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete, snapshot, restore, clone, snapshots, delete-snapshot, migrate, device add, device remove (see wv vm --help)".into(),
+            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete, snapshot, restore, clone, snapshots, delete-snapshot, migrate, device add, device remove, device NAME DEV (see wv vm --help)".into(),
         ));
     };
     let spec = VM_SPECS
@@ -2011,6 +2041,22 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
             VmCmd::DeviceAdd(m.pos[0].clone(), Box::new(disk))
         }
         "wv vm device-remove" => VmCmd::DeviceRemove(m.pos[0].clone(), m.pos[1].clone()),
+        "wv vm device" => {
+            let path = match m.value("--path") {
+                Some(p @ ("direct" | "interposed")) => p.to_string(),
+                Some(p) => return Err(Usage(format!("--path: '{p}' is not direct or interposed"))),
+                None => {
+                    return Err(Usage(
+                        "wv vm device NAME DEV needs --path direct|interposed".into(),
+                    ))
+                }
+            };
+            let capture = m.value("--capture").map(str::to_string);
+            if capture.is_some() && path == "direct" {
+                return Err(Usage("--capture needs --path interposed".into()));
+            }
+            VmCmd::Device(m.pos[0].clone(), m.pos[1].clone(), path, capture)
+        }
         "wv vm clone" => {
             let count = match m.value("--count") {
                 None => 1,
@@ -2379,6 +2425,33 @@ mod tests {
     }
 
     #[test]
+    fn a_device_path_switch_is_parsed() {
+        let (_, v) = vm(&[
+            "vm",
+            "device",
+            "web",
+            "net0",
+            "--path",
+            "interposed",
+            "--capture=net0.pcap",
+        ]);
+        assert_eq!(
+            v,
+            VmCmd::Device(
+                "web".into(),
+                "net0".into(),
+                "interposed".into(),
+                Some("net0.pcap".into())
+            )
+        );
+        let (_, v) = vm(&["vm", "device", "web", "disk0", "--path=direct"]);
+        assert_eq!(
+            v,
+            VmCmd::Device("web".into(), "disk0".into(), "direct".into(), None)
+        );
+    }
+
+    #[test]
     fn options_a_command_does_not_use_are_refused() {
         for (line, needle) in [
             (&["vm", "create", "a", "--serial", "none"][..], "'--serial'"),
@@ -2399,6 +2472,22 @@ mod tests {
             ),
             (&["vm", "create", "--vcpus", "2"], "needs a VM name"),
             (&["vm", "frob"], "unknown 'wv vm' command 'frob'"),
+            (&["vm", "device", "a", "net0"], "needs --path"),
+            (
+                &["vm", "device", "a", "net0", "--path", "x"],
+                "'x' is not direct",
+            ),
+            (
+                &[
+                    "vm",
+                    "device",
+                    "a",
+                    "net0",
+                    "--path=direct",
+                    "--capture=c.pcap",
+                ],
+                "--capture needs --path interposed",
+            ),
             (&["host", "--listen", "127.0.0.1:1", "--bogus"], "'--bogus'"),
             (&["host", "--json"], "'--json'"),
             (&["host", "status", "--state-dir", "/x"], "'--state-dir'"),

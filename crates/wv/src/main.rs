@@ -837,6 +837,30 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
         VmCmd::DeviceRemove(name, dev) => {
             api(c, "DELETE", &format!("/v1/vms/{name}/devices/{dev}"), None).map(|_| ())
         }
+        VmCmd::Device(name, dev, path, capture) => {
+            let body = serde_json::json!({ "path": path, "capture": capture }).to_string();
+            api(
+                c,
+                "PUT",
+                &format!("/v1/vms/{name}/devices/{dev}/path"),
+                Some(&body),
+            )
+            .map(|v| {
+                if c.json {
+                    println!("{v}");
+                } else {
+                    println!(
+                        "VM {name} device {dev}: {} (queues stood still {} us){}",
+                        v["path"].as_str().unwrap_or("?"),
+                        v["last_pause_us"].as_u64().unwrap_or(0),
+                        v["capture"]
+                            .as_str()
+                            .map(|f| format!(", writing {f}"))
+                            .unwrap_or_default()
+                    );
+                }
+            })
+        }
         VmCmd::Restore(name, snap) => {
             let body = serde_json::json!({ "snapshot": snap }).to_string();
             api(c, "POST", &format!("/v1/vms/{name}/restore"), Some(&body)).map(|v| {

@@ -575,3 +575,111 @@ fn a_guest_on_a_daemon_network_snapshots_and_restores() {
     assert!(log.contains("PASS netpeer arp=2 icmp=2"), "{log}");
     d.stop();
 }
+
+/// `wv vm device NAME DEV --path interposed --capture FILE` and back to `--path direct` on a
+/// running VM of a daemon network, while it pings another: the switches are done by its VMM
+/// (the guest passes with every echo answered), the capture lands in the VM's folder and
+/// `tcpdump -r` reads it; bad requests (a capture outside the folder, an unknown device, a
+/// capture on the direct path, a VM that is not running) are refused with a message.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_daemon_vm_switches_its_nic_between_direct_and_interposed() {
+    need_kvm();
+    const PINGS: u32 = 1500;
+    let dir = TempDir::new("hostnet-interpose");
+    let d = Daemon::start(&dir);
+    assert_eq!(d.wv(&["net", "create", "lan"]).status, Some(0));
+    for (name, mac, cmdline) in [
+        (
+            "b",
+            "52:54:00:86:00:0b",
+            format!("probe.tests=netpeer probe.ip=10.86.0.2 probe.echoes={PINGS}"),
+        ),
+        (
+            "a",
+            "52:54:00:86:00:0a",
+            format!("probe.tests=net probe.net=10.86.0.1,10.86.0.2 probe.pings={PINGS}"),
+        ),
+    ] {
+        let r = d.wv(&[
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "64M",
+            "--net",
+            &format!("network=lan,mac={mac},id=net0"),
+            "--cmdline",
+            &cmdline,
+        ]);
+        assert_eq!(r.status, Some(0), "{r}");
+    }
+    // Not running yet: refused.
+    let r = d.wv(&["vm", "device", "a", "net0", "--path", "interposed"]);
+    assert_ne!(r.status, Some(0), "{r}");
+    assert!(r.stderr.contains("not running"), "{r}");
+    assert_eq!(d.wv(&["vm", "start", "b"]).status, Some(0));
+    wait_console(&d, "b", "netpeer: listening");
+    assert_eq!(d.wv(&["vm", "start", "a"]).status, Some(0));
+    wait_console(&d, "a", "Worldvisor probe guest");
+    for (args, needle) in [
+        (
+            &["--path", "interposed", "--capture", "../x.pcap"][..],
+            "invalid capture",
+        ),
+        (
+            &["--path", "interposed", "--capture", "vmm.log"],
+            "invalid capture",
+        ),
+        (
+            &["--path", "direct", "--capture", "a.pcap"],
+            "--capture needs",
+        ),
+    ] {
+        let mut a = vec!["vm", "device", "a", "net0"];
+        a.extend_from_slice(args);
+        let r = d.wv(&a);
+        assert_ne!(r.status, Some(0), "{r}");
+        assert!(r.stderr.contains(needle), "{args:?}: {r}");
+    }
+    let r = d.wv(&["vm", "device", "a", "nosuch", "--path", "interposed"]);
+    assert_ne!(r.status, Some(0), "{r}");
+    assert!(r.stderr.contains("no device 'nosuch'"), "{r}");
+    let r = d.wv(&[
+        "vm",
+        "device",
+        "a",
+        "net0",
+        "--path",
+        "interposed",
+        "--capture",
+        "net0.pcap",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.contains("net0: interposed"), "{r}");
+    let v = d.json(&["vm", "device", "a", "net0", "--path", "direct"]);
+    assert_eq!(v["path"], "direct", "{v}");
+    assert_eq!(v["switches"], 2, "{v}");
+    let captured = v["captured"].as_u64().unwrap();
+    let pcap = d.state.join("vms").join("a").join("net0.pcap");
+    let out = std::process::Command::new("tcpdump")
+        .arg("-nr")
+        .arg(&pcap)
+        .output()
+        .expect("tcpdump is needed");
+    assert!(out.status.success(), "{out:?}");
+    let frames = String::from_utf8_lossy(&out.stdout).lines().count() as u64;
+    assert_eq!(frames, captured, "{v}");
+    let v = d.wait_state_within("a", "stopped", WAIT);
+    assert_eq!(
+        v["reason"],
+        "guest powered off with exit code 0",
+        "{v}\n{}",
+        std::fs::read_to_string(console(&d, "a")).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(console(&d, "a")).unwrap();
+    assert!(
+        log.contains(&format!("icmp=ok pings={PINGS} other=0")),
+        "{log}"
+    );
+}

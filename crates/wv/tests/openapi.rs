@@ -546,6 +546,7 @@ fn the_server_matches_its_openapi_document() {
         200
     );
     assert_eq!(c.call("DELETE", vm, "/v1/vms/hp", None).0, 204);
+    device_path_operations(&mut c);
     // The state cannot be saved (a folder has the temporary file's name): 500, and nothing
     // changes.
     let tmp = daemon.state.join("worlds.json.tmp");
@@ -662,6 +663,66 @@ fn network_operations(c: &mut Checker) {
     assert_eq!(c.call("DELETE", net, "/v1/networks/lan", None).0, 204);
     for (method, tpl, path) in [("PUT", nets, nets), ("POST", net, "/v1/networks/n2")] {
         assert_eq!(c.call(method, tpl, path, None).0, 405);
+    }
+}
+
+/// A running VM's NIC on a daemon network switched to the interposed path (with a capture
+/// in its folder) and back, and what is refused.
+fn device_path_operations(c: &mut Checker) {
+    let tpl = "/v1/vms/{name}/devices/{dev}/path";
+    let (nets, vm) = ("/v1/networks", "/v1/vms/{name}");
+    assert_eq!(c.call("POST", nets, nets, Some(r#"{"name":"pn"}"#)).0, 201);
+    let def = r#"{"name":"pv","memory":"64M","nets":[{"network":"pn","mac":"52:54:00:00:00:78","id":"net0"}],"cmdline":"console=ttyS0 probe.tests=netpeer probe.ip=10.87.0.2"}"#;
+    assert_eq!(c.call("POST", "/v1/vms", "/v1/vms", Some(def)).0, 201);
+    let put = |c: &mut Checker, path: &str, body: &str| c.call("PUT", tpl, path, Some(body));
+    let direct = r#"{"path":"direct"}"#;
+    assert_eq!(put(c, "/v1/vms/zz/devices/net0/path", direct).0, 404);
+    let (st, e) = put(c, "/v1/vms/pv/devices/net0/path", direct);
+    assert_eq!(st, 409, "not running: {e}");
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/start", "/v1/vms/pv/start", None)
+            .0,
+        200
+    );
+    for bad in [
+        "[]",
+        "{}",
+        r#"{"path":"sideways"}"#,
+        r#"{"path":"direct","capture":"pv.pcap"}"#,
+        r#"{"path":"interposed","capture":"../pv.pcap"}"#,
+        r#"{"path":"interposed","capture":"config.json"}"#,
+        r#"{"path":"direct","colour":"red"}"#,
+    ] {
+        assert_eq!(put(c, "/v1/vms/pv/devices/net0/path", bad).0, 400, "{bad}");
+    }
+    let (st, e) = put(c, "/v1/vms/pv/devices/nosuch/path", direct);
+    assert_eq!(st, 404, "{e}");
+    let (st, v) = put(
+        c,
+        "/v1/vms/pv/devices/net0/path",
+        r#"{"path":"interposed","capture":"pv.pcap"}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["path"], "interposed", "{v}");
+    assert!(
+        v["capture"].as_str().unwrap().ends_with("/pv/pv.pcap"),
+        "{v}"
+    );
+    let (st, v) = put(c, "/v1/vms/pv/devices/net0/path", direct);
+    assert_eq!((st, &v["path"]), (200, &serde_json::json!("direct")), "{v}");
+    assert_eq!(
+        c.call("POST", "/v1/vms/{name}/stop", "/v1/vms/pv/stop", None)
+            .0,
+        200
+    );
+    assert_eq!(c.call("DELETE", vm, "/v1/vms/pv", None).0, 204);
+    assert_eq!(
+        c.call("DELETE", "/v1/networks/{net}", "/v1/networks/pn", None)
+            .0,
+        204
+    );
+    for m in ["GET", "POST", "DELETE"] {
+        assert_eq!(c.call(m, tpl, "/v1/vms/pv/devices/net0/path", None).0, 405);
     }
 }
 
@@ -2038,10 +2099,13 @@ fn generated_request_sequences_match_the_document_and_the_model() {
     // a second daemon (the_server_matches_its_openapi_document drives them to success).
     // (The shutdown ends the daemon: the_server_matches_its_openapi_document drives it, and
     // the balloon, which needs a VM defined with one and a guest that drives it.)
+    // (A device's path too: it needs a running VM on a network, which
+    // the_server_matches_its_openapi_document switches.)
     let two_daemons = [
         "/v1/vms/{name}/balloon",
         "/v1/vms/{name}/devices",
         "/v1/vms/{name}/devices/{id}",
+        "/v1/vms/{name}/devices/{dev}/path",
         "/v1/vms/{name}/incoming",
         "/v1/vms/{name}/migrate",
         "/v1/host/shutdown",

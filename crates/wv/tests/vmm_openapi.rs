@@ -191,6 +191,13 @@ fn the_vmm_matches_its_openapi_document() {
     assert_eq!(c.call("PUT", "/vm/pause", "/vm/pause", None).0, 204);
     assert_eq!(c.call("PUT", "/vm/pause", "/vm/pause", None).0, 409);
     assert_eq!(c.call("GET", "/vm", "/vm", None).1["state"], "paused");
+    // No path switch while paused.
+    let direct = r#"{"id": "disk0", "path": "direct"}"#;
+    assert_eq!(
+        c.call("PUT", "/vm/device-path", "/vm/device-path", Some(direct))
+            .0,
+        409
+    );
     assert_eq!(
         c.call("GET", "/vm/counters", "/vm/counters", None).1["state"],
         "paused"
@@ -334,6 +341,34 @@ fn the_vmm_matches_its_openapi_document() {
         0
     );
 
+    // Path switches: this VM has no vhost-user device (a switch that happens, and a capture
+    // that cannot be written, are tests/interpose.rs's).
+    let (_, info) = c.call("GET", "/vm", "/vm", None);
+    assert_eq!(info["device_paths"], json!([]), "{info}");
+    let path = |c: &mut Checker, body: &str| {
+        c.call("PUT", "/vm/device-path", "/vm/device-path", Some(body))
+            .0
+    };
+    assert_eq!(
+        path(&mut c, r#"{"id": "disk0", "path": "interposed"}"#),
+        409
+    );
+    assert_eq!(path(&mut c, r#"{"id": "nothing", "path": "direct"}"#), 404);
+    for bad in [
+        "",
+        "{}",
+        "[]",
+        r#"{"id": "disk0"}"#,
+        r#"{"id": "disk0", "path": "sideways"}"#,
+        r#"{"id": "disk0", "path": "direct", "colour": "red"}"#,
+        r#"{"id": "disk0", "path": "direct", "capture": "/tmp/x.trace"}"#,
+    ] {
+        assert_eq!(path(&mut c, bad), 400, "{bad:?}");
+    }
+    c.body_headers = vec!["Content-Type: text/plain".into()];
+    assert_eq!(path(&mut c, direct), 415);
+    c.body_headers = vec!["Content-Type: application/json".into()];
+
     // Hot-plug (a burn guest does not eject: the remove that completes is tests/hotplug.rs's).
     let hot = dir.file("hot.img", &vec![0u8; 1 << 20]);
     let add =
@@ -414,6 +449,7 @@ fn the_vmm_matches_its_openapi_document() {
         ("DELETE", "/vm/balloon"),
         ("GET", "/vm/device-add"),
         ("POST", "/vm/device-remove"),
+        ("GET", "/vm/device-path"),
     ] {
         if snapshot_missing && path == "/vm/snapshot" {
             continue;
@@ -490,6 +526,11 @@ fn the_vmm_matches_its_openapi_document() {
         Some(r#"{"disk": {"path": "/x", "id": "x"}}"#),
     ));
     ops.push(("PUT", "/vm/device-remove", Some(r#"{"id": "x"}"#)));
+    ops.push((
+        "PUT",
+        "/vm/device-path",
+        Some(r#"{"id": "x", "path": "direct"}"#),
+    ));
     for (method, path, body) in ops {
         assert_eq!(c.call(method, path, path, body).0, 503, "{method} {path}");
     }
@@ -551,7 +592,10 @@ fn the_vmm_matches_its_openapi_document() {
     // everything else is checked before the test fails on it.
     // A migration that happens or fails: tests/migrate.rs (this VM has a disk: 422).
     // A remove the guest completes: tests/hotplug.rs (a burn guest ejects nothing).
+    // A path switch that happens, and a capture it cannot write: tests/interpose.rs.
     let mut unreachable = vec![
+        ("/vm/device-path", "put", 200),
+        ("/vm/device-path", "put", 422),
         ("/vm/device-remove", "put", 204),
         ("/vm/pause", "put", 500),
         ("/vm/migrate-send", "put", 200),

@@ -83,6 +83,9 @@ pub(super) fn list() -> List {
         // The configuration with the device validated as a whole (host RAM read, sysinfo).
         .allow(libc::SYS_sysinfo)
         .allow(libc::SYS_eventfd2)
+        // A hot-plugged vhost-user device's shadow rings (wv_virtio::shadow): a memfd, sized
+        // (ftruncate, above) and mapped shared.
+        .allow(libc::SYS_memfd_create)
         .ioctl(KVM_IOEVENTFD)
         .ioctl(KVM_IRQFD)
         .allow(libc::SYS_flock)
