@@ -1851,7 +1851,11 @@ fn blk_test() -> Outcome {
                 // SAFETY: the device wrote the sector into the buffer.
                 let back = unsafe { core::ptr::read_volatile(&raw const (*b).data) };
                 if (0..512).any(|i| back[i] != pat(i)) {
-                    d.s(" problem: sector ").dec(sector).s(" read back differs (loop ").dec(k).s(")");
+                    d.s(" problem: sector ")
+                        .dec(sector)
+                        .s(" read back differs (loop ")
+                        .dec(k)
+                        .s(")");
                     return fail("blk", &mut d);
                 }
             }
@@ -1982,7 +1986,9 @@ fn net_test() -> Outcome {
             dev.post(0, &[(rx, 1536, virtio::DESC_WRITE)]);
         }
         if !replied {
-            d.s(" problem: no echo reply to request ").dec(seq).s(" from the host");
+            d.s(" problem: no echo reply to request ")
+                .dec(seq)
+                .s(" from the host");
             return fail("net", &mut d);
         }
     }
