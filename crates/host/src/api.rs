@@ -1239,24 +1239,19 @@ impl Daemon {
         reply
     }
 
-    /// The running VM `name`'s world id, under its lifecycle lock (held by the caller through
-    /// the returned guard's owner), or the answer why it is not running.
-    fn running(&self, name: &str) -> Result<u64, Reply> {
+    /// Nothing, if world `id` (VM `name`) runs (or, `paused_too`, is paused) with its VMM;
+    /// else the answer why not (404, 409). The caller holds the world's lifecycle lock.
+    fn running(&self, id: u64, name: &str, paused_too: bool) -> Result<(), Reply> {
         let mut doc = self.lock();
-        let id = doc
-            .worlds
-            .iter()
-            .find(|w| w.spec.name == name)
-            .map(|w| w.id)
-            .ok_or_else(|| error(404, format!("no VM named '{name}'")))?;
         let w = Self::world(&mut doc, id, name)?;
-        if !matches!(w.state, State::Running | State::Paused) || self.run_of(id).is_none() {
+        let ok = w.state == State::Running || (paused_too && w.state == State::Paused);
+        if !ok || self.run_of(id).is_none() {
             return Err(error(
                 409,
                 format!("VM '{name}' is {:?}, not running", w.state).to_lowercase(),
             ));
         }
-        Ok(id)
+        Ok(())
     }
 
     /// `POST /v1/vms/{name}/devices`: hot-plugs a disk (`{"disk": DiskConfig}`: a raw image
@@ -1280,12 +1275,12 @@ impl Daemon {
                 "only raw disk images (path=) can be hot-plugged through the daemon",
             );
         }
-        let (_, lc) = match self.lifecycle(name) {
+        let (id, lc) = match self.lifecycle(name) {
             Ok(x) => x,
             Err(r) => return r,
         };
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(r) = self.running(name) {
+        if let Err(r) = self.running(id, name, true) {
             return r;
         }
         if let Err(e) = self.check_image("disk", &d.path) {
@@ -1315,12 +1310,12 @@ impl Daemon {
     /// `DELETE /v1/vms/{name}/devices/{id}`: asks the guest to eject hot-plugged device `id`
     /// (`PUT /vm/device-remove`), answered once it has.
     fn device_remove(&self, name: &str, dev: &str) -> Reply {
-        let (_, lc) = match self.lifecycle(name) {
+        let (id, lc) = match self.lifecycle(name) {
             Ok(x) => x,
             Err(r) => return r,
         };
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(r) = self.running(name) {
+        if let Err(r) = self.running(id, name, true) {
             return r;
         }
         let req = json!({ "id": dev }).to_string();
@@ -1334,10 +1329,6 @@ impl Daemon {
         }
     }
 
-    /// `GET` (`body` None) and `PUT /v1/vms/{name}/balloon`: the running VM's memory target
-    /// and current memory, as its VMM's balloon reports them (docs/vmm-openapi.json), after
-    /// setting a new target when asked. The target is the memory the guest is to keep; the
-    /// balloon holds the rest.
     /// `PUT /v1/vms/{name}/devices/{dev}/path`: the VMM switches device `dev` (docs/DEVICES.md,
     /// Interposition); a capture goes to a file of the VM's folder.
     fn device_path(&self, name: &str, dev: &str, body: &[u8]) -> Reply {
@@ -1374,18 +1365,8 @@ impl Daemon {
         };
         // Not while the VM starts or stops.
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
-        {
-            let mut doc = self.lock();
-            let w = match Self::world(&mut doc, id, name) {
-                Ok(w) => w,
-                Err(r) => return r,
-            };
-            if w.state != State::Running || self.run_of(id).is_none() {
-                return error(
-                    409,
-                    format!("VM '{name}' is {:?}, not running", w.state).to_lowercase(),
-                );
-            }
+        if let Err(r) = self.running(id, name, false) {
+            return r;
         }
         let capture = match &r.capture {
             None => None,
@@ -1439,6 +1420,10 @@ impl Daemon {
         }
     }
 
+    /// `GET` (`body` None) and `PUT /v1/vms/{name}/balloon`: the running VM's memory target
+    /// and current memory, as its VMM's balloon reports them (docs/vmm-openapi.json), after
+    /// setting a new target when asked. The target is the memory the guest is to keep; the
+    /// balloon holds the rest.
     fn balloon(&self, name: &str, body: Option<&[u8]>) -> Reply {
         let target = match body.map(|b| object::<MemoryTarget>(b, "memory target")) {
             None => None,

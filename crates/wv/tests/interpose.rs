@@ -10,98 +10,10 @@ use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-const WAIT: Duration = Duration::from_secs(120);
-
-/// A process whose stdout (or stderr) lines are collected as they come.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(mut c: Command, stderr: bool) -> Proc {
-        c.stdin(Stdio::null());
-        if stderr {
-            c.stderr(Stdio::piped()).stdout(Stdio::null());
-        } else {
-            c.stdout(Stdio::piped());
-        }
-        let mut child = c.spawn().expect("spawn");
-        let out: Box<dyn std::io::Read + Send> = if stderr {
-            Box::new(child.stderr.take().unwrap())
-        } else {
-            Box::new(child.stdout.take().unwrap())
-        };
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn wait_line(&mut self, text: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(WAIT) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(text) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no line '{text}' within {WAIT:?}; saw {:#?}", self.seen),
-            }
-        }
-    }
-
-    /// Panics with what it printed if the process has ended (a guest that failed early).
-    fn alive(&mut self) {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-                self.seen.push(l);
-            }
-            panic!("the guest ended early ({st}):\n{}", self.seen.join("\n"));
-        }
-    }
-
-    /// The VMM refused or failed a request as one that ends does: waits for it to end and
-    /// panics with what the guest printed.
-    fn ended(&mut self, why: &str) -> ! {
-        let st = self.child.wait();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(l);
-        }
-        panic!("{why}; the guest ended ({st:?}):\n{}", self.seen.join("\n"));
-    }
-
-    fn finish(mut self) -> (Option<i32>, String) {
-        let st = self.child.wait().unwrap();
-        while let Ok(l) = self.lines.recv_timeout(WAIT) {
-            self.seen.push(l);
-        }
-        (st.code(), self.seen.join("\n"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::lines::{Proc, WAIT};
 
 /// `wv vswitch` with ports lan/a and lan/b, once it serves.
 fn switch(dir: &Path) -> Proc {

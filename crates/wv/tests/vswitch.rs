@@ -9,13 +9,12 @@ use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
-const WAIT: Duration = Duration::from_secs(120);
+use common::lines::{Proc, WAIT};
 
 fn ip(args: &[&str]) {
     let st = Command::new("ip")
@@ -60,75 +59,6 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
-    }
-}
-
-/// A process whose stdout (or stderr) lines are collected as they come.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(mut c: Command, stderr: bool) -> Proc {
-        c.stdin(Stdio::null());
-        if stderr {
-            c.stderr(Stdio::piped()).stdout(Stdio::null());
-        } else {
-            c.stdout(Stdio::piped());
-        }
-        let mut child = c.spawn().expect("spawn");
-        let out: Box<dyn std::io::Read + Send> = if stderr {
-            Box::new(child.stderr.take().unwrap())
-        } else {
-            Box::new(child.stdout.take().unwrap())
-        };
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a line containing `text`.
-    fn wait_line(&mut self, text: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(WAIT) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if l.contains(text) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!("no line '{text}' within {WAIT:?}; saw {:#?}", self.seen),
-            }
-        }
-    }
-
-    /// Waits for the process to end; its exit status and every line it printed.
-    fn finish(mut self) -> (Option<i32>, String) {
-        while let Ok(l) = self.lines.recv_timeout(WAIT) {
-            self.seen.push(l);
-        }
-        let st = self.child.wait().unwrap();
-        (st.code(), self.seen.join("\n"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
