@@ -450,6 +450,21 @@ fn the_web_console_in_a_browser() {
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-console.png");
     std::fs::write(&out, &png).unwrap();
     eprintln!("web console screenshot: {}", out.display());
+    // The daemon's resident memory with one browser attached (its page polling every second
+    // for the whole test), for docs/PERFORMANCE.md.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let rss = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    eprintln!(
+        "daemon with one browser attached: VmRSS {}, VmHWM {}",
+        rss("VmRSS:"),
+        rss("VmHWM:")
+    );
     drop(b);
     d.json(&["vm", "stop", "probe"]);
     d.json(&["vm", "stop", "io"]);
