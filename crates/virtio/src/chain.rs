@@ -188,13 +188,7 @@ impl Chain {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), ChainError> {
-        let mut done = 0usize;
-        self.each_piece(false, offset, buf.len() as u64, |addr, n| {
-            mem.read_slice(&mut buf[done..done + n], GuestAddress(addr))
-                .map_err(|_| ChainError::OutsideMemory)?;
-            done += n;
-            Ok(())
-        })
+        self.read_part(false, mem, offset, buf)
     }
 
     /// Copies bytes `offset..offset + buf.len()` of the writable part into `buf`: what the
@@ -205,8 +199,19 @@ impl Chain {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), ChainError> {
+        self.read_part(true, mem, offset, buf)
+    }
+
+    /// Copies bytes `offset..` of the `writable` (or readable) part into `buf`.
+    fn read_part(
+        &self,
+        writable: bool,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
         let mut done = 0usize;
-        self.each_piece(true, offset, buf.len() as u64, |addr, n| {
+        self.each_piece(writable, offset, buf.len() as u64, |addr, n| {
             mem.read_slice(&mut buf[done..done + n], GuestAddress(addr))
                 .map_err(|_| ChainError::OutsideMemory)?;
             done += n;

@@ -170,19 +170,26 @@ impl Inbox {
     }
 }
 
-/// Binds `path` (replacing a stale socket, never a live one).
+/// Binds `path` (replacing a stale socket, never a live one) for the control API.
 pub(crate) fn listen(path: &Path) -> Result<UnixListener, String> {
+    bind_socket(path, "serve the API")
+}
+
+/// Binds a Unix socket at `path` to `what` (the error says "cannot WHAT on PATH"): the one a
+/// jail bound before it began, if any ([`crate::jail::take_listener`]); else a new one,
+/// replacing a stale socket there but never a live one.
+pub(crate) fn bind_socket(path: &Path, what: &str) -> Result<UnixListener, String> {
     if let Some(l) = crate::jail::take_listener(path) {
         return Ok(l);
     }
     if UnixStream::connect(path).is_ok() {
         return Err(format!(
-            "cannot serve the API on {}: another process listens there",
+            "cannot {what} on {}: another process listens there",
             path.display()
         ));
     }
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))
+    UnixListener::bind(path).map_err(|e| format!("cannot {what} on {}: {e}", path.display()))
 }
 
 /// Most requests served at once; more get 503 at once.

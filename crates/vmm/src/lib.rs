@@ -1391,20 +1391,8 @@ extern "C" fn teardown_helper(arg: *mut libc::c_void) -> libc::c_int {
 pub(crate) fn console_listener(
     path: &std::path::Path,
 ) -> Result<std::os::unix::net::UnixListener, VmmError> {
-    if let Some(l) = jail::take_listener(path) {
-        return Ok(l);
-    }
-    let fail = |e: String| {
-        VmmError::Config(config::ConfigError(format!(
-            "cannot listen for the console on {}: {e}",
-            path.display()
-        )))
-    };
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(fail("another process listens there".into()));
-    }
-    let _ = std::fs::remove_file(path);
-    std::os::unix::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))
+    control::bind_socket(path, "listen for the console")
+        .map_err(|e| VmmError::Config(config::ConfigError(e)))
 }
 
 /// Waits for the VM to end or a stop signal; feeds stdin (when the console is stdio) and the
