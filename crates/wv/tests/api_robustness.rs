@@ -422,8 +422,11 @@ fn descriptor_exhaustion_neither_spins_nor_silences_the_api() {
 fn connections_are_bounded() {
     let dir = TempDir::new("api-conns");
     let d = Logged::start(&dir, None);
-    // The start-up check's connection may still be open for a moment: the baseline is the
-    // listener alone.
+    // The start-up check's connection may not even be accepted yet (the listener alone would
+    // count 1 with it still in the backlog). One whole request answered means the daemon has
+    // taken every earlier connection (a backlog is first in, first out); once those have
+    // closed, the baseline is the listener alone.
+    assert_eq!(status(&d.socket, "GET", "/v1/host", None), 200);
     wait_for(
         "the daemon closes the start-up check",
         Duration::from_secs(10),
