@@ -2087,6 +2087,51 @@ fn generated_request_sequences_match_the_document_and_the_model() {
             200
         );
     }
+    // A VM's life and its snapshot's once more, in an order that makes each succeed whatever
+    // the seed drew (a clone needs a snapshot, which needs a running VM; a restore needs a
+    // stopped VM). Every VM the model made is stopped by now.
+    let spec = f.valid_spec("zz-end").to_string();
+    let vm = |op: &str| {
+        (
+            format!("/v1/vms/{{name}}{op}"),
+            format!("/v1/vms/zz-end{op}"),
+        )
+    };
+    let must = |f: &mut Fuzz, method: &str, (tpl, path): (String, String), body: &str| {
+        let a = f.send(
+            method,
+            &tpl,
+            &path,
+            (!body.is_empty()).then_some(body.as_bytes()),
+        );
+        assert!(
+            (200..300).contains(&a.status),
+            "seed {seed}: {method} {path} {body}: {} {}",
+            a.status,
+            a.json
+        );
+    };
+    let snap = r#"{"snapshot":"zz-snap"}"#;
+    must(&mut f, "POST", ("/v1/vms".into(), "/v1/vms".into()), &spec);
+    for op in ["/start", "/pause", "/resume"] {
+        must(&mut f, "POST", vm(op), "");
+    }
+    must(&mut f, "POST", vm("/snapshot"), snap);
+    let clone = (
+        "/v1/snapshots/{snap}/clone".to_string(),
+        "/v1/snapshots/zz-snap/clone".to_string(),
+    );
+    must(&mut f, "POST", clone, r#"{"name":"zz-clone","count":1}"#);
+    let stop = ("/v1/vms/{name}/stop".into(), "/v1/vms/zz-clone/stop".into());
+    must(&mut f, "POST", stop, "");
+    must(&mut f, "POST", vm("/stop"), "");
+    must(&mut f, "POST", vm("/restore"), snap);
+    must(&mut f, "POST", vm("/stop"), "");
+    let one_snap = (
+        "/v1/snapshots/{snap}".into(),
+        "/v1/snapshots/zz-snap".into(),
+    );
+    must(&mut f, "DELETE", one_snap, "");
     // Each network operation once more, so that every one has succeeded whatever the seed
     // drew (the model's VMs use no network: an unused one always goes).
     let (nets, one) = ("/v1/networks", "/v1/networks/{net}");
