@@ -1367,7 +1367,7 @@ impl Datastore {
                 .collect();
             if !others.is_empty() {
                 return Err(Error::Invalid(format!(
-                    "'{}' has other redo logs ({}): committing '{name}' into it would change                      what they read; remove them first, or keep '{name}' as it is",
+                    "'{}' has other redo logs ({}): committing '{name}' into it would change what they read; remove them first, or keep '{name}' as it is",
                     ds.fds[parent].name,
                     others.join(", ")
                 )));

@@ -719,13 +719,13 @@ impl Controller {
                 if c.vmkfs.is_some() {
                     return Err(Answer::error(
                         422,
-                        "a VMKFS disk cannot be hot-plugged (snapshots freeze the VM's VMKFS                          disks as configured at start): use path= or vhost-user=",
+                        "a VMKFS disk cannot be hot-plugged (snapshots freeze the VM's VMKFS disks as configured at start): use path= or vhost-user=",
                     ));
                 }
                 if c.vhost_user && !self.cfg.memory_is_shared() {
                     return Err(Answer::error(
                         422,
-                        "a vhost-user disk needs guest memory shared with its backend: start the                          VM with one (or with shared memory) to hot-plug more",
+                        "a vhost-user disk needs guest memory shared with its backend: start the VM with one (or with shared memory) to hot-plug more",
                     ));
                 }
             }
@@ -733,7 +733,7 @@ impl Controller {
                 if n.vhost_user.is_some() && !self.cfg.memory_is_shared() {
                     return Err(Answer::error(
                         422,
-                        "a vhost-user net needs guest memory shared with its backend: start the                          VM with one (or with shared memory) to hot-plug more",
+                        "a vhost-user net needs guest memory shared with its backend: start the VM with one (or with shared memory) to hot-plug more",
                     ));
                 }
                 if n.tap.is_empty() && n.vhost_user.is_none() {
@@ -875,7 +875,7 @@ impl Controller {
                 let _ = p.reply.send(Answer::error(
                     504,
                     format!(
-                        "the guest did not eject '{}' in time; the eject request stays with the                          guest, and the device goes when it ejects it",
+                        "the guest did not eject '{}' in time; the eject request stays with the guest, and the device goes when it ejects it",
                         p.id
                     ),
                 ));
