@@ -160,6 +160,9 @@ pub struct Daemon {
     storage: storage::Supervisor,
     /// The storage service's disks of each running world (their names), by world id.
     served: Mutex<HashMap<u64, Vec<String>>>,
+    /// The hot-plugged nets of each running world (device id, network, port), by world id;
+    /// their ports are in `ports` too.
+    hot_ports: Mutex<HashMap<u64, Vec<(String, String, String)>>>,
 }
 
 /// The body of `PUT /v1/vms/{name}/devices/{dev}/path`.
@@ -610,6 +613,7 @@ impl Daemon {
             ports: Mutex::default(),
             storage,
             served: Mutex::default(),
+            hot_ports: Mutex::default(),
             images: std::sync::OnceLock::new(),
             jail_uids: std::sync::OnceLock::new(),
             token,
@@ -919,7 +923,33 @@ impl Daemon {
 
     /// Removes the switch ports and the storage service's disks of world `id`'s run (it
     /// ended, or never started): the disks are let go of, for another VM to take.
+    /// The switch port of world `id`'s hot-plugged net `dev`, which the guest has let go of.
+    fn release_hot_port(&self, id: u64, dev: &str) {
+        let hot = {
+            let mut h = self.hot_ports.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(v) = h.get_mut(&id) else { return };
+            let Some(i) = v.iter().position(|(d, _, _)| d == dev) else {
+                return;
+            };
+            v.remove(i)
+        };
+        let (_, net, port) = hot;
+        if let Some(v) = self
+            .ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+        {
+            v.retain(|(n, p)| !(*n == net && *p == port));
+        }
+        self.switch.del_port(&net, &port);
+    }
+
     fn release_ports(&self, id: u64) {
+        self.hot_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         let ports = self
             .ports
             .lock()
@@ -1255,20 +1285,36 @@ impl Daemon {
     }
 
     /// `POST /v1/vms/{name}/devices`: hot-plugs a disk (`{"disk": DiskConfig}`: a raw image
-    /// under the image directories) into the running VM. The daemon opens the image (read-write
-    /// unless `readonly`) and hands it to the VMM with `PUT /vm/device-add` (a jailed VMM
-    /// could not open it). Live only: the definition does not change.
+    /// under the image directories) or a net on one of the daemon's networks (`{"net":
+    /// NetConfig}` with `network` and `id`) into the running VM. For a disk the daemon opens the
+    /// image (read-write unless `readonly`); for a net it adds a port to the switch and
+    /// connects to it. Either way it hands the descriptor to the VMM with `PUT /vm/device-add`
+    /// (a jailed VMM could not open it). Live only: the definition does not change.
     fn device_add(&self, name: &str, body: &[u8]) -> Reply {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Add {
-            disk: wv_config::DiskConfig,
+            #[serde(default)]
+            disk: Option<wv_config::DiskConfig>,
+            #[serde(default)]
+            net: Option<wv_config::NetConfig>,
         }
         let add: Add = match object(body, "device") {
             Ok(a) => a,
             Err(r) => return r,
         };
-        let d = add.disk;
+        match (add.disk, add.net) {
+            (Some(d), None) => self.disk_add(name, d),
+            (None, Some(n)) => self.net_add(name, n),
+            _ => error(
+                400,
+                "invalid device: give exactly one of \"disk\" and \"net\"",
+            ),
+        }
+    }
+
+    /// A disk for [`Self::device_add`].
+    fn disk_add(&self, name: &str, d: wv_config::DiskConfig) -> Reply {
         if d.vmkfs.is_some() || d.vhost_user || !d.via.is_vmm() {
             return error(
                 422,
@@ -1297,7 +1343,119 @@ impl Daemon {
         let key = d.path.display().to_string();
         let req = json!({ "disk": d }).to_string();
         let files = [(key.as_str(), std::os::fd::AsFd::as_fd(&file))];
-        match self.vmm_call_passing(name, "PUT", "/vm/device-add", Some(&req), &files) {
+        self.hot_add(name, &req, &files)
+    }
+
+    /// A net for [`Self::device_add`]: a new port of the switch on its network, with the VM's
+    /// network shares, taken away again if the VMM does not take the device, and with the
+    /// VM's other ports when it stops.
+    fn net_add(&self, name: &str, mut n: wv_config::NetConfig) -> Reply {
+        let Some(net) = n.network.clone() else {
+            return error(
+                400,
+                "invalid device: a net needs \"network\", one of the daemon's networks",
+            );
+        };
+        if !n.tap.is_empty() || n.vhost_user.is_some() {
+            return error(
+                422,
+                "a hot-plugged net is on a network (network=NAME) only: no tap= or vhost-user=",
+            );
+        }
+        let Some(dev) = n.id.clone().filter(|i| !i.is_empty()) else {
+            return error(400, "invalid device: a net needs an \"id\" to remove it by");
+        };
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(r) = self.running(id, name, true) {
+            return r;
+        }
+        let shares = {
+            let mut doc = self.lock();
+            if !doc.networks.iter().any(|x| x.name == net) {
+                return error(
+                    422,
+                    format!("net: no network named '{net}' (wv net create {net})"),
+                );
+            }
+            match Self::world(&mut doc, id, name) {
+                Ok(w) => w.spec.net_shares(),
+                Err(r) => return r,
+            }
+        };
+        // The lowest hot-plug port number this run does not use.
+        let used: Vec<String> = self
+            .ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|v| v.iter().map(|(_, p)| p.clone()).collect())
+            .unwrap_or_default();
+        let Some(port) = (0..network::MAX_HOT_PORTS)
+            .map(|k| network::hot_port_name(id, k))
+            .find(|p| !used.contains(p))
+        else {
+            return error(
+                409,
+                format!(
+                    "VM '{name}' has {} hot-plugged nets, the most it can",
+                    network::MAX_HOT_PORTS
+                ),
+            );
+        };
+        let sock = match self.switch.add_port(&net, &port) {
+            Ok(s) => s,
+            Err(e) => return error(500, format!("VM '{name}': network {net}: {e}")),
+        };
+        let undo = || self.switch.del_port(&net, &port);
+        if shares.any() {
+            if let Err(e) = self.switch.set_shares(&net, &port, &shares) {
+                undo();
+                return error(500, format!("VM '{name}': network {net}: {e}"));
+            }
+        }
+        let conn = match UnixStream::connect(&sock) {
+            Ok(c) => c,
+            Err(e) => {
+                undo();
+                return error(500, format!("VM '{name}': {}: {e}", sock.display()));
+            }
+        };
+        n.vhost_user = Some(sock.clone());
+        let key = sock.display().to_string();
+        let req = json!({ "net": n }).to_string();
+        let files = [(key.as_str(), std::os::fd::AsFd::as_fd(&conn))];
+        let (status, body) = self.hot_add(name, &req, &files);
+        if status == 201 {
+            let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+            ports
+                .entry(id)
+                .or_default()
+                .push((net.clone(), port.clone()));
+            self.hot_ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_default()
+                .push((dev, net.clone(), port.clone()));
+        } else {
+            undo();
+        }
+        (status, body)
+    }
+
+    /// `PUT /vm/device-add` with `files`: 201 with the VMM's answer, its 4xx as they are,
+    /// anything else 502; 409 if the VMM could not be asked.
+    fn hot_add(
+        &self,
+        name: &str,
+        req: &str,
+        files: &[(&str, std::os::fd::BorrowedFd<'_>)],
+    ) -> Reply {
+        match self.vmm_call_passing(name, "PUT", "/vm/device-add", Some(req), files) {
             Ok((200, b)) => (201, b),
             Ok((st, b)) => {
                 let status = if (400..500).contains(&st) { st } else { 502 };
@@ -1320,7 +1478,10 @@ impl Daemon {
         }
         let req = json!({ "id": dev }).to_string();
         match self.vmm_call(name, "PUT", "/vm/device-remove", Some(&req)) {
-            Ok((204, _)) => (204, String::new()),
+            Ok((204, _)) => {
+                self.release_hot_port(id, dev);
+                (204, String::new())
+            }
             Ok((st, b)) => {
                 let status = if (400..500).contains(&st) { st } else { 502 };
                 (status, b)

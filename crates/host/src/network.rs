@@ -124,6 +124,15 @@ pub fn port_name(id: u64, index: usize) -> String {
     format!("{id}-net{index}")
 }
 
+/// How many nets may be hot-plugged into one run of a VM (its PCI bus has 32 slots).
+pub const MAX_HOT_PORTS: usize = 32;
+
+/// The switch port of hot-plugged net `k` (below [`MAX_HOT_PORTS`]) of VM world `id`; no
+/// longer than [`port_name`]'s longest, which network names are checked against.
+pub fn hot_port_name(id: u64, k: usize) -> String {
+    format!("{id}-hot{k}")
+}
+
 /// The socket of port `port` of `network` under the switch's folder `dir`.
 pub fn port_socket(dir: &Path, network: &str, port: &str) -> PathBuf {
     dir.join(network).join(format!("{port}.sock"))
@@ -321,6 +330,10 @@ mod tests {
         assert!(ok("lan", Some("a/b")).is_err());
         assert!(ok(&"x".repeat(64), None).unwrap_err().contains("too long"));
         assert_eq!(port_name(7, 1), "7-net1");
+        assert!(
+            hot_port_name(u64::from(u32::MAX), MAX_HOT_PORTS - 1).len()
+                <= port_name(u64::from(u32::MAX), 15).len()
+        );
         assert_eq!(
             port_socket(dir, "lan", "7-net1"),
             Path::new("/var/lib/worldvisor/sw/lan/7-net1.sock")

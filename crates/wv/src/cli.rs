@@ -811,13 +811,20 @@ const VM_SNAPSHOT: Spec = Spec {
 const VM_DEVICE_ADD: Spec = Spec {
     cmd: "wv vm device-add",
     pos: &["NAME"],
-    about: "Hot-plugs a disk into the running VM NAME (ACPI PCI hot-plug; docs/DEVICES.md): the\ndaemon opens the image (under its --images directories) and hands it to the VMM. Live\nonly: the VM's definition does not change. Also spelt `wv vm device add NAME ...`.",
+    about: "Hot-plugs a disk or a net into the running VM NAME (ACPI PCI hot-plug;\ndocs/DEVICES.md): for a disk the daemon opens the image (under its --images directories),\nfor a net it adds a port to its network's switch, and hands it to the VMM. A net needs\nthe VM's memory shared (it was started with a net on a network, or --memory-shared).\nLive only: the VM's definition does not change. Also spelt `wv vm device add NAME ...`.",
     opts: &[
-        &[opt(
-            "--disk",
-            Arg::Value("path=IMG,id=ID[,readonly=on]"),
-            "the disk: a raw image and the id to remove it by (required)",
-        )],
+        &[
+            opt(
+                "--disk",
+                Arg::Value("path=IMG,id=ID[,readonly=on]"),
+                "a disk: a raw image and the id to remove it by",
+            ),
+            opt(
+                "--net",
+                Arg::Value("network=NAME,id=ID[,mac=MAC]"),
+                "a net on one of the daemon's networks, and the id to remove it by",
+            ),
+        ],
         CLIENT_OPTS,
     ],
     after: CLIENT_STATUS,
@@ -1075,7 +1082,7 @@ Commands:
   delete-snapshot SNAPSHOT
   migrate NAME --to HOST:PORT [--token T | $WV_TARGET_TOKEN] [--downtime-ms N]
           [--copy-disks [--datastore PATH]]
-  device add NAME --disk path=IMG,id=ID[,readonly=on]
+  device add NAME --disk path=IMG,id=ID[,readonly=on] | --net network=NAME,id=ID[,mac=MAC]
   device remove NAME ID
   device NAME DEV --path direct|interposed [--capture FILE]
 
@@ -1144,7 +1151,7 @@ pub enum VmCmd {
     /// Move a running VM to another daemon.
     Migrate(Migrate),
     /// Hot-plug disk .1 into running VM .0.
-    DeviceAdd(String, Box<wv_config::DiskConfig>),
+    DeviceAdd(String, serde_json::Value),
     /// Unplug hot-plugged device .1 from running VM .0.
     DeviceRemove(String, String),
     /// Switch the data path of device .1 of VM .0 to .2 ("direct" or "interposed"), with a
@@ -2027,18 +2034,34 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
         ),
         "wv vm restore" => VmCmd::Restore(m.pos[0].clone(), m.pos[1].clone()),
         "wv vm device-add" => {
-            let Some(spec) = m.value("--disk") else {
-                return Err(Usage(
-                    "wv vm device-add NAME needs --disk path=IMG,id=ID".into(),
-                ));
+            let (opt, spec) = match (m.value("--disk"), m.value("--net")) {
+                (Some(d), None) => ("--disk", d),
+                (None, Some(n)) => ("--net", n),
+                _ => {
+                    return Err(Usage(
+                        "wv vm device-add NAME needs one of --disk path=IMG,id=ID and --net network=NAME,id=ID"
+                            .into(),
+                    ))
+                }
             };
             if !spec.split(',').any(|p| p.starts_with("id=")) {
                 return Err(Usage(format!(
-                    "--disk '{spec}': give the disk an id= to remove it by"
+                    "{opt} '{spec}': give the device an id= to remove it by"
                 )));
             }
-            let disk = wv_config::DiskConfig::parse(spec, 0).map_err(|e| Usage(e.0))?;
-            VmCmd::DeviceAdd(m.pos[0].clone(), Box::new(disk))
+            let device = if opt == "--disk" {
+                let disk = wv_config::DiskConfig::parse(spec, 0).map_err(|e| Usage(e.0))?;
+                serde_json::json!({ "disk": disk })
+            } else {
+                let net = NetConfig::parse(spec).map_err(|e| Usage(e.0))?;
+                if net.network.is_none() {
+                    return Err(Usage(format!(
+                        "--net '{spec}': a hot-plugged net is on one of the daemon's networks (network=NAME)"
+                    )));
+                }
+                serde_json::json!({ "net": net })
+            };
+            VmCmd::DeviceAdd(m.pos[0].clone(), device)
         }
         "wv vm device-remove" => VmCmd::DeviceRemove(m.pos[0].clone(), m.pos[1].clone()),
         "wv vm device" => {

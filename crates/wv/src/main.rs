@@ -824,8 +824,8 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
                 }
             })
         }
-        VmCmd::DeviceAdd(name, disk) => {
-            let body = serde_json::json!({ "disk": disk }).to_string();
+        VmCmd::DeviceAdd(name, device) => {
+            let body = device.to_string();
             api(c, "POST", &format!("/v1/vms/{name}/devices"), Some(&body)).map(|v| {
                 if c.json {
                     println!("{v}");

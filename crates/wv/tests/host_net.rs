@@ -685,3 +685,103 @@ fn a_daemon_vm_switches_its_nic_between_direct_and_interposed() {
         "{log}"
     );
 }
+
+/// The ports of VM `vm` on network `net`: (port name, whether a VMM is connected).
+fn ports_of(d: &Daemon, net: &str, vm: &str) -> Vec<(String, bool)> {
+    d.json(&["net", "info", net])["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["vm"] == vm)
+        .map(|p| {
+            (
+                p["port"].as_str().unwrap().to_string(),
+                p["connected"] == true,
+            )
+        })
+        .collect()
+}
+
+/// `wv vm device add NAME --net network=N,id=ID,mac=M` into a running daemon VM that has a net
+/// on the network already (so its memory is shared with the switch): the daemon adds a
+/// switch port, the guest enumerates the new NIC, reads its MAC and starts its queues (the
+/// port then has a VMM connected); a second id alike and an unknown network are refused;
+/// `wv vm device remove` ejects it and its port goes, and the VM's other port goes with its
+/// run.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_net_is_hot_plugged_into_a_daemon_vm_and_removed() {
+    need_kvm();
+    let dir = TempDir::new("hostnet-hotplug");
+    let d = Daemon::start(&dir);
+    assert_eq!(d.wv(&["net", "create", "lan"]).status, Some(0));
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "h",
+        "--memory",
+        "64M",
+        "--net",
+        "network=lan,mac=52:54:00:86:00:01",
+        "--cmdline",
+        "console=ttyS0 probe.tests=hotplug probe.hotplug_cycles=1",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(d.wv(&["vm", "start", "h"]).status, Some(0));
+    wait_console(&d, "h", "hotplug: ready");
+    assert_eq!(ports_of(&d, "lan", "h").len(), 1);
+
+    let net = "network=lan,id=hot1,mac=52:54:00:86:00:02";
+    let r = d.wv(&["vm", "device", "add", "h", "--net", net]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let log = wait_console(&d, "h", "hotplug: added slot=");
+    let added = log
+        .lines()
+        .find(|l| l.starts_with("hotplug: added"))
+        .unwrap();
+    assert!(added.ends_with("net mac=52:54:00:86:00:02"), "{added}");
+    // Both ports are h's, and the guest's driver started the new one's queues (the probe
+    // leaves its first NIC alone: that port never has its rings).
+    let t = Instant::now();
+    loop {
+        let ports = ports_of(&d, "lan", "h");
+        assert_eq!(ports.len(), 2, "{ports:?}");
+        if ports.iter().any(|(p, c)| p.ends_with("-hot0") && *c) {
+            break;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "the hot-plugged port never had its VMM: {}",
+            d.json(&["net", "info", "lan"])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    for (spec, why) in [
+        (net, "already has a device with id 'hot1'"),
+        ("network=nosuch,id=x", "no network named 'nosuch'"),
+        ("tap=t0,id=x", "network=NAME"),
+    ] {
+        let r = d.wv(&["vm", "device", "add", "h", "--net", spec]);
+        assert_ne!(r.status, Some(0), "{spec}: {r}");
+        assert!(r.stderr.contains(why), "{spec}: {r}");
+    }
+    assert_eq!(
+        ports_of(&d, "lan", "h").len(),
+        2,
+        "a refused net left a port"
+    );
+
+    let r = d.wv(&["vm", "device", "remove", "h", "hot1"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    wait_console(&d, "h", "hotplug: ejected slot=");
+    // The guest powers off after its one eject; by then the port has gone, and the other
+    // with the run.
+    d.wait_state_within("h", "stopped", WAIT);
+    assert!(
+        ports_of(&d, "lan", "h").is_empty(),
+        "{}",
+        d.json(&["net", "info", "lan"])
+    );
+    d.stop();
+}

@@ -515,8 +515,34 @@ fn the_server_matches_its_openapi_document() {
             "{bad}"
         );
     }
+    let both =
+        serde_json::json!({"disk": {"path": img, "id": "a"}, "net": {"network": "n2", "id": "b"}});
+    for bad in [r#"{"net":{"network":"n2"}}"#, &both.to_string()] {
+        assert_eq!(
+            c.call("POST", dv, "/v1/vms/hp/devices", Some(bad)).0,
+            400,
+            "{bad}"
+        );
+    }
     let vmkfs = r#"{"disk":{"path":"/x","vmkfs":"d","id":"v"}}"#;
     assert_eq!(c.call("POST", dv, "/v1/vms/hp/devices", Some(vmkfs)).0, 422);
+    // A net: on no network; on network n2 (network_operations left it) into a VM whose memory
+    // is its own (it has no net), which the VMM refuses and the daemon's port goes again.
+    let nosuch = r#"{"net":{"network":"nosuch","id":"n1"}}"#;
+    assert_eq!(
+        c.call("POST", dv, "/v1/vms/hp/devices", Some(nosuch)).0,
+        422
+    );
+    let private = r#"{"net":{"network":"n2","id":"n1"}}"#;
+    let (st, b) = c.call("POST", dv, "/v1/vms/hp/devices", Some(private));
+    assert_eq!(st, 422, "{b}");
+    assert!(b.to_string().contains("shared"), "{b}");
+    let (_, n2) = c.call("GET", "/v1/networks/{net}", "/v1/networks/n2", None);
+    assert_eq!(
+        n2["ports"],
+        serde_json::json!([]),
+        "the refused net's port stayed"
+    );
     let console = daemon.state.join("vms/hp/console.log");
     let seen = |what: &str| {
         let end = std::time::Instant::now() + Duration::from_secs(60);
