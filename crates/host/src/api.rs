@@ -160,10 +160,13 @@ pub struct Daemon {
     storage: storage::Supervisor,
     /// The storage service's disks of each running world (their names), by world id.
     served: Mutex<HashMap<u64, Vec<String>>>,
-    /// The hot-plugged nets of each running world (device id, network, port), by world id;
-    /// their ports are in `ports` too.
-    hot_ports: Mutex<HashMap<u64, Vec<(String, String, String)>>>,
+    /// The hot-plugged nets of each running world, by world id; their ports are in `ports`
+    /// too.
+    hot_ports: Mutex<HashMap<u64, Vec<HotPort>>>,
 }
+
+/// A hot-plugged net's switch port: (device id, network, port).
+type HotPort = (String, String, String);
 
 /// The body of `PUT /v1/vms/{name}/devices/{dev}/path`.
 #[derive(serde::Deserialize)]
@@ -2474,7 +2477,8 @@ impl Daemon {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, made);
         }
-        // A restored VM connects to this run's ports, not to those its snapshot names.
+        // A restored or migrated VM connects to this run's ports, not to those its snapshot
+        // or its source names.
         let sockets: Vec<(usize, PathBuf)> = vmm_config
             .nets
             .iter()
@@ -2509,10 +2513,11 @@ impl Daemon {
             None => None,
         };
         let boot = match (&snapshot, incoming, &held) {
-            (_, Some((addr, copy)), _) => supervisor::Boot::Incoming(
+            (_, Some((addr, copy)), _) => supervisor::Boot::Incoming {
                 addr,
-                copy.then_some((copied.as_path(), copied_datastore.as_deref())),
-            ),
+                copy: copy.then_some((copied.as_path(), copied_datastore.as_deref())),
+                sockets: &sockets,
+            },
             (Some((_, clone)), None, Some(held)) => supervisor::Boot::Restore {
                 dir: held,
                 clone: *clone,

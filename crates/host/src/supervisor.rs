@@ -127,9 +127,17 @@ pub enum Boot<'a> {
         /// The switch port of each net on a daemon network, by index (`--net-socket`).
         sockets: &'a [(usize, PathBuf)],
     },
-    /// `wv run --incoming ADDR:PORT`: waits there for one migration (docs/MIGRATION.md);
-    /// with the directory and the datastore its copied disks land in (`--copy-disks`).
-    Incoming(&'a str, Option<(&'a Path, Option<&'a Path>)>),
+    /// `wv run --incoming ADDR:PORT [--net-socket I=SOCKET]...`: waits there for one
+    /// migration (docs/MIGRATION.md); with the directory and the datastore its copied disks
+    /// land in (`--copy-disks`), and the switch port of each net on a daemon network.
+    Incoming {
+        /// Where it listens.
+        addr: &'a str,
+        /// Where copied disks land.
+        copy: Option<(&'a Path, Option<&'a Path>)>,
+        /// The switch port of each net on a daemon network, by index (`--net-socket`).
+        sockets: &'a [(usize, PathBuf)],
+    },
 }
 
 /// The `wv run` arguments for a VM in the folder `dir`: its definition from `boot`; the
@@ -152,8 +160,15 @@ pub fn run_args(boot: Boot<'_>, dir: &Path) -> Vec<String> {
                 a.extend(["--net-socket".into(), format!("{i}={}", s.display())]);
             }
         }
-        Boot::Incoming(addr, copy) => {
+        Boot::Incoming {
+            addr,
+            copy,
+            sockets,
+        } => {
             a.extend(["--incoming".into(), addr.to_string()]);
+            for (i, s) in sockets {
+                a.extend(["--net-socket".into(), format!("{i}={}", s.display())]);
+            }
             if let Some((dir, ds)) = copy {
                 a.extend(["--disk-dir".into(), dir.display().to_string()]);
                 if let Some(ds) = ds {
@@ -393,7 +408,14 @@ mod tests {
                 "1=/sw/lan/7-net1.sock"
             ]
         );
-        let i = run_args(Boot::Incoming("10.0.0.2:0", None), &dir);
+        let i = run_args(
+            Boot::Incoming {
+                addr: "10.0.0.2:0",
+                copy: None,
+                sockets: &[],
+            },
+            &dir,
+        );
         assert_eq!(i[..3], ["run", "--incoming", "10.0.0.2:0"]);
         assert!(i.contains(&dir.join(API_SOCKET).display().to_string()));
         // What is_our_vmm recognises a VMM of this folder by.

@@ -120,6 +120,35 @@ impl ShadowArea {
     }
 }
 
+/// Marks the first `len` bytes of `chain`'s writable buffers dirty in the guest memory's
+/// bitmap: the backend wrote them through its own mapping, which neither KVM's dirty log nor
+/// vm-memory sees, and a migration must send those pages again (docs/DEVICES.md).
+fn mark_written(mem: &GuestMemoryMmap, chain: &Chain, len: u32) {
+    use vm_memory::bitmap::Bitmap;
+    let mut left = u64::from(len);
+    for d in chain.writable() {
+        if left == 0 {
+            break;
+        }
+        let n = left.min(u64::from(d.len));
+        left -= n;
+        // A chain was validated against guest RAM when it was read, but a range may still
+        // cross from one region into the next: each piece in its own region.
+        let (mut addr, mut n) = (d.addr, n);
+        while n > 0 {
+            let Some((region, off)) = mem.to_region_addr(GuestAddress(addr)) else {
+                break;
+            };
+            let in_region = (region.len() - off.0).min(n);
+            region
+                .bitmap()
+                .mark_dirty(off.0 as usize, in_region as usize);
+            addr += in_region;
+            n -= in_region;
+        }
+    }
+}
+
 /// A chain forwarded to the backend and not yet used.
 #[derive(Clone, Debug)]
 struct InFlight {
@@ -370,6 +399,7 @@ impl ShadowQueue {
             };
             self.free.extend(f.descs.iter().rev());
             let len = len.min(f.chain.writable_bytes());
+            mark_written(mem, &f.chain, len);
             let _ = guest.queue.add_used(mem, f.guest_head, len);
             self.completed += 1;
             out.push(Completion {
@@ -638,6 +668,35 @@ mod tests {
             offer(&m, k, k % 16);
         }
         assert_eq!(s.forward(&a, &m, &mut g), Ok(16));
+    }
+
+    /// What the backend wrote into guest buffers is marked dirty for a migration, up to the
+    /// length it used and across writable descriptors; what it only read is not.
+    #[test]
+    fn bytes_the_backend_wrote_are_marked_dirty() {
+        use vm_memory::bitmap::Bitmap;
+        let (m, mut g) = guest();
+        let a = ShadowArea::new(1).unwrap();
+        a.place_above(&m);
+        let mut s = ShadowQueue::start(&a, 0, 16).unwrap();
+        // Readable page 0x10000; writable 0x20000 (one page) then 0x30000 (two pages).
+        desc(&m, 0, 0x10000, 64, 1, 1);
+        desc(&m, 1, 0x20000, 4096, 1 | 2, 2);
+        desc(&m, 2, 0x30000, 8192, 2, 0);
+        offer(&m, 0, 0);
+        assert_eq!(s.forward(&a, &m, &mut g), Ok(1));
+        let r = m.find_region(GuestAddress(0)).unwrap();
+        let whole: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = r;
+        whole.bitmap().reset();
+        let dirty = |addr: usize| whole.bitmap().dirty_at(addr);
+        let head = backend_view(&a, 0, 0)[0].0;
+        // 4096 + 100 bytes: the first writable page and the first of the next two.
+        backend_use(&a, 0, head, 4196);
+        let (done, err) = s.reap(&a, &m, &mut g);
+        assert!(err.is_none() && done.len() == 1);
+        assert!(dirty(0x20000) && dirty(0x30000));
+        assert!(!dirty(0x10000), "only read by the backend");
+        assert!(!dirty(0x31000), "beyond the length used");
     }
 
     #[test]

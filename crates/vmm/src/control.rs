@@ -68,7 +68,7 @@ pub(crate) struct DevicePathRequest {
 }
 
 /// How long `PUT /vm/device-path` waits for the device's relay thread.
-const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body of `PUT /vm/device-remove`.
 #[derive(Debug, serde::Deserialize)]
@@ -459,7 +459,7 @@ fn route(req: &Request) -> Result<Command, Answer> {
 }
 
 /// A hot-plugged device's id from its accounting name (`virtio-blk:ID`, `virtio-net:ID`, ...).
-fn hot_id(name: &str) -> &str {
+pub(crate) fn hot_id(name: &str) -> &str {
     name.split_once(':').map_or(name, |(_, id)| id)
 }
 

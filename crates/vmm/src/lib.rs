@@ -380,23 +380,34 @@ pub struct RestoreOptions {
     pub sockets: Vec<(usize, std::path::PathBuf)>,
 }
 
+/// `cfg` (a snapshot's or a migration's) with net `i` served over vhost-user at `socket`
+/// instead, for each (i, socket) of `sockets` (`--net-socket`: the daemon gives each run of a
+/// VM its own switch port).
+pub fn with_net_sockets(
+    cfg: &VmConfig,
+    sockets: &[(usize, std::path::PathBuf)],
+) -> Result<VmConfig, VmmError> {
+    let mut out = cfg.clone();
+    for (i, p) in sockets {
+        match out.nets.get_mut(*i) {
+            Some(n) if n.vhost_user.is_some() => n.vhost_user = Some(p.clone()),
+            _ => {
+                return Err(VmmError::Config(config::ConfigError(format!(
+                "--net-socket {i}={}: the VM's network device {i} is not served over vhost-user",
+                p.display()
+            ))))
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl RestoreOptions {
     /// The configuration of the restored VM: `cfg` (the snapshot's) with the clone's MACs.
     fn apply(&self, cfg: &VmConfig) -> Result<VmConfig, VmmError> {
         let bad = |m: String| VmmError::Config(config::ConfigError(m));
         if !self.sockets.is_empty() {
-            let mut out = cfg.clone();
-            for (i, p) in &self.sockets {
-                match out.nets.get_mut(*i) {
-                    Some(n) if n.vhost_user.is_some() => n.vhost_user = Some(p.clone()),
-                    _ => {
-                        return Err(bad(format!(
-                            "--net-socket {i}={}: the VM's network device {i} is not served over vhost-user",
-                            p.display()
-                        )))
-                    }
-                }
-            }
+            let out = with_net_sockets(cfg, &self.sockets)?;
             let rest = RestoreOptions {
                 sockets: Vec::new(),
                 ..self.clone()

@@ -18,11 +18,12 @@
 //! memory, builds the VM as a restore does, acknowledges, waits for `go`, and runs it. A bad or
 //! cut stream is a one-line error and nothing runs.
 
-use crate::control::{Answer, Controller};
+use crate::control::{hot_id, Answer, Controller};
 use crate::snapshot::Sections;
 use crate::{RestoreMemory, VmConfig, VmmError};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -727,6 +728,67 @@ struct Sent {
 impl Controller {
     /// `PUT /vm/migrate-send`: moves the VM to `r.destination`. On success the answer is sent and
     /// then the VM ends ("migrated to ..."); on failure it runs on (or stays paused if it was).
+    /// Puts the VMM in the path of every vhost-user net on the direct path (a paused VM's
+    /// backends write nothing until it resumes, which the migration does not do here); the
+    /// ones it moved, to be withdrawn by [`Self::withdraw_after_migration`]. A net that
+    /// cannot be interposed fails the migration before it starts, the others withdrawn.
+    fn interpose_for_migration(
+        &mut self,
+    ) -> Result<Vec<Arc<wv_virtio::vhost_user::PathControl>>, Answer> {
+        use wv_virtio::vhost_user::DataPath;
+        let mut moved = Vec::new();
+        if self.paused.is_some() {
+            return Ok(moved);
+        }
+        for h in self.shared.pci_devices.handles() {
+            let is_net = self
+                .cfg
+                .nets
+                .iter()
+                .any(|n| n.vhost_user.is_some() && n.name() == hot_id(&h.id));
+            if !is_net {
+                continue;
+            }
+            let pc = h
+                .dev
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .path_control();
+            let Some(pc) = pc else { continue };
+            if pc.status().path == DataPath::Interposed {
+                continue;
+            }
+            match pc.switch(DataPath::Interposed, None, crate::control::SWITCH_TIMEOUT) {
+                Ok(st) if st.path == DataPath::Interposed => moved.push(pc),
+                r => {
+                    self.withdraw_after_migration(&moved);
+                    let why = match r {
+                        Ok(_) => "its shadow rings could not be set up".to_string(),
+                        Err(e) => e,
+                    };
+                    return Err(Answer::error(
+                        409,
+                        format!(
+                            "net '{}': the VMM must interpose on a vhost-user net to migrate it (its backend's writes are not dirty-logged otherwise): {why}",
+                            hot_id(&h.id)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Puts the nets [`Self::interpose_for_migration`] moved back on the direct path.
+    fn withdraw_after_migration(&self, moved: &[Arc<wv_virtio::vhost_user::PathControl>]) {
+        use wv_virtio::vhost_user::DataPath;
+        for pc in moved {
+            if let Err(e) = pc.switch(DataPath::Direct, None, crate::control::SWITCH_TIMEOUT) {
+                eprintln!("wv: after the migration: back to the direct path: {e}");
+            }
+        }
+    }
+
     pub(crate) fn migrate_send(&mut self, r: &SendRequest) -> Answer {
         let addr = match r.destination.to_socket_addrs().map(|mut a| a.next()) {
             Ok(Some(a)) => a,
@@ -766,15 +828,15 @@ impl Controller {
                 ),
             );
         }
-        if self.cfg.nets.iter().any(|n| n.vhost_user.is_some()) {
-            return Answer::error(
-                422,
-                "the VM has a vhost-user net: its backend's writes to guest memory are not \
-                 dirty-logged yet, so migrating it is not supported",
-            );
-        }
         let start = Instant::now();
         let was_paused = self.paused.is_some();
+        // A vhost-user net's backend writes guest memory through its own mapping, which no
+        // dirty log sees: for the migration the VMM interposes on each (its shadow rings mark
+        // what the backend wrote), and withdraws again if the VM stays here.
+        let interposed = match self.interpose_for_migration() {
+            Ok(v) => v,
+            Err(a) => return a,
+        };
         let res = self.send_to(addr, r);
         match res {
             Ok(s) => {
@@ -813,6 +875,8 @@ impl Controller {
                         return a;
                     }
                 }
+                // Running again: its relays take the switch back.
+                self.withdraw_after_migration(&interposed);
                 Answer::error(502, format!("migration to {} failed: {e}", r.destination))
             }
         }

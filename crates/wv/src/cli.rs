@@ -352,7 +352,7 @@ const CLONE_OPTS: &[Opt] = &[
     opt(
         "--net-socket",
         Arg::Value("INDEX=SOCKET"),
-        "with --restore: network device INDEX (served over vhost-user) connects to SOCKET\ninstead of the snapshot's (repeatable)",
+        "with --restore or --incoming: network device INDEX (served over vhost-user)\nconnects to SOCKET instead of the one the snapshot or the source names (repeatable)",
     ),
 ];
 
@@ -1206,7 +1206,7 @@ pub enum RunFrom {
     /// `--restore DIR`: a snapshot (as a clone or not).
     Snapshot(Restore),
     /// `--incoming HOST:PORT`: a live migration, and where the disks it copies land.
-    Incoming(String, wv_vmm::DiskPlaces),
+    Incoming(String, wv_vmm::DiskPlaces, Vec<(usize, PathBuf)>),
 }
 
 /// A `wv` command line, parsed and checked.
@@ -1470,6 +1470,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
                 dir: m.value("--disk-dir").map(PathBuf::from),
                 datastore: m.value("--datastore").map(PathBuf::from),
             },
+            Vec::new(),
         ),
         (None, None) => RunFrom::Options,
     };
@@ -1497,6 +1498,12 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
         )));
     }
     let clone = m.has("--clone");
+    if matches!(from, RunFrom::Incoming(..)) && (clone || m.has("--mac")) {
+        return Err(Usage(
+            "--incoming: a migrated VM keeps its identity (--clone and --mac are for --restore)"
+                .into(),
+        ));
+    }
     if !clone && m.has("--mac") {
         return Err(Usage(
             "--mac gives a clone its MACs: it needs --clone (a restored VM keeps its own)".into(),
@@ -1539,6 +1546,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
                 sockets,
             },
         }),
+        RunFrom::Incoming(addr, places, _) => RunFrom::Incoming(addr, places, sockets),
         f => f,
     };
     let mut cfg = match m.value("--config") {

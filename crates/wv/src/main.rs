@@ -145,7 +145,7 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom, jail: Option<&cli::
         if let Some(c) = j.also.as_ref().or(vm) {
             wv_vmm::jail::preopen_vm(c)?;
         }
-        if let RunFrom::Incoming(_, places) = from {
+        if let RunFrom::Incoming(_, places, _) = from {
             if let Some(ds) = &places.datastore {
                 wv_vmm::jail::preopen_datastore(ds, 16)?;
             }
@@ -157,14 +157,14 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom, jail: Option<&cli::
         RunFrom::Snapshot(r) => wv_vmm::snapshot_config(&r.dir)
             .and_then(|c| wv_vmm::Restored::prepare(&local(c), &r.dir, &r.opts))
             .and_then(|p| enter(Some(p.config()), false).and_then(|()| p.run())),
-        RunFrom::Incoming(addr, places) => wv_vmm::migrate::listen(addr).and_then(|l| {
+        RunFrom::Incoming(addr, places, sockets) => wv_vmm::migrate::listen(addr).and_then(|l| {
             if let Ok(a) = l.local_addr() {
                 let _ = writeln!(std::io::stderr(), "wv: waiting for a migration on {a}");
             }
             enter(None, true)?;
             let inc = wv_vmm::migrate::receive_with(&l, places)?;
             drop(l);
-            let c = local(inc.config().clone());
+            let c = local(wv_vmm::with_net_sockets(inc.config(), sockets)?);
             wv_vmm::migrate::run_incoming(&c, inc)
         }),
     };

@@ -323,14 +323,6 @@ impl Daemon {
                 format!("VM '{name}': disk {} is served by the storage service (via=storage), whose writes to guest memory are not dirty-logged and which does not hand disks over: migrating it is not supported", d.id),
             );
         }
-        if let Some(n) = spec.config.nets.iter().find_map(|n| n.network.as_deref()) {
-            // What its VMM would answer: the switch's writes to guest memory are not
-            // dirty-logged yet.
-            return error(
-                422,
-                format!("VM '{name}': it has a net on network {n}, served over vhost-user by the switch, whose writes to guest memory are not dirty-logged yet: migrating it is not supported"),
-            );
-        }
         let target = PathBuf::from(format!("tcp:{}", req.to));
         let call = |method: &str, path: &str, body: Option<&str>| {
             http::request_with(
