@@ -1059,6 +1059,12 @@ mod tests {
                 })
                 .collect())
         }
+        /// A simulated cluster whose engines are set up by `f` first.
+        fn with(n: u32, pages: u64, f: impl Fn(&mut Engine<Fake>)) -> Sim {
+            let mut s = Sim::new(n, pages);
+            s.0.iter_mut().for_each(f);
+            s
+        }
         /// Delivers every message (FIFO per sender) until the cluster is quiet.
         fn settle(&mut self) {
             loop {
@@ -1093,6 +1099,15 @@ mod tests {
                 }
             }
             panic!("access never granted");
+        }
+        /// One read access by node `n` of page `page`: the value, or None when its fault was
+        /// not served.
+        fn access_once(&mut self, n: usize, page: u64) -> Option<u8> {
+            if self.0[n].mem.pages[page as usize].is_none() {
+                self.0[n].fault(page, false).unwrap();
+                self.settle();
+            }
+            self.0[n].mem.pages[page as usize].as_ref().map(|p| p.0[0])
         }
         fn stats(&self, n: usize) -> StatsSnapshot {
             self.0[n].stats.snapshot()
@@ -1129,6 +1144,130 @@ mod tests {
         assert_eq!(s.0[2].page_state(1), Some((PageState::Write, 3, true)));
         assert_eq!(s.0[1].page_state(1), Some((PageState::Invalid, 0, false)));
         assert_eq!(s.access(1, 1, None), 11);
+    }
+
+    #[test]
+    fn without_versioning_current_and_zero_pages_are_sent_again() {
+        for on in [true, false] {
+            let mut s = Sim::with(2, 4, |e| e.set_versioning(on));
+            // Never written: zeros, sent only without versioning.
+            assert_eq!(s.access(1, 2, None), 0);
+            let d = s.stats(1);
+            assert_eq!(
+                (d.pages_received, d.unchanged_received),
+                if on { (0, 1) } else { (1, 0) }
+            );
+            // Node 0 writes page 3, node 1 reads it (data either way), then upgrades its
+            // current copy: no data with versioning, the whole page again without.
+            s.access(0, 3, Some(5));
+            assert_eq!(s.access(1, 3, None), 5);
+            let before = s.stats(1);
+            s.access(1, 3, Some(6));
+            let d = s.stats(1).since(&before);
+            assert_eq!(
+                (d.pages_received, d.unchanged_received),
+                if on { (0, 1) } else { (1, 0) }
+            );
+            assert_eq!(s.access(0, 3, None), 6);
+        }
+    }
+
+    /// Node 0 writes pages 0..32 (value p+1 in each), node 1 reads them in order.
+    fn scan(read_ahead: u32) -> Sim {
+        let mut s = Sim::with(2, 64, |e| e.set_read_ahead(read_ahead));
+        for p in 0..32 {
+            s.access(0, p, Some(p as u8 + 1));
+        }
+        for p in 0..32 {
+            assert_eq!(s.access(1, p, None), p as u8 + 1, "page {p}");
+        }
+        s
+    }
+
+    #[test]
+    fn read_ahead_serves_a_sequential_scan_with_fewer_faults() {
+        let off = scan(0).stats(1);
+        assert_eq!(off.read_faults, 32);
+        assert_eq!((off.read_ahead_requested, off.read_ahead_used), (0, 0));
+        let mut s = scan(8);
+        let on = s.stats(1);
+        // Page 0 starts nothing, page 1 starts the stream; every later page was read ahead
+        // (and each use asks for one more page, up to 8 past the last one read).
+        assert_eq!(on.read_faults, 2, "{on}");
+        assert_eq!(on.read_ahead_used, 30, "{on}");
+        assert_eq!(on.read_ahead_requested, 38, "{on}");
+        // 32 pages with data; 32..40 never written, read ahead as "unchanged" zero pages
+        // and buffered unmapped.
+        assert_eq!((on.pages_received, on.unchanged_received), (32, 8), "{on}");
+        assert_eq!(on.read_ahead_wasted, 0);
+        assert!(s.0[1].mem.pages[33].is_none());
+        assert_eq!(s.0[1].page_state(33), Some((PageState::Read, 0, false)));
+        // A write by node 0 to buffered pages invalidates them: wasted.
+        s.access(0, 33, Some(9));
+        s.access(0, 34, Some(9));
+        let d = s.stats(1).since(&on);
+        assert_eq!((d.read_ahead_wasted, d.invalidations), (2, 2), "{d}");
+        assert_eq!(s.access(1, 33, None), 9);
+        // A write fault on a buffered page maps it, then upgrades it without data.
+        let before = s.stats(1);
+        s.access(1, 35, Some(4));
+        let d = s.stats(1).since(&before);
+        assert_eq!(
+            (d.read_ahead_used, d.pages_received, d.unchanged_received),
+            (1, 0, 1),
+            "{d}"
+        );
+        assert_eq!(s.access(0, 35, None), 4);
+    }
+
+    #[test]
+    fn read_ahead_buffer_is_bounded() {
+        // 1 page ahead: the buffer holds at most 64 pages; a scan that never comes back to
+        // them leaves at most that many, the oldest evicted as wasted.
+        let mut s = Sim::with(2, 512, |e| e.set_read_ahead(1));
+        for p in (0..400).step_by(2) {
+            // Faults on even pages only: p and p+1 is never a stream...
+            assert_eq!(s.access(1, p, None), 0);
+        }
+        assert_eq!(s.stats(1).read_ahead_requested, 0);
+        let mut s = Sim::with(2, 512, |e| e.set_read_ahead(100));
+        assert_eq!(s.access(1, 0, None), 0);
+        assert_eq!(s.access(1, 1, None), 0);
+        assert_eq!(s.stats(1).read_ahead_requested, 100);
+        assert_eq!(s.0[1].ahead_pages.len(), 100);
+        // Jump and stream again elsewhere: 100 more, 400 cap: nothing evicted yet.
+        s.access(1, 200, None);
+        s.access(1, 201, None);
+        assert_eq!(s.0[1].ahead_pages.len(), 200);
+        let mut s = Sim::with(2, 512, |e| e.set_read_ahead(20));
+        for base in [0, 100, 200, 300, 400] {
+            s.access(1, base, None);
+            s.access(1, base + 1, None);
+        }
+        // 5 streams of 20 read ahead; the buffer keeps 80 (4 x 20, at least 64).
+        let st = s.stats(1);
+        assert_eq!(st.read_ahead_requested, 100, "{st}");
+        assert_eq!(s.0[1].ahead_pages.len(), 80);
+        assert_eq!(st.read_ahead_wasted, 20, "{st}");
+        // An evicted page is simply fetched again.
+        assert_eq!(s.0[1].page_state(2), Some((PageState::Invalid, 0, false)));
+        assert_eq!(s.access(1, 2, None), 0);
+    }
+
+    #[test]
+    fn a_failed_node_parks_faults_and_stops_reading_ahead() {
+        let mut s = Sim::with(2, 8, |e| e.set_read_ahead(4));
+        assert_eq!(s.access(1, 0, None), 0);
+        s.0[1].peer_lost(0);
+        assert!(s.0[1].failed());
+        // Already mapped: still served. Not mapped: the fault is counted, nothing is sent.
+        assert_eq!(s.access_once(1, 0), Some(0));
+        assert_eq!(s.access_once(1, 1), None);
+        assert_eq!(s.access_once(1, 1), None);
+        let st = s.stats(1);
+        assert_eq!((st.failed_faults, st.read_faults, st.peers_lost), (2, 1, 1));
+        assert_eq!(st.read_ahead_requested, 0);
+        assert!(s.0[1].next_out().is_none());
     }
 
     #[test]
