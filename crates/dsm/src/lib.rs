@@ -23,6 +23,6 @@ pub mod uffd;
 pub mod uffd_abi;
 
 pub use coherence::{Engine, PageOps, PageState, Stats, StatsSnapshot};
-pub use node::{Config, Listener, Node, PeerError};
+pub use node::{Config, Listener, Node, PeerError, DEFAULT_PEER_TIMEOUT};
 pub use proto::{Access, Geometry, Msg, ProtoError};
 pub use uffd::{Backing, Region};
