@@ -397,3 +397,52 @@ fn a_peer_that_does_not_read_is_lost_at_the_send_limit() {
     assert!(st.pages_sent < pages / 2, "{st}");
     assert_eq!(st.peers_lost, 1);
 }
+
+/// A reply to a request node 0 did make, but for another access (an out-of-order reply):
+/// the connection is closed and the faulting thread is not served (the node has failed).
+#[test]
+fn a_wrong_reply_to_a_real_request_fails_the_fault() {
+    let (node, mut s) = joined();
+    let base = node.region().as_ptr() as usize;
+    // Page 1 is managed by node 1 (the fake): a read there asks it.
+    let reader = std::thread::spawn(move || {
+        // SAFETY: page 1 of node 0's region, which is never unmapped (the node is leaked).
+        unsafe { std::ptr::read_volatile((base + 4096) as *const u8) }
+    });
+    let g = geometry();
+    assert_eq!(
+        next_msg(&mut s, &g),
+        Msg::GetPage {
+            access: Access::Read,
+            page: 1,
+            have: 0
+        }
+    );
+    s.write_all(&msg(Msg::Page {
+        access: Access::Write,
+        page: 1,
+        version: 0,
+        data: None,
+    }))
+    .unwrap();
+    let e = node.wait_error(Duration::from_secs(20)).expect("no error");
+    assert_eq!(
+        reason(&e),
+        "PAGE (Write) for page 1 from node 1, which this node did not request"
+    );
+    assert!(!reader.is_finished());
+    // Another fault, on a page node 0 manages, is not served either.
+    let before = node.stats().failed_faults;
+    let reader2 = std::thread::spawn(move || {
+        // SAFETY: page 2 of the region, as above.
+        unsafe { std::ptr::read_volatile((base + 2 * 4096) as *const u8) }
+    });
+    while node.stats().failed_faults == before {
+        std::thread::yield_now();
+    }
+    assert!(!reader2.is_finished());
+    assert_eq!(node.stats().peers_lost, 1);
+    // The node (and its region) is leaked: dropping it would wake the readers while their
+    // mapping goes away. tests/vmm_region.rs shows the drop releasing blocked threads.
+    std::mem::forget(node);
+}
