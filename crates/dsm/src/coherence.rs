@@ -53,6 +53,8 @@ pub struct Stats {
     read_ahead_wasted: AtomicU64,
     failed_faults: AtomicU64,
     peers_lost: AtomicU64,
+    heartbeats_sent: AtomicU64,
+    heartbeats_received: AtomicU64,
 }
 
 /// A copy of a node's counters.
@@ -90,6 +92,10 @@ pub struct StatsSnapshot {
     pub failed_faults: u64,
     /// Peers declared lost (connection broken, silent, stalled, or a protocol violation).
     pub peers_lost: u64,
+    /// Heartbeats (PING) sent; not counted in the messages and bytes above.
+    pub heartbeats_sent: u64,
+    /// Heartbeats received; not counted in the messages and bytes above.
+    pub heartbeats_received: u64,
 }
 
 impl StatsSnapshot {
@@ -112,6 +118,8 @@ impl StatsSnapshot {
             read_ahead_wasted: self.read_ahead_wasted - e.read_ahead_wasted,
             failed_faults: self.failed_faults - e.failed_faults,
             peers_lost: self.peers_lost - e.peers_lost,
+            heartbeats_sent: self.heartbeats_sent - e.heartbeats_sent,
+            heartbeats_received: self.heartbeats_received - e.heartbeats_received,
         }
     }
 }
@@ -123,7 +131,8 @@ impl std::fmt::Display for StatsSnapshot {
             "read_faults={} write_faults={} pages_sent={} pages_received={} unchanged_sent={} \
              unchanged_received={} invalidations={} messages_sent={} messages_received={} \
              bytes_sent={} bytes_received={} read_ahead_requested={} read_ahead_used={} \
-             read_ahead_wasted={} failed_faults={} peers_lost={}",
+             read_ahead_wasted={} failed_faults={} peers_lost={} heartbeats_sent={} \
+             heartbeats_received={}",
             self.read_faults,
             self.write_faults,
             self.pages_sent,
@@ -139,7 +148,9 @@ impl std::fmt::Display for StatsSnapshot {
             self.read_ahead_used,
             self.read_ahead_wasted,
             self.failed_faults,
-            self.peers_lost
+            self.peers_lost,
+            self.heartbeats_sent,
+            self.heartbeats_received
         )
     }
 }
@@ -169,12 +180,18 @@ impl Stats {
             read_ahead_wasted: g(&self.read_ahead_wasted),
             failed_faults: g(&self.failed_faults),
             peers_lost: g(&self.peers_lost),
+            heartbeats_sent: g(&self.heartbeats_sent),
+            heartbeats_received: g(&self.heartbeats_received),
         }
     }
     /// Counts a message of `bytes` sent to another node.
     pub fn sent(&self, bytes: usize) {
         inc(&self.messages_sent, 1);
         inc(&self.bytes_sent, bytes as u64);
+    }
+    /// Counts a heartbeat sent (apart from the messages and bytes).
+    pub fn heartbeat_sent(&self) {
+        inc(&self.heartbeats_sent, 1);
     }
     /// Counts `bytes` received from another node (messages are counted as decoded).
     pub fn received_bytes(&self, bytes: usize) {
@@ -546,6 +563,18 @@ impl<M: PageOps> Engine<M> {
 
     /// Handles a message from node `from` (`from == me` for a node's message to itself).
     pub fn handle(&mut self, from: u32, msg: Msg, now: Instant) -> Result<(), ProtoError> {
+        if matches!(msg, Msg::Ping) {
+            // Counted apart: its bytes were counted as received, take them back out.
+            inc(&self.stats.heartbeats_received, 1);
+            let ping = (crate::proto::LEN_BYTES + crate::proto::HEAD_BYTES) as u64;
+            let _ =
+                self.stats
+                    .bytes_received
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                        Some(b.saturating_sub(ping))
+                    });
+            return Ok(());
+        }
         if from != self.me {
             inc(&self.stats.messages_received, 1);
         }

@@ -626,7 +626,11 @@ fn queue(c: &mut Conn, msg: &Msg, stats: &Stats, now: Instant) {
     }
     let before = c.outbuf.len();
     proto::encode(msg, &mut c.outbuf);
-    stats.sent(c.outbuf.len() - before);
+    if matches!(msg, Msg::Ping) {
+        stats.heartbeat_sent();
+    } else {
+        stats.sent(c.outbuf.len() - before);
+    }
     c.last_tx = now;
 }
 

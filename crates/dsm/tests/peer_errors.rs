@@ -326,8 +326,14 @@ fn a_silent_peer_is_lost_and_a_beating_one_is_not() {
     assert!(reason(&e).ends_with(" ms (peer timeout 200 ms)"), "{e}");
     assert!(took >= timeout && took < 3 * timeout, "{took:?}");
     // Node 0 sent heartbeats while the fake beat (every quarter timeout), then closed.
-    assert!(pings.join().unwrap() >= 4);
-    assert_eq!(node.stats().peers_lost, 1);
+    let sent = pings.join().unwrap();
+    assert!(sent >= 4, "{sent}");
+    let st = node.stats();
+    assert_eq!((st.heartbeats_sent, st.peers_lost), (sent, 1));
+    assert!(st.heartbeats_received >= 4, "{st}");
+    // Heartbeats are counted apart from the protocol's messages and bytes.
+    assert_eq!((st.messages_sent, st.messages_received), (0, 0));
+    assert_eq!((st.bytes_sent, st.bytes_received), (0, 0));
 }
 
 /// A peer that starts a message and then trickles it (so it is never silent) is lost once
