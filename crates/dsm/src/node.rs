@@ -148,7 +148,7 @@ pub struct Node {
     stats: Arc<Stats>,
     shared: Arc<Shared>,
     stop: OwnedFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     region: Region,
 }
 
@@ -313,7 +313,7 @@ impl Node {
             stats,
             shared,
             stop,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             region,
         })
     }
@@ -357,6 +357,24 @@ impl Node {
             .cloned()
     }
 
+    /// Stops the node, as dropping it does, for a VMM that still holds it elsewhere: the
+    /// engine thread ends (its connections close: the peers lose this node) and the
+    /// userfaultfd is closed, so every thread blocked on the region, such as a fault parked
+    /// after a peer loss, resumes on plain memory (a missing page reads as zeros). A VMM
+    /// stopping a failed VM sets its vCPUs' stop flags and kicks them first, so that none
+    /// re-enters the guest on that memory. The errors stay readable. Idempotent.
+    pub fn shutdown(&self) {
+        let Ok(mut t) = self.thread.lock() else {
+            return;
+        };
+        if let Some(t) = t.take() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a local array to our eventfd.
+            unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
+            let _ = t.join();
+        }
+    }
+
     /// Waits up to `timeout` for a first connection error.
     pub fn wait_error(&self, timeout: Duration) -> Option<PeerError> {
         let g = self.shared.errors.lock().ok()?;
@@ -371,12 +389,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a local array to our eventfd.
-        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.shutdown();
     }
 }
 

@@ -92,8 +92,8 @@ fn caller_mapping_is_coherent_for_threads_and_kernel_accesses() {
 }
 
 /// A node that loses its peer leaves a thread faulting on the peer's page blocked (it never
-/// sees made-up contents); dropping the node, as a stopping VMM does, releases the thread
-/// (the region is then plain memory: the page reads as zero).
+/// sees made-up contents); shutting the node down (or dropping it), as a stopping VMM does,
+/// releases the thread (the region is then plain memory: the page reads as zero).
 #[test]
 fn a_lost_peer_blocks_faults_until_the_node_is_dropped() {
     let (l0, l1) = (
@@ -133,6 +133,10 @@ fn a_lost_peer_blocks_faults_until_the_node_is_dropped() {
         std::thread::yield_now();
     }
     assert!(!reader.is_finished());
-    drop(n0);
+    n0.shutdown();
     assert_eq!(reader.join().unwrap(), 0);
+    // The error is still there; a second shutdown (the drop's) does nothing.
+    assert_eq!(n0.errors().len(), 1);
+    n0.shutdown();
+    drop(n0);
 }
