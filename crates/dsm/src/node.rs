@@ -1,6 +1,8 @@
 //! A running node: the TCP mesh (one connection per node pair, set up with INIT), and the
 //! engine thread that polls the userfaultfd and every connection, feeds faults and messages
-//! to the [`Engine`], and writes what it sends in one batch per connection per wake-up.
+//! to the [`Engine`], and writes what it sends in one batch per connection per wake-up. It
+//! also keeps every peer's liveness (heartbeats; a silent, stalled or non-reading peer, or a
+//! broken connection, is lost and fails the node) and bounds what it buffers per peer.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
