@@ -1,9 +1,12 @@
 //! DSM benchmark (harness = false; prints numbers): remote read and write fault latency
 //! between two node processes over loopback beside a local userfaultfd fault (the floor),
 //! and the coherence workload's throughput on 1, 2 and 4 nodes for a partitioned and a
-//! shared access pattern.
+//! shared access pattern; and the bytes sent per fault, and per page read, of a sequential
+//! scan followed by a write to every page it read, with versioning and read-ahead each on and
+//! off.
 //!
-//! `cargo bench -p wv-dsm --bench dsm` (optionally `-- --quick` for fewer iterations).
+//! `cargo bench -p wv-dsm --bench dsm` (optionally `-- --quick` for fewer iterations, or
+//! `-- --tiny` only to check that it runs).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -25,8 +28,14 @@ fn lat(s: &str) -> (f64, f64) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let pages = if quick { 500 } else { 4000 };
-    let ops: usize = if quick { 200_000 } else { 2_000_000 };
+    let tiny = std::env::args().any(|a| a == "--tiny");
+    let (pages, ops): (usize, usize) = if tiny {
+        (20, 2_000)
+    } else if quick {
+        (500, 200_000)
+    } else {
+        (4000, 2_000_000)
+    };
     let bytes = 64 << 20;
 
     println!(
@@ -73,6 +82,40 @@ fn main() {
             moved as f64 / faults as f64
         );
         println!("node 1: {}", c.cmd(1, "stats"));
+    }
+
+    println!(
+        "# bytes per fault: node 1 reads {pages} pages node 0 wrote, in order, then writes each"
+    );
+    for versions in ["on", "off"] {
+        for ahead in ["0", "16"] {
+            let mut c = Cluster::start(
+                2,
+                bytes,
+                &["--versions", versions, "--read-ahead", ahead],
+                LIMIT,
+            );
+            assert_eq!(c.cmd(0, &format!("fill 0 {pages} 1")), "ok");
+            let get = |v: &[(String, u64)], k: &str| v.iter().find(|(x, _)| x == k).unwrap().1;
+            let before: Vec<_> = (0..2).map(|i| c.stats(i)).collect();
+            let (rm, rp) = lat(&c.cmd(1, &format!("lat-read 0 {pages}")));
+            let (wm, wp) = lat(&c.cmd(1, &format!("lat-write 0 {pages}")));
+            let after: Vec<_> = (0..2).map(|i| c.stats(i)).collect();
+            let d =
+                |k: &str| -> u64 { (0..2).map(|i| get(&after[i], k) - get(&before[i], k)).sum() };
+            let faults = d("read_faults") + d("write_faults");
+            let moved = d("bytes_sent");
+            println!(
+                "versioning {versions:3} read-ahead {ahead:>2}: {faults:6} remote faults for {} accesses, \
+                 {:8.0} bytes sent per fault, {:7.0} per access; read per access median {rm:7.1} us \
+                 p99 {rp:7.1} us, write median {wm:7.1} us p99 {wp:7.1} us; read ahead used {} wasted {}",
+                2 * pages,
+                moved as f64 / faults.max(1) as f64,
+                moved as f64 / (2 * pages) as f64,
+                d("read_ahead_used"),
+                d("read_ahead_wasted"),
+            );
+        }
     }
 
     println!("# throughput: one thread per node incrementing a word per op over 16 pages");

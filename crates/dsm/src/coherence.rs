@@ -48,6 +48,13 @@ pub struct Stats {
     messages_received: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
+    read_ahead_requested: AtomicU64,
+    read_ahead_used: AtomicU64,
+    read_ahead_wasted: AtomicU64,
+    failed_faults: AtomicU64,
+    peers_lost: AtomicU64,
+    heartbeats_sent: AtomicU64,
+    heartbeats_received: AtomicU64,
 }
 
 /// A copy of a node's counters.
@@ -75,6 +82,20 @@ pub struct StatsSnapshot {
     pub bytes_sent: u64,
     /// Bytes received from other nodes.
     pub bytes_received: u64,
+    /// Pages asked for by read-ahead (a streaming read pattern), not by a fault.
+    pub read_ahead_requested: u64,
+    /// Read-ahead pages a later fault used (served locally, or already on the way).
+    pub read_ahead_used: u64,
+    /// Read-ahead pages dropped unused (invalidated, or evicted from the read-ahead buffer).
+    pub read_ahead_wasted: u64,
+    /// Faults left unserved because the node lost a peer (see `Engine::peer_lost`).
+    pub failed_faults: u64,
+    /// Peers declared lost (connection broken, silent, stalled, or a protocol violation).
+    pub peers_lost: u64,
+    /// Heartbeats (PING) sent; not counted in the messages and bytes above.
+    pub heartbeats_sent: u64,
+    /// Heartbeats received; not counted in the messages and bytes above.
+    pub heartbeats_received: u64,
 }
 
 impl StatsSnapshot {
@@ -92,6 +113,13 @@ impl StatsSnapshot {
             messages_received: self.messages_received - e.messages_received,
             bytes_sent: self.bytes_sent - e.bytes_sent,
             bytes_received: self.bytes_received - e.bytes_received,
+            read_ahead_requested: self.read_ahead_requested - e.read_ahead_requested,
+            read_ahead_used: self.read_ahead_used - e.read_ahead_used,
+            read_ahead_wasted: self.read_ahead_wasted - e.read_ahead_wasted,
+            failed_faults: self.failed_faults - e.failed_faults,
+            peers_lost: self.peers_lost - e.peers_lost,
+            heartbeats_sent: self.heartbeats_sent - e.heartbeats_sent,
+            heartbeats_received: self.heartbeats_received - e.heartbeats_received,
         }
     }
 }
@@ -102,7 +130,9 @@ impl std::fmt::Display for StatsSnapshot {
             f,
             "read_faults={} write_faults={} pages_sent={} pages_received={} unchanged_sent={} \
              unchanged_received={} invalidations={} messages_sent={} messages_received={} \
-             bytes_sent={} bytes_received={}",
+             bytes_sent={} bytes_received={} read_ahead_requested={} read_ahead_used={} \
+             read_ahead_wasted={} failed_faults={} peers_lost={} heartbeats_sent={} \
+             heartbeats_received={}",
             self.read_faults,
             self.write_faults,
             self.pages_sent,
@@ -113,7 +143,14 @@ impl std::fmt::Display for StatsSnapshot {
             self.messages_sent,
             self.messages_received,
             self.bytes_sent,
-            self.bytes_received
+            self.bytes_received,
+            self.read_ahead_requested,
+            self.read_ahead_used,
+            self.read_ahead_wasted,
+            self.failed_faults,
+            self.peers_lost,
+            self.heartbeats_sent,
+            self.heartbeats_received
         )
     }
 }
@@ -138,12 +175,23 @@ impl Stats {
             messages_received: g(&self.messages_received),
             bytes_sent: g(&self.bytes_sent),
             bytes_received: g(&self.bytes_received),
+            read_ahead_requested: g(&self.read_ahead_requested),
+            read_ahead_used: g(&self.read_ahead_used),
+            read_ahead_wasted: g(&self.read_ahead_wasted),
+            failed_faults: g(&self.failed_faults),
+            peers_lost: g(&self.peers_lost),
+            heartbeats_sent: g(&self.heartbeats_sent),
+            heartbeats_received: g(&self.heartbeats_received),
         }
     }
     /// Counts a message of `bytes` sent to another node.
     pub fn sent(&self, bytes: usize) {
         inc(&self.messages_sent, 1);
         inc(&self.bytes_sent, bytes as u64);
+    }
+    /// Counts a heartbeat sent (apart from the messages and bytes).
+    pub fn heartbeat_sent(&self) {
+        inc(&self.heartbeats_sent, 1);
     }
     /// Counts `bytes` received from another node (messages are counted as decoded).
     pub fn received_bytes(&self, bytes: usize) {
@@ -172,6 +220,27 @@ struct Local {
     owner: bool,
     /// Access requested and not yet granted (concurrent faults coalesce on it).
     pending: Option<Access>,
+    /// The pending request is a read-ahead (no thread asked for the page).
+    ahead: bool,
+    /// A thread faulted on the page while its read-ahead request was in flight: install it.
+    waiting: bool,
+    /// A read copy held in the read-ahead buffer, not mapped: the next fault installs it
+    /// without a round trip.
+    buffered: bool,
+}
+
+impl Local {
+    fn new(owner: bool) -> Local {
+        Local {
+            state: PageState::Invalid,
+            version: 0,
+            owner,
+            pending: None,
+            ahead: false,
+            waiting: false,
+            buffered: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -213,6 +282,16 @@ pub struct Engine<M: PageOps> {
     hold: Duration,
     versioning: bool,
     deferred: VecDeque<Deferred>,
+    /// Pages to ask for ahead of a streaming read (0: no read-ahead).
+    read_ahead: u64,
+    /// The last page a read fault was on (a fault on the next one is a stream).
+    last_read: Option<u64>,
+    /// Read-ahead pages received and not mapped yet (bounded: see `ahead_cap`).
+    ahead_pages: std::collections::HashMap<u64, Vec<u8>>,
+    /// Their arrival order, for evicting the oldest (may name pages used since).
+    ahead_order: VecDeque<u64>,
+    /// A peer was lost: faults that need the protocol are no longer served.
+    failed: bool,
     /// Messages to send: (destination, message); destination `me` is handled locally.
     outbox: VecDeque<(u32, Msg)>,
     stats: std::sync::Arc<Stats>,
@@ -239,14 +318,7 @@ impl<M: PageOps> Engine<M> {
         hold: Duration,
         stats: std::sync::Arc<Stats>,
     ) -> Self {
-        let local = (0..pages)
-            .map(|_| Local {
-                state: PageState::Invalid,
-                version: 0,
-                owner: me == 0,
-                pending: None,
-            })
-            .collect();
+        let local = (0..pages).map(|_| Local::new(me == 0)).collect();
         let managed = (pages + u64::from(nodes) - 1 - u64::from(me)) / u64::from(nodes);
         let dir = (0..managed)
             .map(|_| Dir {
@@ -268,6 +340,11 @@ impl<M: PageOps> Engine<M> {
             hold,
             versioning: true,
             deferred: VecDeque::new(),
+            read_ahead: 0,
+            last_read: None,
+            ahead_pages: std::collections::HashMap::new(),
+            ahead_order: VecDeque::new(),
+            failed: false,
             outbox: VecDeque::new(),
             stats,
             zero: vec![0; page_size],
@@ -280,6 +357,29 @@ impl<M: PageOps> Engine<M> {
     /// both kinds, so nodes need not agree.
     pub fn set_versioning(&mut self, on: bool) {
         self.versioning = on;
+    }
+
+    /// Asks for up to `pages` following pages (read copies) when read faults stream
+    /// (a read fault on the page after the previous read fault's); 0 turns it off. The pages
+    /// wait unmapped in a bounded buffer until a fault uses them or an invalidation drops them.
+    pub fn set_read_ahead(&mut self, pages: u32) {
+        self.read_ahead = u64::from(pages);
+    }
+
+    /// Records that the connection to `peer` is gone: the node has *failed*. Without
+    /// mirroring the pages that peer owned or managed are unreachable, so from now on a fault
+    /// that needs the protocol is not served: its thread stays blocked (it never runs on
+    /// contents the cluster did not give it) until the VMM stops (docs/DSM.md, "Peer loss").
+    /// Requests already in flight to live peers still complete.
+    pub fn peer_lost(&mut self, peer: u32) {
+        let _ = peer;
+        inc(&self.stats.peers_lost, 1);
+        self.failed = true;
+    }
+
+    /// Whether a peer was lost (see [`Engine::peer_lost`]).
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 
     /// The node's memory operations.
@@ -325,11 +425,31 @@ impl<M: PageOps> Engine<M> {
 
     /// A fault at `page` by a local thread (`write`: a write or a write-protect fault).
     pub fn fault(&mut self, page: u64, write: bool) -> io::Result<()> {
-        let Some(l) = self.local.get(Self::idx(page)).copied() else {
+        let Some(mut l) = self.local.get(Self::idx(page)).copied() else {
             return Err(io::Error::other(format!(
                 "fault on page {page} outside the region"
             )));
         };
+        let i = Self::idx(page);
+        if l.buffered {
+            // A read-ahead page: map it now (read-only; a write then asks for an upgrade
+            // like any other read copy's).
+            let data = self
+                .ahead_pages
+                .remove(&page)
+                .unwrap_or_else(|| self.zero.clone());
+            self.local[i].buffered = false;
+            inc(&self.stats.read_ahead_used, 1);
+            self.mem.install(page, &data, true)?;
+            if self.hold > Duration::ZERO {
+                self.installed[i] = Some(Instant::now());
+            }
+            if !write {
+                self.stream(page);
+                return Ok(());
+            }
+            l = self.local[i];
+        }
         let satisfied = match l.state {
             PageState::Invalid => false,
             PageState::Read => !write,
@@ -341,7 +461,20 @@ impl<M: PageOps> Engine<M> {
         }
         if l.pending.is_some() {
             // Coalesced: the thread is woken when the page arrives (and faults again if the
-            // access granted is not enough).
+            // access granted is not enough). A read-ahead in flight is now wanted: it is
+            // installed when it arrives instead of waiting in the buffer.
+            if l.ahead && !l.waiting {
+                self.local[i].waiting = true;
+                inc(&self.stats.read_ahead_used, 1);
+            }
+            if !write {
+                self.stream(page);
+            }
+            return Ok(());
+        }
+        if self.failed {
+            // Parked: see `peer_lost`.
+            inc(&self.stats.failed_faults, 1);
             return Ok(());
         }
         let access = if write { Access::Write } else { Access::Read };
@@ -355,19 +488,99 @@ impl<M: PageOps> Engine<M> {
         } else {
             l.version
         };
-        self.local[Self::idx(page)].pending = Some(access);
+        self.local[i].pending = Some(access);
         let m = self.manager(page);
         self.send(m, Msg::GetPage { access, page, have });
+        if !write {
+            self.stream(page);
+        }
         Ok(())
+    }
+
+    /// Notes a read fault on `page`; when it follows one on the page before (a stream), asks
+    /// for the next `read_ahead` pages that this node neither holds nor has asked for.
+    fn stream(&mut self, page: u64) {
+        let sequential = page > 0 && self.last_read == Some(page - 1);
+        self.last_read = Some(page);
+        if !sequential || self.read_ahead == 0 || self.failed {
+            return;
+        }
+        let end = page
+            .saturating_add(self.read_ahead)
+            .min(self.local.len() as u64 - 1);
+        for q in page + 1..=end {
+            let l = self.local[Self::idx(q)];
+            // An owner that holds nothing has the zero page at hand: never worth asking for.
+            if l.state != PageState::Invalid || l.pending.is_some() || l.owner {
+                continue;
+            }
+            let l = &mut self.local[Self::idx(q)];
+            l.pending = Some(Access::Read);
+            l.ahead = true;
+            l.waiting = false;
+            inc(&self.stats.read_ahead_requested, 1);
+            let m = self.manager(q);
+            self.send(
+                m,
+                Msg::GetPage {
+                    access: Access::Read,
+                    page: q,
+                    have: 0,
+                },
+            );
+        }
+    }
+
+    /// The most read-ahead pages held unmapped at once.
+    fn ahead_cap(&self) -> usize {
+        usize::try_from(self.read_ahead.saturating_mul(4).max(64)).unwrap_or(usize::MAX)
+    }
+
+    /// Keeps a read-ahead page unmapped (a read copy at `version`), evicting the oldest
+    /// buffered page when the buffer is full. An evicted copy is simply forgotten: the
+    /// manager may still count this node as a holder, and a later INV_PAGE for it is
+    /// acknowledged as for any invalid page.
+    fn buffer(&mut self, page: u64, data: Vec<u8>) {
+        while self.ahead_pages.len() >= self.ahead_cap() {
+            let Some(old) = self.ahead_order.pop_front() else {
+                break;
+            };
+            if self.ahead_pages.remove(&old).is_some() {
+                let l = &mut self.local[Self::idx(old)];
+                l.buffered = false;
+                l.state = PageState::Invalid;
+                l.version = 0;
+                inc(&self.stats.read_ahead_wasted, 1);
+            }
+        }
+        self.ahead_pages.insert(page, data);
+        self.ahead_order.push_back(page);
+        if self.ahead_order.len() > 2 * self.ahead_cap() {
+            let live = &self.ahead_pages;
+            self.ahead_order.retain(|p| live.contains_key(p));
+        }
     }
 
     /// Handles a message from node `from` (`from == me` for a node's message to itself).
     pub fn handle(&mut self, from: u32, msg: Msg, now: Instant) -> Result<(), ProtoError> {
+        if matches!(msg, Msg::Ping) {
+            // Counted apart: its bytes were counted as received, take them back out.
+            inc(&self.stats.heartbeats_received, 1);
+            let ping = (crate::proto::LEN_BYTES + crate::proto::HEAD_BYTES) as u64;
+            let _ =
+                self.stats
+                    .bytes_received
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                        Some(b.saturating_sub(ping))
+                    });
+            return Ok(());
+        }
         if from != self.me {
             inc(&self.stats.messages_received, 1);
         }
         match msg {
             Msg::Init { .. } => Err(ProtoError("INIT after the connection was set up".into())),
+            Msg::Ping => Ok(()),
             Msg::GetPage { access, page, have } => self.on_get(from, access, page, have),
             Msg::FwdPage { page, .. } | Msg::InvPage { page } => {
                 if self.manager(page) != from {
@@ -577,7 +790,11 @@ impl<M: PageOps> Engine<M> {
                         "INV_PAGE for page {page}, which this node owns"
                     )));
                 }
-                if l.state != PageState::Invalid {
+                if l.buffered {
+                    self.ahead_pages.remove(&page);
+                    inc(&self.stats.read_ahead_wasted, 1);
+                    inc(&self.stats.invalidations, 1);
+                } else if l.state != PageState::Invalid {
                     self.mem
                         .drop_page(page)
                         .map_err(|e| Self::local_err(page, "dropping", e))?;
@@ -586,6 +803,7 @@ impl<M: PageOps> Engine<M> {
                 let l = &mut self.local[Self::idx(page)];
                 l.state = PageState::Invalid;
                 l.version = 0;
+                l.buffered = false;
                 self.send(from, Msg::InvAck { page });
                 Ok(())
             }
@@ -631,6 +849,9 @@ impl<M: PageOps> Engine<M> {
             None
         } else if l.state == PageState::Invalid {
             Some(self.zero.clone())
+        } else if l.buffered {
+            // Not reached (an owner's copy is always mapped), but a buffered copy is current.
+            self.ahead_pages.get(&page).cloned()
         } else {
             let mut buf = vec![0; self.page_size];
             self.mem.read(page, &mut buf);
@@ -644,17 +865,19 @@ impl<M: PageOps> Engine<M> {
             }
         }
         if access == Access::Write && requester != self.me {
-            if self.local[i].state != PageState::Invalid {
+            if l.buffered {
+                self.ahead_pages.remove(&page);
+            } else if self.local[i].state != PageState::Invalid {
                 self.mem
                     .drop_page(page)
                     .map_err(|e| Self::local_err(page, "dropping", e))?;
                 inc(&self.stats.invalidations, 1);
             }
             self.local[i] = Local {
-                state: PageState::Invalid,
-                version: 0,
-                owner: false,
                 pending: l.pending,
+                ahead: l.ahead,
+                waiting: l.waiting,
+                ..Local::new(false)
             };
         }
         self.send(
@@ -694,7 +917,36 @@ impl<M: PageOps> Engine<M> {
             }
         }
         let wp = access == Access::Read;
-        let mapped = l.state != PageState::Invalid;
+        let mapped = l.state != PageState::Invalid && !l.buffered;
+        if l.ahead && !l.waiting && !mapped {
+            // A read-ahead nobody has faulted on yet: keep it unmapped until one does.
+            let contents = match data {
+                Some(d) => d,
+                None if version == 0 => self.zero.clone(),
+                None => {
+                    return Err(ProtoError(format!(
+                        "PAGE unchanged for page {page} at version {version}, which this node does not hold"
+                    )))
+                }
+            };
+            self.buffer(page, contents);
+            self.local[i] = Local {
+                state: PageState::Read,
+                version,
+                buffered: true,
+                ..Local::new(l.owner)
+            };
+            let m = self.manager(page);
+            self.send(
+                m,
+                Msg::VldPage {
+                    access,
+                    page,
+                    version,
+                },
+            );
+            return Ok(());
+        }
         let new_version = match access {
             Access::Read => version,
             Access::Write => version.checked_add(1).ok_or_else(|| {
@@ -750,8 +1002,7 @@ impl<M: PageOps> Engine<M> {
                 PageState::Write
             },
             version: new_version,
-            owner: l.owner || access == Access::Write,
-            pending: None,
+            ..Local::new(l.owner || access == Access::Write)
         };
         if self.hold > Duration::ZERO {
             self.installed[i] = Some(now);
@@ -837,6 +1088,12 @@ mod tests {
                 })
                 .collect())
         }
+        /// A simulated cluster whose engines are set up by `f` first.
+        fn with(n: u32, pages: u64, f: impl Fn(&mut Engine<Fake>)) -> Sim {
+            let mut s = Sim::new(n, pages);
+            s.0.iter_mut().for_each(f);
+            s
+        }
         /// Delivers every message (FIFO per sender) until the cluster is quiet.
         fn settle(&mut self) {
             loop {
@@ -871,6 +1128,15 @@ mod tests {
                 }
             }
             panic!("access never granted");
+        }
+        /// One read access by node `n` of page `page`: the value, or None when its fault was
+        /// not served.
+        fn access_once(&mut self, n: usize, page: u64) -> Option<u8> {
+            if self.0[n].mem.pages[page as usize].is_none() {
+                self.0[n].fault(page, false).unwrap();
+                self.settle();
+            }
+            self.0[n].mem.pages[page as usize].as_ref().map(|p| p.0[0])
         }
         fn stats(&self, n: usize) -> StatsSnapshot {
             self.0[n].stats.snapshot()
@@ -907,6 +1173,130 @@ mod tests {
         assert_eq!(s.0[2].page_state(1), Some((PageState::Write, 3, true)));
         assert_eq!(s.0[1].page_state(1), Some((PageState::Invalid, 0, false)));
         assert_eq!(s.access(1, 1, None), 11);
+    }
+
+    #[test]
+    fn without_versioning_current_and_zero_pages_are_sent_again() {
+        for on in [true, false] {
+            let mut s = Sim::with(2, 4, |e| e.set_versioning(on));
+            // Never written: zeros, sent only without versioning.
+            assert_eq!(s.access(1, 2, None), 0);
+            let d = s.stats(1);
+            assert_eq!(
+                (d.pages_received, d.unchanged_received),
+                if on { (0, 1) } else { (1, 0) }
+            );
+            // Node 0 writes page 3, node 1 reads it (data either way), then upgrades its
+            // current copy: no data with versioning, the whole page again without.
+            s.access(0, 3, Some(5));
+            assert_eq!(s.access(1, 3, None), 5);
+            let before = s.stats(1);
+            s.access(1, 3, Some(6));
+            let d = s.stats(1).since(&before);
+            assert_eq!(
+                (d.pages_received, d.unchanged_received),
+                if on { (0, 1) } else { (1, 0) }
+            );
+            assert_eq!(s.access(0, 3, None), 6);
+        }
+    }
+
+    /// Node 0 writes pages 0..32 (value p+1 in each), node 1 reads them in order.
+    fn scan(read_ahead: u32) -> Sim {
+        let mut s = Sim::with(2, 64, |e| e.set_read_ahead(read_ahead));
+        for p in 0..32 {
+            s.access(0, p, Some(p as u8 + 1));
+        }
+        for p in 0..32 {
+            assert_eq!(s.access(1, p, None), p as u8 + 1, "page {p}");
+        }
+        s
+    }
+
+    #[test]
+    fn read_ahead_serves_a_sequential_scan_with_fewer_faults() {
+        let off = scan(0).stats(1);
+        assert_eq!(off.read_faults, 32);
+        assert_eq!((off.read_ahead_requested, off.read_ahead_used), (0, 0));
+        let mut s = scan(8);
+        let on = s.stats(1);
+        // Page 0 starts nothing, page 1 starts the stream; every later page was read ahead
+        // (and each use asks for one more page, up to 8 past the last one read).
+        assert_eq!(on.read_faults, 2, "{on}");
+        assert_eq!(on.read_ahead_used, 30, "{on}");
+        assert_eq!(on.read_ahead_requested, 38, "{on}");
+        // 32 pages with data; 32..40 never written, read ahead as "unchanged" zero pages
+        // and buffered unmapped.
+        assert_eq!((on.pages_received, on.unchanged_received), (32, 8), "{on}");
+        assert_eq!(on.read_ahead_wasted, 0);
+        assert!(s.0[1].mem.pages[33].is_none());
+        assert_eq!(s.0[1].page_state(33), Some((PageState::Read, 0, false)));
+        // A write by node 0 to buffered pages invalidates them: wasted.
+        s.access(0, 33, Some(9));
+        s.access(0, 34, Some(9));
+        let d = s.stats(1).since(&on);
+        assert_eq!((d.read_ahead_wasted, d.invalidations), (2, 2), "{d}");
+        assert_eq!(s.access(1, 33, None), 9);
+        // A write fault on a buffered page maps it, then upgrades it without data.
+        let before = s.stats(1);
+        s.access(1, 35, Some(4));
+        let d = s.stats(1).since(&before);
+        assert_eq!(
+            (d.read_ahead_used, d.pages_received, d.unchanged_received),
+            (1, 0, 1),
+            "{d}"
+        );
+        assert_eq!(s.access(0, 35, None), 4);
+    }
+
+    #[test]
+    fn read_ahead_buffer_is_bounded() {
+        // 1 page ahead: the buffer holds at most 64 pages; a scan that never comes back to
+        // them leaves at most that many, the oldest evicted as wasted.
+        let mut s = Sim::with(2, 512, |e| e.set_read_ahead(1));
+        for p in (0..400).step_by(2) {
+            // Faults on even pages only: p and p+1 is never a stream...
+            assert_eq!(s.access(1, p, None), 0);
+        }
+        assert_eq!(s.stats(1).read_ahead_requested, 0);
+        let mut s = Sim::with(2, 512, |e| e.set_read_ahead(100));
+        assert_eq!(s.access(1, 0, None), 0);
+        assert_eq!(s.access(1, 1, None), 0);
+        assert_eq!(s.stats(1).read_ahead_requested, 100);
+        assert_eq!(s.0[1].ahead_pages.len(), 100);
+        // Jump and stream again elsewhere: 100 more, 400 cap: nothing evicted yet.
+        s.access(1, 200, None);
+        s.access(1, 201, None);
+        assert_eq!(s.0[1].ahead_pages.len(), 200);
+        let mut s = Sim::with(2, 512, |e| e.set_read_ahead(20));
+        for base in [0, 100, 200, 300, 400] {
+            s.access(1, base, None);
+            s.access(1, base + 1, None);
+        }
+        // 5 streams of 20 read ahead; the buffer keeps 80 (4 x 20, at least 64).
+        let st = s.stats(1);
+        assert_eq!(st.read_ahead_requested, 100, "{st}");
+        assert_eq!(s.0[1].ahead_pages.len(), 80);
+        assert_eq!(st.read_ahead_wasted, 20, "{st}");
+        // An evicted page is simply fetched again.
+        assert_eq!(s.0[1].page_state(2), Some((PageState::Invalid, 0, false)));
+        assert_eq!(s.access(1, 2, None), 0);
+    }
+
+    #[test]
+    fn a_failed_node_parks_faults_and_stops_reading_ahead() {
+        let mut s = Sim::with(2, 8, |e| e.set_read_ahead(4));
+        assert_eq!(s.access(1, 0, None), 0);
+        s.0[1].peer_lost(0);
+        assert!(s.0[1].failed());
+        // Already mapped: still served. Not mapped: the fault is counted, nothing is sent.
+        assert_eq!(s.access_once(1, 0), Some(0));
+        assert_eq!(s.access_once(1, 1), None);
+        assert_eq!(s.access_once(1, 1), None);
+        let st = s.stats(1);
+        assert_eq!((st.failed_faults, st.read_faults, st.peers_lost), (2, 1, 1));
+        assert_eq!(st.read_ahead_requested, 0);
+        assert!(s.0[1].next_out().is_none());
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! access detection. The protocol and why it is correct: docs/DSM.md.
 //!
 //! A VMM hands its guest RAM mapping over with [`Region::from_raw`]; KVM's and the device
-//! threads' accesses then fault into the node like any other access.
+//! threads' accesses then fault into the node like any other access. A node that loses a
+//! peer (dead, stalled, or breaking the protocol) reports it ([`Node::wait_error`],
+//! [`Node::failed`]) within [`Config::peer_timeout`] and stops serving faults; the VMM then
+//! stops the VM (docs/DSM.md, "Peer loss").
 //!
 //! ```no_run
 //! use wv_dsm::{Backing, Config, Listener, Node, Region};
@@ -23,6 +26,6 @@ pub mod uffd;
 pub mod uffd_abi;
 
 pub use coherence::{Engine, PageOps, PageState, Stats, StatsSnapshot};
-pub use node::{Config, Listener, Node, PeerError};
+pub use node::{Config, Listener, Node, PeerError, DEFAULT_PEER_TIMEOUT};
 pub use proto::{Access, Geometry, Msg, ProtoError};
 pub use uffd::{Backing, Region};

@@ -1,6 +1,8 @@
 //! A running node: the TCP mesh (one connection per node pair, set up with INIT), and the
 //! engine thread that polls the userfaultfd and every connection, feeds faults and messages
-//! to the [`Engine`], and writes what it sends in one batch per connection per wake-up.
+//! to the [`Engine`], and writes what it sends in one batch per connection per wake-up. It
+//! also keeps every peer's liveness (heartbeats; a silent, stalled or non-reading peer, or a
+//! broken connection, is lost and fails the node) and bounds what it buffers per peer.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -27,10 +29,20 @@ pub struct Config {
     /// Versioned pages ("unchanged" replies); off only to measure what they save (it decides
     /// the replies this node sends; receivers handle both kinds).
     pub versioning: bool,
+    /// Pages to read ahead when read faults stream (0: off, the default).
+    pub read_ahead: u32,
+    /// A peer that sends nothing (not even a heartbeat) for this long, or does not take
+    /// what this node sends for this long, is declared lost. Heartbeats go out on a
+    /// connection that carried nothing else for a quarter of it.
+    pub peer_timeout: Duration,
+    /// The most bytes queued for a peer beyond what its socket takes; a peer that makes
+    /// this node queue more is declared lost (it is not reading).
+    pub send_limit: usize,
 }
 
 impl Config {
-    /// A configuration with the default hold time (200 us) and join timeout (10 s).
+    /// A configuration with the default hold time (200 us), join timeout (10 s), versioning
+    /// on, no read-ahead, a peer timeout of 300 ms and a send limit of 8 MiB per peer.
     pub fn new(id: u32, peers: Vec<SocketAddr>) -> Config {
         Config {
             id,
@@ -38,16 +50,60 @@ impl Config {
             hold: Duration::from_micros(200),
             join_timeout: Duration::from_secs(10),
             versioning: true,
+            read_ahead: 0,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            send_limit: 8 << 20,
         }
+    }
+
+    /// Sets versioning (off: every reply carries the page; for measuring what it saves).
+    #[must_use]
+    pub fn with_versioning(mut self, on: bool) -> Config {
+        self.versioning = on;
+        self
+    }
+
+    /// Sets read-ahead: on a read fault that follows one on the page before, also ask for
+    /// the next `pages` pages (0: off).
+    #[must_use]
+    pub fn with_read_ahead(mut self, pages: u32) -> Config {
+        self.read_ahead = pages;
+        self
+    }
+
+    /// Sets the peer timeout (see [`Config::peer_timeout`]; at least 10 ms).
+    #[must_use]
+    pub fn with_peer_timeout(mut self, timeout: Duration) -> Config {
+        self.peer_timeout = timeout.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Sets the send limit per peer (see [`Config::send_limit`]).
+    #[must_use]
+    pub fn with_send_limit(mut self, bytes: usize) -> Config {
+        self.send_limit = bytes;
+        self
+    }
+
+    /// Sets the hold time (see [`Config::hold`]).
+    #[must_use]
+    pub fn with_hold(mut self, hold: Duration) -> Config {
+        self.hold = hold;
+        self
     }
 }
 
-/// A connection closed because of a protocol violation or an I/O error.
+/// The default [`Config::peer_timeout`]: well under the second in which the loss of a node
+/// must stop the VM, well over a scheduling hiccup on a loaded host.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// A connection closed because of a protocol violation, an I/O error, a peer that went
+/// silent or stopped reading: the peer is lost to this node (see [`Node::failed`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerError {
     /// The peer's node id (this node's own id for a local failure).
     pub peer: u32,
-    /// What went wrong, one line.
+    /// What went wrong, one line; for a peer, it starts with the peer's address.
     pub message: String,
 }
 
@@ -94,7 +150,7 @@ pub struct Node {
     stats: Arc<Stats>,
     shared: Arc<Shared>,
     stop: OwnedFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     region: Region,
 }
 
@@ -243,16 +299,23 @@ impl Node {
         );
         let mut engine = engine;
         engine.set_versioning(cfg.versioning);
+        engine.set_read_ahead(cfg.read_ahead);
         let sh = shared.clone();
+        let limits = Limits {
+            peer_timeout: cfg.peer_timeout.max(Duration::from_millis(10)),
+            join_timeout: cfg.join_timeout,
+            send_limit: cfg.send_limit,
+        };
+        let addrs = cfg.peers.clone();
         let thread = std::thread::Builder::new()
             .name(format!("wv-dsm-{me}"))
-            .spawn(move || run(engine, me, g, conns, stop_raw, &sh))?;
+            .spawn(move || run(engine, me, g, conns, &addrs, limits, stop_raw, &sh))?;
         Ok(Node {
             id: me,
             stats,
             shared,
             stop,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             region,
         })
     }
@@ -281,6 +344,39 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// The first peer this node lost, if any (a connection closed for any reason: broken,
+    /// silent or stalled past [`Config::peer_timeout`], not reading, or a protocol
+    /// violation). Once a peer is lost the node has failed: faults that need the protocol are
+    /// no longer served and their threads stay blocked; the VMM stops the VM (docs/DSM.md,
+    /// "Peer loss").
+    pub fn failed(&self) -> Option<PeerError> {
+        self.shared
+            .errors
+            .lock()
+            .ok()?
+            .iter()
+            .find(|e| e.peer != self.id)
+            .cloned()
+    }
+
+    /// Stops the node, as dropping it does, for a VMM that still holds it elsewhere: the
+    /// engine thread ends (its connections close: the peers lose this node) and the
+    /// userfaultfd is closed, so every thread blocked on the region, such as a fault parked
+    /// after a peer loss, resumes on plain memory (a missing page reads as zeros). A VMM
+    /// stopping a failed VM sets its vCPUs' stop flags and kicks them first, so that none
+    /// re-enters the guest on that memory. The errors stay readable. Idempotent.
+    pub fn shutdown(&self) {
+        let Ok(mut t) = self.thread.lock() else {
+            return;
+        };
+        if let Some(t) = t.take() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a local array to our eventfd.
+            unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
+            let _ = t.join();
+        }
+    }
+
     /// Waits up to `timeout` for a first connection error.
     pub fn wait_error(&self, timeout: Duration) -> Option<PeerError> {
         let g = self.shared.errors.lock().ok()?;
@@ -295,12 +391,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a local array to our eventfd.
-        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.shutdown();
     }
 }
 
@@ -309,37 +400,118 @@ fn page_size() -> usize {
     usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
+/// The liveness and buffering bounds the engine thread enforces on every connection.
+#[derive(Clone, Copy)]
+struct Limits {
+    peer_timeout: Duration,
+    join_timeout: Duration,
+    send_limit: usize,
+}
+
 struct Conn {
     s: TcpStream,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
+    /// The peer's listening address (its name in the cluster).
+    addr: SocketAddr,
+    /// When the peer last sent a byte.
+    last_rx: Instant,
+    /// When this node last queued something for the peer.
+    last_tx: Instant,
+    /// When a partly received frame started (it must be completed within the timeout).
+    partial_since: Option<Instant>,
+    /// When the peer last took bytes from `outbuf` (or when `outbuf` stopped being empty).
+    last_progress: Instant,
+    /// The peer has sent something since INIT: until then it may still be joining (waiting
+    /// for other nodes), so it gets the join timeout rather than the peer timeout.
+    heard: bool,
 }
 
-fn close(conns: &mut [Option<Conn>], peer: u32, why: String, shared: &Shared) {
-    if let Some(c) = conns.get_mut(peer as usize).and_then(Option::take) {
-        let _ = c.s.shutdown(std::net::Shutdown::Both);
-        shared.record(peer, why);
+impl Conn {
+    /// Why the peer is lost by `now`, if it is.
+    fn overdue(&self, now: Instant, l: &Limits) -> Option<String> {
+        let limit = if self.heard {
+            l.peer_timeout
+        } else {
+            l.join_timeout.max(l.peer_timeout)
+        };
+        let ms = |t: Instant| now.saturating_duration_since(t).as_millis();
+        if let Some(t) = self.partial_since {
+            if now.saturating_duration_since(t) > limit {
+                return Some(format!(
+                    "stalled in the middle of a message ({} bytes of it received {} ms ago)",
+                    self.inbuf.len(),
+                    ms(t)
+                ));
+            }
+        }
+        if now.saturating_duration_since(self.last_rx) > limit {
+            return Some(format!(
+                "silent for {} ms (peer timeout {} ms)",
+                ms(self.last_rx),
+                limit.as_millis()
+            ));
+        }
+        if !self.outbuf.is_empty() && now.saturating_duration_since(self.last_progress) > limit {
+            return Some(format!(
+                "not reading: {} bytes unsent for {} ms",
+                self.outbuf.len(),
+                ms(self.last_progress)
+            ));
+        }
+        None
     }
 }
 
+/// Closes the connection to `peer` and declares the peer lost (the engine stops serving
+/// faults, see [`Engine::peer_lost`]); the error names the peer's address.
+fn close(
+    conns: &mut [Option<Conn>],
+    peer: u32,
+    why: &str,
+    shared: &Shared,
+    eng: &mut Engine<UffdMem>,
+) {
+    if let Some(c) = conns.get_mut(peer as usize).and_then(Option::take) {
+        let _ = c.s.shutdown(std::net::Shutdown::Both);
+        eng.peer_lost(peer);
+        shared.record(peer, format!("{}: {why}", c.addr));
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the engine thread's whole context, handed over once
 fn run(
     mut eng: Engine<UffdMem>,
     me: u32,
     g: Geometry,
     streams: Vec<Option<TcpStream>>,
+    addrs: &[SocketAddr],
+    limits: Limits,
     stop: i32,
     shared: &Shared,
 ) {
+    let start = Instant::now();
     let mut conns: Vec<Option<Conn>> = streams
         .into_iter()
-        .map(|s| {
+        .zip(addrs)
+        .map(|(s, &addr)| {
             s.map(|s| Conn {
                 s,
                 inbuf: Vec::new(),
                 outbuf: Vec::new(),
+                addr,
+                last_rx: start,
+                last_tx: start,
+                partial_since: None,
+                last_progress: start,
+                heard: false,
             })
         })
         .collect();
+    // Heartbeats go out after a quarter of the timeout without traffic; the deadlines are
+    // checked at least every sixth of it, so a loss is seen within about 7/6 of the timeout.
+    let beat = limits.peer_timeout / 4;
+    let tick = limits.peer_timeout / 6;
     let stats = eng.stats().clone();
     let uffd = eng.mem().fd();
     let mut faults: Vec<Fault> = Vec::new();
@@ -373,13 +545,11 @@ fn run(
                 who.push(u32::try_from(i).unwrap_or(u32::MAX));
             }
         }
-        let timeout = match eng.next_due() {
-            None => -1,
-            Some(due) => {
-                let us = due.saturating_duration_since(Instant::now()).as_micros();
-                i32::try_from(us.div_ceil(1000)).unwrap_or(i32::MAX)
-            }
-        };
+        let mut wait = tick;
+        if let Some(due) = eng.next_due() {
+            wait = wait.min(due.saturating_duration_since(Instant::now()));
+        }
+        let timeout = i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
         let nfds = libc::nfds_t::try_from(pfds.len()).unwrap_or(0);
         // SAFETY: pfds is a valid array of nfds pollfd structs for the duration of the call.
         let r = unsafe { libc::poll(pfds.as_mut_ptr(), nfds, timeout) };
@@ -419,11 +589,11 @@ fn run(
             let peer = who[k - 2];
             let res = read_peer(&mut conns, peer, &mut tmp, &g, &mut eng, &stats);
             if let Err(e) = res {
-                close(&mut conns, peer, e.0, shared);
+                close(&mut conns, peer, &e.0, shared, &mut eng);
             }
         }
         for (peer, e) in eng.run_due(Instant::now()) {
-            close(&mut conns, peer, e.0, shared);
+            close(&mut conns, peer, &e.0, shared, &mut eng);
         }
         // Deliver: messages to self are handled at once (they may produce more).
         let now = Instant::now();
@@ -435,33 +605,72 @@ fn run(
                 continue;
             }
             if let Some(Some(c)) = conns.get_mut(to as usize) {
-                let before = c.outbuf.len();
-                proto::encode(&msg, &mut c.outbuf);
-                stats.sent(c.outbuf.len() - before);
+                queue(c, &msg, &stats, now);
+                if c.outbuf.len() > limits.send_limit {
+                    // Checked per message: the queue never exceeds the limit by more than one.
+                    if let Err(why) = flush(c, limits.send_limit) {
+                        close(&mut conns, to, &why, shared, &mut eng);
+                    }
+                }
             }
         }
         for i in 0..conns.len() {
+            let peer = u32::try_from(i).unwrap_or(u32::MAX);
             let Some(c) = conns[i].as_mut() else { continue };
-            if c.outbuf.is_empty() {
+            if let Some(why) = c.overdue(now, &limits) {
+                close(&mut conns, peer, &why, shared, &mut eng);
                 continue;
             }
-            match c.s.write(&c.outbuf) {
-                Ok(n) => {
-                    c.outbuf.drain(..n);
-                }
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let peer = u32::try_from(i).unwrap_or(u32::MAX);
-                    close(&mut conns, peer, format!("sending failed: {e}"), shared);
-                }
+            if now.saturating_duration_since(c.last_tx) >= beat {
+                queue(c, &Msg::Ping, &stats, now);
+            }
+            if let Err(why) = flush(c, limits.send_limit) {
+                close(&mut conns, peer, &why, shared, &mut eng);
             }
         }
         if let Err(e) = eng.mem().flush_wakes() {
             shared.record(me, format!("waking faulting threads failed: {e}"));
         }
     }
+}
+
+/// Appends `msg` to the peer's output.
+fn queue(c: &mut Conn, msg: &Msg, stats: &Stats, now: Instant) {
+    if c.outbuf.is_empty() {
+        c.last_progress = now;
+    }
+    let before = c.outbuf.len();
+    proto::encode(msg, &mut c.outbuf);
+    if matches!(msg, Msg::Ping) {
+        stats.heartbeat_sent();
+    } else {
+        stats.sent(c.outbuf.len() - before);
+    }
+    c.last_tx = now;
+}
+
+/// Writes what the socket takes of the peer's output; fails when more than `limit` bytes
+/// stay queued (the peer is not reading) or the write fails.
+fn flush(c: &mut Conn, limit: usize) -> Result<(), String> {
+    while !c.outbuf.is_empty() {
+        match c.s.write(&c.outbuf) {
+            Ok(0) => break,
+            Ok(n) => {
+                c.outbuf.drain(..n);
+                c.last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(format!("sending failed: {e}")),
+        }
+    }
+    if c.outbuf.len() > limit {
+        return Err(format!(
+            "not reading: {} bytes queued for it, over the limit of {limit}",
+            c.outbuf.len()
+        ));
+    }
+    Ok(())
 }
 
 fn read_peer(
@@ -480,10 +689,14 @@ fn read_peer(
             Ok(0) => return Err(ProtoError("closed the connection".into())),
             Ok(n) => {
                 stats.received_bytes(n);
+                c.last_rx = Instant::now();
+                c.heard = true;
                 c.inbuf.extend_from_slice(&tmp[..n]);
-                // A short read drained the socket; a large buffer is decoded before reading
-                // on (a peer cannot make this node buffer more than about a megabyte).
-                if n < tmp.len() || c.inbuf.len() >= 1 << 20 {
+                // A short read drained the socket; otherwise what was read is decoded before
+                // reading on, at most one buffer a wake-up: a peer cannot make this node
+                // buffer more than that, nor produce more replies in one go than its
+                // requests in it ask for.
+                if n < tmp.len() || c.inbuf.len() >= tmp.len() {
                     break;
                 }
             }
@@ -507,5 +720,10 @@ fn read_peer(
         }
     };
     c.inbuf.drain(..at);
+    if c.inbuf.is_empty() {
+        c.partial_since = None;
+    } else if at > 0 || c.partial_since.is_none() {
+        c.partial_since = Some(now);
+    }
     res
 }

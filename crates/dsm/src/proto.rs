@@ -9,7 +9,7 @@
 use std::fmt;
 
 /// Protocol version carried in INIT; both ends must agree.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Size of the length prefix.
 pub const LEN_BYTES: usize = 4;
 /// Size of the head after the length (type, flags, reserved).
@@ -24,6 +24,7 @@ const T_PAGE: u8 = 4;
 const T_INV_PAGE: u8 = 5;
 const T_INV_ACK: u8 = 6;
 const T_VLD_PAGE: u8 = 7;
+const T_PING: u8 = 8;
 
 const F_UNCHANGED: u8 = 0x80;
 
@@ -138,6 +139,9 @@ pub enum Msg {
         /// Version now held.
         version: u64,
     },
+    /// Heartbeat: sent on a connection that has had nothing else to carry for a while, so
+    /// that silence means a dead or stalled peer. No fields.
+    Ping,
 }
 
 impl Msg {
@@ -151,6 +155,7 @@ impl Msg {
             Msg::InvPage { .. } => "INV_PAGE",
             Msg::InvAck { .. } => "INV_ACK",
             Msg::VldPage { .. } => "VLD_PAGE",
+            Msg::Ping => "PING",
         }
     }
 }
@@ -253,6 +258,7 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             out.extend_from_slice(&page.to_le_bytes());
             out.extend_from_slice(&version.to_le_bytes());
         }
+        Msg::Ping => head(out, HEAD_BYTES, T_PING, 0),
     }
 }
 
@@ -424,6 +430,11 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
                 version: u64_at(body, 8),
             }
         }
+        T_PING => {
+            want(0, "PING")?;
+            no_flags("PING")?;
+            Msg::Ping
+        }
         t => return Err(ProtoError(format!("unknown message type {t}"))),
     };
     Ok(Some((msg, LEN_BYTES + len)))
@@ -487,6 +498,7 @@ mod tests {
             page: 0,
             version: 3,
         });
+        roundtrip(Msg::Ping);
     }
 
     fn err(b: &[u8]) -> String {
@@ -545,5 +557,10 @@ mod tests {
         encode_page_head(&mut b, Access::Read, 0, 1, 4095);
         b.extend_from_slice(&[0; 4095]);
         assert_eq!(err(&b), "PAGE of 4111 bytes, expected 4112");
+        assert_eq!(
+            err(&[5, 0, 0, 0, 8, 0, 0, 0, 0]),
+            "PING of 1 bytes, expected 0"
+        );
+        assert_eq!(err(&[4, 0, 0, 0, 8, 1, 0, 0]), "PING with flags 0x1");
     }
 }

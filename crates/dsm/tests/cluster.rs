@@ -198,3 +198,36 @@ fn benchmark_commands_work() {
     assert_eq!(c.stat(1, "unchanged_received"), 0);
     assert_eq!(values(&c.cmd(1, "read 40 0")), vec![0, 7]);
 }
+
+/// Read-ahead over real nodes: a sequential scan of K pages written by another node takes
+/// K remote read faults without it and a handful with it, reads the same values, and the
+/// pages read ahead are the ones used.
+#[test]
+fn read_ahead_takes_fewer_faults_on_a_sequential_scan() {
+    let k = 256;
+    let mut sums = Vec::new();
+    for ahead in ["0", "16"] {
+        let mut c = Cluster::start(2, MIB, &["--read-ahead", ahead], LIMIT);
+        assert_eq!(c.cmd(0, &format!("fill 0 {k} 3")), "ok");
+        sums.push(c.cmd(1, &format!("sum 0 {k}")));
+        let faults = c.stat(1, "read_faults");
+        let used = c.stat(1, "read_ahead_used");
+        let requested = c.stat(1, "read_ahead_requested");
+        eprintln!("read-ahead {ahead}: {:?}", c.stats(1));
+        if ahead == "0" {
+            assert_eq!((faults, used, requested), (k, 0, 0));
+        } else {
+            assert!(faults < k / 4, "{faults} remote faults for {k} pages");
+            assert_eq!(
+                faults + used,
+                k,
+                "every page either faulted or was read ahead"
+            );
+            assert!(requested <= used + 16, "{requested} requested, {used} used");
+            assert_eq!(c.stat(1, "read_ahead_wasted"), 0);
+        }
+        assert_eq!(c.stat(1, "pages_received"), k);
+        assert_eq!(c.cmd(1, "errors"), "errors");
+    }
+    assert_eq!(sums[0], sums[1]);
+}

@@ -90,3 +90,53 @@ fn caller_mapping_is_coherent_for_threads_and_kernel_accesses() {
     drop(n1);
     drop(n0);
 }
+
+/// A node that loses its peer leaves a thread faulting on the peer's page blocked (it never
+/// sees made-up contents); shutting the node down (or dropping it), as a stopping VMM does,
+/// releases the thread (the region is then plain memory: the page reads as zero).
+#[test]
+fn a_lost_peer_blocks_faults_until_the_node_is_dropped() {
+    let (l0, l1) = (
+        Listener::bind("127.0.0.1:0").unwrap(),
+        Listener::bind("127.0.0.1:0").unwrap(),
+    );
+    let peers = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+    let (m0, m1) = (vmm_mapping() as usize, vmm_mapping() as usize);
+    let p0 = peers.clone();
+    let n0 = std::thread::spawn(move || {
+        // SAFETY: the mapping above, never unmapped.
+        let r = unsafe { Region::from_raw(m0 as *mut u8, BYTES, Backing::Anonymous) };
+        Node::join(l0, Config::new(0, p0), r).unwrap()
+    });
+    // SAFETY: as above.
+    let r1 = unsafe { Region::from_raw(m1 as *mut u8, BYTES, Backing::Anonymous) };
+    let n1 = Node::join(l1, Config::new(1, peers.clone()), r1).unwrap();
+    let n0 = n0.join().unwrap();
+    // Node 1 writes page 7 (it owns it from then on), then goes away.
+    // SAFETY: an aligned word inside node 1's mapping.
+    let w1 = unsafe { &*((m1 + 7 * 4096) as *const AtomicU64) };
+    std::thread::scope(|s| {
+        s.spawn(|| w1.store(99, Ordering::Release));
+    });
+    drop(n1);
+    let e = n0
+        .wait_error(std::time::Duration::from_secs(5))
+        .expect("no error");
+    assert_eq!(e.peer, 1);
+    assert_eq!(e.message, format!("{}: closed the connection", peers[1]));
+    assert_eq!(n0.failed(), Some(e));
+    let reader = std::thread::spawn(move || {
+        // SAFETY: an aligned word inside node 0's mapping, which is never unmapped.
+        unsafe { &*((m0 + 7 * 4096) as *const AtomicU64) }.load(Ordering::Acquire)
+    });
+    while n0.stats().failed_faults == 0 {
+        std::thread::yield_now();
+    }
+    assert!(!reader.is_finished());
+    n0.shutdown();
+    assert_eq!(reader.join().unwrap(), 0);
+    // The error is still there; a second shutdown (the drop's) does nothing.
+    assert_eq!(n0.errors().len(), 1);
+    n0.shutdown();
+    drop(n0);
+}

@@ -3,10 +3,12 @@
 //! from stdin one line at a time, answering each with one line on stdout.
 //!
 //! `wv-dsm-node --id I --nodes N --bytes B [--backing anon|shared] [--hold-us U]
-//! [--versions on|off]`; commands:
+//! [--versions on|off] [--read-ahead PAGES] [--peer-timeout-ms MS]`; commands:
 //! `counter THREADS ITERS` (once per cluster), `read PAGE...`, `ring STEPS BASE PAGES`, `fill BASE PAGES SEED`,
 //! `sum BASE PAGES`, `part BASE PAGES ROUNDS`, `lat-read BASE PAGES`, `lat-write BASE PAGES`,
-//! `tput BASE PAGES OPS`, `local-floor PAGES`, `stats`, `errors`, `exit`.
+//! `tput BASE PAGES OPS`, `scan BASE PAGES`, `local-floor PAGES`, `stats`, `errors`,
+//! `wait-error MS`, `bg-read PAGE` (a thread reads the page; `bg-status` says whether it is
+//! done), `exit`.
 
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,7 +122,10 @@ fn local_floor(pages: usize) -> String {
     format!("lat {}", percentiles(lat))
 }
 
-fn run(node: &Node, mem: &Mem, id: u64, nodes: u64, line: &str) -> String {
+/// The value the `bg-read` thread read (u64::MAX while it has not finished).
+static BG: AtomicU64 = AtomicU64::new(u64::MAX);
+
+fn run(node: &Node, mem: &'static Mem, id: u64, nodes: u64, line: &str) -> String {
     let mut w = line.split_whitespace();
     let cmd = w.next().unwrap_or("");
     let mut arg = |what: &str| -> usize { num(w.next(), what) };
@@ -246,6 +251,32 @@ fn run(node: &Node, mem: &Mem, id: u64, nodes: u64, line: &str) -> String {
             }
             format!("tput {:.0}", ops as f64 / t.elapsed().as_secs_f64())
         }
+        "scan" => {
+            let (base, pages) = (arg("base"), arg("pages"));
+            let mut sum = 0u64;
+            for p in base..base + pages {
+                sum = sum.wrapping_add(mem.word(p, 0).load(Ordering::Relaxed));
+            }
+            format!("scan {sum}")
+        }
+        "wait-error" => {
+            let ms = arg("milliseconds") as u64;
+            match node.wait_error(std::time::Duration::from_millis(ms)) {
+                Some(e) => format!("error {e}"),
+                None => "none".into(),
+            }
+        }
+        "bg-read" => {
+            let page = arg("page");
+            std::thread::spawn(move || {
+                BG.store(mem.word(page, 0).load(Ordering::Acquire), Ordering::Release);
+            });
+            "started".into()
+        }
+        "bg-status" => match BG.load(Ordering::Acquire) {
+            u64::MAX => "blocked".into(),
+            v => format!("done {v}"),
+        },
         "local-floor" => local_floor(arg("pages")),
         "stats" => format!("stats {}", node.stats()),
         "errors" => {
@@ -261,6 +292,8 @@ fn main() {
     let (mut id, mut nodes, mut bytes, mut backing, mut hold) =
         (0u32, 1u32, 1usize << 20, Backing::Anonymous, None);
     let mut versioning = true;
+    let mut read_ahead = 0u32;
+    let mut peer_timeout = None;
     while let Some(a) = args.next() {
         let v = args.next();
         match a.as_str() {
@@ -268,6 +301,13 @@ fn main() {
             "--nodes" => nodes = num(v.as_deref(), "--nodes"),
             "--bytes" => bytes = num(v.as_deref(), "--bytes"),
             "--versions" => versioning = v.as_deref() != Some("off"),
+            "--read-ahead" => read_ahead = num(v.as_deref(), "--read-ahead"),
+            "--peer-timeout-ms" => {
+                peer_timeout = Some(std::time::Duration::from_millis(num(
+                    v.as_deref(),
+                    "--peer-timeout-ms",
+                )))
+            }
             "--hold-us" => {
                 hold = Some(std::time::Duration::from_micros(num(
                     v.as_deref(),
@@ -320,15 +360,20 @@ fn main() {
     if let Some(h) = hold {
         cfg.hold = h;
     }
-    cfg.versioning = versioning;
+    cfg = cfg.with_versioning(versioning).with_read_ahead(read_ahead);
+    if let Some(t) = peer_timeout {
+        cfg = cfg.with_peer_timeout(t);
+    }
     let region =
         Region::map(bytes, backing).unwrap_or_else(|e| fail(&format!("mapping the region: {e}")));
     let node = Node::join(listener, cfg, region)
         .unwrap_or_else(|e| fail(&format!("node {id}: joining: {e}")));
-    let mem = Mem {
+    // Leaked: the `bg-read` thread may outlive every command (it stays blocked on a page of
+    // a failed node until the process exits).
+    let mem: &'static Mem = Box::leak(Box::new(Mem {
         base: node.region().as_ptr(),
         len: node.region().len(),
-    };
+    }));
     say("ready");
     loop {
         let line = next();
@@ -337,7 +382,7 @@ fn main() {
             // Leave without tearing the node down: peers may still be shutting down too.
             std::process::exit(0);
         }
-        let r = run(&node, &mem, u64::from(id), u64::from(nodes), &line);
+        let r = run(&node, mem, u64::from(id), u64::from(nodes), &line);
         say(&r);
     }
 }

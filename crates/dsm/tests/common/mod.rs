@@ -125,6 +125,13 @@ impl Cluster {
             .1
     }
 
+    /// Sends signal `sig` to node `i`'s process (to kill or stop a node).
+    pub fn signal(&mut self, i: usize, sig: i32) {
+        let pid = i32::try_from(self.kids[i].child.id()).unwrap();
+        // SAFETY: kill on the id of a process this cluster started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
     /// Number of nodes.
     pub fn len(&self) -> usize {
         self.kids.len()
@@ -142,6 +149,11 @@ fn line(k: &mut Kid, i: usize) -> String {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for k in &mut self.kids {
+            // A node a test stopped must run again to exit.
+            if let Ok(pid) = i32::try_from(k.child.id()) {
+                // SAFETY: kill on the id of a process this cluster started.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
             let _ = writeln!(k.stdin, "exit");
         }
         for k in &mut self.kids {
