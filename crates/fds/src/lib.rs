@@ -47,6 +47,21 @@ pub fn take_path(p: &Path) -> Option<std::fs::File> {
     take(p.to_str()?).map(std::fs::File::from)
 }
 
+/// The file `raw` if it still waits under `key` (then it is no longer there): how a request
+/// takes back the files it brought and its command did not use.
+pub fn take_exact(key: &str, raw: std::os::fd::RawFd) -> Option<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let mut t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
+    let t = t.as_mut()?;
+    let v = t.get_mut(key)?;
+    let i = v.iter().position(|f| f.as_raw_fd() == raw)?;
+    let fd = v.remove(i);
+    if v.is_empty() {
+        t.remove(key);
+    }
+    Some(fd)
+}
+
 /// Whether anything was ever handed over (in a jailed VMM: the reason an open of something not
 /// handed over fails, for error messages).
 pub fn in_use() -> bool {
@@ -82,5 +97,20 @@ mod tests {
         assert_eq!(std::io::Read::read(&mut second, &mut b).unwrap(), 0);
         assert!(take("/dev/x").is_none());
         assert!(keys().is_empty());
+    }
+
+    #[test]
+    fn a_file_is_taken_back_by_its_descriptor_and_only_once() {
+        use std::os::fd::AsRawFd;
+        let a: OwnedFd = std::fs::File::open("/dev/zero").unwrap().into();
+        let b: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let (ra, rb) = (a.as_raw_fd(), b.as_raw_fd());
+        put("/dev/y", a).unwrap();
+        put("/dev/y", b).unwrap();
+        // The second one, though the first waits before it.
+        assert_eq!(take_exact("/dev/y", rb).map(|f| f.as_raw_fd()), Some(rb));
+        assert!(take_exact("/dev/y", rb).is_none());
+        assert_eq!(take("/dev/y").map(|f| f.as_raw_fd()), Some(ra));
+        assert!(take_exact("/dev/y", ra).is_none());
     }
 }

@@ -160,13 +160,39 @@ pub struct Daemon {
     storage: storage::Supervisor,
     /// The storage service's disks of each running world (their names), by world id.
     served: Mutex<HashMap<u64, Vec<String>>>,
-    /// The hot-plugged nets of each running world, by world id; their ports are in `ports`
-    /// too.
-    hot_ports: Mutex<HashMap<u64, Vec<HotPort>>>,
+    /// What serves the hot-plugged devices of each running world (by device id), by world
+    /// id; the ports are in `ports` and the disks in `served` too.
+    hot: Mutex<HashMap<u64, Vec<(String, HotBackend)>>>,
 }
 
-/// A hot-plugged net's switch port: (device id, network, port).
-type HotPort = (String, String, String);
+/// Whether a run of a VM defined by `c` has its memory shared with its backends (what its
+/// VMM's configuration has once the daemon gave its nets ports and its served disks sockets):
+/// what a hot-plugged net or served disk needs.
+fn runs_shared(c: &wv_config::VmConfig) -> bool {
+    c.memory_is_shared()
+        || c.nets.iter().any(|n| n.network.is_some())
+        || c.disks.iter().any(|d| d.via == wv_config::DiskVia::Storage)
+}
+
+/// The answer for a hot-plug that needs the VM's memory shared when it is not.
+fn not_shared(name: &str, what: &str) -> Reply {
+    error(
+        422,
+        format!(
+            "VM '{name}' runs with memory of its own (no net on a network or served disk at \
+             its start, no memory_shared): {what} needs guest memory shared with its backend; \
+             define the VM with memory_shared (wv vm create --memory-shared on) to hot-plug one"
+        ),
+    )
+}
+
+/// What serves a hot-plugged device for the daemon.
+enum HotBackend {
+    /// A net's switch port.
+    Port { net: String, port: String },
+    /// A disk of the storage service.
+    Disk { name: String },
+}
 
 /// The body of `PUT /v1/vms/{name}/devices/{dev}/path`.
 #[derive(serde::Deserialize)]
@@ -616,7 +642,7 @@ impl Daemon {
             ports: Mutex::default(),
             storage,
             served: Mutex::default(),
-            hot_ports: Mutex::default(),
+            hot: Mutex::default(),
             images: std::sync::OnceLock::new(),
             jail_uids: std::sync::OnceLock::new(),
             token,
@@ -924,32 +950,48 @@ impl Daemon {
         }
     }
 
-    /// Removes the switch ports and the storage service's disks of world `id`'s run (it
-    /// ended, or never started): the disks are let go of, for another VM to take.
-    /// The switch port of world `id`'s hot-plugged net `dev`, which the guest has let go of.
-    fn release_hot_port(&self, id: u64, dev: &str) {
+    /// The switch port or the storage service's disk behind world `id`'s hot-plugged device
+    /// `dev`, which the guest has let go of.
+    fn release_hot(&self, id: u64, dev: &str) {
         let hot = {
-            let mut h = self.hot_ports.lock().unwrap_or_else(|p| p.into_inner());
+            let mut h = self.hot.lock().unwrap_or_else(|p| p.into_inner());
             let Some(v) = h.get_mut(&id) else { return };
-            let Some(i) = v.iter().position(|(d, _, _)| d == dev) else {
+            let Some(i) = v.iter().position(|(d, _)| d == dev) else {
                 return;
             };
-            v.remove(i)
+            v.remove(i).1
         };
-        let (_, net, port) = hot;
-        if let Some(v) = self
-            .ports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
-        {
-            v.retain(|(n, p)| !(*n == net && *p == port));
+        match hot {
+            HotBackend::Port { net, port } => {
+                if let Some(v) = self
+                    .ports
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&id)
+                {
+                    v.retain(|(n, p)| !(*n == net && *p == port));
+                }
+                self.switch.del_port(&net, &port);
+            }
+            HotBackend::Disk { name } => {
+                if let Some(v) = self
+                    .served
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&id)
+                {
+                    v.retain(|n| *n != name);
+                }
+                self.storage.del_disk(&name);
+            }
         }
-        self.switch.del_port(&net, &port);
     }
 
+    /// Removes the switch ports and the storage service's disks of world `id`'s run (it
+    /// ended, or never started), hot-plugged ones included: the disks are let go of, for
+    /// another VM to take.
     fn release_ports(&self, id: u64) {
-        self.hot_ports
+        self.hot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
@@ -1318,11 +1360,14 @@ impl Daemon {
 
     /// A disk for [`Self::device_add`].
     fn disk_add(&self, name: &str, d: wv_config::DiskConfig) -> Reply {
-        if d.vmkfs.is_some() || d.vhost_user || !d.via.is_vmm() {
+        if d.vhost_user {
             return error(
                 422,
-                "only raw disk images (path=) can be hot-plugged through the daemon",
+                "a hot-plugged disk is an image (path=) or a VMKFS disk (vmkfs=), not a vhost-user socket",
             );
+        }
+        if d.vmkfs.is_some() || !d.via.is_vmm() {
+            return self.served_disk_add(name, d);
         }
         let (id, lc) = match self.lifecycle(name) {
             Ok(x) => x,
@@ -1347,6 +1392,102 @@ impl Daemon {
         let req = json!({ "disk": d }).to_string();
         let files = [(key.as_str(), std::os::fd::AsFd::as_fd(&file))];
         self.hot_add(name, &req, &files)
+    }
+
+    /// A disk the storage service serves, for [`Self::device_add`]: a VMKFS disk (whatever
+    /// its `via`), or an image with `via=storage`. The service opens and holds it as the
+    /// host's world (the VMKFS lock), the VMM gets a connection to its socket; the disk is let
+    /// go of if the VMM does not take it, when the guest ejects it, or at the run's end.
+    fn served_disk_add(&self, name: &str, mut d: wv_config::DiskConfig) -> Reply {
+        let (id, lc) = match self.lifecycle(name) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(r) = self.running(id, name, true) {
+            return r;
+        }
+        d.via = wv_config::DiskVia::Storage;
+        // The checks a definition with it would pass (names the service can read back,
+        // files under the image directories).
+        let spec = {
+            let mut doc = self.lock();
+            match Self::world(&mut doc, id, name) {
+                Ok(w) => w.spec.clone(),
+                Err(r) => return r,
+            }
+        };
+        if !runs_shared(&spec.config) {
+            return not_shared(name, "a disk served by the storage world");
+        }
+        let mut with = spec;
+        with.config.disks.push(d.clone());
+        if let Err(e) = with.validate() {
+            return error(422, e);
+        }
+        if let Err(e) = self.check_image("disk", &d.path) {
+            return error(422, e);
+        }
+        let used: Vec<String> = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .unwrap_or_default();
+        let Some(disk) = (0..storage::MAX_HOT_DISKS)
+            .map(|k| storage::hot_disk_name(id, k))
+            .find(|n| !used.contains(n))
+        else {
+            return error(
+                409,
+                format!(
+                    "VM '{name}' has {} hot-plugged served disks, the most it can",
+                    storage::MAX_HOT_DISKS
+                ),
+            );
+        };
+        let sock = match self.storage.add_disk(&disk, &storage::disk_source(&d)) {
+            Ok(s) => s,
+            Err(storage::AddError::Refused(e)) => {
+                return error(409, format!("VM '{name}': disk {}: {e}", d.id))
+            }
+            Err(e) => return error(500, format!("VM '{name}': disk {}: {e}", d.id)),
+        };
+        let conn = match UnixStream::connect(&sock) {
+            Ok(c) => c,
+            Err(e) => {
+                self.storage.del_disk(&disk);
+                return error(500, format!("VM '{name}': {}: {e}", sock.display()));
+            }
+        };
+        let dev = d.id.clone();
+        d.path = sock.clone();
+        d.vmkfs = None;
+        d.vhost_user = true;
+        d.via = wv_config::DiskVia::Vmm;
+        let key = sock.display().to_string();
+        let req = json!({ "disk": d }).to_string();
+        let files = [(key.as_str(), std::os::fd::AsFd::as_fd(&conn))];
+        let (status, body) = self.hot_add(name, &req, &files);
+        drop(conn);
+        if status == 201 {
+            self.served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_default()
+                .push(disk.clone());
+            self.hot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_default()
+                .push((dev, HotBackend::Disk { name: disk }));
+        } else {
+            self.storage.del_disk(&disk);
+        }
+        (status, body)
     }
 
     /// A net for [`Self::device_add`]: a new port of the switch on its network, with the VM's
@@ -1385,6 +1526,9 @@ impl Daemon {
                 );
             }
             match Self::world(&mut doc, id, name) {
+                Ok(w) if !runs_shared(&w.spec.config) => {
+                    return not_shared(name, "a net on a network")
+                }
                 Ok(w) => w.spec.net_shares(),
                 Err(r) => return r,
             }
@@ -1438,12 +1582,18 @@ impl Daemon {
                 .entry(id)
                 .or_default()
                 .push((net.clone(), port.clone()));
-            self.hot_ports
+            self.hot
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(id)
                 .or_default()
-                .push((dev, net.clone(), port.clone()));
+                .push((
+                    dev,
+                    HotBackend::Port {
+                        net: net.clone(),
+                        port: port.clone(),
+                    },
+                ));
         } else {
             undo();
         }
@@ -1482,7 +1632,7 @@ impl Daemon {
         let req = json!({ "id": dev }).to_string();
         match self.vmm_call(name, "PUT", "/vm/device-remove", Some(&req)) {
             Ok((204, _)) => {
-                self.release_hot_port(id, dev);
+                self.release_hot(id, dev);
                 (204, String::new())
             }
             Ok((st, b)) => {

@@ -29,6 +29,14 @@ pub fn disk_name(id: u64, index: usize) -> String {
     format!("{id}-disk{index}")
 }
 
+/// How many served disks may be hot-plugged into one run of a VM (its PCI bus has 32 slots).
+pub const MAX_HOT_DISKS: usize = 32;
+
+/// The service's name for hot-plugged disk `k` (below [`MAX_HOT_DISKS`]) of VM world `id`.
+pub fn hot_disk_name(id: u64, k: usize) -> String {
+    format!("{id}-hdisk{k}")
+}
+
 /// The socket of the served disk `name` under the service's folder `dir`.
 pub fn disk_socket(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))

@@ -245,8 +245,13 @@ type Tx = mpsc::Sender<(Command, mpsc::Sender<Answer>)>;
 /// Leaves the files passed with `req` (SCM_RIGHTS, named by its `file=` query parameters:
 /// [`http::passing`]) in the VMM's table of handed-over files (crates/fds), for the code that
 /// would open them: how the daemon hands a jailed VMM a migration's connection or a
-/// restarted backend's socket.
-fn hand_over(req: &Request, s: &mut http::passing::FdStream) -> Result<(), Answer> {
+/// restarted backend's socket. Returns what it left, for [`serve`] to take back what the
+/// request's command did not use.
+fn hand_over(
+    req: &Request,
+    s: &mut http::passing::FdStream,
+    left: &mut Vec<(String, std::os::fd::RawFd)>,
+) -> Result<(), Answer> {
     let files = s.take_files();
     if s.refused {
         return Err(Answer::error(
@@ -272,7 +277,9 @@ fn hand_over(req: &Request, s: &mut http::passing::FdStream) -> Result<(), Answe
         ));
     }
     for (k, f) in keys.iter().zip(files) {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&f);
         wv_fds::put(k, f).map_err(|e| Answer::error(503, e))?;
+        left.push((k.clone(), raw));
     }
     Ok(())
 }
@@ -282,10 +289,16 @@ fn serve(stream: UnixStream, tx: &Tx, wake: &EventFd) {
         http::passing::FdStream::new(stream),
         REQUEST_TIMEOUT,
     ));
+    // The files this request left in the table; those its command did not take are closed
+    // once it is answered (a refused hot-plug must not keep its backend's connection open),
+    // except with `PUT /vm/files`, whose files wait for later.
+    let mut left = Vec::new();
+    let mut keep = false;
     let a = match http::read_request(&mut r) {
-        Ok(req) => match hand_over(&req, r.get_mut().get_mut()).and_then(|()| {
+        Ok(req) => match hand_over(&req, r.get_mut().get_mut(), &mut left).and_then(|()| {
             if req.method == "PUT" && req.path == "/vm/files" {
                 // Nothing more than the hand-over.
+                keep = true;
                 return Err(Answer::none());
             }
             route(&req)
@@ -303,6 +316,11 @@ fn serve(stream: UnixStream, tx: &Tx, wake: &EventFd) {
         },
         Err(HttpError(status, msg)) => Answer::error(status, msg),
     };
+    if !keep {
+        for (k, raw) in left {
+            drop(wv_fds::take_exact(&k, raw));
+        }
+    }
     let stream = r.get_mut().get_mut();
     let _ = http::Timed::set_write_timeout(stream, Some(REQUEST_TIMEOUT));
     let _ = http::write_response(stream, a.status, &a.headers, &a.body);

@@ -811,13 +811,13 @@ const VM_SNAPSHOT: Spec = Spec {
 const VM_DEVICE_ADD: Spec = Spec {
     cmd: "wv vm device-add",
     pos: &["NAME"],
-    about: "Hot-plugs a disk or a net into the running VM NAME (ACPI PCI hot-plug;\ndocs/DEVICES.md): for a disk the daemon opens the image (under its --images directories),\nfor a net it adds a port to its network's switch, and hands it to the VMM. A net needs\nthe VM's memory shared (it was started with a net on a network, or --memory-shared).\nLive only: the VM's definition does not change. Also spelt `wv vm device add NAME ...`.",
+    about: "Hot-plugs a disk or a net into the running VM NAME (ACPI PCI hot-plug;\ndocs/DEVICES.md): for a raw image the daemon opens it (under its --images directories), a\nVMKFS disk the storage world serves, for a net it adds a port to its network's switch;\nit hands the VMM the file or connection. A served disk or a net needs the VM's memory\nshared (it was started with a net on a network, or --memory-shared on).\nLive only: the VM's definition does not change. Also spelt `wv vm device add NAME ...`.",
     opts: &[
         &[
             opt(
                 "--disk",
-                Arg::Value("path=IMG,id=ID[,readonly=on]"),
-                "a disk: a raw image and the id to remove it by",
+                Arg::Value("path=IMG|vmkfs=DS:NAME,id=ID[,readonly=on][,via=storage]"),
+                "a disk: a raw image, or a VMKFS disk (served by the storage world), and the\nid to remove it by",
             ),
             opt(
                 "--net",
@@ -1082,7 +1082,7 @@ Commands:
   delete-snapshot SNAPSHOT
   migrate NAME --to HOST:PORT [--token T | $WV_TARGET_TOKEN] [--downtime-ms N]
           [--copy-disks [--datastore PATH]]
-  device add NAME --disk path=IMG,id=ID[,readonly=on] | --net network=NAME,id=ID[,mac=MAC]
+  device add NAME --disk path=IMG|vmkfs=DS:NAME,id=ID[,...] | --net network=NAME,id=ID[,...]
   device remove NAME ID
   device NAME DEV --path direct|interposed [--capture FILE]
 

@@ -320,3 +320,81 @@ fn a_restarted_daemon_serves_the_running_vms_disks_again() {
         assert_eq!(s[8..16], n.to_le_bytes(), "record {n}");
     }
 }
+
+/// A VMKFS disk hot-plugged into a running daemon VM (`wv vm device add NAME --disk
+/// vmkfs=DS:NAME,id=ID`): the storage world opens and holds it, the VMM gets a connection to
+/// its socket, the guest writes and reads it back, ejects it on `wv vm device remove`, and the
+/// disk is let go of: it exports afterwards with the guest's sector. A VM whose memory is its
+/// own is refused (the service could not reach it) and the disk let go of at once.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_vmkfs_disk_is_hot_plugged_through_the_storage_world_and_removed() {
+    need_kvm();
+    let dir = TempDir::new("host-storage-hotplug");
+    let ds = datastore(&dir);
+    let d = Daemon::start(&dir);
+    for (name, shared) in [("h", true), ("own", false)] {
+        let mut args = vec![
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "64M",
+            "--cmdline",
+            "console=ttyS0 probe.tests=hotplug probe.hotplug_cycles=1",
+        ];
+        if shared {
+            args.extend(["--memory-shared", "on"]);
+        }
+        let r = d.wv(&args);
+        assert_eq!(r.status, Some(0), "{r}");
+        assert_eq!(d.wv(&["vm", "start", name]).status, Some(0));
+        wait_console(&d, name, "hotplug: ready");
+    }
+    let disk = format!("vmkfs={ds}:root,id=hot0");
+    let r = d.wv(&["vm", "device", "add", "own", "--disk", &disk]);
+    assert_ne!(r.status, Some(0), "{r}");
+    assert!(r.stderr.contains("shared"), "{r}");
+    // Refused before the storage world was asked (it has not even started).
+    assert!(
+        storage_pid(&d).is_none() || served(&d).is_empty(),
+        "the refused disk is served"
+    );
+
+    let r = d.wv(&["vm", "device", "add", "h", "--disk", &disk]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let log = wait_console(&d, "h", "hotplug: added slot=");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("hotplug: added"))
+        .unwrap();
+    // The name the guest reads (GET_ID) is the storage world's for the disk.
+    let id = d.json(&["vm", "info", "h"])["id"].as_u64().unwrap();
+    assert!(line.ends_with(&format!("blk {id}-hdisk0 rw-ok")), "{line}");
+    assert_eq!(served(&d).len(), 1, "{:?}", served(&d));
+    // Held by the storage world: it cannot be added a second time meanwhile.
+    let again = format!("vmkfs={ds}:root,id=hot1");
+    let r = d.wv(&["vm", "device", "add", "h", "--disk", &again]);
+    assert_ne!(r.status, Some(0), "{r}");
+    assert!(r.stderr.contains("open for writing"), "{r}");
+    assert_eq!(served(&d).len(), 1, "{:?}", served(&d));
+
+    let r = d.wv(&["vm", "device", "remove", "h", "hot0"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    wait_console(&d, "h", "hotplug: ejected slot=");
+    wait_released(&d);
+    d.wait_state("h", "stopped");
+    assert_eq!(d.wv(&["vm", "stop", "own"]).status, Some(0));
+    let out = dir.path("root.out");
+    let r = wv(&["fs", "export", &ds, "root", out.to_str().unwrap()]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let data = std::fs::read(&out).unwrap();
+    let seed = 0x5a_u8.wrapping_add(0x11);
+    assert!(
+        data[512..1024]
+            .iter()
+            .zip((0..=255u8).cycle())
+            .all(|(b, i)| *b == i ^ seed),
+        "sector 1 holds the guest's pattern"
+    );
+}
