@@ -518,6 +518,8 @@ struct Running {
 pub struct Cluster {
     spec: ClusterSpec,
     addrs: Vec<SocketAddr>,
+    /// The process of each node started here, by id (node 0: this one; remote ones: none).
+    pids: Vec<Option<u32>>,
     pending: Mutex<Option<(wv_dsm::Listener, Vec<Peer>, Vec<Child>)>>,
     end: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
 }
@@ -585,6 +587,7 @@ impl Cluster {
         })?;
         let mut addrs = vec![listener.local_addr().map_err(cluster_err)?];
         let mut children = Vec::new();
+        let mut pids = vec![Some(std::process::id())];
         let fail = |children: &mut Vec<Child>, e: VmmError| {
             for c in children.iter_mut() {
                 let _ = c.kill();
@@ -595,10 +598,12 @@ impl Cluster {
         for (i, n) in spec.nodes.iter().enumerate().skip(1) {
             if n.remote {
                 addrs.push(n.listen);
+                pids.push(None);
                 continue;
             }
             match start_node(wv, i, n.listen) {
                 Ok((c, a)) => {
+                    pids.push(Some(c.id()));
                     children.push(c);
                     addrs.push(a);
                 }
@@ -642,6 +647,7 @@ impl Cluster {
         Ok(Cluster {
             spec: spec.clone(),
             addrs,
+            pids,
             pending: Mutex::new(Some((
                 wv_dsm::Listener::from(listener),
                 peers,
@@ -695,12 +701,16 @@ impl Cluster {
             }
         }
         let mut line = format!(
-            "wv: cluster of {} nodes: node 0 at {} runs the vCPUs",
+            "wv: cluster of {} nodes: node 0 at {} (pid {}) runs the vCPUs",
             self.addrs.len(),
-            self.addrs[0]
+            self.addrs[0],
+            std::process::id()
         );
         for (i, a) in self.addrs.iter().enumerate().skip(1) {
-            line.push_str(&format!("; node {i} at {a} (memory node)"));
+            match self.pids.get(i).copied().flatten() {
+                Some(pid) => line.push_str(&format!("; node {i} at {a} (memory node, pid {pid})")),
+                None => line.push_str(&format!("; node {i} at {a} (memory node, remote)")),
+            }
         }
         eprintln!("{line}");
         let (end_tx, end_rx) = mpsc::channel::<()>();

@@ -1037,6 +1037,8 @@ Worldvisor: a hypervisor on Linux KVM
 Usage:
   wv run [OPTIONS]          Boot one VM in the foreground until the guest powers off
   wv run --config VM.json   The same, the VM's whole definition from a file
+  wv run --cluster C.toml   The same, the VM's memory kept coherent over several node processes
+  wv node --listen ADDR     Run a cluster node that waits for node 0 (wv run --cluster) to give its part
   wv host [--socket PATH] [--state-dir DIR] [--listen ADDR:PORT]
                             Run the host daemon that owns this host's VMs (--listen: also
                             serve the API on TCP, to clients with its token)
