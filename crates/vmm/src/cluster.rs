@@ -195,8 +195,7 @@ impl ClusterSpec {
     pub fn from_file(path: &Path) -> Result<ClusterSpec, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-        ClusterSpec::parse(&text)
-            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+        ClusterSpec::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
     }
 
     /// Refuses what a valid spec may ask for but this build cannot run yet.
@@ -383,9 +382,7 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
     let id = setup.node;
     let built = (|| -> Result<(kvm_ioctls::VmFd, GuestRam, wv_dsm::Region), String> {
         let kvm = wv_hypervisor::open().map_err(|e| e.to_string())?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+        let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
         let mem = wv_machine::create_ram(setup.memory).map_err(|e| e.to_string())?;
         let region = dsm_region(&mem)?;
         Ok((vm, mem, region))
@@ -460,7 +457,11 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
         let cmd = match read_line(&mut r) {
             Ok(c) => c,
             Err(_) if stopping.load(Ordering::Acquire) => break Ok(()),
-            Err(e) => break Err(format!("node {id}: node 0 is gone (set-up connection: {e})")),
+            Err(e) => {
+                break Err(format!(
+                    "node {id}: node 0 is gone (set-up connection: {e})"
+                ))
+            }
         };
         let answer = match cmd.as_str() {
             "stats" => held
@@ -477,7 +478,9 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
             if stopping.load(Ordering::Acquire) {
                 break Ok(());
             }
-            break Err(format!("node {id}: node 0 is gone (set-up connection: {e})"));
+            break Err(format!(
+                "node {id}: node 0 is gone (set-up connection: {e})"
+            ));
         }
     };
     if res.is_ok() {
@@ -505,6 +508,9 @@ impl Peer {
     }
 }
 
+/// Node 0's listener, the set-up connections and the nodes started, until RAM is handed over.
+type Pending = (wv_dsm::Listener, Vec<Peer>, Vec<Child>);
+
 /// What the supervisor owns once the cluster is up.
 struct Running {
     node: wv_dsm::Node,
@@ -520,7 +526,7 @@ pub struct Cluster {
     addrs: Vec<SocketAddr>,
     /// The process of each node started here, by id (node 0: this one; remote ones: none).
     pids: Vec<Option<u32>>,
-    pending: Mutex<Option<(wv_dsm::Listener, Vec<Peer>, Vec<Child>)>>,
+    pending: Mutex<Option<Pending>>,
     end: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
 }
 
@@ -648,11 +654,7 @@ impl Cluster {
             spec: spec.clone(),
             addrs,
             pids,
-            pending: Mutex::new(Some((
-                wv_dsm::Listener::from(listener),
-                peers,
-                children,
-            ))),
+            pending: Mutex::new(Some((wv_dsm::Listener::from(listener), peers, children))),
             end: Mutex::new(None),
         })
     }
@@ -678,12 +680,8 @@ impl Cluster {
             .take()
             .ok_or_else(|| cluster_err("guest RAM handed over twice"))?;
         let region = dsm_region(mem).map_err(cluster_err)?;
-        let node = wv_dsm::Node::join(
-            listener,
-            wv_dsm::Config::new(0, self.addrs.clone()),
-            region,
-        )
-        .map_err(|e| cluster_err(format!("node 0 joining the cluster: {e}")))?;
+        let node = wv_dsm::Node::join(listener, wv_dsm::Config::new(0, self.addrs.clone()), region)
+            .map_err(|e| cluster_err(format!("node 0 joining the cluster: {e}")))?;
         for p in &mut peers {
             match read_line(&mut p.r) {
                 Ok(l) if l == "joined" => {}
@@ -695,9 +693,7 @@ impl Cluster {
                         l.strip_prefix("error: ").unwrap_or(&l)
                     )))
                 }
-                Err(e) => {
-                    return Err(cluster_err(format!("node {} at {}: {e}", p.id, p.addr)))
-                }
+                Err(e) => return Err(cluster_err(format!("node {} at {}: {e}", p.id, p.addr))),
             }
         }
         let mut line = format!(
@@ -744,8 +740,11 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.finish();
         // Nodes started but never handed over (the VM was not built): stop them.
-        if let Some((_, _, mut children)) =
-            self.pending.lock().unwrap_or_else(|p| p.into_inner()).take()
+        if let Some((_, _, mut children)) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
         {
             for c in &mut children {
                 let _ = c.kill();
@@ -758,7 +757,12 @@ impl Drop for Cluster {
 /// Node 0's supervisor thread: until the VM ends, a lost node (a DSM connection closed)
 /// ends the process within 100 ms with an error naming the node; at the end, the counters and
 /// the stop.
-fn supervise(mut run: Running, addrs: &[SocketAddr], end: &mpsc::Receiver<()>, done: &mpsc::Sender<()>) {
+fn supervise(
+    mut run: Running,
+    addrs: &[SocketAddr],
+    end: &mpsc::Receiver<()>,
+    done: &mpsc::Sender<()>,
+) {
     loop {
         if let Some(e) = run.node.wait_error(Duration::from_millis(50)) {
             if end.try_recv().is_err() {
@@ -845,7 +849,9 @@ vcpus = [2, 3]
         assert_eq!(s.nodes[0].listen, "127.0.0.1:0".parse().unwrap());
         let e = s.check_runnable().unwrap_err().0;
         assert!(
-            e.contains("vCPUs on node 1 need the userspace interrupt controller, not yet available"),
+            e.contains(
+                "vCPUs on node 1 need the userspace interrupt controller, not yet available"
+            ),
             "{e}"
         );
     }
@@ -860,10 +866,7 @@ vcpus = [2, 3]
         assert_eq!(s.memory, 128 << 20);
         assert!(s.mirror && s.nodes[2].remote && s.nodes[2].vcpus.is_empty());
         assert!(s.check_runnable().unwrap_err().0.contains("mirror"));
-        let s = ClusterSpec {
-            mirror: false,
-            ..s
-        };
+        let s = ClusterSpec { mirror: false, ..s };
         s.check_runnable().unwrap();
     }
 
@@ -928,7 +931,10 @@ vcpus = [2, 3]
         let ok = Setup {
             version: SETUP_VERSION,
             node: 1,
-            peers: vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()],
+            peers: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
             vcpus: vec![],
             memory: 128 << 20,
         };
@@ -936,13 +942,34 @@ vcpus = [2, 3]
         let line = serde_json::to_string(&ok).unwrap();
         assert_eq!(serde_json::from_str::<Setup>(&line).unwrap(), ok);
         for bad in [
-            Setup { node: 0, ..ok.clone() },
-            Setup { node: 2, ..ok.clone() },
-            Setup { version: 9, ..ok.clone() },
-            Setup { memory: 4095, ..ok.clone() },
-            Setup { memory: 8 << 30, ..ok.clone() },
-            Setup { vcpus: vec![1], ..ok.clone() },
-            Setup { peers: vec![ok.peers[0]], ..ok.clone() },
+            Setup {
+                node: 0,
+                ..ok.clone()
+            },
+            Setup {
+                node: 2,
+                ..ok.clone()
+            },
+            Setup {
+                version: 9,
+                ..ok.clone()
+            },
+            Setup {
+                memory: 4095,
+                ..ok.clone()
+            },
+            Setup {
+                memory: 8 << 30,
+                ..ok.clone()
+            },
+            Setup {
+                vcpus: vec![1],
+                ..ok.clone()
+            },
+            Setup {
+                peers: vec![ok.peers[0]],
+                ..ok.clone()
+            },
         ] {
             assert!(bad.check().is_err(), "{bad:?}");
         }

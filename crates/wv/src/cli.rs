@@ -1497,16 +1497,23 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     let from = match m.value("--cluster") {
         None => from,
         Some(f) => {
-            if let Some(o) = ["--restore", "--incoming", "--config", "--vcpus", "--memory", "--jail"]
-                .into_iter()
-                .find(|o| m.has(o))
+            if let Some(o) = [
+                "--restore",
+                "--incoming",
+                "--config",
+                "--vcpus",
+                "--memory",
+                "--jail",
+            ]
+            .into_iter()
+            .find(|o| m.has(o))
             {
                 return Err(Usage(format!(
                     "--cluster: {o} cannot be added to it (the spec gives vcpus and memory)"
                 )));
             }
-            let spec = wv_vmm::cluster::ClusterSpec::from_file(Path::new(f))
-                .map_err(|e| Usage(e.0))?;
+            let spec =
+                wv_vmm::cluster::ClusterSpec::from_file(Path::new(f)).map_err(|e| Usage(e.0))?;
             spec.check_runnable().map_err(|e| Usage(e.0))?;
             RunFrom::Cluster(Box::new(spec))
         }

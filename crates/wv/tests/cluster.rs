@@ -61,8 +61,9 @@ fn selftests_over(nodes: usize) {
         r.assert_pass(t);
     }
     assert!(
-        r.stderr
-            .contains(&format!("wv: cluster of {nodes} nodes: node 0 at 127.0.0.1:")),
+        r.stderr.contains(&format!(
+            "wv: cluster of {nodes} nodes: node 0 at 127.0.0.1:"
+        )),
         "{r}"
     );
     let n0 = node_counters(&r.stderr, 0);
@@ -268,7 +269,10 @@ fn a_remote_node_serves_and_exits_when_node_0_is_lost() {
     let (status, _) = node.wait_end(Duration::from_secs(5));
     let out = node.rest();
     assert_eq!(status, Some(1), "{out}");
-    assert!(out.contains("lost node 0") || out.contains("node 0 is gone"), "{out}");
+    assert!(
+        out.contains("lost node 0") || out.contains("node 0 is gone"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -296,7 +300,10 @@ fn a_remote_node_runs_the_selftests_and_is_stopped_at_the_end() {
     assert_eq!(r.status, Some(0), "{r}");
     r.assert_pass("boot");
     r.assert_pass("smp");
-    assert!(counter(&node_counters(&r.stderr, 1), "messages_received") > 0, "{r}");
+    assert!(
+        counter(&node_counters(&r.stderr, 1), "messages_received") > 0,
+        "{r}"
+    );
     let (status, _) = node.wait_end(Duration::from_secs(10));
     assert_eq!(status, Some(0), "{}", node.rest());
 }
@@ -338,10 +345,16 @@ fn bad_cluster_specs_are_refused_with_their_error() {
         assert!(r.stderr.contains(want), "{text}\n{r}");
         assert_eq!(r.stderr.lines().count(), 1, "{r}");
     }
-    let f = dir.file("ok.toml", b"vcpus = 1\nmemory = \"128M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n");
+    let f = dir.file(
+        "ok.toml",
+        b"vcpus = 1\nmemory = \"128M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n",
+    );
     let r = wv(&["run", "--cluster", f.to_str().unwrap(), "--vcpus", "2"]);
     assert_eq!(r.status, Some(200), "{r}");
-    assert!(r.stderr.contains("--cluster: --vcpus cannot be added"), "{r}");
+    assert!(
+        r.stderr.contains("--cluster: --vcpus cannot be added"),
+        "{r}"
+    );
     let r = wv(&["run", "--cluster", "/nonexistent/c.toml"]);
     assert_eq!(r.status, Some(200), "{r}");
     assert!(r.stderr.contains("cannot read /nonexistent/c.toml"), "{r}");
