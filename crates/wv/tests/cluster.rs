@@ -262,6 +262,8 @@ fn a_remote_node_serves_and_exits_when_node_0_is_lost() {
         "{line}"
     );
     node.wait_line("wv node 2: joined a cluster of 3 nodes as a memory node");
+    let (_, local) = node_in(&line, 1);
+    assert!(local > 0, "{line}");
     p.wait_line("PASS boot");
     p.wait_line("burn: spinning");
     let _ = p.child.kill();
@@ -273,6 +275,20 @@ fn a_remote_node_serves_and_exits_when_node_0_is_lost() {
         out.contains("lost node 0") || out.contains("node 0 is gone"),
         "{out}"
     );
+    // The node wv run started here went with it (a zombie until init reaps it, or gone).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{local}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+        if stat.is_empty() || state == Some(Some('Z')) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 1 (pid {local}) still runs: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -353,6 +369,19 @@ fn bad_cluster_specs_are_refused_with_their_error() {
     assert_eq!(r.status, Some(200), "{r}");
     assert!(
         r.stderr.contains("--cluster: --vcpus cannot be added"),
+        "{r}"
+    );
+    // A remote node that is not there: named with its address, before any VM is built.
+    let f = dir.file(
+        "unreachable.toml",
+        b"vcpus = 1\nmemory = \"128M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n\
+          [[node]]\nlisten = \"127.0.0.1:1\"\nremote = true\n",
+    );
+    let r = wv(&["run", "--cluster", f.to_str().unwrap()]);
+    assert_eq!(r.status, Some(206), "{r}");
+    assert!(
+        r.stderr
+            .contains("cluster: cannot reach node 1 at 127.0.0.1:1"),
         "{r}"
     );
     let r = wv(&["run", "--cluster", "/nonexistent/c.toml"]);
