@@ -215,6 +215,34 @@ impl ClusterSpec {
     }
 }
 
+/// Refuses a VM configuration that cluster mode cannot keep coherent: vCPUs and memory other
+/// than the spec's; a balloon (it drops guest pages behind the DSM's back, and the engine would
+/// then fault on its own region); shared RAM (`--memory-shared`, vhost-user devices: another
+/// process would read and write the memfd without going through the protocol).
+pub fn check_config(cfg: &crate::VmConfig, spec: &ClusterSpec) -> Result<(), ConfigError> {
+    if cfg.vcpus != spec.vcpus || cfg.memory != spec.memory {
+        return Err(err(format!(
+            "the VM has {} vCPUs and {} of memory, its spec {} and {}",
+            cfg.vcpus,
+            format_size(cfg.memory),
+            spec.vcpus,
+            format_size(spec.memory)
+        )));
+    }
+    if cfg.balloon {
+        return Err(err(
+            "a balloon is not available in a cluster yet (it drops guest pages behind the DSM)",
+        ));
+    }
+    if cfg.memory_is_shared() {
+        return Err(err(
+            "shared guest memory (--memory-shared, vhost-user devices) is not available in a \
+             cluster yet (another process would bypass the DSM)",
+        ));
+    }
+    Ok(())
+}
+
 /// What node 0 tells a node in the set-up step (one JSON line on the set-up connection).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -569,7 +597,8 @@ fn start_node(wv: &Path, id: usize, listen: SocketAddr) -> Result<(Child, Socket
             let _ = child.kill();
             let _ = child.wait();
             Err(cluster_err(format!(
-                "node {id} did not report its address ({})",
+                "node {id} (wv node --listen {listen}) did not report its address ({}); a node \
+                 on another host is started there and marked remote = true",
                 match line {
                     Ok(l) => format!("it said {:?}", l),
                     Err(e) => e.to_string(),
@@ -773,6 +802,20 @@ fn supervise(
                     "wv: error: cluster node {}{at} was lost ({}); the VM is stopped",
                     e.peer, e.message
                 );
+                // What must be released however the VMM ends (VMKFS disks' owner records), on
+                // a thread of its own and for a bounded time: a device may hold a disk while
+                // it waits for a page the lost node had.
+                let (tx, rx) = mpsc::channel();
+                if std::thread::Builder::new()
+                    .name("wv-exit-hooks".into())
+                    .spawn(move || {
+                        crate::run_exit_hooks();
+                        let _ = tx.send(());
+                    })
+                    .is_ok()
+                {
+                    let _ = rx.recv_timeout(Duration::from_millis(300));
+                }
                 // SAFETY: ends the process at once: vCPUs may be waiting for pages only the
                 // lost node could give, so there is no orderly way out of the guest.
                 unsafe { libc::_exit(i32::from(STATUS_INTERNAL)) };

@@ -342,13 +342,7 @@ pub(crate) type RamHook<'a> = &'a dyn Fn(&GuestMemoryMmap) -> Result<(), VmmErro
 /// other nodes by the DSM from before the guest is loaded. Call [`cluster::Cluster::finish`]
 /// once the VM has ended, before its resources go.
 pub fn run_clustered(cfg: &VmConfig, cluster: &cluster::Cluster) -> Result<RunOutcome, VmmError> {
-    let spec = cluster.spec();
-    if cfg.vcpus != spec.vcpus || cfg.memory != spec.memory {
-        return Err(VmmError::Config(config::ConfigError(format!(
-            "cluster: the VM has {} vCPUs and {} bytes of memory, its cluster spec {} and {}",
-            cfg.vcpus, cfg.memory, spec.vcpus, spec.memory
-        ))));
-    }
+    cluster::check_config(cfg, cluster.spec()).map_err(VmmError::Config)?;
     run_from(cfg, None, None, Some(&|mem| cluster.ram_hook(mem)))
 }
 

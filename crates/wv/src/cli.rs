@@ -1601,6 +1601,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     if let RunFrom::Cluster(spec) = &from {
         cfg.vcpus = spec.vcpus;
         cfg.memory = spec.memory;
+        wv_vmm::cluster::check_config(&cfg, spec).map_err(|e| Usage(e.0))?;
     }
     if let Some(v) = m.value("--serial") {
         cfg.serial = match v {

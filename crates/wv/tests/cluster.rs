@@ -371,6 +371,13 @@ fn bad_cluster_specs_are_refused_with_their_error() {
         r.stderr.contains("--cluster: --vcpus cannot be added"),
         "{r}"
     );
+    let r = wv(&["run", "--cluster", f.to_str().unwrap(), "--balloon", "on"]);
+    assert_eq!(r.status, Some(200), "{r}");
+    assert!(
+        r.stderr
+            .contains("cluster: a balloon is not available in a cluster yet"),
+        "{r}"
+    );
     // A remote node that is not there: named with its address, before any VM is built.
     let f = dir.file(
         "unreachable.toml",
