@@ -392,9 +392,12 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut w = ctl.try_clone().map_err(|e| e.to_string())?;
     let mut r = BufReader::new(ctl);
-    let line = read_line(&mut r).map_err(|e| format!("set-up from {from}: {e}"))?;
-    let setup = serde_json::from_str::<Setup>(&line)
-        .map_err(|e| format!("set-up from {from}: not a set-up line: {e}"))
+    let setup = read_line(&mut r)
+        .map_err(|e| format!("set-up from {from}: {e}"))
+        .and_then(|line| {
+            serde_json::from_str::<Setup>(&line)
+                .map_err(|e| format!("set-up from {from}: not a set-up line: {e}"))
+        })
         .and_then(|s| {
             s.check()
                 .map(|()| s)

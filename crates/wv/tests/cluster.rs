@@ -398,3 +398,48 @@ fn bad_cluster_specs_are_refused_with_their_error() {
     assert_eq!(r.status, Some(200), "{r}");
     assert!(r.stderr.contains("wv node needs --listen"), "{r}");
 }
+
+/// Sends `line` as node 0 would on a fresh `wv node`'s set-up connection: the node's answer
+/// and how it ended.
+fn node_given(line: &[u8]) -> (String, Option<i32>, String) {
+    use std::io::Write;
+    let mut n = Command::new(wv_bin());
+    n.args(["node", "--listen", "127.0.0.1:0"]);
+    let mut node = Merged::spawn(n);
+    let l = node.wait_line("wv node: listening on ");
+    let addr = l.rsplit(' ').next().unwrap().to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    // (The node may close before it read everything: a reset then, not a test failure.)
+    let _ = s.write_all(line);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    let _ = BufReader::new(&s).read_line(&mut answer);
+    let (status, _) = node.wait_end(Duration::from_secs(10));
+    (answer, status, node.rest())
+}
+
+#[test]
+fn a_node_refuses_a_bad_part_with_its_error() {
+    let peers = r#"["127.0.0.1:1","127.0.0.1:2"]"#;
+    let cases = [
+        (format!("{{\"version\":1,\"node\":5,\"peers\":{peers},\"vcpus\":[],\"memory\":134217728}}\n"), "node id 5 (1 to 1 in this cluster)"),
+        (format!("{{\"version\":2,\"node\":1,\"peers\":{peers},\"vcpus\":[],\"memory\":134217728}}\n"), "set-up version 2"),
+        (format!("{{\"version\":1,\"node\":1,\"peers\":{peers},\"vcpus\":[0],\"memory\":134217728}}\n"), "need the userspace interrupt controller"),
+        (format!("{{\"version\":1,\"node\":1,\"peers\":{peers},\"vcpus\":[],\"memory\":12345}}\n"), "guest memory of 12345 bytes"),
+        ("hello\n".to_string(), "not a set-up line"),
+        ("{\"version\":1}".to_string(), "line too long or cut"),
+    ];
+    for (line, want) in cases {
+        let (answer, status, out) = node_given(line.as_bytes());
+        assert!(
+            answer.starts_with("error: ") && answer.contains(want),
+            "{line}: {answer:?} {out}"
+        );
+        assert_eq!(status, Some(1), "{line}: {out}");
+        assert!(out.contains(want), "{line}: {out}");
+    }
+    // A line that never ends is cut at 64 KiB, not buffered without bound.
+    let (_, status, out) = node_given(&vec![b'x'; 100_000]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("line too long or cut"), "{out}");
+}
