@@ -463,10 +463,13 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
             .name("wv-node-watch".into())
             .spawn(move || loop {
                 if let Some(e) = node.wait_error(Duration::from_millis(100)) {
-                    if !stopping.load(Ordering::Acquire) {
-                        let at = peers
-                            .get(e.peer as usize)
-                            .map_or_else(String::new, |a| format!(" at {a}"));
+                    if stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let at = peers
+                        .get(e.peer as usize)
+                        .map_or_else(String::new, |a| format!(" at {a}"));
+                    if e.peer == 0 || e.peer == id {
                         eprintln!(
                             "wv: error: node {id}: lost node {}{at}: {}; exiting",
                             e.peer, e.message
@@ -474,6 +477,13 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
                         // SAFETY: ends the process at once; nothing needs unwinding.
                         unsafe { libc::_exit(1) };
                     }
+                    // Another memory node: node 0 sees it too and stops the VM, which ends
+                    // this node (its set-up connection closes); staying until then lets node 0
+                    // name the node that was lost rather than this one.
+                    eprintln!(
+                        "wv: node {id}: lost node {}{at}: {}; waiting for node 0 to stop the VM",
+                        e.peer, e.message
+                    );
                     return;
                 }
                 if stopping.load(Ordering::Acquire) {
