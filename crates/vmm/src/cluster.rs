@@ -310,8 +310,8 @@ fn dsm_region(mem: &GuestRam) -> Result<wv_dsm::Region, String> {
     };
     // SAFETY: the region is guest RAM's whole mapping (read-write, page-aligned, of that
     // backing); every caller keeps the RAM mapped until the node is dropped (node 0: the
-    // supervisor drops it before the VM's resources go; a memory node: `MemoryNode` drops the
-    // node before the RAM), and nothing remaps it meanwhile.
+    // supervisor holds a reference to the RAM and drops it after the node; a memory node:
+    // `MemoryNode` drops the node before the RAM), and nothing remaps it meanwhile.
     Ok(unsafe { wv_dsm::Region::from_raw(r.as_ptr(), len, backing) })
 }
 
@@ -555,6 +555,9 @@ type Pending = (wv_dsm::Listener, Vec<Peer>, Vec<Child>);
 /// What the supervisor owns once the cluster is up.
 struct Running {
     node: wv_dsm::Node,
+    /// Guest RAM, held so that it stays mapped until the node (its engine) is dropped, however
+    /// the VM's build or run ends.
+    ram: GuestRam,
     peers: Vec<Peer>,
     children: Vec<Child>,
 }
@@ -573,6 +576,15 @@ pub struct Cluster {
 
 fn cluster_err(m: impl std::fmt::Display) -> VmmError {
     VmmError::Internal(format!("cluster: {m}"))
+}
+
+/// Ends the node processes started here (by their handles) and reaps them.
+fn kill_all(children: &mut Vec<Child>) {
+    for c in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    children.clear();
 }
 
 /// Starts `wv node --listen ADDR` (`wv` is this program) and reads the address it bound.
@@ -637,10 +649,7 @@ impl Cluster {
         let mut children = Vec::new();
         let mut pids = vec![Some(std::process::id())];
         let fail = |children: &mut Vec<Child>, e: VmmError| {
-            for c in children.iter_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            kill_all(children);
             e
         };
         for (i, n) in spec.nodes.iter().enumerate().skip(1) {
@@ -715,29 +724,40 @@ impl Cluster {
     /// is written to it (joining drops every page; the kernel and boot data are loaded after,
     /// through the protocol), waits until every node has joined, and starts the supervisor.
     pub fn ram_hook(&self, mem: &GuestRam) -> Result<(), VmmError> {
-        let (listener, mut peers, children) = self
+        let (listener, mut peers, mut children) = self
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .ok_or_else(|| cluster_err("guest RAM handed over twice"))?;
-        let region = dsm_region(mem).map_err(cluster_err)?;
-        let node = wv_dsm::Node::join(listener, wv_dsm::Config::new(0, self.addrs.clone()), region)
-            .map_err(|e| cluster_err(format!("node 0 joining the cluster: {e}")))?;
-        for p in &mut peers {
-            match read_line(&mut p.r) {
-                Ok(l) if l == "joined" => {}
-                Ok(l) => {
-                    return Err(cluster_err(format!(
-                        "node {} at {}: {}",
-                        p.id,
-                        p.addr,
-                        l.strip_prefix("error: ").unwrap_or(&l)
-                    )))
+        let joined = (|| {
+            let region = dsm_region(mem).map_err(cluster_err)?;
+            let node =
+                wv_dsm::Node::join(listener, wv_dsm::Config::new(0, self.addrs.clone()), region)
+                    .map_err(|e| cluster_err(format!("node 0 joining the cluster: {e}")))?;
+            for p in &mut peers {
+                match read_line(&mut p.r) {
+                    Ok(l) if l == "joined" => {}
+                    Ok(l) => {
+                        return Err(cluster_err(format!(
+                            "node {} at {}: {}",
+                            p.id,
+                            p.addr,
+                            l.strip_prefix("error: ").unwrap_or(&l)
+                        )))
+                    }
+                    Err(e) => return Err(cluster_err(format!("node {} at {}: {e}", p.id, p.addr))),
                 }
-                Err(e) => return Err(cluster_err(format!("node {} at {}: {e}", p.id, p.addr))),
             }
-        }
+            Ok(node)
+        })();
+        let node = match joined {
+            Ok(n) => n,
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(e);
+            }
+        };
         let mut line = format!(
             "wv: cluster of {} nodes: node 0 at {} (pid {}) runs the vCPUs",
             self.addrs.len(),
@@ -755,6 +775,7 @@ impl Cluster {
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let running = Running {
             node,
+            ram: mem.clone(),
             peers,
             children,
         };
@@ -788,10 +809,7 @@ impl Drop for Cluster {
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            for c in &mut children {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            kill_all(&mut children);
         }
     }
 }
@@ -863,6 +881,7 @@ fn supervise(
     }
     drop(std::mem::take(&mut run.peers));
     drop(run.node);
+    drop(run.ram);
     let deadline = Instant::now() + Duration::from_secs(5);
     for c in &mut run.children {
         loop {
