@@ -351,7 +351,7 @@ fn stats_words(json: &str) -> String {
     match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json) {
         Ok(m) => m
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{}={v}", k.escape_debug()))
             .collect::<Vec<_>>()
             .join(" "),
         Err(_) => format!("unreadable counters {:?}", json.escape_debug().to_string()),
@@ -692,7 +692,7 @@ impl Cluster {
                     "ok" => Ok(p),
                     a => Err(format!(
                         "node {i} at {addr} refused its part: {}",
-                        a.strip_prefix("error: ").unwrap_or(a)
+                        a.strip_prefix("error: ").unwrap_or(a).escape_debug()
                     )),
                 }
             })();
@@ -743,7 +743,7 @@ impl Cluster {
                             "node {} at {}: {}",
                             p.id,
                             p.addr,
-                            l.strip_prefix("error: ").unwrap_or(&l)
+                            l.strip_prefix("error: ").unwrap_or(&l).escape_debug()
                         )))
                     }
                     Err(e) => return Err(cluster_err(format!("node {} at {}: {e}", p.id, p.addr))),
