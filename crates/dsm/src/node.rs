@@ -129,6 +129,14 @@ impl Listener {
     }
 }
 
+impl From<TcpListener> for Listener {
+    /// A socket the caller bound (and may have accepted other connections on first, such as
+    /// a set-up connection; only connections accepted by [`Node::join`] are peers).
+    fn from(l: TcpListener) -> Listener {
+        Listener(l)
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     errors: Mutex<Vec<PeerError>>,

@@ -7,6 +7,7 @@
 //! (guest poweroff, reset, triple fault, KVM failure or a signal). Every exit is accounted
 //! ([`stats`]).
 
+pub mod cluster;
 pub mod config;
 pub mod control;
 mod devstate;
@@ -329,7 +330,20 @@ impl Trace {
 
 /// Builds the VM described by `cfg` and runs it until it ends.
 pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
-    run_from(cfg, None, None)
+    run_from(cfg, None, None, None)
+}
+
+/// What is done with guest RAM once it is mapped, before the VM is registered with KVM and
+/// anything is written to it (cluster mode: hand it to a DSM node).
+pub(crate) type RamHook<'a> = &'a dyn Fn(&GuestMemoryMmap) -> Result<(), VmmError>;
+
+/// Builds and runs the VM of `cfg` as node 0 of `cluster` (started with
+/// [`cluster::Cluster::start`]): the same build as [`run`], its guest RAM kept coherent with the
+/// other nodes by the DSM from before the guest is loaded. Call [`cluster::Cluster::finish`]
+/// once the VM has ended, before its resources go.
+pub fn run_clustered(cfg: &VmConfig, cluster: &cluster::Cluster) -> Result<RunOutcome, VmmError> {
+    cluster::check_config(cfg, cluster.spec()).map_err(VmmError::Config)?;
+    run_from(cfg, None, None, Some(&|mem| cluster.ram_hook(mem)))
 }
 
 /// Where a restored VM's memory comes from.
@@ -573,7 +587,7 @@ impl Restored {
 
     /// Builds the VM and runs it until it ends.
     pub fn run(self) -> Result<RunOutcome, VmmError> {
-        run_from(&self.cfg, Some(self.restore), None)
+        run_from(&self.cfg, Some(self.restore), None, None)
     }
 }
 
@@ -585,6 +599,7 @@ pub(crate) fn run_from(
     cfg: &VmConfig,
     mut restore: Option<Restore>,
     before_run: Option<BeforeRun<'_>>,
+    ram_hook: Option<RamHook<'_>>,
 ) -> Result<RunOutcome, VmmError> {
     let start = Instant::now();
     let trace = Trace::new(start);
@@ -623,7 +638,7 @@ pub(crate) fn run_from(
     // this one creates the VM and loads the guest.
     let (template, vm, mut shared) = std::thread::scope(|s| {
         let template = s.spawn(|| VcpuTemplate::new(&kvm, cfg.vcpus));
-        let built = build(&kvm, cfg, restore.as_mut(), &trace);
+        let built = build(&kvm, cfg, restore.as_mut(), ram_hook, &trace);
         let template = template
             .join()
             .map_err(|_| VmmError::Internal("CPUID thread panicked".into()))?;
@@ -838,6 +853,7 @@ fn build(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
     mut restore: Option<&mut Restore>,
+    ram_hook: Option<RamHook<'_>>,
     trace: &Trace,
 ) -> Result<(Arc<kvm_ioctls::VmFd>, VmShared), VmmError> {
     let vm = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
@@ -862,6 +878,11 @@ fn build(
         }
         Some(RestoreMemory::Ram(m)) => m,
     };
+    if let Some(hook) = ram_hook {
+        // Before anything is written to RAM (a DSM node drops every page when it joins).
+        hook(&mem)?;
+        trace.mark("memory handed to the hook");
+    }
     register_memory(&vm, &mem)?;
     trace.mark("memory registered");
     vm.set_tss_address(usize::try_from(layout::KVM_TSS_ADDR).map_err(internal("TSS address"))?)

@@ -1861,7 +1861,7 @@ pub fn run_incoming(cfg: &VmConfig, inc: Incoming) -> Result<crate::RunOutcome, 
         }
         Ok(())
     };
-    let r = crate::run_from(cfg, Some(restore), Some(&mut ack));
+    let r = crate::run_from(cfg, Some(restore), Some(&mut ack), None);
     if let Err(e) = &r {
         if !asked {
             tell_failed(&mut conn, &e.to_string());

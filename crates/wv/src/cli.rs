@@ -330,6 +330,26 @@ const CONFIG: Opt = opt(
     "the whole VM from a JSON file (TOML if FILE ends in .toml) with the fields of\nPOST /v1/vms but name, shares, reservation and limit (docs/openapi.json,\nVmSpec); its relative paths are relative to the file. Not with the VM options\nbelow; --serial, --console-socket and --stats can be added",
 );
 
+/// `wv run --cluster`: the VM's memory over several node processes.
+const CLUSTER: Opt = opt(
+    "--cluster",
+    Arg::Value("SPEC"),
+    "run the VM as node 0 of a cluster (a TOML file: vcpus, memory, [[node]] listen and\nvcpus; docs/CLUSTER.md): every node not marked remote is started on this host\n(wv node), its guest RAM is kept coherent over TCP (docs/DSM.md). For now every\nvCPU runs on node 0, the others are memory nodes. Not with --vcpus, --memory,\n--config, --restore, --incoming or --jail",
+);
+
+/// `wv node`: a cluster node.
+const NODE: Spec = Spec {
+    cmd: "wv node",
+    pos: &[],
+    about: "Runs a cluster node in the foreground: listens on ADDR, prints 'wv node: listening on\nADDR' (the port bound), takes its part from node 0 (wv run --cluster) on the first\nconnection, then serves its share of the guest's memory until node 0 stops it. Exits\nnon-zero when node 0 or another node is lost. docs/CLUSTER.md.",
+    opts: &[&[opt(
+        "--listen",
+        Arg::Value("ADDR"),
+        "HOST:PORT to listen on (port 0: any free port) (required)",
+    )]],
+    after: "Exit status: 0 stopped by node 0, 1 the node failed or lost its cluster, 200 bad arguments.",
+};
+
 /// `wv run --restore`: the VM of a snapshot, instead of [`VM_OPTS`].
 const RESTORE: Opt = opt(
     "--restore",
@@ -460,7 +480,7 @@ pub const RUN: Spec = Spec {
         "Boots one VM and runs it until the guest powers off, resets or fails. Without --kernel it
 boots the embedded probe guest, which runs its self-tests and powers off with 0 when all pass.",
     opts: &[
-        &[CONFIG, RESTORE, INCOMING],
+        &[CONFIG, RESTORE, INCOMING, CLUSTER],
         INCOMING_OPTS,
         CLONE_OPTS,
         VM_OPTS,
@@ -1024,6 +1044,8 @@ Worldvisor: a hypervisor on Linux KVM
 Usage:
   wv run [OPTIONS]          Boot one VM in the foreground until the guest powers off
   wv run --config VM.json   The same, the VM's whole definition from a file
+  wv run --cluster C.toml   The same, the VM's memory kept coherent over several node processes
+  wv node --listen ADDR     Run a cluster node that waits for node 0 (wv run --cluster) to give its part
   wv host [--socket PATH] [--state-dir DIR] [--listen ADDR:PORT]
                             Run the host daemon that owns this host's VMs (--listen: also
                             serve the API on TCP, to clients with its token)
@@ -1207,6 +1229,8 @@ pub enum RunFrom {
     Snapshot(Restore),
     /// `--incoming HOST:PORT`: a live migration, and where the disks it copies land.
     Incoming(String, wv_vmm::DiskPlaces, Vec<(usize, PathBuf)>),
+    /// `--cluster SPEC`: the VM of the options, its memory spread over the spec's nodes.
+    Cluster(Box<wv_vmm::cluster::ClusterSpec>),
 }
 
 /// A `wv` command line, parsed and checked.
@@ -1218,6 +1242,8 @@ pub enum Command {
     Version,
     /// Boot a VM in the foreground (or bring one back from a snapshot or a migration).
     Run(Box<VmConfig>, StatsMode, RunFrom, Option<Box<Jail>>),
+    /// `wv node --listen ADDR`: a cluster node waiting to be told its part.
+    Node(String),
     /// Write an embedded image.
     ProbeImage {
         /// Its name.
@@ -1280,6 +1306,7 @@ pub fn parse(args: &[String]) -> Result<Command, Usage> {
     match args.first().map(String::as_str) {
         Some("run") => parse_run(rest),
         Some("probe-image") => parse_probe_image(rest),
+        Some("node") => parse_node(rest),
         Some("vswitch") => parse_vswitch(rest),
         Some("storage") => parse_storage(rest),
         Some("host") => parse_host(rest),
@@ -1330,6 +1357,7 @@ fn parse_completions(args: &[String]) -> Result<Command, Usage> {
 fn all_specs() -> Vec<&'static Spec> {
     let mut v: Vec<&'static Spec> = vec![
         &RUN,
+        &NODE,
         &PROBE_IMAGE,
         &VSWITCH,
         &STORAGE,
@@ -1474,8 +1502,32 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
         ),
         (None, None) => RunFrom::Options,
     };
+    let from = match m.value("--cluster") {
+        None => from,
+        Some(f) => {
+            if let Some(o) = [
+                "--restore",
+                "--incoming",
+                "--config",
+                "--vcpus",
+                "--memory",
+                "--jail",
+            ]
+            .into_iter()
+            .find(|o| m.has(o))
+            {
+                return Err(Usage(format!(
+                    "--cluster: {o} cannot be added to it (the spec gives vcpus and memory)"
+                )));
+            }
+            let spec =
+                wv_vmm::cluster::ClusterSpec::from_file(Path::new(f)).map_err(|e| Usage(e.0))?;
+            spec.check_runnable().map_err(|e| Usage(e.0))?;
+            RunFrom::Cluster(Box::new(spec))
+        }
+    };
     let what = match &from {
-        RunFrom::Options => None,
+        RunFrom::Options | RunFrom::Cluster(_) => None,
         RunFrom::Snapshot(_) => Some("--restore takes the VM from the snapshot"),
         RunFrom::Incoming(..) => Some("--incoming takes the VM from the migration"),
     };
@@ -1561,6 +1613,11 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
         }
         None => vm_config(vm_def(&m, false)?),
     };
+    if let RunFrom::Cluster(spec) = &from {
+        cfg.vcpus = spec.vcpus;
+        cfg.memory = spec.memory;
+        wv_vmm::cluster::check_config(&cfg, spec).map_err(|e| Usage(e.0))?;
+    }
     if let Some(v) = m.value("--serial") {
         cfg.serial = match v {
             "stdio" => SerialMode::Stdio,
@@ -1712,6 +1769,14 @@ fn vm_def(m: &Matches, balloon_default: bool) -> Result<VmDef, Usage> {
         rng,
         balloon,
     })
+}
+
+fn parse_node(args: &[String]) -> Result<Command, Usage> {
+    let m = matches_or_help!(&NODE, args);
+    let listen = m
+        .value("--listen")
+        .ok_or_else(|| Usage("wv node needs --listen ADDR (e.g. 0.0.0.0:7000)".into()))?;
+    Ok(Command::Node(listen.to_string()))
 }
 
 fn parse_vswitch(args: &[String]) -> Result<Command, Usage> {

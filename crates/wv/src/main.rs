@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         Command::Vm(..) | Command::Net(..) | Command::Fs(_) | Command::Completions(_) => true,
         Command::Run(..)
         | Command::ProbeImage { .. }
+        | Command::Node(_)
         | Command::HostServe { .. }
         | Command::Vswitch(_)
         | Command::Storage(_) => false,
@@ -58,6 +59,10 @@ fn main() -> ExitCode {
         }
         Command::Run(cfg, stats, from, jail) => cmd_run(&cfg, stats, &from, jail.as_deref()),
         Command::ProbeImage { format, output } => cmd_probe_image(&format, &output),
+        Command::Node(listen) => match wv_vmm::cluster::serve_node(&listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(1, &format!("wv node: {e}")),
+        },
         Command::Vswitch(cfg) => match wv_vswitch::run(&cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(1, &format!("vswitch: {e}")),
@@ -152,8 +157,17 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom, jail: Option<&cli::
         }
         wv_vmm::jail::enter(&j.spec, vm.or(j.also.as_ref()), incoming)
     };
+    // Cluster mode: the other nodes, started and told their part before the VM is built.
+    let mut cluster = None;
     let ran = match from {
         RunFrom::Options => enter(Some(cfg), false).and_then(|()| wv_vmm::run(cfg)),
+        RunFrom::Cluster(spec) => {
+            let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
+            wv_vmm::cluster::Cluster::start(spec, &wv).and_then(|c| {
+                let c = cluster.insert(c);
+                wv_vmm::run_clustered(cfg, c)
+            })
+        }
         RunFrom::Snapshot(r) => wv_vmm::snapshot_config(&r.dir)
             .and_then(|c| wv_vmm::Restored::prepare(&local(c), &r.dir, &r.opts))
             .and_then(|p| enter(Some(p.config()), false).and_then(|()| p.run())),
@@ -185,6 +199,10 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom, jail: Option<&cli::
                 }
             }
             drop(err);
+            // The nodes' counters and stop, while the VM's memory is still there.
+            if let Some(c) = &cluster {
+                c.finish();
+            }
             let status = out.end.status();
             out.resources.exit(status)
         }

@@ -380,7 +380,7 @@ fn completions_come_from_the_same_tables() {
     let cases: &[(&str, &str)] = &[
         (
             "wv ''",
-            "completions fs host net probe-image run storage vm vswitch",
+            "completions fs host net node probe-image run storage vm vswitch",
         ),
         ("wv v", "vm vswitch"),
         ("wv vswitch --u", "--uplink"),
