@@ -466,13 +466,13 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
                     if stopping.load(Ordering::Acquire) {
                         return;
                     }
-                    let at = peers
-                        .get(e.peer as usize)
-                        .map_or_else(String::new, |a| format!(" at {a}"));
+                    let addr = peers.get(e.peer as usize);
+                    let at = addr.map_or_else(String::new, |a| format!(" at {a}"));
+                    let why = reason(&e, addr);
                     if e.peer == 0 || e.peer == id {
                         eprintln!(
-                            "wv: error: node {id}: lost node {}{at}: {}; exiting",
-                            e.peer, e.message
+                            "wv: error: node {id}: lost node {}{at}: {why}; exiting",
+                            e.peer
                         );
                         // SAFETY: ends the process at once; nothing needs unwinding.
                         unsafe { libc::_exit(1) };
@@ -481,8 +481,8 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
                     // this node (its set-up connection closes); staying until then lets node 0
                     // name the node that was lost rather than this one.
                     eprintln!(
-                        "wv: node {id}: lost node {}{at}: {}; waiting for node 0 to stop the VM",
-                        e.peer, e.message
+                        "wv: node {id}: lost node {}{at}: {why}; waiting for node 0 to stop the VM",
+                        e.peer
                     );
                     return;
                 }
@@ -814,6 +814,13 @@ impl Drop for Cluster {
     }
 }
 
+/// What went wrong with the peer of `e`, without the address its message starts with when it
+/// is `addr` (the messages here name the node and its address already).
+fn reason<'a>(e: &'a wv_dsm::PeerError, addr: Option<&SocketAddr>) -> &'a str {
+    addr.and_then(|a| e.message.strip_prefix(&format!("{a}: ")))
+        .unwrap_or(&e.message)
+}
+
 /// Node 0's supervisor thread: until the VM ends, a lost node (a DSM connection closed)
 /// ends the process within 100 ms with an error naming the node; at the end, the counters and
 /// the stop.
@@ -826,12 +833,12 @@ fn supervise(
     loop {
         if let Some(e) = run.node.wait_error(Duration::from_millis(50)) {
             if end.try_recv().is_err() {
-                let at = addrs
-                    .get(e.peer as usize)
-                    .map_or_else(String::new, |a| format!(" at {a}"));
+                let addr = addrs.get(e.peer as usize);
+                let at = addr.map_or_else(String::new, |a| format!(" at {a}"));
                 eprintln!(
                     "wv: error: cluster node {}{at} was lost ({}); the VM is stopped",
-                    e.peer, e.message
+                    e.peer,
+                    reason(&e, addr)
                 );
                 // What must be released however the VMM ends (VMKFS disks' owner records), on
                 // a thread of its own and for a bounded time: a device may hold a disk while
