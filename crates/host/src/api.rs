@@ -1334,7 +1334,8 @@ impl Daemon {
     /// NetConfig}` with `network` and `id`) into the running VM. For a disk the daemon opens the
     /// image (read-write unless `readonly`); for a net it adds a port to the switch and
     /// connects to it. Either way it hands the descriptor to the VMM with `PUT /vm/device-add`
-    /// (a jailed VMM could not open it). Live only: the definition does not change.
+    /// (a jailed VMM could not open it). Live only: the definition does not change. The
+    /// functions for each kind run with the VM's lifecycle lock held and the VM running.
     fn device_add(&self, name: &str, body: &[u8]) -> Reply {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -1348,35 +1349,50 @@ impl Daemon {
             Ok(a) => a,
             Err(r) => return r,
         };
-        match (add.disk, add.net) {
-            (Some(d), None) => self.disk_add(name, d),
-            (None, Some(n)) => self.net_add(name, n),
-            _ => error(
+        if add.disk.is_some() == add.net.is_some() {
+            return error(
                 400,
                 "invalid device: give exactly one of \"disk\" and \"net\"",
-            ),
+            );
         }
-    }
-
-    /// A disk for [`Self::device_add`].
-    fn disk_add(&self, name: &str, d: wv_config::DiskConfig) -> Reply {
-        if d.vhost_user {
+        if add.disk.as_ref().is_some_and(|d| d.vhost_user) {
             return error(
                 422,
                 "a hot-plugged disk is an image (path=) or a VMKFS disk (vmkfs=), not a vhost-user socket",
             );
         }
-        if d.vmkfs.is_some() || !d.via.is_vmm() {
-            return self.served_disk_add(name, d);
+        if let Some(n) = &add.net {
+            if n.network.is_none() {
+                return error(
+                    400,
+                    "invalid device: a net needs \"network\", one of the daemon's networks",
+                );
+            }
+            if n.id.as_ref().is_none_or(|i| i.is_empty()) {
+                return error(400, "invalid device: a net needs an \"id\" to remove it by");
+            }
         }
         let (id, lc) = match self.lifecycle(name) {
             Ok(x) => x,
             Err(r) => return r,
         };
+        // Not while the VM starts or stops.
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(r) = self.running(id, name, true) {
             return r;
         }
+        match (add.disk, add.net) {
+            (Some(d), _) if d.vmkfs.is_some() || !d.via.is_vmm() => {
+                self.served_disk_add(id, name, d)
+            }
+            (Some(d), _) => self.disk_add(name, d),
+            (_, Some(n)) => self.net_add(id, name, n),
+            (None, None) => unreachable!("one of them, checked above"),
+        }
+    }
+
+    /// A disk for [`Self::device_add`].
+    fn disk_add(&self, name: &str, d: wv_config::DiskConfig) -> Reply {
         if let Err(e) = self.check_image("disk", &d.path) {
             return error(422, e);
         }
@@ -1398,15 +1414,7 @@ impl Daemon {
     /// its `via`), or an image with `via=storage`. The service opens and holds it as the
     /// host's world (the VMKFS lock), the VMM gets a connection to its socket; the disk is let
     /// go of if the VMM does not take it, when the guest ejects it, or at the run's end.
-    fn served_disk_add(&self, name: &str, mut d: wv_config::DiskConfig) -> Reply {
-        let (id, lc) = match self.lifecycle(name) {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
-        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(r) = self.running(id, name, true) {
-            return r;
-        }
+    fn served_disk_add(&self, id: u64, name: &str, mut d: wv_config::DiskConfig) -> Reply {
         d.via = wv_config::DiskVia::Storage;
         // The checks a definition with it would pass (names the service can read back,
         // files under the image directories).
@@ -1493,30 +1501,16 @@ impl Daemon {
     /// A net for [`Self::device_add`]: a new port of the switch on its network, with the VM's
     /// network shares, taken away again if the VMM does not take the device, and with the
     /// VM's other ports when it stops.
-    fn net_add(&self, name: &str, mut n: wv_config::NetConfig) -> Reply {
-        let Some(net) = n.network.clone() else {
-            return error(
-                400,
-                "invalid device: a net needs \"network\", one of the daemon's networks",
-            );
-        };
+    fn net_add(&self, id: u64, name: &str, mut n: wv_config::NetConfig) -> Reply {
         if !n.tap.is_empty() || n.vhost_user.is_some() {
             return error(
                 422,
                 "a hot-plugged net is on a network (network=NAME) only: no tap= or vhost-user=",
             );
         }
-        let Some(dev) = n.id.clone().filter(|i| !i.is_empty()) else {
-            return error(400, "invalid device: a net needs an \"id\" to remove it by");
+        let (Some(net), Some(dev)) = (n.network.clone(), n.id.clone()) else {
+            return error(400, "invalid device: a net needs \"network\" and \"id\"");
         };
-        let (id, lc) = match self.lifecycle(name) {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
-        let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(r) = self.running(id, name, true) {
-            return r;
-        }
         let shares = {
             let mut doc = self.lock();
             if !doc.networks.iter().any(|x| x.name == net) {
