@@ -18,7 +18,7 @@
 //!   [`MIN_FLOOR`] or a quarter of its memory.
 //! - **Reclaim.** While the host's free memory (plus what balloons are still inflating to)
 //!   is below the reserve, raise balloon targets of the lowest-rho VMs, at most [`STEP`] per
-//!   VM a period, down to their floors.
+//!   VM a period (at least [`MIN_STEP`] when there is room), down to their floors.
 //! - **Give back.** Memory goes back (the balloon deflates) to a VM that lent it and needs it
 //!   (active fraction at least [`NEEDY`] and less memory than its size), when free memory or
 //!   VMs of lower rho can cover it; and, while free memory is above the reserve plus the
@@ -31,6 +31,10 @@ const MIB: u64 = 1 << 20;
 pub const MIN_FLOOR: u64 = 16 * MIB;
 /// The most the policy moves into or out of one VM's balloon in one period.
 pub const STEP: u64 = 64 * MIB;
+/// The least the policy takes from a VM at once (less when that is all its room): a
+/// shortfall of a few pages, as resident memory jitters, does not make a stream of tiny
+/// requests.
+pub const MIN_STEP: u64 = 4 * MIB;
 /// The active fraction at and above which a VM that lent memory gets it back.
 pub const NEEDY: f64 = 0.9;
 /// ESX's idle-memory tax, the default.
@@ -103,12 +107,15 @@ impl Vm {
     pub fn f(&self) -> f64 {
         self.active.unwrap_or(1.0).clamp(0.0, 1.0)
     }
-
 }
 
 /// The active fraction from a guest's balloon statistics: 1 - available / total, with
 /// `available_memory` (else `free_memory`) and `total_memory`; None without them.
-pub fn active_fraction(available: Option<u64>, free: Option<u64>, total: Option<u64>) -> Option<f64> {
+pub fn active_fraction(
+    available: Option<u64>,
+    free: Option<u64>,
+    total: Option<u64>,
+) -> Option<f64> {
     let total = total.filter(|t| *t > 0)?;
     let avail = available.or(free)?.min(total);
     #[allow(clippy::cast_precision_loss)] // a fraction
@@ -184,7 +191,11 @@ pub fn decide(s: &Settings, free: i64, vms: &[Vm]) -> Decision {
     let room = |j: usize, target: &[u64]| {
         let v = &vms[j];
         let fl = floor(v.memory, v.current(), v.f());
-        v.memory.saturating_sub(target[j]).saturating_sub(fl).min(STEP) & !4095
+        v.memory
+            .saturating_sub(target[j])
+            .saturating_sub(fl)
+            .min(STEP)
+            & !4095
     };
     let mut moved: Vec<String> = Vec::new();
     // 1. VMs that lent and need it back, highest priority first.
@@ -210,7 +221,11 @@ pub fn decide(s: &Settings, free: i64, vms: &[Vm]) -> Decision {
         target[j] -= back;
         given[j] = true;
         free -= i(back);
-        moved.push(format!("gave {} MiB back to world {} (it needs it)", back >> 20, vms[j].id));
+        moved.push(format!(
+            "gave {} back to world {} (it needs it)",
+            mib(back),
+            vms[j].id
+        ));
     }
     // 2. Plenty free: give lent memory back, highest priority first.
     let hyst = i(s.hysteresis());
@@ -228,7 +243,11 @@ pub fn decide(s: &Settings, free: i64, vms: &[Vm]) -> Decision {
             given[j] = true;
             surplus -= back;
             free -= i(back);
-            moved.push(format!("gave {} MiB back to world {} (free memory)", back >> 20, vms[j].id));
+            moved.push(format!(
+                "gave {} back to world {} (free memory)",
+                mib(back),
+                vms[j].id
+            ));
         }
     }
     // 3. Short: reclaim from the lowest priority first.
@@ -240,14 +259,14 @@ pub fn decide(s: &Settings, free: i64, vms: &[Vm]) -> Decision {
             if need == 0 {
                 break;
             }
-            let take = room(j, &target).min(need.next_multiple_of(4096));
+            let take = room(j, &target).min(need.max(MIN_STEP).next_multiple_of(4096));
             if take == 0 {
                 continue;
             }
             lent[j] += take;
             target[j] += take;
             need = need.saturating_sub(take);
-            moved.push(format!("took {} MiB from world {}", take >> 20, vms[j].id));
+            moved.push(format!("took {} from world {}", mib(take), vms[j].id));
         }
     }
     out.changes = (0..vms.len())
@@ -259,6 +278,13 @@ pub fn decide(s: &Settings, free: i64, vms: &[Vm]) -> Decision {
         .collect();
     out.action = moved.join("; ");
     out
+}
+
+/// `bytes` in MiB with one decimal, for the report.
+fn mib(bytes: u64) -> String {
+    #[allow(clippy::cast_precision_loss)] // for display
+    let m = bytes as f64 / MIB as f64;
+    format!("{m:.1} MiB")
 }
 
 /// The memory above its fair share each VM holds: fair = its shares over all the VMs'
@@ -414,7 +440,10 @@ mod tests {
             tax_pct: 0,
             ..on(1)
         };
-        assert_eq!(priority(10, MIB, 0.1, s0.k()), priority(10, MIB, 0.9, s0.k()));
+        assert_eq!(
+            priority(10, MIB, 0.1, s0.k()),
+            priority(10, MIB, 0.9, s0.k())
+        );
         // Twice the shares, twice the priority.
         assert!((priority(2000, MIB, 0.5, k) - 2.0 * priority(1000, MIB, 0.5, k)).abs() < 1e-12);
     }
@@ -453,8 +482,18 @@ mod tests {
         let vms = [vm(1, 1000, 128, 0.9, 0), vm(2, 1000, 128, 0.2, 0)];
         // 20 MiB short of a 32 MiB reserve: the idle VM gives 20.
         let d = decide(&on(32), 12 << 20, &vms);
-        assert_eq!(d.changes, vec![Change { id: 2, lent: 20 * MIB }]);
-        assert!(d.action.contains("took 20 MiB from world 2"), "{}", d.action);
+        assert_eq!(
+            d.changes,
+            vec![Change {
+                id: 2,
+                lent: 20 * MIB
+            }]
+        );
+        assert!(
+            d.action.contains("took 20.0 MiB from world 2"),
+            "{}",
+            d.action
+        );
         // 200 MiB short: at most one step from the idle one, then the busy one down to its
         // floor (0.9 * 128 + 8 = 123.2 MiB: 4 MiB and a bit, whole pages).
         let d = decide(&on(32), -168 << 20, &vms);
@@ -463,10 +502,25 @@ mod tests {
         let busy = d.changes[0];
         assert_eq!(busy.id, 1);
         assert!(busy.lent > 4 * MIB && busy.lent < 5 * MIB, "{busy:?}");
+        // A shortfall of a page: at least MIN_STEP, not a stream of tiny requests.
+        let d = decide(&on(32), (32 << 20) - 4096, &vms);
+        assert_eq!(
+            d.changes,
+            vec![Change {
+                id: 2,
+                lent: MIN_STEP
+            }]
+        );
         // More shares protect a VM: the idle one with 10x the shares is now spared.
         let vms = [vm(1, 1000, 128, 0.9, 0), vm(2, 10000, 128, 0.2, 0)];
         let d = decide(&on(32), 28 << 20, &vms);
-        assert_eq!(d.changes, vec![Change { id: 1, lent: 4 * MIB }]);
+        assert_eq!(
+            d.changes,
+            vec![Change {
+                id: 1,
+                lent: 4 * MIB
+            }]
+        );
     }
 
     #[test]
@@ -488,7 +542,10 @@ mod tests {
         assert_eq!(
             d.changes,
             vec![
-                Change { id: 1, lent: 16 * MIB },
+                Change {
+                    id: 1,
+                    lent: 16 * MIB
+                },
                 Change { id: 2, lent: STEP },
             ]
         );
@@ -503,7 +560,13 @@ mod tests {
         let vms = [vm(1, 1000, 64, 0.5, 64), vm(2, 1000, 100, 0.2, 28)];
         // 32 reserve + 16 hysteresis; 60 free: 12 MiB back, to VM 1 (fewer pages, busier).
         let d = decide(&on(32), 60 << 20, &vms);
-        assert_eq!(d.changes, vec![Change { id: 1, lent: 52 * MIB }]);
+        assert_eq!(
+            d.changes,
+            vec![Change {
+                id: 1,
+                lent: 52 * MIB
+            }]
+        );
         // Lots free: both get a step back, lent never below 0.
         let d = decide(&on(32), 1 << 40, &vms);
         assert_eq!(

@@ -1959,7 +1959,10 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
             for o in DAEMON_OPTS {
                 for v in m.values(o.long) {
                     let v = match o.long {
-                        "--listen" | "--web" | "--host-memory-reserve" | "--idle-memory-tax"
+                        "--listen"
+                        | "--web"
+                        | "--host-memory-reserve"
+                        | "--idle-memory-tax"
                         | "--host-memory" => v.to_string(),
                         _ => abs(v),
                     };

@@ -297,8 +297,17 @@ fn the_server_matches_its_openapi_document() {
     c.call("GET", "/v1/host", "/v1/host", None);
     // The lending policy is off here: the worlds' memory is sampled on request.
     let (s, m) = c.call("GET", "/v1/host/memory", "/v1/host/memory", None);
-    assert_eq!((s, &m["enabled"]), (200, &serde_json::Value::Bool(false)), "{m}");
-    assert!(m["worlds"].as_array().is_some_and(|w| w.iter().any(|w| w["name"] == "a")), "{m}");
+    assert_eq!(
+        (s, &m["enabled"]),
+        (200, &serde_json::Value::Bool(false)),
+        "{m}"
+    );
+    assert!(
+        m["worlds"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["name"] == "a")),
+        "{m}"
+    );
     assert_eq!(c.call("DELETE", vm, "/v1/vms/a", None).0, 409);
     // Scheduler settings, live, and the accounting.
     let patch = |c: &mut Checker, path: &str, body: &str| c.call("PATCH", vm, path, Some(body)).0;

@@ -251,12 +251,8 @@ impl Daemon {
                         .iter()
                         .find(|(id, _)| *id == s.id)
                         .map_or(0, |(_, b)| *b),
-                    floor_bytes: v.map_or(memory, |v| {
-                        lending::floor(v.memory, v.current(), v.f())
-                    }),
-                    priority: v.map_or(0.0, |v| {
-                        lending::priority(v.shares, v.current(), v.f(), k)
-                    }),
+                    floor_bytes: v.map_or(memory, |v| lending::floor(v.memory, v.current(), v.f())),
+                    priority: v.map_or(0.0, |v| lending::priority(v.shares, v.current(), v.f(), k)),
                     rss_bytes: s.rss,
                 }
             })
@@ -306,7 +302,10 @@ impl Daemon {
     pub(super) fn host_memory(&self) -> Reply {
         let (on, last) = {
             let l = self.lending();
-            (l.settings.reserve > 0 && l.report.periods > 0, l.report.clone())
+            (
+                l.settings.reserve > 0 && l.report.periods > 0,
+                l.report.clone(),
+            )
         };
         if on {
             ok(200, &last)
