@@ -1732,6 +1732,7 @@ impl Fuzz {
             "metrics",
             "history",
             "host",
+            "host-memory",
             "patch",
             "patch",
             "delete",
@@ -1764,9 +1765,10 @@ impl Fuzz {
             ""
         };
         match op {
-            "host" | "list" | "all-stats" | "metrics" | "history" => {
+            "host" | "host-memory" | "list" | "all-stats" | "metrics" | "history" => {
                 let (tpl, path) = match op {
                     "host" => ("/v1/host", "/v1/host"),
+                    "host-memory" => ("/v1/host/memory", "/v1/host/memory"),
                     "history" => ("/v1/history", "/v1/history"),
                     "list" => ("/v1/vms", "/v1/vms"),
                     "metrics" => ("/metrics", "/metrics"),
