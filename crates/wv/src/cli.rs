@@ -2664,6 +2664,39 @@ mod tests {
     }
 
     #[test]
+    fn the_lending_options_are_sizes_and_a_percentage() {
+        let Ok(Command::HostServe { memory, .. }) = parse(&args(&["host"])) else {
+            panic!()
+        };
+        assert_eq!(memory, wv_host::lending::Settings::default());
+        assert_eq!((memory.reserve, memory.tax_pct), (0, 75));
+        let Ok(Command::HostServe { memory, .. }) = parse(&args(&[
+            "host",
+            "--host-memory-reserve",
+            "1G",
+            "--idle-memory-tax=50",
+            "--host-memory",
+            "8G",
+        ])) else {
+            panic!()
+        };
+        assert_eq!(
+            (memory.reserve, memory.tax_pct, memory.host_memory),
+            (1 << 30, 50, Some(8 << 30))
+        );
+        assert!(refused(&["host", "--idle-memory-tax", "100"]).contains("0 to 99"));
+        assert!(refused(&["host", "--idle-memory-tax", "-1"]).contains("--idle-memory-tax"));
+        assert!(
+            refused(&["host", "--host-memory-reserve", "lots"]).contains("--host-memory-reserve")
+        );
+        assert!(refused(&["host", "--host-memory", "0"]).contains("above 0"));
+        assert!(matches!(
+            parse(&args(&["host", "memory", "--json"])),
+            Ok(Command::HostMemory(Client { json: true, .. }))
+        ));
+    }
+
+    #[test]
     fn double_dash_ends_the_options() {
         let (_, v) = vm(&["vm", "info", "--", "-odd"]);
         assert_eq!(v, VmCmd::Named("info", "-odd".into()));
