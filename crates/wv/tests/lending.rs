@@ -92,9 +92,9 @@ fn wait_report(d: &Daemon, what: &str, done: impl Fn(&Value) -> bool) -> Value {
 fn guest_balloon(d: &Daemon, vm: &str) -> u64 {
     console_log(d, vm)
         .lines()
+        .rev()
         .filter_map(|l| l.trim().strip_prefix("balloon: actual="))
-        .filter_map(|n| n.trim().parse::<u64>().ok())
-        .last()
+        .find_map(|n| n.trim().parse::<u64>().ok())
         .unwrap_or(0)
         * 4096
 }
