@@ -187,6 +187,7 @@ fn memory_flows_from_the_idle_vm_to_the_busy_one_and_back() {
         "{m}"
     );
     counts_agree(&d, &m);
+    assert!(n(b, "current_bytes") >= n(b, "floor_bytes"), "{m}");
     // B's VMM holds what it lent less (its balloon released the pages).
     let lent_b = n(b, "lent_bytes");
     let rss_b = n(world(&memory(&d), "b"), "rss_bytes");
@@ -219,6 +220,8 @@ fn memory_flows_from_the_idle_vm_to_the_busy_one_and_back() {
     eprintln!("roles swapped: {m}");
     let a = world(&m, "a");
     counts_agree(&d, &m);
+    // Never below its floor.
+    assert!(n(a, "current_bytes") >= n(a, "floor_bytes"), "{m}");
     let lent_a = n(a, "lent_bytes");
     let rss_a = n(world(&memory(&d), "a"), "rss_bytes");
     assert!(
