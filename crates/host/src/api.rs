@@ -2245,6 +2245,7 @@ impl Daemon {
             "CPU time the VMM process spent running guest code (clock-tick resolution), seconds; the rest of wv_world_cpu_seconds_total is the VMM and the host kernel.",
             &guest,
         );
+        self.memory_metrics(&mut t);
         Answer {
             status: 200,
             headers: vec![format!("Content-Type: {}", metrics::CONTENT_TYPE)],

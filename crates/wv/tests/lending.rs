@@ -204,6 +204,15 @@ fn memory_flows_from_the_idle_vm_to_the_busy_one_and_back() {
     let v: Value = serde_json::from_str(&body).unwrap();
     common::openapi::validate(&doc, &schema("World"), &v, "GET /v1/vms/b");
     assert!(v["memory"]["lent_bytes"].as_u64().unwrap() > 0, "{v}");
+    let (status, metrics) = d.raw(b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 200, "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("wv_world_memory_lent_bytes{world=\"b\"")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("wv_host_memory_free_bytes "), "{metrics}");
     let r = d.wv(&["vm", "info", "b"]);
     assert!(r.stdout.contains("lending: shares"), "{r}");
     let r = d.wv(&["host", "memory"]);

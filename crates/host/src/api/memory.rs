@@ -314,6 +314,62 @@ impl Daemon {
         }
     }
 
+    /// The lending policy's gauges for `/metrics`, from its last period, while it runs.
+    pub(super) fn memory_metrics(&self, t: &mut crate::metrics::Text) {
+        let r = {
+            let l = self.lending();
+            if l.settings.reserve == 0 || l.report.periods == 0 {
+                return;
+            }
+            l.report.clone()
+        };
+        #[allow(clippy::cast_precision_loss)] // a gauge
+        let f = |b: u64| b as f64;
+        let each = |g: &dyn Fn(&WorldMemory) -> Option<f64>| -> crate::metrics::Samples {
+            r.worlds
+                .iter()
+                .filter_map(|w| {
+                    Some((
+                        vec![("world", w.name.clone()), ("id", w.id.to_string())],
+                        g(w)?,
+                    ))
+                })
+                .collect()
+        };
+        #[allow(clippy::cast_precision_loss)] // a gauge
+        let free = r.host_free_bytes as f64;
+        t.family(
+            "wv_host_memory_free_bytes",
+            "gauge",
+            "Host free memory as the lending policy saw it at its last period (MemAvailable, or the VMs' pool less their resident memory if less), bytes.",
+            &vec![(Vec::new(), free)],
+        );
+        t.family(
+            "wv_world_memory_current_bytes",
+            "gauge",
+            "A VM's memory less what its balloon holds, bytes (lending policy).",
+            &each(&|w| Some(f(w.current_bytes))),
+        );
+        t.family(
+            "wv_world_memory_lent_bytes",
+            "gauge",
+            "What a VM's balloon holds because of the lending policy, bytes.",
+            &each(&|w| Some(f(w.lent_bytes))),
+        );
+        t.family(
+            "wv_world_memory_borrowed_bytes",
+            "gauge",
+            "A VM's current memory above its fair share (the VMs' current memory split by shares), bytes.",
+            &each(&|w| Some(f(w.borrowed_bytes))),
+        );
+        t.family(
+            "wv_world_memory_active_ratio",
+            "gauge",
+            "A VM's active fraction from its guest's balloon statistics (1 - available/total).",
+            &each(&|w| w.active_fraction),
+        );
+    }
+
     /// World `id`'s memory in the policy's last report, if it has one.
     pub(super) fn world_memory(&self, id: u64) -> Option<WorldMemory> {
         let l = self.lending();
