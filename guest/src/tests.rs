@@ -899,11 +899,21 @@ fn balloon_post_stats(dev: &mut crate::virtio::Device, q: u16, free: u64, total:
 ///
 /// It owns a pool of `probe.balloon_mib` MiB (default 64) from [`TOUCH_BASE`], touched at the
 /// start ("balloon: touched"), and follows the host's target (`num_pages`, polled): it
-/// inflates by giving pool pages to the host, deflates by taking them back and touching them
-/// again, and writes `actual` ("balloon: actual=N" each time). It posts statistics (free,
-/// total, available memory) and posts them again whenever the device gives the buffer back.
-/// Console commands: 'f' touches the `probe.balloon_report_mib` MiB after the pool
-/// ("balloon: filled"), 'r' reports them free ("balloon: reported"), 'q' ends. With
+/// inflates by giving pool pages to the host (from the top of the pool down), deflates by
+/// taking them back and touching them again, and writes `actual` ("balloon: actual=N" each
+/// time). It posts statistics and posts them again whenever the device gives the buffer back:
+/// total memory (RAM less the balloon), and free and available memory (the pool pages neither
+/// in the balloon nor in the working set; everything outside the pool counts as used).
+///
+/// Console commands: 'b' makes it busy: it allocates a working set of `probe.balloon_busy_mib`
+/// MiB (default the whole pool) from the bottom of the pool, touching each page, as far as
+/// the balloon leaves room, and grows it as the host deflates the balloon ("balloon: busy"
+/// at once, "balloon: busy=N MiB" once all of it is held); 'i' makes it idle: the working set
+/// is freed ("balloon: idle"; its pages stay touched, as a real guest's freed pages stay
+/// resident until ballooned or reported). The balloon never takes working-set pages: a
+/// target beyond the free pool waits for memory to come free. 'f' touches the
+/// `probe.balloon_report_mib` MiB after the pool ("balloon: filled"), 'r' reports them free
+/// ("balloon: reported"), 'q' ends. With
 /// `probe.balloon_hostile=1` it first sends PFNs outside RAM, a buffer outside RAM, a huge
 /// inflate of pages beyond RAM and the pool twice ("balloon: hostile done"), then behaves.
 /// With `probe.balloon_quit=1` it passes right after the set-up (and the hostile requests).
@@ -923,6 +933,13 @@ fn balloon_test() -> Outcome {
     ) else {
         return fail("balloon", d.s("a probe.balloon_* value is not a number"));
     };
+    let Some(busy_mib) = num("probe.balloon_busy_mib", pool_mib) else {
+        return fail("balloon", d.s("a probe.balloon_* value is not a number"));
+    };
+    if busy_mib > pool_mib {
+        return fail("balloon", d.s("probe.balloon_busy_mib is beyond the pool"));
+    }
+    let busy_goal = (busy_mib << 20) / 4096;
     let pool_pages = (pool_mib << 20) / 4096;
     let report_base = TOUCH_BASE + (pool_mib << 20);
     if !bi.in_ram(TOUCH_BASE, (pool_mib + report_mib) << 20) || pool_pages > u64::from(u32::MAX) {
@@ -952,8 +969,15 @@ fn balloon_test() -> Outcome {
         unsafe { ((TOUCH_BASE + page * 4096) as *mut u64).write_volatile(touch_word(page)) };
     }
     let total = bi.ram_total();
-    let free = |held: u64| total - TOUCH_BASE - (pool_pages - held) * 4096;
-    if stats && !balloon_post_stats(&mut dev, stats_q, free(0), total) {
+    // (free, total) with `held` pages in the balloon and `busy` in the working set.
+    let counts = |held: u64, busy: u64| {
+        (
+            pool_pages.saturating_sub(held + busy) * 4096,
+            total.saturating_sub(held * 4096),
+        )
+    };
+    let (free0, total0) = counts(0, 0);
+    if stats && !balloon_post_stats(&mut dev, stats_q, free0, total0) {
         return fail("balloon", d.s("posting statistics failed"));
     }
     {
@@ -1007,6 +1031,9 @@ fn balloon_test() -> Outcome {
         return pass("balloon", d.s("quit after set-up"));
     }
     let mut held = 0u64;
+    // The working set: pool pages 0..busy; `busy_on` while it is to grow to `busy_goal`.
+    let mut busy = 0u64;
+    let mut busy_on = false;
     let mut warned = false;
     // The target is read again only when the configuration generation moves.
     let mut generation = dev.config_generation();
@@ -1028,6 +1055,15 @@ fn balloon_test() -> Outcome {
                     }
                     crate::console::println("balloon: filled");
                 }
+                b'b' => {
+                    busy_on = true;
+                    crate::console::println("balloon: busy");
+                }
+                b'i' => {
+                    busy_on = false;
+                    busy = 0;
+                    crate::console::println("balloon: idle");
+                }
                 b'r' if reporting => {
                     // 2 MiB buffers, up to 8 per report, as a guest's free-page blocks.
                     let blocks = report_mib / 2;
@@ -1048,16 +1084,36 @@ fn balloon_test() -> Outcome {
                 _ => {}
             }
         }
+        if busy_on && busy < busy_goal {
+            // Grow the working set into the free pool, at most 16 MiB a round.
+            let grow = (busy_goal - busy)
+                .min(pool_pages.saturating_sub(held + busy))
+                .min(4096);
+            for page in busy..busy + grow {
+                // SAFETY: a pool page (RAM, checked) neither in the balloon nor in use.
+                unsafe {
+                    ((TOUCH_BASE + page * 4096) as *mut u64).write_volatile(touch_word(page))
+                };
+            }
+            busy += grow;
+            if busy == busy_goal {
+                let mut l = Line::new();
+                l.s("balloon: busy=").dec(busy_mib).s(" MiB");
+                l.end();
+            }
+        }
         if stats && dev.wait_used(stats_q, 0).is_some() {
             // The device wants fresh statistics.
-            balloon_post_stats(&mut dev, stats_q, free(held), total);
+            let (f, t) = counts(held, busy);
+            balloon_post_stats(&mut dev, stats_q, f, t);
         }
         let g = dev.config_generation();
         if g != generation {
             generation = g;
             target = u64::from(dev.config::<u32>(0));
         }
-        let want = target.min(pool_pages);
+        // Never the working set's pages.
+        let want = target.min(pool_pages - busy);
         if target > pool_pages && !warned {
             warned = true;
             crate::console::println("balloon: target beyond the pool");
@@ -1065,8 +1121,9 @@ fn balloon_test() -> Outcome {
         if want != held {
             while held < want {
                 let n = (want - held).min(1024) as usize;
+                // From the top of the pool down.
                 for (i, p) in pfns[..n].iter_mut().enumerate() {
-                    *p = ((TOUCH_BASE >> 12) + held + i as u64) as u32;
+                    *p = ((TOUCH_BASE >> 12) + pool_pages - 1 - held - i as u64) as u32;
                 }
                 if !balloon_send(&mut dev, 0, n) {
                     return fail("balloon", d.s("an inflate was not completed"));
@@ -1075,14 +1132,16 @@ fn balloon_test() -> Outcome {
             }
             while held > want {
                 let n = (held - want).min(1024) as usize;
+                // The lowest pages in the balloon first.
+                let low = pool_pages - held;
                 for (i, p) in pfns[..n].iter_mut().enumerate() {
-                    *p = ((TOUCH_BASE >> 12) + held - 1 - i as u64) as u32;
+                    *p = ((TOUCH_BASE >> 12) + low + i as u64) as u32;
                 }
                 if !balloon_send(&mut dev, 1, n) {
                     return fail("balloon", d.s("a deflate was not completed"));
                 }
                 for i in 0..n as u64 {
-                    let page = held - 1 - i;
+                    let page = low + i;
                     // SAFETY: a pool page the guest has back.
                     unsafe {
                         ((TOUCH_BASE + page * 4096) as *mut u64).write_volatile(touch_word(page))

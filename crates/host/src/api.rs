@@ -4,6 +4,7 @@
 //! |---|---|
 //! | GET /v1/host | host status |
 //! | POST /v1/host/shutdown | stop every VM, then the daemon, removing what it made outside its state directory ([`crate::shutdown`]) |
+//! | GET /v1/host/memory | the memory lending policy ([`crate::lending`]): its settings, host free memory, its last action, and every live world's shares, active fraction, target, current, lent and borrowed memory |
 //! | GET /v1/vms | every VM |
 //! | POST /v1/vms | define a VM (body: a VM spec) |
 //! | GET /v1/vms/{name} | one VM |
@@ -59,6 +60,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+mod memory;
 mod migration;
 pub mod web;
 use web::Via;
@@ -163,6 +165,8 @@ pub struct Daemon {
     /// What serves the hot-plugged devices of each running world (by device id), by world
     /// id; the ports are in `ports` and the disks in `served` too.
     hot: Mutex<HashMap<u64, Vec<(String, HotBackend)>>>,
+    /// The memory lending policy's settings and state ([`crate::lending`]).
+    lending: Mutex<memory::Lending>,
 }
 
 /// Whether a run of a VM defined by `c` has its memory shared with its backends (what its
@@ -568,6 +572,7 @@ impl From<Reply> for Answer {
 fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
     Some(match parts {
         ["v1", "host"]
+        | ["v1", "host", "memory"]
         | ["v1", "stats"]
         | ["v1", "history"]
         | ["v1", "vms", _, "stats"]
@@ -643,6 +648,7 @@ impl Daemon {
             storage,
             served: Mutex::default(),
             hot: Mutex::default(),
+            lending: Mutex::default(),
             images: std::sync::OnceLock::new(),
             jail_uids: std::sync::OnceLock::new(),
             token,
@@ -1747,7 +1753,7 @@ impl Daemon {
         };
         // Not while the VM starts or stops.
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
-        let memory = {
+        let (memory, pid) = {
             let mut doc = self.lock();
             let w = match Self::world(&mut doc, id, name) {
                 Ok(w) => w,
@@ -1765,7 +1771,7 @@ impl Daemon {
                     format!("VM '{name}' has no balloon (define it with --balloon on)"),
                 );
             }
-            w.spec.config.memory
+            (w.spec.config.memory, w.pid)
         };
         if let Some(t) = target {
             if t > memory {
@@ -1780,7 +1786,8 @@ impl Daemon {
             }
             let req = json!({ "target_bytes": memory - t }).to_string();
             match self.vmm_call(name, "PUT", "/vm/balloon", Some(&req)) {
-                Ok((204, _)) => {}
+                // The lending policy builds on a target set by hand.
+                Ok((204, _)) => self.manual_balloon(id, pid, memory - t),
                 Ok((status, body)) => {
                     return error(
                         409,
@@ -2232,6 +2239,7 @@ impl Daemon {
             "CPU time the VMM process spent running guest code (clock-tick resolution), seconds; the rest of wv_world_cpu_seconds_total is the VMM and the host kernel.",
             &guest,
         );
+        self.memory_metrics(&mut t);
         Answer {
             status: 200,
             headers: vec![format!("Content-Type: {}", metrics::CONTENT_TYPE)],
@@ -2268,9 +2276,10 @@ impl Daemon {
         }
         match (req.method.as_str(), parts.as_slice()) {
             ("GET", ["v1", "host"]) => self.host(),
+            ("GET", ["v1", "host", "memory"]) => self.host_memory(),
             ("GET", ["v1", "vms"]) => ok(200, &self.lock().worlds),
             ("POST", ["v1", "vms"]) => self.create(&req.body),
-            ("GET", ["v1", "vms", name]) => self.with(name, |w| Ok(ok(200, w))),
+            ("GET", ["v1", "vms", name]) => self.vm_info(name),
             ("PATCH", ["v1", "vms", name]) => self.set(name, &req.body),
             ("GET", ["v1", "vms", name, "stats"]) => self.stats(name),
             ("GET", ["v1", "vms", name, "balloon"]) => self.balloon(name, None),
@@ -2335,12 +2344,20 @@ impl Daemon {
         )
     }
 
-    fn with(&self, name: &str, f: impl FnOnce(&World) -> Result<Reply, Reply>) -> Reply {
-        let doc = self.lock();
-        match doc.worlds.iter().find(|w| w.spec.name == name) {
-            Some(w) => f(w).unwrap_or_else(|e| e),
-            None => error(404, format!("no VM named '{name}'")),
+    /// `GET /v1/vms/{name}`: the world, with its memory as the lending policy last saw it
+    /// (`memory`) while the policy runs.
+    fn vm_info(&self, name: &str) -> Reply {
+        let (id, mut v) = {
+            let doc = self.lock();
+            match doc.worlds.iter().find(|w| w.spec.name == name) {
+                Some(w) => (w.id, serde_json::to_value(w).unwrap_or_default()),
+                None => return error(404, format!("no VM named '{name}'")),
+            }
+        };
+        if let (Some(m), Some(o)) = (self.world_memory(id), v.as_object_mut()) {
+            o.insert("memory".into(), json!(m));
         }
+        ok(200, &v)
     }
 
     fn create(&self, body: &[u8]) -> Reply {

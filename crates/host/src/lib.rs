@@ -8,6 +8,7 @@ pub mod api;
 pub mod cgroup;
 pub mod helper;
 pub mod history;
+pub mod lending;
 pub use wv_http as http;
 pub mod metrics;
 pub mod network;

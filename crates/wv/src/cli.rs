@@ -613,6 +613,21 @@ const DAEMON_OPTS: &[Opt] = &[
             Arg::Flag,
             "run VMMs as the daemon's user, unjailed (debugging only)",
         ),
+        opt(
+            "--host-memory-reserve",
+            Arg::Value("SIZE"),
+            "lend memory between running VMs: while the host has less than SIZE free,\nballoon memory back from the VMs with the fewest shares per active page, and\ngive it back when there is enough again or a VM needs it (default off)",
+        ),
+        opt(
+            "--idle-memory-tax",
+            Arg::Value("PCT"),
+            "the policy's tax on idle memory: an idle page costs 1/(1-PCT/100) active\nones (0-99, default 75)",
+        ),
+        opt(
+            "--host-memory",
+            Arg::Value("SIZE"),
+            "the memory the daemon's VMs may use in total (a host that keeps the rest for\nother work): free memory is then SIZE less their resident memory, if less\nthan MemAvailable",
+        ),
 ];
 
 const HOST: Spec = Spec {
@@ -624,6 +639,7 @@ wv host shutdown stops them too. Either way it removes what it made outside its 
 
 Other commands:
   wv host status [--json]         ask the daemon how the host is doing
+  wv host memory [--json]         the memory lending policy and every VM's memory
   wv host top [--once] [--json]   CPU, ready and throttled time of every world, each second
   wv host token                   the token for clients over TCP
   wv host shutdown                stop every VM, then the daemon
@@ -686,6 +702,16 @@ const HOST_STATUS: Spec = Spec {
     cmd: "wv host status",
     pos: &[],
     about: "Asks the daemon how the host is doing: CPUs, scheduler, worlds.",
+    opts: &[CLIENT_OPTS],
+    after: CLIENT_STATUS,
+};
+
+const HOST_MEMORY: Spec = Spec {
+    cmd: "wv host memory",
+    pos: &[],
+    about: "Shows the memory lending policy (wv host --host-memory-reserve): its reserve, the host's free
+memory, its last action, and for every running VM its shares, active fraction, memory target,
+current memory, what it lent and what it holds above its fair share (docs/DEVICES.md).",
     opts: &[CLIENT_OPTS],
     after: CLIENT_STATUS,
 };
@@ -1269,9 +1295,13 @@ pub enum Command {
         images: Vec<PathBuf>,
         /// The users of jailed VMMs (first, last), None: unjailed (`--no-jail`).
         jail: Option<(u32, u32)>,
+        /// The memory lending policy's settings.
+        memory: wv_host::lending::Settings,
     },
     /// `wv host status`.
     HostStatus(Client),
+    /// `wv host memory`.
+    HostMemory(Client),
     /// `wv host token`: print the API token kept in this state directory.
     HostToken(PathBuf),
     /// `wv host top`.
@@ -1363,6 +1393,7 @@ fn all_specs() -> Vec<&'static Spec> {
         &STORAGE,
         &HOST,
         &HOST_STATUS,
+        &HOST_MEMORY,
         &HOST_TOP,
         &HOST_TOKEN,
         &HOST_SHUTDOWN,
@@ -1913,6 +1944,7 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
         &[
             &HOST,
             &HOST_STATUS,
+            &HOST_MEMORY,
             &HOST_TOP,
             &HOST_TOKEN,
             &HOST_SHUTDOWN,
@@ -1951,11 +1983,16 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                             })?,
                     ),
                 },
+                memory: lending_settings(&m)?,
             })
         }
         Some("status") => {
             let m = matches_or_help!(&HOST_STATUS, &rest);
             Ok(Command::HostStatus(client(&m)))
+        }
+        Some("memory") => {
+            let m = matches_or_help!(&HOST_MEMORY, &rest);
+            Ok(Command::HostMemory(client(&m)))
         }
         Some("top") => {
             let m = matches_or_help!(&HOST_TOP, &rest);
@@ -1987,7 +2024,11 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
             for o in DAEMON_OPTS {
                 for v in m.values(o.long) {
                     let v = match o.long {
-                        "--listen" | "--web" => v.to_string(),
+                        "--listen"
+                        | "--web"
+                        | "--host-memory-reserve"
+                        | "--idle-memory-tax"
+                        | "--host-memory" => v.to_string(),
                         _ => abs(v),
                     };
                     args.extend([o.long.to_string(), v]);
@@ -2003,6 +2044,36 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
             "unknown 'wv host' command '{other}' (see wv host --help)"
         ))),
     }
+}
+
+/// The lending policy's settings from `wv host`'s options.
+fn lending_settings(m: &Matches) -> Result<wv_host::lending::Settings, Usage> {
+    let size = |o: &str| {
+        m.value(o)
+            .map(|v| parse_size(v).map_err(|e| Usage(format!("{o}: {e}"))))
+            .transpose()
+    };
+    let mut s = wv_host::lending::Settings {
+        reserve: size("--host-memory-reserve")?.unwrap_or(0),
+        host_memory: size("--host-memory")?,
+        ..Default::default()
+    };
+    if let Some(t) = m.value("--idle-memory-tax") {
+        s.tax_pct = t
+            .parse()
+            .ok()
+            .filter(|p| *p <= wv_host::lending::MAX_TAX_PCT)
+            .ok_or_else(|| {
+                Usage(format!(
+                    "--idle-memory-tax '{t}': give a percentage from 0 to {}",
+                    wv_host::lending::MAX_TAX_PCT
+                ))
+            })?;
+    }
+    if s.host_memory == Some(0) {
+        return Err(Usage("--host-memory: give a size above 0".into()));
+    }
+    Ok(s)
 }
 
 fn parse_net(args: &[String]) -> Result<Command, Usage> {
@@ -2655,6 +2726,39 @@ mod tests {
             panic!()
         };
         assert_eq!(listen.as_deref(), Some("127.0.0.1:7"));
+    }
+
+    #[test]
+    fn the_lending_options_are_sizes_and_a_percentage() {
+        let Ok(Command::HostServe { memory, .. }) = parse(&args(&["host"])) else {
+            panic!()
+        };
+        assert_eq!(memory, wv_host::lending::Settings::default());
+        assert_eq!((memory.reserve, memory.tax_pct), (0, 75));
+        let Ok(Command::HostServe { memory, .. }) = parse(&args(&[
+            "host",
+            "--host-memory-reserve",
+            "1G",
+            "--idle-memory-tax=50",
+            "--host-memory",
+            "8G",
+        ])) else {
+            panic!()
+        };
+        assert_eq!(
+            (memory.reserve, memory.tax_pct, memory.host_memory),
+            (1 << 30, 50, Some(8 << 30))
+        );
+        assert!(refused(&["host", "--idle-memory-tax", "100"]).contains("0 to 99"));
+        assert!(refused(&["host", "--idle-memory-tax", "-1"]).contains("--idle-memory-tax"));
+        assert!(
+            refused(&["host", "--host-memory-reserve", "lots"]).contains("--host-memory-reserve")
+        );
+        assert!(refused(&["host", "--host-memory", "0"]).contains("above 0"));
+        assert!(matches!(
+            parse(&args(&["host", "memory", "--json"])),
+            Ok(Command::HostMemory(Client { json: true, .. }))
+        ));
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Command::Help(_)
         | Command::Version
         | Command::HostStatus(_)
+        | Command::HostMemory(_)
         | Command::HostTop(..)
         | Command::HostToken(_)
         | Command::HostShutdown(_)
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
             web,
             images,
             jail,
+            memory,
         } => cmd_host_serve(
             &socket,
             &state_dir,
@@ -85,8 +87,10 @@ fn main() -> ExitCode {
             web.as_deref(),
             images,
             jail,
+            memory,
         ),
         Command::HostStatus(c) => host_status(&c),
+        Command::HostMemory(c) => host_memory(&c),
         Command::HostTop(c, once) => host_top(&c, once),
         Command::HostToken(dir) => {
             let path = dir.join(wv_host::api::TOKEN_FILE);
@@ -265,6 +269,7 @@ fn cmd_host_serve(
     web: Option<&str>,
     images: Vec<PathBuf>,
     jail: Option<(u32, u32)>,
+    memory: wv_host::lending::Settings,
 ) -> ExitCode {
     let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
     let d = match wv_host::api::Daemon::open(state_dir, socket, wv) {
@@ -292,6 +297,16 @@ fn cmd_host_serve(
         None => eprintln!(
             "wv host: warning: --no-jail: VMMs run as this daemon's user, with its privileges"
         ),
+    }
+    if let Err(e) = d.lend_memory(memory) {
+        return fail(1, &format!("--host-memory-reserve: {e}"));
+    }
+    if memory.reserve > 0 {
+        eprintln!(
+            "wv host: lending memory between VMs below {} free (idle memory tax {}%)",
+            wv_config::format_size(memory.reserve),
+            memory.tax_pct
+        );
     }
     if let Some(addr) = listen {
         let loopback = addr
@@ -384,6 +399,69 @@ fn host_uninstall(dir: &Path, yes: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, &e),
+    }
+}
+
+/// `wv host memory`: the lending policy and a table of every live VM's memory.
+fn host_memory(c: &Client) -> ExitCode {
+    match api(c, "GET", "/v1/host/memory", None) {
+        Ok(v) if c.json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            let mib = |x: &serde_json::Value| {
+                x.as_i64()
+                    .map_or_else(|| "-".into(), |b| format!("{}M", b >> 20))
+            };
+            if v["enabled"] == true {
+                println!(
+                    "policy on: reserve {}, host free {}, idle memory tax {}%{}",
+                    mib(&v["reserve_bytes"]),
+                    mib(&v["host_free_bytes"]),
+                    v["idle_memory_tax_pct"],
+                    match v["host_memory_bytes"].as_u64() {
+                        Some(h) => format!(", VMs' pool {}M", h >> 20),
+                        None => String::new(),
+                    }
+                );
+            } else {
+                println!(
+                    "policy off (wv host --host-memory-reserve SIZE turns it on); host free {}",
+                    mib(&v["host_free_bytes"])
+                );
+            }
+            if let Some(a) = v["last_action"].as_str().filter(|a| !a.is_empty()) {
+                println!("last action: {a}");
+            }
+            let row = |c: [&str; 9]| {
+                println!(
+                    "{:<16} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+                );
+            };
+            row([
+                "VM", "SHARES", "ACTIVE", "MEMORY", "TARGET", "CURRENT", "LENT", "BORROWED", "RSS",
+            ]);
+            for w in v["worlds"].as_array().into_iter().flatten() {
+                let active = w["active_fraction"]
+                    .as_f64()
+                    .map_or_else(|| "-".into(), |f| format!("{:.0}%", f * 100.0));
+                row([
+                    w["name"].as_str().unwrap_or("?"),
+                    &w["shares"].to_string(),
+                    &active,
+                    &mib(&w["memory_bytes"]),
+                    &mib(&w["target_bytes"]),
+                    &mib(&w["current_bytes"]),
+                    &mib(&w["lent_bytes"]),
+                    &mib(&w["borrowed_bytes"]),
+                    &mib(&w["rss_bytes"]),
+                ]);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
     }
 }
 
@@ -989,6 +1067,20 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
                         size_of(&b["current_bytes"]),
                         size_of(&b["balloon"]["actual_bytes"]),
                         size_of(&b["balloon"]["vmm_rss_bytes"]),
+                    );
+                }
+                if v["memory"].is_object() {
+                    let m = &v["memory"];
+                    println!(
+                        "lending: shares {}, active {}, target {}, current {}, lent {}, borrowed {}",
+                        m["shares"],
+                        m["active_fraction"]
+                            .as_f64()
+                            .map_or_else(|| "-".into(), |f| format!("{:.0}%", f * 100.0)),
+                        size_of(&m["target_bytes"]),
+                        size_of(&m["current_bytes"]),
+                        size_of(&m["lent_bytes"]),
+                        size_of(&m["borrowed_bytes"]),
                     );
                 }
             })

@@ -295,6 +295,19 @@ fn the_server_matches_its_openapi_document() {
         409
     );
     c.call("GET", "/v1/host", "/v1/host", None);
+    // The lending policy is off here: the worlds' memory is sampled on request.
+    let (s, m) = c.call("GET", "/v1/host/memory", "/v1/host/memory", None);
+    assert_eq!(
+        (s, &m["enabled"]),
+        (200, &serde_json::Value::Bool(false)),
+        "{m}"
+    );
+    assert!(
+        m["worlds"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["name"] == "a")),
+        "{m}"
+    );
     assert_eq!(c.call("DELETE", vm, "/v1/vms/a", None).0, 409);
     // Scheduler settings, live, and the accounting.
     let patch = |c: &mut Checker, path: &str, body: &str| c.call("PATCH", vm, path, Some(body)).0;
@@ -1719,6 +1732,7 @@ impl Fuzz {
             "metrics",
             "history",
             "host",
+            "host-memory",
             "patch",
             "patch",
             "delete",
@@ -1751,9 +1765,10 @@ impl Fuzz {
             ""
         };
         match op {
-            "host" | "list" | "all-stats" | "metrics" | "history" => {
+            "host" | "host-memory" | "list" | "all-stats" | "metrics" | "history" => {
                 let (tpl, path) = match op {
                     "host" => ("/v1/host", "/v1/host"),
+                    "host-memory" => ("/v1/host/memory", "/v1/host/memory"),
                     "history" => ("/v1/history", "/v1/history"),
                     "list" => ("/v1/vms", "/v1/vms"),
                     "metrics" => ("/metrics", "/metrics"),
