@@ -9,6 +9,10 @@ const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
+/// CPUID.1:ECX x2APIC.
+const CPUID1_ECX_X2APIC: u32 = 1 << 21;
+/// CPUID.1:ECX TSC-deadline timer.
+const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 
 /// MSR values set at boot, filtered to those the host's KVM lists.
 pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
@@ -36,6 +40,10 @@ pub struct VcpuTemplate {
     pub host: HostCpu,
     /// vCPUs in the VM.
     pub count: u32,
+    /// KVM's in-kernel irqchip emulates the local APICs (the default). Without it (the VMM's
+    /// own controllers), the local APIC is not touched here and CPUID hides x2APIC and the
+    /// TSC-deadline timer, which the VMM's controllers do not emulate.
+    pub kernel_irqchip: bool,
 }
 
 impl VcpuTemplate {
@@ -52,13 +60,14 @@ impl VcpuTemplate {
             msrs: boot_msrs(index.as_slice()),
             host: HostCpu::detect(),
             count,
+            kernel_irqchip: true,
         })
     }
 
     /// Configures vCPU `index`: CPUID, MSRs, FPU, and LINT0 = ExtINT / LINT1 = NMI so the
     /// 8259 and NMIs reach it as on a PC.
     pub fn configure(&self, vcpu: &VcpuFd, index: u32) -> Result<(), HvError> {
-        let entries = cpuid::for_vcpu(
+        let mut entries = cpuid::for_vcpu(
             self.supported_cpuid.as_slice(),
             VcpuTopology {
                 index,
@@ -66,6 +75,11 @@ impl VcpuTemplate {
             },
             self.host,
         );
+        if !self.kernel_irqchip {
+            for e in entries.iter_mut().filter(|e| e.function == 1) {
+                e.ecx &= !(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE);
+            }
+        }
         let cpuid = CpuId::from_entries(&entries)
             .map_err(|_| HvError::Ioctl("building CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
         vcpu.set_cpuid2(&cpuid)
@@ -84,6 +98,9 @@ impl VcpuTemplate {
         };
         vcpu.set_fpu(&fpu)
             .map_err(|e| HvError::Ioctl("KVM_SET_FPU", e))?;
+        if !self.kernel_irqchip {
+            return Ok(());
+        }
         let mut lapic = vcpu
             .get_lapic()
             .map_err(|e| HvError::Ioctl("KVM_GET_LAPIC", e))?;
