@@ -284,7 +284,11 @@ impl Bits {
     fn highest(&self) -> Option<u8> {
         (0..8usize).rev().find_map(|w| {
             let x = self.0[w];
-            (x != 0).then(|| (w * 32 + 31 - x.leading_zeros() as usize) as u8)
+            if x == 0 {
+                None
+            } else {
+                u8::try_from(w * 32 + 31 - x.leading_zeros() as usize).ok()
+            }
         })
     }
 }
@@ -638,7 +642,7 @@ impl IoApic {
     /// The message pin `pin`'s entry sends.
     fn message(&self, pin: usize) -> Option<(Destination, Irq)> {
         let e = self.redir[pin];
-        let mode = DeliveryMode::from_bits((e >> 8) as u32)?;
+        let mode = DeliveryMode::from_bits(((e >> 8) & 7) as u32)?;
         let target = (e >> 56) as u32;
         let dest = if e & (1 << 11) != 0 {
             Destination::Logical(target as u8)
@@ -713,7 +717,7 @@ impl IoApic {
                 r @ 0x10..=0x3f => {
                     let e = self.redir[((r - 0x10) / 2) as usize];
                     if r & 1 == 0 {
-                        e as u32
+                        (e & 0xffff_ffff) as u32
                     } else {
                         (e >> 32) as u32
                     }

@@ -98,7 +98,7 @@ pub(crate) struct VmShared {
     pub(crate) gate: pause::Gate,
     /// The userspace interrupt controllers (`--irqchip user`), and the accounting causes of
     /// their MMIO pages (local APIC, I/O APIC).
-    pub(crate) uapic: Option<(Arc<uapic::Uapic>, usize, usize)>,
+    pub(crate) uapic: Option<uapic::WithCauses>,
     end: Mutex<Option<VmEnd>>,
     end_evt: EventFd,
     /// The interactive console's listening socket and output side, when asked for.

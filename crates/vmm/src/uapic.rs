@@ -32,6 +32,9 @@ use wv_devices::apic::{
     self, Addressing, ApicEffect, Deliver, DeliveryMode, Destination, IoApic, Irq, LocalApic,
 };
 
+/// The controllers with the accounting causes of their MMIO pages (local APIC, I/O APIC).
+pub(crate) type WithCauses = (Arc<Uapic>, usize, usize);
+
 /// KVM_INTERRUPT: `_IOW(KVMIO, 0x86, struct kvm_interrupt)` (kvm-ioctls has no wrapper).
 const KVM_INTERRUPT: libc::c_ulong = 0x4004_ae86;
 
@@ -540,5 +543,123 @@ impl Drop for HostTimer {
     fn drop(&mut self) {
         // SAFETY: the timer is ours and deleted once.
         unsafe { libc::timer_delete(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wv_devices::apic::reg;
+
+    impl Uapic {
+        /// Waits until vCPU `index` has a vector to take (woken by deliveries, no polling).
+        fn wait_pending(&self, index: usize) -> u8 {
+            let cpu = &self.cpus.cpus[index];
+            let mut st = lock(&cpu.st);
+            loop {
+                if let Some(v) = st.apic.pending() {
+                    return v;
+                }
+                st = cpu.cv.wait(st).unwrap();
+            }
+        }
+
+        fn write(&self, index: u32, lapic: bool, offset: u64, value: u32) {
+            let base = if lapic {
+                apic::LAPIC_BASE
+            } else {
+                apic::IOAPIC_BASE
+            };
+            self.mmio(index, lapic, base + offset, &mut value.to_le_bytes(), true);
+        }
+
+        fn read(&self, index: u32, lapic: bool, offset: u64) -> u32 {
+            let base = if lapic {
+                apic::LAPIC_BASE
+            } else {
+                apic::IOAPIC_BASE
+            };
+            let mut b = [0u8; 4];
+            self.mmio(index, lapic, base + offset, &mut b, false);
+            u32::from_le_bytes(b)
+        }
+
+        /// Programs I/O APIC pin `pin`'s redirection entry.
+        fn route(&self, pin: u32, low: u32, dest: u32) {
+            self.write(0, false, 0, 0x10 + 2 * pin);
+            self.write(0, false, 0x10, low);
+            self.write(0, false, 0, 0x11 + 2 * pin);
+            self.write(0, false, 0x10, dest << 24);
+        }
+    }
+
+    #[test]
+    fn a_pin_pulse_through_the_relay_reaches_the_routed_vcpu() {
+        let u = Arc::new(Uapic::new(2).unwrap());
+        u.write(1, true, reg::SVR, 0x1ff);
+        u.route(4, 0x34, 1);
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        u.add_source(evt.try_clone().unwrap(), Source::Pin(4));
+        let relay = {
+            let u = u.clone();
+            std::thread::spawn(move || u.relay())
+        };
+        evt.write(1).unwrap();
+        assert_eq!(u.wait_pending(1), 0x34);
+        assert_eq!(lock(&u.cpus.cpus[0].st).apic.pending(), None);
+        u.end();
+        relay.join().unwrap();
+    }
+
+    #[test]
+    fn ipis_init_and_startup_from_the_icr() {
+        let u = Uapic::new(3).unwrap();
+        for i in 0..3 {
+            u.write(i, true, reg::SVR, 0x1ff);
+            assert_eq!(u.read(i, true, reg::ID), i << 24);
+        }
+        // A fixed IPI from vCPU 0 to APIC ID 2.
+        u.write(0, true, reg::ICR_HIGH, 2 << 24);
+        u.write(0, true, reg::ICR_LOW, 0x4061);
+        assert_eq!(u.wait_pending(2), 0x61);
+        assert_eq!(lock(&u.cpus.cpus[1].st).apic.pending(), None);
+        // All but self.
+        u.write(1, true, reg::ICR_LOW, 0x000c_4062);
+        assert_eq!(lock(&u.cpus.cpus[0].st).apic.pending(), Some(0x62));
+        assert_eq!(lock(&u.cpus.cpus[1].st).apic.pending(), None);
+        // A STARTUP to an AP that did not get INIT is ignored; after INIT it is kept.
+        u.write(0, true, reg::ICR_HIGH, 1 << 24);
+        assert!(lock(&u.cpus.cpus[1].st).waiting_sipi, "APs start waiting");
+        u.write(0, true, reg::ICR_LOW, 0x4500);
+        u.write(0, true, reg::ICR_LOW, 0x4608);
+        u.write(0, true, reg::ICR_LOW, 0x4609);
+        let st = lock(&u.cpus.cpus[1].st);
+        assert_eq!(st.sipi, Some(8), "the first STARTUP counts");
+        assert!(!st.apic.enabled(), "INIT reset the APIC");
+        drop(st);
+        // Logical: vCPU 2 takes logical ID 4 (flat model).
+        u.write(2, true, reg::LDR, 4 << 24);
+        u.write(0, true, reg::ICR_HIGH, 4 << 24);
+        u.write(0, true, reg::ICR_LOW, 0x4871);
+        assert_eq!(lock(&u.cpus.cpus[2].st).apic.pending(), Some(0x71));
+    }
+
+    #[test]
+    fn a_level_pin_waits_for_the_eoi() {
+        let u = Uapic::new(1).unwrap();
+        u.write(0, true, reg::SVR, 0x1ff);
+        u.route(9, 0x8039, 0);
+        u.pulse(9);
+        let v = u.wait_pending(0);
+        assert_eq!(v, 0x39);
+        lock(&u.cpus.cpus[0].st).apic.ack(v);
+        let remote_irr = |u: &Uapic| lock(&u.ioapic).entry(9).unwrap() & (1 << 14) != 0;
+        assert!(remote_irr(&u));
+        // Another pulse while the first is in service is held by remote IRR.
+        u.pulse(9);
+        let irr = u.read(0, true, reg::IRR + 0x10);
+        assert_eq!(irr & (1 << (0x39 - 0x20)), 0, "not requested again");
+        u.write(0, true, reg::EOI, 0);
+        assert!(!remote_irr(&u), "the EOI reached the I/O APIC");
     }
 }

@@ -362,10 +362,7 @@ impl Clock {
 
 /// The userspace interrupt controller page `addr` is in, if any (true: the local APIC's), with
 /// the controllers and their accounting causes.
-fn apic_page(
-    shared: &VmShared,
-    addr: u64,
-) -> Option<(bool, &(Arc<crate::uapic::Uapic>, usize, usize))> {
+fn apic_page(shared: &VmShared, addr: u64) -> Option<(bool, &crate::uapic::WithCauses)> {
     let u = shared.uapic.as_ref()?;
     Some((crate::uapic::Uapic::owns(addr)?, u))
 }
