@@ -249,7 +249,9 @@ fn new_generation_id() -> Result<[u8; wv_abi::GENERATION_ID_SIZE], VmmError> {
     }
 }
 
-fn device_records() -> Vec<DeviceRecord> {
+/// The devices the paravirtual device list names; `pit`: the in-kernel PIT exists (not with
+/// `--irqchip user`).
+fn device_records(pit: bool) -> Vec<DeviceRecord> {
     let rec = |kind, irq, base: u64, len, flags| DeviceRecord {
         kind,
         irq,
@@ -258,7 +260,7 @@ fn device_records() -> Vec<DeviceRecord> {
         flags,
         reserved: 0,
     };
-    vec![
+    let mut v = vec![
         rec(
             device_kind::UART_16550,
             COM1_IRQ,
@@ -295,7 +297,11 @@ fn device_records() -> Vec<DeviceRecord> {
             0x1000,
             DEVICE_FLAG_MMIO,
         ),
-    ]
+    ];
+    if !pit {
+        v.retain(|r| r.kind != device_kind::PIT);
+    }
+    v
 }
 
 /// The signals that stop the VM: blocked in every VMM thread, read by the control loop from a
@@ -1059,7 +1065,7 @@ fn build(
         info: MachineInfo {
             mem_size: cfg.memory,
             vcpus: cfg.vcpus,
-            devices: device_records(),
+            devices: device_records(cfg.irqchip == config::IrqChip::Kernel),
             tsc_khz: 0,
             generation_id: new_generation_id()?,
             restores: restore.map_or(0, |r| r.restores.saturating_add(1)),
