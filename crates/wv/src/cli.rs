@@ -2307,6 +2307,27 @@ mod tests {
     }
 
     #[test]
+    fn irqchip_option() {
+        let Ok(Command::Run(run, ..)) = parse(&args(&["run"])) else {
+            panic!()
+        };
+        assert_eq!(run.irqchip, wv_config::IrqChip::Kernel);
+        let Ok(Command::Run(run, ..)) = parse(&args(&["run", "--irqchip=user", "--vcpus=2"]))
+        else {
+            panic!()
+        };
+        assert_eq!((run.irqchip, run.vcpus), (wv_config::IrqChip::User, 2));
+        // Not part of the serialised VM: a configuration file neither carries nor needs it.
+        let text = serde_json::to_string(&*run).unwrap();
+        assert!(!text.contains("irqchip"), "{text}");
+        assert!(refused(&["run", "--irqchip", "pic"]).contains("use kernel or user"));
+        assert!(refused(&["run", "--irqchip", "user", "--restore", "/s"])
+            .contains("--irqchip user cannot be used with --restore"));
+        // Kernel mode goes with everything.
+        assert!(parse(&args(&["run", "--irqchip", "kernel", "--restore", "/s"])).is_ok());
+    }
+
+    #[test]
     fn both_value_forms_give_the_same_definition() {
         let spaced = vm(&[
             "vm",
