@@ -144,9 +144,21 @@ pub(crate) struct Uapic {
 }
 
 impl Uapic {
-    /// The controllers of a VM with `vcpus` vCPUs (APIC IDs 0..vcpus); every AP waits for
-    /// INIT and STARTUP.
+    /// The controllers of a VM with `vcpus` vCPUs (APIC IDs 0..vcpus), all in this process;
+    /// every AP waits for INIT and STARTUP.
     pub(crate) fn new(vcpus: u32) -> std::io::Result<Uapic> {
+        Uapic::with_deliver(vcpus, |local| local)
+    }
+
+    /// [`Uapic::new`], with messages delivered through what `route` makes of the local vCPUs'
+    /// [`Deliver`]: a cluster layer's router, which hands the APIC IDs of this process to
+    /// `local` and sends the others' messages to their nodes (whose relay calls their own
+    /// local [`Deliver`]). The vCPUs of this process are still created for every APIC ID;
+    /// those that live elsewhere simply never run here.
+    pub(crate) fn with_deliver(
+        vcpus: u32,
+        route: impl FnOnce(Arc<dyn Deliver>) -> Arc<dyn Deliver>,
+    ) -> std::io::Result<Uapic> {
         let cpus = Arc::new(LocalCpus {
             cpus: (0..vcpus)
                 .map(|i| Cpu {
@@ -165,7 +177,7 @@ impl Uapic {
         });
         Ok(Uapic {
             epoch: Instant::now(),
-            sink: cpus.clone(),
+            sink: route(cpus.clone()),
             addressing: Mutex::new((0..vcpus).map(|i| LocalApic::new(i).addressing()).collect()),
             cpus,
             ioapic: Mutex::new(IoApic::new()),
@@ -642,6 +654,55 @@ mod tests {
         u.write(0, true, reg::ICR_HIGH, 4 << 24);
         u.write(0, true, reg::ICR_LOW, 0x4871);
         assert_eq!(lock(&u.cpus.cpus[2].st).apic.pending(), Some(0x71));
+    }
+
+    /// A cluster layer's router: APIC ID 0 is local, the others' messages are sent away
+    /// (recorded here) as the plain data they are.
+    struct Router {
+        local: Arc<dyn Deliver>,
+        sent: Mutex<Vec<(u32, String)>>,
+    }
+
+    impl Deliver for Router {
+        fn deliver(&self, apic_id: u32, irq: Irq) {
+            if apic_id == 0 {
+                self.local.deliver(apic_id, irq);
+            } else {
+                let wire = serde_json::to_string(&irq).unwrap();
+                lock(&self.sent).push((apic_id, wire));
+            }
+        }
+    }
+
+    #[test]
+    fn every_delivery_goes_through_the_deliver_given() {
+        let router = Mutex::new(None);
+        let u = Uapic::with_deliver(4, |local| {
+            let r = Arc::new(Router {
+                local,
+                sent: Mutex::new(Vec::new()),
+            });
+            *lock(&router) = Some(r.clone());
+            r
+        })
+        .unwrap();
+        let router = lock(&router).take().unwrap();
+        u.write(0, true, reg::SVR, 0x1ff);
+        // A broadcast IPI: one message per APIC ID, the sender's included.
+        u.write(0, true, reg::ICR_LOW, 0x0008_4055);
+        assert_eq!(u.wait_pending(0), 0x55);
+        let sent = lock(&router.sent).clone();
+        assert_eq!(
+            sent.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        let irq: Irq = serde_json::from_str(&sent[0].1).unwrap();
+        assert_eq!(irq, Irq::fixed(0x55));
+        // An I/O APIC pin routed to APIC ID 3 goes the same way.
+        u.route(4, 0x24, 3);
+        u.pulse(4);
+        assert_eq!(lock(&router.sent).last().unwrap().0, 3);
+        assert_eq!(u.read(3, true, reg::IRR + 0x10), 0, "not requested here");
     }
 
     #[test]
