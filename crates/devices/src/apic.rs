@@ -243,6 +243,9 @@ pub mod reg {
 }
 
 const LVT_MASKED: u32 = 1 << 16;
+/// The shortest period of a periodic timer (KVM's `min_timer_period_us`, 200 us): a guest
+/// cannot make its vCPU's thread take a host timer signal every few nanoseconds.
+pub const MIN_PERIODIC_NS: u64 = 200_000;
 /// Writable bits of each LVT entry, by index from [`reg::LVT_TIMER`].
 const LVT_WRITABLE: [u32; 6] = [0x700ff, 0x107ff, 0x107ff, 0x1a7ff, 0x1a7ff, 0x100ff];
 /// ESR bit: a message with an illegal vector (0-15) was received.
@@ -434,7 +437,12 @@ impl LocalApic {
 
     /// One period of the timer in nanoseconds (one bus cycle is 1 ns).
     fn timer_period(&self) -> u64 {
-        u64::from(self.timer_initial) * self.timer_divisor()
+        let p = u64::from(self.timer_initial) * self.timer_divisor();
+        if self.timer_periodic() {
+            p.max(MIN_PERIODIC_NS)
+        } else {
+            p
+        }
     }
 
     /// When the timer fires next (ns), if it runs.
@@ -931,18 +939,25 @@ mod tests {
         assert_eq!(a.pending(), Some(0x40));
         // Periodic: the next deadline is the next period end after now.
         a.write(reg::LVT_TIMER, 0x20041, 0);
-        a.write(reg::TIMER_INITIAL, 10, 0);
-        assert_eq!(a.timer_deadline(), Some(40));
-        assert!(a.timer_fire(45));
-        assert_eq!(a.timer_deadline(), Some(80));
-        assert!(a.timer_fire(250));
+        a.write(reg::TIMER_INITIAL, 100_000, 0);
+        assert_eq!(a.timer_deadline(), Some(400_000));
+        assert!(a.timer_fire(450_000));
+        assert_eq!(a.timer_deadline(), Some(800_000));
+        assert!(a.timer_fire(2_500_000));
         assert_eq!(
             a.timer_deadline(),
-            Some(280),
+            Some(2_800_000),
             "missed periods are not queued"
         );
-        assert_eq!(a.read(reg::TIMER_CURRENT, 250), 8); // 62 ticks of 4 ns: 2 into a period of 10
-                                                        // A masked timer runs on but requests nothing.
+        // 625000 ticks of 4 ns: 25000 into a period of 100000.
+        assert_eq!(a.read(reg::TIMER_CURRENT, 2_500_000), 75_000);
+        // A periodic timer runs no faster than MIN_PERIODIC_NS; a one-shot may.
+        a.write(reg::TIMER_INITIAL, 10, 3_000_000);
+        assert_eq!(a.timer_deadline(), Some(3_000_000 + MIN_PERIODIC_NS));
+        a.write(reg::LVT_TIMER, 0x41, 0);
+        a.write(reg::TIMER_INITIAL, 10, 4_000_000);
+        assert_eq!(a.timer_deadline(), Some(4_000_040));
+        // A masked timer runs on but requests nothing.
         let mut b = enabled(0);
         b.write(reg::LVT_TIMER, 0x10040, 0);
         b.write(reg::TIMER_INITIAL, 1, 0);
