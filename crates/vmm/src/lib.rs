@@ -629,12 +629,7 @@ pub(crate) fn run_from(
     // KVM_GET_SUPPORTED_CPUID alone costs ~0.3 ms on some hosts: read it on the other CPU while
     // this one creates the VM and loads the guest.
     let (template, vm, mut shared) = std::thread::scope(|s| {
-        let template = s.spawn(|| {
-            VcpuTemplate::new(&kvm, cfg.vcpus).map(|mut t| {
-                t.kernel_irqchip = cfg.irqchip == config::IrqChip::Kernel;
-                t
-            })
-        });
+        let template = s.spawn(|| VcpuTemplate::new(&kvm, cfg.vcpus));
         let built = build(&kvm, cfg, restore.as_mut(), &trace);
         let template = template
             .join()
@@ -643,6 +638,11 @@ pub(crate) fn run_from(
         Ok::<_, VmmError>((template?, vm, shared))
     })?;
     trace.mark("cpuid template ready");
+    // Without the in-kernel irqchip, vCPUs are configured for the VMM's own local APICs.
+    let template = VcpuTemplate {
+        kernel_irqchip: cfg.irqchip == config::IrqChip::Kernel,
+        ..template
+    };
     // A kernel of the user's may use what it sees (the probe guest does not).
     if matches!(cfg.kernel, KernelSource::Path(_)) {
         let ignored = wv_hypervisor::cpuid::ignored_features(
