@@ -13,6 +13,13 @@ const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 const CPUID1_ECX_X2APIC: u32 = 1 << 21;
 /// CPUID.1:ECX TSC-deadline timer.
 const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// KVM's paravirtual feature leaf (moved up one slot by Worldvisor's own, `cpuid.rs`).
+const KVM_CPUID_FEATURES: u32 = wv_abi::CPUID_KVM_BASE + 1;
+/// The paravirtual features KVM implements in its in-kernel local APIC, which a guest must not
+/// use without it (QEMU's `kernel-irqchip=off` drops them too): PV EOI (bit 6), PV unhalt (7,
+/// kicked by the in-kernel APIC), PV send-IPI (11, a hypercall KVM delivers itself), async page
+/// faults by interrupt (14) and the extended MSI destination ID (15).
+const KVM_FEATURES_NEEDING_LAPIC: u32 = (1 << 6) | (1 << 7) | (1 << 11) | (1 << 14) | (1 << 15);
 
 /// MSR values set at boot, filtered to those the host's KVM lists.
 pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
@@ -76,8 +83,12 @@ impl VcpuTemplate {
             self.host,
         );
         if !self.kernel_irqchip {
-            for e in entries.iter_mut().filter(|e| e.function == 1) {
-                e.ecx &= !(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE);
+            for e in entries.iter_mut() {
+                match e.function {
+                    1 => e.ecx &= !(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE),
+                    KVM_CPUID_FEATURES => e.eax &= !KVM_FEATURES_NEEDING_LAPIC,
+                    _ => {}
+                }
             }
         }
         let cpuid = CpuId::from_entries(&entries)
