@@ -119,6 +119,34 @@ impl SeccompMode {
     }
 }
 
+/// Who emulates the VM's interrupt controllers (`wv run --irqchip`; a property of the VMM
+/// process, never part of a serialised [`VmConfig`]: a VM with the userspace controllers cannot
+/// be snapshotted or migrated, so no snapshot or stream ever needs it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IrqChip {
+    /// KVM's in-kernel local APICs, I/O APIC, PIC and PIT.
+    #[default]
+    Kernel,
+    /// The VMM's own local APICs and I/O APIC (crates/vmm/src/uapic.rs), KVM without its
+    /// in-kernel irqchip: the mode a VM spread over several processes needs (issue 14).
+    User,
+}
+
+impl IrqChip {
+    /// `kernel` or `user`.
+    pub fn parse(s: &str) -> Result<IrqChip, ConfigError> {
+        match s {
+            "kernel" => Ok(IrqChip::Kernel),
+            "user" => Ok(IrqChip::User),
+            _ => Err(ConfigError(format!(
+                "--irqchip '{}': use kernel or user",
+                s.escape_debug()
+            ))),
+        }
+    }
+}
+
 /// A virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -485,6 +513,9 @@ pub struct VmConfig {
     /// What the VMM's per-thread system-call filters do (the VMM's, not serialised).
     #[serde(skip)]
     pub seccomp: SeccompMode,
+    /// Who emulates the interrupt controllers (the VMM's, not serialised).
+    #[serde(skip)]
+    pub irqchip: IrqChip,
     /// A virtio-rng device (entropy for the guest).
     pub rng: bool,
     /// A virtio-balloon device: the host can ask the guest for memory back (`PUT
@@ -599,6 +630,7 @@ impl VmConfig {
             console_socket: None,
             api_socket: None,
             seccomp: SeccompMode::Kill,
+            irqchip: IrqChip::Kernel,
             rng: true,
             balloon: false,
             disks: Vec::new(),

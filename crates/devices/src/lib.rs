@@ -5,6 +5,7 @@
 //! cause for port I/O. Devices save and restore their state through [`Snapshot`].
 
 pub mod acpi;
+pub mod apic;
 pub mod bus;
 pub mod i8042;
 pub mod mmio;

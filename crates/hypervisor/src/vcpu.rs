@@ -9,6 +9,17 @@ const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
+/// CPUID.1:ECX x2APIC.
+const CPUID1_ECX_X2APIC: u32 = 1 << 21;
+/// CPUID.1:ECX TSC-deadline timer.
+const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// KVM's paravirtual feature leaf (moved up one slot by Worldvisor's own, `cpuid.rs`).
+const KVM_CPUID_FEATURES: u32 = wv_abi::CPUID_KVM_BASE + 1;
+/// The paravirtual features KVM implements in its in-kernel local APIC, which a guest must not
+/// use without it (QEMU's `kernel-irqchip=off` drops them too): PV EOI (bit 6), PV unhalt (7,
+/// kicked by the in-kernel APIC), PV send-IPI (11, a hypercall KVM delivers itself), async page
+/// faults by interrupt (14) and the extended MSI destination ID (15).
+const KVM_FEATURES_NEEDING_LAPIC: u32 = (1 << 6) | (1 << 7) | (1 << 11) | (1 << 14) | (1 << 15);
 
 /// MSR values set at boot, filtered to those the host's KVM lists.
 pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
@@ -36,6 +47,10 @@ pub struct VcpuTemplate {
     pub host: HostCpu,
     /// vCPUs in the VM.
     pub count: u32,
+    /// KVM's in-kernel irqchip emulates the local APICs (the default). Without it (the VMM's
+    /// own controllers), the local APIC is not touched here and CPUID hides x2APIC and the
+    /// TSC-deadline timer, which the VMM's controllers do not emulate.
+    pub kernel_irqchip: bool,
 }
 
 impl VcpuTemplate {
@@ -52,13 +67,14 @@ impl VcpuTemplate {
             msrs: boot_msrs(index.as_slice()),
             host: HostCpu::detect(),
             count,
+            kernel_irqchip: true,
         })
     }
 
     /// Configures vCPU `index`: CPUID, MSRs, FPU, and LINT0 = ExtINT / LINT1 = NMI so the
     /// 8259 and NMIs reach it as on a PC.
     pub fn configure(&self, vcpu: &VcpuFd, index: u32) -> Result<(), HvError> {
-        let entries = cpuid::for_vcpu(
+        let mut entries = cpuid::for_vcpu(
             self.supported_cpuid.as_slice(),
             VcpuTopology {
                 index,
@@ -66,6 +82,15 @@ impl VcpuTemplate {
             },
             self.host,
         );
+        if !self.kernel_irqchip {
+            for e in entries.iter_mut() {
+                match e.function {
+                    1 => e.ecx &= !(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE),
+                    KVM_CPUID_FEATURES => e.eax &= !KVM_FEATURES_NEEDING_LAPIC,
+                    _ => {}
+                }
+            }
+        }
         let cpuid = CpuId::from_entries(&entries)
             .map_err(|_| HvError::Ioctl("building CPUID", kvm_ioctls::Error::new(libc::E2BIG)))?;
         vcpu.set_cpuid2(&cpuid)
@@ -84,6 +109,9 @@ impl VcpuTemplate {
         };
         vcpu.set_fpu(&fpu)
             .map_err(|e| HvError::Ioctl("KVM_SET_FPU", e))?;
+        if !self.kernel_irqchip {
+            return Ok(());
+        }
         let mut lapic = vcpu
             .get_lapic()
             .map_err(|e| HvError::Ioctl("KVM_GET_LAPIC", e))?;

@@ -515,6 +515,13 @@ pub(crate) struct Controller {
 impl Controller {
     /// Sends every vCPU thread the kick signal (a no-op for one whose loop has ended).
     pub(crate) fn kick_all(&self) {
+        if self.shared.stop.load(std::sync::atomic::Ordering::Acquire) {
+            // vCPUs asleep in the userspace controllers (halted, or an AP before STARTUP) wait
+            // on a condition variable, not in KVM_RUN.
+            if let Some((u, ..)) = &self.shared.uapic {
+                u.end();
+            }
+        }
         for &t in &self.threads {
             // SAFETY: every vCPU thread outlives the control thread (joined after it), and the
             // kick handler is installed before any vCPU runs.
@@ -527,6 +534,20 @@ impl Controller {
     }
 
     pub(crate) fn execute(&mut self, cmd: Command) -> Answer {
+        if self.cfg.irqchip == crate::config::IrqChip::User {
+            let what = match cmd {
+                Command::Pause | Command::Resume => Some("pause and resume"),
+                Command::Snapshot(_) => Some("a snapshot"),
+                Command::MigrateSend(_) => Some("a migration"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Answer::error(
+                    409,
+                    format!("{what}: not with --irqchip user (the userspace interrupt controllers cannot be paused or saved)"),
+                );
+            }
+        }
         match cmd {
             Command::Info => Answer::json(200, &self.info()),
             Command::Counters => Answer::json(200, &self.counters()),

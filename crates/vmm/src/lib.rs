@@ -24,6 +24,7 @@ mod postcopy;
 pub mod seccomp;
 pub mod snapshot;
 pub mod stats;
+mod uapic;
 mod vcpu;
 mod vmkfs_disk;
 
@@ -96,6 +97,9 @@ pub(crate) struct VmShared {
     )>,
     /// Where vCPUs park while the VM is paused.
     pub(crate) gate: pause::Gate,
+    /// The userspace interrupt controllers (`--irqchip user`), and the accounting causes of
+    /// their MMIO pages (local APIC, I/O APIC).
+    pub(crate) uapic: Option<uapic::WithCauses>,
     end: Mutex<Option<VmEnd>>,
     end_evt: EventFd,
     /// The interactive console's listening socket and output side, when asked for.
@@ -128,6 +132,9 @@ impl VmShared {
         }
         self.stop.store(true, Ordering::Release);
         self.gate.end();
+        if let Some((u, ..)) = &self.uapic {
+            u.end();
+        }
         let _ = self.end_evt.write(1);
     }
 }
@@ -243,7 +250,9 @@ fn new_generation_id() -> Result<[u8; wv_abi::GENERATION_ID_SIZE], VmmError> {
     }
 }
 
-fn device_records() -> Vec<DeviceRecord> {
+/// The devices the paravirtual device list names; `pit`: the in-kernel PIT exists (not with
+/// `--irqchip user`).
+fn device_records(pit: bool) -> Vec<DeviceRecord> {
     let rec = |kind, irq, base: u64, len, flags| DeviceRecord {
         kind,
         irq,
@@ -252,7 +261,7 @@ fn device_records() -> Vec<DeviceRecord> {
         flags,
         reserved: 0,
     };
-    vec![
+    let mut v = vec![
         rec(
             device_kind::UART_16550,
             COM1_IRQ,
@@ -289,7 +298,11 @@ fn device_records() -> Vec<DeviceRecord> {
             0x1000,
             DEVICE_FLAG_MMIO,
         ),
-    ]
+    ];
+    if !pit {
+        v.retain(|r| r.kind != device_kind::PIT);
+    }
+    v
 }
 
 /// The signals that stop the VM: blocked in every VMM thread, read by the control loop from a
@@ -605,6 +618,11 @@ pub(crate) fn run_from(
     let trace = Trace::new(start);
     let clone = restore.as_ref().is_some_and(|r| r.clone);
     cfg.validate(config::host_ram()).map_err(VmmError::Config)?;
+    if cfg.irqchip == config::IrqChip::User && restore.is_some() {
+        return Err(VmmError::Config(config::ConfigError(
+            "--irqchip user: a snapshot or a migration cannot be brought back with the userspace interrupt controllers (they have no saved state)".into(),
+        )));
+    }
     // Every filter is compiled from here, on a thread of its own; each thread installs
     // its own as it starts (vCPU 0's, the main thread's, just before it enters the guest).
     seccomp::prepare(cfg.seccomp).map_err(VmmError::Internal)?;
@@ -646,6 +664,11 @@ pub(crate) fn run_from(
         Ok::<_, VmmError>((template?, vm, shared))
     })?;
     trace.mark("cpuid template ready");
+    // Without the in-kernel irqchip, vCPUs are configured for the VMM's own local APICs.
+    let template = VcpuTemplate {
+        kernel_irqchip: cfg.irqchip == config::IrqChip::Kernel,
+        ..template
+    };
     // A kernel of the user's may use what it sees (the probe guest does not).
     if matches!(cfg.kernel, KernelSource::Path(_)) {
         let ignored = wv_hypervisor::cpuid::ignored_features(
@@ -743,6 +766,16 @@ pub(crate) fn run_from(
     let boot_fd = fds
         .next()
         .ok_or_else(|| VmmError::Internal("no vCPU".into()))?;
+    if let Some((u, ..)) = &shared.uapic {
+        let u = u.clone();
+        std::thread::Builder::new()
+            .name("irq-relay".into())
+            .spawn(move || {
+                seccomp::install(seccomp::Kind::IrqRelay);
+                u.relay();
+            })
+            .map_err(internal("starting the interrupt relay thread"))?;
+    }
     let mut handles = Vec::with_capacity(fds.len());
     for (i, fd) in (1u32..).zip(fds) {
         let sh = shared.clone();
@@ -889,12 +922,35 @@ fn build(
         .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
         .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .map_err(ioctl("KVM_CREATE_PIT2"))?;
+    let uapic = match cfg.irqchip {
+        config::IrqChip::Kernel => {
+            vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+            vm.create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(ioctl("KVM_CREATE_PIT2"))?;
+            None
+        }
+        config::IrqChip::User => Some(Arc::new(
+            uapic::Uapic::new(cfg.vcpus).map_err(internal("eventfd"))?,
+        )),
+    };
+    // An interrupt line of a device the VMM serves: an irqfd on `gsi`, or a pulse on the
+    // userspace I/O APIC's pin.
+    let line = |evt: &EventFd, gsi: u32| -> Result<(), VmmError> {
+        match &uapic {
+            Some(u) => {
+                let pin = u8::try_from(gsi).map_err(internal("interrupt line"))?;
+                u.add_source(
+                    evt.try_clone().map_err(internal("eventfd"))?,
+                    uapic::Source::Pin(pin),
+                );
+                Ok(())
+            }
+            None => vm.register_irqfd(evt, gsi).map_err(ioctl("KVM_IRQFD")),
+        }
+    };
     trace.mark("irqchip and pit");
 
     let loaded = match restore {
@@ -938,8 +994,7 @@ fn build(
         None => (out, None),
     };
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
-    vm.register_irqfd(&irq, COM1_IRQ)
-        .map_err(ioctl("KVM_IRQFD"))?;
+    line(&irq, COM1_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(IrqLine(irq), out)));
     let mut bus = PioBus::new();
     bus.insert(COM1_BASE, 8, "serial", serial.clone())
@@ -956,7 +1011,7 @@ fn build(
         ))),
     )
     .map_err(internal("port bus"))?;
-    let mut pci = pci::PciBuilder::new(vm.clone());
+    let mut pci = pci::PciBuilder::with_irqchip(vm.clone(), uapic.clone());
     if cfg.rng {
         pci.add_virtio(
             &vm,
@@ -999,8 +1054,7 @@ fn build(
         pci.io.clone(),
     );
     let ged = EventFd::new(libc::EFD_NONBLOCK).map_err(internal("eventfd"))?;
-    vm.register_irqfd(&ged, wv_machine::acpi::GED_GSI)
-        .map_err(ioctl("KVM_IRQFD"))?;
+    line(&ged, wv_machine::acpi::GED_GSI)?;
     let hotplug = Arc::new(hotplug::Controller::new(ged).map_err(internal("eventfd"))?);
     bus.insert(
         wv_machine::acpi::HOTPLUG_PORT,
@@ -1027,7 +1081,12 @@ fn build(
     // accounting cause per slot that may hold one.
     let mut mmio_names = mmio.names();
     mmio_names.extend(HOTPLUG_CAUSES.iter().take(32 - pci_devices.handles().len()));
+    let apic_causes = mmio_names.len();
+    if uapic.is_some() {
+        mmio_names.extend(["lapic", "ioapic"]);
+    }
     let table = stats::CauseTable::new(&bus.names(), &mmio_names);
+    let uapic = uapic.map(|u| (u, table.mmio(apic_causes), table.mmio(apic_causes + 1)));
     let shared = VmShared {
         mem,
         bus,
@@ -1038,7 +1097,7 @@ fn build(
         info: MachineInfo {
             mem_size: cfg.memory,
             vcpus: cfg.vcpus,
-            devices: device_records(),
+            devices: device_records(cfg.irqchip == config::IrqChip::Kernel),
             tsc_khz: 0,
             generation_id: new_generation_id()?,
             restores: restore.map_or(0, |r| r.restores.saturating_add(1)),
@@ -1048,6 +1107,7 @@ fn build(
         emulating_host: false,
         stop: AtomicBool::new(false),
         gate: pause::Gate::new(cfg.vcpus),
+        uapic,
         pci_devices,
         pci_bus: pci_bus.clone(),
         pci_builder: Mutex::new(pci),

@@ -29,6 +29,9 @@ const INTX_LINES: [u8; 4] = [10, 11, 5, 9];
 pub struct GsiRouter {
     vm: Arc<VmFd>,
     msi: Mutex<BTreeMap<u32, MsixMessage>>,
+    /// No in-kernel irqchip (`--irqchip user`): the routes are only kept here, where the
+    /// userspace controllers' relay looks them up ([`GsiRouter::message`]).
+    user: bool,
 }
 
 impl GsiRouter {
@@ -37,7 +40,17 @@ impl GsiRouter {
         GsiRouter {
             vm,
             msi: Mutex::new(BTreeMap::new()),
+            user: false,
         }
+    }
+
+    /// The MSI message the guest programmed for `gsi`, if any.
+    pub(crate) fn message(&self, gsi: u32) -> Option<MsixMessage> {
+        self.msi
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&gsi)
+            .copied()
     }
 
     fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
@@ -61,6 +74,9 @@ impl GsiRouter {
     }
 
     fn program(&self, msi: &BTreeMap<u32, MsixMessage>) -> std::io::Result<()> {
+        if self.user {
+            return Ok(());
+        }
         // KVM_SET_GSI_ROUTING replaces the whole table, so the default routes are restated.
         let mut entries = Vec::with_capacity(40 + msi.len());
         for gsi in 0..24 {
@@ -264,12 +280,26 @@ pub struct PciBuilder {
     /// VMM (virtio-blk, virtio-net), by accounting name.
     pub(crate) io: Vec<(&'static str, wv_virtio::IoCounters)>,
     devices: Arc<Mutex<Vec<PciHandle>>>,
+    /// The userspace interrupt controllers (`--irqchip user`), which take the devices'
+    /// interrupt eventfds instead of KVM's irqfds.
+    uapic: Option<Arc<crate::uapic::Uapic>>,
 }
 
 impl PciBuilder {
-    /// Devices of `vm`; BARs come from the MMIO hole below the ECAM window.
-    pub fn new(vm: Arc<VmFd>) -> PciBuilder {
+    /// Devices of `vm`; BARs come from the MMIO hole below the ECAM window. The devices'
+    /// interrupts go to `uapic` when given (`--irqchip user`), else to KVM's irqfds.
+    pub(crate) fn with_irqchip(
+        vm: Arc<VmFd>,
+        uapic: Option<Arc<crate::uapic::Uapic>>,
+    ) -> PciBuilder {
+        let mut router = GsiRouter::new(vm.clone());
+        router.user = uapic.is_some();
+        let router = Arc::new(router);
+        if let Some(u) = &uapic {
+            u.set_msi_routes(router.clone());
+        }
         PciBuilder {
+            uapic,
             bus: Arc::new(Mutex::new(PciBus::new())),
             mmio: Arc::new(MmioBus::new()),
             bars: BarAllocator::new(
@@ -277,7 +307,7 @@ impl PciBuilder {
                 wv_machine::layout::PCI_MMIO_END,
             ),
             next_gsi: MSI_GSI_BASE,
-            router: Arc::new(GsiRouter::new(vm.clone())),
+            router,
             vm,
             counters: Vec::new(),
             io: Vec::new(),
@@ -346,16 +376,30 @@ impl PciBuilder {
         let mut irqfds = Vec::with_capacity(queues + 1);
         for v in 0..=queues {
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err("eventfd", &e))?;
-            vm.register_irqfd(&evt, gsi_base + v as u32)
-                .map_err(|e| err("KVM_IRQFD", &e))?;
+            let gsi = gsi_base + v as u32;
+            match &self.uapic {
+                Some(u) => u.add_source(
+                    evt.try_clone().map_err(|e| err("eventfd", &e))?,
+                    crate::uapic::Source::Msi(gsi),
+                ),
+                None => vm
+                    .register_irqfd(&evt, gsi)
+                    .map_err(|e| err("KVM_IRQFD", &e))?,
+            }
             irqfds.push(evt);
         }
         self.next_gsi += queues as u32 + 1;
         let slot_guess = self.list_len();
         let line = INTX_LINES[slot_guess % INTX_LINES.len()];
         let intx = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err("eventfd", &e))?;
-        vm.register_irqfd(&intx, u32::from(line))
-            .map_err(|e| err("KVM_IRQFD", &e))?;
+        match &self.uapic {
+            // INTx is a level line its device lowers on an ISR read, which a pulse is not:
+            // with the userspace controllers, devices interrupt by MSI-X only.
+            Some(_) => {}
+            None => vm
+                .register_irqfd(&intx, u32::from(line))
+                .map_err(|e| err("KVM_IRQFD", &e))?,
+        }
         let router: Arc<dyn MsiRouter> = self.router.clone();
         let mover = {
             let (vm, mmio) = (self.vm.clone(), self.mmio.clone());
@@ -501,7 +545,7 @@ mod tests {
         let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
         vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let mut b = PciBuilder::new(vm.clone());
+        let mut b = PciBuilder::with_irqchip(vm.clone(), None);
         b.add_virtio(&vm, &mem, "virtio-rng", Box::new(Rng::default()))
             .unwrap();
         let disk = MemDisk {

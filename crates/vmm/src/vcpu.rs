@@ -100,6 +100,18 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
     KVM_RUN.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
     let clock = Clock::new(shared.info.tsc_khz);
     let now = || clock.ticks();
+    // With the userspace interrupt controllers: this vCPU's local APIC side.
+    let uapic = shared.uapic.as_ref().map(|(u, ..)| u.clone());
+    let mut apic = match &uapic {
+        Some(u) => match u.attach(index, &fd) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                shared.finish(VmEnd::KvmFailure(format!("vCPU {index}: {e}")));
+                None
+            }
+        },
+        None => None,
+    };
     let mut t_entry = now();
     loop {
         if shared.stop.load(Ordering::Acquire) {
@@ -110,6 +122,19 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
             t_entry = now();
             continue;
         }
+        if let (Some(u), Some(a)) = (&uapic, apic.as_mut()) {
+            // Waits here for STARTUP (an AP), injects what is pending.
+            match u.before_run(a, &mut fd) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    shared.finish(VmEnd::KvmFailure(format!("vCPU {index}: {e}")));
+                    break;
+                }
+            }
+            t_entry = now();
+        }
+        let mut halted = false;
         let res = fd.run();
         let t_exit = now();
         st.guest_ns += t_exit.wrapping_sub(t_entry);
@@ -156,7 +181,10 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                if let Some((dev, off)) = shared.mmio.lookup(addr, data.len()) {
+                if let Some((lapic, (u, lc, ic))) = apic_page(&shared, addr) {
+                    cause = if lapic { *lc } else { *ic };
+                    u.mmio(index, lapic, addr, data, false);
+                } else if let Some((dev, off)) = shared.mmio.lookup(addr, data.len()) {
                     cause = table.mmio(dev);
                     shared.mmio.read(dev, off, data);
                 } else {
@@ -166,7 +194,13 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                 Step::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if let Some((dev, off)) = shared.mmio.lookup(addr, data.len()) {
+                if let Some((lapic, (u, lc, ic))) = apic_page(&shared, addr) {
+                    cause = if lapic { *lc } else { *ic };
+                    let mut b = [0u8; 8];
+                    let n = data.len().min(b.len());
+                    b[..n].copy_from_slice(&data[..n]);
+                    u.mmio(index, lapic, addr, &mut b[..n], true);
+                } else if let Some((dev, off)) = shared.mmio.lookup(addr, data.len()) {
                     cause = table.mmio(dev);
                     shared.mmio.write(dev, off, data);
                 } else {
@@ -176,6 +210,8 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
             }
             Ok(VcpuExit::Hlt) => {
                 cause = stats::HLT;
+                // Without the in-kernel irqchip HLT comes here: the vCPU sleeps below.
+                halted = uapic.is_some();
                 Step::Continue
             }
             Ok(VcpuExit::IrqWindowOpen) => {
@@ -271,6 +307,14 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
             shared.finish(e);
             break;
         }
+        if let (true, Some(u), Some(a)) = (halted, &uapic, &apic) {
+            let if_flag = fd.get_kvm_run().if_flag != 0;
+            u.halt(a, if_flag);
+            t_entry = now();
+        }
+    }
+    if let (Some(u), Some(a)) = (&uapic, &apic) {
+        u.detach(a);
     }
     KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
     clock.to_nanos(&mut st);
@@ -314,6 +358,13 @@ impl Clock {
             c.vmm_ns = ns(c.vmm_ns);
         }
     }
+}
+
+/// The userspace interrupt controller page `addr` is in, if any (true: the local APIC's), with
+/// the controllers and their accounting causes.
+fn apic_page(shared: &VmShared, addr: u64) -> Option<(bool, &crate::uapic::WithCauses)> {
+    let u = shared.uapic.as_ref()?;
+    Some((crate::uapic::Uapic::owns(addr)?, u))
 }
 
 /// The cause of an access to a port no device answers (a wrong-sized call-port access is an

@@ -423,6 +423,11 @@ const RUN_LOCAL_OPTS: &[Opt] = &[
         "--seccomp",
         Arg::Value("off|log|kill"),
         "what each VMM thread's system-call filter does with a call outside its list\n(crates/vmm/src/seccomp/): kill (default) reports it on stderr and ends wv with\nstatus 208; log reports it and lets it through; off installs no filter",
+    ),
+    opt(
+        "--irqchip",
+        Arg::Value("kernel|user"),
+        "who emulates the interrupt controllers: kernel (default: KVM's in-kernel local\nAPICs, I/O APIC, PIC and PIT) or user (the VMM's own local APICs and I/O APIC,\nKVM without its irqchip, as a VM spread over several hosts needs; no PIC, no PIT,\nno x2APIC; not with --restore or --incoming, and the control API refuses pause,\nsnapshot and migration; docs/DEVICES.md)",
     ),    opt(
         "--jail",
         Arg::Value("uid=N[,gid=N][,dir=PATH][,net=new|host][,nofile=N][,config=FILE]"),
@@ -1662,6 +1667,16 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     if let Some(v) = m.value("--seccomp") {
         cfg.seccomp = wv_config::SeccompMode::parse(v).map_err(|e| Usage(e.0))?;
     }
+    if let Some(v) = m.value("--irqchip") {
+        cfg.irqchip = wv_config::IrqChip::parse(v).map_err(|e| Usage(e.0))?;
+        if cfg.irqchip == wv_config::IrqChip::User {
+            if let Some(o) = ["--restore", "--incoming"].into_iter().find(|o| m.has(o)) {
+                return Err(Usage(format!(
+                    "--irqchip user cannot be used with {o}: the userspace interrupt controllers have no saved state to bring back"
+                )));
+            }
+        }
+    }
     let jail = match m.value("--jail") {
         Some(v) => {
             let spec = wv_config::JailConfig::parse(v).map_err(|e| Usage(e.0))?;
@@ -2456,6 +2471,27 @@ mod tests {
             Err(Usage(m)) => m,
             other => panic!("{s:?} was accepted: {other:?}"),
         }
+    }
+
+    #[test]
+    fn irqchip_option() {
+        let Ok(Command::Run(run, ..)) = parse(&args(&["run"])) else {
+            panic!()
+        };
+        assert_eq!(run.irqchip, wv_config::IrqChip::Kernel);
+        let Ok(Command::Run(run, ..)) = parse(&args(&["run", "--irqchip=user", "--vcpus=2"]))
+        else {
+            panic!()
+        };
+        assert_eq!((run.irqchip, run.vcpus), (wv_config::IrqChip::User, 2));
+        // Not part of the serialised VM: a configuration file neither carries nor needs it.
+        let text = serde_json::to_string(&*run).unwrap();
+        assert!(!text.contains("irqchip"), "{text}");
+        assert!(refused(&["run", "--irqchip", "pic"]).contains("use kernel or user"));
+        assert!(refused(&["run", "--irqchip", "user", "--restore", "/s"])
+            .contains("--irqchip user cannot be used with --restore"));
+        // Kernel mode goes with everything.
+        assert!(parse(&args(&["run", "--irqchip", "kernel", "--restore", "/s"])).is_ok());
     }
 
     #[test]

@@ -141,6 +141,7 @@ fn cmd_run(cfg: &VmConfig, stats: StatsMode, from: &RunFrom, jail: Option<&cli::
         c.console_socket = cfg.console_socket.clone();
         c.api_socket = cfg.api_socket.clone();
         c.seccomp = cfg.seccomp;
+        c.irqchip = cfg.irqchip;
         c
     };
     // With --jail: everything `vm` (and the jail's config=) is made of opened here, as root,

@@ -34,6 +34,7 @@ mod bpf;
 mod common;
 mod control;
 mod ioctls;
+mod irq_relay;
 mod main_thread;
 mod migration;
 mod names;
@@ -94,11 +95,14 @@ pub enum Kind {
     PostcopyFault,
     /// The teardown helper (a clone of the main thread, see `Resources::exit`).
     Teardown,
+    /// The userspace interrupt controllers' relay (`--irqchip user`): device interrupt
+    /// eventfds to messages for the vCPUs.
+    IrqRelay,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Main,
         Kind::Vcpu,
         Kind::Control,
@@ -115,6 +119,7 @@ impl Kind {
         Kind::PostcopyRecv,
         Kind::PostcopyFault,
         Kind::Teardown,
+        Kind::IrqRelay,
     ];
 
     /// The kind's name (in reports and in `WV_SECCOMP_PROBE`).
@@ -136,6 +141,7 @@ impl Kind {
             Kind::PostcopyRecv => "postcopy-recv",
             Kind::PostcopyFault => "postcopy-fault",
             Kind::Teardown => "teardown",
+            Kind::IrqRelay => "irq-relay",
         }
     }
 
@@ -165,6 +171,7 @@ impl Kind {
             Kind::PostcopyRecv => postcopy::recv_list(),
             Kind::PostcopyFault => postcopy::fault_list(),
             Kind::Teardown => teardown::list(),
+            Kind::IrqRelay => irq_relay::list(),
         }
     }
 }

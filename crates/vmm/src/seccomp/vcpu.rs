@@ -58,4 +58,12 @@ pub(super) fn list() -> List {
         .allow(libc::SYS_sendto)
         // Starting a device worker: std asks how many CPUs the process may use.
         .allow(libc::SYS_sched_getaffinity)
+        // The userspace interrupt controllers (uapic.rs, `--irqchip user`): injection, an AP
+        // started by STARTUP, and the APIC timer (a POSIX timer that kicks this thread).
+        .ioctl(KVM_INTERRUPT)
+        .ioctl(KVM_NMI)
+        .ioctl(KVM_SET_SREGS)
+        .allow(libc::SYS_timer_create)
+        .allow(libc::SYS_timer_settime)
+        .allow(libc::SYS_timer_delete)
 }
