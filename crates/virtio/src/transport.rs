@@ -92,21 +92,23 @@ impl Irq {
                 if !t.targets_lapic(v) {
                     self.counters.bad_msi.fetch_add(1, Ordering::Relaxed);
                 }
-                let _ = self.irqfds[v].write(1);
+                // Counted before the guest can see it: a guest that ends on this interrupt
+                // must find it in the VMM's final statistics.
                 self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+                let _ = self.irqfds[v].write(1);
             }
         } else {
             self.isr.fetch_or(isr_bit, Ordering::SeqCst);
-            let _ = self.intx.write(1);
             self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+            let _ = self.intx.write(1);
         }
     }
 
     fn fire_vectors(&self, vectors: &[usize]) {
         for &v in vectors {
             if let Some(fd) = self.irqfds.get(v) {
-                let _ = fd.write(1);
                 self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+                let _ = fd.write(1);
             }
         }
     }
