@@ -95,6 +95,7 @@ impl Deliver for LocalCpus {
             }
             DeliveryMode::Init if irq.assert => {
                 st.apic.init();
+                st.nmi = false;
                 st.waiting_sipi = true;
                 st.sipi = None;
                 true
@@ -371,6 +372,7 @@ impl Uapic {
             index,
             timer,
             armed: None,
+            cr8: 0,
             reset: (regs, sregs),
         })
     }
@@ -409,6 +411,19 @@ impl Uapic {
             return Ok(false);
         }
         let now = self.now();
+        // Without the in-kernel APIC, KVM keeps CR8 in kvm_run: a guest's `mov cr8` since the
+        // last run moves the TPR's class, and the TPR (however written) goes back into CR8.
+        let cr8 = fd.get_kvm_run().cr8;
+        if cr8 != v.cr8 {
+            let low = st.apic.read(wv_devices::apic::reg::TPR, now) & 0xf;
+            st.apic.write(
+                wv_devices::apic::reg::TPR,
+                (u32::try_from(cr8 & 0xf).unwrap_or(0) << 4) | low,
+                now,
+            );
+        }
+        v.cr8 = u64::from(st.apic.read(wv_devices::apic::reg::TPR, now) >> 4);
+        fd.get_kvm_run().cr8 = v.cr8;
         st.apic.timer_fire(now);
         if std::mem::take(&mut st.nmi) {
             fd.nmi().map_err(|e| format!("KVM_NMI: {e}"))?;
@@ -481,6 +496,9 @@ pub(crate) struct VcpuApic {
     timer: HostTimer,
     /// The deadline the host timer is armed for.
     armed: Option<u64>,
+    /// CR8 as last given to KVM: a different value after an exit is the guest's own write
+    /// (`mov cr8`), which sets the TPR's priority class.
+    cr8: u64,
     /// The registers after reset, which INIT brings back.
     reset: (kvm_regs, kvm_sregs),
 }

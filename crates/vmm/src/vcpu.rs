@@ -269,6 +269,9 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
                     _ => Step::Unexpected("system event (crash)"),
                 }
             }
+            // Without the in-kernel APIC: the guest lowered CR8 below a pending interrupt's
+            // class; the next run's injection takes the new TPR into account.
+            Ok(VcpuExit::SetTpr) if uapic.is_some() => Step::Continue,
             Ok(_) => Step::Unexpected("an exit reason the VMM does not handle"),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 cause = stats::SIGNAL;
