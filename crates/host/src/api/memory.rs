@@ -128,7 +128,9 @@ impl Daemon {
                     let st = |k: &str| b["stats"][k].as_u64();
                     (
                         n("target_bytes"),
-                        n("actual_bytes"),
+                        // What the VMM itself released, not the guest's word (`actual`):
+                        // a guest claiming a full balloon must not pass for a small VM.
+                        n("ballooned_bytes"),
                         lending::active_fraction(
                             st("available_memory"),
                             st("free_memory"),
