@@ -1635,6 +1635,12 @@ impl Daemon {
                 self.release_hot(id, dev);
                 (204, String::new())
             }
+            Ok((404, b)) => {
+                // The VMM has no such device: the guest ejected it by itself (or it was never
+                // added); what served it, if anything, is not needed any more.
+                self.release_hot(id, dev);
+                (404, b)
+            }
             Ok((st, b)) => {
                 let status = if (400..500).contains(&st) { st } else { 502 };
                 (status, b)
