@@ -260,16 +260,35 @@ impl Node {
             }
             conns[j as usize] = Some(s);
         }
-        listener.0.set_nonblocking(false)?;
+        // Accepted with the deadline in force: a node that said it would connect and died
+        // first must not leave this one waiting for ever.
+        listener.0.set_nonblocking(true)?;
         let deadline = Instant::now() + cfg.join_timeout;
         let mut missing = nodes - 1 - me;
         while missing > 0 {
-            if Instant::now() > deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(io::Error::other(format!(
                     "{missing} nodes did not connect in time"
                 )));
             }
-            let (mut s, from) = listener.0.accept()?;
+            let (mut s, from) = match listener.0.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut p = libc::pollfd {
+                        fd: listener.0.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+                    // SAFETY: one valid pollfd; the result only says whether to accept again.
+                    unsafe { libc::poll(&mut p, 1, ms) };
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            s.set_nonblocking(false)?;
             s.set_read_timeout(Some(cfg.join_timeout))?;
             let (n, _) = read_init(&mut s, &g).map_err(ctx(format!("INIT from {from}")))?;
             if n <= me || conns[n as usize].is_some() {
