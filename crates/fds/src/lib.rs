@@ -14,20 +14,29 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Mutex;
 
-static TABLE: Mutex<Option<HashMap<String, Vec<OwnedFd>>>> = Mutex::new(None);
+/// The files waiting, by name, each with the token [`put`] gave it.
+type Waiting = HashMap<String, Vec<(u64, OwnedFd)>>;
+
+static TABLE: Mutex<Option<Waiting>> = Mutex::new(None);
+
+/// The next token [`put`] gives.
+static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Most files that may wait at once (a client handing over more gets an error).
 pub const MAX: usize = 256;
 
-/// Leaves `fd` under `key`, after any already waiting there, for a [`take`].
-pub fn put(key: &str, fd: OwnedFd) -> Result<(), String> {
+/// Leaves `fd` under `key`, after any already waiting there, for a [`take`]; its token, for
+/// a [`take_exact`] (unique in the process, unlike a descriptor number, which is reused once
+/// the file is closed).
+pub fn put(key: &str, fd: OwnedFd) -> Result<u64, String> {
     let mut t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
     let t = t.get_or_insert_with(HashMap::new);
     if t.values().map(Vec::len).sum::<usize>() >= MAX {
         return Err(format!("{MAX} handed-over files wait already"));
     }
-    t.entry(key.to_string()).or_default().push(fd);
-    Ok(())
+    let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    t.entry(key.to_string()).or_default().push((token, fd));
+    Ok(token)
 }
 
 /// The first file waiting under `key`, if any (then it is no longer there).
@@ -35,7 +44,7 @@ pub fn take(key: &str) -> Option<OwnedFd> {
     let mut t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
     let t = t.as_mut()?;
     let v = t.get_mut(key)?;
-    let fd = v.remove(0);
+    let (_, fd) = v.remove(0);
     if v.is_empty() {
         t.remove(key);
     }
@@ -47,15 +56,14 @@ pub fn take_path(p: &Path) -> Option<std::fs::File> {
     take(p.to_str()?).map(std::fs::File::from)
 }
 
-/// The file `raw` if it still waits under `key` (then it is no longer there): how a request
-/// takes back the files it brought and its command did not use.
-pub fn take_exact(key: &str, raw: std::os::fd::RawFd) -> Option<OwnedFd> {
-    use std::os::fd::AsRawFd;
+/// The file [`put`] gave `token` if it still waits under `key` (then it is no longer there):
+/// how a request takes back the files it brought and its command did not use.
+pub fn take_exact(key: &str, token: u64) -> Option<OwnedFd> {
     let mut t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
     let t = t.as_mut()?;
     let v = t.get_mut(key)?;
-    let i = v.iter().position(|f| f.as_raw_fd() == raw)?;
-    let fd = v.remove(i);
+    let i = v.iter().position(|(k, _)| *k == token)?;
+    let (_, fd) = v.remove(i);
     if v.is_empty() {
         t.remove(key);
     }
@@ -100,17 +108,18 @@ mod tests {
     }
 
     #[test]
-    fn a_file_is_taken_back_by_its_descriptor_and_only_once() {
+    fn a_file_is_taken_back_by_its_token_and_only_once() {
         use std::os::fd::AsRawFd;
         let a: OwnedFd = std::fs::File::open("/dev/zero").unwrap().into();
         let b: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let (ra, rb) = (a.as_raw_fd(), b.as_raw_fd());
-        put("/dev/y", a).unwrap();
-        put("/dev/y", b).unwrap();
+        let ta = put("/dev/y", a).unwrap();
+        let tb = put("/dev/y", b).unwrap();
+        assert_ne!(ta, tb);
         // The second one, though the first waits before it.
-        assert_eq!(take_exact("/dev/y", rb).map(|f| f.as_raw_fd()), Some(rb));
-        assert!(take_exact("/dev/y", rb).is_none());
+        assert_eq!(take_exact("/dev/y", tb).map(|f| f.as_raw_fd()), Some(rb));
+        assert!(take_exact("/dev/y", tb).is_none());
         assert_eq!(take("/dev/y").map(|f| f.as_raw_fd()), Some(ra));
-        assert!(take_exact("/dev/y", ra).is_none());
+        assert!(take_exact("/dev/y", ta).is_none());
     }
 }

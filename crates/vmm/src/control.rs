@@ -250,7 +250,7 @@ type Tx = mpsc::Sender<(Command, mpsc::Sender<Answer>)>;
 fn hand_over(
     req: &Request,
     s: &mut http::passing::FdStream,
-    left: &mut Vec<(String, std::os::fd::RawFd)>,
+    left: &mut Vec<(String, u64)>,
 ) -> Result<(), Answer> {
     let files = s.take_files();
     if s.refused {
@@ -277,9 +277,8 @@ fn hand_over(
         ));
     }
     for (k, f) in keys.iter().zip(files) {
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&f);
-        wv_fds::put(k, f).map_err(|e| Answer::error(503, e))?;
-        left.push((k.clone(), raw));
+        let token = wv_fds::put(k, f).map_err(|e| Answer::error(503, e))?;
+        left.push((k.clone(), token));
     }
     Ok(())
 }
@@ -317,8 +316,8 @@ fn serve(stream: UnixStream, tx: &Tx, wake: &EventFd) {
         Err(HttpError(status, msg)) => Answer::error(status, msg),
     };
     if !keep {
-        for (k, raw) in left {
-            drop(wv_fds::take_exact(&k, raw));
+        for (k, token) in left {
+            drop(wv_fds::take_exact(&k, token));
         }
     }
     let stream = r.get_mut().get_mut();

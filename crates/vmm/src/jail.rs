@@ -52,7 +52,9 @@ fn config_err(m: String) -> VmmError {
 }
 
 fn put(key: &str, fd: OwnedFd) -> Result<(), VmmError> {
-    wv_fds::put(key, fd).map_err(|e| VmmError::Internal(format!("--jail: {e}")))
+    wv_fds::put(key, fd)
+        .map(drop)
+        .map_err(|e| VmmError::Internal(format!("--jail: {e}")))
 }
 
 /// Opens `path` (read-write if `write`) and hands it over; a file that cannot be opened is
