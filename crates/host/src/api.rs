@@ -1387,6 +1387,23 @@ impl Daemon {
         if let Err(r) = self.running(id, name, true) {
             return r;
         }
+        let dev = match (&add.disk, &add.net) {
+            (Some(d), _) => d.id.clone(),
+            (_, Some(n)) => n.id.clone().unwrap_or_default(),
+            (None, None) => String::new(),
+        };
+        let taken = self
+            .hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|v| v.iter().any(|(d, _)| *d == dev));
+        if taken {
+            return error(
+                409,
+                format!("VM '{name}' already has a device with id '{dev}' (hot-plugged)"),
+            );
+        }
         match (add.disk, add.net) {
             (Some(d), _) if d.vmkfs.is_some() || !d.via.is_vmm() => {
                 self.served_disk_add(id, name, d)
@@ -1483,25 +1500,41 @@ impl Daemon {
         let key = sock.display().to_string();
         let req = json!({ "disk": d }).to_string();
         let files = [(key.as_str(), std::os::fd::AsFd::as_fd(&conn))];
+        self.record_hot(id, &dev, HotBackend::Disk { name: disk });
         let (status, body) = self.hot_add(name, &req, &files);
         drop(conn);
-        if status == 201 {
-            self.served
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(id)
-                .or_default()
-                .push(disk.clone());
-            self.hot
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(id)
-                .or_default()
-                .push((dev, HotBackend::Disk { name: disk }));
-        } else {
-            self.storage.del_disk(&disk);
+        if status != 201 {
+            self.release_hot(id, &dev);
         }
         (status, body)
+    }
+
+    /// Records what serves hot-plugged device `dev` of world `id`, before the VMM is asked to
+    /// take it: a run that ends meanwhile ([`Self::release_ports`]) lets go of it with the
+    /// rest, and a refusal lets go of it with [`Self::release_hot`].
+    fn record_hot(&self, id: u64, dev: &str, b: HotBackend) {
+        match &b {
+            HotBackend::Port { net, port } => self
+                .ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_default()
+                .push((net.clone(), port.clone())),
+            HotBackend::Disk { name } => self
+                .served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_default()
+                .push(name.clone()),
+        }
+        self.hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .push((dev.to_string(), b));
     }
 
     /// A net for [`Self::device_add`]: a new port of the switch on its network, with the VM's
@@ -1575,27 +1608,17 @@ impl Daemon {
         let key = sock.display().to_string();
         let req = json!({ "net": n }).to_string();
         let files = [(key.as_str(), std::os::fd::AsFd::as_fd(&conn))];
+        self.record_hot(
+            id,
+            &dev,
+            HotBackend::Port {
+                net: net.clone(),
+                port: port.clone(),
+            },
+        );
         let (status, body) = self.hot_add(name, &req, &files);
-        if status == 201 {
-            let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
-            ports
-                .entry(id)
-                .or_default()
-                .push((net.clone(), port.clone()));
-            self.hot
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(id)
-                .or_default()
-                .push((
-                    dev,
-                    HotBackend::Port {
-                        net: net.clone(),
-                        port: port.clone(),
-                    },
-                ));
-        } else {
-            undo();
+        if status != 201 {
+            self.release_hot(id, &dev);
         }
         (status, body)
     }
