@@ -280,9 +280,12 @@ pub struct Setup {
     pub vcpus: Vec<u32>,
     /// Guest RAM in bytes.
     pub memory: u64,
-    /// The VM's vCPUs (all nodes').
+    /// The VM's vCPUs (all nodes'). Defaulted so that a line of another version is refused
+    /// for its version, not for a field.
+    #[serde(default)]
     pub cpus: u32,
     /// Node 0's link address (`crate::split`), where a node with vCPUs connects once joined.
+    #[serde(default)]
     pub link: Option<SocketAddr>,
 }
 
@@ -448,13 +451,14 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
     };
     let id = setup.node;
     #[allow(clippy::type_complexity)]
-    let built = (|| -> Result<(kvm_ioctls::Kvm, kvm_ioctls::VmFd, GuestRam, wv_dsm::Region), String> {
-        let kvm = wv_hypervisor::open().map_err(|e| e.to_string())?;
-        let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-        let mem = wv_machine::create_ram(setup.memory).map_err(|e| e.to_string())?;
-        let region = dsm_region(&mem)?;
-        Ok((kvm, vm, mem, region))
-    })();
+    let built =
+        (|| -> Result<(kvm_ioctls::Kvm, kvm_ioctls::VmFd, GuestRam, wv_dsm::Region), String> {
+            let kvm = wv_hypervisor::open().map_err(|e| e.to_string())?;
+            let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+            let mem = wv_machine::create_ram(setup.memory).map_err(|e| e.to_string())?;
+            let region = dsm_region(&mem)?;
+            Ok((kvm, vm, mem, region))
+        })();
     let (kvm, vm, mem, region) = match built {
         Ok(b) => b,
         Err(e) => {
@@ -715,14 +719,15 @@ impl Cluster {
             ))
         })?;
         let mut addrs = vec![listener.local_addr().map_err(cluster_err)?];
-        let link = if spec.spans() {
-            let at = SocketAddr::new(addrs[0].ip(), 0);
-            Some(TcpListener::bind(at).map_err(|e| {
-                cluster_err(format!("node 0 cannot listen for links on {at}: {e}"))
-            })?)
-        } else {
-            None
-        };
+        let link =
+            if spec.spans() {
+                let at = SocketAddr::new(addrs[0].ip(), 0);
+                Some(TcpListener::bind(at).map_err(|e| {
+                    cluster_err(format!("node 0 cannot listen for links on {at}: {e}"))
+                })?)
+            } else {
+                None
+            };
         let link_addr = match &link {
             Some(l) => Some(l.local_addr().map_err(cluster_err)?),
             None => None,
@@ -1064,7 +1069,12 @@ vcpus = [2, 3]
         assert!(s.spans());
         assert_eq!(s.owners(), vec![0, 0, 1, 1]);
         // vCPU 0 (the boot vCPU) stays on node 0.
-        let moved = ClusterSpec::parse(&ISSUE_EXAMPLE.replace("[0, 1]", "[1]").replace("[2, 3]", "[0, 2, 3]")).unwrap();
+        let moved = ClusterSpec::parse(
+            &ISSUE_EXAMPLE
+                .replace("[0, 1]", "[1]")
+                .replace("[2, 3]", "[0, 2, 3]"),
+        )
+        .unwrap();
         let e = moved.check_runnable().unwrap_err().0;
         assert!(e.contains("vCPU 0 is on node 1"), "{e}");
         // The kernel's irqchip cannot deliver to other nodes.

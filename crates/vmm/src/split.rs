@@ -261,7 +261,10 @@ fn access_len(n: u8) -> Result<u8, String> {
 /// peer is not trusted), every error one line.
 pub fn decode(body: &[u8]) -> Result<Msg, String> {
     if body.len() > MAX_FRAME {
-        return Err(format!("a message of {} bytes (at most {MAX_FRAME})", body.len()));
+        return Err(format!(
+            "a message of {} bytes (at most {MAX_FRAME})",
+            body.len()
+        ));
     }
     let mut c = Cursor(body);
     let t = c.u8().map_err(|_| "an empty message".to_string())?;
@@ -621,8 +624,8 @@ pub(crate) fn start_node_cpus(
             .map_err(|e| format!("eventfd: {e}"))?,
         )
     };
-    let template = wv_hypervisor::vcpu::VcpuTemplate::new(kvm, setup.cpus)
-        .map_err(|e| e.to_string())?;
+    let template =
+        wv_hypervisor::vcpu::VcpuTemplate::new(kvm, setup.cpus).map_err(|e| e.to_string())?;
     let template = wv_hypervisor::vcpu::VcpuTemplate {
         kernel_irqchip: false,
         ..template
@@ -825,7 +828,9 @@ impl Hub {
                                 }
                             }
                         }
-                        None => break format!("an interrupt for APIC ID {apic}, which does not exist"),
+                        None => {
+                            break format!("an interrupt for APIC ID {apic}, which does not exist")
+                        }
                     }
                 }
                 Msg::Addressing(a) if owns(a.id) => {
