@@ -997,8 +997,10 @@ fn supervise(
         h.stop_all();
         let (sent, received) = h.irq_messages();
         eprintln!(
-            "wv: cluster: {} interrupt messages between nodes (node 0 sent {sent}, received {received})",
-            sent + received
+            "wv: cluster: {} interrupt messages between nodes (node 0 sent {sent}, received \
+             {received}); {} device accesses forwarded to node 0",
+            sent + received,
+            h.forwarded_exits()
         );
     }
     eprintln!(

@@ -414,13 +414,15 @@ impl LinkTx {
     }
 }
 
-/// Counters of the interrupt messages that crossed links.
+/// Counters of the messages that crossed links.
 #[derive(Default)]
 pub struct IrqCounters {
-    /// Sent by this node.
+    /// Interrupt messages sent by this node.
     pub sent: AtomicU64,
-    /// Received by this node.
+    /// Interrupt messages received by this node.
     pub received: AtomicU64,
+    /// Port and MMIO accesses node 0 served for vCPUs of other nodes.
+    pub exits: AtomicU64,
 }
 
 /// The interrupt router of one node: an APIC ID of this node goes to the local vCPUs, any other
@@ -782,6 +784,11 @@ impl Hub {
         )
     }
 
+    /// The port and MMIO accesses node 0 served for vCPUs of other nodes.
+    pub fn forwarded_exits(&self) -> u64 {
+        self.counters.exits.load(Ordering::Relaxed)
+    }
+
     /// Tells every node with vCPUs to stop them (the VM ended on node 0).
     pub(crate) fn stop_all(&self) {
         for l in self.links.iter().flatten() {
@@ -851,6 +858,7 @@ impl Hub {
                     len,
                     mut data,
                 } if owns(apic) => {
+                    self.counters.exits.fetch_add(1, Ordering::Relaxed);
                     let n = usize::from(len);
                     if !kind.writes() {
                         data = [0; 8];
@@ -1040,6 +1048,55 @@ mod tests {
         assert_eq!(n, f.len() - 4);
         assert_eq!(decode(&f[4..]).unwrap(), m);
         assert_eq!(read_msg(&mut &f[..]).unwrap(), Some(m));
+    }
+
+    /// A Deliver that records what reached it.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(u32, Irq)>>);
+
+    impl Deliver for Seen {
+        fn deliver(&self, apic_id: u32, irq: Irq) {
+            lock(&self.0).push((apic_id, irq));
+        }
+    }
+
+    #[test]
+    fn a_router_keeps_its_apics_and_sends_the_others_over_their_link() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut rx, _) = l.accept().unwrap();
+        let local = Arc::new(Seen::default());
+        let counters = Arc::new(IrqCounters::default());
+        // Node 1 of the spec: APIC IDs 2 and 3 here, 0 and 1 through node 0.
+        let r = Router::new(
+            1,
+            vec![0, 0, 1, 1],
+            local.clone(),
+            vec![Some(Arc::new(LinkTx::new(tx)))],
+            counters.clone(),
+        );
+        r.deliver(3, Irq::fixed(0x40));
+        r.deliver(0, Irq::fixed(0x41));
+        r.deliver(9, Irq::fixed(0x42));
+        assert_eq!(*lock(&local.0), vec![(3, Irq::fixed(0x40))]);
+        assert_eq!(
+            read_msg(&mut rx).unwrap(),
+            Some(Msg::Irq {
+                apic: 0,
+                irq: Irq::fixed(0x41)
+            })
+        );
+        assert_eq!(counters.sent.load(Ordering::Relaxed), 1);
+        // A level EOI goes to node 0's I/O APIC; an LDR change to every node.
+        assert!(r.level_eoi_elsewhere(0x39));
+        assert_eq!(read_msg(&mut rx).unwrap(), Some(Msg::Eoi { vector: 0x39 }));
+        let a = Addressing {
+            id: 2,
+            ldr: 4 << 24,
+            dfr: u32::MAX,
+        };
+        r.addressing_changed(a);
+        assert_eq!(read_msg(&mut rx).unwrap(), Some(Msg::Addressing(a)));
     }
 
     #[test]
