@@ -287,6 +287,10 @@ pub struct Setup {
     /// Node 0's link address (`crate::split`), where a node with vCPUs connects once joined.
     #[serde(default)]
     pub link: Option<SocketAddr>,
+    /// Node 0's host TSC at set-up: every node's vCPUs start their TSC at the host's minus this
+    /// (one TSC for the guest when the nodes share a host; across hosts, not synchronised).
+    #[serde(default)]
+    pub tsc_base: u64,
 }
 
 impl Setup {
@@ -645,6 +649,8 @@ pub struct Cluster {
     link: Mutex<Option<TcpListener>>,
     /// Node 0's side of the links, once every node with vCPUs connected.
     hub: std::sync::OnceLock<Arc<crate::split::Hub>>,
+    /// The host TSC every node's vCPUs count their TSC from (see [`Setup::tsc_base`]).
+    tsc_base: u64,
 }
 
 fn cluster_err(m: impl std::fmt::Display) -> VmmError {
@@ -734,6 +740,7 @@ impl Cluster {
         };
         let mut children = Vec::new();
         let mut pids = vec![Some(std::process::id())];
+        let tsc_base = crate::split::host_tsc();
         let fail = |children: &mut Vec<Child>, e: VmmError| {
             kill_all(children);
             e
@@ -766,6 +773,7 @@ impl Cluster {
                 memory: spec.memory,
                 cpus: spec.vcpus,
                 link: link_addr,
+                tsc_base,
             };
             let connected = (|| -> Result<Peer, String> {
                 let s = TcpStream::connect_timeout(&addr, ANSWER_TIMEOUT)
@@ -797,6 +805,7 @@ impl Cluster {
             end: Mutex::new(None),
             link: Mutex::new(link),
             hub: std::sync::OnceLock::new(),
+            tsc_base,
         })
     }
 
@@ -813,6 +822,15 @@ impl Cluster {
     /// Node 0's side of the links to the nodes with vCPUs (none: every vCPU is on node 0).
     pub fn hub(&self) -> Option<&Arc<crate::split::Hub>> {
         self.hub.get()
+    }
+
+    /// Node 0's new vCPU `fd`: with vCPUs on other nodes, its TSC counts from the cluster's
+    /// base, as theirs do.
+    pub(crate) fn configure_vcpu(&self, fd: &kvm_ioctls::VcpuFd) -> Result<(), VmmError> {
+        if self.hub.get().is_some() {
+            crate::split::sync_tsc(fd, self.tsc_base).map_err(cluster_err)?;
+        }
+        Ok(())
     }
 
     /// Starts serving the other nodes' interrupts and device accesses against the VM built.
@@ -1175,6 +1193,7 @@ vcpus = [2, 3]
             memory: 128 << 20,
             cpus: 2,
             link: None,
+            tsc_base: 0,
         };
         ok.check().unwrap();
         let cpus = Setup {

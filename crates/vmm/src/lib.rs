@@ -690,6 +690,9 @@ pub(crate) fn run_from(
             .create_vcpu(u64::from(i))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
         template.configure(&fd, i)?;
+        if let Some(c) = cluster {
+            c.configure_vcpu(&fd)?;
+        }
         // Open for the daemon's live metrics (`GET /metrics`): KVM lets only this process
         // open it, anyone holding it read it. Without binary stats (Linux < 5.14) there is none.
         stats_fds.extend(wv_hypervisor::stats::stats_fd(&fd).ok());

@@ -638,6 +638,7 @@ pub(crate) fn start_node_cpus(
             .create_vcpu(u64::from(i))
             .map_err(|e| format!("KVM_CREATE_VCPU {i}: {e}"))?;
         template.configure(&fd, i).map_err(|e| e.to_string())?;
+        sync_tsc(&fd, setup.tsc_base)?;
         fds.push((i, fd));
     }
     crate::vcpu::install_kick_handler().map_err(|e| format!("kick handler: {e}"))?;
@@ -889,6 +890,29 @@ impl Hub {
         shared.finish(crate::VmEnd::Internal(format!(
             "cluster node {node} sent a bad link message: {bad}"
         )));
+    }
+}
+
+/// The host's TSC now.
+pub(crate) fn host_tsc() -> u64 {
+    // SAFETY: rdtsc exists on every x86-64 CPU and has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Sets a new vCPU's TSC to the host's TSC minus `base` (node 0's at set-up), so that the
+/// vCPUs of every node on one host read one TSC (separate KVM VMs each start their own at 0).
+pub(crate) fn sync_tsc(fd: &kvm_ioctls::VcpuFd, base: u64) -> Result<(), String> {
+    const MSR_IA32_TSC: u32 = 0x10;
+    let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        data: host_tsc().wrapping_sub(base),
+        ..Default::default()
+    }])
+    .map_err(|e| format!("MSR list: {e:?}"))?;
+    match fd.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err("KVM_SET_MSRS: IA32_TSC not set".into()),
+        Err(e) => Err(format!("KVM_SET_MSRS (IA32_TSC): {e}")),
     }
 }
 
