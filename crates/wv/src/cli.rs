@@ -341,7 +341,7 @@ const CLUSTER: Opt = opt(
 const NODE: Spec = Spec {
     cmd: "wv node",
     pos: &[],
-    about: "Runs a cluster node in the foreground: listens on ADDR, prints 'wv node: listening on\nADDR' (the port bound), takes its part from node 0 (wv run --cluster) on the first\nconnection, then serves its share of the guest's memory until node 0 stops it. Exits\nnon-zero when node 0 or another node is lost. docs/CLUSTER.md.",
+    about: "Runs a cluster node in the foreground: listens on ADDR, prints 'wv node: listening on\nADDR' (the port bound), takes its part from node 0 (wv run --cluster) on the first\nconnection, then serves its share of the guest's memory (and runs the vCPUs it is\ngiven, if any) until node 0 stops it. Exits non-zero when node 0 or another node is\nlost. docs/CLUSTER.md.",
     opts: &[&[opt(
         "--listen",
         Arg::Value("ADDR"),
