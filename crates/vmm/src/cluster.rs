@@ -845,6 +845,10 @@ impl Cluster {
     /// is written to it (joining drops every page; the kernel and boot data are loaded after,
     /// through the protocol), waits until every node has joined, and starts the supervisor.
     pub fn ram_hook(&self, mem: &GuestRam) -> Result<(), VmmError> {
+        // The threads started from here (the DSM engine, the supervisor, the links) must not
+        // take SIGINT, SIGTERM or SIGHUP: the VMM's control thread reads them to stop the VM in
+        // order, and a thread that took one would end the process at once.
+        crate::block_signals(&crate::STOP_SIGNALS);
         let (listener, mut peers, mut children) = self
             .pending
             .lock()

@@ -2,7 +2,8 @@
 //! --fetch-only`, which scripts/test runs and names in WV_LINUX_KERNEL / WV_LINUX_INITRD) boots
 //! far enough to print its version and to find every vCPU and the I/O APIC in the ACPI MADT;
 //! with `--irqchip user` (the VMM's own local APICs and I/O APIC), far enough to bring up its
-//! second CPU (INIT/SIPI, IPIs and the APIC timer, all through the VMM).
+//! second CPU (INIT/SIPI, IPIs and the APIC timer, all through the VMM), also when that CPU
+//! runs on another node of a cluster (`wv run --cluster`, its IPIs over the link).
 //! (Guest kernel code is emulated on some hosts, so this reads the first seconds of the boot,
 //! not the whole boot: `scripts/linux-boot` goes the whole way and reports.)
 
@@ -15,6 +16,11 @@ use std::time::{Duration, Instant};
 /// Boots Debian's kernel with `extra` options until every line of `wanted` was seen (within
 /// 300 s), and fails with the console's lines otherwise.
 fn boot_until(extra: &[&str], wanted: &[&str]) {
+    boot_with(&["--vcpus", "2", "--memory", "512M"], extra, wanted);
+}
+
+/// [`boot_until`] with `size` giving the VM's vCPUs and memory (or a cluster spec).
+fn boot_with(size: &[&str], extra: &[&str], wanted: &[&str]) {
     need_kvm();
     let var = |v: &str| {
         std::env::var(v)
@@ -23,7 +29,7 @@ fn boot_until(extra: &[&str], wanted: &[&str]) {
     let (kernel, initrd) = (var("WV_LINUX_KERNEL"), var("WV_LINUX_INITRD"));
     let mut child = Command::new(wv_bin())
         .args(["run", "--kernel", &kernel, "--initrd", &initrd])
-        .args(["--vcpus", "2", "--memory", "512M"])
+        .args(size)
         .args(["--cmdline", "console=ttyS0 noxsave panic=-1"])
         .args(extra)
         .stdout(Stdio::piped())
@@ -92,5 +98,21 @@ fn debian_cloud_kernel_brings_up_both_cpus_with_the_userspace_irqchip() {
             "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23",
             "smp: Brought up 1 node, 2 CPUs",
         ],
+    );
+}
+
+#[test]
+#[ignore = "needs /dev/kvm and Debian's cloud kernel (WV_LINUX_KERNEL): scripts/test provides both"]
+fn debian_cloud_kernel_brings_up_its_second_cpu_on_another_node() {
+    let dir = TempDir::new("linux-cluster");
+    let spec = dir.file(
+        "c.toml",
+        b"vcpus = 2\nmemory = \"512M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n\
+          [[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [1]\n",
+    );
+    boot_with(
+        &["--cluster", spec.to_str().unwrap()],
+        &[],
+        &["Linux version 6.", "smp: Brought up 1 node, 2 CPUs"],
     );
 }
