@@ -101,18 +101,76 @@ fn debian_cloud_kernel_brings_up_both_cpus_with_the_userspace_irqchip() {
     );
 }
 
+/// vCPU 1 on node 1 of a cluster: the kernel brings it up (INIT/SIPI and its IPIs over the
+/// link), its device accesses (the serial console, at least) are forwarded to node 0; SIGINT
+/// then stops the VM in order and node 0 reports the counts.
 #[test]
 #[ignore = "needs /dev/kvm and Debian's cloud kernel (WV_LINUX_KERNEL): scripts/test provides both"]
 fn debian_cloud_kernel_brings_up_its_second_cpu_on_another_node() {
+    need_kvm();
+    let var = |v: &str| {
+        std::env::var(v)
+            .unwrap_or_else(|_| panic!("{v} is not set: run scripts/linux-boot --fetch-only"))
+    };
+    let (kernel, initrd) = (var("WV_LINUX_KERNEL"), var("WV_LINUX_INITRD"));
     let dir = TempDir::new("linux-cluster");
     let spec = dir.file(
         "c.toml",
         b"vcpus = 2\nmemory = \"512M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n\
           [[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [1]\n",
     );
-    boot_with(
-        &["--cluster", spec.to_str().unwrap()],
-        &[],
-        &["Linux version 6.", "smp: Brought up 1 node, 2 CPUs"],
+    let err = dir.0.join("stderr");
+    let mut child = Command::new(wv_bin())
+        .args(["run", "--cluster", spec.to_str().unwrap()])
+        .args(["--kernel", &kernel, "--initrd", &initrd])
+        .args(["--cmdline", "console=ttyS0 noxsave panic=-1"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut log = Vec::new();
+    let up = loop {
+        let left = Duration::from_secs(300).saturating_sub(start.elapsed());
+        let Ok(line) = rx.recv_timeout(left) else {
+            break false;
+        };
+        let done = line.contains("smp: Brought up 1 node, 2 CPUs");
+        log.push(line);
+        if done {
+            break true;
+        }
+    };
+    // SAFETY: kill(2) on the child started above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        up,
+        "no 'smp: Brought up 1 node, 2 CPUs' within 300 s:\n{}\n{stderr}",
+        log.join("\n")
     );
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    let counts = stderr
+        .lines()
+        .find(|l| l.contains("interrupt messages between nodes"))
+        .unwrap_or_else(|| panic!("no counts:\n{stderr}"));
+    println!("{counts}");
+    let forwarded: u64 = counts
+        .split("; ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{counts}"));
+    assert!(forwarded > 0, "{counts}");
 }
