@@ -508,19 +508,22 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
         _mem: mem,
     };
     writeln!(w, "joined").map_err(|e| format!("set-up connection: {e}"))?;
-    match &cpus {
-        None => eprintln!(
-            "wv node {id}: joined a cluster of {} nodes as a memory node ({} of guest RAM)",
+    let joined = match &cpus {
+        None => format!(
+            "wv node {id}: joined a cluster of {} nodes as a memory node ({} of guest RAM)\n",
             peers.len(),
             format_size(setup.memory)
         ),
-        Some(_) => eprintln!(
-            "wv node {id}: joined a cluster of {} nodes running vCPUs {:?} ({} of guest RAM)",
+        Some(_) => format!(
+            "wv node {id}: joined a cluster of {} nodes running vCPUs {:?} ({} of guest RAM)\n",
             peers.len(),
             setup.vcpus,
             format_size(setup.memory)
         ),
-    }
+    };
+    // One write: the nodes of one host share node 0's stderr, and a line written in pieces
+    // would interleave with theirs.
+    let _ = io::stderr().write_all(joined.as_bytes());
     let stopping = Arc::new(AtomicBool::new(false));
     let watch = {
         let (node, stopping, peers) = (node.clone(), stopping.clone(), peers.clone());
@@ -919,7 +922,9 @@ impl Cluster {
                 None => line.push_str(&format!("; node {i} at {a} ({}, remote)", role(i))),
             }
         }
-        eprintln!("{line}");
+        line.push('\n');
+        // One write (the nodes started here write to the same stderr).
+        let _ = io::stderr().write_all(line.as_bytes());
         let (end_tx, end_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let running = Running {
