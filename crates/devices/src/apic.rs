@@ -118,6 +118,16 @@ pub enum Destination {
 pub trait Deliver: Send + Sync {
     /// Delivers `irq` to the local APIC with ID `apic_id` (unknown IDs are dropped).
     fn deliver(&self, apic_id: u32, irq: Irq);
+
+    /// A local APIC of this process changed its addressing (LDR, DFR): a cluster layer tells
+    /// the other nodes, which resolve logical destinations too. Nothing by default.
+    fn addressing_changed(&self, _a: Addressing) {}
+
+    /// A level-triggered vector's EOI: true if the I/O APIC lives elsewhere and the EOI was
+    /// sent there (a cluster node other than 0), false to handle it here (the default).
+    fn level_eoi_elsewhere(&self, _vector: u8) -> bool {
+        false
+    }
 }
 
 /// A local APIC's addressing, for resolving a [`Destination`]: its ID, LDR and DFR.

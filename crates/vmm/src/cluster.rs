@@ -26,7 +26,7 @@ pub const MAX_NODES: usize = 64;
 /// above this would be split around the PCI hole.
 pub const MAX_CLUSTER_MEMORY: u64 = wv_machine::layout::MMIO_HOLE_START;
 /// The set-up step's version (the first field of [`Setup`]).
-pub const SETUP_VERSION: u32 = 1;
+pub const SETUP_VERSION: u32 = 2;
 /// The longest line either side of the set-up connection sends.
 const MAX_LINE: u64 = 64 * 1024;
 /// How long node 0 waits for a node's answer during set-up and at the end.
@@ -205,13 +205,30 @@ impl ClusterSpec {
                 "mirror = true is not available yet (memory mirroring, issue 14 item 5)",
             ));
         }
-        if let Some(i) = (1..self.nodes.len()).find(|&i| !self.nodes[i].vcpus.is_empty()) {
+        if let Some(i) = (1..self.nodes.len()).find(|&i| self.nodes[i].vcpus.contains(&0)) {
             return Err(err(format!(
-                "vCPUs on node {i} need the userspace interrupt controller, not yet available \
-                 (for now every vCPU runs on node 0 and the other nodes are memory nodes)"
+                "vCPU 0 is on node {i}: the boot vCPU runs on node 0, which boots the guest"
             )));
         }
         Ok(())
+    }
+
+    /// Whether a node other than 0 runs vCPUs (the VM then needs `--irqchip user`).
+    pub fn spans(&self) -> bool {
+        self.nodes.iter().skip(1).any(|n| !n.vcpus.is_empty())
+    }
+
+    /// The node of each vCPU (= APIC ID).
+    pub fn owners(&self) -> Vec<u32> {
+        let mut o = vec![0u32; self.vcpus as usize];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &v in &n.vcpus {
+                if let Some(x) = o.get_mut(v as usize) {
+                    *x = u32::try_from(i).unwrap_or(0);
+                }
+            }
+        }
+        o
     }
 }
 
@@ -228,6 +245,12 @@ pub fn check_config(cfg: &crate::VmConfig, spec: &ClusterSpec) -> Result<(), Con
             spec.vcpus,
             format_size(spec.memory)
         )));
+    }
+    if spec.spans() && cfg.irqchip == crate::config::IrqChip::Kernel {
+        return Err(err(
+            "vCPUs on nodes other than 0 need the userspace interrupt controllers: \
+             --irqchip kernel cannot be used with this spec (wv run --cluster picks user)",
+        ));
     }
     if cfg.balloon {
         return Err(err(
@@ -253,10 +276,21 @@ pub struct Setup {
     pub node: u32,
     /// Every node's DSM address, by id (the node's own included).
     pub peers: Vec<SocketAddr>,
-    /// The vCPUs it runs (empty: a memory node, the only kind for now).
+    /// The vCPUs it runs (APIC IDs; empty: a memory node).
     pub vcpus: Vec<u32>,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// The VM's vCPUs (all nodes'). Defaulted so that a line of another version is refused
+    /// for its version, not for a field.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Node 0's link address (`crate::split`), where a node with vCPUs connects once joined.
+    #[serde(default)]
+    pub link: Option<SocketAddr>,
+    /// Node 0's host TSC at set-up: every node's vCPUs start their TSC at the host's minus this
+    /// (one TSC for the guest when the nodes share a host; across hosts, not synchronised).
+    #[serde(default)]
+    pub tsc_base: u64,
 }
 
 impl Setup {
@@ -280,11 +314,20 @@ impl Setup {
                 self.peers.len() - 1
             ));
         }
-        if !self.vcpus.is_empty() {
-            return Err(
-                "vCPUs on this node need the userspace interrupt controller, not yet available"
-                    .into(),
-            );
+        if self.cpus == 0 || self.cpus > MAX_VCPUS {
+            return Err(format!("a VM of {} vCPUs (1 to {MAX_VCPUS})", self.cpus));
+        }
+        let mut seen = vec![false; self.cpus as usize];
+        for &v in &self.vcpus {
+            match seen.get_mut(v as usize) {
+                Some(_) if v == 0 => return Err("vCPU 0 (it runs on node 0)".into()),
+                Some(s) if !*s => *s = true,
+                Some(_) => return Err(format!("vCPU {v} twice")),
+                None => return Err(format!("vCPU {v} of a VM of {} vCPUs", self.cpus)),
+            }
+        }
+        if !self.vcpus.is_empty() && self.link.is_none() {
+            return Err("vCPUs but no link address".into());
         }
         if self.memory < MIN_MEMORY
             || !self.memory.is_multiple_of(4096)
@@ -411,14 +454,16 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
         }
     };
     let id = setup.node;
-    let built = (|| -> Result<(kvm_ioctls::VmFd, GuestRam, wv_dsm::Region), String> {
-        let kvm = wv_hypervisor::open().map_err(|e| e.to_string())?;
-        let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-        let mem = wv_machine::create_ram(setup.memory).map_err(|e| e.to_string())?;
-        let region = dsm_region(&mem)?;
-        Ok((vm, mem, region))
-    })();
-    let (vm, mem, region) = match built {
+    #[allow(clippy::type_complexity)]
+    let built =
+        (|| -> Result<(kvm_ioctls::Kvm, kvm_ioctls::VmFd, GuestRam, wv_dsm::Region), String> {
+            let kvm = wv_hypervisor::open().map_err(|e| e.to_string())?;
+            let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+            let mem = wv_machine::create_ram(setup.memory).map_err(|e| e.to_string())?;
+            let region = dsm_region(&mem)?;
+            Ok((kvm, vm, mem, region))
+        })();
+    let (kvm, vm, mem, region) = match built {
         Ok(b) => b,
         Err(e) => {
             let _ = writeln!(w, "error: {e}");
@@ -445,17 +490,40 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
             return Err(e);
         }
     };
+    let cpus = if setup.vcpus.is_empty() {
+        None
+    } else {
+        match crate::split::start_node_cpus(&setup, &kvm, &vm, &mem) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let e = format!("node {id}: {e}");
+                let _ = writeln!(w, "error: {e}");
+                return Err(e);
+            }
+        }
+    };
     let held = MemoryNode {
         node: Some(node.clone()),
         _vm: vm,
         _mem: mem,
     };
     writeln!(w, "joined").map_err(|e| format!("set-up connection: {e}"))?;
-    eprintln!(
-        "wv node {id}: joined a cluster of {} nodes as a memory node ({} of guest RAM)",
-        peers.len(),
-        format_size(setup.memory)
-    );
+    let joined = match &cpus {
+        None => format!(
+            "wv node {id}: joined a cluster of {} nodes as a memory node ({} of guest RAM)\n",
+            peers.len(),
+            format_size(setup.memory)
+        ),
+        Some(_) => format!(
+            "wv node {id}: joined a cluster of {} nodes running vCPUs {:?} ({} of guest RAM)\n",
+            peers.len(),
+            setup.vcpus,
+            format_size(setup.memory)
+        ),
+    };
+    // One write: the nodes of one host share node 0's stderr, and a line written in pieces
+    // would interleave with theirs.
+    let _ = io::stderr().write_all(joined.as_bytes());
     let stopping = Arc::new(AtomicBool::new(false));
     let watch = {
         let (node, stopping, peers) = (node.clone(), stopping.clone(), peers.clone());
@@ -511,6 +579,9 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
                 .map_or_else(|| "{}".into(), |n| stats_json(&n.stats())),
             "stop" => {
                 stopping.store(true, Ordering::Release);
+                if let Some(c) = &cpus {
+                    c.stop();
+                }
                 "bye".into()
             }
             other => format!("error: unknown command '{}'", other.escape_debug()),
@@ -526,6 +597,10 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
     };
     if res.is_ok() {
         let _ = watch.join();
+    }
+    if let Some(c) = cpus {
+        c.stop();
+        c.join();
     }
     drop(held);
     res
@@ -560,6 +635,7 @@ struct Running {
     ram: GuestRam,
     peers: Vec<Peer>,
     children: Vec<Child>,
+    hub: Option<Arc<crate::split::Hub>>,
 }
 
 /// Node 0 of a cluster: the nodes started and told their part; then (through
@@ -572,6 +648,12 @@ pub struct Cluster {
     pids: Vec<Option<u32>>,
     pending: Mutex<Option<Pending>>,
     end: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+    /// Where nodes with vCPUs connect their link (`crate::split`), until they have.
+    link: Mutex<Option<TcpListener>>,
+    /// Node 0's side of the links, once every node with vCPUs connected.
+    hub: std::sync::OnceLock<Arc<crate::split::Hub>>,
+    /// The host TSC every node's vCPUs count their TSC from (see [`Setup::tsc_base`]).
+    tsc_base: u64,
 }
 
 fn cluster_err(m: impl std::fmt::Display) -> VmmError {
@@ -646,8 +728,22 @@ impl Cluster {
             ))
         })?;
         let mut addrs = vec![listener.local_addr().map_err(cluster_err)?];
+        let link =
+            if spec.spans() {
+                let at = SocketAddr::new(addrs[0].ip(), 0);
+                Some(TcpListener::bind(at).map_err(|e| {
+                    cluster_err(format!("node 0 cannot listen for links on {at}: {e}"))
+                })?)
+            } else {
+                None
+            };
+        let link_addr = match &link {
+            Some(l) => Some(l.local_addr().map_err(cluster_err)?),
+            None => None,
+        };
         let mut children = Vec::new();
         let mut pids = vec![Some(std::process::id())];
+        let tsc_base = crate::split::host_tsc();
         let fail = |children: &mut Vec<Child>, e: VmmError| {
             kill_all(children);
             e
@@ -678,6 +774,9 @@ impl Cluster {
                 peers: addrs.clone(),
                 vcpus: spec.nodes[i].vcpus.clone(),
                 memory: spec.memory,
+                cpus: spec.vcpus,
+                link: link_addr,
+                tsc_base,
             };
             let connected = (|| -> Result<Peer, String> {
                 let s = TcpStream::connect_timeout(&addr, ANSWER_TIMEOUT)
@@ -707,6 +806,9 @@ impl Cluster {
             pids,
             pending: Mutex::new(Some((wv_dsm::Listener::from(listener), peers, children))),
             end: Mutex::new(None),
+            link: Mutex::new(link),
+            hub: std::sync::OnceLock::new(),
+            tsc_base,
         })
     }
 
@@ -720,10 +822,36 @@ impl Cluster {
         &self.addrs
     }
 
+    /// Node 0's side of the links to the nodes with vCPUs (none: every vCPU is on node 0).
+    pub fn hub(&self) -> Option<&Arc<crate::split::Hub>> {
+        self.hub.get()
+    }
+
+    /// Node 0's new vCPU `fd`: with vCPUs on other nodes, its TSC counts from the cluster's
+    /// base, as theirs do.
+    pub(crate) fn configure_vcpu(&self, fd: &kvm_ioctls::VcpuFd) -> Result<(), VmmError> {
+        if self.hub.get().is_some() {
+            crate::split::sync_tsc(fd, self.tsc_base).map_err(cluster_err)?;
+        }
+        Ok(())
+    }
+
+    /// Starts serving the other nodes' interrupts and device accesses against the VM built.
+    pub(crate) fn serve(&self, shared: &Arc<crate::VmShared>) -> Result<(), VmmError> {
+        match self.hub.get() {
+            Some(h) => h.serve(shared).map_err(cluster_err),
+            None => Ok(()),
+        }
+    }
+
     /// The VMM's hook (`crate::run_clustered`): joins the DSM with guest RAM before anything
     /// is written to it (joining drops every page; the kernel and boot data are loaded after,
     /// through the protocol), waits until every node has joined, and starts the supervisor.
     pub fn ram_hook(&self, mem: &GuestRam) -> Result<(), VmmError> {
+        // The threads started from here (the DSM engine, the supervisor, the links) must not
+        // take SIGINT, SIGTERM or SIGHUP: the VMM's control thread reads them to stop the VM in
+        // order, and a thread that took one would end the process at once.
+        crate::block_signals(&crate::STOP_SIGNALS);
         let (listener, mut peers, mut children) = self
             .pending
             .lock()
@@ -749,6 +877,21 @@ impl Cluster {
                     Err(e) => return Err(cluster_err(format!("node {} at {}: {e}", p.id, p.addr))),
                 }
             }
+            if let Some(l) = self.link.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                // Every node with vCPUs connected its link before it answered `joined`.
+                let nodes: Vec<u32> = (1..self.spec.nodes.len())
+                    .filter(|&i| !self.spec.nodes[i].vcpus.is_empty())
+                    .filter_map(|i| u32::try_from(i).ok())
+                    .collect();
+                let hub = crate::split::Hub::accept(
+                    &l,
+                    self.spec.owners(),
+                    &nodes,
+                    self.spec.nodes.len(),
+                )
+                .map_err(cluster_err)?;
+                let _ = self.hub.set(Arc::new(hub));
+            }
             Ok(node)
         })();
         let node = match joined {
@@ -758,19 +901,30 @@ impl Cluster {
                 return Err(e);
             }
         };
+        let role = |i: usize| match self.spec.nodes.get(i).map(|n| n.vcpus.as_slice()) {
+            Some([]) | None => "memory node".to_string(),
+            Some(v) => format!("vCPUs {v:?}"),
+        };
         let mut line = format!(
-            "wv: cluster of {} nodes: node 0 at {} (pid {}) runs the vCPUs",
+            "wv: cluster of {} nodes: node 0 at {} (pid {}) runs {}",
             self.addrs.len(),
             self.addrs[0],
-            std::process::id()
+            std::process::id(),
+            if self.spec.spans() {
+                role(0)
+            } else {
+                "the vCPUs".into()
+            }
         );
         for (i, a) in self.addrs.iter().enumerate().skip(1) {
             match self.pids.get(i).copied().flatten() {
-                Some(pid) => line.push_str(&format!("; node {i} at {a} (memory node, pid {pid})")),
-                None => line.push_str(&format!("; node {i} at {a} (memory node, remote)")),
+                Some(pid) => line.push_str(&format!("; node {i} at {a} ({}, pid {pid})", role(i))),
+                None => line.push_str(&format!("; node {i} at {a} ({}, remote)", role(i))),
             }
         }
-        eprintln!("{line}");
+        line.push('\n');
+        // One write (the nodes started here write to the same stderr).
+        let _ = io::stderr().write_all(line.as_bytes());
         let (end_tx, end_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let running = Running {
@@ -778,6 +932,7 @@ impl Cluster {
             ram: mem.clone(),
             peers,
             children,
+            hub: self.hub.get().cloned(),
         };
         let addrs = self.addrs.clone();
         std::thread::Builder::new()
@@ -865,6 +1020,16 @@ fn supervise(
             Err(mpsc::TryRecvError::Empty) => {}
         }
     }
+    if let Some(h) = &run.hub {
+        h.stop_all();
+        let (sent, received) = h.irq_messages();
+        eprintln!(
+            "wv: cluster: {} interrupt messages between nodes (node 0 sent {sent}, received \
+             {received}); {} device accesses forwarded to node 0",
+            sent + received,
+            h.forwarded_exits()
+        );
+    }
     eprintln!(
         "wv: cluster node 0 at {}: {}",
         addrs[0],
@@ -921,7 +1086,7 @@ vcpus = [2, 3]
 "#;
 
     #[test]
-    fn the_issue_example_parses_and_is_refused_to_run_for_now() {
+    fn the_issue_example_parses_and_runs_with_vcpus_on_both_nodes() {
         let s = ClusterSpec::parse(ISSUE_EXAMPLE).unwrap();
         assert_eq!(s.vcpus, 4);
         assert_eq!(s.memory, 256 << 20);
@@ -929,13 +1094,29 @@ vcpus = [2, 3]
         assert_eq!(s.nodes.len(), 2);
         assert_eq!(s.nodes[1].vcpus, vec![2, 3]);
         assert_eq!(s.nodes[0].listen, "127.0.0.1:0".parse().unwrap());
-        let e = s.check_runnable().unwrap_err().0;
-        assert!(
-            e.contains(
-                "vCPUs on node 1 need the userspace interrupt controller, not yet available"
-            ),
-            "{e}"
-        );
+        s.check_runnable().unwrap();
+        assert!(s.spans());
+        assert_eq!(s.owners(), vec![0, 0, 1, 1]);
+        // vCPU 0 (the boot vCPU) stays on node 0.
+        let moved = ClusterSpec::parse(
+            &ISSUE_EXAMPLE
+                .replace("[0, 1]", "[1]")
+                .replace("[2, 3]", "[0, 2, 3]"),
+        )
+        .unwrap();
+        let e = moved.check_runnable().unwrap_err().0;
+        assert!(e.contains("vCPU 0 is on node 1"), "{e}");
+        // The kernel's irqchip cannot deliver to other nodes.
+        let mut cfg = crate::VmConfig {
+            vcpus: 4,
+            memory: 256 << 20,
+            ..Default::default()
+        };
+        cfg.irqchip = crate::config::IrqChip::Kernel;
+        let e = check_config(&cfg, &s).unwrap_err().0;
+        assert!(e.contains("--irqchip kernel cannot be used"), "{e}");
+        cfg.irqchip = crate::config::IrqChip::User;
+        check_config(&cfg, &s).unwrap();
     }
 
     #[test]
@@ -1019,8 +1200,17 @@ vcpus = [2, 3]
             ],
             vcpus: vec![],
             memory: 128 << 20,
+            cpus: 2,
+            link: None,
+            tsc_base: 0,
         };
         ok.check().unwrap();
+        let cpus = Setup {
+            vcpus: vec![1],
+            link: Some("127.0.0.1:3".parse().unwrap()),
+            ..ok.clone()
+        };
+        cpus.check().unwrap();
         let line = serde_json::to_string(&ok).unwrap();
         assert_eq!(serde_json::from_str::<Setup>(&line).unwrap(), ok);
         for bad in [
@@ -1046,6 +1236,22 @@ vcpus = [2, 3]
             },
             Setup {
                 vcpus: vec![1],
+                ..ok.clone()
+            },
+            Setup {
+                vcpus: vec![0],
+                ..cpus.clone()
+            },
+            Setup {
+                vcpus: vec![2],
+                ..cpus.clone()
+            },
+            Setup {
+                vcpus: vec![1, 1],
+                ..cpus.clone()
+            },
+            Setup {
+                cpus: 0,
                 ..ok.clone()
             },
             Setup {

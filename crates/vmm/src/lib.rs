@@ -23,6 +23,7 @@ mod pci;
 mod postcopy;
 pub mod seccomp;
 pub mod snapshot;
+pub mod split;
 pub mod stats;
 mod uapic;
 mod vcpu;
@@ -346,17 +347,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunOutcome, VmmError> {
     run_from(cfg, None, None, None)
 }
 
-/// What is done with guest RAM once it is mapped, before the VM is registered with KVM and
-/// anything is written to it (cluster mode: hand it to a DSM node).
-pub(crate) type RamHook<'a> = &'a dyn Fn(&GuestMemoryMmap) -> Result<(), VmmError>;
-
 /// Builds and runs the VM of `cfg` as node 0 of `cluster` (started with
 /// [`cluster::Cluster::start`]): the same build as [`run`], its guest RAM kept coherent with the
 /// other nodes by the DSM from before the guest is loaded. Call [`cluster::Cluster::finish`]
 /// once the VM has ended, before its resources go.
 pub fn run_clustered(cfg: &VmConfig, cluster: &cluster::Cluster) -> Result<RunOutcome, VmmError> {
     cluster::check_config(cfg, cluster.spec()).map_err(VmmError::Config)?;
-    run_from(cfg, None, None, Some(&|mem| cluster.ram_hook(mem)))
+    run_from(cfg, None, None, Some(cluster))
 }
 
 /// Where a restored VM's memory comes from.
@@ -612,7 +609,7 @@ pub(crate) fn run_from(
     cfg: &VmConfig,
     mut restore: Option<Restore>,
     before_run: Option<BeforeRun<'_>>,
-    ram_hook: Option<RamHook<'_>>,
+    cluster: Option<&cluster::Cluster>,
 ) -> Result<RunOutcome, VmmError> {
     let start = Instant::now();
     let trace = Trace::new(start);
@@ -656,7 +653,7 @@ pub(crate) fn run_from(
     // this one creates the VM and loads the guest.
     let (template, vm, mut shared) = std::thread::scope(|s| {
         let template = s.spawn(|| VcpuTemplate::new(&kvm, cfg.vcpus));
-        let built = build(&kvm, cfg, restore.as_mut(), ram_hook, &trace);
+        let built = build(&kvm, cfg, restore.as_mut(), cluster, &trace);
         let template = template
             .join()
             .map_err(|_| VmmError::Internal("CPUID thread panicked".into()))?;
@@ -693,6 +690,9 @@ pub(crate) fn run_from(
             .create_vcpu(u64::from(i))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
         template.configure(&fd, i)?;
+        if let Some(c) = cluster {
+            c.configure_vcpu(&fd)?;
+        }
         // Open for the daemon's live metrics (`GET /metrics`): KVM lets only this process
         // open it, anyone holding it read it. Without binary stats (Linux < 5.14) there is none.
         stats_fds.extend(wv_hypervisor::stats::stats_fd(&fd).ok());
@@ -729,6 +729,10 @@ pub(crate) fn run_from(
         devstate::restore(&shared, d).map_err(|e| VmmError::Snapshot(format!("devices: {e}")))?;
     }
     let shared = Arc::new(shared);
+    if let Some(c) = cluster {
+        // Other nodes' vCPUs: their interrupts and device accesses are served from now on.
+        c.serve(&shared)?;
+    }
     trace.mark("vcpus configured");
 
     vcpu::install_kick_handler().map_err(internal("installing the vCPU kick handler"))?;
@@ -886,7 +890,7 @@ fn build(
     kvm: &kvm_ioctls::Kvm,
     cfg: &VmConfig,
     mut restore: Option<&mut Restore>,
-    ram_hook: Option<RamHook<'_>>,
+    cluster: Option<&cluster::Cluster>,
     trace: &Trace,
 ) -> Result<(Arc<kvm_ioctls::VmFd>, VmShared), VmmError> {
     let vm = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
@@ -911,9 +915,9 @@ fn build(
         }
         Some(RestoreMemory::Ram(m)) => m,
     };
-    if let Some(hook) = ram_hook {
+    if let Some(c) = cluster {
         // Before anything is written to RAM (a DSM node drops every page when it joins).
-        hook(&mem)?;
+        c.ram_hook(&mem)?;
         trace.mark("memory handed to the hook");
     }
     register_memory(&vm, &mem)?;
@@ -933,7 +937,12 @@ fn build(
             None
         }
         config::IrqChip::User => Some(Arc::new(
-            uapic::Uapic::new(cfg.vcpus).map_err(internal("eventfd"))?,
+            match cluster.and_then(cluster::Cluster::hub) {
+                // vCPUs on other nodes: every delivery goes through node 0's router.
+                Some(hub) => uapic::Uapic::with_deliver(cfg.vcpus, |local| hub.router(local)),
+                None => uapic::Uapic::new(cfg.vcpus),
+            }
+            .map_err(internal("eventfd"))?,
         )),
     };
     // An interrupt line of a device the VMM serves: an irqfd on `gsi`, or a pulse on the

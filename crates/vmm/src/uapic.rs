@@ -218,7 +218,11 @@ impl Uapic {
         }
     }
 
-    fn level_eoi(&self, vector: u8) {
+    /// A level-triggered vector's EOI, for the I/O APIC (on another node, through the sink).
+    pub(crate) fn level_eoi(&self, vector: u8) {
+        if self.sink.level_eoi_elsewhere(vector) {
+            return;
+        }
         let out = lock(&self.ioapic).eoi(vector);
         for (d, irq) in out {
             self.send(d, irq);
@@ -347,11 +351,30 @@ impl Uapic {
             ApicEffect::Ipi(d, irq) => self.send(d, irq),
             ApicEffect::LevelEoi(v) => self.level_eoi(v),
             ApicEffect::Addressing => {
-                if let Some(a) = lock(&self.addressing).get_mut(index as usize) {
-                    *a = addressing;
-                }
+                self.set_addressing(addressing);
+                self.sink.addressing_changed(addressing);
             }
             ApicEffect::Timer | ApicEffect::None => {}
+        }
+    }
+
+    /// Local APIC `a.id`'s addressing (LDR, DFR), as its vCPU set it (here or on another node).
+    pub(crate) fn set_addressing(&self, a: Addressing) {
+        if let Some(x) = lock(&self.addressing).get_mut(a.id as usize) {
+            *x = a;
+        }
+    }
+
+    /// Delivers `irq` to the vCPU of APIC ID `apic_id` in this process (a message from
+    /// another node, whose router chose this one).
+    pub(crate) fn deliver_local(&self, apic_id: u32, irq: Irq) {
+        self.cpus.deliver(apic_id, irq);
+    }
+
+    /// Kicks every vCPU thread of this process out of KVM_RUN (the VM ends).
+    pub(crate) fn kick_all(&self) {
+        for c in &self.cpus.cpus {
+            c.kick();
         }
     }
 

@@ -439,7 +439,7 @@ pub(crate) struct InternalExit {
 }
 
 impl InternalExit {
-    fn read(fd: &mut VcpuFd) -> InternalExit {
+    pub(crate) fn read(fd: &mut VcpuFd) -> InternalExit {
         let run = fd.get_kvm_run();
         // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
         // member.
@@ -453,9 +453,14 @@ impl InternalExit {
         }
     }
 
+    /// The instruction bytes an emulation failure carries.
+    pub(crate) fn bytes(&self) -> Option<&[u8]> {
+        self.bytes.as_deref()
+    }
+
     /// What failed, for the diagnostic (the data words only when they are not instruction
     /// bytes, which the diagnostic block shows decoded).
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let what = match self.suberror {
             1 => "instruction emulation failed",
             2 => "exception during exception delivery",
@@ -475,5 +480,80 @@ impl InternalExit {
             self.suberror,
             data.join(" ")
         )
+    }
+}
+
+/// Makes this thread's kick signal stop `fd` (a cluster node's own vCPU loop).
+pub(crate) fn bind_kick(fd: &mut VcpuFd) {
+    KVM_RUN.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
+}
+
+/// Undoes [`bind_kick`] before the vCPU fd goes.
+pub(crate) fn unbind_kick() {
+    KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+}
+
+/// Node 0 serves a port or MMIO access that vCPU `index` of another cluster node made
+/// (crate::split): the same dispatch as an exit here (the paravirtual call port, the port
+/// bus, the I/O APIC's page, the MMIO bus); a read's bytes are left in `data`. Returns how the
+/// VM ends if the access ends it.
+pub(crate) fn serve_forwarded(
+    shared: &VmShared,
+    index: u32,
+    kind: crate::split::ExitKind,
+    addr: u64,
+    data: &mut [u8],
+) -> Option<VmEnd> {
+    use crate::split::ExitKind;
+    match kind {
+        ExitKind::PioOut => {
+            let port = u16::try_from(addr).ok()?;
+            if port == wv_abi::CALL_PORT && data.len() == 4 {
+                let gpa = u64::from(u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+                let mut ctx = Ctx {
+                    shared,
+                    exits: 0,
+                    index,
+                };
+                match wv_pv::handle(&mut ctx, gpa).effect {
+                    Effect::Continue => None,
+                    Effect::Poweroff(code) => Some(VmEnd::Poweroff(code)),
+                }
+            } else if let Some((dev, off)) = shared.bus.lookup(port) {
+                match shared.bus.write(dev, off, data) {
+                    DeviceAction::None => None,
+                    DeviceAction::Reset => Some(VmEnd::Reset("i8042 reset command")),
+                    DeviceAction::Poweroff => Some(VmEnd::Poweroff(0)),
+                }
+            } else {
+                None
+            }
+        }
+        ExitKind::PioIn => {
+            let port = u16::try_from(addr).ok()?;
+            match shared.bus.lookup(port) {
+                Some((dev, off)) => shared.bus.read(dev, off, data),
+                None => unassigned_read(data),
+            }
+            None
+        }
+        ExitKind::MmioRead => {
+            if let Some((lapic, (u, ..))) = apic_page(shared, addr) {
+                u.mmio(index, lapic, addr, data, false);
+            } else if let Some((dev, off)) = shared.mmio.lookup(addr, data.len()) {
+                shared.mmio.read(dev, off, data);
+            } else {
+                unassigned_read(data);
+            }
+            None
+        }
+        ExitKind::MmioWrite => {
+            if let Some((lapic, (u, ..))) = apic_page(shared, addr) {
+                u.mmio(index, lapic, addr, data, true);
+            } else if let Some((dev, off)) = shared.mmio.lookup(addr, data.len()) {
+                shared.mmio.write(dev, off, data);
+            }
+            None
+        }
     }
 }

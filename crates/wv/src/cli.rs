@@ -334,14 +334,14 @@ const CONFIG: Opt = opt(
 const CLUSTER: Opt = opt(
     "--cluster",
     Arg::Value("SPEC"),
-    "run the VM as node 0 of a cluster (a TOML file: vcpus, memory, [[node]] listen and\nvcpus; docs/CLUSTER.md): every node not marked remote is started on this host\n(wv node), its guest RAM is kept coherent over TCP (docs/DSM.md). For now every\nvCPU runs on node 0, the others are memory nodes. Not with --vcpus, --memory,\n--config, --restore, --incoming or --jail",
+    "run the VM as node 0 of a cluster (a TOML file: vcpus, memory, [[node]] listen and\nvcpus; docs/CLUSTER.md): every node not marked remote is started on this host\n(wv node), its guest RAM is kept coherent over TCP (docs/DSM.md). vCPUs may run\non any node (vCPU 0 on node 0; --irqchip user is then forced). Not with --vcpus,\n--memory, --config, --restore, --incoming or --jail",
 );
 
 /// `wv node`: a cluster node.
 const NODE: Spec = Spec {
     cmd: "wv node",
     pos: &[],
-    about: "Runs a cluster node in the foreground: listens on ADDR, prints 'wv node: listening on\nADDR' (the port bound), takes its part from node 0 (wv run --cluster) on the first\nconnection, then serves its share of the guest's memory until node 0 stops it. Exits\nnon-zero when node 0 or another node is lost. docs/CLUSTER.md.",
+    about: "Runs a cluster node in the foreground: listens on ADDR, prints 'wv node: listening on\nADDR' (the port bound), takes its part from node 0 (wv run --cluster) on the first\nconnection, then serves its share of the guest's memory (and runs the vCPUs it is\ngiven, if any) until node 0 stops it. Exits non-zero when node 0 or another node is\nlost. docs/CLUSTER.md.",
     opts: &[&[opt(
         "--listen",
         Arg::Value("ADDR"),
@@ -1652,6 +1652,17 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
     if let RunFrom::Cluster(spec) = &from {
         cfg.vcpus = spec.vcpus;
         cfg.memory = spec.memory;
+        if spec.spans() {
+            // vCPUs on several nodes: the VMM's own interrupt controllers route between them.
+            if m.value("--irqchip") == Some("kernel") {
+                return Err(Usage(
+                    "--cluster: this spec runs vCPUs on nodes other than 0, which needs \
+                     --irqchip user (the default then): --irqchip kernel cannot be used"
+                        .into(),
+                ));
+            }
+            cfg.irqchip = wv_config::IrqChip::User;
+        }
         wv_vmm::cluster::check_config(&cfg, spec).map_err(|e| Usage(e.0))?;
     }
     if let Some(v) = m.value("--serial") {

@@ -1,8 +1,10 @@
-//! `wv run --cluster` (issue 14 item 1, first part): the probe guest's self-tests pass with its
+//! `wv run --cluster` (issue 14 items 1 and 3): the probe guest's self-tests pass with its
 //! memory spread over 2, 3 and 4 node processes on loopback (every vCPU on node 0, the others
-//! memory nodes answering for their share of the pages); losing a memory node stops the VM
-//! within a second with an error naming it; losing node 0 ends a node started elsewhere
-//! (`wv node`); bad specs are refused with their one-line error.
+//! memory nodes answering for their share of the pages), and with its vCPUs spread over 2 and
+//! 4 nodes (the issue's spec; INIT/SIPI and every IPI between nodes over the link); losing a
+//! memory node or a vCPU node stops the VM within a second with an error naming it; losing
+//! node 0 ends a node started elsewhere (`wv node`); bad specs are refused with their one-line
+//! error.
 
 mod common;
 use common::*;
@@ -325,14 +327,146 @@ fn a_remote_node_runs_the_selftests_and_is_stopped_at_the_end() {
     assert_eq!(status, Some(0), "{}", node.rest());
 }
 
+/// The issue's spec (issue 14 item 1): 4 vCPUs, 256M, vCPUs 0 and 1 on node 0, 2 and 3 on node 1.
+const ISSUE_SPEC: &str = "vcpus = 4\nmemory = \"256M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0, 1]\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [2, 3]\n";
+
+/// The interrupt messages `wv run --cluster` counted between nodes.
+fn irq_messages(stderr: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("interrupt messages between nodes"))
+        .unwrap_or_else(|| panic!("no interrupt message count:\n{stderr}"));
+    line.trim_start_matches("wv: cluster: ")
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Runs `tests` with `spec`'s vCPUs spread over `nodes` nodes; `remote_aps` APs are on nodes
+/// other than 0. Checks every test passes, the APs on other nodes ran there (they faulted pages
+/// in), and INIT and STARTUP crossed the link for each.
+fn vcpus_over(spec: &str, nodes: usize, remote_aps: u64, tests: &str) {
+    need_kvm();
+    let dir = TempDir::new("cluster-vcpus");
+    let f = dir.file("c.toml", spec.as_bytes());
+    let cmdline = format!("console=ttyS0 probe.tests={tests}");
+    let r = wv(&[
+        "run",
+        "--cluster",
+        f.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    for t in tests.split(',') {
+        r.assert_pass(t);
+    }
+    assert!(
+        r.stdout
+            .contains("PASS smp cpus=4 source=madt aps-started=3"),
+        "{r}"
+    );
+    let n = irq_messages(&r.stderr);
+    println!("{n} interrupt messages between nodes");
+    assert!(
+        n >= 2 * remote_aps,
+        "INIT and STARTUP for each remote AP: {r}"
+    );
+    for i in 0..nodes {
+        let c = node_counters(&r.stderr, i);
+        println!("node {i} of {nodes}: {c:?}");
+        if i > 0 {
+            assert!(
+                r.stderr.contains(&format!(
+                    "wv node {i}: joined a cluster of {nodes} nodes running vCPUs"
+                )),
+                "{r}"
+            );
+            // Its vCPUs ran the AP code here: the pages they touched came over the DSM.
+            assert!(counter(&c, "pages_received") > 0, "node {i}: {r}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn the_issue_spec_runs_vcpus_on_both_nodes() {
+    vcpus_over(ISSUE_SPEC, 2, 2, "boot,smp,user");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn probe_selftests_pass_with_a_vcpu_on_each_of_4_nodes() {
+    let mut spec = String::from("vcpus = 4\nmemory = \"256M\"\n");
+    for v in 0..4 {
+        spec.push_str(&format!(
+            "[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [{v}]\n"
+        ));
+    }
+    vcpus_over(&spec, 4, 3, TESTS);
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn losing_a_vcpu_node_stops_the_vm_within_a_second_naming_it() {
+    need_kvm();
+    let dir = TempDir::new("cluster-kill-vcpu");
+    let f = dir.file("c.toml", ISSUE_SPEC.as_bytes());
+    let mut c = Command::new(wv_bin());
+    c.args([
+        "run",
+        "--cluster",
+        f.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 probe.tests=boot,smp,burn",
+    ]);
+    let mut p = Merged::spawn(c);
+    let line = p.wait_line("wv: cluster of 2 nodes");
+    let (addr, pid) = node_in(&line, 1);
+    assert!(line.contains("(vCPUs [2, 3], pid"), "{line}");
+    // Its APs were started (and are halted there) when the node goes; vCPU 0 spins.
+    p.wait_line("PASS smp cpus=4");
+    p.wait_line("burn: spinning");
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the node process wv started (its pid printed above).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let (status, ended) = p.wait_end(Duration::from_secs(10));
+    let took = ended - killed;
+    let out = p.rest();
+    println!("the VM stopped {took:?} after vCPU node 1 was killed");
+    assert_eq!(status, Some(206), "{out}");
+    assert!(
+        out.contains(&format!("wv: error: cluster node 1 at {addr} was lost")),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}:\n{out}");
+}
+
+#[test]
+fn the_kernel_irqchip_is_refused_when_vcpus_span_nodes() {
+    let dir = TempDir::new("cluster-irqchip");
+    let f = dir.file("c.toml", ISSUE_SPEC.as_bytes());
+    let r = wv(&[
+        "run",
+        "--cluster",
+        f.to_str().unwrap(),
+        "--irqchip",
+        "kernel",
+    ]);
+    assert_eq!(r.status, Some(200), "{r}");
+    assert!(r.stderr.contains("--irqchip kernel cannot be used"), "{r}");
+}
+
 #[test]
 fn bad_cluster_specs_are_refused_with_their_error() {
     let dir = TempDir::new("cluster-bad");
     let cases = [
         (
-            "vcpus = 4\nmemory = \"256M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0, 1]\n\
-             [[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [2, 3]\n",
-            "cluster: vCPUs on node 1 need the userspace interrupt controller, not yet available",
+            "vcpus = 4\nmemory = \"256M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [1]\n\
+             [[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0, 2, 3]\n",
+            "cluster: vCPU 0 is on node 1: the boot vCPU runs on node 0",
         ),
         (
             "vcpus = 2\nmemory = \"256M\"\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n",
@@ -423,10 +557,11 @@ fn node_given(line: &[u8]) -> (String, Option<i32>, String) {
 fn a_node_refuses_a_bad_part_with_its_error() {
     let peers = r#"["127.0.0.1:1","127.0.0.1:2"]"#;
     let cases = [
-        (format!("{{\"version\":1,\"node\":5,\"peers\":{peers},\"vcpus\":[],\"memory\":134217728}}\n"), "node id 5 (1 to 1 in this cluster)"),
-        (format!("{{\"version\":2,\"node\":1,\"peers\":{peers},\"vcpus\":[],\"memory\":134217728}}\n"), "set-up version 2"),
-        (format!("{{\"version\":1,\"node\":1,\"peers\":{peers},\"vcpus\":[0],\"memory\":134217728}}\n"), "need the userspace interrupt controller"),
-        (format!("{{\"version\":1,\"node\":1,\"peers\":{peers},\"vcpus\":[],\"memory\":12345}}\n"), "guest memory of 12345 bytes"),
+        (format!("{{\"version\":2,\"node\":5,\"peers\":{peers},\"vcpus\":[],\"memory\":134217728,\"cpus\":2}}\n"), "node id 5 (1 to 1 in this cluster)"),
+        (format!("{{\"version\":1,\"node\":1,\"peers\":{peers},\"vcpus\":[],\"memory\":134217728}}\n"), "set-up version 1"),
+        (format!("{{\"version\":2,\"node\":1,\"peers\":{peers},\"vcpus\":[0],\"memory\":134217728,\"cpus\":2,\"link\":\"127.0.0.1:1\"}}\n"), "vCPU 0 (it runs on node 0)"),
+        (format!("{{\"version\":2,\"node\":1,\"peers\":{peers},\"vcpus\":[1],\"memory\":134217728,\"cpus\":2}}\n"), "vCPUs but no link address"),
+        (format!("{{\"version\":2,\"node\":1,\"peers\":{peers},\"vcpus\":[],\"memory\":12345,\"cpus\":2}}\n"), "guest memory of 12345 bytes"),
         ("hello\n".to_string(), "not a set-up line"),
         ("{\"version\":1}".to_string(), "line too long or cut"),
     ];
