@@ -42,7 +42,7 @@ pub struct Config {
 
 impl Config {
     /// A configuration with the default hold time (200 us), join timeout (10 s), versioning
-    /// on, no read-ahead, a peer timeout of 300 ms and a send limit of 8 MiB per peer.
+    /// on, no read-ahead, a peer timeout of 600 ms and a send limit of 8 MiB per peer.
     pub fn new(id: u32, peers: Vec<SocketAddr>) -> Config {
         Config {
             id,
@@ -95,7 +95,7 @@ impl Config {
 
 /// The default [`Config::peer_timeout`]: well under the second in which the loss of a node
 /// must stop the VM, well over a scheduling hiccup on a loaded host.
-pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_millis(300);
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_millis(600);
 
 /// A connection closed because of a protocol violation, an I/O error, a peer that went
 /// silent or stopped reading: the peer is lost to this node (see [`Node::failed`]).
