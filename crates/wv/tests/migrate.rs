@@ -545,6 +545,17 @@ impl Drop for NsDaemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its switch world, a process of its own that outlives a killed daemon by design.
+        if let Some(pid) = std::fs::read_to_string(self.state.join("sw/pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmd.split(|&b| b == 0).nth(1) == Some(&b"vswitch"[..]) {
+                // SAFETY: signalling the switch this test's daemon recorded as its own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         let worlds = std::fs::read_to_string(self.state.join("worlds.json")).unwrap_or_default();
         let doc: serde_json::Value = serde_json::from_str(&worlds).unwrap_or_default();
         for w in doc["worlds"].as_array().into_iter().flatten() {
