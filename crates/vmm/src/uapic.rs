@@ -24,7 +24,7 @@ use crate::pci::GsiRouter;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
@@ -59,19 +59,41 @@ struct CpuState {
 struct Cpu {
     st: Mutex<CpuState>,
     cv: Condvar,
-    /// The vCPU's thread (a `pthread_t`), 0 until it starts.
-    thread: AtomicU64,
+    /// The vCPU's thread id (a `gettid` value), 0 until it starts and after it leaves.
+    tid: AtomicI32,
+    /// A kick was sent and the vCPU has not yet come back to [`Uapic::before_run`]: senders
+    /// do not queue another real-time signal (an IPI storm costs one signal, not one each).
+    kicked: AtomicBool,
 }
 
 impl Cpu {
     fn kick(&self) {
-        let t = self.thread.load(Ordering::Acquire);
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() } as u64;
-        if t != 0 && t != me {
-            // SAFETY: a vCPU thread outlives the VM's delivery (it is joined after the VM ended
-            // and stored 0 on leaving); the kick handler is installed before any vCPU runs.
-            unsafe { libc::pthread_kill(t as libc::pthread_t, crate::vcpu::kick_signal()) };
+        let t = self.tid.load(Ordering::SeqCst);
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        // SeqCst pairs with `before_run`: the vCPU clears `kicked` before it looks at its
+        // pending interrupts, a sender sets them before it tests `kicked`, so either the vCPU
+        // sees the interrupt or the sender sees `kicked` clear and signals.
+        if t == 0 || t == me || self.kicked.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // A thread id, not a `pthread_t`: a thread that left between the load and the signal
+        // makes tgkill fail (or, once its id is reused in this process, wakes another thread
+        // whose handler only sets `immediate_exit` if it is a vCPU), where pthread_kill on a
+        // joined thread would be undefined.
+        // SAFETY: tgkill takes plain integers; the kick handler is installed before any vCPU
+        // runs and is async-signal-safe.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid(),
+                t,
+                crate::vcpu::kick_signal(),
+            )
+        };
+        if r != 0 {
+            // No signal is on its way: the next sender must try again.
+            self.kicked.store(false, Ordering::SeqCst);
         }
     }
 }
@@ -172,7 +194,8 @@ impl Uapic {
                         ending: false,
                     }),
                     cv: Condvar::new(),
-                    thread: AtomicU64::new(0),
+                    tid: AtomicI32::new(0),
+                    kicked: AtomicBool::new(false),
                 })
                 .collect(),
         });
@@ -385,9 +408,9 @@ impl Uapic {
             .cpus
             .get(index as usize)
             .ok_or_else(|| format!("no local APIC for vCPU {index}"))?;
-        // SAFETY: pthread_self has no preconditions.
-        cpu.thread
-            .store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
+        cpu.kicked.store(false, Ordering::SeqCst);
+        // SAFETY: gettid has no preconditions.
+        cpu.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
         let timer = HostTimer::new().map_err(|e| format!("timer_create: {e}"))?;
         let regs = fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
         let sregs = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
@@ -403,7 +426,7 @@ impl Uapic {
     /// The vCPU's thread leaves: nobody kicks it any more.
     pub(crate) fn detach(&self, v: &VcpuApic) {
         if let Some(c) = self.cpus.cpus.get(v.index as usize) {
-            c.thread.store(0, Ordering::Release);
+            c.tid.store(0, Ordering::SeqCst);
         }
     }
 
@@ -412,6 +435,9 @@ impl Uapic {
     /// and arms the host timer for the next deadline. False when the VM ends.
     pub(crate) fn before_run(&self, v: &mut VcpuApic, fd: &mut VcpuFd) -> Result<bool, String> {
         let cpu = &self.cpus.cpus[v.index as usize];
+        // Any kick sent so far has been taken (or is about to interrupt the next KVM_RUN):
+        // from here on a new interrupt needs a new one. Before the lock, see `Cpu::kick`.
+        cpu.kicked.store(false, Ordering::SeqCst);
         let mut st = lock(&cpu.st);
         if st.waiting_sipi {
             let vector = loop {
