@@ -12,6 +12,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub state: PathBuf,
     keep_vmms: bool,
+    /// The daemon's standard error, kept in a file and shown when a test fails.
+    log: PathBuf,
 }
 
 impl Daemon {
@@ -22,6 +24,8 @@ impl Daemon {
     /// A daemon with more `wv host` options.
     pub fn start_with(dir: &TempDir, extra: &[&str]) -> Daemon {
         let (socket, state) = (dir.path("wv.sock"), dir.path("state"));
+        let log = dir.path("daemon.log");
+        let err = std::fs::File::create(&log).unwrap();
         let child = Command::new(wv_bin())
             .args([
                 "host",
@@ -32,7 +36,7 @@ impl Daemon {
             ])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(err)
             .spawn()
             .unwrap();
         let t = Instant::now();
@@ -48,6 +52,7 @@ impl Daemon {
             socket,
             state,
             keep_vmms: false,
+            log,
         }
     }
 
@@ -135,6 +140,16 @@ impl Drop for Daemon {
         // nor its VMMs, which outlive a daemon by design.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // What the daemon said is the first clue to a failure seen once in CI.
+            let log = std::fs::read(&self.log).unwrap_or_default();
+            let tail = &log[log.len().saturating_sub(8192)..];
+            eprintln!(
+                "--- the daemon's stderr (last {} bytes) ---\n{}\n---",
+                tail.len(),
+                String::from_utf8_lossy(tail)
+            );
+        }
         // Its switch and storage worlds (processes of their own session, like the VMMs).
         for (pid_file, command) in [("sw/pid", &b"vswitch"[..]), ("st/pid", &b"storage"[..])] {
             let Some(pid) = std::fs::read_to_string(self.state.join(pid_file))
