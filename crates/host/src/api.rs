@@ -74,6 +74,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a VMM has to end after SIGTERM before it is killed (and again after SIGKILL).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// What a running VM's VMM says of itself on its control socket: the disks and nets it
+/// serves, and the exits that reached it by its own causes.
+type VmmReading = (Vec<DeviceReading>, Vec<(String, u64)>);
+
 /// One run of a VMM: its pidfd, and whether the daemon has recorded its end (and why it
 /// ended).
 struct Run {
@@ -1985,7 +1989,7 @@ impl Daemon {
     /// serves (its control socket's `GET /vm/counters`, [`VMM_READ_TIMEOUT`] at most), those
     /// the storage service and the switch serve (one `stats` request to each, when a VM has
     /// such a device). Disks first; a device whose server could not be read is left out.
-    fn device_readings(&self, vms: &[LiveVm]) -> HashMap<u64, Vec<DeviceReading>> {
+    fn device_readings(&self, vms: &[LiveVm]) -> HashMap<u64, VmmReading> {
         let ports = if vms.iter().any(|v| !v.ports.is_empty()) {
             self.switch.ports().unwrap_or_default()
         } else {
@@ -1998,7 +2002,7 @@ impl Daemon {
         };
         vms.iter()
             .map(|vm| {
-                let mut devs = self.vmm_devices(vm);
+                let (mut devs, vmm_exits) = self.vmm_counters(vm);
                 for (label, svc) in &vm.served_disks {
                     devs.extend(
                         disks
@@ -2017,19 +2021,20 @@ impl Daemon {
                 }
                 devs.sort_by_key(|d| d.kind != DeviceKind::Disk);
                 metrics::unique_names(&mut devs);
-                (vm.id, devs)
+                (vm.id, (devs, vmm_exits))
             })
             .collect()
     }
 
-    /// The disks and nets the VMM of `vm` serves itself, from its control socket (none when
-    /// it has none, as a VMM adopted from an older daemon, or does not answer in time).
-    fn vmm_devices(&self, vm: &LiveVm) -> Vec<DeviceReading> {
+    /// The disks and nets the VMM of `vm` serves itself, and the exits that reached it by its
+    /// own causes, from its control socket (none when it has none, as a VMM adopted from an
+    /// older daemon, or does not answer in time).
+    fn vmm_counters(&self, vm: &LiveVm) -> VmmReading {
         if !Self::has_control_socket(Some(vm.pid)) || !alive_now(&vm.run) {
-            return Vec::new();
+            return VmmReading::default();
         }
         let Ok(dir) = self.store.vm_dir(&vm.name) else {
-            return Vec::new();
+            return VmmReading::default();
         };
         let sock = dir.join(supervisor::API_SOCKET);
         match http::request_with(
@@ -2041,9 +2046,9 @@ impl Daemon {
             Some(VMM_READ_TIMEOUT),
         ) {
             Ok((200, body)) => serde_json::from_str(&body)
-                .map(|v| metrics::vmm_devices(&v))
+                .map(|v| (metrics::vmm_devices(&v), metrics::vmm_exits(&v)))
                 .unwrap_or_default(),
-            _ => Vec::new(),
+            _ => VmmReading::default(),
         }
     }
 
@@ -2069,13 +2074,20 @@ impl Daemon {
                         None => threads.push((t.name.clone(), t.cpu_ns)),
                     }
                 }
-                let (exits, exit_causes) = match exits {
+                let (exits, mut exit_causes) = match exits {
                     Some((all, causes)) => (Some(all), causes),
                     None => (None, Vec::new()),
                 };
+                let (devices, vmm_exits) = devices.remove(&s.id).unwrap_or_default();
+                // The VMM's finer causes (which device, which call) beside KVM's.
+                exit_causes.extend(
+                    vmm_exits
+                        .into_iter()
+                        .map(|(cause, n)| (format!("{}{cause}", metrics::VMM_CAUSE), n)),
+                );
                 crate::history::Reading {
                     id: s.id,
-                    devices: devices.remove(&s.id).unwrap_or_default(),
+                    devices,
                     name: s.name,
                     cpu_ns: s.cpu_ns,
                     ready_ns: s.ready_ns,
@@ -2230,9 +2242,30 @@ impl Daemon {
             "VM exits of each vCPU by KVM's cause counters (io, mmio, halt, irq, irq_window, signal...).",
             &by_cause,
         );
+        let vmm_exits: Samples = live
+            .iter()
+            .flat_map(|vm| {
+                let by = devices
+                    .get(&vm.id)
+                    .map(|(_, e)| e.as_slice())
+                    .unwrap_or_default();
+                by.iter().map(|(cause, n)| {
+                    (
+                        vec![("vm", vm.name.clone()), ("cause", cause.clone())],
+                        *n as f64,
+                    )
+                })
+            })
+            .collect();
+        t.family(
+            "wv_vm_vmm_exits_total",
+            "counter",
+            "VM exits that reached the VMM, all vCPUs, by the VMM's own causes (io:DEVICE, mmio:DEVICE, hypercall:CALL, hlt, signal...).",
+            &vmm_exits,
+        );
         let (mut bytes, mut ops) = (Vec::new(), Vec::new());
         for vm in &live {
-            for d in devices.get(&vm.id).into_iter().flatten() {
+            for d in devices.get(&vm.id).into_iter().flat_map(|(d, _)| d) {
                 let kind = match d.kind {
                     DeviceKind::Disk => "disk",
                     DeviceKind::Net => "net",

@@ -29,6 +29,25 @@ fn short_name(n: &str) -> String {
     n[..end].to_string()
 }
 
+/// The prefix of the VMM's own exit causes among KVM's in the history (`vmm:io:serial`).
+pub const VMM_CAUSE: &str = "vmm:";
+
+/// At most this many of the VMM's exit causes are taken from one answer.
+const MAX_VMM_CAUSES: usize = 128;
+
+/// The exits that reached the VMM by its own causes (`exits_by_cause` of its `GET
+/// /vm/counters`); a cause's name is kept only if it is short and printable.
+pub fn vmm_exits(counters: &Value) -> Vec<(String, u64)> {
+    let Some(by) = counters.get("exits_by_cause").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    by.iter()
+        .filter(|(k, _)| k.len() <= 64 && k.chars().all(|c| c.is_ascii_graphic()))
+        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+        .take(MAX_VMM_CAUSES)
+        .collect()
+}
+
 /// The disks and nets a VMM serves itself, from its `GET /vm/counters` answer: each device
 /// with an `io` object (docs/vmm-openapi.json, `DeviceIo`), named by what follows the `:` of
 /// its accounting name (`virtio-blk:root` is `root`). A device whose entry is not as

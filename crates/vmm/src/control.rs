@@ -4,7 +4,7 @@
 //! | method and path | does |
 //! |---|---|
 //! | GET /vm | state (`running`, `paused`), vCPUs, memory, configuration |
-//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves, MSI-X garbage, and bytes and operations (`io`) of the disks and nets the VMM serves; KVM's counters per vCPU |
+//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves, MSI-X garbage, and bytes and operations (`io`) of the disks and nets the VMM serves; KVM's counters per vCPU; the exits that reached the VMM so far by its own causes (`exits_by_cause`: `io:serial`, `mmio:virtio-blk-0`, `hypercall:…`, `hlt`, …) |
 //! | PUT /vm/pause | stop every vCPU at a KVM_RUN boundary and quiesce the devices (204) |
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
@@ -952,7 +952,19 @@ impl Controller {
                 serde_json::Value::Object(m)
             })
             .collect();
-        serde_json::json!({ "state": self.state(), "devices": devices, "vcpus": vcpus })
+        let exits: serde_json::Map<String, serde_json::Value> = self
+            .shared
+            .live_exits
+            .totals(&self.shared.table)
+            .into_iter()
+            .map(|(k, v)| (k, v.into()))
+            .collect();
+        serde_json::json!({
+            "state": self.state(),
+            "devices": devices,
+            "vcpus": vcpus,
+            "exits_by_cause": exits,
+        })
     }
 
     fn balloon(&self) -> Result<&wv_virtio::balloon::BalloonHandle, Answer> {

@@ -66,6 +66,8 @@ pub(crate) struct VmShared {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) info: MachineInfo,
     pub(crate) table: stats::CauseTable,
+    /// The exits so far by cause, readable while the vCPUs run.
+    pub(crate) live_exits: stats::LiveExits,
     /// The loaded guest (None when restored from a snapshot).
     pub(crate) loaded: Option<wv_machine::LoadedGuest>,
     /// The host's KVM emulates guest kernel code (no VMX/SVM): the VMM completes the few
@@ -1111,6 +1113,7 @@ fn build(
             generation_id: new_generation_id()?,
             restores: restore.map_or(0, |r| r.restores.saturating_add(1)),
         },
+        live_exits: stats::LiveExits::new(cfg.vcpus, table.len()),
         table,
         loaded,
         emulating_host: false,

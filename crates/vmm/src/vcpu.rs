@@ -306,6 +306,7 @@ pub fn run(index: u32, mut fd: VcpuFd, shared: Arc<VmShared>) -> (VcpuStats, Vcp
         };
         t_entry = now();
         st.record(cause, t_entry.wrapping_sub(t_exit));
+        shared.live_exits.bump(index, cause);
         if let Some(e) = end {
             shared.finish(e);
             break;
