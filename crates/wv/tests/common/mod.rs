@@ -85,8 +85,11 @@ pub fn device_activity(stats: &serde_json::Value, name: &str) -> (u64, u64) {
     )
 }
 
+/// The `wv` binary under test: this build's, or the one `WV_BIN` names (a release build, to
+/// measure it under the same tests: `WV_BIN=target/release/wv cargo test ...`).
 pub fn wv_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_wv"))
+    std::env::var_os("WV_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wv")), PathBuf::from)
 }
 
 /// Runs a command with a timeout (the test fails if it is exceeded: nothing may hang).
