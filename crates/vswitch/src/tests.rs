@@ -1151,3 +1151,122 @@ fn offload_fallbacks_allocate_nothing() {
     let c = counters(&sw, 1);
     assert_eq!((c.segmented, c.segments), (4, 8));
 }
+
+/// A guest whose transmit ring holds `f`.
+fn tx_again(f: &[u8]) -> Guest {
+    let mut tx = Guest::new();
+    tx.mem.write_slice(f, GuestAddress(0x8000)).unwrap();
+    tx.desc(0, 0x8000, f.len() as u32, 0, 0);
+    tx.offer(0);
+    tx
+}
+
+/// Through the uplink: a TSO segment from a VM port reaches a TAP (in a network namespace of
+/// this test's own) as one frame, which the host's kernel takes whole (read back with a raw
+/// socket on the TAP); without the TAP's offloads, as segments the switch cut. Needs
+/// CAP_NET_ADMIN; skipped with a note without it.
+#[test]
+fn a_tso_segment_reaches_the_uplink_tap_whole() {
+    std::thread::spawn(|| {
+        // SAFETY: unshare affects this thread only (a network namespace of its own).
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "skipped: no network namespace ({})",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let sw = Switch::new(&Config {
+            socket_dir: PathBuf::from("/nonexistent"),
+            networks: vec![NetworkConfig {
+                name: "n".into(),
+                ports: vec!["a".into()],
+                uplink: Some("up0".into()),
+            }],
+        })
+        .unwrap();
+        assert_eq!(
+            counters(&sw, 0).features,
+            offload::OFFLOADS,
+            "the kernel took the uplink's offloads"
+        );
+        let name = std::ffi::CString::new("up0").unwrap();
+        // SAFETY: if_nametoindex reads a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0);
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: a new packet socket, owned below.
+        let s = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(s >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: `s` is new and ours.
+        let s = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s) };
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = index as i32;
+        // SAFETY: bind reads `sa`, valid for its length.
+        let r = unsafe {
+            libc::bind(
+                s.as_raw_fd(),
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0);
+        let tv = libc::timeval {
+            tv_sec: 10,
+            tv_usec: 0,
+        };
+        // SAFETY: SO_RCVTIMEO reads a timeval we own.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        ack(&sw, 1, F_CSUM | F_HOST_TSO4);
+        let f = tso_frame([0x52, 0x54, 0, 0, 0, 0x99], false, 65_535 - 52, 1448, 7);
+        let mut tx = Guest::new();
+        tx.mem.write_slice(&f, GuestAddress(0x8000)).unwrap();
+        tx.desc(0, 0x8000, f.len() as u32, 0, 0);
+        tx.offer(0);
+        transmit(&sw, 1, &tx);
+        let up = counters(&sw, 0);
+        assert_eq!((up.rx_frames, up.rx_gso_frames), (1, 1), "{up:?}");
+        // The kernel's side: the segment as one frame (other traffic, such as IPv6
+        // solicitations, skipped).
+        let mut buf = vec![0u8; 70_000];
+        loop {
+            // SAFETY: recv writes at most buf.len() bytes into `buf`.
+            let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            assert!(n > 0, "the frame came: {}", std::io::Error::last_os_error());
+            if buf[6..12] == MAC_A {
+                assert_eq!(n as usize, f.len() - VNET_HDR, "one frame");
+                assert!(buf[..n as usize] == f[VNET_HDR..], "as sent");
+                break;
+            }
+        }
+        // As if the kernel had refused the offloads: the switch cuts the segment itself.
+        lock(&sw.read().port(0).unwrap().rx).features = 0;
+        transmit(&sw, 1, &tx_again(&f));
+        let mut segs = Vec::new();
+        while segs.len() < 46 {
+            // SAFETY: recv writes at most buf.len() bytes into `buf`.
+            let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            assert!(n > 0, "46 segments came: {}", std::io::Error::last_os_error());
+            if buf[6..12] == MAC_A {
+                let mut seg = vec![0u8; VNET_HDR];
+                seg.extend_from_slice(&buf[..n as usize]);
+                segs.push(seg);
+            }
+        }
+        check_segments(&f, &segs, false, 1448);
+        assert_eq!(counters(&sw, 0).segments, 46);
+    })
+    .join()
+    .unwrap();
+}
