@@ -752,8 +752,12 @@ impl Switch {
             give_back(None);
             return None;
         } else {
-            match offload::parse(&head[..VNET_HDR], &head[VNET_HDR..seen], len - VNET_HDR, acked)
-            {
+            match offload::parse(
+                &head[..VNET_HDR],
+                &head[VNET_HDR..seen],
+                len - VNET_HDR,
+                acked,
+            ) {
                 Ok(o) => o,
                 Err(_) => {
                     PortCounters::add(&p.counters.dropped_bad_offload, 1);

@@ -281,11 +281,7 @@ pub fn segment_headers(
     seg_len: usize,
     payload_sum: u64,
 ) {
-    let (l3, l4, hdrs) = (
-        usize::from(t.l3),
-        usize::from(t.l4),
-        usize::from(t.hdrs),
-    );
+    let (l3, l4, hdrs) = (usize::from(t.l3), usize::from(t.l4), usize::from(t.hdrs));
     out[..hdrs].copy_from_slice(&orig[..hdrs]);
     let tcp_len = hdrs - l4 + seg_len;
     let mut acc = 6u64 + tcp_len as u64;

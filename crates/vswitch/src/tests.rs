@@ -854,7 +854,10 @@ impl Guest {
             let len: u32 = self.mem.read_obj(at.unchecked_add(4)).unwrap();
             let mut b = vec![0u8; len as usize];
             self.mem
-                .read_slice(&mut b, GuestAddress(0x10000 + u64::from(size) * u64::from(head)))
+                .read_slice(
+                    &mut b,
+                    GuestAddress(0x10000 + u64::from(size) * u64::from(head)),
+                )
                 .unwrap();
             if left == 0 {
                 left = u16::from_le_bytes([b[10], b[11]]);
@@ -878,7 +881,11 @@ fn check_segments(orig: &[u8], segs: &[Vec<u8>], v6: bool, mss: usize) {
     let l4 = if v6 { 54 } else { 34 };
     let hdrs = l4 + 32;
     let payload = &e[hdrs..];
-    assert_eq!(segs.len(), payload.len().div_ceil(mss), "ceil(payload/MSS) frames");
+    assert_eq!(
+        segs.len(),
+        payload.len().div_ceil(mss),
+        "ceil(payload/MSS) frames"
+    );
     let mut joined = Vec::new();
     let seq0 = u32::from_be_bytes(e[l4 + 4..l4 + 8].try_into().unwrap());
     for (i, s) in segs.iter().enumerate() {
@@ -886,7 +893,11 @@ fn check_segments(orig: &[u8], segs: &[Vec<u8>], v6: bool, mss: usize) {
         let f = &s[VNET_HDR..];
         let last = i + 1 == segs.len();
         let n = f.len() - hdrs;
-        assert_eq!(n, if last { payload.len() - i * mss } else { mss }, "segment {i}");
+        assert_eq!(
+            n,
+            if last { payload.len() - i * mss } else { mss },
+            "segment {i}"
+        );
         assert_eq!(&f[..14], &e[..14]);
         if v6 {
             assert_eq!(
@@ -902,8 +913,16 @@ fn check_segments(orig: &[u8], segs: &[Vec<u8>], v6: bool, mss: usize) {
         let seq = u32::from_be_bytes(f[l4 + 4..l4 + 8].try_into().unwrap());
         assert_eq!(seq, seq0.wrapping_add((i * mss) as u32), "segment {i}: seq");
         let flags = f[l4 + 13];
-        assert_eq!(flags & 0x09 != 0, last, "segment {i}: FIN/PSH on the last only");
-        assert_eq!(flags & 0x80 != 0, i == 0, "segment {i}: CWR on the first only");
+        assert_eq!(
+            flags & 0x09 != 0,
+            last,
+            "segment {i}: FIN/PSH on the last only"
+        );
+        assert_eq!(
+            flags & 0x80 != 0,
+            i == 0,
+            "segment {i}: CWR on the first only"
+        );
         assert_eq!(flags & 0x10, 0x10, "ACK on every segment");
         assert_eq!(&f[l4 + 18..hdrs], &e[l4 + 18..hdrs], "options kept");
         assert!(tcp_checksums_verify(f), "segment {i}: checksums verify");
@@ -932,7 +951,10 @@ fn a_64k_tso4_segment_crosses_as_one_frame() {
     assert_eq!(u16::from_le_bytes([g[10], g[11]]), 9, "num_buffers");
     assert!(g[VNET_HDR..] == f[VNET_HDR..], "every byte as sent");
     let (a, b) = (counters(&sw, 0), counters(&sw, 1));
-    assert_eq!((a.tx_frames, a.tx_gso_frames, a.dropped_bad_offload), (1, 1, 0));
+    assert_eq!(
+        (a.tx_frames, a.tx_gso_frames, a.dropped_bad_offload),
+        (1, 1, 0)
+    );
     assert_eq!((b.rx_frames, b.rx_gso_frames, b.segmented), (1, 1, 0));
     assert_eq!((b.rx_bytes, b.copied_bytes, b.copies), (65_549, 65_549, 1));
 }
@@ -982,7 +1004,10 @@ fn a_tso6_segment_is_cut_with_one_copy_per_byte() {
     let segs = rx.frames(&mut 0, 8192);
     check_segments(&f, &segs, true, 8000);
     let b = counters(&sw, 1);
-    assert_eq!((b.segmented, b.segments, b.rx_frames, b.queued), (1, 8, 8, 0));
+    assert_eq!(
+        (b.segmented, b.segments, b.rx_frames, b.queued),
+        (1, 8, 8, 0)
+    );
     assert_eq!(b.copied_bytes, b.rx_bytes, "one copy per delivered byte");
     assert_eq!(b.rx_bytes, 8 * 86 + 60_001, "headers rebuilt per segment");
 }
@@ -1043,7 +1068,11 @@ fn flooded_frames_reach_each_port_in_its_own_form() {
     assert_eq!(&e[..40], &f[VNET_HDR..VNET_HDR + 40]);
     assert_eq!(&e[42..], &f[VNET_HDR + 42..]);
     let pseudo = ones(&e[26..34], 0) as u32 + 17 + 308;
-    assert_eq!(ones(&e[34..], pseudo), 0xffff, "the filled checksum verifies");
+    assert_eq!(
+        ones(&e[34..], pseudo),
+        0xffff,
+        "the filled checksum verifies"
+    );
     assert_eq!(counters(&sw, 2).csum_filled, 1);
     assert_eq!(counters(&sw, 1).csum_filled, 0);
 
@@ -1077,7 +1106,9 @@ fn bad_offload_headers_are_counted_drops() {
         ("UDP", |f| f[1] = 3),
         ("ECN", |f| f[1] |= 0x80),
         ("TCPV6 not acked", |f| f[1] = offload::GSO_TCPV6),
-        ("hdr_len past the end", |f| f[2..4].copy_from_slice(&0xf000u16.to_le_bytes())),
+        ("hdr_len past the end", |f| {
+            f[2..4].copy_from_slice(&0xf000u16.to_le_bytes())
+        }),
         ("no NEEDS_CSUM", |f| f[0] = 0),
         ("csum_start not TCP's", |f| f[6] = 30),
         ("csum_offset not TCP's", |f| f[8] = 6),
@@ -1115,8 +1146,15 @@ fn bad_offload_headers_are_counted_drops() {
         let mut f = frame(MAC_B, MAC_A, VNET_HDR + len);
         f[..VNET_HDR].fill(0);
         send(&sw, &mut Guest::new(), &f);
-        assert_eq!(counters(&sw, 1).rx_frames - before, u64::from(taken), "{len}");
-        assert_eq!(counters(&sw, 0).dropped_malformed - malformed, u64::from(!taken));
+        assert_eq!(
+            counters(&sw, 1).rx_frames - before,
+            u64::from(taken),
+            "{len}"
+        );
+        assert_eq!(
+            counters(&sw, 0).dropped_malformed - malformed,
+            u64::from(!taken)
+        );
     }
 }
 
@@ -1257,7 +1295,11 @@ fn a_tso_segment_reaches_the_uplink_tap_whole() {
         while segs.len() < 46 {
             // SAFETY: recv writes at most buf.len() bytes into `buf`.
             let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            assert!(n > 0, "46 segments came: {}", std::io::Error::last_os_error());
+            assert!(
+                n > 0,
+                "46 segments came: {}",
+                std::io::Error::last_os_error()
+            );
             if buf[6..12] == MAC_A {
                 let mut seg = vec![0u8; VNET_HDR];
                 seg.extend_from_slice(&buf[..n as usize]);
