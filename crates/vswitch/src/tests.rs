@@ -751,7 +751,7 @@ fn tcp_checksums_verify(f: &[u8]) -> bool {
     let (l4, pseudo) = if v6 {
         let l4 = 14 + 40;
         let len = (f.len() - l4) as u32;
-        let p = ones(&f[14 + 8..14 + 40], 0) as u32 + 6 + (len >> 16) + (len & 0xffff);
+        let p = u32::from(ones(&f[14 + 8..14 + 40], 0)) + 6 + (len >> 16) + (len & 0xffff);
         (l4, p)
     } else {
         let ihl = usize::from(f[14] & 15) * 4;
@@ -760,7 +760,7 @@ fn tcp_checksums_verify(f: &[u8]) -> bool {
         }
         let l4 = 14 + ihl;
         let len = (f.len() - l4) as u32;
-        (l4, ones(&f[14 + 12..14 + 20], 0) as u32 + 6 + len)
+        (l4, u32::from(ones(&f[14 + 12..14 + 20], 0)) + 6 + len)
     };
     ones(&f[l4..], pseudo) == 0xffff
 }
@@ -807,9 +807,9 @@ fn tso_frame(dst: [u8; 6], v6: bool, payload: usize, mss: u16, seed: u8) -> Vec<
     }
     let tcp_len = (32 + payload) as u32;
     let pseudo = if v6 {
-        ones(&e[l3 + 8..l3 + 40], 0) as u32 + 6 + (tcp_len >> 16) + (tcp_len & 0xffff)
+        u32::from(ones(&e[l3 + 8..l3 + 40], 0)) + 6 + (tcp_len >> 16) + (tcp_len & 0xffff)
     } else {
-        ones(&e[l3 + 12..l3 + 20], 0) as u32 + 6 + tcp_len
+        u32::from(ones(&e[l3 + 12..l3 + 20], 0)) + 6 + tcp_len
     };
     let p = ones(&[], pseudo);
     e[l4 + 16..l4 + 18].copy_from_slice(&p.to_be_bytes());
@@ -1052,7 +1052,7 @@ fn flooded_frames_reach_each_port_in_its_own_form() {
         for (i, b) in e[42..].iter_mut().enumerate() {
             *b = (i * 31) as u8;
         }
-        let pseudo = ones(&e[26..34], 0) as u32 + 17 + 308;
+        let pseudo = u32::from(ones(&e[26..34], 0)) + 17 + 308;
         e[40..42].copy_from_slice(&ones(&[], pseudo).to_be_bytes());
     }
     f[..10].copy_from_slice(&[1, 0, 0, 0, 0, 0, 34, 0, 6, 0]);
@@ -1067,7 +1067,7 @@ fn flooded_frames_reach_each_port_in_its_own_form() {
     let e = &gc[0][VNET_HDR..];
     assert_eq!(&e[..40], &f[VNET_HDR..VNET_HDR + 40]);
     assert_eq!(&e[42..], &f[VNET_HDR + 42..]);
-    let pseudo = ones(&e[26..34], 0) as u32 + 17 + 308;
+    let pseudo = u32::from(ones(&e[26..34], 0)) + 17 + 308;
     assert_eq!(
         ones(&e[34..], pseudo),
         0xffff,
