@@ -44,9 +44,12 @@ const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
-const TUN_F_CSUM: libc::c_uint = 1;
-const TUN_F_TSO4: libc::c_uint = 2;
-const TUN_F_TSO6: libc::c_uint = 4;
+/// TUNSETOFFLOAD: the reader takes partially checksummed frames.
+pub const TUN_F_CSUM: libc::c_uint = 1;
+/// TUNSETOFFLOAD: the reader takes TCP/IPv4 segments (needs [`TUN_F_CSUM`]).
+pub const TUN_F_TSO4: libc::c_uint = 2;
+/// TUNSETOFFLOAD: the reader takes TCP/IPv6 segments (needs [`TUN_F_CSUM`]).
+pub const TUN_F_TSO6: libc::c_uint = 4;
 pub(crate) const QUEUE_SIZE: u16 = 256;
 
 /// A TAP device opened with vnet headers.
@@ -145,7 +148,9 @@ impl Tap {
         Ok(Tap { offloads, ..tap })
     }
 
-    fn set_offloads(&self, flags: libc::c_uint) -> std::io::Result<()> {
+    /// Tells the kernel which offloads (`TUN_F_*`) the reader of this TAP takes: frames it
+    /// reads may then be partially checksummed or segments to cut, as their vnet header says.
+    pub fn set_offloads(&self, flags: libc::c_uint) -> std::io::Result<()> {
         // SAFETY: TUNSETOFFLOAD takes the flags by value.
         if unsafe {
             libc::ioctl(

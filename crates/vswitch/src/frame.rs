@@ -11,8 +11,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 /// The virtio-net header with VERSION_1 (includes num_buffers).
 pub const VNET_HDR: usize = 12;
-/// Largest frame: header plus a 64 KiB GSO packet plus an Ethernet header.
-pub const MAX_FRAME: usize = VNET_HDR + 65_535 + 14;
+/// Largest frame: header plus the 65550 bytes virtio-net allows a GSO packet (a 64 KiB IP
+/// packet behind an Ethernet header and a VLAN tag); longer ones are dropped and counted.
+pub const MAX_FRAME: usize = VNET_HDR + 65_550;
 /// Most descriptors in one chain this switch takes.
 pub const MAX_SEGS: usize = 64;
 

@@ -32,8 +32,10 @@
 #![allow(clippy::cast_possible_truncation)] // frame lengths are bounded by MAX_FRAME, chain counts by 4
 
 pub mod frame;
+pub mod offload;
 
 use frame::{Bad, Segments, MAX_FRAME, VNET_HDR};
+use offload::{Form, Offload, MAX_HDRS};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -139,6 +141,19 @@ pub struct PortCounters {
     pub sched_delayed: AtomicU64,
     /// Frames from this port dropped after waiting [`SHARES_MAX_WAIT`].
     pub sched_dropped: AtomicU64,
+    /// Frames from this port that were TCP segments to cut (TSO, GSO from a TAP).
+    pub tx_gso_frames: AtomicU64,
+    /// Frames from this port whose vnet header did not fit the frame or the features its
+    /// driver acked ([`offload::BadOffload`]).
+    pub dropped_bad_offload: AtomicU64,
+    /// Segments delivered to this port whole (its driver acked GUEST_TSO).
+    pub rx_gso_frames: AtomicU64,
+    /// Segments cut by the switch for this port (its driver did not ack GUEST_TSO) ...
+    pub segmented: AtomicU64,
+    /// ... and the frames they became.
+    pub segments: AtomicU64,
+    /// Checksums the switch filled in for this port (its driver did not ack GUEST_CSUM).
+    pub csum_filled: AtomicU64,
 }
 
 impl PortCounters {
@@ -175,6 +190,14 @@ pub struct PortStats {
     pub sched_dropped: u64,
     /// Bits per second it sent over the last window of at least a second.
     pub tx_rate_bps: u64,
+    /// The offloads its driver acked (virtio-net feature bits: CSUM, GUEST_CSUM, TSO).
+    pub features: u64,
+    pub tx_gso_frames: u64,
+    pub dropped_bad_offload: u64,
+    pub rx_gso_frames: u64,
+    pub segmented: u64,
+    pub segments: u64,
+    pub csum_filled: u64,
 }
 
 /// The receive side of a VM port: its guest's memory and receive queue while connected, and
@@ -184,9 +207,12 @@ struct RxSide {
     mem: Option<Mem>,
     vring: Option<VringRwLock<Mem>>,
     mergeable: bool,
+    /// The features its driver acked (offloads it takes).
+    features: u64,
     /// Slots (allocated on first use, then reused) and the order of the full ones.
     slots: Vec<Vec<u8>>,
-    lens: Vec<usize>,
+    /// Each slot's frame: its length, its offload, and the first segment not yet delivered.
+    lens: Vec<(usize, Offload, usize)>,
     free: Vec<usize>,
     pending: VecDeque<usize>,
     /// The receive chains one frame takes (reused).
@@ -212,6 +238,8 @@ struct Port {
     gate: wv_shares::Gate,
     /// Set once the port is deleted: its threads end.
     removed: AtomicBool,
+    /// The features its driver acked (as a sender: the offloads its headers may ask for).
+    acked: AtomicU64,
 }
 
 struct Network {
@@ -354,6 +382,18 @@ impl Switch {
             ),
             None => None,
         };
+        // The host's kernel hands the uplink checksum-partial frames and TCP segments (and takes
+        // them: a TAP's writer needs no feature) if it lets this reader take them.
+        let mut up_features = 0;
+        if let (Some(tap), Some(tn)) = (&tap, uplink) {
+            use wv_virtio::net::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+            match tap.set_offloads(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) {
+                Ok(()) => up_features = offload::OFFLOADS,
+                Err(e) => eprintln!(
+                    "wv vswitch: network {name}: uplink {tn}: the kernel refused checksum and segmentation offloads ({e}); plain frames to and from it, segments cut by the switch"
+                ),
+            }
+        }
         let mut t = self.write();
         if t.network_index(name).is_some() {
             return Err(format!("network '{name}' exists already"));
@@ -364,11 +404,10 @@ impl Switch {
         if let (Some(tap), Some(tn)) = (tap, uplink) {
             up = Some(t.ports.len());
             ports.push(t.ports.len());
-            t.ports.push(Some(Arc::new(Port::new(
-                ni,
-                &format!("uplink:{tn}"),
-                Kind::Uplink(tap),
-            ))));
+            let p = Port::new(ni, &format!("uplink:{tn}"), Kind::Uplink(tap));
+            p.acked.store(up_features, Ordering::Relaxed);
+            lock(&p.rx).features = up_features;
+            t.ports.push(Some(Arc::new(p)));
         }
         t.networks.push(Some(Network {
             name: name.to_string(),
@@ -649,6 +688,13 @@ impl Switch {
                     sched_delayed: g(&c.sched_delayed),
                     sched_dropped: g(&c.sched_dropped),
                     tx_rate_bps: p.limiter.stats(0).map_or(0, |s| (s.rate * 8.0) as u64),
+                    features: p.acked.load(Ordering::Relaxed),
+                    tx_gso_frames: g(&c.tx_gso_frames),
+                    dropped_bad_offload: g(&c.dropped_bad_offload),
+                    rx_gso_frames: g(&c.rx_gso_frames),
+                    segmented: g(&c.segmented),
+                    segments: g(&c.segments),
+                    csum_filled: g(&c.csum_filled),
                 }
             })
             .collect()
@@ -694,6 +740,36 @@ impl Switch {
             give_back(None);
             return None;
         }
+        // The sender's header, checked once against its frame (a stack copy of both: what the
+        // switch later does with the frame uses these offsets, never the guest's bytes again).
+        let mut head = [0u8; VNET_HDR + MAX_HDRS];
+        let seen = len.min(head.len());
+        let acked = p.acked.load(Ordering::Relaxed);
+        let off = if acked & offload::F_CSUM == 0 {
+            Offload::None
+        } else if !src.peek(0, &mut head[..seen]) {
+            PortCounters::add(&p.counters.dropped_malformed, 1);
+            give_back(None);
+            return None;
+        } else {
+            match offload::parse(
+                &head[..VNET_HDR],
+                &head[VNET_HDR..seen],
+                len - VNET_HDR,
+                acked,
+            ) {
+                Ok(o) => o,
+                Err(_) => {
+                    PortCounters::add(&p.counters.dropped_bad_offload, 1);
+                    give_back(None);
+                    return None;
+                }
+            }
+        };
+        let off = &off;
+        if let Offload::Tso(_) = off {
+            PortCounters::add(&p.counters.tx_gso_frames, 1);
+        }
         PortCounters::add(&p.counters.tx_frames, 1);
         PortCounters::add(&p.counters.tx_bytes, (len - VNET_HDR) as u64);
         let dst: [u8; 6] = eth[..6].try_into().expect("6 bytes");
@@ -722,7 +798,7 @@ impl Switch {
                 // Reference counts, not allocations: the two ports outlive the table's lock.
                 let (s, d) = (p.clone(), dest?.clone());
                 drop(t);
-                Self::deliver_scheduled(&s, from, &d, src, then_more).then_some(d)
+                Self::deliver_scheduled(&s, from, &d, src, off, then_more).then_some(d)
             }
             None => {
                 if dst[0] & 1 == 0 && Self::known_elsewhere(&t, p.network, &dst, now) {
@@ -733,7 +809,7 @@ impl Switch {
                 for &port in &net.ports {
                     if port != from {
                         if let Some(d) = t.port(port) {
-                            Self::deliver(d, src);
+                            Self::deliver(d, src, off);
                         }
                     }
                 }
@@ -755,29 +831,16 @@ impl Switch {
     }
 
     /// Delivers a frame to port `p`: to its TAP, into its guest's receive buffers, or into
-    /// one of its slots while the guest has posted none.
-    fn deliver(p: &Port, src: &Source) {
+    /// one of its slots while the guest has posted none (in the form `p` takes `off` in).
+    fn deliver(p: &Port, src: &Source, off: &Offload) {
         let c = &p.counters;
         let n = src.len() - VNET_HDR;
         match &p.kind {
             Kind::Uplink(tap) => {
-                // A TAP takes the frame in one write: copied once, header zeroed.
                 let mut rx = lock(&p.rx);
+                let features = rx.features;
                 let slot = rx.slot_buf(0);
-                slot.resize(src.len(), 0);
-                if !src.copy_all(slot) {
-                    PortCounters::add(&c.dropped_malformed, 1);
-                    return;
-                }
-                slot[..VNET_HDR].fill(0);
-                if tap.file().write_all(slot).is_ok() {
-                    PortCounters::add(&c.rx_frames, 1);
-                    PortCounters::add(&c.rx_bytes, n as u64);
-                    PortCounters::add(&c.copies, 1);
-                    PortCounters::add(&c.copied_bytes, n as u64);
-                } else {
-                    PortCounters::add(&c.dropped_no_buffer, 1);
-                }
+                Self::to_tap(tap, slot, src, off, features, c);
             }
             Kind::Vm => {
                 let mut rx = lock(&p.rx);
@@ -789,15 +852,10 @@ impl Switch {
                     // Buffers the guest posted since are for the frames already waiting.
                     rx.drain(c);
                 }
+                let mut first = 0;
                 if rx.pending.is_empty() {
-                    match rx.put(src) {
-                        Put::Done => {
-                            PortCounters::add(&c.rx_frames, 1);
-                            PortCounters::add(&c.rx_bytes, n as u64);
-                            PortCounters::add(&c.copies, 1);
-                            PortCounters::add(&c.copied_bytes, n as u64);
-                            return;
-                        }
+                    match rx.put(src, off, 0, c) {
+                        Put::Done => return,
                         Put::Bad => {
                             PortCounters::add(&c.dropped_malformed, 1);
                             return;
@@ -806,16 +864,97 @@ impl Switch {
                             PortCounters::add(&c.dropped_no_buffer, 1);
                             return;
                         }
+                        Put::Partial(k) => first = k,
                         Put::NoBuffer => {}
                     }
                 }
-                if rx.hold(src) {
+                if rx.hold(src, off, first) {
                     PortCounters::add(&c.queued, 1);
                     PortCounters::add(&c.copies, 1);
                     PortCounters::add(&c.copied_bytes, n as u64);
                 } else {
                     PortCounters::add(&c.dropped_no_buffer, 1);
                 }
+            }
+        }
+    }
+
+    /// Writes a frame to an uplink TAP through the port's buffer `buf` (each write one frame:
+    /// copied once into it): whole with its offload header if the TAP takes offloads
+    /// (`features`), else with its checksum filled in, or cut into segments.
+    fn to_tap(
+        tap: &wv_virtio::net::Tap,
+        buf: &mut Vec<u8>,
+        src: &Source,
+        off: &Offload,
+        features: u64,
+        c: &PortCounters,
+    ) {
+        let n = src.len() - VNET_HDR;
+        let write = |buf: &[u8]| {
+            let len = (buf.len() - VNET_HDR) as u64;
+            if tap.file().write_all(buf).is_ok() {
+                PortCounters::add(&c.rx_frames, 1);
+                PortCounters::add(&c.rx_bytes, len);
+                PortCounters::add(&c.copies, 1);
+                PortCounters::add(&c.copied_bytes, len);
+                true
+            } else {
+                PortCounters::add(&c.dropped_no_buffer, 1);
+                false
+            }
+        };
+        match offload::form(off, features) {
+            Form::Whole(h) => {
+                buf.resize(src.len(), 0);
+                if !src.peek(0, buf) {
+                    PortCounters::add(&c.dropped_malformed, 1);
+                    return;
+                }
+                buf[..VNET_HDR].copy_from_slice(&h);
+                if write(buf) && h[1] != offload::GSO_NONE {
+                    PortCounters::add(&c.rx_gso_frames, 1);
+                }
+            }
+            Form::Fill { start, at } => {
+                buf.resize(src.len(), 0);
+                if !src.peek(0, buf) {
+                    PortCounters::add(&c.dropped_malformed, 1);
+                    return;
+                }
+                buf[..VNET_HDR].fill(0);
+                let sum = offload::finish(offload::sum(&buf[VNET_HDR + start..], 0));
+                buf[VNET_HDR + at..VNET_HDR + at + 2].copy_from_slice(&sum.to_be_bytes());
+                if write(buf) {
+                    PortCounters::add(&c.csum_filled, 1);
+                }
+            }
+            Form::Segment(t) => {
+                let hdrs = usize::from(t.hdrs);
+                let mut orig = [0u8; MAX_HDRS];
+                if !src.peek(VNET_HDR, &mut orig[..hdrs]) {
+                    PortCounters::add(&c.dropped_malformed, 1);
+                    return;
+                }
+                let nseg = t.segments(n);
+                for i in 0..nseg {
+                    let from = hdrs + i * usize::from(t.mss);
+                    let seg = usize::from(t.mss).min(n - from);
+                    buf.resize(VNET_HDR + hdrs + seg, 0);
+                    buf[..VNET_HDR].fill(0);
+                    let (h, payload) = buf[VNET_HDR..].split_at_mut(hdrs);
+                    if !src.peek(VNET_HDR + from, payload) {
+                        PortCounters::add(&c.dropped_malformed, 1);
+                        return;
+                    }
+                    let sum = offload::sum(payload, 0);
+                    offload::segment_headers(&t, &orig, h, i, nseg, seg, sum);
+                    if !write(buf) {
+                        return;
+                    }
+                    PortCounters::add(&c.segments, 1);
+                }
+                PortCounters::add(&c.segmented, 1);
             }
         }
     }
@@ -836,10 +975,17 @@ impl Switch {
     /// with no lock held; after [`SHARES_MAX_WAIT`] (or if `d` goes) it is dropped and
     /// counted. `then_more`: `from` has another frame right after (its turn is kept for it).
     /// Whether `d`'s dispatcher keeps `from`'s turn.
-    fn deliver_scheduled(s: &Port, from: usize, d: &Port, src: &Source, then_more: bool) -> bool {
+    fn deliver_scheduled(
+        s: &Port,
+        from: usize,
+        d: &Port,
+        src: &Source,
+        off: &Offload,
+        then_more: bool,
+    ) -> bool {
         if matches!(d.kind, Kind::Vm) && lock(&d.rx).vring.is_none() {
             // Nobody to schedule for: dropped and counted there.
-            Self::deliver(d, src);
+            Self::deliver(d, src, off);
             return false;
         }
         let set = *lock(&s.shares);
@@ -861,7 +1007,7 @@ impl Switch {
                 }
                 let contended = d.gate.others_waiting(from);
                 if rx.pending.is_empty() || contended {
-                    if let Some(()) = Self::put_counted(&mut rx, &d.counters, src) {
+                    if let Some(()) = Self::put_counted(&mut rx, &d.counters, src, off) {
                         drop(rx);
                         d.gate.release(g);
                         break;
@@ -878,7 +1024,7 @@ impl Switch {
                 }
                 drop(rx);
             }
-            Self::deliver(d, src);
+            Self::deliver(d, src, off);
             d.gate.release(g);
             break;
         }
@@ -888,18 +1034,23 @@ impl Switch {
         then_more
     }
 
-    /// Puts the frame into the guest's buffers, counted; None if there is none for it.
-    fn put_counted(rx: &mut RxSide, c: &PortCounters, src: &Source) -> Option<()> {
-        let n = (src.len() - VNET_HDR) as u64;
-        match rx.put(src) {
-            Put::Done => {
-                PortCounters::add(&c.rx_frames, 1);
-                PortCounters::add(&c.rx_bytes, n);
-                PortCounters::add(&c.copies, 1);
-                PortCounters::add(&c.copied_bytes, n);
-            }
+    /// Puts the frame into the guest's buffers, counted; None if there is none for it. The
+    /// segments of a frame cut for it that found no buffer wait in a slot (or are dropped and
+    /// counted): the frame's bytes are counted once, whatever it became.
+    fn put_counted(rx: &mut RxSide, c: &PortCounters, src: &Source, off: &Offload) -> Option<()> {
+        match rx.put(src, off, 0, c) {
+            Put::Done => {}
             Put::Bad => PortCounters::add(&c.dropped_malformed, 1),
             Put::TooBig => PortCounters::add(&c.dropped_no_buffer, 1),
+            Put::Partial(k) => {
+                if rx.hold(src, off, k) {
+                    PortCounters::add(&c.queued, 1);
+                    PortCounters::add(&c.copies, 1);
+                    PortCounters::add(&c.copied_bytes, (src.len() - VNET_HDR) as u64);
+                } else {
+                    PortCounters::add(&c.dropped_no_buffer, 1);
+                }
+            }
             Put::NoBuffer => return None,
         }
         Some(())
@@ -964,6 +1115,9 @@ enum Put {
     /// The frame needs more than [`MAX_RX_CHAINS`] of the guest's buffers: dropped, none taken.
     TooBig,
     Bad,
+    /// A frame cut into segments delivered them up to this one; the guest has no buffer for
+    /// the rest.
+    Partial(usize),
 }
 
 impl RxSide {
@@ -971,17 +1125,16 @@ impl RxSide {
     fn drain(&mut self, c: &PortCounters) {
         while let Some(&slot) = self.pending.front() {
             let buf = std::mem::take(&mut self.slots[slot]);
-            let len = self.lens[slot];
-            let r = self.put(&Source::Bytes(&buf[..len]));
+            let (len, off, first) = self.lens[slot];
+            let r = self.put(&Source::Bytes(&buf[..len]), &off, first, c);
             self.slots[slot] = buf;
             match r {
                 Put::NoBuffer => break,
-                Put::Done => {
-                    PortCounters::add(&c.rx_frames, 1);
-                    PortCounters::add(&c.rx_bytes, (len - VNET_HDR) as u64);
-                    PortCounters::add(&c.copies, 1);
-                    PortCounters::add(&c.copied_bytes, (len - VNET_HDR) as u64);
+                Put::Partial(k) => {
+                    self.lens[slot].2 = k;
+                    break;
                 }
+                Put::Done => {}
                 Put::Bad => PortCounters::add(&c.dropped_malformed, 1),
                 Put::TooBig => PortCounters::add(&c.dropped_no_buffer, 1),
             }
@@ -1007,6 +1160,7 @@ impl Port {
                 g
             },
             removed: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
         }
     }
 }
@@ -1016,7 +1170,7 @@ impl RxSide {
     fn slot_buf(&mut self, i: usize) -> &mut Vec<u8> {
         while self.slots.len() <= i {
             self.slots.push(Vec::new());
-            self.lens.push(0);
+            self.lens.push((0, Offload::None, 0));
         }
         if self.slots[i].capacity() < MAX_FRAME {
             self.slots[i] = Vec::with_capacity(MAX_FRAME);
@@ -1024,8 +1178,9 @@ impl RxSide {
         &mut self.slots[i]
     }
 
-    /// Copies the frame into a free slot; false when all [`PENDING_SLOTS`] are full.
-    fn hold(&mut self, src: &Source) -> bool {
+    /// Copies the frame into a free slot (to be delivered from segment `first` on, if it is
+    /// cut for this port); false when all [`PENDING_SLOTS`] are full.
+    fn hold(&mut self, src: &Source, off: &Offload, first: usize) -> bool {
         let slot = match self.free.pop() {
             Some(s) => s,
             None if self.slots.len() < PENDING_SLOTS => self.slots.len(),
@@ -1038,15 +1193,99 @@ impl RxSide {
             self.free.push(slot);
             return false;
         }
-        self.lens[slot] = len;
+        self.lens[slot] = (len, *off, first);
         self.pending.push_back(slot);
         true
     }
 
-    /// Writes the frame into receive buffers the guest posted (a vnet header of the switch's
-    /// own, then the frame copied from its source); NoBuffer if there are not enough (none is
-    /// taken then), Bad if the guest's buffers were malformed (they are returned empty).
-    fn put(&mut self, src: &Source) -> Put {
+    /// Writes the frame into receive buffers the guest posted, in the form the guest takes
+    /// `off` in ([`offload::form`]): whole behind a vnet header of the switch's own (the
+    /// offload's, or zeros), whole with its checksum filled in, or cut into segments from
+    /// segment `first` on; each frame delivered is counted here. NoBuffer if there are not
+    /// enough for the (first) frame (none is taken then), Partial if some segments went,
+    /// Bad if the guest's buffers were malformed (they are returned empty).
+    fn put(&mut self, src: &Source, off: &Offload, first: usize, c: &PortCounters) -> Put {
+        let n = src.len() - VNET_HDR;
+        let done = |len: usize| {
+            PortCounters::add(&c.rx_frames, 1);
+            PortCounters::add(&c.rx_bytes, len as u64);
+            PortCounters::add(&c.copies, 1);
+            PortCounters::add(&c.copied_bytes, len as u64);
+        };
+        match offload::form(off, self.features) {
+            Form::Whole(h) => {
+                let r = self.put_one(src, &h, &[], VNET_HDR, n, None);
+                if let Put::Done = r {
+                    done(n);
+                    if h[1] != offload::GSO_NONE {
+                        PortCounters::add(&c.rx_gso_frames, 1);
+                    }
+                }
+                r
+            }
+            Form::Fill { start, at } => {
+                let Some(sum) = source_sum(src, VNET_HDR + start, n - start) else {
+                    return Put::Bad;
+                };
+                let patch = (VNET_HDR + at, offload::finish(sum).to_be_bytes());
+                let r = self.put_one(src, &[0; VNET_HDR], &[], VNET_HDR, n, Some(patch));
+                if let Put::Done = r {
+                    done(n);
+                    PortCounters::add(&c.csum_filled, 1);
+                }
+                r
+            }
+            Form::Segment(t) => {
+                let hdrs = usize::from(t.hdrs);
+                let (mut orig, mut out) = ([0u8; MAX_HDRS], [0u8; MAX_HDRS]);
+                if !src.peek(VNET_HDR, &mut orig[..hdrs]) {
+                    return Put::Bad;
+                }
+                let nseg = t.segments(n);
+                for i in first..nseg {
+                    let from = hdrs + i * usize::from(t.mss);
+                    let seg = usize::from(t.mss).min(n - from);
+                    let Some(sum) = source_sum(src, VNET_HDR + from, seg) else {
+                        return Put::Bad;
+                    };
+                    offload::segment_headers(&t, &orig, &mut out, i, nseg, seg, sum);
+                    let r = self.put_one(
+                        src,
+                        &[0; VNET_HDR],
+                        &out[..hdrs],
+                        VNET_HDR + from,
+                        seg,
+                        None,
+                    );
+                    match r {
+                        Put::Done => {
+                            done(hdrs + seg);
+                            PortCounters::add(&c.segments, 1);
+                        }
+                        Put::NoBuffer if i > first => return Put::Partial(i),
+                        r => return r,
+                    }
+                }
+                PortCounters::add(&c.segmented, 1);
+                Put::Done
+            }
+        }
+    }
+
+    /// Writes one frame into receive buffers the guest posted: vnet header `hdr` (its
+    /// `num_buffers` set here), then `head`, then `len` bytes of `src` from `from`, and
+    /// `patch` (two bytes at an offset of the frame) over them, before the guest is given
+    /// the buffers. NoBuffer if there are not enough (none is taken then), Bad if the
+    /// guest's buffers were malformed (they are returned empty).
+    fn put_one(
+        &mut self,
+        src: &Source,
+        hdr: &[u8; VNET_HDR],
+        head: &[u8],
+        from: usize,
+        len: usize,
+        patch: Option<(usize, [u8; 2])>,
+    ) -> Put {
         let (Some(mem), Some(vring)) = (&self.mem, &self.vring) else {
             return Put::NoBuffer;
         };
@@ -1056,7 +1295,7 @@ impl RxSide {
         if !q.ready() {
             return Put::NoBuffer;
         }
-        let need = src.len();
+        let need = VNET_HDR + head.len() + len;
         // The chains taken, in a list kept from frame to frame (no allocation per frame).
         let taken = &mut self.taken;
         taken.clear();
@@ -1097,27 +1336,52 @@ impl RxSide {
             let _ = vring.signal_used_queue();
             return Put::Bad;
         }
-        // The header: no offloads; num_buffers the chains used.
-        let mut hdr = [0u8; VNET_HDR];
+        let mut hdr = *hdr;
         hdr[10..12].copy_from_slice(&(n as u16).to_le_bytes());
         let mut ok = true;
-        let mut left = need;
-        let mut src_off = 0usize;
+        // The frame as a stream: header, then `head`, then the source's bytes; each chain
+        // takes its share of it.
+        let mut pos = 0usize;
+        for (_, s) in &taken[..n] {
+            let take = s.len().min(need - pos);
+            let mut done = 0;
+            while done < take {
+                let p = pos + done;
+                let k;
+                if p < VNET_HDR {
+                    k = (VNET_HDR - p).min(take - done);
+                    ok &= s.copy_in(&*mem, done, &hdr[p..p + k]);
+                } else if p < VNET_HDR + head.len() {
+                    let h = p - VNET_HDR;
+                    k = (head.len() - h).min(take - done);
+                    ok &= s.copy_in(&*mem, done, &head[h..h + k]);
+                } else {
+                    k = take - done;
+                    let at = from + (p - VNET_HDR - head.len());
+                    ok &= copy_range(src, at, s, &mem, done, k);
+                }
+                done += k;
+            }
+            pos += take;
+        }
+        if let Some((at, bytes)) = patch {
+            for (j, b) in bytes.iter().enumerate() {
+                // The chain holding byte `at + j` of the frame.
+                let mut skip = at + j;
+                for (_, s) in &taken[..n] {
+                    if skip < s.len() {
+                        ok &= s.copy_in(&*mem, skip, std::slice::from_ref(b));
+                        break;
+                    }
+                    skip -= s.len();
+                }
+            }
+        }
+        let mut pos = 0usize;
         for (head, s) in &taken[..n] {
-            let len = s.len().min(left);
-            // Copy this chain's share: header bytes, then payload.
-            let mut off = 0;
-            if src_off < VNET_HDR {
-                let h = (VNET_HDR - src_off).min(len);
-                ok &= s.copy_in(&*mem, 0, &hdr[src_off..src_off + h]);
-                off = h;
-            }
-            if len > off {
-                ok &= copy_range(src, src_off + off, s, &mem, off, len - off);
-            }
-            src_off += len;
-            left -= len;
-            let _ = q.add_used(&*mem, *head, len as u32);
+            let take = s.len().min(need - pos);
+            pos += take;
+            let _ = q.add_used(&*mem, *head, take as u32);
         }
         let notify = q.needs_notification(&*mem).unwrap_or(true);
         drop(st);
@@ -1130,6 +1394,25 @@ impl RxSide {
             Put::Bad
         }
     }
+}
+
+/// The ones' complement sum ([`offload::sum`]) of `len` bytes of `src` at `off`, read in
+/// pieces through a buffer on the stack; None if they cannot be read.
+fn source_sum(src: &Source, off: usize, len: usize) -> Option<u64> {
+    if let Source::Bytes(b) = src {
+        return Some(offload::sum(b.get(off..off + len)?, 0));
+    }
+    let mut buf = [0u8; 2048];
+    let (mut acc, mut done) = (0u64, 0);
+    while done < len {
+        let k = (len - done).min(buf.len());
+        if !src.peek(off + done, &mut buf[..k]) {
+            return None;
+        }
+        acc = offload::sum(&buf[..k], acc);
+        done += k;
+    }
+    Some(acc)
 }
 
 /// Copies `len` bytes of `src` at `src_off` (at or after the vnet header) into `to` at `off`.
@@ -1146,7 +1429,9 @@ fn copy_range(
     }
     match src {
         Source::Guest(m, s) => s.copy_to(*m, src_off, to, mem, off, len),
-        Source::Bytes(b) => to.copy_in(mem, off, &b[src_off..src_off + len]),
+        Source::Bytes(b) => b
+            .get(src_off..src_off + len)
+            .is_some_and(|b| to.copy_in(mem, off, b)),
     }
 }
 
@@ -1277,10 +1562,15 @@ impl VhostUserBackend for PortBackend {
         QUEUE_SIZE
     }
     fn features(&self) -> u64 {
-        F_VERSION_1 | F_MRG_RXBUF | F_PROTOCOL_FEATURES
+        F_VERSION_1 | F_MRG_RXBUF | F_PROTOCOL_FEATURES | offload::OFFLOADS
     }
     fn acked_features(&self, features: u64) {
-        self.rx().mergeable = features & F_MRG_RXBUF != 0;
+        let mut rx = self.rx();
+        rx.mergeable = features & F_MRG_RXBUF != 0;
+        rx.features = features & offload::OFFLOADS;
+        self.p
+            .acked
+            .store(features & offload::OFFLOADS, Ordering::Relaxed);
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::empty()
@@ -1330,6 +1620,9 @@ impl PortBackend {
         let mut rx = self.rx();
         rx.vring = None;
         rx.mem = None;
+        // The next frontend says what its driver acked.
+        rx.features = 0;
+        self.p.acked.store(0, Ordering::Relaxed);
         while let Some(s) = rx.pending.pop_front() {
             rx.free.push(s);
         }

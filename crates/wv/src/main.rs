@@ -710,7 +710,7 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
                         .unwrap_or_else(|| "none".into())
                 );
                 println!(
-                    "{:<16} {:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+                    "{:<16} {:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9}",
                     "PORT",
                     "VM",
                     "CONN",
@@ -719,12 +719,15 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
                     "TX_BYTES",
                     "RX_BYTES",
                     "DROPPED",
-                    "ISOLATED"
+                    "ISOLATED",
+                    "RX_GSO",
+                    "SEGMENTED",
+                    "CSUM_FILL"
                 );
                 for p in v["ports"].as_array().into_iter().flatten() {
                     let n = |k: &str| p[k].as_u64().unwrap_or(0);
                     println!(
-                        "{:<16} {:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+                        "{:<16} {:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9}",
                         p["port"].as_str().unwrap_or(""),
                         p["vm"].as_str().unwrap_or("-"),
                         if p["connected"] == true { "yes" } else { "no" },
@@ -732,8 +735,11 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
                         n("rx_frames"),
                         n("tx_bytes"),
                         n("rx_bytes"),
-                        n("dropped_malformed") + n("dropped_no_buffer"),
+                        n("dropped_malformed") + n("dropped_no_buffer") + n("dropped_bad_offload"),
                         n("dropped_isolated"),
+                        n("rx_gso_frames"),
+                        n("segmented"),
+                        n("csum_filled"),
                     );
                 }
             });
