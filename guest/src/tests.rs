@@ -57,6 +57,7 @@ pub fn run(name: &[u8]) -> Outcome {
         b"netpeer" => net_peer(),
         b"blkbench" => blk_bench(),
         b"netbench" => net_bench(),
+        b"netsink" => net_sink(),
         // Not self-tests: deliberate ways for a guest to end badly, so the VMM's handling of
         // each is tested end to end. None is in the default list.
         b"triplefault" => triple_fault(),
@@ -2240,58 +2241,259 @@ fn blk_bench() -> Outcome {
     pass("blkbench", &mut d)
 }
 
+/// The EtherType of `netbench`'s frames (IEEE local experimental 1), which `netsink` counts.
+const BENCH_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+/// TSC cycles for the network tests' time limits: the host's rate where it says it, else
+/// 3 GHz (QEMU does not tell; only limits use it, never a result).
+fn limit_khz() -> u64 {
+    match tsc_khz() {
+        0 => 3_000_000,
+        k => k,
+    }
+}
+
+/// The `netbench` sender: `probe.frames=N` (default 20000) broadcast frames of
+/// `probe.bytes=B` bytes (60..1514, default 1514; EtherType 0x88b5, which hosts drop and
+/// `netsink` counts), `probe.inflight=K` of them on the transmit queue at a time (default 1:
+/// each frame used before the next goes); the TSC cycles they took.
 fn net_bench() -> Outcome {
     use crate::virtio;
     let mut d = Line::new();
+    let cmdline = boot_info().cmdline();
+    let frames = param(cmdline, "probe.frames")
+        .and_then(parse_u64)
+        .unwrap_or(20_000);
+    let bytes = param(cmdline, "probe.bytes")
+        .and_then(parse_u64)
+        .unwrap_or(1514);
+    let inflight = param(cmdline, "probe.inflight")
+        .and_then(parse_u64)
+        .unwrap_or(1);
+    if !(60..=1514).contains(&bytes) || !(1..=u64::from(virtio::QMAX)).contains(&inflight) {
+        d.s("probe.bytes must be 60..1514 and probe.inflight 1..256");
+        return fail("netbench", &mut d);
+    }
     let Some(mut dev) = virtio::find(0x1041) else {
         d.s("no virtio-net device");
         return fail("netbench", &mut d);
     };
-    if dev.negotiate(1 << 5).is_none()
-        || !dev.setup_queue(0)
-        || !dev.setup_queue(1)
-        || !dev.driver_ok()
-    {
+    let want_q = (inflight as u16).next_power_of_two().max(virtio::QSIZE);
+    let txq = if dev.negotiate(1 << 5).is_some() && dev.setup_queue(0) {
+        dev.setup_queue_sized(1, want_q)
+    } else {
+        None
+    };
+    let Some(txq) = txq.filter(|_| dev.driver_ok()) else {
         d.s("device set-up failed");
         return fail("netbench", &mut d);
-    }
-    let frames = param(boot_info().cmdline(), "probe.frames")
-        .and_then(parse_u64)
-        .unwrap_or(20_000);
+    };
+    let inflight = inflight.min(u64::from(txq)).min(frames.max(1));
     let mut mac = [0u8; 6];
     for (i, b) in mac.iter_mut().enumerate() {
         *b = dev.config(i as u64);
     }
-    // Full-size frames to the broadcast address with an experimental EtherType (0x88b5):
-    // the host kernel counts and drops them.
+    // Broadcast frames with an experimental EtherType: a host kernel counts and drops them,
+    // a `netsink` guest counts them. Every frame in flight is the same buffer (the device
+    // only reads it).
     let bufs = &raw mut NETB;
     // SAFETY: the transmit buffer is this test's.
     let txb = unsafe { &mut (*bufs).tx };
-    let len = crate::net::VNET_HDR + 1514;
+    let hdr = crate::net::VNET_HDR;
+    let len = hdr + bytes as usize;
     txb[..len].fill(0x5a);
-    txb[..crate::net::VNET_HDR].fill(0);
-    txb[12..18].copy_from_slice(&[0xff; 6]);
-    txb[18..24].copy_from_slice(&mac);
-    txb[24..26].copy_from_slice(&[0x88, 0xb5]);
+    txb[..hdr].fill(0);
+    txb[hdr..hdr + 6].copy_from_slice(&[0xff; 6]);
+    txb[hdr + 6..hdr + 12].copy_from_slice(&mac);
+    txb[hdr + 12..hdr + 14].copy_from_slice(&BENCH_ETHERTYPE);
     let tx = unsafe { (&raw mut (*bufs).tx) as u64 };
     let t0 = cpu::rdtsc();
-    for _ in 0..frames {
-        if dev.submit(1, &[(tx, len as u32, 0)]).is_none() {
-            d.s("a frame was not sent");
-            return fail("netbench", &mut d);
+    if inflight == 1 {
+        for _ in 0..frames {
+            if dev.submit(1, &[(tx, len as u32, 0)]).is_none() {
+                d.s("a frame was not sent");
+                return fail("netbench", &mut d);
+            }
+        }
+    } else {
+        // Heads 0..K always on the ring; one that comes back goes again while frames are
+        // left. The device is told when there is nothing to collect (a kick per batch).
+        for h in 0..inflight as u16 {
+            dev.offer(1, h, (tx, len as u32, 0));
+        }
+        dev.kick(1);
+        let (mut posted, mut done, mut unkicked) = (inflight, 0u64, false);
+        let stall = 5 * limit_khz() * 1000;
+        let mut since = cpu::rdtsc();
+        while done < frames {
+            if let Some((h, _)) = dev.next_used(1) {
+                done += 1;
+                if posted < frames {
+                    if !dev.offer(1, h, (tx, len as u32, 0)) {
+                        d.s("problem: the device used head ").dec(u64::from(h));
+                        return fail("netbench", &mut d);
+                    }
+                    posted += 1;
+                    unkicked = true;
+                }
+                since = cpu::rdtsc();
+                continue;
+            }
+            if unkicked {
+                dev.kick(1);
+                unkicked = false;
+            }
+            if cpu::rdtsc().wrapping_sub(since) > stall {
+                d.s("problem: frames not used after ").dec(done);
+                return fail("netbench", &mut d);
+            }
+            core::hint::spin_loop();
         }
     }
     let cycles = cpu::rdtsc().wrapping_sub(t0);
     d.s("frames=")
         .dec(frames)
         .s(" bytes=")
-        .dec(1514)
+        .dec(bytes)
+        .s(" inflight=")
+        .dec(inflight)
         .s(" cycles=")
         .dec(cycles)
         .s(" tsc_khz=")
         .dec(tsc_khz());
     dev.reset();
     pass("netbench", &mut d)
+}
+
+/// Receive buffers of `netsink`: up to [`crate::virtio::QMAX`] of [`SINK_STRIDE`] bytes at
+/// 24 MiB (checked against the memory map).
+const SINK_BUF: u64 = 24 << 20;
+const SINK_STRIDE: u64 = 2048;
+
+/// The `netsink` receiver: keeps as many 2 KiB receive buffers posted as the queue takes
+/// (256 at most), counts the frames and bytes of EtherType 0x88b5 (`netbench`'s) and re-posts
+/// each buffer; passes after `probe.frames=N` (default 20000) of them, fails once no frame
+/// came for `probe.idle_ms=MS` (default 3000; two minutes before the first) with what it got.
+/// Prints `netsink: listening` once its buffers are posted, then `frames`, `bytes` (Ethernet
+/// bytes, no vnet header), `other` (frames of other kinds), and `cycles` (TSC) from the first
+/// counted frame to the last.
+fn net_sink() -> Outcome {
+    use crate::virtio;
+    let mut d = Line::new();
+    let cmdline = boot_info().cmdline();
+    let want = param(cmdline, "probe.frames")
+        .and_then(parse_u64)
+        .unwrap_or(20_000);
+    let idle_ms = param(cmdline, "probe.idle_ms")
+        .and_then(parse_u64)
+        .unwrap_or(3000);
+    if !boot_info().in_ram(SINK_BUF, u64::from(virtio::QMAX) * SINK_STRIDE) {
+        d.s("needs RAM at 24-24.5 MiB for its buffers");
+        return fail("netsink", &mut d);
+    }
+    let Some(mut dev) = virtio::find(0x1041) else {
+        d.s("no modern virtio-net device (1af4:1041) on bus 0");
+        return fail("netsink", &mut d);
+    };
+    // Only the MAC feature: every frame fits one 2 KiB buffer.
+    let rxq = if dev.negotiate(1 << 5).is_some() {
+        dev.setup_queue_sized(0, virtio::QMAX)
+    } else {
+        None
+    };
+    let Some(n) = rxq.filter(|_| dev.setup_queue(1) && dev.driver_ok()) else {
+        d.s("device set-up failed");
+        return fail("netsink", &mut d);
+    };
+    let buf = |h: u16| {
+        (
+            SINK_BUF + u64::from(h) * SINK_STRIDE,
+            SINK_STRIDE as u32,
+            virtio::DESC_WRITE,
+        )
+    };
+    for h in 0..n {
+        dev.offer(0, h, buf(h));
+    }
+    dev.kick(0);
+    crate::console::println("netsink: listening");
+    let khz = limit_khz();
+    let (idle, first_wait) = (idle_ms.saturating_mul(khz), 120_000 * khz);
+    let hdr = crate::net::VNET_HDR as u64;
+    let (mut frames, mut bytes, mut other) = (0u64, 0u64, 0u64);
+    let (mut first, mut last) = (0u64, 0u64);
+    // Buffers given back since the device was last told: it is told when there is nothing
+    // to collect, or when an eighth of the ring waits.
+    let mut unkicked = 0u16;
+    let mut since = cpu::rdtsc();
+    while frames < want {
+        if let Some((h, len)) = dev.next_used(0) {
+            if h >= n {
+                d.s("problem: the device used head ").dec(u64::from(h));
+                return fail("netsink", &mut d);
+            }
+            let (a, _, _) = buf(h);
+            let len = u64::from(len).min(SINK_STRIDE);
+            let kind = if len >= hdr + 14 {
+                // SAFETY: the device has finished writing this buffer (it is used), which
+                // lies in RAM (checked above) under the identity map.
+                unsafe { core::ptr::read_volatile((a + hdr + 12) as *const [u8; 2]) }
+            } else {
+                [0, 0]
+            };
+            since = cpu::rdtsc();
+            if kind == BENCH_ETHERTYPE {
+                if frames == 0 {
+                    first = since;
+                }
+                last = since;
+                frames += 1;
+                bytes += len - hdr;
+            } else {
+                other += 1;
+            }
+            dev.offer(0, h, buf(h));
+            unkicked += 1;
+            if unkicked >= n / 8 {
+                dev.kick(0);
+                unkicked = 0;
+            }
+            continue;
+        }
+        if unkicked > 0 {
+            dev.kick(0);
+            unkicked = 0;
+        }
+        let limit = if frames == 0 { first_wait } else { idle };
+        if cpu::rdtsc().wrapping_sub(since) > limit {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    d.s("frames=")
+        .dec(frames)
+        .s(" bytes=")
+        .dec(bytes)
+        .s(" other=")
+        .dec(other)
+        .s(" buffers=")
+        .dec(u64::from(n))
+        .s(" cycles=")
+        .dec(last.wrapping_sub(first))
+        .s(" tsc_khz=")
+        .dec(tsc_khz());
+    if frames < want {
+        d.s(" problem: ")
+            .dec(frames)
+            .s(" of ")
+            .dec(want)
+            .s(" frames, then none for ")
+            .dec(idle_ms)
+            .s(" ms");
+        return fail("netsink", &mut d);
+    }
+    dev.reset();
+    pass("netsink", &mut d)
 }
 
 /// What the `persist` workload keeps (in guest memory, like everything it checks): shared by

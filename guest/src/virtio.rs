@@ -10,16 +10,17 @@ use core::sync::atomic::{fence, Ordering};
 pub const DESC_NEXT: u16 = 1;
 /// Descriptor flag: the device writes this buffer.
 pub const DESC_WRITE: u16 = 2;
-/// Entries per queue this driver uses.
+/// Entries per queue this driver uses unless asked for more ([`Device::setup_queue_sized`]).
 pub const QSIZE: u16 = 8;
+/// Most entries a queue can have (what one ring's pages hold).
+pub const QMAX: u16 = 256;
 
 #[repr(C, align(4096))]
 struct Ring {
-    desc: [[u64; 2]; QSIZE as usize],
-    _pad0: [u8; 4096 - 16 * QSIZE as usize],
-    avail: [u16; 3 + QSIZE as usize],
-    _pad1: [u8; 4096 - 2 * (3 + QSIZE as usize)],
-    used: [u32; 2 * QSIZE as usize + 2],
+    desc: [[u64; 2]; QMAX as usize],
+    avail: [u16; 3 + QMAX as usize],
+    _pad1: [u8; 4096 - 2 * (3 + QMAX as usize)],
+    used: [u32; 2 * QMAX as usize + 2],
 }
 
 const MAX_QUEUES: usize = 4;
@@ -40,6 +41,7 @@ pub struct Device {
     notify_off: [u16; MAX_QUEUES],
     avail_idx: [u16; MAX_QUEUES],
     used_seen: [u16; MAX_QUEUES],
+    qsize: [u16; MAX_QUEUES],
 }
 
 fn rd<T: Copy>(a: u64) -> T {
@@ -93,6 +95,7 @@ pub fn at_slot(slot: u8) -> Option<Device> {
         notify_off: [0; MAX_QUEUES],
         avail_idx: [0; MAX_QUEUES],
         used_seen: [0; MAX_QUEUES],
+        qsize: [QSIZE; MAX_QUEUES],
     };
     let mut p = (read32(slot, 0x34) & 0xfc) as u8;
     let mut guard = 0;
@@ -166,21 +169,34 @@ impl Device {
 
     /// Sets up queue `q` (< 4) with [`QSIZE`] entries; true on success.
     pub fn setup_queue(&mut self, q: u16) -> bool {
+        self.setup_queue_sized(q, QSIZE).is_some()
+    }
+
+    /// Sets up queue `q` (< 4) with as many entries as the device allows, at most `want`
+    /// (a power of two up to [`QMAX`]) and at least [`QSIZE`]; the size set up.
+    pub fn setup_queue_sized(&mut self, q: u16, want: u16) -> Option<u16> {
         let qi = usize::from(q);
-        if qi >= MAX_QUEUES {
-            return false;
+        if qi >= MAX_QUEUES || !want.is_power_of_two() || !(QSIZE..=QMAX).contains(&want) {
+            return None;
         }
         wr::<u16>(self.common + 0x16, q);
         let max: u16 = rd(self.common + 0x18);
         if max < QSIZE {
-            return false;
+            return None;
         }
-        wr::<u16>(self.common + 0x18, QSIZE);
+        // The largest power of two within both (a split ring's size need not be one, but
+        // this driver's modular indexing is simplest with it).
+        let mut size = want;
+        while size > max {
+            size /= 2;
+        }
+        self.qsize[qi] = size;
+        wr::<u16>(self.common + 0x18, size);
         wr::<u16>(self.common + 0x1a, 0xffff); // no interrupt: this driver polls
                                                // SAFETY: the rings are this driver's; the device is not using queue q yet.
         let r = unsafe { &mut *(&raw mut RINGS).cast::<Ring>().add(qi) };
-        r.avail = [0; 3 + QSIZE as usize];
-        r.used = [0; 2 * QSIZE as usize + 2];
+        r.avail = [0; 3 + QMAX as usize];
+        r.used = [0; 2 * QMAX as usize + 2];
         let (desc, avail, used) = (
             r.desc.as_ptr() as u64,
             r.avail.as_ptr() as u64,
@@ -194,7 +210,7 @@ impl Device {
         self.avail_idx[qi] = 0;
         self.used_seen[qi] = 0;
         wr::<u16>(self.common + 0x1c, 1);
-        true
+        Some(size)
     }
 
     /// DRIVER_OK; true if the device accepted it (no DEVICE_NEEDS_RESET).
@@ -217,7 +233,7 @@ impl Device {
     /// queue) and notifies the device.
     pub fn post(&mut self, q: u16, bufs: &[(u64, u32, u16)]) -> bool {
         let qi = usize::from(q);
-        if bufs.is_empty() || bufs.len() > usize::from(QSIZE) || qi >= MAX_QUEUES {
+        if qi >= MAX_QUEUES || bufs.is_empty() || bufs.len() > usize::from(self.qsize[qi]) {
             return false;
         }
         // SAFETY: the rings are this driver's; descriptors are written before they are made
@@ -231,7 +247,7 @@ impl Device {
                 u64::from(len) | (u64::from(fl) << 32) | (u64::from(i as u16 + 1) << 48),
             ];
         }
-        let slot = usize::from(self.avail_idx[qi] % QSIZE);
+        let slot = usize::from(self.avail_idx[qi] % self.qsize[qi]);
         r.avail[2 + slot] = 0;
         self.avail_idx[qi] = self.avail_idx[qi].wrapping_add(1);
         fence(Ordering::SeqCst);
@@ -251,7 +267,7 @@ impl Device {
     /// way of handing the device whatever a hostile kernel would (guest/src/attack.rs).
     pub fn post_raw(&mut self, q: u16, descs: &[(u64, u32, u16, u16)], advance: u16) -> bool {
         let qi = usize::from(q);
-        if descs.len() > usize::from(QSIZE) || qi >= MAX_QUEUES {
+        if qi >= MAX_QUEUES || descs.len() > usize::from(self.qsize[qi]) {
             return false;
         }
         // SAFETY: the rings are this driver's; as in post.
@@ -270,6 +286,56 @@ impl Device {
         fence(Ordering::SeqCst);
         self.kick(q);
         true
+    }
+
+    /// Makes descriptor `head` of queue `q` a one-buffer chain (address, length, flags) and
+    /// available, without notifying ([`Device::kick`] does): for a driver that keeps many
+    /// single-buffer chains in flight, each under its own head. False if `head` is outside the
+    /// queue.
+    pub fn offer(&mut self, q: u16, head: u16, buf: (u64, u32, u16)) -> bool {
+        let qi = usize::from(q);
+        if qi >= MAX_QUEUES || head >= self.qsize[qi] {
+            return false;
+        }
+        // SAFETY: the rings are this driver's; as in post (the device does not own
+        // descriptor `head`: it is not available, or has been used).
+        let r = unsafe { &mut *(&raw mut RINGS).cast::<Ring>().add(qi) };
+        let (addr, len, flags) = buf;
+        r.desc[usize::from(head)] = [addr, u64::from(len) | (u64::from(flags & !DESC_NEXT) << 32)];
+        let slot = usize::from(self.avail_idx[qi] % self.qsize[qi]);
+        r.avail[2 + slot] = head;
+        self.avail_idx[qi] = self.avail_idx[qi].wrapping_add(1);
+        fence(Ordering::SeqCst);
+        // SAFETY: volatile store of the avail index the device reads.
+        unsafe { (&raw mut r.avail[1]).write_volatile(self.avail_idx[qi]) };
+        true
+    }
+
+    /// The next chain the device used on queue `q`, if any yet: its head and length (no
+    /// waiting).
+    pub fn next_used(&mut self, q: u16) -> Option<(u16, u32)> {
+        let qi = usize::from(q);
+        if qi >= MAX_QUEUES {
+            return None;
+        }
+        // SAFETY: read-only volatile access to this driver's used ring.
+        let r = unsafe { &*(&raw const RINGS).cast::<Ring>().add(qi) };
+        // SAFETY: volatile read of the used index the device writes.
+        let used_idx = unsafe { ((&raw const r.used) as *const u16).add(1).read_volatile() };
+        if used_idx == self.used_seen[qi] {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let e = usize::from(self.used_seen[qi] % self.qsize[qi]);
+        self.used_seen[qi] = self.used_seen[qi].wrapping_add(1);
+        // SAFETY: reading the element the device completed.
+        let (id, len) = unsafe {
+            (
+                (&raw const r.used[1 + 2 * e]).read_volatile(),
+                (&raw const r.used[1 + 2 * e + 1]).read_volatile(),
+            )
+        };
+        Some((id as u16, len))
     }
 
     /// Notifies queue `q` (nothing new needs to be available).
@@ -293,7 +359,7 @@ impl Device {
             let used_idx = unsafe { ((&raw const r.used) as *const u16).add(1).read_volatile() };
             if used_idx != self.used_seen[qi] {
                 self.used_seen[qi] = self.used_seen[qi].wrapping_add(1);
-                let e = usize::from(self.used_seen[qi].wrapping_sub(1) % QSIZE);
+                let e = usize::from(self.used_seen[qi].wrapping_sub(1) % self.qsize[qi]);
                 // SAFETY: reading the element the device just completed.
                 let len = unsafe { (&raw const r.used[1 + 2 * e + 1]).read_volatile() };
                 return Some(len);

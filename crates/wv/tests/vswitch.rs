@@ -10,11 +10,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
 use common::lines::{Proc, WAIT};
+#[path = "common/netplayer.rs"]
+mod netplayer;
+use netplayer::{NetPlayer, HDR, NQ};
 
 fn ip(args: &[&str]) {
     let st = Command::new("ip")
@@ -436,6 +438,59 @@ fn a_guest_on_the_switch_snapshots_and_restores() {
     assert!(out.contains("PASS netpeer"), "{out}");
 }
 
+/// The throughput bench's guests (benches/vswitch.rs) through the switch: `netbench` sends N
+/// small broadcast frames, 8 at a time, and `netsink` on the other port of the network counts
+/// every one of them (N is below its 256 posted buffers: none may be lost), each copied once.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn netbench_frames_all_reach_netsink_through_the_switch() {
+    need_kvm();
+    const N: u64 = 200;
+    let dir = TempDir::new("vswitch-sink");
+    let _sw = switch(&dir.0, None, &["--port", "lan/a", "--port", "lan/b"]);
+    let mut sink = Proc::spawn(
+        guest(
+            &dir.0,
+            "lan",
+            "b",
+            "52:54:00:84:00:0b",
+            &format!("probe.tests=netsink probe.frames={N}"),
+        ),
+        false,
+    );
+    sink.wait_line("netsink: listening");
+    let r = run_cmd(
+        guest(
+            &dir.0,
+            "lan",
+            "a",
+            "52:54:00:84:00:0a",
+            &format!("probe.tests=netbench probe.frames={N} probe.bytes=60 probe.inflight=8"),
+        ),
+        WAIT,
+    );
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(
+        r.assert_pass("netbench")
+            .starts_with(&format!("PASS netbench frames={N} bytes=60 inflight=8 ")),
+        "{r}"
+    );
+    let (st, out) = sink.finish();
+    assert_eq!(st, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("PASS netsink frames={N} bytes={} ", N * 60)),
+        "{out}"
+    );
+    let s = stats(&dir.0);
+    let (a, b) = (port(&s, "lan", "a"), port(&s, "lan", "b"));
+    assert_eq!(a["tx_frames"], N, "{a}");
+    assert_eq!(b["rx_frames"], N, "{b}");
+    let n = |k: &str| b[k].as_u64().unwrap();
+    // One copy per delivered frame, one more for a frame held while no buffer was posted.
+    assert_eq!(n("copies"), n("rx_frames") + n("queued"), "{b}");
+    assert_eq!(b["dropped_no_buffer"], 0, "{b}");
+}
+
 #[test]
 fn bad_vswitch_options_are_usage_errors() {
     for (args, needle) in [
@@ -590,171 +645,8 @@ fn the_vhost_user_relay_runs_under_its_own_seccomp_filter() {
     r.assert_pass("net");
 }
 
-/// A virtio-net frontend played by the test over vhost-user: memfd memory, a receive queue (0)
-/// and a transmit queue (1) at fixed places, rings of [`NQ`] entries.
-struct NetPlayer {
-    _f: vhost::vhost_user::Frontend,
-    mem: wv_virtio::GuestMemoryMmap,
-    _file: std::fs::File,
-    kick: [vmm_sys_util::eventfd::EventFd; 2],
-    call: [vmm_sys_util::eventfd::EventFd; 2],
-    avail: [u16; 2],
-    seen: [u16; 2],
-}
-
-const NQ: u16 = 64;
-const NMEM: u64 = 4 << 20;
-/// Queue q's rings: descriptors, avail, used; its buffers at `BUF + q * 1 MiB + i * 2 KiB`.
-const fn ring(q: u64) -> (u64, u64, u64) {
-    (q * 0x4000, q * 0x4000 + 0x1000, q * 0x4000 + 0x2000)
-}
-const BUF: u64 = 1 << 20;
+/// The frames the senders send: Ethernet bytes, without the vnet header.
 const FRAME: usize = 1500;
-const HDR: usize = 12;
-
-impl NetPlayer {
-    fn connect(sock: &Path) -> NetPlayer {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        use vhost::vhost_user::{Frontend, VhostUserFrontend};
-        use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-        use vm_memory::mmap::MmapRegionBuilder;
-        // SAFETY: memfd_create reads a NUL-terminated name; the descriptor is new.
-        let fd = unsafe { libc::memfd_create(c"wv-net".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` is new and owned by nothing else.
-        let file = unsafe { std::fs::File::from_raw_fd(fd) };
-        file.set_len(NMEM).unwrap();
-        let mut f = Frontend::from_stream(UnixStream::connect(sock).unwrap(), 2);
-        f.set_owner().unwrap();
-        let feats = f.get_features().unwrap();
-        f.get_protocol_features().unwrap();
-        f.set_protocol_features(vhost::vhost_user::message::VhostUserProtocolFeatures::empty())
-            .unwrap();
-        // VERSION_1 and PROTOCOL_FEATURES; no mergeable buffers (one 2 KiB buffer a frame).
-        f.set_features(feats & ((1 << 32) | (1 << 30))).unwrap();
-        let region =
-            MmapRegionBuilder::new_with_bitmap(usize::try_from(NMEM).unwrap(), Default::default())
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_SHARED)
-                .with_file_offset(vm_memory::FileOffset::new(file.try_clone().unwrap(), 0))
-                .build()
-                .unwrap();
-        let mem = wv_virtio::GuestMemoryMmap::from_regions(vec![vm_memory::GuestRegionMmap::new(
-            region,
-            GuestAddress(0),
-        )
-        .unwrap()])
-        .unwrap();
-        use vm_memory::GuestMemoryBackend;
-        let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-        f.set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: NMEM,
-            userspace_addr: host,
-            mmap_offset: 0,
-            mmap_handle: file.as_raw_fd(),
-        }])
-        .unwrap();
-        let ev = || vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-        let (kick, call) = ([ev(), ev()], [ev(), ev()]);
-        for q in 0..2usize {
-            let (d, a, u) = ring(q as u64);
-            f.set_vring_num(q, NQ).unwrap();
-            f.set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: NQ,
-                    queue_size: NQ,
-                    flags: 0,
-                    desc_table_addr: host + d,
-                    used_ring_addr: host + u,
-                    avail_ring_addr: host + a,
-                    log_addr: None,
-                },
-            )
-            .unwrap();
-            f.set_vring_base(q, 0).unwrap();
-            f.set_vring_call(q, &call[q]).unwrap();
-            f.set_vring_kick(q, &kick[q]).unwrap();
-            f.set_vring_enable(q, true).unwrap();
-        }
-        NetPlayer {
-            _f: f,
-            mem,
-            _file: file,
-            kick,
-            call,
-            avail: [0; 2],
-            seen: [0; 2],
-        }
-    }
-
-    fn buf(q: usize, i: u16) -> u64 {
-        BUF + q as u64 * (1 << 20) + u64::from(i) * 2048
-    }
-
-    /// Descriptor `i` of queue `q`: its buffer, `len` bytes, writable for the receive queue.
-    fn desc(&self, q: usize, i: u16, len: u32) {
-        let at = ring(q as u64).0 + 16 * u64::from(i);
-        self.mem
-            .write_obj(Self::buf(q, i), GuestAddress(at))
-            .unwrap();
-        self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-        let flags: u16 = if q == 0 { 2 } else { 0 };
-        self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-        self.mem.write_obj(0u16, GuestAddress(at + 14)).unwrap();
-    }
-
-    fn offer(&mut self, q: usize, head: u16) {
-        let a = ring(q as u64).1;
-        let slot = u64::from(self.avail[q] % NQ);
-        self.mem
-            .write_obj(head, GuestAddress(a + 4 + 2 * slot))
-            .unwrap();
-        self.avail[q] = self.avail[q].wrapping_add(1);
-        self.mem
-            .write_obj(self.avail[q], GuestAddress(a + 2))
-            .unwrap();
-    }
-
-    /// Waits for queue `q`'s call (at most 30 s, asserted); the heads used since the last
-    /// time. False, with nothing waited for, once `stop` is set (the switch may be gone).
-    fn used(&mut self, q: usize, out: &mut Vec<(u16, u32)>, stop: &AtomicBool) -> bool {
-        use std::os::fd::AsRawFd;
-        out.clear();
-        let mut pfd = libc::pollfd {
-            fd: self.call[q].as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let t = std::time::Instant::now();
-        loop {
-            // SAFETY: one valid pollfd. In slices, for `stop` to be seen.
-            let r = unsafe { libc::poll(&mut pfd, 1, 100) };
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                return false;
-            }
-            if r == 1 {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "queue {q} was called within 30 s"
-            );
-        }
-        self.call[q].read().unwrap();
-        let u = ring(q as u64).2;
-        let used: u16 = self.mem.read_obj(GuestAddress(u + 2)).unwrap();
-        while self.seen[q] != used {
-            let at = u + 4 + 8 * u64::from(self.seen[q] % NQ);
-            let head: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((u16::try_from(head).unwrap(), len));
-            self.seen[q] = self.seen[q].wrapping_add(1);
-        }
-        true
-    }
-}
 
 fn mac(i: u8) -> [u8; 6] {
     [0x52, 0x54, 0, 0x5a, 0, i]
@@ -775,9 +667,7 @@ fn net_sender(
         f[HDR + 6..HDR + 12].copy_from_slice(&mac(me));
         f[HDR + 12..HDR + 14].copy_from_slice(&[0x88, 0xb5]);
         for i in 0..NQ {
-            p.mem
-                .write_slice(&f, GuestAddress(NetPlayer::buf(1, i)))
-                .unwrap();
+            p.mem.write_slice(&f, GuestAddress(p.buf(1, i))).unwrap();
             p.desc(1, i, u32::try_from(HDR + FRAME).unwrap());
             p.offer(1, i);
         }
@@ -812,7 +702,7 @@ fn net_receiver(
         hello[HDR..HDR + 6].fill(0xff);
         hello[HDR + 6..HDR + 12].copy_from_slice(&mac(me));
         p.mem
-            .write_slice(&hello, GuestAddress(NetPlayer::buf(1, 0)))
+            .write_slice(&hello, GuestAddress(p.buf(1, 0)))
             .unwrap();
         p.desc(1, 0, u32::try_from(hello.len()).unwrap());
         p.offer(1, 0);
@@ -822,10 +712,7 @@ fn net_receiver(
         while p.used(0, &mut used, &stop) {
             for &(h, len) in &used {
                 p.mem
-                    .read_slice(
-                        &mut src,
-                        GuestAddress(NetPlayer::buf(0, h) + 6 + HDR as u64),
-                    )
+                    .read_slice(&mut src, GuestAddress(p.buf(0, h) + 6 + HDR as u64))
                     .unwrap();
                 let who = usize::from(src[5]).min(3);
                 lock_got(&got)[who] += u64::from(len).saturating_sub(HDR as u64);
