@@ -6,14 +6,17 @@
 //! CPUs, so a world entitled a whole CPU shared it with a migrating neighbour for part of the
 //! time (measured: under 1:2:4 on two CPUs, world `a` sat on world `c`'s CPU 15% of the time,
 //! and `c` got 0.94 of its 1.0). The daemon therefore lays the entitlements end to end on
-//! `[0, ncpus)` in decreasing order (McNaughton's wrap-around rule) and cuts at each integer:
-//! a world wholly inside one CPU is pinned there, so each CPU serves a fixed set of worlds
-//! whose weights then split it exactly. A single-vCPU world cut in two is time-shared: each
-//! 100 ms tick it is pinned to one of its two CPUs, to each for a share of the ticks in
-//! proportion to its piece there, and while there it gets a weight that makes it take its
-//! entitlement's fraction of that CPU (so each piece comes out right over time). A world with
-//! several vCPUs may use every CPU its span touches, and at least as many CPUs as it has vCPUs
-//! (two busy vCPUs of one VM never share one CPU by the daemon's doing).
+//! packs the entitlements onto the CPUs ([`pack`]: first fit decreasing, then what fits
+//! nowhere laid end to end over the room left, McNaughton's wrap-around rule, cut at each
+//! CPU's end): a world wholly inside one CPU is pinned there, so each CPU serves a fixed set
+//! of worlds whose weights then split it exactly. A single-vCPU world cut across CPUs is
+//! time-shared: each 100 ms tick it is pinned to one of them, to each for a share of the ticks
+//! in proportion to its piece there, and while there it gets a weight that makes it take its
+//! entitlement's fraction of that CPU (so each piece comes out right over time), provided the
+//! others on each of those CPUs can fill it while it is away (a CPU whose other worlds are
+//! limited below a whole CPU cannot: the world is then allowed on all its CPUs at once). A
+//! world with several vCPUs may use every CPU its span touches, and at least as many CPUs as
+//! it has vCPUs (two busy vCPUs of one VM never share one CPU by the daemon's doing).
 //!
 //! Worlds that do not use their entitlement (guest idle) are packed with what they use (plus
 //! headroom) rather than their entitlement, so that their CPU is not kept empty, and when
@@ -93,10 +96,12 @@ impl Span {
 /// Slack below which a piece is taken as nothing (float noise at the cuts).
 const EPS: f64 = 1e-6;
 
-/// McNaughton's wrap-around packing of `wants` onto `ncpus` CPUs: worlds in decreasing
-/// entitlement (ties by id), laid end to end from 0, cut at each integer. A world never spans
-/// more CPUs than `ceil(entitlement) + 1`; one with more vCPUs than CPUs in its span gets the
-/// next CPUs too (wrapping), up to `min(vcpus, ncpus)` in all. Entitlements are clamped to
+/// Packs `wants` onto `ncpus` CPUs: worlds in decreasing entitlement (ties by id) go whole
+/// into the first CPU with room for them (first fit decreasing); those that fit nowhere are
+/// laid end to end over the room left, cut at each CPU's end (McNaughton's wrap-around rule
+/// over the gaps), so each CPU is filled exactly and only those worlds are split. A world
+/// with more vCPUs than CPUs in its span gets the next CPUs too (wrapping), up to
+/// `min(vcpus, ncpus)` in all. Entitlements are clamped to
 /// `[0, min(vcpus, ncpus)]` and, if they total more than `ncpus`, scaled down to fit.
 pub fn pack(wants: &[Want], ncpus: usize) -> Vec<Span> {
     if ncpus == 0 {
@@ -126,32 +131,41 @@ pub fn pack(wants: &[Want], ncpus: usize) -> Vec<Span> {
             .unwrap_or(std::cmp::Ordering::Equal)
             .then(wants[a].id.cmp(&wants[b].id))
     });
-    let mut out: Vec<Option<Span>> = vec![None; wants.len()];
-    let mut x = 0.0f64;
-    let last = ncpus - 1;
-    for i in order {
-        let w = &wants[i];
-        let s = size(w) * scale;
-        let end = (x + s).min(n);
-        let mut pieces = Vec::new();
-        // The CPU the span starts in; a span starting at a cut starts in the next CPU.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // 0 <= x < ncpus
-        let mut k = (x.floor() as usize).min(last);
-        loop {
-            let lo = x.max(k as f64);
-            let hi = end.min((k + 1) as f64);
-            if hi - lo > EPS || pieces.is_empty() {
-                pieces.push((k, (hi - lo).max(0.0)));
+    // First fit, decreasing: each world that fits whole in a CPU's room goes there.
+    let mut free = vec![1.0f64; ncpus];
+    let mut pieces: Vec<Vec<(usize, f64)>> = vec![Vec::new(); wants.len()];
+    let mut rest = Vec::new();
+    for &i in &order {
+        let s = size(&wants[i]) * scale;
+        match (0..ncpus).find(|&k| free[k] + EPS >= s && s <= 1.0 + EPS) {
+            Some(k) => {
+                free[k] = (free[k] - s).max(0.0);
+                pieces[i].push((k, s));
             }
-            if end <= (k + 1) as f64 + EPS || k == last {
-                break;
+            None => rest.push(i),
+        }
+    }
+    // The rest, laid end to end over the room left (McNaughton's rule over the gaps).
+    let mut k = 0;
+    for i in rest {
+        let mut s = size(&wants[i]) * scale;
+        while s > EPS && k < ncpus {
+            let take = s.min(free[k]);
+            if take > EPS {
+                pieces[i].push((k, take));
+                free[k] -= take;
+                s -= take;
             }
-            k += 1;
+            if free[k] <= EPS {
+                k += 1;
+            }
         }
-        // A piece that is only float noise at the start of a span (x just below a cut).
-        if pieces.len() > 1 && pieces[0].1 <= EPS {
-            pieces.remove(0);
+        if pieces[i].is_empty() {
+            pieces[i].push((k.min(ncpus - 1), 0.0));
         }
+    }
+    let mut out = Vec::with_capacity(wants.len());
+    for (w, mut pieces) in wants.iter().zip(pieces) {
         // One CPU per vCPU where the host has them: the following CPUs, wrapping.
         let want_cpus = usize::try_from(w.vcpus.max(1))
             .unwrap_or(usize::MAX)
@@ -163,10 +177,9 @@ pub fn pack(wants: &[Want], ncpus: usize) -> Vec<Span> {
                 pieces.push((next, 0.0));
             }
         }
-        x = end;
-        out[i] = Some(Span { id: w.id, pieces });
+        out.push(Span { id: w.id, pieces });
     }
-    out.into_iter().flatten().collect()
+    out
 }
 
 /// What the daemon does with one world this tick.
@@ -279,12 +292,31 @@ impl Placer {
         let wants = redistribute(&wants, loads, &demand, spare);
         let spans = pack(&wants, ncpus);
         let weight: HashMap<u64, f64> = loads.iter().map(|l| (l.id, l.weight)).collect();
+        // What each world can use at most (its cap, or its demand when idle).
+        let most: HashMap<u64, f64> = loads
+            .iter()
+            .zip(&demand)
+            .map(|(l, &d)| (l.id, l.cap.min(d).min(1.0)))
+            .collect();
         // Split single-vCPU worlds: pick this tick's CPU by credit.
         let mut at: HashMap<u64, usize> = HashMap::new();
         let mut credit = HashMap::new();
         for (s, w) in spans.iter().zip(&wants) {
             let real: Vec<(usize, f64)> = s.pieces.iter().copied().filter(|p| p.1 > EPS).collect();
             if w.vcpus != 1 || real.len() < 2 || w.entitlement <= EPS {
+                continue;
+            }
+            // Time-sharing needs the others on each of its CPUs to fill that CPU while it is
+            // away; where they cannot (limits), it may use all its CPUs at once instead.
+            let fills = real.iter().all(|&(k, _)| {
+                let others: f64 = spans
+                    .iter()
+                    .filter(|o| o.id != s.id && o.pieces.iter().any(|p| p.0 == k && p.1 > EPS))
+                    .map(|o| most.get(&o.id).copied().unwrap_or(0.0))
+                    .sum();
+                others >= 1.0 - EPS
+            });
+            if !fills {
                 continue;
             }
             let mut c = self.credit.remove(&s.id).unwrap_or_default();
@@ -494,14 +526,14 @@ mod tests {
 
     #[test]
     fn a_fractional_world_is_split_across_two_cpus() {
-        // a reserves 0.9, b and c split the rest 1:2.
+        // a reserves 0.9, b and c split the rest 1:2: b fits whole nowhere.
         let s = pack(&[w(1, 0.9, 1), w(2, 1.1 / 3.0, 1), w(3, 2.2 / 3.0, 1)], 2);
         assert!(approx(span(&s, 1), &[(0, 0.9)]), "{s:?}");
+        assert!(approx(span(&s, 3), &[(1, 2.2 / 3.0)]), "{s:?}");
         assert!(
-            approx(span(&s, 3), &[(0, 0.1), (1, 2.2 / 3.0 - 0.1)]),
+            approx(span(&s, 2), &[(0, 0.1), (1, 1.1 / 3.0 - 0.1)]),
             "{s:?}"
         );
-        assert!(approx(span(&s, 2), &[(1, 1.1 / 3.0)]), "{s:?}");
         // Every world spans at most two CPUs and each CPU is filled exactly.
         let mut per_cpu = [0.0; 2];
         for sp in &s {
@@ -518,18 +550,19 @@ mod tests {
 
     #[test]
     fn limits_are_just_smaller_entitlements() {
+        // The smallest world is the one split: its neighbours, unlimited, fill the CPUs.
         let s = pack(&[w(1, 0.9, 1), w(2, 0.8, 1), w(3, 0.3, 1)], 2);
         assert!(approx(span(&s, 1), &[(0, 0.9)]), "{s:?}");
-        assert!(approx(span(&s, 2), &[(0, 0.1), (1, 0.7)]), "{s:?}");
-        assert!(approx(span(&s, 3), &[(1, 0.3)]), "{s:?}");
+        assert!(approx(span(&s, 2), &[(1, 0.8)]), "{s:?}");
+        assert!(approx(span(&s, 3), &[(0, 0.1), (1, 0.2)]), "{s:?}");
     }
 
     #[test]
     fn more_vcpus_than_cpus() {
         // A 4-vCPU world entitled 1.5 of 2 CPUs: both CPUs, never more than the host has.
         let s = pack(&[w(1, 1.5, 4), w(2, 0.5, 1)], 2);
-        assert!(approx(span(&s, 1), &[(0, 1.0), (1, 0.5)]), "{s:?}");
-        assert!(approx(span(&s, 2), &[(1, 0.5)]), "{s:?}");
+        assert!(approx(span(&s, 1), &[(0, 0.5), (1, 1.0)]), "{s:?}");
+        assert!(approx(span(&s, 2), &[(0, 0.5)]), "{s:?}");
         // Two vCPUs entitled 0.4 in all still get two CPUs, not one.
         let s = pack(&[w(1, 1.6, 1), w(2, 0.4, 2)], 2);
         let c = s.iter().find(|s| s.id == 2).unwrap().cpus();
@@ -544,7 +577,7 @@ mod tests {
     fn one_cpu_and_many_cpus() {
         let s = pack(&[w(1, 0.25, 1), w(2, 0.75, 1)], 1);
         assert!(approx(span(&s, 2), &[(0, 0.75)]) && approx(span(&s, 1), &[(0, 0.25)]));
-        // 64 CPUs, 100 worlds: each spans at most two CPUs, each CPU is filled exactly.
+        // 64 CPUs, 100 worlds: each CPU is filled exactly, fewer than 64 worlds are split.
         let wants: Vec<Want> = (0..100)
             .map(|i| w(i, f64::from(u32::try_from(i % 5 + 3).unwrap()), 1))
             .collect();
@@ -555,9 +588,10 @@ mod tests {
             .collect();
         let s = pack(&wants, 64);
         assert_eq!(s.len(), 100);
+        assert!(s.iter().filter(|s| s.pieces.len() > 1).count() < 64);
         let mut per_cpu = vec![0.0; 64];
         for sp in &s {
-            assert!(sp.pieces.len() <= 2 && !sp.pieces.is_empty(), "{sp:?}");
+            assert!(!sp.pieces.is_empty(), "{sp:?}");
             let got: f64 = sp.pieces.iter().map(|p| p.1).sum();
             let want = wants.iter().find(|x| x.id == sp.id).unwrap().entitlement;
             assert!((got - want).abs() < 1e-5, "{sp:?} {want}");
@@ -600,19 +634,40 @@ mod tests {
         for _ in 0..1100 {
             let d = p.plan(&loads, 2);
             assert_eq!(d.iter().find(|d| d.id == 1).unwrap().cpus, vec![0]);
-            assert_eq!(d.iter().find(|d| d.id == 2).unwrap().cpus, vec![1]);
-            let c = d.iter().find(|d| d.id == 3).unwrap();
-            assert_eq!(c.cpus.len(), 1);
-            let f = c.weight_factor.unwrap();
-            // It takes 2.2/3 of the CPU it is on: weight p/(1-p) times the others'.
-            let others = if c.cpus[0] == 0 { 0.9 } else { 1.1 / 3.0 };
-            let share = f * 2.2 / 3.0 / (f * 2.2 / 3.0 + others);
-            assert!((share - 2.2 / 3.0).abs() < 1e-9, "{share}");
-            on0 += usize::from(c.cpus[0] == 0);
+            assert_eq!(d.iter().find(|d| d.id == 3).unwrap().cpus, vec![1]);
+            let b = d.iter().find(|d| d.id == 2).unwrap();
+            assert_eq!(b.cpus.len(), 1);
+            let f = b.weight_factor.unwrap();
+            // It takes 1.1/3 of the CPU it is on: weight p/(1-p) times the others'.
+            let others = if b.cpus[0] == 0 { 0.9 } else { 2.2 / 3.0 };
+            let share = f * 1.1 / 3.0 / (f * 1.1 / 3.0 + others);
+            assert!((share - 1.1 / 3.0).abs() < 1e-9, "{share}");
+            on0 += usize::from(b.cpus[0] == 0);
         }
-        // On CPU 0 for 0.1 / (2.2/3) of the ticks.
-        let want = 0.1 / (2.2 / 3.0) * 1100.0;
+        // On CPU 0 for 0.1 / (1.1/3) of the ticks.
+        let want = 0.1 / (1.1 / 3.0) * 1100.0;
         assert!((on0 as f64 - want).abs() <= 1.0, "{on0} vs {want}");
+    }
+
+    #[test]
+    fn a_split_world_beside_limited_ones_is_not_time_shared() {
+        // a 0.9 and b 0.8 alone on their CPUs would leave c (0.3) split; here b is limited
+        // to 0.8 so that CPU 1 cannot be filled without c: c may use both CPUs at once.
+        let mut p = Placer::default();
+        let mut b = load(2, 0.8, Some(0.8), 0.1);
+        b.cap = 0.8;
+        let loads = [
+            load(1, 0.9, Some(0.9), 0.1),
+            b,
+            load(3, 0.3, Some(0.3), 0.1),
+        ];
+        let d = p.plan(&loads, 2);
+        let c = d.iter().find(|d| d.id == 3).unwrap();
+        assert_eq!(
+            (c.cpus.clone(), c.weight_factor),
+            (vec![0, 1], None),
+            "{d:?}"
+        );
     }
 
     #[test]
