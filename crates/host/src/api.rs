@@ -1307,6 +1307,7 @@ impl Daemon {
                 .collect(),
         };
         p.factors.clear();
+        let mode = p.mode;
         let mut applied = HashMap::new();
         for dec in decisions {
             let Some(&(w, _)) = entitled.iter().find(|(w, _)| w.id == dec.id) else {
@@ -1322,15 +1323,21 @@ impl Daemon {
                 .filter_map(|&i| host.get(i).copied())
                 .collect();
             let pid = crate::supervisor::vmm_process(pid);
-            for tid in place::vcpu_threads(pid) {
+            let all: Vec<usize> = host.clone();
+            for (tid, vcpu) in place::vmm_threads(pid) {
+                // Other threads may run anywhere (one started by a pinned vCPU thread would
+                // inherit its affinity).
+                let cpus = if vcpu { &cpus } else { &all };
                 let before = p.applied.get(&tid);
-                // Threads never pinned keep the affinity they inherited (all of the daemon's).
-                let untouched = before.is_none() && cpus.len() == host.len();
-                if before != Some(&cpus) && !untouched {
-                    if let Err(e) = place::set_affinity(tid, &cpus) {
+                // With placement off, threads never pinned keep the affinity they inherited
+                // (all of the daemon's); with it on, each thread is set once when first seen.
+                let untouched =
+                    before.is_none() && cpus.len() == host.len() && mode == place::Mode::Off;
+                if before != Some(cpus) && !untouched {
+                    if let Err(e) = place::set_affinity(tid, cpus) {
                         if p.warned.insert(w.id) {
                             eprintln!(
-                                "wv host: world {} ({}): placing vCPU thread {tid} on CPUs {cpus:?}: {e}",
+                                "wv host: world {} ({}): placing VMM thread {tid} on CPUs {cpus:?}: {e}",
                                 w.id, w.spec.name
                             );
                         }

@@ -23,7 +23,8 @@
 //! everything that competes fits the CPUs nothing is pinned at all (no contention: CFS alone
 //! gives every world its cap). Limits stay with CFS bandwidth control. The system worlds (the
 //! daemon's management and helper threads, the switch, the storage service) and the VMMs'
-//! other threads are never pinned: they may run anywhere.
+//! other threads are never pinned: they may run anywhere (a VMM thread started by a pinned
+//! vCPU thread inherits its affinity, and the daemon gives it every CPU back at its next tick).
 //!
 //! Affinity rather than cpuset cgroups: it works the same on cgroup v1 and v2 and for jailed
 //! VMMs (the daemon is root), needs no cpuset hierarchy, and can be changed each tick cheaply.
@@ -472,12 +473,13 @@ pub fn set_affinity(tid: u32, cpus: &[usize]) -> std::io::Result<()> {
     }
 }
 
-/// The vCPU threads of VMM process `pid`: its main thread (vCPU 0) and the `vcpuN` threads.
-pub fn vcpu_threads(pid: u32) -> Vec<u32> {
+/// The threads of VMM process `pid`, each with whether it is a vCPU thread (its main thread,
+/// vCPU 0, and the `vcpuN` threads).
+pub fn vmm_threads(pid: u32) -> Vec<(u32, bool)> {
     let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
-    let mut out: Vec<u32> = rd
+    let mut out: Vec<(u32, bool)> = rd
         .flatten()
         .filter_map(|e| {
             let tid: u32 = e.file_name().to_str()?.parse().ok()?;
@@ -486,7 +488,7 @@ pub fn vcpu_threads(pid: u32) -> Vec<u32> {
             let vcpu = c
                 .strip_prefix("vcpu")
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-            (tid == pid || vcpu).then_some(tid)
+            Some((tid, tid == pid || vcpu))
         })
         .collect();
     out.sort_unstable();
@@ -722,6 +724,7 @@ mod tests {
         assert_eq!(parse_list("x"), None);
         assert!(!allowed_cpus().is_empty());
         let me = u32::try_from(std::process::id()).unwrap();
-        assert_eq!(vcpu_threads(me), vec![me]);
+        assert_eq!(vmm_threads(me)[0], (me, true));
+        assert!(vmm_threads(me)[1..].iter().all(|t| !t.1));
     }
 }
