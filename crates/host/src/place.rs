@@ -514,7 +514,7 @@ mod tests {
                 .all(|(x, y)| x.0 == y.0 && (x.1 - y.1).abs() < 1e-9)
     }
 
-    fn span<'a>(s: &'a [Span], id: u64) -> &'a [(usize, f64)] {
+    fn span(s: &[Span], id: u64) -> &[(usize, f64)] {
         &s.iter().find(|s| s.id == id).unwrap().pieces
     }
 
@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(parse_list("3-1"), None);
         assert_eq!(parse_list("x"), None);
         assert!(!allowed_cpus().is_empty());
-        let me = u32::try_from(std::process::id()).unwrap();
+        let me = std::process::id();
         assert_eq!(vmm_threads(me)[0], (me, true));
         assert!(vmm_threads(me)[1..].iter().all(|t| !t.1));
     }

@@ -265,6 +265,7 @@ fn api(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the daemon's options, one argument each
 fn cmd_host_serve(
     socket: &Path,
     state_dir: &Path,

@@ -353,6 +353,9 @@ fn allowed(tid: u64) -> Vec<usize> {
     )
 }
 
+/// The CPUs each world's vCPU 0 thread may use.
+type Pins<'a> = HashMap<&'a str, Vec<usize>>;
+
 /// World `name`'s vCPU 0 thread (the VMM's main thread, named `wv`).
 fn vcpu0(d: &Daemon, name: &str) -> u64 {
     let s = d.json(&["vm", "stats", name]);
@@ -403,11 +406,10 @@ fn placement_pins_vcpu_threads_by_entitlement() {
     }
     let t: HashMap<&str, u64> = ["a", "b", "c"].iter().map(|n| (*n, vcpu0(&d, n))).collect();
     // Waits (up to 5 s: a few 100 ms ticks once the worlds are seen busy) for `want`.
-    let until = |what: &str, want: &dyn Fn(&HashMap<&str, Vec<usize>>) -> bool| {
+    let until = |what: &str, want: &dyn Fn(&Pins) -> bool| {
         let start = Instant::now();
         loop {
-            let now: HashMap<&str, Vec<usize>> =
-                t.iter().map(|(n, &tid)| (*n, allowed(tid))).collect();
+            let now: Pins = t.iter().map(|(n, &tid)| (*n, allowed(tid))).collect();
             if want(&now) {
                 return now;
             }
