@@ -45,6 +45,7 @@ use crate::history::{DeviceKind, DeviceReading};
 use crate::http::{self, HttpError, Request};
 use crate::metrics::{self, Samples};
 use crate::network::{self, NetworkSpec};
+use crate::place;
 use crate::sched::{self, Cgroups, Demand};
 use crate::shutdown::{self, SocketTrace, StateLock, Traces};
 use crate::storage;
@@ -57,7 +58,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::BufReader;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 mod memory;
@@ -125,6 +126,8 @@ pub struct Daemon {
     cgroups: Result<Cgroups, String>,
     cpus: f64,
     ctl: Mutex<sched::Controller>,
+    /// Where worlds' vCPU threads may run ([`crate::place`]), decided each scheduler tick.
+    placement: Mutex<Placement>,
     /// The directories VMs' files must come from (empty: anywhere), canonical.
     images: std::sync::OnceLock<Vec<PathBuf>>,
     /// The users VMMs run as, jailed (`wv host --jail-uids FIRST-LAST`): world N's is FIRST+N.
@@ -611,6 +614,36 @@ fn ok<T: serde::Serialize>(status: u16, v: &T) -> Reply {
     )
 }
 
+/// The placement state of the scheduler's loop.
+struct Placement {
+    mode: place::Mode,
+    placer: place::Placer,
+    /// The CPUs the daemon may use (its affinity when it started); those online are placed on.
+    allowed: Vec<usize>,
+    /// Each world's CPU and ready time at the last tick, ns.
+    prev: HashMap<u64, (u64, u64)>,
+    /// The affinity last set on each vCPU thread (host CPU numbers).
+    applied: HashMap<u32, Vec<usize>>,
+    /// Weight factors of worlds time-shared between two CPUs this tick.
+    factors: HashMap<u64, f64>,
+    /// Worlds whose placement failed once (said once).
+    warned: HashSet<u64>,
+}
+
+impl Placement {
+    fn new() -> Placement {
+        Placement {
+            mode: place::Mode::default(),
+            placer: place::Placer::default(),
+            allowed: place::allowed_cpus(),
+            prev: HashMap::new(),
+            applied: HashMap::new(),
+            factors: HashMap::new(),
+            warned: HashSet::new(),
+        }
+    }
+}
+
 impl Daemon {
     /// Loads the state directory and re-adopts the VMMs a previous daemon left running (or
     /// records that they ended while it was down).
@@ -664,6 +697,7 @@ impl Daemon {
             cgroups,
             cpus,
             ctl: Mutex::default(),
+            placement: Mutex::new(Placement::new()),
             runs: Mutex::default(),
             lifecycle: Mutex::default(),
             listen: std::sync::OnceLock::new(),
@@ -1174,7 +1208,8 @@ impl Daemon {
             .collect()
     }
 
-    /// The scheduler's loop: every 100 ms, feed each running world's use back into its weight.
+    /// The scheduler's loop: every 100 ms, feed each running world's use back into its weight
+    /// and place the worlds' vCPU threads on CPUs ([`crate::place`]).
     fn schedule(&self) {
         let tick = Duration::from_millis(100);
         let mut last = std::time::Instant::now();
@@ -1197,12 +1232,128 @@ impl Daemon {
                     })
                 })
                 .collect();
-            self.ctl
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .step(&samples, dt);
+            let mut ctl = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
+            ctl.step(&samples, dt);
+            self.place(&entitled, &samples, &ctl, dt);
+            drop(ctl);
             self.enforce(&entitled, false);
         }
+    }
+
+    fn placement(&self) -> MutexGuard<'_, Placement> {
+        self.placement.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets whether the daemon places worlds' vCPU threads (`wv host --placement`); `off`
+    /// gives every vCPU thread it pinned back all the daemon's CPUs.
+    pub fn set_placement(&self, mode: place::Mode) {
+        let mut p = self.placement();
+        p.mode = mode;
+    }
+
+    /// One tick of placement: decides where each running world's vCPU threads go and
+    /// applies it (only what changed); the weight factors go to [`Daemon::enforce`].
+    fn place(
+        &self,
+        entitled: &[(&World, f64)],
+        samples: &[sched::Sample],
+        ctl: &sched::Controller,
+        dt_ns: u64,
+    ) {
+        let mut p = self.placement();
+        let host: Vec<usize> = match place::online_cpus() {
+            Some(on) => p
+                .allowed
+                .iter()
+                .copied()
+                .filter(|c| on.contains(c))
+                .collect(),
+            None => p.allowed.clone(),
+        };
+        let dt = dt_ns.max(1) as f64;
+        let mut loads = Vec::new();
+        let mut prev = HashMap::new();
+        for &(w, e) in entitled {
+            let s = samples.iter().find(|s| s.id == w.id);
+            let (used, ready) = match (s, p.prev.get(&w.id)) {
+                (Some(s), Some(&(c0, r0))) => (
+                    Some(s.cpu_ns.saturating_sub(c0) as f64 / dt),
+                    s.ready_ns.saturating_sub(r0) as f64 / dt,
+                ),
+                _ => (None, 0.0),
+            };
+            if let Some(s) = s {
+                prev.insert(w.id, (s.cpu_ns, s.ready_ns));
+            }
+            let d = w.spec.demand();
+            let vcpus = f64::from(d.vcpus);
+            loads.push(place::Load {
+                id: w.id,
+                entitlement: e,
+                cap: d.limit.map_or(vcpus, |l| l.min(vcpus)),
+                vcpus: d.vcpus,
+                weight: e * ctl.gain(w.id),
+                used,
+                ready,
+            });
+        }
+        p.prev = prev;
+        let decisions = match p.mode {
+            place::Mode::Auto => p.placer.plan(&loads, host.len()),
+            // Off: whatever this daemon pinned gets every CPU back, once.
+            place::Mode::Off => loads
+                .iter()
+                .map(|l| place::Decision {
+                    id: l.id,
+                    cpus: (0..host.len()).collect(),
+                    weight_factor: None,
+                })
+                .collect(),
+        };
+        p.factors.clear();
+        let mode = p.mode;
+        let mut applied = HashMap::new();
+        for dec in decisions {
+            let Some(&(w, _)) = entitled.iter().find(|(w, _)| w.id == dec.id) else {
+                continue;
+            };
+            let Some(pid) = w.pid else { continue };
+            if let Some(f) = dec.weight_factor {
+                p.factors.insert(dec.id, f);
+            }
+            let cpus: Vec<usize> = dec
+                .cpus
+                .iter()
+                .filter_map(|&i| host.get(i).copied())
+                .collect();
+            let pid = crate::supervisor::vmm_process(pid);
+            let all: Vec<usize> = host.clone();
+            for (tid, vcpu) in place::vmm_threads(pid) {
+                // Other threads may run anywhere (one started by a pinned vCPU thread would
+                // inherit its affinity).
+                let cpus = if vcpu { &cpus } else { &all };
+                let before = p.applied.get(&tid);
+                // With placement off, threads never pinned keep the affinity they inherited
+                // (all of the daemon's); with it on, each thread is set once when first seen.
+                let untouched =
+                    before.is_none() && cpus.len() == host.len() && mode == place::Mode::Off;
+                if before != Some(cpus) && !untouched {
+                    if let Err(e) = place::set_affinity(tid, cpus) {
+                        if p.warned.insert(w.id) {
+                            eprintln!(
+                                "wv host: world {} ({}): placing VMM thread {tid} on CPUs {cpus:?}: {e}",
+                                w.id, w.spec.name
+                            );
+                        }
+                        continue;
+                    }
+                }
+                if !untouched {
+                    applied.insert(tid, cpus.clone());
+                }
+            }
+        }
+        p.applied = applied;
     }
 
     /// Recomputes every running world's entitlement and applies it, limits included (after a
@@ -1211,13 +1362,14 @@ impl Daemon {
         self.enforce(&self.entitled(doc), true);
     }
 
-    /// Writes each world's weight (its entitlement times its feedback gain) and, with
-    /// `limits`, its limit.
+    /// Writes each world's weight (its entitlement times its feedback gain, times the factor
+    /// placement gives a world time-shared between two CPUs) and, with `limits`, its limit.
     fn enforce(&self, entitled: &[(&World, f64)], limits: bool) {
         let Ok(cg) = &self.cgroups else { return };
+        let factors = self.placement().factors.clone();
         let ctl = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
         for &(w, e) in entitled {
-            let e = e * ctl.gain(w.id);
+            let e = e * ctl.gain(w.id) * factors.get(&w.id).copied().unwrap_or(1.0);
             let r = if limits {
                 cg.apply(w.id, e, w.spec.limit)
             } else {
@@ -2402,6 +2554,7 @@ impl Daemon {
                     Ok(c) => c.describe(),
                     Err(e) => format!("unavailable: {e}"),
                 },
+                "placement": self.placement().mode.as_str(),
             }),
         )
     }

@@ -12,6 +12,7 @@ pub mod lending;
 pub use wv_http as http;
 pub mod metrics;
 pub mod network;
+pub mod place;
 pub mod sched;
 pub mod service;
 pub mod shutdown;

@@ -13,6 +13,12 @@
 //! share by weight), and whose CFS quota is its limit. The `worldvisor` group itself gets a
 //! large weight so that the host's other processes cannot eat into reservations.
 //!
+//! Weights are exact per CPU, but CFS's load balancer moves one-thread worlds between CPUs,
+//! so the daemon also decides placement ([`crate::place`]): every 100 ms it packs the
+//! entitlements onto the CPUs (first fit decreasing, the rest by McNaughton's wrap-around
+//! rule), pins each world that fits in one CPU there, and time-shares a world split across
+//! CPUs between them; `wv host --placement off` leaves placement to the kernel.
+//!
 //! Accounting reads each VMM thread's `/proc/PID/task/TID/schedstat`: CPU time and time
 //! runnable but waiting (the "ready" time of seed 000).
 

@@ -619,6 +619,11 @@ const DAEMON_OPTS: &[Opt] = &[
             "run VMMs as the daemon's user, unjailed (debugging only)",
         ),
         opt(
+            "--placement",
+            Arg::Value("auto|off"),
+            "auto (default): pin busy worlds' vCPU threads to CPUs by their entitlements\n(exact shares); off: leave placement to the kernel",
+        ),
+        opt(
             "--host-memory-reserve",
             Arg::Value("SIZE"),
             "lend memory between running VMs: while the host has less than SIZE free,\nballoon memory back from the VMs with the fewest shares per active page, and\ngive it back when there is enough again or a VM needs it (default off)",
@@ -1302,6 +1307,8 @@ pub enum Command {
         jail: Option<(u32, u32)>,
         /// The memory lending policy's settings.
         memory: wv_host::lending::Settings,
+        /// Whether the daemon places worlds' vCPU threads on CPUs.
+        placement: wv_host::place::Mode,
     },
     /// `wv host status`.
     HostStatus(Client),
@@ -2010,6 +2017,10 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                     ),
                 },
                 memory: lending_settings(&m)?,
+                placement: m
+                    .value("--placement")
+                    .map_or(Ok(wv_host::place::Mode::Auto), str::parse)
+                    .map_err(|e| Usage(format!("--placement: {e}")))?,
             })
         }
         Some("status") => {
@@ -2051,6 +2062,7 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                 for v in m.values(o.long) {
                     let v = match o.long {
                         "--listen"
+                        | "--placement"
                         | "--web"
                         | "--host-memory-reserve"
                         | "--idle-memory-tax"

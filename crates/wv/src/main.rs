@@ -80,6 +80,7 @@ fn main() -> ExitCode {
             images,
             jail,
             memory,
+            placement,
         } => cmd_host_serve(
             &socket,
             &state_dir,
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
             images,
             jail,
             memory,
+            placement,
         ),
         Command::HostStatus(c) => host_status(&c),
         Command::HostMemory(c) => host_memory(&c),
@@ -263,6 +265,7 @@ fn api(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the daemon's options, one argument each
 fn cmd_host_serve(
     socket: &Path,
     state_dir: &Path,
@@ -271,6 +274,7 @@ fn cmd_host_serve(
     images: Vec<PathBuf>,
     jail: Option<(u32, u32)>,
     memory: wv_host::lending::Settings,
+    placement: wv_host::place::Mode,
 ) -> ExitCode {
     let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
     let d = match wv_host::api::Daemon::open(state_dir, socket, wv) {
@@ -282,6 +286,7 @@ fn cmd_host_serve(
             )
         }
     };
+    d.set_placement(placement);
     if images.is_empty() {
         eprintln!(
             "wv host: warning: no --images: a VM may take any file the daemon can read as its kernel or disk"

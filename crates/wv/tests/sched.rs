@@ -342,3 +342,106 @@ fn shares_reservations_limits_and_admission() {
         "{root} remains after the daemon stopped"
     );
 }
+
+/// The CPUs thread `tid` may run on.
+fn allowed(tid: u64) -> Vec<usize> {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap();
+    cpu_list(
+        s.lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap(),
+    )
+}
+
+/// The CPUs each world's vCPU 0 thread may use.
+type Pins<'a> = HashMap<&'a str, Vec<usize>>;
+
+/// World `name`'s vCPU 0 thread (the VMM's main thread, named `wv`).
+fn vcpu0(d: &Daemon, name: &str) -> u64 {
+    let s = d.json(&["vm", "stats", name]);
+    s["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "wv")
+        .unwrap_or_else(|| panic!("no vCPU 0 thread in {s}"))["tid"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn placement_pins_vcpu_threads_by_entitlement() {
+    need_kvm();
+    let mine = std::fs::read_to_string("/proc/self/status").unwrap();
+    let mine = cpu_list(
+        mine.lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap(),
+    );
+    if mine.len() < 2 {
+        eprintln!("skipped: placement needs two CPUs and this process may use {mine:?}");
+        return;
+    }
+    let cpus = confine_to_two_cpus();
+    let dir = TempDir::new("sched-place");
+    let d = Daemon::start(&dir);
+    let host = d.json(&["host", "status"]);
+    assert_eq!(host["placement"], "auto", "{host}");
+    for (name, shares) in [("a", "1000"), ("b", "2000"), ("c", "4000")] {
+        let r = d.wv(&[
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "32M",
+            "--cmdline",
+            "console=ttyS0 probe.tests=burn",
+            "--shares",
+            shares,
+        ]);
+        assert_eq!(r.status, Some(0), "{r}");
+        let r = d.wv(&["vm", "start", name]);
+        assert_eq!(r.status, Some(0), "{r}");
+    }
+    let t: HashMap<&str, u64> = ["a", "b", "c"].iter().map(|n| (*n, vcpu0(&d, n))).collect();
+    // Waits (up to 5 s: a few 100 ms ticks once the worlds are seen busy) for `want`.
+    let until = |what: &str, want: &dyn Fn(&Pins) -> bool| {
+        let start = Instant::now();
+        loop {
+            let now: Pins = t.iter().map(|(n, &tid)| (*n, allowed(tid))).collect();
+            if want(&now) {
+                return now;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "{what}: {now:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // 1:2:4 on two CPUs: c (a whole CPU) alone on one, a and b (1/3 and 2/3) on the other.
+    let one = |v: &Vec<usize>| v.len() == 1 && cpus.contains(&v[0]);
+    let first = until("1:2:4", &|m| {
+        one(&m["a"]) && one(&m["b"]) && one(&m["c"]) && m["a"] == m["b"] && m["a"] != m["c"]
+    });
+    // c down to 1 share: b gets a whole CPU, a almost one, c (almost nothing) goes beside a.
+    let r = d.wv(&["vm", "set", "c", "--shares", "1"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let second = until("after the change", &|m| {
+        one(&m["a"]) && one(&m["b"]) && one(&m["c"]) && m["a"] != m["b"] && m["c"] == m["a"]
+    });
+    assert_ne!(first["c"], second["c"], "c moved");
+    // Only the vCPU threads are pinned: the VMM's control thread may run anywhere.
+    let s = d.json(&["vm", "stats", "c"]);
+    let control = s["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "control")
+        .unwrap()["tid"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(allowed(control), cpus);
+    for name in ["a", "b", "c"] {
+        d.wv(&["vm", "stop", name]);
+    }
+    d.stop();
+}
