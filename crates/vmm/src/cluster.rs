@@ -669,8 +669,17 @@ fn kill_all(children: &mut Vec<Child>) {
     children.clear();
 }
 
-/// Starts `wv node --listen ADDR` (`wv` is this program) and reads the address it bound.
-fn start_node(wv: &Path, id: usize, listen: SocketAddr) -> Result<(Child, SocketAddr), VmmError> {
+/// Time a node started here has to say which address it bound.
+const NODE_START: Duration = Duration::from_secs(10);
+
+/// Starts `wv node --listen ADDR` (`wv` is this program) and reads the address it bound,
+/// waiting `within` at most.
+fn start_node(
+    wv: &Path,
+    id: usize,
+    listen: SocketAddr,
+    within: Duration,
+) -> Result<(Child, SocketAddr), VmmError> {
     let mut c = Command::new(wv);
     c.arg("node")
         .arg("--listen")
@@ -690,10 +699,26 @@ fn start_node(wv: &Path, id: usize, listen: SocketAddr) -> Result<(Child, Socket
     let mut child = c
         .spawn()
         .map_err(|e| cluster_err(format!("starting node {id} ({}): {e}", wv.display())))?;
-    let out = child.stdout.take();
-    let line = out
-        .ok_or_else(|| io::Error::other("no stdout"))
-        .and_then(|o| read_line(&mut BufReader::new(o)));
+    // Its first line, read on a thread of its own so that a node that never prints (stuck
+    // before binding, or a `wv` that is not one) costs NODE_START at most: killing it then
+    // closes the pipe and ends the read.
+    let (tx, rx) = std::sync::mpsc::channel();
+    match child.stdout.take() {
+        Some(o) => {
+            std::thread::spawn(move || {
+                let _ = tx.send(read_line(&mut BufReader::new(o)));
+            });
+        }
+        None => {
+            let _ = tx.send(Err(io::Error::other("no stdout")));
+        }
+    }
+    let line = rx.recv_timeout(within).unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("nothing within {within:?}"),
+        ))
+    });
     let addr = line.as_ref().ok().and_then(|l| {
         l.strip_prefix("wv node: listening on ")
             .and_then(|a| a.parse::<SocketAddr>().ok())
@@ -754,7 +779,7 @@ impl Cluster {
                 pids.push(None);
                 continue;
             }
-            match start_node(wv, i, n.listen) {
+            match start_node(wv, i, n.listen, NODE_START) {
                 Ok((c, a)) => {
                     pids.push(Some(c.id()));
                     children.push(c);
@@ -1262,5 +1287,26 @@ vcpus = [2, 3]
             assert!(bad.check().is_err(), "{bad:?}");
         }
         assert!(serde_json::from_str::<Setup>("{\"version\":1}").is_err());
+    }
+
+    #[test]
+    fn a_node_that_never_says_its_address_is_given_up_on_and_killed() {
+        let dir = std::env::temp_dir().join(format!("wv-node-silent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("wv");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let t = Instant::now();
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let e = start_node(&fake, 1, listen, Duration::from_millis(300))
+            .expect_err("a silent node is an error");
+        let e = e.to_string();
+        assert!(
+            e.contains("did not report its address") && e.contains("nothing within"),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
