@@ -1736,7 +1736,8 @@ fn hotplug_net(slot: u8) -> bool {
 /// PCIU is enumerated and used (a disk written and read back, a NIC's MAC read: "hotplug:
 /// added ..."); each slot in PCID is reset (the driver lets go) and acknowledged through B0EJ
 /// ("hotplug: ejected slot=S"). It passes after `probe.hotplug_cycles` ejects (default 1), or
-/// on 'q' from the console.
+/// on 'q' from the console. With `probe.hotplug_self_eject=1` it ejects each device it used
+/// by itself, unasked ("hotplug: ejected slot=S by itself"), as a guest's operator may.
 fn hotplug_test() -> Outcome {
     use crate::acpi;
     use crate::pci::{inl, outl, read32};
@@ -1752,6 +1753,7 @@ fn hotplug_test() -> Outcome {
             d.s("no hot-plug controller (\\_SB.PHPR) in the DSDT"),
         );
     };
+    let self_eject = param(boot_info().cmdline(), "probe.hotplug_self_eject") == Some(b"1");
     let gsi = acpi::ged_gsi();
     {
         let mut l = Line::new();
@@ -1784,6 +1786,18 @@ fn hotplug_test() -> Outcome {
                 }
             };
             failed += u64::from(!ok);
+            if ok && self_eject {
+                if let Some(dev) = crate::virtio::at_slot(slot) {
+                    dev.reset();
+                }
+                outl(port + 8, 1 << slot);
+                ejected += 1;
+                let mut l = Line::new();
+                l.s("hotplug: ejected slot=")
+                    .dec(u64::from(slot))
+                    .s(" by itself")
+                    .end();
+            }
         }
         for slot in (1..32u8).filter(|s| down & (1 << s) != 0) {
             if let Some(dev) = crate::virtio::at_slot(slot) {

@@ -75,9 +75,18 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a VMM has to end after SIGTERM before it is killed (and again after SIGKILL).
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// What a running VM's VMM says of itself on its control socket: the disks and nets it
-/// serves, and the exits that reached it by its own causes.
-type VmmReading = (Vec<DeviceReading>, Vec<(String, u64)>);
+/// What a running VM's VMM says of itself on its control socket (`GET /vm/counters`).
+#[derive(Default)]
+struct VmmReading {
+    /// The disks and nets it serves (and, once `device_readings` added them, those the
+    /// storage service and the switch serve for it).
+    devices: Vec<DeviceReading>,
+    /// The exits that reached it, by its own causes.
+    exits: Vec<(String, u64)>,
+    /// The ids of its hot-plugged devices; None when it did not say (no answer, or a VMM
+    /// from before the field).
+    hot: Option<Vec<String>>,
+}
 
 /// One run of a VMM: its pidfd, and whether the daemon has recorded its end (and why it
 /// ended).
@@ -2154,7 +2163,8 @@ impl Daemon {
         };
         vms.iter()
             .map(|vm| {
-                let (mut devs, vmm_exits) = self.vmm_counters(vm);
+                let mut r = self.vmm_counters(vm);
+                let devs = &mut r.devices;
                 for (label, svc) in &vm.served_disks {
                     devs.extend(
                         disks
@@ -2172,8 +2182,8 @@ impl Daemon {
                     );
                 }
                 devs.sort_by_key(|d| d.kind != DeviceKind::Disk);
-                metrics::unique_names(&mut devs);
-                (vm.id, (devs, vmm_exits))
+                metrics::unique_names(devs);
+                (vm.id, r)
             })
             .collect()
     }
@@ -2198,9 +2208,55 @@ impl Daemon {
             Some(VMM_READ_TIMEOUT),
         ) {
             Ok((200, body)) => serde_json::from_str(&body)
-                .map(|v| (metrics::vmm_devices(&v), metrics::vmm_exits(&v)))
+                .map(|v| VmmReading {
+                    devices: metrics::vmm_devices(&v),
+                    exits: metrics::vmm_exits(&v),
+                    hot: metrics::vmm_hotplugged(&v),
+                })
                 .unwrap_or_default(),
             _ => VmmReading::default(),
+        }
+    }
+
+    /// Lets go of what served the hot-plugged devices a guest ejected by itself (the daemon
+    /// recorded them; the VMM, in `seen`, no longer has them). Only under the VM's lifecycle
+    /// lock, taken without waiting, and on a fresh reading: an add or remove in flight holds
+    /// the lock, and an add that ended since `seen` was read shows in the fresh one.
+    fn reap_ejected(&self, vms: &[LiveVm], seen: &HashMap<u64, VmmReading>) {
+        for vm in vms {
+            let Some(present) = seen.get(&vm.id).and_then(|r| r.hot.as_ref()) else {
+                continue;
+            };
+            let recorded: Vec<String> = self
+                .hot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&vm.id)
+                .map(|v| v.iter().map(|(d, _)| d.clone()).collect())
+                .unwrap_or_default();
+            let gone: Vec<String> = recorded
+                .into_iter()
+                .filter(|d| !present.contains(d))
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let Ok((_, lc)) = self.lifecycle(&vm.name) else {
+                continue;
+            };
+            let Ok(_serial) = lc.try_lock() else {
+                continue; // an operation in flight: the next tick looks again
+            };
+            let Some(now) = self.vmm_counters(vm).hot else {
+                continue;
+            };
+            for d in gone.iter().filter(|d| !now.contains(d)) {
+                eprintln!(
+                    "wv host: VM '{}' ejected device {d} by itself: what served it is let go of",
+                    vm.name
+                );
+                self.release_hot(vm.id, d);
+            }
         }
     }
 
@@ -2213,6 +2269,7 @@ impl Daemon {
             (self.every_stats(&doc), self.live_vms(&doc))
         };
         let mut devices = self.device_readings(&vmms);
+        self.reap_ejected(&vmms, &devices);
         let readings = stats
             .into_iter()
             .map(|s| {
@@ -2230,7 +2287,11 @@ impl Daemon {
                     Some((all, causes)) => (Some(all), causes),
                     None => (None, Vec::new()),
                 };
-                let (devices, vmm_exits) = devices.remove(&s.id).unwrap_or_default();
+                let VmmReading {
+                    devices,
+                    exits: vmm_exits,
+                    ..
+                } = devices.remove(&s.id).unwrap_or_default();
                 // The VMM's finer causes (which device, which call) beside KVM's.
                 exit_causes.extend(
                     vmm_exits
@@ -2399,7 +2460,7 @@ impl Daemon {
             .flat_map(|vm| {
                 let by = devices
                     .get(&vm.id)
-                    .map(|(_, e)| e.as_slice())
+                    .map(|r| r.exits.as_slice())
                     .unwrap_or_default();
                 by.iter().map(|(cause, n)| {
                     (
@@ -2417,7 +2478,7 @@ impl Daemon {
         );
         let (mut bytes, mut ops) = (Vec::new(), Vec::new());
         for vm in &live {
-            for d in devices.get(&vm.id).into_iter().flat_map(|(d, _)| d) {
+            for d in devices.get(&vm.id).into_iter().flat_map(|r| &r.devices) {
                 let kind = match d.kind {
                     DeviceKind::Disk => "disk",
                     DeviceKind::Net => "net",

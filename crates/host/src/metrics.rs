@@ -48,6 +48,22 @@ pub fn vmm_exits(counters: &Value) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The ids of the hot-plugged devices a VMM has now (`hotplugged` of its `GET /vm/counters`),
+/// if it said; at most 64, each short and printable, else none are taken.
+pub fn vmm_hotplugged(counters: &Value) -> Option<Vec<String>> {
+    let ids = counters.get("hotplugged")?.as_array()?;
+    if ids.len() > 64 {
+        return None;
+    }
+    ids.iter()
+        .map(|v| {
+            v.as_str()
+                .filter(|s| s.len() <= 64 && s.chars().all(|c| c.is_ascii_graphic()))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// The disks and nets a VMM serves itself, from its `GET /vm/counters` answer: each device
 /// with an `io` object (docs/vmm-openapi.json, `DeviceIo`), named by what follows the `:` of
 /// its accounting name (`virtio-blk:root` is `root`). A device whose entry is not as

@@ -4,7 +4,7 @@
 //! | method and path | does |
 //! |---|---|
 //! | GET /vm | state (`running`, `paused`), vCPUs, memory, configuration |
-//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves, MSI-X garbage, and bytes and operations (`io`) of the disks and nets the VMM serves; KVM's counters per vCPU; the exits that reached the VMM so far by its own causes (`exits_by_cause`: `io:serial`, `mmio:virtio-blk-0`, `hypercall:…`, `hlt`, …) |
+//! | GET /vm/counters | per-device notifications, interrupts, refused chains, ring errors, resets, refused BAR moves, MSI-X garbage, and bytes and operations (`io`) of the disks and nets the VMM serves; KVM's counters per vCPU; the exits that reached the VMM so far by its own causes (`exits_by_cause`: `io:serial`, `mmio:virtio-blk-0`, `hypercall:…`, `hlt`, …); the ids of the hot-plugged devices it has now (`hotplugged`: one the guest ejected by itself is gone) |
 //! | PUT /vm/pause | stop every vCPU at a KVM_RUN boundary and quiesce the devices (204) |
 //! | PUT /vm/resume | continue (204) |
 //! | PUT /vm/shutdown | end the VM as SIGTERM does (204) |
@@ -959,11 +959,20 @@ impl Controller {
             .into_iter()
             .map(|(k, v)| (k, v.into()))
             .collect();
+        let hot: Vec<String> = self
+            .shared
+            .hot_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(crate::HotDevice::id)
+            .collect();
         serde_json::json!({
             "state": self.state(),
             "devices": devices,
             "vcpus": vcpus,
             "exits_by_cause": exits,
+            "hotplugged": hot,
         })
     }
 

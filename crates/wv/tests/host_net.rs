@@ -772,3 +772,59 @@ fn a_net_is_hot_plugged_into_a_daemon_vm_and_removed() {
     );
     d.stop();
 }
+
+/// A guest that ejects a hot-plugged NIC by itself, unasked: the daemon sees the device gone
+/// from its VMM (its once-a-second reading) and removes the switch port it added for it,
+/// while the VM runs on with its first NIC.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn a_nic_the_guest_ejects_by_itself_has_its_port_removed() {
+    need_kvm();
+    let dir = TempDir::new("hostnet-selfeject");
+    let d = Daemon::start(&dir);
+    assert_eq!(d.wv(&["net", "create", "lan"]).status, Some(0));
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "s",
+        "--memory",
+        "64M",
+        "--net",
+        "network=lan,mac=52:54:00:87:00:01",
+        "--cmdline",
+        "console=ttyS0 probe.tests=hotplug probe.hotplug_cycles=2 probe.hotplug_self_eject=1",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(d.wv(&["vm", "start", "s"]).status, Some(0));
+    wait_console(&d, "s", "hotplug: ready");
+    let r = d.wv(&[
+        "vm",
+        "device",
+        "add",
+        "s",
+        "--net",
+        "network=lan,id=hot1,mac=52:54:00:87:00:02",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let log = wait_console(&d, "s", "hotplug: ejected slot=");
+    assert!(log.contains(" by itself"), "{log}");
+    let t = Instant::now();
+    loop {
+        let ports = ports_of(&d, "lan", "s");
+        if ports.len() == 1 {
+            assert!(!ports[0].0.contains("-hot"), "{ports:?}");
+            break;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "the ejected NIC's port stayed: {}",
+            d.json(&["net", "info", "lan"])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.json(&["vm", "info", "s"])["state"], "running");
+    // The device is gone for the daemon too: removing it now finds nothing.
+    let r = d.wv(&["vm", "device", "remove", "s", "hot1"]);
+    assert_ne!(r.status, Some(0), "{r}");
+    d.stop();
+}
