@@ -251,7 +251,7 @@ daemon alone, its VMs left running: systemctl kill -s TERM worldvisor.",
         #[arg(long, value_name = "DIR")]
         unit_dir: Option<String>,
         #[command(flatten)]
-        daemon: DaemonOpts,
+        daemon: Box<DaemonOpts>,
     },
     /// Remove the state directory and what a dead daemon left
     #[command(
