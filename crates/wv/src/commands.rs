@@ -1022,7 +1022,7 @@ fn error(e: &clap::Error, tree: &clap::Command) -> Usage {
             let bad = context_strings(e, ContextKind::InvalidValue);
             let valid = context_strings(e, ContextKind::ValidValue);
             format!(
-                "{path}: '{}' is not {} {see}",
+                "'{}' is not {} ({first}) {see}",
                 bad.first().map_or("", String::as_str),
                 valid.join(" or ")
             )
@@ -1032,10 +1032,16 @@ fn error(e: &clap::Error, tree: &clap::Command) -> Usage {
         }
         ErrorKind::ArgumentConflict => {
             let prior = context_strings(e, ContextKind::PriorArg);
-            format!(
-                "{first} cannot be used with {} {see}",
-                prior.first().map_or("a command", String::as_str)
-            )
+            let prior = prior.first().map_or("", String::as_str);
+            let prior = prior.split(' ').next().unwrap_or_default();
+            match context_strings(e, ContextKind::InvalidSubcommand).first() {
+                // `wv host --listen X status`: the daemon's options are not its commands'.
+                Some(sub) if first.is_empty() => format!(
+                    "'{path} {sub}' cannot be used with {prior}, an option of '{path}' itself \
+                     (options go after the command: see {path} {sub} --help)"
+                ),
+                _ => format!("{opt} cannot be used with {prior} {see}"),
+            }
         }
         _ => {
             // Anything else: clap's own first line, without its "error: ".
