@@ -1,16 +1,21 @@
-//! The `wv` command line: a table of options for every command, ONE scanner that reads every
-//! command's arguments by the same rules, and the typed result each command runs from.
+//! The `wv` command line: the typed result every command runs from ([`Command`]), `wv run`'s
+//! own small scanner and table of options, and the value parsers every command shares (sizes,
+//! `--disk`/`--net` specs, definition files, paths made absolute).
 //!
-//! The rules, the same for every command and subcommand: `--opt value` and `--opt=value`;
-//! `-h`/`--help` prints the command's usage (generated from the same table the scanner reads,
-//! so the two cannot disagree) to stdout; an option the command does not use, a missing or
-//! unwanted value, or a stray argument is a one-line [`Usage`] error (exit 200); `--` ends the
-//! options. Paths that go to the daemon are made absolute here, against the client's working
-//! directory (a definition file's paths: against the file's directory).
+//! `wv run` is read here, by a hand-written, table-driven scanner; every other command is read
+//! by clap (derive) in [`crate::commands`]. [`parse`] looks at the first word before any clap
+//! type is built, so `wv run` never runs clap: it is the start-up path of every VM (the daemon
+//! starts each VM's VMM as `wv run`), and clap parsing a command tree of `wv`'s size costs about
+//! 0.15-0.2 ms per start (measured with `perf stat -r 300` on a release build; the `vmm` bench
+//! before and after the change is in docs/PERFORMANCE.md), several percent of a few-millisecond
+//! start. The other commands are not latency-critical.
 //!
-//! Hand-written rather than clap: measured with `perf stat -r 300` on a release build, clap
-//! (derive) parsing a command tree of `wv`'s size costs about 0.15-0.2 ms more per start than
-//! this scanner, several percent of `wv run`'s few-millisecond start.
+//! `wv run`'s rules are those of the clap commands: `--opt value` and `--opt=value`;
+//! `-h`/`--help` prints its usage (generated from the same table the scanner reads, so the two
+//! cannot disagree) to stdout; an option it does not take, a missing or unwanted value, or a
+//! stray argument is a one-line [`Usage`] error (exit 200); `--` ends the options. The VM
+//! options it shares with `wv vm create` are one struct, [`VmOpts`]: clap fills it for `wv vm
+//! create`, the scanner for `wv run`, and both turn it into a [`VmConfig`] with the same code.
 
 use crate::fs;
 use std::path::{Path, PathBuf};
@@ -105,10 +110,6 @@ impl Matches {
             .iter()
             .filter(move |(n, _)| *n == long)
             .filter_map(|(_, v)| v.as_deref())
-    }
-    /// The `i`th positional argument.
-    pub fn arg(&self, i: usize) -> Option<&str> {
-        self.pos.get(i).map(String::as_str)
     }
 }
 
@@ -232,96 +233,130 @@ pub fn usage(spec: &Spec) -> String {
     s.trim_end().to_string()
 }
 
-/// The index of the first positional argument in `args` (a family's subcommand word), skipping
-/// the options of `specs` and their values.
-fn subcommand_at(args: &[String], specs: &[&Spec]) -> Option<usize> {
-    let mut i = 0;
-    while i < args.len() {
-        let a = args[i].as_str();
-        if a == "--" {
-            return (i + 1 < args.len()).then_some(i + 1);
-        }
-        if a == "-" || !a.starts_with('-') {
-            return Some(i);
-        }
-        let takes_value = !a.contains('=')
-            && specs
-                .iter()
-                .find_map(|s| s.find(a))
-                .is_some_and(|o| matches!(o.arg, Arg::Value(_)));
-        i += if takes_value { 2 } else { 1 };
-    }
-    None
-}
-
-/// Splits `args` into a family's subcommand word and the rest (options may come before it).
-pub fn split_subcommand(args: &[String], specs: &[&Spec]) -> (Option<String>, Vec<String>) {
-    match subcommand_at(args, specs) {
-        Some(i) => {
-            let mut rest = args.to_vec();
-            let sub = rest.remove(i);
-            (Some(sub), rest)
-        }
-        None => (None, args.to_vec()),
-    }
-}
-
-fn wants_help(args: &[String]) -> bool {
-    args.iter()
-        .take_while(|a| *a != "--")
-        .any(|a| a == "-h" || a == "--help")
-}
-
 // ---- The tables ----
 
+const KERNEL: Opt = opt(
+    "--kernel",
+    Arg::Value("PATH"),
+    "Linux bzImage (64-bit boot protocol) or ELF with a PVH note\n(default: the embedded probe guest)",
+);
+const INITRD: Opt = opt("--initrd", Arg::Value("PATH"), "initial ramdisk");
+const CMDLINE: Opt = opt(
+    "--cmdline",
+    Arg::Value("STR"),
+    "kernel command line (default for --kernel: \"console=ttyS0 reboot=k panic=1\";\nfor the probe guest: \"console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng\")",
+);
 const MEMORY: Opt = opt(
     "--memory",
     Arg::Value("SIZE"),
     "guest RAM, e.g. 256M, 2G (default 256M)",
 );
+const MEMORY_SHARED: Opt = opt(
+    "--memory-shared",
+    Arg::Value("on|off"),
+    "back guest RAM with a memfd mapped shared, which a vhost-user backend can map\n(default off; always on with a --net or --disk vhost-user=)",
+);
 const VCPUS: Opt = opt("--vcpus", Arg::Value("N"), "vCPUs, 1 to 32 (default 1)");
+const DISK: Opt = opt(
+    "--disk",
+    Arg::Value("SPEC"),
+    "a virtio-blk disk (repeatable): path=IMG[,readonly=on][,id=NAME] (raw image or\nblock device; read-write disks are locked against a second writer),\nvmkfs=DATASTORE:NAME[,readonly=on][,id=NAME] (disk NAME of a VMKFS datastore), or\nvhost-user=SOCKET[,readonly=on][,id=NAME] (served by a vhost-user backend such as\nwv storage; docs/STORAGE.md); ,via=storage (wv vm create only): the image or VMKFS\ndisk is opened, held and served by the daemon's storage service instead of the VMM",
+);
+const NET: Opt = opt(
+    "--net",
+    Arg::Value("SPEC"),
+    "tap=NAME[,mac=MAC][,id=ID]: a virtio-net device on TAP NAME (created and brought\nup if missing, which needs CAP_NET_ADMIN); vhost-user=SOCKET[,mac=MAC][,id=ID]:\none whose queues a vhost-user backend serves (wv vswitch; docs/NETWORK.md);\nnetwork=NETWORK[,mac=MAC][,id=ID] (wv vm create only): one on the daemon's\nnetwork NETWORK (wv net create), served by its switch;\nMAC generated if not given (repeatable)",
+);
+const RNG: Opt = opt(
+    "--rng",
+    Arg::Value("on|off"),
+    "a virtio-rng device for guest entropy (default on)",
+);
+const BALLOON: Opt = opt(
+    "--balloon",
+    Arg::Value("on|off"),
+    "a virtio-balloon device: memory the host can take back and lend (PUT /vm/balloon,\nwv vm set --memory-target), free page reporting, guest memory statistics\n(default off for wv run, on for wv vm create)",
+);
 
-/// What a VM is made of: the options `wv run` and `wv vm create` share.
-const VM_OPTS: &[Opt] = &[
-    opt(
-        "--kernel",
-        Arg::Value("PATH"),
-        "Linux bzImage (64-bit boot protocol) or ELF with a PVH note\n(default: the embedded probe guest)",
-    ),
-    opt("--initrd", Arg::Value("PATH"), "initial ramdisk"),
-    opt(
-        "--cmdline",
-        Arg::Value("STR"),
-        "kernel command line (default for --kernel: \"console=ttyS0 reboot=k panic=1\";\nfor the probe guest: \"console=ttyS0 probe.tests=boot,smp,timer,hypercall,batch,user,pci,rng\")",
-    ),
+/// What a VM is made of: the options `wv run` and `wv vm create` share ([`VmOpts`]).
+pub const VM_OPTS: &[Opt] = &[
+    KERNEL,
+    INITRD,
+    CMDLINE,
     MEMORY,
-    opt(
-        "--memory-shared",
-        Arg::Value("on|off"),
-        "back guest RAM with a memfd mapped shared, which a vhost-user backend can map\n(default off; always on with a --net or --disk vhost-user=)",
-    ),
+    MEMORY_SHARED,
     VCPUS,
-    opt(
-        "--disk",
-        Arg::Value("SPEC"),
-        "a virtio-blk disk (repeatable): path=IMG[,readonly=on][,id=NAME] (raw image or\nblock device; read-write disks are locked against a second writer),\nvmkfs=DATASTORE:NAME[,readonly=on][,id=NAME] (disk NAME of a VMKFS datastore), or\nvhost-user=SOCKET[,readonly=on][,id=NAME] (served by a vhost-user backend such as\nwv storage; docs/STORAGE.md); ,via=storage (wv vm create only): the image or VMKFS\ndisk is opened, held and served by the daemon's storage service instead of the VMM",
-    ),
-    opt(
-        "--net",
-        Arg::Value("SPEC"),
-        "tap=NAME[,mac=MAC][,id=ID]: a virtio-net device on TAP NAME (created and brought\nup if missing, which needs CAP_NET_ADMIN); vhost-user=SOCKET[,mac=MAC][,id=ID]:\none whose queues a vhost-user backend serves (wv vswitch; docs/NETWORK.md);\nnetwork=NETWORK[,mac=MAC][,id=ID] (wv vm create only): one on the daemon's\nnetwork NETWORK (wv net create), served by its switch;\nMAC generated if not given (repeatable)",
-    ),
-    opt(
-        "--rng",
-        Arg::Value("on|off"),
-        "a virtio-rng device for guest entropy (default on)",
-    ),
-    opt(
-        "--balloon",
-        Arg::Value("on|off"),
-        "a virtio-balloon device: memory the host can take back and lend (PUT /vm/balloon,\nwv vm set --memory-target), free page reporting, guest memory statistics\n(default off for wv run, on for wv vm create)",
-    ),
+    DISK,
+    NET,
+    RNG,
+    BALLOON,
 ];
+
+/// The VM options ([`VM_OPTS`]) as given, values unparsed: clap fills it for `wv vm create`
+/// (the help texts are the table's), the scanner for `wv run`; [`vm_def`] reads both alike.
+#[derive(clap::Args, Debug, Default, PartialEq, Eq)]
+pub struct VmOpts {
+    #[arg(long, value_name = "PATH", help = KERNEL.help)]
+    kernel: Option<String>,
+    #[arg(long, value_name = "PATH", help = INITRD.help)]
+    initrd: Option<String>,
+    #[arg(long, value_name = "STR", allow_hyphen_values = true, help = CMDLINE.help)]
+    cmdline: Option<String>,
+    #[arg(long, value_name = "SIZE", help = MEMORY.help)]
+    memory: Option<String>,
+    #[arg(long, value_name = "on|off", help = MEMORY_SHARED.help)]
+    memory_shared: Option<String>,
+    #[arg(long, value_name = "N", help = VCPUS.help)]
+    vcpus: Option<String>,
+    #[arg(long, value_name = "SPEC", help = DISK.help)]
+    disk: Vec<String>,
+    #[arg(long, value_name = "SPEC", help = NET.help)]
+    net: Vec<String>,
+    #[arg(long, value_name = "on|off", help = RNG.help)]
+    rng: Option<String>,
+    #[arg(long, value_name = "on|off", help = BALLOON.help)]
+    balloon: Option<String>,
+}
+
+impl VmOpts {
+    /// The VM options `m` (`wv run`'s scan) holds.
+    fn from_matches(m: &Matches) -> Self {
+        let one = |o: &Opt| m.value(o.long).map(str::to_string);
+        VmOpts {
+            kernel: one(&KERNEL),
+            initrd: one(&INITRD),
+            cmdline: one(&CMDLINE),
+            memory: one(&MEMORY),
+            memory_shared: one(&MEMORY_SHARED),
+            vcpus: one(&VCPUS),
+            disk: m.values(DISK.long).map(str::to_string).collect(),
+            net: m.values(NET.long).map(str::to_string).collect(),
+            rng: one(&RNG),
+            balloon: one(&BALLOON),
+        }
+    }
+
+    /// The first of the options that was given, as `--name` (in [`VM_OPTS`]' order).
+    pub fn first_given(&self) -> Option<&'static str> {
+        let given = [
+            self.kernel.is_some(),
+            self.initrd.is_some(),
+            self.cmdline.is_some(),
+            self.memory.is_some(),
+            self.memory_shared.is_some(),
+            self.vcpus.is_some(),
+            !self.disk.is_empty(),
+            !self.net.is_empty(),
+            self.rng.is_some(),
+            self.balloon.is_some(),
+        ];
+        VM_OPTS
+            .iter()
+            .zip(given)
+            .find(|(_, g)| *g)
+            .map(|(o, _)| o.long)
+    }
+}
 
 /// `wv run --config`: the whole VM from a file, instead of [`VM_OPTS`].
 const CONFIG: Opt = opt(
@@ -336,19 +371,6 @@ const CLUSTER: Opt = opt(
     Arg::Value("SPEC"),
     "run the VM as node 0 of a cluster (a TOML file: vcpus, memory, [[node]] listen and\nvcpus; docs/CLUSTER.md): every node not marked remote is started on this host\n(wv node), its guest RAM is kept coherent over TCP (docs/DSM.md). vCPUs may run\non any node (vCPU 0 on node 0; --irqchip user is then forced). Not with --vcpus,\n--memory, --config, --restore, --incoming or --jail",
 );
-
-/// `wv node`: a cluster node.
-const NODE: Spec = Spec {
-    cmd: "wv node",
-    pos: &[],
-    about: "Runs a cluster node in the foreground: listens on ADDR, prints 'wv node: listening on\nADDR' (the port bound), takes its part from node 0 (wv run --cluster) on the first\nconnection, then serves its share of the guest's memory (and runs the vCPUs it is\ngiven, if any) until node 0 stops it. Exits non-zero when node 0 or another node is\nlost. docs/CLUSTER.md.",
-    opts: &[&[opt(
-        "--listen",
-        Arg::Value("ADDR"),
-        "HOST:PORT to listen on (port 0: any free port) (required)",
-    )]],
-    after: "Exit status: 0 stopped by node 0, 1 the node failed or lost its cluster, 200 bad arguments.",
-};
 
 /// `wv run --restore`: the VM of a snapshot, instead of [`VM_OPTS`].
 const RESTORE: Opt = opt(
@@ -435,41 +457,6 @@ const RUN_LOCAL_OPTS: &[Opt] = &[
     ),
 ];
 
-const SCHED_OPTS: &[Opt] = &[
-    opt(
-        "--shares",
-        Arg::Value("N"),
-        "proportional CPU shares, 1 to 10000 (default 1000)",
-    ),
-    opt(
-        "--reservation",
-        Arg::Value("CPUS"),
-        "CPUs guaranteed while it runs (0 to one per vCPU)",
-    ),
-    opt(
-        "--limit",
-        Arg::Value("CPUS|none"),
-        "CPUs it may use at most (none: no limit)",
-    ),
-];
-
-const SOCKET: Opt = opt(
-    "--socket",
-    Arg::Value("PATH"),
-    "the daemon's socket: a path or tcp:HOST:PORT\n(default: $WV_SOCKET, else /run/worldvisor/wv.sock)",
-);
-const JSON: Opt = opt("--json", Arg::Flag, "machine-readable output");
-const CLIENT_OPTS: &[Opt] = &[SOCKET, JSON];
-const FILE: &[Opt] = &[opt(
-    "--file",
-    Arg::Value("SPEC"),
-    "the whole definition from a .toml or .json file with the fields of POST /v1/vms\n(relative paths in it are relative to the file); NAME overrides its name",
-)];
-
-const CLIENT_STATUS: &str =
-    "Exit status: 0 done, 1 the daemon refused (its error is printed), 2 no daemon at the
-socket, 200 bad arguments.";
-
 const RUN_STATUS: &str = "Exit status: the guest's exit code (0-199) when it powers off; 200 bad arguments, 201 KVM
 unavailable, 202 bad kernel, initrd or disk image, 203 guest reset, 204 triple fault, 205 KVM could not
 run the guest, 206 VMM failure, 207 TAP unavailable, 208 a VMM thread made a system call outside its seccomp
@@ -493,658 +480,6 @@ boots the embedded probe guest, which runs its self-tests and powers off with 0 
     ],
     after: RUN_STATUS,
 };
-
-const VSWITCH: Spec = Spec {
-    cmd: "wv vswitch",
-    pos: &[],
-    about: "Runs the virtual switch in the foreground: an L2 learning switch per network whose ports
-are vhost-user net backends, one socket each at DIR/NETWORK/PORT.sock, for VMs started with
---net vhost-user=DIR/NETWORK/PORT.sock. Networks are isolated from one another; an uplink
-connects a network to the host through a TAP. On DIR/control.sock, one request a line, one
-JSON line back: 'stats' (counters per port), 'nets', 'net add NAME [uplink=TAP]', 'net del NAME',
-'port add NETWORK/PORT', 'port del NETWORK/PORT' (networks and ports change at run time).
-docs/NETWORK.md.",
-    opts: &[&[
-        opt(
-            "--socket-dir",
-            Arg::Value("DIR"),
-            "where the sockets are made (required)",
-        ),
-        opt(
-            "--port",
-            Arg::Value("NETWORK/PORT"),
-            "a VM port on network NETWORK (repeatable; the network is made with its first port)",
-        ),
-        opt(
-            "--network",
-            Arg::Value("NAME"),
-            "a network without VM ports yet (repeatable)",
-        ),
-        opt(
-            "--uplink",
-            Arg::Value("NETWORK=TAP"),
-            "connect NETWORK to the host through TAP (created and brought up if missing,\nwhich needs CAP_NET_ADMIN; repeatable, one per network)",
-        ),
-    ]],
-    after: "Exit status: 200 bad arguments, 1 the switch could not start.",
-};
-
-const STORAGE: Spec = Spec {
-    cmd: "wv storage",
-    pos: &[],
-    about: "Runs the storage service in the foreground: it holds disks (raw images, VMKFS disks) and
-serves each over vhost-user-blk on DIR/NAME.sock, for VMs started with
---disk vhost-user=DIR/NAME.sock. It holds each disk's exclusive open while it serves it.
-Control: send 'stats', 'disk add NAME=SPEC' or 'disk del NAME' on DIR/control.sock (one JSON
-line back each). docs/STORAGE.md.",
-    opts: &[&[
-        opt(
-            "--socket-dir",
-            Arg::Value("DIR"),
-            "where the sockets are made (required)",
-        ),
-        opt(
-            "--disk",
-            Arg::Value("NAME=SPEC"),
-            "serve a disk as NAME (repeatable; none: disks come with 'disk add'):\nNAME=path=IMG or NAME=vmkfs=DATASTORE:DISK, then [,readonly=on]",
-        ),
-        opt(
-            "--take-stale-locks",
-            Arg::Flag,
-            "break a VMKFS disk's stale lock record (its writer, such as a storage service\nthat was killed, is gone) and take the disk",
-        ),
-        opt(
-            "--capacity-iops",
-            Arg::Value("N"),
-            "the device's capacity in I/Os per second (a request costs 1 + bytes/32KiB),\nshared by the disks by their shares, reservations and limits ('disk set NAME\nshares=N reservation_iops=R limit_iops=L' on the control socket; default: none)",
-        ),
-    ]],
-    after: "Exit status: 200 bad arguments, 1 the service could not start.",
-};
-
-const PROBE_IMAGE: Spec = Spec {
-    cmd: "wv probe-image",
-    pos: &[],
-    about: "Writes an embedded guest image to FILE (for QEMU or other loaders).",
-    opts: &[&[
-        opt(
-            "--format",
-            Arg::Value("pvh|bzimage|exitbench"),
-            "which image (required)",
-        ),
-        Opt {
-            long: "--output",
-            short: Some("-o"),
-            arg: Arg::Value("FILE"),
-            help: "where to write it (required)",
-        },
-    ]],
-    after: "",
-};
-
-/// The daemon's options (`wv host`, and `wv host install`, which writes them into a unit).
-const DAEMON_OPTS: &[Opt] = &[
-        opt(
-            "--socket",
-            Arg::Value("PATH"),
-            "the Unix socket to serve on\n(default: $WV_SOCKET, else /run/worldvisor/wv.sock)",
-        ),
-        opt(
-            "--state-dir",
-            Arg::Value("DIR"),
-            "where definitions and state persist (default /var/lib/worldvisor)",
-        ),
-        opt(
-            "--listen",
-            Arg::Value("ADDR:PORT"),
-            "also serve the API on TCP, to clients with the token (wv host token)",
-        ),
-        opt(
-            "--web",
-            Arg::Value("ADDR:PORT"),
-            "serve the web console on TCP (log in with the token; also at / on the socket)",
-        ),
-        opt(
-            "--images",
-            Arg::Value("DIR"),
-            "VMs' kernels, initrds and disks must be under DIR (repeatable;\nwithout it, any file the daemon can read)",
-        ),        opt(
-            "--jail-uids",
-            Arg::Value("FIRST-LAST"),
-            "run world N's VMM jailed as user and group FIRST+N (wv run --jail: no\ncapabilities, its own namespaces and root; default 3000000000-3000999999)",
-        ),
-        opt(
-            "--no-jail",
-            Arg::Flag,
-            "run VMMs as the daemon's user, unjailed (debugging only)",
-        ),
-        opt(
-            "--placement",
-            Arg::Value("auto|off"),
-            "auto (default): pin busy worlds' vCPU threads to CPUs by their entitlements\n(exact shares); off: leave placement to the kernel",
-        ),
-        opt(
-            "--host-memory-reserve",
-            Arg::Value("SIZE"),
-            "lend memory between running VMs: while the host has less than SIZE free,\nballoon memory back from the VMs with the fewest shares per active page, and\ngive it back when there is enough again or a VM needs it (default off)",
-        ),
-        opt(
-            "--idle-memory-tax",
-            Arg::Value("PCT"),
-            "the policy's tax on idle memory: an idle page costs 1/(1-PCT/100) active\nones (0-99, default 75)",
-        ),
-        opt(
-            "--host-memory",
-            Arg::Value("SIZE"),
-            "the memory the daemon's VMs may use in total (a host that keeps the rest for\nother work): free memory is then SIZE less their resident memory, if less\nthan MemAvailable",
-        ),
-];
-
-const HOST: Spec = Spec {
-    cmd: "wv host",
-    pos: &[],
-    about: "Runs the host daemon that owns this host's VMs, serving the REST API on a Unix socket.
-SIGTERM or SIGINT ends it, leaving its VMs running (a daemon started again takes them back);
-wv host shutdown stops them too. Either way it removes what it made outside its state directory.
-
-Other commands:
-  wv host status [--json]         ask the daemon how the host is doing
-  wv host memory [--json]         the memory lending policy and every VM's memory
-  wv host top [--once] [--json]   CPU, ready and throttled time of every world, each second
-  wv host token                   the token for clients over TCP
-  wv host shutdown                stop every VM, then the daemon
-  wv host install [OPTIONS]       write a systemd unit that runs wv host with OPTIONS
-  wv host uninstall [--yes]       remove the state directory and what a dead daemon left",
-    opts: &[DAEMON_OPTS],
-    after: "",
-};
-
-const HOST_SHUTDOWN: Spec = Spec {
-    cmd: "wv host shutdown",
-    pos: &[],
-    about: "Stops every VM of the daemon (each through its VMM's control socket, then SIGTERM, then
-SIGKILL, 5 s apart), then the daemon itself, which removes what it made outside its state
-directory (its cgroups, its socket and the folders it created for it) and ends.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const HOST_UNINSTALL: Spec = Spec {
-    cmd: "wv host uninstall",
-    pos: &[],
-    about: "Removes the daemon's state directory (VM definitions, logs, snapshots, the token) and
-whatever a daemon of it that was killed left outside it (its socket, the folders it made for
-it, its cgroups). Refused while a daemon runs on that state directory or a VMM of it still
-runs (stop them first: wv host shutdown). Asks first, unless --yes; without --yes and with no
-terminal to ask on, it refuses. Disk images and datastores outside the state directory stay.",
-    opts: &[&[
-        opt(
-            "--state-dir",
-            Arg::Value("DIR"),
-            "the daemon's state directory (default /var/lib/worldvisor)",
-        ),
-        opt("--yes", Arg::Flag, "do not ask"),
-    ]],
-    after: "Exit status: 0 removed (or nothing there), 1 refused or failed, 200 bad arguments.",
-};
-
-const HOST_INSTALL: Spec = Spec {
-    cmd: "wv host install",
-    pos: &[],
-    about:
-        "Writes a systemd unit, worldvisor.service, that runs this wv as `wv host` with the options
-given (paths made absolute), and does nothing else: enable it with
-  systemctl daemon-reload && systemctl enable --now worldvisor
-Stopping the unit runs wv host shutdown (every VM stops, then the daemon); restarting the
-daemon alone, its VMs left running: systemctl kill -s TERM worldvisor.",
-    opts: &[
-        &[opt(
-            "--unit-dir",
-            Arg::Value("DIR"),
-            "where to write worldvisor.service (default /etc/systemd/system)",
-        )],
-        DAEMON_OPTS,
-    ],
-    after: "Exit status: 0 written, 1 could not write it, 200 bad arguments.",
-};
-
-const HOST_STATUS: Spec = Spec {
-    cmd: "wv host status",
-    pos: &[],
-    about: "Asks the daemon how the host is doing: CPUs, scheduler, worlds.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const HOST_MEMORY: Spec = Spec {
-    cmd: "wv host memory",
-    pos: &[],
-    about: "Shows the memory lending policy (wv host --host-memory-reserve): its reserve, the host's free
-memory, its last action, and for every running VM its shares, active fraction, memory target,
-current memory, what it lent and what it holds above its fair share (docs/DEVICES.md).",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const HOST_TOKEN: Spec = Spec {
-    cmd: "wv host token",
-    pos: &[],
-    about: "Prints the token a client must send to reach the API over TCP (--listen): the daemon
-makes it at first start, readable by its owner only, in the state directory. Clients over TCP
-read it from WV_TOKEN:
-  export WV_SOCKET=tcp:127.0.0.1:7070 WV_TOKEN=$(wv host token)",
-    opts: &[&[opt(
-        "--state-dir",
-        Arg::Value("DIR"),
-        "the daemon's state directory (default /var/lib/worldvisor)",
-    )]],
-    after: "Exit status: 0 printed, 1 no token (the daemon never ran with this state directory).",
-};
-
-const HOST_TOP: Spec = Spec {
-    cmd: "wv host top",
-    pos: &[],
-    about: "Shows the CPU, ready and throttled time of every world, each second.",
-    opts: &[
-        &[opt(
-            "--once",
-            Arg::Flag,
-            "one sample (over one second), then exit",
-        )],
-        CLIENT_OPTS,
-    ],
-    after: CLIENT_STATUS,
-};
-
-const VM_CREATE: Spec = Spec {
-    cmd: "wv vm create",
-    pos: &["[NAME]"],
-    about:
-        "Defines a VM NAME on the daemon (start it with wv vm start NAME). The VM options are those
-of wv run; its console belongs to the daemon (wv vm console). Relative paths are made
-absolute against the current directory before they are sent.",
-    opts: &[VM_OPTS, SCHED_OPTS, FILE, CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-/// `wv vm set --memory-target`.
-const MEMORY_TARGET_OPTS: &[Opt] = &[opt(
-    "--memory-target",
-    Arg::Value("SIZE"),
-    "the memory a running VM with a balloon (--balloon on) is to keep, e.g. 512M: its\nballoon inflates to take the rest back for the host, or deflates to give it back\n(live only; at most its --memory)",
-)];
-
-/// `wv vm set --net-*`.
-const NET_SHARES_OPTS: &[Opt] = &[
-    opt(
-        "--net-shares",
-        Arg::Value("N"),
-        "network shares of each of its ports on the daemon's networks, 1 to 1000000\n(default 1000): what it gets of a contended destination (a VM's port, an uplink)\nagainst the other ports sending there (docs/NETWORK.md)",
-    ),
-    opt(
-        "--net-reservation",
-        Arg::Value("BPS"),
-        "bits per second each of its ports gets whenever it sends that much, e.g. 100M\n(K, M, G: thousands; 0: none)",
-    ),
-    opt(
-        "--net-limit",
-        Arg::Value("BPS|none"),
-        "bits per second each of its ports never exceeds, e.g. 1G (none or 0: no limit)",
-    ),
-];
-
-const VM_SET: Spec = Spec {
-    cmd: "wv vm set",
-    pos: &["NAME"],
-    about: "Changes a VM's scheduler settings and network shares (live when it runs) or, while it runs, its memory target.",
-    opts: &[SCHED_OPTS, NET_SHARES_OPTS, MEMORY_TARGET_OPTS, CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const VM_LIST: Spec = Spec {
-    cmd: "wv vm list",
-    pos: &[],
-    about: "Lists the daemon's VMs.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-macro_rules! vm_named {
-    ($id:ident, $cmd:literal, $about:literal) => {
-        const $id: Spec = Spec {
-            cmd: $cmd,
-            pos: &["NAME"],
-            about: $about,
-            opts: &[CLIENT_OPTS],
-            after: CLIENT_STATUS,
-        };
-    };
-}
-vm_named!(
-    VM_INFO,
-    "wv vm info",
-    "Shows a VM: definition, state, process."
-);
-vm_named!(
-    VM_STATS,
-    "wv vm stats",
-    "Shows a VM's CPU, ready and throttled time, per thread."
-);
-vm_named!(
-    VM_CONSOLE,
-    "wv vm console",
-    "Attaches the terminal to a running VM's serial console; Ctrl-] detaches."
-);
-vm_named!(
-    VM_START,
-    "wv vm start",
-    "Starts a VM in its own VMM process, supervised by the daemon."
-);
-vm_named!(VM_STOP, "wv vm stop", "Stops a running VM.");
-vm_named!(VM_PAUSE, "wv vm pause", "Pauses a running VM.");
-vm_named!(VM_RESUME, "wv vm resume", "Resumes a paused VM.");
-vm_named!(
-    VM_DELETE,
-    "wv vm delete",
-    "Deletes a VM's definition and state."
-);
-
-const VM_SNAPSHOT: Spec = Spec {
-    cmd: "wv vm snapshot",
-    pos: &["NAME", "SNAPSHOT"],
-    about: "Saves a running VM (state, devices and memory) as the daemon's snapshot SNAPSHOT;\nthe VM runs on (docs/SNAPSHOT.md).",
-    opts: &[
-        &[opt(
-            "--allow-raw-disk",
-            Arg::Flag,
-            "snapshot a VM with disks: you keep the disk images consistent with it",
-        )],
-        CLIENT_OPTS,
-    ],
-    after: CLIENT_STATUS,
-};
-
-const VM_DEVICE_ADD: Spec = Spec {
-    cmd: "wv vm device-add",
-    pos: &["NAME"],
-    about: "Hot-plugs a disk or a net into the running VM NAME (ACPI PCI hot-plug;\ndocs/DEVICES.md): for a raw image the daemon opens it (under its --images directories), a\nVMKFS disk the storage world serves, for a net it adds a port to its network's switch;\nit hands the VMM the file or connection. A served disk or a net needs the VM's memory\nshared (it was started with a net on a network, or --memory-shared on).\nLive only: the VM's definition does not change. Also spelt `wv vm device add NAME ...`.",
-    opts: &[
-        &[
-            opt(
-                "--disk",
-                Arg::Value("path=IMG|vmkfs=DS:NAME,id=ID[,readonly=on][,via=storage]"),
-                "a disk: a raw image, or a VMKFS disk (served by the storage world), and the\nid to remove it by",
-            ),
-            opt(
-                "--net",
-                Arg::Value("network=NAME,id=ID[,mac=MAC]"),
-                "a net on one of the daemon's networks, and the id to remove it by",
-            ),
-        ],
-        CLIENT_OPTS,
-    ],
-    after: CLIENT_STATUS,
-};
-
-const VM_DEVICE: Spec = Spec {
-    cmd: "wv vm device",
-    pos: &["NAME", "DEV"],
-    about: "Switches the data path of the running VM's vhost-user net or disk DEV (its id=):\n\
-            direct (the switch or storage service reads the guest's rings) or interposed (the\n\
-            VMM in between), while the guest runs (docs/DEVICES.md, Interposition).",
-    opts: &[
-        &[
-            opt(
-                "--path",
-                Arg::Value("direct|interposed"),
-                "the data path (required)",
-            ),
-            opt(
-                "--capture",
-                Arg::Value("FILE"),
-                "with interposed: write a net's frames (FILE.pcap) or a disk's requests \
-                 (FILE.trace) to FILE in the VM's folder",
-            ),
-        ],
-        CLIENT_OPTS,
-    ],
-    after: CLIENT_STATUS,
-};
-
-const VM_DEVICE_REMOVE: Spec = Spec {
-    cmd: "wv vm device-remove",
-    pos: &["NAME", "ID"],
-    about: "Unplugs hot-plugged device ID from the running VM NAME, answering once the guest has\nejected it. Also spelt `wv vm device remove NAME ID`.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const VM_RESTORE: Spec = Spec {
-    cmd: "wv vm restore",
-    pos: &["NAME", "SNAPSHOT"],
-    about: "Starts the stopped VM NAME from snapshot SNAPSHOT instead of booting it; the\nsnapshot's configuration becomes the VM's.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const VM_CLONE: Spec = Spec {
-    cmd: "wv vm clone",
-    pos: &["SNAPSHOT", "NAME"],
-    about: "Starts new VMs from snapshot SNAPSHOT: NAME, or NAME-1..NAME-N with --count N;\neach gets new MACs and a new generation id, and they share the snapshot's memory\nuntil they write it.",
-    opts: &[
-        &[opt(
-            "--count",
-            Arg::Value("N"),
-            "how many clones (1 to 64, default 1)",
-        )],
-        CLIENT_OPTS,
-    ],
-    after: CLIENT_STATUS,
-};
-
-const VM_MIGRATE: Spec = Spec {
-    cmd: "wv vm migrate",
-    pos: &["NAME"],
-    about: "Moves a running VM to the daemon at HOST:PORT (its API over TCP: wv host --listen)\nwhile it runs; the VM keeps its name there, and here it is stopped, \"migrated to\nHOST:PORT\". On failure it runs on here (docs/MIGRATION.md).",
-    opts: &[
-        &[
-            opt(
-                "--to",
-                Arg::Value("HOST:PORT"),
-                "the target daemon's API over TCP (required)",
-            ),
-            opt(
-                "--token",
-                Arg::Value("T"),
-                "the target daemon's token (wv host token there; default: $WV_TARGET_TOKEN)",
-            ),
-            opt(
-                "--downtime-ms",
-                Arg::Value("N"),
-                "the pause the VM may take at the switch-over (default 300)",
-            ),
-            opt(
-                "--copy-disks",
-                Arg::Flag,
-                "copy the VM's writable disks too (no shared storage): raw images land in the\nVM's folder on the target, VMKFS disks in the target's datastore --datastore",
-            ),
-            opt(
-                "--datastore",
-                Arg::Value("PATH"),
-                "with --copy-disks: the VMKFS datastore on the target host that the VM's\nVMKFS disks are copied into (needed when it has any)",
-            ),
-        ],
-        CLIENT_OPTS,
-    ],
-    after: CLIENT_STATUS,
-};
-
-const VM_SNAPSHOTS: Spec = Spec {
-    cmd: "wv vm snapshots",
-    pos: &[],
-    about: "Lists the daemon's snapshots.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const VM_FORGET: Spec = Spec {
-    cmd: "wv vm delete-snapshot",
-    pos: &["SNAPSHOT"],
-    about: "Deletes a snapshot (VMs restored from it run on).",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const NET_CREATE: Spec = Spec {
-    cmd: "wv net create",
-    pos: &["NAME"],
-    about: "Makes network NAME on the daemon's virtual switch (a world of its own, restarted when it\ndies); VMs join it with wv vm create --net network=NAME[,mac=MAC][,id=ID]. Networks\nare isolated from one another; an uplink connects one to the host (docs/NETWORK.md).",
-    opts: &[
-        &[opt(
-            "--uplink",
-            Arg::Value("tap=NAME|none"),
-            "a TAP connecting the network to the host (created if missing), or none\n(the default)",
-        )],
-        CLIENT_OPTS,
-    ],
-    after: CLIENT_STATUS,
-};
-
-const NET_LIST: Spec = Spec {
-    cmd: "wv net list",
-    pos: &[],
-    about: "Lists the daemon's networks.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const NET_INFO: Spec = Spec {
-    cmd: "wv net info",
-    pos: &["NAME"],
-    about: "Shows a network: the VMs defined on it, and its ports (the VM of each) with the\nswitch's counters: frames, bytes, copies and drops.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const NET_DELETE: Spec = Spec {
-    cmd: "wv net delete",
-    pos: &["NAME"],
-    about: "Deletes a network no VM definition uses.",
-    opts: &[CLIENT_OPTS],
-    after: CLIENT_STATUS,
-};
-
-const NET_SPECS: &[&Spec] = &[&NET_CREATE, &NET_LIST, &NET_INFO, &NET_DELETE];
-
-const NET_USAGE: &str = "\
-Usage: wv net COMMAND [ARGS] [OPTIONS]
-
-Manages the daemon's networks (--socket PATH|tcp:HOST:PORT or WV_SOCKET; --json for
-machine-readable output). docs/NETWORK.md.
-
-Commands:
-  create NAME [--uplink tap=NAME|none]
-  list
-  info NAME
-  delete NAME
-
-Run wv net COMMAND --help for a command's options.";
-
-const VM_SPECS: &[&Spec] = &[
-    &VM_CREATE,
-    &VM_SET,
-    &VM_LIST,
-    &VM_INFO,
-    &VM_STATS,
-    &VM_CONSOLE,
-    &VM_START,
-    &VM_STOP,
-    &VM_PAUSE,
-    &VM_RESUME,
-    &VM_DELETE,
-    &VM_SNAPSHOT,
-    &VM_RESTORE,
-    &VM_CLONE,
-    &VM_SNAPSHOTS,
-    &VM_FORGET,
-    &VM_MIGRATE,
-    &VM_DEVICE_ADD,
-    &VM_DEVICE_REMOVE,
-    &VM_DEVICE,
-];
-
-/// `wv` and its commands, for `wv --help`.
-pub const USAGE: &str = "\
-Worldvisor: a hypervisor on Linux KVM
-
-Usage:
-  wv run [OPTIONS]          Boot one VM in the foreground until the guest powers off
-  wv run --config VM.json   The same, the VM's whole definition from a file
-  wv run --cluster C.toml   The same, the VM's memory kept coherent over several node processes
-  wv node --listen ADDR     Run a cluster node that waits for node 0 (wv run --cluster) to give its part
-  wv host [--socket PATH] [--state-dir DIR] [--listen ADDR:PORT]
-                            Run the host daemon that owns this host's VMs (--listen: also
-                            serve the API on TCP, to clients with its token)
-  wv host token [--state-dir DIR]
-                            Print the token clients over TCP send (WV_TOKEN)
-  wv host status [--json]   Ask the daemon how the host is doing
-  wv host top [--once] [--json]
-                            CPU, ready and throttled time of every world, each second
-  wv host shutdown          Stop every VM, then the daemon
-  wv host install [--unit-dir DIR] [DAEMON OPTIONS]
-                            Write a systemd unit for wv host
-  wv host uninstall [--state-dir DIR] [--yes]
-                            Remove the state directory and a dead daemon's leftovers
-  wv net create NAME [--uplink tap=NAME|none] | list | info NAME | delete NAME
-                            Networks of the daemon's virtual switch (--net network=NAME)
-  wv vm create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
-  wv vm create [NAME] --file SPEC.toml|SPEC.json
-  wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
-             [--net-shares N] [--net-reservation BPS] [--net-limit BPS|none]
-  wv vm list | info NAME | stats NAME | console NAME | start|stop|pause|resume NAME | delete NAME
-  wv vm snapshot NAME SNAP | restore NAME SNAP | clone SNAP NAME [--count N] | snapshots
-  wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N] [--copy-disks [--datastore P]]
-                            Manage VMs through the daemon (--socket or WV_SOCKET: a path,
-                            or tcp:HOST:PORT; --json for machine-readable output)
-  wv fs mkfs|info|ls|create|rm|resize|snapshot|commit|revert|branch|import|export|check|unlock ...
-                            VMKFS datastores for virtual disks
-  wv probe-image --format pvh|bzimage|exitbench --output FILE
-                            Write an embedded guest image to FILE
-  wv vswitch --socket-dir DIR [--port NETWORK/PORT ...] [--uplink NETWORK=TAP ...]
-                            Run the virtual switch: vhost-user net ports (--net vhost-user=)
-  wv storage --socket-dir DIR [--disk NAME=path=IMG|vmkfs=DS:DISK ...] [--take-stale-locks]
-                            Run the storage service: vhost-user-blk disks (--disk vhost-user=)
-  wv completions bash|zsh   Print a shell completion script
-  wv --version | --help
-
-Every command answers --help (e.g. wv run --help, wv vm create --help) and takes
---opt value or --opt=value.";
-
-const VM_USAGE: &str = "\
-Usage: wv vm COMMAND [ARGS] [OPTIONS]
-
-Manages VMs through the daemon (--socket PATH|tcp:HOST:PORT or WV_SOCKET; --json for
-machine-readable output).
-
-Commands:
-  create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
-  create [NAME] --file SPEC.toml|SPEC.json
-  set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
-      [--net-shares N] [--net-reservation BPS] [--net-limit BPS|none] [--memory-target SIZE]
-  list
-  info | stats | console | start | stop | pause | resume | delete NAME
-  snapshot NAME SNAPSHOT [--allow-raw-disk]
-  restore NAME SNAPSHOT
-  clone SNAPSHOT NAME [--count N]
-  snapshots
-  delete-snapshot SNAPSHOT
-  migrate NAME --to HOST:PORT [--token T | $WV_TARGET_TOKEN] [--downtime-ms N]
-          [--copy-disks [--datastore PATH]]
-  device add NAME --disk path=IMG|vmkfs=DS:NAME,id=ID[,...] | --net network=NAME,id=ID[,...]
-  device remove NAME ID
-  device NAME DEV --path direct|interposed [--capture FILE]
-
-Run wv vm COMMAND --help for a command's options.";
 
 // ---- Typed results ----
 
@@ -1272,10 +607,8 @@ pub enum RunFrom {
 /// A `wv` command line, parsed and checked.
 #[derive(Debug)]
 pub enum Command {
-    /// Print this usage to stdout, exit 0.
+    /// Print this usage (or `--version`'s answer) to stdout, exit 0.
     Help(String),
-    /// `--version`.
-    Version,
     /// Boot a VM in the foreground (or bring one back from a snapshot or a migration).
     Run(Box<VmConfig>, StatsMode, RunFrom, Option<Box<Jail>>),
     /// `wv node --listen ADDR`: a cluster node waiting to be told its part.
@@ -1342,165 +675,21 @@ pub enum Command {
     Completions(String),
 }
 
-/// Parses `wv`'s arguments (without the program name).
+/// Parses `wv`'s arguments (without the program name): `wv run` (and its help) by its own
+/// scanner before anything of clap is built, every other command by clap.
 pub fn parse(args: &[String]) -> Result<Command, Usage> {
-    let rest = args.get(1..).unwrap_or_default();
-    match args.first().map(String::as_str) {
-        Some("run") => parse_run(rest),
-        Some("probe-image") => parse_probe_image(rest),
-        Some("node") => parse_node(rest),
-        Some("vswitch") => parse_vswitch(rest),
-        Some("storage") => parse_storage(rest),
-        Some("host") => parse_host(rest),
-        Some("vm") => parse_vm(rest),
-        Some("net") => parse_net(rest),
-        Some("fs") => fs::parse(rest).map(|a| a.map_or_else(Command::Help, Command::Fs)),
-        Some("completions") => parse_completions(rest),
-        Some("-V" | "--version") if rest.is_empty() => Ok(Command::Version),
-        None => Ok(Command::Help(USAGE.to_string())),
-        Some("-h" | "--help" | "help") if rest.is_empty() => Ok(Command::Help(USAGE.to_string())),
-        // `wv help vm create`: that command's usage.
-        Some("-h" | "--help" | "help") if !rest[0].starts_with('-') => {
-            let mut a = rest.to_vec();
-            a.push("--help".into());
-            parse(&a)
-        }
-        Some(other @ ("-V" | "--version" | "-h" | "--help" | "help")) => Err(Usage(format!(
-            "'wv {other}' takes nothing more, not '{}'",
-            rest[0]
-        ))),
-        Some(other) => Err(Usage(format!("unknown command '{other}' (see wv --help)"))),
+    let first = |w: &str| args.first().is_some_and(|a| a == w);
+    if first("run") {
+        return parse_run(&args[1..]);
     }
-}
-
-const COMPLETIONS: Spec = Spec {
-    cmd: "wv completions",
-    pos: &["bash|zsh"],
-    about: "Prints a completion script for the shell, made from the same tables the parser reads:
-  source <(wv completions bash)       # or in ~/.bashrc; zsh: source <(wv completions zsh)",
-    opts: &[],
-    after: "",
-};
-
-fn parse_completions(args: &[String]) -> Result<Command, Usage> {
-    let m = match scan_or_help(&COMPLETIONS, args)? {
-        Ok(m) => m,
-        Err(help) => return Ok(Command::Help(help)),
-    };
-    match (m.arg(0), m.pos.len()) {
-        (Some(shell @ ("bash" | "zsh")), 1) => Ok(Command::Completions(completion_script(shell))),
-        _ => Err(Usage(
-            "wv completions takes one shell: bash or zsh".to_string(),
-        )),
+    // `wv help run`: run's usage is the scanner's.
+    if (first("help") || first("-h") || first("--help"))
+        && args.get(1).is_some_and(|a| a == "run")
+        && args.len() == 2
+    {
+        return Ok(Command::Help(usage(&RUN)));
     }
-}
-
-/// Every command's table: what completion offers.
-fn all_specs() -> Vec<&'static Spec> {
-    let mut v: Vec<&'static Spec> = vec![
-        &RUN,
-        &NODE,
-        &PROBE_IMAGE,
-        &VSWITCH,
-        &STORAGE,
-        &HOST,
-        &HOST_STATUS,
-        &HOST_MEMORY,
-        &HOST_TOP,
-        &HOST_TOKEN,
-        &HOST_SHUTDOWN,
-        &HOST_INSTALL,
-        &HOST_UNINSTALL,
-    ];
-    v.extend(VM_SPECS.iter().copied());
-    v.extend(NET_SPECS.iter().copied());
-    v.extend(crate::fs::SPECS.iter());
-    v.push(&COMPLETIONS);
-    v
-}
-
-/// A bash completion function for `wv` (zsh runs it through bashcompinit): the command words
-/// typed so far pick the longest matching command; a word starting with `-` completes that
-/// command's options, another word the next command word, and an option's value a file name.
-pub fn completion_script(shell: &str) -> String {
-    let mut table = String::new();
-    for spec in all_specs() {
-        let words = spec.cmd.strip_prefix("wv").unwrap_or(spec.cmd).trim();
-        let opts: Vec<&str> = spec
-            .opts
-            .iter()
-            .flat_map(|g| g.iter())
-            .map(|o| o.long)
-            .chain(["--help"])
-            .collect();
-        // A positional argument written as alternatives (`bash|zsh`) completes to them.
-        let choices: Vec<&str> = spec
-            .pos
-            .iter()
-            .filter(|p| p.contains('|') && !p.contains('.'))
-            .flat_map(|p| p.split('|'))
-            .collect();
-        table.push_str(&format!(
-            "        '{words}|{}|{}'\n",
-            opts.join(" "),
-            choices.join(" ")
-        ));
-    }
-    let mut s = String::new();
-    if shell == "zsh" {
-        s.push_str("autoload -U +X bashcompinit && bashcompinit\n");
-    }
-    s.push_str(&format!(
-        r#"# wv completion ({shell}), generated by `wv completions {shell}`.
-_wv() {{
-    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}"
-    local specs=(
-{table}    )
-    local typed="" w i
-    for ((i = 1; i < COMP_CWORD; i++)); do
-        w="${{COMP_WORDS[i]}}"
-        [[ $w == -* ]] && continue
-        [[ -n $typed ]] && typed="$typed $w" || typed="$w"
-    done
-    # The longest command the typed words start with, and its options.
-    local best="" opts="" choices="" entry name rest
-    for entry in "${{specs[@]}}"; do
-        name="${{entry%%|*}}"
-        if [[ "$typed" == "$name" || "$typed" == "$name "* ]] && (( ${{#name}} >= ${{#best}} )); then
-            best="$name"; rest="${{entry#*|}}"; opts="${{rest%%|*}}"; choices="${{rest#*|}}"
-        fi
-    done
-    if [[ $cur == -* ]]; then
-        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
-        return
-    fi
-    if [[ $prev == --* && -n $best ]]; then
-        COMPREPLY=($(compgen -f -- "$cur"))
-        return
-    fi
-    # The next command word after what was typed.
-    local next=""
-    for entry in "${{specs[@]}}"; do
-        name="${{entry%%|*}}"
-        if [[ -z $typed ]]; then
-            next="$next ${{name%% *}}"
-        elif [[ "$name" == "$typed "* ]]; then
-            w="${{name#"$typed "}}"
-            next="$next ${{w%% *}}"
-        fi
-    done
-    if [[ -n $next ]]; then
-        COMPREPLY=($(compgen -W "$(printf '%s\n' $next | sort -u)" -- "$cur"))
-    elif [[ -n $choices && $typed == "$best" ]]; then
-        COMPREPLY=($(compgen -W "$choices" -- "$cur"))
-    else
-        COMPREPLY=($(compgen -f -- "$cur"))
-    fi
-}}
-complete -F _wv wv
-"#
-    ));
-    s
+    crate::commands::parse(args)
 }
 
 /// Scans by `spec`, or answers its usage.
@@ -1654,7 +843,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
             }
             config_from_file(Path::new(file))?
         }
-        None => vm_config(vm_def(&m, false)?),
+        None => vm_config(vm_def(&VmOpts::from_matches(&m), false)?),
     };
     if let RunFrom::Cluster(spec) = &from {
         cfg.vcpus = spec.vcpus;
@@ -1710,7 +899,7 @@ fn parse_run(args: &[String]) -> Result<Command, Usage> {
 }
 
 /// The configuration the VM options describe, with the defaults that depend on the kernel.
-fn vm_config(d: VmDef) -> VmConfig {
+pub(crate) fn vm_config(d: VmDef) -> VmConfig {
     let kernel = d
         .kernel
         .map_or_else(KernelSource::default, KernelSource::Path);
@@ -1731,7 +920,9 @@ fn vm_config(d: VmDef) -> VmConfig {
 
 /// Reads a definition file: TOML when its name ends in `.toml`, else JSON; an error is one
 /// line naming the file. Relative paths in it are made relative to the file's directory.
-fn from_file<T: serde::de::DeserializeOwned>(file: &Path) -> Result<(T, PathBuf), Usage> {
+pub(crate) fn from_file<T: serde::de::DeserializeOwned>(
+    file: &Path,
+) -> Result<(T, PathBuf), Usage> {
     let f = file.display();
     let text = std::fs::read_to_string(file).map_err(|e| Usage(format!("cannot read {f}: {e}")))?;
     let v: T = if file.extension().is_some_and(|e| e == "toml") {
@@ -1767,7 +958,7 @@ pub struct Jail {
 }
 
 /// The VM options [`VM_OPTS`], typed (before defaults that depend on the kernel).
-struct VmDef {
+pub(crate) struct VmDef {
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     cmdline: Option<String>,
@@ -1780,14 +971,14 @@ struct VmDef {
     balloon: bool,
 }
 
-/// The VM options of `m`; `balloon_default` is whether a VM without `--balloon` has one (off
-/// for `wv run`, on for `wv vm create`).
-fn vm_def(m: &Matches, balloon_default: bool) -> Result<VmDef, Usage> {
-    let memory = match m.value("--memory") {
+/// The VM options `o` describe, checked; `balloon_default` is whether a VM without `--balloon`
+/// has one (off for `wv run`, on for `wv vm create`).
+pub(crate) fn vm_def(o: &VmOpts, balloon_default: bool) -> Result<VmDef, Usage> {
+    let memory = match o.memory.as_deref() {
         Some(v) => parse_size(v).map_err(|e| Usage(format!("--memory: {e}")))?,
         None => wv_config::DEFAULT_MEMORY,
     };
-    let vcpus = match m.value("--vcpus") {
+    let vcpus = match o.vcpus.as_deref() {
         Some(v) => v.parse().map_err(|_| {
             Usage(format!(
                 "--vcpus '{v}' is not a number from 1 to {}",
@@ -1796,35 +987,37 @@ fn vm_def(m: &Matches, balloon_default: bool) -> Result<VmDef, Usage> {
         })?,
         None => 1,
     };
-    let rng = match m.value("--rng") {
+    let rng = match o.rng.as_deref() {
         None | Some("on") => true,
         Some("off") => false,
         Some(o) => return Err(Usage(format!("--rng takes on or off, not '{o}'"))),
     };
-    let balloon = match m.value("--balloon") {
+    let balloon = match o.balloon.as_deref() {
         None => balloon_default,
         Some("on") => true,
         Some("off") => false,
         Some(o) => return Err(Usage(format!("--balloon takes on or off, not '{o}'"))),
     };
-    let memory_shared = match m.value("--memory-shared") {
+    let memory_shared = match o.memory_shared.as_deref() {
         None | Some("off") => false,
         Some("on") => true,
         Some(o) => return Err(Usage(format!("--memory-shared takes on or off, not '{o}'"))),
     };
-    let disks = m
-        .values("--disk")
+    let disks = o
+        .disk
+        .iter()
         .enumerate()
         .map(|(i, v)| DiskConfig::parse(v, i).map_err(|e| Usage(e.to_string())))
         .collect::<Result<_, _>>()?;
-    let nets = m
-        .values("--net")
+    let nets = o
+        .net
+        .iter()
         .map(|v| NetConfig::parse(v).map_err(|e| Usage(e.to_string())))
         .collect::<Result<_, _>>()?;
     Ok(VmDef {
-        kernel: m.value("--kernel").map(PathBuf::from),
-        initrd: m.value("--initrd").map(PathBuf::from),
-        cmdline: m.value("--cmdline").map(str::to_string),
+        kernel: o.kernel.as_ref().map(PathBuf::from),
+        initrd: o.initrd.as_ref().map(PathBuf::from),
+        cmdline: o.cmdline.clone(),
         memory,
         memory_shared,
         vcpus,
@@ -1835,621 +1028,9 @@ fn vm_def(m: &Matches, balloon_default: bool) -> Result<VmDef, Usage> {
     })
 }
 
-fn parse_node(args: &[String]) -> Result<Command, Usage> {
-    let m = matches_or_help!(&NODE, args);
-    let listen = m
-        .value("--listen")
-        .ok_or_else(|| Usage("wv node needs --listen ADDR (e.g. 0.0.0.0:7000)".into()))?;
-    Ok(Command::Node(listen.to_string()))
-}
-
-fn parse_vswitch(args: &[String]) -> Result<Command, Usage> {
-    let m = matches_or_help!(&VSWITCH, args);
-    let dir = m
-        .value("--socket-dir")
-        .ok_or_else(|| Usage("wv vswitch needs --socket-dir DIR".into()))?;
-    let mut cfg = wv_vswitch::Config {
-        socket_dir: PathBuf::from(dir),
-        networks: Vec::new(),
-    };
-    fn network<'a>(
-        cfg: &'a mut wv_vswitch::Config,
-        name: &str,
-    ) -> Result<&'a mut wv_vswitch::NetworkConfig, Usage> {
-        if !wv_vswitch::valid_name(name) {
-            return Err(Usage(format!(
-                "wv vswitch: network '{}': use 1-64 of A-Z a-z 0-9 _ . - (not starting with .)",
-                name.escape_debug()
-            )));
-        }
-        let i = match cfg.networks.iter().position(|n| n.name == name) {
-            Some(i) => i,
-            None => {
-                cfg.networks.push(wv_vswitch::NetworkConfig {
-                    name: name.to_string(),
-                    ..Default::default()
-                });
-                cfg.networks.len() - 1
-            }
-        };
-        Ok(&mut cfg.networks[i])
-    }
-    for n in m.values("--network") {
-        network(&mut cfg, n)?;
-    }
-    for p in m.values("--port") {
-        let Some((net, port)) = p.split_once('/') else {
-            return Err(Usage(format!("--port '{p}': expected NETWORK/PORT")));
-        };
-        if !wv_vswitch::valid_name(port) {
-            return Err(Usage(format!(
-                "--port '{p}': use 1-64 of A-Z a-z 0-9 _ . - for the port"
-            )));
-        }
-        let n = network(&mut cfg, net)?;
-        if n.ports.iter().any(|x| x == port) {
-            return Err(Usage(format!("--port '{p}' is given twice")));
-        }
-        n.ports.push(port.to_string());
-    }
-    for u in m.values("--uplink") {
-        let Some((net, tap)) = u.split_once('=') else {
-            return Err(Usage(format!("--uplink '{u}': expected NETWORK=TAP")));
-        };
-        let tap = tap.strip_prefix("tap:").unwrap_or(tap);
-        if tap.is_empty() || tap.len() > wv_config::MAX_TAP_NAME {
-            return Err(Usage(format!(
-                "--uplink '{u}': the TAP name takes 1-{} characters",
-                wv_config::MAX_TAP_NAME
-            )));
-        }
-        let n = network(&mut cfg, net)?;
-        if n.uplink.replace(tap.to_string()).is_some() {
-            return Err(Usage(format!("--uplink: network {net} has two uplinks")));
-        }
-    }
-    Ok(Command::Vswitch(cfg))
-}
-
-fn parse_storage(args: &[String]) -> Result<Command, Usage> {
-    let m = matches_or_help!(&STORAGE, args);
-    let dir = m
-        .value("--socket-dir")
-        .ok_or_else(|| Usage("wv storage needs --socket-dir DIR".into()))?;
-    let mut cfg = wv_storage::Config {
-        socket_dir: PathBuf::from(dir),
-        disks: Vec::new(),
-        take_stale_locks: m.has("--take-stale-locks"),
-        capacity_iops: match m.value("--capacity-iops") {
-            Some(v) => v.parse().map_err(|_| {
-                Usage(format!(
-                    "--capacity-iops '{}': expected a number of I/Os per second",
-                    v.escape_debug()
-                ))
-            })?,
-            None => 0,
-        },
-    };
-    for d in m.values("--disk") {
-        let spec = wv_storage::DiskSpec::parse(d).map_err(Usage)?;
-        if cfg.disks.iter().any(|o| o.name == spec.name) {
-            return Err(Usage(format!(
-                "--disk: the name {} is given twice",
-                spec.name
-            )));
-        }
-        cfg.disks.push(spec);
-    }
-    // None is fine: disks are added at run time (`disk add` on its control socket), as the
-    // daemon does when a VM that has one starts.
-    Ok(Command::Storage(cfg))
-}
-
-fn parse_probe_image(args: &[String]) -> Result<Command, Usage> {
-    let m = matches_or_help!(&PROBE_IMAGE, args);
-    match (m.value("--format"), m.value("--output")) {
-        (Some(f), Some(o)) => Ok(Command::ProbeImage {
-            format: f.to_string(),
-            output: PathBuf::from(o),
-        }),
-        _ => Err(Usage(
-            "wv probe-image needs --format pvh|bzimage|exitbench and --output FILE".into(),
-        )),
-    }
-}
-
-fn client(m: &Matches) -> Client {
-    Client {
-        socket: m.value("--socket").map_or_else(
-            || {
-                std::env::var_os("WV_SOCKET")
-                    .map_or_else(|| PathBuf::from(wv_host::DEFAULT_SOCKET), PathBuf::from)
-            },
-            PathBuf::from,
-        ),
-        json: m.has("--json"),
-    }
-}
-
-fn parse_host(args: &[String]) -> Result<Command, Usage> {
-    let (sub, rest) = split_subcommand(
-        args,
-        &[
-            &HOST,
-            &HOST_STATUS,
-            &HOST_MEMORY,
-            &HOST_TOP,
-            &HOST_TOKEN,
-            &HOST_SHUTDOWN,
-            &HOST_INSTALL,
-            &HOST_UNINSTALL,
-        ],
-    );
-    match sub.as_deref() {
-        None => {
-            let m = matches_or_help!(&HOST, &rest);
-            Ok(Command::HostServe {
-                socket: client(&m).socket,
-                state_dir: PathBuf::from(
-                    m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR),
-                ),
-                listen: m.value("--listen").map(str::to_string),
-                web: m.value("--web").map(str::to_string),
-                images: m.values("--images").map(PathBuf::from).collect(),
-                jail: match (m.has("--no-jail"), m.value("--jail-uids")) {
-                    (true, Some(_)) => {
-                        return Err(Usage(
-                            "--no-jail and --jail-uids cannot be given together".into(),
-                        ))
-                    }
-                    (true, None) => None,
-                    (false, None) => Some(wv_host::api::DEFAULT_JAIL_UIDS),
-                    (false, Some(r)) => Some(
-                        r.split_once('-')
-                            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-                            .filter(|(a, b): &(u32, u32)| *a > 0 && a <= b && *b < u32::MAX)
-                            .ok_or_else(|| {
-                                Usage(format!(
-                                    "--jail-uids '{r}': give FIRST-LAST, unprivileged ids (1 to {})",
-                                    u32::MAX - 1
-                                ))
-                            })?,
-                    ),
-                },
-                memory: lending_settings(&m)?,
-                placement: m
-                    .value("--placement")
-                    .map_or(Ok(wv_host::place::Mode::Auto), str::parse)
-                    .map_err(|e| Usage(format!("--placement: {e}")))?,
-            })
-        }
-        Some("status") => {
-            let m = matches_or_help!(&HOST_STATUS, &rest);
-            Ok(Command::HostStatus(client(&m)))
-        }
-        Some("memory") => {
-            let m = matches_or_help!(&HOST_MEMORY, &rest);
-            Ok(Command::HostMemory(client(&m)))
-        }
-        Some("top") => {
-            let m = matches_or_help!(&HOST_TOP, &rest);
-            Ok(Command::HostTop(client(&m), m.has("--once")))
-        }
-        Some("token") => {
-            let m = matches_or_help!(&HOST_TOKEN, &rest);
-            Ok(Command::HostToken(PathBuf::from(
-                m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR),
-            )))
-        }
-        Some("shutdown") => {
-            let m = matches_or_help!(&HOST_SHUTDOWN, &rest);
-            Ok(Command::HostShutdown(client(&m)))
-        }
-        Some("uninstall") => {
-            let m = matches_or_help!(&HOST_UNINSTALL, &rest);
-            Ok(Command::HostUninstall(
-                PathBuf::from(m.value("--state-dir").unwrap_or(wv_host::DEFAULT_STATE_DIR)),
-                m.has("--yes"),
-            ))
-        }
-        Some("install") => {
-            let m = matches_or_help!(&HOST_INSTALL, &rest);
-            let cwd = std::env::current_dir()
-                .map_err(|e| Usage(format!("cannot read the current directory: {e}")))?;
-            let abs = |p: &str| cwd.join(p).display().to_string();
-            let mut args = Vec::new();
-            for o in DAEMON_OPTS {
-                for v in m.values(o.long) {
-                    let v = match o.long {
-                        "--listen"
-                        | "--placement"
-                        | "--web"
-                        | "--host-memory-reserve"
-                        | "--idle-memory-tax"
-                        | "--host-memory" => v.to_string(),
-                        _ => abs(v),
-                    };
-                    args.extend([o.long.to_string(), v]);
-                }
-            }
-            Ok(Command::HostInstall {
-                unit_dir: PathBuf::from(m.value("--unit-dir").unwrap_or("/etc/systemd/system")),
-                args,
-                socket: m.value("--socket").map(|s| cwd.join(s)),
-            })
-        }
-        Some(other) => Err(Usage(format!(
-            "unknown 'wv host' command '{other}' (see wv host --help)"
-        ))),
-    }
-}
-
-/// The lending policy's settings from `wv host`'s options.
-fn lending_settings(m: &Matches) -> Result<wv_host::lending::Settings, Usage> {
-    let size = |o: &str| {
-        m.value(o)
-            .map(|v| parse_size(v).map_err(|e| Usage(format!("{o}: {e}"))))
-            .transpose()
-    };
-    let mut s = wv_host::lending::Settings {
-        reserve: size("--host-memory-reserve")?.unwrap_or(0),
-        host_memory: size("--host-memory")?,
-        ..Default::default()
-    };
-    if let Some(t) = m.value("--idle-memory-tax") {
-        s.tax_pct = t
-            .parse()
-            .ok()
-            .filter(|p| *p <= wv_host::lending::MAX_TAX_PCT)
-            .ok_or_else(|| {
-                Usage(format!(
-                    "--idle-memory-tax '{t}': give a percentage from 0 to {}",
-                    wv_host::lending::MAX_TAX_PCT
-                ))
-            })?;
-    }
-    if s.host_memory == Some(0) {
-        return Err(Usage("--host-memory: give a size above 0".into()));
-    }
-    Ok(s)
-}
-
-fn parse_net(args: &[String]) -> Result<Command, Usage> {
-    let (sub, rest) = split_subcommand(args, NET_SPECS);
-    let Some(sub) = sub else {
-        if wants_help(&rest) {
-            return Ok(Command::Help(NET_USAGE.to_string()));
-        }
-        return Err(Usage(
-            "wv net needs a command: create, list, info, delete (see wv net --help)".into(),
-        ));
-    };
-    let spec = NET_SPECS
-        .iter()
-        .find(|s| s.cmd.rsplit(' ').next() == Some(sub.as_str()))
-        .ok_or_else(|| {
-            Usage(format!(
-                "unknown 'wv net' command '{sub}' (see wv net --help)"
-            ))
-        })?;
-    let m = matches_or_help!(spec, &rest);
-    let c = client(&m);
-    let cmd = match spec.cmd {
-        "wv net create" => {
-            let uplink = match m.value("--uplink") {
-                None | Some("none") => None,
-                Some(u) => match u.strip_prefix("tap=") {
-                    Some(t) if wv_config::valid_tap_name(t) => Some(t.to_string()),
-                    _ => {
-                        return Err(Usage(format!(
-                            "--uplink '{u}': expected tap=NAME (1-{} characters) or none",
-                            wv_config::MAX_TAP_NAME
-                        )))
-                    }
-                },
-            };
-            NetCmd::Create(m.pos[0].clone(), uplink)
-        }
-        "wv net list" => NetCmd::List,
-        "wv net info" => NetCmd::Info(m.pos[0].clone()),
-        _ => NetCmd::Delete(m.pos[0].clone()),
-    };
-    Ok(Command::Net(c, cmd))
-}
-
-fn parse_vm(args: &[String]) -> Result<Command, Usage> {
-    // `wv vm device add|remove ...` is `wv vm device-add|device-remove ...`.
-    let joined;
-    let args = match args.iter().position(|a| a == "device") {
-        Some(i) if matches!(args.get(i + 1).map(String::as_str), Some("add" | "remove")) => {
-            let mut a = args.to_vec();
-            let word = a.remove(i + 1);
-            a[i] = format!("device-{word}");
-            joined = a;
-            &joined[..]
-        }
-        _ => args,
-    };
-    let (sub, rest) = split_subcommand(args, VM_SPECS);
-    let Some(sub) = sub else {
-        if wants_help(&rest) {
-            return Ok(Command::Help(VM_USAGE.to_string()));
-        }
-        return Err(Usage(
-            "wv vm needs a command: create, list, info, set, stats, console, start, stop, pause, resume, delete, snapshot, restore, clone, snapshots, delete-snapshot, migrate, device add, device remove, device NAME DEV (see wv vm --help)".into(),
-        ));
-    };
-    let spec = VM_SPECS
-        .iter()
-        .find(|s| s.cmd.rsplit(' ').next() == Some(sub.as_str()))
-        .ok_or_else(|| {
-            Usage(format!(
-                "unknown 'wv vm' command '{sub}' (see wv vm --help)"
-            ))
-        })?;
-    let m = matches_or_help!(spec, &rest);
-    let c = client(&m);
-    let cmd = match spec.cmd {
-        "wv vm create" => VmCmd::Create(Box::new(create_spec(&m)?)),
-        "wv vm set" => {
-            let s = sched(&m)?;
-            let target = m
-                .value("--memory-target")
-                .map(|v| parse_size(v).map_err(|e| Usage(format!("--memory-target: {e}"))))
-                .transpose()?;
-            if s == Sched::default() && target.is_none() {
-                return Err(Usage(
-                    "wv vm set NAME needs --shares N, --reservation CPUS, --limit CPUS|none, \
-                     --net-shares N, --net-reservation BPS, --net-limit BPS|none or \
-                     --memory-target SIZE"
-                        .into(),
-                ));
-            }
-            VmCmd::Set(m.pos[0].clone(), s, target)
-        }
-        "wv vm list" => VmCmd::List,
-        "wv vm snapshots" => VmCmd::Snapshots,
-        "wv vm snapshot" => VmCmd::Snapshot(
-            m.pos[0].clone(),
-            m.pos[1].clone(),
-            m.has("--allow-raw-disk"),
-        ),
-        "wv vm restore" => VmCmd::Restore(m.pos[0].clone(), m.pos[1].clone()),
-        "wv vm device-add" => {
-            let (opt, spec) = match (m.value("--disk"), m.value("--net")) {
-                (Some(d), None) => ("--disk", d),
-                (None, Some(n)) => ("--net", n),
-                _ => {
-                    return Err(Usage(
-                        "wv vm device-add NAME needs one of --disk path=IMG,id=ID and --net network=NAME,id=ID"
-                            .into(),
-                    ))
-                }
-            };
-            if !spec.split(',').any(|p| p.starts_with("id=")) {
-                return Err(Usage(format!(
-                    "{opt} '{spec}': give the device an id= to remove it by"
-                )));
-            }
-            let device = if opt == "--disk" {
-                let disk = wv_config::DiskConfig::parse(spec, 0).map_err(|e| Usage(e.0))?;
-                serde_json::json!({ "disk": disk })
-            } else {
-                let net = NetConfig::parse(spec).map_err(|e| Usage(e.0))?;
-                if net.network.is_none() {
-                    return Err(Usage(format!(
-                        "--net '{spec}': a hot-plugged net is on one of the daemon's networks (network=NAME)"
-                    )));
-                }
-                serde_json::json!({ "net": net })
-            };
-            VmCmd::DeviceAdd(m.pos[0].clone(), device)
-        }
-        "wv vm device-remove" => VmCmd::DeviceRemove(m.pos[0].clone(), m.pos[1].clone()),
-        "wv vm device" => {
-            let path = match m.value("--path") {
-                Some(p @ ("direct" | "interposed")) => p.to_string(),
-                Some(p) => return Err(Usage(format!("--path: '{p}' is not direct or interposed"))),
-                None => {
-                    return Err(Usage(
-                        "wv vm device NAME DEV needs --path direct|interposed".into(),
-                    ))
-                }
-            };
-            let capture = m.value("--capture").map(str::to_string);
-            if capture.is_some() && path == "direct" {
-                return Err(Usage("--capture needs --path interposed".into()));
-            }
-            VmCmd::Device(m.pos[0].clone(), m.pos[1].clone(), path, capture)
-        }
-        "wv vm clone" => {
-            let count = match m.value("--count") {
-                None => 1,
-                Some(v) => v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=64).contains(n))
-                    .ok_or_else(|| Usage(format!("--count: '{v}' is not 1 to 64")))?,
-            };
-            VmCmd::Clone(m.pos[0].clone(), m.pos[1].clone(), count)
-        }
-        "wv vm delete-snapshot" => VmCmd::DeleteSnapshot(m.pos[0].clone()),
-        "wv vm migrate" => {
-            let to = m
-                .value("--to")
-                .ok_or_else(|| Usage("wv vm migrate NAME needs --to HOST:PORT".into()))?
-                .to_string();
-            let token = m
-                .value("--token")
-                .map(str::to_string)
-                .or_else(|| std::env::var("WV_TARGET_TOKEN").ok())
-                .filter(|t| !t.trim().is_empty())
-                .ok_or_else(|| {
-                    Usage(
-                        "wv vm migrate needs the target daemon's token: --token T or WV_TARGET_TOKEN (wv host token there shows it)"
-                            .into(),
-                    )
-                })?;
-            let downtime_ms = m
-                .value("--downtime-ms")
-                .map(|v| {
-                    v.parse::<u64>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                        Usage(format!(
-                            "--downtime-ms: '{v}' is not a number of milliseconds (1 or more)"
-                        ))
-                    })
-                })
-                .transpose()?;
-            let copy_disks = m.has("--copy-disks");
-            let datastore = m.value("--datastore").map(str::to_string);
-            if datastore.is_some() && !copy_disks {
-                return Err(Usage(
-                    "--datastore says where copied VMKFS disks land: it needs --copy-disks".into(),
-                ));
-            }
-            VmCmd::Migrate(Migrate {
-                name: m.pos[0].clone(),
-                to,
-                token,
-                downtime_ms,
-                copy_disks,
-                datastore,
-            })
-        }
-        cmd => VmCmd::Named(cmd.rsplit(' ').next().unwrap_or_default(), m.pos[0].clone()),
-    };
-    Ok(Command::Vm(c, cmd))
-}
-
-fn sched(m: &Matches) -> Result<Sched, Usage> {
-    let cpus = |o: &str, v: &str| {
-        v.parse::<f64>()
-            .ok()
-            .filter(|x| x.is_finite())
-            .ok_or_else(|| Usage(format!("{o}: '{v}' is not a number of CPUs")))
-    };
-    Ok(Sched {
-        shares: m
-            .value("--shares")
-            .map(|v| {
-                v.parse::<u32>()
-                    .map_err(|_| Usage(format!("--shares: '{v}' is not a whole number")))
-            })
-            .transpose()?,
-        reservation: m
-            .value("--reservation")
-            .map(|v| cpus("--reservation", v))
-            .transpose()?,
-        limit: m
-            .value("--limit")
-            .map(|v| match v {
-                "none" => Ok(None),
-                v => cpus("--limit", v).map(Some),
-            })
-            .transpose()?,
-        net_shares: m
-            .value("--net-shares")
-            .map(|v| {
-                v.parse::<u32>()
-                    .map_err(|_| Usage(format!("--net-shares: '{v}' is not a whole number")))
-            })
-            .transpose()?,
-        net_reservation: m
-            .value("--net-reservation")
-            .map(|v| bits_per_second("--net-reservation", v))
-            .transpose()?,
-        net_limit: m
-            .value("--net-limit")
-            .map(|v| match v {
-                "none" => Ok(0),
-                v => bits_per_second("--net-limit", v),
-            })
-            .transpose()?,
-    })
-}
-
-/// A rate in bits per second: a whole number, with K, M or G for thousands (`100M`).
-fn bits_per_second(o: &str, v: &str) -> Result<u64, Usage> {
-    let (digits, scale) = match v.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&v[..i], 1_000),
-        Some((i, 'M')) => (&v[..i], 1_000_000),
-        Some((i, 'G')) => (&v[..i], 1_000_000_000),
-        _ => (v, 1),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| {
-            Usage(format!(
-                "{o}: '{v}' is not bits per second (a whole number, K, M or G for thousands)"
-            ))
-        })
-}
-
-const VM_DEF_OPTS: &[&[Opt]] = &[VM_OPTS, SCHED_OPTS];
-
-/// `wv vm create`: the definition from the options or from `--file`, with absolute paths.
-fn create_spec(m: &Matches) -> Result<VmSpec, Usage> {
-    let name = m.arg(0).map(str::to_string);
-    let mut spec = if let Some(file) = m.value("--file") {
-        if let Some(o) = VM_DEF_OPTS
-            .iter()
-            .flat_map(|g| g.iter())
-            .find(|o| m.has(o.long))
-        {
-            return Err(Usage(format!(
-                "--file gives the whole definition: {} cannot be added to it",
-                o.long
-            )));
-        }
-        let (mut s, dir) = from_file::<VmSpec>(Path::new(file))?;
-        absolute_paths(&mut s.config, &dir);
-        if let Some(n) = name {
-            s.name = n;
-        }
-        s
-    } else {
-        let name = name.ok_or_else(|| Usage("wv vm create needs a VM name (or --file)".into()))?;
-        spec_from_options(name, m)?
-    };
-    absolute_paths(&mut spec.config, &cwd()?);
-    // The daemon reads JSON: every path must be UTF-8.
-    let c = &spec.config;
-    let kernel = match &c.kernel {
-        KernelSource::Path(p) => Some(("--kernel", p)),
-        KernelSource::Embedded(_) => None,
-    };
-    let paths = kernel
-        .into_iter()
-        .chain(c.initrd.iter().map(|p| ("--initrd", p)))
-        .chain(c.disks.iter().map(|d| ("--disk", &d.path)));
-    for (o, p) in paths {
-        if p.to_str().is_none() {
-            return Err(Usage(format!("{o}: the path {p:?} is not UTF-8")));
-        }
-    }
-    Ok(spec)
-}
-
-fn cwd() -> Result<PathBuf, Usage> {
+/// The current directory, to make the client's relative paths absolute.
+pub(crate) fn cwd() -> Result<PathBuf, Usage> {
     std::env::current_dir().map_err(|e| Usage(format!("cannot read the current directory: {e}")))
-}
-
-fn spec_from_options(name: String, m: &Matches) -> Result<VmSpec, Usage> {
-    let mut s = VmSpec::new(name);
-    s.config = vm_config(vm_def(m, true)?);
-    let sc = sched(m)?;
-    if let Some(x) = sc.shares {
-        s.shares = x;
-    }
-    if let Some(x) = sc.reservation {
-        s.reservation = x;
-    }
-    if let Some(x) = sc.limit {
-        s.limit = x;
-    }
-    Ok(s)
 }
 
 fn one_line(s: &str) -> String {
@@ -2457,7 +1038,7 @@ fn one_line(s: &str) -> String {
 }
 
 /// Makes the kernel, initrd and disk paths of `c` absolute against `base`.
-fn absolute_paths(c: &mut VmConfig, base: &Path) {
+pub(crate) fn absolute_paths(c: &mut VmConfig, base: &Path) {
     if let KernelSource::Path(p) = &mut c.kernel {
         *p = base.join(&*p);
     }
@@ -2733,7 +1314,6 @@ mod tests {
             (&["run", "--vcpus"], "needs a value"),
             (&["vm", "list", "--json=yes"], "takes no value"),
             (&["probe-image", "--format", "pvh"], "needs --format"),
-            (&["--version", "x"], "takes nothing more"),
         ] {
             let m = refused(line);
             assert!(m.contains(needle), "{line:?}: {m}");
@@ -2769,7 +1349,10 @@ mod tests {
         let Ok(Command::Help(t)) = parse(&args(&["vm", "create", "--help"])) else {
             panic!()
         };
-        assert!(t.contains("--memory SIZE") && t.contains("--shares N") && !t.contains("--serial"));
+        assert!(
+            t.contains("--memory <SIZE>") && t.contains("--shares <N>") && !t.contains("--serial"),
+            "{t}"
+        );
     }
 
     #[test]
@@ -2824,7 +1407,7 @@ mod tests {
     fn double_dash_ends_the_options() {
         let (_, v) = vm(&["vm", "info", "--", "-odd"]);
         assert_eq!(v, VmCmd::Named("info", "-odd".into()));
-        let (_, v) = vm(&["vm", "--", "delete", "--json"]);
+        let (_, v) = vm(&["vm", "delete", "--", "--json"]);
         assert_eq!(v, VmCmd::Named("delete", "--json".into()));
         assert!(refused(&["vm", "info", "a", "--", "b"]).contains("unexpected 'b'"));
     }
@@ -2940,5 +1523,148 @@ mod tests {
             (64 << 20, 2, StatsMode::Json, SerialMode::None, false)
         );
         assert!(refused(&["run", "--stats=xml"]).contains("table or json"));
+    }
+
+    /// Every command and subcommand of the clap tree (and `wv run`) answers `-h` and `--help`
+    /// with its own usage.
+    #[test]
+    fn every_command_of_the_tree_answers_help() {
+        fn walk(c: &clap::Command, path: &mut Vec<String>, all: &mut Vec<Vec<String>>) {
+            for s in c.get_subcommands().filter(|s| s.get_name() != "help") {
+                path.push(s.get_name().to_string());
+                all.push(path.clone());
+                walk(s, path, all);
+                path.pop();
+            }
+        }
+        let mut all = Vec::new();
+        walk(&crate::commands::command_tree(), &mut Vec::new(), &mut all);
+        assert!(all.len() > 50, "{all:?}");
+        for path in &all {
+            for h in ["-h", "--help"] {
+                let mut line = path.clone();
+                line.push(h.into());
+                let want = format!("Usage: wv {}", path.join(" "));
+                match parse(&line) {
+                    Ok(Command::Help(t)) => assert!(t.starts_with(&want), "{line:?}: {t}"),
+                    other => panic!("{line:?}: {other:?}"),
+                }
+            }
+        }
+        // `wv help ...` too, `wv run`'s from its own table.
+        let Ok(Command::Help(t)) = parse(&args(&["help", "run"])) else {
+            panic!()
+        };
+        assert_eq!(t, usage(&RUN));
+        let Ok(Command::Help(t)) = parse(&args(&["help", "vm", "set"])) else {
+            panic!()
+        };
+        assert!(t.starts_with("Usage: wv vm set"), "{t}");
+    }
+
+    /// `wv vm create` offers exactly `wv run`'s VM options: same names, values and help.
+    #[test]
+    fn vm_create_has_the_vm_options_of_run() {
+        let got = crate::commands::vm_create_options();
+        let want: Vec<(String, String, String)> = VM_OPTS
+            .iter()
+            .map(|o| {
+                let Arg::Value(v) = o.arg else {
+                    panic!("{o:?}")
+                };
+                (o.long.to_string(), v.to_string(), o.help.to_string())
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        for (line, needle) in [
+            (&["frob"][..], "unknown command 'frob' (see wv --help)"),
+            (&["vm"], "wv vm needs a command: create, set"),
+            (&["net"], "wv net needs a command: create, list"),
+            (
+                &["fs", "ls"],
+                "wv fs ls takes 1 argument (DS): missing <DS>",
+            ),
+            (
+                &["vm", "snapshot", "a"],
+                "takes 2 arguments (NAME SNAPSHOT)",
+            ),
+            (
+                &["vm", "list", "x"],
+                "wv vm list takes no arguments: unexpected 'x'",
+            ),
+            (
+                &["vm", "create", "a", "--memory"],
+                "option --memory needs a value (SIZE)",
+            ),
+            (
+                &["vm", "create", "a", "--memory=lots"],
+                "--memory: invalid size 'lots'",
+            ),
+            (&["host", "--listen=x", "status"], "cannot be used with"),
+            (&["completions", "fish"], "bash or zsh"),
+            (&["node", "--listen"], "option --listen needs a value"),
+        ] {
+            let m = refused(line);
+            assert!(m.contains(needle), "{line:?}: {m}");
+            assert!(!m.contains('\n'), "{line:?}: one line: {m}");
+        }
+        // A value may start with '-', as in `wv run`: a bad value, not a missing one.
+        assert!(
+            refused(&["vm", "set", "a", "--shares", "-1"]).contains("'-1' is not a whole number")
+        );
+        // The last of an option given twice counts, as in `wv run`.
+        let (_, v) = vm(&["vm", "clone", "s", "n", "--count=2", "--count", "3"]);
+        assert_eq!(v, VmCmd::Clone("s".into(), "n".into(), 3));
+        // `wv vm device add` is `wv vm device-add`.
+        let (_, v) = vm(&["vm", "device", "remove", "a", "disk1"]);
+        assert_eq!(v, VmCmd::DeviceRemove("a".into(), "disk1".into()));
+        assert!(
+            matches!(parse(&args(&["--version"])), Ok(Command::Help(v)) if v.starts_with("wv "))
+        );
+    }
+
+    #[test]
+    fn host_install_keeps_the_daemon_options() {
+        let Ok(Command::HostInstall {
+            unit_dir,
+            args: a,
+            socket,
+        }) = parse(&args(&[
+            "host",
+            "install",
+            "--unit-dir=/u",
+            "--state-dir",
+            "st",
+            "--listen",
+            "127.0.0.1:7",
+            "--no-jail",
+            "--images=/i",
+            "--host-memory",
+            "8G",
+        ]))
+        else {
+            panic!()
+        };
+        let cwd = std::env::current_dir().unwrap();
+        let st = cwd.join("st").display().to_string();
+        assert_eq!((unit_dir, socket), (PathBuf::from("/u"), None::<PathBuf>));
+        assert_eq!(
+            a,
+            [
+                "--state-dir",
+                &st,
+                "--listen",
+                "127.0.0.1:7",
+                "--images",
+                "/i",
+                "--no-jail",
+                "--host-memory",
+                "8G"
+            ]
+        );
     }
 }

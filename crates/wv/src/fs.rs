@@ -2,7 +2,6 @@
 //! file standing in for a partition. Exit status: 0 done, 1 the operation failed (one line on
 //! stderr saying why), 200 bad usage; `check` exits 1 when problems remain.
 
-use crate::cli::{self, Arg, Opt, Spec, Usage};
 use crate::fail;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,253 +9,30 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wv_vmkfs::{Datastore, Dev, FileDev, MkfsOptions};
-use wv_vmm::parse_size;
 
-pub const USAGE: &str = "\
-Usage: wv fs COMMAND DATASTORE [ARGS] [--json]
-
-VMKFS datastores for virtual disks: a block device or a file standing in for a partition.
-
-Commands:
-  mkfs DS [--size SIZE] [--block-size SIZE] [--max-files N] [--label L] [--force]
-                          make a datastore (--size creates the file DS first; block size
-                          64K to 256M, default 1M; --force replaces an existing datastore)
-  info DS                 the datastore: block size, space, files, metadata
-  ls DS                   its files (frozen NAME@N are the parents of redo logs)
-  create DS NAME --size SIZE [--thin]
-                          a virtual disk, preallocated and zeroed unless --thin
-  rm DS NAME              remove a disk (with the frozen parents of its redo logs)
-  resize DS NAME --size SIZE
-                          grow a disk
-  snapshot DS NAME        start a redo log: NAME's current contents freeze as NAME@N
-  commit DS NAME          merge NAME's redo log into its parent
-  revert DS NAME          drop NAME's redo log: back to the contents at the snapshot
-  branch DS FROZEN NEW    a new redo log NEW on the frozen file FROZEN (NAME@N), beside
-                          any others: it reads FROZEN's contents until written
-  import DS NAME SOURCE [--thin]
-                          a new disk from an image (raw, qcow2 or any format qemu-img reads)
-  export DS NAME DEST     write a disk to a raw image (sparse)
-  check DS [--repair]     check the metadata (exit 1 if problems remain); --repair fixes it
-  unlock DS NAME          break a lock record a crashed writer left
-
-Run wv fs COMMAND --help for a command's options.";
-
-/// A `wv fs` command line, parsed.
-#[derive(Debug)]
+/// A `wv fs` command line, parsed (by clap, crate::commands).
+#[derive(Debug, Default)]
 pub struct Args {
-    cmd: String,
-    pos: Vec<String>,
-    json: bool,
-    size: Option<u64>,
-    block_size: Option<u64>,
-    max_files: Option<u32>,
-    label: Option<String>,
-    thin: bool,
-    force: bool,
-    repair: bool,
-}
-
-const JSON: Opt = Opt {
-    long: "--json",
-    short: None,
-    arg: Arg::Flag,
-    help: "machine-readable output",
-};
-const SIZE: Opt = Opt {
-    long: "--size",
-    short: None,
-    arg: Arg::Value("SIZE"),
-    help: "size, e.g. 20G",
-};
-const THIN: Opt = Opt {
-    long: "--thin",
-    short: None,
-    arg: Arg::Flag,
-    help: "allocate on first write instead of preallocating and zeroing",
-};
-
-macro_rules! fs_spec {
-    ($cmd:literal, [$($pos:literal),*], $about:literal, [$($o:expr),*]) => {
-        Spec {
-            cmd: concat!("wv fs ", $cmd),
-            pos: &[$($pos),*],
-            about: $about,
-            opts: &[&[$($o,)* JSON]],
-            after: "Exit status: 0 done, 1 the operation failed, 200 bad usage.",
-        }
-    };
-}
-
-/// Every `wv fs` command: what it takes (the scanner refuses anything else).
-pub const SPECS: &[Spec] = &[
-    fs_spec!(
-        "mkfs",
-        ["DS"],
-        "Makes a datastore (--size creates the file DS first).",
-        [
-            Opt {
-                long: "--size",
-                short: None,
-                arg: Arg::Value("SIZE"),
-                help: "create DS as a file of SIZE"
-            },
-            Opt {
-                long: "--block-size",
-                short: None,
-                arg: Arg::Value("SIZE"),
-                help: "64K to 256M (default 1M)"
-            },
-            Opt {
-                long: "--max-files",
-                short: None,
-                arg: Arg::Value("N"),
-                help: "file slots"
-            },
-            Opt {
-                long: "--label",
-                short: None,
-                arg: Arg::Value("L"),
-                help: "a label"
-            },
-            Opt {
-                long: "--force",
-                short: None,
-                arg: Arg::Flag,
-                help: "replace an existing datastore"
-            }
-        ]
-    ),
-    fs_spec!(
-        "info",
-        ["DS"],
-        "Shows the datastore: block size, space, files, metadata.",
-        []
-    ),
-    fs_spec!(
-        "ls",
-        ["DS"],
-        "Lists its files (frozen NAME@N are the parents of redo logs).",
-        []
-    ),
-    fs_spec!(
-        "create",
-        ["DS", "NAME"],
-        "Makes a virtual disk, preallocated and zeroed unless --thin.",
-        [SIZE, THIN]
-    ),
-    fs_spec!(
-        "rm",
-        ["DS", "NAME"],
-        "Removes a disk (with the frozen parents of its redo logs).",
-        []
-    ),
-    fs_spec!("resize", ["DS", "NAME"], "Grows a disk.", [SIZE]),
-    fs_spec!(
-        "snapshot",
-        ["DS", "NAME"],
-        "Starts a redo log: NAME's current contents freeze as NAME@N.",
-        []
-    ),
-    fs_spec!(
-        "commit",
-        ["DS", "NAME"],
-        "Merges NAME's redo log into its parent.",
-        []
-    ),
-    fs_spec!(
-        "revert",
-        ["DS", "NAME"],
-        "Drops NAME's redo log: back to the contents at the snapshot.",
-        []
-    ),
-    fs_spec!(
-        "branch",
-        ["DS", "FROZEN", "NEW"],
-        "Starts a new redo log NEW on the frozen file FROZEN (NAME@N), beside any others: it reads FROZEN's contents until written.",
-        []
-    ),
-    fs_spec!(
-        "import",
-        ["DS", "NAME", "SOURCE"],
-        "Makes a new disk from an image (raw, qcow2 or any format qemu-img reads).",
-        [THIN]
-    ),
-    fs_spec!(
-        "export",
-        ["DS", "NAME", "DEST"],
-        "Writes a disk to a raw image (sparse).",
-        []
-    ),
-    fs_spec!(
-        "check",
-        ["DS"],
-        "Checks the metadata (exit 1 if problems remain).",
-        [Opt {
-            long: "--repair",
-            short: None,
-            arg: Arg::Flag,
-            help: "fix what it finds"
-        }]
-    ),
-    fs_spec!(
-        "unlock",
-        ["DS", "NAME"],
-        "Breaks a lock record a crashed writer left.",
-        []
-    ),
-];
-
-/// Parses `wv fs ...` (without `fs`); `Err(usage text)` when help was asked.
-pub fn parse(args: &[String]) -> Result<Result<Args, String>, Usage> {
-    let specs: Vec<&Spec> = SPECS.iter().collect();
-    let (cmd, rest) = cli::split_subcommand(args, &specs);
-    let Some(cmd) = cmd.filter(|c| c != "help") else {
-        if rest.is_empty() || rest.iter().any(|a| a == "-h" || a == "--help") || cmd_is_help(args) {
-            return Ok(Err(USAGE.to_string()));
-        }
-        return Err(Usage(format!(
-            "wv fs needs a command, not '{}' (see wv fs --help)",
-            rest[0]
-        )));
-    };
-    let spec = SPECS
-        .iter()
-        .find(|s| s.cmd.rsplit(' ').next() == Some(cmd.as_str()))
-        .ok_or_else(|| Usage(format!("unknown command 'wv fs {cmd}' (see wv fs --help)")))?;
-    let Some(m) = cli::scan(spec, &rest)? else {
-        return Ok(Err(cli::usage(spec)));
-    };
-    let size = |o: &str| {
-        m.value(o)
-            .map(|v| parse_size(v).map_err(|e| Usage(format!("{o}: {e}"))))
-            .transpose()
-    };
-    let a = Args {
-        cmd,
-        json: m.has("--json"),
-        size: size("--size")?,
-        block_size: size("--block-size")?,
-        max_files: m
-            .value("--max-files")
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| Usage(format!("--max-files: '{v}' is not a number")))
-            })
-            .transpose()?,
-        label: m.value("--label").map(str::to_string),
-        thin: m.has("--thin"),
-        force: m.has("--force"),
-        repair: m.has("--repair"),
-        pos: m.pos,
-    };
-    if matches!(a.cmd.as_str(), "create" | "resize") && a.size.is_none() {
-        return Err(Usage(format!("wv fs {} needs --size", a.cmd)));
-    }
-    Ok(Ok(a))
-}
-
-fn cmd_is_help(args: &[String]) -> bool {
-    args.first().is_some_and(|a| a == "help")
+    /// The command: mkfs, info, ls...
+    pub cmd: String,
+    /// Its arguments: the datastore first.
+    pub pos: Vec<String>,
+    /// `--json`.
+    pub json: bool,
+    /// `--size`.
+    pub size: Option<u64>,
+    /// `--block-size`.
+    pub block_size: Option<u64>,
+    /// `--max-files`.
+    pub max_files: Option<u32>,
+    /// `--label`.
+    pub label: Option<String>,
+    /// `--thin`.
+    pub thin: bool,
+    /// `--force`.
+    pub force: bool,
+    /// `--repair`.
+    pub repair: bool,
 }
 
 /// Runs a parsed `wv fs` command.

@@ -4,10 +4,12 @@
 //! - `wv host`, `wv vm`: the host daemon and its client;
 //! - `wv fs`: VMKFS datastores ([`fs`]).
 //!
-//! [`cli`] parses every command line into a typed [`cli::Command`]; this module runs it.
+//! [`cli`] parses every command line into a typed [`cli::Command`] (`wv run` by its own scanner,
+//! the other commands through clap in [`commands`]); this module runs it.
 
 mod admin;
 mod cli;
+mod commands;
 mod fs;
 
 use cli::{Client, Command, NetCmd, RunFrom, Sched, StatsMode, Usage, VmCmd};
@@ -28,7 +30,6 @@ fn main() -> ExitCode {
     // console keep SIGPIPE ignored and handle EPIPE themselves.
     let printer = match &cmd {
         Command::Help(_)
-        | Command::Version
         | Command::HostStatus(_)
         | Command::HostMemory(_)
         | Command::HostTop(..)
@@ -52,10 +53,6 @@ fn main() -> ExitCode {
     match cmd {
         Command::Help(text) => {
             println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Command::Version => {
-            println!("wv {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         Command::Run(cfg, stats, from, jail) => cmd_run(&cfg, stats, &from, jail.as_deref()),

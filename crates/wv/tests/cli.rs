@@ -1,6 +1,7 @@
 //! The command line end to end: every command reads `--opt value` and `--opt=value` alike,
 //! refuses what it does not use with one line (exit 200) before doing anything, answers
-//! `--help`, and `wv vm create` sends the daemon what was asked, with absolute paths.
+//! `--help` (clap's usage form, `<NAME>`, for every command but `wv run`, whose usage is its
+//! own table's), and `wv vm create` sends the daemon what was asked, with absolute paths.
 //! None of this starts a VM, so none of it needs KVM.
 
 mod common;
@@ -289,30 +290,66 @@ fn every_command_answers_help() {
         (&["run", "--help"], "Usage: wv run"),
         (&["run", "-h"], "Usage: wv run"),
         (&["probe-image", "--help"], "Usage: wv probe-image"),
-        (&["vm", "--help"], "Usage: wv vm COMMAND"),
-        (&["vm", "create", "--help"], "Usage: wv vm create [NAME]"),
+        (&["vm", "--help"], "Usage: wv vm [OPTIONS] <COMMAND>"),
+        (
+            &["vm", "create", "--help"],
+            "Usage: wv vm create [OPTIONS] [NAME]",
+        ),
         (
             &["vm", "create", "a", "--memory=1G", "-h"],
             "Usage: wv vm create",
         ),
-        (&["vm", "set", "--help"], "Usage: wv vm set NAME"),
+        (
+            &["vm", "set", "--help"],
+            "Usage: wv vm set [OPTIONS] <NAME>",
+        ),
         (&["vm", "list", "--help"], "Usage: wv vm list"),
-        (&["vm", "info", "-h"], "Usage: wv vm info NAME"),
-        (&["vm", "stats", "--help"], "Usage: wv vm stats NAME"),
-        (&["vm", "console", "--help"], "Usage: wv vm console NAME"),
-        (&["vm", "start", "--help"], "Usage: wv vm start NAME"),
-        (&["vm", "stop", "--help"], "Usage: wv vm stop NAME"),
-        (&["vm", "pause", "--help"], "Usage: wv vm pause NAME"),
-        (&["vm", "resume", "--help"], "Usage: wv vm resume NAME"),
-        (&["vm", "delete", "--help"], "Usage: wv vm delete NAME"),
-        (&["fs", "--help"], "Usage: wv fs COMMAND"),
-        (&["fs", "mkfs", "--help"], "Usage: wv fs mkfs DS"),
-        (&["fs", "create", "-h"], "Usage: wv fs create DS NAME"),
+        (&["vm", "info", "-h"], "Usage: wv vm info [OPTIONS] <NAME>"),
+        (
+            &["vm", "stats", "--help"],
+            "Usage: wv vm stats [OPTIONS] <NAME>",
+        ),
+        (
+            &["vm", "console", "--help"],
+            "Usage: wv vm console [OPTIONS] <NAME>",
+        ),
+        (
+            &["vm", "start", "--help"],
+            "Usage: wv vm start [OPTIONS] <NAME>",
+        ),
+        (
+            &["vm", "stop", "--help"],
+            "Usage: wv vm stop [OPTIONS] <NAME>",
+        ),
+        (
+            &["vm", "pause", "--help"],
+            "Usage: wv vm pause [OPTIONS] <NAME>",
+        ),
+        (
+            &["vm", "resume", "--help"],
+            "Usage: wv vm resume [OPTIONS] <NAME>",
+        ),
+        (
+            &["vm", "delete", "--help"],
+            "Usage: wv vm delete [OPTIONS] <NAME>",
+        ),
+        (&["fs", "--help"], "Usage: wv fs [OPTIONS] <COMMAND>"),
+        (
+            &["fs", "mkfs", "--help"],
+            "Usage: wv fs mkfs [OPTIONS] <DS>",
+        ),
+        (
+            &["fs", "create", "-h"],
+            "Usage: wv fs create [OPTIONS] <DS> <NAME>",
+        ),
         (
             &["fs", "import", "--help"],
-            "Usage: wv fs import DS NAME SOURCE",
+            "Usage: wv fs import [OPTIONS] <DS> <NAME> <SOURCE>",
         ),
-        (&["fs", "check", "--help"], "Usage: wv fs check DS"),
+        (
+            &["fs", "check", "--help"],
+            "Usage: wv fs check [OPTIONS] <DS>",
+        ),
     ];
     for (args, first) in lines {
         // No daemon anywhere: help must not need one.
@@ -329,11 +366,11 @@ fn every_command_answers_help() {
     // A command's usage lists what it takes, and only that.
     let r = wv(&["vm", "create", "--help"]);
     for o in [
-        "--memory SIZE",
-        "--disk SPEC",
-        "--net SPEC",
-        "--shares N",
-        "--file",
+        "--memory <SIZE>",
+        "--disk <SPEC>",
+        "--net <SPEC>",
+        "--shares <N>",
+        "--file <SPEC>",
     ] {
         assert!(r.stdout.contains(o), "{o}\n{r}");
     }
@@ -343,7 +380,7 @@ fn every_command_answers_help() {
     let r = wv(&["run", "--help"]);
     assert!(r.stdout.contains("--config FILE"), "{r}");
     let r = wv(&["host", "--help"]);
-    assert!(r.stdout.contains("--listen ADDR:PORT"), "{r}");
+    assert!(r.stdout.contains("--listen <ADDR:PORT>"), "{r}");
 }
 
 #[test]
@@ -376,11 +413,15 @@ fn completions_come_from_the_same_tables() {
     assert_eq!(script.status, Some(0), "{script}");
     let dir = TempDir::new("cli-completions");
     let file = dir.file("wv.bash", script.stdout.as_bytes());
-    // (words typed, the word being completed) -> what bash offers.
+    let syntax = Command::new("bash").arg("-n").arg(&file).output().unwrap();
+    assert!(syntax.status.success(), "bash -n: {syntax:?}");
+    // (words typed, the word being completed) -> what bash offers (sorted; clap_complete's
+    // function, generated from the clap tree and `wv run`'s table, as bash calls it: with the
+    // command, the word and the word before).
     let cases: &[(&str, &str)] = &[
         (
             "wv ''",
-            "completions fs host net node probe-image run storage vm vswitch",
+            "--help --version -V -h completions fs help host net node probe-image run storage vm vswitch",
         ),
         ("wv v", "vm vswitch"),
         ("wv vswitch --u", "--uplink"),
@@ -392,14 +433,16 @@ fn completions_come_from_the_same_tables() {
         ("wv host s", "shutdown status"),
         ("wv host u", "uninstall"),
         ("wv host install --unit", "--unit-dir"),
-        ("wv completions ''", "bash zsh"),
+        ("wv completions b", "bash"),
         ("wv run --rn", "--rng"),
+        ("wv run --con", "--config --console-socket"),
         ("wv run --sha", ""), // --shares is vm create's, not run's
     ];
     let mut sh = format!("source {}\n", file.display());
     sh.push_str(
-        "t() { COMP_WORDS=(\"$@\"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); _wv; \
-         echo \"${COMPREPLY[*]}\"; }\n",
+        "t() { COMP_WORDS=(\"$@\"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); \
+         _wv wv \"${COMP_WORDS[COMP_CWORD]}\" \"${COMP_WORDS[COMP_CWORD-1]}\"; \
+         printf '%s\\n' \"${COMPREPLY[@]}\" | sort | tr '\\n' ' ' | sed 's/ *$//'; echo; }\n",
     );
     for (words, _) in cases {
         sh.push_str(&format!("t {words}\n"));
@@ -411,13 +454,12 @@ fn completions_come_from_the_same_tables() {
         assert_eq!(line, *want, "completing `{words}`");
     }
     assert_eq!(got.lines().count(), cases.len(), "{got}");
-    // zsh gets the same function through bashcompinit; another shell is a usage error.
+    // zsh gets its own script from the same tree; another shell is a usage error.
     let zsh = wv(&["completions", "zsh"]);
-    assert!(
-        zsh.stdout.starts_with("autoload -U +X bashcompinit"),
-        "{zsh}"
-    );
-    let body = &script.stdout[script.stdout.find("_wv() {").unwrap()..];
-    assert!(zsh.stdout.contains(body), "{zsh}");
+    assert_eq!(zsh.status, Some(0), "{zsh}");
+    assert!(zsh.stdout.starts_with("#compdef wv"), "{zsh}");
+    for w in ["'--memory-shared=", "'--uplink=", "(vm)", "(run)"] {
+        assert!(zsh.stdout.contains(w), "{w}\n{zsh}");
+    }
     assert_usage_error(&wv(&["completions", "fish"]), "bash or zsh");
 }

@@ -118,7 +118,7 @@ fn datastore_commands() {
     assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
     // Usage errors: status 200, one line.
     refused(&["fs", "create", ds, "x"], 200, "--size");
-    refused(&["fs", "frobnicate", ds], 200, "unknown command");
+    refused(&["fs", "frobnicate", ds], 200, "unknown 'wv fs' command");
     refused(&["fs", "ls"], 200, "takes 1 argument");
     refused(&["fs", "ls", ds, "--colour"], 200, "unknown option");
     refused(
