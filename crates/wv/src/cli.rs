@@ -556,7 +556,7 @@ line back each). docs/STORAGE.md.",
         opt(
             "--capacity-iops",
             Arg::Value("N"),
-            "the device's capacity in I/Os per second (a request costs 1 + bytes/32KiB),\nshared by the disks by their shares, reservations and limits ('disk set NAME\nshares=N reservation_iops=R limit_iops=L' on the control socket; default: none)",
+            "each device's capacity in I/Os per second (a request costs 1 + bytes/32KiB;\na device: a VMKFS datastore, or all raw images together), shared by its disks\nby their shares, reservations and limits ('disk set NAME shares=N\nreservation_iops=R limit_iops=L', 'set capacity_iops=N [device=DEV]' on the\ncontrol socket; default: none)",
         ),
     ]],
     after: "Exit status: 200 bad arguments, 1 the service could not start.",
