@@ -633,6 +633,11 @@ const DAEMON_OPTS: &[Opt] = &[
             Arg::Value("SIZE"),
             "the memory the daemon's VMs may use in total (a host that keeps the rest for\nother work): free memory is then SIZE less their resident memory, if less\nthan MemAvailable",
         ),
+        opt(
+            "--storage-capacity-iops",
+            Arg::Value("N"),
+            "the I/Os per second of each datastore (and of the raw images together) that\nthe disks the storage service serves share by their VMs' --disk-shares,\nreservations and limits (a request costs 1 + bytes/32KiB; default: none, each\nas fast as it goes, shared only when it is the bottleneck)",
+        ),
 ];
 
 const HOST: Spec = Spec {
@@ -788,11 +793,36 @@ const NET_SHARES_OPTS: &[Opt] = &[
     ),
 ];
 
+/// `wv vm set --disk-*`.
+const DISK_SHARES_OPTS: &[Opt] = &[
+    opt(
+        "--disk-shares",
+        Arg::Value("N"),
+        "storage shares of each of its disks the storage service serves (via=storage),\n1 to 1000000 (default 1000): what it gets of its datastore's I/Os against the\nother served disks on it (docs/STORAGE.md); disks its VMM serves are not scheduled",
+    ),
+    opt(
+        "--disk-iops-reservation",
+        Arg::Value("IOPS"),
+        "I/Os per second each of its served disks gets whenever it asks for that many\n(a request costs 1 + bytes/32KiB; 0: none)",
+    ),
+    opt(
+        "--disk-iops-limit",
+        Arg::Value("IOPS|none"),
+        "I/Os per second each of its served disks never exceeds (none or 0: no limit)",
+    ),
+];
+
 const VM_SET: Spec = Spec {
     cmd: "wv vm set",
     pos: &["NAME"],
-    about: "Changes a VM's scheduler settings and network shares (live when it runs) or, while it runs, its memory target.",
-    opts: &[SCHED_OPTS, NET_SHARES_OPTS, MEMORY_TARGET_OPTS, CLIENT_OPTS],
+    about: "Changes a VM's scheduler settings, network shares and disk shares (live when it runs) or, while it runs, its memory target.",
+    opts: &[
+        SCHED_OPTS,
+        NET_SHARES_OPTS,
+        DISK_SHARES_OPTS,
+        MEMORY_TARGET_OPTS,
+        CLIENT_OPTS,
+    ],
     after: CLIENT_STATUS,
 };
 
@@ -1096,6 +1126,7 @@ Usage:
   wv vm create [NAME] --file SPEC.toml|SPEC.json
   wv vm set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
              [--net-shares N] [--net-reservation BPS] [--net-limit BPS|none]
+             [--disk-shares N] [--disk-iops-reservation IOPS] [--disk-iops-limit IOPS|none]
   wv vm list | info NAME | stats NAME | console NAME | start|stop|pause|resume NAME | delete NAME
   wv vm snapshot NAME SNAP | restore NAME SNAP | clone SNAP NAME [--count N] | snapshots
   wv vm migrate NAME --to HOST:PORT [--token T] [--downtime-ms N] [--copy-disks [--datastore P]]
@@ -1125,7 +1156,9 @@ Commands:
   create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
   create [NAME] --file SPEC.toml|SPEC.json
   set NAME [--shares N] [--reservation CPUS] [--limit CPUS|none]
-      [--net-shares N] [--net-reservation BPS] [--net-limit BPS|none] [--memory-target SIZE]
+      [--net-shares N] [--net-reservation BPS] [--net-limit BPS|none]
+      [--disk-shares N] [--disk-iops-reservation IOPS] [--disk-iops-limit IOPS|none]
+      [--memory-target SIZE]
   list
   info | stats | console | start | stop | pause | resume | delete NAME
   snapshot NAME SNAPSHOT [--allow-raw-disk]
@@ -1178,6 +1211,12 @@ pub struct Sched {
     pub net_reservation: Option<u64>,
     /// `--net-limit`, bits per second (0: none).
     pub net_limit: Option<u64>,
+    /// `--disk-shares`.
+    pub disk_shares: Option<u32>,
+    /// `--disk-iops-reservation`, I/Os per second (0: none).
+    pub disk_reservation_iops: Option<u64>,
+    /// `--disk-iops-limit`, I/Os per second (0: none).
+    pub disk_limit_iops: Option<u64>,
 }
 
 /// A `wv vm` command.
@@ -1302,6 +1341,8 @@ pub enum Command {
         jail: Option<(u32, u32)>,
         /// The memory lending policy's settings.
         memory: wv_host::lending::Settings,
+        /// Each datastore's I/Os per second in the storage service (0: none).
+        storage_capacity_iops: u64,
     },
     /// `wv host status`.
     HostStatus(Client),
@@ -2010,6 +2051,11 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                     ),
                 },
                 memory: lending_settings(&m)?,
+                storage_capacity_iops: m
+                    .value("--storage-capacity-iops")
+                    .map(|v| iops("--storage-capacity-iops", v))
+                    .transpose()?
+                    .unwrap_or(0),
             })
         }
         Some("status") => {
@@ -2054,7 +2100,8 @@ fn parse_host(args: &[String]) -> Result<Command, Usage> {
                         | "--web"
                         | "--host-memory-reserve"
                         | "--idle-memory-tax"
-                        | "--host-memory" => v.to_string(),
+                        | "--host-memory"
+                        | "--storage-capacity-iops" => v.to_string(),
                         _ => abs(v),
                     };
                     args.extend([o.long.to_string(), v]);
@@ -2188,8 +2235,9 @@ fn parse_vm(args: &[String]) -> Result<Command, Usage> {
             if s == Sched::default() && target.is_none() {
                 return Err(Usage(
                     "wv vm set NAME needs --shares N, --reservation CPUS, --limit CPUS|none, \
-                     --net-shares N, --net-reservation BPS, --net-limit BPS|none or \
-                     --memory-target SIZE"
+                     --net-shares N, --net-reservation BPS, --net-limit BPS|none, \
+                     --disk-shares N, --disk-iops-reservation IOPS, --disk-iops-limit IOPS|none \
+                     or --memory-target SIZE"
                         .into(),
                 ));
             }
@@ -2353,6 +2401,48 @@ fn sched(m: &Matches) -> Result<Sched, Usage> {
                 v => bits_per_second("--net-limit", v),
             })
             .transpose()?,
+        disk_shares: m
+            .value("--disk-shares")
+            .map(|v| {
+                v.parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=wv_shares::MAX_SHARES).contains(n))
+                    .ok_or_else(|| {
+                        Usage(format!(
+                            "--disk-shares: '{}' is not a whole number from 1 to {}",
+                            v.escape_debug(),
+                            wv_shares::MAX_SHARES
+                        ))
+                    })
+            })
+            .transpose()?,
+        disk_reservation_iops: m
+            .value("--disk-iops-reservation")
+            .map(|v| iops("--disk-iops-reservation", v))
+            .transpose()?,
+        disk_limit_iops: m
+            .value("--disk-iops-limit")
+            .map(|v| match v {
+                "none" => Ok(0),
+                v => iops("--disk-iops-limit", v),
+            })
+            .transpose()?,
+    })
+    .and_then(|s| match (s.disk_reservation_iops, s.disk_limit_iops) {
+        (Some(r), Some(l)) if l != 0 && r > l => Err(Usage(format!(
+            "--disk-iops-reservation {r} is above --disk-iops-limit {l}"
+        ))),
+        _ => Ok(s),
+    })
+}
+
+/// A rate in I/Os per second: a whole number.
+fn iops(o: &str, v: &str) -> Result<u64, Usage> {
+    v.parse::<u64>().map_err(|_| {
+        Usage(format!(
+            "{o}: '{}' is not a whole number of I/Os per second",
+            v.escape_debug()
+        ))
     })
 }
 
@@ -2598,6 +2688,58 @@ mod tests {
         }
         assert!(refused(&["vm", "set", "a", "--net-shares", "x"]).contains("--net-shares"));
         assert!(refused(&["vm", "set", "a"]).contains("--net-shares N"));
+    }
+
+    #[test]
+    fn disk_shares_are_a_count_and_iops() {
+        let (_, v) = vm(&[
+            "vm",
+            "set",
+            "a",
+            "--disk-shares",
+            "4",
+            "--disk-iops-reservation=300",
+            "--disk-iops-limit",
+            "none",
+        ]);
+        let VmCmd::Set(_, s, None) = v else { panic!() };
+        assert_eq!(
+            (
+                s.disk_shares,
+                s.disk_reservation_iops,
+                s.disk_limit_iops,
+                s.net_shares
+            ),
+            (Some(4), Some(300), Some(0), None)
+        );
+        let (_, v) = vm(&["vm", "set", "a", "--disk-iops-limit=500"]);
+        let VmCmd::Set(_, s, None) = v else { panic!() };
+        assert_eq!(s.disk_limit_iops, Some(500));
+        for bad in ["fast", "1.5", "-1", "1K"] {
+            assert!(
+                refused(&["vm", "set", "a", "--disk-iops-limit", bad])
+                    .contains("is not a whole number of I/Os per second"),
+                "{bad}"
+            );
+        }
+        for bad in ["0", "1000001", "x"] {
+            assert!(
+                refused(&["vm", "set", "a", "--disk-shares", bad])
+                    .contains("is not a whole number from 1 to 1000000"),
+                "{bad}"
+            );
+        }
+        assert!(refused(&[
+            "vm",
+            "set",
+            "a",
+            "--disk-iops-reservation",
+            "600",
+            "--disk-iops-limit",
+            "500"
+        ])
+        .contains("--disk-iops-reservation 600 is above --disk-iops-limit 500"));
+        assert!(refused(&["vm", "set", "a"]).contains("--disk-shares N"));
     }
 
     #[test]

@@ -80,6 +80,7 @@ fn main() -> ExitCode {
             images,
             jail,
             memory,
+            storage_capacity_iops,
         } => cmd_host_serve(
             &socket,
             &state_dir,
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
             images,
             jail,
             memory,
+            storage_capacity_iops,
         ),
         Command::HostStatus(c) => host_status(&c),
         Command::HostMemory(c) => host_memory(&c),
@@ -263,6 +265,7 @@ fn api(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one per option of wv host
 fn cmd_host_serve(
     socket: &Path,
     state_dir: &Path,
@@ -271,6 +274,7 @@ fn cmd_host_serve(
     images: Vec<PathBuf>,
     jail: Option<(u32, u32)>,
     memory: wv_host::lending::Settings,
+    storage_capacity_iops: u64,
 ) -> ExitCode {
     let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
     let d = match wv_host::api::Daemon::open(state_dir, socket, wv) {
@@ -298,6 +302,9 @@ fn cmd_host_serve(
         None => eprintln!(
             "wv host: warning: --no-jail: VMMs run as this daemon's user, with its privileges"
         ),
+    }
+    if let Err(e) = d.set_storage_capacity(storage_capacity_iops) {
+        return fail(1, &format!("--storage-capacity-iops: {e}"));
     }
     if let Err(e) = d.lend_memory(memory) {
         return fail(1, &format!("--host-memory-reserve: {e}"));
@@ -593,6 +600,7 @@ fn host_top(c: &Client, once: bool) -> ExitCode {
                     "limit": w["limit"], "entitlement": w["entitlement"],
                     "cpu_percent": pct("cpu_ns"), "ready_percent": pct("ready_ns"),
                     "throttled_percent": pct("throttled_ns"),
+                    "served_disks": w.get("served_disks").cloned().unwrap_or_else(|| serde_json::json!([])),
                 }));
             }
             if c.json {
@@ -634,6 +642,7 @@ fn host_top(c: &Client, once: bool) -> ExitCode {
                         r["throttled_percent"].as_f64().unwrap_or(0.0),
                     );
                 }
+                print_served_disks(&rows);
             }
             if once {
                 return ExitCode::SUCCESS;
@@ -641,6 +650,45 @@ fn host_top(c: &Client, once: bool) -> ExitCode {
         }
         prev = Some((now, cur));
         std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// `wv host top`'s table of the disks the storage service serves: each one's settings (I/Os
+/// per second) and the I/Os per second its datastore's dispatcher gave it.
+fn print_served_disks(rows: &[serde_json::Value]) {
+    let disks: Vec<(&serde_json::Value, &serde_json::Value)> = rows
+        .iter()
+        .flat_map(|r| {
+            r["served_disks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |d| (r, d))
+        })
+        .collect();
+    if disks.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<20} {:<12} {:>7} {:>7} {:>7} {:>8}  DATASTORE",
+        "VM", "SERVED DISK", "SHARES", "RESV", "LIMIT", "IOPS"
+    );
+    for (r, d) in disks {
+        let n = |k: &str| match d[k].as_u64() {
+            Some(0) | None => "-".to_string(),
+            Some(x) => x.to_string(),
+        };
+        println!(
+            "{:<20} {:<12} {:>7} {:>7} {:>7} {:>8.0}  {}",
+            r["name"].as_str().unwrap_or("?"),
+            d["id"].as_str().unwrap_or("?"),
+            n("shares"),
+            n("reservation_iops"),
+            n("limit_iops"),
+            d["iops"].as_f64().unwrap_or(0.0),
+            d["device"].as_str().unwrap_or("?"),
+        );
     }
 }
 
@@ -773,6 +821,17 @@ fn set_sched(c: &Client, name: &str, s: &Sched) -> Result<(), ExitCode> {
     if let Some(x) = s.net_limit {
         body.insert("net_limit".into(), x.into());
     }
+    let disk =
+        s.disk_shares.is_some() || s.disk_reservation_iops.is_some() || s.disk_limit_iops.is_some();
+    if let Some(x) = s.disk_shares {
+        body.insert("disk_shares".into(), x.into());
+    }
+    if let Some(x) = s.disk_reservation_iops {
+        body.insert("disk_reservation_iops".into(), x.into());
+    }
+    if let Some(x) = s.disk_limit_iops {
+        body.insert("disk_limit_iops".into(), x.into());
+    }
     let body = serde_json::Value::from(body).to_string();
     api(c, "PATCH", &format!("/v1/vms/{name}"), Some(&body)).map(|v| {
         if c.json {
@@ -797,6 +856,28 @@ fn set_sched(c: &Client, name: &str, s: &Sched) -> Result<(), ExitCode> {
                     bps(&s["net_reservation"]),
                     bps(&s["net_limit"])
                 );
+            }
+            if disk {
+                let iops = |v: &serde_json::Value| {
+                    v.as_u64().map_or("none".into(), |n| format!("{n} IOPS"))
+                };
+                println!(
+                    "VM {name}: disk shares {} reservation {} limit {}",
+                    s["disk_shares"].as_u64().unwrap_or(1000),
+                    iops(&s["disk_reservation_iops"]),
+                    iops(&s["disk_limit_iops"])
+                );
+                let served = s["disks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d["via"] == "storage")
+                    .count();
+                if served == 0 {
+                    println!(
+                        "VM {name}: note: disk shares apply to the disks the storage service serves (via=storage) and it has none in its definition"
+                    );
+                }
             }
         }
     })
