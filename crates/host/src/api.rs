@@ -25,7 +25,7 @@
 //! | PUT /v1/vms/{name}/devices/{dev}/path | switch the running VM's vhost-user net or disk `dev` between the direct and the interposed data path (body: `{"path": "direct"\|"interposed", "capture"?: FILE}`, FILE a `.pcap` or `.trace` file name written in the VM's folder), through its VMM |
 //! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
 //! | GET /v1/history | the last 10 minutes, one point a second, of every running world ([`crate::history`]) |
-//! | GET /v1/networks, POST /v1/networks | the networks, and making one (body: `{"name": N, "uplink"?: TAP}`) |
+//! | GET /v1/networks, POST /v1/networks | the networks, and making one (body: `{"name": N, "uplink"?: TAP, "uplink_rate"?: BPS}`) |
 //! | GET /v1/networks/{net}, DELETE /v1/networks/{net} | one network with its ports (the VM of each, the switch's counters), and deleting one no VM uses |
 //! | GET /metrics | the same and more (state, settings, KVM's exit counters per vCPU) for Prometheus ([`metrics`]) |
 //!
@@ -1142,6 +1142,7 @@ impl Daemon {
         let mut v = json!({
             "name": spec.name,
             "uplink": spec.uplink,
+            "uplink_rate": spec.uplink_rate,
             "vms": vms,
             "ports": ports,
             "switch": self.switch.describe(),

@@ -1025,11 +1025,18 @@ const NET_CREATE: Spec = Spec {
     pos: &["NAME"],
     about: "Makes network NAME on the daemon's virtual switch (a world of its own, restarted when it\ndies); VMs join it with wv vm create --net network=NAME[,mac=MAC][,id=ID]. Networks\nare isolated from one another; an uplink connects one to the host (docs/NETWORK.md).",
     opts: &[
-        &[opt(
-            "--uplink",
-            Arg::Value("tap=NAME|none"),
-            "a TAP connecting the network to the host (created if missing), or none\n(the default)",
-        )],
+        &[
+            opt(
+                "--uplink",
+                Arg::Value("tap=NAME|none"),
+                "a TAP connecting the network to the host (created if missing), or none\n(the default)",
+            ),
+            opt(
+                "--uplink-rate",
+                Arg::Value("BPS"),
+                "the uplink's link speed in bits per second, e.g. 1G (K, M, G: thousands;\nneeds --uplink): frames to the uplink are then scheduled by the sending\nVMs' --net-shares, reservations and limits (default: not scheduled)",
+            ),
+        ],
         CLIENT_OPTS,
     ],
     after: CLIENT_STATUS,
@@ -1068,7 +1075,7 @@ Manages the daemon's networks (--socket PATH|tcp:HOST:PORT or WV_SOCKET; --json 
 machine-readable output). docs/NETWORK.md.
 
 Commands:
-  create NAME [--uplink tap=NAME|none]
+  create NAME [--uplink tap=NAME|none] [--uplink-rate BPS]
   list
   info NAME
   delete NAME
@@ -1120,7 +1127,7 @@ Usage:
                             Write a systemd unit for wv host
   wv host uninstall [--state-dir DIR] [--yes]
                             Remove the state directory and a dead daemon's leftovers
-  wv net create NAME [--uplink tap=NAME|none] | list | info NAME | delete NAME
+  wv net create NAME [--uplink tap=NAME|none] [--uplink-rate BPS] | list | info NAME | delete NAME
                             Networks of the daemon's virtual switch (--net network=NAME)
   wv vm create NAME [VM OPTIONS] [--shares N] [--reservation CPUS] [--limit CPUS|none]
   wv vm create [NAME] --file SPEC.toml|SPEC.json
@@ -1254,8 +1261,8 @@ pub enum VmCmd {
 /// A `wv net` command.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NetCmd {
-    /// Make network .0 with uplink TAP .1.
-    Create(String, Option<String>),
+    /// Make network .0 with uplink TAP .1 of rate .2 (bits per second).
+    Create(String, Option<String>, Option<u64>),
     /// List the networks.
     List,
     /// Show one.
@@ -2183,7 +2190,22 @@ fn parse_net(args: &[String]) -> Result<Command, Usage> {
                     }
                 },
             };
-            NetCmd::Create(m.pos[0].clone(), uplink)
+            let rate = m
+                .value("--uplink-rate")
+                .map(|v| bits_per_second("--uplink-rate", v))
+                .transpose()?;
+            match rate {
+                Some(0) => {
+                    return Err(Usage(
+                        "--uplink-rate 0: leave it out for an uplink that is not scheduled".into(),
+                    ))
+                }
+                Some(_) if uplink.is_none() => {
+                    return Err(Usage("--uplink-rate needs --uplink tap=NAME".into()))
+                }
+                _ => {}
+            }
+            NetCmd::Create(m.pos[0].clone(), uplink, rate)
         }
         "wv net list" => NetCmd::List,
         "wv net info" => NetCmd::Info(m.pos[0].clone()),
@@ -2688,6 +2710,42 @@ mod tests {
         }
         assert!(refused(&["vm", "set", "a", "--net-shares", "x"]).contains("--net-shares"));
         assert!(refused(&["vm", "set", "a"]).contains("--net-shares N"));
+    }
+
+    #[test]
+    fn an_uplink_rate_is_bits_per_second_with_an_uplink() {
+        let Ok(Command::Net(_, n)) = parse(&args(&[
+            "net",
+            "create",
+            "wan",
+            "--uplink",
+            "tap=tap-wan",
+            "--uplink-rate=100M",
+        ])) else {
+            panic!()
+        };
+        assert_eq!(
+            n,
+            NetCmd::Create("wan".into(), Some("tap-wan".into()), Some(100_000_000))
+        );
+        let Ok(Command::Net(_, n)) = parse(&args(&["net", "create", "lan"])) else {
+            panic!()
+        };
+        assert_eq!(n, NetCmd::Create("lan".into(), None, None));
+        assert!(refused(&["net", "create", "lan", "--uplink-rate", "1G"])
+            .contains("--uplink-rate needs --uplink tap=NAME"));
+        assert!(
+            refused(&["net", "create", "wan", "--uplink=tap=t", "--uplink-rate=0"])
+                .contains("--uplink-rate 0")
+        );
+        assert!(refused(&[
+            "net",
+            "create",
+            "wan",
+            "--uplink=tap=t",
+            "--uplink-rate=fast"
+        ])
+        .contains("bits per second"));
     }
 
     #[test]

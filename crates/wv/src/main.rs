@@ -716,17 +716,17 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
         }
     };
     let result = match cmd {
-        NetCmd::Create(name, uplink) => {
+        NetCmd::Create(name, uplink, rate) => {
             let mut body = serde_json::json!({ "name": name });
             if let Some(t) = uplink {
                 body["uplink"] = t.into();
             }
+            if let Some(r) = rate {
+                body["uplink_rate"] = r.into();
+            }
             api(c, "POST", "/v1/networks", Some(&body.to_string())).map(|v| {
                 show(&v, &|v| {
-                    println!(
-                        "created network {name} (uplink {})",
-                        v["uplink"].as_str().unwrap_or("none")
-                    );
+                    println!("created network {name} (uplink {})", uplink_text(v));
                 });
             })
         }
@@ -737,7 +737,7 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
                     println!(
                         "{:<24} {}",
                         n["name"].as_str().unwrap_or(""),
-                        n["uplink"].as_str().unwrap_or("none")
+                        uplink_text(n)
                     );
                 }
             });
@@ -746,7 +746,7 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
             show(&v, &|v| {
                 println!(
                     "network {name}: uplink {}, VMs defined on it: {}",
-                    v["uplink"].as_str().unwrap_or("none"),
+                    uplink_text(v),
                     v["vms"]
                         .as_array()
                         .map(|a| a
@@ -795,6 +795,15 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(code) => code,
+    }
+}
+
+/// A network's uplink as `wv net` prints it: `none`, `TAP`, or `TAP at BPS b/s`.
+fn uplink_text(n: &serde_json::Value) -> String {
+    match (n["uplink"].as_str(), n["uplink_rate"].as_u64()) {
+        (None, _) => "none".into(),
+        (Some(t), None) => t.into(),
+        (Some(t), Some(r)) => format!("{t} at {r} b/s"),
     }
 }
 
