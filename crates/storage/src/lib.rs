@@ -56,6 +56,11 @@ pub const IO_SIZE_UNIT: u64 = 32 << 10;
 /// I/Os a disk idle for a while may get ahead of its entitlement.
 const BURST_IOS: f64 = 8.0;
 
+/// A dispatcher for one device of `capacity` I/Os per second (0: none).
+fn new_gate(capacity: u64) -> Arc<wv_shares::Gate> {
+    Arc::new(wv_shares::Gate::new(capacity, MAX_OUTSTANDING, BURST_IOS))
+}
+
 /// A guest's memory as vhost-user-backend maps it.
 pub type Mem = GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;
 
@@ -197,8 +202,7 @@ where
 impl Served {
     /// Serves `disk` (already open and locked) as `spec` says, alone on its device.
     pub fn new(spec: DiskSpec, disk: Box<dyn Disk>) -> Arc<Served> {
-        let gate = Arc::new(wv_shares::Gate::new(0, MAX_OUTSTANDING, BURST_IOS));
-        Served::with_gate(spec, disk, gate, 0)
+        Served::with_gate(spec, disk, new_gate(0), 0)
     }
 
     /// Its device ([`device_of`]).
@@ -519,11 +523,7 @@ impl Devices {
         if let Some((_, g)) = self.gates.iter().find(|(d, _)| d == dev) {
             return g.clone();
         }
-        let g = Arc::new(wv_shares::Gate::new(
-            self.capacity_of(dev),
-            MAX_OUTSTANDING,
-            BURST_IOS,
-        ));
+        let g = new_gate(self.capacity_of(dev));
         self.gates.push((dev.to_string(), g.clone()));
         g
     }
