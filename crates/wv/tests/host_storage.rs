@@ -336,7 +336,8 @@ fn a_restarted_daemon_serves_the_running_vms_disks_again() {
 /// vmkfs=DS:NAME,id=ID`): the storage world opens and holds it, the VMM gets a connection to
 /// its socket, the guest writes and reads it back, ejects it on `wv vm device remove`, and the
 /// disk is let go of: it exports afterwards with the guest's sector. A VM whose memory is its
-/// own is refused (the service could not reach it) and the disk let go of at once.
+/// own is refused (the service could not reach it) and the disk let go of at once. The VM's
+/// disk shares, set before, are the hot-plugged disk's.
 #[test]
 #[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn a_vmkfs_disk_is_hot_plugged_through_the_storage_world_and_removed() {
@@ -372,6 +373,17 @@ fn a_vmkfs_disk_is_hot_plugged_through_the_storage_world_and_removed() {
         "the refused disk is served"
     );
 
+    // Disk shares set before: the hot-plugged disk gets them.
+    let r = d.wv(&[
+        "vm",
+        "set",
+        "h",
+        "--disk-shares",
+        "5",
+        "--disk-iops-limit",
+        "500",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
     let r = d.wv(&["vm", "device", "add", "h", "--disk", &disk]);
     assert_eq!(r.status, Some(0), "{r}");
     let log = wait_console(&d, "h", "hotplug: added slot=");
@@ -383,6 +395,10 @@ fn a_vmkfs_disk_is_hot_plugged_through_the_storage_world_and_removed() {
     let id = d.json(&["vm", "info", "h"])["id"].as_u64().unwrap();
     assert!(line.ends_with(&format!("blk {id}-hdisk0 rw-ok")), "{line}");
     assert_eq!(served(&d).len(), 1, "{:?}", served(&d));
+    assert_eq!(disk_settings(&d, &format!("{id}-hdisk0")), (5, 0, 500));
+    let info = d.json(&["vm", "info", "h"]);
+    assert_eq!(info["served_disks"][0]["id"], "hot0", "{info}");
+    assert_eq!(info["served_disks"][0]["limit_iops"], 500, "{info}");
     // Held by the storage world: it cannot be added a second time meanwhile.
     let again = format!("vmkfs={ds}:root,id=hot1");
     let r = d.wv(&["vm", "device", "add", "h", "--disk", &again]);
