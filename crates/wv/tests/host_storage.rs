@@ -641,11 +641,10 @@ fn disk_shares_divide_a_datastore_between_vms_and_survive_restarts() {
 
     // The storage service killed: the restarted one has every setting back.
     let old = storage_pid(&d).unwrap();
+    let pid = i32::try_from(old).unwrap();
     // SAFETY: kill sends a signal to the storage service's process; no memory is involved.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(old).unwrap(), libc::SIGKILL) },
-        0
-    );
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     let t = Instant::now();
     loop {
         let now = storage_pid(&d);
