@@ -7,7 +7,7 @@
 //! | GET /v1/host/memory | the memory lending policy ([`crate::lending`]): its settings, host free memory, its last action, and every live world's shares, active fraction, target, current, lent and borrowed memory |
 //! | GET /v1/vms | every VM |
 //! | POST /v1/vms | define a VM (body: a VM spec) |
-//! | GET /v1/vms/{name} | one VM |
+//! | GET /v1/vms/{name} | one VM (with its served disks' settings and IOPS while it runs) |
 //! | DELETE /v1/vms/{name} | forget a VM that is not running |
 //! | POST /v1/vms/{name}/start, /stop | start or stop its VMM |
 //! | POST /v1/vms/{name}/pause, /resume | park every vCPU and quiesce the devices, or continue (through the VMM's control socket) |
@@ -17,13 +17,13 @@
 //! | POST /v1/vms/{name}/migrate | move the running VM to another daemon (body: `{"to": "HOST:PORT", "token": T, "downtime_ms"?: N}`) |
 //! | GET /v1/snapshots, DELETE /v1/snapshots/{snap} | the snapshots, and removing one |
 //! | POST /v1/snapshots/{snap}/clone | start new VMs from a snapshot (body: `{"name": N, "count": C}`) |
-//! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
+//! | PATCH /v1/vms/{name} | change shares, reservation or limit, net and disk shares (live when running) |
 //! | POST /v1/vms/{name}/devices | hot-plug a disk into the running VM (body: `{"disk": {"path": IMG, "id": ID, "readonly"?: bool}}`; live only, not kept in its definition): the daemon opens the image and hands it to the VMM (201: `{"id", "slot"}`) |
 //! | DELETE /v1/vms/{name}/devices/{id} | unplug hot-plugged device `id` once the guest has ejected it (204) |
 //! | GET, PUT /v1/vms/{name}/balloon | the running VM's memory target and current memory; a new target (body: `{"memory_target": SIZE}`), through its VMM's balloon |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | PUT /v1/vms/{name}/devices/{dev}/path | switch the running VM's vhost-user net or disk `dev` between the direct and the interposed data path (body: `{"path": "direct"\|"interposed", "capture"?: FILE}`, FILE a `.pcap` or `.trace` file name written in the VM's folder), through its VMM |
-//! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
+//! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included; each VM's served disks |
 //! | GET /v1/history | the last 10 minutes, one point a second, of every running world ([`crate::history`]) |
 //! | GET /v1/networks, POST /v1/networks | the networks, and making one (body: `{"name": N, "uplink"?: TAP, "uplink_rate"?: BPS}`) |
 //! | GET /v1/networks/{net}, DELETE /v1/networks/{net} | one network with its ports (the VM of each, the switch's counters), and deleting one no VM uses |
