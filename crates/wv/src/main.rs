@@ -304,7 +304,8 @@ fn cmd_host_serve(
         ),
     }
     if let Err(e) = d.set_storage_capacity(storage_capacity_iops) {
-        return fail(1, &format!("--storage-capacity-iops: {e}"));
+        // Kept for the next storage service the daemon starts.
+        eprintln!("wv host: warning: --storage-capacity-iops: not applied to the running storage service yet: {e}");
     }
     if let Err(e) = d.lend_memory(memory) {
         return fail(1, &format!("--host-memory-reserve: {e}"));
