@@ -7,7 +7,7 @@
 //! | GET /v1/host/memory | the memory lending policy ([`crate::lending`]): its settings, host free memory, its last action, and every live world's shares, active fraction, target, current, lent and borrowed memory |
 //! | GET /v1/vms | every VM |
 //! | POST /v1/vms | define a VM (body: a VM spec) |
-//! | GET /v1/vms/{name} | one VM |
+//! | GET /v1/vms/{name} | one VM (with its served disks' settings and IOPS while it runs) |
 //! | DELETE /v1/vms/{name} | forget a VM that is not running |
 //! | POST /v1/vms/{name}/start, /stop | start or stop its VMM |
 //! | POST /v1/vms/{name}/pause, /resume | park every vCPU and quiesce the devices, or continue (through the VMM's control socket) |
@@ -17,15 +17,15 @@
 //! | POST /v1/vms/{name}/migrate | move the running VM to another daemon (body: `{"to": "HOST:PORT", "token": T, "downtime_ms"?: N}`) |
 //! | GET /v1/snapshots, DELETE /v1/snapshots/{snap} | the snapshots, and removing one |
 //! | POST /v1/snapshots/{snap}/clone | start new VMs from a snapshot (body: `{"name": N, "count": C}`) |
-//! | PATCH /v1/vms/{name} | change shares, reservation or limit (live when running) |
+//! | PATCH /v1/vms/{name} | change shares, reservation or limit, net and disk shares (live when running) |
 //! | POST /v1/vms/{name}/devices | hot-plug a disk into the running VM (body: `{"disk": {"path": IMG, "id": ID, "readonly"?: bool}}`; live only, not kept in its definition): the daemon opens the image and hands it to the VMM (201: `{"id", "slot"}`) |
 //! | DELETE /v1/vms/{name}/devices/{id} | unplug hot-plugged device `id` once the guest has ejected it (204) |
 //! | GET, PUT /v1/vms/{name}/balloon | the running VM's memory target and current memory; a new target (body: `{"memory_target": SIZE}`), through its VMM's balloon |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | PUT /v1/vms/{name}/devices/{dev}/path | switch the running VM's vhost-user net or disk `dev` between the direct and the interposed data path (body: `{"path": "direct"\|"interposed", "capture"?: FILE}`, FILE a `.pcap` or `.trace` file name written in the VM's folder), through its VMM |
-//! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included |
+//! | GET /v1/stats | CPU accounting of every running world, the system worlds (management, helper) included; each VM's served disks |
 //! | GET /v1/history | the last 10 minutes, one point a second, of every running world ([`crate::history`]) |
-//! | GET /v1/networks, POST /v1/networks | the networks, and making one (body: `{"name": N, "uplink"?: TAP}`) |
+//! | GET /v1/networks, POST /v1/networks | the networks, and making one (body: `{"name": N, "uplink"?: TAP, "uplink_rate"?: BPS}`) |
 //! | GET /v1/networks/{net}, DELETE /v1/networks/{net} | one network with its ports (the VM of each, the switch's counters), and deleting one no VM uses |
 //! | GET /metrics | the same and more (state, settings, KVM's exit counters per vCPU) for Prometheus ([`metrics`]) |
 //!
@@ -254,6 +254,15 @@ struct ResourceUpdate {
     /// Bits per second; 0 removes the limit.
     #[serde(default, deserialize_with = "no_null")]
     net_limit: Option<u64>,
+    /// Storage shares of each of its served disks.
+    #[serde(default, deserialize_with = "no_null")]
+    disk_shares: Option<u32>,
+    /// I/Os per second; 0 removes the reservation.
+    #[serde(default, deserialize_with = "no_null")]
+    disk_reservation_iops: Option<u64>,
+    /// I/Os per second; 0 removes the limit.
+    #[serde(default, deserialize_with = "no_null")]
+    disk_limit_iops: Option<u64>,
 }
 
 /// What a `limit` in a PATCH asks for: `Ok(None)` removes the limit.
@@ -485,6 +494,10 @@ struct WorldStats {
     ready_ns: u64,
     throttled_ns: u64,
     threads: Vec<sched::ThreadTime>,
+    /// Its disks the storage service serves, with their settings and what they got
+    /// ([`Daemon::served_disk_stats`]); none for a system world.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    served_disks: Vec<serde_json::Value>,
 }
 
 /// Whether the VMM of `run` still runs.
@@ -831,10 +844,15 @@ impl Daemon {
             d.switch.restore(doc.networks.clone(), all, shares);
             // The storage service serves the disks of the VMs still running.
             let mut disks = Vec::new();
+            let mut shares = Vec::new();
             for (id, _, _) in &adopt {
                 if let Some(w) = doc.worlds.iter().find(|w| w.id == *id) {
                     let mine = served_disks(w);
                     disks.extend(mine.iter().map(|(_, n, s)| (n.clone(), s.clone())));
+                    let s = w.spec.disk_shares();
+                    if s.any() {
+                        shares.extend(mine.iter().map(|(_, n, _)| (n.clone(), s)));
+                    }
                     d.served
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -842,7 +860,7 @@ impl Daemon {
                 }
             }
             if !disks.is_empty() {
-                d.storage.restore(disks);
+                d.storage.restore(disks, shares);
             }
         }
         if d.cgroups.is_ok() {
@@ -1171,6 +1189,7 @@ impl Daemon {
         let mut v = json!({
             "name": spec.name,
             "uplink": spec.uplink,
+            "uplink_rate": spec.uplink_rate,
             "vms": vms,
             "ports": ports,
             "switch": self.switch.describe(),
@@ -1412,6 +1431,12 @@ impl Daemon {
         Ok(())
     }
 
+    /// Sets the I/Os per second of each device (VMKFS datastore; the raw images together)
+    /// that the storage service's disks share (`wv host --storage-capacity-iops`; 0: none).
+    pub fn set_storage_capacity(&self, iops: u64) -> Result<(), String> {
+        self.storage.set_capacity(iops)
+    }
+
     fn set(&self, name: &str, body: &[u8]) -> Reply {
         let u: ResourceUpdate = match object(body, "settings") {
             Ok(u) => u,
@@ -1442,7 +1467,19 @@ impl Daemon {
         if let Err(e) = sched::validate(&spec.demand()) {
             return error(422, e);
         }
+        if let Some(n) = u.disk_shares {
+            spec.disk_shares = Some(n);
+        }
+        if let Some(r) = u.disk_reservation_iops {
+            spec.disk_reservation_iops = (r != 0).then_some(r);
+        }
+        if let Some(l) = u.disk_limit_iops {
+            spec.disk_limit_iops = (l != 0).then_some(l);
+        }
         if let Err(e) = spec.net_shares().validate() {
+            return error(422, e);
+        }
+        if let Err(e) = spec.disk_shares().validate() {
             return error(422, e);
         }
         if is_live(doc.worlds[i].state) {
@@ -1452,6 +1489,8 @@ impl Daemon {
         }
         let net = spec.net_shares();
         let net_changed = net != doc.worlds[i].spec.net_shares();
+        let disk = spec.disk_shares();
+        let disk_changed = disk != doc.worlds[i].spec.disk_shares();
         let old = std::mem::replace(&mut doc.worlds[i].spec, spec);
         if let Err(e) = self.save(&doc) {
             doc.worlds[i].spec = old;
@@ -1459,13 +1498,31 @@ impl Daemon {
         }
         self.rebalance(&doc);
         let reply = ok(200, &doc.worlds[i]);
+        let id = doc.worlds[i].id;
+        drop(doc);
+        if disk_changed {
+            // Live on the served disks of its run, as for the ports below.
+            let disks = self
+                .served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned()
+                .unwrap_or_default();
+            for n in &disks {
+                if let Err(e) = self.storage.set_shares(n, &disk) {
+                    return error(
+                        500,
+                        format!("VM '{name}': stored, but not applied to its disk {n}: {e}"),
+                    );
+                }
+            }
+        }
         if net_changed {
             // Live on the ports of its run, if it has one (a later start sets them on its new
             // ports), with the definitions unlocked: the switch's answer is not waited for
             // under them. Stored already: a switch that fails here gets them when it
             // restarts.
-            let id = doc.worlds[i].id;
-            drop(doc);
             let ports = self
                 .ports
                 .lock()
@@ -1650,6 +1707,13 @@ impl Daemon {
             }
             Err(e) => return error(500, format!("VM '{name}': disk {}: {e}", d.id)),
         };
+        let shares = with.disk_shares();
+        if shares.any() {
+            if let Err(e) = self.storage.set_shares(&disk, &shares) {
+                self.storage.del_disk(&disk);
+                return error(500, format!("VM '{name}': disk {}: {e}", d.id));
+            }
+        }
         let conn = match UnixStream::connect(&sock) {
             Ok(c) => c,
             Err(e) => {
@@ -2031,6 +2095,7 @@ impl Daemon {
             ready_ns,
             throttled_ns: self.cgroups.as_ref().map_or(0, |c| c.throttled_ns(w.id)),
             threads,
+            served_disks: Vec::new(),
         }
     }
 
@@ -2048,8 +2113,84 @@ impl Daemon {
     }
 
     fn all_stats(&self) -> Reply {
-        let doc = self.lock();
-        ok(200, &self.every_stats(&doc))
+        let (mut stats, specs) = {
+            let doc = self.lock();
+            let specs: HashMap<u64, VmSpec> =
+                doc.worlds.iter().map(|w| (w.id, w.spec.clone())).collect();
+            (self.every_stats(&doc), specs)
+        };
+        // The storage service is asked once, with the definitions unlocked.
+        let any = {
+            let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+            stats
+                .iter()
+                .any(|w| served.get(&w.id).is_some_and(|v| !v.is_empty()))
+        };
+        if any {
+            let disks = self.storage.disks().unwrap_or_default();
+            for w in &mut stats {
+                if let Some(spec) = specs.get(&w.id) {
+                    w.served_disks = self.served_disk_stats(w.id, spec, &disks);
+                }
+            }
+        }
+        ok(200, &stats)
+    }
+
+    /// The disks of world `id` (defined by `spec`) that the storage service serves in its
+    /// run, from the service's `stats` entries `disks`: each one's id in the VM, its name in
+    /// the service, its device (datastore), its shares, reservation and limit (I/Os per
+    /// second), the I/Os per second the service's dispatcher gave it over its last window
+    /// (`iops`) and its counters.
+    fn served_disk_stats(
+        &self,
+        id: u64,
+        spec: &VmSpec,
+        disks: &[serde_json::Value],
+    ) -> Vec<serde_json::Value> {
+        let names = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .unwrap_or_default();
+        let hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .iter()
+            .filter_map(|n| {
+                let d = disks.iter().find(|d| d["name"] == n.as_str())?;
+                let label = spec
+                    .config
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .find(|(i, _)| storage::disk_name(id, *i) == *n)
+                    .map(|(_, c)| c.id.clone())
+                    .or_else(|| {
+                        hot.get(&id)?.iter().find_map(|(dev, b)| match b {
+                            HotBackend::Disk { name } if name == n => Some(dev.clone()),
+                            _ => None,
+                        })
+                    })
+                    .unwrap_or_else(|| n.clone());
+                let sh = &d["shares"];
+                Some(json!({
+                    "id": label,
+                    "name": n,
+                    "device": d["device"],
+                    "shares": sh["shares"],
+                    "reservation_iops": sh["reservation"],
+                    "limit_iops": sh["limit"],
+                    "iops": d["sched"]["rate"],
+                    "ios": d["sched"]["served"],
+                    "delayed": d["sched"]["delayed"],
+                    "requests": d["requests"],
+                    "read_bytes": d["read_bytes"],
+                    "written_bytes": d["written_bytes"],
+                }))
+            })
+            .collect()
     }
 
     /// The accounting of the system worlds and of every running VM world.
@@ -2068,6 +2209,7 @@ impl Daemon {
             ready_ns,
             throttled_ns: 0,
             threads,
+            served_disks: Vec::new(),
         };
         let mut out = vec![
             system(
@@ -2623,15 +2765,34 @@ impl Daemon {
     /// `GET /v1/vms/{name}`: the world, with its memory as the lending policy last saw it
     /// (`memory`) while the policy runs.
     fn vm_info(&self, name: &str) -> Reply {
-        let (id, mut v) = {
+        let (id, mut v, spec) = {
             let doc = self.lock();
             match doc.worlds.iter().find(|w| w.spec.name == name) {
-                Some(w) => (w.id, serde_json::to_value(w).unwrap_or_default()),
+                Some(w) => (
+                    w.id,
+                    serde_json::to_value(w).unwrap_or_default(),
+                    w.spec.clone(),
+                ),
                 None => return error(404, format!("no VM named '{name}'")),
             }
         };
         if let (Some(m), Some(o)) = (self.world_memory(id), v.as_object_mut()) {
             o.insert("memory".into(), json!(m));
+        }
+        let served = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|v| !v.is_empty());
+        if served {
+            let disks = self.storage.disks().unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "served_disks".into(),
+                    json!(self.served_disk_stats(id, &spec, &disks)),
+                );
+            }
         }
         ok(200, &v)
     }
@@ -2886,7 +3047,17 @@ impl Daemon {
             let mut made = Vec::new();
             for (i, disk, source) in served_disks(&this) {
                 let d = &mut vmm_config.disks[i];
-                match self.storage.add_disk(&disk, &source) {
+                let added = self.storage.add_disk(&disk, &source).and_then(|sock| {
+                    let s = spec.disk_shares();
+                    if s.any() {
+                        if let Err(e) = self.storage.set_shares(&disk, &s) {
+                            self.storage.del_disk(&disk);
+                            return Err(storage::AddError::Unavailable(e));
+                        }
+                    }
+                    Ok(sock)
+                });
+                match added {
                     Ok(sock) => {
                         made.push(disk);
                         d.path = sock;

@@ -37,6 +37,15 @@ pub struct NetworkSpec {
         deserialize_with = "crate::world::no_null"
     )]
     pub uplink: Option<String>,
+    /// The uplink's link speed in bits per second (absent: none): the switch then schedules
+    /// the frames the network's ports send to the uplink by their network shares,
+    /// reservations and limits (`port set NET/uplink:TAP rate=BPS`). Only with an uplink.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::world::no_null"
+    )]
+    pub uplink_rate: Option<u64>,
 }
 
 impl NetworkSpec {
@@ -57,6 +66,21 @@ impl NetworkSpec {
                 ));
             }
         }
+        match (self.uplink_rate, &self.uplink) {
+            (Some(0), _) => return Err("uplink_rate 0: leave it out for none".into()),
+            (Some(_), None) => {
+                return Err(format!(
+                    "network '{}': an uplink_rate needs an uplink",
+                    self.name
+                ))
+            }
+            (Some(r), Some(_)) if r < 8 => {
+                return Err(format!(
+                    "uplink_rate {r}: at least 8 bits per second (the switch counts bytes)"
+                ))
+            }
+            _ => {}
+        }
         let longest = port_socket(dir, &self.name, &port_name(u64::from(u32::MAX), 15));
         let n = longest.as_os_str().len();
         if n > MAX_SOCKET_PATH {
@@ -67,6 +91,18 @@ impl NetworkSpec {
             ));
         }
         Ok(())
+    }
+}
+
+impl NetworkSpec {
+    /// The switch's request that sets the uplink's rate, if the network has one.
+    pub fn rate_request(&self) -> Option<String> {
+        Some(format!(
+            "port set {}/uplink:{} rate={}",
+            self.name,
+            self.uplink.as_ref()?,
+            self.uplink_rate?
+        ))
     }
 }
 
@@ -171,11 +207,17 @@ impl service::Wants for Wanted {
         args
     }
 
+    /// The uplinks' rates, then the ports' settings.
     fn replay(&self) -> Vec<String> {
-        self.shares
+        self.networks
             .iter()
-            .filter(|(n, p, _)| self.ports.iter().any(|(wn, wp)| wn == n && wp == p))
-            .map(|(n, p, s)| s.request(n, p))
+            .filter_map(NetworkSpec::rate_request)
+            .chain(
+                self.shares
+                    .iter()
+                    .filter(|(n, p, _)| self.ports.iter().any(|(wn, wp)| wn == n && wp == p))
+                    .map(|(n, p, s)| s.request(n, p)),
+            )
             .collect()
     }
 
@@ -216,7 +258,14 @@ impl Service<Wanted> {
                 Some(t) => format!("net add {} uplink={t}", n.name),
                 None => format!("net add {}", n.name),
             };
-            self.request(&line).map(|_| ())
+            self.request(&line).map(|_| ()).and_then(|()| {
+                let Some(rate) = n.rate_request() else {
+                    return Ok(());
+                };
+                self.request(&rate).map(|_| ()).inspect_err(|_| {
+                    let _ = self.request(&format!("net del {}", n.name));
+                })
+            })
         } else {
             // Started with the network on its command line.
             self.ensure(&mut st)
@@ -318,6 +367,7 @@ mod tests {
             NetworkSpec {
                 name: n.into(),
                 uplink: up.map(str::to_string),
+                uplink_rate: None,
             }
             .validate(dir)
         };
@@ -342,6 +392,66 @@ mod tests {
         assert_eq!(spec.uplink, None);
         assert!(serde_json::from_str::<NetworkSpec>(r#"{"name":"lan","uplink":null}"#).is_err());
         assert!(serde_json::from_str::<NetworkSpec>(r#"{"name":"lan","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn an_uplink_rate_is_checked_kept_and_replayed_before_the_ports_settings() {
+        let dir = Path::new("/var/lib/worldvisor/sw");
+        let lan: NetworkSpec =
+            serde_json::from_str(r#"{"name":"lan","uplink":"tap0","uplink_rate":100000000}"#)
+                .unwrap();
+        assert_eq!(lan.validate(dir), Ok(()));
+        assert_eq!(
+            serde_json::to_value(&lan).unwrap(),
+            serde_json::json!({"name": "lan", "uplink": "tap0", "uplink_rate": 100_000_000}),
+            "kept with the network (worlds.json)"
+        );
+        assert_eq!(
+            lan.rate_request().unwrap(),
+            "port set lan/uplink:tap0 rate=100000000"
+        );
+        let plain: NetworkSpec = serde_json::from_str(r#"{"name":"lan","uplink":"tap0"}"#).unwrap();
+        assert_eq!(plain.uplink_rate, None);
+        assert_eq!(plain.rate_request(), None);
+        assert!(!serde_json::to_string(&plain).unwrap().contains("rate"));
+        for (bad, why) in [
+            (
+                r#"{"name":"lan","uplink_rate":1000}"#,
+                "an uplink_rate needs an uplink",
+            ),
+            (
+                r#"{"name":"lan","uplink":"tap0","uplink_rate":0}"#,
+                "uplink_rate 0",
+            ),
+            (
+                r#"{"name":"lan","uplink":"tap0","uplink_rate":7}"#,
+                "at least 8",
+            ),
+        ] {
+            let n: NetworkSpec = serde_json::from_str(bad).unwrap();
+            assert!(n.validate(dir).unwrap_err().contains(why), "{bad}");
+        }
+        assert!(
+            serde_json::from_str::<NetworkSpec>(r#"{"name":"lan","uplink_rate":null}"#).is_err()
+        );
+        use service::Wants;
+        let s = NetShares {
+            shares: Some(4),
+            ..NetShares::default()
+        };
+        let w = Wanted {
+            networks: vec![lan.clone(), plain],
+            ports: vec![("lan".into(), "7-net0".into())],
+            shares: vec![("lan".into(), "7-net0".into(), s)],
+        };
+        assert_eq!(
+            w.replay(),
+            [
+                "port set lan/uplink:tap0 rate=100000000".to_string(),
+                s.request("lan", "7-net0")
+            ],
+            "a restarted switch gets the uplink's rate back"
+        );
     }
 
     #[test]

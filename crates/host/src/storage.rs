@@ -113,10 +113,63 @@ impl std::fmt::Display for AddError {
     }
 }
 
-/// What the service should serve: (name, `--disk` source text) per disk.
+/// A VM's settings in the storage service, for each of its served disks: shares against the
+/// other disks of the same device (its VMKFS datastore; raw images share one), a reservation
+/// and a limit in I/Os per second (absent: the service's default of 1000 shares, no
+/// reservation, no limit). See docs/STORAGE.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskShares {
+    /// 1 to [`wv_shares::MAX_SHARES`].
+    pub shares: Option<u32>,
+    /// I/Os per second it gets whenever it asks for that many.
+    pub reservation_iops: Option<u64>,
+    /// I/Os per second it never exceeds.
+    pub limit_iops: Option<u64>,
+}
+
+impl DiskShares {
+    /// Whether anything is set.
+    pub fn any(&self) -> bool {
+        *self != DiskShares::default()
+    }
+
+    /// Checks the shares' range and that a reservation is within the limit.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(s) = self.shares {
+            if !(1..=wv_shares::MAX_SHARES).contains(&s) {
+                return Err(format!("disk_shares {s}: use 1-{}", wv_shares::MAX_SHARES));
+            }
+        }
+        if let (Some(r), Some(l)) = (self.reservation_iops, self.limit_iops) {
+            if r > l {
+                return Err(format!(
+                    "disk_reservation_iops {r} is above the disk_limit_iops {l}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The service's request that sets them on disk `name` (every field, so that one removed
+    /// goes back to the default).
+    pub fn request(&self, name: &str) -> String {
+        format!(
+            "disk set {name} shares={} reservation_iops={} limit_iops={}",
+            self.shares.unwrap_or(wv_shares::DEFAULT_SHARES),
+            self.reservation_iops.unwrap_or(0),
+            self.limit_iops.unwrap_or(0)
+        )
+    }
+}
+
+/// What the service should serve: (name, `--disk` source text) per disk, the settings of the
+/// disks that have some, and each device's capacity.
 #[derive(Default)]
 pub struct Wanted {
     disks: Vec<(String, String)>,
+    shares: Vec<(String, DiskShares)>,
+    /// I/Os per second of each device (`wv host --storage-capacity-iops`; 0: none).
+    capacity_iops: u64,
 }
 
 impl service::Wants for Wanted {
@@ -130,14 +183,22 @@ impl service::Wants for Wanted {
     /// None: a disk on the command line that cannot be opened (its datastore gone while the
     /// service was down) would stop the whole service, and every VM's disks with it.
     fn args(&self) -> Vec<String> {
-        Vec::new()
+        if self.capacity_iops == 0 {
+            return Vec::new();
+        }
+        vec!["--capacity-iops".into(), self.capacity_iops.to_string()]
     }
 
+    /// Each disk added, then given its settings (if it has any).
     fn replay(&self) -> Vec<String> {
-        self.disks
-            .iter()
-            .map(|(n, s)| format!("disk add {n}={s}"))
-            .collect()
+        let mut v = Vec::new();
+        for (n, s) in &self.disks {
+            v.push(format!("disk add {n}={s}"));
+            if let Some((_, sh)) = self.shares.iter().find(|(x, _)| x == n) {
+                v.push(sh.request(n));
+            }
+        }
+        v
     }
 
     fn any(&self) -> bool {
@@ -154,8 +215,45 @@ pub type Supervisor = Service<Wanted>;
 impl Service<Wanted> {
     /// Sets what the service serves at the daemon's start (the served disks of the VMs still
     /// running: (name, source)) and starts it if there is any.
-    pub fn restore(&self, disks: Vec<(String, String)>) {
-        self.restore_wanted(Wanted { disks });
+    pub fn restore(&self, disks: Vec<(String, String)>, shares: Vec<(String, DiskShares)>) {
+        let capacity_iops = self.state().want.capacity_iops;
+        self.restore_wanted(Wanted {
+            disks,
+            shares,
+            capacity_iops,
+        });
+    }
+
+    /// Sets each device's capacity in I/Os per second (0: none): on the command line of every
+    /// service started from now on, and sent to the one running.
+    pub fn set_capacity(&self, iops: u64) -> Result<(), String> {
+        let mut st = self.state();
+        st.want.capacity_iops = iops;
+        if !st.running() {
+            return Ok(());
+        }
+        self.request(&format!("set capacity_iops={iops}"))
+            .map(|_| ())
+    }
+
+    /// Each device's capacity in I/Os per second (0: none).
+    pub fn capacity(&self) -> u64 {
+        self.state().want.capacity_iops
+    }
+
+    /// Sets served disk `name`'s shares, reservation and limit (kept for a restarted service;
+    /// sent at once while it runs and serves the disk).
+    pub fn set_shares(&self, name: &str, s: &DiskShares) -> Result<(), String> {
+        let mut st = self.state();
+        st.want.shares.retain(|(n, _)| n != name);
+        if s.any() {
+            st.want.shares.push((name.into(), *s));
+        }
+        if !st.running() || !st.want.disks.iter().any(|(n, _)| n == name) {
+            // Replayed once it runs (or with the disk).
+            return Ok(());
+        }
+        self.request(&s.request(name)).map(|_| ())
     }
 
     /// Serves disk `name` from `source` (starting the service first if it does not run); its
@@ -196,6 +294,7 @@ impl Service<Wanted> {
         let mut st = self.state();
         let before = st.want.disks.len();
         st.want.disks.retain(|(n, _)| n != name);
+        st.want.shares.retain(|(n, _)| n != name);
         if st.want.disks.len() == before || !st.running() {
             return;
         }
@@ -258,10 +357,74 @@ mod tests {
         assert!(check_disk(&w).is_err());
         let wanted = Wanted {
             disks: vec![("7-disk0".into(), "vmkfs=/ds:web".into())],
+            ..Wanted::default()
         };
         assert!(wanted.args().is_empty());
         assert_eq!(wanted.replay(), ["disk add 7-disk0=vmkfs=/ds:web"]);
         assert!(wanted.any());
         assert!(!Wanted::default().any());
+    }
+
+    #[test]
+    fn disk_shares_are_checked_sent_whole_and_replayed_after_their_disks() {
+        let s = DiskShares {
+            shares: Some(4),
+            reservation_iops: None,
+            limit_iops: Some(500),
+        };
+        assert_eq!(s.validate(), Ok(()));
+        assert!(s.any() && !DiskShares::default().any());
+        assert_eq!(
+            s.request("7-disk0"),
+            "disk set 7-disk0 shares=4 reservation_iops=0 limit_iops=500"
+        );
+        assert_eq!(
+            DiskShares::default().request("7-hdisk1"),
+            "disk set 7-hdisk1 shares=1000 reservation_iops=0 limit_iops=0",
+            "back to the defaults"
+        );
+        for (bad, why) in [
+            (
+                DiskShares {
+                    shares: Some(0),
+                    ..s
+                },
+                "disk_shares 0: use 1-1000000",
+            ),
+            (
+                DiskShares {
+                    shares: Some(wv_shares::MAX_SHARES + 1),
+                    ..s
+                },
+                "disk_shares 1000001: use 1-1000000",
+            ),
+            (
+                DiskShares {
+                    reservation_iops: Some(600),
+                    ..s
+                },
+                "disk_reservation_iops 600 is above the disk_limit_iops 500",
+            ),
+        ] {
+            assert_eq!(bad.validate().unwrap_err(), why);
+        }
+        let w = Wanted {
+            disks: vec![
+                ("7-disk0".into(), "path=/a.img".into()),
+                ("8-disk0".into(), "path=/b.img".into()),
+            ],
+            shares: vec![("7-disk0".into(), s), ("9-disk0".into(), s)],
+            capacity_iops: 700,
+        };
+        assert_eq!(
+            w.replay(),
+            [
+                "disk add 7-disk0=path=/a.img".to_string(),
+                s.request("7-disk0"),
+                "disk add 8-disk0=path=/b.img".to_string(),
+            ],
+            "settings follow their disk; none for a disk not served"
+        );
+        assert_eq!(w.args(), ["--capacity-iops", "700"]);
     }
 }

@@ -200,10 +200,18 @@ mod tests {
                 reason: None,
                 console: None,
             }],
-            networks: vec![crate::network::NetworkSpec {
-                name: "lan".into(),
-                uplink: None,
-            }],
+            networks: vec![
+                crate::network::NetworkSpec {
+                    name: "lan".into(),
+                    uplink: None,
+                    uplink_rate: None,
+                },
+                crate::network::NetworkSpec {
+                    name: "wan".into(),
+                    uplink: Some("tap-wan".into()),
+                    uplink_rate: Some(100_000_000),
+                },
+            ],
         };
         s.save(&doc).unwrap();
         let back = s.load().unwrap();

@@ -105,6 +105,29 @@ pub struct VmSpec {
         deserialize_with = "no_null"
     )]
     pub net_limit: Option<u64>,
+    /// Storage shares of each of its disks the storage service serves, against the other
+    /// disks of the same datastore (1 to 1000000; absent: 1000).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "no_null"
+    )]
+    pub disk_shares: Option<u32>,
+    /// I/Os per second each of its served disks gets whenever it asks for that many (absent:
+    /// none).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "no_null"
+    )]
+    pub disk_reservation_iops: Option<u64>,
+    /// I/Os per second each of its served disks never exceeds (absent: no limit).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "no_null"
+    )]
+    pub disk_limit_iops: Option<u64>,
 }
 
 fn default_shares() -> u32 {
@@ -123,6 +146,9 @@ impl VmSpec {
             net_shares: None,
             net_reservation: None,
             net_limit: None,
+            disk_shares: None,
+            disk_reservation_iops: None,
+            disk_limit_iops: None,
         }
     }
 
@@ -210,12 +236,15 @@ impl VmSpec {
         for (what, v) in [
             ("net_reservation", self.net_reservation),
             ("net_limit", self.net_limit),
+            ("disk_reservation_iops", self.disk_reservation_iops),
+            ("disk_limit_iops", self.disk_limit_iops),
         ] {
             if v == Some(0) {
                 return Err(format!("{what} 0: leave it out for none"));
             }
         }
         self.net_shares().validate()?;
+        self.disk_shares().validate()?;
         c.validate(wv_config::host_ram()).map_err(|e| e.to_string())
     }
 
@@ -225,6 +254,15 @@ impl VmSpec {
             shares: self.net_shares,
             reservation: self.net_reservation,
             limit: self.net_limit,
+        }
+    }
+
+    /// Its served disks' settings in the storage service.
+    pub fn disk_shares(&self) -> crate::storage::DiskShares {
+        crate::storage::DiskShares {
+            shares: self.disk_shares,
+            reservation_iops: self.disk_reservation_iops,
+            limit_iops: self.disk_limit_iops,
         }
     }
 

@@ -14,12 +14,14 @@
 //! when the VMM hands the ring back from its used index (reads and writes of whole sectors are
 //! idempotent).
 //!
-//! The disks of one service share its device (one datastore), so their requests go through one
-//! dispatcher ([`wv_shares::Gate`], mClock-style): each disk has shares, an IOPS reservation and
-//! an IOPS limit (`disk set NAME shares=N reservation_iops=R limit_iops=L`), a request costs
-//! `1 + bytes / 32 KiB` I/Os ([`request_cost`]), at most [`MAX_OUTSTANDING`] requests are at the
-//! device at a time, and the service's capacity (`--capacity-iops`, `set capacity_iops=N`),
-//! when given, caps the total so that the disks contend for it.
+//! The disks of one datastore share its device, so their requests go through one dispatcher
+//! per device ([`wv_shares::Gate`], mClock-style): one per VMKFS datastore, and one for all the
+//! raw images ([`device_of`]). Each disk has shares, an IOPS reservation and an IOPS limit
+//! (`disk set NAME shares=N reservation_iops=R limit_iops=L`), a request costs
+//! `1 + bytes / 32 KiB` I/Os ([`request_cost`]), at most [`MAX_OUTSTANDING`] requests are at a
+//! device at a time, and a device's capacity, when given, caps its disks' total so that they
+//! contend for it: `--capacity-iops N` / `set capacity_iops=N` is every device's (each has its
+//! own N), `set capacity_iops=N device=DEV` one device's.
 
 #![allow(clippy::cast_possible_truncation)] // queue indices and sizes are 16/32-bit by the spec
 
@@ -54,6 +56,11 @@ pub const IO_SIZE_UNIT: u64 = 32 << 10;
 /// I/Os a disk idle for a while may get ahead of its entitlement.
 const BURST_IOS: f64 = 8.0;
 
+/// A dispatcher for one device of `capacity` I/Os per second (0: none).
+fn new_gate(capacity: u64) -> Arc<wv_shares::Gate> {
+    Arc::new(wv_shares::Gate::new(capacity, MAX_OUTSTANDING, BURST_IOS))
+}
+
 /// A guest's memory as vhost-user-backend maps it.
 pub type Mem = GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;
 
@@ -72,7 +79,7 @@ pub struct Config {
     pub disks: Vec<DiskSpec>,
     /// Break a VMKFS disk's stale lock record (its writer gone) and take the disk.
     pub take_stale_locks: bool,
-    /// The device's capacity in I/Os per second that the disks share (0: as fast as it goes).
+    /// Each device's capacity in I/Os per second that its disks share (0: as fast as it goes).
     pub capacity_iops: u64,
 }
 
@@ -140,6 +147,8 @@ pub struct DiskStats {
     pub writes: u64,
     pub flushes: u64,
     pub io_errors: u64,
+    /// The device whose dispatcher it goes through ([`device_of`]).
+    pub device: String,
     /// Its shares, IOPS reservation and IOPS limit (`reservation`, `limit`: I/Os per second).
     pub shares: wv_shares::Settings,
     /// What the dispatcher gave it: I/Os (`served`, `reserved`), requests that waited
@@ -165,8 +174,10 @@ pub struct Served {
     /// [`Served::wait_idle`]).
     busy: Mutex<bool>,
     idle: std::sync::Condvar,
-    /// The service's dispatcher, and this disk's flow in it.
+    /// Its device's dispatcher, and this disk's flow in it.
     gate: Arc<wv_shares::Gate>,
+    /// Its device ([`device_of`]).
+    device: String,
     flow: usize,
 }
 
@@ -191,8 +202,12 @@ where
 impl Served {
     /// Serves `disk` (already open and locked) as `spec` says, alone on its device.
     pub fn new(spec: DiskSpec, disk: Box<dyn Disk>) -> Arc<Served> {
-        let gate = Arc::new(wv_shares::Gate::new(0, MAX_OUTSTANDING, BURST_IOS));
-        Served::with_gate(spec, disk, gate, 0)
+        Served::with_gate(spec, disk, new_gate(0), 0)
+    }
+
+    /// Its device ([`device_of`]).
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     /// Serves `disk` as flow `flow` of dispatcher `gate` (shared with the other disks of
@@ -206,6 +221,7 @@ impl Served {
         gate.set(flow, wv_shares::Settings::default());
         Arc::new(Served {
             gate,
+            device: device_of(&spec.source),
             flow,
             id: block::disk_id(&spec.name),
             size: disk.size(),
@@ -244,6 +260,7 @@ impl Served {
             writes: g(&c.block.writes),
             flushes: g(&c.flushes),
             io_errors: g(&c.io_errors),
+            device: self.device.clone(),
             shares: self.gate.settings(self.flow).unwrap_or_default(),
             sched: self.gate.stats(self.flow).unwrap_or_default(),
         }
@@ -473,14 +490,73 @@ struct Entry {
     thread: JoinHandle<()>,
 }
 
-/// The service: the disks it serves, by name, and the dispatcher they share.
+/// The service: the disks it serves, by name, and the dispatcher of each device they are on.
 pub struct Service {
     dir: PathBuf,
     take_stale_locks: bool,
     disks: Mutex<Vec<Entry>>,
-    gate: Arc<wv_shares::Gate>,
-    /// The next disk's flow in the dispatcher (never reused).
+    devices: Mutex<Devices>,
+    /// The next disk's flow in its dispatcher (never reused).
     next_flow: AtomicU64,
+}
+
+/// The devices' dispatchers and capacities.
+#[derive(Default)]
+struct Devices {
+    /// Each device's dispatcher (made with its first disk, kept after its last).
+    gates: Vec<(String, Arc<wv_shares::Gate>)>,
+    /// The capacity of a device without one of its own (0: none).
+    default_capacity: u64,
+    /// Devices given a capacity of their own (`set capacity_iops=N device=DEV`).
+    own: Vec<(String, u64)>,
+}
+
+impl Devices {
+    fn capacity_of(&self, dev: &str) -> u64 {
+        self.own
+            .iter()
+            .find(|(d, _)| d == dev)
+            .map_or(self.default_capacity, |(_, c)| *c)
+    }
+
+    fn gate(&mut self, dev: &str) -> Arc<wv_shares::Gate> {
+        if let Some((_, g)) = self.gates.iter().find(|(d, _)| d == dev) {
+            return g.clone();
+        }
+        let g = new_gate(self.capacity_of(dev));
+        self.gates.push((dev.to_string(), g.clone()));
+        g
+    }
+}
+
+/// The device whose dispatcher a disk of `source` goes through: its VMKFS datastore (the path
+/// made canonical when it can be), or `raw` for every raw image.
+pub fn device_of(source: &Source) -> String {
+    match source {
+        Source::Raw(_) => RAW_DEVICE.to_string(),
+        Source::Vmkfs { datastore, .. } => canonical_device(&datastore.display().to_string()),
+    }
+}
+
+/// The device all raw images share.
+pub const RAW_DEVICE: &str = "raw";
+
+fn canonical_device(dev: &str) -> String {
+    if dev == RAW_DEVICE {
+        return dev.to_string();
+    }
+    std::fs::canonicalize(dev).map_or_else(|_| dev.to_string(), |p| p.display().to_string())
+}
+
+/// A device's dispatcher as `stats` shows it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct DeviceStats {
+    /// [`device_of`] its disks.
+    pub device: String,
+    /// I/Os per second its disks share (0: none).
+    pub capacity_iops: u64,
+    /// Its disks' names.
+    pub disks: Vec<String>,
 }
 
 /// The socket of disk `name` under `dir`.
@@ -502,14 +578,57 @@ impl Service {
             dir: dir.to_path_buf(),
             take_stale_locks,
             disks: Mutex::new(Vec::new()),
-            gate: Arc::new(wv_shares::Gate::new(0, MAX_OUTSTANDING, BURST_IOS)),
+            devices: Mutex::new(Devices::default()),
             next_flow: AtomicU64::new(0),
         }))
     }
 
-    /// Sets the device's capacity in I/Os per second, shared by the disks (0: none).
+    /// Sets every device's capacity in I/Os per second, each shared by its disks (0: none),
+    /// but for the devices given one of their own.
     pub fn set_capacity(&self, iops: u64) {
-        self.gate.set_capacity(iops);
+        let mut d = lock(&self.devices);
+        d.default_capacity = iops;
+        for (dev, g) in &d.gates {
+            g.set_capacity(d.capacity_of(dev));
+        }
+    }
+
+    /// Sets device `dev`'s own capacity ([`device_of`]; `raw` for the raw images), `None`
+    /// giving it the default back.
+    pub fn set_device_capacity(&self, dev: &str, iops: Option<u64>) {
+        let dev = canonical_device(dev);
+        let mut d = lock(&self.devices);
+        d.own.retain(|(x, _)| *x != dev);
+        if let Some(n) = iops {
+            d.own.push((dev.clone(), n));
+        }
+        let cap = d.capacity_of(&dev);
+        if let Some((_, g)) = d.gates.iter().find(|(x, _)| *x == dev) {
+            g.set_capacity(cap);
+        }
+    }
+
+    /// The capacity of a device without one of its own.
+    pub fn capacity(&self) -> u64 {
+        lock(&self.devices).default_capacity
+    }
+
+    /// Every device the service has served a disk of: its capacity and its disks.
+    pub fn devices(&self) -> Vec<DeviceStats> {
+        let disks = lock(&self.disks);
+        let d = lock(&self.devices);
+        d.gates
+            .iter()
+            .map(|(dev, g)| DeviceStats {
+                device: dev.clone(),
+                capacity_iops: g.capacity(),
+                disks: disks
+                    .iter()
+                    .filter(|e| e.served.device == *dev)
+                    .map(|e| e.served.spec.name.clone())
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Sets disk `name`'s shares, IOPS reservation and IOPS limit.
@@ -535,7 +654,8 @@ impl Service {
             .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
         let flow = usize::try_from(self.next_flow.fetch_add(1, Ordering::Relaxed))
             .map_err(|e| e.to_string())?;
-        let served = Served::with_gate(spec, disk, self.gate.clone(), flow);
+        let gate = lock(&self.devices).gate(&device_of(&spec.source));
+        let served = Served::with_gate(spec, disk, gate, flow);
         let backend = BlkBackend::new(served.clone());
         let (s2, sock2) = (served.clone(), socket.clone());
         let thread = std::thread::Builder::new()
@@ -589,7 +709,7 @@ impl Service {
         // The serving thread waits for a connection: one that ends at once wakes it to stop.
         drop(UnixStream::connect(&entry.socket));
         let _ = entry.thread.join();
-        self.gate.remove(entry.served.flow);
+        entry.served.gate.remove(entry.served.flow);
         let _ = std::fs::remove_file(&entry.socket);
         Ok(())
     }
@@ -601,32 +721,25 @@ impl Service {
 
     /// Answers one control request (a line): `stats`, `disk add SPEC`, `disk del NAME`,
     /// `disk set NAME [shares=N] [reservation_iops=R] [limit_iops=L]` (what is not given
-    /// stays), `set capacity_iops=N`.
+    /// stays), `set capacity_iops=N` (every device's), `set capacity_iops=N device=DEV` (one
+    /// device's; `capacity_iops=default` gives it the others' back).
     pub fn control(&self, line: &str) -> serde_json::Value {
         let words: Vec<&str> = line.split_whitespace().collect();
         let r = match words.as_slice() {
             ["stats"] => {
                 return serde_json::json!({
                     "disks": self.stats(),
-                    "capacity_iops": self.gate.capacity(),
+                    "capacity_iops": self.capacity(),
+                    "devices": self.devices(),
                 })
             }
             ["disk", "add", spec] => DiskSpec::parse(spec).and_then(|s| self.add(s)),
             ["disk", "del", name] => self.del(name),
             ["disk", "set", name, args @ ..] => self.disk_set(name, args),
-            ["set", arg] => match arg.strip_prefix("capacity_iops=").map(str::parse::<u64>) {
-                Some(Ok(n)) => {
-                    self.set_capacity(n);
-                    Ok(())
-                }
-                _ => Err(format!(
-                    "set: '{}' is not capacity_iops=N",
-                    arg.escape_debug()
-                )),
-            },
+            ["set", args @ ..] => self.set(args),
             _ => Err(format!(
                 "unknown request '{}' (stats, disk add NAME=SPEC, disk del NAME, disk set NAME \
-                 shares=N reservation_iops=R limit_iops=L, set capacity_iops=N)",
+                 shares=N reservation_iops=R limit_iops=L, set capacity_iops=N [device=DEV])",
                 line.trim().escape_debug()
             )),
         };
@@ -638,6 +751,30 @@ impl Service {
 }
 
 impl Service {
+    fn set(&self, args: &[&str]) -> Result<(), String> {
+        let bad = || {
+            format!(
+                "set: '{}': expected capacity_iops=N [device=DEV]",
+                args.join(" ").escape_debug()
+            )
+        };
+        let (mut cap, mut dev) = (None, None);
+        for a in args {
+            match a.split_once('=') {
+                Some(("capacity_iops", v)) if cap.is_none() => cap = Some(v),
+                Some(("device", v)) if dev.is_none() && !v.is_empty() => dev = Some(v),
+                _ => return Err(bad()),
+            }
+        }
+        let cap = cap.ok_or_else(bad)?;
+        match dev {
+            Some(dev) if cap == "default" => self.set_device_capacity(dev, None),
+            Some(dev) => self.set_device_capacity(dev, Some(cap.parse().map_err(|_| bad())?)),
+            None => self.set_capacity(cap.parse().map_err(|_| bad())?),
+        }
+        Ok(())
+    }
+
     fn disk_set(&self, name: &str, args: &[&str]) -> Result<(), String> {
         let mut s = {
             let disks = lock(&self.disks);
@@ -645,7 +782,7 @@ impl Service {
                 .iter()
                 .find(|e| e.served.spec.name == *name)
                 .ok_or_else(|| format!("no disk {} is served", name.escape_debug()))?;
-            self.gate.settings(e.served.flow).unwrap_or_default()
+            e.served.gate.settings(e.served.flow).unwrap_or_default()
         };
         for a in args {
             let bad = || {

@@ -436,3 +436,66 @@ fn stopping_the_ring_waits_for_the_request_in_hand() {
     assert_eq!(g.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
     assert_eq!(g.stats().served, 1);
 }
+
+#[test]
+fn each_datastore_has_its_own_dispatcher_and_capacity() {
+    let ds = |p: &str| Source::Vmkfs {
+        datastore: PathBuf::from(p),
+        disk: "web".into(),
+    };
+    assert_eq!(device_of(&Source::Raw("/a.img".into())), RAW_DEVICE);
+    assert_eq!(device_of(&Source::Raw("/b.img".into())), RAW_DEVICE);
+    assert_eq!(device_of(&ds("/nonexistent/ds1")), "/nonexistent/ds1");
+    assert_ne!(
+        device_of(&ds("/nonexistent/ds1")),
+        device_of(&ds("/nonexistent/ds2"))
+    );
+
+    let dir = tmp("devices");
+    let svc = Service::new(&dir.join("s"), false).unwrap();
+    svc.set_capacity(700);
+    for n in ["a", "b"] {
+        let img = dir.join(format!("{n}.img"));
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let r = svc.control(&format!("disk add {n}=path={}", img.display()));
+        assert_eq!(r, serde_json::json!({"ok": true}));
+    }
+    let st = svc.control("stats");
+    assert_eq!(st["capacity_iops"], 700);
+    assert_eq!(
+        st["devices"],
+        serde_json::json!([{"device": "raw", "capacity_iops": 700, "disks": ["a", "b"]}]),
+        "the raw images share one dispatcher"
+    );
+    assert_eq!(st["disks"][0]["device"], "raw");
+    // One device's own capacity, kept when every device's changes, and given back.
+    assert_eq!(
+        svc.control("set capacity_iops=300 device=raw"),
+        serde_json::json!({"ok": true})
+    );
+    assert_eq!(svc.control("set capacity_iops=900")["ok"], true);
+    assert_eq!(svc.control("stats")["devices"][0]["capacity_iops"], 300);
+    assert_eq!(
+        svc.control("set capacity_iops=default device=raw")["ok"],
+        true
+    );
+    assert_eq!(svc.control("stats")["devices"][0]["capacity_iops"], 900);
+    for bad in [
+        "set",
+        "set capacity_iops=x",
+        "set capacity_iops=5 device=",
+        "set capacity_iops=default",
+        "set device=raw",
+        "set capacity_iops=1 capacity_iops=2",
+    ] {
+        let r = svc.control(bad);
+        assert!(
+            r["error"].as_str().unwrap().contains("capacity_iops=N"),
+            "{bad}: {r}"
+        );
+    }
+    for n in ["a", "b"] {
+        assert_eq!(svc.control(&format!("disk del {n}"))["ok"], true);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

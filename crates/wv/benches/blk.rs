@@ -4,6 +4,13 @@
 //! that plays the driver by writing descriptors into guest memory and calls the request
 //! handler, no guest and no KVM). All in one run, medians of `ROUNDS` (default 5).
 //!
+//! The storage service (issue 12): the same guest on a disk served by `wv storage` over
+//! vhost-user-blk (`wv run --disk vhost-user=SOCKET`, the image opened by the service), next
+//! to wv's own virtio-blk on the same image; and the service's device path alone (the disk
+//! opened as the service opens it, each request through its dispatcher, [`wv_shares::Gate`],
+//! then the same handler). A second table gives the time per 4 KiB random request (the
+//! guest's cycles / ops) of each, and what the service adds to wv's own.
+//!
 //! Caching: everything goes through the host page cache (no O_DIRECT, no fsync), which is
 //! what wv's raw backend and QEMU's default cache=writeback do.
 //!
@@ -143,6 +150,124 @@ fn device_path(img: &Path) -> Rates {
     rates(sw, sr, rw, rr)
 }
 
+/// The storage service's device path alone: the disk opened as `wv storage` opens it
+/// ([`wv_storage::disk::open`]), each request let through by a dispatcher as the service's
+/// ([`wv_shares::Gate`], no capacity) and handled by `process`.
+fn storage_device_path(img: &Path) -> Rates {
+    let spec = wv_storage::DiskSpec::parse(&format!("bench=path={}", img.display())).unwrap();
+    let mut disk = wv_storage::disk::open(&spec, false).unwrap();
+    let gate = wv_shares::Gate::new(0, wv_storage::MAX_OUTSTANDING, 8.0);
+    gate.set(0, wv_shares::Settings::default());
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let counters = BlockCounters::default();
+    let mut q = Queue::new(256).unwrap();
+    q.try_set_desc_table_address(GuestAddress(0x1000)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(0x2000)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(0x3000)).unwrap();
+    q.set_ready(true);
+    let mut avail: u16 = 0;
+    let mut request = |write: bool, sector: u64, len: u32| {
+        mem.write_obj(u32::from(write), GuestAddress(0x8000))
+            .unwrap();
+        mem.write_obj(sector, GuestAddress(0x8008)).unwrap();
+        let descs: [(u64, u32, u16, u16); 3] = [
+            (0x8000, 16, 1, 1),
+            (0x100000, len, 1 | if write { 0 } else { 2 }, 2),
+            (0x9000, 1, 2, 0),
+        ];
+        for (i, (a, l, fl, nx)) in descs.iter().enumerate() {
+            let at = 0x1000 + 16 * i as u64;
+            mem.write_obj(*a, GuestAddress(at)).unwrap();
+            mem.write_obj(*l, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(*fl, GuestAddress(at + 12)).unwrap();
+            mem.write_obj(*nx, GuestAddress(at + 14)).unwrap();
+        }
+        mem.write_obj(0u16, GuestAddress(0x2004 + 2 * u64::from(avail % 256)))
+            .unwrap();
+        avail = avail.wrapping_add(1);
+        mem.write_obj(avail, GuestAddress(0x2002)).unwrap();
+        let chain = q.pop_descriptor_chain(&mem).expect("chain");
+        let head = chain.head_index();
+        let cost = wv_storage::request_cost(&chain);
+        let grant = gate
+            .acquire(0, cost, std::time::Duration::from_secs(5))
+            .expect("the dispatcher lets it go");
+        let n = process(
+            &mem,
+            chain,
+            disk.as_mut(),
+            b"bench-storage-path-0",
+            &counters,
+        );
+        gate.release(grant);
+        q.add_used(&mem, head, n).unwrap();
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(0x9000)).unwrap(),
+            0,
+            "status"
+        );
+    };
+    let mut timed = |write: bool, seq: bool| {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let t = Instant::now();
+        let n = if seq { SEQ_MIB } else { RAND_OPS };
+        for i in 0..n {
+            if seq {
+                request(write, i * 2048, 1 << 20);
+            } else {
+                request(write, (xorshift(&mut x) % (SEQ_MIB * 256)) * 8, 4096);
+            }
+        }
+        t.elapsed().as_secs_f64()
+    };
+    let (sw, sr, rw, rr) = (
+        timed(true, true),
+        timed(false, true),
+        timed(true, false),
+        timed(false, false),
+    );
+    rates(sw, sr, rw, rr)
+}
+
+/// `wv storage` serving the image as disk `bench` under `dir`, until dropped (killed).
+struct Service(std::process::Child);
+
+impl Service {
+    fn start(wv: &str, dir: &Path, img: &Path) -> Service {
+        use std::io::BufRead;
+        let mut child = Command::new(wv)
+            .args(["storage", "--socket-dir"])
+            .arg(dir)
+            .args(["--disk", &format!("bench=path={}", img.display())])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn wv storage");
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "wv storage ended before serving"
+            );
+            if line.contains("wv storage: serving") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Service(child)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Parses the guest's blkbench line; with `khz` (from wv's run) converts cycles to seconds.
 fn guest(out: &str, khz: Option<f64>) -> Option<(Rates, f64)> {
     let line = out.lines().find(|l| l.starts_with("PASS blkbench"))?;
@@ -198,10 +323,13 @@ fn main() {
     let names = [
         "raw file (pread/pwrite)",
         "device path (no guest)",
+        "storage path (no guest)",
         "wv (probe guest)",
+        "wv + wv storage (vhost)",
         "QEMU virtio-blk-pci",
     ];
-    let mut cols: Vec<[Vec<f64>; 4]> = (0..4).map(|_| Default::default()).collect();
+    let (wv_row, storage_row, qemu_row) = (3, 4, 5);
+    let mut cols: Vec<[Vec<f64>; 4]> = (0..names.len()).map(|_| Default::default()).collect();
     let push = |cols: &mut Vec<[Vec<f64>; 4]>, i: usize, r: Rates| {
         for (j, v) in [r.seq_write, r.seq_read, r.rand_write, r.rand_read]
             .into_iter()
@@ -213,6 +341,7 @@ fn main() {
     for round in 0..rounds {
         push(&mut cols, 0, raw(&img));
         push(&mut cols, 1, device_path(&img));
+        push(&mut cols, 2, storage_device_path(&img));
         let out = Command::new(wv)
             .args(["run", "--memory", "256M", "--serial", "stdio", "--kernel"])
             .arg(&probe)
@@ -226,7 +355,31 @@ fn main() {
             .unwrap();
         let (r, khz) =
             guest(&String::from_utf8_lossy(&out.stdout), None).expect("wv blkbench line");
-        push(&mut cols, 2, r);
+        push(&mut cols, wv_row, r);
+        {
+            let sdir = dir.join("st");
+            let _svc = Service::start(wv, &sdir, &img);
+            let out = Command::new(wv)
+                .args(["run", "--memory", "256M", "--serial", "stdio", "--kernel"])
+                .arg(&probe)
+                .args([
+                    "--disk",
+                    &format!("vhost-user={}", sdir.join("bench.sock").display()),
+                    "--cmdline",
+                    "probe.tests=blkbench",
+                ])
+                .output()
+                .unwrap();
+            let (r, _) =
+                guest(&String::from_utf8_lossy(&out.stdout), Some(khz)).unwrap_or_else(|| {
+                    panic!(
+                        "wv + storage blkbench line: {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                });
+            push(&mut cols, storage_row, r);
+        }
         if qemu {
             let out = Command::new("qemu-system-x86_64")
                 .args([
@@ -261,7 +414,7 @@ fn main() {
                 .unwrap();
             let (r, _) = guest(&String::from_utf8_lossy(&out.stdout), Some(khz))
                 .expect("QEMU blkbench line");
-            push(&mut cols, 3, r);
+            push(&mut cols, qemu_row, r);
         }
         eprint!("\rround {}/{rounds}", round + 1);
     }
@@ -271,15 +424,50 @@ fn main() {
         "{:<26} {:>14} {:>14} {:>14} {:>14}",
         "", "seq write", "seq read", "rand write", "rand read"
     );
+    let mut medians: Vec<Option<Vec<f64>>> = Vec::new();
     for (i, n) in names.iter().enumerate() {
         if cols[i][0].is_empty() {
             println!("{n:<26} NOT MEASURED (qemu-system-x86_64 missing)");
+            medians.push(None);
             continue;
         }
         let m: Vec<f64> = (0..4).map(|j| median(&mut cols[i][j])).collect();
         println!(
             "{n:<26} {:>9.0} MiB/s {:>9.0} MiB/s {:>10.0} IOPS {:>10.0} IOPS",
             m[0], m[1], m[2], m[3]
+        );
+        medians.push(Some(m));
+    }
+    // Time per request: for a guest, its cycles over its ops (one request at a time).
+    println!();
+    println!("4 KiB random, time per request (us)        write       read");
+    let us = |iops: f64| 1e6 / iops;
+    for (i, n) in names.iter().enumerate() {
+        if let Some(m) = &medians[i] {
+            println!("{n:<40} {:>10.1} {:>10.1}", us(m[2]), us(m[3]));
+        }
+    }
+    if let (Some(own), Some(st)) = (&medians[wv_row], &medians[storage_row]) {
+        println!(
+            "{:<40} {:>10.1} {:>10.1}",
+            "storage service adds (guest)",
+            us(st[2]) - us(own[2]),
+            us(st[3]) - us(own[3])
+        );
+        println!(
+            "storage service / wv's own throughput: seq write {:.2}, seq read {:.2}, rand write {:.2}, rand read {:.2}",
+            st[0] / own[0],
+            st[1] / own[1],
+            st[2] / own[2],
+            st[3] / own[3]
+        );
+    }
+    if let (Some(own), Some(st)) = (&medians[1], &medians[2]) {
+        println!(
+            "{:<40} {:>10.2} {:>10.2}",
+            "dispatcher adds (device path)",
+            us(st[2]) - us(own[2]),
+            us(st[3]) - us(own[3])
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -518,6 +518,12 @@ pub struct Sched {
     pub net_reservation: Option<u64>,
     /// `--net-limit`, bits per second (0: none).
     pub net_limit: Option<u64>,
+    /// `--disk-shares`.
+    pub disk_shares: Option<u32>,
+    /// `--disk-iops-reservation`, I/Os per second (0: none).
+    pub disk_reservation_iops: Option<u64>,
+    /// `--disk-iops-limit`, I/Os per second (0: none).
+    pub disk_limit_iops: Option<u64>,
 }
 
 /// A `wv vm` command.
@@ -555,8 +561,8 @@ pub enum VmCmd {
 /// A `wv net` command.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NetCmd {
-    /// Make network .0 with uplink TAP .1.
-    Create(String, Option<String>),
+    /// Make network .0 with uplink TAP .1 of rate .2 (bits per second).
+    Create(String, Option<String>, Option<u64>),
     /// List the networks.
     List,
     /// Show one.
@@ -642,6 +648,8 @@ pub enum Command {
         memory: wv_host::lending::Settings,
         /// Whether the daemon places worlds' vCPU threads on CPUs.
         placement: wv_host::place::Mode,
+        /// Each datastore's I/Os per second in the storage service (0: none).
+        storage_capacity_iops: u64,
     },
     /// `wv host status`.
     HostStatus(Client),
@@ -1191,6 +1199,94 @@ mod tests {
         }
         assert!(refused(&["vm", "set", "a", "--net-shares", "x"]).contains("--net-shares"));
         assert!(refused(&["vm", "set", "a"]).contains("--net-shares N"));
+    }
+
+    #[test]
+    fn an_uplink_rate_is_bits_per_second_with_an_uplink() {
+        let Ok(Command::Net(_, n)) = parse(&args(&[
+            "net",
+            "create",
+            "wan",
+            "--uplink",
+            "tap=tap-wan",
+            "--uplink-rate=100M",
+        ])) else {
+            panic!()
+        };
+        assert_eq!(
+            n,
+            NetCmd::Create("wan".into(), Some("tap-wan".into()), Some(100_000_000))
+        );
+        let Ok(Command::Net(_, n)) = parse(&args(&["net", "create", "lan"])) else {
+            panic!()
+        };
+        assert_eq!(n, NetCmd::Create("lan".into(), None, None));
+        assert!(refused(&["net", "create", "lan", "--uplink-rate", "1G"])
+            .contains("--uplink-rate needs --uplink tap=NAME"));
+        assert!(
+            refused(&["net", "create", "wan", "--uplink=tap=t", "--uplink-rate=0"])
+                .contains("--uplink-rate 0")
+        );
+        assert!(refused(&[
+            "net",
+            "create",
+            "wan",
+            "--uplink=tap=t",
+            "--uplink-rate=fast"
+        ])
+        .contains("bits per second"));
+    }
+
+    #[test]
+    fn disk_shares_are_a_count_and_iops() {
+        let (_, v) = vm(&[
+            "vm",
+            "set",
+            "a",
+            "--disk-shares",
+            "4",
+            "--disk-iops-reservation=300",
+            "--disk-iops-limit",
+            "none",
+        ]);
+        let VmCmd::Set(_, s, None) = v else { panic!() };
+        assert_eq!(
+            (
+                s.disk_shares,
+                s.disk_reservation_iops,
+                s.disk_limit_iops,
+                s.net_shares
+            ),
+            (Some(4), Some(300), Some(0), None)
+        );
+        let (_, v) = vm(&["vm", "set", "a", "--disk-iops-limit=500"]);
+        let VmCmd::Set(_, s, None) = v else { panic!() };
+        assert_eq!(s.disk_limit_iops, Some(500));
+        for bad in ["fast", "1.5", "-1", "1K"] {
+            assert!(
+                refused(&["vm", "set", "a", "--disk-iops-limit", bad])
+                    .contains("is not a whole number of I/Os per second"),
+                "{bad}"
+            );
+        }
+        for bad in ["0", "1000001", "x"] {
+            assert!(
+                refused(&["vm", "set", "a", "--disk-shares", bad])
+                    .contains("is not a whole number from 1 to 1000000"),
+                "{bad}"
+            );
+        }
+        assert!(refused(&[
+            "vm",
+            "set",
+            "a",
+            "--disk-iops-reservation",
+            "600",
+            "--disk-iops-limit",
+            "500"
+        ])
+        .contains("--disk-iops-reservation 600 is above --disk-iops-limit 500"));
+        assert!(refused(&["vm", "set", "a"]).contains("--disk-shares N"));
     }
 
     #[test]

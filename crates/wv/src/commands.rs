@@ -155,6 +155,12 @@ struct DaemonOpts {
     /// than MemAvailable
     #[arg(long, value_name = "SIZE", verbatim_doc_comment)]
     host_memory: Option<String>,
+    /// the I/Os per second of each datastore (and of the raw images together) that
+    /// the disks the storage service serves share by their VMs' --disk-shares,
+    /// reservations and limits (a request costs 1 + bytes/32KiB; default: none, each
+    /// as fast as it goes, shared only when it is the bottleneck)
+    #[arg(long, value_name = "N", verbatim_doc_comment)]
+    storage_capacity_iops: Option<String>,
 }
 
 /// How to reach the daemon, and how to print its answers.
@@ -330,6 +336,23 @@ struct NetSharesOpts {
     net_limit: Option<String>,
 }
 
+/// `wv vm set --disk-*`.
+#[derive(Args, Debug, Default)]
+struct DiskSharesOpts {
+    /// storage shares of each of its disks the storage service serves (via=storage),
+    /// 1 to 1000000 (default 1000): what it gets of its datastore's I/Os against the
+    /// other served disks on it (docs/STORAGE.md); disks its VMM serves are not scheduled
+    #[arg(long, value_name = "N", verbatim_doc_comment)]
+    disk_shares: Option<String>,
+    /// I/Os per second each of its served disks gets whenever it asks for that many
+    /// (a request costs 1 + bytes/32KiB; 0: none)
+    #[arg(long, value_name = "IOPS", verbatim_doc_comment)]
+    disk_iops_reservation: Option<String>,
+    /// I/Os per second each of its served disks never exceeds (none or 0: no limit)
+    #[arg(long, value_name = "IOPS|none")]
+    disk_iops_limit: Option<String>,
+}
+
 #[derive(Subcommand, Debug)]
 enum VmSub {
     /// Define a VM (the VM options of wv run)
@@ -352,10 +375,10 @@ absolute against the current directory before they are sent.",
         #[arg(long, value_name = "SPEC", verbatim_doc_comment)]
         file: Option<String>,
     },
-    /// Change a VM's scheduler settings, network shares or memory target
+    /// Change a VM's scheduler settings, network or disk shares, or memory target
     #[command(
-        long_about = "Changes a VM's scheduler settings and network shares (live when it runs) or, while it runs,
-its memory target.",
+        long_about = "Changes a VM's scheduler settings, network shares and disk shares (live when it runs) or,
+while it runs, its memory target.",
         after_help = CLIENT_STATUS
     )]
     Set {
@@ -366,6 +389,8 @@ its memory target.",
         sched: SchedOpts,
         #[command(flatten)]
         net: NetSharesOpts,
+        #[command(flatten)]
+        disk: DiskSharesOpts,
         /// the memory a running VM with a balloon (--balloon on) is to keep, e.g. 512M: its
         /// balloon inflates to take the rest back for the host, or deflates to give it back
         /// (live only; at most its --memory)
@@ -592,6 +617,11 @@ are isolated from one another; an uplink connects one to the host (docs/NETWORK.
         /// (the default)
         #[arg(long, value_name = "tap=NAME|none", verbatim_doc_comment)]
         uplink: Option<String>,
+        /// the uplink's link speed in bits per second, e.g. 1G (K, M, G: thousands;
+        /// needs --uplink): frames to the uplink are then scheduled by the sending
+        /// VMs' --net-shares, reservations and limits (default: not scheduled)
+        #[arg(long, value_name = "BPS", verbatim_doc_comment)]
+        uplink_rate: Option<String>,
     },
     /// List the daemon's networks
     #[command(after_help = CLIENT_STATUS)]
@@ -1239,6 +1269,12 @@ fn host(a: HostArgs) -> Result<Command, Usage> {
             },
             memory,
             placement,
+            storage_capacity_iops: d
+                .storage_capacity_iops
+                .as_deref()
+                .map(|v| iops("--storage-capacity-iops", v))
+                .transpose()?
+                .unwrap_or(0),
         });
     };
     Ok(match sub {
@@ -1284,6 +1320,7 @@ fn host(a: HostArgs) -> Result<Command, Usage> {
                 ("--host-memory-reserve", &d.host_memory_reserve),
                 ("--idle-memory-tax", &d.idle_memory_tax),
                 ("--host-memory", &d.host_memory),
+                ("--storage-capacity-iops", &d.storage_capacity_iops),
             ];
             for (o, v) in sizes {
                 if let Some(v) = v {
@@ -1332,7 +1369,11 @@ fn lending_settings(d: &DaemonOpts) -> Result<wv_host::lending::Settings, Usage>
 fn net(a: NetArgs) -> Result<Command, Usage> {
     let c = client(a.client.socket, a.client.json);
     let cmd = match a.sub {
-        NetSub::Create { name, uplink } => {
+        NetSub::Create {
+            name,
+            uplink,
+            uplink_rate,
+        } => {
             let uplink = match uplink.as_deref() {
                 None | Some("none") => None,
                 Some(u) => match u.strip_prefix("tap=") {
@@ -1345,7 +1386,22 @@ fn net(a: NetArgs) -> Result<Command, Usage> {
                     }
                 },
             };
-            NetCmd::Create(name, uplink)
+            let rate = uplink_rate
+                .as_deref()
+                .map(|v| bits_per_second("--uplink-rate", v))
+                .transpose()?;
+            match rate {
+                Some(0) => {
+                    return Err(Usage(
+                        "--uplink-rate 0: leave it out for an uplink that is not scheduled".into(),
+                    ))
+                }
+                Some(_) if uplink.is_none() => {
+                    return Err(Usage("--uplink-rate needs --uplink tap=NAME".into()))
+                }
+                _ => {}
+            }
+            NetCmd::Create(name, uplink, rate)
         }
         NetSub::List => NetCmd::List,
         NetSub::Info(n) => NetCmd::Info(n.name),
@@ -1367,17 +1423,19 @@ fn vm(a: VmArgs) -> Result<Command, Usage> {
             name,
             sched: so,
             net,
+            disk,
             memory_target,
         } => {
-            let s = sched(&so, &net)?;
+            let s = sched(&so, &net, &disk)?;
             let target = memory_target
                 .map(|v| parse_size(&v).map_err(|e| Usage(format!("--memory-target: {e}"))))
                 .transpose()?;
             if s == Sched::default() && target.is_none() {
                 return Err(Usage(
                     "wv vm set NAME needs --shares N, --reservation CPUS, --limit CPUS|none, \
-                     --net-shares N, --net-reservation BPS, --net-limit BPS|none or \
-                     --memory-target SIZE"
+                     --net-shares N, --net-reservation BPS, --net-limit BPS|none, \
+                     --disk-shares N, --disk-iops-reservation IOPS, --disk-iops-limit IOPS|none \
+                     or --memory-target SIZE"
                         .into(),
                 ));
             }
@@ -1511,7 +1569,7 @@ fn vm(a: VmArgs) -> Result<Command, Usage> {
     Ok(Command::Vm(c, cmd))
 }
 
-fn sched(s: &SchedOpts, n: &NetSharesOpts) -> Result<Sched, Usage> {
+fn sched(s: &SchedOpts, n: &NetSharesOpts, d: &DiskSharesOpts) -> Result<Sched, Usage> {
     let cpus = |o: &str, v: &str| {
         v.parse::<f64>()
             .ok()
@@ -1559,6 +1617,51 @@ fn sched(s: &SchedOpts, n: &NetSharesOpts) -> Result<Sched, Usage> {
                 v => bits_per_second("--net-limit", v),
             })
             .transpose()?,
+        disk_shares: d
+            .disk_shares
+            .as_deref()
+            .map(|v| {
+                v.parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=wv_shares::MAX_SHARES).contains(n))
+                    .ok_or_else(|| {
+                        Usage(format!(
+                            "--disk-shares: '{}' is not a whole number from 1 to {}",
+                            v.escape_debug(),
+                            wv_shares::MAX_SHARES
+                        ))
+                    })
+            })
+            .transpose()?,
+        disk_reservation_iops: d
+            .disk_iops_reservation
+            .as_deref()
+            .map(|v| iops("--disk-iops-reservation", v))
+            .transpose()?,
+        disk_limit_iops: d
+            .disk_iops_limit
+            .as_deref()
+            .map(|v| match v {
+                "none" => Ok(0),
+                v => iops("--disk-iops-limit", v),
+            })
+            .transpose()?,
+    })
+    .and_then(|s| match (s.disk_reservation_iops, s.disk_limit_iops) {
+        (Some(r), Some(l)) if l != 0 && r > l => Err(Usage(format!(
+            "--disk-iops-reservation {r} is above --disk-iops-limit {l}"
+        ))),
+        _ => Ok(s),
+    })
+}
+
+/// A rate in I/Os per second: a whole number.
+fn iops(o: &str, v: &str) -> Result<u64, Usage> {
+    v.parse::<u64>().map_err(|_| {
+        Usage(format!(
+            "{o}: '{}' is not a whole number of I/Os per second",
+            v.escape_debug()
+        ))
     })
 }
 
@@ -1612,7 +1715,7 @@ fn create_spec(
         let name = name.ok_or_else(|| Usage("wv vm create needs a VM name (or --file)".into()))?;
         let mut s = VmSpec::new(name);
         s.config = vm_config(vm_def(vm, true)?);
-        let sc = sched(so, &NetSharesOpts::default())?;
+        let sc = sched(so, &NetSharesOpts::default(), &DiskSharesOpts::default())?;
         if let Some(x) = sc.shares {
             s.shares = x;
         }

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
             jail,
             memory,
             placement,
+            storage_capacity_iops,
         } => cmd_host_serve(
             &socket,
             &state_dir,
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
             jail,
             memory,
             placement,
+            storage_capacity_iops,
         ),
         Command::HostStatus(c) => host_status(&c),
         Command::HostMemory(c) => host_memory(&c),
@@ -272,6 +274,7 @@ fn cmd_host_serve(
     jail: Option<(u32, u32)>,
     memory: wv_host::lending::Settings,
     placement: wv_host::place::Mode,
+    storage_capacity_iops: u64,
 ) -> ExitCode {
     let wv = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wv"));
     let d = match wv_host::api::Daemon::open(state_dir, socket, wv) {
@@ -300,6 +303,10 @@ fn cmd_host_serve(
         None => eprintln!(
             "wv host: warning: --no-jail: VMMs run as this daemon's user, with its privileges"
         ),
+    }
+    if let Err(e) = d.set_storage_capacity(storage_capacity_iops) {
+        // Kept for the next storage service the daemon starts.
+        eprintln!("wv host: warning: --storage-capacity-iops: not applied to the running storage service yet: {e}");
     }
     if let Err(e) = d.lend_memory(memory) {
         return fail(1, &format!("--host-memory-reserve: {e}"));
@@ -595,6 +602,7 @@ fn host_top(c: &Client, once: bool) -> ExitCode {
                     "limit": w["limit"], "entitlement": w["entitlement"],
                     "cpu_percent": pct("cpu_ns"), "ready_percent": pct("ready_ns"),
                     "throttled_percent": pct("throttled_ns"),
+                    "served_disks": w.get("served_disks").cloned().unwrap_or_else(|| serde_json::json!([])),
                 }));
             }
             if c.json {
@@ -636,6 +644,7 @@ fn host_top(c: &Client, once: bool) -> ExitCode {
                         r["throttled_percent"].as_f64().unwrap_or(0.0),
                     );
                 }
+                print_served_disks(&rows);
             }
             if once {
                 return ExitCode::SUCCESS;
@@ -643,6 +652,45 @@ fn host_top(c: &Client, once: bool) -> ExitCode {
         }
         prev = Some((now, cur));
         std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// `wv host top`'s table of the disks the storage service serves: each one's settings (I/Os
+/// per second) and the I/Os per second its datastore's dispatcher gave it.
+fn print_served_disks(rows: &[serde_json::Value]) {
+    let disks: Vec<(&serde_json::Value, &serde_json::Value)> = rows
+        .iter()
+        .flat_map(|r| {
+            r["served_disks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |d| (r, d))
+        })
+        .collect();
+    if disks.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<20} {:<12} {:>7} {:>7} {:>7} {:>8}  DATASTORE",
+        "VM", "SERVED DISK", "SHARES", "RESV", "LIMIT", "IOPS"
+    );
+    for (r, d) in disks {
+        let n = |k: &str| match d[k].as_u64() {
+            Some(0) | None => "-".to_string(),
+            Some(x) => x.to_string(),
+        };
+        println!(
+            "{:<20} {:<12} {:>7} {:>7} {:>7} {:>8.0}  {}",
+            r["name"].as_str().unwrap_or("?"),
+            d["id"].as_str().unwrap_or("?"),
+            n("shares"),
+            n("reservation_iops"),
+            n("limit_iops"),
+            d["iops"].as_f64().unwrap_or(0.0),
+            d["device"].as_str().unwrap_or("?"),
+        );
     }
 }
 
@@ -670,17 +718,17 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
         }
     };
     let result = match cmd {
-        NetCmd::Create(name, uplink) => {
+        NetCmd::Create(name, uplink, rate) => {
             let mut body = serde_json::json!({ "name": name });
             if let Some(t) = uplink {
                 body["uplink"] = t.into();
             }
+            if let Some(r) = rate {
+                body["uplink_rate"] = r.into();
+            }
             api(c, "POST", "/v1/networks", Some(&body.to_string())).map(|v| {
                 show(&v, &|v| {
-                    println!(
-                        "created network {name} (uplink {})",
-                        v["uplink"].as_str().unwrap_or("none")
-                    );
+                    println!("created network {name} (uplink {})", uplink_text(v));
                 });
             })
         }
@@ -691,7 +739,7 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
                     println!(
                         "{:<24} {}",
                         n["name"].as_str().unwrap_or(""),
-                        n["uplink"].as_str().unwrap_or("none")
+                        uplink_text(n)
                     );
                 }
             });
@@ -700,7 +748,7 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
             show(&v, &|v| {
                 println!(
                     "network {name}: uplink {}, VMs defined on it: {}",
-                    v["uplink"].as_str().unwrap_or("none"),
+                    uplink_text(v),
                     v["vms"]
                         .as_array()
                         .map(|a| a
@@ -758,6 +806,15 @@ fn cmd_net(c: &Client, cmd: NetCmd) -> ExitCode {
     }
 }
 
+/// A network's uplink as `wv net` prints it: `none`, `TAP`, or `TAP at BPS b/s`.
+fn uplink_text(n: &serde_json::Value) -> String {
+    match (n["uplink"].as_str(), n["uplink_rate"].as_u64()) {
+        (None, _) => "none".into(),
+        (Some(t), None) => t.into(),
+        (Some(t), Some(r)) => format!("{t} at {r} b/s"),
+    }
+}
+
 /// `wv vm set`'s scheduler settings (PATCH semantics: absent fields stay, `limit: 0` removes
 /// the limit).
 fn set_sched(c: &Client, name: &str, s: &Sched) -> Result<(), ExitCode> {
@@ -780,6 +837,17 @@ fn set_sched(c: &Client, name: &str, s: &Sched) -> Result<(), ExitCode> {
     }
     if let Some(x) = s.net_limit {
         body.insert("net_limit".into(), x.into());
+    }
+    let disk =
+        s.disk_shares.is_some() || s.disk_reservation_iops.is_some() || s.disk_limit_iops.is_some();
+    if let Some(x) = s.disk_shares {
+        body.insert("disk_shares".into(), x.into());
+    }
+    if let Some(x) = s.disk_reservation_iops {
+        body.insert("disk_reservation_iops".into(), x.into());
+    }
+    if let Some(x) = s.disk_limit_iops {
+        body.insert("disk_limit_iops".into(), x.into());
     }
     let body = serde_json::Value::from(body).to_string();
     api(c, "PATCH", &format!("/v1/vms/{name}"), Some(&body)).map(|v| {
@@ -805,6 +873,28 @@ fn set_sched(c: &Client, name: &str, s: &Sched) -> Result<(), ExitCode> {
                     bps(&s["net_reservation"]),
                     bps(&s["net_limit"])
                 );
+            }
+            if disk {
+                let iops = |v: &serde_json::Value| {
+                    v.as_u64().map_or("none".into(), |n| format!("{n} IOPS"))
+                };
+                println!(
+                    "VM {name}: disk shares {} reservation {} limit {}",
+                    s["disk_shares"].as_u64().unwrap_or(1000),
+                    iops(&s["disk_reservation_iops"]),
+                    iops(&s["disk_limit_iops"])
+                );
+                let served = s["disks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d["via"] == "storage")
+                    .count();
+                if served == 0 {
+                    println!(
+                        "VM {name}: note: disk shares apply to the disks the storage service serves (via=storage) and it has none in its definition"
+                    );
+                }
             }
         }
     })

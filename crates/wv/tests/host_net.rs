@@ -284,7 +284,8 @@ fn networks_are_made_listed_shown_deleted_and_kept() {
 /// Two probe guests on one daemon network exchange ARP and ICMP echo through the switch
 /// world, and `wv net info` counts it; a guest on another network gets no ARP reply; the
 /// switch is killed (SIGKILL) while the guests run: the daemon starts it again, the same VMMs
-/// reconnect and talk again; the network cannot be deleted while VMs are defined on it.
+/// reconnect and talk again, and the uplink has its rate (`--uplink-rate`) again; the network
+/// cannot be deleted while VMs are defined on it.
 #[test]
 #[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
 fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
@@ -301,11 +302,33 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
             "other",
             "--uplink",
             &format!("tap={}", tap.0),
+            "--uplink-rate",
+            "100M",
         ][..],
     ] {
         let r = d.wv(args);
         assert_eq!(r.status, Some(0), "{r}");
     }
+    // The uplink's rate: kept with the network and set on the switch's uplink port.
+    let uplink_rate = || {
+        let up = format!("uplink:{}", tap.0);
+        d.json(&["net", "info", "other"])["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["port"] == up.as_str())
+            .map(|p| p["rate_bps"].clone())
+    };
+    assert_eq!(
+        d.json(&["net", "info", "other"])["uplink_rate"],
+        100_000_000
+    );
+    assert_eq!(uplink_rate(), Some(serde_json::json!(100_000_000)));
+    let r = d.wv(&["net", "list"]);
+    assert!(
+        r.stdout.contains(&format!("{} at 100000000 b/s", tap.0)),
+        "{r}"
+    );
     let create = |name: &str, net: &str, mac: &str, cmdline: &str| {
         let r = d.wv(&[
             "vm",
@@ -449,7 +472,8 @@ fn guests_talk_on_a_daemon_network_and_survive_a_switch_crash() {
         "b",
         "b's VMM never reconnected to the new switch",
     );
-    // The new switch got b's settings again.
+    // The new switch got b's settings again, and the uplink its rate.
+    assert_eq!(uplink_rate(), Some(serde_json::json!(100_000_000)));
     let b_port = port_of(&d, "lan", "b").unwrap();
     assert_eq!(
         (&b_port["shares"], &b_port["limit_bps"]),
