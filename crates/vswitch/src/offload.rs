@@ -78,11 +78,14 @@ impl Tso {
 /// Why a header is refused (the frame is dropped and counted: `dropped_bad_offload`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BadOffload {
-    /// `csum_start + csum_offset` leaves no room for the sum in the frame.
+    /// `csum_start + csum_offset` leaves no room for the sum in the frame, or `csum_start`
+    /// points into the Ethernet header (which the switch has already switched on).
     CsumRange,
     /// A segmentation type the sender did not ack, or one that is not TCP (UDP, ECN).
     GsoType,
-    /// `gso_size` 0.
+    /// `gso_size` below [`MIN_MSS`]: a segment may not be cut into more, smaller frames than
+    /// a TCP stack would send (a tiny size would turn one charged frame into tens of
+    /// thousands delivered).
     GsoSize,
     /// A segment whose checksum fields do not name its TCP checksum.
     GsoCsum,
@@ -93,6 +96,12 @@ pub enum BadOffload {
     /// A segment without payload.
     Empty,
 }
+
+/// The smallest `gso_size` taken: Linux's TCP_MIN_MSS. At most 65550 / 88 = 744 segments.
+pub const MIN_MSS: u16 = 88;
+
+/// Where a checksum may start: past the Ethernet header.
+const MIN_CSUM_START: u16 = 14;
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
@@ -117,7 +126,7 @@ pub fn parse(vhdr: &[u8], head: &[u8], len: usize, acked: u64) -> Result<Offload
         if flags & NEEDS_CSUM == 0 {
             return Ok(Offload::None);
         }
-        if usize::from(cs) + usize::from(co) + 2 > len {
+        if cs < MIN_CSUM_START || usize::from(cs) + usize::from(co) + 2 > len {
             return Err(BadOffload::CsumRange);
         }
         return Ok(Offload::Csum {
@@ -130,7 +139,7 @@ pub fn parse(vhdr: &[u8], head: &[u8], len: usize, acked: u64) -> Result<Offload
         GSO_TCPV6 if acked & F_HOST_TSO6 != 0 => true,
         _ => return Err(BadOffload::GsoType),
     };
-    if gso_size == 0 {
+    if gso_size < MIN_MSS {
         return Err(BadOffload::GsoSize);
     }
     if hdr_len > len {

@@ -1103,6 +1103,13 @@ fn bad_offload_headers_are_counted_drops() {
     type Spoil = fn(&mut Vec<u8>);
     let spoils: &[(&str, Spoil)] = &[
         ("gso_size 0", |f| f[4..6].fill(0)),
+        ("gso_size below TCP's minimum", |f| {
+            f[4..6].copy_from_slice(&(offload::MIN_MSS - 1).to_le_bytes())
+        }),
+        ("csum_start in the Ethernet header", |f| {
+            f[1] = 0;
+            f[6..8].copy_from_slice(&0u16.to_le_bytes());
+        }),
         ("UDP", |f| f[1] = 3),
         ("ECN", |f| f[1] |= 0x80),
         ("TCPV6 not acked", |f| f[1] = offload::GSO_TCPV6),
