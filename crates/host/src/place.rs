@@ -473,6 +473,18 @@ pub fn set_affinity(tid: u32, cpus: &[usize]) -> std::io::Result<()> {
     }
 }
 
+/// The CPU thread `tid` last ran on (`/proc/TID/stat` field 39), if readable.
+pub fn last_cpu(tid: u32) -> Option<usize> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+    // Fields after the comm's closing parenthesis start at field 3 (state).
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(36)?
+        .parse()
+        .ok()
+}
+
 /// The threads of VMM process `pid`, each with whether it is a vCPU thread (its main thread,
 /// vCPU 0, and the `vcpuN` threads).
 pub fn vmm_threads(pid: u32) -> Vec<(u32, bool)> {
