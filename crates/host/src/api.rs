@@ -1300,6 +1300,7 @@ impl Daemon {
             loads.push(place::Load {
                 id: w.id,
                 entitlement: e,
+                reservation: d.reservation,
                 cap: d.limit.map_or(vcpus, |l| l.min(vcpus)),
                 vcpus: d.vcpus,
                 weight: e * ctl.gain(w.id),
@@ -1383,12 +1384,19 @@ impl Daemon {
             }
         }
         p.applied = applied;
-        if let Some(f) = p.trace.as_mut() {
+        if p.trace.is_some() {
             use std::io::Write;
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64());
-            let _ = writeln!(f, "{t:.3}{trace}");
+            let cap: Vec<String> = p
+                .placer
+                .capacity()
+                .iter()
+                .map(|c| format!("{c:.3}"))
+                .collect();
+            let f = p.trace.as_mut();
+            let _ = f.map(|f| writeln!(f, "{t:.3} capacity={}{trace}", cap.join(",")));
         }
     }
 
