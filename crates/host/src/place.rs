@@ -5,8 +5,7 @@
 //! Why: CFS's weights are exact per CPU, but its load balancer moves one-thread groups between
 //! CPUs, so a world entitled a whole CPU shared it with a migrating neighbour for part of the
 //! time (measured: under 1:2:4 on two CPUs, world `a` sat on world `c`'s CPU 15% of the time,
-//! and `c` got 0.94 of its 1.0). The daemon therefore lays the entitlements end to end on
-//! packs the entitlements onto the CPUs ([`pack`]: first fit decreasing, then what fits
+//! and `c` got 0.94 of its 1.0). The daemon therefore packs the entitlements onto the CPUs ([`pack`]: first fit decreasing, then what fits
 //! nowhere laid end to end over the room left, McNaughton's wrap-around rule, cut at each
 //! CPU's end): a world wholly inside one CPU is pinned there, so each CPU serves a fixed set
 //! of worlds whose weights then split it exactly. A single-vCPU world cut across CPUs is
@@ -17,6 +16,20 @@
 //! limited below a whole CPU cannot: the world is then allowed on all its CPUs at once). A
 //! world with several vCPUs may use every CPU its span touches, and at least as many CPUs as
 //! it has vCPUs (two busy vCPUs of one VM never share one CPU by the daemon's doing).
+//!
+//! The host's own work (kernel threads, the daemon, the VMMs' other threads, interrupts,
+//! steal) takes part of each CPU, about 1% here, and whatever world sits beside it loses that
+//! part. A reservation is a guarantee and shares are not, so that loss must fall on shares,
+//! as in ESX (reservations are carved out of what the host leaves the VMs, shares divide the
+//! rest) and as CFS's weights divide what the host's tasks leave in proportion. The placer
+//! therefore measures each CPU's capacity for the worlds (what the worlds pinned to it got
+//! while one of them waited, smoothed over about a second; [`Placer::capacity`]) and fits
+//! the packing to it ([`fit`]): reservations are kept whole, the unreserved parts of all
+//! entitlements are scaled by one factor to fit the total capacity, and a time-shared
+//! world's piece on each CPU becomes the room its whole neighbours leave there. Because CFS
+//! does not split a CPU exactly by weight in the tick after a world arrives on it (measured:
+//! b took 0.377 beside a where its weight said 0.354), each time-shared world's weight
+//! factor is also corrected per CPU from what it got there (at most 5% a tick).
 //!
 //! Worlds that do not use their entitlement (guest idle) are packed with what they use (plus
 //! headroom) rather than their entitlement, so that their CPU is not kept empty, and when
@@ -582,6 +595,11 @@ pub fn fit(spans: &[Span], wants: &[Want], reserved: &[f64], capacity: &[f64]) -
             if got > t + EPS {
                 out.iter_mut().for_each(|p| p.1 *= t / got);
             }
+            // A CPU with no room left for it is not one of its CPUs any more (it would
+            // otherwise be allowed there and take the CPU from the world pinned there).
+            if out.iter().any(|p| p.1 > EPS) {
+                out.retain(|p| p.1 > EPS);
+            }
             Span {
                 id: s.id,
                 pieces: out,
@@ -990,6 +1008,14 @@ mod tests {
             ),
             "{s:?}"
         );
+        // No room left beside a: b is no longer allowed on a's CPU at all.
+        let s = fit(&spans, &wants, &[0.9, 0.0, 0.0], &[0.85, 1.0]);
+        assert_eq!(
+            s.iter().find(|s| s.id == 2).unwrap().cpus(),
+            vec![1],
+            "{s:?}"
+        );
+        assert!(approx(span(&s, 1), &[(0, 0.9)]), "{s:?}");
         // Bad capacities count as whole CPUs or nothing; nothing panics.
         let s = fit(&spans, &wants, &[f64::NAN, -1.0, 9.0], &[f64::NAN, -3.0]);
         assert_eq!(s.len(), 3);
