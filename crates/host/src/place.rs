@@ -5,9 +5,9 @@
 //! Why: CFS's weights are exact per CPU, but its load balancer moves one-thread groups between
 //! CPUs, so a world entitled a whole CPU shared it with a migrating neighbour for part of the
 //! time (measured: under 1:2:4 on two CPUs, world `a` sat on world `c`'s CPU 15% of the time,
-//! and `c` got 0.94 of its 1.0). The daemon therefore packs the entitlements onto the CPUs ([`pack`]: first fit decreasing, then what fits
-//! nowhere laid end to end over the room left, McNaughton's wrap-around rule, cut at each
-//! CPU's end): a world wholly inside one CPU is pinned there, so each CPU serves a fixed set
+//! and `c` got 0.94 of its 1.0). The daemon therefore packs the entitlements onto the CPUs
+//! ([`pack`]: first fit decreasing, then what fits nowhere laid end to end over the room
+//! left, McNaughton's wrap-around rule, cut at each CPU's end): a world wholly inside one CPU is pinned there, so each CPU serves a fixed set
 //! of worlds whose weights then split it exactly. A single-vCPU world cut across CPUs is
 //! time-shared: each 100 ms tick it is pinned to one of them, to each for a share of the ticks
 //! in proportion to its piece there, and while there it gets a weight that makes it take its
@@ -512,8 +512,9 @@ impl Placer {
 /// weights split what is there), and each single-vCPU world split across CPUs gets, on each
 /// of its CPUs, the room its whole neighbours leave there, so that a reserved world pinned
 /// beside a time-shared piece gets its reservation however much of its CPU the host takes.
-/// `reserved[i]` belongs to `wants[i]`; capacities are clamped to `[0, 1]`, and a CPU
-/// without one counts as whole.
+/// `wants[i]` and `reserved[i]` (0 if missing) belong to `spans[i]` (a span without a want
+/// is left as it is); capacities are clamped to `[0, 1]`, and a CPU without one counts as
+/// whole.
 pub fn fit(spans: &[Span], wants: &[Want], reserved: &[f64], capacity: &[f64]) -> Vec<Span> {
     let cap = |k: usize| {
         capacity
@@ -523,11 +524,8 @@ pub fn fit(spans: &[Span], wants: &[Want], reserved: &[f64], capacity: &[f64]) -
             .unwrap_or(1.0)
             .clamp(0.0, 1.0)
     };
-    let n = spans
-        .iter()
-        .flat_map(|s| s.pieces.iter().map(|p| p.0 + 1))
-        .max()
-        .unwrap_or(0);
+    // CPUs beyond `capacity` count as whole and their pieces are left as they are.
+    let n = capacity.len();
     let res = |i: usize| {
         let r = reserved
             .get(i)
@@ -562,7 +560,7 @@ pub fn fit(spans: &[Span], wants: &[Want], reserved: &[f64], capacity: &[f64]) -
     for (i, (s, w)) in spans.iter().zip(wants).enumerate() {
         let t = target(i, s);
         let sz = size(s);
-        for &(k, p) in &s.pieces {
+        for &(k, p) in s.pieces.iter().filter(|p| p.0 < n) {
             if split(s, w) {
                 pieces[k] += p;
             } else if sz > EPS {
@@ -572,17 +570,16 @@ pub fn fit(spans: &[Span], wants: &[Want], reserved: &[f64], capacity: &[f64]) -
     }
     spans
         .iter()
-        .zip(wants)
         .enumerate()
-        .map(|(i, (s, w))| {
-            if !split(s, w) {
+        .map(|(i, s)| {
+            if !wants.get(i).is_some_and(|w| split(s, w)) {
                 return s.clone();
             }
             let mut out: Vec<(usize, f64)> = s
                 .pieces
                 .iter()
                 .map(|&(k, p)| {
-                    if p <= EPS || pieces[k] <= EPS {
+                    if k >= n || p <= EPS || pieces[k] <= EPS {
                         (k, p)
                     } else {
                         (k, p * (cap(k) - whole[k]).max(0.0) / pieces[k])
@@ -1023,6 +1020,12 @@ mod tests {
             .iter()
             .all(|s| s.pieces.iter().all(|p| p.1.is_finite() && p.1 >= 0.0)));
         assert_eq!(fit(&[], &[], &[], &[]), vec![]);
+        let far = [Span {
+            id: 1,
+            pieces: vec![(usize::MAX, 0.5), (0, 0.5)],
+        }];
+        assert_eq!(fit(&far, &wants[..1], &[], &[0.9]).len(), 1);
+        assert_eq!(fit(&spans, &wants[..1], &[], &[0.9, 0.9]).len(), 3);
     }
 
     #[test]
