@@ -650,6 +650,9 @@ struct Placement {
     factors: HashMap<u64, f64>,
     /// Worlds whose placement failed once (said once).
     warned: HashSet<u64>,
+    /// `WV_PLACE_TRACE=FILE`: one line per tick per world (its use, the CPU its vCPU threads
+    /// last ran on and the CPUs placement gives it), to trace placement misses.
+    trace: Option<std::fs::File>,
 }
 
 impl Placement {
@@ -662,6 +665,13 @@ impl Placement {
             applied: HashMap::new(),
             factors: HashMap::new(),
             warned: HashSet::new(),
+            trace: std::env::var_os("WV_PLACE_TRACE").and_then(|f| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(f)
+                    .ok()
+            }),
         }
     }
 }
@@ -1318,6 +1328,7 @@ impl Daemon {
             loads.push(place::Load {
                 id: w.id,
                 entitlement: e,
+                reservation: d.reservation,
                 cap: d.limit.map_or(vcpus, |l| l.min(vcpus)),
                 vcpus: d.vcpus,
                 weight: e * ctl.gain(w.id),
@@ -1341,11 +1352,30 @@ impl Daemon {
         p.factors.clear();
         let mode = p.mode;
         let mut applied = HashMap::new();
+        let mut trace = String::new();
         for dec in decisions {
             let Some(&(w, _)) = entitled.iter().find(|(w, _)| w.id == dec.id) else {
                 continue;
             };
             let Some(pid) = w.pid else { continue };
+            if p.trace.is_some() {
+                let l = loads.iter().find(|l| l.id == w.id);
+                let ran: Vec<String> = place::vmm_threads(crate::supervisor::vmm_process(pid))
+                    .iter()
+                    .filter(|t| t.1)
+                    .map(|t| place::last_cpu(t.0).map_or("?".into(), |c| c.to_string()))
+                    .collect();
+                trace.push_str(&format!(
+                    " {} e={:.3} used={:.3} ready={:.3} ran={} cpus={:?} f={:.3};",
+                    w.spec.name,
+                    l.map_or(0.0, |l| l.entitlement),
+                    l.and_then(|l| l.used).unwrap_or(-1.0),
+                    l.map_or(0.0, |l| l.ready),
+                    ran.join(","),
+                    dec.cpus,
+                    dec.weight_factor.unwrap_or(0.0),
+                ));
+            }
             if let Some(f) = dec.weight_factor {
                 p.factors.insert(dec.id, f);
             }
@@ -1382,6 +1412,20 @@ impl Daemon {
             }
         }
         p.applied = applied;
+        if p.trace.is_some() {
+            use std::io::Write;
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let cap: Vec<String> = p
+                .placer
+                .capacity()
+                .iter()
+                .map(|c| format!("{c:.3}"))
+                .collect();
+            let f = p.trace.as_mut();
+            let _ = f.map(|f| writeln!(f, "{t:.3} capacity={}{trace}", cap.join(",")));
+        }
     }
 
     /// Recomputes every running world's entitlement and applies it, limits included (after a

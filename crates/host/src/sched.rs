@@ -17,7 +17,9 @@
 //! so the daemon also decides placement ([`crate::place`]): every 100 ms it packs the
 //! entitlements onto the CPUs (first fit decreasing, the rest by McNaughton's wrap-around
 //! rule), pins each world that fits in one CPU there, and time-shares a world split across
-//! CPUs between them; `wv host --placement off` leaves placement to the kernel.
+//! CPUs between them, fitted to what the host's own work leaves of each CPU so that this loss
+//! falls on shares, never on reservations; `wv host --placement off` leaves placement to the
+//! kernel.
 //!
 //! Accounting reads each VMM thread's `/proc/PID/task/TID/schedstat`: CPU time and time
 //! runnable but waiting (the "ready" time of seed 000).

@@ -16,6 +16,13 @@
 //!
 //! For each world: achieved CPUs over the 10 s window, the worst 1 s window, and errors
 //! relative to the entitlement. Needs root (cgroups). Run: `cargo bench -p wv --bench sched`.
+//!
+//! Switches (environment): `WV_SCHED_BENCH_ONLY=auto` (or `off`) runs the worlds under that
+//! placement only (then the baseline); `WV_SCHED_BENCH_ACCOUNT=1` also prints, for each phase,
+//! where each CPU's time went (per-CPU `/proc/stat`, and every task's CPU time from its
+//! schedstat attributed each second to the CPU it last ran on, `/proc/*/task/*/stat` field
+//! 39), top consumers first. `WV_PLACE_TRACE=FILE` is read by the daemon (it logs each
+//! placement tick there).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -176,11 +183,19 @@ fn worlds(placement: &str) -> f64 {
     };
     let kind = format!("wv, placement {placement}");
     let mut mgmt = Vec::new();
+    let account = std::env::var_os("WV_SCHED_BENCH_ACCOUNT").is_some_and(|v| v != "0");
     let mut phase = |title: &str, want: &[(&str, f64)]| {
         std::thread::sleep(Duration::from_secs(2));
         let before = host_ticks();
+        let acct = account.then(|| {
+            let vcpus = world_vcpus(&socket);
+            std::thread::spawn(move || per_cpu_accounting(&vcpus, 10))
+        });
         let (per_sec, total) = windows(&probe, 10);
         report(title, want, &kind, &per_sec, &total);
+        if let Some(a) = acct {
+            print!("{}", a.join().unwrap_or_default());
+        }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         report_host(before, host_ticks(), cpus);
         mgmt.push(
@@ -248,8 +263,148 @@ fn report_host(before: [u64; 4], after: [u64; 4], cpus: f64) {
     );
 }
 
+/// Each world's vCPU threads (tid, "world/thread").
+fn world_vcpus(socket: &Path) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for w in get(socket, "/v1/stats")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let name = w["name"].as_str().unwrap_or("?").to_string();
+        for t in w["threads"].as_array().cloned().unwrap_or_default() {
+            let tname = t["name"].as_str().unwrap_or("?");
+            if let Some(tid) = t["tid"].as_u64().and_then(|t| u32::try_from(t).ok()) {
+                out.push((tid, format!("world {name}: {tname} {tid}")));
+            }
+        }
+    }
+    out
+}
+
+/// Per-CPU fields of /proc/stat: (all of user..steal, idle+iowait), in ticks.
+fn cpu_ticks() -> Vec<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    s.lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            let at = |i: usize| f.get(i).copied().unwrap_or(0);
+            (f.iter().take(8).sum(), at(3) + at(4))
+        })
+        .collect()
+}
+
+/// Every task: tid -> (label, CPU ns from schedstat, CPU it last ran on).
+fn tasks(vcpus: &[(u32, String)]) -> std::collections::HashMap<u32, (String, u64, usize)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let pcomm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        let Ok(ts) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in ts.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // Fields after the comm's closing parenthesis: state is field 3, processor 39.
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let cpu = rest
+                .split_whitespace()
+                .nth(36)
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
+            let tcomm = head.split_once('(').map_or("?", |x| x.1);
+            let ns = std::fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            let label = vcpus
+                .iter()
+                .find(|v| v.0 == tid)
+                .map(|v| v.1.clone())
+                .unwrap_or_else(|| format!("{pid} {}/{tcomm}", pcomm.trim()));
+            out.insert(tid, (label, ns, cpu));
+        }
+    }
+    out
+}
+
+/// Where each CPU's time went over `secs` seconds, as text.
+fn per_cpu_accounting(vcpus: &[(u32, String)], secs: u32) -> String {
+    use std::collections::HashMap;
+    use std::fmt::Write;
+    let hz = 100.0; // USER_HZ
+    let t0 = Instant::now();
+    let c0 = cpu_ticks();
+    let mut prev = tasks(vcpus);
+    let mut by: HashMap<(usize, String), u64> = HashMap::new();
+    for i in 1..=secs {
+        let target = t0 + Duration::from_millis(u64::from(i) * 1000 + 500);
+        std::thread::sleep(target.saturating_duration_since(Instant::now()));
+        let now = tasks(vcpus);
+        for (tid, (label, ns, cpu)) in &now {
+            let before = prev.get(tid).map_or(0, |p| p.1);
+            let d = ns.saturating_sub(before);
+            if d > 0 {
+                *by.entry((*cpu, label.clone())).or_default() += d;
+            }
+        }
+        prev = now;
+    }
+    let c1 = cpu_ticks();
+    let wall = t0.elapsed().as_secs_f64();
+    let mut out = String::new();
+    for (k, (a, b)) in c0.iter().zip(&c1).enumerate() {
+        let all = b.0.saturating_sub(a.0) as f64 / hz;
+        let idle = b.1.saturating_sub(a.1) as f64 / hz;
+        let mut rows: Vec<(&String, u64)> = by
+            .iter()
+            .filter(|((c, _), _)| *c == k)
+            .map(|((_, l), ns)| (l, *ns))
+            .collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+        let tasks_s: f64 = rows.iter().map(|r| r.1 as f64 / 1e9).sum();
+        let worlds_s: f64 = rows
+            .iter()
+            .filter(|r| r.0.starts_with("world "))
+            .map(|r| r.1 as f64 / 1e9)
+            .sum();
+        let _ = writeln!(
+            out,
+            "CPU{k} over {wall:.2} s: /proc/stat {:.4} CPU busy, {:.4} idle; tasks {:.4} CPU, of which world vCPUs {:.4}, others {:.4}",
+            (all - idle) / wall,
+            idle / wall,
+            tasks_s / wall,
+            worlds_s / wall,
+            (tasks_s - worlds_s) / wall
+        );
+        for (l, ns) in rows.iter().take(12) {
+            let _ = writeln!(out, "    {:.4}  {l}", *ns as f64 / 1e9 / wall);
+        }
+    }
+    out
+}
+
 fn main() {
+    let only = std::env::var("WV_SCHED_BENCH_ONLY").ok();
     for placement in ["auto", "off"] {
+        if only.as_deref().is_some_and(|o| o != placement) {
+            continue;
+        }
         let overhead = worlds(placement);
         println!(
             "\nscheduler overhead, placement {placement} (system worlds: management (API) + helper (100 ms feedback loop, placement, VMM waiters)): {overhead:.2}% of one CPU"
