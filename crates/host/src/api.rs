@@ -1283,7 +1283,8 @@ impl Daemon {
     }
 
     /// Sets whether the daemon places worlds' vCPU threads (`wv host --placement`); `off`
-    /// gives every vCPU thread it pinned back all the daemon's CPUs.
+    /// gives every VMM thread all the daemon's CPUs, once, when it is first seen (undoing
+    /// what an earlier daemon with placement on pinned).
     pub fn set_placement(&self, mode: place::Mode) {
         let mut p = self.placement();
         p.mode = mode;
@@ -1350,7 +1351,6 @@ impl Daemon {
                 .collect(),
         };
         p.factors.clear();
-        let mode = p.mode;
         let mut applied = HashMap::new();
         let mut trace = String::new();
         for dec in decisions {
@@ -1391,11 +1391,10 @@ impl Daemon {
                 // inherit its affinity).
                 let cpus = if vcpu { &cpus } else { &all };
                 let before = p.applied.get(&tid);
-                // With placement off, threads never pinned keep the affinity they inherited
-                // (all of the daemon's); with it on, each thread is set once when first seen.
-                let untouched =
-                    before.is_none() && cpus.len() == host.len() && mode == place::Mode::Off;
-                if before != Some(cpus) && !untouched {
+                // Each thread is set once when first seen, then when its CPUs change: with
+                // placement off that gives every CPU back to a thread an earlier daemon
+                // (with placement on) pinned, which this one cannot tell from its own.
+                if before != Some(cpus) {
                     if let Err(e) = place::set_affinity(tid, cpus) {
                         if p.warned.insert(w.id) {
                             eprintln!(
@@ -1406,9 +1405,7 @@ impl Daemon {
                         continue;
                     }
                 }
-                if !untouched {
-                    applied.insert(tid, cpus.clone());
-                }
+                applied.insert(tid, cpus.clone());
             }
         }
         p.applied = applied;
