@@ -569,8 +569,10 @@ impl Gate {
         if st.sleepers > 0 {
             self.cv.notify_all();
         }
+        // The clock read once for a request that goes at once.
+        let mut first = Some(start);
         loop {
-            let now = self.now();
+            let now = first.take().unwrap_or_else(|| self.now());
             let mut until = deadline;
             if st.closed || st.sched.settings(id).is_none() {
                 // Closed, or the flow removed meanwhile (not added back by a timeout's count).
@@ -706,12 +708,11 @@ impl Gate {
     /// flow).
     pub fn limit_ready(&self, id: usize) -> bool {
         let st = lock(&self.st);
-        let now = self.now() as f64;
         st.sched
             .flows
             .iter()
             .find(|f| f.id == id)
-            .is_none_or(|f| f.set.limit == 0 || f.tags.l <= now)
+            .is_none_or(|f| f.set.limit == 0 || f.tags.l <= self.now() as f64)
     }
 
     /// Whether a flow other than `id` is waiting.

@@ -68,7 +68,7 @@ const BURST_BYTES: f64 = 64.0 * 1024.0;
 const ANTICIPATION: Duration = Duration::from_millis(1);
 /// Transmit chains returned to a guest before it is told (rather than once its ring is empty:
 /// a sender waiting for its turn gets its buffers back meanwhile).
-const TX_SIGNAL_BATCH: usize = 16;
+const TX_SIGNAL_BATCH: usize = 32;
 /// Frames a sender's thread delivers before it tells the receivers (it tells them sooner when
 /// its ring is empty or before it waits: [`Signals`]).
 const RX_SIGNAL_BATCH: usize = 32;
@@ -224,6 +224,9 @@ struct RxSide {
     taken: Vec<(u16, Segments)>,
     /// Used buffers the guest has not been told of yet ([`RxSide::signal`]).
     unsignalled: bool,
+    /// The guest was told not to kick when it posts buffers (VRING_USED_F_NO_NOTIFY): nothing
+    /// waits for them. Kicks are asked for again when a frame finds no buffer.
+    kicks_off: bool,
 }
 
 enum Kind {
@@ -651,6 +654,7 @@ impl Switch {
         let mut r = lock(&p.rx);
         r.mem = Some(mem);
         r.vring = Some(rx);
+        r.kicks_off = false;
         r.mergeable = mergeable;
     }
 
@@ -980,6 +984,13 @@ impl Switch {
         let mut rx = lock(&p.rx);
         rx.drain(&p.counters);
         rx.signal();
+        if rx.pending.is_empty() && !rx.kicks_off {
+            // Nothing waits for buffers: the guest need not kick for the next ones (a frame
+            // that finds none asks for kicks again).
+            if let Some(v) = &rx.vring {
+                rx.kicks_off = v.disable_notification().is_ok();
+            }
+        }
         p.gate.kick();
         drop(rx);
     }
@@ -1010,10 +1021,10 @@ impl Switch {
         let set = *lock(&s.shares);
         d.gate.ensure(from, wv_shares::Settings { limit: 0, ..set });
         let cost = (src.len() - VNET_HDR) as f64;
-        let deadline = Instant::now() + SHARES_MAX_WAIT;
+        let start = Instant::now();
+        let mut left = SHARES_MAX_WAIT;
         let mut delayed = false;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
             // Receivers are told what this thread wrote before it waits (one of them may be
             // the one whose buffers it waits for).
             let Some(g) = d
@@ -1043,6 +1054,7 @@ impl Switch {
                         d.gate.refund(g, STALL);
                         drop(rx);
                         delayed = true;
+                        left = SHARES_MAX_WAIT.saturating_sub(start.elapsed());
                         continue;
                     }
                 }
@@ -1392,8 +1404,8 @@ impl RxSide {
         let need = VNET_HDR + head.len() + len;
         // The chains taken, in a list kept from frame to frame (no allocation per frame).
         let taken = &mut self.taken;
-        taken.clear();
         let (mut room, mut bad) = (0usize, false);
+        taken.clear();
         while room < need && (self.mergeable || taken.is_empty()) {
             if taken.len() == MAX_RX_CHAINS {
                 // More buffers than a frame may take: it does not fit what the guest posts.
@@ -1405,6 +1417,16 @@ impl RxSide {
             let Some(chain) = q.pop_descriptor_chain(&*mem) else {
                 for _ in 0..taken.len() {
                     q.go_to_previous_position();
+                }
+                if self.kicks_off {
+                    // Kicks back on (the guest's next buffers end the wait for them), and
+                    // one more look: buffers posted before that were not kicked for.
+                    self.kicks_off = false;
+                    if q.enable_notification(&*mem).unwrap_or(false) {
+                        taken.clear();
+                        room = 0;
+                        continue;
+                    }
                 }
                 return Put::NoBuffer;
             };
@@ -1734,6 +1756,7 @@ impl PortBackend {
     fn disconnect(&self) {
         let mut rx = self.rx();
         rx.vring = None;
+        rx.kicks_off = false;
         rx.mem = None;
         // The next frontend says what its driver acked.
         rx.features = 0;
