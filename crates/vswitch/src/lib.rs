@@ -68,10 +68,10 @@ const BURST_BYTES: f64 = 64.0 * 1024.0;
 const ANTICIPATION: Duration = Duration::from_millis(1);
 /// Transmit chains returned to a guest before it is told (rather than once its ring is empty:
 /// a sender waiting for its turn gets its buffers back meanwhile).
-const TX_SIGNAL_BATCH: usize = 32;
+const TX_SIGNAL_BATCH: usize = 64;
 /// Frames a sender's thread delivers before it tells the receivers (it tells them sooner when
 /// its ring is empty or before it waits: [`Signals`]).
-const RX_SIGNAL_BATCH: usize = 32;
+const RX_SIGNAL_BATCH: usize = 64;
 /// Receivers a sender's thread keeps untold at a time.
 const SIGNAL_PORTS: usize = 8;
 
@@ -1311,6 +1311,15 @@ impl RxSide {
     /// enough for the (first) frame (none is taken then), Partial if some segments went,
     /// Bad if the guest's buffers were malformed (they are returned empty).
     fn put(&mut self, src: &Source, off: &Offload, first: usize, c: &PortCounters) -> Put {
+        let r = self.put_form(src, off, first, c);
+        if let Put::NoBuffer | Put::Partial(_) = r {
+            // Out of buffers: the guest is told of those it has now (it posts no more before).
+            self.signal();
+        }
+        r
+    }
+
+    fn put_form(&mut self, src: &Source, off: &Offload, first: usize, c: &PortCounters) -> Put {
         let n = src.len() - VNET_HDR;
         let done = |len: usize| {
             PortCounters::add(&c.rx_frames, 1);
