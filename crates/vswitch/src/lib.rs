@@ -27,7 +27,12 @@
 //! A sender waits in its own transmit thread with no lock of the switch held (other ports and
 //! control requests go on); a sender with more frames in its ring keeps its turn at the
 //! destination while it comes back with the next one (`ANTICIPATION`), so that its shares do
-//! not flatten. docs/NETWORK.md has the whole design.
+//! not flatten.
+//!
+//! Notifications go per batch, not per frame (`Signals`): a transmit thread drains its ring
+//! with its guest's kicks off, tells the receivers it wrote to once per `RX_SIGNAL_BATCH`
+//! frames, when a receiver runs out of buffers, and before it waits; a receiver is asked to
+//! kick only while something waits for its buffers. docs/NETWORK.md has the whole design.
 
 #![allow(clippy::cast_possible_truncation)] // frame lengths are bounded by MAX_FRAME, chain counts by 4
 
