@@ -54,7 +54,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use wv_virtio::vu_backend::{serve_frontends, ExitEvents};
@@ -1191,12 +1191,27 @@ impl RxSide {
         if !std::mem::take(&mut self.unsignalled) {
             return;
         }
-        if let Some(v) = &self.vring {
-            if v.needs_notification().unwrap_or(true) {
+        if let (Some(v), Some(m)) = (&self.vring, &self.mem) {
+            if wants_call(v, &m.memory()) {
                 let _ = v.signal_used_queue();
             }
         }
     }
+}
+
+/// Whether the guest of queue `vring` (its memory `mem`) wants to be told of the buffers used:
+/// by EVENT_IDX's rule when negotiated, else unless its driver set VRING_AVAIL_F_NO_INTERRUPT
+/// (which virtio-queue does not look at; a Linux driver polling its ring sets it).
+fn wants_call(vring: &VringRwLock<Mem>, mem: &GuestMemoryMmap) -> bool {
+    let mut st = vring.get_mut();
+    let q = st.get_queue_mut();
+    if q.event_idx_enabled() {
+        return q.needs_notification(mem).unwrap_or(true);
+    }
+    // The used index written before the flags are read (the driver does the converse).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .map_or(true, |f| f & 1 == 0)
 }
 
 /// The receivers a sender's thread delivered frames to and has not told yet: each is told
@@ -1687,7 +1702,7 @@ impl PortBackend {
             unsignalled += 1;
             if unsignalled >= TX_SIGNAL_BATCH {
                 unsignalled = 0;
-                if vring.needs_notification().unwrap_or(true) {
+                if wants_call(vring, &mem) {
                     let _ = vring.signal_used_queue();
                 }
             }
@@ -1696,7 +1711,7 @@ impl PortBackend {
             h.gate.unhold(self.port);
         }
         sig.flush();
-        if unsignalled > 0 && vring.needs_notification().unwrap_or(true) {
+        if unsignalled > 0 && wants_call(vring, &mem) {
             let _ = vring.signal_used_queue();
         }
     }

@@ -1472,3 +1472,30 @@ fn a_receive_buffer_longer_than_any_frame_takes_a_64k_segment() {
     assert!(got[VNET_HDR..] == f[VNET_HDR..], "every byte as sent");
     assert_eq!(counters(&sw, 1).dropped_malformed, 0);
 }
+
+#[test]
+fn a_driver_that_asks_for_no_interrupts_is_not_called() {
+    let sw = switch();
+    let (mut tx, mut rx) = (Guest::new(), Guest::new());
+    connect_rx(&sw, 1, &rx, false);
+    let (tx_calls, rx_calls) = (calls(&tx), calls(&rx));
+    rx.post(QSIZE, 2048);
+    // VRING_AVAIL_F_NO_INTERRUPT on both drivers' rings (they poll).
+    for g in [&tx, &rx] {
+        g.mem.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+    }
+    send(&sw, &mut tx, &frame(MAC_B, MAC_A, 100));
+    assert_eq!(
+        (rx.used().len(), tx.used().len()),
+        (1, 1),
+        "served all the same"
+    );
+    assert_eq!((signals(&rx_calls), signals(&tx_calls)), (0, 0));
+    // Interrupts wanted again: the next frame is told of.
+    for g in [&tx, &rx] {
+        g.mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
+    }
+    send(&sw, &mut tx, &frame(MAC_B, MAC_A, 100));
+    assert_eq!(rx.used().len(), 2);
+    assert_eq!((signals(&rx_calls), signals(&tx_calls)), (1, 1));
+}
