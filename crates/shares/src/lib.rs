@@ -368,6 +368,9 @@ struct GateState {
     anticipation: u64,
     /// Set by [`Gate::close`]: every wait ends, nothing is granted.
     closed: bool,
+    /// Threads asleep on the condition variable: a change wakes them only if there are any
+    /// (a notification is a system call; most requests find nobody waiting).
+    sleepers: usize,
 }
 
 impl GateState {
@@ -439,9 +442,19 @@ impl Gate {
                 held: Vec::new(),
                 anticipation: 0,
                 closed: false,
+                sleepers: 0,
             }),
             cv: Condvar::new(),
             epoch: Instant::now(),
+        }
+    }
+
+    /// Releases the state and wakes the threads asleep in [`Gate::acquire`], if any.
+    fn wake(&self, st: MutexGuard<'_, GateState>) {
+        let any = st.sleepers > 0;
+        drop(st);
+        if any {
+            self.cv.notify_all();
         }
     }
 
@@ -451,8 +464,9 @@ impl Gate {
 
     /// Sets flow `id`'s settings.
     pub fn set(&self, id: usize, s: Settings) {
-        lock(&self.st).sched.set(id, s);
-        self.cv.notify_all();
+        let mut st = lock(&self.st);
+        st.sched.set(id, s);
+        self.wake(st);
     }
 
     /// Adds flow `id` with settings `s` if it is not known (a known one keeps its own).
@@ -473,27 +487,29 @@ impl Gate {
         let mut st = lock(&self.st);
         st.sched.remove(id);
         st.unhold(id);
-        drop(st);
-        self.cv.notify_all();
+        self.wake(st);
     }
 
     /// Sets how long the turn of a flow that said it has more ([`Gate::acquire_with`]) is kept
     /// for it while its thread is away (0: not at all, the default).
     pub fn set_anticipation(&self, d: Duration) {
-        lock(&self.st).anticipation = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.cv.notify_all();
+        let mut st = lock(&self.st);
+        st.anticipation = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.wake(st);
     }
 
     /// Closes the gate (its resource is gone): every wait ends with None, and every later one.
     pub fn close(&self) {
-        lock(&self.st).closed = true;
-        self.cv.notify_all();
+        let mut st = lock(&self.st);
+        st.closed = true;
+        self.wake(st);
     }
 
     /// Sets the resource's capacity (units per second, 0: none).
     pub fn set_capacity(&self, capacity: u64) {
-        lock(&self.st).sched.set_capacity(capacity);
-        self.cv.notify_all();
+        let mut st = lock(&self.st);
+        st.sched.set_capacity(capacity);
+        self.wake(st);
     }
 
     /// The resource's capacity.
@@ -524,6 +540,21 @@ impl Gate {
         max_wait: Duration,
         then_more: bool,
     ) -> Option<Grant> {
+        self.acquire_then(id, cost, max_wait, then_more, &mut || {})
+    }
+
+    /// As [`Gate::acquire_with`]; `before_wait` is called (once, with no lock of the gate
+    /// held) before the calling thread would first sleep: a caller that batches work for
+    /// others (signals it has not sent yet) hands it over there, not on every request.
+    pub fn acquire_then(
+        &self,
+        id: usize,
+        cost: f64,
+        max_wait: Duration,
+        then_more: bool,
+        before_wait: &mut dyn FnMut(),
+    ) -> Option<Grant> {
+        let mut before_wait = Some(before_wait);
         let mut st = lock(&self.st);
         if st.closed {
             return None;
@@ -535,16 +566,19 @@ impl Gate {
         st.inside.push(id);
         let mut delayed = false;
         // A new flow waiting may change who goes next.
-        self.cv.notify_all();
+        if st.sleepers > 0 {
+            self.cv.notify_all();
+        }
+        // The clock read once for a request that goes at once.
+        let mut first = Some(start);
         loop {
-            let now = self.now();
+            let now = first.take().unwrap_or_else(|| self.now());
             let mut until = deadline;
             if st.closed || st.sched.settings(id).is_none() {
                 // Closed, or the flow removed meanwhile (not added back by a timeout's count).
                 st.leave(id);
                 st.sched.unbacklog(id);
-                drop(st);
-                self.cv.notify_all();
+                self.wake(st);
                 return None;
             }
             if let Some(t) = st.expire_holds(now) {
@@ -590,7 +624,9 @@ impl Gate {
                         // (once).
                         if st.woken != Some(other) {
                             st.woken = Some(other);
-                            self.cv.notify_all();
+                            if st.sleepers > 0 {
+                                self.cv.notify_all();
+                            }
                         }
                     }
                     Pick::Idle => {}
@@ -602,17 +638,26 @@ impl Gate {
                 if let Some(f) = st.sched.flows.iter_mut().find(|f| f.id == id) {
                     f.stats.timeouts += 1;
                 }
-                drop(st);
-                self.cv.notify_all();
+                self.wake(st);
                 return None;
+            }
+            if let Some(f) = before_wait.take() {
+                // Once, before the first sleep, with the gate unlocked (the caller's work may
+                // take its own locks); then everything is looked at again.
+                drop(st);
+                f();
+                st = lock(&self.st);
+                continue;
             }
             delayed = true;
             let d = Duration::from_nanos(until.saturating_sub(now).max(1));
+            st.sleepers += 1;
             st = self
                 .cv
                 .wait_timeout(st, d)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            st.sleepers -= 1;
         }
     }
 
@@ -621,8 +666,7 @@ impl Gate {
         let _ = g.id;
         let mut st = lock(&self.st);
         st.outstanding = st.outstanding.saturating_sub(1);
-        drop(st);
-        self.cv.notify_all();
+        self.wake(st);
     }
 
     /// The resource could not take the granted request: its charge is undone (valid while
@@ -637,16 +681,14 @@ impl Gate {
             .now()
             .saturating_add(u64::try_from(stall.as_nanos()).unwrap_or(u64::MAX));
         st.stalled_until = Some(t);
-        drop(st);
-        self.cv.notify_all();
+        self.wake(st);
     }
 
     /// The resource has room again (ends a stall).
     pub fn kick(&self) {
         let mut st = lock(&self.st);
         if st.stalled_until.take().is_some() {
-            drop(st);
-            self.cv.notify_all();
+            self.wake(st);
         }
     }
 
@@ -658,8 +700,7 @@ impl Gate {
             if !st.inside.contains(&id) {
                 st.sched.unbacklog(id);
             }
-            drop(st);
-            self.cv.notify_all();
+            self.wake(st);
         }
     }
 
@@ -667,12 +708,11 @@ impl Gate {
     /// flow).
     pub fn limit_ready(&self, id: usize) -> bool {
         let st = lock(&self.st);
-        let now = self.now() as f64;
         st.sched
             .flows
             .iter()
             .find(|f| f.id == id)
-            .is_none_or(|f| f.set.limit == 0 || f.tags.l <= now)
+            .is_none_or(|f| f.set.limit == 0 || f.tags.l <= self.now() as f64)
     }
 
     /// Whether a flow other than `id` is waiting.

@@ -355,3 +355,38 @@ fn removing_a_flow_or_closing_the_gate_ends_its_waits() {
         "closed"
     );
 }
+
+#[test]
+fn before_wait_is_called_once_before_a_sleep_and_never_for_a_request_that_goes_at_once() {
+    let g = std::sync::Arc::new(Gate::new(0, 1, 8.0));
+    g.set(0, set(1, 0, 0));
+    g.set(1, set(1, 0, 0));
+    let mut called = 0;
+    let first = g
+        .acquire_then(0, 1.0, Duration::from_secs(5), false, &mut || called += 1)
+        .expect("an idle gate lets it go");
+    assert_eq!(
+        called, 0,
+        "nothing to hand over for a request that goes at once"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let g2 = g.clone();
+    let t = std::thread::spawn(move || {
+        let mut n = 0;
+        let gr = g2.acquire_then(1, 1.0, Duration::from_secs(5), false, &mut || {
+            n += 1;
+            tx.send(()).unwrap();
+        });
+        (gr.map(|gr| g2.release(gr)).is_some(), n)
+    });
+    // The second request has nowhere to go (one out at most) until the first is released:
+    // its thread hands over its work before it sleeps.
+    rx.recv().unwrap();
+    g.release(first);
+    let (granted, n) = t.join().unwrap();
+    assert!(
+        granted,
+        "the second request goes once the first is released"
+    );
+    assert_eq!(n, 1, "called once, however often the thread sleeps");
+}

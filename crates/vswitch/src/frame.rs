@@ -74,18 +74,25 @@ impl Segments {
             if d.is_write_only() != writable {
                 return Err(Bad::Direction);
             }
-            if d.len() == 0 {
+            // A receive chain's room past MAX_FRAME is never written: not taken (a driver
+            // that posts big buffers, 17 pages for a 64 KiB segment, posts more than that).
+            let len = if writable {
+                (d.len() as usize).min(MAX_FRAME - s.total)
+            } else {
+                d.len() as usize
+            };
+            if len == 0 {
                 continue;
             }
             if s.n == MAX_SEGS {
                 return Err(Bad::TooManySegments);
             }
-            if mem.get_slice(d.addr(), d.len() as usize).is_err() {
+            if mem.get_slice(d.addr(), len).is_err() {
                 return Err(Bad::OutOfMemory);
             }
-            s.segs[s.n] = (d.addr().0, d.len());
+            s.segs[s.n] = (d.addr().0, len as u32);
             s.n += 1;
-            s.total = s.total.saturating_add(d.len() as usize);
+            s.total = s.total.saturating_add(len);
             if s.total > MAX_FRAME {
                 return Err(Bad::Length);
             }
@@ -111,7 +118,8 @@ impl Segments {
         Ok(s)
     }
 
-    /// A receive chain: device-writable buffers (their total is capped at [`MAX_FRAME`]).
+    /// A receive chain: device-writable buffers, their total capped at [`MAX_FRAME`] (the
+    /// descriptors past it are checked for direction and chaining, not taken).
     pub fn read_rx<M, G>(chain: DescriptorChain<M>, mem: &G) -> Result<Segments, Bad>
     where
         M: std::ops::Deref,

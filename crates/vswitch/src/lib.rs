@@ -27,7 +27,12 @@
 //! A sender waits in its own transmit thread with no lock of the switch held (other ports and
 //! control requests go on); a sender with more frames in its ring keeps its turn at the
 //! destination while it comes back with the next one (`ANTICIPATION`), so that its shares do
-//! not flatten. docs/NETWORK.md has the whole design.
+//! not flatten.
+//!
+//! Notifications go per batch, not per frame (`Signals`): a transmit thread drains its ring
+//! with its guest's kicks off, tells the receivers it wrote to once per `RX_SIGNAL_BATCH`
+//! frames, when a receiver runs out of buffers, and before it waits; a receiver is asked to
+//! kick only while something waits for its buffers. docs/NETWORK.md has the whole design.
 
 #![allow(clippy::cast_possible_truncation)] // frame lengths are bounded by MAX_FRAME, chain counts by 4
 
@@ -49,7 +54,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use wv_virtio::vu_backend::{serve_frontends, ExitEvents};
@@ -68,7 +73,12 @@ const BURST_BYTES: f64 = 64.0 * 1024.0;
 const ANTICIPATION: Duration = Duration::from_millis(1);
 /// Transmit chains returned to a guest before it is told (rather than once its ring is empty:
 /// a sender waiting for its turn gets its buffers back meanwhile).
-const TX_SIGNAL_BATCH: usize = 16;
+const TX_SIGNAL_BATCH: usize = 64;
+/// Frames a sender's thread delivers before it tells the receivers (it tells them sooner when
+/// its ring is empty or before it waits: [`Signals`]).
+const RX_SIGNAL_BATCH: usize = 64;
+/// Receivers a sender's thread keeps untold at a time.
+const SIGNAL_PORTS: usize = 8;
 
 /// How long a learned MAC address stays without being seen again.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
@@ -217,6 +227,11 @@ struct RxSide {
     pending: VecDeque<usize>,
     /// The receive chains one frame takes (reused).
     taken: Vec<(u16, Segments)>,
+    /// Used buffers the guest has not been told of yet ([`RxSide::signal`]).
+    unsignalled: bool,
+    /// The guest was told not to kick when it posts buffers (VRING_USED_F_NO_NOTIFY): nothing
+    /// waits for them. Kicks are asked for again when a frame finds no buffer.
+    kicks_off: bool,
 }
 
 enum Kind {
@@ -644,6 +659,7 @@ impl Switch {
         let mut r = lock(&p.rx);
         r.mem = Some(mem);
         r.vring = Some(rx);
+        r.kicks_off = false;
         r.mergeable = mergeable;
     }
 
@@ -702,7 +718,9 @@ impl Switch {
 
     /// Switches one frame (vnet header first) that entered at port `from`.
     pub fn forward(&self, from: usize, src: &Source) {
-        self.forward_with(from, src, false, None);
+        let mut sig = Signals::default();
+        self.forward_with(from, src, false, None, &mut sig);
+        sig.flush();
     }
 
     /// As [`Switch::forward`]; `then_more`: port `from` has more frames to send right after
@@ -710,13 +728,15 @@ impl Switch {
     /// destination's dispatcher *without the table locked* (other ports and control requests
     /// go on meanwhile); the destination whose dispatcher keeps `from`'s turn (`then_more`),
     /// if any. `held`: the destination that kept `from`'s turn for this frame; given back at
-    /// once (before any wait) if the frame goes elsewhere.
+    /// once (before any wait) if the frame goes elsewhere. The receivers written to are
+    /// added to `sig` (told when the caller flushes it, or before this thread waits).
     fn forward_with(
         &self,
         from: usize,
         src: &Source,
         then_more: bool,
         held: Option<Arc<Port>>,
+        sig: &mut Signals,
     ) -> Option<Arc<Port>> {
         let give_back = |to: Option<&Arc<Port>>| {
             if let Some(h) = &held {
@@ -798,7 +818,7 @@ impl Switch {
                 // Reference counts, not allocations: the two ports outlive the table's lock.
                 let (s, d) = (p.clone(), dest?.clone());
                 drop(t);
-                Self::deliver_scheduled(&s, from, &d, src, off, then_more).then_some(d)
+                Self::deliver_scheduled(&s, from, &d, src, off, then_more, sig).then_some(d)
             }
             None => {
                 if dst[0] & 1 == 0 && Self::known_elsewhere(&t, p.network, &dst, now) {
@@ -809,7 +829,7 @@ impl Switch {
                 for &port in &net.ports {
                     if port != from {
                         if let Some(d) = t.port(port) {
-                            Self::deliver(d, src, off);
+                            Self::deliver(d, src, off, sig);
                         }
                     }
                 }
@@ -832,7 +852,7 @@ impl Switch {
 
     /// Delivers a frame to port `p`: to its TAP, into its guest's receive buffers, or into
     /// one of its slots while the guest has posted none (in the form `p` takes `off` in).
-    fn deliver(p: &Port, src: &Source, off: &Offload) {
+    fn deliver(p: &Arc<Port>, src: &Source, off: &Offload, sig: &mut Signals) {
         let c = &p.counters;
         let n = src.len() - VNET_HDR;
         match &p.kind {
@@ -843,6 +863,8 @@ impl Switch {
                 Self::to_tap(tap, slot, src, off, features, c);
             }
             Kind::Vm => {
+                // Before the port's lock is taken: telling the others takes theirs.
+                sig.add(p);
                 let mut rx = lock(&p.rx);
                 if rx.vring.is_none() {
                     PortCounters::add(&c.dropped_no_buffer, 1);
@@ -966,6 +988,14 @@ impl Switch {
     fn flush(p: &Port) {
         let mut rx = lock(&p.rx);
         rx.drain(&p.counters);
+        rx.signal();
+        if rx.pending.is_empty() && !rx.kicks_off {
+            // Nothing waits for buffers: the guest need not kick for the next ones (a frame
+            // that finds none asks for kicks again).
+            if let Some(v) = &rx.vring {
+                rx.kicks_off = v.disable_notification().is_ok();
+            }
+        }
         p.gate.kick();
         drop(rx);
     }
@@ -978,24 +1008,34 @@ impl Switch {
     fn deliver_scheduled(
         s: &Port,
         from: usize,
-        d: &Port,
+        d: &Arc<Port>,
         src: &Source,
         off: &Offload,
         then_more: bool,
+        sig: &mut Signals,
     ) -> bool {
         if matches!(d.kind, Kind::Vm) && lock(&d.rx).vring.is_none() {
             // Nobody to schedule for: dropped and counted there.
-            Self::deliver(d, src, off);
+            Self::deliver(d, src, off, sig);
             return false;
+        }
+        if let Kind::Vm = d.kind {
+            // Added with none of its locks held (telling the others takes theirs).
+            sig.add(d);
         }
         let set = *lock(&s.shares);
         d.gate.ensure(from, wv_shares::Settings { limit: 0, ..set });
         let cost = (src.len() - VNET_HDR) as f64;
-        let deadline = Instant::now() + SHARES_MAX_WAIT;
+        let start = Instant::now();
+        let mut left = SHARES_MAX_WAIT;
         let mut delayed = false;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(g) = d.gate.acquire_with(from, cost, left, then_more) else {
+            // Receivers are told what this thread wrote before it waits (one of them may be
+            // the one whose buffers it waits for).
+            let Some(g) = d
+                .gate
+                .acquire_then(from, cost, left, then_more, &mut || sig.flush())
+            else {
                 PortCounters::add(&s.counters.sched_dropped, 1);
                 return false;
             };
@@ -1019,12 +1059,13 @@ impl Switch {
                         d.gate.refund(g, STALL);
                         drop(rx);
                         delayed = true;
+                        left = SHARES_MAX_WAIT.saturating_sub(start.elapsed());
                         continue;
                     }
                 }
                 drop(rx);
             }
-            Self::deliver(d, src, off);
+            Self::deliver(d, src, off, sig);
             d.gate.release(g);
             break;
         }
@@ -1144,6 +1185,91 @@ impl RxSide {
     }
 }
 
+impl RxSide {
+    /// Tells the guest of the buffers used since the last time (if it wants to be told).
+    fn signal(&mut self) {
+        if !std::mem::take(&mut self.unsignalled) {
+            return;
+        }
+        if let (Some(v), Some(m)) = (&self.vring, &self.mem) {
+            if wants_call(v, &m.memory()) {
+                let _ = v.signal_used_queue();
+            }
+        }
+    }
+}
+
+/// Whether the guest of queue `vring` (its memory `mem`) wants to be told of the buffers used:
+/// by EVENT_IDX's rule when negotiated, else unless its driver set VRING_AVAIL_F_NO_INTERRUPT
+/// (which virtio-queue does not look at; a Linux driver polling its ring sets it).
+fn wants_call(vring: &VringRwLock<Mem>, mem: &GuestMemoryMmap) -> bool {
+    let mut st = vring.get_mut();
+    let q = st.get_queue_mut();
+    if q.event_idx_enabled() {
+        return q.needs_notification(mem).unwrap_or(true);
+    }
+    // The used index written before the flags are read (the driver does the converse).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .map_or(true, |f| f & 1 == 0)
+}
+
+/// The receivers a sender's thread delivered frames to and has not told yet: each is told
+/// once per [`RX_SIGNAL_BATCH`] frames, when the sender's ring is empty, and before the
+/// thread waits for anything (a receiver that does not know of its buffers used posts no more,
+/// and a sender waiting for buffers would wait for nothing). Kept by the thread (no allocation
+/// per frame: a port is cloned in once per batch).
+struct Signals {
+    ports: [Option<Arc<Port>>; SIGNAL_PORTS],
+    n: usize,
+    frames: usize,
+}
+
+impl Default for Signals {
+    fn default() -> Signals {
+        Signals {
+            ports: [const { None }; SIGNAL_PORTS],
+            n: 0,
+            frames: 0,
+        }
+    }
+}
+
+impl Signals {
+    /// Port `p` got a frame (or its buffers back) to be told of.
+    fn add(&mut self, p: &Arc<Port>) {
+        if !self.ports[..self.n]
+            .iter()
+            .any(|q| q.as_ref().is_some_and(|q| Arc::ptr_eq(q, p)))
+        {
+            if self.n == SIGNAL_PORTS {
+                self.flush();
+            }
+            self.ports[self.n] = Some(p.clone());
+            self.n += 1;
+        }
+    }
+
+    /// One frame done: the receivers are told every [`RX_SIGNAL_BATCH`] frames.
+    fn frame(&mut self) {
+        self.frames += 1;
+        if self.frames >= RX_SIGNAL_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Tells every receiver kept.
+    fn flush(&mut self) {
+        self.frames = 0;
+        for p in &mut self.ports[..self.n] {
+            if let Some(p) = p.take() {
+                lock(&p.rx).signal();
+            }
+        }
+        self.n = 0;
+    }
+}
+
 impl Port {
     fn new(network: usize, name: &str, kind: Kind) -> Port {
         Port {
@@ -1205,6 +1331,15 @@ impl RxSide {
     /// enough for the (first) frame (none is taken then), Partial if some segments went,
     /// Bad if the guest's buffers were malformed (they are returned empty).
     fn put(&mut self, src: &Source, off: &Offload, first: usize, c: &PortCounters) -> Put {
+        let r = self.put_form(src, off, first, c);
+        if let Put::NoBuffer | Put::Partial(_) = r {
+            // Out of buffers: the guest is told of those it has now (it posts no more before).
+            self.signal();
+        }
+        r
+    }
+
+    fn put_form(&mut self, src: &Source, off: &Offload, first: usize, c: &PortCounters) -> Put {
         let n = src.len() - VNET_HDR;
         let done = |len: usize| {
             PortCounters::add(&c.rx_frames, 1);
@@ -1298,8 +1433,8 @@ impl RxSide {
         let need = VNET_HDR + head.len() + len;
         // The chains taken, in a list kept from frame to frame (no allocation per frame).
         let taken = &mut self.taken;
-        taken.clear();
         let (mut room, mut bad) = (0usize, false);
+        taken.clear();
         while room < need && (self.mergeable || taken.is_empty()) {
             if taken.len() == MAX_RX_CHAINS {
                 // More buffers than a frame may take: it does not fit what the guest posts.
@@ -1311,6 +1446,16 @@ impl RxSide {
             let Some(chain) = q.pop_descriptor_chain(&*mem) else {
                 for _ in 0..taken.len() {
                     q.go_to_previous_position();
+                }
+                if self.kicks_off {
+                    // Kicks back on (the guest's next buffers end the wait for them), and
+                    // one more look: buffers posted before that were not kicked for.
+                    self.kicks_off = false;
+                    if q.enable_notification(&*mem).unwrap_or(false) {
+                        taken.clear();
+                        room = 0;
+                        continue;
+                    }
                 }
                 return Put::NoBuffer;
             };
@@ -1333,7 +1478,7 @@ impl RxSide {
                 let _ = q.add_used(&*mem, *head, 0);
             }
             drop(st);
-            let _ = vring.signal_used_queue();
+            self.unsignalled = true;
             return Put::Bad;
         }
         let mut hdr = *hdr;
@@ -1383,11 +1528,9 @@ impl RxSide {
             pos += take;
             let _ = q.add_used(&*mem, *head, take as u32);
         }
-        let notify = q.needs_notification(&*mem).unwrap_or(true);
         drop(st);
-        if notify {
-            let _ = vring.signal_used_queue();
-        }
+        // The guest is told once per batch of frames ([`Signals`]).
+        self.unsignalled = true;
         if ok {
             Put::Done
         } else {
@@ -1479,6 +1622,13 @@ impl PortBackend {
         let mut unsignalled = 0usize;
         // The destination keeping this port's turn (its next frame is expected there).
         let mut held: Option<Arc<Port>> = None;
+        // The receivers written to and not told yet.
+        let mut sig = Signals::default();
+        // While the ring is drained its guest need not kick (it is told so); once it is empty
+        // kicks are asked for again, and the ring looked at once more (a frame made available
+        // just before was not kicked for).
+        let _ = vring.disable_notification();
+        let mut looked_again = false;
         loop {
             // The queue is not held while the frame waits for its turn or is copied (the
             // frontend's messages are served meanwhile).
@@ -1486,8 +1636,17 @@ impl PortBackend {
                 let mut st = vring.get_mut();
                 let q = st.get_queue_mut();
                 let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+                    // Once only in a row: a ring whose index is bad pops nothing however often
+                    // it is looked at.
+                    if !looked_again && q.enable_notification(&*mem).unwrap_or(false) {
+                        looked_again = true;
+                        let _ = q.disable_notification(&*mem);
+                        continue;
+                    }
+                    let _ = q.enable_notification(&*mem);
                     break;
                 };
+                looked_again = false;
                 let more = q
                     .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
                     .is_ok_and(|a| a.0 != q.next_avail());
@@ -1498,7 +1657,11 @@ impl PortBackend {
                 Ok(s) => {
                     // The port's limit first: the frame waits in this thread (and its ring).
                     let cost = s.len().saturating_sub(VNET_HDR) as f64;
-                    match self.p.limiter.acquire(0, cost, SHARES_MAX_WAIT) {
+                    let limited =
+                        self.p
+                            .limiter
+                            .acquire_then(0, cost, SHARES_MAX_WAIT, false, &mut || sig.flush());
+                    match limited {
                         Some(g) => {
                             if g.waited {
                                 PortCounters::add(&c.sched_delayed, 1);
@@ -1511,6 +1674,7 @@ impl PortBackend {
                                 &Source::Guest(&mem, &s),
                                 then_more,
                                 held.take(),
+                                &mut sig,
                             );
                         }
                         None => PortCounters::add(&c.sched_dropped, 1),
@@ -1534,10 +1698,11 @@ impl PortBackend {
             {
                 break;
             }
+            sig.frame();
             unsignalled += 1;
             if unsignalled >= TX_SIGNAL_BATCH {
                 unsignalled = 0;
-                if vring.needs_notification().unwrap_or(true) {
+                if wants_call(vring, &mem) {
                     let _ = vring.signal_used_queue();
                 }
             }
@@ -1545,7 +1710,8 @@ impl PortBackend {
         if let Some(h) = held {
             h.gate.unhold(self.port);
         }
-        if unsignalled > 0 && vring.needs_notification().unwrap_or(true) {
+        sig.flush();
+        if unsignalled > 0 && wants_call(vring, &mem) {
             let _ = vring.signal_used_queue();
         }
     }
@@ -1619,6 +1785,7 @@ impl PortBackend {
     fn disconnect(&self) {
         let mut rx = self.rx();
         rx.vring = None;
+        rx.kicks_off = false;
         rx.mem = None;
         // The next frontend says what its driver acked.
         rx.features = 0;
@@ -1673,13 +1840,20 @@ fn serve_uplink(sw: Arc<Switch>, port: usize) {
         if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
             continue;
         }
+        // Every frame the TAP has, then the receivers are told (at most RX_SIGNAL_BATCH
+        // frames late).
+        let mut sig = Signals::default();
         loop {
             match tap.file().read(&mut buf) {
-                Ok(n) if n >= VNET_HDR => sw.forward(port, &Source::Bytes(&buf[..n])),
+                Ok(n) if n >= VNET_HDR => {
+                    sw.forward_with(port, &Source::Bytes(&buf[..n]), false, None, &mut sig);
+                    sig.frame();
+                }
                 Ok(_) => {}
                 Err(_) => break,
             }
         }
+        sig.flush();
     }
 }
 

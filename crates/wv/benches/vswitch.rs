@@ -24,7 +24,8 @@
 //! does it). Needs root and /dev/kvm.
 //!
 //! Run: `cargo bench -p wv --bench vswitch` (env `ROUNDS`, default 3; `FRAMES` per guest run,
-//! default 20000; the harness sends 10x `FRAMES`, FRAMES at 64 KiB). Medians over rounds.
+//! default 20000; the harness sends 10x `FRAMES`, FRAMES at 64 KiB; `HARNESS_ONLY=1` runs only
+//! the harness rows, `HARNESS_ONLY=switch` only its switch rows). Medians over rounds.
 
 #![allow(clippy::cast_possible_truncation)] // small sizes and counts, bounded where made
 
@@ -490,7 +491,7 @@ fn harness_switch(dir: &Path, pair: u8, len: usize, tso: bool, total: u64) -> Op
             }
             if !used.is_empty() {
                 c.stamp();
-                rx.kick[0].write(1).unwrap();
+                rx.kick_if_needed(0);
             }
         }
         c
@@ -515,7 +516,8 @@ fn harness_switch(dir: &Path, pair: u8, len: usize, tso: bool, total: u64) -> Op
                 posted += 1;
             }
         }
-        tx.kick[1].write(1).unwrap();
+        // As a driver does: no kick while the switch is draining the ring.
+        tx.kick_if_needed(1);
     }
     let c = receiver.join().expect("the receiver ran");
     let (fps, bps, allocs) = c.rates();
@@ -646,6 +648,11 @@ fn main() {
     let rounds = env("ROUNDS", 3).max(1) as usize;
     let frames = env("FRAMES", 20_000).max(2);
     let hframes = frames * 10;
+    // HARNESS_ONLY=1: only the host-side harness rows; =switch: only its switch rows (for
+    // profiling the switch alone).
+    let harness_only = std::env::var("HARNESS_ONLY").ok();
+    let guests = harness_only.is_none();
+    let bridge_rows = harness_only.as_deref() != Some("switch");
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |i| {
         clean_up();
@@ -754,7 +761,7 @@ fn main() {
     let mut pair = 0u8;
     for round in 0..rounds {
         for (pi, &(path, _)) in paths.iter().enumerate() {
-            if path == Path3::Qemu && !qemu {
+            if (path == Path3::Qemu && !qemu) || !guests {
                 continue;
             }
             for (si, &bytes) in gsizes.iter().enumerate() {
@@ -771,7 +778,9 @@ fn main() {
                 add(&mut hs[si], &r);
             }
             pair += 1;
-            add(&mut hb[si], &harness_bridge(&ns, len, tso, total));
+            if bridge_rows {
+                add(&mut hb[si], &harness_bridge(&ns, len, tso, total));
+            }
         }
         eprint!("\rround {}/{rounds}", round + 1);
     }
@@ -795,6 +804,10 @@ fn main() {
         "copied/deliv. 64 B / 1514 B"
     );
     for (pi, &(path, name)) in paths.iter().enumerate() {
+        if !guests {
+            println!("{name:<28} NOT MEASURED (HARNESS_ONLY)");
+            continue;
+        }
         if path == Path3::Qemu && !qemu {
             println!("{name:<28} NOT MEASURED (qemu-system-x86_64 missing)");
             continue;
@@ -840,6 +853,10 @@ fn main() {
             (&hs[si], format!("switch (vhost-user), {label}")),
             (&hb[si], format!("Linux bridge (TAP to TAP), {label}")),
         ] {
+            if e.0.is_empty() && !bridge_rows && name.starts_with("Linux") {
+                println!("{name:<40} NOT MEASURED (HARNESS_ONLY=switch)");
+                continue;
+            }
             if e.0.is_empty() {
                 println!("{name:<40} skipped: switch offers no TSO");
                 continue;

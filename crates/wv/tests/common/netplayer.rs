@@ -172,6 +172,20 @@ impl NetPlayer {
             .unwrap();
     }
 
+    /// Kicks queue `q` unless the backend said it need not be (VRING_USED_F_NO_NOTIFY in the
+    /// used ring's flags, as a driver honours it: the backend is draining the ring and looks
+    /// at it once more before asking for kicks again); whether it kicked.
+    pub fn kick_if_needed(&self, q: usize) -> bool {
+        // The avail index written before the flags are read (the backend does the converse).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let flags: u16 = self.mem.read_obj(GuestAddress(ring(q as u64).2)).unwrap();
+        if flags & 1 != 0 {
+            return false;
+        }
+        self.kick[q].write(1).unwrap();
+        true
+    }
+
     /// Waits for queue `q`'s call (at most 30 s, asserted); the heads used since the last
     /// time. False, with nothing waited for, once `stop` is set (the switch may be gone).
     pub fn used(&mut self, q: usize, out: &mut Vec<(u16, u32)>, stop: &AtomicBool) -> bool {
