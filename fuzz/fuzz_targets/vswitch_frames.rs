@@ -9,9 +9,9 @@
 //! panic, and what the receiving port counts must add up.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use vhost_user_backend::VhostUserBackend;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
-use vhost_user_backend::VhostUserBackend;
 use wv_vswitch::frame::{MAX_FRAME, VNET_HDR};
 use wv_vswitch::offload::{self, MAX_HDRS};
 use wv_vswitch::{Config, NetworkConfig, PortBackend, Source, Switch};
