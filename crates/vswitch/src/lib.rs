@@ -1732,7 +1732,18 @@ impl VhostUserBackend for PortBackend {
     }
     fn acked_features(&self, features: u64) {
         let mut rx = self.rx();
-        rx.mergeable = features & F_MRG_RXBUF != 0;
+        let mergeable = features & F_MRG_RXBUF != 0;
+        if rx.mergeable != mergeable || rx.features != features & offload::OFFLOADS {
+            // Frames held for the driver before (formed for its features, perhaps partly
+            // delivered) are not for this one: dropped, as frames in flight at a reset are.
+            let mut dropped = 0;
+            while let Some(s) = rx.pending.pop_front() {
+                rx.free.push(s);
+                dropped += 1;
+            }
+            PortCounters::add(&self.p.counters.dropped_no_buffer, dropped);
+        }
+        rx.mergeable = mergeable;
         rx.features = features & offload::OFFLOADS;
         self.p
             .acked
