@@ -934,6 +934,12 @@ impl Switch {
                     return;
                 }
                 buf[..VNET_HDR].copy_from_slice(&h);
+                if let Offload::Tso(t) = off {
+                    // The host's kernel gets the headers that were checked, not whatever
+                    // the sender wrote since.
+                    let hdrs = usize::from(t.hdrs);
+                    buf[VNET_HDR..VNET_HDR + hdrs].copy_from_slice(&t.head[..hdrs]);
+                }
                 if write(buf) && h[1] != offload::GSO_NONE {
                     PortCounters::add(&c.rx_gso_frames, 1);
                 }
@@ -953,11 +959,7 @@ impl Switch {
             }
             Form::Segment(t) => {
                 let hdrs = usize::from(t.hdrs);
-                let mut orig = [0u8; MAX_HDRS];
-                if !src.peek(VNET_HDR, &mut orig[..hdrs]) {
-                    PortCounters::add(&c.dropped_malformed, 1);
-                    return;
-                }
+                let orig = t.head;
                 let nseg = t.segments(n);
                 for i in 0..nseg {
                     let from = hdrs + i * usize::from(t.mss);
@@ -1319,6 +1321,11 @@ impl RxSide {
             self.free.push(slot);
             return false;
         }
+        if let Offload::Tso(t) = off {
+            // Delivered later from this copy: with the headers that were checked.
+            let hdrs = usize::from(t.hdrs);
+            buf[VNET_HDR..VNET_HDR + hdrs].copy_from_slice(&t.head[..hdrs]);
+        }
         self.lens[slot] = (len, *off, first);
         self.pending.push_back(slot);
         true
@@ -1349,7 +1356,12 @@ impl RxSide {
         };
         match offload::form(off, self.features) {
             Form::Whole(h) => {
-                let r = self.put_one(src, &h, &[], VNET_HDR, n, None);
+                // A segment's headers as checked, then its payload from the sender.
+                let (head, from): (&[u8], usize) = match off {
+                    Offload::Tso(t) => (&t.head[..usize::from(t.hdrs)], usize::from(t.hdrs)),
+                    _ => (&[], 0),
+                };
+                let r = self.put_one(src, &h, head, VNET_HDR + from, n - from, None);
                 if let Put::Done = r {
                     done(n);
                     if h[1] != offload::GSO_NONE {
@@ -1372,10 +1384,7 @@ impl RxSide {
             }
             Form::Segment(t) => {
                 let hdrs = usize::from(t.hdrs);
-                let (mut orig, mut out) = ([0u8; MAX_HDRS], [0u8; MAX_HDRS]);
-                if !src.peek(VNET_HDR, &mut orig[..hdrs]) {
-                    return Put::Bad;
-                }
+                let (orig, mut out) = (t.head, [0u8; MAX_HDRS]);
                 let nseg = t.segments(n);
                 for i in first..nseg {
                     let from = hdrs + i * usize::from(t.mss);

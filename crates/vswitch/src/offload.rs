@@ -53,8 +53,8 @@ pub enum Offload {
     Tso(Tso),
 }
 
-/// A TCP segment's layout (offsets in the Ethernet frame).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A TCP segment's layout (offsets in the Ethernet frame), and its headers as checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tso {
     /// TCP over IPv6 (else IPv4).
     pub v6: bool,
@@ -66,6 +66,10 @@ pub struct Tso {
     pub hdrs: u16,
     /// Payload bytes per segment (`gso_size`).
     pub mss: u16,
+    /// The frame's first `hdrs` bytes as [`parse`] checked them (the rest zero). What the
+    /// switch delivers as the segment's headers, whole or rebuilt per cut segment: the
+    /// sender's memory may have changed since, and is read again only for the payload.
+    pub head: [u8; MAX_HDRS],
 }
 
 impl Tso {
@@ -191,12 +195,15 @@ pub fn parse(vhdr: &[u8], head: &[u8], len: usize, acked: u64) -> Result<Offload
     if hdrs >= len {
         return Err(BadOffload::Empty);
     }
+    let mut checked = [0u8; MAX_HDRS];
+    checked[..hdrs].copy_from_slice(&head[..hdrs]);
     Ok(Offload::Tso(Tso {
         v6,
         l3: l3 as u16,
         l4: l4 as u16,
         hdrs: hdrs as u16,
         mss: gso_size,
+        head: checked,
     }))
 }
 
