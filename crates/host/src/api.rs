@@ -1358,6 +1358,11 @@ impl Daemon {
                 continue;
             };
             let Some(pid) = w.pid else { continue };
+            // Only a VMM still running: while it runs its pidfd keeps its pid from being
+            // another process's; the pid of one that ended may already be someone else's.
+            if !self.run_of(w.id).is_some_and(|r| alive_now(&r)) {
+                continue;
+            }
             if p.trace.is_some() {
                 let l = loads.iter().find(|l| l.id == w.id);
                 let ran: Vec<String> = place::vmm_threads(crate::supervisor::vmm_process(pid))
