@@ -88,8 +88,16 @@ pub fn keys() -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// The table is the process's: tests that look at all of it run one at a time.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     #[test]
     fn files_are_taken_once_each_in_the_order_they_were_put() {
+        let _one = serial();
         let f = std::fs::File::open("/dev/zero").unwrap();
         put("/dev/x", f.into()).unwrap();
         let g = std::fs::File::open("/dev/null").unwrap();
@@ -109,6 +117,7 @@ mod tests {
 
     #[test]
     fn a_file_is_taken_back_by_its_token_and_only_once() {
+        let _one = serial();
         use std::os::fd::AsRawFd;
         let a: OwnedFd = std::fs::File::open("/dev/zero").unwrap().into();
         let b: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
