@@ -1146,8 +1146,14 @@ fn cmd_vm(c: &Client, cmd: VmCmd) -> ExitCode {
             api(c, "GET", &format!("/v1/vms/{name}"), None).map(|mut v| {
                 // A running VM with a balloon: its memory target and current memory too.
                 let live = matches!(v["state"].as_str(), Some("running" | "paused"));
+                // Read quietly: a VM whose guest is just ending has no balloon to ask (its
+                // VMM's socket goes), and its info is still shown, without that line.
                 let balloon = if live && v["spec"]["balloon"] == true {
-                    api(c, "GET", &format!("/v1/vms/{name}/balloon"), None).ok()
+                    let path = format!("/v1/vms/{name}/balloon");
+                    wv_host::http::request(&c.socket, "GET", &path, None)
+                        .ok()
+                        .filter(|(s, _)| *s == 200)
+                        .and_then(|(_, b)| serde_json::from_str(&b).ok())
                 } else {
                     None
                 };
