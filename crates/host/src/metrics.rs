@@ -17,6 +17,11 @@ const MAX_VMM_DEVICES: usize = 32;
 /// Longest device name kept (longer ones are cut, on a character boundary).
 const MAX_NAME: usize = 64;
 
+/// A name from a VMM's answer taken as it is: short and printable.
+fn plain(s: &str) -> bool {
+    s.len() <= MAX_NAME && s.chars().all(|c| c.is_ascii_graphic())
+}
+
 fn counter(v: &Value, field: &str) -> Option<u64> {
     v.get(field)?.as_u64()
 }
@@ -42,7 +47,7 @@ pub fn vmm_exits(counters: &Value) -> Vec<(String, u64)> {
         return Vec::new();
     };
     by.iter()
-        .filter(|(k, _)| k.len() <= 64 && k.chars().all(|c| c.is_ascii_graphic()))
+        .filter(|(k, _)| plain(k))
         .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
         .take(MAX_VMM_CAUSES)
         .collect()
@@ -56,11 +61,7 @@ pub fn vmm_hotplugged(counters: &Value) -> Option<Vec<String>> {
         return None;
     }
     ids.iter()
-        .map(|v| {
-            v.as_str()
-                .filter(|s| s.len() <= 64 && s.chars().all(|c| c.is_ascii_graphic()))
-                .map(str::to_string)
-        })
+        .map(|v| v.as_str().filter(|s| plain(s)).map(str::to_string))
         .collect()
 }
 

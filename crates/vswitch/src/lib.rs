@@ -937,8 +937,7 @@ impl Switch {
                 if let Offload::Tso(t) = off {
                     // The host's kernel gets the headers that were checked, not whatever
                     // the sender wrote since.
-                    let hdrs = usize::from(t.hdrs);
-                    buf[VNET_HDR..VNET_HDR + hdrs].copy_from_slice(&t.head[..hdrs]);
+                    t.restore_headers(&mut buf[VNET_HDR..]);
                 }
                 if write(buf) && h[1] != offload::GSO_NONE {
                     PortCounters::add(&c.rx_gso_frames, 1);
@@ -1323,8 +1322,7 @@ impl RxSide {
         }
         if let Offload::Tso(t) = off {
             // Delivered later from this copy: with the headers that were checked.
-            let hdrs = usize::from(t.hdrs);
-            buf[VNET_HDR..VNET_HDR + hdrs].copy_from_slice(&t.head[..hdrs]);
+            t.restore_headers(&mut buf[VNET_HDR..]);
         }
         self.lens[slot] = (len, *off, first);
         self.pending.push_back(slot);

@@ -73,6 +73,13 @@ pub struct Tso {
 }
 
 impl Tso {
+    /// Writes the headers as checked over the start of `eth` (an Ethernet frame at least
+    /// `hdrs` long: the frame they were checked against, copied again).
+    pub fn restore_headers(&self, eth: &mut [u8]) {
+        let hdrs = usize::from(self.hdrs);
+        eth[..hdrs].copy_from_slice(&self.head[..hdrs]);
+    }
+
     /// How many frames a segment of `len` Ethernet bytes becomes.
     pub fn segments(&self, len: usize) -> usize {
         (len - usize::from(self.hdrs)).div_ceil(usize::from(self.mss))
