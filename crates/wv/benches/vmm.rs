@@ -8,7 +8,8 @@
 //! - peak RSS: `ru_maxrss` from `wait4`, with 128 MiB of guest memory;
 //! - port-I/O exit: (time from first byte to exit with N writes − the same with 0) / N.
 //!
-//! Run: `cargo bench -p wv --bench vmm` (env `ROUNDS`, `LOOP_N`). Needs gcc and, for the QEMU
+//! Run: `cargo bench -p wv --bench vmm` (env `ROUNDS`, `LOOP_N`; `WV_BENCH_ALSO=PATH[:PATH…]`
+//! adds rows for other builds of `wv`, interleaved with this one). Needs gcc and, for the QEMU
 //! column, qemu-system-x86_64; a missing one is reported, not silently dropped.
 
 use std::io::Read;
@@ -139,6 +140,24 @@ fn main() {
             c
         }),
     });
+    // Other builds of wv, interleaved with this one (`WV_BENCH_ALSO=/path/a:/path/b`), to compare
+    // a change before and after in one run rather than across two runs' drift.
+    for other in std::env::var("WV_BENCH_ALSO").unwrap_or_default().split(':') {
+        if other.is_empty() {
+            continue;
+        }
+        let (w, g) = (PathBuf::from(other), guest.clone());
+        runners.push(Runner {
+            name: Box::leak(format!("wv run ({other})").into_boxed_str()),
+            cmd: Box::new(move |n| {
+                let mut c = Command::new(&w);
+                c.args(["run", "--memory", "128M", "--serial", "stdio", "--kernel"])
+                    .arg(&g)
+                    .args(["--cmdline", &n.to_string()]);
+                c
+            }),
+        });
+    }
     let (w, g) = (wv.clone(), guest.clone());
     runners.push(Runner {
         name: "wv run --seccomp=off",

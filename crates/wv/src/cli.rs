@@ -686,18 +686,24 @@ pub enum Command {
 /// Parses `wv`'s arguments (without the program name): `wv run` (and its help) by its own
 /// scanner before anything of clap is built, every other command by clap.
 pub fn parse(args: &[String]) -> Result<Command, Usage> {
+    parse_vmm(args).unwrap_or_else(|| crate::commands::parse(args))
+}
+
+/// `wv run`'s command lines (`wv run …`, `wv help run`), read by the scanner alone; None for
+/// every other command. The `wv` binary calls only this, so nothing of clap is linked into it.
+pub fn parse_vmm(args: &[String]) -> Option<Result<Command, Usage>> {
     let first = |w: &str| args.first().is_some_and(|a| a == w);
     if first("run") {
-        return parse_run(&args[1..]);
+        return Some(parse_run(&args[1..]));
     }
     // `wv help run`: run's usage is the scanner's.
     if (first("help") || first("-h") || first("--help"))
         && args.get(1).is_some_and(|a| a == "run")
         && args.len() == 2
     {
-        return Ok(Command::Help(usage(&RUN)));
+        return Some(Ok(Command::Help(usage(&RUN))));
     }
-    crate::commands::parse(args)
+    None
 }
 
 /// Scans by `spec`, or answers its usage.
