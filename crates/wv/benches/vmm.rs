@@ -142,7 +142,10 @@ fn main() {
     });
     // Other builds of wv, interleaved with this one (`WV_BENCH_ALSO=/path/a:/path/b`), to compare
     // a change before and after in one run rather than across two runs' drift.
-    for other in std::env::var("WV_BENCH_ALSO").unwrap_or_default().split(':') {
+    for other in std::env::var("WV_BENCH_ALSO")
+        .unwrap_or_default()
+        .split(':')
+    {
         if other.is_empty() {
             continue;
         }

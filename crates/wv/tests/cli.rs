@@ -463,3 +463,101 @@ fn completions_come_from_the_same_tables() {
     }
     assert_usage_error(&wv(&["completions", "fish"]), "bash or zsh");
 }
+
+/// The names of the functions in an ELF file's symbol table (its `STT_FUNC` entries), or None
+/// if it has no symbol table.
+fn function_names(elf: &[u8]) -> Option<Vec<&[u8]>> {
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+    let u64_at =
+        |o: usize| usize::try_from(u64::from_le_bytes(elf[o..o + 8].try_into().unwrap())).unwrap();
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "not a 64-bit ELF file");
+    let (shoff, shentsize, shnum) = (
+        u64_at(0x28),
+        usize::from(u16_at(0x3a)),
+        usize::from(u16_at(0x3c)),
+    );
+    let section = |i: usize| shoff + i * shentsize;
+    // SHT_SYMTAB (2); its sh_link is its string table.
+    let symtab = section((0..shnum).find(|&i| u32_at(section(i) + 4) == 2)?);
+    let strtab = section(usize::try_from(u32_at(symtab + 40)).unwrap());
+    let names = &elf[u64_at(strtab + 24)..][..u64_at(strtab + 32)];
+    let (off, size) = (u64_at(symtab + 24), u64_at(symtab + 32));
+    let mut out = Vec::new();
+    // Elf64_Sym: st_name u32, st_info u8 (type in the low 4 bits; STT_FUNC = 2), ... 24 bytes.
+    for sym in elf[off..off + size].chunks_exact(24) {
+        if sym[4] & 0xf == 2 {
+            let name = &names
+                [usize::try_from(u32::from_le_bytes(sym[..4].try_into().unwrap())).unwrap()..];
+            out.push(&name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())]);
+        }
+    }
+    Some(out)
+}
+
+#[test]
+fn the_vmm_binary_runs_run_alone_and_hands_every_other_command_to_wv_admin() {
+    let bin = wv_bin();
+    let admin = bin.with_file_name("wv-admin");
+    // What is linked into each: `wv` holds the VMM and run's scanner, not clap nor the daemon
+    // (the linker keeps only what `wv run` reaches); `wv-admin` holds everything.
+    // A crate's own functions: legacy-mangled paths that start with it (`_ZN7wv_host…`; a
+    // generic of another crate over its types, such as a drop of a wv_host type inside the
+    // parsed command, is not its code).
+    let has = |names: &[&[u8]], krate: &str| {
+        let prefix = format!("_ZN{}{krate}", krate.len());
+        names.iter().any(|n| n.starts_with(prefix.as_bytes()))
+    };
+    let wv_elf = std::fs::read(&bin).unwrap();
+    let admin_elf = std::fs::read(&admin).unwrap();
+    let (Some(wv_syms), Some(admin_syms)) = (function_names(&wv_elf), function_names(&admin_elf))
+    else {
+        panic!("a binary has no symbol table (stripped?): the check cannot be made");
+    };
+    for krate in ["clap_builder", "wv_host", "wv_vswitch", "wv_storage"] {
+        assert!(has(&admin_syms, krate), "wv-admin has no {krate}");
+        assert!(!has(&wv_syms, krate), "wv links {krate}");
+    }
+    assert!(has(&wv_syms, "wv_vmm"), "wv has no VMM");
+    // Through `wv`: the same answers as from wv-admin, `wv run`'s help from the scanner.
+    for args in [
+        &["--version"][..],
+        &["vm", "--help"],
+        &["run", "--help"],
+        &["help", "run"],
+    ] {
+        let (a, b) = (wv(args), {
+            let mut c = Command::new(&admin);
+            c.args(args);
+            run_cmd(c, Duration::from_secs(60))
+        });
+        assert_eq!(
+            (a.status, &a.stdout),
+            (Some(0), &b.stdout),
+            "{args:?}\n{a}\n{b}"
+        );
+    }
+    assert_usage_error(&wv(&["bogus"]), "unknown command 'bogus'");
+    // A `wv` installed without its wv-admin still runs VMs, and says what is missing for the
+    // rest, in one line.
+    let dir = TempDir::new("cli-alone");
+    let alone = dir.path("wv");
+    std::fs::copy(&bin, &alone).unwrap();
+    let mut c = Command::new(&alone);
+    c.args(["run", "--help"]);
+    let r = run_cmd(c, Duration::from_secs(60));
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(r.stdout.starts_with("Usage: wv run"), "{r}");
+    let mut c = Command::new(&alone);
+    c.args(["vm", "list"]);
+    let r = run_cmd(c, Duration::from_secs(60));
+    assert_eq!(r.status, Some(206), "{r}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    assert!(
+        r.stderr.starts_with(&format!(
+            "wv: error: cannot run {}: ",
+            dir.path("wv-admin").display()
+        )),
+        "{r}"
+    );
+}
