@@ -79,8 +79,8 @@ WantedBy=multi-user.target
 /// `wv host install`: writes the unit into `dir` (a temporary file renamed over the old
 /// one); its path.
 pub fn install(dir: &Path, args: &[String], socket: Option<&Path>) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe()
-        .and_then(std::fs::canonicalize)
+    // `wv` (which hands `host` to `wv-admin`): the unit names the command operators type.
+    let exe = std::fs::canonicalize(crate::sibling(crate::VMM_BIN))
         .map_err(|e| format!("cannot find this wv's path: {e}"))?;
     let text = unit_text(&exe, args, socket);
     let path = dir.join(UNIT);
