@@ -557,6 +557,30 @@ struct MemoryTarget {
     memory_target: Size,
 }
 
+/// The body of `PUT /v1/host/storage`: the default capacity of every device, or one device's
+/// own (`null`: the default again).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageCapacity {
+    /// A datastore's path or `raw`; absent: the default of every device.
+    #[serde(default)]
+    device: Option<String>,
+    /// I/Os per second (0: none); `null` with a device: the default again. Required: the
+    /// outer `None` is its absence.
+    #[serde(default, deserialize_with = "present")]
+    capacity_iops: Option<Option<u64>>,
+}
+
+/// A field that may be `null` but must be there: `Some(value)` when present (`Some(None)` for
+/// `null`), the field's default (`None`) when absent.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 /// A size given as a number of bytes or as text (`512M`).
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
@@ -607,6 +631,7 @@ fn allowed(parts: &[&str]) -> Option<&'static [&'static str]> {
         | ["v1", "vms", _, "stats"]
         | ["metrics"] => &["GET"],
         ["v1", "host", "shutdown"] => &["POST"],
+        ["v1", "host", "storage"] => &["GET", "PUT"],
         ["v1", "vms"] => &["GET", "POST"],
         ["v1", "vms", _] => &["GET", "PATCH", "DELETE"],
         ["v1", "vms", _, "balloon"] => &["GET", "PUT"],
@@ -1481,6 +1506,74 @@ impl Daemon {
     /// that the storage service's disks share (`wv host --storage-capacity-iops`; 0: none).
     pub fn set_storage_capacity(&self, iops: u64) -> Result<(), String> {
         self.storage.set_capacity(iops)
+    }
+
+    /// Sets device `dev`'s own capacity in I/Os per second (`wv host --storage-capacity-iops
+    /// DEV=N`): a datastore's path or `raw`.
+    pub fn set_storage_device_capacity(&self, dev: &str, iops: u64) -> Result<(), String> {
+        self.storage.set_device_capacity(dev, Some(iops))
+    }
+
+    /// `GET /v1/host/storage`: the capacities the daemon keeps for the storage service, and
+    /// the devices of the running service as it has them.
+    fn host_storage(&self) -> Reply {
+        let own: Vec<_> = self
+            .storage
+            .device_capacities()
+            .into_iter()
+            .map(|(device, capacity_iops)| json!({ "device": device, "capacity_iops": capacity_iops }))
+            .collect();
+        let (devices, reading) = match self.storage.devices() {
+            Ok(d) => (d, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let mut v = json!({
+            "capacity_iops": self.storage.capacity(),
+            "device_capacity": own,
+            "service": self.storage.describe(),
+            "devices": devices,
+        });
+        if let Some(e) = reading {
+            v["devices_error"] = json!(e);
+        }
+        ok(200, &v)
+    }
+
+    /// `PUT /v1/host/storage`: `{"capacity_iops": N}` sets every device's default,
+    /// `{"device": DEV, "capacity_iops": N|null}` one device's own (null: the default again).
+    /// Kept until the daemon stops (`wv host --storage-capacity-iops` is the lasting form) and
+    /// given to every storage service it starts; the one running gets it at once.
+    fn set_host_storage(&self, body: &[u8]) -> Reply {
+        let c: StorageCapacity = match object(body, "storage capacity") {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let Some(iops) = c.capacity_iops else {
+            return error(400, "invalid storage capacity: capacity_iops is required");
+        };
+        let done = match (&c.device, iops) {
+            (Some(dev), n) => {
+                if let Err(e) = crate::storage::check_device(dev) {
+                    return error(400, e);
+                }
+                self.storage.set_device_capacity(dev, n)
+            }
+            (None, Some(n)) => self.storage.set_capacity(n),
+            (None, None) => {
+                return error(
+                    400,
+                    "invalid storage capacity: capacity_iops is a number without a device",
+                )
+            }
+        };
+        if let Err(e) = done {
+            // Kept for the next service; the one running did not take it.
+            return error(
+                502,
+                format!("kept, but the running storage service did not take it: {e}"),
+            );
+        }
+        self.host_storage()
     }
 
     fn set(&self, name: &str, body: &[u8]) -> Reply {
@@ -2740,6 +2833,8 @@ impl Daemon {
         match (req.method.as_str(), parts.as_slice()) {
             ("GET", ["v1", "host"]) => self.host(),
             ("GET", ["v1", "host", "memory"]) => self.host_memory(),
+            ("GET", ["v1", "host", "storage"]) => self.host_storage(),
+            ("PUT", ["v1", "host", "storage"]) => self.set_host_storage(&req.body),
             ("GET", ["v1", "vms"]) => ok(200, &self.lock().worlds),
             ("POST", ["v1", "vms"]) => self.create(&req.body),
             ("GET", ["v1", "vms", name]) => self.vm_info(name),

@@ -170,7 +170,39 @@ pub struct Wanted {
     shares: Vec<(String, DiskShares)>,
     /// I/Os per second of each device (`wv host --storage-capacity-iops`; 0: none).
     capacity_iops: u64,
+    /// Devices with a capacity of their own (`--storage-capacity-iops DEV=N`, `PUT
+    /// /v1/host/storage`): (device as given, I/Os per second).
+    device_capacity: Vec<(String, u64)>,
 }
+
+/// The longest device name the daemon keeps a capacity for.
+pub const MAX_DEVICE: usize = 4096;
+
+/// Checks a device name for the service's control line: a datastore's path or `raw`, one word
+/// of printable characters (the line is split at white space).
+pub fn check_device(dev: &str) -> Result<(), String> {
+    if dev.is_empty() || dev.len() > MAX_DEVICE {
+        return Err(format!(
+            "a device is a datastore's path or {RAW_DEVICE}, 1 to {MAX_DEVICE} bytes"
+        ));
+    }
+    if dev.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "device '{}': no white space or control characters",
+            dev.escape_debug()
+        ));
+    }
+    if dev != RAW_DEVICE && !dev.starts_with('/') {
+        return Err(format!(
+            "device '{}': a datastore's absolute path, or {RAW_DEVICE} for the raw images",
+            dev.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// The device every raw image shares in the service.
+pub const RAW_DEVICE: &str = "raw";
 
 impl service::Wants for Wanted {
     const KIND: service::Kind = service::Kind {
@@ -189,9 +221,14 @@ impl service::Wants for Wanted {
         vec!["--capacity-iops".into(), self.capacity_iops.to_string()]
     }
 
-    /// Each disk added, then given its settings (if it has any).
+    /// The devices' own capacities, then each disk added and given its settings (if it has
+    /// any).
     fn replay(&self) -> Vec<String> {
-        let mut v = Vec::new();
+        let mut v: Vec<String> = self
+            .device_capacity
+            .iter()
+            .map(|(d, n)| format!("set capacity_iops={n} device={d}"))
+            .collect();
         for (n, s) in &self.disks {
             v.push(format!("disk add {n}={s}"));
             if let Some((_, sh)) = self.shares.iter().find(|(x, _)| x == n) {
@@ -216,11 +253,15 @@ impl Service<Wanted> {
     /// Sets what the service serves at the daemon's start (the served disks of the VMs still
     /// running: (name, source)) and starts it if there is any.
     pub fn restore(&self, disks: Vec<(String, String)>, shares: Vec<(String, DiskShares)>) {
-        let capacity_iops = self.state().want.capacity_iops;
+        let (capacity_iops, device_capacity) = {
+            let st = self.state();
+            (st.want.capacity_iops, st.want.device_capacity.clone())
+        };
         self.restore_wanted(Wanted {
             disks,
             shares,
             capacity_iops,
+            device_capacity,
         });
     }
 
@@ -236,9 +277,38 @@ impl Service<Wanted> {
             .map(|_| ())
     }
 
+    /// Sets device `dev`'s own capacity in I/Os per second ([`check_device`]; 0: none), or
+    /// with `None` gives it the default back: kept for every service started from now on, and
+    /// sent to the one running.
+    pub fn set_device_capacity(&self, dev: &str, iops: Option<u64>) -> Result<(), String> {
+        check_device(dev)?;
+        let mut st = self.state();
+        st.want.device_capacity.retain(|(d, _)| d != dev);
+        if let Some(n) = iops {
+            st.want.device_capacity.push((dev.to_string(), n));
+        }
+        if !st.running() {
+            return Ok(());
+        }
+        let n = iops.map_or_else(|| "default".to_string(), |n| n.to_string());
+        self.request(&format!("set capacity_iops={n} device={dev}"))
+            .map(|_| ())
+    }
+
     /// Each device's capacity in I/Os per second (0: none).
     pub fn capacity(&self) -> u64 {
         self.state().want.capacity_iops
+    }
+
+    /// The devices with a capacity of their own: (device as given, I/Os per second).
+    pub fn device_capacities(&self) -> Vec<(String, u64)> {
+        self.state().want.device_capacity.clone()
+    }
+
+    /// The running service's devices (`[]` when it does not run): each one's capacity and
+    /// disks, as the service has them.
+    pub fn devices(&self) -> Result<Vec<serde_json::Value>, String> {
+        self.stats("devices")
     }
 
     /// Sets served disk `name`'s shares, reservation and limit (kept for a restarted service;
@@ -415,15 +485,17 @@ mod tests {
             ],
             shares: vec![("7-disk0".into(), s), ("9-disk0".into(), s)],
             capacity_iops: 700,
+            device_capacity: vec![("raw".into(), 50)],
         };
         assert_eq!(
             w.replay(),
             [
+                "set capacity_iops=50 device=raw".to_string(),
                 "disk add 7-disk0=path=/a.img".to_string(),
                 s.request("7-disk0"),
                 "disk add 8-disk0=path=/b.img".to_string(),
             ],
-            "settings follow their disk; none for a disk not served"
+            "devices' own capacities first; settings follow their disk; none for a disk not served"
         );
         assert_eq!(w.args(), ["--capacity-iops", "700"]);
     }

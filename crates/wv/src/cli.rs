@@ -650,11 +650,15 @@ pub enum Command {
         placement: wv_host::place::Mode,
         /// Each datastore's I/Os per second in the storage service (0: none).
         storage_capacity_iops: u64,
+        /// The datastores with a capacity of their own: (device, I/Os per second).
+        storage_device_capacity: Vec<(String, u64)>,
     },
     /// `wv host status`.
     HostStatus(Client),
     /// `wv host memory`.
     HostMemory(Client),
+    /// `wv host storage`: show, or set (the body of `PUT /v1/host/storage`).
+    HostStorage(Client, Option<serde_json::Value>),
     /// `wv host token`: print the API token kept in this state directory.
     HostToken(PathBuf),
     /// `wv host top`.

@@ -158,9 +158,10 @@ struct DaemonOpts {
     /// the I/Os per second of each datastore (and of the raw images together) that
     /// the disks the storage service serves share by their VMs' --disk-shares,
     /// reservations and limits (a request costs 1 + bytes/32KiB; default: none, each
-    /// as fast as it goes, shared only when it is the bottleneck)
-    #[arg(long, value_name = "N", verbatim_doc_comment)]
-    storage_capacity_iops: Option<String>,
+    /// as fast as it goes, shared only when it is the bottleneck); DEV=N gives one
+    /// device its own: DEV a datastore's absolute path, or raw (repeatable)
+    #[arg(long, value_name = "[DEV=]N", verbatim_doc_comment)]
+    storage_capacity_iops: Vec<String>,
 }
 
 /// How to reach the daemon, and how to print its answers.
@@ -218,6 +219,26 @@ current memory, what it lent and what it holds above its fair share (docs/DEVICE
         after_help = CLIENT_STATUS
     )]
     Memory(ClientOpts),
+    /// The storage service's capacities per datastore, or set one
+    #[command(
+        long_about = "Shows the I/Os per second each device (a VMKFS datastore; the raw images together) has for
+the disks the storage service serves on it, shared by their VMs' disk shares, reservations and
+limits: every device's default, the devices given their own, and the running service's devices
+with their disks (docs/STORAGE.md). With --capacity-iops, sets the default, or with --device one
+device's own (default: back to the default), while the daemon runs; wv host
+--storage-capacity-iops [DEV=]N is the lasting form.",
+        after_help = CLIENT_STATUS
+    )]
+    Storage {
+        /// I/Os per second (0: none), or default (with --device)
+        #[arg(long, value_name = "N")]
+        capacity_iops: Option<String>,
+        /// the device: a datastore's absolute path, or raw
+        #[arg(long, value_name = "DEV", requires = "capacity_iops")]
+        device: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// CPU, ready and throttled time of every world, each second
     #[command(
         long_about = "Shows the CPU, ready and throttled time of every world, each second.",
@@ -1236,6 +1257,19 @@ fn host(a: HostArgs) -> Result<Command, Usage> {
     let Some(sub) = a.sub else {
         let d = a.daemon;
         let memory = lending_settings(&d)?;
+        let (mut storage_default, mut storage_devices) = (0, Vec::<(String, u64)>::new());
+        for v in &d.storage_capacity_iops {
+            const O: &str = "--storage-capacity-iops";
+            match v.rsplit_once('=') {
+                Some((dev, n)) => {
+                    let n = iops(O, n)?;
+                    wv_host::storage::check_device(dev).map_err(|e| Usage(format!("{O}: {e}")))?;
+                    storage_devices.retain(|(d, _)| d != dev);
+                    storage_devices.push((dev.to_string(), n));
+                }
+                None => storage_default = iops(O, v)?,
+            }
+        }
         let placement = d
             .placement
             .as_deref()
@@ -1269,17 +1303,32 @@ fn host(a: HostArgs) -> Result<Command, Usage> {
             },
             memory,
             placement,
-            storage_capacity_iops: d
-                .storage_capacity_iops
-                .as_deref()
-                .map(|v| iops("--storage-capacity-iops", v))
-                .transpose()?
-                .unwrap_or(0),
+            storage_capacity_iops: storage_default,
+            storage_device_capacity: storage_devices,
         });
     };
     Ok(match sub {
         HostSub::Status(c) => Command::HostStatus(client(c.socket, c.json)),
         HostSub::Memory(c) => Command::HostMemory(client(c.socket, c.json)),
+        HostSub::Storage {
+            capacity_iops,
+            device,
+            client: c,
+        } => {
+            let set = match capacity_iops.as_deref() {
+                None => None,
+                Some("default") if device.is_some() => Some(serde_json::Value::Null),
+                Some(v) => Some(iops("--capacity-iops", v)?.into()),
+            };
+            let body = set.map(|n| {
+                let mut b = serde_json::json!({ "capacity_iops": n });
+                if let Some(d) = &device {
+                    b["device"] = d.as_str().into();
+                }
+                b
+            });
+            Command::HostStorage(client(c.socket, c.json), body)
+        }
         HostSub::Top { once, client: c } => Command::HostTop(client(c.socket, c.json), once),
         HostSub::Token(s) => Command::HostToken(state_dir(s.state_dir)),
         HostSub::Shutdown(c) => Command::HostShutdown(client(c.socket, c.json)),
@@ -1320,12 +1369,14 @@ fn host(a: HostArgs) -> Result<Command, Usage> {
                 ("--host-memory-reserve", &d.host_memory_reserve),
                 ("--idle-memory-tax", &d.idle_memory_tax),
                 ("--host-memory", &d.host_memory),
-                ("--storage-capacity-iops", &d.storage_capacity_iops),
             ];
             for (o, v) in sizes {
                 if let Some(v) = v {
                     args.extend([o.to_string(), v.clone()]);
                 }
+            }
+            for v in &d.storage_capacity_iops {
+                args.extend(["--storage-capacity-iops".to_string(), v.clone()]);
             }
             Command::HostInstall {
                 unit_dir: PathBuf::from(unit_dir.as_deref().unwrap_or("/etc/systemd/system")),

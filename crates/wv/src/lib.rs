@@ -81,6 +81,7 @@ pub fn main_admin(args: &[String]) -> ExitCode {
         Command::Help(_)
         | Command::HostStatus(_)
         | Command::HostMemory(_)
+        | Command::HostStorage(..)
         | Command::HostTop(..)
         | Command::HostToken(_)
         | Command::HostShutdown(_)
@@ -128,6 +129,7 @@ pub fn main_admin(args: &[String]) -> ExitCode {
             memory,
             placement,
             storage_capacity_iops,
+            storage_device_capacity,
         } => cmd_host_serve(
             &socket,
             &state_dir,
@@ -137,10 +139,11 @@ pub fn main_admin(args: &[String]) -> ExitCode {
             jail,
             memory,
             placement,
-            storage_capacity_iops,
+            (storage_capacity_iops, &storage_device_capacity),
         ),
         Command::HostStatus(c) => host_status(&c),
         Command::HostMemory(c) => host_memory(&c),
+        Command::HostStorage(c, set) => host_storage(&c, set.as_ref()),
         Command::HostTop(c, once) => host_top(&c, once),
         Command::HostToken(dir) => {
             let path = dir.join(wv_host::api::TOKEN_FILE);
@@ -323,7 +326,7 @@ fn cmd_host_serve(
     jail: Option<(u32, u32)>,
     memory: wv_host::lending::Settings,
     placement: wv_host::place::Mode,
-    storage_capacity_iops: u64,
+    (storage_capacity_iops, storage_devices): (u64, &[(String, u64)]),
 ) -> ExitCode {
     // The VMMs (and the services, which `wv` hands on to `wv-admin`) start from `wv`: the small
     // binary, so every VM's start-up and text pages are those of `wv run`.
@@ -354,7 +357,11 @@ fn cmd_host_serve(
             "wv host: warning: --no-jail: VMMs run as this daemon's user, with its privileges"
         ),
     }
-    if let Err(e) = d.set_storage_capacity(storage_capacity_iops) {
+    let mut capacity = d.set_storage_capacity(storage_capacity_iops);
+    for (dev, n) in storage_devices {
+        capacity = capacity.and(d.set_storage_device_capacity(dev, *n));
+    }
+    if let Err(e) = capacity {
         // Kept for the next storage service the daemon starts.
         eprintln!("wv host: warning: --storage-capacity-iops: not applied to the running storage service yet: {e}");
     }
@@ -518,6 +525,65 @@ fn host_memory(c: &Client) -> ExitCode {
                     &mib(&w["borrowed_bytes"]),
                     &mib(&w["rss_bytes"]),
                 ]);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// `wv host storage`: the capacities (after setting one, with `set`).
+fn host_storage(c: &Client, set: Option<&serde_json::Value>) -> ExitCode {
+    let body = set.map(serde_json::Value::to_string);
+    let method = if body.is_some() { "PUT" } else { "GET" };
+    match api(c, method, "/v1/host/storage", body.as_deref()) {
+        Ok(v) if c.json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            let cap = |n: &serde_json::Value| match n.as_u64() {
+                Some(0) | None => "none".to_string(),
+                Some(n) => format!("{n} IOPS"),
+            };
+            println!("every device: {}", cap(&v["capacity_iops"]));
+            for d in v["device_capacity"].as_array().into_iter().flatten() {
+                println!(
+                    "{}: {} (its own)",
+                    d["device"].as_str().unwrap_or("?"),
+                    cap(&d["capacity_iops"])
+                );
+            }
+            let devices = v["devices"].as_array().cloned().unwrap_or_default();
+            if devices.is_empty() {
+                let why = if v["service"]["pid"].is_null() {
+                    "the storage service does not run"
+                } else {
+                    "the storage service has served no disk yet"
+                };
+                println!("{why}");
+                return ExitCode::SUCCESS;
+            }
+            let w = devices
+                .iter()
+                .filter_map(|d| d["device"].as_str().map(str::len))
+                .max()
+                .unwrap_or(0)
+                .max("DEVICE".len());
+            println!("{:<w$}  {:>10}  DISKS", "DEVICE", "CAPACITY");
+            for d in &devices {
+                let disks: Vec<&str> = d["disks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str())
+                    .collect();
+                println!(
+                    "{:<w$}  {:>10}  {}",
+                    d["device"].as_str().unwrap_or("?"),
+                    cap(&d["capacity_iops"]),
+                    disks.join(" ")
+                );
             }
             ExitCode::SUCCESS
         }

@@ -430,7 +430,7 @@ fn completions_come_from_the_same_tables() {
         ("wv vm create web --di", "--disk"),
         ("wv fs sn", "snapshot"),
         ("wv host --li", "--listen"),
-        ("wv host s", "shutdown status"),
+        ("wv host s", "shutdown status storage"),
         ("wv host u", "uninstall"),
         ("wv host install --unit", "--unit-dir"),
         ("wv completions b", "bash"),

@@ -686,3 +686,135 @@ fn disk_shares_divide_a_datastore_between_vms_and_survive_restarts() {
         d.wv(&["vm", "stop", v]);
     }
 }
+
+/// Each datastore's own capacity under the daemon: `wv host --storage-capacity-iops N` and
+/// `DEV=N` at start, `wv host storage --capacity-iops N --device DEV` while it runs (and
+/// `default` to give the default back), shown by `wv host storage` and applied by the storage
+/// service, and given again to a service restarted after SIGKILL.
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn each_datastore_has_the_capacity_the_daemon_gives_it() {
+    need_kvm();
+    let dir = TempDir::new("host-storage-capacity");
+    let ds = dir.path("ds.img").to_str().unwrap().to_string();
+    let r = wv(&["fs", "mkfs", &ds, "--size", "64M", "--block-size", "64K"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = wv(&["fs", "create", &ds, "a", "--size", "8M"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    // Refused before anything starts: a device that is not a path, a bad number.
+    for bad in ["ds.img=5", "raw=x", "/a b=5"] {
+        let r = wv(&[
+            "host",
+            "--storage-capacity-iops",
+            bad,
+            "--socket",
+            "/nonexistent/s",
+        ]);
+        assert_eq!(r.status, Some(200), "{bad}: {r}");
+        assert!(
+            r.stderr.starts_with("wv: error: --storage-capacity-iops"),
+            "{r}"
+        );
+    }
+    let own = format!("{ds}=70");
+    let d = Daemon::start_with(
+        &dir,
+        &[
+            "--storage-capacity-iops",
+            "500",
+            "--storage-capacity-iops",
+            &own,
+        ],
+    );
+    let shown = d.json(&["host", "storage"]);
+    assert_eq!(shown["capacity_iops"], 500, "{shown}");
+    assert_eq!(
+        shown["device_capacity"],
+        serde_json::json!([{"device": ds, "capacity_iops": 70}]),
+        "{shown}"
+    );
+    let r = d.wv(&["host", "storage"]);
+    assert!(r.stdout.contains("the storage service does not run"), "{r}");
+    let r = d.wv(&[
+        "vm",
+        "create",
+        "a",
+        "--memory",
+        "64M",
+        "--disk",
+        &format!("vmkfs={ds}:a,via=storage,id=root"),
+        "--cmdline",
+        "console=ttyS0 probe.tests=blk,hang",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    let r = d.wv(&["vm", "start", "a"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    // The service applies it to the datastore (named by its canonical path).
+    let canonical = std::fs::canonicalize(&ds).unwrap().display().to_string();
+    let device_capacity = |d: &Daemon| {
+        control(d, "stats")["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["device"] == canonical.as_str())
+            .map(|x| x["capacity_iops"].clone())
+    };
+    assert_eq!(device_capacity(&d), Some(70.into()));
+    let r = d.wv(&["host", "storage"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert!(
+        r.stdout.contains(&format!("{ds}: 70 IOPS (its own)"))
+            && r.stdout.lines().any(|l| l.starts_with(&canonical)
+                && l.contains("70 IOPS")
+                && l.ends_with("-disk0")),
+        "{r}"
+    );
+    // Set while it runs: applied at once.
+    let r = d.wv(&["host", "storage", "--capacity-iops", "40", "--device", &ds]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(device_capacity(&d), Some(40.into()));
+    // The service killed once the guest has used its disk (a VMM still in its vhost-user set-up when
+    // the service dies fails its start: noted in docs/STORAGE.md): the one restarted has it
+    // again.
+    wait_console(&d, "a", "PASS blk");
+    let old = storage_pid(&d).unwrap();
+    let pid = i32::try_from(old).unwrap();
+    // SAFETY: kill sends a signal to the storage service's process; no memory is involved.
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    let t = Instant::now();
+    while !(storage_pid(&d).is_some_and(|p| p != old)
+        && try_served(&d).is_some_and(|v| v.len() == 1))
+    {
+        assert!(
+            t.elapsed() < WAIT,
+            "the daemon did not restart the service (pid {:?}, serving {:?}, VM {}); its log:\n{}",
+            storage_pid(&d),
+            try_served(&d),
+            d.json(&["vm", "info", "a"]),
+            std::fs::read_to_string(d.state.join("st").join("storage.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(device_capacity(&d), Some(40.into()));
+    // The default back, then a new default for every device.
+    let r = d.wv(&[
+        "host",
+        "storage",
+        "--capacity-iops",
+        "default",
+        "--device",
+        &ds,
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(device_capacity(&d), Some(500.into()));
+    let r = d.wv(&["host", "storage", "--capacity-iops", "300"]);
+    assert_eq!(r.status, Some(0), "{r}");
+    assert_eq!(device_capacity(&d), Some(300.into()));
+    // Usage errors: --device alone, default without a device.
+    let r = d.wv(&["host", "storage", "--device", &ds]);
+    assert_eq!(r.status, Some(200), "{r}");
+    let r = d.wv(&["host", "storage", "--capacity-iops", "default"]);
+    assert_eq!(r.status, Some(200), "{r}");
+    d.wv(&["vm", "stop", "a"]);
+}

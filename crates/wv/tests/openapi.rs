@@ -295,6 +295,48 @@ fn the_server_matches_its_openapi_document() {
         409
     );
     c.call("GET", "/v1/host", "/v1/host", None);
+    // The storage service's capacities: the default, one device's own, back to the default.
+    let st = "/v1/host/storage";
+    let (s, v) = c.call("GET", st, st, None);
+    assert_eq!((s, &v["capacity_iops"]), (200, &0.into()), "{v}");
+    let (s, v) = c.call("PUT", st, st, Some(r#"{"capacity_iops":500}"#));
+    assert_eq!((s, &v["capacity_iops"]), (200, &500.into()), "{v}");
+    let (s, v) = c.call(
+        "PUT",
+        st,
+        st,
+        Some(r#"{"device":"raw","capacity_iops":100}"#),
+    );
+    assert_eq!(
+        (s, &v["device_capacity"]),
+        (
+            200,
+            &serde_json::json!([{"device": "raw", "capacity_iops": 100}])
+        ),
+        "{v}"
+    );
+    for bad in [
+        r#"{"device":"raw"}"#,
+        r#"{"capacity_iops":null}"#,
+        r#"{"device":"ds","capacity_iops":1}"#,
+        r#"{"device":"/a b","capacity_iops":1}"#,
+        r#"{"capacity_iops":-1}"#,
+        r#"{"capacity_iops":1,"x":1}"#,
+        "[]",
+    ] {
+        assert_eq!(c.call("PUT", st, st, Some(bad)).0, 400, "{bad}");
+    }
+    let (s, v) = c.call(
+        "PUT",
+        st,
+        st,
+        Some(r#"{"device":"raw","capacity_iops":null}"#),
+    );
+    assert_eq!(
+        (s, &v["device_capacity"]),
+        (200, &serde_json::json!([])),
+        "{v}"
+    );
     // The lending policy is off here: the worlds' memory is sampled on request.
     let (s, m) = c.call("GET", "/v1/host/memory", "/v1/host/memory", None);
     assert_eq!(
@@ -645,6 +687,8 @@ fn the_server_matches_its_openapi_document() {
     let unreachable = [
         ("/v1/vms/{name}/stop", "post", 500),
         ("/v1/snapshots/{snap}", "delete", 500),
+        // A storage service that dies between the daemon's check and its request.
+        ("/v1/host/storage", "put", 502),
     ];
     // Every documented (path, method, status) was produced by the server.
     for (path, item) in doc["paths"].as_object().unwrap() {
@@ -1733,6 +1777,8 @@ impl Fuzz {
             "history",
             "host",
             "host-memory",
+            "host-storage",
+            "host-storage-set",
             "patch",
             "patch",
             "delete",
@@ -1765,10 +1811,20 @@ impl Fuzz {
             ""
         };
         match op {
-            "host" | "host-memory" | "list" | "all-stats" | "metrics" | "history" => {
+            "host-storage-set" => {
+                let n = self.rng.below(1000);
+                let st = "/v1/host/storage";
+                let body = format!(r#"{{"capacity_iops":{n}}}"#);
+                let a = self.send("PUT", st, st, Some(body.as_bytes()));
+                assert_eq!(a.status, 200, "{at}: PUT {st}: {}", a.json);
+                assert_eq!(a.json["capacity_iops"], n, "{at}: {}", a.json);
+            }
+            "host" | "host-memory" | "host-storage" | "list" | "all-stats" | "metrics"
+            | "history" => {
                 let (tpl, path) = match op {
                     "host" => ("/v1/host", "/v1/host"),
                     "host-memory" => ("/v1/host/memory", "/v1/host/memory"),
+                    "host-storage" => ("/v1/host/storage", "/v1/host/storage"),
                     "history" => ("/v1/history", "/v1/history"),
                     "list" => ("/v1/vms", "/v1/vms"),
                     "metrics" => ("/metrics", "/metrics"),
