@@ -712,15 +712,25 @@ pub fn vmm_threads(pid: u32) -> Vec<(u32, bool)> {
         .filter_map(|e| {
             let tid: u32 = e.file_name().to_str()?.parse().ok()?;
             let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-            let c = comm.trim();
-            let vcpu = c
-                .strip_prefix("vcpu")
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-            Some((tid, tid == pid || vcpu))
+            Some((tid, is_vcpu(pid, tid, comm.trim())))
         })
         .collect();
     out.sort_unstable();
     out
+}
+
+/// Whether thread `tid` named `name` of VMM process `pid` runs a vCPU: the main thread
+/// (vCPU 0) and the `vcpuN` threads.
+pub fn is_vcpu(pid: u32, tid: u32, name: &str) -> bool {
+    tid == pid
+        || name
+            .strip_prefix("vcpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `tid` is (still) a thread of process `pid`.
+pub fn is_thread_of(pid: u32, tid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
 }
 
 #[cfg(test)]
@@ -1103,5 +1113,8 @@ mod tests {
         let me = std::process::id();
         assert_eq!(vmm_threads(me)[0], (me, true));
         assert!(vmm_threads(me)[1..].iter().all(|t| !t.1));
+        assert!(is_thread_of(me, me));
+        assert!(!is_thread_of(me, u32::MAX));
+        assert!(is_vcpu(me, 1, "vcpu3") && !is_vcpu(me, 1, "vcpu") && !is_vcpu(me, 1, "io"));
     }
 }
