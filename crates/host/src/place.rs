@@ -239,6 +239,9 @@ pub struct Placer {
 
 /// Smoothing of the measured capacities per 100 ms tick (about 1 s).
 const CAPACITY_ALPHA: f64 = 0.1;
+/// What the worlds on a CPU used of it, at least, for it to count as busy without one of
+/// them seen waiting.
+const BUSY: f64 = 0.95;
 /// A measured capacity below this is taken as this (a burst of host work is not a reason to
 /// empty a CPU of split worlds).
 const CAPACITY_MIN: f64 = 0.5;
@@ -335,7 +338,11 @@ impl Placer {
             }
         }
         for k in 0..ncpus {
-            if known[k] && waited[k] {
+            // Worlds that used nearly all of it were held back by nothing but the host: a
+            // world alone on a CPU rarely waits long enough to be seen (measured: 0.985 of
+            // CPU 0 alone, below the threshold, 0.98 in the ticks with a time-shared world
+            // beside it), and leaving those ticks out took the capacity too low.
+            if known[k] && (waited[k] || got[k] >= BUSY) {
                 let c = &mut self.capacity[k];
                 *c += CAPACITY_ALPHA * (got[k].min(1.0) - *c);
                 *c = c.clamp(CAPACITY_MIN, 1.0);
@@ -864,11 +871,18 @@ mod tests {
     }
 
     /// One tick of a host whose CPUs give the worlds `cap[k]` (the rest goes to its own
-    /// tasks): every world is busy, each CPU is split among the worlds pinned to it by
-    /// weight (plain weight times the placement's factor), except that world 2 on CPU 0 gets
-    /// `bias` times its weight (as CFS gives a world more than its weight in the tick it
+    /// tasks), or `alone[k]` to a world alone there (which, if that is more than `cap[k]`, is
+    /// not seen to wait): every world is busy, each CPU is split among the worlds pinned to
+    /// it by weight (plain weight times the placement's factor), except that world 2 on CPU 0
+    /// gets `bias` times its weight (as CFS gives a world more than its weight in the tick it
     /// arrives). Returns the loads of the next tick.
-    fn simulate(loads: &[Load], d: &[Decision], cap: &[f64], bias: f64) -> Vec<Load> {
+    fn simulate_alone(
+        loads: &[Load],
+        d: &[Decision],
+        cap: &[f64],
+        alone: &[f64],
+        bias: f64,
+    ) -> Vec<Load> {
         let weight = |l: &Load| {
             let dec = d.iter().find(|d| d.id == l.id).unwrap();
             assert_eq!(dec.cpus.len(), 1, "{d:?}");
@@ -889,26 +903,44 @@ mod tests {
                     .filter(|w| w.0 == k)
                     .map(|w| w.1)
                     .sum();
-                let used = cap[k] * mine / all;
+                let n = loads.iter().filter(|o| weight(o).0 == k).count();
+                let used = if n == 1 { alone[k] } else { cap[k] } * mine / all;
                 Load {
                     used: Some(used),
-                    ready: 1.0 - used,
+                    // Alone on a CPU that gives it more, it waits for too little to be seen
+                    // (the quiet ticks then never count towards the CPU's capacity).
+                    ready: if n == 1 && alone[k] > cap[k] {
+                        0.0
+                    } else {
+                        1.0 - used
+                    },
                     ..*l
                 }
             })
             .collect()
     }
 
-    /// Runs `ticks` ticks of [`simulate`]; returns each world's mean use over the last
+    /// Runs `ticks` ticks of [`simulate_alone`] with `alone` = `cap`; returns each world's mean use over the last
     /// `ticks - 100` and how often world 2 sat on CPU 0.
     fn run(loads: &[Load], cap: &[f64], bias: f64, ticks: usize) -> (Vec<f64>, usize) {
+        run_alone(loads, cap, cap, bias, ticks)
+    }
+
+    /// [`run`] on a host whose CPUs give a world alone there `alone[k]`.
+    fn run_alone(
+        loads: &[Load],
+        cap: &[f64],
+        alone: &[f64],
+        bias: f64,
+        ticks: usize,
+    ) -> (Vec<f64>, usize) {
         let mut p = Placer::default();
         let mut loads = loads.to_vec();
         let mut sum = vec![0.0; loads.len()];
         let mut on0 = 0;
         for t in 0..ticks {
             let d = p.plan(&loads, cap.len());
-            loads = simulate(&loads, &d, cap, bias);
+            loads = simulate_alone(&loads, &d, cap, alone, bias);
             if t >= 100 {
                 for (s, l) in sum.iter_mut().zip(&loads) {
                     *s += l.used.unwrap();
@@ -971,6 +1003,26 @@ mod tests {
         for (g, l) in got.iter().zip(&loads) {
             assert!((g / l.entitlement - 0.98).abs() < 0.003, "{got:?}");
         }
+    }
+
+    #[test]
+    fn a_cpu_that_gives_a_world_alone_more_is_measured_whole() {
+        // As measured: a alone on CPU 0 got more of it (0.985) than a and b together (0.98)
+        // and was seldom seen waiting, so only the ticks with b counted towards CPU 0's
+        // capacity: a took 0.907 of its 0.9 and b and c lost it. (Simulated here: 0.912.)
+        let mut a = load(1, 0.9, None, 0.1);
+        a.reservation = 0.9;
+        let loads = [
+            a,
+            load(2, 1.1 / 3.0, None, 0.1),
+            load(3, 2.2 / 3.0, None, 0.1),
+        ];
+        let (got, _) = run_alone(&loads, &[0.98, 0.99], &[0.995, 0.99], 1.0, 3100);
+        assert!((got[0] - 0.9).abs() < 0.002, "{got:?}");
+        // b and c lose the rest in proportion.
+        let left = (got[1] + got[2]) / 1.1;
+        assert!((got[1] - left * 1.1 / 3.0).abs() < 0.003, "{got:?}");
+        assert!((got[2] - left * 2.2 / 3.0).abs() < 0.003, "{got:?}");
     }
 
     #[test]
