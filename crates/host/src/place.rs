@@ -24,7 +24,8 @@
 //! as in ESX (reservations are carved out of what the host leaves the VMs, shares divide the
 //! rest) and as CFS's weights divide what the host's tasks leave in proportion. The placer
 //! therefore measures each CPU's capacity for the worlds (what the worlds pinned to it got
-//! while one of them waited, smoothed over about a second; [`Placer::capacity`]) and fits
+//! while one of them waited or they used nearly all of it, smoothed over about a second;
+//! [`Placer::capacity`]) and fits
 //! the packing to it ([`fit`]): reservations are kept whole, the unreserved parts of all
 //! entitlements are scaled by one factor to fit the total capacity, and a time-shared
 //! world's piece on each CPU becomes the room its whole neighbours leave there. Because CFS
@@ -342,7 +343,8 @@ impl Placer {
 
     /// Updates the CPUs' capacities from the last tick: on a CPU where every world was pinned
     /// to it alone (time-shared worlds included: each tick they sit on one CPU) and one of
-    /// them waited for it, the worlds together got what the CPU had for them; the rest went
+    /// them waited for it or they used at least [`BUSY`] of it, the worlds together got what
+    /// the CPU had for them; the rest went
     /// to the host's own tasks (kernel threads, the daemon, the VMMs' other threads),
     /// interrupts or steal.
     fn measure(&mut self, loads: &[Load], ncpus: usize) {
