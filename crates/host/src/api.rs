@@ -680,6 +680,21 @@ struct Placement {
     trace: Option<std::fs::File>,
 }
 
+/// A running world as one tick of the scheduler's loop sees it: copied out under the
+/// document lock, its threads read after it.
+struct Ticked {
+    id: u64,
+    name: String,
+    /// The VM's process (a jail's keeper for a jailed VM).
+    pid: Option<u32>,
+    demand: Demand,
+    entitlement: f64,
+    /// The VMM process whose threads are the VM's.
+    vmm: Option<u32>,
+    /// Its threads this tick.
+    threads: Vec<sched::ThreadTime>,
+}
+
 impl Placement {
     fn new() -> Placement {
         Placement {
@@ -1272,33 +1287,64 @@ impl Daemon {
     }
 
     /// The scheduler's loop: every 100 ms, feed each running world's use back into its weight
-    /// and place the worlds' vCPU threads on CPUs ([`crate::place`]).
+    /// and place the worlds' vCPU threads on CPUs ([`crate::place`]). The document lock is
+    /// held only to copy out who runs and, at the end, to write the weights of the worlds
+    /// still running the same VMM: the threads are read (once each per tick, by a
+    /// [`sched::ThreadReader`]) and placed without it.
     fn schedule(&self) {
         let tick = Duration::from_millis(100);
         let mut last = std::time::Instant::now();
+        let mut reader = sched::ThreadReader::default();
         loop {
             std::thread::sleep(tick);
             let now = std::time::Instant::now();
             let dt = u64::try_from(now.duration_since(last).as_nanos()).unwrap_or(u64::MAX);
             last = now;
-            let doc = self.lock();
-            let entitled = self.entitled(&doc);
-            let samples: Vec<sched::Sample> = entitled
-                .iter()
-                .filter_map(|&(w, e)| {
-                    let (cpu_ns, ready_ns) = sched::totals(&sched::threads(w.pid?));
-                    Some(sched::Sample {
+            let mut live: Vec<Ticked> = {
+                let doc = self.lock();
+                self.entitled(&doc)
+                    .into_iter()
+                    .map(|(w, e)| Ticked {
                         id: w.id,
+                        name: w.spec.name.clone(),
+                        pid: w.pid,
+                        demand: w.spec.demand(),
                         entitlement: e,
+                        vmm: None,
+                        threads: Vec::new(),
+                    })
+                    .collect()
+            };
+            for l in &mut live {
+                if let Some(pid) = l.pid {
+                    l.vmm = Some(reader.vmm(pid));
+                    l.threads = reader.read(pid);
+                }
+            }
+            reader.retain(&live.iter().filter_map(|l| l.pid).collect());
+            let samples: Vec<sched::Sample> = live
+                .iter()
+                .filter(|l| l.pid.is_some())
+                .map(|l| {
+                    let (cpu_ns, ready_ns) = sched::totals(&l.threads);
+                    sched::Sample {
+                        id: l.id,
+                        entitlement: l.entitlement,
                         cpu_ns,
                         ready_ns,
-                    })
+                    }
                 })
                 .collect();
             let mut ctl = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
             ctl.step(&samples, dt);
-            self.place(&entitled, &samples, &ctl, dt);
+            self.place(&live, &samples, &ctl, dt);
             drop(ctl);
+            let doc = self.lock();
+            let entitled: Vec<(&World, f64)> = self
+                .entitled(&doc)
+                .into_iter()
+                .filter(|(w, _)| live.iter().any(|l| l.id == w.id && l.pid == w.pid))
+                .collect();
             self.enforce(&entitled, false);
         }
     }
@@ -1319,7 +1365,7 @@ impl Daemon {
     /// applies it (only what changed); the weight factors go to [`Daemon::enforce`].
     fn place(
         &self,
-        entitled: &[(&World, f64)],
+        entitled: &[Ticked],
         samples: &[sched::Sample],
         ctl: &sched::Controller,
         dt_ns: u64,
@@ -1337,7 +1383,8 @@ impl Daemon {
         let dt = dt_ns.max(1) as f64;
         let mut loads = Vec::new();
         let mut prev = HashMap::new();
-        for &(w, e) in entitled {
+        for w in entitled {
+            let e = w.entitlement;
             let s = samples.iter().find(|s| s.id == w.id);
             let (used, ready) = match (s, p.prev.get(&w.id)) {
                 (Some(s), Some(&(c0, r0))) => (
@@ -1349,7 +1396,7 @@ impl Daemon {
             if let Some(s) = s {
                 prev.insert(w.id, (s.cpu_ns, s.ready_ns));
             }
-            let d = w.spec.demand();
+            let d = w.demand;
             let vcpus = f64::from(d.vcpus);
             loads.push(place::Load {
                 id: w.id,
@@ -1379,10 +1426,10 @@ impl Daemon {
         let mut applied = HashMap::new();
         let mut trace = String::new();
         for dec in decisions {
-            let Some(&(w, _)) = entitled.iter().find(|(w, _)| w.id == dec.id) else {
+            let Some(w) = entitled.iter().find(|w| w.id == dec.id) else {
                 continue;
             };
-            let Some(pid) = w.pid else { continue };
+            let Some(pid) = w.vmm else { continue };
             // Only a VMM still running: while it runs its pidfd keeps its pid from being
             // another process's; the pid of one that ended may already be someone else's.
             if !self.run_of(w.id).is_some_and(|r| alive_now(&r)) {
@@ -1390,14 +1437,15 @@ impl Daemon {
             }
             if p.trace.is_some() {
                 let l = loads.iter().find(|l| l.id == w.id);
-                let ran: Vec<String> = place::vmm_threads(crate::supervisor::vmm_process(pid))
+                let ran: Vec<String> = w
+                    .threads
                     .iter()
-                    .filter(|t| t.1)
-                    .map(|t| place::last_cpu(t.0).map_or("?".into(), |c| c.to_string()))
+                    .filter(|t| place::is_vcpu(pid, t.tid, &t.name))
+                    .map(|t| place::last_cpu(t.tid).map_or("?".into(), |c| c.to_string()))
                     .collect();
                 trace.push_str(&format!(
                     " {} e={:.3} used={:.3} ready={:.3} ran={} cpus={:?} f={:.3};",
-                    w.spec.name,
+                    w.name,
                     l.map_or(0.0, |l| l.entitlement),
                     l.and_then(|l| l.used).unwrap_or(-1.0),
                     l.map_or(0.0, |l| l.ready),
@@ -1414,22 +1462,32 @@ impl Daemon {
                 .iter()
                 .filter_map(|&i| host.get(i).copied())
                 .collect();
-            let pid = crate::supervisor::vmm_process(pid);
             let all: Vec<usize> = host.clone();
-            for (tid, vcpu) in place::vmm_threads(pid) {
+            for t in &w.threads {
+                let tid = t.tid;
                 // Other threads may run anywhere (one started by a pinned vCPU thread would
                 // inherit its affinity).
-                let cpus = if vcpu { &cpus } else { &all };
+                let cpus = if place::is_vcpu(pid, tid, &t.name) {
+                    &cpus
+                } else {
+                    &all
+                };
                 let before = p.applied.get(&tid);
                 // Each thread is set once when first seen, then when its CPUs change: with
                 // placement off that gives every CPU back to a thread an earlier daemon
                 // (with placement on) pinned, which this one cannot tell from its own.
                 if before != Some(cpus) {
+                    // The thread was listed earlier in this tick: if it has ended since, its
+                    // id may be another process's by now (the VMM's pidfd, checked above,
+                    // keeps only the process's own id), so it must still be the VMM's.
+                    if !place::is_thread_of(pid, tid) {
+                        continue;
+                    }
                     if let Err(e) = place::set_affinity(tid, cpus) {
                         if p.warned.insert(w.id) {
                             eprintln!(
                                 "wv host: world {} ({}): placing VMM thread {tid} on CPUs {cpus:?}: {e}",
-                                w.id, w.spec.name
+                                w.id, w.name
                             );
                         }
                         continue;

@@ -308,6 +308,9 @@ struct State {
     closed: bool,
     /// Whether [`Cgroups::system`] moved this process into the daemon's groups.
     placed: bool,
+    /// The weight last written to each world's group (the scheduler's loop writes a weight
+    /// only when it changes; a group created again starts from the kernel's default).
+    weights: std::collections::HashMap<u64, u64>,
 }
 
 /// The exclusive lock that serialises creating and removing groups across daemons.
@@ -560,6 +563,7 @@ impl Cgroups {
             return Err("the daemon is stopping".into());
         }
         st.pending.remove(&id);
+        st.weights.remove(&id);
         let d = self.dir(id);
         mkdir(&d)?;
         write(&d.join("cgroup.procs"), pid)
@@ -575,6 +579,7 @@ impl Cgroups {
         }
         // A removal queued by the last run's end must not take the group from this one.
         st.pending.remove(&id);
+        st.weights.remove(&id);
         let d = self.dir(id);
         mkdir(&d)?;
         let p = d.join("cgroup.procs");
@@ -603,15 +608,23 @@ impl Cgroups {
         write(&d.join("cgroup.procs"), pid)
     }
 
-    /// Sets world `id`'s weight for an entitlement (what the feedback loop adjusts each tick).
+    /// Sets world `id`'s weight for an entitlement (what the feedback loop adjusts each tick),
+    /// writing it only when it differs from the weight last written.
     pub fn weight(&self, id: u64, entitlement: f64) -> Result<(), String> {
         self.need_cpu()?;
-        self.set_weight(&self.dir(id), weight(self.inner.h.version, entitlement))
+        let w = weight(self.inner.h.version, entitlement);
+        if self.state().weights.get(&id) == Some(&w) {
+            return Ok(());
+        }
+        self.set_weight(&self.dir(id), w)?;
+        self.state().weights.insert(id, w);
+        Ok(())
     }
 
     /// Applies an entitlement and a limit to world `id` (when settings or the running set
-    /// change).
+    /// change); the weight is written whatever was written before.
     pub fn apply(&self, id: u64, entitlement: f64, limit: Option<f64>) -> Result<(), String> {
+        self.state().weights.remove(&id);
         self.weight(id, entitlement)?;
         let d = self.dir(id);
         let period = crate::sched::PERIOD_US;
@@ -647,6 +660,7 @@ impl Cgroups {
             return;
         }
         st.pending.insert(id);
+        st.weights.remove(&id);
         drop(st);
         self.kick();
     }
