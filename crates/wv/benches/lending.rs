@@ -193,7 +193,15 @@ fn main() {
     // Without the policy: what the two VMMs hold once their guests touched their pools.
     let mut d0 = Daemon::start(&dir, &[]);
     for vm in ["a", "b"] {
-        d0.ok(&["vm", "create", vm, "--memory", "1536M", "--cmdline", CMDLINE]);
+        d0.ok(&[
+            "vm",
+            "create",
+            vm,
+            "--memory",
+            "1536M",
+            "--cmdline",
+            CMDLINE,
+        ]);
         d0.ok(&["vm", "start", vm]);
     }
     let t = Instant::now();
@@ -202,7 +210,10 @@ fn main() {
     }
     let touched = t.elapsed();
     let m = d0.memory();
-    let whole: u64 = ["a", "b"].iter().map(|vm| n(world(&m, vm), "rss_bytes")).sum();
+    let whole: u64 = ["a", "b"]
+        .iter()
+        .map(|vm| n(world(&m, vm), "rss_bytes"))
+        .sum();
     d0.end(&[]);
     std::mem::forget(d0); // its VMMs run on, for the next daemon
 
@@ -227,7 +238,11 @@ fn main() {
     // the roles alternate.
     let mut busy_prev: Option<&str> = None;
     for round in 0..=rounds {
-        let (busy, idle) = if round % 2 == 0 { ("b", "a") } else { ("a", "b") };
+        let (busy, idle) = if round % 2 == 0 {
+            ("b", "a")
+        } else {
+            ("a", "b")
+        };
         if let Some(p) = busy_prev {
             d.command(p, "i", "balloon: idle");
         }
@@ -286,14 +301,19 @@ fn main() {
         let fell = rss0.saturating_sub(last.idle_rss);
         rows.push(format!(
             "{:>5} {:>6} {:>9} {:>9} {:>9} {:>13} {:>9} {:>10}",
-            if round == 0 { "setup".into() } else { round.to_string() },
+            if round == 0 {
+                "setup".into()
+            } else {
+                round.to_string()
+            },
             format!("{idle}->{busy}"),
             moved / MIB,
             secs(first(&samples, |s| s.busy_current == MEMORY)),
             secs(first(&samples, |s| s.guest_done)),
             secs(first(&samples, |s| s.idle_current == s.idle_target
                 && s.idle_lent + 8 * MIB >= SHORT)),
-            secs(first(&samples, |s| rss0.saturating_sub(s.idle_rss) * 20 >= lent * 19)),
+            secs(first(&samples, |s| rss0.saturating_sub(s.idle_rss) * 20
+                >= lent * 19)),
             fell / MIB,
         ));
         let mut tl = format!("swap {round} ({idle} idle, {busy} busy): t, {busy} current, {idle} current/target, {idle} RSS (MiB)\n");
