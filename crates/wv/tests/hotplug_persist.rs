@@ -1,7 +1,8 @@
 //! Hot-plugged devices kept in a daemon VM's definition (docs/DEVICES.md, "Hot-plug"): a disk
 //! and a NIC added to a running probe guest are in `wv vm info` and the stored document at
 //! once; a daemon restart that re-adopts the VM knows them (a third device, a NIC, is then
-//! removed through the port the first daemon gave it); the next start boots with the disk and
+//! removed through the port the first daemon gave it, and the guest's `net` test runs over the
+//! hot-plugged NIC's port after the restart); the next start boots with the disk and
 //! the NIC, which the guest's `blk` and `net` tests use; a device the run started with cannot
 //! be ejected live, and once the VM is stopped it leaves the definition: the start after that
 //! boots without it. Ids stay unique across the two kinds and the boot-time devices; a refused
