@@ -18,8 +18,8 @@
 //! | GET /v1/snapshots, DELETE /v1/snapshots/{snap} | the snapshots, and removing one |
 //! | POST /v1/snapshots/{snap}/clone | start new VMs from a snapshot (body: `{"name": N, "count": C}`) |
 //! | PATCH /v1/vms/{name} | change shares, reservation or limit, net and disk shares (live when running) |
-//! | POST /v1/vms/{name}/devices | hot-plug a disk into the running VM (body: `{"disk": {"path": IMG, "id": ID, "readonly"?: bool}}`; live only, not kept in its definition): the daemon opens the image and hands it to the VMM (201: `{"id", "slot"}`) |
-//! | DELETE /v1/vms/{name}/devices/{id} | unplug hot-plugged device `id` once the guest has ejected it (204) |
+//! | POST /v1/vms/{name}/devices | hot-plug a disk or a net into the running VM (body: `{"disk": {"path": IMG, "id": ID, "readonly"?: bool}}` or `{"net": {"network": N, "id": ID}}`): the daemon opens the image (or a switch port) and hands it to the VMM (201: `{"id", "slot"}`); once the VMM has it, it is kept in the VM's definition |
+//! | DELETE /v1/vms/{name}/devices/{id} | unplug hot-plugged device `id` once the guest has ejected it (204), which then leaves the definition; of a VM that does not run, take device `id` out of its definition |
 //! | GET, PUT /v1/vms/{name}/balloon | the running VM's memory target and current memory; a new target (body: `{"memory_target": SIZE}`), through its VMM's balloon |
 //! | GET /v1/vms/{name}/stats | CPU accounting of one VM |
 //! | PUT /v1/vms/{name}/devices/{dev}/path | switch the running VM's vhost-user net or disk `dev` between the direct and the interposed data path (body: `{"path": "direct"\|"interposed", "capture"?: FILE}`, FILE a `.pcap` or `.trace` file name written in the VM's folder), through its VMM |
@@ -51,7 +51,7 @@ use crate::shutdown::{self, SocketTrace, StateLock, Traces};
 use crate::storage;
 use crate::store::{Document, Store};
 use crate::supervisor::{self, Pidfd};
-use crate::world::{no_null, State, VmSpec, World};
+use crate::world::{no_null, HotPlugged, State, VmSpec, World};
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, HashSet};
@@ -214,6 +214,44 @@ enum HotBackend {
     Disk { name: String },
 }
 
+/// What serves hot-plugged device `h` of world `w`, as [`Daemon::record_hot`] recorded it: its
+/// switch port on its net's network, or its name in the storage service; None for a device
+/// its VMM serves alone.
+fn hot_backend(w: &World, h: &HotPlugged) -> Option<(String, HotBackend)> {
+    let b = if let Some(port) = &h.port {
+        let net = w
+            .spec
+            .config
+            .nets
+            .iter()
+            .find(|n| n.name() == h.id)?
+            .network
+            .clone()?;
+        HotBackend::Port {
+            net,
+            port: port.clone(),
+        }
+    } else {
+        HotBackend::Disk {
+            name: h.served.clone()?,
+        }
+    };
+    Some((h.id.clone(), b))
+}
+
+/// Whether `id` names one of the disks or nets of `c` (the VMM takes it for either).
+fn device_id_taken(c: &wv_config::VmConfig, id: &str) -> bool {
+    c.disks.iter().any(|d| d.id == id) || c.nets.iter().any(|n| n.name() == id)
+}
+
+/// Takes device `id` out of `c`; whether it was there.
+fn drop_device(c: &mut wv_config::VmConfig, id: &str) -> bool {
+    let before = c.disks.len() + c.nets.len();
+    c.disks.retain(|d| d.id != id);
+    c.nets.retain(|n| n.name() != id);
+    c.disks.len() + c.nets.len() != before
+}
+
 /// The body of `PUT /v1/vms/{name}/devices/{dev}/path`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -364,17 +402,32 @@ struct SnapshotMeta {
 
 /// The switch ports of world `w`'s nets on the daemon's networks: (network, port).
 fn switch_ports(w: &World) -> Vec<(String, String)> {
+    net_ports(w).into_iter().map(|(_, n, p)| (n, p)).collect()
+}
+
+/// World `w`'s nets on the daemon's networks: (the net's name, the network, its switch port).
+/// A net its run started with has the port of its place in the definition; one hot-plugged
+/// into the run, the port recorded for it ([`World::hot`]).
+fn net_ports(w: &World) -> Vec<(String, String, String)> {
     w.spec
         .config
         .nets
         .iter()
         .enumerate()
-        .filter_map(|(i, n)| Some((n.network.clone()?, network::port_name(w.id, i))))
+        .filter_map(|(i, n)| {
+            let name = n.name();
+            let port = match w.hot.iter().find(|h| h.id == name) {
+                Some(h) => h.port.clone()?,
+                None => network::port_name(w.id, i),
+            };
+            Some((name, n.network.clone()?, port))
+        })
         .collect()
 }
 
 /// The disks of world `w` that the storage service serves: (index, the service's name for
-/// it, its source text).
+/// it, its source text). A disk hot-plugged into the run has the name recorded for it
+/// ([`World::hot`]).
 fn served_disks(w: &World) -> Vec<(usize, String, String)> {
     w.spec
         .config
@@ -382,7 +435,13 @@ fn served_disks(w: &World) -> Vec<(usize, String, String)> {
         .iter()
         .enumerate()
         .filter(|(_, d)| d.via == wv_config::DiskVia::Storage)
-        .map(|(i, d)| (i, storage::disk_name(w.id, i), storage::disk_source(d)))
+        .filter_map(|(i, d)| {
+            let name = match w.hot.iter().find(|h| h.id == d.id) {
+                Some(h) => h.served.clone()?,
+                None => storage::disk_name(w.id, i),
+            };
+            Some((i, name, storage::disk_source(d)))
+        })
         .collect()
 }
 
@@ -841,6 +900,7 @@ impl Daemon {
                         w.state = State::Stopped;
                         w.pid = None;
                         w.console = None;
+                        w.hot.clear();
                     }
                 }
             }
@@ -911,6 +971,20 @@ impl Daemon {
             }
             if !disks.is_empty() {
                 d.storage.restore(disks, shares);
+            }
+            // What serves the devices hot-plugged into the runs (served above with the rest),
+            // for their removal.
+            for (id, _, _) in &adopt {
+                if let Some(w) = doc.worlds.iter().find(|w| w.id == *id) {
+                    let backends: Vec<(String, HotBackend)> =
+                        w.hot.iter().filter_map(|h| hot_backend(w, h)).collect();
+                    if !backends.is_empty() {
+                        d.hot
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(*id, backends);
+                    }
+                }
             }
         }
         if d.cgroups.is_ok() {
@@ -1055,6 +1129,7 @@ impl Daemon {
             };
             w.pid = None;
             w.console = None;
+            w.hot.clear();
             w.reason = Some(reason.clone());
             if let Err(e) = self.store.save(&doc) {
                 eprintln!("wv host: world {id}: saving the state after its VMM ended: {e}");
@@ -1759,7 +1834,8 @@ impl Daemon {
     /// NetConfig}` with `network` and `id`) into the running VM. For a disk the daemon opens the
     /// image (read-write unless `readonly`); for a net it adds a port to the switch and
     /// connects to it. Either way it hands the descriptor to the VMM with `PUT /vm/device-add`
-    /// (a jailed VMM could not open it). Live only: the definition does not change. The
+    /// (a jailed VMM could not open it). Once the VMM has taken it (never before), the device is
+    /// part of the VM's definition ([`Self::keep_hot`]): its next start boots with it. The
     /// functions for each kind run with the VM's lifecycle lock held and the VM running.
     fn device_add(&self, name: &str, body: &[u8]) -> Reply {
         #[derive(serde::Deserialize)]
@@ -1811,26 +1887,142 @@ impl Daemon {
             (_, Some(n)) => n.id.clone().unwrap_or_default(),
             (None, None) => String::new(),
         };
-        let taken = self
+        // The device as the definition will keep it (a served disk `via=storage`): its id
+        // unique among the VM's disks and nets, those it started with and those hot-plugged
+        // since (all in the definition), and the definition with it valid as a whole.
+        let served = add
+            .disk
+            .as_ref()
+            .is_some_and(|d| d.vmkfs.is_some() || !d.via.is_vmm());
+        let mut disk = add.disk.clone();
+        if let Some(d) = disk.as_mut().filter(|_| served) {
+            d.via = wv_config::DiskVia::Storage;
+        }
+        let net = add.net.clone();
+        let spec = {
+            let mut doc = self.lock();
+            match Self::world(&mut doc, id, name) {
+                Ok(w) => w.spec.clone(),
+                Err(r) => return r,
+            }
+        };
+        let taken = device_id_taken(&spec.config, &dev)
+            || self
+                .hot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .is_some_and(|v| v.iter().any(|(d, _)| *d == dev));
+        if taken {
+            return error(
+                409,
+                format!("VM '{name}' already has a device with id '{dev}'"),
+            );
+        }
+        let mut with = spec;
+        with.config.disks.extend(disk.clone());
+        with.config.nets.extend(net.clone());
+        if let Err(e) = with.validate() {
+            return error(
+                422,
+                format!("VM '{name}': its definition with device '{dev}' would be invalid: {e}"),
+            );
+        }
+        let (status, body) = match (add.disk, add.net) {
+            (Some(d), _) if served => self.served_disk_add(id, name, d),
+            (Some(d), _) => self.disk_add(name, d),
+            (_, Some(n)) => self.net_add(id, name, n),
+            (None, None) => unreachable!("one of them, checked above"),
+        };
+        if status != 201 {
+            return (status, body);
+        }
+        // The VMM has it: now (never before) it is part of the definition.
+        match self.keep_hot(id, name, &dev, disk, net) {
+            Ok(()) => (status, body),
+            Err(r) => r,
+        }
+    }
+
+    /// Keeps device `dev`, which the VMM of world `id` (VM `name`) has just taken, in the VM's
+    /// definition (as `disk` or `net`) and among its run's hot-plugged devices with what
+    /// serves it ([`World::hot`]), stored at once. On an error the device is in the running VM
+    /// but not in its definition (the answer says so).
+    fn keep_hot(
+        &self,
+        id: u64,
+        name: &str,
+        dev: &str,
+        disk: Option<wv_config::DiskConfig>,
+        net: Option<wv_config::NetConfig>,
+    ) -> Result<(), Reply> {
+        let (port, served) = match self
             .hot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .is_some_and(|v| v.iter().any(|(d, _)| *d == dev));
-        if taken {
-            return error(
-                409,
-                format!("VM '{name}' already has a device with id '{dev}' (hot-plugged)"),
-            );
+            .and_then(|v| v.iter().find(|(d, _)| d == dev))
+        {
+            Some((_, HotBackend::Port { port, .. })) => (Some(port.clone()), None),
+            Some((_, HotBackend::Disk { name })) => (None, Some(name.clone())),
+            None => (None, None),
+        };
+        let mut doc = self.lock();
+        let i = doc
+            .worlds
+            .iter()
+            .position(|w| w.id == id)
+            .ok_or_else(|| error(404, format!("no VM named '{name}'")))?;
+        let before = doc.worlds[i].clone();
+        let w = &mut doc.worlds[i];
+        w.spec.config.disks.extend(disk);
+        w.spec.config.nets.extend(net);
+        w.hot.push(HotPlugged {
+            id: dev.to_string(),
+            port,
+            served,
+        });
+        if let Err(e) = self.store.save(&doc) {
+            doc.worlds[i] = before;
+            return Err(error(
+                500,
+                format!(
+                    "VM '{name}': device '{dev}' is in the running VM but not in its \
+                     definition (saving the state: {e}); it is gone at its next start"
+                ),
+            ));
         }
-        match (add.disk, add.net) {
-            (Some(d), _) if d.vmkfs.is_some() || !d.via.is_vmm() => {
-                self.served_disk_add(id, name, d)
-            }
-            (Some(d), _) => self.disk_add(name, d),
-            (_, Some(n)) => self.net_add(id, name, n),
-            (None, None) => unreachable!("one of them, checked above"),
+        Ok(())
+    }
+
+    /// Takes device `dev` of world `id` (VM `name`), which its guest has let go of, out of the
+    /// VM's definition and its run's hot-plugged devices, if it was hot-plugged into this run
+    /// (a device the run started with never leaves it: its VMM cannot eject it), stored at
+    /// once. An error says that the store could not be written.
+    fn forget_hot(&self, id: u64, name: &str, dev: &str) -> Result<(), Reply> {
+        let mut doc = self.lock();
+        let Some(i) = doc
+            .worlds
+            .iter()
+            .position(|w| w.id == id && w.hot.iter().any(|h| h.id == dev))
+        else {
+            return Ok(());
+        };
+        let before = doc.worlds[i].clone();
+        let w = &mut doc.worlds[i];
+        w.hot.retain(|h| h.id != dev);
+        drop_device(&mut w.spec.config, dev);
+        if let Err(e) = self.store.save(&doc) {
+            doc.worlds[i] = before;
+            return Err(error(
+                500,
+                format!(
+                    "VM '{name}': device '{dev}' was removed from the running VM but is still \
+                     in its definition (saving the state: {e})"
+                ),
+            ));
         }
+        Ok(())
     }
 
     /// A disk for [`Self::device_add`].
@@ -2068,13 +2260,32 @@ impl Daemon {
     }
 
     /// `DELETE /v1/vms/{name}/devices/{id}`: asks the guest to eject hot-plugged device `id`
-    /// (`PUT /vm/device-remove`), answered once it has.
+    /// (`PUT /vm/device-remove`), answered once it has; the device then leaves the VM's
+    /// definition. Of a VM that does not run, takes device `id` out of its definition (its
+    /// next start boots without it).
     fn device_remove(&self, name: &str, dev: &str) -> Reply {
         let (id, lc) = match self.lifecycle(name) {
             Ok(x) => x,
             Err(r) => return r,
         };
         let _serial = lc.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut doc = self.lock();
+            let Some(i) = doc.worlds.iter().position(|w| w.id == id) else {
+                return error(404, format!("no VM named '{name}'"));
+            };
+            if !is_live(doc.worlds[i].state) {
+                let before = doc.worlds[i].spec.clone();
+                if !drop_device(&mut doc.worlds[i].spec.config, dev) {
+                    return error(404, format!("VM '{name}' has no device '{dev}'"));
+                }
+                if let Err(r) = self.save(&doc) {
+                    doc.worlds[i].spec = before;
+                    return r;
+                }
+                return (204, String::new());
+            }
+        }
         if let Err(r) = self.running(id, name, true) {
             return r;
         }
@@ -2082,20 +2293,42 @@ impl Daemon {
         match self.vmm_call(name, "PUT", "/vm/device-remove", Some(&req)) {
             Ok((204, _)) => {
                 self.release_hot(id, dev);
-                (204, String::new())
+                match self.forget_hot(id, name, dev) {
+                    Ok(()) => (204, String::new()),
+                    Err(r) => r,
+                }
             }
             Ok((404, b)) => {
                 // The VMM has no such device: the guest ejected it by itself (or it was never
                 // added); what served it, if anything, is not needed any more.
                 self.release_hot(id, dev);
-                (404, b)
+                match self.forget_hot(id, name, dev) {
+                    Ok(()) => (404, b),
+                    Err(r) => r,
+                }
             }
+            Ok((409, _)) if self.started_with(id, dev) => error(
+                409,
+                format!(
+                    "VM '{name}': device '{dev}' is in the configuration its run started with, \
+                     which the guest cannot eject: stop the VM, then remove it from the \
+                     definition (wv vm device remove {name} {dev})"
+                ),
+            ),
             Ok((st, b)) => {
                 let status = if (400..500).contains(&st) { st } else { 502 };
                 (status, b)
             }
             Err(e) => error(409, format!("VM '{name}': {e}")),
         }
+    }
+
+    /// Whether `dev` is a device of world `id`'s definition that its run started with (not
+    /// hot-plugged since).
+    fn started_with(&self, id: u64, dev: &str) -> bool {
+        self.lock().worlds.iter().any(|w| {
+            w.id == id && device_id_taken(&w.spec.config, dev) && !w.hot.iter().any(|h| h.id == dev)
+        })
     }
 
     /// `PUT /v1/vms/{name}/devices/{dev}/path`: the VMM switches device `dev` (docs/DEVICES.md,
@@ -2470,16 +2703,7 @@ impl Daemon {
                             Some((w.spec.config.disks.get(i)?.id.clone(), svc))
                         })
                         .collect(),
-                    ports: w
-                        .spec
-                        .config
-                        .nets
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, n)| {
-                            Some((n.name(), n.network.clone()?, network::port_name(w.id, i)))
-                        })
-                        .collect(),
+                    ports: net_ports(w),
                 })
             })
             .collect()
@@ -2566,13 +2790,22 @@ impl Daemon {
             let Some(present) = seen.get(&vm.id).and_then(|r| r.hot.as_ref()) else {
                 continue;
             };
-            let recorded: Vec<String> = self
+            // Those of its definition (every device the VMM took) and any whose backend the
+            // daemon holds (one the store could not record).
+            let mut recorded: Vec<String> = self
                 .hot
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&vm.id)
                 .map(|v| v.iter().map(|(d, _)| d.clone()).collect())
                 .unwrap_or_default();
+            if let Some(w) = self.lock().worlds.iter().find(|w| w.id == vm.id) {
+                for h in &w.hot {
+                    if !recorded.contains(&h.id) {
+                        recorded.push(h.id.clone());
+                    }
+                }
+            }
             let gone: Vec<String> = recorded
                 .into_iter()
                 .filter(|d| !present.contains(d))
@@ -2591,10 +2824,14 @@ impl Daemon {
             };
             for d in gone.iter().filter(|d| !now.contains(d)) {
                 eprintln!(
-                    "wv host: VM '{}' ejected device {d} by itself: what served it is let go of",
+                    "wv host: VM '{}' ejected device {d} by itself: it leaves the definition, \
+                     and what served it is let go of",
                     vm.name
                 );
                 self.release_hot(vm.id, d);
+                if let Err((_, e)) = self.forget_hot(vm.id, &vm.name, d) {
+                    eprintln!("wv host: {e}");
+                }
             }
         }
     }
@@ -3031,6 +3268,7 @@ impl Daemon {
             pid: None,
             reason: None,
             console: None,
+            hot: Vec::new(),
         };
         doc.worlds.push(w.clone());
         if let Err(e) = self.save(&doc) {
@@ -3204,6 +3442,7 @@ impl Daemon {
             pid: None,
             reason: None,
             console: None,
+            hot: Vec::new(),
         };
         // Nets on the daemon's networks: a port of the switch each, whose socket the VMM gets.
         let ports = switch_ports(&this);
@@ -3414,6 +3653,7 @@ impl Daemon {
         w.pid = Some(child.id());
         w.reason = None;
         w.console = Some(sock.display().to_string());
+        w.hot.clear();
         let reply = ok(200, &*w);
         if let Err(e) = self.store.save(&doc) {
             eprintln!("wv host: world {id}: saving the state after its start: {e}");
@@ -3927,6 +4167,7 @@ impl Daemon {
                 w.state = State::Stopped;
                 w.pid = None;
                 w.console = None;
+                w.hot.clear();
                 w.reason = run
                     .outcome
                     .lock()
@@ -4790,4 +5031,88 @@ pub fn uninstall(state_dir: &Path) -> Result<Vec<String>, String> {
     std::fs::remove_dir_all(state_dir)
         .map_err(|e| format!("removing {}: {e}", state_dir.display()))?;
     Ok(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A running world with a net and a served disk of its start and one of each hot-plugged.
+    fn world() -> World {
+        let spec: VmSpec = serde_json::from_str(
+            r#"{"name":"a","memory_shared":true,
+                "disks":["path=/d0.img,id=d0,via=storage","path=/h.img,id=h0,via=storage","path=/p.img,id=p0"],
+                "nets":["network=lan,id=n0","network=lan,id=h1"]}"#,
+        )
+        .unwrap();
+        World {
+            id: 7,
+            spec,
+            state: State::Running,
+            pid: None,
+            reason: None,
+            console: None,
+            hot: vec![
+                HotPlugged {
+                    id: "h0".into(),
+                    port: None,
+                    served: Some("7-hdisk0".into()),
+                },
+                HotPlugged {
+                    id: "h1".into(),
+                    port: Some("7-hot0".into()),
+                    served: None,
+                },
+                HotPlugged {
+                    id: "p0".into(),
+                    port: None,
+                    served: None,
+                },
+            ],
+        }
+    }
+
+    /// The devices a run started with keep the names of their places; those hot-plugged
+    /// into it, the names recorded for them (what a re-adopting daemon serves again).
+    #[test]
+    fn hot_plugged_devices_keep_their_backends_names() {
+        let w = world();
+        assert_eq!(
+            net_ports(&w),
+            [
+                ("n0".into(), "lan".into(), "7-net0".into()),
+                ("h1".into(), "lan".into(), "7-hot0".into())
+            ]
+        );
+        let served: Vec<(usize, String)> = served_disks(&w)
+            .into_iter()
+            .map(|(i, n, _)| (i, n))
+            .collect();
+        assert_eq!(served, [(0, "7-disk0".into()), (1, "7-hdisk0".into())]);
+        let b: Vec<String> = w
+            .hot
+            .iter()
+            .filter_map(|h| hot_backend(&w, h))
+            .map(|(id, b)| match b {
+                HotBackend::Port { net, port } => format!("{id} {net}/{port}"),
+                HotBackend::Disk { name } => format!("{id} {name}"),
+            })
+            .collect();
+        assert_eq!(b, ["h0 7-hdisk0", "h1 lan/7-hot0"]);
+        // A new run: every device has the name of its place.
+        let mut fresh = w.clone();
+        fresh.hot.clear();
+        assert_eq!(switch_ports(&fresh)[1], ("lan".into(), "7-net1".into()));
+        assert_eq!(served_disks(&fresh)[1].1, "7-disk1");
+    }
+
+    #[test]
+    fn device_ids_span_disks_and_nets() {
+        let mut c = world().spec.config;
+        assert!(device_id_taken(&c, "d0") && device_id_taken(&c, "h1"));
+        assert!(!device_id_taken(&c, "x"));
+        assert!(drop_device(&mut c, "h1") && drop_device(&mut c, "p0"));
+        assert!(!drop_device(&mut c, "h1"));
+        assert_eq!((c.disks.len(), c.nets.len()), (2, 1));
+    }
 }

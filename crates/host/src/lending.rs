@@ -17,20 +17,32 @@
 //! - **Floor.** A VM never goes below its active memory plus a margin ([`margin`]), nor below
 //!   [`MIN_FLOOR`] or a quarter of its memory.
 //! - **Reclaim.** While the host's free memory (plus what balloons are still inflating to)
-//!   is below the reserve, raise balloon targets of the lowest-rho VMs, at most [`STEP`] per
-//!   VM a period (at least [`MIN_STEP`] when there is room), down to their floors.
+//!   is below the reserve, raise balloon targets of the lowest-rho VMs, at most [`step`] of
+//!   the shortfall per VM a period (at least [`MIN_STEP`] when there is room), down to their
+//!   floors.
 //! - **Give back.** Memory goes back (the balloon deflates) to a VM that lent it and needs it
-//!   (active fraction at least [`NEEDY`] and less memory than its size), when free memory or
-//!   VMs of lower rho can cover it; and, while free memory is above the reserve plus the
-//!   hysteresis ([`Settings::hysteresis`]), to the VMs that lent, highest rho first.
+//!   (active fraction at least [`NEEDY`] and less memory than its size), at most [`step`] of
+//!   what it lent a period, when free memory or VMs of lower rho can cover it; and, while free
+//!   memory is above the reserve plus the hysteresis ([`Settings::hysteresis`]), to the VMs
+//!   that lent, highest rho first, at most [`STEP`] each a period (nobody is waiting for it).
+//! - **Step.** The most one VM's balloon moves in a period grows with the shortfall: the
+//!   shortfall itself, at least [`STEP`] and at most [`MAX_STEP`]. With a fixed 64 MiB, 1 GiB
+//!   took 16 periods (about 20 s, docs/PERFORMANCE.md); with the bound at 256 MiB it takes 4.
+//!   The bound keeps a period's move within what a guest's driver does in well under a period
+//!   on an emulating host (inflating 1 GiB takes about 0.4 s here) and limits what a VM whose
+//!   statistics lag a period (it just became busy) can lose before the policy sees it.
 
 use serde::Serialize;
 
 const MIB: u64 = 1 << 20;
 /// The least memory the policy leaves a VM.
 pub const MIN_FLOOR: u64 = 16 * MIB;
-/// The most the policy moves into or out of one VM's balloon in one period.
+/// The most the policy moves into or out of one VM's balloon in one period for a shortfall
+/// of this much or less (see [`step`]).
 pub const STEP: u64 = 64 * MIB;
+/// The most the policy moves into or out of one VM's balloon in one period, whatever the
+/// shortfall.
+pub const MAX_STEP: u64 = 256 * MIB;
 /// The least the policy takes from a VM at once (less when that is all its room): a
 /// shortfall of a few pages, as resident memory jitters, does not make a stream of tiny
 /// requests.
@@ -160,6 +172,13 @@ pub fn floor(memory: u64, current: u64, f: f64) -> u64 {
         .min(memory)
 }
 
+/// The most the policy moves into or out of one VM's balloon in one period for a shortfall
+/// of `short` bytes (the host's memory below the reserve, or what a needy VM lent): the
+/// shortfall itself, at least [`STEP`] and at most [`MAX_STEP`], in whole pages.
+pub fn step(short: u64) -> u64 {
+    short.clamp(STEP, MAX_STEP) & !4095
+}
+
 /// One change the policy makes: the VM's new lent amount (its balloon's policy part).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -196,14 +215,15 @@ pub fn decide(s: &Settings, free: i64, vms: &[Vm]) -> Decision {
     let mut lent: Vec<u64> = vms.iter().map(|v| v.lent).collect();
     let mut target: Vec<u64> = vms.iter().map(|v| v.target).collect();
     let mut given = vec![false; vms.len()];
-    // Room to reclaim from VM j: down to its floor, counted from where its balloon aims.
-    let room = |j: usize, target: &[u64]| {
+    // Room to reclaim from VM j in this period: down to its floor, counted from where its
+    // balloon aims, at most `limit`.
+    let room = |j: usize, target: &[u64], limit: u64| {
         let v = &vms[j];
         let fl = floor(v.memory, v.current(), v.f());
         v.memory
             .saturating_sub(target[j])
             .saturating_sub(fl)
-            .min(STEP)
+            .min(limit)
             & !4095
     };
     let mut moved: Vec<String> = Vec::new();
@@ -217,12 +237,13 @@ pub fn decide(s: &Settings, free: i64, vms: &[Vm]) -> Decision {
     needy.sort_by(|&a, &b| rho(&vms[b]).total_cmp(&rho(&vms[a])));
     for &j in &needy {
         let mine = rho(&vms[j]);
+        let limit = step(lent[j]);
         let cover: u64 = (0..vms.len())
             .filter(|&o| o != j && !given[o] && rho(&vms[o]) < mine)
-            .map(|o| room(o, &target))
+            .map(|o| room(o, &target, limit))
             .sum::<u64>()
             + u64::try_from((free - reserve).max(0)).unwrap_or(0);
-        let back = lent[j].min(STEP).min(cover) & !4095;
+        let back = lent[j].min(limit).min(cover) & !4095;
         if back == 0 {
             continue;
         }
@@ -262,13 +283,14 @@ pub fn decide(s: &Settings, free: i64, vms: &[Vm]) -> Decision {
     // 3. Short: reclaim from the lowest priority first.
     if free < reserve {
         let mut need = u64::try_from(reserve - free).unwrap_or(0);
+        let limit = step(need);
         let mut order: Vec<usize> = (0..vms.len()).filter(|&j| !given[j]).collect();
         order.sort_by(|&a, &b| rho(&vms[a]).total_cmp(&rho(&vms[b])));
         for j in order {
             if need == 0 {
                 break;
             }
-            let take = room(j, &target).min(need.max(MIN_STEP).next_multiple_of(4096));
+            let take = room(j, &target, limit).min(need.max(MIN_STEP).next_multiple_of(4096));
             if take == 0 {
                 continue;
             }
@@ -503,11 +525,20 @@ mod tests {
             "{}",
             d.action
         );
-        // 200 MiB short: at most one step from the idle one; the busy one (90% active) is at
-        // its floor at its whole size (its active memory over NEEDY), so nothing from it: it
-        // would be needy at once and take it back.
+        // 200 MiB short: the idle one down to its floor (a step of the shortfall covers it);
+        // the busy one (90% active) is at its floor at its whole size (its active memory over
+        // NEEDY), so nothing from it: it would be needy at once and take it back.
         let d = decide(&on(32), -168 << 20, &vms);
-        assert_eq!(d.changes, vec![Change { id: 2, lent: STEP }], "{d:?}");
+        let idle_room = (128 * MIB - floor(128 * MIB, 128 * MIB, 0.2)) & !4095;
+        assert!(idle_room > STEP, "{idle_room}");
+        assert_eq!(
+            d.changes,
+            vec![Change {
+                id: 2,
+                lent: idle_room
+            }],
+            "{d:?}"
+        );
         // 80% active: down to its floor (0.8 * 128 / 0.9 = 113.8 MiB, above active + 8 MiB):
         // 14 MiB and a bit, whole pages.
         let vms80 = [vm(1, 1000, 128, 0.8, 0), vm(2, 1000, 128, 0.2, 0)];
@@ -552,22 +583,67 @@ mod tests {
     fn a_needy_vm_gets_its_memory_back_from_an_idle_one() {
         // VM 1 lent 80 MiB and is now wholly active; VM 2 is idle at full size.
         let vms = [vm(1, 1000, 48, 1.0, 80), vm(2, 1000, 128, 0.3, 0)];
-        // Exactly at the reserve: VM 1 gets a step back, VM 2 gives it.
+        // Exactly at the reserve: VM 1 gets all of it back (a step of 80 MiB), VM 2 gives it.
         let d = decide(&on(32), 32 << 20, &vms);
         assert_eq!(
             d.changes,
             vec![
+                Change { id: 1, lent: 0 },
                 Change {
-                    id: 1,
-                    lent: 16 * MIB
+                    id: 2,
+                    lent: 80 * MIB
                 },
-                Change { id: 2, lent: STEP },
             ]
         );
         // Nobody with a lower priority has room, and no free memory: nothing moves.
         let vms = [vm(1, 1000, 48, 1.0, 80), vm(2, 1000, 48, 0.95, 80)];
         let d = decide(&on(32), 32 << 20, &vms);
         assert_eq!(d.changes, vec![]);
+    }
+
+    /// The step grows with the shortfall, bounded: 1 GiB moves from an idle VM to a needy one
+    /// MAX_STEP a period, not STEP.
+    #[test]
+    fn a_large_shortfall_moves_a_larger_step() {
+        assert_eq!(step(0), STEP);
+        assert_eq!(step(STEP / 2), STEP);
+        assert_eq!(step(100 * MIB), 100 * MIB);
+        assert_eq!(step(100 * MIB + 5), 100 * MIB);
+        assert_eq!(step(1 << 40), MAX_STEP);
+        let big = |id, current_mib: u64, f, lent_mib| Vm {
+            memory: 1536 * MIB,
+            target: (1536 - current_mib) * MIB,
+            actual: (1536 - current_mib) * MIB,
+            ..vm(id, 1000, 128, f, lent_mib)
+        };
+        // VM 1 (1536 MiB) lent 1 GiB and is now wholly active; VM 2 is idle at full size.
+        let vms = [big(1, 512, 1.0, 1024), big(2, 1536, 0.1, 0)];
+        let d = decide(&on(64), 64 << 20, &vms);
+        assert_eq!(
+            d.changes,
+            vec![
+                Change {
+                    id: 1,
+                    lent: 1024 * MIB - MAX_STEP
+                },
+                Change {
+                    id: 2,
+                    lent: MAX_STEP
+                },
+            ],
+            "{d:?}"
+        );
+        // 1 GiB short and nobody needy: the idle VM gives MAX_STEP this period.
+        let vms = [big(1, 1536, 0.95, 0), big(2, 1536, 0.1, 0)];
+        let d = decide(&on(64), (64 << 20) - (1 << 30), &vms);
+        assert_eq!(
+            d.changes,
+            vec![Change {
+                id: 2,
+                lent: MAX_STEP
+            }],
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -199,6 +199,7 @@ mod tests {
                 pid: None,
                 reason: None,
                 console: None,
+                hot: Vec::new(),
             }],
             networks: vec![
                 crate::network::NetworkSpec {

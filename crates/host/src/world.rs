@@ -312,6 +312,26 @@ pub struct World {
     /// The console socket of the running VMM (`wv vm console` attaches to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// The devices of the definition that were hot-plugged into the running VMM (so not in
+    /// the configuration it started with), and what serves them; emptied when the run ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot: Vec<HotPlugged>,
+}
+
+/// A device hot-plugged into a VM's current run and kept in its definition since (`POST
+/// /v1/vms/{name}/devices`): its id, and the switch port or the storage service's disk that
+/// serves it, if the daemon gave it one. A daemon that re-adopts the VMM serves these again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotPlugged {
+    /// The device's id (a disk's `id`, a net's name).
+    pub id: String,
+    /// A net's switch port on its network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// A served disk's name in the storage service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<String>,
 }
 
 #[cfg(test)]

@@ -540,7 +540,8 @@ docs/DEVICES.md): for a raw image the daemon opens it (under its --images direct
 VMKFS disk the storage world serves, for a net it adds a port to its network's switch;
 it hands the VMM the file or connection. A served disk or a net needs the VM's memory
 shared (it was started with a net on a network, or --memory-shared on).
-Live only: the VM's definition does not change. Also spelt `wv vm device add NAME ...`.",
+Once the VMM has taken it, the device is part of the VM's definition: its next start boots
+with it. Also spelt `wv vm device add NAME ...`.",
         after_help = CLIENT_STATUS
     )]
     DeviceAdd {
@@ -559,10 +560,13 @@ Live only: the VM's definition does not change. Also spelt `wv vm device add NAM
         #[arg(long, value_name = "network=NAME,id=ID[,mac=MAC]")]
         net: Option<String>,
     },
-    /// Unplug a hot-plugged device from a running VM (also: wv vm device remove)
+    /// Unplug a hot-plugged device from a running VM, or take a device out of a stopped
+    /// VM's definition (also: wv vm device remove)
     #[command(
         long_about = "Unplugs hot-plugged device ID from the running VM NAME, answering once the guest has
-ejected it. Also spelt `wv vm device remove NAME ID`.",
+ejected it; it then leaves the VM's definition. Of a VM that does not run, takes device ID
+out of its definition (its next start boots without it). Also spelt `wv vm device remove
+NAME ID`.",
         after_help = CLIENT_STATUS
     )]
     DeviceRemove {

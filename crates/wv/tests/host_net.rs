@@ -846,7 +846,15 @@ fn a_nic_the_guest_ejects_by_itself_has_its_port_removed() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(d.json(&["vm", "info", "s"])["state"], "running");
+    let v = d.json(&["vm", "info", "s"]);
+    assert_eq!(v["state"], "running");
+    // It left the definition with its port (it was kept there while the guest had it).
+    let nets = v["spec"]["nets"].as_array().unwrap();
+    assert!(
+        nets.len() == 1 && nets[0]["id"] != "hot1",
+        "the ejected NIC is still defined: {v}"
+    );
+    assert!(v.get("hot").is_none(), "{v}");
     // The device is gone for the daemon too: removing it now finds nothing.
     let r = d.wv(&["vm", "device", "remove", "s", "hot1"]);
     assert_ne!(r.status, Some(0), "{r}");

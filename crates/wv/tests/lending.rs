@@ -22,8 +22,8 @@ const CMDLINE: &str =
 const RESERVE: u64 = 32 * MIB;
 /// What the pool lacks for both VMs whole: the policy has to take this much.
 const SHORT: u64 = 48 * MIB;
-/// The longest any one step may take (the policy moves at most 64 MiB a VM a second; the
-/// guests boot and touch their pools on an emulating host).
+/// The longest any one step may take (the policy moves at most 64 MiB a VM a second for a
+/// shortfall this small; the guests boot and touch their pools on an emulating host).
 const DEADLINE: Duration = Duration::from_secs(180);
 
 fn console_log(d: &Daemon, vm: &str) -> String {

@@ -546,17 +546,26 @@ fn the_server_matches_its_openapi_document() {
     let img = daemon.state.join("hot.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let add = serde_json::json!({"disk": {"path": img, "id": "hot0"}}).to_string();
-    let def = r#"{"name":"hp","memory":"64M","cmdline":"console=ttyS0 probe.tests=hotplug probe.hotplug_cycles=1"}"#;
-    assert_eq!(c.call("POST", "/v1/vms", "/v1/vms", Some(def)).0, 201);
+    let root = daemon.state.join("root.img");
+    std::fs::write(&root, vec![0u8; 1 << 20]).unwrap();
+    let def = serde_json::json!({
+        "name": "hp",
+        "memory": "64M",
+        "disks": [{"path": root, "id": "root"}],
+        "cmdline": "console=ttyS0 probe.tests=hotplug probe.hotplug_cycles=2",
+    })
+    .to_string();
+    assert_eq!(c.call("POST", "/v1/vms", "/v1/vms", Some(&def)).0, 201);
     assert_eq!(c.call("POST", dv, "/v1/vms/zz/devices", Some(&add)).0, 404);
     assert_eq!(c.call("POST", dv, "/v1/vms/hp/devices", Some(&add)).0, 409);
     assert_eq!(
         c.call("DELETE", dv1, "/v1/vms/zz/devices/hot0", None).0,
         404
     );
+    // Of a VM that does not run, a remove edits the definition: it has no such device.
     assert_eq!(
         c.call("DELETE", dv1, "/v1/vms/hp/devices/hot0", None).0,
-        409
+        404
     );
     assert_eq!(
         c.call("POST", "/v1/vms/{name}/start", "/v1/vms/hp/start", None)
@@ -616,11 +625,39 @@ fn the_server_matches_its_openapi_document() {
     let (st, b) = c.call("POST", dv, "/v1/vms/hp/devices", Some(&add));
     assert_eq!(st, 201, "{b}");
     seen("blk hot0 rw-ok");
+    // Kept in the definition, and among the run's hot-plugged devices (World.hot).
+    let (st, v) = c.call("GET", vm, "/v1/vms/hp", None);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["spec"]["disks"][1]["id"], "hot0", "{v}");
+    assert_eq!(v["hot"][0]["id"], "hot0", "{v}");
     assert_eq!(
         c.call("DELETE", dv1, "/v1/vms/hp/devices/hot0", None).0,
         204
     );
     seen("hotplug: ejected");
+    let (_, v) = c.call("GET", vm, "/v1/vms/hp", None);
+    assert_eq!(v["spec"]["disks"].as_array().map(Vec::len), Some(1), "{v}");
+    assert!(v.get("hot").is_none(), "{v}");
+    // A device the run started with is not ejected live.
+    assert_eq!(
+        c.call("DELETE", dv1, "/v1/vms/hp/devices/root", None).0,
+        409
+    );
+    // The VMM takes a device but the state cannot be saved: 500, the device in the guest but
+    // not in the definition; removed all the same.
+    let tmp = daemon.state.join("worlds.json.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let add1 = serde_json::json!({"disk": {"path": img, "id": "hot1"}}).to_string();
+    let (st, b) = c.call("POST", dv, "/v1/vms/hp/devices", Some(&add1));
+    std::fs::remove_dir(&tmp).unwrap();
+    assert_eq!(st, 500, "{b}");
+    seen("blk hot1 rw-ok");
+    let (_, v) = c.call("GET", vm, "/v1/vms/hp", None);
+    assert_eq!(v["spec"]["disks"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(
+        c.call("DELETE", dv1, "/v1/vms/hp/devices/hot1", None).0,
+        204
+    );
     // With one cycle the guest powers off after its eject: stopped by itself, or stopped here
     // if it has not yet (a stop then answers 409 once it has).
     let end = std::time::Instant::now() + Duration::from_secs(60);
@@ -633,6 +670,18 @@ fn the_server_matches_its_openapi_document() {
         assert!(std::time::Instant::now() < end, "hp never stopped: {v}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Stopped: a device leaves the definition (500 and unchanged when the state cannot be
+    // saved).
+    std::fs::create_dir(&tmp).unwrap();
+    let (st, b) = c.call("DELETE", dv1, "/v1/vms/hp/devices/root", None);
+    std::fs::remove_dir(&tmp).unwrap();
+    assert_eq!(st, 500, "{b}");
+    assert_eq!(
+        c.call("DELETE", dv1, "/v1/vms/hp/devices/root", None).0,
+        204
+    );
+    let (_, v) = c.call("GET", vm, "/v1/vms/hp", None);
+    assert_eq!(v["spec"]["disks"].as_array().map_or(0, Vec::len), 0, "{v}");
     assert_eq!(c.call("DELETE", vm, "/v1/vms/hp", None).0, 204);
     device_path_operations(&mut c);
     // The state cannot be saved (a folder has the temporary file's name): 500, and nothing
