@@ -3,6 +3,7 @@
 
 use crate::console::{outb, Line};
 use crate::entry;
+use crate::smp::MAX_CPUS;
 use crate::sync::Global;
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +75,7 @@ pub const SPURIOUS_VECTOR: u8 = 0xff;
 struct Idt([u64; 512]);
 
 #[repr(C, packed)]
+#[derive(Clone, Copy)]
 struct Tss {
     reserved0: u32,
     rsp0: u64,
@@ -87,7 +89,7 @@ struct Tss {
 }
 
 static IDT: Global<Idt> = Global::new(Idt([0; 512]));
-static TSS: Global<Tss> = Global::new(Tss {
+const TSS0: Tss = Tss {
     reserved0: 0,
     rsp0: 0,
     rsp1: 0,
@@ -97,7 +99,16 @@ static TSS: Global<Tss> = Global::new(Tss {
     reserved2: 0,
     reserved3: 0,
     iomap_base: 104,
-});
+};
+static TSS: Global<Tss> = Global::new(TSS0);
+/// The APs' own TSSs (by start-up slot), for APs that run CPL3 code.
+static AP_TSS: Global<[Tss; MAX_CPUS]> = Global::new([TSS0; MAX_CPUS]);
+const AP_ISTACK: usize = 4096;
+#[repr(C, align(4096))]
+struct ApIstacks([[u8; AP_ISTACK]; MAX_CPUS]);
+/// The stacks APs take interrupts from CPL3 on (by slot).
+#[link_section = ".stack"]
+static AP_ISTACKS: Global<ApIstacks> = Global::new(ApIstacks([[0; AP_ISTACK]; MAX_CPUS]));
 
 #[repr(C, align(16))]
 struct Stack([u8; 16384]);
@@ -151,6 +162,28 @@ pub fn init_bsp() {
     // Mask both 8259s: vectors 8-15 would alias CPU exceptions if a BIOS left the PIC there.
     outb(0x21, 0xff);
     outb(0xa1, 0xff);
+}
+
+/// Loads a TSS of its own on the AP in start-up slot `slot` (its interrupt stack for CPL3
+/// code). Called by that AP while the BSP waits for it, so one AP at a time rewrites the GDT's
+/// TSS descriptor (the BSP's TR keeps the descriptor it loaded).
+pub fn init_ap_tss(slot: usize) {
+    let slot = slot.min(MAX_CPUS - 1);
+    // SAFETY: slot `slot` is this AP's alone and nothing reads it before the `ltr` below.
+    let tss = unsafe { &mut AP_TSS.get_mut()[slot] };
+    tss.rsp0 = AP_ISTACKS.as_ptr() as u64 + ((slot + 1) * AP_ISTACK) as u64;
+    entry::set_tss_descriptor(core::ptr::from_mut(tss) as u64, 103);
+    // SAFETY: the descriptor at TSS_SEL was just written (available) for this AP's TSS.
+    unsafe { asm!("ltr ax", in("ax") entry::TSS_SEL, options(nostack, preserves_flags)) }
+}
+
+/// Halts with interrupts off until the VM ends.
+pub fn park() -> ! {
+    loop {
+        cli();
+        // SAFETY: halting with interrupts off only waits for the VM's end (or an NMI).
+        unsafe { asm!("hlt", options(nomem, nostack)) }
+    }
 }
 
 /// Loads the shared IDT on the calling CPU.
@@ -252,7 +285,16 @@ extern "C" fn interrupt_dispatch(f: &mut Frame) {
             MSIX_HITS.fetch_add(1, Ordering::Relaxed);
             lapic::write(lapic::EOI, 0);
         }
+        RETURN_VECTOR if from_user && f.rax == crate::mp::AP_DONE => park(),
         RETURN_VECTOR if from_user => entry::return_to_kernel(f.rax),
+        crate::mp::PING_VECTOR => {
+            crate::mp::on_ping();
+            lapic::write(lapic::EOI, 0);
+        }
+        crate::mp::PONG_VECTOR => {
+            crate::mp::on_pong();
+            lapic::write(lapic::EOI, 0);
+        }
         RETURN_VECTOR if KERNEL_BP_EXPECTED.load(Ordering::Relaxed) == 1 => {
             KERNEL_BP.fetch_add(1, Ordering::Relaxed);
             KERNEL_BP_RIP.store(f.rip, Ordering::Relaxed);

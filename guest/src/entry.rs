@@ -423,7 +423,8 @@ pub fn set_tss_descriptor(base: u64, limit: u32) {
         | ((u64::from(limit >> 16) & 0xf) << 48)
         | (((base >> 24) & 0xff) << 56);
     let high = base >> 32;
-    // SAFETY: the descriptor slot is only written here, before `ltr`, by the BSP.
+    // SAFETY: the descriptor slot is only written here, before `ltr`, by the BSP at boot or by
+    // one AP at a time while the BSP waits for it (smp::start_aps).
     unsafe {
         let p = &raw mut gdt_tss;
         (*p)[0] = low;

@@ -14,6 +14,7 @@ mod bootinfo;
 mod console;
 mod cpu;
 mod entry;
+mod mp;
 mod net;
 mod pci;
 mod pv;

@@ -4,7 +4,7 @@
 use crate::cpu::{self, lapic};
 use crate::entry;
 use crate::sync::Global;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Most CPUs the probe handles.
 pub const MAX_CPUS: usize = 64;
@@ -130,9 +130,20 @@ pub fn discover() -> Option<CpuList> {
 pub static AP_UP: AtomicU32 = AtomicU32::new(0);
 /// The APIC ID the last AP reported.
 pub static AP_LAST_ID: AtomicU64 = AtomicU64::new(u64::MAX);
+/// What an AP does once it is up: [`JOB_PARK`] (the default), [`JOB_IPI`] or [`JOB_USER`]; set
+/// by a test before [`start_aps`].
+pub static AP_JOB: AtomicU32 = AtomicU32::new(JOB_PARK);
+/// Halt with interrupts off until the VM ends.
+pub const JOB_PARK: u32 = 0;
+/// Answer the IPI ping-pong (`crate::mp`) with interrupts on, halted between pings.
+pub const JOB_IPI: u32 = 1;
+/// Run `crate::mp`'s CPL3 workload on this AP's own TSS and stacks.
+pub const JOB_USER: u32 = 2;
+/// The slot (1..) of the AP being started: its stacks and TSS.
+static AP_SLOT: AtomicUsize = AtomicUsize::new(0);
 
 const AP_STACK: usize = 8192;
-#[repr(C, align(16))]
+#[repr(C, align(4096))]
 struct ApStacks([[u8; AP_STACK]; MAX_CPUS]);
 #[link_section = ".stack"]
 static AP_STACKS: Global<ApStacks> = Global::new(ApStacks([[0; AP_STACK]; MAX_CPUS]));
@@ -140,12 +151,24 @@ static AP_STACKS: Global<ApStacks> = Global::new(ApStacks([[0; AP_STACK]; MAX_CP
 #[no_mangle]
 extern "C" fn ap_main() -> ! {
     cpu::load_idt();
+    let job = AP_JOB.load(Ordering::SeqCst);
+    let slot = AP_SLOT.load(Ordering::SeqCst).min(MAX_CPUS - 1);
+    if job == JOB_USER {
+        // Before AP_UP: the BSP starts the next AP (which rewrites the GDT's TSS descriptor)
+        // only once this one counted itself.
+        cpu::init_ap_tss(slot);
+    }
     AP_LAST_ID.store(u64::from(lapic::id()), Ordering::SeqCst);
     AP_UP.fetch_add(1, Ordering::SeqCst);
-    loop {
-        cpu::cli();
-        // SAFETY: a parked AP halts with interrupts off until the VM ends.
-        unsafe { core::arch::asm!("hlt", options(nomem, nostack)) }
+    match job {
+        JOB_IPI => {
+            lapic::enable();
+            loop {
+                cpu::wait_for_interrupt();
+            }
+        }
+        JOB_USER => crate::mp::ap_user(slot),
+        _ => cpu::park(),
     }
 }
 
@@ -184,6 +207,7 @@ pub fn start_aps(cpus: &CpuList) -> (u32, Option<u32>) {
         slot += 1;
         let top = AP_STACKS.as_ptr() as u64 + (slot as u64 + 1) * AP_STACK as u64;
         entry::set_ap_stack(top);
+        AP_SLOT.store(slot, Ordering::SeqCst);
         let target = started + 1;
         lapic::write(lapic::ICR_HIGH, id << 24);
         lapic::write(lapic::ICR_LOW, 0x4500);

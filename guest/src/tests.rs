@@ -32,10 +32,10 @@ fn report(outcome: Outcome, name: &str, detail: &mut Line) -> Outcome {
     outcome
 }
 
-fn pass(name: &str, d: &mut Line) -> Outcome {
+pub(crate) fn pass(name: &str, d: &mut Line) -> Outcome {
     report(Outcome::Pass, name, d)
 }
-fn fail(name: &str, d: &mut Line) -> Outcome {
+pub(crate) fn fail(name: &str, d: &mut Line) -> Outcome {
     report(Outcome::Fail, name, d)
 }
 
@@ -44,6 +44,8 @@ pub fn run(name: &[u8]) -> Outcome {
     match name {
         b"boot" => boot(),
         b"smp" => smp_test(),
+        b"ipi" => crate::mp::ipi(),
+        b"coher" => crate::mp::coher(),
         b"timer" => timer(),
         b"clock" => clock(),
         b"hypercall" => hypercall(),
@@ -211,7 +213,7 @@ fn stop_timer() {
     lapic::write(lapic::LVT_TIMER, 0x10000);
 }
 
-fn tsc_khz() -> u64 {
+pub(crate) fn tsc_khz() -> u64 {
     if pv::on_worldvisor() {
         let (st, khz, _) = pv::call_args(Call::TscKhz, [0; 5]);
         if st == status::OK {

@@ -3,7 +3,9 @@
 //! and the coherence workload's throughput on 1, 2 and 4 nodes for a partitioned and a
 //! shared access pattern; and the bytes sent per fault, and per page read, of a sequential
 //! scan followed by a write to every page it read, with versioning and read-ahead each on and
-//! off.
+//! off; and the same remote read and write faults with the two nodes in two network
+//! namespaces joined by a veth pair the bench creates and removes (root only; otherwise that
+//! row says NOT MEASURED and why).
 //!
 //! `cargo bench -p wv-dsm --bench dsm` (optionally `-- --quick` for fewer iterations, or
 //! `-- --tiny` only to check that it runs).
@@ -12,6 +14,7 @@
 mod common;
 
 use common::Cluster;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(1800);
@@ -24,6 +27,84 @@ fn lat(s: &str) -> (f64, f64) {
         .map(|x| x.parse::<f64>().unwrap() / 1000.0)
         .collect();
     (v[0], v[1])
+}
+
+/// Two network namespaces joined by a veth pair (10.252.0.1 and .2), removed when dropped.
+struct Veth {
+    ns: [String; 2],
+}
+
+impl Veth {
+    /// Creates them, or says why not.
+    fn new() -> Result<Veth, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root (creating network namespaces needs it)".into());
+        }
+        let tag = std::process::id() % 100_000;
+        let v = Veth {
+            ns: [format!("wvdsm-a-{tag}"), format!("wvdsm-b-{tag}")],
+        };
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("running ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let (va, vb) = (format!("wvda{tag}"), format!("wvdb{tag}"));
+        for ns in &v.ns {
+            ip(&["netns", "add", ns])?;
+        }
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        ip(&["link", "set", &va, "netns", &v.ns[0]])?;
+        ip(&["link", "set", &vb, "netns", &v.ns[1]])?;
+        for (ns, dev, addr) in [
+            (&v.ns[0], &va, "10.252.0.1/24"),
+            (&v.ns[1], &vb, "10.252.0.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(v)
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth pair, and with it the other end.
+        for ns in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Remote read and write fault latency between two nodes (node 0 wrote the pages).
+fn remote_faults(c: &mut Cluster, pages: usize, label: &str) {
+    assert_eq!(c.cmd(0, &format!("fill 0 {} 1", 2 * pages)), "ok");
+    for (cmd, base, what) in [
+        ("lat-read", 0, "remote read fault"),
+        (
+            "lat-write",
+            pages,
+            "remote write fault (ownership and data)",
+        ),
+    ] {
+        let (m, p) = lat(&c.cmd(1, &format!("{cmd} {base} {pages}")));
+        println!(
+            "{:52} median {m:8.1} us  p99 {p:8.1} us",
+            format!("{what}, {label}")
+        );
+    }
 }
 
 fn main() {
@@ -82,6 +163,30 @@ fn main() {
             moved as f64 / faults as f64
         );
         println!("node 1: {}", c.cmd(1, "stats"));
+    }
+
+    // Alternated, three times (one of each is noisy on a shared host).
+    println!("# loopback against veth between two network namespaces, versioning on, alternated");
+    for round in 1..=3 {
+        {
+            let mut c = Cluster::start(2, bytes, &[], LIMIT);
+            remote_faults(&mut c, pages, &format!("loopback ({round})"));
+        }
+        match Veth::new() {
+            Err(why) => {
+                println!("over veth: NOT MEASURED ({why})");
+                break;
+            }
+            Ok(v) => {
+                let mut c = Cluster::start_placed(2, bytes, &[], LIMIT, |id| {
+                    let i = id as usize;
+                    Some((v.ns[i].clone(), format!("10.252.0.{}:0", i + 1)))
+                });
+                remote_faults(&mut c, pages, &format!("over veth ({round})"));
+                drop(c);
+                drop(v);
+            }
+        }
     }
 
     println!(

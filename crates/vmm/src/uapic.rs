@@ -66,11 +66,19 @@ struct Cpu {
     kicked: AtomicBool,
 }
 
+/// The calling thread's id, by the system call: glibc's `gettid` wrapper is only weakly
+/// referenced from Rust's libc, and a static (`crt-static`) release build with LTO links it as
+/// a null address (the first vCPU thread then jumped to 0 in `attach`).
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    libc::pid_t::try_from(tid).unwrap_or(0)
+}
+
 impl Cpu {
     fn kick(&self) {
         let t = self.tid.load(Ordering::SeqCst);
-        // SAFETY: gettid has no preconditions.
-        let me = unsafe { libc::gettid() };
+        let me = gettid();
         // SeqCst pairs with `before_run`: the vCPU clears `kicked` before it looks at its
         // pending interrupts, a sender sets them before it tests `kicked`, so either the vCPU
         // sees the interrupt or the sender sees `kicked` clear and signals.
@@ -409,8 +417,7 @@ impl Uapic {
             .get(index as usize)
             .ok_or_else(|| format!("no local APIC for vCPU {index}"))?;
         cpu.kicked.store(false, Ordering::SeqCst);
-        // SAFETY: gettid has no preconditions.
-        cpu.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+        cpu.tid.store(gettid(), Ordering::SeqCst);
         let timer = HostTimer::new().map_err(|e| format!("timer_create: {e}"))?;
         let regs = fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
         let sregs = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
@@ -587,8 +594,7 @@ impl HostTimer {
         let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
         sev.sigev_notify = libc::SIGEV_THREAD_ID;
         sev.sigev_signo = crate::vcpu::kick_signal();
-        // SAFETY: gettid has no preconditions.
-        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        sev.sigev_notify_thread_id = gettid();
         let mut t: libc::timer_t = std::ptr::null_mut();
         // SAFETY: both pointers are valid for the call; the kernel writes the timer's id to `t`.
         if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut t) } != 0 {

@@ -582,3 +582,68 @@ fn a_node_refuses_a_bad_part_with_its_error() {
     assert_eq!(status, Some(1), "{out}");
     assert!(out.contains("line too long or cut"), "{out}");
 }
+
+/// A spec with one vCPU on each of `nodes` nodes over loopback.
+fn one_vcpu_per_node(nodes: u32) -> String {
+    let mut spec = format!("vcpus = {nodes}\nmemory = \"128M\"\n");
+    for v in 0..nodes {
+        spec.push_str(&format!(
+            "[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [{v}]\n"
+        ));
+    }
+    spec
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn the_coherence_workload_counts_exactly_with_a_vcpu_on_each_of_4_nodes() {
+    need_kvm();
+    let dir = TempDir::new("cluster-coher");
+    let f = dir.file("c.toml", one_vcpu_per_node(4).as_bytes());
+    for pattern in ["part", "shared"] {
+        // The guest checks every counter against the operations done (exact values).
+        let cmdline =
+            format!("console=ttyS0 probe.tests=coher probe.coher={pattern} probe.coher_ops=200000");
+        let r = wv(&[
+            "run",
+            "--cluster",
+            f.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+        ]);
+        assert_eq!(r.status, Some(0), "{r}");
+        r.assert_pass("coher");
+        assert!(
+            r.stdout.contains(&format!(
+                "PASS coher mode={pattern} ops-per-cpu=200000 cpus=4"
+            )),
+            "{r}"
+        );
+        // Every AP ran its loop on its own node: its pages came over the DSM.
+        for i in 1..4 {
+            let c = node_counters(&r.stderr, i);
+            assert!(counter(&c, "pages_received") > 0, "node {i}: {r}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn the_ipi_ping_pong_crosses_nodes_once_each_way_per_round() {
+    need_kvm();
+    let dir = TempDir::new("cluster-ipi");
+    let f = dir.file("c.toml", one_vcpu_per_node(2).as_bytes());
+    let r = wv(&[
+        "run",
+        "--cluster",
+        f.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 probe.tests=ipi probe.ipi_rounds=50",
+    ]);
+    assert_eq!(r.status, Some(0), "{r}");
+    r.assert_pass("ipi");
+    assert!(r.stdout.contains("target-apic=1 rounds=50"), "{r}");
+    // 60 rounds (10 of warm-up), a ping and a pong each, besides INIT and STARTUP.
+    let n = irq_messages(&r.stderr);
+    assert!(n >= 120, "{n} interrupt messages: {r}");
+}

@@ -3,7 +3,8 @@
 //! from stdin one line at a time, answering each with one line on stdout.
 //!
 //! `wv-dsm-node --id I --nodes N --bytes B [--backing anon|shared] [--hold-us U]
-//! [--versions on|off] [--read-ahead PAGES] [--peer-timeout-ms MS]`; commands:
+//! [--versions on|off] [--read-ahead PAGES] [--peer-timeout-ms MS] [--listen ADDR]` (ADDR
+//! defaults to 127.0.0.1:0); commands:
 //! `counter THREADS ITERS` (once per cluster), `read PAGE...`, `ring STEPS BASE PAGES`, `fill BASE PAGES SEED`,
 //! `sum BASE PAGES`, `part BASE PAGES ROUNDS`, `lat-read BASE PAGES`, `lat-write BASE PAGES`,
 //! `tput BASE PAGES OPS`, `scan BASE PAGES`, `local-floor PAGES`, `stats`, `errors`,
@@ -294,6 +295,7 @@ fn main() {
     let mut versioning = true;
     let mut read_ahead = 0u32;
     let mut peer_timeout = None;
+    let mut listen = String::from("127.0.0.1:0");
     while let Some(a) = args.next() {
         let v = args.next();
         match a.as_str() {
@@ -301,6 +303,9 @@ fn main() {
             "--nodes" => nodes = num(v.as_deref(), "--nodes"),
             "--bytes" => bytes = num(v.as_deref(), "--bytes"),
             "--versions" => versioning = v.as_deref() != Some("off"),
+            "--listen" => {
+                listen = v.unwrap_or_else(|| fail("bad or missing --listen"));
+            }
             "--read-ahead" => read_ahead = num(v.as_deref(), "--read-ahead"),
             "--peer-timeout-ms" => {
                 peer_timeout = Some(std::time::Duration::from_millis(num(
@@ -329,7 +334,8 @@ fn main() {
         let _ = writeln!(out, "{s}");
         let _ = out.flush();
     };
-    let listener = Listener::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
+    let listener =
+        Listener::bind(listen.as_str()).unwrap_or_else(|e| fail(&format!("bind {listen}: {e}")));
     say(&format!(
         "addr {}",
         listener

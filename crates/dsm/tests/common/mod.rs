@@ -23,9 +23,30 @@ impl Cluster {
     /// Starts `n` nodes over a region of `bytes`, with `extra` options for every node; every
     /// node process is killed if the cluster is still running after `limit`.
     pub fn start(n: u32, bytes: usize, extra: &[&str], limit: Duration) -> Cluster {
+        Cluster::start_placed(n, bytes, extra, limit, |_| None)
+    }
+
+    /// As [`Cluster::start`], with node `id` run inside network namespace `ns` and listening
+    /// on `addr` where `place(id)` is `Some((ns, addr))` (through `ip netns exec`).
+    pub fn start_placed(
+        n: u32,
+        bytes: usize,
+        extra: &[&str],
+        limit: Duration,
+        place: impl Fn(u32) -> Option<(String, String)>,
+    ) -> Cluster {
         let mut kids: Vec<Kid> = (0..n)
             .map(|id| {
-                let mut child = Command::new(env!("CARGO_BIN_EXE_wv-dsm-node"))
+                let bin = env!("CARGO_BIN_EXE_wv-dsm-node");
+                let mut cmd = match place(id) {
+                    Some((ns, addr)) => {
+                        let mut c = Command::new("ip");
+                        c.args(["netns", "exec", &ns, bin, "--listen", &addr]);
+                        c
+                    }
+                    None => Command::new(bin),
+                };
+                let mut child = cmd
                     .args([
                         "--id",
                         &id.to_string(),
