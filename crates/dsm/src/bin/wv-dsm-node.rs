@@ -3,11 +3,12 @@
 //! from stdin one line at a time, answering each with one line on stdout.
 //!
 //! `wv-dsm-node --id I --nodes N --bytes B [--backing anon|shared] [--hold-us U]
-//! [--versions on|off] [--read-ahead PAGES] [--peer-timeout-ms MS]`; commands:
+//! [--versions on|off] [--read-ahead PAGES] [--peer-timeout-ms MS] [--mirror-ms MS]`
+//! (`--mirror-ms`: mirroring on, pushing every MS milliseconds); commands:
 //! `counter THREADS ITERS` (once per cluster), `read PAGE...`, `ring STEPS BASE PAGES`, `fill BASE PAGES SEED`,
 //! `sum BASE PAGES`, `part BASE PAGES ROUNDS`, `lat-read BASE PAGES`, `lat-write BASE PAGES`,
 //! `tput BASE PAGES OPS`, `scan BASE PAGES`, `local-floor PAGES`, `stats`, `errors`,
-//! `wait-error MS`, `bg-read PAGE` (a thread reads the page; `bg-status` says whether it is
+//! `wait-error MS`, `failed` (the error that failed the node, or `none`), `bg-read PAGE` (a thread reads the page; `bg-status` says whether it is
 //! done), `exit`.
 
 use std::io::{BufRead, Write};
@@ -279,6 +280,10 @@ fn run(node: &Node, mem: &'static Mem, id: u64, nodes: u64, line: &str) -> Strin
         },
         "local-floor" => local_floor(arg("pages")),
         "stats" => format!("stats {}", node.stats()),
+        "failed" => match node.failed() {
+            Some(e) => format!("failed {e}"),
+            None => "none".into(),
+        },
         "errors" => {
             let e: Vec<String> = node.errors().iter().map(ToString::to_string).collect();
             format!("errors {}", e.join("; "))
@@ -294,6 +299,7 @@ fn main() {
     let mut versioning = true;
     let mut read_ahead = 0u32;
     let mut peer_timeout = None;
+    let mut mirror = None;
     while let Some(a) = args.next() {
         let v = args.next();
         match a.as_str() {
@@ -306,6 +312,12 @@ fn main() {
                 peer_timeout = Some(std::time::Duration::from_millis(num(
                     v.as_deref(),
                     "--peer-timeout-ms",
+                )))
+            }
+            "--mirror-ms" => {
+                mirror = Some(std::time::Duration::from_millis(num(
+                    v.as_deref(),
+                    "--mirror-ms",
                 )))
             }
             "--hold-us" => {
@@ -363,6 +375,9 @@ fn main() {
     cfg = cfg.with_versioning(versioning).with_read_ahead(read_ahead);
     if let Some(t) = peer_timeout {
         cfg = cfg.with_peer_timeout(t);
+    }
+    if let Some(t) = mirror {
+        cfg = cfg.with_mirror(true).with_mirror_interval(t);
     }
     let region =
         Region::map(bytes, backing).unwrap_or_else(|e| fail(&format!("mapping the region: {e}")));

@@ -1,0 +1,71 @@
+//! Mirroring between real node processes (docs/DSM.md, "Mirroring"): pages written on
+//! two nodes, then a node that holds some of them (as their owner, as their mirror, and as
+//! the manager of a third of the region) is killed; the survivors recover and every page
+//! reads its last written value on both of them, and they go on reading and writing.
+
+mod common;
+
+use common::Cluster;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits (bounded) until `cond` holds on a value polled from the cluster.
+fn until(c: &mut Cluster, what: &str, mut cond: impl FnMut(&mut Cluster) -> bool) {
+    let t = Instant::now();
+    while !cond(c) {
+        assert!(t.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_killed_node_loses_nothing_and_the_others_go_on() {
+    let mut c = Cluster::start(
+        3,
+        MIB,
+        &["--peer-timeout-ms", "300", "--mirror-ms", "20"],
+        LIMIT,
+    );
+    // Node 2 writes pages 0..48 (it owns them; it manages a third of them, node 0 and 1
+    // hold the mirror copies of the rest); node 0 writes 48..96 (node 2 mirrors the third
+    // node 0 manages... and manages a third).
+    assert_eq!(c.cmd(2, "fill 0 48 11"), "ok");
+    assert_eq!(c.cmd(0, "fill 48 48 12"), "ok");
+    // Node 1 reads some of node 2's pages (read copies on three nodes, then a write).
+    let s = c.cmd(1, "sum 0 8");
+    assert!(s.starts_with("sum "), "{s}");
+    assert_eq!(c.cmd(1, "fill 4 2 13"), "ok");
+    // The pages written in place reach their mirrors within a push interval: wait until
+    // node 2 and node 0 have pushed them (their counters), then take the sums as written.
+    until(&mut c, "node 2's pushes", |c| c.stat(2, "mirror_pushes") >= 40);
+    until(&mut c, "node 0's pushes", |c| c.stat(0, "mirror_pushes") >= 48);
+    let a = c.cmd(2, "sum 0 48");
+    let b = c.cmd(0, "sum 48 48");
+    assert_ne!(a, c.cmd(2, "sum 200 48"), "the written pages differ from zero pages");
+    // Every page is now held write-protected after the sums: written, pushed or handed over.
+    c.send(0, "wait-error 5000");
+    let t = Instant::now();
+    c.signal(2, libc::SIGKILL);
+    let e = c.recv(0);
+    assert!(e.starts_with("error node 2: 127.0.0.1:"), "{e}");
+    eprintln!("node 2 lost after {:?}: {e}", t.elapsed());
+    until(&mut c, "the recovery", |c| {
+        c.stat(0, "recoveries") == 1 && c.stat(1, "recoveries") == 1
+    });
+    eprintln!("recovered {:?} after the kill", t.elapsed());
+    for n in [0, 1] {
+        assert_eq!(c.cmd(n, "failed"), "none");
+        assert_eq!(c.cmd(n, "sum 0 48"), a, "node {n}: node 2's pages");
+        assert_eq!(c.cmd(n, "sum 48 48"), b, "node {n}: node 0's pages");
+    }
+    let rehomed = c.stat(0, "pages_rehomed") + c.stat(1, "pages_rehomed");
+    assert!(rehomed >= 48, "only {rehomed} pages re-homed");
+    // The two survivors go on: node 1 overwrites node 2's pages, node 0 reads them.
+    assert_eq!(c.cmd(1, "fill 0 48 21"), "ok");
+    let a2 = c.cmd(1, "sum 0 48");
+    assert_ne!(a2, a);
+    assert_eq!(c.cmd(0, "sum 0 48"), a2);
+    assert_eq!(c.stat(0, "failed_faults") + c.stat(1, "failed_faults"), 0);
+}
