@@ -109,7 +109,8 @@ pub struct StatsSnapshot {
     pub mirror_received: u64,
     /// Pages pushed to their mirror by the periodic push (write-protected, copied, sent).
     pub mirror_pushes: u64,
-    /// Pages this node took ownership of from its mirror copies after a loss.
+    /// Pages this node took ownership of from its mirror copies after a loss (never-written
+    /// pages, taken over as zeros, not counted).
     pub pages_rehomed: u64,
     /// Losses of a peer that this node recovered from (mirroring).
     pub recoveries: u64,
@@ -1036,7 +1037,10 @@ impl<M: PageOps> Engine<M> {
         let dead = self.dead;
         let d = self.dir_mut(page);
         let owner = d.owner;
-        if d.busy.as_ref().is_some_and(|t| dead & bit(t.requester) != 0) {
+        if d.busy
+            .as_ref()
+            .is_some_and(|t| dead & bit(t.requester) != 0)
+        {
             // Its requester was lost while the invalidations were out: nothing to grant.
             d.busy = None;
             if !d.queue.is_empty() {
@@ -1390,7 +1394,14 @@ impl<M: PageOps> Engine<M> {
         }
     }
 
-    fn send_mirror(&mut self, to: u32, page: u64, version: u64, contents: MirrorData, initial: bool) {
+    fn send_mirror(
+        &mut self,
+        to: u32,
+        page: u64,
+        version: u64,
+        contents: MirrorData,
+        initial: bool,
+    ) {
         if to != self.me {
             inc(&self.stats.mirror_sent, 1);
         }
@@ -1716,12 +1727,20 @@ impl<M: PageOps> Engine<M> {
         Ok(())
     }
 
-    fn adopt(&mut self, lost: u32, before: u64, claims: Vec<(u32, u64, u64, Claim)>) -> Result<(), String> {
+    fn adopt(
+        &mut self,
+        lost: u32,
+        before: u64,
+        claims: Vec<(u32, u64, u64, Claim)>,
+    ) -> Result<(), String> {
         let me = self.me;
         let live = self.live();
         let mut by_page: HashMap<u64, Vec<(u32, u64, Claim)>> = HashMap::new();
         for (from, page, version, claim) in claims {
-            by_page.entry(page).or_default().push((from, version, claim));
+            by_page
+                .entry(page)
+                .or_default()
+                .push((from, version, claim));
         }
         for p in 0..self.local.len() as u64 {
             if self.manager_among(p, before) != lost || self.manager(p) != me {
@@ -1790,9 +1809,7 @@ impl<M: PageOps> Engine<M> {
                         consumed = Some((r, Access::Read));
                     }
                 }
-            } else if let Some((r, v)) =
-                write_gave.filter(|w| w.1 == top && live & bit(w.0) != 0)
-            {
+            } else if let Some((r, v)) = write_gave.filter(|w| w.1 == top && live & bit(w.0) != 0) {
                 // Write access granted to a live node that had not received it when it
                 // reported: it owns the page once it does (its VLD_PAGE comes here).
                 d.owner = r;
@@ -1877,11 +1894,12 @@ impl<M: PageOps> Engine<M> {
             }
         }
         if v > 0 {
+            // Its contents now live here only: pushed to this node's mirror node first.
             if let Some(m) = self.mirror.as_mut() {
                 m.resync.push_back(page);
             }
+            inc(&self.stats.pages_rehomed, 1);
         }
-        inc(&self.stats.pages_rehomed, 1);
         Ok(v)
     }
 }

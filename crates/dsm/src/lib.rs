@@ -26,8 +26,6 @@ pub mod uffd;
 pub mod uffd_abi;
 
 pub use coherence::{Engine, PageOps, PageState, Stats, StatsSnapshot};
-pub use node::{
-    Config, Listener, Node, PeerError, DEFAULT_MIRROR_INTERVAL, DEFAULT_PEER_TIMEOUT,
-};
+pub use node::{Config, Listener, Node, PeerError, DEFAULT_MIRROR_INTERVAL, DEFAULT_PEER_TIMEOUT};
 pub use proto::{Access, Claim, Geometry, MirrorData, Msg, ProtoError};
 pub use uffd::{Backing, Region};

@@ -300,8 +300,8 @@ impl Node {
                 .map_err(ctx(format!("connecting to node {j} at {addr}")))?;
             s.set_read_timeout(Some(cfg.join_timeout))?;
             s.write_all(&init)?;
-            let (n, _) =
-                read_init(&mut s, &g, cfg.mirror).map_err(ctx(format!("INIT from node {j} at {addr}")))?;
+            let (n, _) = read_init(&mut s, &g, cfg.mirror)
+                .map_err(ctx(format!("INIT from node {j} at {addr}")))?;
             if n != j {
                 return Err(io::Error::other(format!(
                     "node {j}'s address {addr} answered as node {n}"
@@ -339,7 +339,8 @@ impl Node {
             };
             s.set_nonblocking(false)?;
             s.set_read_timeout(Some(cfg.join_timeout))?;
-            let (n, _) = read_init(&mut s, &g, cfg.mirror).map_err(ctx(format!("INIT from {from}")))?;
+            let (n, _) =
+                read_init(&mut s, &g, cfg.mirror).map_err(ctx(format!("INIT from {from}")))?;
             if n <= me || conns[n as usize].is_some() {
                 return Err(io::Error::other(format!(
                     "unexpected INIT from node {n} at {from}"
@@ -468,6 +469,22 @@ impl Node {
             // SAFETY: writes 8 bytes from a local array to our eventfd.
             unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
             let _ = t.join();
+        }
+    }
+
+    /// Waits up to `timeout` for connection errors after the first `seen` ones, and returns
+    /// those (empty if none came): for a VMM that goes on after a recovered loss (mirroring).
+    pub fn wait_errors(&self, seen: usize, timeout: Duration) -> Vec<PeerError> {
+        let Ok(g) = self.shared.errors.lock() else {
+            return Vec::new();
+        };
+        match self
+            .shared
+            .cv
+            .wait_timeout_while(g, timeout, |e| e.len() <= seen)
+        {
+            Ok((g, _)) => g.get(seen..).map(<[PeerError]>::to_vec).unwrap_or_default(),
+            Err(_) => Vec::new(),
         }
     }
 

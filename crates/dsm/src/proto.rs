@@ -570,7 +570,11 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
             if flags & !(3 | F_MIRROR_INITIAL) != 0 {
                 return Err(ProtoError(format!("MIRROR with flags {flags:#x}")));
             }
-            let base = if body.len() >= 24 { u64_at(body, 16) } else { 0 };
+            let base = if body.len() >= 24 {
+                u64_at(body, 16)
+            } else {
+                0
+            };
             let contents = match flags & 3 {
                 0 => {
                     want(24 + g.page_size as usize, "MIRROR")?;
