@@ -898,7 +898,14 @@ impl<M: PageOps> Engine<M> {
                 msg,
                 Msg::GetPage { .. } | Msg::VldPage { .. } | Msg::InvAck { .. }
             ) {
-                // The directory is being repaired: the manager side waits for it.
+                // The directory is being repaired: the manager side waits for it (bounded:
+                // a live node has at most a few requests per page outstanding).
+                if r.held.len() >= 4 * self.local.len() + 1024 {
+                    return Err(ProtoError(format!(
+                        "{} from node {from}: too many messages held during a recovery",
+                        msg.name()
+                    )));
+                }
                 r.held.push_back((from, msg));
                 return Ok(());
             }
@@ -1632,6 +1639,10 @@ impl<M: PageOps> Engine<M> {
                 "CLAIM for page {page} sent to node {}, which does not manage it",
                 self.me
             ))),
+            // At most three claims (owner, gave, want) per page from each node.
+            _ if r.claims.len() >= 3 * self.local.len() * self.nodes as usize => {
+                Err(ProtoError(format!("too many claims from node {from}")))
+            }
             c => {
                 r.claims.push((from, page, version, c));
                 Ok(())
