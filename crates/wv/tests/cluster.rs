@@ -492,7 +492,7 @@ fn bad_cluster_specs_are_refused_with_their_error() {
         ),
         (
             "vcpus = 1\nmemory = \"256M\"\nmirror = true\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n",
-            "mirror = true is not available yet",
+            "mirror = true needs at least two nodes",
         ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
