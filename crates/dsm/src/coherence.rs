@@ -335,7 +335,15 @@ struct Recovery {
     claims: Vec<(u32, u64, u64, Claim)>,
     /// Messages to the manager side held until the recovery ends, in arrival order.
     held: VecDeque<(u32, Msg)>,
+    /// When the engine first saw the recovery in [`Engine::run_due`] (its deadline counts
+    /// from there).
+    since: Option<Instant>,
 }
+
+/// How long a recovery may wait for the survivors' reports before it fails the node: a
+/// survivor that stays alive (heartbeats) but never reports would otherwise hold every
+/// manager-side message for ever.
+pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most pages one push round sends (4 KiB pages: 1 MiB), so that a push never queues
 /// more for a peer than its send limit allows; the next round follows in a millisecond.
@@ -594,6 +602,7 @@ impl<M: PageOps> Engine<M> {
                 waiting: live,
                 claims: local_claims,
                 held: VecDeque::new(),
+                since: None,
             });
         }
         if live == 0 {
@@ -962,7 +971,12 @@ impl<M: PageOps> Engine<M> {
 
     /// When the earliest deferred message is due.
     pub fn next_due(&self) -> Option<Instant> {
-        let push = self.mirror.as_ref().and_then(|m| m.next_push);
+        let push = self.mirror.as_ref().and_then(|m| match &m.recovery {
+            Some(r) => r
+                .since
+                .map(|t| t + RECOVERY_TIMEOUT + Duration::from_millis(1)),
+            None => m.next_push,
+        });
         self.deferred.iter().map(|d| d.due).chain(push).min()
     }
 
@@ -1520,7 +1534,23 @@ impl<M: PageOps> Engine<M> {
         let Some(m) = self.mirror.as_mut() else {
             return;
         };
-        if m.recovery.is_some() || self.failed {
+        if let Some(r) = m.recovery.as_mut() {
+            let since = *r.since.get_or_insert(now);
+            if now.saturating_duration_since(since) > RECOVERY_TIMEOUT && !self.failed {
+                let (lost, waiting) = (r.lost, r.waiting);
+                let nodes: Vec<String> = (0..self.nodes)
+                    .filter(|&n| waiting & bit(n) != 0)
+                    .map(|n| n.to_string())
+                    .collect();
+                self.fail(format!(
+                    "the recovery from the loss of node {lost} did not complete in {} s: no report from node(s) {}",
+                    RECOVERY_TIMEOUT.as_secs(),
+                    nodes.join(", ")
+                ));
+            }
+            return;
+        }
+        if self.failed {
             return;
         }
         match m.next_push {
@@ -2329,6 +2359,25 @@ mod tests {
         let mut s = Sim::new(3, 9);
         s.0[0].peer_lost(1);
         assert!(s.0[0].failed());
+    }
+
+    #[test]
+    fn a_recovery_that_gets_no_reports_fails_the_node_in_time() {
+        let mut s = Sim::with(3, 6, |e| e.set_mirror(Duration::from_millis(100)));
+        s.access(0, 1, Some(3));
+        // Node 0 loses node 2; node 1 never reports (its messages are not delivered).
+        s.0[0].peer_lost(2);
+        assert!(s.0[0].recovering() && !s.0[0].failed());
+        let t = Instant::now();
+        assert!(s.0[0].run_due(t).is_empty());
+        assert!(!s.0[0].failed());
+        assert!(s.0[0].next_due().is_some_and(|d| d > t + RECOVERY_TIMEOUT));
+        s.0[0].run_due(t + RECOVERY_TIMEOUT + Duration::from_millis(1));
+        assert!(s.0[0].failed());
+        assert_eq!(
+            s.0[0].take_fatal().unwrap(),
+            "the recovery from the loss of node 2 did not complete in 5 s: no report from node(s) 1"
+        );
     }
 
     #[test]

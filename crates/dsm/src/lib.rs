@@ -25,7 +25,7 @@ pub mod proto;
 pub mod uffd;
 pub mod uffd_abi;
 
-pub use coherence::{Engine, PageOps, PageState, Stats, StatsSnapshot};
+pub use coherence::{Engine, PageOps, PageState, Stats, StatsSnapshot, RECOVERY_TIMEOUT};
 pub use node::{Config, Listener, Node, PeerError, DEFAULT_MIRROR_INTERVAL, DEFAULT_PEER_TIMEOUT};
 pub use proto::{Access, Claim, Geometry, MirrorData, Msg, ProtoError};
 pub use uffd::{Backing, Region};
