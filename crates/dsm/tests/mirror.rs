@@ -82,3 +82,43 @@ fn a_killed_node_loses_nothing_and_the_others_go_on() {
     assert_eq!(c.cmd(0, "sum 0 48"), a2);
     assert_eq!(c.stat(0, "failed_faults") + c.stat(1, "failed_faults"), 0);
 }
+
+#[test]
+fn a_node_killed_while_its_pages_move_loses_nothing() {
+    // Node 2 writes 2000 pages; node 0 then overwrites them all, taking each from node 2
+    // (ownership, data, and node 2 managing a third of them): node 2 is killed while that
+    // runs. Node 0's writes all complete, and node 1 reads exactly what node 0 wrote.
+    let pages = 2000;
+    let mut c = Cluster::start(
+        3,
+        16 * MIB,
+        &["--peer-timeout-ms", "300", "--mirror-ms", "20"],
+        LIMIT,
+    );
+    assert_eq!(c.cmd(2, &format!("fill 0 {pages} 1")), "ok");
+    until(&mut c, "node 2's pushes", |c| {
+        c.stat(2, "mirror_pushes") >= pages
+    });
+    c.send(0, &format!("fill 0 {pages} 2"));
+    // Once node 0 has taken some pages (its counter), node 2 goes.
+    until(&mut c, "node 0's first write faults", |c| {
+        c.stat(1, "mirror_received") > 0 && {
+            let s = c.cmd(2, "stats");
+            s.contains("pages_sent=") && !s.contains(" pages_sent=0 ")
+        }
+    });
+    c.signal(2, libc::SIGKILL);
+    assert_eq!(c.recv(0), "ok", "node 0's fill completes");
+    until(&mut c, "the recovery", |c| {
+        c.stat(0, "recoveries") == 1 && c.stat(1, "recoveries") == 1
+    });
+    let sent_before_kill = c.stat(0, "write_faults");
+    eprintln!("node 0: {}", c.cmd(0, "stats"));
+    assert!(sent_before_kill > 0);
+    let mine = c.cmd(0, &format!("sum 0 {pages}"));
+    assert_eq!(c.cmd(1, &format!("sum 0 {pages}")), mine);
+    for n in [0, 1] {
+        assert_eq!(c.cmd(n, "failed"), "none");
+        assert_eq!(c.stat(n, "failed_faults"), 0);
+    }
+}
