@@ -687,7 +687,9 @@ impl<M: PageOps> Engine<M> {
         (t != holder).then_some(t)
     }
 
-    /// [`Engine::mirror_node_among`] for the live nodes.
+    /// Where a copy of `page` held by `holder` is mirrored now: the page's manager, or the
+    /// holder's buddy (the next live node) when the holder is the manager; None when no other
+    /// node is alive.
     pub fn mirror_node(&self, page: u64, holder: u32) -> Option<u32> {
         self.mirror_node_among(page, holder, self.dead)
     }
