@@ -1,8 +1,10 @@
 //! The DSM node protocol (`wv_dsm::proto::decode` and `wv_dsm::Engine::handle`): the input
 //! is a stream of frames as one peer would send them, each preceded by a control byte naming
 //! the sending node (or, with the high bit set, a local fault on a page instead of a frame;
-//! 0x7f: the connection to a peer is lost). The first byte also picks the node count, the
-//! read-ahead (0-3 pages) and whether versioning is on. Heartbeats (PING) are frames too.
+//! 0x7f: the connection to a peer is lost; 0x7e: the deferred work and the mirror push run).
+//! The first byte also picks the node count, the read-ahead (0-3 pages), whether versioning
+//! is on and whether the node mirrors (then MIRROR, CLAIM and LOST are handled and a lost
+//! peer starts a recovery). Heartbeats (PING) are frames too.
 //! Every frame must decode to a message that re-encodes to the same bytes, or be refused;
 //! every decoded message is handed to node 0's coherence engine over a fake memory, which
 //! must accept it or refuse it with an error, never panic; the engine's messages to itself
@@ -82,11 +84,17 @@ fuzz_target!(|data: &[u8]| {
     );
     eng.set_read_ahead(u32::from(n >> 2) % 4);
     eng.set_versioning(n & 0x40 == 0);
+    if n & 0x20 != 0 {
+        // Mirroring (MIRROR, CLAIM, LOST; recovery on a lost peer; the periodic push).
+        eng.set_mirror(Duration::from_millis(1));
+    }
     let now = Instant::now();
     while let Some((&ctl, r)) = rest.split_first() {
         rest = r;
         if ctl == 0x7f {
             eng.peer_lost(1 % nodes);
+        } else if ctl == 0x7e {
+            let _ = eng.run_due(now + Duration::from_secs(1));
         } else if ctl & 0x80 != 0 {
             let _ = eng.fault(u64::from(ctl & 0x7f) % PAGES, ctl & 0x40 != 0);
         } else {

@@ -3,9 +3,10 @@
 //! and the coherence workload's throughput on 1, 2 and 4 nodes for a partitioned and a
 //! shared access pattern; and the bytes sent per fault, and per page read, of a sequential
 //! scan followed by a write to every page it read, with versioning and read-ahead each on and
-//! off; and the same remote read and write faults with the two nodes in two network
-//! namespaces joined by a veth pair the bench creates and removes (root only; otherwise that
-//! row says NOT MEASURED and why).
+//! off; the same remote read and write faults with the two nodes in two network namespaces
+//! joined by a veth pair the bench creates and removes (root only; otherwise that row says
+//! NOT MEASURED and why); and the cost of mirroring (a remote write fault and the throughput
+//! rows, off and on).
 //!
 //! `cargo bench -p wv-dsm --bench dsm` (optionally `-- --quick` for fewer iterations, or
 //! `-- --tiny` only to check that it runs).
@@ -224,9 +225,36 @@ fn main() {
     }
 
     println!("# throughput: one thread per node incrementing a word per op over 16 pages");
-    for n in [1u32, 2, 4] {
+    throughput(&[1, 2, 4], &[], bytes, ops);
+
+    println!(
+        "# mirroring off / on (push every 100 ms): remote write fault on 3 nodes (node 1 takes \
+         pages node 0 wrote), throughput on 2 and 3 nodes"
+    );
+    for mirror in [false, true] {
+        let extra: &[&str] = if mirror { &["--mirror-ms", "100"] } else { &[] };
+        let mut c = Cluster::start(3, bytes, extra, LIMIT);
+        assert_eq!(c.cmd(0, &format!("fill 0 {pages} 1")), "ok");
+        let (m, p) = lat(&c.cmd(1, &format!("lat-write 0 {pages}")));
+        let on = if mirror { "on" } else { "off" };
+        println!(
+            "mirroring {on:3}: remote write fault                  median {m:8.1} us  p99 {p:8.1} us; \
+             bytes sent {} (mirror messages {})",
+            (0..3).map(|i| c.stat(i, "bytes_sent")).sum::<u64>(),
+            (0..3).map(|i| c.stat(i, "mirror_sent")).sum::<u64>()
+        );
+        drop(c);
+        println!("mirroring {on}: throughput");
+        throughput(&[2, 3], extra, bytes, ops);
+    }
+}
+
+/// The throughput rows: one thread per node over 16 pages, partitioned and shared, on each
+/// node count of `counts`, with `extra` node options.
+fn throughput(counts: &[u32], extra: &[&str], bytes: usize, ops: usize) {
+    for &n in counts {
         for shared in [false, true] {
-            let mut c = Cluster::start(n, bytes, &[], LIMIT);
+            let mut c = Cluster::start(n, bytes, extra, LIMIT);
             let base = |i: usize| if shared { 0 } else { 16 * i };
             // Warm-up: one pass so that partitioned pages are owned by their node.
             c.all(|i| format!("tput {} 16 16", base(i)));

@@ -14,7 +14,9 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::proto::{Access, Msg, ProtoError};
+use std::collections::HashMap;
+
+use crate::proto::{Access, Claim, MirrorData, Msg, ProtoError};
 
 /// What the engine needs from the node's memory (a userfaultfd-registered mapping, or a fake).
 pub trait PageOps {
@@ -55,6 +57,11 @@ pub struct Stats {
     peers_lost: AtomicU64,
     heartbeats_sent: AtomicU64,
     heartbeats_received: AtomicU64,
+    mirror_sent: AtomicU64,
+    mirror_received: AtomicU64,
+    mirror_pushes: AtomicU64,
+    pages_rehomed: AtomicU64,
+    recoveries: AtomicU64,
 }
 
 /// A copy of a node's counters.
@@ -96,6 +103,17 @@ pub struct StatsSnapshot {
     pub heartbeats_sent: u64,
     /// Heartbeats received; not counted in the messages and bytes above.
     pub heartbeats_received: u64,
+    /// MIRROR messages sent (hand-offs, downgrades and pushes; counted in the messages above).
+    pub mirror_sent: u64,
+    /// MIRROR messages received.
+    pub mirror_received: u64,
+    /// Pages pushed to their mirror by the periodic push (write-protected, copied, sent).
+    pub mirror_pushes: u64,
+    /// Pages this node took ownership of from its mirror copies after a loss (never-written
+    /// pages, taken over as zeros, not counted).
+    pub pages_rehomed: u64,
+    /// Losses of a peer that this node recovered from (mirroring).
+    pub recoveries: u64,
 }
 
 impl StatsSnapshot {
@@ -120,6 +138,11 @@ impl StatsSnapshot {
             peers_lost: self.peers_lost - e.peers_lost,
             heartbeats_sent: self.heartbeats_sent - e.heartbeats_sent,
             heartbeats_received: self.heartbeats_received - e.heartbeats_received,
+            mirror_sent: self.mirror_sent - e.mirror_sent,
+            mirror_received: self.mirror_received - e.mirror_received,
+            mirror_pushes: self.mirror_pushes - e.mirror_pushes,
+            pages_rehomed: self.pages_rehomed - e.pages_rehomed,
+            recoveries: self.recoveries - e.recoveries,
         }
     }
 }
@@ -132,7 +155,8 @@ impl std::fmt::Display for StatsSnapshot {
              unchanged_received={} invalidations={} messages_sent={} messages_received={} \
              bytes_sent={} bytes_received={} read_ahead_requested={} read_ahead_used={} \
              read_ahead_wasted={} failed_faults={} peers_lost={} heartbeats_sent={} \
-             heartbeats_received={}",
+             heartbeats_received={} mirror_sent={} mirror_received={} mirror_pushes={} \
+             pages_rehomed={} recoveries={}",
             self.read_faults,
             self.write_faults,
             self.pages_sent,
@@ -150,7 +174,12 @@ impl std::fmt::Display for StatsSnapshot {
             self.failed_faults,
             self.peers_lost,
             self.heartbeats_sent,
-            self.heartbeats_received
+            self.heartbeats_received,
+            self.mirror_sent,
+            self.mirror_received,
+            self.mirror_pushes,
+            self.pages_rehomed,
+            self.recoveries
         )
     }
 }
@@ -182,6 +211,11 @@ impl Stats {
             peers_lost: g(&self.peers_lost),
             heartbeats_sent: g(&self.heartbeats_sent),
             heartbeats_received: g(&self.heartbeats_received),
+            mirror_sent: g(&self.mirror_sent),
+            mirror_received: g(&self.mirror_received),
+            mirror_pushes: g(&self.mirror_pushes),
+            pages_rehomed: g(&self.pages_rehomed),
+            recoveries: g(&self.recoveries),
         }
     }
     /// Counts a message of `bytes` sent to another node.
@@ -262,6 +296,59 @@ struct Dir {
     queue: VecDeque<(u32, Access, u64)>,
 }
 
+impl Dir {
+    fn new() -> Dir {
+        Dir {
+            owner: 0,
+            copyset: 0,
+            version: 0,
+            busy: None,
+            queue: VecDeque::new(),
+        }
+    }
+}
+
+/// Mirroring (docs/DSM.md, "Mirroring"): the copies this node keeps for others, what it
+/// pushed of its own pages, and the recovery in progress after a loss.
+struct Mirror {
+    interval: Duration,
+    next_push: Option<Instant>,
+    /// Where the periodic push's scan for written pages resumes.
+    cursor: u64,
+    /// Contents this node keeps for other nodes' pages: page -> (version, data; None: zeros).
+    store: HashMap<u64, (u64, Option<Vec<u8>>)>,
+    /// Per page: the version whose contents this node last sent to the page's mirror node.
+    mirrored: Vec<Option<u64>>,
+    /// Per page: the last PAGE this node served as its owner (requester, access, version).
+    gave: Vec<Option<(u32, Access, u64)>>,
+    /// Pages this node owns whose mirror node changed (or that it took over): pushed first.
+    resync: VecDeque<u64>,
+    recovery: Option<Recovery>,
+}
+
+/// The recovery from the loss of one node, until every live node has reported.
+struct Recovery {
+    lost: u32,
+    /// Live peers whose claims (ended by `Claim::End`) are still awaited.
+    waiting: u64,
+    /// Claims for pages this node manages now: (sender, page, version, claim).
+    claims: Vec<(u32, u64, u64, Claim)>,
+    /// Messages to the manager side held until the recovery ends, in arrival order.
+    held: VecDeque<(u32, Msg)>,
+    /// When the engine first saw the recovery in [`Engine::run_due`] (its deadline counts
+    /// from there).
+    since: Option<Instant>,
+}
+
+/// How long a recovery may wait for the survivors' reports before it fails the node: a
+/// survivor that stays alive (heartbeats) but never reports would otherwise hold every
+/// manager-side message for ever.
+pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most pages one push round sends (4 KiB pages: 1 MiB), so that a push never queues
+/// more for a peer than its send limit allows; the next round follows in a millisecond.
+const PUSH_BUDGET: usize = 256;
+
 /// A message whose handling waits for a page's hold time to pass (see [`Engine::new`]).
 #[derive(Debug)]
 struct Deferred {
@@ -294,6 +381,16 @@ pub struct Engine<M: PageOps> {
     failed: bool,
     /// Messages to send: (destination, message); destination `me` is handled locally.
     outbox: VecDeque<(u32, Msg)>,
+    /// Nodes lost and recovered from (bit per node; mirroring only).
+    dead: u64,
+    /// Pages whose original manager was lost: their directory entries on this node.
+    adopted: HashMap<u64, Dir>,
+    mirror: Option<Mirror>,
+    /// Connections to close: peers another node declared lost (LOST), with why.
+    to_close: Vec<(u32, String)>,
+    /// Why the node failed, when the engine itself found it (a recovery that could not
+    /// complete), for the node to report.
+    fatal: Option<String>,
     stats: std::sync::Arc<Stats>,
     zero: Vec<u8>,
 }
@@ -320,15 +417,7 @@ impl<M: PageOps> Engine<M> {
     ) -> Self {
         let local = (0..pages).map(|_| Local::new(me == 0)).collect();
         let managed = (pages + u64::from(nodes) - 1 - u64::from(me)) / u64::from(nodes);
-        let dir = (0..managed)
-            .map(|_| Dir {
-                owner: 0,
-                copyset: 0,
-                version: 0,
-                busy: None,
-                queue: VecDeque::new(),
-            })
-            .collect();
+        let dir = (0..managed).map(|_| Dir::new()).collect();
         Engine {
             me,
             nodes,
@@ -346,6 +435,11 @@ impl<M: PageOps> Engine<M> {
             ahead_order: VecDeque::new(),
             failed: false,
             outbox: VecDeque::new(),
+            dead: 0,
+            adopted: HashMap::new(),
+            mirror: None,
+            to_close: Vec::new(),
+            fatal: None,
             stats,
             zero: vec![0; page_size],
         }
@@ -363,18 +457,241 @@ impl<M: PageOps> Engine<M> {
     /// (a read fault on the page after the previous read fault's); 0 turns it off. The pages
     /// wait unmapped in a bounded buffer until a fault uses them or an invalidation drops them.
     pub fn set_read_ahead(&mut self, pages: u32) {
-        self.read_ahead = u64::from(pages);
+        if self.mirror.is_none() {
+            self.read_ahead = u64::from(pages);
+        }
     }
 
-    /// Records that the connection to `peer` is gone: the node has *failed*. Without
-    /// mirroring the pages that peer owned or managed are unreachable, so from now on a fault
-    /// that needs the protocol is not served: its thread stays blocked (it never runs on
-    /// contents the cluster did not give it) until the VMM stops (docs/DSM.md, "Peer loss").
-    /// Requests already in flight to live peers still complete.
+    /// Turns mirroring on (docs/DSM.md, "Mirroring"): every page's latest contents are kept
+    /// on a second node (written through on ownership transfers and downgrades, and pushed
+    /// every `interval` for pages written in place), so that the loss of a node is recovered
+    /// from instead of failing this node. Read-ahead is off with mirroring. Every node of the
+    /// cluster must agree (INIT checks it).
+    pub fn set_mirror(&mut self, interval: Duration) {
+        let pages = self.local.len();
+        self.read_ahead = 0;
+        self.mirror = Some(Mirror {
+            interval,
+            next_push: None,
+            cursor: 0,
+            store: HashMap::new(),
+            mirrored: vec![None; pages],
+            gave: vec![None; pages],
+            resync: VecDeque::new(),
+            recovery: None,
+        });
+    }
+
+    /// Whether mirroring is on.
+    pub fn mirroring(&self) -> bool {
+        self.mirror.is_some()
+    }
+
+    /// Records that the connection to `peer` is gone.
+    ///
+    /// Without mirroring the node has *failed*: the pages that peer owned or managed are
+    /// unreachable, so from now on a fault that needs the protocol is not served: its thread
+    /// stays blocked (it never runs on contents the cluster did not give it) until the VMM
+    /// stops (docs/DSM.md, "Peer loss"). Requests already in flight to live peers still
+    /// complete.
+    ///
+    /// With mirroring the loss starts a recovery: this node tells every live peer (LOST),
+    /// reports what it knows of the pages the lost node managed to their new managers
+    /// (CLAIM), and once every live peer has done the same, the lost node's pages are
+    /// re-homed from their mirror copies and its directory rebuilt (docs/DSM.md,
+    /// "Mirroring"). A second loss during a recovery fails the node.
     pub fn peer_lost(&mut self, peer: u32) {
-        let _ = peer;
+        if peer >= self.nodes || peer == self.me || self.dead & bit(peer) != 0 {
+            return;
+        }
+        if self.mirror.is_none() {
+            inc(&self.stats.peers_lost, 1);
+            self.failed = true;
+            return;
+        }
         inc(&self.stats.peers_lost, 1);
+        self.dead |= bit(peer);
+        if self.failed {
+            return;
+        }
+        let old = self.dead & !bit(peer);
+        if let Some(r) = self.mirror.as_ref().and_then(|m| m.recovery.as_ref()) {
+            let first = r.lost;
+            self.fail(format!(
+                "lost node {peer} while recovering from the loss of node {first}"
+            ));
+            return;
+        }
+        let me = self.me;
+        let mut local_claims = Vec::new();
+        let mut claims = Vec::new();
+        let mut resync = Vec::new();
+        for p in 0..self.local.len() as u64 {
+            let l = self.local[Self::idx(p)];
+            if self.manager_among(p, old) == peer {
+                let to = self.manager(p);
+                let mut add = |version, claim| {
+                    if to == me {
+                        local_claims.push((me, p, version, claim));
+                    } else {
+                        claims.push((to, p, version, claim));
+                    }
+                };
+                // Node 0 owns every untouched page from the start: it does not claim those
+                // (the new manager gives a page nobody claims to node 0 if it is alive).
+                if l.owner && (me != 0 || l.state != PageState::Invalid || l.version != 0) {
+                    add(l.version, Claim::Owner);
+                }
+                if let Some((to, access, v)) =
+                    self.mirror.as_ref().and_then(|m| m.gave[Self::idx(p)])
+                {
+                    add(v, Claim::Gave { to, access });
+                }
+                if let Some(access) = l.pending {
+                    let have = if l.state == PageState::Invalid {
+                        0
+                    } else {
+                        l.version
+                    };
+                    add(have, Claim::Want { access });
+                }
+            }
+            if l.owner
+                && l.state != PageState::Invalid
+                && self.mirror_node_among(p, me, old) == Some(peer)
+            {
+                resync.push(p);
+            }
+        }
+        // Whatever the lost node still had to send or to take is gone: its deferred messages
+        // are dropped (its requests are reported by their requesters instead).
+        self.deferred.retain(|d| d.from != peer);
+        let live = self.live() & !bit(me);
+        for n in 0..self.nodes {
+            if live & bit(n) != 0 {
+                self.send(n, Msg::Lost { node: peer });
+            }
+        }
+        for (to, page, version, claim) in claims {
+            self.send(
+                to,
+                Msg::Claim {
+                    page,
+                    version,
+                    claim,
+                },
+            );
+        }
+        for n in 0..self.nodes {
+            if live & bit(n) != 0 {
+                self.send(
+                    n,
+                    Msg::Claim {
+                        page: 0,
+                        version: 0,
+                        claim: Claim::End { lost: peer },
+                    },
+                );
+            }
+        }
+        if let Some(m) = self.mirror.as_mut() {
+            m.mirrored.iter_mut().for_each(|v| *v = None);
+            m.resync.extend(resync);
+            m.recovery = Some(Recovery {
+                lost: peer,
+                waiting: live,
+                claims: local_claims,
+                held: VecDeque::new(),
+                since: None,
+            });
+        }
+        if live == 0 {
+            self.finish_recovery();
+        }
+    }
+
+    /// Fails the node for a reason the engine found itself (see [`Engine::take_fatal`]).
+    fn fail(&mut self, why: String) {
         self.failed = true;
+        if self.fatal.is_none() {
+            self.fatal = Some(why);
+        }
+    }
+
+    /// Why the engine failed the node itself (a recovery that could not complete), once.
+    pub fn take_fatal(&mut self) -> Option<String> {
+        self.fatal.take()
+    }
+
+    /// Peers that another node declared lost (LOST) and whose connection this node must
+    /// close too, with why.
+    pub fn take_close(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.to_close)
+    }
+
+    /// Whether a recovery from a loss is in progress (mirroring).
+    pub fn recovering(&self) -> bool {
+        self.mirror.as_ref().is_some_and(|m| m.recovery.is_some())
+    }
+
+    fn all_nodes(&self) -> u64 {
+        if self.nodes >= 64 {
+            u64::MAX
+        } else {
+            bit(self.nodes) - 1
+        }
+    }
+
+    /// The nodes not lost.
+    fn live(&self) -> u64 {
+        self.all_nodes() & !self.dead
+    }
+
+    /// The manager of `page` when the nodes in `dead` are gone: p mod N, or the next live
+    /// node after it.
+    fn manager_among(&self, page: u64, dead: u64) -> u32 {
+        let n = self.nodes;
+        // page % nodes < nodes <= 64.
+        let mut m = u32::try_from(page % u64::from(n)).unwrap_or(0);
+        for _ in 0..n {
+            if dead & bit(m) == 0 {
+                break;
+            }
+            m = (m + 1) % n;
+        }
+        m
+    }
+
+    /// The next live node after `node` in id order (its buddy), or `node` itself if none.
+    fn buddy_among(&self, node: u32, dead: u64) -> u32 {
+        let n = self.nodes;
+        let mut b = node;
+        for _ in 0..n {
+            b = (b + 1) % n;
+            if b != node && dead & bit(b) == 0 {
+                return b;
+            }
+        }
+        node
+    }
+
+    /// Where a copy of `page` held by `holder` is mirrored: the page's manager, or the
+    /// holder's buddy when the holder is the manager (None: no other live node).
+    fn mirror_node_among(&self, page: u64, holder: u32, dead: u64) -> Option<u32> {
+        let m = self.manager_among(page, dead);
+        let t = if m == holder {
+            self.buddy_among(holder, dead)
+        } else {
+            m
+        };
+        (t != holder).then_some(t)
+    }
+
+    /// Where a copy of `page` held by `holder` is mirrored now: the page's manager, or the
+    /// holder's buddy (the next live node) when the holder is the manager; None when no other
+    /// node is alive.
+    pub fn mirror_node(&self, page: u64, holder: u32) -> Option<u32> {
+        self.mirror_node_among(page, holder, self.dead)
     }
 
     /// Whether a peer was lost (see [`Engine::peer_lost`]).
@@ -397,10 +714,10 @@ impl<M: PageOps> Engine<M> {
         self.outbox.pop_front()
     }
 
-    /// The manager (directory node) of `page`.
+    /// The manager (directory node) of `page`: node p mod N, or after the loss of that node
+    /// (mirroring) the next live one.
     pub fn manager(&self, page: u64) -> u32 {
-        // page % nodes < nodes <= 64.
-        u32::try_from(page % u64::from(self.nodes)).unwrap_or(0)
+        self.manager_among(page, self.dead)
     }
 
     fn idx(page: u64) -> usize {
@@ -408,8 +725,12 @@ impl<M: PageOps> Engine<M> {
     }
 
     fn dir_mut(&mut self, page: u64) -> &mut Dir {
-        let i = Self::idx(page / u64::from(self.nodes));
-        &mut self.dir[i]
+        if page % u64::from(self.nodes) == u64::from(self.me) {
+            let i = Self::idx(page / u64::from(self.nodes));
+            &mut self.dir[i]
+        } else {
+            self.adopted.entry(page).or_insert_with(Dir::new)
+        }
     }
 
     fn send(&mut self, to: u32, msg: Msg) {
@@ -577,10 +898,44 @@ impl<M: PageOps> Engine<M> {
         }
         if from != self.me {
             inc(&self.stats.messages_received, 1);
+            if self.dead & bit(from) != 0 {
+                // Read before its connection closed, handled after its loss: forgotten, as
+                // everything else it sent after the last message handled.
+                return Ok(());
+            }
+        }
+        if let Some(r) = self.mirror.as_mut().and_then(|m| m.recovery.as_mut()) {
+            if matches!(
+                msg,
+                Msg::GetPage { .. } | Msg::VldPage { .. } | Msg::InvAck { .. }
+            ) {
+                // The directory is being repaired: the manager side waits for it (bounded:
+                // a live node has at most a few requests per page outstanding).
+                if r.held.len() >= 4 * self.local.len() + 1024 {
+                    return Err(ProtoError(format!(
+                        "{} from node {from}: too many messages held during a recovery",
+                        msg.name()
+                    )));
+                }
+                r.held.push_back((from, msg));
+                return Ok(());
+            }
         }
         match msg {
             Msg::Init { .. } => Err(ProtoError("INIT after the connection was set up".into())),
             Msg::Ping => Ok(()),
+            Msg::Mirror {
+                page,
+                version,
+                contents,
+                initial,
+            } => self.on_mirror(from, page, version, contents, initial),
+            Msg::Lost { node } => self.on_lost(from, node),
+            Msg::Claim {
+                page,
+                version,
+                claim,
+            } => self.on_claim(from, page, version, claim),
             Msg::GetPage { access, page, have } => self.on_get(from, access, page, have),
             Msg::FwdPage { page, .. } | Msg::InvPage { page } => {
                 if self.manager(page) != from {
@@ -618,7 +973,13 @@ impl<M: PageOps> Engine<M> {
 
     /// When the earliest deferred message is due.
     pub fn next_due(&self) -> Option<Instant> {
-        self.deferred.iter().map(|d| d.due).min()
+        let push = self.mirror.as_ref().and_then(|m| match &m.recovery {
+            Some(r) => r
+                .since
+                .map(|t| t + RECOVERY_TIMEOUT + Duration::from_millis(1)),
+            None => m.next_push,
+        });
+        self.deferred.iter().map(|d| d.due).chain(push).min()
     }
 
     /// Handles the deferred messages whose hold time has passed; errors name their sender.
@@ -635,6 +996,7 @@ impl<M: PageOps> Engine<M> {
             }
         }
         self.deferred = keep;
+        self.push(now);
         errs
     }
 
@@ -695,8 +1057,20 @@ impl<M: PageOps> Engine<M> {
     }
 
     fn forward(&mut self, page: u64) {
+        let dead = self.dead;
         let d = self.dir_mut(page);
         let owner = d.owner;
+        if d.busy
+            .as_ref()
+            .is_some_and(|t| dead & bit(t.requester) != 0)
+        {
+            // Its requester was lost while the invalidations were out: nothing to grant.
+            d.busy = None;
+            if !d.queue.is_empty() {
+                self.start(page);
+            }
+            return;
+        }
         if let Some(t) = &d.busy {
             let m = Msg::FwdPage {
                 access: t.access,
@@ -831,6 +1205,10 @@ impl<M: PageOps> Engine<M> {
                 "FWD_PAGE for page {page}, which this node does not own"
             )));
         }
+        if self.dead & bit(requester) != 0 {
+            // For a node lost since: its manager drops the transaction in the recovery.
+            return Ok(());
+        }
         if l.state == PageState::Invalid && l.version != 0 {
             return Err(ProtoError(format!(
                 "page {page} owned but not held at version {}",
@@ -843,6 +1221,9 @@ impl<M: PageOps> Engine<M> {
                 .protect(page)
                 .map_err(|e| Self::local_err(page, "write-protecting", e))?;
             self.local[i].state = PageState::Read;
+        }
+        if self.mirror.is_some() {
+            self.mirror_on_fwd(access, page, requester, l);
         }
         let unchanged = have == l.version && (self.versioning || requester == self.me);
         let data = if unchanged {
@@ -1017,6 +1398,552 @@ impl<M: PageOps> Engine<M> {
             },
         );
         Ok(())
+    }
+    // ---- Mirroring (docs/DSM.md, "Mirroring") ----
+
+    /// The contents of `page`, which this node holds write-protected (or owns as the zero
+    /// page), for a MIRROR message.
+    fn contents(&mut self, page: u64) -> MirrorData {
+        let l = self.local[Self::idx(page)];
+        if l.state == PageState::Invalid {
+            return MirrorData::Zero;
+        }
+        let mut buf = vec![0; self.page_size];
+        self.mem.read(page, &mut buf);
+        if buf.iter().all(|&b| b == 0) {
+            MirrorData::Zero
+        } else {
+            MirrorData::Data(buf)
+        }
+    }
+
+    fn send_mirror(
+        &mut self,
+        to: u32,
+        page: u64,
+        version: u64,
+        contents: MirrorData,
+        initial: bool,
+    ) {
+        if to != self.me {
+            inc(&self.stats.mirror_sent, 1);
+        }
+        self.send(
+            to,
+            Msg::Mirror {
+                page,
+                version,
+                contents,
+                initial,
+            },
+        );
+    }
+
+    /// The owner serving a FWD_PAGE (`l` its state before; the page is write-protected
+    /// now): a write grant's contents go to the new holder's mirror node (the oldest
+    /// contents of the new version), a dirty page given up (downgraded for a reader) to this
+    /// node's mirror node. Records what was served, for a recovery's claims.
+    fn mirror_on_fwd(&mut self, access: Access, page: u64, requester: u32, l: Local) {
+        let i = Self::idx(page);
+        let me = self.me;
+        let next = l.version.saturating_add(1);
+        match access {
+            Access::Write if requester != me => {
+                if let Some(t) = self.mirror_node(page, requester) {
+                    let c = self.contents(page);
+                    self.send_mirror(t, page, next, c, true);
+                }
+                if let Some(m) = self.mirror.as_mut() {
+                    m.mirrored[i] = None;
+                }
+            }
+            Access::Write => {
+                if let Some(t) = self.mirror_node(page, me) {
+                    let same = self.mirror.as_ref().and_then(|m| m.mirrored[i]) == Some(l.version);
+                    let c = if same && l.version > 0 {
+                        MirrorData::Same { base: l.version }
+                    } else {
+                        self.contents(page)
+                    };
+                    self.send_mirror(t, page, next, c, true);
+                    if let Some(m) = self.mirror.as_mut() {
+                        m.mirrored[i] = Some(next);
+                    }
+                }
+            }
+            Access::Read if l.state == PageState::Write => {
+                if let Some(t) = self.mirror_node(page, me) {
+                    let c = self.contents(page);
+                    self.send_mirror(t, page, l.version, c, false);
+                    if let Some(m) = self.mirror.as_mut() {
+                        m.mirrored[i] = Some(l.version);
+                    }
+                }
+            }
+            Access::Read => {}
+        }
+        if let Some(m) = self.mirror.as_mut() {
+            m.gave[i] = Some((requester, access, l.version));
+        }
+    }
+
+    fn on_mirror(
+        &mut self,
+        from: u32,
+        page: u64,
+        version: u64,
+        contents: MirrorData,
+        initial: bool,
+    ) -> Result<(), ProtoError> {
+        if from != self.me {
+            inc(&self.stats.mirror_received, 1);
+        }
+        let Some(m) = self.mirror.as_mut() else {
+            return Err(ProtoError(format!(
+                "MIRROR for page {page} to a node that does not mirror"
+            )));
+        };
+        let cur = m.store.get(&page).map(|e| e.0);
+        let data = match contents {
+            MirrorData::Same { base } => {
+                return match m.store.get_mut(&page) {
+                    Some(e) if e.0 == base => {
+                        e.0 = version;
+                        Ok(())
+                    }
+                    _ => Err(ProtoError(format!(
+                        "MIRROR for page {page} unchanged from version {base}, which this node does not hold"
+                    ))),
+                };
+            }
+            MirrorData::Data(d) => Some(d),
+            MirrorData::Zero => None,
+        };
+        // Older contents never replace newer ones; a hand-off's copy never replaces a push
+        // of the same version (which holds later writes).
+        if cur.is_some_and(|c| c > version || (c == version && initial)) {
+            return Ok(());
+        }
+        m.store.insert(page, (version, data));
+        Ok(())
+    }
+
+    /// The periodic push: every `interval`, the pages this node holds writable are
+    /// write-protected (so that the next write faults and asks again) and copied to their
+    /// mirror node; pages whose mirror node changed go first. At most [`PUSH_BUDGET`] pages a
+    /// round.
+    fn push(&mut self, now: Instant) {
+        let Some(m) = self.mirror.as_mut() else {
+            return;
+        };
+        if let Some(r) = m.recovery.as_mut() {
+            let since = *r.since.get_or_insert(now);
+            if now.saturating_duration_since(since) > RECOVERY_TIMEOUT && !self.failed {
+                let (lost, waiting) = (r.lost, r.waiting);
+                let nodes: Vec<String> = (0..self.nodes)
+                    .filter(|&n| waiting & bit(n) != 0)
+                    .map(|n| n.to_string())
+                    .collect();
+                self.fail(format!(
+                    "the recovery from the loss of node {lost} did not complete in {} s: no report from node(s) {}",
+                    RECOVERY_TIMEOUT.as_secs(),
+                    nodes.join(", ")
+                ));
+            }
+            return;
+        }
+        if self.failed {
+            return;
+        }
+        match m.next_push {
+            None => {
+                m.next_push = Some(now + m.interval);
+                return;
+            }
+            Some(t) if t > now => return,
+            Some(_) => {}
+        }
+        let mut budget = PUSH_BUDGET;
+        while budget > 0 {
+            let Some(p) = self.mirror.as_mut().and_then(|m| m.resync.pop_front()) else {
+                break;
+            };
+            let l = self.local[Self::idx(p)];
+            if l.owner && l.state != PageState::Invalid {
+                if let Err(e) = self.push_page(p) {
+                    self.fail(e);
+                    return;
+                }
+                budget -= 1;
+            }
+        }
+        let pages = self.local.len() as u64;
+        let mut p = self.mirror.as_ref().map_or(0, |m| m.cursor) % pages.max(1);
+        let mut scanned = 0;
+        while budget > 0 && scanned < pages {
+            let l = self.local[Self::idx(p)];
+            if l.owner && l.state == PageState::Write {
+                if let Err(e) = self.push_page(p) {
+                    self.fail(e);
+                    return;
+                }
+                inc(&self.stats.mirror_pushes, 1);
+                budget -= 1;
+            }
+            p = (p + 1) % pages;
+            scanned += 1;
+        }
+        if let Some(m) = self.mirror.as_mut() {
+            m.cursor = p;
+            m.next_push = Some(if budget == 0 {
+                now + Duration::from_millis(1)
+            } else {
+                now + m.interval
+            });
+        }
+    }
+
+    /// Write-protects `page` if this node holds it writable, and copies it to its mirror node.
+    fn push_page(&mut self, page: u64) -> Result<(), String> {
+        let i = Self::idx(page);
+        if self.local[i].state == PageState::Write {
+            self.mem
+                .protect(page)
+                .map_err(|e| format!("write-protecting page {page} for its mirror: {e}"))?;
+            self.local[i].state = PageState::Read;
+        }
+        let Some(t) = self.mirror_node(page, self.me) else {
+            return Ok(());
+        };
+        let v = self.local[i].version;
+        let c = self.contents(page);
+        self.send_mirror(t, page, v, c, false);
+        if let Some(m) = self.mirror.as_mut() {
+            m.mirrored[i] = Some(v);
+        }
+        Ok(())
+    }
+
+    fn on_lost(&mut self, from: u32, node: u32) -> Result<(), ProtoError> {
+        if self.mirror.is_none() {
+            return Err(ProtoError(format!(
+                "LOST for node {node} to a node that does not mirror"
+            )));
+        }
+        if node == self.me {
+            self.fail(format!("node {from} lost this node"));
+            return Ok(());
+        }
+        if self.dead & bit(node) == 0 {
+            self.to_close.push((node, format!("lost by node {from}")));
+            self.peer_lost(node);
+        }
+        Ok(())
+    }
+
+    fn on_claim(
+        &mut self,
+        from: u32,
+        page: u64,
+        version: u64,
+        claim: Claim,
+    ) -> Result<(), ProtoError> {
+        let manager = self.manager(page);
+        let Some(r) = self.mirror.as_mut().and_then(|m| m.recovery.as_mut()) else {
+            return Err(ProtoError(format!(
+                "CLAIM from node {from} with no recovery in progress"
+            )));
+        };
+        match claim {
+            Claim::End { lost } => {
+                if lost != r.lost || r.waiting & bit(from) == 0 {
+                    return Err(ProtoError(format!(
+                        "end of claims for node {lost} from node {from}, which this node did not expect"
+                    )));
+                }
+                r.waiting &= !bit(from);
+                if r.waiting == 0 {
+                    self.finish_recovery();
+                }
+                Ok(())
+            }
+            _ if manager != self.me => Err(ProtoError(format!(
+                "CLAIM for page {page} sent to node {}, which does not manage it",
+                self.me
+            ))),
+            // At most three claims (owner, gave, want) per page from each node.
+            _ if r.claims.len() >= 3 * self.local.len() * self.nodes as usize => {
+                Err(ProtoError(format!("too many claims from node {from}")))
+            }
+            c => {
+                r.claims.push((from, page, version, c));
+                Ok(())
+            }
+        }
+    }
+
+    /// Every live node has reported: repair the directory entries of the pages this node
+    /// managed (the lost node's copies, requests and ownership), rebuild those of the pages
+    /// the lost node managed that this node manages now, then handle the held messages.
+    fn finish_recovery(&mut self) {
+        let Some(r) = self.mirror.as_mut().and_then(|m| m.recovery.take()) else {
+            return;
+        };
+        let lost = r.lost;
+        let before = self.dead & !bit(lost);
+        if let Err(e) = self
+            .repair_managed(lost, before)
+            .and_then(|()| self.adopt(lost, before, r.claims))
+        {
+            self.fail(e);
+            return;
+        }
+        inc(&self.stats.recoveries, 1);
+        let now = Instant::now();
+        for (from, msg) in r.held {
+            if let Err(e) = self.handle(from, msg, now) {
+                self.to_close.push((from, e.0));
+            }
+        }
+    }
+
+    fn repair_managed(&mut self, lost: u32, before: u64) -> Result<(), String> {
+        let me = self.me;
+        let mut pages: Vec<u64> = (u64::from(me)..self.local.len() as u64)
+            .step_by(self.nodes as usize)
+            .collect();
+        pages.extend(self.adopted.keys().copied());
+        for p in pages {
+            if self.manager_among(p, before) != me {
+                continue;
+            }
+            let stored = self
+                .mirror
+                .as_ref()
+                .and_then(|m| m.store.get(&p).map(|e| e.0));
+            let d = self.dir_mut(p);
+            d.copyset &= !bit(lost);
+            d.queue.retain(|q| q.0 != lost);
+            let owner_lost = d.owner == lost;
+            let version = d.version;
+            let mut close = false;
+            let mut forward = false;
+            let mut rehome = None;
+            if let Some(t) = d.busy.as_mut() {
+                let had_acks = t.acks != 0;
+                t.acks &= !bit(lost);
+                if t.requester == lost {
+                    if t.acks == 0 {
+                        close = true;
+                        if stored.is_some_and(|v| v > version) || owner_lost {
+                            // Granted to the lost node (its mirror copy is here), or the lost
+                            // node was upgrading its own page.
+                            rehome = Some(version);
+                        }
+                    }
+                } else if owner_lost {
+                    rehome = Some(version);
+                    forward = t.acks == 0;
+                } else {
+                    forward = had_acks && t.acks == 0;
+                }
+            } else if owner_lost {
+                rehome = Some(version);
+            }
+            if let Some(min) = rehome {
+                let v = self.rehome(p, min, lost)?;
+                let d = self.dir_mut(p);
+                d.owner = me;
+                d.version = v;
+                d.copyset |= bit(me);
+            }
+            let d = self.dir_mut(p);
+            if close {
+                d.busy = None;
+            }
+            if forward {
+                self.forward(p);
+            } else if self.dir_mut(p).busy.is_none() && !self.dir_mut(p).queue.is_empty() {
+                self.start(p);
+            }
+        }
+        Ok(())
+    }
+
+    fn adopt(
+        &mut self,
+        lost: u32,
+        before: u64,
+        claims: Vec<(u32, u64, u64, Claim)>,
+    ) -> Result<(), String> {
+        let me = self.me;
+        let live = self.live();
+        let mut by_page: HashMap<u64, Vec<(u32, u64, Claim)>> = HashMap::new();
+        for (from, page, version, claim) in claims {
+            by_page
+                .entry(page)
+                .or_default()
+                .push((from, version, claim));
+        }
+        for p in 0..self.local.len() as u64 {
+            if self.manager_among(p, before) != lost || self.manager(p) != me {
+                continue;
+            }
+            let cl = by_page.remove(&p).unwrap_or_default();
+            let mut owner: Option<(u32, u64)> = None;
+            let mut write_gave: Option<(u32, u64)> = None;
+            for &(from, v, c) in &cl {
+                match c {
+                    Claim::Owner => {
+                        if let Some((o, _)) = owner {
+                            return Err(format!("nodes {o} and {from} both own page {p}"));
+                        }
+                        owner = Some((from, v));
+                    }
+                    Claim::Gave {
+                        to,
+                        access: Access::Write,
+                    } => {
+                        let nv = v.saturating_add(1);
+                        if write_gave.is_none_or(|w| w.1 < nv) {
+                            write_gave = Some((to, nv));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let stored = self
+                .mirror
+                .as_ref()
+                .and_then(|m| m.store.get(&p).map(|e| e.0));
+            let top = [owner.map(|o| o.1), write_gave.map(|w| w.1), stored]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(0);
+            let want = |n: u32, a: Access| {
+                cl.iter().find_map(|&(from, v, c)| match c {
+                    Claim::Want { access } if from == n && access == a => Some(v),
+                    _ => None,
+                })
+            };
+            let mut d = Dir::new();
+            let mut consumed = None;
+            if let Some((o, v)) = owner.filter(|o| o.1 == top) {
+                d.owner = o;
+                d.version = v;
+                // A read copy the owner sent that its requester had not received when it
+                // reported: the transaction is still open, its VLD_PAGE comes here.
+                let read_gave = cl.iter().find_map(|&(from, gv, c)| match c {
+                    Claim::Gave {
+                        to,
+                        access: Access::Read,
+                    } if from == o && gv == v => Some(to),
+                    _ => None,
+                });
+                if let Some(r) = read_gave.filter(|&r| live & bit(r) != 0) {
+                    if let Some(have) = want(r, Access::Read) {
+                        d.busy = Some(Txn {
+                            requester: r,
+                            access: Access::Read,
+                            have,
+                            acks: 0,
+                        });
+                        consumed = Some((r, Access::Read));
+                    }
+                }
+            } else if let Some((r, v)) = write_gave.filter(|w| w.1 == top && live & bit(w.0) != 0) {
+                // Write access granted to a live node that had not received it when it
+                // reported: it owns the page once it does (its VLD_PAGE comes here).
+                d.owner = r;
+                d.version = v - 1;
+                d.busy = Some(Txn {
+                    requester: r,
+                    access: Access::Write,
+                    have: want(r, Access::Write).unwrap_or(0),
+                    acks: 0,
+                });
+                consumed = Some((r, Access::Write));
+            } else if top == 0 && live & 1 != 0 && me != 0 {
+                d.owner = 0;
+            } else if top == 0 || stored == Some(top) {
+                // The lost node held the latest version: its mirror copy is here.
+                d.version = self.rehome(p, top, lost)?;
+                d.owner = me;
+            } else {
+                return Err(format!(
+                    "page {p}: its latest version ({top}) was only on node {lost}"
+                ));
+            }
+            d.copyset = live & !bit(d.owner);
+            for &(from, have, c) in &cl {
+                if let Claim::Want { access } = c {
+                    if consumed != Some((from, access)) {
+                        d.queue.push_back((from, access, have));
+                    }
+                }
+            }
+            let start = d.busy.is_none() && !d.queue.is_empty();
+            self.adopted.insert(p, d);
+            if start {
+                self.start(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// This node takes ownership of `page` from its mirror copy (at least version `min`),
+    /// mapped write-protected, and returns the version.
+    fn rehome(&mut self, page: u64, min: u64, lost: u32) -> Result<u64, String> {
+        let entry = self.mirror.as_mut().and_then(|m| m.store.remove(&page));
+        let (v, data) = entry.unwrap_or((0, None));
+        if v < min {
+            return Err(format!(
+                "page {page}: version {min} was only on node {lost} (the mirror holds {v})"
+            ));
+        }
+        let i = Self::idx(page);
+        let l = self.local[i];
+        if l.state != PageState::Invalid && l.version == v {
+            self.local[i].owner = true;
+        } else {
+            if l.state != PageState::Invalid {
+                self.mem
+                    .drop_page(page)
+                    .map_err(|e| format!("dropping page {page}: {e}"))?;
+            }
+            if v == 0 && data.is_none() {
+                self.local[i] = Local {
+                    pending: l.pending,
+                    ..Local::new(true)
+                };
+            } else {
+                let r = match &data {
+                    Some(d) => self.mem.install(page, d, true),
+                    None => {
+                        let zero = std::mem::take(&mut self.zero);
+                        let r = self.mem.install(page, &zero, true);
+                        self.zero = zero;
+                        r
+                    }
+                };
+                r.map_err(|e| format!("installing page {page} from its mirror: {e}"))?;
+                self.local[i] = Local {
+                    state: PageState::Read,
+                    version: v,
+                    pending: l.pending,
+                    ..Local::new(true)
+                };
+            }
+        }
+        if v > 0 {
+            // Its contents now live here only: pushed to this node's mirror node first.
+            if let Some(m) = self.mirror.as_mut() {
+                m.resync.push_back(page);
+            }
+            inc(&self.stats.pages_rehomed, 1);
+        }
+        Ok(v)
     }
 }
 
@@ -1297,6 +2224,162 @@ mod tests {
         assert_eq!((st.failed_faults, st.read_faults, st.peers_lost), (2, 1, 1));
         assert_eq!(st.read_ahead_requested, 0);
         assert!(s.0[1].next_out().is_none());
+    }
+
+    impl Sim {
+        /// Delivers every message among the live nodes until quiet; `dead` nodes neither send
+        /// nor receive (their messages in flight are lost).
+        fn settle_live(&mut self, dead: &[usize]) {
+            loop {
+                let mut any = false;
+                for i in 0..self.0.len() {
+                    while let Some((to, m)) = self.0[i].next_out() {
+                        if dead.contains(&i) || dead.contains(&(to as usize)) {
+                            continue;
+                        }
+                        any = true;
+                        self.0[to as usize]
+                            .handle(i as u32, m, Instant::now())
+                            .unwrap();
+                    }
+                }
+                if !any {
+                    return;
+                }
+            }
+        }
+        /// An access by live node `n` (as [`Sim::access`]) while `dead` nodes are gone.
+        fn access_live(&mut self, n: usize, page: u64, write: Option<u8>, dead: &[usize]) -> u8 {
+            for _ in 0..4 {
+                let slot = self.0[n].mem.pages[page as usize].clone();
+                match (slot, write) {
+                    (Some((d, _)), None) => return d[0],
+                    (Some((_, false)), Some(v)) => {
+                        self.0[n].mem.pages[page as usize].as_mut().unwrap().0[0] = v;
+                        return v;
+                    }
+                    _ => {
+                        self.0[n].fault(page, write.is_some()).unwrap();
+                        self.settle_live(dead);
+                    }
+                }
+            }
+            panic!("access to page {page} by node {n} never granted");
+        }
+        /// Runs every node's periodic mirror push (the interval has passed).
+        fn push_all(&mut self, dead: &[usize]) {
+            for e in &mut self.0 {
+                if let Some(m) = e.mirror.as_mut() {
+                    m.next_push = Some(Instant::now());
+                }
+                e.run_due(Instant::now());
+            }
+            self.settle_live(dead);
+        }
+        /// Node `k` dies: the others lose it and recover.
+        fn kill(&mut self, k: usize, dead: &[usize]) {
+            for i in 0..self.0.len() {
+                if i != k && !dead.contains(&i) {
+                    self.0[i].peer_lost(k as u32);
+                }
+            }
+            let mut all = dead.to_vec();
+            all.push(k);
+            self.settle_live(&all);
+            for i in 0..self.0.len() {
+                if !all.contains(&i) {
+                    assert!(!self.0[i].failed(), "node {i}: {:?}", self.0[i].fatal);
+                    assert!(!self.0[i].recovering(), "node {i} still recovering");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn with_mirroring_a_lost_node_loses_nothing_pushed() {
+        // Node 2 writes every page (so it owns them, and manages a third of them), node 1
+        // reads some; after a push, node 2 dies: every page reads its value on 0 and 1.
+        let mut s = Sim::with(3, 12, |e| e.set_mirror(Duration::from_millis(100)));
+        for p in 0..12 {
+            s.access(2, p, Some(p as u8 + 1));
+        }
+        for p in 0..4 {
+            assert_eq!(s.access(1, p, None), p as u8 + 1);
+        }
+        s.push_all(&[]);
+        assert!(s.stats(2).mirror_pushes >= 8, "{}", s.stats(2));
+        for p in 4..8 {
+            s.access(2, p, Some(50 + p as u8));
+        }
+        s.push_all(&[]);
+        s.access(2, 8, Some(99));
+        s.kill(2, &[]);
+        for n in [0, 1] {
+            for p in 0..12 {
+                // Page 8's write after the last push is the window mirroring may lose (its
+                // upgrade only moved the mirror's version on): it reads as pushed.
+                let want = match p {
+                    4..8 => 50 + p as u8,
+                    _ => p as u8 + 1,
+                };
+                assert_eq!(s.access_live(n, p, None, &[2]), want, "node {n} page {p}");
+            }
+        }
+        assert_eq!(s.stats(0).recoveries + s.stats(1).recoveries, 2);
+        // And the survivors keep going: writes and reads across them.
+        for p in 0..12 {
+            s.access_live(1, p, Some(200 + p as u8), &[2]);
+            assert_eq!(s.access_live(0, p, None, &[2]), 200 + p as u8);
+        }
+    }
+
+    #[test]
+    fn with_mirroring_a_lost_manager_is_replaced() {
+        // Node 1 only manages (a memory node): nodes 0 and 2 write and read; node 1 dies with
+        // transactions in flight (a request it never answered).
+        let mut s = Sim::with(3, 9, |e| e.set_mirror(Duration::from_millis(100)));
+        for p in 0..9 {
+            s.access(0, p, Some(p as u8 + 10));
+            assert_eq!(s.access(2, p, None), p as u8 + 10);
+        }
+        s.access(2, 4, Some(44));
+        // A request to node 1 (page 7's manager) left unanswered: node 1 dies first.
+        s.0[0].fault(7, true).unwrap();
+        s.kill(1, &[]);
+        s.settle_live(&[1]);
+        assert_eq!(s.0[0].page_state(7).map(|p| p.0), Some(PageState::Write));
+        s.access_live(0, 7, Some(77), &[1]);
+        for p in 0..9 {
+            let want = match p {
+                4 => 44,
+                7 => 77,
+                _ => p as u8 + 10,
+            };
+            assert_eq!(s.access_live(2, p, None, &[1]), want, "page {p}");
+        }
+        // Without mirroring the same loss fails the node.
+        let mut s = Sim::new(3, 9);
+        s.0[0].peer_lost(1);
+        assert!(s.0[0].failed());
+    }
+
+    #[test]
+    fn a_recovery_that_gets_no_reports_fails_the_node_in_time() {
+        let mut s = Sim::with(3, 6, |e| e.set_mirror(Duration::from_millis(100)));
+        s.access(0, 1, Some(3));
+        // Node 0 loses node 2; node 1 never reports (its messages are not delivered).
+        s.0[0].peer_lost(2);
+        assert!(s.0[0].recovering() && !s.0[0].failed());
+        let t = Instant::now();
+        assert!(s.0[0].run_due(t).is_empty());
+        assert!(!s.0[0].failed());
+        assert!(s.0[0].next_due().is_some_and(|d| d > t + RECOVERY_TIMEOUT));
+        s.0[0].run_due(t + RECOVERY_TIMEOUT + Duration::from_millis(1));
+        assert!(s.0[0].failed());
+        assert_eq!(
+            s.0[0].take_fatal().unwrap(),
+            "the recovery from the loss of node 2 did not complete in 5 s: no report from node(s) 1"
+        );
     }
 
     #[test]

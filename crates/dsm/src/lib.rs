@@ -7,7 +7,9 @@
 //! threads' accesses then fault into the node like any other access. A node that loses a
 //! peer (dead, stalled, or breaking the protocol) reports it ([`Node::wait_error`],
 //! [`Node::failed`]) within [`Config::peer_timeout`] and stops serving faults; the VMM then
-//! stops the VM (docs/DSM.md, "Peer loss").
+//! stops the VM (docs/DSM.md, "Peer loss"). With mirroring ([`Config::mirror`]) every page's
+//! latest contents are also on a second node, and the survivors of a loss recover its pages
+//! and directory and go on (docs/DSM.md, "Mirroring").
 //!
 //! ```no_run
 //! use wv_dsm::{Backing, Config, Listener, Node, Region};
@@ -25,7 +27,7 @@ pub mod proto;
 pub mod uffd;
 pub mod uffd_abi;
 
-pub use coherence::{Engine, PageOps, PageState, Stats, StatsSnapshot};
-pub use node::{Config, Listener, Node, PeerError, DEFAULT_PEER_TIMEOUT};
-pub use proto::{Access, Geometry, Msg, ProtoError};
+pub use coherence::{Engine, PageOps, PageState, Stats, StatsSnapshot, RECOVERY_TIMEOUT};
+pub use node::{Config, Listener, Node, PeerError, DEFAULT_MIRROR_INTERVAL, DEFAULT_PEER_TIMEOUT};
+pub use proto::{Access, Claim, Geometry, MirrorData, Msg, ProtoError};
 pub use uffd::{Backing, Region};

@@ -38,6 +38,12 @@ pub struct Config {
     /// The most bytes queued for a peer beyond what its socket takes; a peer that makes
     /// this node queue more is declared lost (it is not reading).
     pub send_limit: usize,
+    /// Mirroring (docs/DSM.md, "Mirroring"): every page's latest contents on two nodes, and
+    /// the loss of a node recovered from instead of failing the node. Every node of the
+    /// cluster must agree (INIT checks it). Turns read-ahead off.
+    pub mirror: bool,
+    /// With mirroring: how often the pages written in place are pushed to their mirror.
+    pub mirror_interval: Duration,
 }
 
 impl Config {
@@ -53,7 +59,23 @@ impl Config {
             read_ahead: 0,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             send_limit: 8 << 20,
+            mirror: false,
+            mirror_interval: DEFAULT_MIRROR_INTERVAL,
         }
+    }
+
+    /// Sets mirroring (see [`Config::mirror`]).
+    #[must_use]
+    pub fn with_mirror(mut self, on: bool) -> Config {
+        self.mirror = on;
+        self
+    }
+
+    /// Sets the mirror push interval (see [`Config::mirror_interval`]; at least 1 ms).
+    #[must_use]
+    pub fn with_mirror_interval(mut self, interval: Duration) -> Config {
+        self.mirror_interval = interval.max(Duration::from_millis(1));
+        self
     }
 
     /// Sets versioning (off: every reply carries the page; for measuring what it saves).
@@ -92,6 +114,10 @@ impl Config {
         self
     }
 }
+
+/// The default [`Config::mirror_interval`]: what a lost node's pages written in place may
+/// lose at most (plus the time a push takes).
+pub const DEFAULT_MIRROR_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The default [`Config::peer_timeout`]: well under the second in which the loss of a node
 /// must stop the VM, well over a scheduling hiccup on a loaded host.
@@ -140,6 +166,9 @@ impl From<TcpListener> for Listener {
 #[derive(Default)]
 struct Shared {
     errors: Mutex<Vec<PeerError>>,
+    /// The error that failed the node (a loss without mirroring, or one it could not
+    /// recover from).
+    fatal: Mutex<Option<PeerError>>,
     cv: Condvar,
 }
 
@@ -148,6 +177,16 @@ impl Shared {
         if let Ok(mut e) = self.errors.lock() {
             e.push(PeerError { peer, message });
         }
+        self.cv.notify_all();
+    }
+    fn fail(&self, e: PeerError) {
+        if let Ok(mut f) = self.fatal.lock() {
+            if f.is_none() {
+                *f = Some(e);
+            }
+        }
+        // Under the errors lock, so that a waiter cannot miss the wake-up.
+        let _g = self.errors.lock();
         self.cv.notify_all();
     }
 }
@@ -166,7 +205,7 @@ fn ctx(what: String) -> impl FnOnce(io::Error) -> io::Error {
     move |e| io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-fn read_init(s: &mut TcpStream, g: &Geometry) -> io::Result<(u32, Geometry)> {
+fn read_init(s: &mut TcpStream, g: &Geometry, want_mirror: bool) -> io::Result<(u32, Geometry)> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let n = u32::from_le_bytes(len) as usize;
@@ -184,12 +223,21 @@ fn read_init(s: &mut TcpStream, g: &Geometry) -> io::Result<(u32, Geometry)> {
                 version,
                 node,
                 geometry,
+                mirror,
             },
             _,
         ))) => {
             if version != PROTOCOL_VERSION {
                 return Err(io::Error::other(format!(
                     "node {node} speaks protocol {version}, this node {PROTOCOL_VERSION}"
+                )));
+            }
+            if mirror != want_mirror {
+                let say = |m: bool| if m { "mirrors" } else { "does not mirror" };
+                return Err(io::Error::other(format!(
+                    "node {node} {}, this node {}",
+                    say(mirror),
+                    say(want_mirror)
                 )));
             }
             if geometry != *g {
@@ -241,6 +289,7 @@ impl Node {
                 version: PROTOCOL_VERSION,
                 node: me,
                 geometry: g,
+                mirror: cfg.mirror,
             },
             &mut init,
         );
@@ -251,8 +300,8 @@ impl Node {
                 .map_err(ctx(format!("connecting to node {j} at {addr}")))?;
             s.set_read_timeout(Some(cfg.join_timeout))?;
             s.write_all(&init)?;
-            let (n, _) =
-                read_init(&mut s, &g).map_err(ctx(format!("INIT from node {j} at {addr}")))?;
+            let (n, _) = read_init(&mut s, &g, cfg.mirror)
+                .map_err(ctx(format!("INIT from node {j} at {addr}")))?;
             if n != j {
                 return Err(io::Error::other(format!(
                     "node {j}'s address {addr} answered as node {n}"
@@ -290,7 +339,8 @@ impl Node {
             };
             s.set_nonblocking(false)?;
             s.set_read_timeout(Some(cfg.join_timeout))?;
-            let (n, _) = read_init(&mut s, &g).map_err(ctx(format!("INIT from {from}")))?;
+            let (n, _) =
+                read_init(&mut s, &g, cfg.mirror).map_err(ctx(format!("INIT from {from}")))?;
             if n <= me || conns[n as usize].is_some() {
                 return Err(io::Error::other(format!(
                     "unexpected INIT from node {n} at {from}"
@@ -327,6 +377,9 @@ impl Node {
         let mut engine = engine;
         engine.set_versioning(cfg.versioning);
         engine.set_read_ahead(cfg.read_ahead);
+        if cfg.mirror {
+            engine.set_mirror(cfg.mirror_interval.max(Duration::from_millis(1)));
+        }
         let sh = shared.clone();
         let limits = Limits {
             peer_timeout: cfg.peer_timeout.max(Duration::from_millis(10)),
@@ -376,14 +429,29 @@ impl Node {
     /// violation). Once a peer is lost the node has failed: faults that need the protocol are
     /// no longer served and their threads stay blocked; the VMM stops the VM (docs/DSM.md,
     /// "Peer loss").
+    ///
+    /// With mirroring ([`Config::mirror`]) a lost peer is recovered from and does not fail
+    /// the node (it is still in [`Node::errors`] and counted in `recoveries`); this returns
+    /// the loss that did (a second loss during a recovery, a page whose latest contents were
+    /// on the lost node only, a node that declared this one lost), with why.
     pub fn failed(&self) -> Option<PeerError> {
-        self.shared
-            .errors
-            .lock()
-            .ok()?
-            .iter()
-            .find(|e| e.peer != self.id)
-            .cloned()
+        self.shared.fatal.lock().ok()?.clone()
+    }
+
+    /// Waits up to `timeout` for the node to fail (see [`Node::failed`]).
+    pub fn wait_failed(&self, timeout: Duration) -> Option<PeerError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.errors.lock().ok()?;
+        loop {
+            if let Some(f) = self.failed() {
+                return Some(f);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            g = self.shared.cv.wait_timeout(g, left).ok()?.0;
+        }
     }
 
     /// Stops the node, as dropping it does, for a VMM that still holds it elsewhere: the
@@ -401,6 +469,22 @@ impl Node {
             // SAFETY: writes 8 bytes from a local array to our eventfd.
             unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), 8) };
             let _ = t.join();
+        }
+    }
+
+    /// Waits up to `timeout` for connection errors after the first `seen` ones, and returns
+    /// those (empty if none came): for a VMM that goes on after a recovered loss (mirroring).
+    pub fn wait_errors(&self, seen: usize, timeout: Duration) -> Vec<PeerError> {
+        let Ok(g) = self.shared.errors.lock() else {
+            return Vec::new();
+        };
+        match self
+            .shared
+            .cv
+            .wait_timeout_while(g, timeout, |e| e.len() <= seen)
+        {
+            Ok((g, _)) => g.get(seen..).map(<[PeerError]>::to_vec).unwrap_or_default(),
+            Err(_) => Vec::new(),
         }
     }
 
@@ -501,8 +585,44 @@ fn close(
 ) {
     if let Some(c) = conns.get_mut(peer as usize).and_then(Option::take) {
         let _ = c.s.shutdown(std::net::Shutdown::Both);
+        let was_failed = eng.failed();
         eng.peer_lost(peer);
-        shared.record(peer, format!("{}: {why}", c.addr));
+        let message = format!("{}: {why}", c.addr);
+        // Failed first, so that whoever the error wakes sees it.
+        if eng.failed() && !was_failed {
+            let message = match eng.take_fatal() {
+                Some(f) => format!("{message} ({f})"),
+                None => message.clone(),
+            };
+            shared.fail(PeerError { peer, message });
+        }
+        shared.record(peer, message);
+    }
+}
+
+/// Closes the connections the engine was told to (another node lost that peer) and reports
+/// a failure the engine found itself.
+fn engine_requests(
+    conns: &mut [Option<Conn>],
+    me: u32,
+    shared: &Shared,
+    eng: &mut Engine<UffdMem>,
+) {
+    loop {
+        let close_now = eng.take_close();
+        if close_now.is_empty() {
+            break;
+        }
+        for (peer, why) in close_now {
+            close(conns, peer, &why, shared, eng);
+        }
+    }
+    if let Some(f) = eng.take_fatal() {
+        shared.fail(PeerError {
+            peer: me,
+            message: f.clone(),
+        });
+        shared.record(me, f);
     }
 }
 
@@ -622,6 +742,7 @@ fn run(
         for (peer, e) in eng.run_due(Instant::now()) {
             close(&mut conns, peer, &e.0, shared, &mut eng);
         }
+        engine_requests(&mut conns, me, shared, &mut eng);
         // Deliver: messages to self are handled at once (they may produce more).
         let now = Instant::now();
         while let Some((to, msg)) = eng.next_out() {
@@ -629,6 +750,7 @@ fn run(
                 if let Err(e) = eng.handle(me, msg, now) {
                     shared.record(me, format!("internal protocol error: {e}"));
                 }
+                engine_requests(&mut conns, me, shared, &mut eng);
                 continue;
             }
             if let Some(Some(c)) = conns.get_mut(to as usize) {

@@ -9,7 +9,7 @@
 use std::fmt;
 
 /// Protocol version carried in INIT; both ends must agree.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Size of the length prefix.
 pub const LEN_BYTES: usize = 4;
 /// Size of the head after the length (type, flags, reserved).
@@ -25,8 +25,21 @@ const T_INV_PAGE: u8 = 5;
 const T_INV_ACK: u8 = 6;
 const T_VLD_PAGE: u8 = 7;
 const T_PING: u8 = 8;
+const T_MIRROR: u8 = 9;
+const T_CLAIM: u8 = 10;
+const T_LOST: u8 = 11;
 
 const F_UNCHANGED: u8 = 0x80;
+/// INIT: the sender mirrors pages (every node of a cluster must agree).
+const F_INIT_MIRROR: u8 = 1;
+/// MIRROR: how the contents are given (low two bits), and whether it is a hand-off's copy.
+const F_MIRROR_ZERO: u8 = 1;
+const F_MIRROR_SAME: u8 = 2;
+const F_MIRROR_INITIAL: u8 = 4;
+const C_OWNER: u8 = 1;
+const C_GAVE: u8 = 2;
+const C_WANT: u8 = 3;
+const C_END: u8 = 4;
 
 /// The access a request asks for or a reply grants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +84,7 @@ impl Geometry {
     }
     /// Largest valid frame length (after the length prefix).
     pub fn max_frame(&self) -> usize {
-        HEAD_BYTES + 16 + self.page_size as usize
+        HEAD_BYTES + 24 + self.page_size as usize
     }
 }
 
@@ -86,6 +99,8 @@ pub enum Msg {
         node: u32,
         /// Cluster geometry as the sender sees it.
         geometry: Geometry,
+        /// The sender mirrors pages (protocol 3; all nodes must agree).
+        mirror: bool,
     },
     /// Requester to the page's manager: read or write access, with the version it holds
     /// (0: nothing but the all-zero initial contents).
@@ -142,6 +157,74 @@ pub enum Msg {
     /// Heartbeat: sent on a connection that has had nothing else to carry for a while, so
     /// that silence means a dead or stalled peer. No fields.
     Ping,
+    /// Mirroring: a page's contents at `version`, kept by the receiver (the holder's mirror
+    /// node) so that they outlive the holder.
+    Mirror {
+        /// Page number.
+        page: u64,
+        /// Version of the contents.
+        version: u64,
+        /// The contents.
+        contents: MirrorData,
+        /// A hand-off's copy (sent by the old owner as it grants write access): the oldest
+        /// contents of `version`, so it never replaces a push of the same version.
+        initial: bool,
+    },
+    /// Recovery after the loss of a node: what the sender knows about a page whose manager
+    /// was the lost node, sent to the page's new manager; or the end of those reports.
+    Claim {
+        /// Page number (0 for [`Claim::End`]).
+        page: u64,
+        /// Version (see [`Claim`]; 0 for [`Claim::End`]).
+        version: u64,
+        /// What is claimed.
+        claim: Claim,
+    },
+    /// Recovery: the sender lost `node` (every node that hears it loses it too); followed by
+    /// the sender's claims and a [`Claim::End`].
+    Lost {
+        /// The lost node.
+        node: u32,
+    },
+}
+
+/// The contents a MIRROR message carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MirrorData {
+    /// Exactly one page.
+    Data(Vec<u8>),
+    /// All zeros.
+    Zero,
+    /// The contents of version `base`, which the receiver holds (an upgrade in place).
+    Same {
+        /// The version whose contents are unchanged.
+        base: u64,
+    },
+}
+
+/// A recovery report (CLAIM message), see docs/DSM.md, "Mirroring".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The sender owns the page at `version`.
+    Owner,
+    /// The last PAGE the sender served for the page (as its owner) went to `to`, granting
+    /// `access`, with contents of `version`.
+    Gave {
+        /// The requester served.
+        to: u32,
+        /// The access granted.
+        access: Access,
+    },
+    /// The sender asked for `access` and has not been granted it; it holds `version`.
+    Want {
+        /// The access asked for.
+        access: Access,
+    },
+    /// The end of the sender's claims for the loss of `lost`.
+    End {
+        /// The lost node.
+        lost: u32,
+    },
 }
 
 impl Msg {
@@ -156,6 +239,9 @@ impl Msg {
             Msg::InvAck { .. } => "INV_ACK",
             Msg::VldPage { .. } => "VLD_PAGE",
             Msg::Ping => "PING",
+            Msg::Mirror { .. } => "MIRROR",
+            Msg::Claim { .. } => "CLAIM",
+            Msg::Lost { .. } => "LOST",
         }
     }
 }
@@ -200,8 +286,10 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             version,
             node,
             geometry,
+            mirror,
         } => {
-            head(out, HEAD_BYTES + 24, T_INIT, 0);
+            let flags = if *mirror { F_INIT_MIRROR } else { 0 };
+            head(out, HEAD_BYTES + 24, T_INIT, flags);
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&node.to_le_bytes());
             out.extend_from_slice(&geometry.nodes.to_le_bytes());
@@ -259,6 +347,46 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) {
             out.extend_from_slice(&version.to_le_bytes());
         }
         Msg::Ping => head(out, HEAD_BYTES, T_PING, 0),
+        Msg::Mirror {
+            page,
+            version,
+            contents,
+            initial,
+        } => {
+            let init = if *initial { F_MIRROR_INITIAL } else { 0 };
+            let (flags, base, data): (u8, u64, &[u8]) = match contents {
+                MirrorData::Data(d) => (0, 0, d),
+                MirrorData::Zero => (F_MIRROR_ZERO, 0, &[]),
+                MirrorData::Same { base } => (F_MIRROR_SAME, *base, &[]),
+            };
+            head(out, HEAD_BYTES + 24 + data.len(), T_MIRROR, flags | init);
+            out.extend_from_slice(&page.to_le_bytes());
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&base.to_le_bytes());
+            out.extend_from_slice(data);
+        }
+        Msg::Claim {
+            page,
+            version,
+            claim,
+        } => {
+            let (kind, access, node) = match claim {
+                Claim::Owner => (C_OWNER, 0, 0),
+                Claim::Gave { to, access } => (C_GAVE, access.bits(), *to),
+                Claim::Want { access } => (C_WANT, access.bits(), 0),
+                Claim::End { lost } => (C_END, 0, *lost),
+            };
+            head(out, HEAD_BYTES + 24, T_CLAIM, kind | access << 4);
+            out.extend_from_slice(&page.to_le_bytes());
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&node.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+        }
+        Msg::Lost { node } => {
+            head(out, HEAD_BYTES + 8, T_LOST, 0);
+            out.extend_from_slice(&node.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+        }
     }
 }
 
@@ -349,7 +477,9 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
     let msg = match ty {
         T_INIT => {
             want(24, "INIT")?;
-            no_flags("INIT")?;
+            if flags & !F_INIT_MIRROR != 0 {
+                return Err(ProtoError(format!("INIT with flags {flags:#x}")));
+            }
             let geometry = Geometry {
                 nodes: u32_at(body, 8),
                 page_size: u32_at(body, 12),
@@ -367,6 +497,7 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
                 version: u32_at(body, 0),
                 node,
                 geometry,
+                mirror: flags & F_INIT_MIRROR != 0,
             }
         }
         T_GET_PAGE => {
@@ -435,6 +566,96 @@ pub fn decode(buf: &[u8], g: &Geometry) -> Result<Option<(Msg, usize)>, ProtoErr
             no_flags("PING")?;
             Msg::Ping
         }
+        T_MIRROR => {
+            if flags & !(3 | F_MIRROR_INITIAL) != 0 {
+                return Err(ProtoError(format!("MIRROR with flags {flags:#x}")));
+            }
+            let base = if body.len() >= 24 {
+                u64_at(body, 16)
+            } else {
+                0
+            };
+            let contents = match flags & 3 {
+                0 => {
+                    want(24 + g.page_size as usize, "MIRROR")?;
+                    MirrorData::Data(body[24..].to_vec())
+                }
+                F_MIRROR_ZERO => {
+                    want(24, "MIRROR (zero)")?;
+                    MirrorData::Zero
+                }
+                F_MIRROR_SAME => {
+                    want(24, "MIRROR (same)")?;
+                    MirrorData::Same { base }
+                }
+                _ => return Err(ProtoError(format!("MIRROR with flags {flags:#x}"))),
+            };
+            let version = u64_at(body, 8);
+            let base_ok = match contents {
+                MirrorData::Same { base } => base < version,
+                _ => base == 0,
+            };
+            if !base_ok {
+                return Err(ProtoError(format!(
+                    "MIRROR at version {version} with base version {base}"
+                )));
+            }
+            Msg::Mirror {
+                page: page_at(0)?,
+                version,
+                contents,
+                initial: flags & F_MIRROR_INITIAL != 0,
+            }
+        }
+        T_CLAIM => {
+            want(24, "CLAIM")?;
+            let node = u32_at(body, 16);
+            if u32_at(body, 20) != 0 {
+                return Err(ProtoError("CLAIM with nonzero padding".into()));
+            }
+            if node >= g.nodes {
+                return Err(ProtoError(format!("CLAIM for node {node} of {}", g.nodes)));
+            }
+            let (kind, access) = (flags & 0xf, flags >> 4);
+            let (page, version) = (page_at(0)?, u64_at(body, 8));
+            let claim = match kind {
+                C_OWNER | C_END if access != 0 => {
+                    return Err(ProtoError(format!("CLAIM with flags {flags:#x}")))
+                }
+                C_OWNER if node == 0 => Claim::Owner,
+                C_GAVE => Claim::Gave {
+                    to: node,
+                    access: Access::from_bits(access)?,
+                },
+                C_WANT if node == 0 => Claim::Want {
+                    access: Access::from_bits(access)?,
+                },
+                C_END if page == 0 && version == 0 => Claim::End { lost: node },
+                C_OWNER | C_WANT | C_END => {
+                    return Err(ProtoError(format!(
+                        "CLAIM of kind {kind} with stray fields"
+                    )))
+                }
+                k => return Err(ProtoError(format!("CLAIM of unknown kind {k}"))),
+            };
+            Msg::Claim {
+                page,
+                version,
+                claim,
+            }
+        }
+        T_LOST => {
+            want(8, "LOST")?;
+            no_flags("LOST")?;
+            let node = u32_at(body, 0);
+            if node >= g.nodes {
+                return Err(ProtoError(format!("LOST for node {node} of {}", g.nodes)));
+            }
+            if u32_at(body, 4) != 0 {
+                return Err(ProtoError("LOST with nonzero padding".into()));
+            }
+            Msg::Lost { node }
+        }
         t => return Err(ProtoError(format!("unknown message type {t}"))),
     };
     Ok(Some((msg, LEN_BYTES + len)))
@@ -467,6 +688,7 @@ mod tests {
             version: 1,
             node: 2,
             geometry: G,
+            mirror: true,
         });
         roundtrip(Msg::GetPage {
             access: Access::Write,
@@ -499,6 +721,87 @@ mod tests {
             version: 3,
         });
         roundtrip(Msg::Ping);
+        for (contents, initial) in [
+            (MirrorData::Data(vec![3; 4096]), true),
+            (MirrorData::Zero, false),
+            (MirrorData::Same { base: 4 }, false),
+        ] {
+            roundtrip(Msg::Mirror {
+                page: 7,
+                version: 5,
+                contents,
+                initial,
+            });
+        }
+        for claim in [
+            Claim::Owner,
+            Claim::Gave {
+                to: 2,
+                access: Access::Write,
+            },
+            Claim::Want {
+                access: Access::Read,
+            },
+        ] {
+            roundtrip(Msg::Claim {
+                page: 9,
+                version: 4,
+                claim,
+            });
+        }
+        roundtrip(Msg::Claim {
+            page: 0,
+            version: 0,
+            claim: Claim::End { lost: 1 },
+        });
+        roundtrip(Msg::Lost { node: 2 });
+    }
+
+    #[test]
+    fn bad_mirroring_messages_are_errors() {
+        let mut b = Vec::new();
+        encode(
+            &Msg::Mirror {
+                page: 1,
+                version: 3,
+                contents: MirrorData::Same { base: 3 },
+                initial: false,
+            },
+            &mut b,
+        );
+        assert_eq!(err(&b), "MIRROR at version 3 with base version 3");
+        b[5] = 3;
+        assert_eq!(err(&b), "MIRROR with flags 0x3");
+        b.clear();
+        encode(&Msg::Lost { node: 3 }, &mut b);
+        assert_eq!(err(&b), "LOST for node 3 of 3");
+        b.clear();
+        encode(
+            &Msg::Claim {
+                page: 1,
+                version: 0,
+                claim: Claim::End { lost: 1 },
+            },
+            &mut b,
+        );
+        assert_eq!(err(&b), "CLAIM of kind 4 with stray fields");
+        b[5] = 9;
+        assert_eq!(err(&b), "CLAIM of unknown kind 9");
+        b[5] = 0x21;
+        assert_eq!(err(&b), "CLAIM with flags 0x21");
+        b.clear();
+        encode(
+            &Msg::Claim {
+                page: 1,
+                version: 0,
+                claim: Claim::Want {
+                    access: Access::Read,
+                },
+            },
+            &mut b,
+        );
+        b[5] = 0x33;
+        assert_eq!(err(&b), "bad access flags 0x3");
     }
 
     fn err(b: &[u8]) -> String {
@@ -528,11 +831,11 @@ mod tests {
             &mut b,
         );
         assert_eq!(err(&b), "FWD_PAGE for node 3 of 3");
-        assert_eq!(decode(&[200, 0, 0, 0, 9, 0, 0, 0], &G), Ok(None));
-        assert_eq!(err(&[4, 0, 0, 0, 9, 0, 0, 0]), "unknown message type 9");
+        assert_eq!(decode(&[200, 0, 0, 0, 42, 0, 0, 0], &G), Ok(None));
+        assert_eq!(err(&[4, 0, 0, 0, 42, 0, 0, 0]), "unknown message type 42");
         assert_eq!(
             err(&[0xff, 0xff, 0xff, 0xff]),
-            "frame length 4294967295 outside 4..=4116"
+            "frame length 4294967295 outside 4..=4124"
         );
         assert_eq!(
             err(&[11, 0, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]),

@@ -78,6 +78,7 @@ fn joined_with(cfg: impl FnOnce(SocketAddr) -> Config, pages: u64) -> (Node, Tcp
             version: PROTOCOL_VERSION,
             node: 1,
             geometry: geometry_of(pages),
+            mirror: false,
         },
         cfg,
         usize::try_from(pages).unwrap() * 4096,
@@ -170,7 +171,7 @@ fn ack_without_invalidation_closes_the_connection() {
 #[test]
 fn unknown_type_and_bad_lengths_close_the_connection() {
     expect_close(&[4, 0, 0, 0, 42, 0, 0, 0], "unknown message type 42");
-    expect_close(&[0, 0, 1, 0], "frame length 65536 outside 4..=4116");
+    expect_close(&[0, 0, 1, 0], "frame length 65536 outside 4..=4124");
     let mut short = msg(Msg::VldPage {
         access: Access::Read,
         page: 2,
@@ -188,6 +189,7 @@ fn second_init_closes_the_connection() {
             version: PROTOCOL_VERSION,
             node: 1,
             geometry: geometry(),
+            mirror: false,
         }),
         "INIT after the connection was set up",
     );
@@ -203,6 +205,7 @@ fn mismatched_init_fails_the_join() {
         version: PROTOCOL_VERSION,
         node: 1,
         geometry: g,
+        mirror: false,
     });
     let e = node
         .join()
@@ -218,6 +221,7 @@ fn mismatched_init_fails_the_join() {
         version: 9,
         node: 1,
         geometry: geometry(),
+        mirror: false,
     });
     let e = node
         .join()
@@ -225,7 +229,7 @@ fn mismatched_init_fails_the_join() {
         .err()
         .expect("join must fail")
         .to_string();
-    assert!(e.contains("node 1 speaks protocol 9, this node 2"), "{e}");
+    assert!(e.contains("node 1 speaks protocol 9, this node 3"), "{e}");
 }
 
 #[test]

@@ -200,9 +200,9 @@ impl ClusterSpec {
 
     /// Refuses what a valid spec may ask for but this build cannot run yet.
     pub fn check_runnable(&self) -> Result<(), ConfigError> {
-        if self.mirror {
+        if self.mirror && self.nodes.len() < 2 {
             return Err(err(
-                "mirror = true is not available yet (memory mirroring, issue 14 item 5)",
+                "mirror = true needs at least two nodes (the copies are on another node)",
             ));
         }
         if let Some(i) = (1..self.nodes.len()).find(|&i| self.nodes[i].vcpus.contains(&0)) {
@@ -291,6 +291,9 @@ pub struct Setup {
     /// (one TSC for the guest when the nodes share a host; across hosts, not synchronised).
     #[serde(default)]
     pub tsc_base: u64,
+    /// Mirroring (the spec's `mirror`): every node's DSM must agree.
+    #[serde(default)]
+    pub mirror: bool,
 }
 
 impl Setup {
@@ -386,6 +389,13 @@ fn stats_json(s: &wv_dsm::StatsSnapshot) -> String {
         "messages_received": s.messages_received,
         "bytes_sent": s.bytes_sent,
         "bytes_received": s.bytes_received,
+        "failed_faults": s.failed_faults,
+        "peers_lost": s.peers_lost,
+        "mirror_sent": s.mirror_sent,
+        "mirror_received": s.mirror_received,
+        "mirror_pushes": s.mirror_pushes,
+        "pages_rehomed": s.pages_rehomed,
+        "recoveries": s.recoveries,
     })
     .to_string()
 }
@@ -474,7 +484,7 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
     let peers = setup.peers.clone();
     let joined = wv_dsm::Node::join(
         wv_dsm::Listener::from(l),
-        wv_dsm::Config::new(id, peers.clone()),
+        wv_dsm::Config::new(id, peers.clone()).with_mirror(setup.mirror),
         region,
     )
     .map_err(|e| format!("node {id}: joining the cluster: {e}"))
@@ -525,37 +535,60 @@ pub fn serve_node(listen: &str) -> Result<(), String> {
     // would interleave with theirs.
     let _ = io::stderr().write_all(joined.as_bytes());
     let stopping = Arc::new(AtomicBool::new(false));
+    let mirror = setup.mirror;
     let watch = {
         let (node, stopping, peers) = (node.clone(), stopping.clone(), peers.clone());
         std::thread::Builder::new()
             .name("wv-node-watch".into())
-            .spawn(move || loop {
-                if let Some(e) = node.wait_error(Duration::from_millis(100)) {
+            .spawn(move || {
+                let mut seen = 0;
+                loop {
+                    let new = node.wait_errors(seen, Duration::from_millis(100));
+                    seen += new.len();
                     if stopping.load(Ordering::Acquire) {
                         return;
                     }
-                    let addr = peers.get(e.peer as usize);
-                    let at = addr.map_or_else(String::new, |a| format!(" at {a}"));
-                    let why = reason(&e, addr);
-                    if e.peer == 0 || e.peer == id {
+                    for e in new {
+                        let addr = peers.get(e.peer as usize);
+                        let at = addr.map_or_else(String::new, |a| format!(" at {a}"));
+                        let why = reason(&e, addr);
+                        if e.peer == 0 || e.peer == id || (mirror && node.failed().is_some()) {
+                            let why = match node.failed() {
+                                Some(f) if mirror => f.to_string(),
+                                _ => why.to_string(),
+                            };
+                            eprintln!(
+                                "wv: error: node {id}: lost node {}{at}: {why}; exiting",
+                                e.peer
+                            );
+                            // SAFETY: ends the process at once; nothing needs unwinding.
+                            unsafe { libc::_exit(1) };
+                        }
+                        if mirror {
+                            // Its pages are re-homed from their mirrors; if it ran vCPUs,
+                            // node 0 stops the VM (this node's set-up connection then closes).
+                            eprintln!(
+                                "wv: node {id}: lost node {}{at}: {why}; recovering its pages from their mirrors",
+                                e.peer
+                            );
+                            continue;
+                        }
+                        // Another memory node: node 0 sees it too and stops the VM, which
+                        // ends this node (its set-up connection closes); staying until then
+                        // lets node 0 name the node that was lost rather than this one.
                         eprintln!(
-                            "wv: error: node {id}: lost node {}{at}: {why}; exiting",
+                            "wv: node {id}: lost node {}{at}: {why}; waiting for node 0 to stop the VM",
                             e.peer
                         );
-                        // SAFETY: ends the process at once; nothing needs unwinding.
-                        unsafe { libc::_exit(1) };
+                        return;
                     }
-                    // Another memory node: node 0 sees it too and stops the VM, which ends
-                    // this node (its set-up connection closes); staying until then lets node 0
-                    // name the node that was lost rather than this one.
-                    eprintln!(
-                        "wv: node {id}: lost node {}{at}: {why}; waiting for node 0 to stop the VM",
-                        e.peer
-                    );
-                    return;
-                }
-                if stopping.load(Ordering::Acquire) {
-                    return;
+                    if mirror {
+                        if let Some(f) = node.failed() {
+                            eprintln!("wv: error: node {id}: {f}; exiting");
+                            // SAFETY: ends the process at once; nothing needs unwinding.
+                            unsafe { libc::_exit(1) };
+                        }
+                    }
                 }
             })
             .map_err(|e| format!("starting the watch thread: {e}"))?
@@ -802,6 +835,7 @@ impl Cluster {
                 cpus: spec.vcpus,
                 link: link_addr,
                 tsc_base,
+                mirror: spec.mirror,
             };
             let connected = (|| -> Result<Peer, String> {
                 let s = TcpStream::connect_timeout(&addr, ANSWER_TIMEOUT)
@@ -885,9 +919,12 @@ impl Cluster {
             .ok_or_else(|| cluster_err("guest RAM handed over twice"))?;
         let joined = (|| {
             let region = dsm_region(mem).map_err(cluster_err)?;
-            let node =
-                wv_dsm::Node::join(listener, wv_dsm::Config::new(0, self.addrs.clone()), region)
-                    .map_err(|e| cluster_err(format!("node 0 joining the cluster: {e}")))?;
+            let node = wv_dsm::Node::join(
+                listener,
+                wv_dsm::Config::new(0, self.addrs.clone()).with_mirror(self.spec.mirror),
+                region,
+            )
+            .map_err(|e| cluster_err(format!("node 0 joining the cluster: {e}")))?;
             for p in &mut peers {
                 match read_line(&mut p.r) {
                     Ok(l) if l == "joined" => {}
@@ -960,9 +997,17 @@ impl Cluster {
             hub: self.hub.get().cloned(),
         };
         let addrs = self.addrs.clone();
+        // With mirroring, the nodes whose loss the VM survives: memory nodes.
+        let recoverable: Vec<bool> = self
+            .spec
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| self.spec.mirror && i != 0 && n.vcpus.is_empty())
+            .collect();
         std::thread::Builder::new()
             .name("wv-cluster".into())
-            .spawn(move || supervise(running, &addrs, &end_rx, &done_tx))
+            .spawn(move || supervise(running, &addrs, &recoverable, &end_rx, &done_tx))
             .map_err(|e| cluster_err(format!("starting the supervisor: {e}")))?;
         *self.end.lock().unwrap_or_else(|p| p.into_inner()) = Some((end_tx, done_rx));
         Ok(())
@@ -1002,23 +1047,55 @@ fn reason<'a>(e: &'a wv_dsm::PeerError, addr: Option<&SocketAddr>) -> &'a str {
 }
 
 /// Node 0's supervisor thread: until the VM ends, a lost node (a DSM connection closed)
-/// ends the process within 100 ms with an error naming the node; at the end, the counters and
-/// the stop.
+/// ends the process within 100 ms with an error naming the node, unless mirroring recovers
+/// from it (a memory node: `recoverable`, by node id); at the end, the counters and the stop.
 fn supervise(
     mut run: Running,
     addrs: &[SocketAddr],
+    recoverable: &[bool],
     end: &mpsc::Receiver<()>,
     done: &mpsc::Sender<()>,
 ) {
-    loop {
-        if let Some(e) = run.node.wait_error(Duration::from_millis(50)) {
+    let mut seen = 0;
+    'watch: loop {
+        let new = run.node.wait_errors(seen, Duration::from_millis(50));
+        seen += new.len();
+        // With mirroring, the loss of a memory node is recovered from (its pages re-homed
+        // from their mirrors) unless the DSM could not (then it failed, with why).
+        let fatal = run.node.failed();
+        let stop = new
+            .iter()
+            .find(|e| !recoverable.get(e.peer as usize).copied().unwrap_or(false));
+        for e in new
+            .iter()
+            .filter(|e| recoverable.get(e.peer as usize).copied().unwrap_or(false))
+        {
+            let addr = addrs.get(e.peer as usize);
+            let at = addr.map_or_else(String::new, |a| format!(" at {a}"));
+            eprintln!(
+                "wv: cluster memory node {}{at} was lost ({}); its pages are recovered from their mirrors and the VM continues",
+                e.peer,
+                reason(e, addr)
+            );
+        }
+        let stop = match (stop, &fatal) {
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(f)) if !new.is_empty() || recoverable.iter().any(|&r| r) => Some(f.clone()),
+            _ => None,
+        };
+        if let Some(e) = stop {
             if end.try_recv().is_err() {
                 let addr = addrs.get(e.peer as usize);
                 let at = addr.map_or_else(String::new, |a| format!(" at {a}"));
+                let why = match &fatal {
+                    Some(f) if f.peer == e.peer && f.message != e.message => {
+                        format!("{}; {}", reason(&e, addr), reason(f, addr))
+                    }
+                    _ => reason(&e, addr).to_string(),
+                };
                 eprintln!(
-                    "wv: error: cluster node {}{at} was lost ({}); the VM is stopped",
-                    e.peer,
-                    reason(&e, addr)
+                    "wv: error: cluster node {}{at} was lost ({why}); the VM is stopped",
+                    e.peer
                 );
                 // What must be released however the VMM ends (VMKFS disks' owner records), on
                 // a thread of its own and for a bounded time: a device may hold a disk while
@@ -1038,7 +1115,7 @@ fn supervise(
                 // lost node could give, so there is no orderly way out of the guest.
                 unsafe { libc::_exit(i32::from(STATUS_INTERNAL)) };
             }
-            break;
+            break 'watch;
         }
         match end.try_recv() {
             Ok(()) | Err(mpsc::TryRecvError::Disconnected) => break,
@@ -1153,9 +1230,19 @@ vcpus = [2, 3]
         .unwrap();
         assert_eq!(s.memory, 128 << 20);
         assert!(s.mirror && s.nodes[2].remote && s.nodes[2].vcpus.is_empty());
-        assert!(s.check_runnable().unwrap_err().0.contains("mirror"));
+        s.check_runnable().unwrap();
         let s = ClusterSpec { mirror: false, ..s };
         s.check_runnable().unwrap();
+        let one = ClusterSpec::parse(
+            "vcpus = 1
+memory = \"64M\"\nmirror = true\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n",
+        )
+        .unwrap();
+        assert!(one
+            .check_runnable()
+            .unwrap_err()
+            .0
+            .contains("at least two nodes"));
     }
 
     #[test]
@@ -1228,6 +1315,7 @@ vcpus = [2, 3]
             cpus: 2,
             link: None,
             tsc_base: 0,
+            mirror: false,
         };
         ok.check().unwrap();
         let cpus = Setup {

@@ -112,11 +112,14 @@ struct Merged {
 }
 
 impl Merged {
-    fn spawn(mut c: Command) -> Merged {
+    fn spawn(c: Command) -> Merged {
+        Merged::spawn_with(c, Stdio::null())
+    }
+
+    /// With `stdin` as the process's standard input (piped: the VM's serial input).
+    fn spawn_with(mut c: Command, stdin: Stdio) -> Merged {
         let (r, w) = std::io::pipe().unwrap();
-        c.stdin(Stdio::null())
-            .stdout(w.try_clone().unwrap())
-            .stderr(w);
+        c.stdin(stdin).stdout(w.try_clone().unwrap()).stderr(w);
         let child = c.spawn().unwrap();
         drop(c); // our copies of the pipe's write end
         let (tx, lines) = mpsc::channel();
@@ -489,7 +492,7 @@ fn bad_cluster_specs_are_refused_with_their_error() {
         ),
         (
             "vcpus = 1\nmemory = \"256M\"\nmirror = true\n[[node]]\nlisten = \"127.0.0.1:0\"\nvcpus = [0]\n",
-            "mirror = true is not available yet",
+            "mirror = true needs at least two nodes",
         ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
@@ -581,6 +584,95 @@ fn a_node_refuses_a_bad_part_with_its_error() {
     let (_, status, out) = node_given(&vec![b'x'; 100_000]);
     assert_eq!(status, Some(1), "{out}");
     assert!(out.contains("line too long or cut"), "{out}");
+}
+
+/// A spec with mirroring: `spec`'s text with `mirror = true` after its first lines.
+fn mirrored(spec: &str) -> String {
+    let (head, nodes) = spec.split_once("[[node]]").unwrap();
+    format!("{head}mirror = true\n[[node]]{nodes}")
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn with_mirroring_losing_a_memory_node_loses_nothing_and_the_vm_goes_on() {
+    need_kvm();
+    let dir = TempDir::new("cluster-mirror");
+    let s = spec(&dir, 2, "");
+    let text = std::fs::read_to_string(&s).unwrap();
+    let f = dir.file("mirrored.toml", mirrored(&text).as_bytes());
+    // The guest boots, then waits in the echo test for a 'q' on its serial input: node 2 is
+    // killed there, and every later test (vCPUs started, CPL3 work, timers, hypercalls) runs
+    // on memory whose directory and mirror copies node 2 partly held.
+    let tests = "boot,echo,smp,timer,hypercall,batch,user";
+    let mut c = Command::new(wv_bin());
+    c.args([
+        "run",
+        "--cluster",
+        f.to_str().unwrap(),
+        "--cmdline",
+        &format!("console=ttyS0 probe.tests={tests}"),
+    ]);
+    let mut p = Merged::spawn_with(c, Stdio::piped());
+    let mut input = p.child.stdin.take().unwrap();
+    let line = p.wait_line("wv: cluster of 3 nodes");
+    let (addr, pid) = node_in(&line, 2);
+    assert!(pid > 0, "{line}");
+    p.wait_line("echo: type");
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the node process wv started (its pid printed above).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let lost = p.wait_line(&format!("wv: cluster memory node 2 at {addr} was lost"));
+    println!("{lost} ({:?} after the kill)", killed.elapsed());
+    std::io::Write::write_all(&mut input, b"q").unwrap();
+    let (status, _) = p.wait_end(Duration::from_secs(120));
+    let out = p.rest();
+    assert_eq!(status, Some(0), "{out}");
+    for t in tests.split(',') {
+        assert!(out.contains(&format!("PASS {t}")), "{t}: {out}");
+    }
+    assert!(!out.contains("the VM is stopped"), "{out}");
+    // Node 0 and node 1 each recovered once; node 2 gave no counters.
+    for i in [0, 1] {
+        let c = node_counters(&out, i);
+        println!("node {i}: {c:?}");
+        assert_eq!(counter(&c, "recoveries"), 1, "node {i}: {out}");
+        assert_eq!(counter(&c, "failed_faults"), 0, "node {i}: {out}");
+    }
+    assert!(out.contains("wv: cluster: no counters from"), "{out}");
+}
+
+#[test]
+#[ignore = "needs /dev/kvm: cargo test -- --include-ignored (scripts/test does)"]
+fn with_mirroring_losing_a_vcpu_node_still_stops_the_vm_within_a_second() {
+    need_kvm();
+    let dir = TempDir::new("cluster-mirror-vcpu");
+    let f = dir.file("c.toml", mirrored(ISSUE_SPEC).as_bytes());
+    let mut c = Command::new(wv_bin());
+    c.args([
+        "run",
+        "--cluster",
+        f.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 probe.tests=boot,smp,burn",
+    ]);
+    let mut p = Merged::spawn(c);
+    let line = p.wait_line("wv: cluster of 2 nodes");
+    let (addr, pid) = node_in(&line, 1);
+    p.wait_line("PASS smp cpus=4");
+    p.wait_line("burn: spinning");
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the node process wv started (its pid printed above).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let (status, ended) = p.wait_end(Duration::from_secs(10));
+    let took = ended - killed;
+    let out = p.rest();
+    println!("the mirrored VM stopped {took:?} after vCPU node 1 was killed");
+    assert_eq!(status, Some(206), "{out}");
+    assert!(
+        out.contains(&format!("wv: error: cluster node 1 at {addr} was lost")),
+        "{out}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}:\n{out}");
 }
 
 /// A spec with one vCPU on each of `nodes` nodes over loopback.

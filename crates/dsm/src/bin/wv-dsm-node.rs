@@ -3,12 +3,13 @@
 //! from stdin one line at a time, answering each with one line on stdout.
 //!
 //! `wv-dsm-node --id I --nodes N --bytes B [--backing anon|shared] [--hold-us U]
-//! [--versions on|off] [--read-ahead PAGES] [--peer-timeout-ms MS] [--listen ADDR]` (ADDR
-//! defaults to 127.0.0.1:0); commands:
+//! [--versions on|off] [--read-ahead PAGES] [--peer-timeout-ms MS] [--listen ADDR]
+//! [--mirror-ms MS]` (ADDR defaults to 127.0.0.1:0; `--mirror-ms`: mirroring on, pushing every
+//! MS milliseconds); commands:
 //! `counter THREADS ITERS` (once per cluster), `read PAGE...`, `ring STEPS BASE PAGES`, `fill BASE PAGES SEED`,
 //! `sum BASE PAGES`, `part BASE PAGES ROUNDS`, `lat-read BASE PAGES`, `lat-write BASE PAGES`,
 //! `tput BASE PAGES OPS`, `scan BASE PAGES`, `local-floor PAGES`, `stats`, `errors`,
-//! `wait-error MS`, `bg-read PAGE` (a thread reads the page; `bg-status` says whether it is
+//! `wait-error MS`, `failed` (the error that failed the node, or `none`), `bg-read PAGE` (a thread reads the page; `bg-status` says whether it is
 //! done), `exit`.
 
 use std::io::{BufRead, Write};
@@ -280,6 +281,10 @@ fn run(node: &Node, mem: &'static Mem, id: u64, nodes: u64, line: &str) -> Strin
         },
         "local-floor" => local_floor(arg("pages")),
         "stats" => format!("stats {}", node.stats()),
+        "failed" => match node.failed() {
+            Some(e) => format!("failed {e}"),
+            None => "none".into(),
+        },
         "errors" => {
             let e: Vec<String> = node.errors().iter().map(ToString::to_string).collect();
             format!("errors {}", e.join("; "))
@@ -296,6 +301,7 @@ fn main() {
     let mut read_ahead = 0u32;
     let mut peer_timeout = None;
     let mut listen = String::from("127.0.0.1:0");
+    let mut mirror = None;
     while let Some(a) = args.next() {
         let v = args.next();
         match a.as_str() {
@@ -311,6 +317,12 @@ fn main() {
                 peer_timeout = Some(std::time::Duration::from_millis(num(
                     v.as_deref(),
                     "--peer-timeout-ms",
+                )))
+            }
+            "--mirror-ms" => {
+                mirror = Some(std::time::Duration::from_millis(num(
+                    v.as_deref(),
+                    "--mirror-ms",
                 )))
             }
             "--hold-us" => {
@@ -369,6 +381,9 @@ fn main() {
     cfg = cfg.with_versioning(versioning).with_read_ahead(read_ahead);
     if let Some(t) = peer_timeout {
         cfg = cfg.with_peer_timeout(t);
+    }
+    if let Some(t) = mirror {
+        cfg = cfg.with_mirror(true).with_mirror_interval(t);
     }
     let region =
         Region::map(bytes, backing).unwrap_or_else(|e| fail(&format!("mapping the region: {e}")));
