@@ -244,6 +244,12 @@ fn device_id_taken(c: &wv_config::VmConfig, id: &str) -> bool {
     c.disks.iter().any(|d| d.id == id) || c.nets.iter().any(|n| n.name() == id)
 }
 
+/// How many of the disks and nets of `c` are named `id` (a net without an id is named after
+/// its network, so several may be).
+fn devices_named(c: &wv_config::VmConfig, id: &str) -> usize {
+    c.disks.iter().filter(|d| d.id == id).count() + c.nets.iter().filter(|n| n.name() == id).count()
+}
+
 /// Takes device `id` out of `c`; whether it was there.
 fn drop_device(c: &mut wv_config::VmConfig, id: &str) -> bool {
     let before = c.disks.len() + c.nets.len();
@@ -1689,6 +1695,20 @@ impl Daemon {
                 if let Err(e) = crate::storage::check_device(dev) {
                     return error(400, e);
                 }
+                let own = self.storage.device_capacities();
+                let canonical = crate::storage::canonical_device(dev);
+                if n.is_some()
+                    && own.len() >= crate::storage::MAX_DEVICES
+                    && !own.iter().any(|(d, _)| *d == canonical)
+                {
+                    return error(
+                        400,
+                        format!(
+                            "{} devices have a capacity of their own already: give one the default back first",
+                            crate::storage::MAX_DEVICES
+                        ),
+                    );
+                }
                 self.storage.set_device_capacity(dev, n)
             }
             (None, Some(n)) => self.storage.set_capacity(n),
@@ -2275,6 +2295,16 @@ impl Daemon {
                 return error(404, format!("no VM named '{name}'"));
             };
             if !is_live(doc.worlds[i].state) {
+                let n = devices_named(&doc.worlds[i].spec.config, dev);
+                if n > 1 {
+                    return error(
+                        409,
+                        format!(
+                            "VM '{name}' has {n} devices named '{dev}' (nets on one network \
+                             without ids): give them ids (id=) to remove one"
+                        ),
+                    );
+                }
                 let before = doc.worlds[i].spec.clone();
                 if !drop_device(&mut doc.worlds[i].spec.config, dev) {
                     return error(404, format!("VM '{name}' has no device '{dev}'"));
@@ -5114,5 +5144,13 @@ mod tests {
         assert!(drop_device(&mut c, "h1") && drop_device(&mut c, "p0"));
         assert!(!drop_device(&mut c, "h1"));
         assert_eq!((c.disks.len(), c.nets.len()), (2, 1));
+        // Two nets on one network without ids share its name: a removal by it is ambiguous.
+        let mut two = wv_config::VmConfig::default();
+        two.nets = vec![
+            wv_config::NetConfig::parse("network=lan").unwrap(),
+            wv_config::NetConfig::parse("network=lan").unwrap(),
+        ];
+        assert_eq!(devices_named(&two, "lan"), 2);
+        assert_eq!(devices_named(&c, "d0"), 1);
     }
 }

@@ -175,6 +175,18 @@ pub struct Wanted {
     device_capacity: Vec<(String, u64)>,
 }
 
+/// How many devices the daemon keeps a capacity of their own for.
+pub const MAX_DEVICES: usize = 256;
+
+/// `dev` as the service names it: a datastore's canonical path when it resolves, else as
+/// given; `raw` as it is.
+pub fn canonical_device(dev: &str) -> String {
+    if dev == RAW_DEVICE {
+        return dev.to_string();
+    }
+    std::fs::canonicalize(dev).map_or_else(|_| dev.to_string(), |p| p.display().to_string())
+}
+
 /// The longest device name the daemon keeps a capacity for.
 pub const MAX_DEVICE: usize = 4096;
 
@@ -282,8 +294,16 @@ impl Service<Wanted> {
     /// sent to the one running.
     pub fn set_device_capacity(&self, dev: &str, iops: Option<u64>) -> Result<(), String> {
         check_device(dev)?;
+        // Kept under the name the service gives it (a datastore's canonical path), so that two
+        // spellings of one datastore are one entry here as they are there.
+        let dev = &canonical_device(dev);
         let mut st = self.state();
         st.want.device_capacity.retain(|(d, _)| d != dev);
+        if iops.is_some() && st.want.device_capacity.len() >= MAX_DEVICES {
+            return Err(format!(
+                "{MAX_DEVICES} devices have a capacity of their own already: give one the default back first"
+            ));
+        }
         if let Some(n) = iops {
             st.want.device_capacity.push((dev.to_string(), n));
         }

@@ -555,6 +555,10 @@ fn host_storage(c: &Client, set: Option<&serde_json::Value>) -> ExitCode {
                 );
             }
             let devices = v["devices"].as_array().cloned().unwrap_or_default();
+            if let Some(e) = v["devices_error"].as_str() {
+                println!("the storage service's devices could not be read: {e}");
+                return ExitCode::SUCCESS;
+            }
             if devices.is_empty() {
                 let why = if v["service"]["pid"].is_null() {
                     "the storage service does not run"

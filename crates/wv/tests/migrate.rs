@@ -1445,7 +1445,8 @@ fn a_vm_with_a_raw_image_and_a_vmkfs_disk_migrates_between_two_daemons_copying_t
     let answer: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(answer["target"]["state"], "running", "{answer}");
     assert_eq!(answer["disks_copied"], 2, "{answer}");
-    assert_eq!(a.info("migc")["state"], "stopped");
+    let info = a.info("migc");
+    assert_eq!(info["state"], "stopped", "{info}");
     // The target's definition names the copies.
     let there = b.info("migc");
     let disks = &there["spec"]["disks"];
