@@ -5145,11 +5145,13 @@ mod tests {
         assert!(!drop_device(&mut c, "h1"));
         assert_eq!((c.disks.len(), c.nets.len()), (2, 1));
         // Two nets on one network without ids share its name: a removal by it is ambiguous.
-        let mut two = wv_config::VmConfig::default();
-        two.nets = vec![
-            wv_config::NetConfig::parse("network=lan").unwrap(),
-            wv_config::NetConfig::parse("network=lan").unwrap(),
-        ];
+        let two = wv_config::VmConfig {
+            nets: vec![
+                wv_config::NetConfig::parse("network=lan").unwrap(),
+                wv_config::NetConfig::parse("network=lan").unwrap(),
+            ],
+            ..Default::default()
+        };
         assert_eq!(devices_named(&two, "lan"), 2);
         assert_eq!(devices_named(&c, "d0"), 1);
     }
